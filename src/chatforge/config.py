@@ -1,0 +1,239 @@
+"""The experiment YAML file, validated once at load with pydantic.
+
+One file describes one experiment: data, tokenizer, model, training, output. An
+unknown key, a wrong type or an out-of-range value fails here, before any work
+starts, with the key path, the value and what is allowed. ``--set a.b=c``
+overrides are applied before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from chatforge.registry import UnknownFamilyError, get_family
+
+TASKS = ("generation", "classification")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with every offending key listed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    path: str = Field(description="corpus file; 'sample' means the corpus shipped with chatforge")
+    format: Literal["auto", "chatbot_csv", "clinc150", "csv", "tsv", "jsonl"] = "auto"
+    text_field: str | None = None
+    response_field: str | None = None
+    label_field: str | None = None
+    split: Literal["random", "predefined"] = "random"
+    # With split=predefined (CLINC150): which lists of the JSON file are train / valid.
+    train_keys: list[str] = Field(default_factory=lambda: ["train", "oos_train"])
+    valid_keys: list[str] = Field(default_factory=lambda: ["val", "oos_val"])
+    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    stratify: bool = False
+    on_error: Literal["raise", "skip"] = "raise"
+    max_examples: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.valid_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"valid_fraction + test_fraction must be < 1 (got {self.valid_fraction} + {self.test_fraction})"
+            )
+        return self
+
+
+class TokenizerConfig(_Strict):
+    path: str | None = Field(None, description="reuse an existing SentencePiece .model instead of training")
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    vocab_size: int = Field(8000, ge=16, le=1_000_000)
+    character_coverage: float = Field(0.9995, gt=0.9, le=1.0)
+    on_vocab_too_large: Literal["error", "lower"] = "error"
+
+
+class ModelConfig(BaseModel):
+    """``family`` and ``task`` plus the family's own keys, checked against its config class."""
+
+    model_config = ConfigDict(extra="allow")
+
+    family: str
+    task: Literal["generation", "classification"]
+    init_from: str | None = None
+
+    @model_validator(mode="after")
+    def _family_params(self) -> ModelConfig:
+        try:
+            spec = get_family(self.family)
+        except UnknownFamilyError as e:
+            raise ValueError(str(e)) from None
+        if self.task not in spec.tasks:
+            raise ValueError(f"family {self.family!r} supports tasks {list(spec.tasks)}, not {self.task!r}")
+        try:
+            spec.config_cls(**(self.model_extra or {}))
+        except ValidationError as err:
+            raise ValueError(_family_errors(err, spec.config_cls, self.family)) from None
+        except TypeError as err:  # a plain dataclass rejecting an unknown keyword
+            raise ValueError(f"{err}; allowed keys for family {self.family!r}: "
+                             f"{', '.join(_field_names(spec.config_cls))}") from None
+        return self
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def family_config(self):
+        return get_family(self.family).config_cls(**self.params)
+
+
+def _field_names(cls: type) -> list[str]:
+    import dataclasses
+
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _family_errors(err: ValidationError, cls: type, family: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            parts.append(f"model.{loc}: unknown key for family {family!r}; "
+                         f"allowed: family, task, init_from, {', '.join(_field_names(cls))}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            parts.append(f"model.{loc}: {e['msg']}{shown}" if loc else f"model: {e['msg']}{shown}")
+    return "; ".join(parts)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1, le=10_000)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    batch_size: int = Field(32, ge=1, le=65_536)
+    lr: float = Field(5e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    schedule: Literal["cosine", "linear", "inverse_sqrt", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    max_source_len: int = Field(64, ge=2, le=8192)
+    max_target_len: int = Field(64, ge=2, le=8192)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    early_stopping_patience: int | None = Field(None, ge=1)
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
+
+
+class OutputConfig(_Strict):
+    dir: str = "runs"
+    run_name: str | None = None
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    data: DataConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section (it is {child!r})")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides; values are parsed as YAML (``3`` -> int, ``true`` -> bool)."""
+    tree = copy.deepcopy(tree)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value, e.g. train.epochs=3")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        _set_path(tree, key, yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _allowed_keys(model_cls: type[BaseModel] | None) -> str:
+    if model_cls is None:
+        return ""
+    return ", ".join(model_cls.model_fields)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "": ExperimentConfig,
+    "data": DataConfig,
+    "tokenizer": TokenizerConfig,
+    "train": TrainConfig,
+    "output": OutputConfig,
+}
+
+
+def _format_errors(err: ValidationError, source: str, tree: dict[str, Any]) -> str:
+    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after",))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            section = ".".join(str(p) for p in e["loc"][:-1])
+            allowed = _allowed_keys(_SECTIONS.get(section))
+            lines.append(f"  {loc}: unknown key; allowed keys here: {allowed}")
+            continue
+        if e["type"] == "missing":
+            lines.append(f"  {loc}: required key is missing")
+            continue
+        shown = e.get("input")
+        if isinstance(shown, dict):
+            shown = None
+        value = f" (got {shown!r})" if shown is not None else ""
+        lines.append(f"  {loc}: {msg}{value}")
+    return "\n".join(lines)
+
+
+def validate_config(tree: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source, tree)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return validate_config(apply_overrides(tree, overrides), source=str(path))

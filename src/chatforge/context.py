@@ -1,0 +1,21 @@
+"""Per-request context shared by the client, the API layer and the engine.
+
+A request id travels as the ``x-request-id`` gRPC metadata key; the server's
+interceptor puts it into :data:`request_id_var` so that every log line written
+while the request is handled (API and engine alike) carries it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+
+REQUEST_ID_METADATA_KEY = "x-request-id"
+SESSION_ID_METADATA_KEY = "x-session-id"
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+session_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("session_id", default=None)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,117 @@
+"""Task data pipelines: examples -> tensors for each task, independent of the family.
+
+generation (seq2seq): source = encode(text), target = <s> encode(response) </s>;
+  decoder_input_ids = target[:-1], labels = target[1:] with padding as -100.
+classification: input_ids = encode(text), labels = index of the label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from chatforge.data import Example
+from chatforge.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+
+
+class TaskDataError(ValueError):
+    pass
+
+
+@dataclass
+class TaskSpec:
+    task: str
+    max_source_len: int
+    max_target_len: int
+    labels: list[str] | None = None
+
+
+class Seq2SeqDataset(Dataset):
+    def __init__(self, examples: Sequence[Example], tok: Tokenizer, max_source_len: int, max_target_len: int):
+        missing = [e.source or repr(e.text) for e in examples if not e.response]
+        if missing:
+            raise TaskDataError(
+                f"task 'generation' needs a response for every example; {len(missing)} have none, "
+                f"e.g. {missing[:3]}"
+            )
+        srcs = tok.encode_batch([e.text for e in examples])
+        tgts = tok.encode_batch([e.response for e in examples])
+        self.items = []
+        for s, t in zip(srcs, tgts, strict=True):
+            s = s[:max_source_len]
+            t = [tok.bos_id] + t[: max_target_len - 2] + [tok.eos_id]
+            self.items.append((s or [tok.unk_id], t))
+        self.pad_id = tok.pad_id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+    def collate(self, batch):
+        src_len = max(len(s) for s, _ in batch)
+        tgt_len = max(len(t) for _, t in batch) - 1
+        B = len(batch)
+        input_ids = torch.full((B, src_len), self.pad_id, dtype=torch.long)
+        dec_in = torch.full((B, tgt_len), self.pad_id, dtype=torch.long)
+        labels = torch.full((B, tgt_len), IGNORE_INDEX, dtype=torch.long)
+        for i, (s, t) in enumerate(batch):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            dec_in[i, : len(t) - 1] = torch.tensor(t[:-1])
+            labels[i, : len(t) - 1] = torch.tensor(t[1:])
+        return {"input_ids": input_ids, "decoder_input_ids": dec_in, "labels": labels}
+
+
+class ClassificationDataset(Dataset):
+    def __init__(self, examples: Sequence[Example], tok: Tokenizer, labels: list[str], max_source_len: int):
+        index = {lab: i for i, lab in enumerate(labels)}
+        unknown = sorted({e.label for e in examples if e.label not in index}, key=str)
+        if unknown:
+            raise TaskDataError(
+                f"labels {unknown[:10]} are not among the model's {len(labels)} labels {labels[:10]}..."
+            )
+        self.items = [
+            ((ids[:max_source_len] or [tok.unk_id]), index[e.label])
+            for ids, e in zip(tok.encode_batch([e.text for e in examples]), examples, strict=True)
+        ]
+        self.pad_id = tok.pad_id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+    def collate(self, batch):
+        L = max(len(s) for s, _ in batch)
+        input_ids = torch.full((len(batch), L), self.pad_id, dtype=torch.long)
+        for i, (s, _) in enumerate(batch):
+            input_ids[i, : len(s)] = torch.tensor(s)
+        return {"input_ids": input_ids, "labels": torch.tensor([y for _, y in batch], dtype=torch.long)}
+
+
+def label_set(examples: Sequence[Example]) -> list[str]:
+    labels = sorted({e.label for e in examples if e.label is not None}, key=str)
+    missing = [e.source or repr(e.text) for e in examples if e.label is None]
+    if missing:
+        raise TaskDataError(
+            f"task 'classification' needs a label for every example; {len(missing)} have none, e.g. {missing[:3]}"
+        )
+    if len(labels) < 2:
+        raise TaskDataError(f"task 'classification' needs at least 2 distinct labels, found {labels}")
+    return labels
+
+
+def make_dataset(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dataset:
+    if spec.task == "generation":
+        return Seq2SeqDataset(examples, tok, spec.max_source_len, spec.max_target_len)
+    if spec.task == "classification":
+        assert spec.labels is not None
+        return ClassificationDataset(examples, tok, spec.labels, spec.max_source_len)
+    raise TaskDataError(f"unknown task {spec.task!r}; allowed: generation, classification")

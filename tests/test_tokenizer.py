@@ -1,0 +1,84 @@
+import pytest
+
+from chatforge.tokenizer import Tokenizer, TokenizerError, VocabTooLargeError
+
+KO = ["안녕하세요 반갑습니다", "오늘 날씨가 정말 좋네요", "저는 챗봇입니다", "점심 뭐 먹을까요", "영화 보러 갈래요"]
+EN = ["hello there how are you", "the weather is nice today", "i am a chatbot", "what should we eat", "let's see a movie"]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train((KO + EN) * 20, vocab_size=70, character_coverage=1.0)
+
+
+def test_special_token_contract(tok):
+    s = tok.special
+    assert (s.pad, s.bos, s.eos, s.unk) == (0, 1, 2, 3)
+    assert tok.id_to_piece(s.cls) == "[CLS]" and tok.id_to_piece(s.sep) == "[SEP]"
+    assert tok.id_to_piece(s.mask) == "[MASK]"
+    assert len({s.cls, s.sep, s.mask}) == 3 and min(s.cls, s.sep, s.mask) > 3
+
+
+@pytest.mark.parametrize("text", KO + EN + ["안녕하세요 and the weather 좋네요"])
+def test_round_trip(tok, text):
+    ids = tok.encode(text)
+    assert ids and all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_mask_is_kept_whole_and_controls_are_not_produced(tok):
+    ids = tok.encode("hello [MASK] there")
+    assert tok.special.mask in ids
+    assert tok.special.cls not in tok.encode("[CLS] hello")
+
+
+def test_decode_skips_pad_bos_eos(tok):
+    ids = tok.encode("hello there")
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id, tok.pad_id]) == "hello there"
+
+
+def test_incremental_decoder_matches_full_decode(tok):
+    text = "오늘 날씨가 정말 좋네요 hello there"
+    ids = tok.encode(text)
+    d = tok.incremental_decoder()
+    deltas = [d.feed(i) for i in ids]
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert sum(1 for x in deltas if x) > 1  # text arrives in pieces, not all at the end
+
+
+def test_bpe(tmp_path):
+    t = Tokenizer.train((KO + EN) * 20, vocab_size=70, model_type="bpe", character_coverage=1.0)
+    assert t.decode(t.encode("hello there")) == "hello there"
+    t.save(tmp_path / "t.model")
+    again = Tokenizer.load(tmp_path / "t.model")
+    assert again.encode("저는 챗봇입니다") == t.encode("저는 챗봇입니다")
+    assert again.sha256 == t.sha256
+
+
+def test_vocab_too_large_suggests_largest_workable_size():
+    with pytest.raises(VocabTooLargeError) as e:
+        Tokenizer.train(KO, vocab_size=5000)
+    assert e.value.max_size and e.value.max_size < 5000
+    assert str(e.value.max_size) in str(e.value)
+    lowered = Tokenizer.train(KO, vocab_size=5000, on_vocab_too_large="lower")
+    assert lowered.vocab_size <= e.value.max_size + 1
+
+
+def test_errors():
+    with pytest.raises(TokenizerError, match="empty corpus"):
+        Tokenizer.train(["", "  "], vocab_size=50)
+    with pytest.raises(TokenizerError, match="allowed: unigram, bpe"):
+        Tokenizer.train(KO, vocab_size=50, model_type="word")
+    with pytest.raises(TokenizerError, match="not found"):
+        Tokenizer.load("/nonexistent/t.model")
+
+
+def test_training_is_deterministic():
+    a = Tokenizer.train((KO + EN) * 5, vocab_size=70, character_coverage=1.0)
+    b = Tokenizer.train((KO + EN) * 5, vocab_size=70, character_coverage=1.0)
+    assert a.sha256 == b.sha256
+
+
+def test_vocab_too_small_says_how_small_it_may_be():
+    with pytest.raises(TokenizerError, match=r"vocab_size=20 is smaller than the \d+ characters"):
+        Tokenizer.train(KO * 5, vocab_size=20, character_coverage=1.0)
