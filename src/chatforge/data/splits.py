@@ -1,0 +1,121 @@
+"""Deterministic train/valid/test splits that do not move when a corpus grows."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from chatforge.data.readers import DataError, Example
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Splits:
+    """The three parts of a corpus; each keeps the input order of its examples."""
+
+    train: list[Example] = field(default_factory=list)
+    valid: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "valid": len(self.valid), "test": len(self.test)}
+
+
+def example_key(example: Example) -> tuple[str, str | None]:
+    """What identifies an example for splitting: its text and response (not its label or source)."""
+    return example.text, example.response
+
+
+def stable_unit(seed: int, example: Example) -> float:
+    """A number in [0, 1) fixed by ``(seed, text, response)``: the same on every machine and run.
+
+    blake2b, not ``hash()``: Python salts ``hash`` of str per process.
+    """
+    text, response = example_key(example)
+    # \x1f separates fields and \x00 marks a missing response, so ("a", None) != ("a", "").
+    tail = "\x00" if response is None else response
+    payload = f"{seed}\x1f{text}\x1f{tail}".encode()
+    digest = hashlib.blake2b(payload, digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def _check_fractions(valid_fraction: float, test_fraction: float) -> None:
+    for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+            raise DataError(f"{name} must be a number in [0, 1), got {value!r}")
+    if valid_fraction + test_fraction >= 1:
+        raise DataError(
+            f"valid_fraction + test_fraction must be < 1 so that something is left to train on, "
+            f"got {valid_fraction} + {test_fraction} = {valid_fraction + test_fraction}"
+        )
+
+
+def split_examples(
+    examples: Sequence[Example],
+    valid_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    stratify: bool = False,
+) -> Splits:
+    """Split examples into train/valid/test, deterministically for a seed.
+
+    Method (unstratified): each example gets ``u = stable_unit(seed, example)``, a hash of
+    ``(seed, text, response)`` mapped to [0, 1); ``u < test_fraction`` goes to test,
+    ``u < test_fraction + valid_fraction`` to valid, the rest to train. Hence:
+
+    * the split of an example depends only on the seed and the example, never on input order
+      or on the other examples, so appending rows to a corpus never moves existing ones;
+    * duplicates (same text and response) always land together, so an exact duplicate never
+      leaks from train into valid/test;
+    * sizes match the fractions in expectation, not exactly (a small corpus may get a few more
+      or fewer valid/test examples than ``fraction * n``).
+
+    Method (``stratify=True``): per label, the distinct ``(text, response)`` keys are ordered by
+    their hash and the first ``round(test_fraction * n_label)`` examples go to test, the next
+    ``round(valid_fraction * n_label)`` to valid (whole duplicate groups at a time). Each label
+    thus keeps its proportion in every part, exactly up to rounding, still independent of input
+    order. The price: when a label grows, examples near the cut may move between parts. Examples
+    without a label form their own stratum.
+
+    Each part keeps the input order of its examples.
+    """
+    _check_fractions(valid_fraction, test_fraction)
+    assignment: dict[int, str] = {}
+    if not stratify:
+        for i, example in enumerate(examples):
+            u = stable_unit(seed, example)
+            assignment[i] = (
+                "test" if u < test_fraction else "valid" if u < test_fraction + valid_fraction else "train"
+            )
+    else:
+        by_label: dict[str | None, dict[tuple[str, str | None], list[int]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        for i, example in enumerate(examples):
+            by_label[example.label][example_key(example)].append(i)
+        for groups in by_label.values():
+            n = sum(len(members) for members in groups.values())
+            n_test = round(test_fraction * n)
+            n_valid = round(valid_fraction * n)
+            # Ties in the 64-bit hash are astronomically rare; the key breaks them deterministically.
+            ordered = sorted(groups, key=lambda k: (stable_unit(seed, Example(k[0], k[1])), k[0], k[1] or ""))
+            done = 0
+            for key in ordered:
+                part = "test" if done < n_test else "valid" if done < n_test + n_valid else "train"
+                for i in groups[key]:
+                    assignment[i] = part
+                done += len(groups[key])
+    splits = Splits()
+    for i, example in enumerate(examples):
+        getattr(splits, assignment[i]).append(example)
+    logger.info("split %d examples (seed %d, stratify=%s): %s", len(examples), seed, stratify, splits.sizes())
+    for name, fraction in (("valid", valid_fraction), ("test", test_fraction)):
+        if fraction > 0 and examples and not getattr(splits, name):
+            logger.warning(
+                "%s split is empty although %s_fraction=%s; the corpus may be too small", name, name, fraction
+            )
+    return splits
