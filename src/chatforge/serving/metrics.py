@@ -1,0 +1,301 @@
+"""Prometheus metrics for the serving path and a small HTTP mirror (/metrics, /healthz, /readyz).
+
+The latency metrics follow what LLM servers (vLLM, TGI) export, because those are what
+users feel: time to first token, inter-token latency, end-to-end duration and time spent
+queued, plus queue depth (``requests_waiting``) and batch sizes for capacity planning.
+
+Every :class:`ServingMetrics` owns its own ``CollectorRegistry``: tests, and several
+servers in one process, never clash on prometheus-client's global registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psutil
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from chatforge.inference import ModelInfo
+
+log = logging.getLogger(__name__)
+
+FAILURE_REASONS = ("validation", "overloaded", "cancelled", "deadline", "internal")
+
+# Latency buckets in seconds: a token every few ms on GPU up to tens of seconds on CPU.
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _ProcessCollector(Collector):
+    """CPU seconds, RSS, open fds and threads via psutil (portable, unlike /proc parsing)."""
+
+    def __init__(self, namespace: str) -> None:
+        self._proc = psutil.Process(os.getpid())
+        self._prefix = f"{namespace}_process" if namespace else "process"
+
+    def collect(self) -> Iterator[Any]:
+        p = self._prefix
+        with self._proc.oneshot():
+            cpu = self._proc.cpu_times()
+            yield CounterMetricFamily(f"{p}_cpu_seconds", "User and system CPU time.", value=cpu.user + cpu.system)
+            yield GaugeMetricFamily(f"{p}_resident_memory_bytes", "Resident set size.", value=self._proc.memory_info().rss)
+            yield GaugeMetricFamily(f"{p}_threads", "OS threads.", value=self._proc.num_threads())
+            if hasattr(self._proc, "num_fds"):  # POSIX only
+                yield GaugeMetricFamily(f"{p}_open_fds", "Open file descriptors.", value=self._proc.num_fds())
+
+
+class _GpuCollector(Collector):
+    """CUDA memory per device, only when torch is already loaded and CUDA is available.
+
+    Checking ``sys.modules`` instead of importing keeps a scrape from paying torch's
+    import time in processes (load testers, the metrics-only tests) that never use it.
+    """
+
+    def __init__(self, namespace: str) -> None:
+        self._prefix = f"{namespace}_gpu" if namespace else "gpu"
+
+    def collect(self) -> Iterator[Any]:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return
+        allocated = GaugeMetricFamily(
+            f"{self._prefix}_memory_allocated_bytes", "Memory held by tensors.", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            f"{self._prefix}_memory_reserved_bytes", "Memory held by the caching allocator.", labels=["device"]
+        )
+        for i in range(torch.cuda.device_count()):
+            allocated.add_metric([str(i)], torch.cuda.memory_allocated(i))
+            reserved.add_metric([str(i)], torch.cuda.memory_reserved(i))
+        yield allocated
+        yield reserved
+
+
+class ServingMetrics:
+    """The server's metrics and the hooks that feed them.
+
+    A request's life, and the hook for each step (``rpc`` is the method name, e.g.
+    ``"Chat"``; ``model`` the served model's name):
+
+    1. ``request_queued(model)`` when the engine enqueues it, ``request_dequeued(model,
+       queue_seconds)`` when a worker picks it up;
+    2. ``request_started(rpc, model)`` when it starts running (pair it with exactly one
+       ``request_finished``, otherwise ``requests_running`` drifts);
+    3. ``first_token(rpc, model, seconds)`` then ``token(model, interval)`` per further
+       token; ``prompt_tokens(model, n)`` once; ``batch(model, size)`` per engine batch;
+    4. ``request_finished(rpc, model, status, seconds, reason=None)``; ``status`` is the
+       gRPC code name (``"OK"``, ``"INVALID_ARGUMENT"``…) and ``reason`` one of
+       :data:`FAILURE_REASONS` for failures.
+
+    All hooks are cheap (a lock and a few additions) and safe from any thread.
+    """
+
+    def __init__(self, namespace: str = "chatforge", *, registry: CollectorRegistry | None = None,
+                 process_metrics: bool = True) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        ns, r = namespace, self.registry
+        self.requests = Counter("requests", "Finished requests.", ["rpc", "model", "status"], namespace=ns, registry=r)
+        self.failures = Counter("request_failure", "Failed requests by reason.", ["rpc", "model", "reason"],
+                                namespace=ns, registry=r)
+        self.ttft = Histogram("time_to_first_token_seconds", "Time from request start to first token.",
+                              ["rpc", "model"], buckets=_TTFT_BUCKETS, namespace=ns, registry=r)
+        self.itl = Histogram("inter_token_latency_seconds", "Time between consecutive generated tokens.",
+                             ["model"], buckets=_ITL_BUCKETS, namespace=ns, registry=r)
+        self.duration = Histogram("request_duration_seconds", "End-to-end request duration.",
+                                  ["rpc", "model"], buckets=_DURATION_BUCKETS, namespace=ns, registry=r)
+        self.queue_time = Histogram("queue_time_seconds", "Time spent waiting in the engine queue.",
+                                    ["model"], buckets=_TTFT_BUCKETS, namespace=ns, registry=r)
+        self.waiting = Gauge("requests_waiting", "Requests queued, not yet running.", ["model"],
+                             namespace=ns, registry=r)
+        self.running = Gauge("requests_running", "Requests being processed.", ["model"], namespace=ns, registry=r)
+        self.batch_size = Histogram("batch_size", "Requests per engine batch.", ["model"],
+                                    buckets=_BATCH_BUCKETS, namespace=ns, registry=r)
+        self.prompt_tokens_total = Counter("prompt_tokens", "Input tokens processed.", ["model"],
+                                           namespace=ns, registry=r)
+        self.generation_tokens_total = Counter("generation_tokens", "Tokens generated.", ["model"],
+                                               namespace=ns, registry=r)
+        self.model_info = Gauge("model_info", "Served models (value 1); labels describe the model.",
+                                ["model", "family", "task", "version"], namespace=ns, registry=r)
+        if process_metrics:
+            r.register(_ProcessCollector(ns))
+            r.register(_GpuCollector(ns))
+
+    # -- hooks ---------------------------------------------------------------------------
+    def request_queued(self, model: str) -> None:
+        self.waiting.labels(model).inc()
+
+    def request_dequeued(self, model: str, queue_seconds: float) -> None:
+        self.waiting.labels(model).dec()
+        self.queue_time.labels(model).observe(queue_seconds)
+
+    def request_started(self, rpc: str, model: str) -> None:
+        self.running.labels(model).inc()
+
+    def first_token(self, rpc: str, model: str, seconds: float) -> None:
+        """The first token of a streamed reply; also counts it as a generated token."""
+        self.ttft.labels(rpc, model).observe(seconds)
+        self.generation_tokens_total.labels(model).inc()
+
+    def token(self, model: str, interval_seconds: float | None = None) -> None:
+        """A further generated token, ``interval_seconds`` after the previous one."""
+        self.generation_tokens_total.labels(model).inc()
+        if interval_seconds is not None:
+            self.itl.labels(model).observe(interval_seconds)
+
+    def prompt_tokens(self, model: str, n: int) -> None:
+        self.prompt_tokens_total.labels(model).inc(n)
+
+    def batch(self, model: str, size: int) -> None:
+        self.batch_size.labels(model).observe(size)
+
+    def request_finished(self, rpc: str, model: str, status: str, seconds: float, reason: str | None = None) -> None:
+        """End of a request started with :meth:`request_started`.
+
+        Raises ``ValueError`` for a ``reason`` outside :data:`FAILURE_REASONS` (an unbounded
+        label set would blow up Prometheus' memory).
+        """
+        if reason is not None and reason not in FAILURE_REASONS:
+            raise ValueError(f"unknown failure reason {reason!r}; allowed: {', '.join(FAILURE_REASONS)}")
+        self.running.labels(model).dec()
+        self.requests.labels(rpc, model, status).inc()
+        self.duration.labels(rpc, model).observe(seconds)
+        if reason is not None:
+            self.failures.labels(rpc, model, reason).inc()
+
+    def set_model_info(self, info: ModelInfo) -> None:
+        """Publish a served model (call on load); :meth:`remove_model_info` on unload."""
+        self.model_info.labels(info.name, info.family, info.task, info.version).set(1)
+
+    def remove_model_info(self, info: ModelInfo) -> None:
+        try:
+            self.model_info.remove(info.name, info.family, info.task, info.version)
+        except KeyError:
+            pass
+
+    # -- exposition ----------------------------------------------------------------------
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """A sample's current value (handy for tests and health checks)."""
+        return self.registry.get_sample_value(name, labels or {})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _MirrorHTTPServer  # type: ignore[assignment]
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            try:
+                body = self.server.metrics.render()
+            except Exception:
+                log.exception("rendering metrics failed")
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"metrics unavailable\n")
+                return
+            self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send(HTTPStatus.OK, b"ok\n")
+        elif path == "/readyz":
+            try:
+                ready = bool(self.server.readiness())
+            except Exception:
+                log.exception("readiness check raised; reporting not ready")
+                ready = False
+            if ready:
+                self._send(HTTPStatus.OK, b"ready\n")
+            else:
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"not ready\n")
+        else:
+            self._send(HTTPStatus.NOT_FOUND, b"not found; try /metrics, /healthz or /readyz\n")
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
+        # Scrapes come every few seconds: debug, and through logging rather than stderr.
+        log.debug("metrics http: " + format, *args)
+
+
+class _MirrorHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], metrics: ServingMetrics, readiness: Callable[[], bool]) -> None:
+        super().__init__(addr, _Handler)
+        self.metrics = metrics
+        self.readiness = readiness
+
+
+class MetricsHTTPServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` over plain HTTP for scrapers and probes.
+
+    Kubernetes probes and Prometheus speak HTTP, not gRPC; this mirrors the gRPC health
+    service on a side port. ``/healthz`` is 200 while the process is up (liveness);
+    ``/readyz`` is 200 only when ``readiness()`` returns True (e.g. models loaded and not
+    draining), else 503. Runs in a daemon thread; ``port=0`` picks a free port, read it
+    back from :attr:`port` after :meth:`start`.
+    """
+
+    def __init__(self, metrics: ServingMetrics, host: str = "127.0.0.1", port: int = 0,
+                 readiness: Callable[[], bool] = lambda: True) -> None:
+        self.metrics, self.host, self._requested_port, self.readiness = metrics, host, port, readiness
+        self._server: _MirrorHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("MetricsHTTPServer is not started; call start() first")
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> MetricsHTTPServer:
+        if self._server is not None:
+            return self
+        self._server = _MirrorHTTPServer((self.host, self._requested_port), self.metrics, self.readiness)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="chatforge-metrics-http", daemon=True)
+        self._thread.start()
+        log.info("metrics http server listening", extra={"host": self.host, "port": self.port})
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._server, self._thread = None, None
+
+    def __enter__(self) -> MetricsHTTPServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,208 @@
+"""Structured logging for the server: JSON lines (or a human format), secret masking, privacy.
+
+One event per line on stderr, each carrying the request and session ids of the request
+being handled (read from :mod:`chatforge.context`), so a single ``grep request_id`` follows
+a request through the interceptor, the servicer and the engine. Extra fields are passed
+the standard way: ``log.info("rpc done", extra={"rpc": "Chat", "latency_ms": 12.5})``.
+
+Metrics and the HTTP health mirror live in :mod:`chatforge.serving.metrics` and are
+re-exported here so the server has one module to import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import re
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from chatforge.context import request_id_var, session_id_var
+from chatforge.serving.metrics import FAILURE_REASONS, MetricsHTTPServer, ServingMetrics
+from chatforge.settings import Settings, get_settings
+
+__all__ = [
+    "FAILURE_REASONS",
+    "HumanFormatter",
+    "JsonFormatter",
+    "MetricsHTTPServer",
+    "SecretMaskingFilter",
+    "ServingMetrics",
+    "configure_logging",
+    "mask_secrets",
+    "redact_text",
+]
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_MASK = "***"
+# Field names whose values are credentials. "token" only as a suffix ("access_token",
+# "x-auth-token") so that counters such as "prompt_tokens" stay readable.
+_SECRET_KEY = re.compile(r"authorization|api[_-]?key|secret|passw(?:or)?d|webhook|token$", re.IGNORECASE)
+# key=value / key: value / "key": "value" where key names a secret; the value runs to a
+# delimiter. "Bearer xyz" is masked as a whole.
+_SECRET_PAIR = re.compile(
+    r"""(?P<key>["']?[\w-]*(?:authorization|api[_-]?key|secret|passw(?:or)?d|token)["']?)"""
+    r"""(?P<sep>\s*[:=]\s*)(?P<q>["']?)(?:(?:bearer|basic)\s+)?[^\s"',;&}]+""",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+# Incoming-webhook URLs carry their credential in the path.
+_WEBHOOK_URL = re.compile(
+    r"(https?://(?:hooks\.slack\.com|wh\.jandi\.com|[\w.-]*webhook[\w.:-]*))/\S+", re.IGNORECASE
+)
+_HANDLER_TAG = "_chatforge_handler"
+
+
+def mask_secrets(text: str) -> str:
+    """Replace credential values (tokens, authorization headers, webhook URLs) with ``***``."""
+    text = _WEBHOOK_URL.sub(rf"\1/{_MASK}", text)
+    text = _SECRET_PAIR.sub(lambda m: f"{m.group('key')}{m.group('sep')}{m.group('q')}{_MASK}", text)
+    return _BEARER.sub(lambda m: f"{m.group(1)} {_MASK}", text)
+
+
+class SecretMaskingFilter(logging.Filter):
+    """Masks secrets in the formatted message, the traceback and in ``extra=`` fields.
+
+    Attached to our *handlers* (not loggers): handler filters also see records that
+    propagate from child loggers, logger filters would not.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message)
+        if masked != message or record.args:
+            record.msg, record.args = masked, None
+        for key, value in list(vars(record).items()):
+            if key in _RESERVED:
+                continue
+            if _SECRET_KEY.search(key):
+                setattr(record, key, _MASK)
+            elif isinstance(value, str):
+                setattr(record, key, mask_secrets(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask_secrets(record.exc_text)
+        return True
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event, request_id, session_id, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": _iso(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+            "request_id": request_id_var.get(),
+            "session_id": session_id_var.get(),
+        }
+        for key, value in _extras(record).items():
+            doc.setdefault(key, value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exc"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        # default=str: an odd extra (a Path, a dataclass) must not lose the whole event.
+        return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+class HumanFormatter(logging.Formatter):
+    """``time LEVEL logger [req=… sess=…] event key=value …`` for terminals."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ids = []
+        if (rid := request_id_var.get()) is not None:
+            ids.append(f"req={rid}")
+        if (sid := session_id_var.get()) is not None:
+            ids.append(f"sess={sid}")
+        parts = [_iso(record.created), f"{record.levelname:<7}", record.name]
+        if ids:
+            parts.append("[" + " ".join(ids) + "]")
+        parts.append(record.getMessage())
+        parts.extend(f"{k}={v}" for k, v in _extras(record).items())
+        line = " ".join(parts)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        return line
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is *now* (pytest and daemons swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401 - property mirrors the attribute it replaces
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(settings: Settings | None = None, *, logger: logging.Logger | None = None) -> list[logging.Handler]:
+    """Install chatforge's handlers on ``logger`` (the root logger by default); idempotent.
+
+    Handlers installed by an earlier call are removed first, so calling twice (or
+    re-configuring with new settings) never duplicates lines; handlers installed by
+    others (pytest's caplog, a host application) are left alone. The log file is only
+    opened when production sinks are enabled (``env != "test"``).
+    """
+    settings = settings or get_settings()
+    target = logger or logging.getLogger()
+    for handler in list(target.handlers):
+        if getattr(handler, _HANDLER_TAG, False):
+            target.removeHandler(handler)
+            handler.close()
+
+    formatter: logging.Formatter = JsonFormatter() if settings.log_format == "json" else HumanFormatter()
+    handlers: list[logging.Handler] = [_StderrHandler()]
+    handlers[0].setFormatter(formatter)
+    if (path := settings.effective_log_file) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=settings.log_file_max_bytes, backupCount=settings.log_file_backups, encoding="utf-8"
+        )
+        # Files are read by machines (log shippers): always JSON, whatever the terminal gets.
+        file_handler.setFormatter(JsonFormatter())
+        handlers.append(file_handler)
+    for handler in handlers:
+        handler.addFilter(SecretMaskingFilter())
+        setattr(handler, _HANDLER_TAG, True)
+        target.addHandler(handler)
+    target.setLevel(settings.log_level)
+    return handlers
+
+
+def redact_text(text: str | None, settings: Settings | None = None) -> str:
+    """What of a user message may appear in logs.
+
+    By default only its length (privacy: user text is personal data); with
+    ``log_user_text`` the first ``log_user_text_chars`` characters, secrets masked.
+    """
+    if text is None:
+        return ""
+    settings = settings or get_settings()
+    if not settings.log_user_text:
+        return f"<redacted {len(text)} chars>"
+    limit = settings.log_user_text_chars
+    shown = text if len(text) <= limit else text[:limit] + f"…(+{len(text) - limit} chars)"
+    return mask_secrets(shown)

@@ -1,0 +1,295 @@
+"""Conversation store: every served turn, written off the request path, exportable for retraining.
+
+SQLAlchemy 2 Core over any database URL; SQLite by default, in WAL mode so that exports
+and ad-hoc ``sqlite3`` readers never block the writer. ``record()`` only enqueues; one
+background thread writes batches, each in a single transaction (one fsync per batch rather
+than per turn). ``flush()`` waits for everything recorded so far, and ``close()`` flushes,
+so a turn that ``record()`` accepted is never lost on a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    make_url,
+    select,
+)
+from sqlalchemy.pool import StaticPool
+
+from chatforge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("jsonl", "csv")
+
+metadata = MetaData()
+turns = Table(
+    "turns",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime, nullable=False, index=True),  # naive UTC (portable across backends)
+    Column("session_id", String(128), index=True),
+    Column("request_id", String(128)),
+    Column("model", String(256)),
+    Column("model_version", String(64)),
+    Column("user_text", Text),
+    Column("reply", Text),
+    Column("intent", String(256)),
+    Column("intent_score", Float),
+    Column("ttft_ms", Float),
+    Column("latency_ms", Float),
+    Column("status", String(64)),
+)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _naive_utc(dt: datetime) -> datetime:
+    return dt.astimezone(timezone.utc).replace(tzinfo=None) if dt.tzinfo is not None else dt
+
+
+@dataclass
+class Turn:
+    """One request/reply exchange (a Chat reply or a Classify result)."""
+
+    session_id: str | None = None
+    request_id: str | None = None
+    model: str | None = None
+    model_version: str | None = None
+    user_text: str | None = None
+    reply: str | None = None
+    intent: str | None = None
+    intent_score: float | None = None
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+    status: str = "OK"
+    created_at: datetime = field(default_factory=_utcnow)
+
+    def row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["created_at"] = _naive_utc(self.created_at)
+        return row
+
+
+_COLUMNS = ["id"] + [f.name for f in fields(Turn)]
+
+
+class ConversationStore:
+    """Asynchronous, batched writer of :class:`Turn` rows to ``url`` (any SQLAlchemy URL).
+
+    For a SQLite file, its parent directory and the file are created here (fail fast at
+    start-up rather than on the first request); ``sqlite://`` is an in-memory database
+    pinned to one connection so the writer thread and readers share it.
+    """
+
+    def __init__(self, url: str, *, batch_size: int = 256, queue_size: int = 10_000,
+                 engine_kwargs: dict[str, Any] | None = None) -> None:
+        if batch_size < 1 or queue_size < 1:
+            raise ValueError("batch_size and queue_size must be >= 1")
+        self.url = url
+        self.batch_size = batch_size
+        self.engine = _make_engine(url, **(engine_kwargs or {}))
+        # One pinned connection (in-memory SQLite) must not be used by two threads at once.
+        self._db_lock = threading.Lock() if isinstance(self.engine.pool, StaticPool) else None
+        metadata.create_all(self.engine)
+        self._queue: queue.Queue[Turn | None] = queue.Queue(maxsize=queue_size)
+        self._cond = threading.Condition()
+        self._accepted = 0  # turns accepted by record()
+        self._processed = 0  # turns the writer has finished with (committed or failed)
+        self.written = self.failed = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="chatforge-store", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> ConversationStore:
+        """Under ``env == "test"`` this is in-memory unless a store URL was given explicitly."""
+        return cls(settings.effective_store_url, **kwargs)
+
+    # -- writing -----------------------------------------------------------------------------
+    def record(self, turn: Turn) -> bool:
+        """Enqueue ``turn`` (never blocks). False if the store is closed or its queue is full."""
+        with self._cond:
+            # Checked under the lock so that no accepted turn can queue behind close()'s stop marker.
+            if self._closed:
+                log.warning("turn recorded after close() dropped", extra={"request_id": turn.request_id})
+                return False
+            try:
+                self._queue.put_nowait(turn)
+            except queue.Full:
+                log.warning("conversation store queue full; turn dropped", extra={"request_id": turn.request_id})
+                return False
+            self._accepted += 1
+        return True
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every turn recorded before this call was handled; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._accepted
+            while self._processed < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush, stop the writer and dispose of the engine's connections."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        if not self.flush(timeout):
+            log.error("conversation store: flush timed out on close; unwritten turns may be lost")
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self.engine.dispose()
+
+    def __enter__(self) -> ConversationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, stop = [first], False
+            while len(batch) < self.batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._write(batch)
+            with self._cond:
+                self._processed += len(batch)
+                self._cond.notify_all()
+            if stop:
+                return
+
+    def _write(self, batch: list[Turn]) -> None:
+        rows = [t.row() for t in batch]
+        for attempt in range(3):
+            try:
+                with self._locked(), self.engine.begin() as conn:
+                    conn.execute(turns.insert(), rows)
+                self.written += len(rows)
+                return
+            except Exception:
+                log.exception("conversation store write failed", extra={"rows": len(rows), "attempt": attempt + 1})
+                time.sleep(0.05 * 2**attempt)  # back off a transient lock/connection error
+        self.failed += len(rows)
+        log.error("conversation store gave up on a batch", extra={"rows": len(rows)})
+
+    def _locked(self):
+        return self._db_lock if self._db_lock is not None else _NullLock()
+
+    # -- reading -----------------------------------------------------------------------------
+    def iter_rows(self, since: datetime | None = None) -> Iterator[dict[str, Any]]:
+        """Stored rows in insertion order (``created_at`` as aware UTC), optionally ``>= since``."""
+        query = select(turns).order_by(turns.c.id)
+        if since is not None:
+            query = query.where(turns.c.created_at >= _naive_utc(since))
+        with self._locked(), self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        for row in rows:
+            row["created_at"] = row["created_at"].replace(tzinfo=timezone.utc)
+            yield row
+
+    def count(self) -> int:
+        return sum(1 for _ in self.iter_rows())
+
+    def export(self, path: str | os.PathLike[str], format: Literal["jsonl", "csv"] = "jsonl",  # noqa: A002
+               since: datetime | None = None) -> int:
+        """Write the stored turns (flushed first) to ``path`` atomically; returns the row count."""
+        if format not in EXPORT_FORMATS:
+            raise ValueError(f"unknown export format {format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+        self.flush()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        n = 0
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=_COLUMNS) if format == "csv" else None
+                if writer is not None:
+                    writer.writeheader()
+                for row in self.iter_rows(since):
+                    row["created_at"] = row["created_at"].isoformat()
+                    if writer is not None:
+                        writer.writerow(row)
+                    else:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    n += 1
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return n
+
+
+class _NullLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _make_engine(url: str, **kwargs: Any) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, **kwargs)
+    database = parsed.database
+    in_memory = not database or database == ":memory:" or "mode=memory" in str(parsed)
+    if in_memory:
+        kwargs.setdefault("poolclass", StaticPool)
+        kwargs.setdefault("connect_args", {"check_same_thread": False})
+    elif not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        # WAL: readers don't block the writer; busy_timeout: wait instead of "database is locked".
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=5000")
+        cur.close()
+
+    return engine

@@ -1,0 +1,159 @@
+"""Structured logging: JSON lines with request context, human format, idempotence, secrets, privacy."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+
+import pytest
+
+from chatforge.context import request_id_var, session_id_var
+from chatforge.serving.observability import configure_logging, mask_secrets, redact_text
+from chatforge.settings import Settings
+
+
+@pytest.fixture()
+def logger():
+    lg = logging.getLogger("chatforge.tests.logging")
+    lg.propagate = False  # keep lines out of pytest's own capture handlers
+    yield lg
+    for h in list(lg.handlers):
+        lg.removeHandler(h)
+        h.close()
+    lg.propagate = True
+    lg.setLevel(logging.NOTSET)
+
+
+def _ours(lg: logging.Logger) -> list[logging.Handler]:
+    # pytest may attach its own capture handlers; count only the ones configure_logging installs.
+    return [h for h in lg.handlers if getattr(h, "_chatforge_handler", False)]
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_json_line_carries_context_and_extras(logger, capsys):
+    configure_logging(Settings(env="test"), logger=logger)
+    rid, sid = request_id_var.set("req-1"), session_id_var.set("sess-9")
+    try:
+        logger.info("rpc done", extra={"rpc": "Chat", "model": "gpt-tiny", "latency_ms": 12.5, "status": "OK"})
+    finally:
+        request_id_var.reset(rid)
+        session_id_var.reset(sid)
+    logger.info("outside a request")
+    first, second = _json_lines(capsys.readouterr().err)
+    assert first["event"] == "rpc done" and first["level"] == "INFO" and first["logger"] == logger.name
+    assert (first["request_id"], first["session_id"]) == ("req-1", "sess-9")
+    assert (first["rpc"], first["model"], first["latency_ms"], first["status"]) == ("Chat", "gpt-tiny", 12.5, "OK")
+    assert datetime.fromisoformat(first["time"]).tzinfo is not None
+    assert second["request_id"] is None and second["session_id"] is None
+
+
+def test_exception_is_one_json_line(logger, capsys):
+    configure_logging(Settings(env="test"), logger=logger)
+    try:
+        raise ValueError("bad input")
+    except ValueError:
+        logger.exception("handler failed")
+    (line,) = _json_lines(capsys.readouterr().err)
+    assert line["level"] == "ERROR" and "ValueError: bad input" in line["exc"]
+
+
+def test_configure_twice_does_not_duplicate(logger, capsys):
+    settings = Settings(env="test")
+    configure_logging(settings, logger=logger)
+    configure_logging(settings, logger=logger)
+    logger.warning("once")
+    assert len(_json_lines(capsys.readouterr().err)) == 1
+    assert len(_ours(logger)) == 1
+
+
+def test_foreign_handlers_are_kept(logger):
+    foreign = logging.NullHandler()
+    logger.addHandler(foreign)
+    configure_logging(Settings(env="test"), logger=logger)
+    configure_logging(Settings(env="test"), logger=logger)
+    assert foreign in logger.handlers and len(_ours(logger)) == 1
+
+
+def test_level_from_settings(logger, capsys):
+    configure_logging(Settings(env="test", log_level="warning"), logger=logger)
+    logger.info("hidden")
+    logger.warning("shown")
+    assert [x["event"] for x in _json_lines(capsys.readouterr().err)] == ["shown"]
+
+
+def test_human_format(logger, capsys):
+    configure_logging(Settings(env="test", log_format="human"), logger=logger)
+    token = request_id_var.set("abc123")
+    try:
+        logger.info("loaded model", extra={"model": "bert-tiny"})
+    finally:
+        request_id_var.reset(token)
+    line = capsys.readouterr().err.strip()
+    assert "INFO" in line and "[req=abc123]" in line and "loaded model" in line and "model=bert-tiny" in line
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)
+
+
+def test_secrets_are_masked_in_message_and_extras(logger, capsys):
+    configure_logging(Settings(env="test"), logger=logger)
+    logger.info("calling upstream with Authorization: Bearer abc.def-123 and token=%s", "tok-SECRET")
+    logger.info(
+        "alert config",
+        extra={"api_key": "sk-live-42", "webhook_url": "https://hooks.slack.com/services/T0/B0/XYZ",
+               "note": "posting to https://wh.jandi.com/connect-api/webhook/11/deadbeef", "prompt_tokens": 12},
+    )
+    err = capsys.readouterr().err
+    for secret in ("abc.def-123", "tok-SECRET", "sk-live-42", "T0/B0/XYZ", "deadbeef"):
+        assert secret not in err
+    first, second = _json_lines(err)
+    assert "***" in first["event"]
+    assert second["api_key"] == "***" and second["webhook_url"] == "***"
+    assert second["prompt_tokens"] == 12  # counters named *_tokens are not secrets
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ('{"token": "t-1"}', "t-1"),
+        ("authorization=Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+        ("x-api-key: k-77", "k-77"),
+        ("password = hunter2", "hunter2"),
+    ],
+)
+def test_mask_secrets_forms(text, secret):
+    masked = mask_secrets(text)
+    assert secret not in masked and "***" in masked
+
+
+def test_mask_secrets_leaves_ordinary_text():
+    text = "generated_tokens=40 prompt_tokens=12 model=gpt"
+    assert mask_secrets(text) == text
+
+
+def test_redact_text_hides_user_text_by_default():
+    assert redact_text("my phone is 010-1234", Settings(env="test")) == "<redacted 20 chars>"
+    assert redact_text(None, Settings(env="test")) == ""
+
+
+def test_redact_text_truncates_when_allowed():
+    s = Settings(env="test", log_user_text=True, log_user_text_chars=5)
+    assert redact_text("hello", s) == "hello"
+    assert redact_text("hello world", s) == "hello…(+6 chars)"
+
+
+def test_production_log_file_is_json_and_rotates(logger, tmp_path, capsys):
+    path = tmp_path / "sub" / "server.log"
+    s = Settings(env="production", log_format="human", log_file=path, log_file_max_bytes=400, log_file_backups=2)
+    handlers = configure_logging(s, logger=logger)
+    for i in range(20):
+        logger.info("event %d", i, extra={"i": i})
+    for h in handlers:
+        h.flush()
+    lines = _json_lines(path.read_text(encoding="utf-8"))  # file is JSON even when stderr is human
+    assert lines and lines[-1]["event"] == "event 19"
+    assert (tmp_path / "sub" / "server.log.1").exists() and not (tmp_path / "sub" / "server.log.3").exists()
+    assert "event 19" in capsys.readouterr().err

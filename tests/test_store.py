@@ -1,0 +1,141 @@
+"""ConversationStore: batched background writes, flush/close durability, WAL, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import event
+
+from chatforge.serving.store import ConversationStore, Turn
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = ConversationStore(f"sqlite:///{tmp_path / 'runs' / 'conv.db'}", batch_size=8)
+    yield s
+    s.close()
+
+
+def _turn(i: int, **kw) -> Turn:
+    base = dict(session_id=f"s{i % 3}", request_id=f"r{i}", model="gpt-tiny", model_version="1",
+                user_text=f"안녕 {i}", reply=f"reply {i}", intent="greet", intent_score=0.9,
+                ttft_ms=1.5, latency_ms=10.0 + i, status="OK")
+    base.update(kw)
+    return Turn(**base)
+
+
+def test_records_are_written_after_flush(store, tmp_path):
+    assert (tmp_path / "runs" / "conv.db").exists()  # parent dir and file created up front
+    for i in range(50):
+        assert store.record(_turn(i))
+    assert store.flush(timeout=10)
+    rows = list(store.iter_rows())
+    assert len(rows) == 50 and store.written == 50
+    assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(50)]
+    assert rows[0]["user_text"] == "안녕 0" and rows[0]["intent_score"] == pytest.approx(0.9)
+    assert rows[0]["created_at"].tzinfo is timezone.utc
+
+
+def test_close_flushes_everything(tmp_path):
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    s = ConversationStore(url, batch_size=4)
+    for i in range(37):
+        s.record(_turn(i))
+    s.close()  # no explicit flush
+    assert not s.record(_turn(99))  # refused after close, not silently lost
+    n = sqlite3.connect(tmp_path / "c.db").execute("select count(*) from turns").fetchone()[0]
+    assert n == 37
+
+
+def test_sqlite_uses_wal(store, tmp_path):
+    store.record(_turn(0))
+    store.flush()
+    mode = sqlite3.connect(tmp_path / "runs" / "conv.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_concurrent_records_from_threads(store):
+    def worker(t: int) -> None:
+        for i in range(25):
+            store.record(_turn(t * 100 + i))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    assert store.flush(timeout=10)
+    ids = {r["request_id"] for r in store.iter_rows()}
+    assert len(ids) == 200 and store.count() == 200
+
+
+def test_export_jsonl_round_trip(store, tmp_path):
+    for i in range(5):
+        store.record(_turn(i))
+    out = tmp_path / "export" / "turns.jsonl"
+    assert store.export(out) == 5  # export flushes first
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["reply"] for r in rows] == [f"reply {i}" for i in range(5)]
+    assert rows[2]["user_text"] == "안녕 2" and rows[2]["latency_ms"] == 12.0
+    assert datetime.fromisoformat(rows[0]["created_at"]).tzinfo is not None
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]  # temp file replaced
+
+
+def test_export_csv_and_since(store, tmp_path):
+    old = datetime.now(timezone.utc) - timedelta(days=2)
+    store.record(_turn(0, created_at=old))
+    store.record(_turn(1))
+    store.record(_turn(2))
+    out = tmp_path / "turns.csv"
+    assert store.export(out, format="csv", since=datetime.now(timezone.utc) - timedelta(days=1)) == 2
+    with out.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["request_id"] for r in rows] == ["r1", "r2"]
+    assert set(rows[0]) >= {"id", "created_at", "session_id", "model", "intent", "ttft_ms", "status"}
+
+
+def test_export_rejects_unknown_format(store, tmp_path):
+    with pytest.raises(ValueError, match="allowed: jsonl, csv"):
+        store.export(tmp_path / "x.parquet", format="parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_in_memory_store_works_across_threads():
+    with ConversationStore("sqlite://") as s:
+        for i in range(10):
+            s.record(_turn(i))
+        assert s.flush(timeout=10)
+        assert s.count() == 10
+
+
+def test_full_queue_refuses_instead_of_blocking(tmp_path):
+    s = ConversationStore(f"sqlite:///{tmp_path / 'q.db'}", queue_size=1)
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold_inserts(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("INSERT"):
+            entered.set()
+            gate.wait(10)  # bounded: a broken test must not hang the suite
+
+    event.listen(s.engine, "before_cursor_execute", hold_inserts)
+    try:
+        assert s.record(_turn(0))
+        assert entered.wait(5)  # the writer holds turn 0 inside its transaction
+        accepted = [s.record(_turn(i)) for i in range(1, 20)]
+        assert accepted == [True] + [False] * 18  # one slot in the queue, the rest refused at once
+        gate.set()
+        assert s.flush(timeout=10)
+        assert s.count() == 2
+    finally:
+        gate.set()
+        s.close()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size"):
+        ConversationStore("sqlite://", batch_size=0)
