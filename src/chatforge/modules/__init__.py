@@ -1,0 +1,37 @@
+"""Reusable layers that take plain numbers (d_model, heads, dropout), shared by every family."""
+
+from chatforge.modules.attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
+from chatforge.modules.embeddings import (
+    LearnedPositionalEmbedding,
+    SinusoidalPositionalEmbedding,
+    TokenEmbedding,
+    sinusoidal_table,
+)
+from chatforge.modules.feedforward import FeedForward, make_activation
+from chatforge.modules.transformer_layers import (
+    DecoderLayerCache,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+    load_stack_from_torch,
+)
+
+__all__ = [
+    "DecoderLayerCache",
+    "FeedForward",
+    "KVCache",
+    "LearnedPositionalEmbedding",
+    "MultiHeadAttention",
+    "SinusoidalPositionalEmbedding",
+    "TokenEmbedding",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "causal_mask",
+    "load_stack_from_torch",
+    "make_activation",
+    "padding_mask",
+    "sinusoidal_table",
+]

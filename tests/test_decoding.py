@@ -1,0 +1,260 @@
+"""Decoding: pure filtering helpers on hand-made tensors, the loop on a scripted fake model,
+and cached == uncached / batched == single on a tiny real Transformer."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from chatforge.decoding import (
+    GenerationOptions,
+    apply_repetition_penalty,
+    choose_next,
+    generate,
+    generate_batch,
+    generate_stream,
+    top_k_top_p_filter,
+)
+from chatforge.models.transformer import TransformerConfig, TransformerSeq2Seq
+
+NEG = float("-inf")
+PAD, BOS, EOS = 0, 1, 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models run much faster on one thread when other test processes share the cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- pure helpers ----
+
+
+def test_top_k_keeps_k_largest():
+    logits = torch.tensor([[1.0, 4.0, 2.0, 3.0], [0.5, 0.125, 0.25, 0.0]])
+    out = top_k_top_p_filter(logits, top_k=2)
+    assert out.tolist() == [[NEG, 4.0, NEG, 3.0], [0.5, NEG, 0.25, NEG]]
+    assert logits[0, 0] == 1.0  # input untouched
+    torch.testing.assert_close(top_k_top_p_filter(logits, top_k=10), logits)  # k >= V: no-op
+
+
+def test_top_k_keeps_ties_with_kth():
+    out = top_k_top_p_filter(torch.tensor([3.0, 2.0, 2.0, 1.0]), top_k=2)
+    assert out.tolist() == [3.0, 2.0, 2.0, NEG]
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # sorted: 0.5, 0.3, 0.15, 0.05
+    logits = probs.log()
+    keep = lambda p: torch.isfinite(top_k_top_p_filter(logits, top_p=p))[0].tolist()  # noqa: E731
+    assert keep(0.7) == [False, True, False, True]  # 0.5 < 0.7, 0.5+0.3 >= 0.7
+    assert keep(0.5) == [False, True, False, False]  # the top token alone reaches 0.5
+    assert keep(0.81) == [True, True, False, True]
+    assert keep(0.01) == [False, True, False, False]  # always at least one token
+    assert keep(1.0) == [True, True, True, True]
+    # Kept logits are unchanged.
+    assert top_k_top_p_filter(logits, top_p=0.7)[0, 1].item() == pytest.approx(math.log(0.5))
+
+
+def test_top_k_then_top_p():
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    # top-k=3 renormalises to (0.444, 0.333, 0.222); p=0.7 keeps the first two.
+    assert torch.isfinite(top_k_top_p_filter(logits, top_k=3, top_p=0.7)).tolist() == [True, True, False, False]
+
+
+def test_filter_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="top_p"):
+        top_k_top_p_filter(torch.zeros(3), top_p=0.0)
+
+
+def test_repetition_penalty_ctrl_style():
+    logits = torch.tensor([[2.0, -1.0, 3.0, -4.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 3.0, -4.0]]
+    assert apply_repetition_penalty(logits, seen, 1.0) is logits
+
+
+def test_choose_next_greedy_and_sampling_with_top_k_one():
+    logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.0, 0.1]])
+    assert choose_next(logits, GenerationOptions()).tolist() == [1, 0]
+    opts = GenerationOptions(do_sample=True, top_k=1, temperature=3.0)
+    assert choose_next(logits, opts, torch.Generator().manual_seed(1)).tolist() == [1, 0]
+
+
+# ---- the loop, on a scripted fake model ----
+
+
+class _State:
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+        self.length = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.rows = self.rows.index_select(0, index)
+
+
+class PlusOneModel:
+    """Emits each source token + 1, then </s>; records what decoding asked of it."""
+
+    vocab = 32
+
+    def __init__(self, eos_first: bool = False, flat: dict[int, float] | None = None):
+        self.eos_first = eos_first  # always prefer </s> (second choice: token 7)
+        self.flat = flat  # fixed logits, ignoring the source
+        self.batch_sizes: list[int] = []
+        self.fed: list[list[int]] = []
+        self.inference_mode: list[bool] = []
+        self.training = False
+
+    def init_state(self, input_ids: torch.Tensor, use_cache: bool = True) -> _State:
+        return _State(input_ids)
+
+    def decode_step(self, tokens: torch.Tensor, state: _State) -> torch.Tensor:
+        self.batch_sizes.append(tokens.size(0))
+        self.fed.append(tokens[:, 0].tolist())
+        self.inference_mode.append(torch.is_inference_mode_enabled())
+        logits = torch.zeros(tokens.size(0), self.vocab)
+        for r, row in enumerate(state.rows.tolist()):
+            if self.flat is not None:
+                for tok, val in self.flat.items():
+                    logits[r, tok] = val
+                continue
+            if self.eos_first:
+                logits[r, EOS], logits[r, 7] = 5.0, 4.0
+                continue
+            real = [t for t in row if t != PAD]
+            logits[r, real[state.length] + 1 if state.length < len(real) else EOS] = 5.0
+        state.length += 1
+        return logits
+
+
+def test_stops_at_eos_and_excludes_it():
+    model = PlusOneModel()
+    assert generate(model, [5, 9, 11], GenerationOptions(), bos_id=BOS, eos_id=EOS) == [6, 10, 12]
+    assert model.fed == [[BOS], [6], [10], [12]]  # </s> produced at step 4, never fed back
+
+
+def test_max_new_tokens_limits_output():
+    out = generate(PlusOneModel(), [5, 9, 11, 13], GenerationOptions(max_new_tokens=2), bos_id=BOS, eos_id=EOS)
+    assert out == [6, 10]
+
+
+def test_min_new_tokens_suppresses_eos():
+    opts = GenerationOptions(min_new_tokens=3, max_new_tokens=10)
+    assert generate(PlusOneModel(eos_first=True), [5], opts, bos_id=BOS, eos_id=EOS) == [7, 7, 7]
+    assert generate(PlusOneModel(eos_first=True), [5], GenerationOptions(), bos_id=BOS, eos_id=EOS) == []
+
+
+def test_repetition_penalty_in_loop():
+    flat = {5: 1.0, 6: 0.9}
+    opts = GenerationOptions(max_new_tokens=3)
+    assert generate(PlusOneModel(flat=flat), [3], opts, bos_id=BOS, eos_id=EOS) == [5, 5, 5]
+    opts.repetition_penalty = 2.0  # step 2: 5 -> 0.5 < 0.9; step 3: 5 -> 0.5 > 6 -> 0.45
+    assert generate(PlusOneModel(flat=flat), [3], opts, bos_id=BOS, eos_id=EOS) == [5, 6, 5]
+
+
+def test_stream_is_lazy_one_step_per_token():
+    model = PlusOneModel()
+    stream = generate_stream(model, [5, 9, 11], GenerationOptions(), bos_id=BOS, eos_id=EOS)
+    assert model.batch_sizes == []
+    assert next(stream) == 6
+    assert len(model.batch_sizes) == 1
+    assert next(stream) == 10
+    assert len(model.batch_sizes) == 2
+
+
+def test_inference_mode_per_step_never_leaks_across_threads():
+    model = PlusOneModel()
+    stream = generate_stream(model, [5, 9, 11, 13], GenerationOptions(), bos_id=BOS, eos_id=EOS)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # Resume the same generator from different threads, as an engine's executor may.
+        got = [pool.submit(next, stream).result() for _ in range(4)]
+        leaked = pool.submit(torch.is_inference_mode_enabled).result()
+    assert got == [6, 10, 12, 14]
+    assert all(model.inference_mode)
+    assert not torch.is_inference_mode_enabled() and not leaked
+
+
+def test_bad_input_fails_at_the_call():
+    with pytest.raises(ValueError, match="top_p"):
+        generate_stream(PlusOneModel(), [5], GenerationOptions(top_p=0.0), bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="empty"):
+        generate_stream(PlusOneModel(), [], GenerationOptions(), bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="input sequence 1 is empty"):
+        generate_batch(PlusOneModel(), [[5], []], GenerationOptions(), bos_id=BOS, eos_id=EOS, pad_id=PAD)
+
+
+def test_batch_drops_finished_rows():
+    model = PlusOneModel()
+    out = generate_batch(model, [[5], [7, 8, 9], [11, 12]], GenerationOptions(), bos_id=BOS, eos_id=EOS,
+                         pad_id=PAD)
+    assert out == [[6], [8, 9, 10], [12, 13]]
+    assert model.batch_sizes == [3, 3, 2, 1]
+
+
+def test_max_new_tokens_capped_by_model_max_len():
+    model = PlusOneModel()
+    model.max_len = 2
+    assert generate(model, [5, 9, 11, 13], GenerationOptions(max_new_tokens=10), bos_id=BOS, eos_id=EOS) == [6, 10]
+
+
+# ---- a tiny real Transformer ----
+
+
+@pytest.fixture(scope="module")
+def model() -> TransformerSeq2Seq:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(d_model=32, n_heads=2, num_encoder_layers=2, num_decoder_layers=2, d_ff=64,
+                            dropout=0.0, max_len=64, tie_embeddings=False)
+    return TransformerSeq2Seq(cfg, vocab_size=40, pad_id=PAD).eval()
+
+
+SOURCES = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [20]]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_cached_equals_uncached(model, penalty):
+    opts = GenerationOptions(max_new_tokens=15, repetition_penalty=penalty)
+    outs = []
+    for src in SOURCES:
+        cached = generate(model, src, opts, bos_id=BOS, eos_id=EOS)
+        assert cached == generate(model, src, opts, bos_id=BOS, eos_id=EOS, use_cache=False)
+        outs.append(cached)
+        # Step logits along the same token path agree too.
+        ids = torch.tensor([src])
+        with torch.inference_mode():
+            s1, s2 = model.init_state(ids), model.init_state(ids, use_cache=False)
+            for tok in [BOS, *cached]:
+                t = torch.tensor([[tok]])
+                torch.testing.assert_close(model.decode_step(t, s1), model.decode_step(t, s2), atol=1e-5, rtol=1e-5)
+    # Non-trivial: every source decodes differently and many tokens occur.
+    assert len({tuple(o) for o in outs}) == len(SOURCES)
+    assert len({t for o in outs for t in o}) >= 5
+
+
+def test_batched_equals_single_greedy(model):
+    opts = GenerationOptions(max_new_tokens=12)
+    single = [generate(model, s, opts, bos_id=BOS, eos_id=EOS) for s in SOURCES]
+    assert generate_batch(model, SOURCES, opts, bos_id=BOS, eos_id=EOS, pad_id=PAD) == single
+    assert generate_batch(model, SOURCES, opts, bos_id=BOS, eos_id=EOS, pad_id=PAD, use_cache=False) == single
+
+
+def test_seeded_sampling_is_reproducible(model):
+    def sample(seed):
+        opts = GenerationOptions(do_sample=True, temperature=2.0, top_k=20, top_p=0.95, seed=seed,
+                                 min_new_tokens=20, max_new_tokens=20)
+        return generate(model, [5, 6, 7], opts, bos_id=BOS, eos_id=EOS)
+
+    a = sample(123)
+    assert len(a) == 20
+    assert a == sample(123)
+    assert a != sample(124)
+    opts = GenerationOptions(do_sample=True, temperature=2.0, seed=7, max_new_tokens=10)
+    b1 = generate_batch(model, SOURCES, opts, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    assert b1 == generate_batch(model, SOURCES, opts, bos_id=BOS, eos_id=EOS, pad_id=PAD)
