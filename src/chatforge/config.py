@@ -67,7 +67,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     family: str
-    task: Literal["generation", "classification"]
+    task: str = Field(description="one of the tasks the family supports (see chatforge.registry)")
     init_from: str | None = None
 
     @model_validator(mode="after")

@@ -24,7 +24,7 @@ from chatforge.bundle import build_from_config, load_bundle, save_bundle
 from chatforge.config import ConfigError, ExperimentConfig
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
 from chatforge.tokenizer import Tokenizer, atomic_write_bytes
-from chatforge.training.tasks import TaskSpec, label_set, make_dataset
+from chatforge.training.tasks import TaskSpec, get_task, label_set, make_dataset
 from chatforge.training.trainer import Callback, LoggingCallback, Trainer, resolve_device
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ def run_experiment(cfg: ExperimentConfig, *, callbacks: list[Callback] | None = 
         tok = pre.tokenizer  # a pre-trained model only makes sense with its own vocabulary
     else:
         tok = _tokenizer_for(cfg, train)
-    labels = label_set(train) if cfg.model.task == "classification" else None
+    task_def = get_task(cfg.model.task)
+    labels = label_set(train) if task_def.needs_labels else None
     spec = TaskSpec(cfg.model.task, cfg.train.max_source_len, cfg.train.max_target_len, labels)
     model = build_from_config(cfg, tok, labels)
     if cfg.model.init_from:
@@ -174,7 +175,7 @@ def run_experiment(cfg: ExperimentConfig, *, callbacks: list[Callback] | None = 
         trainer.model = model
         trainer.device = torch.device("cpu")
         metrics.update({f"test_{k}": v for k, v in trainer.evaluate(test_dl).items()})
-    if cfg.model.task == "generation":
+    if task_def.generates:
         metrics["samples"] = _sample_replies(model, tok, test or valid or train, 5, cfg.train.max_target_len)
     if init_report:
         metrics["init_from"] = {k: len(v) for k, v in init_report.items()}

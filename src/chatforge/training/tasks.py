@@ -7,7 +7,7 @@ classification: input_ids = encode(text), labels = index of the label.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,10 +108,52 @@ def label_set(examples: Sequence[Example]) -> list[str]:
     return labels
 
 
+@dataclass(frozen=True)
+class TaskDef:
+    """How a task turns examples into a dataset (with a ``collate`` method) for the trainer.
+
+    ``needs_labels``: the task has a label set (stored in the bundle's labels.json).
+    ``generates``: the trained model can answer with text (sample replies, Reply RPC).
+    """
+
+    name: str
+    build: Callable[[TaskSpec, Sequence[Example], Tokenizer], Dataset]
+    needs_labels: bool = False
+    generates: bool = False
+
+
+_TASKS: dict[str, TaskDef] = {}
+
+
+def register_task(name: str, *, needs_labels: bool = False, generates: bool = False):
+    """Register a dataset builder for a task name; families list the tasks they support."""
+
+    def deco(fn: Callable[[TaskSpec, Sequence[Example], Tokenizer], Dataset]):
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        _TASKS[name] = TaskDef(name, fn, needs_labels, generates)
+        return fn
+
+    return deco
+
+
+def get_task(name: str) -> TaskDef:
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_TASKS))}") from None
+
+
+@register_task("generation", generates=True)
+def _generation(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dataset:
+    return Seq2SeqDataset(examples, tok, spec.max_source_len, spec.max_target_len)
+
+
+@register_task("classification", needs_labels=True)
+def _classification(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dataset:
+    assert spec.labels is not None
+    return ClassificationDataset(examples, tok, spec.labels, spec.max_source_len)
+
+
 def make_dataset(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dataset:
-    if spec.task == "generation":
-        return Seq2SeqDataset(examples, tok, spec.max_source_len, spec.max_target_len)
-    if spec.task == "classification":
-        assert spec.labels is not None
-        return ClassificationDataset(examples, tok, spec.labels, spec.max_source_len)
-    raise TaskDataError(f"unknown task {spec.task!r}; allowed: generation, classification")
+    return get_task(spec.task).build(spec, examples, tok)
