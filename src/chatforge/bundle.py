@@ -1,7 +1,8 @@
 """A bundle: everything the server needs to serve a trained model, and nothing it must trust.
 
     weights.safetensors   tensors only (no pickle, so loading never executes code)
-    tokenizer.model       the SentencePiece model the weights were trained with
+    tokenizer.model       the SentencePiece model the weights were trained with (or tokenizer.json,
+                          a Hugging Face tokenizer, for converted checkpoints: metadata says which)
     config.yaml           the resolved experiment config: how the model was made
     labels.json           class labels, for classifiers
     metadata.json         chatforge version, family, task, data/tokenizer hashes, metrics, created time
@@ -29,7 +30,7 @@ from torch import nn
 import chatforge
 from chatforge.config import ExperimentConfig, validate_config
 from chatforge.registry import BuildContext, build_model
-from chatforge.tokenizer import Tokenizer
+from chatforge.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS, TOKENIZER, CONFIG, LABELS, METADATA = (
     "weights.safetensors", "tokenizer.model", "config.yaml", "labels.json", "metadata.json",
@@ -87,7 +88,7 @@ def save_bundle(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         _st_save_model(model, str(tmp / WEIGHTS))  # handles tied (shared) tensors
-        (tmp / TOKENIZER).write_bytes(tokenizer.model_proto)
+        (tmp / tokenizer.filename).write_bytes(tokenizer.to_bytes())
         (tmp / CONFIG).write_text(config.to_yaml(), encoding="utf-8")
         if labels is not None:
             _write_json(tmp / LABELS, list(labels))
@@ -97,7 +98,8 @@ def save_bundle(
             "name": config.name,
             "family": config.model.family,
             "task": config.model.task,
-            "tokenizer": {"kind": "sentencepiece", "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
+            "tokenizer": {"kind": tokenizer.kind, "file": tokenizer.filename, "sha256": tokenizer.sha256,
+                          "vocab_size": tokenizer.vocab_size},
             "data_sha256": data_sha256,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "metrics": metrics or {},
@@ -122,14 +124,16 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"bundle not found: {path} is not a folder")
-    missing = [n for n in (WEIGHTS, TOKENIZER, CONFIG, METADATA) if not (path / n).is_file()]
+    metadata = json.loads((path / METADATA).read_text(encoding="utf-8")) if (path / METADATA).is_file() else {}
+    tok_meta = metadata.get("tokenizer", {})
+    tok_file = tok_meta.get("file", TOKENIZER)
+    missing = [n for n in (WEIGHTS, tok_file, CONFIG, METADATA) if not (path / n).is_file()]
     if missing:
         raise BundleError(f"{path} is not a complete chatforge bundle: missing {', '.join(missing)}")
     tree = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
     cfg = validate_config(tree, source=str(path / CONFIG))
-    tokenizer = Tokenizer.load(path / TOKENIZER)
+    tokenizer = load_tokenizer(path / tok_file, tok_meta.get("kind", "sentencepiece"))
     labels = json.loads((path / LABELS).read_text(encoding="utf-8")) if (path / LABELS).is_file() else None
-    metadata = json.loads((path / METADATA).read_text(encoding="utf-8"))
     model = build_from_config(cfg, tokenizer, labels)
     missing_keys, unexpected = _st_load_model(model, str(path / WEIGHTS), strict=False, device=device)
     if missing_keys or unexpected:

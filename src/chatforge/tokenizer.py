@@ -44,7 +44,16 @@ class VocabTooLargeError(TokenizerError):
 
 
 class Tokenizer:
-    """A loaded SentencePiece model plus the special-token contract."""
+    """A loaded SentencePiece model plus the special-token contract.
+
+    Bundles may also carry a Hugging Face ``tokenizer.json`` (checkpoints converted
+    with ``chatforge convert from-hf``); such tokenizers implement the same surface
+    (``kind``, ``filename``, ``to_bytes``, ``special``, ``encode``/``decode``...) and are
+    loaded through :func:`load_tokenizer`.
+    """
+
+    kind = "sentencepiece"
+    filename = "tokenizer.model"
 
     def __init__(self, model_proto: bytes, path: str | None = None):
         self._proto = model_proto
@@ -79,6 +88,9 @@ class Tokenizer:
 
     @property
     def model_proto(self) -> bytes:
+        return self._proto
+
+    def to_bytes(self) -> bytes:
         return self._proto
 
     @property
@@ -167,6 +179,17 @@ class Tokenizer:
 
     def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
+
+
+def load_tokenizer(path: str | Path, kind: str = "sentencepiece"):
+    """Load a tokenizer file of the given kind ("sentencepiece" or "hf_tokenizers")."""
+    if kind == "sentencepiece":
+        return Tokenizer.load(path)
+    if kind == "hf_tokenizers":
+        from chatforge.interop.hf_tokenizer import HFTokenizer  # optional extra: chatforge[hf]
+
+        return HFTokenizer.load(path)
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; known: sentencepiece, hf_tokenizers")
 
 
 class IncrementalDecoder:

@@ -1,0 +1,282 @@
+"""ChatbotClient: a blocking client for the chatforge.v1.Chatbot service.
+
+One client owns one channel (use it as a context manager, or call ``close()``).
+The channel carries keepalive settings matched to the server's and a service config
+that retries UNAVAILABLE with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chatforge.context import REQUEST_ID_METADATA_KEY, SESSION_ID_METADATA_KEY, new_request_id
+from chatforge.inference import ClassPrediction
+from chatforge.v1 import chatbot_pb2 as pb
+from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+_RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+# Retries cover every Chatbot method (Reply included) and health Check. For the
+# server-streaming Reply this is safe: gRPC commits an attempt as soon as response
+# headers or a message arrive and never retries after that, so a retry can only
+# happen before the first token, and a reply is never duplicated or spliced. (The
+# server sends its headers with the first message, so errors before it stay retryable.)
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "chatforge.v1.Chatbot"},
+                    {"service": "grpc.health.v1.Health", "method": "Check"},
+                ],
+                "retryPolicy": _RETRY_POLICY,
+            }
+        ]
+    }
+)
+
+# Keepalive, consistent with chatforge.serving.server: ping every 30 s (the server
+# accepts pings down to every 10 s, so no GOAWAY "too_many_pings"), give up on the
+# connection after 10 s without an answer, and keep pinging while idle so a dead
+# connection is noticed before the next call rather than by it.
+CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", SERVICE_CONFIG),
+)
+
+
+class ChatbotError(Exception):
+    """A failed call: the gRPC status ``code`` (grpc.StatusCode), ``details`` and ``request_id``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str | None = None) -> None:
+        self.code = code
+        self.details = details
+        self.request_id = request_id
+        rid = f" [request id {request_id}]" if request_id else ""
+        super().__init__(f"{code.name}: {details}{rid}")
+
+
+@dataclass
+class ReplyChunk:
+    """One item of :meth:`ChatbotClient.reply_stream`.
+
+    A token chunk has ``text`` and ``token_id``; the last chunk has ``finish_reason``
+    ("stop", "length", ...), the token counts, the model and the request id.
+    """
+
+    text: str = ""
+    token_id: int | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str = ""
+    request_id: str = ""
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class ModelEntry:
+    """A model the server hosts (see ListModels)."""
+
+    name: str
+    family: str
+    task: str
+    version: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    is_default: bool = False
+
+
+_GENERATION_OPTIONS = {f.name for f in pb.GenerationOptions.DESCRIPTOR.fields}
+
+
+class ChatbotClient:
+    """Blocking client owning one gRPC channel to ``target`` ("host:port").
+
+    ``timeout`` is the per-call deadline in seconds (for Reply: the whole stream).
+    ``metadata`` is sent with every call. ``request_id`` fixes the ``x-request-id`` of
+    every call (e.g. to propagate an upstream id); otherwise each call gets a new one
+    unless the method is given ``request_id=``. ``options`` are extra channel options
+    that override the defaults.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        metadata: Sequence[tuple[str, str]] | None = None,
+        request_id: str | None = None,
+        options: Sequence[tuple[str, object]] | None = None,
+    ) -> None:
+        if not target or not isinstance(target, str):
+            raise ValueError(f"target={target!r} is invalid; allowed: 'host:port', e.g. '127.0.0.1:50051'")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout={timeout!r} is out of range; allowed: seconds > 0 or None")
+        self.target = target
+        self.timeout = timeout
+        self._metadata = tuple(metadata or ())
+        self._request_id = request_id
+        self.last_request_id: str | None = None
+        # grpc keeps the last value given for a key, so user options override ours.
+        self._channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS) + list(options or ()))
+        self._stub = pb_grpc.ChatbotStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close the channel (idempotent); calls in flight are cancelled."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def __enter__(self) -> ChatbotClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_for_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel is connected; raise ChatbotError(UNAVAILABLE) after ``timeout`` s."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ChatbotError(
+                grpc.StatusCode.UNAVAILABLE, f"could not connect to {self.target} within {timeout} s"
+            ) from None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _call_metadata(self, request_id: str | None, session_id: str | None = None):
+        rid = request_id or self._request_id or new_request_id()
+        md = [*self._metadata, (REQUEST_ID_METADATA_KEY, rid)]
+        if session_id:
+            md.append((SESSION_ID_METADATA_KEY, session_id))
+        return rid, tuple(md)
+
+    def _remember(self, call, sent_id: str) -> str:
+        """The server's request id: in the headers of a response, in the trailers of any call."""
+        rid = sent_id
+        for getter in ("trailing_metadata", "initial_metadata"):
+            try:
+                metadata = getattr(call, getter)() or ()
+            except Exception:  # noqa: BLE001 - e.g. no metadata on a call that never reached the server
+                continue
+            found = [v for k, v in metadata if k == REQUEST_ID_METADATA_KEY]
+            if found:
+                rid = found[-1]
+                break
+        self.last_request_id = rid
+        return rid
+
+    def _error(self, e: grpc.RpcError, sent_id: str) -> ChatbotError:
+        rid = self._remember(e, sent_id)
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = e.details() if hasattr(e, "details") else str(e)
+        return ChatbotError(code, details or "", rid)
+
+    def _unary(self, method, request, request_id: str | None):
+        rid, md = self._call_metadata(request_id)
+        try:
+            response, call = method.with_call(request, timeout=self.timeout, metadata=md)
+        except grpc.RpcError as e:
+            raise self._error(e, rid) from None
+        self._remember(call, rid)
+        return response
+
+    # ------------------------------------------------------------------ API
+
+    def reply_stream(
+        self,
+        text: str,
+        *,
+        model: str | None = None,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        **generation_options,
+    ) -> Iterator[ReplyChunk]:
+        """Stream a reply: one :class:`ReplyChunk` per token, then a final one.
+
+        ``generation_options`` are the fields of ``chatforge.v1.GenerationOptions``
+        (max_new_tokens, temperature, ...); unset ones take the server's defaults.
+        Closing the iterator early (``break`` + ``close()``, or garbage collection)
+        cancels the call, which stops the model on the server.
+        """
+        unknown = set(generation_options) - _GENERATION_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"unknown generation option(s) {', '.join(sorted(unknown))}; "
+                f"allowed: {', '.join(sorted(_GENERATION_OPTIONS))}"
+            )
+        opts = {k: v for k, v in generation_options.items() if v is not None}
+        request = pb.ReplyRequest(
+            text=text, model=model or "", session_id=session_id or "", options=pb.GenerationOptions(**opts)
+        )
+        rid, md = self._call_metadata(request_id, session_id)
+        call = self._stub.Reply(request, timeout=self.timeout, metadata=md)
+        try:
+            for msg in call:
+                if msg.HasField("delta"):
+                    yield ReplyChunk(text=msg.delta.text, token_id=msg.delta.token_id)
+                else:
+                    f = msg.final
+                    yield ReplyChunk(
+                        finish_reason=f.finish_reason,
+                        prompt_tokens=f.prompt_tokens,
+                        completion_tokens=f.completion_tokens,
+                        model=f.model,
+                        request_id=f.request_id,
+                    )
+            self._remember(call, rid)
+        except grpc.RpcError as e:
+            raise self._error(e, rid) from None
+        finally:
+            # A no-op when the call finished; otherwise the consumer left early: tell the server.
+            call.cancel()
+
+    def reply(self, text: str, **kwargs) -> str:
+        """The whole reply as one string (see :meth:`reply_stream` for the arguments)."""
+        return "".join(c.text for c in self.reply_stream(text, **kwargs) if not c.is_final)
+
+    def classify(self, text: str, model: str | None = None, *, request_id: str | None = None) -> ClassPrediction:
+        r = self._unary(self._stub.Classify, pb.ClassifyRequest(text=text, model=model or ""), request_id)
+        # Scores travel as float32: round off the float32 -> float64 noise (0.8 -> 0.800000011920929).
+        return ClassPrediction(
+            label=r.label,
+            score=round(r.score, 6),
+            scores={k: round(v, 6) for k, v in r.scores.items()},
+            out_of_scope=r.out_of_scope,
+        )
+
+    def list_models(self, *, request_id: str | None = None) -> list[ModelEntry]:
+        r = self._unary(self._stub.ListModels, pb.ListModelsRequest(), request_id)
+        return [
+            ModelEntry(m.name, m.family, m.task, m.version, dict(m.metadata), m.is_default) for m in r.models
+        ]
+
+    def health(self, service: str = "", *, request_id: str | None = None) -> str:
+        """The server's health status for ``service`` ("" = the whole server): "SERVING", "NOT_SERVING", ..."""
+        r = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), request_id)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)

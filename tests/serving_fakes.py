@@ -1,0 +1,220 @@
+"""Fakes implementing chatforge.inference's protocols, and an in-process server harness.
+
+Used by tests/test_engine.py, test_server.py and test_client.py (imported as a plain
+module; the lead owns conftest.py). No torch, no bundles: these make the serving
+layers testable on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from chatforge.decoding import GenerationOptions
+from chatforge.inference import ClassPrediction, ModelInfo, TokenDelta
+
+TESTS_DIR = Path(__file__).resolve().parent
+WAIT = 10.0  # upper bound for every wait in these tests (never reached when things work)
+
+
+class FakeGenerator:
+    """Yields fixed tokens one by one (ids 100, 101, ...), honouring max_new_tokens."""
+
+    def __init__(self, name: str = "echo", tokens=("Hel", "lo", " there", "!"), max_input_tokens: int = 32):
+        self.info = ModelInfo(name=name, family="fake", task="generation", metadata={"seed": 7})
+        self.tokens = list(tokens)
+        self.max_input_tokens = max_input_tokens
+        self.calls: list[tuple[str, GenerationOptions]] = []
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def stream(self, text: str, options: GenerationOptions) -> Iterator[TokenDelta]:
+        self.calls.append((text, options))
+        for i, tok in enumerate(self.tokens[: options.max_new_tokens]):
+            yield TokenDelta(token_id=100 + i, text=tok)
+
+
+class LockstepGenerator(FakeGenerator):
+    """Yields token i only after the test has acknowledged receiving token i-1.
+
+    If the server buffered tokens instead of streaming them, the test would never see
+    token 0 before the end, never acknowledge it, and this generator raises.
+    """
+
+    def __init__(self, n: int = 5, **kw):
+        super().__init__(tokens=[f"t{i} " for i in range(n)], **kw)
+        self.acks = [threading.Event() for _ in range(n)]
+
+    def stream(self, text: str, options: GenerationOptions) -> Iterator[TokenDelta]:
+        for i, tok in enumerate(self.tokens[: options.max_new_tokens]):
+            if i > 0 and not self.acks[i - 1].wait(WAIT):
+                raise RuntimeError(f"token {i - 1} was not received by the client: the reply is buffered")
+            yield TokenDelta(token_id=100 + i, text=tok)
+
+
+class BlockingGenerator(FakeGenerator):
+    """Yields one token, blocks until ``release``, then yields tokens until the engine stops it.
+
+    ``closed`` is set when the engine closes the generator; ``produced`` counts tokens.
+    """
+
+    LIMIT = 100_000
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.first_sent = threading.Event()
+        self.release = threading.Event()
+        self.closed = threading.Event()
+        self.produced = 0
+
+    def stream(self, text: str, options: GenerationOptions) -> Iterator[TokenDelta]:
+        try:
+            self.produced += 1
+            self.first_sent.set()
+            yield TokenDelta(token_id=100, text="first")
+            self.release.wait(WAIT)
+            while self.produced < self.LIMIT:
+                self.produced += 1
+                yield TokenDelta(token_id=101, text=".")
+        finally:
+            self.closed.set()
+
+
+class FailingGenerator(FakeGenerator):
+    """Yields one token, then fails with an error whose text must not reach clients."""
+
+    SECRET = "secret-internal-detail /opt/weights"
+
+    def stream(self, text: str, options: GenerationOptions) -> Iterator[TokenDelta]:
+        yield TokenDelta(token_id=100, text="partial")
+        raise RuntimeError(self.SECRET)
+
+
+class FakeClassifier:
+    def __init__(self, name: str = "intents", labels=("greet", "bye", "oos")):
+        self.info = ModelInfo(name=name, family="fake", task="classification")
+        self.labels = list(labels)
+        self.max_input_tokens = 32
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def classify(self, texts: list[str]) -> list[ClassPrediction]:
+        out = []
+        for t in texts:
+            label = "bye" if "bye" in t else "greet"
+            scores = {lab: (0.8 if lab == label else 0.1) for lab in self.labels}
+            out.append(ClassPrediction(label=label, score=0.8, scores=scores, out_of_scope=False))
+        return out
+
+
+def make_engine(**kw):
+    """A small engine: generators "echo" (default) and "lockstep"-free fakes, classifier "intents"."""
+    from chatforge.serving.engine import Engine
+
+    generators = kw.pop("generators", None) or {"echo": FakeGenerator("echo"), "other": FakeGenerator("other")}
+    classifiers = kw.pop("classifiers", None)
+    if classifiers is None:
+        classifiers = {"intents": FakeClassifier()}
+    kw.setdefault("max_input_chars", 200)
+    return Engine(generators, classifiers, **kw)
+
+
+class ServerThread:
+    """Runs a ChatbotServer on its own event loop in a background thread (127.0.0.1, port 0).
+
+    ``with ServerThread(engine_or_loader) as st:`` -> ``st.target`` is "127.0.0.1:PORT" once the
+    port is bound (models may still be loading). Leaving the block shuts the server down.
+    """
+
+    def __init__(self, engine_or_loader, *, grace: float = 0.5, **kw):
+        from chatforge.serving.server import ChatbotServer
+
+        self._make = lambda: ChatbotServer(engine_or_loader, "127.0.0.1", 0, grace=grace, **kw)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server = None
+        self._bound = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="test-server", daemon=True)
+
+    def _run(self) -> None:
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            self.server = self._make()
+            try:
+                await self.server.start()
+            finally:
+                self._bound.set()
+            await self.server.wait()
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # surfaced by __enter__/stop
+            self._error = e
+            self._bound.set()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        assert self._bound.wait(WAIT), "server did not bind in time"
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def run(self, coro, timeout: float = WAIT):
+        """Run ``coro`` on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def wait_serving(self, timeout: float = WAIT) -> None:
+        self.run(self.server.wait_until_serving(), timeout)
+
+    def request_shutdown(self) -> None:
+        """What SIGTERM does, from another thread."""
+        self.loop.call_soon_threadsafe(self.server.request_shutdown)
+
+    def join(self, timeout: float = WAIT) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "server thread did not stop in time"
+
+    def __exit__(self, *exc) -> None:
+        if self._thread.is_alive() and self.loop is not None and not self.loop.is_closed():
+            try:
+                self.request_shutdown()
+            except RuntimeError:  # loop closed meanwhile
+                pass
+        self.join()
+
+
+# Entry point for the SIGTERM test: `python tests/serving_fakes.py PORT_FILE` serves a fake engine
+# and prints the bound port once SERVING.
+def _child_main(port_file: str) -> None:
+    import logging
+
+    from chatforge.serving.server import serve
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+
+    async def main():
+        ready = asyncio.Event()
+
+        async def announce():
+            await ready.wait()
+            sys.stdout.write(Path(port_file).read_text().strip() + "\n")
+            sys.stdout.flush()
+
+        task = asyncio.get_running_loop().create_task(announce())
+        await serve(make_engine(), "127.0.0.1", 0, grace=1.0, port_file=port_file, ready_event=ready)
+        task.cancel()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])

@@ -1,0 +1,127 @@
+"""ChatbotClient: channel ownership, options, errors, request ids, retries config, fd hygiene."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+
+import grpc
+import pytest
+from serving_fakes import WAIT, ServerThread, make_engine
+
+from chatforge.serving import client as client_mod
+from chatforge.serving import server as server_mod
+from chatforge.serving.client import ChatbotClient, ChatbotError
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(make_engine()) as st:
+        st.wait_serving()
+        yield st
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_reply_and_reply_stream(server):
+    with ChatbotClient(server.target, timeout=WAIT) as client:
+        assert client.reply("hello", max_new_tokens=2) == "Hello"
+        chunks = list(client.reply_stream("hello", model="other", session_id="s-1"))
+    assert [c.is_final for c in chunks] == [False] * 4 + [True]
+    assert chunks[-1].model == "other" and chunks[-1].completion_tokens == 4
+    assert chunks[-1].text == "" and chunks[-1].token_id is None
+
+
+def test_unknown_generation_option_is_rejected_before_sending(server):
+    with ChatbotClient(server.target) as client, pytest.raises(TypeError, match="tempreature.*allowed: .*temperature"):
+        client.reply("hi", tempreature=0.5)
+
+
+def test_close_is_idempotent_and_context_manager_closes():
+    client = ChatbotClient("127.0.0.1:1")
+    client.close()
+    client.close()
+    with ChatbotClient("127.0.0.1:1") as c2:
+        pass
+    assert c2._closed and client._closed
+
+
+def test_constructor_validates():
+    with pytest.raises(ValueError, match="target"):
+        ChatbotClient("")
+    with pytest.raises(ValueError, match="timeout"):
+        ChatbotClient("127.0.0.1:1", timeout=0)
+
+
+def test_unreachable_server_raises_chatbot_error_with_code():
+    with ChatbotClient(f"127.0.0.1:{_closed_port()}", timeout=2.0) as client:
+        with pytest.raises(ChatbotError) as err:
+            client.health()
+        assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert err.value.details
+        with pytest.raises(ChatbotError, match="could not connect") as err:
+            client.wait_for_ready(timeout=0.2)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_wait_for_ready_returns_when_connected(server):
+    with ChatbotClient(server.target) as client:
+        client.wait_for_ready(timeout=WAIT)
+        assert client.health() == "SERVING"
+
+
+def test_fixed_request_id_and_error_request_id(server, caplog):
+    with ChatbotClient(server.target, timeout=WAIT, request_id="upstream-42") as client:
+        with caplog.at_level(logging.INFO, logger="chatforge.serving.interceptors"):
+            client.reply("hello", max_new_tokens=1, session_id="sess-9")
+            server.run(_noop())  # the server logs when the call ends; let its loop run once
+        assert client.last_request_id == "upstream-42"
+        with pytest.raises(ChatbotError) as err:
+            client.reply("")
+        # Errors carry the id too (in the trailers): the client can quote it to an operator.
+        assert err.value.request_id == "upstream-42" and "upstream-42" in str(err.value)
+        assert client.last_request_id == "upstream-42"
+    rec = [r for r in caplog.records if getattr(r, "request_id", None) == "upstream-42"][-1]
+    assert rec.session_id == "sess-9"
+
+
+async def _noop():
+    return None
+
+
+def test_channel_config_retries_unavailable_and_keepalive_matches_server():
+    config = json.loads(dict(client_mod.CHANNEL_OPTIONS)["grpc.service_config"])
+    [method_config] = config["methodConfig"]
+    assert {"service": "chatforge.v1.Chatbot"} in method_config["name"]
+    policy = method_config["retryPolicy"]
+    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and policy["maxAttempts"] >= 2
+    client_opts, server_opts = dict(client_mod.CHANNEL_OPTIONS), dict(server_mod.SERVER_OPTIONS)
+    # A client pinging more often than the server accepts would be sent GOAWAY too_many_pings.
+    assert client_opts["grpc.keepalive_time_ms"] >= server_opts["grpc.http2.min_recv_ping_interval_without_data_ms"]
+    assert client_opts["grpc.keepalive_permit_without_calls"] == 1
+
+
+@pytest.mark.slow
+def test_fd_count_stable_over_many_client_cycles(server):
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    # A local subchannel pool gives every client its own TCP connection (by default grpc
+    # shares one per target across channels, which would hide a client that never closes).
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    for _ in range(20):  # warm up grpc's own threads and pollers
+        with ChatbotClient(server.target, timeout=WAIT, options=options) as client:
+            client.health()
+    before = fds()
+    n = 2000
+    for _ in range(n):
+        with ChatbotClient(server.target, timeout=WAIT, options=options) as client:
+            assert client.health() == "SERVING"
+    after = fds()
+    assert after - before <= 10, f"open fds grew from {before} to {after} over {n} client cycles"
