@@ -137,9 +137,9 @@ def run_experiment(cfg: ExperimentConfig, *, callbacks: list[Callback] | None = 
         tok = pre.tokenizer  # a pre-trained model only makes sense with its own vocabulary
     else:
         tok = _tokenizer_for(cfg, train)
-    task_def = get_task(cfg.model.task)
+    task_def = get_task(cfg.model.task, cfg.model.family)
     labels = label_set(train) if task_def.needs_labels else None
-    spec = TaskSpec(cfg.model.task, cfg.train.max_source_len, cfg.train.max_target_len, labels)
+    spec = TaskSpec(cfg.model.task, cfg.model.family, cfg.train.max_source_len, cfg.train.max_target_len, labels)
     model = build_from_config(cfg, tok, labels)
     if cfg.model.init_from:
         init_report = _init_from(model, pre, cfg.model.init_from)

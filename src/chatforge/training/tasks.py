@@ -26,8 +26,9 @@ class TaskDataError(ValueError):
 @dataclass
 class TaskSpec:
     task: str
-    max_source_len: int
-    max_target_len: int
+    family: str | None = None
+    max_source_len: int = 64
+    max_target_len: int = 64
     labels: list[str] | None = None
 
 
@@ -122,26 +123,33 @@ class TaskDef:
     generates: bool = False
 
 
-_TASKS: dict[str, TaskDef] = {}
+_TASKS: dict[tuple[str | None, str], TaskDef] = {}
 
 
-def register_task(name: str, *, needs_labels: bool = False, generates: bool = False):
-    """Register a dataset builder for a task name; families list the tasks they support."""
+def register_task(name: str, *, family: str | None = None, needs_labels: bool = False, generates: bool = False):
+    """Register a dataset builder for a task name.
+
+    ``family=None`` registers the default pipeline for the task; a family whose
+    inputs differ (GPT's ``question [SEP] answer``, BERT's ``[CLS] a [SEP] b [SEP]``
+    with segments) registers its own under ``family`` and it takes precedence.
+    """
 
     def deco(fn: Callable[[TaskSpec, Sequence[Example], Tokenizer], Dataset]):
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        _TASKS[name] = TaskDef(name, fn, needs_labels, generates)
+        key = (family, name)
+        if key in _TASKS:
+            raise ValueError(f"task {name!r} (family {family!r}) is already registered")
+        _TASKS[key] = TaskDef(name, fn, needs_labels, generates)
         return fn
 
     return deco
 
 
-def get_task(name: str) -> TaskDef:
-    try:
-        return _TASKS[name]
-    except KeyError:
-        raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_TASKS))}") from None
+def get_task(name: str, family: str | None = None) -> TaskDef:
+    found = _TASKS.get((family, name)) or _TASKS.get((None, name))
+    if found is None:
+        known = sorted({t for _, t in _TASKS})
+        raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(known)}")
+    return found
 
 
 @register_task("generation", generates=True)
@@ -156,4 +164,4 @@ def _classification(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer)
 
 
 def make_dataset(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dataset:
-    return get_task(spec.task).build(spec, examples, tok)
+    return get_task(spec.task, spec.family).build(spec, examples, tok)
