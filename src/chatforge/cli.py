@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -122,24 +123,50 @@ class _RichProgress:
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="Experiment YAML file."),
+    config: Path = typer.Argument(None, help="Experiment YAML file (omit with --resume)."),
     set_: list[str] = typer.Option([], "--set", help="Override: key.path=value (repeatable), e.g. train.epochs=3."),
     run_dir: Path = typer.Option(None, "--run-dir", help="Write the run here instead of output.dir/<name>-<time>."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    resume: Path = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train with DDP on N local processes (via torchrun)."),
 ):
     """Train the model an experiment config describes; writes a run folder with its bundle."""
     from chatforge.config import ConfigError, load_config
     from chatforge.data import DataError
     from chatforge.tokenizer import TokenizerError
+    from chatforge.training.checkpoint import CheckpointError
+    from chatforge.training.distributed import launched_distributed, torchrun_command
     from chatforge.training.run import run_experiment
     from chatforge.training.tasks import TaskDataError
 
+    if nproc > 1:
+        import subprocess
+
+        argv, args = sys.argv[1:], []
+        for i, a in enumerate(argv):  # re-run this very command line under torchrun, minus --nproc N
+            if a == "--nproc" or a.startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc"):
+                continue
+            args.append(a)
+        raise typer.Exit(subprocess.call(torchrun_command(nproc, args)))
+    if (config is None) == (resume is None):
+        _fail("give either CONFIG (a new run) or --resume RUN_DIR (continue a run), not both or neither")
+    if resume is not None and set_:
+        _fail("--set cannot change a resumed run; it continues with the config saved in the run folder")
     try:
-        cfg = load_config(config, set_)
-        callbacks = [_RichProgress(err_console)] if progress else []
-        result = run_experiment(cfg, callbacks=callbacks, run_dir=run_dir)
-    except (ConfigError, DataError, TokenizerError, TaskDataError) as e:
+        # Only rank 0 draws a progress bar under torchrun.
+        show = progress and (not launched_distributed() or os.environ.get("RANK", "0") == "0")
+        callbacks = [_RichProgress(err_console)] if show else []
+        if resume is not None:
+            from chatforge.training.run import resume_experiment
+
+            result = resume_experiment(resume, callbacks=callbacks)
+        else:
+            cfg = load_config(config, set_)
+            result = run_experiment(cfg, callbacks=callbacks, run_dir=run_dir)
+    except (ConfigError, DataError, TokenizerError, TaskDataError, CheckpointError, ValueError) as e:
         _fail(str(e))
+    if launched_distributed() and os.environ.get("RANK", "0") != "0":
+        return
     m = result.metrics
     table = Table(title=f"run {result.run_dir}")
     table.add_column("metric")
@@ -154,6 +181,36 @@ def train(
         console.print(f"[dim]Q:[/] {s['question']}\n[dim]ref:[/] {s['reference']}\n[bold]bot:[/] {s['reply']}\n",
                       highlight=False)
     console.print(f"bundle: [bold]{result.bundle_dir}[/]", highlight=False)
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="Base experiment YAML file."),
+    space: Path = typer.Option(..., "--space", help="YAML: dotted config key -> distribution."),
+    trials: int = typer.Option(10, "--trials", min=1, help="Trials to run in this process."),
+    storage: str = typer.Option(None, "--storage", help="Optuna RDB URL (default sqlite:///runs/optuna.db)."),
+    study: str = typer.Option(None, "--study", help="Study name (default <config name>-sweep); joined if it exists."),
+    out: Path = typer.Option(None, "--out", help="Sweep folder (default output.dir/sweeps/<study>)."),
+    set_: list[str] = typer.Option([], "--set", help="Override the base config: key.path=value (repeatable)."),
+):
+    """Optuna sweep: each trial trains a run (tracked in MLflow); writes the best config as YAML."""
+    from chatforge.config import ConfigError, load_config
+    from chatforge.training.sweep import load_space, run_sweep
+
+    try:
+        base = load_config(config, set_)
+        result = run_sweep(base, load_space(space), trials=trials, storage=storage, study_name=study,
+                           sweep_dir=out)
+    except (ConfigError, RuntimeError) as e:
+        _fail(str(e))
+    table = Table(title=f"study {result.study_name} ({result.n_trials} trials)")
+    table.add_column("parameter")
+    table.add_column("best value", justify="right")
+    for k, v in result.best_params.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    table.add_row("valid_loss", f"{result.best_value:.4f}")
+    console.print(table)
+    console.print(f"best config: [bold]{result.best_config_path}[/]", highlight=False)
 
 
 @app.command()
@@ -213,12 +270,51 @@ def serve(
     port: int = typer.Option(50051, help="Port; 0 picks a free one (see --port-file)."),
     port_file: Path = typer.Option(None, help="Write the bound port here once the server is SERVING."),
     grace: float = typer.Option(10.0, help="Seconds in-flight calls get to finish after SIGTERM."),
+    model_dir: Path = typer.Option(None, "--model-dir", help="Serve DIR/<name>/<version>/ bundles; hot-swaps "
+                                   "new versions (latest, or pinned by DIR/<name>/PINNED or --pin)."),
+    pin: list[str] = typer.Option([], "--pin", help="NAME=VERSION to serve from --model-dir (rollback)."),
+    poll_interval: float = typer.Option(5.0, help="Seconds between --model-dir scans."),
+    metrics_port: int = typer.Option(None, help="Serve /metrics, /healthz, /readyz over HTTP on this port."),
+    max_running: int = typer.Option(8, help="Per model: sequences in the running batch."),
+    max_queued: int = typer.Option(64, help="Per model: requests waiting beyond that (then RESOURCE_EXHAUSTED)."),
+    max_batch_size: int = typer.Option(32, help="Classify: most texts per micro-batch."),
+    max_wait_ms: float = typer.Option(2.0, help="Classify: longest wait for a micro-batch to fill."),
+    max_input_tokens: int = typer.Option(None, help="Cap on input tokens (besides each model's own)."),
+    max_new_tokens: int = typer.Option(1024, help="Cap on max_new_tokens a request may ask for."),
+    max_message_bytes: int = typer.Option(4 * 1024 * 1024, help="Largest gRPC message accepted or sent."),
+    pipeline_classifier: str = typer.Option(None, help="Chatbot pipeline: classify with this model first."),
+    fallback_reply: str = typer.Option("Sorry, I can't help with that.",
+                                       help="Pipeline: the reply to out-of-scope messages."),
+    oos_threshold: float = typer.Option(0.0, help="Pipeline: scores below this count as out of scope."),
+    api_keys_file: Path = typer.Option(None, help="File of API keys (one per line); else CHATFORGE_API_KEYS."),
+    protect_health: bool = typer.Option(False, help="Require API keys for health and reflection too."),
+    tls_cert: Path = typer.Option(None, help="Server certificate chain (PEM) for TLS."),
+    tls_key: Path = typer.Option(None, help="Server private key (PEM) for TLS."),
+    tls_client_ca: Path = typer.Option(None, help="CA (PEM) that client certificates must chain to (mTLS)."),
 ):
     """Serve bundles over gRPC (Chatbot service, health, reflection) until SIGTERM/SIGINT."""
+    from chatforge.serving.engine import PipelineConfig
     from chatforge.serving.server import run_server
 
-    named = _parse_models(bundles or [], model)
-    code = run_server(named, host=host, port=port, grace=grace, port_file=str(port_file) if port_file else None)
+    named = None if model_dir is not None and not (bundles or model) else _parse_models(bundles or [], model)
+    pins = {}
+    for item in pin:
+        if "=" not in item:
+            _fail(f"--pin {item!r} must look like NAME=VERSION, e.g. chat=3")
+        name, version = item.split("=", 1)
+        pins[name.strip()] = version.strip()
+    engine_kwargs = dict(max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size,
+                         max_wait_ms=max_wait_ms, max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens)
+    try:
+        if pipeline_classifier:
+            engine_kwargs["pipeline"] = PipelineConfig(pipeline_classifier, fallback_reply, oos_threshold)
+        code = run_server(named, host=host, port=port, grace=grace, port_file=str(port_file) if port_file else None,
+                          model_dir=model_dir, pins=pins, poll_interval=poll_interval, metrics_port=metrics_port,
+                          api_keys_file=api_keys_file, tls_cert=tls_cert, tls_key=tls_key,
+                          tls_client_ca=tls_client_ca, open_health=not protect_health,
+                          max_message_bytes=max_message_bytes, engine_kwargs=engine_kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
     raise typer.Exit(code or 0)
 
 
@@ -320,6 +416,286 @@ def data_download(
         except (DataError, OSError) as e:
             _fail(str(e))
     console.print(f"{name}: ready in [bold]{out}[/]", highlight=False)
+
+
+# ------------------------------------------------------------------------ loadtest
+def _fmt_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _render_loadtest(report, slo_results) -> None:
+    from chatforge.serving.loadtest import histogram
+
+    d = report.to_dict()
+    t = Table(title=f"{report.rpc} @ {report.target} (concurrency {report.concurrency}, "
+                    f"{report.connections} connection(s){', ' + str(report.rps_limit) + ' rps' if report.rps_limit else ''})")
+    t.add_column("summary")
+    t.add_column("value", justify="right")
+    for k, v in (("requests", str(report.count)), ("ok / errors", f"{report.ok} / {report.errors}"),
+                 ("error rate", f"{report.error_rate:.2%}"), ("total time", f"{report.wall_seconds:.2f} s"),
+                 ("throughput", f"{report.throughput:.2f} req/s")):
+        t.add_row(k, v)
+    lat = d["latency_s"]
+    for k in ("mean", "min", "p50", "p90", "p95", "p99", "max"):
+        t.add_row(f"latency {k}", _fmt_ms(lat[k]))
+    if d["ttft_s"] is not None:
+        for k in ("p50", "p90", "p99"):
+            t.add_row(f"time to first token {k}", _fmt_ms(d["ttft_s"][k]))
+        tok = d["tokens"]
+        t.add_row("tokens generated", str(tok["total"]))
+        t.add_row("tokens/s (all streams)", f"{tok['per_second']:.1f}")
+        if tok["stream_decode_rate_mean"] is not None:
+            t.add_row("tokens/s per stream (mean)", f"{tok['stream_decode_rate_mean']:.1f}")
+    for k, v in d["status_codes"].items():
+        t.add_row(f"status {k}", str(v))
+    srv = d["server"]
+    if srv:
+        if srv.get("cpu_percent_mean") is not None:
+            t.add_row("server CPU mean / max", f"{srv['cpu_percent_mean']:.0f}% / {srv['cpu_percent_max']:.0f}%")
+        if srv.get("rss_bytes_max") is not None:
+            t.add_row("server RSS max", f"{srv['rss_bytes_max'] / 2**20:.0f} MiB")
+        t.add_row("server-counted requests", f"{srv['requests_delta']:.0f}")
+    console.print(t)
+    hist = histogram(report.latencies())
+    if hist:
+        width = 40
+        top = max(b["count"] for b in hist) or 1
+        console.print("[bold]latency histogram[/] (OK requests)")
+        for b in hist:
+            bar = "■" * round(width * b["count"] / top)
+            console.print(f"  {b['upper'] * 1000:10.1f} ms [{b['count']:>6}] |{bar}", highlight=False)
+    for msg, n in d["error_messages"].items():
+        err_console.print(f"[red]{n} x[/] {msg}", highlight=False, markup=False)
+    for r in slo_results:
+        mark = "[green]PASS[/]" if r.passed else "[bold red]MISS[/]"
+        actual = "n/a" if r.actual is None else (
+            f"{r.actual:.2f} req/s" if r.key == "rps" else f"{r.actual:.3%}" if r.key == "errors"
+            else _fmt_ms(r.actual))
+        console.print(f"SLO {r.slo}: {mark} (actual {actual})")
+
+
+@app.command()
+def loadtest(
+    target: str = typer.Argument(..., help="HOST:PORT of a chatforge server (or a load balancer)."),
+    rpc: str = typer.Option("reply", "--rpc", help="reply, classify or health."),
+    concurrency: int = typer.Option(1, "--concurrency", "-c", help="Concurrent callers."),
+    duration: float = typer.Option(None, "--duration", "-z", help="Run this many seconds..."),
+    requests: int = typer.Option(None, "--requests", "-n", help="...or send this many requests."),
+    rps: float = typer.Option(None, "--rps", help="Open loop: start requests at this fixed rate."),
+    connections: int = typer.Option(1, "--connections", help="gRPC channels shared by the callers."),
+    data: Path = typer.Option(None, "--data", help="Corpus file with the messages to send (default: sample corpus)."),
+    model: str = typer.Option(None, "--model", help="Model name on the server (default: its default)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Reply length cap per request."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Deadline per request, seconds."),
+    slo: str = typer.Option(None, "--slo", help="Exit 1 unless met, e.g. p99=200ms,errors=0.1%,rps=20."),
+    sweep_levels: str = typer.Option(None, "--sweep", help="Run once per concurrency level, e.g. 1,2,4,8."),
+    metrics: str = typer.Option(None, "--metrics", help="Server metrics HOST:PORT: add CPU/RSS to the report."),
+    retries: bool = typer.Option(False, "--retries/--no-retries", help="Let the client retry UNAVAILABLE."),
+    out: Path = typer.Option(None, "--out", help="Write report.json, requests.csv and report.png here."),
+):
+    """Load-test a server like ghz: throughput, latency percentiles, TTFT, status codes; SLO gate."""
+    import threading
+
+    from chatforge.serving.client import ChatbotError
+    from chatforge.serving.loadtest import (
+        LoadTestConfig,
+        LoadTestError,
+        check_slos,
+        load_texts,
+        parse_levels,
+        parse_slo,
+        run_load_test,
+        run_sweep,
+        write_report,
+        write_sweep,
+    )
+
+    stop = threading.Event()
+    try:
+        slos = parse_slo(slo) if slo else []
+        levels = parse_levels(sweep_levels) if sweep_levels else None
+        texts = load_texts(data) if rpc != "health" else []
+        cfg = LoadTestConfig(target=target, rpc=rpc, concurrency=concurrency, requests=requests, duration=duration,
+                             rps=rps, connections=connections, texts=texts, model=model, timeout=timeout,
+                             max_new_tokens=max_new_tokens, retries=retries,
+                             metrics_url=metrics).validate()
+        if levels:
+            def progress(n, r):
+                err_console.print(f"concurrency {n}: {r.throughput:.1f} req/s, p99 {_fmt_ms(r.latency()['p99'])}",
+                                  highlight=False)
+
+            result = run_sweep(cfg, levels, stop=stop, on_level=progress)
+            reports = result.reports
+        else:
+            reports = [run_load_test(cfg, stop=stop)]
+    except LoadTestError as e:
+        _fail(str(e))
+    except ChatbotError as e:
+        _fail(f"{target}: {e}", code=1)
+    except KeyboardInterrupt:
+        stop.set()
+        _fail("interrupted", code=130)
+    missed = False
+    for report in reports:
+        slo_results = check_slos(report, slos)
+        missed = missed or not all(r.passed for r in slo_results)
+        _render_loadtest(report, slo_results)
+        if out is not None and not levels:
+            paths = write_report(report, out, slos=slo_results)
+            console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False)
+    if levels:
+        table = Table(title="concurrency sweep")
+        rows = result.rows()
+        for col in ("concurrency", "throughput_rps", "latency_p50_ms", "latency_p99_ms", "ttft_p99_ms", "errors"):
+            table.add_column(col, justify="right")
+        for row in rows:
+            table.add_row(*("-" if row[c] is None else f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c])
+                            for c in ("concurrency", "throughput_rps", "latency_p50_ms", "latency_p99_ms",
+                                      "ttft_p99_ms", "errors")))
+        console.print(table)
+        if out is not None:
+            paths = write_sweep(result, out)
+            console.print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False)
+    if missed:
+        err_console.print("[bold red]SLO missed[/]")
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- top
+@app.command()
+def top(
+    target: str = typer.Argument(..., help="HOST:METRICS_PORT of a server (or a /metrics URL)."),
+    interval: float = typer.Option(2.0, "--interval", help="Seconds between scrapes."),
+    count: int = typer.Option(None, "--count", help="Stop after this many samples (default: until Ctrl-C)."),
+):
+    """Watch a server's CPU, memory, fds, threads, GPU memory and queue over time."""
+    from rich.live import Live
+
+    from chatforge.serving.monitor import MonitorError, ResourceMonitor
+
+    def num(v, fmt="{:.0f}", scale=1.0):
+        return "-" if v is None else fmt.format(v / scale)
+
+    try:
+        monitor = ResourceMonitor(target, interval=interval)
+    except ValueError as e:
+        _fail(str(e))
+    rows: list = []
+
+    def render() -> Table:
+        t = Table(title=f"chatforge top {monitor.url}")
+        for c in ("time", "CPU %", "RSS MiB", "fds", "threads", "GPU MiB", "running", "waiting", "req/s", "tok/s"):
+            t.add_column(c, justify="right", no_wrap=c == "time")
+        for s in rows[-20:]:
+            t.add_row(s[0], num(s[1].cpu_percent, "{:.1f}"), num(s[1].rss_bytes, scale=2**20), num(s[1].open_fds),
+                      num(s[1].threads), num(s[1].gpu_allocated_bytes, scale=2**20), num(s[1].requests_running),
+                      num(s[1].requests_waiting), num(s[1].requests_per_s, "{:.1f}"), num(s[1].tokens_per_s, "{:.1f}"))
+        return t
+
+    import time as _time
+
+    try:
+        with Live(render(), console=console, auto_refresh=False) as live:
+            for sample in monitor.watch(count):
+                rows.append((_time.strftime("%H:%M:%S"), sample))
+                live.update(render(), refresh=True)
+    except MonitorError as e:
+        _fail(str(e), code=1)
+    except KeyboardInterrupt:
+        pass
+
+
+# -------------------------------------------------------------------- conversations
+conversations_app = typer.Typer(no_args_is_help=True, help="The conversation store.")
+app.add_typer(conversations_app, name="conversations")
+
+
+def _parse_since(value: str):
+    """ISO date/time (naive = UTC) or a relative age such as 30m, 24h, 7d."""
+    import re
+    from datetime import datetime, timedelta, timezone
+
+    m = re.fullmatch(r"\s*(\d+)\s*([mhd])\s*", value)
+    if m:
+        unit = {"m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
+        return datetime.now(timezone.utc) - timedelta(**{unit: int(m.group(1))})
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        _fail(f"--since {value!r} is not understood; allowed: an ISO date/time (2026-01-31, "
+              "2026-01-31T12:00:00+09:00) or an age such as 30m, 24h, 7d")
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+@conversations_app.command("export")
+def conversations_export(
+    url: str = typer.Option(..., "--url", help="Store URL, e.g. sqlite:///runs/conversations.db or postgresql+psycopg://..."),
+    out: Path = typer.Option(..., "--out", help="File to write (atomically)."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
+    since: str = typer.Option(None, "--since", help="Only turns at/after this ISO time, or an age (24h, 7d)."),
+):
+    """Export stored turns to JSONL/CSV for the next training round."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from chatforge.serving.store import EXPORT_FORMATS, ConversationStore
+
+    if fmt not in EXPORT_FORMATS:
+        _fail(f"--format {fmt!r} is unknown; allowed: {', '.join(EXPORT_FORMATS)}")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        _fail(f"--url {url!r} is not a database URL; e.g. sqlite:///runs/conversations.db")
+    # Opening a store creates its database: exporting from a mistyped path must not make an empty one.
+    db = parsed.database
+    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).is_file():
+        _fail(f"no conversation database at {db}")
+    since_dt = _parse_since(since) if since else None
+    try:
+        store = ConversationStore(url)
+        try:
+            n = store.export(out, format=fmt, since=since_dt)
+        finally:
+            store.close()
+    except (SQLAlchemyError, ModuleNotFoundError) as e:
+        _fail(f"cannot read the conversation store at {parsed.render_as_string(hide_password=True)}: {e}", code=1)
+    console.print(f"exported {n} turns to [bold]{out}[/]", highlight=False)
+
+
+# --------------------------------------------------------------------------- convert
+convert_app = typer.Typer(no_args_is_help=True, help="Convert Hugging Face checkpoints to and from bundles.")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("from-hf")
+def convert_from_hf(
+    src: Path = typer.Argument(..., help="HF checkpoint folder (config.json, weights, tokenizer files)."),
+    out: Path = typer.Argument(..., help="Bundle folder to write."),
+    task: str = typer.Option(None, help="Task of the bundle (gpt: lm or generation); default: the family's."),
+):
+    """Convert a BERT / GPT / GPT-2 checkpoint folder into a chatforge bundle (keeps its tokenizer)."""
+    from chatforge.interop import ConversionError, from_hf
+
+    try:
+        path = from_hf(src, out, **({"task": task} if task else {}))
+    except (ConversionError, ValueError, OSError) as e:
+        _fail(str(e))
+    console.print(f"bundle written to [bold]{path}[/]", highlight=False)
+
+
+@convert_app.command("to-hf")
+def convert_to_hf(
+    bundle: Path = typer.Argument(..., help="chatforge bundle folder."),
+    out: Path = typer.Argument(..., help="HF checkpoint folder to write (save_pretrained layout)."),
+):
+    """Export a bundle as a Hugging Face checkpoint folder."""
+    from chatforge.interop import ConversionError, to_hf
+
+    try:
+        path = to_hf(bundle, out)
+    except (ConversionError, ValueError, OSError) as e:
+        _fail(str(e))
+    console.print(f"HF checkpoint written to [bold]{path}[/]", highlight=False)
 
 
 def main() -> None:

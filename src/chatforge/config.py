@@ -133,11 +133,24 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     early_stopping_patience: int | None = Field(None, ge=1)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="write a resumable checkpoint into the run folder every N optimizer steps")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (exact resume on CPU)")
 
 
 class OutputConfig(_Strict):
     dir: str = "runs"
     run_name: str | None = None
+
+
+class TrackingConfig(_Strict):
+    """MLflow tracking; ``tracking_uri`` None means MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db."""
+
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="any MLflow tracking URI; env MLFLOW_TRACKING_URI wins")
+    experiment: str | None = Field(None, description="MLflow experiment name; default: the config's name")
+    artifact_location: str | None = Field(None, description="where a new experiment stores artifacts")
+    log_bundle: bool = Field(True, description="upload the bundle folder as a run artifact")
 
 
 class ExperimentConfig(_Strict):
@@ -148,6 +161,7 @@ class ExperimentConfig(_Strict):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -195,6 +209,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "tokenizer": TokenizerConfig,
     "train": TrainConfig,
     "output": OutputConfig,
+    "tracking": TrackingConfig,
 }
 
 

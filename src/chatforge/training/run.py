@@ -3,6 +3,12 @@
 runs/<run>/config.yaml      the resolved config (also inside the bundle)
 runs/<run>/metrics.json     per-epoch history, best epoch, test metrics, sample replies
 runs/<run>/bundle/          what `chatforge serve` loads
+runs/<run>/tokenizer.model  the run's tokenizer, written before training (resume reuses it)
+runs/<run>/checkpoints/     last.safetensors, every train.checkpoint_every_steps steps
+runs/<run>/mlflow_run_id    the MLflow run this run logs to (resume continues it)
+
+Under torchrun (WORLD_SIZE > 1) every rank runs this; rank 0 chooses the run folder and
+trains the tokenizer and broadcasts both, and only rank 0 writes files or tracks.
 """
 
 from __future__ import annotations
@@ -18,14 +24,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from chatforge.bundle import build_from_config, load_bundle, save_bundle
 from chatforge.config import ConfigError, ExperimentConfig
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
 from chatforge.tokenizer import Tokenizer, atomic_write_bytes
+from chatforge.training import distributed as ddp
+from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
 from chatforge.training.tasks import TaskSpec, get_task, label_set, make_dataset
 from chatforge.training.trainer import Callback, LoggingCallback, Trainer, resolve_device
+
+RUN_TOKENIZER = "tokenizer.model"
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +127,70 @@ def _sample_replies(model, tok: Tokenizer, examples: list[Example], n: int, max_
     return out
 
 
+def resume_experiment(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> RunResult:
+    """Continue an interrupted run from its last checkpoint, with the config saved in the run."""
+    from chatforge.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml inside)")
+    if not checkpoint_path(run_dir).is_file():
+        raise ConfigError(f"--resume {run_dir}: no checkpoint at {checkpoint_path(run_dir)}; "
+                          f"set train.checkpoint_every_steps to make runs resumable")
+    cfg = load_config(run_dir / "config.yaml")
+    return run_experiment(cfg, callbacks=callbacks, run_dir=run_dir, resume=True)
+
+
+def _features(cfg: ExperimentConfig, tok: Tokenizer, data_path: Path, data_sha: str,
+              n: tuple[int, int, int]) -> dict[str, Any]:
+    return {
+        "features.tokenizer.source": cfg.tokenizer.path or ("init_from" if cfg.model.init_from else "trained"),
+        "features.tokenizer.sha256": tok.sha256,
+        "features.tokenizer.vocab_size": tok.vocab_size,
+        "features.tokenizer.model_type": cfg.tokenizer.model_type,
+        "features.data.path": str(data_path),
+        "features.data.sha256": data_sha,
+        "features.data.train_examples": n[0],
+        "features.data.valid_examples": n[1],
+        "features.data.test_examples": n[2],
+    }
+
+
 def run_experiment(cfg: ExperimentConfig, *, callbacks: list[Callback] | None = None,
-                   run_dir: str | Path | None = None) -> RunResult:
+                   run_dir: str | Path | None = None, resume: bool = False,
+                   tracking_tags: dict[str, str] | None = None) -> RunResult:
+    """Train ``cfg`` into a run folder; ``resume=True`` continues ``run_dir`` from its checkpoint.
+
+    ``tracking_tags`` are added to the MLflow run (a sweep passes its study and parent run).
+    """
     seed_everything(cfg.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = resolve_device(cfg.train.device)
+    owns_group = ddp.launched_distributed() and not torch.distributed.is_initialized()
+    ctx = ddp.init_distributed(device) if ddp.launched_distributed() else ddp.SINGLE
+    device = ddp.distributed_device(device, ctx)
+    try:
+        return _run(cfg, ctx, device, callbacks or [], run_dir, resume, tracking_tags or {})
+    finally:
+        if owns_group:
+            ddp.cleanup(ctx)
+
+
+def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.device, callbacks: list[Callback],
+         run_dir: str | Path | None, resume: bool, tracking_tags: dict[str, str]) -> RunResult:
+    if resume and run_dir is None:
+        raise ConfigError("resume needs the run folder to continue")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir) if run_dir else Path(cfg.output.dir) / (cfg.output.run_name or f"{cfg.name}-{stamp}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
+    run_dir = Path(ddp.broadcast_object(str(run_dir), ctx))  # one folder even if ranks' clocks differ
+    main = ctx.is_main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
 
     train, valid, test, data_path = load_splits(cfg)
     log.info("data %s: %d train / %d valid / %d test", data_path, len(train), len(valid), len(test))
@@ -135,8 +200,14 @@ def run_experiment(cfg: ExperimentConfig, *, callbacks: list[Callback] | None = 
         pre = load_bundle(Path(cfg.model.init_from) / "bundle"
                           if (Path(cfg.model.init_from) / "bundle").is_dir() else cfg.model.init_from)
         tok = pre.tokenizer  # a pre-trained model only makes sense with its own vocabulary
+    elif resume:
+        tok = Tokenizer.load(run_dir / RUN_TOKENIZER)  # the exact vocabulary the checkpoint was trained with
     else:
-        tok = _tokenizer_for(cfg, train)
+        # Rank 0 trains it and the others receive its bytes: every rank must share one vocabulary.
+        proto = _tokenizer_for(cfg, train).model_proto if main else None
+        tok = Tokenizer(ddp.broadcast_object(proto, ctx))
+    if main and not resume:
+        atomic_write_bytes(run_dir / RUN_TOKENIZER, tok.model_proto)
     task_def = get_task(cfg.model.task, cfg.model.family)
     labels = label_set(train) if task_def.needs_labels else None
     spec = TaskSpec(cfg.model.task, cfg.model.family, cfg.train.max_source_len, cfg.train.max_target_len, labels)
@@ -144,18 +215,67 @@ def run_experiment(cfg: ExperimentConfig, *, callbacks: list[Callback] | None = 
     if cfg.model.init_from:
         init_report = _init_from(model, pre, cfg.model.init_from)
 
-    gen = torch.Generator().manual_seed(cfg.seed)
     train_ds = make_dataset(spec, train, tok)
-    train_dl = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, generator=gen,
-                          collate_fn=train_ds.collate)
+    # The epoch's order is a function of (seed, epoch) alone: exact resume without generator state,
+    # and one process over the global batch sees what N DDP ranks see together.
+    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.seed)
+    train_dl = DataLoader(train_ds, batch_size=ddp.per_rank_batch_size(cfg.train.batch_size, ctx),
+                          sampler=sampler, collate_fn=train_ds.collate)
     valid_dl = None
     if valid:
+        # Every rank validates on the whole set, so early stopping and best-epoch choices agree.
         valid_ds = make_dataset(spec, valid, tok)
         valid_dl = DataLoader(valid_ds, batch_size=cfg.train.batch_size, collate_fn=valid_ds.collate)
 
+    data_sha = file_sha256(data_path)
+    tracker = None
+    if main:
+        from chatforge.training.tracking import TrackingCallback, open_tracker, run_tags
+
+        tracker = open_tracker(cfg)
+    extra: list[Callback] = []
+    if tracker is not None:
+        from chatforge.training.tracking import flatten
+
+        id_file = run_dir / "mlflow_run_id"
+        prior = id_file.read_text().strip() if resume and id_file.is_file() else None
+        tracker.start(run_dir.name, run_tags(cfg, tracking_tags), resume_run_id=prior)
+        atomic_write_bytes(id_file, tracker.run_id.encode())
+        if not prior:
+            tracker.log_params({**flatten(cfg.to_dict()),
+                                **_features(cfg, tok, data_path, data_sha, (len(train), len(valid), len(test)))})
+        extra.append(TrackingCallback(tracker))
+    if cfg.train.checkpoint_every_steps:
+        extra.append(CheckpointCallback(run_dir, cfg.train.checkpoint_every_steps, is_main=main))
+
     trainer = Trainer(model, train_dl, valid_dl, cfg.train,
-                      callbacks=[LoggingCallback(), *(callbacks or [])], device=resolve_device(cfg.train.device))
-    result = trainer.fit()
+                      callbacks=[LoggingCallback(), *extra, *callbacks], device=device, distributed=ctx)
+    if resume:
+        trainer.load_state_dict(load_checkpoint(checkpoint_path(run_dir)))
+    try:
+        result = trainer.fit()
+        if not main:
+            return RunResult(run_dir=run_dir, bundle_dir=run_dir / "bundle",
+                             metrics={"steps": result.steps, "history": result.history})
+        out = _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, test, data_sha,
+                      init_report, run_dir)
+    except BaseException as e:
+        if tracker is not None:
+            # An Optuna prune is a deliberate stop, not a failure.
+            tracker.end("KILLED" if type(e).__name__ == "TrialPruned" else "FAILED")
+        raise
+    if tracker is not None:
+        from chatforge.training.tracking import log_run_outputs
+
+        log_run_outputs(tracker, run_dir, out.metrics, log_bundle=cfg.tracking.log_bundle)
+        out.metrics["mlflow_run_id"] = tracker.run_id
+        tracker.end("FINISHED")
+    return out
+
+
+def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, test, data_sha, init_report,
+            run_dir: Path) -> RunResult:
     model = trainer.model.to("cpu").eval()
 
     metrics: dict[str, Any] = {
@@ -183,7 +303,7 @@ def run_experiment(cfg: ExperimentConfig, *, callbacks: list[Callback] | None = 
     bundle_dir = save_bundle(
         run_dir / "bundle", model=model, tokenizer=tok, config=cfg, labels=labels,
         metrics={k: v for k, v in metrics.items() if k not in ("history", "samples")},
-        data_sha256=file_sha256(data_path),
+        data_sha256=data_sha,
     )
     atomic_write_bytes(run_dir / "metrics.json",
                        (json.dumps(metrics, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))

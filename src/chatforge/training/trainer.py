@@ -4,6 +4,16 @@ It knows nothing of model families: it moves a batch (a dict of tensors) to the
 device, calls ``model(**batch)``, reads ``output.loss`` (and ``output.losses`` for
 the parts), steps AdamW with warmup + decay and gradient clipping, validates each
 epoch, keeps the best weights, and reports through callbacks.
+
+Resumable: :meth:`Trainer.state_dict` captures model, optimizer, scheduler, RNG states
+and the exact data position (epoch, batches done in it, the sampler's epoch seed or the
+loader generator's state at the start of the epoch), and :meth:`Trainer.load_state_dict`
+restores them so training continues as if never interrupted.
+
+Distributed: given a :class:`~chatforge.training.distributed.DistributedContext` with
+``world_size > 1`` the model is wrapped in DistributedDataParallel (gradients are
+averaged across ranks, so each rank's loader must carry its share of the global batch).
+``self.model`` stays the plain module for evaluation, state dicts and saving.
 """
 
 from __future__ import annotations
@@ -11,11 +21,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -88,10 +100,19 @@ class Trainer:
         *,
         callbacks: Iterable[Callback] = (),
         device: torch.device | None = None,
+        distributed: Any = None,
     ):
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.model = model.to(self.device)
+        self.distributed = distributed
+        # The module the training step calls: DDP all-reduces gradients during backward.
+        self._train_model: nn.Module = self.model
+        if distributed is not None and distributed.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.callbacks = list(callbacks)
         if cfg.early_stopping_patience:
@@ -120,6 +141,14 @@ class Trainer:
         self.epochs_since_best = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.result = TrainResult()
+        # Data position within the current epoch, and what reproduces the epoch's order.
+        self.batches_done = 0
+        self._epoch_acc: dict[str, Any] = _fresh_acc()
+        self._epoch_loader_state: torch.Tensor | None = None
+        self._resume: dict[str, Any] | None = None
+        self._seconds_before = 0.0
+        self._pending_rng: dict[str, Any] | None = None
+        self._fit_started: float | None = None
 
     def _autocast(self):
         if self.cfg.precision == "bf16":
@@ -134,9 +163,10 @@ class Trainer:
             getattr(c, cb)(self, *args)
 
     def fit(self) -> TrainResult:
-        start = time.perf_counter()
+        start = self._fit_started = time.perf_counter()
         self._call("on_train_start", self.total_steps)
-        for epoch in range(1, self.cfg.epochs + 1):
+        first_epoch = self._resume["epoch"] if self._resume else 1
+        for epoch in range(first_epoch, self.cfg.epochs + 1):
             self.epoch = epoch
             logs = self._train_epoch()
             if self.valid_loader is not None and len(self.valid_loader) > 0:
@@ -155,20 +185,51 @@ class Trainer:
             if self.should_stop or (self.cfg.max_steps and self.step >= self.cfg.max_steps):
                 break
         self.result.steps = self.step
-        self.result.seconds = time.perf_counter() - start
+        self.result.seconds = self._seconds_before + time.perf_counter() - start
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self._call("on_train_end")
         return self.result
 
+    def _start_epoch(self) -> int:
+        """Fix this epoch's data order; return how many batches were already trained (resume)."""
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: the order is a function of (seed, epoch)
+            sampler.set_epoch(self.epoch)
+        gen = getattr(self.train_loader, "generator", None)
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            if resume.get("loader_generator") is not None and gen is not None:
+                gen.set_state(resume["loader_generator"])
+            self._epoch_acc = resume["acc"]
+            skip = resume["batches_done"]
+        else:
+            self._epoch_acc = _fresh_acc()
+            skip = 0
+        # The loader draws its shuffle seed from this generator when iterated, so its state now
+        # is what replays this epoch's order after a restart.
+        self._epoch_loader_state = gen.get_state().clone() if gen is not None else None
+        self.batches_done = skip
+        return skip
+
     def _train_epoch(self) -> dict[str, float]:
         self.model.train()
-        tot_loss, n_batches, correct, counted = 0.0, 0, 0, 0
-        parts: dict[str, float] = {}
-        for batch in self.train_loader:
+        skip = self._start_epoch()
+        resume_rng = self._pending_rng
+        self._pending_rng = None
+        acc = self._epoch_acc
+        for i, batch in enumerate(self.train_loader):
+            if i < skip:  # replaying the interrupted epoch's order up to where the checkpoint was taken
+                continue
+            if resume_rng is not None:
+                # Restored only now: iterating the loader above must not disturb the dropout stream.
+                _set_rng_state(resume_rng)
+                resume_rng = None
+            if self.cfg.max_steps and self.step >= self.cfg.max_steps:
+                break
             batch = self._to_device(batch)
             with self._autocast():
-                out = self.model(**batch)
+                out = self._train_model(**batch)
             if out.loss is None:
                 raise RuntimeError(f"{type(self.model).__name__} returned no loss; batches must carry labels")
             self.optimizer.zero_grad(set_to_none=True)
@@ -178,25 +239,45 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
+            self.batches_done = i + 1
             loss = float(out.loss.detach())
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss} at step {self.step}; lower train.lr")
-            tot_loss += loss
-            n_batches += 1
+            acc["loss"] += loss
+            acc["batches"] += 1
             for k, v in out.losses.items():
-                parts[k] = parts.get(k, 0.0) + float(v.detach())
+                acc["parts"][k] = acc["parts"].get(k, 0.0) + float(v.detach())
             if "labels" in batch:
                 c, n = _accuracy_counts(out.logits.detach(), batch["labels"])
-                correct, counted = correct + c, counted + n
+                acc["correct"] += c
+                acc["counted"] += n
             step_logs = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
             self._call("on_step_end", self.step, step_logs)
             if self.cfg.max_steps and self.step >= self.cfg.max_steps:
                 break
-        logs = {"train_loss": tot_loss / max(1, n_batches)}
-        logs.update({f"train_{k}_loss": v / max(1, n_batches) for k, v in parts.items()})
-        if counted:
-            logs["train_accuracy"] = correct / counted
+        if resume_rng is not None:  # the checkpoint was taken at the very end of the epoch
+            _set_rng_state(resume_rng)
+        acc = self._all_ranks(acc)
+        n_batches = max(1, acc["batches"])
+        logs = {"train_loss": acc["loss"] / n_batches}
+        logs.update({f"train_{k}_loss": v / n_batches for k, v in acc["parts"].items()})
+        if acc["counted"]:
+            logs["train_accuracy"] = acc["correct"] / acc["counted"]
         return logs
+
+    def _all_ranks(self, acc: dict[str, Any]) -> dict[str, Any]:
+        """Under DDP, sum the epoch's counters over ranks so logs describe the global batch."""
+        if self.distributed is None or not self.distributed.enabled:
+            return acc
+        import torch.distributed as dist
+
+        parts = sorted(acc["parts"])  # same keys on every rank: the same model computes them
+        vec = torch.tensor([acc["loss"], acc["batches"], acc["correct"], acc["counted"],
+                            *(acc["parts"][k] for k in parts)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(vec)
+        v = vec.tolist()
+        return {"loss": v[0], "batches": int(v[1]), "correct": int(v[2]), "counted": int(v[3]),
+                "parts": dict(zip(parts, v[4:], strict=True))}
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> dict[str, float]:
@@ -219,3 +300,78 @@ class Trainer:
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return copy.deepcopy({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly here: tensors and plain values only (no pickle)."""
+        sampler = getattr(self.train_loader, "sampler", None)
+        return {
+            "model": {k: v.detach() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _get_rng_state(),
+            "position": {
+                "epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
+                "batches_per_epoch": len(self.train_loader),
+                "sampler_seed": getattr(sampler, "seed", None),
+                "loader_generator": self._epoch_loader_state,
+            },
+            "acc": copy.deepcopy(self._epoch_acc),
+            "best": {
+                "state": self.best_state, "epoch": self.result.best_epoch,
+                "valid_loss": self.result.best_valid_loss, "epochs_since_best": self.epochs_since_best,
+            },
+            "history": copy.deepcopy(self.result.history),
+            "seconds": self._seconds_before + (time.perf_counter() - self._fit_started
+                                               if self._fit_started is not None else 0.0),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the next :meth:`fit` continues at the saved data position."""
+        pos = state["position"]
+        if pos["batches_per_epoch"] != len(self.train_loader):
+            raise ValueError(
+                f"checkpoint was taken with {pos['batches_per_epoch']} batches per epoch, this loader has "
+                f"{len(self.train_loader)}; resume needs the same data, batch size and world size")
+        seed = getattr(getattr(self.train_loader, "sampler", None), "seed", None)
+        if pos.get("sampler_seed") != seed:
+            raise ValueError(f"checkpoint sampler seed {pos.get('sampler_seed')} != loader's {seed}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        best = state["best"]
+        self.best_state = best["state"]
+        self.result.best_epoch, self.result.best_valid_loss = best["epoch"], best["valid_loss"]
+        self.epochs_since_best = best["epochs_since_best"]
+        self.result.history = list(state["history"])
+        self.step, self.epoch = pos["step"], pos["epoch"]
+        self._seconds_before = float(state.get("seconds", 0.0))
+        self._resume = {"epoch": pos["epoch"], "batches_done": pos["batches_done"],
+                        "loader_generator": pos.get("loader_generator"), "acc": state["acc"]}
+        self._pending_rng = state["rng"]
+        log.info("resuming at epoch %d, step %d (%d batch(es) into the epoch)",
+                 self.epoch, self.step, pos["batches_done"])
+
+
+def _fresh_acc() -> dict[str, Any]:
+    return {"loss": 0.0, "batches": 0, "correct": 0, "counted": 0, "parts": {}}
+
+
+def _get_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
