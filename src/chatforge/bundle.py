@@ -7,6 +7,11 @@
     labels.json           class labels, for classifiers
     metadata.json         chatforge version, family, task, data/tokenizer hashes, metrics, created time
 
+Estimator bundles (families registered with kind != "torch": xgboost, linear, ensemble) hold the
+estimator's own JSON / safetensors files instead of weights.safetensors + tokenizer.model, and
+metadata records ``"kind": "estimator"``; loading builds the family and calls its ``load`` (never
+unpickles). An oos-binary detector lives in ``oos_detector/`` (see chatforge.oos).
+
 Bundles are written into a temporary folder beside the target and renamed into
 place, so a reader never sees a half-written bundle.
 """
@@ -46,7 +51,7 @@ class BundleError(ValueError):
 class Bundle:
     path: Path
     config: ExperimentConfig
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None for estimator bundles
     model: Any
     labels: list[str] | None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -63,7 +68,7 @@ class Bundle:
 def build_from_config(cfg: ExperimentConfig, tokenizer: Tokenizer, labels: list[str] | None):
     ctx = BuildContext(
         task=cfg.model.task, vocab_size=tokenizer.vocab_size, special=tokenizer.special,
-        num_labels=len(labels) if labels else None,
+        num_labels=len(labels) if labels else None, tokenizer=tokenizer,
     )
     return build_model(cfg.model.family, cfg.model.family_config(), ctx)
 
@@ -75,20 +80,31 @@ def _write_json(path: Path, obj: Any) -> None:
 def save_bundle(
     out_dir: str | Path,
     *,
-    model: nn.Module,
-    tokenizer: Tokenizer,
+    model: nn.Module | Any,
+    tokenizer: Tokenizer | None,
     config: ExperimentConfig,
     labels: list[str] | None = None,
     metrics: dict[str, Any] | None = None,
     data_sha256: str | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    extra_dirs: dict[str, Any] | None = None,
 ) -> Path:
+    """Write a bundle atomically. ``model`` is an ``nn.Module`` (weights.safetensors + tokenizer) or an
+    estimator with ``save(dir)`` (its own files, no tokenizer); ``extra_dirs`` maps a subfolder name to
+    an object whose ``save(dir)`` fills it (the oos-binary detector)."""
     out = Path(out_dir)
+    is_torch = isinstance(model, nn.Module)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        _st_save_model(model, str(tmp / WEIGHTS))  # handles tied (shared) tensors
-        (tmp / tokenizer.filename).write_bytes(tokenizer.to_bytes())
+        if is_torch:
+            _st_save_model(model, str(tmp / WEIGHTS))  # handles tied (shared) tensors
+        else:
+            model.save(tmp)
+        if tokenizer is not None:
+            (tmp / tokenizer.filename).write_bytes(tokenizer.to_bytes())
+        for sub, obj in (extra_dirs or {}).items():
+            obj.save(tmp / sub)
         (tmp / CONFIG).write_text(config.to_yaml(), encoding="utf-8")
         if labels is not None:
             _write_json(tmp / LABELS, list(labels))
@@ -98,10 +114,12 @@ def save_bundle(
             "name": config.name,
             "family": config.model.family,
             "task": config.model.task,
-            "tokenizer": {"kind": tokenizer.kind, "file": tokenizer.filename, "sha256": tokenizer.sha256,
-                          "vocab_size": tokenizer.vocab_size},
+            "kind": "torch" if is_torch else "estimator",
+            "tokenizer": None if tokenizer is None else {
+                "kind": tokenizer.kind, "file": tokenizer.filename, "sha256": tokenizer.sha256,
+                "vocab_size": tokenizer.vocab_size},
             "data_sha256": data_sha256,
-            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_parameters": sum(p.numel() for p in model.parameters()) if is_torch else None,
             "metrics": metrics or {},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -125,6 +143,8 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
     if not path.is_dir():
         raise BundleError(f"bundle not found: {path} is not a folder")
     metadata = json.loads((path / METADATA).read_text(encoding="utf-8")) if (path / METADATA).is_file() else {}
+    if metadata.get("kind") == "estimator":
+        return _load_estimator_bundle(path, metadata)
     tok_meta = metadata.get("tokenizer", {})
     tok_file = tok_meta.get("file", TOKENIZER)
     missing = [n for n in (WEIGHTS, tok_file, CONFIG, METADATA) if not (path / n).is_file()]
@@ -143,3 +163,23 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
         )
     model.eval()
     return Bundle(path=path, config=cfg, tokenizer=tokenizer, model=model, labels=labels, metadata=metadata)
+
+
+def _load_estimator_bundle(path: Path, metadata: dict[str, Any]) -> Bundle:
+    from chatforge.registry import SpecialIds, get_family
+
+    missing = [n for n in (CONFIG, METADATA, LABELS) if not (path / n).is_file()]
+    if missing:
+        raise BundleError(f"{path} is not a complete chatforge estimator bundle: missing {', '.join(missing)}")
+    cfg = validate_config(yaml.safe_load((path / CONFIG).read_text(encoding="utf-8")), source=str(path / CONFIG))
+    spec = get_family(cfg.model.family)
+    if spec.kind == "torch":
+        raise BundleError(f"{path}: metadata says kind 'estimator' but family {cfg.model.family!r} is a torch family")
+    labels = json.loads((path / LABELS).read_text(encoding="utf-8"))
+    ctx = BuildContext(task=cfg.model.task, vocab_size=0, special=SpecialIds(), num_labels=len(labels))
+    # The family's own loader reads JSON / safetensors only: nothing in the bundle is executed.
+    model = build_model(cfg.model.family, cfg.model.family_config(), ctx).load(path)
+    if list(model.labels) != list(labels):
+        raise BundleError(f"{path}: the estimator's labels do not match {LABELS} "
+                          f"({list(model.labels)[:5]}... vs {labels[:5]}...)")
+    return Bundle(path=path, config=cfg, tokenizer=None, model=model, labels=labels, metadata=metadata)

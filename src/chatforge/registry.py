@@ -33,6 +33,7 @@ class BuildContext:
     vocab_size: int
     special: SpecialIds
     num_labels: int | None = None
+    tokenizer: Any = None  # for families that need more than ids (ELMo spells pieces into characters)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ def register_family(name: str, config_cls: type, tasks: tuple[str, ...], kind: s
 
 
 def _ensure_loaded() -> None:
+    import chatforge.baselines  # noqa: F401  (registers xgboost: kind="estimator")
+    import chatforge.baselines.ensemble  # noqa: F401  (registers ensemble)
+    import chatforge.baselines.linear  # noqa: F401  (registers linear)
     import chatforge.models  # noqa: F401  (registers the built-in families)
 
 

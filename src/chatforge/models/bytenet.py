@@ -1,0 +1,210 @@
+"""ByteNet (Kalchbrenner et al. 2016, "Neural Machine Translation in Linear Time"): a source network
+of dilated non-causal residual conv blocks with a target network of dilated causal (masked) conv
+blocks stacked on its output, target-aligned, with dynamic unfolding of the target length.
+
+Registered as family ``bytenet`` for the task ``generation``. Inputs are the tokenizer's ids
+(subword pieces; a SentencePiece model trained with small vocabularies approaches characters),
+so bundles serve through :class:`chatforge.inference.Seq2SeqGenerator` like the Transformer's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from torch import Tensor, nn
+
+from chatforge.models.outputs import ModelOutput
+from chatforge.modules.dilated_conv import ConvCache, DilatedConvStack, dilation_schedule
+from chatforge.registry import BuildContext, register_family
+
+logger = logging.getLogger(__name__)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+class ByteNetConfig:
+    """Hyper-parameters of ByteNet; the paper's translation model is d_model=1600 (2d = 1600 in its
+    notation), kernel 3 (source) / 3 (target), dilations 1..16 repeated 5 times (section 3.4, 6).
+
+    ``d_model`` is the residual width (the paper's 2d); each block narrows to d_model / 2.
+    Dilations double per layer from 1 to ``max_dilation`` and the set repeats ``encoder_sets`` /
+    ``decoder_sets`` times. Dynamic unfolding (section 3.2): the source network runs over the
+    source extended to |t^| = ``unfold_a`` * |s| + ``unfold_b`` positions; the target network at
+    step t reads source position t, and zeros once it unfolds past |t^|.
+    """
+
+    d_model: PositiveInt = 256
+    encoder_kernel_size: PositiveInt = 3
+    decoder_kernel_size: PositiveInt = 3
+    max_dilation: PositiveInt = 16
+    encoder_sets: PositiveInt = 2
+    decoder_sets: PositiveInt = 2
+    dropout: Probability = 0.1
+    unfold_a: Annotated[float, Field(gt=0.0, le=10.0)] = 1.2
+    unfold_b: Annotated[int, Field(ge=0, le=4096)] = 10
+    max_len: PositiveInt = 512
+    tie_embeddings: bool = False
+    label_smoothing: Probability = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> ByteNetConfig:
+        if self.d_model % 2:
+            raise ValueError(f"d_model={self.d_model} must be even (residual blocks narrow to d_model / 2)")
+        dilation_schedule(self.max_dilation, 1)  # raises naming the allowed values
+        return self
+
+
+@dataclass
+class ByteNetState:
+    """Decoding state: source conditioning for every target step plus conv ring buffers (cached)
+    or the token history (uncached reference)."""
+
+    source: Tensor  # (B, U, D) source representation per target position; zeros past |t^|
+    caches: list[ConvCache] | None
+    history: Tensor | None  # (B, t)
+    length: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.source.size(0)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep/reorder batch rows (beam search, finished rows)."""
+        index = index.to(self.source.device)
+        self.source = self.source.index_select(0, index)
+        if self.caches is not None:
+            for c in self.caches:
+                c.reorder(index)
+        if self.history is not None:
+            self.history = self.history.index_select(0, index)
+
+
+class ByteNet(nn.Module):
+    """ByteNet encoder-decoder (Kalchbrenner et al. 2016, sections 3.1-3.4, figure 1).
+
+    ``forward`` is teacher-forced training; ``init_state``/``decode_step`` is the incremental
+    interface of :mod:`chatforge.decoding`, with a ring-buffer cache per causal conv.
+    """
+
+    def __init__(self, cfg: ByteNetConfig, vocab_size: int, pad_id: int):
+        super().__init__()
+        self.cfg, self.pad_id, self.max_len = cfg, pad_id, cfg.max_len
+        d = cfg.d_model
+        self.src_embed = nn.Embedding(vocab_size, d, padding_idx=pad_id)
+        self.tgt_embed = nn.Embedding(vocab_size, d, padding_idx=pad_id)
+        for emb in (self.src_embed, self.tgt_embed):
+            nn.init.normal_(emb.weight, std=d**-0.5)
+            with torch.no_grad():
+                emb.weight[pad_id].zero_()
+        self.encoder = DilatedConvStack(d, cfg.encoder_kernel_size,
+                                        dilation_schedule(cfg.max_dilation, cfg.encoder_sets), False, cfg.dropout)
+        self.decoder = DilatedConvStack(d, cfg.decoder_kernel_size,
+                                        dilation_schedule(cfg.max_dilation, cfg.decoder_sets), True, cfg.dropout)
+        self.enc_norm = nn.LayerNorm(d)
+        self.out_norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tgt_embed.weight
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    @property
+    def encoder_receptive_field(self) -> int:
+        return self.encoder.receptive_field
+
+    @property
+    def decoder_receptive_field(self) -> int:
+        return self.decoder.receptive_field
+
+    def unfolded_length(self, source_len: Tensor) -> Tensor:
+        """|t^| = floor(a * |s| + b) per row (paper section 3.2), source_len (B,) -> (B,)."""
+        return torch.floor(source_len.double() * self.cfg.unfold_a + self.cfg.unfold_b).long().clamp(min=1)
+
+    def encode(self, input_ids: Tensor, target_len: int | None = None) -> Tensor:
+        """input_ids (B, S) right-padded -> source representation (B, U, D), zero past each row's |t^|.
+
+        U covers the longest |t^| and, if given, ``target_len`` (the positions the target network
+        will read); the source network sees each row's tokens, then zeros up to its |t^|.
+        """
+        src_len = (input_ids != self.pad_id).sum(1)  # (B,)
+        unfold = self.unfolded_length(src_len)  # (B,)
+        u = max(int(unfold.max()), input_ids.size(1), target_len or 0)
+        ids = F.pad(input_ids, (0, u - input_ids.size(1)), value=self.pad_id)  # (B, U)
+        pos = torch.arange(u, device=ids.device)[None]  # (1, U)
+        active = pos < unfold[:, None]  # (B, U): the unfolded region of each row
+        x = self.dropout(self.src_embed(ids))  # (B, U, D); pad embeddings are zero
+        h = self.encoder(x, active)
+        return self.enc_norm(h) * active.unsqueeze(-1).to(h.dtype)
+
+    def _decode_full(self, source: Tensor, decoder_input_ids: Tensor) -> Tensor:
+        t = decoder_input_ids.size(1)
+        y = self.dropout(self.tgt_embed(decoder_input_ids)) + source[:, :t]  # target-aligned stacking
+        return self.lm_head(torch.relu(self.out_norm(self.decoder(y))))  # (B, T, V)
+
+    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, labels: Tensor | None = None) -> ModelOutput:
+        """input_ids (B, S), decoder_input_ids (B, T) starting with <s>, labels (B, T) (-100 ignored)
+        -> logits (B, T, V)."""
+        source = self.encode(input_ids, decoder_input_ids.size(1))
+        logits = self._decode_full(source, decoder_input_ids)
+        loss, losses = None, {}
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                                   ignore_index=-100, label_smoothing=self.cfg.label_smoothing)
+            losses["lm"] = loss
+        return ModelOutput(logits=logits, loss=loss, losses=losses)
+
+    # ---- incremental decoding interface (see chatforge.decoding) ----
+
+    def init_state(self, input_ids: Tensor, use_cache: bool = True) -> ByteNetState:
+        if input_ids.dim() != 2 or input_ids.size(1) == 0:
+            raise ValueError(f"input_ids must be a non-empty (B, S) tensor; got shape {tuple(input_ids.shape)}")
+        if not (input_ids != self.pad_id).any(-1).all():
+            raise ValueError("every source row needs at least one non-pad token")
+        source = self.encode(input_ids)
+        caches = self.decoder.new_cache(input_ids.size(0), source.device, source.dtype) if use_cache else None
+        history = None if use_cache else input_ids.new_empty((input_ids.size(0), 0))
+        return ByteNetState(source=source, caches=caches, history=history)
+
+    def _source_at(self, state: ByteNetState, t: int) -> Tensor:
+        if t < state.source.size(1):
+            return state.source[:, t : t + 1]  # (B, 1, D)
+        return state.source.new_zeros(state.source.size(0), 1, state.source.size(2))  # unfolded past |t^|
+
+    def decode_step(self, tokens: Tensor, state: ByteNetState) -> Tensor:
+        """tokens (B, 1) -> next-token logits (B, V); O(layers) with the cache."""
+        if tokens.dim() != 2 or tokens.size(1) != 1 or tokens.size(0) != state.batch_size:
+            raise ValueError(f"tokens must have shape ({state.batch_size}, 1); got {tuple(tokens.shape)}")
+        if state.caches is not None:
+            y = self.tgt_embed(tokens) + self._source_at(state, state.length)  # (B, 1, D)
+            y = self.decoder.step(y, state.caches)
+            logits = self.lm_head(torch.relu(self.out_norm(y)))[:, 0]
+        else:
+            state.history = torch.cat([state.history, tokens], dim=1)  # (B, t+1)
+            t = state.history.size(1)
+            source = state.source
+            if source.size(1) < t:
+                source = F.pad(source, (0, 0, 0, t - source.size(1)))
+            logits = self._decode_full(source, state.history)[:, -1]
+        state.length += 1
+        return logits  # (B, V)
+
+
+@register_family("bytenet", ByteNetConfig, tasks=("generation",))
+def build(cfg: ByteNetConfig, ctx: BuildContext) -> nn.Module:
+    """Builder for the registry: ``generation`` -> :class:`ByteNet`."""
+    if ctx.task != "generation":
+        raise ValueError(f"bytenet does not support task {ctx.task!r}; supported: generation")
+    model = ByteNet(cfg, ctx.vocab_size, ctx.special.pad)
+    logger.debug("bytenet: %d source / %d target layers, receptive fields %d / %d", len(model.encoder.blocks),
+                 len(model.decoder.blocks), model.encoder_receptive_field, model.decoder_receptive_field)
+    return model
+
+
+__all__ = ["ByteNet", "ByteNetConfig", "ByteNetState"]
