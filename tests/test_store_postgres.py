@@ -1,0 +1,119 @@
+"""ConversationStore on a real PostgreSQL server (any SQLAlchemy URL, not only SQLite).
+
+Runs when CHATFORGE_TEST_PG_URL names a reachable server, e.g. the throwaway one that
+``tools/start_postgres.sh`` starts and prints; skips with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from chatforge.serving.store import ConversationStore, Turn
+
+PG_URL = os.environ.get("CHATFORGE_TEST_PG_URL", "")
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> str:
+    if not PG_URL:
+        pytest.skip("no PostgreSQL server: set CHATFORGE_TEST_PG_URL "
+                    "(e.g. export CHATFORGE_TEST_PG_URL=$(tools/start_postgres.sh))")
+    pytest.importorskip("psycopg", reason="the psycopg driver is not installed (pip install 'psycopg[binary]')")
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(PG_URL, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as e:  # noqa: BLE001 - any failure to connect means "no server", with its reason
+        pytest.skip(f"PostgreSQL at CHATFORGE_TEST_PG_URL is not reachable: {type(e).__name__}: {e}")
+    finally:
+        engine.dispose()
+    return PG_URL
+
+
+@pytest.fixture()
+def store(pg_url):
+    s = ConversationStore(pg_url, batch_size=16)
+    yield s
+    s.close()
+
+
+def _turn(session: str, i: int, **kw) -> Turn:
+    base = dict(session_id=session, request_id=f"{session}-{i}", model="chat", model_version="1",
+                user_text=f"안녕하세요 {i}", reply=f"반가워요 {i}", intent="greeting", intent_score=0.75,
+                ttft_ms=3.5, latency_ms=20.0 + i, status="OK")
+    base.update(kw)
+    return Turn(**base)
+
+
+def test_turns_round_trip_through_postgres(store):
+    session = uuid.uuid4().hex  # tables persist across runs: isolate by session
+    for i in range(40):
+        assert store.record(_turn(session, i))
+    assert store.flush(timeout=10)
+    rows = [r for r in store.iter_rows() if r["session_id"] == session]
+    assert [r["request_id"] for r in rows] == [f"{session}-{i}" for i in range(40)]
+    assert rows[3]["user_text"] == "안녕하세요 3" and rows[3]["intent_score"] == pytest.approx(0.75)
+    assert rows[0]["created_at"].tzinfo is timezone.utc
+
+
+def test_concurrent_writers_and_close_keeps_every_turn(pg_url):
+    session = uuid.uuid4().hex
+    s = ConversationStore(pg_url, batch_size=8)
+
+    def worker(t: int) -> None:
+        for i in range(25):
+            s.record(_turn(session, t * 100 + i))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    s.close()  # no explicit flush: close must write every accepted turn
+    reader = ConversationStore(pg_url)
+    try:
+        assert sum(1 for r in reader.iter_rows() if r["session_id"] == session) == 100
+    finally:
+        reader.close()
+
+
+def test_export_since_from_postgres(store, tmp_path):
+    session = uuid.uuid4().hex
+    store.record(_turn(session, 0, created_at=datetime.now(timezone.utc) - timedelta(days=3)))
+    store.record(_turn(session, 1))
+    out = tmp_path / "turns.jsonl"
+    store.export(out, since=datetime.now(timezone.utc) - timedelta(days=1))
+    mine = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    mine = [r for r in mine if r["session_id"] == session]
+    assert [r["request_id"] for r in mine] == [f"{session}-1"]
+
+
+def test_cli_conversations_export_sqlite(tmp_path):
+    """`chatforge conversations export` (runs without PostgreSQL: the same code path on SQLite)."""
+    from typer.testing import CliRunner
+
+    from chatforge.cli import app
+
+    url = f"sqlite:///{tmp_path / 'conv.db'}"
+    with ConversationStore(url) as s:
+        s.record(_turn("s", 0, created_at=datetime.now(timezone.utc) - timedelta(days=3)))
+        s.record(_turn("s", 1))
+    out = tmp_path / "out.csv"
+    r = CliRunner().invoke(app, ["conversations", "export", "--url", url, "--out", str(out), "--format", "csv",
+                                 "--since", "24h"])
+    assert r.exit_code == 0, r.output
+    assert "exported 1 turns" in r.output and out.read_text(encoding="utf-8").count("\n") == 2
+    missing = CliRunner().invoke(app, ["conversations", "export", "--url", f"sqlite:///{tmp_path / 'nope.db'}",
+                                       "--out", str(out)])
+    assert missing.exit_code == 2 and "no conversation database" in missing.output
+    assert not (tmp_path / "nope.db").exists()
+    bad = CliRunner().invoke(app, ["conversations", "export", "--url", url, "--out", str(out), "--since", "soon"])
+    assert bad.exit_code == 2 and "--since 'soon'" in bad.output
