@@ -1,0 +1,295 @@
+"""Evaluation metrics: pure functions over python lists / numpy arrays.
+
+Everything here is small enough to check by hand; the tests do exactly that.
+Undefined ratios (e.g. precision of a label that is never predicted) are 0.0,
+as in scikit-learn's ``zero_division=0``; ratios over an empty population that
+have no sensible default (in-scope accuracy with no in-scope examples) are ``None``
+so that JSON reports stay strict (no NaN).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OOS_GRID: tuple[float, ...] = tuple(round(i / 100, 2) for i in range(100))
+
+
+def _safe_div(num: float, den: float) -> float:
+    return float(num) / float(den) if den else 0.0
+
+
+def _check_same_length(a: Sequence, b: Sequence, name_a: str, name_b: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} and {name_b} must have the same length, got {len(a)} and {len(b)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classification
+# ---------------------------------------------------------------------------------------------------------
+
+
+def classification_metrics(
+    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None
+) -> dict:
+    """Accuracy, macro/weighted F1, per-label P/R/F1/support, confusion matrix and top confusions.
+
+    ``labels`` fixes the label order (and the set averaged over by macro-F1); by default it is
+    the sorted union of true and predicted labels. Confusion matrix rows are true labels,
+    columns predicted labels. ``top_confusions`` lists off-diagonal (true, predicted) pairs by
+    count, largest first (ties by name, so the order is deterministic).
+    """
+    y_true = [str(y) for y in y_true]
+    y_pred = [str(y) for y in y_pred]
+    _check_same_length(y_true, y_pred, "y_true", "y_pred")
+    if not y_true:
+        raise ValueError("classification_metrics needs at least one example, got empty y_true")
+    if labels is None:
+        labels = sorted(set(y_true) | set(y_pred))
+    labels = [str(label) for label in labels]
+    if len(set(labels)) != len(labels):
+        raise ValueError("labels must be unique")
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted((set(y_true) | set(y_pred)) - set(index))
+    if unknown:
+        raise ValueError(f"labels {unknown[:10]} occur in y_true/y_pred but not in labels={labels[:10]}...")
+
+    k = len(labels)
+    cm = np.zeros((k, k), dtype=np.int64)
+    for t, p in zip(y_true, y_pred, strict=True):
+        cm[index[t], index[p]] += 1
+
+    tp = np.diag(cm)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    per_label: dict[str, dict] = {}
+    f1s = []
+    for i, label in enumerate(labels):
+        precision = _safe_div(tp[i], predicted[i])
+        recall = _safe_div(tp[i], support[i])
+        f1 = _safe_div(2 * precision * recall, precision + recall)
+        f1s.append(f1)
+        per_label[label] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": int(support[i]),
+        }
+
+    n = len(y_true)
+    confusions = [
+        {"true": labels[i], "pred": labels[j], "count": int(cm[i, j])}
+        for i in range(k)
+        for j in range(k)
+        if i != j and cm[i, j] > 0
+    ]
+    confusions.sort(key=lambda c: (-c["count"], c["true"], c["pred"]))
+    return {
+        "n": n,
+        "accuracy": _safe_div(tp.sum(), n),
+        "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
+        "weighted_f1": _safe_div(float(np.dot(f1s, support)), support.sum()),
+        "per_label": per_label,
+        "labels": labels,
+        "confusion_matrix": cm.tolist(),
+        "top_confusions": confusions,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Out-of-scope detection (Larson et al., 2019, "An Evaluation Dataset for Intent Classification and
+# Out-of-Scope Prediction", EMNLP, section 4)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def oos_metrics(y_true: Sequence[str], y_pred: Sequence[str], oos_label: str = "oos") -> dict:
+    """In-scope accuracy, out-of-scope recall and precision (Larson et al. 2019, section 4).
+
+    * ``in_scope_accuracy``: accuracy over the examples whose *true* label is in-scope
+      (predicting ``oos`` for them counts as wrong);
+    * ``oos_recall``: fraction of true-oos examples predicted ``oos``;
+    * ``oos_precision``: fraction of ``oos`` predictions that are truly oos.
+    """
+    _check_same_length(y_true, y_pred, "y_true", "y_pred")
+    n_in = n_in_correct = n_oos = n_oos_hit = n_pred_oos = 0
+    for t, p in zip(y_true, y_pred, strict=True):
+        if p == oos_label:
+            n_pred_oos += 1
+        if t == oos_label:
+            n_oos += 1
+            n_oos_hit += p == oos_label
+        else:
+            n_in += 1
+            n_in_correct += p == t
+    return {
+        "in_scope_accuracy": n_in_correct / n_in if n_in else None,
+        "oos_recall": n_oos_hit / n_oos if n_oos else None,
+        "oos_precision": n_oos_hit / n_pred_oos if n_pred_oos else None,
+        "n_in_scope": n_in,
+        "n_oos": n_oos,
+        "n_pred_oos": n_pred_oos,
+    }
+
+
+def apply_oos_threshold(
+    probs: np.ndarray, labels: Sequence[str], threshold: float, oos_label: str = "oos"
+) -> list[str]:
+    """Argmax prediction, replaced by ``oos_label`` when the best in-scope probability < ``threshold``.
+
+    ``labels`` names the columns of ``probs``; it may or may not contain ``oos_label`` (a model
+    trained with Larson's ``oos_train`` has an oos class). If the argmax already is ``oos`` it
+    stays ``oos``; otherwise the argmax *is* the best in-scope class, so comparing its probability
+    with the threshold is the rule "predict oos when max in-scope probability < threshold".
+    ``threshold=0`` therefore leaves the argmax unchanged.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(labels):
+        raise ValueError(f"probs must have shape (N, {len(labels)}) to match labels, got {probs.shape}")
+    best = probs.argmax(axis=1)
+    best_p = probs[np.arange(len(probs)), best]
+    out = []
+    for b, p in zip(best, best_p, strict=True):
+        label = labels[int(b)]
+        out.append(oos_label if label == oos_label or p < threshold else label)
+    return out
+
+
+def choose_oos_threshold(
+    probs: np.ndarray,
+    y_true: Sequence[str],
+    labels: Sequence[str],
+    oos_label: str = "oos",
+    grid: Sequence[float] = DEFAULT_OOS_GRID,
+) -> tuple[float, dict]:
+    """Pick the oos probability threshold on a validation set.
+
+    Criterion: maximise ``in_scope_accuracy + oos_recall`` (the two numbers Larson et al. report
+    side by side, weighted equally, so the threshold cannot buy recall with unbounded accuracy
+    loss or vice versa). Ties go to the smallest threshold, i.e. the least intervention.
+    Returns ``(threshold, oos_metrics at that threshold + {"criterion": value})``.
+    """
+    _check_same_length(probs, y_true, "probs", "y_true")
+    if oos_label not in set(y_true) or all(t == oos_label for t in y_true):
+        raise ValueError(
+            f"choose_oos_threshold needs both in-scope and {oos_label!r} examples in y_true to choose a threshold"
+        )
+    if not grid:
+        raise ValueError("grid must contain at least one threshold")
+    best_t, best_score, best_m = None, -math.inf, {}
+    for t in sorted(float(g) for g in grid):
+        m = oos_metrics(y_true, apply_oos_threshold(probs, labels, t, oos_label), oos_label)
+        score = m["in_scope_accuracy"] + m["oos_recall"]
+        if score > best_score + 1e-12:
+            best_t, best_score, best_m = t, score, m
+    logger.info("chose oos threshold %.3f (in-scope acc + oos recall = %.4f)", best_t, best_score)
+    return best_t, {**best_m, "criterion": best_score}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def corpus_bleu(hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]], tokenize: str = "13a") -> float:
+    """Corpus BLEU (Papineni et al. 2002) via sacrebleu, on a 0-100 scale.
+
+    ``refs`` is one reference per hypothesis (``list[str]``) or several per hypothesis
+    (``list[list[str]]``, all of equal count). ``tokenize`` is sacrebleu's: "13a" (default,
+    WMT) for English; for Korean use "char" (character BLEU: no morphological analyser needed,
+    robust to Korean's agglutinative spacing) or "intl" (splits Unicode punctuation but keeps
+    space-separated eojeol whole, so it is harsher); "ko-mecab" needs MeCab installed.
+    """
+    import sacrebleu
+
+    if not hyps:
+        raise ValueError("corpus_bleu needs at least one hypothesis")
+    _check_same_length(hyps, refs, "hyps", "refs")
+    if all(isinstance(r, str) for r in refs):
+        streams = [list(refs)]
+    else:
+        counts = {len(r) for r in refs}
+        if len(counts) != 1:
+            raise ValueError(f"every hypothesis needs the same number of references, got counts {sorted(counts)}")
+        streams = [list(s) for s in zip(*refs, strict=True)]
+    return float(sacrebleu.corpus_bleu(list(hyps), streams, tokenize=tokenize).score)
+
+
+def _tokens(text: str, tokenizer: Callable[[str], list[str]] | None) -> list[str]:
+    return tokenizer(text) if tokenizer is not None else text.split()
+
+
+def distinct_n(texts: Sequence[str], n: int, tokenizer: Callable[[str], list[str]] | None = None) -> float:
+    """Distinct-n (Li et al. 2016, section 4.3): unique n-grams / total n-grams over the whole corpus.
+
+    Tokens are whitespace-split unless ``tokenizer`` is given (e.g. ``list`` for characters,
+    sensible for Korean). Returns 0.0 when the corpus has no n-gram at all.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grams: Counter = Counter()
+    for text in texts:
+        toks = _tokens(text, tokenizer)
+        grams.update(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
+    return _safe_div(len(grams), sum(grams.values()))
+
+
+def average_length(texts: Sequence[str], tokenizer: Callable[[str], list[str]] | None = None) -> float:
+    """Mean number of tokens per text (whitespace tokens unless ``tokenizer`` is given)."""
+    if not texts:
+        return 0.0
+    return sum(len(_tokens(t, tokenizer)) for t in texts) / len(texts)
+
+
+def perplexity(total_nll: float, total_tokens: int) -> float:
+    """exp(total negative log-likelihood in nats / number of tokens); ``inf`` if it overflows."""
+    if total_tokens <= 0:
+        raise ValueError(f"total_tokens must be > 0, got {total_tokens}")
+    try:
+        return math.exp(total_nll / total_tokens)
+    except OverflowError:
+        return math.inf
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Confidence / calibration
+# ---------------------------------------------------------------------------------------------------------
+
+
+def confidence_histogram(scores: Sequence[float], correct: Sequence[bool], bins: int = 10) -> dict:
+    """Counts of correct and wrong predictions per confidence bin over [0, 1].
+
+    Also returns per-bin accuracy and mean confidence and the expected calibration error
+    (ECE, Guo et al. 2017, "On Calibration of Modern Neural Networks", section 2):
+    ``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|``. Bins are ``[e_i, e_{i+1})``; 1.0 falls in the last.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    _check_same_length(scores, correct, "scores", "correct")
+    s = np.asarray(scores, dtype=np.float64)
+    c = np.asarray(correct, dtype=bool)
+    if s.size and (s.min() < 0 or s.max() > 1):
+        raise ValueError(f"scores must lie in [0, 1], got range [{s.min()}, {s.max()}]")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, bins - 1)
+    n_correct = np.bincount(idx[c], minlength=bins)
+    n_wrong = np.bincount(idx[~c], minlength=bins)
+    total = n_correct + n_wrong
+    conf_sum = np.bincount(idx, weights=s, minlength=bins)
+    accuracy = [_safe_div(a, t) for a, t in zip(n_correct, total, strict=True)]
+    mean_conf = [_safe_div(a, t) for a, t in zip(conf_sum, total, strict=True)]
+    n = int(total.sum())
+    ece = sum(_safe_div(t, n) * abs(a - m) for t, a, m in zip(total, accuracy, mean_conf, strict=True))
+    return {
+        "edges": edges.tolist(),
+        "correct": n_correct.astype(int).tolist(),
+        "wrong": n_wrong.astype(int).tolist(),
+        "accuracy": accuracy,
+        "mean_confidence": mean_conf,
+        "ece": float(ece),
+    }
