@@ -258,3 +258,38 @@ def test_seeded_sampling_is_reproducible(model):
     opts = GenerationOptions(do_sample=True, temperature=2.0, seed=7, max_new_tokens=10)
     b1 = generate_batch(model, SOURCES, opts, bos_id=BOS, eos_id=EOS, pad_id=PAD)
     assert b1 == generate_batch(model, SOURCES, opts, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+
+
+# ---- decoder-only hooks: start_tokens and max_steps on the state ----
+
+
+class _PromptState:
+    def __init__(self, src):
+        self.start_tokens = src[:, -1:]  # decoding feeds the prompt's last token first, not <s>
+        self.max_steps = 3  # positions left
+        self.fed: list[list[int]] = []
+
+    def reorder(self, index):
+        self.start_tokens = self.start_tokens.index_select(0, index)
+
+
+class _EchoModel:
+    """Returns logits that pick (fed token + 1): the output reveals what was fed first."""
+
+    def init_state(self, src, use_cache=True):
+        self.state = _PromptState(src)
+        return self.state
+
+    def decode_step(self, tokens, state):
+        state.fed.append(tokens[:, 0].tolist())
+        return torch.nn.functional.one_hot(tokens[:, 0] + 1, 40).float()
+
+    def parameters(self):
+        return iter(())
+
+
+def test_decoder_only_hooks_start_tokens_and_max_steps():
+    model = _EchoModel()
+    out = generate(model, [7, 8, 20], GenerationOptions(max_new_tokens=10), bos_id=BOS, eos_id=EOS)
+    assert out == [21, 22, 23]  # fed 20 (the prompt's last token) first; capped at 3 steps
+    assert model.state.fed == [[20], [21], [22]]

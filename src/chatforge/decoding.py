@@ -1,4 +1,4 @@
-"""Decoding outside the models (fairseq's split): greedy and sampling over a cache interface.
+"""Decoding outside the models (fairseq's split): greedy, sampling and beam search over a cache interface.
 
 A generator model implements two methods, and the same decoding code then serves
 every family:
@@ -11,6 +11,11 @@ every family:
 drop finished rows. ``init_state(input_ids, use_cache=False)`` gives the uncached reference
 (the whole prefix recomputed each step). A model may expose ``max_len`` (decoder positions);
 decoding then stops after at most that many steps.
+
+Decoder-only models (GPT) use the same interface: ``init_state`` prefills the prompt and puts the
+prompt's last token in ``state.start_tokens`` (B, 1), which decoding feeds first instead of
+``<s>``; ``state.max_steps`` (if present) caps the steps left before the model runs out of
+positions. ``state.reorder`` may repeat rows, which beam search uses to fork hypotheses.
 
 The token-choice helpers (:func:`top_k_top_p_filter`, :func:`apply_repetition_penalty`,
 :func:`choose_next`) are small pure functions on logits, tested on hand-made tensors.
@@ -39,9 +44,12 @@ class GenerationOptions:
     top_p: float = 1.0  # 1.0 = no nucleus filtering
     seed: int | None = None
     repetition_penalty: float = 1.0
+    num_beams: int = 1  # > 1: beam search (deterministic; do_sample must be false)
+    length_penalty: float = 1.0  # beam scores are sum(log p) / length**length_penalty
 
     # Limits that the API enforces; a bad value is reported with the allowed range.
     MAX_NEW_TOKENS_LIMIT = 1024
+    MAX_BEAMS = 16
 
     def validate(self) -> GenerationOptions:
         """Raise ValueError naming the field, the value and what is allowed."""
@@ -54,6 +62,10 @@ class GenerationOptions:
             ("top_k", 0 <= self.top_k <= 100_000, "an integer >= 0 (0 disables top-k)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "a number in (0, 1] (1 disables top-p)"),
             ("repetition_penalty", 1.0 <= self.repetition_penalty <= 10.0, "a number in [1, 10]"),
+            ("num_beams", 1 <= self.num_beams <= self.MAX_BEAMS, f"an integer in [1, {self.MAX_BEAMS}]"),
+            ("length_penalty", -5.0 <= self.length_penalty <= 5.0, "a number in [-5, 5]"),
+            ("num_beams", self.num_beams == 1 or not self.do_sample,
+             "1 when do_sample is true (beam search is deterministic)"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -154,8 +166,9 @@ def _decode(model: Any, src: Tensor, options: GenerationOptions, bos_id: int, eo
         generator = torch.Generator(device=src.device).manual_seed(options.seed)
 
     state = model.init_state(src, use_cache=use_cache)
+    max_steps = _cap_steps(state, max_steps)
     active = torch.arange(src.size(0), device=src.device)  # original row of each state row
-    tokens = torch.full((src.size(0), 1), bos_id, dtype=torch.long, device=src.device)
+    tokens = _start_tokens(state, src, bos_id)
     seen: Tensor | None = None  # (B, V) tokens generated so far, for the repetition penalty
     for step in range(max_steps):
         logits = model.decode_step(tokens, state).float()  # (b, V)
@@ -180,6 +193,98 @@ def _decode(model: Any, src: Tensor, options: GenerationOptions, bos_id: int, eo
         tokens = nxt.unsqueeze(1)
 
 
+def _start_tokens(state: Any, src: Tensor, bos_id: int) -> Tensor:
+    """(B, 1) first tokens: the prompt's last token for decoder-only models, else <s>."""
+    start = getattr(state, "start_tokens", None)
+    if start is not None:
+        return start
+    return torch.full((src.size(0), 1), bos_id, dtype=torch.long, device=src.device)
+
+
+def _cap_steps(state: Any, max_steps: int) -> int:
+    left = getattr(state, "max_steps", None)
+    if left is not None and left < max_steps:
+        logger.debug("max_new_tokens=%d capped to the %d positions the model has left", max_steps, left)
+        return max(1, left)
+    return max_steps
+
+
+@torch.inference_mode()
+def beam_search(model: Any, input_ids: list[int], options: GenerationOptions, *, bos_id: int, eos_id: int,
+                use_cache: bool = True) -> list[int]:
+    """Beam search (as in Sutskever et al. 2014; length penalty as in Wu et al. 2016, section 7)
+    for one source; returns the best hypothesis's tokens (without <s>/</s>).
+
+    Each step expands every live beam, keeps the ``num_beams`` best non-finished continuations by
+    summed log-probability, and moves hypotheses ending in </s> to a finished list scored
+    ``sum(log p) / length**length_penalty`` (length counts the generated tokens, </s> included).
+    Search stops when ``num_beams`` hypotheses have finished and no live beam can beat the worst of
+    them at the current length (HF's ``early_stopping=False`` rule), or at ``max_new_tokens``,
+    where live beams are scored as they stand. ``min_new_tokens`` and the repetition penalty apply.
+    """
+    options.validate()
+    k = options.num_beams
+    device = _model_device(model)
+    src = _pad_batch([list(input_ids)], pad_id=0, device=device)
+    state = model.init_state(src, use_cache=use_cache)
+    max_steps = options.max_new_tokens
+    max_len = getattr(model, "max_len", None)
+    if max_len is not None:
+        max_steps = min(max_steps, max_len)
+    max_steps = _cap_steps(state, max_steps)
+    tokens = _start_tokens(state, src, bos_id).repeat(k, 1)  # (K, 1)
+    state.reorder(torch.zeros(k, dtype=torch.long, device=device))  # K copies of the one source
+    # Only beam 0 is live at first, so the K copies do not yield K identical hypotheses.
+    scores = torch.full((k,), float("-inf"), device=device)
+    scores[0] = 0.0
+    seqs: list[list[int]] = [[] for _ in range(k)]
+    finished: list[tuple[float, list[int]]] = []
+    lp = options.length_penalty
+
+    def norm(score: float, length: int) -> float:
+        return score / (length**lp)
+
+    for step in range(max_steps):
+        logits = model.decode_step(tokens, state).float()  # (K, V)
+        if options.repetition_penalty != 1.0:
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+            for i, s in enumerate(seqs):
+                if s:
+                    seen[i, s] = True
+            logits = apply_repetition_penalty(logits, seen, options.repetition_penalty)
+        if step < options.min_new_tokens:
+            logits[:, eos_id] = float("-inf")
+        logp = logits.log_softmax(-1) + scores[:, None]  # (K, V)
+        vocab = logp.size(-1)
+        top = torch.topk(logp.view(-1), min(2 * k, logp.numel()))
+        nxt: list[tuple[float, int, int]] = []  # (score, beam, token)
+        for score, idx in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            beam, tok = divmod(idx, vocab)
+            if score == float("-inf"):
+                break
+            if tok == eos_id:
+                finished.append((norm(score, step + 1), seqs[beam]))
+            elif len(nxt) < k:
+                nxt.append((score, beam, tok))
+        finished = sorted(finished, key=lambda f: f[0], reverse=True)[:k]
+        if not nxt:
+            break
+        if len(finished) >= k and norm(nxt[0][0], step + 1) <= finished[-1][0]:
+            break
+        if step == max_steps - 1:
+            finished.extend((norm(sc, step + 1), seqs[b] + [t]) for sc, b, t in nxt)
+            break
+        beams = torch.tensor([b for _, b, _ in nxt], dtype=torch.long, device=device)
+        state.reorder(beams)
+        seqs = [seqs[b] + [t] for _, b, t in nxt]
+        scores = torch.tensor([sc for sc, _, _ in nxt], device=device)
+        tokens = torch.tensor([[t] for _, _, t in nxt], dtype=torch.long, device=device)
+        k = len(nxt)
+    if not finished:
+        return []
+    return max(finished, key=lambda f: f[0])[1]
+
+
 def generate_stream(model: Any, input_ids: list[int], options: GenerationOptions, *, bos_id: int,
                     eos_id: int, use_cache: bool = True) -> Iterator[int]:
     """Yield generated token ids one at a time, as each is produced (without <s> and </s>).
@@ -190,6 +295,9 @@ def generate_stream(model: Any, input_ids: list[int], options: GenerationOptions
     """
     # Validate eagerly (this is not itself a generator) so bad input fails at the call, not at next().
     options.validate()
+    if options.num_beams > 1:
+        # A beam's prefix can still change until the search ends, so the best one is sent at the end.
+        return iter(beam_search(model, input_ids, options, bos_id=bos_id, eos_id=eos_id, use_cache=use_cache))
     src = _pad_batch([list(input_ids)], pad_id=0, device=_model_device(model))  # one row: no padding
     return _first_row(_decode(model, src, options, bos_id, eos_id, use_cache), eos_id)
 
@@ -215,6 +323,8 @@ def generate_batch(model: Any, batch: list[list[int]], options: GenerationOption
     decoding the result equals decoding each source alone.
     """
     options.validate()
+    if options.num_beams > 1:
+        return [beam_search(model, ids, options, bos_id=bos_id, eos_id=eos_id, use_cache=use_cache) for ids in batch]
     src = _pad_batch([list(ids) for ids in batch], pad_id=pad_id, device=_model_device(model))
     out: list[list[int]] = [[] for _ in batch]
     for rows, toks in _decode(model, src, options, bos_id, eos_id, use_cache):

@@ -82,39 +82,80 @@ class Seq2SeqGenerator:
         for token_id in generate_stream(self.model, ids, options, bos_id=self.tok.bos_id, eos_id=self.tok.eos_id):
             yield TokenDelta(token_id=token_id, text=detok.feed(token_id))
 
+    def step_spec(self):
+        """The step-wise interface continuous batching drives (serving/batching.py), or None."""
+        from chatforge.serving.batching import Seq2SeqStepModel, StepSpec
+
+        if not Seq2SeqStepModel.supports(self.model):
+            return None
+        return StepSpec(model=Seq2SeqStepModel(self.model), encode=self.tok.encode,
+                        new_detokenizer=self.tok.incremental_decoder, bos_id=self.tok.bos_id,
+                        eos_id=self.tok.eos_id, unk_id=self.tok.unk_id)
+
+
+ESTIMATOR_MAX_WORDS = 4096  # estimators have no context window; this only bounds request size
+
+
+def torch_class_probs(model, tok, texts: list[str], max_input_tokens: int, batch_size: int = 64):
+    """(N, C) softmax probabilities of a torch classifier, computed in batches (numpy float32)."""
+    import numpy as np
+    import torch
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        seqs = [ids[:max_input_tokens] or [tok.unk_id] for ids in tok.encode_batch(chunk)]
+        if hasattr(model, "prepare_inputs"):
+            # Families with their own input layout (BERT: [CLS] text [SEP] + segment ids) build it.
+            batch = model.prepare_inputs(seqs)
+        else:
+            L = max(len(s) for s in seqs)
+            x = torch.full((len(seqs), L), tok.pad_id, dtype=torch.long)
+            for j, s in enumerate(seqs):
+                x[j, : len(s)] = torch.tensor(s)
+            batch = {"input_ids": x}
+        with torch.inference_mode():
+            out.append(model(**batch).logits.float().softmax(-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
 
 class Classifier:
-    """Scores texts with a classification bundle; returns every label's probability."""
+    """Scores texts with a classification bundle (torch model or estimator); returns every label's
+    probability, and applies the bundle's out-of-scope policy (``chatforge.oos``)."""
 
     def __init__(self, bundle, name: str, version: str = "1"):
+        from chatforge.oos import OOSPolicy
+
         self.bundle = bundle
         self.tok = bundle.tokenizer
         self.model = bundle.model
         self.labels: list[str] = list(bundle.labels or [])
-        self.max_input_tokens = bundle.config.train.max_source_len
+        self.is_estimator = bundle.metadata.get("kind") == "estimator"
+        self.max_input_tokens = ESTIMATOR_MAX_WORDS if self.is_estimator else bundle.config.train.max_source_len
+        self.oos = OOSPolicy.from_metadata(bundle.metadata.get("oos"), bundle.path)
         self.info = ModelInfo(name=name, family=bundle.family, task=bundle.task, version=version,
                               metadata=dict(bundle.metadata))
 
     def count_tokens(self, text: str) -> int:
+        if self.is_estimator:
+            return len(text.split())  # estimators featurise words and characters, not sentencepieces
         return len(self.tok.encode(text))
 
-    def classify(self, texts: list[str]) -> list[ClassPrediction]:
-        import torch
+    def predict_proba(self, texts: list[str]):
+        """(N, C) probabilities, columns in ``self.labels`` order."""
+        if self.is_estimator:
+            return self.model.predict_proba(list(texts))
+        return torch_class_probs(self.model, self.tok, list(texts), self.max_input_tokens)
 
-        seqs = [ids[: self.max_input_tokens] or [self.tok.unk_id] for ids in self.tok.encode_batch(texts)]
-        L = max(len(s) for s in seqs)
-        x = torch.full((len(seqs), L), self.tok.pad_id, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            x[i, : len(s)] = torch.tensor(s)
-        with torch.inference_mode():
-            probs = self.model(input_ids=x).logits.float().softmax(-1)
+    def classify(self, texts: list[str]) -> list[ClassPrediction]:
+        probs = self.predict_proba(texts)
+        preds = self.oos.decide(probs, self.labels, texts)
         out = []
-        for row in probs.tolist():
+        for row, label in zip(probs.tolist(), preds, strict=True):
             best = max(range(len(row)), key=row.__getitem__)
-            label = self.labels[best]
             out.append(ClassPrediction(label=label, score=row[best],
                                        scores=dict(zip(self.labels, row, strict=True)),
-                                       out_of_scope=label == "oos"))
+                                       out_of_scope=label == self.oos.label))
         return out
 
 
@@ -123,7 +164,7 @@ def load_model(bundle_dir, name: str, version: str = "1") -> ReplyGenerator | Te
     from chatforge.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
-    if bundle.task == "generation":
+    if bundle.task in ("generation", "lm"):  # lm: a decoder-only model continuing the text (GPT)
         return Seq2SeqGenerator(bundle, name, version)
     if bundle.task == "classification":
         return Classifier(bundle, name, version)

@@ -1,6 +1,12 @@
 """Reusable layers that take plain numbers (d_model, heads, dropout), shared by every family."""
 
-from chatforge.modules.attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
+from chatforge.modules.attention import (
+    GrowingKVCache,
+    KVCache,
+    MultiHeadAttention,
+    causal_mask,
+    padding_mask,
+)
 from chatforge.modules.embeddings import (
     LearnedPositionalEmbedding,
     SinusoidalPositionalEmbedding,
@@ -20,6 +26,7 @@ from chatforge.modules.transformer_layers import (
 __all__ = [
     "DecoderLayerCache",
     "FeedForward",
+    "GrowingKVCache",
     "KVCache",
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",

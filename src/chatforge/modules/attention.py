@@ -60,14 +60,66 @@ class KVCache:
             self.v = self.v.index_select(0, index)
 
 
+class GrowingKVCache(KVCache):
+    """Self-attention cache in preallocated buffers that grow by doubling.
+
+    Appending one decoding step copies only that step's (B, H, 1, Dh) keys/values, where
+    :class:`KVCache`'s ``torch.cat`` copies the whole history every step (quadratic in the reply
+    length). ``k``/``v`` are views of the first ``len(self)`` positions of the buffers.
+    """
+
+    def __init__(self, initial_capacity: int = 64):
+        super().__init__()
+        self._k_buf: Tensor | None = None
+        self._v_buf: Tensor | None = None
+        self._len = 0
+        self._initial = max(1, initial_capacity)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _grow(self, like: Tensor, need: int) -> None:
+        cap = 0 if self._k_buf is None else self._k_buf.size(2)
+        if need <= cap:
+            return
+        new_cap = max(need, 2 * cap, self._initial)
+        b, h, _, dh = like.shape
+        k_buf = like.new_empty((b, h, new_cap, dh))  # (B, H, C, Dh)
+        v_buf = like.new_empty((b, h, new_cap, dh))
+        if self._len:
+            k_buf[:, :, : self._len] = self._k_buf[:, :, : self._len]
+            v_buf[:, :, : self._len] = self._v_buf[:, :, : self._len]
+        self._k_buf, self._v_buf = k_buf, v_buf
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        t = k.size(2)
+        self._grow(k, self._len + t)
+        self._k_buf[:, :, self._len : self._len + t] = k
+        self._v_buf[:, :, self._len : self._len + t] = v
+        self._len += t
+        self.k = self._k_buf[:, :, : self._len]  # (B, H, L + T, Dh) views, no copy
+        self.v = self._v_buf[:, :, : self._len]
+        return self.k, self.v
+
+    def reorder(self, index: Tensor) -> None:
+        if self._k_buf is not None:
+            self._k_buf = self._k_buf.index_select(0, index)
+            self._v_buf = self._v_buf.index_select(0, index)
+            self.k = self._k_buf[:, :, : self._len]
+            self.v = self._v_buf[:, :, : self._len]
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head scaled dot-product attention (Vaswani et al. 2017, section 3.2).
 
     Takes plain numbers so the Transformer, GPT and BERT share it. ``forward(x)`` is
     self-attention; ``forward(x, memory)`` is cross-attention (encoder-decoder attention).
+    ``fused_qkv=True`` (self-attention only, e.g. GPT) projects q, k and v with one
+    ``qkv_proj`` matmul of width 3·d_model, as GPT-2's ``c_attn`` does, which is faster on CPU.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
+                 fused_qkv: bool = False):
         super().__init__()
         if d_model <= 0 or n_heads <= 0 or d_model % n_heads != 0:
             raise ValueError(f"d_model={d_model} must be a positive multiple of n_heads={n_heads}")
@@ -77,9 +129,13 @@ class MultiHeadAttention(nn.Module):
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=bias)  # rows: q, k, v
+        else:
+            self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+            self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+            self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def _split_heads(self, x: Tensor) -> Tensor:
@@ -92,6 +148,7 @@ class MultiHeadAttention(nn.Module):
         memory: Tensor | None = None,
         mask: Tensor | None = None,
         cache: KVCache | None = None,
+        is_causal: bool = False,
     ) -> Tensor:
         """Attend from ``x`` (B, T, D) to itself or to ``memory`` (B, S, D); returns (B, T, D).
 
@@ -99,8 +156,23 @@ class MultiHeadAttention(nn.Module):
         (B, 1, 1, S) and/or causal (1, 1, T, S). With a self-attention ``cache`` the new keys are
         appended, so S_total = cached length + T. With a cross-attention ``cache`` the memory
         is projected only on the first call.
+
+        ``is_causal=True`` (self-attention without ``mask``) lets SDPA apply causal masking itself
+        (no mask tensor, its fastest kernels); it is only valid while nothing is cached yet, since
+        SDPA aligns the causal diagonal top-left.
         """
         b, t, _ = x.shape
+        if self.fused_qkv:
+            if memory is not None:
+                raise ValueError("fused_qkv attention is self-attention only; memory must be None")
+            q, k, v = self.qkv_proj(x).split(self.d_model, dim=-1)  # 3 x (B, T, D)
+            q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # (B, H, T, Dh)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, H, L + T, Dh)
+            causal = is_causal and mask is None
+            if causal and cache is not None and len(cache) > t:
+                raise ValueError("is_causal=True with a non-empty cache; pass an explicit causal mask")
+            return self._attend(q, k, v, mask, causal, b, t)
         q = self._split_heads(self.q_proj(x))  # (B, H, T, Dh)
         if memory is None:
             k = self._split_heads(self.k_proj(x))  # (B, H, T, Dh)
@@ -114,8 +186,15 @@ class MultiHeadAttention(nn.Module):
             v = self._split_heads(self.v_proj(memory))
             if cache is not None:
                 cache.append(k, v)
+        causal = is_causal and mask is None and memory is None
+        if causal and cache is not None and len(cache) > t:
+            raise ValueError("is_causal=True with a non-empty cache; pass an explicit causal mask")
+        return self._attend(q, k, v, mask, causal, b, t)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
+                b: int, t: int) -> Tensor:
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, D)
         return self.out_proj(y)
@@ -129,6 +208,14 @@ class MultiHeadAttention(nn.Module):
                 f"this has d_model={self.d_model}, n_heads={self.n_heads}"
             )
         d = self.d_model
+        if self.fused_qkv:
+            self.qkv_proj.weight.copy_(ref.in_proj_weight)
+            if self.qkv_proj.bias is not None:
+                self.qkv_proj.bias.copy_(ref.in_proj_bias)
+            self.out_proj.weight.copy_(ref.out_proj.weight)
+            if self.out_proj.bias is not None:
+                self.out_proj.bias.copy_(ref.out_proj.bias)
+            return
         for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
             proj.weight.copy_(ref.in_proj_weight[i * d : (i + 1) * d])
             if proj.bias is not None:
@@ -138,5 +225,6 @@ class MultiHeadAttention(nn.Module):
             self.out_proj.bias.copy_(ref.out_proj.bias)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}"
+        fused = ", fused_qkv=True" if self.fused_qkv else ""
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, dropout={self.dropout}{fused}"
 

@@ -6,7 +6,9 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+# "gelu" is the exact erf form (BERT, OpenAI GPT); "gelu_tanh" the tanh approximation GPT-2 uses
+# ("gelu_new" in HF), here one fused kernel instead of HF's chain of elementwise ops.
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
 
 
 def make_activation(name: str) -> nn.Module:
@@ -23,12 +25,13 @@ class FeedForward(nn.Module):
     weights map one to one.
     """
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: Literal["relu", "gelu"] = "relu"):
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0,
+                 activation: Literal["relu", "gelu", "gelu_tanh"] = "relu", bias: bool = True):
         super().__init__()
-        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
         self.activation = make_activation(activation)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ff, d_model)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))  # (B, T, D)

@@ -1,0 +1,239 @@
+"""GPT / GPT-2 checkpoints <-> chatforge ``gpt`` bundles (optional extra ``chatforge[hf]``).
+
+``from_hf`` reads an ``OpenAIGPTModel``/``OpenAIGPTLMHeadModel`` (``model_type: openai-gpt``) or
+``GPT2Model``/``GPT2LMHeadModel`` (``model_type: gpt2``) folder: ``config.json``, ``model.safetensors``
+(or ``pytorch_model.bin``, loaded with ``weights_only=True`` so no pickled code runs) and the
+tokenizer (``tokenizer.json``, else built by transformers' fast tokenizer from the folder's files).
+Weights map 1:1; HF's ``Conv1D`` stores (in, out) matrices, so they are transposed.
+
+``to_hf`` writes a ``GPT2LMHeadModel`` (variant gpt2) or ``OpenAIGPTLMHeadModel`` (variant gpt)
+with ``save_pretrained`` plus the bundle's tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatforge.interop import ConversionError
+
+logger = logging.getLogger(__name__)
+
+_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+# (chatforge name inside a block, HF name inside a block, transpose: HF Conv1D is (in, out))
+_BLOCK_MAP = (
+    ("attn.qkv_proj", "attn.c_attn", True),
+    ("attn.out_proj", "attn.c_proj", True),
+    ("mlp.linear1", "mlp.c_fc", True),
+    ("mlp.linear2", "mlp.c_proj", True),
+    ("ln_1", "ln_1", False),
+    ("ln_2", "ln_2", False),
+)
+
+
+def gpt_config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """HF config.json (openai-gpt or gpt2) -> GPTConfig keyword arguments."""
+    mt = hf.get("model_type")
+    if mt not in ("openai-gpt", "gpt2"):
+        raise ConversionError(f"model_type {mt!r} is not a GPT checkpoint; supported: openai-gpt, gpt2")
+    act_key = "afn" if mt == "openai-gpt" else "activation_function"
+    act = hf.get(act_key, "gelu" if mt == "openai-gpt" else "gelu_new")
+    if act not in _ACT_FROM_HF:
+        raise ConversionError(f"{act_key}={act!r} is not supported; supported: {', '.join(_ACT_FROM_HF)}")
+    if mt == "gpt2":
+        for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                        ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+            if hf.get(key, ok) != ok:
+                raise ConversionError(f"GPT-2 option {key}={hf[key]!r} is not supported; chatforge needs {ok!r}")
+    if hf.get("embd_pdrop", 0.1) != hf.get("resid_pdrop", 0.1):
+        logger.warning("embd_pdrop=%s differs from resid_pdrop=%s; chatforge uses resid_pdrop for both",
+                       hf.get("embd_pdrop"), hf.get("resid_pdrop"))
+    d = hf["n_embd"]
+    return {
+        "variant": "gpt2" if mt == "gpt2" else "gpt",
+        "d_model": d, "n_heads": hf["n_head"], "n_layers": hf["n_layer"],
+        "d_ff": hf.get("n_inner") or 4 * d, "n_positions": hf["n_positions"],
+        "dropout": hf.get("resid_pdrop", 0.1), "attn_dropout": hf.get("attn_pdrop", 0.1),
+        "activation": _ACT_FROM_HF[act], "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
+        "tie_embeddings": hf.get("tie_word_embeddings", True), "init_std": hf.get("initializer_range", 0.02),
+    }
+
+
+def state_dict_from_hf(sd: dict[str, torch.Tensor], model_type: str, n_layers: int,
+                       tie: bool = True) -> dict[str, torch.Tensor]:
+    """HF tensors (with or without the ``transformer.`` prefix) -> chatforge ``GPTLMHeadModel`` names."""
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    emb = ("wte", "wpe") if model_type == "gpt2" else ("tokens_embed", "positions_embed")
+    out = {"transformer.wte.embedding.weight": sd[f"{emb[0]}.weight"],
+           "transformer.wpe.embedding.weight": sd[f"{emb[1]}.weight"]}
+    for i in range(n_layers):
+        for mine, theirs, transpose in _BLOCK_MAP:
+            for p in ("weight", "bias"):
+                key = f"h.{i}.{theirs}.{p}"
+                if key not in sd:
+                    raise ConversionError(f"the checkpoint has no tensor {key!r}")
+                t = sd[key]
+                out[f"transformer.blocks.{i}.{mine}.{p}"] = t.t().contiguous() if transpose and p == "weight" else t
+    if "ln_f.weight" in sd:
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["ln_f.weight"], sd["ln_f.bias"]
+    if tie or "lm_head.weight" not in sd:
+        out["lm_head.weight"] = out["transformer.wte.embedding.weight"]
+    else:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def state_dict_to_hf(sd: dict[str, torch.Tensor], model_type: str, n_layers: int) -> dict[str, torch.Tensor]:
+    """chatforge ``GPTLMHeadModel`` tensors -> HF ``*LMHeadModel`` names."""
+    emb = ("wte", "wpe") if model_type == "gpt2" else ("tokens_embed", "positions_embed")
+    out = {f"transformer.{emb[0]}.weight": sd["transformer.wte.embedding.weight"],
+           f"transformer.{emb[1]}.weight": sd["transformer.wpe.embedding.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(n_layers):
+        for mine, theirs, transpose in _BLOCK_MAP:
+            for p in ("weight", "bias"):
+                t = sd[f"transformer.blocks.{i}.{mine}.{p}"]
+                out[f"transformer.h.{i}.{theirs}.{p}"] = t.t().contiguous() if transpose and p == "weight" else t
+    if "transformer.ln_f.weight" in sd:
+        out["transformer.ln_f.weight"] = sd["transformer.ln_f.weight"]
+        out["transformer.ln_f.bias"] = sd["transformer.ln_f.bias"]
+    return out
+
+
+def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    if (src / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(src / "model.safetensors"))
+    if (src / "pytorch_model.bin").is_file():
+        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ConversionError(f"{src} has no model.safetensors or pytorch_model.bin")
+
+
+def _load_hf_tokenizer(src: Path):
+    from chatforge.interop.hf_tokenizer import HFTokenizer
+
+    if (src / "tokenizer.json").is_file():
+        return HFTokenizer.load(src / "tokenizer.json")
+    try:  # vocab.json + merges.txt (e.g. openai-gpt): let transformers build the fast tokenizer offline
+        from transformers import AutoTokenizer
+
+        fast = AutoTokenizer.from_pretrained(str(src), local_files_only=True, use_fast=True)
+        return HFTokenizer.from_tokenizers(fast.backend_tokenizer)
+    except Exception as e:
+        raise ConversionError(f"{src}: no tokenizer.json and transformers could not build one: {e}") from None
+
+
+def _run_name(src: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", src.resolve().name).strip("-.") or "converted"
+    return name if name[0].isalnum() else f"hf-{name}"
+
+
+def from_hf(src: Path, out_bundle: Path, *, task: str = "lm", name: str | None = None) -> Path:
+    """Convert an HF GPT/GPT-2 checkpoint folder into a chatforge bundle (task ``lm`` or ``generation``)."""
+    from chatforge.bundle import build_from_config, save_bundle
+    from chatforge.config import validate_config
+
+    if task not in ("lm", "generation"):
+        raise ConversionError(f"task={task!r}: a GPT checkpoint converts to task 'lm' or 'generation'")
+    hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    params = gpt_config_from_hf(hf)
+    tok = _load_hf_tokenizer(src)
+    if tok.vocab_size != hf["vocab_size"]:
+        # A bundle builds its model from the tokenizer's size, so the two must agree.
+        raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but config.json says "
+                              f"vocab_size={hf['vocab_size']}; they must be equal")
+    half = max(2, hf["n_positions"] // 2)
+    cfg = validate_config({
+        "name": name or _run_name(src),
+        "data": {"path": str(src)},  # where the weights came from; set a corpus to fine-tune
+        "model": {"family": "gpt", "task": task, **params},
+        "train": {"max_source_len": min(half, 8192), "max_target_len": min(half, 8192)},
+        "tracking": {"enabled": False},
+    }, source=str(src / "config.json"))
+    model = build_from_config(cfg, tok, None)
+    sd = state_dict_from_hf(_load_hf_weights(src), hf["model_type"], params["n_layers"], params["tie_embeddings"])
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ConversionError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    meta = {"converted_from": {"format": "huggingface", "model_type": hf["model_type"], "source": str(src)}}
+    return save_bundle(out_bundle, model=model.eval(), tokenizer=tok, config=cfg, extra_metadata=meta)
+
+
+def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
+    """Export a ``gpt`` bundle (task lm/generation) as an HF ``GPT2LMHeadModel``/``OpenAIGPTLMHeadModel``."""
+    from chatforge.bundle import load_bundle
+    from chatforge.models.gpt import GPTLMHeadModel
+
+    b = load_bundle(bundle_dir)
+    if not isinstance(b.model, GPTLMHeadModel):
+        raise ConversionError(f"{bundle_dir}: only gpt language models (task lm/generation) export to HF; "
+                              f"this bundle has task {b.task!r}")
+    c = b.model.cfg
+    if not c.bias:
+        raise ConversionError("bias=false has no HF GPT equivalent (Conv1D layers always have a bias)")
+    hf_type = "gpt2" if (c.pre_ln and c.has_final_norm) else "openai-gpt" if not (c.pre_ln or c.has_final_norm) else None
+    if hf_type is None:
+        raise ConversionError(f"norm_first={c.pre_ln} with final_norm={c.has_final_norm} matches neither "
+                              f"GPT (post-LN, no final norm) nor GPT-2 (pre-LN + final norm)")
+    from transformers import GPT2Config, GPT2LMHeadModel, OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    vocab = b.model.lm_head.weight.size(0)
+    s = b.tokenizer.special
+    common = dict(vocab_size=vocab, n_positions=c.n_positions, n_embd=c.d_model, n_layer=c.n_layers,
+                  n_head=c.n_heads, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.attn_dropout,
+                  layer_norm_epsilon=c.layer_norm_epsilon, initializer_range=c.init_std,
+                  tie_word_embeddings=c.tie_embeddings, bos_token_id=s.bos, eos_token_id=s.eos, pad_token_id=s.pad)
+    if hf_type == "gpt2":
+        hf_cfg = GPT2Config(activation_function=_ACT_TO_HF[c.act], n_inner=c.ff_dim, **common)
+        hf_model = GPT2LMHeadModel(hf_cfg)
+    else:
+        if c.ff_dim != 4 * c.d_model:
+            raise ConversionError(f"openai-gpt requires d_ff = 4*d_model; this model has d_ff={c.ff_dim}")
+        hf_cfg = OpenAIGPTConfig(afn=_ACT_TO_HF[c.act], **common)
+        hf_model = OpenAIGPTLMHeadModel(hf_cfg)
+    sd = state_dict_to_hf(b.model.state_dict(), hf_type, c.n_layers)
+    missing, unexpected = hf_model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (c.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ConversionError(f"HF model does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        hf_model.eval().save_pretrained(str(tmp))
+        _write_tokenizer(b.tokenizer, tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_tokenizer(tok, out: Path) -> None:
+    if tok.kind == "hf_tokenizers":
+        from transformers import PreTrainedTokenizerFast
+
+        strings = {k: v for k, v in tok.token_strings().items() if v is not None}
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok.tk, **strings)
+        fast.save_pretrained(str(out))
+    else:
+        # A SentencePiece model: HF loads it with a SentencePiece-based tokenizer class.
+        (out / tok.filename).write_bytes(tok.to_bytes())
+        logger.warning("the bundle's SentencePiece tokenizer was copied as %s; load it in HF with a "
+                       "SentencePiece tokenizer class (e.g. LlamaTokenizer)", tok.filename)

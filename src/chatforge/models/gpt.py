@@ -1,0 +1,429 @@
+"""GPT (Radford et al. 2018, "Improving Language Understanding by Generative Pre-Training") and its
+GPT-2 variant (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners").
+
+A decoder-only Transformer with learned positions, GELU and tied input/output embeddings.
+Registered as family ``gpt`` for the tasks:
+
+* ``lm``: causal language modelling on the corpus text (pre-training, section 3.1 of the paper);
+  prompts are used as given, so a converted HF checkpoint continues text exactly like HF.
+* ``generation``: chat replies as ``<s> question [SEP] answer </s>``, loss on the answer only
+  unless ``loss_on_prompt``; decoding feeds ``<s> question [SEP]`` and continues.
+* ``classification`` / ``pair_classification``: the paper's task-aware input transformations
+  (section 3.3): ``<s> text [CLS]`` (pairs: ``<s> a [SEP] b [CLS]``); the classifier reads the
+  hidden state of the final extract token ``[CLS]`` and the loss is ``L3 = L2 + λ·L1`` with
+  ``λ = aux_lm_weight`` (section 3.2, paper: 0.5).
+
+``variant: gpt`` is the 2018 model (post-LN blocks, exact GELU, no final LayerNorm);
+``variant: gpt2`` moves LayerNorm to each sub-block's input, adds a final LayerNorm and uses the
+tanh GELU (GPT-2, section 2.3). ``norm_first``/``final_norm``/``activation`` override the
+variant's choice. Parameter names map 1:1 onto HF's ``OpenAIGPTModel``/``GPT2Model``
+(see :mod:`chatforge.interop.hf_gpt`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from torch import Tensor, nn
+
+from chatforge.models.outputs import ModelOutput
+from chatforge.modules import (
+    FeedForward,
+    GrowingKVCache,
+    LearnedPositionalEmbedding,
+    MultiHeadAttention,
+    TokenEmbedding,
+)
+from chatforge.registry import BuildContext, SpecialIds, register_family
+
+logger = logging.getLogger(__name__)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+IGNORE_INDEX = -100
+
+GPT_TASKS = ("lm", "generation", "classification", "pair_classification")
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+class GPTConfig:
+    """Hyper-parameters of GPT / GPT-2; defaults are a small model for a 2-core CPU.
+
+    The paper's model is d_model=768, n_heads=12, n_layers=12, d_ff=3072, n_positions=512,
+    dropout 0.1 (section 4.1). ``d_ff`` defaults to 4·d_model. ``aux_lm_weight`` is λ of
+    ``L3 = L2 + λ·L1`` for classification; ``loss_on_prompt`` also trains generation on the question.
+    """
+
+    variant: Literal["gpt", "gpt2"] = "gpt"
+    d_model: PositiveInt = 256
+    n_heads: PositiveInt = 4
+    n_layers: PositiveInt = 4
+    d_ff: PositiveInt | None = None
+    n_positions: PositiveInt = 512
+    dropout: Probability = 0.1  # embeddings and residual branches (HF: embd_pdrop, resid_pdrop)
+    attn_dropout: Probability = 0.1  # attention probabilities (HF: attn_pdrop)
+    activation: Literal["gelu", "gelu_tanh", "relu"] | None = None  # None: the variant's
+    norm_first: bool | None = None  # None: the variant's (gpt: post-LN, gpt2: pre-LN)
+    final_norm: bool | None = None  # None: the variant's (gpt: no, gpt2: yes)
+    layer_norm_epsilon: float = Field(1e-5, gt=0.0, lt=1.0)
+    bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = Field(0.02, gt=0.0, le=1.0)
+    aux_lm_weight: float = Field(0.5, ge=0.0, le=100.0)
+    loss_on_prompt: bool = False
+    classifier_dropout: Probability = 0.1
+    label_smoothing: Probability = 0.0
+
+    @model_validator(mode="after")
+    def _heads_divide_d_model(self) -> GPTConfig:
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
+                f"(each head gets d_model / n_heads dimensions)"
+            )
+        return self
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def act(self) -> str:
+        return self.activation or ("gelu_tanh" if self.variant == "gpt2" else "gelu")
+
+    @property
+    def pre_ln(self) -> bool:
+        return self.norm_first if self.norm_first is not None else self.variant == "gpt2"
+
+    @property
+    def has_final_norm(self) -> bool:
+        return self.final_norm if self.final_norm is not None else self.variant == "gpt2"
+
+
+class GPTBlock(nn.Module):
+    """One decoder block: masked self-attention and a GELU MLP, each with a residual.
+
+    Post-LN (GPT, as in Vaswani et al.): ``x = LN(x + Sublayer(x))``; pre-LN (GPT-2, section 2.3):
+    ``x = x + Sublayer(LN(x))``. Dropout sits on each residual branch, as in both reference codes.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, attn_dropout: float,
+                 activation: str, norm_first: bool, eps: float, bias: bool):
+        super().__init__()
+        self.norm_first = norm_first
+        self.attn = MultiHeadAttention(d_model, n_heads, attn_dropout, bias=bias, fused_qkv=True)
+        self.ln_1 = nn.LayerNorm(d_model, eps=eps)
+        self.mlp = FeedForward(d_model, d_ff, 0.0, activation, bias=bias)  # type: ignore[arg-type]
+        self.ln_2 = nn.LayerNorm(d_model, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: GrowingKVCache | None = None,
+                is_causal: bool = False) -> Tensor:
+        if self.norm_first:
+            x = x + self.drop(self.attn(self.ln_1(x), mask=mask, cache=cache, is_causal=is_causal))
+            return x + self.drop(self.mlp(self.ln_2(x)))
+        x = self.ln_1(x + self.drop(self.attn(x, mask=mask, cache=cache, is_causal=is_causal)))
+        return self.ln_2(x + self.drop(self.mlp(x)))
+
+
+class GPTModel(nn.Module):
+    """The GPT backbone (Radford et al. 2018, section 3.1): h0 = U·We + Wp, n blocks, (final LN)."""
+
+    def __init__(self, cfg: GPTConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.wte = TokenEmbedding(vocab_size, d, padding_idx=None, scale=False)
+        self.wpe = LearnedPositionalEmbedding(cfg.n_positions, d, init_std=cfg.init_std)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            GPTBlock(d, cfg.n_heads, cfg.ff_dim, cfg.dropout, cfg.attn_dropout, cfg.act, cfg.pre_ln,
+                     cfg.layer_norm_epsilon, cfg.bias)
+            for _ in range(cfg.n_layers)
+        )
+        self.ln_f = nn.LayerNorm(d, eps=cfg.layer_norm_epsilon) if cfg.has_final_norm else None
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.wte.weight, std=std)
+        # GPT-2 (section 2.3): scale the residual projections by 1/sqrt(N) so the residual stream's
+        # variance does not grow with depth (N = 2 residual branches per block).
+        for block in self.blocks:
+            for proj in (block.attn.out_proj, block.mlp.linear2):
+                nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    @property
+    def n_positions(self) -> int:
+        return self.cfg.n_positions
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None, mask: Tensor | None = None,
+                caches: list[GrowingKVCache] | None = None, is_causal: bool = True) -> Tensor:
+        """input_ids (B, T) -> hidden states (B, T, D).
+
+        Without ``mask`` attention is causal over the T tokens (plus anything cached, which then
+        needs an explicit ``mask``). ``position_ids`` (B, T) default to 0..T-1 after the cache.
+        """
+        t = input_ids.size(1)
+        if position_ids is None:
+            offset = len(caches[0]) if caches else 0
+            if offset + t > self.cfg.n_positions:
+                raise ValueError(f"{offset + t} positions exceed the model's n_positions={self.cfg.n_positions}")
+            pos = self.wpe(t, offset)  # (1, T, D)
+        else:
+            if int(position_ids.max()) >= self.cfg.n_positions:
+                raise ValueError(f"position {int(position_ids.max())} exceeds n_positions={self.cfg.n_positions}")
+            pos = self.wpe.embedding(position_ids)  # (B, T, D)
+        x = self.drop(self.wte(input_ids) + pos)
+        causal = is_causal and mask is None
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, cache=caches[i] if caches is not None else None, is_causal=causal)
+        return self.ln_f(x) if self.ln_f is not None else x
+
+
+def _lm_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+
+def _next_token_targets(input_ids: Tensor, pad_id: int) -> Tensor:
+    """Targets (B, T) for predicting input_ids[:, t+1] at t; the last position and pads ignored."""
+    nxt = input_ids[:, 1:].masked_fill(input_ids[:, 1:] == pad_id, IGNORE_INDEX)  # (B, T-1)
+    return F.pad(nxt, (0, 1), value=IGNORE_INDEX)  # (B, T)
+
+
+@dataclass
+class GPTState:
+    """Decoding state of a decoder-only model for :mod:`chatforge.decoding`.
+
+    The prompt (all but its last token) is prefilled by ``init_state``; ``start_tokens`` holds each
+    row's last prompt token, which decoding feeds first. Prompts are left-padded so every row's
+    next position is the same column: ``key_mask`` (B, 1, 1, L) marks real keys (None when no row
+    is padded) and ``next_pos`` (B,) the position id of each row's next token.
+    """
+
+    start_tokens: Tensor  # (B, 1)
+    next_pos: Tensor  # (B,)
+    key_mask: Tensor | None  # (B, 1, 1, L) True = real token
+    caches: list[GrowingKVCache] | None
+    history: Tensor | None  # (B, L) every token fed so far, when uncached (the reference)
+    pos_history: Tensor | None  # (B, L) their position ids, when uncached
+    max_steps: int  # positions left before n_positions
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep/reorder/repeat batch rows (dropping finished rows, beam search)."""
+        index = index.to(self.next_pos.device)
+        self.start_tokens = self.start_tokens.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+        if self.caches is not None:
+            for c in self.caches:
+                c.reorder(index)
+        if self.history is not None:
+            self.history = self.history.index_select(0, index)
+            self.pos_history = self.pos_history.index_select(0, index)
+
+
+def _attn_mask(key_mask: Tensor, q_len: int) -> Tensor:
+    """Causal + key padding (B, 1, T, L) for the last ``q_len`` of L positions; a query may always
+    see itself, so rows of left padding attend to something and stay finite (no NaN in the cache)."""
+    k_len = key_mask.size(-1)
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=key_mask.device).tril(k_len - q_len)
+    diag = torch.zeros_like(causal)
+    diag[:, k_len - q_len:] = torch.eye(q_len, dtype=torch.bool, device=key_mask.device)
+    return (causal[None, None] & key_mask) | diag[None, None]
+
+
+class _GPTHeadBase(nn.Module):
+    def __init__(self, cfg: GPTConfig, vocab_size: int, special: SpecialIds, task: str):
+        super().__init__()
+        self.cfg = cfg
+        self.task = task
+        self.special = special
+        self.pad_id = special.pad
+        self.transformer = GPTModel(cfg, vocab_size)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # paper section 3.1: W_e reused as output
+        else:
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+
+    @property
+    def delimiter_id(self) -> int:
+        # GPT-2's vocabulary has no [SEP]; fall back to its only special token, </s> (<|endoftext|>).
+        return self.special.sep if self.special.sep is not None else self.special.eos
+
+    @property
+    def extract_id(self) -> int:
+        return self.special.cls if self.special.cls is not None else self.special.eos
+
+
+class GPTLMHeadModel(_GPTHeadBase):
+    """GPT with the tied LM head (Radford et al. 2018, section 3.1): ``lm`` and ``generation`` tasks.
+
+    ``forward`` is teacher-forced training on pre-shifted labels; ``init_state``/``decode_step`` is
+    the incremental interface :mod:`chatforge.decoding` drives (prompt prefill + KV cache).
+    """
+
+    def __init__(self, cfg: GPTConfig, vocab_size: int, special: SpecialIds, task: str = "lm"):
+        super().__init__(cfg, vocab_size, special, task)
+        self.max_len = cfg.n_positions
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ModelOutput:
+        """input_ids (B, T) right-padded; labels (B, T) aligned with the logits (the token each
+        position must predict, -100 = ignored) -> logits (B, T, V)."""
+        h = self.transformer(input_ids)  # (B, T, D); causal masking alone suffices for right padding
+        logits = self.lm_head(h)  # (B, T, V)
+        loss = None
+        losses: dict[str, Tensor] = {}
+        if labels is not None:
+            targets = labels
+            if self.cfg.loss_on_prompt:
+                # The question's tokens are in input_ids; the answer's (and </s>) come from labels.
+                prompt = _next_token_targets(input_ids, self.pad_id)
+                targets = torch.where(labels != IGNORE_INDEX, labels, prompt)
+            loss = _lm_loss(logits, targets, self.cfg.label_smoothing)
+            losses["lm"] = loss
+        return ModelOutput(logits=logits, loss=loss, losses=losses)
+
+    # ---- incremental decoding interface (see chatforge.decoding) ----
+
+    def prompt_ids(self, ids: list[int]) -> list[int]:
+        """The model's input for a request: ``<s> q [SEP]`` for generation, the ids as given for lm."""
+        if self.task == "generation":
+            return [self.special.bos, *ids, self.delimiter_id]
+        return list(ids)
+
+    def init_state(self, input_ids: Tensor, use_cache: bool = True) -> GPTState:
+        """Prefill the prompts; input_ids (B, S) right-padded with pad_id (each row non-empty)."""
+        if input_ids.dim() != 2 or input_ids.size(1) == 0:
+            raise ValueError(f"input_ids must be a non-empty (B, S) tensor; got shape {tuple(input_ids.shape)}")
+        lengths = (input_ids != self.pad_id).sum(1).tolist()
+        if min(lengths) == 0:
+            raise ValueError("every prompt row needs at least one non-pad token")
+        rows = [self.prompt_ids(r[:n]) for r, n in zip(input_ids.tolist(), lengths, strict=True)]
+        width = max(len(r) for r in rows)
+        if width >= self.cfg.n_positions:
+            raise ValueError(f"the prompt has {width} tokens; the model's n_positions is {self.cfg.n_positions}")
+        dev = input_ids.device
+        # Left-pad, so the next token of every row goes into the same column.
+        prompt = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=dev)
+        real = torch.zeros((len(rows), width), dtype=torch.bool, device=dev)
+        for i, r in enumerate(rows):
+            prompt[i, width - len(r):] = torch.tensor(r, dtype=torch.long, device=dev)
+            real[i, width - len(r):] = True
+        padded = not bool(real.all())
+        pos = (real.cumsum(1) - 1).clamp(min=0)  # (B, W): each row counts from its first real token
+        state = GPTState(
+            start_tokens=prompt[:, -1:], next_pos=pos[:, -1], key_mask=real[:, None, None, :-1] if padded else None,
+            caches=[GrowingKVCache(initial_capacity=width + 64) for _ in self.transformer.blocks] if use_cache else None,
+            history=prompt[:, :-1] if not use_cache else None,
+            pos_history=pos[:, :-1] if not use_cache else None, max_steps=self.cfg.n_positions - width + 1,
+        )
+        if use_cache and width > 1:
+            mask = _attn_mask(state.key_mask, width - 1) if padded else None
+            self.transformer(prompt[:, :-1], position_ids=pos[:, :-1] if padded else None, mask=mask,
+                             caches=state.caches, is_causal=True)
+        return state
+
+    def decode_step(self, tokens: Tensor, state: GPTState) -> Tensor:
+        """Feed one token per row, tokens (B, 1) -> next-token logits (B, V); updates ``state``."""
+        b = state.next_pos.size(0)
+        if tokens.dim() != 2 or tokens.size(1) != 1 or tokens.size(0) != b:
+            raise ValueError(f"tokens must have shape ({b}, 1); got {tuple(tokens.shape)}")
+        pos = state.next_pos[:, None]  # (B, 1)
+        if state.key_mask is not None:
+            state.key_mask = F.pad(state.key_mask, (0, 1), value=True)  # (B, 1, 1, L + 1)
+        if state.caches is not None:
+            # One query attending to every cached key needs only the padding mask.
+            h = self.transformer(tokens, position_ids=pos, mask=state.key_mask, caches=state.caches,
+                                 is_causal=False)  # (B, 1, D)
+        else:
+            state.history = torch.cat([state.history, tokens], dim=1)  # (B, L + 1)
+            ph = state.pos_history = torch.cat([state.pos_history, pos], dim=1)  # (B, L + 1)
+            t = state.history.size(1)
+            km = state.key_mask if state.key_mask is not None else torch.ones(
+                (b, 1, 1, t), dtype=torch.bool, device=tokens.device)
+            h = self.transformer(state.history, position_ids=ph, mask=_attn_mask(km, t))[:, -1:]
+        state.next_pos = state.next_pos + 1
+        return self.lm_head(h[:, 0])  # (B, V)
+
+
+class GPTClassifier(_GPTHeadBase):
+    """GPT fine-tuned for classification (Radford et al. 2018, section 3.2-3.3).
+
+    ``forward`` takes the raw (right-padded) text ids and applies the task-aware input
+    transformation itself, ``<s> ids [CLS]``, so serving calls it like any classifier:
+    input_ids (B, S) -> logits (B, C) from the final extract token. With labels the loss is
+    ``L3 = L2 + aux_lm_weight · L1``, the parts logged as ``classification`` and ``lm``.
+    """
+
+    def __init__(self, cfg: GPTConfig, vocab_size: int, special: SpecialIds, num_labels: int,
+                 task: str = "classification"):
+        super().__init__(cfg, vocab_size, special, task)
+        self.max_len = cfg.n_positions - 2
+        self.cls_drop = nn.Dropout(cfg.classifier_dropout)
+        self.head = nn.Linear(cfg.d_model, num_labels)
+        nn.init.normal_(self.head.weight, std=cfg.init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def transform(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, S) right-padded ids -> (``<s> ids [CLS]`` right-padded (B, S + 2), index of [CLS] (B,))."""
+        b, s = input_ids.shape
+        lengths = (input_ids != self.pad_id).sum(1)  # (B,)
+        if s + 2 > self.cfg.n_positions:
+            raise ValueError(f"input has {s} tokens; the classifier takes at most {self.cfg.n_positions - 2}")
+        out = torch.full((b, s + 2), self.pad_id, dtype=torch.long, device=input_ids.device)
+        out[:, 0] = self.special.bos
+        out[:, 1 : s + 1] = input_ids
+        rows = torch.arange(b, device=input_ids.device)
+        out[rows, lengths + 1] = self.extract_id
+        return out, lengths + 1
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ModelOutput:
+        x, last = self.transform(input_ids)
+        h = self.transformer(x)  # (B, S + 2, D)
+        pooled = h[torch.arange(h.size(0), device=h.device), last]  # (B, D): the [CLS] extract token
+        logits = self.head(self.cls_drop(pooled))  # (B, C)
+        loss = None
+        losses: dict[str, Tensor] = {}
+        if labels is not None:
+            task_loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+            losses["classification"] = task_loss
+            loss = task_loss
+            if self.cfg.aux_lm_weight > 0:
+                # L1 on the same inputs: predict every next token, the extract token included.
+                lm = _lm_loss(self.lm_head(h), _next_token_targets(x, self.pad_id))
+                losses["lm"] = lm
+                loss = task_loss + self.cfg.aux_lm_weight * lm
+        return ModelOutput(logits=logits, loss=loss, losses=losses)
+
+
+@register_family("gpt", GPTConfig, tasks=GPT_TASKS)
+def build(cfg: GPTConfig, ctx: BuildContext) -> nn.Module:
+    """Builder for the registry: ``lm``/``generation`` -> :class:`GPTLMHeadModel`,
+    ``classification``/``pair_classification`` -> :class:`GPTClassifier`."""
+    if ctx.task in ("lm", "generation"):
+        return GPTLMHeadModel(cfg, ctx.vocab_size, ctx.special, ctx.task)
+    if ctx.task in ("classification", "pair_classification"):
+        if ctx.num_labels is None or ctx.num_labels < 1:
+            raise ValueError(f"task {ctx.task!r} needs num_labels >= 1; got {ctx.num_labels!r}")
+        return GPTClassifier(cfg, ctx.vocab_size, ctx.special, ctx.num_labels, ctx.task)
+    raise ValueError(f"gpt does not support task {ctx.task!r}; supported: {', '.join(GPT_TASKS)}")
+
+
+from chatforge.training import pipelines_gpt  # noqa: E402,F401  (registers the gpt task pipelines)
