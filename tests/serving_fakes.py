@@ -112,6 +112,109 @@ class FakeClassifier:
         return out
 
 
+class TinySeq2SeqGenerator:
+    """A real (tiny, random) TransformerSeq2Seq behind the ReplyGenerator protocol + step_spec.
+
+    Characters map to ids 4..43; a token's text is ``<id>``. Random weights rarely emit </s>,
+    so replies usually run to max_new_tokens, which makes join/leave timing predictable.
+    """
+
+    def __init__(self, name: str = "tiny", seed: int = 0, max_len: int = 64):
+        import torch
+
+        from chatforge.models.transformer import TransformerConfig, TransformerSeq2Seq
+
+        torch.manual_seed(seed)
+        cfg = TransformerConfig(d_model=32, n_heads=2, num_encoder_layers=2, num_decoder_layers=2, d_ff=64,
+                                dropout=0.0, max_len=max_len)
+        self.model = TransformerSeq2Seq(cfg, vocab_size=48, pad_id=0).eval()
+        self.info = ModelInfo(name=name, family="transformer", task="generation", metadata={"tiny": True})
+        self.max_input_tokens = 32
+
+    @staticmethod
+    def encode(text: str) -> list[int]:
+        return [4 + (ord(c) % 40) for c in text]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def reference(self, text: str, options: GenerationOptions) -> list[int]:
+        """What decoding this request alone gives (chatforge.decoding)."""
+        from chatforge.decoding import generate
+
+        return generate(self.model, self.encode(text), options, bos_id=1, eos_id=2)
+
+    def stream(self, text: str, options: GenerationOptions) -> Iterator[TokenDelta]:
+        for t in self.reference(text, options):
+            yield TokenDelta(token_id=t, text=f"<{t}>")
+
+    def step_spec(self):
+        from chatforge.serving.batching import Seq2SeqStepModel, StepSpec
+
+        return StepSpec(model=Seq2SeqStepModel(self.model), encode=self.encode, new_detokenizer=_TagDetok,
+                        bos_id=1, eos_id=2, unk_id=3)
+
+
+class _TagDetok:
+    def feed(self, token_id: int) -> str:
+        return f"<{token_id}>"
+
+
+class GatedStepModel:
+    """A fake StepModel: token = step number + 10, never </s>; each decode step (not the
+    prefill) waits for ``gate`` (a Semaphore the test releases), so a test controls steps."""
+
+    max_len = None
+
+    def __init__(self, gate: threading.Semaphore | None = None, vocab: int = 64):
+        self.gate, self.vocab = gate, vocab
+        self.step_calls = 0
+
+    def _logits(self, n: int, token: int):
+        import torch
+
+        logits = torch.zeros(n, self.vocab)
+        logits[:, token % self.vocab] = 1.0
+        return logits
+
+    def prefill(self, prompts, bos_id):
+        import torch
+
+        return {"n": len(prompts), "pos": torch.ones(len(prompts), dtype=torch.long)}, self._logits(len(prompts), 10)
+
+    def step(self, state, tokens):
+        if self.gate is not None and not self.gate.acquire(timeout=WAIT):
+            raise RuntimeError("the test never released this step")
+        self.step_calls += 1
+        logits = self._logits(tokens.size(0), 0)
+        for i, t in enumerate(tokens.tolist()):
+            logits[i].zero_()
+            logits[i, (t + 1) % self.vocab] = 1.0
+        return logits
+
+    def merge(self, a, b):
+        import torch
+
+        return {"n": a["n"] + b["n"], "pos": torch.cat([a["pos"], b["pos"]])}
+
+    def select(self, state, index):
+        return {"n": len(index), "pos": state["pos"][index]}
+
+
+class GatedGenerator(FakeGenerator):
+    """A generator whose step_spec is a :class:`GatedStepModel` (continuous batching path)."""
+
+    def __init__(self, name: str = "gated", gate: threading.Semaphore | None = None, **kw):
+        super().__init__(name=name, **kw)
+        self.step_model = GatedStepModel(gate)
+
+    def step_spec(self):
+        from chatforge.serving.batching import StepSpec
+
+        return StepSpec(model=self.step_model, encode=lambda t: [5] * len(t.split()), new_detokenizer=_TagDetok,
+                        bos_id=1, eos_id=2, unk_id=3)
+
+
 def make_engine(**kw):
     """A small engine: generators "echo" (default) and "lockstep"-free fakes, classifier "intents"."""
     from chatforge.serving.engine import Engine

@@ -87,7 +87,10 @@ def test_fixed_request_id_and_error_request_id(server, caplog):
         # Errors carry the id too (in the trailers): the client can quote it to an operator.
         assert err.value.request_id == "upstream-42" and "upstream-42" in str(err.value)
         assert client.last_request_id == "upstream-42"
-    rec = [r for r in caplog.records if getattr(r, "request_id", None) == "upstream-42"][-1]
+    # The first interceptor record is the Reply's (later calls may be captured too when another
+    # test left the root logger at INFO).
+    rec = [r for r in caplog.records if getattr(r, "request_id", None) == "upstream-42"
+           and r.name == "chatforge.serving.interceptors"][0]
     assert rec.session_id == "sess-9"
 
 
@@ -95,16 +98,26 @@ async def _noop():
     return None
 
 
-def test_channel_config_retries_unavailable_and_keepalive_matches_server():
+def test_channel_config_retries_throttles_times_out_and_keepalive_matches_server():
     config = json.loads(dict(client_mod.CHANNEL_OPTIONS)["grpc.service_config"])
-    [method_config] = config["methodConfig"]
-    assert {"service": "chatforge.v1.Chatbot"} in method_config["name"]
-    policy = method_config["retryPolicy"]
-    assert policy["retryableStatusCodes"] == ["UNAVAILABLE"] and policy["maxAttempts"] >= 2
+    by_method = {n["method"]: m for m in config["methodConfig"] for n in m["name"]}
+    assert set(by_method) == {"Reply", "Classify", "ListModels", "Check"}
+    for m in by_method.values():
+        policy = m["retryPolicy"]
+        assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+        assert policy["maxAttempts"] >= 2 and m["timeout"].endswith("s")
+    assert config["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
+    assert "loadBalancingConfig" not in config  # one address: pick_first, no health gating
+    multi = json.loads(client_mod.service_config(round_robin=True, health_check=True))
+    assert multi["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert multi["healthCheckConfig"] == {"serviceName": "chatforge.v1.Chatbot"}
     client_opts, server_opts = dict(client_mod.CHANNEL_OPTIONS), dict(server_mod.SERVER_OPTIONS)
     # A client pinging more often than the server accepts would be sent GOAWAY too_many_pings.
     assert client_opts["grpc.keepalive_time_ms"] >= server_opts["grpc.http2.min_recv_ping_interval_without_data_ms"]
     assert client_opts["grpc.keepalive_permit_without_calls"] == 1
+    # Connections are recycled (L4 balancers rebalance) well before the client's idle timeout.
+    assert server_opts["grpc.max_connection_age_ms"] < client_opts["grpc.client_idle_timeout_ms"]
+    assert server_opts["grpc.max_connection_age_grace_ms"] > 0
 
 
 @pytest.mark.slow

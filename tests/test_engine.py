@@ -39,7 +39,7 @@ def test_stream_yields_deltas_then_done_with_counts():
     deltas, done = items[:-1], items[-1]
     assert [d.text for d in deltas] == ["Hel", "lo", " there", "!"]
     assert all(isinstance(d, TokenDelta) for d in deltas)
-    assert done == ReplyDone(finish_reason="stop", prompt_tokens=2, completion_tokens=4, model="echo")
+    assert done == ReplyDone(finish_reason="stop", prompt_tokens=2, completion_tokens=4, model="echo", version="1")
     assert engine.completed == 1 and engine.active == 0
 
 
@@ -160,8 +160,8 @@ def test_models_and_defaults():
 
 
 def test_constructor_rejects_bad_settings():
-    with pytest.raises(ValueError, match="max_concurrency"):
-        Engine({}, {}, max_concurrency=0)
+    with pytest.raises(ValueError, match="max_running=0 is out of range"):
+        Engine({}, {}, max_running=0)
     with pytest.raises(ValueError, match="used twice: x"):
         Engine({"x": FakeGenerator()}, {"x": FakeClassifier()})
 
@@ -178,7 +178,7 @@ def test_from_bundles_sorts_models_by_protocol(monkeypatch, tmp_path):
 
     loaded = {}
 
-    def fake_load_model(bundle_dir, name):
+    def fake_load_model(bundle_dir, name, version="1"):
         loaded[name] = bundle_dir
         return FakeGenerator(name) if name == "gen" else FakeClassifier(name)
 

@@ -27,13 +27,15 @@ from chatforge.serving.loadtest import (
     write_report,
     write_sweep,
 )
+from chatforge.serving.metrics import ServingMetrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerThread(make_engine()) as st:
+    # With ServingMetrics the server counts every call, so the load test's counts can be checked.
+    with ServerThread(make_engine(), metrics=ServingMetrics()) as st:
         st.wait_serving()
         yield st
 

@@ -53,7 +53,7 @@ def test_tokens_are_streamed_one_by_one_not_buffered():
     assert final.request_id == client.last_request_id
 
 
-def test_health_not_serving_while_loading_then_serving(tmp_path):
+def test_readiness_not_serving_while_loading_then_serving(tmp_path):
     release = threading.Event()
 
     def slow_loader():
@@ -62,8 +62,8 @@ def test_health_not_serving_while_loading_then_serving(tmp_path):
 
     port_file = tmp_path / "port"
     with ServerThread(slow_loader, port_file=port_file) as st, ChatbotClient(st.target, timeout=WAIT) as client:
-        assert client.health() == "NOT_SERVING"
-        assert client.health("chatforge.v1.Chatbot") == "NOT_SERVING"
+        assert client.health() == "SERVING"  # liveness: the process is fine, just loading
+        assert client.health("chatforge.v1.Chatbot") == "NOT_SERVING"  # readiness
         assert not port_file.exists()
         with pytest.raises(ChatbotError) as err:  # retried (UNAVAILABLE) then reported
             client.list_models()

@@ -244,6 +244,84 @@ def generate(
             console.print(f"[dim]text:[/] {t}\n[bold]label:[/] {p.label} ({p.score:.3f})", highlight=False)
 
 
+# ------------------------------------------------------------------ evaluate, compare
+@app.command()
+def evaluate(
+    bundle: Path = typer.Argument(..., help="Bundle folder (runs/<run>/bundle)."),
+    data: Path = typer.Option(None, "--data", help="Data file (default: the bundle's training data file)."),
+    fmt: str = typer.Option("auto", "--format", help="auto, chatbot_csv, clinc150, csv, tsv, jsonl."),
+    split: str = typer.Option("valid", "--split", help="valid, test or all (split as the bundle's config does)."),
+    clinc_keys: str = typer.Option(None, "--clinc-keys", help="CLINC150 lists to read, e.g. val,oos_val."),
+    out: Path = typer.Option(None, "--out", help="Report folder (default <run>/eval/<data>-<split>)."),
+    max_examples: int = typer.Option(None, "--max-examples", min=1, help="Evaluate at most this many."),
+):
+    """Evaluate a bundle: JSON + Markdown report and PNG plots in one folder."""
+    from chatforge.bundle import BundleError
+    from chatforge.config import ConfigError
+    from chatforge.data import DataError
+    from chatforge.evaluation.evaluate import HEADLINE, EvaluationError, evaluate_bundle
+
+    keys = [k.strip() for k in clinc_keys.split(",") if k.strip()] if clinc_keys else None
+    try:
+        res = evaluate_bundle(bundle, data, fmt=fmt, split=split, clinc_keys=keys, out_dir=out,
+                              max_examples=max_examples)
+    except (BundleError, ConfigError, DataError, EvaluationError, FileNotFoundError) as e:
+        _fail(str(e))
+    s = res.summary
+    table = Table(title=f"{s['name']} on {Path(s['data']).name} ({s['split']}, {s['n']} examples)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in HEADLINE:
+        v = s["metrics"].get(k)
+        if v is not None:
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    table.add_row("latency per example", f"{s['latency_ms_per_example']:.2f} ms")
+    table.add_row("bundle size", f"{s['bundle_size_bytes'] / 1e6:.2f} MB")
+    console.print(table)
+    console.print(f"report: [bold]{res.out_dir}[/]", highlight=False)
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(None, help="Run folders (default: every run under --runs-dir)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder of run folders."),
+    experiment: str = typer.Option(None, "--experiment", help="Only runs of this experiment (or config name)."),
+    tag: list[str] = typer.Option([], "--tag", help="key=value filter on config keys or family/task (repeatable)."),
+    metric: str = typer.Option("in_scope_accuracy", "--metric", help="Sort by this metric."),
+    split: str = typer.Option(None, "--split", help="Evaluation split to compare (default: the most common)."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="Read runs from this MLflow store instead."),
+    md: Path = typer.Option(None, "--md", help="Write the leaderboard as Markdown."),
+    csv_out: Path = typer.Option(None, "--csv", help="Write the leaderboard as CSV."),
+    plot: Path = typer.Option(None, "--plot", help="Write learning curves across runs (PNG)."),
+):
+    """Leaderboard over runs: metrics side by side with parameters, training time, latency, size."""
+    from chatforge.evaluation import compare as C
+
+    try:
+        tags = C.parse_tags(tag)
+        if tracking_uri:
+            records = C.collect_mlflow(tracking_uri, experiment, tags)
+        else:
+            records = C.collect_runs(runs or [], runs_dir, experiment, tags)
+        lb = C.build_leaderboard(records, metric=metric, split=split)
+    except C.CompareError as e:
+        _fail(str(e))
+    table = Table(title=f"leaderboard by {lb.metric}" + (f" ({lb.split})" if lb.split else ""))
+    for c in lb.columns:
+        table.add_column(c, justify="left" if c in ("run", "family", "task", "source") else "right")
+    for row in lb.rows:
+        table.add_row(*("-" if row.get(c) is None else f"{row[c]:.4f}" if isinstance(row[c], float)
+                        else str(row[c]) for c in lb.columns))
+    console.print(table)
+    for path, write in ((md, C.write_markdown), (csv_out, C.write_csv)):
+        if path is not None:
+            write(lb, path)
+            console.print(f"wrote [bold]{path}[/]", highlight=False)
+    if plot is not None:
+        C.write_learning_curves(records, plot)
+        console.print(f"wrote [bold]{plot}[/]", highlight=False)
+
+
 # ---------------------------------------------------------------------------- serve
 def _parse_models(bundles: list[Path], models: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}

@@ -1,8 +1,10 @@
 """ChatbotClient: a blocking client for the chatforge.v1.Chatbot service.
 
-One client owns one channel (use it as a context manager, or call ``close()``).
-The channel carries keepalive settings matched to the server's and a service config
-that retries UNAVAILABLE with exponential backoff.
+One client owns one channel, reused by every call (use it as a context manager, or call
+``close()``). The channel carries keepalive settings matched to the server's and a service
+config with retries, retry throttling and per-method timeouts; given several addresses
+(``"ipv4:127.0.0.1:5001,127.0.0.1:5002"``) it balances calls ``round_robin`` and, with
+client-side health checking, skips replicas whose readiness is NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -11,56 +13,83 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chatforge.context import REQUEST_ID_METADATA_KEY, SESSION_ID_METADATA_KEY, new_request_id
+from chatforge.context import REQUEST_ID_METADATA_KEY, SESSION_ID_METADATA_KEY, new_request_id, request_id_var
 from chatforge.inference import ClassPrediction
 from chatforge.v1 import chatbot_pb2 as pb
 from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
+READINESS_SERVICE = "chatforge.v1.Chatbot"
+
+# UNAVAILABLE: a replica is down, draining or still loading -> another attempt (another
+# replica under round_robin). RESOURCE_EXHAUSTED: a replica's queue is full -> retry after a
+# backoff. Both are safe to retry because the server commits nothing before answering.
 _RETRY_POLICY = {
-    "maxAttempts": 4,
-    "initialBackoff": "0.1s",
+    "maxAttempts": 5,
+    "initialBackoff": "0.05s",
     "maxBackoff": "2s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
 }
 
-# Retries cover every Chatbot method (Reply included) and health Check. For the
-# server-streaming Reply this is safe: gRPC commits an attempt as soon as response
-# headers or a message arrive and never retries after that, so a retry can only
-# happen before the first token, and a reply is never duplicated or spliced. (The
-# server sends its headers with the first message, so errors before it stay retryable.)
-SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [
-                    {"service": "chatforge.v1.Chatbot"},
-                    {"service": "grpc.health.v1.Health", "method": "Check"},
-                ],
-                "retryPolicy": _RETRY_POLICY,
-            }
-        ]
-    }
-)
+# Per-method deadlines when the caller gives none (a Reply stream may run long on CPU).
+METHOD_TIMEOUTS = {"Reply": "120s", "Classify": "10s", "ListModels": "5s"}
+
+
+def service_config(*, round_robin: bool = False, health_check: bool = False) -> str:
+    """The channel's service config (JSON).
+
+    Retries cover every Chatbot method (Reply included) and health Check. For the
+    server-streaming Reply this is safe: gRPC commits an attempt as soon as response
+    headers or a message arrive and never retries after that, so a retry can only happen
+    before the first token, and a reply is never duplicated or spliced. (The server sends
+    its headers with the first message, so errors before it stay retryable.)
+    ``retryThrottling`` stops retries when most calls fail (a retry storm would only add
+    load to a struggling fleet): each failure costs a token, each success returns 0.1.
+    """
+    methods = [
+        {"name": [{"service": "chatforge.v1.Chatbot", "method": m}], "timeout": t, "retryPolicy": _RETRY_POLICY}
+        for m, t in METHOD_TIMEOUTS.items()
+    ]
+    methods.append({"name": [{"service": "grpc.health.v1.Health", "method": "Check"}], "timeout": "5s",
+                    "retryPolicy": _RETRY_POLICY})
+    config: dict = {"methodConfig": methods, "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}}
+    if round_robin or health_check:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    if health_check:
+        # grpc-core watches grpc.health.v1.Health/Watch on every subchannel and routes only to
+        # replicas whose readiness is SERVING (tests/test_client_balancing.py proves it).
+        config["healthCheckConfig"] = {"serviceName": READINESS_SERVICE}
+    return json.dumps(config)
+
+
+SERVICE_CONFIG = service_config()
 
 # Keepalive, consistent with chatforge.serving.server: ping every 30 s (the server
 # accepts pings down to every 10 s, so no GOAWAY "too_many_pings"), give up on the
 # connection after 10 s without an answer, and keep pinging while idle so a dead
-# connection is noticed before the next call rather than by it.
+# connection (a balancer or NAT that silently dropped it) is noticed before the next
+# call rather than by it. The idle timeout is raised from grpc's 30 minutes: an idle
+# channel that disconnects makes the next call pay a reconnect.
 CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.client_idle_timeout_ms", 24 * 3600 * 1000),
     ("grpc.enable_retries", 1),
     ("grpc.service_config", SERVICE_CONFIG),
 )
+
+
+def _is_multi_address(target: str) -> bool:
+    return "," in target
 
 
 class ChatbotError(Exception):
@@ -89,6 +118,9 @@ class ReplyChunk:
     completion_tokens: int = 0
     model: str = ""
     request_id: str = ""
+    model_version: str = ""
+    intent: str = ""
+    intent_score: float = 0.0
 
     @property
     def is_final(self) -> bool:
@@ -111,13 +143,17 @@ _GENERATION_OPTIONS = {f.name for f in pb.GenerationOptions.DESCRIPTOR.fields}
 
 
 class ChatbotClient:
-    """Blocking client owning one gRPC channel to ``target`` ("host:port").
+    """Blocking client owning one gRPC channel to ``target``.
 
-    ``timeout`` is the per-call deadline in seconds (for Reply: the whole stream).
-    ``metadata`` is sent with every call. ``request_id`` fixes the ``x-request-id`` of
-    every call (e.g. to propagate an upstream id); otherwise each call gets a new one
-    unless the method is given ``request_id=``. ``options`` are extra channel options
-    that override the defaults.
+    ``target`` is "host:port", or several addresses ("ipv4:127.0.0.1:5001,127.0.0.1:5002"),
+    balanced round_robin with client-side health checking (``health_check``, on by default
+    for several addresses). ``timeout`` is the per-call deadline in seconds (for Reply: the
+    whole stream; None = the per-method defaults of the service config). ``metadata`` is
+    sent with every call. ``request_id`` fixes the ``x-request-id`` of every call; otherwise
+    each call gets a new one unless the method is given ``request_id=``. ``api_key`` is sent
+    as ``authorization: Bearer``. ``tls`` (or any of ``ca_file``/``cert_file``/``key_file``)
+    uses a TLS channel; ``cert_file`` + ``key_file`` for mutual TLS. ``options`` are extra
+    channel options that override the defaults.
     """
 
     def __init__(
@@ -128,6 +164,12 @@ class ChatbotClient:
         metadata: Sequence[tuple[str, str]] | None = None,
         request_id: str | None = None,
         options: Sequence[tuple[str, object]] | None = None,
+        health_check: bool | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
     ) -> None:
         if not target or not isinstance(target, str):
             raise ValueError(f"target={target!r} is invalid; allowed: 'host:port', e.g. '127.0.0.1:50051'")
@@ -135,14 +177,35 @@ class ChatbotClient:
             raise ValueError(f"timeout={timeout!r} is out of range; allowed: seconds > 0 or None")
         self.target = target
         self.timeout = timeout
-        self._metadata = tuple(metadata or ())
+        md = list(metadata or ())
+        if api_key is not None:
+            if not api_key.strip():
+                raise ValueError("api_key is empty; allowed: a non-empty key or None")
+            md.append(("authorization", f"Bearer {api_key.strip()}"))
+        self._metadata = tuple(md)
         self._request_id = request_id
         self.last_request_id: str | None = None
-        # grpc keeps the last value given for a key, so user options override ours.
-        self._channel = grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS) + list(options or ()))
+        multi = _is_multi_address(target)
+        self.health_check = multi if health_check is None else health_check
+        config = service_config(round_robin=multi, health_check=self.health_check)
+        # User options override ours; deduplicated, as grpc does not promise which duplicate wins.
+        merged = dict(CHANNEL_OPTIONS)
+        merged["grpc.service_config"] = config
+        merged.update(dict(options or ()))
+        channel_options = list(merged.items())
+        if tls or ca_file or cert_file or key_file:
+            from chatforge.serving.security import client_credentials
+
+            creds = client_credentials(ca_file, cert_file, key_file)
+            self._channel = grpc.secure_channel(target, creds, options=channel_options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
         self._stub = pb_grpc.ChatbotStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = False
+
+    def __repr__(self) -> str:  # no metadata: it may hold the API key
+        return f"ChatbotClient({self.target!r})"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,12 +232,22 @@ class ChatbotClient:
 
     # ------------------------------------------------------------------ helpers
 
-    def _call_metadata(self, request_id: str | None, session_id: str | None = None):
+    def _call_metadata(self, request_id: str | None, session_id: str | None = None, rpc: str = ""):
         rid = request_id or self._request_id or new_request_id()
         md = [*self._metadata, (REQUEST_ID_METADATA_KEY, rid)]
         if session_id:
             md.append((SESSION_ID_METADATA_KEY, session_id))
+        self._log(rid, logging.DEBUG, "calling %s on %s", rpc, self.target, rpc=rpc)
         return rid, tuple(md)
+
+    def _log(self, rid: str, level: int, msg: str, *args, **extra) -> None:
+        # The id in the contextvar as well as in `extra`: JSON logs read it from the contextvar,
+        # so the client's line matches the API's and the engine's lines for the same call.
+        token = request_id_var.set(rid)
+        try:
+            logger.log(level, msg, *args, extra={"request_id": rid, **extra})
+        finally:
+            request_id_var.reset(token)
 
     def _remember(self, call, sent_id: str) -> str:
         """The server's request id: in the headers of a response, in the trailers of any call."""
@@ -195,10 +268,11 @@ class ChatbotClient:
         rid = self._remember(e, sent_id)
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = e.details() if hasattr(e, "details") else str(e)
+        self._log(rid, logging.DEBUG, "call failed: %s", code.name, grpc_code=code.name)
         return ChatbotError(code, details or "", rid)
 
-    def _unary(self, method, request, request_id: str | None):
-        rid, md = self._call_metadata(request_id)
+    def _unary(self, method, request, request_id: str | None, rpc: str):
+        rid, md = self._call_metadata(request_id, rpc=rpc)
         try:
             response, call = method.with_call(request, timeout=self.timeout, metadata=md)
         except grpc.RpcError as e:
@@ -234,7 +308,7 @@ class ChatbotClient:
         request = pb.ReplyRequest(
             text=text, model=model or "", session_id=session_id or "", options=pb.GenerationOptions(**opts)
         )
-        rid, md = self._call_metadata(request_id, session_id)
+        rid, md = self._call_metadata(request_id, session_id, rpc="/chatforge.v1.Chatbot/Reply")
         call = self._stub.Reply(request, timeout=self.timeout, metadata=md)
         try:
             for msg in call:
@@ -248,6 +322,9 @@ class ChatbotClient:
                         completion_tokens=f.completion_tokens,
                         model=f.model,
                         request_id=f.request_id,
+                        model_version=f.model_version,
+                        intent=f.intent,
+                        intent_score=round(f.intent_score, 6),
                     )
             self._remember(call, rid)
         except grpc.RpcError as e:
@@ -261,7 +338,8 @@ class ChatbotClient:
         return "".join(c.text for c in self.reply_stream(text, **kwargs) if not c.is_final)
 
     def classify(self, text: str, model: str | None = None, *, request_id: str | None = None) -> ClassPrediction:
-        r = self._unary(self._stub.Classify, pb.ClassifyRequest(text=text, model=model or ""), request_id)
+        r = self._unary(self._stub.Classify, pb.ClassifyRequest(text=text, model=model or ""), request_id,
+                        "/chatforge.v1.Chatbot/Classify")
         # Scores travel as float32: round off the float32 -> float64 noise (0.8 -> 0.800000011920929).
         return ClassPrediction(
             label=r.label,
@@ -271,12 +349,13 @@ class ChatbotClient:
         )
 
     def list_models(self, *, request_id: str | None = None) -> list[ModelEntry]:
-        r = self._unary(self._stub.ListModels, pb.ListModelsRequest(), request_id)
+        r = self._unary(self._stub.ListModels, pb.ListModelsRequest(), request_id, "/chatforge.v1.Chatbot/ListModels")
         return [
             ModelEntry(m.name, m.family, m.task, m.version, dict(m.metadata), m.is_default) for m in r.models
         ]
 
     def health(self, service: str = "", *, request_id: str | None = None) -> str:
         """The server's health status for ``service`` ("" = the whole server): "SERVING", "NOT_SERVING", ..."""
-        r = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), request_id)
+        r = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), request_id,
+                        "/grpc.health.v1.Health/Check")
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)

@@ -1,29 +1,51 @@
-"""The serving engine: hosts models and runs them off the event loop. No grpc here.
+"""The serving engine: hosts models, queues and batches requests, runs them off the event loop.
 
-The API layer (``service.py``) only converts between proto and the types below, so
-the engine can be driven (and tested) without a network, and a later batching
-engine can replace this one behind the same methods.
+No grpc here. The API layer (``service.py``) only converts between proto and the types
+below, so the engine can be driven (and tested) without a network.
 
-Threading model: model work (tokenisation, torch forward passes) runs in a
-``ThreadPoolExecutor`` whose size is ``max_concurrency``; the event loop only moves
-tokens from that thread to the RPC. A reply's worker pushes each token to an
-``asyncio.Queue`` with ``loop.call_soon_threadsafe`` the moment the model yields it,
-and checks a ``threading.Event`` between tokens, so a consumer that goes away
-(client cancel, deadline) stops the model within one token.
+Threading model: every hosted model has a *runner* (:mod:`chatforge.serving.batching`)
+with its own thread(s) and a bounded queue — continuous batching for generators that
+offer a step-wise model (``step_spec()``), one worker thread per running request for
+other generators, dynamic micro-batching for classifiers. The event loop only validates,
+enqueues and moves results: a runner pushes each token to the request's ``asyncio.Queue``
+with ``loop.call_soon_threadsafe`` the moment it exists. A consumer that goes away
+(client cancel, deadline) sets the request's ``cancelled`` flag in a ``finally``; the
+runner drops it before its next decoding step and frees the slot (``dropped``).
+
+Limits, per model: ``max_running`` sequences in the running batch (or worker threads),
+``max_queued`` waiting beyond that; a request past both is refused at once with
+:class:`EngineOverloadedError` (RESOURCE_EXHAUSTED), never queued unboundedly.
+
+Hot swap: :meth:`Engine.swap` installs a new version of a model beside the old one and
+switches atomically; the old runner drains (finishes what it queued and runs) and stops.
+:class:`ModelDirectory` / :class:`ModelDirectoryWatcher` serve ``DIR/<name>/<version>/``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 import threading
-from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import ClassPrediction, ModelInfo, ReplyGenerator, TextClassifier, TokenDelta
+from chatforge.serving.batching import (
+    NULL_METRICS,
+    ClassifyRequest,
+    ContinuousBatcher,
+    GenRequest,
+    MicroBatcher,
+    OverloadedError,
+    RunnerClosedError,
+    RunnerStats,
+    ThreadedRunner,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +76,21 @@ class EngineShutdownError(EngineUnavailableError):
     """The engine was closed before the request could run."""
 
 
+class EngineOverloadedError(EngineError):
+    """The model's running batch and queue are full (RESOURCE_EXHAUSTED: retry with backoff)."""
+
+
 @dataclass
 class ReplyDone:
     """The last item of :meth:`Engine.stream_reply`: why it stopped and the token counts."""
 
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "fallback" (pipeline: out of scope)
     prompt_tokens: int
     completion_tokens: int
     model: str
+    version: str = ""
+    intent: str = ""  # pipeline: the classifier's label
+    intent_score: float = 0.0
 
 
 @dataclass
@@ -71,16 +100,58 @@ class HostedModel:
     is_default: bool
 
 
-# Queue item kinds pushed from the worker thread to the event loop.
-_START, _DELTA, _END, _ERROR = "start", "delta", "end", "error"
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The chatbot pipeline: classify first; answer out-of-scope messages with ``fallback_reply``.
+
+    A message is out of scope when the predicted label is in ``oos_labels``, the classifier
+    says ``out_of_scope``, or the top score is below ``threshold``.
+    """
+
+    classifier: str
+    fallback_reply: str
+    threshold: float = 0.0
+    oos_labels: tuple[str, ...] = ("oos",)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"pipeline threshold={self.threshold!r} is out of range; allowed: [0, 1]")
+        if not self.fallback_reply.strip():
+            raise ValueError("pipeline fallback_reply is empty; allowed: a non-empty reply text")
+
+    def out_of_scope(self, p: ClassPrediction) -> bool:
+        return p.label in self.oos_labels or p.out_of_scope or p.score < self.threshold
+
+
+@dataclass
+class _Slot:
+    name: str
+    model: Any
+    task: str  # "generation" | "classification"
+    runner: Any
+    spec: Any = None  # batching.StepSpec for continuously batched generators
+    fallback: Any = None  # per-request runner beside a continuous batcher (beam search)
+
+    def runners(self) -> list:
+        return [r for r in (self.runner, self.fallback) if r is not None]
+
+    @property
+    def version(self) -> str:
+        return str(self.model.info.version)
+
+
+# Queue item kinds pushed from the runner thread to the event loop.
+_START, _DELTA, _END, _ERROR = "start", "token", "end", "error"
 
 
 class Engine:
-    """Hosts reply generators and text classifiers and runs them in worker threads.
+    """Hosts reply generators and text classifiers and schedules their work.
 
     ``generators`` / ``classifiers`` map a model name to an object implementing
     :class:`chatforge.inference.ReplyGenerator` / :class:`~chatforge.inference.TextClassifier`;
     the first of each (insertion order) is the default for requests that name no model.
+    ``metrics`` is an object with :class:`chatforge.serving.metrics.ServingMetrics`' hooks;
+    ``on_error`` is called with exceptions that fail a whole batch (e.g. to raise an alert).
     """
 
     def __init__(
@@ -89,58 +160,115 @@ class Engine:
         classifiers: Mapping[str, TextClassifier],
         *,
         max_input_chars: int = DEFAULT_MAX_INPUT_CHARS,
-        max_concurrency: int = 1,
+        max_input_tokens: int | None = None,
+        max_new_tokens: int = GenerationOptions.MAX_NEW_TOKENS_LIMIT,
+        max_running: int = 8,
+        max_queued: int = 64,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 2.0,
+        continuous_batching: bool = True,
+        metrics: Any = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        pipeline: PipelineConfig | None = None,
     ) -> None:
-        if max_input_chars < 1:
-            raise ValueError(f"max_input_chars={max_input_chars!r} is out of range; allowed: an integer >= 1")
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency={max_concurrency!r} is out of range; allowed: an integer >= 1")
+        checks = [
+            ("max_input_chars", max_input_chars, max_input_chars >= 1, "an integer >= 1"),
+            ("max_input_tokens", max_input_tokens, max_input_tokens is None or max_input_tokens >= 1,
+             "None or an integer >= 1"),
+            ("max_new_tokens", max_new_tokens, 1 <= max_new_tokens <= GenerationOptions.MAX_NEW_TOKENS_LIMIT,
+             f"an integer in [1, {GenerationOptions.MAX_NEW_TOKENS_LIMIT}]"),
+            ("max_running", max_running, max_running >= 1, "an integer >= 1"),
+            ("max_queued", max_queued, max_queued >= 0, "an integer >= 0"),
+            ("max_batch_size", max_batch_size, max_batch_size >= 1, "an integer >= 1"),
+            ("max_wait_ms", max_wait_ms, max_wait_ms >= 0, "a number of milliseconds >= 0"),
+        ]
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
         overlap = set(generators) & set(classifiers)
         if overlap:
             raise ValueError(f"model names must be unique across tasks; used twice: {', '.join(sorted(overlap))}")
-        self.generators: dict[str, ReplyGenerator] = dict(generators)
-        self.classifiers: dict[str, TextClassifier] = dict(classifiers)
-        self.max_input_chars = max_input_chars
-        self.max_concurrency = max_concurrency
-        # The executor's size is the concurrency limit: further requests wait in its queue.
-        self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="chatforge-model")
-        self._cond = threading.Condition()
+        self.max_input_chars, self.max_input_tokens, self.max_new_tokens = max_input_chars, max_input_tokens, max_new_tokens
+        self.max_running, self.max_queued = max_running, max_queued
+        self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
+        self.continuous_batching = continuous_batching
+        self.metrics = metrics or NULL_METRICS
+        self.on_error = on_error
+        self.stats = RunnerStats()
+        self._lock = threading.Lock()
         self._closed = False
-        self._active = 0
-        self._completed = 0
-        self._cancelled = 0
-        self._failed = 0
+        self._generators: dict[str, _Slot] = {}
+        self._classifiers: dict[str, _Slot] = {}
+        for name, g in generators.items():
+            self._generators[name] = self._make_slot(name, g, "generation")
+        for name, c in classifiers.items():
+            self._classifiers[name] = self._make_slot(name, c, "classification")
+        if pipeline is not None and pipeline.classifier not in self._classifiers:
+            raise ValueError(
+                f"pipeline classifier {pipeline.classifier!r} is not hosted; "
+                f"classifiers: {', '.join(self._classifiers) or 'none'}"
+            )
+        self.pipeline = pipeline
+        for slot in self._slots():
+            self.metrics.set_model_info(slot.model.info)
 
     # ------------------------------------------------------------------ construction
 
-    @classmethod
-    def from_bundles(cls, bundles: Mapping[str, str | Path], **kwargs) -> Engine:
-        """Load every bundle (name -> folder) with :func:`chatforge.inference.load_model`."""
-        # Imported here so that the engine (and its tests) do not pull in torch and the models.
-        from chatforge.inference import load_model
+    def _make_slot(self, name: str, model: Any, task: str) -> _Slot:
+        kw = {"max_queued": self.max_queued, "stats": self.stats, "metrics": self.metrics,
+              "on_error": self.on_error}
+        if task == "classification":
+            runner = MicroBatcher(name, model, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms, **kw)
+            return _Slot(name, model, task, runner)
+        spec = None
+        if self.continuous_batching and callable(getattr(model, "step_spec", None)):
+            spec = model.step_spec()
+        if spec is not None:
+            runner = ContinuousBatcher(name, spec.model, bos_id=spec.bos_id, eos_id=spec.eos_id,
+                                       max_running=self.max_running, **kw)
+            # Beam search keeps several hypotheses per request: it runs per request, beside the batch.
+            fallback = ThreadedRunner(name, model, max_running=self.max_running, **kw)
+            logger.info("hosting %s model %r (%s runner)", task, name, runner.kind,
+                        extra={"model": name, "runner": runner.kind})
+            return _Slot(name, model, task, runner, spec, fallback)
+        else:
+            # No step-wise model (other families, fakes): one thread per running request.
+            runner = ThreadedRunner(name, model, max_running=self.max_running, **kw)
+        logger.info("hosting %s model %r (%s runner)", task, name, runner.kind,
+                    extra={"model": name, "runner": runner.kind})
+        return _Slot(name, model, task, runner, spec)
 
+    @classmethod
+    def from_bundles(cls, bundles: Mapping[str, str | Path], *, versions: Mapping[str, str] | None = None,
+                     **kwargs) -> Engine:
+        """Load every bundle (name -> folder) with :func:`chatforge.inference.load_model`."""
         if not bundles:
             raise ValueError("no bundles given; pass at least one name -> bundle folder")
         generators: dict[str, ReplyGenerator] = {}
         classifiers: dict[str, TextClassifier] = {}
         for name, path in bundles.items():
-            model = load_model(Path(path), name)
-            if hasattr(model, "stream"):
-                generators[name] = model
-            elif hasattr(model, "classify"):
-                classifiers[name] = model
-            else:
-                raise TypeError(
-                    f"bundle {name!r} ({path}) loaded a {type(model).__name__}, which is neither a "
-                    "ReplyGenerator (stream) nor a TextClassifier (classify)"
-                )
-            logger.info("loaded model", extra={"model": name, "bundle": str(path)})
+            model = load_hosted_model(path, name, (versions or {}).get(name, "1"))
+            (generators if hasattr(model, "stream") else classifiers)[name] = model
         return cls(generators, classifiers, **kwargs)
 
+    def attach(self, *, metrics: Any = None, on_error: Callable[[BaseException], None] | None = None) -> None:
+        """Connect the server's metrics and error hook to an engine built elsewhere."""
+        if metrics is not None:
+            self.metrics = metrics
+        if on_error is not None:
+            self.on_error = on_error
+        for slot in self._slots():
+            for runner in slot.runners():
+                runner.metrics = self.metrics
+                runner.on_error = self.on_error
+            self.metrics.set_model_info(slot.model.info)
+
     def close(self) -> None:
-        """Stop accepting work; running workers finish their current token and exit."""
+        """Stop accepting work; running sequences stop at their next step."""
         self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for slot in self._slots():
+            for runner in slot.runners():
+                runner.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -148,44 +276,69 @@ class Engine:
 
     # ------------------------------------------------------------------ introspection
 
+    def _slots(self) -> list[_Slot]:
+        return list(self._generators.values()) + list(self._classifiers.values())
+
+    @property
+    def generators(self) -> dict[str, ReplyGenerator]:
+        return {n: s.model for n, s in self._generators.items()}
+
+    @property
+    def classifiers(self) -> dict[str, TextClassifier]:
+        return {n: s.model for n, s in self._classifiers.items()}
+
     @property
     def default_generator(self) -> str | None:
-        return next(iter(self.generators), None)
+        return next(iter(self._generators), None)
 
     @property
     def default_classifier(self) -> str | None:
-        return next(iter(self.classifiers), None)
+        return next(iter(self._classifiers), None)
 
     def models(self) -> list[HostedModel]:
         """Every hosted model, generators first, in load order."""
-        out = [HostedModel(name, g.info, name == self.default_generator) for name, g in self.generators.items()]
-        out += [HostedModel(name, c.info, name == self.default_classifier) for name, c in self.classifiers.items()]
+        out = [HostedModel(n, s.model.info, n == self.default_generator) for n, s in self._generators.items()]
+        out += [HostedModel(n, s.model.info, n == self.default_classifier) for n, s in self._classifiers.items()]
         return out
+
+    def runner_kind(self, name: str) -> str:
+        slot = self._generators.get(name) or self._classifiers.get(name)
+        if slot is None:
+            raise ModelNotFoundError(f"no model named {name!r}")
+        return slot.runner.kind
 
     @property
     def active(self) -> int:
-        """Reply workers running right now."""
-        return self._active
+        """Requests running right now (in a batch or a worker), all models."""
+        return self.stats.running
+
+    @property
+    def waiting(self) -> int:
+        return self.stats.waiting
 
     @property
     def completed(self) -> int:
-        """Replies that ran to their end ("stop" or "length")."""
-        return self._completed
+        return self.stats.completed
 
     @property
-    def cancelled(self) -> int:
-        """Replies whose worker stopped because the consumer went away."""
-        return self._cancelled
+    def dropped(self) -> int:
+        """Requests removed because their consumer went away (cancel, deadline)."""
+        return self.stats.dropped
+
+    cancelled = dropped  # the walking skeleton's name
 
     @property
     def failed(self) -> int:
-        """Replies whose model raised."""
-        return self._failed
+        return self.stats.failed
+
+    @property
+    def rejected(self) -> int:
+        """Requests refused because the model was overloaded."""
+        return self.stats.rejected
 
     def wait_idle(self, timeout: float) -> bool:
-        """Block until no reply worker runs (True) or ``timeout`` seconds pass (False)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._active == 0, timeout=timeout)
+        """Block until nothing runs or waits (True) or ``timeout`` seconds pass (False)."""
+        return self.stats.wait_for(lambda s: s.running == 0 and s.waiting == 0, timeout)
 
     # ------------------------------------------------------------------ validation
 
@@ -199,14 +352,50 @@ class Engine:
                 f"{field} is {len(text)} characters long; allowed: at most {self.max_input_chars}"
             )
 
-    def _resolve(self, models: Mapping[str, object], model: str | None, task: str, rpc: str):
-        if not models:
+    def _check_tokens(self, n: int, name: str, model_limit: int, field: str = "text") -> None:
+        limit = min(model_limit, self.max_input_tokens or model_limit)
+        if n > limit:
+            raise InvalidRequestError(
+                f"{field} is {n} tokens long; model {name!r} accepts at most {limit} input tokens"
+            )
+
+    def check_options(self, options: GenerationOptions | None) -> GenerationOptions:
+        # No options: the defaults, within this server's cap on new tokens.
+        options = options or GenerationOptions(max_new_tokens=min(GenerationOptions.max_new_tokens,
+                                                                  self.max_new_tokens))
+        try:
+            options.validate()
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        if options.max_new_tokens > self.max_new_tokens:
+            raise InvalidRequestError(
+                f"max_new_tokens={options.max_new_tokens} is out of range; this server allows at most "
+                f"{self.max_new_tokens}"
+            )
+        return options
+
+    def _resolve(self, slots: Mapping[str, _Slot], model: str | None, task: str, rpc: str) -> _Slot:
+        if not slots:
             raise NoModelForTaskError(f"{rpc} is not available: this server hosts no {task} model")
-        name = model or next(iter(models))
-        if name not in models:
-            available = ", ".join(sorted(models))
-            raise ModelNotFoundError(f"no {task} model named {name!r}; available: {available}")
-        return name, models[name]
+        name = model or next(iter(slots))
+        if name not in slots:
+            raise ModelNotFoundError(f"no {task} model named {name!r}; available: {', '.join(sorted(slots))}")
+        return slots[name]
+
+    def _submit(self, slots: Mapping[str, _Slot], name: str, req: Any, per_request: bool = False) -> _Slot:
+        # A hot swap may drain the slot we resolved between resolving and submitting: the
+        # request then goes to the version that replaced it, so a swap never fails a request.
+        for _ in range(3):
+            slot = slots[name]
+            try:
+                (slot.fallback if per_request and slot.fallback is not None else slot.runner).submit(req)
+                return slot
+            except OverloadedError as e:
+                raise EngineOverloadedError(str(e)) from None
+            except RunnerClosedError:
+                if self._closed or slots.get(name) is slot:
+                    raise EngineShutdownError("the server is shutting down; retry on another replica") from None
+        raise EngineShutdownError(f"model {name!r} is being replaced; retry")
 
     # ------------------------------------------------------------------ generation
 
@@ -215,120 +404,304 @@ class Engine:
     ) -> AsyncIterator[TokenDelta | ReplyDone]:
         """Yield a :class:`TokenDelta` per generated token, then exactly one :class:`ReplyDone`.
 
-        Raises :class:`InvalidRequestError`, :class:`ModelNotFoundError` or
-        :class:`NoModelForTaskError` before the first token. Close the iterator
-        (``aclose()`` or ``contextlib.aclosing``) to stop the model early.
+        Raises :class:`InvalidRequestError`, :class:`ModelNotFoundError`,
+        :class:`NoModelForTaskError` or :class:`EngineOverloadedError` before the first token.
+        Close the iterator (``aclose()`` or ``contextlib.aclosing``) to stop the model early.
         """
         self.check_text(text)
-        options = options or GenerationOptions()
-        try:
-            options.validate()
-        except ValueError as e:
-            raise InvalidRequestError(str(e)) from None
-        name, gen = self._resolve(self.generators, model, "generation", "Reply")
+        options = self.check_options(options)
+        slot = self._resolve(self._generators, model, "generation", "Reply")
+        self._check_open()
+        intent, intent_score = "", 0.0
+        if self.pipeline is not None:
+            [pred] = await self.classify([text], self.pipeline.classifier)
+            intent, intent_score = pred.label, pred.score
+            if self.pipeline.out_of_scope(pred):
+                clf = self._classifiers[self.pipeline.classifier]
+                yield TokenDelta(token_id=-1, text=self.pipeline.fallback_reply)
+                yield ReplyDone("fallback", 0, 0, clf.name, clf.version, intent, intent_score)
+                return
+
+        beams = getattr(options, "num_beams", 1) > 1
+        if slot.spec is not None and not beams:
+            ids = slot.spec.encode(text)
+            n_prompt = len(ids)
+            prompt = ids or [slot.spec.unk_id]
+            detok = slot.spec.new_detokenizer()
+        else:
+            n_prompt = slot.model.count_tokens(text)
+            prompt, detok = [], None
+        self._check_tokens(n_prompt, slot.name, slot.model.max_input_tokens)
 
         loop = asyncio.get_running_loop()
         # Unbounded: the model is the slow side, so the queue holds at most the tokens of one
-        # event-loop hiccup, and a bound would make the worker block where it cannot see `stop`.
+        # event-loop hiccup, and a bound would make the runner block where it cannot see `cancelled`.
         queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
 
-        def push(item: tuple) -> None:
+        def emit(kind: str, payload: Any) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
             except RuntimeError:  # the loop is closed: nobody is listening any more
-                stop.set()
+                req.cancelled.set()
 
-        def work() -> None:
-            with self._cond:
-                self._active += 1
-            outcome = "failed"
-            try:
-                if stop.is_set():  # the consumer left while this request waited for a worker
-                    outcome = "cancelled"
-                    return
-                prompt_tokens = gen.count_tokens(text)
-                if prompt_tokens > gen.max_input_tokens:
-                    raise InvalidRequestError(
-                        f"text is {prompt_tokens} tokens long; model {name!r} accepts at most "
-                        f"{gen.max_input_tokens} input tokens"
-                    )
-                push((_START, prompt_tokens))
-                n = 0
-                stream = gen.stream(text, options)
-                try:
-                    for delta in stream:
-                        # Checked after each token: a cancelled request costs at most one more token.
-                        if stop.is_set():
-                            break
-                        n += 1
-                        push((_DELTA, delta))
-                finally:
-                    close = getattr(stream, "close", None)
-                    if close is not None:
-                        close()
-                if stop.is_set():
-                    outcome = "cancelled"
-                    return
-                outcome = "completed"
-                reason = "length" if n >= options.max_new_tokens else "stop"
-                push((_END, ReplyDone(reason, prompt_tokens, n, name)))
-            except InvalidRequestError as e:
-                outcome = "rejected"
-                push((_ERROR, e))
-            except BaseException as e:  # every failure must reach the consumer, which maps it to a status
-                logger.error("model %r failed while generating", name, exc_info=True)
-                push((_ERROR, e))
-            finally:
-                with self._cond:
-                    self._active -= 1
-                    if outcome == "completed":
-                        self._completed += 1
-                    elif outcome == "cancelled":
-                        self._cancelled += 1
-                    elif outcome == "failed":
-                        self._failed += 1
-                    self._cond.notify_all()
-                logger.debug("reply worker finished", extra={"model": name, "outcome": outcome})
-
-        self._check_open()
-        future = loop.run_in_executor(self._executor, work)
-        # close() cancels queued work; without this the consumer would wait for a worker that never runs.
-        future.add_done_callback(
-            lambda f: f.cancelled() and push((_ERROR, EngineShutdownError("the server is shutting down")))
-        )
+        req = GenRequest(text=text, prompt_ids=prompt, options=options, emit=emit, detok=detok,
+                         prompt_tokens=n_prompt)
+        slot = self._submit(self._generators, slot.name, req, per_request=beams)
+        prompt_tokens, n, ended = n_prompt, 0, False
         try:
             while True:
                 kind, payload = await queue.get()
                 if kind == _DELTA:
+                    n += 1
                     yield payload
                 elif kind == _START:
-                    continue
+                    prompt_tokens = payload
                 elif kind == _END:
-                    yield payload
+                    ended = True
+                    yield ReplyDone(payload, prompt_tokens, n, slot.name, slot.version, intent, intent_score)
                     return
                 else:
+                    ended = True
+                    if isinstance(payload, RunnerClosedError):
+                        raise EngineShutdownError(str(payload))
                     raise payload
         finally:
-            # Runs on normal end, on error, and when the consumer closes us (cancel/deadline).
-            # The worker is not awaited: it may be mid-token, and it exits on its own.
-            stop.set()
+            # Runs on normal end, on error, and when the consumer closes us (cancel/deadline):
+            # the runner drops the sequence before its next step.
+            req.cancelled.set()
+            if not ended:
+                self.stats.update(abandoned=1)
 
     # ------------------------------------------------------------------ classification
 
     async def classify(self, texts: list[str], model: str | None = None) -> list[ClassPrediction]:
-        """Classify each text with the named (or default) classifier, in a worker thread."""
+        """Classify each text with the named (or default) classifier, micro-batched with others."""
+        preds, _ = await self.classify_with_model(texts, model)
+        return preds
+
+    async def classify_with_model(self, texts: list[str], model: str | None = None
+                                  ) -> tuple[list[ClassPrediction], HostedModel]:
+        """:meth:`classify`, also returning which model (and version) answered."""
         if isinstance(texts, str):
             raise InvalidRequestError("texts must be a list of strings, not a single string")
         if not texts:
             raise InvalidRequestError("texts is empty; allowed: at least one text")
         for i, t in enumerate(texts):
             self.check_text(t, field="text" if len(texts) == 1 else f"texts[{i}]")
-        name, clf = self._resolve(self.classifiers, model, "classification", "Classify")
-        loop = asyncio.get_running_loop()
+        slot = self._resolve(self._classifiers, model, "classification", "Classify")
+        limit = slot.model.max_input_tokens
+        for i, t in enumerate(texts):
+            self._check_tokens(slot.model.count_tokens(t), slot.name, limit,
+                               "text" if len(texts) == 1 else f"texts[{i}]")
         self._check_open()
-        preds = await loop.run_in_executor(self._executor, clf.classify, list(texts))
-        if len(preds) != len(texts):
-            raise RuntimeError(f"classifier {name!r} returned {len(preds)} predictions for {len(texts)} texts")
-        return preds
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
 
+        def settle(result, error) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(EngineShutdownError(str(error)) if isinstance(error, RunnerClosedError) else error)
+            else:
+                future.set_result(result)
+
+        def done(result, error) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:
+                pass
+
+        req = ClassifyRequest(list(texts), done)
+        slot = self._submit(self._classifiers, slot.name, req)
+        try:
+            preds = await future
+        finally:
+            req.cancelled.set()
+        return preds, HostedModel(slot.name, slot.model.info, slot.name == self.default_classifier)
+
+    # ------------------------------------------------------------------ hot swap
+
+    def version_of(self, name: str) -> str | None:
+        slot = self._generators.get(name) or self._classifiers.get(name)
+        return None if slot is None else slot.version
+
+    def swap(self, name: str, model: Any) -> str | None:
+        """Serve ``model`` under ``name`` from now on; the previous version drains and stops.
+
+        The new runner is built before the switch (a dict assignment, atomic), so every
+        request lands on one version or the other, and none is refused. Returns the old
+        version (None when ``name`` is new).
+        """
+        task = "generation" if hasattr(model, "stream") else "classification"
+        slots, other = (self._generators, self._classifiers) if task == "generation" else (
+            self._classifiers, self._generators)
+        if name in other:
+            raise ValueError(f"model {name!r} already serves another task; names are unique across tasks")
+        new = self._make_slot(name, model, task)
+        with self._lock:
+            old = slots.get(name)
+            slots[name] = new
+        self.metrics.set_model_info(model.info)
+        if old is not None:
+            for runner in old.runners():
+                runner.drain()
+            if old.version != new.version:
+                self.metrics.remove_model_info(old.model.info)
+        logger.info("model %r now serves version %s", name, new.version,
+                    extra={"model": name, "version": new.version, "previous": old.version if old else None})
+        return old.version if old else None
+
+
+# --------------------------------------------------------------------------- bundles and versions
+
+
+def _sha256_file(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def load_hosted_model(path: str | Path, name: str, version: str = "1") -> ReplyGenerator | TextClassifier:
+    """Load a bundle for serving, with its lineage (config/data/tokenizer hashes) in the metadata."""
+    from chatforge import inference
+
+    model = inference.load_model(Path(path), name, version)
+    if not (hasattr(model, "stream") or hasattr(model, "classify")):
+        raise TypeError(
+            f"bundle {name!r} ({path}) loaded a {type(model).__name__}, which is neither a "
+            "ReplyGenerator (stream) nor a TextClassifier (classify)"
+        )
+    info = getattr(model, "info", None)
+    if info is not None and isinstance(info.metadata, dict):
+        meta = info.metadata
+        config_hash = _sha256_file(Path(path) / "config.yaml")
+        if config_hash:
+            meta.setdefault("config_sha256", config_hash)
+        tok = meta.get("tokenizer")
+        if isinstance(tok, dict) and tok.get("sha256"):
+            meta.setdefault("tokenizer_sha256", tok["sha256"])
+        meta.setdefault("bundle", str(path))
+    logger.info("loaded model", extra={"model": name, "bundle": str(path), "version": version})
+    return model
+
+
+_VERSION_PART = re.compile(r"(\d+)")
+
+
+def version_key(version: str) -> tuple:
+    """Natural order: "2" < "10", "v1.9" < "v1.10"; numbers sort before text at the same place."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in _VERSION_PART.split(version) if p)
+
+
+class ModelDirectory:
+    """``root/<name>/<version>/`` bundles: each name serves its latest version unless pinned.
+
+    A pin comes from ``pins`` (e.g. ``--pin chat=3``) or a file ``root/<name>/PINNED`` holding a
+    version; rolling back is pinning the previous version. Folders whose names start with "."
+    (bundles being written) are ignored.
+    """
+
+    PIN_FILE = "PINNED"
+
+    def __init__(self, root: str | Path, pins: Mapping[str, str] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model directory not found: {self.root} is not a folder")
+        self.pins = dict(pins or {})
+
+    def versions(self, name: str) -> list[str]:
+        d = self.root / name
+        return sorted((p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")), key=version_key)
+
+    def pinned(self, name: str) -> str | None:
+        if name in self.pins:
+            return self.pins[name]
+        pin = self.root / name / self.PIN_FILE
+        if pin.is_file():
+            return pin.read_text(encoding="utf-8").strip() or None
+        return None
+
+    def resolve(self) -> dict[str, tuple[str, Path]]:
+        """name -> (version, bundle folder) that should be served now."""
+        out: dict[str, tuple[str, Path]] = {}
+        for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            versions = self.versions(d.name)
+            if not versions:
+                continue
+            version = self.pinned(d.name) or versions[-1]
+            if version not in versions:
+                raise FileNotFoundError(
+                    f"model {d.name!r} is pinned to version {version!r}, which does not exist; "
+                    f"available: {', '.join(versions)}"
+                )
+            out[d.name] = (version, d / version)
+        if not out:
+            raise FileNotFoundError(f"no bundles under {self.root}; expected {self.root}/<name>/<version>/")
+        return out
+
+    def load_engine(self, loader: Callable[..., Any] = load_hosted_model, **engine_kwargs) -> Engine:
+        generators, classifiers = {}, {}
+        for name, (version, path) in self.resolve().items():
+            model = loader(path, name, version)
+            (generators if hasattr(model, "stream") else classifiers)[name] = model
+        return Engine(generators, classifiers, **engine_kwargs)
+
+
+class ModelDirectoryWatcher:
+    """Polls a :class:`ModelDirectory` and hot-swaps models whose served version changed.
+
+    Loading happens on the watcher's thread, beside the serving version; a version that
+    fails to load is reported (``on_load_error``) and the old one keeps serving.
+    """
+
+    def __init__(self, engine: Engine, directory: ModelDirectory, *, poll_interval: float = 5.0,
+                 loader: Callable[..., Any] = load_hosted_model,
+                 on_load_error: Callable[[str, BaseException], None] | None = None) -> None:
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval={poll_interval!r} is out of range; allowed: seconds > 0")
+        self.engine, self.directory, self.poll_interval = engine, directory, poll_interval
+        self.loader, self.on_load_error = loader, on_load_error
+        self.swaps = 0
+        self._failed: set[tuple[str, str]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check_once(self) -> list[str]:
+        """Swap every model whose wanted version differs from the served one; return their names."""
+        swapped = []
+        try:
+            wanted = self.directory.resolve()
+        except (OSError, ValueError) as e:
+            logger.warning("model directory scan failed: %s", e)
+            return swapped
+        for name, (version, path) in wanted.items():
+            if self.engine.version_of(name) == version or (name, version) in self._failed:
+                continue
+            try:
+                model = self.loader(path, name, version)
+            except Exception as e:  # noqa: BLE001 - keep serving the old version
+                self._failed.add((name, version))
+                logger.error("loading %s version %s failed; keeping the served version", name, version,
+                             exc_info=True)
+                if self.on_load_error is not None:
+                    self.on_load_error(name, e)
+                continue
+            self.engine.swap(name, model)
+            self.swaps += 1
+            swapped.append(name)
+        return swapped
+
+    def start(self) -> ModelDirectoryWatcher:
+        def run() -> None:
+            while not self._stop.wait(self.poll_interval):
+                self.check_once()
+
+        self._thread = threading.Thread(target=run, name="chatforge-model-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.poll_interval + 5)

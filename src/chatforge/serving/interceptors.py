@@ -1,4 +1,5 @@
-"""Server interceptor: request ids, one log line per call, domain errors -> status codes.
+"""Server interceptor: request ids, auth, drain gate, one log line and metrics per call,
+domain errors -> status codes, alerts on unexpected errors.
 
 The request id is returned in the response headers (with the first message) and in the
 trailers (always, errors included).
@@ -14,6 +15,7 @@ this module is the ONE place that turns them into status codes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import re
@@ -31,21 +33,118 @@ from chatforge.context import (
     session_id_var,
 )
 from chatforge.serving.engine import (
+    EngineOverloadedError,
     EngineUnavailableError,
     InvalidRequestError,
     ModelNotFoundError,
     NoModelForTaskError,
 )
+from chatforge.serving.security import UnauthenticatedError
 
 logger = logging.getLogger(__name__)
 
 # Checked in order; the first matching class wins.
 STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (EngineOverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (NoModelForTaskError, grpc.StatusCode.UNIMPLEMENTED),
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
+
+# Status code -> the failure reason label of chatforge_request_failure_total.
+FAILURE_REASON_BY_CODE: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.INVALID_ARGUMENT: "validation",
+    grpc.StatusCode.NOT_FOUND: "validation",
+    grpc.StatusCode.UNIMPLEMENTED: "validation",
+    grpc.StatusCode.UNAUTHENTICATED: "validation",
+    grpc.StatusCode.FAILED_PRECONDITION: "validation",
+    grpc.StatusCode.OUT_OF_RANGE: "validation",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
+    grpc.StatusCode.UNAVAILABLE: "overloaded",
+    grpc.StatusCode.CANCELLED: "cancelled",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+}
+
+CHATBOT_PREFIX = "/chatforge.v1.Chatbot/"
+
+
+class DrainingError(EngineUnavailableError):
+    """The server is draining (SIGTERM): new calls go elsewhere (UNAVAILABLE is retried)."""
+
+
+class CallGate:
+    """Counts in-flight Chatbot calls and refuses new ones once draining starts.
+
+    Why not just ``server.stop(grace)``: stop() refuses *every* new RPC, health checks
+    included, so a balancer could not read the readiness flip while the liveness service
+    stays SERVING. Draining here refuses only Chatbot calls and lets health keep answering.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.draining:
+            raise DrainingError("the server is draining (shutting down); retry on another replica")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class CallInfo:
+    """What the servicer tells the interceptor about a call (model, version, token timings).
+
+    Reachable from the servicer as :data:`current_call` (a contextvar set for each call).
+    """
+
+    def __init__(self, rpc: str, metrics, start: float) -> None:
+        self.rpc, self.metrics, self.start = rpc, metrics, start
+        self.model: str | None = None
+        self.started = False
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+
+    def set_model(self, name: str) -> None:
+        if self.model is None:
+            self.model = name
+            if self.metrics is not None:
+                self.metrics.request_started(self.rpc, name)
+                self.started = True
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.metrics is not None and self.model is not None:
+            if self.first_token_at is None:
+                self.metrics.first_token(self.rpc, self.model, now - self.start)
+            else:
+                self.metrics.token(self.model, now - self.last_token_at)
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token_at is None else (self.first_token_at - self.start) * 1000.0
+
+
+current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("chatforge_call", default=None)
+
 
 # A client-chosen id ends up in logs: accept only short, plain ids, otherwise make our own.
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -82,9 +181,16 @@ def _metadata_value(metadata, wanted: str) -> str | None:
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     """Sets the request id, echoes it in initial metadata, logs each call, maps errors.
 
-    Each call produces one INFO record on ``chatforge.serving.interceptors`` with
-    ``extra`` fields ``rpc``, ``grpc_code``, ``latency_ms``, ``request_id``, ``session_id``.
+    Each call produces one record on ``chatforge.serving.interceptors`` (INFO for Chatbot
+    calls, DEBUG for health and reflection, which balancers call every second) with
+    ``extra`` fields ``rpc``, ``grpc_code``, ``latency_ms``, ``request_id``, ``session_id``,
+    ``model``. Optional collaborators: ``metrics`` (ServingMetrics hooks), ``alerts``
+    (AlertManager: unexpected errors), ``auth`` (:class:`chatforge.serving.security.ApiKeyAuth`),
+    ``gate`` (:class:`CallGate`: drain).
     """
+
+    def __init__(self, *, metrics=None, alerts=None, auth=None, gate: CallGate | None = None) -> None:
+        self.metrics, self.alerts, self.auth, self.gate = metrics, alerts, auth, gate
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -99,7 +205,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             behavior = getattr(handler, kind)
             if behavior is None:
                 continue
-            wrapped = _wrap(behavior, rpc, request_id, session_id)
+            wrapped = _wrap(behavior, _CallScope(self, rpc, request_id, session_id, metadata))
             if wrapped is None:  # a sync handler (run in a thread): leave it alone
                 return handler
             return factory(
@@ -121,16 +227,33 @@ _HANDLER_KINDS: tuple[tuple[str, Callable], ...] = (
 class _CallScope:
     """Per-call bookkeeping shared by the coroutine and async-generator wrappers."""
 
-    def __init__(self, rpc: str, request_id: str, session_id: str | None) -> None:
-        self.rpc, self.request_id, self.session_id = rpc, request_id, session_id
-        self.start = time.perf_counter()
+    def __init__(self, owner: RequestContextInterceptor, rpc: str, request_id: str, session_id: str | None,
+                 invocation_metadata) -> None:
+        self.owner, self.rpc, self.request_id, self.session_id = owner, rpc, request_id, session_id
+        self.invocation_metadata = invocation_metadata
+        self.is_chatbot = rpc.startswith(CHATBOT_PREFIX)
+        self.short_rpc = rpc.rsplit("/", 1)[-1]
         self.tokens: list = []
+        self.gated = False
+        self.error: BaseException | None = None
 
     def enter(self, context) -> None:
+        # Fresh per call: a scope object is built per handler lookup, but be explicit about time.
+        self.start = time.perf_counter()
+        self.call = CallInfo(self.short_rpc, self.owner.metrics if self.is_chatbot else None, self.start)
         # Set inside the handler's task so every log line of this call (API and engine) sees it.
-        self.tokens = [request_id_var.set(self.request_id), session_id_var.set(self.session_id)]
+        self.tokens = [request_id_var.set(self.request_id), session_id_var.set(self.session_id),
+                       current_call.set(self.call)]
         # The id always travels in the trailers (errors included); see _IdContext for the headers.
         context.set_trailing_metadata(self.metadata)
+
+    def admit(self) -> None:
+        """Auth and drain checks; raise a domain error (mapped to a status by fail())."""
+        if self.owner.auth is not None:
+            self.owner.auth.check(self.rpc, self.invocation_metadata)
+        if self.is_chatbot and self.owner.gate is not None:
+            self.owner.gate.enter()
+            self.gated = True
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -144,13 +267,29 @@ class _CallScope:
                 "unhandled error in %s", self.rpc, exc_info=exc,
                 extra={"rpc": self.rpc, "request_id": self.request_id},
             )
+            if self.owner.alerts is not None:
+                self.owner.alerts.alert_exception(exc, rpc=self.rpc, context={"request_id": self.request_id})
         await context.abort(code, message, self.metadata)
 
     def exit(self, context, code: grpc.StatusCode | None) -> None:
         if code is None:
             code = context.code() or grpc.StatusCode.OK
-        latency_ms = (time.perf_counter() - self.start) * 1000.0
-        logger.info(
+        if code is grpc.StatusCode.CANCELLED and _deadline_passed(context):
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+        seconds = time.perf_counter() - self.start
+        latency_ms = seconds * 1000.0
+        if self.gated:
+            self.owner.gate.exit()
+        model = self.call.model or ""
+        metrics = self.owner.metrics
+        if metrics is not None and self.is_chatbot:
+            if not self.call.started:  # failed before a model was chosen: count it all the same
+                metrics.request_started(self.short_rpc, model)
+            metrics.request_finished(self.short_rpc, model, code.name, seconds,
+                                     reason=None if code is grpc.StatusCode.OK else
+                                     FAILURE_REASON_BY_CODE.get(code, "internal"))
+        logger.log(
+            logging.INFO if self.is_chatbot else logging.DEBUG,
             "rpc %s %s %.1fms", self.rpc, code.name, latency_ms,
             extra={
                 "rpc": self.rpc,
@@ -158,10 +297,19 @@ class _CallScope:
                 "latency_ms": round(latency_ms, 3),
                 "request_id": self.request_id,
                 "session_id": self.session_id,
+                "model": model or None,
             },
         )
-        for var, token in zip((request_id_var, session_id_var), self.tokens, strict=False):
+        for var, token in zip((request_id_var, session_id_var, current_call), self.tokens, strict=False):
             var.reset(token)
+
+
+def _deadline_passed(context) -> bool:
+    try:
+        remaining = context.time_remaining()
+    except Exception:  # noqa: BLE001 - not every context implements it
+        return False
+    return remaining is not None and remaining <= 0
 
 
 class _IdContext:
@@ -202,15 +350,15 @@ def _code_of(exc: BaseException, context) -> grpc.StatusCode | None:
     return None  # AbortError: the code was set on the context by abort()
 
 
-def _wrap(behavior, rpc: str, request_id: str, session_id: str | None):
+def _wrap(behavior, scope: _CallScope):
     if inspect.isasyncgenfunction(behavior):
 
         async def wrapped_gen(request, context):
-            scope = _CallScope(rpc, request_id, session_id)
             code = None
             scope.enter(context)
             ctx = _IdContext(context, scope.metadata)
             try:
+                scope.admit()
                 async for response in behavior(request, ctx):
                     await ctx.ensure_initial_metadata()
                     yield response
@@ -227,14 +375,16 @@ def _wrap(behavior, rpc: str, request_id: str, session_id: str | None):
     if inspect.iscoroutinefunction(behavior):
 
         async def wrapped(request, context):
-            scope = _CallScope(rpc, request_id, session_id)
             code = None
             scope.enter(context)
             ctx = _IdContext(context, scope.metadata)
             try:
-                response = await behavior(request, ctx)
-                await ctx.ensure_initial_metadata()
-                return response
+                scope.admit()
+                # No separate headers for unary calls: grpc then sends headers, the message and
+                # the trailers (which carry the request id) in one batch. Headers sent on their
+                # own commit the call, so a replica killed between the two writes failed a call
+                # the client could otherwise have retried (tests/test_replicas.py).
+                return await behavior(request, ctx)
             except (asyncio.CancelledError, grpc.aio.AbortError) as e:
                 code = _code_of(e, context)
                 raise

@@ -110,7 +110,13 @@ class JsonFormatter(logging.Formatter):
             "session_id": session_id_var.get(),
         }
         for key, value in _extras(record).items():
-            doc.setdefault(key, value)
+            # An explicit extra wins, also over the request/session ids read from the
+            # contextvars (e.g. the client logs the id of a call it is not handling).
+            # The fixed fields (time, level, ...) never come from extras, so they stay.
+            if key in ("request_id", "session_id") and value is not None:
+                doc[key] = value
+            else:
+                doc.setdefault(key, value)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

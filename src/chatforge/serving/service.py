@@ -7,14 +7,17 @@ this servicer must be installed together with ``RequestContextInterceptor``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 from contextlib import aclosing
 
-from chatforge.context import request_id_var
+from chatforge.context import request_id_var, session_id_var
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import TokenDelta
 from chatforge.serving.engine import Engine, EngineUnavailableError, InvalidRequestError
+from chatforge.serving.interceptors import current_call
 from chatforge.v1 import chatbot_pb2 as pb
 from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
 
@@ -31,20 +34,38 @@ _OPTION_FIELDS = (
     "top_p",
     "seed",
     "repetition_penalty",
+    "num_beams",
+    "length_penalty",
 )
+_SUPPORTED = {f.name for f in dataclasses.fields(GenerationOptions)}
+MAX_BEAMS = getattr(GenerationOptions, "MAX_BEAMS", 16)
 
 
 class ModelsLoadingError(EngineUnavailableError):
     """The server is up but its models are not loaded yet (UNAVAILABLE: retry shortly)."""
 
 
-def options_from_proto(msg: pb.GenerationOptions) -> GenerationOptions:
-    """Proto options -> validated :class:`GenerationOptions`; unset fields keep their defaults."""
+def options_from_proto(msg: pb.GenerationOptions, max_new_tokens_cap: int | None = None) -> GenerationOptions:
+    """Proto options -> validated :class:`GenerationOptions`; unset fields keep their defaults.
+
+    ``num_beams``/``length_penalty`` are validated by GenerationOptions when the decoder has
+    beam search; otherwise num_beams > 1 is refused here.
+    """
     fields = {name: getattr(msg, name) for name in _OPTION_FIELDS if msg.HasField(name)}
-    for name in ("temperature", "top_p", "repetition_penalty"):
+    for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
         # proto floats are float32: round so that 0.7 is reported as 0.7, not 0.699999988.
         if name in fields:
             fields[name] = round(fields[name], 6)
+    if "num_beams" not in _SUPPORTED:  # a decoder without beam search: check here, then drop
+        beams = fields.pop("num_beams", 1)
+        fields.pop("length_penalty", None)
+        if not 1 <= beams <= MAX_BEAMS:
+            raise InvalidRequestError(
+                f"options.num_beams={beams!r} is out of range; allowed: an integer in [1, {MAX_BEAMS}]")
+        if beams > 1:
+            raise InvalidRequestError("options.num_beams > 1: beam search is not available on this server")
+    if "max_new_tokens" not in fields and max_new_tokens_cap is not None:
+        fields["max_new_tokens"] = min(GenerationOptions.max_new_tokens, max_new_tokens_cap)
     try:
         return GenerationOptions(**fields).validate()
     except ValueError as e:
@@ -59,51 +80,82 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
     """Implements ``chatforge.v1.Chatbot`` on top of an :class:`Engine`.
 
     ``engine`` may be None while the server loads its models; calls then fail with
-    UNAVAILABLE (retryable) and health reports NOT_SERVING.
+    UNAVAILABLE (retryable) and health reports NOT_SERVING. ``store`` (a
+    :class:`chatforge.serving.store.ConversationStore`) records every acknowledged turn.
     """
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, engine: Engine | None = None, store=None) -> None:
         self.engine = engine
+        self.store = store
 
     def _engine(self) -> Engine:
         if self.engine is None:
             raise ModelsLoadingError("the server is still loading its models; retry shortly")
         return self.engine
 
+    def _record(self, **fields) -> None:
+        if self.store is None:
+            return
+        from chatforge.serving.store import Turn
+
+        self.store.record(Turn(session_id=session_id_var.get(), request_id=request_id_var.get(), **fields))
+
     async def Reply(self, request: pb.ReplyRequest, context) -> None:
         engine = self._engine()
-        options = options_from_proto(request.options)
-        if request.session_id:
-            logger.debug("reply", extra={"session_id": request.session_id})
+        start = time.perf_counter()
+        options = options_from_proto(request.options, engine.max_new_tokens)
+        call = current_call.get()
+        name = request.model or engine.default_generator or ""
+        if call is not None and name in engine.generators:
+            call.set_model(name)
+        parts: list[str] = []
         # Written with context.write (not `yield`) so that the engine's stream is closed
         # deterministically by `aclosing` when the client cancels: the cancellation reaches
-        # this coroutine, `aclosing` closes the engine's generator, which stops the worker.
+        # this coroutine, `aclosing` closes the engine's generator, which drops the sequence.
         stream = engine.stream_reply(request.text, options, request.model or None)
         async with aclosing(stream):
             async for item in stream:
                 if isinstance(item, TokenDelta):
-                    chunk = pb.ReplyChunk(delta=pb.ReplyDelta(text=item.text, token_id=item.token_id))
-                else:
-                    chunk = pb.ReplyChunk(
-                        final=pb.ReplyFinal(
-                            finish_reason=item.finish_reason,
-                            prompt_tokens=item.prompt_tokens,
-                            completion_tokens=item.completion_tokens,
-                            model=item.model,
-                            request_id=request_id_var.get() or "",
-                        )
-                    )
-                await context.write(chunk)
+                    if call is not None:
+                        call.token()
+                    parts.append(item.text)
+                    await context.write(pb.ReplyChunk(delta=pb.ReplyDelta(text=item.text, token_id=item.token_id)))
+                    continue
+                await context.write(pb.ReplyChunk(final=pb.ReplyFinal(
+                    finish_reason=item.finish_reason,
+                    prompt_tokens=item.prompt_tokens,
+                    completion_tokens=item.completion_tokens,
+                    model=item.model,
+                    request_id=request_id_var.get() or "",
+                    model_version=item.version,
+                    intent=item.intent,
+                    intent_score=item.intent_score,
+                )))
+                # Acknowledged: the final chunk is on its way to the client.
+                self._record(model=item.model, model_version=item.version, user_text=request.text,
+                             reply="".join(parts), intent=item.intent or None,
+                             intent_score=item.intent_score if item.intent else None,
+                             ttft_ms=call.ttft_ms if call is not None else None,
+                             latency_ms=(time.perf_counter() - start) * 1000.0, status="OK")
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         engine = self._engine()
-        [pred] = await engine.classify([request.text], request.model or None)
+        start = time.perf_counter()
+        call = current_call.get()
+        name = request.model or engine.default_classifier or ""
+        if call is not None and name in engine.classifiers:
+            call.set_model(name)
+        [pred], hosted = await engine.classify_with_model([request.text], request.model or None)
+        self._record(model=hosted.name, model_version=str(hosted.info.version), user_text=request.text,
+                     intent=pred.label, intent_score=pred.score,
+                     latency_ms=(time.perf_counter() - start) * 1000.0, status="OK")
         return pb.ClassifyResponse(
             label=pred.label,
             score=pred.score,
             scores=pred.scores,
             out_of_scope=pred.out_of_scope,
-            model=request.model or engine.default_classifier or "",
+            model=hosted.name,
+            model_version=str(hosted.info.version),
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

@@ -1,0 +1,741 @@
+"""Schedulers that run model work off the event loop and batch concurrent requests. No grpc here.
+
+Three runners, one per hosted model, each with its own thread(s) and bounded queue:
+
+* :class:`ContinuousBatcher` — generation by *iteration-level scheduling* (Yu et al. 2022,
+  "Orca: A Distributed Serving System for Transformer-Based Generative Models", section 3.1):
+  sequences join and leave the running batch between decoding steps, each with its own
+  sampling options (temperature, top-k, top-p, repetition penalty, seed). New sequences are
+  *prefilled* as a group (encoder + first decoder step, through the model's own
+  ``init_state``/``decode_step``), then merged into the running batch, whose rows sit at
+  different decoder positions: the self-attention caches are right-aligned (left-padded) and
+  masked per row, positions are looked up per row.
+* :class:`ThreadedRunner` — the fallback for generators without a step-wise model (fakes,
+  families whose state this module does not know): one worker thread per running request
+  over ``ReplyGenerator.stream``, with the same queue limits and counters.
+* :class:`MicroBatcher` — classification by dynamic micro-batching (Triton's dynamic batcher):
+  the first request opens a batch, which closes when ``max_batch_size`` texts are in or
+  ``max_wait_ms`` have passed, and runs as one forward pass.
+
+Every runner rejects work at once (:class:`OverloadedError`) when its queue is full, drops
+requests whose consumer went away (cancel, deadline) before or between steps, and reports
+through :class:`RunnerStats` and an optional metrics object (the hooks of
+:class:`chatforge.serving.metrics.ServingMetrics`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from chatforge.inference import TokenDelta
+
+logger = logging.getLogger(__name__)
+
+
+class OverloadedError(Exception):
+    """The runner's queue is full; the engine turns this into its own overload error."""
+
+
+class RunnerClosedError(Exception):
+    """The runner was closed before the request could run."""
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+class RunnerStats:
+    """Counters of one engine, shared by its runners, with a condition to wait on.
+
+    ``dropped`` counts requests removed because their consumer went away (client cancel or
+    deadline), from the queue or from the running batch.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.waiting = 0
+        self.running = 0
+        self.completed = 0
+        self.dropped = 0
+        self.failed = 0
+        self.rejected = 0
+        self.abandoned = 0  # consumers that went away before their request ended
+        self.steps = 0
+        self.batches = 0
+        self.max_batch_seen = 0
+
+    def update(self, **deltas: int) -> None:
+        with self.cond:
+            for name, d in deltas.items():
+                setattr(self, name, getattr(self, name) + d)
+            self.cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[RunnerStats], bool], timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: predicate(self), timeout=timeout)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.cond:
+            return {k: v for k, v in vars(self).items() if isinstance(v, int)}
+
+
+class _NullMetrics:
+    """Stands in when no metrics object is given; every hook is a no-op."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *a, **k: None
+
+
+NULL_METRICS = _NullMetrics()
+
+
+@dataclass(eq=False)
+class GenRequest:
+    """One generation request as the runners see it.
+
+    ``emit(kind, payload)`` is called from the runner's thread: ("start", prompt_tokens),
+    ("token", TokenDelta), ("end", finish_reason), ("error", exception). ``cancelled`` is set
+    by the consumer when it goes away. ``context`` is the submitter's contextvars (request
+    id) so that log lines written on the runner's thread carry it.
+    """
+
+    text: str
+    prompt_ids: list[int]
+    options: Any  # chatforge.decoding.GenerationOptions
+    emit: Callable[[str, Any], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    enqueued: float = field(default_factory=time.perf_counter)
+    detok: Any = None  # incremental detokenizer (batched path)
+    prompt_tokens: int = 0
+    # runtime state of the batched path
+    generated: int = 0
+    max_steps: int = 0
+    last_token: int = 0
+    seen: Any = None  # (V,) bool tensor of generated tokens, for the repetition penalty
+    rng: Any = None  # torch.Generator when sampling with a seed
+    finished: bool = False
+
+
+def _log(req: GenRequest, level: int, msg: str, *args: Any, **extra: Any) -> None:
+    # Run inside the request's context so formatters that read the request-id contextvar see it.
+    req.context.run(logger.log, level, msg, *args, extra=extra)
+
+
+# --------------------------------------------------------------------------- step-wise models
+
+
+@dataclass
+class StepSpec:
+    """Everything continuous batching needs from a generator (``ReplyGenerator.step_spec()``)."""
+
+    model: StepModel
+    encode: Callable[[str], list[int]]  # text -> prompt ids (not truncated: the engine checks limits)
+    new_detokenizer: Callable[[], Any]  # -> object with feed(token_id) -> text delta
+    bos_id: int
+    eos_id: int
+    unk_id: int
+
+
+class StepModel(Protocol):
+    """What continuous batching needs from a generation model (see :class:`Seq2SeqStepModel`)."""
+
+    max_len: int | None
+
+    def prefill(self, prompts: list[list[int]], bos_id: int) -> tuple[Any, Any]:
+        """Encode ``prompts`` and run the first decoder step; -> (state, logits (n, V))."""
+
+    def step(self, state: Any, tokens: Any) -> Any:
+        """Feed one token per row, tokens (B,) -> logits (B, V); updates ``state``."""
+
+    def merge(self, a: Any, b: Any) -> Any:
+        """Concatenate two states along the batch (rows of ``a`` first)."""
+
+    def select(self, state: Any, index: Any) -> Any:
+        """Keep the rows ``index`` (a LongTensor) of ``state``."""
+
+
+@dataclass
+class _RowsState:
+    memory: Any  # (B, S, D)
+    memory_mask: Any  # (B, 1, 1, S)
+    caches: list  # per decoder layer: DecoderLayerCache (self k/v (B, H, T, Dh) right-aligned; cross (B, H, S, Dh))
+    lens: Any  # (B,) decoder positions consumed per row
+
+
+class Seq2SeqStepModel:
+    """Row-wise decoding for :class:`chatforge.models.transformer.TransformerSeq2Seq`.
+
+    The model's ``decode_step`` keeps one position counter for the whole batch, which is right
+    for a batch that starts together but not for rows that join later. Here the prefill goes
+    through the model's ``init_state``/``decode_step`` unchanged, and later steps drive the
+    same decoder stack with a per-row position and a self-attention mask over right-aligned
+    caches, so a row's keys never see another row's padding. With greedy decoding the tokens
+    equal those of :func:`chatforge.decoding.generate` for each request alone.
+    """
+
+    REQUIRED = ("init_state", "decode_step", "tgt_embed", "positions", "decoder", "lm_head", "pad_id")
+
+    def __init__(self, model: Any) -> None:
+        if not self.supports(model):
+            raise TypeError(f"{type(model).__name__} lacks the encoder-decoder interface continuous batching needs")
+        self.model = model
+        self.max_len = getattr(model, "max_len", None)
+
+    @classmethod
+    def supports(cls, model: Any) -> bool:
+        return all(hasattr(model, a) for a in cls.REQUIRED) and hasattr(model.decoder, "layers")
+
+    def _device(self):
+        import torch
+
+        try:
+            return next(self.model.parameters()).device
+        except (AttributeError, StopIteration):
+            return torch.device("cpu")
+
+    def prefill(self, prompts: list[list[int]], bos_id: int):
+        import torch
+
+        with torch.inference_mode():
+            device = self._device()
+            width = max(len(p) for p in prompts)
+            src = torch.full((len(prompts), width), self.model.pad_id, dtype=torch.long, device=device)
+            for i, ids in enumerate(prompts):
+                src[i, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+            st = self.model.init_state(src, use_cache=True)
+            bos = torch.full((len(prompts), 1), bos_id, dtype=torch.long, device=device)
+            logits = self.model.decode_step(bos, st)  # fills the cross caches and position 0
+            lens = torch.ones(len(prompts), dtype=torch.long, device=device)
+            return _RowsState(st.memory, st.memory_mask, st.caches, lens), logits.float()
+
+    def _positions(self, lens):
+        p = self.model.positions
+        if hasattr(p, "table"):  # sinusoidal: a fixed (max_len, D) buffer
+            return p.table[lens][:, None]  # (B, 1, D)
+        if hasattr(p, "embedding"):  # learned
+            return p.embedding(lens)[:, None]  # (B, 1, D)
+        import torch
+
+        return torch.cat([p(1, int(o)) for o in lens.tolist()], dim=0)  # (B, 1, D)
+
+    def step(self, state: _RowsState, tokens):
+        import torch
+
+        m = self.model
+        with torch.inference_mode():
+            width = len(state.caches[0].self_attn)  # T: cached positions (right-aligned)
+            y = m.tgt_embed(tokens[:, None]) + self._positions(state.lens)  # (B, 1, D)
+            if hasattr(m, "dropout"):
+                y = m.dropout(y)
+            # After this step appends one key, key j of T+1 belongs to row i iff j >= T - lens[i].
+            keys = torch.arange(width + 1, device=tokens.device)
+            self_mask = (keys[None, :] >= (width - state.lens)[:, None])[:, None, None, :]  # (B, 1, 1, T+1)
+            y = m.decoder(y, state.memory, self_mask=self_mask, memory_mask=state.memory_mask, cache=state.caches)
+            state.lens = state.lens + 1
+            return m.lm_head(y[:, 0]).float()  # (B, V)
+
+    def merge(self, a: _RowsState, b: _RowsState) -> _RowsState:
+        import torch
+        import torch.nn.functional as F
+
+        s = max(a.memory.size(1), b.memory.size(1))
+        t = max(len(a.caches[0].self_attn), len(b.caches[0].self_attn))
+
+        def pad_right(x, dim_size: int, dim: int, value=0.0):
+            extra = dim_size - x.size(dim)
+            if extra == 0:
+                return x
+            pad = [0, 0] * (x.dim() - 1 - dim) + [0, extra]
+            return F.pad(x, pad, value=value)
+
+        def pad_left(x, dim_size: int):  # x (B, H, T, Dh): new columns in front
+            extra = dim_size - x.size(2)
+            return x if extra == 0 else F.pad(x, [0, 0, extra, 0])
+
+        memory = torch.cat([pad_right(a.memory, s, 1), pad_right(b.memory, s, 1)])
+        mask = torch.cat([pad_right(a.memory_mask, s, 3, False), pad_right(b.memory_mask, s, 3, False)])
+        for ca, cb in zip(a.caches, b.caches, strict=True):
+            ca.self_attn.k = torch.cat([pad_left(ca.self_attn.k, t), pad_left(cb.self_attn.k, t)])
+            ca.self_attn.v = torch.cat([pad_left(ca.self_attn.v, t), pad_left(cb.self_attn.v, t)])
+            ca.cross_attn.k = torch.cat([pad_right(ca.cross_attn.k, s, 2), pad_right(cb.cross_attn.k, s, 2)])
+            ca.cross_attn.v = torch.cat([pad_right(ca.cross_attn.v, s, 2), pad_right(cb.cross_attn.v, s, 2)])
+        return _RowsState(memory, mask, a.caches, torch.cat([a.lens, b.lens]))
+
+    def select(self, state: _RowsState, index) -> _RowsState:
+        index = index.to(state.memory.device)
+        state.memory = state.memory.index_select(0, index)
+        state.memory_mask = state.memory_mask.index_select(0, index)
+        state.lens = state.lens.index_select(0, index)
+        for c in state.caches:
+            c.reorder(index)
+        # Drop columns no remaining row needs, so a long reply that left does not keep costing.
+        width, need = len(state.caches[0].self_attn), int(state.lens.max())
+        if need < width:
+            for c in state.caches:
+                c.self_attn.k = c.self_attn.k[:, :, width - need :]
+                c.self_attn.v = c.self_attn.v[:, :, width - need :]
+        used = state.memory_mask.reshape(state.memory_mask.size(0), -1).any(0)  # (S,)
+        s_need = int(used.nonzero().max()) + 1 if bool(used.any()) else state.memory.size(1)
+        if s_need < state.memory.size(1):
+            state.memory = state.memory[:, :s_need]
+            state.memory_mask = state.memory_mask[..., :s_need]
+            for c in state.caches:
+                c.cross_attn.k = c.cross_attn.k[:, :, :s_need]
+                c.cross_attn.v = c.cross_attn.v[:, :, :s_need]
+        return state
+
+
+def choose_tokens(logits, rows: list[GenRequest], eos_id: int) -> list[int]:
+    """Pick each row's next token under its own options (greedy rows in one argmax)."""
+    import torch
+
+    from chatforge.decoding import apply_repetition_penalty, choose_next
+
+    for i, r in enumerate(rows):
+        o = r.options
+        if r.seen is None:
+            r.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+        if o.repetition_penalty != 1.0:
+            logits[i : i + 1] = apply_repetition_penalty(logits[i : i + 1], r.seen[None], o.repetition_penalty)
+        if r.generated < o.min_new_tokens:
+            logits[i, eos_id] = float("-inf")
+    out = logits.argmax(-1).tolist()
+    for i, r in enumerate(rows):
+        if r.options.do_sample:
+            if r.rng is None and r.options.seed is not None:
+                r.rng = torch.Generator(device=logits.device).manual_seed(r.options.seed)
+            out[i] = int(choose_next(logits[i : i + 1], r.options, r.rng)[0])
+    return out
+
+
+# --------------------------------------------------------------------------- runners
+
+
+class _Runner:
+    """Shared queue/limit/close logic of the runners."""
+
+    kind = "runner"
+
+    def __init__(self, name: str, *, max_running: int, max_queued: int, stats: RunnerStats,
+                 metrics: Any = None, on_error: Callable[[BaseException], None] | None = None) -> None:
+        if max_running < 1 or max_queued < 0:
+            raise ValueError(
+                f"max_running={max_running!r}, max_queued={max_queued!r} are out of range; "
+                "allowed: max_running >= 1, max_queued >= 0"
+            )
+        self.name, self.max_running, self.max_queued = name, max_running, max_queued
+        self.stats = stats
+        self.metrics = metrics or NULL_METRICS
+        self.on_error = on_error
+        self._cond = threading.Condition()
+        self._waiting: deque = deque()
+        self._closed = False
+        self._draining = False
+        self.running = 0  # this runner's own count (stats hold the engine's totals)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and self.running == 0
+
+    def _enqueue(self, item: Any) -> None:
+        with self._cond:
+            if self._closed or self._draining:
+                raise RunnerClosedError(f"model {self.name!r} is shutting down")
+            # Free batch slots absorb requests that the scheduler has not admitted yet.
+            free = max(0, self.max_running - self.running)
+            if len(self._waiting) >= self.max_queued + free:
+                self.stats.update(rejected=1)
+                raise OverloadedError(
+                    f"model {self.name!r} is overloaded: {self.running} running and {len(self._waiting)} queued "
+                    f"(limits: {self.max_running} running, {self.max_queued} queued); retry with backoff"
+                )
+            self._waiting.append(item)
+            self.stats.update(waiting=1)
+            self.metrics.request_queued(self.name)
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Take no new work; what is queued or running finishes (hot swap: the old version)."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Take no new work and fail what is still queued; running work stops at its next step."""
+        with self._cond:
+            self._closed = True
+            queued = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+        for item in queued:
+            self.stats.update(waiting=-1, failed=1)
+            self.metrics.request_dequeued(self.name, 0.0)
+            self._fail_item(item, RunnerClosedError("the server is shutting down; retry on another replica"))
+
+    def _fail_item(self, item: Any, exc: BaseException) -> None:
+        raise NotImplementedError
+
+    def _report(self, exc: BaseException) -> None:
+        if self.on_error is not None:
+            try:
+                self.on_error(exc)
+            except Exception:  # an alerting failure must not take the scheduler down
+                logger.exception("error hook failed")
+
+
+class ContinuousBatcher(_Runner):
+    """Continuous batching over a :class:`StepModel` in one scheduler thread (see module docstring).
+
+    ``max_running`` is the largest running batch; ``max_queued`` the waiting requests beyond it.
+    """
+
+    kind = "continuous"
+
+    def __init__(self, name: str, model: StepModel, *, bos_id: int, eos_id: int, **kw: Any) -> None:
+        super().__init__(name, **kw)
+        self.model, self.bos_id, self.eos_id = model, bos_id, eos_id
+        self._rows: list[GenRequest] = []
+        self._state: Any = None
+        self._thread = threading.Thread(target=self._loop, name=f"chatforge-batch-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: GenRequest) -> None:
+        cap = self.model.max_len
+        req.max_steps = min(req.options.max_new_tokens, cap) if cap else req.options.max_new_tokens
+        self._enqueue(req)
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _fail_item(self, item: GenRequest, exc: BaseException) -> None:
+        item.emit("error", exc)
+
+    # -- the scheduler loop ------------------------------------------------------------------
+    def _loop(self) -> None:
+        import torch
+
+        # Every tensor of the batch (logits, seen masks, caches) lives in inference mode.
+        with torch.inference_mode():
+            self._run()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._waiting or self._rows or
+                                    (self._draining and self.idle))
+                if self._closed or (self._draining and self.idle):
+                    break
+                new = self._admit()
+            try:
+                self._drop_cancelled()
+                # New rows are prefilled (first token out at once: low time-to-first-token), join,
+                # and take part in this iteration's decoding step with the rows already running.
+                if new:
+                    self._prefill(new)
+                if self._rows:
+                    self._decode_step()
+            except Exception as e:  # noqa: BLE001 - fail the batch, keep the scheduler alive
+                # Each affected request reports it (INTERNAL + alert); no separate engine alert.
+                logger.error("model %r failed while generating", self.name, exc_info=True)
+                for r in self._rows + [r for r in new if r not in self._rows]:
+                    self._finish(r, "failed", error=e)
+                self._rows, self._state = [], None
+        # Closed: rows still running stop here; the consumers are told why.
+        for r in self._rows:
+            self._finish(r, "failed", error=RunnerClosedError("the server stopped while generating"))
+        self._rows, self._state = [], None
+
+    def _admit(self) -> list[GenRequest]:
+        """Under the lock: move waiting requests into free batch slots; drop cancelled ones."""
+        new: list[GenRequest] = []
+        now = time.perf_counter()
+        while self._waiting and len(self._rows) + len(new) < self.max_running:
+            req = self._waiting.popleft()
+            self.stats.update(waiting=-1)
+            self.metrics.request_dequeued(self.name, now - req.enqueued)
+            if req.cancelled.is_set():
+                self.stats.update(dropped=1)
+                _log(req, logging.INFO, "request dropped before it ran", model=self.name, outcome="dropped")
+                continue
+            self.running += 1
+            self.stats.update(running=1)
+            new.append(req)
+        return new
+
+    def _finish(self, req: GenRequest, outcome: str, reason: str | None = None,
+                error: BaseException | None = None) -> None:
+        self.running -= 1
+        self.stats.update(running=-1, **{outcome: 1})
+        if error is not None:
+            req.emit("error", error)
+        elif reason is not None:
+            req.emit("end", reason)
+        _log(req, logging.INFO, "generation %s", outcome, model=self.name, outcome=outcome,
+             completion_tokens=req.generated)
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if not r.cancelled.is_set()]
+        if len(keep) == len(self._rows):
+            return
+        import torch
+
+        for r in self._rows:
+            if r.cancelled.is_set():
+                self._finish(r, "dropped")
+        self._rows = [self._rows[i] for i in keep]
+        self._state = self.model.select(self._state, torch.tensor(keep, dtype=torch.long)) if keep else None
+
+    def _emit_and_prune(self, rows: list[GenRequest], tokens: list[int]) -> list[int]:
+        """Push each row's token; finish rows that hit </s> or their limit; return rows to keep."""
+        keep: list[int] = []
+        for i, (r, tok) in enumerate(zip(rows, tokens, strict=True)):
+            if tok == self.eos_id:
+                self._finish(r, "completed", reason="stop")
+                continue
+            r.generated += 1
+            r.last_token = tok
+            if r.seen is not None:
+                r.seen[tok] = True
+            r.emit("token", TokenDelta(token_id=tok, text=r.detok.feed(tok) if r.detok is not None else ""))
+            if r.generated >= r.max_steps:
+                self._finish(r, "completed", reason="length")
+            else:
+                keep.append(i)
+        return keep
+
+    def _decode_step(self) -> None:
+        import torch
+
+        tokens = torch.tensor([r.last_token for r in self._rows], dtype=torch.long)
+        logits = self.model.step(self._state, tokens)
+        self.stats.update(steps=1, batches=1)
+        self._observe_batch(len(self._rows))
+        chosen = choose_tokens(logits, self._rows, self.eos_id)
+        keep = self._emit_and_prune(self._rows, chosen)
+        if len(keep) < len(self._rows):
+            self._state = self.model.select(self._state, torch.tensor(keep, dtype=torch.long)) if keep else None
+            self._rows = [self._rows[i] for i in keep]
+
+    def _prefill(self, new: list[GenRequest]) -> None:
+        import torch
+
+        for r in new:
+            r.emit("start", r.prompt_tokens)
+            self.metrics.prompt_tokens(self.name, r.prompt_tokens)
+        state, logits = self.model.prefill([r.prompt_ids for r in new], self.bos_id)
+        self.stats.update(batches=1)
+        self._observe_batch(len(new))
+        chosen = choose_tokens(logits, new, self.eos_id)
+        keep = self._emit_and_prune(new, chosen)
+        if not keep:
+            return
+        if len(keep) < len(new):
+            state = self.model.select(state, torch.tensor(keep, dtype=torch.long))
+        joined = [new[i] for i in keep]
+        self._state = state if self._state is None else self.model.merge(self._state, state)
+        self._rows = self._rows + joined
+
+    def _observe_batch(self, size: int) -> None:
+        self.metrics.batch(self.name, size)
+        with self.stats.cond:
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, size)
+
+
+class ThreadedRunner(_Runner):
+    """One worker thread per running request over ``ReplyGenerator.stream`` (the fallback).
+
+    Checks the request's ``cancelled`` flag between tokens, so a consumer that goes away
+    stops the model within one token.
+    """
+
+    kind = "threaded"
+
+    def __init__(self, name: str, generator: Any, **kw: Any) -> None:
+        super().__init__(name, **kw)
+        self.generator = generator
+        self._executor = ThreadPoolExecutor(max_workers=self.max_running, thread_name_prefix=f"chatforge-gen-{name}")
+
+    def submit(self, req: GenRequest) -> None:
+        self._enqueue(req)
+        with self._cond:
+            # Admit now if a worker is free; otherwise a finishing worker admits it.
+            self._pump_locked()
+
+    def _pump_locked(self) -> None:
+        now = time.perf_counter()
+        while self._waiting and self.running < self.max_running and not self._closed:
+            req = self._waiting.popleft()
+            self.stats.update(waiting=-1)
+            self.metrics.request_dequeued(self.name, now - req.enqueued)
+            if req.cancelled.is_set():
+                self.stats.update(dropped=1)
+                continue
+            self.running += 1
+            self.stats.update(running=1)
+            self._executor.submit(req.context.run, self._work, req)
+
+    def join(self, timeout: float) -> bool:
+        return self.stats.wait_for(lambda s: self.running == 0, timeout)
+
+    def close(self) -> None:
+        super().close()
+        # Not cancel_futures: a submitted request always runs, sees _closed and tells its consumer.
+        self._executor.shutdown(wait=False)
+
+    def _fail_item(self, item: GenRequest, exc: BaseException) -> None:
+        item.emit("error", exc)
+
+    def _work(self, req: GenRequest) -> None:
+        outcome, n = "failed", 0
+        try:
+            req.emit("start", req.prompt_tokens)
+            self.metrics.prompt_tokens(self.name, req.prompt_tokens)
+            stream = self.generator.stream(req.text, req.options)
+            try:
+                for delta in stream:
+                    if req.cancelled.is_set() or self._closed:  # at most one more token after a cancel
+                        break
+                    n += 1
+                    req.emit("token", delta)
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+            if req.cancelled.is_set():
+                outcome = "dropped"
+            elif self._closed:
+                req.emit("error", RunnerClosedError("the server stopped while generating"))
+            else:
+                outcome = "completed"
+                req.emit("end", "length" if n >= req.options.max_new_tokens else "stop")
+        except BaseException as e:  # every failure must reach the consumer, which maps it to a status
+            if not _is_domain_error(e):
+                logger.error("model %r failed while generating", self.name, exc_info=True)
+            req.emit("error", e)
+        finally:
+            req.generated = n
+            with self._cond:
+                self.running -= 1
+                self.stats.update(running=-1, **{outcome: 1})
+                self._pump_locked()
+                self._cond.notify_all()
+            logger.info("generation %s", outcome, extra={"model": self.name, "outcome": outcome,
+                                                        "completion_tokens": n})
+
+
+def _is_domain_error(e: BaseException) -> bool:
+    # Domain errors (e.g. the engine's own "unavailable") are answers, not incidents.
+    return any(c.__name__.endswith(("UnavailableError", "InvalidRequestError")) for c in type(e).__mro__)
+
+
+@dataclass(eq=False)
+class ClassifyRequest:
+    texts: list[str]
+    done: Callable[[list | None, BaseException | None], None]  # called from the batcher's thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher(_Runner):
+    """Dynamic micro-batching of classification requests (see module docstring).
+
+    ``max_batch_size`` counts texts; ``max_running`` is 1 batch at a time per classifier
+    (a forward pass already uses every core), ``max_queued`` the requests waiting for it.
+    """
+
+    kind = "micro"
+
+    def __init__(self, name: str, classifier: Any, *, max_batch_size: int = 32, max_wait_ms: float = 2.0,
+                 **kw: Any) -> None:
+        if max_batch_size < 1 or max_wait_ms < 0:
+            raise ValueError(
+                f"max_batch_size={max_batch_size!r}, max_wait_ms={max_wait_ms!r} are out of range; "
+                "allowed: max_batch_size >= 1, max_wait_ms >= 0"
+            )
+        kw.setdefault("max_running", 1)
+        super().__init__(name, **kw)
+        self.classifier, self.max_batch_size, self.max_wait = classifier, max_batch_size, max_wait_ms / 1000.0
+        self._thread = threading.Thread(target=self._loop, name=f"chatforge-classify-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: ClassifyRequest) -> None:
+        self._enqueue(req)
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _fail_item(self, item: ClassifyRequest, exc: BaseException) -> None:
+        item.done(None, exc)
+
+    def _take_batch(self) -> list[ClassifyRequest] | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or self._waiting or self._draining)
+            if self._closed or (self._draining and not self._waiting):
+                return None
+            deadline = self._waiting[0].enqueued + self.max_wait
+            # Wait for more requests until the batch is full or the first one waited max_wait.
+            while sum(len(r.texts) for r in self._waiting) < self.max_batch_size and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0 or not self._cond.wait(left):
+                    break
+            batch, n = [], 0
+            now = time.perf_counter()
+            while self._waiting and (not batch or n + len(self._waiting[0].texts) <= self.max_batch_size):
+                req = self._waiting.popleft()
+                self.stats.update(waiting=-1)
+                self.metrics.request_dequeued(self.name, now - req.enqueued)
+                if req.cancelled.is_set():
+                    self.stats.update(dropped=1)
+                    continue
+                batch.append(req)
+                n += len(req.texts)
+            self.running += len(batch)
+            self.stats.update(running=len(batch))
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            texts = [t for r in batch for t in r.texts]
+            self.metrics.batch(self.name, len(texts))
+            self.stats.update(batches=1)
+            with self.stats.cond:
+                self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(texts))
+            try:
+                preds = self.classifier.classify(texts)
+                if len(preds) != len(texts):
+                    raise RuntimeError(
+                        f"classifier {self.name!r} returned {len(preds)} predictions for {len(texts)} texts"
+                    )
+                error = None
+            except Exception as e:  # noqa: BLE001 - delivered to every request of the batch
+                preds, error = None, e
+                if not _is_domain_error(e):
+                    logger.error("classifier %r failed", self.name, exc_info=True)
+            i = 0
+            for r in batch:
+                part = None if preds is None else preds[i : i + len(r.texts)]
+                i += len(r.texts)
+                r.done(part, error)
+            with self._cond:
+                self.running -= len(batch)
+            self.stats.update(running=-len(batch), **{"completed" if error is None else "failed": len(batch)})
