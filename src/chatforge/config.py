@@ -153,6 +153,21 @@ class TrackingConfig(_Strict):
     log_bundle: bool = Field(True, description="upload the bundle folder as a run artifact")
 
 
+class OOSConfig(_Strict):
+    """Out-of-scope handling for intent classifiers (Larson et al. 2019, section 4).
+
+    ``train``: ``label`` is an ordinary class (oos-train; the data's oos examples train it).
+    ``threshold``: also predict ``label`` when the best in-scope probability is below a threshold,
+    chosen on the validation split (in-scope accuracy + OOS recall) unless ``threshold`` is given.
+    ``binary``: a separate in-scope vs ``label`` TF-IDF classifier runs first; the intent model is
+    trained on in-scope examples only.
+    """
+
+    policy: Literal["train", "threshold", "binary"] = "train"
+    label: str = Field("oos", min_length=1)
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="fixed threshold instead of choosing one")
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -162,6 +177,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    oos: OOSConfig = Field(default_factory=OOSConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -210,6 +226,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "train": TrainConfig,
     "output": OutputConfig,
     "tracking": TrackingConfig,
+    "oos": OOSConfig,
 }
 
 

@@ -66,10 +66,8 @@ def register_family(name: str, config_cls: type, tasks: tuple[str, ...], kind: s
 
 
 def _ensure_loaded() -> None:
-    import chatforge.baselines  # noqa: F401  (registers xgboost: kind="estimator")
-    import chatforge.baselines.ensemble  # noqa: F401  (registers ensemble)
-    import chatforge.baselines.linear  # noqa: F401  (registers linear)
-    import chatforge.models  # noqa: F401  (registers the built-in families)
+    import chatforge.baselines  # noqa: F401  (registers the estimator families: xgboost, linear, ensemble)
+    import chatforge.models  # noqa: F401  (registers the neural families)
 
 
 def get_family(name: str) -> FamilySpec:

@@ -194,6 +194,19 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
 
     train, valid, test, data_path = load_splits(cfg)
     log.info("data %s: %d train / %d valid / %d test", data_path, len(train), len(valid), len(test))
+    from chatforge.registry import get_family
+
+    if get_family(cfg.model.family).kind != "torch":
+        # Estimators (xgboost, linear, ensemble) fit themselves on the train split: no tokenizer, no Trainer.
+        if not main:
+            return RunResult(run_dir=run_dir, bundle_dir=run_dir / "bundle")
+        return _run_estimator(cfg, run_dir, train, valid, test, data_path, tracking_tags)
+    oos_data = (train, valid, test)
+    if cfg.oos.policy == "binary" and cfg.model.task == "classification":
+        # oos-binary: the intent model never sees oos examples; the detector learns from all of them.
+        from chatforge.oos import in_scope_only
+
+        train, valid, test = (in_scope_only(x, cfg.oos.label) for x in (train, valid, test))
 
     init_report, pre = None, None
     if cfg.model.init_from:
@@ -259,7 +272,7 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
             return RunResult(run_dir=run_dir, bundle_dir=run_dir / "bundle",
                              metrics={"steps": result.steps, "history": result.history})
         out = _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, test, data_sha,
-                      init_report, run_dir)
+                      init_report, run_dir, oos_data=oos_data)
     except BaseException as e:
         if tracker is not None:
             # An Optuna prune is a deliberate stop, not a failure.
@@ -275,7 +288,7 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
 
 
 def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, test, data_sha, init_report,
-            run_dir: Path) -> RunResult:
+            run_dir: Path, oos_data: tuple | None = None) -> RunResult:
     model = trainer.model.to("cpu").eval()
 
     metrics: dict[str, Any] = {
@@ -300,10 +313,23 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
     if init_report:
         metrics["init_from"] = {k: len(v) for k, v in init_report.items()}
 
+    extra_metadata, extra_dirs = None, None
+    all_train, all_valid, all_test = oos_data or (train, valid, test)
+    if cfg.model.task == "classification" and labels and (
+            cfg.oos.policy != "train" or any(e.label == cfg.oos.label for e in all_valid)):
+        from chatforge.inference import torch_class_probs
+
+        def probs(texts: list[str]) -> np.ndarray:
+            return torch_class_probs(model, tok, texts, cfg.train.max_source_len)
+
+        policy, oos_eval = _fit_oos_and_evaluate(cfg, probs, labels, all_train, all_valid, all_test)
+        metrics.update(oos_eval)
+        extra_metadata = {"oos": policy.to_metadata()}
+        extra_dirs = {"oos_detector": policy.detector} if policy.detector is not None else None
     bundle_dir = save_bundle(
         run_dir / "bundle", model=model, tokenizer=tok, config=cfg, labels=labels,
         metrics={k: v for k, v in metrics.items() if k not in ("history", "samples")},
-        data_sha256=data_sha,
+        data_sha256=data_sha, extra_metadata=extra_metadata, extra_dirs=extra_dirs,
     )
     atomic_write_bytes(run_dir / "metrics.json",
                        (json.dumps(metrics, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
@@ -311,3 +337,96 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
     return RunResult(run_dir=run_dir, bundle_dir=bundle_dir, metrics=metrics)
 
 
+def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train: list[Example],
+                          valid: list[Example], test: list[Example]):
+    """Fit the config's oos policy, then score valid/test with it: accuracy, in-scope accuracy, OOS recall.
+
+    With ``oos.policy: threshold`` the threshold is chosen on the same validation split, so the
+    valid_* numbers are optimistic; report held-out (test) numbers, or cross-fit as
+    benchmarks/clinc150_results.py does.
+    """
+    from chatforge.evaluation.metrics import oos_metrics
+    from chatforge.oos import fit_policy
+
+    known = set(labels)
+    fit_valid = [e for e in valid if e.label in known or e.label == cfg.oos.label]
+    policy = fit_policy(cfg.oos, probs, labels, [e.text for e in fit_valid], [e.label for e in fit_valid],
+                        [e.text for e in train], [e.label for e in train], seed=cfg.seed)
+    out: dict[str, Any] = {}
+    for split, examples in (("valid", valid), ("test", test)):
+        if not examples:
+            continue
+        texts, y = [e.text for e in examples], [str(e.label) for e in examples]
+        pred = policy.decide(probs(texts), labels, texts)
+        out[f"{split}_accuracy"] = float(np.mean([a == b for a, b in zip(pred, y, strict=True)]))
+        if cfg.oos.label in y:
+            m = oos_metrics(y, pred, cfg.oos.label)
+            out[f"{split}_in_scope_accuracy"], out[f"{split}_oos_recall"] = m["in_scope_accuracy"], m["oos_recall"]
+    if policy.policy == "threshold":
+        out["oos_threshold"] = policy.threshold
+    elif policy.policy == "binary":
+        out["oos_detector_threshold"] = policy.detector_threshold
+    return policy, out
+
+
+def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], valid: list[Example],
+                   test: list[Example], data_path: Path, tracking_tags: dict[str, str]) -> RunResult:
+    """Fit an estimator family (kind != "torch") on the train split and bundle it with its own save()."""
+    import time
+
+    from chatforge.oos import in_scope_only
+    from chatforge.registry import BuildContext, SpecialIds, build_model
+
+    if cfg.model.task != "classification":
+        raise ConfigError(f"model.family {cfg.model.family!r} is an estimator; it supports task classification only")
+    all_train, all_valid, all_test = train, valid, test
+    if cfg.oos.policy == "binary":
+        train, valid, test = (in_scope_only(x, cfg.oos.label) for x in (train, valid, test))
+    labels = label_set(train)
+    known = set(labels)
+    fit_valid = [e for e in valid if e.label in known]  # a random split can put a rare label only in valid
+    model = build_model(cfg.model.family, cfg.model.family_config(),
+                        BuildContext(task=cfg.model.task, vocab_size=0, special=SpecialIds(), num_labels=len(labels)))
+    data_sha = file_sha256(data_path)
+    tracker = None
+    from chatforge.training.tracking import flatten, log_run_outputs, open_tracker, run_tags
+
+    tracker = open_tracker(cfg)
+    if tracker is not None:
+        tracker.start(run_dir.name, run_tags(cfg, tracking_tags))
+        atomic_write_bytes(run_dir / "mlflow_run_id", tracker.run_id.encode())
+        tracker.log_params({**flatten(cfg.to_dict()), "features.data.path": str(data_path),
+                            "features.data.sha256": data_sha, "features.data.train_examples": len(train),
+                            "features.data.valid_examples": len(valid), "features.data.test_examples": len(test)})
+    try:
+        t0 = time.perf_counter()
+        model.fit([e.text for e in train], [e.label for e in train],
+                  [e.text for e in fit_valid] or None, [e.label for e in fit_valid] or None)
+        seconds = time.perf_counter() - t0
+        labels = list(model.labels)  # an ensemble's labels are its members'
+        policy, oos_eval = _fit_oos_and_evaluate(cfg, model.predict_proba, labels, all_train, all_valid, all_test)
+        metrics: dict[str, Any] = {
+            "kind": "estimator", "num_parameters": None,
+            "train_examples": len(train), "valid_examples": len(valid), "test_examples": len(test),
+            "steps": 0, "train_seconds": round(seconds, 2), "best_epoch": None, "best_valid_loss": None,
+            "history": [], **oos_eval,
+        }
+        bundle_dir = save_bundle(
+            run_dir / "bundle", model=model, tokenizer=None, config=cfg, labels=labels,
+            metrics={k: v for k, v in metrics.items() if k != "history"}, data_sha256=data_sha,
+            extra_metadata={"oos": policy.to_metadata()},
+            extra_dirs={"oos_detector": policy.detector} if policy.detector is not None else None,
+        )
+        atomic_write_bytes(run_dir / "metrics.json",
+                           (json.dumps(metrics, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    if tracker is not None:
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
+        log_run_outputs(tracker, run_dir, metrics, log_bundle=cfg.tracking.log_bundle)
+        metrics["mlflow_run_id"] = tracker.run_id
+        tracker.end("FINISHED")
+    log.info("estimator run saved to %s (bundle %s, %.1f s)", run_dir, bundle_dir, seconds)
+    return RunResult(run_dir=run_dir, bundle_dir=bundle_dir, metrics=metrics)

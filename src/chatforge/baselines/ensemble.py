@@ -1,0 +1,237 @@
+"""Ensembles of trained classifier bundles, servable as one bundle (family ``ensemble``).
+
+``average``: weighted probability averaging (Dietterich 2000, "Ensemble Methods in Machine
+Learning", section 2). ``stacking``: a multinomial logistic-regression meta-learner over the
+members' concatenated probabilities, fitted on the validation split, which the members never
+trained on (Wolpert 1992, "Stacked Generalization"; Ting & Witten 1999 for probabilities as the
+level-1 features).
+
+The ensemble bundle copies its members into ``members/<i>/`` so it is self-contained; its own
+weights (averaging weights or the meta-learner's coefficients) are JSON. Members may be any
+classification bundle, torch or estimator; their label sets must agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
+
+from chatforge.baselines.linear import check_texts
+from chatforge.evaluation.report import atomic_write_json
+from chatforge.registry import BuildContext, register_family
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ENSEMBLE_FILE = "ensemble.json"
+MEMBERS_DIR = "members"
+
+
+class EnsembleError(ValueError):
+    pass
+
+
+@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
+class EnsembleConfig:
+    """``members``: bundle folders (or run folders holding ``bundle/``), at least two.
+
+    ``weights`` (``average`` only): one non-negative weight per member, normalised to sum to 1;
+    default equal. ``C``, ``max_iter``: the stacking meta-learner's L2 inverse strength and budget.
+    """
+
+    members: list[str] = Field(default_factory=list)
+    method: Literal["average", "stacking"] = "average"
+    weights: list[float] | None = None
+    C: float = Field(1.0, gt=0.0, le=1e6)
+    max_iter: int = Field(1000, ge=1, le=100000)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.members) < 2:
+            raise ValueError(f"members: an ensemble needs at least 2 member bundles, got {len(self.members)}")
+        if self.weights is not None:
+            if self.method != "average":
+                raise ValueError("weights apply to method 'average' only; stacking learns its own")
+            if len(self.weights) != len(self.members):
+                raise ValueError(f"weights: need one weight per member ({len(self.members)}), got {len(self.weights)}")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError(f"weights must be >= 0 with a positive sum, got {self.weights}")
+        return self
+
+
+def resolve_member(path: str | os.PathLike) -> Path:
+    """A bundle folder, accepting a run folder (``<run>/bundle``) too."""
+    p = Path(path)
+    return p / "bundle" if (p / "bundle").is_dir() else p
+
+
+def _load_member(path: Path):
+    from chatforge.bundle import load_bundle
+    from chatforge.inference import Classifier
+
+    bundle = load_bundle(path)
+    if bundle.task != "classification":
+        raise EnsembleError(f"ensemble member {path} has task {bundle.task!r}; only classification bundles combine")
+    return Classifier(bundle, name=path.parent.name if path.name == "bundle" else path.name)
+
+
+def check_label_sets(members: Sequence[Any], names: Sequence[str]) -> list[str]:
+    """The members' common label set (sorted), or an EnsembleError naming the differences."""
+    ref = set(members[0].labels)
+    for m, name in zip(members[1:], names[1:], strict=True):
+        got = set(m.labels)
+        if got != ref:
+            raise EnsembleError(
+                f"ensemble members' label sets must agree: {name} differs from {names[0]} "
+                f"(only in {name}: {sorted(got - ref)[:10]}; only in {names[0]}: {sorted(ref - got)[:10]})"
+            )
+    return sorted(ref)
+
+
+class EnsembleClassifier:
+    """Weighted probability averaging or logistic-regression stacking over member classifiers.
+
+    A member is anything with ``labels`` and ``predict_proba(texts)`` (a loaded bundle's
+    :class:`chatforge.inference.Classifier`); columns are re-ordered to the ensemble's sorted labels.
+    """
+
+    def __init__(self, config: EnsembleConfig) -> None:
+        self.config = config
+        self.members: list[Any] = []
+        self.member_paths: list[Path] = []
+        self.labels: list[str] = []
+        self.weights: list[float] = []
+        self.meta: dict | None = None  # stacking: {"classes", "coef", "intercept"}
+
+    @classmethod
+    def from_members(cls, members: Sequence[Any], config: EnsembleConfig,
+                     paths: Sequence[str | os.PathLike] | None = None) -> EnsembleClassifier:
+        """An ensemble over already-loaded members (``paths``: their bundle folders, needed by ``save``)."""
+        self = cls(config)
+        self.members = list(members)
+        self.member_paths = [Path(p) for p in (paths or [])]
+        names = [str(p) for p in self.member_paths] or [f"member {i}" for i in range(len(self.members))]
+        self.labels = check_label_sets(self.members, names)
+        w = config.weights or [1.0] * len(self.members)
+        self.weights = [float(x) / sum(w) for x in w]
+        return self
+
+    def _member_probs(self, texts: list[str]) -> list[np.ndarray]:
+        out = []
+        for m in self.members:
+            p = np.asarray(m.predict_proba(texts), dtype=np.float64)
+            col = {label: i for i, label in enumerate(m.labels)}
+            out.append(p[:, [col[label] for label in self.labels]])  # (N, C) in ensemble label order
+        return out
+
+    def fit(self, texts: Sequence[str], labels: Sequence[str], valid_texts: Sequence[str] | None = None,
+            valid_labels: Sequence[str] | None = None) -> EnsembleClassifier:
+        """Load the configured members; stacking fits its meta-learner on the validation data.
+
+        The training split is not used: the members were trained on it, so their probabilities
+        there are over-confident and would teach the meta-learner to trust them blindly.
+        """
+        if not self.members:
+            paths = [resolve_member(p) for p in self.config.members]
+            missing = [str(p) for p in paths if not p.is_dir()]
+            if missing:
+                raise EnsembleError(f"model.members: bundle folder(s) not found: {', '.join(missing)}")
+            loaded = EnsembleClassifier.from_members([_load_member(p) for p in paths], self.config, paths)
+            self.members, self.member_paths = loaded.members, loaded.member_paths
+            self.labels, self.weights = loaded.labels, loaded.weights
+        if self.config.method == "stacking":
+            if not valid_texts:
+                raise EnsembleError("method 'stacking' fits its meta-learner on the validation split, which is "
+                                    "empty; set data.valid_fraction > 0 (or data.valid_keys) or use 'average'")
+            self.fit_meta(check_texts(valid_texts, "valid_texts"), [str(v) for v in valid_labels])
+        return self
+
+    def fit_meta(self, texts: list[str], labels: list[str]) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        unknown = sorted(set(labels) - set(self.labels))
+        if unknown:
+            raise EnsembleError(f"validation labels {unknown[:10]} are not among the members' labels")
+        x = np.concatenate(self._member_probs(texts), axis=1)  # (N, M*C)
+        clf = LogisticRegression(C=self.config.C, max_iter=self.config.max_iter).fit(x, labels)
+        coef, intercept = clf.coef_, clf.intercept_
+        if coef.shape[0] == 1:  # two classes: scikit-learn keeps the second class's row only
+            coef, intercept = np.vstack([-coef, coef]) / 2, np.array([-intercept[0], intercept[0]]) / 2
+        self.meta = {"classes": [str(c) for c in clf.classes_], "coef": coef.tolist(),
+                     "intercept": intercept.tolist()}
+        logger.info("stacking meta-learner fitted on %d validation examples", len(texts))
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, C) probabilities, columns in ``self.labels`` order."""
+        texts = check_texts(texts, "texts")
+        if not self.members:
+            raise RuntimeError("EnsembleClassifier has no members; call fit() or load() first")
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        probs = self._member_probs(texts)
+        if self.config.method == "average":
+            return sum(w * p for w, p in zip(self.weights, probs, strict=True)).astype(np.float32)
+        if self.meta is None:
+            raise RuntimeError("stacking ensemble has no meta-learner; call fit() with validation data")
+        z = np.concatenate(probs, axis=1) @ np.asarray(self.meta["coef"]).T + np.asarray(self.meta["intercept"])
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        z /= z.sum(axis=1, keepdims=True)
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        col = {label: i for i, label in enumerate(self.labels)}
+        out[:, [col[c] for c in self.meta["classes"]]] = z  # labels absent from validation get 0
+        return out
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return [self.labels[i] for i in self.predict_proba(texts).argmax(axis=1)]
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Copy the member bundles into ``members/<i>/`` and write ``ensemble.json``."""
+        d = Path(directory)
+        if len(self.member_paths) != len(self.members):
+            raise RuntimeError("save needs the members' bundle folders (build with from_members(..., paths=...))")
+        for i, src in enumerate(self.member_paths):
+            dst = d / MEMBERS_DIR / str(i)
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*"))
+        atomic_write_json(d / ENSEMBLE_FILE, {
+            "format_version": FORMAT_VERSION, "config": dataclasses.asdict(self.config), "labels": self.labels,
+            "weights": self.weights, "meta": self.meta,
+            "member_sources": [str(p) for p in self.member_paths],
+        })
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> EnsembleClassifier:
+        d = Path(directory)
+        if not (d / ENSEMBLE_FILE).is_file():
+            raise FileNotFoundError(f"{d} is not a saved ensemble: missing {ENSEMBLE_FILE}")
+        state = json.loads((d / ENSEMBLE_FILE).read_text(encoding="utf-8"))
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported {ENSEMBLE_FILE} format_version {state.get('format_version')!r}; "
+                             f"this chatforge reads version {FORMAT_VERSION}")
+        config = EnsembleConfig(**state["config"])
+        paths = [d / MEMBERS_DIR / str(i) for i in range(len(config.members))]
+        self = cls.from_members([_load_member(p) for p in paths], config, paths)
+        if self.labels != state["labels"]:
+            raise EnsembleError(f"{d}: members' labels do not match {ENSEMBLE_FILE}")
+        self.weights, self.meta = state["weights"], state["meta"]
+        return self
+
+
+@register_family("ensemble", EnsembleConfig, tasks=("classification",), kind="estimator")
+def build(cfg: EnsembleConfig | dict, ctx: BuildContext) -> EnsembleClassifier:
+    """Registry builder; members are loaded at ``fit`` (training) or ``load`` (from the bundle)."""
+    if isinstance(cfg, dict):
+        cfg = EnsembleConfig(**cfg)
+    return EnsembleClassifier(cfg)

@@ -1,0 +1,270 @@
+"""``chatforge compare``: a leaderboard over runs, so results never live in a spreadsheet.
+
+A run is a folder written by ``chatforge train`` (``config.yaml``, ``metrics.json``, ``bundle/``)
+plus the reports ``chatforge evaluate`` put in ``<run>/eval/<data>-<split>/evaluation.json``. The
+leaderboard puts one evaluation split side by side for every run (the split most runs were
+evaluated on unless ``split`` is given; a run without it falls back to its training-time
+``metrics.json`` numbers, marked by the ``source`` column), with the parameters that differ between
+runs, training time, latency per example and bundle size. Runs can also come from MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chatforge.evaluation.report import _md_table, atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("in_scope_accuracy", "oos_recall", "accuracy", "macro_f1", "bleu", "perplexity", "distinct_1",
+           "distinct_2")
+LOWER_IS_BETTER = {"perplexity", "latency_ms", "valid_loss"}
+# Config keys that name things rather than choose them: never "parameters" of a comparison.
+_IGNORED_PARAMS = ("name", "output.", "tracking.", "data.path")
+
+
+class CompareError(ValueError):
+    pass
+
+
+@dataclass
+class RunRecord:
+    """Everything known about one run (from its folder or from MLflow)."""
+
+    run: str
+    name: str
+    family: str
+    task: str
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # metrics.json (training time)
+    evaluations: list[dict] = field(default_factory=list)  # evaluation.json summaries
+    history: list[dict] = field(default_factory=list)
+    experiment: str | None = None
+    bundle_size_bytes: int | None = None
+
+
+@dataclass
+class Leaderboard:
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    metric: str
+    split: str | None
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise CompareError(f"{run_dir} is not a run folder: no config.yaml inside")
+    cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    metrics = {}
+    if (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    evaluations = []
+    for f in sorted(run_dir.glob("eval/*/evaluation.json")):
+        try:
+            evaluations.append(json.loads(f.read_text(encoding="utf-8")))
+        except json.JSONDecodeError:
+            logger.warning("skipping unreadable %s", f)
+    bundle = run_dir / "bundle"
+    size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) if bundle.is_dir() else None
+    model = cfg.get("model", {})
+    return RunRecord(
+        run=str(run_dir), name=cfg.get("name", run_dir.name), family=model.get("family", "?"),
+        task=model.get("task", "?"), params=_flatten(cfg), metrics=metrics, evaluations=evaluations,
+        history=metrics.get("history", []) or [],
+        experiment=(cfg.get("tracking") or {}).get("experiment") or cfg.get("name"), bundle_size_bytes=size,
+    )
+
+
+def find_runs(runs_dir: str | Path) -> list[Path]:
+    """Run folders directly under ``runs_dir`` (those with a config.yaml), sorted by name."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise CompareError(f"runs folder not found: {runs_dir}")
+    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
+
+
+def parse_tags(tags: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for t in tags:
+        if "=" not in t:
+            raise CompareError(f"--tag {t!r} must look like key=value, e.g. model.family=linear")
+        k, v = t.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _matches(rec: RunRecord, experiment: str | None, tags: dict[str, str]) -> bool:
+    if experiment is not None and experiment not in (rec.experiment, rec.name):
+        return False
+    fields = {**{k: str(v) for k, v in rec.params.items()}, "family": rec.family, "task": rec.task, "name": rec.name}
+    return all(fields.get(k) == v for k, v in tags.items())
+
+
+def collect_runs(run_dirs: Sequence[str | Path] = (), runs_dir: str | Path | None = None,
+                 experiment: str | None = None, tags: dict[str, str] | None = None) -> list[RunRecord]:
+    """Load the given run folders (or every run under ``runs_dir``) and keep those matching the filters."""
+    dirs = [Path(d) for d in run_dirs] if run_dirs else find_runs(runs_dir or "runs")
+    records = [load_run(d) for d in dirs]
+    return [r for r in records if _matches(r, experiment, tags or {})]
+
+
+def collect_mlflow(tracking_uri: str, experiment: str | None = None, tags: dict[str, str] | None = None,
+                   max_runs: int = 1000) -> list[RunRecord]:
+    """Runs from an MLflow store: params, ``final_*`` metrics and tags (no evaluation reports)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise CompareError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
+        ids = [exp.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    out = []
+    for run in client.search_runs(ids, max_results=max_runs):
+        params = dict(run.data.params)
+        metrics = {k.removeprefix("final_"): v for k, v in run.data.metrics.items()}
+        rec = RunRecord(run=run.info.run_name or run.info.run_id, name=params.get("name", run.info.run_id),
+                        family=run.data.tags.get("family", params.get("model.family", "?")),
+                        task=run.data.tags.get("task", params.get("model.task", "?")), params=params,
+                        metrics=metrics, experiment=experiment)
+        if all(run.data.tags.get(k) == v or params.get(k) == v for k, v in (tags or {}).items()):
+            out.append(rec)
+    return out
+
+
+def _differing_params(records: Sequence[RunRecord]) -> list[str]:
+    keys = sorted({k for r in records for k in r.params})
+    out = []
+    for k in keys:
+        if any(k == p or k.startswith(p) for p in _IGNORED_PARAMS):
+            continue
+        values = {json.dumps(r.params.get(k), sort_keys=True, default=str) for r in records}
+        if len(values) > 1:
+            out.append(k)
+    return out
+
+
+def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accuracy",
+                      split: str | None = None, max_params: int = 8) -> Leaderboard:
+    """One row per run, sorted by ``metric`` (best first; runs without it last)."""
+    if not records:
+        raise CompareError("no runs to compare (check the folders, --experiment and --tag filters)")
+    if split is None:
+        counts = Counter(e["split"] for r in records for e in r.evaluations)
+        split = counts.most_common(1)[0][0] if counts else None
+    rows = []
+    for r in records:
+        evals = [e for e in r.evaluations if e.get("split") == split]
+        ev = max(evals, key=lambda e: e.get("created", "")) if evals else None
+        row: dict[str, Any] = {"run": Path(r.run).name, "family": r.family, "task": r.task}
+        if ev is not None:
+            row["source"] = f"eval:{split}"
+            row.update({m: ev["metrics"].get(m) for m in METRICS})
+            row["latency_ms"] = ev.get("latency_ms_per_example")
+            row["n"] = ev.get("n")
+        else:
+            row["source"] = "metrics.json"
+            for m in METRICS:
+                row[m] = r.metrics.get(f"valid_{m}", r.metrics.get(m))
+            row["latency_ms"] = None
+            row["n"] = r.metrics.get("valid_examples")
+        row["valid_loss"] = r.metrics.get("best_valid_loss")
+        row["train_seconds"] = r.metrics.get("train_seconds")
+        row["num_parameters"] = r.metrics.get("num_parameters")
+        size = ev.get("bundle_size_bytes") if ev else r.bundle_size_bytes
+        row["bundle_mb"] = None if size is None else round(size / 1e6, 3)
+        rows.append((r, row))
+    params = _differing_params([r for r, _ in rows])[:max_params]
+    for r, row in rows:
+        for p in params:
+            row[p] = r.params.get(p)
+    sign = 1 if metric in LOWER_IS_BETTER else -1
+    rows.sort(key=lambda rr: (rr[1].get(metric) is None, sign * (rr[1].get(metric) or 0), rr[1]["run"]))
+    present = [m for m in METRICS if any(row.get(m) is not None for _, row in rows)]
+    if metric not in present and metric not in ("valid_loss", "train_seconds", "latency_ms", "bundle_mb"):
+        raise CompareError(f"--metric {metric!r} is not reported by any run; available: {', '.join(present)}")
+    columns = (["run", "family", "task", "source", "n"] + present +
+               ["valid_loss", "train_seconds", "latency_ms", "bundle_mb", "num_parameters"] + params)
+    return Leaderboard(columns=columns, rows=[row for _, row in rows], metric=metric, split=split)
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 4)
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, ensure_ascii=False)
+    return v
+
+
+def to_markdown(lb: Leaderboard) -> str:
+    head = f"Leaderboard by `{lb.metric}`" + (f" on split `{lb.split}`" if lb.split else "")
+    return head + "\n\n" + _md_table(lb.columns, [[_cell(row.get(c)) for c in lb.columns] for row in lb.rows]) + "\n"
+
+
+def to_csv(lb: Leaderboard) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(lb.columns)
+    for row in lb.rows:
+        w.writerow(["" if row.get(c) is None else _cell(row.get(c)) for c in lb.columns])
+    return buf.getvalue()
+
+
+def write_markdown(lb: Leaderboard, path: str | Path) -> Path:
+    return atomic_write_text(path, to_markdown(lb))
+
+
+def write_csv(lb: Leaderboard, path: str | Path) -> Path:
+    return atomic_write_text(path, to_csv(lb))
+
+
+def learning_curves_png(records: Sequence[RunRecord], keys: Sequence[str] = ("valid_loss", "valid_accuracy")) -> bytes:
+    """Per-epoch curves of every run with a history (estimators have none), one panel per key."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0 * len(keys), 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        plotted = 0
+        for r in records:
+            pts = [(h["epoch"], h[key]) for h in r.history if key in h and h[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=Path(r.run).name)
+                plotted += 1
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.set_title(key if plotted else f"{key}: no per-epoch history in these runs", fontsize=9)
+        if plotted:
+            ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_learning_curves(records: Sequence[RunRecord], path: str | Path) -> Path:
+    return atomic_write_bytes(path, learning_curves_png(records))

@@ -1,0 +1,242 @@
+"""``chatforge evaluate``: one bundle, one data file (or split) -> one report folder.
+
+Classification: accuracy, macro-F1, per-intent P/R/F1, confusion matrix and confidence histogram
+PNGs, errors file (``evaluation.report.write_classification_report``); with an ``oos`` label, the
+in-scope accuracy and OOS recall of Larson et al. 2019 (section 4), using the bundle's own oos
+policy, so the numbers are the served answers'. Generation: perplexity, BLEU, distinct-1/2,
+average length, sample replies (``write_generation_report``).
+
+Every folder also gets ``evaluation.json`` (the summary ``chatforge compare`` reads: split,
+headline metrics, latency per example, bundle size) and ``evaluation.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chatforge.evaluation.report import _md_table, atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("valid", "test", "all")
+SUMMARY_FILE = "evaluation.json"
+HEADLINE = ("accuracy", "macro_f1", "in_scope_accuracy", "oos_recall", "oos_precision", "bleu", "perplexity",
+            "distinct_1", "distinct_2", "avg_length")
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclass
+class EvaluationResult:
+    out_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def bundle_size_bytes(bundle_dir: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(bundle_dir).rglob("*") if p.is_file())
+
+
+def run_dir_of(bundle_dir: Path) -> Path | None:
+    """The run folder holding this bundle (``runs/<run>/bundle``), if it is one."""
+    parent = bundle_dir.resolve().parent
+    return parent if bundle_dir.name == "bundle" and (parent / "config.yaml").is_file() else None
+
+
+def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: str = "valid",
+                    clinc_keys: list[str] | None = None) -> tuple[list, str, Path]:
+    """The examples to evaluate on, a name for the split, and the data file.
+
+    ``clinc_keys`` reads exactly those lists of a CLINC150 JSON file. Otherwise the file is split
+    as the bundle's config splits its training data (same seed and fractions, or the predefined
+    CLINC lists), so ``--split valid`` on the training file is the run's own validation split.
+    """
+    from chatforge.data import read_examples
+    from chatforge.training.run import load_splits, resolve_data_path
+
+    if split not in SPLITS:
+        raise EvaluationError(f"--split {split!r} is unknown; allowed: {', '.join(SPLITS)}")
+    path = resolve_data_path(str(data)) if data is not None else resolve_data_path(cfg.data.path)
+    if not path.is_file():
+        raise EvaluationError(f"data file not found: {path}")
+    d = cfg.data
+    kw = dict(text_field=d.text_field, response_field=d.response_field, label_field=d.label_field,
+              on_error=d.on_error)
+    fmt = fmt if data is not None else d.format
+    if clinc_keys:
+        examples, _ = read_examples(path, format=fmt, clinc_keys=tuple(clinc_keys), **kw)
+        return examples, "+".join(clinc_keys), path
+    if split == "all" and d.split != "predefined":
+        examples, _ = read_examples(path, format=fmt, **kw)
+        return examples, "all", path
+    tree = cfg.to_dict()
+    tree["data"].update(path=str(path), format=fmt, max_examples=None)
+    from chatforge.config import validate_config
+
+    sub = validate_config(tree, source="evaluation data")
+    train, valid, test, _ = load_splits(sub)
+    if d.split == "predefined":
+        if split == "test":
+            raise EvaluationError("this bundle was trained on a predefined (CLINC150) split, which has no test "
+                                  "split here; pass --clinc-keys, e.g. val,oos_val or test,oos_test")
+        chosen = valid if split == "valid" else train + valid
+        return chosen, "+".join(d.valid_keys) if split == "valid" else "all", path
+    chosen = {"valid": valid, "test": test}[split]
+    if not chosen:
+        raise EvaluationError(f"the {split} split of {path} is empty (data.{split}_fraction is 0 in the bundle's "
+                              f"config); use --split all or another data file")
+    return chosen, split, path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_") or "data"
+
+
+def default_out_dir(bundle_dir: Path, data_path: Path, split_name: str) -> Path:
+    run = run_dir_of(bundle_dir)
+    base = run if run is not None else bundle_dir.resolve().parent / f"{bundle_dir.name}-eval"
+    return base / "eval" / _slug(f"{data_path.stem}-{split_name}")
+
+
+def _classification(bundle, examples, out: Path, title: str, batch_size: int) -> tuple[dict, dict]:
+    from chatforge.evaluation.report import write_classification_report
+    from chatforge.inference import Classifier
+
+    clf = Classifier(bundle, name=title)
+    texts = [e.text for e in examples]
+    y_true = [str(e.label) for e in examples]
+    if any(e.label is None for e in examples):
+        raise EvaluationError("classification evaluation needs a label for every example; the data has unlabelled rows")
+    t0 = time.perf_counter()
+    probs = np.concatenate([clf.predict_proba(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+    y_pred = clf.oos.decide(probs, clf.labels, texts)
+    seconds = time.perf_counter() - t0
+    has_oos = clf.oos.label in set(y_true) | set(clf.labels) or clf.oos.policy != "train"
+    report = write_classification_report(out, y_true, y_pred, probs, clf.labels, texts,
+                                         oos_label=clf.oos.label if has_oos else None, title=title)
+    summary = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "weighted_f1": report["weighted_f1"]}
+    if "oos" in report:
+        summary.update({k: report["oos"][k] for k in ("in_scope_accuracy", "oos_recall", "oos_precision")})
+    summary["oos_policy"] = clf.oos.to_metadata()
+    return summary, {"seconds": seconds, "report": report}
+
+
+def _generation(bundle, examples, out: Path, title: str, batch_size: int, max_new_tokens: int | None) -> tuple[dict, dict]:
+    import torch
+
+    from chatforge.decoding import GenerationOptions, generate
+    from chatforge.evaluation.report import write_generation_report
+    from chatforge.training.tasks import IGNORE_INDEX, TaskSpec, make_dataset
+
+    cfg, tok, model = bundle.config, bundle.tokenizer, bundle.model
+    missing = sum(1 for e in examples if not e.response)
+    if missing:
+        raise EvaluationError(f"generation evaluation needs a reference reply for every example; {missing} have none")
+    spec = TaskSpec(cfg.model.task, cfg.model.family, cfg.train.max_source_len, cfg.train.max_target_len, None)
+    ds = make_dataset(spec, examples, tok)
+    nll, n_tok = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(ds), batch_size):
+            batch = ds.collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
+            n = int((batch["labels"] != IGNORE_INDEX).sum())
+            loss = model(**batch).loss  # mean over the batch's target tokens
+            nll += float(loss) * n
+            n_tok += n
+    opts = GenerationOptions(max_new_tokens=max_new_tokens or cfg.train.max_target_len)
+    t0 = time.perf_counter()
+    hyps = [tok.decode(generate(model, tok.encode(e.text)[: cfg.train.max_source_len] or [tok.unk_id], opts,
+                                bos_id=tok.bos_id, eos_id=tok.eos_id)) for e in examples]
+    seconds = time.perf_counter() - t0
+    refs = [e.response for e in examples]
+    # Korean has no agreed word segmentation: character BLEU (see metrics.corpus_bleu).
+    korean = any(re.search(r"[\uac00-\ud7a3]", r) for r in refs[:50])
+    report = write_generation_report(out, [e.text for e in examples], hyps, refs, nll, n_tok,
+                                     tokenize="char" if korean else "13a", title=title)
+    summary = {k: report[k] for k in ("bleu", "perplexity", "distinct_1", "distinct_2", "avg_length")}
+    summary["bleu_tokenize"] = report["bleu_tokenize"]
+    return summary, {"seconds": seconds, "report": report}
+
+
+def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, fmt: str = "auto",
+                    split: str = "valid", clinc_keys: list[str] | None = None, out_dir: str | Path | None = None,
+                    max_examples: int | None = None, batch_size: int = 64,
+                    max_new_tokens: int | None = None, track: bool = True) -> EvaluationResult:
+    """Evaluate a bundle and write the report folder; see the module docstring for what is in it.
+
+    ``data`` None means the bundle's own training data file (its ``split``). ``max_examples`` caps
+    the examples (generation decodes one by one, so large sets are slow).
+    """
+    from chatforge.bundle import load_bundle
+
+    bundle_dir = Path(bundle_dir)
+    bundle = load_bundle(bundle_dir)
+    examples, split_name, data_path = select_examples(bundle.config, data, fmt=fmt, split=split,
+                                                      clinc_keys=clinc_keys)
+    if max_examples:
+        examples = examples[:max_examples]
+    if not examples:
+        raise EvaluationError(f"no examples to evaluate in {data_path} ({split_name})")
+    out = Path(out_dir) if out_dir is not None else default_out_dir(bundle_dir, data_path, split_name)
+    title = f"{bundle.config.name} on {data_path.name} ({split_name})"
+    if bundle.task == "classification":
+        metrics, extra = _classification(bundle, examples, out, title, batch_size)
+    elif bundle.task in ("generation", "lm"):
+        metrics, extra = _generation(bundle, examples, out, title, batch_size, max_new_tokens)
+    else:
+        raise EvaluationError(f"bundle task {bundle.task!r} cannot be evaluated; allowed: classification, generation")
+    run = run_dir_of(bundle_dir)
+    summary = {
+        "bundle": str(bundle_dir.resolve()),
+        "run": str(run) if run else None,
+        "name": bundle.config.name,
+        "family": bundle.family,
+        "task": bundle.task,
+        "data": str(data_path),
+        "split": split_name,
+        "n": len(examples),
+        "metrics": metrics,
+        "latency_ms_per_example": 1000.0 * extra["seconds"] / len(examples),
+        "bundle_size_bytes": bundle_size_bytes(bundle_dir),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    rows = [(k, metrics[k]) for k in HEADLINE if k in metrics]
+    rows += [("latency per example (ms)", summary["latency_ms_per_example"]),
+             ("bundle size (MB)", summary["bundle_size_bytes"] / 1e6), ("examples", len(examples))]
+    detail = "report.md" if bundle.task == "classification" else "generation_report.md"
+    atomic_write_text(out / "evaluation.md", "\n".join([
+        f"# {title}", "", f"bundle `{bundle_dir}` ({bundle.family}, {bundle.task})", "",
+        _md_table(["metric", "value"], rows), "", f"Details: `{detail}`.", ""]))
+    logger.info("evaluation of %s written to %s", bundle_dir, out)
+    if track and run is not None:
+        _log_to_mlflow(bundle.config, run, out)
+    return EvaluationResult(out_dir=out, summary=summary, report=extra["report"])
+
+
+def _log_to_mlflow(cfg, run: Path, out: Path) -> None:
+    """Attach the report to the run's MLflow run when the run was tracked (best effort)."""
+    id_file = run / "mlflow_run_id"
+    if not id_file.is_file():
+        return
+    try:
+        from chatforge.training.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(cfg.tracking)
+        if uri is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).log_artifacts(id_file.read_text().strip(), str(out),
+                                                      artifact_path=f"evaluation/{out.name}")
+    except Exception as e:  # tracking is a convenience here: the report on disk is the result
+        logger.warning("could not log the evaluation to MLflow: %s", e)
