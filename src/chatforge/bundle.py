@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from torch import nn
 
 import chatforge
 from chatforge.config import ExperimentConfig, validate_config
+from chatforge.fileio import atomic_dir
 from chatforge.registry import BuildContext, build_model
 from chatforge.tokenizer import Tokenizer, load_tokenizer
 
@@ -94,9 +92,7 @@ def save_bundle(
     an object whose ``save(dir)`` fills it (the oos-binary detector)."""
     out = Path(out_dir)
     is_torch = isinstance(model, nn.Module)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         if is_torch:
             _st_save_model(model, str(tmp / WEIGHTS))  # handles tied (shared) tensors
         else:
@@ -125,16 +121,6 @@ def save_bundle(
         }
         meta.update(extra_metadata or {})
         _write_json(tmp / METADATA, meta)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -13,12 +13,12 @@ import io
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
 
+from chatforge.fileio import atomic_write_bytes
 from chatforge.registry import SpecialIds
 
 log = logging.getLogger(__name__)
@@ -246,17 +246,3 @@ _MIN_RE = re.compile(r"smaller than required_chars\. (\d+) vs (\d+)")
 def _max_vocab_from_error(message: str) -> int | None:
     m = _MAX_RE.search(message)
     return int(m.group(1)) if m else None
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -27,7 +27,7 @@ from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from chatforge.baselines.linear import check_texts
-from chatforge.evaluation.report import atomic_write_json
+from chatforge.fileio import atomic_write_json
 from chatforge.registry import BuildContext, register_family
 
 logger = logging.getLogger(__name__)

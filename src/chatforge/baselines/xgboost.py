@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-from chatforge.evaluation.report import atomic_write_bytes, atomic_write_json
+from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.inference import ClassPrediction
 from chatforge.registry import BuildContext, register_family
 

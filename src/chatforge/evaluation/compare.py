@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from chatforge.evaluation.report import _md_table, atomic_write_bytes, atomic_write_text
+from chatforge.evaluation.report import _md_table
+from chatforge.fileio import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

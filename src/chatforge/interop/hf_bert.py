@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 from torch import Tensor
 
 from chatforge.config import validate_config
+from chatforge.fileio import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -259,9 +258,7 @@ def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
     hf_model = getattr(transformers, _HF_CLASS[task])(hf_cfg)
     hf_model.load_state_dict(hf_state_dict(model, task), strict=True)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         hf_model.eval().save_pretrained(tmp, safe_serialization=True)
         (tmp / tok.filename).write_bytes(tok.to_bytes())
         if tok.kind == "hf_tokenizers":
@@ -274,14 +271,4 @@ def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
         else:
             logger.warning("%s carries a SentencePiece tokenizer (%s); HF's BertTokenizer cannot read it, "
                            "load it with sentencepiece", bundle_dir, tok.filename)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

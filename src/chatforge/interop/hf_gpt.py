@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from chatforge.fileio import atomic_dir
 from chatforge.interop import ConversionError
 
 logger = logging.getLogger(__name__)
@@ -207,21 +205,9 @@ def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
     if missing or unexpected:
         raise ConversionError(f"HF model does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         hf_model.eval().save_pretrained(str(tmp))
         _write_tokenizer(b.tokenizer, tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -22,8 +22,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from chatforge.fileio import atomic_write_bytes
 from chatforge.registry import SpecialIds
-from chatforge.tokenizer import IncrementalDecoder, TokenizerError, atomic_write_bytes
+from chatforge.tokenizer import IncrementalDecoder, TokenizerError
 
 _PAD = ("[PAD]", "<pad>", "<|pad|>", "<|padding|>")
 _BOS = ("<s>", "<|endoftext|>", "[CLS]", "<|startoftext|>")

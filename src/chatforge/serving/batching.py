@@ -600,6 +600,9 @@ class ThreadedRunner(_Runner):
 
     def _work(self, req: GenRequest) -> None:
         outcome, n = "failed", 0
+        # The last event (end or error) is sent after the counters are updated, as the
+        # continuous batcher does: a consumer that sees the end must also see `completed`.
+        last: tuple[str, object] | None = None
         try:
             req.emit("start", req.prompt_tokens)
             self.metrics.prompt_tokens(self.name, req.prompt_tokens)
@@ -617,14 +620,14 @@ class ThreadedRunner(_Runner):
             if req.cancelled.is_set():
                 outcome = "dropped"
             elif self._closed:
-                req.emit("error", RunnerClosedError("the server stopped while generating"))
+                last = ("error", RunnerClosedError("the server stopped while generating"))
             else:
                 outcome = "completed"
-                req.emit("end", "length" if n >= req.options.max_new_tokens else "stop")
+                last = ("end", "length" if n >= req.options.max_new_tokens else "stop")
         except BaseException as e:  # every failure must reach the consumer, which maps it to a status
             if not _is_domain_error(e):
                 logger.error("model %r failed while generating", self.name, exc_info=True)
-            req.emit("error", e)
+            last = ("error", e)
         finally:
             req.generated = n
             with self._cond:
@@ -632,6 +635,8 @@ class ThreadedRunner(_Runner):
                 self.stats.update(running=-1, **{outcome: 1})
                 self._pump_locked()
                 self._cond.notify_all()
+            if last is not None:
+                req.emit(*last)
             logger.info("generation %s", outcome, extra={"model": self.name, "outcome": outcome,
                                                         "completion_tokens": n})
 

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -36,6 +35,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from chatforge.fileio import atomic_writer
 
 logger = logging.getLogger(__name__)
 
@@ -576,20 +577,9 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        kwargs = {"encoding": "utf-8", "newline": ""} if "b" not in mode else {}
-        with os.fdopen(fd, mode, **kwargs) as f:
-            write(f)
-        # mkstemp makes 0600 files; reports are meant to be shared, so apply the usual umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    kwargs = {"newline": ""} if "b" not in mode else {}
+    with atomic_writer(path, mode, **kwargs) as f:
+        write(f)
 
 
 def _write_json(path: Path, data: Any) -> None:

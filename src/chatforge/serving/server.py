@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +34,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from chatforge.fileio import atomic_write_text
 from chatforge.serving.engine import Engine, ModelDirectory, ModelDirectoryWatcher
 from chatforge.serving.interceptors import CallGate, RequestContextInterceptor
 from chatforge.serving.service import SERVICE_NAME, ChatbotServicer
@@ -75,15 +74,7 @@ EngineOrLoader = Engine | Callable[[], Engine]
 
 def write_port_file(path: str | Path, port: int) -> None:
     """Write ``port`` to ``path`` atomically (temp file in the same folder + os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{port}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, f"{port}\n")
 
 
 class ChatbotServer:

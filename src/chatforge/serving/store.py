@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import StaticPool
 
+from chatforge.fileio import atomic_writer
 from chatforge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -238,28 +238,18 @@ class ConversationStore:
         if format not in EXPORT_FORMATS:
             raise ValueError(f"unknown export format {format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
         self.flush()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         n = 0
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=_COLUMNS) if format == "csv" else None
+        with atomic_writer(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=_COLUMNS) if format == "csv" else None
+            if writer is not None:
+                writer.writeheader()
+            for row in self.iter_rows(since):
+                row["created_at"] = row["created_at"].isoformat()
                 if writer is not None:
-                    writer.writeheader()
-                for row in self.iter_rows(since):
-                    row["created_at"] = row["created_at"].isoformat()
-                    if writer is not None:
-                        writer.writerow(row)
-                    else:
-                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    n += 1
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+                    writer.writerow(row)
+                else:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
         return n
 
 

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from chatforge.bundle import build_from_config, load_bundle, save_bundle
 from chatforge.config import ConfigError, ExperimentConfig
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
-from chatforge.tokenizer import Tokenizer, atomic_write_bytes
+from chatforge.fileio import atomic_write_bytes
+from chatforge.tokenizer import Tokenizer
 from chatforge.training import distributed as ddp
 from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
 from chatforge.training.tasks import TaskSpec, get_task, label_set, make_dataset

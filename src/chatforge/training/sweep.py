@@ -31,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from chatforge.config import ConfigError, ExperimentConfig, apply_overrides, validate_config
-from chatforge.tokenizer import atomic_write_bytes
+from chatforge.fileio import atomic_write_bytes
 from chatforge.training.trainer import Callback
 
 log = logging.getLogger(__name__)
