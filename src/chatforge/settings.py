@@ -52,6 +52,11 @@ class Settings(BaseModel):
     log_user_text_chars: int = Field(default=80, ge=0)
     alert_webhook_url: str | None = None
     alert_format: AlertFormat = "jandi"
+    # Threshold rules over a rolling window of finished calls (serving/alert_rules.py).
+    alert_error_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    alert_p99_ms: float = Field(default=5000.0, gt=0.0)
+    alert_window_seconds: float = Field(default=60.0, gt=0.0)
+    alert_min_calls: int = Field(default=20, ge=1)
     server_name: str = Field(default_factory=socket.gethostname)
     # None means "not chosen": resolved by :attr:`effective_store_url`.
     store_url: str | None = None

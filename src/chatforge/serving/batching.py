@@ -477,14 +477,15 @@ class ContinuousBatcher(_Runner):
 
     def _finish(self, req: GenRequest, outcome: str, reason: str | None = None,
                 error: BaseException | None = None) -> None:
+        # Log first: whoever sees the counters or the end event must also find the request's log line.
+        _log(req, logging.INFO, "generation %s", outcome, model=self.name, outcome=outcome,
+             completion_tokens=req.generated)
         self.running -= 1
         self.stats.update(running=-1, **{outcome: 1})
         if error is not None:
             req.emit("error", error)
         elif reason is not None:
             req.emit("end", reason)
-        _log(req, logging.INFO, "generation %s", outcome, model=self.name, outcome=outcome,
-             completion_tokens=req.generated)
 
     def _drop_cancelled(self) -> None:
         keep = [i for i, r in enumerate(self._rows) if not r.cancelled.is_set()]
@@ -630,6 +631,9 @@ class ThreadedRunner(_Runner):
             last = ("error", e)
         finally:
             req.generated = n
+            # Log first: whoever sees the counters or the end event must also find this line.
+            logger.info("generation %s", outcome, extra={"model": self.name, "outcome": outcome,
+                                                        "completion_tokens": n})
             with self._cond:
                 self.running -= 1
                 self.stats.update(running=-1, **{outcome: 1})
@@ -637,8 +641,6 @@ class ThreadedRunner(_Runner):
                 self._cond.notify_all()
             if last is not None:
                 req.emit(*last)
-            logger.info("generation %s", outcome, extra={"model": self.name, "outcome": outcome,
-                                                        "completion_tokens": n})
 
 
 def _is_domain_error(e: BaseException) -> bool:

@@ -189,8 +189,10 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     ``gate`` (:class:`CallGate`: drain).
     """
 
-    def __init__(self, *, metrics=None, alerts=None, auth=None, gate: CallGate | None = None) -> None:
+    def __init__(self, *, metrics=None, alerts=None, auth=None, gate: CallGate | None = None,
+                 call_stats=None) -> None:
         self.metrics, self.alerts, self.auth, self.gate = metrics, alerts, auth, gate
+        self.call_stats = call_stats  # RollingCallStats for the error-rate / p99 alert rules
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -281,6 +283,8 @@ class _CallScope:
         if self.gated:
             self.owner.gate.exit()
         model = self.call.model or ""
+        if self.owner.call_stats is not None and self.is_chatbot:
+            self.owner.call_stats.record(seconds, code.name)
         metrics = self.owner.metrics
         if metrics is not None and self.is_chatbot:
             if not self.call.started:  # failed before a model was chosen: count it all the same

@@ -35,6 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chatforge.fileio import atomic_write_text
+from chatforge.serving.alert_rules import AlertRules, RollingCallStats
 from chatforge.serving.engine import Engine, ModelDirectory, ModelDirectoryWatcher
 from chatforge.serving.interceptors import CallGate, RequestContextInterceptor
 from chatforge.serving.service import SERVICE_NAME, ChatbotServicer
@@ -107,6 +108,8 @@ class ChatbotServer:
         model_dir: ModelDirectory | None = None,
         poll_interval: float = 5.0,
         max_message_bytes: int | None = None,
+        alert_rules=None,
+        alert_rules_interval: float = 15.0,
     ) -> None:
         if not (0 <= port <= 65535):
             raise ValueError(f"port={port!r} is out of range; allowed: 0 (ephemeral) to 65535")
@@ -133,6 +136,9 @@ class ChatbotServer:
         self.metrics, self.metrics_port, self.alerts, self.store = metrics, metrics_port, alerts, store
         self.auth, self.tls, self.model_dir, self.poll_interval = auth, tls, model_dir, poll_interval
         self.metrics_http = None
+        # Error-rate / p99 rules (serving/alert_rules.py), evaluated on a timer off the request path.
+        self.alert_rules, self.alert_rules_interval = alert_rules, alert_rules_interval
+        self._rules_task: asyncio.Task | None = None
         self.watcher: ModelDirectoryWatcher | None = None
         self.gate = CallGate()
         self.servicer = ChatbotServicer(store=store)
@@ -159,7 +165,8 @@ class ChatbotServer:
     async def start(self) -> int:
         """Bind, start answering (not ready), start loading the models; return the bound port."""
         interceptor = RequestContextInterceptor(metrics=self.metrics, alerts=self.alerts, auth=self.auth,
-                                                gate=self.gate)
+                                                gate=self.gate,
+                                                call_stats=self.alert_rules.stats if self.alert_rules else None)
         server = grpc.aio.server(interceptors=[interceptor], options=self._options)
         chatbot_pb2_grpc.add_ChatbotServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -191,7 +198,17 @@ class ChatbotServer:
             self.metrics_http = MetricsHTTPServer(self.metrics, self.host, self.metrics_port,
                                                   readiness=lambda: self.ready).start()
         self._load_task = asyncio.get_running_loop().create_task(self._load())
+        if self.alert_rules is not None:
+            self._rules_task = asyncio.get_running_loop().create_task(self._evaluate_rules())
         return self.port
+
+    async def _evaluate_rules(self) -> None:
+        while True:
+            await asyncio.sleep(self.alert_rules_interval)  # a schedule, not synchronisation
+            try:
+                self.alert_rules.check()
+            except Exception:  # a broken rule must never take the server down
+                logger.exception("alert rule evaluation failed")
 
     def _on_engine_error(self, exc: BaseException) -> None:
         if self.alerts is not None:
@@ -270,6 +287,8 @@ class ChatbotServer:
                            extra={"in_flight": self.gate.in_flight})
         if self.watcher is not None:
             self.watcher.stop()
+        if self._rules_task is not None:
+            self._rules_task.cancel()
         if self._server is not None:
             # Whatever is left (calls past the grace) is cancelled now.
             await self._server.stop(0.5 if self.gate.in_flight == 0 else 0)
@@ -406,6 +425,9 @@ def run_server(
         if tls_cert else None
     metrics = ServingMetrics()
     alerts = AlertManager.from_settings(settings)
+    rules = AlertRules(alerts, RollingCallStats(settings.alert_window_seconds),
+                       error_rate=settings.alert_error_rate, p99_seconds=settings.alert_p99_ms / 1000.0,
+                       min_calls=settings.alert_min_calls)
     store = ConversationStore.from_settings(settings)
     kwargs = dict(engine_kwargs or {})
     kwargs["metrics"] = metrics
@@ -423,7 +445,7 @@ def run_server(
         asyncio.run(serve(loader, host, port, grace=grace, port_file=port_file, metrics=metrics,
                           metrics_port=metrics_port if metrics_port is not None else None, alerts=alerts,
                           store=store, auth=auth, tls=tls, model_dir=directory, poll_interval=poll_interval,
-                          max_message_bytes=max_message_bytes))
+                          max_message_bytes=max_message_bytes, alert_rules=rules))
     finally:
         store.close()
         alerts.close()
