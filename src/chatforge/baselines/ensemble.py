@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-from chatforge.baselines.linear import check_texts
+from chatforge.baselines.tfidf import check_texts
 from chatforge.fileio import atomic_write_json
 from chatforge.registry import BuildContext, register_family
 

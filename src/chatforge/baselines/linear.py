@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
+from chatforge.baselines.tfidf import TfidfFeatures, check_texts
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.registry import BuildContext, register_family
 
@@ -66,33 +67,6 @@ class LinearConfig:
         return self
 
 
-def _vectorizer_kwargs(cfg: LinearConfig) -> dict[str, dict]:
-    common = {"min_df": cfg.min_df, "max_features": cfg.max_features, "sublinear_tf": cfg.sublinear_tf,
-              "lowercase": cfg.lowercase}
-    return {
-        "word": {**common, "analyzer": "word", "ngram_range": [1, cfg.word_ngram_max]},
-        "char": {**common, "analyzer": "char_wb", "ngram_range": [cfg.char_ngram_min, cfg.char_ngram_max]},
-    }
-
-
-def _make_vectorizer(kwargs: dict, vocabulary: dict[str, int] | None = None):
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    kw = {**kwargs, "ngram_range": tuple(kwargs["ngram_range"])}
-    return TfidfVectorizer(vocabulary=vocabulary, dtype=np.float32, **kw)
-
-
-def check_texts(texts: Sequence[str], what: str) -> list[str]:
-    """A list of strings, or a TypeError naming what was wrong (a lone string is a common slip)."""
-    if isinstance(texts, str):
-        raise TypeError(f"{what} must be a sequence of strings, not a single string")
-    texts = list(texts)
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"{what} must contain only strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
-    return texts
-
-
 class LinearTextClassifier:
     """TF-IDF (word + char_wb n-grams) -> multinomial logistic regression.
 
@@ -105,15 +79,12 @@ class LinearTextClassifier:
     def __init__(self, config: LinearConfig | None = None) -> None:
         self.config = config if config is not None else LinearConfig()
         self.labels: list[str] = []
-        self._vectorizers: dict = {}
+        self._features_: TfidfFeatures | None = None
         self._coef: np.ndarray | None = None  # (C, F) or (1, F) for two classes, as scikit-learn
         self._intercept: np.ndarray | None = None
 
     def _features(self, texts: Sequence[str]):
-        import scipy.sparse as sp
-
-        return sp.hstack([self._vectorizers[n].transform(texts) for n in ("word", "char")], format="csr",
-                         dtype=np.float32)
+        return self._features_.transform(texts)
 
     def fit(self, texts: Sequence[str], labels: Sequence[str], valid_texts: Sequence[str] | None = None,
             valid_labels: Sequence[str] | None = None) -> LinearTextClassifier:
@@ -127,11 +98,8 @@ class LinearTextClassifier:
         classes = sorted(set(labels))
         if len(classes) < 2:
             raise ValueError(f"need at least 2 distinct labels to train a classifier, got {classes}")
-        kwargs = _vectorizer_kwargs(self.config)
-        self._vectorizers = {name: _make_vectorizer(kw) for name, kw in kwargs.items()}
-        for vec in self._vectorizers.values():
-            vec.fit(texts)
-        x = self._features(texts)
+        self._features_ = TfidfFeatures.from_config(self.config)
+        x = self._features_.fit_transform(texts)
         logger.info("linear baseline: %d examples, %d classes, %d features", x.shape[0], len(classes), x.shape[1])
         clf = LogisticRegression(C=self.config.C, max_iter=self.config.max_iter,
                                  class_weight=self.config.class_weight, random_state=self.config.seed)
@@ -172,11 +140,7 @@ class LinearTextClassifier:
 
         self._require_fitted()
         d = Path(directory)
-        kwargs = _vectorizer_kwargs(self.config)
-        vecs = {name: {"kwargs": kwargs[name],
-                       "vocabulary": {t: int(i) for t, i in vec.vocabulary_.items()},
-                       "idf": [float(v) for v in vec.idf_]}  # float64 repr round-trips exactly
-                for name, vec in self._vectorizers.items()}
+        vecs = self._features_.to_json()
         atomic_write_bytes(d / WEIGHTS_FILE, st_save({"coef": np.ascontiguousarray(self._coef),
                                                       "intercept": np.ascontiguousarray(self._intercept)}))
         atomic_write_json(d / VECTORIZERS_FILE, vecs)
@@ -198,11 +162,7 @@ class LinearTextClassifier:
                              f"this chatforge reads version {FORMAT_VERSION}")
         self = cls(LinearConfig(**meta["config"]))
         self.labels = list(meta["labels"])
-        vecs = json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8"))
-        for name in ("word", "char"):
-            vec = _make_vectorizer(vecs[name]["kwargs"], vocabulary=vecs[name]["vocabulary"])
-            vec.idf_ = np.asarray(vecs[name]["idf"], dtype=np.float64)
-            self._vectorizers[name] = vec
+        self._features_ = TfidfFeatures.from_json(json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8")))
         w = load_file(str(d / WEIGHTS_FILE))
         self._coef, self._intercept = w["coef"], w["intercept"]
         n_rows = self._coef.shape[0]

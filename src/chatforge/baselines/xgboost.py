@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
+from chatforge.baselines.tfidf import TfidfFeatures, check_texts
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.inference import ClassPrediction
 from chatforge.registry import BuildContext, register_family
@@ -74,22 +75,6 @@ class XGBoostConfig:
         return self
 
 
-def _vectorizer_kwargs(cfg: XGBoostConfig) -> dict[str, dict]:
-    common = {"min_df": cfg.min_df, "max_features": cfg.max_features, "sublinear_tf": cfg.sublinear_tf,
-              "lowercase": cfg.lowercase, "dtype": "float32"}
-    return {
-        "word": {**common, "analyzer": "word", "ngram_range": [1, cfg.word_ngram_max]},
-        "char": {**common, "analyzer": "char_wb", "ngram_range": [cfg.char_ngram_min, cfg.char_ngram_max]},
-    }
-
-
-def _make_vectorizer(kwargs: dict, vocabulary: dict[str, int] | None = None):
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    kw = {**kwargs, "ngram_range": tuple(kwargs["ngram_range"]), "dtype": np.dtype(kwargs["dtype"]).type}
-    return TfidfVectorizer(vocabulary=vocabulary, **kw)
-
-
 class XGBoostTextClassifier:
     """TF-IDF (word + char_wb n-grams) -> XGBoost multi-class classifier (Chen & Guestrin 2016).
 
@@ -104,25 +89,15 @@ class XGBoostTextClassifier:
         self.oos_label: str = "oos"
         self.oos_threshold: float | None = None  # set from choose_oos_threshold on validation data
         self.best_iteration: int | None = None
-        self._vectorizers: dict = {}
+        self._features_: TfidfFeatures | None = None
         self._booster = None
 
     # -- features -------------------------------------------------------------------------------------
 
     def _features(self, texts: Sequence[str]):
-        import scipy.sparse as sp
+        return self._features_.transform(texts)
 
-        parts = [self._vectorizers[name].transform(texts) for name in ("word", "char")]
-        return sp.hstack(parts, format="csr", dtype=np.float32)
-
-    @staticmethod
-    def _check_texts(texts: Sequence[str], what: str) -> list[str]:
-        if isinstance(texts, str):
-            raise TypeError(f"{what} must be a sequence of strings, not a single string")
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise TypeError(f"{what} must contain only strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
-        return list(texts)
+    _check_texts = staticmethod(check_texts)
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -147,11 +122,8 @@ class XGBoostTextClassifier:
             raise ValueError("give both valid_texts and valid_labels, or neither")
         index = {c: i for i, c in enumerate(classes)}
 
-        kwargs = _vectorizer_kwargs(cfg)
-        self._vectorizers = {name: _make_vectorizer(kw) for name, kw in kwargs.items()}
-        for vec in self._vectorizers.values():
-            vec.fit(texts)
-        x = self._features(texts)
+        self._features_ = TfidfFeatures.from_config(cfg)
+        x = self._features_.fit_transform(texts)
         y = np.array([index[c] for c in labels])
         logger.info("xgboost baseline: %d examples, %d classes, %d features", x.shape[0], len(classes), x.shape[1])
 
@@ -236,16 +208,7 @@ class XGBoostTextClassifier:
         """Write ``xgb_model.json``, ``vectorizers.json`` and ``xgb_meta.json`` atomically."""
         self._require_fitted()
         d = Path(directory)
-        kwargs = _vectorizer_kwargs(self.config)
-        vecs = {
-            name: {
-                "kwargs": kwargs[name],
-                "vocabulary": {term: int(i) for term, i in vec.vocabulary_.items()},
-                # float64 repr round-trips exactly through JSON, so reloaded features are bit-identical
-                "idf": [float(v) for v in vec.idf_],
-            }
-            for name, vec in self._vectorizers.items()
-        }
+        vecs = self._features_.to_json()
         atomic_write_bytes(d / MODEL_FILE, bytes(self._booster.save_raw(raw_format="json")))
         atomic_write_json(d / VECTORIZERS_FILE, vecs)
         atomic_write_json(d / META_FILE, {
@@ -276,12 +239,7 @@ class XGBoostTextClassifier:
         self.best_iteration = meta["best_iteration"]
         self.oos_label = meta["oos_label"]
         self.oos_threshold = meta["oos_threshold"]
-        vecs = json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8"))
-        for name in ("word", "char"):
-            v = vecs[name]
-            vec = _make_vectorizer(v["kwargs"], vocabulary=v["vocabulary"])
-            vec.idf_ = np.asarray(v["idf"], dtype=np.float64)
-            self._vectorizers[name] = vec
+        self._features_ = TfidfFeatures.from_json(json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8")))
         booster = xgboost.Booster()
         booster.load_model(str(d / MODEL_FILE))
         booster.set_param({"nthread": self.config.n_jobs})

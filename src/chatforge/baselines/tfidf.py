@@ -1,0 +1,87 @@
+"""TF-IDF word + character n-gram features shared by the estimator baselines.
+
+Saved as JSON (parameters, vocabulary, idf), never pickled; float64 idf values round-trip
+exactly through JSON, so reloaded features are bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+NAMES = ("word", "char")
+
+
+def check_texts(texts: Sequence[str], what: str) -> list[str]:
+    """A list of strings, or a TypeError naming what was wrong (a lone string is a common slip)."""
+    if isinstance(texts, str):
+        raise TypeError(f"{what} must be a sequence of strings, not a single string")
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"{what} must contain only strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    return texts
+
+
+def vectorizer_kwargs(cfg: Any) -> dict[str, dict]:
+    """scikit-learn TfidfVectorizer arguments for the word and char_wb vectorizers of ``cfg``."""
+    common = {"min_df": cfg.min_df, "max_features": cfg.max_features, "sublinear_tf": cfg.sublinear_tf,
+              "lowercase": cfg.lowercase}
+    return {
+        "word": {**common, "analyzer": "word", "ngram_range": [1, cfg.word_ngram_max]},
+        "char": {**common, "analyzer": "char_wb", "ngram_range": [cfg.char_ngram_min, cfg.char_ngram_max]},
+    }
+
+
+def _make(kwargs: dict, vocabulary: dict[str, int] | None = None):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    kw = {k: v for k, v in kwargs.items() if k != "dtype"}  # always float32 features
+    kw["ngram_range"] = tuple(kw["ngram_range"])
+    return TfidfVectorizer(vocabulary=vocabulary, dtype=np.float32, **kw)
+
+
+class TfidfFeatures:
+    """Word + char_wb TF-IDF, concatenated into one sparse float32 matrix."""
+
+    def __init__(self, kwargs: dict[str, dict]):
+        self.kwargs = kwargs
+        self.vectorizers = {name: _make(kwargs[name]) for name in NAMES}
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TfidfFeatures:
+        return cls(vectorizer_kwargs(cfg))
+
+    def fit_transform(self, texts: Sequence[str]):
+        import scipy.sparse as sp
+
+        return sp.hstack([self.vectorizers[n].fit_transform(texts) for n in NAMES], format="csr",
+                         dtype=np.float32)
+
+    def transform(self, texts: Sequence[str]):
+        import scipy.sparse as sp
+
+        return sp.hstack([self.vectorizers[n].transform(texts) for n in NAMES], format="csr", dtype=np.float32)
+
+    @property
+    def n_features(self) -> int:
+        return sum(len(v.vocabulary_) for v in self.vectorizers.values())
+
+    def to_json(self) -> dict:
+        return {name: {"kwargs": self.kwargs[name],
+                       "vocabulary": {t: int(i) for t, i in vec.vocabulary_.items()},
+                       "idf": [float(v) for v in vec.idf_]}
+                for name, vec in self.vectorizers.items()}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> TfidfFeatures:
+        self = cls.__new__(cls)
+        self.kwargs = {name: doc[name]["kwargs"] for name in NAMES}
+        self.vectorizers = {}
+        for name in NAMES:
+            vec = _make(doc[name]["kwargs"], vocabulary=doc[name]["vocabulary"])
+            vec.idf_ = np.asarray(doc[name]["idf"], dtype=np.float64)
+            self.vectorizers[name] = vec
+        return self
