@@ -31,3 +31,17 @@ def _torch_threads():
 
     torch.set_num_threads(1)  # tiny models: one thread is faster and deterministic
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_cli_log_handlers_leak():
+    """The CLI installs a rich handler on the root logger; keep it from outliving a CLI test."""
+    import logging
+
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in before:
+            root.removeHandler(h)
+    root.setLevel(level)
