@@ -209,3 +209,108 @@ def test_shipped_config_runs_one_step(path, tmp_path):
     ])
     res = run_experiment(validate_config(tree), run_dir=tmp_path / "run")
     assert res.metrics["steps"] == 1 and (res.bundle_dir / "weights.safetensors").is_file()
+
+
+# ---- input_unit: byte (source network reads UTF-8 bytes; targets stay tokenizer pieces) ----
+
+PIECES = ["<pad>", "<s>", "</s>", "<unk>", "▁안녕", "하세요", "▁hi", "▁there", "!", "<0x41>", "▁", "요",
+          "▁잘", "가", "▁bye", "s", "▁네", "ok", "▁a", "b"]
+SPECIALS = [PAD, BOS, EOS, 3]
+
+
+def byte_model(**kw) -> ByteNet:
+    return ByteNet(tiny(input_unit="byte", unfold_a=0.5, **kw), V, PAD, pieces=PIECES, special_ids=SPECIALS)
+
+
+def test_byte_input_spells_ids_as_utf8():
+    model = byte_model()
+    ids = torch.tensor([[4, 5, 8, 0, 0], [6, 7, 9, 3, 0]])
+    got = model.to_bytes(ids)
+    rows = [" 안녕하세요!".encode(), b" hi thereA"]
+    for r, raw in enumerate(rows):
+        n = len(raw) + (1 if r == 1 else 0)  # <unk> is one reserved symbol
+        assert got[r, : len(raw)].tolist() == [b + 2 for b in raw]
+        assert (got[r, n:] == 0).all()
+    assert got[1, len(rows[1])].item() == 1 and got.size(1) == len(rows[0])
+    assert model.src_embed.num_embeddings == 258 and model.tgt_embed.num_embeddings == V
+    with pytest.raises(ValueError, match="input_unit 'byte' needs the tokenizer's 20 pieces"):
+        ByteNet(tiny(input_unit="byte"), V, PAD)
+    with pytest.raises(ValueError, match="needs the tokenizer in BuildContext"):
+        build_model("bytenet", tiny(input_unit="byte"), BuildContext("generation", V, SpecialIds()))
+    with pytest.raises(ValidationError, match="subword"):
+        tiny(input_unit="char")
+
+
+def test_byte_input_builds_from_registry_with_a_tokenizer():
+    class Tok:
+        vocab_size = V
+
+        def id_to_piece(self, i):
+            return PIECES[i]
+
+    m = build_model("bytenet", tiny(input_unit="byte"), BuildContext("generation", V, SpecialIds(), tokenizer=Tok()))
+    torch.testing.assert_close(m.to_bytes(torch.tensor([[6]])), torch.tensor([[b + 2 for b in b" hi"]]))
+
+
+def test_byte_input_padding_and_cached_decoding():
+    model = byte_model().eval()
+    src, padded = torch.tensor([[4, 5]]), torch.tensor([[4, 5, 0, 0]])
+    dec = torch.tensor([[BOS, 9, 10, 11, 12, 13, 14, 15, 16]])
+    torch.testing.assert_close(model(src, dec).logits, model(padded, dec).logits, atol=1e-5, rtol=1e-5)
+    src = torch.tensor([[4, 5, 8, 0], [6, 7, 9, 3]])
+    dec = torch.randint(3, V, (2, 14))  # runs past |t^| of the byte source
+    dec[:, 0] = BOS
+    with torch.inference_mode():
+        full = model(src, dec).logits
+        for use_cache in (True, False):
+            state = model.init_state(src, use_cache=use_cache)
+            steps = torch.stack([model.decode_step(dec[:, t : t + 1], state) for t in range(14)], 1)
+            torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    opts = GenerationOptions(max_new_tokens=12)
+    for s in ([4, 5], [6, 7, 9], [17]):
+        assert generate(model, s, opts, bos_id=BOS, eos_id=EOS, use_cache=True) == \
+            generate(model, s, opts, bos_id=BOS, eos_id=EOS, use_cache=False)
+
+
+def test_byte_input_overfits_four_mappings():
+    # Sources differ only in their bytes' order and content; targets are tokenizer pieces.
+    pairs = [([4, 5], [8, 9]), ([6, 7, 8], [10, 11, 12]), ([12, 13], [5, 5, 6]), ([14, 15], [7])]
+    s_w, t_w = max(len(s) for s, _ in pairs), max(len(t) for _, t in pairs) + 1
+    src = torch.tensor([s + [PAD] * (s_w - len(s)) for s, _ in pairs])
+    dec = torch.tensor([[BOS] + t + [PAD] * (t_w - 1 - len(t)) for _, t in pairs])
+    lab = torch.tensor([t + [EOS] + [-100] * (t_w - 1 - len(t)) for _, t in pairs])
+    model = byte_model(decoder_sets=1)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(300):
+        loss = model(src, dec, labels=lab).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    assert loss.item() < 0.05
+    model.eval()
+    for s, t in pairs:
+        assert generate(model, s, GenerationOptions(max_new_tokens=6), bos_id=BOS, eos_id=EOS) == t
+
+
+def test_byte_input_run_bundle_round_trip_and_serving(tmp_path):
+    tree = tiny_tree(tmp_path)
+    tree["model"].update(input_unit="byte", unfold_a=0.5)
+    res = run_experiment(validate_config(tree), run_dir=tmp_path / "run")
+    assert res.metrics["steps"] == 4
+    b1, b2 = load_bundle(res.bundle_dir), load_bundle(res.bundle_dir)
+    assert b1.model.byte_input and torch.equal(b1.model.byte_table, b2.model.byte_table)
+    ids = b1.tokenizer.encode("안녕하세요 반가워요")
+    text = "".join(b1.tokenizer.id_to_piece(i) for i in ids).replace("▁", " ")
+    assert b1.model.to_bytes(torch.tensor([ids]))[0].tolist() == [b + 2 for b in text.encode()]
+    src = torch.randint(4, b1.tokenizer.vocab_size, (2, 7))
+    tgt = torch.randint(4, b1.tokenizer.vocab_size, (2, 5))
+    with torch.inference_mode():
+        assert torch.equal(b1.model(input_ids=src, decoder_input_ids=tgt).logits,
+                           b2.model(input_ids=src, decoder_input_ids=tgt).logits)
+    g = load_model(res.bundle_dir, name="bytenet-bytes")
+    deltas = list(g.stream("안녕하세요", GenerationOptions(max_new_tokens=5)))
+    assert 1 <= len(deltas) <= 5
+    assert "".join(d.text for d in deltas) == g.tok.decode([d.token_id for d in deltas])

@@ -30,7 +30,8 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     path: str = Field(description="corpus file; 'sample' means the corpus shipped with chatforge")
-    format: Literal["auto", "chatbot_csv", "clinc150", "csv", "tsv", "jsonl"] = "auto"
+    # tagged_jsonl: {"tokens": [...], "tags": [...]} per line, for task token_classification only.
+    format: Literal["auto", "chatbot_csv", "clinc150", "csv", "tsv", "jsonl", "tagged_jsonl"] = "auto"
     text_field: str | None = None
     response_field: str | None = None
     label_field: str | None = None

@@ -5,13 +5,30 @@ blocks stacked on its output, target-aligned, with dynamic unfolding of the targ
 Registered as family ``bytenet`` for the task ``generation``. Inputs are the tokenizer's ids
 (subword pieces; a SentencePiece model trained with small vocabularies approaches characters),
 so bundles serve through :class:`chatforge.inference.Seq2SeqGenerator` like the Transformer's.
+
+``input_unit`` (config) chooses what the *source* network reads:
+
+``subword`` (default)
+    one position per tokenizer piece.
+``byte``
+    one position per UTF-8 byte of the source text, as in the paper's character-level models.
+    The model still takes tokenizer ids (every pipeline, the decoder and the serving wrappers hand
+    it ids) and spells them into bytes itself through a ``byte_table`` buffer built from the
+    tokenizer's pieces at build time (SentencePiece's ``▁`` is the space byte; special pieces
+    become one reserved symbol). The buffer is saved with the weights, so bundles carry it.
+
+The *target* side is always the tokenizer's pieces, in both modes: generation must yield tokenizer
+ids for streaming and decoding. With byte sources, target step t reads source *byte* position t,
+so ``unfold_a`` should roughly be pieces per byte (e.g. 0.4), not 1.2.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +43,12 @@ from chatforge.registry import BuildContext, register_family
 logger = logging.getLogger(__name__)
 
 PositiveInt = Annotated[int, Field(gt=0)]
+
+# Source-side byte symbols when input_unit == "byte": 0 is padding, 1 stands for any special
+# piece (<unk>, <s>, [SEP], ...), byte b is b + BYTE_OFFSET.
+BYTE_PAD, BYTE_SPECIAL, BYTE_OFFSET = 0, 1, 2
+BYTE_VOCAB = 256 + BYTE_OFFSET
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
@@ -53,6 +76,7 @@ class ByteNetConfig:
     max_len: PositiveInt = 512
     tie_embeddings: bool = False
     label_smoothing: Probability = 0.0
+    input_unit: Literal["subword", "byte"] = "subword"  # what the source network reads (module docstring)
 
     @model_validator(mode="after")
     def _check(self) -> ByteNetConfig:
@@ -60,6 +84,26 @@ class ByteNetConfig:
             raise ValueError(f"d_model={self.d_model} must be even (residual blocks narrow to d_model / 2)")
         dilation_schedule(self.max_dilation, 1)  # raises naming the allowed values
         return self
+
+
+def spell_bytes(pieces: Sequence[str], special_ids: Iterable[int] = ()) -> tuple[Tensor, Tensor]:
+    """UTF-8 spelling of every piece: (table (V, L) of byte symbols right-padded with BYTE_PAD,
+    lengths (V,)). ``special_ids`` map to one BYTE_SPECIAL symbol (the caller zeroes padding's
+    length); ``▁`` is a space; byte-fallback pieces ``<0xAB>`` are their byte."""
+    special = set(special_ids)
+    spelled: list[list[int]] = []
+    for i, piece in enumerate(pieces):
+        if i in special:
+            spelled.append([BYTE_SPECIAL])
+            continue
+        m = _BYTE_PIECE.fullmatch(piece)
+        raw = bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode("utf-8")
+        spelled.append([b + BYTE_OFFSET for b in raw] or [BYTE_SPECIAL])
+    width = max(len(b) for b in spelled)
+    table = torch.full((len(pieces), width), BYTE_PAD, dtype=torch.long)
+    for i, b in enumerate(spelled):
+        table[i, : len(b)] = torch.tensor(b)
+    return table, torch.tensor([len(b) for b in spelled], dtype=torch.long)
 
 
 @dataclass
@@ -94,16 +138,30 @@ class ByteNet(nn.Module):
     interface of :mod:`chatforge.decoding`, with a ring-buffer cache per causal conv.
     """
 
-    def __init__(self, cfg: ByteNetConfig, vocab_size: int, pad_id: int):
+    def __init__(self, cfg: ByteNetConfig, vocab_size: int, pad_id: int, *, pieces: Sequence[str] | None = None,
+                 special_ids: Iterable[int] = ()):
+        """``pieces`` (the tokenizer's piece of every id) and ``special_ids`` are needed, and only
+        used, when ``cfg.input_unit == "byte"``."""
         super().__init__()
         self.cfg, self.pad_id, self.max_len = cfg, pad_id, cfg.max_len
         d = cfg.d_model
-        self.src_embed = nn.Embedding(vocab_size, d, padding_idx=pad_id)
+        self.byte_input = cfg.input_unit == "byte"
+        if self.byte_input:
+            if pieces is None or len(pieces) != vocab_size:
+                got = "none" if pieces is None else f"{len(pieces)}"
+                raise ValueError(f"input_unit 'byte' needs the tokenizer's {vocab_size} pieces to spell ids "
+                                 f"as bytes; got {got} (build through the registry with a tokenizer)")
+            table, lengths = spell_bytes(pieces, set(special_ids) - {pad_id})
+            lengths[pad_id] = 0  # padding spells to nothing
+            self.register_buffer("byte_table", table)  # (V, L)
+            self.register_buffer("byte_len", lengths)  # (V,)
+        self.src_pad = BYTE_PAD if self.byte_input else pad_id
+        self.src_embed = nn.Embedding(BYTE_VOCAB if self.byte_input else vocab_size, d, padding_idx=self.src_pad)
         self.tgt_embed = nn.Embedding(vocab_size, d, padding_idx=pad_id)
-        for emb in (self.src_embed, self.tgt_embed):
+        for emb, pad in ((self.src_embed, self.src_pad), (self.tgt_embed, pad_id)):
             nn.init.normal_(emb.weight, std=d**-0.5)
             with torch.no_grad():
-                emb.weight[pad_id].zero_()
+                emb.weight[pad].zero_()
         self.encoder = DilatedConvStack(d, cfg.encoder_kernel_size,
                                         dilation_schedule(cfg.max_dilation, cfg.encoder_sets), False, cfg.dropout)
         self.decoder = DilatedConvStack(d, cfg.decoder_kernel_size,
@@ -127,16 +185,31 @@ class ByteNet(nn.Module):
         """|t^| = floor(a * |s| + b) per row (paper section 3.2), source_len (B,) -> (B,)."""
         return torch.floor(source_len.double() * self.cfg.unfold_a + self.cfg.unfold_b).long().clamp(min=1)
 
+    def to_bytes(self, input_ids: Tensor) -> Tensor:
+        """Tokenizer ids (B, S) right-padded -> byte symbols (B, N) right-padded with BYTE_PAD,
+        each row the concatenated spelling of its pieces (N = the longest row)."""
+        spelled = self.byte_table[input_ids]  # (B, S, L)
+        keep = torch.arange(spelled.size(2), device=input_ids.device) < self.byte_len[input_ids][..., None]
+        flat, keep = spelled.flatten(1), keep.flatten(1)  # (B, S*L)
+        n = int(keep.sum(1).max())
+        # Kept bytes go to their rank among the row's kept bytes; the rest to a spill column n.
+        pos = torch.where(keep, keep.long().cumsum(1) - 1, torch.full_like(flat, n))
+        out = flat.new_full((flat.size(0), n + 1), BYTE_PAD).scatter_(1, pos, flat)
+        return out[:, :n].contiguous()  # (B, N)
+
     def encode(self, input_ids: Tensor, target_len: int | None = None) -> Tensor:
         """input_ids (B, S) right-padded -> source representation (B, U, D), zero past each row's |t^|.
 
         U covers the longest |t^| and, if given, ``target_len`` (the positions the target network
-        will read); the source network sees each row's tokens, then zeros up to its |t^|.
+        will read); the source network sees each row's tokens (bytes with input_unit 'byte'), then
+        zeros up to its |t^|.
         """
-        src_len = (input_ids != self.pad_id).sum(1)  # (B,)
+        if self.byte_input:
+            input_ids = self.to_bytes(input_ids)  # (B, N): source positions are bytes from here on
+        src_len = (input_ids != self.src_pad).sum(1)  # (B,)
         unfold = self.unfolded_length(src_len)  # (B,)
         u = max(int(unfold.max()), input_ids.size(1), target_len or 0)
-        ids = F.pad(input_ids, (0, u - input_ids.size(1)), value=self.pad_id)  # (B, U)
+        ids = F.pad(input_ids, (0, u - input_ids.size(1)), value=self.src_pad)  # (B, U)
         pos = torch.arange(u, device=ids.device)[None]  # (1, U)
         active = pos < unfold[:, None]  # (B, U): the unfolded region of each row
         x = self.dropout(self.src_embed(ids))  # (B, U, D); pad embeddings are zero
@@ -201,10 +274,19 @@ def build(cfg: ByteNetConfig, ctx: BuildContext) -> nn.Module:
     """Builder for the registry: ``generation`` -> :class:`ByteNet`."""
     if ctx.task != "generation":
         raise ValueError(f"bytenet does not support task {ctx.task!r}; supported: generation")
-    model = ByteNet(cfg, ctx.vocab_size, ctx.special.pad)
+    pieces = None
+    if cfg.input_unit == "byte":
+        tok = ctx.tokenizer
+        if tok is None:
+            raise ValueError("bytenet with input_unit 'byte' needs the tokenizer in BuildContext (to spell its "
+                             "pieces as bytes); use input_unit 'subword' or pass BuildContext(tokenizer=...)")
+        pieces = [tok.id_to_piece(i) for i in range(ctx.vocab_size)]
+    sp = ctx.special
+    specials = [i for i in (sp.pad, sp.bos, sp.eos, sp.unk, sp.cls, sp.sep, sp.mask) if i is not None]
+    model = ByteNet(cfg, ctx.vocab_size, sp.pad, pieces=pieces, special_ids=specials)
     logger.debug("bytenet: %d source / %d target layers, receptive fields %d / %d", len(model.encoder.blocks),
                  len(model.decoder.blocks), model.encoder_receptive_field, model.decoder_receptive_field)
     return model
 
 
-__all__ = ["ByteNet", "ByteNetConfig", "ByteNetState"]
+__all__ = ["ByteNet", "ByteNetConfig", "ByteNetState", "spell_bytes"]

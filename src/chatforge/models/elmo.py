@@ -91,10 +91,11 @@ def spell_pieces(pieces: list[str], max_chars: int) -> Tensor:
     return table
 
 
-# Character encoders built without a tokenizer, waiting for one. The registry's BuildContext
-# does not carry the tokenizer, so the ELMo task pipelines (which receive it) bind the spelling
-# table of freshly built models through :func:`bind_pending_vocabulary`. A model whose table
-# is loaded from weights (a bundle, init_from) leaves this set.
+# Character encoders built without a tokenizer (BuildContext.tokenizer is None, e.g. a model
+# built directly), waiting for one: the ELMo task pipelines (which receive it) bind the spelling
+# table of such models through :func:`bind_pending_vocabulary`. A model whose table is loaded
+# from weights (a bundle, init_from) leaves this set. Built through the registry with a
+# tokenizer, the table is filled at once.
 _PENDING: weakref.WeakSet[CharCNNEncoder] = weakref.WeakSet()
 
 

@@ -20,7 +20,10 @@ Tasks registered for family ``bert``:
 ``token_classification``
     One tag per whitespace word; a word's tag goes on its first sub-token, the other sub-tokens
     are ignored (-100), as in the paper's NER setup (section 5.3). See :func:`read_tagged_jsonl`
-    for the file format and :class:`TokenTaggingDataset`.
+    for the file format and :class:`TokenTaggingDataset`. From YAML: ``data.format: tagged_jsonl``;
+    the run driver reads the file through this task's ``load`` hook into :class:`TaggedExample`
+    and takes the bundle's labels.json from the tags seen in training (``labels`` hook).
+    :func:`tag_words` tags a sentence with a trained model.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -252,6 +257,42 @@ def read_tagged_jsonl(path: str | Path) -> list[tuple[list[str], list[str]]]:
     return out
 
 
+@dataclass(frozen=True)
+class TaggedExample(Example):
+    """A tagged sentence as an :class:`Example`: ``text`` is the words joined by spaces (what the
+    tokenizer trains on and the splitter groups duplicates by), ``tokens``/``tags`` the exact
+    words and their tags."""
+
+    tokens: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+def load_tagged_examples(path: str | Path, data: Any = None) -> list[TaggedExample]:
+    """The ``load`` hook of ``token_classification``: a :func:`read_tagged_jsonl` file -> examples.
+
+    ``data`` is the run's ``DataConfig``; its format must be ``tagged_jsonl`` (or ``auto``).
+    """
+    fmt = getattr(data, "format", "tagged_jsonl")
+    if fmt not in ("auto", "tagged_jsonl"):
+        raise TaskDataError(f"task 'token_classification' reads data.format 'tagged_jsonl' "
+                            f'({{"tokens": [...], "tags": [...]}} per line); got data.format {fmt!r}')
+    path = Path(path)
+    return [TaggedExample(text=" ".join(toks), source=f"{path}:{n}", tokens=tuple(toks), tags=tuple(tags))
+            for n, (toks, tags) in enumerate(read_tagged_jsonl(path), start=1)]
+
+
+def tagged_label_set(examples: Sequence[Example]) -> list[str]:
+    """The ``labels`` hook of ``token_classification``: sorted tags of the examples ("O" first)."""
+    untagged = [e.source or repr(e.text) for e in examples if not getattr(e, "tags", None)]
+    if untagged:
+        raise TaskDataError(f"task 'token_classification' needs tagged sentences (data.format: tagged_jsonl); "
+                            f"{len(untagged)} example(s) have no tags, e.g. {untagged[:3]}")
+    tags = sorted({t for e in examples for t in e.tags}, key=lambda t: (t != "O", t))
+    if len(tags) < 2:
+        raise TaskDataError(f"task 'token_classification' needs at least 2 distinct tags, found {tags}")
+    return tags
+
+
 class TokenTaggingDataset(Dataset):
     """``[CLS] w1 w2 ... [SEP]`` with a tag index on each word's first sub-token, -100 elsewhere."""
 
@@ -307,3 +348,34 @@ def _pair_classification(spec: TaskSpec, examples: Sequence[Example], tok) -> Da
     assert spec.labels is not None
     return BertClassificationDataset(examples, tok.special, tok.encode_batch, spec.labels,
                                      spec.max_source_len, pairs=True)
+
+
+@register_task("token_classification", family="bert", needs_labels=True, load=load_tagged_examples,
+               labels=tagged_label_set)
+def _token_classification(spec: TaskSpec, examples: Sequence[Example], tok) -> Dataset:
+    assert spec.labels is not None
+    sentences = [(list(e.tokens), list(e.tags)) for e in examples]
+    missing = [e.source or repr(e.text) for e in examples if not getattr(e, "tags", None)]
+    if missing:
+        raise TaskDataError(f"task 'token_classification' needs tagged sentences; {len(missing)} example(s) "
+                            f"have none, e.g. {missing[:3]}")
+    return TokenTaggingDataset(sentences, tok.special, tok.encode_batch, spec.labels, spec.max_source_len)
+
+
+@torch.no_grad()
+def tag_words(model, tok, words: Sequence[str], labels: Sequence[str], max_len: int = 128) -> list[str]:
+    """Tag each word of ``words`` with a token-classification model: the prediction on the word's
+    first sub-token, as in training. Words cut off by ``max_len`` get no tag (the list is shorter)."""
+    if not words:
+        raise ValueError("words is empty; give at least one word to tag")
+    ds = TokenTaggingDataset([(list(words), [labels[0]] * len(words))], tok.special, tok.encode_batch,
+                             list(labels), max_len)
+    batch = ds.collate([ds[0]])
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]).logits  # (1, T, C)
+    finally:
+        model.train(was_training)
+    first = batch["labels"][0] != IGNORE_INDEX  # (T,) the first sub-token of each kept word
+    return [labels[i] for i in logits[0, first].argmax(-1).tolist()]

@@ -33,7 +33,7 @@ from chatforge.fileio import atomic_write_bytes
 from chatforge.tokenizer import Tokenizer
 from chatforge.training import distributed as ddp
 from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
-from chatforge.training.tasks import TaskSpec, get_task, label_set, make_dataset
+from chatforge.training.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset
 from chatforge.training.trainer import Callback, LoggingCallback, Trainer, resolve_device
 
 RUN_TOKENIZER = "tokenizer.model"
@@ -73,7 +73,21 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
         raise ConfigError(f"data.path: file not found: {path}")
     kw = dict(format=d.format, text_field=d.text_field, response_field=d.response_field,
               label_field=d.label_field, on_error=d.on_error)
-    if d.split == "predefined":
+    task_def = _task_def_or_none(cfg)
+    if task_def is not None and task_def.load is not None:
+        # The task reads its own file format (token tagging); splits work on its examples as on any.
+        if d.split == "predefined":
+            raise ConfigError(f"data.split: 'predefined' is not available for task {cfg.model.task!r}; "
+                              "use 'random'")
+        examples = task_def.load(path, d)
+        s = split_examples(examples, valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
+                           seed=cfg.seed, stratify=d.stratify)
+        train, valid, test = s.train, s.valid, s.test
+        rep = None
+    elif d.format == "tagged_jsonl":
+        raise ConfigError(f"data.format: 'tagged_jsonl' is for task token_classification (family bert); "
+                          f"task {cfg.model.task!r} reads auto, chatbot_csv, clinc150, csv, tsv or jsonl")
+    elif d.split == "predefined":
         train, rep = read_examples(path, clinc_keys=tuple(d.train_keys), **kw)
         valid, _ = read_examples(path, clinc_keys=tuple(d.valid_keys), **kw)
         test: list[Example] = []
@@ -82,13 +96,22 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
         s = split_examples(examples, valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
                            seed=cfg.seed, stratify=d.stratify)
         train, valid, test = s.train, s.valid, s.test
-    if rep.n_rejected or rep.n_normalised:
+    if rep is not None and (rep.n_rejected or rep.n_normalised):
         log.warning("%s: %d row(s) rejected, %d normalised", path, rep.n_rejected, rep.n_normalised)
     if d.max_examples:
         train = train[: d.max_examples]
     if not train:
         raise ConfigError(f"data.path: {path} gave no training examples")
     return train, valid, test, path
+
+
+def _task_def_or_none(cfg: ExperimentConfig) -> TaskDef | None:
+    # Estimator families and unknown tasks fail later with their own messages; here only a
+    # task's own data loader matters.
+    try:
+        return get_task(cfg.model.task, cfg.model.family)
+    except TaskDataError:
+        return None
 
 
 def _tokenizer_for(cfg: ExperimentConfig, train: list[Example]) -> Tokenizer:
@@ -223,7 +246,7 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
     if main and not resume:
         atomic_write_bytes(run_dir / RUN_TOKENIZER, tok.model_proto)
     task_def = get_task(cfg.model.task, cfg.model.family)
-    labels = label_set(train) if task_def.needs_labels else None
+    labels = task_def.label_set(train) if task_def.needs_labels else None
     spec = TaskSpec(cfg.model.task, cfg.model.family, cfg.train.max_source_len, cfg.train.max_target_len, labels)
     model = build_from_config(cfg, tok, labels)
     if cfg.model.init_from:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -115,19 +117,30 @@ class TaskDef:
 
     ``needs_labels``: the task has a label set (stored in the bundle's labels.json).
     ``generates``: the trained model can answer with text (sample replies, Reply RPC).
+    ``load``: ``(path, data_config) -> examples`` for a task whose data is not rows of text
+    (token tagging reads one tagged sentence per line); ``None`` reads with ``read_examples``.
+    ``labels``: ``examples -> label set`` when the labels are not ``Example.label`` (tag sets);
+    ``None`` uses :func:`label_set`.
     """
 
     name: str
     build: Callable[[TaskSpec, Sequence[Example], Tokenizer], Dataset]
     needs_labels: bool = False
     generates: bool = False
+    load: Callable[[Path, Any], list[Example]] | None = None
+    labels: Callable[[Sequence[Example]], list[str]] | None = None
+
+    def label_set(self, examples: Sequence[Example]) -> list[str]:
+        return (self.labels or label_set)(examples)
 
 
 _TASKS: dict[tuple[str | None, str], TaskDef] = {}
 
 
-def register_task(name: str, *, family: str | None = None, needs_labels: bool = False, generates: bool = False):
-    """Register a dataset builder for a task name.
+def register_task(name: str, *, family: str | None = None, needs_labels: bool = False, generates: bool = False,
+                  load: Callable[[Path, Any], list[Example]] | None = None,
+                  labels: Callable[[Sequence[Example]], list[str]] | None = None):
+    """Register a dataset builder for a task name (``load``/``labels``: see :class:`TaskDef`).
 
     ``family=None`` registers the default pipeline for the task; a family whose
     inputs differ (GPT's ``question [SEP] answer``, BERT's ``[CLS] a [SEP] b [SEP]``
@@ -138,7 +151,7 @@ def register_task(name: str, *, family: str | None = None, needs_labels: bool = 
         key = (family, name)
         if key in _TASKS:
             raise ValueError(f"task {name!r} (family {family!r}) is already registered")
-        _TASKS[key] = TaskDef(name, fn, needs_labels, generates)
+        _TASKS[key] = TaskDef(name, fn, needs_labels, generates, load, labels)
         return fn
 
     return deco
