@@ -43,7 +43,29 @@ class VocabTooLargeError(TokenizerError):
         )
 
 
-class Tokenizer:
+class SpecialIdsMixin:
+    """The special-token id accessors every tokenizer kind shares (reads ``self.special``)."""
+
+    special: SpecialIds
+
+    @property
+    def pad_id(self) -> int:
+        return self.special.pad
+
+    @property
+    def bos_id(self) -> int:
+        return self.special.bos
+
+    @property
+    def eos_id(self) -> int:
+        return self.special.eos
+
+    @property
+    def unk_id(self) -> int:
+        return self.special.unk
+
+
+class Tokenizer(SpecialIdsMixin):
     """A loaded SentencePiece model plus the special-token contract.
 
     Bundles may also carry a Hugging Face ``tokenizer.json`` (checkpoints converted
@@ -143,22 +165,6 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
-
-    @property
-    def pad_id(self) -> int:
-        return self.special.pad
-
-    @property
-    def bos_id(self) -> int:
-        return self.special.bos
-
-    @property
-    def eos_id(self) -> int:
-        return self.special.eos
-
-    @property
-    def unk_id(self) -> int:
-        return self.special.unk
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids, without <s>/</s> (callers add them where their family needs them)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from chatforge.fileio import atomic_write_bytes
 from chatforge.registry import SpecialIds
-from chatforge.tokenizer import IncrementalDecoder, TokenizerError
+from chatforge.tokenizer import IncrementalDecoder, SpecialIdsMixin, TokenizerError
 
 _PAD = ("[PAD]", "<pad>", "<|pad|>", "<|padding|>")
 _BOS = ("<s>", "<|endoftext|>", "[CLS]", "<|startoftext|>")
@@ -35,7 +35,7 @@ _SEP = ("[SEP]", "<sep>")
 _MASK = ("[MASK]", "<mask>")
 
 
-class HFTokenizer:
+class HFTokenizer(SpecialIdsMixin):
     """Wraps a ``tokenizers.Tokenizer`` from ``tokenizer.json`` with :class:`chatforge.tokenizer.Tokenizer`'s
     surface: ``kind``, ``filename``, ``to_bytes``, ``special``, ``encode``/``decode``, ``sha256``."""
 
@@ -109,22 +109,6 @@ class HFTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def pad_id(self) -> int:
-        return self.special.pad
-
-    @property
-    def bos_id(self) -> int:
-        return self.special.bos
-
-    @property
-    def eos_id(self) -> int:
-        return self.special.eos
-
-    @property
-    def unk_id(self) -> int:
-        return self.special.unk
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids without the tokenizer's own post-processing (no [CLS]/[SEP] added)."""
