@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-from chatforge.baselines.tfidf import TfidfFeatures, check_texts
+from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.registry import BuildContext, register_family
 
@@ -153,13 +153,7 @@ class LinearTextClassifier:
         from safetensors.numpy import load_file
 
         d = Path(directory)
-        missing = [f for f in (META_FILE, VECTORIZERS_FILE, WEIGHTS_FILE) if not (d / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{d} is not a saved LinearTextClassifier: missing {', '.join(missing)}")
-        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported {META_FILE} format_version {meta.get('format_version')!r}; "
-                             f"this chatforge reads version {FORMAT_VERSION}")
+        meta = read_saved_meta(d, (META_FILE, VECTORIZERS_FILE, WEIGHTS_FILE), META_FILE, FORMAT_VERSION, "LinearTextClassifier")
         self = cls(LinearConfig(**meta["config"]))
         self.labels = list(meta["labels"])
         self._features_ = TfidfFeatures.from_json(json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8")))

@@ -6,7 +6,9 @@ exactly through JSON, so reloaded features are bit-identical.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,18 @@ def check_texts(texts: Sequence[str], what: str) -> list[str]:
     if bad:
         raise TypeError(f"{what} must contain only strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
     return texts
+
+
+def read_saved_meta(directory: Path, files: Sequence[str], meta_file: str, version: int, what: str) -> dict:
+    """Check a saved estimator folder has ``files`` and a readable ``meta_file`` of ``version``."""
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not a saved {what}: missing {', '.join(missing)}")
+    meta = json.loads((directory / meta_file).read_text(encoding="utf-8"))
+    if meta.get("format_version") != version:
+        raise ValueError(f"unsupported {meta_file} format_version {meta.get('format_version')!r}; "
+                         f"this chatforge reads version {version}")
+    return meta
 
 
 def vectorizer_kwargs(cfg: Any) -> dict[str, dict]:

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-from chatforge.baselines.tfidf import TfidfFeatures, check_texts
+from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.inference import ClassPrediction
 from chatforge.registry import BuildContext, register_family
@@ -227,13 +227,7 @@ class XGBoostTextClassifier:
         import xgboost
 
         d = Path(directory)
-        missing = [f for f in (MODEL_FILE, VECTORIZERS_FILE, META_FILE) if not (d / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{d} is not a saved XGBoostTextClassifier: missing {', '.join(missing)}")
-        meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported {META_FILE} format_version {meta.get('format_version')!r}; "
-                             f"this chatforge reads version {FORMAT_VERSION}")
+        meta = read_saved_meta(d, (MODEL_FILE, VECTORIZERS_FILE, META_FILE), META_FILE, FORMAT_VERSION, "XGBoostTextClassifier")
         self = cls(XGBoostConfig(**meta["config"]))
         self.labels = list(meta["labels"])
         self.best_iteration = meta["best_iteration"]
