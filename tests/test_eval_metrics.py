@@ -105,6 +105,22 @@ def test_choose_oos_threshold_finds_known_threshold():
         choose_oos_threshold(probs[:3], y_true[:3], labels)
 
 
+def test_choose_oos_threshold_bounds_the_in_scope_accuracy_it_gives_up():
+    labels = ["a", "b"]
+    # 4 in-scope examples, one of them correct but unsure (0.55); 2 oos examples at 0.6 and 0.52.
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.55, 0.45], [0.6, 0.4], [0.48, 0.52]])
+    y_true = ["a", "b", "a", "a", "oos", "oos"]
+    t, m = choose_oos_threshold(probs, y_true, labels)  # equal weights: lose 1/4 accuracy for all the recall
+    assert t == pytest.approx(0.61) and m["in_scope_accuracy"] == 0.75 and m["oos_recall"] == 1.0
+    t, m = choose_oos_threshold(probs, y_true, labels, max_in_scope_drop=0.1)
+    # within a 10-point loss only thresholds up to 0.55 qualify: the 0.52 example is caught, not the 0.6 one
+    assert t == pytest.approx(0.53) and m["in_scope_accuracy"] == 1.0 and m["oos_recall"] == 0.5
+    t, m = choose_oos_threshold(probs[[0, 1, 3, 4]], [y_true[i] for i in (0, 1, 3, 4)], labels, max_in_scope_drop=0.0)
+    assert t == pytest.approx(0.0) and m["oos_recall"] == 0.0  # any threshold that helps costs accuracy
+    with pytest.raises(ValueError, match="max_in_scope_drop must be in"):
+        choose_oos_threshold(probs, y_true, labels, max_in_scope_drop=2.0)
+
+
 def test_distinct_n_average_length_perplexity():
     texts = ["a b a b", "a b c"]
     assert distinct_n(texts, 1) == pytest.approx(3 / 7)

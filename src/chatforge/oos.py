@@ -168,7 +168,8 @@ def fit_policy(cfg_oos, predict_proba: Callable[[list[str]], np.ndarray], labels
     if policy.policy == "threshold":
         if policy.threshold is None:
             _require_both(valid_labels, policy.label, "a validation split", "threshold")
-            t, m = choose_oos_threshold(predict_proba(valid_texts), valid_labels, list(labels), policy.label)
+            t, m = choose_oos_threshold(predict_proba(valid_texts), valid_labels, list(labels), policy.label,
+                                        max_in_scope_drop=getattr(cfg_oos, "max_in_scope_drop", None))
             policy.threshold, policy.valid_metrics = t, m
         logger.info("oos-threshold: %.2f", policy.threshold)
         return policy

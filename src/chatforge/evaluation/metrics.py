@@ -166,12 +166,18 @@ def choose_oos_threshold(
     labels: Sequence[str],
     oos_label: str = "oos",
     grid: Sequence[float] = DEFAULT_OOS_GRID,
+    max_in_scope_drop: float | None = None,
 ) -> tuple[float, dict]:
     """Pick the oos probability threshold on a validation set.
 
     Criterion: maximise ``in_scope_accuracy + oos_recall`` (the two numbers Larson et al. report
     side by side, weighted equally, so the threshold cannot buy recall with unbounded accuracy
     loss or vice versa). Ties go to the smallest threshold, i.e. the least intervention.
+
+    ``max_in_scope_drop`` (e.g. 0.005): only thresholds whose in-scope accuracy is at most this
+    far below the model's own (no threshold) are candidates. With 100 oos against 3,000 in-scope
+    validation examples, the equal-weight criterion happily trades 7 points of accuracy for 50 of
+    recall; a product usually cannot, and this bound says how much accuracy recall may cost.
     Returns ``(threshold, oos_metrics at that threshold + {"criterion": value})``.
     """
     _check_same_length(probs, y_true, "probs", "y_true")
@@ -181,12 +187,23 @@ def choose_oos_threshold(
         )
     if not grid:
         raise ValueError("grid must contain at least one threshold")
-    best_t, best_score, best_m = None, -math.inf, {}
+    if max_in_scope_drop is not None and not 0.0 <= max_in_scope_drop <= 1.0:
+        raise ValueError(f"max_in_scope_drop must be in [0, 1] (an accuracy fraction), got {max_in_scope_drop}")
+    floor = -math.inf
+    if max_in_scope_drop is not None:
+        base = oos_metrics(y_true, apply_oos_threshold(probs, labels, 0.0, oos_label), oos_label)
+        floor = base["in_scope_accuracy"] - max_in_scope_drop - 1e-12
+    best_t, best_score, best_m = 0.0, -math.inf, {}
     for t in sorted(float(g) for g in grid):
         m = oos_metrics(y_true, apply_oos_threshold(probs, labels, t, oos_label), oos_label)
+        if m["in_scope_accuracy"] < floor:
+            continue
         score = m["in_scope_accuracy"] + m["oos_recall"]
         if score > best_score + 1e-12:
             best_t, best_score, best_m = t, score, m
+    if not best_m:  # every grid point drops too much accuracy: no threshold at all
+        best_m = oos_metrics(y_true, apply_oos_threshold(probs, labels, 0.0, oos_label), oos_label)
+        best_score = best_m["in_scope_accuracy"] + best_m["oos_recall"]
     logger.info("chose oos threshold %.3f (in-scope acc + oos recall = %.4f)", best_t, best_score)
     return best_t, {**best_m, "criterion": best_score}
 
