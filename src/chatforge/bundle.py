@@ -2,7 +2,8 @@
 
     weights.safetensors   tensors only (no pickle, so loading never executes code)
     tokenizer.model       the SentencePiece model the weights were trained with (or tokenizer.json,
-                          a Hugging Face tokenizer, for converted checkpoints: metadata says which)
+                          a Hugging Face tokenizer, for converted checkpoints; byte_tokenizer.json, the
+                          fixed byte-level vocabulary of tokenizer.kind byte: metadata says which)
     config.yaml           the resolved experiment config: how the model was made
     labels.json           class labels, for classifiers
     metadata.json         chatforge version, family, task, data/tokenizer hashes, metrics, created time

@@ -55,11 +55,36 @@ class DataConfig(_Strict):
 
 
 class TokenizerConfig(_Strict):
+    """``kind: sentencepiece`` trains (or reuses, ``path``) a SentencePiece model; ``kind: byte`` is the fixed
+    byte-level vocabulary (chatforge.tokenizer.ByteTokenizer), so the SentencePiece keys do not apply to it."""
+
+    kind: Literal["sentencepiece", "byte"] = "sentencepiece"
     path: str | None = Field(None, description="reuse an existing SentencePiece .model instead of training")
     model_type: Literal["unigram", "bpe"] = "unigram"
     vocab_size: int = Field(8000, ge=16, le=1_000_000)
     character_coverage: float = Field(0.9995, gt=0.9, le=1.0)
     on_vocab_too_large: Literal["error", "lower"] = "error"
+
+    @model_validator(mode="after")
+    def _byte_kind(self) -> TokenizerConfig:
+        if self.kind != "byte":
+            return self
+        from chatforge.tokenizer import BYTE_VOCAB_SIZE
+
+        # A resolved config (run folder, bundle) spells out every default, so a key is only wrong when
+        # it asks for something a byte vocabulary cannot do; vocab_size is then recorded as the real size.
+        bad = [f"tokenizer.{k}={getattr(self, k)!r}" for k in ("path", "model_type", "character_coverage",
+                                                              "on_vocab_too_large")
+               if k in self.model_fields_set and getattr(self, k) != type(self).model_fields[k].default]
+        if "vocab_size" in self.model_fields_set and self.vocab_size != BYTE_VOCAB_SIZE:
+            bad.insert(0, f"tokenizer.vocab_size={self.vocab_size}")
+        if bad:
+            raise ValueError(
+                f"{', '.join(bad)}: not used with tokenizer.kind 'byte', whose vocabulary is fixed (7 special ids"
+                f" + 256 bytes = {BYTE_VOCAB_SIZE}) and has nothing to train; remove these keys, or use"
+                " tokenizer.kind 'sentencepiece'")
+        self.__dict__["vocab_size"] = BYTE_VOCAB_SIZE  # bypasses validate_assignment (it would re-enter here)
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -167,6 +192,9 @@ class OOSConfig(_Strict):
     policy: Literal["train", "threshold", "binary"] = "train"
     label: str = Field("oos", min_length=1)
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="fixed threshold instead of choosing one")
+    # policy threshold: only thresholds losing at most this much validation in-scope accuracy (a fraction,
+    # e.g. 0.005) are candidates (chatforge.evaluation.metrics.choose_oos_threshold); None: the paper's criterion.
+    max_in_scope_drop: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class ExperimentConfig(_Strict):

@@ -4,12 +4,17 @@ Ids: ``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<unk>``=3; control symbols ``[CLS]`` 
 ``[SEP]`` (never produced by encoding text, only inserted by code); user-defined
 ``[MASK]`` (a piece the encoder keeps whole when it appears in text). Models, data
 and decoders read these ids from here, never from literals (Kudo & Richardson 2018).
+
+``tokenizer.kind: byte`` selects :class:`ByteTokenizer` instead: the same special ids, then the 256
+UTF-8 byte values at fixed offsets. It has nothing to train and is stored as a small JSON file.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -187,15 +192,198 @@ class Tokenizer(SpecialIdsMixin):
         return IncrementalDecoder(self)
 
 
+TOKENIZER_KINDS = ("sentencepiece", "byte", "hf_tokenizers")
+
+
 def load_tokenizer(path: str | Path, kind: str = "sentencepiece"):
-    """Load a tokenizer file of the given kind ("sentencepiece" or "hf_tokenizers")."""
+    """Load a tokenizer file of the given kind ("sentencepiece", "byte" or "hf_tokenizers")."""
     if kind == "sentencepiece":
         return Tokenizer.load(path)
+    if kind == "byte":
+        return ByteTokenizer.load(path)
     if kind == "hf_tokenizers":
         from chatforge.interop.hf_tokenizer import HFTokenizer  # optional extra: chatforge[hf]
 
         return HFTokenizer.load(path)
-    raise TokenizerError(f"unknown tokenizer kind {kind!r}; known: sentencepiece, hf_tokenizers")
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; known: {', '.join(TOKENIZER_KINDS)}")
+
+
+# ------------------------------------------------------------------ byte-level
+# Ids 0..6 are the contract's special pieces in SentencePiece's order for chatforge models
+# (pad, bos, eos, unk, then the control symbols, then the user-defined [MASK]); byte b is b + 7.
+BYTE_SPECIAL_PIECES = (PAD, BOS, EOS, UNK, CLS, SEP, MASK)
+BYTE_OFFSET = len(BYTE_SPECIAL_PIECES)
+BYTE_VOCAB_SIZE = BYTE_OFFSET + 256
+BYTE_FORMAT = 1
+# <unk> is never produced by encoding (every byte has an id); a model may still generate it, and
+# its surface is the replacement character, the byte-level meaning of "unknown".
+BYTE_UNK_SURFACE = "\ufffd"
+_MASK_SPLIT = re.compile(f"({re.escape(MASK)})")
+
+
+class ByteTokenizer(SpecialIdsMixin):
+    """UTF-8 bytes as tokens (the character-level setting of ByteNet, Kalchbrenner et al. 2016, and
+    of byte-level LMs), behind :class:`Tokenizer`'s surface.
+
+    Ids: ``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<unk>``=3, ``[CLS]``=4, ``[SEP]``=5 (control: never
+    produced by encoding, decode to ""), ``[MASK]``=6 (user-defined: kept whole when it appears in
+    text), then byte ``b`` = ``b + 7``; 263 ids in all. Pieces of byte ids are spelled
+    ``<0xAB>`` like SentencePiece's byte-fallback pieces, so code that spells pieces into bytes
+    (ByteNet's ``byte_table``) reads them unchanged.
+
+    The vocabulary is fixed, so there is nothing to train; the file (``byte_tokenizer.json``)
+    records the layout so a loader can check it matches this code.
+    """
+
+    kind = "byte"
+    filename = "byte_tokenizer.json"
+
+    def __init__(self, path: str | None = None):
+        self.path = path
+        self.special = SpecialIds(pad=0, bos=1, eos=2, unk=3, cls=4, sep=5, mask=6)
+        self._json = self._layout_json()
+
+    @staticmethod
+    def _layout() -> dict:
+        return {"kind": "byte", "format": BYTE_FORMAT, "special_pieces": list(BYTE_SPECIAL_PIECES),
+                "byte_offset": BYTE_OFFSET, "vocab_size": BYTE_VOCAB_SIZE, "encoding": "utf-8"}
+
+    @classmethod
+    def _layout_json(cls) -> bytes:
+        return (json.dumps(cls._layout(), indent=2) + "\n").encode("utf-8")
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str | Path) -> ByteTokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / cls.filename
+        if not path.is_file():
+            raise TokenizerError(f"byte tokenizer file not found: {path}")
+        try:
+            got = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{path} is not a byte tokenizer file (invalid JSON: {e})") from None
+        want = cls._layout()
+        if not isinstance(got, dict) or any(got.get(k) != v for k, v in want.items()):
+            diff = {k: got.get(k) if isinstance(got, dict) else None for k, v in want.items()
+                    if not isinstance(got, dict) or got.get(k) != v}
+            raise TokenizerError(f"{path} does not describe chatforge's byte tokenizer: {diff} differ from the "
+                                 f"layout this version reads: {want}")
+        return cls(str(path))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(Path(path), self._json)
+
+    def to_bytes(self) -> bytes:
+        return self._json
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self._json).hexdigest()
+
+    # ------------------------------------------------------------------- coding
+    @property
+    def vocab_size(self) -> int:
+        return BYTE_VOCAB_SIZE
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> one id per UTF-8 byte, without <s>/</s>; ``[MASK]`` in the text stays one id."""
+        ids: list[int] = []
+        for part in _MASK_SPLIT.split(text):
+            if part == MASK:
+                ids.append(self.special.mask)
+            elif part:
+                ids.extend(b + BYTE_OFFSET for b in part.encode("utf-8"))
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def _check_id(self, i: int) -> None:
+        if not 0 <= i < BYTE_VOCAB_SIZE:
+            raise TokenizerError(f"token id {i} is outside the byte tokenizer's vocabulary 0..{BYTE_VOCAB_SIZE - 1}")
+
+    def _special_surface(self, i: int) -> str:
+        if i == self.special.mask:
+            return MASK
+        if i == self.special.unk:
+            return BYTE_UNK_SURFACE
+        return ""  # [CLS]/[SEP]: control symbols have no surface (as in SentencePiece)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text; <pad>/<s>/</s> are dropped, byte runs are UTF-8 decoded with errors="replace"
+        (an invalid or truncated sequence becomes U+FFFD)."""
+        skip = {self.special.pad, self.special.bos, self.special.eos}
+        out: list[str] = []
+        run = bytearray()
+        for raw in ids:
+            i = int(raw)
+            self._check_id(i)
+            if i in skip:
+                continue
+            if i >= BYTE_OFFSET:
+                run.append(i - BYTE_OFFSET)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run.clear()
+            out.append(self._special_surface(i))
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def id_to_piece(self, i: int) -> str:
+        i = int(i)
+        self._check_id(i)
+        return BYTE_SPECIAL_PIECES[i] if i < BYTE_OFFSET else f"<0x{i - BYTE_OFFSET:02X}>"
+
+    def piece_to_id(self, piece: str) -> int:
+        if piece in BYTE_SPECIAL_PIECES:
+            return BYTE_SPECIAL_PIECES.index(piece)
+        m = _BYTE_PIECE_RE.fullmatch(piece)
+        return int(m.group(1), 16) + BYTE_OFFSET if m else self.special.unk
+
+    def incremental_decoder(self) -> ByteIncrementalDecoder:
+        return ByteIncrementalDecoder(self)
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(vocab_size={BYTE_VOCAB_SIZE})"
+
+
+_BYTE_PIECE_RE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class ByteIncrementalDecoder:
+    """Streams text from byte ids, emitting a character only once all of its bytes have arrived.
+
+    Decoding the prefix and diffing (what :class:`IncrementalDecoder` does) would emit U+FFFD for
+    the first byte of a 3-byte Korean syllable and then take it back; the stream has no way to take
+    text back. Python's incremental UTF-8 decoder holds an incomplete sequence until it completes
+    and replaces a sequence only once it is certainly invalid. A special id (``[MASK]``, ``<unk>``)
+    ends the byte run, as in :meth:`ByteTokenizer.decode`, so the concatenated deltas equal
+    ``decode(ids)`` except for an incomplete character at the very end, which is never emitted
+    (a reply cut by ``max_new_tokens`` mid-character loses that character rather than showing U+FFFD).
+    """
+
+    def __init__(self, tokenizer: ByteTokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        i = int(token_id)
+        self.tok._check_id(i)
+        self.ids.append(i)
+        sp = self.tok.special
+        if i in (sp.pad, sp.bos, sp.eos):
+            delta = ""
+        elif i >= BYTE_OFFSET:
+            delta = self._utf8.decode(bytes([i - BYTE_OFFSET]))
+        else:  # a special piece ends the byte run: pending bytes were an invalid sequence
+            delta = self._utf8.decode(b"", final=True) + self.tok._special_surface(i)
+            self._utf8.reset()
+        self.text += delta
+        return delta
 
 
 class IncrementalDecoder:

@@ -20,6 +20,12 @@ so bundles serve through :class:`chatforge.inference.Seq2SeqGenerator` like the 
 The *target* side is always the tokenizer's pieces, in both modes: generation must yield tokenizer
 ids for streaming and decoding. With byte sources, target step t reads source *byte* position t,
 so ``unfold_a`` should roughly be pieces per byte (e.g. 0.4), not 1.2.
+
+Byte-level on both sides, as in the paper, is the tokenizer's choice, not the model's:
+``tokenizer.kind: byte`` (:class:`chatforge.tokenizer.ByteTokenizer`) makes every id a UTF-8 byte, so
+sources, targets and generation are all bytes with ``input_unit: subword`` (the default: one position
+per id) and ``unfold_a`` near 1. ``input_unit: byte`` together with a byte tokenizer is rejected at
+build time: it would spell bytes into the same bytes through a second, redundant embedding table.
 """
 
 from __future__ import annotations
@@ -277,6 +283,10 @@ def build(cfg: ByteNetConfig, ctx: BuildContext) -> nn.Module:
     pieces = None
     if cfg.input_unit == "byte":
         tok = ctx.tokenizer
+        if getattr(tok, "kind", None) == "byte":
+            raise ValueError("model.input_unit 'byte' spells subword pieces into bytes, but tokenizer.kind 'byte' "
+                             "already makes every id a byte (source and target); remove model.input_unit (or set "
+                             "it to 'subword'), or use tokenizer.kind 'sentencepiece' for byte sources only")
         if tok is None:
             raise ValueError("bytenet with input_unit 'byte' needs the tokenizer in BuildContext (to spell its "
                              "pieces as bytes); use input_unit 'subword' or pass BuildContext(tokenizer=...)")

@@ -3,7 +3,8 @@
 runs/<run>/config.yaml      the resolved config (also inside the bundle)
 runs/<run>/metrics.json     per-epoch history, best epoch, test metrics, sample replies
 runs/<run>/bundle/          what `chatforge serve` loads
-runs/<run>/tokenizer.model  the run's tokenizer, written before training (resume reuses it)
+runs/<run>/tokenizer.model  the run's tokenizer, written before training (resume reuses it);
+                            byte_tokenizer.json with tokenizer.kind byte (fixed, nothing to reuse)
 runs/<run>/checkpoints/     last.safetensors, every train.checkpoint_every_steps steps
 runs/<run>/mlflow_run_id    the MLflow run this run logs to (resume continues it)
 
@@ -30,7 +31,7 @@ from chatforge.bundle import build_from_config, load_bundle, save_bundle
 from chatforge.config import ConfigError, ExperimentConfig
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
 from chatforge.fileio import atomic_write_bytes
-from chatforge.tokenizer import Tokenizer
+from chatforge.tokenizer import ByteTokenizer, Tokenizer
 from chatforge.training import distributed as ddp
 from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
 from chatforge.training.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset
@@ -116,6 +117,8 @@ def _task_def_or_none(cfg: ExperimentConfig) -> TaskDef | None:
 
 def _tokenizer_for(cfg: ExperimentConfig, train: list[Example]) -> Tokenizer:
     t = cfg.tokenizer
+    if t.kind == "byte":
+        return ByteTokenizer()  # fixed vocabulary: no training, no vocab_size suggestion or lowering
     if t.path:
         return Tokenizer.load(t.path)
     texts = [e.text for e in train] + [e.response for e in train if e.response]
@@ -168,10 +171,12 @@ def resume_experiment(run_dir: str | Path, *, callbacks: list[Callback] | None =
 def _features(cfg: ExperimentConfig, tok: Tokenizer, data_path: Path, data_sha: str,
               n: tuple[int, int, int]) -> dict[str, Any]:
     return {
-        "features.tokenizer.source": cfg.tokenizer.path or ("init_from" if cfg.model.init_from else "trained"),
+        "features.tokenizer.source": cfg.tokenizer.path or ("init_from" if cfg.model.init_from else
+                                                            "fixed" if cfg.tokenizer.kind == "byte" else "trained"),
+        "features.tokenizer.kind": cfg.tokenizer.kind,
         "features.tokenizer.sha256": tok.sha256,
         "features.tokenizer.vocab_size": tok.vocab_size,
-        "features.tokenizer.model_type": cfg.tokenizer.model_type,
+        "features.tokenizer.model_type": cfg.tokenizer.model_type if cfg.tokenizer.kind == "sentencepiece" else "-",
         "features.data.path": str(data_path),
         "features.data.sha256": data_sha,
         "features.data.train_examples": n[0],
@@ -237,6 +242,8 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
         pre = load_bundle(Path(cfg.model.init_from) / "bundle"
                           if (Path(cfg.model.init_from) / "bundle").is_dir() else cfg.model.init_from)
         tok = pre.tokenizer  # a pre-trained model only makes sense with its own vocabulary
+    elif cfg.tokenizer.kind == "byte":
+        tok = _tokenizer_for(cfg, train)  # fixed: every rank builds the same one, nothing to broadcast
     elif resume:
         tok = Tokenizer.load(run_dir / RUN_TOKENIZER)  # the exact vocabulary the checkpoint was trained with
     else:
@@ -244,7 +251,9 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
         proto = _tokenizer_for(cfg, train).model_proto if main else None
         tok = Tokenizer(ddp.broadcast_object(proto, ctx))
     if main and not resume:
-        atomic_write_bytes(run_dir / RUN_TOKENIZER, tok.model_proto)
+        # SentencePiece keeps the run folder's historical name; other kinds (byte, hf) their own file name.
+        name = RUN_TOKENIZER if tok.kind == "sentencepiece" else tok.filename
+        atomic_write_bytes(run_dir / name, tok.to_bytes())
     task_def = get_task(cfg.model.task, cfg.model.family)
     labels = task_def.label_set(train) if task_def.needs_labels else None
     spec = TaskSpec(cfg.model.task, cfg.model.family, cfg.train.max_source_len, cfg.train.max_target_len, labels)
