@@ -92,7 +92,7 @@ def test_cli_train_estimator(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["xgboost_clinc150.yaml", "xgboost_chatbot_kr.yaml", "linear_clinc150.yaml",
-                                  "ensemble_clinc150.yaml"])
+                                  "linear_svm_clinc150.yaml", "ensemble_clinc150.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "configs" / name)
     assert get_family(cfg.model.family).kind == "estimator"

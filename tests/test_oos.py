@@ -79,6 +79,18 @@ def test_fit_threshold_maximises_in_scope_plus_recall():
     assert again.threshold == policy.threshold and again.policy == "threshold"
 
 
+def test_fit_threshold_respects_max_in_scope_drop_from_config():
+    labels = ["a", "b"]
+    # catching o1 (0.6) needs a threshold above the unsure but correct a2 (0.55)
+    probs = {"a1": [0.9, 0.1], "b1": [0.2, 0.8], "a2": [0.55, 0.45], "o1": [0.6, 0.4]}
+    texts, y = list(probs), ["a", "b", "a", "oos"]
+    proba = lambda t: np.array([probs[x] for x in t])  # noqa: E731
+    free = fit_policy(OOSConfig(policy="threshold"), proba, labels, texts, y)
+    bounded = fit_policy(OOSConfig(policy="threshold", max_in_scope_drop=0.0), proba, labels, texts, y)
+    assert free.threshold > 0.6 and free.valid_metrics["in_scope_accuracy"] < 1.0
+    assert bounded.threshold <= 0.55 and bounded.valid_metrics["in_scope_accuracy"] == 1.0
+
+
 def test_fixed_threshold_from_config_is_kept():
     policy = fit_policy(OOSConfig(policy="threshold", threshold=0.3), lambda t: None, ["a", "b"], [], [])
     assert policy.threshold == 0.3
