@@ -249,3 +249,110 @@ def test_beam_search_requests_run_beside_the_batch():
     got = asyncio.run(_tokens(engine, "hello there", options))
     assert got == gen.reference("hello there", options)
     assert engine.stats.steps == 0  # not through the continuous batcher
+
+
+def test_loop_sink_wakes_the_loop_once_per_burst_and_keeps_order():
+    from chatforge.serving.engine import LoopSink
+
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    original = loop.call_soon_threadsafe
+
+    def counting(*args):
+        wakeups.append(args)
+        return original(*args)
+
+    loop.call_soon_threadsafe = counting
+    got: list[int] = []
+    sink = LoopSink(loop)
+    try:
+        # A runner thread posts a burst before the loop gets to run: one wake-up carries it all.
+        worker = threading.Thread(target=lambda: ([sink.post(got.append, i) for i in range(5)],
+                                                  sink.post_many([(got.append, i) for i in range(5, 10)])))
+        worker.start()
+        worker.join(WAIT)
+        assert got == [] and len(wakeups) == 1
+        loop.run_until_complete(asyncio.sleep(0))
+        assert got == list(range(10))
+        assert sink.post(got.append, 10)  # the next burst schedules a new delivery
+        loop.run_until_complete(asyncio.sleep(0))
+        assert got[-1] == 10 and len(wakeups) == 2
+    finally:
+        loop.close()
+    assert sink.post(got.append, 11) is False  # a closed loop: the runner is told nobody listens
+    assert sink.post(got.append, 12) is False
+
+
+class _CountingSink:
+    """Stands in for the engine's LoopSink: records what each hand-over carried."""
+
+    def __init__(self):
+        self.handovers: list[list] = []
+        self.lock = threading.Lock()
+
+    def post_many(self, calls):
+        calls = list(calls)
+        with self.lock:
+            self.handovers.append([arg for _, arg in calls])
+        for fn, arg in calls:
+            fn(arg)
+        return True
+
+
+def test_a_decoding_step_is_handed_over_in_one_call_for_all_its_rows():
+    from chatforge.serving.batching import ContinuousBatcher, GenRequest, RunnerStats
+
+    gate = threading.Semaphore(0)
+    gen = GatedGenerator(gate=gate)
+    spec = gen.step_spec()
+    runner = ContinuousBatcher("g", spec.model, bos_id=1, eos_id=2, max_running=8, max_queued=8,
+                               stats=RunnerStats())
+    sink = _CountingSink()
+    events: dict[int, list] = {k: [] for k in range(8)}
+    done = threading.Semaphore(0)
+
+    def deliver_to(k):
+        def deliver(item):
+            events[k].append(item)
+            if item[0] in ("end", "error"):
+                done.release()
+        return deliver
+
+    def never(kind, payload):  # with a sink, the batcher must not fall back to per-token emits
+        raise AssertionError(f"emit({kind!r}) called although the request has a sink")
+
+    try:
+        for k in range(8):
+            runner.submit(GenRequest(text="a", prompt_ids=[5], options=GenerationOptions(max_new_tokens=4),
+                                     emit=never, sink=sink, deliver=deliver_to(k)))
+        gate.release(64)
+        for _ in range(8):
+            assert done.acquire(timeout=WAIT)
+    finally:
+        runner.close()
+    for k in range(8):
+        kinds = [kind for kind, _ in events[k]]
+        assert kinds == ["start", "token", "token", "token", "token", "end"], kinds
+    steps = [h for h in sink.handovers if any(kind == "token" for kind, _ in h)]
+    # 8 rows x 4 tokens: batched steps hand over many rows' tokens at a time, never one call per token.
+    assert len(steps) < 32 / 2
+    assert max(sum(kind == "token" for kind, _ in h) for h in steps) >= 2
+
+
+def test_engine_keeps_no_closed_event_loops_alive():
+    import gc
+    import weakref
+
+    engine = Engine({"echo": FakeGenerator()}, {}, max_running=2)
+    refs = []
+    for _ in range(3):
+        loop = asyncio.new_event_loop()
+        sink = engine._sink(loop)
+        assert engine._sink(loop) is sink  # one sink per loop, shared by its requests
+        refs.append(weakref.ref(loop))
+        loop.close()
+        del loop, sink
+    gc.collect()
+    assert all(ref() is None for ref in refs)  # a sink does not pin its loop (nor its engine entry)
+    assert len(engine._sinks) == 0
+    engine.close()

@@ -101,8 +101,11 @@ class GenRequest:
     """One generation request as the runners see it.
 
     ``emit(kind, payload)`` is called from the runner's thread: ("start", prompt_tokens),
-    ("token", TokenDelta), ("end", finish_reason), ("error", exception). ``cancelled`` is set
-    by the consumer when it goes away. ``context`` is the submitter's contextvars (request
+    ("token", TokenDelta), ("end", finish_reason), ("error", exception). Optionally ``sink``
+    (an object with ``post_many([(fn, arg), ...]) -> bool``, e.g. the engine's ``LoopSink``)
+    and ``deliver`` (``deliver((kind, payload))`` on the consumer's side): the continuous
+    batcher then hands a whole decoding step to each sink in one call instead of one ``emit``
+    per token. ``cancelled`` is set by the consumer when it goes away. ``context`` is the submitter's contextvars (request
     id) so that log lines written on the runner's thread carry it.
     """
 
@@ -122,6 +125,8 @@ class GenRequest:
     seen: Any = None  # (V,) bool tensor of generated tokens, for the repetition penalty
     rng: Any = None  # torch.Generator when sampling with a seed
     finished: bool = False
+    sink: Any = None
+    deliver: Callable[[tuple[str, Any]], None] | None = None
 
 
 def _log(req: GenRequest, level: int, msg: str, *args: Any, **extra: Any) -> None:
@@ -294,19 +299,27 @@ class Seq2SeqStepModel:
 
 
 def choose_tokens(logits, rows: list[GenRequest], eos_id: int) -> list[int]:
-    """Pick each row's next token under its own options (greedy rows in one argmax)."""
+    """Pick each row's next token under its own options (greedy rows in one argmax).
+
+    Per-row Python work is limited to rows that need it (repetition penalty, sampling): the
+    common case (greedy, min_new_tokens) costs a fixed number of tensor ops per step, whatever
+    the batch size.
+    """
     import torch
 
     from chatforge.decoding import apply_repetition_penalty, choose_next
 
     for i, r in enumerate(rows):
         o = r.options
-        if r.seen is None:
-            r.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
         if o.repetition_penalty != 1.0:
+            if r.seen is None:  # only penalised rows keep a (V,) mask of their generated tokens
+                r.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
             logits[i : i + 1] = apply_repetition_penalty(logits[i : i + 1], r.seen[None], o.repetition_penalty)
-        if r.generated < o.min_new_tokens:
-            logits[i, eos_id] = float("-inf")
+    no_eos = [i for i, r in enumerate(rows) if r.generated < r.options.min_new_tokens]
+    if len(no_eos) == len(rows):
+        logits[:, eos_id] = float("-inf")
+    elif no_eos:
+        logits[torch.tensor(no_eos, dtype=torch.long, device=logits.device), eos_id] = float("-inf")
     out = logits.argmax(-1).tolist()
     for i, r in enumerate(rows):
         if r.options.do_sample:
@@ -408,6 +421,7 @@ class ContinuousBatcher(_Runner):
         self.model, self.bos_id, self.eos_id = model, bos_id, eos_id
         self._rows: list[GenRequest] = []
         self._state: Any = None
+        self._out: list[tuple[GenRequest, str, Any]] = []  # this iteration's events, sent by _flush()
         self._thread = threading.Thread(target=self._loop, name=f"chatforge-batch-{name}", daemon=True)
         self._thread.start()
 
@@ -445,6 +459,7 @@ class ContinuousBatcher(_Runner):
                 # and take part in this iteration's decoding step with the rows already running.
                 if new:
                     self._prefill(new)
+                    self._flush()  # first tokens out before the decoding step: time to first token
                 if self._rows:
                     self._decode_step()
             except Exception as e:  # noqa: BLE001 - fail the batch, keep the scheduler alive
@@ -453,10 +468,37 @@ class ContinuousBatcher(_Runner):
                 for r in self._rows + [r for r in new if r not in self._rows]:
                     self._finish(r, "failed", error=e)
                 self._rows, self._state = [], None
+            finally:
+                self._flush()
         # Closed: rows still running stop here; the consumers are told why.
         for r in self._rows:
             self._finish(r, "failed", error=RunnerClosedError("the server stopped while generating"))
         self._rows, self._state = [], None
+        self._flush()
+
+    def _send(self, req: GenRequest, kind: str, payload: Any) -> None:
+        self._out.append((req, kind, payload))
+
+    def _flush(self) -> None:
+        """Hand this iteration's events over: one ``post_many`` per sink (event loop), so the
+        consumers' loop wakes once per decoding step, not once per token per stream."""
+        if not self._out:
+            return
+        out, self._out = self._out, []
+        by_sink: dict[int, tuple[Any, list, list[GenRequest]]] = {}
+        for req, kind, payload in out:
+            if req.sink is None or req.deliver is None:
+                req.emit(kind, payload)
+                continue
+            entry = by_sink.get(id(req.sink))
+            if entry is None:
+                entry = by_sink[id(req.sink)] = (req.sink, [], [])
+            entry[1].append((req.deliver, (kind, payload)))
+            entry[2].append(req)
+        for sink, calls, reqs in by_sink.values():
+            if not sink.post_many(calls):  # the consumers' loop is gone: stop their rows
+                for req in reqs:
+                    req.cancelled.set()
 
     def _admit(self) -> list[GenRequest]:
         """Under the lock: move waiting requests into free batch slots; drop cancelled ones."""
@@ -483,9 +525,9 @@ class ContinuousBatcher(_Runner):
         self.running -= 1
         self.stats.update(running=-1, **{outcome: 1})
         if error is not None:
-            req.emit("error", error)
+            self._send(req, "error", error)
         elif reason is not None:
-            req.emit("end", reason)
+            self._send(req, "end", reason)
 
     def _drop_cancelled(self) -> None:
         keep = [i for i, r in enumerate(self._rows) if not r.cancelled.is_set()]
@@ -510,7 +552,7 @@ class ContinuousBatcher(_Runner):
             r.last_token = tok
             if r.seen is not None:
                 r.seen[tok] = True
-            r.emit("token", TokenDelta(token_id=tok, text=r.detok.feed(tok) if r.detok is not None else ""))
+            self._send(r, "token", TokenDelta(token_id=tok, text=r.detok.feed(tok) if r.detok is not None else ""))
             if r.generated >= r.max_steps:
                 self._finish(r, "completed", reason="length")
             else:
@@ -534,7 +576,7 @@ class ContinuousBatcher(_Runner):
         import torch
 
         for r in new:
-            r.emit("start", r.prompt_tokens)
+            self._send(r, "start", r.prompt_tokens)
             self.metrics.prompt_tokens(self.name, r.prompt_tokens)
         state, logits = self.model.prefill([r.prompt_ids for r in new], self.bos_id)
         self.stats.update(batches=1)

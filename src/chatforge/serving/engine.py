@@ -7,8 +7,10 @@ Threading model: every hosted model has a *runner* (:mod:`chatforge.serving.batc
 with its own thread(s) and a bounded queue — continuous batching for generators that
 offer a step-wise model (``step_spec()``), one worker thread per running request for
 other generators, dynamic micro-batching for classifiers. The event loop only validates,
-enqueues and moves results: a runner pushes each token to the request's ``asyncio.Queue``
-with ``loop.call_soon_threadsafe`` the moment it exists. A consumer that goes away
+enqueues and moves results: a runner hands each token to the request's ``asyncio.Queue``
+through the loop's :class:`LoopSink` the moment it exists; the continuous batcher hands over a
+whole decoding step (one token for every running stream) at once, so the loop is woken once
+per step rather than once per token per stream. A consumer that goes away
 (client cancel, deadline) sets the request's ``cancelled`` flag in a ``finally``; the
 runner drops it before its next decoding step and frees the slot (``dropped``).
 
@@ -28,7 +30,8 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +147,58 @@ class _Slot:
 _START, _DELTA, _END, _ERROR = "start", "token", "end", "error"
 
 
+class LoopSink:
+    """Runs ``fn(arg)`` calls on one event loop for other threads, one wake-up per burst.
+
+    ``loop.call_soon_threadsafe`` writes to the loop's self-pipe on every call, so a runner that
+    called it per token woke the loop (a syscall, an epoll round and a GIL hand-over) once per
+    token per stream. Here calls collect in a list; only the call that finds the list empty
+    schedules the delivery, and everything posted until the loop runs it is delivered by that
+    one callback, in order. ``post_many`` hands over a whole decoding step at once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Weak: the engine keeps one sink per loop in a WeakKeyDictionary, which a strong
+        # reference back to its key would keep alive forever (one closed loop per asyncio.run).
+        self._loop = weakref.ref(loop)
+        self._lock = threading.Lock()
+        self._calls: list[tuple[Callable[[Any], None], Any]] = []
+        self._dead = False
+
+    def post(self, fn: Callable[[Any], None], arg: Any) -> bool:
+        """Queue ``fn(arg)`` for the loop (any thread); False when the loop is closed."""
+        return self.post_many(((fn, arg),))
+
+    def post_many(self, calls: Iterable[tuple[Callable[[Any], None], Any]]) -> bool:
+        with self._lock:
+            if self._dead:
+                return False
+            pending = bool(self._calls)
+            self._calls.extend(calls)
+            if pending or not self._calls:  # a delivery is already scheduled (or nothing to do)
+                return True
+        loop = self._loop()
+        try:
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody will ever read these
+            with self._lock:
+                self._dead = True
+                self._calls.clear()
+            return False
+        return True
+
+    def _deliver(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for fn, arg in calls:
+            try:
+                fn(arg)
+            except Exception:  # one broken consumer must not lose the others' items
+                logger.exception("delivering a result to the event loop failed")
+
+
 class Engine:
     """Hosts reply generators and text classifiers and schedules their work.
 
@@ -196,6 +251,7 @@ class Engine:
         self.on_error = on_error
         self.stats = RunnerStats()
         self._lock = threading.Lock()
+        self._sinks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopSink] = weakref.WeakKeyDictionary()
         self._closed = False
         self._generators: dict[str, _Slot] = {}
         self._classifiers: dict[str, _Slot] = {}
@@ -269,6 +325,13 @@ class Engine:
         for slot in self._slots():
             for runner in slot.runners():
                 runner.close()
+
+    def _sink(self, loop: asyncio.AbstractEventLoop) -> LoopSink:
+        sink = self._sinks.get(loop)
+        if sink is None:
+            with self._lock:
+                sink = self._sinks.setdefault(loop, LoopSink(loop))
+        return sink
 
     def _check_open(self) -> None:
         if self._closed:
@@ -433,19 +496,18 @@ class Engine:
             prompt, detok = [], None
         self._check_tokens(n_prompt, slot.name, slot.model.max_input_tokens)
 
-        loop = asyncio.get_running_loop()
+        sink = self._sink(asyncio.get_running_loop())
         # Unbounded: the model is the slow side, so the queue holds at most the tokens of one
         # event-loop hiccup, and a bound would make the runner block where it cannot see `cancelled`.
         queue: asyncio.Queue = asyncio.Queue()
+        deliver = queue.put_nowait  # runs on the loop (LoopSink)
 
-        def emit(kind: str, payload: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                req.cancelled.set()
+        def emit(kind: str, payload: Any) -> None:  # any thread
+            if not sink.post(deliver, (kind, payload)):
+                req.cancelled.set()  # the loop is closed: nobody is listening any more
 
         req = GenRequest(text=text, prompt_ids=prompt, options=options, emit=emit, detok=detok,
-                         prompt_tokens=n_prompt)
+                         prompt_tokens=n_prompt, sink=sink, deliver=deliver)
         slot = self._submit(self._generators, slot.name, req, per_request=beams)
         prompt_tokens, n, ended = n_prompt, 0, False
         try:
@@ -495,9 +557,11 @@ class Engine:
                                "text" if len(texts) == 1 else f"texts[{i}]")
         self._check_open()
         loop = asyncio.get_running_loop()
+        sink = self._sink(loop)
         future: asyncio.Future = loop.create_future()
 
-        def settle(result, error) -> None:
+        def settle(outcome) -> None:
+            result, error = outcome
             if future.done():
                 return
             if error is not None:
@@ -506,10 +570,8 @@ class Engine:
                 future.set_result(result)
 
         def done(result, error) -> None:
-            try:
-                loop.call_soon_threadsafe(settle, result, error)
-            except RuntimeError:
-                pass
+            # Through the sink: a micro-batch settles all its callers with one wake-up of the loop.
+            sink.post(settle, (result, error))
 
         req = ClassifyRequest(list(texts), done)
         slot = self._submit(self._classifiers, slot.name, req)

@@ -344,7 +344,8 @@ class _IdContext:
         await self._context.send_initial_metadata(tuple(metadata) + self._metadata)
 
     async def write(self, message) -> None:
-        await self.ensure_initial_metadata()
+        if not self._sent:  # checked here: an awaited no-op per streamed token is not free
+            await self.ensure_initial_metadata()
         await self._context.write(message)
 
 
@@ -363,8 +364,11 @@ def _wrap(behavior, scope: _CallScope):
             ctx = _IdContext(context, scope.metadata)
             try:
                 scope.admit()
+                # No separate headers for streams either: grpc sends its headers with the first
+                # message in one operation. Sending the request id as headers just before it cost a
+                # round of thread wake-ups, 1-4 ms of time to first token (benchmarks/serving_bench.py);
+                # the id still rides in the trailers and in the final message (ReplyFinal.request_id).
                 async for response in behavior(request, ctx):
-                    await ctx.ensure_initial_metadata()
                     yield response
             except (asyncio.CancelledError, grpc.aio.AbortError) as e:
                 code = _code_of(e, context)

@@ -137,34 +137,44 @@ class ServingMetrics:
         if process_metrics:
             r.register(_ProcessCollector(ns))
             r.register(_GpuCollector(ns))
+        # labels() builds a key and takes the metric's lock on every call; the per-token and
+        # per-step hooks look their children up here instead (children are never removed).
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children.setdefault(key, metric.labels(*labels))
+        return child
 
     # -- hooks ---------------------------------------------------------------------------
     def request_queued(self, model: str) -> None:
-        self.waiting.labels(model).inc()
+        self._child(self.waiting, model).inc()
 
     def request_dequeued(self, model: str, queue_seconds: float) -> None:
-        self.waiting.labels(model).dec()
-        self.queue_time.labels(model).observe(queue_seconds)
+        self._child(self.waiting, model).dec()
+        self._child(self.queue_time, model).observe(queue_seconds)
 
     def request_started(self, rpc: str, model: str) -> None:
-        self.running.labels(model).inc()
+        self._child(self.running, model).inc()
 
     def first_token(self, rpc: str, model: str, seconds: float) -> None:
         """The first token of a streamed reply; also counts it as a generated token."""
-        self.ttft.labels(rpc, model).observe(seconds)
-        self.generation_tokens_total.labels(model).inc()
+        self._child(self.ttft, rpc, model).observe(seconds)
+        self._child(self.generation_tokens_total, model).inc()
 
     def token(self, model: str, interval_seconds: float | None = None) -> None:
         """A further generated token, ``interval_seconds`` after the previous one."""
-        self.generation_tokens_total.labels(model).inc()
+        self._child(self.generation_tokens_total, model).inc()
         if interval_seconds is not None:
-            self.itl.labels(model).observe(interval_seconds)
+            self._child(self.itl, model).observe(interval_seconds)
 
     def prompt_tokens(self, model: str, n: int) -> None:
-        self.prompt_tokens_total.labels(model).inc(n)
+        self._child(self.prompt_tokens_total, model).inc(n)
 
     def batch(self, model: str, size: int) -> None:
-        self.batch_size.labels(model).observe(size)
+        self._child(self.batch_size, model).observe(size)
 
     def request_finished(self, rpc: str, model: str, status: str, seconds: float, reason: str | None = None) -> None:
         """End of a request started with :meth:`request_started`.
@@ -174,9 +184,9 @@ class ServingMetrics:
         """
         if reason is not None and reason not in FAILURE_REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; allowed: {', '.join(FAILURE_REASONS)}")
-        self.running.labels(model).dec()
-        self.requests.labels(rpc, model, status).inc()
-        self.duration.labels(rpc, model).observe(seconds)
+        self._child(self.running, model).dec()
+        self._child(self.requests, rpc, model, status).inc()
+        self._child(self.duration, rpc, model).observe(seconds)
         if reason is not None:
             self.failures.labels(rpc, model, reason).inc()
 
