@@ -144,15 +144,57 @@ def _pad_batch(batch: list[list[int]], pad_id: int, device: torch.device) -> Ten
     return out
 
 
-@torch.inference_mode()
+class _NoAutograd:
+    """Autograd off for one resumption of a decoding generator, chosen by the caller's autocast.
+
+    Normally inference mode. Under autocast it is ``no_grad`` with inference mode switched off
+    instead: autocast keeps its low-precision copies of the weights (its cast cache) only outside
+    inference mode, and without them every step re-casts every weight matrix, which made bf16
+    decoding at batch 1 slower than fp32. The copies then live until the caller's outermost autocast
+    exits, i.e. for the whole reply when the caller wraps decoding in autocast. The numbers are the
+    same either way: a cached cast is the same cast.
+    """
+
+    __slots__ = ("_device_type", "_modes")
+
+    def __init__(self, device_type: str):
+        self._device_type = device_type
+        self._modes: tuple = ()
+
+    def __enter__(self) -> None:
+        if torch.is_autocast_enabled(self._device_type):
+            self._modes = (torch.inference_mode(False), torch.no_grad())
+        else:
+            self._modes = (torch.inference_mode(),)
+        for m in self._modes:
+            m.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+
+
 def _decode(model: Any, src: Tensor, options: GenerationOptions, bos_id: int, eos_id: int,
             use_cache: bool) -> Iterator[tuple[list[int], list[int]]]:
     """Yield, per step, (original row indices still running, their chosen tokens) — eos included.
 
-    Decorating the generator (not a ``with`` inside it) makes torch enter/exit inference mode
-    around each resumption, so the mode never leaks to the caller between tokens, and a
-    generator resumed from different executor threads stays correct.
+    Autograd is turned off around each resumption of the step generator (not by a ``with`` around
+    the loop), so the mode never leaks to the caller between tokens, and a generator resumed from
+    different executor threads stays correct.
     """
+    steps = _decode_steps(model, src, options, bos_id, eos_id, use_cache)
+    mode = _NoAutograd(src.device.type)
+    while True:
+        with mode:
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
+        yield item
+
+
+def _decode_steps(model: Any, src: Tensor, options: GenerationOptions, bos_id: int, eos_id: int,
+                  use_cache: bool) -> Iterator[tuple[list[int], list[int]]]:
     options.validate()
     if getattr(model, "training", False):
         logger.warning("decoding a model in training mode (dropout active); call model.eval() first")
@@ -167,29 +209,38 @@ def _decode(model: Any, src: Tensor, options: GenerationOptions, bos_id: int, eo
 
     state = model.init_state(src, use_cache=use_cache)
     max_steps = _cap_steps(state, max_steps)
-    active = torch.arange(src.size(0), device=src.device)  # original row of each state row
+    # Batch-1 decoding is bound by per-step overhead, so the bookkeeping stays in Python lists and
+    # the (B, V) ``seen`` mask exists only when the repetition penalty needs it.
+    active = list(range(src.size(0)))  # original row of each state row
     tokens = _start_tokens(state, src, bos_id)
+    penalty = options.repetition_penalty
     seen: Tensor | None = None  # (B, V) tokens generated so far, for the repetition penalty
     for step in range(max_steps):
         logits = model.decode_step(tokens, state).float()  # (b, V)
-        if seen is None:
-            seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        logits = apply_repetition_penalty(logits, seen, options.repetition_penalty)
+        if penalty != 1.0:
+            if seen is None:
+                seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            logits = apply_repetition_penalty(logits, seen, penalty)
         if step < options.min_new_tokens:
             logits[:, eos_id] = float("-inf")
         nxt = choose_next(logits, options, generator)  # (b,)
-        yield active.tolist(), nxt.tolist()
+        chosen = nxt.tolist()
+        yield active, chosen
         if step == max_steps - 1:
             break
-        seen[torch.arange(nxt.size(0), device=nxt.device), nxt] = True
-        done = nxt == eos_id
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
+        if seen is not None:
+            seen[torch.arange(nxt.size(0), device=nxt.device), nxt] = True
+        if eos_id in chosen:
+            keep_rows = [i for i, t in enumerate(chosen) if t != eos_id]
+            if not keep_rows:
                 break
             # Finished rows leave the batch, so they cost nothing in later steps.
+            keep = torch.tensor(keep_rows, dtype=torch.long, device=nxt.device)
             state.reorder(keep)
-            active, nxt, seen = active[keep], nxt[keep], seen[keep]
+            active = [active[i] for i in keep_rows]
+            nxt = nxt[keep]
+            if seen is not None:
+                seen = seen[keep]
         tokens = nxt.unsqueeze(1)
 
 
@@ -209,7 +260,6 @@ def _cap_steps(state: Any, max_steps: int) -> int:
     return max_steps
 
 
-@torch.inference_mode()
 def beam_search(model: Any, input_ids: list[int], options: GenerationOptions, *, bos_id: int, eos_id: int,
                 use_cache: bool = True) -> list[int]:
     """Beam search (as in Sutskever et al. 2014; length penalty as in Wu et al. 2016, section 7)
@@ -223,8 +273,14 @@ def beam_search(model: Any, input_ids: list[int], options: GenerationOptions, *,
     where live beams are scored as they stand. ``min_new_tokens`` and the repetition penalty apply.
     """
     options.validate()
-    k = options.num_beams
     device = _model_device(model)
+    with _NoAutograd(device.type):
+        return _beam_search(model, input_ids, options, bos_id, eos_id, use_cache, device)
+
+
+def _beam_search(model: Any, input_ids: list[int], options: GenerationOptions, bos_id: int, eos_id: int,
+                 use_cache: bool, device: torch.device) -> list[int]:
+    k = options.num_beams
     src = _pad_batch([list(input_ids)], pad_id=0, device=device)
     state = model.init_state(src, use_cache=use_cache)
     max_steps = options.max_new_tokens

@@ -112,13 +112,20 @@ class BertModel(nn.Module):
         return keep[:, None, None, :]
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                attention_mask: Tensor | None = None, cls_only: bool = False) -> tuple[Tensor, Tensor | None]:
+        """-> (hidden (B, T, D), pooled (B, D) or None).
+
+        ``cls_only=True`` is for callers that read only [CLS] (the pooler: sequence classification,
+        NSP): the last layer then computes only position 0 — its query over every key, the FFN on
+        one row — and ``hidden`` is (B, 1, D). Same numbers for [CLS], about a layer's work less.
+        """
         if input_ids.size(1) > self.max_len:
             raise ValueError(f"input has {input_ids.size(1)} tokens; the model's max_len is {self.max_len}")
         mask = self.attention_mask(input_ids, attention_mask)  # built once, shared by every layer
         h = self.embeddings(input_ids, token_type_ids)
-        for layer in self.layers:
-            h = layer(h, mask)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h = _cls_only_layer(layer, h, mask) if cls_only and i == last else layer(h, mask)
         pooled = torch.tanh(self.pooler(h[:, 0])) if self.pooler is not None else None
         return h, pooled
 
@@ -127,6 +134,19 @@ class BertModel(nn.Module):
         enc = [encode_pair(a, pairs[i] if pairs is not None else None, self.special, self.max_len)
                for i, a in enumerate(seqs)]
         return pad_batch([e[0] for e in enc], [e[1] for e in enc], self.special.pad)
+
+
+def _cls_only_layer(layer: TransformerEncoderLayer, h: Tensor, mask: Tensor | None) -> Tensor:
+    """A post-LN encoder layer's output at position 0 only: h (B, T, D) -> (B, 1, D).
+
+    Every position after the last layer's attention is computed independently, so [CLS]'s output
+    needs only its own query (attending over all keys/values of h) and the FFN of its own row.
+    """
+    if layer.norm_first:
+        raise ValueError("the [CLS]-only path implements BERT's post-LN layer; got a pre-LN layer")
+    x = h[:, :1]  # (B, 1, D) the [CLS] row
+    x = layer.norm1(x + layer.dropout1(layer.self_attn(x, h, mask=mask)))  # query [CLS], keys/values all
+    return layer.norm2(x + layer.dropout2(layer.ff(x)))
 
 
 def init_bert_weights(module: nn.Module, std: float) -> None:
@@ -188,7 +208,7 @@ class BertForPreTraining(_BertTask):
     def nsp_logits(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
                    attention_mask: Tensor | None = None) -> Tensor:
         """(B, 2) next-sentence logits: index 0 = "B follows A", 1 = random."""
-        _, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        _, pooled = self.bert(input_ids, token_type_ids, attention_mask, cls_only=True)
         return self.nsp_head(pooled)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
@@ -226,7 +246,7 @@ class BertForSequenceClassification(_BertTask):
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
         """input_ids/token_type_ids (B, T) as ``[CLS] a [SEP] (b [SEP])``; labels (B,) -> logits (B, C)."""
-        _, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        _, pooled = self.bert(input_ids, token_type_ids, attention_mask, cls_only=True)  # the pooler reads [CLS]
         logits = self.classifier(self.dropout(pooled))  # (B, C)
         loss, losses = None, {}
         if labels is not None:

@@ -132,6 +132,23 @@ class GPTBlock(nn.Module):
         x = self.ln_1(x + self.drop(self.attn(x, mask=mask, cache=cache, is_causal=is_causal)))
         return self.ln_2(x + self.drop(self.mlp(x)))
 
+    def decode(self, x: Tensor, mask: Tensor | None, cache: GrowingKVCache) -> Tensor:
+        """``forward`` in eval mode for new tokens over a KV cache, with fewer Python calls: batch-1
+        decoding is bound by per-call overhead, not FLOPs (dropout is the identity in eval)."""
+        mlp = self.mlp
+        ln1, ln2 = self.ln_1, self.ln_2
+        if self.norm_first:
+            x = x + self.attn.cached_self_attention(
+                F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps), cache, mask)
+            h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+            return x + F.linear(mlp.activation(F.linear(h, mlp.linear1.weight, mlp.linear1.bias)),
+                                mlp.linear2.weight, mlp.linear2.bias)
+        x = F.layer_norm(x + self.attn.cached_self_attention(x, cache, mask), ln1.normalized_shape, ln1.weight,
+                         ln1.bias, ln1.eps)
+        f = F.linear(mlp.activation(F.linear(x, mlp.linear1.weight, mlp.linear1.bias)), mlp.linear2.weight,
+                     mlp.linear2.bias)
+        return F.layer_norm(x + f, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+
 
 class GPTModel(nn.Module):
     """The GPT backbone (Radford et al. 2018, section 3.1): h0 = U·We + Wp, n blocks, (final LN)."""
@@ -187,11 +204,23 @@ class GPTModel(nn.Module):
             if int(position_ids.max()) >= self.cfg.n_positions:
                 raise ValueError(f"position {int(position_ids.max())} exceeds n_positions={self.cfg.n_positions}")
             pos = self.wpe.embedding(position_ids)  # (B, T, D)
-        x = self.drop(self.wte(input_ids) + pos)
+        # GPT's token embedding is unscaled, so skip TokenEmbedding's multiply by 1.0.
+        x = self.drop(self.wte.embedding(input_ids) + pos)
         causal = is_causal and mask is None
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, cache=caches[i] if caches is not None else None, is_causal=causal)
         return self.ln_f(x) if self.ln_f is not None else x
+
+    def decode(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None,
+               caches: list[GrowingKVCache]) -> Tensor:
+        """``forward`` for decoding steps in eval mode: input_ids/position_ids (B, T) continuing the
+        cached keys, mask (B, 1, T, L + T) or None -> hidden states (B, T, D). The caller checks the
+        positions (this avoids ``forward``'s device sync on ``position_ids.max()`` every step)."""
+        x = self.wte.embedding(input_ids) + self.wpe.embedding(position_ids)  # (B, T, D)
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block.decode(x, mask, cache)
+        ln = self.ln_f
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps) if ln is not None else x
 
 
 def _lm_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -349,9 +378,17 @@ class GPTLMHeadModel(_GPTHeadBase):
         if state.key_mask is not None:
             state.key_mask = F.pad(state.key_mask, (0, 1), value=True)  # (B, 1, 1, L + 1)
         if state.caches is not None:
+            # Positions never exceed the cached length (left-padded rows count from their first real
+            # token), so a Python-side check of the cache length bounds them without a device sync.
+            cached = len(state.caches[0])
+            if cached >= self.cfg.n_positions:
+                raise ValueError(f"{cached + 1} positions exceed the model's n_positions={self.cfg.n_positions}")
             # One query attending to every cached key needs only the padding mask.
-            h = self.transformer(tokens, position_ids=pos, mask=state.key_mask, caches=state.caches,
-                                 is_causal=False)  # (B, 1, D)
+            if self.training:  # dropout active (decoding warns): the module path applies it
+                h = self.transformer(tokens, position_ids=pos, mask=state.key_mask, caches=state.caches,
+                                     is_causal=False)  # (B, 1, D)
+            else:
+                h = self.transformer.decode(tokens, pos, state.key_mask, state.caches)  # (B, 1, D)
         else:
             state.history = torch.cat([state.history, tokens], dim=1)  # (B, L + 1)
             ph = state.pos_history = torch.cat([state.pos_history, pos], dim=1)  # (B, L + 1)
@@ -360,7 +397,7 @@ class GPTLMHeadModel(_GPTHeadBase):
                 (b, 1, 1, t), dtype=torch.bool, device=tokens.device)
             h = self.transformer(state.history, position_ids=ph, mask=_attn_mask(km, t))[:, -1:]
         state.next_pos = state.next_pos + 1
-        return self.lm_head(h[:, 0])  # (B, V)
+        return F.linear(h[:, 0], self.lm_head.weight)  # (B, V)
 
 
 class GPTClassifier(_GPTHeadBase):

@@ -191,6 +191,26 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("is_causal=True with a non-empty cache; pass an explicit causal mask")
         return self._attend(q, k, v, mask, causal, b, t)
 
+    def cached_self_attention(self, x: Tensor, cache: KVCache, mask: Tensor | None = None) -> Tensor:
+        """Self-attention of new tokens x (B, T, D) over ``cache`` + themselves, for inference.
+
+        The same arithmetic as ``forward(x, mask=mask, cache=cache)`` in eval mode in fewer calls
+        (batch-1 decoding is bound by per-call overhead). ``mask`` (B, 1, T, L + T) or None = attend
+        to everything (one new token per row needs no causal mask).
+        """
+        b, t, _ = x.shape
+        if self.fused_qkv:
+            qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)  # (B, T, 3D)
+            q, k, v = qkv.view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        else:
+            q = self._split_heads(F.linear(x, self.q_proj.weight, self.q_proj.bias))  # (B, H, T, Dh)
+            k = self._split_heads(F.linear(x, self.k_proj.weight, self.k_proj.bias))
+            v = self._split_heads(F.linear(x, self.v_proj.weight, self.v_proj.bias))
+        k, v = cache.append(k, v)  # (B, H, L + T, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
+        y = y.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, D)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
                 b: int, t: int) -> Tensor:
         y = F.scaled_dot_product_attention(
