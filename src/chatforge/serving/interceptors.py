@@ -317,36 +317,26 @@ def _deadline_passed(context) -> bool:
 
 
 class _IdContext:
-    """The servicer context, plus: the request id rides on the response headers, sent lazily.
+    """The servicer context, plus: headers a handler sends itself carry the request id.
 
-    Why lazily: gRPC commits a call (and never retries it) once response headers arrive.
-    Sending headers up front would make every error non-retryable; sent with the first
-    message instead, an error before it is a trailers-only response that the client's
-    retry policy can retry (e.g. UNAVAILABLE while the models load).
+    The interceptor never sends headers of its own. gRPC commits a call (and never retries it)
+    once response headers arrive, so headers sent up front would make every error non-retryable
+    (e.g. UNAVAILABLE while the models load); and headers sent just before the first message
+    cost a round of thread wake-ups, 1-4 ms of time to first token (benchmarks/serving_bench.py).
+    grpc sends its own headers with the first message; the request id rides in the trailers
+    (and ``ReplyFinal.request_id``).
     """
 
     def __init__(self, context, metadata) -> None:
         self._context = context
         self._metadata = metadata
-        self._sent = False
 
     def __getattr__(self, name):
         return getattr(self._context, name)
 
-    async def ensure_initial_metadata(self) -> None:
-        if not self._sent:
-            self._sent = True
-            await self._context.send_initial_metadata(self._metadata)
-
     async def send_initial_metadata(self, metadata) -> None:
         # A handler sending its own headers: add the request id to them.
-        self._sent = True
         await self._context.send_initial_metadata(tuple(metadata) + self._metadata)
-
-    async def write(self, message) -> None:
-        if not self._sent:  # checked here: an awaited no-op per streamed token is not free
-            await self.ensure_initial_metadata()
-        await self._context.write(message)
 
 
 def _code_of(exc: BaseException, context) -> grpc.StatusCode | None:
@@ -364,10 +354,7 @@ def _wrap(behavior, scope: _CallScope):
             ctx = _IdContext(context, scope.metadata)
             try:
                 scope.admit()
-                # No separate headers for streams either: grpc sends its headers with the first
-                # message in one operation. Sending the request id as headers just before it cost a
-                # round of thread wake-ups, 1-4 ms of time to first token (benchmarks/serving_bench.py);
-                # the id still rides in the trailers and in the final message (ReplyFinal.request_id).
+                # No separate headers for streams either (see _IdContext).
                 async for response in behavior(request, ctx):
                     yield response
             except (asyncio.CancelledError, grpc.aio.AbortError) as e:
