@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Literal
 
 import torch
@@ -132,22 +133,22 @@ class GPTBlock(nn.Module):
         x = self.ln_1(x + self.drop(self.attn(x, mask=mask, cache=cache, is_causal=is_causal)))
         return self.ln_2(x + self.drop(self.mlp(x)))
 
-    def decode(self, x: Tensor, mask: Tensor | None, cache: GrowingKVCache) -> Tensor:
-        """``forward`` in eval mode for new tokens over a KV cache, with fewer Python calls: batch-1
-        decoding is bound by per-call overhead, not FLOPs (dropout is the identity in eval)."""
-        mlp = self.mlp
-        ln1, ln2 = self.ln_1, self.ln_2
-        if self.norm_first:
-            x = x + self.attn.cached_self_attention(
-                F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps), cache, mask)
-            h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
-            return x + F.linear(mlp.activation(F.linear(h, mlp.linear1.weight, mlp.linear1.bias)),
-                                mlp.linear2.weight, mlp.linear2.bias)
-        x = F.layer_norm(x + self.attn.cached_self_attention(x, cache, mask), ln1.normalized_shape, ln1.weight,
-                         ln1.bias, ln1.eps)
-        f = F.linear(mlp.activation(F.linear(x, mlp.linear1.weight, mlp.linear1.bias)), mlp.linear2.weight,
-                     mlp.linear2.bias)
-        return F.layer_norm(x + f, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+    def decode_plan(self) -> tuple:
+        """The tensors and constants :func:`_decode_block` reads, gathered once per reply: batch-1
+        decoding is bound by per-call overhead, and each ``nn.Module`` attribute lookup of a
+        submodule or parameter goes through ``Module.__getattr__`` (about 100 per token)."""
+        a, m, ln1, ln2 = self.attn, self.mlp, self.ln_1, self.ln_2
+        act = m.activation
+        if isinstance(act, nn.GELU):
+            act_fn = partial(F.gelu, approximate=act.approximate)
+        elif isinstance(act, nn.ReLU):
+            act_fn = F.relu
+        else:
+            act_fn = act
+        qkv = (a.qkv_proj.weight, a.qkv_proj.bias) if a.fused_qkv else None
+        return (self.norm_first, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps, ln2.weight, ln2.bias, ln2.eps,
+                qkv, a, a.out_proj.weight, a.out_proj.bias, a.n_heads, a.head_dim, a.d_model,
+                m.linear1.weight, m.linear1.bias, m.linear2.weight, m.linear2.bias, act_fn)
 
 
 class GPTModel(nn.Module):
@@ -211,16 +212,46 @@ class GPTModel(nn.Module):
             x = block(x, mask=mask, cache=caches[i] if caches is not None else None, is_causal=causal)
         return self.ln_f(x) if self.ln_f is not None else x
 
+    def decode_plan(self) -> tuple:
+        """What :meth:`decode` reads, gathered once per reply (see :meth:`GPTBlock.decode_plan`)."""
+        ln = self.ln_f
+        return (self.wte.embedding.weight, self.wpe.embedding.weight, [b.decode_plan() for b in self.blocks],
+                (ln.normalized_shape, ln.weight, ln.bias, ln.eps) if ln is not None else None)
+
     def decode(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None,
-               caches: list[GrowingKVCache]) -> Tensor:
+               caches: list[GrowingKVCache], plan: tuple | None = None) -> Tensor:
         """``forward`` for decoding steps in eval mode: input_ids/position_ids (B, T) continuing the
         cached keys, mask (B, 1, T, L + T) or None -> hidden states (B, T, D). The caller checks the
-        positions (this avoids ``forward``'s device sync on ``position_ids.max()`` every step)."""
-        x = self.wte.embedding(input_ids) + self.wpe.embedding(position_ids)  # (B, T, D)
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x = block.decode(x, mask, cache)
-        ln = self.ln_f
-        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps) if ln is not None else x
+        positions (this avoids ``forward``'s device sync on ``position_ids.max()`` every step).
+        ``plan``: :meth:`decode_plan`, kept by the caller for the whole reply."""
+        wte, wpe, blocks, ln = plan if plan is not None else self.decode_plan()
+        x = F.embedding(input_ids, wte) + F.embedding(position_ids, wpe)  # (B, T, D)
+        for block, cache in zip(blocks, caches, strict=True):
+            x = _decode_block(block, x, mask, cache)
+        return F.layer_norm(x, ln[0], ln[1], ln[2], ln[3]) if ln is not None else x
+
+
+def _decode_block(plan: tuple, x: Tensor, mask: Tensor | None, cache: GrowingKVCache) -> Tensor:
+    """``GPTBlock.forward`` in eval mode for new tokens over a KV cache, from the block's plan: the
+    same arithmetic (dropout is the identity in eval) with no module calls or attribute lookups."""
+    (norm_first, shape, ln1w, ln1b, eps1, ln2w, ln2b, eps2, qkv, attn, ow, ob, n_heads, head_dim, d_model,
+     w1, b1, w2, b2, act) = plan
+
+    def attend(h: Tensor) -> Tensor:
+        b, t, _ = h.shape
+        if qkv is None:  # unfused projections: the module's own path
+            return attn.cached_self_attention(h, cache, mask)
+        q, k, v = F.linear(h, qkv[0], qkv[1]).view(b, t, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4)
+        k, v = cache.append(k, v)  # (B, H, L + T, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
+        return F.linear(y.transpose(1, 2).reshape(b, t, d_model), ow, ob)
+
+    if norm_first:
+        x = x + attend(F.layer_norm(x, shape, ln1w, ln1b, eps1))
+        h = F.layer_norm(x, shape, ln2w, ln2b, eps2)
+        return x + F.linear(act(F.linear(h, w1, b1)), w2, b2)
+    x = F.layer_norm(x + attend(x), shape, ln1w, ln1b, eps1)
+    return F.layer_norm(x + F.linear(act(F.linear(x, w1, b1)), w2, b2), shape, ln2w, ln2b, eps2)
 
 
 def _lm_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -251,6 +282,7 @@ class GPTState:
     history: Tensor | None  # (B, L) every token fed so far, when uncached (the reference)
     pos_history: Tensor | None  # (B, L) their position ids, when uncached
     max_steps: int  # positions left before n_positions
+    plan: tuple | None = None  # GPTModel.decode_plan(), built at the first cached eval-mode step
 
     def reorder(self, index: Tensor) -> None:
         """Keep/reorder/repeat batch rows (dropping finished rows, beam search)."""
@@ -388,7 +420,9 @@ class GPTLMHeadModel(_GPTHeadBase):
                 h = self.transformer(tokens, position_ids=pos, mask=state.key_mask, caches=state.caches,
                                      is_causal=False)  # (B, 1, D)
             else:
-                h = self.transformer.decode(tokens, pos, state.key_mask, state.caches)  # (B, 1, D)
+                if state.plan is None:
+                    state.plan = self.transformer.decode_plan()
+                h = self.transformer.decode(tokens, pos, state.key_mask, state.caches, state.plan)  # (B, 1, D)
         else:
             state.history = torch.cat([state.history, tokens], dim=1)  # (B, L + 1)
             ph = state.pos_history = torch.cat([state.pos_history, pos], dim=1)  # (B, L + 1)
