@@ -237,6 +237,7 @@ class _CallScope:
         self.short_rpc = rpc.rsplit("/", 1)[-1]
         self.tokens: list = []
         self.gated = False
+        self._finished = False
         self.error: BaseException | None = None
 
     def enter(self, context) -> None:
@@ -271,13 +272,24 @@ class _CallScope:
             )
             if self.owner.alerts is not None:
                 self.owner.alerts.alert_exception(exc, rpc=self.rpc, context={"request_id": self.request_id})
+        # Counted before the status leaves: abort() sends it at once, and a client that saw its error
+        # must find the call in the stats and metrics (exit() would run only after the send).
+        self._finish(code)
         await context.abort(code, message, self.metadata)
 
     def exit(self, context, code: grpc.StatusCode | None) -> None:
-        if code is None:
-            code = context.code() or grpc.StatusCode.OK
-        if code is grpc.StatusCode.CANCELLED and _deadline_passed(context):
-            code = grpc.StatusCode.DEADLINE_EXCEEDED
+        if not self._finished:
+            if code is None:
+                code = context.code() or grpc.StatusCode.OK
+            if code is grpc.StatusCode.CANCELLED and _deadline_passed(context):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            self._finish(code)
+        for var, token in zip((request_id_var, session_id_var, current_call), self.tokens, strict=False):
+            var.reset(token)
+
+    def _finish(self, code: grpc.StatusCode) -> None:
+        """Release the drain gate; record the call's stats, metrics and log line (once)."""
+        self._finished = True
         seconds = time.perf_counter() - self.start
         latency_ms = seconds * 1000.0
         if self.gated:
@@ -304,8 +316,6 @@ class _CallScope:
                 "model": model or None,
             },
         )
-        for var, token in zip((request_id_var, session_id_var, current_call), self.tokens, strict=False):
-            var.reset(token)
 
 
 def _deadline_passed(context) -> bool:
