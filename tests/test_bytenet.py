@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from seq2seq_helpers import overfit, seq2seq_batch
 
 from chatforge.bundle import load_bundle
 from chatforge.config import apply_overrides, load_config, validate_config
@@ -138,22 +139,9 @@ def test_init_state_rejects_bad_input():
 
 def test_overfits_four_mappings():
     pairs = [([5, 6, 7], [8, 9]), ([6, 7, 8, 9], [10, 11, 12]), ([10, 11], [5, 5, 6]), ([12, 13, 14], [7])]
-    s_w, t_w = max(len(s) for s, _ in pairs), max(len(t) for _, t in pairs) + 1
-    src = torch.tensor([s + [PAD] * (s_w - len(s)) for s, _ in pairs])
-    dec = torch.tensor([[BOS] + t + [PAD] * (t_w - 1 - len(t)) for _, t in pairs])
-    lab = torch.tensor([t + [EOS] + [-100] * (t_w - 1 - len(t)) for _, t in pairs])
+    src, dec, lab = seq2seq_batch(pairs, PAD, BOS, EOS)
     model = ByteNet(tiny(decoder_sets=1), V, PAD)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    model.train()
-    for _ in range(300):
-        loss = model(src, dec, labels=lab).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    assert loss.item() < 0.05
-    model.eval()
+    assert overfit(model, src, dec, lab, lr=5e-3) < 0.05
     for s, t in pairs:
         assert generate(model, s, GenerationOptions(max_new_tokens=6), bos_id=BOS, eos_id=EOS) == t
 
@@ -277,22 +265,9 @@ def test_byte_input_padding_and_cached_decoding():
 def test_byte_input_overfits_four_mappings():
     # Sources differ only in their bytes' order and content; targets are tokenizer pieces.
     pairs = [([4, 5], [8, 9]), ([6, 7, 8], [10, 11, 12]), ([12, 13], [5, 5, 6]), ([14, 15], [7])]
-    s_w, t_w = max(len(s) for s, _ in pairs), max(len(t) for _, t in pairs) + 1
-    src = torch.tensor([s + [PAD] * (s_w - len(s)) for s, _ in pairs])
-    dec = torch.tensor([[BOS] + t + [PAD] * (t_w - 1 - len(t)) for _, t in pairs])
-    lab = torch.tensor([t + [EOS] + [-100] * (t_w - 1 - len(t)) for _, t in pairs])
+    src, dec, lab = seq2seq_batch(pairs, PAD, BOS, EOS)
     model = byte_model(decoder_sets=1)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    model.train()
-    for _ in range(300):
-        loss = model(src, dec, labels=lab).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    assert loss.item() < 0.05
-    model.eval()
+    assert overfit(model, src, dec, lab, lr=5e-3) < 0.05
     for s, t in pairs:
         assert generate(model, s, GenerationOptions(max_new_tokens=6), bos_id=BOS, eos_id=EOS) == t
 

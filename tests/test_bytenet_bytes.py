@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from seq2seq_helpers import overfit
 
 from chatforge.bundle import load_bundle
 from chatforge.config import validate_config
@@ -67,17 +68,7 @@ def test_overfits_one_batch_and_greedy_reply_decodes_to_the_training_text():
     dec = torch.tensor([[TOK.bos_id] + t + [TOK.pad_id] * (t_w - 1 - len(t)) for t in tgt])
     lab = torch.tensor([t + [TOK.eos_id] + [-100] * (t_w - 1 - len(t)) for t in tgt])
     model = build(tiny(d_model=32))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(300):
-        loss = model(x, dec, labels=lab).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    assert loss.item() < 0.05
-    model.eval()
+    assert overfit(model, x, dec, lab, lr=1e-2) < 0.05
     for (q, a), s in zip(PAIRS, src, strict=True):
         ids = generate(model, s, GenerationOptions(max_new_tokens=40), bos_id=TOK.bos_id, eos_id=TOK.eos_id)
         assert TOK.decode(ids) == a, q

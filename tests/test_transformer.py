@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from pydantic import ValidationError
+from seq2seq_helpers import overfit, seq2seq_batch
 from torch import nn
 
 from chatforge.models.transformer import (
@@ -239,23 +240,9 @@ def test_seq2seq_overfits_four_mappings():
 
     # Map each source to a different target (reverse + shift), so copying alone is not enough.
     pairs = [([5, 6, 7], [8, 9]), ([6, 7, 8, 9], [10, 11, 12]), ([10, 11], [5, 5, 6]), ([12, 13, 14], [7])]
-    s_w = max(len(s) for s, _ in pairs)
-    t_w = max(len(t) for _, t in pairs) + 1
-    src = torch.tensor([s + [PAD] * (s_w - len(s)) for s, _ in pairs])
-    dec = torch.tensor([[BOS] + t + [PAD] * (t_w - 1 - len(t)) for _, t in pairs])
-    lab = torch.tensor([t + [EOS] + [-100] * (t_w - 1 - len(t)) for _, t in pairs])
+    src, dec, lab = seq2seq_batch(pairs, PAD, BOS, EOS)
     model = TransformerSeq2Seq(tiny(), V, PAD)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(300):
-        loss = model(src, dec, labels=lab).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    assert loss.item() < 0.05
-    model.eval()
+    assert overfit(model, src, dec, lab, lr=3e-3) < 0.05
     for s, t in pairs:
         assert generate(model, s, GenerationOptions(max_new_tokens=6), bos_id=BOS, eos_id=EOS) == t
 
