@@ -221,7 +221,24 @@ BYTE_UNK_SURFACE = "\ufffd"
 _MASK_SPLIT = re.compile(f"({re.escape(MASK)})")
 
 
-class ByteTokenizer(SpecialIdsMixin):
+class JsonDocumentMixin:
+    """``save``/``to_bytes``/``sha256`` for tokenizers kept as one JSON document in ``self._json``
+    (the byte tokenizer's layout, a Hugging Face ``tokenizer.json``)."""
+
+    _json: bytes
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_bytes(Path(path), self._json)
+
+    def to_bytes(self) -> bytes:
+        return self._json
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self._json).hexdigest()
+
+
+class ByteTokenizer(JsonDocumentMixin, SpecialIdsMixin):
     """UTF-8 bytes as tokens (the character-level setting of ByteNet, Kalchbrenner et al. 2016, and
     of byte-level LMs), behind :class:`Tokenizer`'s surface.
 
@@ -271,16 +288,6 @@ class ByteTokenizer(SpecialIdsMixin):
             raise TokenizerError(f"{path} does not describe chatforge's byte tokenizer: {diff} differ from the "
                                  f"layout this version reads: {want}")
         return cls(str(path))
-
-    def save(self, path: str | Path) -> None:
-        atomic_write_bytes(Path(path), self._json)
-
-    def to_bytes(self) -> bytes:
-        return self._json
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self._json).hexdigest()
 
     # ------------------------------------------------------------------- coding
     @property

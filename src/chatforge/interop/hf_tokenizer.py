@@ -17,14 +17,12 @@ is read from the tokenizer's own special tokens, by their conventional spellings
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from chatforge.fileio import atomic_write_bytes
 from chatforge.registry import SpecialIds
-from chatforge.tokenizer import IncrementalDecoder, SpecialIdsMixin, TokenizerError
+from chatforge.tokenizer import IncrementalDecoder, JsonDocumentMixin, SpecialIdsMixin, TokenizerError
 
 _PAD = ("[PAD]", "<pad>", "<|pad|>", "<|padding|>")
 _BOS = ("<s>", "<|endoftext|>", "[CLS]", "<|startoftext|>")
@@ -35,7 +33,7 @@ _SEP = ("[SEP]", "<sep>")
 _MASK = ("[MASK]", "<mask>")
 
 
-class HFTokenizer(SpecialIdsMixin):
+class HFTokenizer(JsonDocumentMixin, SpecialIdsMixin):
     """Wraps a ``tokenizers.Tokenizer`` from ``tokenizer.json`` with :class:`chatforge.tokenizer.Tokenizer`'s
     surface: ``kind``, ``filename``, ``to_bytes``, ``special``, ``encode``/``decode``, ``sha256``."""
 
@@ -86,16 +84,6 @@ class HFTokenizer(SpecialIdsMixin):
     def from_tokenizers(cls, tk) -> HFTokenizer:
         """From an in-memory ``tokenizers.Tokenizer`` (e.g. a fast HF tokenizer's backend)."""
         return cls(tk.to_str().encode("utf-8"))
-
-    def save(self, path: str | Path) -> None:
-        atomic_write_bytes(Path(path), self._json)
-
-    def to_bytes(self) -> bytes:
-        return self._json
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self._json).hexdigest()
 
     def token_strings(self) -> dict[str, str | None]:
         """The special tokens as strings (for writing an HF tokenizer_config.json)."""
