@@ -46,6 +46,38 @@ def test_incremental_decoder_matches_full_decode(tok):
     assert sum(1 for x in deltas if x) > 1  # text arrives in pieces, not all at the end
 
 
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_incremental_decoder_random_streams_match_full_decode(model_type):
+    import random
+
+    t = Tokenizer.train((KO + EN) * 20, vocab_size=70, model_type=model_type, character_coverage=1.0)
+    rng = random.Random(0)
+    for _ in range(200):  # any ids the model may emit, specials and <unk> included
+        ids = [rng.randrange(t.vocab_size) for _ in range(rng.randrange(1, 40))]
+        d = t.incremental_decoder()
+        assert "".join(d.feed(i) for i in ids) == t.decode(ids), ids
+
+
+def test_incremental_decoder_is_linear_in_reply_length(tok):
+    """Each token decodes a window of a few pieces, not the whole reply (was O(T^2))."""
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.pieces = inner, 0
+
+        def decode(self, ids):
+            self.pieces += len(ids)
+            return self.inner.decode(ids)
+
+    ids = tok.encode(" ".join(EN + KO) * 8)
+    counting = Counting(tok)
+    from chatforge.tokenizer import IncrementalDecoder
+
+    d = IncrementalDecoder(counting)
+    assert "".join(d.feed(i) for i in ids) == tok.decode(ids)
+    assert len(ids) > 200 and counting.pieces <= 8 * len(ids)  # the prefix decode: ~T^2/2 = 550,000
+
+
 def test_bpe(tmp_path):
     t = Tokenizer.train((KO + EN) * 20, vocab_size=70, model_type="bpe", character_coverage=1.0)
     assert t.decode(t.encode("hello there")) == "hello there"

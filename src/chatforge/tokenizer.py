@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -394,28 +393,41 @@ class ByteIncrementalDecoder:
 
 
 class IncrementalDecoder:
-    """Turns a stream of token ids into text deltas for streaming replies.
+    """Turns a stream of token ids into text deltas for streaming replies, in O(1) per token.
 
-    SentencePiece marks word starts with U+2581, so a piece's surface text depends
-    on its position (the first piece loses its leading space). Decoding the whole
-    prefix and emitting what was added is exact and cheap at reply lengths.
+    SentencePiece marks word starts with U+2581, so a piece's surface text depends on its
+    position (the first piece of a decode loses its leading space). Decoding the whole prefix
+    for every token is exact but O(T^2) over a reply. Instead two offsets bound a window: the
+    text of ``ids[prefix:read]`` was emitted already, and the delta is what decoding
+    ``ids[prefix:]`` adds to it. Both decodes start at the same piece, so they drop the same
+    leading space and their difference is exactly the new text (a window only starts at a piece
+    with visible text of its own, see ``_anchors``). A delta that ends in U+FFFD
+    (an incomplete UTF-8 sequence from byte pieces) is held back until the character is whole.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.text = ""
+        self.prefix = 0  # window start: the pieces before it never change the text again
+        self.read = 0  # ids[:read] are emitted
 
     def feed(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids)
-        if text.startswith(self.text):
-            delta = text[len(self.text):]
-        else:  # a later piece changed earlier text (rare); resend nothing wrong, only the tail
-            common = os.path.commonprefix([text, self.text])
-            delta = text[len(common):]
-        self.text = text
-        return delta
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) <= len(done) or text.endswith("\ufffd") or not text.startswith(done):
+            return ""  # nothing visible yet, or a character still incomplete
+        if self._anchors(self.ids[self.read]):
+            self.prefix = self.read
+        self.read = len(self.ids)
+        return text[len(done):]
+
+    def _anchors(self, token_id: int) -> bool:
+        """Can a window start at this piece? Only if it shows text of its own: a decode drops
+        *all* leading whitespace (``decode(["▁", "▁"]) == ""``) and skips specials, so a window
+        starting at one would lose the spaces the full text has."""
+        alone = self.tok.decode([token_id])
+        return bool(alone) and not alone.isspace()
 
 
 def _train_proto(corpus: list[str], vocab_size: int, model_type: str, coverage: float, seed_size: int) -> bytes:
