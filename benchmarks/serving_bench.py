@@ -158,11 +158,11 @@ def stream_timing(t_start: float, token_times: list[float]) -> dict:
 class EngineSide:
     """(a) engine-only: the same Engine the server runs, driven on an event loop in this process."""
 
-    def __init__(self, bundle: Path, new_tokens: int) -> None:
+    def __init__(self, bundle: Path, new_tokens: int, precision: str = "fp32") -> None:
         from chatforge.decoding import GenerationOptions
         from chatforge.serving.engine import Engine
 
-        self.engine = Engine.from_bundles({"chat": bundle}, max_running=8)
+        self.engine = Engine.from_bundles({"chat": bundle}, max_running=8, precision=precision)
         self.opts = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         self.loop = asyncio.new_event_loop()
 
@@ -223,7 +223,7 @@ def _free_port() -> int:
 class Server:
     """``chatforge serve`` in a subprocess on an ephemeral loopback port."""
 
-    def __init__(self, gen: Path, cls: Path, workdir: Path, torch_threads: int) -> None:
+    def __init__(self, gen: Path, cls: Path, workdir: Path, torch_threads: int, precision: str = "fp32") -> None:
         port_file = workdir / "port"
         port_file.unlink(missing_ok=True)
         self.log = (workdir / "server.log").open("w")
@@ -233,7 +233,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"chat={gen}", "--model", f"intent={cls}",
              "--port", "0", "--port-file", str(port_file), "--metrics-port", str(self.metrics_port),
-             "--grace", "2", "--max-running", "8",
+             "--grace", "2", "--max-running", "8", "--precision", precision,
              "--max-queued", "256", "--max-batch-size", "32", "--max-wait-ms", "2"],
             stdout=subprocess.DEVNULL, stderr=self.log, env=env, cwd=workdir,
         )
@@ -385,12 +385,15 @@ def main() -> None:
     ap.add_argument("--health-checks", type=int, default=500, help="checks in (d)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads, engine-only and in the server (see the module docstring)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="served precision, engine-only and in the server (chatforge serve --precision)")
     ap.add_argument("--out", type=Path,
-                    help="results file (default: results/serving-<size>[-t<threads>].json)")
+                    help="results file (default: results/serving-<size>[-t<threads>][-bf16].json)")
     args = ap.parse_args()
     if args.out is None:
         name = "custom" if args.bundle else args.size
-        suffix = "" if args.torch_threads == 1 else f"-t{args.torch_threads}"
+        suffix = ("" if args.torch_threads == 1 else f"-t{args.torch_threads}") + \
+            ("" if args.precision == "fp32" else f"-{args.precision}")
         args.out = ROOT / "benchmarks" / "results" / f"serving-{name}{suffix}.json"
     if args.train_only and args.workdir is None:
         ap.error("--train-only needs --workdir (where the bundles are kept)")
@@ -413,12 +416,12 @@ def main() -> None:
         texts = [t for t in load_texts() if 2 <= len(t) <= 60][:200]
 
         torch.set_num_threads(args.torch_threads)
-        server = Server(gen, cls, workdir, args.torch_threads)
+        server = Server(gen, cls, workdir, args.torch_threads, args.precision)
         try:
             from chatforge.serving.client import ChatbotClient
 
             print(f"(a) engine only vs over gRPC ({server.target}), interleaved ...", flush=True)
-            engine = EngineSide(gen, args.new_tokens)
+            engine = EngineSide(gen, args.new_tokens, args.precision)
             try:
                 with ChatbotClient(server.target, timeout=300) as client:
                     eng, rpc = engine_vs_grpc(engine, client, texts, args.reps, args.new_tokens)
@@ -497,7 +500,7 @@ def main() -> None:
                      "classifier": str(args.classifier) if args.classifier else
                      _describe(args.size, args.steps, "classification"),
                      "vocab_size": vocab,
-                     "torch_threads": args.torch_threads, "new_tokens": args.new_tokens, "reps": args.reps,
+                     "torch_threads": args.torch_threads, "precision": args.precision, "new_tokens": args.new_tokens, "reps": args.reps,
                      "rounds": args.rounds, "classify_requests": args.classify_requests,
                      "health_checks": args.health_checks},
         "notes": [

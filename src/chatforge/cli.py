@@ -369,6 +369,8 @@ def serve(
     tls_cert: Path = typer.Option(None, help="Server certificate chain (PEM) for TLS."),
     tls_key: Path = typer.Option(None, help="Server private key (PEM) for TLS."),
     tls_client_ca: Path = typer.Option(None, help="CA (PEM) that client certificates must chain to (mTLS)."),
+    precision: str = typer.Option("fp32", help="Torch models' precision: fp32, or bf16 (weights cast once at "
+                                  "load; several times faster matmuls on CPUs with AMX/AVX512-BF16 and on GPUs)."),
 ):
     """Serve bundles over gRPC (Chatbot service, health, reflection) until SIGTERM/SIGINT."""
     from chatforge.serving.engine import PipelineConfig
@@ -390,7 +392,7 @@ def serve(
                           model_dir=model_dir, pins=pins, poll_interval=poll_interval, metrics_port=metrics_port,
                           api_keys_file=api_keys_file, tls_cert=tls_cert, tls_key=tls_key,
                           tls_client_ca=tls_client_ca, open_health=not protect_health,
-                          max_message_bytes=max_message_bytes, engine_kwargs=engine_kwargs)
+                          max_message_bytes=max_message_bytes, engine_kwargs=engine_kwargs, precision=precision)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     raise typer.Exit(code or 0)

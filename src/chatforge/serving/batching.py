@@ -209,7 +209,9 @@ class Seq2SeqStepModel:
     def prefill(self, prompts: list[list[int]], bos_id: int):
         import torch
 
-        with torch.inference_mode():
+        from chatforge.inference import autocast_for
+
+        with torch.inference_mode(), autocast_for(self.model):
             device = self._device()
             width = max(len(p) for p in prompts)
             src = torch.full((len(prompts), width), self.model.pad_id, dtype=torch.long, device=device)
@@ -234,8 +236,10 @@ class Seq2SeqStepModel:
     def step(self, state: _RowsState, tokens):
         import torch
 
+        from chatforge.inference import autocast_for
+
         m = self.model
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_for(m):
             width = len(state.caches[0].self_attn)  # T: cached positions (right-aligned)
             y = m.tgt_embed(tokens[:, None]) + self._positions(state.lens)  # (B, 1, D)
             if hasattr(m, "dropout"):

@@ -296,14 +296,15 @@ class Engine:
 
     @classmethod
     def from_bundles(cls, bundles: Mapping[str, str | Path], *, versions: Mapping[str, str] | None = None,
-                     **kwargs) -> Engine:
-        """Load every bundle (name -> folder) with :func:`chatforge.inference.load_model`."""
+                     precision: str = "fp32", **kwargs) -> Engine:
+        """Load every bundle (name -> folder) with :func:`chatforge.inference.load_model`, torch models
+        at ``precision`` ("fp32" or "bf16")."""
         if not bundles:
             raise ValueError("no bundles given; pass at least one name -> bundle folder")
         generators: dict[str, ReplyGenerator] = {}
         classifiers: dict[str, TextClassifier] = {}
         for name, path in bundles.items():
-            model = load_hosted_model(path, name, (versions or {}).get(name, "1"))
+            model = load_hosted_model(path, name, (versions or {}).get(name, "1"), precision)
             (generators if hasattr(model, "stream") else classifiers)[name] = model
         return cls(generators, classifiers, **kwargs)
 
@@ -624,11 +625,12 @@ def _sha256_file(path: Path) -> str | None:
         return None
 
 
-def load_hosted_model(path: str | Path, name: str, version: str = "1") -> ReplyGenerator | TextClassifier:
+def load_hosted_model(path: str | Path, name: str, version: str = "1",
+                      precision: str = "fp32") -> ReplyGenerator | TextClassifier:
     """Load a bundle for serving, with its lineage (config/data/tokenizer hashes) in the metadata."""
     from chatforge import inference
 
-    model = inference.load_model(Path(path), name, version)
+    model = inference.load_model(Path(path), name, version, precision)
     if not (hasattr(model, "stream") or hasattr(model, "classify")):
         raise TypeError(
             f"bundle {name!r} ({path}) loaded a {type(model).__name__}, which is neither a "
@@ -666,11 +668,18 @@ class ModelDirectory:
 
     PIN_FILE = "PINNED"
 
-    def __init__(self, root: str | Path, pins: Mapping[str, str] | None = None) -> None:
+    def __init__(self, root: str | Path, pins: Mapping[str, str] | None = None, precision: str = "fp32") -> None:
+        from chatforge.inference import check_precision
+
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"model directory not found: {self.root} is not a folder")
         self.pins = dict(pins or {})
+        self.precision = check_precision(precision)
+
+    def load(self, path: Path, name: str, version: str) -> ReplyGenerator | TextClassifier:
+        """Load one version at this directory's serving precision (every version alike)."""
+        return load_hosted_model(path, name, version, self.precision)
 
     def versions(self, name: str) -> list[str]:
         d = self.root / name
@@ -702,10 +711,10 @@ class ModelDirectory:
             raise FileNotFoundError(f"no bundles under {self.root}; expected {self.root}/<name>/<version>/")
         return out
 
-    def load_engine(self, loader: Callable[..., Any] = load_hosted_model, **engine_kwargs) -> Engine:
+    def load_engine(self, loader: Callable[..., Any] | None = None, **engine_kwargs) -> Engine:
         generators, classifiers = {}, {}
         for name, (version, path) in self.resolve().items():
-            model = loader(path, name, version)
+            model = (loader or self.load)(path, name, version)
             (generators if hasattr(model, "stream") else classifiers)[name] = model
         return Engine(generators, classifiers, **engine_kwargs)
 
@@ -718,12 +727,12 @@ class ModelDirectoryWatcher:
     """
 
     def __init__(self, engine: Engine, directory: ModelDirectory, *, poll_interval: float = 5.0,
-                 loader: Callable[..., Any] = load_hosted_model,
+                 loader: Callable[..., Any] | None = None,
                  on_load_error: Callable[[str, BaseException], None] | None = None) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval={poll_interval!r} is out of range; allowed: seconds > 0")
         self.engine, self.directory, self.poll_interval = engine, directory, poll_interval
-        self.loader, self.on_load_error = loader, on_load_error
+        self.loader, self.on_load_error = loader or directory.load, on_load_error
         self.swaps = 0
         self._failed: set[tuple[str, str]] = set()
         self._stop = threading.Event()

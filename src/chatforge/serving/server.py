@@ -398,6 +398,7 @@ def run_server(
     max_message_bytes: int | None = None,
     engine_kwargs: Mapping[str, object] | None = None,
     settings=None,
+    precision: str = "fp32",
 ) -> None:
     """Blocking entry point for the CLI: serve bundles (or a model directory) until SIGTERM/SIGINT.
 
@@ -431,7 +432,7 @@ def run_server(
     store = ConversationStore.from_settings(settings)
     kwargs = dict(engine_kwargs or {})
     kwargs["metrics"] = metrics
-    directory = ModelDirectory(model_dir, pins) if model_dir is not None else None
+    directory = ModelDirectory(model_dir, pins, precision) if model_dir is not None else None
     if directory is not None:
         def loader():
             return directory.load_engine(**kwargs)
@@ -439,7 +440,7 @@ def run_server(
         named = dict(bundles)
 
         def loader():
-            return Engine.from_bundles(named, **kwargs)
+            return Engine.from_bundles(named, precision=precision, **kwargs)
 
     try:
         asyncio.run(serve(loader, host, port, grace=grace, port_file=port_file, metrics=metrics,
