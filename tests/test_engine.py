@@ -178,7 +178,7 @@ def test_from_bundles_sorts_models_by_protocol(monkeypatch, tmp_path):
 
     loaded = {}
 
-    def fake_load_model(bundle_dir, name, version="1"):
+    def fake_load_model(bundle_dir, name, version="1", precision="fp32"):
         loaded[name] = bundle_dir
         return FakeGenerator(name) if name == "gen" else FakeClassifier(name)
 
