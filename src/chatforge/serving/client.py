@@ -85,6 +85,12 @@ CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.client_idle_timeout_ms", 24 * 3600 * 1000),
     ("grpc.enable_retries", 1),
     ("grpc.service_config", SERVICE_CONFIG),
+    # grpc Python's single-threaded unary-stream path: the thread that iterates a Reply stream
+    # drives it, instead of a channel thread that hands each message over through a condition
+    # variable. One thread wake-up less per message: ~0.07 ms less time to first token against a
+    # bare echo server here (grpc/grpc#20753 measured ~6.5% lower latency). Python-layer only,
+    # never sent to grpc core; the iterator keeps cancel(), code() and the metadata getters.
+    ("SingleThreadedUnaryStream", 1),
 )
 
 
