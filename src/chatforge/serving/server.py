@@ -379,6 +379,22 @@ async def _set_when_serving(server: ChatbotServer, event: asyncio.Event | thread
     event.set()
 
 
+def operations(settings) -> dict:
+    """The operations library a served process runs with, from ``settings``: Prometheus metrics,
+    webhook alerts and their rules, the conversation store (``ChatbotServer`` keyword arguments;
+    the caller closes ``alerts`` and ``store``). ``run_server`` and the benchmarks share it."""
+    from chatforge.serving.alerts import AlertManager
+    from chatforge.serving.metrics import ServingMetrics
+    from chatforge.serving.store import ConversationStore
+
+    alerts = AlertManager.from_settings(settings)
+    rules = AlertRules(alerts, RollingCallStats(settings.alert_window_seconds),
+                       error_rate=settings.alert_error_rate, p99_seconds=settings.alert_p99_ms / 1000.0,
+                       min_calls=settings.alert_min_calls)
+    return {"metrics": ServingMetrics(), "alerts": alerts, "alert_rules": rules,
+            "store": ConversationStore.from_settings(settings)}
+
+
 def run_server(
     bundles: Mapping[str, str | Path] | None = None,
     host: str = "127.0.0.1",
@@ -405,11 +421,8 @@ def run_server(
     Wires the operations library from ``settings`` (default: ``CHATFORGE_*`` variables):
     logging, alerts, the conversation store and metrics (HTTP on ``metrics_port``).
     """
-    from chatforge.serving.alerts import AlertManager
-    from chatforge.serving.metrics import ServingMetrics
     from chatforge.serving.observability import configure_logging
     from chatforge.serving.security import ApiKeyAuth, TlsConfig
-    from chatforge.serving.store import ConversationStore
     from chatforge.settings import get_settings
 
     if not bundles and model_dir is None:
@@ -424,12 +437,8 @@ def run_server(
         ApiKeyAuth.from_env(open_health=open_health)
     tls = TlsConfig(Path(tls_cert), Path(tls_key), Path(tls_client_ca) if tls_client_ca else None) \
         if tls_cert else None
-    metrics = ServingMetrics()
-    alerts = AlertManager.from_settings(settings)
-    rules = AlertRules(alerts, RollingCallStats(settings.alert_window_seconds),
-                       error_rate=settings.alert_error_rate, p99_seconds=settings.alert_p99_ms / 1000.0,
-                       min_calls=settings.alert_min_calls)
-    store = ConversationStore.from_settings(settings)
+    ops = operations(settings)
+    metrics, alerts, store = ops["metrics"], ops["alerts"], ops["store"]
     kwargs = dict(engine_kwargs or {})
     kwargs["metrics"] = metrics
     directory = ModelDirectory(model_dir, pins, precision) if model_dir is not None else None
@@ -443,10 +452,10 @@ def run_server(
             return Engine.from_bundles(named, precision=precision, **kwargs)
 
     try:
-        asyncio.run(serve(loader, host, port, grace=grace, port_file=port_file, metrics=metrics,
-                          metrics_port=metrics_port if metrics_port is not None else None, alerts=alerts,
-                          store=store, auth=auth, tls=tls, model_dir=directory, poll_interval=poll_interval,
-                          max_message_bytes=max_message_bytes, alert_rules=rules))
+        asyncio.run(serve(loader, host, port, grace=grace, port_file=port_file,
+                          metrics_port=metrics_port if metrics_port is not None else None,
+                          auth=auth, tls=tls, model_dir=directory, poll_interval=poll_interval,
+                          max_message_bytes=max_message_bytes, **ops))
     finally:
         store.close()
         alerts.close()
