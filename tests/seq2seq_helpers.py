@@ -1,4 +1,4 @@
-"""Shared by the encoder-decoder overfit tests: one padded batch and the overfit loop."""
+"""Shared by the overfit tests: one padded encoder-decoder batch and the overfit loop."""
 
 from __future__ import annotations
 
@@ -16,12 +16,17 @@ def seq2seq_batch(pairs: list[tuple[list[int], list[int]]], pad: int, bos: int, 
 
 
 def overfit(model: torch.nn.Module, src, dec, lab, lr: float, steps: int = 300) -> float:
-    """Adam on one batch until the loss is under 0.01 (or ``steps``); returns the last loss and
-    leaves the model in eval mode."""
+    """Adam on one encoder-decoder batch until the loss is under 0.01 (or ``steps``); returns the
+    last loss and leaves the model in eval mode."""
+    return overfit_batch(model, (src, dec), {"labels": lab}, lr, steps)
+
+
+def overfit_batch(model: torch.nn.Module, args: tuple, kwargs: dict, lr: float, steps: int = 300) -> float:
+    """The same loop for any model called as ``model(*args, **kwargs)`` that returns ``.loss``."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        loss = model(src, dec, labels=lab).loss
+        loss = model(*args, **kwargs).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -24,14 +24,6 @@ NEG = float("-inf")
 PAD, BOS, EOS = 0, 1, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run much faster on one thread when other test processes share the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---- pure helpers ----
 

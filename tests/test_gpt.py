@@ -25,13 +25,6 @@ SPECIAL = SpecialIds(pad=0, bos=1, eos=2, unk=3, cls=4, sep=5, mask=6)
 TINY = dict(d_model=32, n_heads=2, n_layers=2, n_positions=64, dropout=0.0, attn_dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def lm(task="generation", seed=0, **kw) -> GPTLMHeadModel:
     torch.manual_seed(seed)

@@ -20,13 +20,6 @@ from chatforge.interop.hf_tokenizer import HFTokenizer  # noqa: E402
 WORDS = "hello world how are you fine thanks good bye see the a cat dog runs".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_tokenizer_json(path, specials=("<|endoftext|>",), n_filler=40):
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -25,15 +25,6 @@ from chatforge.modules import (
 D, H = 32, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models ran ~8x faster on one thread than on two while other test processes shared the
-    # 2 cores (13 vs 106 ms per training step). Function-scoped so it runs after conftest's setting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -17,13 +17,6 @@ SPECIAL = SpecialIds(pad=0, bos=1, eos=2, unk=3, cls=4, sep=5, mask=6)
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _bert_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)

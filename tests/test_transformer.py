@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from pydantic import ValidationError
-from seq2seq_helpers import overfit, seq2seq_batch
+from seq2seq_helpers import overfit, overfit_batch, seq2seq_batch
 from torch import nn
 
 from chatforge.models.transformer import (
@@ -30,15 +30,6 @@ def tiny(**kw) -> TransformerConfig:
     base.update(kw)
     return TransformerConfig(**base)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models ran ~8x faster on one thread than on two while other test processes shared the
-    # 2 cores (13 vs 106 ms per training step). Function-scoped so it runs after conftest's setting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)
@@ -251,15 +242,5 @@ def test_classifier_overfits_tiny_batch():
     x = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [10, 11, 12, 13], [14, 15, 0, 0], [5, 9, 13, 0], [16, 17, 18, 0]])
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     model = TransformerClassifier(tiny(num_decoder_layers=1), V, PAD, num_labels=3)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(200):
-        loss = model(x, labels=y).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.01:
-            break
-    model.eval()
-    assert loss.item() < 0.05
+    assert overfit_batch(model, (x,), {"labels": y}, lr=3e-3, steps=200) < 0.05
     assert model(x).logits.argmax(-1).tolist() == y.tolist()
