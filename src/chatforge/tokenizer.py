@@ -225,6 +225,17 @@ class JsonDocumentMixin:
     (the byte tokenizer's layout, a Hugging Face ``tokenizer.json``)."""
 
     _json: bytes
+    filename: str
+
+    @classmethod
+    def _document(cls, path: str | Path, what: str) -> Path:
+        """The document's file: ``path`` itself, or ``cls.filename`` inside a folder."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / cls.filename
+        if not path.is_file():
+            raise TokenizerError(f"{what} not found: {path}")
+        return path
 
     def save(self, path: str | Path) -> None:
         atomic_write_bytes(Path(path), self._json)
@@ -271,11 +282,7 @@ class ByteTokenizer(JsonDocumentMixin, SpecialIdsMixin):
     # ----------------------------------------------------------------- loading
     @classmethod
     def load(cls, path: str | Path) -> ByteTokenizer:
-        path = Path(path)
-        if path.is_dir():
-            path = path / cls.filename
-        if not path.is_file():
-            raise TokenizerError(f"byte tokenizer file not found: {path}")
+        path = cls._document(path, "byte tokenizer file")
         try:
             got = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -73,11 +73,7 @@ class HFTokenizer(JsonDocumentMixin, SpecialIdsMixin):
     # ----------------------------------------------------------------- loading
     @classmethod
     def load(cls, path: str | Path) -> HFTokenizer:
-        path = Path(path)
-        if path.is_dir():
-            path = path / cls.filename
-        if not path.is_file():
-            raise TokenizerError(f"Hugging Face tokenizer not found: {path}")
+        path = cls._document(path, "Hugging Face tokenizer")
         return cls(path.read_bytes(), str(path))
 
     @classmethod
