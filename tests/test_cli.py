@@ -64,3 +64,13 @@ def test_data_download_from_local_copy(shared_data, tmp_path):
 def test_health_of_nothing_exits_nonzero():
     r = runner.invoke(app, ["health", "127.0.0.1:1", "--timeout", "0.5"])
     assert r.exit_code == 1
+
+
+def test_serve_refuses_an_unknown_precision(tmp_path):
+    port_file = tmp_path / "port"
+    (tmp_path / "bundle").mkdir()
+    r = runner.invoke(app, ["serve", "--model", f"chat={tmp_path / 'bundle'}", "--port", "0",
+                            "--port-file", str(port_file), "--precision", "fp16"])
+    assert r.exit_code == 2
+    assert "precision='fp16' is not supported; allowed: fp32, bf16" in r.output
+    assert not port_file.exists()  # never reported ready

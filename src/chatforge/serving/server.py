@@ -421,6 +421,7 @@ def run_server(
     Wires the operations library from ``settings`` (default: ``CHATFORGE_*`` variables):
     logging, alerts, the conversation store and metrics (HTTP on ``metrics_port``).
     """
+    from chatforge.inference import check_precision
     from chatforge.serving.observability import configure_logging
     from chatforge.serving.security import ApiKeyAuth, TlsConfig
     from chatforge.settings import get_settings
@@ -431,6 +432,7 @@ def run_server(
         raise ValueError("pass bundles or a model directory, not both")
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+    check_precision(precision)  # before the port is bound, not in the model loader's thread
     settings = settings or get_settings()
     configure_logging(settings)
     auth = ApiKeyAuth.from_file(api_keys_file, open_health=open_health) if api_keys_file else \
