@@ -144,3 +144,24 @@ def test_bf16_runs_under_autocast_on_every_serving_path(bundles):
         for h in hooks:
             h.remove()
     assert n > 0 and all(seen[:n]) and not any(seen[n:]) and len(seen) > n
+
+
+def test_model_directory_loads_and_hot_swaps_every_version_at_its_precision(bundles, tmp_path):
+    """``serve --model-dir DIR --precision bf16``: the first load and each hot-swapped version alike."""
+    import shutil
+
+    from chatforge.serving.engine import ModelDirectoryWatcher
+
+    root = tmp_path / "models"
+    shutil.copytree(bundles["generation"], root / "chat" / "1")
+    directory = ModelDirectory(root, precision="bf16")
+    engine = directory.load_engine()
+    try:
+        dtypes = lambda: {p.dtype for p in engine._slots()[0].model.model.parameters()}  # noqa: E731
+        assert dtypes() == {torch.bfloat16}
+        shutil.copytree(bundles["generation"], root / "chat" / "2")
+        watcher = ModelDirectoryWatcher(engine, directory, poll_interval=60)
+        assert watcher.check_once() == ["chat"] and engine.version_of("chat") == "2"
+        assert dtypes() == {torch.bfloat16}
+    finally:
+        engine.close()
