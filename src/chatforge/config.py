@@ -187,12 +187,16 @@ class OOSConfig(_Strict):
     chosen on the validation split (in-scope accuracy + OOS recall) unless ``threshold`` is given.
     ``binary``: a separate in-scope vs ``label`` TF-IDF classifier runs first; the intent model is
     trained on in-scope examples only.
+    ``scorer``: a logistic regression over the model's confidences (per kind of member for an
+    ensemble) and the text's TF-IDF similarity to its intent's training examples, fitted on the
+    validation split, answers ``label`` when its P(oos) reaches a threshold chosen there
+    (``threshold`` fixes it instead); see chatforge.oos_scorer.
     """
 
-    policy: Literal["train", "threshold", "binary"] = "train"
+    policy: Literal["train", "threshold", "binary", "scorer"] = "train"
     label: str = Field("oos", min_length=1)
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="fixed threshold instead of choosing one")
-    # policy threshold: only thresholds losing at most this much validation in-scope accuracy (a fraction,
+    # policies threshold and scorer: only thresholds losing at most this much validation in-scope accuracy (a fraction,
     # e.g. 0.005) are candidates (chatforge.evaluation.metrics.choose_oos_threshold); None: the paper's criterion.
     max_in_scope_drop: float | None = Field(None, ge=0.0, le=1.0)
 

@@ -188,9 +188,19 @@ class Classifier:
             return self.model.predict_proba(list(texts))
         return torch_class_probs(self.model, self.tok, list(texts), self.max_input_tokens)
 
+    def predict_views(self, texts: list[str]) -> list:
+        """``[probabilities]``, plus one view per kind of member for an ensemble (the oos scorer reads them)."""
+        if self.is_estimator and hasattr(self.model, "predict_views"):
+            return self.model.predict_views(list(texts))
+        return [self.predict_proba(texts)]
+
     def classify(self, texts: list[str]) -> list[ClassPrediction]:
-        probs = self.predict_proba(texts)
-        preds = self.oos.decide(probs, self.labels, texts)
+        if self.oos.needs_views:
+            views = self.predict_views(texts)
+            probs = views[0]
+        else:
+            probs, views = self.predict_proba(texts), None
+        preds = self.oos.decide(probs, self.labels, texts, views)
         out = []
         for row, label in zip(probs.tolist(), preds, strict=True):
             best = max(range(len(row)), key=row.__getitem__)

@@ -7,10 +7,13 @@ Three policies, chosen by the config's ``oos`` section:
 * ``threshold``  additionally answer oos when the best in-scope probability is below a threshold,
                  chosen on the validation split to maximise in-scope accuracy + OOS recall;
 * ``binary``     a separate in-scope vs oos classifier (TF-IDF logistic regression, class-balanced)
-                 decides first; the intent model only ever sees in-scope examples.
+                 decides first; the intent model only ever sees in-scope examples;
+* ``scorer``     a logistic regression over the classifier's confidences (per kind of model in an
+                 ensemble) and the text's TF-IDF similarity to the training examples of its intent,
+                 fitted on validation, with a threshold on its P(oos) (``chatforge.oos_scorer``).
 
 The chosen policy is stored in the bundle's ``metadata.json`` (``"oos"``) and, for ``binary``, the
-detector's JSON/safetensors files in ``oos_detector/`` of the bundle; :class:`OOSPolicy` applies it
+detector's JSON/safetensors files in ``oos_detector/`` of the bundle (``scorer``: ``oos_scorer/``); :class:`OOSPolicy` applies it
 wherever the bundle is served or evaluated, so both answer the same.
 """
 
@@ -33,8 +36,9 @@ from chatforge.evaluation.metrics import (
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("train", "threshold", "binary")
+POLICIES = ("train", "threshold", "binary", "scorer")
 DETECTOR_DIR = "oos_detector"
+SCORER_DIR = "oos_scorer"
 IN_SCOPE = "in_scope"
 
 
@@ -49,6 +53,9 @@ class OOSPolicy:
     ``threshold`` (policy ``threshold``): predict ``label`` when the best in-scope probability is below it.
     ``detector`` (policy ``binary``): an estimator over labels ``[in_scope, <label>]``; the text is oos
     when its oos probability is at least ``detector_threshold``.
+    ``scorer`` (policy ``scorer``): a :class:`chatforge.oos_scorer.OOSScorer`; the text is oos when its
+    P(oos) is at least ``detector_threshold``. It reads ``views`` (the classifier's probabilities and
+    its members'), so callers pass :meth:`chatforge.inference.Classifier.predict_views` to ``decide``.
     """
 
     policy: str = "train"
@@ -56,6 +63,7 @@ class OOSPolicy:
     threshold: float | None = None
     detector: Any = None
     detector_threshold: float = 0.5
+    scorer: Any = None
     valid_metrics: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,14 +79,27 @@ class OOSPolicy:
         col = self.detector.labels.index(self.label)
         return np.asarray(self.detector.predict_proba(list(texts)))[:, col]
 
-    def decide(self, probs: np.ndarray, labels: Sequence[str], texts: Sequence[str]) -> list[str]:
-        """Final labels for ``probs`` (N, C) over ``labels``; ``self.label`` marks out-of-scope answers."""
+    @property
+    def needs_views(self) -> bool:
+        """True when ``decide`` reads the members' probabilities too (policy ``scorer``)."""
+        return self.policy == "scorer"
+
+    def decide(self, probs: np.ndarray, labels: Sequence[str], texts: Sequence[str],
+               views: Sequence[np.ndarray] | None = None) -> list[str]:
+        """Final labels for ``probs`` (N, C) over ``labels``; ``self.label`` marks out-of-scope answers.
+
+        ``views``: the classifier's probabilities per view (``views[0]`` is ``probs``; an ensemble adds
+        one per kind of member), read by policy ``scorer``; default ``[probs]``.
+        """
         probs = np.asarray(probs, dtype=np.float64)
         labels = list(labels)
         t = self.threshold if self.policy == "threshold" and self.threshold is not None else 0.0
         # apply_oos_threshold with t=0 is the plain argmax (an oos class stays oos).
         preds = apply_oos_threshold(probs, labels, t, self.label)
-        p_oos = self.oos_probability(texts)
+        if self.policy == "scorer" and self.scorer is not None:
+            p_oos = self.scorer.oos_probability(list(views) if views is not None else [probs], labels, list(texts))
+        else:
+            p_oos = self.oos_probability(texts)
         if p_oos is not None:
             preds = [self.label if p >= self.detector_threshold else y for y, p in zip(preds, p_oos, strict=True)]
         return preds
@@ -89,6 +110,8 @@ class OOSPolicy:
         meta: dict[str, Any] = {"policy": self.policy, "label": self.label, "threshold": self.threshold}
         if self.policy == "binary":
             meta.update(detector=DETECTOR_DIR, detector_threshold=self.detector_threshold)
+        elif self.policy == "scorer":
+            meta.update(scorer=SCORER_DIR, detector_threshold=self.detector_threshold)
         if self.valid_metrics:
             meta["valid"] = self.valid_metrics
         return meta
@@ -107,7 +130,21 @@ class OOSPolicy:
             if bundle_dir is None:
                 raise OOSError("an oos-binary policy needs the bundle folder to load its detector from")
             policy.detector = LinearTextClassifier.load(Path(bundle_dir) / meta.get("detector", DETECTOR_DIR))
+        elif policy.policy == "scorer":
+            from chatforge.oos_scorer import OOSScorer
+
+            if bundle_dir is None:
+                raise OOSError("an oos-scorer policy needs the bundle folder to load its scorer from")
+            policy.scorer = OOSScorer.load(Path(bundle_dir) / meta.get("scorer", SCORER_DIR))
         return policy
+
+    def extra_dirs(self) -> dict[str, Any] | None:
+        """Bundle subfolders this policy saves (``save_bundle(extra_dirs=...)``)."""
+        if self.policy == "binary" and self.detector is not None:
+            return {DETECTOR_DIR: self.detector}
+        if self.policy == "scorer" and self.scorer is not None:
+            return {SCORER_DIR: self.scorer}
+        return None
 
 
 # -- fitting ----------------------------------------------------------------------------------------------
@@ -138,33 +175,100 @@ def fit_binary_detector(texts: Sequence[str], labels: Sequence[str], label: str 
     return LinearTextClassifier(LinearConfig(C=10.0, class_weight="balanced", seed=seed)).fit(list(texts), y)
 
 
+def choose_flag_threshold(main_preds: Sequence[str], p_oos: np.ndarray, y_true: Sequence[str], label: str,
+                          grid: Sequence[float] | None = None, max_in_scope_drop: float | None = None,
+                          prefer: float = 0.5) -> tuple[float, dict]:
+    """The threshold on ``p_oos`` (answer ``label`` when ``p_oos >= t``, else ``main_preds``) that
+    maximises in-scope accuracy + OOS recall on validation.
+
+    ``grid``: candidate thresholds (default: every distinct ``p_oos`` value, i.e. an exact search, plus
+    one above them all = flag nothing). ``max_in_scope_drop``: only thresholds losing at most this
+    much in-scope accuracy against ``main_preds`` are candidates. Ties go to the threshold nearest
+    ``prefer``. Vectorised (sorted counts), so a 3,000-point exact search takes milliseconds.
+    """
+    y = np.asarray([str(v) for v in y_true], dtype=object)
+    main = np.asarray([str(v) for v in main_preds], dtype=object)
+    p = np.asarray(p_oos, dtype=np.float64)
+    if not len(y) == len(main) == len(p):
+        raise ValueError(f"main_preds ({len(main)}), p_oos ({len(p)}) and y_true ({len(y)}) differ in length")
+    is_oos = y == label
+    cand = np.unique(p) if grid is None else np.asarray(sorted(float(g) for g in grid), dtype=np.float64)
+    if grid is None:
+        cand = np.append(cand, np.nextafter(cand[-1], np.inf) if len(cand) else 1.0)
+    if not len(cand):
+        raise ValueError("grid must contain at least one threshold")
+    n_in, n_oos = int((~is_oos).sum()), int(is_oos.sum())
+    # in-scope examples right before flagging stay right when p < t; oos misses become hits when p >= t
+    right = np.sort(p[~is_oos & (main == y)])
+    misses = np.sort(p[is_oos & (main != label)])
+    already = int((is_oos & (main == label)).sum())
+    acc = np.searchsorted(right, cand, side="left") / n_in if n_in else np.zeros(len(cand))
+    rec = (already + len(misses) - np.searchsorted(misses, cand, side="left")) / n_oos if n_oos else np.zeros(len(cand))
+    score = acc + rec
+    ok = np.ones(len(cand), dtype=bool)
+    if max_in_scope_drop is not None:
+        ok = acc >= (len(right) / n_in if n_in else 0.0) - max_in_scope_drop - 1e-12
+    if not ok.any():  # nothing within the bound: the highest threshold, the least flagging
+        ok = cand == cand.max()
+    key = np.where(ok, score, -np.inf)
+    top = np.flatnonzero(key >= key.max() - 1e-12)
+    t = float(cand[top[np.argmin(np.abs(cand[top] - prefer))]])
+    preds = [label if q >= t else m for m, q in zip(main, p, strict=True)]
+    m = oos_metrics(list(y), preds, label)
+    return t, {**m, "criterion": (m["in_scope_accuracy"] or 0.0) + (m["oos_recall"] or 0.0)}
+
+
 def choose_detector_threshold(main_preds: Sequence[str], p_oos: np.ndarray, y_true: Sequence[str], label: str,
                               grid: Sequence[float] = DEFAULT_OOS_GRID) -> tuple[float, dict]:
     """The detector threshold maximising in-scope accuracy + OOS recall on validation (ties: 0.5 side)."""
-    best: tuple[float, float, dict] | None = None
-    for t in grid:
-        preds = [label if p >= t else y for y, p in zip(main_preds, p_oos, strict=True)]
-        m = oos_metrics(y_true, preds, label)
-        score = (m["in_scope_accuracy"] or 0.0) + (m["oos_recall"] or 0.0)
-        key = (score, -abs(t - 0.5))
-        if best is None or key > (best[0], -abs(best[1] - 0.5)):
-            best = (score, float(t), m)
-    assert best is not None
-    return best[1], {**best[2], "criterion": best[0]}
+    return choose_flag_threshold(main_preds, p_oos, y_true, label, grid=grid, prefer=0.5)
+
+
+def fit_scorer(views: Sequence[np.ndarray], labels: Sequence[str], valid_texts: Sequence[str],
+               valid_labels: Sequence[str], train_texts: Sequence[str], train_labels: Sequence[str],
+               label: str = "oos", max_in_scope_drop: float | None = None, threshold: float | None = None):
+    """Fit an :class:`~chatforge.oos_scorer.OOSScorer` on validation ``views`` and choose its threshold.
+
+    Returns ``(scorer, threshold, validation metrics)``; ``threshold`` given: used as it is.
+    """
+    from chatforge.oos_scorer import OOSScorer
+
+    valid_labels = [str(v) for v in valid_labels]
+    _require_both(valid_labels, label, "a validation split", "scorer")
+    scorer = OOSScorer(label=label).fit_neighbours(train_texts, train_labels)
+    feats = scorer.features(views, labels, valid_texts)
+    scorer.fit(feats, [v == label for v in valid_labels])
+    p = scorer.score(feats)
+    main = apply_oos_threshold(np.asarray(views[0]), list(labels), 0.0, label)
+    if threshold is not None:
+        preds = [label if q >= threshold else m for m, q in zip(main, p, strict=True)]
+        return scorer, float(threshold), oos_metrics(valid_labels, preds, label)
+    t, m = choose_flag_threshold(main, p, valid_labels, label, max_in_scope_drop=max_in_scope_drop, prefer=1.0)
+    return scorer, t, m
 
 
 def fit_policy(cfg_oos, predict_proba: Callable[[list[str]], np.ndarray], labels: Sequence[str],
                valid_texts: Sequence[str], valid_labels: Sequence[str],
-               train_texts: Sequence[str] = (), train_labels: Sequence[str] = (), seed: int = 0) -> OOSPolicy:
+               train_texts: Sequence[str] = (), train_labels: Sequence[str] = (), seed: int = 0,
+               predict_views: Callable[[list[str]], list[np.ndarray]] | None = None) -> OOSPolicy:
     """Build the policy the config's ``oos`` section asks for, fitting what it needs.
 
     ``predict_proba`` scores texts with the trained intent model (columns in ``labels`` order);
-    ``train_*`` are the full training data (with oos examples: the binary detector learns from them).
+    ``train_*`` are the full training data (with oos examples: the binary detector learns from them);
+    ``predict_views`` (policy ``scorer``): the model's probabilities per view, default ``[predict_proba]``.
     """
     policy = OOSPolicy(policy=cfg_oos.policy, label=cfg_oos.label, threshold=cfg_oos.threshold)
     if policy.policy == "train":
         return policy
     valid_texts, valid_labels = list(valid_texts), [str(v) for v in valid_labels]
+    if policy.policy == "scorer":
+        views = predict_views(valid_texts) if predict_views is not None else [predict_proba(valid_texts)]
+        policy.scorer, policy.detector_threshold, policy.valid_metrics = fit_scorer(
+            views, labels, valid_texts, valid_labels, train_texts, train_labels, policy.label,
+            max_in_scope_drop=getattr(cfg_oos, "max_in_scope_drop", None), threshold=cfg_oos.threshold)
+        policy.threshold = None
+        logger.info("oos-scorer: P(oos) threshold %.4f over %d view(s)", policy.detector_threshold, len(views))
+        return policy
     if policy.policy == "threshold":
         if policy.threshold is None:
             _require_both(valid_labels, policy.label, "a validation split", "threshold")

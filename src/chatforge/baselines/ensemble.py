@@ -194,6 +194,30 @@ class EnsembleClassifier:
     def predict(self, texts: Sequence[str]) -> list[str]:
         return [self.labels[i] for i in self.predict_proba(texts).argmax(axis=1)]
 
+    def member_kinds(self) -> list[str]:
+        """Each member's model family (``linear``, ``transformer``, ...): what ``predict_views`` groups by."""
+        return [str(getattr(getattr(m, "info", None), "family", None) or type(m).__name__) for m in self.members]
+
+    def predict_views(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """The ensemble's probabilities, then one (N, C) view per kind of member when there are two or more
+        kinds: the weighted mean of that kind's members (seeds of one model agree on how sure to be, so
+        one view per kind, not per member). The oos scorer (``chatforge.oos_scorer``) reads these."""
+        texts = check_texts(texts, "texts")
+        combined = self.predict_proba(texts).astype(np.float64)
+        kinds = self.member_kinds()
+        if len(set(kinds)) < 2 or not texts:
+            return [combined]
+        probs = self._member_probs(texts)
+        weights = self.weights if self.config.method == "average" else [1.0] * len(probs)
+        views = [combined]
+        for kind in dict.fromkeys(kinds):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            w = [weights[i] for i in idx]
+            if sum(w) <= 0:  # a kind weighted out of the average still says how sure it is: equal weights
+                w = [1.0] * len(idx)
+            views.append(sum(wi * probs[i] for wi, i in zip(w, idx, strict=True)) / sum(w))
+        return views
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Copy the member bundles into ``members/<i>/`` and write ``ensemble.json``."""
         d = Path(directory)

@@ -119,8 +119,12 @@ def _classification(bundle, examples, out: Path, title: str, batch_size: int) ->
     if any(e.label is None for e in examples):
         raise EvaluationError("classification evaluation needs a label for every example; the data has unlabelled rows")
     t0 = time.perf_counter()
-    probs = np.concatenate([clf.predict_proba(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
-    y_pred = clf.oos.decide(probs, clf.labels, texts)
+    batches = [clf.predict_views(texts[i : i + batch_size]) if clf.oos.needs_views
+               else [clf.predict_proba(texts[i : i + batch_size])] for i in range(0, len(texts), batch_size)]
+    views = [np.concatenate([b[v] for b in batches]) for v in range(len(batches[0]))] if batches else [
+        np.zeros((0, len(clf.labels)))]
+    probs = views[0]
+    y_pred = clf.oos.decide(probs, clf.labels, texts, views)
     seconds = time.perf_counter() - t0
     has_oos = clf.oos.label in set(y_true) | set(clf.labels) or clf.oos.policy != "train"
     report = write_classification_report(out, y_true, y_pred, probs, clf.labels, texts,

@@ -358,7 +358,7 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
         policy, oos_eval = _fit_oos_and_evaluate(cfg, probs, labels, all_train, all_valid, all_test)
         metrics.update(oos_eval)
         extra_metadata = {"oos": policy.to_metadata()}
-        extra_dirs = {"oos_detector": policy.detector} if policy.detector is not None else None
+        extra_dirs = policy.extra_dirs()
     bundle_dir = save_bundle(
         run_dir / "bundle", model=model, tokenizer=tok, config=cfg, labels=labels,
         metrics={k: v for k, v in metrics.items() if k not in ("history", "samples")},
@@ -371,11 +371,12 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
 
 
 def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train: list[Example],
-                          valid: list[Example], test: list[Example]):
+                          valid: list[Example], test: list[Example], views=None):
     """Fit the config's oos policy, then score valid/test with it: accuracy, in-scope accuracy, OOS recall.
 
-    With ``oos.policy: threshold`` the threshold is chosen on the same validation split, so the
-    valid_* numbers are optimistic; report held-out (test) numbers, or cross-fit as
+    ``views``: the model's probabilities per view (an ensemble's ``predict_views``; default
+    ``[probs]``), read by ``oos.policy: scorer``. With ``oos.policy: threshold`` (or ``scorer``) the
+    threshold is chosen on the same validation split, so the valid_* numbers are optimistic; report held-out (test) numbers, or cross-fit as
     benchmarks/clinc150_results.py does.
     """
     from chatforge.evaluation.metrics import oos_metrics
@@ -384,20 +385,24 @@ def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train
     known = set(labels)
     fit_valid = [e for e in valid if e.label in known or e.label == cfg.oos.label]
     policy = fit_policy(cfg.oos, probs, labels, [e.text for e in fit_valid], [e.label for e in fit_valid],
-                        [e.text for e in train], [e.label for e in train], seed=cfg.seed)
+                        [e.text for e in train], [e.label for e in train], seed=cfg.seed, predict_views=views)
     out: dict[str, Any] = {}
     for split, examples in (("valid", valid), ("test", test)):
         if not examples:
             continue
         texts, y = [e.text for e in examples], [str(e.label) for e in examples]
-        pred = policy.decide(probs(texts), labels, texts)
+        if policy.needs_views and views is not None:
+            v = views(texts)
+            pred = policy.decide(v[0], labels, texts, v)
+        else:
+            pred = policy.decide(probs(texts), labels, texts)
         out[f"{split}_accuracy"] = float(np.mean([a == b for a, b in zip(pred, y, strict=True)]))
         if cfg.oos.label in y:
             m = oos_metrics(y, pred, cfg.oos.label)
             out[f"{split}_in_scope_accuracy"], out[f"{split}_oos_recall"] = m["in_scope_accuracy"], m["oos_recall"]
     if policy.policy == "threshold":
         out["oos_threshold"] = policy.threshold
-    elif policy.policy == "binary":
+    elif policy.policy in ("binary", "scorer"):
         out["oos_detector_threshold"] = policy.detector_threshold
     return policy, out
 
@@ -437,7 +442,8 @@ def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
                   [e.text for e in fit_valid] or None, [e.label for e in fit_valid] or None)
         seconds = time.perf_counter() - t0
         labels = list(model.labels)  # an ensemble's labels are its members'
-        policy, oos_eval = _fit_oos_and_evaluate(cfg, model.predict_proba, labels, all_train, all_valid, all_test)
+        policy, oos_eval = _fit_oos_and_evaluate(cfg, model.predict_proba, labels, all_train, all_valid, all_test,
+                                                 views=getattr(model, "predict_views", None))
         metrics: dict[str, Any] = {
             "kind": "estimator", "num_parameters": None,
             "train_examples": len(train), "valid_examples": len(valid), "test_examples": len(test),
@@ -448,7 +454,7 @@ def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
             run_dir / "bundle", model=model, tokenizer=None, config=cfg, labels=labels,
             metrics={k: v for k, v in metrics.items() if k != "history"}, data_sha256=data_sha,
             extra_metadata={"oos": policy.to_metadata()},
-            extra_dirs={"oos_detector": policy.detector} if policy.detector is not None else None,
+            extra_dirs=policy.extra_dirs(),
         )
         atomic_write_bytes(run_dir / "metrics.json",
                            (json.dumps(metrics, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
