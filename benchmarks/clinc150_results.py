@@ -14,7 +14,8 @@ bounded to ``--max-in-scope-drop`` of in-scope accuracy on the fitting folds (ch
 logistic regression and threshold fitted on nine folds; its neighbours are the training data).
 The ensemble averages the SVM and one Transformer per ``--transformer-seeds``; each kind weighs
 the same (the seeds share theirs); its bundle carries the scorer fitted on all of val.
-Writes benchmarks/results/clinc150.md and .json.
+Writes benchmarks/results/clinc150.md and .json, and clinc150-oos-tradeoff.png (in-scope accuracy against OOS
+recall for the ensemble: the plain threshold and the scorer's out-of-fold P(oos)).
 
     python benchmarks/clinc150_results.py [--runs-dir runs/clinc150] [--transformer-epochs 12]
         [--transformer-seeds 0 1 2 3 4] [--max-in-scope-drop 0.0025] [--skip xgboost ...]
@@ -36,9 +37,11 @@ from chatforge.config import load_config
 from chatforge.evaluation.compare import build_leaderboard, collect_runs, to_markdown
 from chatforge.evaluation.evaluate import evaluate_bundle
 from chatforge.evaluation.metrics import apply_oos_threshold, choose_oos_threshold, oos_metrics
+from chatforge.evaluation.plots import oos_tradeoff_png
 from chatforge.evaluation.report import atomic_write_json, atomic_write_text
+from chatforge.fileio import atomic_write_bytes
 from chatforge.inference import Classifier
-from chatforge.oos import choose_flag_threshold
+from chatforge.oos import choose_flag_threshold, oos_tradeoff
 from chatforge.oos_scorer import OOSScorer
 from chatforge.training.run import run_experiment
 
@@ -101,14 +104,18 @@ def threshold_fit_apply(probs: np.ndarray, labels: list[str], y: list[str], max_
     return fit_apply
 
 
-def scorer_fit_apply(clf, texts: list[str], y: list[str], train_texts: list[str], train_labels: list[str],
-                     max_in_scope_drop: float | None):
-    """The oos scorer (chatforge.oos_scorer) cross-fitted: neighbours from the training data (no val
-    labels), the logistic regression and its threshold fitted on the fitting folds only."""
+def scorer_parts(clf, texts: list[str], train_texts: list[str], train_labels: list[str]):
+    """An unfitted scorer with its neighbours (training data only), val features and plain predictions."""
     views = clf.predict_views(texts)
     scorer = OOSScorer(label=OOS).fit_neighbours(train_texts, train_labels)
     feats = scorer.features(views, clf.labels, texts)
-    main = np.asarray(apply_oos_threshold(views[0], clf.labels, 0.0, OOS), dtype=object)
+    return scorer, feats, np.asarray(apply_oos_threshold(views[0], clf.labels, 0.0, OOS), dtype=object)
+
+
+def scorer_fit_apply(parts, y: list[str], max_in_scope_drop: float | None):
+    """The oos scorer (chatforge.oos_scorer) cross-fitted: neighbours from the training data (no val
+    labels), the logistic regression and its threshold fitted on the fitting folds only."""
+    scorer, feats, main = parts
 
     def fit_apply(fit, app):
         scorer.fit(feats[fit], [y[i] == OOS for i in fit])
@@ -116,6 +123,30 @@ def scorer_fit_apply(clf, texts: list[str], y: list[str], train_texts: list[str]
                                      max_in_scope_drop=max_in_scope_drop, prefer=1.0)
         return [OOS if q >= t else m for m, q in zip(main[app], scorer.score(feats[app]), strict=True)]
     return fit_apply
+
+
+def out_of_fold_scores(parts, y: list[str], folds: int, seed: int = 0) -> np.ndarray:
+    """The scorer's P(oos) for each val example from a regression fitted on the other folds."""
+    scorer, feats, _ = parts
+    fold = folds_by_label(y, folds, np.random.default_rng(seed))
+    p = np.empty(len(y))
+    for j in range(folds):
+        fit, app = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
+        p[app] = scorer.fit(feats[fit], [y[i] == OOS for i in fit]).score(feats[app])
+    return p
+
+
+def tradeoff_plot(path: Path, probs: np.ndarray, labels: list[str], parts, y: list[str], folds: int) -> None:
+    """In-scope accuracy against OOS recall for the ensemble: the best-probability threshold against
+    the scorer's out-of-fold P(oos), with the goal and the published operating points."""
+    main = apply_oos_threshold(probs, labels, 0.0, OOS)
+    in_scope = [i for i, v in enumerate(labels) if v != OOS]
+    curves = {"ensemble, threshold on the best in-scope probability":
+              oos_tradeoff(main, 1.0 - probs[:, in_scope].max(axis=1), y, OOS),
+              "ensemble + oos scorer (out-of-fold P(oos))": oos_tradeoff(parts[2], out_of_fold_scores(parts, y, folds), y, OOS)}
+    points = [(f"{n} (Larson et al.)", a, r) for n, a, r in PUBLISHED if n in ("MLP (USE)", "Rasa", "DialogFlow")]
+    atomic_write_bytes(path, oos_tradeoff_png(curves, points=points, goal=(93.5, 55.0), ylim=(88.0, 95.0),
+                                              title="CLINC150 val: in-scope accuracy vs OOS recall"))
 
 
 def row(name: str, m: dict) -> tuple[str, float, float, str]:
@@ -200,8 +231,11 @@ def main() -> None:
         rows.append(row(f"chatforge {key} + threshold", with_t))
         rows.append(row(f"chatforge {key} + bounded threshold (<= {100 * drop:.2f} pt)", bounded))
         if key.startswith("ensemble") or key in args.scorer_on:
-            scored = cross_fit(y, scorer_fit_apply(clf, texts, y, [t for t, _ in train_pairs],
-                                                   [v for _, v in train_pairs], drop), args.folds, args.repeats)
+            parts = scorer_parts(clf, texts, [t for t, _ in train_pairs], [v for _, v in train_pairs])
+            scored = cross_fit(y, scorer_fit_apply(parts, y, drop), args.folds, args.repeats)
+            if key == "ensemble":
+                tradeoff_plot(args.out.parent / f"{args.out.name}-oos-tradeoff.png", probs, clf.labels, parts, y,
+                              args.folds)
             results[key]["scorer_cross_fitted"] = scored
             # the bundle's own policy, fitted on all of val and scored there: in-sample, for reference only
             results[key]["bundle_in_sample"] = {k: ev.summary["metrics"].get(k)

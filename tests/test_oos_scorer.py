@@ -22,6 +22,7 @@ from chatforge.bundle import load_bundle
 from chatforge.config import OOSConfig, validate_config
 from chatforge.evaluation.evaluate import evaluate_bundle
 from chatforge.evaluation.metrics import DEFAULT_OOS_GRID, oos_metrics
+from chatforge.evaluation.plots import oos_tradeoff_png
 from chatforge.inference import Classifier
 from chatforge.oos import (
     OOSError,
@@ -30,6 +31,7 @@ from chatforge.oos import (
     choose_flag_threshold,
     fit_policy,
     fit_scorer,
+    oos_tradeoff,
 )
 from chatforge.oos_scorer import SCORER_FILE, OOSScorer, OOSScorerError
 from chatforge.training.run import run_experiment
@@ -199,6 +201,21 @@ def test_choose_flag_threshold_equals_brute_force(seed, max_in_scope_drop, prefe
     assert t == brute_force_threshold(main, p, y, candidates, max_in_scope_drop, prefer)
     expected = oos_metrics(y, [OOS if q >= t else mp for mp, q in zip(main, p, strict=True)], OOS)
     assert m == {**expected, "criterion": expected["in_scope_accuracy"] + expected["oos_recall"]}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_oos_tradeoff_walks_every_threshold_from_nothing_to_everything(seed):
+    main, p, y = random_flag_problem(seed)
+    acc, rec = oos_tradeoff(main, p, y, OOS)
+    expected = [oos_metrics(y, [OOS if q >= t else mp for mp, q in zip(main, p, strict=True)], OOS)
+                for t in [np.inf, *sorted(set(p.tolist()), reverse=True)]]
+    np.testing.assert_allclose(acc, [m["in_scope_accuracy"] for m in expected])
+    np.testing.assert_allclose(rec, [m["oos_recall"] for m in expected])
+    assert rec[-1] == 1.0 and (np.diff(acc) <= 0).all() and (np.diff(rec) >= 0).all()
+    png = oos_tradeoff_png({"scorer": (acc, rec)}, points=[("published", 93.5, 47.4)], goal=(93.5, 55.0))
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match="differ in length"):
+        oos_tradeoff_png({"bad": (acc, rec[:-1])})
 
 
 def test_prefer_breaks_ties_between_equally_good_thresholds():

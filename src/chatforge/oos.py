@@ -175,6 +175,40 @@ def fit_binary_detector(texts: Sequence[str], labels: Sequence[str], label: str 
     return LinearTextClassifier(LinearConfig(C=10.0, class_weight="balanced", seed=seed)).fit(list(texts), y)
 
 
+def _as_arrays(main_preds, p_oos, y_true) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = np.asarray([str(v) for v in y_true], dtype=object)
+    main = np.asarray([str(v) for v in main_preds], dtype=object)
+    p = np.asarray(p_oos, dtype=np.float64)
+    if not len(y) == len(main) == len(p):
+        raise ValueError(f"main_preds ({len(main)}), p_oos ({len(p)}) and y_true ({len(y)}) differ in length")
+    return y, main, p
+
+
+def _flag_counts(main: np.ndarray, p: np.ndarray, y: np.ndarray, label: str,
+                 cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """In-scope accuracy and OOS recall when ``p >= t`` flags ``label``, for every ``t`` in ``cand``
+    (sorted counts, no loop), and the in-scope accuracy of ``main`` alone."""
+    is_oos = y == label
+    n_in, n_oos = int((~is_oos).sum()), int(is_oos.sum())
+    # in-scope examples right before flagging stay right when p < t; oos misses become hits when p >= t
+    right = np.sort(p[~is_oos & (main == y)])
+    misses = np.sort(p[is_oos & (main != label)])
+    already = int((is_oos & (main == label)).sum())
+    acc = np.searchsorted(right, cand, side="left") / n_in if n_in else np.zeros(len(cand))
+    rec = (already + len(misses) - np.searchsorted(misses, cand, side="left")) / n_oos if n_oos else np.zeros(len(cand))
+    return acc, rec, (len(right) / n_in if n_in else 0.0)
+
+
+def oos_tradeoff(main_preds: Sequence[str], p_oos: np.ndarray, y_true: Sequence[str],
+                 label: str = "oos") -> tuple[np.ndarray, np.ndarray]:
+    """(in-scope accuracy, OOS recall) at every threshold on ``p_oos``, from flagging nothing to
+    flagging everything: the curve a threshold moves along (plotted by ``oos_tradeoff_png``)."""
+    y, main, p = _as_arrays(main_preds, p_oos, y_true)
+    cand = np.append(np.unique(p), np.inf)[::-1]
+    acc, rec, _ = _flag_counts(main, p, y, label, cand)
+    return acc, rec
+
+
 def choose_flag_threshold(main_preds: Sequence[str], p_oos: np.ndarray, y_true: Sequence[str], label: str,
                           grid: Sequence[float] | None = None, max_in_scope_drop: float | None = None,
                           prefer: float = 0.5) -> tuple[float, dict]:
@@ -186,28 +220,17 @@ def choose_flag_threshold(main_preds: Sequence[str], p_oos: np.ndarray, y_true: 
     much in-scope accuracy against ``main_preds`` are candidates. Ties go to the threshold nearest
     ``prefer``. Vectorised (sorted counts), so a 3,000-point exact search takes milliseconds.
     """
-    y = np.asarray([str(v) for v in y_true], dtype=object)
-    main = np.asarray([str(v) for v in main_preds], dtype=object)
-    p = np.asarray(p_oos, dtype=np.float64)
-    if not len(y) == len(main) == len(p):
-        raise ValueError(f"main_preds ({len(main)}), p_oos ({len(p)}) and y_true ({len(y)}) differ in length")
-    is_oos = y == label
+    y, main, p = _as_arrays(main_preds, p_oos, y_true)
     cand = np.unique(p) if grid is None else np.asarray(sorted(float(g) for g in grid), dtype=np.float64)
     if grid is None:
         cand = np.append(cand, np.nextafter(cand[-1], np.inf) if len(cand) else 1.0)
     if not len(cand):
         raise ValueError("grid must contain at least one threshold")
-    n_in, n_oos = int((~is_oos).sum()), int(is_oos.sum())
-    # in-scope examples right before flagging stay right when p < t; oos misses become hits when p >= t
-    right = np.sort(p[~is_oos & (main == y)])
-    misses = np.sort(p[is_oos & (main != label)])
-    already = int((is_oos & (main == label)).sum())
-    acc = np.searchsorted(right, cand, side="left") / n_in if n_in else np.zeros(len(cand))
-    rec = (already + len(misses) - np.searchsorted(misses, cand, side="left")) / n_oos if n_oos else np.zeros(len(cand))
+    acc, rec, base = _flag_counts(main, p, y, label, cand)
     score = acc + rec
     ok = np.ones(len(cand), dtype=bool)
     if max_in_scope_drop is not None:
-        ok = acc >= (len(right) / n_in if n_in else 0.0) - max_in_scope_drop - 1e-12
+        ok = acc >= base - max_in_scope_drop - 1e-12
     if not ok.any():  # nothing within the bound: the highest threshold, the least flagging
         ok = cand == cand.max()
     key = np.where(ok, score, -np.inf)

@@ -91,3 +91,39 @@ def confidence_histogram_png(hist: dict, title: str = "") -> bytes:
     ax.set_title(f"{title} (ECE {hist['ece']:.3f})" if title else f"ECE {hist['ece']:.3f}", fontsize=9)
     ax.legend()
     return _png(fig)
+
+
+def oos_tradeoff_png(curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+                     points: Sequence[tuple[str, float, float]] = (), goal: tuple[float, float] | None = None,
+                     ylim: tuple[float, float] | None = None, title: str = "") -> bytes:
+    """In-scope accuracy against OOS recall (both in %) as an out-of-scope threshold moves.
+
+    ``curves``: name -> (in-scope accuracy, OOS recall) as fractions, e.g. from
+    ``chatforge.oos.oos_tradeoff``; ``points``: single operating points (name, accuracy %, recall %)
+    such as published results; ``goal``: (accuracy %, recall %) drawn as the corner of the region
+    that meets both.
+    """
+    fig = _figure((7.5, 5.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for name, (acc, rec) in curves.items():
+        acc, rec = np.asarray(acc, dtype=np.float64), np.asarray(rec, dtype=np.float64)
+        if acc.shape != rec.shape:
+            raise ValueError(f"curve {name!r}: accuracy and recall differ in length ({acc.shape} vs {rec.shape})")
+        ax.step(100 * rec, 100 * acc, where="post", label=name, linewidth=1.6)
+    for name, acc, rec in points:
+        ax.plot([rec], [acc], marker="o", linestyle="none", label=name)
+    if goal is not None:
+        g_acc, g_rec = goal
+        ax.axhline(g_acc, color="grey", linestyle="--", linewidth=0.8)
+        ax.axvline(g_rec, color="grey", linestyle="--", linewidth=0.8)
+        ax.fill_between([g_rec, 100], g_acc, 100, color="green", alpha=0.08, label="goal")
+    ax.set_xlim(0, 100)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel("OOS recall (%)")
+    ax.set_ylabel("in-scope accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _png(fig)
