@@ -35,13 +35,14 @@ import numpy as np
 from chatforge.bundle import load_bundle
 from chatforge.config import load_config
 from chatforge.evaluation.compare import build_leaderboard, collect_runs, to_markdown
+from chatforge.evaluation.crossfit import cross_fit, folds_by_label, scorer_fit_apply, threshold_fit_apply
 from chatforge.evaluation.evaluate import evaluate_bundle
-from chatforge.evaluation.metrics import apply_oos_threshold, choose_oos_threshold, oos_metrics
+from chatforge.evaluation.metrics import apply_oos_threshold, oos_metrics
 from chatforge.evaluation.plots import oos_tradeoff_png
 from chatforge.evaluation.report import atomic_write_json, atomic_write_text
 from chatforge.fileio import atomic_write_bytes
 from chatforge.inference import Classifier
-from chatforge.oos import choose_flag_threshold, oos_tradeoff
+from chatforge.oos import oos_tradeoff
 from chatforge.oos_scorer import OOSScorer
 from chatforge.training.run import run_experiment
 
@@ -66,63 +67,12 @@ def train(config: str, run_dir: Path, overrides: list[str]) -> Path:
     return res.bundle_dir
 
 
-def folds_by_label(y: list[str], k: int, rng: np.random.Generator) -> np.ndarray:
-    """A fold number per example, each label's examples dealt round-robin in a random order."""
-    out = np.empty(len(y), dtype=int)
-    by: dict[str, list[int]] = {}
-    for i, v in enumerate(y):
-        by.setdefault(v, []).append(i)
-    for idx in by.values():
-        out[rng.permutation(idx)] = np.arange(len(idx)) % k
-    return out
-
-
-def cross_fit(y: list[str], fit_apply, folds: int = 10, repeats: int = 10, seed: int = 0) -> dict:
-    """K-fold cross-fitting on val: ``fit_apply(fit_idx, apply_idx)`` fits on ``fit_idx`` (labels used)
-    and returns predictions for ``apply_idx`` (labels unused), so no prediction saw its own label.
-    Repeated over ``repeats`` random fold assignments; returns the mean and the worst of each metric."""
-    rng = np.random.default_rng(seed)
-    runs = []
-    for _ in range(repeats):
-        fold = folds_by_label(y, folds, rng)
-        pred = [""] * len(y)
-        for j in range(folds):
-            fit, app = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
-            for i, p in zip(app, fit_apply(fit, app), strict=True):
-                pred[i] = p
-        runs.append(oos_metrics(y, pred, OOS))
-    out = {k: float(np.mean([r[k] for r in runs])) for k in ("in_scope_accuracy", "oos_recall")}
-    out.update({f"min_{k}": float(min(r[k] for r in runs)) for k in ("in_scope_accuracy", "oos_recall")})
-    out.update(folds=folds, repeats=repeats)
-    return out
-
-
-def threshold_fit_apply(probs: np.ndarray, labels: list[str], y: list[str], max_in_scope_drop: float | None):
-    def fit_apply(fit, app):
-        t, _ = choose_oos_threshold(probs[fit], [y[i] for i in fit], labels, OOS, max_in_scope_drop=max_in_scope_drop)
-        return apply_oos_threshold(probs[app], labels, t, OOS)
-    return fit_apply
-
-
 def scorer_parts(clf, texts: list[str], train_texts: list[str], train_labels: list[str]):
     """An unfitted scorer with its neighbours (training data only), val features and plain predictions."""
     views = clf.predict_views(texts)
     scorer = OOSScorer(label=OOS).fit_neighbours(train_texts, train_labels)
     feats = scorer.features(views, clf.labels, texts)
     return scorer, feats, np.asarray(apply_oos_threshold(views[0], clf.labels, 0.0, OOS), dtype=object)
-
-
-def scorer_fit_apply(parts, y: list[str], max_in_scope_drop: float | None):
-    """The oos scorer (chatforge.oos_scorer) cross-fitted: neighbours from the training data (no val
-    labels), the logistic regression and its threshold fitted on the fitting folds only."""
-    scorer, feats, main = parts
-
-    def fit_apply(fit, app):
-        scorer.fit(feats[fit], [y[i] == OOS for i in fit])
-        t, _ = choose_flag_threshold(main[fit], scorer.score(feats[fit]), [y[i] for i in fit], OOS,
-                                     max_in_scope_drop=max_in_scope_drop, prefer=1.0)
-        return [OOS if q >= t else m for m, q in zip(main[app], scorer.score(feats[app]), strict=True)]
-    return fit_apply
 
 
 def out_of_fold_scores(parts, y: list[str], folds: int, seed: int = 0) -> np.ndarray:
@@ -219,8 +169,8 @@ def main() -> None:
         clf = Classifier(load_bundle(bundle), name=key)
         probs = np.asarray(clf.predict_proba(texts))
         plain = oos_metrics(y, apply_oos_threshold(probs, clf.labels, 0.0, OOS), OOS)
-        with_t = cross_fit(y, threshold_fit_apply(probs, clf.labels, y, None), args.folds, args.repeats)
-        bounded = cross_fit(y, threshold_fit_apply(probs, clf.labels, y, drop), args.folds, args.repeats)
+        with_t = cross_fit(y, threshold_fit_apply(probs, clf.labels, y, OOS, None), OOS, args.folds, args.repeats)
+        bounded = cross_fit(y, threshold_fit_apply(probs, clf.labels, y, OOS, drop), OOS, args.folds, args.repeats)
         results[key] = {"no_threshold": {k: plain[k] for k in ("in_scope_accuracy", "oos_recall")},
                         "threshold_cross_fitted": with_t, "bounded_threshold_cross_fitted": bounded,
                         "bundle_oos_policy": ev.summary["metrics"].get("oos_policy"),
@@ -232,7 +182,7 @@ def main() -> None:
         rows.append(row(f"chatforge {key} + bounded threshold (<= {100 * drop:.2f} pt)", bounded))
         if key.startswith("ensemble") or key in args.scorer_on:
             parts = scorer_parts(clf, texts, [t for t, _ in train_pairs], [v for _, v in train_pairs])
-            scored = cross_fit(y, scorer_fit_apply(parts, y, drop), args.folds, args.repeats)
+            scored = cross_fit(y, scorer_fit_apply(*parts, y, OOS, drop), OOS, args.folds, args.repeats)
             if key == "ensemble":
                 tradeoff_plot(args.out.parent / f"{args.out.name}-oos-tradeoff.png", probs, clf.labels, parts, y,
                               args.folds)

@@ -254,6 +254,11 @@ def evaluate(
     clinc_keys: str = typer.Option(None, "--clinc-keys", help="CLINC150 lists to read, e.g. val,oos_val."),
     out: Path = typer.Option(None, "--out", help="Report folder (default <run>/eval/<data>-<split>)."),
     max_examples: int = typer.Option(None, "--max-examples", min=1, help="Evaluate at most this many."),
+    cross_fit: int = typer.Option(0, "--cross-fit", min=0, max=100,
+                                  help="Also cross-fit the oos policy over this many folds of the data (e.g. 10): "
+                                       "honest figures when its threshold was chosen on this split. 0: off."),
+    cross_fit_repeats: int = typer.Option(10, "--cross-fit-repeats", min=1, max=1000,
+                                          help="Random fold assignments to average over (the worst is shown too)."),
 ):
     """Evaluate a bundle: JSON + Markdown report and PNG plots in one folder."""
     from chatforge.bundle import BundleError
@@ -263,8 +268,10 @@ def evaluate(
 
     keys = [k.strip() for k in clinc_keys.split(",") if k.strip()] if clinc_keys else None
     try:
+        if cross_fit == 1:
+            raise EvaluationError("--cross-fit needs at least 2 folds (10 is usual), or 0 to switch it off")
         res = evaluate_bundle(bundle, data, fmt=fmt, split=split, clinc_keys=keys, out_dir=out,
-                              max_examples=max_examples)
+                              max_examples=max_examples, cross_fit=cross_fit, cross_fit_repeats=cross_fit_repeats)
     except (BundleError, ConfigError, DataError, EvaluationError, FileNotFoundError) as e:
         _fail(str(e))
     s = res.summary
@@ -275,6 +282,16 @@ def evaluate(
         v = s["metrics"].get(k)
         if v is not None:
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    cf = s["metrics"].get("cross_fitted")
+    if cf:
+        for k in ("in_scope_accuracy", "oos_recall"):
+            table.add_row(f"{k}, cross-fitted ({cf['folds']}-fold x {cf['repeats']}; worst)",
+                          f"{cf[k]:.4f} ({cf['min_' + k]:.4f})")
+    elif "cross_fitted" in s["metrics"]:
+        table.add_row("cross-fitted", "nothing in the oos policy is fitted on validation")
+    if s["metrics"].get("oos_policy_fitted_on_this_split"):
+        console.print("[yellow]the bundle's oos policy was fitted on this split: its figures are in-sample"
+                      + ("" if cf else "; add --cross-fit 10 for held-out ones") + "[/]")
     table.add_row("latency per example", f"{s['latency_ms_per_example']:.2f} ms")
     table.add_row("bundle size", f"{s['bundle_size_bytes'] / 1e6:.2f} MB")
     console.print(table)

@@ -109,7 +109,18 @@ def default_out_dir(bundle_dir: Path, data_path: Path, split_name: str) -> Path:
     return base / "eval" / _slug(f"{data_path.stem}-{split_name}")
 
 
-def _classification(bundle, examples, out: Path, title: str, batch_size: int) -> tuple[dict, dict]:
+def _fitted_on(bundle, data_path: Path, split_name: str) -> bool:
+    """True when ``split_name`` of ``data_path`` is the validation split the bundle's oos policy was fitted on."""
+    from chatforge.training.run import file_sha256
+
+    d = bundle.config.data
+    valid_name = "+".join(d.valid_keys) if d.split == "predefined" else "valid"
+    sha = bundle.metadata.get("data_sha256")
+    return split_name == valid_name and sha is not None and sha == file_sha256(data_path)
+
+
+def _classification(bundle, examples, out: Path, title: str, batch_size: int, cross_fit_folds: int = 0,
+                    cross_fit_repeats: int = 10, in_sample: bool = False) -> tuple[dict, dict]:
     from chatforge.evaluation.report import write_classification_report
     from chatforge.inference import Classifier
 
@@ -133,6 +144,25 @@ def _classification(bundle, examples, out: Path, title: str, batch_size: int) ->
     if "oos" in report:
         summary.update({k: report["oos"][k] for k in ("in_scope_accuracy", "oos_recall", "oos_precision")})
     summary["oos_policy"] = clf.oos.to_metadata()
+    fits_on_valid = clf.oos.policy != "train" and bundle.config.oos.threshold is None
+    if in_sample and fits_on_valid:
+        summary["oos_policy_fitted_on_this_split"] = True
+        logger.warning("the bundle's oos policy (%s) was fitted on this split, so its figures here are in-sample; "
+                       "cross-fit them (--cross-fit 10) or evaluate on held-out data", clf.oos.policy)
+    if cross_fit_folds:
+        from chatforge.evaluation.crossfit import cross_fit, policy_fit_apply
+
+        n_oos = sum(v == clf.oos.label for v in y_true)
+        if n_oos == 0 or n_oos == len(y_true):
+            raise EvaluationError(f"--cross-fit scores an oos policy, so the data needs both in-scope examples and "
+                                  f"examples labelled {clf.oos.label!r} (found {n_oos} of {len(y_true)})")
+
+        fit_apply = policy_fit_apply(clf.oos, views, clf.labels, texts, y_true,
+                                     bundle.config.oos.max_in_scope_drop) if fits_on_valid else None
+        if fit_apply is None:
+            summary["cross_fitted"] = None  # nothing in the policy was fitted on validation
+        else:
+            summary["cross_fitted"] = cross_fit(y_true, fit_apply, clf.oos.label, cross_fit_folds, cross_fit_repeats)
     return summary, {"seconds": seconds, "report": report}
 
 
@@ -175,11 +205,14 @@ def _generation(bundle, examples, out: Path, title: str, batch_size: int, max_ne
 def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, fmt: str = "auto",
                     split: str = "valid", clinc_keys: list[str] | None = None, out_dir: str | Path | None = None,
                     max_examples: int | None = None, batch_size: int = 64,
-                    max_new_tokens: int | None = None, track: bool = True) -> EvaluationResult:
+                    max_new_tokens: int | None = None, track: bool = True, cross_fit: int = 0,
+                    cross_fit_repeats: int = 10) -> EvaluationResult:
     """Evaluate a bundle and write the report folder; see the module docstring for what is in it.
 
     ``data`` None means the bundle's own training data file (its ``split``). ``max_examples`` caps
-    the examples (generation decodes one by one, so large sets are slow).
+    the examples (generation decodes one by one, so large sets are slow). ``cross_fit`` (folds, e.g.
+    10; 0 = off): also report the oos policy's in-scope accuracy and OOS recall cross-fitted on these
+    examples (``chatforge.evaluation.crossfit``), the honest figures when the policy was fitted on them.
     """
     from chatforge.bundle import load_bundle
 
@@ -194,7 +227,8 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
     out = Path(out_dir) if out_dir is not None else default_out_dir(bundle_dir, data_path, split_name)
     title = f"{bundle.config.name} on {data_path.name} ({split_name})"
     if bundle.task == "classification":
-        metrics, extra = _classification(bundle, examples, out, title, batch_size)
+        metrics, extra = _classification(bundle, examples, out, title, batch_size, cross_fit, cross_fit_repeats,
+                                         in_sample=_fitted_on(bundle, data_path, split_name) and not max_examples)
     elif bundle.task in ("generation", "lm"):
         metrics, extra = _generation(bundle, examples, out, title, batch_size, max_new_tokens)
     else:
@@ -216,12 +250,18 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
     }
     atomic_write_json(out / SUMMARY_FILE, summary)
     rows = [(k, metrics[k]) for k in HEADLINE if k in metrics]
+    if metrics.get("cross_fitted"):
+        cf = metrics["cross_fitted"]
+        rows += [(f"{k} (cross-fitted, {cf['folds']}-fold x {cf['repeats']}; worst)",
+                  f"{cf[k]:.4f} ({cf['min_' + k]:.4f})") for k in ("in_scope_accuracy", "oos_recall")]
+    notes = ["", "The oos policy was fitted on this split: its figures above are in-sample; see the cross-fitted "
+             "rows (`--cross-fit 10`)."] if metrics.get("oos_policy_fitted_on_this_split") else []
     rows += [("latency per example (ms)", summary["latency_ms_per_example"]),
              ("bundle size (MB)", summary["bundle_size_bytes"] / 1e6), ("examples", len(examples))]
     detail = "report.md" if bundle.task == "classification" else "generation_report.md"
     atomic_write_text(out / "evaluation.md", "\n".join([
         f"# {title}", "", f"bundle `{bundle_dir}` ({bundle.family}, {bundle.task})", "",
-        _md_table(["metric", "value"], rows), "", f"Details: `{detail}`.", ""]))
+        _md_table(["metric", "value"], rows), *notes, "", f"Details: `{detail}`.", ""]))
     logger.info("evaluation of %s written to %s", bundle_dir, out)
     if track and run is not None:
         _log_to_mlflow(bundle.config, run, out)
