@@ -165,7 +165,8 @@ def main() -> None:
     drop = args.max_in_scope_drop
     for key, run in runs.items():
         bundle = run / "bundle"
-        ev = evaluate_bundle(bundle, clinc, clinc_keys=["val", "oos_val"], track=False)
+        ev = evaluate_bundle(bundle, clinc, clinc_keys=["val", "oos_val"], track=False,
+                             cross_fit=args.folds if key == "ensemble" else 0, cross_fit_repeats=args.repeats)
         clf = Classifier(load_bundle(bundle), name=key)
         probs = np.asarray(clf.predict_proba(texts))
         plain = oos_metrics(y, apply_oos_threshold(probs, clf.labels, 0.0, OOS), OOS)

@@ -101,3 +101,16 @@ def test_cli_compare_writes_outputs(runs, tmp_path):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     r = CliRunner().invoke(app, ["compare", "--runs-dir", str(runs), "--tag", "oops"])
     assert r.exit_code == 2 and "key=value" in r.output
+
+
+def test_cross_fitted_figures_are_columns_and_can_rank(runs):
+    ev = runs / "a-linear" / "eval" / "data-val+oos_val" / "evaluation.json"
+    doc = json.loads(ev.read_text())
+    doc["metrics"]["cross_fitted"] = {"in_scope_accuracy": 0.935, "oos_recall": 0.577, "folds": 10, "repeats": 10}
+    ev.write_text(json.dumps(doc))
+    lb = build_leaderboard(collect_runs(runs_dir=runs), metric="cross_fitted_in_scope_accuracy")
+    assert [r["run"] for r in lb.rows][:2] == ["a-linear", "b-transformer"]  # the run without one ranks last
+    assert lb.rows[0]["cross_fitted_oos_recall"] == 0.577 and lb.rows[1]["cross_fitted_oos_recall"] is None
+    assert "cross_fitted_in_scope_accuracy" in lb.columns
+    plain = build_leaderboard(collect_runs(runs_dir=runs), metric="in_scope_accuracy")
+    assert plain.rows[0]["run"] == "b-transformer"

@@ -27,8 +27,9 @@ from chatforge.fileio import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("in_scope_accuracy", "oos_recall", "accuracy", "macro_f1", "bleu", "perplexity", "distinct_1",
-           "distinct_2")
+METRICS = ("in_scope_accuracy", "oos_recall", "cross_fitted_in_scope_accuracy", "cross_fitted_oos_recall",
+           "accuracy", "macro_f1", "bleu", "perplexity", "distinct_1", "distinct_2")
+CROSS_FITTED = "cross_fitted_"  # from an evaluation's metrics["cross_fitted"] (chatforge evaluate --cross-fit)
 LOWER_IS_BETTER = {"perplexity", "latency_ms", "valid_loss"}
 # Config keys that name things rather than choose them: never "parameters" of a comparison.
 _IGNORED_PARAMS = ("name", "output.", "tracking.", "data.path")
@@ -183,7 +184,9 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
         row: dict[str, Any] = {"run": Path(r.run).name, "family": r.family, "task": r.task}
         if ev is not None:
             row["source"] = f"eval:{split}"
-            row.update({m: ev["metrics"].get(m) for m in METRICS})
+            cf = ev["metrics"].get("cross_fitted") or {}
+            row.update({m: cf.get(m.removeprefix(CROSS_FITTED)) if m.startswith(CROSS_FITTED) else ev["metrics"].get(m)
+                        for m in METRICS})
             row["latency_ms"] = ev.get("latency_ms_per_example")
             row["n"] = ev.get("n")
         else:
