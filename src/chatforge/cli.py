@@ -268,8 +268,6 @@ def evaluate(
 
     keys = [k.strip() for k in clinc_keys.split(",") if k.strip()] if clinc_keys else None
     try:
-        if cross_fit == 1:
-            raise EvaluationError("--cross-fit needs at least 2 folds (10 is usual), or 0 to switch it off")
         res = evaluate_bundle(bundle, data, fmt=fmt, split=split, clinc_keys=keys, out_dir=out,
                               max_examples=max_examples, cross_fit=cross_fit, cross_fit_repeats=cross_fit_repeats)
     except (BundleError, ConfigError, DataError, EvaluationError, FileNotFoundError) as e:

@@ -216,6 +216,9 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
     """
     from chatforge.bundle import load_bundle
 
+    if cross_fit < 0 or cross_fit == 1 or cross_fit_repeats < 1:
+        raise EvaluationError(f"--cross-fit needs at least 2 folds (10 is usual), or 0 to switch it off, and "
+                              f"--cross-fit-repeats at least 1; got {cross_fit} and {cross_fit_repeats}")
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
     examples, split_name, data_path = select_examples(bundle.config, data, fmt=fmt, split=split,
