@@ -117,3 +117,22 @@ def test_cli_evaluate_shows_cross_fitted_rows_and_refuses_one_fold(bundles, tmp_
     assert "cross-fitted (3-fold x 2; worst)" in r.output and "in-sample" in r.output
     r = runner.invoke(app, ["evaluate", str(bundles["scorer"]), "--cross-fit", "1", "--out", str(tmp_path / "f")])
     assert r.exit_code != 0 and "at least 2 folds" in r.output
+
+
+def test_binary_policy_is_cross_fitted_as_it_is_fitted_without_the_accuracy_bound():
+    from chatforge.evaluation.crossfit import flag_fit_apply, policy_fit_apply
+    from chatforge.evaluation.metrics import DEFAULT_OOS_GRID
+    from chatforge.oos import OOSPolicy
+
+    rng = np.random.default_rng(1)
+    labels, y = ["a", "b", OOS], ["a"] * 15 + ["b"] * 15 + [OOS] * 10
+    probs = rng.dirichlet([1, 1, 1], size=len(y))
+    p_oos = np.clip(0.4 * np.array([v == OOS for v in y]) + 0.6 * rng.random(len(y)), 0, 1)
+    policy = OOSPolicy(policy="binary")
+    policy.oos_probability = lambda texts: p_oos  # a detector stand-in: P(oos) per text
+    texts = [f"t{i}" for i in range(len(y))]
+    main = apply_oos_threshold(probs, labels, 0.0, OOS)
+    got = cross_fit(y, policy_fit_apply(policy, [probs], labels, texts, y, max_in_scope_drop=0.0), OOS, 4, 3)
+    unbounded = cross_fit(y, flag_fit_apply(main, p_oos, y, OOS, None, grid=DEFAULT_OOS_GRID), OOS, 4, 3)
+    bounded = cross_fit(y, flag_fit_apply(main, p_oos, y, OOS, 0.0, grid=DEFAULT_OOS_GRID), OOS, 4, 3)
+    assert got == unbounded and got != bounded

@@ -546,3 +546,15 @@ def test_neighbour_similarity_needs_one_intent_per_text_and_training_data():
         scorer.neighbour_similarity(["will it rain today", "book a flight"], ["weather"])
     with pytest.raises(OOSScorerError, match="got none"):
         OOSScorer().fit_neighbours([], [])
+
+
+def test_ensemble_views_run_each_member_once():
+    members = [FamilyMember("linear", 0, LABELS), FamilyMember("xgboost", 1, LABELS)]
+    calls = []
+    for m in members:
+        inner = m.predict_proba
+        m.predict_proba = lambda texts, inner=inner: calls.append(1) or inner(texts)
+    ens = EnsembleClassifier.from_members(members, EnsembleConfig(members=["m0", "m1"]))
+    views = ens.predict_views(QUERIES)
+    assert len(calls) == 2 and len(views) == 3
+    np.testing.assert_allclose(views[0], ens.predict_proba(QUERIES), atol=1e-6)

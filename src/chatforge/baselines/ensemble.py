@@ -178,7 +178,10 @@ class EnsembleClassifier:
             raise RuntimeError("EnsembleClassifier has no members; call fit() or load() first")
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        probs = self._member_probs(texts)
+        return self._combine(self._member_probs(texts))
+
+    def _combine(self, probs: list[np.ndarray]) -> np.ndarray:
+        """The ensemble's (N, C) probabilities from its members' (averaged, or through the meta-learner)."""
         if self.config.method == "average":
             return sum(w * p for w, p in zip(self.weights, probs, strict=True)).astype(np.float32)
         if self.meta is None:
@@ -186,7 +189,7 @@ class EnsembleClassifier:
         z = np.concatenate(probs, axis=1) @ np.asarray(self.meta["coef"]).T + np.asarray(self.meta["intercept"])
         z = np.exp(z - z.max(axis=1, keepdims=True))
         z /= z.sum(axis=1, keepdims=True)
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        out = np.zeros((len(z), len(self.labels)), dtype=np.float32)
         col = {label: i for i, label in enumerate(self.labels)}
         out[:, [col[c] for c in self.meta["classes"]]] = z  # labels absent from validation get 0
         return out
@@ -203,11 +206,11 @@ class EnsembleClassifier:
         kinds: the weighted mean of that kind's members (seeds of one model agree on how sure to be, so
         one view per kind, not per member). The oos scorer (``chatforge.oos_scorer``) reads these."""
         texts = check_texts(texts, "texts")
-        combined = self.predict_proba(texts).astype(np.float64)
         kinds = self.member_kinds()
         if len(set(kinds)) < 2 or not texts:
-            return [combined]
-        probs = self._member_probs(texts)
+            return [self.predict_proba(texts).astype(np.float64)]
+        probs = self._member_probs(texts)  # once: the combined view and the per-kind views share them
+        combined = self._combine(probs).astype(np.float64)
         weights = self.weights if self.config.method == "average" else [1.0] * len(probs)
         views = [combined]
         for kind in dict.fromkeys(kinds):

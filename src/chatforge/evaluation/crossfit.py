@@ -121,8 +121,8 @@ def policy_fit_apply(policy, views: Sequence[np.ndarray], labels: Sequence[str],
     if policy.policy == "binary":
         from chatforge.evaluation.metrics import DEFAULT_OOS_GRID
 
-        return flag_fit_apply(main, policy.oos_probability(texts), y, policy.label, max_in_scope_drop,
-                              grid=DEFAULT_OOS_GRID)
+        # as fit_policy fits it: the paper's criterion over the default grid, no accuracy bound
+        return flag_fit_apply(main, policy.oos_probability(texts), y, policy.label, None, grid=DEFAULT_OOS_GRID)
     if policy.policy == "scorer":
         feats = policy.scorer.features(list(views), labels, list(texts))
         return scorer_fit_apply(policy.scorer, feats, main, y, policy.label, max_in_scope_drop)
