@@ -503,6 +503,11 @@ def serve(
             # An address that is not this machine's is --host's fault, not the port's.
             _fail(_port_failure(host, p, "--host" if err.errno == errno.EADDRNOTAVAIL else option,
                                 (err.strerror or str(err)).lower()))
+    # The server logs JSON lines to stderr itself (serving/observability.py); the CLI's rich handler
+    # would print every event a second time, human-formatted, on the same stream.
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, RichHandler)]:
+        root.removeHandler(handler)
     engine_kwargs = dict(max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size,
                          max_wait_ms=max_wait_ms, max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens)
     try:
