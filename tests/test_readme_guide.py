@@ -224,7 +224,9 @@ def test_user_guide_runs_offline_in_a_fresh_folder(tmp_path, shared_data):
     bin_dir = str(Path(sys.executable).parent)  # the `chatforge` entry point of this environment
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-           "COLUMNS": "200"}
+           # One torch thread per process, as tests/conftest.py sets for the suite: on shared, busy
+           # cores two spinning threads made the guide's small trainings several times slower.
+           "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     runner = GuideRunner(work, env)
     blocks = [b for b in guide_blocks() if b.skip_reason is None]
     assert len(blocks) >= 6
