@@ -18,9 +18,7 @@ from chatforge.models.bert import (
     BertForSequenceClassification,
     BertForTokenClassification,
 )
-from chatforge.registry import BuildContext, SpecialIds, build_model
-from chatforge.tokenizer import Tokenizer
-from chatforge.training.pipelines_bert import (
+from chatforge.models.bert.pipeline import (
     BertClassificationDataset,
     BertPretrainingDataset,
     TokenTaggingDataset,
@@ -28,6 +26,8 @@ from chatforge.training.pipelines_bert import (
     mask_tokens,
     read_tagged_jsonl,
 )
+from chatforge.registry import BuildContext, SpecialIds, build_model
+from chatforge.tokenizer import Tokenizer
 from chatforge.training.run import run_experiment
 from chatforge.training.tasks import IGNORE_INDEX, TaskDataError
 

@@ -10,7 +10,7 @@ import torch
 
 from chatforge.bundle import load_bundle
 from chatforge.config import ConfigError, apply_overrides, load_config, validate_config
-from chatforge.training.pipelines_bert import (
+from chatforge.models.bert.pipeline import (
     TaggedExample,
     load_tagged_examples,
     tag_words,

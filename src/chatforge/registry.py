@@ -66,8 +66,7 @@ def register_family(name: str, config_cls: type, tasks: tuple[str, ...], kind: s
 
 
 def _ensure_loaded() -> None:
-    import chatforge.baselines  # noqa: F401  (registers the estimator families: xgboost, linear, ensemble)
-    import chatforge.models  # noqa: F401  (registers the neural families)
+    import chatforge.families  # noqa: F401
 
 
 def get_family(name: str) -> FamilySpec:

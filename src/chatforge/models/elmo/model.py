@@ -336,6 +336,3 @@ def build(cfg: ElmoConfig, ctx: BuildContext) -> nn.Module:
         model.set_vocabulary(tokenizer)
     return model
 
-
-# Registering the family registers its task pipelines (imported last: they import this module).
-from chatforge.training import pipelines_elmo  # noqa: E402, F401

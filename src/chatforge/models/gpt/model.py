@@ -496,5 +496,3 @@ def build(cfg: GPTConfig, ctx: BuildContext) -> nn.Module:
         return GPTClassifier(cfg, ctx.vocab_size, ctx.special, ctx.num_labels, ctx.task)
     raise ValueError(f"gpt does not support task {ctx.task!r}; supported: {', '.join(GPT_TASKS)}")
 
-
-from chatforge.training import pipelines_gpt  # noqa: E402,F401  (registers the gpt task pipelines)

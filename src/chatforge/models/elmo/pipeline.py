@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from chatforge.data import Example
+from chatforge.models.elmo.model import bind_pending_vocabulary
 from chatforge.tokenizer import Tokenizer
 from chatforge.training.tasks import (
     IGNORE_INDEX,
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 
 
 def _bind(tok: Tokenizer) -> None:
-    from chatforge.models.elmo import bind_pending_vocabulary
-
     n = bind_pending_vocabulary(tok)
     if n:
         log.debug("elmo: bound the tokenizer's piece spelling to %d model(s)", n)

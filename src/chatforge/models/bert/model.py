@@ -18,11 +18,10 @@ from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
+from chatforge.models.bert.pipeline import encode_pair, pad_batch
 from chatforge.models.outputs import ModelOutput
 from chatforge.modules import LearnedPositionalEmbedding, TokenEmbedding, TransformerEncoderLayer
 from chatforge.registry import BuildContext, SpecialIds, register_family
-from chatforge.training import pipelines_bert  # noqa: F401  (registers the bert task pipelines)
-from chatforge.training.pipelines_bert import encode_pair, pad_batch
 from chatforge.training.tasks import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)

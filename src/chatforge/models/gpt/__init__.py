@@ -1,0 +1,22 @@
+"""The GPT family (Radford et al. 2018): decoder-only LM, generation and classification heads."""
+
+from chatforge.models.gpt import pipeline  # noqa: F401  (registers the gpt task pipelines)
+from chatforge.models.gpt.model import (
+    GPT_TASKS,
+    GPTClassifier,
+    GPTConfig,
+    GPTLMHeadModel,
+    GPTModel,
+    GPTState,
+    build,
+)
+
+__all__ = [
+    "GPT_TASKS",
+    "GPTClassifier",
+    "GPTConfig",
+    "GPTLMHeadModel",
+    "GPTModel",
+    "GPTState",
+    "build",
+]
