@@ -16,8 +16,8 @@ from chatforge.models.bert.pipeline import (
     tag_words,
     tagged_label_set,
 )
+from chatforge.tasks import TaskDataError, get_task, label_set
 from chatforge.training.run import run_experiment
-from chatforge.training.tasks import TaskDataError, get_task, label_set
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "tagged_ner_sample.jsonl"

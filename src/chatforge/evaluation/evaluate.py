@@ -171,7 +171,7 @@ def _generation(bundle, examples, out: Path, title: str, batch_size: int, max_ne
 
     from chatforge.decoding import GenerationOptions, generate
     from chatforge.evaluation.report import write_generation_report
-    from chatforge.training.tasks import IGNORE_INDEX, TaskSpec, make_dataset
+    from chatforge.tasks import IGNORE_INDEX, TaskSpec, make_dataset
 
     cfg, tok, model = bundle.config, bundle.tokenizer, bundle.model
     missing = sum(1 for e in examples if not e.response)

@@ -31,10 +31,10 @@ from chatforge.bundle import build_from_config, load_bundle, save_bundle
 from chatforge.config import ConfigError, ExperimentConfig
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
 from chatforge.fileio import atomic_write_bytes
+from chatforge.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset
 from chatforge.tokenizer import ByteTokenizer, Tokenizer
 from chatforge.training import distributed as ddp
 from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
-from chatforge.training.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset
 from chatforge.training.trainer import Callback, LoggingCallback, Trainer, resolve_device
 
 RUN_TOKENIZER = "tokenizer.model"
@@ -413,7 +413,6 @@ def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
     import time
 
     from chatforge.oos import in_scope_only
-    from chatforge.registry import BuildContext, SpecialIds, build_model
 
     if cfg.model.task != "classification":
         raise ConfigError(f"model.family {cfg.model.family!r} is an estimator; it supports task classification only")
@@ -423,8 +422,7 @@ def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
     labels = label_set(train)
     known = set(labels)
     fit_valid = [e for e in valid if e.label in known]  # a random split can put a rare label only in valid
-    model = build_model(cfg.model.family, cfg.model.family_config(),
-                        BuildContext(task=cfg.model.task, vocab_size=0, special=SpecialIds(), num_labels=len(labels)))
+    model = build_from_config(cfg, None, labels)
     data_sha = file_sha256(data_path)
     tracker = None
     from chatforge.training.tracking import flatten, log_run_outputs, open_tracker, run_tags

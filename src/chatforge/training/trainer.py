@@ -33,8 +33,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from chatforge.config import TrainConfig
+from chatforge.tasks import IGNORE_INDEX
 from chatforge.training.schedules import build_scheduler
-from chatforge.training.tasks import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

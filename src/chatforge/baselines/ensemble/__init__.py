@@ -1,6 +1,7 @@
 """The ensemble baseline: weighted averaging or stacking over member bundles."""
 
 from chatforge.baselines.ensemble.model import EnsembleClassifier, EnsembleConfig, EnsembleError, build
+from chatforge.registry import register_family
 
 __all__ = [
     "EnsembleClassifier",
@@ -8,3 +9,5 @@ __all__ = [
     "EnsembleError",
     "build",
 ]
+
+register_family("ensemble", config_cls=EnsembleConfig, builder=build, tasks=("classification",), kind="estimator")

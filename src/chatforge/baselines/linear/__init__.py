@@ -1,9 +1,12 @@
 """The linear baseline: TF-IDF -> logistic regression or a linear SVM."""
 
 from chatforge.baselines.linear.model import LinearConfig, LinearTextClassifier, build
+from chatforge.registry import register_family
 
 __all__ = [
     "LinearConfig",
     "LinearTextClassifier",
     "build",
 ]
+
+register_family("linear", config_cls=LinearConfig, builder=build, tasks=("classification",), kind="estimator")

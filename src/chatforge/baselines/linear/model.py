@@ -28,7 +28,7 @@ from pydantic.dataclasses import dataclass
 
 from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
-from chatforge.registry import BuildContext, register_family
+from chatforge.registry import BuildContext
 
 logger = logging.getLogger(__name__)
 
@@ -178,9 +178,6 @@ class LinearTextClassifier:
         return self
 
 
-@register_family("linear", LinearConfig, tasks=("classification",), kind="estimator")
-def build(cfg: LinearConfig | dict, ctx: BuildContext) -> LinearTextClassifier:
+def build(cfg: LinearConfig, ctx: BuildContext) -> LinearTextClassifier:
     """Registry builder; labels come from the data at ``fit`` time."""
-    if isinstance(cfg, dict):
-        cfg = LinearConfig(**cfg)
     return LinearTextClassifier(cfg)

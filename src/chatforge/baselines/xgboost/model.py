@@ -26,8 +26,8 @@ from pydantic.dataclasses import dataclass
 
 from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
-from chatforge.inference import ClassPrediction
-from chatforge.registry import BuildContext, register_family
+from chatforge.predictions import ClassPrediction
+from chatforge.registry import BuildContext
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,6 @@ class XGBoostTextClassifier:
     def __init__(self, config: XGBoostConfig | None = None) -> None:
         self.config = config if config is not None else XGBoostConfig()
         self.labels: list[str] = []
-        self.oos_label: str = "oos"
-        self.oos_threshold: float | None = None  # set from choose_oos_threshold on validation data
         self.best_iteration: int | None = None
         self._features_: TfidfFeatures | None = None
         self._booster = None
@@ -177,28 +175,21 @@ class XGBoostTextClassifier:
         return p
 
     def predict(self, texts: Sequence[str]) -> list[str]:
-        """Arg-max labels; ``oos_label`` below ``oos_threshold`` when a threshold is set."""
+        """Arg-max labels. Out-of-scope answers come from the bundle's oos policy (chatforge.oos), applied
+        by ``chatforge.inference.Classifier`` for every family alike, not from the estimator."""
         probs = self.predict_proba(texts)
-        if self.oos_threshold is not None:
-            from chatforge.evaluation.metrics import apply_oos_threshold
-
-            return apply_oos_threshold(probs, self.labels, self.oos_threshold, self.oos_label)
         return [self.labels[i] for i in probs.argmax(axis=1)]
 
     def classify(self, texts: Sequence[str], top_k: int = 5) -> list[ClassPrediction]:
-        """Predictions in the serving engine's shape (``chatforge.inference.ClassPrediction``)."""
+        """Arg-max predictions with the ``top_k`` class probabilities (``chatforge.predictions.ClassPrediction``)."""
         probs = self.predict_proba(texts)
-        preds = self.predict(texts) if self.oos_threshold is not None else None
         out = []
-        for i, row in enumerate(probs):
+        for row in probs:
             top = np.argsort(-row, kind="stable")[:top_k]
-            best = self.labels[int(top[0])]
-            label = preds[i] if preds is not None else best
             out.append(ClassPrediction(
-                label=label,
+                label=self.labels[int(top[0])],
                 score=float(row[top[0]]),
                 scores={self.labels[int(j)]: float(row[j]) for j in top},
-                out_of_scope=label == self.oos_label,
             ))
         return out
 
@@ -216,8 +207,6 @@ class XGBoostTextClassifier:
             "config": dataclasses.asdict(self.config),
             "labels": self.labels,
             "best_iteration": self.best_iteration,
-            "oos_label": self.oos_label,
-            "oos_threshold": self.oos_threshold,
         })
         logger.info("saved xgboost baseline to %s", d)
         return d
@@ -231,8 +220,10 @@ class XGBoostTextClassifier:
         self = cls(XGBoostConfig(**meta["config"]))
         self.labels = list(meta["labels"])
         self.best_iteration = meta["best_iteration"]
-        self.oos_label = meta["oos_label"]
-        self.oos_threshold = meta["oos_threshold"]
+        if meta.get("oos_threshold") is not None:  # files written before the one oos path (chatforge.oos)
+            logger.warning("%s: the estimator's own oos_threshold %s is no longer applied; set the bundle's "
+                           "oos policy instead (config oos.policy: threshold, oos.threshold: %s)",
+                           d / META_FILE, meta["oos_threshold"], meta["oos_threshold"])
         self._features_ = TfidfFeatures.from_json(json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8")))
         booster = xgboost.Booster()
         booster.load_model(str(d / MODEL_FILE))
@@ -241,9 +232,6 @@ class XGBoostTextClassifier:
         return self
 
 
-@register_family("xgboost", XGBoostConfig, tasks=("classification",), kind="estimator")
-def build(cfg: XGBoostConfig | dict, ctx: BuildContext) -> XGBoostTextClassifier:
+def build(cfg: XGBoostConfig, ctx: BuildContext) -> XGBoostTextClassifier:
     """Registry builder; labels come from the data at ``fit`` time, so ``ctx`` only checks the task."""
-    if isinstance(cfg, dict):
-        cfg = XGBoostConfig(**cfg)
     return XGBoostTextClassifier(cfg)
