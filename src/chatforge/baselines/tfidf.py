@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 NAMES = ("word", "char")
 
@@ -50,6 +51,7 @@ def vectorizer_kwargs(cfg: Any) -> dict[str, dict]:
 
 
 def _make(kwargs: dict, vocabulary: dict[str, int] | None = None):
+    # lazy: scikit-learn takes seconds to import; families.py registers every family at startup
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     kw = {k: v for k, v in kwargs.items() if k != "dtype"}  # always float32 features
@@ -69,14 +71,10 @@ class TfidfFeatures:
         return cls(vectorizer_kwargs(cfg))
 
     def fit_transform(self, texts: Sequence[str]):
-        import scipy.sparse as sp
-
         return sp.hstack([self.vectorizers[n].fit_transform(texts) for n in NAMES], format="csr",
                          dtype=np.float32)
 
     def transform(self, texts: Sequence[str]):
-        import scipy.sparse as sp
-
         return sp.hstack([self.vectorizers[n].transform(texts) for n in NAMES], format="csr", dtype=np.float32)
 
     @property

@@ -123,6 +123,7 @@ def corpus_bleu(hyps: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str
     robust to Korean's agglutinative spacing) or "intl" (splits Unicode punctuation but keeps
     space-separated eojeol whole, so it is harsher); "ko-mecab" needs MeCab installed.
     """
+    # lazy: only BLEU needs sacrebleu; training and serving import this module for the oos metrics
     import sacrebleu
 
     if not hyps:

@@ -156,6 +156,7 @@ class EnsembleClassifier:
         return self
 
     def fit_meta(self, texts: list[str], labels: list[str]) -> None:
+        # lazy: scikit-learn takes seconds to import; families.py registers every family at startup
         from sklearn.linear_model import LogisticRegression
 
         unknown = sorted(set(labels) - set(self.labels))

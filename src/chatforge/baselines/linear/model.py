@@ -25,6 +25,8 @@ from typing import Literal
 import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
+from safetensors.numpy import load_file
+from safetensors.numpy import save as st_save
 
 from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
@@ -95,6 +97,7 @@ class LinearTextClassifier:
     def fit(self, texts: Sequence[str], labels: Sequence[str], valid_texts: Sequence[str] | None = None,
             valid_labels: Sequence[str] | None = None) -> LinearTextClassifier:
         """Fit on ``texts``; validation data, when given, is only scored and logged (no early stopping)."""
+        # lazy: scikit-learn takes seconds to import; families.py registers every family at startup
         from sklearn.linear_model import LogisticRegression
         from sklearn.svm import LinearSVC
 
@@ -149,7 +152,6 @@ class LinearTextClassifier:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``linear_meta.json``, ``linear_vectorizers.json`` and ``linear_weights.safetensors``."""
-        from safetensors.numpy import save as st_save
 
         self._require_fitted()
         d = Path(directory)
@@ -163,8 +165,6 @@ class LinearTextClassifier:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> LinearTextClassifier:
-        from safetensors.numpy import load_file
-
         d = Path(directory)
         meta = read_saved_meta(d, (META_FILE, VECTORIZERS_FILE, WEIGHTS_FILE), META_FILE, FORMAT_VERSION, "LinearTextClassifier")
         self = cls(LinearConfig(**meta["config"]))

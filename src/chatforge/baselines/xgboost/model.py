@@ -106,7 +106,7 @@ class XGBoostTextClassifier:
         valid_texts: Sequence[str] | None = None,
         valid_labels: Sequence[str] | None = None,
     ) -> XGBoostTextClassifier:
-        import xgboost
+        import xgboost  # lazy: xgboost takes seconds to import; families.py registers every family at startup
 
         cfg = self.config
         texts = self._check_texts(texts, "texts")
@@ -213,7 +213,7 @@ class XGBoostTextClassifier:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> XGBoostTextClassifier:
-        import xgboost
+        import xgboost  # lazy: xgboost takes seconds to import; families.py registers every family at startup
 
         d = Path(directory)
         meta = read_saved_meta(d, (MODEL_FILE, VECTORIZERS_FILE, META_FILE), META_FILE, FORMAT_VERSION, "XGBoostTextClassifier")
