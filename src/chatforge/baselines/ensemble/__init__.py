@@ -1,6 +1,7 @@
 """The ensemble baseline: weighted averaging or stacking over member bundles."""
 
-from chatforge.baselines.ensemble.model import EnsembleClassifier, EnsembleConfig, EnsembleError, build
+from chatforge.baselines.ensemble.config import EnsembleConfig
+from chatforge.baselines.ensemble.model import EnsembleClassifier, EnsembleError, build
 from chatforge.registry import register_family
 
 __all__ = [

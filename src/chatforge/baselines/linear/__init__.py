@@ -1,6 +1,7 @@
 """The linear baseline: TF-IDF -> logistic regression or a linear SVM."""
 
-from chatforge.baselines.linear.model import LinearConfig, LinearTextClassifier, build
+from chatforge.baselines.linear.config import LinearConfig
+from chatforge.baselines.linear.model import LinearTextClassifier, build
 from chatforge.registry import register_family
 
 __all__ = [

@@ -1,6 +1,7 @@
 """The XGBoost baseline: TF-IDF word + char n-grams -> gradient-boosted trees."""
 
-from chatforge.baselines.xgboost.model import XGBoostConfig, XGBoostTextClassifier, build
+from chatforge.baselines.xgboost.config import XGBoostConfig
+from chatforge.baselines.xgboost.model import XGBoostTextClassifier, build
 from chatforge.registry import register_family
 
 __all__ = [

@@ -18,13 +18,11 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field, model_validator
-from pydantic.dataclasses import dataclass
 
 from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
+from chatforge.baselines.xgboost.config import XGBoostConfig
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.predictions import ClassPrediction
 from chatforge.registry import BuildContext
@@ -35,44 +33,6 @@ FORMAT_VERSION = 1
 MODEL_FILE = "xgb_model.json"
 VECTORIZERS_FILE = "vectorizers.json"
 META_FILE = "xgb_meta.json"
-
-
-@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
-class XGBoostConfig:
-    """Hyper-parameters of :class:`XGBoostTextClassifier` (unknown keys and bad values are rejected).
-
-    ``max_features`` caps each vocabulary (word and char separately). ``max_bin`` (histogram
-    bins per feature) defaults to 32 rather than XGBoost's 256: TF-IDF columns are mostly
-    presence signals, and split search costs features x bins x classes per node, which dominates
-    with 150 intents. ``early_stopping_rounds`` applies only when validation data is given;
-    0 disables it.
-    """
-
-    word_ngram_max: int = Field(2, ge=1, le=5)
-    char_ngram_min: int = Field(2, ge=1, le=10)
-    char_ngram_max: int = Field(5, ge=1, le=10)
-    max_features: int = Field(50000, ge=1)
-    min_df: int = Field(1, ge=1)
-    sublinear_tf: bool = True
-    lowercase: bool = True
-    n_estimators: int = Field(200, ge=1, le=100000)
-    max_depth: int = Field(6, ge=1, le=32)
-    learning_rate: float = Field(0.3, gt=0.0, le=1.0)
-    subsample: float = Field(1.0, gt=0.0, le=1.0)
-    colsample_bytree: float = Field(1.0, gt=0.0, le=1.0)
-    max_bin: int = Field(32, ge=2, le=1024)
-    tree_method: Literal["hist", "approx", "exact"] = "hist"
-    early_stopping_rounds: int = Field(20, ge=0)
-    n_jobs: int = Field(2, ge=1)
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _check_char_range(self):
-        if self.char_ngram_min > self.char_ngram_max:
-            raise ValueError(
-                f"char_ngram_min ({self.char_ngram_min}) must be <= char_ngram_max ({self.char_ngram_max})"
-            )
-        return self
 
 
 class XGBoostTextClassifier:
@@ -95,8 +55,6 @@ class XGBoostTextClassifier:
     def _features(self, texts: Sequence[str]):
         return self._features_.transform(texts)
 
-    _check_texts = staticmethod(check_texts)
-
     # -- training ------------------------------------------------------------------------------------
 
     def fit(
@@ -109,7 +67,7 @@ class XGBoostTextClassifier:
         import xgboost  # lazy: xgboost takes seconds to import; families.py registers every family at startup
 
         cfg = self.config
-        texts = self._check_texts(texts, "texts")
+        texts = check_texts(texts, "texts")
         labels = [str(y) for y in labels]
         if len(texts) != len(labels):
             raise ValueError(f"texts and labels must have the same length, got {len(texts)} and {len(labels)}")
@@ -127,7 +85,7 @@ class XGBoostTextClassifier:
 
         eval_set = None
         if valid_texts is not None:
-            valid_texts = self._check_texts(valid_texts, "valid_texts")
+            valid_texts = check_texts(valid_texts, "valid_texts")
             valid_labels = [str(v) for v in valid_labels]
             if len(valid_texts) != len(valid_labels):
                 raise ValueError("valid_texts and valid_labels must have the same length")
@@ -164,7 +122,7 @@ class XGBoostTextClassifier:
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """(N, C) probabilities, columns in ``self.labels`` order."""
         self._require_fitted()
-        texts = self._check_texts(texts, "texts")
+        texts = check_texts(texts, "texts")
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         iteration_range = (0, self.best_iteration + 1) if self.best_iteration is not None else (0, 0)
