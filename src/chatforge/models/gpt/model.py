@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,34 @@ logger = logging.getLogger(__name__)
 
 
 GPT_TASKS = ("lm", "generation", "classification", "pair_classification")
+
+
+class BlockPlan(NamedTuple):
+    """One block's tensors and constants for :func:`_decode_block` (``(weight, bias, eps)`` per LayerNorm,
+    ``(weight, bias)`` per linear; ``qkv`` None when the projections are not fused)."""
+
+    norm_first: bool
+    shape: tuple[int, ...]  # LayerNorm normalized_shape
+    ln1: tuple[Tensor, Tensor, float]
+    ln2: tuple[Tensor, Tensor, float]
+    qkv: tuple[Tensor, Tensor | None] | None
+    attn: MultiHeadAttention  # the unfused path calls it
+    out: tuple[Tensor, Tensor | None]
+    n_heads: int
+    head_dim: int
+    d_model: int
+    fc1: tuple[Tensor, Tensor | None]
+    fc2: tuple[Tensor, Tensor | None]
+    act: Callable[[Tensor], Tensor]
+
+
+class DecodePlan(NamedTuple):
+    """:meth:`GPTModel.decode`'s inputs besides the tokens: embeddings, one plan per block, the final norm."""
+
+    wte: Tensor
+    wpe: Tensor
+    blocks: list[BlockPlan]
+    ln_f: tuple[tuple[int, ...], Tensor, Tensor, float] | None
 
 
 class GPTBlock(nn.Module):
@@ -75,7 +105,7 @@ class GPTBlock(nn.Module):
         x = self.ln_1(x + self.drop(self.attn(x, mask=mask, cache=cache, is_causal=is_causal)))
         return self.ln_2(x + self.drop(self.mlp(x)))
 
-    def decode_plan(self) -> tuple:
+    def decode_plan(self) -> BlockPlan:
         """The tensors and constants :func:`_decode_block` reads, gathered once per reply: batch-1
         decoding is bound by per-call overhead, and each ``nn.Module`` attribute lookup of a
         submodule or parameter goes through ``Module.__getattr__`` (about 100 per token)."""
@@ -88,9 +118,13 @@ class GPTBlock(nn.Module):
         else:
             act_fn = act
         qkv = (a.qkv_proj.weight, a.qkv_proj.bias) if a.fused_qkv else None
-        return (self.norm_first, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps, ln2.weight, ln2.bias, ln2.eps,
-                qkv, a, a.out_proj.weight, a.out_proj.bias, a.n_heads, a.head_dim, a.d_model,
-                m.linear1.weight, m.linear1.bias, m.linear2.weight, m.linear2.bias, act_fn)
+        return BlockPlan(
+            norm_first=self.norm_first, shape=ln1.normalized_shape,
+            ln1=(ln1.weight, ln1.bias, ln1.eps), ln2=(ln2.weight, ln2.bias, ln2.eps),
+            qkv=qkv, attn=a, out=(a.out_proj.weight, a.out_proj.bias),
+            n_heads=a.n_heads, head_dim=a.head_dim, d_model=a.d_model,
+            fc1=(m.linear1.weight, m.linear1.bias), fc2=(m.linear2.weight, m.linear2.bias), act=act_fn,
+        )
 
 
 class GPTModel(nn.Module):
@@ -154,14 +188,15 @@ class GPTModel(nn.Module):
             x = block(x, mask=mask, cache=caches[i] if caches is not None else None, is_causal=causal)
         return self.ln_f(x) if self.ln_f is not None else x
 
-    def decode_plan(self) -> tuple:
+    def decode_plan(self) -> DecodePlan:
         """What :meth:`decode` reads, gathered once per reply (see :meth:`GPTBlock.decode_plan`)."""
         ln = self.ln_f
-        return (self.wte.embedding.weight, self.wpe.embedding.weight, [b.decode_plan() for b in self.blocks],
-                (ln.normalized_shape, ln.weight, ln.bias, ln.eps) if ln is not None else None)
+        return DecodePlan(wte=self.wte.embedding.weight, wpe=self.wpe.embedding.weight,
+                          blocks=[b.decode_plan() for b in self.blocks],
+                          ln_f=(ln.normalized_shape, ln.weight, ln.bias, ln.eps) if ln is not None else None)
 
     def decode(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None,
-               caches: list[GrowingKVCache], plan: tuple | None = None) -> Tensor:
+               caches: list[GrowingKVCache], plan: DecodePlan | None = None) -> Tensor:
         """``forward`` for decoding steps in eval mode: input_ids/position_ids (B, T) continuing the
         cached keys, mask (B, 1, T, L + T) or None -> hidden states (B, T, D). The caller checks the
         positions (this avoids ``forward``'s device sync on ``position_ids.max()`` every step).
@@ -173,22 +208,23 @@ class GPTModel(nn.Module):
         return F.layer_norm(x, ln[0], ln[1], ln[2], ln[3]) if ln is not None else x
 
 
-def _decode_block(plan: tuple, x: Tensor, mask: Tensor | None, cache: GrowingKVCache) -> Tensor:
+def _decode_block(plan: BlockPlan, x: Tensor, mask: Tensor | None, cache: GrowingKVCache) -> Tensor:
     """``GPTBlock.forward`` in eval mode for new tokens over a KV cache, from the block's plan: the
     same arithmetic (dropout is the identity in eval) with no module calls or attribute lookups."""
-    (norm_first, shape, ln1w, ln1b, eps1, ln2w, ln2b, eps2, qkv, attn, ow, ob, n_heads, head_dim, d_model,
-     w1, b1, w2, b2, act) = plan
+    shape, (ln1w, ln1b, eps1), (ln2w, ln2b, eps2) = plan.shape, plan.ln1, plan.ln2
+    qkv, (ow, ob), n_heads, head_dim, d_model = plan.qkv, plan.out, plan.n_heads, plan.head_dim, plan.d_model
+    (w1, b1), (w2, b2), act = plan.fc1, plan.fc2, plan.act
 
     def attend(h: Tensor) -> Tensor:
         b, t, _ = h.shape
         if qkv is None:  # unfused projections: the module's own path
-            return attn.cached_self_attention(h, cache, mask)
+            return plan.attn.cached_self_attention(h, cache, mask)
         q, k, v = F.linear(h, qkv[0], qkv[1]).view(b, t, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4)
         k, v = cache.append(k, v)  # (B, H, L + T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
         return F.linear(y.transpose(1, 2).reshape(b, t, d_model), ow, ob)
 
-    if norm_first:
+    if plan.norm_first:
         x = x + attend(F.layer_norm(x, shape, ln1w, ln1b, eps1))
         h = F.layer_norm(x, shape, ln2w, ln2b, eps2)
         return x + F.linear(act(F.linear(h, w1, b1)), w2, b2)
@@ -224,7 +260,7 @@ class GPTState:
     history: Tensor | None  # (B, L) every token fed so far, when uncached (the reference)
     pos_history: Tensor | None  # (B, L) their position ids, when uncached
     max_steps: int  # positions left before n_positions
-    plan: tuple | None = None  # GPTModel.decode_plan(), built at the first cached eval-mode step
+    plan: DecodePlan | None = None  # GPTModel.decode_plan(), built at the first cached eval-mode step
 
     def reorder(self, index: Tensor) -> None:
         """Keep/reorder/repeat batch rows (dropping finished rows, beam search)."""
