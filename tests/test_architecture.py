@@ -84,3 +84,10 @@ def test_only_the_transformer_registers_a_batched_decode_step():
     steps = {name: get_family(name).step_model for name in families()}
     assert steps.pop("transformer") is Seq2SeqStepModel
     assert set(steps.values()) == {None}
+
+
+def test_the_client_imports_no_torch():
+    """``ChatbotClient`` (and the tools beside a server) start without torch or any model code."""
+    out = _run_python("import sys\nimport chatforge.serving.client\n"
+                      "print('torch' in sys.modules, any(m.startswith('chatforge.models') for m in sys.modules))")
+    assert out == "False False"
