@@ -70,6 +70,8 @@ def test_config_holds_the_typed_family_config_and_the_builder_gets_that_object()
     assert cfg.model.family_config() is typed  # built once at validation, not rebuilt per call
     model = build_from_config(cfg, ByteTokenizer(), None)
     assert model.cfg is typed
+    with pytest.raises(ValueError, match="frozen"):  # the keys cannot drift from the typed config they built
+        cfg.model.d_model = 64
     assert cfg.to_dict()["model"] == {"family": "transformer", "task": "generation", "init_from": None,
                                       "d_model": 32, "n_heads": 2, "num_encoder_layers": 1,
                                       "num_decoder_layers": 1, "d_ff": 64}  # the YAML stays flat
