@@ -22,6 +22,7 @@ demo: $(STAMP)
 # CHATFORGE_TEST_PG_URL is set. A failed start only skips those tests.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/lint-imports  # import contracts in pyproject.toml: no upward import, no cycle
 	@if [ -n "$$CI" ] && [ -z "$$CHATFORGE_TEST_PG_URL" ]; then \
 	  CHATFORGE_TEST_PG_URL=$$(timeout 300 bash tools/start_postgres.sh || true); export CHATFORGE_TEST_PG_URL; \
 	  echo "PostgreSQL for tests: $${CHATFORGE_TEST_PG_URL:-unavailable (its tests skip)}"; \

@@ -26,8 +26,8 @@ import transformers
 
 from chatforge.interop.hf_bert import hf_state_dict
 from chatforge.models.bert import BertConfig, BertForPreTraining, BertForSequenceClassification
+from chatforge.models.bert.pipeline import mask_tokens
 from chatforge.registry import SpecialIds
-from chatforge.training.pipelines_bert import mask_tokens
 
 SPECIAL = SpecialIds(pad=0, bos=1, eos=2, unk=3, cls=4, sep=5, mask=6)
 HERE = Path(__file__).resolve().parent

@@ -149,7 +149,8 @@ class TinySeq2SeqGenerator:
             yield TokenDelta(token_id=t, text=f"<{t}>")
 
     def step_spec(self):
-        from chatforge.serving.batching import Seq2SeqStepModel, StepSpec
+        from chatforge.decoding import StepSpec
+        from chatforge.models.transformer import Seq2SeqStepModel
 
         return StepSpec(model=Seq2SeqStepModel(self.model), encode=self.encode, new_detokenizer=_TagDetok,
                         bos_id=1, eos_id=2, unk_id=3)

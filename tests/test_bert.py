@@ -18,9 +18,7 @@ from chatforge.models.bert import (
     BertForSequenceClassification,
     BertForTokenClassification,
 )
-from chatforge.registry import BuildContext, SpecialIds, build_model
-from chatforge.tokenizer import Tokenizer
-from chatforge.training.pipelines_bert import (
+from chatforge.models.bert.pipeline import (
     BertClassificationDataset,
     BertPretrainingDataset,
     TokenTaggingDataset,
@@ -28,8 +26,10 @@ from chatforge.training.pipelines_bert import (
     mask_tokens,
     read_tagged_jsonl,
 )
+from chatforge.registry import BuildContext, SpecialIds, build_model
+from chatforge.tasks import IGNORE_INDEX, TaskDataError
+from chatforge.tokenizer import Tokenizer
 from chatforge.training.run import run_experiment
-from chatforge.training.tasks import IGNORE_INDEX, TaskDataError
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIAL = SpecialIds(pad=0, bos=1, eos=2, unk=3, cls=4, sep=5, mask=6)

@@ -10,14 +10,14 @@ import torch
 
 from chatforge.bundle import load_bundle
 from chatforge.config import ConfigError, apply_overrides, load_config, validate_config
-from chatforge.training.pipelines_bert import (
+from chatforge.models.bert.pipeline import (
     TaggedExample,
     load_tagged_examples,
     tag_words,
     tagged_label_set,
 )
+from chatforge.tasks import TaskDataError, get_task, label_set
 from chatforge.training.run import run_experiment
-from chatforge.training.tasks import TaskDataError, get_task, label_set
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "tagged_ner_sample.jsonl"

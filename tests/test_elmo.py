@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from chatforge.bundle import load_bundle
 from chatforge.config import apply_overrides, load_config, validate_config
 from chatforge.inference import Classifier, load_model
-from chatforge.models.elmo import (
+from chatforge.models.elmo.model import (
     CHAR_BOW,
     CHAR_EOW,
     CHAR_OFFSET,

@@ -16,8 +16,8 @@ from chatforge.decoding import GenerationOptions, generate, generate_batch
 from chatforge.inference import Classifier, Seq2SeqGenerator, load_model
 from chatforge.models.gpt import GPTClassifier, GPTConfig, GPTLMHeadModel
 from chatforge.registry import SpecialIds
+from chatforge.tasks import IGNORE_INDEX, TaskSpec, make_dataset
 from chatforge.training.run import run_experiment
-from chatforge.training.tasks import IGNORE_INDEX, TaskSpec, make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

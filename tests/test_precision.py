@@ -62,7 +62,7 @@ def test_bf16_classifier_matches_fp32_within_rounding(bundles):
 
 def test_bf16_decoding_logits_match_fp32_on_both_paths(bundles):
     """The single-stream path (decoding.py) and the continuous batcher's step model both run bf16."""
-    from chatforge.serving.batching import Seq2SeqStepModel
+    from chatforge.models.transformer import Seq2SeqStepModel
 
     fp32 = load_model(bundles["generation"], "chat")
     bf16 = load_model(bundles["generation"], "chat", precision="bf16")
@@ -118,7 +118,7 @@ def test_bf16_runs_under_autocast_on_every_serving_path(bundles):
     """Every path a served model takes (the batcher's prefill and step, a single stream resumed
     from any thread, classification) runs under bf16 autocast, which casts any fp32 activation or
     buffer a family mixes in for the matmuls (and, on CUDA, keeps norms and softmax in fp32)."""
-    from chatforge.serving.batching import Seq2SeqStepModel
+    from chatforge.models.transformer import Seq2SeqStepModel
 
     seen: list[bool] = []
 

@@ -72,7 +72,7 @@ def test_bert_nsp_logits_use_cls_only_path_and_match():
 
 
 def test_cls_only_rejects_pre_ln_layers():
-    from chatforge.models.bert import _cls_only_layer
+    from chatforge.models.bert.model import _cls_only_layer
     from chatforge.modules import TransformerEncoderLayer
 
     layer = TransformerEncoderLayer(8, 2, 16, norm_first=True)

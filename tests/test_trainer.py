@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from chatforge.config import TrainConfig, validate_config
 from chatforge.models.outputs import ModelOutput
+from chatforge.tasks import IGNORE_INDEX
 from chatforge.training.run import run_experiment
-from chatforge.training.tasks import IGNORE_INDEX
 from chatforge.training.trainer import Callback, Trainer, _accuracy_counts
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from chatforge.baselines.xgboost import XGBoostConfig, XGBoostTextClassifier, build
-from chatforge.registry import _FAMILIES, BuildContext, SpecialIds
+from chatforge.oos import OOSPolicy
+from chatforge.registry import _FAMILIES, BuildContext, SpecialIds, build_model
 
 TEXTS = [
     "book a flight to paris", "i need plane tickets", "flight to tokyo tomorrow", "cheapest flight to rome",
@@ -36,11 +38,7 @@ def test_learns_separable_task(fitted):
 
 
 def test_save_load_identical_probabilities_without_pickle(fitted, tmp_path):
-    fitted.oos_threshold = 0.2
-    try:
-        fitted.save(tmp_path)
-    finally:
-        fitted.oos_threshold = None
+    fitted.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vectorizers.json", "xgb_meta.json", "xgb_model.json"]
     for p in tmp_path.iterdir():
         json.loads(p.read_text())  # all JSON, nothing pickled
@@ -48,7 +46,6 @@ def test_save_load_identical_probabilities_without_pickle(fitted, tmp_path):
     probe = TEXTS + ["an unseen sentence about jazz flights", ""]
     assert np.abs(loaded.predict_proba(probe) - fitted.predict_proba(probe)).max() < 1e-6
     assert loaded.labels == fitted.labels and loaded.config == fitted.config
-    assert loaded.oos_threshold == 0.2
 
 
 def test_binary_task_and_early_stopping(tmp_path):
@@ -65,13 +62,20 @@ def test_binary_task_and_early_stopping(tmp_path):
     assert np.abs(loaded.predict_proba(TEXTS) - model.predict_proba(TEXTS)).max() < 1e-6
 
 
-def test_oos_threshold_predicts_oos(fitted):
-    fitted.oos_threshold = 1.01  # nothing is that confident
-    try:
-        assert set(fitted.predict(TEXTS[:3])) == {"oos"}
-        assert all(p.out_of_scope for p in fitted.classify(TEXTS[:3]))
-    finally:
-        fitted.oos_threshold = None
+def test_oos_comes_from_the_bundle_policy_not_the_estimator(fitted, tmp_path, caplog):
+    """One out-of-scope path: the bundle's OOSPolicy decides for XGBoost as for every family; a threshold
+    saved by the estimator itself (xgb_meta.json written before) is reported and no longer applied."""
+    policy = OOSPolicy(policy="threshold", threshold=1.01)  # nothing is that confident
+    assert policy.decide(fitted.predict_proba(TEXTS[:3]), fitted.labels, TEXTS[:3]) == ["oos"] * 3
+    fitted.save(tmp_path)
+    meta = json.loads((tmp_path / "xgb_meta.json").read_text())
+    assert "oos_threshold" not in meta
+    (tmp_path / "xgb_meta.json").write_text(json.dumps({**meta, "oos_label": "oos", "oos_threshold": 1.01}))
+    with caplog.at_level(logging.WARNING):
+        loaded = XGBoostTextClassifier.load(tmp_path)
+    assert "no longer applied" in caplog.text and "oos.policy: threshold" in caplog.text
+    assert loaded.predict(TEXTS[:3]) == LABELS[:3]
+    assert not any(p.out_of_scope for p in loaded.classify(TEXTS[:3]))
 
 
 @pytest.mark.parametrize(
@@ -102,8 +106,11 @@ def test_registered_as_estimator_family():
     spec = _FAMILIES["xgboost"]
     assert spec.kind == "estimator" and spec.tasks == ("classification",) and spec.config_cls is XGBoostConfig
     ctx = BuildContext(task="classification", vocab_size=0, special=SpecialIds(), num_labels=3)
-    model = build({"n_estimators": 5}, ctx)
+    model = build(XGBoostConfig(n_estimators=5), ctx)
     assert isinstance(model, XGBoostTextClassifier) and model.config.n_estimators == 5
+    # Config flows one way, typed: the builder takes exactly the family's config class, never a dict.
+    with pytest.raises(TypeError, match="built from a XGBoostConfig, not dict"):
+        build_model("xgboost", {"n_estimators": 5}, ctx)
 
 
 @pytest.mark.slow

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
@@ -34,8 +36,10 @@ from torch import nn
 
 import chatforge
 from chatforge.config import ExperimentConfig, validate_config
+from chatforge.decoding import autocast_for
 from chatforge.fileio import atomic_dir
-from chatforge.registry import BuildContext, build_model
+from chatforge.oos import OOSPolicy
+from chatforge.registry import BuildContext, SpecialIds, build_model
 from chatforge.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS, TOKENIZER, CONFIG, LABELS, METADATA = (
@@ -56,6 +60,9 @@ class Bundle:
     model: Any
     labels: list[str] | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The out-of-scope policy stored with a classifier (metadata "oos"); the one place it is read, so
+    # evaluation and serving apply the same policy (chatforge.oos).
+    oos: OOSPolicy = field(default_factory=OOSPolicy)
 
     @property
     def family(self) -> str:
@@ -65,13 +72,57 @@ class Bundle:
     def task(self) -> str:
         return self.config.model.task
 
+    @property
+    def is_estimator(self) -> bool:
+        return self.metadata.get("kind") == "estimator"
 
-def build_from_config(cfg: ExperimentConfig, tokenizer: Tokenizer, labels: list[str] | None):
-    ctx = BuildContext(
-        task=cfg.model.task, vocab_size=tokenizer.vocab_size, special=tokenizer.special,
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """(N, C) class probabilities of a classification bundle, columns in ``labels`` order."""
+        if self.is_estimator:
+            return self.model.predict_proba(list(texts))
+        return torch_class_probs(self.model, self.tokenizer, list(texts), self.config.train.max_source_len)
+
+
+def torch_class_probs(model, tok, texts: list[str], max_input_tokens: int, batch_size: int = 64) -> np.ndarray:
+    """(N, C) softmax probabilities of a torch classifier, computed in batches (numpy float32)."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        seqs = [ids[:max_input_tokens] or [tok.unk_id] for ids in tok.encode_batch(chunk)]
+        if hasattr(model, "prepare_inputs"):
+            # Families with their own input layout (BERT: [CLS] text [SEP] + segment ids) build it.
+            batch = model.prepare_inputs(seqs)
+        else:
+            L = max(len(s) for s in seqs)
+            x = torch.full((len(seqs), L), tok.pad_id, dtype=torch.long)
+            for j, s in enumerate(seqs):
+                x[j, : len(s)] = torch.tensor(s)
+            batch = {"input_ids": x}
+        with torch.inference_mode(), autocast_for(model):
+            out.append(model(**batch).logits.float().softmax(-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def load_member_classifier(path: Path) -> Bundle:
+    """A classification bundle as an ensemble member (``BuildContext.load_classifier``)."""
+    bundle = load_bundle(path)
+    if bundle.task != "classification":
+        raise BundleError(f"ensemble member {path} has task {bundle.task!r}; only classification bundles combine")
+    return bundle
+
+
+def build_context(cfg: ExperimentConfig, tokenizer: Tokenizer | None, labels: list[str] | None) -> BuildContext:
+    """What the family's builder gets besides its typed config (the same for training and loading)."""
+    return BuildContext(
+        task=cfg.model.task, vocab_size=tokenizer.vocab_size if tokenizer is not None else 0,
+        special=tokenizer.special if tokenizer is not None else SpecialIds(),
         num_labels=len(labels) if labels else None, tokenizer=tokenizer,
+        load_classifier=load_member_classifier,
     )
-    return build_model(cfg.model.family, cfg.model.family_config(), ctx)
+
+
+def build_from_config(cfg: ExperimentConfig, tokenizer: Tokenizer | None, labels: list[str] | None):
+    return build_model(cfg.model.family, cfg.model.family_config(), build_context(cfg, tokenizer, labels))
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -191,24 +242,22 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
             f"missing {sorted(missing_keys)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.eval()
-    return Bundle(path=path, config=cfg, tokenizer=tokenizer, model=model, labels=labels, metadata=metadata)
+    return Bundle(path=path, config=cfg, tokenizer=tokenizer, model=model, labels=labels, metadata=metadata,
+                  oos=OOSPolicy.from_metadata(metadata.get("oos"), path))
 
 
 def _load_estimator_bundle(path: Path, metadata: dict[str, Any]) -> Bundle:
-    from chatforge.registry import SpecialIds, get_family
-
     missing = [n for n in (CONFIG, METADATA, LABELS) if not (path / n).is_file()]
     if missing:
         raise BundleError(f"{path} is not a complete chatforge estimator bundle: missing {', '.join(missing)}")
     cfg = validate_config(yaml.safe_load((path / CONFIG).read_text(encoding="utf-8")), source=str(path / CONFIG))
-    spec = get_family(cfg.model.family)
-    if spec.kind == "torch":
+    if cfg.model.spec.kind == "torch":
         raise BundleError(f"{path}: metadata says kind 'estimator' but family {cfg.model.family!r} is a torch family")
     labels = json.loads((path / LABELS).read_text(encoding="utf-8"))
-    ctx = BuildContext(task=cfg.model.task, vocab_size=0, special=SpecialIds(), num_labels=len(labels))
     # The family's own loader reads JSON / safetensors only: nothing in the bundle is executed.
-    model = build_model(cfg.model.family, cfg.model.family_config(), ctx).load(path)
+    model = build_from_config(cfg, None, labels).load(path)
     if list(model.labels) != list(labels):
         raise BundleError(f"{path}: the estimator's labels do not match {LABELS} "
                           f"({list(model.labels)[:5]}... vs {labels[:5]}...)")
-    return Bundle(path=path, config=cfg, tokenizer=None, model=model, labels=labels, metadata=metadata)
+    return Bundle(path=path, config=cfg, tokenizer=None, model=model, labels=labels, metadata=metadata,
+                  oos=OOSPolicy.from_metadata(metadata.get("oos"), path))

@@ -242,11 +242,11 @@ def train(
     """Train the model an experiment config describes; writes a run folder with its bundle."""
     from chatforge.config import ConfigError, load_config
     from chatforge.data import DataError
+    from chatforge.tasks import TaskDataError
     from chatforge.tokenizer import TokenizerError
     from chatforge.training.checkpoint import CheckpointError
     from chatforge.training.distributed import launched_distributed, torchrun_command
     from chatforge.training.run import run_experiment
-    from chatforge.training.tasks import TaskDataError
 
     if nproc > 1:
         import subprocess

@@ -9,13 +9,16 @@ overrides are applied before validation, so they are checked the same way.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from chatforge.registry import UnknownFamilyError, get_family
+import chatforge.families  # noqa: F401  (fills the registry: the config names a family)
+from chatforge.registry import FamilySpec, UnknownFamilyError, get_family
+from chatforge.tokenizer import BYTE_VOCAB_SIZE
 
 TASKS = ("generation", "classification")
 
@@ -69,8 +72,6 @@ class TokenizerConfig(_Strict):
     def _byte_kind(self) -> TokenizerConfig:
         if self.kind != "byte":
             return self
-        from chatforge.tokenizer import BYTE_VOCAB_SIZE
-
         # A resolved config (run folder, bundle) spells out every default, so a key is only wrong when
         # it asks for something a byte vocabulary cannot do; vocab_size is then recorded as the real size.
         bad = [f"tokenizer.{k}={getattr(self, k)!r}" for k in ("path", "model_type", "character_coverage",
@@ -88,13 +89,20 @@ class TokenizerConfig(_Strict):
 
 
 class ModelConfig(BaseModel):
-    """``family`` and ``task`` plus the family's own keys, checked against its config class."""
+    """``family`` and ``task`` plus the family's own keys, validated once against its config class.
 
-    model_config = ConfigDict(extra="allow")
+    The YAML keeps the family's keys flat beside ``family``/``task`` (every existing config and bundle
+    reads that way); after validation the typed object is held here (:meth:`family_config`) and flows
+    unchanged to the family's builder, which takes exactly that type.
+    """
+
+    # Frozen: the typed config is built once from these keys, so they cannot change underneath it.
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     family: str
     task: str = Field(description="one of the tasks the family supports (see chatforge.registry)")
     init_from: str | None = None
+    _family_config: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _family_params(self) -> ModelConfig:
@@ -105,7 +113,7 @@ class ModelConfig(BaseModel):
         if self.task not in spec.tasks:
             raise ValueError(f"family {self.family!r} supports tasks {list(spec.tasks)}, not {self.task!r}")
         try:
-            spec.config_cls(**(self.model_extra or {}))
+            self._family_config = spec.config_cls(**(self.model_extra or {}))
         except ValidationError as err:
             raise ValueError(_family_errors(err, spec.config_cls, self.family)) from None
         except TypeError as err:  # a plain dataclass rejecting an unknown keyword
@@ -115,15 +123,19 @@ class ModelConfig(BaseModel):
 
     @property
     def params(self) -> dict[str, Any]:
+        """The family's keys as written (what the YAML and the tracking params show)."""
         return dict(self.model_extra or {})
 
-    def family_config(self):
-        return get_family(self.family).config_cls(**self.params)
+    def family_config(self) -> Any:
+        """The family's typed config (e.g. ``TransformerConfig``), built once at validation."""
+        return self._family_config
+
+    @property
+    def spec(self) -> FamilySpec:
+        return get_family(self.family)
 
 
 def _field_names(cls: type) -> list[str]:
-    import dataclasses
-
     if dataclasses.is_dataclass(cls):
         return [f.name for f in dataclasses.fields(cls)]
     return list(getattr(cls, "model_fields", {}))

@@ -19,14 +19,21 @@ positions. ``state.reorder`` may repeat rows, which beam search uses to fork hyp
 
 The token-choice helpers (:func:`top_k_top_p_filter`, :func:`apply_repetition_penalty`,
 :func:`choose_next`) are small pure functions on logits, tested on hand-made tensors.
+
+Continuous batching (``serving/batching.py``) drives a second, row-wise interface,
+:class:`StepModel`: rows join and leave a running batch between steps, each at its own
+position. A family that supports it implements it in its ``step.py`` and registers the
+factory with the registry (``step_model=``); the engine drives every family the same way and
+holds no family code. :func:`choose_tokens` picks each row's token under its own options.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -71,6 +78,21 @@ class GenerationOptions:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; allowed: {allowed}")
         return self
+
+
+def autocast_for(model: Any):
+    """bf16 autocast when ``model``'s weights are bf16 (see ``inference.load_model``), else a no-op.
+
+    Autocast state is per thread, so every thread that runs the model enters it; the weights
+    are bf16 already, so autocast casts only activations and keeps no weight copies.
+    """
+    try:
+        param = next(model.parameters())
+    except (AttributeError, StopIteration):
+        return contextlib.nullcontext()
+    if param.dtype != torch.bfloat16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=param.device.type, dtype=torch.bfloat16)
 
 
 # ---- pure helpers on logits ----
@@ -387,4 +409,68 @@ def generate_batch(model: Any, batch: list[list[int]], options: GenerationOption
         for row, tok in zip(rows, toks, strict=True):
             if tok != eos_id:
                 out[row].append(tok)
+    return out
+
+
+# ---- the row-wise step interface of continuous batching ----
+
+
+@dataclass
+class StepSpec:
+    """Everything continuous batching needs from a generator (``ReplyGenerator.step_spec()``)."""
+
+    model: StepModel
+    encode: Callable[[str], list[int]]  # text -> prompt ids (not truncated: the engine checks limits)
+    new_detokenizer: Callable[[], Any]  # -> object with feed(token_id) -> text delta
+    bos_id: int
+    eos_id: int
+    unk_id: int
+
+
+class StepModel(Protocol):
+    """What continuous batching needs from a generation model (e.g. ``models/transformer/step.py``)."""
+
+    max_len: int | None
+
+    def prefill(self, prompts: list[list[int]], bos_id: int) -> tuple[Any, Any]:
+        """Encode ``prompts`` and run the first decoder step; -> (state, logits (n, V))."""
+
+    def step(self, state: Any, tokens: Any) -> Any:
+        """Feed one token per row, tokens (B,) -> logits (B, V); updates ``state``."""
+
+    def merge(self, a: Any, b: Any) -> Any:
+        """Concatenate two states along the batch (rows of ``a`` first)."""
+
+    def select(self, state: Any, index: Any) -> Any:
+        """Keep the rows ``index`` (a LongTensor) of ``state``."""
+
+
+def choose_tokens(logits: Tensor, rows: list[Any], eos_id: int) -> list[int]:
+    """Pick each row's next token under its own options (greedy rows in one argmax).
+
+    ``rows`` are the batch's requests, one per logits row, each with ``options``
+    (:class:`GenerationOptions`), ``generated`` (tokens so far), and the per-row ``seen`` (V,) mask
+    and ``rng`` generator, which this function creates on first use.
+
+    Per-row Python work is limited to rows that need it (repetition penalty, sampling): the
+    common case (greedy, min_new_tokens) costs a fixed number of tensor ops per step, whatever
+    the batch size.
+    """
+    for i, r in enumerate(rows):
+        o = r.options
+        if o.repetition_penalty != 1.0:
+            if r.seen is None:  # only penalised rows keep a (V,) mask of their generated tokens
+                r.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+            logits[i : i + 1] = apply_repetition_penalty(logits[i : i + 1], r.seen[None], o.repetition_penalty)
+    no_eos = [i for i, r in enumerate(rows) if r.generated < r.options.min_new_tokens]
+    if len(no_eos) == len(rows):
+        logits[:, eos_id] = float("-inf")
+    elif no_eos:
+        logits[torch.tensor(no_eos, dtype=torch.long, device=logits.device), eos_id] = float("-inf")
+    out = logits.argmax(-1).tolist()
+    for i, r in enumerate(rows):
+        if r.options.do_sample:
+            if r.rng is None and r.options.seed is not None:
+                r.rng = torch.Generator(device=logits.device).manual_seed(r.options.seed)
+            out[i] = int(choose_next(logits[i : i + 1], r.options, r.rng)[0])
     return out

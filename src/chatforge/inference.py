@@ -6,14 +6,31 @@ below, so it can be tested with fakes and serves every family the same way.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from chatforge.decoding import GenerationOptions
+import torch
+
+from chatforge.bundle import Bundle, load_bundle, torch_class_probs
+from chatforge.decoding import GenerationOptions, StepSpec, autocast_for, generate_stream
 from chatforge.predictions import ClassPrediction  # re-exported; defined torch-free for the client
+
+__all__ = [  # autocast_for, torch_class_probs, ClassPrediction: re-exported from where they live
+    "PRECISIONS",
+    "ClassPrediction",
+    "Classifier",
+    "ModelInfo",
+    "ReplyGenerator",
+    "Seq2SeqGenerator",
+    "TextClassifier",
+    "TokenDelta",
+    "autocast_for",
+    "check_precision",
+    "load_model",
+    "torch_class_probs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -29,23 +46,6 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
     return precision
-
-
-def autocast_for(model):
-    """bf16 autocast when ``model``'s weights are bf16 (see :func:`load_model`), else a no-op.
-
-    Autocast state is per thread, so every thread that runs the model enters it; the weights
-    are bf16 already, so autocast casts only activations and keeps no weight copies.
-    """
-    import torch
-
-    try:
-        param = next(model.parameters())
-    except (AttributeError, StopIteration):
-        return contextlib.nullcontext()
-    if param.dtype != torch.bfloat16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=param.device.type, dtype=torch.bfloat16)
 
 
 @dataclass
@@ -102,8 +102,6 @@ class Seq2SeqGenerator:
         return len(self.tok.encode(text))
 
     def stream(self, text: str, options: GenerationOptions) -> Iterator[TokenDelta]:
-        from chatforge.decoding import generate_stream
-
         ids = self.tok.encode(text)[: self.max_input_tokens] or [self.tok.unk_id]
         detok = self.tok.incremental_decoder()
         # Autocast around each resumption: the consumer may resume the generator from any thread.
@@ -116,13 +114,13 @@ class Seq2SeqGenerator:
                 return
             yield TokenDelta(token_id=token_id, text=detok.feed(token_id))
 
-    def step_spec(self):
-        """The step-wise interface continuous batching drives (serving/batching.py), or None."""
-        from chatforge.serving.batching import Seq2SeqStepModel, StepSpec
-
-        if not Seq2SeqStepModel.supports(self.model):
+    def step_spec(self) -> StepSpec | None:
+        """The row-wise step model continuous batching drives (``chatforge.decoding.StepModel``), or None
+        when the family registers none (``FamilySpec.step_model``)."""
+        make_step = self.bundle.config.model.spec.step_model
+        if make_step is None:
             return None
-        return StepSpec(model=Seq2SeqStepModel(self.model), encode=self.tok.encode,
+        return StepSpec(model=make_step(self.model), encode=self.tok.encode,
                         new_detokenizer=self.tok.incremental_decoder, bos_id=self.tok.bos_id,
                         eos_id=self.tok.eos_id, unk_id=self.tok.unk_id)
 
@@ -130,43 +128,18 @@ class Seq2SeqGenerator:
 ESTIMATOR_MAX_WORDS = 4096  # estimators have no context window; this only bounds request size
 
 
-def torch_class_probs(model, tok, texts: list[str], max_input_tokens: int, batch_size: int = 64):
-    """(N, C) softmax probabilities of a torch classifier, computed in batches (numpy float32)."""
-    import numpy as np
-    import torch
-
-    out = []
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i : i + batch_size]
-        seqs = [ids[:max_input_tokens] or [tok.unk_id] for ids in tok.encode_batch(chunk)]
-        if hasattr(model, "prepare_inputs"):
-            # Families with their own input layout (BERT: [CLS] text [SEP] + segment ids) build it.
-            batch = model.prepare_inputs(seqs)
-        else:
-            L = max(len(s) for s in seqs)
-            x = torch.full((len(seqs), L), tok.pad_id, dtype=torch.long)
-            for j, s in enumerate(seqs):
-                x[j, : len(s)] = torch.tensor(s)
-            batch = {"input_ids": x}
-        with torch.inference_mode(), autocast_for(model):
-            out.append(model(**batch).logits.float().softmax(-1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
-
-
 class Classifier:
     """Scores texts with a classification bundle (torch model or estimator); returns every label's
     probability, and applies the bundle's out-of-scope policy (``chatforge.oos``)."""
 
-    def __init__(self, bundle, name: str, version: str = "1"):
-        from chatforge.oos import OOSPolicy
-
+    def __init__(self, bundle: Bundle, name: str, version: str = "1"):
         self.bundle = bundle
         self.tok = bundle.tokenizer
         self.model = bundle.model
         self.labels: list[str] = list(bundle.labels or [])
-        self.is_estimator = bundle.metadata.get("kind") == "estimator"
+        self.is_estimator = bundle.is_estimator
         self.max_input_tokens = ESTIMATOR_MAX_WORDS if self.is_estimator else bundle.config.train.max_source_len
-        self.oos = OOSPolicy.from_metadata(bundle.metadata.get("oos"), bundle.path)
+        self.oos = bundle.oos  # the bundle's one oos policy (chatforge.oos), also what evaluation applies
         self.info = ModelInfo(name=name, family=bundle.family, task=bundle.task, version=version,
                               metadata=dict(bundle.metadata))
 
@@ -177,9 +150,7 @@ class Classifier:
 
     def predict_proba(self, texts: list[str]):
         """(N, C) probabilities, columns in ``self.labels`` order."""
-        if self.is_estimator:
-            return self.model.predict_proba(list(texts))
-        return torch_class_probs(self.model, self.tok, list(texts), self.max_input_tokens)
+        return self.bundle.predict_proba(list(texts))
 
     def predict_views(self, texts: list[str]) -> list:
         """``[probabilities]``, plus one view per kind of member for an ensemble (the oos scorer reads them)."""
@@ -188,6 +159,9 @@ class Classifier:
         return [self.predict_proba(texts)]
 
     def classify(self, texts: list[str]) -> list[ClassPrediction]:
+        """One prediction per text with the oos policy's decision applied: ``out_of_scope`` (and ``label`` =
+        the policy's oos label) is the bundle's answer, which a pipeline can act on without a threshold
+        of its own."""
         if self.oos.needs_views:
             views = self.predict_views(texts)
             probs = views[0]
@@ -209,13 +183,9 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
     ``precision="bf16"`` casts a torch model's weights to bfloat16 (see :data:`PRECISIONS`);
     estimator bundles (XGBoost, linear, ensembles of them) are served as they are.
     """
-    from chatforge.bundle import load_bundle
-
     check_precision(precision)
     bundle = load_bundle(bundle_dir)
     if precision == "bf16":
-        import torch
-
         if isinstance(bundle.model, torch.nn.Module):
             bundle.model.to(torch.bfloat16)
             bundle.metadata = {**bundle.metadata, "precision": "bf16"}

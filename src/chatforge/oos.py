@@ -20,6 +20,7 @@ wherever the bundle is served or evaluated, so both answer the same.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from chatforge.evaluation.metrics import (
-    DEFAULT_OOS_GRID,
-    apply_oos_threshold,
-    choose_oos_threshold,
-    oos_metrics,
-)
+from chatforge.baselines.linear import LinearConfig, LinearTextClassifier
+from chatforge.oos_scorer import OOSScorer
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +37,117 @@ POLICIES = ("train", "threshold", "binary", "scorer")
 DETECTOR_DIR = "oos_detector"
 SCORER_DIR = "oos_scorer"
 IN_SCOPE = "in_scope"
+
+
+DEFAULT_OOS_GRID: tuple[float, ...] = tuple(round(i / 100, 2) for i in range(100))
+
+
+def _check_same_length(a: Sequence, b: Sequence, name_a: str, name_b: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} and {name_b} must have the same length, got {len(a)} and {len(b)}")
+
+
+# -- metrics and the threshold rule (Larson et al. 2019, section 4) ---------------------------------------
+
+
+def oos_metrics(y_true: Sequence[str], y_pred: Sequence[str], oos_label: str = "oos") -> dict:
+    """In-scope accuracy, out-of-scope recall and precision (Larson et al. 2019, section 4).
+
+    * ``in_scope_accuracy``: accuracy over the examples whose *true* label is in-scope
+      (predicting ``oos`` for them counts as wrong);
+    * ``oos_recall``: fraction of true-oos examples predicted ``oos``;
+    * ``oos_precision``: fraction of ``oos`` predictions that are truly oos.
+    """
+    _check_same_length(y_true, y_pred, "y_true", "y_pred")
+    n_in = n_in_correct = n_oos = n_oos_hit = n_pred_oos = 0
+    for t, p in zip(y_true, y_pred, strict=True):
+        if p == oos_label:
+            n_pred_oos += 1
+        if t == oos_label:
+            n_oos += 1
+            n_oos_hit += p == oos_label
+        else:
+            n_in += 1
+            n_in_correct += p == t
+    return {
+        "in_scope_accuracy": n_in_correct / n_in if n_in else None,
+        "oos_recall": n_oos_hit / n_oos if n_oos else None,
+        "oos_precision": n_oos_hit / n_pred_oos if n_pred_oos else None,
+        "n_in_scope": n_in,
+        "n_oos": n_oos,
+        "n_pred_oos": n_pred_oos,
+    }
+
+
+def apply_oos_threshold(
+    probs: np.ndarray, labels: Sequence[str], threshold: float, oos_label: str = "oos"
+) -> list[str]:
+    """Argmax prediction, replaced by ``oos_label`` when the best in-scope probability < ``threshold``.
+
+    ``labels`` names the columns of ``probs``; it may or may not contain ``oos_label`` (a model
+    trained with Larson's ``oos_train`` has an oos class). If the argmax already is ``oos`` it
+    stays ``oos``; otherwise the argmax *is* the best in-scope class, so comparing its probability
+    with the threshold is the rule "predict oos when max in-scope probability < threshold".
+    ``threshold=0`` therefore leaves the argmax unchanged.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(labels):
+        raise ValueError(f"probs must have shape (N, {len(labels)}) to match labels, got {probs.shape}")
+    best = probs.argmax(axis=1)
+    best_p = probs[np.arange(len(probs)), best]
+    out = []
+    for b, p in zip(best, best_p, strict=True):
+        label = labels[int(b)]
+        out.append(oos_label if label == oos_label or p < threshold else label)
+    return out
+
+
+def choose_oos_threshold(
+    probs: np.ndarray,
+    y_true: Sequence[str],
+    labels: Sequence[str],
+    oos_label: str = "oos",
+    grid: Sequence[float] = DEFAULT_OOS_GRID,
+    max_in_scope_drop: float | None = None,
+) -> tuple[float, dict]:
+    """Pick the oos probability threshold on a validation set.
+
+    Criterion: maximise ``in_scope_accuracy + oos_recall`` (the two numbers Larson et al. report
+    side by side, weighted equally, so the threshold cannot buy recall with unbounded accuracy
+    loss or vice versa). Ties go to the smallest threshold, i.e. the least intervention.
+
+    ``max_in_scope_drop`` (e.g. 0.005): only thresholds whose in-scope accuracy is at most this
+    far below the model's own (no threshold) are candidates. With 100 oos against 3,000 in-scope
+    validation examples, the equal-weight criterion happily trades 7 points of accuracy for 50 of
+    recall; a product usually cannot, and this bound says how much accuracy recall may cost.
+    Returns ``(threshold, oos_metrics at that threshold + {"criterion": value})``.
+    """
+    _check_same_length(probs, y_true, "probs", "y_true")
+    if oos_label not in set(y_true) or all(t == oos_label for t in y_true):
+        raise ValueError(
+            f"choose_oos_threshold needs both in-scope and {oos_label!r} examples in y_true to choose a threshold"
+        )
+    if not grid:
+        raise ValueError("grid must contain at least one threshold")
+    if max_in_scope_drop is not None and not 0.0 <= max_in_scope_drop <= 1.0:
+        raise ValueError(f"max_in_scope_drop must be in [0, 1] (an accuracy fraction), got {max_in_scope_drop}")
+    floor = -math.inf
+    if max_in_scope_drop is not None:
+        base = oos_metrics(y_true, apply_oos_threshold(probs, labels, 0.0, oos_label), oos_label)
+        floor = base["in_scope_accuracy"] - max_in_scope_drop - 1e-12
+    best_t, best_score, best_m = 0.0, -math.inf, {}
+    for t in sorted(float(g) for g in grid):
+        m = oos_metrics(y_true, apply_oos_threshold(probs, labels, t, oos_label), oos_label)
+        if m["in_scope_accuracy"] < floor:
+            continue
+        score = m["in_scope_accuracy"] + m["oos_recall"]
+        if score > best_score + 1e-12:
+            best_t, best_score, best_m = t, score, m
+    if not best_m:  # every grid point drops too much accuracy: no threshold at all
+        best_m = oos_metrics(y_true, apply_oos_threshold(probs, labels, 0.0, oos_label), oos_label)
+        best_score = best_m["in_scope_accuracy"] + best_m["oos_recall"]
+    logger.info("chose oos threshold %.3f (in-scope acc + oos recall = %.4f)", best_t, best_score)
+    return best_t, {**best_m, "criterion": best_score}
 
 
 class OOSError(ValueError):
@@ -125,14 +233,10 @@ class OOSPolicy:
                      threshold=meta.get("threshold"), detector_threshold=meta.get("detector_threshold", 0.5),
                      valid_metrics=meta.get("valid", {}))
         if policy.policy == "binary":
-            from chatforge.baselines.linear import LinearTextClassifier
-
             if bundle_dir is None:
                 raise OOSError("an oos-binary policy needs the bundle folder to load its detector from")
             policy.detector = LinearTextClassifier.load(Path(bundle_dir) / meta.get("detector", DETECTOR_DIR))
         elif policy.policy == "scorer":
-            from chatforge.oos_scorer import OOSScorer
-
             if bundle_dir is None:
                 raise OOSError("an oos-scorer policy needs the bundle folder to load its scorer from")
             policy.scorer = OOSScorer.load(Path(bundle_dir) / meta.get("scorer", SCORER_DIR))
@@ -167,8 +271,6 @@ def _require_both(y: Sequence[str], label: str, what: str, policy: str) -> None:
 
 def fit_binary_detector(texts: Sequence[str], labels: Sequence[str], label: str = "oos", seed: int = 0):
     """A class-balanced TF-IDF logistic regression over ``[in_scope, label]`` (Larson's oos-binary)."""
-    from chatforge.baselines.linear import LinearConfig, LinearTextClassifier
-
     y = [label if v == label else IN_SCOPE for v in labels]
     _require_both(y, label, "training data", "binary")
     # Balanced: CLINC has 100 oos against 15,000 in-scope training examples.
@@ -254,8 +356,6 @@ def fit_scorer(views: Sequence[np.ndarray], labels: Sequence[str], valid_texts: 
 
     Returns ``(scorer, threshold, validation metrics)``; ``threshold`` given: used as it is.
     """
-    from chatforge.oos_scorer import OOSScorer
-
     valid_labels = [str(v) for v in valid_labels]
     _require_both(valid_labels, label, "a validation split", "scorer")
     scorer = OOSScorer(label=label).fit_neighbours(train_texts, train_labels)

@@ -53,6 +53,7 @@ class OOSScorerError(ValueError):
 
 
 def _row_normalise(x):
+    # lazy: scikit-learn takes seconds to import; families.py registers every family at startup
     from sklearn.preprocessing import normalize
 
     return normalize(x, norm="l2", copy=False)
@@ -164,6 +165,7 @@ class OOSScorer:
 
     def fit(self, features: np.ndarray, is_oos: Sequence[bool]) -> OOSScorer:
         """Fit the logistic regression (in-scope vs oos) on validation ``features``."""
+        # lazy: scikit-learn takes seconds to import; families.py registers every family at startup
         from sklearn.linear_model import LogisticRegression
 
         features = np.asarray(features, dtype=np.float64)

@@ -1,28 +1,31 @@
-"""Model-family registry: the YAML ``model.family`` name -> its config class and builder.
+"""Model-family registry: the YAML ``model.family`` name -> its typed config class, builder and tasks.
 
-Families register themselves by explicit import in ``chatforge.models`` (fairseq's
-registry, without import-time magic elsewhere). A duplicate name raises; an unknown
-name fails with the list of known ones.
+Families register themselves in their package's ``__init__`` and are imported in one place,
+:mod:`chatforge.families` (fairseq's registry, without import-time magic): the registry imports
+nothing above the tokenizer, and whoever needs the families (config loading, bundle loading,
+the CLI) imports ``chatforge.families``. A duplicate name raises; an unknown name fails with
+the list of known ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from chatforge.tokenizer import SpecialIds
 
-@dataclass(frozen=True)
-class SpecialIds:
-    """The special-token contract, read from the tokenizer (never from literals)."""
-
-    pad: int = 0
-    bos: int = 1
-    eos: int = 2
-    unk: int = 3
-    cls: int | None = None
-    sep: int | None = None
-    mask: int | None = None
+__all__ = [
+    "BuildContext",
+    "FamilySpec",
+    "SpecialIds",  # re-exported: the tokenizer owns the special-token contract
+    "UnknownFamilyError",
+    "build_model",
+    "families",
+    "get_family",
+    "register_family",
+]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class BuildContext:
     special: SpecialIds
     num_labels: int | None = None
     tokenizer: Any = None  # for families that need more than ids (ELMo spells pieces into characters)
+    # Loads another bundle as a classifier (ensembles combine bundles); given by whoever loads or trains
+    # bundles (chatforge.bundle), so no family imports the bundle layer.
+    load_classifier: Callable[[Path], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,9 @@ class FamilySpec:
     builder: Callable[[Any, BuildContext], Any]
     tasks: tuple[str, ...]
     kind: str = "torch"  # "torch" models are nn.Modules trained by the Trainer; others fit themselves
+    # model -> chatforge.decoding.StepModel: the row-wise decode step continuous batching drives;
+    # None: the family is served one request per thread (ReplyGenerator.stream).
+    step_model: Callable[[Any], Any] | None = None
 
 
 _FAMILIES: dict[str, FamilySpec] = {}
@@ -53,42 +62,37 @@ class UnknownFamilyError(KeyError):
         return str(self.args[0])
 
 
-def register_family(name: str, config_cls: type, tasks: tuple[str, ...], kind: str = "torch"):
-    """Decorator registering ``builder(config, ctx) -> model`` under ``name``."""
-
-    def deco(builder: Callable[[Any, BuildContext], Any]):
-        if name in _FAMILIES:
-            raise ValueError(f"model family {name!r} is already registered")
-        _FAMILIES[name] = FamilySpec(name, config_cls, builder, tuple(tasks), kind)
-        return builder
-
-    return deco
-
-
-def _ensure_loaded() -> None:
-    import chatforge.baselines  # noqa: F401  (registers the estimator families: xgboost, linear, ensemble)
-    import chatforge.models  # noqa: F401  (registers the neural families)
+def register_family(name: str, *, config_cls: type, builder: Callable[[Any, BuildContext], Any],
+                    tasks: tuple[str, ...], kind: str = "torch",
+                    step_model: Callable[[Any], Any] | None = None) -> FamilySpec:
+    """Register ``builder(config: config_cls, ctx) -> model`` under ``name`` (from the family's ``__init__``)."""
+    if name in _FAMILIES:
+        raise ValueError(f"model family {name!r} is already registered")
+    spec = FamilySpec(name, config_cls, builder, tuple(tasks), kind, step_model)
+    _FAMILIES[name] = spec
+    return spec
 
 
 def get_family(name: str) -> FamilySpec:
-    _ensure_loaded()
     try:
         return _FAMILIES[name]
     except KeyError:
-        raise UnknownFamilyError(
-            f"unknown model family {name!r}; known families: {', '.join(sorted(_FAMILIES))}"
-        ) from None
+        known = ", ".join(sorted(_FAMILIES)) or "none registered (import chatforge.families first)"
+        raise UnknownFamilyError(f"unknown model family {name!r}; known families: {known}") from None
 
 
 def families() -> list[str]:
-    _ensure_loaded()
     return sorted(_FAMILIES)
 
 
 def build_model(family: str, config: Any, ctx: BuildContext):
+    """Build ``family`` for ``ctx.task``; ``config`` is exactly the family's config class (validated at load)."""
     spec = get_family(family)
     if ctx.task not in spec.tasks:
         raise ValueError(
             f"model family {family!r} does not support task {ctx.task!r}; supported: {', '.join(spec.tasks)}"
         )
+    if not isinstance(config, spec.config_cls):
+        raise TypeError(f"model family {family!r} is built from a {spec.config_cls.__name__}, "
+                        f"not {type(config).__name__}; validate the config first (chatforge.config)")
     return spec.builder(config, ctx)

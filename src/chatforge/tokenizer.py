@@ -18,12 +18,12 @@ import json
 import logging
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 
 from chatforge.fileio import atomic_write_bytes
-from chatforge.registry import SpecialIds
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,19 @@ class VocabTooLargeError(TokenizerError):
             f"vocab_size={requested} is too large for this corpus{hint}. Lower tokenizer.vocab_size"
             " or set tokenizer.on_vocab_too_large=lower to use the largest workable size."
         )
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The special-token contract, read from the tokenizer (never from literals)."""
+
+    pad: int = 0
+    bos: int = 1
+    eos: int = 2
+    unk: int = 3
+    cls: int | None = None
+    sep: int | None = None
+    mask: int | None = None
 
 
 class SpecialIdsMixin:

@@ -12,8 +12,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
 
 NAMES = ("word", "char")
+
+
+@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
+class TfidfConfig:
+    """The TF-IDF keys every TF-IDF baseline shares (word 1..``word_ngram_max``-grams, char_wb
+    ``char_ngram_min``..``char_ngram_max``-grams); a baseline's config extends it with its own keys.
+    ``max_features`` caps each vocabulary (word and char separately; None: no cap)."""
+
+    word_ngram_max: int = Field(2, ge=1, le=5)
+    char_ngram_min: int = Field(2, ge=1, le=10)
+    char_ngram_max: int = Field(5, ge=1, le=10)
+    max_features: int | None = Field(None, ge=1)
+    min_df: int = Field(1, ge=1)
+    sublinear_tf: bool = True
+    lowercase: bool = True
+
+    @model_validator(mode="after")
+    def _check_char_range(self):
+        if self.char_ngram_min > self.char_ngram_max:
+            raise ValueError(
+                f"char_ngram_min ({self.char_ngram_min}) must be <= char_ngram_max ({self.char_ngram_max})"
+            )
+        return self
 
 
 def check_texts(texts: Sequence[str], what: str) -> list[str]:
@@ -39,7 +65,7 @@ def read_saved_meta(directory: Path, files: Sequence[str], meta_file: str, versi
     return meta
 
 
-def vectorizer_kwargs(cfg: Any) -> dict[str, dict]:
+def vectorizer_kwargs(cfg: TfidfConfig) -> dict[str, dict]:
     """scikit-learn TfidfVectorizer arguments for the word and char_wb vectorizers of ``cfg``."""
     common = {"min_df": cfg.min_df, "max_features": cfg.max_features, "sublinear_tf": cfg.sublinear_tf,
               "lowercase": cfg.lowercase}
@@ -50,6 +76,7 @@ def vectorizer_kwargs(cfg: Any) -> dict[str, dict]:
 
 
 def _make(kwargs: dict, vocabulary: dict[str, int] | None = None):
+    # lazy: scikit-learn takes seconds to import; families.py registers every family at startup
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     kw = {k: v for k, v in kwargs.items() if k != "dtype"}  # always float32 features
@@ -69,14 +96,10 @@ class TfidfFeatures:
         return cls(vectorizer_kwargs(cfg))
 
     def fit_transform(self, texts: Sequence[str]):
-        import scipy.sparse as sp
-
         return sp.hstack([self.vectorizers[n].fit_transform(texts) for n in NAMES], format="csr",
                          dtype=np.float32)
 
     def transform(self, texts: Sequence[str]):
-        import scipy.sparse as sp
-
         return sp.hstack([self.vectorizers[n].transform(texts) for n in NAMES], format="csr", dtype=np.float32)
 
     @property

@@ -134,6 +134,7 @@ def collect_runs(run_dirs: Sequence[str | Path] = (), runs_dir: str | Path | Non
 def collect_mlflow(tracking_uri: str, experiment: str | None = None, tags: dict[str, str] | None = None,
                    max_runs: int = 1000) -> list[RunRecord]:
     """Runs from an MLflow store: params, ``final_*`` metrics and tags (no evaluation reports)."""
+    # lazy: importing mlflow takes seconds; only tracked runs need it
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -247,6 +248,7 @@ def write_csv(lb: Leaderboard, path: str | Path) -> Path:
 
 def learning_curves_png(records: Sequence[RunRecord], keys: Sequence[str] = ("valid_loss", "valid_accuracy")) -> bytes:
     """Per-epoch curves of every run with a history (estimators have none), one panel per key."""
+    # lazy: matplotlib takes seconds to import; only figures need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -19,7 +19,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from chatforge.evaluation.metrics import apply_oos_threshold, choose_oos_threshold, oos_metrics
+from chatforge.evaluation.metrics import (
+    DEFAULT_OOS_GRID,
+    apply_oos_threshold,
+    choose_oos_threshold,
+    oos_metrics,
+)
+from chatforge.oos import choose_flag_threshold
 
 FitApply = Callable[[np.ndarray, np.ndarray], list[str]]
 
@@ -80,7 +86,6 @@ def flag_fit_apply(main: Sequence[str], p_oos: np.ndarray, y: Sequence[str], oos
                    max_in_scope_drop: float | None = None, prefer: float = 0.5,
                    grid: Sequence[float] | None = None) -> FitApply:
     """A fixed P(oos) per example (the oos-binary detector's) with its threshold chosen on the fitting folds."""
-    from chatforge.oos import choose_flag_threshold
 
     main, p, y = np.asarray(list(main), dtype=object), np.asarray(p_oos, dtype=np.float64), [str(v) for v in y]
 
@@ -95,7 +100,6 @@ def scorer_fit_apply(scorer, features: np.ndarray, main: Sequence[str], y: Seque
                      max_in_scope_drop: float | None = None) -> FitApply:
     """The oos scorer: its regression and threshold fitted on the fitting folds; ``scorer`` (its
     neighbour index) is not modified, a copy is refitted."""
-    from chatforge.oos import choose_flag_threshold
 
     work = copy.copy(scorer)
     feats = np.asarray(features, dtype=np.float64)
@@ -119,8 +123,6 @@ def policy_fit_apply(policy, views: Sequence[np.ndarray], labels: Sequence[str],
     if policy.policy == "threshold":
         return threshold_fit_apply(probs, labels, y, policy.label, max_in_scope_drop)
     if policy.policy == "binary":
-        from chatforge.evaluation.metrics import DEFAULT_OOS_GRID
-
         # as fit_policy fits it: the paper's criterion over the default grid, no accuracy bound
         return flag_fit_apply(main, policy.oos_probability(texts), y, policy.label, None, grid=DEFAULT_OOS_GRID)
     if policy.policy == "scorer":

@@ -21,9 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from chatforge.evaluation.report import _md_table
+from chatforge.bundle import load_bundle
+from chatforge.config import validate_config
+from chatforge.data import read_examples
+from chatforge.decoding import GenerationOptions, generate
+from chatforge.evaluation.crossfit import cross_fit, policy_fit_apply
+from chatforge.evaluation.report import _md_table, write_classification_report, write_generation_report
 from chatforge.fileio import atomic_write_json, atomic_write_text
+from chatforge.inference import Classifier
+from chatforge.tasks import IGNORE_INDEX, TaskSpec, make_dataset
+from chatforge.training.run import file_sha256, load_splits, resolve_data_path
+from chatforge.training.tracking import resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +72,6 @@ def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: s
     as the bundle's config splits its training data (same seed and fractions, or the predefined
     CLINC lists), so ``--split valid`` on the training file is the run's own validation split.
     """
-    from chatforge.data import read_examples
-    from chatforge.training.run import load_splits, resolve_data_path
 
     if split not in SPLITS:
         raise EvaluationError(f"--split {split!r} is unknown; allowed: {', '.join(SPLITS)}")
@@ -82,7 +90,6 @@ def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: s
         return examples, "all", path
     tree = cfg.to_dict()
     tree["data"].update(path=str(path), format=fmt, max_examples=None)
-    from chatforge.config import validate_config
 
     sub = validate_config(tree, source="evaluation data")
     train, valid, test, _ = load_splits(sub)
@@ -111,7 +118,6 @@ def default_out_dir(bundle_dir: Path, data_path: Path, split_name: str) -> Path:
 
 def _fitted_on(bundle, data_path: Path, split_name: str) -> bool:
     """True when ``split_name`` of ``data_path`` is the validation split the bundle's oos policy was fitted on."""
-    from chatforge.training.run import file_sha256
 
     d = bundle.config.data
     valid_name = "+".join(d.valid_keys) if d.split == "predefined" else "valid"
@@ -121,9 +127,6 @@ def _fitted_on(bundle, data_path: Path, split_name: str) -> bool:
 
 def _classification(bundle, examples, out: Path, title: str, batch_size: int, cross_fit_folds: int = 0,
                     cross_fit_repeats: int = 10, in_sample: bool = False) -> tuple[dict, dict]:
-    from chatforge.evaluation.report import write_classification_report
-    from chatforge.inference import Classifier
-
     clf = Classifier(bundle, name=title)
     texts = [e.text for e in examples]
     y_true = [str(e.label) for e in examples]
@@ -150,8 +153,6 @@ def _classification(bundle, examples, out: Path, title: str, batch_size: int, cr
         logger.warning("the bundle's oos policy (%s) was fitted on this split, so its figures here are in-sample; "
                        "cross-fit them (--cross-fit 10) or evaluate on held-out data", clf.oos.policy)
     if cross_fit_folds:
-        from chatforge.evaluation.crossfit import cross_fit, policy_fit_apply
-
         n_oos = sum(v == clf.oos.label for v in y_true)
         if n_oos == 0 or n_oos == len(y_true):
             raise EvaluationError(f"--cross-fit scores an oos policy, so the data needs both in-scope examples and "
@@ -167,12 +168,6 @@ def _classification(bundle, examples, out: Path, title: str, batch_size: int, cr
 
 
 def _generation(bundle, examples, out: Path, title: str, batch_size: int, max_new_tokens: int | None) -> tuple[dict, dict]:
-    import torch
-
-    from chatforge.decoding import GenerationOptions, generate
-    from chatforge.evaluation.report import write_generation_report
-    from chatforge.training.tasks import IGNORE_INDEX, TaskSpec, make_dataset
-
     cfg, tok, model = bundle.config, bundle.tokenizer, bundle.model
     missing = sum(1 for e in examples if not e.response)
     if missing:
@@ -214,7 +209,6 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
     10; 0 = off): also report the oos policy's in-scope accuracy and OOS recall cross-fitted on these
     examples (``chatforge.evaluation.crossfit``), the honest figures when the policy was fitted on them.
     """
-    from chatforge.bundle import load_bundle
 
     if cross_fit < 0 or cross_fit == 1 or cross_fit_repeats < 1:
         raise EvaluationError(f"--cross-fit needs at least 2 folds (10 is usual), or 0 to switch it off, and "
@@ -277,11 +271,10 @@ def _log_to_mlflow(cfg, run: Path, out: Path) -> None:
     if not id_file.is_file():
         return
     try:
-        from chatforge.training.tracking import resolve_tracking_uri
-
         uri = resolve_tracking_uri(cfg.tracking)
         if uri is None:
             return
+        # lazy: importing mlflow takes seconds; only tracked runs need it
         from mlflow.tracking import MlflowClient
 
         MlflowClient(tracking_uri=uri).log_artifacts(id_file.read_text().strip(), str(out),

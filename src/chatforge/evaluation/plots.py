@@ -14,6 +14,7 @@ import numpy as np
 def _figure(figsize: tuple[float, float]):
     # Import lazily and use the object API with the Agg canvas: no global pyplot state,
     # so plotting from worker threads or while another backend is active is safe.
+    # lazy: matplotlib takes seconds to import; only figures need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from chatforge.evaluation import metrics as M
+from chatforge.evaluation import plots
 from chatforge.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,6 @@ def write_classification_report(
     # Confident mistakes first: they are the most instructive (label noise, systematic confusions).
     errors.sort(key=lambda e: -(e["confidence"] or 0.0))
 
-    from chatforge.evaluation import plots
 
     atomic_write_json(out / "report.json", report)
     atomic_write_json(out / "errors.json", errors)

@@ -26,8 +26,13 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from chatforge.registry import SpecialIds
-from chatforge.tokenizer import IncrementalDecoder, JsonDocumentMixin, SpecialIdsMixin, TokenizerError
+from chatforge.tokenizer import (
+    IncrementalDecoder,
+    JsonDocumentMixin,
+    SpecialIds,
+    SpecialIdsMixin,
+    TokenizerError,
+)
 
 _PAD = ("[PAD]", "<pad>", "<|pad|>", "<|padding|>")
 _BOS = ("<s>", "<|endoftext|>", "[CLS]", "<|startoftext|>")

@@ -1,9 +1,1 @@
-"""Model families. Each module registers itself with :mod:`chatforge.registry` on import."""
-
-from chatforge.models import (
-    bert,  # noqa: F401
-    bytenet,  # noqa: F401
-    elmo,  # noqa: F401
-    gpt,  # noqa: F401
-    transformer,  # noqa: F401
-)
+"""Model families, one folder each (``config``, ``model``, ``pipeline``, ``step``); see chatforge.families."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +110,6 @@ def cleanup(ctx: DistributedContext) -> None:
 
 def torchrun_command(nproc: int, args: list[str]) -> list[str]:
     """The torchrun command line running ``chatforge <args>`` on ``nproc`` local processes."""
-    import sys
 
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")

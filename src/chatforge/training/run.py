@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from chatforge.bundle import build_from_config, load_bundle, save_bundle
-from chatforge.config import ConfigError, ExperimentConfig
+from chatforge.bundle import build_from_config, load_bundle, save_bundle, torch_class_probs
+from chatforge.config import ConfigError, ExperimentConfig, load_config
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
+from chatforge.decoding import GenerationOptions, generate
 from chatforge.fileio import atomic_write_bytes
+from chatforge.oos import fit_policy, in_scope_only, oos_metrics
+from chatforge.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset
 from chatforge.tokenizer import ByteTokenizer, Tokenizer
 from chatforge.training import distributed as ddp
 from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
-from chatforge.training.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset
+from chatforge.training.tracking import TrackingCallback, flatten, log_run_outputs, open_tracker, run_tags
 from chatforge.training.trainer import Callback, LoggingCallback, Trainer, resolve_device
 
 RUN_TOKENIZER = "tokenizer.model"
@@ -143,8 +147,6 @@ def _init_from(model: torch.nn.Module, src, source: str) -> dict[str, list[str]]
 
 
 def _sample_replies(model, tok: Tokenizer, examples: list[Example], n: int, max_len: int) -> list[dict[str, str]]:
-    from chatforge.decoding import GenerationOptions, generate
-
     model.eval()
     out = []
     for e in examples[:n]:
@@ -156,7 +158,6 @@ def _sample_replies(model, tok: Tokenizer, examples: list[Example], n: int, max_
 
 def resume_experiment(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> RunResult:
     """Continue an interrupted run from its last checkpoint, with the config saved in the run."""
-    from chatforge.config import load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -223,9 +224,8 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
 
     train, valid, test, data_path = load_splits(cfg)
     log.info("data %s: %d train / %d valid / %d test", data_path, len(train), len(valid), len(test))
-    from chatforge.registry import get_family
 
-    if get_family(cfg.model.family).kind != "torch":
+    if cfg.model.spec.kind != "torch":
         # Estimators (xgboost, linear, ensemble) fit themselves on the train split: no tokenizer, no Trainer.
         if not main:
             return RunResult(run_dir=run_dir, bundle_dir=run_dir / "bundle")
@@ -233,7 +233,6 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
     oos_data = (train, valid, test)
     if cfg.oos.policy == "binary" and cfg.model.task == "classification":
         # oos-binary: the intent model never sees oos examples; the detector learns from all of them.
-        from chatforge.oos import in_scope_only
 
         train, valid, test = (in_scope_only(x, cfg.oos.label) for x in (train, valid, test))
 
@@ -277,13 +276,9 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
     data_sha = file_sha256(data_path)
     tracker = None
     if main:
-        from chatforge.training.tracking import TrackingCallback, open_tracker, run_tags
-
         tracker = open_tracker(cfg)
     extra: list[Callback] = []
     if tracker is not None:
-        from chatforge.training.tracking import flatten
-
         id_file = run_dir / "mlflow_run_id"
         prior = id_file.read_text().strip() if resume and id_file.is_file() else None
         tracker.start(run_dir.name, run_tags(cfg, tracking_tags), resume_run_id=prior)
@@ -312,8 +307,6 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
             tracker.end("KILLED" if type(e).__name__ == "TrialPruned" else "FAILED")
         raise
     if tracker is not None:
-        from chatforge.training.tracking import log_run_outputs
-
         log_run_outputs(tracker, run_dir, out.metrics, log_bundle=cfg.tracking.log_bundle)
         out.metrics["mlflow_run_id"] = tracker.run_id
         tracker.end("FINISHED")
@@ -350,8 +343,6 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
     all_train, all_valid, all_test = oos_data or (train, valid, test)
     if cfg.model.task == "classification" and labels and (
             cfg.oos.policy != "train" or any(e.label == cfg.oos.label for e in all_valid)):
-        from chatforge.inference import torch_class_probs
-
         def probs(texts: list[str]) -> np.ndarray:
             return torch_class_probs(model, tok, texts, cfg.train.max_source_len)
 
@@ -379,8 +370,6 @@ def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train
     threshold is chosen on the same validation split, so the valid_* numbers are optimistic; report held-out (test) numbers, or cross-fit as
     benchmarks/clinc150_results.py does.
     """
-    from chatforge.evaluation.metrics import oos_metrics
-    from chatforge.oos import fit_policy
 
     known = set(labels)
     fit_valid = [e for e in valid if e.label in known or e.label == cfg.oos.label]
@@ -410,10 +399,7 @@ def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train
 def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], valid: list[Example],
                    test: list[Example], data_path: Path, tracking_tags: dict[str, str]) -> RunResult:
     """Fit an estimator family (kind != "torch") on the train split and bundle it with its own save()."""
-    import time
 
-    from chatforge.oos import in_scope_only
-    from chatforge.registry import BuildContext, SpecialIds, build_model
 
     if cfg.model.task != "classification":
         raise ConfigError(f"model.family {cfg.model.family!r} is an estimator; it supports task classification only")
@@ -423,11 +409,9 @@ def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
     labels = label_set(train)
     known = set(labels)
     fit_valid = [e for e in valid if e.label in known]  # a random split can put a rare label only in valid
-    model = build_model(cfg.model.family, cfg.model.family_config(),
-                        BuildContext(task=cfg.model.task, vocab_size=0, special=SpecialIds(), num_labels=len(labels)))
+    model = build_from_config(cfg, None, labels)
     data_sha = file_sha256(data_path)
     tracker = None
-    from chatforge.training.tracking import flatten, log_run_outputs, open_tracker, run_tags
 
     tracker = open_tracker(cfg)
     if tracker is not None:

@@ -32,6 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from chatforge.config import ConfigError, ExperimentConfig, apply_overrides, validate_config
 from chatforge.fileio import atomic_write_bytes
+from chatforge.settings import Settings
+from chatforge.training.run import run_experiment
+from chatforge.training.tracking import open_tracker, run_tags
 from chatforge.training.trainer import Callback
 
 log = logging.getLogger(__name__)
@@ -145,7 +148,7 @@ class OptunaPruningCallback(Callback):
         self.metric = metric
 
     def on_epoch_end(self, trainer, epoch, logs):
-        import optuna
+        import optuna  # lazy: importing optuna takes seconds; only sweeps need it
 
         value = logs.get(self.metric, logs.get("train_loss"))
         if value is None or not math.isfinite(value):
@@ -170,7 +173,6 @@ def resolve_storage(storage: str | None) -> str | None:
     """Explicit URL, else the default SQLite file; under CHATFORGE_ENV=test the default is in-memory."""
     if storage:
         return storage
-    from chatforge.settings import Settings
 
     if not Settings.from_env().production_sinks_enabled:
         log.info("sweep storage: in-memory (CHATFORGE_ENV=test and no explicit --storage)")
@@ -183,7 +185,7 @@ def run_sweep(base: ExperimentConfig, space: dict[str, Any], *, trials: int, sto
               study_name: str | None = None, sweep_dir: str | Path | None = None, seed: int | None = None,
               callbacks: list[Callback] | None = None) -> SweepResult:
     """Run ``trials`` more trials of the study (created or joined) and write the best config."""
-    import optuna
+    import optuna  # lazy: importing optuna takes seconds; only sweeps need it
 
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
@@ -206,7 +208,6 @@ def run_sweep(base: ExperimentConfig, space: dict[str, Any], *, trials: int, sto
         tags = {"optuna.study": study_name, "optuna.trial": str(trial.number)}
         if parent is not None:
             tags["mlflow.parentRunId"] = parent[1]
-        from chatforge.training.run import run_experiment
 
         result = run_experiment(cfg, run_dir=sweep_dir / f"trial-{trial.number}", tracking_tags=tags,
                                 callbacks=[OptunaPruningCallback(trial), *(callbacks or [])])
@@ -246,7 +247,6 @@ def run_sweep(base: ExperimentConfig, space: dict[str, Any], *, trials: int, sto
 
 def _open_parent_run(base: ExperimentConfig, study_name: str):
     """An MLflow run standing for the whole study, the trials nested under it; None if tracking is off."""
-    from chatforge.training.tracking import open_tracker, run_tags
 
     tracker = open_tracker(base)
     if tracker is None:

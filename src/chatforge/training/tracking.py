@@ -21,11 +21,13 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import chatforge
 from chatforge.config import ExperimentConfig, TrackingConfig
+from chatforge.settings import Settings
 from chatforge.training.trainer import Callback
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,6 @@ class TrackingError(RuntimeError):
 
 
 def _test_mode() -> bool:
-    from chatforge.settings import Settings
-
     return not Settings.from_env().production_sinks_enabled
 
 
@@ -131,21 +131,19 @@ class MLflowTracker:
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: importing mlflow takes seconds; only tracked runs need it
 
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), _PARAM_BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + _PARAM_BATCH])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: importing mlflow takes seconds; only tracked runs need it
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: importing mlflow takes seconds; only tracked runs need it
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]

@@ -29,12 +29,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from chatforge.config import TrainConfig
+from chatforge.tasks import IGNORE_INDEX
 from chatforge.training.schedules import build_scheduler
-from chatforge.training.tasks import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +111,6 @@ class Trainer:
         # The module the training step calls: DDP all-reduces gradients during backward.
         self._train_model: nn.Module = self.model
         if distributed is not None and distributed.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             self._train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.train_loader, self.valid_loader = train_loader, valid_loader
@@ -269,7 +269,6 @@ class Trainer:
         """Under DDP, sum the epoch's counters over ranks so logs describe the global batch."""
         if self.distributed is None or not self.distributed.enabled:
             return acc
-        import torch.distributed as dist
 
         parts = sorted(acc["parts"])  # same keys on every rank: the same model computes them
         vec = torch.tensor([acc["loss"], acc["batches"], acc["correct"], acc["counted"],

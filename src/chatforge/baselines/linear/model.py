@@ -20,15 +20,15 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field, model_validator
-from pydantic.dataclasses import dataclass
+from safetensors.numpy import load_file
+from safetensors.numpy import save as st_save
 
+from chatforge.baselines.linear.config import LinearConfig
 from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
-from chatforge.registry import BuildContext, register_family
+from chatforge.registry import BuildContext
 
 logger = logging.getLogger(__name__)
 
@@ -36,41 +36,6 @@ FORMAT_VERSION = 1
 META_FILE = "linear_meta.json"
 VECTORIZERS_FILE = "linear_vectorizers.json"
 WEIGHTS_FILE = "linear_weights.safetensors"
-
-
-@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
-class LinearConfig:
-    """Hyper-parameters of :class:`LinearTextClassifier` (unknown keys and bad values are rejected).
-
-    ``C`` is the inverse L2 strength of scikit-learn's ``LogisticRegression`` (``loss: logistic``)
-    or ``LinearSVC`` (``loss: svm``); TF-IDF rows are unit-norm, so for logistic regression values
-    well above 1 fit best (10-30 on CLINC150), for the SVM about 1. ``temperature`` scales the
-    SVM's margins before the softmax that turns them into probabilities (unused for logistic). ``max_features`` caps each
-    vocabulary (word and char separately; None: no cap). ``class_weight: balanced`` up-weights
-    rare classes (CLINC's 100 ``oos_train`` examples against 150 x 100 in-scope ones).
-    """
-
-    C: float = Field(10.0, gt=0.0, le=1e6)
-    loss: Literal["logistic", "svm"] = "logistic"
-    temperature: float = Field(10.0, gt=0.0, le=1e4)
-    word_ngram_max: int = Field(2, ge=1, le=5)
-    char_ngram_min: int = Field(2, ge=1, le=10)
-    char_ngram_max: int = Field(5, ge=1, le=10)
-    max_features: int | None = Field(None, ge=1)
-    min_df: int = Field(1, ge=1)
-    sublinear_tf: bool = True
-    lowercase: bool = True
-    class_weight: Literal["balanced"] | None = None
-    max_iter: int = Field(1000, ge=1, le=100000)
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _check_char_range(self):
-        if self.char_ngram_min > self.char_ngram_max:
-            raise ValueError(
-                f"char_ngram_min ({self.char_ngram_min}) must be <= char_ngram_max ({self.char_ngram_max})"
-            )
-        return self
 
 
 class LinearTextClassifier:
@@ -95,6 +60,7 @@ class LinearTextClassifier:
     def fit(self, texts: Sequence[str], labels: Sequence[str], valid_texts: Sequence[str] | None = None,
             valid_labels: Sequence[str] | None = None) -> LinearTextClassifier:
         """Fit on ``texts``; validation data, when given, is only scored and logged (no early stopping)."""
+        # lazy: scikit-learn takes seconds to import; families.py registers every family at startup
         from sklearn.linear_model import LogisticRegression
         from sklearn.svm import LinearSVC
 
@@ -149,7 +115,6 @@ class LinearTextClassifier:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``linear_meta.json``, ``linear_vectorizers.json`` and ``linear_weights.safetensors``."""
-        from safetensors.numpy import save as st_save
 
         self._require_fitted()
         d = Path(directory)
@@ -163,8 +128,6 @@ class LinearTextClassifier:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> LinearTextClassifier:
-        from safetensors.numpy import load_file
-
         d = Path(directory)
         meta = read_saved_meta(d, (META_FILE, VECTORIZERS_FILE, WEIGHTS_FILE), META_FILE, FORMAT_VERSION, "LinearTextClassifier")
         self = cls(LinearConfig(**meta["config"]))
@@ -178,9 +141,6 @@ class LinearTextClassifier:
         return self
 
 
-@register_family("linear", LinearConfig, tasks=("classification",), kind="estimator")
-def build(cfg: LinearConfig | dict, ctx: BuildContext) -> LinearTextClassifier:
+def build(cfg: LinearConfig, ctx: BuildContext) -> LinearTextClassifier:
     """Registry builder; labels come from the data at ``fit`` time."""
-    if isinstance(cfg, dict):
-        cfg = LinearConfig(**cfg)
     return LinearTextClassifier(cfg)

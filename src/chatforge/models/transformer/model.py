@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, model_validator
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
 from chatforge.models.outputs import ModelOutput
+from chatforge.models.transformer.config import TransformerConfig
 from chatforge.modules import (
     DecoderLayerCache,
     SinusoidalPositionalEmbedding,
@@ -27,45 +25,11 @@ from chatforge.modules import (
     load_stack_from_torch,
     padding_mask,
 )
-from chatforge.registry import BuildContext, register_family
+from chatforge.registry import BuildContext
+from chatforge.tasks import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-PositiveInt = Annotated[int, Field(gt=0)]
-Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-@pydantic_dataclass(config=ConfigDict(extra="forbid"))
-class TransformerConfig:
-    """Hyper-parameters of the Transformer; defaults are a small "base"-shaped model.
-
-    ``norm_first`` selects pre-LN (Xiong et al. 2020) over the paper's post-LN; ``tie_embeddings``
-    shares source/target embeddings and the output projection (paper section 3.4);
-    ``label_smoothing`` is the paper's epsilon_ls = 0.1 (section 5.4), used for both tasks;
-    ``pooling`` is used by classification only.
-    """
-
-    d_model: PositiveInt = 256
-    n_heads: PositiveInt = 4
-    num_encoder_layers: PositiveInt = 3
-    num_decoder_layers: PositiveInt = 3
-    d_ff: PositiveInt = 1024
-    dropout: Probability = 0.1
-    activation: Literal["relu", "gelu"] = "relu"
-    max_len: PositiveInt = 512
-    norm_first: bool = False
-    tie_embeddings: bool = True
-    label_smoothing: Probability = 0.1
-    pooling: Literal["mean", "first"] = "mean"
-
-    @model_validator(mode="after")
-    def _heads_divide_d_model(self) -> TransformerConfig:
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
-                f"(each head gets d_model / n_heads dimensions)"
-            )
-        return self
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -157,7 +121,7 @@ class TransformerSeq2Seq(nn.Module):
         losses: dict[str, Tensor] = {}
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                   ignore_index=-100, label_smoothing=self.cfg.label_smoothing)
+                                   ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing)
             losses["lm"] = loss
         return ModelOutput(logits=logits, loss=loss, losses=losses)
 
@@ -245,7 +209,6 @@ def load_from_torch_transformer(model: TransformerSeq2Seq, ref: nn.Transformer) 
     load_stack_from_torch(model.decoder, ref.decoder)
 
 
-@register_family("transformer", TransformerConfig, tasks=("generation", "classification"))
 def build(cfg: TransformerConfig, ctx: BuildContext) -> nn.Module:
     """Builder for the registry: ``generation`` -> :class:`TransformerSeq2Seq`,
     ``classification`` -> :class:`TransformerClassifier`."""

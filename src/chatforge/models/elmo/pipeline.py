@@ -1,37 +1,25 @@
 """ELMo task pipelines: ``lm`` (biLM pre-training on every text of the corpus) and ``classification``.
 
-Both feed plain right-padded token ids (the model adds ``<s>``/``</s>`` itself). Building a dataset
-also binds the tokenizer's piece spelling to ELMo models built without it (see
-:func:`chatforge.models.elmo.bind_pending_vocabulary`).
+Both feed plain right-padded token ids (the model adds ``<s>``/``</s>`` itself); the model spells the
+ids into characters with the tokenizer it was built with (``BuildContext.tokenizer``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from chatforge.data import Example
-from chatforge.tokenizer import Tokenizer
-from chatforge.training.tasks import (
+from chatforge.tasks import (
     IGNORE_INDEX,
     ClassificationDataset,
     TaskDataError,
     TaskSpec,
     register_task,
 )
-
-log = logging.getLogger(__name__)
-
-
-def _bind(tok: Tokenizer) -> None:
-    from chatforge.models.elmo import bind_pending_vocabulary
-
-    n = bind_pending_vocabulary(tok)
-    if n:
-        log.debug("elmo: bound the tokenizer's piece spelling to %d model(s)", n)
+from chatforge.tokenizer import Tokenizer
 
 
 class LanguageModelDataset(Dataset):
@@ -65,7 +53,6 @@ class LanguageModelDataset(Dataset):
 
 @register_task("lm", family="elmo")
 def _elmo_lm(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dataset:
-    _bind(tok)
     return LanguageModelDataset(examples, tok, spec.max_source_len)
 
 
@@ -73,5 +60,4 @@ def _elmo_lm(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dat
 def _elmo_classification(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dataset:
     if spec.labels is None:
         raise TaskDataError("task 'classification' needs the label set")
-    _bind(tok)
     return ClassificationDataset(examples, tok, spec.labels, spec.max_source_len)

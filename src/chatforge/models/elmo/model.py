@@ -16,70 +16,26 @@ the same framing whether called from training or from serving.
 from __future__ import annotations
 
 import logging
-import weakref
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, model_validator
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
+from chatforge.models.elmo.config import ElmoConfig
 from chatforge.models.outputs import ModelOutput
 from chatforge.modules.highway import Highway
 from chatforge.modules.scalar_mix import ScalarMix
-from chatforge.registry import BuildContext, SpecialIds, register_family
+from chatforge.registry import BuildContext
+from chatforge.tasks import IGNORE_INDEX
+from chatforge.tokenizer import SpecialIds
 
 logger = logging.getLogger(__name__)
 
-PositiveInt = Annotated[int, Field(gt=0)]
-Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 # Character (byte) vocabulary: 0 pad, 1 beginning of word, 2 end of word, byte b -> b + 3.
 CHAR_PAD, CHAR_BOW, CHAR_EOW, CHAR_OFFSET = 0, 1, 2, 3
 CHAR_VOCAB = 256 + CHAR_OFFSET
-
-
-@pydantic_dataclass(config=ConfigDict(extra="forbid"))
-class ElmoConfig:
-    """Hyper-parameters of ELMo. The paper's model (section 3.4): 2048 character n-gram filters,
-    2 highway layers, projection 512, 2 biLSTM layers of 4096 units projected to 512, a residual
-    connection between the LSTM layers. Defaults here are a small model of the same shape.
-
-    ``filters`` is a list of ``[width, count]``; ``max_chars`` bytes per token including the
-    begin/end-of-word markers. ``freeze_lm`` (classification): true keeps the biLM fixed and
-    learns only the scalar mix and the classifier (the paper's frozen features), false fine-tunes
-    everything. ``mix_layer_norm`` normalises each layer before mixing (section 3.2).
-    """
-
-    max_chars: Annotated[int, Field(ge=3, le=64)] = 16
-    char_embed_dim: PositiveInt = 16
-    filters: list[tuple[PositiveInt, PositiveInt]] = Field(
-        default_factory=lambda: [(1, 32), (2, 32), (3, 64), (4, 128), (5, 256)])
-    num_highway: Annotated[int, Field(ge=0, le=8)] = 2
-    projection_dim: PositiveInt = 128
-    lstm_hidden: PositiveInt = 512
-    num_lstm_layers: Annotated[int, Field(ge=1, le=8)] = 2
-    residual: bool = True
-    dropout: Probability = 0.1
-    # classification
-    freeze_lm: bool = False
-    mix_layer_norm: bool = False
-    pooling: Literal["mean", "max"] = "mean"
-    classifier_hidden: Annotated[int, Field(ge=0)] = 0
-
-    @model_validator(mode="after")
-    def _check(self) -> ElmoConfig:
-        if not self.filters:
-            raise ValueError("filters must list at least one [width, count] pair, e.g. [[1, 32], [2, 64]]")
-        widest = max(w for w, _ in self.filters)
-        if widest > self.max_chars:
-            raise ValueError(f"filter width {widest} is wider than max_chars={self.max_chars}; "
-                             f"use widths <= max_chars or raise max_chars")
-        if self.lstm_hidden < self.projection_dim:
-            raise ValueError(f"lstm_hidden={self.lstm_hidden} must be >= projection_dim={self.projection_dim} "
-                             f"(the LSTM state is projected down to projection_dim)")
-        return self
 
 
 def spell_pieces(pieces: list[str], max_chars: int) -> Tensor:
@@ -89,24 +45,6 @@ def spell_pieces(pieces: list[str], max_chars: int) -> Tensor:
         b = list(piece.encode("utf-8"))[: max_chars - 2]
         table[i, : len(b) + 2] = torch.tensor([CHAR_BOW, *(x + CHAR_OFFSET for x in b), CHAR_EOW])
     return table
-
-
-# Character encoders built without a tokenizer (BuildContext.tokenizer is None, e.g. a model
-# built directly), waiting for one: the ELMo task pipelines (which receive it) bind the spelling
-# table of such models through :func:`bind_pending_vocabulary`. A model whose table is loaded
-# from weights (a bundle, init_from) leaves this set. Built through the registry with a
-# tokenizer, the table is filled at once.
-_PENDING: weakref.WeakSet[CharCNNEncoder] = weakref.WeakSet()
-
-
-def bind_pending_vocabulary(tokenizer: Any) -> int:
-    """Give every ELMo built without a tokenizer the spelling of ``tokenizer``'s pieces; returns how many."""
-    n = 0
-    for enc in list(_PENDING):
-        if enc.char_table.size(0) == tokenizer.vocab_size:
-            enc.set_vocabulary(tokenizer)
-            n += 1
-    return n
 
 
 class CharCNNEncoder(nn.Module):
@@ -124,7 +62,6 @@ class CharCNNEncoder(nn.Module):
         self.highway = Highway(n_filters, cfg.num_highway)
         self.projection = nn.Linear(n_filters, cfg.projection_dim)
         self.max_chars = cfg.max_chars
-        _PENDING.add(self)
 
     def set_vocabulary(self, tokenizer: Any) -> None:
         """Spell every id of ``tokenizer`` (anything with ``vocab_size`` and ``id_to_piece``)."""
@@ -134,12 +71,10 @@ class CharCNNEncoder(nn.Module):
                              f"vocab_size={self.char_table.size(0)}")
         self.char_table.copy_(spell_pieces(pieces, self.max_chars))
         self.has_vocabulary = True
-        _PENDING.discard(self)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "char_table" in state_dict:  # spelling restored with the weights
             self.has_vocabulary = True
-            _PENDING.discard(self)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -253,16 +188,16 @@ class ElmoLanguageModel(nn.Module):
         rows = torch.arange(input_ids.size(0), device=input_ids.device)
         n = lengths - 2  # real tokens per row
         # Forward: position i (<s> or token i-1) predicts token i; the last token predicts </s>.
-        fwd_tgt = torch.full_like(framed, -100)
+        fwd_tgt = torch.full_like(framed, IGNORE_INDEX)
         fwd_tgt[:, :t] = labels
         fwd_tgt[rows, n] = self.elmo.special.eos
         # Backward: position j (token j-1 or </s>) predicts the token before it; token 0 predicts <s>.
-        bwd_tgt = torch.full_like(framed, -100)
+        bwd_tgt = torch.full_like(framed, IGNORE_INDEX)
         bwd_tgt[:, 2:] = labels
         bwd_tgt[:, 1] = self.elmo.special.bos
         v = fwd_logits.size(-1)
-        lf = F.cross_entropy(fwd_logits.reshape(-1, v).float(), fwd_tgt.reshape(-1), ignore_index=-100)
-        lb = F.cross_entropy(bwd_logits.reshape(-1, v).float(), bwd_tgt.reshape(-1), ignore_index=-100)
+        lf = F.cross_entropy(fwd_logits.reshape(-1, v).float(), fwd_tgt.reshape(-1), ignore_index=IGNORE_INDEX)
+        lb = F.cross_entropy(bwd_logits.reshape(-1, v).float(), bwd_tgt.reshape(-1), ignore_index=IGNORE_INDEX)
         out.loss = 0.5 * (lf + lb)
         out.losses = {"lm_forward": lf, "lm_backward": lb}
         return out
@@ -318,11 +253,11 @@ class ElmoClassifier(nn.Module):
         return out
 
 
-@register_family("elmo", ElmoConfig, tasks=("lm", "classification"))
 def build(cfg: ElmoConfig, ctx: BuildContext) -> nn.Module:
     """Builder for the registry: ``lm`` -> :class:`ElmoLanguageModel`, ``classification`` ->
     :class:`ElmoClassifier`. The spelling table comes from ``ctx.tokenizer`` when the context
-    carries one, else from the task pipeline (:func:`bind_pending_vocabulary`) or the weights."""
+    carries one (the run driver and bundle loading pass it), else from the weights or an explicit
+    ``set_vocabulary(tokenizer)``."""
     if ctx.task == "lm":
         model: nn.Module = ElmoLanguageModel(cfg, ctx.vocab_size, ctx.special)
     elif ctx.task == "classification":
@@ -331,11 +266,7 @@ def build(cfg: ElmoConfig, ctx: BuildContext) -> nn.Module:
         model = ElmoClassifier(cfg, ctx.vocab_size, ctx.special, ctx.num_labels)
     else:
         raise ValueError(f"elmo does not support task {ctx.task!r}; supported: lm, classification")
-    tokenizer = getattr(ctx, "tokenizer", None)
-    if tokenizer is not None:
-        model.set_vocabulary(tokenizer)
+    if ctx.tokenizer is not None:
+        model.set_vocabulary(ctx.tokenizer)
     return model
 
-
-# Registering the family registers its task pipelines (imported last: they import this module).
-from chatforge.training import pipelines_elmo  # noqa: E402, F401

@@ -34,62 +34,25 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, model_validator
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
+from chatforge.models.bytenet.config import ByteNetConfig
 from chatforge.models.outputs import ModelOutput
 from chatforge.modules.dilated_conv import ConvCache, DilatedConvStack, dilation_schedule
-from chatforge.registry import BuildContext, register_family
+from chatforge.registry import BuildContext
+from chatforge.tasks import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-PositiveInt = Annotated[int, Field(gt=0)]
 
 # Source-side byte symbols when input_unit == "byte": 0 is padding, 1 stands for any special
 # piece (<unk>, <s>, [SEP], ...), byte b is b + BYTE_OFFSET.
 BYTE_PAD, BYTE_SPECIAL, BYTE_OFFSET = 0, 1, 2
 BYTE_VOCAB = 256 + BYTE_OFFSET
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback pieces
-Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-@pydantic_dataclass(config=ConfigDict(extra="forbid"))
-class ByteNetConfig:
-    """Hyper-parameters of ByteNet; the paper's translation model is d_model=1600 (2d = 1600 in its
-    notation), kernel 3 (source) / 3 (target), dilations 1..16 repeated 5 times (section 3.4, 6).
-
-    ``d_model`` is the residual width (the paper's 2d); each block narrows to d_model / 2.
-    Dilations double per layer from 1 to ``max_dilation`` and the set repeats ``encoder_sets`` /
-    ``decoder_sets`` times. Dynamic unfolding (section 3.2): the source network runs over the
-    source extended to |t^| = ``unfold_a`` * |s| + ``unfold_b`` positions; the target network at
-    step t reads source position t, and zeros once it unfolds past |t^|.
-    """
-
-    d_model: PositiveInt = 256
-    encoder_kernel_size: PositiveInt = 3
-    decoder_kernel_size: PositiveInt = 3
-    max_dilation: PositiveInt = 16
-    encoder_sets: PositiveInt = 2
-    decoder_sets: PositiveInt = 2
-    dropout: Probability = 0.1
-    unfold_a: Annotated[float, Field(gt=0.0, le=10.0)] = 1.2
-    unfold_b: Annotated[int, Field(ge=0, le=4096)] = 10
-    max_len: PositiveInt = 512
-    tie_embeddings: bool = False
-    label_smoothing: Probability = 0.0
-    input_unit: Literal["subword", "byte"] = "subword"  # what the source network reads (module docstring)
-
-    @model_validator(mode="after")
-    def _check(self) -> ByteNetConfig:
-        if self.d_model % 2:
-            raise ValueError(f"d_model={self.d_model} must be even (residual blocks narrow to d_model / 2)")
-        dilation_schedule(self.max_dilation, 1)  # raises naming the allowed values
-        return self
 
 
 def spell_bytes(pieces: Sequence[str], special_ids: Iterable[int] = ()) -> tuple[Tensor, Tensor]:
@@ -235,7 +198,7 @@ class ByteNet(nn.Module):
         loss, losses = None, {}
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-                                   ignore_index=-100, label_smoothing=self.cfg.label_smoothing)
+                                   ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing)
             losses["lm"] = loss
         return ModelOutput(logits=logits, loss=loss, losses=losses)
 
@@ -275,7 +238,6 @@ class ByteNet(nn.Module):
         return logits  # (B, V)
 
 
-@register_family("bytenet", ByteNetConfig, tasks=("generation",))
 def build(cfg: ByteNetConfig, ctx: BuildContext) -> nn.Module:
     """Builder for the registry: ``generation`` -> :class:`ByteNet`."""
     if ctx.task != "generation":

@@ -10,55 +10,23 @@ Hugging Face's ``BertModel`` (see :mod:`chatforge.interop.hf_bert`).
 from __future__ import annotations
 
 import logging
-from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, model_validator
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
+from chatforge.models.bert.config import BertConfig
+from chatforge.models.bert.pipeline import encode_pair, pad_batch
 from chatforge.models.outputs import ModelOutput
 from chatforge.modules import LearnedPositionalEmbedding, TokenEmbedding, TransformerEncoderLayer
-from chatforge.registry import BuildContext, SpecialIds, register_family
-from chatforge.training import pipelines_bert  # noqa: F401  (registers the bert task pipelines)
-from chatforge.training.pipelines_bert import encode_pair, pad_batch
-from chatforge.training.tasks import IGNORE_INDEX
+from chatforge.registry import BuildContext
+from chatforge.tasks import IGNORE_INDEX
+from chatforge.tokenizer import SpecialIds
 
 logger = logging.getLogger(__name__)
 
-PositiveInt = Annotated[int, Field(gt=0)]
-Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 TASKS = ("mlm_nsp", "classification", "pair_classification", "token_classification")
-
-
-@pydantic_dataclass(config=ConfigDict(extra="forbid"))
-class BertConfig:
-    """Hyper-parameters of BERT (paper section 3; BERT-base is d_model 768, 12 layers, 12 heads,
-    d_ff 3072). Defaults here are a small model that trains on a CPU.
-
-    ``dropout`` is used for embeddings, attention probabilities and residual branches (the paper's
-    0.1); ``vocab_size`` overrides the tokenizer's size (imported checkpoints whose embedding
-    matrix is padded beyond the vocabulary); ``type_vocab_size`` is the number of segments.
-    """
-
-    d_model: PositiveInt = 256
-    n_heads: PositiveInt = 4
-    num_layers: PositiveInt = 4
-    d_ff: PositiveInt = 1024
-    dropout: Probability = 0.1
-    max_len: PositiveInt = 512
-    type_vocab_size: PositiveInt = 2
-    layer_norm_eps: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-12
-    initializer_range: Annotated[float, Field(gt=0.0)] = 0.02
-    vocab_size: PositiveInt | None = None
-
-    @model_validator(mode="after")
-    def _heads_divide_d_model(self) -> BertConfig:
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        return self
 
 
 class BertEmbeddings(nn.Module):
@@ -277,7 +245,6 @@ class BertForTokenClassification(_BertTask):
         return ModelOutput(logits=logits, loss=loss, losses=losses)
 
 
-@register_family("bert", BertConfig, tasks=TASKS)
 def build(cfg: BertConfig, ctx: BuildContext) -> nn.Module:
     """Builder for the registry: ``mlm_nsp`` -> :class:`BertForPreTraining`; ``classification`` and
     ``pair_classification`` -> :class:`BertForSequenceClassification`; ``token_classification`` ->

@@ -40,8 +40,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from chatforge.data import Example
-from chatforge.registry import SpecialIds
-from chatforge.training.tasks import IGNORE_INDEX, TaskDataError, TaskSpec, register_task
+from chatforge.tasks import IGNORE_INDEX, TaskDataError, TaskSpec, register_task
+from chatforge.tokenizer import SpecialIds
 
 logger = logging.getLogger(__name__)
 

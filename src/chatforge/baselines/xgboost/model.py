@@ -18,16 +18,14 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field, model_validator
-from pydantic.dataclasses import dataclass
 
 from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
+from chatforge.baselines.xgboost.config import XGBoostConfig
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
-from chatforge.inference import ClassPrediction
-from chatforge.registry import BuildContext, register_family
+from chatforge.predictions import ClassPrediction
+from chatforge.registry import BuildContext
 
 logger = logging.getLogger(__name__)
 
@@ -35,44 +33,6 @@ FORMAT_VERSION = 1
 MODEL_FILE = "xgb_model.json"
 VECTORIZERS_FILE = "vectorizers.json"
 META_FILE = "xgb_meta.json"
-
-
-@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
-class XGBoostConfig:
-    """Hyper-parameters of :class:`XGBoostTextClassifier` (unknown keys and bad values are rejected).
-
-    ``max_features`` caps each vocabulary (word and char separately). ``max_bin`` (histogram
-    bins per feature) defaults to 32 rather than XGBoost's 256: TF-IDF columns are mostly
-    presence signals, and split search costs features x bins x classes per node, which dominates
-    with 150 intents. ``early_stopping_rounds`` applies only when validation data is given;
-    0 disables it.
-    """
-
-    word_ngram_max: int = Field(2, ge=1, le=5)
-    char_ngram_min: int = Field(2, ge=1, le=10)
-    char_ngram_max: int = Field(5, ge=1, le=10)
-    max_features: int = Field(50000, ge=1)
-    min_df: int = Field(1, ge=1)
-    sublinear_tf: bool = True
-    lowercase: bool = True
-    n_estimators: int = Field(200, ge=1, le=100000)
-    max_depth: int = Field(6, ge=1, le=32)
-    learning_rate: float = Field(0.3, gt=0.0, le=1.0)
-    subsample: float = Field(1.0, gt=0.0, le=1.0)
-    colsample_bytree: float = Field(1.0, gt=0.0, le=1.0)
-    max_bin: int = Field(32, ge=2, le=1024)
-    tree_method: Literal["hist", "approx", "exact"] = "hist"
-    early_stopping_rounds: int = Field(20, ge=0)
-    n_jobs: int = Field(2, ge=1)
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _check_char_range(self):
-        if self.char_ngram_min > self.char_ngram_max:
-            raise ValueError(
-                f"char_ngram_min ({self.char_ngram_min}) must be <= char_ngram_max ({self.char_ngram_max})"
-            )
-        return self
 
 
 class XGBoostTextClassifier:
@@ -86,8 +46,6 @@ class XGBoostTextClassifier:
     def __init__(self, config: XGBoostConfig | None = None) -> None:
         self.config = config if config is not None else XGBoostConfig()
         self.labels: list[str] = []
-        self.oos_label: str = "oos"
-        self.oos_threshold: float | None = None  # set from choose_oos_threshold on validation data
         self.best_iteration: int | None = None
         self._features_: TfidfFeatures | None = None
         self._booster = None
@@ -96,8 +54,6 @@ class XGBoostTextClassifier:
 
     def _features(self, texts: Sequence[str]):
         return self._features_.transform(texts)
-
-    _check_texts = staticmethod(check_texts)
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -108,10 +64,10 @@ class XGBoostTextClassifier:
         valid_texts: Sequence[str] | None = None,
         valid_labels: Sequence[str] | None = None,
     ) -> XGBoostTextClassifier:
-        import xgboost
+        import xgboost  # lazy: xgboost takes seconds to import; families.py registers every family at startup
 
         cfg = self.config
-        texts = self._check_texts(texts, "texts")
+        texts = check_texts(texts, "texts")
         labels = [str(y) for y in labels]
         if len(texts) != len(labels):
             raise ValueError(f"texts and labels must have the same length, got {len(texts)} and {len(labels)}")
@@ -129,7 +85,7 @@ class XGBoostTextClassifier:
 
         eval_set = None
         if valid_texts is not None:
-            valid_texts = self._check_texts(valid_texts, "valid_texts")
+            valid_texts = check_texts(valid_texts, "valid_texts")
             valid_labels = [str(v) for v in valid_labels]
             if len(valid_texts) != len(valid_labels):
                 raise ValueError("valid_texts and valid_labels must have the same length")
@@ -166,7 +122,7 @@ class XGBoostTextClassifier:
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """(N, C) probabilities, columns in ``self.labels`` order."""
         self._require_fitted()
-        texts = self._check_texts(texts, "texts")
+        texts = check_texts(texts, "texts")
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         iteration_range = (0, self.best_iteration + 1) if self.best_iteration is not None else (0, 0)
@@ -177,28 +133,21 @@ class XGBoostTextClassifier:
         return p
 
     def predict(self, texts: Sequence[str]) -> list[str]:
-        """Arg-max labels; ``oos_label`` below ``oos_threshold`` when a threshold is set."""
+        """Arg-max labels. Out-of-scope answers come from the bundle's oos policy (chatforge.oos), applied
+        by ``chatforge.inference.Classifier`` for every family alike, not from the estimator."""
         probs = self.predict_proba(texts)
-        if self.oos_threshold is not None:
-            from chatforge.evaluation.metrics import apply_oos_threshold
-
-            return apply_oos_threshold(probs, self.labels, self.oos_threshold, self.oos_label)
         return [self.labels[i] for i in probs.argmax(axis=1)]
 
     def classify(self, texts: Sequence[str], top_k: int = 5) -> list[ClassPrediction]:
-        """Predictions in the serving engine's shape (``chatforge.inference.ClassPrediction``)."""
+        """Arg-max predictions with the ``top_k`` class probabilities (``chatforge.predictions.ClassPrediction``)."""
         probs = self.predict_proba(texts)
-        preds = self.predict(texts) if self.oos_threshold is not None else None
         out = []
-        for i, row in enumerate(probs):
+        for row in probs:
             top = np.argsort(-row, kind="stable")[:top_k]
-            best = self.labels[int(top[0])]
-            label = preds[i] if preds is not None else best
             out.append(ClassPrediction(
-                label=label,
+                label=self.labels[int(top[0])],
                 score=float(row[top[0]]),
                 scores={self.labels[int(j)]: float(row[j]) for j in top},
-                out_of_scope=label == self.oos_label,
             ))
         return out
 
@@ -216,23 +165,23 @@ class XGBoostTextClassifier:
             "config": dataclasses.asdict(self.config),
             "labels": self.labels,
             "best_iteration": self.best_iteration,
-            "oos_label": self.oos_label,
-            "oos_threshold": self.oos_threshold,
         })
         logger.info("saved xgboost baseline to %s", d)
         return d
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> XGBoostTextClassifier:
-        import xgboost
+        import xgboost  # lazy: xgboost takes seconds to import; families.py registers every family at startup
 
         d = Path(directory)
         meta = read_saved_meta(d, (MODEL_FILE, VECTORIZERS_FILE, META_FILE), META_FILE, FORMAT_VERSION, "XGBoostTextClassifier")
         self = cls(XGBoostConfig(**meta["config"]))
         self.labels = list(meta["labels"])
         self.best_iteration = meta["best_iteration"]
-        self.oos_label = meta["oos_label"]
-        self.oos_threshold = meta["oos_threshold"]
+        if meta.get("oos_threshold") is not None:  # files written before the one oos path (chatforge.oos)
+            logger.warning("%s: the estimator's own oos_threshold %s is no longer applied; set the bundle's "
+                           "oos policy instead (config oos.policy: threshold, oos.threshold: %s)",
+                           d / META_FILE, meta["oos_threshold"], meta["oos_threshold"])
         self._features_ = TfidfFeatures.from_json(json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8")))
         booster = xgboost.Booster()
         booster.load_model(str(d / MODEL_FILE))
@@ -241,9 +190,6 @@ class XGBoostTextClassifier:
         return self
 
 
-@register_family("xgboost", XGBoostConfig, tasks=("classification",), kind="estimator")
-def build(cfg: XGBoostConfig | dict, ctx: BuildContext) -> XGBoostTextClassifier:
+def build(cfg: XGBoostConfig, ctx: BuildContext) -> XGBoostTextClassifier:
     """Registry builder; labels come from the data at ``fit`` time, so ``ctx`` only checks the task."""
-    if isinstance(cfg, dict):
-        cfg = XGBoostConfig(**cfg)
     return XGBoostTextClassifier(cfg)

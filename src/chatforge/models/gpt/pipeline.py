@@ -19,14 +19,14 @@ import torch
 from torch.utils.data import Dataset
 
 from chatforge.data import Example
-from chatforge.tokenizer import Tokenizer
-from chatforge.training.tasks import (
+from chatforge.tasks import (
     IGNORE_INDEX,
     ClassificationDataset,
     TaskDataError,
     TaskSpec,
     register_task,
 )
+from chatforge.tokenizer import Tokenizer
 
 
 def delimiter_id(tok: Tokenizer) -> int:

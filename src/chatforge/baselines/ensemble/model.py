@@ -18,17 +18,16 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import ConfigDict, Field, model_validator
-from pydantic.dataclasses import dataclass
 
+from chatforge.baselines.ensemble.config import EnsembleConfig
 from chatforge.baselines.tfidf import check_texts
 from chatforge.fileio import atomic_write_json
-from chatforge.registry import BuildContext, register_family
+from chatforge.registry import BuildContext
 
 logger = logging.getLogger(__name__)
 
@@ -41,48 +40,10 @@ class EnsembleError(ValueError):
     pass
 
 
-@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
-class EnsembleConfig:
-    """``members``: bundle folders (or run folders holding ``bundle/``), at least two.
-
-    ``weights`` (``average`` only): one non-negative weight per member, normalised to sum to 1;
-    default equal. ``C``, ``max_iter``: the stacking meta-learner's L2 inverse strength and budget.
-    """
-
-    members: list[str] = Field(default_factory=list)
-    method: Literal["average", "stacking"] = "average"
-    weights: list[float] | None = None
-    C: float = Field(1.0, gt=0.0, le=1e6)
-    max_iter: int = Field(1000, ge=1, le=100000)
-
-    @model_validator(mode="after")
-    def _check(self):
-        if len(self.members) < 2:
-            raise ValueError(f"members: an ensemble needs at least 2 member bundles, got {len(self.members)}")
-        if self.weights is not None:
-            if self.method != "average":
-                raise ValueError("weights apply to method 'average' only; stacking learns its own")
-            if len(self.weights) != len(self.members):
-                raise ValueError(f"weights: need one weight per member ({len(self.members)}), got {len(self.weights)}")
-            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-                raise ValueError(f"weights must be >= 0 with a positive sum, got {self.weights}")
-        return self
-
-
 def resolve_member(path: str | os.PathLike) -> Path:
     """A bundle folder, accepting a run folder (``<run>/bundle``) too."""
     p = Path(path)
     return p / "bundle" if (p / "bundle").is_dir() else p
-
-
-def _load_member(path: Path):
-    from chatforge.bundle import load_bundle
-    from chatforge.inference import Classifier
-
-    bundle = load_bundle(path)
-    if bundle.task != "classification":
-        raise EnsembleError(f"ensemble member {path} has task {bundle.task!r}; only classification bundles combine")
-    return Classifier(bundle, name=path.parent.name if path.name == "bundle" else path.name)
 
 
 def check_label_sets(members: Sequence[Any], names: Sequence[str]) -> list[str]:
@@ -101,17 +62,26 @@ def check_label_sets(members: Sequence[Any], names: Sequence[str]) -> list[str]:
 class EnsembleClassifier:
     """Weighted probability averaging or logistic-regression stacking over member classifiers.
 
-    A member is anything with ``labels`` and ``predict_proba(texts)`` (a loaded bundle's
-    :class:`chatforge.inference.Classifier`); columns are re-ordered to the ensemble's sorted labels.
+    A member is anything with ``labels`` and ``predict_proba(texts)`` (a loaded classification bundle,
+    :class:`chatforge.bundle.Bundle`); columns are re-ordered to the ensemble's sorted labels.
+    ``load_member`` (``BuildContext.load_classifier``, given by whoever loads or trains bundles) turns a
+    member's bundle folder into one, so this family imports nothing above the registry.
     """
 
-    def __init__(self, config: EnsembleConfig) -> None:
+    def __init__(self, config: EnsembleConfig, load_member: Callable[[Path], Any] | None = None) -> None:
         self.config = config
+        self.load_member = load_member
         self.members: list[Any] = []
         self.member_paths: list[Path] = []
         self.labels: list[str] = []
         self.weights: list[float] = []
         self.meta: dict | None = None  # stacking: {"classes", "coef", "intercept"}
+
+    def _load_member(self, path: Path) -> Any:
+        if self.load_member is None:
+            raise EnsembleError("this ensemble was built without a member loader (BuildContext.load_classifier); "
+                                "build it through chatforge.bundle (load_bundle, build_from_config)")
+        return self.load_member(path)
 
     @classmethod
     def from_members(cls, members: Sequence[Any], config: EnsembleConfig,
@@ -146,7 +116,7 @@ class EnsembleClassifier:
             missing = [str(p) for p in paths if not p.is_dir()]
             if missing:
                 raise EnsembleError(f"model.members: bundle folder(s) not found: {', '.join(missing)}")
-            loaded = EnsembleClassifier.from_members([_load_member(p) for p in paths], self.config, paths)
+            loaded = EnsembleClassifier.from_members([self._load_member(p) for p in paths], self.config, paths)
             self.members, self.member_paths = loaded.members, loaded.member_paths
             self.labels, self.weights = loaded.labels, loaded.weights
         if self.config.method == "stacking":
@@ -157,6 +127,7 @@ class EnsembleClassifier:
         return self
 
     def fit_meta(self, texts: list[str], labels: list[str]) -> None:
+        # lazy: scikit-learn takes seconds to import; families.py registers every family at startup
         from sklearn.linear_model import LogisticRegression
 
         unknown = sorted(set(labels) - set(self.labels))
@@ -199,7 +170,8 @@ class EnsembleClassifier:
 
     def member_kinds(self) -> list[str]:
         """Each member's model family (``linear``, ``transformer``, ...): what ``predict_views`` groups by."""
-        return [str(getattr(getattr(m, "info", None), "family", None) or type(m).__name__) for m in self.members]
+        return [str(getattr(m, "family", None) or getattr(getattr(m, "info", None), "family", None)
+                    or type(m).__name__) for m in self.members]
 
     def predict_views(self, texts: Sequence[str]) -> list[np.ndarray]:
         """The ensemble's probabilities, then one (N, C) view per kind of member when there are two or more
@@ -238,8 +210,8 @@ class EnsembleClassifier:
         })
         return d
 
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> EnsembleClassifier:
+    def load(self, directory: str | os.PathLike) -> EnsembleClassifier:
+        """The ensemble saved in ``directory`` (members from its ``members/`` copies, through this one's loader)."""
         d = Path(directory)
         if not (d / ENSEMBLE_FILE).is_file():
             raise FileNotFoundError(f"{d} is not a saved ensemble: missing {ENSEMBLE_FILE}")
@@ -249,16 +221,15 @@ class EnsembleClassifier:
                              f"this chatforge reads version {FORMAT_VERSION}")
         config = EnsembleConfig(**state["config"])
         paths = [d / MEMBERS_DIR / str(i) for i in range(len(config.members))]
-        self = cls.from_members([_load_member(p) for p in paths], config, paths)
-        if self.labels != state["labels"]:
+        loaded = EnsembleClassifier.from_members([self._load_member(p) for p in paths], config, paths)
+        if loaded.labels != state["labels"]:
             raise EnsembleError(f"{d}: members' labels do not match {ENSEMBLE_FILE}")
-        self.weights, self.meta = state["weights"], state["meta"]
-        return self
+        loaded.load_member = self.load_member
+        loaded.weights, loaded.meta = state["weights"], state["meta"]
+        return loaded
 
 
-@register_family("ensemble", EnsembleConfig, tasks=("classification",), kind="estimator")
-def build(cfg: EnsembleConfig | dict, ctx: BuildContext) -> EnsembleClassifier:
-    """Registry builder; members are loaded at ``fit`` (training) or ``load`` (from the bundle)."""
-    if isinstance(cfg, dict):
-        cfg = EnsembleConfig(**cfg)
-    return EnsembleClassifier(cfg)
+def build(cfg: EnsembleConfig, ctx: BuildContext) -> EnsembleClassifier:
+    """Registry builder; members are loaded at ``fit`` (training) or ``load`` (from the bundle) through
+    ``ctx.load_classifier``."""
+    return EnsembleClassifier(cfg, ctx.load_classifier)

@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Literal
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, model_validator
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
+from chatforge.models.gpt.config import GPTConfig
 from chatforge.models.outputs import ModelOutput
 from chatforge.modules import (
     FeedForward,
@@ -44,70 +44,42 @@ from chatforge.modules import (
     MultiHeadAttention,
     TokenEmbedding,
 )
-from chatforge.registry import BuildContext, SpecialIds, register_family
+from chatforge.registry import BuildContext
+from chatforge.tasks import IGNORE_INDEX
+from chatforge.tokenizer import SpecialIds
 
 logger = logging.getLogger(__name__)
 
-PositiveInt = Annotated[int, Field(gt=0)]
-Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
-IGNORE_INDEX = -100
 
 GPT_TASKS = ("lm", "generation", "classification", "pair_classification")
 
 
-@pydantic_dataclass(config=ConfigDict(extra="forbid"))
-class GPTConfig:
-    """Hyper-parameters of GPT / GPT-2; defaults are a small model for a 2-core CPU.
+class BlockPlan(NamedTuple):
+    """One block's tensors and constants for :func:`_decode_block` (``(weight, bias, eps)`` per LayerNorm,
+    ``(weight, bias)`` per linear; ``qkv`` None when the projections are not fused)."""
 
-    The paper's model is d_model=768, n_heads=12, n_layers=12, d_ff=3072, n_positions=512,
-    dropout 0.1 (section 4.1). ``d_ff`` defaults to 4·d_model. ``aux_lm_weight`` is λ of
-    ``L3 = L2 + λ·L1`` for classification; ``loss_on_prompt`` also trains generation on the question.
-    """
+    norm_first: bool
+    shape: tuple[int, ...]  # LayerNorm normalized_shape
+    ln1: tuple[Tensor, Tensor, float]
+    ln2: tuple[Tensor, Tensor, float]
+    qkv: tuple[Tensor, Tensor | None] | None
+    attn: MultiHeadAttention  # the unfused path calls it
+    out: tuple[Tensor, Tensor | None]
+    n_heads: int
+    head_dim: int
+    d_model: int
+    fc1: tuple[Tensor, Tensor | None]
+    fc2: tuple[Tensor, Tensor | None]
+    act: Callable[[Tensor], Tensor]
 
-    variant: Literal["gpt", "gpt2"] = "gpt"
-    d_model: PositiveInt = 256
-    n_heads: PositiveInt = 4
-    n_layers: PositiveInt = 4
-    d_ff: PositiveInt | None = None
-    n_positions: PositiveInt = 512
-    dropout: Probability = 0.1  # embeddings and residual branches (HF: embd_pdrop, resid_pdrop)
-    attn_dropout: Probability = 0.1  # attention probabilities (HF: attn_pdrop)
-    activation: Literal["gelu", "gelu_tanh", "relu"] | None = None  # None: the variant's
-    norm_first: bool | None = None  # None: the variant's (gpt: post-LN, gpt2: pre-LN)
-    final_norm: bool | None = None  # None: the variant's (gpt: no, gpt2: yes)
-    layer_norm_epsilon: float = Field(1e-5, gt=0.0, lt=1.0)
-    bias: bool = True
-    tie_embeddings: bool = True
-    init_std: float = Field(0.02, gt=0.0, le=1.0)
-    aux_lm_weight: float = Field(0.5, ge=0.0, le=100.0)
-    loss_on_prompt: bool = False
-    classifier_dropout: Probability = 0.1
-    label_smoothing: Probability = 0.0
 
-    @model_validator(mode="after")
-    def _heads_divide_d_model(self) -> GPTConfig:
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
-                f"(each head gets d_model / n_heads dimensions)"
-            )
-        return self
+class DecodePlan(NamedTuple):
+    """:meth:`GPTModel.decode`'s inputs besides the tokens: embeddings, one plan per block, the final norm."""
 
-    @property
-    def ff_dim(self) -> int:
-        return self.d_ff or 4 * self.d_model
-
-    @property
-    def act(self) -> str:
-        return self.activation or ("gelu_tanh" if self.variant == "gpt2" else "gelu")
-
-    @property
-    def pre_ln(self) -> bool:
-        return self.norm_first if self.norm_first is not None else self.variant == "gpt2"
-
-    @property
-    def has_final_norm(self) -> bool:
-        return self.final_norm if self.final_norm is not None else self.variant == "gpt2"
+    wte: Tensor
+    wpe: Tensor
+    blocks: list[BlockPlan]
+    ln_f: tuple[tuple[int, ...], Tensor, Tensor, float] | None
 
 
 class GPTBlock(nn.Module):
@@ -135,7 +107,7 @@ class GPTBlock(nn.Module):
         x = self.ln_1(x + self.drop(self.attn(x, mask=mask, cache=cache, is_causal=is_causal)))
         return self.ln_2(x + self.drop(self.mlp(x)))
 
-    def decode_plan(self) -> tuple:
+    def decode_plan(self) -> BlockPlan:
         """The tensors and constants :func:`_decode_block` reads, gathered once per reply: batch-1
         decoding is bound by per-call overhead, and each ``nn.Module`` attribute lookup of a
         submodule or parameter goes through ``Module.__getattr__`` (about 100 per token)."""
@@ -148,9 +120,13 @@ class GPTBlock(nn.Module):
         else:
             act_fn = act
         qkv = (a.qkv_proj.weight, a.qkv_proj.bias) if a.fused_qkv else None
-        return (self.norm_first, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps, ln2.weight, ln2.bias, ln2.eps,
-                qkv, a, a.out_proj.weight, a.out_proj.bias, a.n_heads, a.head_dim, a.d_model,
-                m.linear1.weight, m.linear1.bias, m.linear2.weight, m.linear2.bias, act_fn)
+        return BlockPlan(
+            norm_first=self.norm_first, shape=ln1.normalized_shape,
+            ln1=(ln1.weight, ln1.bias, ln1.eps), ln2=(ln2.weight, ln2.bias, ln2.eps),
+            qkv=qkv, attn=a, out=(a.out_proj.weight, a.out_proj.bias),
+            n_heads=a.n_heads, head_dim=a.head_dim, d_model=a.d_model,
+            fc1=(m.linear1.weight, m.linear1.bias), fc2=(m.linear2.weight, m.linear2.bias), act=act_fn,
+        )
 
 
 class GPTModel(nn.Module):
@@ -214,14 +190,15 @@ class GPTModel(nn.Module):
             x = block(x, mask=mask, cache=caches[i] if caches is not None else None, is_causal=causal)
         return self.ln_f(x) if self.ln_f is not None else x
 
-    def decode_plan(self) -> tuple:
+    def decode_plan(self) -> DecodePlan:
         """What :meth:`decode` reads, gathered once per reply (see :meth:`GPTBlock.decode_plan`)."""
         ln = self.ln_f
-        return (self.wte.embedding.weight, self.wpe.embedding.weight, [b.decode_plan() for b in self.blocks],
-                (ln.normalized_shape, ln.weight, ln.bias, ln.eps) if ln is not None else None)
+        return DecodePlan(wte=self.wte.embedding.weight, wpe=self.wpe.embedding.weight,
+                          blocks=[b.decode_plan() for b in self.blocks],
+                          ln_f=(ln.normalized_shape, ln.weight, ln.bias, ln.eps) if ln is not None else None)
 
     def decode(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None,
-               caches: list[GrowingKVCache], plan: tuple | None = None) -> Tensor:
+               caches: list[GrowingKVCache], plan: DecodePlan | None = None) -> Tensor:
         """``forward`` for decoding steps in eval mode: input_ids/position_ids (B, T) continuing the
         cached keys, mask (B, 1, T, L + T) or None -> hidden states (B, T, D). The caller checks the
         positions (this avoids ``forward``'s device sync on ``position_ids.max()`` every step).
@@ -233,22 +210,23 @@ class GPTModel(nn.Module):
         return F.layer_norm(x, ln[0], ln[1], ln[2], ln[3]) if ln is not None else x
 
 
-def _decode_block(plan: tuple, x: Tensor, mask: Tensor | None, cache: GrowingKVCache) -> Tensor:
+def _decode_block(plan: BlockPlan, x: Tensor, mask: Tensor | None, cache: GrowingKVCache) -> Tensor:
     """``GPTBlock.forward`` in eval mode for new tokens over a KV cache, from the block's plan: the
     same arithmetic (dropout is the identity in eval) with no module calls or attribute lookups."""
-    (norm_first, shape, ln1w, ln1b, eps1, ln2w, ln2b, eps2, qkv, attn, ow, ob, n_heads, head_dim, d_model,
-     w1, b1, w2, b2, act) = plan
+    shape, (ln1w, ln1b, eps1), (ln2w, ln2b, eps2) = plan.shape, plan.ln1, plan.ln2
+    qkv, (ow, ob), n_heads, head_dim, d_model = plan.qkv, plan.out, plan.n_heads, plan.head_dim, plan.d_model
+    (w1, b1), (w2, b2), act = plan.fc1, plan.fc2, plan.act
 
     def attend(h: Tensor) -> Tensor:
         b, t, _ = h.shape
         if qkv is None:  # unfused projections: the module's own path
-            return attn.cached_self_attention(h, cache, mask)
+            return plan.attn.cached_self_attention(h, cache, mask)
         q, k, v = F.linear(h, qkv[0], qkv[1]).view(b, t, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4)
         k, v = cache.append(k, v)  # (B, H, L + T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
         return F.linear(y.transpose(1, 2).reshape(b, t, d_model), ow, ob)
 
-    if norm_first:
+    if plan.norm_first:
         x = x + attend(F.layer_norm(x, shape, ln1w, ln1b, eps1))
         h = F.layer_norm(x, shape, ln2w, ln2b, eps2)
         return x + F.linear(act(F.linear(h, w1, b1)), w2, b2)
@@ -284,7 +262,7 @@ class GPTState:
     history: Tensor | None  # (B, L) every token fed so far, when uncached (the reference)
     pos_history: Tensor | None  # (B, L) their position ids, when uncached
     max_steps: int  # positions left before n_positions
-    plan: tuple | None = None  # GPTModel.decode_plan(), built at the first cached eval-mode step
+    plan: DecodePlan | None = None  # GPTModel.decode_plan(), built at the first cached eval-mode step
 
     def reorder(self, index: Tensor) -> None:
         """Keep/reorder/repeat batch rows (dropping finished rows, beam search)."""
@@ -497,7 +475,6 @@ class GPTClassifier(_GPTHeadBase):
         return ModelOutput(logits=logits, loss=loss, losses=losses)
 
 
-@register_family("gpt", GPTConfig, tasks=GPT_TASKS)
 def build(cfg: GPTConfig, ctx: BuildContext) -> nn.Module:
     """Builder for the registry: ``lm``/``generation`` -> :class:`GPTLMHeadModel`,
     ``classification``/``pair_classification`` -> :class:`GPTClassifier`."""
@@ -509,5 +486,3 @@ def build(cfg: GPTConfig, ctx: BuildContext) -> nn.Module:
         return GPTClassifier(cfg, ctx.vocab_size, ctx.special, ctx.num_labels, ctx.task)
     raise ValueError(f"gpt does not support task {ctx.task!r}; supported: {', '.join(GPT_TASKS)}")
 
-
-from chatforge.training import pipelines_gpt  # noqa: E402,F401  (registers the gpt task pipelines)
