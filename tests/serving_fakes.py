@@ -1,7 +1,7 @@
 """Fakes implementing chatforge.inference's protocols, and an in-process server harness.
 
-Used by tests/test_engine.py, test_server.py and test_client.py (imported as a plain
-module; the lead owns conftest.py). No torch, no bundles: these make the serving
+Used by tests/serving/, tests/client/ and tests/scenarios/ (imported as
+``tests.serving_fakes``; the lead owns conftest.py). No torch, no bundles: these make the serving
 layers testable on their own.
 """
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Start a throwaway PostgreSQL server on 127.0.0.1 for tests/test_store_postgres.py and print its
+# Start a throwaway PostgreSQL server on 127.0.0.1 for tests/serving/test_store_postgres.py and print its
 # SQLAlchemy URL on stdout (everything else goes to stderr):
 #
 #   export CHATFORGE_TEST_PG_URL="$(tools/start_postgres.sh)"
-#   .venv/bin/pytest tests/test_store_postgres.py
+#   .venv/bin/pytest tests/serving/test_store_postgres.py
 #   tools/start_postgres.sh --stop
 #
 # Installs Debian's postgresql package if no server binaries are found (needs root and apt),

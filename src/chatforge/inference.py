@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 # autocast, which casts any fp32 activation or buffer a family mixes in for the matmuls (on CUDA
 # it also keeps norms and softmax in fp32; CPU kernels accumulate bf16 norms in fp32). On CPUs
 # with AMX or AVX512-BF16, and on GPUs, matmuls run several times faster; the numbers move by
-# bf16 rounding only (tests/test_precision.py).
+# bf16 rounding only (tests/test_inference_precision.py).
 PRECISIONS = ("fp32", "bf16")
 
 

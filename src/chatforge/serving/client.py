@@ -64,7 +64,7 @@ def service_config(*, round_robin: bool = False, health_check: bool = False) -> 
         config["loadBalancingConfig"] = [{"round_robin": {}}]
     if health_check:
         # grpc-core watches grpc.health.v1.Health/Watch on every subchannel and routes only to
-        # replicas whose readiness is SERVING (tests/test_client_balancing.py proves it).
+        # replicas whose readiness is SERVING (tests/client/test_balancing.py proves it).
         config["healthCheckConfig"] = {"serviceName": READINESS_SERVICE}
     return json.dumps(config)
 

@@ -388,7 +388,7 @@ def _wrap(behavior, scope: _CallScope):
                 # No separate headers for unary calls: grpc then sends headers, the message and
                 # the trailers (which carry the request id) in one batch. Headers sent on their
                 # own commit the call, so a replica killed between the two writes failed a call
-                # the client could otherwise have retried (tests/test_replicas.py).
+                # the client could otherwise have retried (tests/scenarios/test_replicas.py).
                 return await behavior(request, ctx)
             except (asyncio.CancelledError, grpc.aio.AbortError) as e:
                 code = _code_of(e, context)

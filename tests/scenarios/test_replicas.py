@@ -1,0 +1,166 @@
+"""Two replicas as separate processes; kill -9 one of them while a client runs 1,000 unary calls.
+
+Every call must succeed: the client's round_robin skips the dead replica once its connection
+breaks (client-side health checking watches readiness too), and calls that were on their way
+to it when it died are retried (UNAVAILABLE is retryable and nothing was committed).
+
+The replicas are this file run as a script (see ``_replica_main``): fake models, no torch
+model load, so a replica is up in about a second. Each hosts a classifier named after the
+replica, so ``ListModels`` says which replica answered.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+WAIT = 10.0
+CALLS = 1000
+KILL_AFTER = 500  # calls finished before the kill (a counter, not a timer)
+THREADS = 4  # several callers, so the kill lands while calls are in flight
+
+
+def _start_replica(name: str) -> tuple[subprocess.Popen, int]:
+    env = {**os.environ, "CHATFORGE_ENV": "test"}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), name], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    # The replica prints its port once SERVING; wait for that line with a deadline.
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout=60.0):
+            proc.kill()
+            proc.wait(WAIT)
+            raise AssertionError(f"replica {name} did not announce its port within 60 s")
+        line = proc.stdout.readline().strip()
+    finally:
+        sel.close()
+    if not line.isdigit():
+        proc.kill()
+        proc.wait(WAIT)
+        raise AssertionError(f"replica {name} exited or printed {line!r} instead of its port")
+    return proc, int(line)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(WAIT)
+
+
+def test_kill_9_one_of_two_replicas_fails_no_call():
+    from chatforge.serving.client import ChatbotClient
+
+    a, port_a = _start_replica("a")
+    try:
+        b, port_b = _start_replica("b")
+    except BaseException:
+        _stop(a)
+        raise
+    procs = {"a": a, "b": b}
+    answers: list[tuple[int, str]] = []  # (call number, replica), in completion order
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    next_call = 0
+    killed_at: int | None = None  # answers recorded when the kill happened
+
+    try:
+        target = f"ipv4:127.0.0.1:{port_a},127.0.0.1:{port_b}"
+        with ChatbotClient(target, timeout=WAIT) as client:
+            assert client.health_check  # several addresses: round_robin + healthCheckConfig
+            client.wait_for_ready(WAIT)
+
+            def caller() -> None:
+                nonlocal next_call, killed_at
+                while True:
+                    with lock:
+                        if next_call >= CALLS:
+                            return
+                        i = next_call
+                        next_call += 1
+                    try:
+                        models = client.list_models()
+                    except BaseException as e:  # noqa: BLE001 - recorded and asserted below
+                        with lock:
+                            errors.append(e)
+                        continue
+                    [replica] = [m.name for m in models if m.task == "classification"]
+                    with lock:
+                        answers.append((i, replica))
+                        if killed_at is None and len(answers) == KILL_AFTER:
+                            killed_at = len(answers)
+                            # SIGKILL: no drain, no GOAWAY; the client only sees the socket break.
+                            procs["a"].kill()
+
+            threads = [threading.Thread(target=caller, daemon=True) for _ in range(THREADS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120.0)
+            assert not any(t.is_alive() for t in threads), "callers did not finish within 120 s"
+    finally:
+        for p in procs.values():
+            if p is a:
+                if p.poll() is None:
+                    p.kill()
+                p.wait(WAIT)
+            else:
+                _stop(p)
+
+    assert a.returncode == -signal.SIGKILL  # it really was killed, not drained
+    assert not errors, f"{len(errors)} calls failed, e.g. {errors[:3]}"
+    assert len(answers) == CALLS and sorted(i for i, _ in answers) == list(range(CALLS))
+    before = [r for _, r in answers[:killed_at]]
+    after = [r for _, r in answers[killed_at:]]
+    assert {"a", "b"} <= set(before), "round_robin did not use both replicas before the kill"
+    assert before.count("a") > KILL_AFTER // 4 and before.count("b") > KILL_AFTER // 4
+    # At most the calls already in flight can have been answered by "a" after the kill.
+    assert after.count("a") <= THREADS and after.count("b") >= CALLS - KILL_AFTER - THREADS
+
+
+def _replica_main(name: str) -> None:
+    """Serve fake models (a classifier named ``name``) on an ephemeral port; print it once SERVING."""
+    import asyncio
+    import logging
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from chatforge.serving.engine import Engine
+    from chatforge.serving.server import serve
+    from tests.serving_fakes import FakeClassifier, FakeGenerator
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        with tempfile.TemporaryDirectory() as tmp:
+            port_file = Path(tmp) / "port"
+
+            async def announce() -> None:
+                await ready.wait()
+                sys.stdout.write(port_file.read_text().strip() + "\n")
+                sys.stdout.flush()
+
+            task = asyncio.get_running_loop().create_task(announce())
+            engine = Engine({"echo": FakeGenerator()}, {name: FakeClassifier(name)})
+            await serve(engine, "127.0.0.1", 0, grace=1.0, port_file=port_file, ready_event=ready)
+            task.cancel()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    _replica_main(sys.argv[1])

@@ -1,0 +1,310 @@
+"""The gRPC server end to end on 127.0.0.1 (port 0), with fake models."""
+
+from __future__ import annotations
+
+import logging
+import select
+import signal
+import subprocess
+import sys
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chatforge.serving.client import ChatbotClient, ChatbotError
+from chatforge.serving.engine import Engine, EngineUnavailableError
+from tests.serving_fakes import (
+    TESTS_DIR,
+    WAIT,
+    BlockingGenerator,
+    FailingGenerator,
+    FakeClassifier,
+    FakeGenerator,
+    LockstepGenerator,
+    ServerThread,
+    make_engine,
+)
+
+
+@pytest.fixture
+def server():
+    with ServerThread(make_engine()) as st:
+        st.wait_serving()
+        yield st
+
+
+def test_tokens_are_streamed_one_by_one_not_buffered():
+    gen = LockstepGenerator(n=4)
+    with ServerThread(Engine({"lock": gen}, {})) as st, ChatbotClient(st.target, timeout=WAIT) as client:
+        st.wait_serving()
+        chunks = []
+        for chunk in client.reply_stream("hello there", max_new_tokens=10):
+            chunks.append(chunk)
+            if not chunk.is_final:
+                # The model only produces the next token once this one reached the client.
+                gen.acks[len(chunks) - 1].set()
+    assert [c.text for c in chunks[:-1]] == ["t0 ", "t1 ", "t2 ", "t3 "]
+    assert [c.token_id for c in chunks[:-1]] == [100, 101, 102, 103]
+    final = chunks[-1]
+    assert final.is_final and final.finish_reason == "stop"
+    assert (final.prompt_tokens, final.completion_tokens, final.model) == (2, 4, "lock")
+    assert final.request_id == client.last_request_id
+
+
+def test_readiness_not_serving_while_loading_then_serving(tmp_path):
+    release = threading.Event()
+
+    def slow_loader():
+        assert release.wait(WAIT)
+        return make_engine()
+
+    port_file = tmp_path / "port"
+    with ServerThread(slow_loader, port_file=port_file) as st, ChatbotClient(st.target, timeout=WAIT) as client:
+        assert client.health() == "SERVING"  # liveness: the process is fine, just loading
+        assert client.health("chatforge.v1.Chatbot") == "NOT_SERVING"  # readiness
+        assert not port_file.exists()
+        with pytest.raises(ChatbotError) as err:  # retried (UNAVAILABLE) then reported
+            client.list_models()
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details
+        release.set()
+        st.wait_serving()
+        assert client.health() == "SERVING"
+        assert client.health("chatforge.v1.Chatbot") == "SERVING"
+        assert port_file.read_text().strip() == str(st.server.port)
+        assert [m.name for m in client.list_models()] == ["echo", "other", "intents"]
+
+
+def test_shutdown_sets_not_serving_before_stopping():
+    with ServerThread(make_engine(), grace=0.2) as st:
+        st.wait_serving()
+        channel = grpc.insecure_channel(st.target)
+        try:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="chatforge.v1.Chatbot"), timeout=WAIT
+            )
+            first = next(watch)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            st.request_shutdown()  # exactly what the SIGTERM handler calls
+            second = next(watch)
+            assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        finally:
+            channel.close()
+        st.join()
+    assert st.server.engine is not None and st.server.engine._closed
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_process_with_exit_code_0(tmp_path):
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS_DIR / "serving_fakes.py"), str(port_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the server process did not become ready in 60 s"
+        port = proc.stdout.readline().strip()
+        assert port.isdigit(), f"unexpected ready line {port!r}; stderr: {proc.stderr.read()}"
+        with ChatbotClient(f"127.0.0.1:{port}", timeout=WAIT) as client:
+            assert client.health("chatforge.v1.Chatbot") == "SERVING"
+            assert client.reply("hello", max_new_tokens=2) == "Hello"
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+        stderr = proc.stderr.read()
+        assert rc == 0, stderr
+        assert "shutting down" in stderr and "stopped" in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("text", "options", "expected"),
+    [
+        ("", {}, "text is empty"),
+        ("x" * 201, {}, "allowed: at most 200"),
+        ("hi", {"temperature": 0.0}, "options.temperature=0.0 is out of range; allowed: a number in (0, 10]"),
+        ("hi", {"top_p": 1.5}, "options.top_p=1.5 is out of range"),
+        ("hi", {"max_new_tokens": 0}, "allowed: an integer in [1, 1024]"),
+    ],
+)
+def test_invalid_argument_then_server_still_serves(server, text, options, expected):
+    with ChatbotClient(server.target, timeout=WAIT) as client:
+        with pytest.raises(ChatbotError) as err:
+            client.reply(text, **options)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert expected in err.value.details
+        assert client.reply("hello", max_new_tokens=3) == "Hello there"
+
+
+def test_unknown_model_is_not_found(server):
+    with ChatbotClient(server.target, timeout=WAIT) as client:
+        with pytest.raises(ChatbotError) as err:
+            client.reply("hi", model="nope")
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        assert "available: echo, other" in err.value.details
+        with pytest.raises(ChatbotError) as err:
+            client.classify("hi", model="nope")
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_classify_without_classifier_is_unimplemented():
+    with ServerThread(Engine({"echo": FakeGenerator()}, {})) as st, ChatbotClient(st.target) as client:
+        st.wait_serving()
+        with pytest.raises(ChatbotError) as err:
+            client.classify("hello")
+        assert err.value.code == grpc.StatusCode.UNIMPLEMENTED
+        assert err.value.details == "Classify is not available: this server hosts no classification model"
+
+
+def test_classify_and_list_models(server):
+    with ChatbotClient(server.target, timeout=WAIT) as client:
+        pred = client.classify("bye now")
+        assert (pred.label, pred.score, pred.scores["greet"]) == ("bye", 0.8, 0.1)
+        models = {m.name: m for m in client.list_models()}
+        assert models["echo"].is_default and not models["other"].is_default
+        assert models["intents"].task == "classification"
+        assert models["echo"].metadata == {"seed": "7"}
+
+
+def test_model_error_is_internal_without_leaking_details(caplog):
+    with ServerThread(Engine({"bad": FailingGenerator()}, {})) as st, ChatbotClient(st.target) as client:
+        st.wait_serving()
+        with caplog.at_level(logging.INFO), pytest.raises(ChatbotError) as err:
+            list(client.reply_stream("hi"))
+        assert err.value.code == grpc.StatusCode.INTERNAL
+        assert FailingGenerator.SECRET not in err.value.details
+        assert err.value.request_id in err.value.details  # so an operator can find the traceback
+        assert client.health() == "SERVING"
+    assert any(FailingGenerator.SECRET in (r.exc_text or "") for r in caplog.records)
+
+
+def test_client_cancel_stops_the_model_worker():
+    gen = BlockingGenerator()
+    engine = Engine({"block": gen}, {})
+    with ServerThread(engine) as st, ChatbotClient(st.target, timeout=WAIT) as client:
+        st.wait_serving()
+        stream = client.reply_stream("hi", max_new_tokens=1000)
+        assert next(stream).text == "first"
+        stream.close()  # cancels the RPC
+        gen.release.set()  # let the model run; only the engine's stop flag can end it now
+        assert gen.closed.wait(WAIT), "the model kept running after the client cancelled"
+        assert engine.wait_idle(WAIT)
+        assert engine.cancelled == 1 and engine.completed == 0
+        assert gen.produced < BlockingGenerator.LIMIT
+        assert client.health() == "SERVING"
+
+
+def test_request_id_is_echoed_and_logged(server, caplog):
+    with caplog.at_level(logging.INFO, logger="chatforge.serving.interceptors"):
+        with ChatbotClient(server.target, timeout=WAIT) as client:
+            chunks = list(client.reply_stream("hello", request_id="req-abc.123", max_new_tokens=2))
+            assert client.last_request_id == "req-abc.123"
+            assert chunks[-1].request_id == "req-abc.123"
+            client.health()
+            generated = client.last_request_id
+            assert generated and generated != "req-abc.123"
+            client.health(request_id="bad id with spaces")  # not echoed into logs: replaced
+            assert client.last_request_id != "bad id with spaces"
+        # The log line is written when the call finishes, which may be just after the client saw it.
+        server.run(_noop())
+    records = [r for r in caplog.records if getattr(r, "request_id", None) == "req-abc.123"]
+    assert records, "no log record carries the request id"
+    rec = records[-1]
+    assert rec.rpc == "/chatforge.v1.Chatbot/Reply" and rec.grpc_code == "OK"
+    assert rec.latency_ms >= 0
+
+
+async def _noop():
+    return None
+
+
+def test_official_health_stub_sees_serving(server):
+    with grpc.insecure_channel(server.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service="chatforge.v1.Chatbot"), timeout=WAIT)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=WAIT)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_client_streams_a_reply_without_chatforge_stubs(server):
+    from google.protobuf import message_factory
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(server.target) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"chatforge.v1.Chatbot", "grpc.health.v1.Health"} <= services
+        assert any(s.startswith("grpc.reflection.") for s in services)
+        pool = DescriptorPool(db)  # a private pool: nothing from chatforge.v1's generated modules
+        method = pool.FindServiceByName("chatforge.v1.Chatbot").methods_by_name["Reply"]
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        request = request_cls(text="hello")
+        request.options.max_new_tokens = 2
+        call = channel.unary_stream(
+            "/chatforge.v1.Chatbot/Reply",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
+        responses = list(call(request, timeout=WAIT))
+    assert [r.delta.text for r in responses[:-1]] == ["Hel", "lo"]
+    assert responses[-1].final.finish_reason == "length"
+    assert responses[-1].final.completion_tokens == 2
+
+
+def test_retry_on_unavailable_is_transparent():
+    class FlakyClassifier(FakeClassifier):
+        def __init__(self):
+            super().__init__()
+            self.attempts = 0
+
+        def classify(self, texts):
+            self.attempts += 1
+            if self.attempts == 1:
+                raise EngineUnavailableError("overloaded, try again")
+            return super().classify(texts)
+
+    clf = FlakyClassifier()
+    with ServerThread(Engine({}, {"flaky": clf})) as st, ChatbotClient(st.target, timeout=WAIT) as client:
+        st.wait_serving()
+        assert client.classify("hello").label == "greet"
+    assert clf.attempts == 2
+
+
+def test_binding_a_taken_port_fails_loudly(server):
+    from chatforge.serving.server import ChatbotServer
+
+    async def start_second():
+        second = ChatbotServer(make_engine(), "127.0.0.1", server.server.port)
+        await second.start()
+
+    with pytest.raises(OSError, match="cannot bind"):
+        server.run(start_second())
+
+
+def test_loader_failure_shuts_the_server_down_with_the_error():
+    def broken_loader():
+        raise FileNotFoundError("bundle /x has no weights.safetensors")
+
+    with ServerThread(broken_loader) as st:
+        st.join()  # the server stops by itself
+    assert isinstance(st._error, FileNotFoundError)
+    assert st.server.engine is None
+
+
+def test_run_server_needs_bundles():
+    from chatforge.serving.server import run_server
+
+    with pytest.raises(ValueError, match="no bundles"):
+        run_server({})
