@@ -142,6 +142,37 @@ def test_invalid_argument_then_server_still_serves(server, text, options, expect
         assert client.reply("hello", max_new_tokens=3) == "Hello there"
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # Checked as sent: not rounded to 6 decimals first (1e-30 used to be refused as "temperature=0.0").
+        ({"temperature": -1e-30}, "options.temperature=-1e-30 is out of range; allowed: a number in (0, 10]"),
+        ({"temperature": 10.5}, "options.temperature=10.5 is out of range; allowed: a number in (0, 10]"),
+        ({"top_p": 1.1}, "options.top_p=1.1 is out of range; allowed: a number in (0, 1] (1 disables top-p)"),
+        ({"repetition_penalty": 0.9}, "options.repetition_penalty=0.9 is out of range; allowed: a number in [1, 10]"),
+        ({"top_k": 100_001}, "options.top_k=100001 is out of range; allowed: an integer in [0, 100000] (0 disables top-k)"),
+    ],
+)
+def test_options_are_checked_as_sent_and_the_range_is_the_protos(server, options, expected):
+    with ChatbotClient(server.target, timeout=WAIT) as client:
+        with pytest.raises(ChatbotError) as err:
+            client.reply("hi", **options)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details == expected
+
+
+@pytest.mark.parametrize("options", [{"temperature": 1e-30, "do_sample": True}, {"top_p": 1e-30, "do_sample": True},
+                                     {"temperature": 10.0}, {"repetition_penalty": 10.0}])
+def test_options_inside_the_documented_range_are_accepted(options):
+    engine = make_engine()
+    with ServerThread(engine) as st, ChatbotClient(st.target, timeout=WAIT) as client:
+        st.wait_serving()
+        assert client.reply("hello", max_new_tokens=3, **options) == "Hello there"
+        [(_, sent)] = engine.generators["echo"].calls
+        for name, value in options.items():
+            assert getattr(sent, name) == value  # the value the caller wrote, not a rounded one
+
+
 def test_unknown_model_is_not_found(server):
     with ChatbotClient(server.target, timeout=WAIT) as client:
         with pytest.raises(ChatbotError) as err:
