@@ -339,3 +339,31 @@ def test_run_server_needs_bundles():
 
     with pytest.raises(ValueError, match="no bundles"):
         run_server({})
+
+
+@pytest.mark.parametrize(("method", "message"), [("Classify", "chatforge.v1.ClassifyRequest"),
+                                                 ("Reply", "chatforge.v1.ReplyRequest")])
+def test_malformed_request_bytes_are_invalid_argument_warned_and_counted(caplog, method, message):
+    from chatforge.serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics(process_metrics=False)
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, with a length past the end
+    with ServerThread(make_engine(), metrics=metrics) as st, grpc.insecure_channel(st.target) as channel:
+        st.wait_serving()
+        path = f"/chatforge.v1.Chatbot/{method}"
+        call = (channel.unary_unary if method == "Classify" else channel.unary_stream)(path)  # raw bytes
+        caplog.set_level(logging.DEBUG)
+        with pytest.raises(grpc.RpcError) as err:
+            result = call(garbage, timeout=WAIT)
+            if method == "Reply":
+                list(result)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == f"request is not a valid {message}"
+        assert metrics.value("chatforge_requests_total", {"rpc": method, "model": "",
+                                                          "status": "INVALID_ARGUMENT"}) == 1
+        # The server keeps serving.
+        with ChatbotClient(st.target, timeout=WAIT) as client:
+            assert client.classify("hello").label == "greet"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "malformed request" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
