@@ -367,3 +367,35 @@ def test_malformed_request_bytes_are_invalid_argument_warned_and_counted(caplog,
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "malformed request" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].exc_info is None
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_reply_request_session_id_is_stored_and_logged_without_any_header(tmp_path, caplog):
+    from chatforge.serving.store import ConversationStore
+    from chatforge.v1 import chatbot_pb2 as pb
+    from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
+
+    store = ConversationStore(f"sqlite:///{tmp_path / 'turns.db'}")
+    caplog.set_level(logging.INFO, logger="chatforge.serving.interceptors")
+    with ServerThread(make_engine(), store=store) as st, grpc.insecure_channel(st.target) as channel:
+        st.wait_serving()
+        stub = pb_grpc.ChatbotStub(channel)  # the plain generated stub: the message is the API
+        opts = pb.GenerationOptions(max_new_tokens=2)
+        for i in range(3):  # two conversations, interleaved
+            for sid in ("alice", "bob"):
+                list(stub.Reply(pb.ReplyRequest(text=f"{sid} {i}", session_id=sid, options=opts), timeout=WAIT))
+        # The header stays a fallback when the field is empty; the field wins over the header.
+        list(stub.Reply(pb.ReplyRequest(text="carol 0", options=opts), timeout=WAIT,
+                        metadata=(("x-session-id", "carol"),)))
+        list(stub.Reply(pb.ReplyRequest(text="alice 3", session_id="alice", options=opts), timeout=WAIT,
+                        metadata=(("x-session-id", "mallory"),)))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Reply(pb.ReplyRequest(text="x", session_id="s" * 129, options=opts), timeout=WAIT))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "session_id is 129 characters long; allowed: at most 128"
+    assert [r["user_text"] for r in store.session("alice")] == ["alice 0", "alice 1", "alice 2", "alice 3"]
+    assert [r["user_text"] for r in store.session("bob")] == ["bob 0", "bob 1", "bob 2"]
+    assert [r["user_text"] for r in store.session("carol")] == ["carol 0"]
+    assert store.session("mallory") == []
+    logged = [r.session_id for r in caplog.records if getattr(r, "rpc", "") == "/chatforge.v1.Chatbot/Reply"]
+    assert logged[:8] == ["alice", "bob"] * 3 + ["carol", "alice"]
+    store.close()

@@ -116,6 +116,7 @@ class CallInfo:
     def __init__(self, rpc: str, metrics, start: float) -> None:
         self.rpc, self.metrics, self.start = rpc, metrics, start
         self.model: str | None = None
+        self.session_id: str | None = None  # from the request message (ReplyRequest.session_id)
         self.started = False
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -349,7 +350,7 @@ class _CallScope:
                 "grpc_code": code.name,
                 "latency_ms": round(latency_ms, 3),
                 "request_id": self.request_id,
-                "session_id": self.session_id,
+                "session_id": self.call.session_id or self.session_id,
                 "model": model or None,
             },
         )

@@ -91,6 +91,22 @@ def options_from_proto(msg: pb.GenerationOptions, max_new_tokens_cap: int | None
         raise InvalidRequestError(f"options.{e}") from None
 
 
+MAX_SESSION_ID_CHARS = 128  # the store's session_id column
+
+
+def _use_session_id(session_id: str, call) -> None:
+    """``ReplyRequest.session_id`` is the conversation's id; set it for the store, logs and the
+    interceptor's call line. Empty: keep the ``x-session-id`` header's value (the fallback)."""
+    if not session_id:
+        return
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise InvalidRequestError(f"session_id is {len(session_id)} characters long; "
+                                  f"allowed: at most {MAX_SESSION_ID_CHARS}")
+    session_id_var.set(session_id)  # the interceptor resets it when the call ends
+    if call is not None:
+        call.session_id = session_id
+
+
 def _metadata_str(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
@@ -122,8 +138,9 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
     async def Reply(self, request: pb.ReplyRequest, context) -> None:
         engine = self._engine()
         start = time.perf_counter()
-        options = options_from_proto(request.options, engine.max_new_tokens)
         call = current_call.get()
+        _use_session_id(request.session_id, call)
+        options = options_from_proto(request.options, engine.max_new_tokens)
         name = request.model or engine.default_generator or ""
         if call is not None and name in engine.generators:
             call.set_model(name)
