@@ -214,12 +214,13 @@ def _drain_once(folder) -> list[str]:
             def consume(sid: str) -> None:
                 n = 0
                 try:
-                    last = None
-                    for last in client.reply_stream("a long reply please", session_id=sid, max_new_tokens=1000):
+                    finish = None
+                    for chunk in client.reply_stream("a long reply please", session_id=sid, max_new_tokens=1000):
                         n += 1
+                        finish = chunk.finish_reason
                         if n == 1:
                             first_tokens.release()
-                    outcomes[sid] = ("done", last.finish_reason)
+                    outcomes[sid] = ("done", finish)
                 except ChatbotError as e:
                     outcomes[sid] = (e.code.name, e.details)
                     if n == 0:
