@@ -163,6 +163,13 @@ def _kill_one_of_two_under_mixed_load(round_: int) -> None:
     try:
         with ChatbotClient(f"ipv4:127.0.0.1:{port_a},127.0.0.1:{port_b}", timeout=WAIT) as client:
             client.wait_for_ready(WAIT)
+            # Both replicas in the rotation before the load starts (the kill must hit one in use).
+            seen: set[str] = set()
+            for _ in range(200):
+                seen |= {m.name for m in client.list_models() if m.task == "classification"}
+                if seen == {"a", "b"}:
+                    break
+            assert seen == {"a", "b"}, f"round_robin used only {seen}"
 
             def caller() -> None:
                 while True:
@@ -210,7 +217,7 @@ def _kill_one_of_two_under_mixed_load(round_: int) -> None:
     assert len(failures) <= MIXED_THREADS
     assert len(labels) + len(answered) + len(replies) + len(failures) == MIXED_CALLS
     assert set(labels) == {"greet"} and set(replies) == {4}
-    assert {"a", "b"} <= set(answered)
+    assert set(answered) <= {"a", "b"} and "b" in answered
 
 
 def _replica_main(name: str) -> None:
