@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
+from tests.test_oos import FILLER, INTENTS, _sentence, intent_cfg
 
 from chatforge.baselines.ensemble import EnsembleClassifier, EnsembleConfig
 from chatforge.bundle import load_bundle
@@ -34,7 +35,6 @@ from chatforge.oos import (
 )
 from chatforge.oos_scorer import SCORER_FILE, OOSScorer, OOSScorerError
 from chatforge.training.run import run_experiment
-from tests.test_oos import FILLER, INTENTS, _sentence, intent_cfg
 
 OOS = "oos"
 LABELS = ["flight", "music", OOS, "weather"]  # sorted, as the estimators order them; oos is not last
@@ -438,9 +438,10 @@ def test_scorer_policy_end_to_end(tmp_path):
 
 
 def test_the_classify_rpc_answers_with_the_scorer(tmp_path):
+    from tests.serving_fakes import WAIT, ServerThread, make_engine
+
     from chatforge.inference import load_model
     from chatforge.serving.client import ChatbotClient
-    from tests.serving_fakes import WAIT, ServerThread, make_engine
 
     res = run_experiment(validate_config(intent_cfg(tmp_path, oos={"policy": "scorer"})), run_dir=tmp_path / "r")
     clf = load_model(res.bundle_dir, "intents")

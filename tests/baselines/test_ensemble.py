@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from tests.test_oos import intent_cfg
 
 from chatforge.baselines.ensemble import EnsembleClassifier, EnsembleConfig, EnsembleError
 from chatforge.bundle import load_bundle
 from chatforge.config import validate_config
 from chatforge.inference import load_model
 from chatforge.training.run import run_experiment
-from tests.test_oos import intent_cfg
 
 LABELS = ["a", "b", "c"]
 TEXTS = [f"t{i}" for i in range(12)]

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.test_oos import intent_cfg
 
 from chatforge.bundle import BundleError, load_bundle
 from chatforge.config import ConfigError, load_config, validate_config
 from chatforge.inference import Classifier, load_model
 from chatforge.registry import families, get_family
 from chatforge.training.run import run_experiment
-from tests.test_oos import intent_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"xgboost": {"n_estimators": 8, "max_depth": 3, "max_features": 300},

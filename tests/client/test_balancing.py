@@ -6,12 +6,12 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
 
 from chatforge.inference import TokenDelta
 from chatforge.serving.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine, EngineUnavailableError
 from chatforge.v1 import chatbot_pb2 as pb
-from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
 
 
 def _replica(name: str):

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tests.serving_fakes import WAIT, ServerThread, make_engine
 
 from chatforge.serving import client as client_mod
 from chatforge.serving import server as server_mod
 from chatforge.serving.client import ChatbotClient, ChatbotError
-from tests.serving_fakes import WAIT, ServerThread, make_engine
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

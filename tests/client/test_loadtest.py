@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+from tests.serving_fakes import ServerThread, make_engine
 from typer.testing import CliRunner
 
 from chatforge.serving.loadtest import (
@@ -27,7 +28,6 @@ from chatforge.serving.loadtest import (
     write_sweep,
 )
 from chatforge.serving.metrics import ServingMetrics
-from tests.serving_fakes import ServerThread, make_engine
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

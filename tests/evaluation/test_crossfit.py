@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from tests.test_oos import intent_cfg
 from typer.testing import CliRunner
 
 from chatforge.cli import app
@@ -15,7 +16,6 @@ from chatforge.evaluation.crossfit import cross_fit, folds_by_label, threshold_f
 from chatforge.evaluation.evaluate import EvaluationError, evaluate_bundle
 from chatforge.evaluation.metrics import apply_oos_threshold, choose_oos_threshold, oos_metrics
 from chatforge.training.run import run_experiment
-from tests.test_oos import intent_cfg
 
 OOS = "oos"
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.test_oos import intent_cfg
 from typer.testing import CliRunner
 
 from chatforge.cli import app
 from chatforge.config import validate_config
 from chatforge.evaluation.evaluate import EvaluationError, evaluate_bundle
 from chatforge.training.run import run_experiment
-from tests.test_oos import intent_cfg
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

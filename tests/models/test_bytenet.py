@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from tests.seq2seq_helpers import overfit, seq2seq_batch
 
 from chatforge.bundle import load_bundle
 from chatforge.config import apply_overrides, load_config, validate_config
@@ -14,7 +15,6 @@ from chatforge.models.bytenet import ByteNet, ByteNetConfig
 from chatforge.modules.dilated_conv import DilatedConvStack, dilation_schedule, receptive_field
 from chatforge.registry import BuildContext, SpecialIds, build_model
 from chatforge.training.run import run_experiment
-from tests.seq2seq_helpers import overfit, seq2seq_batch
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"

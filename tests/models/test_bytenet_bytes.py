@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.seq2seq_helpers import overfit
 
 from chatforge.bundle import load_bundle
 from chatforge.config import validate_config
@@ -15,7 +16,6 @@ from chatforge.models.bytenet import ByteNet, ByteNetConfig
 from chatforge.registry import BuildContext, build_model
 from chatforge.tokenizer import ByteTokenizer
 from chatforge.training.run import run_experiment
-from tests.seq2seq_helpers import overfit
 
 TOK = ByteTokenizer()
 PAIRS = [("안녕", "반가워요 😊"), ("hi", "hello!"), ("잘 자", "좋은 꿈 꿔요")]

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from pydantic import ValidationError
+from tests.seq2seq_helpers import overfit, overfit_batch, seq2seq_batch
 from torch import nn
 
 from chatforge.models.transformer import (
@@ -18,7 +19,6 @@ from chatforge.models.transformer import (
 )
 from chatforge.modules import causal_mask, padding_mask
 from chatforge.registry import BuildContext, SpecialIds, build_model, families
-from tests.seq2seq_helpers import overfit, overfit_batch, seq2seq_batch
 
 PAD, BOS, EOS = 0, 1, 2
 V = 20

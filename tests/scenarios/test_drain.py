@@ -10,13 +10,13 @@ import urllib.request
 
 import grpc
 import pytest
+from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, GatedGenerator, ServerThread
 
 from chatforge.serving.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine
 from chatforge.serving.metrics import ServingMetrics
 from chatforge.serving.server import ChatbotServer
 from chatforge.serving.store import ConversationStore
-from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, GatedGenerator, ServerThread
 
 
 def _http_status(url: str) -> int:

@@ -13,9 +13,9 @@ import os
 import time
 
 import pytest
+from tests.serving_fakes import WAIT, ServerThread, make_engine
 
 from chatforge.serving.client import ChatbotClient
-from tests.serving_fakes import WAIT, ServerThread, make_engine
 
 pytestmark = pytest.mark.slow
 

@@ -15,12 +15,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from tests.serving_fakes import ServerThread
 
 from chatforge.config import validate_config
 from chatforge.serving.client import ChatbotClient
 from chatforge.serving.engine import ModelDirectory
 from chatforge.training.run import run_experiment
-from tests.serving_fakes import ServerThread
 
 pytestmark = pytest.mark.slow
 

@@ -11,12 +11,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
-
-from chatforge.serving.alerts import AlertManager
-from chatforge.serving.client import ChatbotClient, ChatbotError
-from chatforge.serving.engine import Engine
-from chatforge.serving.metrics import ServingMetrics
-from chatforge.serving.observability import JsonFormatter
 from tests.serving_fakes import (
     WAIT,
     FailingGenerator,
@@ -25,6 +19,12 @@ from tests.serving_fakes import (
     ServerThread,
     TinySeq2SeqGenerator,
 )
+
+from chatforge.serving.alerts import AlertManager
+from chatforge.serving.client import ChatbotClient, ChatbotError
+from chatforge.serving.engine import Engine
+from chatforge.serving.metrics import ServingMetrics
+from chatforge.serving.observability import JsonFormatter
 
 
 class _Lines(logging.Handler):

@@ -227,9 +227,10 @@ def _replica_main(name: str) -> None:
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.serving_fakes import FakeClassifier, FakeGenerator
+
     from chatforge.serving.engine import Engine
     from chatforge.serving.server import serve
-    from tests.serving_fakes import FakeClassifier, FakeGenerator
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 

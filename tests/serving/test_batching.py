@@ -7,11 +7,11 @@ import threading
 from contextlib import aclosing
 
 import pytest
+from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, GatedGenerator, TinySeq2SeqGenerator
 
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import TokenDelta
 from chatforge.serving.engine import Engine, EngineOverloadedError, ReplyDone
-from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, GatedGenerator, TinySeq2SeqGenerator
 
 
 async def _tokens(engine, text, options, model=None):

@@ -7,6 +7,15 @@ import threading
 from contextlib import aclosing
 
 import pytest
+from tests.serving_fakes import (
+    WAIT,
+    BlockingGenerator,
+    FailingGenerator,
+    FakeClassifier,
+    FakeGenerator,
+    LockstepGenerator,
+    make_engine,
+)
 
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import TokenDelta
@@ -17,15 +26,6 @@ from chatforge.serving.engine import (
     ModelNotFoundError,
     NoModelForTaskError,
     ReplyDone,
-)
-from tests.serving_fakes import (
-    WAIT,
-    BlockingGenerator,
-    FailingGenerator,
-    FakeClassifier,
-    FakeGenerator,
-    LockstepGenerator,
-    make_engine,
 )
 
 

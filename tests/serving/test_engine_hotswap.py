@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+from tests.serving_fakes import WAIT, FakeGenerator, ServerThread
 
 from chatforge.serving.client import ChatbotClient
 from chatforge.serving.engine import ModelDirectory, ModelDirectoryWatcher, version_key
-from tests.serving_fakes import WAIT, FakeGenerator, ServerThread
 
 
 def _loader(path, name, version):

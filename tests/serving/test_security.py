@@ -7,10 +7,10 @@ import logging
 
 import grpc
 import pytest
+from tests.serving_fakes import WAIT, ServerThread, make_engine
 
 from chatforge.serving.client import ChatbotClient, ChatbotError
 from chatforge.serving.security import ApiKeyAuth, TlsConfig
-from tests.serving_fakes import WAIT, ServerThread, make_engine
 
 KEY = "sk-test-0123456789abcdef"
 

@@ -12,9 +12,6 @@ import threading
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from chatforge.serving.client import ChatbotClient, ChatbotError
-from chatforge.serving.engine import Engine, EngineUnavailableError
 from tests.serving_fakes import (
     TESTS_DIR,
     WAIT,
@@ -26,6 +23,9 @@ from tests.serving_fakes import (
     ServerThread,
     make_engine,
 )
+
+from chatforge.serving.client import ChatbotClient, ChatbotError
+from chatforge.serving.engine import Engine, EngineUnavailableError
 
 
 @pytest.fixture

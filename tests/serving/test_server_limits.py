@@ -7,11 +7,11 @@ import threading
 
 import grpc
 import pytest
+from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, GatedGenerator, ServerThread
 
 from chatforge.serving.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine
 from chatforge.serving.metrics import ServingMetrics
-from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, GatedGenerator, ServerThread
 
 NO_RETRY = [("grpc.enable_retries", 0)]
 
