@@ -164,3 +164,23 @@ def test_dashboard_queries_only_exported_metrics(exported_sample_names):
         assert must in queried, must
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize(("env", "argv", "expected"), [
+    ({"CHATFORGE_METRICS_PORT": "9321"}, [], 9321),            # the image and the manifests set this
+    ({"CHATFORGE_METRICS_PORT": "9321"}, ["--metrics-port", "9400"], 9400),  # the flag wins
+    ({}, [], None),                                            # neither: no metrics HTTP server
+])
+def test_serve_reads_the_metrics_port_from_the_environment(tmp_path, monkeypatch, env, argv, expected):
+    from typer.testing import CliRunner
+
+    import chatforge.serving.server as server
+    from chatforge.cli import app
+
+    seen = {}
+    monkeypatch.setattr(server, "run_server", lambda *a, **kw: seen.update(kw))
+    monkeypatch.delenv("CHATFORGE_METRICS_PORT", raising=False)
+    (tmp_path / "bundle").mkdir()
+    r = CliRunner().invoke(app, ["serve", "--model", f"chat={tmp_path / 'bundle'}", *argv], env=env)
+    assert r.exit_code == 0, r.output
+    assert seen["metrics_port"] == expected
