@@ -285,3 +285,11 @@ def test_decoder_only_hooks_start_tokens_and_max_steps():
     out = generate(model, [7, 8, 20], GenerationOptions(max_new_tokens=10), bos_id=BOS, eos_id=EOS)
     assert out == [21, 22, 23]  # fed 20 (the prompt's last token) first; capped at 3 steps
     assert model.state.fed == [[20], [21], [22]]
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
+    # temperature is valid in (0, 10]: 1e-30 (and float32's smallest, 1e-45) must not overflow to NaN.
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 5
+    for t in (1e-30, 1e-38, 1e-45):
+        picked = choose_next(logits, GenerationOptions(do_sample=True, temperature=t))
+        assert picked.tolist() == logits.argmax(-1).tolist()

@@ -10,11 +10,12 @@ import urllib.request
 
 import grpc
 import pytest
-from serving_fakes import WAIT, FakeClassifier, GatedGenerator, ServerThread
+from serving_fakes import WAIT, FakeClassifier, FakeGenerator, GatedGenerator, ServerThread
 
 from chatforge.serving.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine
 from chatforge.serving.metrics import ServingMetrics
+from chatforge.serving.server import ChatbotServer
 from chatforge.serving.store import ConversationStore
 
 
@@ -88,3 +89,78 @@ def _wait_draining(st) -> bool:
         return False
 
     return st.run(check())
+
+
+DRAIN_DELAY = 3.0
+
+
+def test_drain_delay_keeps_serving_while_readiness_is_off(tmp_path):
+    import time
+
+    gate = threading.Semaphore(0)
+    metrics = ServingMetrics(process_metrics=False)
+    engine = Engine({"echo": FakeGenerator(), "gated": GatedGenerator(gate=gate)}, {"intents": FakeClassifier()})
+    st = ServerThread(engine, grace=WAIT, drain_delay=DRAIN_DELAY, metrics=metrics, metrics_port=0)
+    with st, ChatbotClient(st.target, timeout=WAIT, options=[("grpc.enable_retries", 0)]) as client:
+        st.wait_serving()
+        readyz = f"{st.server.metrics_http.url}/readyz"
+        assert _http_status(readyz) == 200
+        # One stream stays open across the drain (its steps wait for `gate`), so the server is
+        # still up, in its grace period, when the delay ends.
+        stream = client.reply_stream("long", model="gated", max_new_tokens=3)
+        assert next(stream).token_id == 10  # the prefill's token; the decode steps wait for the gate
+        flipped = time.monotonic()
+        st.request_shutdown()
+        assert _poll(lambda: not st.server.ready, WAIT)
+        # Readiness is off at once (gRPC health and /readyz) ...
+        assert client.health("chatforge.v1.Chatbot") == "NOT_SERVING"
+        assert _http_status(readyz) == 503
+        # ... while the listener still accepts and serves new calls of every kind.
+        assert not st.server.gate.draining
+        assert client.classify("hello").label == "greet"
+        assert client.reply("hello", model="echo", max_new_tokens=3) == "Hello there"
+        assert sorted(m.name for m in client.list_models()) == ["echo", "gated", "intents"]
+        assert time.monotonic() - flipped < DRAIN_DELAY, "the calls above took longer than the drain delay"
+        # After the delay it refuses new calls (the balancer has moved the traffic by then) ...
+        assert _poll(lambda: st.server.gate.draining, DRAIN_DELAY + WAIT)
+        assert time.monotonic() - flipped >= DRAIN_DELAY
+        with pytest.raises(ChatbotError) as err:
+            client.classify("late")
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details
+        # ... and the stream in flight still finishes within the grace.
+        gate.release(10)
+        rest = list(stream)
+        assert [c.token_id for c in rest[:-1]] == [11, 12] and rest[-1].finish_reason == "length"
+        st.join()
+
+
+def test_drain_delay_must_not_be_negative():
+    with pytest.raises(ValueError, match=r"drain_delay=-1 is out of range; allowed: a number of seconds >= 0"):
+        ChatbotServer(Engine({"echo": FakeGenerator()}, {}), drain_delay=-1)
+
+
+def test_serve_passes_drain_delay_through(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from chatforge import cli
+    from chatforge.serving import server
+
+    seen = {}
+    monkeypatch.setattr(server, "run_server", lambda *a, **kw: seen.update(kw) or 0)
+    (tmp_path / "bundle").mkdir()
+    r = CliRunner().invoke(cli.app, ["serve", "--model", f"chat={tmp_path / 'bundle'}", "--drain-delay", "2.5"])
+    assert r.exit_code == 0, r.output
+    assert seen["drain_delay"] == 2.5
+    r = CliRunner().invoke(cli.app, ["serve", "--model", f"chat={tmp_path / 'bundle'}"])
+    assert seen["drain_delay"] == 5.0  # the default gives a balancer polling every second time to see it
+
+
+def _poll(predicate, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)  # polling a flag with a deadline
+    return True

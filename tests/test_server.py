@@ -142,6 +142,37 @@ def test_invalid_argument_then_server_still_serves(server, text, options, expect
         assert client.reply("hello", max_new_tokens=3) == "Hello there"
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # Checked as sent: not rounded to 6 decimals first (1e-30 used to be refused as "temperature=0.0").
+        ({"temperature": -1e-30}, "options.temperature=-1e-30 is out of range; allowed: a number in (0, 10]"),
+        ({"temperature": 10.5}, "options.temperature=10.5 is out of range; allowed: a number in (0, 10]"),
+        ({"top_p": 1.1}, "options.top_p=1.1 is out of range; allowed: a number in (0, 1] (1 disables top-p)"),
+        ({"repetition_penalty": 0.9}, "options.repetition_penalty=0.9 is out of range; allowed: a number in [1, 10]"),
+        ({"top_k": 100_001}, "options.top_k=100001 is out of range; allowed: an integer in [0, 100000] (0 disables top-k)"),
+    ],
+)
+def test_options_are_checked_as_sent_and_the_range_is_the_protos(server, options, expected):
+    with ChatbotClient(server.target, timeout=WAIT) as client:
+        with pytest.raises(ChatbotError) as err:
+            client.reply("hi", **options)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details == expected
+
+
+@pytest.mark.parametrize("options", [{"temperature": 1e-30, "do_sample": True}, {"top_p": 1e-30, "do_sample": True},
+                                     {"temperature": 10.0}, {"repetition_penalty": 10.0}])
+def test_options_inside_the_documented_range_are_accepted(options):
+    engine = make_engine()
+    with ServerThread(engine) as st, ChatbotClient(st.target, timeout=WAIT) as client:
+        st.wait_serving()
+        assert client.reply("hello", max_new_tokens=3, **options) == "Hello there"
+        [(_, sent)] = engine.generators["echo"].calls
+        for name, value in options.items():
+            assert getattr(sent, name) == value  # the value the caller wrote, not a rounded one
+
+
 def test_unknown_model_is_not_found(server):
     with ChatbotClient(server.target, timeout=WAIT) as client:
         with pytest.raises(ChatbotError) as err:
@@ -308,3 +339,63 @@ def test_run_server_needs_bundles():
 
     with pytest.raises(ValueError, match="no bundles"):
         run_server({})
+
+
+@pytest.mark.parametrize(("method", "message"), [("Classify", "chatforge.v1.ClassifyRequest"),
+                                                 ("Reply", "chatforge.v1.ReplyRequest")])
+def test_malformed_request_bytes_are_invalid_argument_warned_and_counted(caplog, method, message):
+    from chatforge.serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics(process_metrics=False)
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, with a length past the end
+    with ServerThread(make_engine(), metrics=metrics) as st, grpc.insecure_channel(st.target) as channel:
+        st.wait_serving()
+        path = f"/chatforge.v1.Chatbot/{method}"
+        call = (channel.unary_unary if method == "Classify" else channel.unary_stream)(path)  # raw bytes
+        caplog.set_level(logging.DEBUG)
+        with pytest.raises(grpc.RpcError) as err:
+            result = call(garbage, timeout=WAIT)
+            if method == "Reply":
+                list(result)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == f"request is not a valid {message}"
+        assert metrics.value("chatforge_requests_total", {"rpc": method, "model": "",
+                                                          "status": "INVALID_ARGUMENT"}) == 1
+        # The server keeps serving.
+        with ChatbotClient(st.target, timeout=WAIT) as client:
+            assert client.classify("hello").label == "greet"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "malformed request" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_reply_request_session_id_is_stored_and_logged_without_any_header(tmp_path, caplog):
+    from chatforge.serving.store import ConversationStore
+    from chatforge.v1 import chatbot_pb2 as pb
+    from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
+
+    store = ConversationStore(f"sqlite:///{tmp_path / 'turns.db'}")
+    caplog.set_level(logging.INFO, logger="chatforge.serving.interceptors")
+    with ServerThread(make_engine(), store=store) as st, grpc.insecure_channel(st.target) as channel:
+        st.wait_serving()
+        stub = pb_grpc.ChatbotStub(channel)  # the plain generated stub: the message is the API
+        opts = pb.GenerationOptions(max_new_tokens=2)
+        for i in range(3):  # two conversations, interleaved
+            for sid in ("alice", "bob"):
+                list(stub.Reply(pb.ReplyRequest(text=f"{sid} {i}", session_id=sid, options=opts), timeout=WAIT))
+        # The header stays a fallback when the field is empty; the field wins over the header.
+        list(stub.Reply(pb.ReplyRequest(text="carol 0", options=opts), timeout=WAIT,
+                        metadata=(("x-session-id", "carol"),)))
+        list(stub.Reply(pb.ReplyRequest(text="alice 3", session_id="alice", options=opts), timeout=WAIT,
+                        metadata=(("x-session-id", "mallory"),)))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Reply(pb.ReplyRequest(text="x", session_id="s" * 129, options=opts), timeout=WAIT))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "session_id is 129 characters long; allowed: at most 128"
+    assert [r["user_text"] for r in store.session("alice")] == ["alice 0", "alice 1", "alice 2", "alice 3"]
+    assert [r["user_text"] for r in store.session("bob")] == ["bob 0", "bob 1", "bob 2"]
+    assert [r["user_text"] for r in store.session("carol")] == ["carol 0"]
+    assert store.session("mallory") == []
+    logged = [r.session_id for r in caplog.records if getattr(r, "rpc", "") == "/chatforge.v1.Chatbot/Reply"]
+    assert logged[:8] == ["alice", "bob"] * 3 + ["carol", "alice"]
+    store.close()

@@ -139,3 +139,11 @@ def test_full_queue_refuses_instead_of_blocking(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         ConversationStore("sqlite://", batch_size=0)
+
+
+def test_session_reads_one_conversation_in_order(store):
+    for i in range(30):  # three sessions, interleaved
+        assert store.record(_turn(i))
+    rows = store.session("s1")
+    assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(1, 30, 3)]
+    assert store.session("nobody") == []

@@ -363,6 +363,8 @@ def serve(
     port: int = typer.Option(50051, help="Port; 0 picks a free one (see --port-file)."),
     port_file: Path = typer.Option(None, help="Write the bound port here once the server is SERVING."),
     grace: float = typer.Option(10.0, help="Seconds in-flight calls get to finish after SIGTERM."),
+    drain_delay: float = typer.Option(5.0, help="Seconds after SIGTERM that readiness is NOT_SERVING while calls "
+                                      "are still served, so balancers move traffic first (0 disables)."),
     model_dir: Path = typer.Option(None, "--model-dir", help="Serve DIR/<name>/<version>/ bundles; hot-swaps "
                                    "new versions (latest, or pinned by DIR/<name>/PINNED or --pin)."),
     pin: list[str] = typer.Option([], "--pin", help="NAME=VERSION to serve from --model-dir (rollback)."),
@@ -405,7 +407,8 @@ def serve(
     try:
         if pipeline_classifier:
             engine_kwargs["pipeline"] = PipelineConfig(pipeline_classifier, fallback_reply, oos_threshold)
-        code = run_server(named, host=host, port=port, grace=grace, port_file=str(port_file) if port_file else None,
+        code = run_server(named, host=host, port=port, grace=grace, drain_delay=drain_delay,
+                          port_file=str(port_file) if port_file else None,
                           model_dir=model_dir, pins=pins, poll_interval=poll_interval, metrics_port=metrics_port,
                           api_keys_file=api_keys_file, tls_cert=tls_cert, tls_key=tls_key,
                           tls_client_ca=tls_client_ca, open_health=not protect_health,

@@ -59,7 +59,7 @@ class GenerationOptions:
             ("min_new_tokens", 0 <= self.min_new_tokens <= self.max_new_tokens,
              "an integer in [0, max_new_tokens]"),
             ("temperature", 0.0 < self.temperature <= 10.0, "a number in (0, 10]"),
-            ("top_k", 0 <= self.top_k <= 100_000, "an integer >= 0 (0 disables top-k)"),
+            ("top_k", 0 <= self.top_k <= 100_000, "an integer in [0, 100000] (0 disables top-k)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "a number in (0, 1] (1 disables top-p)"),
             ("repetition_penalty", 1.0 <= self.repetition_penalty <= 10.0, "a number in [1, 10]"),
             ("num_beams", 1 <= self.num_beams <= self.MAX_BEAMS, f"an integer in [1, {self.MAX_BEAMS}]"),
@@ -116,8 +116,12 @@ def choose_next(logits: Tensor, options: GenerationOptions, generator: torch.Gen
     """Pick one token per row from logits (B, V): argmax, or a sample after temperature/top-k/top-p."""
     if not options.do_sample:
         return logits.argmax(-1)
-    filtered = top_k_top_p_filter(logits / options.temperature, options.top_k, options.top_p)
-    probs = filtered.float().softmax(-1)
+    # Any temperature in (0, 10] is valid; a tiny one (1e-30) overflows float32 logits / t to inf and
+    # softmax(inf - inf) is NaN, so scale in float64 (range 1e308): the sample is then the argmax.
+    wide = options.temperature < 1e-3
+    scaled = (logits.double() if wide else logits) / options.temperature
+    filtered = top_k_top_p_filter(scaled, options.top_k, options.top_p)
+    probs = filtered.softmax(-1, dtype=torch.float64 if wide else torch.float32)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

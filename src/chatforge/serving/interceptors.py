@@ -116,6 +116,7 @@ class CallInfo:
     def __init__(self, rpc: str, metrics, start: float) -> None:
         self.rpc, self.metrics, self.start = rpc, metrics, start
         self.model: str | None = None
+        self.session_id: str | None = None  # from the request message (ReplyRequest.session_id)
         self.started = False
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -178,6 +179,43 @@ def _metadata_value(metadata, wanted: str) -> str | None:
     return None
 
 
+class MalformedRequest:
+    """What a request's bytes decode to when they are not a valid message (see :func:`_tolerant`)."""
+
+    def __init__(self, message_name: str, error: BaseException) -> None:
+        self.message_name, self.error = message_name, error
+
+
+def _tolerant(deserializer):
+    """Wrap a request deserializer so that bad bytes become a :class:`MalformedRequest` value.
+
+    Why: grpc runs the deserializer before any handler or interceptor code, and when it raises,
+    grpc answers UNKNOWN with the Python exception class in the message, logs an ERROR traceback
+    and bypasses the interceptor (no log line of ours, no metric). Handing the failure on as a value
+    lets the wrapped handler answer INVALID_ARGUMENT, log a WARNING and count the call like any other.
+    """
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)  # Message.FromString is bound to the class
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    message_name = getattr(descriptor, "full_name", None) or "request message"
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError and friends: the client's bytes are bad
+            return MalformedRequest(message_name, e)
+
+    return deserialize
+
+
+def _check_request(request, scope: _CallScope) -> None:
+    if isinstance(request, MalformedRequest):
+        logger.warning("malformed request to %s: not a valid %s (%s)", scope.rpc, request.message_name,
+                       request.error, extra={"rpc": scope.rpc, "request_id": scope.request_id})
+        raise InvalidRequestError(f"request is not a valid {request.message_name}")
+
+
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     """Sets the request id, echoes it in initial metadata, logs each call, maps errors.
 
@@ -212,7 +250,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 return handler
             return factory(
                 wrapped,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -312,7 +350,7 @@ class _CallScope:
                 "grpc_code": code.name,
                 "latency_ms": round(latency_ms, 3),
                 "request_id": self.request_id,
-                "session_id": self.session_id,
+                "session_id": self.call.session_id or self.session_id,
                 "model": model or None,
             },
         )
@@ -364,6 +402,7 @@ def _wrap(behavior, scope: _CallScope):
             ctx = _IdContext(context, scope.metadata)
             try:
                 scope.admit()
+                _check_request(request, scope)
                 # No separate headers for streams either (see _IdContext).
                 async for response in behavior(request, ctx):
                     yield response
@@ -385,6 +424,7 @@ def _wrap(behavior, scope: _CallScope):
             ctx = _IdContext(context, scope.metadata)
             try:
                 scope.admit()
+                _check_request(request, scope)
                 # No separate headers for unary calls: grpc then sends headers, the message and
                 # the trailers (which carry the request id) in one batch. Headers sent on their
                 # own commit the call, so a replica killed between the two writes failed a call

@@ -7,10 +7,14 @@ Lifecycle (what a load balancer / Kubernetes sees). Two health services:
    UNAVAILABLE ("still loading");
 2. load the models in a worker thread (the event loop keeps answering health checks);
 3. readiness -> SERVING; the bound port is written (atomically) to ``port_file``;
-4. SIGTERM/SIGINT -> drain: readiness NOT_SERVING at once (balancers and clients that watch
-   health stop picking us), new Chatbot calls answer UNAVAILABLE (clients retry elsewhere),
-   in-flight calls get ``grace`` seconds to finish, the conversation store is flushed, then
-   the gRPC server stops, liveness goes NOT_SERVING last, and ``serve`` returns (exit 0).
+4. SIGTERM/SIGINT -> drain: readiness NOT_SERVING at once (gRPC health and ``/readyz``), and
+   for ``drain_delay`` seconds the server still accepts and serves every call, so that a
+   balancer polling readiness (HAProxy every second, a Kubernetes readiness probe, endpoints
+   removal) takes the replica out before any call is refused; then new Chatbot calls answer
+   UNAVAILABLE (clients retry elsewhere), in-flight calls get ``grace`` seconds to finish,
+   streams still running after that end with UNAVAILABLE "server shutting down", the model
+   runners' threads are joined, the conversation store is flushed, the gRPC server stops,
+   liveness goes NOT_SERVING last, and ``serve`` returns (exit 0).
 
 Why not ``HealthServicer.enter_graceful_shutdown()`` at step 4: it sets *every* service to
 NOT_SERVING (and ignores later changes), so a liveness probe would see the pod as dead
@@ -97,6 +101,7 @@ class ChatbotServer:
         port: int = 50051,
         *,
         grace: float = 10.0,
+        drain_delay: float = 0.0,
         port_file: str | Path | None = None,
         options: Sequence[tuple[str, object]] = (),
         metrics=None,
@@ -115,6 +120,8 @@ class ChatbotServer:
             raise ValueError(f"port={port!r} is out of range; allowed: 0 (ephemeral) to 65535")
         if grace < 0:
             raise ValueError(f"grace={grace!r} is out of range; allowed: a number of seconds >= 0")
+        if not drain_delay >= 0:
+            raise ValueError(f"drain_delay={drain_delay!r} is out of range; allowed: a number of seconds >= 0")
         if metrics_port is not None and not 0 <= metrics_port <= 65535:
             raise ValueError(f"metrics_port={metrics_port!r} is out of range; allowed: 0 to 65535")
         if max_message_bytes is not None and max_message_bytes < 1024:
@@ -124,7 +131,7 @@ class ChatbotServer:
 
             metrics = ServingMetrics()
         self._engine_or_loader = engine_or_loader
-        self.host, self.requested_port, self.grace = host, port, grace
+        self.host, self.requested_port, self.grace, self.drain_delay = host, port, grace, drain_delay
         self.port_file = Path(port_file) if port_file is not None else None
         # Later options override the defaults; deduplicated so no grpc version has to choose.
         merged = dict(SERVER_OPTIONS)
@@ -279,7 +286,13 @@ class ChatbotServer:
         """Drain (see the module docstring): readiness off, refuse new calls, finish in-flight ones."""
         grace = self.grace if grace is None else grace
         self._shutdown_requested.set()
+        was_ready = self.ready
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if was_ready and self.drain_delay > 0:
+            # Still accepting and serving: balancers see readiness go NOT_SERVING and stop sending
+            # before anything is refused. A replica that never was ready has no traffic to move.
+            logger.info("readiness off; serving on for the drain delay", extra={"drain_delay_s": self.drain_delay})
+            await asyncio.sleep(self.drain_delay)  # a schedule (the balancer's poll), not synchronisation
         self.gate.draining = True
         logger.info("shutting down", extra={"grace_s": grace, "in_flight": self.gate.in_flight})
         if not await self.gate.wait_idle(grace):
@@ -342,6 +355,7 @@ async def serve(
     port: int = 50051,
     *,
     grace: float = 10.0,
+    drain_delay: float = 0.0,
     port_file: str | Path | None = None,
     ready_event: asyncio.Event | threading.Event | None = None,
     options: Sequence[tuple[str, object]] = (),
@@ -356,8 +370,8 @@ async def serve(
     Signal handlers are installed only when ``handle_signals`` and on the main thread.
     ``server_kwargs`` go to :class:`ChatbotServer` (metrics, alerts, store, auth, tls, ...).
     """
-    server = ChatbotServer(engine_or_loader, host, port, grace=grace, port_file=port_file, options=options,
-                           **server_kwargs)
+    server = ChatbotServer(engine_or_loader, host, port, grace=grace, drain_delay=drain_delay, port_file=port_file,
+                           options=options, **server_kwargs)
     loop = asyncio.get_running_loop()
     installed: list[int] = []
     if handle_signals and threading.current_thread() is threading.main_thread():
@@ -402,6 +416,7 @@ def run_server(
     grace: float = 10.0,
     port_file: str | Path | None = None,
     *,
+    drain_delay: float = 5.0,
     model_dir: str | Path | None = None,
     pins: Mapping[str, str] | None = None,
     poll_interval: float = 5.0,
@@ -420,6 +435,7 @@ def run_server(
 
     Wires the operations library from ``settings`` (default: ``CHATFORGE_*`` variables):
     logging, alerts, the conversation store and metrics (HTTP on ``metrics_port``).
+    ``drain_delay``: seconds readiness is off before a SIGTERM stops taking calls (0 disables).
     """
     from chatforge.inference import check_precision
     from chatforge.serving.observability import configure_logging
@@ -454,7 +470,7 @@ def run_server(
             return Engine.from_bundles(named, precision=precision, **kwargs)
 
     try:
-        asyncio.run(serve(loader, host, port, grace=grace, port_file=port_file,
+        asyncio.run(serve(loader, host, port, grace=grace, drain_delay=drain_delay, port_file=port_file,
                           metrics_port=metrics_port if metrics_port is not None else None,
                           auth=auth, tls=tls, model_dir=directory, poll_interval=poll_interval,
                           max_message_bytes=max_message_bytes, **ops))

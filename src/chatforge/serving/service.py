@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import struct
 import time
 from contextlib import aclosing
 
@@ -45,6 +47,21 @@ class ModelsLoadingError(EngineUnavailableError):
     """The server is up but its models are not loaded yet (UNAVAILABLE: retry shortly)."""
 
 
+def float32_as_sent(value: float) -> float:
+    """The shortest decimal whose float32 is ``value`` (a proto ``float`` widened to a Python float):
+    the number the caller wrote, e.g. 0.7 for 0.699999988079071, 1e-30 for 1.0000000031710769e-30."""
+    if not math.isfinite(value):
+        return value
+    for digits in range(1, 10):  # 9 significant digits always round-trip a float32
+        candidate = float(f"{value:.{digits}g}")
+        try:
+            if struct.unpack("<f", struct.pack("<f", candidate))[0] == value:
+                return candidate
+        except OverflowError:  # rounded past float32's largest value: take more digits
+            continue
+    return value
+
+
 def options_from_proto(msg: pb.GenerationOptions, max_new_tokens_cap: int | None = None) -> GenerationOptions:
     """Proto options -> validated :class:`GenerationOptions`; unset fields keep their defaults.
 
@@ -53,9 +70,11 @@ def options_from_proto(msg: pb.GenerationOptions, max_new_tokens_cap: int | None
     """
     fields = {name: getattr(msg, name) for name in _OPTION_FIELDS if msg.HasField(name)}
     for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
-        # proto floats are float32: round so that 0.7 is reported as 0.7, not 0.699999988.
+        # proto floats are float32: take the shortest decimal that is the same float32, so that 0.7
+        # is checked and reported as 0.7 (not 0.699999988) and 1e-30 stays 1e-30. Never a fixed
+        # number of decimals: round(1e-30, 6) is 0.0, which would reject a value inside the range.
         if name in fields:
-            fields[name] = round(fields[name], 6)
+            fields[name] = float32_as_sent(fields[name])
     if "num_beams" not in _SUPPORTED:  # a decoder without beam search: check here, then drop
         beams = fields.pop("num_beams", 1)
         fields.pop("length_penalty", None)
@@ -70,6 +89,22 @@ def options_from_proto(msg: pb.GenerationOptions, max_new_tokens_cap: int | None
         return GenerationOptions(**fields).validate()
     except ValueError as e:
         raise InvalidRequestError(f"options.{e}") from None
+
+
+MAX_SESSION_ID_CHARS = 128  # the store's session_id column
+
+
+def _use_session_id(session_id: str, call) -> None:
+    """``ReplyRequest.session_id`` is the conversation's id; set it for the store, logs and the
+    interceptor's call line. Empty: keep the ``x-session-id`` header's value (the fallback)."""
+    if not session_id:
+        return
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise InvalidRequestError(f"session_id is {len(session_id)} characters long; "
+                                  f"allowed: at most {MAX_SESSION_ID_CHARS}")
+    session_id_var.set(session_id)  # the interceptor resets it when the call ends
+    if call is not None:
+        call.session_id = session_id
 
 
 def _metadata_str(value) -> str:
@@ -103,8 +138,9 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
     async def Reply(self, request: pb.ReplyRequest, context) -> None:
         engine = self._engine()
         start = time.perf_counter()
-        options = options_from_proto(request.options, engine.max_new_tokens)
         call = current_call.get()
+        _use_session_id(request.session_id, call)
+        options = options_from_proto(request.options, engine.max_new_tokens)
         name = request.model or engine.default_generator or ""
         if call is not None and name in engine.generators:
             call.set_model(name)

@@ -218,16 +218,24 @@ class ConversationStore:
         return self._db_lock if self._db_lock is not None else _NullLock()
 
     # -- reading -----------------------------------------------------------------------------
-    def iter_rows(self, since: datetime | None = None) -> Iterator[dict[str, Any]]:
-        """Stored rows in insertion order (``created_at`` as aware UTC), optionally ``>= since``."""
+    def iter_rows(self, since: datetime | None = None, session_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """Stored rows in insertion order (``created_at`` as aware UTC), optionally ``>= since``
+        and of one conversation (``session_id``, indexed)."""
         query = select(turns).order_by(turns.c.id)
         if since is not None:
             query = query.where(turns.c.created_at >= _naive_utc(since))
+        if session_id is not None:
+            query = query.where(turns.c.session_id == session_id)
         with self._locked(), self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(query)]
         for row in rows:
             row["created_at"] = row["created_at"].replace(tzinfo=timezone.utc)
             yield row
+
+    def session(self, session_id: str) -> list[dict[str, Any]]:
+        """One conversation's turns, oldest first (recorded turns are flushed first)."""
+        self.flush()
+        return list(self.iter_rows(session_id=session_id))
 
     def count(self) -> int:
         return sum(1 for _ in self.iter_rows())
