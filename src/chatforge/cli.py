@@ -20,6 +20,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from chatforge.settings import LOG_HANDLER_ATTR
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="chatforge: from a conversational corpus and one YAML file to a chatbot served over gRPC.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect SentencePiece tokenizers.")
@@ -37,7 +39,11 @@ def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
     if not any(isinstance(h, RichHandler) for h in root.handlers):
-        root.addHandler(RichHandler(console=err_console, show_path=False, rich_tracebacks=False))
+        handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False)
+        # Tagged as chatforge's own: `serve` replaces it with its JSON/human handler (configure_logging)
+        # instead of logging every event twice.
+        setattr(handler, LOG_HANDLER_ATTR, True)
+        root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
