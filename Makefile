@@ -21,7 +21,7 @@ demo: $(STAMP)
 # conversation store's PostgreSQL test; elsewhere that test skips unless
 # CHATFORGE_TEST_PG_URL is set. A failed start only skips those tests.
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff check src tests benchmarks tools scripts
 	@if [ -n "$$CI" ] && [ -z "$$CHATFORGE_TEST_PG_URL" ]; then \
 	  CHATFORGE_TEST_PG_URL=$$(timeout 300 bash tools/start_postgres.sh || true); export CHATFORGE_TEST_PG_URL; \
 	  echo "PostgreSQL for tests: $${CHATFORGE_TEST_PG_URL:-unavailable (its tests skip)}"; \
@@ -31,7 +31,7 @@ test: $(STAMP)
 	exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff check src tests benchmarks tools scripts
 
 proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py

@@ -231,7 +231,7 @@ class Failover:
         half, started_at, out = threading.Event(), [], {}
         t_start = time.monotonic()
         loader = threading.Thread(target=lambda: out.update(zip(("calls", "failures"),
-                                                                _load(target, half, started_at))))
+                                                                _load(target, half, started_at), strict=True)))
         loader.start()
         if not half.wait(timeout=600):
             raise TimeoutError("the load never reached its halfway mark")

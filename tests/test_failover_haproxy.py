@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 from deploy_helpers import REPO, train_tiny_bundles
