@@ -1,16 +1,22 @@
-"""deploy/: the files parse, probes and health checks point at the right ports and service,
-and every metric the Grafana dashboard queries is one the server exports."""
+"""deploy/: every file is exercised (COVERAGE), the files parse, HAProxy accepts its config, compose,
+HAProxy, Prometheus and the Dockerfile agree on names and ports, the extras keep training out of serving,
+and every metric the Grafana dashboard queries is one the server exports. The Kubernetes manifests are
+in test_k8s_manifests.py, the image in test_image.py, failover in test_failover_haproxy.py."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
 import yaml
+from deploy_helpers import TRAIN_ONLY_MODULES, train_tiny_bundles
 
 from chatforge.serving.metrics import ServingMetrics
 from chatforge.serving.service import SERVICE_NAME
@@ -20,111 +26,214 @@ DEPLOY = REPO / "deploy"
 GRPC_PORT = 50051
 
 
-def _k8s() -> dict[str, list[dict]]:
-    docs: dict[str, list[dict]] = {}
-    for f in sorted((DEPLOY / "k8s").glob("*.yaml")):
-        for doc in yaml.safe_load_all(f.read_text()):
-            if doc:
-                docs.setdefault(doc["kind"], []).append(doc)
-    return docs
-
-
 def _flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
+# Every file in deploy/ and what exercises or validates it (the issue's acceptance: nothing in deploy/
+# is untested prose). A new file must be added here with its test.
+COVERAGE = {
+    "Dockerfile": "tests/test_image.py (built and run in CI) + test_dockerfile_*",
+    "Dockerfile.train": "tests/test_image.py::test_training_image_has_the_training_stack",
+    "docker-compose.yml": "test_compose_*",
+    "envoy.yaml": "test_compose_envoy_is_optional_and_points_at_the_replicas",
+    "haproxy/haproxy.cfg": "tests/test_failover_haproxy.py (real HAProxy) + test_haproxy_*",
+    "prometheus/prometheus.yml": "test_compose_prometheus_scrapes_what_the_stack_exposes",
+    "grafana/chatforge-dashboard.json": "test_dashboard_queries_only_exported_metrics",
+    "k8s/kustomization.yaml": "tests/test_k8s_manifests.py",
+    "k8s/models-pvc.yaml": "tests/test_k8s_manifests.py",
+    "k8s/deployment.yaml": "tests/test_k8s_manifests.py",
+    "k8s/service.yaml": "tests/test_k8s_manifests.py",
+    "k8s/hpa.yaml": "tests/test_k8s_manifests.py",
+    "k8s/pdb.yaml": "tests/test_k8s_manifests.py",
+    "k8s/train-job.yaml": "tests/test_k8s_manifests.py",
+    "wheels/README.md": "tests/test_image.py (the build context's WHEELS folder)",
+    "no-bundle/README.md": "tests/test_image.py (the default BUNDLE build argument)",
+}
+
+
+def test_every_deploy_file_is_exercised():
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "deploy"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    if not tracked:  # not a git checkout: every file that is not a local build input
+        tracked = [str(p.relative_to(REPO)) for p in DEPLOY.rglob("*") if p.is_file() and p.suffix != ".whl"]
+    files = sorted(str(Path(f).relative_to("deploy")) for f in tracked)
+    assert files == sorted(COVERAGE), "update COVERAGE (and add the test that covers the new file)"
+
+
 def test_every_deploy_file_parses():
     files = list(DEPLOY.rglob("*.yaml")) + list(DEPLOY.rglob("*.yml"))
-    assert len(files) >= 7
+    assert len(files) >= 10
     for f in files:
         assert list(yaml.safe_load_all(f.read_text())), f
     assert json.loads((DEPLOY / "grafana" / "chatforge-dashboard.json").read_text())["panels"]
 
 
-def test_k8s_deployment_probes():
-    docs = _k8s()
-    assert set(docs) >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
-    dep = docs["Deployment"][0]
-    pod = dep["spec"]["template"]["spec"]
-    (c,) = pod["containers"]
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports["grpc"] == GRPC_PORT == int(_flag(c["args"], "--port"))
-    # Readiness (and startup) ask for the Chatbot service itself: NOT_SERVING while loading and draining.
-    for probe in ("readinessProbe", "startupProbe"):
-        assert c[probe]["grpc"] == {"port": GRPC_PORT, "service": SERVICE_NAME}, probe
-    assert c["readinessProbe"]["periodSeconds"] <= 2 and c["readinessProbe"]["failureThreshold"] == 1
-    assert c["livenessProbe"]["grpc"]["port"] == GRPC_PORT
-    # The startup probe must allow a slow model load before liveness may kill the pod.
-    start = c["startupProbe"]
-    assert start["periodSeconds"] * start["failureThreshold"] >= 60
-    # SIGKILL must never cut the drain: grace period > preStop pause + the server's --grace.
-    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + float(_flag(c["args"], "--grace"))
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert "0.0.0.0" in c["args"]  # reachable from the kubelet and the Service, not only localhost
+def _haproxy_servers(text: str) -> dict[str, list[list[str]]]:
+    backends: dict[str, list[list[str]]] = {}
+    current = None
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] in ("backend", "frontend", "defaults", "global", "resolvers", "listen"):
+            current = words[1] if words[0] == "backend" else None
+            if current:
+                backends[current] = []
+        elif words[0] == "server" and current:
+            backends[current].append(words)
+    return backends
 
 
-def test_k8s_selectors_line_up():
-    docs = _k8s()
-    dep = docs["Deployment"][0]
-    labels = dep["spec"]["template"]["metadata"]["labels"]
-    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    container_ports = {p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
-    for svc in docs["Service"]:
-        assert svc["spec"]["selector"].items() <= labels.items(), svc["metadata"]["name"]
-        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= container_ports
-    (hpa,) = docs["HorizontalPodAutoscaler"]
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": dep["metadata"]["name"]}
-    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
-    (pdb,) = docs["PodDisruptionBudget"]
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # a drain can still make progress
-    kust = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
-    assert sorted(kust["resources"]) == sorted(p.name for p in (DEPLOY / "k8s").glob("*.yaml")
-                                               if p.name != "kustomization.yaml")
+def test_haproxy_config_checks_every_replica_every_second():
+    text = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    backends = _haproxy_servers(text)
+    assert set(backends) == {"chatforge_l4", "chatforge_h2"}
+    for name, servers in backends.items():
+        assert len(servers) == 2, name
+        for words in servers:
+            # On each server line: HAProxy 2.6 does not apply check-proto from default-server.
+            for opt in ("check", "check-proto h1", "inter 1s", "fall 1", "rise 2",
+                        "on-marked-down shutdown-sessions"):
+                assert opt in " ".join(words), (name, opt)
+            assert ("proto h2" in " ".join(words)) == (name == "chatforge_h2")
+    for must in ("option httpchk GET /readyz", "http-check expect status 200", "retries 3",
+                 "option redispatch", "timeout check 1s", "retry-on conn-failure empty-response",
+                 "bind \"${CHATFORGE_LB_ADDR-}:${CHATFORGE_LB_H2_PORT-50052}\" proto h2"):
+        assert must in text, must
+    assert re.search(r"frontend grpc_l4\s+mode tcp", text) and re.search(r"frontend grpc_h2\s+mode http", text)
 
 
-def test_compose_two_replicas_behind_envoy_with_1s_grpc_health_checks():
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    bot = compose["services"]["chatbot"]
-    assert bot["deploy"]["replicas"] == 2
-    assert int(_flag(bot["command"], "--port")) == GRPC_PORT
-    grace = float(_flag(bot["command"], "--grace"))
-    assert float(bot["stop_grace_period"].rstrip("s")) > grace
+def test_haproxy_accepts_the_config():
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (tools/ci_install_containers.sh installs Debian's package)")
+    env = {**os.environ, "CHATFORGE_REPLICA_A": "127.0.0.2", "CHATFORGE_REPLICA_B": "127.0.0.3"}
+    r = subprocess.run(["haproxy", "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "Configuration file is valid" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "[WARNING]" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def test_compose_two_replicas_behind_haproxy():
+    compose = _compose()
+    services = compose["services"]
+    replicas = {n: s for n, s in services.items() if n.startswith("chatbot-")}
+    assert sorted(replicas) == ["chatbot-a", "chatbot-b"]
+    hp = services["haproxy"]
+    # haproxy.cfg's replica addresses are these service names.
+    assert {hp["environment"]["CHATFORGE_REPLICA_A"], hp["environment"]["CHATFORGE_REPLICA_B"]} == set(replicas)
+    assert "./haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in hp["volumes"]
+    assert {"50051:50051", "50052:50052"} <= set(hp["ports"])
+    for name, svc in replicas.items():
+        cmd, env = svc["command"], svc["environment"]
+        assert int(_flag(cmd, "--port")) == GRPC_PORT and _flag(cmd, "--host") == "0.0.0.0"
+        assert env["CHATFORGE_METRICS_PORT"] == "9100" and env["CHATFORGE_SERVER_NAME"] == name
+        delay, grace = float(_flag(cmd, "--drain-delay")), float(_flag(cmd, "--grace"))
+        assert float(svc["stop_grace_period"].rstrip("s")) > delay + grace
+        assert svc["read_only"] and svc["cap_drop"] == ["ALL"] and "/tmp" in svc["tmpfs"]
+        mounts = {v.split(":")[-2 if v.endswith(":ro") else -1]: v for v in svc["volumes"]}
+        assert mounts["/models/chat"].endswith(":ro") and "/data" in mounts
+    for svc in services.values():
+        image = svc["image"]
+        assert ":" in image and not image.endswith(":latest"), image  # pinned
+    assert services["postgres"]["profiles"] == ["postgres"] and services["envoy"]["profiles"] == ["envoy"]
+
+
+def test_compose_prometheus_scrapes_what_the_stack_exposes():
+    compose = _compose()
+    assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in compose["services"]["prometheus"]["volumes"]
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {"chatbot-a:9100", "chatbot-b:9100", "haproxy:8404"}
+    assert "${CHATFORGE_LB_STATS_PORT-8404}" in (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    if shutil.which("promtool"):
+        r = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_envoy_is_optional_and_points_at_the_replicas():
+    compose = _compose()
     envoy_svc = compose["services"]["envoy"]
     assert "./envoy.yaml:/etc/envoy/envoy.yaml:ro" in envoy_svc["volumes"]
-    assert (DEPLOY / "envoy.yaml").is_file()
-
     envoy = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
     (cluster,) = envoy["static_resources"]["clusters"]
     (hc,) = cluster["health_checks"]
     assert hc["interval"] == "1s" and hc["grpc_health_check"]["service_name"] == SERVICE_NAME
-    addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
-    assert addr == {"address": "chatbot", "port_value": GRPC_PORT}  # the compose service name, resolved per replica
-    assert cluster["type"] == "STRICT_DNS" and cluster["lb_policy"] == "ROUND_ROBIN"
-    # gRPC needs HTTP/2 to the upstreams.
+    addrs = [e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert addrs == [{"address": "chatbot-a", "port_value": GRPC_PORT}, {"address": "chatbot-b", "port_value": GRPC_PORT}]
     opts = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-    assert "http2_protocol_options" in opts["explicit_http_config"]
+    assert "http2_protocol_options" in opts["explicit_http_config"]  # gRPC needs HTTP/2 upstream
 
 
-def test_dockerfile_non_root_with_health_check():
+def _dockerfile_lines(name: str) -> list[str]:
+    text = (DEPLOY / name).read_text().replace("\\\n", " ")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_dockerfile_multi_stage_non_root_with_health_check():
     text = (DEPLOY / "Dockerfile").read_text()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim"
+    lines = _dockerfile_lines("Dockerfile")
+    base = next(ln for ln in lines if ln.startswith("ARG BASE_IMAGE="))
+    assert re.fullmatch(r"ARG BASE_IMAGE=python:3\.\d+\.\d+-slim-bookworm", base)  # pinned by version
+    froms = [ln for ln in lines if ln.startswith("FROM ")]
+    assert froms == ["FROM ${BASE_IMAGE} AS build", "FROM ${BASE_IMAGE}"]
     user = [ln for ln in lines if ln.startswith("USER ")]
     assert user and user[-1].split()[1].split(":")[0] not in ("root", "0")
-    hc = re.search(r'HEALTHCHECK.*?CMD (\[.*?\])', text, re.S)
+    assert "STOPSIGNAL SIGTERM" in lines
+    hc = re.search(r"HEALTHCHECK.*?CMD (\[.*?\])", text, re.S)
     assert hc is not None
     cmd = json.loads(hc.group(1))
-    assert cmd[:2] == ["chatforge", "health"] and SERVICE_NAME in cmd
-    assert f"127.0.0.1:{GRPC_PORT}" in cmd
-    assert "--index-url" in text  # CPU torch wheels, not the CUDA ones
+    assert cmd[:2] == ["chatforge", "health"] and SERVICE_NAME in cmd and f"127.0.0.1:{GRPC_PORT}" in cmd
+    assert "--timeout=2s" in hc.group(0)
+    assert 'ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' in lines  # CPU torch by default
+    assert '".[serve]"' in text and "[train]" not in text  # the serving extra only
+    assert "CHATFORGE_METRICS_PORT=9100" in text and "EXPOSE 50051 9100" in lines
     ignore = (REPO / ".dockerignore").read_text().split()
-    assert ".venv" in ignore and "runs" in ignore
+    assert ".venv" in ignore and "runs" in ignore and "!deploy/wheels" in ignore
     for line in lines:
         if line.startswith(("CMD [", "ENTRYPOINT [")):
             json.loads(line.split(" ", 1)[1])  # exec form: SIGTERM reaches chatforge, not a shell
+
+
+def test_extras_split_keeps_training_out_of_serving():
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml itself")
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    names = lambda reqs: {re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower() for r in reqs}  # noqa: E731
+    training = {"mlflow-skinny", "optuna", "xgboost-cpu", "scikit-learn", "matplotlib", "sacrebleu", "alembic"}
+    assert not training & (names(project["dependencies"]) | names(extras["serve"]))
+    assert training <= names(extras["train"]) and {"torch", "grpcio", "sentencepiece"} <= names(extras["serve"])
+    assert "chatforge[serve]" in extras["train"] and "chatforge[serve,train]" in extras["dev"]
+
+
+def test_serving_runs_without_the_training_packages(tmp_path):
+    """A generation and a classification bundle load and answer with every training-only package
+    made unimportable: what the serving image (chatforge[serve]) can do."""
+    chat, intent = train_tiny_bundles(tmp_path)
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {TRAIN_ONLY_MODULES!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: training only)")
+sys.meta_path.insert(0, Block())
+import chatforge.cli, chatforge.serving.server
+from chatforge.inference import load_model
+from chatforge.decoding import GenerationOptions
+gen = load_model({str(chat)!r}, "chat")
+print("reply", len(list(gen.stream("hello", GenerationOptions(max_new_tokens=4)))))
+print("label", load_model({str(intent)!r}, "intent").classify(["hello"])[0].label)
+print("loaded", sorted(m for m in {TRAIN_ONLY_MODULES!r} if m in sys.modules))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reply " in r.stdout and "label " in r.stdout and "loaded []" in r.stdout
 
 
 @pytest.fixture()
