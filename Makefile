@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.chatforge-installed
 
-.PHONY: demo test lint proto clean
+.PHONY: demo test lint proto diagrams clean
 
 # The venv is (re)built when pyproject.toml changes. torch is pinned to a range that
 # pip satisfies with the CPU wheel; see README "Dependencies".
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
+
+# PlantUML sources in docs/diagrams/ -> SVG + PNG (Debian's plantuml, offline).
+diagrams:
+	bash tools/render_diagrams.sh
 
 clean:
 	rm -rf runs/demo .pytest_cache
