@@ -17,11 +17,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
-# Under CI (CI=true) a throwaway PostgreSQL from Debian's packages is started for the
+# Under CI (CI=true) podman, runc, debootstrap, haproxy and plantuml are installed from Debian's
+# packages and a local base image is built (cached in podman's storage) for the deployment tests;
+# a throwaway PostgreSQL from Debian's packages is started for the
 # conversation store's PostgreSQL test; elsewhere that test skips unless
 # CHATFORGE_TEST_PG_URL is set. A failed start only skips those tests.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools scripts
+	@if [ -n "$$CI" ]; then \
+	  timeout 900 bash tools/ci_install_containers.sh >/dev/null \
+	    || echo "container tools or base image unavailable: tests/test_image.py says why"; \
+	fi
 	@if [ -n "$$CI" ] && [ -z "$$CHATFORGE_TEST_PG_URL" ]; then \
 	  CHATFORGE_TEST_PG_URL=$$(timeout 300 bash tools/start_postgres.sh || true); export CHATFORGE_TEST_PG_URL; \
 	  echo "PostgreSQL for tests: $${CHATFORGE_TEST_PG_URL:-unavailable (its tests skip)}"; \
