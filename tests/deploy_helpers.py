@@ -126,3 +126,13 @@ class Replica:
             self.proc.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
+
+
+def say(pytestconfig, text: str) -> None:
+    """Print past pytest's capture, so figures reach the CI log whether the test passes or fails."""
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+    if capman is None:
+        print(text)
+        return
+    with capman.global_and_fixture_disabled():
+        print(text, flush=True)

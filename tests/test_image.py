@@ -24,7 +24,16 @@ import uuid
 from pathlib import Path
 
 import pytest
-from deploy_helpers import REPO, TRAIN_ONLY_MODULES, free_port, http_get, ready, train_tiny_bundles, wait_for
+from deploy_helpers import (
+    REPO,
+    TRAIN_ONLY_MODULES,
+    free_port,
+    http_get,
+    ready,
+    say,
+    train_tiny_bundles,
+    wait_for,
+)
 
 from chatforge.serving.client import ChatbotClient
 
@@ -93,10 +102,10 @@ def engine() -> None:
 
 
 @pytest.fixture(scope="module")
-def serving_image(engine) -> str:
+def serving_image(engine, pytestconfig) -> str:
     tag = "localhost/chatforge:ci"
     took = _build("deploy/Dockerfile", tag)
-    print(f"\nserving image {tag}: {_size_mb(tag):.0f} MB, built in {took:.0f} s on {BASE}")
+    say(pytestconfig, f"\nserving image {tag}: {_size_mb(tag):.0f} MB, built in {took:.0f} s on {BASE}")
     return tag
 
 
@@ -132,7 +141,7 @@ def _exited(name: str) -> bool:
     return _podman("inspect", name, "--format", "{{.State.Running}}", check=False).stdout.strip() == "false"
 
 
-def test_serving_image_serves_like_kubernetes_runs_it(container):
+def test_serving_image_serves_like_kubernetes_runs_it(container, pytestconfig):
     name = container["name"]
     assert _podman("exec", name, "id", "-u").stdout.strip() == "10001"  # non-root
     with ChatbotClient(container["grpc"], timeout=30) as client:
@@ -153,7 +162,7 @@ def test_serving_image_serves_like_kubernetes_runs_it(container):
     start = time.monotonic()
     r = _podman("healthcheck", "run", name, check=False)
     took = time.monotonic() - start
-    print(f"\nHEALTHCHECK answered in {took:.2f} s (podman healthcheck run, incl. podman's own start)")
+    say(pytestconfig, f"\nHEALTHCHECK answered in {took:.2f} s (podman healthcheck run, incl. podman's own start)")
     assert r.returncode == 0, r.stdout + r.stderr
 
     # The serving extra only: none of the training stack is installed.
@@ -164,23 +173,23 @@ def test_serving_image_serves_like_kubernetes_runs_it(container):
     _podman("exec", name, "touch", "/data/probe", "/tmp/probe")
 
 
-def test_stop_drains_and_exits_zero(container):
+def test_stop_drains_and_exits_zero(container, pytestconfig):
     name = container["name"]
     start = time.monotonic()
     _podman("stop", "-t", "30", name, timeout=60)
     took = time.monotonic() - start
     state = json.loads(_podman("inspect", name, "--format", "{{json .State}}").stdout)
     logs = _podman("logs", name, check=False).stderr
-    print(f"\npodman stop took {took:.1f} s; exit code {state['ExitCode']}")
+    say(pytestconfig, f"\npodman stop took {took:.1f} s; exit code {state['ExitCode']}")
     assert state["ExitCode"] == 0, logs[-3000:]
     assert '"event": "stopped"' in logs  # the server's own orderly shutdown, not a SIGKILL
     assert took < 30
 
 
-def test_training_image_has_the_training_stack(engine):
+def test_training_image_has_the_training_stack(engine, pytestconfig):
     tag = "localhost/chatforge-train:ci"
     took = _build("deploy/Dockerfile.train", tag)
-    print(f"\ntraining image {tag}: {_size_mb(tag):.0f} MB, built in {took:.0f} s")
+    say(pytestconfig, f"\ntraining image {tag}: {_size_mb(tag):.0f} MB, built in {took:.0f} s")
     probe = "import mlflow, optuna, sklearn, xgboost, matplotlib, torch.distributed.run; print('ok')"
     r = _podman("run", "--rm", *LIMITS, "--network", "none", "--entrypoint", "python3", tag, "-c", probe)
     assert r.stdout.strip().endswith("ok")
