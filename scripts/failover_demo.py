@@ -10,7 +10,7 @@ Two replicas (each in its own network namespace when this process may make them,
 
 for TCP mode (L4, :LB_TCP) and HTTP/2 mode (per-call balancing, :LB_H2). Printed per scenario: failed
 calls (and how many of them were Reply streams already under way), the detach time (signal -> HAProxy
-marks the replica DOWN) and the re-attach time (restart or SIGCONT -> UP again).
+takes the replica out: NOLB for a drain, DOWN for a dead or hung one) and the re-attach time (restart or SIGCONT -> UP again).
 
 Run by scripts/failover-demo.sh for users and by tests/test_failover_haproxy.py in CI.
 """
@@ -55,6 +55,7 @@ class Result:
     failed_started_replies: int
     failed_after_detach: int
     detach_s: float | None
+    detach_state: str
     reattach_s: float | None
     exit_code: int | None
     served_by_victim_before: int
@@ -106,10 +107,13 @@ class Topology:
 class HAProxy:
     def __init__(self, addrs: list[str], workdir: Path):
         self.tcp, self.h2, self.stats = free_port(), free_port(), free_port()
+        self.check_ports = free_port(), free_port()
         env = {**os.environ, "CHATFORGE_REPLICA_A": addrs[0], "CHATFORGE_REPLICA_B": addrs[1],
                "CHATFORGE_GRPC_PORT": str(GRPC_PORT), "CHATFORGE_METRICS_PORT": str(METRICS_PORT),
                "CHATFORGE_LB_ADDR": "127.0.0.1", "CHATFORGE_LB_TCP_PORT": str(self.tcp),
-               "CHATFORGE_LB_H2_PORT": str(self.h2), "CHATFORGE_LB_STATS_PORT": str(self.stats)}
+               "CHATFORGE_LB_H2_PORT": str(self.h2), "CHATFORGE_LB_STATS_PORT": str(self.stats),
+               "CHATFORGE_LB_CHECK_A_PORT": str(self.check_ports[0]),
+               "CHATFORGE_LB_CHECK_B_PORT": str(self.check_ports[1])}
         self.log = workdir / "haproxy.log"
         # -db: stay in the foreground (no daemon), so the process is ours to stop.
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(HAPROXY_CFG)], env=env,
@@ -240,9 +244,13 @@ class Failover:
         t_event = time.monotonic()
         victim.signal(sig)
         detach = reattach = exit_code = None
+        # A drain leaves the pool as NOLB (no new calls, open streams carry on) and is DOWN once the
+        # process exits; a dead or hung replica must be DOWN (its connections closed) at once.
+        gone = ("NOLB", "DOWN") if scenario == "drain" else ("DOWN",)
         with contextlib.suppress(TimeoutError):
-            detach = wait_for(lambda: self.lb.status(backend, "a").startswith("DOWN"), 30,
-                              f"HAProxy marks replica a DOWN after {scenario}", interval=0.02)
+            detach = wait_for(lambda: self.lb.status(backend, "a").startswith(gone), 30,
+                              f"HAProxy takes replica a out after {scenario}", interval=0.02)
+        state = self.lb.status(backend, "a")
         if scenario == "kill":
             victim.wait(timeout=10)
             t_restart = time.monotonic()
@@ -265,7 +273,7 @@ class Failover:
             mode=mode, scenario=scenario, calls=out.get("calls", 0), failed=len(failures),
             failed_started_replies=sum(1 for f in failures if f[2]),
             failed_after_detach=sum(1 for f in failures if f[0] > t_detached),
-            detach_s=None if detach is None else round(detach, 2),
+            detach_s=None if detach is None else round(detach, 2), detach_state=state.split()[0] if state else "",
             reattach_s=None if reattach is None else round(reattach, 2),
             exit_code=exit_code, served_by_victim_before=served,
             seconds=round(time.monotonic() - t_start, 1),
@@ -279,11 +287,12 @@ def machine() -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = "| mode | scenario | calls | failed | of them started replies | failed after detach | detach s | re-attach s | exit |"
-    lines = [head, "| " + " | ".join("---" for _ in range(9)) + " |"]
+    head = ("| mode | scenario | calls | failed | of them started replies | failed after detach | detach s "
+            "| detached as | re-attach s | exit |")
+    lines = [head, "| " + " | ".join("---" for _ in range(10)) + " |"]
     for r in results:
         lines.append(f"| {r.mode} | {r.scenario} | {r.calls} | {r.failed} | {r.failed_started_replies} | "
-                     f"{r.failed_after_detach} | {r.detach_s} | {r.reattach_s if r.reattach_s is not None else '-'} | "
+                     f"{r.failed_after_detach} | {r.detach_s} | {r.detach_state} | {r.reattach_s if r.reattach_s is not None else '-'} | "
                      f"{r.exit_code if r.exit_code is not None else '-'} |")
     return "\n".join(lines)
 

@@ -75,7 +75,7 @@ def _haproxy_servers(text: str) -> dict[str, list[list[str]]]:
         words = line.split("#", 1)[0].split()
         if not words:
             continue
-        if words[0] in ("backend", "frontend", "defaults", "global", "resolvers", "listen"):
+        if words[0] in ("backend", "frontend", "defaults", "global", "resolvers", "listen"):  # listen: check relays
             current = words[1] if words[0] == "backend" else None
             if current:
                 backends[current] = []
@@ -96,6 +96,14 @@ def test_haproxy_config_checks_every_replica_every_second():
                         "on-marked-down shutdown-sessions"):
                 assert opt in " ".join(words), (name, opt)
             assert ("proto h2" in " ".join(words)) == (name == "chatforge_h2")
+    # A draining replica (503) becomes 404 = NOLB through its check listener; dead or hung ones fail.
+    for srv in ("a", "b"):
+        assert f'check addr 127.0.0.1 port "${{CHATFORGE_LB_CHECK_{srv.upper()}_PORT-' in text
+        listener = text.split(f"listen readyz_{srv}", 1)[1].split("\nlisten ", 1)[0]
+        assert "http-response set-status 404 reason draining if { status 503 }" in listener
+        assert "retries 0" in listener and "timeout server 800ms" in listener
+        assert f"server {srv} \"${{CHATFORGE_REPLICA_{srv.upper()}-chatbot-{srv}}}:${{CHATFORGE_METRICS_PORT-9100}}\"" in listener
+    assert text.count("    http-check disable-on-404\n") == 2  # in both backends
     for must in ("option httpchk GET /readyz", "http-check expect status 200", "retries 3",
                  "option redispatch", "timeout check 1s", "retry-on conn-failure empty-response",
                  "bind \"${CHATFORGE_LB_ADDR-}:${CHATFORGE_LB_H2_PORT-50052}\" proto h2"):

@@ -6,7 +6,8 @@ calls through HAProxy, and at the halfway mark one replica is drained (SIGTERM),
 restarted) or hung (SIGSTOP, SIGCONT later), in TCP and in HTTP/2 mode. The figures are printed (the CI
 log shows them) and asserted:
 
-- drain: no failed call at all, the replica is detached within 2 s and exits 0;
+- drain: no failed call at all, the replica is taken out within 2 s as NOLB (HAProxy's drain state: no
+  new calls, open streams carry on; deploy/haproxy/haproxy.cfg turns its 503 into 404) and exits 0;
 - kill: no failed call except a Reply stream that was already under way on the killed replica (its
   tokens were delivered; nothing can resume it), detached within 2 s, re-attached after its restart;
 - hang: no failure of a call made after HAProxy marked the replica down, which takes at most 2 s.
@@ -57,6 +58,9 @@ def test_failover_behind_haproxy(failover, mode, capsys):
 
     assert by["drain"].failed == 0, by["drain"].errors
     assert by["drain"].exit_code == 0
+    # Taken out as NOLB (open streams carry on), not DOWN (which closes its connections).
+    assert by["drain"].detach_state == "NOLB", by["drain"]
+    assert by["kill"].detach_state == by["hang"].detach_state == "DOWN"
 
     kill = by["kill"]
     assert kill.failed == kill.failed_started_replies, kill.errors  # only streams already under way
