@@ -1,4 +1,10 @@
-"""The `chatforge` command line: parse, call the library, render with rich. No logic here."""
+"""The `chatforge` command line: parse, call the library, render with rich. No logic here.
+
+Every command imports the library inside its own function, never at the top of this module: the
+client commands (health, chat, loadtest, top) must not pay for torch, scikit-learn or MLflow
+(seconds of imports; a container HEALTHCHECK runs `chatforge health` with a 4 s timeout).
+tests/test_client.py checks that they import none of them.
+"""
 
 from __future__ import annotations
 
@@ -513,6 +519,11 @@ def serve(
             # An address that is not this machine's is --host's fault, not the port's.
             _fail(_port_failure(host, p, "--host" if err.errno == errno.EADDRNOTAVAIL else option,
                                 (err.strerror or str(err)).lower()))
+    # The server logs JSON lines to stderr itself (serving/observability.py); the CLI's rich handler
+    # would print every event a second time, human-formatted, on the same stream.
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, RichHandler)]:
+        root.removeHandler(handler)
     engine_kwargs = dict(max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size,
                          max_wait_ms=max_wait_ms, max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens)
     try:
@@ -621,7 +632,7 @@ def health(
         with ChatbotClient(target, timeout=timeout, **creds) as client:
             status = client.health(service)
     except ChatbotError as e:
-        err_console.print(f"{target}: {e}", highlight=False, markup=False)
+        err_console.print(f"{target}: {e}", highlight=False, markup=False, soft_wrap=True)  # one line
         raise typer.Exit(1) from None
     except ValueError as e:  # e.g. a malformed target
         _fail(str(e))
