@@ -116,7 +116,10 @@ def save_bundle(
             "kind": "torch" if is_torch else "estimator",
             "tokenizer": None if tokenizer is None else {
                 "kind": tokenizer.kind, "file": tokenizer.filename, "sha256": tokenizer.sha256,
-                "vocab_size": tokenizer.vocab_size},
+                "vocab_size": tokenizer.vocab_size,
+                # special tokens chosen by name (HF vocabularies without conventional spellings)
+                **({"special_tokens": tokenizer.special_tokens} if getattr(tokenizer, "special_tokens", None)
+                   else {})},
             "data_sha256": data_sha256,
             "num_parameters": sum(p.numel() for p in model.parameters()) if is_torch else None,
             "metrics": metrics or {},
@@ -177,7 +180,8 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
         raise BundleError(f"{path} is not a complete chatforge bundle: missing {', '.join(missing)}")
     tree = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
     cfg = validate_config(tree, source=str(path / CONFIG))
-    tokenizer = load_tokenizer(path / tok_file, tok_meta.get("kind", "sentencepiece"))
+    tokenizer = load_tokenizer(path / tok_file, tok_meta.get("kind", "sentencepiece"),
+                               special_tokens=tok_meta.get("special_tokens"))
     labels = json.loads((path / LABELS).read_text(encoding="utf-8")) if (path / LABELS).is_file() else None
     model = build_from_config(cfg, tokenizer, labels)
     missing_keys, unexpected = _st_load_model(model, str(path / WEIGHTS), strict=False, device=device)

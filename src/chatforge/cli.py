@@ -929,12 +929,17 @@ def convert_from_hf(
     src: Path = typer.Argument(..., help="HF checkpoint folder (config.json, weights, tokenizer files)."),
     out: Path = typer.Argument(..., help="Bundle folder to write."),
     task: str = typer.Option(None, help="Task of the bundle (gpt: lm or generation); default: the family's."),
+    bos_token: str = typer.Option(None, "--bos-token", help="Vocabulary token that begins a sequence, when "
+                                  "it is not <s>, <|endoftext|> or [CLS] (e.g. openai-gpt has none)."),
+    eos_token: str = typer.Option(None, "--eos-token", help="Vocabulary token that ends a sequence, when it "
+                                  "is not </s>, <|endoftext|> or [SEP]."),
 ):
     """Convert a BERT / GPT / GPT-2 checkpoint folder into a chatforge bundle (keeps its tokenizer)."""
     from chatforge.interop import ConversionError, from_hf
 
+    kwargs = {k: v for k, v in (("task", task), ("bos_token", bos_token), ("eos_token", eos_token)) if v}
     try:
-        path = from_hf(src, out, **({"task": task} if task else {}))
+        path = from_hf(src, out, **kwargs)
     except (ConversionError, ValueError, OSError) as e:
         _fail(str(e))
     console.print(f"bundle written to [bold]{path}[/]", highlight=False)
