@@ -198,18 +198,14 @@ class Failover:
                 r.start()
             self.lb = HAProxy(self.topo.addrs, self.workdir)
             for r in self.replicas:
-                wait_for(lambda r=r: ready(r.readyz) if not r.netns else self._ready_in_ns(r), WAIT,
-                         f"replica {r.host} ready")
+                # The host reaches a namespace's address through its veth pair, as HAProxy does.
+                wait_for(lambda r=r: ready(r.readyz), WAIT, f"replica {r.host} ready")
             self.wait_up("a")
             self.wait_up("b")
         except BaseException:
             self.__exit__()
             raise
         return self
-
-    def _ready_in_ns(self, r: Replica) -> bool:
-        # The host reaches a namespace's address through its veth pair, like HAProxy does.
-        return ready(r.readyz)
 
     def __exit__(self, *exc) -> None:
         for r in self.replicas:
