@@ -148,6 +148,10 @@ def test_compose_two_replicas_behind_haproxy():
         image = svc["image"]
         assert ":" in image and not image.endswith(":latest"), image  # pinned
     assert services["postgres"]["profiles"] == ["postgres"] and services["envoy"]["profiles"] == ["envoy"]
+    # The image's EXTRAS build argument, so the postgres profile can build psycopg in.
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for svc in replicas.values():
+        assert set(svc["build"]["args"]) <= set(re.findall(r"^ARG (\w+)", dockerfile, re.M))
 
 
 def test_compose_prometheus_scrapes_what_the_stack_exposes():
@@ -198,7 +202,7 @@ def test_dockerfile_multi_stage_non_root_with_health_check():
     assert cmd[:2] == ["chatforge", "health"] and SERVICE_NAME in cmd and f"127.0.0.1:{GRPC_PORT}" in cmd
     assert "--timeout=2s" in hc.group(0)
     assert 'ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' in lines  # CPU torch by default
-    assert '".[serve]"' in text and "[train]" not in text  # the serving extra only
+    assert "ARG EXTRAS=serve" in lines and '".[${EXTRAS}]"' in text  # the serving extra only, by default
     assert "CHATFORGE_METRICS_PORT=9100" in text and "EXPOSE 50051 9100" in lines
     ignore = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignore and "runs" in ignore and "!deploy/wheels" in ignore
