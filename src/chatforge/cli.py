@@ -478,7 +478,9 @@ def serve(
                                    "new versions (latest, or pinned by DIR/<name>/PINNED or --pin)."),
     pin: list[str] = typer.Option([], "--pin", help="NAME=VERSION to serve from --model-dir (rollback)."),
     poll_interval: float = typer.Option(5.0, help="Seconds between --model-dir scans."),
-    metrics_port: int = typer.Option(None, help="Serve /metrics, /healthz, /readyz over HTTP on this port."),
+    # The image and the manifests set CHATFORGE_METRICS_PORT; the flag wins over it.
+    metrics_port: int = typer.Option(None, envvar="CHATFORGE_METRICS_PORT",
+                                     help="Serve /metrics, /healthz, /readyz over HTTP on this port."),
     max_running: int = typer.Option(8, help="Per model: sequences in the running batch."),
     max_queued: int = typer.Option(64, help="Per model: requests waiting beyond that (then RESOURCE_EXHAUSTED)."),
     max_batch_size: int = typer.Option(32, help="Classify: most texts per micro-batch."),

@@ -1,0 +1,307 @@
+"""deploy/: every file is exercised (COVERAGE), the files parse, HAProxy accepts its config, compose,
+HAProxy, Prometheus and the Dockerfile agree on names and ports, the extras keep training out of serving,
+and every metric the Grafana dashboard queries is one the server exports. The Kubernetes manifests are
+in test_k8s_manifests.py, the image in test_image.py, failover in test_failover_haproxy.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.deploy_helpers import TRAIN_ONLY_MODULES, train_tiny_bundles
+
+from chatforge.serving.metrics import ServingMetrics
+from chatforge.serving.service import SERVICE_NAME
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+GRPC_PORT = 50051
+
+
+def _flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+# Every file in deploy/ and what exercises or validates it (the issue's acceptance: nothing in deploy/
+# is untested prose). A new file must be added here with its test.
+COVERAGE = {
+    "Dockerfile": "tests/scenarios/test_image.py (built and run in CI) + test_dockerfile_*",
+    "Dockerfile.train": "tests/scenarios/test_image.py::test_training_image_has_the_training_stack",
+    "docker-compose.yml": "test_compose_*",
+    "envoy.yaml": "test_compose_envoy_is_optional_and_points_at_the_replicas",
+    "haproxy/haproxy.cfg": "tests/scenarios/test_failover_haproxy.py (real HAProxy) + test_haproxy_*",
+    "prometheus/prometheus.yml": "test_compose_prometheus_scrapes_what_the_stack_exposes",
+    "grafana/chatforge-dashboard.json": "test_dashboard_queries_only_exported_metrics",
+    "k8s/kustomization.yaml": "tests/deploy/test_k8s_manifests.py",
+    "k8s/models-pvc.yaml": "tests/deploy/test_k8s_manifests.py",
+    "k8s/deployment.yaml": "tests/deploy/test_k8s_manifests.py",
+    "k8s/service.yaml": "tests/deploy/test_k8s_manifests.py",
+    "k8s/hpa.yaml": "tests/deploy/test_k8s_manifests.py",
+    "k8s/pdb.yaml": "tests/deploy/test_k8s_manifests.py",
+    "k8s/train-job.yaml": "tests/deploy/test_k8s_manifests.py",
+    "wheels/README.md": "tests/scenarios/test_image.py (the build context's WHEELS folder)",
+    "no-bundle/README.md": "tests/scenarios/test_image.py (the default BUNDLE build argument)",
+}
+
+
+def test_every_deploy_file_is_exercised():
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "deploy"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    if not tracked:  # not a git checkout: every file that is not a local build input
+        tracked = [str(p.relative_to(REPO)) for p in DEPLOY.rglob("*") if p.is_file() and p.suffix != ".whl"]
+    files = sorted(str(Path(f).relative_to("deploy")) for f in tracked)
+    assert files == sorted(COVERAGE), "update COVERAGE (and add the test that covers the new file)"
+
+
+def test_every_deploy_file_parses():
+    files = list(DEPLOY.rglob("*.yaml")) + list(DEPLOY.rglob("*.yml"))
+    assert len(files) >= 10
+    for f in files:
+        assert list(yaml.safe_load_all(f.read_text())), f
+    assert json.loads((DEPLOY / "grafana" / "chatforge-dashboard.json").read_text())["panels"]
+
+
+def _haproxy_servers(text: str) -> dict[str, list[list[str]]]:
+    backends: dict[str, list[list[str]]] = {}
+    current = None
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] in ("backend", "frontend", "defaults", "global", "resolvers", "listen"):  # listen: check relays
+            current = words[1] if words[0] == "backend" else None
+            if current:
+                backends[current] = []
+        elif words[0] == "server" and current:
+            backends[current].append(words)
+    return backends
+
+
+def test_haproxy_config_checks_every_replica_every_second():
+    text = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    backends = _haproxy_servers(text)
+    assert set(backends) == {"chatforge_l4", "chatforge_h2"}
+    for name, servers in backends.items():
+        assert len(servers) == 2, name
+        for words in servers:
+            # On each server line: HAProxy 2.6 does not apply check-proto from default-server.
+            for opt in ("check", "check-proto h1", "inter 1s", "fall 1", "rise 2",
+                        "on-marked-down shutdown-sessions"):
+                assert opt in " ".join(words), (name, opt)
+            assert ("proto h2" in " ".join(words)) == (name == "chatforge_h2")
+    # A draining replica (503) becomes 404 = NOLB through its check listener; dead or hung ones fail.
+    for srv in ("a", "b"):
+        assert f'check addr 127.0.0.1 port "${{CHATFORGE_LB_CHECK_{srv.upper()}_PORT-' in text
+        listener = text.split(f"listen readyz_{srv}", 1)[1].split("\nlisten ", 1)[0]
+        assert "http-response set-status 404 reason draining if { status 503 }" in listener
+        assert "retries 0" in listener and "timeout server 800ms" in listener
+        assert f"server {srv} \"${{CHATFORGE_REPLICA_{srv.upper()}-chatbot-{srv}}}:${{CHATFORGE_METRICS_PORT-9100}}\"" in listener
+    assert text.count("    http-check disable-on-404\n") == 2  # in both backends
+    for must in ("option httpchk GET /readyz", "http-check expect status 200", "retries 3",
+                 "option redispatch", "timeout check 1s", "retry-on conn-failure empty-response",
+                 "bind \"${CHATFORGE_LB_ADDR-}:${CHATFORGE_LB_H2_PORT-50052}\" proto h2"):
+        assert must in text, must
+    assert re.search(r"frontend grpc_l4\s+mode tcp", text) and re.search(r"frontend grpc_h2\s+mode http", text)
+
+
+def test_haproxy_accepts_the_config():
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (tools/ci_install_containers.sh installs Debian's package)")
+    env = {**os.environ, "CHATFORGE_REPLICA_A": "127.0.0.2", "CHATFORGE_REPLICA_B": "127.0.0.3"}
+    r = subprocess.run(["haproxy", "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "Configuration file is valid" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "[WARNING]" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def test_compose_two_replicas_behind_haproxy():
+    compose = _compose()
+    services = compose["services"]
+    replicas = {n: s for n, s in services.items() if n.startswith("chatbot-")}
+    assert sorted(replicas) == ["chatbot-a", "chatbot-b"]
+    hp = services["haproxy"]
+    # haproxy.cfg's replica addresses are these service names.
+    assert {hp["environment"]["CHATFORGE_REPLICA_A"], hp["environment"]["CHATFORGE_REPLICA_B"]} == set(replicas)
+    assert "./haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in hp["volumes"]
+    assert {"50051:50051", "50052:50052"} <= set(hp["ports"])
+    for name, svc in replicas.items():
+        cmd, env = svc["command"], svc["environment"]
+        assert int(_flag(cmd, "--port")) == GRPC_PORT and _flag(cmd, "--host") == "0.0.0.0"
+        assert env["CHATFORGE_METRICS_PORT"] == "9100" and env["CHATFORGE_SERVER_NAME"] == name
+        delay, grace = float(_flag(cmd, "--drain-delay")), float(_flag(cmd, "--grace"))
+        assert float(svc["stop_grace_period"].rstrip("s")) > delay + grace
+        assert svc["read_only"] and svc["cap_drop"] == ["ALL"] and "/tmp" in svc["tmpfs"]
+        mounts = {v.split(":")[-2 if v.endswith(":ro") else -1]: v for v in svc["volumes"]}
+        assert mounts["/models/chat"].endswith(":ro") and "/data" in mounts
+    for svc in services.values():
+        image = svc["image"]
+        assert ":" in image and not image.endswith(":latest"), image  # pinned
+    assert services["postgres"]["profiles"] == ["postgres"] and services["envoy"]["profiles"] == ["envoy"]
+    # The image's EXTRAS build argument, so the postgres profile can build psycopg in.
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for svc in replicas.values():
+        assert set(svc["build"]["args"]) <= set(re.findall(r"^ARG (\w+)", dockerfile, re.M))
+
+
+def test_compose_prometheus_scrapes_what_the_stack_exposes():
+    compose = _compose()
+    assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in compose["services"]["prometheus"]["volumes"]
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {"chatbot-a:9100", "chatbot-b:9100", "haproxy:8404"}
+    assert "${CHATFORGE_LB_STATS_PORT-8404}" in (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    if shutil.which("promtool"):
+        r = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_envoy_is_optional_and_points_at_the_replicas():
+    compose = _compose()
+    envoy_svc = compose["services"]["envoy"]
+    assert "./envoy.yaml:/etc/envoy/envoy.yaml:ro" in envoy_svc["volumes"]
+    envoy = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
+    (cluster,) = envoy["static_resources"]["clusters"]
+    (hc,) = cluster["health_checks"]
+    assert hc["interval"] == "1s" and hc["grpc_health_check"]["service_name"] == SERVICE_NAME
+    addrs = [e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert addrs == [{"address": "chatbot-a", "port_value": GRPC_PORT}, {"address": "chatbot-b", "port_value": GRPC_PORT}]
+    opts = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in opts["explicit_http_config"]  # gRPC needs HTTP/2 upstream
+
+
+def _dockerfile_lines(name: str) -> list[str]:
+    text = (DEPLOY / name).read_text().replace("\\\n", " ")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_dockerfile_multi_stage_non_root_with_health_check():
+    text = (DEPLOY / "Dockerfile").read_text()
+    lines = _dockerfile_lines("Dockerfile")
+    base = next(ln for ln in lines if ln.startswith("ARG BASE_IMAGE="))
+    assert re.fullmatch(r"ARG BASE_IMAGE=python:3\.\d+\.\d+-slim-bookworm", base)  # pinned by version
+    froms = [ln for ln in lines if ln.startswith("FROM ")]
+    assert froms == ["FROM ${BASE_IMAGE} AS build", "FROM ${BASE_IMAGE}"]
+    user = [ln for ln in lines if ln.startswith("USER ")]
+    assert user and user[-1].split()[1].split(":")[0] not in ("root", "0")
+    assert "STOPSIGNAL SIGTERM" in lines
+    hc = re.search(r"HEALTHCHECK.*?CMD (\[.*?\])", text, re.S)
+    assert hc is not None
+    cmd = json.loads(hc.group(1))
+    assert cmd[:2] == ["chatforge", "health"] and SERVICE_NAME in cmd and f"127.0.0.1:{GRPC_PORT}" in cmd
+    assert "--timeout=2s" in hc.group(0)
+    assert 'ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' in lines  # CPU torch by default
+    assert "ARG EXTRAS=serve" in lines and '".[${EXTRAS}]"' in text  # the serving extra only, by default
+    assert "CHATFORGE_METRICS_PORT=9100" in text and "EXPOSE 50051 9100" in lines
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignore and "runs" in ignore and "!deploy/wheels" in ignore
+    for line in lines:
+        if line.startswith(("CMD [", "ENTRYPOINT [")):
+            json.loads(line.split(" ", 1)[1])  # exec form: SIGTERM reaches chatforge, not a shell
+
+
+def test_extras_split_keeps_training_out_of_serving():
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml itself")
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    names = lambda reqs: {re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower() for r in reqs}  # noqa: E731
+    training = {"mlflow-skinny", "optuna", "xgboost-cpu", "scikit-learn", "matplotlib", "sacrebleu", "alembic"}
+    assert not training & (names(project["dependencies"]) | names(extras["serve"]))
+    assert training <= names(extras["train"]) and {"torch", "grpcio", "sentencepiece"} <= names(extras["serve"])
+    assert "chatforge[serve]" in extras["train"] and "chatforge[serve,train]" in extras["dev"]
+
+
+def test_serving_runs_without_the_training_packages(tmp_path):
+    """A generation and a classification bundle load and answer with every training-only package
+    made unimportable: what the serving image (chatforge[serve]) can do."""
+    chat, intent = train_tiny_bundles(tmp_path)
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {TRAIN_ONLY_MODULES!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: training only)")
+sys.meta_path.insert(0, Block())
+import chatforge.cli, chatforge.serving.server
+from chatforge.inference import load_model
+from chatforge.decoding import GenerationOptions
+gen = load_model({str(chat)!r}, "chat")
+print("reply", len(list(gen.stream("hello", GenerationOptions(max_new_tokens=4)))))
+print("label", load_model({str(intent)!r}, "intent").classify(["hello"])[0].label)
+print("loaded", sorted(m for m in {TRAIN_ONLY_MODULES!r} if m in sys.modules))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reply " in r.stdout and "label " in r.stdout and "loaded []" in r.stdout
+
+
+@pytest.fixture()
+def exported_sample_names(monkeypatch) -> set[str]:
+    """Every sample name a ServingMetrics registry exports once each metric has a value."""
+    # Pretend CUDA is present so the GPU collector reports its metric names too.
+    fake_cuda = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 1,
+                                      memory_allocated=lambda i: 0, memory_reserved=lambda i: 0)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=fake_cuda))
+    m = ServingMetrics()
+    from chatforge.inference import ModelInfo
+
+    m.set_model_info(ModelInfo("chat", "fake", "generation"))
+    m.request_queued("chat")
+    m.request_dequeued("chat", 0.01)
+    m.request_started("Reply", "chat")
+    m.prompt_tokens("chat", 3)
+    m.batch("chat", 1)
+    m.first_token("Reply", "chat", 0.01)
+    m.token("chat", 0.01)
+    m.request_finished("Reply", "chat", "INTERNAL", 0.1, reason="internal")
+    return {s.name for fam in m.registry.collect() for s in fam.samples}
+
+
+def test_dashboard_queries_only_exported_metrics(exported_sample_names):
+    dash = json.loads((DEPLOY / "grafana" / "chatforge-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
+    queried = {name for e in exprs for name in re.findall(r"\bchatforge_[a-z0-9_]+", e)}
+    assert len(queried) >= 15
+    missing = sorted(queried - exported_sample_names)
+    assert not missing, f"dashboard queries metrics the server does not export: {missing}"
+    # and the headline metrics of the issue are on the dashboard
+    for must in ("chatforge_time_to_first_token_seconds_bucket", "chatforge_inter_token_latency_seconds_bucket",
+                 "chatforge_requests_waiting", "chatforge_request_failure_total",
+                 "chatforge_process_resident_memory_bytes", "chatforge_gpu_memory_allocated_bytes"):
+        assert must in queried, must
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize(("env", "argv", "expected"), [
+    ({"CHATFORGE_METRICS_PORT": "9321"}, [], 9321),            # the image and the manifests set this
+    ({"CHATFORGE_METRICS_PORT": "9321"}, ["--metrics-port", "9400"], 9400),  # the flag wins
+    ({}, [], None),                                            # neither: no metrics HTTP server
+])
+def test_serve_reads_the_metrics_port_from_the_environment(tmp_path, monkeypatch, env, argv, expected):
+    from typer.testing import CliRunner
+
+    import chatforge.serving.server as server
+    from chatforge.cli import app
+
+    seen = {}
+    monkeypatch.setattr(server, "run_server", lambda *a, **kw: seen.update(kw))
+    monkeypatch.delenv("CHATFORGE_METRICS_PORT", raising=False)
+    (tmp_path / "bundle").mkdir()
+    r = CliRunner().invoke(app, ["serve", "--model", f"chat={tmp_path / 'bundle'}", *argv], env=env)
+    assert r.exit_code == 0, r.output
+    assert seen["metrics_port"] == expected

@@ -1,0 +1,198 @@
+"""The serving image (deploy/Dockerfile) built and run the way Kubernetes runs it, with podman.
+
+Built on a local base image made from Debian's packages (tools/ci_install_containers.sh; no image
+registry is reachable on these machines) and run with a read-only root file system, a tmpfs /tmp, a
+writable data volume, every capability dropped, 1 CPU and 1 GiB, the two tiny bundles mounted
+read-only as they were written (umask permissions). Through the published ports: gRPC health, a
+streamed Reply, Classify, /metrics and /readyz; the HEALTHCHECK passes; no training package is in the
+image; `podman stop` (SIGTERM) drains and the server exits 0. The training image
+(deploy/Dockerfile.train) is built too and must import the training stack and have torchrun.
+
+Skipped, with the reason printed, only where the container engine cannot start a container.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from tests.deploy_helpers import (
+    REPO,
+    TRAIN_ONLY_MODULES,
+    free_port,
+    http_get,
+    ready,
+    say,
+    train_tiny_bundles,
+    wait_for,
+)
+
+from chatforge.serving.client import ChatbotClient
+
+pytestmark = pytest.mark.slow
+
+BASE = os.environ.get("CHATFORGE_BASE_IMAGE", "localhost/chatforge-base:bookworm")
+# runc: crun fails on these machines; explicit ulimits: the defaults podman asks for are refused here.
+ENGINE = ["podman", "--runtime", "runc"]
+LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+BUILD_TIMEOUT = 1500
+
+
+def _skip(reason: str):
+    print(f"\nSKIP tests/scenarios/test_image.py: {reason}", file=sys.stderr)
+    pytest.skip(reason)
+
+
+def _podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([*ENGINE, *args], capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args[:3])} ... failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def _torch_wheel() -> Path | None:
+    """A local CPU torch wheel (pip's find-links here), so the build needs no PyTorch index."""
+    for pattern in (os.environ.get("CHATFORGE_TORCH_WHEEL", ""), "/opt/wheels/torch-*+cpu-*.whl"):
+        hits = sorted(glob.glob(pattern)) if pattern else []
+        if hits:
+            return Path(hits[-1])
+    return None
+
+
+def _build(dockerfile: str, tag: str) -> float:
+    wheels = REPO / "deploy" / "wheels"
+    wheel = _torch_wheel()
+    if wheel is not None and not (wheels / wheel.name).exists():
+        shutil.copy2(wheel, wheels / wheel.name)  # git-ignored; the build context's WHEELS folder
+    args = ["build", "--format", "docker", "--network", "host", *LIMITS, "-f", dockerfile,
+            "--build-arg", f"BASE_IMAGE={BASE}", "-t", tag]
+    if HOST_CA.is_file():  # pip behind this network's TLS-intercepting proxy needs the host's CA bundle
+        args += ["-v", f"{HOST_CA}:/run/host-ca.crt:ro", "--build-arg", "PIP_CERT=/run/host-ca.crt"]
+    start = time.monotonic()
+    r = subprocess.run([*ENGINE, *args, str(REPO)], capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    assert r.returncode == 0, f"building {dockerfile} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return time.monotonic() - start
+
+
+def _size_mb(tag: str) -> float:
+    return int(_podman("image", "inspect", tag, "--format", "{{.Size}}").stdout.strip()) / 1e6
+
+
+@pytest.fixture(scope="module")
+def engine() -> None:
+    if shutil.which("podman") is None:
+        _skip("podman is not installed (tools/ci_install_containers.sh installs it; make test does under CI)")
+    if subprocess.run(["podman", "image", "exists", BASE]).returncode != 0:
+        r = subprocess.run(["bash", str(REPO / "tools" / "ci_install_containers.sh")], capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, f"could not build the base image {BASE}:\n{r.stderr[-3000:]}"
+    probe = _podman("run", "--rm", *LIMITS, "--network", "none", BASE, "python3", "-c", "print('ok')",
+                    check=False)
+    if probe.returncode != 0 or probe.stdout.strip() != "ok":
+        _skip(f"the container engine cannot start a container here: {probe.stderr.strip()[-500:]}")
+
+
+@pytest.fixture(scope="module")
+def serving_image(engine, pytestconfig) -> str:
+    tag = "localhost/chatforge:ci"
+    took = _build("deploy/Dockerfile", tag)
+    say(pytestconfig, f"\nserving image {tag}: {_size_mb(tag):.0f} MB, built in {took:.0f} s on {BASE}")
+    return tag
+
+
+@pytest.fixture(scope="module")
+def container(serving_image, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("image")
+    chat, intent = train_tiny_bundles(tmp)
+    name, volume = f"chatforge-ci-{uuid.uuid4().hex[:8]}", f"chatforge-ci-data-{uuid.uuid4().hex[:8]}"
+    grpc_port, metrics_port = free_port(), free_port()
+    _podman("volume", "create", volume)
+    # What deploy/k8s/deployment.yaml asks of the pod: read-only root, tmpfs /tmp, writable /data,
+    # no capabilities, no privilege escalation, 1 CPU / 1 GiB.
+    _podman("run", "-d", "--name", name, *LIMITS, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges", "--cpus", "1", "--memory", "1g",
+            "-v", f"{volume}:/data", "-v", f"{chat}:/models/chat:ro", "-v", f"{intent}:/models/intent:ro",
+            "-p", f"127.0.0.1:{grpc_port}:50051", "-p", f"127.0.0.1:{metrics_port}:9100",
+            serving_image, "--model", "chat=/models/chat", "--model", "intent=/models/intent",
+            "--host", "0.0.0.0", "--port", "50051", "--drain-delay", "1", "--grace", "10")
+    info = {"name": name, "volume": volume, "grpc": f"127.0.0.1:{grpc_port}",
+            "metrics": f"http://127.0.0.1:{metrics_port}", "labels": json.loads((intent / "labels.json").read_text())}
+    try:
+        wait_for(lambda: ready(info["metrics"] + "/readyz") or _exited(name), 180, "the container's /readyz")
+        if _exited(name):
+            raise AssertionError(f"the container exited:\n{_podman('logs', name, check=False).stderr[-3000:]}")
+        yield info
+    finally:
+        print(_podman("logs", name, check=False).stderr[-1500:])
+        _podman("rm", "-f", "-t", "0", name, check=False)
+        _podman("volume", "rm", "-f", volume, check=False)
+
+
+def _exited(name: str) -> bool:
+    return _podman("inspect", name, "--format", "{{.State.Running}}", check=False).stdout.strip() == "false"
+
+
+def test_serving_image_serves_like_kubernetes_runs_it(container, pytestconfig):
+    name = container["name"]
+    assert _podman("exec", name, "id", "-u").stdout.strip() == "10001"  # non-root
+    with ChatbotClient(container["grpc"], timeout=30) as client:
+        assert client.health("chatforge.v1.Chatbot") == "SERVING"
+        assert client.health("") == "SERVING"
+        chunks = list(client.reply_stream("안녕하세요", model="chat", max_new_tokens=8, session_id="image-test"))
+        assert chunks[-1].is_final and chunks[-1].completion_tokens == len(chunks) - 1 >= 1
+        pred = client.classify("hello", model="intent")
+        labels = container["labels"]
+        assert pred.label in (labels if isinstance(labels, list) else labels.get("labels", labels))
+    status, body = http_get(container["metrics"] + "/metrics")
+    assert status == 200 and 'chatforge_requests_total{' in body and 'rpc="Reply"' in body
+    assert http_get(container["metrics"] + "/readyz")[0] == 200
+
+    # The HEALTHCHECK is the image's, and it passes well within its 2 s timeout.
+    hc = json.loads(_podman("inspect", name, "--format", "{{json .Config.Healthcheck}}").stdout)
+    assert hc["Test"][:3] == ["CMD", "chatforge", "health"] and "chatforge.v1.Chatbot" in hc["Test"]
+    start = time.monotonic()
+    r = _podman("healthcheck", "run", name, check=False)
+    took = time.monotonic() - start
+    say(pytestconfig, f"\nHEALTHCHECK answered in {took:.2f} s (podman healthcheck run, incl. podman's own start)")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # The serving extra only: none of the training stack is installed.
+    probe = f"import importlib.util as u; print([m for m in {TRAIN_ONLY_MODULES!r} if u.find_spec(m)])"
+    assert _podman("exec", name, "python3", "-c", probe).stdout.strip() == "[]"
+    # Read-only root, writable /data (the conversation store) and /tmp.
+    assert _podman("exec", name, "touch", "/opt/x", check=False).returncode != 0
+    _podman("exec", name, "touch", "/data/probe", "/tmp/probe")
+
+
+def test_stop_drains_and_exits_zero(container, pytestconfig):
+    name = container["name"]
+    start = time.monotonic()
+    _podman("stop", "-t", "30", name, timeout=60)
+    took = time.monotonic() - start
+    state = json.loads(_podman("inspect", name, "--format", "{{json .State}}").stdout)
+    logs = _podman("logs", name, check=False).stderr
+    say(pytestconfig, f"\npodman stop took {took:.1f} s; exit code {state['ExitCode']}")
+    assert state["ExitCode"] == 0, logs[-3000:]
+    assert '"event": "stopped"' in logs  # the server's own orderly shutdown, not a SIGKILL
+    assert took < 30
+
+
+def test_training_image_has_the_training_stack(engine, pytestconfig):
+    tag = "localhost/chatforge-train:ci"
+    took = _build("deploy/Dockerfile.train", tag)
+    say(pytestconfig, f"\ntraining image {tag}: {_size_mb(tag):.0f} MB, built in {took:.0f} s")
+    probe = "import mlflow, optuna, sklearn, xgboost, matplotlib, torch.distributed.run; print('ok')"
+    r = _podman("run", "--rm", *LIMITS, "--network", "none", "--entrypoint", "python3", tag, "-c", probe)
+    assert r.stdout.strip().endswith("ok")
+    r = _podman("run", "--rm", *LIMITS, "--network", "none", "--entrypoint", "torchrun", tag, "--help")
+    assert "--nnodes" in r.stdout
+    assert "train" in _podman("run", "--rm", *LIMITS, "--network", "none", tag, "--help").stdout
