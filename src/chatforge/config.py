@@ -45,6 +45,11 @@ class DataConfig(_Strict):
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     stratify: bool = False
+    # With split=predefined: hold out this fraction of the train_keys lists (stratified by label, seeded by
+    # dev_seed, not by the run's seed, so every member of an ensemble holds out the same examples) as a
+    # development test that nothing is fitted or chosen on; its figures are reported as dev_*.
+    dev_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    dev_seed: int = 0
     on_error: Literal["raise", "skip"] = "raise"
     max_examples: int | None = Field(None, gt=0)
 
@@ -53,6 +58,11 @@ class DataConfig(_Strict):
         if self.valid_fraction + self.test_fraction >= 1.0:
             raise ValueError(
                 f"valid_fraction + test_fraction must be < 1 (got {self.valid_fraction} + {self.test_fraction})"
+            )
+        if self.dev_fraction and self.split != "predefined":
+            raise ValueError(
+                f"dev_fraction={self.dev_fraction} holds out part of the predefined train lists (split: predefined);"
+                " with split 'random', test_fraction is the held-out part: set that instead"
             )
         return self
 

@@ -96,6 +96,12 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
         train, rep = read_examples(path, clinc_keys=tuple(d.train_keys), **kw)
         valid, _ = read_examples(path, clinc_keys=tuple(d.valid_keys), **kw)
         test: list[Example] = []
+        if d.dev_fraction:
+            # The development test comes out of train, stratified so that every intent and the few
+            # out-of-scope examples keep their share; test_fraction plays no part in a predefined split.
+            s = split_examples(train, valid_fraction=0.0, test_fraction=d.dev_fraction, seed=d.dev_seed,
+                               stratify=True)
+            train, test = s.train, s.test
     else:
         examples, rep = read_examples(path, **kw)
         s = split_examples(examples, valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
@@ -108,6 +114,12 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
     if not train:
         raise ConfigError(f"data.path: {path} gave no training examples")
     return train, valid, test, path
+
+
+def held_out_split(cfg: ExperimentConfig) -> str:
+    """The name of the third split in metrics: ``test`` for a random split, ``dev`` for the part a predefined
+    (CLINC150) split holds out of its train lists (``data.dev_fraction``), which is not the official test list."""
+    return "dev" if cfg.data.split == "predefined" else "test"
 
 
 def _task_def_or_none(cfg: ExperimentConfig) -> TaskDef | None:
@@ -319,7 +331,7 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
 
     metrics: dict[str, Any] = {
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "train_examples": len(train), "valid_examples": len(valid), "test_examples": len(test),
+        "train_examples": len(train), "valid_examples": len(valid), f"{held_out_split(cfg)}_examples": len(test),
         "steps": result.steps, "train_seconds": round(result.seconds, 2),
         "best_epoch": result.best_epoch, "best_valid_loss": result.best_valid_loss,
         "history": result.history,
@@ -333,7 +345,7 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
         test_dl = DataLoader(test_ds, batch_size=cfg.train.batch_size, collate_fn=test_ds.collate)
         trainer.model = model
         trainer.device = torch.device("cpu")
-        metrics.update({f"test_{k}": v for k, v in trainer.evaluate(test_dl).items()})
+        metrics.update({f"{held_out_split(cfg)}_{k}": v for k, v in trainer.evaluate(test_dl).items()})
     if task_def.generates:
         metrics["samples"] = _sample_replies(model, tok, test or valid or train, 5, cfg.train.max_target_len)
     if init_report:
@@ -376,7 +388,7 @@ def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train
     policy = fit_policy(cfg.oos, probs, labels, [e.text for e in fit_valid], [e.label for e in fit_valid],
                         [e.text for e in train], [e.label for e in train], seed=cfg.seed, predict_views=views)
     out: dict[str, Any] = {}
-    for split, examples in (("valid", valid), ("test", test)):
+    for split, examples in (("valid", valid), (held_out_split(cfg), test)):
         if not examples:
             continue
         texts, y = [e.text for e in examples], [str(e.label) for e in examples]
@@ -430,7 +442,7 @@ def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
                                                  views=getattr(model, "predict_views", None))
         metrics: dict[str, Any] = {
             "kind": "estimator", "num_parameters": None,
-            "train_examples": len(train), "valid_examples": len(valid), "test_examples": len(test),
+            "train_examples": len(train), "valid_examples": len(valid), f"{held_out_split(cfg)}_examples": len(test),
             "steps": 0, "train_seconds": round(seconds, 2), "best_epoch": None, "best_valid_loss": None,
             "history": [], **oos_eval,
         }
