@@ -235,7 +235,8 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
             atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
 
     train, valid, test, data_path = load_splits(cfg)
-    log.info("data %s: %d train / %d valid / %d test", data_path, len(train), len(valid), len(test))
+    log.info("data %s: %d train / %d valid / %d %s", data_path, len(train), len(valid), len(test),
+             held_out_split(cfg))
 
     if cfg.model.spec.kind != "torch":
         # Estimators (xgboost, linear, ensemble) fit themselves on the train split: no tokenizer, no Trainer.
