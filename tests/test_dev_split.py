@@ -69,9 +69,11 @@ def test_run_reports_dev_beside_valid_and_evaluate_agrees(dev_run):
 
 def test_compare_has_a_dev_column(dev_run):
     evaluate_bundle(dev_run.bundle_dir, split="dev", track=False)
+    evaluate_bundle(dev_run.bundle_dir, track=False)
     lb = build_leaderboard(collect_runs([dev_run.run_dir]), metric="in_scope_accuracy")
     assert {"dev_in_scope_accuracy", "dev_oos_recall"} <= set(lb.columns)
     row = lb.rows[0]
+    assert lb.split == "val+oos_val"  # dev is a column beside the split ranked on, not the split
     ev = json.loads((dev_run.run_dir / "eval" / "intents-dev" / "evaluation.json").read_text())
     assert row["dev_oos_recall"] == pytest.approx(ev["metrics"]["oos_recall"])
 

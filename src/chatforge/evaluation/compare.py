@@ -180,7 +180,9 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
     if not records:
         raise CompareError("no runs to compare (check the folders, --experiment and --tag filters)")
     if split is None:
-        counts = Counter(e["split"] for r in records for e in r.evaluations)
+        # dev has its own columns; rank on another split when there is one
+        counts = Counter(e["split"] for r in records for e in r.evaluations if e["split"] != "dev") or Counter(
+            e["split"] for r in records for e in r.evaluations)
         split = counts.most_common(1)[0][0] if counts else None
     rows = []
     for r in records:
