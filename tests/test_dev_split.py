@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 
 from chatforge.cli import app
 from chatforge.config import ConfigError, validate_config
+from chatforge.data import Example
+from chatforge.data.splits import hold_out
 from chatforge.evaluation.compare import build_leaderboard, collect_runs
 from chatforge.evaluation.evaluate import EvaluationError, evaluate_bundle
 from chatforge.training.run import load_splits, run_experiment
@@ -84,3 +86,27 @@ def test_evaluate_split_dev_errors_name_the_fix(tmp_path):
         evaluate_bundle(res.bundle_dir, split="dev", track=False)
     r = CliRunner().invoke(app, ["evaluate", str(res.bundle_dir), "--split", "dev"])
     assert r.exit_code != 0 and "dev_fraction" in r.output
+
+
+PAIRS = ["book a flight to paris", "what is the weather in rome", "play some jazz music", "set an alarm for six",
+         "how much is my card balance", "translate hello into french", "order a large pizza", "call my mother now",
+         "turn off the kitchen lights", "when does the bank open"]
+
+
+def test_grouped_hold_out_keeps_near_duplicates_together():
+    examples = [Example(t + suffix, label="x") for t in PAIRS for suffix in ("", " please")]
+    kept, held = hold_out(examples, 0.3, seed=0, group_similarity=0.7)
+    assert len(held) == 6 and len(kept) == 14  # three whole pairs
+    held_roots = {e.text.removesuffix(" please") for e in held}
+    assert not held_roots & {e.text.removesuffix(" please") for e in kept}
+    # one by one, a pair is split somewhere: the held-out half has its sibling in training
+    kept1, held1 = hold_out(examples, 0.3, seed=0)
+    assert {e.text.removesuffix(" please") for e in held1} & {e.text.removesuffix(" please") for e in kept1}
+    assert hold_out(examples, 0.3, seed=0, group_similarity=0.7) == (kept, held)  # deterministic
+
+
+def test_group_similarity_needs_a_dev_fraction(tmp_path):
+    tree = intent_cfg(tmp_path)
+    tree["data"]["dev_group_similarity"] = 0.85
+    with pytest.raises(ConfigError, match="dev_group_similarity.*dev_fraction is 0"):
+        validate_config(tree)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from chatforge.bundle import build_from_config, load_bundle, save_bundle, torch_class_probs
 from chatforge.config import ConfigError, ExperimentConfig, load_config
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
+from chatforge.data.splits import hold_out
 from chatforge.decoding import GenerationOptions, generate
 from chatforge.fileio import atomic_write_bytes
 from chatforge.oos import fit_policy, in_scope_only, oos_metrics
@@ -99,9 +100,7 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
         if d.dev_fraction:
             # The development test comes out of train, stratified so that every intent and the few
             # out-of-scope examples keep their share; test_fraction plays no part in a predefined split.
-            s = split_examples(train, valid_fraction=0.0, test_fraction=d.dev_fraction, seed=d.dev_seed,
-                               stratify=True)
-            train, test = s.train, s.test
+            train, test = hold_out(train, d.dev_fraction, seed=d.dev_seed, group_similarity=d.dev_group_similarity)
     else:
         examples, rep = read_examples(path, **kw)
         s = split_examples(examples, valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
