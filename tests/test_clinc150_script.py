@@ -40,8 +40,9 @@ def test_unknown_skip_name_is_refused_with_the_allowed_ones(script, capsys):
 
 
 def test_every_run_holds_out_the_same_dev_split(script):
-    for _, _, _, overrides in script.plan_runs([], [0, 3], 12, 6, 0.2):
-        assert "data.dev_fraction=0.2" in overrides and "data.dev_seed=0" in overrides
+    for _, _, _, overrides in script.plan_runs([], [0, 3], 12, 6, 0.2, 0.85):
+        assert {"data.dev_fraction=0.2", "data.dev_seed=0", "data.dev_group_similarity=0.85"} <= set(overrides)
+    assert script.dev_overrides(0.2, 0) == ["data.dev_fraction=0.2", "data.dev_seed=0"]
 
 
 def test_results_go_beside_the_runs_unless_asked(script, tmp_path):

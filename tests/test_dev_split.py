@@ -110,3 +110,20 @@ def test_group_similarity_needs_a_dev_fraction(tmp_path):
     tree["data"]["dev_group_similarity"] = 0.85
     with pytest.raises(ConfigError, match="dev_group_similarity.*dev_fraction is 0"):
         validate_config(tree)
+
+
+def test_ensemble_members_must_hold_out_the_same_dev_split(tmp_path):
+    held = run_experiment(_cfg(tmp_path), run_dir=tmp_path / "held")
+    seen = run_experiment(_cfg(tmp_path, dev_fraction=0.0), run_dir=tmp_path / "seen")
+    other = run_experiment(_cfg(tmp_path, dev_seed=1), run_dir=tmp_path / "other")
+
+    def ensemble(*members):
+        tree = intent_cfg(tmp_path, family="ensemble", members=[str(m.run_dir) for m in members])
+        tree["data"].update(dev_fraction=0.25, dev_seed=0)
+        return validate_config(tree)
+
+    for bad in (seen, other):
+        with pytest.raises(ConfigError, match="has seen the ensemble's dev examples"):
+            run_experiment(ensemble(held, bad), run_dir=tmp_path / "ens-bad")
+    ok = run_experiment(ensemble(held, held), run_dir=tmp_path / "ens")
+    assert ok.metrics["dev_in_scope_accuracy"] == pytest.approx(held.metrics["dev_in_scope_accuracy"])

@@ -408,6 +408,26 @@ def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train
     return policy, out
 
 
+DEV_KEYS = ("dev_fraction", "dev_seed", "dev_group_similarity")
+
+
+def _check_members_dev_split(cfg: ExperimentConfig, model) -> None:
+    """An ensemble's dev figures are held out only if every member held out the same examples."""
+    if not cfg.data.dev_fraction:
+        return
+    want = [getattr(cfg.data, k) for k in DEV_KEYS]
+    for path, member in zip(getattr(model, "member_paths", []), getattr(model, "members", []), strict=False):
+        mcfg = getattr(member, "config", None)
+        if mcfg is None:
+            continue
+        had = [getattr(mcfg.data, k) for k in DEV_KEYS]
+        if had != want:
+            raise ConfigError(
+                f"ensemble member {path} was trained with data {dict(zip(DEV_KEYS, had, strict=True))}, this "
+                f"ensemble holds out {dict(zip(DEV_KEYS, want, strict=True))}: the member has seen the ensemble's "
+                "dev examples; retrain it with the same data.dev_* keys")
+
+
 def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], valid: list[Example],
                    test: list[Example], data_path: Path, tracking_tags: dict[str, str]) -> RunResult:
     """Fit an estimator family (kind != "torch") on the train split and bundle it with its own save()."""
@@ -437,6 +457,7 @@ def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
         model.fit([e.text for e in train], [e.label for e in train],
                   [e.text for e in fit_valid] or None, [e.label for e in fit_valid] or None)
         seconds = time.perf_counter() - t0
+        _check_members_dev_split(cfg, model)
         labels = list(model.labels)  # an ensemble's labels are its members'
         policy, oos_eval = _fit_oos_and_evaluate(cfg, model.predict_proba, labels, all_train, all_valid, all_test,
                                                  views=getattr(model, "predict_views", None))
