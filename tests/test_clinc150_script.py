@@ -24,9 +24,11 @@ def _keys(script, skip):
 
 
 def test_every_model_can_be_skipped_by_name(script):
-    assert _keys(script, []) == ["linear", "svm", "xgboost", "transformer-s0", "transformer-s1", "bert", "gpt", "elmo"]
-    assert _keys(script, ["bert", "gpt", "elmo", "xgboost"]) == ["linear", "svm", "transformer-s0", "transformer-s1"]
-    assert _keys(script, ["transformer", "linear"]) == ["svm", "xgboost", "bert", "gpt", "elmo"]
+    assert _keys(script, []) == ["linear", "svm", "svm-oe", "xgboost", "transformer-s0", "transformer-s1", "bert",
+                                 "gpt", "elmo"]
+    assert _keys(script, ["bert", "gpt", "elmo", "xgboost", "svm-oe"]) == ["linear", "svm", "transformer-s0",
+                                                                          "transformer-s1"]
+    assert _keys(script, ["transformer", "linear", "svm"]) == ["svm-oe", "xgboost", "bert", "gpt", "elmo"]
     # --skip xgboost skips the ChatbotData XGBoost too; chatbot skips both ChatbotData runs
     assert script.chatbot_plan(["xgboost"]) == ["linear"]
     assert script.chatbot_plan(["chatbot"]) == [] and script.chatbot_plan([]) == ["linear", "xgboost"]
