@@ -66,3 +66,22 @@ def test_held_out_metrics_fit_on_val_apply_to_dev(script):
     assert seen == {"fit": [0, 1, 2], "app": [3, 4, 5]}
     assert m == {"in_scope_accuracy": 0.5, "oos_recall": 1.0}
     assert np.isclose(m["in_scope_accuracy"], 0.5)
+
+
+def test_oos_scores_logits_are_the_ones_the_probabilities_come_from(tmp_path):
+    from scipy.special import softmax
+    from test_oos import intent_cfg
+
+    from chatforge.bundle import load_bundle
+    from chatforge.config import validate_config
+    from chatforge.training.run import run_experiment
+
+    spec = importlib.util.spec_from_file_location("clinc150_oos_scores",
+                                                  ROOT / "benchmarks" / "clinc150_oos_scores.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tree = intent_cfg(tmp_path, loss="svm", C=1.0, char_ngram_max=3)
+    res = run_experiment(validate_config(tree), run_dir=tmp_path / "r")
+    bundle = load_bundle(res.bundle_dir)
+    texts = ["please volcano the galaxy tax", "what is rain now forecast", "book a flight ticket"]
+    np.testing.assert_allclose(softmax(mod.logits(bundle, texts), axis=1), bundle.predict_proba(texts), atol=1e-5)
