@@ -281,7 +281,8 @@ def train(
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k in ("num_parameters", "train_examples", "steps", "train_seconds", "best_epoch", "valid_loss",
-              "valid_accuracy", "test_loss", "test_accuracy"):
+              "valid_accuracy", "test_loss", "test_accuracy", "valid_in_scope_accuracy", "valid_oos_recall",
+              "dev_accuracy", "dev_in_scope_accuracy", "dev_oos_recall"):
         if k in m:
             v = m[k]
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -359,7 +360,8 @@ def evaluate(
     bundle: Path = typer.Argument(..., help="Bundle folder (runs/<run>/bundle)."),
     data: Path = typer.Option(None, "--data", help="Data file (default: the bundle's training data file)."),
     fmt: str = typer.Option("auto", "--format", help="auto, chatbot_csv, clinc150, csv, tsv, jsonl."),
-    split: str = typer.Option("valid", "--split", help="valid, test or all (split as the bundle's config does)."),
+    split: str = typer.Option("valid", "--split", help="valid, test, dev or all (split as the bundle's config does; dev: the part "
+                                                    "data.dev_fraction holds out of a predefined split's train lists)."),
     clinc_keys: str = typer.Option(None, "--clinc-keys", help="CLINC150 lists to read, e.g. val,oos_val."),
     out: Path = typer.Option(None, "--out", help="Report folder (default <run>/eval/<data>-<split>)."),
     max_examples: int = typer.Option(None, "--max-examples", min=1, help="Evaluate at most this many."),

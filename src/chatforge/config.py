@@ -45,6 +45,14 @@ class DataConfig(_Strict):
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     stratify: bool = False
+    # With split=predefined: hold out this fraction of the train_keys lists (stratified by label, seeded by
+    # dev_seed, not by the run's seed, so every member of an ensemble holds out the same examples) as a
+    # development test that nothing is fitted or chosen on; its figures are reported as dev_*.
+    dev_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    dev_seed: int = 0
+    # Hold near-duplicates out together: texts of one label at char n-gram TF-IDF cosine >= this are one group
+    # (chatforge.data.splits.hold_out); None: one by one.
+    dev_group_similarity: float | None = Field(None, gt=0.0, le=1.0)
     on_error: Literal["raise", "skip"] = "raise"
     max_examples: int | None = Field(None, gt=0)
 
@@ -54,6 +62,14 @@ class DataConfig(_Strict):
             raise ValueError(
                 f"valid_fraction + test_fraction must be < 1 (got {self.valid_fraction} + {self.test_fraction})"
             )
+        if self.dev_fraction and self.split != "predefined":
+            raise ValueError(
+                f"dev_fraction={self.dev_fraction} holds out part of the predefined train lists (split: predefined);"
+                " with split 'random', test_fraction is the held-out part: set that instead"
+            )
+        if self.dev_group_similarity is not None and not self.dev_fraction:
+            raise ValueError(f"dev_group_similarity={self.dev_group_similarity} groups the examples data.dev_fraction "
+                             "holds out, but dev_fraction is 0; set dev_fraction (e.g. 0.2) or remove it")
         return self
 
 

@@ -37,6 +37,9 @@ POLICIES = ("train", "threshold", "binary", "scorer")
 DETECTOR_DIR = "oos_detector"
 SCORER_DIR = "oos_scorer"
 IN_SCOPE = "in_scope"
+# The version of a policy's decision rule as stored in metadata.json: bumped when the same metadata would
+# decide differently, so a served answer can be traced to the rule that made it (ListModels shows it).
+POLICY_VERSION = 1
 
 
 DEFAULT_OOS_GRID: tuple[float, ...] = tuple(round(i / 100, 2) for i in range(100))
@@ -215,7 +218,8 @@ class OOSPolicy:
     # -- persistence --------------------------------------------------------------------------------------
 
     def to_metadata(self) -> dict:
-        meta: dict[str, Any] = {"policy": self.policy, "label": self.label, "threshold": self.threshold}
+        meta: dict[str, Any] = {"policy": self.policy, "version": POLICY_VERSION, "label": self.label,
+                                "threshold": self.threshold}
         if self.policy == "binary":
             meta.update(detector=DETECTOR_DIR, detector_threshold=self.detector_threshold)
         elif self.policy == "scorer":
@@ -241,6 +245,17 @@ class OOSPolicy:
                 raise OOSError("an oos-scorer policy needs the bundle folder to load its scorer from")
             policy.scorer = OOSScorer.load(Path(bundle_dir) / meta.get("scorer", SCORER_DIR))
         return policy
+
+    def serving_metadata(self) -> dict[str, str]:
+        """Flat ``oos_*`` entries for ListModels: the policy a Classify answer went through, its rule's
+        version and the threshold it applies (on the best in-scope probability for ``threshold``, on the
+        detector's or scorer's P(oos) for ``binary`` / ``scorer``; none for ``train``)."""
+        meta = {"oos_policy": self.policy, "oos_policy_version": str(POLICY_VERSION), "oos_label": self.label}
+        if self.policy == "threshold" and self.threshold is not None:
+            meta["oos_threshold"] = repr(float(self.threshold))
+        elif self.policy in ("binary", "scorer"):
+            meta["oos_threshold"] = repr(float(self.detector_threshold))
+        return meta
 
     def extra_dirs(self) -> dict[str, Any] | None:
         """Bundle subfolders this policy saves (``save_bundle(extra_dirs=...)``)."""

@@ -48,7 +48,7 @@ def test_clinc_keys_and_explicit_out(intent_run, tmp_path):
 
 
 def test_bad_split_and_missing_data(intent_run, tmp_path):
-    with pytest.raises(EvaluationError, match="allowed: valid, test, all"):
+    with pytest.raises(EvaluationError, match="allowed: valid, test, dev, all"):
         evaluate_bundle(intent_run.bundle_dir, split="train")
     with pytest.raises(EvaluationError, match="no test split"):
         evaluate_bundle(intent_run.bundle_dir, split="test")

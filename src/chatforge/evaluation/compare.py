@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("in_scope_accuracy", "oos_recall", "cross_fitted_in_scope_accuracy", "cross_fitted_oos_recall",
            "accuracy", "macro_f1", "bleu", "perplexity", "distinct_1", "distinct_2")
+# The development test a predefined (CLINC150) split holds out of its train lists (data.dev_fraction): a column
+# of its own beside whatever split the leaderboard ranks on, from ``chatforge evaluate --split dev`` when the run
+# has one, else from the run's metrics.json.
+DEV_METRICS = ("dev_in_scope_accuracy", "dev_oos_recall", "dev_accuracy")
 CROSS_FITTED = "cross_fitted_"  # from an evaluation's metrics["cross_fitted"] (chatforge evaluate --cross-fit)
 LOWER_IS_BETTER = {"perplexity", "latency_ms", "valid_loss"}
 # Config keys that name things rather than choose them: never "parameters" of a comparison.
@@ -176,7 +180,9 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
     if not records:
         raise CompareError("no runs to compare (check the folders, --experiment and --tag filters)")
     if split is None:
-        counts = Counter(e["split"] for r in records for e in r.evaluations)
+        # dev has its own columns; rank on another split when there is one
+        counts = Counter(e["split"] for r in records for e in r.evaluations if e["split"] != "dev") or Counter(
+            e["split"] for r in records for e in r.evaluations)
         split = counts.most_common(1)[0][0] if counts else None
     rows = []
     for r in records:
@@ -196,6 +202,10 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
                 row[m] = r.metrics.get(f"valid_{m}", r.metrics.get(m))
             row["latency_ms"] = None
             row["n"] = r.metrics.get("valid_examples")
+        dev_evals = [e for e in r.evaluations if e.get("split") == "dev"]
+        dev = max(dev_evals, key=lambda e: e.get("created", ""))["metrics"] if dev_evals else None
+        for m in DEV_METRICS:
+            row[m] = dev.get(m.removeprefix("dev_")) if dev is not None else r.metrics.get(m)
         row["valid_loss"] = r.metrics.get("best_valid_loss")
         row["train_seconds"] = r.metrics.get("train_seconds")
         row["num_parameters"] = r.metrics.get("num_parameters")
@@ -208,7 +218,7 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
             row[p] = r.params.get(p)
     sign = 1 if metric in LOWER_IS_BETTER else -1
     rows.sort(key=lambda rr: (rr[1].get(metric) is None, sign * (rr[1].get(metric) or 0), rr[1]["run"]))
-    present = [m for m in METRICS if any(row.get(m) is not None for _, row in rows)]
+    present = [m for m in (*METRICS, *DEV_METRICS) if any(row.get(m) is not None for _, row in rows)]
     if metric not in present and metric not in ("valid_loss", "train_seconds", "latency_ms", "bundle_mb"):
         raise CompareError(f"--metric {metric!r} is not reported by any run; available: {', '.join(present)}")
     columns = (["run", "family", "task", "source", "n"] + present +

@@ -37,7 +37,7 @@ from chatforge.training.tracking import resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("valid", "test", "all")
+SPLITS = ("valid", "test", "dev", "all")
 SUMMARY_FILE = "evaluation.json"
 HEADLINE = ("accuracy", "macro_f1", "in_scope_accuracy", "oos_recall", "oos_precision", "bleu", "perplexity",
             "distinct_1", "distinct_2", "avg_length")
@@ -96,9 +96,18 @@ def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: s
     if d.split == "predefined":
         if split == "test":
             raise EvaluationError("this bundle was trained on a predefined (CLINC150) split, which has no test "
-                                  "split here; pass --clinc-keys, e.g. val,oos_val or test,oos_test")
-        chosen = valid if split == "valid" else train + valid
+                                  "split here; pass --clinc-keys, e.g. val,oos_val or test,oos_test, or --split dev "
+                                  "for the part data.dev_fraction held out of its train lists")
+        if split == "dev":
+            if not test:
+                raise EvaluationError("--split dev: this bundle's config holds nothing out of its train lists "
+                                      "(data.dev_fraction is 0); retrain with data.dev_fraction, e.g. 0.1")
+            return test, "dev", path
+        chosen = valid if split == "valid" else train + valid + test
         return chosen, "+".join(d.valid_keys) if split == "valid" else "all", path
+    if split == "dev":
+        raise EvaluationError("--split dev is the part of a predefined (CLINC150) split's train lists held out by "
+                              "data.dev_fraction; this bundle splits its data at random: use --split test")
     chosen = {"valid": valid, "test": test}[split]
     if not chosen:
         raise EvaluationError(f"the {split} split of {path} is empty (data.{split}_fraction is 0 in the bundle's "

@@ -656,6 +656,10 @@ def load_hosted_model(path: str | Path, name: str, version: str = "1",
         if isinstance(tok, dict) and tok.get("sha256"):
             meta.setdefault("tokenizer_sha256", tok["sha256"])
         meta.setdefault("bundle", str(path))
+        policy = getattr(model, "oos", None)
+        if hasattr(policy, "serving_metadata"):  # classifiers: the oos policy Classify applies
+            for k, v in policy.serving_metadata().items():
+                meta.setdefault(k, v)
     logger.info("loaded model", extra={"model": name, "bundle": str(path), "version": version})
     return model
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from chatforge.bundle import build_from_config, load_bundle, save_bundle, torch_class_probs
 from chatforge.config import ConfigError, ExperimentConfig, load_config
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
+from chatforge.data.splits import hold_out
 from chatforge.decoding import GenerationOptions, generate
 from chatforge.fileio import atomic_write_bytes
 from chatforge.oos import fit_policy, in_scope_only, oos_metrics
@@ -96,6 +97,10 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
         train, rep = read_examples(path, clinc_keys=tuple(d.train_keys), **kw)
         valid, _ = read_examples(path, clinc_keys=tuple(d.valid_keys), **kw)
         test: list[Example] = []
+        if d.dev_fraction:
+            # The development test comes out of train, stratified so that every intent and the few
+            # out-of-scope examples keep their share; test_fraction plays no part in a predefined split.
+            train, test = hold_out(train, d.dev_fraction, seed=d.dev_seed, group_similarity=d.dev_group_similarity)
     else:
         examples, rep = read_examples(path, **kw)
         s = split_examples(examples, valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
@@ -108,6 +113,12 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
     if not train:
         raise ConfigError(f"data.path: {path} gave no training examples")
     return train, valid, test, path
+
+
+def held_out_split(cfg: ExperimentConfig) -> str:
+    """The name of the third split in metrics: ``test`` for a random split, ``dev`` for the part a predefined
+    (CLINC150) split holds out of its train lists (``data.dev_fraction``), which is not the official test list."""
+    return "dev" if cfg.data.split == "predefined" else "test"
 
 
 def _task_def_or_none(cfg: ExperimentConfig) -> TaskDef | None:
@@ -223,7 +234,8 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
             atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
 
     train, valid, test, data_path = load_splits(cfg)
-    log.info("data %s: %d train / %d valid / %d test", data_path, len(train), len(valid), len(test))
+    log.info("data %s: %d train / %d valid / %d %s", data_path, len(train), len(valid), len(test),
+             held_out_split(cfg))
 
     if cfg.model.spec.kind != "torch":
         # Estimators (xgboost, linear, ensemble) fit themselves on the train split: no tokenizer, no Trainer.
@@ -319,7 +331,7 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
 
     metrics: dict[str, Any] = {
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "train_examples": len(train), "valid_examples": len(valid), "test_examples": len(test),
+        "train_examples": len(train), "valid_examples": len(valid), f"{held_out_split(cfg)}_examples": len(test),
         "steps": result.steps, "train_seconds": round(result.seconds, 2),
         "best_epoch": result.best_epoch, "best_valid_loss": result.best_valid_loss,
         "history": result.history,
@@ -333,7 +345,7 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
         test_dl = DataLoader(test_ds, batch_size=cfg.train.batch_size, collate_fn=test_ds.collate)
         trainer.model = model
         trainer.device = torch.device("cpu")
-        metrics.update({f"test_{k}": v for k, v in trainer.evaluate(test_dl).items()})
+        metrics.update({f"{held_out_split(cfg)}_{k}": v for k, v in trainer.evaluate(test_dl).items()})
     if task_def.generates:
         metrics["samples"] = _sample_replies(model, tok, test or valid or train, 5, cfg.train.max_target_len)
     if init_report:
@@ -376,7 +388,7 @@ def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train
     policy = fit_policy(cfg.oos, probs, labels, [e.text for e in fit_valid], [e.label for e in fit_valid],
                         [e.text for e in train], [e.label for e in train], seed=cfg.seed, predict_views=views)
     out: dict[str, Any] = {}
-    for split, examples in (("valid", valid), ("test", test)):
+    for split, examples in (("valid", valid), (held_out_split(cfg), test)):
         if not examples:
             continue
         texts, y = [e.text for e in examples], [str(e.label) for e in examples]
@@ -394,6 +406,26 @@ def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train
     elif policy.policy in ("binary", "scorer"):
         out["oos_detector_threshold"] = policy.detector_threshold
     return policy, out
+
+
+DEV_KEYS = ("dev_fraction", "dev_seed", "dev_group_similarity")
+
+
+def _check_members_dev_split(cfg: ExperimentConfig, model) -> None:
+    """An ensemble's dev figures are held out only if every member held out the same examples."""
+    if not cfg.data.dev_fraction:
+        return
+    want = [getattr(cfg.data, k) for k in DEV_KEYS]
+    for path, member in zip(getattr(model, "member_paths", []), getattr(model, "members", []), strict=False):
+        mcfg = getattr(member, "config", None)
+        if mcfg is None:
+            continue
+        had = [getattr(mcfg.data, k) for k in DEV_KEYS]
+        if had != want:
+            raise ConfigError(
+                f"ensemble member {path} was trained with data {dict(zip(DEV_KEYS, had, strict=True))}, this "
+                f"ensemble holds out {dict(zip(DEV_KEYS, want, strict=True))}: the member has seen the ensemble's "
+                "dev examples; retrain it with the same data.dev_* keys")
 
 
 def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], valid: list[Example],
@@ -425,12 +457,13 @@ def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
         model.fit([e.text for e in train], [e.label for e in train],
                   [e.text for e in fit_valid] or None, [e.label for e in fit_valid] or None)
         seconds = time.perf_counter() - t0
+        _check_members_dev_split(cfg, model)
         labels = list(model.labels)  # an ensemble's labels are its members'
         policy, oos_eval = _fit_oos_and_evaluate(cfg, model.predict_proba, labels, all_train, all_valid, all_test,
                                                  views=getattr(model, "predict_views", None))
         metrics: dict[str, Any] = {
             "kind": "estimator", "num_parameters": None,
-            "train_examples": len(train), "valid_examples": len(valid), "test_examples": len(test),
+            "train_examples": len(train), "valid_examples": len(valid), f"{held_out_split(cfg)}_examples": len(test),
             "steps": 0, "train_seconds": round(seconds, 2), "best_epoch": None, "best_valid_loss": None,
             "history": [], **oos_eval,
         }

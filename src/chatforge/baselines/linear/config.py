@@ -20,6 +20,13 @@ class LinearConfig(TfidfConfig):
     SVM's margins before the softmax that turns them into probabilities (unused for logistic). ``max_features`` caps each
     vocabulary (word and char separately; None: no cap). ``class_weight: balanced`` up-weights
     rare classes (CLINC's 100 ``oos_train`` examples against 150 x 100 in-scope ones).
+
+    ``outliers``: a UTF-8 text file of unlabelled out-of-domain sentences, one per line (CLINC150 ships
+    14,750 Wikipedia sentences, ``all_wiki_sents.txt``), used for outlier exposure (Hendrycks et al.
+    2019, "Deep Anomaly Detection with Outlier Exposure"): not as examples of any class (the ``oos`` class
+    included), but as negatives of every class, each weighing ``outlier_weight`` of a training example
+    (fitted as one extra background class whose weights are dropped after fitting, so every class's
+    score is pushed down on them and the answer's probability flattens). Read at fit time only.
     """
 
     C: float = Field(10.0, gt=0.0, le=1e6)
@@ -28,4 +35,6 @@ class LinearConfig(TfidfConfig):
     class_weight: Literal["balanced"] | None = None
     max_iter: int = Field(1000, ge=1, le=100000)
     seed: int = Field(0, ge=0)
+    outliers: str | None = None
+    outlier_weight: float = Field(0.1, gt=0.0, le=100.0)
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 from safetensors.numpy import load_file
 from safetensors.numpy import save as st_save
 
@@ -36,6 +37,21 @@ FORMAT_VERSION = 1
 META_FILE = "linear_meta.json"
 VECTORIZERS_FILE = "linear_vectorizers.json"
 WEIGHTS_FILE = "linear_weights.safetensors"
+# The outlier-exposure background class (see LinearConfig.outliers); no data label can be this.
+BACKGROUND = "\x00outlier-exposure"
+
+
+def read_outliers(path: str | os.PathLike) -> list[str]:
+    """The non-empty lines of an outlier-exposure file, or a clear error naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model.outliers: file not found: {p} (a text file of out-of-domain sentences, "
+                                "one per line, e.g. CLINC150's all_wiki_sents.txt)")
+    lines = [t.strip() for t in p.read_text(encoding="utf-8").splitlines()]
+    lines = [t for t in lines if t]
+    if not lines:
+        raise ValueError(f"model.outliers: {p} has no sentences (one per line expected)")
+    return lines
 
 
 class LinearTextClassifier:
@@ -74,21 +90,41 @@ class LinearTextClassifier:
         self._features_ = TfidfFeatures.from_config(self.config)
         x = self._features_.fit_transform(texts)
         logger.info("linear baseline: %d examples, %d classes, %d features", x.shape[0], len(classes), x.shape[1])
+        weight = None
+        if self.config.outliers:
+            outliers = read_outliers(self.config.outliers)
+            # The vocabulary stays the training data's: the outliers only add negatives over it.
+            x = sp.vstack([x, self._features_.transform(outliers)], format="csr")
+            labels = labels + [BACKGROUND] * len(outliers)
+            weight = np.concatenate([np.ones(len(texts)), np.full(len(outliers), self.config.outlier_weight)])
+            logger.info("linear baseline: outlier exposure with %d sentences from %s, weight %g",
+                        len(outliers), self.config.outliers, self.config.outlier_weight)
         if self.config.loss == "svm":
             clf = LinearSVC(C=self.config.C, max_iter=self.config.max_iter, class_weight=self.config.class_weight,
                             random_state=self.config.seed)
         else:
             clf = LogisticRegression(C=self.config.C, max_iter=self.config.max_iter,
                                      class_weight=self.config.class_weight, random_state=self.config.seed)
-        clf.fit(x, labels)
+        clf.fit(x, labels, sample_weight=weight)
         self.labels = [str(c) for c in clf.classes_]  # sorted, as classes
         self._coef = clf.coef_.astype(np.float32)
         self._intercept = clf.intercept_.astype(np.float32)
+        if self.config.outliers:
+            self._drop_background()
         if valid_texts is not None and valid_labels is not None and len(valid_texts):
             pred = self.predict(valid_texts)
             acc = float(np.mean([p == str(y) for p, y in zip(pred, valid_labels, strict=True)]))
             logger.info("linear baseline: validation accuracy %.4f", acc)
         return self
+
+    def _drop_background(self) -> None:
+        """Remove the outlier-exposure background class: served models answer only the data's labels."""
+        keep = [i for i, c in enumerate(self.labels) if c != BACKGROUND]
+        coef, intercept = self._coef[keep], self._intercept[keep]
+        if len(keep) == 2:  # the binary layout (one row, for the second class): w1 - w0 gives the same softmax
+            coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
+        self.labels = [self.labels[i] for i in keep]
+        self._coef, self._intercept = np.ascontiguousarray(coef), np.ascontiguousarray(intercept)
 
     def _require_fitted(self) -> None:
         if self._coef is None:

@@ -1,0 +1,87 @@
+"""benchmarks/clinc150_results.py as a user meets it: skips by name, outputs outside the tracked tree."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("clinc150_results", ROOT / "benchmarks" / "clinc150_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _keys(script, skip):
+    return [key for _, key, _, _ in script.plan_runs(skip, [0, 1], 12, 6, 0.2)]
+
+
+def test_every_model_can_be_skipped_by_name(script):
+    assert _keys(script, []) == ["linear", "svm", "svm-oe", "xgboost", "transformer-s0", "transformer-s1", "bert",
+                                 "gpt", "elmo"]
+    assert _keys(script, ["bert", "gpt", "elmo", "xgboost", "svm-oe"]) == ["linear", "svm", "transformer-s0",
+                                                                          "transformer-s1"]
+    assert _keys(script, ["transformer", "linear", "svm"]) == ["svm-oe", "xgboost", "bert", "gpt", "elmo"]
+    # --skip xgboost skips the ChatbotData XGBoost too; chatbot skips both ChatbotData runs
+    assert script.chatbot_plan(["xgboost"]) == ["linear"]
+    assert script.chatbot_plan(["chatbot"]) == [] and script.chatbot_plan([]) == ["linear", "xgboost"]
+
+
+def test_unknown_skip_name_is_refused_with_the_allowed_ones(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--skip", "xgb"])
+    err = capsys.readouterr().err
+    assert "xgb" in err and "xgboost" in err and "elmo" in err
+
+
+def test_every_run_holds_out_the_same_dev_split(script):
+    for _, _, _, overrides in script.plan_runs([], [0, 3], 12, 6, 0.2, 0.85):
+        assert {"data.dev_fraction=0.2", "data.dev_seed=0", "data.dev_group_similarity=0.85"} <= set(overrides)
+    assert script.dev_overrides(0.2, 0) == ["data.dev_fraction=0.2", "data.dev_seed=0"]
+
+
+def test_results_go_beside_the_runs_unless_asked(script, tmp_path):
+    args = script.parse_args(["--runs-dir", str(tmp_path / "r")])
+    assert args.out == tmp_path / "r" / "results" / "clinc150"
+    assert ROOT / "benchmarks" / "results" not in args.out.parents
+    assert script.parse_args(["--out", "benchmarks/results/clinc150"]).out == Path("benchmarks/results/clinc150")
+
+
+def test_held_out_metrics_fit_on_val_apply_to_dev(script):
+    seen = {}
+
+    def fit_apply(fit, app):
+        seen["fit"], seen["app"] = list(fit), list(app)
+        return ["oos", "a", "a"]
+
+    y = ["a", "oos", "a", "oos", "a", "b"]
+    m = script.held_out_metrics(fit_apply, y, n_val=3)
+    assert seen == {"fit": [0, 1, 2], "app": [3, 4, 5]}
+    assert m == {"in_scope_accuracy": 0.5, "oos_recall": 1.0}
+    assert np.isclose(m["in_scope_accuracy"], 0.5)
+
+
+def test_oos_scores_logits_are_the_ones_the_probabilities_come_from(tmp_path):
+    from scipy.special import softmax
+    from test_oos import intent_cfg
+
+    from chatforge.bundle import load_bundle
+    from chatforge.config import validate_config
+    from chatforge.training.run import run_experiment
+
+    spec = importlib.util.spec_from_file_location("clinc150_oos_scores",
+                                                  ROOT / "benchmarks" / "clinc150_oos_scores.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tree = intent_cfg(tmp_path, loss="svm", C=1.0, char_ngram_max=3)
+    res = run_experiment(validate_config(tree), run_dir=tmp_path / "r")
+    bundle = load_bundle(res.bundle_dir)
+    texts = ["please volcano the galaxy tax", "what is rain now forecast", "book a flight ticket"]
+    np.testing.assert_allclose(softmax(mod.logits(bundle, texts), axis=1), bundle.predict_proba(texts), atol=1e-5)
