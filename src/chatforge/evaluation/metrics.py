@@ -279,6 +279,26 @@ def selection_metrics(ranks: Sequence[int]) -> dict[str, float]:
     return {"r1": float((r == 0).mean()), "mrr": float((1.0 / (r + 1)).mean())}
 
 
+SELECTION_SIZES = (10, 100)
+
+
+def selection_report(score: Callable[[list[str], list[list[str]]], list], questions: Sequence[str],
+                     answers: Sequence[str], seed: int, sizes: Sequence[int] = SELECTION_SIZES) -> dict[str, float]:
+    """``r1_of_C`` and ``mrr_of_C`` for each candidate count C (skipped when the split has fewer than C
+    distinct answers), with ``score(questions, candidate_lists)`` -> one score array per question and
+    candidates from :func:`selection_candidates` (``seed`` fixes them: use one per split)."""
+    out: dict[str, float] = {}
+    n_distinct = len(set(answers))
+    for k in sizes:
+        if n_distinct < k:
+            logger.warning("R@1 of %d skipped: the split has only %d distinct answers", k, n_distinct)
+            continue
+        cands = selection_candidates(answers, k, seed)
+        m = selection_metrics([true_rank(s) for s in score(list(questions), cands)])
+        out[f"r1_of_{k}"], out[f"mrr_of_{k}"] = m["r1"], m["mrr"]
+    return out
+
+
 def perplexity(total_nll: float, total_tokens: int) -> float:
     """exp(total negative log-likelihood in nats / number of tokens); ``inf`` if it overflows."""
     if total_tokens <= 0:
