@@ -11,6 +11,7 @@ from chatforge.baselines.retrieval.model import _dedupe_pairs, _in_batch_loss
 from chatforge.bundle import load_bundle
 from chatforge.config import validate_config
 from chatforge.data import read_examples, sample_corpus_path
+from chatforge.evaluation.evaluate import evaluate_bundle
 from chatforge.training.run import run_experiment
 
 PAIRS = [
@@ -97,6 +98,11 @@ def test_selection_run_reports_r1_and_writes_a_bundle_without_labels(tmp_path):
     examples, _ = read_examples(sample_corpus_path())
     question = examples[0].text
     assert b.model.reply(question)[0] == res_reply(res.bundle_dir, question)
+    # chatforge evaluate draws the same seeded candidates for the test split as the run did
+    ev = evaluate_bundle(res.bundle_dir, split="test", out_dir=tmp_path / "eval", track=False)
+    for k in ("r1_of_10", "mrr_of_10", "chrf", "identical_rate"):
+        assert ev.summary["metrics"][k] == pytest.approx(m[f"test_{k}"])
+    assert (tmp_path / "eval" / "evaluation.md").read_text(encoding="utf-8").count("r1_of_10") == 1
 
 
 def res_reply(bundle_dir, question):
