@@ -190,7 +190,7 @@ def repetition_rate(texts: Sequence[str], run: int = 3, tokenizer: Callable[[str
 
     def repeats(toks: list[str]) -> bool:
         streak = 1
-        for a, b in zip(toks, toks[1:]):
+        for a, b in zip(toks, toks[1:], strict=False):  # pairs of neighbours: one shorter by design
             streak = streak + 1 if a == b else 1
             if streak >= run:
                 return True
