@@ -107,3 +107,18 @@ def test_selection_run_reports_r1_and_writes_a_bundle_without_labels(tmp_path):
 
 def res_reply(bundle_dir, question):
     return ResponseSelector.load(bundle_dir).reply(question)[0]
+
+
+def test_tfidf_weight_adds_the_tfidf_scorer_to_the_biencoder_and_round_trips(tmp_path):
+    torch.set_num_threads(1)
+    kw = dict(encoder="biencoder", vocab_size=80, d_model=16, n_heads=2, num_layers=1, d_ff=32, dropout=0.0,
+              epochs=2, batch_size=12, neighbours=3)
+    alone = ResponseSelector(RetrievalConfig(**kw)).fit(Q, A)
+    both = ResponseSelector(RetrievalConfig(**kw, tfidf_weight=2.0)).fit(Q, A)
+    tfidf = ResponseSelector(RetrievalConfig(encoder="tfidf", neighbours=3)).fit(Q, A)
+    cands = [["맑고 화창해요.", "일찍 주무세요.", "우산 챙기세요."]]
+    expected = alone.score(["잠이 와요"], cands)[0] + 2.0 * tfidf.score(["잠이 와요"], cands)[0]
+    np.testing.assert_allclose(both.score(["잠이 와요"], cands)[0], expected, rtol=1e-5)
+    both.save(tmp_path)
+    back = ResponseSelector.load(tmp_path)
+    assert back.select(["비 와요"], 3) == both.select(["비 와요"], 3)

@@ -19,13 +19,17 @@ class RetrievalConfig(TfidfConfig):
     Scoring a candidate answer c for a question q (both encoders):
     ``qa_weight * cos(q, c) + sum_k w_k cos(a_k, c)``, where a_k are the answers of the ``neighbours``
     training questions nearest to q and ``w = softmax(cos(q, q_k) / neighbour_temperature)``;
-    ``neighbours: 0`` scores question against answer only.
+    ``neighbours: 0`` scores question against answer only. ``tfidf_weight > 0`` (bi-encoder only) adds the
+    TF-IDF scorer's score times that weight: the two see different evidence (learned semantics; shared
+    characters), so their sum ranks better than either.
     """
 
     encoder: Literal["tfidf", "biencoder"] = "tfidf"
     neighbours: int = Field(20, ge=0, le=1000)
     neighbour_temperature: float = Field(0.05, gt=0.0, le=10.0)
     qa_weight: float = Field(1.0, ge=0.0, le=100.0)
+    # biencoder only: add this times the TF-IDF scorer's score (same formula, TF-IDF vectors); 0 = off.
+    tfidf_weight: float = Field(0.0, ge=0.0, le=100.0)
     # bi-encoder (ignored by tfidf)
     vocab_size: int = Field(4000, ge=16, le=100000)
     d_model: int = Field(128, ge=8, le=2048)

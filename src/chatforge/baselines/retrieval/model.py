@@ -51,6 +51,7 @@ VECTORIZERS_FILE = "vectorizers.json"
 ENCODER_FILE = "encoder.safetensors"
 EMBEDDINGS_FILE = "pool_embeddings.safetensors"
 TOKENIZER_FILE = "retrieval_tokenizer.model"
+TFIDF_DIR = "tfidf"  # the TF-IDF scorer a bi-encoder adds (tfidf_weight > 0)
 
 
 class BiEncoder(nn.Module):
@@ -113,6 +114,7 @@ class ResponseSelector:
         self._net: BiEncoder | None = None
         self._pool_vecs = None  # (P, D): dense for the bi-encoder, CSR for TF-IDF
         self._question_vecs = None  # (N, D)
+        self._tfidf: ResponseSelector | None = None  # tfidf_weight > 0: the TF-IDF scorer added to the bi-encoder's
 
     # -- encoding ---------------------------------------------------------------------------------------
 
@@ -184,8 +186,21 @@ class ResponseSelector:
         distinct = sorted({c for cands in candidates for c in cands})
         index = {c: i for i, c in enumerate(distinct)}
         cv = self.encode(distinct)
-        return [self._score_vecs(qv, cv[[index[c] for c in cands]], i, top, weights)
-                for i, cands in enumerate(candidates)]
+        out = [self._score_vecs(qv, cv[[index[c] for c in cands]], i, top, weights)
+               for i, cands in enumerate(candidates)]
+        if self._tfidf is not None:
+            w = self.config.tfidf_weight
+            out = [s + w * t for s, t in zip(out, self._tfidf.score(questions, candidates), strict=True)]
+        return out
+
+    def _pool_scores(self, questions: list[str]) -> np.ndarray:
+        """(n, P) scores of every pool answer for each question."""
+        qv = self.encode(questions)
+        top, weights = self._neighbour_weights(qv) if self.config.neighbours else (None, None)
+        s = np.stack([self._score_vecs(qv, self._pool_vecs, i, top, weights) for i in range(len(questions))])
+        if self._tfidf is not None:
+            s += self.config.tfidf_weight * self._tfidf._pool_scores(questions)
+        return s
 
     def select(self, questions: Sequence[str], top_k: int = 1) -> list[list[tuple[str, float]]]:
         """The ``top_k`` pool answers for each question, best first, with their scores (exact search)."""
@@ -195,11 +210,8 @@ class ResponseSelector:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not questions:
             return []
-        qv = self.encode(questions)
-        top, weights = self._neighbour_weights(qv) if self.config.neighbours else (None, None)
         out = []
-        for i in range(len(questions)):
-            s = self._score_vecs(qv, self._pool_vecs, i, top, weights)
+        for s in self._pool_scores(questions):
             k = min(top_k, len(s))
             best = np.argpartition(-s, k - 1)[:k]
             best = best[np.argsort(-s[best], kind="stable")]
@@ -227,6 +239,9 @@ class ResponseSelector:
             self._features = TfidfFeatures.from_config(self.config)
             self._features.fit_transform(self.questions + self.pool)
         else:
+            if self.config.tfidf_weight:
+                self._tfidf = ResponseSelector(dataclasses.replace(self.config, encoder="tfidf", tfidf_weight=0.0))
+                self._tfidf.fit(questions, answers)
             self._train_biencoder(valid_questions, valid_answers)
         self._encode_pool()
         logger.info("response selector (%s): %d pool answers from %d questions", self.config.encoder,
@@ -305,6 +320,8 @@ class ResponseSelector:
             torch_save_file({k: v.contiguous() for k, v in self._net.state_dict().items()}, str(d / ENCODER_FILE))
             # Encoded once here: loading a bundle does not re-encode its pool.
             np_save_file({"pool": self._pool_vecs, "questions": self._question_vecs}, str(d / EMBEDDINGS_FILE))
+            if self._tfidf is not None:
+                self._tfidf.save(d / TFIDF_DIR)
         atomic_write_json(d / META_FILE, meta)
         logger.info("saved response selector to %s", d)
         return d
@@ -336,6 +353,8 @@ class ResponseSelector:
         if len(self._pool_vecs) != len(self.pool) or len(self._question_vecs) != len(self.questions):
             raise ValueError(f"{d / EMBEDDINGS_FILE} does not match {d / POOL_FILE}: "
                              f"{len(self._pool_vecs)} vs {len(self.pool)} answers")
+        if cfg.tfidf_weight:
+            self._tfidf = ResponseSelector.load(d / TFIDF_DIR)
         return self
 
 
