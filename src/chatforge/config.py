@@ -96,7 +96,8 @@ class ModelConfig(BaseModel):
     unchanged to the family's builder, which takes exactly that type.
     """
 
-    model_config = ConfigDict(extra="allow")
+    # Frozen: the typed config is built once from these keys, so they cannot change underneath it.
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     family: str
     task: str = Field(description="one of the tasks the family supports (see chatforge.registry)")

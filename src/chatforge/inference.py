@@ -15,9 +15,9 @@ import torch
 
 from chatforge.bundle import Bundle, load_bundle, torch_class_probs
 from chatforge.decoding import GenerationOptions, StepSpec, autocast_for, generate_stream
-from chatforge.predictions import ClassPrediction, TokenDelta
+from chatforge.predictions import ClassPrediction  # re-exported; defined torch-free for the client
 
-__all__ = [  # autocast_for, torch_class_probs, ClassPrediction, TokenDelta: re-exported from where they live
+__all__ = [  # autocast_for, torch_class_probs, ClassPrediction: re-exported from where they live
     "PRECISIONS",
     "ClassPrediction",
     "Classifier",
@@ -46,6 +46,14 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; allowed: {', '.join(PRECISIONS)}")
     return precision
+
+
+@dataclass
+class TokenDelta:
+    """One generated token and the text it adds to the reply so far (may be "")."""
+
+    token_id: int
+    text: str
 
 
 @dataclass

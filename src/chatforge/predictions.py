@@ -1,4 +1,9 @@
-"""What the library hands to serving: typed predictions, free of torch (the client side imports them)."""
+"""Result types shared by the model side and the client side, with no torch/numpy imports.
+
+The gRPC client (``serving/client.py``) returns :class:`ClassPrediction` too; defining it here
+instead of in ``inference.py`` (which imports ``decoding`` and so torch) keeps
+``chatforge health`` and the other client commands free of torch's ~3 s import.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,7 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class TokenDelta:
-    """One generated token and the text it adds to the reply so far (may be "")."""
-
-    token_id: int
-    text: str
-
-
-@dataclass
 class ClassPrediction:
-    """One text's answer: the final label (``out_of_scope`` when the bundle's oos policy says so, and
-    then ``label`` is the policy's oos label), the best class probability and every class's."""
-
     label: str
     score: float
     scores: dict[str, float] = field(default_factory=dict)

@@ -13,7 +13,9 @@ Registered as family ``gpt`` for the tasks:
   hidden state of the final extract token ``[CLS]`` and the loss is ``L3 = L2 + λ·L1`` with
   ``λ = aux_lm_weight`` (section 3.2, paper: 0.5).
 
-``variant: gpt`` is the 2018 model (post-LN blocks, exact GELU, no final LayerNorm);
+``variant: gpt`` is the 2018 model (post-LN blocks, exact GELU, no final LayerNorm; the original
+code and HF's ``OpenAIGPT`` compute the tanh approximation, so converted checkpoints say
+``activation: gelu_tanh``);
 ``variant: gpt2`` moves LayerNorm to each sub-block's input, adds a final LayerNorm and uses the
 tanh GELU (GPT-2, section 2.3). ``norm_first``/``final_norm``/``activation`` override the
 variant's choice. Parameter names map 1:1 onto HF's ``OpenAIGPTModel``/``GPT2Model``
@@ -277,6 +279,15 @@ class GPTState:
             self.pos_history = self.pos_history.index_select(0, index)
 
 
+def _row_lengths(input_ids: Tensor, pad_id: int) -> Tensor:
+    """Length of each right-padded row of (B, S) ids: up to and including its last non-pad token.
+
+    Not the count of non-pad tokens: GPT-2's pad id is <|endoftext|>, which may occur inside a text.
+    """
+    positions = torch.arange(1, input_ids.size(1) + 1, device=input_ids.device)  # (S,)
+    return ((input_ids != pad_id) * positions).amax(1)  # (B,)
+
+
 def _attn_mask(key_mask: Tensor, q_len: int) -> Tensor:
     """Causal + key padding (B, 1, T, L) for the last ``q_len`` of L positions; a query may always
     see itself, so rows of left padding attend to something and stay finite (no NaN in the cache)."""
@@ -351,7 +362,9 @@ class GPTLMHeadModel(_GPTHeadBase):
         """Prefill the prompts; input_ids (B, S) right-padded with pad_id (each row non-empty)."""
         if input_ids.dim() != 2 or input_ids.size(1) == 0:
             raise ValueError(f"input_ids must be a non-empty (B, S) tensor; got shape {tuple(input_ids.shape)}")
-        lengths = (input_ids != self.pad_id).sum(1).tolist()
+        # One row is never padded: all of it is the prompt, even tokens equal to pad_id (GPT-2's pad is
+        # its <|endoftext|>, which a prompt may contain). Several rows end at their last non-pad token.
+        lengths = [input_ids.size(1)] if input_ids.size(0) == 1 else _row_lengths(input_ids, self.pad_id).tolist()
         if min(lengths) == 0:
             raise ValueError("every prompt row needs at least one non-pad token")
         rows = [self.prompt_ids(r[:n]) for r, n in zip(input_ids.tolist(), lengths, strict=True)]
@@ -433,7 +446,7 @@ class GPTClassifier(_GPTHeadBase):
     def transform(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(B, S) right-padded ids -> (``<s> ids [CLS]`` right-padded (B, S + 2), index of [CLS] (B,))."""
         b, s = input_ids.shape
-        lengths = (input_ids != self.pad_id).sum(1)  # (B,)
+        lengths = _row_lengths(input_ids, self.pad_id)  # (B,)
         if s + 2 > self.cfg.n_positions:
             raise ValueError(f"input has {s} tokens; the classifier takes at most {self.cfg.n_positions - 2}")
         out = torch.full((b, s + 2), self.pad_id, dtype=torch.long, device=input_ids.device)
