@@ -10,6 +10,7 @@ from chatforge.config import validate_config
 from chatforge.evaluation.evaluate import EvaluationError
 from chatforge.evaluation.metrics import corpus_chrf
 from chatforge.evaluation.replies import Replies, choose_retrieval_threshold, hybrid, reply_table
+from chatforge.serving.policy import ReplyPolicy
 from chatforge.training.run import run_experiment
 
 DATA = {"path": "sample", "format": "chatbot_csv", "valid_fraction": 0.1, "test_fraction": 0.1}
@@ -55,5 +56,7 @@ def test_reply_table_compares_models_on_the_same_questions(tmp_path):
     page = (tmp_path / "out" / "replies.html").read_text(encoding="utf-8")
     assert page.count("<tr>") == 5 + 1 + 3 + 1  # table rows + header, figure rows + header
     assert rows[0]["question"] in (tmp_path / "out" / "replies.md").read_text(encoding="utf-8")
+    policy = ReplyPolicy.from_yaml(tmp_path / "out" / "policy.yaml")  # the hybrid column, ready to serve
+    assert (policy.retriever, policy.retrieval_threshold) == ("retrieval", res["hybrid"]["threshold"])
     with pytest.raises(EvaluationError, match="must be one of the named bundles"):
         reply_table({"retrieval": sel}, hybrid_of=("retrieval", "seq2seq"), out_dir=tmp_path / "x")

@@ -4,7 +4,8 @@ For each named bundle (generation, lm or selection) and for the hybrid of a sele
 generation bundle (retrieval when its score clears a threshold, generation otherwise: the rule of
 ``chatforge.serving.policy`` without intents), this computes the reply-quality figures of
 ``metrics.generation_quality`` over the whole split and writes a reply table of the first ``n``
-questions for people to read: ``replies.md``, ``replies.html`` and ``replies.json``.
+questions for people to read: ``replies.md``, ``replies.html`` and ``replies.json``; with a hybrid column
+also ``policy.yaml``, the same hybrid as a serving policy (``chatforge serve --policy``).
 
 The hybrid's threshold is chosen on the *validation* split (the one maximising the hybrid's chrF
 there), never on the split it is reported on.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from chatforge.bundle import load_bundle
 from chatforge.decoding import GenerationOptions, generate
@@ -31,6 +33,7 @@ from chatforge.fileio import atomic_write_json, atomic_write_text
 logger = logging.getLogger(__name__)
 
 HYBRID = "hybrid"
+DEFAULT_FALLBACK = "잘 모르겠어요. 다르게 말씀해 주시겠어요?"
 
 
 @dataclass
@@ -129,6 +132,11 @@ def reply_table(models: Mapping[str, str | Path], *, hybrid_of: tuple[str, str] 
     atomic_write_json(out / "replies.json", result)
     atomic_write_text(out / "replies.md", _markdown(result, list(columns)))
     atomic_write_text(out / "replies.html", _html(result, list(columns)))
+    if hybrid_of is not None:
+        # The served form of the hybrid column: `chatforge serve --model NAME=BUNDLE ... --policy policy.yaml`.
+        atomic_write_text(out / "policy.yaml", yaml.safe_dump({
+            "retriever": hybrid_of[0], "retrieval_threshold": threshold, "generate": True,
+            "fallback_reply": DEFAULT_FALLBACK}, allow_unicode=True, sort_keys=False))
     logger.info("reply table written to %s", out)
     return result
 
