@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
+from serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
 
 from chatforge.inference import ModelInfo
 from chatforge.serving.engine import Engine, ReplyDone
 from chatforge.serving.policy import PolicyError, ReplyPolicy
 from chatforge.v1 import chatbot_pb2 as pb
-from tests.serving_fakes import FakeClassifier, FakeGenerator
+from chatforge.v1 import chatbot_pb2_grpc
 
 FALLBACK = "잘 모르겠어요."
 
@@ -97,6 +99,15 @@ def test_policy_yaml_round_trip(tmp_path):
     assert (pol.retriever, pol.retrieval_threshold, pol.generate, pol.classifier) == ("s", 0.9, False, None)
 
 
-def test_reply_final_carries_path_and_score():
-    final = pb.ReplyFinal(path="retrieval", path_score=1.25)
-    assert pb.ReplyFinal.FromString(final.SerializeToString()).path == "retrieval"
+def test_reply_final_over_grpc_says_which_path_answered_and_with_what_score():
+    with ServerThread(_engine()) as st:
+        st.wait_serving()
+        with grpc.insecure_channel(st.target) as channel:
+            stub = chatbot_pb2_grpc.ChatbotStub(channel)
+            chunks = list(stub.Reply(pb.ReplyRequest(text="how is the weather"), timeout=WAIT))
+            assert chunks[0].delta.text == "맑아요."
+            final = chunks[-1].final
+            assert (final.path, final.model, final.model_version) == ("retrieval", "selector", "7")
+            assert final.path_score == pytest.approx(1.5)
+            final = list(stub.Reply(pb.ReplyRequest(text="tell me a story"), timeout=WAIT))[-1].final
+            assert final.path == "generation" and final.path_score == pytest.approx(0.2)
