@@ -111,3 +111,10 @@ def test_reply_final_over_grpc_says_which_path_answered_and_with_what_score():
             assert final.path_score == pytest.approx(1.5)
             final = list(stub.Reply(pb.ReplyRequest(text="tell me a story"), timeout=WAIT))[-1].final
             assert final.path == "generation" and final.path_score == pytest.approx(0.2)
+
+
+def test_shipped_policy_loads():
+    from pathlib import Path
+
+    pol = ReplyPolicy.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "policies" / "hybrid_chatbot_kr.yaml")
+    assert pol.retriever and pol.generate and pol.retrieval_threshold > 0
