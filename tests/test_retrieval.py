@@ -81,6 +81,7 @@ def test_config_rejects_unknown_encoder():
         validate_config({"name": "x", "model": {"family": "retrieval", "task": "selection", "encoder": "dpr"}})
 
 
+@pytest.mark.slow
 def test_selection_run_reports_r1_and_writes_a_bundle_without_labels(tmp_path):
     cfg = validate_config({
         "name": "sel", "seed": 0,
