@@ -52,7 +52,7 @@ def test_registry_imports_no_family_and_says_how_to_fill_it():
 
 def test_families_module_registers_every_family_once():
     out = _run_python("import chatforge.families\nfrom chatforge.registry import families\nprint(','.join(families()))")
-    assert out.split(",") == sorted(["bert", "bytenet", "elmo", "ensemble", "gpt", "linear", "transformer", "xgboost"])
+    assert out.split(",") == sorted(["bert", "bytenet", "elmo", "ensemble", "gpt", "linear", "retrieval", "transformer", "xgboost"])
 
 
 def test_config_holds_the_typed_family_config_and_the_builder_gets_that_object():

@@ -247,12 +247,18 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
 
 
 def _load_estimator_bundle(path: Path, metadata: dict[str, Any]) -> Bundle:
-    missing = [n for n in (CONFIG, METADATA, LABELS) if not (path / n).is_file()]
+    # A response selector (task selection) has a reply pool, not classes: no labels.json.
+    needed = (CONFIG, METADATA) if metadata.get("task") == "selection" else (CONFIG, METADATA, LABELS)
+    missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise BundleError(f"{path} is not a complete chatforge estimator bundle: missing {', '.join(missing)}")
     cfg = validate_config(yaml.safe_load((path / CONFIG).read_text(encoding="utf-8")), source=str(path / CONFIG))
     if cfg.model.spec.kind == "torch":
         raise BundleError(f"{path}: metadata says kind 'estimator' but family {cfg.model.family!r} is a torch family")
+    if cfg.model.task == "selection":
+        model = build_from_config(cfg, None, None).load(path)
+        return Bundle(path=path, config=cfg, tokenizer=None, model=model, labels=None, metadata=metadata,
+                      oos=OOSPolicy.from_metadata(None, path))
     labels = json.loads((path / LABELS).read_text(encoding="utf-8"))
     # The family's own loader reads JSON / safetensors only: nothing in the bundle is executed.
     model = build_from_config(cfg, None, labels).load(path)

@@ -408,6 +408,48 @@ def evaluate(
 
 
 @app.command()
+def replies(
+    model: list[str] = typer.Option([], "--model", help="NAME=BUNDLE (repeatable): generation, lm or selection "
+                                    "bundles trained on the same data split."),
+    hybrid: str = typer.Option(None, "--hybrid", help="SELECTION,GENERATION: add the hybrid column (retrieval "
+                               "above a threshold chosen on valid, else generation)."),
+    split: str = typer.Option("test", "--split", help="valid, test or all."),
+    n: int = typer.Option(30, "--n", min=1, help="Questions in the reply table (figures use the whole split)."),
+    out: Path = typer.Option(Path("runs/replies"), "--out", help="Folder for replies.md/.html/.json."),
+    max_examples: int = typer.Option(None, "--max-examples", min=1, help="Use at most this many questions."),
+):
+    """Reply table: every model answers the same held-out questions side by side, with chrF, BLEU, distinct-n,
+    repetition and identical-reply figures."""
+    from chatforge.bundle import BundleError
+    from chatforge.config import ConfigError
+    from chatforge.evaluation.evaluate import EvaluationError
+    from chatforge.evaluation.replies import reply_table
+
+    named = _parse_models([], model)
+    pair = None
+    if hybrid:
+        parts = [p.strip() for p in hybrid.split(",")]
+        if len(parts) != 2:
+            _fail(f"--hybrid {hybrid!r} must look like SELECTION,GENERATION, e.g. retrieval,transformer")
+        pair = (parts[0], parts[1])
+    try:
+        res = reply_table(named, hybrid_of=pair, split=split, n=n, out_dir=out, max_examples=max_examples)
+    except (BundleError, ConfigError, EvaluationError, FileNotFoundError) as e:
+        _fail(str(e))
+    table = Table(title=f"replies on {Path(res['data']).name} ({res['split']}, {res['n_questions']} questions)")
+    cols = ("chrf", "bleu", "distinct_1", "distinct_2", "avg_length", "repeat_3_rate", "identical_rate")
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, fig in res["figures"].items():
+        table.add_row(name, *(f"{fig[c]:.4f}" for c in cols))
+    console.print(table)
+    if "hybrid" in res:
+        console.print(f"hybrid threshold (chosen on valid): {res['hybrid']['threshold']:.4f}")
+    console.print(f"reply table: [bold]{out}/replies.md[/] and replies.html", highlight=False)
+
+
+@app.command()
 def compare(
     runs: list[Path] = typer.Argument(None, help="Run folders (default: every run under --runs-dir)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder of run folders."),
@@ -494,6 +536,8 @@ def serve(
     fallback_reply: str = typer.Option("Sorry, I can't help with that.",
                                        help="Pipeline: the reply to out-of-scope messages."),
     oos_threshold: float = typer.Option(0.0, help="Pipeline: scores below this count as out of scope."),
+    policy: Path = typer.Option(None, help="Hybrid reply policy YAML (intent -> scripted -> retrieval above a "
+                                "threshold -> generation -> fallback; see chatforge.serving.policy)."),
     api_keys_file: Path = typer.Option(None, help="File of API keys (one per line); else CHATFORGE_API_KEYS."),
     protect_health: bool = _flag(False, "--protect-health/--no-protect-health",
                                  help="Require API keys for health and reflection too."),
@@ -531,6 +575,10 @@ def serve(
     try:
         if pipeline_classifier:
             engine_kwargs["pipeline"] = PipelineConfig(pipeline_classifier, fallback_reply, oos_threshold)
+        if policy is not None:
+            from chatforge.serving.policy import ReplyPolicy
+
+            engine_kwargs["policy"] = ReplyPolicy.from_yaml(policy)
         code = run_server(named, host=host, port=port, grace=grace, drain_delay=drain_delay,
                           port_file=str(port_file) if port_file else None,
                           model_dir=model_dir, pins=pins, poll_interval=poll_interval, metrics_port=metrics_port,

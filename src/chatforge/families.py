@@ -6,5 +6,5 @@ This is the only module that knows the list. Adding a family is one folder under
 itself never imports families.
 """
 
-from chatforge.baselines import ensemble, linear, xgboost  # noqa: F401
+from chatforge.baselines import ensemble, linear, retrieval, xgboost  # noqa: F401
 from chatforge.models import bert, bytenet, elmo, gpt, transformer  # noqa: F401

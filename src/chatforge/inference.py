@@ -177,6 +177,27 @@ class Classifier:
         return out
 
 
+class ReplySelector:
+    """Serves a selection bundle (``model.family: retrieval``): the best answer of its pool and its score."""
+
+    def __init__(self, bundle: Bundle, name: str, version: str = "1"):
+        self.bundle = bundle
+        self.model = bundle.model
+        self.info = ModelInfo(name=name, family=bundle.family, task=bundle.task, version=version,
+                              metadata=dict(bundle.metadata))
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    def select(self, text: str) -> tuple[str, float]:
+        return self.model.reply(text)
+
+
 def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32") -> ReplyGenerator | TextClassifier:
     """Load a bundle and wrap it for serving by its task.
 
@@ -196,4 +217,6 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
         return Seq2SeqGenerator(bundle, name, version)
     if bundle.task == "classification":
         return Classifier(bundle, name, version)
+    if bundle.task == "selection":
+        return ReplySelector(bundle, name, version)
     raise ValueError(f"bundle {bundle_dir} has task {bundle.task!r}, which chatforge cannot serve")

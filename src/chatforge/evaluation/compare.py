@@ -28,13 +28,14 @@ from chatforge.fileio import atomic_write_bytes, atomic_write_text
 logger = logging.getLogger(__name__)
 
 METRICS = ("in_scope_accuracy", "oos_recall", "cross_fitted_in_scope_accuracy", "cross_fitted_oos_recall",
-           "accuracy", "macro_f1", "bleu", "perplexity", "distinct_1", "distinct_2")
+           "accuracy", "macro_f1", "r1_of_10", "r1_of_100", "mrr_of_10", "chrf", "bleu", "perplexity",
+           "distinct_1", "distinct_2", "repeat_3_rate", "identical_rate")
 # The development test a predefined (CLINC150) split holds out of its train lists (data.dev_fraction): a column
 # of its own beside whatever split the leaderboard ranks on, from ``chatforge evaluate --split dev`` when the run
 # has one, else from the run's metrics.json.
 DEV_METRICS = ("dev_in_scope_accuracy", "dev_oos_recall", "dev_accuracy")
 CROSS_FITTED = "cross_fitted_"  # from an evaluation's metrics["cross_fitted"] (chatforge evaluate --cross-fit)
-LOWER_IS_BETTER = {"perplexity", "latency_ms", "valid_loss"}
+LOWER_IS_BETTER = {"perplexity", "latency_ms", "valid_loss", "repeat_3_rate", "identical_rate"}
 # Config keys that name things rather than choose them: never "parameters" of a comparison.
 _IGNORED_PARAMS = ("name", "output.", "tracking.", "data.path")
 

@@ -28,19 +28,21 @@ from chatforge.config import validate_config
 from chatforge.data import read_examples
 from chatforge.decoding import GenerationOptions, generate
 from chatforge.evaluation.crossfit import cross_fit, policy_fit_apply
+from chatforge.evaluation.metrics import generation_quality, selection_report
 from chatforge.evaluation.report import _md_table, write_classification_report, write_generation_report
 from chatforge.fileio import atomic_write_json, atomic_write_text
 from chatforge.inference import Classifier
 from chatforge.tasks import IGNORE_INDEX, TaskSpec, make_dataset
-from chatforge.training.run import file_sha256, load_splits, resolve_data_path
+from chatforge.training.run import file_sha256, load_splits, resolve_data_path, selection_seed
 from chatforge.training.tracking import resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("valid", "test", "dev", "all")
 SUMMARY_FILE = "evaluation.json"
-HEADLINE = ("accuracy", "macro_f1", "in_scope_accuracy", "oos_recall", "oos_precision", "bleu", "perplexity",
-            "distinct_1", "distinct_2", "avg_length")
+HEADLINE = ("accuracy", "macro_f1", "in_scope_accuracy", "oos_recall", "oos_precision", "r1_of_10", "mrr_of_10",
+            "r1_of_100", "mrr_of_100", "chrf", "bleu", "perplexity", "distinct_1", "distinct_2", "avg_length",
+            "repeat_3_rate", "identical_rate")
 
 
 class EvaluationError(ValueError):
@@ -203,7 +205,28 @@ def _generation(bundle, examples, out: Path, title: str, batch_size: int, max_ne
                                      tokenize="char" if korean else "13a", title=title)
     summary = {k: report[k] for k in ("bleu", "perplexity", "distinct_1", "distinct_2", "avg_length")}
     summary["bleu_tokenize"] = report["bleu_tokenize"]
+    quality = generation_quality([e.text for e in examples], hyps, refs, char_level=korean)
+    summary.update({k: quality[k] for k in ("chrf", "repeat_3_rate", "identical_rate")})
     return summary, {"seconds": seconds, "report": report}
+
+
+def _selection(bundle, examples, out: Path, title: str, split_name: str) -> tuple[dict, dict]:
+    """R@1 of 10 / of 100 and MRR with seeded candidates (the run's own figures for the same split), and the
+    reply-quality figures of the top pool answer, the reply a retrieval bot serves."""
+    missing = sum(1 for e in examples if not e.response)
+    if missing:
+        raise EvaluationError(f"selection evaluation needs a reference reply for every example; {missing} have none")
+    questions, refs = [e.text for e in examples], [e.response for e in examples]
+    t0 = time.perf_counter()
+    metrics = selection_report(bundle.model.score, questions, refs, selection_seed(bundle.config.seed, split_name))
+    best = bundle.model.select(questions)
+    seconds = time.perf_counter() - t0
+    hyps = [b[0][0] for b in best]
+    korean = any(re.search(r"[\uac00-\ud7a3]", r) for r in refs[:50])
+    report = write_generation_report(out, questions, hyps, refs, tokenize="char" if korean else "13a", title=title)
+    metrics.update(generation_quality(questions, hyps, refs, char_level=korean))
+    metrics["candidates_seed"] = selection_seed(bundle.config.seed, split_name)
+    return metrics, {"seconds": seconds, "report": report}
 
 
 def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, fmt: str = "auto",
@@ -237,8 +260,11 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
                                          in_sample=_fitted_on(bundle, data_path, split_name) and not max_examples)
     elif bundle.task in ("generation", "lm"):
         metrics, extra = _generation(bundle, examples, out, title, batch_size, max_new_tokens)
+    elif bundle.task == "selection":
+        metrics, extra = _selection(bundle, examples, out, title, split_name)
     else:
-        raise EvaluationError(f"bundle task {bundle.task!r} cannot be evaluated; allowed: classification, generation")
+        raise EvaluationError(f"bundle task {bundle.task!r} cannot be evaluated; allowed: classification, "
+                              f"generation, selection")
     run = run_dir_of(bundle_dir)
     summary = {
         "bundle": str(bundle_dir.resolve()),
@@ -264,7 +290,7 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
              "rows (`--cross-fit 10`)."] if metrics.get("oos_policy_fitted_on_this_split") else []
     rows += [("latency per example (ms)", summary["latency_ms_per_example"]),
              ("bundle size (MB)", summary["bundle_size_bytes"] / 1e6), ("examples", len(examples))]
-    detail = "report.md" if bundle.task == "classification" else "generation_report.md"
+    detail = "report.md" if bundle.task == "classification" else "generation_report.md"  # selection: its top replies
     atomic_write_text(out / "evaluation.md", "\n".join([
         f"# {title}", "", f"bundle `{bundle_dir}` ({bundle.family}, {bundle.task})", "",
         _md_table(["metric", "value"], rows), *notes, "", f"Details: `{detail}`.", ""]))

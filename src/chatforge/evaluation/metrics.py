@@ -165,6 +165,140 @@ def average_length(texts: Sequence[str], tokenizer: Callable[[str], list[str]] |
     return sum(len(_tokens(t, tokenizer)) for t in texts) / len(texts)
 
 
+def corpus_chrf(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    """Corpus chrF (Popović 2015; character n-grams up to 6, beta 2) via sacrebleu, on a 0-100 scale.
+
+    Character-based, so it needs no Korean word segmentation and gives partial credit to a reply
+    that shares syllables with the reference, unlike exact-match figures.
+    """
+    import sacrebleu  # lazy: see corpus_bleu
+
+    if not hyps:
+        raise ValueError("corpus_chrf needs at least one hypothesis")
+    _check_same_length(hyps, refs, "hyps", "refs")
+    return float(sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score)
+
+
+def repetition_rate(texts: Sequence[str], run: int = 3, tokenizer: Callable[[str], list[str]] | None = None) -> float:
+    """Share of texts in which one token occurs ``run`` or more times in a row ("좋아 좋아 좋아").
+
+    The degenerate loop of greedy decoding after short training; whitespace tokens unless
+    ``tokenizer`` is given. 0.0 for no texts.
+    """
+    if run < 2:
+        raise ValueError(f"run must be >= 2, got {run}")
+
+    def repeats(toks: list[str]) -> bool:
+        streak = 1
+        for a, b in zip(toks, toks[1:], strict=False):  # pairs of neighbours: one shorter by design
+            streak = streak + 1 if a == b else 1
+            if streak >= run:
+                return True
+        return False
+
+    return _safe_div(sum(repeats(_tokens(t, tokenizer)) for t in texts), len(texts))
+
+
+def identical_reply_rate(sources: Sequence[str], replies: Sequence[str]) -> float:
+    """Share of replies that are also the reply to a *different* input: the generic-answer rate.
+
+    A reply given to two distinct sources counts once per such source (both are generic);
+    repeated identical sources do not make their shared reply count.
+    """
+    _check_same_length(sources, replies, "sources", "replies")
+    inputs_per_reply: dict[str, set[str]] = {}
+    for s, r in zip(sources, replies, strict=True):
+        inputs_per_reply.setdefault(r, set()).add(s)
+    return _safe_div(sum(len(inputs_per_reply[r]) > 1 for r in replies), len(replies))
+
+
+def generation_quality(sources: Sequence[str], hyps: Sequence[str], refs: Sequence[str], *,
+                       char_level: bool = True) -> dict[str, float]:
+    """The reply-quality figures every chit-chat approach is compared on (one dict, same keys for all).
+
+    chrF, BLEU ("char" tokenisation for Korean, else 13a), distinct-1/2 and mean length (characters for
+    Korean, else whitespace tokens), the share of replies with a token repeated 3+ times in a row
+    (whitespace tokens: the repeated unit of a degenerate reply is a word) and the share of replies
+    identical for different inputs.
+    """
+    tok = list if char_level else None
+    return {
+        "chrf": corpus_chrf(hyps, refs),
+        "bleu": corpus_bleu(hyps, refs, tokenize="char" if char_level else "13a"),
+        "distinct_1": distinct_n(hyps, 1, tok),
+        "distinct_2": distinct_n(hyps, 2, tok),
+        "avg_length": average_length(hyps, tok),
+        "repeat_3_rate": repetition_rate(hyps, 3),
+        "identical_rate": identical_reply_rate(sources, hyps),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Response selection (Humeau et al. 2020, "Poly-encoders", section 5: R@1 of C candidates; MRR)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def selection_candidates(answers: Sequence[str], k: int, seed: int) -> list[list[str]]:
+    """For each example, ``[true answer] + (k - 1)`` distinct distractors drawn from the *other* answers.
+
+    Distractors are drawn without replacement from the distinct answer texts of the split that differ
+    from the true one (ChatbotData repeats answers: an identical text is no distractor), with a numpy
+    generator seeded by ``seed``: the same split and seed give the same candidates on every machine.
+    """
+    if k < 2:
+        raise ValueError(f"k must be >= 2 (the true answer and at least one distractor), got {k}")
+    distinct = sorted(set(answers))
+    if len(distinct) < k:
+        raise ValueError(f"R@1 of {k} needs at least {k} distinct answers in the split, found {len(distinct)}")
+    index = {a: i for i, a in enumerate(distinct)}
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in answers:
+        # Draw k-1 of the len(distinct)-1 others: sample positions in a list that skips the true answer.
+        pos = rng.choice(len(distinct) - 1, size=k - 1, replace=False)
+        pos = pos + (pos >= index[a])
+        out.append([a] + [distinct[int(j)] for j in pos])
+    return out
+
+
+def true_rank(scores: Sequence[float]) -> int:
+    """0-based rank of candidate 0 (the true one) among ``scores``; ties count against it."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1 or s.size == 0:
+        raise ValueError(f"scores must be a non-empty 1-D sequence, got shape {s.shape}")
+    return int((s[1:] >= s[0]).sum())
+
+
+def selection_metrics(ranks: Sequence[int]) -> dict[str, float]:
+    """R@1 (share of rank 0) and MRR (mean of 1 / (rank + 1)) over 0-based ranks."""
+    r = np.asarray(ranks, dtype=np.int64)
+    if r.size == 0:
+        raise ValueError("selection_metrics needs at least one rank")
+    if (r < 0).any():
+        raise ValueError("ranks must be >= 0")
+    return {"r1": float((r == 0).mean()), "mrr": float((1.0 / (r + 1)).mean())}
+
+
+SELECTION_SIZES = (10, 100)
+
+
+def selection_report(score: Callable[[list[str], list[list[str]]], list], questions: Sequence[str],
+                     answers: Sequence[str], seed: int, sizes: Sequence[int] = SELECTION_SIZES) -> dict[str, float]:
+    """``r1_of_C`` and ``mrr_of_C`` for each candidate count C (skipped when the split has fewer than C
+    distinct answers), with ``score(questions, candidate_lists)`` -> one score array per question and
+    candidates from :func:`selection_candidates` (``seed`` fixes them: use one per split)."""
+    out: dict[str, float] = {}
+    n_distinct = len(set(answers))
+    for k in sizes:
+        if n_distinct < k:
+            logger.warning("R@1 of %d skipped: the split has only %d distinct answers", k, n_distinct)
+            continue
+        cands = selection_candidates(answers, k, seed)
+        m = selection_metrics([true_rank(s) for s in score(list(questions), cands)])
+        out[f"r1_of_{k}"], out[f"mrr_of_{k}"] = m["r1"], m["mrr"]
+    return out
+
+
 def perplexity(total_nll: float, total_tokens: int) -> float:
     """exp(total negative log-likelihood in nats / number of tokens); ``inf`` if it overflows."""
     if total_tokens <= 0:

@@ -50,6 +50,7 @@ from chatforge.serving.batching import (
     RunnerStats,
     ThreadedRunner,
 )
+from chatforge.serving.policy import ReplyPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class ReplyDone:
     version: str = ""
     intent: str = ""  # pipeline: the classifier's label
     intent_score: float = 0.0
+    path: str = ""  # reply policy: "scripted" | "retrieval" | "generation" | "fallback" (serving.policy)
+    path_score: float = 0.0  # reply policy: the retrieval score (also when generation answered), else the intent's
 
 
 @dataclass
@@ -226,6 +229,8 @@ class Engine:
         metrics: Any = None,
         on_error: Callable[[BaseException], None] | None = None,
         pipeline: PipelineConfig | None = None,
+        retrievers: Mapping[str, Any] | None = None,
+        policy: ReplyPolicy | None = None,
     ) -> None:
         checks = [
             ("max_input_chars", max_input_chars, max_input_chars >= 1, "an integer >= 1"),
@@ -266,6 +271,13 @@ class Engine:
                 f"classifiers: {', '.join(self._classifiers) or 'none'}"
             )
         self.pipeline = pipeline
+        # Selection models answer in one matrix product: called off the loop, no batching runner.
+        self.retrievers: dict[str, Any] = dict(retrievers or {})
+        if policy is not None:
+            if pipeline is not None:
+                raise ValueError("give a reply policy or a pipeline, not both (a policy includes the pipeline)")
+            policy.check_hosted(self._classifiers, self.retrievers, bool(self._generators))
+        self.policy = policy
         for slot in self._slots():
             self.metrics.set_model_info(slot.model.info)
 
@@ -304,9 +316,13 @@ class Engine:
             raise ValueError("no bundles given; pass at least one name -> bundle folder")
         generators: dict[str, ReplyGenerator] = {}
         classifiers: dict[str, TextClassifier] = {}
+        retrievers: dict[str, Any] = {}
         for name, path in bundles.items():
             model = load_hosted_model(path, name, (versions or {}).get(name, "1"), precision)
-            (generators if hasattr(model, "stream") else classifiers)[name] = model
+            kind = generators if hasattr(model, "stream") else retrievers if hasattr(model, "select") else classifiers
+            kind[name] = model
+        if retrievers:
+            kwargs["retrievers"] = {**retrievers, **kwargs.get("retrievers", {})}
         return cls(generators, classifiers, **kwargs)
 
     def attach(self, *, metrics: Any = None, on_error: Callable[[BaseException], None] | None = None) -> None:
@@ -484,9 +500,20 @@ class Engine:
         """
         self.check_text(text)
         options = self.check_options(options)
-        slot = self._resolve(self._generators, model, "generation", "Reply")
         self._check_open()
-        intent, intent_score = "", 0.0
+        path, path_score, policy_intent = "", 0.0, ("", 0.0)
+        if self.policy is not None:
+            route = await self.policy.route(text, self._policy_classify, self._policy_retrieve)
+            if route.reply is not None:  # scripted, retrieval or fallback: the whole reply as one delta
+                version = self.retrievers[route.model].version if route.model in self.retrievers else (
+                    self._classifiers[route.model].version if route.model in self._classifiers else "")
+                yield TokenDelta(token_id=-1, text=route.reply)
+                yield ReplyDone("fallback" if route.path == "fallback" else "stop", 0, 0, route.model, version,
+                                route.intent, route.intent_score, route.path, route.score)
+                return
+            path, path_score, policy_intent = route.path, route.score, (route.intent, route.intent_score)
+        slot = self._resolve(self._generators, model, "generation", "Reply")
+        intent, intent_score = policy_intent
         if self.pipeline is not None:
             [pred] = await self.classify([text], self.pipeline.classifier)
             intent, intent_score = pred.label, pred.score
@@ -531,7 +558,8 @@ class Engine:
                     prompt_tokens = payload
                 elif kind == _END:
                     ended = True
-                    yield ReplyDone(payload, prompt_tokens, n, slot.name, slot.version, intent, intent_score)
+                    yield ReplyDone(payload, prompt_tokens, n, slot.name, slot.version, intent, intent_score,
+                                    path, path_score)
                     return
                 else:
                     ended = True
@@ -544,6 +572,13 @@ class Engine:
             req.cancelled.set()
             if not ended:
                 self.stats.update(abandoned=1)
+
+    async def _policy_classify(self, name: str, text: str) -> ClassPrediction:
+        [pred] = await self.classify([text], name)
+        return pred
+
+    async def _policy_retrieve(self, name: str, text: str) -> tuple[str, float]:
+        return await asyncio.to_thread(self.retrievers[name].select, text)
 
     # ------------------------------------------------------------------ classification
 
@@ -641,10 +676,10 @@ def load_hosted_model(path: str | Path, name: str, version: str = "1",
     from chatforge import inference
 
     model = inference.load_model(Path(path), name, version, precision)
-    if not (hasattr(model, "stream") or hasattr(model, "classify")):
+    if not (hasattr(model, "stream") or hasattr(model, "classify") or hasattr(model, "select")):
         raise TypeError(
             f"bundle {name!r} ({path}) loaded a {type(model).__name__}, which is neither a "
-            "ReplyGenerator (stream) nor a TextClassifier (classify)"
+            "ReplyGenerator (stream), a TextClassifier (classify) nor a ReplySelector (select)"
         )
     info = getattr(model, "info", None)
     if info is not None and isinstance(info.metadata, dict):

@@ -166,6 +166,8 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
                     model_version=item.version,
                     intent=item.intent,
                     intent_score=item.intent_score,
+                    path=item.path,
+                    path_score=item.path_score,
                 )))
                 # Acknowledged: the final chunk is on its way to the client.
                 self._record(model=item.model, model_version=item.version, user_text=request.text,

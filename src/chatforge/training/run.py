@@ -433,6 +433,8 @@ def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
     """Fit an estimator family (kind != "torch") on the train split and bundle it with its own save()."""
 
 
+    if cfg.model.task == "selection":
+        return _run_selection(cfg, run_dir, train, valid, test, data_path)
     if cfg.model.task != "classification":
         raise ConfigError(f"model.family {cfg.model.family!r} is an estimator; it supports task classification only")
     all_train, all_valid, all_test = train, valid, test
@@ -485,4 +487,49 @@ def _run_estimator(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
         metrics["mlflow_run_id"] = tracker.run_id
         tracker.end("FINISHED")
     log.info("estimator run saved to %s (bundle %s, %.1f s)", run_dir, bundle_dir, seconds)
+    return RunResult(run_dir=run_dir, bundle_dir=bundle_dir, metrics=metrics)
+
+
+# Candidate sets are seeded per split, so valid and test draw different distractors and every run and
+# `chatforge evaluate` draw the same ones.
+SELECTION_SPLIT_SEEDS = {"valid": 1, "test": 2, "all": 3}
+
+
+def selection_seed(seed: int, split: str) -> int:
+    return seed * 1000 + SELECTION_SPLIT_SEEDS.get(split, 0)
+
+
+def _run_selection(cfg: ExperimentConfig, run_dir: Path, train: list[Example], valid: list[Example],
+                   test: list[Example], data_path: Path) -> RunResult:
+    """Fit a response selector on the train pairs (its pool: their deduplicated answers) and report R@1 / MRR."""
+    from chatforge.evaluation.metrics import generation_quality, selection_report
+
+    def pairs(examples: list[Example], split: str) -> tuple[list[str], list[str]]:
+        missing = sum(1 for e in examples if not e.response)
+        if missing:
+            raise ConfigError(f"task selection needs a response for every example; {missing} {split} example(s) "
+                              f"in {data_path} have none (data.response_field)")
+        return [e.text for e in examples], [e.response for e in examples]
+
+    (tq, ta), (vq, va), (sq, sa) = pairs(train, "train"), pairs(valid, "valid"), pairs(test, "test")
+    model = build_from_config(cfg, None, None)
+    t0 = time.perf_counter()
+    model.fit(tq, ta, vq or None, va or None)
+    seconds = time.perf_counter() - t0
+    metrics: dict[str, Any] = {
+        "kind": "estimator", "train_examples": len(train), "valid_examples": len(valid), "test_examples": len(test),
+        "pool_size": len(model.pool), "train_seconds": round(seconds, 2), "history": model.history,
+    }
+    for split, q, a in (("valid", vq, va), ("test", sq, sa)):
+        if q:
+            rep = selection_report(model.score, q, a, selection_seed(cfg.seed, split))
+            metrics.update({f"{split}_{k}": v for k, v in rep.items()})
+            replies = [r[0][0] for r in model.select(q)]
+            metrics.update({f"{split}_{k}": v for k, v in generation_quality(q, replies, a).items()})
+    data_sha = file_sha256(data_path)
+    bundle_dir = save_bundle(run_dir / "bundle", model=model, tokenizer=None, config=cfg, labels=None,
+                             metrics={k: v for k, v in metrics.items() if k != "history"}, data_sha256=data_sha)
+    atomic_write_bytes(run_dir / "metrics.json",
+                       (json.dumps(metrics, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+    log.info("selection run saved to %s (bundle %s, %.1f s)", run_dir, bundle_dir, seconds)
     return RunResult(run_dir=run_dir, bundle_dir=bundle_dir, metrics=metrics)

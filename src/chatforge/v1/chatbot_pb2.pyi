@@ -51,7 +51,7 @@ class ReplyDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class ReplyFinal(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "model", "request_id", "model_version", "intent", "intent_score")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "model", "request_id", "model_version", "intent", "intent_score", "path", "path_score")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class ReplyFinal(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INTENT_FIELD_NUMBER: _ClassVar[int]
     INTENT_SCORE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    PATH_SCORE_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -68,7 +70,9 @@ class ReplyFinal(_message.Message):
     model_version: str
     intent: str
     intent_score: float
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ..., intent: _Optional[str] = ..., intent_score: _Optional[float] = ...) -> None: ...
+    path: str
+    path_score: float
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ..., intent: _Optional[str] = ..., intent_score: _Optional[float] = ..., path: _Optional[str] = ..., path_score: _Optional[float] = ...) -> None: ...
 
 class ReplyChunk(_message.Message):
     __slots__ = ("delta", "final")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_oos import OOS_WORDS, intent_cfg
+from tests.test_oos import OOS_WORDS, intent_cfg
 
 from chatforge.baselines.linear import LinearConfig, LinearTextClassifier
 from chatforge.baselines.linear.model import BACKGROUND

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from serving_fakes import WAIT, ServerThread
-from test_oos import intent_cfg
+from tests.serving_fakes import WAIT, ServerThread
+from tests.test_oos import intent_cfg
 
 from chatforge.config import validate_config
 from chatforge.oos import POLICY_VERSION, OOSPolicy

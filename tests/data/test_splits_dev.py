@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 import pytest
-from test_oos import intent_cfg
+from tests.test_oos import intent_cfg
 from typer.testing import CliRunner
 
 from chatforge.cli import app

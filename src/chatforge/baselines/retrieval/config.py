@@ -1,0 +1,46 @@
+"""The retrieval family's typed config, validated at config load."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+from chatforge.baselines.tfidf import TfidfConfig
+
+
+@dataclass(config=ConfigDict(extra="forbid"), frozen=True)
+class RetrievalConfig(TfidfConfig):
+    """Hyper-parameters of :class:`ResponseSelector` (unknown keys and bad values are rejected).
+
+    ``encoder``: ``tfidf`` (word + char_wb TF-IDF, the TfidfConfig keys) or ``biencoder`` (a Transformer
+    encoder from ``chatforge.modules`` trained here from scratch with in-batch negatives).
+    Scoring a candidate answer c for a question q (both encoders):
+    ``qa_weight * cos(q, c) + sum_k w_k cos(a_k, c)``, where a_k are the answers of the ``neighbours``
+    training questions nearest to q and ``w = softmax(cos(q, q_k) / neighbour_temperature)``;
+    ``neighbours: 0`` scores question against answer only. ``tfidf_weight > 0`` (bi-encoder only) adds the
+    TF-IDF scorer's score times that weight: the two see different evidence (learned semantics; shared
+    characters), so their sum ranks better than either.
+    """
+
+    encoder: Literal["tfidf", "biencoder"] = "tfidf"
+    neighbours: int = Field(20, ge=0, le=1000)
+    neighbour_temperature: float = Field(0.05, gt=0.0, le=10.0)
+    qa_weight: float = Field(1.0, ge=0.0, le=100.0)
+    # biencoder only: add this times the TF-IDF scorer's score (same formula, TF-IDF vectors); 0 = off.
+    tfidf_weight: float = Field(0.0, ge=0.0, le=100.0)
+    # bi-encoder (ignored by tfidf)
+    vocab_size: int = Field(4000, ge=16, le=100000)
+    d_model: int = Field(128, ge=8, le=2048)
+    n_heads: int = Field(4, ge=1, le=64)
+    num_layers: int = Field(2, ge=1, le=24)
+    d_ff: int = Field(256, ge=8, le=8192)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    max_len: int = Field(32, ge=4, le=512)
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(256, ge=2, le=8192)
+    lr: float = Field(2.0e-3, gt=0.0, le=1.0)
+    temperature: float = Field(0.05, gt=0.0, le=10.0)
+    qq_weight: float = Field(0.5, ge=0.0, le=10.0)
+    seed: int = Field(0, ge=0)

@@ -1,0 +1,387 @@
+"""Response selection: pick the reply from a pool of curated answers (retrieval-first chit-chat).
+
+Two encoders share one scorer. ``tfidf``: word + char_wb TF-IDF (the baseline every learned matcher
+must beat). ``biencoder``: a Transformer encoder (``chatforge.modules``) trained here from scratch with
+in-batch negatives, one encoder shared by questions and answers (Humeau et al. 2020, "Poly-encoders",
+section 4.1, bi-encoder; shared weights because both sides are the same language and the data is
+small). The scorer adds to the question-answer similarity a neighbour term: the candidate's
+similarity to the answers of the training questions nearest to the question. ChatbotData repeats
+answers across paraphrased questions, and this term is what turns that into signal.
+
+The candidate pool (deduplicated training answers, each with its source questions) is part of the
+saved model and encoded once when it is saved; search over it is exact, with a matrix product
+(10^4 answers x 128 dimensions is well under a millisecond per query here, so no ANN index pays).
+Saved as JSON + safetensors, never pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file as np_load_file
+from safetensors.numpy import save_file as np_save_file
+from safetensors.torch import load_file as torch_load_file
+from safetensors.torch import save_file as torch_save_file
+from torch import nn
+
+from chatforge.baselines.retrieval.config import RetrievalConfig
+from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
+from chatforge.fileio import atomic_write_bytes, atomic_write_json
+from chatforge.modules.embeddings import LearnedPositionalEmbedding, TokenEmbedding
+from chatforge.modules.transformer_layers import TransformerEncoderLayer
+from chatforge.registry import BuildContext
+from chatforge.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "retrieval_meta.json"
+POOL_FILE = "retrieval_pool.json"
+VECTORIZERS_FILE = "vectorizers.json"
+ENCODER_FILE = "encoder.safetensors"
+EMBEDDINGS_FILE = "pool_embeddings.safetensors"
+TOKENIZER_FILE = "retrieval_tokenizer.model"
+TFIDF_DIR = "tfidf"  # the TF-IDF scorer a bi-encoder adds (tfidf_weight > 0)
+
+
+class BiEncoder(nn.Module):
+    """Token + learned position embeddings -> pre-LN Transformer encoder layers -> masked mean -> unit vector."""
+
+    def __init__(self, vocab_size: int, pad_id: int, d_model: int, n_heads: int, num_layers: int, d_ff: int,
+                 dropout: float, max_len: int):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = TokenEmbedding(vocab_size, d_model, padding_idx=pad_id)
+        self.pos = LearnedPositionalEmbedding(max_len, d_model)
+        self.layers = nn.ModuleList([TransformerEncoderLayer(d_model, n_heads, d_ff, dropout, norm_first=True)
+                                     for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = ids != self.pad_id  # (B, T)
+        h = self.embed(ids) + self.pos(ids.shape[1])  # (B, T, D)
+        for layer in self.layers:
+            h = layer(h, keep[:, None, None, :])  # padding mask (B, 1, 1, T)
+        h = self.norm(h)
+        w = keep.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+        pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, D)
+        return F.normalize(pooled, dim=-1)
+
+
+def _dedupe_pairs(questions: Sequence[str], answers: Sequence[str]):
+    """Pool answers (first-seen order), training questions (exact (q, a) duplicates once) and answer index."""
+    pool: dict[str, int] = {}
+    seen: set[tuple[str, str]] = set()
+    qs, answer_of = [], []
+    for q, a in zip(questions, answers, strict=True):
+        if (q, a) in seen:
+            continue
+        seen.add((q, a))
+        qs.append(q)
+        answer_of.append(pool.setdefault(a, len(pool)))
+    return list(pool), qs, np.asarray(answer_of, dtype=np.int64)
+
+
+class ResponseSelector:
+    """Scores candidate replies for a question and selects the best one from its pool.
+
+    ``fit(questions, answers)`` / ``score(questions, candidates)`` / ``select(questions)`` /
+    ``save`` / ``load``. Scores are ``qa_weight * cos(q, c) + sum_k w_k cos(a_k, c)`` (see
+    :class:`RetrievalConfig`); with unit vectors each term is at most 1, so the score of the best pool
+    answer is comparable across questions and a threshold on it decides when retrieval is sure enough.
+    """
+
+    labels: list[str] = []  # no classes: a selection bundle has no labels.json
+
+    def __init__(self, config: RetrievalConfig | None = None) -> None:
+        self.config = config if config is not None else RetrievalConfig()
+        self.pool: list[str] = []
+        self.questions: list[str] = []
+        self.answer_of = np.zeros(0, dtype=np.int64)
+        self.history: list[dict] = []
+        self._features: TfidfFeatures | None = None
+        self._tok: Tokenizer | None = None
+        self._net: BiEncoder | None = None
+        self._pool_vecs = None  # (P, D): dense for the bi-encoder, CSR for TF-IDF
+        self._question_vecs = None  # (N, D)
+        self._tfidf: ResponseSelector | None = None  # tfidf_weight > 0: the TF-IDF scorer added to the bi-encoder's
+
+    # -- encoding ---------------------------------------------------------------------------------------
+
+    def _ids(self, texts: Sequence[str]) -> list[list[int]]:
+        cut = self.config.max_len
+        return [(self._tok.encode(t)[:cut] or [self._tok.unk_id]) for t in texts]
+
+    def _pad(self, rows: list[list[int]]) -> torch.Tensor:
+        out = torch.full((len(rows), max(len(r) for r in rows)), self._tok.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r)
+        return out
+
+    def encode(self, texts: Sequence[str], batch_size: int = 512):
+        """Unit vectors of ``texts``: an (n, D) float32 array (bi-encoder) or an (n, V) CSR matrix (TF-IDF)."""
+        texts = check_texts(texts, "texts")
+        if self.config.encoder == "tfidf":
+            from sklearn.preprocessing import normalize  # lazy: scikit-learn takes seconds to import
+
+            return normalize(self._features.transform(texts)).astype(np.float32)
+        if not texts:
+            return np.zeros((0, self.config.d_model), dtype=np.float32)
+        self._net.eval()
+        ids = self._ids(texts)
+        with torch.inference_mode():
+            parts = [self._net(self._pad(ids[i : i + batch_size])) for i in range(0, len(ids), batch_size)]
+        return torch.cat(parts).numpy()
+
+    @staticmethod
+    def _sims(a, b) -> np.ndarray:
+        """Dense (len(a), len(b)) dot products of unit vectors (dense or sparse)."""
+        s = a @ b.T
+        return np.asarray(s.toarray() if hasattr(s, "toarray") else s, dtype=np.float32)
+
+    def _neighbour_weights(self, qv) -> tuple[np.ndarray, np.ndarray]:
+        """Per question: indices (n, k) of the k nearest training questions and softmax weights (n, k)."""
+        k = min(self.config.neighbours, len(self.questions))
+        sims = self._sims(qv, self._question_vecs)  # (n, N)
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (n, k), unordered: the weights do not care
+        s = np.take_along_axis(sims, top, axis=1) / self.config.neighbour_temperature
+        w = np.exp(s - s.max(axis=1, keepdims=True))
+        return top, w / w.sum(axis=1, keepdims=True)
+
+    def _score_vecs(self, qv, cand_vecs, row: int, top, weights) -> np.ndarray:
+        cfg = self.config
+        score = cfg.qa_weight * self._sims(qv[row : row + 1], cand_vecs)[0]  # (m,)
+        if top is not None:
+            neighbour_answers = self._pool_vecs[self.answer_of[top[row]]]  # (k, D)
+            score = score + self._sims(cand_vecs, neighbour_answers) @ weights[row]  # (m, k) @ (k,)
+        return score
+
+    # -- inference ---------------------------------------------------------------------------------------
+
+    def _require_fitted(self) -> None:
+        if self._pool_vecs is None:
+            raise RuntimeError("ResponseSelector is not fitted; call fit() or load() first")
+
+    def score(self, questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """For each question, the scores of its own candidate list (higher is better)."""
+        self._require_fitted()
+        questions = check_texts(questions, "questions")
+        if len(questions) != len(candidates):
+            raise ValueError(f"one candidate list per question: got {len(questions)} questions and "
+                             f"{len(candidates)} candidate lists")
+        if not questions:
+            return []
+        qv = self.encode(questions)
+        top, weights = self._neighbour_weights(qv) if self.config.neighbours else (None, None)
+        distinct = sorted({c for cands in candidates for c in cands})
+        index = {c: i for i, c in enumerate(distinct)}
+        cv = self.encode(distinct)
+        out = [self._score_vecs(qv, cv[[index[c] for c in cands]], i, top, weights)
+               for i, cands in enumerate(candidates)]
+        if self._tfidf is not None:
+            w = self.config.tfidf_weight
+            out = [s + w * t for s, t in zip(out, self._tfidf.score(questions, candidates), strict=True)]
+        return out
+
+    def _pool_scores(self, questions: list[str]) -> np.ndarray:
+        """(n, P) scores of every pool answer for each question."""
+        qv = self.encode(questions)
+        top, weights = self._neighbour_weights(qv) if self.config.neighbours else (None, None)
+        s = np.stack([self._score_vecs(qv, self._pool_vecs, i, top, weights) for i in range(len(questions))])
+        if self._tfidf is not None:
+            s += self.config.tfidf_weight * self._tfidf._pool_scores(questions)
+        return s
+
+    def select(self, questions: Sequence[str], top_k: int = 1) -> list[list[tuple[str, float]]]:
+        """The ``top_k`` pool answers for each question, best first, with their scores (exact search)."""
+        self._require_fitted()
+        questions = check_texts(questions, "questions")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not questions:
+            return []
+        out = []
+        for s in self._pool_scores(questions):
+            k = min(top_k, len(s))
+            best = np.argpartition(-s, k - 1)[:k]
+            best = best[np.argsort(-s[best], kind="stable")]
+            out.append([(self.pool[j], float(s[j])) for j in best])
+        return out
+
+    def reply(self, question: str) -> tuple[str, float]:
+        """The best pool answer for ``question`` and its score."""
+        return self.select([question], 1)[0][0]
+
+    # -- training ------------------------------------------------------------------------------------------
+
+    def fit(self, questions: Sequence[str], answers: Sequence[str], valid_questions: Sequence[str] | None = None,
+            valid_answers: Sequence[str] | None = None) -> ResponseSelector:
+        questions, answers = check_texts(questions, "questions"), check_texts(answers, "answers")
+        if len(questions) != len(answers):
+            raise ValueError(f"questions and answers must have the same length, got {len(questions)} and "
+                             f"{len(answers)}")
+        if len(set(answers)) < 2:
+            raise ValueError("response selection needs at least 2 distinct answers to train on")
+        if (valid_questions is None) != (valid_answers is None):
+            raise ValueError("give both valid_questions and valid_answers, or neither")
+        self.pool, self.questions, self.answer_of = _dedupe_pairs(questions, answers)
+        if self.config.encoder == "tfidf":
+            self._features = TfidfFeatures.from_config(self.config)
+            self._features.fit_transform(self.questions + self.pool)
+        else:
+            if self.config.tfidf_weight:
+                self._tfidf = ResponseSelector(dataclasses.replace(self.config, encoder="tfidf", tfidf_weight=0.0))
+                self._tfidf.fit(questions, answers)
+            self._train_biencoder(valid_questions, valid_answers)
+        self._encode_pool()
+        logger.info("response selector (%s): %d pool answers from %d questions", self.config.encoder,
+                    len(self.pool), len(self.questions))
+        return self
+
+    def _encode_pool(self) -> None:
+        self._pool_vecs = self.encode(self.pool)
+        self._question_vecs = self.encode(self.questions)
+
+    def _valid_r1(self, questions: Sequence[str], answers: Sequence[str]) -> float:
+        """R@1 over the whole distinct validation answer set (harder than R@1 of 10; only for model choice)."""
+        self._encode_pool()
+        distinct = sorted(set(answers))
+        index = {a: i for i, a in enumerate(distinct)}
+        scores = self.score(list(questions), [distinct] * len(questions))
+        return float(np.mean([int(np.argmax(s)) == index[a] for s, a in zip(scores, answers, strict=True)]))
+
+    def _train_biencoder(self, valid_questions, valid_answers) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self._tok = Tokenizer.train(self.questions + self.pool, vocab_size=cfg.vocab_size, on_vocab_too_large="lower")
+        self._net = BiEncoder(self._tok.vocab_size, self._tok.pad_id, cfg.d_model, cfg.n_heads, cfg.num_layers,
+                              cfg.d_ff, cfg.dropout, cfg.max_len)
+        q_ids, a_ids = self._ids(self.questions), self._ids(self.pool)
+        answer_of = torch.as_tensor(self.answer_of)
+        n, bs = len(q_ids), min(cfg.batch_size, len(q_ids))
+        steps = cfg.epochs * math.ceil(n / bs)
+        opt = torch.optim.AdamW(self._net.parameters(), lr=cfg.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
+        best, best_state = -1.0, None
+        t0 = time.perf_counter()
+        for epoch in range(cfg.epochs):
+            self._net.train()
+            total = 0.0
+            perm = _epoch_perm(n, cfg.seed, epoch)
+            for start in range(0, n, bs):
+                b = perm[start : start + bs]
+                if len(b) < 2:
+                    continue
+                ya = answer_of[b]
+                uniq, inverse = torch.unique(ya, return_inverse=True)
+                q = self._net(self._pad([q_ids[int(i)] for i in b]))  # (B, D)
+                a = self._net(self._pad([a_ids[int(j)] for j in uniq]))  # (U, D): each answer once
+                loss = _in_batch_loss(q, a, inverse, cfg.temperature, cfg.qq_weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(b)
+            entry = {"epoch": epoch + 1, "train_loss": total / n, "seconds": round(time.perf_counter() - t0, 1)}
+            if valid_questions:
+                entry["valid_r1_all"] = self._valid_r1(valid_questions, valid_answers)
+                if entry["valid_r1_all"] > best:
+                    best = entry["valid_r1_all"]
+                    best_state = {k: v.detach().clone() for k, v in self._net.state_dict().items()}
+            self.history.append(entry)
+            logger.info("bi-encoder epoch %d: %s", epoch + 1, entry)
+        if best_state is not None:  # early stopping on validation: keep the best epoch's weights
+            self._net.load_state_dict(best_state)
+        self._net.eval()
+
+    # -- persistence (JSON + safetensors) ------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        self._require_fitted()
+        d = Path(directory)
+        atomic_write_json(d / POOL_FILE, {"answers": self.pool, "questions": self.questions,
+                                          "answer_of": self.answer_of.tolist()})
+        meta = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(self.config), "history": self.history}
+        if self.config.encoder == "tfidf":
+            atomic_write_json(d / VECTORIZERS_FILE, self._features.to_json())
+        else:
+            atomic_write_bytes(d / TOKENIZER_FILE, self._tok.to_bytes())
+            d.mkdir(parents=True, exist_ok=True)
+            torch_save_file({k: v.contiguous() for k, v in self._net.state_dict().items()}, str(d / ENCODER_FILE))
+            # Encoded once here: loading a bundle does not re-encode its pool.
+            np_save_file({"pool": self._pool_vecs, "questions": self._question_vecs}, str(d / EMBEDDINGS_FILE))
+            if self._tfidf is not None:
+                self._tfidf.save(d / TFIDF_DIR)
+        atomic_write_json(d / META_FILE, meta)
+        logger.info("saved response selector to %s", d)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> ResponseSelector:
+        d = Path(directory)
+        meta = read_saved_meta(d, (META_FILE, POOL_FILE), META_FILE, FORMAT_VERSION, "ResponseSelector")
+        self = cls(RetrievalConfig(**meta["config"]))
+        self.history = meta.get("history", [])
+        pool = json.loads((d / POOL_FILE).read_text(encoding="utf-8"))
+        self.pool, self.questions = list(pool["answers"]), list(pool["questions"])
+        self.answer_of = np.asarray(pool["answer_of"], dtype=np.int64)
+        if self.config.encoder == "tfidf":
+            self._features = TfidfFeatures.from_json(json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8")))
+            self._encode_pool()  # TF-IDF of the pool is cheap and exact to recompute
+            return self
+        missing = [f for f in (TOKENIZER_FILE, ENCODER_FILE, EMBEDDINGS_FILE) if not (d / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{d} is not a saved bi-encoder ResponseSelector: missing {', '.join(missing)}")
+        cfg = self.config
+        self._tok = Tokenizer((d / TOKENIZER_FILE).read_bytes())
+        self._net = BiEncoder(self._tok.vocab_size, self._tok.pad_id, cfg.d_model, cfg.n_heads, cfg.num_layers,
+                              cfg.d_ff, cfg.dropout, cfg.max_len)
+        self._net.load_state_dict(torch_load_file(str(d / ENCODER_FILE)))
+        self._net.eval()
+        vecs = np_load_file(str(d / EMBEDDINGS_FILE))
+        self._pool_vecs, self._question_vecs = vecs["pool"], vecs["questions"]
+        if len(self._pool_vecs) != len(self.pool) or len(self._question_vecs) != len(self.questions):
+            raise ValueError(f"{d / EMBEDDINGS_FILE} does not match {d / POOL_FILE}: "
+                             f"{len(self._pool_vecs)} vs {len(self.pool)} answers")
+        if cfg.tfidf_weight:
+            self._tfidf = ResponseSelector.load(d / TFIDF_DIR)
+        return self
+
+
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    # The order is a function of (seed, epoch) alone, as in the Trainer's sampler.
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def _in_batch_loss(q: torch.Tensor, a: torch.Tensor, target: torch.Tensor, temperature: float,
+                   qq_weight: float) -> torch.Tensor:
+    """Question->answer cross-entropy against every distinct answer in the batch (in-batch negatives;
+    an answer shared by two questions is a positive for both, never a negative), plus, weighted by
+    ``qq_weight``, question->question: questions that share an answer are each other's positives."""
+    logits = q @ a.T / temperature  # (B, U)
+    loss = F.cross_entropy(logits, target)
+    if qq_weight:
+        qq = q @ q.T / temperature  # (B, B)
+        eye = torch.eye(len(q), dtype=torch.bool)
+        qq = qq.masked_fill(eye, float("-inf"))
+        pos = (target[:, None] == target[None, :]) & ~eye
+        has = pos.any(1)
+        if has.any():
+            log_p = torch.logsumexp(qq.masked_fill(~pos, float("-inf")), 1) - torch.logsumexp(qq, 1)
+            loss = loss - qq_weight * log_p[has].mean()
+    return loss
+
+
+def build(cfg: RetrievalConfig, ctx: BuildContext) -> ResponseSelector:
+    """Registry builder; the pool comes from the data at ``fit`` time."""
+    return ResponseSelector(cfg)

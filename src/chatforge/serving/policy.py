@@ -1,0 +1,142 @@
+"""The hybrid reply policy: which path answers a chat message, decided by config, not code.
+
+Production Korean chit-chat is retrieval-first (Rasa's ResponseSelector, ParlAI's bi-/poly-encoders):
+
+1. classify the intent (optional); an out-of-scope intent gets the ``fallback`` reply;
+2. an intent with a ``scripted`` answer gets that answer;
+3. otherwise the retrieval model's best pool answer, if its score clears ``retrieval_threshold``
+   (chosen on validation; see ``chatforge.evaluation.replies.choose_retrieval_threshold``);
+4. otherwise generation, when a generator is hosted; else the ``fallback`` reply.
+
+The policy is pure: :meth:`ReplyPolicy.route` takes the classify and retrieve calls as arguments, so
+the engine keeps its runners and this module stays testable without models. A YAML file holds it::
+
+    classifier: intent            # hosted classifier name, or omit to skip step 1-2
+    oos_labels: [oos]
+    intent_threshold: 0.0         # a top intent score below this is out of scope
+    scripted: {greeting: "안녕하세요! 무엇을 도와드릴까요?"}
+    retriever: selector           # hosted selection bundle name, or omit
+    retrieval_threshold: 0.9
+    generate: true                # fall to the generator below the threshold
+    fallback_reply: "잘 모르겠어요. 다르게 말씀해 주시겠어요?"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chatforge.predictions import ClassPrediction
+
+PATHS = ("scripted", "retrieval", "generation", "fallback")
+_KEYS = ("classifier", "oos_labels", "intent_threshold", "scripted", "retriever", "retrieval_threshold",
+         "generate", "fallback_reply")
+
+
+class PolicyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a message goes. ``reply`` is None only for ``path == "generation"``."""
+
+    path: str
+    reply: str | None = None
+    score: float = 0.0  # retrieval: the best answer's score (also when it fell short); else the intent's
+    intent: str = ""
+    intent_score: float = 0.0
+    model: str = ""  # the model that chose the reply (classifier or retriever); "" for generation
+
+
+@dataclass(frozen=True)
+class ReplyPolicy:
+    fallback_reply: str
+    classifier: str | None = None
+    oos_labels: tuple[str, ...] = ("oos",)
+    intent_threshold: float = 0.0
+    scripted: Mapping[str, str] = field(default_factory=dict)
+    retriever: str | None = None
+    retrieval_threshold: float = 0.0
+    generate: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fallback_reply, str) or not self.fallback_reply.strip():
+            raise PolicyError("policy fallback_reply is empty; allowed: a non-empty reply text")
+        if not 0.0 <= self.intent_threshold <= 1.0:
+            raise PolicyError(f"policy intent_threshold={self.intent_threshold!r} is out of range; allowed: [0, 1]")
+        if self.scripted and self.classifier is None:
+            raise PolicyError("policy scripted answers need a classifier to recognise their intents; set classifier")
+        bad = [k for k, v in self.scripted.items() if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise PolicyError(f"policy scripted answers must be non-empty texts; empty or not text for: {bad}")
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any], source: str = "policy") -> ReplyPolicy:
+        if not isinstance(doc, Mapping):
+            raise PolicyError(f"{source}: a reply policy is a mapping of {', '.join(_KEYS)}; got {type(doc).__name__}")
+        unknown = sorted(set(doc) - set(_KEYS))
+        if unknown:
+            raise PolicyError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_KEYS)}")
+        if "fallback_reply" not in doc:
+            raise PolicyError(f"{source}: fallback_reply is required (the reply to out-of-scope messages)")
+        kw = dict(doc)
+        if "oos_labels" in kw:
+            kw["oos_labels"] = tuple(str(x) for x in kw["oos_labels"])
+        for key in ("intent_threshold", "retrieval_threshold"):
+            if key in kw and (isinstance(kw[key], bool) or not isinstance(kw[key], (int, float))):
+                raise PolicyError(f"{source}: {key} must be a number, got {kw[key]!r}")
+            if key in kw:
+                kw[key] = float(kw[key])
+        kw["scripted"] = dict(kw.get("scripted") or {})
+        try:
+            return cls(**kw)
+        except PolicyError as e:
+            raise PolicyError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ReplyPolicy:
+        p = Path(path)
+        if not p.is_file():
+            raise PolicyError(f"reply policy file not found: {p}")
+        return cls.from_dict(yaml.safe_load(p.read_text(encoding="utf-8")) or {}, source=str(p))
+
+    def check_hosted(self, classifiers: Any, retrievers: Any, has_generator: bool) -> None:
+        """Fail at startup, naming what is missing, when the policy names a model that is not hosted."""
+        if self.classifier is not None and self.classifier not in classifiers:
+            raise PolicyError(f"policy classifier {self.classifier!r} is not hosted; classifiers: "
+                              f"{', '.join(classifiers) or 'none'}")
+        if self.retriever is not None and self.retriever not in retrievers:
+            raise PolicyError(f"policy retriever {self.retriever!r} is not hosted; selection models: "
+                              f"{', '.join(retrievers) or 'none'}")
+        if self.generate and not has_generator:
+            raise PolicyError("policy generate: true needs a hosted generation model; host one or set generate: false")
+
+    def out_of_scope(self, p: ClassPrediction) -> bool:
+        return p.label in self.oos_labels or p.out_of_scope or p.score < self.intent_threshold
+
+    async def route(self, text: str,
+                    classify: Callable[[str, str], Awaitable[ClassPrediction]],
+                    retrieve: Callable[[str, str], Awaitable[tuple[str, float]]]) -> Route:
+        """Decide the path for ``text``; ``classify(name, text)`` and ``retrieve(name, text)`` run the models."""
+        intent, intent_score = "", 0.0
+        if self.classifier is not None:
+            pred = await classify(self.classifier, text)
+            intent, intent_score = pred.label, pred.score
+            if self.out_of_scope(pred):
+                return Route("fallback", self.fallback_reply, intent_score, intent, intent_score, self.classifier)
+            if intent in self.scripted:
+                return Route("scripted", self.scripted[intent], intent_score, intent, intent_score, self.classifier)
+        score = 0.0
+        if self.retriever is not None:
+            reply, score = await retrieve(self.retriever, text)
+            if score >= self.retrieval_threshold:
+                return Route("retrieval", reply, score, intent, intent_score, self.retriever)
+        if self.generate:
+            return Route("generation", None, score, intent, intent_score)
+        return Route("fallback", self.fallback_reply, score, intent, intent_score,
+                     self.retriever or self.classifier or "")

@@ -1,0 +1,62 @@
+"""``chatforge replies``: the reply table and the hybrid column (evaluation.replies)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatforge.config import validate_config
+from chatforge.evaluation.evaluate import EvaluationError
+from chatforge.evaluation.metrics import corpus_chrf
+from chatforge.evaluation.replies import Replies, choose_retrieval_threshold, hybrid, reply_table
+from chatforge.serving.policy import ReplyPolicy
+from chatforge.training.run import run_experiment
+
+DATA = {"path": "sample", "format": "chatbot_csv", "valid_fraction": 0.1, "test_fraction": 0.1}
+
+
+def test_hybrid_takes_retrieval_at_or_above_the_threshold():
+    sel = Replies(["r1", "r2", "r3"], [0.9, 0.5, 0.7])
+    gen = Replies(["g1", "g2", "g3"], None)
+    assert hybrid(sel, gen, 0.7) == (["r1", "g2", "r3"], ["retrieval", "generation", "retrieval"])
+
+
+def test_threshold_is_the_one_with_the_best_chrf():
+    refs = ["맑아요 오늘", "비가 와요", "배고파요"]
+    # retrieval is right on the confident ones (scores 0.9, 0.8), the generator on the unsure one (0.1)
+    sel = Replies(["맑아요 오늘", "비가 와요", "엉뚱한 답"], [0.9, 0.8, 0.1])
+    gen = Replies(["몰라요", "몰라요", "배고파요"], None)
+    t = choose_retrieval_threshold(sel, gen, refs)
+    assert 0.1 < t <= 0.8
+    assert corpus_chrf(hybrid(sel, gen, t)[0], refs) == pytest.approx(100.0)
+    # a generator that is never better: ties go to the lowest threshold (retrieve always)
+    assert choose_retrieval_threshold(sel, Replies(["x", "y", "엉뚱한 답"]), refs) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_reply_table_compares_models_on_the_same_questions(tmp_path):
+    sel_cfg = validate_config({"name": "sel", "seed": 0, "data": DATA, "tracking": {"enabled": False},
+                               "model": {"family": "retrieval", "task": "selection", "neighbours": 5}})
+    gen_cfg = validate_config({
+        "name": "gen", "seed": 0, "data": DATA, "tracking": {"enabled": False},
+        "tokenizer": {"vocab_size": 600, "on_vocab_too_large": "lower"},
+        "model": {"family": "transformer", "task": "generation", "d_model": 16, "n_heads": 2,
+                  "num_encoder_layers": 1, "num_decoder_layers": 1, "d_ff": 32},
+        "train": {"epochs": 1, "max_steps": 4, "batch_size": 16, "max_source_len": 16, "max_target_len": 8},
+    })
+    sel = run_experiment(sel_cfg, run_dir=tmp_path / "sel").bundle_dir
+    gen = run_experiment(gen_cfg, run_dir=tmp_path / "gen").bundle_dir
+    res = reply_table({"retrieval": sel, "seq2seq": gen}, hybrid_of=("retrieval", "seq2seq"), n=5,
+                      out_dir=tmp_path / "out", max_examples=20)
+    assert set(res["figures"]) == {"retrieval", "seq2seq", "hybrid"}
+    assert res["hybrid"]["threshold_chosen_on"] == "valid"
+    rows = json.loads((tmp_path / "out" / "replies.json").read_text(encoding="utf-8"))["table"]
+    assert len(rows) == 5 and all({"question", "reference", "retrieval", "seq2seq", "hybrid"} <= set(r) for r in rows)
+    page = (tmp_path / "out" / "replies.html").read_text(encoding="utf-8")
+    assert page.count("<tr>") == 5 + 1 + 3 + 1  # table rows + header, figure rows + header
+    assert rows[0]["question"] in (tmp_path / "out" / "replies.md").read_text(encoding="utf-8")
+    policy = ReplyPolicy.from_yaml(tmp_path / "out" / "policy.yaml")  # the hybrid column, ready to serve
+    assert (policy.retriever, policy.retrieval_threshold) == ("retrieval", res["hybrid"]["threshold"])
+    with pytest.raises(EvaluationError, match="must be one of the named bundles"):
+        reply_table({"retrieval": sel}, hybrid_of=("retrieval", "seq2seq"), out_dir=tmp_path / "x")

@@ -1,0 +1,120 @@
+"""The hybrid reply policy (serving.policy) and the engine path that follows it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
+
+from chatforge.inference import ModelInfo
+from chatforge.serving.engine import Engine, ReplyDone
+from chatforge.serving.policy import PolicyError, ReplyPolicy
+from chatforge.v1 import chatbot_pb2 as pb
+from chatforge.v1 import chatbot_pb2_grpc
+
+FALLBACK = "잘 모르겠어요."
+
+
+class FakeSelector:
+    """Answers "weather" questions with a high score, anything else with a low one."""
+
+    def __init__(self, name: str = "selector"):
+        self.info = ModelInfo(name=name, family="retrieval", task="selection", version="7")
+        self.name, self.version = name, "7"
+
+    def select(self, text: str) -> tuple[str, float]:
+        return ("맑아요.", 1.5) if "weather" in text else ("글쎄요.", 0.2)
+
+
+def _engine(**policy) -> Engine:
+    doc = {"fallback_reply": FALLBACK, "classifier": "intents", "scripted": {"bye": "안녕히 가세요!"},
+           "retriever": "selector", "retrieval_threshold": 1.0, **policy}
+    return Engine({"echo": FakeGenerator()}, {"intents": FakeClassifier()}, retrievers={"selector": FakeSelector()},
+                  policy=ReplyPolicy.from_dict(doc), continuous_batching=False)
+
+
+async def _reply(engine: Engine, text: str) -> tuple[str, ReplyDone]:
+    parts, done = [], None
+    async for item in engine.stream_reply(text):
+        if isinstance(item, ReplyDone):
+            done = item
+        else:
+            parts.append(item.text)
+    return "".join(parts), done
+
+
+@pytest.mark.parametrize(("text", "reply", "path", "score"), [
+    ("bye now", "안녕히 가세요!", "scripted", 0.8),           # intent with a scripted answer
+    ("how is the weather", "맑아요.", "retrieval", 1.5),      # retrieval clears the threshold
+    ("tell me a story", "Hello there!", "generation", 0.2),  # below it: generation, with the score that fell short
+])
+def test_each_path_answers_and_says_so(text, reply, path, score):
+    engine = _engine()
+    try:
+        got, done = asyncio.run(_reply(engine, text))
+    finally:
+        engine.close()
+    assert (got, done.path) == (reply, path)
+    assert done.path_score == pytest.approx(score)
+    assert done.intent in ("greet", "bye")
+    if path == "retrieval":
+        assert (done.model, done.version) == ("selector", "7")
+
+
+def test_out_of_scope_and_no_generator_get_the_fallback():
+    engine = _engine(intent_threshold=0.9)  # the fake's intents score 0.8: all out of scope
+    try:
+        got, done = asyncio.run(_reply(engine, "how is the weather"))
+    finally:
+        engine.close()
+    assert (got, done.path, done.finish_reason) == (FALLBACK, "fallback", "fallback")
+    engine = _engine(generate=False, classifier=None, scripted={})
+    try:
+        assert asyncio.run(_reply(engine, "tell me a story"))[1].path == "fallback"
+        assert asyncio.run(_reply(engine, "weather?"))[1].path == "retrieval"
+    finally:
+        engine.close()
+
+
+def test_policy_config_errors_name_the_key_and_what_is_allowed():
+    with pytest.raises(PolicyError, match="unknown key.*retrieval_treshold.*allowed"):
+        ReplyPolicy.from_dict({"fallback_reply": "x", "retrieval_treshold": 0.5})
+    with pytest.raises(PolicyError, match="fallback_reply is required"):
+        ReplyPolicy.from_dict({"retriever": "s"})
+    with pytest.raises(PolicyError, match="need a classifier"):
+        ReplyPolicy.from_dict({"fallback_reply": "x", "scripted": {"bye": "잘 가"}})
+    with pytest.raises(PolicyError, match="retrieval_threshold must be a number"):
+        ReplyPolicy.from_dict({"fallback_reply": "x", "retrieval_threshold": "high"})
+    with pytest.raises(PolicyError, match="retriever 'nope' is not hosted; selection models: selector"):
+        _engine(retriever="nope")
+
+
+def test_policy_yaml_round_trip(tmp_path):
+    p = tmp_path / "policy.yaml"
+    p.write_text("fallback_reply: 모르겠어요\nretriever: s\nretrieval_threshold: 0.9\ngenerate: false\n",
+                 encoding="utf-8")
+    pol = ReplyPolicy.from_yaml(p)
+    assert (pol.retriever, pol.retrieval_threshold, pol.generate, pol.classifier) == ("s", 0.9, False, None)
+
+
+def test_reply_final_over_grpc_says_which_path_answered_and_with_what_score():
+    with ServerThread(_engine()) as st:
+        st.wait_serving()
+        with grpc.insecure_channel(st.target) as channel:
+            stub = chatbot_pb2_grpc.ChatbotStub(channel)
+            chunks = list(stub.Reply(pb.ReplyRequest(text="how is the weather"), timeout=WAIT))
+            assert chunks[0].delta.text == "맑아요."
+            final = chunks[-1].final
+            assert (final.path, final.model, final.model_version) == ("retrieval", "selector", "7")
+            assert final.path_score == pytest.approx(1.5)
+            final = list(stub.Reply(pb.ReplyRequest(text="tell me a story"), timeout=WAIT))[-1].final
+            assert final.path == "generation" and final.path_score == pytest.approx(0.2)
+
+
+def test_shipped_policy_loads():
+    from pathlib import Path
+
+    pol = ReplyPolicy.from_yaml(Path(__file__).resolve().parents[2] / "configs" / "policies" / "hybrid_chatbot_kr.yaml")
+    assert pol.retriever and pol.generate and pol.retrieval_threshold > 0
