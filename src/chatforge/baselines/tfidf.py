@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
@@ -96,10 +95,16 @@ class TfidfFeatures:
         return cls(vectorizer_kwargs(cfg))
 
     def fit_transform(self, texts: Sequence[str]):
+        # scipy (with scikit-learn) is in the `train` extra only; the serving image registers every family at
+        # startup without it, so it is imported where features are built, as scikit-learn is above.
+        import scipy.sparse as sp
+
         return sp.hstack([self.vectorizers[n].fit_transform(texts) for n in NAMES], format="csr",
                          dtype=np.float32)
 
     def transform(self, texts: Sequence[str]):
+        import scipy.sparse as sp  # train extra only: see fit_transform
+
         return sp.hstack([self.vectorizers[n].transform(texts) for n in NAMES], format="csr", dtype=np.float32)
 
     @property

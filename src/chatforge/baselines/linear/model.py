@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 from safetensors.numpy import load_file
 from safetensors.numpy import save as st_save
 
@@ -93,6 +92,8 @@ class LinearTextClassifier:
         weight = None
         if self.config.outliers:
             outliers = read_outliers(self.config.outliers)
+            import scipy.sparse as sp  # train extra only (see baselines/tfidf.py), like scikit-learn above
+
             # The vocabulary stays the training data's: the outliers only add negatives over it.
             x = sp.vstack([x, self._features_.transform(outliers)], format="csr")
             labels = labels + [BACKGROUND] * len(outliers)
