@@ -6,6 +6,9 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,6 +17,8 @@ from serving_fakes import WAIT, ServerThread, make_engine
 from chatforge.serving import client as client_mod
 from chatforge.serving import server as server_mod
 from chatforge.serving.client import ChatbotClient, ChatbotError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +143,45 @@ def test_fd_count_stable_over_many_client_cycles(server):
             assert client.health() == "SERVING"
     after = fds()
     assert after - before <= 10, f"open fds grew from {before} to {after} over {n} client cycles"
+
+
+# ---------------------------------------- the client side imports no torch (issue 12, item 10)
+MODEL_SIDE = ("torch", "sklearn", "mlflow", "xgboost", "chatforge.inference", "chatforge.decoding")
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_client_module_imports_no_torch():
+    r = _fresh_python("import sys, chatforge.serving.client, chatforge.serving.loadtest, chatforge.serving.monitor\n"
+                      f"print(sorted(m for m in {MODEL_SIDE!r} if m in sys.modules))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_client_commands_import_no_model_side(server, tmp_path):
+    # The CLI in a fresh interpreter runs each client command against the fake server of this
+    # module (the server side, with torch, lives in the test process), then reports what it imported.
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from chatforge.cli import app\n"
+        "runner, codes = CliRunner(), {}\n"
+        f"target = {server.target!r}\n"
+        "for name, args in [('health', ['health', target]),\n"
+        "                   ('chat', ['chat', target, '-m', 'hello', '--max-new-tokens', '2']),\n"
+        "                   ('loadtest', ['loadtest', target, '--rpc', 'classify', '-n', '2']),\n"
+        "                   ('top', ['top', '127.0.0.1:1', '--count', '1'])]:\n"
+        "    r = runner.invoke(app, args)\n"
+        "    codes[name] = r.exit_code\n"
+        f"print(json.dumps({{'codes': codes, 'imported': [m for m in {MODEL_SIDE!r} if m in sys.modules]}}))\n"
+    )
+    r = _fresh_python(f"exec(open({str(script)!r}).read())")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    # health, chat and loadtest really talked to the server; top found no metrics endpoint (exit 1).
+    assert out["codes"] == {"health": 0, "chat": 0, "loadtest": 0, "top": 1}, out
+    assert out["imported"] == [], out

@@ -115,3 +115,86 @@ def test_tls_and_mutual_tls(tmp_path):
             with pytest.raises(ChatbotError) as err:
                 anon.health()  # no client certificate
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+# -------------------------------------------- the CLI clients authenticate (issue 12, item 9)
+def _cli(args, env=None):
+    from typer.testing import CliRunner
+
+    from chatforge.cli import app
+
+    return CliRunner().invoke(app, args, env={"CHATFORGE_API_KEY": None, **(env or {})})
+
+
+def test_cli_clients_send_the_api_key_from_option_or_env_and_never_print_it():
+    with ServerThread(make_engine(), auth=ApiKeyAuth([KEY], open_health=False)) as st:
+        st.wait_serving()
+        t = st.target
+        r = _cli(["health", t])
+        assert r.exit_code == 1 and "UNAUTHENTICATED" in r.output
+        runs = [
+            _cli(["health", t, "--service", "chatforge.v1.Chatbot"], env={"CHATFORGE_API_KEY": KEY}),
+            _cli(["health", t, "--api-key", KEY]),
+            _cli(["chat", t, "-m", "hello", "--max-new-tokens", "1"], env={"CHATFORGE_API_KEY": KEY}),
+            _cli(["loadtest", t, "--rpc", "classify", "-n", "3", "--api-key", KEY]),
+            _cli(["loadtest", t, "--rpc", "reply", "-n", "2", "--max-new-tokens", "1"], env={"CHATFORGE_API_KEY": KEY}),
+        ]
+        for r in runs:
+            assert r.exit_code == 0, r.output
+            assert KEY not in r.output
+        assert "SERVING" in runs[0].output and "Hel" in runs[2].output
+        assert "ok / errors" in runs[3].output and "3 / 0" in runs[3].output
+        r = _cli(["chat", t, "-m", "hello"], env={"CHATFORGE_API_KEY": "wrong-key"})
+        assert r.exit_code == 1 and "invalid API key" in r.output and "wrong-key" not in r.output
+    help_ = _cli(["health", "--help"], env={"CHATFORGE_API_KEY": KEY, "COLUMNS": "200"})
+    assert "CHATFORGE_API_KEY" in help_.output and KEY not in help_.output
+
+
+def test_cli_clients_connect_over_tls_and_mutual_tls(tmp_path):
+    c = _certs(tmp_path)
+    with ServerThread(make_engine(), tls=TlsConfig(c["server"], c["server_key"], client_ca_file=c["ca"])) as st:
+        st.wait_serving()
+        mtls = ["--tls-ca", str(c["ca"]), "--tls-cert", str(c["client"]), "--tls-key", str(c["client_key"])]
+        r = _cli(["health", st.target, *mtls])
+        assert r.exit_code == 0 and "SERVING" in r.output, r.output
+        r = _cli(["chat", st.target, "-m", "hello", "--max-new-tokens", "1", *mtls])
+        assert r.exit_code == 0 and "Hel" in r.output, r.output
+        r = _cli(["loadtest", st.target, "--rpc", "health", "-n", "2", *mtls])
+        assert r.exit_code == 0, r.output
+        r = _cli(["health", st.target, "--tls-ca", str(c["ca"]), "--timeout", "2"])  # no client certificate
+        assert r.exit_code == 1
+        r = _cli(["health", st.target, "--tls-ca", str(c["ca"]), "--tls-cert", str(c["client"])])
+        assert r.exit_code == 2 and "--tls-key" in r.output
+
+
+def test_top_sends_the_api_key_with_each_scrape():
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            seen.append(self.headers.get("Authorization"))
+            body = b"chatforge_requests_running 1\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        target = f"127.0.0.1:{httpd.server_address[1]}"
+        r = _cli(["top", target, "--count", "1", "--interval", "0.01"], env={"CHATFORGE_API_KEY": KEY})
+        assert r.exit_code == 0, r.output
+        assert KEY not in r.output
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert seen == [f"Bearer {KEY}"]

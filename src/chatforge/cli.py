@@ -43,13 +43,109 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _flag(default: bool, decls: str, *short: str, help: str):
+    """A boolean option as the ``--x/--no-x`` pair, without typer's ``<bool>`` type column:
+    that column made users type ``--sample true``, which a flag does not accept."""
+    assert decls.startswith("--") and "/--no-" in decls, decls
+    return typer.Option(default, decls, *short, metavar="", help=help)
+
+
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: one line whatever the terminal width, so a log or a test sees the whole message.
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
+def _check_seconds(option: str, value: float | None) -> None:
+    """Deadlines and intervals must be > 0: one line and exit 2 here, not the library's traceback."""
+    if value is not None and not value > 0:
+        _fail(f"{option} {value:g} is out of range; allowed: seconds > 0, e.g. {option} 3")
+
+
+# Client-side credentials, shared by chat, health and loadtest (and the key by top). The key is
+# read from CHATFORGE_API_KEY when --api-key is not given (a command-line argument shows in
+# `ps`); it is never printed: no default is shown, and errors never include it.
+API_KEY_ENV = "CHATFORGE_API_KEY"
+
+
+def _api_key_option():
+    return typer.Option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True, show_default=False,
+                        help="API key sent as 'authorization: Bearer <key>' (for servers started with "
+                             f"--api-keys-file or CHATFORGE_API_KEYS); prefer the {API_KEY_ENV} variable.")
+
+
+def _tls_option():
+    return _flag(False, "--tls/--no-tls", help="Connect over TLS (implied by --tls-ca/--tls-cert); "
+                                               "trusts the system CAs unless --tls-ca is given.")
+
+
+def _pem_option(flag: str, help: str):
+    return typer.Option(None, flag, exists=True, dir_okay=False, readable=True, help=help)
+
+
+def _tls_ca_option():
+    return _pem_option("--tls-ca", "CA certificate (PEM) to trust for the server's certificate.")
+
+
+def _tls_cert_option():
+    return _pem_option("--tls-cert", "Client certificate (PEM) for mutual TLS (server's --tls-client-ca).")
+
+
+def _tls_key_option():
+    return _pem_option("--tls-key", "Client private key (PEM) for mutual TLS, with --tls-cert.")
+
+
+def _client_kwargs(api_key: str | None, tls: bool, tls_ca: Path | None, tls_cert: Path | None,
+                   tls_key: Path | None) -> dict:
+    """ChatbotClient's credential arguments from the shared options; bad combinations fail here."""
+    if api_key is not None and not api_key.strip():
+        _fail(f"--api-key (or {API_KEY_ENV}) is empty; give the key or leave it unset")
+    if (tls_cert is None) != (tls_key is None):
+        _fail("mutual TLS needs both --tls-cert and --tls-key (or neither)")
+    return dict(api_key=api_key, tls=tls, ca_file=tls_ca, cert_file=tls_cert, key_file=tls_key)
+
+
+def _bind_probe(host: str, port: int) -> OSError | None:
+    """Try to bind ``host:port`` (SO_REUSEADDR, as gRPC binds) and let go: the error, if any.
+
+    Checked before the server starts so a taken port fails at once with one line: a failed bind
+    inside gRPC also logs its own C-core error line, and one after the gRPC port is up leaves a
+    half-started server behind. The server still reports a bind that fails later (a race).
+    """
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+            s.listen()
+    except OSError as e:
+        return e
+    return None
+
+
+def _port_failure(host: str, port: int, option: str, reason: str) -> str:
+    """One line naming the address that could not be bound and the option that changes it."""
+    if option == "--host":
+        return f"cannot listen on {host}:{port}: {reason}; choose an address of this machine with --host"
+    hint = " (0 picks a free one)" if option == "--port" else ""
+    return f"cannot listen on {host}:{port}: {reason}; choose another port with {option}{hint}"
+
+
+def _bind_failure(e: OSError, host: str, port: int, metrics_port: int | None) -> str:
+    """The one-line message for an OSError out of run_server (a bind that lost a race with the probe)."""
+    import errno
+
+    if f"cannot bind {host}:{port}" in str(e):
+        return _port_failure(host, port, "--port", "the port is already in use or the address is not local")
+    if metrics_port is not None and e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+        return _port_failure(host, metrics_port, "--metrics-port", e.strerror or str(e))
+    return str(e)
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _main(verbose: bool = _flag(False, "--verbose/--no-verbose", "-v", help="Debug logging.")) -> None:
     _setup_logging(verbose)
 
 
@@ -75,7 +171,8 @@ def tokenizer_train(
     vocab_size: int = typer.Option(8000, help="Vocabulary size."),
     model_type: str = typer.Option("unigram", help="unigram or bpe."),
     fmt: str = typer.Option("auto", "--format", help="auto, chatbot_csv, clinc150, csv, tsv, jsonl."),
-    lower_if_too_large: bool = typer.Option(False, help="Use the largest workable vocab size if too large."),
+    lower_if_too_large: bool = _flag(False, "--lower-if-too-large/--no-lower-if-too-large",
+                                     help="Use the largest workable vocab size if too large."),
 ):
     """Train a SentencePiece tokenizer with chatforge's special tokens."""
     from chatforge.data import DataError, read_examples
@@ -126,7 +223,7 @@ def train(
     config: Path = typer.Argument(None, help="Experiment YAML file (omit with --resume)."),
     set_: list[str] = typer.Option([], "--set", help="Override: key.path=value (repeatable), e.g. train.epochs=3."),
     run_dir: Path = typer.Option(None, "--run-dir", help="Write the run here instead of output.dir/<name>-<time>."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = _flag(True, "--progress/--no-progress", help="Show a progress bar."),
     resume: Path = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train with DDP on N local processes (via torchrun)."),
 ):
@@ -218,7 +315,7 @@ def generate(
     bundle: Path = typer.Argument(..., help="Bundle folder (runs/<run>/bundle)."),
     text: list[str] = typer.Argument(..., help="Message(s) to answer."),
     max_new_tokens: int = typer.Option(64),
-    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    sample: bool = _flag(False, "--sample/--no-sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
@@ -382,7 +479,8 @@ def serve(
                                        help="Pipeline: the reply to out-of-scope messages."),
     oos_threshold: float = typer.Option(0.0, help="Pipeline: scores below this count as out of scope."),
     api_keys_file: Path = typer.Option(None, help="File of API keys (one per line); else CHATFORGE_API_KEYS."),
-    protect_health: bool = typer.Option(False, help="Require API keys for health and reflection too."),
+    protect_health: bool = _flag(False, "--protect-health/--no-protect-health",
+                                 help="Require API keys for health and reflection too."),
     tls_cert: Path = typer.Option(None, help="Server certificate chain (PEM) for TLS."),
     tls_key: Path = typer.Option(None, help="Server private key (PEM) for TLS."),
     tls_client_ca: Path = typer.Option(None, help="CA (PEM) that client certificates must chain to (mTLS)."),
@@ -400,6 +498,13 @@ def serve(
             _fail(f"--pin {item!r} must look like NAME=VERSION, e.g. chat=3")
         name, version = item.split("=", 1)
         pins[name.strip()] = version.strip()
+    for option, p in (("--port", port), ("--metrics-port", metrics_port)):
+        if p and 0 < p <= 65535 and (err := _bind_probe(host, p)) is not None:
+            import errno
+
+            # An address that is not this machine's is --host's fault, not the port's.
+            _fail(_port_failure(host, p, "--host" if err.errno == errno.EADDRNOTAVAIL else option,
+                                (err.strerror or str(err)).lower()))
     engine_kwargs = dict(max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size,
                          max_wait_ms=max_wait_ms, max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens)
     try:
@@ -413,6 +518,8 @@ def serve(
                           max_message_bytes=max_message_bytes, engine_kwargs=engine_kwargs, precision=precision)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    except OSError as e:  # a port that is taken: one line naming it and its option, not a traceback
+        _fail(_bind_failure(e, host, port, metrics_port))
     raise typer.Exit(code or 0)
 
 
@@ -424,14 +531,22 @@ def chat(
     model: str = typer.Option(None, help="Model name on the server (default: its generator)."),
     session_id: str = typer.Option(None, help="Conversation id sent with each turn."),
     max_new_tokens: int = typer.Option(64),
-    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    sample: bool = _flag(False, "--sample/--no-sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
     timeout: float = typer.Option(30.0, help="Deadline per reply, seconds."),
+    api_key: str = _api_key_option(),
+    tls: bool = _tls_option(),
+    tls_ca: Path = _tls_ca_option(),
+    tls_cert: Path = _tls_cert_option(),
+    tls_key: Path = _tls_key_option(),
 ):
     """Chat with a server in the terminal; replies print as they stream."""
     from chatforge.serving.client import ChatbotClient, ChatbotError
+
+    _check_seconds("--timeout", timeout)
+    creds = _client_kwargs(api_key, tls, tls_ca, tls_cert, tls_key)
 
     opts = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -448,7 +563,7 @@ def chat(
             console.print(f"[dim]({final.completion_tokens} tokens, {final.finish_reason})[/]")
 
     try:
-        with ChatbotClient(target, timeout=timeout) as client:
+        with ChatbotClient(target, timeout=timeout, **creds) as client:
             if message:
                 for m in message:
                     console.print(f"[bold cyan]you>[/] {m}", highlight=False)
@@ -470,6 +585,8 @@ def chat(
                         err_console.print(f"[red]{e}[/]")
     except ChatbotError as e:
         _fail(str(e), code=1)
+    except ValueError as e:  # e.g. a malformed target
+        _fail(str(e))
 
 
 @app.command()
@@ -477,16 +594,29 @@ def health(
     target: str = typer.Argument(..., help="HOST:PORT"),
     service: str = typer.Option("", help="Service name; '' is the whole server, chatforge.v1.Chatbot readiness."),
     timeout: float = typer.Option(3.0, help="Seconds to wait for an answer."),
+    api_key: str = _api_key_option(),
+    tls: bool = _tls_option(),
+    tls_ca: Path = _tls_ca_option(),
+    tls_cert: Path = _tls_cert_option(),
+    tls_key: Path = _tls_key_option(),
 ):
-    """Check gRPC health like grpc_health_probe: exit 0 only when SERVING."""
+    """Check gRPC health like grpc_health_probe: exit 0 only when SERVING.
+
+    Imports no torch (nor anything else of the model side): a container HEALTHCHECK runs it
+    every few seconds with a short timeout.
+    """
     from chatforge.serving.client import ChatbotClient, ChatbotError
 
+    _check_seconds("--timeout", timeout)
+    creds = _client_kwargs(api_key, tls, tls_ca, tls_cert, tls_key)
     try:
-        with ChatbotClient(target, timeout=timeout) as client:
+        with ChatbotClient(target, timeout=timeout, **creds) as client:
             status = client.health(service)
     except ChatbotError as e:
-        err_console.print(f"{target}: {e}")
+        err_console.print(f"{target}: {e}", highlight=False, markup=False)
         raise typer.Exit(1) from None
+    except ValueError as e:  # e.g. a malformed target
+        _fail(str(e))
     console.print(f"{target} {service or '(server)'}: {status}")
     raise typer.Exit(0 if status == "SERVING" else 1)
 
@@ -588,8 +718,13 @@ def loadtest(
     slo: str = typer.Option(None, "--slo", help="Exit 1 unless met, e.g. p99=200ms,errors=0.1%,rps=20."),
     sweep_levels: str = typer.Option(None, "--sweep", help="Run once per concurrency level, e.g. 1,2,4,8."),
     metrics: str = typer.Option(None, "--metrics", help="Server metrics HOST:PORT: add CPU/RSS to the report."),
-    retries: bool = typer.Option(False, "--retries/--no-retries", help="Let the client retry UNAVAILABLE."),
+    retries: bool = _flag(False, "--retries/--no-retries", help="Let the client retry UNAVAILABLE."),
     out: Path = typer.Option(None, "--out", help="Write report.json, requests.csv and report.png here."),
+    api_key: str = _api_key_option(),
+    tls: bool = _tls_option(),
+    tls_ca: Path = _tls_ca_option(),
+    tls_cert: Path = _tls_cert_option(),
+    tls_key: Path = _tls_key_option(),
 ):
     """Load-test a server like ghz: throughput, latency percentiles, TTFT, status codes; SLO gate."""
     import threading
@@ -608,6 +743,7 @@ def loadtest(
         write_sweep,
     )
 
+    creds = _client_kwargs(api_key, tls, tls_ca, tls_cert, tls_key)
     stop = threading.Event()
     try:
         slos = parse_slo(slo) if slo else []
@@ -616,7 +752,7 @@ def loadtest(
         cfg = LoadTestConfig(target=target, rpc=rpc, concurrency=concurrency, requests=requests, duration=duration,
                              rps=rps, connections=connections, texts=texts, model=model, timeout=timeout,
                              max_new_tokens=max_new_tokens, retries=retries,
-                             metrics_url=metrics).validate()
+                             metrics_url=metrics, **creds).validate()
         if levels:
             def progress(n, r):
                 err_console.print(f"concurrency {n}: {r.throughput:.1f} req/s, p99 {_fmt_ms(r.latency()['p99'])}",
@@ -665,6 +801,10 @@ def top(
     target: str = typer.Argument(..., help="HOST:METRICS_PORT of a server (or a /metrics URL)."),
     interval: float = typer.Option(2.0, "--interval", help="Seconds between scrapes."),
     count: int = typer.Option(None, "--count", help="Stop after this many samples (default: until Ctrl-C)."),
+    api_key: str = typer.Option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True, show_default=False,
+                                help="Sent as 'Authorization: Bearer <key>' with each scrape (a metrics endpoint "
+                                     f"behind an authenticating proxy); prefer the {API_KEY_ENV} variable."),
+    tls_ca: Path = _pem_option("--tls-ca", "CA certificate (PEM) to trust for an https:// metrics URL."),
 ):
     """Watch a server's CPU, memory, fds, threads, GPU memory and queue over time."""
     from rich.live import Live
@@ -675,7 +815,7 @@ def top(
         return "-" if v is None else fmt.format(v / scale)
 
     try:
-        monitor = ResourceMonitor(target, interval=interval)
+        monitor = ResourceMonitor(target, interval=interval, api_key=api_key, ca_file=tls_ca)
     except ValueError as e:
         _fail(str(e))
     rows: list = []

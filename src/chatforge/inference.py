@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from chatforge.decoding import GenerationOptions
+from chatforge.predictions import ClassPrediction  # re-exported; defined torch-free for the client
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,6 @@ class TokenDelta:
 
     token_id: int
     text: str
-
-
-@dataclass
-class ClassPrediction:
-    label: str
-    score: float
-    scores: dict[str, float] = field(default_factory=dict)
-    out_of_scope: bool = False
 
 
 @dataclass

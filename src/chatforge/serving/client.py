@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatforge.context import REQUEST_ID_METADATA_KEY, SESSION_ID_METADATA_KEY, new_request_id, request_id_var
-from chatforge.inference import ClassPrediction
+from chatforge.predictions import ClassPrediction  # not chatforge.inference: that imports torch
 from chatforge.v1 import chatbot_pb2 as pb
 from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
 

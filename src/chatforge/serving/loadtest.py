@@ -69,6 +69,12 @@ class LoadTestConfig:
     max_new_tokens: int | None = None
     retries: bool = False
     metrics_url: str | None = None  # the server's metrics endpoint, for the resource section
+    # Credentials, passed to ChatbotClient as they are; the key is kept out of repr (and so out of logs).
+    api_key: str | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_file: str | os.PathLike[str] | None = None
+    cert_file: str | os.PathLike[str] | None = None
+    key_file: str | os.PathLike[str] | None = None
 
     def validate(self) -> LoadTestConfig:
         if self.rpc not in RPCS:
@@ -385,7 +391,10 @@ def _make_clients(cfg: LoadTestConfig) -> list[Any]:
     from chatforge.serving.client import ChatbotClient
 
     options = [] if cfg.retries else [("grpc.enable_retries", 0)]
-    return [ChatbotClient(cfg.target, timeout=cfg.timeout, options=options) for _ in range(cfg.connections)]
+    creds = dict(api_key=cfg.api_key, tls=cfg.tls, ca_file=cfg.ca_file, cert_file=cfg.cert_file,
+                 key_file=cfg.key_file)
+    return [ChatbotClient(cfg.target, timeout=cfg.timeout, options=options, **creds)
+            for _ in range(cfg.connections)]
 
 
 def _call(client: Any, cfg: LoadTestConfig, text: str) -> tuple[str, float | None, int, str]:

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -101,16 +102,34 @@ class ResourceMonitor:
     (forever when ``count`` is None). Rates need two samples, so the first has none.
     """
 
-    def __init__(self, url: str, *, interval: float = 2.0, timeout: float = 5.0, namespace: str = "chatforge") -> None:
+    def __init__(self, url: str, *, interval: float = 2.0, timeout: float = 5.0, namespace: str = "chatforge",
+                 api_key: str | None = None, ca_file: str | Path | None = None) -> None:
         if not interval > 0:
             raise ValueError(f"interval={interval!r} is out of range; allowed: seconds > 0")
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key is empty; allowed: a non-empty key or None")
         self.url = metrics_url(url)
         self.interval, self.timeout, self.namespace = interval, timeout, namespace
+        # Sent with every scrape, for a metrics endpoint behind an authenticating proxy. Kept
+        # private and out of repr: it is a secret.
+        self._headers = {"Authorization": f"Bearer {api_key.strip()}"} if api_key else {}
+        self._ssl = None
+        if ca_file is not None:
+            import ssl
+
+            try:
+                self._ssl = ssl.create_default_context(cafile=str(ca_file))
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(f"cannot use {ca_file} as a CA certificate: {e}") from None
         self._previous: ResourceSample | None = None
 
+    def __repr__(self) -> str:
+        return f"ResourceMonitor({self.url!r})"
+
     def scrape(self) -> str:
+        request = urllib.request.Request(self.url, headers=self._headers)
         try:
-            with urllib.request.urlopen(self.url, timeout=self.timeout) as r:
+            with urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl) as r:
                 return r.read().decode("utf-8")
         except (urllib.error.URLError, OSError) as e:
             raise MonitorError(f"cannot read metrics from {self.url}: {e}") from None
