@@ -1,5 +1,6 @@
 """Run driver + bundle: a tiny experiment end to end, save -> load -> same outputs."""
 
+import contextlib
 import json
 
 import pytest
@@ -146,3 +147,112 @@ def test_init_from_reuses_tokenizer_and_weights(gen_run, tmp_path):
     emb_a = next(iter(a.model.state_dict().values()))
     emb_b = next(iter(b.model.state_dict().values()))
     assert torch.allclose(emb_a, emb_b, atol=1e-5)
+
+
+# ------------------------------------------------------------------ file permissions (issue #12, item 8)
+def _modes(root):
+    import os
+    import stat
+
+    return {p: stat.S_IMODE(os.stat(p).st_mode) for p in [root, *root.rglob("*")]}
+
+
+def _assert_umask_modes(root, file_mode: int, dir_mode: int) -> None:
+    modes = _modes(root)
+    wrong = {str(p.relative_to(root)): oct(m) for p, m in modes.items()
+             if m != (dir_mode if p.is_dir() else file_mode)}
+    assert len(modes) > 3 and not wrong, f"expected files {oct(file_mode)}, folders {oct(dir_mode)}: {wrong}"
+
+
+@pytest.mark.parametrize("which", ["gen_run", "cls_run"])
+def test_saved_bundle_files_get_the_umask_permissions(which, request, tmp_path):
+    """weights.safetensors used to be 0600 (safetensors' own temp file): unreadable for a server user."""
+    import os
+
+    from chatforge.bundle import save_bundle
+
+    b = load_bundle(request.getfixturevalue(which).bundle_dir)
+    old = os.umask(0o022)
+    try:
+        out = save_bundle(tmp_path / "b", model=b.model, tokenizer=b.tokenizer, config=b.config, labels=b.labels)
+    finally:
+        os.umask(old)
+    _assert_umask_modes(out, 0o644, 0o755)
+
+
+@contextlib.contextmanager
+def _unprivileged():
+    """Run the body with the permissions of an ordinary user: as root (e.g. in CI containers) file modes
+    do not stop reads, so drop the effective uid/gid to nobody and restore them afterwards."""
+    import os
+
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_unreadable_bundle_file_is_reported_as_permission_denied(gen_run):
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    # Not under tmp_path: pytest's base folder is private to its user, and nobody must reach the bundle.
+    top = Path(tempfile.mkdtemp(prefix="chatforge-perm-"))
+    try:
+        os.chmod(top, 0o755)
+        bundle = top / "bundle"
+        shutil.copytree(gen_run.bundle_dir, bundle)
+        for p in [bundle, *bundle.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        load_bundle(bundle)  # readable: loads (and imports everything the loader needs while privileged)
+        os.chmod(bundle / "weights.safetensors", 0o600)  # what the old writer left: owner-only
+        with pytest.raises(BundleError) as err, _unprivileged():
+            load_bundle(bundle)
+        msg = str(err.value)
+        assert "permission denied" in msg and str(bundle / "weights.safetensors") in msg
+        os.chmod(bundle / "weights.safetensors", 0o644)
+        os.chmod(bundle, 0o700)  # the folder itself: its files must not look "missing"
+        with pytest.raises(BundleError, match="permission denied") as err, _unprivileged():
+            load_bundle(bundle)
+        assert "missing" not in str(err.value) and str(bundle) in str(err.value)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)],
+                         ids=["umask022", "umask077"])
+def test_cli_train_and_evaluate_honour_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """The real CLI path: `chatforge train` (checkpoints, tokenizer, bundle, MLflow artifacts) and
+    `chatforge evaluate` (JSON, Markdown, PNG) under a umask; every file and folder follows it."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    tree = tiny_cfg("classification", tmp_path, checkpoint_every_steps=4)
+    tree["output"]["dir"] = str(tmp_path / "runs")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "CHATFORGE_ENV": "test"}
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "chatforge.cli", *args], cwd=tmp_path, env=env, text=True,
+                           capture_output=True, timeout=300, preexec_fn=lambda: os.umask(umask))
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    run = tmp_path / "runs" / "run"
+    cli("train", str(tmp_path / "tiny.yaml"), "--run-dir", str(run), "--no-progress")
+    cli("evaluate", str(run / "bundle"), "--out", str(run / "eval"))
+    names = {p.name for p in (tmp_path / "runs").rglob("*")}
+    assert {"weights.safetensors", "last.safetensors", "report.json", "metrics.json"} <= names, names
+    assert any(n.endswith(".png") for n in names)
+    _assert_umask_modes(tmp_path / "runs", file_mode, dir_mode)

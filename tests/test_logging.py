@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import datetime
 
 import pytest
@@ -157,3 +158,74 @@ def test_production_log_file_is_json_and_rotates(logger, tmp_path, capsys):
     assert lines and lines[-1]["event"] == "event 19"
     assert (tmp_path / "sub" / "server.log.1").exists() and not (tmp_path / "sub" / "server.log.3").exists()
     assert "event 19" in capsys.readouterr().err
+
+
+# ------------------------------------------- a served process: one handler, one line per event (issue #12, item 12)
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    from chatforge.config import validate_config
+    from chatforge.training.run import run_experiment
+
+    tmp = tmp_path_factory.mktemp("cls")
+    cfg = validate_config({
+        "name": "tiny-log", "seed": 1,
+        "data": {"path": "sample", "valid_fraction": 0.1, "test_fraction": 0.1, "stratify": True},
+        "tokenizer": {"vocab_size": 600, "on_vocab_too_large": "lower"},
+        "model": {"family": "transformer", "task": "classification", "d_model": 16, "n_heads": 2, "d_ff": 32,
+                  "dropout": 0.0, "num_encoder_layers": 1},
+        "train": {"epochs": 1, "max_steps": 2, "batch_size": 8, "max_source_len": 16},
+        "tracking": {"enabled": False},
+        "output": {"dir": str(tmp / "runs")},
+    })
+    return run_experiment(cfg, run_dir=tmp / "run").bundle_dir
+
+
+# HumanFormatter: "time LEVEL logger [req=… sess=…] event key=value …"
+_HUMAN_LINE = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+\+00:00 (DEBUG|INFO|WARNING|ERROR|CRITICAL) +[\w.]+ "
+                         r"(\[[^]]*\] )?(?P<event>.+?)(?= \w+=|$)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["json", "human"])
+def test_served_call_logs_each_event_once_in_the_chosen_format(tiny_classifier, tmp_path, fmt):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from chatforge.serving.client import ChatbotClient
+
+    port_file = tmp_path / "port"
+    env = {**os.environ, "CHATFORGE_ENV": "test", "CHATFORGE_LOG_FORMAT": fmt, "CHATFORGE_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"intents={tiny_classifier}", "--port", "0",
+         "--port-file", str(port_file), "--grace", "5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "server did not write its port file in time"
+            time.sleep(0.05)  # polling the file the server writes once SERVING; bounded by the deadline
+        with ChatbotClient(f"127.0.0.1:{port_file.read_text().strip()}", timeout=30) as client:
+            assert client.classify("hello there").label
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [line for line in err.splitlines() if line.strip()]
+    if fmt == "json":
+        docs = [json.loads(line) for line in lines]  # every line is one JSON object
+        names = [d["event"] for d in docs]
+    else:
+        matches = [_HUMAN_LINE.match(line) for line in lines]
+        assert all(matches), [line for line, m in zip(lines, matches, strict=True) if not m]
+        names = [m.group("event") for m in matches]
+    assert "listening" in names and any("Classify" in n for n in names), names
+    assert len(lines) == len(set(lines)), "a line was written twice"
+    assert names.count("listening") == 1 and names.count("stopped") == 1, names

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,7 +116,10 @@ def save_bundle(
             "kind": "torch" if is_torch else "estimator",
             "tokenizer": None if tokenizer is None else {
                 "kind": tokenizer.kind, "file": tokenizer.filename, "sha256": tokenizer.sha256,
-                "vocab_size": tokenizer.vocab_size},
+                "vocab_size": tokenizer.vocab_size,
+                # special tokens chosen by name (HF vocabularies without conventional spellings)
+                **({"special_tokens": tokenizer.special_tokens} if getattr(tokenizer, "special_tokens", None)
+                   else {})},
             "data_sha256": data_sha256,
             "num_parameters": sum(p.numel() for p in model.parameters()) if is_torch else None,
             "metrics": metrics or {},
@@ -125,10 +130,46 @@ def save_bundle(
     return out
 
 
+def _permission_denied(bundle: Path, what: str | os.PathLike) -> BundleError:
+    try:
+        st = os.stat(what)
+        mode = f" (mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid})"
+    except OSError:
+        mode = ""
+    return BundleError(
+        f"permission denied: cannot read {what}{mode}; this process runs as uid {os.geteuid()}. "
+        f"Make the bundle readable by it, e.g. chmod -R a+rX {bundle}"
+    )
+
+
+def _check_readable(path: Path) -> None:
+    """Open every file of the bundle once, so an unreadable one is reported as what it is.
+
+    Without this a file in a folder we may not search looks missing (``is_file()`` is False),
+    and readers fail later with errors that do not say "permission".
+    """
+    errors: list[OSError] = []
+    for root, _dirs, files in os.walk(path, onerror=errors.append):
+        for name in files:
+            try:
+                with open(os.path.join(root, name), "rb"):
+                    pass
+            except PermissionError as e:
+                errors.append(e)
+    for e in errors:
+        if isinstance(e, PermissionError):
+            raise _permission_denied(path, e.filename or path)
+
+
 def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
     path = Path(path)
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except PermissionError:  # a folder above it may not be searched
+        raise _permission_denied(path, path) from None
+    if not is_dir:
         raise BundleError(f"bundle not found: {path} is not a folder")
+    _check_readable(path)
     metadata = json.loads((path / METADATA).read_text(encoding="utf-8")) if (path / METADATA).is_file() else {}
     if metadata.get("kind") == "estimator":
         return _load_estimator_bundle(path, metadata)
@@ -139,7 +180,8 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
         raise BundleError(f"{path} is not a complete chatforge bundle: missing {', '.join(missing)}")
     tree = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
     cfg = validate_config(tree, source=str(path / CONFIG))
-    tokenizer = load_tokenizer(path / tok_file, tok_meta.get("kind", "sentencepiece"))
+    tokenizer = load_tokenizer(path / tok_file, tok_meta.get("kind", "sentencepiece"),
+                               special_tokens=tok_meta.get("special_tokens"))
     labels = json.loads((path / LABELS).read_text(encoding="utf-8")) if (path / LABELS).is_file() else None
     model = build_from_config(cfg, tokenizer, labels)
     missing_keys, unexpected = _st_load_model(model, str(path / WEIGHTS), strict=False, device=device)

@@ -20,6 +20,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from chatforge.settings import LOG_HANDLER_ATTR
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="chatforge: from a conversational corpus and one YAML file to a chatbot served over gRPC.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect SentencePiece tokenizers.")
@@ -37,7 +39,11 @@ def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
     if not any(isinstance(h, RichHandler) for h in root.handlers):
-        root.addHandler(RichHandler(console=err_console, show_path=False, rich_tracebacks=False))
+        handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False)
+        # Tagged as chatforge's own: `serve` replaces it with its JSON/human handler (configure_logging)
+        # instead of logging every event twice.
+        setattr(handler, LOG_HANDLER_ATTR, True)
+        root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -910,12 +916,17 @@ def convert_from_hf(
     src: Path = typer.Argument(..., help="HF checkpoint folder (config.json, weights, tokenizer files)."),
     out: Path = typer.Argument(..., help="Bundle folder to write."),
     task: str = typer.Option(None, help="Task of the bundle (gpt: lm or generation); default: the family's."),
+    bos_token: str = typer.Option(None, "--bos-token", help="Vocabulary token that begins a sequence, when "
+                                  "it is not <s>, <|endoftext|> or [CLS] (e.g. openai-gpt has none)."),
+    eos_token: str = typer.Option(None, "--eos-token", help="Vocabulary token that ends a sequence, when it "
+                                  "is not </s>, <|endoftext|> or [SEP]."),
 ):
     """Convert a BERT / GPT / GPT-2 checkpoint folder into a chatforge bundle (keeps its tokenizer)."""
     from chatforge.interop import ConversionError, from_hf
 
+    kwargs = {k: v for k, v in (("task", task), ("bos_token", bos_token), ("eos_token", eos_token)) if v}
     try:
-        path = from_hf(src, out, **({"task": task} if task else {}))
+        path = from_hf(src, out, **kwargs)
     except (ConversionError, ValueError, OSError) as e:
         _fail(str(e))
     console.print(f"bundle written to [bold]{path}[/]", highlight=False)

@@ -1,9 +1,12 @@
 """Atomic writes: a reader sees the old file (or folder) or the new one, never half of one.
 
 Everything is written to a temporary name beside the target and renamed into place with
-``os.replace``. Temporary files are created private (0600) by ``tempfile``; the final file
-gets the ordinary permissions the process umask gives, so bundles and reports written by
-one user can be read by a server running as another.
+``os.replace``. Temporary files and folders are created private by ``tempfile`` (0600 / 0700),
+and some writers create private files themselves (safetensors writes through its own 0600
+temporary file), so just before the rename every file and folder written gets the ordinary
+permissions the process umask gives (``0666 & ~umask``, ``0777 & ~umask``): bundles, run
+folders and reports written by one user can be read by a server running as another, and a
+stricter umask (077) is honoured, not overridden.
 """
 
 from __future__ import annotations
@@ -19,9 +22,44 @@ from typing import IO, Any
 
 
 def _umask() -> int:
+    # Linux reports the umask in /proc; reading it there avoids os.umask(0)'s window in which
+    # another thread would create files with umask 0.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions the umask gives.
+
+    Files get ``0666 & ~umask`` (``0777 & ~umask`` if they were executable), folders
+    ``0777 & ~umask``. Symbolic links are left alone.
+    """
+    mask = _umask()
+    path = Path(path)
+
+    def fix(p: Path, is_dir: bool) -> None:
+        if p.is_symlink():
+            return
+        executable = is_dir or os.stat(p).st_mode & 0o111
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                fix(Path(root, d), True)
+            for name in files:
+                fix(Path(root, name), False)
+        fix(path, True)
+    else:
+        fix(path, False)
 
 
 @contextmanager
@@ -39,7 +77,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        apply_umask(tmp)  # mkstemp made it 0600; the writer may have replaced it with its own 0600 file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -78,7 +116,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        # mkdtemp made the folder 0700 and writers such as safetensors create 0600 files: the whole
+        # tree gets the umask's permissions, or a server running as another user cannot read it.
+        apply_umask(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -23,6 +23,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "CHATFORGE_"
+# Set (True) on every logging handler chatforge itself installs: the CLI's console handler and
+# configure_logging's handlers. configure_logging replaces all of them, so a process that both
+# runs the CLI and serves writes each event once, in the chosen format.
+LOG_HANDLER_ATTR = "_chatforge_handler"
 DEFAULT_STORE_URL = "sqlite:///runs/conversations.db"
 # Shared-cache-free in-memory SQLite; the store pins it to one connection (StaticPool).
 TEST_STORE_URL = "sqlite://"

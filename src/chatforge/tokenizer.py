@@ -194,8 +194,14 @@ class Tokenizer(SpecialIdsMixin):
 TOKENIZER_KINDS = ("sentencepiece", "byte", "hf_tokenizers")
 
 
-def load_tokenizer(path: str | Path, kind: str = "sentencepiece"):
-    """Load a tokenizer file of the given kind ("sentencepiece", "byte" or "hf_tokenizers")."""
+def load_tokenizer(path: str | Path, kind: str = "sentencepiece", *, special_tokens: dict[str, str] | None = None):
+    """Load a tokenizer file of the given kind ("sentencepiece", "byte" or "hf_tokenizers").
+
+    ``special_tokens`` (role -> token string, hf_tokenizers only) names special tokens the
+    vocabulary does not spell conventionally; bundles record it in their metadata.
+    """
+    if special_tokens and kind != "hf_tokenizers":
+        raise TokenizerError(f"special_tokens can only be chosen for hf_tokenizers tokenizers, not {kind!r}")
     if kind == "sentencepiece":
         return Tokenizer.load(path)
     if kind == "byte":
@@ -203,7 +209,7 @@ def load_tokenizer(path: str | Path, kind: str = "sentencepiece"):
     if kind == "hf_tokenizers":
         from chatforge.interop.hf_tokenizer import HFTokenizer  # optional extra: chatforge[hf]
 
-        return HFTokenizer.load(path)
+        return HFTokenizer.load(path, special_tokens=special_tokens)
     raise TokenizerError(f"unknown tokenizer kind {kind!r}; known: {', '.join(TOKENIZER_KINDS)}")
 
 

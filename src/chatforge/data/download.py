@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatforge.data.readers import DataError
+from chatforge.fileio import apply_umask
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def _stream_to(
             )
         if sha256 is None:
             logger.warning("%s has no known sha256; saved unverified (sha256 %s)", origin, actual)
+        apply_umask(tmp)  # mkstemp made it 0600; the data set is read by other users too
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -3,7 +3,8 @@
 ``from_hf`` reads a checkpoint folder (``config.json`` + ``model.safetensors``, a sharded
 safetensors index, or ``pytorch_model.bin`` loaded with ``weights_only=True``) of ``BertModel``,
 ``BertForPreTraining``/``BertForMaskedLM`` (-> task ``mlm_nsp``; missing heads are freshly
-initialised and logged), ``BertForSequenceClassification`` (-> ``classification``, labels from
+initialised and logged: ``BertForMaskedLM`` saves neither the NSP head nor the pooler, which only
+the NSP head and sentence classification read), ``BertForSequenceClassification`` (-> ``classification``, labels from
 ``id2label``) or ``BertForTokenClassification`` (-> ``token_classification``). The checkpoint's
 own tokenizer is kept: its ``tokenizer.json``, or one built from a WordPiece ``vocab.txt``.
 
@@ -144,12 +145,12 @@ def _labels_from(hf_cfg: dict) -> list[str]:
     return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
 
 
-def _load_tokenizer(src: Path, tmp: Path):
+def _load_tokenizer(src: Path, tmp: Path, special_tokens: dict[str, str] | None = None):
     """The checkpoint's tokenizer as a chatforge HFTokenizer (tokenizer.json, or built from vocab.txt)."""
     from chatforge.interop.hf_tokenizer import HFTokenizer
 
     if (src / "tokenizer.json").is_file():
-        return HFTokenizer.load(src / "tokenizer.json")
+        return HFTokenizer.load(src / "tokenizer.json", special_tokens=special_tokens)
     if (src / "vocab.txt").is_file():
         from tokenizers import BertWordPieceTokenizer
 
@@ -158,12 +159,16 @@ def _load_tokenizer(src: Path, tmp: Path):
         wp = BertWordPieceTokenizer(str(src / "vocab.txt"), lowercase=tc.get("do_lower_case", True),
                                     strip_accents=tc.get("strip_accents"))
         wp.save(str(tmp / "tokenizer.json"))
-        return HFTokenizer.load(tmp / "tokenizer.json")
-    raise HFBertError(f"{src} has no tokenizer: expected tokenizer.json or vocab.txt")
+        return HFTokenizer.load(tmp / "tokenizer.json", special_tokens=special_tokens)
+    raise HFBertError(f"{src} has no tokenizer: expected tokenizer.json or vocab.txt. Copy the checkpoint's "
+                      f"tokenizer files into the folder (e.g. tokenizer.save_pretrained('{src}') in transformers)")
 
 
-def from_hf(src_dir: Path, out_bundle: Path) -> Path:
-    """Convert a HF BERT checkpoint folder into a chatforge bundle; returns the bundle path."""
+def from_hf(src_dir: Path, out_bundle: Path, *, bos_token: str | None = None,
+            eos_token: str | None = None) -> Path:
+    """Convert a HF BERT checkpoint folder into a chatforge bundle; returns the bundle path.
+
+    ``bos_token``/``eos_token`` name the sequence delimiters if the vocabulary has no [CLS]/[SEP]."""
     from chatforge.bundle import build_from_config, save_bundle
 
     src, out = Path(src_dir), Path(out_bundle)
@@ -174,7 +179,8 @@ def from_hf(src_dir: Path, out_bundle: Path) -> Path:
     labels = _labels_from(hf_cfg) if task != "mlm_nsp" else None
     params = bert_params_from_hf(hf_cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        tok = _load_tokenizer(src, Path(tmp))
+        chosen = {k: v for k, v in (("bos", bos_token), ("eos", eos_token)) if v is not None}
+        tok = _load_tokenizer(src, Path(tmp), chosen)
     if tok.vocab_size > params["vocab_size"]:
         raise HFBertError(f"tokenizer has {tok.vocab_size} tokens but the model's embedding has only "
                           f"{params['vocab_size']} rows")
@@ -199,8 +205,16 @@ def from_hf(src_dir: Path, out_bundle: Path) -> Path:
             loaded[k] = theirs[hf_k].to(mine[k].dtype)
         else:
             new.append(k)
-    if any(k.startswith("bert.") for k in new):
-        raise HFBertError(f"{src} is missing backbone weights: {[mapping[k] for k in new if k.startswith('bert.')][:5]}")
+    pooler_new = [k for k in new if k.startswith("bert.pooler.")]
+    backbone_new = [k for k in new if k.startswith("bert.") and k not in pooler_new]
+    if backbone_new:
+        raise HFBertError(f"{src} is missing backbone weights: {[mapping[k] for k in backbone_new][:5]}")
+    if pooler_new:
+        # BertForMaskedLM (and BertModel(add_pooling_layer=False)) save no pooler; only the NSP head and
+        # sentence classification read it, so it starts untrained like any other new head.
+        logger.warning("from-hf %s: the checkpoint has no pooler (%s), as BertForMaskedLM saves none; freshly "
+                       "initialised: the pooled output and NSP head are untrained until fine-tuned",
+                       src, ", ".join(mapping[k] for k in pooler_new))
     model.load_state_dict(loaded, strict=False)
     used = set(mapping.values()) | {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
     dropped = sorted(k for k in theirs if k not in used and not k.endswith("position_ids"))

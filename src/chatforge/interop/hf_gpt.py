@@ -25,8 +25,15 @@ from chatforge.interop import ConversionError
 
 logger = logging.getLogger(__name__)
 
-_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+# HF's activation names -> chatforge's, per model type. OpenAIGPT's ``afn: "gelu"`` is the tanh
+# approximation (its ACT_FNS maps "gelu" to gelu_new, as the original GPT code computed it), while
+# GPT-2's ``activation_function: "gelu"`` is the exact erf form.
+_ACT_FROM_HF = {
+    "gpt2": {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"},
+    "openai-gpt": {"gelu": "gelu_tanh", "relu": "relu"},
+}
+_ACT_TO_HF = {"gpt2": {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"},
+              "openai-gpt": {"gelu_tanh": "gelu", "relu": "relu"}}
 # (chatforge name inside a block, HF name inside a block, transpose: HF Conv1D is (in, out))
 _BLOCK_MAP = (
     ("attn.qkv_proj", "attn.c_attn", True),
@@ -45,8 +52,8 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         raise ConversionError(f"model_type {mt!r} is not a GPT checkpoint; supported: openai-gpt, gpt2")
     act_key = "afn" if mt == "openai-gpt" else "activation_function"
     act = hf.get(act_key, "gelu" if mt == "openai-gpt" else "gelu_new")
-    if act not in _ACT_FROM_HF:
-        raise ConversionError(f"{act_key}={act!r} is not supported; supported: {', '.join(_ACT_FROM_HF)}")
+    if act not in _ACT_FROM_HF[mt]:
+        raise ConversionError(f"{act_key}={act!r} is not supported for {mt}; supported: {', '.join(_ACT_FROM_HF[mt])}")
     if mt == "gpt2":
         for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                         ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
@@ -61,7 +68,7 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
         "d_model": d, "n_heads": hf["n_head"], "n_layers": hf["n_layer"],
         "d_ff": hf.get("n_inner") or 4 * d, "n_positions": hf["n_positions"],
         "dropout": hf.get("resid_pdrop", 0.1), "attn_dropout": hf.get("attn_pdrop", 0.1),
-        "activation": _ACT_FROM_HF[act], "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
+        "activation": _ACT_FROM_HF[mt][act], "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
         "tie_embeddings": hf.get("tie_word_embeddings", True), "init_std": hf.get("initializer_range", 0.02),
     }
 
@@ -117,18 +124,66 @@ def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     raise ConversionError(f"{src} has no model.safetensors or pytorch_model.bin")
 
 
-def _load_hf_tokenizer(src: Path):
-    from chatforge.interop.hf_tokenizer import HFTokenizer
+def _load_hf_tokenizer(src: Path, model_type: str, special_tokens: dict[str, str]):
+    from chatforge.interop.hf_tokenizer import _BOS, _EOS, HFTokenizer
 
-    if (src / "tokenizer.json").is_file():
-        return HFTokenizer.load(src / "tokenizer.json")
-    try:  # vocab.json + merges.txt (e.g. openai-gpt): let transformers build the fast tokenizer offline
+    path = src / "tokenizer.json"
+    if path.is_file():
+        doc = path.read_bytes()  # kept byte for byte in the bundle
+        tk = _read_tokenizer_json(path)
+    else:
+        tk = _build_tokenizer(src, model_type)
+        doc = tk.to_str().encode("utf-8")
+    vocab = tk.get_vocab(with_added_tokens=True)
+    chosen = dict(special_tokens)
+    if (model_type == "openai-gpt" and "bos" not in chosen and "eos" not in chosen and "<unk>" in vocab
+            and not any(t in vocab for t in (*_BOS, *_EOS))):
+        # The original openai-gpt vocabulary has no sequence delimiters at all, only <unk>; HF's model has
+        # no bos/eos either. chatforge needs ids for both: <unk> stands in, so generation ends at
+        # max_new_tokens (or if the model ever predicts <unk>).
+        chosen.update(bos="<unk>", eos="<unk>")
+        logger.warning("%s: the openai-gpt vocabulary has no begin/end-of-sequence tokens; using '<unk>' for "
+                       "both (pass --bos-token/--eos-token to choose others)", src)
+    return HFTokenizer(doc, str(path) if path.is_file() else None, special_tokens=chosen)
+
+
+def _read_tokenizer_json(path: Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise ConversionError(f"{path} is not a valid Hugging Face tokenizer: {e}") from None
+
+
+def _build_tokenizer(src: Path, model_type: str):
+    """The fast tokenizer transformers builds from the legacy files (vocab.json + merges.txt)."""
+    missing = [n for n in ("vocab.json", "merges.txt") if not (src / n).is_file()]
+    if missing:
+        raise ConversionError(
+            f"{src} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt "
+            f"(missing {', '.join(missing)}). Copy the checkpoint's tokenizer files into the folder "
+            f"(e.g. tokenizer.save_pretrained('{src}') in transformers)")
+    if model_type == "openai-gpt":
+        try:
+            legacy = json.loads((src / "vocab.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"{src / 'vocab.json'} is not a JSON vocabulary: {e}") from None
+        if "<unk>" not in legacy:
+            # transformers' OpenAIGPTTokenizer then appends <unk> as an extra token, one past the model's
+            # embedding rows, and the counts disagree for a reason no count would tell.
+            raise ConversionError(
+                f"{src / 'vocab.json'} has no '<unk>' token: transformers' OpenAIGPTTokenizer adds one as token "
+                f"{len(legacy)}, beyond the model's {len(legacy)} embedding rows. Convert with a tokenizer.json, "
+                f"or give vocab.json a '<unk>' entry within its ids")
+    try:
         from transformers import AutoTokenizer
 
         fast = AutoTokenizer.from_pretrained(str(src), local_files_only=True, use_fast=True)
-        return HFTokenizer.from_tokenizers(fast.backend_tokenizer)
+        return fast.backend_tokenizer
     except Exception as e:
-        raise ConversionError(f"{src}: no tokenizer.json and transformers could not build one: {e}") from None
+        raise ConversionError(f"{src}: no tokenizer.json and transformers could not build one from "
+                              f"vocab.json + merges.txt: {e}") from None
 
 
 def _run_name(src: Path) -> str:
@@ -136,8 +191,12 @@ def _run_name(src: Path) -> str:
     return name if name[0].isalnum() else f"hf-{name}"
 
 
-def from_hf(src: Path, out_bundle: Path, *, task: str = "lm", name: str | None = None) -> Path:
-    """Convert an HF GPT/GPT-2 checkpoint folder into a chatforge bundle (task ``lm`` or ``generation``)."""
+def from_hf(src: Path, out_bundle: Path, *, task: str = "lm", name: str | None = None,
+            bos_token: str | None = None, eos_token: str | None = None) -> Path:
+    """Convert an HF GPT/GPT-2 checkpoint folder into a chatforge bundle (task ``lm`` or ``generation``).
+
+    ``bos_token``/``eos_token`` name the sequence delimiters when the vocabulary does not spell them
+    conventionally (see :mod:`chatforge.interop.hf_tokenizer`)."""
     from chatforge.bundle import build_from_config, save_bundle
     from chatforge.config import validate_config
 
@@ -145,11 +204,15 @@ def from_hf(src: Path, out_bundle: Path, *, task: str = "lm", name: str | None =
         raise ConversionError(f"task={task!r}: a GPT checkpoint converts to task 'lm' or 'generation'")
     hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
     params = gpt_config_from_hf(hf)
-    tok = _load_hf_tokenizer(src)
+    chosen = {k: v for k, v in (("bos", bos_token), ("eos", eos_token)) if v is not None}
+    tok = _load_hf_tokenizer(src, hf["model_type"], chosen)
     if tok.vocab_size != hf["vocab_size"]:
         # A bundle builds its model from the tokenizer's size, so the two must agree.
-        raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but config.json says "
-                              f"vocab_size={hf['vocab_size']}; they must be equal")
+        extra = [tok.tk.id_to_token(i) for i in range(hf["vocab_size"], tok.vocab_size)]
+        raise ConversionError(
+            f"the tokenizer has {tok.vocab_size} tokens but config.json says vocab_size={hf['vocab_size']}; "
+            f"they must be equal" + (f" (tokens beyond the model's embedding: {extra[:5]})" if extra else
+                                     " (is this the checkpoint's own tokenizer?)"))
     half = max(2, hf["n_positions"] // 2)
     cfg = validate_config({
         "name": name or _run_name(src),
@@ -185,6 +248,12 @@ def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
                               f"GPT (post-LN, no final norm) nor GPT-2 (pre-LN + final norm)")
     from transformers import GPT2Config, GPT2LMHeadModel, OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
+    act = _ACT_TO_HF[hf_type].get(c.act)
+    if act is None:
+        # HF's OpenAIGPT has no exact-erf GELU ("gelu" there is the tanh approximation): refuse rather
+        # than export a model whose logits differ from the bundle's by ~1e-3.
+        raise ConversionError(f"activation {c.act!r} has no {hf_type} equivalent; supported: "
+                              f"{', '.join(_ACT_TO_HF[hf_type])} (openai-gpt's afn 'gelu' is chatforge's gelu_tanh)")
     vocab = b.model.lm_head.weight.size(0)
     s = b.tokenizer.special
     common = dict(vocab_size=vocab, n_positions=c.n_positions, n_embd=c.d_model, n_layer=c.n_layers,
@@ -192,12 +261,12 @@ def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
                   layer_norm_epsilon=c.layer_norm_epsilon, initializer_range=c.init_std,
                   tie_word_embeddings=c.tie_embeddings, bos_token_id=s.bos, eos_token_id=s.eos, pad_token_id=s.pad)
     if hf_type == "gpt2":
-        hf_cfg = GPT2Config(activation_function=_ACT_TO_HF[c.act], n_inner=c.ff_dim, **common)
+        hf_cfg = GPT2Config(activation_function=act, n_inner=c.ff_dim, **common)
         hf_model = GPT2LMHeadModel(hf_cfg)
     else:
         if c.ff_dim != 4 * c.d_model:
             raise ConversionError(f"openai-gpt requires d_ff = 4*d_model; this model has d_ff={c.ff_dim}")
-        hf_cfg = OpenAIGPTConfig(afn=_ACT_TO_HF[c.act], **common)
+        hf_cfg = OpenAIGPTConfig(afn=act, **common)
         hf_model = OpenAIGPTLMHeadModel(hf_cfg)
     sd = state_dict_to_hf(b.model.state_dict(), hf_type, c.n_layers)
     missing, unexpected = hf_model.load_state_dict(sd, strict=False)

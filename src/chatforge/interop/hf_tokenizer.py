@@ -12,6 +12,11 @@ is read from the tokenizer's own special tokens, by their conventional spellings
 * ``unk``: ``<unk>``/``[UNK]``, else ``eos`` (byte-level BPE never produces an unknown token).
 * ``cls``/``sep``/``mask``: ``[CLS]``/``<cls>``, ``[SEP]``/``<sep>``, ``[MASK]``/``<mask>`` when present.
 
+A vocabulary that spells them otherwise, or has none (the original openai-gpt has only
+``<unk>``), names them explicitly: ``special_tokens={"bos": "<unk>", "eos": "<unk>"}``
+(``chatforge convert from-hf --bos-token/--eos-token``). The bundle records such choices in
+``metadata.json`` (``tokenizer.special_tokens``) and its loader passes them back.
+
 ``tokenizers`` is part of the optional extra ``chatforge[hf]``.
 """
 
@@ -31,6 +36,7 @@ _UNK = ("<unk>", "[UNK]", "<|unk|>")
 _CLS = ("[CLS]", "<cls>")
 _SEP = ("[SEP]", "<sep>")
 _MASK = ("[MASK]", "<mask>")
+SPECIAL_ROLES = ("pad", "bos", "eos", "unk", "cls", "sep", "mask")
 
 
 class HFTokenizer(JsonDocumentMixin, SpecialIdsMixin):
@@ -40,13 +46,19 @@ class HFTokenizer(JsonDocumentMixin, SpecialIdsMixin):
     kind = "hf_tokenizers"
     filename = "tokenizer.json"
 
-    def __init__(self, json_bytes: bytes, path: str | None = None):
+    def __init__(self, json_bytes: bytes, path: str | None = None, *,
+                 special_tokens: dict[str, str] | None = None):
         try:
             from tokenizers import Tokenizer as _Tok
         except ImportError as e:  # pragma: no cover - the extra is installed in dev/test
             raise TokenizerError(f"{e}. Install the extra: pip install 'chatforge[hf]'") from None
         self._json = json_bytes
         self.path = path
+        bad = sorted(set(special_tokens or {}) - set(SPECIAL_ROLES))
+        if bad:
+            raise TokenizerError(f"unknown special-token role(s) {bad}; allowed: {', '.join(SPECIAL_ROLES)}")
+        # Explicit choices (role -> token string) that override the conventional spellings.
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         try:
             self.tk = _Tok.from_str(json_bytes.decode("utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
@@ -56,30 +68,40 @@ class HFTokenizer(JsonDocumentMixin, SpecialIdsMixin):
     def _find_specials(self) -> SpecialIds:
         vocab = self.tk.get_vocab(with_added_tokens=True)
 
-        def first(names: Iterable[str]) -> int | None:
+        where = self.path or "tokenizer.json"
+        for role, token in self.special_tokens.items():
+            if token not in vocab:
+                raise TokenizerError(f"{where}: the {role} token {token!r} is not in the vocabulary")
+
+        def first(role: str, names: Iterable[str]) -> int | None:
+            if role in self.special_tokens:
+                return vocab[self.special_tokens[role]]
             return next((vocab[n] for n in names if n in vocab), None)
 
-        bos, eos = first(_BOS), first(_EOS)
+        bos, eos = first("bos", _BOS), first("eos", _EOS)
         if bos is None or eos is None:
+            missing = " and ".join(r for r, i in (("begin-of-sequence (bos)", bos), ("end-of-sequence (eos)", eos))
+                                   if i is None)
             raise TokenizerError(
-                f"{self.path or 'tokenizer.json'}: cannot find a begin/end-of-sequence token; "
-                f"chatforge looks for one of {list(_BOS)} (bos) and {list(_EOS)} (eos)"
+                f"{where}: the vocabulary has no {missing} token; chatforge looks for one of {list(_BOS)} (bos) "
+                f"and {list(_EOS)} (eos). Name the tokens to use, e.g. chatforge convert from-hf "
+                f"--bos-token '<s>' --eos-token '</s>' (any token of the vocabulary)"
             )
-        pad = first(_PAD)
-        unk = first(_UNK)
+        pad = first("pad", _PAD)
+        unk = first("unk", _UNK)
         return SpecialIds(pad=eos if pad is None else pad, bos=bos, eos=eos, unk=eos if unk is None else unk,
-                          cls=first(_CLS), sep=first(_SEP), mask=first(_MASK))
+                          cls=first("cls", _CLS), sep=first("sep", _SEP), mask=first("mask", _MASK))
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | Path) -> HFTokenizer:
+    def load(cls, path: str | Path, *, special_tokens: dict[str, str] | None = None) -> HFTokenizer:
         path = cls._document(path, "Hugging Face tokenizer")
-        return cls(path.read_bytes(), str(path))
+        return cls(path.read_bytes(), str(path), special_tokens=special_tokens)
 
     @classmethod
-    def from_tokenizers(cls, tk) -> HFTokenizer:
+    def from_tokenizers(cls, tk, *, special_tokens: dict[str, str] | None = None) -> HFTokenizer:
         """From an in-memory ``tokenizers.Tokenizer`` (e.g. a fast HF tokenizer's backend)."""
-        return cls(tk.to_str().encode("utf-8"))
+        return cls(tk.to_str().encode("utf-8"), special_tokens=special_tokens)
 
     def token_strings(self) -> dict[str, str | None]:
         """The special tokens as strings (for writing an HF tokenizer_config.json)."""

@@ -299,6 +299,15 @@ class GPTState:
             self.pos_history = self.pos_history.index_select(0, index)
 
 
+def _row_lengths(input_ids: Tensor, pad_id: int) -> Tensor:
+    """Length of each right-padded row of (B, S) ids: up to and including its last non-pad token.
+
+    Not the count of non-pad tokens: GPT-2's pad id is <|endoftext|>, which may occur inside a text.
+    """
+    positions = torch.arange(1, input_ids.size(1) + 1, device=input_ids.device)  # (S,)
+    return ((input_ids != pad_id) * positions).amax(1)  # (B,)
+
+
 def _attn_mask(key_mask: Tensor, q_len: int) -> Tensor:
     """Causal + key padding (B, 1, T, L) for the last ``q_len`` of L positions; a query may always
     see itself, so rows of left padding attend to something and stay finite (no NaN in the cache)."""
@@ -373,7 +382,9 @@ class GPTLMHeadModel(_GPTHeadBase):
         """Prefill the prompts; input_ids (B, S) right-padded with pad_id (each row non-empty)."""
         if input_ids.dim() != 2 or input_ids.size(1) == 0:
             raise ValueError(f"input_ids must be a non-empty (B, S) tensor; got shape {tuple(input_ids.shape)}")
-        lengths = (input_ids != self.pad_id).sum(1).tolist()
+        # One row is never padded: all of it is the prompt, even tokens equal to pad_id (GPT-2's pad is
+        # its <|endoftext|>, which a prompt may contain). Several rows end at their last non-pad token.
+        lengths = [input_ids.size(1)] if input_ids.size(0) == 1 else _row_lengths(input_ids, self.pad_id).tolist()
         if min(lengths) == 0:
             raise ValueError("every prompt row needs at least one non-pad token")
         rows = [self.prompt_ids(r[:n]) for r, n in zip(input_ids.tolist(), lengths, strict=True)]
@@ -455,7 +466,7 @@ class GPTClassifier(_GPTHeadBase):
     def transform(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(B, S) right-padded ids -> (``<s> ids [CLS]`` right-padded (B, S + 2), index of [CLS] (B,))."""
         b, s = input_ids.shape
-        lengths = (input_ids != self.pad_id).sum(1)  # (B,)
+        lengths = _row_lengths(input_ids, self.pad_id)  # (B,)
         if s + 2 > self.cfg.n_positions:
             raise ValueError(f"input has {s} tokens; the classifier takes at most {self.cfg.n_positions - 2}")
         out = torch.full((b, s + 2), self.pad_id, dtype=torch.long, device=input_ids.device)

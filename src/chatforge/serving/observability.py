@@ -21,7 +21,7 @@ from typing import Any
 
 from chatforge.context import request_id_var, session_id_var
 from chatforge.serving.metrics import FAILURE_REASONS, MetricsHTTPServer, ServingMetrics
-from chatforge.settings import Settings, get_settings
+from chatforge.settings import LOG_HANDLER_ATTR, Settings, get_settings
 
 __all__ = [
     "FAILURE_REASONS",
@@ -53,7 +53,7 @@ _BEARER = re.compile(r"\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _WEBHOOK_URL = re.compile(
     r"(https?://(?:hooks\.slack\.com|wh\.jandi\.com|[\w.-]*webhook[\w.:-]*))/\S+", re.IGNORECASE
 )
-_HANDLER_TAG = "_chatforge_handler"
+_HANDLER_TAG = LOG_HANDLER_ATTR
 
 
 def mask_secrets(text: str) -> str:
@@ -167,10 +167,12 @@ class _StderrHandler(logging.StreamHandler):
 def configure_logging(settings: Settings | None = None, *, logger: logging.Logger | None = None) -> list[logging.Handler]:
     """Install chatforge's handlers on ``logger`` (the root logger by default); idempotent.
 
-    Handlers installed by an earlier call are removed first, so calling twice (or
-    re-configuring with new settings) never duplicates lines; handlers installed by
-    others (pytest's caplog, a host application) are left alone. The log file is only
-    opened when production sinks are enabled (``env != "test"``).
+    chatforge's own handlers (an earlier call's, and the CLI's console handler) are
+    removed first, so calling twice, re-configuring with new settings, or serving from the
+    CLI never writes an event twice; handlers installed by others (pytest's caplog, a host
+    application) are left alone. Python warnings are routed through the same handlers
+    (``logging.captureWarnings``), so in JSON mode every stderr line is a JSON object. The
+    log file is only opened when production sinks are enabled (``env != "test"``).
     """
     settings = settings or get_settings()
     target = logger or logging.getLogger()
@@ -195,6 +197,8 @@ def configure_logging(settings: Settings | None = None, *, logger: logging.Logge
         setattr(handler, _HANDLER_TAG, True)
         target.addHandler(handler)
     target.setLevel(settings.log_level)
+    if target is logging.getLogger():
+        logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings" -> these handlers
     return handlers
 
 
