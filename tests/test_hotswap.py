@@ -9,7 +9,7 @@ import pytest
 from serving_fakes import WAIT, FakeGenerator, ServerThread
 
 from chatforge.serving.client import ChatbotClient
-from chatforge.serving.engine import ModelDirectory, ModelDirectoryWatcher, version_key
+from chatforge.serving.repository import ModelDirectory, ModelDirectoryWatcher, version_key
 
 
 def _loader(path, name, version):

@@ -40,8 +40,9 @@ from grpc_reflection.v1alpha import reflection
 
 from chatforge.fileio import atomic_write_text
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
-from chatforge.serving.engine import Engine, ModelDirectory, ModelDirectoryWatcher
+from chatforge.serving.engine import Engine
 from chatforge.serving.interceptors import CallGate, RequestContextInterceptor
+from chatforge.serving.repository import ModelDirectory, ModelDirectoryWatcher
 from chatforge.serving.service import SERVICE_NAME, ChatbotServicer
 from chatforge.v1 import chatbot_pb2_grpc
 
