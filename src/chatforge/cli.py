@@ -495,7 +495,7 @@ def serve(
 ):
     """Serve bundles over gRPC (Chatbot service, health, reflection) until SIGTERM/SIGINT."""
     from chatforge.serving.engine import PipelineConfig
-    from chatforge.serving.server import run_server
+    from chatforge.serving.server import ServerConfig, run_server
 
     named = None if model_dir is not None and not (bundles or model) else _parse_models(bundles or [], model)
     pins = {}
@@ -511,17 +511,16 @@ def serve(
             # An address that is not this machine's is --host's fault, not the port's.
             _fail(_port_failure(host, p, "--host" if err.errno == errno.EADDRNOTAVAIL else option,
                                 (err.strerror or str(err)).lower()))
-    engine_kwargs = dict(max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size,
-                         max_wait_ms=max_wait_ms, max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens)
     try:
-        if pipeline_classifier:
-            engine_kwargs["pipeline"] = PipelineConfig(pipeline_classifier, fallback_reply, oos_threshold)
-        code = run_server(named, host=host, port=port, grace=grace, drain_delay=drain_delay,
-                          port_file=str(port_file) if port_file else None,
-                          model_dir=model_dir, pins=pins, poll_interval=poll_interval, metrics_port=metrics_port,
-                          api_keys_file=api_keys_file, tls_cert=tls_cert, tls_key=tls_key,
-                          tls_client_ca=tls_client_ca, open_health=not protect_health,
-                          max_message_bytes=max_message_bytes, engine_kwargs=engine_kwargs, precision=precision)
+        pipeline = PipelineConfig(pipeline_classifier, fallback_reply, oos_threshold) if pipeline_classifier else None
+        config = ServerConfig(
+            bundles=named or {}, model_dir=model_dir, pins=pins, poll_interval=poll_interval, host=host, port=port,
+            port_file=port_file, grace=grace, drain_delay=drain_delay, metrics_port=metrics_port,
+            api_keys_file=api_keys_file, open_health=not protect_health, tls_cert=tls_cert, tls_key=tls_key,
+            tls_client_ca=tls_client_ca, max_message_bytes=max_message_bytes, precision=precision,
+            max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+            max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, pipeline=pipeline)
+        code = run_server(config)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     except OSError as e:  # a port that is taken: one line naming it and its option, not a traceback
