@@ -8,7 +8,7 @@ import threading
 import pytest
 from serving_fakes import WAIT, FakeGenerator, ServerThread
 
-from chatforge.serving.client import ChatbotClient
+from chatforge.client import ChatbotClient
 from chatforge.serving.repository import ModelDirectory, ModelDirectoryWatcher, version_key
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from serving_fakes import ServerThread
 
+from chatforge.client import ChatbotClient
 from chatforge.config import validate_config
-from chatforge.serving.client import ChatbotClient
 from chatforge.serving.repository import ModelDirectory
 from chatforge.training.run import run_experiment
 

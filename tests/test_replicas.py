@@ -62,7 +62,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_kill_9_one_of_two_replicas_fails_no_call():
-    from chatforge.serving.client import ChatbotClient
+    from chatforge.client import ChatbotClient
 
     a, port_a = _start_replica("a")
     try:

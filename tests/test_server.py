@@ -24,7 +24,7 @@ from serving_fakes import (
     make_engine,
 )
 
-from chatforge.serving.client import ChatbotClient, ChatbotError
+from chatforge.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine, EngineUnavailableError
 
 

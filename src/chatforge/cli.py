@@ -548,7 +548,7 @@ def chat(
     tls_key: Path = _tls_key_option(),
 ):
     """Chat with a server in the terminal; replies print as they stream."""
-    from chatforge.serving.client import ChatbotClient, ChatbotError
+    from chatforge.client import ChatbotClient, ChatbotError
 
     _check_seconds("--timeout", timeout)
     creds = _client_kwargs(api_key, tls, tls_ca, tls_cert, tls_key)
@@ -610,7 +610,7 @@ def health(
     Imports no torch (nor anything else of the model side): a container HEALTHCHECK runs it
     every few seconds with a short timeout.
     """
-    from chatforge.serving.client import ChatbotClient, ChatbotError
+    from chatforge.client import ChatbotClient, ChatbotError
 
     _check_seconds("--timeout", timeout)
     creds = _client_kwargs(api_key, tls, tls_ca, tls_cert, tls_key)
@@ -657,7 +657,7 @@ def _fmt_ms(seconds: float | None) -> str:
 
 
 def _render_loadtest(report, slo_results) -> None:
-    from chatforge.serving.loadtest import histogram
+    from chatforge.client.loadtest import histogram
 
     d = report.to_dict()
     t = Table(title=f"{report.rpc} @ {report.target} (concurrency {report.concurrency}, "
@@ -734,8 +734,8 @@ def loadtest(
     """Load-test a server like ghz: throughput, latency percentiles, TTFT, status codes; SLO gate."""
     import threading
 
-    from chatforge.serving.client import ChatbotError
-    from chatforge.serving.loadtest import (
+    from chatforge.client import ChatbotError
+    from chatforge.client.loadtest import (
         LoadTestConfig,
         LoadTestError,
         check_slos,
@@ -814,7 +814,7 @@ def top(
     """Watch a server's CPU, memory, fds, threads, GPU memory and queue over time."""
     from rich.live import Live
 
-    from chatforge.serving.monitor import MonitorError, ResourceMonitor
+    from chatforge.client.top import MonitorError, ResourceMonitor
 
     def num(v, fmt="{:.0f}", scale=1.0):
         return "-" if v is None else fmt.format(v / scale)

@@ -7,7 +7,7 @@ two numbers users feel in a chat UI, and ``--sweep`` repeats the run at several
 concurrency levels to find the knee of the throughput/latency curve.
 
 How traffic is made: ``concurrency`` worker threads share ``connections`` channels
-(:class:`~chatforge.serving.client.ChatbotClient` instances, worker ``i`` uses channel
+(:class:`~chatforge.client.channel.ChatbotClient` instances, worker ``i`` uses channel
 ``i % connections``). Blocking gRPC calls release the GIL while waiting, so threads cost
 little on a 2-core machine and need no second event loop next to the server's. Each
 worker takes the next *ticket* from a shared dispenser, which ends the run after
@@ -388,7 +388,7 @@ class _Tickets:
 
 
 def _make_clients(cfg: LoadTestConfig) -> list[Any]:
-    from chatforge.serving.client import ChatbotClient
+    from chatforge.client import ChatbotClient
 
     options = [] if cfg.retries else [("grpc.enable_retries", 0)]
     creds = dict(api_key=cfg.api_key, tls=cfg.tls, ca_file=cfg.ca_file, cert_file=cfg.cert_file,
@@ -399,7 +399,7 @@ def _make_clients(cfg: LoadTestConfig) -> list[Any]:
 
 def _call(client: Any, cfg: LoadTestConfig, text: str) -> tuple[str, float | None, int, str]:
     """Run one request; (status, ttft seconds since start or None, tokens, error text)."""
-    from chatforge.serving.client import ChatbotError
+    from chatforge.client import ChatbotError
 
     start = time.perf_counter()
     try:
@@ -494,7 +494,7 @@ class _ServerSampler:
     """Samples the server's /metrics once a second during the run, for the report's server section."""
 
     def __init__(self, url: str, interval: float = 1.0) -> None:
-        from chatforge.serving.monitor import ResourceMonitor
+        from chatforge.client.top import ResourceMonitor
 
         self.monitor = ResourceMonitor(url, interval=interval)
         self._stop = threading.Event()
@@ -521,7 +521,7 @@ class _ServerSampler:
         except Exception as e:  # noqa: BLE001
             logger.warning("final metrics scrape failed: %s", e)
             last = self.samples[-1] if self.samples else self.first
-        from chatforge.serving.monitor import summarize_samples
+        from chatforge.client.top import summarize_samples
 
         return summarize_samples(self.first, [*self.samples, last])
 

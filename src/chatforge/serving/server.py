@@ -51,7 +51,7 @@ from chatforge.v1 import chatbot_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-# Connection management, consistent with chatforge.serving.client (client pings every 30 s):
+# Connection management, consistent with chatforge.client.channel (client pings every 30 s):
 # - the server pings idle connections every 60 s (timeout 20 s) to drop dead peers that
 #   vanished without a FIN (NAT, crashed VM), also when no call is open (permit_without_calls);
 # - it accepts client pings as often as every 10 s without data, well below the client's 30 s,
