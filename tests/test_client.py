@@ -146,7 +146,8 @@ def test_fd_count_stable_over_many_client_cycles(server):
 
 
 # ---------------------------------------- the client side imports no torch (issue 12, item 10)
-MODEL_SIDE = ("torch", "sklearn", "mlflow", "xgboost", "chatforge.inference", "chatforge.decoding")
+MODEL_SIDE = ("torch", "sklearn", "mlflow", "xgboost", "chatforge.inference", "chatforge.decoding", "chatforge.models",
+              "chatforge.serving")
 
 
 def _fresh_python(code: str) -> subprocess.CompletedProcess:
@@ -155,7 +156,7 @@ def _fresh_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_client_module_imports_no_torch():
-    r = _fresh_python("import sys, chatforge.client.channel, chatforge.client.loadtest, chatforge.client.top\n"
+    r = _fresh_python("import sys, chatforge.client, chatforge.client.loadtest, chatforge.client.top\n"
                       f"print(sorted(m for m in {MODEL_SIDE!r} if m in sys.modules))")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
