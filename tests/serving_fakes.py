@@ -119,13 +119,13 @@ class TinySeq2SeqGenerator:
     so replies usually run to max_new_tokens, which makes join/leave timing predictable.
     """
 
-    def __init__(self, name: str = "tiny", seed: int = 0, max_len: int = 64):
+    def __init__(self, name: str = "tiny", seed: int = 0, max_len: int = 64, d_model: int = 32):
         import torch
 
         from chatforge.models.transformer import TransformerConfig, TransformerSeq2Seq
 
         torch.manual_seed(seed)
-        cfg = TransformerConfig(d_model=32, n_heads=2, num_encoder_layers=2, num_decoder_layers=2, d_ff=64,
+        cfg = TransformerConfig(d_model=d_model, n_heads=2, num_encoder_layers=2, num_decoder_layers=2, d_ff=2 * d_model,
                                 dropout=0.0, max_len=max_len)
         self.model = TransformerSeq2Seq(cfg, vocab_size=48, pad_id=0).eval()
         self.info = ModelInfo(name=name, family="transformer", task="generation", metadata={"tiny": True})
@@ -319,5 +319,44 @@ def _child_main(port_file: str) -> None:
     asyncio.run(main())
 
 
+def _drain_child_main(port_file: str, store_url: str, grace: str) -> None:
+    """`python tests/serving_fakes.py PORT_FILE drain STORE_URL GRACE`: a tiny real torch model
+    (continuous batching in a native-heavy scheduler thread) with a conversation store, for the
+    SIGTERM-with-streams-past-the-grace test (tests/test_drain.py)."""
+    import logging
+
+    from chatforge.serving.engine import Engine
+    from chatforge.serving.server import serve
+    from chatforge.serving.store import ConversationStore
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    store = ConversationStore(store_url)
+
+    async def main():
+        ready = asyncio.Event()
+
+        async def announce():
+            await ready.wait()
+            sys.stdout.write(Path(port_file).read_text().strip() + "\n")
+            sys.stdout.flush()
+
+        task = asyncio.get_running_loop().create_task(announce())
+        engine = Engine({"tiny": TinySeq2SeqGenerator(max_len=1100)}, {}, max_running=8, max_new_tokens=1024)
+        await serve(engine, "127.0.0.1", 0, grace=float(grace), port_file=port_file, ready_event=ready,
+                    store=store)
+        task.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    # What is still running as the interpreter starts to finalise (the test asserts: nothing of ours).
+    alive = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive())
+    sys.stderr.write(f"threads at exit: {alive}\n")
+
+
 if __name__ == "__main__":
-    _child_main(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "drain":
+        _drain_child_main(sys.argv[1], sys.argv[3], sys.argv[4])
+    else:
+        _child_main(sys.argv[1])

@@ -504,7 +504,8 @@ class ContinuousBatcher(_Runner):
                 self._flush()
         # Closed: rows still running stop here; the consumers are told why.
         for r in self._rows:
-            self._finish(r, "failed", error=RunnerClosedError("the server stopped while generating"))
+            self._finish(r, "failed", error=RunnerClosedError("server shutting down: the reply was cut off; "
+                                                              "retry on another replica"))
         self._rows, self._state = [], None
         self._flush()
 
@@ -671,7 +672,8 @@ class ThreadedRunner(_Runner):
             if req.cancelled.is_set():
                 outcome = "dropped"
             elif self._closed:
-                last = ("error", RunnerClosedError("the server stopped while generating"))
+                last = ("error", RunnerClosedError("server shutting down: the reply was cut off; "
+                                                   "retry on another replica"))
             else:
                 outcome = "completed"
                 last = ("end", "length" if n >= req.options.max_new_tokens else "stop")

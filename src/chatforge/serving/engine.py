@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import logging
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -325,6 +326,15 @@ class Engine:
         for slot in self._slots():
             for runner in slot.runners():
                 runner.close()
+
+    def join(self, timeout: float) -> bool:
+        """After :meth:`close`: wait until every runner's threads have stopped; False on timeout."""
+        deadline = time.monotonic() + timeout
+        ok = True
+        for slot in self._slots():
+            for runner in slot.runners():
+                ok = runner.join(max(0.0, deadline - time.monotonic())) and ok
+        return ok
 
     def _sink(self, loop: asyncio.AbstractEventLoop) -> LoopSink:
         sink = self._sinks.get(loop)

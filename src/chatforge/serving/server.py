@@ -75,6 +75,11 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
 )
 
+# After the grace: how long streams get to send their UNAVAILABLE status once the engine stops them,
+# and how long the runners' threads get to finish their current step (one decoding step).
+STREAM_END_WAIT = 2.0
+RUNNER_JOIN_TIMEOUT = 10.0
+
 LIVENESS, READINESS = "", SERVICE_NAME
 HEALTH_SERVICES = (LIVENESS, READINESS)
 
@@ -300,19 +305,30 @@ class ChatbotServer:
         self.gate.draining = True
         logger.info("shutting down", extra={"grace_s": grace, "in_flight": self.gate.in_flight})
         if not await self.gate.wait_idle(grace):
-            logger.warning("grace period over; cancelling %d unfinished calls", self.gate.in_flight,
+            logger.warning("grace period over; ending %d unfinished calls with UNAVAILABLE", self.gate.in_flight,
                            extra={"in_flight": self.gate.in_flight})
+            if self.servicer.engine is not None:
+                # Each stream still running ends with a clear status (UNAVAILABLE "server shutting
+                # down"), sent by its own handler, rather than a transport-level cancel.
+                self.servicer.engine.close()
+            if not await self.gate.wait_idle(STREAM_END_WAIT):
+                logger.warning("%d calls did not end; cancelling them", self.gate.in_flight)
         if self.watcher is not None:
             self.watcher.stop()
         if self._rules_task is not None:
             self._rules_task.cancel()
         if self._server is not None:
-            # Whatever is left (calls past the grace) is cancelled now.
+            # Whatever is left is cancelled now.
             await self._server.stop(0.5 if self.gate.in_flight == 0 else 0)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         if self.servicer.engine is not None:
             self.servicer.engine.close()
+            # Join the model runners' threads: a daemon thread still inside a torch kernel (with its
+            # OpenMP pool) when the interpreter finalises can abort the process ("terminate called
+            # without an active exception", SIGABRT) instead of exit 0.
+            if not await asyncio.to_thread(self.servicer.engine.join, RUNNER_JOIN_TIMEOUT):
+                logger.error("model runner threads still running after %.0f s", RUNNER_JOIN_TIMEOUT)
         if self.store is not None:
             # Every acknowledged turn reaches the database before the process exits.
             if not await asyncio.to_thread(self.store.flush, 30.0):
@@ -322,7 +338,22 @@ class ChatbotServer:
         if self.metrics_http is not None:
             self.metrics_http.stop()
         await self.health.enter_graceful_shutdown()  # liveness last: the process is about to exit
+        self._release_grpc()
         logger.info("stopped")
+
+    def _release_grpc(self) -> None:
+        """Free the stopped grpc.aio server now, so grpc's completion-queue poller thread is joined here.
+
+        grpc.aio runs one native poller thread while any aio server or channel object exists; it
+        ends only when the last one is deallocated. Our server sits in reference cycles (handlers,
+        tasks, signal callbacks), so without this it lives until the interpreter finalises, and a
+        poller thread still inside grpc core while the process tears down grpc's globals ends the
+        process with "terminate called without an active exception" (SIGABRT) instead of exit 0.
+        """
+        import gc
+
+        self._server = None
+        gc.collect()  # the cycles that still reference the stopped server
 
 
 async def _in_daemon_thread(fn: Callable[[], Engine]) -> Engine:
