@@ -218,6 +218,23 @@ def grpc_stream(client, text: str, new_tokens: int) -> dict:
     return stream_timing(t0, times)
 
 
+def cpu_model() -> dict:
+    """The CPU as lscpu names it, and whether it has AMX: results differ a lot between machines
+    (bf16 is fast only with AMX or AVX512-BF16), so every result records the one it came from."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"cpu_model": model, "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags}
+
+
 def _free_port() -> int:
     import socket
 
@@ -491,7 +508,8 @@ def main() -> None:
         v = summary[key]
         passed[key] = v <= limit if op == "<=" else v >= limit if op == ">=" else v < limit
 
-    print(f"\nchatforge serving benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+    cpu = cpu_model()
+    print(f"\nchatforge serving benchmark: {cpu['cpu_model']} (AMX: {cpu['amx']}), {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, grpcio {grpc.__version__}; load average "
           f"{load_start[0]:.1f} -> {load_end[0]:.1f}")
     print(f"{'metric':<28}{'baseline':>12}{'value':>10}{'compared':>12}{'value':>10}  {'result':<26}{'target':<10}ok")
@@ -503,7 +521,7 @@ def main() -> None:
     result = {
         "benchmark": "serving",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), **cpu,
                     "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "grpcio": grpc.__version__,
                     "loadavg_start": load_start, "loadavg_end": load_end},

@@ -1,4 +1,10 @@
-"""The `chatforge` command line: parse, call the library, render with rich. No logic here."""
+"""The `chatforge` command line: parse, call the library, render with rich. No logic here.
+
+Every command imports the library inside its own function, never at the top of this module: the
+client commands (health, chat, loadtest, top) must not pay for torch, scikit-learn or MLflow
+(seconds of imports; a container HEALTHCHECK runs `chatforge health` with a 4 s timeout).
+tests/test_client.py checks that they import none of them.
+"""
 
 from __future__ import annotations
 
