@@ -137,3 +137,97 @@ def test_unsupported_checkpoints_are_refused(tmp_path):
     with pytest.raises(HFBertError, match="no weights"):
         from_hf(src, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+# ------------------------------------------------ the parity matrix (issue #12, item 13): model x tokenizer layout
+# fp32 on CPU: the same computation in another order differs by a few ulps (~1e-6 here); mapping slips are far above.
+FP32 = dict(atol=1e-5, rtol=1e-5)
+LABELED = {"BertForSequenceClassification", "BertForTokenClassification"}
+BERT_CLASSES = ["BertForMaskedLM", "BertForPreTraining", "BertModel", *sorted(LABELED)]
+TEXT = "hello world how are you the cat sat on the mat"
+
+
+def _bert_checkpoint(tmp_path, cls: str, tok: str):
+    """A random HF checkpoint as ``cls.save_pretrained`` writes it, with a tokenizer.json ("json"),
+    the legacy vocab.txt ("legacy") or no tokenizer files ("none")."""
+    kw = dict(num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2}) \
+        if cls in LABELED else {}
+    hf = _randomise(getattr(transformers, cls)(_hf_config(**kw)))
+    hf.tie_weights()
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    if tok != "none":
+        (src / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    if tok == "json":
+        from tokenizers import BertWordPieceTokenizer
+
+        BertWordPieceTokenizer(str(src / "vocab.txt"), lowercase=True).save(str(src / "tokenizer.json"))
+        (src / "vocab.txt").unlink()
+    return src, hf
+
+
+def _outputs(cls: str, model, ids, types, mask) -> dict[str, torch.Tensor]:
+    """What each HF class computes, by name; ``model`` is an HF model."""
+    r = model(input_ids=ids, token_type_ids=types, attention_mask=mask, output_hidden_states=True)
+    out = {"hidden": r.hidden_states[-1][mask.bool()]}
+    if cls == "BertModel":
+        out["pooled"] = r.pooler_output
+    elif cls == "BertForPreTraining":
+        out["mlm"], out["nsp"] = r.prediction_logits, r.seq_relationship_logits
+    elif cls == "BertForMaskedLM":
+        out["mlm"] = r.logits
+    else:
+        out["logits"] = r.logits[mask.bool()] if cls == "BertForTokenClassification" else r.logits
+    return out
+
+
+@pytest.mark.parametrize("tok", ["json", "legacy"])
+@pytest.mark.parametrize("cls", BERT_CLASSES)
+def test_parity_matrix_from_hf_and_back(tmp_path, cls, tok, caplog):
+    src, hf = _bert_checkpoint(tmp_path, cls, tok)
+    with caplog.at_level("WARNING", logger="chatforge.interop.hf_bert"):
+        b = load_bundle(from_hf(src, tmp_path / "bundle"))
+    if cls == "BertForMaskedLM":  # saves no pooler: imported, initialised, and the tensors named
+        assert "bert.pooler.dense.weight, bert.pooler.dense.bias" in caplog.text
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(src))
+    assert b.tokenizer.encode(TEXT) == ref_tok(TEXT, add_special_tokens=False)["input_ids"]
+    ids, types, mask = _inputs()
+    keep = mask.bool()
+    with torch.no_grad():
+        ref = _outputs(cls, hf, ids, types, mask)
+        h, pooled = b.model.bert(ids, types, mask)
+        mine = {"hidden": h[keep]}
+        if cls == "BertModel":
+            mine["pooled"] = pooled
+        elif cls in ("BertForPreTraining", "BertForMaskedLM"):
+            mine["mlm"] = b.model(ids, types, mask).logits
+            if cls == "BertForPreTraining":
+                mine["nsp"] = b.model.nsp_logits(ids, types, mask)
+        else:
+            logits = b.model(ids, types, mask).logits
+            mine["logits"] = logits[keep] if cls == "BertForTokenClassification" else logits
+    assert mine.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(mine[k], ref[k], **FP32, msg=lambda m, k=k: f"{k}: {m}")
+
+    out = to_hf(b.path, tmp_path / "back")
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    back = getattr(transformers, arch).from_pretrained(out).eval()
+    prefix = "bert." if cls == "BertModel" else ""  # a bare BertModel's names lack the task model's prefix
+    theirs, ours = hf.state_dict(), back.state_dict()
+    for k, v in theirs.items():  # a round trip is exact: every tensor of the checkpoint, bit for bit
+        if not k.endswith("position_ids"):
+            assert torch.equal(ours[prefix + k], v), k
+    with torch.no_grad():
+        again = _outputs(arch, back, ids, types, mask)
+    shared = {"BertModel": ["hidden"], "BertForMaskedLM": ["hidden", "mlm"]}.get(cls, list(ref))
+    for k in shared:
+        assert torch.equal(again[k], ref[k]), k
+
+
+@pytest.mark.parametrize("cls", BERT_CLASSES)
+def test_checkpoint_without_tokenizer_says_what_is_missing(tmp_path, cls):
+    src, _ = _bert_checkpoint(tmp_path, cls, "none")
+    with pytest.raises(HFBertError, match="has no tokenizer: expected tokenizer.json or vocab.txt"):
+        from_hf(src, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()

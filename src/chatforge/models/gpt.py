@@ -13,7 +13,9 @@ Registered as family ``gpt`` for the tasks:
   hidden state of the final extract token ``[CLS]`` and the loss is ``L3 = L2 + λ·L1`` with
   ``λ = aux_lm_weight`` (section 3.2, paper: 0.5).
 
-``variant: gpt`` is the 2018 model (post-LN blocks, exact GELU, no final LayerNorm);
+``variant: gpt`` is the 2018 model (post-LN blocks, exact GELU, no final LayerNorm; the original
+code and HF's ``OpenAIGPT`` compute the tanh approximation, so converted checkpoints say
+``activation: gelu_tanh``);
 ``variant: gpt2`` moves LayerNorm to each sub-block's input, adds a final LayerNorm and uses the
 tanh GELU (GPT-2, section 2.3). ``norm_first``/``final_norm``/``activation`` override the
 variant's choice. Parameter names map 1:1 onto HF's ``OpenAIGPTModel``/``GPT2Model``
