@@ -93,3 +93,37 @@ def test_stream_is_retried_before_its_first_token_never_after():
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
         assert [c.text for c in chunks] == ["partial"]
         assert late.attempts == 1
+
+
+def test_an_unavailable_the_server_answered_is_not_sent_again_by_the_client():
+    # The channel's retry policy owns server-answered UNAVAILABLE (off here); the client's own
+    # retry is for broken connections only, so attempts are not multiplied.
+    class Unavailable(FakeClassifier):
+        attempts = 0
+
+        def classify(self, texts):
+            Unavailable.attempts += 1
+            raise EngineUnavailableError("still warming up")
+
+    with ServerThread(Engine({}, {"u": Unavailable()})) as st, \
+            ChatbotClient(st.target, timeout=WAIT, options=[("grpc.enable_retries", 0)]) as client:
+        st.wait_serving()
+        with pytest.raises(ChatbotError) as err:
+            client.classify("hello")
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and Unavailable.attempts == 1
+
+
+def test_retries_of_a_dead_address_stay_within_the_deadline():
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ChatbotClient(f"127.0.0.1:{port}", timeout=1.0) as client:
+        started = time.monotonic()
+        with pytest.raises(ChatbotError) as err:
+            client.classify("hello")
+        elapsed = time.monotonic() - started
+    assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert elapsed < 1.0 + 0.5  # the deadline covers every attempt, backoffs included

@@ -131,6 +131,95 @@ def test_kill_9_one_of_two_replicas_fails_no_call():
     assert after.count("a") <= THREADS and after.count("b") >= CALLS - KILL_AFTER - THREADS
 
 
+ROUNDS = 3  # the kill lands at a different moment each time
+MIXED_CALLS, MIXED_KILL_AFTER, MIXED_THREADS = 400, 150, 8
+
+
+def test_kill_9_with_8_callers_fails_no_classify_and_no_unstarted_reply():
+    """8 callers share one round_robin client; Reply, Classify and ListModels calls interleave; one
+    replica is SIGKILLed mid-run, ROUNDS times. Classify and ListModels (idempotent) and a Reply that
+    has received no token yet are sent again to the other replica; only a Reply already streaming
+    from the dead replica may fail."""
+    for round_ in range(ROUNDS):
+        _kill_one_of_two_under_mixed_load(round_)
+
+
+def _kill_one_of_two_under_mixed_load(round_: int) -> None:
+    from chatforge.client import ChatbotClient, ChatbotError
+
+    a, port_a = _start_replica("a")
+    try:
+        b, port_b = _start_replica("b")
+    except BaseException:
+        a.kill()
+        a.wait(WAIT)
+        raise
+    failures: list[tuple[str, int, BaseException]] = []  # (rpc, tokens received before the error, error)
+    answered: list[str] = []  # the replica that answered each ListModels
+    labels: list[str] = []
+    replies: list[int] = []  # tokens of each completed Reply
+    lock = threading.Lock()
+    counter = {"next": 0, "done": 0}
+    try:
+        with ChatbotClient(f"ipv4:127.0.0.1:{port_a},127.0.0.1:{port_b}", timeout=WAIT) as client:
+            client.wait_for_ready(WAIT)
+            # Both replicas in the rotation before the load starts (the kill must hit one in use).
+            seen: set[str] = set()
+            for _ in range(200):
+                seen |= {m.name for m in client.list_models() if m.task == "classification"}
+                if seen == {"a", "b"}:
+                    break
+            assert seen == {"a", "b"}, f"round_robin used only {seen}"
+
+            def caller() -> None:
+                while True:
+                    with lock:
+                        if counter["next"] >= MIXED_CALLS:
+                            return
+                        i = counter["next"]
+                        counter["next"] += 1
+                    rpc = ("Reply", "Classify", "Reply", "ListModels")[i % 4]
+                    tokens = 0
+                    try:
+                        if rpc == "Classify":
+                            labels.append(client.classify("hello").label)
+                        elif rpc == "ListModels":
+                            models = client.list_models()
+                            answered.append([m.name for m in models if m.task == "classification"][0])
+                        else:
+                            for chunk in client.reply_stream("hi", max_new_tokens=4):
+                                tokens += 0 if chunk.is_final else 1
+                            replies.append(tokens)
+                    except ChatbotError as e:
+                        with lock:
+                            failures.append((rpc, tokens, e))
+                    with lock:
+                        counter["done"] += 1
+                        if counter["done"] == MIXED_KILL_AFTER:
+                            a.kill()  # SIGKILL with calls in flight on it
+
+            threads = [threading.Thread(target=caller, daemon=True) for _ in range(MIXED_THREADS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120.0)
+            assert not any(t.is_alive() for t in threads), "callers did not finish within 120 s"
+    finally:
+        if a.poll() is None:
+            a.kill()
+        a.wait(WAIT)
+        _stop(b)
+    assert a.returncode == -signal.SIGKILL
+    assert counter["done"] == MIXED_CALLS
+    lost = [(rpc, tokens, str(e)) for rpc, tokens, e in failures if rpc != "Reply" or tokens == 0]
+    assert not lost, f"round {round_}: {len(lost)} calls failed that could have been retried: {lost[:5]}"
+    # Only Replies already streaming from the dead replica may fail: at most one per caller.
+    assert len(failures) <= MIXED_THREADS
+    assert len(labels) + len(answered) + len(replies) + len(failures) == MIXED_CALLS
+    assert set(labels) == {"greet"} and set(replies) == {4}
+    assert set(answered) <= {"a", "b"} and "b" in answered
+
+
 def _replica_main(name: str) -> None:
     """Serve fake models (a classifier named ``name``) on an ephemeral port; print it once SERVING."""
     import asyncio

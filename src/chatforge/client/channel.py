@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,16 @@ _RETRY_POLICY = {
 
 # Per-method deadlines when the caller gives none (a Reply stream may run long on CPU).
 METHOD_TIMEOUTS = {"Reply": "120s", "Classify": "10s", "ListModels": "5s"}
+
+# Application-level retries, on top of the service config's. gRPC's own retry ends once an attempt
+# is committed (sent on a connection): a replica that dies with the call in flight fails it with
+# UNAVAILABLE "Stream removed" / "Socket closed", and retry throttling stops retries while many
+# calls fail at once (exactly when a replica dies). Classify and ListModels are idempotent, and a
+# Reply that has not sent a token has produced nothing, so those are sent again (round_robin picks
+# another replica), at most CALL_ATTEMPTS times in all, with jittered backoff, within the deadline;
+# only when the connection failed, not for an UNAVAILABLE the server answered (see _should_retry).
+CALL_ATTEMPTS = 4
+RETRY_BACKOFF_S = (0.05, 0.5)  # first backoff, cap (doubling, full jitter)
 
 
 def service_config(*, round_robin: bool = False, health_check: bool = False) -> str:
@@ -92,6 +104,16 @@ CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     # never sent to grpc core; the iterator keeps cancel(), code() and the metadata getters.
     ("SingleThreadedUnaryStream", 1),
 )
+
+
+def _answered_by_server(e: grpc.RpcError) -> bool:
+    """Whether a chatforge server sent this status (its trailers always carry the request id);
+    False for a connection that broke or never opened ("Stream removed", "Socket closed")."""
+    try:
+        trailers = e.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - no trailers on an error raised before the call
+        return False
+    return any(k == REQUEST_ID_METADATA_KEY for k, _ in trailers)
 
 
 def _is_multi_address(target: str) -> bool:
@@ -287,14 +309,41 @@ class ChatbotClient:
         self._log(rid, logging.DEBUG, "call failed: %s", code.name, grpc_code=code.name)
         return ChatbotError(code, details or "", rid)
 
-    def _unary(self, method, request, request_id: str | None, rpc: str):
+    def _unary(self, method, request, request_id: str | None, rpc: str, *, idempotent: bool = False):
         rid, md = self._call_metadata(request_id, rpc=rpc)
-        try:
-            response, call = method.with_call(request, timeout=self.timeout, metadata=md)
-        except grpc.RpcError as e:
-            raise self._error(e, rid) from None
-        self._remember(call, rid)
-        return response
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        attempt = 1
+        while True:
+            try:
+                response, call = method.with_call(request, timeout=self._time_left(deadline), metadata=md)
+            except grpc.RpcError as e:
+                if idempotent and self._should_retry(e, attempt, deadline, rid, rpc):
+                    attempt += 1
+                    continue
+                raise self._error(e, rid) from None
+            self._remember(call, rid)
+            return response
+
+    @staticmethod
+    def _time_left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.001, deadline - time.monotonic())
+
+    def _should_retry(self, e: grpc.RpcError, attempt: int, deadline: float | None, rid: str, rpc: str) -> bool:
+        """True (after a backoff) if a call that failed with ``e`` may be sent again."""
+        code = e.code() if hasattr(e, "code") else None
+        if code is not grpc.StatusCode.UNAVAILABLE or attempt >= CALL_ATTEMPTS or self._closed:
+            return False
+        if _answered_by_server(e):
+            # An UNAVAILABLE the server sent (draining, still loading) was already retried by the
+            # channel's retry policy; sending it again here would only multiply the attempts.
+            return False
+        backoff = random.uniform(0, min(RETRY_BACKOFF_S[1], RETRY_BACKOFF_S[0] * 2 ** (attempt - 1)))
+        if deadline is not None and time.monotonic() + backoff >= deadline:
+            return False  # no time left for another attempt: the caller's deadline wins
+        self._log(rid, logging.INFO, "%s failed with UNAVAILABLE (%s); retrying, attempt %d of %d", rpc,
+                  e.details() if hasattr(e, "details") else "", attempt + 1, CALL_ATTEMPTS, rpc=rpc)
+        time.sleep(backoff)  # backoff between attempts, not synchronisation
+        return True
 
     # ------------------------------------------------------------------ API
 
@@ -325,29 +374,44 @@ class ChatbotClient:
             text=text, model=model or "", session_id=session_id or "", options=pb.GenerationOptions(**opts)
         )
         rid, md = self._call_metadata(request_id, session_id, rpc="/chatforge.v1.Chatbot/Reply")
-        call = self._stub.Reply(request, timeout=self.timeout, metadata=md)
-        try:
-            for msg in call:
-                if msg.HasField("delta"):
-                    yield ReplyChunk(text=msg.delta.text, token_id=msg.delta.token_id)
-                else:
-                    f = msg.final
-                    yield ReplyChunk(
-                        finish_reason=f.finish_reason,
-                        prompt_tokens=f.prompt_tokens,
-                        completion_tokens=f.completion_tokens,
-                        model=f.model,
-                        request_id=f.request_id,
-                        model_version=f.model_version,
-                        intent=f.intent,
-                        intent_score=round(f.intent_score, 6),
-                    )
-            self._remember(call, rid)
-        except grpc.RpcError as e:
-            raise self._error(e, rid) from None
-        finally:
-            # A no-op when the call finished; otherwise the consumer left early: tell the server.
-            call.cancel()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        attempt = 1
+        while True:
+            call = self._stub.Reply(request, timeout=self._time_left(deadline), metadata=md)
+            received = False
+            try:
+                for chunk in self._chunks(call):
+                    received = True
+                    yield chunk
+                self._remember(call, rid)
+                return
+            except grpc.RpcError as e:
+                # Retried only while nothing reached the caller: a reply is never duplicated or spliced.
+                if not received and self._should_retry(e, attempt, deadline, rid, "/chatforge.v1.Chatbot/Reply"):
+                    attempt += 1
+                    continue
+                raise self._error(e, rid) from None
+            finally:
+                # A no-op when the call finished; otherwise the consumer left early: tell the server.
+                call.cancel()
+
+    @staticmethod
+    def _chunks(call) -> Iterator[ReplyChunk]:
+        for msg in call:
+            if msg.HasField("delta"):
+                yield ReplyChunk(text=msg.delta.text, token_id=msg.delta.token_id)
+            else:
+                f = msg.final
+                yield ReplyChunk(
+                    finish_reason=f.finish_reason,
+                    prompt_tokens=f.prompt_tokens,
+                    completion_tokens=f.completion_tokens,
+                    model=f.model,
+                    request_id=f.request_id,
+                    model_version=f.model_version,
+                    intent=f.intent,
+                    intent_score=round(f.intent_score, 6),
+                )
 
     def reply(self, text: str, **kwargs) -> str:
         """The whole reply as one string (see :meth:`reply_stream` for the arguments)."""
@@ -355,7 +419,7 @@ class ChatbotClient:
 
     def classify(self, text: str, model: str | None = None, *, request_id: str | None = None) -> ClassPrediction:
         r = self._unary(self._stub.Classify, pb.ClassifyRequest(text=text, model=model or ""), request_id,
-                        "/chatforge.v1.Chatbot/Classify")
+                        "/chatforge.v1.Chatbot/Classify", idempotent=True)
         # Scores travel as float32: round off the float32 -> float64 noise (0.8 -> 0.800000011920929).
         return ClassPrediction(
             label=r.label,
@@ -365,7 +429,8 @@ class ChatbotClient:
         )
 
     def list_models(self, *, request_id: str | None = None) -> list[ModelEntry]:
-        r = self._unary(self._stub.ListModels, pb.ListModelsRequest(), request_id, "/chatforge.v1.Chatbot/ListModels")
+        r = self._unary(self._stub.ListModels, pb.ListModelsRequest(), request_id, "/chatforge.v1.Chatbot/ListModels",
+                        idempotent=True)
         return [
             ModelEntry(m.name, m.family, m.task, m.version, dict(m.metadata), m.is_default) for m in r.models
         ]
