@@ -368,6 +368,8 @@ def serve(
     pin: list[str] = typer.Option([], "--pin", help="NAME=VERSION to serve from --model-dir (rollback)."),
     poll_interval: float = typer.Option(5.0, help="Seconds between --model-dir scans."),
     metrics_port: int = typer.Option(None, help="Serve /metrics, /healthz, /readyz over HTTP on this port."),
+    http_port: int = typer.Option(None, help="Also serve the OpenAI-compatible HTTP API and the chat page "
+                                  "(http://HOST:PORT/) on this port; same engine, keys and drain as gRPC."),
     max_running: int = typer.Option(8, help="Per model: sequences in the running batch."),
     max_queued: int = typer.Option(64, help="Per model: requests waiting beyond that (then RESOURCE_EXHAUSTED)."),
     max_batch_size: int = typer.Option(32, help="Classify: most texts per micro-batch."),
@@ -407,7 +409,8 @@ def serve(
                           model_dir=model_dir, pins=pins, poll_interval=poll_interval, metrics_port=metrics_port,
                           api_keys_file=api_keys_file, tls_cert=tls_cert, tls_key=tls_key,
                           tls_client_ca=tls_client_ca, open_health=not protect_health,
-                          max_message_bytes=max_message_bytes, engine_kwargs=engine_kwargs, precision=precision)
+                          max_message_bytes=max_message_bytes, engine_kwargs=engine_kwargs, precision=precision,
+                          http_port=http_port)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     raise typer.Exit(code or 0)

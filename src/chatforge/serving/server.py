@@ -87,7 +87,8 @@ class ChatbotServer:
     ``metrics`` (ServingMetrics; with ``metrics_port`` also served over HTTP with
     /metrics, /healthz, /readyz), ``alerts`` (AlertManager), ``store`` (ConversationStore,
     flushed on drain), ``auth`` (ApiKeyAuth), ``tls`` (TlsConfig), ``model_dir`` (a
-    ModelDirectory watched every ``poll_interval`` seconds for new versions).
+    ModelDirectory watched every ``poll_interval`` seconds for new versions), ``http_port``
+    (the OpenAI-compatible HTTP API and chat page of :mod:`chatforge.serving.http`, on this loop).
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class ChatbotServer:
         max_message_bytes: int | None = None,
         alert_rules=None,
         alert_rules_interval: float = 15.0,
+        http_port: int | None = None,
     ) -> None:
         if not (0 <= port <= 65535):
             raise ValueError(f"port={port!r} is out of range; allowed: 0 (ephemeral) to 65535")
@@ -149,6 +151,12 @@ class ChatbotServer:
         self._shutdown_requested = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._load_task: asyncio.Task | None = None
+        # The HTTP surface (serving/http.py): same loop, engine, gate, auth and metrics as gRPC.
+        self.http = None
+        if http_port is not None:
+            from chatforge.serving.http import HttpSurface
+
+            self.http = HttpSurface(self, host, http_port)
 
     @property
     def engine(self) -> Engine | None:
@@ -190,6 +198,12 @@ class ChatbotServer:
             raise OSError(f"cannot bind {address}: the port is taken or the address is not local")
         await server.start()
         self._server = server
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError:
+                await server.stop(0)
+                raise
         logger.info("listening", extra={"address": f"{self.host}:{self.port}", "tls": self.tls is not None,
                                         "api_keys": self.auth is not None})
         if self.metrics_port is not None:
@@ -289,6 +303,8 @@ class ChatbotServer:
             self.watcher.stop()
         if self._rules_task is not None:
             self._rules_task.cancel()
+        if self.http is not None:
+            await self.http.stop()  # its calls were drained through the same gate
         if self._server is not None:
             # Whatever is left (calls past the grace) is cancelled now.
             await self._server.stop(0.5 if self.gate.in_flight == 0 else 0)
@@ -415,6 +431,7 @@ def run_server(
     engine_kwargs: Mapping[str, object] | None = None,
     settings=None,
     precision: str = "fp32",
+    http_port: int | None = None,
 ) -> None:
     """Blocking entry point for the CLI: serve bundles (or a model directory) until SIGTERM/SIGINT.
 
@@ -457,7 +474,7 @@ def run_server(
         asyncio.run(serve(loader, host, port, grace=grace, port_file=port_file,
                           metrics_port=metrics_port if metrics_port is not None else None,
                           auth=auth, tls=tls, model_dir=directory, poll_interval=poll_interval,
-                          max_message_bytes=max_message_bytes, **ops))
+                          max_message_bytes=max_message_bytes, http_port=http_port, **ops))
     finally:
         store.close()
         alerts.close()
