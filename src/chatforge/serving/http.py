@@ -132,7 +132,7 @@ class ChatCompletionRequest(BaseModel):
 
 class ClassifyHttpRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(description="The message to classify.")
+    text: str = Field(min_length=1, description="The message to classify (not blank).")
     model: str | None = Field(None, max_length=256, description="A classifier; omitted: the default.")
 
 
