@@ -63,7 +63,7 @@
     }
     const clf = data.find((m) => m.task === "classification" && m.is_default);
     state.classifier = clf ? clf.id : null;
-    $("status").textContent = state.classifier ? `intents by ${state.classifier}` : "";
+    $("status").textContent = state.classifier ? `intent classifier: ${state.classifier}` : "";
   }
 
   async function classify(text, div) {
