@@ -168,6 +168,7 @@ def test_stop_matcher_holds_back_only_possible_prefixes(stops, feed, want):
     (chat(["hi"], max_tokens=5000), "max_tokens"),
     (chat(["hi"], stop=["a", "b", "c", "d", "e"]), "stop"),
     (chat(["hi"], seed=-1), "seed"),
+    (chat(["hi"], max_tokens=3, min_tokens=4), "min_tokens"),
     (chat(["word " * 40]), "messages"),  # more tokens than the model accepts (engine check)
 ])
 def test_validation_errors_are_400_naming_the_field(served, payload, param):

@@ -576,6 +576,8 @@ def _render_loadtest(report, slo_results) -> None:
 def loadtest(
     target: str = typer.Argument(..., help="HOST:PORT of a chatforge server (or a load balancer)."),
     rpc: str = typer.Option("reply", "--rpc", help="reply, classify or health."),
+    protocol: str = typer.Option("grpc", "--protocol", help="grpc, or http: the OpenAI-compatible HTTP surface "
+                                 "(TARGET is then the --http-port address; replies are streamed over SSE)."),
     concurrency: int = typer.Option(1, "--concurrency", "-c", help="Concurrent callers."),
     duration: float = typer.Option(None, "--duration", "-z", help="Run this many seconds..."),
     requests: int = typer.Option(None, "--requests", "-n", help="...or send this many requests."),
@@ -595,6 +597,7 @@ def loadtest(
     import threading
 
     from chatforge.serving.client import ChatbotError
+    from chatforge.serving.http_client import HttpChatError
     from chatforge.serving.loadtest import (
         LoadTestConfig,
         LoadTestError,
@@ -616,7 +619,7 @@ def loadtest(
         cfg = LoadTestConfig(target=target, rpc=rpc, concurrency=concurrency, requests=requests, duration=duration,
                              rps=rps, connections=connections, texts=texts, model=model, timeout=timeout,
                              max_new_tokens=max_new_tokens, retries=retries,
-                             metrics_url=metrics).validate()
+                             metrics_url=metrics, protocol=protocol).validate()
         if levels:
             def progress(n, r):
                 err_console.print(f"concurrency {n}: {r.throughput:.1f} req/s, p99 {_fmt_ms(r.latency()['p99'])}",
@@ -628,7 +631,7 @@ def loadtest(
             reports = [run_load_test(cfg, stop=stop)]
     except LoadTestError as e:
         _fail(str(e))
-    except ChatbotError as e:
+    except (ChatbotError, HttpChatError) as e:
         _fail(f"{target}: {e}", code=1)
     except KeyboardInterrupt:
         stop.set()

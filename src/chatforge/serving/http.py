@@ -68,7 +68,7 @@ HTTP_STATUS_BY_CODE: dict[grpc.StatusCode, tuple[int, str, str]] = {
 # Seconds a client should wait before retrying a 429/503 (the engine frees slots within a step).
 RETRY_AFTER_S = 1
 # Engine/option field names -> the chat-completions request field a client sent.
-CHAT_PARAMS = {"max_new_tokens": "max_tokens", "text": "messages"}
+CHAT_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "text": "messages"}
 _FIELD_PATH = re.compile(r"^[A-Za-z_][\w.\[\]-]*$")
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; the HTTP stand-in for a gRPC deadline
 MAX_TIMEOUT_S = 3600.0
@@ -117,6 +117,8 @@ class ChatCompletionRequest(BaseModel):
         "families are single-turn, so the model sees only the last user message)."))
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (capped by the server).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    min_tokens: int | None = Field(None, ge=0, description="Fewest tokens to generate (an extension, as in "
+                                   "vLLM; at most max_tokens). Benchmarks use it for fixed-length replies.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description=(
         "0 or omitted: greedy decoding (the server default); > 0: sampling at this temperature."))
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass (with temperature > 0).")
@@ -394,6 +396,8 @@ def generation_options(req: ChatCompletionRequest, engine: Engine) -> Generation
         raise FieldError(field, f"{field}={max_tokens} is out of range; this server allows at most "
                          f"{engine.max_new_tokens}")
     fields: dict[str, Any] = {"max_new_tokens": max_tokens}
+    if req.min_tokens is not None:
+        fields["min_new_tokens"] = req.min_tokens
     if req.temperature:  # 0 and None: greedy, as the gRPC surface's default
         fields.update(do_sample=True, temperature=req.temperature)
     if req.top_p is not None:
