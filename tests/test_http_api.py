@@ -372,3 +372,26 @@ def test_page_and_assets_are_served_locally(served):
     for asset in ("/static/chat.js", "/static/chat.css"):
         assert http.get(asset).status_code == 200
     assert "http://" not in page.text and "https://" not in page.text  # nothing from elsewhere
+
+
+def test_sse_wire_framing_with_curl(served):
+    """The bytes on the wire, read by curl -N (no buffering): `data: <json>` events separated by a
+    blank line, the last one `data: [DONE]`."""
+    import re
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    st, _ = served
+    proc = subprocess.run(
+        [curl, "-sN", "--max-time", str(int(WAIT)), "-H", "Content-Type: application/json",
+         "-d", json.dumps(chat(["hi"], stream=True)), f"{base_url(st)}/v1/chat/completions"],
+        capture_output=True, timeout=WAIT + 5, check=True)
+    raw = proc.stdout.decode("utf-8")
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]", raw[-200:]
+    body = events[:-2]
+    assert all(re.fullmatch(r"data: \{.*\}", e) for e in body), body
+    assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in body) == "Hello there!"
