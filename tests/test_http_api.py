@@ -395,3 +395,35 @@ def test_sse_wire_framing_with_curl(served):
     body = events[:-2]
     assert all(re.fullmatch(r"data: \{.*\}", e) for e in body), body
     assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in body) == "Hello there!"
+
+
+def test_http_uses_the_servers_tls_too(tmp_path):
+    """With --tls-cert/--tls-key the HTTP surface is HTTPS with the same certificate (never plaintext
+    beside a TLS gRPC port); with a client CA it requires client certificates too."""
+    import ssl
+
+    from test_security import _certs
+
+    from chatforge.serving.security import TlsConfig
+
+    c = _certs(tmp_path)
+    with ServerThread(make_engine(), http_port=0, tls=TlsConfig(c["server"], c["server_key"])) as st:
+        st.wait_serving()
+        url = f"https://127.0.0.1:{st.server.http.port}"
+        ctx = ssl.create_default_context(cafile=str(c["ca"]))
+        with httpx.Client(base_url=url, timeout=WAIT, verify=ctx) as https:
+            assert https.get("/v1/models").status_code == 200
+        with httpx.Client(base_url=url.replace("https", "http"), timeout=WAIT) as plain, \
+                pytest.raises(httpx.HTTPError):
+            plain.get("/v1/models")
+    mtls = TlsConfig(c["server"], c["server_key"], client_ca_file=c["ca"])
+    with ServerThread(make_engine(), http_port=0, tls=mtls) as st:
+        st.wait_serving()
+        url = f"https://127.0.0.1:{st.server.http.port}"
+        with_cert = ssl.create_default_context(cafile=str(c["ca"]))
+        with_cert.load_cert_chain(str(c["client"]), str(c["client_key"]))
+        with httpx.Client(base_url=url, timeout=WAIT, verify=with_cert) as https:
+            assert https.get("/v1/models").status_code == 200
+        anon = ssl.create_default_context(cafile=str(c["ca"]))
+        with httpx.Client(base_url=url, timeout=WAIT, verify=anon) as https, pytest.raises(httpx.HTTPError):
+            https.get("/v1/models")
