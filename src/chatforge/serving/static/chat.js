@@ -12,7 +12,10 @@
   };
   store.setItem("chatforge.session", state.session);
   $("apikey").value = store.getItem("chatforge.key") || "";
-  $("apikey").addEventListener("change", () => store.setItem("chatforge.key", $("apikey").value));
+  $("apikey").addEventListener("change", () => {
+    store.setItem("chatforge.key", $("apikey").value);
+    loadModels();  // a key may be what the first attempt was missing
+  });
 
   function headers() {
     const h = { "Content-Type": "application/json", "X-Session-Id": state.session };
