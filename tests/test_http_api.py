@@ -427,3 +427,13 @@ def test_http_uses_the_servers_tls_too(tmp_path):
         anon = ssl.create_default_context(cafile=str(c["ca"]))
         with httpx.Client(base_url=url, timeout=WAIT, verify=anon) as https, pytest.raises(httpx.HTTPError):
             https.get("/v1/models")
+
+
+def test_http_port_taken_fails_the_start_with_the_address():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot bind HTTP 127.0.0.1:{port}"), \
+                ServerThread(make_engine(), http_port=port):
+            pass
