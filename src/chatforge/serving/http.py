@@ -531,7 +531,8 @@ class HttpSurface:
         import uvicorn
 
         try:
-            sock = socket.create_server((self.host, self.requested_port))
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            sock = socket.create_server((self.host, self.requested_port), family=family)
         except OSError as e:
             raise OSError(f"cannot bind HTTP {self.host}:{self.requested_port}: {e.strerror or e}") from None
         self._socket = sock
@@ -549,10 +550,14 @@ class HttpSurface:
         # the graceful-shutdown timeout is short because the drain gate already waited `grace`.
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
                                 timeout_graceful_shutdown=1, server_header=False, **ssl_kwargs)
-        config.load()
-        server = uvicorn.Server(config)
-        server.lifespan = config.lifespan_class(config)
-        await server.startup(sockets=[sock])
+        try:
+            config.load()  # reads the TLS files: a bad one fails here, with the socket closed
+            server = uvicorn.Server(config)
+            server.lifespan = config.lifespan_class(config)
+            await server.startup(sockets=[sock])
+        except BaseException:
+            sock.close()
+            raise
         self._server = server
         # main_loop refreshes the Date header once a second and returns once should_exit is set.
         self._loop_task = asyncio.get_running_loop().create_task(server.main_loop())
