@@ -19,9 +19,13 @@ demo: $(STAMP)
 
 # Under CI (CI=true) a throwaway PostgreSQL from Debian's packages is started for the
 # conversation store's PostgreSQL test; elsewhere that test skips unless
-# CHATFORGE_TEST_PG_URL is set. A failed start only skips those tests.
+# CHATFORGE_TEST_PG_URL is set. A failed start only skips those tests. Under CI, Debian's
+# Chromium (and CJK fonts) are installed for the chat-page browser test, which skips without it.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools
+	@if [ -n "$$CI" ]; then \
+	  timeout 600 bash tools/ci_install_browser.sh || echo "Chromium for tests: unavailable (the browser test skips)"; \
+	fi
 	@if [ -n "$$CI" ] && [ -z "$$CHATFORGE_TEST_PG_URL" ]; then \
 	  CHATFORGE_TEST_PG_URL=$$(timeout 300 bash tools/start_postgres.sh || true); export CHATFORGE_TEST_PG_URL; \
 	  echo "PostgreSQL for tests: $${CHATFORGE_TEST_PG_URL:-unavailable (its tests skip)}"; \

@@ -156,7 +156,8 @@ def _fresh_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_client_module_imports_no_torch():
-    r = _fresh_python("import sys, chatforge.client, chatforge.client.loadtest, chatforge.client.top\n"
+    r = _fresh_python("import sys, chatforge.client, chatforge.client.http, chatforge.client.loadtest, "
+                      "chatforge.client.top\n"
                       f"print(sorted(m for m in {MODEL_SIDE!r} if m in sys.modules))")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout

@@ -479,6 +479,8 @@ def serve(
     pin: list[str] = typer.Option([], "--pin", help="NAME=VERSION to serve from --model-dir (rollback)."),
     poll_interval: float = typer.Option(5.0, help="Seconds between --model-dir scans."),
     metrics_port: int = typer.Option(None, help="Serve /metrics, /healthz, /readyz over HTTP on this port."),
+    http_port: int = typer.Option(None, help="Also serve the OpenAI-compatible HTTP API and the chat page "
+                                  "(http://HOST:PORT/) on this port; same engine, keys and drain as gRPC."),
     max_running: int = typer.Option(8, help="Per model: sequences in the running batch."),
     max_queued: int = typer.Option(64, help="Per model: requests waiting beyond that (then RESOURCE_EXHAUSTED)."),
     max_batch_size: int = typer.Option(32, help="Classify: most texts per micro-batch."),
@@ -521,7 +523,7 @@ def serve(
         pipeline = PipelineConfig(pipeline_classifier, fallback_reply, oos_threshold) if pipeline_classifier else None
         config = ServerConfig(
             bundles=named or {}, model_dir=model_dir, pins=pins, poll_interval=poll_interval, host=host, port=port,
-            port_file=port_file, grace=grace, drain_delay=drain_delay, metrics_port=metrics_port,
+            port_file=port_file, grace=grace, drain_delay=drain_delay, metrics_port=metrics_port, http_port=http_port,
             api_keys_file=api_keys_file, open_health=not protect_health, tls_cert=tls_cert, tls_key=tls_key,
             tls_client_ca=tls_client_ca, max_message_bytes=max_message_bytes, precision=precision,
             max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
@@ -717,6 +719,8 @@ def _render_loadtest(report, slo_results) -> None:
 def loadtest(
     target: str = typer.Argument(..., help="HOST:PORT of a chatforge server (or a load balancer)."),
     rpc: str = typer.Option("reply", "--rpc", help="reply, classify or health."),
+    protocol: str = typer.Option("grpc", "--protocol", help="grpc, or http: the OpenAI-compatible HTTP surface "
+                                 "(TARGET is then the --http-port address; replies are streamed over SSE)."),
     concurrency: int = typer.Option(1, "--concurrency", "-c", help="Concurrent callers."),
     duration: float = typer.Option(None, "--duration", "-z", help="Run this many seconds..."),
     requests: int = typer.Option(None, "--requests", "-n", help="...or send this many requests."),
@@ -741,6 +745,7 @@ def loadtest(
     import threading
 
     from chatforge.client import ChatbotError
+    from chatforge.client.http import HttpChatError
     from chatforge.client.loadtest import (
         LoadTestConfig,
         LoadTestError,
@@ -763,7 +768,7 @@ def loadtest(
         cfg = LoadTestConfig(target=target, rpc=rpc, concurrency=concurrency, requests=requests, duration=duration,
                              rps=rps, connections=connections, texts=texts, model=model, timeout=timeout,
                              max_new_tokens=max_new_tokens, retries=retries,
-                             metrics_url=metrics, **creds).validate()
+                             metrics_url=metrics, protocol=protocol, **creds).validate()
         if levels:
             def progress(n, r):
                 err_console.print(f"concurrency {n}: {r.throughput:.1f} req/s, p99 {_fmt_ms(r.latency()['p99'])}",
@@ -775,7 +780,7 @@ def loadtest(
             reports = [run_load_test(cfg, stop=stop)]
     except LoadTestError as e:
         _fail(str(e))
-    except ChatbotError as e:
+    except (ChatbotError, HttpChatError) as e:
         _fail(f"{target}: {e}", code=1)
     except KeyboardInterrupt:
         stop.set()

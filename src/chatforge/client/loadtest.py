@@ -41,6 +41,7 @@ from chatforge.fileio import atomic_writer
 logger = logging.getLogger(__name__)
 
 RPCS = ("reply", "classify", "health")
+PROTOCOLS = ("grpc", "http")  # http: the OpenAI-compatible surface (serving/http.py), streamed
 PERCENTILES = (50, 90, 95, 99)
 HISTOGRAM_BUCKETS = 10
 # Enough distinct messages to avoid measuring a cache, few enough to load instantly.
@@ -75,8 +76,11 @@ class LoadTestConfig:
     ca_file: str | os.PathLike[str] | None = None
     cert_file: str | os.PathLike[str] | None = None
     key_file: str | os.PathLike[str] | None = None
+    protocol: str = "grpc"
 
     def validate(self) -> LoadTestConfig:
+        if self.protocol not in PROTOCOLS:
+            raise LoadTestError(f"protocol={self.protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
         if self.rpc not in RPCS:
             raise LoadTestError(f"rpc={self.rpc!r} is unknown; allowed: {', '.join(RPCS)}")
         if (self.requests is None) == (self.duration is None):
@@ -274,6 +278,7 @@ class LoadReport:
     wall_seconds: float
     results: list[CallResult]
     server: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "grpc"
 
     @property
     def count(self) -> int:
@@ -339,6 +344,7 @@ class LoadReport:
         lat = self.latency()
         return {
             "target": self.target,
+            "protocol": self.protocol,
             "rpc": self.rpc,
             "concurrency": self.concurrency,
             "connections": self.connections,
@@ -388,6 +394,12 @@ class _Tickets:
 
 
 def _make_clients(cfg: LoadTestConfig) -> list[Any]:
+    if cfg.protocol == "http":
+        # One pooled HTTP client per "connection"; each concurrent stream holds its own
+        # HTTP/1.1 connection from the pool (SSE streams do not multiplex).
+        from chatforge.client.http import HttpChatClient
+
+        return [HttpChatClient(cfg.target, timeout=cfg.timeout, api_key=cfg.api_key) for _ in range(cfg.connections)]
     from chatforge.client import ChatbotClient
 
     options = [] if cfg.retries else [("grpc.enable_retries", 0)]
@@ -422,6 +434,10 @@ def _call(client: Any, cfg: LoadTestConfig, text: str) -> tuple[str, float | Non
     except ChatbotError as e:
         return e.code.name, None, 0, (e.details or "")[:200]
     except Exception as e:  # noqa: BLE001 - a client-side bug must count as a failure, not kill the run
+        from chatforge.client.http import HttpChatError
+
+        if isinstance(e, HttpChatError):
+            return e.status_name, None, 0, e.message[:200]
         logger.exception("load-test call raised")
         return "CLIENT_ERROR", None, 0, f"{type(e).__name__}: {e}"[:200]
 
@@ -484,7 +500,8 @@ def run_load_test(
             for c in channels:
                 c.close()
     results.sort(key=lambda r: r.index)
-    report = LoadReport(cfg.target, cfg.rpc, cfg.concurrency, len(channels), cfg.rps, wall, results, server)
+    report = LoadReport(cfg.target, cfg.rpc, cfg.concurrency, len(channels), cfg.rps, wall, results, server,
+                        cfg.protocol)
     logger.info("load test finished", extra={"count": report.count, "errors": report.errors,
                                              "throughput_rps": round(report.throughput, 2)})
     return report

@@ -100,7 +100,8 @@ class ChatbotServer:
     ``metrics`` (ServingMetrics; with ``metrics_port`` also served over HTTP with
     /metrics, /healthz, /readyz), ``alerts`` (AlertManager), ``store`` (ConversationStore,
     flushed on drain), ``auth`` (ApiKeyAuth), ``tls`` (TlsConfig), ``model_dir`` (a
-    ModelDirectory watched every ``poll_interval`` seconds for new versions).
+    ModelDirectory watched every ``poll_interval`` seconds for new versions), ``http_port``
+    (the OpenAI-compatible HTTP API and chat page of :mod:`chatforge.serving.http`, on this loop).
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class ChatbotServer:
         max_message_bytes: int | None = None,
         alert_rules=None,
         alert_rules_interval: float = 15.0,
+        http_port: int | None = None,
     ) -> None:
         if not (0 <= port <= 65535):
             raise ValueError(f"port={port!r} is out of range; allowed: 0 (ephemeral) to 65535")
@@ -165,6 +167,12 @@ class ChatbotServer:
         self._shutdown_requested = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._load_task: asyncio.Task | None = None
+        # The HTTP surface (serving/http.py): same loop, engine, gate, auth and metrics as gRPC.
+        self.http = None
+        if http_port is not None:
+            from chatforge.serving.http import HttpSurface
+
+            self.http = HttpSurface(self, host, http_port)
 
     @property
     def engine(self) -> Engine | None:
@@ -206,6 +214,12 @@ class ChatbotServer:
             raise OSError(f"cannot bind {address}: the port is taken or the address is not local")
         await server.start()
         self._server = server
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError:
+                await server.stop(0)
+                raise
         logger.info("listening", extra={"address": f"{self.host}:{self.port}", "tls": self.tls is not None,
                                         "api_keys": self.auth is not None})
         if self.metrics_port is not None:
@@ -317,6 +331,8 @@ class ChatbotServer:
             self.watcher.stop()
         if self._rules_task is not None:
             self._rules_task.cancel()
+        if self.http is not None:
+            await self.http.stop()  # its calls were drained through the same gate
         if self._server is not None:
             # Whatever is left is cancelled now.
             await self._server.stop(0.5 if self.gate.in_flight == 0 else 0)
@@ -453,7 +469,8 @@ class ServerConfig:
     :mod:`chatforge.serving.repository`; ``pins`` name -> version), never both. The ``max_*``
     limits and ``pipeline`` are the engine's (:class:`chatforge.serving.engine.Engine`);
     ``drain_delay`` is how long readiness is off before a SIGTERM stops taking calls (0
-    disables); ``open_health=False`` makes health and reflection need an API key too.
+    disables); ``open_health=False`` makes health and reflection need an API key too; ``http_port`` also
+    serves the OpenAI-compatible HTTP surface (:mod:`chatforge.serving.http`).
     """
 
     bundles: Mapping[str, str] = field(default_factory=dict)
@@ -466,6 +483,7 @@ class ServerConfig:
     grace: float = 10.0
     drain_delay: float = 5.0
     metrics_port: int | None = None
+    http_port: int | None = None
     api_keys_file: Path | None = None
     open_health: bool = True
     tls_cert: Path | None = None
@@ -541,7 +559,7 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
         asyncio.run(serve(loader, config.host, config.port, grace=config.grace, drain_delay=config.drain_delay,
                           port_file=config.port_file, metrics_port=config.metrics_port,
                           auth=auth, tls=tls, model_dir=directory, poll_interval=config.poll_interval,
-                          max_message_bytes=config.max_message_bytes, **ops))
+                          max_message_bytes=config.max_message_bytes, http_port=config.http_port, **ops))
     finally:
         ops["store"].close()
         ops["alerts"].close()
