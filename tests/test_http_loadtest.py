@@ -59,3 +59,15 @@ def test_cli_protocol_http(server, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["protocol"] == "http" and data["ok"] == 4 and data["tokens"]["total"] == 16
+
+
+def test_http_load_test_sends_the_api_key():
+    # --api-key (harden-cli) and --protocol http (http) together: the HTTP clients carry the key too.
+    from chatforge.serving.security import ApiKeyAuth
+
+    with ServerThread(make_engine(), http_port=0, auth=ApiKeyAuth(["s3cret"])) as st:
+        st.wait_serving()
+        base = dict(target=_http_target(st), protocol="http", rpc="classify", requests=2, texts=["hello"],
+                    timeout=10.0)
+        assert run_load_test(LoadTestConfig(**base)).status_counts() == {"HTTP_401": 2}
+        assert run_load_test(LoadTestConfig(**base, api_key="s3cret")).status_counts() == {"OK": 2}
