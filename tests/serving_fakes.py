@@ -155,6 +155,35 @@ class TinySeq2SeqGenerator:
                         bos_id=1, eos_id=2, unk_id=3)
 
 
+class SlowStepTinySeq2Seq(TinySeq2SeqGenerator):
+    """TinySeq2SeqGenerator whose decoding steps take ``step_seconds`` longer, like a real model's
+    step under load: the time stands for a long native kernel (the sleep, like one, releases the GIL),
+    so a drain that does not wait for the scheduler thread finds it mid-step at interpreter exit."""
+
+    def __init__(self, step_seconds: float = 0.2, **kw):
+        super().__init__(**kw)
+        self.step_seconds = step_seconds
+
+    def step_spec(self):
+        import time
+
+        spec = super().step_spec()
+        inner, pause = spec.model, self.step_seconds
+
+        class Slow:
+            max_len = inner.max_len
+
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def step(self, state, tokens):
+                time.sleep(pause)  # compute time of a bigger model, not synchronisation
+                return inner.step(state, tokens)
+
+        spec.model = Slow()
+        return spec
+
+
 class _TagDetok:
     def feed(self, token_id: int) -> str:
         return f"<{token_id}>"
@@ -341,7 +370,7 @@ def _drain_child_main(port_file: str, store_url: str, grace: str) -> None:
             sys.stdout.flush()
 
         task = asyncio.get_running_loop().create_task(announce())
-        engine = Engine({"tiny": TinySeq2SeqGenerator(max_len=1100)}, {}, max_running=8, max_new_tokens=1024)
+        engine = Engine({"tiny": SlowStepTinySeq2Seq(max_len=1100)}, {}, max_running=8, max_new_tokens=1024)
         await serve(engine, "127.0.0.1", 0, grace=float(grace), port_file=port_file, ready_event=ready,
                     store=store)
         task.cancel()

@@ -361,10 +361,10 @@ class ChatbotServer:
         """Free the stopped grpc.aio server now, so grpc's completion-queue poller thread is joined here.
 
         grpc.aio runs one native poller thread while any aio server or channel object exists; it
-        ends only when the last one is deallocated. Our server sits in reference cycles (handlers,
-        tasks, signal callbacks), so without this it lives until the interpreter finalises, and a
-        poller thread still inside grpc core while the process tears down grpc's globals ends the
-        process with "terminate called without an active exception" (SIGABRT) instead of exit 0.
+        ends only when the last one is deallocated. Our server can sit in reference cycles (handlers,
+        tasks, callbacks) and would then live until the interpreter finalises, with a native thread
+        still inside grpc core while the process tears down: the same hazard as a runner thread left
+        mid-step (SIGABRT, "terminate called without an active exception", instead of exit 0).
         """
         import gc
 
