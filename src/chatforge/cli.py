@@ -626,7 +626,7 @@ def health(
         with ChatbotClient(target, timeout=timeout, **creds) as client:
             status = client.health(service)
     except ChatbotError as e:
-        err_console.print(f"{target}: {e}", highlight=False, markup=False)
+        err_console.print(f"{target}: {e}", highlight=False, markup=False, soft_wrap=True)  # one line
         raise typer.Exit(1) from None
     except ValueError as e:  # e.g. a malformed target
         _fail(str(e))
