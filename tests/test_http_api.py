@@ -437,3 +437,21 @@ def test_http_port_taken_fails_the_start_with_the_address():
         with pytest.raises(OSError, match=f"cannot bind HTTP 127.0.0.1:{port}"), \
                 ServerThread(make_engine(), http_port=port):
             pass
+
+
+def test_http_connections_have_nagle_off(served):
+    """Responses go out as headers + body writes: with Nagle on, the second waited for the client's
+    delayed ACK (40 ms per request on loopback). asyncio sets TCP_NODELAY only on connections of
+    sockets made with proto=IPPROTO_TCP, which socket.create_server does not do."""
+    import socket
+
+    st, http = served
+    assert http.get("/healthz").status_code == 200  # keeps its connection open (keep-alive)
+
+    async def nodelay_flags():
+        conns = st.server.http._server.server_state.connections
+        return [c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                for c in conns]
+
+    flags = st.run(nodelay_flags())
+    assert flags and all(flags), flags

@@ -8,6 +8,7 @@ Built on httpx; imports no torch and no grpc.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,8 +49,12 @@ class HttpChatClient:
             raise ValueError(f"target={target!r} is invalid; allowed: HOST:PORT, e.g. 127.0.0.1:8080")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = f"{scheme}://{target}"
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers,
-                                  limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
+        # TCP_NODELAY as curl sets it: httpx writes a request's headers and body separately, and
+        # with Nagle the body could wait for the server's delayed ACK.
+        transport = httpx.HTTPTransport(
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
 
     def __enter__(self) -> HttpChatClient:
         return self

@@ -531,8 +531,7 @@ class HttpSurface:
         import uvicorn
 
         try:
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-            sock = socket.create_server((self.host, self.requested_port), family=family)
+            sock = _listen(self.host, self.requested_port)
         except OSError as e:
             raise OSError(f"cannot bind HTTP {self.host}:{self.requested_port}: {e.strerror or e}") from None
         self._socket = sock
@@ -548,8 +547,11 @@ class HttpSurface:
                 ssl_kwargs.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
         # lifespan off and no uvicorn logging config: the process's logging is chatforge's;
         # the graceful-shutdown timeout is short because the drain gate already waited `grace`.
+        # Idle keep-alive connections live 60 s (uvicorn's default, 5 s, makes a chat page or an
+        # OpenAI client that pauses between turns reconnect for most requests).
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=1, server_header=False, **ssl_kwargs)
+                                timeout_graceful_shutdown=1, timeout_keep_alive=60, server_header=False,
+                                **ssl_kwargs)
         try:
             config.load()  # reads the TLS files: a bad one fails here, with the socket closed
             server = uvicorn.Server(config)
@@ -743,6 +745,23 @@ class HttpSurface:
         gate = self.gate
         ready = self.ready and self.engine is not None and not (gate is not None and gate.draining)
         return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket created with ``proto=IPPROTO_TCP``: asyncio turns Nagle off
+    (TCP_NODELAY) only on connections of such sockets, and ``socket.create_server`` makes them with
+    proto 0. With Nagle on, a response written as headers + body waited for the client's delayed
+    ACK: 40 ms per request on loopback (measured: /healthz 48 ms, 0.7 ms with this)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class _Reply:
