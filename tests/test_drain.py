@@ -168,8 +168,10 @@ def _poll(predicate, timeout: float) -> bool:
 
 # SIGTERM with streams still running when the grace runs out, repeated under CPU load: a failure
 # seen in 20 % of drains escapes DRAIN_RUNS runs with probability 0.8**21 < 1 % (caught >= 99 %).
-# The load is the runs themselves: DRAIN_PARALLEL servers at a time, each decoding 8 streams in a
-# tight loop, oversubscribe the cores (a separate CPU hog only made the test slower, not harsher).
+# The load is the runs themselves: DRAIN_PARALLEL server processes starting (torch import), streaming
+# and draining at once oversubscribe the cores (a separate CPU hog only made the test slower). The
+# child's decoding steps take 0.2 s (tests/serving_fakes.py SlowStepTinySeq2Seq), as a real model's do
+# under load: with the old drain its scheduler thread was then mid-step at exit and the process aborted.
 DRAIN_RUNS = 21
 DRAIN_PARALLEL = 4
 LONG_STREAMS, SHORT_REPLIES = 8, 2
