@@ -430,13 +430,19 @@ def test_http_uses_the_servers_tls_too(tmp_path):
 
 
 def test_http_port_taken_fails_the_start_with_the_address():
+    import asyncio
     import socket
+
+    from chatforge.serving.server import ChatbotServer
+
+    async def start(port: int) -> None:
+        server = ChatbotServer(make_engine(), "127.0.0.1", 0, http_port=port)
+        await server.start()
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(OSError, match=f"cannot bind HTTP 127.0.0.1:{port}"), \
-                ServerThread(make_engine(), http_port=port):
-            pass
+        with pytest.raises(OSError, match=f"cannot bind HTTP 127.0.0.1:{port}"):
+            asyncio.run(start(port))
 
 
 def test_http_connections_have_nagle_off(served):
