@@ -484,7 +484,6 @@ class HttpSurface:
         self._server = None
         self._socket: socket.socket | None = None
         self._loop_task: asyncio.Task | None = None
-        self._shutdown_event = None
 
     # what the handlers read from the server, looked up per request (the engine arrives late)
     @property
@@ -532,7 +531,6 @@ class HttpSurface:
 
     async def start(self) -> int:
         """Bind ``host:port`` and serve on the running loop; return the bound port."""
-        import anyio
         import uvicorn
 
         try:
@@ -541,7 +539,6 @@ class HttpSurface:
             raise OSError(f"cannot bind HTTP {self.host}:{self.requested_port}: {e.strerror or e}") from None
         self._socket = sock
         self.port = sock.getsockname()[1]
-        self._shutdown_event = anyio.Event()
         tls = getattr(self.backend, "tls", None)
         ssl_kwargs: dict[str, Any] = {}
         if tls is not None:
@@ -572,12 +569,11 @@ class HttpSurface:
         return self.port
 
     async def stop(self) -> None:
-        """Stop accepting, end open streams, close connections (after the drain gate's grace)."""
+        """Stop accepting and close connections (after the drain gate's grace): uvicorn cancels
+        streams still open after its 1 s graceful-shutdown timeout, which drops their sequences."""
         if self._server is None:
             return
         server, self._server = self._server, None
-        if self._shutdown_event is not None:
-            self._shutdown_event.set()  # open SSE streams end now
         server.should_exit = True
         if self._loop_task is not None:
             await self._loop_task
@@ -664,8 +660,7 @@ class HttpSurface:
         reply = _Reply(call, body, text, stops, engine)
         if body.stream:
             return EventSourceResponse(self._sse(call, reply, stream, first), sep="\n",
-                                       headers={REQUEST_ID_METADATA_KEY: call.request_id},
-                                       shutdown_event=self._shutdown_event)
+                                       headers={REQUEST_ID_METADATA_KEY: call.request_id})
         try:
             async with aclosing(stream):
                 item = first
