@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatforge.context import REQUEST_ID_METADATA_KEY, SESSION_ID_METADATA_KEY, request_id_var, session_id_var
@@ -460,6 +460,11 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def _events(payloads: list[str]) -> bytes:
+    """Several SSE ``data:`` events as one body write, each framed by sse-starlette's encoder."""
+    return b"".join(ServerSentEvent(data=p, sep="\n").encode() for p in payloads)
+
+
 # ---------------------------------------------------------------------------------- the surface
 class HttpSurface:
     """The HTTP API and chat page of one :class:`~chatforge.serving.server.ChatbotServer`.
@@ -479,7 +484,6 @@ class HttpSurface:
         self._server = None
         self._socket: socket.socket | None = None
         self._loop_task: asyncio.Task | None = None
-        self._shutdown_event = None
 
     # what the handlers read from the server, looked up per request (the engine arrives late)
     @property
@@ -527,7 +531,6 @@ class HttpSurface:
 
     async def start(self) -> int:
         """Bind ``host:port`` and serve on the running loop; return the bound port."""
-        import anyio
         import uvicorn
 
         try:
@@ -536,7 +539,6 @@ class HttpSurface:
             raise OSError(f"cannot bind HTTP {self.host}:{self.requested_port}: {e.strerror or e}") from None
         self._socket = sock
         self.port = sock.getsockname()[1]
-        self._shutdown_event = anyio.Event()
         tls = getattr(self.backend, "tls", None)
         ssl_kwargs: dict[str, Any] = {}
         if tls is not None:
@@ -567,12 +569,11 @@ class HttpSurface:
         return self.port
 
     async def stop(self) -> None:
-        """Stop accepting, end open streams, close connections (after the drain gate's grace)."""
+        """Stop accepting and close connections (after the drain gate's grace): uvicorn cancels
+        streams still open after its 1 s graceful-shutdown timeout, which drops their sequences."""
         if self._server is None:
             return
         server, self._server = self._server, None
-        if self._shutdown_event is not None:
-            self._shutdown_event.set()  # open SSE streams end now
         server.should_exit = True
         if self._loop_task is not None:
             await self._loop_task
@@ -659,8 +660,7 @@ class HttpSurface:
         reply = _Reply(call, body, text, stops, engine)
         if body.stream:
             return EventSourceResponse(self._sse(call, reply, stream, first), sep="\n",
-                                       headers={REQUEST_ID_METADATA_KEY: call.request_id},
-                                       shutdown_event=self._shutdown_event)
+                                       headers={REQUEST_ID_METADATA_KEY: call.request_id})
         try:
             async with aclosing(stream):
                 item = first
@@ -687,23 +687,31 @@ class HttpSurface:
             raise DeadlineExceededError("the X-Request-Timeout passed before the reply was complete") from None
 
     async def _sse(self, call: HttpCall, reply: _Reply, stream, first):
+        """The SSE body. Events that exist together go out in one write (``_events``): the role
+        chunk with the first token, the last token with the finish/usage chunks and ``[DONE]``.
+        Each write is a syscall here and a read plus a parse in the client, and a client sees its
+        first token only after all writes before it (measured: about 1 ms of time to first token)."""
         code, status = grpc.StatusCode.CANCELLED, 499
         try:
+            out = [_dumps(reply.chunk({"role": "assistant", "content": ""}))]
             async with aclosing(stream):
-                yield _dumps(reply.chunk({"role": "assistant", "content": ""}))
                 item = first
                 while item is not None:
                     done = reply.take(item)
                     if reply.pending:
-                        yield _dumps(reply.chunk({"content": reply.pending}))
+                        out.append(_dumps(reply.chunk({"content": reply.pending})))
                         reply.pending = ""
                     if done:
                         break
+                    if out:
+                        yield _events(out)
+                        out = []
                     item = await self._next(stream, call)
-            yield _dumps(reply.chunk({}, reply.finish_reason))
+            out.append(_dumps(reply.chunk({}, reply.finish_reason)))
             if reply.body.stream_options is not None and reply.body.stream_options.include_usage:
-                yield _dumps(reply.usage_chunk())
-            yield "[DONE]"
+                out.append(_dumps(reply.usage_chunk()))
+            out.append("[DONE]")
+            yield _events(out)
             code, status = grpc.StatusCode.OK, 200
             self._finish_reply(call, reply, finish=False)
         except Exception as e:  # noqa: BLE001 - after the headers: reported in the stream itself
@@ -714,8 +722,7 @@ class HttpSurface:
                              extra={"rpc": call.rpc, "request_id": call.request_id})
                 if self.alerts is not None:
                     self.alerts.alert_exception(e, rpc=call.rpc, context={"request_id": call.request_id})
-            yield _dumps(err)
-            yield "[DONE]"
+            yield _events([_dumps(err), "[DONE]"])
         finally:
             # A client that went away lands here with CancelledError (sse-starlette cancels the
             # body task on http.disconnect); aclosing above has already dropped the sequence.
