@@ -15,7 +15,7 @@ import httpx
 import pytest
 from test_e2e import REPO, cli, wait_for_file
 
-from chatforge.serving.client import ChatbotClient
+from chatforge.client import ChatbotClient
 
 pytestmark = pytest.mark.slow
 
