@@ -55,11 +55,11 @@ def test_serve_http_port_streams_the_same_reply_as_grpc(bundle, tmp_path):
             with http.stream("POST", "/v1/chat/completions", json=body) as r:
                 events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
-        http_tokens = [d["content"] for e in events[:-1]
-                       for d in [json.loads(e)["choices"][0]["delta"]] if d.get("content")]
-        # Greedy: the same tokens, one chunk each (a token whose text is still empty, e.g. half a
-        # character, sends no HTTP chunk).
-        assert http_tokens == [t for t in grpc_tokens if t] and len(grpc_tokens) == 6 and http_tokens
+        deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+        assert deltas[0] == {"role": "assistant", "content": ""}
+        http_tokens = [d["content"] for d in deltas[1:] if "content" in d]
+        # Greedy: the same tokens, one chunk each (empty texts included), as over gRPC.
+        assert http_tokens == grpc_tokens and len(http_tokens) == 6
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         with pytest.raises(httpx.TransportError):  # HTTP stopped with the gRPC server

@@ -117,9 +117,10 @@ class HttpChatClient:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or ():
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        yield HttpChunk(text=content)
+                    delta = choice.get("delta") or {}
+                    # One chunk per token (its text may still be empty); the opening role chunk is not one.
+                    if "content" in delta and "role" not in delta:
+                        yield HttpChunk(text=delta["content"] or "")
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
             yield HttpChunk(is_final=True, finish_reason=finish,

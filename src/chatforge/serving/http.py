@@ -698,7 +698,11 @@ class HttpSurface:
                 item = first
                 while item is not None:
                     done = reply.take(item)
-                    if reply.pending:
+                    # One chunk per generated token, as over gRPC, also while its text is still
+                    # empty (a SentencePiece token that only opens a word): clients see progress
+                    # and time to first token means the same on both surfaces. With stop
+                    # sequences, held-back text sends nothing until it is known to be safe.
+                    if reply.pending or (isinstance(item, TokenDelta) and not reply.matcher.stops):
                         out.append(_dumps(reply.chunk({"content": reply.pending})))
                         reply.pending = ""
                     if done:
