@@ -21,13 +21,17 @@ demo: $(STAMP)
 # packages and a local base image is built (cached in podman's storage) for the deployment tests;
 # a throwaway PostgreSQL from Debian's packages is started for the
 # conversation store's PostgreSQL test; elsewhere that test skips unless
-# CHATFORGE_TEST_PG_URL is set. A failed start only skips those tests.
+# CHATFORGE_TEST_PG_URL is set. A failed start only skips those tests. Under CI, Debian's
+# Chromium (and CJK fonts) are installed for the chat-page browser test, which skips without it.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools scripts
 	$(BIN)/lint-imports  # import contracts in pyproject.toml: no upward import, no cycle
 	@if [ -n "$$CI" ]; then \
 	  timeout 900 bash tools/ci_install_containers.sh >/dev/null \
 	    || echo "container tools or base image unavailable: tests/scenarios/test_image.py says why"; \
+	fi
+	@if [ -n "$$CI" ]; then \
+	  timeout 600 bash tools/ci_install_browser.sh || echo "Chromium for tests: unavailable (the browser test skips)"; \
 	fi
 	@if [ -n "$$CI" ] && [ -z "$$CHATFORGE_TEST_PG_URL" ]; then \
 	  CHATFORGE_TEST_PG_URL=$$(timeout 300 bash tools/start_postgres.sh || true); export CHATFORGE_TEST_PG_URL; \

@@ -175,7 +175,7 @@ def _rate(stream) -> float:
 
 
 def echo_baseline(workdir: Path, reps: int) -> dict:
-    from chatforge.serving.client import ChatbotClient
+    from chatforge.client import ChatbotClient
 
     proc, target = _spawn(["--_echo", str(workdir / "echo.port")], workdir, workdir / "echo.port")
     try:
@@ -193,7 +193,7 @@ def echo_baseline(workdir: Path, reps: int) -> dict:
 
 
 def in_process_ab(workdir: Path, bundle: Path, texts: list[str], precision: str, new_tokens: int) -> dict:
-    from chatforge.serving.client import ChatbotClient
+    from chatforge.client import ChatbotClient
 
     proc, target = _spawn(["--_model", str(bundle), str(workdir / "model.port"), precision, str(new_tokens)],
                           workdir, workdir / "model.port")
@@ -255,7 +255,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    from chatforge.serving.loadtest import load_texts
+    from chatforge.client.loadtest import load_texts
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundle = train_bundle(args.workdir, "generation", args.size)

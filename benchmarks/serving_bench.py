@@ -149,7 +149,7 @@ def median(xs):
 
 
 def pct(xs, q: float):
-    from chatforge.serving.loadtest import percentile
+    from chatforge.client.loadtest import percentile
 
     return percentile(xs, q)
 
@@ -294,7 +294,7 @@ class Server:
 
 def concurrent_streams(target: str, texts: list[str], streams: int, rounds: int, new_tokens: int) -> dict:
     """(b) ``streams`` threads each run ``rounds`` fixed-length replies; aggregate tokens/s."""
-    from chatforge.serving.client import ChatbotClient
+    from chatforge.client import ChatbotClient
 
     tokens = [0] * streams
     errors: list[BaseException] = []
@@ -321,7 +321,7 @@ def concurrent_streams(target: str, texts: list[str], streams: int, rounds: int,
 
 def classify_throughput(target: str, texts: list[str], concurrency: int, requests: int) -> dict:
     """(c) with the load-test library (the same numbers ``chatforge loadtest`` reports)."""
-    from chatforge.serving.loadtest import LoadTestConfig, run_load_test
+    from chatforge.client.loadtest import LoadTestConfig, run_load_test
 
     cfg = LoadTestConfig(target=target, rpc="classify", concurrency=concurrency, requests=requests,
                          connections=min(4, concurrency), texts=texts, model="intent", timeout=60.0)
@@ -339,7 +339,7 @@ def health_under_load(server: Server, texts: list[str], checks: int, new_tokens:
     while 8 streams keep the server generating."""
     import psutil
 
-    from chatforge.serving.client import ChatbotClient
+    from chatforge.client import ChatbotClient
 
     stop = threading.Event()
     streaming = threading.Barrier(9)
@@ -424,7 +424,7 @@ def main() -> None:
     import grpc
     import torch
 
-    from chatforge.serving.loadtest import load_texts
+    from chatforge.client.loadtest import load_texts
 
     load_start = os.getloadavg()
     own_tmp = args.workdir is None
@@ -445,7 +445,7 @@ def main() -> None:
         ab = in_process_ab(workdir, gen, texts[: args.reps], args.precision, args.new_tokens)
         server = Server(gen, cls, workdir, args.torch_threads, args.precision)
         try:
-            from chatforge.serving.client import ChatbotClient
+            from chatforge.client import ChatbotClient
 
             print(f"(a') engine in this process vs the server's over gRPC ({server.target}), interleaved ...",
                   flush=True)

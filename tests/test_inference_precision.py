@@ -15,7 +15,8 @@ import torch
 from chatforge.config import validate_config
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import load_model
-from chatforge.serving.engine import Engine, ModelDirectory, ReplyDone
+from chatforge.serving.engine import Engine, ReplyDone
+from chatforge.serving.repository import ModelDirectory
 from chatforge.training.run import run_experiment
 
 TEXTS = ["안녕하세요", "오늘 날씨 어때요", "배고파요", "영화 보러 갈래요", "심심해"]
@@ -150,7 +151,7 @@ def test_model_directory_loads_and_hot_swaps_every_version_at_its_precision(bund
     """``serve --model-dir DIR --precision bf16``: the first load and each hot-swapped version alike."""
     import shutil
 
-    from chatforge.serving.engine import ModelDirectoryWatcher
+    from chatforge.serving.repository import ModelDirectoryWatcher
 
     root = tmp_path / "models"
     shutil.copytree(bundles["generation"], root / "chat" / "1")

@@ -440,8 +440,8 @@ def test_scorer_policy_end_to_end(tmp_path):
 def test_the_classify_rpc_answers_with_the_scorer(tmp_path):
     from tests.serving_fakes import WAIT, ServerThread, make_engine
 
+    from chatforge.client import ChatbotClient
     from chatforge.inference import load_model
-    from chatforge.serving.client import ChatbotClient
 
     res = run_experiment(validate_config(intent_cfg(tmp_path, oos={"policy": "scorer"})), run_dir=tmp_path / "r")
     clf = load_model(res.bundle_dir, "intents")

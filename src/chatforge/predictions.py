@@ -1,6 +1,6 @@
 """Result types shared by the model side and the client side, with no torch/numpy imports.
 
-The gRPC client (``serving/client.py``) returns :class:`ClassPrediction` too; defining it here
+The gRPC client (``client/channel.py``) returns :class:`ClassPrediction` too; defining it here
 instead of in ``inference.py`` (which imports ``decoding`` and so torch) keeps
 ``chatforge health`` and the other client commands free of torch's ~3 s import.
 """

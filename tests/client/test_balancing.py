@@ -8,8 +8,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
 
+from chatforge.client import ChatbotClient, ChatbotError
 from chatforge.inference import TokenDelta
-from chatforge.serving.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine, EngineUnavailableError
 from chatforge.v1 import chatbot_pb2 as pb
 

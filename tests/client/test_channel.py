@@ -14,9 +14,9 @@ import grpc
 import pytest
 from tests.serving_fakes import WAIT, ServerThread, make_engine
 
-from chatforge.serving import client as client_mod
+from chatforge.client import ChatbotClient, ChatbotError
+from chatforge.client import channel as client_mod
 from chatforge.serving import server as server_mod
-from chatforge.serving.client import ChatbotClient, ChatbotError
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -146,7 +146,8 @@ def test_fd_count_stable_over_many_client_cycles(server):
 
 
 # ---------------------------------------- the client side imports no torch (issue 12, item 10)
-MODEL_SIDE = ("torch", "sklearn", "mlflow", "xgboost", "chatforge.inference", "chatforge.decoding")
+MODEL_SIDE = ("torch", "sklearn", "mlflow", "xgboost", "chatforge.inference", "chatforge.decoding", "chatforge.models",
+              "chatforge.serving")
 
 
 def _fresh_python(code: str) -> subprocess.CompletedProcess:
@@ -155,7 +156,8 @@ def _fresh_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_client_module_imports_no_torch():
-    r = _fresh_python("import sys, chatforge.serving.client, chatforge.serving.loadtest, chatforge.serving.monitor\n"
+    r = _fresh_python("import sys, chatforge.client, chatforge.client.http, chatforge.client.loadtest, "
+                      "chatforge.client.top\n"
                       f"print(sorted(m for m in {MODEL_SIDE!r} if m in sys.modules))")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout

@@ -9,7 +9,7 @@ import pytest
 from tests.serving_fakes import ServerThread, make_engine
 from typer.testing import CliRunner
 
-from chatforge.serving.loadtest import (
+from chatforge.client.loadtest import (
     SLO,
     CallResult,
     LoadReport,

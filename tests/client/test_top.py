@@ -9,15 +9,15 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from chatforge.inference import ModelInfo
-from chatforge.serving.metrics import MetricsHTTPServer, ServingMetrics
-from chatforge.serving.monitor import (
+from chatforge.client.top import (
     MonitorError,
     ResourceMonitor,
     metrics_url,
     parse_metrics,
     summarize_samples,
 )
+from chatforge.inference import ModelInfo
+from chatforge.serving.metrics import MetricsHTTPServer, ServingMetrics
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, GatedGenerator, ServerThread
 
-from chatforge.serving.client import ChatbotClient, ChatbotError
+from chatforge.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine
 from chatforge.serving.metrics import ServingMetrics
 from chatforge.serving.server import ChatbotServer
@@ -146,7 +146,7 @@ def test_serve_passes_drain_delay_through(tmp_path, monkeypatch):
     from chatforge.serving import server
 
     seen = {}
-    monkeypatch.setattr(server, "run_server", lambda *a, **kw: seen.update(kw) or 0)
+    monkeypatch.setattr(server, "run_server", lambda config, **kw: seen.update(drain_delay=config.drain_delay) or 0)
     (tmp_path / "bundle").mkdir()
     r = CliRunner().invoke(cli.app, ["serve", "--model", f"chat={tmp_path / 'bundle'}", "--drain-delay", "2.5"])
     assert r.exit_code == 0, r.output

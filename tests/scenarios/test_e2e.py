@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.serving.client import ChatbotClient
+from chatforge.client import ChatbotClient
 
 pytestmark = pytest.mark.slow
 

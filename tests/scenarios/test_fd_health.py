@@ -15,7 +15,7 @@ import time
 import pytest
 from tests.serving_fakes import WAIT, ServerThread, make_engine
 
-from chatforge.serving.client import ChatbotClient
+from chatforge.client import ChatbotClient
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from tests.serving_fakes import ServerThread
 
+from chatforge.client import ChatbotClient
 from chatforge.config import validate_config
-from chatforge.serving.client import ChatbotClient
-from chatforge.serving.engine import ModelDirectory
+from chatforge.serving.repository import ModelDirectory
 from chatforge.training.run import run_experiment
 
 pytestmark = pytest.mark.slow

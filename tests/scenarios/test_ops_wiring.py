@@ -20,8 +20,8 @@ from tests.serving_fakes import (
     TinySeq2SeqGenerator,
 )
 
+from chatforge.client import ChatbotClient, ChatbotError
 from chatforge.serving.alerts import AlertManager
-from chatforge.serving.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine
 from chatforge.serving.metrics import ServingMetrics
 from chatforge.serving.observability import JsonFormatter
@@ -59,7 +59,7 @@ def test_one_request_id_in_client_api_and_engine_logs(json_lines):
         assert engine.wait_idle(WAIT)
     mine = [ln for ln in json_lines.lines if ln["request_id"] == "ops-req-1"]
     loggers = {ln["logger"] for ln in mine}
-    assert {"chatforge.serving.client", "chatforge.serving.interceptors", "chatforge.serving.batching"} <= loggers
+    assert {"chatforge.client.channel", "chatforge.serving.interceptors", "chatforge.serving.batching"} <= loggers
     engine_line = next(ln for ln in mine if ln["logger"] == "chatforge.serving.batching")
     assert engine_line["outcome"] == "completed" and engine_line["completion_tokens"] == 3
 

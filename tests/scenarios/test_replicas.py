@@ -62,7 +62,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_kill_9_one_of_two_replicas_fails_no_call():
-    from chatforge.serving.client import ChatbotClient
+    from chatforge.client import ChatbotClient
 
     a, port_a = _start_replica("a")
     try:
@@ -145,7 +145,7 @@ def test_kill_9_with_8_callers_fails_no_classify_and_no_unstarted_reply():
 
 
 def _kill_one_of_two_under_mixed_load(round_: int) -> None:
-    from chatforge.serving.client import ChatbotClient, ChatbotError
+    from chatforge.client import ChatbotClient, ChatbotError
 
     a, port_a = _start_replica("a")
     try:

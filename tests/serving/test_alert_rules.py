@@ -6,9 +6,9 @@ import pytest
 from tests.scenarios.test_ops_wiring import _Receiver
 from tests.serving_fakes import WAIT, FailingGenerator, FakeGenerator, ServerThread
 
+from chatforge.client import ChatbotClient, ChatbotError
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
 from chatforge.serving.alerts import AlertManager
-from chatforge.serving.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine
 
 

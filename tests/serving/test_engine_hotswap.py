@@ -8,8 +8,8 @@ import threading
 import pytest
 from tests.serving_fakes import WAIT, FakeGenerator, ServerThread
 
-from chatforge.serving.client import ChatbotClient
-from chatforge.serving.engine import ModelDirectory, ModelDirectoryWatcher, version_key
+from chatforge.client import ChatbotClient
+from chatforge.serving.repository import ModelDirectory, ModelDirectoryWatcher, version_key
 
 
 def _loader(path, name, version):

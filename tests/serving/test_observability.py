@@ -194,7 +194,7 @@ def test_served_call_logs_each_event_once_in_the_chosen_format(tiny_classifier, 
     import sys
     import time
 
-    from chatforge.serving.client import ChatbotClient
+    from chatforge.client import ChatbotClient
 
     port_file = tmp_path / "port"
     env = {**os.environ, "CHATFORGE_ENV": "test", "CHATFORGE_LOG_FORMAT": fmt, "CHATFORGE_LOG_LEVEL": "INFO"}

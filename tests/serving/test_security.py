@@ -9,7 +9,7 @@ import grpc
 import pytest
 from tests.serving_fakes import WAIT, ServerThread, make_engine
 
-from chatforge.serving.client import ChatbotClient, ChatbotError
+from chatforge.client import ChatbotClient, ChatbotError
 from chatforge.serving.security import ApiKeyAuth, TlsConfig
 
 KEY = "sk-test-0123456789abcdef"

@@ -24,7 +24,7 @@ from tests.serving_fakes import (
     make_engine,
 )
 
-from chatforge.serving.client import ChatbotClient, ChatbotError
+from chatforge.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine, EngineUnavailableError
 
 
@@ -335,10 +335,30 @@ def test_loader_failure_shuts_the_server_down_with_the_error():
 
 
 def test_run_server_needs_bundles():
-    from chatforge.serving.server import run_server
+    from chatforge.serving.server import ServerConfig
 
     with pytest.raises(ValueError, match="no bundles"):
-        run_server({})
+        ServerConfig(bundles={})
+
+
+def test_server_config_is_checked_once_and_frozen(tmp_path):
+    import dataclasses
+
+    from chatforge.serving.server import ServerConfig
+
+    with pytest.raises(ValueError, match="bundles or a model directory, not both"):
+        ServerConfig(bundles={"chat": str(tmp_path)}, model_dir=tmp_path)
+    with pytest.raises(ValueError, match="TLS needs both a certificate and its key"):
+        ServerConfig(bundles={"chat": str(tmp_path)}, tls_cert=tmp_path / "cert.pem")
+    with pytest.raises(ValueError, match="precision"):
+        ServerConfig(bundles={"chat": str(tmp_path)}, precision="int8")
+    config = ServerConfig(bundles={"chat": tmp_path}, port_file=str(tmp_path / "port"), max_running=3)
+    assert config.port_file == tmp_path / "port" and config.bundles == {"chat": str(tmp_path)}
+    assert config.engine_kwargs()["max_running"] == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.port = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.bundles["other"] = "x"  # type: ignore[index]
 
 
 @pytest.mark.parametrize(("method", "message"), [("Classify", "chatforge.v1.ClassifyRequest"),

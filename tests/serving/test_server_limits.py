@@ -9,7 +9,7 @@ import grpc
 import pytest
 from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, GatedGenerator, ServerThread
 
-from chatforge.serving.client import ChatbotClient, ChatbotError
+from chatforge.client import ChatbotClient, ChatbotError
 from chatforge.serving.engine import Engine
 from chatforge.serving.metrics import ServingMetrics
 

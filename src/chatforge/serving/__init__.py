@@ -1,5 +1,6 @@
-"""Serving: the engine (no grpc), the thin servicer, interceptors, the grpc.aio server and the client.
+"""Serving: the engine (no grpc), the model repository, the thin servicer, interceptors and the grpc.aio server.
 
-Import the submodule you need (``chatforge.serving.engine``, ``.server``, ``.client``):
-this package imports nothing itself, so a client does not pull in the server.
+Import the submodule you need (``chatforge.serving.engine``, ``.repository``, ``.server``):
+this package imports nothing itself. The client side (``ChatbotClient``, loadtest, top) lives
+beside it in :mod:`chatforge.client`, so a client never pulls in the server.
 """

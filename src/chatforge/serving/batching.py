@@ -185,6 +185,34 @@ class _Runner:
             self.metrics.request_queued(self.name)
             self._cond.notify_all()
 
+    def _dequeue(self, fits: Callable[[list, Any], bool]) -> list:
+        """Under ``self._cond``: move waiting requests to running while ``fits(taken, next)``.
+
+        The one admission loop of every runner: each request leaves the queue (counters and
+        queue-time metric), one whose consumer already went away is dropped instead of run,
+        and the taken ones count as running.
+        """
+        taken: list = []
+        now = time.perf_counter()
+        while self._waiting and fits(taken, self._waiting[0]):
+            req = self._waiting.popleft()
+            self.stats.update(waiting=-1)
+            self.metrics.request_dequeued(self.name, now - req.enqueued)
+            if req.cancelled.is_set():
+                self.stats.update(dropped=1)
+                _log(req, logging.INFO, "request dropped before it ran", model=self.name, outcome="dropped")
+                continue
+            taken.append(req)
+        if taken:
+            self.running += len(taken)
+            self.stats.update(running=len(taken))
+        return taken
+
+    def _observe_batch(self, size: int) -> None:
+        self.metrics.batch(self.name, size)
+        with self.stats.cond:
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, size)
+
     def drain(self) -> None:
         """Take no new work; what is queued or running finishes (hot swap: the old version)."""
         with self._cond:
@@ -309,20 +337,7 @@ class ContinuousBatcher(_Runner):
 
     def _admit(self) -> list[GenRequest]:
         """Under the lock: move waiting requests into free batch slots; drop cancelled ones."""
-        new: list[GenRequest] = []
-        now = time.perf_counter()
-        while self._waiting and len(self._rows) + len(new) < self.max_running:
-            req = self._waiting.popleft()
-            self.stats.update(waiting=-1)
-            self.metrics.request_dequeued(self.name, now - req.enqueued)
-            if req.cancelled.is_set():
-                self.stats.update(dropped=1)
-                _log(req, logging.INFO, "request dropped before it ran", model=self.name, outcome="dropped")
-                continue
-            self.running += 1
-            self.stats.update(running=1)
-            new.append(req)
-        return new
+        return self._dequeue(lambda new, _next: len(self._rows) + len(new) < self.max_running)
 
     def _finish(self, req: GenRequest, outcome: str, reason: str | None = None,
                 error: BaseException | None = None) -> None:
@@ -398,10 +413,6 @@ class ContinuousBatcher(_Runner):
         self._state = state if self._state is None else self.model.merge(self._state, state)
         self._rows = self._rows + joined
 
-    def _observe_batch(self, size: int) -> None:
-        self.metrics.batch(self.name, size)
-        with self.stats.cond:
-            self.stats.max_batch_seen = max(self.stats.max_batch_seen, size)
 
 
 class ThreadedRunner(_Runner):
@@ -425,16 +436,9 @@ class ThreadedRunner(_Runner):
             self._pump_locked()
 
     def _pump_locked(self) -> None:
-        now = time.perf_counter()
-        while self._waiting and self.running < self.max_running and not self._closed:
-            req = self._waiting.popleft()
-            self.stats.update(waiting=-1)
-            self.metrics.request_dequeued(self.name, now - req.enqueued)
-            if req.cancelled.is_set():
-                self.stats.update(dropped=1)
-                continue
-            self.running += 1
-            self.stats.update(running=1)
+        if self._closed:
+            return
+        for req in self._dequeue(lambda new, _next: self.running + len(new) < self.max_running):
             self._executor.submit(req.context.run, self._work, req)
 
     def join(self, timeout: float) -> bool:
@@ -550,20 +554,9 @@ class MicroBatcher(_Runner):
                 left = deadline - time.perf_counter()
                 if left <= 0 or not self._cond.wait(left):
                     break
-            batch, n = [], 0
-            now = time.perf_counter()
-            while self._waiting and (not batch or n + len(self._waiting[0].texts) <= self.max_batch_size):
-                req = self._waiting.popleft()
-                self.stats.update(waiting=-1)
-                self.metrics.request_dequeued(self.name, now - req.enqueued)
-                if req.cancelled.is_set():
-                    self.stats.update(dropped=1)
-                    continue
-                batch.append(req)
-                n += len(req.texts)
-            self.running += len(batch)
-            self.stats.update(running=len(batch))
-            return batch
+            # A request larger than max_batch_size still runs, alone.
+            return self._dequeue(lambda batch, nxt: not batch or
+                                 sum(len(r.texts) for r in batch) + len(nxt.texts) <= self.max_batch_size)
 
     def _loop(self) -> None:
         while True:
@@ -573,10 +566,8 @@ class MicroBatcher(_Runner):
             if not batch:
                 continue
             texts = [t for r in batch for t in r.texts]
-            self.metrics.batch(self.name, len(texts))
+            self._observe_batch(len(texts))
             self.stats.update(batches=1)
-            with self.stats.cond:
-                self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(texts))
             try:
                 preds = self.classifier.classify(texts)
                 if len(preds) != len(texts):

@@ -1,4 +1,4 @@
-"""API keys and TLS for the gRPC server and client. Secrets are never logged.
+"""API keys and TLS for the gRPC server (the client side: chatforge.client.channel). Secrets are never logged.
 
 * API keys: the client sends ``authorization: Bearer <key>`` metadata; the server compares
   it with every configured key using :func:`hmac.compare_digest` (constant time, and all
@@ -107,17 +107,3 @@ class TlsConfig:
             root_certificates=ca,
             require_client_auth=ca is not None,
         )
-
-
-def client_credentials(ca_file: str | Path | None = None, cert_file: str | Path | None = None,
-                       key_file: str | Path | None = None):
-    """Channel credentials: trust ``ca_file`` (system roots if None); a cert+key for mutual TLS."""
-    import grpc
-
-    if (cert_file is None) != (key_file is None):
-        raise ValueError("mutual TLS needs both a client certificate and its key (or neither)")
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
-        private_key=Path(key_file).read_bytes() if key_file else None,
-        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
-    )

@@ -31,7 +31,10 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -40,14 +43,16 @@ from grpc_reflection.v1alpha import reflection
 
 from chatforge.fileio import atomic_write_text
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
-from chatforge.serving.engine import Engine, ModelDirectory, ModelDirectoryWatcher
+from chatforge.serving.engine import Engine, PipelineConfig
 from chatforge.serving.interceptors import CallGate, RequestContextInterceptor
+from chatforge.serving.policy import ReplyPolicy
+from chatforge.serving.repository import ModelDirectory, ModelDirectoryWatcher
 from chatforge.serving.service import SERVICE_NAME, ChatbotServicer
 from chatforge.v1 import chatbot_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-# Connection management, consistent with chatforge.serving.client (client pings every 30 s):
+# Connection management, consistent with chatforge.client.channel (client pings every 30 s):
 # - the server pings idle connections every 60 s (timeout 20 s) to drop dead peers that
 #   vanished without a FIN (NAT, crashed VM), also when no call is open (permit_without_calls);
 # - it accepts client pings as often as every 10 s without data, well below the client's 30 s,
@@ -96,7 +101,8 @@ class ChatbotServer:
     ``metrics`` (ServingMetrics; with ``metrics_port`` also served over HTTP with
     /metrics, /healthz, /readyz), ``alerts`` (AlertManager), ``store`` (ConversationStore,
     flushed on drain), ``auth`` (ApiKeyAuth), ``tls`` (TlsConfig), ``model_dir`` (a
-    ModelDirectory watched every ``poll_interval`` seconds for new versions).
+    ModelDirectory watched every ``poll_interval`` seconds for new versions), ``http_port``
+    (the OpenAI-compatible HTTP API and chat page of :mod:`chatforge.serving.http`, on this loop).
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class ChatbotServer:
         max_message_bytes: int | None = None,
         alert_rules=None,
         alert_rules_interval: float = 15.0,
+        http_port: int | None = None,
     ) -> None:
         if not (0 <= port <= 65535):
             raise ValueError(f"port={port!r} is out of range; allowed: 0 (ephemeral) to 65535")
@@ -161,6 +168,12 @@ class ChatbotServer:
         self._shutdown_requested = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._load_task: asyncio.Task | None = None
+        # The HTTP surface (serving/http.py): same loop, engine, gate, auth and metrics as gRPC.
+        self.http = None
+        if http_port is not None:
+            from chatforge.serving.http import HttpSurface
+
+            self.http = HttpSurface(self, host, http_port)
 
     @property
     def engine(self) -> Engine | None:
@@ -202,6 +215,12 @@ class ChatbotServer:
             raise OSError(f"cannot bind {address}: the port is taken or the address is not local")
         await server.start()
         self._server = server
+        if self.http is not None:
+            try:
+                await self.http.start()
+            except OSError:
+                await server.stop(0)
+                raise
         logger.info("listening", extra={"address": f"{self.host}:{self.port}", "tls": self.tls is not None,
                                         "api_keys": self.auth is not None})
         if self.metrics_port is not None:
@@ -313,6 +332,8 @@ class ChatbotServer:
             self.watcher.stop()
         if self._rules_task is not None:
             self._rules_task.cancel()
+        if self.http is not None:
+            await self.http.stop()  # its calls were drained through the same gate
         if self._server is not None:
             # Whatever is left is cancelled now.
             await self._server.stop(0.5 if self.gate.in_flight == 0 else 0)
@@ -385,11 +406,7 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 50051,
     *,
-    grace: float = 10.0,
-    drain_delay: float = 0.0,
-    port_file: str | Path | None = None,
     ready_event: asyncio.Event | threading.Event | None = None,
-    options: Sequence[tuple[str, object]] = (),
     handle_signals: bool = True,
     **server_kwargs,
 ) -> None:
@@ -399,10 +416,10 @@ async def serve(
     (run in a thread after the port is bound). ``port=0`` picks a free port; the bound
     port is written to ``port_file`` once SERVING. ``ready_event`` is set at the same time.
     Signal handlers are installed only when ``handle_signals`` and on the main thread.
-    ``server_kwargs`` go to :class:`ChatbotServer` (metrics, alerts, store, auth, tls, ...).
+    ``server_kwargs`` go to :class:`ChatbotServer` (grace, drain_delay, port_file, metrics,
+    alerts, store, auth, tls, ...).
     """
-    server = ChatbotServer(engine_or_loader, host, port, grace=grace, drain_delay=drain_delay, port_file=port_file,
-                           options=options, **server_kwargs)
+    server = ChatbotServer(engine_or_loader, host, port, **server_kwargs)
     loop = asyncio.get_running_loop()
     installed: list[int] = []
     if handle_signals and threading.current_thread() is threading.main_thread():
@@ -440,71 +457,111 @@ def operations(settings) -> dict:
             "store": ConversationStore.from_settings(settings)}
 
 
-def run_server(
-    bundles: Mapping[str, str | Path] | None = None,
-    host: str = "127.0.0.1",
-    port: int = 50051,
-    grace: float = 10.0,
-    port_file: str | Path | None = None,
-    *,
-    drain_delay: float = 5.0,
-    model_dir: str | Path | None = None,
-    pins: Mapping[str, str] | None = None,
-    poll_interval: float = 5.0,
-    metrics_port: int | None = None,
-    api_keys_file: str | Path | None = None,
-    tls_cert: str | Path | None = None,
-    tls_key: str | Path | None = None,
-    tls_client_ca: str | Path | None = None,
-    open_health: bool = True,
-    max_message_bytes: int | None = None,
-    engine_kwargs: Mapping[str, object] | None = None,
-    settings=None,
-    precision: str = "fp32",
-) -> None:
-    """Blocking entry point for the CLI: serve bundles (or a model directory) until SIGTERM/SIGINT.
+def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType({str(k): str(v) for k, v in (mapping or {}).items()})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a served process is started with, checked once, before the port is bound.
+
+    Built by ``chatforge serve`` (or any caller) and handed to :func:`run_server`. Models come
+    from ``bundles`` (name -> bundle folder) or ``model_dir`` (``DIR/<name>/<version>/``, see
+    :mod:`chatforge.serving.repository`; ``pins`` name -> version), never both. The ``max_*``
+    limits and ``pipeline`` are the engine's (:class:`chatforge.serving.engine.Engine`);
+    ``drain_delay`` is how long readiness is off before a SIGTERM stops taking calls (0
+    disables); ``open_health=False`` makes health and reflection need an API key too; ``http_port`` also
+    serves the OpenAI-compatible HTTP surface (:mod:`chatforge.serving.http`).
+    """
+
+    bundles: Mapping[str, str] = field(default_factory=dict)
+    model_dir: Path | None = None
+    pins: Mapping[str, str] = field(default_factory=dict)
+    poll_interval: float = 5.0
+    host: str = "127.0.0.1"
+    port: int = 50051
+    port_file: Path | None = None
+    grace: float = 10.0
+    drain_delay: float = 5.0
+    metrics_port: int | None = None
+    http_port: int | None = None
+    api_keys_file: Path | None = None
+    open_health: bool = True
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    max_message_bytes: int | None = None
+    precision: str = "fp32"
+    max_running: int = 8
+    max_queued: int = 64
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    max_input_tokens: int | None = None
+    max_new_tokens: int = 1024
+    pipeline: PipelineConfig | None = None
+    policy: ReplyPolicy | None = None  # the hybrid reply policy (serving.policy), instead of a pipeline
+
+    def __post_init__(self) -> None:
+        from chatforge.inference import check_precision
+
+        if not self.bundles and self.model_dir is None:
+            raise ValueError("no bundles given; pass at least one name=path, or a model directory")
+        if self.bundles and self.model_dir is not None:
+            raise ValueError("pass bundles or a model directory, not both")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+        if self.poll_interval <= 0:
+            raise ValueError(f"poll_interval={self.poll_interval!r} is out of range; allowed: seconds > 0")
+        check_precision(self.precision)  # before the port is bound, not in the model loader's thread
+        # Frozen all the way down: the mappings are read-only copies, paths are Paths.
+        object.__setattr__(self, "bundles", _frozen(self.bundles))
+        object.__setattr__(self, "pins", _frozen(self.pins))
+        for name in ("model_dir", "port_file", "api_keys_file", "tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The :class:`Engine` keyword arguments this configuration asks for."""
+        return dict(max_running=self.max_running, max_queued=self.max_queued, max_batch_size=self.max_batch_size,
+                    max_wait_ms=self.max_wait_ms, max_input_tokens=self.max_input_tokens,
+                    max_new_tokens=self.max_new_tokens, pipeline=self.pipeline, policy=self.policy)
+
+
+def run_server(config: ServerConfig, *, settings=None) -> None:
+    """Blocking entry point for the CLI: serve ``config``'s models until SIGTERM/SIGINT.
 
     Wires the operations library from ``settings`` (default: ``CHATFORGE_*`` variables):
-    logging, alerts, the conversation store and metrics (HTTP on ``metrics_port``).
-    ``drain_delay``: seconds readiness is off before a SIGTERM stops taking calls (0 disables).
+    logging, alerts, the conversation store and metrics (HTTP on ``config.metrics_port``).
     """
-    from chatforge.inference import check_precision
     from chatforge.serving.observability import configure_logging
     from chatforge.serving.security import ApiKeyAuth, TlsConfig
     from chatforge.settings import get_settings
 
-    if not bundles and model_dir is None:
-        raise ValueError("no bundles given; pass at least one name=path, or a model directory")
-    if bundles and model_dir is not None:
-        raise ValueError("pass bundles or a model directory, not both")
-    if (tls_cert is None) != (tls_key is None):
-        raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
-    check_precision(precision)  # before the port is bound, not in the model loader's thread
     settings = settings or get_settings()
     configure_logging(settings)
-    auth = ApiKeyAuth.from_file(api_keys_file, open_health=open_health) if api_keys_file else \
-        ApiKeyAuth.from_env(open_health=open_health)
-    tls = TlsConfig(Path(tls_cert), Path(tls_key), Path(tls_client_ca) if tls_client_ca else None) \
-        if tls_cert else None
+    auth = ApiKeyAuth.from_file(config.api_keys_file, open_health=config.open_health) if config.api_keys_file \
+        else ApiKeyAuth.from_env(open_health=config.open_health)
+    tls = TlsConfig(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
     ops = operations(settings)
-    metrics, alerts, store = ops["metrics"], ops["alerts"], ops["store"]
-    kwargs = dict(engine_kwargs or {})
-    kwargs["metrics"] = metrics
-    directory = ModelDirectory(model_dir, pins, precision) if model_dir is not None else None
+    kwargs = config.engine_kwargs()
+    kwargs["metrics"] = ops["metrics"]
+    directory = ModelDirectory(config.model_dir, config.pins, config.precision) \
+        if config.model_dir is not None else None
     if directory is not None:
         def loader():
             return directory.load_engine(**kwargs)
     else:
-        named = dict(bundles)
+        named = dict(config.bundles)
 
         def loader():
-            return Engine.from_bundles(named, precision=precision, **kwargs)
+            return Engine.from_bundles(named, precision=config.precision, **kwargs)
 
     try:
-        asyncio.run(serve(loader, host, port, grace=grace, drain_delay=drain_delay, port_file=port_file,
-                          metrics_port=metrics_port if metrics_port is not None else None,
-                          auth=auth, tls=tls, model_dir=directory, poll_interval=poll_interval,
-                          max_message_bytes=max_message_bytes, **ops))
+        asyncio.run(serve(loader, config.host, config.port, grace=config.grace, drain_delay=config.drain_delay,
+                          port_file=config.port_file, metrics_port=config.metrics_port,
+                          auth=auth, tls=tls, model_dir=directory, poll_interval=config.poll_interval,
+                          max_message_bytes=config.max_message_bytes, http_port=config.http_port, **ops))
     finally:
-        store.close()
-        alerts.close()
+        ops["store"].close()
+        ops["alerts"].close()

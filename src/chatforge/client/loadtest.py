@@ -7,7 +7,7 @@ two numbers users feel in a chat UI, and ``--sweep`` repeats the run at several
 concurrency levels to find the knee of the throughput/latency curve.
 
 How traffic is made: ``concurrency`` worker threads share ``connections`` channels
-(:class:`~chatforge.serving.client.ChatbotClient` instances, worker ``i`` uses channel
+(:class:`~chatforge.client.channel.ChatbotClient` instances, worker ``i`` uses channel
 ``i % connections``). Blocking gRPC calls release the GIL while waiting, so threads cost
 little on a 2-core machine and need no second event loop next to the server's. Each
 worker takes the next *ticket* from a shared dispenser, which ends the run after
@@ -41,6 +41,7 @@ from chatforge.fileio import atomic_writer
 logger = logging.getLogger(__name__)
 
 RPCS = ("reply", "classify", "health")
+PROTOCOLS = ("grpc", "http")  # http: the OpenAI-compatible surface (serving/http.py), streamed
 PERCENTILES = (50, 90, 95, 99)
 HISTOGRAM_BUCKETS = 10
 # Enough distinct messages to avoid measuring a cache, few enough to load instantly.
@@ -75,8 +76,11 @@ class LoadTestConfig:
     ca_file: str | os.PathLike[str] | None = None
     cert_file: str | os.PathLike[str] | None = None
     key_file: str | os.PathLike[str] | None = None
+    protocol: str = "grpc"
 
     def validate(self) -> LoadTestConfig:
+        if self.protocol not in PROTOCOLS:
+            raise LoadTestError(f"protocol={self.protocol!r} is unknown; allowed: {', '.join(PROTOCOLS)}")
         if self.rpc not in RPCS:
             raise LoadTestError(f"rpc={self.rpc!r} is unknown; allowed: {', '.join(RPCS)}")
         if (self.requests is None) == (self.duration is None):
@@ -274,6 +278,7 @@ class LoadReport:
     wall_seconds: float
     results: list[CallResult]
     server: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "grpc"
 
     @property
     def count(self) -> int:
@@ -339,6 +344,7 @@ class LoadReport:
         lat = self.latency()
         return {
             "target": self.target,
+            "protocol": self.protocol,
             "rpc": self.rpc,
             "concurrency": self.concurrency,
             "connections": self.connections,
@@ -388,7 +394,13 @@ class _Tickets:
 
 
 def _make_clients(cfg: LoadTestConfig) -> list[Any]:
-    from chatforge.serving.client import ChatbotClient
+    if cfg.protocol == "http":
+        # One pooled HTTP client per "connection"; each concurrent stream holds its own
+        # HTTP/1.1 connection from the pool (SSE streams do not multiplex).
+        from chatforge.client.http import HttpChatClient
+
+        return [HttpChatClient(cfg.target, timeout=cfg.timeout, api_key=cfg.api_key) for _ in range(cfg.connections)]
+    from chatforge.client import ChatbotClient
 
     options = [] if cfg.retries else [("grpc.enable_retries", 0)]
     creds = dict(api_key=cfg.api_key, tls=cfg.tls, ca_file=cfg.ca_file, cert_file=cfg.cert_file,
@@ -399,7 +411,7 @@ def _make_clients(cfg: LoadTestConfig) -> list[Any]:
 
 def _call(client: Any, cfg: LoadTestConfig, text: str) -> tuple[str, float | None, int, str]:
     """Run one request; (status, ttft seconds since start or None, tokens, error text)."""
-    from chatforge.serving.client import ChatbotError
+    from chatforge.client import ChatbotError
 
     start = time.perf_counter()
     try:
@@ -422,6 +434,10 @@ def _call(client: Any, cfg: LoadTestConfig, text: str) -> tuple[str, float | Non
     except ChatbotError as e:
         return e.code.name, None, 0, (e.details or "")[:200]
     except Exception as e:  # noqa: BLE001 - a client-side bug must count as a failure, not kill the run
+        from chatforge.client.http import HttpChatError
+
+        if isinstance(e, HttpChatError):
+            return e.status_name, None, 0, e.message[:200]
         logger.exception("load-test call raised")
         return "CLIENT_ERROR", None, 0, f"{type(e).__name__}: {e}"[:200]
 
@@ -484,7 +500,8 @@ def run_load_test(
             for c in channels:
                 c.close()
     results.sort(key=lambda r: r.index)
-    report = LoadReport(cfg.target, cfg.rpc, cfg.concurrency, len(channels), cfg.rps, wall, results, server)
+    report = LoadReport(cfg.target, cfg.rpc, cfg.concurrency, len(channels), cfg.rps, wall, results, server,
+                        cfg.protocol)
     logger.info("load test finished", extra={"count": report.count, "errors": report.errors,
                                              "throughput_rps": round(report.throughput, 2)})
     return report
@@ -494,7 +511,7 @@ class _ServerSampler:
     """Samples the server's /metrics once a second during the run, for the report's server section."""
 
     def __init__(self, url: str, interval: float = 1.0) -> None:
-        from chatforge.serving.monitor import ResourceMonitor
+        from chatforge.client.top import ResourceMonitor
 
         self.monitor = ResourceMonitor(url, interval=interval)
         self._stop = threading.Event()
@@ -521,7 +538,7 @@ class _ServerSampler:
         except Exception as e:  # noqa: BLE001
             logger.warning("final metrics scrape failed: %s", e)
             last = self.samples[-1] if self.samples else self.first
-        from chatforge.serving.monitor import summarize_samples
+        from chatforge.client.top import summarize_samples
 
         return summarize_samples(self.first, [*self.samples, last])
 

@@ -120,6 +120,18 @@ def _is_multi_address(target: str) -> bool:
     return "," in target
 
 
+def client_credentials(ca_file: str | Path | None = None, cert_file: str | Path | None = None,
+                       key_file: str | Path | None = None):
+    """Channel credentials: trust ``ca_file`` (system roots if None); a cert+key for mutual TLS."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("mutual TLS needs both a client certificate and its key (or neither)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
+
+
 class ChatbotError(Exception):
     """A failed call: the gRPC status ``code`` (grpc.StatusCode), ``details`` and ``request_id``."""
 
@@ -222,8 +234,6 @@ class ChatbotClient:
         merged.update(dict(options or ()))
         channel_options = list(merged.items())
         if tls or ca_file or cert_file or key_file:
-            from chatforge.serving.security import client_credentials
-
             creds = client_credentials(ca_file, cert_file, key_file)
             self._channel = grpc.secure_channel(target, creds, options=channel_options)
         else:

@@ -1,0 +1,37 @@
+"""The `chatforge` command line: parse, call the library, render with rich. No logic here.
+
+Every command imports the library inside its own function, never at the top of its module: the
+client commands (health, chat, loadtest, top) must not pay for torch, scikit-learn or MLflow
+(seconds of imports; a container HEALTHCHECK runs `chatforge health` with a 4 s timeout).
+tests/client/test_channel.py checks that they import none of them.
+
+One typer app (``app``, in :mod:`._shared`), its commands split by audience: :mod:`.research`
+(configs, tokenizers, data, train, sweep, generate, evaluate, compare, convert), :mod:`.serve`
+(``serve``) and :mod:`.ops` (chat, health, loadtest, top, conversations). Importing this
+package registers them all; ``main`` is the ``chatforge`` entry point.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Importing each audience module registers its commands; this order is the order of `--help`.
+from chatforge.cli import research  # noqa: F401
+
+# isort: split
+from chatforge.cli import serve  # noqa: F401
+
+# isort: split
+from chatforge.cli import ops  # noqa: F401
+
+# isort: split
+from chatforge.cli._shared import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,980 @@
+"""The HTTP surface: OpenAI-compatible chat completions, Classify, health, OpenAPI and a chat page.
+
+Served by ``chatforge serve --http-port N`` in the SAME process and on the SAME asyncio event loop
+as the grpc.aio server (see docs/architecture.md for why not a separate gateway): the engine's
+:class:`~chatforge.serving.engine.LoopSink` hands tokens to whichever loop submitted the request,
+so both surfaces share one engine — its batching, backpressure, metrics, conversation store, API
+keys (``Authorization: Bearer``) and drain gate (:class:`~chatforge.serving.interceptors.CallGate`).
+
+Errors: handlers raise the engine's domain errors; :func:`chatforge.serving.interceptors.status_for`
+(the one mapping from domain error to gRPC status) gives the code, and :data:`HTTP_STATUS_BY_CODE`
+turns that code into an HTTP status and an OpenAI error object. So a domain error means the same
+thing on both surfaces, and metrics/alert rules see the same code names.
+
+Endpoints: ``GET /v1/models``, ``GET /v1/models/{model}``, ``POST /v1/chat/completions``
+(``stream`` false: one JSON object; true: SSE ``data:`` chunks ending with ``data: [DONE]``),
+``POST /v1/classify``, ``GET /healthz`` (liveness), ``GET /readyz`` (readiness), ``GET /openapi.json``
+and the chat page at ``/`` (static files shipped in ``serving/static``; no external assets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import socket
+import time
+from contextlib import aclosing
+from importlib import resources
+from typing import Any, Literal
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatforge.context import REQUEST_ID_METADATA_KEY, SESSION_ID_METADATA_KEY, request_id_var, session_id_var
+from chatforge.decoding import GenerationOptions
+from chatforge.inference import TokenDelta
+from chatforge.serving.engine import Engine, InvalidRequestError, ModelNotFoundError, ReplyDone
+from chatforge.serving.interceptors import (
+    FAILURE_REASON_BY_CODE,
+    CallInfo,
+    current_call,
+    pick_request_id,
+    status_for,
+)
+from chatforge.serving.security import AUTH_METADATA_KEY
+
+logger = logging.getLogger(__name__)
+
+# gRPC status (from the one domain-error mapping) -> HTTP status, OpenAI error type, error code.
+HTTP_STATUS_BY_CODE: dict[grpc.StatusCode, tuple[int, str, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_value"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", "invalid_api_key"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error", "model_not_found"),
+    grpc.StatusCode.UNIMPLEMENTED: (404, "not_found_error", "no_model_for_task"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "overloaded"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable", "unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout", "deadline_exceeded"),
+    grpc.StatusCode.INTERNAL: (500, "server_error", "internal_error"),
+}
+# Seconds a client should wait before retrying a 429/503 (the engine frees slots within a step).
+RETRY_AFTER_S = 1
+# Engine/option field names -> the chat-completions request field a client sent.
+CHAT_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "text": "messages"}
+_FIELD_PATH = re.compile(r"^[A-Za-z_][\w.\[\]-]*$")
+TIMEOUT_HEADER = "x-request-timeout"  # seconds; the HTTP stand-in for a gRPC deadline
+MAX_TIMEOUT_S = 3600.0
+SEED_MAX = 2**63 - 1
+MAX_STOP = 4
+
+
+class FieldError(InvalidRequestError):
+    """A validation error that names the request field (``param`` of the OpenAI error object)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class DeadlineExceededError(Exception):
+    """The ``X-Request-Timeout`` the client gave passed before the reply was complete."""
+
+
+# ------------------------------------------------------------------------------------ schemas
+class ContentPart(BaseModel):
+    type: Literal["text"] = Field(description="Only text parts are supported.")
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # OpenAI messages may carry more (name, tool_call_id, ...); those are accepted and ignored.
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="Send one more chunk with `usage` (and no choices) "
+                                "before `data: [DONE]`.")
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI chat-completions request; fields outside this list are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, max_length=256, description="A generation model from /v1/models; "
+                              "omitted: the server's default.")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000, description=(
+        "The conversation; the last user message is the input. Earlier turns are accepted (the served "
+        "families are single-turn, so the model sees only the last user message)."))
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (capped by the server).")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    min_tokens: int | None = Field(None, ge=0, description="Fewest tokens to generate (an extension, as in "
+                                   "vLLM; at most max_tokens). Benchmarks use it for fixed-length replies.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description=(
+        "0 or omitted: greedy decoding (the server default); > 0: sampling at this temperature."))
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass (with temperature > 0).")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Seed for sampling: same seed, same reply.")
+    n: int = Field(1, ge=1, le=1, description="Number of choices; only 1 is supported.")
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} sequences where the reply ends "
+                                         "(not included in it).")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=128, description="End-user id; the session id in the "
+                             "conversation store unless an X-Session-Id header is sent.")
+
+
+class ClassifyHttpRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, description="The message to classify (not blank).")
+    model: str | None = Field(None, max_length=256, description="A classifier; omitted: the default.")
+
+
+class ClassifyHttpResponse(BaseModel):
+    label: str
+    score: float
+    scores: dict[str, float]
+    out_of_scope: bool
+    model: str
+    model_version: str
+    request_id: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    task: str
+    family: str
+    version: str
+    is_default: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ReplyMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: ReplyMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatforgeInfo(BaseModel):
+    """chatforge's additions to a completion (OpenAI clients ignore unknown fields)."""
+
+    model_version: str
+    request_id: str
+    intent: str | None = None
+    intent_score: float | None = None
+    out_of_scope: bool = False
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    chatforge: ChatforgeInfo
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HealthStatus(BaseModel):
+    status: str
+
+
+_ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in (
+    (400, "Invalid request; `error.param` names the field"),
+    (401, "Missing or invalid API key (`Authorization: Bearer <key>`)"),
+    (404, "Unknown model (or no model for the task)"),
+    (429, "Overloaded: the model's running batch and queue are full; see Retry-After"),
+    (503, "Loading models or draining; see Retry-After"),
+    (504, "The X-Request-Timeout passed"),
+)}
+_SSE_DOC = ("`stream: true`: Server-Sent Events, one `data: <chat.completion.chunk JSON>` line per token, "
+            "ending with `data: [DONE]`.")
+
+
+# ------------------------------------------------------------------------------------- errors
+def error_response(exc: BaseException, request_id: str | None,
+                   params: dict[str, str] | None = None) -> JSONResponse:
+    """The OpenAI error object and HTTP status for ``exc`` (a domain error or anything else)."""
+    status, body = error_body(exc, request_id, params)
+    headers = {REQUEST_ID_METADATA_KEY: request_id} if request_id else {}
+    if status in (429, 503):
+        headers["retry-after"] = str(RETRY_AFTER_S)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def grpc_code_of(exc: BaseException, request_id: str | None = None) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, DeadlineExceededError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    return status_for(exc, request_id)
+
+
+def error_body(exc: BaseException, request_id: str | None,
+               params: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, OpenAI error object). ``param`` names the request field: the one a
+    :class:`FieldError` carries, else the field an engine message starts with ("text is empty"),
+    renamed through ``params`` to what this endpoint calls it."""
+    code, message = grpc_code_of(exc, request_id)
+    status, kind, err_code = HTTP_STATUS_BY_CODE.get(code, HTTP_STATUS_BY_CODE[grpc.StatusCode.INTERNAL])
+    param = getattr(exc, "param", None)
+    if param is None and isinstance(exc, ModelNotFoundError):
+        param = "model"
+    if param is None and isinstance(exc, InvalidRequestError):
+        head = message.split("=", 1)[0].split(" ", 1)[0].removeprefix("options.")
+        if _FIELD_PATH.match(head):
+            param = (params or {}).get(head, head)
+    if code is grpc.StatusCode.UNAVAILABLE and "draining" in message:
+        err_code = "draining"
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": err_code}}
+
+
+def _validation_param(loc: tuple) -> str:
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str]:
+    first = errors[0]
+    param = _validation_param(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid" or param == "body":
+        return "body", f"the request body is not a valid JSON object of this endpoint's schema: {first.get('msg')}"
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    return param, f"{param}={shown[:80]} is invalid: {first.get('msg')}"
+
+
+# ------------------------------------------------------------------------------ request scope
+class HttpCall:
+    """Per-request bookkeeping, the HTTP twin of the gRPC interceptor's call scope.
+
+    Sets the request/session id contextvars (each request runs in its own task, and the SSE
+    body task is spawned from it, so they never leak), admits the call (API key, drain gate),
+    and on :meth:`finish` records metrics, rolling call stats and one log line, exactly once.
+    """
+
+    def __init__(self, surface: HttpSurface, rpc: str, request: Request, session_id: str | None = None,
+                 params: dict[str, str] | None = None) -> None:
+        self.surface, self.rpc, self.params = surface, rpc, params
+        self.request_id = pick_request_id([(REQUEST_ID_METADATA_KEY, request.headers.get(REQUEST_ID_METADATA_KEY))])
+        self.session_id = (request.headers.get(SESSION_ID_METADATA_KEY) or session_id or None)
+        if self.session_id is not None:
+            self.session_id = self.session_id[:128]
+        self.start = time.perf_counter()
+        self.info = CallInfo(rpc, surface.metrics, self.start)
+        self.gated = False
+        self.finished = False
+        self.deadline: float | None = None
+        self._timeout_header = request.headers.get(TIMEOUT_HEADER)
+        request_id_var.set(self.request_id)
+        session_id_var.set(self.session_id)
+        current_call.set(self.info)
+
+    def admit(self, auth_header: str | None) -> None:
+        """API key, then the drain gate, then the deadline header; raises a domain error."""
+        self.surface.check_key(auth_header)
+        self.deadline = _deadline(self._timeout_header, self.start)
+        gate = self.surface.gate
+        if gate is not None:
+            gate.enter()
+            self.gated = True
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.perf_counter()
+
+    def finish(self, code: grpc.StatusCode, http_status: int) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        seconds = time.perf_counter() - self.start
+        if self.gated:
+            self.surface.gate.exit()
+        model = self.info.model or ""
+        if self.surface.call_stats is not None:
+            self.surface.call_stats.record(seconds, code.name)
+        metrics = self.surface.metrics
+        if metrics is not None:
+            if not self.info.started:
+                metrics.request_started(self.rpc, model)
+            metrics.request_finished(self.rpc, model, code.name, seconds,
+                                     reason=None if code is grpc.StatusCode.OK else
+                                     FAILURE_REASON_BY_CODE.get(code, "internal"))
+        logger.info("http %s %d %s %.1fms", self.rpc, http_status, code.name, seconds * 1000.0, extra={
+            "rpc": self.rpc, "http_status": http_status, "grpc_code": code.name,
+            "latency_ms": round(seconds * 1000.0, 3), "request_id": self.request_id,
+            "session_id": self.session_id, "model": model or None})
+
+    def fail(self, exc: BaseException) -> JSONResponse:
+        code, _ = grpc_code_of(exc, self.request_id)
+        if code is grpc.StatusCode.INTERNAL:
+            logger.error("unhandled error in %s", self.rpc, exc_info=exc,
+                         extra={"rpc": self.rpc, "request_id": self.request_id})
+            if self.surface.alerts is not None:
+                self.surface.alerts.alert_exception(exc, rpc=self.rpc, context={"request_id": self.request_id})
+        response = error_response(exc, self.request_id, self.params)
+        self.finish(code, response.status_code)
+        return response
+
+
+def _deadline(raw: str | None, start: float) -> float | None:
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise FieldError("X-Request-Timeout", f"X-Request-Timeout={raw[:40]!r} is invalid; allowed: seconds "
+                         f"in (0, {MAX_TIMEOUT_S:g}]")
+    return start + seconds
+
+
+# --------------------------------------------------------------------------------- the request
+def message_text(msg: ChatMessage) -> str:
+    if msg.content is None:
+        return ""
+    if isinstance(msg.content, str):
+        return msg.content
+    return "".join(part.text for part in msg.content)
+
+
+def last_user_message(messages: list[ChatMessage]) -> tuple[int, str]:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].role == "user":
+            return i, message_text(messages[i])
+    raise FieldError("messages", "messages holds no message with role 'user'; allowed: at least one user "
+                     "message (the last one is the input)")
+
+
+def generation_options(req: ChatCompletionRequest, engine: Engine) -> GenerationOptions:
+    """The request's sampling fields -> validated GenerationOptions, errors naming the OpenAI field."""
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = min(GenerationOptions.max_new_tokens, engine.max_new_tokens)
+    elif max_tokens > engine.max_new_tokens:
+        raise FieldError(field, f"{field}={max_tokens} is out of range; this server allows at most "
+                         f"{engine.max_new_tokens}")
+    fields: dict[str, Any] = {"max_new_tokens": max_tokens}
+    if req.min_tokens is not None:
+        fields["min_new_tokens"] = req.min_tokens
+    if req.temperature:  # 0 and None: greedy, as the gRPC surface's default
+        fields.update(do_sample=True, temperature=req.temperature)
+    if req.top_p is not None:
+        fields["top_p"] = req.top_p
+    if req.seed is not None:
+        fields["seed"] = req.seed
+    try:
+        return GenerationOptions(**fields).validate()
+    except ValueError as e:
+        head = str(e).split("=", 1)[0]
+        raise FieldError(CHAT_PARAMS.get(head, head), str(e)) from None
+
+
+def stop_sequences(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP:
+        raise FieldError("stop", f"stop holds {len(stops)} sequences; allowed: at most {MAX_STOP}")
+    for i, s in enumerate(stops):
+        if not s:
+            raise FieldError(f"stop[{i}]" if not isinstance(stop, str) else "stop",
+                             "a stop sequence is empty; allowed: non-empty strings")
+    return stops
+
+
+class StopMatcher:
+    """Cuts a streamed reply at the first stop sequence, holding back text that may begin one.
+
+    ``feed`` returns the text that is safe to send and whether a stop sequence was hit; a
+    reply with no stop sequences passes straight through.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.buf = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.buf += text
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf = self.buf[:min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:  # the longest tail of buf that is a proper prefix of a stop sequence
+            for k in range(min(len(s) - 1, len(self.buf)), hold, -1):
+                if self.buf.endswith(s[:k]):
+                    hold = k
+                    break
+        out = self.buf[:len(self.buf) - hold]
+        self.buf = self.buf[len(self.buf) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _events(payloads: list[str]) -> bytes:
+    """Several SSE ``data:`` events as one body write, each framed by sse-starlette's encoder."""
+    return b"".join(ServerSentEvent(data=p, sep="\n").encode() for p in payloads)
+
+
+# ---------------------------------------------------------------------------------- the surface
+class HttpSurface:
+    """The HTTP API and chat page of one :class:`~chatforge.serving.server.ChatbotServer`.
+
+    ``backend`` is the server (read for ``engine``, ``gate``, ``auth``, ``metrics``, ``alerts``,
+    ``store``, ``alert_rules`` and ``ready``), so both surfaces see one engine and one drain.
+    :meth:`start` binds and serves on the running event loop (uvicorn, no lifespan, no signal
+    handlers of its own: the gRPC server's lifecycle drives both).
+    """
+
+    def __init__(self, backend: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        if not 0 <= port <= 65535:
+            raise ValueError(f"http_port={port!r} is out of range; allowed: 0 (ephemeral) to 65535")
+        self.backend, self.host, self.requested_port = backend, host, port
+        self.port: int | None = None
+        self.app = create_app(self)
+        self._server = None
+        self._socket: socket.socket | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    # what the handlers read from the server, looked up per request (the engine arrives late)
+    @property
+    def engine(self) -> Engine | None:
+        return self.backend.engine
+
+    @property
+    def gate(self):
+        return getattr(self.backend, "gate", None)
+
+    @property
+    def metrics(self):
+        return getattr(self.backend, "metrics", None)
+
+    @property
+    def alerts(self):
+        return getattr(self.backend, "alerts", None)
+
+    @property
+    def store(self):
+        return getattr(self.backend, "store", None)
+
+    @property
+    def call_stats(self):
+        rules = getattr(self.backend, "alert_rules", None)
+        return rules.stats if rules is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return bool(getattr(self.backend, "ready", self.engine is not None))
+
+    def check_key(self, header: str | None) -> None:
+        auth = getattr(self.backend, "auth", None)
+        if auth is not None:
+            # The same check (and messages) as gRPC metadata; an HTTP path is never an "open" rpc.
+            auth.check("/http", [(AUTH_METADATA_KEY, header)] if header is not None else [])
+
+    def require_engine(self) -> Engine:
+        from chatforge.serving.service import ModelsLoadingError
+
+        engine = self.engine
+        if engine is None:
+            raise ModelsLoadingError("the server is still loading its models; retry shortly")
+        return engine
+
+    async def start(self) -> int:
+        """Bind ``host:port`` and serve on the running loop; return the bound port."""
+        import uvicorn
+
+        try:
+            sock = _listen(self.host, self.requested_port)
+        except OSError as e:
+            raise OSError(f"cannot bind HTTP {self.host}:{self.requested_port}: {e.strerror or e}") from None
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+        tls = getattr(self.backend, "tls", None)
+        ssl_kwargs: dict[str, Any] = {}
+        if tls is not None:
+            import ssl
+
+            ssl_kwargs = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+            if tls.client_ca_file is not None:
+                ssl_kwargs.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+        # lifespan off and no uvicorn logging config: the process's logging is chatforge's;
+        # the graceful-shutdown timeout is short because the drain gate already waited `grace`.
+        # Idle keep-alive connections live 60 s (uvicorn's default, 5 s, makes a chat page or an
+        # OpenAI client that pauses between turns reconnect for most requests).
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
+                                timeout_graceful_shutdown=1, timeout_keep_alive=60, server_header=False,
+                                **ssl_kwargs)
+        try:
+            config.load()  # reads the TLS files: a bad one fails here, with the socket closed
+            server = uvicorn.Server(config)
+            server.lifespan = config.lifespan_class(config)
+            await server.startup(sockets=[sock])
+        except BaseException:
+            sock.close()
+            raise
+        self._server = server
+        # main_loop refreshes the Date header once a second and returns once should_exit is set.
+        self._loop_task = asyncio.get_running_loop().create_task(server.main_loop())
+        logger.info("http listening", extra={"address": f"{self.host}:{self.port}", "tls": tls is not None})
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting and close connections (after the drain gate's grace): uvicorn cancels
+        streams still open after its 1 s graceful-shutdown timeout, which drops their sequences."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.should_exit = True
+        if self._loop_task is not None:
+            await self._loop_task
+        await server.shutdown(sockets=[self._socket] if self._socket is not None else None)
+        logger.info("http stopped")
+
+    # ----------------------------------------------------------------------------- handlers
+    async def list_models(self, request: Request) -> Response:
+        call = HttpCall(self, "/v1/models", request)
+        try:
+            call.admit(request.headers.get(AUTH_METADATA_KEY))
+            engine = self.require_engine()
+            body = ModelList(data=[_card(m) for m in engine.models()]).model_dump()
+        except Exception as e:  # noqa: BLE001 - mapped to a status in one place
+            return call.fail(e)
+        call.finish(grpc.StatusCode.OK, 200)
+        return JSONResponse(body, headers={REQUEST_ID_METADATA_KEY: call.request_id})
+
+    async def get_model(self, request: Request, model: str) -> Response:
+        call = HttpCall(self, "/v1/models/{model}", request)
+        try:
+            call.admit(request.headers.get(AUTH_METADATA_KEY))
+            engine = self.require_engine()
+            found = [m for m in engine.models() if m.name == model]
+            if not found:
+                raise ModelNotFoundError(f"no model named {model!r}; available: "
+                                         f"{', '.join(sorted(m.name for m in engine.models()))}")
+            body = _card(found[0]).model_dump()
+        except Exception as e:  # noqa: BLE001
+            return call.fail(e)
+        call.finish(grpc.StatusCode.OK, 200)
+        return JSONResponse(body, headers={REQUEST_ID_METADATA_KEY: call.request_id})
+
+    async def classify(self, request: Request, body: ClassifyHttpRequest) -> Response:
+        call = HttpCall(self, "/v1/classify", request)
+        try:
+            call.admit(request.headers.get(AUTH_METADATA_KEY))
+            engine = self.require_engine()
+            name = body.model or engine.default_classifier or ""
+            if name in engine.classifiers:
+                call.info.set_model(name)
+            work = engine.classify_with_model([body.text], body.model or None)
+            remaining = call.remaining()
+            try:
+                [pred], hosted = await (work if remaining is None else asyncio.wait_for(work, max(remaining, 0)))
+            except asyncio.TimeoutError:
+                raise DeadlineExceededError("the X-Request-Timeout passed before the classification") from None
+            out = ClassifyHttpResponse(label=pred.label, score=float(pred.score),
+                                       scores={k: float(v) for k, v in pred.scores.items()},
+                                       out_of_scope=bool(pred.out_of_scope), model=hosted.name,
+                                       model_version=str(hosted.info.version), request_id=call.request_id)
+        except Exception as e:  # noqa: BLE001
+            return call.fail(e)
+        self._record(call, model=out.model, model_version=out.model_version, user_text=body.text,
+                     intent=out.label, intent_score=out.score)
+        call.finish(grpc.StatusCode.OK, 200)
+        return JSONResponse(out.model_dump(), headers={REQUEST_ID_METADATA_KEY: call.request_id})
+
+    async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Response:
+        call = HttpCall(self, "/v1/chat/completions", request, session_id=body.user, params=CHAT_PARAMS)
+        try:
+            call.admit(request.headers.get(AUTH_METADATA_KEY))
+            engine = self.require_engine()
+            index, text = last_user_message(body.messages)
+            engine.check_text(text, field=f"messages[{index}].content")
+            options = generation_options(body, engine)
+            stops = stop_sequences(body.stop)
+            name = body.model or engine.default_generator or ""
+            if name in engine.generators:
+                call.info.set_model(name)
+            stream = engine.stream_reply(text, options, body.model or None)
+            # The first item is awaited here, before any byte is sent, so that everything the
+            # engine refuses up front (validation, unknown model, overload) gets its HTTP status.
+            try:
+                first = await self._next(stream, call)
+            except BaseException:
+                await stream.aclose()
+                raise
+        except Exception as e:  # noqa: BLE001
+            return call.fail(e)
+        except asyncio.CancelledError:
+            call.finish(grpc.StatusCode.CANCELLED, 499)
+            raise
+        reply = _Reply(call, body, text, stops, engine)
+        if body.stream:
+            return EventSourceResponse(self._sse(call, reply, stream, first), sep="\n",
+                                       headers={REQUEST_ID_METADATA_KEY: call.request_id})
+        try:
+            async with aclosing(stream):
+                item = first
+                while item is not None:
+                    if reply.take(item):
+                        break
+                    item = await self._next(stream, call)
+        except Exception as e:  # noqa: BLE001
+            return call.fail(e)
+        except asyncio.CancelledError:
+            call.finish(grpc.StatusCode.CANCELLED, 499)
+            raise
+        self._finish_reply(call, reply)
+        return JSONResponse(reply.completion(), headers={REQUEST_ID_METADATA_KEY: call.request_id})
+
+    async def _next(self, stream, call: HttpCall):
+        """The stream's next item (None at its end), within the request's deadline."""
+        remaining = call.remaining()
+        try:
+            if remaining is None:
+                return await anext(stream, None)
+            return await asyncio.wait_for(anext(stream, None), max(remaining, 0))
+        except asyncio.TimeoutError:
+            raise DeadlineExceededError("the X-Request-Timeout passed before the reply was complete") from None
+
+    async def _sse(self, call: HttpCall, reply: _Reply, stream, first):
+        """The SSE body. Events that exist together go out in one write (``_events``): the role
+        chunk with the first token, the last token with the finish/usage chunks and ``[DONE]``.
+        Each write is a syscall here and a read plus a parse in the client, and a client sees its
+        first token only after all writes before it (measured: about 1 ms of time to first token)."""
+        code, status = grpc.StatusCode.CANCELLED, 499
+        try:
+            out = [_dumps(reply.chunk({"role": "assistant", "content": ""}))]
+            async with aclosing(stream):
+                item = first
+                while item is not None:
+                    done = reply.take(item)
+                    # One chunk per generated token, as over gRPC, also while its text is still
+                    # empty (a SentencePiece token that only opens a word): clients see progress
+                    # and time to first token means the same on both surfaces. With stop
+                    # sequences, held-back text sends nothing until it is known to be safe.
+                    if reply.pending or (isinstance(item, TokenDelta) and not reply.matcher.stops):
+                        out.append(_dumps(reply.chunk({"content": reply.pending})))
+                        reply.pending = ""
+                    if done:
+                        break
+                    if out:
+                        yield _events(out)
+                        out = []
+                    item = await self._next(stream, call)
+            out.append(_dumps(reply.chunk({}, reply.finish_reason)))
+            if reply.body.stream_options is not None and reply.body.stream_options.include_usage:
+                out.append(_dumps(reply.usage_chunk()))
+            out.append("[DONE]")
+            yield _events(out)
+            code, status = grpc.StatusCode.OK, 200
+            self._finish_reply(call, reply, finish=False)
+        except Exception as e:  # noqa: BLE001 - after the headers: reported in the stream itself
+            code, _ = grpc_code_of(e, call.request_id)
+            status, err = error_body(e, call.request_id, call.params)
+            if code is grpc.StatusCode.INTERNAL:
+                logger.error("unhandled error in %s", call.rpc, exc_info=e,
+                             extra={"rpc": call.rpc, "request_id": call.request_id})
+                if self.alerts is not None:
+                    self.alerts.alert_exception(e, rpc=call.rpc, context={"request_id": call.request_id})
+            yield _events([_dumps(err), "[DONE]"])
+        finally:
+            # A client that went away lands here with CancelledError (sse-starlette cancels the
+            # body task on http.disconnect); aclosing above has already dropped the sequence.
+            call.finish(code, status)
+
+    def _finish_reply(self, call: HttpCall, reply: _Reply, finish: bool = True) -> None:
+        done = reply.done
+        self._record(call, model=reply.model, model_version=reply.version, user_text=reply.text,
+                     reply=reply.content, intent=(done.intent or None) if done else None,
+                     intent_score=done.intent_score if done and done.intent else None, ttft_ms=call.info.ttft_ms)
+        if finish:
+            call.finish(grpc.StatusCode.OK, 200)
+
+    def _record(self, call: HttpCall, **fields) -> None:
+        store = self.store
+        if store is None:
+            return
+        from chatforge.serving.store import Turn
+
+        store.record(Turn(session_id=call.session_id, request_id=call.request_id, status="OK",
+                          latency_ms=(time.perf_counter() - call.start) * 1000.0, **fields))
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        gate = self.gate
+        ready = self.ready and self.engine is not None and not (gate is not None and gate.draining)
+        return JSONResponse({"status": "ready" if ready else "not ready"}, status_code=200 if ready else 503)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket created with ``proto=IPPROTO_TCP``: asyncio turns Nagle off
+    (TCP_NODELAY) only on connections of such sockets, and ``socket.create_server`` makes them with
+    proto 0. With Nagle on, a response written as headers + body waited for the client's delayed
+    ACK: 40 ms per request on loopback (measured: /healthz 48 ms, 0.7 ms with this)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Reply:
+    """One completion as it is assembled: text after stop sequences, counts, the final record."""
+
+    def __init__(self, call: HttpCall, body: ChatCompletionRequest, text: str, stops: list[str],
+                 engine: Engine) -> None:
+        self.call, self.body, self.text, self.engine = call, body, text, engine
+        self.matcher = StopMatcher(stops)
+        self.parts: list[str] = []
+        self.pending = ""
+        self.tokens = 0
+        self.done: ReplyDone | None = None
+        self.stopped = False
+        self.model = body.model or engine.default_generator or ""
+        self.version = engine.version_of(self.model) or ""
+        self.id = f"chatcmpl-{call.request_id}"
+        self.created = int(time.time())
+
+    def take(self, item) -> bool:
+        """Consume one engine item; True when the reply is complete (end, or a stop sequence)."""
+        if isinstance(item, TokenDelta):
+            self.call.info.token()
+            self.tokens += 1
+            out, hit = self.matcher.feed(item.text)
+            self.parts.append(out)
+            self.pending += out
+            if hit:
+                self.stopped = True
+                return True
+            return False
+        assert isinstance(item, ReplyDone)
+        self.done = item
+        self.model, self.version = item.model, item.version
+        tail = self.matcher.flush()
+        self.parts.append(tail)
+        self.pending += tail
+        return True
+
+    @property
+    def content(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def finish_reason(self) -> str:
+        if self.stopped or self.done is None or self.done.finish_reason != "length":
+            return "stop"  # "stop": </s>, a stop sequence, or the pipeline's fallback reply
+        return "length"
+
+    def usage(self) -> dict[str, int]:
+        if self.done is not None:
+            prompt, completion = self.done.prompt_tokens, self.done.completion_tokens
+        else:  # cut by a stop sequence: the engine never reported its counts
+            prompt = self.engine.generators[self.model].count_tokens(self.text) if self.model in \
+                self.engine.generators else 0
+            completion = self.tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def extension(self) -> dict[str, Any]:
+        done = self.done
+        return ChatforgeInfo(model_version=self.version, request_id=self.call.request_id,
+                             intent=(done.intent or None) if done else None,
+                             intent_score=done.intent_score if done and done.intent else None,
+                             out_of_scope=bool(done and done.finish_reason == "fallback")).model_dump()
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+        if finish_reason is not None:
+            out["chatforge"] = self.extension()
+        return out
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [], "usage": self.usage()}
+
+    def completion(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.content},
+                             "finish_reason": self.finish_reason, "logprobs": None}],
+                "usage": self.usage(), "system_fingerprint": None, "chatforge": self.extension()}
+
+
+def _card(m) -> ModelCard:
+    created = m.info.metadata.get("created") if isinstance(m.info.metadata, dict) else None
+    return ModelCard(id=m.name, created=_epoch(created), owned_by="chatforge", task=m.info.task,
+                     family=m.info.family, version=str(m.info.version), is_default=m.is_default)
+
+
+def _epoch(value: Any) -> int:
+    """A bundle's creation time (ISO 8601 in metadata.json) as Unix seconds; 0 when unknown."""
+    from datetime import datetime
+
+    if isinstance(value, str):
+        try:
+            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            return 0
+    return 0
+
+
+# ------------------------------------------------------------------------------------- the app
+def _static(name: str) -> bytes:
+    return resources.files("chatforge.serving").joinpath("static", name).read_bytes()
+
+
+_STATIC_TYPES = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
+                 "chat.css": "text/css; charset=utf-8"}
+# Everything the page loads comes from this server: no CDN, no inline script.
+_PAGE_HEADERS = {"content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                 "x-content-type-options": "nosniff", "cache-control": "no-cache"}
+
+
+def create_app(surface: HttpSurface) -> FastAPI:
+    app = FastAPI(title="chatforge", version=_version(), docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible chat completions, intent classification and health of a "
+                              "chatforge server. Errors use the OpenAI error object.")
+    headers_doc = {"X-Request-Id": {"description": "The request id (also in logs)", "schema": {"type": "string"}}}
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        param, message = _validation_message(list(exc.errors()))
+        request_id = pick_request_id([(REQUEST_ID_METADATA_KEY, request.headers.get(REQUEST_ID_METADATA_KEY))])
+        return error_response(FieldError(param, message), request_id)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {exc.detail}",
+                                       "type": kind, "param": None, "code": str(exc.status_code)}},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.get("/v1/models", response_model=ModelList, tags=["openai"],
+             responses={k: _ERRORS[k] for k in (401, 503)}, summary="The served models and versions")
+    async def list_models(request: Request):
+        return await surface.list_models(request)
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, tags=["openai"],
+             responses={k: _ERRORS[k] for k in (401, 404, 503)}, summary="One served model")
+    async def get_model(request: Request, model: str):
+        return await surface.get_model(request, model)
+
+    @app.post("/v1/chat/completions", tags=["openai"], response_model=None, summary="A chat completion",
+              responses={200: {"model": ChatCompletion, "headers": headers_doc,
+                               "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                               "description": "`stream: false`: a chat.completion object. " + _SSE_DOC},
+                         **{k: _ERRORS[k] for k in (400, 401, 404, 429, 503, 504)}})
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        return await surface.chat_completions(request, body)
+
+    @app.post("/v1/classify", response_model=ClassifyHttpResponse, tags=["chatforge"],
+              responses={k: _ERRORS[k] for k in (400, 401, 404, 429, 503, 504)},
+              summary="Intent, score, all scores and out-of-scope of one message")
+    async def classify(request: Request, body: ClassifyHttpRequest):
+        return await surface.classify(request, body)
+
+    @app.get("/healthz", response_model=HealthStatus, tags=["health"], summary="Liveness: 200 while up")
+    async def healthz(request: Request):
+        return await surface.healthz(request)
+
+    @app.get("/readyz", response_model=HealthStatus, tags=["health"],
+             responses={503: {"model": HealthStatus, "description": "Loading or draining"}},
+             summary="Readiness: 200 when models are loaded and not draining")
+    async def readyz(request: Request):
+        return await surface.readyz(request)
+
+    def page(name: str):
+        async def serve_file() -> Response:
+            return Response(_static(name), media_type=_STATIC_TYPES[name], headers=_PAGE_HEADERS)
+        return serve_file
+
+    app.add_api_route("/", page("index.html"), methods=["GET"], include_in_schema=False)
+    for name in ("chat.js", "chat.css"):
+        app.add_api_route(f"/static/{name}", page(name), methods=["GET"], include_in_schema=False)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            # Validation errors are 400 with the OpenAI error object (see _invalid), never 422.
+            for path in schema.get("paths", {}).values():
+                for op in path.values():
+                    op.get("responses", {}).pop("422", None)
+                    if op.get("requestBody") and "400" not in op.get("responses", {}):
+                        op["responses"]["400"] = {"description": _ERRORS[400]["description"], "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            comps = schema.get("components", {}).get("schemas", {})
+            comps.pop("HTTPValidationError", None)
+            comps.pop("ValidationError", None)
+            schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("chatforge")
+    except Exception:  # noqa: BLE001 - not installed (running from a source tree)
+        return "0"
+

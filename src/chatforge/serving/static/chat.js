@@ -1,0 +1,178 @@
+// chatforge chat page: streams /v1/chat/completions (SSE over fetch), shows intent from /v1/classify,
+// time to first token and tokens/s per reply. The conversation lives in sessionStorage (per tab).
+"use strict";
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const store = window.sessionStorage;
+  const state = {
+    session: store.getItem("chatforge.session") || crypto.randomUUID().replace(/-/g, ""),
+    history: JSON.parse(store.getItem("chatforge.history") || "[]"),
+    classifier: null,
+    controller: null,
+  };
+  store.setItem("chatforge.session", state.session);
+  $("apikey").value = store.getItem("chatforge.key") || "";
+  $("apikey").addEventListener("change", () => {
+    store.setItem("chatforge.key", $("apikey").value);
+    loadModels();  // a key may be what the first attempt was missing
+  });
+
+  function headers() {
+    const h = { "Content-Type": "application/json", "X-Session-Id": state.session };
+    const key = $("apikey").value.trim();
+    if (key) h.Authorization = "Bearer " + key;
+    return h;
+  }
+
+  function save() { store.setItem("chatforge.history", JSON.stringify(state.history)); }
+
+  function bubble(role, text) {
+    const div = document.createElement("div");
+    div.className = "msg " + role;
+    const body = document.createElement("span");
+    body.className = "text";
+    body.textContent = text;
+    div.appendChild(body);
+    $("log").appendChild(div);
+    $("log").scrollTop = $("log").scrollHeight;
+    return div;
+  }
+
+  function meta(div, text, cls) {
+    let m = div.querySelector(".meta");
+    if (!m) { m = document.createElement("span"); m.className = "meta"; div.appendChild(m); }
+    const part = document.createElement("span");
+    part.className = cls || "";
+    part.textContent = text;
+    m.appendChild(part);
+    return part;
+  }
+
+  async function errorText(resp) {
+    try { const j = await resp.json(); return j.error ? j.error.message : resp.statusText; }
+    catch (e) { return resp.statusText; }
+  }
+
+  async function loadModels() {
+    const resp = await fetch("/v1/models", { headers: headers() });
+    if (!resp.ok) { $("status").textContent = "models: " + await errorText(resp); return; }
+    const data = (await resp.json()).data;
+    const select = $("model");
+    select.textContent = "";
+    for (const m of data.filter((m) => m.task === "generation")) {
+      const o = document.createElement("option");
+      o.value = m.id; o.textContent = `${m.id} (v${m.version})`; o.selected = m.is_default;
+      select.appendChild(o);
+    }
+    const clf = data.find((m) => m.task === "classification" && m.is_default);
+    state.classifier = clf ? clf.id : null;
+    $("status").textContent = state.classifier ? `intent classifier: ${state.classifier}` : "";
+  }
+
+  async function classify(text, div) {
+    if (!state.classifier) return;
+    const resp = await fetch("/v1/classify", { method: "POST", headers: headers(),
+      body: JSON.stringify({ text, model: state.classifier }) });
+    if (!resp.ok) return;
+    const c = await resp.json();
+    const b = meta(div, c.out_of_scope ? `out of scope (${c.label} ${c.score.toFixed(2)})`
+                                       : `intent ${c.label} ${c.score.toFixed(2)}`,
+                   c.out_of_scope ? "badge oos intent" : "badge intent");
+    b.dataset.label = c.label;
+  }
+
+  function busy(on) {
+    $("send").disabled = on;
+    $("stop").disabled = !on;
+  }
+
+  async function send(text) {
+    const userDiv = bubble("user", text);
+    state.history.push({ role: "user", content: text });
+    save();
+    classify(text, userDiv);
+    const div = bubble("assistant", "");
+    div.classList.add("streaming");
+    const out = div.querySelector(".text");
+    const controller = new AbortController();
+    state.controller = controller;
+    busy(true);
+    const t0 = performance.now();
+    let first = null, last = null, tokens = 0, reply = "", finish = null, ext = null, usage = null;
+    try {
+      const resp = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(), signal: controller.signal,
+        body: JSON.stringify({ model: $("model").value || undefined, messages: state.history, stream: true,
+                               max_tokens: Number($("maxtokens").value) || undefined, user: state.session,
+                               stream_options: { include_usage: true } }),
+      });
+      if (!resp.ok) throw new Error(await errorText(resp));
+      const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        let nl;
+        while ((nl = buf.indexOf("\n\n")) >= 0) {
+          const event = buf.slice(0, nl);
+          buf = buf.slice(nl + 2);
+          for (const line of event.split("\n")) {
+            if (!line.startsWith("data:")) continue;
+            const data = line.slice(5).trim();
+            if (data === "[DONE]") continue;
+            const chunk = JSON.parse(data);
+            if (chunk.error) throw new Error(chunk.error.message);
+            if (chunk.usage) usage = chunk.usage;
+            for (const ch of chunk.choices || []) {
+              const piece = (ch.delta && ch.delta.content) || "";
+              if (piece) {
+                const now = performance.now();
+                if (first === null) first = now;
+                last = now;
+                tokens += 1;
+                reply += piece;
+                out.textContent = reply;
+                $("log").scrollTop = $("log").scrollHeight;
+              }
+              if (ch.finish_reason) { finish = ch.finish_reason; ext = chunk.chatforge || null; }
+            }
+          }
+        }
+      }
+    } catch (e) {
+      if (e.name === "AbortError") { meta(div, "stopped", "badge stopped"); finish = "stopped"; }
+      else meta(div, "error: " + e.message, "error");
+    } finally {
+      state.controller = null;
+      busy(false);
+      div.classList.remove("streaming");
+    }
+    const n = usage ? usage.completion_tokens : tokens;
+    if (first !== null) {
+      const rate = n > 1 && last > first ? ((n - 1) * 1000) / (last - first) : null;
+      meta(div, `TTFT ${Math.round(first - t0)} ms · ${n} tokens` + (rate ? ` · ${rate.toFixed(1)} tok/s` : ""),
+           "timing");
+    }
+    if (ext && ext.out_of_scope) meta(div, "fallback (out of scope)", "badge oos");
+    div.dataset.finish = finish || "";
+    if (reply) { state.history.push({ role: "assistant", content: reply }); save(); }
+  }
+
+  $("form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = $("input").value.trim();
+    if (!text || state.controller) return;
+    $("input").value = "";
+    send(text);
+  });
+  $("input").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); $("form").requestSubmit(); }
+  });
+  $("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
+  $("clear").addEventListener("click", () => {
+    state.history = []; save(); $("log").textContent = "";
+  });
+  for (const m of state.history) bubble(m.role, m.content);
+  loadModels();
+})();
