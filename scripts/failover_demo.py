@@ -36,7 +36,7 @@ sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
 from deploy_helpers import Replica, free_port, http_get, ready, wait_for  # noqa: E402
 
-from chatforge.serving.client import ChatbotClient, ChatbotError  # noqa: E402
+from chatforge.client import ChatbotClient, ChatbotError  # noqa: E402
 
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 GRPC_PORT, METRICS_PORT = 50051, 9100  # the shipped file's defaults; each replica has its own address

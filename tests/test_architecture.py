@@ -90,9 +90,7 @@ def test_only_the_transformer_registers_a_batched_decode_step():
 
 def test_the_client_imports_no_torch():
     """``ChatbotClient`` (and the tools beside a server) start without torch or any model code."""
-    # chatforge.client once the client tools leave the server package; chatforge.serving.client until then.
-    out = _run_python("import importlib, importlib.util, sys\n"
-                      "name = 'chatforge.client' if importlib.util.find_spec('chatforge.client') else 'chatforge.serving.client'\n"
-                      "importlib.import_module(name)\n"
+    out = _run_python("import importlib, sys\n"
+                      "importlib.import_module('chatforge.client')\n"
                       "print('torch' in sys.modules, any(m.startswith('chatforge.models') for m in sys.modules))")
     assert out == "False False"

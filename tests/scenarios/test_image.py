@@ -35,7 +35,7 @@ from tests.deploy_helpers import (
     wait_for,
 )
 
-from chatforge.serving.client import ChatbotClient
+from chatforge.client import ChatbotClient
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import pytest
 from tests.serving_fakes import WAIT, ServerThread
 from tests.test_oos import intent_cfg
 
+from chatforge.client import ChatbotClient
 from chatforge.config import validate_config
 from chatforge.oos import POLICY_VERSION, OOSPolicy
-from chatforge.serving.client import ChatbotClient
 from chatforge.serving.engine import Engine, load_hosted_model
 from chatforge.training.run import run_experiment
 
