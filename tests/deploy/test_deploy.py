@@ -299,9 +299,9 @@ def test_serve_reads_the_metrics_port_from_the_environment(tmp_path, monkeypatch
     from chatforge.cli import app
 
     seen = {}
-    monkeypatch.setattr(server, "run_server", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(server, "run_server", lambda config, **kw: seen.update(config=config))
     monkeypatch.delenv("CHATFORGE_METRICS_PORT", raising=False)
     (tmp_path / "bundle").mkdir()
     r = CliRunner().invoke(app, ["serve", "--model", f"chat={tmp_path / 'bundle'}", *argv], env=env)
     assert r.exit_code == 0, r.output
-    assert seen["metrics_port"] == expected
+    assert seen["config"].metrics_port == expected
