@@ -91,6 +91,78 @@ class Server:
         self.log.close()
 
 
+class RawSseClient:
+    """The benchmark's HTTP client: standard HTTP/1.1 (``http.client``, keep-alive, one connection
+    per thread, TCP_NODELAY) reading the SSE ``data:`` lines of ``POST /v1/chat/completions`` with
+    ``stream: true`` — what any OpenAI-compatible client receives, parsed with ``json.loads``.
+
+    Why not HttpChatClient (httpx): the gRPC side is grpc's C core, so a pure-Python httpx stack on
+    the client side (about 1 ms per request here: request building, h11's parser, its chunk
+    iterators) would be counted as "HTTP overhead" of the server. This reader costs a
+    ``readline`` per SSE line. ``--http-client httpx`` measures with HttpChatClient instead."""
+
+    def __init__(self, target: str, timeout: float = 300.0) -> None:
+        self.host, port = target.rsplit(":", 1)
+        self.port, self.timeout = int(port), timeout
+        self._local = threading.local()
+
+    def _conn(self):
+        import http.client
+        import socket
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._local.conn = conn
+        return conn
+
+    def reply_stream(self, text: str, *, max_new_tokens: int, min_new_tokens: int):
+        from chatforge.client.http import HttpChatError, HttpChunk
+
+        body = json.dumps({"messages": [{"role": "user", "content": text}], "stream": True,
+                           "max_tokens": max_new_tokens, "min_tokens": min_new_tokens}).encode()
+        conn = self._conn()
+        try:
+            # bytes body: http.client sends headers and body in one write
+            conn.request("POST", "/v1/chat/completions", body=body,
+                         headers={"content-type": "application/json"})
+            response = conn.getresponse()
+        except (OSError, ConnectionError):
+            self._local.conn = None
+            conn.close()
+            raise
+        if response.status != 200:
+            raise HttpChatError(response.status, response.read()[:200].decode(errors="replace"))
+        finish = None
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise HttpChatError(200, chunk["error"].get("message", ""), chunk["error"].get("code"))
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if "content" in delta and "role" not in delta:  # one chunk per token; not the role chunk
+                    yield HttpChunk(text=delta["content"] or "")
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+        response.read()  # the chunked body's terminator: the connection is reusable
+        yield HttpChunk(is_final=True, finish_reason=finish)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+
+
 def one_stream(client, text: str, new_tokens: int) -> dict:
     t0 = time.perf_counter()
     times = []
