@@ -11,9 +11,11 @@ engine; this benchmark streams the same texts over both, interleaved, from one c
     between the surfaces, median over rounds.
 
 Replies have a fixed length (``min_new_tokens = max_new_tokens``; ``min_tokens`` over HTTP) so
-both sides do the same work. The gRPC side uses ChatbotClient (one HTTP/2 channel); the HTTP side
-uses chatforge.client.http (httpx, one pooled connection per concurrent stream), the same
-clients ``chatforge loadtest --protocol grpc|http`` uses. The JSON records the CPU model (lscpu),
+both sides do the same work. The gRPC side uses ChatbotClient (grpc's C core, one HTTP/2 channel).
+The HTTP side uses :class:`RawSseClient` (``http.client``, HTTP/1.1 keep-alive, one connection per
+stream, TCP_NODELAY, reading the SSE ``data:`` lines) so that the client's own cost is comparable;
+``--http-client httpx`` uses chatforge.client.http (httpx), what ``chatforge loadtest --protocol
+http`` uses, which adds about 1 ms of client-side Python per request. The JSON records the CPU model (lscpu),
 threads and the load average before and after: the machine may be shared.
 
     python benchmarks/http_vs_grpc.py --size tiny --workdir W   # train (or reuse W's) and measure
@@ -224,6 +226,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=8, help="concurrent streams in (2)")
     ap.add_argument("--torch-threads", type=int, default=1, help="server torch threads (see serving_bench.py)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--http-client", choices=["raw", "httpx"], default="raw",
+                    help="HTTP client: http.client SSE reader (default) or HttpChatClient (httpx)")
     ap.add_argument("--out", type=Path, help="results file (default: results/http_vs_grpc[-<size>].json)")
     args = ap.parse_args()
     if args.out is None:
@@ -248,7 +252,7 @@ def main() -> None:
             with ChatbotClient(server.grpc_target, timeout=300) as g, \
                     HttpChatClient(server.http_target, timeout=300) as h:
                 h.wait_for_ready(30)
-                clients = {"grpc": g, "http": h}
+                clients = {"grpc": g, "http": RawSseClient(server.http_target) if args.http_client == "raw" else h}
                 print(f"(1) one stream at a time, interleaved: gRPC {server.grpc_target}, HTTP {server.http_target}",
                       flush=True)
                 single = single_streams(clients, texts, args.reps, args.new_tokens)
@@ -279,7 +283,7 @@ def main() -> None:
     passed = {k: (summary[k] <= lim if op == "<=" else summary[k] >= lim) for k, (op, lim) in TARGETS.items()}
     cpu = lscpu()
     print(f"\nHTTP vs gRPC on one server: {cpu.get('Model name', platform.processor())}, {os.cpu_count()} CPUs; "
-          f"load average {load_start[0]:.1f} -> {load_end[0]:.1f}")
+          f"load average {load_start[0]:.1f} -> {load_end[0]:.1f}; HTTP client: {args.http_client}")
     print(f"TTFT ms (median)         gRPC {ttft['grpc']:7.2f}  HTTP {ttft['http']:7.2f}  paired overhead "
           f"{summary['ttft_overhead_ms']:+.2f} ms (target <= 2): {'yes' if passed['ttft_overhead_ms'] else 'NO'}")
     print(f"1-stream tokens/s        gRPC {rate['grpc']:7.1f}  HTTP {rate['http']:7.1f}  ratio "
@@ -301,7 +305,8 @@ def main() -> None:
                      "bundle": str(args.bundle) if args.bundle else _describe(args.size, args.steps, "generation"),
                      "new_tokens": args.new_tokens, "reps": args.reps, "rounds": args.rounds,
                      "per_stream": args.per_stream, "streams": args.streams, "torch_threads": args.torch_threads,
-                     "precision": args.precision},
+                     "precision": args.precision, "http_client": args.http_client,
+                     "grpc_client": "ChatbotClient (grpcio C core)"},
         "summary": summary,
         "targets": {k: f"{op} {lim}" for k, (op, lim) in TARGETS.items()},
         "passed": passed,
