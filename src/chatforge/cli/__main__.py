@@ -1,0 +1,5 @@
+"""`python -m chatforge.cli` (torchrun launches training this way)."""
+
+from chatforge.cli import main
+
+main()
