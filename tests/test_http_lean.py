@@ -126,3 +126,22 @@ def test_idle_stream_gets_pings_and_a_disconnect_ends_it_quietly(monkeypatch, ca
             assert engine.stats.wait_for(lambda s: s.running == 0, WAIT)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+def test_a_client_gone_while_sending_its_body_logs_no_error(caplog):
+    """A client that closes the connection before its body is complete: the server answers as
+    FastAPI did (a 400 nobody reads), logs no error, and keeps serving."""
+    import socket
+
+    caplog.set_level(logging.WARNING)
+    with ServerThread(Engine({"gated": GatedGenerator(gate=threading.Semaphore(100))}, {}), http_port=0) as st:
+        st.wait_serving()
+        port = st.server.http.port
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 500\r\n\r\n{\"messages\": [")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=WAIT) as http:
+            r = http.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 2})
+            assert r.status_code == 200, r.text  # still serving
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

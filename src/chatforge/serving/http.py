@@ -38,6 +38,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from chatforge.context import REQUEST_ID_METADATA_KEY, SESSION_ID_METADATA_KEY, request_id_var, session_id_var
@@ -654,7 +655,9 @@ class HttpSurface:
         # the graceful-shutdown timeout is short because the drain gate already waited `grace`.
         # Idle keep-alive connections live 60 s (uvicorn's default, 5 s, makes a chat page or an
         # OpenAI client that pauses between turns reconnect for most requests).
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
+        # httptools: the C HTTP/1.1 parser (a dependency), named so that a missing one fails loudly
+        # instead of falling back to pure-Python h11 on the hot path.
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False, http="httptools",
                                 timeout_graceful_shutdown=1, timeout_keep_alive=60, server_header=False,
                                 **ssl_kwargs)
         try:
@@ -1047,7 +1050,11 @@ def create_app(surface: HttpSurface) -> FastAPI:
         raise NotImplementedError("documentation only; served by serve_chat_completions")
 
     async def serve_chat_completions(request: Request):
-        body = parse_chat_request(await request.body(), request.headers.get("content-type"))
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # gone while sending its body: FastAPI's answer (nobody reads it)
+            raise StarletteHTTPException(status_code=400, detail="There was an error parsing the body") from None
+        body = parse_chat_request(raw, request.headers.get("content-type"))
         return await surface.chat_completions(request, body)
 
     chat_route = Route("/v1/chat/completions", serve_chat_completions, methods=["POST"])
