@@ -164,7 +164,7 @@ def test_serve_with_a_taken_metrics_port_names_that_option(tmp_path, taken_port)
 
 def test_bind_failure_inside_the_server_is_one_line_too():
     # The probe can lose a race with another process; the server's own error gets the same treatment.
-    from chatforge.cli import _bind_failure
+    from chatforge.cli.serve import _bind_failure
 
     msg = _bind_failure(OSError("cannot bind 127.0.0.1:5000: Failed to bind"), "127.0.0.1", 5000, None)
     assert "127.0.0.1:5000" in msg and "--port" in msg and "\n" not in msg

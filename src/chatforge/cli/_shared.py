@@ -1,0 +1,55 @@
+"""What every audience module of the CLI shares: the typer app, the consoles, flags and failing with one line."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from chatforge.settings import LOG_HANDLER_ATTR
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="chatforge: from a conversational corpus and one YAML file to a chatbot served over gRPC.")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False)
+        # Tagged as chatforge's own: `serve` replaces it with its JSON/human handler (configure_logging)
+        # instead of logging every event twice.
+        setattr(handler, LOG_HANDLER_ATTR, True)
+        root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _flag(default: bool, decls: str, *short: str, help: str):
+    """A boolean option as the ``--x/--no-x`` pair, without typer's ``<bool>`` type column:
+    that column made users type ``--sample true``, which a flag does not accept."""
+    assert decls.startswith("--") and "/--no-" in decls, decls
+    return typer.Option(default, decls, *short, metavar="", help=help)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    # soft_wrap: one line whatever the terminal width, so a log or a test sees the whole message.
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _check_seconds(option: str, value: float | None) -> None:
+    """Deadlines and intervals must be > 0: one line and exit 2 here, not the library's traceback."""
+    if value is not None and not value > 0:
+        _fail(f"{option} {value:g} is out of range; allowed: seconds > 0, e.g. {option} 3")
+
+
+@app.callback()
+def _main(verbose: bool = _flag(False, "--verbose/--no-verbose", "-v", help="Debug logging.")) -> None:
+    _setup_logging(verbose)

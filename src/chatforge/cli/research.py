@@ -1,0 +1,379 @@
+"""Research commands: configs, tokenizers, data sets, train, sweep, generate, evaluate, compare, convert."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from chatforge.cli._shared import _fail, _flag, app, console, err_console
+
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect SentencePiece tokenizers.")
+data_app = typer.Typer(no_args_is_help=True, help="Get the public data sets.")
+config_app = typer.Typer(no_args_is_help=True, help="Check experiment configs.")
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+
+# --------------------------------------------------------------------------- config
+@config_app.command("check")
+def config_check(config: Path = typer.Argument(..., help="Experiment YAML file."),
+                 set_: list[str] = typer.Option([], "--set", help="Override: key.path=value (repeatable).")):
+    """Validate a config and print it fully resolved (defaults filled in)."""
+    from chatforge.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, set_)
+    except ConfigError as e:
+        _fail(str(e))
+    console.print(cfg.to_yaml(), highlight=False)
+
+
+# ------------------------------------------------------------------------ tokenizer
+@tokenizer_app.command("train")
+def tokenizer_train(
+    data: Path = typer.Option(..., "--data", help="Corpus file (ChatbotData CSV, CLINC150 JSON, CSV/TSV/JSONL)."),
+    out: Path = typer.Option(Path("tokenizer.model"), "--out", help="Where to write the .model file."),
+    vocab_size: int = typer.Option(8000, help="Vocabulary size."),
+    model_type: str = typer.Option("unigram", help="unigram or bpe."),
+    fmt: str = typer.Option("auto", "--format", help="auto, chatbot_csv, clinc150, csv, tsv, jsonl."),
+    lower_if_too_large: bool = _flag(False, "--lower-if-too-large/--no-lower-if-too-large",
+                                     help="Use the largest workable vocab size if too large."),
+):
+    """Train a SentencePiece tokenizer with chatforge's special tokens."""
+    from chatforge.data import DataError, read_examples
+    from chatforge.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        examples, report = read_examples(data, format=fmt)
+        texts = [e.text for e in examples] + [e.response for e in examples if e.response]
+        tok = Tokenizer.train(texts, vocab_size=vocab_size, model_type=model_type,
+                              on_vocab_too_large="lower" if lower_if_too_large else "error")
+    except (DataError, TokenizerError, FileNotFoundError) as e:
+        _fail(str(e))
+    tok.save(out)
+    console.print(f"wrote [bold]{out}[/] (vocab {tok.vocab_size}, {len(texts)} sentences, "
+                  f"special ids {tok.special})", highlight=False)
+
+
+# ---------------------------------------------------------------------------- train
+class _RichProgress:
+    """Trainer callback rendering a progress bar with loss and ETA."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.task = None
+        self.epoch_info = ""
+
+    def on_train_start(self, trainer, total_steps):
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, info="")
+
+    def on_step_end(self, trainer, step, logs):
+        self.progress.update(self.task, completed=step,
+                             info=f"epoch {trainer.epoch} loss {logs['loss']:.3f} {self.epoch_info}")
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        parts = [f"{k}={logs[k]:.3f}" for k in ("valid_loss", "valid_accuracy") if k in logs]
+        self.epoch_info = " ".join(parts)
+
+    def on_train_end(self, trainer):
+        self.progress.stop()
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(None, help="Experiment YAML file (omit with --resume)."),
+    set_: list[str] = typer.Option([], "--set", help="Override: key.path=value (repeatable), e.g. train.epochs=3."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Write the run here instead of output.dir/<name>-<time>."),
+    progress: bool = _flag(True, "--progress/--no-progress", help="Show a progress bar."),
+    resume: Path = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train with DDP on N local processes (via torchrun)."),
+):
+    """Train the model an experiment config describes; writes a run folder with its bundle."""
+    from chatforge.config import ConfigError, load_config
+    from chatforge.data import DataError
+    from chatforge.tokenizer import TokenizerError
+    from chatforge.training.checkpoint import CheckpointError
+    from chatforge.training.distributed import launched_distributed, torchrun_command
+    from chatforge.training.run import run_experiment
+    from chatforge.training.tasks import TaskDataError
+
+    if nproc > 1:
+        import subprocess
+
+        argv, args = sys.argv[1:], []
+        for i, a in enumerate(argv):  # re-run this very command line under torchrun, minus --nproc N
+            if a == "--nproc" or a.startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc"):
+                continue
+            args.append(a)
+        raise typer.Exit(subprocess.call(torchrun_command(nproc, args)))
+    if (config is None) == (resume is None):
+        _fail("give either CONFIG (a new run) or --resume RUN_DIR (continue a run), not both or neither")
+    if resume is not None and set_:
+        _fail("--set cannot change a resumed run; it continues with the config saved in the run folder")
+    try:
+        # Only rank 0 draws a progress bar under torchrun.
+        show = progress and (not launched_distributed() or os.environ.get("RANK", "0") == "0")
+        callbacks = [_RichProgress(err_console)] if show else []
+        if resume is not None:
+            from chatforge.training.run import resume_experiment
+
+            result = resume_experiment(resume, callbacks=callbacks)
+        else:
+            cfg = load_config(config, set_)
+            result = run_experiment(cfg, callbacks=callbacks, run_dir=run_dir)
+    except (ConfigError, DataError, TokenizerError, TaskDataError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    if launched_distributed() and os.environ.get("RANK", "0") != "0":
+        return
+    m = result.metrics
+    table = Table(title=f"run {result.run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in ("num_parameters", "train_examples", "steps", "train_seconds", "best_epoch", "valid_loss",
+              "valid_accuracy", "test_loss", "test_accuracy"):
+        if k in m:
+            v = m[k]
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    for s in m.get("samples", [])[:5]:
+        console.print(f"[dim]Q:[/] {s['question']}\n[dim]ref:[/] {s['reference']}\n[bold]bot:[/] {s['reply']}\n",
+                      highlight=False)
+    console.print(f"bundle: [bold]{result.bundle_dir}[/]", highlight=False)
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="Base experiment YAML file."),
+    space: Path = typer.Option(..., "--space", help="YAML: dotted config key -> distribution."),
+    trials: int = typer.Option(10, "--trials", min=1, help="Trials to run in this process."),
+    storage: str = typer.Option(None, "--storage", help="Optuna RDB URL (default sqlite:///runs/optuna.db)."),
+    study: str = typer.Option(None, "--study", help="Study name (default <config name>-sweep); joined if it exists."),
+    out: Path = typer.Option(None, "--out", help="Sweep folder (default output.dir/sweeps/<study>)."),
+    set_: list[str] = typer.Option([], "--set", help="Override the base config: key.path=value (repeatable)."),
+):
+    """Optuna sweep: each trial trains a run (tracked in MLflow); writes the best config as YAML."""
+    from chatforge.config import ConfigError, load_config
+    from chatforge.training.sweep import load_space, run_sweep
+
+    try:
+        base = load_config(config, set_)
+        result = run_sweep(base, load_space(space), trials=trials, storage=storage, study_name=study,
+                           sweep_dir=out)
+    except (ConfigError, RuntimeError) as e:
+        _fail(str(e))
+    table = Table(title=f"study {result.study_name} ({result.n_trials} trials)")
+    table.add_column("parameter")
+    table.add_column("best value", justify="right")
+    for k, v in result.best_params.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    table.add_row("valid_loss", f"{result.best_value:.4f}")
+    console.print(table)
+    console.print(f"best config: [bold]{result.best_config_path}[/]", highlight=False)
+
+
+@app.command()
+def generate(
+    bundle: Path = typer.Argument(..., help="Bundle folder (runs/<run>/bundle)."),
+    text: list[str] = typer.Argument(..., help="Message(s) to answer."),
+    max_new_tokens: int = typer.Option(64),
+    sample: bool = _flag(False, "--sample/--no-sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(None),
+):
+    """Answer messages with a bundle locally, without a server (classifiers print the label)."""
+    from chatforge.bundle import BundleError
+    from chatforge.decoding import GenerationOptions
+    from chatforge.inference import load_model
+
+    try:
+        model = load_model(bundle, name="local")
+        opts = GenerationOptions(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed).validate()
+    except (BundleError, ValueError) as e:
+        _fail(str(e))
+    for t in text:
+        if hasattr(model, "stream"):
+            reply = "".join(d.text for d in model.stream(t, opts))
+            console.print(f"[dim]you:[/] {t}\n[bold]bot:[/] {reply}", highlight=False)
+        else:
+            p = model.classify([t])[0]
+            console.print(f"[dim]text:[/] {t}\n[bold]label:[/] {p.label} ({p.score:.3f})", highlight=False)
+
+
+# ------------------------------------------------------------------ evaluate, compare
+@app.command()
+def evaluate(
+    bundle: Path = typer.Argument(..., help="Bundle folder (runs/<run>/bundle)."),
+    data: Path = typer.Option(None, "--data", help="Data file (default: the bundle's training data file)."),
+    fmt: str = typer.Option("auto", "--format", help="auto, chatbot_csv, clinc150, csv, tsv, jsonl."),
+    split: str = typer.Option("valid", "--split", help="valid, test or all (split as the bundle's config does)."),
+    clinc_keys: str = typer.Option(None, "--clinc-keys", help="CLINC150 lists to read, e.g. val,oos_val."),
+    out: Path = typer.Option(None, "--out", help="Report folder (default <run>/eval/<data>-<split>)."),
+    max_examples: int = typer.Option(None, "--max-examples", min=1, help="Evaluate at most this many."),
+    cross_fit: int = typer.Option(0, "--cross-fit", min=0, max=100,
+                                  help="Also cross-fit the oos policy over this many folds of the data (e.g. 10): "
+                                       "honest figures when its threshold was chosen on this split. 0: off."),
+    cross_fit_repeats: int = typer.Option(10, "--cross-fit-repeats", min=1, max=1000,
+                                          help="Random fold assignments to average over (the worst is shown too)."),
+):
+    """Evaluate a bundle: JSON + Markdown report and PNG plots in one folder."""
+    from chatforge.bundle import BundleError
+    from chatforge.config import ConfigError
+    from chatforge.data import DataError
+    from chatforge.evaluation.evaluate import HEADLINE, EvaluationError, evaluate_bundle
+
+    keys = [k.strip() for k in clinc_keys.split(",") if k.strip()] if clinc_keys else None
+    try:
+        res = evaluate_bundle(bundle, data, fmt=fmt, split=split, clinc_keys=keys, out_dir=out,
+                              max_examples=max_examples, cross_fit=cross_fit, cross_fit_repeats=cross_fit_repeats)
+    except (BundleError, ConfigError, DataError, EvaluationError, FileNotFoundError) as e:
+        _fail(str(e))
+    s = res.summary
+    table = Table(title=f"{s['name']} on {Path(s['data']).name} ({s['split']}, {s['n']} examples)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in HEADLINE:
+        v = s["metrics"].get(k)
+        if v is not None:
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    cf = s["metrics"].get("cross_fitted")
+    if cf:
+        for k in ("in_scope_accuracy", "oos_recall"):
+            table.add_row(f"{k}, cross-fitted ({cf['folds']}-fold x {cf['repeats']}; worst)",
+                          f"{cf[k]:.4f} ({cf['min_' + k]:.4f})")
+    elif "cross_fitted" in s["metrics"]:
+        table.add_row("cross-fitted", "nothing in the oos policy is fitted on validation")
+    if s["metrics"].get("oos_policy_fitted_on_this_split"):
+        console.print("[yellow]the bundle's oos policy was fitted on this split: its figures are in-sample"
+                      + ("" if cf else "; add --cross-fit 10 for held-out ones") + "[/]")
+    table.add_row("latency per example", f"{s['latency_ms_per_example']:.2f} ms")
+    table.add_row("bundle size", f"{s['bundle_size_bytes'] / 1e6:.2f} MB")
+    console.print(table)
+    console.print(f"report: [bold]{res.out_dir}[/]", highlight=False)
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(None, help="Run folders (default: every run under --runs-dir)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder of run folders."),
+    experiment: str = typer.Option(None, "--experiment", help="Only runs of this experiment (or config name)."),
+    tag: list[str] = typer.Option([], "--tag", help="key=value filter on config keys or family/task (repeatable)."),
+    metric: str = typer.Option("in_scope_accuracy", "--metric", help="Sort by this metric."),
+    split: str = typer.Option(None, "--split", help="Evaluation split to compare (default: the most common)."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="Read runs from this MLflow store instead."),
+    md: Path = typer.Option(None, "--md", help="Write the leaderboard as Markdown."),
+    csv_out: Path = typer.Option(None, "--csv", help="Write the leaderboard as CSV."),
+    plot: Path = typer.Option(None, "--plot", help="Write learning curves across runs (PNG)."),
+):
+    """Leaderboard over runs: metrics side by side with parameters, training time, latency, size."""
+    from chatforge.evaluation import compare as C
+
+    try:
+        tags = C.parse_tags(tag)
+        if tracking_uri:
+            records = C.collect_mlflow(tracking_uri, experiment, tags)
+        else:
+            records = C.collect_runs(runs or [], runs_dir, experiment, tags)
+        lb = C.build_leaderboard(records, metric=metric, split=split)
+    except C.CompareError as e:
+        _fail(str(e))
+    table = Table(title=f"leaderboard by {lb.metric}" + (f" ({lb.split})" if lb.split else ""))
+    for c in lb.columns:
+        table.add_column(c, justify="left" if c in ("run", "family", "task", "source") else "right")
+    for row in lb.rows:
+        table.add_row(*("-" if row.get(c) is None else f"{row[c]:.4f}" if isinstance(row[c], float)
+                        else str(row[c]) for c in lb.columns))
+    console.print(table)
+    for path, write in ((md, C.write_markdown), (csv_out, C.write_csv)):
+        if path is not None:
+            write(lb, path)
+            console.print(f"wrote [bold]{path}[/]", highlight=False)
+    if plot is not None:
+        C.write_learning_curves(records, plot)
+        console.print(f"wrote [bold]{plot}[/]", highlight=False)
+
+
+# ----------------------------------------------------------------------------- data
+@data_app.command("download")
+def data_download(
+    name: str = typer.Argument(..., help="Data set: chatbot-kr or clinc150."),
+    dest: Path = typer.Option(Path("data"), help="Folder to write into (a subfolder per data set)."),
+    from_path: Path = typer.Option(None, "--from", help="Copy from a local folder instead of downloading."),
+):
+    """Fetch a public data set with sha256 verification (or copy it from --from)."""
+    from chatforge.data import DataError, download
+
+    progress = Progress(TextColumn(f"[bold]{name}"), BarColumn(), TextColumn("{task.completed}/{task.total} bytes"),
+                        TimeRemainingColumn(), console=err_console, transient=True)
+    with progress:
+        task = progress.add_task(name, total=None)
+
+        def cb(done: int, total: int | None) -> None:
+            progress.update(task, completed=done, total=total)
+
+        try:
+            out = download(name, dest, from_path=from_path, progress=cb)
+        except (DataError, OSError) as e:
+            _fail(str(e))
+    console.print(f"{name}: ready in [bold]{out}[/]", highlight=False)
+
+
+# --------------------------------------------------------------------------- convert
+convert_app = typer.Typer(no_args_is_help=True, help="Convert Hugging Face checkpoints to and from bundles.")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("from-hf")
+def convert_from_hf(
+    src: Path = typer.Argument(..., help="HF checkpoint folder (config.json, weights, tokenizer files)."),
+    out: Path = typer.Argument(..., help="Bundle folder to write."),
+    task: str = typer.Option(None, help="Task of the bundle (gpt: lm or generation); default: the family's."),
+    bos_token: str = typer.Option(None, "--bos-token", help="Vocabulary token that begins a sequence, when "
+                                  "it is not <s>, <|endoftext|> or [CLS] (e.g. openai-gpt has none)."),
+    eos_token: str = typer.Option(None, "--eos-token", help="Vocabulary token that ends a sequence, when it "
+                                  "is not </s>, <|endoftext|> or [SEP]."),
+):
+    """Convert a BERT / GPT / GPT-2 checkpoint folder into a chatforge bundle (keeps its tokenizer)."""
+    from chatforge.interop import ConversionError, from_hf
+
+    kwargs = {k: v for k, v in (("task", task), ("bos_token", bos_token), ("eos_token", eos_token)) if v}
+    try:
+        path = from_hf(src, out, **kwargs)
+    except (ConversionError, ValueError, OSError) as e:
+        _fail(str(e))
+    console.print(f"bundle written to [bold]{path}[/]", highlight=False)
+
+
+@convert_app.command("to-hf")
+def convert_to_hf(
+    bundle: Path = typer.Argument(..., help="chatforge bundle folder."),
+    out: Path = typer.Argument(..., help="HF checkpoint folder to write (save_pretrained layout)."),
+):
+    """Export a bundle as a Hugging Face checkpoint folder."""
+    from chatforge.interop import ConversionError, to_hf
+
+    try:
+        path = to_hf(bundle, out)
+    except (ConversionError, ValueError, OSError) as e:
+        _fail(str(e))
+    console.print(f"HF checkpoint written to [bold]{path}[/]", highlight=False)
