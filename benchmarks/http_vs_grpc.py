@@ -11,9 +11,11 @@ engine; this benchmark streams the same texts over both, interleaved, from one c
     between the surfaces, median over rounds.
 
 Replies have a fixed length (``min_new_tokens = max_new_tokens``; ``min_tokens`` over HTTP) so
-both sides do the same work. The gRPC side uses ChatbotClient (one HTTP/2 channel); the HTTP side
-uses chatforge.client.http (httpx, one pooled connection per concurrent stream), the same
-clients ``chatforge loadtest --protocol grpc|http`` uses. The JSON records the CPU model (lscpu),
+both sides do the same work. The gRPC side uses ChatbotClient (grpc's C core, one HTTP/2 channel).
+The HTTP side uses :class:`RawSseClient` (``http.client``, HTTP/1.1 keep-alive, one connection per
+stream, TCP_NODELAY, reading the SSE ``data:`` lines) so that the client's own cost is comparable;
+``--http-client httpx`` uses chatforge.client.http (httpx), what ``chatforge loadtest --protocol
+http`` uses, which adds about 1 ms of client-side Python per request. The JSON records the CPU model (lscpu),
 threads and the load average before and after: the machine may be shared.
 
     python benchmarks/http_vs_grpc.py --size tiny --workdir W   # train (or reuse W's) and measure
@@ -91,6 +93,78 @@ class Server:
         self.log.close()
 
 
+class RawSseClient:
+    """The benchmark's HTTP client: standard HTTP/1.1 (``http.client``, keep-alive, one connection
+    per thread, TCP_NODELAY) reading the SSE ``data:`` lines of ``POST /v1/chat/completions`` with
+    ``stream: true`` — what any OpenAI-compatible client receives, parsed with ``json.loads``.
+
+    Why not HttpChatClient (httpx): the gRPC side is grpc's C core, so a pure-Python httpx stack on
+    the client side (about 1 ms per request here: request building, h11's parser, its chunk
+    iterators) would be counted as "HTTP overhead" of the server. This reader costs a
+    ``readline`` per SSE line. ``--http-client httpx`` measures with HttpChatClient instead."""
+
+    def __init__(self, target: str, timeout: float = 300.0) -> None:
+        self.host, port = target.rsplit(":", 1)
+        self.port, self.timeout = int(port), timeout
+        self._local = threading.local()
+
+    def _conn(self):
+        import http.client
+        import socket
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._local.conn = conn
+        return conn
+
+    def reply_stream(self, text: str, *, max_new_tokens: int, min_new_tokens: int):
+        from chatforge.client.http import HttpChatError, HttpChunk
+
+        body = json.dumps({"messages": [{"role": "user", "content": text}], "stream": True,
+                           "max_tokens": max_new_tokens, "min_tokens": min_new_tokens}).encode()
+        conn = self._conn()
+        try:
+            # bytes body: http.client sends headers and body in one write
+            conn.request("POST", "/v1/chat/completions", body=body,
+                         headers={"content-type": "application/json"})
+            response = conn.getresponse()
+        except (OSError, ConnectionError):
+            self._local.conn = None
+            conn.close()
+            raise
+        if response.status != 200:
+            raise HttpChatError(response.status, response.read()[:200].decode(errors="replace"))
+        finish = None
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise HttpChatError(200, chunk["error"].get("message", ""), chunk["error"].get("code"))
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if "content" in delta and "role" not in delta:  # one chunk per token; not the role chunk
+                    yield HttpChunk(text=delta["content"] or "")
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+        response.read()  # the chunked body's terminator: the connection is reusable
+        yield HttpChunk(is_final=True, finish_reason=finish)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+
+
 def one_stream(client, text: str, new_tokens: int) -> dict:
     t0 = time.perf_counter()
     times = []
@@ -152,6 +226,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=8, help="concurrent streams in (2)")
     ap.add_argument("--torch-threads", type=int, default=1, help="server torch threads (see serving_bench.py)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--http-client", choices=["raw", "httpx"], default="raw",
+                    help="HTTP client: http.client SSE reader (default) or HttpChatClient (httpx)")
     ap.add_argument("--out", type=Path, help="results file (default: results/http_vs_grpc[-<size>].json)")
     args = ap.parse_args()
     if args.out is None:
@@ -176,7 +252,7 @@ def main() -> None:
             with ChatbotClient(server.grpc_target, timeout=300) as g, \
                     HttpChatClient(server.http_target, timeout=300) as h:
                 h.wait_for_ready(30)
-                clients = {"grpc": g, "http": h}
+                clients = {"grpc": g, "http": RawSseClient(server.http_target) if args.http_client == "raw" else h}
                 print(f"(1) one stream at a time, interleaved: gRPC {server.grpc_target}, HTTP {server.http_target}",
                       flush=True)
                 single = single_streams(clients, texts, args.reps, args.new_tokens)
@@ -207,7 +283,7 @@ def main() -> None:
     passed = {k: (summary[k] <= lim if op == "<=" else summary[k] >= lim) for k, (op, lim) in TARGETS.items()}
     cpu = lscpu()
     print(f"\nHTTP vs gRPC on one server: {cpu.get('Model name', platform.processor())}, {os.cpu_count()} CPUs; "
-          f"load average {load_start[0]:.1f} -> {load_end[0]:.1f}")
+          f"load average {load_start[0]:.1f} -> {load_end[0]:.1f}; HTTP client: {args.http_client}")
     print(f"TTFT ms (median)         gRPC {ttft['grpc']:7.2f}  HTTP {ttft['http']:7.2f}  paired overhead "
           f"{summary['ttft_overhead_ms']:+.2f} ms (target <= 2): {'yes' if passed['ttft_overhead_ms'] else 'NO'}")
     print(f"1-stream tokens/s        gRPC {rate['grpc']:7.1f}  HTTP {rate['http']:7.1f}  ratio "
@@ -229,7 +305,8 @@ def main() -> None:
                      "bundle": str(args.bundle) if args.bundle else _describe(args.size, args.steps, "generation"),
                      "new_tokens": args.new_tokens, "reps": args.reps, "rounds": args.rounds,
                      "per_stream": args.per_stream, "streams": args.streams, "torch_threads": args.torch_threads,
-                     "precision": args.precision},
+                     "precision": args.precision, "http_client": args.http_client,
+                     "grpc_client": "ChatbotClient (grpcio C core)"},
         "summary": summary,
         "targets": {k: f"{op} {lim}" for k, (op, lim) in TARGETS.items()},
         "passed": passed,
