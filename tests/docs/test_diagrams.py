@@ -17,7 +17,7 @@ from tests.deploy_helpers import REPO
 
 DIAGRAMS = REPO / "docs" / "diagrams"
 SOURCES = sorted(DIAGRAMS.glob("*.puml"))
-EXPECTED = {"components", "model-families", "reply-stream", "drain", "hot-swap"}
+EXPECTED = {"components", "model-families", "reply-stream", "drain", "hot-swap", "layers"}
 
 
 def _recorded() -> dict[str, str]:

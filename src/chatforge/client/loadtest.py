@@ -36,6 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatforge.client import ChatbotClient, ChatbotError
+from chatforge.client.http import HttpChatClient, HttpChatError
+from chatforge.client.top import ResourceMonitor, summarize_samples
+from chatforge.data import DataError, read_examples, sample_corpus_path
 from chatforge.fileio import atomic_writer
 
 logger = logging.getLogger(__name__)
@@ -110,8 +114,6 @@ def load_texts(path: str | os.PathLike[str] | None = None, *, limit: int = MAX_T
     Realistic inputs matter: latency grows with prompt length and the reply a model
     chooses, so a load test with one fixed "hello" under-reports both.
     """
-    from chatforge.data import DataError, read_examples, sample_corpus_path
-
     source = Path(path) if path is not None else sample_corpus_path()
     try:
         examples, _ = read_examples(source, on_error="skip")
@@ -397,11 +399,7 @@ def _make_clients(cfg: LoadTestConfig) -> list[Any]:
     if cfg.protocol == "http":
         # One pooled HTTP client per "connection"; each concurrent stream holds its own
         # HTTP/1.1 connection from the pool (SSE streams do not multiplex).
-        from chatforge.client.http import HttpChatClient
-
         return [HttpChatClient(cfg.target, timeout=cfg.timeout, api_key=cfg.api_key) for _ in range(cfg.connections)]
-    from chatforge.client import ChatbotClient
-
     options = [] if cfg.retries else [("grpc.enable_retries", 0)]
     creds = dict(api_key=cfg.api_key, tls=cfg.tls, ca_file=cfg.ca_file, cert_file=cfg.cert_file,
                  key_file=cfg.key_file)
@@ -411,8 +409,6 @@ def _make_clients(cfg: LoadTestConfig) -> list[Any]:
 
 def _call(client: Any, cfg: LoadTestConfig, text: str) -> tuple[str, float | None, int, str]:
     """Run one request; (status, ttft seconds since start or None, tokens, error text)."""
-    from chatforge.client import ChatbotError
-
     start = time.perf_counter()
     try:
         if cfg.rpc == "reply":
@@ -434,8 +430,6 @@ def _call(client: Any, cfg: LoadTestConfig, text: str) -> tuple[str, float | Non
     except ChatbotError as e:
         return e.code.name, None, 0, (e.details or "")[:200]
     except Exception as e:  # noqa: BLE001 - a client-side bug must count as a failure, not kill the run
-        from chatforge.client.http import HttpChatError
-
         if isinstance(e, HttpChatError):
             return e.status_name, None, 0, e.message[:200]
         logger.exception("load-test call raised")
@@ -511,8 +505,6 @@ class _ServerSampler:
     """Samples the server's /metrics once a second during the run, for the report's server section."""
 
     def __init__(self, url: str, interval: float = 1.0) -> None:
-        from chatforge.client.top import ResourceMonitor
-
         self.monitor = ResourceMonitor(url, interval=interval)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loadtest-monitor", daemon=True)
@@ -538,8 +530,6 @@ class _ServerSampler:
         except Exception as e:  # noqa: BLE001
             logger.warning("final metrics scrape failed: %s", e)
             last = self.samples[-1] if self.samples else self.first
-        from chatforge.client.top import summarize_samples
-
         return summarize_samples(self.first, [*self.samples, last])
 
 
@@ -658,6 +648,7 @@ def write_sweep(sweep: SweepReport, out_dir: str | os.PathLike[str], *, plot: bo
 
 
 def _pyplot() -> Any:
+    # train extra only: a load generator installs chatforge[serve], which has no matplotlib
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI

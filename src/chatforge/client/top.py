@@ -10,6 +10,7 @@ replica, in a container or behind a firewall that only opens the metrics port.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -115,8 +116,6 @@ class ResourceMonitor:
         self._headers = {"Authorization": f"Bearer {api_key.strip()}"} if api_key else {}
         self._ssl = None
         if ca_file is not None:
-            import ssl
-
             try:
                 self._ssl = ssl.create_default_context(cafile=str(ca_file))
             except (OSError, ssl.SSLError) as e:

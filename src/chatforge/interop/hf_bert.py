@@ -21,10 +21,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
+from chatforge.bundle import build_from_config, load_bundle, save_bundle
 from chatforge.config import validate_config
 from chatforge.fileio import atomic_dir
+from chatforge.interop.hf_tokenizer import HFTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +85,6 @@ def hf_key_map(num_layers: int, task: str, pooler: bool = True) -> dict[str, str
 def read_hf_state_dict(src: Path) -> dict[str, Tensor]:
     """Load a checkpoint folder's tensors without executing code; keys normalised to ``bert.``-prefixed
     names with ``weight``/``bias`` (very old checkpoints use LayerNorm ``gamma``/``beta``)."""
-    from safetensors.torch import load_file
-
     if (src / "model.safetensors").is_file():
         sd = load_file(str(src / "model.safetensors"))
     elif (src / "model.safetensors.index.json").is_file():
@@ -147,12 +148,12 @@ def _labels_from(hf_cfg: dict) -> list[str]:
 
 def _load_tokenizer(src: Path, tmp: Path, special_tokens: dict[str, str] | None = None):
     """The checkpoint's tokenizer as a chatforge HFTokenizer (tokenizer.json, or built from vocab.txt)."""
-    from chatforge.interop.hf_tokenizer import HFTokenizer
-
     if (src / "tokenizer.json").is_file():
         return HFTokenizer.load(src / "tokenizer.json", special_tokens=special_tokens)
     if (src / "vocab.txt").is_file():
-        from tokenizers import BertWordPieceTokenizer
+        from tokenizers import (
+            BertWordPieceTokenizer,  # hf extra only: not installed by chatforge[serve]/[train]
+        )
 
         tc_path = src / "tokenizer_config.json"
         tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
@@ -169,8 +170,6 @@ def from_hf(src_dir: Path, out_bundle: Path, *, bos_token: str | None = None,
     """Convert a HF BERT checkpoint folder into a chatforge bundle; returns the bundle path.
 
     ``bos_token``/``eos_token`` name the sequence delimiters if the vocabulary has no [CLS]/[SEP]."""
-    from chatforge.bundle import build_from_config, save_bundle
-
     src, out = Path(src_dir), Path(out_bundle)
     hf_cfg = json.loads((src / "config.json").read_text())
     if hf_cfg.get("model_type") != "bert":
@@ -247,9 +246,7 @@ def hf_state_dict(model, task: str) -> dict[str, Tensor]:
 
 def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
     """Export a ``bert`` bundle as the matching HF model folder (safetensors + tokenizer)."""
-    import transformers
-
-    from chatforge.bundle import load_bundle
+    import transformers  # hf extra only: not installed by chatforge[serve]/[train]
 
     bundle = load_bundle(bundle_dir)
     if bundle.family != "bert":

@@ -19,9 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
+from chatforge.bundle import build_from_config, load_bundle, save_bundle
+from chatforge.config import validate_config
 from chatforge.fileio import atomic_dir
 from chatforge.interop import ConversionError
+from chatforge.interop.hf_tokenizer import _BOS, _EOS, HFTokenizer
+from chatforge.models.gpt import GPTLMHeadModel
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +121,6 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], model_type: str, n_layers: int
 
 def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     if (src / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
         return load_file(str(src / "model.safetensors"))
     if (src / "pytorch_model.bin").is_file():
         return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -125,8 +128,6 @@ def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_hf_tokenizer(src: Path, model_type: str, special_tokens: dict[str, str]):
-    from chatforge.interop.hf_tokenizer import _BOS, _EOS, HFTokenizer
-
     path = src / "tokenizer.json"
     if path.is_file():
         doc = path.read_bytes()  # kept byte for byte in the bundle
@@ -148,7 +149,7 @@ def _load_hf_tokenizer(src: Path, model_type: str, special_tokens: dict[str, str
 
 
 def _read_tokenizer_json(path: Path):
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # hf extra only: tokenizers is not installed by chatforge[serve]/[train]
 
     try:
         return Tokenizer.from_file(str(path))
@@ -177,7 +178,9 @@ def _build_tokenizer(src: Path, model_type: str):
                 f"{len(legacy)}, beyond the model's {len(legacy)} embedding rows. Convert with a tokenizer.json, "
                 f"or give vocab.json a '<unk>' entry within its ids")
     try:
-        from transformers import AutoTokenizer
+        from transformers import (
+            AutoTokenizer,  # hf extra only: transformers is not installed by chatforge[serve]/[train]
+        )
 
         fast = AutoTokenizer.from_pretrained(str(src), local_files_only=True, use_fast=True)
         return fast.backend_tokenizer
@@ -197,9 +200,6 @@ def from_hf(src: Path, out_bundle: Path, *, task: str = "lm", name: str | None =
 
     ``bos_token``/``eos_token`` name the sequence delimiters when the vocabulary does not spell them
     conventionally (see :mod:`chatforge.interop.hf_tokenizer`)."""
-    from chatforge.bundle import build_from_config, save_bundle
-    from chatforge.config import validate_config
-
     if task not in ("lm", "generation"):
         raise ConversionError(f"task={task!r}: a GPT checkpoint converts to task 'lm' or 'generation'")
     hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
@@ -232,9 +232,6 @@ def from_hf(src: Path, out_bundle: Path, *, task: str = "lm", name: str | None =
 
 def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
     """Export a ``gpt`` bundle (task lm/generation) as an HF ``GPT2LMHeadModel``/``OpenAIGPTLMHeadModel``."""
-    from chatforge.bundle import load_bundle
-    from chatforge.models.gpt import GPTLMHeadModel
-
     b = load_bundle(bundle_dir)
     if not isinstance(b.model, GPTLMHeadModel):
         raise ConversionError(f"{bundle_dir}: only gpt language models (task lm/generation) export to HF; "
@@ -246,7 +243,12 @@ def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
     if hf_type is None:
         raise ConversionError(f"norm_first={c.pre_ln} with final_norm={c.has_final_norm} matches neither "
                               f"GPT (post-LN, no final norm) nor GPT-2 (pre-LN + final norm)")
-    from transformers import GPT2Config, GPT2LMHeadModel, OpenAIGPTConfig, OpenAIGPTLMHeadModel
+    from transformers import (  # hf extra only: transformers is not installed
+        GPT2Config,
+        GPT2LMHeadModel,
+        OpenAIGPTConfig,
+        OpenAIGPTLMHeadModel,
+    )
 
     act = _ACT_TO_HF[hf_type].get(c.act)
     if act is None:
@@ -282,7 +284,7 @@ def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
 
 def _write_tokenizer(tok, out: Path) -> None:
     if tok.kind == "hf_tokenizers":
-        from transformers import PreTrainedTokenizerFast
+        from transformers import PreTrainedTokenizerFast  # hf extra only: transformers is not installed
 
         strings = {k: v for k, v in tok.token_strings().items() if v is not None}
         fast = PreTrainedTokenizerFast(tokenizer_object=tok.tk, **strings)

@@ -54,7 +54,9 @@ class HFTokenizer(JsonDocumentMixin, SpecialIdsMixin):
     def __init__(self, json_bytes: bytes, path: str | None = None, *,
                  special_tokens: dict[str, str] | None = None):
         try:
-            from tokenizers import Tokenizer as _Tok
+            from tokenizers import (
+                Tokenizer as _Tok,  # hf extra only: load_tokenizer reaches here for kind 'hf'
+            )
         except ImportError as e:  # pragma: no cover - the extra is installed in dev/test
             raise TokenizerError(f"{e}. Install the extra: pip install 'chatforge[hf]'") from None
         self._json = json_bytes

@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from chatforge.decoding import StepModel, StepSpec, choose_tokens  # noqa: F401  (StepSpec: re-exported)
 from chatforge.inference import TokenDelta
 
@@ -273,8 +275,6 @@ class ContinuousBatcher(_Runner):
 
     # -- the scheduler loop ------------------------------------------------------------------
     def _loop(self) -> None:
-        import torch
-
         # Every tensor of the batch (logits, seen masks, caches) lives in inference mode.
         with torch.inference_mode():
             self._run()
@@ -355,8 +355,6 @@ class ContinuousBatcher(_Runner):
         keep = [i for i, r in enumerate(self._rows) if not r.cancelled.is_set()]
         if len(keep) == len(self._rows):
             return
-        import torch
-
         for r in self._rows:
             if r.cancelled.is_set():
                 self._finish(r, "dropped")
@@ -382,8 +380,6 @@ class ContinuousBatcher(_Runner):
         return keep
 
     def _decode_step(self) -> None:
-        import torch
-
         tokens = torch.tensor([r.last_token for r in self._rows], dtype=torch.long)
         logits = self.model.step(self._state, tokens)
         self.stats.update(steps=1, batches=1)
@@ -395,8 +391,6 @@ class ContinuousBatcher(_Runner):
             self._rows = [self._rows[i] for i in keep]
 
     def _prefill(self, new: list[GenRequest]) -> None:
-        import torch
-
         for r in new:
             self._send(r, "start", r.prompt_tokens)
             self.metrics.prompt_tokens(self.name, r.prompt_tokens)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chatforge import inference
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import ClassPrediction, ModelInfo, ReplyGenerator, TextClassifier, TokenDelta
 from chatforge.serving.batching import (
@@ -672,8 +673,6 @@ def _sha256_file(path: Path) -> str | None:
 def load_hosted_model(path: str | Path, name: str, version: str = "1",
                       precision: str = "fp32") -> ReplyGenerator | TextClassifier:
     """Load a bundle for serving, with its lineage (config/data/tokenizer hashes) in the metadata."""
-    from chatforge import inference
-
     model = inference.load_model(Path(path), name, version, precision)
     if not (hasattr(model, "stream") or hasattr(model, "classify") or hasattr(model, "select")):
         raise TypeError(

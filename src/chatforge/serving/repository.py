@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from chatforge.inference import ReplyGenerator, TextClassifier
+from chatforge.inference import ReplyGenerator, TextClassifier, check_precision
 from chatforge.serving.engine import Engine, load_hosted_model
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ class ModelDirectory:
     PIN_FILE = "PINNED"
 
     def __init__(self, root: str | Path, pins: Mapping[str, str] | None = None, precision: str = "fp32") -> None:
-        from chatforge.inference import check_precision
-
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"model directory not found: {self.root} is not a folder")

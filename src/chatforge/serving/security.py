@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 logger = logging.getLogger(__name__)
 
 API_KEYS_ENV = "CHATFORGE_API_KEYS"
@@ -93,8 +95,6 @@ class TlsConfig:
     client_ca_file: Path | None = None
 
     def server_credentials(self):
-        import grpc
-
         def read(p: Path, what: str) -> bytes:
             try:
                 return Path(p).read_bytes()

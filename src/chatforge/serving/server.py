@@ -27,6 +27,7 @@ the drain refuses Chatbot calls in the interceptor (``CallGate``) while health k
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -42,12 +43,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chatforge.fileio import atomic_write_text
+from chatforge.inference import check_precision
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
+from chatforge.serving.alerts import AlertManager
 from chatforge.serving.engine import Engine, PipelineConfig
+from chatforge.serving.http import HttpSurface
 from chatforge.serving.interceptors import CallGate, RequestContextInterceptor
+from chatforge.serving.metrics import MetricsHTTPServer, ServingMetrics
+from chatforge.serving.observability import configure_logging
 from chatforge.serving.policy import ReplyPolicy
 from chatforge.serving.repository import ModelDirectory, ModelDirectoryWatcher
+from chatforge.serving.security import ApiKeyAuth, TlsConfig
 from chatforge.serving.service import SERVICE_NAME, ChatbotServicer
+from chatforge.serving.store import ConversationStore
+from chatforge.settings import get_settings
 from chatforge.v1 import chatbot_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -139,8 +148,6 @@ class ChatbotServer:
         if max_message_bytes is not None and max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes={max_message_bytes!r} is out of range; allowed: >= 1024")
         if metrics_port is not None and metrics is None:
-            from chatforge.serving.metrics import ServingMetrics
-
             metrics = ServingMetrics()
         self._engine_or_loader = engine_or_loader
         self.host, self.requested_port, self.grace, self.drain_delay = host, port, grace, drain_delay
@@ -171,8 +178,6 @@ class ChatbotServer:
         # The HTTP surface (serving/http.py): same loop, engine, gate, auth and metrics as gRPC.
         self.http = None
         if http_port is not None:
-            from chatforge.serving.http import HttpSurface
-
             self.http = HttpSurface(self, host, http_port)
 
     @property
@@ -224,8 +229,6 @@ class ChatbotServer:
         logger.info("listening", extra={"address": f"{self.host}:{self.port}", "tls": self.tls is not None,
                                         "api_keys": self.auth is not None})
         if self.metrics_port is not None:
-            from chatforge.serving.metrics import MetricsHTTPServer
-
             self.metrics_http = MetricsHTTPServer(self.metrics, self.host, self.metrics_port,
                                                   readiness=lambda: self.ready).start()
         self._load_task = asyncio.get_running_loop().create_task(self._load())
@@ -367,8 +370,6 @@ class ChatbotServer:
         still inside grpc core while the process tears down: the same hazard as a runner thread left
         mid-step (SIGABRT, "terminate called without an active exception", instead of exit 0).
         """
-        import gc
-
         self._server = None
         gc.collect()  # the cycles that still reference the stopped server
 
@@ -445,10 +446,6 @@ def operations(settings) -> dict:
     """The operations library a served process runs with, from ``settings``: Prometheus metrics,
     webhook alerts and their rules, the conversation store (``ChatbotServer`` keyword arguments;
     the caller closes ``alerts`` and ``store``). ``run_server`` and the benchmarks share it."""
-    from chatforge.serving.alerts import AlertManager
-    from chatforge.serving.metrics import ServingMetrics
-    from chatforge.serving.store import ConversationStore
-
     alerts = AlertManager.from_settings(settings)
     rules = AlertRules(alerts, RollingCallStats(settings.alert_window_seconds),
                        error_rate=settings.alert_error_rate, p99_seconds=settings.alert_p99_ms / 1000.0,
@@ -502,8 +499,6 @@ class ServerConfig:
     policy: ReplyPolicy | None = None  # the hybrid reply policy (serving.policy), instead of a pipeline
 
     def __post_init__(self) -> None:
-        from chatforge.inference import check_precision
-
         if not self.bundles and self.model_dir is None:
             raise ValueError("no bundles given; pass at least one name=path, or a model directory")
         if self.bundles and self.model_dir is not None:
@@ -534,10 +529,6 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
     Wires the operations library from ``settings`` (default: ``CHATFORGE_*`` variables):
     logging, alerts, the conversation store and metrics (HTTP on ``config.metrics_port``).
     """
-    from chatforge.serving.observability import configure_logging
-    from chatforge.serving.security import ApiKeyAuth, TlsConfig
-    from chatforge.settings import get_settings
-
     settings = settings or get_settings()
     configure_logging(settings)
     auth = ApiKeyAuth.from_file(config.api_keys_file, open_health=config.open_health) if config.api_keys_file \

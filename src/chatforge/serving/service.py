@@ -20,6 +20,7 @@ from chatforge.decoding import GenerationOptions
 from chatforge.inference import TokenDelta
 from chatforge.serving.engine import Engine, EngineUnavailableError, InvalidRequestError
 from chatforge.serving.interceptors import current_call
+from chatforge.serving.store import Turn
 from chatforge.v1 import chatbot_pb2 as pb
 from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
 
@@ -131,8 +132,6 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
     def _record(self, **fields) -> None:
         if self.store is None:
             return
-        from chatforge.serving.store import Turn
-
         self.store.record(Turn(session_id=session_id_var.get(), request_id=request_id_var.get(), **fields))
 
     async def Reply(self, request: pb.ReplyRequest, context) -> None:

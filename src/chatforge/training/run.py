@@ -33,6 +33,7 @@ from chatforge.config import ConfigError, ExperimentConfig, load_config
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
 from chatforge.data.splits import hold_out
 from chatforge.decoding import GenerationOptions, generate
+from chatforge.evaluation.metrics import generation_quality, selection_report
 from chatforge.fileio import atomic_write_bytes
 from chatforge.oos import fit_policy, in_scope_only, oos_metrics
 from chatforge.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset
@@ -502,8 +503,6 @@ def selection_seed(seed: int, split: str) -> int:
 def _run_selection(cfg: ExperimentConfig, run_dir: Path, train: list[Example], valid: list[Example],
                    test: list[Example], data_path: Path) -> RunResult:
     """Fit a response selector on the train pairs (its pool: their deduplicated answers) and report R@1 / MRR."""
-    from chatforge.evaluation.metrics import generation_quality, selection_report
-
     def pairs(examples: list[Example], split: str) -> tuple[list[str], list[str]]:
         missing = sum(1 for e in examples if not e.response)
         if missing:
