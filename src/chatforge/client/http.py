@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 
 class HttpChatError(Exception):
     """A failed HTTP call: the HTTP ``status``, the OpenAI error ``code`` and ``message``."""
@@ -43,8 +45,6 @@ class HttpChatClient:
 
     def __init__(self, target: str, *, timeout: float = 30.0, api_key: str | None = None,
                  scheme: str = "http") -> None:
-        import httpx
-
         if ":" not in target:
             raise ValueError(f"target={target!r} is invalid; allowed: HOST:PORT, e.g. 127.0.0.1:8080")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -75,8 +75,6 @@ class HttpChatClient:
 
     def wait_for_ready(self, timeout: float = 10.0) -> None:
         """Block until ``/readyz`` answers 200 (bounded by ``timeout``)."""
-        import httpx
-
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import email.message
+import importlib.metadata
 import json
 import logging
 import math
 import re
 import socket
+import ssl
 import time
 from contextlib import aclosing
+from datetime import datetime
 from importlib import resources
 from typing import Any, Literal
 
 import grpc
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -53,6 +57,8 @@ from chatforge.serving.interceptors import (
     status_for,
 )
 from chatforge.serving.security import AUTH_METADATA_KEY
+from chatforge.serving.service import ModelsLoadingError
+from chatforge.serving.store import Turn
 
 logger = logging.getLogger(__name__)
 
@@ -626,8 +632,6 @@ class HttpSurface:
             auth.check("/http", [(AUTH_METADATA_KEY, header)] if header is not None else [])
 
     def require_engine(self) -> Engine:
-        from chatforge.serving.service import ModelsLoadingError
-
         engine = self.engine
         if engine is None:
             raise ModelsLoadingError("the server is still loading its models; retry shortly")
@@ -635,8 +639,6 @@ class HttpSurface:
 
     async def start(self) -> int:
         """Bind ``host:port`` and serve on the running loop; return the bound port."""
-        import uvicorn
-
         try:
             sock = _listen(self.host, self.requested_port)
         except OSError as e:
@@ -646,8 +648,6 @@ class HttpSurface:
         tls = getattr(self.backend, "tls", None)
         ssl_kwargs: dict[str, Any] = {}
         if tls is not None:
-            import ssl
-
             ssl_kwargs = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
             if tls.client_ca_file is not None:
                 ssl_kwargs.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
@@ -854,8 +854,6 @@ class HttpSurface:
         store = self.store
         if store is None:
             return
-        from chatforge.serving.store import Turn
-
         store.record(Turn(session_id=call.session_id, request_id=call.request_id, status="OK",
                           latency_ms=(time.perf_counter() - call.start) * 1000.0, **fields))
 
@@ -986,8 +984,6 @@ def _card(m) -> ModelCard:
 
 def _epoch(value: Any) -> int:
     """A bundle's creation time (ISO 8601 in metadata.json) as Unix seconds; 0 when unknown."""
-    from datetime import datetime
-
     if isinstance(value, str):
         try:
             return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
@@ -1110,9 +1106,7 @@ def create_app(surface: HttpSurface) -> FastAPI:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("chatforge")
+        return importlib.metadata.version("chatforge")
     except Exception:  # noqa: BLE001 - not installed (running from a source tree)
         return "0"
 
