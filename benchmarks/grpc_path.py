@@ -82,8 +82,8 @@ def _serve_model(bundle: str, port_file: str, precision: str, new_tokens: int) -
 
     from chatforge.decoding import GenerationOptions
     from chatforge.serving import interceptors, service
-    from chatforge.serving.engine import Engine, ReplyDone
-    from chatforge.serving.server import operations, serve
+    from chatforge.serving.engine import Engine
+    from chatforge.serving.server import operations
     from chatforge.settings import get_settings
 
     torch.set_num_threads(1)
@@ -116,6 +116,17 @@ def _serve_model(bundle: str, port_file: str, precision: str, new_tokens: int) -
     engine = Engine.from_bundles({"chat": bundle}, max_running=8, precision=precision, metrics=ops["metrics"])
     opts = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
+    serve_with_direct_path(engine, opts, port_file, ops, stamps, arrivals)
+
+
+def serve_with_direct_path(engine, opts, port_file: str, ops: dict, stamps: list, arrivals: list,
+                           **serve_kwargs) -> None:
+    """Serve ``engine`` as `chatforge serve` wires it; each text read on stdin is also streamed directly from the
+    engine on the server's own loop and its (start, first, last, count) written to stdout; ``null`` ends the run
+    (the server's stage stamps are written, then SIGTERM drains it). Shared by grpc_path and http_path."""
+    from chatforge.serving.engine import ReplyDone
+    from chatforge.serving.server import serve
+
     def director(loop) -> None:
         for line in sys.stdin:
             text = json.loads(line)
@@ -136,7 +147,7 @@ def _serve_model(bundle: str, port_file: str, precision: str, new_tokens: int) -
     async def main() -> None:
         threading.Thread(target=director, args=(asyncio.get_running_loop(),), daemon=True).start()
         try:
-            await serve(engine, port=0, port_file=port_file, grace=2, **ops)
+            await serve(engine, port=0, port_file=port_file, grace=2, **serve_kwargs, **ops)
         finally:
             ops["store"].close()
             ops["alerts"].close()
@@ -145,16 +156,17 @@ def _serve_model(bundle: str, port_file: str, precision: str, new_tokens: int) -
 
 
 # ------------------------------------------------------------------------------ client side
-def _spawn(args: list[str], workdir: Path, port_file: Path) -> tuple[subprocess.Popen, str]:
+def _spawn(args: list[str], workdir: Path, port_file: Path, script: str = __file__,
+           log_name: str = "grpc-path-server.log") -> tuple[subprocess.Popen, str]:
     port_file.unlink(missing_ok=True)
     env = {**os.environ, "CHATFORGE_ENV": "test", "CHATFORGE_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=(workdir / "grpc-path-server.log").open("w"), text=True, env=env)
+    proc = subprocess.Popen([sys.executable, script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=(workdir / log_name).open("w"), text=True, env=env)
     deadline = time.monotonic() + 120
     while not (port_file.is_file() and port_file.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"the server did not start; see {workdir / 'grpc-path-server.log'}")
+            raise RuntimeError(f"the server did not start; see {workdir / log_name}")
         time.sleep(0.05)  # polling the port file the server writes once serving (bounded)
     return proc, f"127.0.0.1:{port_file.read_text().strip()}"
 

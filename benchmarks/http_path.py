@@ -18,24 +18,19 @@ Writes ``results/http-path-<size>.json``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as _dt
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _ms(xs) -> float:
-    return statistics.median(xs) * 1e3
+from grpc_path import _ms, _rate, _spawn, _stream, serve_with_direct_path  # noqa: E402
 
 
 def _serve_model(bundle: str, port_file: str, http_port: int, new_tokens: int) -> None:
@@ -45,8 +40,8 @@ def _serve_model(bundle: str, port_file: str, http_port: int, new_tokens: int) -
 
     from chatforge.decoding import GenerationOptions
     from chatforge.serving import http
-    from chatforge.serving.engine import Engine, ReplyDone
-    from chatforge.serving.server import operations, serve
+    from chatforge.serving.engine import Engine
+    from chatforge.serving.server import operations
     from chatforge.settings import get_settings
 
     torch.set_num_threads(1)
@@ -84,46 +79,7 @@ def _serve_model(bundle: str, port_file: str, http_port: int, new_tokens: int) -
     engine = Engine.from_bundles({"chat": bundle}, max_running=8, metrics=ops["metrics"])
     opts = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
-    def director(loop) -> None:
-        for line in sys.stdin:
-            text = json.loads(line)
-            if text is None:
-                break
-
-            async def one(text: str = text) -> list[float]:
-                t0, times = time.perf_counter(), []
-                async for item in engine.stream_reply(text, opts):
-                    if not isinstance(item, ReplyDone):
-                        times.append(time.perf_counter())
-                return [t0, times[0], times[-1], len(times)]
-
-            print(json.dumps(asyncio.run_coroutine_threadsafe(one(), loop).result()), flush=True)
-        print(json.dumps({"stamps": stamps, "arrivals": arrivals}), flush=True)
-        os.kill(os.getpid(), 15)  # SIGTERM: the server drains and returns
-
-    async def main() -> None:
-        threading.Thread(target=director, args=(asyncio.get_running_loop(),), daemon=True).start()
-        try:
-            await serve(engine, port=0, port_file=port_file, grace=2, http_port=http_port, **ops)
-        finally:
-            ops["store"].close()
-            ops["alerts"].close()
-
-    asyncio.run(main())
-
-
-def _stream(client, text: str, new_tokens: int) -> tuple[float, float, float, int]:
-    """(start, first token, last token, tokens) of one streamed reply."""
-    t0, times = time.perf_counter(), []
-    for chunk in client.reply_stream(text, max_new_tokens=new_tokens, min_new_tokens=new_tokens):
-        if not chunk.is_final:
-            times.append(time.perf_counter())
-    return t0, times[0], times[-1], len(times)
-
-
-def _rate(stream) -> float:
-    _, first, last, n = stream
-    return (n - 1) / (last - first)
+    serve_with_direct_path(engine, opts, port_file, ops, stamps, arrivals, http_port=http_port)
 
 
 def in_process_abc(workdir: Path, bundle: Path, texts: list[str], new_tokens: int) -> dict:
@@ -133,17 +89,8 @@ def in_process_abc(workdir: Path, bundle: Path, texts: list[str], new_tokens: in
     from chatforge.client import ChatbotClient
 
     port_file, http_port = workdir / "http-path.port", _free_port()
-    port_file.unlink(missing_ok=True)
-    env = {**os.environ, "CHATFORGE_ENV": "test", "CHATFORGE_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, __file__, "--_model", str(bundle), str(port_file), str(http_port),
-                             str(new_tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=(workdir / "http-path-server.log").open("w"), text=True, env=env)
-    deadline = time.monotonic() + 120
-    while not (port_file.is_file() and port_file.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the server did not start; see {workdir / 'http-path-server.log'}")
-        time.sleep(0.05)  # polling the port file the server writes once serving (bounded)
+    proc, grpc_target = _spawn(["--_model", str(bundle), str(port_file), str(http_port), str(new_tokens)], workdir,
+                               port_file, script=__file__, log_name="http-path-server.log")
 
     def direct(text: str) -> tuple[float, float, float, int]:
         proc.stdin.write(json.dumps(text) + "\n")
@@ -152,7 +99,7 @@ def in_process_abc(workdir: Path, bundle: Path, texts: list[str], new_tokens: in
 
     http_client = RawSseClient(f"127.0.0.1:{http_port}")
     try:
-        with ChatbotClient(f"127.0.0.1:{port_file.read_text().strip()}", timeout=300) as grpc_client:
+        with ChatbotClient(grpc_target, timeout=300) as grpc_client:
             runs: dict[str, list] = {"direct": [], "grpc": [], "http": []}
             for text in texts[:3]:  # warm up all paths (not counted; the server's stamps are cut below)
                 _stream(grpc_client, text, new_tokens), _stream(http_client, text, new_tokens), direct(text)
