@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_bench import _describe, _free_port, stream_timing, train_bundle  # noqa: E402
+from serving_bench import CliServer, _describe, _free_port, stream_timing, train_bundle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"ttft_overhead_ms": ("<=", 2.0), "concurrent_tokens_ratio": (">=", 0.9)}
@@ -57,40 +57,14 @@ def lscpu() -> dict:
     return {k: fields[k].strip() for k in keep if k in fields}
 
 
-class Server:
+class Server(CliServer):
     """``chatforge serve`` with both surfaces, in a subprocess, on loopback."""
 
     def __init__(self, gen: Path, workdir: Path, torch_threads: int, precision: str) -> None:
-        port_file = workdir / "port"
-        port_file.unlink(missing_ok=True)
-        self.log = (workdir / "server.log").open("w")
         self.http_port = _free_port()
-        env = {**os.environ, "CHATFORGE_ENV": "test", "CHATFORGE_LOG_LEVEL": "WARNING",
-               "OMP_NUM_THREADS": str(torch_threads)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"chat={gen}", "--port", "0",
-             "--port-file", str(port_file), "--http-port", str(self.http_port), "--grace", "2",
-             "--max-running", "8", "--max-queued", "256", "--precision", precision],
-            stdout=subprocess.DEVNULL, stderr=self.log, env=env, cwd=workdir,
-        )
-        deadline = time.monotonic() + 120
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the server did not start; see {workdir / 'server.log'}")
-            time.sleep(0.1)  # polling the port file the server writes once SERVING (bounded)
-        self.grpc_target = f"127.0.0.1:{port_file.read_text().strip()}"
+        super().__init__({"chat": gen}, workdir, torch_threads, precision, ["--http-port", str(self.http_port)])
+        self.grpc_target = self.target
         self.http_target = f"127.0.0.1:{self.http_port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
 
 
 class RawSseClient:

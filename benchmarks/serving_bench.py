@@ -243,21 +243,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Server:
-    """``chatforge serve`` in a subprocess on an ephemeral loopback port."""
+class CliServer:
+    """``chatforge serve`` in a subprocess on an ephemeral loopback gRPC port (``self.target``) with the given
+    models and extra options; ``stop`` sends SIGTERM. Shared by this benchmark and http_vs_grpc.py."""
 
-    def __init__(self, gen: Path, cls: Path, workdir: Path, torch_threads: int, precision: str = "fp32") -> None:
+    def __init__(self, models: dict[str, Path], workdir: Path, torch_threads: int, precision: str,
+                 extra: list[str]) -> None:
         port_file = workdir / "port"
         port_file.unlink(missing_ok=True)
         self.log = (workdir / "server.log").open("w")
         env = {**os.environ, "CHATFORGE_ENV": "test", "CHATFORGE_LOG_LEVEL": "WARNING",
                "OMP_NUM_THREADS": str(torch_threads)}
-        self.metrics_port = _free_port()
+        model_args = [a for name, path in models.items() for a in ("--model", f"{name}={path}")]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"chat={gen}", "--model", f"intent={cls}",
-             "--port", "0", "--port-file", str(port_file), "--metrics-port", str(self.metrics_port),
-             "--grace", "2", "--max-running", "8", "--precision", precision,
-             "--max-queued", "256", "--max-batch-size", "32", "--max-wait-ms", "2"],
+            [sys.executable, "-m", "chatforge.cli", "serve", *model_args, "--port", "0", "--port-file",
+             str(port_file), "--grace", "2", "--drain-delay", "0", "--max-running", "8", "--max-queued", "256",
+             "--precision", precision, *extra],
             stdout=subprocess.DEVNULL, stderr=self.log, env=env, cwd=workdir,
         )
         deadline = time.monotonic() + 120
@@ -267,6 +268,25 @@ class Server:
                 raise RuntimeError(f"the server did not start; see {workdir / 'server.log'}")
             time.sleep(0.1)  # polling the port file the server writes once SERVING (bounded)
         self.target = f"127.0.0.1:{port_file.read_text().strip()}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+class Server(CliServer):
+    """The generator and the classifier served together, with the metrics port (batch sizes are read there)."""
+
+    def __init__(self, gen: Path, cls: Path, workdir: Path, torch_threads: int, precision: str = "fp32") -> None:
+        self.metrics_port = _free_port()
+        super().__init__({"chat": gen, "intent": cls}, workdir, torch_threads, precision,
+                         ["--metrics-port", str(self.metrics_port), "--max-batch-size", "32", "--max-wait-ms", "2"])
 
     def batch_sizes(self, model: str = "chat") -> tuple[float, float]:
         """(sum, count) of the server's decoding batch sizes so far (its Prometheus histogram)."""
@@ -281,15 +301,6 @@ class Server:
                     found[part] = float(line.rsplit(" ", 1)[1])
         return found.get("sum", 0.0), found.get("count", 0.0)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
 
 
 def concurrent_streams(target: str, texts: list[str], streams: int, rounds: int, new_tokens: int) -> dict:
