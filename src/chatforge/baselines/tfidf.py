@@ -127,3 +127,38 @@ class TfidfFeatures:
             vec.idf_ = np.asarray(doc[name]["idf"], dtype=np.float64)
             self.vectorizers[name] = vec
         return self
+
+
+class TfidfTextClassifier:
+    """What the TF-IDF estimators share: their features, the fitted check, and ``predict_proba``/``predict`` around
+    a subclass's ``_proba(features)`` (columns in ``self.labels`` order). Subclasses set ``self._features_`` when
+    fitted or loaded and say in ``_is_fitted`` whether their own weights are there."""
+
+    labels: list[str]
+    _features_: TfidfFeatures | None
+
+    def _is_fitted(self) -> bool:
+        raise NotImplementedError
+
+    def _proba(self, features) -> np.ndarray:
+        raise NotImplementedError
+
+    def _features(self, texts: Sequence[str]):
+        return self._features_.transform(texts)
+
+    def _require_fitted(self) -> None:
+        if not self._is_fitted():
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit() or load() first")
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, C) probabilities, columns in ``self.labels`` order."""
+        self._require_fitted()
+        texts = check_texts(texts, "texts")
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return self._proba(self._features(texts))
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        """Arg-max labels. Out-of-scope answers come from the bundle's oos policy (chatforge.oos), applied
+        by ``chatforge.inference.Classifier`` for every family alike, not from the estimator."""
+        return [self.labels[i] for i in self.predict_proba(texts).argmax(axis=1)]

@@ -26,7 +26,7 @@ from safetensors.numpy import load_file
 from safetensors.numpy import save as st_save
 
 from chatforge.baselines.linear.config import LinearConfig
-from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
+from chatforge.baselines.tfidf import TfidfFeatures, TfidfTextClassifier, check_texts, read_saved_meta
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.registry import BuildContext
 
@@ -53,7 +53,7 @@ def read_outliers(path: str | os.PathLike) -> list[str]:
     return lines
 
 
-class LinearTextClassifier:
+class LinearTextClassifier(TfidfTextClassifier):
     """TF-IDF (word + char_wb n-grams) -> multinomial logistic regression.
 
     The estimator protocol chatforge's run driver, bundles and ensembles rely on:
@@ -68,9 +68,6 @@ class LinearTextClassifier:
         self._features_: TfidfFeatures | None = None
         self._coef: np.ndarray | None = None  # (C, F) or (1, F) for two classes, as scikit-learn
         self._intercept: np.ndarray | None = None
-
-    def _features(self, texts: Sequence[str]):
-        return self._features_.transform(texts)
 
     def fit(self, texts: Sequence[str], labels: Sequence[str], valid_texts: Sequence[str] | None = None,
             valid_labels: Sequence[str] | None = None) -> LinearTextClassifier:
@@ -127,17 +124,11 @@ class LinearTextClassifier:
         self.labels = [self.labels[i] for i in keep]
         self._coef, self._intercept = np.ascontiguousarray(coef), np.ascontiguousarray(intercept)
 
-    def _require_fitted(self) -> None:
-        if self._coef is None:
-            raise RuntimeError("LinearTextClassifier is not fitted; call fit() or load() first")
+    def _is_fitted(self) -> bool:
+        return self._coef is not None
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, C) probabilities, columns in ``self.labels`` order."""
-        self._require_fitted()
-        texts = check_texts(texts, "texts")
-        if not texts:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        z = np.asarray(self._features(texts) @ self._coef.T) + self._intercept  # (N, C) or (N, 1)
+    def _proba(self, features) -> np.ndarray:
+        z = np.asarray(features @ self._coef.T) + self._intercept  # (N, C) or (N, 1)
         if self.config.loss == "svm":
             z = z * self.config.temperature  # margins -> logits (module docstring)
         if z.shape[1] == 1:  # binary: scikit-learn keeps one weight row, for the second class
@@ -146,9 +137,6 @@ class LinearTextClassifier:
         z = z - z.max(axis=1, keepdims=True)  # stable softmax
         e = np.exp(z)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-    def predict(self, texts: Sequence[str]) -> list[str]:
-        return [self.labels[i] for i in self.predict_proba(texts).argmax(axis=1)]
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``linear_meta.json``, ``linear_vectorizers.json`` and ``linear_weights.safetensors``."""

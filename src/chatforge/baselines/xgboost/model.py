@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
+from chatforge.baselines.tfidf import TfidfFeatures, TfidfTextClassifier, check_texts, read_saved_meta
 from chatforge.baselines.xgboost.config import XGBoostConfig
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.predictions import ClassPrediction
@@ -35,7 +35,7 @@ VECTORIZERS_FILE = "vectorizers.json"
 META_FILE = "xgb_meta.json"
 
 
-class XGBoostTextClassifier:
+class XGBoostTextClassifier(TfidfTextClassifier):
     """TF-IDF (word + char_wb n-grams) -> XGBoost multi-class classifier (Chen & Guestrin 2016).
 
     ``fit`` / ``predict_proba`` / ``predict`` / ``classify``; ``save`` / ``load`` use JSON only
@@ -49,11 +49,6 @@ class XGBoostTextClassifier:
         self.best_iteration: int | None = None
         self._features_: TfidfFeatures | None = None
         self._booster = None
-
-    # -- features -------------------------------------------------------------------------------------
-
-    def _features(self, texts: Sequence[str]):
-        return self._features_.transform(texts)
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -115,28 +110,15 @@ class XGBoostTextClassifier:
 
     # -- inference -----------------------------------------------------------------------------------
 
-    def _require_fitted(self) -> None:
-        if self._booster is None:
-            raise RuntimeError("XGBoostTextClassifier is not fitted; call fit() or load() first")
+    def _is_fitted(self) -> bool:
+        return self._booster is not None
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, C) probabilities, columns in ``self.labels`` order."""
-        self._require_fitted()
-        texts = check_texts(texts, "texts")
-        if not texts:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+    def _proba(self, features) -> np.ndarray:
         iteration_range = (0, self.best_iteration + 1) if self.best_iteration is not None else (0, 0)
-        p = self._booster.inplace_predict(self._features(texts), iteration_range=iteration_range)
-        p = np.asarray(p, dtype=np.float32)
+        p = np.asarray(self._booster.inplace_predict(features, iteration_range=iteration_range), dtype=np.float32)
         if p.ndim == 1:  # binary:logistic returns P(class 1) only
             p = np.stack([1.0 - p, p], axis=1)
         return p
-
-    def predict(self, texts: Sequence[str]) -> list[str]:
-        """Arg-max labels. Out-of-scope answers come from the bundle's oos policy (chatforge.oos), applied
-        by ``chatforge.inference.Classifier`` for every family alike, not from the estimator."""
-        probs = self.predict_proba(texts)
-        return [self.labels[i] for i in probs.argmax(axis=1)]
 
     def classify(self, texts: Sequence[str], top_k: int = 5) -> list[ClassPrediction]:
         """Arg-max predictions with the ``top_k`` class probabilities (``chatforge.predictions.ClassPrediction``)."""
