@@ -108,3 +108,15 @@ def test_resolved_config_round_trips():
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.name
+
+
+def test_context_turns_is_for_generation_models_only():
+    tree = {"name": "c", "data": {"path": "sample", "context_turns": 2},
+            "model": {"family": "transformer", "task": "classification"}}
+    with pytest.raises(ConfigError, match="data.context_turns=2: earlier turns are read by generation models only"):
+        validate_config(tree)
+    tree["model"]["task"] = "generation"
+    assert validate_config(tree).data.context_turns == 2
+    tree["data"]["context_turns"] = 65
+    with pytest.raises(ConfigError, match="context_turns"):
+        validate_config(tree)

@@ -114,3 +114,21 @@ def test_training_is_deterministic():
 def test_vocab_too_small_says_how_small_it_may_be():
     with pytest.raises(TokenizerError, match=r"vocab_size=20 is smaller than the \d+ characters"):
         Tokenizer.train(KO * 5, vocab_size=20, character_coverage=1.0)
+
+
+def test_join_turns_puts_the_latest_whole_turns_that_fit_before_the_message(tok):
+    from chatforge.tokenizer import join_turns
+
+    sep = tok.turn_sep_id
+    assert sep == tok.special.sep != tok.eos_id  # [SEP] where the vocabulary has one
+    a, b, msg = tok.encode(KO[0]), tok.encode(KO[1]), tok.encode(KO[2])
+    assert tok.encode_with_context(KO[2]) == (msg, 0)
+    assert tok.encode_with_context(KO[2], [KO[0], KO[1]], max_turns=0) == (msg, 0)  # a single-turn model
+    assert tok.encode_with_context(KO[2], [KO[0], KO[1]], max_turns=2) == (a + [sep] + b + [sep] + msg, 2)
+    assert tok.encode_with_context(KO[2], [KO[0], KO[1]], max_turns=1) == (b + [sep] + msg, 1)
+    # The budget drops the oldest turn whole (never half a turn), and never cuts the message.
+    assert tok.encode_with_context(KO[2], [KO[0], KO[1]], max_turns=2, budget=len(b) + 1 + len(msg)) == (
+        b + [sep] + msg, 1)
+    assert tok.encode_with_context(KO[2], [KO[0]], max_turns=2, budget=1) == (msg, 0)
+    # Without a [SEP] (GPT-2's vocabulary) turns end with </s>.
+    assert join_turns(lambda t: [len(t)], 2, "xyz", ["a", "bb"], max_turns=2) == ([1, 2, 2, 2, 3], 2)

@@ -38,6 +38,11 @@ class DataConfig(_Strict):
     text_field: str | None = None
     response_field: str | None = None
     label_field: str | None = None
+    # jsonl only: the field holding a list of the conversation's earlier turns (oldest first), and how many of
+    # them a generation model reads before the message (``turn [SEP] turn [SEP] message``); the same number is
+    # used when serving (the Reply RPC's context, the HTTP API's earlier messages). 0: single-turn.
+    context_field: str | None = None
+    context_turns: int = Field(0, ge=0, le=64)
     split: Literal["random", "predefined"] = "random"
     # With split=predefined (CLINC150): which lists of the JSON file are train / valid.
     train_keys: list[str] = Field(default_factory=lambda: ["train", "oos_train"])
@@ -239,6 +244,13 @@ class ExperimentConfig(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     oos: OOSConfig = Field(default_factory=OOSConfig)
+
+    @model_validator(mode="after")
+    def _context(self) -> ExperimentConfig:
+        if self.data.context_turns and self.model.task != "generation":
+            raise ValueError(f"data.context_turns={self.data.context_turns}: earlier turns are read by generation "
+                             f"models only (task 'generation'), not task {self.model.task!r}; set it to 0")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

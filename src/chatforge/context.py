@@ -19,3 +19,9 @@ session_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("ses
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+# The conversation's earlier turns one Reply may carry (ReplyRequest.context, the HTTP API's messages before
+# the input), and their roles: the server checks them, clients send at most this many.
+MAX_CONTEXT_TURNS = 64
+CONTEXT_ROLES = ("user", "assistant")

@@ -7,7 +7,7 @@ below, so it can be tested with fakes and serves every family the same way.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -95,14 +95,22 @@ class Seq2SeqGenerator:
         self.tok = bundle.tokenizer
         self.model = bundle.model
         self.max_input_tokens = bundle.config.train.max_source_len
+        # Earlier turns the model was trained to read before the message (data.context_turns; 0: none).
+        self.context_turns = bundle.config.data.context_turns
         self.info = ModelInfo(name=name, family=bundle.family, task=bundle.task, version=version,
-                              metadata=dict(bundle.metadata))
+                              metadata={**bundle.metadata, "context_turns": str(self.context_turns)})
 
     def count_tokens(self, text: str) -> int:
         return len(self.tok.encode(text))
 
-    def stream(self, text: str, options: GenerationOptions) -> Iterator[TokenDelta]:
-        ids = self.tok.encode(text)[: self.max_input_tokens] or [self.tok.unk_id]
+    def encode_prompt(self, text: str, context: Sequence[str] = ()) -> tuple[list[int], int]:
+        """The model's input ids for ``text`` after the conversation's earlier turns, and how many turns it
+        holds: as in training (``chatforge.tasks.source_ids``), the latest whole turns that fit the input."""
+        return self.tok.encode_with_context(text, context, max_turns=self.context_turns,
+                                            budget=self.max_input_tokens)
+
+    def stream(self, text: str, options: GenerationOptions, context: Sequence[str] = ()) -> Iterator[TokenDelta]:
+        ids = self.encode_prompt(text, context)[0][: self.max_input_tokens] or [self.tok.unk_id]
         detok = self.tok.incremental_decoder()
         # Autocast around each resumption: the consumer may resume the generator from any thread.
         with autocast_for(self.model):

@@ -32,21 +32,32 @@ class TaskSpec:
     max_source_len: int = 64
     max_target_len: int = 64
     labels: list[str] | None = None
+    context_turns: int = 0  # generation: earlier turns read before the message (data.context_turns)
+
+
+def source_ids(tok: Tokenizer, examples: Sequence[Example], max_len: int, context_turns: int = 0) -> list[list[int]]:
+    """Each example's model input, at most ``max_len`` ids: the message, after up to ``context_turns`` of its
+    earlier turns (``turn [SEP] turn [SEP] message``, :func:`chatforge.tokenizer.join_turns`). The same rule
+    serves requests (``Seq2SeqGenerator.encode_prompt``), so training and serving see one format."""
+    if not context_turns:
+        return [ids[:max_len] for ids in tok.encode_batch([e.text for e in examples])]
+    return [tok.encode_with_context(e.text, e.context, max_turns=context_turns, budget=max_len)[0][:max_len]
+            for e in examples]
 
 
 class Seq2SeqDataset(Dataset):
-    def __init__(self, examples: Sequence[Example], tok: Tokenizer, max_source_len: int, max_target_len: int):
+    def __init__(self, examples: Sequence[Example], tok: Tokenizer, max_source_len: int, max_target_len: int,
+                 context_turns: int = 0):
         missing = [e.source or repr(e.text) for e in examples if not e.response]
         if missing:
             raise TaskDataError(
                 f"task 'generation' needs a response for every example; {len(missing)} have none, "
                 f"e.g. {missing[:3]}"
             )
-        srcs = tok.encode_batch([e.text for e in examples])
+        srcs = source_ids(tok, examples, max_source_len, context_turns)
         tgts = tok.encode_batch([e.response for e in examples])
         self.items = []
         for s, t in zip(srcs, tgts, strict=True):
-            s = s[:max_source_len]
             t = [tok.bos_id] + t[: max_target_len - 2] + [tok.eos_id]
             self.items.append((s or [tok.unk_id], t))
         self.pad_id = tok.pad_id
@@ -167,7 +178,7 @@ def get_task(name: str, family: str | None = None) -> TaskDef:
 
 @register_task("generation", generates=True)
 def _generation(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dataset:
-    return Seq2SeqDataset(examples, tok, spec.max_source_len, spec.max_target_len)
+    return Seq2SeqDataset(examples, tok, spec.max_source_len, spec.max_target_len, spec.context_turns)
 
 
 @register_task("classification", needs_labels=True)

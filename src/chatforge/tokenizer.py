@@ -17,7 +17,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,27 @@ class SpecialIds:
     mask: int | None = None
 
 
+def join_turns(encode: Callable[[str], list[int]], sep_id: int, text: str, context: Sequence[str] = (), *,
+               max_turns: int = 0, budget: int | None = None) -> tuple[list[int], int]:
+    """The ids of ``turn [SEP] turn [SEP] text``: the message after at most ``max_turns`` earlier turns of
+    ``context`` (oldest first), each turn followed by ``sep_id``; returns (ids, turns used).
+
+    Turns are added newest first and whole, while the total stays within ``budget`` tokens: the model
+    always sees the message and the most recent context, never half a turn. The message itself is not
+    cut here (callers apply their own limit: training truncates, serving rejects an over-long message).
+    """
+    ids = encode(text)
+    used = 0
+    if max_turns > 0:
+        for turn in reversed(list(context)[-max_turns:]):
+            piece = encode(turn) + [sep_id]
+            if budget is not None and len(ids) + len(piece) > budget:
+                break
+            ids = piece + ids
+            used += 1
+    return ids, used
+
+
 class SpecialIdsMixin:
     """The special-token id accessors every tokenizer kind shares (reads ``self.special``)."""
 
@@ -80,6 +101,17 @@ class SpecialIdsMixin:
     @property
     def unk_id(self) -> int:
         return self.special.unk
+
+    @property
+    def turn_sep_id(self) -> int:
+        """What ends an earlier turn of a conversation: ``[SEP]``, or ``</s>`` for vocabularies without one
+        (GPT-2's)."""
+        return self.special.sep if self.special.sep is not None else self.special.eos
+
+    def encode_with_context(self, text: str, context: Sequence[str] = (), *, max_turns: int = 0,
+                            budget: int | None = None) -> tuple[list[int], int]:
+        """:func:`join_turns` with this tokenizer's ``encode`` and turn delimiter."""
+        return join_turns(self.encode, self.turn_sep_id, text, context, max_turns=max_turns, budget=budget)
 
 
 class Tokenizer(SpecialIdsMixin):

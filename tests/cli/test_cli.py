@@ -174,3 +174,23 @@ def test_bind_failure_inside_the_server_is_one_line_too():
 def test_health_with_a_zero_timeout_is_one_line_exit_2(value):
     line = _one_error_line(_run_cli("health", "127.0.0.1:1", "--timeout", value))
     assert f"--timeout {value}" in line and "seconds > 0" in line, line
+
+
+def test_chat_sends_the_conversations_earlier_turns_unless_told_not_to(tmp_path):
+    from tests.serving_fakes import WAIT, ServerThread, make_engine
+
+    from chatforge.serving.store import ConversationStore
+
+    store = ConversationStore(f"sqlite:///{tmp_path / 'turns.db'}")
+    with ServerThread(make_engine(), store=store) as st:
+        st.wait_serving()
+        args = ["chat", st.target, "-m", "first", "-m", "second", "--max-new-tokens", "2", "--session-id"]
+        assert runner.invoke(app, [*args, "with"]).exit_code == 0
+        assert runner.invoke(app, [*args, "without", "--no-context"]).exit_code == 0
+    assert store.flush(WAIT)
+    with_ = store.session("with")
+    assert [r["context"] for r in with_] == [None, [{"role": "user", "text": "first"},
+                                                    {"role": "assistant", "text": with_[0]["reply"]}]]
+    assert with_[0]["reply"]  # the fake model's reply, sent back as the assistant turn
+    assert [r["context"] for r in store.session("without")] == [None, None]
+    store.close()

@@ -187,3 +187,18 @@ def test_client_commands_import_no_model_side(server, tmp_path):
     # health, chat and loadtest really talked to the server; top found no metrics endpoint (exit 1).
     assert out["codes"] == {"health": 0, "chat": 0, "loadtest": 0, "top": 1}, out
     assert out["imported"] == [], out
+
+
+def test_a_non_ascii_session_id_is_sent_in_the_request_and_stored(tmp_path):
+    """gRPC refuses a header value outside printable ASCII (the call failed INTERNAL "Invalid metadata"
+    before the request left the client); the id travels in ReplyRequest.session_id, which is UTF-8."""
+    from chatforge.serving.store import ConversationStore
+
+    store = ConversationStore(f"sqlite:///{tmp_path / 'turns.db'}")
+    with ServerThread(make_engine(), store=store) as st, ChatbotClient(st.target, timeout=WAIT) as client:
+        st.wait_serving()
+        assert client.reply("hi", session_id="사용자-1", max_new_tokens=2)
+        assert client.reply("hi again", session_id="user-2", max_new_tokens=2)
+    assert [r["user_text"] for r in store.session("사용자-1")] == ["hi"]
+    assert [r["user_text"] for r in store.session("user-2")] == ["hi again"]
+    store.close()

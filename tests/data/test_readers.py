@@ -259,3 +259,33 @@ def test_missing_file(tmp_path):
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, DataError)
     with pytest.raises(DataError, match=r"is not a file"):
         read_examples(tmp_path)
+
+
+def test_jsonl_context_field_reads_the_earlier_turns(tmp_path):
+    path = write(tmp_path, "d.jsonl", "\n".join([
+        json.dumps({"q": "그거 어때?", "a": "맛있어요", "turns": ["사과 좋아해", " 그렇군요 "]}, ensure_ascii=False),
+        json.dumps({"q": "안녕", "a": "안녕하세요"}, ensure_ascii=False),  # a first turn: no context
+        json.dumps({"q": "x", "a": "y", "turns": None}),
+    ]) + "\n")
+    examples, _ = read_examples(path, text_field="q", response_field="a", context_field="turns")
+    assert [e.context for e in examples] == [("사과 좋아해", "그렇군요"), (), ()]
+    assert read_examples(path, text_field="q", response_field="a")[0][0].context == ()  # not asked for
+
+
+@pytest.mark.parametrize("turns, problem", [
+    ("사과 좋아해", "field 'turns' must be a list of strings (the earlier turns, oldest first), got str"),
+    (["ok", 3], "field 'turns' must be a list of strings (the earlier turns, oldest first), got list"),
+    (["ok", "  "], "field 'turns' holds an empty turn; every earlier turn needs text"),
+])
+def test_jsonl_context_field_rejects_what_is_not_a_list_of_turns(tmp_path, turns, problem):
+    path = write(tmp_path, "d.jsonl", json.dumps({"q": "a", "a": "b", "turns": turns}) + "\n")
+    with pytest.raises(DataError, match="d.jsonl:1: " + problem.replace("(", r"\(").replace(")", r"\)")):
+        read_examples(path, text_field="q", response_field="a", context_field="turns")
+    examples, report = read_examples(path, text_field="q", response_field="a", context_field="turns", on_error="skip")
+    assert examples == [] and report.n_rejected == 1
+
+
+def test_context_field_is_for_jsonl_only(tmp_path):
+    path = write(tmp_path, "d.csv", "question,answer\nq,a\n")
+    with pytest.raises(DataError, match="context_field='turns' applies to jsonl files"):
+        read_examples(path, context_field="turns")

@@ -147,3 +147,43 @@ def test_session_reads_one_conversation_in_order(store):
     rows = store.session("s1")
     assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(1, 30, 3)]
     assert store.session("nobody") == []
+
+
+OLD_COLUMNS = ("id INTEGER PRIMARY KEY AUTOINCREMENT, created_at DATETIME NOT NULL, session_id VARCHAR(128), "
+               "request_id VARCHAR(128), model VARCHAR(256), model_version VARCHAR(64), user_text TEXT, reply TEXT, "
+               "intent VARCHAR(256), intent_score FLOAT, ttft_ms FLOAT, latency_ms FLOAT, status VARCHAR(64)")
+
+
+def test_a_store_of_the_first_schema_is_migrated_in_place_and_keeps_its_rows(tmp_path):
+    """A conversations.db written before the context/path columns existed: opening it adds them (old rows
+    read None), and new turns with context are written and read back."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"CREATE TABLE turns ({OLD_COLUMNS})")
+        db.execute("INSERT INTO turns (created_at, session_id, user_text, reply, status) "
+                   "VALUES ('2026-01-02 03:04:05', 's', 'old question', 'old reply', 'OK')")
+    with ConversationStore(f"sqlite:///{path}") as store:
+        store.record(_turn(1, session_id="s", context=[{"role": "user", "text": "안녕"}], context_turns=1,
+                           path="generation"))
+        old, new = store.session("s")
+    assert (old["user_text"], old["context"], old["context_turns"], old["path"]) == ("old question", None, None, None)
+    assert (new["context"], new["context_turns"], new["path"]) == ([{"role": "user", "text": "안녕"}], 1, "generation")
+    with sqlite3.connect(path) as db:  # the stored form is JSON text any sqlite3 reader can parse
+        [(raw,)] = db.execute("SELECT context FROM turns WHERE context IS NOT NULL").fetchall()
+    assert json.loads(raw) == [{"role": "user", "text": "안녕"}]
+    # Opening it again finds nothing to add.
+    with ConversationStore(f"sqlite:///{path}") as store:
+        assert len(store.session("s")) == 2
+
+
+def test_context_round_trips_through_both_export_formats(store, tmp_path):
+    store.record(_turn(0, context=[{"role": "user", "text": "a,\"b\"\n"}, {"role": "assistant", "text": "c"}]))
+    store.record(_turn(1))
+    assert store.export(tmp_path / "t.jsonl", "jsonl") == 2
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["context"] == [{"role": "user", "text": "a,\"b\"\n"}, {"role": "assistant", "text": "c"}]
+    assert rows[1]["context"] is None
+    store.export(tmp_path / "t.csv", "csv")
+    with open(tmp_path / "t.csv", newline="", encoding="utf-8") as f:
+        first = next(csv.DictReader(f))
+    assert json.loads(first["context"])[0]["text"] == "a,\"b\"\n"

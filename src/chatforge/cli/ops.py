@@ -65,6 +65,8 @@ def chat(
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
     timeout: float = typer.Option(30.0, help="Deadline per reply, seconds."),
+    context: bool = _flag(True, "--context/--no-context", help="Send this conversation's earlier turns (the "
+                          "latest 64) with each message; a model trained with context reads them."),
     api_key: str = _api_key_option(),
     tls: bool = _tls_option(),
     tls_ca: Path = _tls_ca_option(),
@@ -73,23 +75,33 @@ def chat(
 ):
     """Chat with a server in the terminal; replies print as they stream."""
     from chatforge.client import ChatbotClient, ChatbotError
+    from chatforge.context import MAX_CONTEXT_TURNS
 
     _check_seconds("--timeout", timeout)
     creds = _client_kwargs(api_key, tls, tls_ca, tls_cert, tls_key)
 
     opts = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
 
+    history: list[tuple[str, str]] = []
+
     def turn(client: ChatbotClient, text: str) -> None:
         console.print("[bold green]bot>[/] ", end="")
-        final = None
-        for chunk in client.reply_stream(text, model=model, session_id=session_id, **opts):
+        final, parts = None, []
+        sent = history[-MAX_CONTEXT_TURNS:] if context else []
+        for chunk in client.reply_stream(text, model=model, session_id=session_id, context=sent, **opts):
             if chunk.text:
+                parts.append(chunk.text)
                 console.print(chunk.text, end="", highlight=False, markup=False)
             if chunk.finish_reason:
                 final = chunk
         console.print()
+        reply = "".join(parts)
+        history.append(("user", text))
+        if reply.strip():  # an empty reply is no turn (the server refuses empty context texts)
+            history.append(("assistant", reply))
         if final is not None:
-            console.print(f"[dim]({final.completion_tokens} tokens, {final.finish_reason})[/]")
+            read = f", read {final.context_turns} earlier turns" if final.context_turns else ""
+            console.print(f"[dim]({final.completion_tokens} tokens, {final.finish_reason}{read})[/]")
 
     try:
         with ChatbotClient(target, timeout=timeout, **creds) as client:

@@ -161,6 +161,9 @@ class ReplyChunk:
     model_version: str = ""
     intent: str = ""
     intent_score: float = 0.0
+    path: str = ""  # reply policy: which path answered
+    path_score: float = 0.0
+    context_turns: int = 0  # earlier turns of ``context`` the model read
 
     @property
     def is_final(self) -> bool:
@@ -273,7 +276,10 @@ class ChatbotClient:
     def _call_metadata(self, request_id: str | None, session_id: str | None = None, rpc: str = ""):
         rid = request_id or self._request_id or new_request_id()
         md = [*self._metadata, (REQUEST_ID_METADATA_KEY, rid)]
-        if session_id:
+        # The header is a copy for proxies and logs; ReplyRequest.session_id carries the id itself. gRPC
+        # refuses a header value outside printable ASCII (the whole call fails INTERNAL), so an id such as
+        # "사용자-1" travels in the field only.
+        if session_id and session_id.isascii() and session_id.isprintable():
             md.append((SESSION_ID_METADATA_KEY, session_id))
         self._log(rid, logging.DEBUG, "calling %s on %s", rpc, self.target, rpc=rpc)
         return rid, tuple(md)
@@ -354,9 +360,14 @@ class ChatbotClient:
         model: str | None = None,
         session_id: str | None = None,
         request_id: str | None = None,
+        context: Sequence[tuple[str, str]] = (),
         **generation_options,
     ) -> Iterator[ReplyChunk]:
         """Stream a reply: one :class:`ReplyChunk` per token, then a final one.
+
+        ``context`` is the conversation's earlier turns, oldest first, as (role, text) with role "user"
+        or "assistant"; a model trained with context reads the latest ones (the final chunk's
+        ``context_turns`` says how many), and the server stores them with the turn.
 
         ``generation_options`` are the fields of ``chatforge.v1.GenerationOptions``
         (max_new_tokens, temperature, ...); unset ones take the server's defaults.
@@ -371,7 +382,8 @@ class ChatbotClient:
             )
         opts = {k: v for k, v in generation_options.items() if v is not None}
         request = pb.ReplyRequest(
-            text=text, model=model or "", session_id=session_id or "", options=pb.GenerationOptions(**opts)
+            text=text, model=model or "", session_id=session_id or "", options=pb.GenerationOptions(**opts),
+            context=[pb.ContextTurn(role=role, text=turn) for role, turn in context],
         )
         rid, md = self._call_metadata(request_id, session_id, rpc="/chatforge.v1.Chatbot/Reply")
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -411,6 +423,9 @@ class ChatbotClient:
                     model_version=f.model_version,
                     intent=f.intent,
                     intent_score=round(f.intent_score, 6),
+                    path=f.path,
+                    path_score=round(f.path_score, 6),
+                    context_turns=f.context_turns,
                 )
 
     def reply(self, text: str, **kwargs) -> str:

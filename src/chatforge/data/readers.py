@@ -56,6 +56,7 @@ class Example:
     response: str | None = None
     label: str | None = None
     source: str = ""
+    context: tuple[str, ...] = ()  # earlier turns of the conversation, oldest first (jsonl context_field)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class _Collector:
         label: str | None,
         *,
         names: tuple[str, str | None, str | None],
+        context: tuple[str, ...] = (),
     ) -> None:
         """Normalise and validate one row; ``names`` are the field names, for messages.
 
@@ -146,7 +148,7 @@ class _Collector:
                 )
         if (text, response, label) != raw:
             self.report.n_normalised += 1
-        self.examples.append(Example(text, response, label, source=f"{self.path.name}:{where}"))
+        self.examples.append(Example(text, response, label, source=f"{self.path.name}:{where}", context=context))
 
     def finish(self) -> tuple[list[Example], ReadReport]:
         self.report.n_examples = len(self.examples)
@@ -268,7 +270,21 @@ def _read_delimited(
         collector.add(str(first), values[0], values[1], values[2], names=names)
 
 
-def _read_jsonl(path: Path, data: bytes, collector: _Collector, fields) -> None:
+def _read_context(obj: dict, name: str) -> tuple[tuple[str, ...], str | None]:
+    """A row's earlier turns: (turns, problem). Missing or null is a conversation's first turn."""
+    value = obj.get(name)
+    if value is None:
+        return (), None
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        return (), (f"field {name!r} must be a list of strings (the earlier turns, oldest first), "
+                    f"got {type(value).__name__}")
+    turns = tuple(_normalise(t) for t in value)
+    if not all(turns):
+        return (), f"field {name!r} holds an empty turn; every earlier turn needs text"
+    return turns, None
+
+
+def _read_jsonl(path: Path, data: bytes, collector: _Collector, fields, context_field: str | None = None) -> None:
     lines, bad = _decode_lines(data)
     names: tuple[str, str | None, str | None] | None = None
     for number, line in enumerate(lines, start=1):
@@ -308,10 +324,13 @@ def _read_jsonl(path: Path, data: bytes, collector: _Collector, fields) -> None:
             values.append(value if isinstance(value, str) else None)
             if problem:
                 break
+        context: tuple[str, ...] = ()
+        if problem is None and context_field is not None:
+            context, problem = _read_context(obj, context_field)
         if problem:
             collector.reject(where, problem)
             continue
-        collector.add(where, values[0], values[1], values[2], names=names)
+        collector.add(where, values[0], values[1], values[2], names=names, context=context)
 
 
 def _read_clinc(path: Path, data: bytes, collector: _Collector, keys: tuple[str, ...]) -> None:
@@ -382,6 +401,7 @@ def read_examples(
     text_field: str | None = None,
     response_field: str | None = None,
     label_field: str | None = None,
+    context_field: str | None = None,
     clinc_keys: Sequence[str] = ("train", "oos_train"),
     on_error: str = "raise",
     allowed_labels: Iterable[str] | None = None,
@@ -393,6 +413,8 @@ def read_examples(
     the first line. ``on_error="raise"`` raises :class:`DataError` on the first bad row;
     ``"skip"`` skips it and records it in ``report.problems``. ``allowed_labels`` restricts the
     labels of a labelled file: any other label is a bad row (e.g. ``CHATBOT_KR_LABELS``).
+    ``context_field`` (jsonl only) names a field holding the conversation's earlier turns, a list of
+    strings oldest first (missing or null: none); they become ``Example.context``.
     """
     path = Path(path)
     if format not in FORMATS:
@@ -415,6 +437,9 @@ def read_examples(
         raise DataError(
             f"{fmt} has fixed fields; text_field, response_field and label_field apply to csv, tsv and jsonl"
         )
+    if context_field is not None and fmt != "jsonl":
+        raise DataError(f"context_field={context_field!r} applies to jsonl files (a list of earlier turns per "
+                        f"line); {path} is {fmt}")
     if isinstance(allowed_labels, str):
         raise DataError(f"allowed_labels must be a collection of labels, not the string {allowed_labels!r}")
     labels = frozenset(allowed_labels) if allowed_labels is not None else None
@@ -428,7 +453,7 @@ def read_examples(
     elif fmt == "tsv":
         _read_delimited(path, data, collector, "\t", fields)
     elif fmt == "jsonl":
-        _read_jsonl(path, data, collector, fields)
+        _read_jsonl(path, data, collector, fields, context_field)
     else:
         _read_clinc(path, data, collector, clinc_keys)
     return collector.finish()

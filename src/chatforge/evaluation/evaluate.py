@@ -32,7 +32,7 @@ from chatforge.evaluation.metrics import generation_quality, selection_report
 from chatforge.evaluation.report import _md_table, write_classification_report, write_generation_report
 from chatforge.fileio import atomic_write_json, atomic_write_text
 from chatforge.inference import Classifier
-from chatforge.tasks import IGNORE_INDEX, TaskSpec, make_dataset
+from chatforge.tasks import IGNORE_INDEX, TaskSpec, make_dataset, source_ids
 from chatforge.training.run import file_sha256, load_splits, resolve_data_path, selection_seed
 from chatforge.training.tracking import resolve_tracking_uri
 
@@ -82,7 +82,7 @@ def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: s
         raise EvaluationError(f"data file not found: {path}")
     d = cfg.data
     kw = dict(text_field=d.text_field, response_field=d.response_field, label_field=d.label_field,
-              on_error=d.on_error)
+              context_field=d.context_field, on_error=d.on_error)
     fmt = fmt if data is not None else d.format
     if clinc_keys:
         examples, _ = read_examples(path, format=fmt, clinc_keys=tuple(clinc_keys), **kw)
@@ -183,7 +183,8 @@ def _generation(bundle, examples, out: Path, title: str, batch_size: int, max_ne
     missing = sum(1 for e in examples if not e.response)
     if missing:
         raise EvaluationError(f"generation evaluation needs a reference reply for every example; {missing} have none")
-    spec = TaskSpec(cfg.model.task, cfg.model.family, cfg.train.max_source_len, cfg.train.max_target_len, None)
+    spec = TaskSpec(cfg.model.task, cfg.model.family, cfg.train.max_source_len, cfg.train.max_target_len, None,
+                    cfg.data.context_turns)
     ds = make_dataset(spec, examples, tok)
     nll, n_tok = 0.0, 0
     with torch.inference_mode():
@@ -195,8 +196,9 @@ def _generation(bundle, examples, out: Path, title: str, batch_size: int, max_ne
             n_tok += n
     opts = GenerationOptions(max_new_tokens=max_new_tokens or cfg.train.max_target_len)
     t0 = time.perf_counter()
-    hyps = [tok.decode(generate(model, tok.encode(e.text)[: cfg.train.max_source_len] or [tok.unk_id], opts,
-                                bos_id=tok.bos_id, eos_id=tok.eos_id)) for e in examples]
+    sources = source_ids(tok, examples, cfg.train.max_source_len, cfg.data.context_turns)
+    hyps = [tok.decode(generate(model, src or [tok.unk_id], opts, bos_id=tok.bos_id, eos_id=tok.eos_id))
+            for src in sources]
     seconds = time.perf_counter() - t0
     refs = [e.response for e in examples]
     # Korean has no agreed word segmentation: character BLEU (see metrics.corpus_bleu).

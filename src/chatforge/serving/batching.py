@@ -121,6 +121,7 @@ class GenRequest:
     enqueued: float = field(default_factory=time.perf_counter)
     detok: Any = None  # incremental detokenizer (batched path)
     prompt_tokens: int = 0
+    turns: tuple[str, ...] = ()  # earlier turns of the conversation the model reads (oldest first)
     # runtime state of the batched path
     generated: int = 0
     max_steps: int = 0
@@ -454,7 +455,9 @@ class ThreadedRunner(_Runner):
         try:
             req.emit("start", req.prompt_tokens)
             self.metrics.prompt_tokens(self.name, req.prompt_tokens)
-            stream = self.generator.stream(req.text, req.options)
+            # Only a generator that reads context is handed it (the keyword is not part of every stream()).
+            stream = (self.generator.stream(req.text, req.options, context=req.turns) if req.turns
+                      else self.generator.stream(req.text, req.options))
             try:
                 for delta in stream:
                     if req.cancelled.is_set() or self._closed:  # at most one more token after a cancel

@@ -31,12 +31,13 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chatforge import inference
+from chatforge.context import CONTEXT_ROLES, MAX_CONTEXT_TURNS
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import ClassPrediction, ModelInfo, ReplyGenerator, TextClassifier, TokenDelta
 from chatforge.serving.batching import (
@@ -98,6 +99,7 @@ class ReplyDone:
     intent_score: float = 0.0
     path: str = ""  # reply policy: "scripted" | "retrieval" | "generation" | "fallback" (serving.policy)
     path_score: float = 0.0  # reply policy: the retrieval score (also when generation answered), else the intent's
+    context_turns: int = 0  # earlier turns of the conversation the model read before the message
 
 
 @dataclass
@@ -442,6 +444,17 @@ class Engine:
                 f"{field} is {len(text)} characters long; allowed: at most {self.max_input_chars}"
             )
 
+    def check_context(self, turns: Sequence[tuple[str, str]], field: str = "context") -> None:
+        """Earlier turns of a conversation, as (role, text): at most MAX_CONTEXT_TURNS, roles from
+        CONTEXT_ROLES, each text as :meth:`check_text` allows."""
+        if len(turns) > MAX_CONTEXT_TURNS:
+            raise InvalidRequestError(f"{field} holds {len(turns)} turns; allowed: at most {MAX_CONTEXT_TURNS} "
+                                      "(send the latest ones)")
+        for i, (role, text) in enumerate(turns):
+            if role not in CONTEXT_ROLES:
+                raise InvalidRequestError(f"{field}[{i}].role is {role!r}; allowed: {', '.join(CONTEXT_ROLES)}")
+            self.check_text(text, field=f"{field}[{i}].text")
+
     def _check_tokens(self, n: int, name: str, model_limit: int, field: str = "text") -> None:
         limit = min(model_limit, self.max_input_tokens or model_limit)
         if n > limit:
@@ -490,9 +503,15 @@ class Engine:
     # ------------------------------------------------------------------ generation
 
     async def stream_reply(
-        self, text: str, options: GenerationOptions | None = None, model: str | None = None
+        self, text: str, options: GenerationOptions | None = None, model: str | None = None,
+        context: Sequence[str] = (),
     ) -> AsyncIterator[TokenDelta | ReplyDone]:
         """Yield a :class:`TokenDelta` per generated token, then exactly one :class:`ReplyDone`.
+
+        ``context`` holds the conversation's earlier turns, oldest first (checked by the surfaces, which
+        name their own fields). A generator that reads context (``context_turns`` > 0, from its bundle's
+        ``data.context_turns``) gets as many of the latest as fit its input; ``ReplyDone.context_turns``
+        says how many it read. Other generators, and the scripted/retrieval paths, read the message only.
 
         Raises :class:`InvalidRequestError`, :class:`ModelNotFoundError`,
         :class:`NoModelForTaskError` or :class:`EngineOverloadedError` before the first token.
@@ -524,6 +543,8 @@ class Engine:
                 return
 
         beams = getattr(options, "num_beams", 1) > 1
+        encode_prompt = getattr(slot.model, "encode_prompt", None) if context else None
+        turns: tuple[str, ...] = ()
         if slot.spec is not None and not beams:
             ids = slot.spec.encode(text)
             n_prompt = len(ids)
@@ -533,6 +554,15 @@ class Engine:
             n_prompt = slot.model.count_tokens(text)
             prompt, detok = [], None
         self._check_tokens(n_prompt, slot.name, slot.model.max_input_tokens)
+        n_context = 0
+        if encode_prompt is not None:
+            # The message fits (checked above); earlier turns fill what is left of the model's input.
+            with_context, n_context = encode_prompt(text, context)
+            if n_context:
+                turns = tuple(context)
+                n_prompt = len(with_context)
+                if prompt:
+                    prompt = with_context
 
         sink = self._sink(asyncio.get_running_loop())
         # Unbounded: the model is the slow side, so the queue holds at most the tokens of one
@@ -545,7 +575,7 @@ class Engine:
                 req.cancelled.set()  # the loop is closed: nobody is listening any more
 
         req = GenRequest(text=text, prompt_ids=prompt, options=options, emit=emit, detok=detok,
-                         prompt_tokens=n_prompt, sink=sink, deliver=deliver)
+                         prompt_tokens=n_prompt, sink=sink, deliver=deliver, turns=turns)
         slot = self._submit(self._generators, slot.name, req, per_request=beams)
         prompt_tokens, n, ended = n_prompt, 0, False
         try:
@@ -559,7 +589,7 @@ class Engine:
                 elif kind == _END:
                     ended = True
                     yield ReplyDone(payload, prompt_tokens, n, slot.name, slot.version, intent, intent_score,
-                                    path, path_score)
+                                    path, path_score, n_context)
                     return
                 else:
                     ended = True

@@ -45,10 +45,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
-from chatforge.context import REQUEST_ID_METADATA_KEY, SESSION_ID_METADATA_KEY, request_id_var, session_id_var
+from chatforge.context import (
+    CONTEXT_ROLES,
+    MAX_CONTEXT_TURNS,
+    REQUEST_ID_METADATA_KEY,
+    SESSION_ID_METADATA_KEY,
+    request_id_var,
+    session_id_var,
+)
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import TokenDelta
-from chatforge.serving.engine import Engine, InvalidRequestError, ModelNotFoundError, ReplyDone
+from chatforge.serving.engine import (
+    Engine,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ReplyDone,
+)
 from chatforge.serving.interceptors import (
     FAILURE_REASON_BY_CODE,
     CallInfo,
@@ -121,8 +133,9 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = Field(None, max_length=256, description="A generation model from /v1/models; "
                               "omitted: the server's default.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000, description=(
-        "The conversation; the last user message is the input. Earlier turns are accepted (the served "
-        "families are single-turn, so the model sees only the last user message)."))
+        "The conversation; the last user message is the input. The messages before it are stored with the "
+        "session, and a model trained with context (/v1/models: context_turns > 0) reads the latest user and "
+        "assistant turns that fit its input before the input message."))
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (capped by the server).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     min_tokens: int | None = Field(None, ge=0, description="Fewest tokens to generate (an extension, as in "
@@ -165,6 +178,8 @@ class ModelCard(BaseModel):
     family: str
     version: str
     is_default: bool
+    context_turns: int = Field(0, description="Earlier user/assistant turns the model reads before the input "
+                               "message (0: the input message only).")
 
 
 class ModelList(BaseModel):
@@ -198,6 +213,9 @@ class ChatforgeInfo(BaseModel):
     intent: str | None = None
     intent_score: float | None = None
     out_of_scope: bool = False
+    context_turns: int = Field(0, description="How many earlier turns of `messages` the model read.")
+    path: str | None = Field(None, description="Reply policy only: which path answered (scripted, retrieval, "
+                             "generation, fallback).")
 
 
 class ChatCompletion(BaseModel):
@@ -392,6 +410,21 @@ def last_user_message(messages: list[ChatMessage]) -> tuple[int, str]:
             return i, message_text(messages[i])
     raise FieldError("messages", "messages holds no message with role 'user'; allowed: at least one user "
                      "message (the last one is the input)")
+
+
+def earlier_messages(messages: list[ChatMessage], index: int, engine: Engine) -> list[tuple[str, str]]:
+    """The messages before the input one, as (role, text), each checked as the input is (naming its
+    index). System and developer messages are kept for the store; a model that reads context reads the
+    user and assistant turns. Messages without text (an assistant's tool calls, a tool result with no
+    content) carry no turn and are left out."""
+    out = []
+    for i, msg in enumerate(messages[:index]):
+        text = message_text(msg)
+        if msg.role == "tool" or not text.strip():
+            continue
+        engine.check_text(text, field=f"messages[{i}].content")
+        out.append((msg.role, text))
+    return out
 
 
 def generation_options(req: ChatCompletionRequest, engine: Engine) -> GenerationOptions:
@@ -745,12 +778,14 @@ class HttpSurface:
             engine = self.require_engine()
             index, text = last_user_message(body.messages)
             engine.check_text(text, field=f"messages[{index}].content")
+            history = earlier_messages(body.messages, index, engine)
             options = generation_options(body, engine)
             stops = stop_sequences(body.stop)
             name = body.model or engine.default_generator or ""
             if name in engine.generators:
                 call.info.set_model(name)
-            stream = engine.stream_reply(text, options, body.model or None)
+            turns = [t for role, t in history if role in CONTEXT_ROLES][-MAX_CONTEXT_TURNS:]
+            stream = engine.stream_reply(text, options, body.model or None, turns)
             # The first item is awaited here, before any byte is sent, so that everything the
             # engine refuses up front (validation, unknown model, overload) gets its HTTP status.
             try:
@@ -763,7 +798,7 @@ class HttpSurface:
         except asyncio.CancelledError:
             call.finish(grpc.StatusCode.CANCELLED, 499)
             raise
-        reply = _Reply(call, body, text, stops, engine)
+        reply = _Reply(call, body, text, stops, engine, history)
         if body.stream:
             return SseResponse(self._sse(call, reply, stream, first), {REQUEST_ID_METADATA_KEY: call.request_id})
         try:
@@ -846,7 +881,9 @@ class HttpSurface:
         done = reply.done
         self._record(call, model=reply.model, model_version=reply.version, user_text=reply.text,
                      reply=reply.content, intent=(done.intent or None) if done else None,
-                     intent_score=done.intent_score if done and done.intent else None, ttft_ms=call.info.ttft_ms)
+                     intent_score=done.intent_score if done and done.intent else None, ttft_ms=call.info.ttft_ms,
+                     context=[{"role": r, "text": t} for r, t in reply.history] or None,
+                     context_turns=done.context_turns if done else None, path=(done.path or None) if done else None)
         if finish:
             call.finish(grpc.StatusCode.OK, 200)
 
@@ -887,8 +924,9 @@ class _Reply:
     """One completion as it is assembled: text after stop sequences, counts, the final record."""
 
     def __init__(self, call: HttpCall, body: ChatCompletionRequest, text: str, stops: list[str],
-                 engine: Engine) -> None:
+                 engine: Engine, history: list[tuple[str, str]] = ()) -> None:
         self.call, self.body, self.text, self.engine = call, body, text, engine
+        self.history = list(history)
         self.matcher = StopMatcher(stops)
         self.parts: list[str] = []
         self.pending = ""
@@ -946,7 +984,9 @@ class _Reply:
         return ChatforgeInfo(model_version=self.version, request_id=self.call.request_id,
                              intent=(done.intent or None) if done else None,
                              intent_score=done.intent_score if done and done.intent else None,
-                             out_of_scope=bool(done and done.finish_reason == "fallback")).model_dump()
+                             out_of_scope=bool(done and done.finish_reason == "fallback"),
+                             context_turns=done.context_turns if done else 0,
+                             path=(done.path or None) if done else None).model_dump()
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
@@ -979,7 +1019,14 @@ class _Reply:
 def _card(m) -> ModelCard:
     created = m.info.metadata.get("created") if isinstance(m.info.metadata, dict) else None
     return ModelCard(id=m.name, created=_epoch(created), owned_by="chatforge", task=m.info.task,
-                     family=m.info.family, version=str(m.info.version), is_default=m.is_default)
+                     family=m.info.family, version=str(m.info.version), is_default=m.is_default,
+                     context_turns=_context_turns(m.info.metadata))
+
+
+def _context_turns(metadata: Any) -> int:
+    """The generator's ``context_turns`` (``Seq2SeqGenerator`` puts it in its metadata); 0 when absent."""
+    value = metadata.get("context_turns") if isinstance(metadata, dict) else None
+    return int(value) if isinstance(value, str) and value.isdigit() else 0
 
 
 def _epoch(value: Any) -> int:

@@ -147,7 +147,9 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
         # Written with context.write (not `yield`) so that the engine's stream is closed
         # deterministically by `aclosing` when the client cancels: the cancellation reaches
         # this coroutine, `aclosing` closes the engine's generator, which drops the sequence.
-        stream = engine.stream_reply(request.text, options, request.model or None)
+        turns = [(t.role, t.text) for t in request.context]
+        engine.check_context(turns)
+        stream = engine.stream_reply(request.text, options, request.model or None, [t for _, t in turns])
         async with aclosing(stream):
             async for item in stream:
                 if isinstance(item, TokenDelta):
@@ -167,13 +169,16 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
                     intent_score=item.intent_score,
                     path=item.path,
                     path_score=item.path_score,
+                    context_turns=item.context_turns,
                 )))
                 # Acknowledged: the final chunk is on its way to the client.
                 self._record(model=item.model, model_version=item.version, user_text=request.text,
                              reply="".join(parts), intent=item.intent or None,
                              intent_score=item.intent_score if item.intent else None,
                              ttft_ms=call.ttft_ms if call is not None else None,
-                             latency_ms=(time.perf_counter() - start) * 1000.0, status="OK")
+                             latency_ms=(time.perf_counter() - start) * 1000.0, status="OK",
+                             context=[{"role": r, "text": t} for r, t in turns] or None,
+                             context_turns=item.context_turns, path=item.path or None)
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         engine = self._engine()

@@ -34,8 +34,10 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     make_url,
     select,
+    text,
 )
 from sqlalchemy.pool import StaticPool
 
@@ -63,6 +65,10 @@ turns = Table(
     Column("ttft_ms", Float),
     Column("latency_ms", Float),
     Column("status", String(64)),
+    # Added after the first release (``_add_missing_columns`` migrates older stores in place):
+    Column("context", Text),  # the conversation's earlier turns as sent: JSON [{"role", "text"}], oldest first
+    Column("context_turns", Integer),  # how many of them the model read before the message
+    Column("path", String(32)),  # reply policy: which path answered (scripted, retrieval, generation, fallback)
 )
 
 
@@ -90,10 +96,15 @@ class Turn:
     latency_ms: float | None = None
     status: str = "OK"
     created_at: datetime = field(default_factory=_utcnow)
+    context: list[dict[str, str]] | None = None  # earlier turns as sent, [{"role", "text"}], oldest first
+    context_turns: int | None = None
+    path: str | None = None
 
     def row(self) -> dict[str, Any]:
         row = asdict(self)
         row["created_at"] = _naive_utc(self.created_at)
+        # JSON text rather than a JSON column type: the same on SQLite and PostgreSQL, readable by sqlite3.
+        row["context"] = json.dumps(self.context, ensure_ascii=False) if self.context else None
         return row
 
 
@@ -118,6 +129,7 @@ class ConversationStore:
         # One pinned connection (in-memory SQLite) must not be used by two threads at once.
         self._db_lock = threading.Lock() if isinstance(self.engine.pool, StaticPool) else None
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine, self._locked)
         self._queue: queue.Queue[Turn | None] = queue.Queue(maxsize=queue_size)
         self._cond = threading.Condition()
         self._accepted = 0  # turns accepted by record()
@@ -230,6 +242,7 @@ class ConversationStore:
             rows = [dict(r._mapping) for r in conn.execute(query)]
         for row in rows:
             row["created_at"] = row["created_at"].replace(tzinfo=timezone.utc)
+            row["context"] = json.loads(row["context"]) if row["context"] else None
             yield row
 
     def session(self, session_id: str) -> list[dict[str, Any]]:
@@ -254,11 +267,26 @@ class ConversationStore:
             for row in self.iter_rows(since):
                 row["created_at"] = row["created_at"].isoformat()
                 if writer is not None:
+                    row["context"] = json.dumps(row["context"], ensure_ascii=False) if row["context"] else None
                     writer.writerow(row)
                 else:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 n += 1
         return n
+
+
+def _add_missing_columns(engine: Engine, locked) -> None:
+    """Bring a store made by an older chatforge up to this schema: every column added since is nullable,
+    so ``ALTER TABLE ... ADD COLUMN`` (one transaction) migrates it in place and old rows read as None.
+    Only additions are ever made to ``turns``; a rename or type change would need a real migration tool."""
+    with locked(), engine.begin() as conn:
+        present = {c["name"] for c in inspect(conn).get_columns(turns.name)}
+        missing = [c for c in turns.columns if c.name not in present]
+        for column in missing:
+            kind = column.type.compile(dialect=engine.dialect)
+            conn.execute(text(f'ALTER TABLE {turns.name} ADD COLUMN "{column.name}" {kind}'))
+    if missing:
+        log.info("conversation store migrated: added column(s) %s", ", ".join(c.name for c in missing))
 
 
 class _NullLock:

@@ -36,7 +36,7 @@ from chatforge.decoding import GenerationOptions, generate
 from chatforge.evaluation.metrics import generation_quality, selection_report
 from chatforge.fileio import atomic_write_bytes
 from chatforge.oos import fit_policy, in_scope_only, oos_metrics
-from chatforge.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset
+from chatforge.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset, source_ids
 from chatforge.tokenizer import ByteTokenizer, Tokenizer
 from chatforge.training import distributed as ddp
 from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
@@ -79,7 +79,7 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
     if not path.is_file():
         raise ConfigError(f"data.path: file not found: {path}")
     kw = dict(format=d.format, text_field=d.text_field, response_field=d.response_field,
-              label_field=d.label_field, on_error=d.on_error)
+              label_field=d.label_field, context_field=d.context_field, on_error=d.on_error)
     task_def = _task_def_or_none(cfg)
     if task_def is not None and task_def.load is not None:
         # The task reads its own file format (token tagging); splits work on its examples as on any.
@@ -158,11 +158,12 @@ def _init_from(model: torch.nn.Module, src, source: str) -> dict[str, list[str]]
     return report
 
 
-def _sample_replies(model, tok: Tokenizer, examples: list[Example], n: int, max_len: int) -> list[dict[str, str]]:
+def _sample_replies(model, tok: Tokenizer, examples: list[Example], n: int, max_len: int,
+                    context_turns: int = 0) -> list[dict[str, str]]:
     model.eval()
     out = []
-    for e in examples[:n]:
-        ids = generate(model, tok.encode(e.text)[:max_len], GenerationOptions(max_new_tokens=max_len),
+    for e, src in zip(examples[:n], source_ids(tok, examples[:n], max_len, context_turns), strict=True):
+        ids = generate(model, src or [tok.unk_id], GenerationOptions(max_new_tokens=max_len),
                        bos_id=tok.bos_id, eos_id=tok.eos_id)
         out.append({"question": e.text, "reference": e.response or "", "reply": tok.decode(ids)})
     return out
@@ -268,7 +269,8 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
         atomic_write_bytes(run_dir / name, tok.to_bytes())
     task_def = get_task(cfg.model.task, cfg.model.family)
     labels = task_def.label_set(train) if task_def.needs_labels else None
-    spec = TaskSpec(cfg.model.task, cfg.model.family, cfg.train.max_source_len, cfg.train.max_target_len, labels)
+    spec = TaskSpec(cfg.model.task, cfg.model.family, cfg.train.max_source_len, cfg.train.max_target_len, labels,
+                    cfg.data.context_turns)
     model = build_from_config(cfg, tok, labels)
     if cfg.model.init_from:
         init_report = _init_from(model, pre, cfg.model.init_from)
@@ -348,7 +350,8 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
         trainer.device = torch.device("cpu")
         metrics.update({f"{held_out_split(cfg)}_{k}": v for k, v in trainer.evaluate(test_dl).items()})
     if task_def.generates:
-        metrics["samples"] = _sample_replies(model, tok, test or valid or train, 5, cfg.train.max_target_len)
+        metrics["samples"] = _sample_replies(model, tok, test or valid or train, 5, cfg.train.max_target_len,
+                                             cfg.data.context_turns)
     if init_report:
         metrics["init_from"] = {k: len(v) for k, v in init_report.items()}
 

@@ -31,16 +31,26 @@ class GenerationOptions(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., do_sample: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., num_beams: _Optional[int] = ..., length_penalty: _Optional[float] = ...) -> None: ...
 
 class ReplyRequest(_message.Message):
-    __slots__ = ("text", "model", "session_id", "options")
+    __slots__ = ("text", "model", "session_id", "options", "context")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     text: str
     model: str
     session_id: str
     options: GenerationOptions
-    def __init__(self, text: _Optional[str] = ..., model: _Optional[str] = ..., session_id: _Optional[str] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ...) -> None: ...
+    context: _containers.RepeatedCompositeFieldContainer[ContextTurn]
+    def __init__(self, text: _Optional[str] = ..., model: _Optional[str] = ..., session_id: _Optional[str] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., context: _Optional[_Iterable[_Union[ContextTurn, _Mapping]]] = ...) -> None: ...
+
+class ContextTurn(_message.Message):
+    __slots__ = ("role", "text")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    text: str
+    def __init__(self, role: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ReplyDelta(_message.Message):
     __slots__ = ("text", "token_id")
@@ -51,7 +61,7 @@ class ReplyDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class ReplyFinal(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "model", "request_id", "model_version", "intent", "intent_score", "path", "path_score")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "model", "request_id", "model_version", "intent", "intent_score", "path", "path_score", "context_turns")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +72,7 @@ class ReplyFinal(_message.Message):
     INTENT_SCORE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     PATH_SCORE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TURNS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -72,7 +83,8 @@ class ReplyFinal(_message.Message):
     intent_score: float
     path: str
     path_score: float
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ..., intent: _Optional[str] = ..., intent_score: _Optional[float] = ..., path: _Optional[str] = ..., path_score: _Optional[float] = ...) -> None: ...
+    context_turns: int
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ..., intent: _Optional[str] = ..., intent_score: _Optional[float] = ..., path: _Optional[str] = ..., path_score: _Optional[float] = ..., context_turns: _Optional[int] = ...) -> None: ...
 
 class ReplyChunk(_message.Message):
     __slots__ = ("delta", "final")

@@ -25,6 +25,7 @@ from chatforge.tasks import (
     TaskDataError,
     TaskSpec,
     register_task,
+    source_ids,
 )
 from chatforge.tokenizer import Tokenizer
 
@@ -86,9 +87,9 @@ def _generation(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> 
         )
     sep = delimiter_id(tok)
     items = []
-    for q, a in zip(tok.encode_batch([e.text for e in examples]),
+    for q, a in zip(source_ids(tok, examples, spec.max_source_len, spec.context_turns),
                     tok.encode_batch([e.response for e in examples]), strict=True):
-        q = q[: spec.max_source_len] or [tok.unk_id]
+        q = q or [tok.unk_id]
         prompt = [tok.bos_id, *q, sep]
         items.append(_shifted(prompt + a[: spec.max_target_len - 1] + [tok.eos_id], answer_from=len(prompt)))
     return CausalLMDataset(items, tok.pad_id)

@@ -102,7 +102,9 @@
     try {
       const resp = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(), signal: controller.signal,
-        body: JSON.stringify({ model: $("model").value || undefined, messages: state.history, stream: true,
+        // The latest turns only: the server reads at most 64 earlier turns, and a long conversation
+        // kept in this browser must not grow the request past the API's 1,000 messages.
+        body: JSON.stringify({ model: $("model").value || undefined, messages: state.history.slice(-65), stream: true,
                                max_tokens: Number($("maxtokens").value) || undefined, user: state.session,
                                stream_options: { include_usage: true } }),
       });
