@@ -117,3 +117,33 @@ def test_cli_conversations_export_sqlite(tmp_path):
     assert not (tmp_path / "nope.db").exists()
     bad = CliRunner().invoke(app, ["conversations", "export", "--url", url, "--out", str(out), "--since", "soon"])
     assert bad.exit_code == 2 and "--since 'soon'" in bad.output
+
+
+def test_a_store_of_the_first_schema_is_migrated_in_place_on_postgres(pg_url):
+    """As on SQLite (tests/serving/test_store.py): the columns added since the first release are added by
+    ALTER TABLE when the store opens, in a schema of its own so that the other tests' table is untouched."""
+    from sqlalchemy import create_engine, text
+
+    schema = f"migrate_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+        conn.execute(text(f"CREATE TABLE {schema}.turns (id SERIAL PRIMARY KEY, created_at TIMESTAMP NOT NULL, "
+                          "session_id VARCHAR(128), request_id VARCHAR(128), model VARCHAR(256), "
+                          "model_version VARCHAR(64), user_text TEXT, reply TEXT, intent VARCHAR(256), "
+                          "intent_score FLOAT, ttft_ms FLOAT, latency_ms FLOAT, status VARCHAR(64))"))
+        conn.execute(text(f"INSERT INTO {schema}.turns (created_at, session_id, user_text, status) "
+                          "VALUES (now(), 's', 'old question', 'OK')"))
+    try:
+        kwargs = {"connect_args": {"options": f"-csearch_path={schema}"}}
+        with ConversationStore(pg_url, engine_kwargs=kwargs) as s:
+            s.record(_turn("s", 1, context=[{"role": "user", "text": "안녕"}], context_turns=1, path="retrieval"))
+            old, new = s.session("s")
+        assert (old["user_text"], old["context"], old["context_turns"], old["path"]) == ("old question", None, None,
+                                                                                         None)
+        assert (new["context"], new["context_turns"], new["path"]) == ([{"role": "user", "text": "안녕"}], 1,
+                                                                        "retrieval")
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
