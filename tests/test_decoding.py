@@ -12,6 +12,8 @@ import torch
 from chatforge.decoding import (
     GenerationOptions,
     apply_repetition_penalty,
+    banned_ngram_tokens,
+    block_repeated_ngrams,
     choose_next,
     generate,
     generate_batch,
@@ -293,3 +295,49 @@ def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
     for t in (1e-30, 1e-38, 1e-45):
         picked = choose_next(logits, GenerationOptions(do_sample=True, temperature=t))
         assert picked.tolist() == logits.argmax(-1).tolist()
+
+
+# ---- no_repeat_ngram_size ----
+
+
+def _ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def test_banned_ngram_tokens_are_the_continuations_of_the_last_n_minus_1_tokens():
+    assert banned_ngram_tokens([5, 6, 7, 5], 2) == [6]  # "5 6" exists: 6 may not follow 5 again
+    assert banned_ngram_tokens([5, 6, 5, 7, 5], 2) == [6, 7]
+    assert banned_ngram_tokens([5, 6, 7, 5, 6], 3) == [7]
+    assert banned_ngram_tokens([5, 6], 3) == []  # nothing complete yet
+    assert sorted(banned_ngram_tokens([4, 4, 9], 1)) == [4, 9]
+    assert banned_ngram_tokens([5, 6, 5], 0) == []
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_block_repeated_ngrams_matches_hugging_face_no_repeat_ngram_processor(n):
+    """Parity with transformers' NoRepeatNGramLogitsProcessor on random histories (rows of one length,
+    as its input_ids are)."""
+    processor_mod = pytest.importorskip("transformers.generation.logits_process")
+    g = torch.Generator().manual_seed(n)
+    histories = torch.randint(0, 3, (8, 30), generator=g)  # a small vocabulary: many repeats
+    scores = torch.randn(8, 10, generator=g)
+    want = processor_mod.NoRepeatNGramLogitsProcessor(n)(histories, scores.clone())
+    got = block_repeated_ngrams(scores.clone(), histories.tolist(), n)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.isinf(got).any()
+    torch.testing.assert_close(got[~torch.isinf(got)], scores[~torch.isinf(got)])
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_no_repeat_ngram_size_keeps_every_ngram_of_a_reply_unique(model, num_beams):
+    looping = [generate(model, s, GenerationOptions(max_new_tokens=30, min_new_tokens=30, num_beams=num_beams),
+                        bos_id=BOS, eos_id=EOS) for s in SOURCES]
+    assert any(len(set(_ngrams(o, 2))) < len(_ngrams(o, 2)) for o in looping)  # the option has work to do
+    for n in (2, 3):
+        opts = GenerationOptions(max_new_tokens=30, min_new_tokens=30, num_beams=num_beams, no_repeat_ngram_size=n)
+        for src in SOURCES:
+            out = generate(model, src, opts, bos_id=BOS, eos_id=EOS)
+            assert len(out) == 30 and len(set(_ngrams(out, n))) == len(_ngrams(out, n)), (n, out)
+    if num_beams == 1:  # batched rows keep their own histories, also when rows leave the batch
+        opts = GenerationOptions(max_new_tokens=20, no_repeat_ngram_size=2)
+        single = [generate(model, s, opts, bos_id=BOS, eos_id=EOS) for s in SOURCES]
+        assert generate_batch(model, SOURCES, opts, bos_id=BOS, eos_id=EOS, pad_id=PAD) == single

@@ -53,10 +53,12 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     num_beams: int = 1  # > 1: beam search (deterministic; do_sample must be false)
     length_penalty: float = 1.0  # beam scores are sum(log p) / length**length_penalty
+    no_repeat_ngram_size: int = 0  # > 0: never generate an n-gram of this size twice in one reply
 
     # Limits that the API enforces; a bad value is reported with the allowed range.
     MAX_NEW_TOKENS_LIMIT = 1024
     MAX_BEAMS = 16
+    MAX_NO_REPEAT_NGRAM = 16
 
     def validate(self) -> GenerationOptions:
         """Raise ValueError naming the field, the value and what is allowed."""
@@ -71,6 +73,8 @@ class GenerationOptions:
             ("repetition_penalty", 1.0 <= self.repetition_penalty <= 10.0, "a number in [1, 10]"),
             ("num_beams", 1 <= self.num_beams <= self.MAX_BEAMS, f"an integer in [1, {self.MAX_BEAMS}]"),
             ("length_penalty", -5.0 <= self.length_penalty <= 5.0, "a number in [-5, 5]"),
+            ("no_repeat_ngram_size", 0 <= self.no_repeat_ngram_size <= self.MAX_NO_REPEAT_NGRAM,
+             f"an integer in [0, {self.MAX_NO_REPEAT_NGRAM}] (0 disables it)"),
             ("num_beams", self.num_beams == 1 or not self.do_sample,
              "1 when do_sample is true (beam search is deterministic)"),
         ]
@@ -132,6 +136,27 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def banned_ngram_tokens(history: list[int], n: int) -> list[int]:
+    """The tokens that would complete an n-gram already in ``history`` (the reply so far): those that
+    followed each earlier occurrence of its last ``n - 1`` tokens. ``n`` 0 bans nothing; 1 bans every
+    token already generated (as ``no_repeat_ngram_size`` in Hugging Face's generate)."""
+    if n <= 0 or len(history) < n - 1:
+        return []
+    if n == 1:
+        return list(set(history))
+    prefix = history[len(history) - n + 1:]
+    return [history[i + n - 1] for i in range(len(history) - n + 1) if history[i:i + n - 1] == prefix]
+
+
+def block_repeated_ngrams(logits: Tensor, histories: list[list[int]], n: int) -> Tensor:
+    """Set to -inf, in place, each row's tokens that would repeat an n-gram of that row's history."""
+    for i, history in enumerate(histories):
+        banned = banned_ngram_tokens(history, n)
+        if banned:
+            logits[i, banned] = float("-inf")
+    return logits
 
 
 def choose_next(logits: Tensor, options: GenerationOptions, generator: torch.Generator | None = None) -> Tensor:
@@ -241,16 +266,22 @@ def _decode_steps(model: Any, src: Tensor, options: GenerationOptions, bos_id: i
     tokens = _start_tokens(state, src, bos_id)
     penalty = options.repetition_penalty
     seen: Tensor | None = None  # (B, V) tokens generated so far, for the repetition penalty
+    ngram = options.no_repeat_ngram_size
+    histories: list[list[int]] = [[] for _ in active] if ngram else []  # each row's reply so far
     for step in range(max_steps):
         logits = model.decode_step(tokens, state).float()  # (b, V)
         if penalty != 1.0:
             if seen is None:
                 seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
             logits = apply_repetition_penalty(logits, seen, penalty)
+        if ngram:
+            block_repeated_ngrams(logits, histories, ngram)
         if step < options.min_new_tokens:
             logits[:, eos_id] = float("-inf")
         nxt = choose_next(logits, options, generator)  # (b,)
         chosen = nxt.tolist()
+        for history, token in zip(histories, chosen, strict=False):
+            history.append(token)
         yield active, chosen
         if step == max_steps - 1:
             break
@@ -264,6 +295,8 @@ def _decode_steps(model: Any, src: Tensor, options: GenerationOptions, bos_id: i
             keep = torch.tensor(keep_rows, dtype=torch.long, device=nxt.device)
             state.reorder(keep)
             active = [active[i] for i in keep_rows]
+            if histories:
+                histories = [histories[i] for i in keep_rows]
             nxt = nxt[keep]
             if seen is not None:
                 seen = seen[keep]
@@ -334,6 +367,8 @@ def _beam_search(model: Any, input_ids: list[int], options: GenerationOptions, b
                 if s:
                     seen[i, s] = True
             logits = apply_repetition_penalty(logits, seen, options.repetition_penalty)
+        if options.no_repeat_ngram_size:
+            block_repeated_ngrams(logits, seqs, options.no_repeat_ngram_size)
         if step < options.min_new_tokens:
             logits[:, eos_id] = float("-inf")
         logp = logits.log_softmax(-1) + scores[:, None]  # (K, V)
@@ -453,8 +488,9 @@ def choose_tokens(logits: Tensor, rows: list[Any], eos_id: int) -> list[int]:
     """Pick each row's next token under its own options (greedy rows in one argmax).
 
     ``rows`` are the batch's requests, one per logits row, each with ``options``
-    (:class:`GenerationOptions`), ``generated`` (tokens so far), and the per-row ``seen`` (V,) mask
-    and ``rng`` generator, which this function creates on first use.
+    (:class:`GenerationOptions`), ``generated`` (tokens so far), ``history`` (their ids, kept by rows with
+    ``no_repeat_ngram_size``), and the per-row ``seen`` (V,) mask and ``rng`` generator, which this function
+    creates on first use.
 
     Per-row Python work is limited to rows that need it (repetition penalty, sampling): the
     common case (greedy, min_new_tokens) costs a fixed number of tensor ops per step, whatever
@@ -466,6 +502,10 @@ def choose_tokens(logits: Tensor, rows: list[Any], eos_id: int) -> list[int]:
             if r.seen is None:  # only penalised rows keep a (V,) mask of their generated tokens
                 r.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
             logits[i : i + 1] = apply_repetition_penalty(logits[i : i + 1], r.seen[None], o.repetition_penalty)
+        if o.no_repeat_ngram_size:
+            banned = banned_ngram_tokens(r.history, o.no_repeat_ngram_size)
+            if banned:
+                logits[i, banned] = float("-inf")
     no_eos = [i for i, r in enumerate(rows) if r.generated < r.options.min_new_tokens]
     if len(no_eos) == len(rows):
         logits[:, eos_id] = float("-inf")

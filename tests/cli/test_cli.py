@@ -194,3 +194,9 @@ def test_chat_sends_the_conversations_earlier_turns_unless_told_not_to(tmp_path)
     assert with_[0]["reply"]  # the fake model's reply, sent back as the assistant turn
     assert [r["context"] for r in store.session("without")] == [None, None]
     store.close()
+
+
+def test_replies_decoding_option_must_be_key_value(tmp_path):
+    r = runner.invoke(app, ["replies", "--model", f"a={tmp_path}", "--decoding", "no_repeat_ngram_size"])
+    assert r.exit_code == 2
+    assert "--decoding 'no_repeat_ngram_size' must look like KEY=VALUE" in r.output

@@ -60,3 +60,15 @@ def test_reply_table_compares_models_on_the_same_questions(tmp_path):
     assert (policy.retriever, policy.retrieval_threshold) == ("retrieval", res["hybrid"]["threshold"])
     with pytest.raises(EvaluationError, match="must be one of the named bundles"):
         reply_table({"retrieval": sel}, hybrid_of=("retrieval", "seq2seq"), out_dir=tmp_path / "x")
+    # Decoding options reach the generation model (a 4-step model loops: blocking repeats changes its replies),
+    # are recorded, and a bad one is named.
+    plain = reply_table({"seq2seq": gen}, out_dir=tmp_path / "plain", max_examples=20)
+    tuned = reply_table({"seq2seq": gen}, out_dir=tmp_path / "tuned", max_examples=20,
+                        decoding={"no_repeat_ngram_size": 1})
+    assert tuned["decoding"] == {"no_repeat_ngram_size": 1} and plain["decoding"] == {}
+    assert tuned["figures"]["seq2seq"]["repeat_3_rate"] == 0.0
+    assert [r["seq2seq"] for r in tuned["table"]] != [r["seq2seq"] for r in plain["table"]]
+    with pytest.raises(EvaluationError, match="no_repeat_ngram_size=-1 is out of range"):
+        reply_table({"seq2seq": gen}, out_dir=tmp_path / "bad", decoding={"no_repeat_ngram_size": -1})
+    with pytest.raises(EvaluationError, match="unexpected keyword argument 'beam_width'"):
+        reply_table({"seq2seq": gen}, out_dir=tmp_path / "bad", decoding={"beam_width": 2})

@@ -31,6 +31,7 @@ def test_continuous_batching_matches_decoding_each_request_alone():
         ("sampled one", GenerationOptions(max_new_tokens=8, do_sample=True, seed=3, top_k=5, temperature=0.8)),
         ("rep", GenerationOptions(max_new_tokens=10, repetition_penalty=1.5, min_new_tokens=4, do_sample=True,
                                   top_p=0.9, seed=11)),
+        ("no repeats", GenerationOptions(max_new_tokens=16, min_new_tokens=16, no_repeat_ngram_size=2)),
     ]
 
     async def main():
@@ -40,10 +41,10 @@ def test_continuous_batching_matches_decoding_each_request_alone():
     for (text, options), got in zip(requests, outs, strict=True):
         assert got == gen.reference(text, options), text
     snap = engine.stats.snapshot()
-    assert snap["completed"] == 6 and snap["running"] == 0 and snap["waiting"] == 0
+    assert snap["completed"] == 7 and snap["running"] == 0 and snap["waiting"] == 0
     assert snap["max_batch_seen"] == 3  # never above max_running
     # Requests joined a running batch: far fewer decoder steps than decoding one by one.
-    assert snap["steps"] < sum(o.max_new_tokens for _, o in requests) - 6
+    assert snap["steps"] < sum(o.max_new_tokens for _, o in requests) - 7
 
 
 def test_sequences_join_and_leave_between_steps():

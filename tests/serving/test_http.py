@@ -169,6 +169,8 @@ def test_stop_matcher_holds_back_only_possible_prefixes(stops, feed, want):
     (chat(["hi"], stop=["a", "b", "c", "d", "e"]), "stop"),
     (chat(["hi"], seed=-1), "seed"),
     (chat(["hi"], max_tokens=3, min_tokens=4), "min_tokens"),
+    (chat(["hi"], repetition_penalty=0.5), "repetition_penalty"),
+    (chat(["hi"], no_repeat_ngram_size=17), "no_repeat_ngram_size"),
     (chat(["word " * 40]), "messages"),  # more tokens than the model accepts (engine check)
 ])
 def test_validation_errors_are_400_naming_the_field(served, payload, param):
@@ -462,3 +464,18 @@ def test_http_connections_have_nagle_off(served):
 
     flags = st.run(nodelay_flags())
     assert flags and all(flags), flags
+
+
+def test_decoding_extensions_reach_the_model():
+    """vLLM-style extensions beside the OpenAI fields: repetition_penalty and no_repeat_ngram_size."""
+    gen = FakeGenerator("echo")
+    with ServerThread(make_engine(generators={"echo": gen}), http_port=0) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            r = http.post("/v1/chat/completions", json=chat(["hi"], repetition_penalty=1.3, no_repeat_ngram_size=3))
+            assert r.status_code == 200, r.text
+            r = http.post("/v1/chat/completions", json=chat(["hi"]))
+            assert r.status_code == 200, r.text
+    (_, tuned), (_, plain) = gen.calls
+    assert (tuned.repetition_penalty, tuned.no_repeat_ngram_size) == (1.3, 3)
+    assert (plain.repetition_penalty, plain.no_repeat_ngram_size) == (1.0, 0)

@@ -151,6 +151,8 @@ def test_invalid_argument_then_server_still_serves(server, text, options, expect
         ({"top_p": 1.1}, "options.top_p=1.1 is out of range; allowed: a number in (0, 1] (1 disables top-p)"),
         ({"repetition_penalty": 0.9}, "options.repetition_penalty=0.9 is out of range; allowed: a number in [1, 10]"),
         ({"top_k": 100_001}, "options.top_k=100001 is out of range; allowed: an integer in [0, 100000] (0 disables top-k)"),
+        ({"no_repeat_ngram_size": 17},
+         "options.no_repeat_ngram_size=17 is out of range; allowed: an integer in [0, 16] (0 disables it)"),
     ],
 )
 def test_options_are_checked_as_sent_and_the_range_is_the_protos(server, options, expected):
@@ -162,7 +164,8 @@ def test_options_are_checked_as_sent_and_the_range_is_the_protos(server, options
 
 
 @pytest.mark.parametrize("options", [{"temperature": 1e-30, "do_sample": True}, {"top_p": 1e-30, "do_sample": True},
-                                     {"temperature": 10.0}, {"repetition_penalty": 10.0}])
+                                     {"temperature": 10.0}, {"repetition_penalty": 10.0},
+                                     {"no_repeat_ngram_size": 16}])
 def test_options_inside_the_documented_range_are_accepted(options):
     engine = make_engine()
     with ServerThread(engine) as st, ChatbotClient(st.target, timeout=WAIT) as client:

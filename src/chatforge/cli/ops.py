@@ -64,6 +64,8 @@ def chat(
     temperature: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
+    repetition_penalty: float = typer.Option(1.0, help="Penalty on tokens already generated, in [1, 10]; 1: none."),
+    no_repeat_ngram: int = typer.Option(0, help="Never repeat an n-gram of this size in a reply; 0: off."),
     timeout: float = typer.Option(30.0, help="Deadline per reply, seconds."),
     context: bool = _flag(True, "--context/--no-context", help="Send this conversation's earlier turns (the "
                           "latest 64) with each message; a model trained with context reads them."),
@@ -80,7 +82,8 @@ def chat(
     _check_seconds("--timeout", timeout)
     creds = _client_kwargs(api_key, tls, tls_ca, tls_cert, tls_key)
 
-    opts = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    opts = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram)
 
     history: list[tuple[str, str]] = []
 

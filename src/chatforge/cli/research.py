@@ -200,6 +200,8 @@ def generate(
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(None),
+    repetition_penalty: float = typer.Option(1.0, help="Penalty on tokens already generated, in [1, 10]; 1: none."),
+    no_repeat_ngram: int = typer.Option(0, help="Never repeat an n-gram of this size in a reply; 0: off."),
 ):
     """Answer messages with a bundle locally, without a server (classifiers print the label)."""
     from chatforge.bundle import BundleError
@@ -209,7 +211,8 @@ def generate(
     try:
         model = load_model(bundle, name="local")
         opts = GenerationOptions(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, seed=seed).validate()
+                                 top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
+                                 no_repeat_ngram_size=no_repeat_ngram).validate()
     except (BundleError, ValueError) as e:
         _fail(str(e))
     for t in text:
@@ -284,9 +287,13 @@ def replies(
     n: int = typer.Option(30, "--n", min=1, help="Questions in the reply table (figures use the whole split)."),
     out: Path = typer.Option(Path("runs/replies"), "--out", help="Folder for replies.md/.html/.json."),
     max_examples: int = typer.Option(None, "--max-examples", min=1, help="Use at most this many questions."),
+    decoding: list[str] = typer.Option([], "--decoding", help="KEY=VALUE decoding option for the generation "
+                                       "models (repeatable), e.g. no_repeat_ngram_size=3, repetition_penalty=1.3."),
 ):
     """Reply table: every model answers the same held-out questions side by side, with chrF, BLEU, distinct-n,
     repetition and identical-reply figures."""
+    import yaml
+
     from chatforge.bundle import BundleError
     from chatforge.config import ConfigError
     from chatforge.evaluation.evaluate import EvaluationError
@@ -299,8 +306,15 @@ def replies(
         if len(parts) != 2:
             _fail(f"--hybrid {hybrid!r} must look like SELECTION,GENERATION, e.g. retrieval,transformer")
         pair = (parts[0], parts[1])
+    options = {}
+    for item in decoding:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--decoding {item!r} must look like KEY=VALUE, e.g. no_repeat_ngram_size=3")
+        options[key.strip()] = yaml.safe_load(value)  # 3 -> int, 1.3 -> float, true -> bool
     try:
-        res = reply_table(named, hybrid_of=pair, split=split, n=n, out_dir=out, max_examples=max_examples)
+        res = reply_table(named, hybrid_of=pair, split=split, n=n, out_dir=out, max_examples=max_examples,
+                          decoding=options)
     except (BundleError, ConfigError, EvaluationError, FileNotFoundError) as e:
         _fail(str(e))
     table = Table(title=f"replies on {Path(res['data']).name} ({res['split']}, {res['n_questions']} questions)")

@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -42,8 +43,11 @@ class Replies:
     scores: list[float] | None = None  # selection: the best pool answer's score
 
 
-def bundle_replies(bundle, questions: Sequence[str], max_new_tokens: int | None = None) -> Replies:
-    """Greedy replies of a generation bundle, or the top pool answers (with scores) of a selection bundle."""
+def bundle_replies(bundle, questions: Sequence[str], max_new_tokens: int | None = None,
+                   decoding: Mapping[str, Any] | None = None) -> Replies:
+    """Replies of a generation bundle (greedy unless ``decoding`` says otherwise: fields of
+    GenerationOptions such as ``no_repeat_ngram_size`` or ``repetition_penalty``), or the top pool answers
+    (with scores) of a selection bundle."""
     if bundle.task == "selection":
         best = bundle.model.select(list(questions))
         return Replies([b[0][0] for b in best], [b[0][1] for b in best])
@@ -51,7 +55,11 @@ def bundle_replies(bundle, questions: Sequence[str], max_new_tokens: int | None 
         raise EvaluationError(f"bundle {bundle.path} has task {bundle.task!r}; replies come from generation, lm "
                               f"or selection bundles")
     cfg, tok, model = bundle.config, bundle.tokenizer, bundle.model
-    opts = GenerationOptions(max_new_tokens=max_new_tokens or cfg.train.max_target_len)
+    try:
+        opts = GenerationOptions(**{"max_new_tokens": max_new_tokens or cfg.train.max_target_len,
+                                    **(decoding or {})}).validate()
+    except (TypeError, ValueError) as e:
+        raise EvaluationError(f"decoding options {dict(decoding or {})}: {e}") from None
     return Replies([tok.decode(generate(model, tok.encode(q)[: cfg.train.max_source_len] or [tok.unk_id], opts,
                                         bos_id=tok.bos_id, eos_id=tok.eos_id)) for q in questions])
 
@@ -76,7 +84,7 @@ def choose_retrieval_threshold(selected: Replies, generated: Replies, refs: Sequ
 
 def reply_table(models: Mapping[str, str | Path], *, hybrid_of: tuple[str, str] | None = None,
                 split: str = "test", n: int = 30, out_dir: str | Path, max_new_tokens: int | None = None,
-                max_examples: int | None = None) -> dict:
+                max_examples: int | None = None, decoding: Mapping[str, Any] | None = None) -> dict:
     """Write the reply table and figures for ``models`` (name -> bundle) on ``split`` of their data.
 
     ``hybrid_of = (selection_name, generation_name)`` adds the hybrid column; its threshold is chosen
@@ -102,7 +110,7 @@ def reply_table(models: Mapping[str, str | Path], *, hybrid_of: tuple[str, str] 
     replies: dict[str, Replies] = {}
     for name, b in bundles.items():
         logger.info("replies of %s on %d questions", name, len(questions))
-        replies[name] = bundle_replies(b, questions, max_new_tokens)
+        replies[name] = bundle_replies(b, questions, max_new_tokens, decoding)
         columns[name] = replies[name].texts
         figures[name] = {"family": b.family, "task": b.task, **generation_quality(questions, columns[name], refs,
                                                                                    char_level=korean)}
@@ -117,7 +125,7 @@ def reply_table(models: Mapping[str, str | Path], *, hybrid_of: tuple[str, str] 
         valid = [e for e in valid if e.response][:max_examples] if max_examples else [e for e in valid if e.response]
         vq, vr = [e.text for e in valid], [e.response for e in valid]
         threshold = choose_retrieval_threshold(bundle_replies(bundles[sel_name], vq),
-                                               bundle_replies(bundles[gen_name], vq, max_new_tokens), vr)
+                                               bundle_replies(bundles[gen_name], vq, max_new_tokens, decoding), vr)
         texts, paths = hybrid(replies[sel_name], replies[gen_name], threshold)
         columns[HYBRID] = texts
         figures[HYBRID] = {"family": f"{sel_name} + {gen_name}", "task": "hybrid",
@@ -127,7 +135,7 @@ def reply_table(models: Mapping[str, str | Path], *, hybrid_of: tuple[str, str] 
                             "threshold_chosen_on": "valid"}}
     out = Path(out_dir)
     result = {"data": str(data_path), "split": split_name, "n_questions": len(questions), "figures": figures,
-              **extra, "table": [{"question": q, "reference": r, **{c: columns[c][i] for c in columns}}
+              "decoding": dict(decoding or {}), **extra, "table": [{"question": q, "reference": r, **{c: columns[c][i] for c in columns}}
                                  for i, (q, r) in enumerate(zip(questions, refs, strict=True)) if i < n]}
     atomic_write_json(out / "replies.json", result)
     atomic_write_text(out / "replies.md", _markdown(result, list(columns)))

@@ -127,6 +127,7 @@ class GenRequest:
     max_steps: int = 0
     last_token: int = 0
     seen: Any = None  # (V,) bool tensor of generated tokens, for the repetition penalty
+    history: list[int] = field(default_factory=list)  # generated ids, for no_repeat_ngram_size only
     rng: Any = None  # torch.Generator when sampling with a seed
     finished: bool = False
     sink: Any = None
@@ -373,6 +374,8 @@ class ContinuousBatcher(_Runner):
             r.last_token = tok
             if r.seen is not None:
                 r.seen[tok] = True
+            if r.options.no_repeat_ngram_size:
+                r.history.append(tok)
             self._send(r, "token", TokenDelta(token_id=tok, text=r.detok.feed(tok) if r.detok is not None else ""))
             if r.generated >= r.max_steps:
                 self._finish(r, "completed", reason="length")

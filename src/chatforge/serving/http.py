@@ -144,6 +144,10 @@ class ChatCompletionRequest(BaseModel):
         "0 or omitted: greedy decoding (the server default); > 0: sampling at this temperature."))
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass (with temperature > 0).")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="Seed for sampling: same seed, same reply.")
+    repetition_penalty: float | None = Field(None, ge=1.0, le=10.0, description=(
+        "CTRL's penalty on tokens already generated (an extension, as in vLLM); 1 or omitted: none."))
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=16, description=(
+        "Never generate an n-gram of this size twice in one reply (an extension); 0 or omitted: off."))
     n: int = Field(1, ge=1, le=1, description="Number of choices; only 1 is supported.")
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} sequences where the reply ends "
                                          "(not included in it).")
@@ -445,6 +449,10 @@ def generation_options(req: ChatCompletionRequest, engine: Engine) -> Generation
         fields["top_p"] = req.top_p
     if req.seed is not None:
         fields["seed"] = req.seed
+    if req.repetition_penalty is not None:
+        fields["repetition_penalty"] = req.repetition_penalty
+    if req.no_repeat_ngram_size is not None:
+        fields["no_repeat_ngram_size"] = req.no_repeat_ngram_size
     try:
         return GenerationOptions(**fields).validate()
     except ValueError as e:

@@ -39,6 +39,7 @@ _OPTION_FIELDS = (
     "repetition_penalty",
     "num_beams",
     "length_penalty",
+    "no_repeat_ngram_size",
 )
 _SUPPORTED = {f.name for f in dataclasses.fields(GenerationOptions)}
 MAX_BEAMS = getattr(GenerationOptions, "MAX_BEAMS", 16)
