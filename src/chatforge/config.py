@@ -191,6 +191,10 @@ class TrainConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["fp32", "bf16"] = "fp32"
     early_stopping_patience: int | None = Field(None, ge=1)
+    # What picks the best epoch (the weights kept) and drives early stopping: the validation loss, or (generation)
+    # the chrF of greedy replies to the first monitor_examples validation questions, computed every epoch.
+    monitor: Literal["valid_loss", "valid_chrf"] = "valid_loss"
+    monitor_examples: int = Field(200, ge=1, le=100_000)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="write a resumable checkpoint into the run folder every N optimizer steps")
@@ -247,6 +251,9 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _context(self) -> ExperimentConfig:
+        if self.train.monitor == "valid_chrf" and self.model.task != "generation":
+            raise ValueError(f"train.monitor='valid_chrf' scores generated replies; task {self.model.task!r} "
+                             "generates none: use 'valid_loss'")
         if self.data.context_turns and self.model.task != "generation":
             raise ValueError(f"data.context_turns={self.data.context_turns}: earlier turns are read by generation "
                              f"models only (task 'generation'), not task {self.model.task!r}; set it to 0")

@@ -90,6 +90,29 @@ def test_best_weights_kept_and_early_stopping():
     assert not torch.equal(rec.weights[4], rec.weights[2])
 
 
+def test_monitor_valid_chrf_keeps_the_best_chrf_epoch_not_the_lowest_loss():
+    """train.monitor: valid_chrf: the epoch with the highest chrF wins (and early stopping watches it),
+    although its validation loss is not the lowest."""
+    torch.manual_seed(0)
+    model = _Toy()
+    losses = iter([1.0, 0.5, 0.4, 0.3, 0.2, 0.1])
+    chrfs = iter([10.0, 30.0, 20.0, 25.0, 29.0, 40.0])
+    t = Trainer(model, DataLoader(_DS(), batch_size=8), DataLoader(_DS(seed=1), batch_size=8),
+                _cfg(epochs=10, early_stopping_patience=3, monitor="valid_chrf"),
+                valid_metrics=lambda m: {"chrf": next(chrfs)})
+    t.evaluate = lambda loader: {"loss": next(losses)}
+    rec = _Scripted()
+    t.callbacks.append(rec)
+    result = t.fit()
+    assert (result.best_epoch, result.best_score) == (2, 30.0)
+    assert len(result.history) == 5 and result.history[1]["valid_chrf"] == 30.0  # 3 epochs without a better chrF
+    assert torch.equal(model.lin.weight, rec.weights[2])
+    # Resuming from a checkpoint keeps the monitored best.
+    fresh = Trainer(_Toy(), DataLoader(_DS(), batch_size=8), None, _cfg(monitor="valid_chrf"))
+    fresh.load_state_dict(t.state_dict())
+    assert (fresh.result.best_epoch, fresh.result.best_score) == (2, 30.0)
+
+
 def test_max_steps_stops_mid_epoch():
     t = Trainer(_Toy(), DataLoader(_DS(), batch_size=8), None, _cfg(epochs=5, max_steps=4))
     assert t.fit().steps == 4 and t.epoch == 2 and t.batches_done == 1
@@ -151,3 +174,34 @@ def test_tiny_transformer_loss_falls_and_seed_reproduces(tmp_path):
     c = run_experiment(validate_config({**_tiny_tree(tmp_path, epochs=3), "seed": 1}), run_dir=tmp_path / "c")
     wc = load_file(c.bundle_dir / "weights.safetensors")
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_run_with_monitor_valid_chrf_scores_greedy_replies_each_epoch(tmp_path):
+    import pytest
+
+    from chatforge.config import ConfigError
+    from chatforge.evaluation.metrics import corpus_chrf
+    from chatforge.inference import load_model
+
+    tree = _tiny_tree(tmp_path, epochs=3, monitor="valid_chrf", monitor_examples=8, max_source_len=16,
+                      max_target_len=8)
+    tree["model"].update(task="generation", num_decoder_layers=1)
+    res = run_experiment(validate_config(tree), run_dir=tmp_path / "gen")
+    hist = res.metrics["history"]
+    chrfs = [h["valid_chrf"] for h in hist]
+    assert len(chrfs) == 3 and all(0.0 <= c <= 100.0 for c in chrfs)
+    assert res.metrics["monitor"] == "valid_chrf" and res.metrics["best_score"] == max(chrfs)
+    assert res.metrics["best_epoch"] == hist[chrfs.index(max(chrfs))]["epoch"]
+    # The figure is what the kept model's greedy replies score on the same first 8 validation pairs.
+    from chatforge.training.run import load_splits
+
+    _, valid, _ = load_splits(validate_config(tree))[:3]
+    gen = load_model(res.bundle_dir, "g")
+    from chatforge.decoding import GenerationOptions
+
+    opts = GenerationOptions(max_new_tokens=8)
+    hyps = ["".join(d.text for d in gen.stream(e.text, opts)) for e in valid[:8]]
+    assert corpus_chrf(hyps, [e.response for e in valid[:8]]) == pytest.approx(res.metrics["best_score"], abs=1e-6)
+    tree["model"]["task"] = "classification"
+    with pytest.raises(ConfigError, match="train.monitor='valid_chrf' scores generated replies"):
+        validate_config(tree)

@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from chatforge.bundle import build_from_config, load_bundle, save_bundle, torch_
 from chatforge.config import ConfigError, ExperimentConfig, load_config
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
 from chatforge.data.splits import hold_out
-from chatforge.decoding import GenerationOptions, generate
-from chatforge.evaluation.metrics import generation_quality, selection_report
+from chatforge.decoding import GenerationOptions, generate, generate_batch
+from chatforge.evaluation.metrics import corpus_chrf, generation_quality, selection_report
 from chatforge.fileio import atomic_write_bytes
 from chatforge.oos import fit_policy, in_scope_only, oos_metrics
 from chatforge.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset, source_ids
@@ -167,6 +168,30 @@ def _sample_replies(model, tok: Tokenizer, examples: list[Example], n: int, max_
                        bos_id=tok.bos_id, eos_id=tok.eos_id)
         out.append({"question": e.text, "reference": e.response or "", "reply": tok.decode(ids)})
     return out
+
+
+def chrf_monitor(tok: Tokenizer, examples: list[Example], cfg: ExperimentConfig,
+                 batch_size: int = 64) -> Callable[[Any], dict[str, float]]:
+    """``train.monitor: valid_chrf``: the chrF of greedy replies to the first ``train.monitor_examples``
+    validation questions (their inputs built as in training, context included), for the trainer to call each
+    epoch. Rows decode together (``generate_batch``; greedy, so each equals decoding it alone)."""
+    sample = [e for e in examples if e.response][: cfg.train.monitor_examples]
+    if not sample:
+        raise ConfigError("train.monitor='valid_chrf' needs validation examples with replies; the validation "
+                          "split is empty (set data.valid_fraction > 0)")
+    sources = [s or [tok.unk_id] for s in source_ids(tok, sample, cfg.train.max_source_len, cfg.data.context_turns)]
+    refs = [e.response for e in sample]
+    opts = GenerationOptions(max_new_tokens=cfg.train.max_target_len)
+
+    def metrics(model) -> dict[str, float]:
+        hyps: list[str] = []
+        for i in range(0, len(sources), batch_size):
+            out = generate_batch(model, sources[i:i + batch_size], opts, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                 pad_id=tok.pad_id)
+            hyps.extend(tok.decode(ids) for ids in out)
+        return {"chrf": corpus_chrf(hyps, refs)}
+
+    return metrics
 
 
 def resume_experiment(run_dir: str | Path, *, callbacks: list[Callback] | None = None) -> RunResult:
@@ -305,8 +330,10 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
     if cfg.train.checkpoint_every_steps:
         extra.append(CheckpointCallback(run_dir, cfg.train.checkpoint_every_steps, is_main=main))
 
+    valid_metrics = chrf_monitor(tok, valid, cfg) if cfg.train.monitor == "valid_chrf" else None
     trainer = Trainer(model, train_dl, valid_dl, cfg.train,
-                      callbacks=[LoggingCallback(), *extra, *callbacks], device=device, distributed=ctx)
+                      callbacks=[LoggingCallback(), *extra, *callbacks], device=device, distributed=ctx,
+                      valid_metrics=valid_metrics)
     if resume:
         trainer.load_state_dict(load_checkpoint(checkpoint_path(run_dir)))
     try:
@@ -337,10 +364,11 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
         "train_examples": len(train), "valid_examples": len(valid), f"{held_out_split(cfg)}_examples": len(test),
         "steps": result.steps, "train_seconds": round(result.seconds, 2),
         "best_epoch": result.best_epoch, "best_valid_loss": result.best_valid_loss,
+        "monitor": cfg.train.monitor, "best_score": result.best_score,
         "history": result.history,
     }
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
-    for k in ("valid_loss", "valid_accuracy"):
+    for k in ("valid_loss", "valid_accuracy", "valid_chrf"):
         if k in best:
             metrics[k] = best[k]
     if test:

@@ -23,7 +23,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +70,7 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, trainer, epoch, logs):
         if trainer.epochs_since_best >= self.patience:
-            log.info("early stopping: no improvement of valid_loss for %d epoch(s)", self.patience)
+            log.info("early stopping: no improvement of %s for %d epoch(s)", trainer.cfg.monitor, self.patience)
             trainer.should_stop = True
 
 
@@ -79,6 +79,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
     best_valid_loss: float = math.inf
+    best_score: float | None = None  # the monitored figure at best_epoch (train.monitor)
     steps: int = 0
     seconds: float = 0.0
 
@@ -103,8 +104,12 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         device: torch.device | None = None,
         distributed: Any = None,
+        valid_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
     ):
         self.cfg = cfg
+        # Extra validation figures computed each epoch on the eval-mode model (e.g. chrF of greedy replies),
+        # merged into the epoch's logs as valid_<name>, before the monitored figure picks the best epoch.
+        self.valid_metrics = valid_metrics
         self.device = device or resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.distributed = distributed
@@ -171,8 +176,12 @@ class Trainer:
             logs = self._train_epoch()
             if self.valid_loader is not None and len(self.valid_loader) > 0:
                 logs.update({f"valid_{k}": v for k, v in self.evaluate(self.valid_loader).items()})
+                if self.valid_metrics is not None:
+                    self.model.eval()
+                    with torch.inference_mode():
+                        logs.update({f"valid_{k}": v for k, v in self.valid_metrics(self.model).items()})
             valid_loss = logs.get("valid_loss", logs["train_loss"])
-            if valid_loss < self.result.best_valid_loss:
+            if self._improved(logs, valid_loss):
                 self.result.best_valid_loss, self.result.best_epoch = valid_loss, epoch
                 self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
                 self.epochs_since_best = 0
@@ -190,6 +199,19 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
         self._call("on_train_end")
         return self.result
+
+    def _improved(self, logs: dict[str, float], valid_loss: float) -> bool:
+        """Whether this epoch beats the best so far on ``cfg.monitor`` (lower loss, higher chrF); records it.
+        Without a validation figure for the monitor, the (validation or training) loss decides."""
+        if self.cfg.monitor != "valid_loss" and self.cfg.monitor in logs:
+            score = logs[self.cfg.monitor]
+            better = self.result.best_score is None or score > self.result.best_score
+        else:
+            score = valid_loss
+            better = valid_loss < self.result.best_valid_loss
+        if better:
+            self.result.best_score = score
+        return better
 
     def _start_epoch(self) -> int:
         """Fix this epoch's data order; return how many batches were already trained (resume)."""
@@ -319,6 +341,7 @@ class Trainer:
             "best": {
                 "state": self.best_state, "epoch": self.result.best_epoch,
                 "valid_loss": self.result.best_valid_loss, "epochs_since_best": self.epochs_since_best,
+                "score": self.result.best_score,
             },
             "history": copy.deepcopy(self.result.history),
             "seconds": self._seconds_before + (time.perf_counter() - self._fit_started
@@ -341,6 +364,7 @@ class Trainer:
         best = state["best"]
         self.best_state = best["state"]
         self.result.best_epoch, self.result.best_valid_loss = best["epoch"], best["valid_loss"]
+        self.result.best_score = best.get("score")  # absent in checkpoints written before train.monitor
         self.epochs_since_best = best["epochs_since_best"]
         self.result.history = list(state["history"])
         self.step, self.epoch = pos["step"], pos["epoch"]
