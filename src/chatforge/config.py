@@ -186,7 +186,8 @@ class TrainConfig(_Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     precision: Literal["fp32", "bf16"] = "fp32"
     early_stopping_patience: int | None = Field(None, ge=1)
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: the CPUs available to "
+                                       "the process (affinity, cgroup CPU quota), split between torchrun's local processes")
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="write a resumable checkpoint into the run folder every N optimizer steps")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (exact resume on CPU)")

@@ -189,9 +189,10 @@ def set_omp_wait_policy(environ: MutableMapping[str, str] | None = None) -> str:
     return env["OMP_WAIT_POLICY"]
 
 
-def configure_threads(environ: MutableMapping[str, str] | None = None) -> int:
+def configure_threads(environ: MutableMapping[str, str] | None = None, share: int = 1) -> int:
     """Size torch's intra-op thread pool from the CPUs actually available (:func:`available_cpus`),
-    unless the user chose (``OMP_NUM_THREADS``); returns the thread count in effect.
+    divided by ``share`` (processes on this machine splitting them, e.g. torchrun's local ranks), unless
+    the user chose (``OMP_NUM_THREADS``); returns the thread count in effect.
 
     torch sizes its pool from the machine's cores, which in a container with a CPU quota (or a
     process pinned to fewer CPUs) means more threads than CPUs: each parallel region then waits for
@@ -204,7 +205,7 @@ def configure_threads(environ: MutableMapping[str, str] | None = None) -> int:
         n = torch.get_num_threads()
         logger.info("torch threads: %d (OMP_NUM_THREADS=%s)", n, env["OMP_NUM_THREADS"])
         return n
-    n = available_cpus()
+    n = max(1, available_cpus() // max(1, share))
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     logger.info("torch threads: %d (CPUs available to this process: affinity %d, cgroup quota %s)",

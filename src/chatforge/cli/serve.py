@@ -87,10 +87,13 @@ def serve(
     tls_cert: Path = typer.Option(None, help="Server certificate chain (PEM) for TLS."),
     tls_key: Path = typer.Option(None, help="Server private key (PEM) for TLS."),
     tls_client_ca: Path = typer.Option(None, help="CA (PEM) that client certificates must chain to (mTLS)."),
-    precision: str = typer.Option("fp32", help="Torch models' precision: fp32, or bf16 (weights cast once at "
-                                  "load; several times faster matmuls on CPUs with AMX/AVX512-BF16 and on GPUs)."),
+    precision: str = typer.Option("fp32", help="Torch models' precision: fp32; bf16 (weights cast once at "
+                                  "load; several times faster matmuls on CPUs with AMX/AVX512-BF16 and on GPUs); "
+                                  "int8 (linear layers dynamically quantized at load); auto (the fastest this "
+                                  "CPU supports, logged)."),
 ):
     """Serve bundles over gRPC (Chatbot service, health, reflection) until SIGTERM/SIGINT."""
+    from chatforge.runtime import configure_threads
     from chatforge.serving.engine import PipelineConfig
     from chatforge.serving.policy import ReplyPolicy
     from chatforge.serving.server import ServerConfig, run_server
@@ -120,6 +123,7 @@ def serve(
             max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, pipeline=pipeline,
             policy=reply_policy)
+        configure_threads()  # torch's pool sized from the CPUs this process may use (affinity, cgroup quota)
         code = run_server(config)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
