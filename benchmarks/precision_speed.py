@@ -119,7 +119,14 @@ def main() -> None:
 
     threads = configure_threads()
     before = cpu_info()
-    gen_texts, cls_texts = _questions(args.questions, args.texts), _clinc(args.clinc, args.cls_texts)
+    from chatforge.inference import load_model
+
+    # Only texts each model accepts whole (the engine refuses longer ones).
+    fits = {role: load_model(b, role) for role, b in (("chat", args.generator), ("intent", args.classifier))}
+    gen_texts = [t for t in _questions(args.questions, 4 * args.texts)
+                 if fits["chat"].count_tokens(t) <= fits["chat"].max_input_tokens][-args.texts:]
+    cls_texts = [t for t in _clinc(args.clinc, 2 * args.cls_texts)
+                 if fits["intent"].count_tokens(t) <= fits["intent"].max_input_tokens][: args.cls_texts]
     engines = {p: Engine.from_bundles({"chat": args.generator, "intent": args.classifier}, precision=p,
                                       max_running=args.streams, max_queued=256)
                for p in args.precisions}
