@@ -319,12 +319,14 @@ def test_int8_is_refused_with_the_family_and_allowed_precisions_where_it_does_no
         load_model(family_bundles["elmo-projected"], "intent", precision="int8")
 
 
-def test_auto_picks_from_the_cpu_flags_and_skips_int8_where_it_does_not_apply(family_bundles, monkeypatch):
+def test_auto_picks_from_the_cpu_flags_the_width_and_the_family(family_bundles, monkeypatch):
     from chatforge import runtime
 
-    monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx512_vnni", "avx512_bf16"}))
-    assert load_model(family_bundles["bert-classification"], "m", precision="auto").info.metadata["precision"] == "int8"
-    elmo = load_model(family_bundles["elmo-projected"], "m", precision="auto")
-    assert elmo.info.metadata["precision"] == "bf16"
+    monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx512_vnni", "amx_bf16"}))
+    bert = family_bundles["bert-classification"]
+    assert load_model(bert, "m", precision="auto").info.metadata["precision"] == "bf16"  # 32 wide: too narrow
+    monkeypatch.setattr(runtime, "INT8_MIN_WIDTH", 32)  # the tiny models' width
+    assert load_model(bert, "m", precision="auto").info.metadata["precision"] == "int8"
+    assert load_model(family_bundles["elmo-projected"], "m", precision="auto").info.metadata["precision"] == "bf16"
     monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx2"}))
-    assert "precision" not in load_model(family_bundles["bert-classification"], "m", precision="auto").info.metadata
+    assert "precision" not in load_model(bert, "m", precision="auto").info.metadata

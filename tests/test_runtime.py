@@ -86,18 +86,26 @@ def test_cpu_info_is_plain_json_and_describes_this_process():
     assert len(info["load_average"]) == 3
 
 
-@pytest.mark.parametrize(("flags", "int8_ok", "expected"), [
-    ({"avx2", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}, True, "int8"),  # Sapphire Rapids
-    ({"avx2", "avx512_vnni", "avx512_bf16"}, True, "int8"),  # EPYC Zen 4
-    ({"avx2", "avx512_vnni", "avx512_bf16"}, False, "bf16"),  # a family int8 does not apply to
-    ({"avx2", "avx_vnni"}, True, "int8"),
-    ({"avx2"}, True, "fp32"),
-    ({"avx2", "avx512_bf16"}, True, "bf16"),
+SPR = {"avx2", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}  # Sapphire Rapids
+ZEN4 = {"avx2", "avx512_vnni", "avx512_bf16"}  # AMD EPYC Zen 4: bf16 dot products, no AMX
+
+
+@pytest.mark.parametrize(("flags", "int8_ok", "width", "expected"), [
+    (SPR, True, None, "int8"),
+    (SPR, True, 256, "int8"),
+    (SPR, True, 128, "bf16"),  # too narrow for int8 to pay; AMX bf16
+    (SPR, False, 512, "bf16"),  # a family int8 does not apply to
+    (ZEN4, True, 512, "int8"),
+    (ZEN4, True, 128, "fp32"),
+    (ZEN4, False, 512, "fp32"),  # bf16 without AMX was not faster for one stream
+    ({"avx2", "avx_vnni"}, True, 384, "int8"),
+    ({"avx2"}, True, 512, "fp32"),
 ])
-def test_pick_precision_rule(flags, int8_ok, expected):
-    picked, reason = runtime.pick_precision(flags, int8_ok)
+def test_pick_precision_rule(flags, int8_ok, width, expected):
+    picked, reason = runtime.pick_precision(flags, int8_ok, width)
     assert picked == expected and reason
-    assert runtime.pick_precision({f: f in flags for f in runtime.FAST_PATH_FLAGS}, int8_ok)[0] == expected
+    as_dict = {f: f in flags for f in runtime.FAST_PATH_FLAGS}
+    assert runtime.pick_precision(as_dict, int8_ok, width)[0] == expected
 
 
 def test_set_omp_wait_policy_keeps_the_users_choice():

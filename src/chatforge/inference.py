@@ -86,6 +86,12 @@ def _int8_plan(model: torch.nn.Module) -> tuple[dict[str, object], float]:
     return spec, covered / total if total else 0.0
 
 
+def linear_width(model: torch.nn.Module) -> int | None:
+    """The median input width of ``model``'s linear layers (its d_model, for the families here)."""
+    widths = sorted(m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return widths[len(widths) // 2] if widths else None
+
+
 def quantize_int8(model: torch.nn.Module, family: str) -> torch.nn.Module:
     """Dynamically quantize ``model``'s linear layers to int8 in place (``torch.ao.quantization``):
     weights int8 per tensor, activations quantized per call from their observed range, int32
@@ -121,9 +127,9 @@ def resolve_precision(precision: str, bundle: Bundle | None = None) -> str:
     check_precision(precision)
     if precision != "auto":
         return precision
-    int8_ok = bundle is None or not isinstance(bundle.model, torch.nn.Module) or \
-        _int8_plan(bundle.model)[1] >= INT8_MIN_COVERAGE
-    picked, reason = runtime.auto_precision(int8_ok)
+    model = bundle.model if bundle is not None and isinstance(bundle.model, torch.nn.Module) else None
+    int8_ok = model is None or _int8_plan(model)[1] >= INT8_MIN_COVERAGE
+    picked, reason = runtime.auto_precision(int8_ok, linear_width(model) if model is not None else None)
     logger.info("precision auto -> %s (%s)%s", picked, reason,
                 f" for {bundle.family}" if bundle is not None else "")
     return picked

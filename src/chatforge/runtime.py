@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FAST_PATH_FLAGS",
+    "INT8_MIN_WIDTH",
     "auto_precision",
     "available_cpus",
     "cgroup_cpu_quota",
@@ -213,26 +214,38 @@ def configure_threads(environ: MutableMapping[str, str] | None = None, share: in
     return n
 
 
-def pick_precision(flags: set[str] | dict, int8_ok: bool = True) -> tuple[str, str]:
-    """``--precision auto``: (precision, reason) from the CPU flags.
+# --precision auto picks int8 only for models at least this wide (the median input width of their linear
+# layers): benchmarks/results/int8-sizes.json measured int8 at 0.86x fp32 for a single stream at d_model 128
+# (the per-call activation quantization costs more than the small matmuls save) and 1.2-2.1x at 256-512.
+INT8_MIN_WIDTH = 256
 
-    The rule, from benchmarks/results/precision-*.json (the served generation and Classify paths, this
-    CPU kind measured, the others stated by the flags their kernels need): int8 wherever the CPU has
-    int8 dot products (avx512_vnni / avx_vnni / amx_int8), since decoding is bound by reading weights
-    and int8 reads a quarter of fp32; bf16 where it has no int8 dot products but bf16 ones
-    (avx512_bf16 / amx_bf16); fp32 otherwise. ``int8_ok=False`` (a family int8 does not apply to)
-    skips int8.
+
+def pick_precision(flags: set[str] | dict, int8_ok: bool = True, width: int | None = None) -> tuple[str, str]:
+    """``--precision auto``: (precision, reason) from the CPU flags and the model's width.
+
+    The rule, from benchmarks/results/int8-sizes.json and precision-speed.json (decoding and Classify on
+    the served paths, measured on an Intel Xeon with AMX; the other CPU kinds follow from the
+    instructions their kernels need):
+
+    * int8 where the CPU has int8 dot products (avx512_vnni / avx_vnni / amx_int8), the family can be
+      quantized (``int8_ok``) and the model is at least :data:`INT8_MIN_WIDTH` wide (``width``; None =
+      wide enough): decoding reads every weight each token, and int8 reads a quarter of fp32's;
+    * else bf16 where the CPU has AMX (amx_bf16): batched steps several times faster, single streams no
+      slower on that machine;
+    * else fp32: bf16 without AMX (avx512_bf16 only) and narrow int8 were slower than fp32 for one stream.
     """
     have = {f for f, on in flags.items() if on} if isinstance(flags, dict) else set(flags)
     int8_dot = have & {"avx512_vnni", "avx_vnni", "amx_int8"}
-    bf16_dot = have & {"avx512_bf16", "amx_bf16"}
-    if int8_ok and int8_dot:
+    wide = width is None or width >= INT8_MIN_WIDTH
+    if int8_ok and int8_dot and wide:
         return "int8", f"int8 dot products ({', '.join(sorted(int8_dot))})"
-    if bf16_dot:
-        return "bf16", f"bf16 dot products ({', '.join(sorted(bf16_dot))})"
-    return "fp32", "no int8 or bf16 dot-product instructions"
+    why = "int8 does not apply to this family" if not int8_ok else (
+        f"linear layers {width} wide < {INT8_MIN_WIDTH}" if not wide else "no int8 dot-product instructions")
+    if "amx_bf16" in have:
+        return "bf16", f"AMX bf16 tiles; {why}"
+    return "fp32", why
 
 
-def auto_precision(int8_ok: bool = True) -> tuple[str, str]:
+def auto_precision(int8_ok: bool = True, width: int | None = None) -> tuple[str, str]:
     """:func:`pick_precision` for this machine's CPU."""
-    return pick_precision(read_cpu_flags()[1], int8_ok)
+    return pick_precision(read_cpu_flags()[1], int8_ok, width)
