@@ -5,8 +5,9 @@ streams through continuous batching (aggregate tokens/s); for a classification b
 caller at a time (batch 1) and 32 concurrent callers (micro-batched). Every reply is forced to the same
 length (``min_new_tokens = max_new_tokens``) so precisions decode the same number of tokens. This is
 the engine in-process (the path below gRPC, which adds the same cost at every precision:
-``benchmarks/grpc_path.py``). Precisions alternate round by round, so a change in the machine's load
-hits them alike; the best round of each is reported, with ``chatforge.runtime.cpu_info()`` (CPU model,
+``benchmarks/grpc_path.py``). Precisions interleave request by request (each prompt, group of streams or
+Classify call runs on every precision in turn), so a change in the machine's load hits them alike; the
+best round of each is reported, with ``chatforge.runtime.cpu_info()`` (CPU model,
 flags, threads, load) before and after.
 
     python benchmarks/precision_speed.py --generator RUN/bundle --classifier RUN/bundle \
@@ -41,47 +42,59 @@ async def _stream(engine, text, options, model) -> tuple[int, float, float]:
     return n, first or 0.0, time.perf_counter() - t0
 
 
-def measure_generation(engine, texts: list[str], new_tokens: int, streams: int) -> dict:
+def _interleaved(engines: dict, jobs: list, run) -> dict[str, tuple[int, float, list]]:
+    """Run each job on every engine in turn (job 1 on all, then job 2, ...), the order rotating per job,
+    so a change in the machine's load lands on every precision alike: {precision: (items, seconds, results)}."""
+    totals = {p: [0, 0.0, []] for p in engines}
+    names = list(engines)
+    for i, job in enumerate(jobs):
+        for p in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            n, res = asyncio.run(run(engines[p], job))
+            totals[p][0] += n
+            totals[p][1] += time.perf_counter() - t0
+            totals[p][2].append(res)
+    return {p: (n, t, r) for p, (n, t, r) in totals.items()}
+
+
+def measure_generation(engines: dict, texts: list[str], new_tokens: int, streams: int) -> dict[str, dict]:
     from chatforge.decoding import GenerationOptions
 
     opts = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
-    async def single():
-        return [await _stream(engine, t, opts, "chat") for t in texts]
+    async def single(engine, text):
+        n, first, _ = await _stream(engine, text, opts, "chat")
+        return n, first
 
-    async def concurrent():
-        return await asyncio.gather(*(_stream(engine, t, opts, "chat") for t in texts[: streams] * 2))
+    async def concurrent(engine, group):
+        done = await asyncio.gather(*(_stream(engine, t, opts, "chat") for t in group))
+        return sum(n for n, _, _ in done), None
 
-    asyncio.run(_stream(engine, texts[0], opts, "chat"))  # warm-up
-    t0 = time.perf_counter()
-    one = asyncio.run(single())
-    t_one = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    many = asyncio.run(concurrent())
-    t_many = time.perf_counter() - t0
-    return {"single_tokens_per_s": sum(n for n, _, _ in one) / t_one,
-            "single_ttft_ms_p50": statistics.median(f for _, f, _ in one) * 1e3,
-            f"concurrent{streams}_tokens_per_s": sum(n for n, _, _ in many) / t_many}
+    for e in engines.values():  # warm-up
+        asyncio.run(_stream(e, texts[0], opts, "chat"))
+    one = _interleaved(engines, texts, single)
+    groups = [(texts * streams)[i: i + streams] for i in range(0, len(texts), max(1, len(texts) // 4))][:4]
+    many = _interleaved(engines, groups, concurrent)
+    return {p: {"single_tokens_per_s": one[p][0] / one[p][1],
+                "single_ttft_ms_p50": statistics.median(one[p][2]) * 1e3,
+                f"concurrent{streams}_tokens_per_s": many[p][0] / many[p][1]} for p in engines}
 
 
-def measure_classify(engine, texts: list[str], callers: int) -> dict:
-    async def one_by_one():
-        for t in texts:
-            await engine.classify([t], "intent")
+def measure_classify(engines: dict, texts: list[str], callers: int) -> dict[str, dict]:
+    async def one(engine, text):
+        await engine.classify([text], "intent")
+        return 1, None
 
-    async def concurrent():
-        for i in range(0, len(texts), callers):
-            await asyncio.gather(*(engine.classify([t], "intent") for t in texts[i: i + callers]))
+    async def concurrent(engine, group):
+        await asyncio.gather(*(engine.classify([t], "intent") for t in group))
+        return len(group), None
 
-    asyncio.run(engine.classify(texts[:2], "intent"))  # warm-up
-    t0 = time.perf_counter()
-    asyncio.run(one_by_one())
-    t1 = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    asyncio.run(concurrent())
-    tn = time.perf_counter() - t0
-    return {"batch1_texts_per_s": len(texts) / t1, "batch1_ms_mean": t1 / len(texts) * 1e3,
-            f"callers{callers}_texts_per_s": len(texts) / tn}
+    for e in engines.values():  # warm-up
+        asyncio.run(e.classify(texts[:2], "intent"))
+    b1 = _interleaved(engines, texts, one)
+    bn = _interleaved(engines, [texts[i: i + callers] for i in range(0, len(texts), callers)], concurrent)
+    return {p: {"batch1_texts_per_s": b1[p][0] / b1[p][1], "batch1_ms_mean": b1[p][1] / b1[p][0] * 1e3,
+                f"callers{callers}_texts_per_s": bn[p][0] / bn[p][1]} for p in engines}
 
 
 def _questions(path: Path, n: int) -> list[str]:
@@ -132,12 +145,12 @@ def main() -> None:
                for p in args.precisions}
     rounds: dict[str, list[dict]] = {p: [] for p in args.precisions}
     try:
-        for r in range(args.rounds):
-            for p in args.precisions if r % 2 == 0 else reversed(args.precisions):
-                res = {**measure_generation(engines[p], gen_texts, args.new_tokens, args.streams),
-                       **measure_classify(engines[p], cls_texts, args.callers)}
-                rounds[p].append(res)
-                print(p, {k: round(v, 1) for k, v in res.items()}, file=sys.stderr, flush=True)
+        for _ in range(args.rounds):
+            gen = measure_generation(engines, gen_texts, args.new_tokens, args.streams)
+            cls = measure_classify(engines, cls_texts, args.callers)
+            for p in args.precisions:
+                rounds[p].append({**gen[p], **cls[p]})
+                print(p, {k: round(v, 1) for k, v in rounds[p][-1].items()}, file=sys.stderr, flush=True)
     finally:
         for e in engines.values():
             e.close()
