@@ -42,19 +42,22 @@ async def _stream(engine, text, options, model) -> tuple[int, float, float]:
     return n, first or 0.0, time.perf_counter() - t0
 
 
-def _interleaved(engines: dict, jobs: list, run) -> dict[str, tuple[int, float, list]]:
+def _interleaved(engines: dict, jobs: list, run) -> dict[str, tuple[int, float, list, float]]:
     """Run each job on every engine in turn (job 1 on all, then job 2, ...), the order rotating per job,
-    so a change in the machine's load lands on every precision alike: {precision: (items, seconds, results)}."""
-    totals = {p: [0, 0.0, []] for p in engines}
+    so a change in the machine's load lands on every precision alike:
+    {precision: (items, wall seconds, results, CPU seconds of the process)}. On a shared machine the CPU
+    time is the steadier measure of the work done (wall time adds waiting for a core)."""
+    totals = {p: [0, 0.0, [], 0.0] for p in engines}
     names = list(engines)
     for i, job in enumerate(jobs):
         for p in names[i % len(names):] + names[: i % len(names)]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             n, res = asyncio.run(run(engines[p], job))
             totals[p][0] += n
             totals[p][1] += time.perf_counter() - t0
             totals[p][2].append(res)
-    return {p: (n, t, r) for p, (n, t, r) in totals.items()}
+            totals[p][3] += time.process_time() - c0
+    return {p: (n, t, r, c) for p, (n, t, r, c) in totals.items()}
 
 
 def measure_generation(engines: dict, texts: list[str], new_tokens: int, streams: int) -> dict[str, dict]:
@@ -77,7 +80,9 @@ def measure_generation(engines: dict, texts: list[str], new_tokens: int, streams
     many = _interleaved(engines, groups, concurrent)
     return {p: {"single_tokens_per_s": one[p][0] / one[p][1],
                 "single_ttft_ms_p50": statistics.median(one[p][2]) * 1e3,
-                f"concurrent{streams}_tokens_per_s": many[p][0] / many[p][1]} for p in engines}
+                "single_cpu_ms_per_token": one[p][3] / one[p][0] * 1e3,
+                f"concurrent{streams}_tokens_per_s": many[p][0] / many[p][1],
+                f"concurrent{streams}_cpu_ms_per_token": many[p][3] / many[p][0] * 1e3} for p in engines}
 
 
 def measure_classify(engines: dict, texts: list[str], callers: int) -> dict[str, dict]:
@@ -94,7 +99,9 @@ def measure_classify(engines: dict, texts: list[str], callers: int) -> dict[str,
     b1 = _interleaved(engines, texts, one)
     bn = _interleaved(engines, [texts[i: i + callers] for i in range(0, len(texts), callers)], concurrent)
     return {p: {"batch1_texts_per_s": b1[p][0] / b1[p][1], "batch1_ms_mean": b1[p][1] / b1[p][0] * 1e3,
-                f"callers{callers}_texts_per_s": bn[p][0] / bn[p][1]} for p in engines}
+                "batch1_cpu_ms_per_text": b1[p][3] / b1[p][0] * 1e3,
+                f"callers{callers}_texts_per_s": bn[p][0] / bn[p][1],
+                f"callers{callers}_cpu_ms_per_text": bn[p][3] / bn[p][0] * 1e3} for p in engines}
 
 
 def _questions(path: Path, n: int) -> list[str]:
@@ -154,7 +161,8 @@ def main() -> None:
     finally:
         for e in engines.values():
             e.close()
-    best = {p: {k: (min if k.endswith("_ms_p50") or k.endswith("_ms_mean") else max)(x[k] for x in rs)
+    lower_is_better = ("_ms_p50", "_ms_mean", "_per_token", "_per_text")
+    best = {p: {k: (min if k.endswith(lower_is_better) else max)(x[k] for x in rs)
                 for k in rs[0]} for p, rs in rounds.items()}
     speedup = {p: {k: best[p][k] / best["fp32"][k] for k in best[p]} for p in best if "fp32" in best}
     out = {
