@@ -214,33 +214,34 @@ def configure_threads(environ: MutableMapping[str, str] | None = None, share: in
     return n
 
 
-# --precision auto picks int8 only for models at least this wide (the median input width of their linear
-# layers): benchmarks/results/int8-sizes.json measured int8 at 0.86x fp32 for a single stream at d_model 128
-# (the per-call activation quantization costs more than the small matmuls save) and 1.2-2.1x at 256-512.
+# --precision auto leaves models narrower than this (the median input width of their linear layers) in
+# fp32: benchmarks/results/int8-sizes.json measured a GPT decoder at d_model 128 at 0.90x fp32 with int8 and
+# 0.59x with bf16 for a single stream (per-call activation quantization and casts cost more than the
+# small matmuls save), and int8 at 1.2-1.9x (batch 1) and 1.6-2.2x (batch 8) at d_model 256-512.
 INT8_MIN_WIDTH = 256
 
 
 def pick_precision(flags: set[str] | dict, int8_ok: bool = True, width: int | None = None) -> tuple[str, str]:
     """``--precision auto``: (precision, reason) from the CPU flags and the model's width.
 
-    The rule, from benchmarks/results/int8-sizes.json and precision-speed.json (decoding and Classify on
-    the served paths, measured on an Intel Xeon with AMX; the other CPU kinds follow from the
-    instructions their kernels need):
+    The rule, from benchmarks/results/int8-sizes.json and precision-speed.json (decoding and Classify,
+    measured on an Intel Xeon with AMX; for other CPU kinds it follows the instructions the kernels need):
 
-    * int8 where the CPU has int8 dot products (avx512_vnni / avx_vnni / amx_int8), the family can be
-      quantized (``int8_ok``) and the model is at least :data:`INT8_MIN_WIDTH` wide (``width``; None =
-      wide enough): decoding reads every weight each token, and int8 reads a quarter of fp32's;
-    * else bf16 where the CPU has AMX (amx_bf16): batched steps several times faster, single streams no
-      slower on that machine;
-    * else fp32: bf16 without AMX (avx512_bf16 only) and narrow int8 were slower than fp32 for one stream.
+    * fp32 for a model narrower than :data:`INT8_MIN_WIDTH` (``width``; None = wide enough);
+    * int8 where the CPU has int8 dot products (avx512_vnni / avx_vnni / amx_int8, which FBGEMM's int8
+      kernels use) and the family can be quantized (``int8_ok``): decoding reads every weight each token,
+      and int8 reads a quarter of fp32's;
+    * else bf16 where the CPU has AMX (amx_bf16): batched steps faster (1.2-1.4x at batch 8 here, 8-stream
+      serving 1.7x in serving-base-bf16.json), a single stream 0.7-0.9x;
+    * else fp32 (bf16 without AMX has not been faster than fp32 here).
     """
     have = {f for f, on in flags.items() if on} if isinstance(flags, dict) else set(flags)
+    if width is not None and width < INT8_MIN_WIDTH:
+        return "fp32", f"linear layers {width} wide < {INT8_MIN_WIDTH}: int8 and bf16 measured slower"
     int8_dot = have & {"avx512_vnni", "avx_vnni", "amx_int8"}
-    wide = width is None or width >= INT8_MIN_WIDTH
-    if int8_ok and int8_dot and wide:
+    if int8_ok and int8_dot:
         return "int8", f"int8 dot products ({', '.join(sorted(int8_dot))})"
-    why = "int8 does not apply to this family" if not int8_ok else (
-        f"linear layers {width} wide < {INT8_MIN_WIDTH}" if not wide else "no int8 dot-product instructions")
+    why = "int8 does not apply to this family" if not int8_ok else "no int8 dot-product instructions"
     if "amx_bf16" in have:
         return "bf16", f"AMX bf16 tiles; {why}"
     return "fp32", why
