@@ -325,7 +325,7 @@ def test_auto_picks_from_the_cpu_flags_the_width_and_the_family(family_bundles, 
     monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx512_vnni", "amx_bf16"}))
     bert = family_bundles["bert-classification"]
     assert "precision" not in load_model(bert, "m", precision="auto").info.metadata  # 32 wide: too narrow, fp32
-    monkeypatch.setattr(runtime, "INT8_MIN_WIDTH", 32)  # the tiny models' width
+    monkeypatch.setattr(runtime, "INT8_MIN_WIDTH", 16)  # the tiny models' width
     assert load_model(bert, "m", precision="auto").info.metadata["precision"] == "int8"
     assert load_model(family_bundles["elmo-projected"], "m", precision="auto").info.metadata["precision"] == "bf16"
     monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx2"}))
