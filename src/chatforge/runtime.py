@@ -215,9 +215,9 @@ def configure_threads(environ: MutableMapping[str, str] | None = None, share: in
 
 
 # --precision auto leaves models narrower than this (the median input width of their linear layers) in
-# fp32: benchmarks/results/int8-sizes.json measured a GPT decoder at d_model 128 at 0.90x fp32 with int8 and
-# 0.59x with bf16 for a single stream (per-call activation quantization and casts cost more than the
-# small matmuls save), and int8 at 1.2-1.9x (batch 1) and 1.6-2.2x (batch 8) at d_model 256-512.
+# fp32: benchmarks/results/int8-sizes.json measured a GPT decoder at d_model 128 at 0.85x fp32 with int8 and
+# 0.55x with bf16 for a single stream (per-call activation quantization and casts cost more than the
+# small matmuls save), and int8 at 1.2-2.0x (batch 1) and 1.6-3.2x (batch 8) at d_model 256-512.
 INT8_MIN_WIDTH = 256
 
 
@@ -231,13 +231,13 @@ def pick_precision(flags: set[str] | dict, int8_ok: bool = True, width: int | No
     * int8 where the CPU has int8 dot products (avx512_vnni / avx_vnni / amx_int8, which FBGEMM's int8
       kernels use) and the family can be quantized (``int8_ok``): decoding reads every weight each token,
       and int8 reads a quarter of fp32's;
-    * else bf16 where the CPU has AMX (amx_bf16): batched steps faster (1.2-1.4x at batch 8 here, 8-stream
+    * else bf16 where the CPU has AMX (amx_bf16): batched steps faster (1.2-1.9x at batch 8 here, 8-stream
       serving 1.7x in serving-base-bf16.json), a single stream 0.7-0.9x;
     * else fp32 (bf16 without AMX has not been faster than fp32 here).
     """
     have = {f for f, on in flags.items() if on} if isinstance(flags, dict) else set(flags)
     if width is not None and width < INT8_MIN_WIDTH:
-        return "fp32", f"linear layers {width} wide < {INT8_MIN_WIDTH}: int8 and bf16 measured slower"
+        return "fp32", f"linear layers {width} wide < {INT8_MIN_WIDTH}, where int8 and bf16 measured slower"
     int8_dot = have & {"avx512_vnni", "avx_vnni", "amx_int8"}
     if int8_ok and int8_dot:
         return "int8", f"int8 dot products ({', '.join(sorted(int8_dot))})"
