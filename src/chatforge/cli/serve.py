@@ -93,7 +93,6 @@ def serve(
                                   "CPU supports, logged)."),
 ):
     """Serve bundles over gRPC (Chatbot service, health, reflection) until SIGTERM/SIGINT."""
-    from chatforge.runtime import configure_threads
     from chatforge.serving.engine import PipelineConfig
     from chatforge.serving.policy import ReplyPolicy
     from chatforge.serving.server import ServerConfig, run_server
@@ -123,7 +122,6 @@ def serve(
             max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, pipeline=pipeline,
             policy=reply_policy)
-        configure_threads()  # torch's pool sized from the CPUs this process may use (affinity, cgroup quota)
         code = run_server(config)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
