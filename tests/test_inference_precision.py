@@ -28,7 +28,7 @@ TRANSFORMER = {"family": "transformer", "d_model": 32, "n_heads": 2, "d_ff": 64,
                "num_encoder_layers": 1, "num_decoder_layers": 1}
 ELMO = {"family": "elmo", "max_chars": 8, "char_embed_dim": 8, "filters": [[1, 8], [2, 8]], "num_highway": 1,
         "projection_dim": 16, "lstm_hidden": 16, "dropout": 0.0}
-# Every torch family serving loads, by the task it is served for (ByteNet: tests/models/test_bytenet.py).
+# Every torch family serving loads, by the task it is served for.
 FAMILIES = {
     "transformer-generation": {**TRANSFORMER, "task": "generation"},
     "transformer-classification": {**TRANSFORMER, "task": "classification"},
@@ -37,6 +37,8 @@ FAMILIES = {
     "bert-classification": {"family": "bert", "task": "classification", "d_model": 32, "n_heads": 2,
                             "num_layers": 1, "d_ff": 64, "dropout": 0.0, "max_len": 32},
     "elmo-classification": {**ELMO, "task": "classification"},
+    "bytenet-generation": {"family": "bytenet", "task": "generation", "d_model": 32, "max_dilation": 2,
+                           "encoder_sets": 1, "decoder_sets": 1, "dropout": 0.0},
     # LSTMs with a projection (lstm_hidden != projection_dim), which torch's quantized LSTM lacks
     "elmo-projected": {**ELMO, "task": "classification", "lstm_hidden": 32},
 }
@@ -250,7 +252,7 @@ def _teacher_forced_logits(gen, text: str, tokens: list[int]) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("key", ["transformer-generation", "gpt-generation"])
+@pytest.mark.parametrize("key", ["transformer-generation", "gpt-generation", "bytenet-generation"])
 def test_int8_decoding_logits_match_fp32(family_bundles, key):
     fp32 = load_model(family_bundles[key], "chat")
     int8 = load_model(family_bundles[key], "chat", precision="int8")
