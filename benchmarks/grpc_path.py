@@ -262,7 +262,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, required=True, help="bundles are kept (or found) here")
     ap.add_argument("--size", choices=sorted(SIZES), default="base")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32")
     ap.add_argument("--reps", type=int, default=40, help="texts per path")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path)

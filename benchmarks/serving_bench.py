@@ -419,7 +419,7 @@ def main() -> None:
     ap.add_argument("--health-checks", type=int, default=500, help="checks in (d)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads, engine-only and in the server (see the module docstring)")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    ap.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
                     help="served precision, engine-only and in the server (chatforge serve --precision)")
     ap.add_argument("--out", type=Path,
                     help="results file (default: results/serving-<size>[-t<threads>][-bf16].json)")

@@ -1,6 +1,8 @@
 """Serving precision: ``chatforge serve --precision bf16`` casts torch weights once and runs them
 under bf16 autocast, on every path a served model takes (single stream, continuous batching,
 classification). Checked against the same bundles in fp32: the numbers move by bf16 rounding only.
+``--precision int8`` quantizes the linear layers of every torch family serving loads; its outputs are
+checked against fp32 within int8's error, on the same paths; ``auto`` picks from the CPU's flags.
 """
 
 from __future__ import annotations
@@ -22,20 +24,40 @@ from chatforge.training.run import run_experiment
 TEXTS = ["안녕하세요", "오늘 날씨 어때요", "배고파요", "영화 보러 갈래요", "심심해"]
 
 
-def _train(tmp: Path, task: str) -> Path:
+TRANSFORMER = {"family": "transformer", "d_model": 32, "n_heads": 2, "d_ff": 64, "dropout": 0.0,
+               "num_encoder_layers": 1, "num_decoder_layers": 1}
+ELMO = {"family": "elmo", "max_chars": 8, "char_embed_dim": 8, "filters": [[1, 8], [2, 8]], "num_highway": 1,
+        "projection_dim": 16, "lstm_hidden": 16, "dropout": 0.0}
+# Every torch family serving loads, by the task it is served for.
+FAMILIES = {
+    "transformer-generation": {**TRANSFORMER, "task": "generation"},
+    "transformer-classification": {**TRANSFORMER, "task": "classification"},
+    "gpt-generation": {"family": "gpt", "task": "generation", "d_model": 32, "n_heads": 2, "n_layers": 1,
+                       "n_positions": 64, "dropout": 0.0, "attn_dropout": 0.0},
+    "bert-classification": {"family": "bert", "task": "classification", "d_model": 32, "n_heads": 2,
+                            "num_layers": 1, "d_ff": 64, "dropout": 0.0, "max_len": 32},
+    "elmo-classification": {**ELMO, "task": "classification"},
+    "bytenet-generation": {"family": "bytenet", "task": "generation", "d_model": 32, "max_dilation": 2,
+                           "encoder_sets": 1, "decoder_sets": 1, "dropout": 0.0},
+    # LSTMs with a projection (lstm_hidden != projection_dim), which torch's quantized LSTM lacks
+    "elmo-projected": {**ELMO, "task": "classification", "lstm_hidden": 32},
+}
+
+
+def _train(tmp: Path, task: str, model: dict | None = None, key: str | None = None) -> Path:
+    key = key or task
     tree = {
-        "name": f"precision-{task}",
+        "name": f"precision-{key}",
         "seed": 0,
         "data": {"path": "sample", "valid_fraction": 0.1, "test_fraction": 0.0},
         "tokenizer": {"vocab_size": 600, "on_vocab_too_large": "lower"},
-        "model": {"family": "transformer", "task": task, "d_model": 32, "n_heads": 2, "d_ff": 64, "dropout": 0.0,
-                  "num_encoder_layers": 1, "num_decoder_layers": 1},
+        "model": model or {**TRANSFORMER, "task": task},
         "train": {"epochs": 1, "max_steps": 20, "batch_size": 16, "lr": 3e-3, "max_source_len": 24,
                   "max_target_len": 24},
         "output": {"dir": str(tmp / "runs")},
         "tracking": {"enabled": False},
     }
-    return run_experiment(validate_config(tree), run_dir=tmp / f"run-{task}").bundle_dir
+    return run_experiment(validate_config(tree), run_dir=tmp / f"run-{key}").bundle_dir
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +129,11 @@ def test_bf16_engine_streams_concurrent_replies(bundles):
 
 
 def test_unknown_precision_is_refused_with_the_allowed_values(bundles, tmp_path):
-    with pytest.raises(ValueError, match=r"precision='fp16' is not supported; allowed: fp32, bf16"):
+    with pytest.raises(ValueError, match=r"precision='fp16' is not supported; allowed: fp32, bf16, int8, auto"):
         load_model(bundles["generation"], "chat", precision="fp16")
-    with pytest.raises(ValueError, match="allowed: fp32, bf16"):
-        ModelDirectory(tmp_path, precision="int8")
-    with pytest.raises(ValueError, match="allowed: fp32, bf16"):
+    with pytest.raises(ValueError, match="allowed: fp32, bf16, int8, auto"):
+        ModelDirectory(tmp_path, precision="int4")
+    with pytest.raises(ValueError, match="allowed: fp32, bf16, int8, auto"):
         Engine.from_bundles({"chat": bundles["generation"]}, precision="half")
 
 
@@ -166,3 +188,147 @@ def test_model_directory_loads_and_hot_swaps_every_version_at_its_precision(bund
         assert dtypes() == {torch.bfloat16}
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------------- int8
+
+
+@pytest.fixture(scope="module")
+def family_bundles(tmp_path_factory, bundles) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("int8")
+    out = {"transformer-generation": bundles["generation"], "transformer-classification": bundles["classification"]}
+    for key, model in FAMILIES.items():
+        if key not in out:
+            out[key] = _train(tmp, model["task"], model, key)
+    return out
+
+
+SERVED = [k for k in FAMILIES if k != "elmo-projected"]
+
+
+@pytest.mark.parametrize("key", SERVED)
+def test_int8_quantizes_the_linear_layers_and_keeps_embeddings_fp32(family_bundles, key):
+    from torch.ao.nn.quantized.dynamic import LSTM as QLSTM
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    fp32 = load_model(family_bundles[key], "m")
+    int8 = load_model(family_bundles[key], "m", precision="int8")
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in fp32.model.modules())
+    assert n_linear > 0
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())  # every one replaced
+    assert sum(isinstance(m, QLinear) for m in int8.model.modules()) == n_linear
+    if key.startswith("elmo"):  # its unprojected LSTMs too
+        assert any(isinstance(m, QLSTM) for m in int8.model.modules())
+    embeddings = [m for m in int8.model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert embeddings and all(m.weight.dtype == torch.float32 for m in embeddings)
+    assert int8.info.metadata["precision"] == "int8" and "precision" not in fp32.info.metadata
+
+
+@pytest.mark.parametrize("key", [k for k in SERVED if k.endswith("classification")])
+def test_int8_classifiers_match_fp32_within_int8_error(family_bundles, key):
+    fp32 = load_model(family_bundles[key], "m")
+    int8 = load_model(family_bundles[key], "m", precision="int8")
+    p32, p8 = fp32.predict_proba(TEXTS), int8.predict_proba(TEXTS)
+    assert p8.shape == p32.shape and np.allclose(p8.sum(1), 1.0, atol=1e-4)
+    diff = np.abs(p8 - p32).max()
+    assert 0 < diff < 0.02, diff  # quantized (not the fp32 path), and close
+    top2 = np.sort(p32, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * diff  # argmax can only move where fp32's margin is within the error
+    assert (p8.argmax(1) == p32.argmax(1))[clear].all()
+
+
+def _teacher_forced_logits(gen, text: str, tokens: list[int]) -> torch.Tensor:
+    """The decoding-cache path (init_state/decode_step, what a single stream runs) fed the same tokens."""
+    from chatforge.decoding import _start_tokens
+
+    src = torch.tensor([gen.tok.encode(text)])
+    with torch.inference_mode():
+        state = gen.model.init_state(src, use_cache=True)
+        nxt = _start_tokens(state, src, gen.tok.bos_id)
+        out = []
+        for tok in tokens:
+            out.append(gen.model.decode_step(nxt, state).float()[0])
+            nxt = torch.tensor([[tok]])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("key", ["transformer-generation", "gpt-generation", "bytenet-generation"])
+def test_int8_decoding_logits_match_fp32(family_bundles, key):
+    fp32 = load_model(family_bundles[key], "chat")
+    int8 = load_model(family_bundles[key], "chat", precision="int8")
+    for text in TEXTS[:3]:
+        ref = list(fp32.stream(text, GenerationOptions(max_new_tokens=6, min_new_tokens=6)))
+        tokens = [d.token_id for d in ref]
+        a, b = _teacher_forced_logits(fp32, text, tokens), _teacher_forced_logits(int8, text, tokens)
+        assert not torch.equal(a, b)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        assert cos.min() > 0.99, cos
+    assert len(list(int8.stream(TEXTS[0], GenerationOptions(max_new_tokens=6, min_new_tokens=6)))) == 6
+
+
+def test_int8_step_model_matches_fp32_for_continuous_batching(family_bundles):
+    from chatforge.models.transformer import Seq2SeqStepModel
+
+    fp32 = load_model(family_bundles["transformer-generation"], "chat")
+    int8 = load_model(family_bundles["transformer-generation"], "chat", precision="int8")
+    prompts = [fp32.tok.encode(t) for t in TEXTS]
+    out = {}
+    for name, gen in (("fp32", fp32), ("int8", int8)):
+        step = Seq2SeqStepModel(gen.model)
+        state, logits = step.prefill(prompts, gen.tok.bos_id)
+        out[name] = (logits, step.step(state, out["fp32"][0].argmax(-1) if out else logits.argmax(-1)))
+    for a, b in zip(out["fp32"], out["int8"], strict=True):
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        assert cos.min() > 0.99, cos
+
+
+def test_int8_engine_batches_streams_cancels_and_classifies(family_bundles):
+    from contextlib import aclosing
+
+    engine = Engine.from_bundles({"chat": family_bundles["transformer-generation"],
+                                  "gpt": family_bundles["gpt-generation"],
+                                  "intent": family_bundles["bert-classification"]},
+                                 precision="int8", max_running=4)
+    assert engine.runner_kind("chat") == "continuous"
+    opts = GenerationOptions(max_new_tokens=5, min_new_tokens=5)
+
+    async def main():
+        async def one(text, model):
+            return [item async for item in engine.stream_reply(text, opts, model)]
+
+        replies = await asyncio.gather(*(one(t, "chat") for t in TEXTS[:4]), one(TEXTS[4], "gpt"))
+        # A client that goes away mid-reply: its row leaves the running batch, the engine serves on.
+        async with aclosing(engine.stream_reply(TEXTS[0], GenerationOptions(max_new_tokens=500), "chat")) as s:
+            await s.__anext__()
+        after = await one(TEXTS[1], "chat")
+        preds = await engine.classify(TEXTS, "intent")
+        return replies, after, preds
+
+    try:
+        replies, after, preds = asyncio.run(main())
+        assert engine.wait_idle(10)
+        assert engine.cancelled == 1
+    finally:
+        engine.close()
+    for items in [*replies, after]:
+        assert isinstance(items[-1], ReplyDone) and items[-1].completion_tokens == 5 and len(items) == 6
+    assert len(preds) == len(TEXTS) and all(0.0 <= p.score <= 1.0 for p in preds)
+
+
+def test_int8_is_refused_with_the_family_and_allowed_precisions_where_it_does_not_apply(family_bundles):
+    with pytest.raises(ValueError, match=r"precision int8 does not apply to family 'elmo'.*"
+                                         r"allowed for elmo: fp32, bf16, auto"):
+        load_model(family_bundles["elmo-projected"], "intent", precision="int8")
+
+
+def test_auto_picks_from_the_cpu_flags_the_width_and_the_family(family_bundles, monkeypatch):
+    from chatforge import runtime
+
+    monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx512_vnni", "amx_bf16"}))
+    bert = family_bundles["bert-classification"]
+    assert "precision" not in load_model(bert, "m", precision="auto").info.metadata  # 32 wide: too narrow, fp32
+    monkeypatch.setattr(runtime, "INT8_MIN_WIDTH", 16)  # the tiny models' width
+    assert load_model(bert, "m", precision="auto").info.metadata["precision"] == "int8"
+    assert load_model(family_bundles["elmo-projected"], "m", precision="auto").info.metadata["precision"] == "bf16"
+    monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx2"}))
+    assert "precision" not in load_model(bert, "m", precision="auto").info.metadata

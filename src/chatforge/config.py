@@ -195,7 +195,8 @@ class TrainConfig(_Strict):
     # the chrF of greedy replies to the first monitor_examples validation questions, computed every epoch.
     monitor: Literal["valid_loss", "valid_chrf"] = "valid_loss"
     monitor_examples: int = Field(200, ge=1, le=100_000)
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: the CPUs available to "
+                                       "the process (affinity, cgroup CPU quota), split between torchrun's local processes")
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="write a resumable checkpoint into the run folder every N optimizer steps")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (exact resume on CPU)")

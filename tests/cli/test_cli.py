@@ -77,7 +77,7 @@ def test_serve_refuses_an_unknown_precision(tmp_path):
     r = runner.invoke(app, ["serve", "--model", f"chat={tmp_path / 'bundle'}", "--port", "0",
                             "--port-file", str(port_file), "--precision", "fp16"])
     assert r.exit_code == 2
-    assert "precision='fp16' is not supported; allowed: fp32, bf16" in r.output
+    assert "precision='fp16' is not supported; allowed: fp32, bf16, int8, auto" in r.output
     assert not port_file.exists()  # never reported ready
 
 

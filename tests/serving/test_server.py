@@ -354,7 +354,7 @@ def test_server_config_is_checked_once_and_frozen(tmp_path):
     with pytest.raises(ValueError, match="TLS needs both a certificate and its key"):
         ServerConfig(bundles={"chat": str(tmp_path)}, tls_cert=tmp_path / "cert.pem")
     with pytest.raises(ValueError, match="precision"):
-        ServerConfig(bundles={"chat": str(tmp_path)}, precision="int8")
+        ServerConfig(bundles={"chat": str(tmp_path)}, precision="fp16")
     config = ServerConfig(bundles={"chat": tmp_path}, port_file=str(tmp_path / "port"), max_running=3)
     assert config.port_file == tmp_path / "port" and config.bundles == {"chat": str(tmp_path)}
     assert config.engine_kwargs()["max_running"] == 3

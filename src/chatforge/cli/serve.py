@@ -87,8 +87,10 @@ def serve(
     tls_cert: Path = typer.Option(None, help="Server certificate chain (PEM) for TLS."),
     tls_key: Path = typer.Option(None, help="Server private key (PEM) for TLS."),
     tls_client_ca: Path = typer.Option(None, help="CA (PEM) that client certificates must chain to (mTLS)."),
-    precision: str = typer.Option("fp32", help="Torch models' precision: fp32, or bf16 (weights cast once at "
-                                  "load; several times faster matmuls on CPUs with AMX/AVX512-BF16 and on GPUs)."),
+    precision: str = typer.Option("fp32", help="Torch models' precision: fp32; bf16 (weights cast once at "
+                                  "load; several times faster matmuls on CPUs with AMX/AVX512-BF16 and on GPUs); "
+                                  "int8 (linear layers dynamically quantized at load); auto (the fastest this "
+                                  "CPU supports, logged)."),
 ):
     """Serve bundles over gRPC (Chatbot service, health, reflection) until SIGTERM/SIGINT."""
     from chatforge.serving.engine import PipelineConfig

@@ -14,6 +14,7 @@ from chatforge.modules.embeddings import (
     sinusoidal_table,
 )
 from chatforge.modules.feedforward import FeedForward, make_activation
+from chatforge.modules.linear import apply_linear, linear_fn
 from chatforge.modules.transformer_layers import (
     DecoderLayerCache,
     TransformerDecoder,
@@ -36,7 +37,9 @@ __all__ = [
     "TransformerDecoderLayer",
     "TransformerEncoder",
     "TransformerEncoderLayer",
+    "apply_linear",
     "causal_mask",
+    "linear_fn",
     "load_stack_from_torch",
     "make_activation",
     "padding_mask",

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from chatforge.modules.linear import apply_linear
+
 
 def padding_mask(ids: Tensor, pad_id: int) -> Tensor:
     """Key-padding mask from token ids (B, S) -> bool (B, 1, 1, S); True = real token."""
@@ -200,16 +202,16 @@ class MultiHeadAttention(nn.Module):
         """
         b, t, _ = x.shape
         if self.fused_qkv:
-            qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)  # (B, T, 3D)
+            qkv = apply_linear(self.qkv_proj, x)  # (B, T, 3D)
             q, k, v = qkv.view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
         else:
-            q = self._split_heads(F.linear(x, self.q_proj.weight, self.q_proj.bias))  # (B, H, T, Dh)
-            k = self._split_heads(F.linear(x, self.k_proj.weight, self.k_proj.bias))
-            v = self._split_heads(F.linear(x, self.v_proj.weight, self.v_proj.bias))
+            q = self._split_heads(apply_linear(self.q_proj, x))  # (B, H, T, Dh)
+            k = self._split_heads(apply_linear(self.k_proj, x))
+            v = self._split_heads(apply_linear(self.v_proj, x))
         k, v = cache.append(k, v)  # (B, H, L + T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, D)
-        return F.linear(y, self.out_proj.weight, self.out_proj.bias)
+        return apply_linear(self.out_proj, y)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
                 b: int, t: int) -> Tensor:

@@ -313,7 +313,7 @@ class Engine:
     def from_bundles(cls, bundles: Mapping[str, str | Path], *, versions: Mapping[str, str] | None = None,
                      precision: str = "fp32", **kwargs) -> Engine:
         """Load every bundle (name -> folder) with :func:`chatforge.inference.load_model`, torch models
-        at ``precision`` ("fp32" or "bf16")."""
+        at ``precision`` (``inference.PRECISIONS``: fp32, bf16, int8 or auto)."""
         if not bundles:
             raise ValueError("no bundles given; pass at least one name -> bundle folder")
         generators: dict[str, ReplyGenerator] = {}

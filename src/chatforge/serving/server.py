@@ -44,6 +44,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chatforge.fileio import atomic_write_text
 from chatforge.inference import check_precision
+from chatforge.runtime import configure_threads
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
 from chatforge.serving.alerts import AlertManager
 from chatforge.serving.engine import Engine, PipelineConfig
@@ -527,10 +528,12 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
     """Blocking entry point for the CLI: serve ``config``'s models until SIGTERM/SIGINT.
 
     Wires the operations library from ``settings`` (default: ``CHATFORGE_*`` variables):
-    logging, alerts, the conversation store and metrics (HTTP on ``config.metrics_port``).
+    logging, alerts, the conversation store and metrics (HTTP on ``config.metrics_port``); sizes torch's
+    thread pool (``chatforge.runtime.configure_threads``).
     """
     settings = settings or get_settings()
     configure_logging(settings)
+    configure_threads()  # torch's pool from the CPUs this process may use (affinity, cgroup quota), logged
     auth = ApiKeyAuth.from_file(config.api_keys_file, open_health=config.open_health) if config.api_keys_file \
         else ApiKeyAuth.from_env(open_health=config.open_health)
     tls = TlsConfig(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None

@@ -18,6 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from chatforge import runtime
 from chatforge.bundle import build_from_config, load_bundle, save_bundle, torch_class_probs
 from chatforge.config import ConfigError, ExperimentConfig, load_config
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
@@ -234,6 +236,8 @@ def run_experiment(cfg: ExperimentConfig, *, callbacks: list[Callback] | None = 
     seed_everything(cfg.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    else:  # the CPUs this process may use (affinity, cgroup quota), shared by torchrun's local processes
+        runtime.configure_threads(share=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     device = resolve_device(cfg.train.device)

@@ -43,6 +43,8 @@ from chatforge.modules import (
     LearnedPositionalEmbedding,
     MultiHeadAttention,
     TokenEmbedding,
+    apply_linear,
+    linear_fn,
 )
 from chatforge.registry import BuildContext
 from chatforge.tasks import IGNORE_INDEX
@@ -56,20 +58,21 @@ GPT_TASKS = ("lm", "generation", "classification", "pair_classification")
 
 class BlockPlan(NamedTuple):
     """One block's tensors and constants for :func:`_decode_block` (``(weight, bias, eps)`` per LayerNorm,
-    ``(weight, bias)`` per linear; ``qkv`` None when the projections are not fused)."""
+    a callable per linear (``modules.linear_fn``: ``F.linear`` on float weights, the module itself when
+    quantized to int8); ``qkv`` None when the projections are not fused)."""
 
     norm_first: bool
     shape: tuple[int, ...]  # LayerNorm normalized_shape
     ln1: tuple[Tensor, Tensor, float]
     ln2: tuple[Tensor, Tensor, float]
-    qkv: tuple[Tensor, Tensor | None] | None
+    qkv: Callable[[Tensor], Tensor] | None
     attn: MultiHeadAttention  # the unfused path calls it
-    out: tuple[Tensor, Tensor | None]
+    out: Callable[[Tensor], Tensor]
     n_heads: int
     head_dim: int
     d_model: int
-    fc1: tuple[Tensor, Tensor | None]
-    fc2: tuple[Tensor, Tensor | None]
+    fc1: Callable[[Tensor], Tensor]
+    fc2: Callable[[Tensor], Tensor]
     act: Callable[[Tensor], Tensor]
 
 
@@ -119,13 +122,13 @@ class GPTBlock(nn.Module):
             act_fn = F.relu
         else:
             act_fn = act
-        qkv = (a.qkv_proj.weight, a.qkv_proj.bias) if a.fused_qkv else None
+        qkv = linear_fn(a.qkv_proj) if a.fused_qkv else None
         return BlockPlan(
             norm_first=self.norm_first, shape=ln1.normalized_shape,
             ln1=(ln1.weight, ln1.bias, ln1.eps), ln2=(ln2.weight, ln2.bias, ln2.eps),
-            qkv=qkv, attn=a, out=(a.out_proj.weight, a.out_proj.bias),
+            qkv=qkv, attn=a, out=linear_fn(a.out_proj),
             n_heads=a.n_heads, head_dim=a.head_dim, d_model=a.d_model,
-            fc1=(m.linear1.weight, m.linear1.bias), fc2=(m.linear2.weight, m.linear2.bias), act=act_fn,
+            fc1=linear_fn(m.linear1), fc2=linear_fn(m.linear2), act=act_fn,
         )
 
 
@@ -214,24 +217,24 @@ def _decode_block(plan: BlockPlan, x: Tensor, mask: Tensor | None, cache: Growin
     """``GPTBlock.forward`` in eval mode for new tokens over a KV cache, from the block's plan: the
     same arithmetic (dropout is the identity in eval) with no module calls or attribute lookups."""
     shape, (ln1w, ln1b, eps1), (ln2w, ln2b, eps2) = plan.shape, plan.ln1, plan.ln2
-    qkv, (ow, ob), n_heads, head_dim, d_model = plan.qkv, plan.out, plan.n_heads, plan.head_dim, plan.d_model
-    (w1, b1), (w2, b2), act = plan.fc1, plan.fc2, plan.act
+    qkv, out, n_heads, head_dim, d_model = plan.qkv, plan.out, plan.n_heads, plan.head_dim, plan.d_model
+    fc1, fc2, act = plan.fc1, plan.fc2, plan.act
 
     def attend(h: Tensor) -> Tensor:
         b, t, _ = h.shape
         if qkv is None:  # unfused projections: the module's own path
             return plan.attn.cached_self_attention(h, cache, mask)
-        q, k, v = F.linear(h, qkv[0], qkv[1]).view(b, t, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv(h).view(b, t, 3, n_heads, head_dim).permute(2, 0, 3, 1, 4)
         k, v = cache.append(k, v)  # (B, H, L + T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, Dh)
-        return F.linear(y.transpose(1, 2).reshape(b, t, d_model), ow, ob)
+        return out(y.transpose(1, 2).reshape(b, t, d_model))
 
     if plan.norm_first:
         x = x + attend(F.layer_norm(x, shape, ln1w, ln1b, eps1))
         h = F.layer_norm(x, shape, ln2w, ln2b, eps2)
-        return x + F.linear(act(F.linear(h, w1, b1)), w2, b2)
+        return x + fc2(act(fc1(h)))
     x = F.layer_norm(x + attend(x), shape, ln1w, ln1b, eps1)
-    return F.layer_norm(x + F.linear(act(F.linear(x, w1, b1)), w2, b2), shape, ln2w, ln2b, eps2)
+    return F.layer_norm(x + fc2(act(fc1(x))), shape, ln2w, ln2b, eps2)
 
 
 def _lm_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -422,7 +425,7 @@ class GPTLMHeadModel(_GPTHeadBase):
                 (b, 1, 1, t), dtype=torch.bool, device=tokens.device)
             h = self.transformer(state.history, position_ids=ph, mask=_attn_mask(km, t))[:, -1:]
         state.next_pos = state.next_pos + 1
-        return F.linear(h[:, 0], self.lm_head.weight)  # (B, V)
+        return apply_linear(self.lm_head, h[:, 0])  # (B, V)
 
 
 class GPTClassifier(_GPTHeadBase):

@@ -43,7 +43,7 @@ class Seq2SeqStepModel:
         self.max_len: int | None = model.max_len
 
     def _device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.positions.table.device  # not lm_head.weight: a method once quantized to int8
 
     def prefill(self, prompts: list[list[int]], bos_id: int) -> tuple[_RowsState, Tensor]:
         with torch.inference_mode(), autocast_for(self.model):

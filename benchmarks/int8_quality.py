@@ -1,0 +1,171 @@
+"""int8 serving quality against fp32 on real data, the same weights loaded both ways.
+
+Generation (ChatbotData test split of the bundle's own config): greedy replies of the int8 model
+(``load_model(..., precision="int8")``, the single-stream serving path) against the fp32 model's:
+token agreement and the chrF (sacrebleu) of each against the reference answers.
+Classification (CLINC150 val + oos_val, the bundle's own validation lists): argmax agreement of the
+probabilities and in-scope accuracy / out-of-scope recall of each (the bundle's oos policy applied).
+
+Token agreement, per reply, compares int8's tokens with fp32's position by position over the longer
+of the two (a missing token counts as a disagreement), summed over all replies: ``position``. Once two
+greedy replies diverge they continue from different prefixes, so ``prefix`` (tokens before the first
+difference over the longer length) is the strict version and ``exact_replies`` the share identical.
+
+    python benchmarks/int8_quality.py --generator RUN/bundle [--generator RUN2/bundle] --classifier RUN3/bundle
+    python benchmarks/int8_quality.py --train W   # trains the short-budget bundles below into W first
+
+``--train W`` runs (under nice -n 10) configs/chatbot_kr_transformer.yaml with train.epochs=4 and
+configs/clinc150_transformer.yaml with train.epochs=6: minutes each on 2 CPU cores, not the configs'
+full budgets. Writes results/int8-quality.json with ``chatforge.runtime.cpu_info()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = {  # name -> (config, overrides): short budgets of the shipped configs
+    "chatbot-kr-transformer": ("configs/chatbot_kr_transformer.yaml", ["train.epochs=4"]),
+    "clinc150-transformer": ("configs/clinc150_transformer.yaml", ["train.epochs=6"]),
+}
+
+
+def train(workdir: Path) -> dict[str, Path]:
+    out = {}
+    for name, (config, sets) in TRAIN.items():
+        run = workdir / name
+        if not (run / "bundle").exists():
+            cmd = ["nice", "-n", "10", sys.executable, "-m", "chatforge.cli", "train", config, "--run-dir", str(run),
+                   "--no-progress", *[a for s in [*sets, "tracking.enabled=false"] for a in ("--set", s)]]
+            subprocess.run(cmd, cwd=ROOT, check=True)
+        out[name] = run / "bundle"
+    return out
+
+
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    pos = prefix = total = exact = 0
+    for x, y in zip(a, b, strict=True):
+        n = max(len(x), len(y))
+        total += n
+        pos += sum(p == q for p, q in zip(x, y, strict=False))
+        k = 0
+        while k < min(len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        prefix += k
+        exact += x == y
+    return {"position": pos / total if total else 1.0, "prefix": prefix / total if total else 1.0,
+            "exact_replies": exact / len(a) if a else 1.0, "tokens_compared": total}
+
+
+def generation_quality(bundle: Path, max_examples: int | None) -> dict:
+    import sacrebleu
+
+    from chatforge.decoding import GenerationOptions
+    from chatforge.inference import load_model
+    from chatforge.training.run import load_splits
+
+    models = {p: load_model(bundle, "chat", precision=p) for p in ("fp32", "int8")}
+    cfg = models["fp32"].bundle.config
+    _, _, test, path = load_splits(cfg)
+    test = test[:max_examples] if max_examples else test
+    if not test:
+        raise SystemExit(f"{bundle}: its config holds out no test split (data.test_fraction: 0)")
+    opts = GenerationOptions(max_new_tokens=cfg.train.max_target_len)
+    replies, tokens, seconds = {}, {}, {}
+    for p, m in models.items():
+        t0 = time.perf_counter()
+        deltas = [list(m.stream(ex.text, opts)) for ex in test]
+        seconds[p] = time.perf_counter() - t0
+        tokens[p] = [[d.token_id for d in ds] for ds in deltas]
+        replies[p] = [m.tok.decode(ids) for ids in tokens[p]]
+    refs = [[ex.response for ex in test]]
+    chrf = {p: sacrebleu.corpus_chrf(replies[p], refs).score for p in models}
+    return {
+        "bundle": str(bundle), "family": cfg.model.family, "data": str(path), "split": "test", "examples": len(test),
+        "token_agreement": token_agreement(tokens["fp32"], tokens["int8"]),
+        "chrf": chrf, "chrf_delta": chrf["int8"] - chrf["fp32"], "decode_seconds": seconds,
+        "samples": [{"question": ex.text, "reference": ex.response, "fp32": a, "int8": b}
+                    for ex, a, b in list(zip(test, replies["fp32"], replies["int8"], strict=True))[:8]],
+    }
+
+
+def classification_quality(bundle: Path) -> dict:
+    import numpy as np
+
+    from chatforge.inference import load_model
+    from chatforge.oos import oos_metrics
+    from chatforge.training.run import load_splits
+
+    models = {p: load_model(bundle, "intent", precision=p) for p in ("fp32", "int8")}
+    cfg = models["fp32"].bundle.config
+    _, valid, _, path = load_splits(cfg)
+    texts, gold = [ex.text for ex in valid], [ex.label for ex in valid]
+    out, argmax = {}, {}
+    for p, m in models.items():
+        preds, probs = [], []
+        for i in range(0, len(texts), 64):
+            batch = texts[i: i + 64]
+            probs.append(m.predict_proba(batch))
+            preds += [c.label for c in m.classify(batch)]
+        argmax[p] = np.concatenate(probs).argmax(1)
+        met = oos_metrics(gold, preds, m.oos.label)
+        out[p] = {"in_scope_accuracy": met["in_scope_accuracy"], "oos_recall": met["oos_recall"],
+                  "accuracy": float(np.mean([a == b for a, b in zip(gold, preds, strict=True)]))}
+    return {
+        "bundle": str(bundle), "family": cfg.model.family, "data": str(path), "split": "val + oos_val",
+        "examples": len(texts), "argmax_agreement": float((argmax["fp32"] == argmax["int8"]).mean()),
+        **{p: out[p] for p in models},
+        "in_scope_accuracy_delta_points": 100 * (out["int8"]["in_scope_accuracy"] - out["fp32"]["in_scope_accuracy"]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--generator", type=Path, action="append", default=[])
+    ap.add_argument("--classifier", type=Path, action="append", default=[])
+    ap.add_argument("--train", type=Path, help="train the short-budget bundles into this folder first")
+    ap.add_argument("--max-examples", type=int, help="generation: first N test examples only")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8-quality.json")
+    args = ap.parse_args()
+    os.chdir(ROOT)  # the configs' data paths are relative to the repository root
+
+    from chatforge.runtime import configure_threads, cpu_info, set_omp_wait_policy
+
+    set_omp_wait_policy()
+    import torch
+
+    if args.train:
+        trained = train(args.train)
+        args.generator.append(trained["chatbot-kr-transformer"])
+        args.classifier.append(trained["clinc150-transformer"])
+    configure_threads()
+    before = cpu_info()
+    gen = [generation_quality(b, args.max_examples) for b in args.generator]
+    cls = [classification_quality(b) for b in args.classifier]
+    acceptance = {
+        "generation": [{"bundle": g["bundle"], "token_agreement>=0.95": g["token_agreement"]["position"] >= 0.95,
+                        "chrf_within_1": abs(g["chrf_delta"]) <= 1.0} for g in gen],
+        "classification": [{"bundle": c["bundle"], "argmax_agreement>=0.995": c["argmax_agreement"] >= 0.995,
+                            "in_scope_accuracy_within_0.3": abs(c["in_scope_accuracy_delta_points"]) <= 0.3}
+                           for c in cls],
+    }
+    result = {"benchmark": "int8_quality", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine_before": before, "machine_after": cpu_info(), "torch": torch.__version__,
+              "generation": gen, "classification": cls, "acceptance": acceptance}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    summary = {"generation": [{k: g[k] for k in ("family", "examples", "token_agreement", "chrf")} for g in gen],
+               "classification": [{k: c[k] for k in ("family", "examples", "argmax_agreement", "fp32", "int8")}
+                                  for c in cls], "acceptance": acceptance}
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

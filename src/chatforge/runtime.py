@@ -1,0 +1,252 @@
+"""The machine a process runs on: CPU model and the flags that decide the fast paths, the CPUs it may
+actually use (affinity and the cgroup CPU quota, not ``os.cpu_count()``), load; and the process-wide
+settings chatforge derives from them (OpenMP wait policy, torch's intra-op threads, ``--precision auto``).
+
+Importing this module does not import torch: the CLI sets the OpenMP wait policy through it before
+torch (and its OpenMP runtime, which reads the environment once when it loads) is imported.
+Benchmarks record :func:`cpu_info` beside their figures, so results say which machine they came from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import sys
+from collections.abc import MutableMapping
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FAST_PATH_FLAGS",
+    "INT8_MIN_WIDTH",
+    "auto_precision",
+    "available_cpus",
+    "cgroup_cpu_quota",
+    "configure_threads",
+    "cpu_info",
+    "pick_precision",
+    "read_cpu_flags",
+    "set_omp_wait_policy",
+]
+
+# The CPU flags that decide which serving path is fastest (see pick_precision):
+# amx_*: Intel AMX tiles (bf16 and int8 matmuls in hardware, Sapphire Rapids and later);
+# avx512_bf16: bf16 dot products (Cooper Lake, AMD Zen 4); avx512_vnni / avx_vnni: int8 dot products
+# (the fbgemm/oneDNN int8 kernels); avx512f / avx2: the vector width of every other kernel.
+FAST_PATH_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+
+
+def read_cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str | None, set[str]]:
+    """(model name, flags) of the first processor listed in a /proc/cpuinfo-style file; (None, set())
+    where there is none (not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None, set()
+    model, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:  # Features: the same list on arm64
+            flags = set(value.split())
+        if model is not None and flags:
+            break
+    return model, flags
+
+
+def _cgroup_v2_quota(cpu_max: Path) -> float | None:
+    """cpu.max holds ``"$MAX $PERIOD"`` (``max`` = no limit) -> CPUs' worth of time per period."""
+    try:
+        quota, _, period = cpu_max.read_text().strip().partition(" ")
+    except OSError:
+        return None
+    if quota == "max" or not period:
+        return None
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def _cgroup_v1_quota(cpu_dir: Path) -> float | None:
+    """cpu.cfs_quota_us (-1 = no limit) over cpu.cfs_period_us."""
+    try:
+        q = int((cpu_dir / "cpu.cfs_quota_us").read_text().strip())
+        p = int((cpu_dir / "cpu.cfs_period_us").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def cgroup_cpu_quota(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (e.g. 1.5), or None when nothing limits it.
+
+    cgroup v2: ``cpu.max`` of the process's group and of every group above it (the tightest applies);
+    cgroup v1: ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` in the ``cpu`` controller's hierarchy. Inside
+    a container the group's path (from ``/proc/self/cgroup``) is often not mounted under its own name,
+    the container's group being mounted at the root, so the root is read as well.
+    """
+    root = Path(root)
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    quotas: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        rel = path.strip().lstrip("/")
+        if controllers == "":  # v2 unified hierarchy ("0::/path")
+            if not (root / "cpu.max").exists() and not (root / rel / "cpu.max").exists():
+                continue
+            group = root / rel
+            while True:  # the group and each ancestor up to the root
+                q = _cgroup_v2_quota(group / "cpu.max")
+                if q is not None:
+                    quotas.append(q)
+                if group == root or root not in group.parents:
+                    break
+                group = group.parent
+        elif "cpu" in controllers.split(","):
+            for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
+                for d in (mount / rel, mount):
+                    q = _cgroup_v1_quota(d)
+                    if q is not None:
+                        quotas.append(q)
+    return min(quotas) if quotas else None
+
+
+def _affinity() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def available_cpus(quota: float | None = None, affinity: int | None = None) -> int:
+    """CPUs this process can actually keep busy: its affinity mask, capped by the cgroup quota rounded
+    up (a 1.5-CPU quota can still use 2 threads' worth of time in bursts); at least 1.
+
+    ``quota``/``affinity`` default to this process's (:func:`cgroup_cpu_quota`, ``sched_getaffinity``).
+    """
+    n = affinity if affinity is not None else _affinity()
+    q = quota if quota is not None else cgroup_cpu_quota()
+    if q is not None:
+        n = min(n, math.ceil(q))
+    return max(1, n)
+
+
+def cpu_info() -> dict:
+    """A plain JSON-able description of this machine for benchmarks and logs."""
+    model, flags = read_cpu_flags()
+    quota = cgroup_cpu_quota()
+    affinity = _affinity()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    info = {
+        "model_name": model or platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "flags": {f: f in flags for f in FAST_PATH_FLAGS},
+        "logical_cpus": os.cpu_count(),
+        "affinity_cpus": affinity,
+        "cgroup_cpu_quota": quota,
+        "available_cpus": available_cpus(quota, affinity),
+        "load_average": load,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+    torch = sys.modules.get("torch")  # only when already imported: reading these must not load torch
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["torch_quantized_engine"] = torch.backends.quantized.engine
+    return info
+
+
+def set_omp_wait_policy(environ: MutableMapping[str, str] | None = None) -> str:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy; returns the policy in effect.
+
+    With the default policy, OpenMP worker threads spin for a while after each parallel region
+    waiting for the next: on a quiet machine that saves a wake-up, but on a shared or CPU-quota'd one
+    the spinning burns the CPU time other threads (and other processes) need. The issue measured one
+    training step at 1.3 s of CPU with the default and 0.10 s with PASSIVE on a loaded 2-core machine
+    (benchmarks/omp_wait_policy.py measures it again). The OpenMP runtime reads it once, when torch
+    loads it, so this must run before ``import torch``.
+    """
+    env = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" not in env:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        if "torch" in sys.modules:
+            logger.debug("OMP_WAIT_POLICY set after torch was imported: it applies to child processes only")
+    return env["OMP_WAIT_POLICY"]
+
+
+def configure_threads(environ: MutableMapping[str, str] | None = None, share: int = 1) -> int:
+    """Size torch's intra-op thread pool from the CPUs actually available (:func:`available_cpus`),
+    divided by ``share`` (processes on this machine splitting them, e.g. torchrun's local ranks), unless
+    the user chose (``OMP_NUM_THREADS``); returns the thread count in effect.
+
+    torch sizes its pool from the machine's cores, which in a container with a CPU quota (or a
+    process pinned to fewer CPUs) means more threads than CPUs: each parallel region then waits for
+    threads that are not scheduled.
+    """
+    import torch
+
+    env = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS"):
+        n = torch.get_num_threads()
+        logger.info("torch threads: %d (OMP_NUM_THREADS=%s)", n, env["OMP_NUM_THREADS"])
+        return n
+    n = max(1, available_cpus() // max(1, share))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    logger.info("torch threads: %d (CPUs available to this process: affinity %d, cgroup quota %s)",
+                n, _affinity(), cgroup_cpu_quota())
+    return n
+
+
+# --precision auto leaves models narrower than this (the median input width of their linear layers) in
+# fp32: benchmarks/results/int8-sizes.json measured a GPT decoder at d_model 128 at 0.85x fp32 with int8 and
+# 0.55x with bf16 for a single stream (per-call activation quantization and casts cost more than the
+# small matmuls save), and int8 at 1.2-2.0x (batch 1) and 1.6-3.2x (batch 8) at d_model 256-512.
+INT8_MIN_WIDTH = 256
+
+
+def pick_precision(flags: set[str] | dict, int8_ok: bool = True, width: int | None = None) -> tuple[str, str]:
+    """``--precision auto``: (precision, reason) from the CPU flags and the model's width.
+
+    The rule, from benchmarks/results/int8-sizes.json and precision-speed.json (decoding and Classify,
+    measured on an Intel Xeon with AMX; for other CPU kinds it follows the instructions the kernels need):
+
+    * fp32 for a model narrower than :data:`INT8_MIN_WIDTH` (``width``; None = wide enough);
+    * int8 where the CPU has int8 dot products (avx512_vnni / avx_vnni / amx_int8, which FBGEMM's int8
+      kernels use) and the family can be quantized (``int8_ok``): decoding reads every weight each token,
+      and int8 reads a quarter of fp32's;
+    * else bf16 where the CPU has AMX (amx_bf16): batched steps faster (1.2-1.9x at batch 8 here, 8-stream
+      serving 1.7x in serving-base-bf16.json), a single stream 0.7-0.9x;
+    * else fp32 (bf16 without AMX has not been faster than fp32 here).
+    """
+    have = {f for f, on in flags.items() if on} if isinstance(flags, dict) else set(flags)
+    if width is not None and width < INT8_MIN_WIDTH:
+        return "fp32", f"linear layers {width} wide < {INT8_MIN_WIDTH}, where int8 and bf16 measured slower"
+    int8_dot = have & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    if int8_ok and int8_dot:
+        return "int8", f"int8 dot products ({', '.join(sorted(int8_dot))})"
+    why = "int8 does not apply to this family" if not int8_ok else "no int8 dot-product instructions"
+    if "amx_bf16" in have:
+        return "bf16", f"AMX bf16 tiles; {why}"
+    return "fp32", why
+
+
+def auto_precision(int8_ok: bool = True, width: int | None = None) -> tuple[str, str]:
+    """:func:`pick_precision` for this machine's CPU."""
+    return pick_precision(read_cpu_flags()[1], int8_ok, width)
