@@ -67,4 +67,4 @@ class RetrievalConfig(TfidfConfig):
     def _check_ranker_neighbours(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v or any(k < 1 or k > 1000 for k in v):
             raise ValueError(f"ranker_neighbours must be a non-empty list of neighbour counts in 1..1000, got {list(v)}")
-        return v
+        return tuple(v)  # a YAML list arrives as a list: one type for the saved config and comparisons

@@ -35,7 +35,13 @@ from safetensors.torch import save_file as torch_save_file
 from torch import nn
 
 from chatforge.baselines.retrieval.config import RetrievalConfig
-from chatforge.baselines.retrieval.ranker import FeatureIndex, PairRanker, cross_fit_features, dedupe_pairs, pair_features
+from chatforge.baselines.retrieval.ranker import (
+    FeatureIndex,
+    PairRanker,
+    cross_fit_features,
+    dedupe_pairs,
+    pair_features,
+)
 from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.modules.embeddings import LearnedPositionalEmbedding, TokenEmbedding

@@ -219,7 +219,7 @@ def cross_fit_features(questions: Sequence[str], answers: Sequence[str], labels:
         index = FeatureIndex.fit(_pick(questions, inside), _pick(answers, inside),
                                  _pick(labels, inside) if labels is not None else None, cfg,
                                  sorted(set(labels)) if labels is not None else None)
-        pairs = list(dict.fromkeys(zip(_pick(questions, held), _pick(answers, held))))
+        pairs = list(dict.fromkeys(zip(_pick(questions, held), _pick(answers, held), strict=True)))
         hq, ha = [p[0] for p in pairs], [p[1] for p in pairs]
         lists = draw_lists(ha, cfg.ranker_negatives + 1, rng)
         xs.append(pair_features(index, hq, lists, cfg.ranker_neighbours, cfg.ranker_reverse,
@@ -261,11 +261,11 @@ class PairRanker:
 
             starts = np.r_[0, np.cumsum(groups)]
             diffs = np.concatenate([x[s + 1 : e] - x[s] for s, e in zip(starts[:-1], starts[1:], strict=True)])
-            self.scale = x.std(axis=0) + 1e-6
+            self.scale = x.astype(np.float64).std(axis=0) + 1e-6
             d = diffs / self.scale
             lr = LogisticRegression(C=1.0, max_iter=2000, fit_intercept=False)
             lr.fit(np.r_[d, -d], np.r_[np.zeros(len(d)), np.ones(len(d))])
-            self.coef = -lr.coef_[0]  # class 1 = "true minus distractor is negative": flip so higher = better
+            self.coef = lr.coef_[0].astype(np.float64)  # class 1 = "true minus distractor": higher x @ coef = more likely the true one
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -274,7 +274,7 @@ class PairRanker:
             import xgboost
 
             return self._booster.predict(xgboost.DMatrix(x), output_margin=True).astype(np.float64)
-        return (x / self.scale) @ self.coef
+        return (x.astype(np.float64) / self.scale) @ self.coef
 
     def to_json(self) -> dict:
         doc = {"kind": self.kind, "trees": self.trees, "depth": self.depth, "learning_rate": self.learning_rate,
