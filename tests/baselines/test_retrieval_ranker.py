@@ -159,3 +159,27 @@ def test_ranker_bundle_from_a_selection_run_serves_through_load_model(tmp_path):
     assert reply in served.model.pool and 0.0 < score < 1.0
     # the sample's labels reached the label features through the run
     assert "label_agree" in res.metrics["history"][0]["features"]
+
+
+def test_pmi_table_holds_positive_pmi_of_bigram_pairs_seen_twice():
+    from chatforge.baselines.retrieval.ranker import PmiTable
+
+    qs = ["배고파", "배고파요", "졸려", "졸려요", "심심해"]
+    ans = ["밥 드세요", "밥 드세요", "자요", "자요", "놀아요"]
+    t = PmiTable.fit(qs, ans)
+    q, a = t.question_vocab["배고"], t.answer_vocab["드세"]
+    # "배고" in 2 of 5 questions, "드세" in 2 of 5 answers, together twice: log(2 * 5 / (2 * 2))
+    assert t.matrix[q, a] == pytest.approx(math.log(2 * 5 / 4))
+    assert "심심" not in t.question_vocab  # seen once: dropped
+    s, nq, nc = t.scores(["배고파"], ["밥 드세요", "자요"])
+    assert s[0, 0] > 0.0 and s[0, 1] == 0.0 and nc[1] == len(t.answer_vec.build_analyzer()("자요"))
+
+
+def test_ranker_without_pmi_has_no_pmi_columns_and_needs_no_pmi_files(tmp_path):
+    sel = ResponseSelector(dataclasses.replace(CFG, ranker_pmi=False, ranker_trees=5)).fit(Q, A, labels=L)
+    assert "pmi_sum" not in sel.history[0]["features"]
+    sel.save(tmp_path)
+    assert not (tmp_path / "pmi.safetensors").exists()
+    assert ResponseSelector.load(tmp_path).select(["비 와"], 2) == sel.select(["비 와"], 2)
+    with_pmi = ResponseSelector(dataclasses.replace(CFG, ranker_trees=5)).fit(Q, A, labels=L)
+    assert {"pmi_sum", "pmi_mean"} <= set(with_pmi.history[0]["features"])

@@ -61,6 +61,7 @@ class RetrievalConfig(TfidfConfig):
     ranker_depth: int = Field(4, ge=1, le=16)
     ranker_lr: float = Field(0.05, gt=0.0, le=1.0)
     ranker_threads: int = Field(1, ge=1, le=256)
+    ranker_pmi: bool = True  # the question->answer char-bigram PMI features
 
     @field_validator("ranker_neighbours")
     @classmethod

@@ -38,6 +38,7 @@ from chatforge.baselines.retrieval.config import RetrievalConfig
 from chatforge.baselines.retrieval.ranker import (
     FeatureIndex,
     PairRanker,
+    PmiTable,
     cross_fit_features,
     dedupe_pairs,
     pair_features,
@@ -60,6 +61,8 @@ EMBEDDINGS_FILE = "pool_embeddings.safetensors"
 TOKENIZER_FILE = "retrieval_tokenizer.model"
 TFIDF_DIR = "tfidf"  # the TF-IDF scorer a bi-encoder adds (tfidf_weight > 0)
 RANKER_FILE = "ranker.json"  # encoder ranker: the trained ranker (XGBoost booster JSON or logistic weights)
+PMI_FILE = "pmi.safetensors"  # encoder ranker, ranker_pmi: the question->answer PMI matrix (CSR arrays)
+PMI_VOCAB_FILE = "pmi_vocab.json"
 
 
 class BiEncoder(nn.Module):
@@ -376,6 +379,10 @@ class ResponseSelector:
         if self.config.encoder == "ranker":
             atomic_write_json(d / VECTORIZERS_FILE, self._index.features.to_json())
             atomic_write_json(d / RANKER_FILE, self._ranker.to_json())
+            pmi = self._index.pmi
+            if pmi is not None:
+                atomic_write_json(d / PMI_VOCAB_FILE, {"questions": pmi.question_vocab, "answers": pmi.answer_vocab})
+                np_save_file(pmi.to_arrays(), str(d / PMI_FILE))
         elif self.config.encoder == "tfidf":
             atomic_write_json(d / VECTORIZERS_FILE, self._features.to_json())
         else:
@@ -400,12 +407,17 @@ class ResponseSelector:
         self.pool, self.questions = list(pool["answers"]), list(pool["questions"])
         self.answer_of = np.asarray(pool["answer_of"], dtype=np.int64)
         if self.config.encoder == "ranker":
-            if not (d / RANKER_FILE).is_file() or not (d / VECTORIZERS_FILE).is_file():
-                raise FileNotFoundError(f"{d} is not a saved ranker ResponseSelector: missing {RANKER_FILE} or "
-                                        f"{VECTORIZERS_FILE}")
+            need = [RANKER_FILE, VECTORIZERS_FILE] + ([PMI_FILE, PMI_VOCAB_FILE] if self.config.ranker_pmi else [])
+            missing = [f for f in need if not (d / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{d} is not a saved ranker ResponseSelector: missing {', '.join(missing)}")
             features = TfidfFeatures.from_json(json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8")))
+            pmi = None
+            if self.config.ranker_pmi:
+                vocab = json.loads((d / PMI_VOCAB_FILE).read_text(encoding="utf-8"))
+                pmi = PmiTable.from_arrays(vocab["questions"], vocab["answers"], np_load_file(str(d / PMI_FILE)))
             self._index = FeatureIndex(self.pool, self.questions, self.answer_of, features, pool.get("labels"),
-                                       pool.get("label_names"))
+                                       pool.get("label_names"), pmi)
             self._ranker = PairRanker.from_json(json.loads((d / RANKER_FILE).read_text(encoding="utf-8")),
                                                 self.config.ranker_threads)
             return self

@@ -14,6 +14,9 @@ Every feature is a similarity read off the training pairs (the "index"): TF-IDF 
 - ``reverse``: sum_p v_p QP(q, p) over the ``ranker_reverse`` pool answers nearest to c,
   v = softmax(cos(c, p) / neighbour_temperature) (the neighbour term seen from the candidate's side);
 - ``top1``: cos(q, nearest training question) (constant within a list: how reliable the others are);
+- ``pmi_sum`` / ``pmi_mean`` (``ranker_pmi``): a learned question->answer association, sum over the
+  (question char bigram, answer char bigram) pairs present of their positive pointwise mutual information in
+  the training pairs, divided by sqrt(|q| |c|) / by |c|: it links "배고파" to "드세요" for an answer never seen;
 - global: c is a pool answer, log(1 + its count in training), its length, log length ratio c / q, and, when
   the training pairs carry labels (ChatbotData: 0 daily, 1 breakup, 2 love), the agreement of q's label
   (neighbour vote) with c's (its training pairs' labels, else its reverse neighbours' vote).
@@ -74,14 +77,63 @@ def _softmax_rows(s: np.ndarray, temperature: float) -> np.ndarray:
     return w / w.sum(axis=-1, keepdims=True)
 
 
+class PmiTable:
+    """Positive PMI between question and answer character bigrams (char_wb, binary) over training pairs; pairs
+    seen fewer than twice are dropped (their PMI is noise)."""
+
+    MIN_COUNT = 2
+
+    def __init__(self, question_vocab: dict[str, int], answer_vocab: dict[str, int], matrix) -> None:
+        from sklearn.feature_extraction.text import CountVectorizer  # lazy: see _normalize
+
+        kw = {"analyzer": "char_wb", "ngram_range": (2, 2), "binary": True, "dtype": np.float32}
+        self.question_vec = CountVectorizer(vocabulary=question_vocab, **kw)
+        self.answer_vec = CountVectorizer(vocabulary=answer_vocab, **kw)
+        self.question_vocab, self.answer_vocab, self.matrix = question_vocab, answer_vocab, matrix
+
+    @classmethod
+    def fit(cls, questions: Sequence[str], answers: Sequence[str]) -> PmiTable:
+        import scipy.sparse as sp
+        from sklearn.feature_extraction.text import CountVectorizer
+
+        kw = {"analyzer": "char_wb", "ngram_range": (2, 2), "binary": True, "min_df": cls.MIN_COUNT,
+              "dtype": np.float32}
+        qv, av = CountVectorizer(**kw), CountVectorizer(**kw)
+        bq, ba = qv.fit_transform(questions), av.fit_transform(answers)
+        c = (bq.T @ ba).tocoo()
+        dq, da = np.asarray(bq.sum(0)).ravel(), np.asarray(ba.sum(0)).ravel()
+        pmi = np.log(c.data * len(questions) / (dq[c.row] * da[c.col]))
+        keep = (pmi > 0) & (c.data >= cls.MIN_COUNT)
+        m = sp.csr_matrix((pmi[keep].astype(np.float32), (c.row[keep], c.col[keep])), shape=c.shape)
+        return cls({t: int(i) for t, i in qv.vocabulary_.items()}, {t: int(i) for t, i in av.vocabulary_.items()}, m)
+
+    def scores(self, questions: Sequence[str], candidates: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(n, m) summed PMI, and the bigram counts (n,) of the questions and (m,) of the candidates."""
+        bq, bc = self.question_vec.transform(questions), self.answer_vec.transform(candidates)
+        return (_dense(bq @ self.matrix @ bc.T), np.asarray(bq.sum(1)).ravel(), np.asarray(bc.sum(1)).ravel())
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        m = self.matrix
+        return {"data": m.data, "indices": m.indices.astype(np.int64), "indptr": m.indptr.astype(np.int64),
+                "shape": np.asarray(m.shape, dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, question_vocab: dict[str, int], answer_vocab: dict[str, int],
+                    arrays: dict[str, np.ndarray]) -> PmiTable:
+        import scipy.sparse as sp
+
+        m = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"]))
+        return cls(question_vocab, answer_vocab, m)
+
+
 class FeatureIndex:
     """The training pairs as the features see them: pool, questions, TF-IDF vectors per space, answer counts
     and (optionally) label distributions. Built by :meth:`fit` or restored with :meth:`from_parts`."""
 
     def __init__(self, pool: list[str], questions: list[str], answer_of: np.ndarray, features: TfidfFeatures,
-                 question_labels: list[str] | None, label_names: list[str] | None) -> None:
+                 question_labels: list[str] | None, label_names: list[str] | None, pmi: PmiTable | None = None) -> None:
         self.pool, self.questions, self.answer_of = pool, questions, np.asarray(answer_of, dtype=np.int64)
-        self.features = features
+        self.features, self.pmi = features, pmi
         self.pool_id = {a: i for i, a in enumerate(pool)}
         self.count = np.bincount(self.answer_of, minlength=len(pool)).astype(np.float32)
         self.question_vecs = {s: _normalize(features.vectorizers[s].transform(questions)) for s in SPACES}
@@ -107,7 +159,8 @@ class FeatureIndex:
         features.fit_transform(qs + pool)
         if labs is not None and label_names is None:
             label_names = sorted(set(labs))
-        return cls(pool, qs, answer_of, features, labs, label_names if labs is not None else None)
+        pmi = PmiTable.fit(qs, [pool[j] for j in answer_of]) if getattr(tfidf_config, "ranker_pmi", False) else None
+        return cls(pool, qs, answer_of, features, labs, label_names if labs is not None else None, pmi)
 
     def per_answer_max(self, sims: np.ndarray) -> np.ndarray:
         """(n, P) from (n, N): for each pool answer, the max over its training questions."""
@@ -116,6 +169,8 @@ class FeatureIndex:
     def feature_names(self, neighbours: Sequence[int]) -> list[str]:
         per = ["qa", *(f"nb{k}" for k in neighbours), "nbmax", "path", "path2", "exact", "reverse", "top1"]
         names = [f"{s}_{f}" for s in SPACES for f in per] + ["in_pool", "log_count", "length", "length_ratio"]
+        if self.pmi is not None:
+            names += ["pmi_sum", "pmi_mean"]
         if self.question_labels is not None:
             names += ["label_agree", "label_agree_reverse"]
         return names
@@ -173,11 +228,15 @@ def pair_features(index: FeatureIndex, questions: Sequence[str], candidates: Seq
             feats.append(np.stack(f, axis=1))
         cols.append(np.concatenate(feats))
     lengths = np.asarray([len(c) for c in distinct], dtype=np.float32)
+    if index.pmi is not None:
+        pmi, nq, nc = index.pmi.scores(list(questions), distinct)
     glob = []
     for i in range(n):
         r = rows[i]
         g = [in_pool[r].astype(np.float32), np.log1p(np.where(in_pool[r], index.count[safe[r]], 0.0)),
              lengths[r], np.log1p(lengths[r]) - math.log1p(len(questions[i]))]
+        if index.pmi is not None:
+            g += [pmi[i, r] / np.sqrt((nq[i] + 1.0) * (nc[r] + 1.0)), pmi[i, r] / (nc[r] + 1.0)]
         if label_q is not None:
             g += [label_c[r] @ label_q[i], label_c_rev[r] @ label_q[i]]
         glob.append(np.stack(g, axis=1))
