@@ -548,7 +548,9 @@ def _run_selection(cfg: ExperimentConfig, run_dir: Path, train: list[Example], v
     (tq, ta), (vq, va), (sq, sa) = pairs(train, "train"), pairs(valid, "valid"), pairs(test, "test")
     model = build_from_config(cfg, None, None)
     t0 = time.perf_counter()
-    model.fit(tq, ta, vq or None, va or None)
+    # The pairs' labels (ChatbotData's 0/1/2 topic), when every training pair has one: the ranker's label features.
+    labels = [e.label for e in train] if all(e.label for e in train) else None
+    model.fit(tq, ta, vq or None, va or None, labels=labels)
     seconds = time.perf_counter() - t0
     metrics: dict[str, Any] = {
         "kind": "estimator", "train_examples": len(train), "valid_examples": len(valid), "test_examples": len(test),

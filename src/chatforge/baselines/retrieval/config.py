@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass
 
 from chatforge.baselines.tfidf import TfidfConfig
@@ -22,15 +22,21 @@ class RetrievalConfig(TfidfConfig):
     ``neighbours: 0`` scores question against answer only. ``tfidf_weight > 0`` (bi-encoder only) adds the
     TF-IDF scorer's score times that weight: the two see different evidence (learned semantics; shared
     characters), so their sum ranks better than either.
+
+    ``ranker``: a learned ranker (``chatforge.baselines.retrieval.ranker``) over TF-IDF similarity features of
+    (question, candidate) -- question->answer, neighbour answers at each k of ``ranker_neighbours``, the exact
+    and soft answer index, reverse neighbours, answer frequency, length and, when the data has labels, label
+    agreement -- trained on cross-fitted candidate lists from the training split; ``select`` re-ranks a
+    shortlist of ``ranker_shortlist`` pool answers per similarity space.
     """
 
-    encoder: Literal["tfidf", "biencoder"] = "tfidf"
+    encoder: Literal["tfidf", "biencoder", "ranker"] = "tfidf"
     neighbours: int = Field(20, ge=0, le=1000)
     neighbour_temperature: float = Field(0.05, gt=0.0, le=10.0)
     qa_weight: float = Field(1.0, ge=0.0, le=100.0)
     # biencoder only: add this times the TF-IDF scorer's score (same formula, TF-IDF vectors); 0 = off.
     tfidf_weight: float = Field(0.0, ge=0.0, le=100.0)
-    # bi-encoder (ignored by tfidf)
+    # bi-encoder (ignored by tfidf and ranker)
     vocab_size: int = Field(4000, ge=16, le=100000)
     d_model: int = Field(128, ge=8, le=2048)
     n_heads: int = Field(4, ge=1, le=64)
@@ -44,3 +50,22 @@ class RetrievalConfig(TfidfConfig):
     temperature: float = Field(0.05, gt=0.0, le=10.0)
     qq_weight: float = Field(0.5, ge=0.0, le=10.0)
     seed: int = Field(0, ge=0)
+    # ranker (ignored by the other encoders)
+    ranker: Literal["xgboost", "logistic"] = "xgboost"
+    ranker_folds: int = Field(5, ge=2, le=50)
+    ranker_negatives: int = Field(19, ge=1, le=1000)
+    ranker_neighbours: tuple[int, ...] = (5, 20, 50)
+    ranker_reverse: int = Field(10, ge=1, le=1000)
+    ranker_shortlist: int = Field(50, ge=1, le=100000)
+    ranker_trees: int = Field(400, ge=1, le=10000)
+    ranker_depth: int = Field(4, ge=1, le=16)
+    ranker_lr: float = Field(0.05, gt=0.0, le=1.0)
+    ranker_threads: int = Field(1, ge=1, le=256)
+    ranker_pmi: bool = True  # the question->answer char-bigram PMI features
+
+    @field_validator("ranker_neighbours")
+    @classmethod
+    def _check_ranker_neighbours(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(k < 1 or k > 1000 for k in v):
+            raise ValueError(f"ranker_neighbours must be a non-empty list of neighbour counts in 1..1000, got {list(v)}")
+        return tuple(v)  # a YAML list arrives as a list: one type for the saved config and comparisons

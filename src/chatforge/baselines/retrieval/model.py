@@ -35,6 +35,14 @@ from safetensors.torch import save_file as torch_save_file
 from torch import nn
 
 from chatforge.baselines.retrieval.config import RetrievalConfig
+from chatforge.baselines.retrieval.ranker import (
+    FeatureIndex,
+    PairRanker,
+    PmiTable,
+    cross_fit_features,
+    dedupe_pairs,
+    pair_features,
+)
 from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.modules.embeddings import LearnedPositionalEmbedding, TokenEmbedding
@@ -52,6 +60,9 @@ ENCODER_FILE = "encoder.safetensors"
 EMBEDDINGS_FILE = "pool_embeddings.safetensors"
 TOKENIZER_FILE = "retrieval_tokenizer.model"
 TFIDF_DIR = "tfidf"  # the TF-IDF scorer a bi-encoder adds (tfidf_weight > 0)
+RANKER_FILE = "ranker.json"  # encoder ranker: the trained ranker (XGBoost booster JSON or logistic weights)
+PMI_FILE = "pmi.safetensors"  # encoder ranker, ranker_pmi: the question->answer PMI matrix (CSR arrays)
+PMI_VOCAB_FILE = "pmi_vocab.json"
 
 
 class BiEncoder(nn.Module):
@@ -80,16 +91,8 @@ class BiEncoder(nn.Module):
 
 def _dedupe_pairs(questions: Sequence[str], answers: Sequence[str]):
     """Pool answers (first-seen order), training questions (exact (q, a) duplicates once) and answer index."""
-    pool: dict[str, int] = {}
-    seen: set[tuple[str, str]] = set()
-    qs, answer_of = [], []
-    for q, a in zip(questions, answers, strict=True):
-        if (q, a) in seen:
-            continue
-        seen.add((q, a))
-        qs.append(q)
-        answer_of.append(pool.setdefault(a, len(pool)))
-    return list(pool), qs, np.asarray(answer_of, dtype=np.int64)
+    pool, qs, answer_of, _ = dedupe_pairs(questions, answers)
+    return pool, qs, answer_of
 
 
 class ResponseSelector:
@@ -115,6 +118,8 @@ class ResponseSelector:
         self._pool_vecs = None  # (P, D): dense for the bi-encoder, CSR for TF-IDF
         self._question_vecs = None  # (N, D)
         self._tfidf: ResponseSelector | None = None  # tfidf_weight > 0: the TF-IDF scorer added to the bi-encoder's
+        self._index: FeatureIndex | None = None  # encoder ranker: the training pairs its features read
+        self._ranker: PairRanker | None = None
 
     # -- encoding ---------------------------------------------------------------------------------------
 
@@ -169,7 +174,7 @@ class ResponseSelector:
     # -- inference ---------------------------------------------------------------------------------------
 
     def _require_fitted(self) -> None:
-        if self._pool_vecs is None:
+        if self._pool_vecs is None and self._ranker is None:
             raise RuntimeError("ResponseSelector is not fitted; call fit() or load() first")
 
     def score(self, questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
@@ -181,6 +186,8 @@ class ResponseSelector:
                              f"{len(candidates)} candidate lists")
         if not questions:
             return []
+        if self._ranker is not None:
+            return self._ranker_scores(questions, [list(c) for c in candidates])
         qv = self.encode(questions)
         top, weights = self._neighbour_weights(qv) if self.config.neighbours else (None, None)
         distinct = sorted({c for cands in candidates for c in cands})
@@ -192,6 +199,31 @@ class ResponseSelector:
             w = self.config.tfidf_weight
             out = [s + w * t for s, t in zip(out, self._tfidf.score(questions, candidates), strict=True)]
         return out
+
+    def _ranker_scores(self, questions: list[str], candidates: list[list[str]]) -> list[np.ndarray]:
+        cfg = self.config
+        x = pair_features(self._index, questions, candidates, cfg.ranker_neighbours, cfg.ranker_reverse,
+                          cfg.neighbour_temperature)
+        # The sigmoid of the ranker's margin: same order, and a score in (0, 1) that a serving threshold can use.
+        s = 1.0 / (1.0 + np.exp(-self._ranker.predict(x)))
+        return np.split(s, np.cumsum([len(c) for c in candidates])[:-1])
+
+    def _shortlist(self, questions: list[str], size: int) -> list[list[str]]:
+        """Per question, the pool answers worth re-ranking: in each similarity space, the ``size`` answers whose
+        training questions are nearest (exact answer index) and the ``size`` nearest to the question itself."""
+        from chatforge.baselines.retrieval.ranker import SPACES, _dense, _normalize
+
+        ix = self._index
+        k = min(size, len(self.pool))
+        picks = [[] for _ in questions]
+        for space in SPACES:
+            qv = _normalize(ix.features.vectorizers[space].transform(questions))
+            for sims in (ix.per_answer_max(_dense(qv @ ix.question_vecs[space].T)),
+                         _dense(qv @ ix.pool_vecs[space].T)):
+                top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+                for i, row in enumerate(top):
+                    picks[i].extend(int(j) for j in row)
+        return [[self.pool[j] for j in dict.fromkeys(p)] for p in picks]
 
     def _pool_scores(self, questions: list[str]) -> np.ndarray:
         """(n, P) scores of every pool answer for each question."""
@@ -210,6 +242,13 @@ class ResponseSelector:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not questions:
             return []
+        if self._ranker is not None:
+            out = []
+            cands = self._shortlist(questions, max(self.config.ranker_shortlist, top_k))
+            for c, s in zip(cands, self._ranker_scores(questions, cands), strict=True):
+                best = np.argsort(-s, kind="stable")[:top_k]
+                out.append([(c[j], float(s[j])) for j in best])
+            return out
         out = []
         for s in self._pool_scores(questions):
             k = min(top_k, len(s))
@@ -225,7 +264,8 @@ class ResponseSelector:
     # -- training ------------------------------------------------------------------------------------------
 
     def fit(self, questions: Sequence[str], answers: Sequence[str], valid_questions: Sequence[str] | None = None,
-            valid_answers: Sequence[str] | None = None) -> ResponseSelector:
+            valid_answers: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> ResponseSelector:
+        """``labels`` (one per pair, optional): used by the ranker's label-agreement features only."""
         questions, answers = check_texts(questions, "questions"), check_texts(answers, "answers")
         if len(questions) != len(answers):
             raise ValueError(f"questions and answers must have the same length, got {len(questions)} and "
@@ -234,6 +274,13 @@ class ResponseSelector:
             raise ValueError("response selection needs at least 2 distinct answers to train on")
         if (valid_questions is None) != (valid_answers is None):
             raise ValueError("give both valid_questions and valid_answers, or neither")
+        if labels is not None:
+            labels = [str(x) for x in labels]
+            if len(labels) != len(questions):
+                raise ValueError(f"labels must have one entry per pair, got {len(labels)} for {len(questions)}")
+        if self.config.encoder == "ranker":
+            self._fit_ranker(questions, answers, labels)
+            return self
         self.pool, self.questions, self.answer_of = _dedupe_pairs(questions, answers)
         if self.config.encoder == "tfidf":
             self._features = TfidfFeatures.from_config(self.config)
@@ -247,6 +294,21 @@ class ResponseSelector:
         logger.info("response selector (%s): %d pool answers from %d questions", self.config.encoder,
                     len(self.pool), len(self.questions))
         return self
+
+    def _fit_ranker(self, questions: list[str], answers: list[str], labels: list[str] | None) -> None:
+        cfg = self.config
+        t0 = time.perf_counter()
+        x, y, groups, _ = cross_fit_features(questions, answers, labels, cfg)
+        t1 = time.perf_counter()
+        self._ranker = PairRanker(cfg.ranker, cfg.ranker_trees, cfg.ranker_depth, cfg.ranker_lr, cfg.seed,
+                                  cfg.ranker_threads).fit(x, y, groups)
+        self._index = FeatureIndex.fit(questions, answers, labels, cfg)
+        self.pool, self.questions, self.answer_of = self._index.pool, self._index.questions, self._index.answer_of
+        self.history.append({"ranker": cfg.ranker, "lists": len(groups), "rows": len(y),
+                             "features": self._index.feature_names(cfg.ranker_neighbours),
+                             "feature_seconds": round(t1 - t0, 1), "fit_seconds": round(time.perf_counter() - t1, 1)})
+        logger.info("response selector (ranker %s): %d cross-fitted lists, %d pool answers from %d questions",
+                    cfg.ranker, len(groups), len(self.pool), len(self.questions))
 
     def _encode_pool(self) -> None:
         self._pool_vecs = self.encode(self.pool)
@@ -309,10 +371,19 @@ class ResponseSelector:
     def save(self, directory: str | os.PathLike) -> Path:
         self._require_fitted()
         d = Path(directory)
-        atomic_write_json(d / POOL_FILE, {"answers": self.pool, "questions": self.questions,
-                                          "answer_of": self.answer_of.tolist()})
+        pool = {"answers": self.pool, "questions": self.questions, "answer_of": self.answer_of.tolist()}
+        if self._index is not None:  # the ranker's label-agreement features read the pairs' labels
+            pool.update(labels=self._index.question_labels, label_names=self._index.label_names)
+        atomic_write_json(d / POOL_FILE, pool)
         meta = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(self.config), "history": self.history}
-        if self.config.encoder == "tfidf":
+        if self.config.encoder == "ranker":
+            atomic_write_json(d / VECTORIZERS_FILE, self._index.features.to_json())
+            atomic_write_json(d / RANKER_FILE, self._ranker.to_json())
+            pmi = self._index.pmi
+            if pmi is not None:
+                atomic_write_json(d / PMI_VOCAB_FILE, {"questions": pmi.question_vocab, "answers": pmi.answer_vocab})
+                np_save_file(pmi.to_arrays(), str(d / PMI_FILE))
+        elif self.config.encoder == "tfidf":
             atomic_write_json(d / VECTORIZERS_FILE, self._features.to_json())
         else:
             atomic_write_bytes(d / TOKENIZER_FILE, self._tok.to_bytes())
@@ -335,6 +406,21 @@ class ResponseSelector:
         pool = json.loads((d / POOL_FILE).read_text(encoding="utf-8"))
         self.pool, self.questions = list(pool["answers"]), list(pool["questions"])
         self.answer_of = np.asarray(pool["answer_of"], dtype=np.int64)
+        if self.config.encoder == "ranker":
+            need = [RANKER_FILE, VECTORIZERS_FILE] + ([PMI_FILE, PMI_VOCAB_FILE] if self.config.ranker_pmi else [])
+            missing = [f for f in need if not (d / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{d} is not a saved ranker ResponseSelector: missing {', '.join(missing)}")
+            features = TfidfFeatures.from_json(json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8")))
+            pmi = None
+            if self.config.ranker_pmi:
+                vocab = json.loads((d / PMI_VOCAB_FILE).read_text(encoding="utf-8"))
+                pmi = PmiTable.from_arrays(vocab["questions"], vocab["answers"], np_load_file(str(d / PMI_FILE)))
+            self._index = FeatureIndex(self.pool, self.questions, self.answer_of, features, pool.get("labels"),
+                                       pool.get("label_names"), pmi)
+            self._ranker = PairRanker.from_json(json.loads((d / RANKER_FILE).read_text(encoding="utf-8")),
+                                                self.config.ranker_threads)
+            return self
         if self.config.encoder == "tfidf":
             self._features = TfidfFeatures.from_json(json.loads((d / VECTORIZERS_FILE).read_text(encoding="utf-8")))
             self._encode_pool()  # TF-IDF of the pool is cheap and exact to recompute

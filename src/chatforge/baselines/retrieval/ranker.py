@@ -1,0 +1,359 @@
+"""A learned ranker over cheap (question, candidate) features for response selection (encoder ``ranker``).
+
+Every feature is a similarity read off the training pairs (the "index"): TF-IDF cosines in a character
+(char_wb n-grams) and a word space, and paths through the training data:
+
+- ``qa``: cos(q, c);
+- ``nb{k}``: sum_j w_j cos(a_j, c) over the answers a_j of the k training questions nearest to q,
+  w = softmax(cos(q, q_j) / neighbour_temperature) (the TF-IDF scorer's neighbour term, several k);
+- ``nbmax``: max_j cos(q, q_j) cos(a_j, c) over the same neighbours (largest k);
+- ``exact``: max cos(q, q_j) over the training questions whose answer is exactly c (0 when c is in no
+  training pair); ChatbotData repeats answers verbatim across paraphrased questions;
+- ``path`` / ``path2``: max_p QP(q, p) cos(c, p)^e (e = 1, 2) over all pool answers p, QP(q, p) = max cos(q, q_j)
+  over the questions of p: the soft version of ``exact`` (q -> a training question -> its answer ~ c);
+- ``reverse``: sum_p v_p QP(q, p) over the ``ranker_reverse`` pool answers nearest to c,
+  v = softmax(cos(c, p) / neighbour_temperature) (the neighbour term seen from the candidate's side);
+- ``top1``: cos(q, nearest training question) (constant within a list: how reliable the others are);
+- ``pmi_sum`` / ``pmi_mean`` (``ranker_pmi``): a learned question->answer association, sum over the
+  (question char bigram, answer char bigram) pairs present of their positive pointwise mutual information in
+  the training pairs, divided by sqrt(|q| |c|) / by |c|: it links "배고파" to "드세요" for an answer never seen;
+- global: c is a pool answer, log(1 + its count in training), its length, log length ratio c / q, and, when
+  the training pairs carry labels (ChatbotData: 0 daily, 1 breakup, 2 love), the agreement of q's label
+  (neighbour vote) with c's (its training pairs' labels, else its reverse neighbours' vote).
+
+The ranker (XGBoost ``rank:pairwise`` or a pairwise logistic regression) is trained on candidate lists built
+like the benchmark's (the true answer plus distinct answers of other held-out pairs) from the TRAIN split
+with cross-fitting: each fold's features come from an index of the other folds, so a question never finds
+itself (or a duplicate of itself: folds group identical question texts) among its neighbours, and its answer
+counts as a pool answer only when other questions have it too, as for an unseen question.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from chatforge.baselines.tfidf import TfidfFeatures
+
+logger = logging.getLogger(__name__)
+
+SPACES = ("char", "word")  # TfidfFeatures' two vectorizers, used as separate similarity spaces
+LABEL_VOTERS = 20  # neighbours whose labels vote for the question's label
+
+
+def dedupe_pairs(questions: Sequence[str], answers: Sequence[str], labels: Sequence[str] | None = None):
+    """Pool answers (first-seen order), training questions (exact (q, a) duplicates once), answer index of each
+    question and, when given, the labels of the kept pairs."""
+    pool: dict[str, int] = {}
+    seen: set[tuple[str, str]] = set()
+    qs, answer_of, labs = [], [], []
+    for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
+        if (q, a) in seen:
+            continue
+        seen.add((q, a))
+        qs.append(q)
+        answer_of.append(pool.setdefault(a, len(pool)))
+        if labels is not None:
+            labs.append(labels[i])
+    return list(pool), qs, np.asarray(answer_of, dtype=np.int64), (labs if labels is not None else None)
+
+
+def _dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+
+
+def _normalize(x):
+    from sklearn.preprocessing import normalize  # lazy: scikit-learn takes seconds to import
+
+    return normalize(x)
+
+
+def _softmax_rows(s: np.ndarray, temperature: float) -> np.ndarray:
+    w = np.exp((s - s.max(axis=-1, keepdims=True)) / temperature)
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+class PmiTable:
+    """Positive PMI between question and answer character bigrams (char_wb, binary) over training pairs; pairs
+    seen fewer than twice are dropped (their PMI is noise)."""
+
+    MIN_COUNT = 2
+
+    def __init__(self, question_vocab: dict[str, int], answer_vocab: dict[str, int], matrix) -> None:
+        from sklearn.feature_extraction.text import CountVectorizer  # lazy: see _normalize
+
+        kw = {"analyzer": "char_wb", "ngram_range": (2, 2), "binary": True, "dtype": np.float32}
+        self.question_vec = CountVectorizer(vocabulary=question_vocab, **kw)
+        self.answer_vec = CountVectorizer(vocabulary=answer_vocab, **kw)
+        self.question_vocab, self.answer_vocab, self.matrix = question_vocab, answer_vocab, matrix
+
+    @classmethod
+    def fit(cls, questions: Sequence[str], answers: Sequence[str]) -> PmiTable:
+        import scipy.sparse as sp
+        from sklearn.feature_extraction.text import CountVectorizer
+
+        kw = {"analyzer": "char_wb", "ngram_range": (2, 2), "binary": True, "min_df": cls.MIN_COUNT,
+              "dtype": np.float32}
+        qv, av = CountVectorizer(**kw), CountVectorizer(**kw)
+        bq, ba = qv.fit_transform(questions), av.fit_transform(answers)
+        c = (bq.T @ ba).tocoo()
+        dq, da = np.asarray(bq.sum(0)).ravel(), np.asarray(ba.sum(0)).ravel()
+        pmi = np.log(c.data * len(questions) / (dq[c.row] * da[c.col]))
+        keep = (pmi > 0) & (c.data >= cls.MIN_COUNT)
+        m = sp.csr_matrix((pmi[keep].astype(np.float32), (c.row[keep], c.col[keep])), shape=c.shape)
+        return cls({t: int(i) for t, i in qv.vocabulary_.items()}, {t: int(i) for t, i in av.vocabulary_.items()}, m)
+
+    def scores(self, questions: Sequence[str], candidates: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(n, m) summed PMI, and the bigram counts (n,) of the questions and (m,) of the candidates."""
+        bq, bc = self.question_vec.transform(questions), self.answer_vec.transform(candidates)
+        return (_dense(bq @ self.matrix @ bc.T), np.asarray(bq.sum(1)).ravel(), np.asarray(bc.sum(1)).ravel())
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        m = self.matrix
+        return {"data": m.data, "indices": m.indices.astype(np.int64), "indptr": m.indptr.astype(np.int64),
+                "shape": np.asarray(m.shape, dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, question_vocab: dict[str, int], answer_vocab: dict[str, int],
+                    arrays: dict[str, np.ndarray]) -> PmiTable:
+        import scipy.sparse as sp
+
+        m = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"]))
+        return cls(question_vocab, answer_vocab, m)
+
+
+class FeatureIndex:
+    """The training pairs as the features see them: pool, questions, TF-IDF vectors per space, answer counts
+    and (optionally) label distributions. Built by :meth:`fit` or restored with :meth:`from_parts`."""
+
+    def __init__(self, pool: list[str], questions: list[str], answer_of: np.ndarray, features: TfidfFeatures,
+                 question_labels: list[str] | None, label_names: list[str] | None, pmi: PmiTable | None = None) -> None:
+        self.pool, self.questions, self.answer_of = pool, questions, np.asarray(answer_of, dtype=np.int64)
+        self.features, self.pmi = features, pmi
+        self.pool_id = {a: i for i, a in enumerate(pool)}
+        self.count = np.bincount(self.answer_of, minlength=len(pool)).astype(np.float32)
+        self.question_vecs = {s: _normalize(features.vectorizers[s].transform(questions)) for s in SPACES}
+        self.pool_vecs = {s: _normalize(features.vectorizers[s].transform(pool)) for s in SPACES}
+        # questions grouped by answer, for the per-answer max of question similarities (QP)
+        self._order = np.argsort(self.answer_of, kind="stable")
+        self._starts = np.r_[0, np.flatnonzero(np.diff(self.answer_of[self._order])) + 1]
+        self.question_labels, self.label_names = question_labels, label_names
+        self.question_label_dist = self.pool_label_dist = None
+        if question_labels is not None:
+            col = {name: j for j, name in enumerate(label_names)}
+            q = np.zeros((len(questions), len(label_names)), dtype=np.float32)
+            q[np.arange(len(questions)), [col[x] for x in question_labels]] = 1.0
+            p = np.zeros((len(pool), len(label_names)), dtype=np.float32)
+            np.add.at(p, self.answer_of, q)
+            self.question_label_dist, self.pool_label_dist = q, p / p.sum(axis=1, keepdims=True)
+
+    @classmethod
+    def fit(cls, questions: Sequence[str], answers: Sequence[str], labels: Sequence[str] | None,
+            tfidf_config, label_names: list[str] | None = None) -> FeatureIndex:
+        pool, qs, answer_of, labs = dedupe_pairs(questions, answers, labels)
+        features = TfidfFeatures.from_config(tfidf_config)
+        features.fit_transform(qs + pool)
+        if labs is not None and label_names is None:
+            label_names = sorted(set(labs))
+        pmi = PmiTable.fit(qs, [pool[j] for j in answer_of]) if getattr(tfidf_config, "ranker_pmi", False) else None
+        return cls(pool, qs, answer_of, features, labs, label_names if labs is not None else None, pmi)
+
+    def per_answer_max(self, sims: np.ndarray) -> np.ndarray:
+        """(n, P) from (n, N): for each pool answer, the max over its training questions."""
+        return np.maximum.reduceat(sims[:, self._order], self._starts, axis=1)
+
+    def feature_names(self, neighbours: Sequence[int]) -> list[str]:
+        per = ["qa", *(f"nb{k}" for k in neighbours), "nbmax", "path", "path2", "exact", "reverse", "top1"]
+        names = [f"{s}_{f}" for s in SPACES for f in per] + ["in_pool", "log_count", "length", "length_ratio"]
+        if self.pmi is not None:
+            names += ["pmi_sum", "pmi_mean"]
+        if self.question_labels is not None:
+            names += ["label_agree", "label_agree_reverse"]
+        return names
+
+
+def pair_features(index: FeatureIndex, questions: Sequence[str], candidates: Sequence[Sequence[str]],
+                  neighbours: Sequence[int], reverse: int, temperature: float) -> np.ndarray:
+    """One row per (question, candidate), lists concatenated in order; columns ``index.feature_names``."""
+    n = len(questions)
+    if n == 0:
+        return np.zeros((0, len(index.feature_names(neighbours))), dtype=np.float32)
+    distinct = sorted({c for cands in candidates for c in cands})
+    cid = {c: i for i, c in enumerate(distinct)}
+    rows = [np.asarray([cid[c] for c in cands], dtype=np.int64) for cands in candidates]
+    pidx = np.asarray([index.pool_id.get(c, -1) for c in distinct], dtype=np.int64)
+    in_pool = pidx >= 0
+    safe = np.maximum(pidx, 0)
+    kmax = min(max(neighbours), len(index.questions))
+    rk = min(reverse, len(index.pool))
+    cols: list[list[np.ndarray]] = []
+    label_q = label_c = label_c_rev = None
+    for space in SPACES:
+        vec = index.features.vectorizers[space]
+        qv, cv = _normalize(vec.transform(list(questions))), _normalize(vec.transform(distinct))
+        s_qq = _dense(qv @ index.question_vecs[space].T)  # (n, N)
+        qp = index.per_answer_max(s_qq)  # (n, P)
+        s_cp = _dense(cv @ index.pool_vecs[space].T)  # (m, P)
+        s_qc = _dense(qv @ cv.T)  # (n, m)
+        top = np.argpartition(-s_qq, kmax - 1, axis=1)[:, :kmax]
+        ts = np.take_along_axis(s_qq, top, 1)
+        order = np.argsort(-ts, axis=1, kind="stable")
+        top, ts = np.take_along_axis(top, order, 1), np.take_along_axis(ts, order, 1)  # nearest first
+        rtop = np.argpartition(-s_cp, rk - 1, axis=1)[:, :rk]  # (m, rk): pool answers nearest each candidate
+        rw = _softmax_rows(np.take_along_axis(s_cp, rtop, 1), temperature)
+        if space == SPACES[0] and index.question_labels is not None:
+            lv = min(LABEL_VOTERS, kmax)
+            label_q = np.einsum("nk,nkl->nl", _softmax_rows(ts[:, :lv], temperature),
+                                index.question_label_dist[top[:, :lv]])
+            label_c_rev = np.einsum("mk,mkl->ml", rw, index.pool_label_dist[rtop])
+            label_c = np.where(in_pool[:, None], index.pool_label_dist[safe], label_c_rev)
+        feats = []
+        for i in range(n):
+            r = rows[i]
+            cp = s_cp[r]  # (len, P)
+            f = [s_qc[i, r]]
+            for k in neighbours:
+                k = min(k, kmax)
+                f.append(cp[:, index.answer_of[top[i, :k]]] @ _softmax_rows(ts[i, :k], temperature))
+            f.append((cp[:, index.answer_of[top[i]]] * ts[i]).max(axis=1))
+            f.append((qp[i][None, :] * cp).max(axis=1))
+            f.append((qp[i][None, :] * cp * cp).max(axis=1))
+            f.append(np.where(in_pool[r], qp[i][safe[r]], 0.0))
+            f.append((qp[i][rtop[r]] * rw[r]).sum(axis=1))
+            f.append(np.full(len(r), ts[i, 0]))
+            feats.append(np.stack(f, axis=1))
+        cols.append(np.concatenate(feats))
+    lengths = np.asarray([len(c) for c in distinct], dtype=np.float32)
+    if index.pmi is not None:
+        pmi, nq, nc = index.pmi.scores(list(questions), distinct)
+    glob = []
+    for i in range(n):
+        r = rows[i]
+        g = [in_pool[r].astype(np.float32), np.log1p(np.where(in_pool[r], index.count[safe[r]], 0.0)),
+             lengths[r], np.log1p(lengths[r]) - math.log1p(len(questions[i]))]
+        if index.pmi is not None:
+            g += [pmi[i, r] / np.sqrt((nq[i] + 1.0) * (nc[r] + 1.0)), pmi[i, r] / (nc[r] + 1.0)]
+        if label_q is not None:
+            g += [label_c[r] @ label_q[i], label_c_rev[r] @ label_q[i]]
+        glob.append(np.stack(g, axis=1))
+    cols.append(np.concatenate(glob))
+    return np.concatenate(cols, axis=1).astype(np.float32)
+
+
+def draw_lists(answers: Sequence[str], size: int, rng: np.random.Generator) -> list[list[str]]:
+    """Per pair: its answer plus up to ``size - 1`` distinct other answers of the same pairs (the benchmark's
+    scheme: distractors are held-out answers, an identical text is no distractor)."""
+    distinct = sorted(set(answers))
+    where = {a: i for i, a in enumerate(distinct)}
+    k = min(size - 1, len(distinct) - 1)
+    out = []
+    for a in answers:
+        pos = rng.choice(len(distinct) - 1, size=k, replace=False)
+        pos = pos + (pos >= where[a])
+        out.append([a] + [distinct[int(j)] for j in pos])
+    return out
+
+
+def _pick(seq: Sequence, idx: np.ndarray) -> list:
+    return [seq[i] for i in idx]
+
+
+def cross_fit_features(questions: Sequence[str], answers: Sequence[str], labels: Sequence[str] | None, cfg):
+    """Training rows for the ranker: (X, y, group sizes, fold of each list). Folds group identical question
+    texts; each fold's lists are scored against a :class:`FeatureIndex` of the other folds only."""
+    rng = np.random.default_rng(cfg.seed)
+    distinct_q = sorted(set(questions))
+    fold_of = dict(zip(distinct_q, rng.permutation(len(distinct_q)) % cfg.ranker_folds, strict=True))
+    fold = np.asarray([fold_of[q] for q in questions])
+    xs, ys, groups, folds = [], [], [], []
+    for f in range(cfg.ranker_folds):
+        inside, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        if len(held) == 0 or len({answers[i] for i in inside}) < 2 or len({answers[i] for i in held}) < 2:
+            continue
+        # label_names from all the labels: a fold can miss a rare one, and the columns must line up
+        index = FeatureIndex.fit(_pick(questions, inside), _pick(answers, inside),
+                                 _pick(labels, inside) if labels is not None else None, cfg,
+                                 sorted(set(labels)) if labels is not None else None)
+        pairs = list(dict.fromkeys(zip(_pick(questions, held), _pick(answers, held), strict=True)))
+        hq, ha = [p[0] for p in pairs], [p[1] for p in pairs]
+        lists = draw_lists(ha, cfg.ranker_negatives + 1, rng)
+        xs.append(pair_features(index, hq, lists, cfg.ranker_neighbours, cfg.ranker_reverse,
+                                cfg.neighbour_temperature))
+        for lst in lists:
+            ys.append(np.r_[1.0, np.zeros(len(lst) - 1)])
+            groups.append(len(lst))
+            folds.append(f)
+        logger.info("ranker cross-fit fold %d: %d lists against %d indexed pairs", f, len(lists), len(inside))
+    if not xs:
+        raise ValueError("the ranker needs at least 2 distinct answers inside and outside every fold; "
+                         "give more training pairs or fewer ranker_folds")
+    return np.concatenate(xs), np.concatenate(ys), np.asarray(groups), np.asarray(folds)
+
+
+class PairRanker:
+    """Scores feature rows: XGBoost ``rank:pairwise`` or a logistic regression on pairwise differences
+    (true minus each distractor, standardised). Saved as JSON, never pickled."""
+
+    def __init__(self, kind: str, trees: int = 400, depth: int = 4, learning_rate: float = 0.05, seed: int = 0,
+                 n_jobs: int = 1) -> None:
+        self.kind, self.trees, self.depth, self.learning_rate = kind, trees, depth, learning_rate
+        self.seed, self.n_jobs = seed, n_jobs
+        self._booster = None
+        self.coef: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
+
+    def fit(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> PairRanker:
+        if self.kind == "xgboost":
+            import xgboost  # lazy: xgboost takes seconds to import; families.py registers every family at startup
+
+            model = xgboost.XGBRanker(objective="rank:pairwise", n_estimators=self.trees, max_depth=self.depth,
+                                      learning_rate=self.learning_rate, subsample=0.8, colsample_bytree=0.8,
+                                      random_state=self.seed, n_jobs=self.n_jobs, tree_method="hist")
+            model.fit(x, y, group=groups)
+            self._booster = model.get_booster()
+        else:
+            from sklearn.linear_model import LogisticRegression  # lazy: see TfidfFeatures
+
+            starts = np.r_[0, np.cumsum(groups)]
+            diffs = np.concatenate([x[s + 1 : e] - x[s] for s, e in zip(starts[:-1], starts[1:], strict=True)])
+            self.scale = x.astype(np.float64).std(axis=0) + 1e-6
+            d = diffs / self.scale
+            lr = LogisticRegression(C=1.0, max_iter=2000, fit_intercept=False)
+            lr.fit(np.r_[d, -d], np.r_[np.zeros(len(d)), np.ones(len(d))])
+            self.coef = lr.coef_[0].astype(np.float64)  # class 1 = "true minus distractor": higher x @ coef = more likely the true one
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Ranking scores (higher is better), float64."""
+        if self.kind == "xgboost":
+            import xgboost
+
+            return self._booster.predict(xgboost.DMatrix(x), output_margin=True).astype(np.float64)
+        return (x.astype(np.float64) / self.scale) @ self.coef
+
+    def to_json(self) -> dict:
+        doc = {"kind": self.kind, "trees": self.trees, "depth": self.depth, "learning_rate": self.learning_rate,
+               "seed": self.seed}
+        if self.kind == "xgboost":
+            doc["booster"] = json.loads(bytes(self._booster.save_raw("json")).decode("utf-8"))
+        else:
+            doc["coef"], doc["scale"] = self.coef.tolist(), self.scale.tolist()
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict, n_jobs: int = 1) -> PairRanker:
+        self = cls(doc["kind"], doc["trees"], doc["depth"], doc["learning_rate"], doc["seed"], n_jobs)
+        if self.kind == "xgboost":
+            import xgboost
+
+            booster = xgboost.Booster()
+            booster.load_model(bytearray(json.dumps(doc["booster"]).encode("utf-8")))
+            booster.set_param({"nthread": n_jobs})
+            self._booster = booster
+        else:
+            self.coef, self.scale = np.asarray(doc["coef"]), np.asarray(doc["scale"])
+        return self

@@ -1,0 +1,185 @@
+"""The retrieval family's learned ranker (encoder ranker): its features, cross-fitting, ranking, config, bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from sklearn.preprocessing import normalize
+
+from chatforge.baselines.retrieval import ResponseSelector, RetrievalConfig
+from chatforge.baselines.retrieval.ranker import FeatureIndex, cross_fit_features, pair_features
+from chatforge.config import validate_config
+from chatforge.data import read_examples, sample_corpus_path
+from chatforge.evaluation.metrics import selection_report
+from chatforge.inference import load_model
+from chatforge.training.run import run_experiment
+
+PAIRS = [
+    ("오늘 날씨 어때", "맑고 화창해요.", "0"), ("날씨 좋다", "맑고 화창해요.", "0"), ("비 온대", "우산 챙기세요.", "0"),
+    ("비가 와", "우산 챙기세요.", "0"), ("배고파", "맛있는 거 드세요.", "0"), ("밥 먹고 싶다", "맛있는 거 드세요.", "0"),
+    ("헤어졌어", "많이 힘드시겠어요.", "1"), ("이별했어", "많이 힘드시겠어요.", "1"), ("썸 타는 중", "설레겠어요.", "2"),
+]
+Q, A, L = ([p[i] for p in PAIRS] for i in range(3))
+CFG = RetrievalConfig(encoder="ranker", word_ngram_max=1, char_ngram_min=1, char_ngram_max=3,
+                      ranker_neighbours=(1, 3), ranker_reverse=2, ranker_folds=3, ranker_negatives=3)
+
+
+def _col(index, name):
+    return index.feature_names(CFG.ranker_neighbours).index(name)
+
+
+def test_features_match_their_definitions_computed_by_hand():
+    index = FeatureIndex.fit(Q, A, L, CFG)
+    question, cands = "비 오네", ["우산 챙기세요.", "맛있는 거 드세요.", "처음 보는 답이에요."]
+    x = pair_features(index, [question], [cands], CFG.ranker_neighbours, CFG.ranker_reverse,
+                      CFG.neighbour_temperature)
+    assert x.shape == (3, len(index.feature_names(CFG.ranker_neighbours)))
+    vec = index.features.vectorizers["char"]
+    qv, cv, tq = (normalize(vec.transform(t)) for t in ([question], cands, index.questions))
+    cos_qc = (qv @ cv.T).toarray()[0]
+    cos_qq = (qv @ tq.T).toarray()[0]
+    np.testing.assert_allclose(x[:, _col(index, "char_qa")], cos_qc, rtol=1e-5, atol=1e-6)
+    # exact: the nearest training question whose answer is exactly the candidate; 0 for an unseen answer
+    by_answer = [max(cos_qq[i] for i, a in enumerate(A) if a == c) if c in A else 0.0 for c in cands]
+    np.testing.assert_allclose(x[:, _col(index, "char_exact")], by_answer, rtol=1e-5, atol=1e-6)
+    # nb1: similarity of the candidate to the answer of the single nearest training question
+    nearest_answer = normalize(vec.transform([A[int(np.argmax(cos_qq))]]))
+    np.testing.assert_allclose(x[:, _col(index, "char_nb1")], (cv @ nearest_answer.T).toarray()[:, 0],
+                               rtol=1e-5, atol=1e-6)
+    assert x[:, _col(index, "in_pool")].tolist() == [1.0, 1.0, 0.0]
+    assert x[:, _col(index, "log_count")].tolist() == pytest.approx([math.log(3), math.log(3), 0.0])
+    assert x[:, _col(index, "length")].tolist() == [len(c) for c in cands]
+    assert len(set(x[:, _col(index, "char_top1")])) == 1  # one value per list
+    # label agreement: the question's neighbours say label 0, as do the first two candidates' pairs
+    assert x[0, _col(index, "label_agree")] > 0.9 and x[1, _col(index, "label_agree")] > 0.9
+
+
+def test_features_without_labels_drop_the_label_columns():
+    index = FeatureIndex.fit(Q, A, None, CFG)
+    assert "label_agree" not in index.feature_names(CFG.ranker_neighbours)
+    x = pair_features(index, ["배고파요"], [A[:3]], CFG.ranker_neighbours, CFG.ranker_reverse, 0.05)
+    assert x.shape == (3, len(index.feature_names(CFG.ranker_neighbours)))
+
+
+def test_cross_fitting_never_lets_a_question_find_its_own_pair():
+    # Every answer belongs to one question only: an index that held the question itself would give its true
+    # answer exact = 1 (the question is its own nearest neighbour) and in_pool = 1; cross-fitted, both are 0.
+    questions = [f"질문 {i} 번" for i in range(30)] + ["질문 0 번"]  # a repeated question text: one fold
+    answers = [f"대답 {i} 이에요" for i in range(30)] + ["다른 대답이에요"]
+    x, y, groups, folds = cross_fit_features(questions, answers, None, CFG)
+    index = FeatureIndex.fit(questions, answers, None, CFG)
+    starts = np.r_[0, np.cumsum(groups)][:-1]
+    assert y[starts].tolist() == [1.0] * len(starts) and y.sum() == len(starts)
+    assert len(starts) == len(set(zip(questions, answers, strict=True)))
+    assert x[starts, _col(index, "char_exact")].max() == 0.0
+    assert x[starts, _col(index, "in_pool")].max() == 0.0
+    assert set(folds.tolist()) == set(range(CFG.ranker_folds))
+    # the same lists scored against an index of every pair (no cross-fitting) leak the answer
+    leaky = pair_features(index, questions[:1], [[answers[0], answers[1]]], CFG.ranker_neighbours,
+                          CFG.ranker_reverse, 0.05)
+    assert leaky[0, _col(index, "char_exact")] == pytest.approx(1.0)
+
+
+def _sample_split():
+    examples, _ = read_examples(sample_corpus_path())
+    rng = np.random.default_rng(0)
+    held = set(rng.choice(len(examples), size=len(examples) // 5, replace=False).tolist())
+    train = [e for i, e in enumerate(examples) if i not in held]
+    test = [e for i, e in enumerate(examples) if i in held]
+    return train, test
+
+
+@pytest.mark.parametrize("ranker", ["xgboost", "logistic"])
+def test_ranker_ranks_held_out_answers_far_above_chance_and_round_trips(tmp_path, ranker):
+    train, test = _sample_split()
+    cfg = RetrievalConfig(encoder="ranker", ranker=ranker, ranker_trees=30, ranker_negatives=5,
+                          ranker_neighbours=(3, 10))
+    sel = ResponseSelector(cfg).fit([e.text for e in train], [e.response for e in train],
+                                    labels=[e.label for e in train])
+    tq, ta = [e.text for e in test], [e.response for e in test]
+    got = selection_report(sel.score, tq, ta, seed=7, sizes=(10,))
+    constant = selection_report(lambda qs, cs: [np.zeros(len(c)) for c in cs], tq, ta, seed=7, sizes=(10,))
+    assert constant["r1_of_10"] == 0.0  # ties count against the true answer
+    assert got["r1_of_10"] > 0.5 and got["mrr_of_10"] > 0.6  # chance: 0.1 / 0.29
+    assert sel.history[0]["ranker"] == ranker and sel.history[0]["lists"] > 0
+    top = sel.select(tq[:4], 3)
+    assert all(len(r) == 3 and r[0][1] >= r[1][1] >= r[2][1] and 0.0 < r[0][1] < 1.0 for r in top)
+    assert all(reply in sel.pool for r in top for reply, _ in r)
+    sel.save(tmp_path)
+    back = ResponseSelector.load(tmp_path)
+    assert back.select(tq[:4], 3) == top
+    np.testing.assert_allclose(np.concatenate(back.score(tq[:3], [ta[:3]] * 3)),
+                               np.concatenate(sel.score(tq[:3], [ta[:3]] * 3)), rtol=1e-6)
+    (tmp_path / "ranker.json").unlink()
+    with pytest.raises(FileNotFoundError, match="ranker.json"):
+        ResponseSelector.load(tmp_path)
+
+
+def test_select_covers_top_k_beyond_the_shortlist():
+    sel = ResponseSelector(dataclasses.replace(CFG, ranker_shortlist=1, ranker_trees=5)).fit(Q, A, labels=L)
+    assert len(sel.select(["비 와"], 5)[0]) == 5  # every pool answer, though the shortlist is 1 per signal
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("ranker", "svm", "ranker"),
+    ("ranker_neighbours", [], "ranker_neighbours"),
+    ("ranker_neighbours", [5, 0], "ranker_neighbours"),
+    ("ranker_folds", 1, "ranker_folds"),
+    ("ranker_trees_count", 10, "ranker_trees_count"),
+])
+def test_config_rejects_bad_ranker_keys_by_name(key, value, match):
+    with pytest.raises(Exception, match=match):
+        validate_config({"name": "x", "model": {"family": "retrieval", "task": "selection", "encoder": "ranker",
+                                                key: value}})
+
+
+def test_shipped_ranker_config_validates():
+    from chatforge.config import load_config
+
+    cfg = load_config("configs/retrieval_chatbot_kr_ranker.yaml")
+    assert cfg.model.encoder == "ranker" and list(cfg.model.ranker_neighbours) == [5, 20, 50]
+
+
+def test_ranker_bundle_from_a_selection_run_serves_through_load_model(tmp_path):
+    cfg = validate_config({
+        "name": "ranker", "seed": 0,
+        "data": {"path": "sample", "format": "chatbot_csv", "valid_fraction": 0.1, "test_fraction": 0.2},
+        "model": {"family": "retrieval", "task": "selection", "encoder": "ranker", "ranker_trees": 20,
+                  "ranker_negatives": 5, "ranker_neighbours": [3, 10]},
+        "tracking": {"enabled": False},
+    })
+    res = run_experiment(cfg, run_dir=tmp_path / "run")
+    assert res.metrics["test_r1_of_10"] > 0.5
+    served = load_model(res.bundle_dir, "ranker")
+    reply, score = served.select("배고파")
+    assert (reply, score) == ResponseSelector.load(res.bundle_dir).reply("배고파")
+    assert reply in served.model.pool and 0.0 < score < 1.0
+    # the sample's labels reached the label features through the run
+    assert "label_agree" in res.metrics["history"][0]["features"]
+
+
+def test_pmi_table_holds_positive_pmi_of_bigram_pairs_seen_twice():
+    from chatforge.baselines.retrieval.ranker import PmiTable
+
+    qs = ["배고파", "배고파요", "졸려", "졸려요", "심심해"]
+    ans = ["밥 드세요", "밥 드세요", "자요", "자요", "놀아요"]
+    t = PmiTable.fit(qs, ans)
+    q, a = t.question_vocab["배고"], t.answer_vocab["드세"]
+    # "배고" in 2 of 5 questions, "드세" in 2 of 5 answers, together twice: log(2 * 5 / (2 * 2))
+    assert t.matrix[q, a] == pytest.approx(math.log(2 * 5 / 4))
+    assert "심심" not in t.question_vocab  # seen once: dropped
+    s, nq, nc = t.scores(["배고파"], ["밥 드세요", "자요"])
+    assert s[0, 0] > 0.0 and s[0, 1] == 0.0 and nc[1] == len(t.answer_vec.build_analyzer()("자요"))
+
+
+def test_ranker_without_pmi_has_no_pmi_columns_and_needs_no_pmi_files(tmp_path):
+    sel = ResponseSelector(dataclasses.replace(CFG, ranker_pmi=False, ranker_trees=5)).fit(Q, A, labels=L)
+    assert "pmi_sum" not in sel.history[0]["features"]
+    sel.save(tmp_path)
+    assert not (tmp_path / "pmi.safetensors").exists()
+    assert ResponseSelector.load(tmp_path).select(["비 와"], 2) == sel.select(["비 와"], 2)
+    with_pmi = ResponseSelector(dataclasses.replace(CFG, ranker_trees=5)).fit(Q, A, labels=L)
+    assert {"pmi_sum", "pmi_mean"} <= set(with_pmi.history[0]["features"])
