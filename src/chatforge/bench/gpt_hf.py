@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -36,16 +37,19 @@ def train_steps_fn(model: torch.nn.Module, is_hf: bool, x: torch.Tensor, steps: 
 
 
 def greedy_fn(model, is_hf: bool, prompts: torch.Tensor, new_tokens: int, precision: str, *, pad_id: int,
-              bos_id: int, eos_id: int, inference: bool = True, out: list | None = None) -> Callable[[], None]:
+              bos_id: int, eos_id: int, inference: bool = True, out: list | None = None,
+              context: Callable[[], AbstractContextManager] | None = None) -> Callable[[], None]:
     """Greedy generation of exactly ``new_tokens`` tokens (min = max, so both sides do the same work) for
     the (B, T) ``prompts``; the token ids of the last call land in ``out`` when given.
 
-    chatforge is called as a user calls it (``generate_batch`` inside inference mode and autocast)."""
+    chatforge is called as a user calls it (``generate_batch`` inside inference mode and autocast).
+    ``context`` replaces the precision's autocast (e.g. ``lambda: autocast_for(model)`` for a model
+    that ``load_model`` prepared for its precision)."""
     opts = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     rows = prompts.tolist()
 
     def run():
-        with torch.inference_mode(inference), autocast(precision):
+        with torch.inference_mode(inference), (context() if context else autocast(precision)):
             if is_hf:
                 ids = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id,
