@@ -50,7 +50,7 @@ def test_a_quiet_machine_is_not_flagged():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"cases": ["generation", "gpu"]}, "unknown case 'gpu'; allowed: generation, classification, tokenizer, training"),
+    ({"cases": ["generation", "gpu"]}, "unknown case 'gpu'; allowed: generation, classification, tokenizer, training, scaling"),
     ({"threads": 0}, "threads=0 is out of range"),
     ({"repeats": 0}, "repeats=0 is out of range"),
 ])

@@ -89,7 +89,7 @@ def test_training_reports_the_fraction_of_the_measured_matmul_peak(smoke):
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--cases", "generation,speed"], "--cases speed is unknown; allowed: generation, classification, tokenizer, training"),
+    (["--cases", "generation,speed"], "--cases speed is unknown; allowed: generation, classification, tokenizer, training, scaling"),
     (["--threads", "0"], "--threads 0 is out of range; allowed: an integer >= 1"),
     (["--repeats", "0"], "--repeats 0 is out of range; allowed: an integer >= 1"),
 ])

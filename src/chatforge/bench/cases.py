@@ -52,6 +52,10 @@ class Sizes:
     matmul_n: int
     tokenizer_vocab: int
     tokenizer_copies: int  # the sample corpus repeated this many times
+    scaling_batches: tuple[int, ...] = (1, 2, 4)
+    scaling_prompt_lens: tuple[int, ...] = (4, 16)
+    scaling_widths: tuple[int, ...] = (16, 32)
+    scaling_new_tokens: int = 4
     init_std: float = 0.2  # random weights far from uniform, so greedy argmaxes are not near-ties
 
 
@@ -63,7 +67,8 @@ SMOKE = Sizes(gpt_layers=2, gpt_d_model=32, gpt_heads=2, vocab=256, positions=64
 FULL = Sizes(gpt_layers=4, gpt_d_model=256, gpt_heads=4, vocab=8000, positions=256, prompt_len=16, new_tokens=64,
              gen_batches=(1, 8, 32), bert_layers=4, bert_d_model=256, bert_heads=4, cls_seq_len=64, cls_calls=20,
              num_labels=8, train_batch=8, train_seq_len=128, train_steps=3, matmul_n=2048, tokenizer_vocab=8000,
-             tokenizer_copies=20)
+             tokenizer_copies=20, scaling_batches=(1, 2, 4, 8, 16, 32, 64), scaling_prompt_lens=(16, 64, 128, 192),
+             scaling_widths=(64, 128, 256, 512), scaling_new_tokens=32)
 
 
 @dataclass
@@ -428,8 +433,68 @@ def training(assets: Assets, threads: int, repeats: int, step: Step) -> Case:
     return case
 
 
+# ------------------------------------------------------------------------------------------- scaling
+def _gen_engines(w: GPTWeights, threads: int, case: Case) -> dict[str, Callable[[torch.Tensor, int, list], Callable[[], None]]]:
+    """chatforge fp32, HF fp32 and CTranslate2 (float32, int8) greedy callables on the weights ``w``."""
+    from transformers import AutoModelForCausalLM
+
+    ids = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
+    model = _load_chatforge(w.bundle, "fp32").model
+    hf = AutoModelForCausalLM.from_pretrained(str(w.hf)).eval()
+    makers = {"chatforge-fp32": lambda x, n, out: greedy_fn(model, False, x, n, "fp32", out=out, **ids),
+              "hf-fp32": lambda x, n, out: greedy_fn(hf, True, x, n, "fp32", out=out, **ids)}
+    case.engine("chatforge-fp32", "chatforge", "chatforge", "fp32")
+    case.engine("hf-fp32", "anchor", "transformers", "fp32")
+    if w.ct2 is not None:
+        import ctranslate2
+
+        for q, path in w.ct2.items():
+            gen = ctranslate2.Generator(str(path), device="cpu", compute_type=q, intra_threads=threads,
+                                        inter_threads=1)
+            case.engine(f"ct2-{q}", "anchor", "ctranslate2", q)
+            makers[f"ct2-{q}"] = (lambda g: lambda x, n, out: _ct2_fn(g, w.vocab, x, n, out))(gen)
+    return makers
+
+
+def scaling(assets: Assets, threads: int, repeats: int, step: Step) -> Case:
+    """Greedy generation curves in fp32: tokens/s against batch size, and time per token against the
+    prompt length and the model width (batch 1), for chatforge and the anchors."""
+    s = assets.sizes
+    n = s.scaling_new_tokens
+    case = Case("scaling", config={
+        "model": f"GPT-2, {s.gpt_layers} layers, vocab {s.vocab}; d_model {s.gpt_d_model} unless varied",
+        "new_tokens": n, "batches": list(s.scaling_batches), "prompt_lens": list(s.scaling_prompt_lens),
+        "widths": list(s.scaling_widths), "repeats": repeats},
+        extra={"x": {"tokens/s vs batch": "batch", "ms/token vs prompt length": "prompt length",
+                     "ms/token vs d_model": "d_model"}})
+    step("scaling: weights")
+    makers = _gen_engines(assets.gpt(), threads, case)
+    for b in s.scaling_batches:
+        step(f"scaling: batch {b}")
+        x = _random_ids(b, s.prompt_len, s.vocab, seed=100 + b)
+        times = interleaved({e: mk(x, n, []) for e, mk in makers.items()}, repeats)
+        case.add("tokens/s vs batch", "tokens/s", True, b, times, b * n)
+    for length in s.scaling_prompt_lens:
+        step(f"scaling: prompt length {length}")
+        x = _random_ids(1, min(length, s.positions - n), s.vocab, seed=200 + length)
+        times = interleaved({e: mk(x, n, []) for e, mk in makers.items()}, repeats)
+        case.add("ms/token vs prompt length", "ms/token", False, length, times, n)
+    for width in s.scaling_widths:
+        step(f"scaling: d_model {width}")
+        work = assets.work / f"scaling-d{width}"
+        work.mkdir(exist_ok=True)
+        w = gpt_weights(work, vocab=s.vocab, layers=s.gpt_layers, d_model=width, heads=max(1, width // 64),
+                        positions=s.positions, init_std=s.init_std)
+        width_makers = _gen_engines(w, threads, Case("scaling-width"))
+        x = _random_ids(1, s.prompt_len, s.vocab, seed=300)
+        times = interleaved({e: mk(x, n, []) for e, mk in width_makers.items()}, repeats)
+        case.add("ms/token vs d_model", "ms/token", False, width, times, n)
+    return case
+
+
 CASES: dict[str, Callable[[Assets, int, int, Step], Case]] = {
-    "generation": generation, "classification": classification, "tokenizer": tokenizer, "training": training}
+    "generation": generation, "classification": classification, "tokenizer": tokenizer, "training": training,
+    "scaling": scaling}
 
 # Parts of issue 16 that this command does not measure, and why (written into every report).
 LEFT_OUT = {

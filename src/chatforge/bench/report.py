@@ -47,7 +47,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"Engine {n} skipped: {why}.")
         lines.append("")
         engines = _engine_names(case)
-        lines.append("| metric | batch | " + " | ".join(engines) + " |")
+        xcol = "x" if case["extra"].get("x") else "batch"  # scaling: batch, prompt length or d_model
+        lines.append(f"| metric | {xcol} | " + " | ".join(engines) + " |")
         lines.append("| --- | --- | " + " | ".join("---" for _ in engines) + " |")
         keyed: dict[tuple, dict[str, dict]] = {}
         for r in case["rows"]:
@@ -59,7 +60,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
         if case["ratios"]:
             anchors = sorted({r["anchor"] for r in case["ratios"]}, key=engines.index)
-            lines.append("| metric | batch | chatforge engine | " + " | ".join(f"vs {a}" for a in anchors) + " |")
+            lines.append(f"| metric | {xcol} | chatforge engine | " + " | ".join(f"vs {a}" for a in anchors) + " |")
             lines.append("| --- | --- | --- | " + " | ".join("---" for _ in anchors) + " |")
             grouped: dict[tuple, dict[str, float]] = {}
             for r in case["ratios"]:
@@ -96,9 +97,22 @@ def _chart(case: dict) -> bytes | None:
     engines = _engine_names(case)
     fig = Figure(figsize=(5.5 * len(metrics), 4), dpi=100)
     FigureCanvasAgg(fig)  # the object API with the Agg canvas: no pyplot global state
+    xs = case["extra"].get("x")  # a curve per engine (scaling) instead of bars per batch
     for i, metric in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), i + 1)
         rows = [r for r in case["rows"] if r["metric"] == metric]
+        if xs:
+            for e in engines:
+                pts = sorted((r["batch"], r["value"]) for r in rows if r["engine"] == e)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=e)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(xs.get(metric, "x"))
+            ax.set_ylabel(rows[0]["unit"])
+            ax.set_title(f"{metric}" + (" (higher is better)" if rows[0]["higher_is_better"]
+                                        else " (lower is better)"), fontsize=9)
+            ax.legend(fontsize=7)
+            continue
         batches = list(dict.fromkeys(r["batch"] for r in rows))
         width = 0.8 / max(1, len(engines))
         for j, e in enumerate(engines):
