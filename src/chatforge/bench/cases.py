@@ -358,15 +358,19 @@ def hf_tokenizer_from_sentencepiece(proto: bytes):
     if m.trainer_spec.model_type != m.trainer_spec.UNIGRAM:
         raise ValueError("only unigram SentencePiece models convert here")
     unk = next(i for i, p in enumerate(m.pieces) if p.type == p.UNKNOWN)
-    tk = tokenizers.Tokenizer(tokenizers.models.Unigram([(p.piece, p.score) for p in m.pieces], unk_id=unk,
-                                                        byte_fallback=m.trainer_spec.byte_fallback))
-    tk.normalizer = tokenizers.normalizers.Sequence([
-        tokenizers.normalizers.Precompiled(m.normalizer_spec.precompiled_charsmap),
-        tokenizers.normalizers.Replace(tokenizers.Regex(" {2,}"), " ")])
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tk.add_special_tokens([tokenizers.AddedToken(p.piece, normalized=False, special=True) for p in m.pieces
-                           if p.type in (p.CONTROL, p.UNKNOWN)])
-    tk.add_tokens([tokenizers.AddedToken(p.piece, normalized=False) for p in m.pieces if p.type == p.USER_DEFINED])
+    # Control and unknown pieces (<s>, [CLS], <unk>) never match text in SentencePiece (a literal "<s>" is
+    # '<' 's' '>'): in the copy they are renamed to start with a NUL, which text does not hold, so the Unigram lattice does not
+    # choose them either; their ids stay. User-defined pieces ([MASK]) stay ordinary entries: SentencePiece
+    # matches them inside the text after its "▁" prefix, as the lattice then does.
+    unreachable = (m.pieces[0].CONTROL, m.pieces[0].UNKNOWN)
+    vocab = [("\x00" + p.piece if p.type in unreachable else p.piece, p.score) for p in m.pieces]
+    tk = tokenizers.Tokenizer(tokenizers.models.Unigram(vocab, unk_id=unk, byte_fallback=m.trainer_spec.byte_fallback))
+    norm = [tokenizers.normalizers.Precompiled(m.normalizer_spec.precompiled_charsmap)]
+    if m.normalizer_spec.remove_extra_whitespaces:
+        norm += [tokenizers.normalizers.Strip(), tokenizers.normalizers.Replace(tokenizers.Regex(" {2,}"), " ")]
+    tk.normalizer = tokenizers.normalizers.Sequence(norm)
+    scheme = "always" if m.normalizer_spec.add_dummy_prefix else "never"
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)
     return tk
 
 
