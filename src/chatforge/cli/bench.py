@@ -27,8 +27,8 @@ def bench(
     smoke: bool = _flag(False, "--smoke/--no-smoke",
                         help="Tiny sizes and one repetition: checks that it runs and writes its report (CI)."),
     out: Path | None = typer.Option(None, "--out", help="Report folder (default runs/bench/<UTC timestamp>)."),
-    cases: list[str] = typer.Option(list(BENCH_CASES), "--cases",
-                                    help=f"Cases to run (repeatable): {', '.join(BENCH_CASES)}."),
+    cases: list[str] = typer.Option(list(BENCH_CASES), "--cases", metavar="CASE[,CASE...]",
+                                    help=f"Cases to run (repeatable or comma-separated): {', '.join(BENCH_CASES)}."),
     threads: int | None = typer.Option(None, "--threads", help="Threads for every engine (default: the CPUs "
                                                                  "available to this process)."),
     repeats: int | None = typer.Option(None, "--repeats",
