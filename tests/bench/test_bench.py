@@ -62,15 +62,38 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path, kwargs, message)
 
 def test_cpu_info_uses_the_runtime_module_when_it_exists(monkeypatch):
     fake = types.ModuleType("chatforge.runtime")
-    fake.cpu_info = lambda: {"model": "from runtime", "flags": {}, "cpus_available": 7, "load_average": [0.0]}
+    fake.cpu_info = lambda: {"model_name": "from runtime", "flags": {}, "available_cpus": 7, "load_average": [0.0]}
     monkeypatch.setitem(sys.modules, "chatforge.runtime", fake)
-    assert machine.cpu_info()["model"] == "from runtime"
+    assert machine.cpu_info()["model_name"] == "from runtime"
 
 
 def test_cpu_info_without_the_runtime_module_reads_the_machine(monkeypatch):
     monkeypatch.setitem(sys.modules, "chatforge.runtime", None)
     info = machine.cpu_info()
-    assert set(info) == {"model", "flags", "cpus_available", "load_average"}
+    # the keys chatforge.runtime.cpu_info uses for the same facts
+    assert set(info) == {"model_name", "flags", "available_cpus", "load_average"}
     assert set(info["flags"]) == {"amx_bf16", "avx512_bf16", "avx512_vnni"}
-    assert info["cpus_available"] == machine.cpus_available() >= 1
+    assert info["available_cpus"] == machine.cpus_available() >= 1
     json.dumps(info)  # JSON-able
+
+
+def test_a_precision_the_model_refuses_is_a_skipped_engine_and_auto_is_not_benchmarked(tmp_path, monkeypatch):
+    from chatforge import inference
+
+    real = inference.load_model
+
+    def refusing(bundle, name, version="1", precision="fp32"):
+        if precision == "int8":
+            raise ValueError("precision int8 does not apply to family 'bert'")
+        return real(bundle, name, version, precision=precision)
+
+    monkeypatch.setattr(inference, "PRECISIONS", ("fp32", "bf16", "int8", "auto"))
+    monkeypatch.setattr(inference, "load_model", refusing)
+    result, _ = run_bench(BenchOptions(out=tmp_path, cases=["classification"], threads=1, repeats=1, smoke=True))
+    case = result["cases"]["classification"]
+    assert case["status"] == "ok"
+    assert {n for n, e in case["engines"].items() if e["role"] == "chatforge"} == {
+        "chatforge-fp32", "chatforge-bf16", "chatforge-int8"}
+    assert case["engines"]["chatforge-int8"]["status"] == "skipped"
+    assert "does not apply to family 'bert'" in case["engines"]["chatforge-int8"]["reason"]
+    assert {r["engine"] for r in case["rows"]} == {"chatforge-fp32", "chatforge-bf16", "ort-fp32", "ort-int8"}

@@ -103,7 +103,8 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None,
                                          "repeats": opts.repeats, "sizes": sizes.__dict__},
         "machine": {"cpu": cpu_info(), "cpus_available": cpus, "threads": opts.threads, "load_before": load_before,
                     "versions": _versions(),
-                    "env": {k: os.environ.get(k) for k in ("RAYON_NUM_THREADS", "KMP_BLOCKTIME", "OMP_NUM_THREADS")}},
+                    "env": {k: os.environ.get(k) for k in ("RAYON_NUM_THREADS", "KMP_BLOCKTIME", "OMP_NUM_THREADS",
+                                                             "OMP_WAIT_POLICY")}},
         "cases": {}, "left_out": dict(LEFT_OUT)}
     try:
         with tempfile.TemporaryDirectory(prefix="chatforge-bench-") as work:

@@ -148,11 +148,29 @@ class Assets:
         return self._bert
 
 
+# Names in PRECISIONS that choose among the others rather than being one (measuring them would repeat one).
+_RULES = ("auto",)
+
+
 def _chatforge_precisions() -> tuple[str, ...]:
     # Read at run time: a precision added to serving (e.g. int8) is benchmarked without a change here.
     from chatforge import inference
 
-    return tuple(inference.PRECISIONS)
+    return tuple(p for p in inference.PRECISIONS if p not in _RULES)
+
+
+def _chatforge_models(bundle: Path, case: Case) -> dict[str, torch.nn.Module]:
+    """The bundle's model as ``load_model`` prepares it for each serving precision; a precision the model
+    refuses (ValueError, e.g. int8 for a family it does not apply to) is a skipped engine, not a failure."""
+    models = {}
+    for p in _chatforge_precisions():
+        try:
+            models[p] = _load_chatforge(bundle, p).model
+        except ValueError as e:
+            case.engine(f"chatforge-{p}", "chatforge", "chatforge", p, "skipped", str(e))
+            continue
+        case.engine(f"chatforge-{p}", "chatforge", "chatforge", p)
+    return models
 
 
 def _load_chatforge(bundle: Path, precision: str):
@@ -183,9 +201,7 @@ def generation(assets: Assets, threads: int, repeats: int, step: Step) -> Case:
 
     ids = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
     makers: dict[str, Callable[[torch.Tensor, int, list], Callable[[], None]]] = {}
-    for p in _chatforge_precisions():
-        model = _load_chatforge(w.bundle, p).model
-        case.engine(f"chatforge-{p}", "chatforge", "chatforge", p)
+    for p, model in _chatforge_models(w.bundle, case).items():
         makers[f"chatforge-{p}"] = (lambda m: lambda x, n, out: greedy_fn(
             m, False, x, n, "fp32", out=out, context=lambda: autocast_for(m), **ids))(model)
     hf = AutoModelForCausalLM.from_pretrained(str(w.hf)).eval()
@@ -288,10 +304,7 @@ def classification(assets: Assets, threads: int, repeats: int, step: Step) -> Ca
 
     fns: dict[str, Callable[[dict], Callable[[], None]]] = {}
     last: dict[str, Any] = {}
-    for p in _chatforge_precisions():
-        model = _load_chatforge(w.bundle, p).model
-        case.engine(f"chatforge-{p}", "chatforge", "chatforge", p)
-
+    for p, model in _chatforge_models(w.bundle, case).items():
         def mk(feed, m=model, name=f"chatforge-{p}"):
             def run():
                 for _ in range(s.cls_calls):

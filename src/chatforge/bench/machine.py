@@ -1,7 +1,8 @@
 """What a benchmark run records about the machine: CPU model and flags, CPUs available, load, peak RSS.
 
 ``cpu_info()`` is :func:`chatforge.runtime.cpu_info` where that module exists, else a small reader of
-``/proc/cpuinfo`` with the same keys, so reports keep one shape either way.
+``/proc/cpuinfo`` with that function's main keys (``model_name``, ``flags``, ``available_cpus``,
+``load_average``), so reports keep one shape either way.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _local_cpu_info() -> dict[str, Any]:
                 flags = set(value.split())
     except OSError:
         pass
-    return {"model": model, "flags": {f: f in flags for f in CPU_FLAGS}, "cpus_available": cpus_available(),
+    return {"model_name": model, "flags": {f: f in flags for f in CPU_FLAGS}, "available_cpus": cpus_available(),
             "load_average": load_average()}
 
 

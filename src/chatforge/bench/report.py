@@ -26,7 +26,7 @@ def markdown(result: dict[str, Any]) -> str:
     if result["loaded"]:
         lines += [f"**{LOADED_NOTE}** (1-minute load above the {m['cpus_available']} CPUs available during the "
                   f"run: other processes shared the cores).", ""]
-    lines += [f"CPU: {m['cpu'].get('model')} ({flags}); {m['cpus_available']} CPUs available, {m['threads']} "
+    lines += [f"CPU: {m['cpu'].get('model_name')} ({flags}); {m['cpus_available']} CPUs available, {m['threads']} "
               f"threads; load before {m['load_before']}, after {m['load_after']}; torch {m['versions'].get('torch')}, "
               + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if k != "torch" and v) + ".", "",
               "Ratios are chatforge / anchor speed: above 1 chatforge is faster (for times, anchor time / "
