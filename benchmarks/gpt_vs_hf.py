@@ -23,15 +23,12 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from chatforge.decoding import GenerationOptions, generate_batch
+from chatforge.bench.gpt_hf import greedy_fn, hf_gen_time, train_steps_fn
+from chatforge.bench.timing import median_time
 from chatforge.interop.hf_gpt import state_dict_from_hf
 from chatforge.models.gpt import GPTConfig, GPTLMHeadModel
 from chatforge.registry import SpecialIds
@@ -54,64 +51,20 @@ def build_pair(args) -> tuple[torch.nn.Module, torch.nn.Module]:
     return mine, hf
 
 
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def median_time(fn: Callable[[], None], reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def train_tokens_per_s(model, is_hf: bool, args, precision: str) -> float:
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(1, args.vocab, (args.batch, args.seq_len), generator=g)
-    shifted = torch.cat([x[:, 1:], torch.full((args.batch, 1), -100)], 1)
-
-    def steps():
-        for _ in range(args.train_steps):
-            with autocast(precision):
-                loss = model(x, labels=x).loss if is_hf else model(x, labels=shifted).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-    t = median_time(steps, args.reps)
+    t = median_time(train_steps_fn(model, is_hf, x, args.train_steps, precision), args.reps)
     model.eval()
     return args.batch * args.seq_len * args.train_steps / t
 
 
-def gen_fn(model, is_hf: bool, batch: int, new_tokens: int, args, precision: str,
-           inference: bool = True) -> Callable[[], None]:
+def prompts_for(batch: int, args) -> torch.Tensor:
     g = torch.Generator().manual_seed(batch)
-    prompts = torch.randint(1, args.vocab, (batch, args.prompt_len), generator=g)
-    opts = GenerationOptions(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-
-    def run():
-        with torch.inference_mode(inference), autocast(precision):
-            if is_hf:
-                model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=0)
-            else:
-                generate_batch(model, prompts.tolist(), opts, bos_id=0, eos_id=0, pad_id=0)
-
-    return run
+    return torch.randint(1, args.vocab, (batch, args.prompt_len), generator=g)
 
 
-def hf_gen_time(hf, batch: int, new_tokens: int, args, precision: str, reps: int) -> float:
-    """HF's faster of two ways to call ``generate``: inside ``torch.inference_mode()``, or with only
-    its own ``no_grad`` (under bf16 autocast that is faster, since autocast caches its weight casts
-    only outside inference mode). The reference gets its best, not the way that suits chatforge."""
-    return min(median_time(gen_fn(hf, True, batch, new_tokens, args, precision, inference), reps)
-               for inference in (True, False))
+IDS = {"pad_id": 0, "bos_id": 0, "eos_id": 0}
 
 
 def main() -> None:
@@ -151,12 +104,13 @@ def main() -> None:
                      "chatforge": ours_t, "hf": hf_t, "ratio": ours_t / hf_t})
         for batch in (1, 8):
             n = batch * args.new_tokens
-            ours = median_time(gen_fn(mine, False, batch, args.new_tokens, args, precision), args.reps)
-            theirs = hf_gen_time(hf, batch, args.new_tokens, args, precision, args.reps)
+            prompts = prompts_for(batch, args)
+            ours = median_time(greedy_fn(mine, False, prompts, args.new_tokens, precision, **IDS), args.reps)
+            theirs = hf_gen_time(hf, prompts, args.new_tokens, precision, args.reps, **IDS)
             rows.append({"metric": "generate tokens/s", "precision": precision, "batch": batch,
                          "chatforge": n / ours, "hf": n / theirs, "ratio": theirs / ours})
-            ours = median_time(gen_fn(mine, False, batch, 1, args, precision), args.reps * 3)
-            theirs = hf_gen_time(hf, batch, 1, args, precision, args.reps * 3)
+            ours = median_time(greedy_fn(mine, False, prompts, 1, precision, **IDS), args.reps * 3)
+            theirs = hf_gen_time(hf, prompts, 1, precision, args.reps * 3, **IDS)
             rows.append({"metric": "TTFT ms", "precision": precision, "batch": batch,
                          "chatforge": ours * 1e3, "hf": theirs * 1e3, "ratio": theirs / ours})
 

@@ -7,7 +7,7 @@ tests/client/test_channel.py checks that they import none of them.
 
 One typer app (``app``, in :mod:`._shared`), its commands split by audience: :mod:`.research`
 (configs, tokenizers, data, train, sweep, generate, evaluate, compare, convert), :mod:`.serve`
-(``serve``) and :mod:`.ops` (chat, health, loadtest, top, conversations). Importing this
+(``serve``), :mod:`.ops` (chat, health, loadtest, top, conversations) and :mod:`.bench` (``bench``). Importing this
 package registers them all; ``main`` is the ``chatforge`` entry point.
 """
 
@@ -23,6 +23,9 @@ from chatforge.cli import serve  # noqa: F401
 
 # isort: split
 from chatforge.cli import ops  # noqa: F401
+
+# isort: split
+from chatforge.cli import bench  # noqa: F401
 
 # isort: split
 from chatforge.cli._shared import app

@@ -1,0 +1,86 @@
+"""What a benchmark run records about the machine: CPU model and flags, CPUs available, load, peak RSS.
+
+``cpu_info()`` is :func:`chatforge.runtime.cpu_info` where that module exists, else a small reader of
+``/proc/cpuinfo`` with that function's main keys (``model_name``, ``flags``, ``available_cpus``,
+``load_average``), so reports keep one shape either way.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from pathlib import Path
+from typing import Any
+
+# The instruction-set flags that decide bf16 and int8 matmul speed on x86 (AMX tiles, AVX-512 BF16, VNNI).
+CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512_vnni")
+
+
+def cpus_available() -> int:
+    """CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return []
+
+
+def _local_cpu_info() -> dict[str, Any]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model_name": model, "flags": {f: f in flags for f in CPU_FLAGS}, "available_cpus": cpus_available(),
+            "load_average": load_average()}
+
+
+def cpu_info() -> dict[str, Any]:
+    """JSON-able: CPU model name, the bf16/int8 flags, CPUs available and the load average now."""
+    try:
+        from chatforge.runtime import cpu_info as runtime_cpu_info  # the serving runtime's own, where present
+    except ImportError:
+        return _local_cpu_info()
+    return dict(runtime_cpu_info())
+
+
+def is_loaded(loads: list[list[float]], cpus: int) -> bool:
+    """A run is loaded when the 1-minute load before or after it exceeds the CPUs it may use: other
+    processes then shared the cores, and only ratios measured back to back mean anything."""
+    return any(snap and snap[0] > cpus for snap in loads)
+
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) so the next reading is this case's peak.
+    Linux only ("5" to clear_refs); False where it cannot, and the reading is then the process's peak."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kB on Linux

@@ -1,0 +1,99 @@
+"""chatforge.bench: missing anchors skip (with the reason), a loaded machine is flagged, machine info."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from chatforge.bench import LOADED_NOTE, BenchError, BenchOptions, machine, run_bench
+
+
+def test_missing_anchors_are_reported_skipped_with_the_reason_not_a_crash(tmp_path, monkeypatch):
+    # None in sys.modules makes `import onnxruntime` raise ImportError, as when it is not installed.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)
+    result, paths = run_bench(BenchOptions(out=tmp_path, cases=["classification", "generation"], threads=1,
+                                           repeats=1, smoke=True))
+    cls = result["cases"]["classification"]
+    assert cls["status"] == "skipped" and "onnxruntime is not installed" in cls["reason"]
+    assert "chatforge[bench]" in cls["reason"]
+    gen = result["cases"]["generation"]
+    assert gen["status"] == "ok"  # HF transformers is still there
+    for q in ("float32", "int8"):
+        assert gen["engines"][f"ct2-{q}"]["status"] == "skipped"
+        assert "ctranslate2 is not installed" in gen["engines"][f"ct2-{q}"]["reason"]
+    assert {r["anchor"] for r in gen["ratios"]} == {"hf-fp32"}
+    assert gen["agreement"]["fp32_anchors"] == ["hf-fp32"] and gen["agreement"]["identical_fp32"] is True
+    md = paths["markdown"].read_text()
+    assert "skipped: onnxruntime is not installed" in md and "Engine ct2-int8 skipped" in md
+    assert "classification" not in paths  # no chart for a skipped case
+
+
+def test_a_run_on_a_loaded_machine_says_its_figures_are_ratios_only(tmp_path, monkeypatch):
+    import chatforge.bench as bench
+
+    cpus = machine.cpus_available()
+    monkeypatch.setattr(bench, "load_average", lambda: [cpus + 1.5, 1.0, 1.0])
+    result, paths = run_bench(BenchOptions(out=tmp_path, cases=["tokenizer"], threads=1, repeats=1, smoke=True))
+    assert result["loaded"] is True and result["note"] == LOADED_NOTE
+    assert result["cases"]["tokenizer"]["loaded"] is True
+    assert json.loads(paths["json"].read_text())["note"] == LOADED_NOTE
+    assert f"**{LOADED_NOTE}**" in paths["markdown"].read_text()
+
+
+def test_a_quiet_machine_is_not_flagged():
+    assert machine.is_loaded([[0.5, 0.4, 0.3], [1.9, 1.0, 1.0]], cpus=2) is False
+    assert machine.is_loaded([[0.5, 0.4, 0.3], [2.1, 1.0, 1.0]], cpus=2) is True
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"cases": ["generation", "gpu"]}, "unknown case 'gpu'; allowed: generation, classification, tokenizer, training, scaling"),
+    ({"threads": 0}, "threads=0 is out of range"),
+    ({"repeats": 0}, "repeats=0 is out of range"),
+])
+def test_bad_options_are_refused_before_anything_runs(tmp_path, kwargs, message):
+    with pytest.raises(BenchError, match=message):
+        run_bench(BenchOptions(out=tmp_path / "r", smoke=True, **kwargs))
+    assert not (tmp_path / "r").exists()
+
+
+def test_cpu_info_uses_the_runtime_module_when_it_exists(monkeypatch):
+    fake = types.ModuleType("chatforge.runtime")
+    fake.cpu_info = lambda: {"model_name": "from runtime", "flags": {}, "available_cpus": 7, "load_average": [0.0]}
+    monkeypatch.setitem(sys.modules, "chatforge.runtime", fake)
+    assert machine.cpu_info()["model_name"] == "from runtime"
+
+
+def test_cpu_info_without_the_runtime_module_reads_the_machine(monkeypatch):
+    monkeypatch.setitem(sys.modules, "chatforge.runtime", None)
+    info = machine.cpu_info()
+    # the keys chatforge.runtime.cpu_info uses for the same facts
+    assert set(info) == {"model_name", "flags", "available_cpus", "load_average"}
+    assert set(info["flags"]) == {"amx_bf16", "avx512_bf16", "avx512_vnni"}
+    assert info["available_cpus"] == machine.cpus_available() >= 1
+    json.dumps(info)  # JSON-able
+
+
+def test_a_precision_the_model_refuses_is_a_skipped_engine_and_auto_is_not_benchmarked(tmp_path, monkeypatch):
+    from chatforge import inference
+
+    real = inference.load_model
+
+    def refusing(bundle, name, version="1", precision="fp32"):
+        if precision == "int8":
+            raise ValueError("precision int8 does not apply to family 'bert'")
+        return real(bundle, name, version, precision=precision)
+
+    monkeypatch.setattr(inference, "PRECISIONS", ("fp32", "bf16", "int8", "auto"))
+    monkeypatch.setattr(inference, "load_model", refusing)
+    result, _ = run_bench(BenchOptions(out=tmp_path, cases=["classification"], threads=1, repeats=1, smoke=True))
+    case = result["cases"]["classification"]
+    assert case["status"] == "ok"
+    assert {n for n, e in case["engines"].items() if e["role"] == "chatforge"} == {
+        "chatforge-fp32", "chatforge-bf16", "chatforge-int8"}
+    assert case["engines"]["chatforge-int8"]["status"] == "skipped"
+    assert "does not apply to family 'bert'" in case["engines"]["chatforge-int8"]["reason"]
+    assert {r["engine"] for r in case["rows"]} == {"chatforge-fp32", "chatforge-bf16", "ort-fp32", "ort-int8"}
