@@ -56,7 +56,7 @@ def static_step_fn(model) -> Callable:
     """A static-shape decoding step over fixed-capacity buffers; the same arithmetic as
     ``GPTModel.decode`` + the LM head for one new token per row (eval mode, unpadded prompts).
 
-    step(tokens (B, 1), pos (B, 1), idx (1,) the column to write, k_buf/v_buf (L, B, H, C, Dh))
+    step(tokens (B, 1), pos (B, 1), idx (1,) the column to write, k_buf/v_buf: L tensors (B, H, C, Dh))
     -> (next tokens (B, 1), logits (B, V)); writes the new keys/values into the buffers in place."""
     import torch
     import torch.nn.functional as F
@@ -67,7 +67,7 @@ def static_step_fn(model) -> Callable:
 
     def step(tokens, pos, idx, k_buf, v_buf):
         b = tokens.size(0)
-        cap = k_buf.size(3)
+        cap = k_buf[0].size(2)
         # Keys at columns <= idx are filled (the prompt, then one per step): the mask replaces the slice.
         mask = (torch.arange(cap, device=tokens.device) <= idx)[None, None, None, :]  # (1, 1, 1, C)
         x = F.embedding(tokens, wte) + F.embedding(pos, wpe)  # (B, 1, D)
@@ -124,11 +124,13 @@ class Runner:
                 n_layers = len(state.caches)
                 b, h, filled, dh = state.caches[0].k.shape
                 cap = filled + self.new_tokens
-                k_buf = prompt.new_zeros((n_layers, b, h, cap, dh), dtype=state.caches[0].k.dtype)
-                v_buf = torch.zeros_like(k_buf)
+                # One buffer per layer, not views of one tensor: a compiled graph that mutates views of a
+                # shared base copies the whole base back (measured: 0.55x eager at batch 8).
+                k_buf = [state.caches[0].k.new_zeros((b, h, cap, dh)) for _ in range(n_layers)]
+                v_buf = [torch.zeros_like(k) for k in k_buf]
                 for i, c in enumerate(state.caches):
-                    k_buf[i, :, :, :filled] = c.k
-                    v_buf[i, :, :, :filled] = c.v
+                    k_buf[i][:, :, :filled] = c.k
+                    v_buf[i][:, :, :filled] = c.v
                 tok, pos, out = state.start_tokens, state.next_pos[:, None], []
                 idx = torch.tensor([filled])
                 t0 = time.perf_counter()
