@@ -29,9 +29,11 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("eager", "compiled_dynamic", "static_eager", "compiled_static")
@@ -95,7 +97,7 @@ def static_step_fn(model) -> Callable:
 
 
 class Runner:
-    """Greedy replies by one variant: ``run(prompt)`` -> (tokens (B, new), decode seconds)."""
+    """Greedy replies by one variant: ``run(prompt)`` -> (tokens (B, new), logits (new, B, V), decode seconds)."""
 
     def __init__(self, model, variant: str, new_tokens: int):
         import torch
@@ -108,16 +110,17 @@ class Runner:
             step = static_step_fn(model)
             self.step = torch.compile(step, dynamic=False, fullgraph=True) if variant == "compiled_static" else step
 
-    def run(self, prompt) -> tuple[list[list[int]], float]:
+    def run(self, prompt) -> tuple[list[list[int]], Any, float]:
         import torch
 
         with torch.inference_mode():
             state = self.model.init_state(prompt)  # eager prefill, the same for every variant
             if self.variant in ("eager", "compiled_dynamic"):
-                tok, out = state.start_tokens, []
+                tok, out, logits = state.start_tokens, [], []
                 t0 = time.perf_counter()
                 for _ in range(self.new_tokens):
-                    tok = self.step(tok, state).argmax(-1, keepdim=True)  # (B, 1)
+                    logits.append(self.step(tok, state))  # (B, V)
+                    tok = logits[-1].argmax(-1, keepdim=True)  # (B, 1)
                     out.append(tok)
                 dt = time.perf_counter() - t0
             else:
@@ -131,16 +134,17 @@ class Runner:
                 for i, c in enumerate(state.caches):
                     k_buf[i][:, :, :filled] = c.k
                     v_buf[i][:, :, :filled] = c.v
-                tok, pos, out = state.start_tokens, state.next_pos[:, None], []
+                tok, pos, out, logits = state.start_tokens, state.next_pos[:, None], [], []
                 idx = torch.tensor([filled])
                 t0 = time.perf_counter()
                 for _ in range(self.new_tokens):
-                    tok, _ = self.step(tok, pos, idx, k_buf, v_buf)
+                    tok, lg = self.step(tok, pos, idx, k_buf, v_buf)
+                    logits.append(lg)
                     out.append(tok)
                     pos = pos + 1
                     idx = idx + 1
                 dt = time.perf_counter() - t0
-        return torch.cat(out, 1).tolist(), dt
+        return torch.cat(out, 1).tolist(), torch.stack(logits), dt
 
 
 def token_agreement(ref: list[list[int]], other: list[list[int]]) -> dict:
@@ -166,11 +170,11 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, repeats: int, v
     g = torch.Generator().manual_seed(seed + batch)
     prompt = torch.randint(4, vocab, (batch, prompt_len), generator=g)  # no pad id: rows are unpadded
     runners = {v: Runner(model, v, new_tokens) for v in variants}
-    warmup, outputs, dynamo = {}, {}, {}
+    warmup, outputs, logits, dynamo = {}, {}, {}, {}
     for v, r in runners.items():
         before = _dynamo_counts()
         t0 = time.perf_counter()
-        outputs[v], _ = r.run(prompt)
+        outputs[v], logits[v], _ = r.run(prompt)
         warmup[v] = time.perf_counter() - t0
         after = _dynamo_counts()
         dynamo[v] = {"warmup": {k: after[k] - before[k] for k in after}}
@@ -178,7 +182,7 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, repeats: int, v
     for _ in range(repeats):  # interleaved: eager, compiled, ..., eager, compiled, ...
         for v, r in runners.items():
             before = _dynamo_counts()
-            toks, dt = r.run(prompt)
+            toks, _, dt = r.run(prompt)
             after = _dynamo_counts()
             times[v].append(dt)
             if v in dynamo:
@@ -201,6 +205,11 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, repeats: int, v
         if v != "eager" and "eager" in times:
             res[v]["speedup_vs_eager_median"] = statistics.median(times["eager"]) / med
             res[v]["agreement_with_eager"] = token_agreement(outputs["eager"], outputs[v])
+            # Logits compare while the greedy paths agree (after a flip they continue from other prefixes).
+            n_cmp = next((i + 1 for i in range(new_tokens)
+                          if any(r[i] != o[i] for r, o in zip(outputs["eager"], outputs[v], strict=True))),
+                         new_tokens)
+            res[v]["max_abs_logit_diff_vs_eager"] = float((logits[v][:n_cmp] - logits["eager"][:n_cmp]).abs().max())
     return res
 
 
@@ -218,6 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                     help="eager is the reference of speed-ups and agreement; leave the compiled ones out "
                          "for a quick structural run")
+    ap.add_argument("--warm-compile-cache", action="store_true",
+                    help="use inductor's on-disk cache as it is (a restart's compile); default: a fresh empty "
+                         "cache, so compile_s is a first deployment's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compiled-step.json")
     args = ap.parse_args(argv)
@@ -225,6 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--variants must include eager (the reference)")
 
     from chatforge.runtime import cpu_info, set_omp_wait_policy
+
+    cache_dir, saved_cache_env = None, os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not args.warm_compile_cache:
+        cache_dir = tempfile.TemporaryDirectory(prefix="chatforge-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir.name  # read when inductor first compiles
 
     set_omp_wait_policy()  # as the chatforge CLI does, before torch loads
     import torch
@@ -248,6 +265,12 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "note": "decode steps only (prefill excluded); compile_s = warm-up reply minus eager's warm-up reply",
     }
+    if cache_dir is not None:
+        cache_dir.cleanup()
+        if saved_cache_env is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved_cache_env
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")

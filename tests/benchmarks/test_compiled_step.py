@@ -51,6 +51,7 @@ def test_writes_per_batch_figures_and_agreement(script, tmp_path):
         # The static-shape step is the same arithmetic over fixed-capacity buffers: same greedy tokens.
         assert res["static_eager"]["agreement_with_eager"] == {"position": 1.0, "identical": True,
                                                                "tokens_compared": batch * 4}
+        assert res["static_eager"]["max_abs_logit_diff_vs_eager"] < 1e-5
         assert "agreement_with_eager" not in res["eager"]
 
 
@@ -72,5 +73,6 @@ def test_compiled_static_step_matches_eager(script, tmp_path):
                  "--out", str(out)])
     res = json.loads(out.read_text())["results"]["batch2"]["compiled_static"]
     assert res["agreement_with_eager"] == {"position": 1.0, "identical": True, "tokens_compared": 8}
+    assert res["max_abs_logit_diff_vs_eager"] < 1e-4  # inductor may reorder float sums
     assert res["compile_s"] > 0 and res["dynamo"]["warmup"]["unique_graphs"] >= 1
     assert res["dynamo"]["timed"]["unique_graphs"] == 0  # no recompile once warm: the shapes are static
