@@ -70,7 +70,7 @@ def test_held_out_metrics_fit_on_val_apply_to_dev(script):
 
 def test_oos_scores_logits_are_the_ones_the_probabilities_come_from(tmp_path):
     from scipy.special import softmax
-    from test_oos import intent_cfg
+    from tests.test_oos import intent_cfg
 
     from chatforge.bundle import load_bundle
     from chatforge.config import validate_config
