@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.benchmarks.conftest import load
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("clinc150_results", ROOT / "benchmarks" / "clinc150_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("clinc150_results")
 
 
 def _keys(script, skip):
@@ -76,10 +73,7 @@ def test_oos_scores_logits_are_the_ones_the_probabilities_come_from(tmp_path):
     from chatforge.config import validate_config
     from chatforge.training.run import run_experiment
 
-    spec = importlib.util.spec_from_file_location("clinc150_oos_scores",
-                                                  ROOT / "benchmarks" / "clinc150_oos_scores.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load("clinc150_oos_scores")
     tree = intent_cfg(tmp_path, loss="svm", C=1.0, char_ngram_max=3)
     res = run_experiment(validate_config(tree), run_dir=tmp_path / "r")
     bundle = load_bundle(res.bundle_dir)

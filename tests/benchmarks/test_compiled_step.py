@@ -3,12 +3,12 @@ the shipped decoding path (the greedy replies must be the same tokens)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+from tests.benchmarks.conftest import load
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--prompt-len", "5",
@@ -17,10 +17,7 @@ TINY = ["--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("compiled_step", ROOT / "benchmarks" / "compiled_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("compiled_step")
 
 
 @pytest.fixture(autouse=True)
