@@ -8,13 +8,20 @@ the other folds only) and, for validation, by a model trained on the whole train
 - ``bilinear``: a learned low-rank match score q^T W_q^T W_a c over char_wb 1-3-gram TF-IDF vectors
   (two linear maps, trained with in-batch softmax over distinct answers; a DSSM-style neural matcher
   that trains in seconds on CPU);
+- ``pairlr``: a logistic regression on hashed (question char n-gram, answer char n-gram) pairs, true pairs
+  against random answers (the prototype of ``ranker_pair_lr``);
+- ``label``: p(label | q) . p(label | c) from two linear label classifiers (the prototype of
+  ``ranker_label_model``);
+- ``a+b``: both columns. Results: benchmarks/results/selection-experiments.json.
 
-Run:  PYTHONPATH=src nice -n 10 .venv/bin/python benchmarks/selection_experiments.py --out benchmarks/results/selection-experiments.json
+Run:  PYTHONPATH=src nice -n 10 .venv/bin/python benchmarks/selection_experiments.py --variants base,label+pairlr \\
+          [--train-seed S] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -220,11 +227,15 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--variants", default="base,bilinear")
     ap.add_argument("--test", action="store_true", help="also report test (only for the final choice)")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="seed of the ranker's folds, training lists and trees (the benchmark lists keep the run's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     exp = load_config(args.config)
     cfg = exp.model.family_config()
+    if args.train_seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.train_seed)
     train, valid, test, _ = load_splits(exp)
     tq, ta, tl = [e.text for e in train], [e.response for e in train], [e.label for e in train]
     t0 = time.perf_counter()
