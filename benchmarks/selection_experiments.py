@@ -176,8 +176,8 @@ class LabelAgreement:
     """ChatbotData's 0/1/2 label predicted from the question text and from the answer text by two linear models
     (char_wb 1-3-gram TF-IDF + logistic regression); the score is p(label | q) . p(label | c)."""
 
-    def __init__(self, labels):
-        self.labels = labels
+    def __init__(self, vectors=False):
+        self.vectors = vectors
 
     def fit(self, questions, answers, labels):
         from sklearn.feature_extraction.text import TfidfVectorizer
@@ -195,6 +195,9 @@ class LabelAgreement:
         distinct = sorted({c for cs in candidates for c in cs})
         cid = {c: i for i, c in enumerate(distinct)}
         pq, pc = self.q.predict_proba(list(questions)), self.a.predict_proba(distinct)
+        if self.vectors:  # both probability vectors as columns: the trees find the interactions themselves
+            return np.concatenate([np.c_[np.repeat(pq[i][None], len(cs), 0), pc[[cid[c] for c in cs]]]
+                                   for i, cs in enumerate(candidates)])
         return np.concatenate([pc[[cid[c] for c in cs]] @ pq[i] for i, cs in enumerate(candidates)])
 
 
@@ -209,8 +212,8 @@ def r1(scores, lists):
 def fit_signal(kind, opts, tq, ta, tl, ix):
     """One extra signal, trained on the training pairs ``ix``."""
     q, a = _pick(tq, ix), _pick(ta, ix)
-    if kind == "label":
-        return LabelAgreement(None).fit(q, a, _pick(tl, ix))
+    if kind in ("label", "labelvec"):
+        return LabelAgreement(kind == "labelvec").fit(q, a, _pick(tl, ix))
     if kind == "bilinear":
         return Bilinear(dim=int(opts.get("dim", 128)), epochs=int(opts.get("epochs", 10)),
                         temperature=float(opts.get("t", 0.05)), ngram=(1, int(opts.get("n", 3)))).fit(q, a)
@@ -265,8 +268,8 @@ def main() -> None:
                 m = fit_signal(kind, opts, tq, ta, tl, np.arange(len(tq)))
                 for key, e in evals.items():
                     cols_eval[key].append(m.scores(e["q"], e["lists"]))
-            extra_train = [np.stack(cols_train, axis=1)]
-            extra_eval = {key: np.stack(c, axis=1) for key, c in cols_eval.items()}
+            extra_train = [np.column_stack(cols_train)]
+            extra_eval = {key: np.column_stack(c) for key, c in cols_eval.items()}
         x = np.concatenate([f["x"] for f in folds])
         if extra_train:
             x = np.concatenate([x, np.concatenate(extra_train)], axis=1)
