@@ -29,8 +29,8 @@ class RetrievalConfig(TfidfConfig):
     agreement -- trained on cross-fitted candidate lists from the training split; ``select`` re-ranks a
     shortlist of ``ranker_shortlist`` pool answers per similarity space. ``ranker_pair_lr`` and
     ``ranker_label_model`` add learned question->answer features (a hashed n-gram pair logistic regression; label
-    classifiers' agreement), fitted per cross-fitting fold; off by default (on ChatbotData they add +0.019
-    validation R@1 of 10 over three seeds, at the noise level, and nothing on test; README, issue 17).
+    classifiers' agreement), fitted per cross-fitting fold; off by default (on ChatbotData they add +0.020
+    validation R@1 of 10 over four seeds, at the noise level, and nothing on test; README, issue 17).
     """
 
     encoder: Literal["tfidf", "biencoder", "ranker"] = "tfidf"
