@@ -183,3 +183,121 @@ def test_ranker_without_pmi_has_no_pmi_columns_and_needs_no_pmi_files(tmp_path):
     assert ResponseSelector.load(tmp_path).select(["비 와"], 2) == sel.select(["비 와"], 2)
     with_pmi = ResponseSelector(dataclasses.replace(CFG, ranker_trees=5)).fit(Q, A, labels=L)
     assert {"pmi_sum", "pmi_mean"} <= set(with_pmi.history[0]["features"])
+
+
+# -- learned question->answer signals: hashed n-gram pair logistic regression, label classifiers --------------
+
+SIGNALS = dataclasses.replace(CFG, ranker_pair_lr=True, ranker_pair_lr_bits=16, ranker_pair_lr_epochs=20,
+                              ranker_label_model=True, ranker_trees=5)
+
+
+def test_pair_lr_scores_are_the_margin_over_the_hashed_pairs_and_learn_the_pairing():
+    from chatforge.baselines.retrieval.ranker import PairLogistic
+
+    qs = ["배고파", "배고파요", "밥 먹고 싶다", "졸려", "졸려요", "피곤해", "심심해", "심심하다"]
+    ans = ["밥 드세요"] * 3 + ["자요"] * 3 + ["놀아요"] * 2
+    m = PairLogistic.fit(qs, ans, negatives=3, epochs=20, bits=16)
+    cands = ["밥 드세요", "자요", "놀아요", "처음 보는 답"]
+    got = m.scores(["배고파", "졸려요"], cands, [np.arange(4), np.array([1, 0])])
+    assert got.shape == (6,)
+    # by hand: sum of w[hash(g, h)] over the question's and candidate's n-grams, / sqrt(|q| |c| + 1), + bias
+    qa, ca = m.question_vec.build_analyzer(), m.answer_vec.build_analyzer()
+    va = len(m.answer_vocab)
+
+    def margin(q, c):
+        g = sorted({m.question_vocab[t] for t in qa(q) if t in m.question_vocab})
+        h = sorted({m.answer_vocab[t] for t in ca(c) if t in m.answer_vocab})
+        total = sum(m.weights[(i * va + j) % (1 << 16)] for i in g for j in h)
+        return total / math.sqrt(len(g) * len(h) + 1.0) + m.intercept
+
+    want = [margin("배고파", c) for c in cands] + [margin("졸려요", "자요"), margin("졸려요", "밥 드세요")]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert got[0] > max(got[1], got[2]) and got[4] > got[5]  # learned: hungry -> eat, sleepy -> sleep
+
+
+def test_label_model_agreement_reads_the_candidates_own_words_and_survives_a_missing_label():
+    index = FeatureIndex.fit(Q, A, L, SIGNALS)
+    assert index.label_model is not None and index.feature_names(CFG.ranker_neighbours)[-1] == "label_model_agree"
+    char = index.features.vectorizers["char"]
+    agree = index.label_model.agreement(normalize(char.transform(["헤어졌어요"])),
+                                        normalize(char.transform(["많이 힘드시겠어요.", "맑고 화창해요."])))
+    assert agree.shape == (1, 2) and agree[0, 0] > agree[0, 1] and (agree <= 1.0 + 1e-6).all()
+    # a fold can miss a label: its classifier gives that label ~0 and keeps the columns of every label
+    two = FeatureIndex.fit(Q[:6] + Q[8:], A[:6] + A[8:], L[:6] + L[8:], SIGNALS, ["0", "1", "2"])
+    p = two.label_model._proba(normalize(two.features.vectorizers["char"].transform(["헤어졌어"])), two.label_model.question_coef,
+                               two.label_model.question_bias)
+    assert p.shape == (1, 3) and p[0, 1] < 1e-6
+    no_labels = FeatureIndex.fit(Q, A, None, SIGNALS)
+    assert no_labels.label_model is None and "label_model_agree" not in no_labels.feature_names(CFG.ranker_neighbours)
+
+
+def test_cross_fitting_trains_each_folds_pair_lr_and_label_model_without_the_lists_it_scores(monkeypatch):
+    from chatforge.baselines.retrieval import ranker
+
+    scored = []
+    real = ranker.pair_features
+
+    def spy(index, questions, candidates, *args):
+        scored.append((index, list(questions)))
+        return real(index, questions, candidates, *args)
+
+    monkeypatch.setattr(ranker, "pair_features", spy)
+    questions = [f"질문 {i} 번" for i in range(30)]
+    answers = [f"대답 {i % 10} 이에요" for i in range(30)]
+    labels = [str(i % 3) for i in range(30)]
+    x, y, groups, folds = ranker.cross_fit_features(questions, answers, labels, SIGNALS)
+    assert len(scored) == SIGNALS.ranker_folds
+    for index, held in scored:
+        # the signals of the index that scores a fold's lists were fitted on that index's pairs only
+        assert index.pair_lr is not None and index.label_model is not None
+        assert set(index.pair_lr.question_vocab) <= {t for q in index.questions
+                                                     for t in index.pair_lr.question_vec.build_analyzer()(q)}
+        assert not set(held) & set(index.questions)
+    names = scored[0][0].feature_names(SIGNALS.ranker_neighbours)
+    assert x.shape[1] == len(names) and "pair_lr" in names and names[-1] == "label_model_agree"
+
+
+def test_ranker_with_learned_signals_round_trips_and_names_a_missing_file(tmp_path):
+    sel = ResponseSelector(SIGNALS).fit(Q, A, labels=L)
+    assert {"pair_lr", "label_model_agree"} <= set(sel.history[0]["features"])
+    sel.save(tmp_path)
+    back = ResponseSelector.load(tmp_path)
+    assert back.select(["비 와", "배고파요"], 3) == sel.select(["비 와", "배고파요"], 3)
+    np.testing.assert_allclose(np.concatenate(back.score(["배고파요"], [A[:5]])),
+                               np.concatenate(sel.score(["배고파요"], [A[:5]])), rtol=1e-6)
+    for name in ("pair_lr.safetensors", "label_model.safetensors"):
+        (tmp_path / name).rename(tmp_path / "kept")
+        with pytest.raises(FileNotFoundError, match=name):
+            ResponseSelector.load(tmp_path)
+        (tmp_path / "kept").rename(tmp_path / name)
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("ranker_pair_lr_ngram", [3, 2], "ranker_pair_lr_ngram"),
+    ("ranker_pair_lr_ngram", [0, 2], "ranker_pair_lr_ngram"),
+    ("ranker_pair_lr_bits", 30, "ranker_pair_lr_bits"),
+    ("ranker_pair_lr_negatives", 0, "ranker_pair_lr_negatives"),
+    ("ranker_label_model", "maybe", "ranker_label_model"),
+])
+def test_config_rejects_bad_signal_keys_by_name(key, value, match):
+    with pytest.raises(Exception, match=match):
+        validate_config({"name": "x", "model": {"family": "retrieval", "task": "selection", "encoder": "ranker",
+                                                key: value}})
+
+
+def test_ranker_with_learned_signals_serves_through_load_model(tmp_path):
+    cfg = validate_config({
+        "name": "ranker", "seed": 0,
+        "data": {"path": "sample", "format": "chatbot_csv", "valid_fraction": 0.1, "test_fraction": 0.2},
+        "model": {"family": "retrieval", "task": "selection", "encoder": "ranker", "ranker_trees": 20,
+                  "ranker_negatives": 5, "ranker_neighbours": [3, 10], "ranker_pair_lr": True,
+                  "ranker_pair_lr_bits": 16, "ranker_label_model": True},
+        "tracking": {"enabled": False},
+    })
+    res = run_experiment(cfg, run_dir=tmp_path / "run")
+    assert {"pair_lr", "label_model_agree"} <= set(res.metrics["history"][0]["features"])
+    assert res.metrics["test_r1_of_10"] > 0.5
+    served = load_model(res.bundle_dir, "ranker")
+    reply, score = served.select("배고파")
+    assert (reply, score) == ResponseSelector.load(res.bundle_dir).reply("배고파")
+    assert reply in served.model.pool and 0.0 < score < 1.0

@@ -37,6 +37,8 @@ from torch import nn
 from chatforge.baselines.retrieval.config import RetrievalConfig
 from chatforge.baselines.retrieval.ranker import (
     FeatureIndex,
+    LabelModel,
+    PairLogistic,
     PairRanker,
     PmiTable,
     cross_fit_features,
@@ -63,6 +65,9 @@ TFIDF_DIR = "tfidf"  # the TF-IDF scorer a bi-encoder adds (tfidf_weight > 0)
 RANKER_FILE = "ranker.json"  # encoder ranker: the trained ranker (XGBoost booster JSON or logistic weights)
 PMI_FILE = "pmi.safetensors"  # encoder ranker, ranker_pmi: the question->answer PMI matrix (CSR arrays)
 PMI_VOCAB_FILE = "pmi_vocab.json"
+PAIR_LR_FILE = "pair_lr.safetensors"  # encoder ranker, ranker_pair_lr: the hashed pair weights (non-zero only)
+PAIR_LR_VOCAB_FILE = "pair_lr_vocab.json"
+LABEL_MODEL_FILE = "label_model.safetensors"  # encoder ranker, ranker_label_model with labels: the two classifiers
 
 
 class BiEncoder(nn.Module):
@@ -383,6 +388,13 @@ class ResponseSelector:
             if pmi is not None:
                 atomic_write_json(d / PMI_VOCAB_FILE, {"questions": pmi.question_vocab, "answers": pmi.answer_vocab})
                 np_save_file(pmi.to_arrays(), str(d / PMI_FILE))
+            pair_lr = self._index.pair_lr
+            if pair_lr is not None:
+                atomic_write_json(d / PAIR_LR_VOCAB_FILE, {"questions": pair_lr.question_vocab,
+                                                           "answers": pair_lr.answer_vocab})
+                np_save_file(pair_lr.to_arrays(), str(d / PAIR_LR_FILE))
+            if self._index.label_model is not None:
+                np_save_file(self._index.label_model.to_arrays(), str(d / LABEL_MODEL_FILE))
         elif self.config.encoder == "tfidf":
             atomic_write_json(d / VECTORIZERS_FILE, self._features.to_json())
         else:
@@ -408,6 +420,9 @@ class ResponseSelector:
         self.answer_of = np.asarray(pool["answer_of"], dtype=np.int64)
         if self.config.encoder == "ranker":
             need = [RANKER_FILE, VECTORIZERS_FILE] + ([PMI_FILE, PMI_VOCAB_FILE] if self.config.ranker_pmi else [])
+            need += [PAIR_LR_FILE, PAIR_LR_VOCAB_FILE] if self.config.ranker_pair_lr else []
+            # the label classifiers exist only when the training pairs had labels
+            need += [LABEL_MODEL_FILE] if self.config.ranker_label_model and pool.get("labels") is not None else []
             missing = [f for f in need if not (d / f).is_file()]
             if missing:
                 raise FileNotFoundError(f"{d} is not a saved ranker ResponseSelector: missing {', '.join(missing)}")
@@ -416,8 +431,15 @@ class ResponseSelector:
             if self.config.ranker_pmi:
                 vocab = json.loads((d / PMI_VOCAB_FILE).read_text(encoding="utf-8"))
                 pmi = PmiTable.from_arrays(vocab["questions"], vocab["answers"], np_load_file(str(d / PMI_FILE)))
+            pair_lr = None
+            if self.config.ranker_pair_lr:
+                vocab = json.loads((d / PAIR_LR_VOCAB_FILE).read_text(encoding="utf-8"))
+                pair_lr = PairLogistic.from_arrays(vocab["questions"], vocab["answers"],
+                                                   np_load_file(str(d / PAIR_LR_FILE)))
             self._index = FeatureIndex(self.pool, self.questions, self.answer_of, features, pool.get("labels"),
-                                       pool.get("label_names"), pmi)
+                                       pool.get("label_names"), pmi, pair_lr)
+            if self.config.ranker_label_model and pool.get("labels") is not None:
+                self._index.label_model = LabelModel.from_arrays(np_load_file(str(d / LABEL_MODEL_FILE)))
             self._ranker = PairRanker.from_json(json.loads((d / RANKER_FILE).read_text(encoding="utf-8")),
                                                 self.config.ranker_threads)
             return self
