@@ -479,3 +479,46 @@ def test_decoding_extensions_reach_the_model():
     (_, tuned), (_, plain) = gen.calls
     assert (tuned.repetition_penalty, tuned.no_repeat_ngram_size) == (1.3, 3)
     assert (plain.repetition_penalty, plain.no_repeat_ngram_size) == (1.0, 0)
+
+
+def test_a_body_over_the_message_limit_is_413_by_header_or_by_chunks_and_the_server_keeps_serving():
+    """The HTTP surface has gRPC's --max-message-bytes limit: nothing read past it, announced or not."""
+    with ServerThread(make_engine(), http_port=0, max_message_bytes=4096) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            big = chat(["x" * 10_000])
+            r = http.post("/v1/chat/completions", json=big, headers={"x-request-id": "big-1"})
+            assert r.status_code == 413 and r.headers["x-request-id"] == "big-1"
+            err = r.json()["error"]
+            assert err["code"] == "request_too_large" and "allowed: at most 4096" in err["message"]
+            # No Content-Length (chunked): the chunks are counted as they arrive.
+            payload = json.dumps(big).encode()
+            chunked = http.post("/v1/classify", content=(payload[i:i + 1000] for i in range(0, len(payload), 1000)))
+            assert "content-length" not in chunked.request.headers
+            assert chunked.status_code == 413 and "more than 4096" in chunked.json()["error"]["message"]
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:  # a new connection: served as before
+            ok = http.post("/v1/chat/completions", json=chat(["hello"]))
+            assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "Hello there!"
+            small_chunked = json.dumps(chat(["hello"])).encode()
+            r = http.post("/v1/chat/completions", content=iter([small_chunked[:10], small_chunked[10:]]),
+                          headers={"content-type": "application/json"})
+            assert r.status_code == 200, r.text
+
+
+def test_a_long_system_prompt_is_stored_not_held_to_the_models_input_limit(tmp_path):
+    from chatforge.serving.store import ConversationStore
+
+    store = ConversationStore(f"sqlite:///{tmp_path / 'c.db'}")
+    system = "You are a helpful assistant. " * 40  # longer than this engine's 200-character input limit
+    with ServerThread(make_engine(), http_port=0, store=store) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            r = http.post("/v1/chat/completions", json=chat([{"role": "system", "content": system}, "hello"],
+                                                          user="sys-1"))
+            assert r.status_code == 200, r.text
+            long_turn = http.post("/v1/chat/completions", json=chat(["y" * 300, "hello"]))
+            assert long_turn.status_code == 400 and long_turn.json()["error"]["param"] == "messages[0].content"
+    assert store.flush(WAIT)
+    [row] = [r for r in store.iter_rows() if r["session_id"] == "sys-1"]
+    assert row["context"] == [{"role": "system", "text": system}]
+    store.close()

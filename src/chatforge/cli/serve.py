@@ -74,7 +74,8 @@ def serve(
     max_wait_ms: float = typer.Option(2.0, help="Classify: longest wait for a micro-batch to fill."),
     max_input_tokens: int = typer.Option(None, help="Cap on input tokens (besides each model's own)."),
     max_new_tokens: int = typer.Option(1024, help="Cap on max_new_tokens a request may ask for."),
-    max_message_bytes: int = typer.Option(4 * 1024 * 1024, help="Largest gRPC message accepted or sent."),
+    max_message_bytes: int = typer.Option(4 * 1024 * 1024, help="Largest gRPC message accepted or sent, and "
+                                          "largest HTTP request body (413 above it)."),
     pipeline_classifier: str = typer.Option(None, help="Chatbot pipeline: classify with this model first."),
     fallback_reply: str = typer.Option("Sorry, I can't help with that.",
                                        help="Pipeline: the reply to out-of-scope messages."),

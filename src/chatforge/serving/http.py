@@ -252,6 +252,7 @@ _ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in (
     (400, "Invalid request; `error.param` names the field"),
     (401, "Missing or invalid API key (`Authorization: Bearer <key>`)"),
     (404, "Unknown model (or no model for the task)"),
+    (413, "The request body is larger than the server's --max-message-bytes (4 MiB by default, as over gRPC)"),
     (429, "Overloaded: the model's running batch and queue are full; see Retry-After"),
     (503, "Loading models or draining; see Retry-After"),
     (504, "The X-Request-Timeout passed"),
@@ -417,16 +418,17 @@ def last_user_message(messages: list[ChatMessage]) -> tuple[int, str]:
 
 
 def earlier_messages(messages: list[ChatMessage], index: int, engine: Engine) -> list[tuple[str, str]]:
-    """The messages before the input one, as (role, text), each checked as the input is (naming its
-    index). System and developer messages are kept for the store; a model that reads context reads the
-    user and assistant turns. Messages without text (an assistant's tool calls, a tool result with no
+    """The messages before the input one, as (role, text). User and assistant turns, which a model that
+    reads context may read, are checked as the input is (naming their index); system and developer
+    messages are kept for the store as sent, however long (OpenAI clients send long system prompts). Messages without text (an assistant's tool calls, a tool result with no
     content) carry no turn and are left out."""
     out = []
     for i, msg in enumerate(messages[:index]):
         text = message_text(msg)
         if msg.role == "tool" or not text.strip():
             continue
-        engine.check_text(text, field=f"messages[{i}].content")
+        if msg.role in CONTEXT_ROLES:  # what a model may read; a system prompt is only stored (the body
+            engine.check_text(text, field=f"messages[{i}].content")  # limit bounds it, as it bounds all)
         out.append((msg.role, text))
     return out
 
@@ -617,6 +619,63 @@ class SseResponse:
 
 
 # ---------------------------------------------------------------------------------- the surface
+GRPC_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc's default receive limit, which --max-message-bytes sets
+
+
+class BodyLimit:
+    """ASGI layer: a request body larger than ``limit`` bytes gets 413 (the OpenAI error object) before any
+    handler reads it, whether its Content-Length says so or its chunks add up to it; the rest of the app
+    never buffers more than the limit. The body is read here and handed on in one piece (bodies are small:
+    a chat request is a few kB), and later ``receive`` calls (an SSE stream watching for a disconnect) go to
+    the server's."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(scope, send, int(declared))
+        chunks, size, first = [], 0, None
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # gone while sending: the app sees the disconnect
+                first = message
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_large(scope, send, size, at_least=True)
+            if not message.get("more_body", False):
+                break
+        pending = [first or {"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, send, size: int, at_least: bool = False) -> None:
+        headers = dict(scope["headers"])
+        request_id = pick_request_id([(REQUEST_ID_METADATA_KEY, headers.get(REQUEST_ID_METADATA_KEY.encode(),
+                                                                            b"").decode("latin-1") or None)])
+        many = f"more than {self.limit}" if at_least else str(size)
+        body = {"error": {"message": f"the request body is {many} bytes; allowed: at most {self.limit} "
+                                     "(the server's --max-message-bytes)", "type": "invalid_request_error",
+                          "param": None, "code": "request_too_large"}}
+        logger.warning("HTTP request body too large", extra={"request_id": request_id, "limit": self.limit,
+                                                              "path": scope.get("path")})
+        response = JSONResponse(body, status_code=413, headers={REQUEST_ID_METADATA_KEY: request_id,
+                                                                  "connection": "close"})
+        await response(scope, _no_receive, send)
+
+
+async def _no_receive():
+    return {"type": "http.disconnect"}
+
+
 class HttpSurface:
     """The HTTP API and chat page of one :class:`~chatforge.serving.server.ChatbotServer`.
 
@@ -698,7 +757,8 @@ class HttpSurface:
         # OpenAI client that pauses between turns reconnect for most requests).
         # httptools: the C HTTP/1.1 parser (a dependency), named so that a missing one fails loudly
         # instead of falling back to pure-Python h11 on the hot path.
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False, http="httptools",
+        limit = getattr(self.backend, "max_message_bytes", None) or GRPC_DEFAULT_MAX_MESSAGE_BYTES
+        config = uvicorn.Config(BodyLimit(self.app, limit), lifespan="off", log_config=None, access_log=False, http="httptools",
                                 timeout_graceful_shutdown=1, timeout_keep_alive=60, server_header=False,
                                 **ssl_kwargs)
         try:
@@ -1096,7 +1156,7 @@ def create_app(surface: HttpSurface) -> FastAPI:
               responses={200: {"model": ChatCompletion, "headers": headers_doc,
                                "content": {"text/event-stream": {"schema": {"type": "string"}}},
                                "description": "`stream: false`: a chat.completion object. " + _SSE_DOC},
-                         **{k: _ERRORS[k] for k in (400, 401, 404, 429, 503, 504)}})
+                         **{k: _ERRORS[k] for k in (400, 401, 404, 413, 429, 503, 504)}})
     async def chat_completions(request: Request, body: ChatCompletionRequest):  # pragma: no cover
         raise NotImplementedError("documentation only; served by serve_chat_completions")
 
@@ -1112,7 +1172,7 @@ def create_app(surface: HttpSurface) -> FastAPI:
     app.router.routes.append(chat_route)
 
     @app.post("/v1/classify", response_model=ClassifyHttpResponse, tags=["chatforge"],
-              responses={k: _ERRORS[k] for k in (400, 401, 404, 429, 503, 504)},
+              responses={k: _ERRORS[k] for k in (400, 401, 404, 413, 429, 503, 504)},
               summary="Intent, score, all scores and out-of-scope of one message")
     async def classify(request: Request, body: ClassifyHttpRequest):
         return await surface.classify(request, body)

@@ -155,6 +155,7 @@ class ChatbotServer:
         self.port_file = Path(port_file) if port_file is not None else None
         # Later options override the defaults; deduplicated so no grpc version has to choose.
         merged = dict(SERVER_OPTIONS)
+        self.max_message_bytes = max_message_bytes  # also the HTTP surface's request body limit
         if max_message_bytes is not None:
             merged["grpc.max_receive_message_length"] = max_message_bytes
             merged["grpc.max_send_message_length"] = max_message_bytes
