@@ -96,6 +96,60 @@ def generation_quality(bundle: Path, max_examples: int | None) -> dict:
     }
 
 
+# --layers: which linear layers int8 covers, to find where greedy replies flip (name patterns of the families'
+# modules: attention projections are *_attn.*/attn.*, the output layer lm_head).
+LAYER_SETS = {
+    "all": None,
+    "no-attention": r"attn",
+    "no-output": r"lm_head$",
+    "feed-forward only": r"attn|lm_head$",
+}
+
+
+def layer_study(bundle: Path, max_examples: int | None) -> dict:
+    """Greedy token agreement with fp32 when int8 covers only some linear layers (LAYER_SETS), with the share of
+    matmul weights each set quantizes. Not a serving path: ``quantize_int8`` refuses sets below
+    ``INT8_MIN_COVERAGE``; this applies torch's dynamic quantization to the set directly."""
+    import re
+    import warnings
+
+    import sacrebleu
+    import torch
+
+    from chatforge import inference
+    from chatforge.decoding import GenerationOptions
+    from chatforge.training.run import load_splits
+
+    fp32 = inference.load_model(bundle, "chat", precision="fp32")
+    cfg = fp32.bundle.config
+    _, _, test, _ = load_splits(cfg)
+    test = test[:max_examples] if max_examples else test
+    opts = GenerationOptions(max_new_tokens=cfg.train.max_target_len)
+
+    def greedy(m) -> list[list[int]]:
+        return [[d.token_id for d in m.stream(ex.text, opts)] for ex in test]
+
+    base = greedy(fp32)
+    refs = [[ex.response for ex in test]]
+    out = {"bundle": str(bundle), "examples": len(test),
+           "chrf_fp32": sacrebleu.corpus_chrf([fp32.tok.decode(t) for t in base], refs).score, "sets": {}}
+    for name, skip in LAYER_SETS.items():
+        m = inference.load_model(bundle, "chat", precision="fp32")
+        spec, _ = inference._int8_plan(m.model)
+        spec = {k: v for k, v in spec.items() if not (skip and re.search(skip, k))}
+        weights = {k: mod.weight.numel() for k, mod in m.model.named_modules() if isinstance(mod, torch.nn.Linear)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(m.model.eval(), spec, dtype=torch.qint8, inplace=True)
+        toks = greedy(m)
+        out["sets"][name] = {
+            "linear_weight_share": sum(weights.get(k, 0) for k in spec) / sum(weights.values()),
+            "token_agreement": token_agreement(base, toks),
+            "chrf": sacrebleu.corpus_chrf([m.tok.decode(t) for t in toks], refs).score,
+        }
+    return out
+
+
 def classification_quality(bundle: Path) -> dict:
     import numpy as np
 
@@ -132,6 +186,8 @@ def main() -> None:
     ap.add_argument("--classifier", type=Path, action="append", default=[])
     ap.add_argument("--train", type=Path, help="train the short-budget bundles into this folder first")
     ap.add_argument("--max-examples", type=int, help="generation: first N test examples only")
+    ap.add_argument("--layers", action="store_true",
+                    help="generation: also measure agreement when int8 covers only some linear layers (LAYER_SETS)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8-quality.json")
     args = ap.parse_args()
     os.chdir(ROOT)  # the configs' data paths are relative to the repository root
@@ -149,6 +205,7 @@ def main() -> None:
     before = cpu_info()
     gen = [generation_quality(b, args.max_examples) for b in args.generator]
     cls = [classification_quality(b) for b in args.classifier]
+    layers = [layer_study(b, args.max_examples) for b in args.generator] if args.layers else []
     acceptance = {
         "generation": [{"bundle": g["bundle"], "token_agreement>=0.95": g["token_agreement"]["position"] >= 0.95,
                         "chrf_within_1": abs(g["chrf_delta"]) <= 1.0} for g in gen],
@@ -158,12 +215,16 @@ def main() -> None:
     }
     result = {"benchmark": "int8_quality", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine_before": before, "machine_after": cpu_info(), "torch": torch.__version__,
-              "generation": gen, "classification": cls, "acceptance": acceptance}
+              "generation": gen, "classification": cls, "acceptance": acceptance,
+              **({"layers": layers} if layers else {})}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     summary = {"generation": [{k: g[k] for k in ("family", "examples", "token_agreement", "chrf")} for g in gen],
                "classification": [{k: c[k] for k in ("family", "examples", "argmax_agreement", "fp32", "int8")}
-                                  for c in cls], "acceptance": acceptance}
+                                  for c in cls], "acceptance": acceptance,
+               **({"layers": [{k: {n: (v["token_agreement"]["position"], round(v["linear_weight_share"], 3))
+                                   for n, v in ly["sets"].items()} if k == "sets" else ly[k]
+                               for k in ("bundle", "sets")} for ly in layers]} if layers else {})}
     print(json.dumps(summary, indent=1))
 
 

@@ -26,3 +26,28 @@ def test_token_agreement_counts_positions_over_the_longer_reply(script):
     assert got["exact_replies"] == pytest.approx(1 / 3)
     assert script.token_agreement([[1]], [[1]]) == {"position": 1.0, "prefix": 1.0, "exact_replies": 1.0,
                                                     "tokens_compared": 1}
+
+
+def test_layer_study_quantizes_exactly_the_named_layer_sets(script, tmp_path):
+    import torch
+    from tests.test_bundle import tiny_cfg
+
+    from chatforge.config import validate_config
+    from chatforge.inference import load_model
+    from chatforge.training.run import run_experiment
+
+    run = run_experiment(validate_config(tiny_cfg("generation", tmp_path)), run_dir=tmp_path / "run")
+    got = script.layer_study(run.bundle_dir, max_examples=4)
+    assert got["examples"] == 4 and set(got["sets"]) == set(script.LAYER_SETS)
+    weights = {n: m.weight.numel() for n, m in load_model(run.bundle_dir, "x").model.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    total = sum(weights.values())
+    ff = sum(v for n, v in weights.items() if ".ff." in n)
+    attn = sum(v for n, v in weights.items() if "attn" in n)
+    shares = {k: v["linear_weight_share"] for k, v in got["sets"].items()}
+    assert shares["all"] == pytest.approx(1.0)
+    assert shares["no-attention"] == pytest.approx(1 - attn / total)
+    assert shares["no-output"] == pytest.approx(1 - weights["lm_head"] / total)
+    assert shares["feed-forward only"] == pytest.approx(ff / total)
+    for s in got["sets"].values():
+        assert 0.0 <= s["token_agreement"]["position"] <= 1.0 and s["token_agreement"]["tokens_compared"] > 0
