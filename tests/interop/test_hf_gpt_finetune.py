@@ -196,7 +196,7 @@ def test_team_checkpoint_fine_tune_evaluate_serve_export(tmp_path, shared_data):
                             "--set", f"data.path={data}", "--set", f"output.dir={tmp_path / 'runs'}",
                             "--set", "output.run_name=ft", "--set", "tracking.enabled=false",
                             "--set", "train.epochs=20", "--set", "train.batch_size=8", "--set", "train.lr=3e-3",
-                            "--set", "data.valid_fraction=0.0",  # keep the last epoch: it has learnt to answer
+                            "--set", "data.valid_fraction=0.0", "--set", "train.monitor=valid_loss",  # keep the last epoch
                             "--set", "data.test_fraction=0.1"])
     assert r.exit_code == 0, r.output
     run = tmp_path / "runs" / "ft"
