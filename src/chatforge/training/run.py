@@ -325,6 +325,8 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
     init_report = None
     if pre is not None:
         tok = pre.tokenizer  # a pre-trained model only makes sense with its own vocabulary
+        log.info("init_from %s: its %s tokenizer (%d ids) is used; the config's tokenizer section is not",
+                 cfg.model.init_from, tok.kind, tok.vocab_size)
     elif cfg.tokenizer.kind == "byte":
         tok = _tokenizer_for(cfg, train)  # fixed: every rank builds the same one, nothing to broadcast
     elif resume:
