@@ -141,6 +141,31 @@ def test_training_uses_the_checkpoint_tokenizer_ids_and_endoftext(converted, tmp
     assert y == [-100] * (len(prompt) - 1) + answer  # labels on the answer only; loss_on_prompt adds the rest
 
 
+def test_a_vocabulary_with_its_own_pad_token_pads_with_it():
+    """KoGPT2-style vocabularies ship <pad>: batches pad with it, not with <|endoftext|>, and never learn it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from chatforge.data import Example
+    from chatforge.interop.hf_tokenizer import HFTokenizer
+    from chatforge.tasks import TaskSpec
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator([t for p in PAIRS for t in p], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = HFTokenizer.from_tokenizers(tk)
+    pad, eot = tk.token_to_id("<pad>"), tk.token_to_id("<|endoftext|>")
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (pad, eot, eot) and pad != eot
+    ds = make_dataset(TaskSpec("generation", "gpt", 40, 40, None), [Example(text=q, response=a) for q, a in PAIRS[:2]],
+                      tok)
+    batch = ds.collate([ds[0], ds[1]])
+    short = int(len(ds[0][0]) > len(ds[1][0]))  # the row that gets padding
+    n = len(ds[short][0])
+    assert n < batch["input_ids"].size(1)  # there is padding to check
+    assert (batch["input_ids"][short, n:] == pad).all() and (batch["labels"][short, n:] == -100).all()
+    assert pad not in batch["labels"].tolist()[1 - short]
+
+
 @pytest.mark.parametrize(("key", "value"), [("d_model", 32), ("n_layers", 3), ("n_heads", 2), ("variant", "gpt")])
 def test_config_keys_that_disagree_with_the_checkpoint_name_both_values(converted, tmp_path, key, value):
     _, bundle, data = converted
