@@ -149,6 +149,14 @@ def test_init_from_reuses_tokenizer_and_weights(gen_run, tmp_path):
     assert torch.allclose(emb_a, emb_b, atol=1e-5)
 
 
+def test_init_from_with_no_tensor_in_common_is_refused(gen_run, tmp_path):
+    """It used to train from scratch and report "0 loaded" in metrics.json as if it had fine-tuned."""
+    tree = tiny_cfg("generation", tmp_path)
+    tree["model"].update(init_from=str(gen_run.run_dir), d_model=48, d_ff=96)  # every tensor's shape differs
+    with pytest.raises(ConfigError, match=r"model.init_from=.*none of its \d+ tensors matches"):
+        run_experiment(validate_config(tree), run_dir=tmp_path / "ft")
+
+
 # ------------------------------------------------------------------ file permissions (issue #12, item 8)
 def _modes(root):
     import os

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from chatforge import runtime
 from chatforge.bundle import build_from_config, load_bundle, save_bundle, torch_class_probs
-from chatforge.config import ConfigError, ExperimentConfig, load_config
+from chatforge.config import ConfigError, ExperimentConfig, load_config, validate_config
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
 from chatforge.data.splits import hold_out
 from chatforge.decoding import GenerationOptions, generate, generate_batch
@@ -145,11 +145,49 @@ def _tokenizer_for(cfg: ExperimentConfig, train: list[Example]) -> Tokenizer:
                            character_coverage=t.character_coverage, on_vocab_too_large=t.on_vocab_too_large)
 
 
+def init_from_config(cfg: ExperimentConfig, pre) -> ExperimentConfig:
+    """The config a fine-tune of the bundle ``pre`` (``model.init_from``) trains with.
+
+    The architecture keys (the family config's ``ARCHITECTURE_KEYS``, e.g. GPT's d_model, n_layers, variant)
+    that ``cfg`` leaves out are the pre-trained model's, so a fine-tune config need not copy a checkpoint's
+    shapes; those it sets must build the same network, else a ConfigError names both values. Families that
+    declare no such keys are unchanged (the config must spell their shapes)."""
+    src = cfg.model.init_from
+    if pre.config.model.family != cfg.model.family:
+        raise ConfigError(f"model.init_from={src}: that bundle is a {pre.config.model.family!r} model; this config "
+                          f"trains family {cfg.model.family!r}. Fine-tune a bundle of the same family")
+    keys = getattr(cfg.model.spec.config_cls, "ARCHITECTURE_KEYS", ())
+    if not keys:
+        return cfg
+    mine, theirs = cfg.model.params, pre.config.model.params
+    taken = {k: theirs[k] for k in keys if k in theirs and k not in mine}
+    if taken:
+        tree = cfg.to_dict()
+        tree["model"].update(taken)
+        cfg = validate_config(tree, source=f"config + model.init_from={src}")
+        log.info("init_from %s: architecture from the pre-trained bundle: %s", src,
+                 ", ".join(f"{k}={v}" for k, v in taken.items()))
+    want = pre.config.model.family_config().architecture()
+    have = cfg.model.family_config().architecture()
+    bad = [k for k in want if have[k] != want[k]]
+    if bad:
+        raise ConfigError(
+            f"model.init_from={src}: the config disagrees with the pre-trained model on "
+            + "; ".join(f"model.{k}: config {have[k]!r}, pre-trained {want[k]!r}" for k in bad)
+            + ". Remove these keys from the config (they are then taken from the pre-trained bundle) or set "
+              "them to its values")
+    return cfg
+
+
 def _init_from(model: torch.nn.Module, src, source: str) -> dict[str, list[str]]:
     """Copy every weight of a pre-trained bundle whose name and shape match; report the rest."""
     theirs = src.model.state_dict()
     mine = model.state_dict()
     loaded = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    if not loaded:
+        # Nothing in common is a wrong init_from (another architecture), never a fine-tune.
+        raise ConfigError(f"model.init_from={source}: none of its {len(theirs)} tensors matches this model's "
+                          f"names and shapes (e.g. {next(iter(theirs), '-')}); is it the right bundle?")
     model.load_state_dict(loaded, strict=False)
     report = {
         "loaded": sorted(loaded),
@@ -259,6 +297,11 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
     run_dir = Path(run_dir) if run_dir else Path(cfg.output.dir) / (cfg.output.run_name or f"{cfg.name}-{stamp}")
     run_dir = Path(ddp.broadcast_object(str(run_dir), ctx))  # one folder even if ranks' clocks differ
     main = ctx.is_main
+    pre = None
+    if cfg.model.init_from:
+        pre = load_bundle(Path(cfg.model.init_from) / "bundle"
+                          if (Path(cfg.model.init_from) / "bundle").is_dir() else cfg.model.init_from)
+        cfg = init_from_config(cfg, pre)  # before config.yaml: the run records the network it trains
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -279,11 +322,11 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
 
         train, valid, test = (in_scope_only(x, cfg.oos.label) for x in (train, valid, test))
 
-    init_report, pre = None, None
-    if cfg.model.init_from:
-        pre = load_bundle(Path(cfg.model.init_from) / "bundle"
-                          if (Path(cfg.model.init_from) / "bundle").is_dir() else cfg.model.init_from)
+    init_report = None
+    if pre is not None:
         tok = pre.tokenizer  # a pre-trained model only makes sense with its own vocabulary
+        log.info("init_from %s: its %s tokenizer (%d ids) is used; the config's tokenizer section is not",
+                 cfg.model.init_from, tok.kind, tok.vocab_size)
     elif cfg.tokenizer.kind == "byte":
         tok = _tokenizer_for(cfg, train)  # fixed: every rank builds the same one, nothing to broadcast
     elif resume:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
@@ -39,6 +39,13 @@ class GPTConfig:
     classifier_dropout: Probability = 0.1
     label_smoothing: Probability = 0.0
 
+    # The keys that fix the network a checkpoint's weights belong to. A fine-tune (model.init_from) takes the
+    # ones its config leaves out from the pre-trained bundle, and refuses ones that disagree with it
+    # (chatforge.training.run); dropout, losses and the classifier head stay the fine-tune's own.
+    ARCHITECTURE_KEYS: ClassVar[tuple[str, ...]] = (
+        "variant", "d_model", "n_heads", "n_layers", "d_ff", "n_positions", "activation", "norm_first",
+        "final_norm", "layer_norm_epsilon", "bias", "tie_embeddings")
+
     @model_validator(mode="after")
     def _heads_divide_d_model(self) -> GPTConfig:
         if self.d_model % self.n_heads != 0:
@@ -63,3 +70,11 @@ class GPTConfig:
     @property
     def has_final_norm(self) -> bool:
         return self.final_norm if self.final_norm is not None else self.variant == "gpt2"
+
+    def architecture(self) -> dict[str, Any]:
+        """The network these keys build, the variant's defaults resolved: two configs build the same network
+        (shapes and computation) when these are equal, however their YAML spells it."""
+        return {"d_model": self.d_model, "n_heads": self.n_heads, "n_layers": self.n_layers, "d_ff": self.ff_dim,
+                "n_positions": self.n_positions, "activation": self.act, "norm_first": self.pre_ln,
+                "final_norm": self.has_final_norm, "layer_norm_epsilon": self.layer_norm_epsilon,
+                "bias": self.bias, "tie_embeddings": self.tie_embeddings}
