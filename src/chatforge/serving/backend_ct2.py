@@ -330,6 +330,7 @@ class CT2Generator:
             with self._cond:
                 self._free += 1
                 self._start_locked()
+                self._cond.notify_all()
 
     def _run(self, batch: list[_Job]) -> None:
         o = batch[0].options
@@ -373,6 +374,11 @@ class CT2Generator:
             return False
 
         self.generator.generate_batch(prompts, beam_size=1, callback=on_step, **kw)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no batch runs or waits (True) or ``timeout`` seconds pass (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._free == self.inter_threads and not self._pending, timeout)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
