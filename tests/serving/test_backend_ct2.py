@@ -181,6 +181,29 @@ def test_cancelled_stream_stops_ctranslate2(bundle):
         engine.close()
 
 
+def test_request_arriving_mid_reply_joins_by_restarting_the_batch(bundle, torch_gen):
+    gen = CT2Generator(bundle, "chat")
+    gen.generator = _Gated(gen.generator)
+    opts = GenerationOptions(max_new_tokens=30)
+    a = gen.stream(TEXTS[0], opts)
+    gen.generator.permits.release(3)
+    first = [next(a).token_id for _ in range(3)]
+    out: dict[str, list[int]] = {}
+    b = gen.stream(TEXTS[1], opts)
+    t = threading.Thread(target=lambda: out.update(b=[d.token_id for d in b]))
+    t.start()
+    with gen._cond:  # B waits while A's batch runs
+        assert gen._cond.wait_for(lambda: bool(gen._pending), 10)
+    gen.generator.permits.release(1000)
+    rest = [d.token_id for d in a]
+    t.join(30)
+    assert not t.is_alive()
+    # A's batch stopped for B (one restart, two batches); both replies are what each gives alone.
+    assert gen.restarts == 1 and gen.batches_run == 2
+    assert first + rest == _ids(torch_gen, TEXTS[0], opts)
+    assert out["b"] == _ids(torch_gen, TEXTS[1], opts)
+
+
 def test_concurrent_streams_share_a_batch_and_match_alone(bundle, torch_gen):
     gen = CT2Generator(bundle, "chat", batch_wait_ms=30_000, max_batch_size=4)  # the batch fills before it runs
     engine = Engine({"chat": gen}, {}, max_running=4)

@@ -14,16 +14,19 @@ CTranslate2's format.
 
 Batching. CTranslate2 cannot add a sequence to a running batch, so the engine's continuous batcher (which
 needs a step-wise model) does not apply: the engine runs this generator on its per-request runner (one
-worker thread per running request). Here the requests that wait while the Generator's workers
-(``inter_threads``) are busy are gathered and run as one ``generate_batch`` (request-level batching, the
-way CTranslate2's own ``max_batch_size`` works); a request's tokens are streamed through the batch's
-``callback``, and a request that goes away stops its row there (the callback returns True for it) while
-the others go on. What is lost against continuous batching: a request that arrives while every worker is
-busy waits for a batch to finish before its first token (time to first token grows with the length of the
-replies in flight), and a batch runs only requests with identical decoding settings (sampling parameters,
-min_new_tokens, beams). Beam search runs through ``generate_batch`` without a callback (CTranslate2 streams
-greedy/sampled decoding only): its reply arrives at the end, as chatforge's own beam search sends it, and a
-cancelled beam request stops only when its search ends.
+worker thread per running request). Here requests are gathered into ``generate_batch`` calls run by the
+Generator's workers (``inter_threads``): requests that arrive within ``batch_wait_ms`` of each other start
+together, and a request that arrives while a batch runs joins it by a restart: the running batch is
+stopped after its current step (the per-step ``callback`` returns True for every row) and its unfinished
+rows go on, in the next batch with the newcomers, from their prompt plus the tokens they have produced
+(one prefill of those tokens again; greedy replies are unchanged, tests/serving/test_backend_ct2.py).
+A request's tokens are streamed through the callback; a request that goes away stops its row there while
+the others go on. What is lost against continuous batching: each join costs a prefill of every running
+row's prompt and reply so far (continuous batching prefills only the newcomer), and rows share a batch only
+with identical decoding settings (sampling parameters, beams, and the tokens min_new_tokens still requires),
+so a request with other settings waits for a free worker. Beam search runs through ``generate_batch``
+without a callback (CTranslate2 streams greedy and sampled decoding only): its reply arrives at the end, as
+chatforge's own beam search sends it, and a cancelled beam request stops only when its search ends.
 """
 
 from __future__ import annotations
@@ -149,21 +152,26 @@ _END = object()
 
 @dataclass(eq=False)
 class _Job:
-    prompt: list[str]
+    prompt: list[str]  # the model's input: the request's prompt, then its tokens so far after a restart
     options: GenerationOptions
     limit: int  # most tokens this request may produce
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     produced: int = 0
     finished: bool = False
+    new: list[int] = field(default_factory=list)  # tokens produced in the batch now running
+
+    @property
+    def left(self) -> int:
+        return self.limit - self.produced
 
     @property
     def key(self) -> tuple:
         """Requests with equal keys can share a ``generate_batch`` (its decoding settings are per batch)."""
         o = self.options
         sampling = (o.temperature, o.top_k, o.top_p) if o.do_sample else ()
-        return (o.do_sample, sampling, o.repetition_penalty, o.no_repeat_ngram_size, o.min_new_tokens,
-                o.num_beams, o.length_penalty if o.num_beams > 1 else None)
+        return (o.do_sample, sampling, o.repetition_penalty, o.no_repeat_ngram_size,
+                max(0, o.min_new_tokens - self.produced), o.num_beams, o.length_penalty if o.num_beams > 1 else None)
 
 
 class CT2Generator:
@@ -174,7 +182,8 @@ class CT2Generator:
 
     def __init__(self, bundle_dir: str | Path, name: str, version: str = "1", precision: str = "fp32", *,
                  inter_threads: int | None = None, intra_threads: int | None = None,
-                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, max_batch_size: int = 64) -> None:
+                 batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS, max_batch_size: int = 64,
+                 join_running: bool = True) -> None:
         ct2 = import_ct2()
         compute_type = compute_type_for(precision)
         bundle_dir = Path(bundle_dir)
@@ -215,8 +224,10 @@ class CT2Generator:
                     extra={"model": name, "backend": "ctranslate2", "compute_type": compute_type})
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_batch_size = max_batch_size
+        self.join_running = join_running
         self.steps_run = 0
         self.batches_run = 0
+        self.restarts = 0
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
         self._free = self.inter_threads
@@ -313,8 +324,9 @@ class CT2Generator:
                 batch = self._take_batch()
                 if not batch:
                     return
+                again: list[_Job] = []
                 try:
-                    self._run(batch)
+                    again = self._run(batch)
                 except BaseException as e:  # noqa: BLE001 - every request of the batch gets the error
                     logger.error("CTranslate2 failed while generating", exc_info=True)
                     for j in batch:
@@ -322,8 +334,11 @@ class CT2Generator:
                             j.finished = True
                             j.out.put(e)
                 finally:
+                    if again:  # stopped so that waiting requests join: first in line for the next batch
+                        with self._cond:
+                            self._pending[:0] = again
                     for j in batch:
-                        if not j.finished:
+                        if not j.finished and j not in again:
                             j.finished = True
                             j.out.put(_END)
         finally:
@@ -332,11 +347,23 @@ class CT2Generator:
                 self._start_locked()
                 self._cond.notify_all()
 
-    def _run(self, batch: list[_Job]) -> None:
+    def _joinable(self, batch: list[_Job]) -> bool:
+        """Whether a waiting request could share the next batch with this one's unfinished rows."""
+        with self._cond:
+            if not self._pending:
+                return False
+            running = [j for j in batch if not j.finished]
+            keys = {j.key for j in running}
+            fits = len(running) + len(self._pending) <= self.max_batch_size
+            return fits and any(p.key in keys and not p.cancelled.is_set() for p in self._pending)
+
+    def _run(self, batch: list[_Job]) -> list[_Job]:
+        """Run one ``generate_batch``; returns the rows stopped early to take waiting requests in."""
         o = batch[0].options
-        max_length = max(j.limit for j in batch)
+        max_length = max(j.left for j in batch)
+        min_left = max(0, o.min_new_tokens - batch[0].produced)  # equal for the batch (part of the key)
         # min_new_tokens past the position limit: as chatforge's GPT, the reply ends at the limit.
-        kw: dict[str, Any] = dict(max_length=max_length, min_length=min(o.min_new_tokens, max_length),
+        kw: dict[str, Any] = dict(max_length=max_length, min_length=min(min_left, max_length),
                                   include_prompt_in_result=False, end_token=[self.eos_id])
         if o.do_sample:
             kw.update(sampling_topk=o.top_k, sampling_topp=o.top_p, sampling_temperature=o.temperature)
@@ -344,6 +371,8 @@ class CT2Generator:
             kw.update(sampling_topk=1)
         self.batches_run += 1
         prompts = [j.prompt for j in batch]
+        for j in batch:
+            j.new = []
         if o.num_beams > 1:
             results = self.generator.generate_batch(prompts, beam_size=o.num_beams, length_penalty=o.length_penalty,
                                                     **kw)
@@ -354,11 +383,15 @@ class CT2Generator:
                     self.steps_run += 1
                     j.produced += 1
                     j.out.put(tok)
-            return
+            return []
+        restart = False
 
         def on_step(step) -> bool:
+            nonlocal restart
             j = batch[step.batch_id]
             if j.finished:
+                return True
+            if restart:  # this row's token is dropped; it is computed again in the next batch
                 return True
             if j.cancelled.is_set() or step.token_id == self.eos_id:
                 j.finished = True
@@ -366,14 +399,27 @@ class CT2Generator:
                 return True
             self.steps_run += 1
             j.produced += 1
+            j.new.append(step.token_id)
             j.out.put(step.token_id)
             if j.produced >= j.limit:
                 j.finished = True
                 j.out.put(_END)
                 return True
+            if self.join_running and self._joinable(batch):
+                # CTranslate2 cannot add a row to a running batch: stop this one, and continue its rows
+                # from their prompt + tokens so far together with the waiting requests (one more prefill).
+                restart = True
+                return True
             return False
 
         self.generator.generate_batch(prompts, beam_size=1, callback=on_step, **kw)
+        if not restart:
+            return []
+        again = [j for j in batch if not j.finished and not j.cancelled.is_set()]
+        for j in again:
+            j.prompt = j.prompt + [_token_name(t) for t in j.new]
+        self.restarts += 1
+        return again
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no batch runs or waits (True) or ``timeout`` seconds pass (False)."""
