@@ -21,7 +21,8 @@ stopped after its current step (the per-step ``callback`` returns True for every
 rows go on, in the next batch with the newcomers, from their prompt plus the tokens they have produced
 (one prefill of those tokens again; greedy replies are unchanged, tests/serving/test_backend_ct2.py).
 A request's tokens are streamed through the callback; a request that goes away stops its row there while
-the others go on. What is lost against continuous batching: each join costs a prefill of every running
+the others go on. (``Generator.generate_tokens`` is this same callback loop over one ``generate_batch``
+whose prompts are all given at the call, so requests arriving one by one could not share it.) What is lost against continuous batching: each join costs a prefill of every running
 row's prompt and reply so far (continuous batching prefills only the newcomer), and rows share a batch only
 with identical decoding settings (sampling parameters, beams, and the tokens min_new_tokens still requires),
 so a request with other settings waits for a free worker. Beam search runs through ``generate_batch``
