@@ -271,6 +271,27 @@ def test_engine_from_bundles_uses_the_backend_per_model(bundle):
         engine.close()
 
 
+def test_model_directory_loads_versions_with_the_backend(bundle, tmp_path):
+    import shutil
+
+    from chatforge.serving.repository import ModelDirectory
+
+    shutil.copytree(bundle, tmp_path / "chat" / "1")
+    shutil.copytree(bundle, tmp_path / "other" / "1")
+    engine = ModelDirectory(tmp_path, backend="ctranslate2", backends={"other": "torch"}).load_engine()
+    try:
+        assert isinstance(engine.generators["chat"], CT2Generator)
+        assert not isinstance(engine.generators["other"], CT2Generator)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("cpus, split", [(1, (1, 1)), (2, (1, 2)), (8, (2, 4)), (16, (4, 4)), (64, (4, 16))])
+def test_thread_split(cpus, split):
+    inter, intra = backend_ct2.thread_split(cpus)
+    assert (inter, intra) == split and inter * intra <= cpus
+
+
 @pytest.mark.slow
 def test_grpc_serve_streams_through_ctranslate2(bundle, torch_gen, tmp_path):
     from tests.scenarios.test_e2e import wait_for_file
