@@ -228,6 +228,8 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> list[dict[str, Any]]:
             rows.append({"engine": engine, "case": case,
                          "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in reps), 2),
                          "ttft_ms": round(statistics.median(r["ttft_ms"] for r in reps), 3),
+                         # The best repetition: on a shared machine a neighbour only ever slows a run down.
+                         "best_tokens_per_s": round(max(r["tokens_per_s"] for r in reps), 2),
                          "reps_tokens_per_s": [round(r["tokens_per_s"], 2) for r in reps],
                          "reps_ttft_ms": [round(r["ttft_ms"], 3) for r in reps]})
     return rows
@@ -246,6 +248,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     continue
                 out.append({"case": case, "chatforge": cf, "anchor": an,
                             "tokens_per_s": round(c["tokens_per_s"] / a["tokens_per_s"], 3),
+                            "best_tokens_per_s": round(c["best_tokens_per_s"] / a["best_tokens_per_s"], 3),
                             "ttft": round(a["ttft_ms"] / c["ttft_ms"], 3)})
     return out
 
@@ -258,13 +261,17 @@ def markdown(result: dict[str, Any]) -> str:
                                                                if result["loaded"] else ""), "",
              f"Model: {result['config']['model']}; {result['config']['new_tokens']} new tokens per reply at most (greedy); prompts: {result['config']['prompts']}; {result['config']['reps']} interleaved "
              f"repetitions (median).", "",
-             "| engine | case | tokens/s | time to first token (ms) |", "|---|---|---:|---:|"]
+             "| engine | case | tokens/s (median) | tokens/s (best) | time to first token (ms) |",
+             "|---|---|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['engine']} | {r['case']} | {r['tokens_per_s']:.1f} | {r['ttft_ms']:.1f} |")
+        lines.append(f"| {r['engine']} | {r['case']} | {r['tokens_per_s']:.1f} | {r['best_tokens_per_s']:.1f} | "
+                     f"{r['ttft_ms']:.1f} |")
     lines += ["", "Ratios (chatforge served / CTranslate2 direct; > 1: chatforge faster or sooner):", "",
-              "| case | chatforge | anchor | tokens/s | time to first token |", "|---|---|---|---:|---:|"]
+              "| case | chatforge | anchor | tokens/s (medians) | tokens/s (best) | time to first token |",
+              "|---|---|---|---:|---:|---:|"]
     for r in result["ratios"]:
-        lines.append(f"| {r['case']} | {r['chatforge']} | {r['anchor']} | {r['tokens_per_s']:.2f}x | {r['ttft']:.2f}x |")
+        lines.append(f"| {r['case']} | {r['chatforge']} | {r['anchor']} | {r['tokens_per_s']:.2f}x | "
+                     f"{r['best_tokens_per_s']:.2f}x | {r['ttft']:.2f}x |")
     lines += ["", f"Greedy agreement with {REFERENCE} (identical replies / tokens before the first difference):", ""]
     for name, a in result["agreement"].items():
         lines.append(f"- {name}: {a['identical_replies']:.0%} / {a['prefix_tokens']:.0%}")
@@ -364,7 +371,7 @@ def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
             for r in runs[e][case]:
                 r.pop("ids", None)
     rows = summarize(runs)
-    result = {
+    result: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"lscpu_model": lscpu_model(), "cpu": cpu_info(), "load_before": load_before,
                     "load_after": load_after, "ctranslate2": ctranslate2.__version__,
@@ -382,10 +389,23 @@ def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
     }
     if result["loaded"]:
         result["note"] = "loaded: figures are ratios only"
+    write(result, out)
+    return result
+
+
+def write(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "served-generation.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     (out / "served-generation.md").write_text(markdown(result))
     plot(result, out / "served-generation.png")
+
+
+def rebuild(out: Path) -> dict[str, Any]:
+    """Recompute the summary, ratios and report of ``out/served-generation.json`` from its raw repetitions."""
+    result = json.loads((out / "served-generation.json").read_text())
+    result["rows"] = summarize(result["raw"])
+    result["ratios"] = ratios(result["rows"])
+    write(result, out)
     return result
 
 
@@ -394,8 +414,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default: the size's)")
+    ap.add_argument("--rebuild", action="store_true", help="only rewrite the report from --out's JSON")
     args = ap.parse_args(argv)
-    result = run(args.out, SIZES[args.size], args.reps)
+    result = rebuild(args.out) if args.rebuild else run(args.out, SIZES[args.size], args.reps)
     print(markdown(result))
 
 

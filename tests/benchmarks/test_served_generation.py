@@ -31,12 +31,27 @@ def test_medians_and_ratios(script):
                         ("concurrent", "chatforge-ct2-int8", "ct2-direct-int8")}
     one = got[("1 stream", "chatforge-ct2-int8", "ct2-direct-int8")]
     assert one["tokens_per_s"] == 0.5 and one["ttft"] == 0.25  # 200/400; 5 ms / 20 ms
+    assert one["best_tokens_per_s"] == 0.75  # 300/400: each engine's best repetition
     assert got[("concurrent", "chatforge-ct2-int8", "ct2-direct-int8")]["ttft"] == 0.5
 
 
 def test_agreement_against_the_reference(script):
     ids = {"chatforge-torch-fp32": [[1, 2, 3, 4], [5, 6]], "x": [[1, 2, 9, 4], [5, 6]]}
     assert script.agreement(ids) == {"x": {"identical_replies": 0.5, "prefix_tokens": round(4 / 6, 4)}}
+
+
+def test_rebuild_recomputes_the_report_from_raw_repetitions(script, tmp_path):
+    raw = {"chatforge-ct2-int8": {"1 stream": [_rep(100, 10), _rep(300, 30)], "concurrent": [_rep(800, 40)]},
+           "ct2-direct-int8": {"1 stream": [_rep(400, 5)], "concurrent": [_rep(1000, 20)]}}
+    stale = {"created": "x", "loaded": False, "agreement": {}, "raw": raw, "rows": [], "ratios": [],
+             "config": {"model": "m", "new_tokens": 4, "prompts": "p", "reps": 2},
+             "machine": {"lscpu_model": "cpu", "cpu": {"available_cpus": 2}, "load_before": [0.1],
+                         "load_after": [0.2]}}
+    (tmp_path / "served-generation.json").write_text(json.dumps(stale))
+    got = script.rebuild(tmp_path)
+    assert {(r["engine"], r["case"]) for r in got["rows"]} == {(e, c) for e in raw for c in script.CASES}
+    assert "| 1 stream | chatforge-ct2-int8 | ct2-direct-int8 | 0.50x | 0.75x |" in (
+        tmp_path / "served-generation.md").read_text()
 
 
 @pytest.mark.slow
