@@ -181,6 +181,88 @@ def test_cancelled_stream_stops_ctranslate2(bundle):
         engine.close()
 
 
+def test_request_cancelled_while_waiting_is_dropped_and_frees_its_slot(bundle, torch_gen):
+    gen = CT2Generator(bundle, "chat")
+    gen.generator = _Gated(gen.generator)
+    engine = Engine({"chat": gen}, {}, max_running=2)
+    opts = GenerationOptions(max_new_tokens=6)
+
+    async def main():
+        a = engine.stream_reply(TEXTS[0], opts)
+        gen.generator.permits.release(1)
+        first = await a.__anext__()  # A's batch runs (and holds the only CTranslate2 worker)
+        b = engine.stream_reply(TEXTS[1], opts)
+        b_task = asyncio.ensure_future(b.__anext__())
+
+        def b_waits() -> bool:  # B is submitted and waits for the worker
+            with gen._cond:
+                return gen._cond.wait_for(lambda: bool(gen._pending), 10)
+
+        assert await asyncio.to_thread(b_waits)
+        b_task.cancel()
+        await asyncio.gather(b_task, return_exceptions=True)
+        await b.aclose()  # B's client went away before B ran
+        gen.generator.permits.release(1000)
+        rest = [x async for x in a]
+        return [first, *rest]
+
+    try:
+        got = asyncio.run(main())
+        assert engine.wait_idle(30)
+        assert [d.token_id for d in got[:-1]] == _ids(torch_gen, TEXTS[0], opts)
+        assert isinstance(got[-1], ReplyDone)
+        assert engine.dropped == 1 and engine.completed == 1 and engine.active == 0
+        assert gen.batches_run == 1  # B never ran
+    finally:
+        engine.close()
+
+
+def test_closing_the_engine_cuts_running_replies_off_with_shutdown(bundle):
+    from chatforge.serving.engine import EngineShutdownError
+
+    gen = CT2Generator(bundle, "chat")
+    gen.generator = _Gated(gen.generator)
+    engine = Engine({"chat": gen}, {})
+    opts = GenerationOptions(max_new_tokens=100, min_new_tokens=100)
+
+    async def main():
+        stream = engine.stream_reply(TEXTS[0], opts)
+        gen.generator.permits.release(2)
+        got = [await stream.__anext__() for _ in range(2)]
+        engine.close()
+        gen.generator.permits.release(1000)
+        with pytest.raises(EngineShutdownError, match="shutting down"):
+            async for _ in stream:
+                pass
+        return got
+
+    assert len(asyncio.run(main())) == 2
+    assert gen.steps_run < 100 and engine.failed == 1
+
+
+def test_overload_is_refused_before_it_queues(bundle):
+    from chatforge.serving.engine import EngineOverloadedError
+
+    gen = CT2Generator(bundle, "chat")
+    gen.generator = _Gated(gen.generator)
+    engine = Engine({"chat": gen}, {}, max_running=1, max_queued=0)
+
+    async def main():
+        a = engine.stream_reply(TEXTS[0], GenerationOptions(max_new_tokens=3))
+        gen.generator.permits.release(1)
+        await a.__anext__()
+        with pytest.raises(EngineOverloadedError):
+            await engine.stream_reply(TEXTS[1]).__anext__()
+        gen.generator.permits.release(100)
+        return [x async for x in a]
+
+    try:
+        assert isinstance(asyncio.run(main())[-1], ReplyDone)
+        assert engine.rejected == 1
+    finally:
+        engine.close()
+
+
 def test_request_arriving_mid_reply_joins_by_restarting_the_batch(bundle, torch_gen):
     gen = CT2Generator(bundle, "chat")
     gen.generator = _Gated(gen.generator)
@@ -222,7 +304,7 @@ def test_concurrent_streams_share_a_batch_and_match_alone(bundle, torch_gen):
     finally:
         engine.close()
     assert gen.batches_run == 1  # four requests, one generate_batch
-    assert engine.runner_kind("chat") == "threaded"
+    assert engine.runner_kind("chat") == "ctranslate2"
     for text, (ids, joined, done) in zip(TEXTS[:4], replies, strict=True):
         assert ids == _ids(torch_gen, text, opts)
         assert joined == gen.tok.decode(ids)
@@ -264,7 +346,7 @@ def test_engine_from_bundles_uses_the_backend_per_model(bundle):
     try:
         assert isinstance(engine.generators["a"], CT2Generator)
         assert not isinstance(engine.generators["b"], CT2Generator)
-        assert engine.runner_kind("a") == "threaded"  # the per-request runner: no step-wise model
+        assert engine.runner_kind("a") == "ctranslate2"  # its own runner: tokens go straight to the loop
         assert engine.generators["a"].info.metadata["backend"] == "ctranslate2"
         assert "backend" not in engine.generators["b"].info.metadata
     finally:

@@ -48,6 +48,7 @@ from chatforge import runtime
 from chatforge.bundle import load_bundle
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import ModelInfo, TokenDelta, check_precision
+from chatforge.serving.batching import GenRequest, RunnerClosedError, _log, _Runner
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,11 @@ class _Job:
     produced: int = 0
     finished: bool = False
     new: list[int] = field(default_factory=list)  # tokens produced in the batch now running
+    sink: Any = None  # called with each item instead of queueing it (CT2Runner: straight to the event loop)
+    stop_error: BaseException | None = None  # set to end the row with this error (the runner is closing)
+
+    def put(self, item: Any) -> None:
+        (self.sink or self.out.put)(item)
 
     @property
     def left(self) -> int:
@@ -263,6 +269,9 @@ class CT2Generator:
         return options
 
     def stream(self, text: str, options: GenerationOptions, context: Sequence[str] = ()) -> Iterator[TokenDelta]:
+        return self._consume(self._job(text, options, context))
+
+    def _job(self, text: str, options: GenerationOptions, context: Sequence[str] = (), **kw: Any) -> _Job:
         options.validate()
         self.check_options(options)
         ids = self.encode_prompt(text, context)[0][: self.max_input_tokens] or [self.tok.unk_id]
@@ -271,8 +280,11 @@ class CT2Generator:
         limit = min(options.max_new_tokens, self.n_positions - len(prompt) + 1)
         if limit < 1:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the model's n_positions is {self.n_positions}")
-        job = _Job([_token_name(i) for i in prompt], options, limit)
-        return self._consume(job)
+        return _Job([_token_name(i) for i in prompt], options, limit, **kw)
+
+    def make_runner(self, name: str, **kw: Any) -> CT2Runner:
+        """The engine's runner for this model (``Engine._make_slot``): :class:`CT2Runner`."""
+        return CT2Runner(name, self, **kw)
 
     def _consume(self, job: _Job) -> Iterator[TokenDelta]:
         self._submit(job)
@@ -311,13 +323,17 @@ class CT2Generator:
                 left = deadline - time.perf_counter()
                 if left <= 0 or not self._cond.wait(left):
                     break
+            gone = [j for j in self._pending if j.cancelled.is_set()]
             self._pending = [j for j in self._pending if not j.cancelled.is_set()]
-            if not self._pending:
-                return []
-            key = self._pending[0].key
-            batch = [j for j in self._pending if j.key == key][: self.max_batch_size]
-            self._pending = [j for j in self._pending if j not in batch]
-            return batch
+            batch: list[_Job] = []
+            if self._pending:
+                key = self._pending[0].key
+                batch = [j for j in self._pending if j.key == key][: self.max_batch_size]
+                self._pending = [j for j in self._pending if j not in batch]
+        for j in gone:  # cancelled while waiting: ended without running (the runner counts it dropped)
+            j.finished = True
+            j.put(_END)
+        return batch
 
     def _worker(self) -> None:
         try:
@@ -333,7 +349,7 @@ class CT2Generator:
                     for j in batch:
                         if not j.finished:
                             j.finished = True
-                            j.out.put(e)
+                            j.put(e)
                 finally:
                     if again:  # stopped so that waiting requests join: first in line for the next batch
                         with self._cond:
@@ -341,7 +357,7 @@ class CT2Generator:
                     for j in batch:
                         if not j.finished and j not in again:
                             j.finished = True
-                            j.out.put(_END)
+                            j.put(_END)
         finally:
             with self._cond:
                 self._free += 1
@@ -383,7 +399,7 @@ class CT2Generator:
                         break
                     self.steps_run += 1
                     j.produced += 1
-                    j.out.put(tok)
+                    j.put(tok)
             return []
         restart = False
 
@@ -394,17 +410,21 @@ class CT2Generator:
                 return True
             if restart:  # this row's token is dropped; it is computed again in the next batch
                 return True
+            if j.stop_error is not None:
+                j.finished = True
+                j.put(j.stop_error)
+                return True
             if j.cancelled.is_set() or step.token_id == self.eos_id:
                 j.finished = True
-                j.out.put(_END)
+                j.put(_END)
                 return True
             self.steps_run += 1
             j.produced += 1
             j.new.append(step.token_id)
-            j.out.put(step.token_id)
+            j.put(step.token_id)
             if j.produced >= j.limit:
                 j.finished = True
-                j.out.put(_END)
+                j.put(_END)
                 return True
             if self.join_running and self._joinable(batch):
                 # CTranslate2 cannot add a row to a running batch: stop this one, and continue its rows
@@ -470,3 +490,83 @@ def parse_backends(items: Sequence[str]) -> tuple[str, dict[str, str]]:
         else:
             default = value
     return default, per_model
+
+
+class CT2Runner(_Runner):
+    """The engine's runner for a :class:`CT2Generator`: admits requests within ``max_running``/``max_queued``
+    like the others and hands each to the generator's batches, whose per-step callback sends the request's
+    tokens straight to its event loop (``GenRequest.emit``, the engine's LoopSink). The per-request runner
+    would instead wake one worker thread per token per stream to pass each token on.
+    """
+
+    kind = "ctranslate2"
+
+    def __init__(self, name: str, generator: CT2Generator, **kw: Any) -> None:
+        super().__init__(name, **kw)
+        self.generator = generator
+        self._jobs: set[_Job] = set()
+
+    def submit(self, req: GenRequest) -> None:
+        self._enqueue(req)
+        with self._cond:
+            self._pump_locked()
+
+    def _pump_locked(self) -> None:
+        if self._closed:
+            return
+        for req in self._dequeue(lambda new, _next: self.running + len(new) < self.max_running):
+            self._start(req)
+
+    def _start(self, req: GenRequest) -> None:
+        detok = self.generator.tok.incremental_decoder()
+        state = {"n": 0}
+
+        def sink(item: Any) -> None:  # on a CTranslate2 worker thread (or this one, for a failure)
+            if isinstance(item, int):
+                state["n"] += 1
+                req.emit("token", TokenDelta(token_id=item, text=detok.feed(item)))
+            elif item is _END:
+                if req.cancelled.is_set():
+                    self._end(req, job, "dropped")
+                else:
+                    self._end(req, job, "completed",
+                              ("end", "length" if state["n"] >= req.options.max_new_tokens else "stop"))
+            else:
+                self._end(req, job, "failed", ("error", item))
+
+        try:
+            job = self.generator._job(req.text, req.options, req.turns, cancelled=req.cancelled, sink=sink)
+        except BaseException as e:  # noqa: BLE001 - a bad request fails alone
+            job = None
+            self._end(req, job, "failed", ("error", e))
+            return
+        self._jobs.add(job)
+        req.emit("start", req.prompt_tokens)
+        self.metrics.prompt_tokens(self.name, req.prompt_tokens)
+        self.generator._submit(job)
+
+    def _end(self, req: GenRequest, job: _Job | None, outcome: str, last: tuple[str, Any] | None = None) -> None:
+        req.generated = 0 if job is None else job.produced
+        _log(req, logging.INFO, "generation %s", outcome, model=self.name, outcome=outcome,
+             completion_tokens=req.generated)
+        with self._cond:
+            self._jobs.discard(job)
+            self.running -= 1
+            self.stats.update(running=-1, **{outcome: 1})
+            self._pump_locked()
+            self._cond.notify_all()
+        if last is not None:  # after the counters, as the other runners: whoever sees the end sees `completed`
+            req.emit(*last)
+
+    def join(self, timeout: float) -> bool:
+        return self.stats.wait_for(lambda s: self.running == 0, timeout)
+
+    def close(self) -> None:
+        super().close()
+        with self._cond:
+            jobs = list(self._jobs)
+        for j in jobs:  # rows still running stop at their next token and tell their consumers why
+            j.stop_error = RunnerClosedError("server shutting down: the reply was cut off; retry on another replica")
+
+    def _fail_item(self, item: GenRequest, exc: BaseException) -> None:
+        item.emit("error", exc)

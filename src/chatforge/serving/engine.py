@@ -292,6 +292,12 @@ class Engine:
         if task == "classification":
             runner = MicroBatcher(name, model, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms, **kw)
             return _Slot(name, model, task, runner)
+        make_runner = getattr(model, "make_runner", None)
+        if callable(make_runner):  # a backend that schedules its own batches (serving.backend_ct2)
+            runner = make_runner(name, max_running=self.max_running, **kw)
+            logger.info("hosting %s model %r (%s runner)", task, name, runner.kind,
+                        extra={"model": name, "runner": runner.kind})
+            return _Slot(name, model, task, runner)
         spec = None
         if self.continuous_batching and callable(getattr(model, "step_spec", None)):
             spec = model.step_spec()
