@@ -13,8 +13,9 @@ chatforge trains takes seconds, and a cache would need invalidation on every cha
 CTranslate2's format.
 
 Batching. CTranslate2 cannot add a sequence to a running batch, so the engine's continuous batcher (which
-needs a step-wise model) does not apply: the engine runs this generator on its per-request runner (one
-worker thread per running request). Here requests are gathered into ``generate_batch`` calls run by the
+needs a step-wise model) does not apply: the engine hosts this generator with :class:`CT2Runner` (its
+``make_runner``), which admits requests within the engine's limits and hands them to the generator, whose
+per-step callback sends each token straight to the request's event loop. Requests are gathered into ``generate_batch`` calls run by the
 Generator's workers (``inter_threads``): requests that arrive within ``batch_wait_ms`` of each other start
 together, and a request that arrives while a batch runs joins it by a restart: the running batch is
 stopped after its current step (the per-step ``callback`` returns True for every row) and its unfinished

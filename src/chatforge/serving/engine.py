@@ -5,8 +5,9 @@ below, so the engine can be driven (and tested) without a network.
 
 Threading model: every hosted model has a *runner* (:mod:`chatforge.serving.batching`)
 with its own thread(s) and a bounded queue — continuous batching for generators that
-offer a step-wise model (``step_spec()``), one worker thread per running request for
-other generators, dynamic micro-batching for classifiers. The event loop only validates,
+offer a step-wise model (``step_spec()``), the model's own runner where it offers one (``make_runner``:
+the CTranslate2 backend), one worker thread per running request for other generators, dynamic
+micro-batching for classifiers. The event loop only validates,
 enqueues and moves results: a runner hands each token to the request's ``asyncio.Queue``
 through the loop's :class:`LoopSink` the moment it exists; the continuous batcher hands over a
 whole decoding step (one token for every running stream) at once, so the loop is woken once
