@@ -81,6 +81,20 @@ def test_serve_refuses_an_unknown_precision(tmp_path):
     assert not port_file.exists()  # never reported ready
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "onnx"], "backend 'onnx' is not supported; allowed: torch, ctranslate2"),
+    (["--backend", "ghost=ctranslate2"], "--backend names model(s) ghost that are not served; served: chat"),
+])
+def test_serve_refuses_a_bad_backend(tmp_path, args, message):
+    port_file = tmp_path / "port"
+    (tmp_path / "bundle").mkdir()
+    r = runner.invoke(app, ["serve", "--model", f"chat={tmp_path / 'bundle'}", "--port", "0",
+                            "--port-file", str(port_file), *args])
+    assert r.exit_code == 2
+    assert message in " ".join(r.output.split())
+    assert not port_file.exists()
+
+
 # ------------------------------------------------------------- boolean options (issue 12, item 11)
 def _commands(group, path=()):
     """(path, click command) for every command of the app, nested groups included."""

@@ -92,12 +92,22 @@ def serve(
                                   "load; several times faster matmuls on CPUs with AMX/AVX512-BF16 and on GPUs); "
                                   "int8 (linear layers dynamically quantized at load); auto (the fastest this "
                                   "CPU supports, logged)."),
+    backend: list[str] = typer.Option([], "--backend", help="torch (default) or ctranslate2: serve GPT generators "
+                                      "through CTranslate2 (converted at load; compute type from --precision: "
+                                      "fp32 -> float32, int8 -> int8, bf16 -> bfloat16 where the CPU has it, "
+                                      "auto -> int8; needs chatforge[ct2]). NAME=BACKEND sets one model's "
+                                      "(repeatable)."),
 ):
     """Serve bundles over gRPC (Chatbot service, health, reflection) until SIGTERM/SIGINT."""
+    from chatforge.serving.backend_ct2 import parse_backends
     from chatforge.serving.engine import PipelineConfig
     from chatforge.serving.policy import ReplyPolicy
     from chatforge.serving.server import ServerConfig, run_server
 
+    try:
+        default_backend, model_backends = parse_backends(backend)
+    except ValueError as e:
+        _fail(str(e))
     named = None if model_dir is not None and not (bundles or model) else _parse_models(bundles or [], model)
     pins = {}
     for item in pin:
@@ -120,6 +130,7 @@ def serve(
             port_file=port_file, grace=grace, drain_delay=drain_delay, metrics_port=metrics_port, http_port=http_port,
             api_keys_file=api_keys_file, open_health=not protect_health, tls_cert=tls_cert, tls_key=tls_key,
             tls_client_ca=tls_client_ca, max_message_bytes=max_message_bytes, precision=precision,
+            backend=default_backend, backends=model_backends,
             max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, pipeline=pipeline,
             policy=reply_policy)

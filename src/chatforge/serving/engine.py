@@ -5,8 +5,9 @@ below, so the engine can be driven (and tested) without a network.
 
 Threading model: every hosted model has a *runner* (:mod:`chatforge.serving.batching`)
 with its own thread(s) and a bounded queue — continuous batching for generators that
-offer a step-wise model (``step_spec()``), one worker thread per running request for
-other generators, dynamic micro-batching for classifiers. The event loop only validates,
+offer a step-wise model (``step_spec()``), the model's own runner where it offers one (``make_runner``:
+the CTranslate2 backend), one worker thread per running request for other generators, dynamic
+micro-batching for classifiers. The event loop only validates,
 enqueues and moves results: a runner hands each token to the request's ``asyncio.Queue``
 through the loop's :class:`LoopSink` the moment it exists; the continuous batcher hands over a
 whole decoding step (one token for every running stream) at once, so the loop is woken once
@@ -40,6 +41,7 @@ from chatforge import inference
 from chatforge.context import CONTEXT_ROLES, MAX_CONTEXT_TURNS
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import ClassPrediction, ModelInfo, ReplyGenerator, TextClassifier, TokenDelta
+from chatforge.serving import backend_ct2
 from chatforge.serving.batching import (
     NULL_METRICS,
     ClassifyRequest,
@@ -291,6 +293,12 @@ class Engine:
         if task == "classification":
             runner = MicroBatcher(name, model, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms, **kw)
             return _Slot(name, model, task, runner)
+        make_runner = getattr(model, "make_runner", None)
+        if callable(make_runner):  # a backend that schedules its own batches (serving.backend_ct2)
+            runner = make_runner(name, max_running=self.max_running, **kw)
+            logger.info("hosting %s model %r (%s runner)", task, name, runner.kind,
+                        extra={"model": name, "runner": runner.kind})
+            return _Slot(name, model, task, runner)
         spec = None
         if self.continuous_batching and callable(getattr(model, "step_spec", None)):
             spec = model.step_spec()
@@ -311,16 +319,19 @@ class Engine:
 
     @classmethod
     def from_bundles(cls, bundles: Mapping[str, str | Path], *, versions: Mapping[str, str] | None = None,
-                     precision: str = "fp32", **kwargs) -> Engine:
+                     precision: str = "fp32", backend: str = "torch", backends: Mapping[str, str] | None = None,
+                     **kwargs) -> Engine:
         """Load every bundle (name -> folder) with :func:`chatforge.inference.load_model`, torch models
-        at ``precision`` (``inference.PRECISIONS``: fp32, bf16, int8 or auto)."""
+        at ``precision`` (``inference.PRECISIONS``: fp32, bf16, int8 or auto); ``backend`` (``backends``: per
+        model name) ``ctranslate2`` serves GPT generators through CTranslate2 (serving.backend_ct2)."""
         if not bundles:
             raise ValueError("no bundles given; pass at least one name -> bundle folder")
         generators: dict[str, ReplyGenerator] = {}
         classifiers: dict[str, TextClassifier] = {}
         retrievers: dict[str, Any] = {}
         for name, path in bundles.items():
-            model = load_hosted_model(path, name, (versions or {}).get(name, "1"), precision)
+            model = load_hosted_model(path, name, (versions or {}).get(name, "1"), precision,
+                                      (backends or {}).get(name, backend))
             kind = generators if hasattr(model, "stream") else retrievers if hasattr(model, "select") else classifiers
             kind[name] = model
         if retrievers:
@@ -542,6 +553,12 @@ class Engine:
                 yield ReplyDone("fallback", 0, 0, clf.name, clf.version, intent, intent_score)
                 return
 
+        check = getattr(slot.model, "check_options", None)
+        if check is not None:  # a backend that cannot honour an option (serving.backend_ct2) says which
+            try:
+                check(options)
+            except ValueError as e:
+                raise InvalidRequestError(str(e)) from None
         beams = getattr(options, "num_beams", 1) > 1
         encode_prompt = getattr(slot.model, "encode_prompt", None) if context else None
         turns: tuple[str, ...] = ()
@@ -700,10 +717,16 @@ def _sha256_file(path: Path) -> str | None:
         return None
 
 
-def load_hosted_model(path: str | Path, name: str, version: str = "1",
-                      precision: str = "fp32") -> ReplyGenerator | TextClassifier:
-    """Load a bundle for serving, with its lineage (config/data/tokenizer hashes) in the metadata."""
-    model = inference.load_model(Path(path), name, version, precision)
+def load_hosted_model(path: str | Path, name: str, version: str = "1", precision: str = "fp32",
+                      backend: str = "torch") -> ReplyGenerator | TextClassifier:
+    """Load a bundle for serving, with its lineage (config/data/tokenizer hashes) in the metadata.
+
+    ``backend="ctranslate2"`` serves a GPT generator through CTranslate2 at ``precision``
+    (:mod:`chatforge.serving.backend_ct2`); other bundles are loaded by torch as always."""
+    if backend_ct2.check_backend(backend) == "ctranslate2" and backend_ct2.applies(path, name):
+        model: Any = backend_ct2.CT2Generator(Path(path), name, version, precision)
+    else:
+        model = inference.load_model(Path(path), name, version, precision)
     if not (hasattr(model, "stream") or hasattr(model, "classify") or hasattr(model, "select")):
         raise TypeError(
             f"bundle {name!r} ({path}) loaded a {type(model).__name__}, which is neither a "

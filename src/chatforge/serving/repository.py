@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.inference import ReplyGenerator, TextClassifier, check_precision
+from chatforge.serving import backend_ct2
 from chatforge.serving.engine import Engine, load_hosted_model
 
 logger = logging.getLogger(__name__)
@@ -39,16 +40,19 @@ class ModelDirectory:
 
     PIN_FILE = "PINNED"
 
-    def __init__(self, root: str | Path, pins: Mapping[str, str] | None = None, precision: str = "fp32") -> None:
+    def __init__(self, root: str | Path, pins: Mapping[str, str] | None = None, precision: str = "fp32",
+                 backend: str = "torch", backends: Mapping[str, str] | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"model directory not found: {self.root} is not a folder")
         self.pins = dict(pins or {})
         self.precision = check_precision(precision)
+        self.backend = backend_ct2.check_backend(backend)
+        self.backends = {n: backend_ct2.check_backend(b) for n, b in (backends or {}).items()}
 
     def load(self, path: Path, name: str, version: str) -> ReplyGenerator | TextClassifier:
-        """Load one version at this directory's serving precision (every version alike)."""
-        return load_hosted_model(path, name, version, self.precision)
+        """Load one version at this directory's serving precision and backend (every version alike)."""
+        return load_hosted_model(path, name, version, self.precision, self.backends.get(name, self.backend))
 
     def versions(self, name: str) -> list[str]:
         d = self.root / name

@@ -45,6 +45,7 @@ from grpc_reflection.v1alpha import reflection
 from chatforge.fileio import atomic_write_text
 from chatforge.inference import check_precision
 from chatforge.runtime import configure_threads
+from chatforge.serving import backend_ct2
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
 from chatforge.serving.alerts import AlertManager
 from chatforge.serving.engine import Engine, PipelineConfig
@@ -491,6 +492,8 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     max_message_bytes: int | None = None
     precision: str = "fp32"
+    backend: str = "torch"  # torch | ctranslate2 (GPT generators; serving.backend_ct2)
+    backends: Mapping[str, str] = field(default_factory=dict)  # per model name, over ``backend``
     max_running: int = 8
     max_queued: int = 64
     max_batch_size: int = 32
@@ -510,9 +513,18 @@ class ServerConfig:
         if self.poll_interval <= 0:
             raise ValueError(f"poll_interval={self.poll_interval!r} is out of range; allowed: seconds > 0")
         check_precision(self.precision)  # before the port is bound, not in the model loader's thread
+        for b in (self.backend, *self.backends.values()):
+            backend_ct2.check_backend(b)
+        if "ctranslate2" in (self.backend, *self.backends.values()):
+            backend_ct2.compute_type_for(self.precision)  # ctranslate2 missing, or no such compute type here
+        unknown = sorted(set(self.backends) - set(self.bundles)) if self.bundles else []
+        if unknown:
+            raise ValueError(f"--backend names model(s) {', '.join(unknown)} that are not served; "
+                             f"served: {', '.join(self.bundles)}")
         # Frozen all the way down: the mappings are read-only copies, paths are Paths.
         object.__setattr__(self, "bundles", _frozen(self.bundles))
         object.__setattr__(self, "pins", _frozen(self.pins))
+        object.__setattr__(self, "backends", _frozen(self.backends))
         for name in ("model_dir", "port_file", "api_keys_file", "tls_cert", "tls_key", "tls_client_ca"):
             value = getattr(self, name)
             if value is not None:
@@ -541,7 +553,7 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
     ops = operations(settings)
     kwargs = config.engine_kwargs()
     kwargs["metrics"] = ops["metrics"]
-    directory = ModelDirectory(config.model_dir, config.pins, config.precision) \
+    directory = ModelDirectory(config.model_dir, config.pins, config.precision, config.backend, config.backends) \
         if config.model_dir is not None else None
     if directory is not None:
         def loader():
@@ -550,7 +562,8 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
         named = dict(config.bundles)
 
         def loader():
-            return Engine.from_bundles(named, precision=config.precision, **kwargs)
+            return Engine.from_bundles(named, precision=config.precision, backend=config.backend,
+                                       backends=config.backends, **kwargs)
 
     try:
         asyncio.run(serve(loader, config.host, config.port, grace=config.grace, drain_delay=config.drain_delay,

@@ -1,0 +1,424 @@
+"""Served GPT generation through the real gRPC server against CTranslate2 called directly (issue 16).
+
+Engines, every one on the same weights and prompts:
+
+* served (a ``chatforge serve`` process each, streamed over gRPC from this process with ``grpc.aio``):
+  chatforge torch fp32, torch int8 (``--precision int8``), and the CTranslate2 backend float32 and int8
+  (``--backend ctranslate2 --precision fp32|int8``);
+* anchors, in this process: ``ctranslate2.Generator`` float32 and int8 on the same conversion the
+  backend makes (``serving.backend_ct2.convert_bundle``), one prompt at a time (``generate_batch`` of
+  one) and 8 prompts as one ``generate_batch``; time to first token from its per-step callback.
+
+Cases: one stream (the prompts one after another: tokens/s over the summed request times, median time to
+first token) and 8 concurrent streams (8 prompts at once: tokens over the wall time of the group, median
+time to first token of the 8). Greedy, at most ``new_tokens`` per reply; the fp32 engines give the same tokens
+(reported), so they do the same work, and tokens/s counts the tokens each produced. No min_new_tokens: a
+request with one would share a CTranslate2 batch only with rows needing the same number of tokens more,
+which keeps the CTranslate2 backend from taking arrivals into a running batch (serving.backend_ct2). Repetitions are interleaved across engines (the order rotates each
+repetition); a warm-up round is not timed.
+
+Weights: ``configs/gpt_chatbot_kr.yaml``'s GPT-2 (4 layers, d_model 256, vocabulary 8000 SentencePiece
+trained on its ChatbotData training split) with random weights; prompts are its ChatbotData test
+questions (synthetic sentences when ``../shared/data`` is absent). Untrained weights do not change the
+work per token, which is what is timed; greedy agreement with chatforge torch fp32 is reported beside.
+
+    nice -n 10 python benchmarks/served_generation.py --out benchmarks/results/served-generation [--size tiny]
+
+Writes ``served-generation.json``, ``served-generation.md`` and ``served-generation.png`` under ``--out``,
+with the CPU model (lscpu), the load before and after, and whether the machine was loaded (then the
+figures are ratios only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "gpt_chatbot_kr.yaml"
+
+
+class Size(NamedTuple):  # not a dataclass: the tests load this file without registering it as a module
+    layers: int
+    d_model: int
+    heads: int
+    vocab: int
+    positions: int
+    new_tokens: int
+    single_prompts: int  # prompts one after another per repetition (the one-stream case)
+    concurrent: int  # streams at once (the concurrent case)
+    reps: int
+
+
+SIZES = {
+    "full": Size(layers=4, d_model=256, heads=4, vocab=8000, positions=128, new_tokens=64, single_prompts=4,
+                 concurrent=8, reps=5),
+    "tiny": Size(layers=1, d_model=32, heads=2, vocab=1200, positions=64, new_tokens=4, single_prompts=2,
+                 concurrent=2, reps=1),
+}
+# name -> (backend, precision) of a served engine
+SERVED = {"chatforge-torch-fp32": ("torch", "fp32"), "chatforge-torch-int8": ("torch", "int8"),
+          "chatforge-ct2-float32": ("ctranslate2", "fp32"), "chatforge-ct2-int8": ("ctranslate2", "int8")}
+ANCHORS = {"ct2-direct-float32": "float32", "ct2-direct-int8": "int8"}
+REFERENCE = "chatforge-torch-fp32"
+CASES = ("1 stream", "concurrent")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def prompts_and_corpus(n: int) -> tuple[list[str], list[str], str]:
+    """(test questions, tokenizer training texts, where they came from)."""
+    try:
+        from chatforge.config import load_config
+        from chatforge.training.run import load_splits
+
+        train, _, test, path = load_splits(load_config(CONFIG))
+        questions = [e.text for e in test if 2 <= len(e.text) <= 60]
+        if len(questions) >= n:
+            return questions[:n], [t for e in train for t in (e.text, e.response) if t], \
+                f"ChatbotData test questions ({path.name}, split of {CONFIG.name})"
+    except Exception as e:  # noqa: BLE001 - the data set is optional: synthetic prompts then
+        print(f"ChatbotData unavailable ({type(e).__name__}: {e}); synthetic prompts", file=sys.stderr)
+    from chatforge.bench.cases import sample_texts
+
+    corpus = sample_texts()
+    return [corpus[i % len(corpus)] for i in range(n)], corpus, "synthetic (the packaged sample corpus)"
+
+
+def build_bundle(out: Path, size: Size, corpus: list[str]) -> Path:
+    import torch
+
+    from chatforge.bundle import build_from_config, save_bundle
+    from chatforge.config import validate_config
+    from chatforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(corpus, vocab_size=size.vocab, on_vocab_too_large="lower")
+    cfg = validate_config({"name": "served-generation", "data": {"path": "bench"}, "tracking": {"enabled": False},
+                           "model": {"family": "gpt", "task": "generation", "variant": "gpt2",
+                                     "d_model": size.d_model, "n_heads": size.heads, "n_layers": size.layers,
+                                     "n_positions": size.positions, "dropout": 0.0, "attn_dropout": 0.0},
+                           "train": {"max_source_len": 40}}, source="served_generation")
+    torch.manual_seed(0)
+    return save_bundle(out, model=build_from_config(cfg, tok, None).eval(), tokenizer=tok, config=cfg, labels=None)
+
+
+# ------------------------------------------------------------------------------------------ servers
+def start_server(bundle: Path, backend: str, precision: str, work: Path, name: str) -> tuple[subprocess.Popen, str]:
+    port_file = work / f"{name}.port"
+    log = (work / f"{name}.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"chat={bundle}", "--backend", backend,
+         "--precision", precision, "--port", "0", "--port-file", str(port_file), "--grace", "2",
+         "--drain-delay", "0"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CHATFORGE_ENV": "test"}, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if port_file.is_file() and port_file.read_text().strip():
+            return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+        if proc.poll() is not None:
+            raise SystemExit(f"server {name} exited: {(work / f'{name}.log').read_text()[-2000:]}")
+        time.sleep(0.1)  # polling the file the server writes once SERVING, bounded by the deadline
+    proc.kill()
+    raise SystemExit(f"server {name} did not start in 300 s")
+
+
+async def _stream(stub, pb, text: str, n: int) -> tuple[float, float, list[int]]:
+    """(seconds to the first token, seconds to the end, token ids) of one streamed reply."""
+    req = pb.ReplyRequest(text=text, model="chat", options=pb.GenerationOptions(max_new_tokens=n))
+    t0 = time.perf_counter()
+    first, ids = None, []
+    async for msg in stub.Reply(req, timeout=600):
+        if msg.HasField("delta"):
+            if first is None:
+                first = time.perf_counter() - t0
+            ids.append(msg.delta.token_id)
+    return first or 0.0, time.perf_counter() - t0, ids
+
+
+class Served:
+    def __init__(self, target: str):
+        self.target = target
+
+    async def run(self, case: str, prompts: list[str], n: int) -> dict[str, Any]:
+        import grpc
+
+        from chatforge.v1 import chatbot_pb2 as pb
+        from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
+
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            stub = pb_grpc.ChatbotStub(channel)
+            await channel.channel_ready()
+            if case == "1 stream":
+                outs = [await _stream(stub, pb, p, n) for p in prompts]
+                wall = sum(o[1] for o in outs)
+            else:
+                t0 = time.perf_counter()
+                outs = await asyncio.gather(*(_stream(stub, pb, p, n) for p in prompts))
+                wall = time.perf_counter() - t0
+        return _result(outs, wall)
+
+
+class Direct:
+    """CTranslate2 called directly: one generate_batch per prompt (1 stream) or of all prompts (concurrent)."""
+
+    def __init__(self, generator, prompts: dict[str, list[str]]):
+        self.generator, self.tokens = generator, prompts
+
+    def _batch(self, texts: list[str], n: int) -> tuple[list[tuple[float, float, list[int]]], float]:
+        firsts: dict[int, float] = {}
+        t0 = time.perf_counter()
+
+        def on_step(step) -> bool:
+            firsts.setdefault(step.batch_id, time.perf_counter() - t0)
+            return False
+
+        res = self.generator.generate_batch([self.tokens[t] for t in texts], max_length=n,
+                                            sampling_topk=1, include_prompt_in_result=False, callback=on_step)
+        wall = time.perf_counter() - t0
+        return [(firsts.get(i, wall), wall, r.sequences_ids[0]) for i, r in enumerate(res)], wall
+
+    async def run(self, case: str, prompts: list[str], n: int) -> dict[str, Any]:
+        if case == "1 stream":
+            outs = [self._batch([p], n)[0][0] for p in prompts]
+            return _result(outs, sum(o[1] for o in outs))
+        outs, wall = self._batch(prompts, n)
+        return _result(outs, wall)
+
+
+def _result(outs: list[tuple[float, float, list[int]]], wall: float) -> dict[str, Any]:
+    tokens = sum(len(o[2]) for o in outs)
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall if wall else 0.0,
+            "ttft_ms": statistics.median(o[0] for o in outs) * 1e3, "ids": [o[2] for o in outs]}
+
+
+# ------------------------------------------------------------------------------------------ report
+def agreement(ids: dict[str, list[list[int]]], reference: str = REFERENCE) -> dict[str, dict[str, float]]:
+    """Per engine against the reference: identical replies, and tokens before the first difference."""
+    ref = ids.get(reference)
+    out = {}
+    for name, rows in ids.items():
+        if name == reference or ref is None:
+            continue
+        same = prefix = total = 0
+        for a, b in zip(ref, rows, strict=True):
+            same += a == b
+            k = 0
+            while k < min(len(a), len(b)) and a[k] == b[k]:
+                k += 1
+            prefix, total = prefix + k, total + max(len(a), len(b))
+        out[name] = {"identical_replies": round(same / len(ref), 4) if ref else 1.0,
+                     "prefix_tokens": round(prefix / total, 4) if total else 1.0}
+    return out
+
+
+def summarize(runs: dict[str, dict[str, list[dict]]]) -> list[dict[str, Any]]:
+    """One row per (engine, case): medians over the repetitions, with every repetition's figures."""
+    rows = []
+    for engine, cases in runs.items():
+        for case, reps in cases.items():
+            rows.append({"engine": engine, "case": case,
+                         "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in reps), 2),
+                         "ttft_ms": round(statistics.median(r["ttft_ms"] for r in reps), 3),
+                         # The best repetition: on a shared machine a neighbour only ever slows a run down.
+                         "best_tokens_per_s": round(max(r["tokens_per_s"] for r in reps), 2),
+                         "reps_tokens_per_s": [round(r["tokens_per_s"], 2) for r in reps],
+                         "reps_ttft_ms": [round(r["ttft_ms"], 3) for r in reps]})
+    return rows
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each served chatforge engine over each direct CTranslate2 anchor, per case: tokens/s (> 1: chatforge
+    faster) and time to first token (anchor's / chatforge's: > 1 chatforge sooner)."""
+    by = {(r["engine"], r["case"]): r for r in rows}
+    out = []
+    for case in CASES:
+        for cf in SERVED:
+            for an in ANCHORS:
+                c, a = by.get((cf, case)), by.get((an, case))
+                if not c or not a or not a["tokens_per_s"] or not c["ttft_ms"]:
+                    continue
+                out.append({"case": case, "chatforge": cf, "anchor": an,
+                            "tokens_per_s": round(c["tokens_per_s"] / a["tokens_per_s"], 3),
+                            "best_tokens_per_s": round(c["best_tokens_per_s"] / a["best_tokens_per_s"], 3),
+                            "ttft": round(a["ttft_ms"] / c["ttft_ms"], 3)})
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"# Served generation vs CTranslate2 ({result['created']})", "",
+             f"CPU: {m['lscpu_model']}; CPUs available {m['cpu']['available_cpus']}; load before "
+             f"{m['load_before']}, after {m['load_after']}" + (" — **loaded: figures are ratios only**"
+                                                               if result["loaded"] else ""), "",
+             f"Model: {result['config']['model']}; {result['config']['new_tokens']} new tokens per reply at most (greedy); prompts: {result['config']['prompts']}; {result['config']['reps']} interleaved "
+             f"repetitions (median).", "",
+             "| engine | case | tokens/s (median) | tokens/s (best) | time to first token (ms) |",
+             "|---|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['engine']} | {r['case']} | {r['tokens_per_s']:.1f} | {r['best_tokens_per_s']:.1f} | "
+                     f"{r['ttft_ms']:.1f} |")
+    lines += ["", "Ratios (chatforge served / CTranslate2 direct; > 1: chatforge faster or sooner):", "",
+              "| case | chatforge | anchor | tokens/s (medians) | tokens/s (best) | time to first token |",
+              "|---|---|---|---:|---:|---:|"]
+    for r in result["ratios"]:
+        lines.append(f"| {r['case']} | {r['chatforge']} | {r['anchor']} | {r['tokens_per_s']:.2f}x | "
+                     f"{r['best_tokens_per_s']:.2f}x | {r['ttft']:.2f}x |")
+    lines += ["", f"Greedy agreement with {REFERENCE} (identical replies / tokens before the first difference):", ""]
+    for name, a in result["agreement"].items():
+        lines.append(f"- {name}: {a['identical_replies']:.0%} / {a['prefix_tokens']:.0%}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = [*SERVED, *ANCHORS]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    by = {(r["engine"], r["case"]): r for r in result["rows"]}
+    for ax, metric, label in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "ttft_ms", "time to first token (ms)")):
+        width = 0.38
+        for k, case in enumerate(CASES):
+            vals = [by.get((e, case), {}).get(metric, 0.0) for e in engines]
+            ax.bar([i + (k - 0.5) * width for i in range(len(engines))], vals, width, label=case)
+        ax.set_xticks(range(len(engines)), [e.replace("chatforge-", "cf-") for e in engines], rotation=30, ha="right")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("Served generation (gRPC) vs CTranslate2 direct" + (" — loaded machine" if result["loaded"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def lscpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+# ------------------------------------------------------------------------------------------ main
+def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it: idle pools sleep
+    import ctranslate2
+
+    from chatforge.bench.machine import cpu_info, cpus_available, is_loaded, load_average
+    from chatforge.serving.backend_ct2 import _token_name, convert_bundle
+
+    reps = reps or size.reps
+    cpus = cpus_available()
+    n_prompts = size.single_prompts + size.concurrent
+    texts, corpus, source = prompts_and_corpus(n_prompts)
+    load_before = load_average()
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="served-generation-") as tmp:
+        work = Path(tmp)
+        bundle = build_bundle(work / "bundle", size, corpus)
+        from chatforge.inference import load_model
+
+        gen = load_model(bundle, "chat")
+        prompt_tokens = {t: [_token_name(i) for i in gen.model.prompt_ids(gen.tok.encode(t)[:40])] for t in texts}
+        del gen
+        ct2_dir = convert_bundle(bundle, work / "ct2")
+        engines: dict[str, Any] = {}
+        try:
+            for name, (backend, precision) in SERVED.items():
+                proc, target = start_server(bundle, backend, precision, work, name)
+                procs.append(proc)
+                engines[name] = Served(target)
+            for name, ct in ANCHORS.items():
+                engines[name] = Direct(ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=ct,
+                                                             intra_threads=cpus, inter_threads=1), prompt_tokens)
+            single, group = texts[: size.single_prompts], texts[size.single_prompts:]
+            prompts = {"1 stream": single, "concurrent": group}
+            runs: dict[str, dict[str, list[dict]]] = {e: {c: [] for c in CASES} for e in engines}
+            names = list(engines)
+            for rep in range(-1, reps):  # -1: warm-up, not kept
+                order = names[rep % len(names):] + names[: rep % len(names)] if rep >= 0 else names
+                for e in order:
+                    for case in CASES:
+                        r = asyncio.run(engines[e].run(case, prompts[case], size.new_tokens))
+                        if rep >= 0:
+                            runs[e][case].append(r)
+                print(f"repetition {rep + 1}/{reps} done", file=sys.stderr)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    load_after = load_average()
+    ids = {e: [x for case in CASES for x in runs[e][case][-1]["ids"]] for e in runs}
+    for e in runs:
+        for case in CASES:
+            for r in runs[e][case]:
+                r.pop("ids", None)
+    rows = summarize(runs)
+    result: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": {"lscpu_model": lscpu_model(), "cpu": cpu_info(), "load_before": load_before,
+                    "load_after": load_after, "ctranslate2": ctranslate2.__version__,
+                    "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "KMP_BLOCKTIME")}},
+        "loaded": is_loaded([load_before, load_after], cpus),
+        "config": {"model": f"GPT-2 {size.layers} layers, d_model {size.d_model}, {size.heads} heads, vocab "
+                            f"{size.vocab} (SentencePiece), n_positions {size.positions}, random weights",
+                   "new_tokens": size.new_tokens, "prompts": source, "single_prompts": size.single_prompts,
+                   "concurrent_streams": size.concurrent, "reps": reps,
+                   "served": {k: {"backend": b, "precision": p} for k, (b, p) in SERVED.items()},
+                   "anchors": {k: {"compute_type": c, "intra_threads": cpus, "inter_threads": 1}
+                               for k, c in ANCHORS.items()}},
+        "rows": rows, "ratios": ratios(rows), "agreement": agreement(ids),
+        "raw": runs,
+    }
+    if result["loaded"]:
+        result["note"] = "loaded: figures are ratios only"
+    write(result, out)
+    return result
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "served-generation.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    (out / "served-generation.md").write_text(markdown(result))
+    plot(result, out / "served-generation.png")
+
+
+def rebuild(out: Path) -> dict[str, Any]:
+    """Recompute the summary, ratios and report of ``out/served-generation.json`` from its raw repetitions."""
+    result = json.loads((out / "served-generation.json").read_text())
+    result["rows"] = summarize(result["raw"])
+    result["ratios"] = ratios(result["rows"])
+    write(result, out)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--size", choices=sorted(SIZES), default="full")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default: the size's)")
+    ap.add_argument("--rebuild", action="store_true", help="only rewrite the report from --out's JSON")
+    args = ap.parse_args(argv)
+    result = rebuild(args.out) if args.rebuild else run(args.out, SIZES[args.size], args.reps)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

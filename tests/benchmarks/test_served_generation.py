@@ -1,0 +1,71 @@
+"""benchmarks/served_generation.py: its arithmetic (medians, ratios, agreement) and, marked slow, a tiny run
+end to end (four real servers and the direct CTranslate2 anchors) that writes its report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tests.benchmarks.conftest import load
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load("served_generation")
+
+
+def _rep(tps: float, ttft: float) -> dict:
+    return {"tokens_per_s": tps, "ttft_ms": ttft}
+
+
+def test_medians_and_ratios(script):
+    runs = {"chatforge-ct2-int8": {"1 stream": [_rep(100, 10), _rep(300, 30), _rep(200, 20)],
+                                   "concurrent": [_rep(800, 40)]},
+            "ct2-direct-int8": {"1 stream": [_rep(400, 5)], "concurrent": [_rep(1000, 20)]}}
+    rows = script.summarize(runs)
+    by = {(r["engine"], r["case"]): r for r in rows}
+    assert by[("chatforge-ct2-int8", "1 stream")]["tokens_per_s"] == 200  # the median, not the mean or last
+    assert by[("chatforge-ct2-int8", "1 stream")]["reps_tokens_per_s"] == [100, 300, 200]
+    got = {(r["case"], r["chatforge"], r["anchor"]): r for r in script.ratios(rows)}
+    assert set(got) == {("1 stream", "chatforge-ct2-int8", "ct2-direct-int8"),
+                        ("concurrent", "chatforge-ct2-int8", "ct2-direct-int8")}
+    one = got[("1 stream", "chatforge-ct2-int8", "ct2-direct-int8")]
+    assert one["tokens_per_s"] == 0.5 and one["ttft"] == 0.25  # 200/400; 5 ms / 20 ms
+    assert one["best_tokens_per_s"] == 0.75  # 300/400: each engine's best repetition
+    assert got[("concurrent", "chatforge-ct2-int8", "ct2-direct-int8")]["ttft"] == 0.5
+
+
+def test_agreement_against_the_reference(script):
+    ids = {"chatforge-torch-fp32": [[1, 2, 3, 4], [5, 6]], "x": [[1, 2, 9, 4], [5, 6]]}
+    assert script.agreement(ids) == {"x": {"identical_replies": 0.5, "prefix_tokens": round(4 / 6, 4)}}
+
+
+def test_rebuild_recomputes_the_report_from_raw_repetitions(script, tmp_path):
+    raw = {"chatforge-ct2-int8": {"1 stream": [_rep(100, 10), _rep(300, 30)], "concurrent": [_rep(800, 40)]},
+           "ct2-direct-int8": {"1 stream": [_rep(400, 5)], "concurrent": [_rep(1000, 20)]}}
+    stale = {"created": "x", "loaded": False, "agreement": {}, "raw": raw, "rows": [], "ratios": [],
+             "config": {"model": "m", "new_tokens": 4, "prompts": "p", "reps": 2},
+             "machine": {"lscpu_model": "cpu", "cpu": {"available_cpus": 2}, "load_before": [0.1],
+                         "load_after": [0.2]}}
+    (tmp_path / "served-generation.json").write_text(json.dumps(stale))
+    got = script.rebuild(tmp_path)
+    assert {(r["engine"], r["case"]) for r in got["rows"]} == {(e, c) for e in raw for c in script.CASES}
+    assert "| 1 stream | chatforge-ct2-int8 | ct2-direct-int8 | 0.50x | 0.75x |" in (
+        tmp_path / "served-generation.md").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_the_report(script, tmp_path):
+    pytest.importorskip("ctranslate2")
+    result = script.run(tmp_path, script.SIZES["tiny"], reps=1)
+    engines = {r["engine"] for r in result["rows"]}
+    assert engines == {*script.SERVED, *script.ANCHORS}
+    assert all(r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in result["rows"])
+    assert len(result["ratios"]) == len(script.SERVED) * len(script.ANCHORS) * len(script.CASES)
+    # Same weights: the float32 paths give chatforge torch fp32's greedy tokens.
+    assert result["agreement"]["chatforge-ct2-float32"]["identical_replies"] == 1.0
+    assert result["agreement"]["ct2-direct-float32"]["identical_replies"] == 1.0
+    saved = json.loads((tmp_path / "served-generation.json").read_text())
+    assert saved["machine"]["lscpu_model"] and saved["machine"]["load_before"]
+    assert "| chatforge-ct2-int8 | concurrent |" in (tmp_path / "served-generation.md").read_text()
+    assert (tmp_path / "served-generation.png").stat().st_size > 0
