@@ -441,7 +441,7 @@ class ResponseSelector:
                     best = entry["valid_r1_all"]
                     best_state = {k: v.detach().clone() for k, v in self._net.state_dict().items()}
             self.history.append(entry)
-            logger.info("bi-encoder epoch %d: %s", epoch + 1, entry)
+            logger.info("%s epoch %d: %s", cfg.encoder, epoch + 1, entry)
         if best_state is not None:  # early stopping on validation: keep the best epoch's weights
             self._net.load_state_dict(best_state)
         self._net.eval()
