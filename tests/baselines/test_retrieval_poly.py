@@ -165,3 +165,17 @@ def test_config_names_the_encoders_it_allows():
 def _config(**model):
     return validate_config({"name": "x", "data": {"path": "sample", "format": "chatbot_csv"},
                             "model": {"family": "retrieval", "task": "selection", **model}})
+
+
+def test_neighbour_term_finds_the_nearest_training_questions_with_the_poly_score(trained):
+    net, q = trained._net, ["잠이 와요"]
+    with torch.no_grad():
+        ctx, _ = net.context(trained._pad(trained._ids(q)))
+        questions = net(trained._pad(trained._ids(trained.questions)))
+        cands = net(trained._pad(trained._ids(trained.pool))).numpy()
+        qq, qa = poly_scores(ctx, questions)[0].numpy(), poly_scores(ctx, torch.from_numpy(cands))[0].numpy()
+    top = np.argsort(-qq)[:3]  # neighbours: 3
+    w = np.exp((qq[top] - qq[top].max()) / 0.05)  # neighbour_temperature
+    w /= w.sum()
+    expected = qa + (cands @ cands[trained.answer_of[top]].T) @ w
+    np.testing.assert_allclose(trained.score(q, [trained.pool])[0], expected, rtol=1e-4, atol=1e-5)
