@@ -78,6 +78,9 @@ class RetrievalConfig(TfidfConfig):
     ranker_pair_lr_bits: int = Field(22, ge=10, le=26)  # 2**bits hashed weights (stored sparsely)
     # with labels: p(label | q) . p(label | c) from two logistic regressions (ranker.LabelModel); off by default
     ranker_label_model: bool = False
+    # a Transformer bi-/poly-encoder's score as one more feature, trained per cross-fitting fold with the bi-encoder
+    # keys above (epochs, d_model, ...; poly_codes); off by default (each fold trains an encoder)
+    ranker_encoder: Literal["none", "biencoder", "polyencoder"] = "none"
 
     @field_validator("ranker_neighbours")
     @classmethod

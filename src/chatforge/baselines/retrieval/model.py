@@ -70,6 +70,7 @@ PMI_VOCAB_FILE = "pmi_vocab.json"
 PAIR_LR_FILE = "pair_lr.safetensors"  # encoder ranker, ranker_pair_lr: the hashed pair weights (non-zero only)
 PAIR_LR_VOCAB_FILE = "pair_lr_vocab.json"
 LABEL_MODEL_FILE = "label_model.safetensors"  # encoder ranker, ranker_label_model with labels: the two classifiers
+RANKER_ENCODER_DIR = "ranker_encoder"  # encoder ranker, ranker_encoder: the saved bi-/poly-encoder selector
 
 
 class BiEncoder(nn.Module):
@@ -476,6 +477,8 @@ class ResponseSelector:
                 np_save_file(pair_lr.to_arrays(), str(d / PAIR_LR_FILE))
             if self._index.label_model is not None:
                 np_save_file(self._index.label_model.to_arrays(), str(d / LABEL_MODEL_FILE))
+            if self._index.encoder is not None:
+                self._index.encoder.save(d / RANKER_ENCODER_DIR)
         elif self.config.encoder == "tfidf":
             atomic_write_json(d / VECTORIZERS_FILE, self._features.to_json())
         else:
@@ -521,6 +524,8 @@ class ResponseSelector:
                                        pool.get("label_names"), pmi, pair_lr)
             if self.config.ranker_label_model and pool.get("labels") is not None:
                 self._index.label_model = LabelModel.from_arrays(np_load_file(str(d / LABEL_MODEL_FILE)))
+            if self.config.ranker_encoder != "none":
+                self._index.encoder = ResponseSelector.load(d / RANKER_ENCODER_DIR)
             self._ranker = PairRanker.from_json(json.loads((d / RANKER_FILE).read_text(encoding="utf-8")),
                                                 self.config.ranker_threads)
             return self
