@@ -301,3 +301,47 @@ def test_ranker_with_learned_signals_serves_through_load_model(tmp_path):
     reply, score = served.select("배고파")
     assert (reply, score) == ResponseSelector.load(res.bundle_dir).reply("배고파")
     assert reply in served.model.pool and 0.0 < score < 1.0
+
+
+ENCODER = dataclasses.replace(CFG, ranker_encoder="polyencoder", poly_codes=2, vocab_size=60, d_model=16, n_heads=2,
+                              num_layers=1, d_ff=32, dropout=0.0, epochs=2, batch_size=8, neighbours=2)
+
+
+def test_encoder_feature_is_the_score_of_an_encoder_trained_on_the_folds_index_only(monkeypatch):
+    from chatforge.baselines.retrieval import PolyEncoder, ranker
+
+    scored = []
+    real = ranker.pair_features
+
+    def spy(index, questions, candidates, *args):
+        x = real(index, questions, candidates, *args)
+        scored.append((index, list(questions), x, index.encoder.score(questions, candidates)))
+        return x
+
+    monkeypatch.setattr(ranker, "pair_features", spy)
+    questions = [f"질문 {i} 번" for i in range(30)]
+    answers = [f"대답 {i % 10} 이에요" for i in range(30)]
+    x, *_ = ranker.cross_fit_features(questions, answers, None, ENCODER)
+    assert len(scored) == ENCODER.ranker_folds
+    col = scored[0][0].feature_names(ENCODER.ranker_neighbours).index("encoder")
+    for index, held, xf, expected in scored:
+        enc = index.encoder
+        assert isinstance(enc._net, PolyEncoder) and enc.config.tfidf_weight == 0.0
+        assert enc.questions == index.questions and not set(held) & set(enc.questions)  # never saw the fold
+        np.testing.assert_allclose(xf[:, col], np.concatenate(expected), rtol=1e-6)
+    assert x.shape[1] == len(scored[0][0].feature_names(ENCODER.ranker_neighbours))
+
+
+def test_ranker_with_the_encoder_feature_round_trips(tmp_path):
+    sel = ResponseSelector(ENCODER).fit(Q, A, labels=L)
+    assert "encoder" in sel.history[0]["features"]
+    sel.save(tmp_path)
+    assert (tmp_path / "ranker_encoder" / "encoder.safetensors").is_file()
+    back = ResponseSelector.load(tmp_path)
+    np.testing.assert_array_equal(np.concatenate(back.score(["배고파요"], [A[:5]])),
+                                  np.concatenate(sel.score(["배고파요"], [A[:5]])))
+    assert back.select(["비 와", "배고파요"], 3) == sel.select(["비 와", "배고파요"], 3)
+    without = ResponseSelector(CFG).fit(Q, A, labels=L)
+    assert "encoder" not in without.history[0]["features"]
+    without.save(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "ranker_encoder").exists()

@@ -15,13 +15,16 @@ class RetrievalConfig(TfidfConfig):
     """Hyper-parameters of :class:`ResponseSelector` (unknown keys and bad values are rejected).
 
     ``encoder``: ``tfidf`` (word + char_wb TF-IDF, the TfidfConfig keys) or ``biencoder`` (a Transformer
-    encoder from ``chatforge.modules`` trained here from scratch with in-batch negatives).
-    Scoring a candidate answer c for a question q (both encoders):
+    encoder from ``chatforge.modules`` trained here from scratch with in-batch negatives) or ``polyencoder`` (the
+    bi-encoder's network and training plus ``poly_codes`` learned codes on the question side, Humeau et al.
+    2020: cos(q, c) below is then the cosine between c and the question's code vectors attended by c, and the
+    nearest training questions are found with the same score).
+    Scoring a candidate answer c for a question q (these three encoders):
     ``qa_weight * cos(q, c) + sum_k w_k cos(a_k, c)``, where a_k are the answers of the ``neighbours``
     training questions nearest to q and ``w = softmax(cos(q, q_k) / neighbour_temperature)``;
     ``neighbours: 0`` scores question against answer only. ``tfidf_weight > 0`` (bi-encoder only) adds the
     TF-IDF scorer's score times that weight: the two see different evidence (learned semantics; shared
-    characters), so their sum ranks better than either.
+    characters), so their sum ranks better than either. (Bi-encoder keys below apply to the poly-encoder too.)
 
     ``ranker``: a learned ranker (``chatforge.baselines.retrieval.ranker``) over TF-IDF similarity features of
     (question, candidate) -- question->answer, neighbour answers at each k of ``ranker_neighbours``, the exact
@@ -33,11 +36,11 @@ class RetrievalConfig(TfidfConfig):
     validation R@1 of 10 over four seeds, at the noise level, and nothing on test; README, issue 17).
     """
 
-    encoder: Literal["tfidf", "biencoder", "ranker"] = "tfidf"
+    encoder: Literal["tfidf", "biencoder", "polyencoder", "ranker"] = "tfidf"
     neighbours: int = Field(20, ge=0, le=1000)
     neighbour_temperature: float = Field(0.05, gt=0.0, le=10.0)
     qa_weight: float = Field(1.0, ge=0.0, le=100.0)
-    # biencoder only: add this times the TF-IDF scorer's score (same formula, TF-IDF vectors); 0 = off.
+    # bi-/poly-encoder only: add this times the TF-IDF scorer's score (same formula, TF-IDF vectors); 0 = off.
     tfidf_weight: float = Field(0.0, ge=0.0, le=100.0)
     # bi-encoder (ignored by tfidf and ranker)
     vocab_size: int = Field(4000, ge=16, le=100000)
@@ -53,6 +56,8 @@ class RetrievalConfig(TfidfConfig):
     temperature: float = Field(0.05, gt=0.0, le=10.0)
     qq_weight: float = Field(0.5, ge=0.0, le=10.0)
     seed: int = Field(0, ge=0)
+    # poly-encoder only (ignored by the others, like the bi-encoder keys): m, the learned codes (global question vectors)
+    poly_codes: int = Field(16, ge=1, le=1024)
     # ranker (ignored by the other encoders)
     ranker: Literal["xgboost", "logistic"] = "xgboost"
     ranker_folds: int = Field(5, ge=2, le=50)
@@ -73,6 +78,9 @@ class RetrievalConfig(TfidfConfig):
     ranker_pair_lr_bits: int = Field(22, ge=10, le=26)  # 2**bits hashed weights (stored sparsely)
     # with labels: p(label | q) . p(label | c) from two logistic regressions (ranker.LabelModel); off by default
     ranker_label_model: bool = False
+    # a Transformer bi-/poly-encoder's score as one more feature, trained per cross-fitting fold with the bi-encoder
+    # keys above (epochs, d_model, ...; poly_codes); off by default (each fold trains an encoder)
+    ranker_encoder: Literal["none", "biencoder", "polyencoder"] = "none"
 
     @field_validator("ranker_neighbours")
     @classmethod

@@ -1,10 +1,12 @@
 """Response selection: pick the reply from a pool of curated answers (retrieval-first chit-chat).
 
-Two encoders share one scorer. ``tfidf``: word + char_wb TF-IDF (the baseline every learned matcher
+Three encoders share one scorer. ``tfidf``: word + char_wb TF-IDF (the baseline every learned matcher
 must beat). ``biencoder``: a Transformer encoder (``chatforge.modules``) trained here from scratch with
 in-batch negatives, one encoder shared by questions and answers (Humeau et al. 2020, "Poly-encoders",
 section 4.1, bi-encoder; shared weights because both sides are the same language and the data is
-small). The scorer adds to the question-answer similarity a neighbour term: the candidate's
+small). ``polyencoder`` (ibid., section 4.4): the same network and training, but a question is m global
+vectors (m learned codes, each attending over the question's token states) and each candidate's vector
+attends over those m to form the question vector it is scored against. The scorer adds to the question-answer similarity a neighbour term: the candidate's
 similarity to the answers of the training questions nearest to the question. ChatbotData repeats
 answers across paraphrased questions, and this term is what turns that into signal.
 
@@ -68,6 +70,7 @@ PMI_VOCAB_FILE = "pmi_vocab.json"
 PAIR_LR_FILE = "pair_lr.safetensors"  # encoder ranker, ranker_pair_lr: the hashed pair weights (non-zero only)
 PAIR_LR_VOCAB_FILE = "pair_lr_vocab.json"
 LABEL_MODEL_FILE = "label_model.safetensors"  # encoder ranker, ranker_label_model with labels: the two classifiers
+RANKER_ENCODER_DIR = "ranker_encoder"  # encoder ranker, ranker_encoder: the saved bi-/poly-encoder selector
 
 
 class BiEncoder(nn.Module):
@@ -83,15 +86,68 @@ class BiEncoder(nn.Module):
                                      for _ in range(num_layers)])
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final token states (B, T, D) and the mask of real (non-padding) tokens (B, T)."""
         keep = ids != self.pad_id  # (B, T)
         h = self.embed(ids) + self.pos(ids.shape[1])  # (B, T, D)
         for layer in self.layers:
             h = layer(h, keep[:, None, None, :])  # padding mask (B, 1, 1, T)
-        h = self.norm(h)
-        w = keep.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-        pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, D)
-        return F.normalize(pooled, dim=-1)
+        return self.norm(h), keep
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _mean_unit(*self.states(ids))
+
+    def batch_sims(self, q_ids: torch.Tensor, a_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training similarities: question x answer (B, U) and question x question (B, B)."""
+        q, a = self(q_ids), self(a_ids)
+        return q @ a.T, q @ q.T
+
+
+def _mean_unit(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    w = keep.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+    pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)  # (B, D)
+    return F.normalize(pooled, dim=-1)
+
+
+class PolyEncoder(BiEncoder):
+    """Poly-encoder (Humeau et al. 2020, section 4.4) on the bi-encoder's network.
+
+    Candidate side (``forward``): the bi-encoder's unit vector. Question side (``context``): m global vectors
+    y_1..y_m, code i's softmax attention over the token states; a candidate c then attends over them,
+    w = softmax_i(y_i . c), and the score is cos(sum_i w_i y_i, c) (:func:`poly_scores`), so the score of a
+    candidate depends on the question and that candidate alone. With m = 1 the question is one
+    attention-pooled vector and the score is the bi-encoder's cosine; with that code at zero the attention is
+    uniform over the real tokens, i.e. the bi-encoder's mean pooling (``tests/baselines/test_retrieval_poly.py``).
+    Weights are shared by both sides, as in the bi-encoder.
+    """
+
+    def __init__(self, *args, codes: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        d_model = self.norm.normalized_shape[0]
+        # Random, not zero: identical codes get identical gradients and would never become different.
+        self.codes = nn.Parameter(torch.randn(codes, d_model) * d_model**-0.5)
+
+    def context(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The question's m global vectors (B, m, D) and its candidate-side unit vector (B, D), from one pass."""
+        h, keep = self.states(ids)
+        logits = torch.einsum("md,btd->bmt", self.codes, h).masked_fill(~keep[:, None, :], float("-inf"))
+        return torch.softmax(logits, dim=-1) @ h, _mean_unit(h, keep)
+
+    def batch_sims(self, q_ids: torch.Tensor, a_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # question x question scores the other questions as candidates of this question's m vectors
+        ctx, q = self.context(q_ids)
+        return poly_scores(ctx, self(a_ids)), poly_scores(ctx, q)
+
+
+def poly_scores(ctx: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """(B, U) poly-encoder scores of questions ``ctx`` (B, m, D) against unit candidate vectors (U, D):
+    cos(sum_i w_i y_i, c) with w = softmax_i(y_i . c). Without building the (B, U, D) attended vectors: the
+    dot product is sum_i w_i (y_i . c) and the squared norm w^T (Y Y^T) w."""
+    logits = torch.einsum("bmd,ud->bum", ctx, cands)  # (B, U, m)
+    w = torch.softmax(logits, dim=-1)
+    dot = (w * logits).sum(-1)
+    norm2 = torch.einsum("bum,bmn,bun->bu", w, ctx @ ctx.transpose(1, 2), w)
+    return dot / norm2.clamp_min(1e-12).sqrt()
 
 
 def _dedupe_pairs(questions: Sequence[str], answers: Sequence[str]):
@@ -119,7 +175,7 @@ class ResponseSelector:
         self.history: list[dict] = []
         self._features: TfidfFeatures | None = None
         self._tok: Tokenizer | None = None
-        self._net: BiEncoder | None = None
+        self._net: BiEncoder | None = None  # a PolyEncoder for encoder polyencoder
         self._pool_vecs = None  # (P, D): dense for the bi-encoder, CSR for TF-IDF
         self._question_vecs = None  # (N, D)
         self._tfidf: ResponseSelector | None = None  # tfidf_weight > 0: the TF-IDF scorer added to the bi-encoder's
@@ -153,6 +209,26 @@ class ResponseSelector:
             parts = [self._net(self._pad(ids[i : i + batch_size])) for i in range(0, len(ids), batch_size)]
         return torch.cat(parts).numpy()
 
+    def _encode_questions(self, texts: Sequence[str]):
+        """The question side: ``encode`` except for the poly-encoder, whose questions are (n, m, D) global vectors."""
+        if self.config.encoder != "polyencoder":
+            return self.encode(texts)
+        self._net.eval()
+        ids = self._ids(texts)
+        with torch.inference_mode():
+            parts = [self._net.context(self._pad(ids[i : i + 512]))[0] for i in range(0, len(ids), 512)]
+        return torch.cat(parts).numpy()
+
+    def _qa_sims(self, qv, cand_vecs) -> np.ndarray:
+        """(n, m) question x candidate similarities, ``qv`` from ``_encode_questions``. The poly-encoder's is exact
+        over any number of candidates: per question chunk one batched op of (chunk, m codes, candidates)."""
+        if self.config.encoder != "polyencoder":
+            return self._sims(qv, cand_vecs)
+        cands = torch.from_numpy(np.ascontiguousarray(cand_vecs))
+        with torch.inference_mode():  # chunks of 32 questions keep (32, 7k answers, m) in tens of MB
+            parts = [poly_scores(torch.from_numpy(qv[i : i + 32]), cands) for i in range(0, len(qv), 32)]
+        return torch.cat(parts).numpy() if parts else np.zeros((0, len(cand_vecs)), dtype=np.float32)
+
     @staticmethod
     def _sims(a, b) -> np.ndarray:
         """Dense (len(a), len(b)) dot products of unit vectors (dense or sparse)."""
@@ -162,7 +238,7 @@ class ResponseSelector:
     def _neighbour_weights(self, qv) -> tuple[np.ndarray, np.ndarray]:
         """Per question: indices (n, k) of the k nearest training questions and softmax weights (n, k)."""
         k = min(self.config.neighbours, len(self.questions))
-        sims = self._sims(qv, self._question_vecs)  # (n, N)
+        sims = self._qa_sims(qv, self._question_vecs)  # (n, N)
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (n, k), unordered: the weights do not care
         s = np.take_along_axis(sims, top, axis=1) / self.config.neighbour_temperature
         w = np.exp(s - s.max(axis=1, keepdims=True))
@@ -170,7 +246,7 @@ class ResponseSelector:
 
     def _score_vecs(self, qv, cand_vecs, row: int, top, weights) -> np.ndarray:
         cfg = self.config
-        score = cfg.qa_weight * self._sims(qv[row : row + 1], cand_vecs)[0]  # (m,)
+        score = cfg.qa_weight * self._qa_sims(qv[row : row + 1], cand_vecs)[0]  # (m,)
         if top is not None:
             neighbour_answers = self._pool_vecs[self.answer_of[top[row]]]  # (k, D)
             score = score + self._sims(cand_vecs, neighbour_answers) @ weights[row]  # (m, k) @ (k,)
@@ -193,7 +269,7 @@ class ResponseSelector:
             return []
         if self._ranker is not None:
             return self._ranker_scores(questions, [list(c) for c in candidates])
-        qv = self.encode(questions)
+        qv = self._encode_questions(questions)
         top, weights = self._neighbour_weights(qv) if self.config.neighbours else (None, None)
         distinct = sorted({c for cands in candidates for c in cands})
         index = {c: i for i, c in enumerate(distinct)}
@@ -232,7 +308,7 @@ class ResponseSelector:
 
     def _pool_scores(self, questions: list[str]) -> np.ndarray:
         """(n, P) scores of every pool answer for each question."""
-        qv = self.encode(questions)
+        qv = self._encode_questions(questions)
         top, weights = self._neighbour_weights(qv) if self.config.neighbours else (None, None)
         s = np.stack([self._score_vecs(qv, self._pool_vecs, i, top, weights) for i in range(len(questions))])
         if self._tfidf is not None:
@@ -331,8 +407,7 @@ class ResponseSelector:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         self._tok = Tokenizer.train(self.questions + self.pool, vocab_size=cfg.vocab_size, on_vocab_too_large="lower")
-        self._net = BiEncoder(self._tok.vocab_size, self._tok.pad_id, cfg.d_model, cfg.n_heads, cfg.num_layers,
-                              cfg.d_ff, cfg.dropout, cfg.max_len)
+        self._net = self._make_net()
         q_ids, a_ids = self._ids(self.questions), self._ids(self.pool)
         answer_of = torch.as_tensor(self.answer_of)
         n, bs = len(q_ids), min(cfg.batch_size, len(q_ids))
@@ -351,9 +426,10 @@ class ResponseSelector:
                     continue
                 ya = answer_of[b]
                 uniq, inverse = torch.unique(ya, return_inverse=True)
-                q = self._net(self._pad([q_ids[int(i)] for i in b]))  # (B, D)
-                a = self._net(self._pad([a_ids[int(j)] for j in uniq]))  # (U, D): each answer once
-                loss = _in_batch_loss(q, a, inverse, cfg.temperature, cfg.qq_weight)
+                # each answer once: (B, U) and (B, B) similarities
+                qa, qq = self._net.batch_sims(self._pad([q_ids[int(i)] for i in b]),
+                                              self._pad([a_ids[int(j)] for j in uniq]))
+                loss = _in_batch_loss_from_sims(qa, qq, inverse, cfg.temperature, cfg.qq_weight)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -366,10 +442,16 @@ class ResponseSelector:
                     best = entry["valid_r1_all"]
                     best_state = {k: v.detach().clone() for k, v in self._net.state_dict().items()}
             self.history.append(entry)
-            logger.info("bi-encoder epoch %d: %s", epoch + 1, entry)
+            logger.info("%s epoch %d: %s", cfg.encoder, epoch + 1, entry)
         if best_state is not None:  # early stopping on validation: keep the best epoch's weights
             self._net.load_state_dict(best_state)
         self._net.eval()
+
+    def _make_net(self) -> BiEncoder:
+        cfg = self.config
+        args = (self._tok.vocab_size, self._tok.pad_id, cfg.d_model, cfg.n_heads, cfg.num_layers, cfg.d_ff,
+                cfg.dropout, cfg.max_len)
+        return PolyEncoder(*args, codes=cfg.poly_codes) if cfg.encoder == "polyencoder" else BiEncoder(*args)
 
     # -- persistence (JSON + safetensors) ------------------------------------------------------------------
 
@@ -395,6 +477,8 @@ class ResponseSelector:
                 np_save_file(pair_lr.to_arrays(), str(d / PAIR_LR_FILE))
             if self._index.label_model is not None:
                 np_save_file(self._index.label_model.to_arrays(), str(d / LABEL_MODEL_FILE))
+            if self._index.encoder is not None:
+                self._index.encoder.save(d / RANKER_ENCODER_DIR)
         elif self.config.encoder == "tfidf":
             atomic_write_json(d / VECTORIZERS_FILE, self._features.to_json())
         else:
@@ -440,6 +524,8 @@ class ResponseSelector:
                                        pool.get("label_names"), pmi, pair_lr)
             if self.config.ranker_label_model and pool.get("labels") is not None:
                 self._index.label_model = LabelModel.from_arrays(np_load_file(str(d / LABEL_MODEL_FILE)))
+            if self.config.ranker_encoder != "none":
+                self._index.encoder = ResponseSelector.load(d / RANKER_ENCODER_DIR)
             self._ranker = PairRanker.from_json(json.loads((d / RANKER_FILE).read_text(encoding="utf-8")),
                                                 self.config.ranker_threads)
             return self
@@ -449,11 +535,11 @@ class ResponseSelector:
             return self
         missing = [f for f in (TOKENIZER_FILE, ENCODER_FILE, EMBEDDINGS_FILE) if not (d / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"{d} is not a saved bi-encoder ResponseSelector: missing {', '.join(missing)}")
+            raise FileNotFoundError(f"{d} is not a saved {self.config.encoder} ResponseSelector: "
+                                    f"missing {', '.join(missing)}")
         cfg = self.config
         self._tok = Tokenizer((d / TOKENIZER_FILE).read_bytes())
-        self._net = BiEncoder(self._tok.vocab_size, self._tok.pad_id, cfg.d_model, cfg.n_heads, cfg.num_layers,
-                              cfg.d_ff, cfg.dropout, cfg.max_len)
+        self._net = self._make_net()
         self._net.load_state_dict(torch_load_file(str(d / ENCODER_FILE)))
         self._net.eval()
         vecs = np_load_file(str(d / EMBEDDINGS_FILE))
@@ -473,14 +559,21 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def _in_batch_loss(q: torch.Tensor, a: torch.Tensor, target: torch.Tensor, temperature: float,
                    qq_weight: float) -> torch.Tensor:
+    """:func:`_in_batch_loss_from_sims` of unit question vectors ``q`` and answer vectors ``a`` (bi-encoder)."""
+    return _in_batch_loss_from_sims(q @ a.T, q @ q.T, target, temperature, qq_weight)
+
+
+def _in_batch_loss_from_sims(qa: torch.Tensor, qq: torch.Tensor, target: torch.Tensor, temperature: float,
+                             qq_weight: float) -> torch.Tensor:
     """Question->answer cross-entropy against every distinct answer in the batch (in-batch negatives;
     an answer shared by two questions is a positive for both, never a negative), plus, weighted by
-    ``qq_weight``, question->question: questions that share an answer are each other's positives."""
-    logits = q @ a.T / temperature  # (B, U)
+    ``qq_weight``, question->question: questions that share an answer are each other's positives.
+    ``qa`` (B, U) and ``qq`` (B, B) are similarities, divided here by ``temperature``."""
+    logits = qa / temperature  # (B, U)
     loss = F.cross_entropy(logits, target)
     if qq_weight:
-        qq = q @ q.T / temperature  # (B, B)
-        eye = torch.eye(len(q), dtype=torch.bool)
+        qq = qq / temperature  # (B, B)
+        eye = torch.eye(len(qq), dtype=torch.bool)
         qq = qq.masked_fill(eye, float("-inf"))
         pos = (target[:, None] == target[None, :]) & ~eye
         has = pos.any(1)

@@ -22,6 +22,9 @@ Every feature is a similarity read off the training pairs (the "index"): TF-IDF 
   discriminatively; it ranks 10-answer lists alone at R@1 0.56 on ChatbotData's validation split;
 - ``label_model_agree`` (``ranker_label_model``, with labels): p(label | q) . p(label | c) from two logistic
   regressions over the character TF-IDF space (:class:`LabelModel`), reading the candidate's own words;
+- ``encoder`` (``ranker_encoder: biencoder | polyencoder``): the score of a Transformer bi- or poly-encoder
+  (:class:`~chatforge.baselines.retrieval.model.ResponseSelector`, the bi-encoder keys of the config, no TF-IDF
+  term) trained on the index's pairs, so per cross-fitting fold on the other folds only;
 - global: c is a pool answer, log(1 + its count in training), its length, log length ratio c / q, and, when
   the training pairs carry labels (ChatbotData: 0 daily, 1 breakup, 2 love), the agreement of q's label
   (neighbour vote) with c's (its training pairs' labels, else its reverse neighbours' vote).
@@ -35,6 +38,7 @@ counts as a pool answer only when other questions have it too, as for an unseen 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -287,9 +291,11 @@ class FeatureIndex:
 
     def __init__(self, pool: list[str], questions: list[str], answer_of: np.ndarray, features: TfidfFeatures,
                  question_labels: list[str] | None, label_names: list[str] | None, pmi: PmiTable | None = None,
-                 pair_lr: PairLogistic | None = None, label_model: LabelModel | None = None) -> None:
+                 pair_lr: PairLogistic | None = None, label_model: LabelModel | None = None,
+                 encoder=None) -> None:
         self.pool, self.questions, self.answer_of = pool, questions, np.asarray(answer_of, dtype=np.int64)
         self.features, self.pmi, self.pair_lr, self.label_model = features, pmi, pair_lr, label_model
+        self.encoder = encoder  # ranker_encoder: a fitted bi-/poly-encoder ResponseSelector
         self.pool_id = {a: i for i, a in enumerate(pool)}
         self.count = np.bincount(self.answer_of, minlength=len(pool)).astype(np.float32)
         self.question_vecs = {s: _normalize(features.vectorizers[s].transform(questions)) for s in SPACES}
@@ -322,7 +328,15 @@ class FeatureIndex:
             c = tfidf_config
             pair_lr = PairLogistic.fit(qs, pair_answers, tuple(c.ranker_pair_lr_ngram), c.ranker_pair_lr_bits,
                                        c.ranker_pair_lr_negatives, c.ranker_pair_lr_epochs, seed=c.seed)
-        index = cls(pool, qs, answer_of, features, labs, label_names if labs is not None else None, pmi, pair_lr)
+        encoder = None
+        if getattr(tfidf_config, "ranker_encoder", "none") != "none":
+            # lazy: model imports this module
+            from chatforge.baselines.retrieval.model import ResponseSelector
+
+            c = dataclasses.replace(tfidf_config, encoder=tfidf_config.ranker_encoder, tfidf_weight=0.0)
+            encoder = ResponseSelector(c).fit(qs, pair_answers)  # no validation split: the last epoch's weights
+        index = cls(pool, qs, answer_of, features, labs, label_names if labs is not None else None, pmi, pair_lr,
+                    encoder=encoder)
         if labs is not None and getattr(tfidf_config, "ranker_label_model", False):
             answer_vecs = _normalize(features.vectorizers["char"].transform(pair_answers))
             index.label_model = LabelModel.fit(index.question_vecs["char"], answer_vecs, labs, labs, index.label_names)
@@ -339,6 +353,8 @@ class FeatureIndex:
             names += ["pmi_sum", "pmi_mean"]
         if self.pair_lr is not None:
             names += ["pair_lr"]
+        if self.encoder is not None:
+            names += ["encoder"]
         if self.question_labels is not None:
             names += ["label_agree", "label_agree_reverse"]
         if self.label_model is not None:
@@ -406,6 +422,8 @@ def pair_features(index: FeatureIndex, questions: Sequence[str], candidates: Seq
                                                   _normalize(char.transform(distinct)))
     if index.pair_lr is not None:
         pair_lr = np.split(index.pair_lr.scores(list(questions), distinct, rows), np.cumsum([len(r) for r in rows])[:-1])
+    if index.encoder is not None:
+        encoder = index.encoder.score(list(questions), candidates)
     glob = []
     for i in range(n):
         r = rows[i]
@@ -415,6 +433,8 @@ def pair_features(index: FeatureIndex, questions: Sequence[str], candidates: Seq
             g += [pmi[i, r] / np.sqrt((nq[i] + 1.0) * (nc[r] + 1.0)), pmi[i, r] / (nc[r] + 1.0)]
         if index.pair_lr is not None:
             g.append(pair_lr[i])
+        if index.encoder is not None:
+            g.append(encoder[i])
         if label_q is not None:
             g += [label_c[r] @ label_q[i], label_c_rev[r] @ label_q[i]]
         if index.label_model is not None:
