@@ -1,0 +1,321 @@
+"""Does an ANN index pay for the response-selection pool? Exact matrix product vs FAISS (issue 17).
+
+Pools of d-dimensional unit vectors, searched by inner product (= cosine) for the top k:
+
+* ``real``: ChatbotData's pool, the deduplicated training answers (7,290 on the seed-0 5 % / 5 % split every
+  ChatbotData config shares), encoded by a bi-encoder (``--bundle``: a saved ``encoder: biencoder`` bundle;
+  without one, the shipped ``retrieval_chatbot_kr.yaml`` model trained for ``--real-epochs`` here and kept in
+  ``OUT/biencoder-bundle`` for the next run); queries are the test questions, encoded by the same encoder.
+* ``synthetic-N``: N seeded unit vectors of ``--dim`` dimensions around N/100 Gaussian centres (noise
+  ``--noise`` times a centre's scale), queries drawn from the same mixture: embeddings of texts cluster by
+  topic, and uniform noise would be the one geometry no index can exploit.
+
+Variants: ``exact`` (``search.exact_topk``: the numpy matrix product and ``argpartition`` the selector uses),
+FAISS ``flat`` (exact inner product, FAISS's own BLAS path: the reference), ``hnsw`` and ``ivf`` at the
+selector's default parameters (``search.SearchParams``). Per pool and variant: build seconds, memory (the
+pool matrix for exact; the serialised index, which is what the bundle stores and what FAISS holds), queries/s
+at each batch size (top 10), its ratio to exact, and recall@1/@10/@50 against exact search. Each timing round
+runs every variant once, in turn (interleaved, so a change in the machine's load lands on all), after one
+untimed warm-up pass; the median over ``--repeats`` rounds is reported. ``lscpu``'s model name, the threads
+numpy/FAISS use and the load average are recorded before and after.
+
+With ``--end-to-end`` (real pool only), the whole ``ResponseSelector.select`` (neighbour term and TF-IDF scorer
+included) with ``search: faiss`` (HNSW) is compared with ``search: exact`` on the test questions: top-1
+agreement, recall@10 and seconds per message.
+
+    nice -n 10 python benchmarks/retrieval_ann.py [--sizes 10000 100000] [--out runs/retrieval-ann]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime as _dt
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("exact", "flat", "hnsw", "ivf")
+RECALL_AT = (1, 10, 50)
+TIMED_K = 10
+
+
+def lscpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
+
+
+def blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+
+
+def machine() -> dict:
+    import faiss
+
+    return {"lscpu_model_name": lscpu_model(), "logical_cpus": os.cpu_count(),
+            "faiss_threads": faiss.omp_get_max_threads(), "blas_threads": blas_threads(),
+            "faiss_version": faiss.__version__,
+            "numpy_version": np.__version__, "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
+
+
+def synthetic(n: int, queries: int, dim: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 100), dim)).astype(np.float32)
+
+    def draw(m: int) -> np.ndarray:
+        out = np.empty((m, dim), dtype=np.float32)
+        for s in range(0, m, 100_000):  # in chunks: a 1M x 128 float64 temporary would be 1 GB
+            e = min(m, s + 100_000)
+            out[s:e] = centres[rng.integers(0, len(centres), e - s)] + noise * rng.standard_normal((e - s, dim))
+        return unit(out)
+
+    return draw(n), draw(queries)
+
+
+def real_pool(bundle: Path | None, out: Path, data: Path, epochs: int) -> tuple[np.ndarray, np.ndarray, Any, dict]:
+    """The bi-encoder's pool vectors, the encoded test questions, the selector and its test split."""
+    from chatforge.baselines.retrieval import ResponseSelector
+    from chatforge.config import load_config
+    from chatforge.data import read_examples
+    from chatforge.data.splits import split_examples
+
+    cfg = load_config(ROOT / "configs" / "retrieval_chatbot_kr.yaml")
+    examples, _ = read_examples(data, "chatbot_csv")
+    splits = split_examples(examples, cfg.data.valid_fraction, cfg.data.test_fraction, cfg.seed)
+    if bundle is None:
+        bundle = out / "biencoder-bundle"
+        if not (bundle / "retrieval_meta.json").is_file():
+            model_cfg = dataclasses.replace(cfg.model.family_config(), epochs=epochs)
+            print(f"training the bi-encoder for {epochs} epoch(s) into {bundle} ...", flush=True)
+            sel = ResponseSelector(model_cfg).fit([e.text for e in splits.train], [e.response for e in splits.train],
+                                                 [e.text for e in splits.valid], [e.response for e in splits.valid])
+            sel.save(bundle)
+    sel = ResponseSelector.load(bundle)
+    test = {"questions": [e.text for e in splits.test], "answers": [e.response for e in splits.test]}
+    return np.ascontiguousarray(sel._pool_vecs), sel.encode(test["questions"]), sel, test
+
+
+def build(variant: str, x: np.ndarray, params) -> tuple[Any, float, int]:
+    """(searcher, build seconds, bytes held)."""
+    from chatforge.baselines.retrieval.search import VectorSearch
+
+    if variant == "exact":
+        return VectorSearch(x, params), 0.0, x.nbytes
+    p = dataclasses.replace(params, search="faiss", index=variant)
+    t0 = time.perf_counter()
+    s = VectorSearch.build(x, p)
+    return s, time.perf_counter() - t0, len(s.to_bytes())
+
+
+def recall(ids: np.ndarray, ref: np.ndarray, k: int) -> float:
+    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ids, ref, strict=True)]))
+
+
+def run_searches(searcher, q: np.ndarray, batch: int) -> None:
+    for s in range(0, len(q), batch):
+        searcher.search(q[s : s + batch], TIMED_K)
+
+
+def bench_pool(name: str, x: np.ndarray, q: np.ndarray, variants, batches, repeats: int, params) -> dict:
+    from chatforge.baselines.retrieval.search import exact_topk
+
+    print(f"{name}: {len(x)} x {x.shape[1]}, {len(q)} queries", flush=True)
+    k_ref = min(max(RECALL_AT), len(x))
+    _, ref = exact_topk(q, x, k_ref)
+    searchers, res = {}, {}
+    for v in variants:
+        searchers[v], seconds, nbytes = build(v, x, params)
+        _, ids = searchers[v].search(q, k_ref)
+        res[v] = {"build_s": round(seconds, 3), "memory_mb": round(nbytes / 2**20, 2),
+                  **{f"recall@{k}": recall(ids, ref, k) for k in RECALL_AT if k <= k_ref}}
+        if v == "ivf":
+            res[v]["nlist"], res[v]["nprobe"] = int(searchers[v].index.nlist), int(searchers[v].index.nprobe)
+        print(f"  {v}: built in {seconds:.2f} s, {res[v]}", flush=True)
+    for b in batches:
+        for v in variants:  # warm-up, not timed
+            run_searches(searchers[v], q[: max(b, min(len(q), 4 * b))], b)
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(repeats):
+            for v in variants:  # interleaved: exact, flat, hnsw, ivf, exact, flat, ...
+                t0 = time.perf_counter()
+                run_searches(searchers[v], q, b)
+                times[v].append(time.perf_counter() - t0)
+        exact_qps = len(q) / statistics.median(times["exact"]) if "exact" in times else None
+        for v in variants:
+            qps = len(q) / statistics.median(times[v])
+            res[v][f"batch{b}"] = {"seconds": [round(t, 5) for t in times[v]], "qps": round(qps, 1),
+                                   "ratio_to_exact": round(qps / exact_qps, 2) if exact_qps else None}
+        print(f"  batch {b}: " + ", ".join(f"{v} {res[v][f'batch{b}']['qps']:.0f} q/s" for v in variants), flush=True)
+    return {"pool": name, "size": int(len(x)), "dim": int(x.shape[1]), "queries": int(len(q)), "variants": res}
+
+
+def end_to_end(sel, test: dict, params, repeats: int) -> dict:
+    """The whole select() with search: faiss (HNSW defaults) against search: exact, on the test questions."""
+    qs = test["questions"]
+    exact = copy.copy(sel)
+    exact.config, exact._search = dataclasses.replace(sel.config, search="exact"), None
+    ann = copy.copy(sel)
+    ann.config, ann._search = dataclasses.replace(sel.config, search="faiss", search_index=params.index), None
+    t0 = time.perf_counter()
+    ann._searches()
+    build_s = time.perf_counter() - t0
+    got_e, got_a = exact.select(qs, 10), ann.select(qs, 10)
+    top1 = float(np.mean([e[0][0] == a[0][0] for e, a in zip(got_e, got_a, strict=True)]))
+    r10 = float(np.mean([len({x for x, _ in e} & {x for x, _ in a}) / len(e) for e, a in zip(got_e, got_a, strict=True)]))
+    sample = qs[:100]
+    for s in (exact, ann):  # warm-up
+        s.select(sample[:5], 1)
+    times: dict[str, list[float]] = {"exact": [], "faiss": []}
+    for _ in range(repeats):
+        for name, s in (("exact", exact), ("faiss", ann)):
+            t0 = time.perf_counter()
+            for question in sample:
+                s.select([question], 1)
+            times[name].append((time.perf_counter() - t0) / len(sample))
+    return {"questions": len(qs), "index": params.index, "build_s": round(build_s, 3),
+            "top1_agreement": top1, "recall@10": r10,
+            "ms_per_message": {k: round(1e3 * statistics.median(v), 3) for k, v in times.items()}}
+
+
+def to_markdown(data: dict) -> str:
+    m = data["machine_before"]
+    lines = [f"# Retrieval search: exact vs FAISS ({data['date']})", "",
+             f"Machine: {m['lscpu_model_name']}, {m['logical_cpus']} logical CPUs, FAISS threads "
+             f"{m['faiss_threads']}, BLAS threads {m['blas_threads']}, load average {m['load_average']} before, "
+             f"{data['machine_after']['load_average']} after. Top {TIMED_K} per query, median of "
+             f"{data['args']['repeats']} interleaved rounds after a warm-up; recall against exact search. "
+             f"FAISS parameters: {data['params']}.", ""]
+    batches = data["args"]["batches"]
+    head = "| pool | size | variant | build s | memory MB | " + " | ".join(
+        f"q/s batch {b} | x exact" for b in batches) + " | R@1 | R@10 | R@50 |"
+    lines += [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in data["results"]:
+        for v, x in r["variants"].items():
+            cells = [r["pool"], f"{r['size']:,}", v, f"{x['build_s']:.2f}", f"{x['memory_mb']:.1f}"]
+            for b in batches:
+                cells += [f"{x[f'batch{b}']['qps']:,.0f}", f"{x[f'batch{b}']['ratio_to_exact']:.2f}"]
+            cells += [f"{x.get(f'recall@{k}', float('nan')):.3f}" for k in RECALL_AT]
+            lines.append("| " + " | ".join(cells) + " |")
+    e2e = data.get("end_to_end")
+    if e2e:
+        lines += ["", f"End to end (real pool, `ResponseSelector.select`, {e2e['questions']} test questions, "
+                      f"search: faiss with {e2e['index']} against search: exact): top-1 agreement "
+                      f"{e2e['top1_agreement']:.3f}, recall@10 {e2e['recall@10']:.3f}, per message "
+                      f"{e2e['ms_per_message']['exact']:.2f} ms exact vs {e2e['ms_per_message']['faiss']:.2f} ms "
+                      f"FAISS (index built in {e2e['build_s']:.2f} s)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = data["args"]["batches"]
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4))
+    results = sorted(data["results"], key=lambda r: r["size"])
+    variants = list(results[0]["variants"])
+    for ax, b in zip(axes, batches, strict=False):
+        for v in variants:
+            ax.plot([r["size"] for r in results], [r["variants"][v][f"batch{b}"]["qps"] for r in results], "o-", label=v)
+        ax.set(xscale="log", yscale="log", xlabel="pool size", ylabel="queries/s", title=f"batch {b}")
+        ax.legend()
+    ax = axes[-1]
+    for v in variants:
+        ax.plot([r["size"] for r in results], [r["variants"][v]["recall@10"] for r in results], "o-", label=v)
+    ax.set(xscale="log", xlabel="pool size", ylabel="recall@10 vs exact", title="recall@10")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from chatforge.baselines.retrieval.search import SearchParams
+    from chatforge.fileio import atomic_write_json, atomic_write_text
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    params = SearchParams(search="faiss", seed=args.seed)
+    before = machine()
+    results, e2e = [], None
+    if args.real:
+        x, q, sel, test = real_pool(args.bundle, args.out, args.data, args.real_epochs)
+        results.append(bench_pool("real", x, q, args.variants, args.batches, args.repeats, params))
+        if args.end_to_end:
+            e2e = end_to_end(sel, test, params, args.repeats)
+            print(f"end to end: {e2e}", flush=True)
+    for n in args.sizes:
+        x, q = synthetic(n, args.queries, args.dim, args.noise, args.seed)
+        results.append(bench_pool(f"synthetic-{n}", x, q, args.variants, args.batches, args.repeats, params))
+    data = {"benchmark": "retrieval_ann", "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "params": {k: v for k, v in dataclasses.asdict(params).items() if k not in ("search", "min_pool")},
+            "machine_before": before, "machine_after": machine(), "results": results, "end_to_end": e2e}
+    atomic_write_json(args.out / f"{args.name}.json", data)
+    atomic_write_text(args.out / f"{args.name}.md", to_markdown(data))
+    plot(data, args.out / f"{args.name}.png")
+    return data
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 30_000, 100_000])
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--noise", type=float, default=0.6)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for BLAS (exact), FAISS and torch; 1 by default: on a shared machine a second "
+                         "spinning OpenMP thread that gets descheduled makes batched timings noise")
+    ap.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
+                    help="include ChatbotData's pool (needs the data, and a bundle or a short training)")
+    ap.add_argument("--bundle", type=Path, help="a saved encoder: biencoder bundle for the real pool")
+    ap.add_argument("--real-epochs", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "chatbot_kr" / "ChatbotData.csv")
+    ap.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "retrieval-ann")
+    ap.add_argument("--name", default="retrieval-ann", help="file stem of the JSON/Markdown/PNG written to --out")
+    args = ap.parse_args(argv)
+    if "exact" not in args.variants:
+        ap.error("--variants must include exact: ratios and recall are against it")
+    sys.path.insert(0, str(ROOT / "src"))
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    old = faiss.omp_get_max_threads(), torch.get_num_threads()
+    faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    try:
+        with threadpool_limits(args.threads):  # numpy's BLAS: the exact path's matrix product
+            data = run(args)
+    finally:  # the process's settings, as they were (main() also runs inside the tests)
+        faiss.omp_set_num_threads(old[0])
+        torch.set_num_threads(old[1])
+    print(f"wrote {args.out / args.name}.json/.md/.png", flush=True)
+    return data
+
+
+if __name__ == "__main__":
+    main()
