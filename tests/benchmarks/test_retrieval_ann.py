@@ -72,3 +72,26 @@ def test_end_to_end_with_a_flat_index_agrees_with_exact_search(script):
     res = script.end_to_end(sel, {"questions": Q}, params, repeats=1)
     assert res["top1_agreement"] == 1.0 and res["recall@10"] == 1.0  # of a 6-answer pool: all 6
     assert res["ms_per_message"]["exact"] > 0 and res["ms_per_message"]["faiss"] > 0
+
+
+def row(size: int, ratio1: float, ratio32: float, r10: float) -> dict:
+    return {"size": size, "variants": {"hnsw": {"recall@10": r10, "batch1": {"ratio_to_exact": ratio1},
+                                                "batch32": {"ratio_to_exact": ratio32}}}}
+
+
+def test_pays_from_is_the_first_size_from_which_every_larger_one_pays():
+    script = load("retrieval_ann")
+    rows = [row(100_000, 9.0, 4.0, 0.97), row(7_000, 2.1, 2.5, 0.98), row(10_000, 2.5, 1.2, 0.99),
+            row(30_000, 4.0, 2.0, 0.96)]
+    assert script.pays_from(rows, "hnsw", [1, 32]) == 30_000  # 7k pays, 10k does not at batch 32: 30k
+    assert script.pays_from(rows, "hnsw", [1]) == 7_000
+    rows[0] = row(100_000, 9.0, 4.0, 0.90)  # recall below the bound at the largest size: never
+    assert script.pays_from(rows, "hnsw", [1, 32]) is None
+
+
+def test_render_rewrites_markdown_from_the_json(script, tmp_path):
+    script.main(["--no-real", "--sizes", "300", "--queries", "8", "--repeats", "1", "--batches", "1",
+                 "--variants", "exact", "flat", "--out", str(tmp_path)])
+    (tmp_path / "retrieval-ann.md").unlink()
+    data = script.main(["--render", str(tmp_path / "retrieval-ann.json")])
+    assert "flat" in data["pays_from"] and "Pays (>= 2x" in (tmp_path / "retrieval-ann.md").read_text()
