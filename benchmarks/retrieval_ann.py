@@ -14,8 +14,9 @@ Pools of d-dimensional unit vectors, searched by inner product (= cosine) for th
   found every neighbour, which says nothing.
 
 Variants: ``exact`` (``search.exact_topk``: the numpy matrix product and ``argpartition`` the selector uses),
-FAISS ``flat`` (exact inner product, FAISS's own BLAS path: the reference), ``hnsw`` and ``ivf`` at the
-selector's default parameters (``search.SearchParams``). Per pool and variant: build seconds, memory (the
+FAISS ``flat`` (exact inner product, FAISS's own BLAS path: the reference), ``hnsw`` and ``ivf`` built with the
+selector's default parameters (``search.SearchParams``) and searched at each ``--hnsw-ef-search`` /
+``--ivf-nprobe`` value (``hnsw-ef128``, ``ivf-np16``: the config's defaults). Per pool and variant: build seconds, memory (the
 pool matrix for exact; the serialised index, which is what the bundle stores and what FAISS holds), queries/s
 at each batch size (top 10), its ratio to exact, and recall@1/@10/@50 against exact search. Each timing round
 runs every variant once, in turn (interleaved, so a change in the machine's load lands on all), after one
@@ -23,8 +24,8 @@ untimed warm-up pass; the median over ``--repeats`` rounds is reported. ``lscpu`
 numpy/FAISS use and the load average are recorded before and after.
 
 With ``--end-to-end`` (real pool only), the whole ``ResponseSelector.select`` (neighbour term and TF-IDF scorer
-included) with ``search: faiss`` (HNSW) is compared with ``search: exact`` on the test questions: top-1
-agreement, recall@10 and seconds per message.
+included) with ``search: faiss`` (flat and HNSW) is compared with ``search: exact`` on the test questions:
+top-1 agreement, recall@10 and milliseconds per message.
 
     nice -n 10 python benchmarks/retrieval_ann.py [--sizes 10000 100000] [--out runs/retrieval-ann]
 """
@@ -135,26 +136,55 @@ def recall(ids: np.ndarray, ref: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ids, ref, strict=True)]))
 
 
-def run_searches(searcher, q: np.ndarray, batch: int) -> None:
+class Tuned:
+    """One built index searched at one setting of its search-time knob (HNSW efSearch, IVF nprobe): the index is
+    built once per kind, and each setting is a variant of its own."""
+
+    def __init__(self, base, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        self.base, self.ef_search, self.nprobe = base, ef_search, nprobe
+
+    def prepare(self) -> None:  # once before each pass, so no variant pays a per-call setattr
+        if self.ef_search is not None:
+            self.base.index.hnsw.efSearch = self.ef_search
+        if self.nprobe is not None:
+            self.base.index.nprobe = min(self.nprobe, self.base.index.nlist)
+
+    def search(self, q: np.ndarray, k: int):
+        return self.base.search(q, k)
+
+
+def run_searches(searcher: Tuned, q: np.ndarray, batch: int) -> None:
+    searcher.prepare()
     for s in range(0, len(q), batch):
         searcher.search(q[s : s + batch], TIMED_K)
 
 
-def bench_pool(name: str, x: np.ndarray, q: np.ndarray, variants, batches, repeats: int, params) -> dict:
+def bench_pool(name: str, x: np.ndarray, q: np.ndarray, kinds, batches, repeats: int, params,
+               ef_searches=(128,), nprobes=(16,)) -> dict:
     from chatforge.baselines.retrieval.search import exact_topk
 
     print(f"{name}: {len(x)} x {x.shape[1]}, {len(q)} queries", flush=True)
     k_ref = min(max(RECALL_AT), len(x))
     _, ref = exact_topk(q, x, k_ref)
     searchers, res = {}, {}
-    for v in variants:
-        searchers[v], seconds, nbytes = build(v, x, params)
-        _, ids = searchers[v].search(q, k_ref)
-        res[v] = {"build_s": round(seconds, 3), "memory_mb": round(nbytes / 2**20, 2),
-                  **{f"recall@{k}": recall(ids, ref, k) for k in RECALL_AT if k <= k_ref}}
-        if v == "ivf":
-            res[v]["nlist"], res[v]["nprobe"] = int(searchers[v].index.nlist), int(searchers[v].index.nprobe)
-        print(f"  {v}: built in {seconds:.2f} s, {res[v]}", flush=True)
+    for kind in kinds:
+        base, seconds, nbytes = build(kind, x, params)
+        if kind == "hnsw":
+            named = {f"hnsw-ef{ef}": Tuned(base, ef_search=ef) for ef in ef_searches}
+        elif kind == "ivf":
+            named = {f"ivf-np{n}": Tuned(base, nprobe=n) for n in nprobes}
+        else:
+            named = {kind: Tuned(base)}
+        for v, searcher in named.items():
+            searcher.prepare()
+            _, ids = searcher.search(q, k_ref)
+            searchers[v] = searcher
+            res[v] = {"build_s": round(seconds, 3), "memory_mb": round(nbytes / 2**20, 2),
+                      **{f"recall@{k}": recall(ids, ref, k) for k in RECALL_AT if k <= k_ref}}
+            if kind == "ivf":
+                res[v]["nlist"], res[v]["nprobe"] = int(base.index.nlist), int(base.index.nprobe)
+            print(f"  {v}: built in {seconds:.2f} s, {res[v]}", flush=True)
+    variants = list(searchers)
     for b in batches:
         for v in variants:  # warm-up, not timed
             run_searches(searchers[v], q[: max(b, min(len(q), 4 * b))], b)
@@ -174,31 +204,44 @@ def bench_pool(name: str, x: np.ndarray, q: np.ndarray, variants, batches, repea
 
 
 def end_to_end(sel, test: dict, params, repeats: int) -> dict:
-    """The whole select() with search: faiss (HNSW defaults) against search: exact, on the test questions."""
+    """The whole select() (neighbour term and TF-IDF scorer included) with search: faiss, flat and HNSW at the
+    defaults, against search: exact, on the test questions. ``flat`` returns exact results through the FAISS
+    path (composite query, shortlist, exact re-scoring), so exact vs flat is what that path costs or saves and
+    flat vs hnsw what the approximate index does."""
     qs = test["questions"]
-    exact = copy.copy(sel)
-    exact.config, exact._search = dataclasses.replace(sel.config, search="exact"), None
-    ann = copy.copy(sel)
-    ann.config, ann._search = dataclasses.replace(sel.config, search="faiss", search_index=params.index), None
-    t0 = time.perf_counter()
-    ann._searches()
-    build_s = time.perf_counter() - t0
-    got_e, got_a = exact.select(qs, 10), ann.select(qs, 10)
-    top1 = float(np.mean([e[0][0] == a[0][0] for e, a in zip(got_e, got_a, strict=True)]))
-    r10 = float(np.mean([len({x for x, _ in e} & {x for x, _ in a}) / len(e) for e, a in zip(got_e, got_a, strict=True)]))
+    variants = {}
+    for name, cfg in (("exact", dataclasses.replace(sel.config, search="exact")),
+                      ("flat", dataclasses.replace(sel.config, search="faiss", search_index="flat")),
+                      ("hnsw", dataclasses.replace(sel.config, search="faiss", search_index="hnsw",
+                                                   search_hnsw_ef_search=params.hnsw_ef_search))):
+        v = copy.copy(sel)
+        v.config, v._search = cfg, None
+        variants[name] = v
+    out: dict[str, Any] = {"questions": len(qs), "variants": {}}
+    got = {}
+    for name, v in variants.items():
+        t0 = time.perf_counter()
+        v._searches()
+        out["variants"][name] = {"build_s": round(time.perf_counter() - t0, 3)}
+        got[name] = v.select(qs, 10)
+    for name in variants:
+        pairs = list(zip(got["exact"], got[name], strict=True))
+        out["variants"][name]["top1_agreement"] = float(np.mean([e[0][0] == a[0][0] for e, a in pairs]))
+        out["variants"][name]["recall@10"] = float(np.mean([len({x for x, _ in e} & {x for x, _ in a}) / len(e)
+                                                            for e, a in pairs]))
     sample = qs[:100]
-    for s in (exact, ann):  # warm-up
-        s.select(sample[:5], 1)
-    times: dict[str, list[float]] = {"exact": [], "faiss": []}
+    for v in variants.values():  # warm-up
+        v.select(sample[:5], 1)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
-        for name, s in (("exact", exact), ("faiss", ann)):
+        for name, v in variants.items():  # interleaved
             t0 = time.perf_counter()
             for question in sample:
-                s.select([question], 1)
+                v.select([question], 1)
             times[name].append((time.perf_counter() - t0) / len(sample))
-    return {"questions": len(qs), "index": params.index, "build_s": round(build_s, 3),
-            "top1_agreement": top1, "recall@10": r10,
-            "ms_per_message": {k: round(1e3 * statistics.median(v), 3) for k, v in times.items()}}
+    for name in variants:
+        out["variants"][name]["ms_per_message"] = round(1e3 * statistics.median(times[name]), 3)
+    return out
 
 
 def pays_from(results: list[dict], variant: str, batches: list[int]) -> int | None:
@@ -237,11 +280,14 @@ def to_markdown(data: dict) -> str:
               + "."]
     e2e = data.get("end_to_end")
     if e2e:
-        lines += ["", f"End to end (real pool, `ResponseSelector.select`, {e2e['questions']} test questions, "
-                      f"search: faiss with {e2e['index']} against search: exact): top-1 agreement "
-                      f"{e2e['top1_agreement']:.3f}, recall@10 {e2e['recall@10']:.3f}, per message "
-                      f"{e2e['ms_per_message']['exact']:.2f} ms exact vs {e2e['ms_per_message']['faiss']:.2f} ms "
-                      f"FAISS (index built in {e2e['build_s']:.2f} s)."]
+        lines += ["", f"End to end: the real pool's `ResponseSelector.select` (neighbour term and TF-IDF scorer "
+                      f"included) on {e2e['questions']} test questions, against search: exact; ms per message "
+                      "over the first 100 questions, one at a time.", "",
+                  "| search | pool + question index build s | top-1 agreement | recall@10 | ms per message |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, v in e2e["variants"].items():
+            lines.append(f"| {name} | {v['build_s']:.2f} | {v['top1_agreement']:.3f} | {v['recall@10']:.3f} | "
+                         f"{v['ms_per_message']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -279,13 +325,15 @@ def run(args: argparse.Namespace) -> dict:
     results, e2e = [], None
     if args.real:
         x, q, sel, test = real_pool(args.bundle, args.out, args.data, args.real_epochs)
-        results.append(bench_pool("real", x, q, args.variants, args.batches, args.repeats, params))
+        results.append(bench_pool("real", x, q, args.variants, args.batches, args.repeats, params,
+                                  args.hnsw_ef_search, args.ivf_nprobe))
         if args.end_to_end:
             e2e = end_to_end(sel, test, params, args.repeats)
             print(f"end to end: {e2e}", flush=True)
     for n in args.sizes:
         x, q = synthetic(n, args.queries, args.dim, args.noise, args.seed)
-        results.append(bench_pool(f"synthetic-{n}", x, q, args.variants, args.batches, args.repeats, params))
+        results.append(bench_pool(f"synthetic-{n}", x, q, args.variants, args.batches, args.repeats, params,
+                                  args.hnsw_ef_search, args.ivf_nprobe))
     data = {"benchmark": "retrieval_ann", "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "params": {k: v for k, v in dataclasses.asdict(params).items() if k not in ("search", "min_pool")},
@@ -313,6 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--hnsw-ef-search", type=int, nargs="+", default=[128, 512],
+                    help="HNSW efSearch values, one variant each (128: the config's default)")
+    ap.add_argument("--ivf-nprobe", type=int, nargs="+", default=[16, 64],
+                    help="IVF cells probed, one variant each (16: the config's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for BLAS (exact), FAISS and torch; 1 by default: on a shared machine a second "
