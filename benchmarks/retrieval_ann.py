@@ -292,6 +292,7 @@ def to_markdown(data: dict) -> str:
 
 
 def plot(data: dict, path: Path) -> None:
+    """Queries/s per batch size and recall@10 against pool size: synthetic pools as lines, the real pool as stars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,18 +300,21 @@ def plot(data: dict, path: Path) -> None:
 
     batches = data["args"]["batches"]
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4))
-    results = sorted(data["results"], key=lambda r: r["size"])
-    variants = list(results[0]["variants"])
-    for ax, b in zip(axes, batches, strict=False):
-        for v in variants:
-            ax.plot([r["size"] for r in results], [r["variants"][v][f"batch{b}"]["qps"] for r in results], "o-", label=v)
-        ax.set(xscale="log", yscale="log", xlabel="pool size", ylabel="queries/s", title=f"batch {b}")
-        ax.legend()
-    ax = axes[-1]
-    for v in variants:
-        ax.plot([r["size"] for r in results], [r["variants"][v]["recall@10"] for r in results], "o-", label=v)
-    ax.set(xscale="log", xlabel="pool size", ylabel="recall@10 vs exact", title="recall@10")
-    ax.legend()
+    synth = sorted((r for r in data["results"] if r["pool"] != "real"), key=lambda r: r["size"])
+    real = [r for r in data["results"] if r["pool"] == "real"]
+    variants = list(data["results"][0]["variants"])
+    panels = [(f"batch {b}", "queries/s", lambda x, b=b: x[f"batch{b}"]["qps"], "log") for b in batches]
+    panels.append(("recall@10", "recall@10 vs exact", lambda x: x["recall@10"], "linear"))
+    for ax, (title, ylabel, get, yscale) in zip(axes, panels, strict=True):
+        for i, v in enumerate(variants):
+            colour = f"C{i}"
+            if synth:
+                ax.plot([r["size"] for r in synth], [get(r["variants"][v]) for r in synth], "o-", color=colour, label=v)
+            for r in real:
+                ax.plot([r["size"]], [get(r["variants"][v])], "*", color=colour, markersize=12,
+                        label=None if synth else v)
+        ax.set(xscale="log", yscale=yscale, xlabel="pool size (stars: real pool)", ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
