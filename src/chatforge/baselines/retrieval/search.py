@@ -8,8 +8,10 @@ for inner product (FAISS HNSW or IVF) serves both.
 
 ``exact`` is the matrix product and ``argpartition`` the selector always used. ``faiss`` searches a FAISS
 index (``flat``: exact inner product, the reference; ``hnsw``; ``ivf``). ``auto`` picks FAISS for a matrix
-of at least ``search_min_pool`` rows, the size from which ``benchmarks/retrieval_ann.py`` measured FAISS
-paying on this machine (README, issue 17), and exact search below it.
+of at least ``search_min_pool`` rows and exact search below it. Its default is past every size
+``benchmarks/retrieval_ann.py`` measured: on this machine no pool up to 300,000 vectors gave an index at least
+2x exact search's queries/s at recall@10 >= 0.95 (README, issue 17; ``benchmarks/results/retrieval-ann*.md``),
+so ``auto`` searches exactly wherever the benchmark could check it.
 
 The index is built when the selector is first searched or saved, and saved in the bundle
 (``faiss.serialize_index``, FAISS's own binary format, no pickle) rather than rebuilt at load: HNSW insertion
@@ -34,8 +36,9 @@ logger = logging.getLogger(__name__)
 
 SEARCH_MODES = ("exact", "faiss", "auto")
 INDEX_KINDS = ("hnsw", "ivf", "flat")
-# Where the number comes from: README (issue 17) and benchmarks/results/retrieval-ann.md.
-DEFAULT_MIN_POOL = 50_000
+# Past the largest pool measured (300,000), where no index paid at recall@10 >= 0.95: README (issue 17) and
+# benchmarks/results/retrieval-ann*.md. At 1,000,000 exact search costs tens of ms per message here.
+DEFAULT_MIN_POOL = 1_000_000
 
 
 def import_faiss():
