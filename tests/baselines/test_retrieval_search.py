@@ -172,3 +172,26 @@ def test_faiss_search_is_rejected_for_the_sparse_encoders(encoder):
     with pytest.raises(Exception, match="search: faiss applies to the bi-encoder"):
         validate_config(model(encoder=encoder, search="faiss"))
     assert validate_config(model(encoder=encoder, search="auto")).model.search == "auto"
+
+
+@pytest.mark.slow
+def test_a_selection_run_with_search_faiss_bundles_its_index_and_serves_from_it(tmp_path):
+    from chatforge.bundle import load_bundle
+    from chatforge.training.run import run_experiment
+
+    torch.set_num_threads(1)
+    cfg = validate_config({
+        "name": "sel", "seed": 0,
+        "data": {"path": "sample", "format": "chatbot_csv", "valid_fraction": 0.1, "test_fraction": 0.2},
+        "model": {"family": "retrieval", "task": "selection", **{k: v for k, v in TINY.items() if k not in ("epochs", "vocab_size")},
+                  "epochs": 1, "vocab_size": 500, "search": "faiss", "search_index": "hnsw"},
+        "tracking": {"enabled": False},
+    })
+    res = run_experiment(cfg, run_dir=tmp_path / "run")
+    assert all((res.bundle_dir / f).is_file() for f in SEARCH_FILES.values())
+    served = load_bundle(res.bundle_dir).model
+    assert isinstance(served._search["pool"].index, faiss.IndexHNSWFlat)
+    back = ResponseSelector.load(res.bundle_dir)
+    questions = list(back.questions[:5])
+    assert [served.reply(q) for q in questions] == [back.reply(q) for q in questions]
+    assert [a for a, _ in exact_twin(back).select(questions[:1], 1)[0]] == [back.reply(questions[0])[0]]
