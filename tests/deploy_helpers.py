@@ -20,7 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CHATFORGE = [sys.executable, "-m", "chatforge.cli"]
-TRAIN_ONLY_MODULES = ("mlflow", "optuna", "sklearn", "scipy", "xgboost", "matplotlib", "sacrebleu", "alembic")
+TRAIN_ONLY_MODULES = ("mlflow", "optuna", "sklearn", "scipy", "xgboost", "matplotlib", "sacrebleu", "alembic",
+                      "faiss")
 
 
 def train_tiny_bundles(root: Path) -> tuple[Path, Path]:

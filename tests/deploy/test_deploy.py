@@ -217,7 +217,8 @@ def test_extras_split_keeps_training_out_of_serving():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     names = lambda reqs: {re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower() for r in reqs}  # noqa: E731
-    training = {"mlflow-skinny", "optuna", "xgboost-cpu", "scikit-learn", "matplotlib", "sacrebleu", "alembic"}
+    training = {"mlflow-skinny", "optuna", "xgboost-cpu", "scikit-learn", "matplotlib", "sacrebleu", "alembic",
+                "faiss-cpu"}
     assert not training & (names(project["dependencies"]) | names(extras["serve"]))
     assert training <= names(extras["train"]) and {"torch", "grpcio", "sentencepiece"} <= names(extras["serve"])
     assert "chatforge[serve]" in extras["train"] and "chatforge[serve,train]" in extras["dev"]

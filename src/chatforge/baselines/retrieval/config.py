@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
+from chatforge.baselines.retrieval.search import DEFAULT_MIN_POOL
 from chatforge.baselines.tfidf import TfidfConfig
 
 
@@ -34,6 +35,16 @@ class RetrievalConfig(TfidfConfig):
     ``ranker_label_model`` add learned question->answer features (a hashed n-gram pair logistic regression; label
     classifiers' agreement), fitted per cross-fitting fold; off by default (on ChatbotData they add +0.020
     validation R@1 of 10 over four seeds, at the noise level, and nothing on test; README, issue 17).
+
+    ``search`` (bi-encoder; ``chatforge.baselines.retrieval.search``): how ``select`` finds the best pool answers
+    and the nearest training questions. ``exact``: a matrix product; ``faiss``: a FAISS index of kind
+    ``search_index`` (``hnsw``: ``search_hnsw_m`` links, ``search_hnsw_ef_construction``,
+    ``search_hnsw_ef_search``; ``ivf``: ``search_ivf_nlist`` cells (0: 4 sqrt(n)), ``search_ivf_nprobe``
+    probed; ``flat``: exact inner product) shortlists ``search_shortlist`` answers that are then scored exactly;
+    ``auto``: FAISS for a matrix of at least ``search_min_pool`` vectors, exact below. The index is built at
+    bundle time and saved in the bundle. TF-IDF vectors are sparse and always searched exactly, so the ``tfidf``
+    and ``ranker`` encoders take ``exact`` or ``auto`` only. ``score`` (fixed candidate lists, the R@k
+    benchmark) stays exact.
     """
 
     encoder: Literal["tfidf", "biencoder", "polyencoder", "ranker"] = "tfidf"
@@ -81,6 +92,16 @@ class RetrievalConfig(TfidfConfig):
     # a Transformer bi-/poly-encoder's score as one more feature, trained per cross-fitting fold with the bi-encoder
     # keys above (epochs, d_model, ...; poly_codes); off by default (each fold trains an encoder)
     ranker_encoder: Literal["none", "biencoder", "polyencoder"] = "none"
+    # search over the bi-encoder's dense vectors (search.py)
+    search: Literal["exact", "faiss", "auto"] = "auto"
+    search_min_pool: int = Field(DEFAULT_MIN_POOL, ge=1)
+    search_index: Literal["hnsw", "ivf", "flat"] = "hnsw"
+    search_shortlist: int = Field(100, ge=1, le=100000)
+    search_hnsw_m: int = Field(32, ge=4, le=256)
+    search_hnsw_ef_construction: int = Field(80, ge=8, le=4096)
+    search_hnsw_ef_search: int = Field(128, ge=1, le=65536)
+    search_ivf_nlist: int = Field(0, ge=0, le=1 << 20)
+    search_ivf_nprobe: int = Field(16, ge=1, le=1 << 20)
 
     @field_validator("ranker_neighbours")
     @classmethod
@@ -95,3 +116,12 @@ class RetrievalConfig(TfidfConfig):
         if not 1 <= v[0] <= v[1] <= 5:
             raise ValueError(f"ranker_pair_lr_ngram must be [min, max] with 1 <= min <= max <= 5, got {list(v)}")
         return tuple(v)
+
+    @model_validator(mode="after")
+    def _check_search(self):
+        if self.search == "faiss" and self.encoder != "biencoder":
+            why = ("scores each candidate with its own attention over the question's codes, not one inner product"
+                   if self.encoder == "polyencoder" else "searches sparse TF-IDF vectors")
+            raise ValueError(f"search: faiss applies to the bi-encoder's dense vectors; encoder {self.encoder!r} "
+                             f"{why}, exactly, so use search: exact or auto (allowed with faiss: encoder biencoder)")
+        return self

@@ -11,8 +11,8 @@ similarity to the answers of the training questions nearest to the question. Cha
 answers across paraphrased questions, and this term is what turns that into signal.
 
 The candidate pool (deduplicated training answers, each with its source questions) is part of the
-saved model and encoded once when it is saved; search over it is exact, with a matrix product
-(10^4 answers x 128 dimensions is well under a millisecond per query here, so no ANN index pays).
+saved model and encoded once when it is saved; the bi-encoder searches it exactly with a matrix product, or
+through a FAISS index saved in the bundle (``search``; ``search.py``, where ``auto``'s threshold comes from).
 Saved as JSON + safetensors, never pickled.
 """
 
@@ -47,6 +47,7 @@ from chatforge.baselines.retrieval.ranker import (
     dedupe_pairs,
     pair_features,
 )
+from chatforge.baselines.retrieval.search import SearchParams, VectorSearch, composite_queries, shortlist_topk
 from chatforge.baselines.tfidf import TfidfFeatures, check_texts, read_saved_meta
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.modules.embeddings import LearnedPositionalEmbedding, TokenEmbedding
@@ -71,6 +72,8 @@ PAIR_LR_FILE = "pair_lr.safetensors"  # encoder ranker, ranker_pair_lr: the hash
 PAIR_LR_VOCAB_FILE = "pair_lr_vocab.json"
 LABEL_MODEL_FILE = "label_model.safetensors"  # encoder ranker, ranker_label_model with labels: the two classifiers
 RANKER_ENCODER_DIR = "ranker_encoder"  # encoder ranker, ranker_encoder: the saved bi-/poly-encoder selector
+# bi-encoder searching through FAISS (search.py): the indexes of the pool and of the training questions
+SEARCH_FILES = {"pool": "search_pool.faiss", "questions": "search_questions.faiss"}
 
 
 class BiEncoder(nn.Module):
@@ -181,6 +184,7 @@ class ResponseSelector:
         self._tfidf: ResponseSelector | None = None  # tfidf_weight > 0: the TF-IDF scorer added to the bi-encoder's
         self._index: FeatureIndex | None = None  # encoder ranker: the training pairs its features read
         self._ranker: PairRanker | None = None
+        self._search: dict[str, VectorSearch] | None = None  # bi-encoder: pool and question search, see _searches
 
     # -- encoding ---------------------------------------------------------------------------------------
 
@@ -235,9 +239,15 @@ class ResponseSelector:
         s = a @ b.T
         return np.asarray(s.toarray() if hasattr(s, "toarray") else s, dtype=np.float32)
 
-    def _neighbour_weights(self, qv) -> tuple[np.ndarray, np.ndarray]:
-        """Per question: indices (n, k) of the k nearest training questions and softmax weights (n, k)."""
+    def _neighbour_weights(self, qv, approximate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Per question: indices (n, k) of the k nearest training questions and softmax weights (n, k).
+        ``approximate``: through the questions' FAISS index when the bi-encoder's search uses one."""
         k = min(self.config.neighbours, len(self.questions))
+        if approximate and self._searches()["questions"].uses_faiss:
+            s, top = self._searches()["questions"].search(qv, k)  # a place the index left empty weighs 0
+            s, top = s / self.config.neighbour_temperature, np.maximum(top, 0)
+            w = np.exp(s - s.max(axis=1, keepdims=True))
+            return top, w / w.sum(axis=1, keepdims=True)
         sims = self._qa_sims(qv, self._question_vecs)  # (n, N)
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (n, k), unordered: the weights do not care
         s = np.take_along_axis(sims, top, axis=1) / self.config.neighbour_temperature
@@ -323,6 +333,8 @@ class ResponseSelector:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if not questions:
             return []
+        if self.config.encoder == "biencoder" and self._searches()["pool"].uses_faiss:
+            return self._select_searched(questions, top_k)
         if self._ranker is not None:
             out = []
             cands = self._shortlist(questions, max(self.config.ranker_shortlist, top_k))
@@ -337,6 +349,30 @@ class ResponseSelector:
             best = best[np.argsort(-s[best], kind="stable")]
             out.append([(self.pool[j], float(s[j])) for j in best])
         return out
+
+    # -- search (search.py) ----------------------------------------------------------------------------------
+
+    def _searches(self) -> dict[str, VectorSearch]:
+        """The bi-encoder's pool and training-question searches (exact or FAISS, as ``search`` decides), built on
+        first use: after fit, when the bundle is saved or first searched; load reads the saved indexes."""
+        if self._search is None:
+            params = SearchParams.from_config(self.config)
+            self._search = {"pool": VectorSearch.build(self._pool_vecs, params),
+                            "questions": VectorSearch.build(self._question_vecs, params)}
+        return self._search
+
+    def _select_searched(self, questions: list[str], top_k: int) -> list[list[tuple[str, float]]]:
+        """``select`` through the FAISS index: the dense score is one inner product with a composite query
+        (search.py), so the index shortlists ``search_shortlist`` answers, the TF-IDF scorer (tfidf_weight > 0,
+        exact) adds its own best, and the union is scored exactly; the scores are the exact path's."""
+        cfg = self.config
+        qv = self.encode(questions)
+        top, weights = self._neighbour_weights(qv, approximate=True) if cfg.neighbours else (None, None)
+        neighbour_answers = None if top is None else self._pool_vecs[self.answer_of[top]]  # (n, k, D)
+        queries = composite_queries(qv, cfg.qa_weight, neighbour_answers, weights)
+        extra = cfg.tfidf_weight * self._tfidf._pool_scores(questions) if self._tfidf is not None else None
+        hits = shortlist_topk(queries, self._searches()["pool"], max(cfg.search_shortlist, top_k), top_k, extra)
+        return [[(self.pool[j], float(s)) for j, s in zip(ids, scores, strict=True)] for ids, scores in hits]
 
     def reply(self, question: str) -> tuple[str, float]:
         """The best pool answer for ``question`` and its score."""
@@ -368,7 +404,8 @@ class ResponseSelector:
             self._features.fit_transform(self.questions + self.pool)
         else:
             if self.config.tfidf_weight:
-                self._tfidf = ResponseSelector(dataclasses.replace(self.config, encoder="tfidf", tfidf_weight=0.0))
+                self._tfidf = ResponseSelector(dataclasses.replace(self.config, encoder="tfidf", tfidf_weight=0.0,
+                                                                   search="exact"))
                 self._tfidf.fit(questions, answers)
             self._train_biencoder(valid_questions, valid_answers)
         self._encode_pool()
@@ -394,6 +431,7 @@ class ResponseSelector:
     def _encode_pool(self) -> None:
         self._pool_vecs = self.encode(self.pool)
         self._question_vecs = self.encode(self.questions)
+        self._search = None  # new vectors: the searches are rebuilt on first use
 
     def _valid_r1(self, questions: Sequence[str], answers: Sequence[str]) -> float:
         """R@1 over the whole distinct validation answer set (harder than R@1 of 10; only for model choice)."""
@@ -487,6 +525,9 @@ class ResponseSelector:
             torch_save_file({k: v.contiguous() for k, v in self._net.state_dict().items()}, str(d / ENCODER_FILE))
             # Encoded once here: loading a bundle does not re-encode its pool.
             np_save_file({"pool": self._pool_vecs, "questions": self._question_vecs}, str(d / EMBEDDINGS_FILE))
+            for name, search in self._searches().items():  # built here at the latest: bundle time
+                if search.uses_faiss:
+                    atomic_write_bytes(d / SEARCH_FILES[name], search.to_bytes())
             if self._tfidf is not None:
                 self._tfidf.save(d / TFIDF_DIR)
         atomic_write_json(d / META_FILE, meta)
@@ -549,7 +590,22 @@ class ResponseSelector:
                              f"{len(self._pool_vecs)} vs {len(self.pool)} answers")
         if cfg.tfidf_weight:
             self._tfidf = ResponseSelector.load(d / TFIDF_DIR)
+        self._search = self._load_searches(d)
         return self
+
+    def _load_searches(self, d: Path) -> dict[str, VectorSearch]:
+        """The saved FAISS indexes; one the bundle lacks (saved before ``search`` existed) is built now."""
+        params = SearchParams.from_config(self.config)
+        out = {}
+        for name, vecs in (("pool", self._pool_vecs), ("questions", self._question_vecs)):
+            f = d / SEARCH_FILES[name]
+            if params.uses_faiss(len(vecs)) and f.is_file():
+                out[name] = VectorSearch.from_bytes(vecs, params, f.read_bytes())
+            else:
+                if params.uses_faiss(len(vecs)):
+                    logger.warning("%s has no %s: building the FAISS index at load", d, f.name)
+                out[name] = VectorSearch.build(vecs, params)
+        return out
 
 
 def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
