@@ -308,7 +308,7 @@ ENCODER = dataclasses.replace(CFG, ranker_encoder="polyencoder", poly_codes=2, v
 
 
 def test_encoder_feature_is_the_score_of_an_encoder_trained_on_the_folds_index_only(monkeypatch):
-    from chatforge.baselines.retrieval import PolyEncoder, ranker
+    from chatforge.baselines.retrieval import PolyEncoder, ResponseSelector, ranker
 
     scored = []
     real = ranker.pair_features
@@ -321,7 +321,9 @@ def test_encoder_feature_is_the_score_of_an_encoder_trained_on_the_folds_index_o
     monkeypatch.setattr(ranker, "pair_features", spy)
     questions = [f"질문 {i} 번" for i in range(30)]
     answers = [f"대답 {i % 10} 이에요" for i in range(30)]
-    x, *_ = ranker.cross_fit_features(questions, answers, None, ENCODER)
+    with pytest.raises(ValueError, match="ranker_encoder needs make_encoder"):
+        ranker.FeatureIndex.fit(questions, answers, None, ENCODER)
+    x, *_ = ranker.cross_fit_features(questions, answers, None, ENCODER, ResponseSelector)
     assert len(scored) == ENCODER.ranker_folds
     col = scored[0][0].feature_names(ENCODER.ranker_neighbours).index("encoder")
     for index, held, xf, expected in scored:

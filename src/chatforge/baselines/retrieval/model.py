@@ -416,11 +416,11 @@ class ResponseSelector:
     def _fit_ranker(self, questions: list[str], answers: list[str], labels: list[str] | None) -> None:
         cfg = self.config
         t0 = time.perf_counter()
-        x, y, groups, _ = cross_fit_features(questions, answers, labels, cfg)
+        x, y, groups, _ = cross_fit_features(questions, answers, labels, cfg, ResponseSelector)
         t1 = time.perf_counter()
         self._ranker = PairRanker(cfg.ranker, cfg.ranker_trees, cfg.ranker_depth, cfg.ranker_lr, cfg.seed,
                                   cfg.ranker_threads).fit(x, y, groups)
-        self._index = FeatureIndex.fit(questions, answers, labels, cfg)
+        self._index = FeatureIndex.fit(questions, answers, labels, cfg, make_encoder=ResponseSelector)
         self.pool, self.questions, self.answer_of = self._index.pool, self._index.questions, self._index.answer_of
         self.history.append({"ranker": cfg.ranker, "lists": len(groups), "rows": len(y),
                              "features": self._index.feature_names(cfg.ranker_neighbours),

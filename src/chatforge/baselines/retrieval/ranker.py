@@ -315,7 +315,9 @@ class FeatureIndex:
 
     @classmethod
     def fit(cls, questions: Sequence[str], answers: Sequence[str], labels: Sequence[str] | None,
-            tfidf_config, label_names: list[str] | None = None) -> FeatureIndex:
+            tfidf_config, label_names: list[str] | None = None, make_encoder=None) -> FeatureIndex:
+        """``make_encoder(config)`` -> an unfitted bi-/poly-encoder selector, for ``ranker_encoder`` (passed in by
+        ``model.ResponseSelector``: this module is below ``model`` and does not import it)."""
         pool, qs, answer_of, labs = dedupe_pairs(questions, answers, labels)
         features = TfidfFeatures.from_config(tfidf_config)
         features.fit_transform(qs + pool)
@@ -330,11 +332,10 @@ class FeatureIndex:
                                        c.ranker_pair_lr_negatives, c.ranker_pair_lr_epochs, seed=c.seed)
         encoder = None
         if getattr(tfidf_config, "ranker_encoder", "none") != "none":
-            # lazy: model imports this module
-            from chatforge.baselines.retrieval.model import ResponseSelector
-
+            if make_encoder is None:
+                raise ValueError("ranker_encoder needs make_encoder (the selector class that trains the encoder)")
             c = dataclasses.replace(tfidf_config, encoder=tfidf_config.ranker_encoder, tfidf_weight=0.0)
-            encoder = ResponseSelector(c).fit(qs, pair_answers)  # no validation split: the last epoch's weights
+            encoder = make_encoder(c).fit(qs, pair_answers)  # no validation split: the last epoch's weights
         index = cls(pool, qs, answer_of, features, labs, label_names if labs is not None else None, pmi, pair_lr,
                     encoder=encoder)
         if labs is not None and getattr(tfidf_config, "ranker_label_model", False):
@@ -462,7 +463,8 @@ def _pick(seq: Sequence, idx: np.ndarray) -> list:
     return [seq[i] for i in idx]
 
 
-def cross_fit_features(questions: Sequence[str], answers: Sequence[str], labels: Sequence[str] | None, cfg):
+def cross_fit_features(questions: Sequence[str], answers: Sequence[str], labels: Sequence[str] | None, cfg,
+                       make_encoder=None):
     """Training rows for the ranker: (X, y, group sizes, fold of each list). Folds group identical question
     texts; each fold's lists are scored against a :class:`FeatureIndex` of the other folds only."""
     rng = np.random.default_rng(cfg.seed)
@@ -477,7 +479,7 @@ def cross_fit_features(questions: Sequence[str], answers: Sequence[str], labels:
         # label_names from all the labels: a fold can miss a rare one, and the columns must line up
         index = FeatureIndex.fit(_pick(questions, inside), _pick(answers, inside),
                                  _pick(labels, inside) if labels is not None else None, cfg,
-                                 sorted(set(labels)) if labels is not None else None)
+                                 sorted(set(labels)) if labels is not None else None, make_encoder)
         pairs = list(dict.fromkeys(zip(_pick(questions, held), _pick(answers, held), strict=True)))
         hq, ha = [p[0] for p in pairs], [p[1] for p in pairs]
         lists = draw_lists(ha, cfg.ranker_negatives + 1, rng)
