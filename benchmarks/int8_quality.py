@@ -150,6 +150,46 @@ def layer_study(bundle: Path, max_examples: int | None) -> dict:
     return out
 
 
+def backend_quality(bundle: Path, max_examples: int | None) -> dict:
+    """GPT generators: greedy replies of every int8/fp32 serving path against torch fp32's, on the same test
+    questions: torch int8 (``quantize_int8``) and the CTranslate2 backend in float32 and int8
+    (``chatforge serve --backend ctranslate2``; serving/backend_ct2.py), each with token agreement and chrF."""
+    import sacrebleu
+
+    from chatforge.decoding import GenerationOptions
+    from chatforge.inference import load_model
+    from chatforge.serving.backend_ct2 import CT2Generator
+    from chatforge.training.run import load_splits
+
+    ref = load_model(bundle, "chat", precision="fp32")
+    cfg = ref.bundle.config
+    _, _, test, _ = load_splits(cfg)
+    test = test[:max_examples] if max_examples else test
+    opts = GenerationOptions(max_new_tokens=cfg.train.max_target_len)
+    refs = [[ex.response for ex in test]]
+
+    def replies(m) -> tuple[list[list[int]], list[str]]:
+        deltas = [list(m.stream(ex.text, opts)) for ex in test]
+        return [[d.token_id for d in ds] for ds in deltas], ["".join(d.text for d in ds) for ds in deltas]
+
+    base, base_text = replies(ref)
+    out = {"bundle": str(bundle), "family": cfg.model.family, "examples": len(test),
+           "chrf_torch_fp32": sacrebleu.corpus_chrf(base_text, refs).score, "paths": {}}
+    paths = {"torch-int8": lambda: load_model(bundle, "chat", precision="int8"),
+             "ctranslate2-float32": lambda: CT2Generator(bundle, "chat", precision="fp32"),
+             "ctranslate2-int8": lambda: CT2Generator(bundle, "chat", precision="int8")}
+    for name, make in paths.items():
+        m = make()
+        try:
+            toks, text = replies(m)
+        finally:
+            getattr(m, "close", lambda: None)()
+        chrf = sacrebleu.corpus_chrf(text, refs).score
+        out["paths"][name] = {"token_agreement": token_agreement(base, toks), "chrf": chrf,
+                              "chrf_delta": chrf - out["chrf_torch_fp32"]}
+    return out
+
+
 def classification_quality(bundle: Path) -> dict:
     import numpy as np
 
@@ -186,6 +226,9 @@ def main() -> None:
     ap.add_argument("--classifier", type=Path, action="append", default=[])
     ap.add_argument("--train", type=Path, help="train the short-budget bundles into this folder first")
     ap.add_argument("--max-examples", type=int, help="generation: first N test examples only")
+    ap.add_argument("--backends", action="store_true",
+                    help="generation (GPT bundles): also torch int8 and the CTranslate2 backend (float32, int8) "
+                         "against torch fp32")
     ap.add_argument("--layers", action="store_true",
                     help="generation: also measure agreement when int8 covers only some linear layers (LAYER_SETS)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8-quality.json")
@@ -206,6 +249,7 @@ def main() -> None:
     gen = [generation_quality(b, args.max_examples) for b in args.generator]
     cls = [classification_quality(b) for b in args.classifier]
     layers = [layer_study(b, args.max_examples) for b in args.generator] if args.layers else []
+    backends = [backend_quality(b, args.max_examples) for b in args.generator] if args.backends else []
     acceptance = {
         "generation": [{"bundle": g["bundle"], "token_agreement>=0.95": g["token_agreement"]["position"] >= 0.95,
                         "chrf_within_1": abs(g["chrf_delta"]) <= 1.0} for g in gen],
@@ -216,7 +260,7 @@ def main() -> None:
     result = {"benchmark": "int8_quality", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine_before": before, "machine_after": cpu_info(), "torch": torch.__version__,
               "generation": gen, "classification": cls, "acceptance": acceptance,
-              **({"layers": layers} if layers else {})}
+              **({"layers": layers} if layers else {}), **({"backends": backends} if backends else {})}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     summary = {"generation": [{k: g[k] for k in ("family", "examples", "token_agreement", "chrf")} for g in gen],
@@ -224,7 +268,9 @@ def main() -> None:
                                   for c in cls], "acceptance": acceptance,
                **({"layers": [{k: {n: (v["token_agreement"]["position"], round(v["linear_weight_share"], 3))
                                    for n, v in ly["sets"].items()} if k == "sets" else ly[k]
-                               for k in ("bundle", "sets")} for ly in layers]} if layers else {})}
+                               for k in ("bundle", "sets")} for ly in layers]} if layers else {}),
+               **({"backends": [{n: (v["token_agreement"]["position"], round(v["chrf_delta"], 2))
+                                 for n, v in b["paths"].items()} for b in backends]} if backends else {})}
     print(json.dumps(summary, indent=1))
 
 

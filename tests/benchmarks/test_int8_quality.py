@@ -51,3 +51,28 @@ def test_layer_study_quantizes_exactly_the_named_layer_sets(script, tmp_path):
     assert shares["feed-forward only"] == pytest.approx(ff / total)
     for s in got["sets"].values():
         assert 0.0 <= s["token_agreement"]["position"] <= 1.0 and s["token_agreement"]["tokens_compared"] > 0
+
+
+def test_backend_quality_scores_every_path_against_torch_fp32(script, tmp_path):
+    pytest.importorskip("ctranslate2")
+    from chatforge.config import validate_config
+    from chatforge.training.run import run_experiment
+
+    cfg = validate_config({
+        "name": "tiny-gpt", "seed": 1,
+        "data": {"path": "sample", "valid_fraction": 0.1, "test_fraction": 0.1},
+        "tokenizer": {"vocab_size": 600, "on_vocab_too_large": "lower"},
+        "model": {"family": "gpt", "task": "generation", "variant": "gpt2", "d_model": 32, "n_heads": 2,
+                  "n_layers": 1, "n_positions": 64, "dropout": 0.0, "attn_dropout": 0.0},
+        "train": {"epochs": 1, "max_steps": 8, "batch_size": 16, "lr": 1e-3, "max_source_len": 20,
+                  "max_target_len": 12},
+        "tracking": {"enabled": False}, "output": {"dir": str(tmp_path / "runs")},
+    })
+    run = run_experiment(cfg, run_dir=tmp_path / "run")
+    got = script.backend_quality(run.bundle_dir, max_examples=6)
+    assert got["examples"] == 6 and set(got["paths"]) == {"torch-int8", "ctranslate2-float32", "ctranslate2-int8"}
+    # CTranslate2 float32 runs the same weights and greedy search: token for token torch fp32's replies
+    fp32 = got["paths"]["ctranslate2-float32"]
+    assert fp32["token_agreement"]["exact_replies"] == 1.0 and fp32["chrf_delta"] == pytest.approx(0.0)
+    for p in got["paths"].values():
+        assert p["token_agreement"]["tokens_compared"] > 0 and 0.0 <= p["token_agreement"]["position"] <= 1.0
