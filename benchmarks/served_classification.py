@@ -8,7 +8,9 @@ Engines, every one on the same weights and texts:
 * anchors, in this process: ``onnxruntime.InferenceSession`` fp32 and int8 on the same export the backend
   makes (``serving.backend_ort.export_onnx`` / ``quantize_int8``), same thread settings, fed the same input
   tensors the served path builds (``chatforge.bundle.class_inputs``): one text per run (1 caller) and the 32
-  texts of a group as one run (32 callers).
+  texts of a group as one run (32 callers);
+* the backend's ``OrtClassifier.classify`` called in this process (fp32, int8), per text and per group: what
+  the served ORT path costs before gRPC and the micro-batcher (tokenization, input layout, softmax, oos policy).
 
 Cases: 1 caller (the texts one after another: texts/s over the summed call times, median call latency)
 and 32 concurrent callers (groups of 32 Classify calls at once, one text each, which the server's
@@ -66,6 +68,9 @@ SIZES = {
 SERVED = {"chatforge-torch-fp32": ("torch", "fp32"), "chatforge-torch-int8": ("torch", "int8"),
           "chatforge-ort-fp32": ("onnxruntime", "fp32"), "chatforge-ort-int8": ("onnxruntime", "int8")}
 ANCHORS = {"ort-direct-fp32": "fp32", "ort-direct-int8": "int8"}
+# The served backend's classifier called in this process (no gRPC, no micro-batcher): where the gap between the
+# served path and the direct anchor lies (tokenization and post-processing, or the server around it).
+IN_PROCESS = {"ort-backend-inprocess-fp32": "fp32", "ort-backend-inprocess-int8": "int8"}
 REFERENCE = "chatforge-torch-fp32"
 CASES = ("1 caller", "32 callers")
 
@@ -184,6 +189,25 @@ class Direct:
         return _result(outs, wall)
 
 
+class InProcess:
+    """``OrtClassifier.classify`` called in this process: one call per text (1 caller) or per group."""
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    async def run(self, case: str, texts: list[str], callers: int) -> dict[str, Any]:
+        outs: list[tuple[float, str]] = []
+        wall = 0.0
+        step = 1 if case == "1 caller" else callers
+        for i in range(0, len(texts), step):
+            t0 = time.perf_counter()
+            preds = self.classifier.classify(texts[i: i + step])
+            seconds = time.perf_counter() - t0
+            outs += [(seconds, max(p.scores, key=p.scores.__getitem__)) for p in preds]
+            wall += seconds
+        return _result(outs, wall)
+
+
 def _result(outs: list[tuple[float, str]], wall: float) -> dict[str, Any]:
     return {"texts": len(outs), "seconds": wall, "texts_per_s": len(outs) / wall if wall else 0.0,
             "latency_ms": statistics.median(o[0] for o in outs) * 1e3, "argmax": [o[1] for o in outs]}
@@ -220,7 +244,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["engine"], r["case"]): r for r in rows}
     out = []
     for case in CASES:
-        for cf in SERVED:
+        for cf in (*SERVED, *IN_PROCESS):
             for an in ANCHORS:
                 c, a = by.get((cf, case)), by.get((an, case))
                 if not c or not a or not a["texts_per_s"] or not a["best_texts_per_s"]:
@@ -303,6 +327,8 @@ def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
                 sess = ort.InferenceSession(str(graphs[p]), backend_ort.session_options(cpus),
                                             providers=["CPUExecutionProvider"])
                 engines[name] = Direct(sess, feeds, labels)
+            for name, p in IN_PROCESS.items():
+                engines[name] = InProcess(backend_ort.OrtClassifier(bundle, "intents", precision=p, threads=cpus))
             prompts = {"1 caller": single, "32 callers": group}
             runs: dict[str, dict[str, list[dict]]] = {e: {c: [] for c in CASES} for e in engines}
             names = list(engines)
@@ -341,7 +367,8 @@ def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
                    "groups": size.groups, "reps": reps,
                    "served": {k: {"backend": b, "precision": p} for k, (b, p) in SERVED.items()},
                    "anchors": {k: {"graph": p, "intra_op_threads": cpus, "inter_op_threads": 1, "spinning": False}
-                               for k, p in ANCHORS.items()}},
+                               for k, p in ANCHORS.items()},
+                   "in_process": {k: {"backend": "onnxruntime", "precision": p} for k, p in IN_PROCESS.items()}},
         "rows": rows, "ratios": ratios(rows), "agreement": agreement(argmax),
         "raw": runs,
     }

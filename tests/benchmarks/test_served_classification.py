@@ -44,11 +44,12 @@ def test_agreement_against_the_reference(script):
 def test_tiny_run_writes_the_report(script, tmp_path):
     pytest.importorskip("onnxruntime")
     result = script.run(tmp_path, script.SIZES["tiny"], reps=1)
-    assert {r["engine"] for r in result["rows"]} == {*script.SERVED, *script.ANCHORS}
+    assert {r["engine"] for r in result["rows"]} == {*script.SERVED, *script.ANCHORS, *script.IN_PROCESS}
     assert all(r["texts_per_s"] > 0 and r["latency_ms"] > 0 for r in result["rows"])
-    assert len(result["ratios"]) == len(script.SERVED) * len(script.ANCHORS) * len(script.CASES)
+    assert len(result["ratios"]) == (len(script.SERVED) + len(script.IN_PROCESS)) * len(script.ANCHORS) * len(script.CASES)
     # Same weights: the fp32 paths give chatforge torch fp32's labels.
-    assert result["agreement"]["chatforge-ort-fp32"] == 1.0 and result["agreement"]["ort-direct-fp32"] == 1.0
+    for fp32 in ("chatforge-ort-fp32", "ort-direct-fp32", "ort-backend-inprocess-fp32"):
+        assert result["agreement"][fp32] == 1.0
     saved = json.loads((tmp_path / "served-classification.json").read_text())
     assert saved["machine"]["lscpu_model"] and saved["machine"]["load_before"]
     assert "| chatforge-ort-int8 | 32 callers |" in (tmp_path / "served-classification.md").read_text()
