@@ -22,7 +22,9 @@ def test_compare_against_the_matching_path_and_fp32(script):
                "ort-fp32": {"in_scope_accuracy": 0.900, "oos_recall": 0.40},
                "ort-int8": {"in_scope_accuracy": 0.894, "oos_recall": 0.41}}
     got = script.compare(figures, argmax)
-    assert set(got) == {"ort-fp32 vs torch-fp32", "ort-int8 vs torch-int8", "ort-int8 vs torch-fp32"}
+    assert set(got) == {"ort-fp32 vs torch-fp32", "ort-int8 vs torch-int8", "ort-int8 vs torch-fp32",
+                        "torch-int8 vs torch-fp32"}
+    assert got["torch-int8 vs torch-fp32"]["argmax_agreement"] == 0.997
     assert got["ort-fp32 vs torch-fp32"]["argmax_agreement"] == 1.0
     m = got["ort-int8 vs torch-int8"]
     assert m["argmax_agreement"] == 1.0 and m["in_scope_accuracy_delta_points"] == pytest.approx(-0.2)
