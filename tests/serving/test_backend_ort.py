@@ -145,8 +145,8 @@ def _fake_bundle(path: Path, family: str, task: str) -> Path:
 
 def test_families_it_cannot_export_are_refused(tmp_path):
     for family in ("xgboost", "elmo"):
-        with pytest.raises(BackendError, match=rf"serves classifiers of family bert, transformer; this is a "
-                                               rf"{family} classifier; give it --backend intents=torch"):
+        with pytest.raises(BackendError, match=rf"serves classifiers of family bert, transformer; this is a classifier "
+                                               rf"of family {family}; give it --backend intents=torch"):
             backend_ort.applies(_fake_bundle(tmp_path / family, family, "classification"), "intents")
     # other tasks are served by torch
     assert backend_ort.applies(_fake_bundle(tmp_path / "gpt", "gpt", "generation"), "chat") is False

@@ -99,7 +99,7 @@ def applies(bundle_dir: str | Path, name: str) -> bool:
         return False
     if family not in FAMILIES:
         raise BackendError(f"model {name!r}: --backend onnxruntime serves classifiers of family "
-                           f"{', '.join(FAMILIES)}; this is a {family} classifier; give it --backend {name}=torch")
+                           f"{', '.join(FAMILIES)}; this is a classifier of family {family}; give it --backend {name}=torch")
     return True
 
 
