@@ -113,13 +113,14 @@ def build_bundle(out: Path, size: Size, corpus: list[str], labels: int = 151) ->
 
 
 # ------------------------------------------------------------------------------------------ servers
-def start_server(bundle: Path, backend: str, precision: str, work: Path, name: str) -> tuple[subprocess.Popen, str]:
+def start_server(bundle: Path, backend: str, precision: str, work: Path, name: str,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     port_file = work / f"{name}.port"
     log = (work / f"{name}.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"intents={bundle}", "--backend", backend,
          "--precision", precision, "--port", "0", "--port-file", str(port_file), "--grace", "2",
-         "--drain-delay", "0"],
+         "--drain-delay", "0", *extra],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CHATFORGE_ENV": "test"}, cwd=ROOT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -262,7 +263,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{m['load_before']}, after {m['load_after']}" + (" — **loaded: figures are ratios only**"
                                                                if result["loaded"] else ""), "",
              f"Model: {c['model']}; texts: {c['texts']}; {c['single_texts']} texts one by one, {c['groups']} "
-             f"groups of {c['callers']} concurrent callers; {c['reps']} interleaved repetitions (median).", "",
+             f"groups of {c['callers']} concurrent callers; {c['reps']} interleaved repetitions (median); servers' "
+             f"--max-wait-ms: {c.get('server_max_wait_ms', 'the default')}.", "",
              "| engine | case | texts/s (median) | texts/s (best) | call latency (ms, median) |",
              "|---|---|---:|---:|---:|"]
     for r in result["rows"]:
@@ -290,7 +292,7 @@ def lscpu_model() -> str:
 
 
 # ------------------------------------------------------------------------------------------ main
-def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
+def run(out: Path, size: Size, reps: int | None = None, max_wait_ms: float | None = None) -> dict[str, Any]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it: idle pools sleep
     import onnxruntime as ort
 
@@ -320,7 +322,8 @@ def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
         engines: dict[str, Any] = {}
         try:
             for name, (backend, precision) in SERVED.items():
-                proc, target = start_server(bundle, backend, precision, work, name)
+                extra = ("--max-wait-ms", str(max_wait_ms)) if max_wait_ms is not None else ()
+                proc, target = start_server(bundle, backend, precision, work, name, extra)
                 procs.append(proc)
                 engines[name] = Served(target)
             for name, p in ANCHORS.items():
@@ -365,6 +368,7 @@ def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
                             f"vocab {size.vocab} (SentencePiece), 151 labels, max_source_len 32, random weights",
                    "texts": source, "single_texts": size.single_texts, "callers": size.callers,
                    "groups": size.groups, "reps": reps,
+                   "server_max_wait_ms": max_wait_ms if max_wait_ms is not None else "the default",
                    "served": {k: {"backend": b, "precision": p} for k, (b, p) in SERVED.items()},
                    "anchors": {k: {"graph": p, "intra_op_threads": cpus, "inter_op_threads": 1, "spinning": False}
                                for k, p in ANCHORS.items()},
@@ -399,8 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default: the size's)")
     ap.add_argument("--rebuild", action="store_true", help="only rewrite the report from --out's JSON")
+    ap.add_argument("--max-wait-ms", type=float, default=None,
+                    help="the servers' --max-wait-ms (the Classify micro-batcher's window; default: serve's)")
     args = ap.parse_args(argv)
-    result = rebuild(args.out) if args.rebuild else run(args.out, SIZES[args.size], args.reps)
+    result = rebuild(args.out) if args.rebuild else run(args.out, SIZES[args.size], args.reps, args.max_wait_ms)
     print(markdown(result))
 
 
