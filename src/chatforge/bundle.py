@@ -87,20 +87,24 @@ def torch_class_probs(model, tok, texts: list[str], max_input_tokens: int, batch
     """(N, C) softmax probabilities of a torch classifier, computed in batches (numpy float32)."""
     out = []
     for i in range(0, len(texts), batch_size):
-        chunk = texts[i : i + batch_size]
-        seqs = [ids[:max_input_tokens] or [tok.unk_id] for ids in tok.encode_batch(chunk)]
-        if hasattr(model, "prepare_inputs"):
-            # Families with their own input layout (BERT: [CLS] text [SEP] + segment ids) build it.
-            batch = model.prepare_inputs(seqs)
-        else:
-            L = max(len(s) for s in seqs)
-            x = torch.full((len(seqs), L), tok.pad_id, dtype=torch.long)
-            for j, s in enumerate(seqs):
-                x[j, : len(s)] = torch.tensor(s)
-            batch = {"input_ids": x}
+        batch = class_inputs(model, tok, texts[i : i + batch_size], max_input_tokens)
         with torch.inference_mode(), autocast_for(model):
             out.append(model(**batch).logits.float().softmax(-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def class_inputs(model, tok, texts: list[str], max_input_tokens: int) -> dict[str, torch.Tensor]:
+    """A torch classifier's forward kwargs for ``texts`` (one batch); also what the ONNX Runtime backend
+    feeds its export of the same model (serving.backend_ort), so both read identical inputs."""
+    seqs = [ids[:max_input_tokens] or [tok.unk_id] for ids in tok.encode_batch(texts)]
+    if hasattr(model, "prepare_inputs"):
+        # Families with their own input layout (BERT: [CLS] text [SEP] + segment ids) build it.
+        return model.prepare_inputs(seqs)
+    L = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), L), tok.pad_id, dtype=torch.long)
+    for j, s in enumerate(seqs):
+        x[j, : len(s)] = torch.tensor(s)
+    return {"input_ids": x}
 
 
 def load_member_classifier(path: Path) -> Bundle:

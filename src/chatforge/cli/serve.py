@@ -95,7 +95,9 @@ def serve(
     backend: list[str] = typer.Option([], "--backend", help="torch (default) or ctranslate2: serve GPT generators "
                                       "through CTranslate2 (converted at load; compute type from --precision: "
                                       "fp32 -> float32, int8 -> int8, bf16 -> bfloat16 where the CPU has it, "
-                                      "auto -> int8; needs chatforge[ct2]). NAME=BACKEND sets one model's "
+                                      "auto -> int8; needs chatforge[ct2]); onnxruntime: serve BERT/Transformer "
+                                      "classifiers through ONNX Runtime (exported at load; fp32, or int8 for "
+                                      "int8/auto; needs chatforge[ort]). NAME=BACKEND sets one model's "
                                       "(repeatable)."),
 ):
     """Serve bundles over gRPC (Chatbot service, health, reflection) until SIGTERM/SIGINT."""

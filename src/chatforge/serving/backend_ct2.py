@@ -53,7 +53,7 @@ from chatforge.serving.batching import GenRequest, RunnerClosedError, _log, _Run
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "ctranslate2")
+BACKENDS = ("torch", "ctranslate2", "onnxruntime")  # onnxruntime: classifiers (serving.backend_ort)
 # --precision -> CTranslate2 compute_type. auto: int8, CTranslate2's fastest CPU type on the figures in the
 # README (Serving backends); bf16 only where this CPU's build lists bfloat16 (get_supported_compute_types).
 COMPUTE_TYPES = {"fp32": "float32", "int8": "int8", "bf16": "bfloat16", "auto": "int8"}

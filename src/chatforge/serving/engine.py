@@ -41,7 +41,7 @@ from chatforge import inference
 from chatforge.context import CONTEXT_ROLES, MAX_CONTEXT_TURNS
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import ClassPrediction, ModelInfo, ReplyGenerator, TextClassifier, TokenDelta
-from chatforge.serving import backend_ct2
+from chatforge.serving import backend_ct2, backend_ort
 from chatforge.serving.batching import (
     NULL_METRICS,
     ClassifyRequest,
@@ -722,9 +722,12 @@ def load_hosted_model(path: str | Path, name: str, version: str = "1", precision
     """Load a bundle for serving, with its lineage (config/data/tokenizer hashes) in the metadata.
 
     ``backend="ctranslate2"`` serves a GPT generator through CTranslate2 at ``precision``
-    (:mod:`chatforge.serving.backend_ct2`); other bundles are loaded by torch as always."""
+    (:mod:`chatforge.serving.backend_ct2`); ``backend="onnxruntime"`` serves a BERT/Transformer classifier
+    through ONNX Runtime (:mod:`chatforge.serving.backend_ort`); other bundles are loaded by torch as always."""
     if backend_ct2.check_backend(backend) == "ctranslate2" and backend_ct2.applies(path, name):
         model: Any = backend_ct2.CT2Generator(Path(path), name, version, precision)
+    elif backend == "onnxruntime" and backend_ort.applies(path, name):
+        model = backend_ort.OrtClassifier(Path(path), name, version, precision)
     else:
         model = inference.load_model(Path(path), name, version, precision)
     if not (hasattr(model, "stream") or hasattr(model, "classify") or hasattr(model, "select")):

@@ -45,7 +45,7 @@ from grpc_reflection.v1alpha import reflection
 from chatforge.fileio import atomic_write_text
 from chatforge.inference import check_precision
 from chatforge.runtime import configure_threads
-from chatforge.serving import backend_ct2
+from chatforge.serving import backend_ct2, backend_ort
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
 from chatforge.serving.alerts import AlertManager
 from chatforge.serving.engine import Engine, PipelineConfig
@@ -492,7 +492,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     max_message_bytes: int | None = None
     precision: str = "fp32"
-    backend: str = "torch"  # torch | ctranslate2 (GPT generators; serving.backend_ct2)
+    backend: str = "torch"  # torch | ctranslate2 (GPT generators; serving.backend_ct2) | onnxruntime (classifiers)
     backends: Mapping[str, str] = field(default_factory=dict)  # per model name, over ``backend``
     max_running: int = 8
     max_queued: int = 64
@@ -517,6 +517,8 @@ class ServerConfig:
             backend_ct2.check_backend(b)
         if "ctranslate2" in (self.backend, *self.backends.values()):
             backend_ct2.compute_type_for(self.precision)  # ctranslate2 missing, or no such compute type here
+        if "onnxruntime" in (self.backend, *self.backends.values()):
+            backend_ort.check_available(self.precision)  # onnxruntime missing, or bf16
         unknown = sorted(set(self.backends) - set(self.bundles)) if self.bundles else []
         if unknown:
             raise ValueError(f"--backend names model(s) {', '.join(unknown)} that are not served; "
