@@ -357,3 +357,47 @@ def test_engine_keeps_no_closed_event_loops_alive():
     assert all(ref() is None for ref in refs)  # a sink does not pin its loop (nor its engine entry)
     assert len(engine._sinks) == 0
     engine.close()
+
+
+def test_classify_by_default_runs_a_lone_request_without_waiting_for_partners():
+    # The default window is 0: a free model takes what is queued at once (natural batching). Recorded on the
+    # batcher's condition: no timed wait for more requests happens (the old 2 ms default waited every time).
+    clf = RecordingClassifier()
+    engine = Engine({}, {"intents": clf})
+    runner = engine._slots()[0].runner
+    timed = []
+    real_wait = runner._cond.wait
+
+    def wait(timeout=None):
+        if timeout is not None:
+            timed.append(timeout)
+        return real_wait(timeout)
+
+    runner._cond.wait = wait
+    assert asyncio.run(engine.classify(["hello"]))[0].label == "greet"
+    assert clf.batches == [1] and timed == []
+
+
+def test_classify_natural_batching_groups_requests_that_arrive_during_a_forward_pass():
+    release, started = threading.Event(), threading.Event()
+
+    class GatedRecording(RecordingClassifier):
+        def classify(self, texts):
+            started.set()
+            assert release.wait(WAIT)
+            return super().classify(texts)
+
+    clf = GatedRecording()
+    engine = Engine({}, {"intents": clf}, max_batch_size=8)
+
+    async def main():
+        first = asyncio.ensure_future(engine.classify(["hi 0"]))
+        assert await asyncio.to_thread(started.wait, WAIT)
+        rest = [asyncio.ensure_future(engine.classify([f"bye {i}"])) for i in range(1, 8)]
+        assert await asyncio.to_thread(engine.stats.wait_for, lambda s: s.waiting == 7, WAIT)
+        release.set()
+        return await asyncio.gather(first, *rest)
+
+    preds = asyncio.run(main())
+    assert [p[0].label for p in preds] == ["greet"] + ["bye"] * 7
+    assert clf.batches == [1, 7]

@@ -71,7 +71,7 @@ def serve(
     max_running: int = typer.Option(8, help="Per model: sequences in the running batch."),
     max_queued: int = typer.Option(64, help="Per model: requests waiting beyond that (then RESOURCE_EXHAUSTED)."),
     max_batch_size: int = typer.Option(32, help="Classify: most texts per micro-batch."),
-    max_wait_ms: float = typer.Option(2.0, help="Classify: longest wait for a micro-batch to fill."),
+    max_wait_ms: float = typer.Option(0.0, help="Classify: longest wait for a micro-batch to fill; 0 (default): run what is queued as soon as the model is free (requests that arrive during a forward pass form the next batch)."),
     max_input_tokens: int = typer.Option(None, help="Cap on input tokens (besides each model's own)."),
     max_new_tokens: int = typer.Option(1024, help="Cap on max_new_tokens a request may ask for."),
     max_message_bytes: int = typer.Option(4 * 1024 * 1024, help="Largest gRPC message accepted or sent, and "

@@ -15,7 +15,11 @@ Three runners, one per hosted model, each with its own thread(s) and bounded que
   over ``ReplyGenerator.stream``, with the same queue limits and counters.
 * :class:`MicroBatcher` — classification by dynamic micro-batching (Triton's dynamic batcher):
   the first request opens a batch, which closes when ``max_batch_size`` texts are in or
-  ``max_wait_ms`` have passed, and runs as one forward pass.
+  ``max_wait_ms`` have passed, and runs as one forward pass. The default window is 0 (natural
+  batching): a free model takes whatever is queued at once, and requests that arrive during a
+  forward pass form the next batch. A window only delays a lone caller: measured through real
+  servers, 2 ms made one caller's call 7.5 ms instead of 4.4 and gave 32 callers no more texts/s
+  (benchmarks/results/served-classification-rerun and -wait0).
 
 Every runner rejects work at once (:class:`OverloadedError`) when its queue is full, drops
 requests whose consumer went away (cancel, deadline) before or between steps, and reports
@@ -520,7 +524,7 @@ class MicroBatcher(_Runner):
 
     kind = "micro"
 
-    def __init__(self, name: str, classifier: Any, *, max_batch_size: int = 32, max_wait_ms: float = 2.0,
+    def __init__(self, name: str, classifier: Any, *, max_batch_size: int = 32, max_wait_ms: float = 0.0,
                  **kw: Any) -> None:
         if max_batch_size < 1 or max_wait_ms < 0:
             raise ValueError(

@@ -228,7 +228,7 @@ class Engine:
         max_running: int = 8,
         max_queued: int = 64,
         max_batch_size: int = 32,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         continuous_batching: bool = True,
         metrics: Any = None,
         on_error: Callable[[BaseException], None] | None = None,

@@ -497,7 +497,7 @@ class ServerConfig:
     max_running: int = 8
     max_queued: int = 64
     max_batch_size: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     max_input_tokens: int | None = None
     max_new_tokens: int = 1024
     pipeline: PipelineConfig | None = None
