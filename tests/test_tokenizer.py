@@ -132,3 +132,27 @@ def test_join_turns_puts_the_latest_whole_turns_that_fit_before_the_message(tok)
     assert tok.encode_with_context(KO[2], [KO[0]], max_turns=2, budget=1) == (msg, 0)
     # Without a [SEP] (GPT-2's vocabulary) turns end with </s>.
     assert join_turns(lambda t: [len(t)], 2, "xyz", ["a", "bb"], max_turns=2) == ([1, 2, 2, 2, 3], 2)
+
+
+def test_encode_batch_gives_encodes_ids_and_hands_only_long_lists_to_sentencepieces_threads(tok, monkeypatch):
+    from chatforge import tokenizer as tokmod
+
+    texts = ["안녕하세요 반가워요", "hello world", "", "오늘 날씨 어때?"] * 3
+    expected = [tok.encode(t) for t in texts]
+    lists = []
+    real = tok.sp.encode
+
+    class Spy:  # the SentencePiece processor, recording the calls that pass a whole list
+        def __getattr__(self, name):
+            return getattr(tok.sp_real, name)
+
+        def encode(self, x, **kw):
+            if isinstance(x, list):
+                lists.append(len(x))
+            return real(x, **kw)
+
+    monkeypatch.setattr(tok, "sp_real", tok.sp, raising=False)
+    monkeypatch.setattr(tok, "sp", Spy())
+    assert tok.encode_batch(texts) == expected and lists == []  # a served call's few texts: one by one
+    monkeypatch.setattr(tokmod, "THREADED_BATCH_MIN", 4)
+    assert tok.encode_batch(texts) == expected and lists == [len(texts)]  # a corpus: SentencePiece's threads
