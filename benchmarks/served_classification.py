@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from chatforge.bench import machine, served
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "bert_clinc150.yaml"
 
@@ -115,23 +117,7 @@ def build_bundle(out: Path, size: Size, corpus: list[str], labels: int = 151) ->
 # ------------------------------------------------------------------------------------------ servers
 def start_server(bundle: Path, backend: str, precision: str, work: Path, name: str,
                  extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    port_file = work / f"{name}.port"
-    log = (work / f"{name}.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"intents={bundle}", "--backend", backend,
-         "--precision", precision, "--port", "0", "--port-file", str(port_file), "--grace", "2",
-         "--drain-delay", "0", *extra],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CHATFORGE_ENV": "test"}, cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if port_file.is_file() and port_file.read_text().strip():
-            return proc, f"127.0.0.1:{port_file.read_text().strip()}"
-        if proc.poll() is not None:
-            raise SystemExit(f"server {name} exited: {(work / f'{name}.log').read_text()[-2000:]}")
-        time.sleep(0.1)  # polling the file the server writes once SERVING, bounded by the deadline
-    proc.kill()
-    raise SystemExit(f"server {name} did not start in 300 s")
-
+    return served.start_server(bundle, "intents", backend, precision, work, name, extra, cwd=ROOT)
 
 async def _classify(stub, pb, text: str) -> tuple[float, str]:
     """(seconds, the best-scoring label) of one Classify call."""
@@ -280,15 +266,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+lscpu_model = machine.lscpu_model
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -333,24 +311,9 @@ def run(out: Path, size: Size, reps: int | None = None, max_wait_ms: float | Non
             for name, p in IN_PROCESS.items():
                 engines[name] = InProcess(backend_ort.OrtClassifier(bundle, "intents", precision=p, threads=cpus))
             prompts = {"1 caller": single, "32 callers": group}
-            runs: dict[str, dict[str, list[dict]]] = {e: {c: [] for c in CASES} for e in engines}
-            names = list(engines)
-            for rep in range(-1, reps):  # -1: warm-up, not kept
-                order = names[rep % len(names):] + names[: rep % len(names)] if rep >= 0 else names
-                for e in order:
-                    for case in CASES:
-                        r = asyncio.run(engines[e].run(case, prompts[case], size.callers))
-                        if rep >= 0:
-                            runs[e][case].append(r)
-                print(f"repetition {rep + 1}/{reps} done", file=sys.stderr)
+            runs = served.interleaved_runs(engines, CASES, prompts, size.callers, reps)
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            served.stop_servers(procs)
     load_after = load_average()
     argmax = {e: [x for case in CASES for x in runs[e][case][-1]["argmax"]] for e in runs}
     for e in runs:

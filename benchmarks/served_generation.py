@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from chatforge.bench import machine, served
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "gpt_chatbot_kr.yaml"
 
@@ -113,23 +115,7 @@ def build_bundle(out: Path, size: Size, corpus: list[str]) -> Path:
 
 # ------------------------------------------------------------------------------------------ servers
 def start_server(bundle: Path, backend: str, precision: str, work: Path, name: str) -> tuple[subprocess.Popen, str]:
-    port_file = work / f"{name}.port"
-    log = (work / f"{name}.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"chat={bundle}", "--backend", backend,
-         "--precision", precision, "--port", "0", "--port-file", str(port_file), "--grace", "2",
-         "--drain-delay", "0"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CHATFORGE_ENV": "test"}, cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if port_file.is_file() and port_file.read_text().strip():
-            return proc, f"127.0.0.1:{port_file.read_text().strip()}"
-        if proc.poll() is not None:
-            raise SystemExit(f"server {name} exited: {(work / f'{name}.log').read_text()[-2000:]}")
-        time.sleep(0.1)  # polling the file the server writes once SERVING, bounded by the deadline
-    proc.kill()
-    raise SystemExit(f"server {name} did not start in 300 s")
-
+    return served.start_server(bundle, "chat", backend, precision, work, name, cwd=ROOT)
 
 async def _stream(stub, pb, text: str, n: int) -> tuple[float, float, list[int]]:
     """(seconds to the first token, seconds to the end, token ids) of one streamed reply."""
@@ -301,15 +287,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
+lscpu_model = machine.lscpu_model
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -346,24 +324,9 @@ def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
                                                              intra_threads=cpus, inter_threads=1), prompt_tokens)
             single, group = texts[: size.single_prompts], texts[size.single_prompts:]
             prompts = {"1 stream": single, "concurrent": group}
-            runs: dict[str, dict[str, list[dict]]] = {e: {c: [] for c in CASES} for e in engines}
-            names = list(engines)
-            for rep in range(-1, reps):  # -1: warm-up, not kept
-                order = names[rep % len(names):] + names[: rep % len(names)] if rep >= 0 else names
-                for e in order:
-                    for case in CASES:
-                        r = asyncio.run(engines[e].run(case, prompts[case], size.new_tokens))
-                        if rep >= 0:
-                            runs[e][case].append(r)
-                print(f"repetition {rep + 1}/{reps} done", file=sys.stderr)
+            runs = served.interleaved_runs(engines, CASES, prompts, size.new_tokens, reps)
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            served.stop_servers(procs)
     load_after = load_average()
     ids = {e: [x for case in CASES for x in runs[e][case][-1]["ids"]] for e in runs}
     for e in runs:

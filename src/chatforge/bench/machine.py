@@ -84,3 +84,17 @@ def peak_rss_mb() -> float:
     except (OSError, ValueError, IndexError):
         pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kB on Linux
+
+
+def lscpu_model() -> str:
+    """``lscpu``'s "Model name" (the CPU every benchmark figure records), or "unknown"."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"

@@ -1,0 +1,70 @@
+"""Helpers for benchmarks that time chatforge through real servers (benchmarks/served_generation.py,
+benchmarks/served_classification.py): start a ``chatforge serve`` process and wait for its port, stop a set of
+them, and run engines over cases in interleaved repetitions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 300
+
+
+def start_server(bundle: Path, model: str, backend: str, precision: str, work: Path, name: str,
+                 extra: Sequence[str] = (), cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """``chatforge serve --model MODEL=BUNDLE`` on a free 127.0.0.1 port -> (process, "127.0.0.1:PORT"), once the
+    server has written its port file (it does so when SERVING); its output goes to ``work/NAME.log``."""
+    port_file = work / f"{name}.port"
+    log = (work / f"{name}.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"{model}={bundle}", "--backend", backend,
+         "--precision", precision, "--port", "0", "--port-file", str(port_file), "--grace", "2",
+         "--drain-delay", "0", *extra],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CHATFORGE_ENV": "test"}, cwd=cwd)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if port_file.is_file() and port_file.read_text().strip():
+            return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+        if proc.poll() is not None:
+            raise SystemExit(f"server {name} exited: {(work / f'{name}.log').read_text()[-2000:]}")
+        time.sleep(0.1)  # polling the file the server writes once SERVING, bounded by the deadline
+    proc.kill()
+    raise SystemExit(f"server {name} did not start in {START_TIMEOUT_S} s")
+
+
+def stop_servers(procs: Sequence[subprocess.Popen], timeout: float = 30) -> None:
+    """SIGTERM every server, then wait for each (killing one that outlives ``timeout``)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def interleaved_runs(engines: Mapping[str, Any], cases: Sequence[str], inputs: Mapping[str, Any], arg: Any,
+                     reps: int) -> dict[str, dict[str, list[dict]]]:
+    """``engines[e].run(case, inputs[case], arg)`` (a coroutine) for every engine and case, ``reps`` times after
+    one warm-up round that is not kept; each repetition starts the engine order one place later, so no engine
+    always runs first (or right after the same neighbour)."""
+    runs: dict[str, dict[str, list[dict]]] = {e: {c: [] for c in cases} for e in engines}
+    names = list(engines)
+    for rep in range(-1, reps):  # -1: warm-up, not kept
+        order = names[rep % len(names):] + names[: rep % len(names)] if rep >= 0 else names
+        for e in order:
+            for case in cases:
+                r = asyncio.run(engines[e].run(case, inputs[case], arg))
+                if rep >= 0:
+                    runs[e][case].append(r)
+        logger.info("repetition %d/%d done", rep + 1, reps)
+    return runs
