@@ -452,10 +452,9 @@ class CT2Generator:
         self._pool.shutdown(wait=False)
 
 
-def applies(bundle_dir: str | Path, name: str) -> bool:
-    """Whether ``--backend ctranslate2`` serves this bundle: True for GPT generation/lm bundles, False for
-    bundles of other tasks (classifiers, selection: served by torch, logged); a generation bundle of
-    another family is a :class:`BackendError` (asked for, and impossible)."""
+def bundle_kind(bundle_dir: str | Path, name: str) -> tuple[str | None, str | None]:
+    """(family, task) from a bundle's metadata.json, read before a backend loads it; a
+    :class:`BackendError` naming the model when the file cannot be read."""
     import json
 
     meta_path = Path(bundle_dir) / "metadata.json"
@@ -463,7 +462,14 @@ def applies(bundle_dir: str | Path, name: str) -> bool:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise BackendError(f"model {name!r}: cannot read {meta_path}: {e}") from None
-    family, task = meta.get("family"), meta.get("task")
+    return meta.get("family"), meta.get("task")
+
+
+def applies(bundle_dir: str | Path, name: str) -> bool:
+    """Whether ``--backend ctranslate2`` serves this bundle: True for GPT generation/lm bundles, False for
+    bundles of other tasks (classifiers, selection: served by torch, logged); a generation bundle of
+    another family is a :class:`BackendError` (asked for, and impossible)."""
+    family, task = bundle_kind(bundle_dir, name)
     if task not in ("generation", "lm"):
         logger.info("backend ctranslate2 does not apply to %r (a %s %s bundle); serving it with torch",
                     name, family, task)

@@ -37,6 +37,7 @@ import torch
 from chatforge import runtime
 from chatforge.bundle import class_inputs, load_bundle
 from chatforge.inference import Classifier, check_precision
+from chatforge.serving.backend_ct2 import BackendError, bundle_kind  # one error type for every backend
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ PRECISIONS = {"fp32": "fp32", "int8": "int8", "auto": "int8"}
 INSTALL_HINT = "pip install 'chatforge[ort]'"
 BATCH = 64  # texts per session run (as torch_class_probs)
 OPSET = 17
-
-
-class BackendError(ValueError):
-    """ONNX Runtime cannot serve this bundle here (missing library, unsupported family or precision)."""
 
 
 def import_ort():
@@ -85,14 +82,7 @@ def applies(bundle_dir: str | Path, name: str) -> bool:
     """Whether ``--backend onnxruntime`` serves this bundle: True for BERT/Transformer classifiers, False
     for bundles of other tasks (generators, selection: served by torch, logged); a classifier of another
     family (an estimator, ELMo, ByteNet) is a :class:`BackendError` (asked for, and not exportable)."""
-    import json
-
-    meta_path = Path(bundle_dir) / "metadata.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise BackendError(f"model {name!r}: cannot read {meta_path}: {e}") from None
-    family, task = meta.get("family"), meta.get("task")
+    family, task = bundle_kind(bundle_dir, name)
     if task != "classification":
         logger.info("backend onnxruntime does not apply to %r (a %s %s bundle); serving it with torch",
                     name, family, task)
