@@ -97,3 +97,25 @@ def test_a_precision_the_model_refuses_is_a_skipped_engine_and_auto_is_not_bench
     assert case["engines"]["chatforge-int8"]["status"] == "skipped"
     assert "does not apply to family 'bert'" in case["engines"]["chatforge-int8"]["reason"]
     assert {r["engine"] for r in case["rows"]} == {"chatforge-fp32", "chatforge-bf16", "ort-fp32", "ort-int8"}
+
+
+def test_the_contended_case_runs_busy_processes_beside_the_run_and_stops_them(tmp_path, monkeypatch):
+    import chatforge.bench as bench
+
+    started = []
+    real = bench.start_hogs
+
+    def spy(n):
+        procs = real(n)
+        started.extend(procs)
+        assert all(p.poll() is None for p in procs)  # running while the cases run
+        return procs
+
+    monkeypatch.setattr(bench, "start_hogs", spy)
+    result, paths = run_bench(BenchOptions(out=tmp_path, cases=["tokenizer"], threads=1, repeats=1, smoke=True,
+                                           contend=2))
+    assert len(started) == 2 and all(p.poll() is not None for p in started)  # stopped when the run ends
+    assert result["machine"]["contended_by"] == 2 and "2 busy-looping" in result["contended_note"]
+    assert result["contended_note"] in paths["markdown"].read_text()
+    with pytest.raises(BenchError, match="contend=65 is out of range; allowed: 0 to 64"):
+        run_bench(BenchOptions(out=tmp_path / "r", smoke=True, contend=65))

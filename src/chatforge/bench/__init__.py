@@ -15,6 +15,8 @@ import datetime as _dt
 import logging
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -33,12 +35,23 @@ from chatforge.bench.machine import (
     reset_peak_rss,
 )
 from chatforge.bench.report import LOADED_NOTE, write_report
+from chatforge.bench.served import stop_servers
 
 __all__ = ["CASES", "LOADED_NOTE", "BenchError", "BenchOptions", "run_bench"]
 
 logger = logging.getLogger(__name__)
 
 ANCHOR_PACKAGES = ("transformers", "tokenizers", "ctranslate2", "onnxruntime", "onnx")
+
+
+# --contend: how many busy-looping processes at most (a shared machine's load is what it stands for).
+MAX_CONTEND = 64
+HOG = "while True: pass"
+
+
+def start_hogs(n: int) -> list[subprocess.Popen]:
+    """``n`` busy-looping Python processes: the CPU hog of the contended case."""
+    return [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(n)]
 
 
 class BenchError(ValueError):
@@ -52,6 +65,7 @@ class BenchOptions:
     threads: int = 2
     repeats: int = 3
     smoke: bool = False
+    contend: int = 0  # busy-looping processes run beside the whole run: the contended case (issue 16)
 
     def validate(self) -> BenchOptions:
         unknown = [c for c in self.cases if c not in CASES]
@@ -63,6 +77,8 @@ class BenchOptions:
                              "(the CPUs available)")
         if self.repeats < 1:
             raise BenchError(f"repeats={self.repeats} is out of range; allowed: an integer >= 1")
+        if not 0 <= self.contend <= MAX_CONTEND:
+            raise BenchError(f"contend={self.contend} is out of range; allowed: 0 to {MAX_CONTEND} busy processes")
         return self
 
 
@@ -106,6 +122,8 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None,
                     "env": {k: os.environ.get(k) for k in ("RAYON_NUM_THREADS", "KMP_BLOCKTIME", "OMP_NUM_THREADS",
                                                              "OMP_WAIT_POLICY")}},
         "cases": {}, "left_out": dict(LEFT_OUT)}
+    result["machine"]["contended_by"] = opts.contend
+    hogs = start_hogs(opts.contend)
     try:
         with tempfile.TemporaryDirectory(prefix="chatforge-bench-") as work:
             assets = Assets(Path(work), sizes)
@@ -121,10 +139,14 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None,
                 if on_case_done:
                     on_case_done(name, case)
     finally:
+        stop_servers(hogs, timeout=10)
         torch.set_num_threads(old_threads)
     result["machine"]["load_after"] = load_average()
     result["loaded"] = is_loaded([load_before, result["machine"]["load_after"]], cpus) or any(
         c.get("loaded") for c in result["cases"].values())
     if result["loaded"]:
         result["note"] = LOADED_NOTE
+    if opts.contend:
+        result["contended_note"] = (f"Contended on purpose: {opts.contend} busy-looping process(es) ran beside the "
+                                    "whole run (--contend), the case of a shared machine; compare with a quiet run.")
     return result, write_report(result, opts.out)

@@ -26,6 +26,8 @@ def markdown(result: dict[str, Any]) -> str:
     if result["loaded"]:
         lines += [f"**{LOADED_NOTE}** (1-minute load above the {m['cpus_available']} CPUs available during the "
                   f"run: other processes shared the cores).", ""]
+    if result.get("contended_note"):
+        lines += [f"**{result['contended_note']}**", ""]
     lines += [f"CPU: {m['cpu'].get('model_name')} ({flags}); {m['cpus_available']} CPUs available, {m['threads']} "
               f"threads; load before {m['load_before']}, after {m['load_after']}; torch {m['versions'].get('torch')}, "
               + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if k != "torch" and v) + ".", "",

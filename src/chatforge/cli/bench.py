@@ -33,6 +33,8 @@ def bench(
                                                                  "available to this process)."),
     repeats: int | None = typer.Option(None, "--repeats",
                                        help="Timed repetitions per engine (default 3; 1 with --smoke)."),
+    contend: int = typer.Option(0, "--contend", help="Busy-looping processes to run beside the whole run: the "
+                                                     "contended case of a shared machine (0 = none)."),
 ):
     """Run chatforge and each anchor on identical weights and inputs; write bench.json, bench.md and PNGs."""
     # Accept --cases a,b as well as --cases a --cases b.
@@ -50,7 +52,7 @@ def bench(
 
     out = out or Path("runs") / "bench" / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     opts = BenchOptions(out=out, cases=chosen, threads=threads or cpus_available(),
-                        repeats=repeats or (1 if smoke else 3), smoke=smoke)
+                        repeats=repeats or (1 if smoke else 3), smoke=smoke, contend=contend)
     progress = Progress(SpinnerColumn(), TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console)
     try:
