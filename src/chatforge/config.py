@@ -60,6 +60,11 @@ class DataConfig(_Strict):
     dev_group_similarity: float | None = Field(None, gt=0.0, le=1.0)
     on_error: Literal["raise", "skip"] = "raise"
     max_examples: int | None = Field(None, gt=0)
+    # Outlier exposure for torch classifiers (Hendrycks et al. 2019): a UTF-8 text file of unlabelled
+    # out-of-domain sentences, one per line (CLINC150 ships 14,750 Wikipedia sentences, all_wiki_sents.txt). They
+    # join the training set without a label; the loss pushes the model's distribution on them towards uniform,
+    # weighted by train.outlier_weight. The linear baseline takes the same file as model.outliers.
+    outliers: str | None = None
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -200,6 +205,9 @@ class TrainConfig(_Strict):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="write a resumable checkpoint into the run folder every N optimizer steps")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (exact resume on CPU)")
+    # With data.outliers: the weight of the outlier-exposure term (cross-entropy from the model's distribution on
+    # an outlier to the uniform one) beside the classification loss; Hendrycks et al. use 0.5.
+    outlier_weight: float = Field(0.5, gt=0.0, le=100.0)
 
 
 class OutputConfig(_Strict):
@@ -258,6 +266,13 @@ class ExperimentConfig(_Strict):
         if self.data.context_turns and self.model.task != "generation":
             raise ValueError(f"data.context_turns={self.data.context_turns}: earlier turns are read by generation "
                              f"models only (task 'generation'), not task {self.model.task!r}; set it to 0")
+        if self.data.outliers is not None:
+            if self.model.spec.kind != "torch":
+                raise ValueError(f"data.outliers is outlier exposure for torch classifiers; family "
+                                 f"{self.model.family!r} is not one (the linear baseline takes model.outliers)")
+            if self.model.task != "classification":
+                raise ValueError(f"data.outliers is outlier exposure for task 'classification', not "
+                                 f"{self.model.task!r}; remove it")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 generation (seq2seq): source = encode(text), target = <s> encode(response) </s>;
   decoder_input_ids = target[:-1], labels = target[1:] with padding as -100.
-classification: input_ids = encode(text), labels = index of the label.
+classification: input_ids = encode(text), labels = index of the label; with outlier exposure
+  (:class:`OutlierExposureDataset`) unlabelled out-of-domain rows join the batches, flagged by ``outlier_mask``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from chatforge.data import Example
 from chatforge.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
+# The batch key flagging outlier-exposure rows (B,) bool; the Trainer takes it out before calling the model.
+OUTLIER_MASK = "outlier_mask"
 
 
 class TaskDataError(ValueError):
@@ -189,3 +192,58 @@ def _classification(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer)
 
 def make_dataset(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dataset:
     return get_task(spec.task, spec.family).build(spec, examples, tok)
+
+
+class OutlierExposureDataset(Dataset):
+    """A classification training set with unlabelled out-of-domain rows mixed in (outlier exposure, Hendrycks
+    et al. 2019, "Deep Anomaly Detection with Outlier Exposure").
+
+    The outliers go through the family's own classification pipeline (so BERT gets its ``[CLS]``, ELMo its
+    characters), with a placeholder label that the collate replaces by ``IGNORE_INDEX``: the model's own
+    classification loss skips them (``F.cross_entropy`` ignores -100), and ``batch["outlier_mask"]`` tells the
+    Trainer which rows' logits the outlier-exposure term (towards the uniform distribution) applies to. The
+    sampler shuffles both kinds together, so every epoch sees every outlier once and the order stays a function of
+    (seed, epoch): exact resume and DDP work as for any dataset.
+    """
+
+    def __init__(self, inner: Dataset, outliers: Dataset) -> None:
+        if not hasattr(inner, "collate") or type(inner) is not type(outliers):
+            raise TypeError("OutlierExposureDataset needs two datasets of one classification pipeline, got "
+                            f"{type(inner).__name__} and {type(outliers).__name__}")
+        self.inner, self.outliers = inner, outliers
+        self.n_inner = len(inner)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.n_inner + len(self.outliers)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        if i < self.n_inner:
+            return self.inner[i], False
+        return self.outliers[i - self.n_inner], True
+
+    def collate(self, batch):
+        out = self.inner.collate([item for item, _ in batch])
+        labels = out.get("labels")
+        if not isinstance(labels, torch.Tensor) or labels.shape != (len(batch),):
+            raise TaskDataError("outlier exposure needs one label per example (task 'classification'); this "
+                                f"pipeline gives labels of shape {getattr(labels, 'shape', None)}")
+        mask = torch.tensor([flag for _, flag in batch], dtype=torch.bool)
+        out["labels"] = labels.masked_fill(mask, IGNORE_INDEX)
+        out[OUTLIER_MASK] = mask
+        return out
+
+
+def with_outliers(spec: TaskSpec, train: Dataset, texts: Sequence[str], tok: Tokenizer) -> OutlierExposureDataset:
+    """``train`` (a classification dataset built by :func:`make_dataset`) with ``texts`` mixed in as outliers."""
+    if spec.task != "classification" or not spec.labels:
+        raise TaskDataError(f"outlier exposure is for task 'classification' with labels, not {spec.task!r}")
+    placeholder = spec.labels[0]  # any label the pipeline accepts; the collate replaces it by IGNORE_INDEX
+    outliers = make_dataset(spec, [Example(text=t, label=placeholder) for t in texts], tok)
+    return OutlierExposureDataset(train, outliers)
+
+
+def outlier_exposure_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy from the softmax of ``logits`` (N, C) to the uniform distribution over the C classes:
+    ``logsumexp(z) - mean(z)`` per row, the outlier-exposure term of Hendrycks et al. (2019) for classifiers."""
+    z = logits.float()
+    return (torch.logsumexp(z, dim=-1) - z.mean(dim=-1)).mean()

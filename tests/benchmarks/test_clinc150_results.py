@@ -21,14 +21,24 @@ def _keys(script, skip):
 
 
 def test_every_model_can_be_skipped_by_name(script):
-    assert _keys(script, []) == ["linear", "svm", "svm-oe", "xgboost", "transformer-s0", "transformer-s1", "bert",
-                                 "gpt", "elmo"]
-    assert _keys(script, ["bert", "gpt", "elmo", "xgboost", "svm-oe"]) == ["linear", "svm", "transformer-s0",
-                                                                          "transformer-s1"]
-    assert _keys(script, ["transformer", "linear", "svm"]) == ["svm-oe", "xgboost", "bert", "gpt", "elmo"]
+    assert _keys(script, []) == ["linear", "svm", "svm-oe", "xgboost", "transformer-s0", "transformer-s1",
+                                 "transformer-oe-s0", "bert", "gpt", "elmo"]
+    assert _keys(script, ["bert", "gpt", "elmo", "xgboost", "svm-oe", "transformer-oe"]) == [
+        "linear", "svm", "transformer-s0", "transformer-s1"]
+    assert _keys(script, ["transformer", "linear", "svm"]) == ["svm-oe", "xgboost", "transformer-oe-s0", "bert",
+                                                               "gpt", "elmo"]
     # --skip xgboost skips the ChatbotData XGBoost too; chatbot skips both ChatbotData runs
     assert script.chatbot_plan(["xgboost"]) == ["linear"]
     assert script.chatbot_plan(["chatbot"]) == [] and script.chatbot_plan([]) == ["linear", "xgboost"]
+
+
+def test_the_outlier_exposure_transformer_reads_the_wiki_sentences_with_its_weight(script):
+    plan = {key: overrides for _, key, _, overrides in script.plan_runs([], [0], 12, 6, 0.2, oe_seeds=[3])}
+    oe = plan["transformer-oe-s3"]
+    assert "seed=3" in oe and f"train.outlier_weight={script.OE_WEIGHT}" in oe
+    assert any(o.startswith("data.outliers=") and o.endswith("all_wiki_sents.txt") for o in oe)
+    assert not any(o.startswith("data.outliers=") for o in plan["transformer-s0"])
+    assert script.parse_args([]).transformer_oe_seeds == [0]
 
 
 def test_unknown_skip_name_is_refused_with_the_allowed_ones(script, capsys):

@@ -457,3 +457,21 @@ def read_examples(
     else:
         _read_clinc(path, data, collector, clinc_keys)
     return collector.finish()
+
+
+def read_outliers(path: str | os.PathLike, key: str = "data.outliers") -> list[str]:
+    """The non-empty lines of an outlier-exposure file (unlabelled out-of-domain sentences, one per line, e.g.
+    CLINC150's ``all_wiki_sents.txt``), or a clear error naming the config ``key`` and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataFileNotFoundError(f"{key}: file not found: {p} (a text file of out-of-domain sentences, "
+                                    "one per line, e.g. CLINC150's all_wiki_sents.txt)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{key}: {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [t.strip() for t in text.splitlines()]
+    lines = [t for t in lines if t]
+    if not lines:
+        raise DataError(f"{key}: {p} has no sentences (one per line expected)")
+    return lines

@@ -34,12 +34,22 @@ from chatforge import runtime
 from chatforge.bundle import build_from_config, load_bundle, save_bundle, torch_class_probs
 from chatforge.config import ConfigError, ExperimentConfig, load_config, validate_config
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
+from chatforge.data.readers import read_outliers
 from chatforge.data.splits import hold_out
 from chatforge.decoding import GenerationOptions, generate, generate_batch
 from chatforge.evaluation.metrics import corpus_chrf, generation_quality, selection_report
 from chatforge.fileio import atomic_write_bytes
 from chatforge.oos import fit_policy, in_scope_only, oos_metrics
-from chatforge.tasks import TaskDataError, TaskDef, TaskSpec, get_task, label_set, make_dataset, source_ids
+from chatforge.tasks import (
+    TaskDataError,
+    TaskDef,
+    TaskSpec,
+    get_task,
+    label_set,
+    make_dataset,
+    source_ids,
+    with_outliers,
+)
 from chatforge.tokenizer import ByteTokenizer, Tokenizer
 from chatforge.training import distributed as ddp
 from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
@@ -310,6 +320,8 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
     train, valid, test, data_path = load_splits(cfg)
     log.info("data %s: %d train / %d valid / %d %s", data_path, len(train), len(valid), len(test),
              held_out_split(cfg))
+    # Read (and refused if missing or empty) before anything is trained.
+    outliers = read_outliers(resolve_data_path(cfg.data.outliers)) if cfg.data.outliers else None
 
     if cfg.model.spec.kind != "torch":
         # Estimators (xgboost, linear, ensemble) fit themselves on the train split: no tokenizer, no Trainer.
@@ -348,6 +360,10 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
         init_report = _init_from(model, pre, cfg.model.init_from)
 
     train_ds = make_dataset(spec, train, tok)
+    if outliers is not None:
+        train_ds = with_outliers(spec, train_ds, outliers, tok)
+        log.info("outlier exposure: %d unlabelled sentences from %s mixed into %d training examples, weight %g",
+                 len(outliers), cfg.data.outliers, len(train), cfg.train.outlier_weight)
     # The epoch's order is a function of (seed, epoch) alone: exact resume without generator state,
     # and one process over the global batch sees what N DDP ranks see together.
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from chatforge.config import TrainConfig
-from chatforge.tasks import IGNORE_INDEX
+from chatforge.tasks import IGNORE_INDEX, OUTLIER_MASK, outlier_exposure_loss
 from chatforge.training.schedules import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -250,8 +250,13 @@ class Trainer:
             if self.cfg.max_steps and self.step >= self.cfg.max_steps:
                 break
             batch = self._to_device(batch)
+            outliers = batch.pop(OUTLIER_MASK, None)
+            if outliers is not None and bool(outliers.all()):
+                batch.pop("labels", None)  # nothing labelled: the model's own loss would be a mean over no rows
             with self._autocast():
                 out = self._train_model(**batch)
+            if outliers is not None and bool(outliers.any()):
+                out = self._add_outlier_exposure(out, outliers)
             if out.loss is None:
                 raise RuntimeError(f"{type(self.model).__name__} returned no loss; batches must carry labels")
             self.optimizer.zero_grad(set_to_none=True)
@@ -286,6 +291,15 @@ class Trainer:
         if acc["counted"]:
             logs["train_accuracy"] = acc["correct"] / acc["counted"]
         return logs
+
+    def _add_outlier_exposure(self, out, outliers: torch.Tensor):
+        """The outlier-exposure term on the flagged rows' logits (``train.outlier_weight`` times the cross-entropy
+        to uniform), added to the model's own loss; logged as ``train_outlier_exposure_loss``."""
+        oe = outlier_exposure_loss(out.logits[outliers])
+        out.losses["outlier_exposure"] = oe
+        weighted = self.cfg.outlier_weight * oe
+        out.loss = weighted if out.loss is None else out.loss + weighted
+        return out
 
     def _all_ranks(self, acc: dict[str, Any]) -> dict[str, Any]:
         """Under DDP, sum the epoch's counters over ranks so logs describe the global batch."""

@@ -27,6 +27,7 @@ from safetensors.numpy import save as st_save
 
 from chatforge.baselines.linear.config import LinearConfig
 from chatforge.baselines.tfidf import TfidfFeatures, TfidfTextClassifier, check_texts, read_saved_meta
+from chatforge.data.readers import read_outliers
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.registry import BuildContext
 
@@ -38,19 +39,6 @@ VECTORIZERS_FILE = "linear_vectorizers.json"
 WEIGHTS_FILE = "linear_weights.safetensors"
 # The outlier-exposure background class (see LinearConfig.outliers); no data label can be this.
 BACKGROUND = "\x00outlier-exposure"
-
-
-def read_outliers(path: str | os.PathLike) -> list[str]:
-    """The non-empty lines of an outlier-exposure file, or a clear error naming the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"model.outliers: file not found: {p} (a text file of out-of-domain sentences, "
-                                "one per line, e.g. CLINC150's all_wiki_sents.txt)")
-    lines = [t.strip() for t in p.read_text(encoding="utf-8").splitlines()]
-    lines = [t for t in lines if t]
-    if not lines:
-        raise ValueError(f"model.outliers: {p} has no sentences (one per line expected)")
-    return lines
 
 
 class LinearTextClassifier(TfidfTextClassifier):
@@ -88,7 +76,7 @@ class LinearTextClassifier(TfidfTextClassifier):
         logger.info("linear baseline: %d examples, %d classes, %d features", x.shape[0], len(classes), x.shape[1])
         weight = None
         if self.config.outliers:
-            outliers = read_outliers(self.config.outliers)
+            outliers = read_outliers(self.config.outliers, key="model.outliers")
             import scipy.sparse as sp  # train extra only (see baselines/tfidf.py), like scikit-learn above
 
             # The vocabulary stays the training data's: the outliers only add negatives over it.
