@@ -89,14 +89,14 @@ def plan_runs(skip, transformer_seeds, transformer_epochs: int, zoo_epochs: int,
              [f"model.outliers={DATA / 'clinc150' / WIKI}", "model.outlier_weight=0.1"]),
             ("xgboost", "xgboost", "xgboost_clinc150.yaml", [])]
     plan += [("transformer", f"transformer-s{seed}", "clinc150_transformer.yaml",
-              [f"seed={seed}", f"train.epochs={transformer_epochs}", "train.precision=bf16",
+              [f"seed={seed}", f"train.epochs={transformer_epochs}", "train.precision=auto",
                "tokenizer.on_vocab_too_large=lower", "train.num_threads=2"]) for seed in transformer_seeds]
     plan += [("transformer-oe", f"transformer-oe-s{seed}", "clinc150_transformer.yaml",
-              [f"seed={seed}", f"train.epochs={transformer_epochs}", "train.precision=bf16",
+              [f"seed={seed}", f"train.epochs={transformer_epochs}", "train.precision=auto",
                "tokenizer.on_vocab_too_large=lower", "train.num_threads=2",
                f"data.outliers={DATA / 'clinc150' / WIKI}", f"train.outlier_weight={OE_WEIGHT}"])
              for seed in oe_seeds]
-    plan += [(fam, fam, config, [f"train.epochs={zoo_epochs}", "train.precision=bf16",
+    plan += [(fam, fam, config, [f"train.epochs={zoo_epochs}", "train.precision=auto",
                                  "tokenizer.on_vocab_too_large=lower", "train.num_threads=2"])
              for fam, config in ZOO.items()]
     return [(kind, key, config, dev + extra) for kind, key, config, extra in plan if kind not in set(skip)]

@@ -108,6 +108,37 @@ def test_pick_precision_rule(flags, int8_ok, width, expected):
     assert runtime.pick_precision(as_dict, int8_ok, width)[0] == expected
 
 
+ZEN3 = {"avx2", "fma"}  # AMD EPYC Zen 3 (Milan): AVX2 only, bf16 emulated
+
+
+@pytest.mark.parametrize(("flags", "device", "cuda_bf16", "expected"), [
+    (SPR, "cpu", False, "bf16"),
+    (ZEN4, "cpu", False, "bf16"),  # avx512_bf16 dot products: native bf16 matmuls without AMX
+    (ZEN3, "cpu", False, "fp32"),  # bf16 emulated: a training step 23x slower than fp32 there
+    (set(), "cpu", False, "fp32"),
+    (ZEN3, "cuda", True, "bf16"),  # the GPU decides, not the host CPU
+    (SPR, "cuda", False, "fp32"),
+])
+def test_pick_train_precision_takes_bf16_only_where_it_is_native(flags, device, cuda_bf16, expected):
+    picked, reason = runtime.pick_train_precision(flags, device, cuda_bf16)
+    assert picked == expected and reason
+
+
+def test_trainer_resolves_auto_and_warns_about_emulated_bf16(monkeypatch, caplog):
+    import torch
+
+    from chatforge.training import trainer
+
+    for flags, expected in ((ZEN3, "fp32"), (SPR, "bf16")):
+        monkeypatch.setattr(trainer, "read_cpu_flags", lambda f=flags: ("test CPU", f))
+        assert trainer.resolve_train_precision("auto", torch.device("cpu")) == expected
+        assert trainer.resolve_train_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(trainer, "read_cpu_flags", lambda: ("AMD EPYC", ZEN3))
+    with caplog.at_level("WARNING", logger="chatforge.training.trainer"):
+        assert trainer.resolve_train_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: kept
+    assert "AMD EPYC" in caplog.text and "emulated" in caplog.text and "auto" in caplog.text
+
+
 def test_set_omp_wait_policy_keeps_the_users_choice():
     env: dict[str, str] = {}
     assert runtime.set_omp_wait_policy(env) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}

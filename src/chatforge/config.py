@@ -194,7 +194,9 @@ class TrainConfig(_Strict):
     max_source_len: int = Field(64, ge=2, le=8192)
     max_target_len: int = Field(64, ge=2, le=8192)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 where the device computes it natively (a bf16 GPU; a CPU with AMX or avx512_bf16), else fp32
+    # (chatforge.runtime.pick_train_precision); the run's metrics record what was used.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     early_stopping_patience: int | None = Field(None, ge=1)
     # What picks the best epoch (the weights kept) and drives early stopping: the validation loss, or (generation)
     # the chrF of greedy replies to the first monitor_examples validation questions, computed every epoch.

@@ -205,3 +205,13 @@ def test_run_with_monitor_valid_chrf_scores_greedy_replies_each_epoch(tmp_path):
     tree["model"]["task"] = "classification"
     with pytest.raises(ConfigError, match="train.monitor='valid_chrf' scores generated replies"):
         validate_config(tree)
+
+
+def test_auto_precision_is_resolved_for_this_machine_and_recorded(tmp_path):
+    from chatforge.runtime import pick_train_precision, read_cpu_flags
+
+    res = run_experiment(validate_config(_tiny_tree(tmp_path, epochs=1, precision="auto")), run_dir=tmp_path / "r")
+    expected = pick_train_precision(read_cpu_flags()[1])[0]
+    assert res.metrics["train_precision"] == expected
+    fixed = run_experiment(validate_config(_tiny_tree(tmp_path, epochs=1, precision="fp32")), run_dir=tmp_path / "f")
+    assert fixed.metrics["train_precision"] == "fp32"

@@ -425,7 +425,7 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
     metrics: dict[str, Any] = {
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "train_examples": len(train), "valid_examples": len(valid), f"{held_out_split(cfg)}_examples": len(test),
-        "steps": result.steps, "train_seconds": round(result.seconds, 2),
+        "steps": result.steps, "train_seconds": round(result.seconds, 2), "train_precision": trainer.precision,
         "best_epoch": result.best_epoch, "best_valid_loss": result.best_valid_loss,
         "monitor": cfg.train.monitor, "best_score": result.best_score,
         "history": result.history,

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from chatforge.config import TrainConfig
+from chatforge.runtime import pick_train_precision, read_cpu_flags
 from chatforge.tasks import IGNORE_INDEX, OUTLIER_MASK, outlier_exposure_loss
 from chatforge.training.schedules import build_scheduler
 
@@ -84,6 +85,24 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def resolve_train_precision(requested: str, device: torch.device) -> str:
+    """The precision a run trains in: ``auto`` resolved for the device (:func:`pick_train_precision`), and a
+    warning where ``bf16`` was asked for on a CPU that only emulates it."""
+    if device.type not in ("cpu", "cuda") or requested == "fp32":
+        return "fp32" if requested == "auto" else requested
+    model, flags = read_cpu_flags()
+    picked, reason = pick_train_precision(
+        flags, device.type, cuda_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if requested == "auto":
+        log.info("train.precision auto -> %s: %s", picked, reason)
+        return picked
+    if picked == "fp32" and device.type == "cpu":
+        log.warning("train.precision bf16 on %s: %s; training steps will be many times slower than fp32 "
+                    "(23x measured on an AMD EPYC with AVX2 only): use train.precision auto or fp32",
+                    model or "this CPU", reason)
+    return requested
+
+
 def _accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """Correct and counted predictions, padding (-100) excluded; works for (B,T,V) and (B,C)."""
     if logits.shape[:-1] != labels.shape:
@@ -111,6 +130,7 @@ class Trainer:
         # merged into the epoch's logs as valid_<name>, before the monitored figure picks the best epoch.
         self.valid_metrics = valid_metrics
         self.device = device or resolve_device(cfg.device)
+        self.precision = resolve_train_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
         self.distributed = distributed
         # The module the training step calls: DDP all-reduces gradients during backward.
@@ -156,7 +176,7 @@ class Trainer:
         self._fit_started: float | None = None
 
     def _autocast(self):
-        if self.cfg.precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return torch.autocast(device_type=self.device.type, enabled=False)
 
