@@ -109,7 +109,7 @@ def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.name
     # bf16 only where the machine computes it natively: a config that forces it trains many times slower on
-    # a CPU without AMX/avx512_bf16 (23x per step on an AMD EPYC with AVX2), so shipped configs say auto.
+    # a CPU without AMX/avx512_bf16 (10-28x per step on an AMD EPYC with AVX2), so shipped configs say auto.
     if cfg.model.spec.kind == "torch":
         assert cfg.train.precision in ("auto", "fp32"), f"{path.name}: train.precision {cfg.train.precision}"
 

@@ -258,8 +258,8 @@ def pick_train_precision(flags: set[str] | dict, device_type: str = "cpu",
 
     bf16 autocast on a GPU that supports it, or on a CPU with native bf16 matmuls (AMX tiles or
     avx512_bf16: 6x and 2.5x fp32's matmul rate on the two kinds measured); fp32 elsewhere. On a CPU without
-    them (an AMD EPYC with AVX2 only, measured in benchmarks/results/train-precision-amd.json) a bf16 training
-    step of the CLINC150 Transformer took 23x as long as fp32's, a 512-wide matmul 68x.
+    them (an AMD EPYC with AVX2 only, benchmarks/results/train-precision-amd-epyc-avx2.json) a bf16 training
+    step took 10x (the CLINC150 Transformer) to 28x (the ChatbotData GPT) as long as fp32's.
     """
     if device_type == "cuda":
         return ("bf16", "the GPU supports bf16") if cuda_bf16 else ("fp32", "the GPU has no bf16 support")

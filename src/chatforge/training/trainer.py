@@ -98,7 +98,7 @@ def resolve_train_precision(requested: str, device: torch.device) -> str:
         return picked
     if picked == "fp32" and device.type == "cpu":
         log.warning("train.precision bf16 on %s: %s; training steps will be many times slower than fp32 "
-                    "(23x measured on an AMD EPYC with AVX2 only): use train.precision auto or fp32",
+                    "(10-28x measured on an AMD EPYC with AVX2 only): use train.precision auto or fp32",
                     model or "this CPU", reason)
     return requested
 
