@@ -41,6 +41,13 @@ def test_the_outlier_exposure_transformer_reads_the_wiki_sentences_with_its_weig
     assert script.parse_args([]).transformer_oe_seeds == [0]
 
 
+def test_the_ensemble_takes_one_kind_of_transformer(script):
+    runs = dict.fromkeys(["linear", "svm", "svm-oe", "xgboost", "transformer-s0", "transformer-s1", "transformer-oe-s0",
+                          "bert", "gpt", "elmo"])
+    assert script.ensemble_members(runs) == ["svm", "transformer-s0", "transformer-s1"]
+    assert script.ensemble_members(runs, "oe") == ["svm", "transformer-oe-s0"]
+
+
 def test_unknown_skip_name_is_refused_with_the_allowed_ones(script, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--skip", "xgb"])
