@@ -28,6 +28,7 @@ __all__ = [
     "configure_threads",
     "cpu_info",
     "pick_precision",
+    "native_bf16",
     "pick_train_precision",
     "read_cpu_flags",
     "set_omp_wait_policy",
@@ -268,6 +269,11 @@ def pick_train_precision(flags: set[str] | dict, device_type: str = "cpu",
     if native:
         return "bf16", f"native bf16 matmuls ({', '.join(sorted(native))})"
     return "fp32", f"no native bf16 matmuls on this CPU (none of {', '.join(BF16_CPU_FLAGS)}): bf16 is emulated"
+
+
+def native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU (or one with ``flags``) computes bf16 matmuls natively (AMX or avx512_bf16)."""
+    return bool(set(BF16_CPU_FLAGS) & (read_cpu_flags()[1] if flags is None else set(flags)))
 
 
 def auto_precision(int8_ok: bool = True, width: int | None = None) -> tuple[str, str]:

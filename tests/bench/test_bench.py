@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from chatforge.bench import LOADED_NOTE, BenchError, BenchOptions, machine, run_bench
+from chatforge.bench import LOADED_NOTE, BenchError, BenchOptions, cases, machine, run_bench
 
 
 def test_missing_anchors_are_reported_skipped_with_the_reason_not_a_crash(tmp_path, monkeypatch):
@@ -89,6 +89,7 @@ def test_a_precision_the_model_refuses_is_a_skipped_engine_and_auto_is_not_bench
 
     monkeypatch.setattr(inference, "PRECISIONS", ("fp32", "bf16", "int8", "auto"))
     monkeypatch.setattr(inference, "load_model", refusing)
+    monkeypatch.setattr(cases, "native_bf16", lambda: True)  # whatever this machine's CPU is
     result, _ = run_bench(BenchOptions(out=tmp_path, cases=["classification"], threads=1, repeats=1, smoke=True))
     case = result["cases"]["classification"]
     assert case["status"] == "ok"
@@ -119,3 +120,17 @@ def test_the_contended_case_runs_busy_processes_beside_the_run_and_stops_them(tm
     assert result["contended_note"] in paths["markdown"].read_text()
     with pytest.raises(BenchError, match="contend=65 is out of range; allowed: 0 to 64"):
         run_bench(BenchOptions(out=tmp_path / "r", smoke=True, contend=65))
+
+
+def test_bf16_engines_are_skipped_where_the_cpu_only_emulates_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(cases, "native_bf16", lambda: False)  # an AMD EPYC with AVX2 only, say
+    result, _ = run_bench(BenchOptions(out=tmp_path, cases=["classification", "training"], threads=1, repeats=1,
+                                       smoke=True))
+    for name, engines in (("classification", ["chatforge-bf16"]), ("training", ["chatforge-bf16", "hf-bf16"])):
+        case = result["cases"][name]
+        assert case["status"] == "ok"
+        for e in engines:
+            assert case["engines"][e]["status"] == "skipped" and "emulated" in case["engines"][e]["reason"]
+        assert not any(r["engine"].endswith("bf16") for r in case["rows"])
+        assert any(r["engine"] == "chatforge-fp32" for r in case["rows"])
+    assert set(result["cases"]["training"]["extra"]["matmul_peak_flops"]) == {"fp32"}

@@ -19,6 +19,7 @@ import torch
 from chatforge.bench.gpt_hf import gpt_train_flops_per_token, greedy_fn, train_steps_fn
 from chatforge.bench.timing import interleaved, matmul_peak_flops
 from chatforge.bench.weights import AnchorMissing, BertWeights, GPTWeights, bert_weights, gpt_weights, need
+from chatforge.runtime import native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,10 @@ Step = Callable[[str], None]  # progress: a short description of what is being m
 
 # Training runs in these (int8 is an inference precision only).
 TRAIN_PRECISIONS = ("fp32", "bf16")
+# Why bf16 engines are skipped on a CPU without native bf16 matmuls: their figures would time oneDNN's emulation
+# (a bf16 training step 10-28x fp32's on an AMD EPYC with AVX2 only, benchmarks/train_precision.py).
+EMULATED_BF16 = ("bf16 is emulated on this CPU (no amx_bf16 or avx512_bf16): many times slower than fp32, "
+                 "so neither chatforge nor an anchor is timed in it here")
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,9 @@ def _chatforge_models(bundle: Path, case: Case) -> dict[str, torch.nn.Module]:
     refuses (ValueError, e.g. int8 for a family it does not apply to) is a skipped engine, not a failure."""
     models = {}
     for p in _chatforge_precisions():
+        if p == "bf16" and not native_bf16():
+            case.engine(f"chatforge-{p}", "chatforge", "chatforge", p, "skipped", EMULATED_BF16)
+            continue
         try:
             models[p] = _load_chatforge(bundle, p).model
         except ValueError as e:
@@ -447,6 +455,10 @@ def training(assets: Assets, threads: int, repeats: int, step: Step) -> Case:
     tokens = s.train_batch * s.train_seq_len * s.train_steps
     peaks: dict[str, float] = {}
     for p in TRAIN_PRECISIONS:
+        if p == "bf16" and not native_bf16():
+            case.engine(f"chatforge-{p}", "chatforge", "chatforge", p, "skipped", EMULATED_BF16)
+            case.engine(f"hf-{p}", "anchor", "transformers", p, "skipped", EMULATED_BF16)
+            continue
         step(f"training: matmul peak {p}")
         # The best of 10 calls, measured again after the training rounds: one short measurement taken while
         # a neighbour held a core once came out below what the training step then achieved.
