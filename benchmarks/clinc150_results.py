@@ -34,12 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from chatforge.bench.machine import cpu_info, lscpu_model
 from chatforge.bundle import load_bundle
 from chatforge.config import load_config
 from chatforge.evaluation.compare import build_leaderboard, collect_runs, to_markdown
@@ -53,6 +53,7 @@ from chatforge.inference import Classifier
 from chatforge.oos import oos_tradeoff
 from chatforge.oos_scorer import OOSScorer
 from chatforge.training.run import load_splits, run_experiment
+from chatforge.training.tracking import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -135,12 +136,23 @@ def train(config: str, run_dir: Path, overrides: list[str]) -> Path:
             raise SystemExit(f"{run_dir} was trained with another development split ({had.dev_fraction}, seed "
                              f"{had.dev_seed}, grouped at {had.dev_group_similarity}): its dev figures would not "
                              "be held out; remove it or pass another --runs-dir")
+        changed = changed_keys(load_config(run_dir / "config.yaml"), cfg)
+        if changed:
+            raise SystemExit(f"{run_dir} was trained with another configuration ({', '.join(changed)} differ): "
+                             "remove it or pass another --runs-dir")
         log.info("reusing %s", run_dir)
         return run_dir / "bundle"
     t0 = time.perf_counter()
     res = run_experiment(cfg, run_dir=run_dir)
     log.info("%s trained in %.0f s", config, time.perf_counter() - t0)
     return res.bundle_dir
+
+
+def changed_keys(had, want) -> list[str]:
+    """The config keys (dotted) where a run folder's recorded config and the one asked for now differ, outside
+    ``output`` and ``tracking``: a reused run must be the run the table claims (an ensemble's members, a seed)."""
+    a, b = (flatten({k: v for k, v in c.to_dict().items() if k not in ("output", "tracking")}) for c in (had, want))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def scorer_parts(clf, texts: list[str], train_texts: list[str], train_labels: list[str]):
@@ -321,9 +333,11 @@ def main() -> None:
             chatbot[key] = {k: metrics.get(k) for k in ("valid_accuracy", "test_accuracy", "train_seconds")}
 
     lb = build_leaderboard(collect_runs([r for r in runs.values()]), metric="in_scope_accuracy")
+    machine = {"lscpu_model": lscpu_model(), "cpu": cpu_info()}  # every figure says which machine it came from
     md = ["# CLINC150 results (validation: val + oos_val)", "",
           "Trained on `train` + `oos_train` (oos-train), no pre-trained weights, CPU "
-          f"({platform.processor() or platform.machine()}, 2 cores shared). \"+ threshold\", \"bounded\" and "
+          f"({machine['lscpu_model']}, {machine['cpu']['available_cpus']} CPUs, load {machine['cpu']['load_average']}"
+          f" at the end). \"+ threshold\", \"bounded\" and "
           f"\"oos scorer\" rows are cross-fitted on val ({args.folds}-fold, mean of {args.repeats} fold "
           "assignments, the worst one alongside; see the script's docstring); \"bounded\" and the scorer choose "
           f"among thresholds that lose at most {100 * args.max_in_scope_drop:.2f} points of in-scope accuracy on "
@@ -344,7 +358,7 @@ def main() -> None:
                for k, v in chatbot.items()]
     atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
     atomic_write_json(out.with_suffix(".json"), {"clinc150": results, "chatbot_kr": chatbot,
-                                                      "published": PUBLISHED})
+                                                      "published": PUBLISHED, "machine": machine})
     print("\n".join(md))  # noqa: T201  (a script's output)
 
 

@@ -48,6 +48,18 @@ def test_the_ensemble_takes_one_kind_of_transformer(script):
     assert script.ensemble_members(runs, "oe") == ["svm", "transformer-oe-s0"]
 
 
+def test_a_run_folder_is_reused_only_for_the_same_configuration(script, tmp_path):
+    from chatforge.config import load_config
+
+    def cfg(*overrides):
+        return load_config(ROOT / "configs" / "ensemble_clinc150.yaml", ["tracking.enabled=false", *overrides])
+
+    base = cfg('model.members=["a", "b"]')
+    assert script.changed_keys(base, cfg('model.members=["a", "b"]', "output.dir=elsewhere")) == []
+    assert script.changed_keys(base, cfg('model.members=["a", "c"]')) == ["model.members"]
+    assert script.changed_keys(base, cfg('model.members=["a", "b"]', "seed=3")) == ["seed"]
+
+
 def test_unknown_skip_name_is_refused_with_the_allowed_ones(script, capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--skip", "xgb"])
