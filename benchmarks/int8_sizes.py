@@ -6,7 +6,8 @@ at fp32, bf16 (weights cast, autocast) and int8 (``inference.quantize_int8``). E
 ``--new-tokens`` tokens. Precisions alternate within each round; the best of ``--rounds`` is kept.
 Records ``chatforge.runtime.cpu_info()`` (CPU model, flags, threads, load).
 
-    python benchmarks/int8_sizes.py [--widths 128 256 512] [--rounds 3] [--out results/int8-sizes.json]
+    python benchmarks/int8_sizes.py [--widths 128 256 512] [--rounds 3] [--precisions fp32 bf16 int8]
+        [--out results/int8-sizes.json]
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "int8"), default=["fp32", "bf16", "int8"],
+                    help="fp32 is always measured (the ratios' base); leave bf16 out on a CPU that emulates it")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8-sizes.json")
     args = ap.parse_args()
 
@@ -68,8 +71,11 @@ def main() -> None:
     torch.manual_seed(0)
     for d in args.widths:
         fp32 = build(d, args.layers, args.vocab)
-        models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16),
-                  "int8": quantize_int8(copy.deepcopy(fp32), "gpt")}
+        models = {"fp32": fp32}
+        if "bf16" in args.precisions:
+            models["bf16"] = copy.deepcopy(fp32).to(torch.bfloat16)
+        if "int8" in args.precisions:
+            models["int8"] = quantize_int8(copy.deepcopy(fp32), "gpt")
         best: dict[str, dict[str, float]] = {p: {} for p in models}
         for r in range(args.rounds):
             for p in (list(models) if r % 2 == 0 else list(reversed(models))):
