@@ -330,5 +330,8 @@ def test_auto_picks_from_the_cpu_flags_the_width_and_the_family(family_bundles, 
     monkeypatch.setattr(runtime, "INT8_MIN_WIDTH", 16)  # the tiny models' width
     assert load_model(bert, "m", precision="auto").info.metadata["precision"] == "int8"
     assert load_model(family_bundles["elmo-projected"], "m", precision="auto").info.metadata["precision"] == "bf16"
-    monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx2"}))
+    monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx2"}))  # AVX2 alone: FBGEMM's int8 kernels
+    assert load_model(bert, "m", precision="auto").info.metadata["precision"] == "int8"
+    assert "precision" not in load_model(family_bundles["elmo-projected"], "m", precision="auto").info.metadata
+    monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", set()))  # no AVX2: not measured, fp32
     assert "precision" not in load_model(bert, "m", precision="auto").info.metadata

@@ -99,7 +99,10 @@ ZEN4 = {"avx2", "avx512_vnni", "avx512_bf16"}  # AMD EPYC Zen 4: bf16 dot produc
     (ZEN4, True, 128, "fp32"),
     (ZEN4, False, 512, "fp32"),  # bf16 without AMX was not faster for one stream
     ({"avx2", "avx_vnni"}, True, 384, "int8"),
-    ({"avx2"}, True, 512, "fp32"),
+    ({"avx2"}, True, 512, "int8"),  # AVX2 alone (AMD EPYC Zen 3): FBGEMM's int8 still 2.4x fp32 at d512
+    ({"avx2"}, True, 128, "fp32"),
+    ({"avx2"}, False, 512, "fp32"),
+    (set(), True, 512, "fp32"),  # no AVX2 (arm64, say): int8 not measured there
 ])
 def test_pick_precision_rule(flags, int8_ok, width, expected):
     picked, reason = runtime.pick_precision(flags, int8_ok, width)

@@ -230,9 +230,11 @@ def pick_precision(flags: set[str] | dict, int8_ok: bool = True, width: int | No
     measured on an Intel Xeon with AMX; for other CPU kinds it follows the instructions the kernels need):
 
     * fp32 for a model narrower than :data:`INT8_MIN_WIDTH` (``width``; None = wide enough);
-    * int8 where the CPU has int8 dot products (avx512_vnni / avx_vnni / amx_int8, which FBGEMM's int8
-      kernels use) and the family can be quantized (``int8_ok``): decoding reads every weight each token,
-      and int8 reads a quarter of fp32's;
+    * int8 where the CPU has FBGEMM's int8 kernels and the family can be quantized (``int8_ok``): int8 dot
+      products (avx512_vnni / avx_vnni / amx_int8), or AVX2 alone, where the kernels multiply-add bytes without
+      VNNI and still won (an AMD EPYC Zen 3, benchmarks/results/int8-sizes-amd-epyc-avx2.json: GPT decoding
+      1.17x/1.97x fp32 at d_model 256, batch 1/8, 2.4x/3.2x at 512; 0.64x at 128, under INT8_MIN_WIDTH):
+      decoding reads every weight each token, and int8 reads a quarter of fp32's;
     * else bf16 where the CPU has AMX (amx_bf16): batched steps faster (1.2-1.9x at batch 8 here, 8-stream
       serving 1.7x in serving-base-bf16.json), a single stream 0.7-0.9x;
     * else fp32 (bf16 without AMX has not been faster than fp32 here).
@@ -243,7 +245,9 @@ def pick_precision(flags: set[str] | dict, int8_ok: bool = True, width: int | No
     int8_dot = have & {"avx512_vnni", "avx_vnni", "amx_int8"}
     if int8_ok and int8_dot:
         return "int8", f"int8 dot products ({', '.join(sorted(int8_dot))})"
-    why = "int8 does not apply to this family" if not int8_ok else "no int8 dot-product instructions"
+    if int8_ok and "avx2" in have:
+        return "int8", "FBGEMM's AVX2 int8 kernels (no VNNI; measured faster than fp32 from d_model 256)"
+    why = "int8 does not apply to this family" if not int8_ok else "no AVX2 or int8 dot-product instructions"
     if "amx_bf16" in have:
         return "bf16", f"AMX bf16 tiles; {why}"
     return "fp32", why
