@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
-# Under CI (CI=true) podman, runc, debootstrap, haproxy and plantuml are installed from Debian's
+# Under CI (CI=true) podman, runc, debootstrap, haproxy, plantuml and graphviz are installed from Debian's
 # packages and a local base image is built (cached in podman's storage) for the deployment tests;
 # a throwaway PostgreSQL from Debian's packages is started for the
 # conversation store's PostgreSQL test; elsewhere that test skips unless

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a machine for the deployment tests (tests/scenarios/test_image.py, tests/scenarios/test_failover_haproxy.py,
-# tests/docs/test_diagrams.py): install Debian's podman, runc, debootstrap, haproxy and plantuml when they
+# tests/docs/test_diagrams.py): install Debian's podman, runc, debootstrap, haproxy, plantuml and graphviz when they
 # are missing, and build a local Python base image from Debian packages, because no image registry is
 # reachable on these machines. Called by `make test` under CI; safe to run again (each step is skipped
 # when its result exists: the base image stays in podman's storage between runs).
@@ -18,7 +18,8 @@ MIRROR="${CHATFORGE_BASE_MIRROR:-http://deb.debian.org/debian}"
 log() { echo "ci_install_containers: $*" >&2; }
 
 need=()
-for pair in podman:podman runc:runc debootstrap:debootstrap haproxy:haproxy plantuml:plantuml; do
+# dot (graphviz): plantuml lays out component diagrams with it, and --no-install-recommends leaves it out.
+for pair in podman:podman runc:runc debootstrap:debootstrap haproxy:haproxy plantuml:plantuml dot:graphviz; do
   cmd="${pair%%:*}"; pkg="${pair##*:}"
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

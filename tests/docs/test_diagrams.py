@@ -41,6 +41,8 @@ def test_rendered_files_are_current(source):
 def test_regenerated_svgs_are_identical(tmp_path):
     if shutil.which("plantuml") is None:
         pytest.skip("plantuml is not installed (tools/ci_install_containers.sh installs Debian's package)")
+    # Without graphviz plantuml still exits 0 but draws an error picture instead of the component diagrams.
+    assert shutil.which("dot"), "plantuml is installed without graphviz's dot: install Debian's graphviz"
     for src in SOURCES:
         shutil.copy2(src, tmp_path / src.name)
     subprocess.run(["plantuml", "-tsvg", *[p.name for p in SOURCES]], cwd=tmp_path, check=True, timeout=300,
