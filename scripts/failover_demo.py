@@ -151,7 +151,10 @@ def _load(target: str, on_half: threading.Event, started_at: list[float]) -> tup
     half = len(tasks) // 2
 
     def caller(k: int) -> None:
-        with ChatbotClient(target, timeout=20) as client:
+        # Its own TCP connection per caller: gRPC shares one subchannel (one connection) between channels with the
+        # same target and arguments, and a TCP-mode balancer spreads connections, not calls, so 8 callers on one
+        # connection all reached one replica and the victim sometimes served nothing before the event.
+        with ChatbotClient(target, timeout=20, options=[("grpc.use_local_subchannel_pool", 1)]) as client:
             while True:
                 with lock:
                     if nxt[0] >= len(tasks):

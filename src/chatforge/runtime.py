@@ -28,6 +28,7 @@ __all__ = [
     "configure_threads",
     "cpu_info",
     "pick_precision",
+    "int8_dot_products",
     "native_bf16",
     "pick_train_precision",
     "read_cpu_flags",
@@ -273,6 +274,15 @@ def pick_train_precision(flags: set[str] | dict, device_type: str = "cpu",
     if native:
         return "bf16", f"native bf16 matmuls ({', '.join(sorted(native))})"
     return "fp32", f"no native bf16 matmuls on this CPU (none of {', '.join(BF16_CPU_FLAGS)}): bf16 is emulated"
+
+
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_dot_products(flags: set[str] | None = None) -> bool:
+    """Whether this CPU (or one with ``flags``) has int8 dot-product instructions (VNNI or AMX): without them
+    u8s8 kernels add products in 16-bit lanes and can saturate (engines then want 7-bit weights)."""
+    return bool(set(INT8_DOT_FLAGS) & (read_cpu_flags()[1] if flags is None else set(flags)))
 
 
 def native_bf16(flags: set[str] | None = None) -> bool:

@@ -65,7 +65,9 @@ def test_two_gloo_processes_equal_one_process_over_global_batch(tmp_path):
     # shift shared by all keys), so both runs hold ~1e-10 rounding noise there, which Adam's
     # g / sqrt(v) normalisation turns into lr-sized steps; they carry no information to compare.
     worst = max((a[k] - b[k]).abs().max().item() for k in a if not k.endswith("k_proj.bias"))
-    assert worst < 1e-5, f"DDP and single-process weights differ by {worst}"
+    # 1e-5 held on an Intel Xeon; an AMD EPYC (AVX2) reached 1.2e-5 from its kernels' summation order. Gradients
+    # summed instead of averaged, or one rank's batch lost, move weights by ~lr = 3e-3.
+    assert worst < 5e-5, f"DDP and single-process weights differ by {worst}"
     import json
 
     ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())

@@ -25,6 +25,7 @@ pytest.importorskip("onnx")
 
 from chatforge.inference import load_model  # noqa: E402
 from chatforge.oos import OOSPolicy  # noqa: E402
+from chatforge.runtime import int8_dot_products  # noqa: E402
 from chatforge.serving import backend_ort  # noqa: E402
 from chatforge.serving.backend_ct2 import parse_backends  # noqa: E402
 from chatforge.serving.backend_ort import BackendError, OrtClassifier  # noqa: E402
@@ -97,7 +98,9 @@ def test_int8_argmax_agreement(bundle, torch_clf):
     assert ort_clf.info.metadata["precision"] == "int8"
     assert not np.allclose(got, ref, atol=1e-6)  # the weights really are quantized: it is another graph
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.95
-    assert np.abs(got - ref).max() < 0.1
+    # ONNX Runtime's u8s8 kernels without VNNI add products in 16-bit lanes and lose more: on an AMD EPYC with AVX2
+    # only the Transformer's probabilities moved by up to 0.153 (under 0.1 on an Intel Xeon with VNNI).
+    assert np.abs(got - ref).max() < (0.1 if int8_dot_products() else 0.2)
 
 
 def test_auto_is_int8_and_bf16_is_refused(bundle):
