@@ -15,8 +15,8 @@ def test_missing_anchors_are_reported_skipped_with_the_reason_not_a_crash(tmp_pa
     # None in sys.modules makes `import onnxruntime` raise ImportError, as when it is not installed.
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     monkeypatch.setitem(sys.modules, "ctranslate2", None)
-    result, paths = run_bench(BenchOptions(out=tmp_path, cases=["classification", "generation"], threads=1,
-                                           repeats=1, smoke=True))
+    result, paths = run_bench(BenchOptions(out=tmp_path, cases=["classification", "generation", "seq2seq"],
+                                           threads=1, repeats=1, smoke=True))
     cls = result["cases"]["classification"]
     assert cls["status"] == "skipped" and "onnxruntime is not installed" in cls["reason"]
     assert "chatforge[bench]" in cls["reason"]
@@ -27,6 +27,9 @@ def test_missing_anchors_are_reported_skipped_with_the_reason_not_a_crash(tmp_pa
         assert "ctranslate2 is not installed" in gen["engines"][f"ct2-{q}"]["reason"]
     assert {r["anchor"] for r in gen["ratios"]} == {"hf-fp32"}
     assert gen["agreement"]["fp32_anchors"] == ["hf-fp32"] and gen["agreement"]["identical_fp32"] is True
+    s2s = result["cases"]["seq2seq"]
+    assert s2s["status"] == "ok" and s2s["engines"]["ct2-float32"]["status"] == "skipped"
+    assert {r["anchor"] for r in s2s["ratios"]} == {"hf-fp32"}
     md = paths["markdown"].read_text()
     assert "skipped: onnxruntime is not installed" in md and "Engine ct2-int8 skipped" in md
     assert "classification" not in paths  # no chart for a skipped case
@@ -50,7 +53,8 @@ def test_a_quiet_machine_is_not_flagged():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"cases": ["generation", "gpu"]}, "unknown case 'gpu'; allowed: generation, classification, tokenizer, training, scaling"),
+    ({"cases": ["generation", "gpu"]}, "unknown case 'gpu'; allowed: generation, seq2seq, classification, tokenizer, training, "
+                                    "scaling"),
     ({"threads": 0}, "threads=0 is out of range"),
     ({"repeats": 0}, "repeats=0 is out of range"),
 ])
@@ -94,10 +98,14 @@ def test_a_precision_the_model_refuses_is_a_skipped_engine_and_auto_is_not_bench
     case = result["cases"]["classification"]
     assert case["status"] == "ok"
     assert {n for n, e in case["engines"].items() if e["role"] == "chatforge"} == {
-        "chatforge-fp32", "chatforge-bf16", "chatforge-int8"}
+        "chatforge-fp32", "chatforge-bf16", "chatforge-int8",
+        "chatforge-transformer-fp32", "chatforge-transformer-bf16", "chatforge-transformer-int8"}
     assert case["engines"]["chatforge-int8"]["status"] == "skipped"
     assert "does not apply to family 'bert'" in case["engines"]["chatforge-int8"]["reason"]
-    assert {r["engine"] for r in case["rows"]} == {"chatforge-fp32", "chatforge-bf16", "ort-fp32", "ort-int8"}
+    assert case["engines"]["chatforge-transformer-int8"]["status"] == "skipped"
+    assert {r["engine"] for r in case["rows"]} == {
+        "chatforge-fp32", "chatforge-bf16", "ort-fp32", "ort-int8",
+        "chatforge-transformer-fp32", "chatforge-transformer-bf16", "ort-transformer-fp32", "ort-transformer-int8"}
 
 
 def test_the_contended_case_runs_busy_processes_beside_the_run_and_stops_them(tmp_path, monkeypatch):

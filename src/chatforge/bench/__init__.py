@@ -1,7 +1,8 @@
 """``chatforge bench``: chatforge against established inference libraries on identical weights and inputs.
 
 Cases (:data:`CASES`): greedy generation (GPT-2; anchors HF transformers and CTranslate2 float32/int8),
-classification (BERT; anchors ONNX Runtime fp32 and dynamic int8), tokenizer throughput (SentencePiece
+seq2seq generation (the Transformer encoder-decoder; anchors HF ``MarianMTModel`` and CTranslate2 float32/int8),
+classification (BERT and the Transformer encoder; anchors ONNX Runtime fp32 and dynamic int8), tokenizer throughput (SentencePiece
 vs Hugging Face tokenizers) and training (chatforge vs HF in fp32 and bf16, with achieved FLOP/s as
 a fraction of a measured matmul peak). Each records the peak RSS and the load before and after; a
 run whose load exceeded the CPUs available is flagged loaded (figures are ratios only).

@@ -18,7 +18,17 @@ import torch
 
 from chatforge.bench.gpt_hf import gpt_train_flops_per_token, greedy_fn, train_steps_fn
 from chatforge.bench.timing import interleaved, matmul_peak_flops
-from chatforge.bench.weights import AnchorMissing, BertWeights, GPTWeights, bert_weights, gpt_weights, need
+from chatforge.bench.weights import (
+    AnchorMissing,
+    BertWeights,
+    GPTWeights,
+    Seq2SeqWeights,
+    bert_weights,
+    gpt_weights,
+    need,
+    transformer_classifier_weights,
+    transformer_weights,
+)
 from chatforge.runtime import native_bf16
 
 logger = logging.getLogger(__name__)
@@ -62,6 +72,12 @@ class Sizes:
     scaling_widths: tuple[int, ...] = (16, 32)
     scaling_new_tokens: int = 4
     init_std: float = 0.2  # random weights far from uniform, so greedy argmaxes are not near-ties
+    # The Transformer encoder-decoder of the seq2seq case (layers each side; prompts, new tokens, batches
+    # and vocabulary are the generation case's).
+    s2s_layers: int = 2
+    s2s_d_model: int = 32
+    s2s_heads: int = 2
+    s2s_d_ff: int = 64
 
 
 SMOKE = Sizes(gpt_layers=2, gpt_d_model=32, gpt_heads=2, vocab=256, positions=64, prompt_len=8, new_tokens=4,
@@ -73,7 +89,9 @@ FULL = Sizes(gpt_layers=4, gpt_d_model=256, gpt_heads=4, vocab=8000, positions=2
              gen_batches=(1, 8, 32), bert_layers=4, bert_d_model=256, bert_heads=4, cls_seq_len=64, cls_calls=20,
              num_labels=8, train_batch=8, train_seq_len=128, train_steps=3, matmul_n=2048, tokenizer_vocab=1000,
              tokenizer_copies=20, scaling_batches=(1, 2, 4, 8, 16, 32, 64), scaling_prompt_lens=(16, 64, 128, 192),
-             scaling_widths=(64, 128, 256, 512), scaling_new_tokens=32)
+             scaling_widths=(64, 128, 256, 512), scaling_new_tokens=32,
+             # chatforge's default Transformer: 3 + 3 post-LN layers, d256, 4 heads, d_ff 1024, relu, tied.
+             s2s_layers=3, s2s_d_model=256, s2s_heads=4, s2s_d_ff=1024)
 
 
 @dataclass
@@ -136,6 +154,7 @@ class Assets:
         self.work, self.sizes = work, sizes
         self._gpt: GPTWeights | None = None
         self._bert: BertWeights | None = None
+        self._s2s: Seq2SeqWeights | None = None
 
     def gpt(self) -> GPTWeights:
         if self._gpt is None:
@@ -143,6 +162,13 @@ class Assets:
             self._gpt = gpt_weights(self.work, vocab=s.vocab, layers=s.gpt_layers, d_model=s.gpt_d_model,
                                     heads=s.gpt_heads, positions=s.positions, init_std=s.init_std)
         return self._gpt
+
+    def seq2seq(self) -> Seq2SeqWeights:
+        if self._s2s is None:
+            s = self.sizes
+            self._s2s = transformer_weights(self.work, vocab=s.vocab, layers=s.s2s_layers, d_model=s.s2s_d_model,
+                                            heads=s.s2s_heads, d_ff=s.s2s_d_ff, max_len=s.positions)
+        return self._s2s
 
     def bert(self) -> BertWeights:
         if self._bert is None:
@@ -164,20 +190,21 @@ def _chatforge_precisions() -> tuple[str, ...]:
     return tuple(p for p in inference.PRECISIONS if p not in _RULES)
 
 
-def _chatforge_models(bundle: Path, case: Case) -> dict[str, torch.nn.Module]:
-    """The bundle's model as ``load_model`` prepares it for each serving precision; a precision the model
-    refuses (ValueError, e.g. int8 for a family it does not apply to) is a skipped engine, not a failure."""
+def _chatforge_models(bundle: Path, case: Case, prefix: str = "chatforge-") -> dict[str, torch.nn.Module]:
+    """The bundle's model as ``load_model`` prepares it for each serving precision (engines named
+    ``prefix + precision``); a precision the model refuses (ValueError, e.g. int8 for a family it does not
+    apply to) is a skipped engine, not a failure."""
     models = {}
     for p in _chatforge_precisions():
         if p == "bf16" and not native_bf16():
-            case.engine(f"chatforge-{p}", "chatforge", "chatforge", p, "skipped", EMULATED_BF16)
+            case.engine(f"{prefix}{p}", "chatforge", "chatforge", p, "skipped", EMULATED_BF16)
             continue
         try:
             models[p] = _load_chatforge(bundle, p).model
         except ValueError as e:
-            case.engine(f"chatforge-{p}", "chatforge", "chatforge", p, "skipped", str(e))
+            case.engine(f"{prefix}{p}", "chatforge", "chatforge", p, "skipped", str(e))
             continue
-        case.engine(f"chatforge-{p}", "chatforge", "chatforge", p)
+        case.engine(f"{prefix}{p}", "chatforge", "chatforge", p)
     return models
 
 
@@ -254,6 +281,91 @@ def _ct2_fn(gen, vocab: list[str], prompts: torch.Tensor, n: int, out: list) -> 
     return run
 
 
+# ------------------------------------------------------------------------------------------- seq2seq
+def seq2seq(assets: Assets, threads: int, repeats: int, step: Step) -> Case:
+    """The generation case for the Transformer encoder-decoder: the same prompts (as sources), batches and
+    greedy min = max token counts; anchors HF ``MarianMTModel`` and a CTranslate2 ``Translator``."""
+    s = assets.sizes
+    case = Case("seq2seq", config={
+        "model": f"Transformer encoder-decoder (post-LN, tied embeddings, relu), {s.s2s_layers}+{s.s2s_layers} "
+                 f"layers, d_model {s.s2s_d_model}, {s.s2s_heads} heads, d_ff {s.s2s_d_ff}, vocab {s.vocab}",
+        "source_len": s.prompt_len, "new_tokens": s.new_tokens, "batches": list(s.gen_batches),
+        "decoding": "greedy, exactly new_tokens tokens (min = max), decoder started from <s>", "repeats": repeats,
+        "weights": "random, chatforge bundle -> to-hf (MarianMTModel) -> CTranslate2 Translator (its BART/Marian "
+                   "Transformers loader)"})
+    step("seq2seq: building weights, to-hf, CTranslate2 conversion")
+    w = assets.seq2seq()
+    from transformers import MarianMTModel
+
+    from chatforge.decoding import autocast_for
+
+    ids = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
+    makers: dict[str, Callable[[torch.Tensor, int, list], Callable[[], None]]] = {}
+    for p, model in _chatforge_models(w.bundle, case).items():
+        makers[f"chatforge-{p}"] = (lambda m: lambda x, n, out: greedy_fn(
+            m, False, x, n, "fp32", out=out, context=lambda: autocast_for(m), **ids))(model)
+    hf = MarianMTModel.from_pretrained(str(w.hf)).eval()
+    case.engine("hf-fp32", "anchor", "transformers", "fp32")
+    makers["hf-fp32"] = lambda x, n, out: _hf_seq2seq_fn(hf, x, n, out)
+    if w.ct2 is None:
+        for q in ("float32", "int8"):
+            case.engine(f"ct2-{q}", "anchor", "ctranslate2", q, "skipped",
+                        "ctranslate2 is not installed; pip install 'chatforge[bench]'")
+    else:
+        import ctranslate2
+
+        for q, path in w.ct2.items():
+            tr = ctranslate2.Translator(str(path), device="cpu", compute_type=q, intra_threads=threads,
+                                        inter_threads=1)
+            case.engine(f"ct2-{q}", "anchor", "ctranslate2", q)
+            makers[f"ct2-{q}"] = (lambda t: lambda x, n, out: _ct2_translate_fn(t, w.vocab, x, n, out))(tr)
+
+    index = {t: i for i, t in enumerate(w.vocab or [])}
+    outputs: dict[int, dict[str, list]] = {}
+    for b in s.gen_batches:
+        sources = _random_ids(b, s.prompt_len, s.vocab, seed=1000 + b)
+        outs = {name: [] for name in makers}
+        step(f"seq2seq: batch {b}, {s.new_tokens} tokens")
+        times = interleaved({n: mk(sources, s.new_tokens, outs[n]) for n, mk in makers.items()}, repeats)
+        case.add("tokens/s", "tokens/s", True, b, times, b * s.new_tokens)
+        # A Translator answers token strings: mapped back to ids here, after timing.
+        outputs[b] = {n: [[index[t] for t in row] for row in rows] if n.startswith("ct2-") else rows
+                      for n, rows in outs.items()}
+        step(f"seq2seq: batch {b}, time to first token")
+        times = interleaved({n: mk(sources, 1, []) for n, mk in makers.items()}, repeats * 3)
+        case.add("time to first token", "ms", False, b, times, 1)
+    case.agreement = _agreement(outputs, "chatforge-fp32", fp32_anchors=("hf-fp32", "ct2-float32"))
+    # A random model can settle into repeating one token; agreement on such output would say little.
+    case.agreement["distinct_tokens"] = len({t for outs in outputs.values()
+                                             for row in outs.get("chatforge-fp32", []) for t in row})
+    return case
+
+
+def _hf_seq2seq_fn(hf, sources: torch.Tensor, n: int, out: list) -> Callable[[], None]:
+    """``MarianMTModel.generate``, greedy, exactly ``n`` new tokens; its output starts with the decoder
+    start token, which is not a generated one."""
+    mask = torch.ones_like(sources)
+
+    def run():
+        with torch.inference_mode():
+            ids = hf.generate(sources, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=n,
+                              min_new_tokens=n)
+        out[:] = ids[:, 1:].tolist()
+
+    return run
+
+
+def _ct2_translate_fn(tr, vocab: list[str], sources: torch.Tensor, n: int, out: list) -> Callable[[], None]:
+    """A CTranslate2 ``Translator``, greedy, exactly ``n`` tokens; ``out`` gets the token strings."""
+    tokens = [[vocab[i] for i in row] for row in sources.tolist()]
+
+    def run():
+        res = tr.translate_batch(tokens, beam_size=1, max_decoding_length=n, min_decoding_length=n)
+        out[:] = [r.hypotheses[0] for r in res]
+
+    return run
+
+
 def _agreement(outputs: dict[int, dict[str, list]], reference: str, fp32_anchors: tuple[str, ...]) -> dict:
     """Per engine, the fraction of sequences (over every batch) whose greedy tokens equal the reference's."""
     same: dict[str, list[bool]] = {}
@@ -289,14 +401,17 @@ def classification(assets: Assets, threads: int, repeats: int, step: Step) -> Ca
     case = Case("classification", config={
         "model": f"BERT classifier, {s.bert_layers} layers, d_model {s.bert_d_model}, {s.bert_heads} heads, "
                  f"vocab {s.vocab}, {s.num_labels} labels",
+        "transformer_model": f"Transformer encoder classifier (post-LN, mean pooling), {s.s2s_layers} layers, "
+                             f"d_model {s.s2s_d_model}, {s.s2s_heads} heads, d_ff {s.s2s_d_ff}, vocab {s.vocab}, "
+                             f"{s.num_labels} labels; its metrics and engines are named 'transformer'",
         "seq_len": s.cls_seq_len, "calls_per_repeat": s.cls_calls, "repeats": repeats,
         "weights": "random, chatforge bundle -> to-hf (BertForSequenceClassification) -> torch.onnx.export; "
-                   "int8: onnxruntime.quantization.quantize_dynamic"})
+                   "the Transformer classifier (no HF class has its head) -> torch.onnx.export of the chatforge "
+                   "model itself, as serve --backend onnxruntime does; int8: onnxruntime.quantization."
+                   "quantize_dynamic"})
     step("classification: building weights, to-hf, ONNX export, int8 quantization")
     w = assets.bert()
-    import onnxruntime as ort
-
-    from chatforge.decoding import autocast_for
+    labels = [f"label{i}" for i in range(s.num_labels)]
 
     def inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
         x = _random_ids(batch, s.cls_seq_len, s.vocab, seed)
@@ -310,52 +425,73 @@ def classification(assets: Assets, threads: int, repeats: int, step: Step) -> Ca
             mask[i, n:] = 0
         return {"input_ids": x, "attention_mask": mask, "token_type_ids": torch.zeros_like(x)}
 
+    case.agreement = _classify(case, w.bundle, w.onnx or {}, inputs, "", threads, repeats, step)
+    step("classification: Transformer encoder weights, ONNX export, int8 quantization")
+    t = transformer_classifier_weights(assets.work, vocab=s.vocab, layers=s.s2s_layers, d_model=s.s2s_d_model,
+                                       heads=s.s2s_heads, d_ff=s.s2s_d_ff, max_len=max(64, s.cls_seq_len),
+                                       labels=labels)
+    # The same rows without [CLS]/[SEP] and segments: the Transformer reads the pad id (0) as its mask.
+    case.agreement["transformer"] = _classify(case, t.bundle, t.onnx, lambda b, seed: {
+        "input_ids": inputs(b, seed)["input_ids"]}, "transformer", threads, repeats, step)
+    return case
+
+
+def _classify(case: Case, bundle: Path, onnx: dict[str, Path], inputs: Callable[[int, int], dict[str, torch.Tensor]],
+              model: str, threads: int, repeats: int, step: Step) -> dict[str, Any]:
+    """Time one classifier's chatforge precisions and ONNX Runtime sessions at batch 1 (latency) and 32
+    (throughput). ``model`` names the metrics and engines beside the case's first model ("" for it)."""
+    import onnxruntime as ort
+
+    from chatforge.decoding import autocast_for
+
+    s_calls = case.config["calls_per_repeat"]
+    tag = f"{model}-" if model else ""
     fns: dict[str, Callable[[dict], Callable[[], None]]] = {}
     last: dict[str, Any] = {}
-    for p, model in _chatforge_models(w.bundle, case).items():
-        def mk(feed, m=model, name=f"chatforge-{p}"):
+    for p, m in _chatforge_models(bundle, case, prefix=f"chatforge-{tag}").items():
+        def mk(feed, m=m, name=f"chatforge-{tag}{p}"):
             def run():
-                for _ in range(s.cls_calls):
+                for _ in range(s_calls):
                     with torch.inference_mode(), autocast_for(m):
                         logits = m(**feed).logits
                 last[name] = logits.float().numpy()
             return run
 
-        fns[f"chatforge-{p}"] = mk
+        fns[f"chatforge-{tag}{p}"] = mk
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     # ORT's pool spins after each run by default, which would take the cores from the engine timed next.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    for p, path in (w.onnx or {}).items():
+    for p, path in onnx.items():
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        case.engine(f"ort-{p}", "anchor", "onnxruntime", p)
+        case.engine(f"ort-{tag}{p}", "anchor", "onnxruntime", p)
 
-        def mk(feed, sess=sess, name=f"ort-{p}"):
+        def mk(feed, sess=sess, name=f"ort-{tag}{p}"):
             np_feed = {k: v.numpy() for k, v in feed.items()}
 
             def run():
-                for _ in range(s.cls_calls):
+                for _ in range(s_calls):
                     logits = sess.run(None, np_feed)[0]
                 last[name] = logits
             return run
 
-        fns[f"ort-{p}"] = mk
+        fns[f"ort-{tag}{p}"] = mk
     for batch, metric, unit, rate in ((1, "latency", "ms", False), (32, "throughput", "sequences/s", True)):
+        metric = f"{model} {metric}" if model else metric
         step(f"classification: batch {batch} {metric}")
-        feed = inputs(batch, seed=batch)
+        feed = inputs(batch, batch)
         times = interleaved({n: mk(feed) for n, mk in fns.items()}, repeats)
-        case.add(metric, unit, rate, batch, times, batch * s.cls_calls if rate else s.cls_calls)
-    ref = last["chatforge-fp32"]
+        case.add(metric, unit, rate, batch, times, batch * s_calls if rate else s_calls)
+    reference = f"chatforge-{tag}fp32"
+    ref = last[reference]
     preds = ref.argmax(-1)
-    case.agreement = {
-        "reference": "chatforge-fp32", "inputs": "the batch-32 inputs",
+    return {
+        "reference": reference, "inputs": "the batch-32 inputs",
         "argmax_agreement": {n: round(float((v.argmax(-1) == preds).mean()), 4) for n, v in last.items()
-                             if n != "chatforge-fp32"},
-        "max_abs_logit_diff": {n: round(float(abs(v - ref).max()), 6) for n, v in last.items()
-                               if n != "chatforge-fp32"},
+                             if n != reference},
+        "max_abs_logit_diff": {n: round(float(abs(v - ref).max()), 6) for n, v in last.items() if n != reference},
         "distinct_predictions": int(len(set(preds.tolist()))),  # agreement on one repeated class would say little
     }
-    return case
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -540,18 +676,11 @@ def scaling(assets: Assets, threads: int, repeats: int, step: Step) -> Case:
 
 
 CASES: dict[str, Callable[[Assets, int, int, Step], Case]] = {
-    "generation": generation, "classification": classification, "tokenizer": tokenizer, "training": training,
-    "scaling": scaling}
+    "generation": generation, "seq2seq": seq2seq, "classification": classification, "tokenizer": tokenizer,
+    "training": training, "scaling": scaling}
 
 # Parts of issue 16 that this command does not measure, and why (written into every report).
 LEFT_OUT = {
-    "seq2seq generation (Transformer encoder-decoder)":
-        "chatforge's to-hf exports only the gpt and bert families (chatforge.interop._TO_HF); the Transformer "
-        "encoder-decoder has no Hugging Face export, so CTranslate2's TransformersConverter (which reads HF "
-        "Marian/BART/T5-style folders) has nothing of chatforge's to convert. Benchmarking it against an anchor "
-        "needs a to-hf mapping onto one of those architectures first.",
-    "classification with the Transformer encoder":
-        "same reason: no to-hf export for the Transformer family, so no ONNX/anchor copy of identical weights.",
     "end-to-end gRPC": "not part of this command: benchmarks/serving_bench.py and benchmarks/grpc_path.py measure "
                        "the serving path (they start servers and clients in separate processes).",
 }

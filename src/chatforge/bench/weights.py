@@ -5,6 +5,11 @@ as bundles, exported with ``to-hf`` (chatforge.interop) and converted by each an
   and int8 copies).
 * BERT classifier: bundle -> ``to_hf`` (``BertForSequenceClassification``) -> ``torch.onnx.export`` of
   that HF model -> ONNX Runtime's ``quantize_dynamic`` (int8 weights) copy.
+* Transformer encoder-decoder: bundle -> ``to_hf`` (``MarianMTModel``) -> CTranslate2 float32 and int8
+  copies, converted by CTranslate2's own Transformers loader for Marian/BART (see :func:`ct2_marian`).
+* Transformer encoder classifier: no Hugging Face class has its head (Marian has none), so the chatforge
+  model itself is exported with ``torch.onnx.export`` (as ``chatforge serve --backend onnxruntime`` does)
+  -> ONNX Runtime's ``quantize_dynamic`` copy.
 
 The bundles' tokenizer is a word-level Hugging Face tokenizer of the wanted vocabulary size (the
 benchmarks feed token ids, so only the size matters, and it exports and converts as it is).
@@ -123,18 +128,57 @@ def bert_weights(work: Path, *, vocab: int, layers: int, d_model: int, heads: in
     w = BertWeights(bundle=bundle, hf=to_hf(bundle, work / "bert-hf"))
     need("onnxruntime")
     need("onnx")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModelForSequenceClassification
 
     hf = AutoModelForSequenceClassification.from_pretrained(str(w.hf)).eval()
-    names = ["input_ids", "attention_mask", "token_type_ids"]
+    w.onnx = _onnx_pair(hf, ["input_ids", "attention_mask", "token_type_ids"], work / "bert")
+    return w
+
+
+@dataclass
+class ClassifierWeights:
+    bundle: Path
+    onnx: dict[str, Path]  # "fp32" / "int8" -> .onnx file
+
+
+class _Logits(torch.nn.Module):
+    """A chatforge classifier with its logits as the one output (what the exporter traces)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids).logits
+
+
+def transformer_classifier_weights(work: Path, *, vocab: int, layers: int, d_model: int, heads: int, d_ff: int,
+                                   max_len: int, labels: list[str]) -> ClassifierWeights:
+    """The Transformer encoder classifier bundle (post-LN, mean pooling) and the ONNX fp32 / dynamic-int8
+    files exported from that chatforge model itself."""
+    need("onnxruntime")
+    need("onnx")
+    tok = word_tokenizer(work / "tcls-tokenizer.json", vocab)
+    model_cfg = {"family": "transformer", "task": "classification", "d_model": d_model, "n_heads": heads,
+                 "num_encoder_layers": layers, "d_ff": d_ff, "dropout": 0.0, "max_len": max_len}
+    bundle = _bundle(work / "tcls-bundle", tok, model_cfg, labels, seed=3)
+    from chatforge.bundle import load_bundle
+
+    model = load_bundle(bundle).model.eval()
+    return ClassifierWeights(bundle=bundle, onnx=_onnx_pair(_Logits(model), ["input_ids"], work / "tcls"))
+
+
+def _onnx_pair(model: torch.nn.Module, names: list[str], stem: Path) -> dict[str, Path]:
+    """``model`` exported to ONNX (dynamic batch and length) and ONNX Runtime's dynamic int8 copy of it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)
-    fp32, int8 = work / "bert.onnx", work / "bert-int8.onnx"
-    with warnings.catch_warnings():
+    fp32, int8 = stem.with_name(f"{stem.name}.onnx"), stem.with_name(f"{stem.name}-int8.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter warns that it is deprecated and about traced shape arithmetic; the
         # dynamic axes below cover what the tracer sees.
         warnings.simplefilter("ignore")
-        torch.onnx.export(hf, example, str(fp32), input_names=names, output_names=["logits"],
+        torch.onnx.export(model, example, str(fp32), input_names=names, output_names=["logits"],
                           dynamic_axes={**{n: {0: "batch", 1: "seq"} for n in names}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
     # quantize_dynamic logs a line per tensor on the root logger at INFO, and a WARNING advising its
@@ -144,5 +188,72 @@ def bert_weights(work: Path, *, vocab: int, layers: int, d_model: int, heads: in
         quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
     finally:
         logging.disable(logging.NOTSET)
-    w.onnx = {"fp32": fp32, "int8": int8}
+    return {"fp32": fp32, "int8": int8}
+
+
+@dataclass
+class Seq2SeqWeights:
+    bundle: Path
+    hf: Path | None = None
+    ct2: dict[str, Path] | None = None  # CTranslate2 quantization -> model folder
+    vocab: list[str] | None = None  # CTranslate2 takes token strings
+
+
+def transformer_weights(work: Path, *, vocab: int, layers: int, d_model: int, heads: int, d_ff: int,
+                        max_len: int, ct2_quantizations: tuple[str, ...] = ("float32", "int8")) -> Seq2SeqWeights:
+    """The Transformer encoder-decoder bundle (post-LN, tied embeddings, relu: the paper's model, chatforge's
+    defaults), its ``MarianMTModel`` export and, where CTranslate2 is installed, its CTranslate2 copies.
+    Raises AnchorMissing when transformers is missing (nothing to export through)."""
+    _quiet_transformers()
+    from chatforge.interop import to_hf
+
+    tok = word_tokenizer(work / "s2s-tokenizer.json", vocab)
+    model_cfg = {"family": "transformer", "task": "generation", "d_model": d_model, "n_heads": heads,
+                 "num_encoder_layers": layers, "num_decoder_layers": layers, "d_ff": d_ff, "dropout": 0.0,
+                 "max_len": max_len}
+    w = Seq2SeqWeights(bundle=_bundle(work / "s2s-bundle", tok, model_cfg, None, seed=2))
+    w.hf = to_hf(w.bundle, work / "s2s-hf")
+    try:
+        need("ctranslate2")
+    except AnchorMissing as e:
+        logger.warning("CTranslate2 engines skipped: %s", e)
+        return w
+    w.ct2 = {q: ct2_marian(w.hf, work / f"s2s-ct2-{q}", q) for q in ct2_quantizations}
+    w.vocab = [tok.tk.id_to_token(i) for i in range(tok.vocab_size)]
     return w
+
+
+def ct2_marian(hf_dir: Path, out: Path, quantization: str) -> Path:
+    """Convert a ``MarianMTModel`` folder written by chatforge's ``to_hf`` into a CTranslate2 ``Translator``.
+
+    CTranslate2's ``TransformersConverter`` picks its ``MarianMTLoader`` for such a folder, which assumes the
+    vocabulary of Marian's original checkpoints: the pad token last, its embedding row dropped, and decoding
+    started from a zero embedding. chatforge's vocabulary has pad at 0 and starts the decoder from ``<s>``'s
+    own embedding, so those two steps would give it a different model (the converter indeed stops on the
+    vocabulary sizes). This runs the rest of that loader unchanged: ``BartLoader``, which ``MarianMTLoader``
+    extends, with Marian's post-LN and no embedding LayerNorm, the decoder start token taken from
+    ``decoder_start_token_id``, through CTranslate2's ``Converter`` (validation, quantization, saving).
+    """
+    need("ctranslate2")
+    from ctranslate2.converters import Converter
+    from ctranslate2.converters.transformers import BartLoader
+
+    class _MarianLoader(BartLoader):
+        @property
+        def architecture_name(self):
+            return "MarianMTModel"
+
+        def get_model_spec(self, model):
+            model.config.normalize_before = False  # what MarianMTLoader sets: post-LN ...
+            model.config.normalize_embedding = False  # ... and no LayerNorm on the embeddings
+            return super().get_model_spec(model)
+
+    class _Converter(Converter):
+        def _load(self):
+            from transformers import AutoTokenizer, MarianMTModel
+
+            with torch.no_grad():
+                model = MarianMTModel.from_pretrained(str(hf_dir)).eval()
+                return _MarianLoader()(model, AutoTokenizer.from_pretrained(str(hf_dir)))
+
+    return Path(_Converter().convert(str(out), quantization=quantization, force=True))

@@ -19,7 +19,7 @@ from rich.table import Table
 from chatforge.cli._shared import _fail, _flag, app, console, err_console
 
 # Kept here (not imported from chatforge.bench) so `--help` does not import torch.
-BENCH_CASES = ("generation", "classification", "tokenizer", "training", "scaling")
+BENCH_CASES = ("generation", "seq2seq", "classification", "tokenizer", "training", "scaling")
 
 
 @app.command("bench")

@@ -2,7 +2,8 @@
 
 ``from_hf(src_dir, out_bundle)`` and ``to_hf(bundle_dir, out_dir)`` dispatch on the
 checkpoint's ``config.json`` ``model_type`` (or the bundle's family) to one module per
-family. Converted bundles keep the checkpoint's own tokenizer.
+family. Converted bundles keep the checkpoint's own tokenizer. The ``transformer`` family
+exports only (to ``MarianMTModel``, :mod:`chatforge.interop.hf_transformer`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 _FROM_HF = {"bert": "chatforge.interop.hf_bert", "openai-gpt": "chatforge.interop.hf_gpt",
             "gpt2": "chatforge.interop.hf_gpt"}
 # chatforge family -> module
-_TO_HF = {"bert": "chatforge.interop.hf_bert", "gpt": "chatforge.interop.hf_gpt"}
+_TO_HF = {"bert": "chatforge.interop.hf_bert", "gpt": "chatforge.interop.hf_gpt",
+          "transformer": "chatforge.interop.hf_transformer"}  # to MarianMTModel
 
 
 class ConversionError(ValueError):
