@@ -14,6 +14,9 @@ bounded to ``--max-in-scope-drop`` of in-scope accuracy on the fitting folds (ch
 logistic regression and threshold fitted on nine folds; its neighbours are the training data).
 The ensemble averages the SVM and one Transformer per ``--transformer-seeds``; each kind weighs
 the same (the seeds share theirs); its bundle carries the scorer fitted on all of val.
+``--distill-seeds`` (default 0) then trains the outlier-exposure Transformer again with the ensemble's
+probabilities as soft targets (``train.distill_from``, Hinton et al. 2015): one model to serve instead of the
+ensemble (``--skip transformer-distill`` leaves it out).
 With ``--dev-fraction`` (default 0.2) every model is trained on what ``data.dev_fraction`` leaves of
 ``train`` + ``oos_train``; the held-out part (stratified, ``data.dev_seed`` 0, the same for every
 model) is a development test nothing is fitted or chosen on: each policy is fitted on all of val and
@@ -25,6 +28,7 @@ refresh the committed copy).
 
     python benchmarks/clinc150_results.py [--runs-dir runs/clinc150] [--transformer-epochs 12]
         [--transformer-seeds 0 1 2 3 4] [--transformer-oe-seeds 0] [--ensemble-transformers plain|oe]
+        [--distill-seeds 0]
         [--max-in-scope-drop 0.0025] [--dev-fraction 0.2]
         [--skip xgboost bert ...] [--out DIR/NAME]
 """
@@ -65,12 +69,16 @@ PUBLISHED = [  # Larson et al. 2019, Table 2 ("Full", oos-train), in-scope accur
 ZOO = {"bert": "bert_clinc150.yaml", "gpt": "gpt_clinc150.yaml", "elmo": "elmo_clinc150_cls.yaml"}
 # What --skip takes: each model by name (xgboost and linear also skip their ChatbotData runs), the ensemble,
 # and "chatbot" for both ChatbotData runs.
-SKIPPABLE = ("linear", "svm", "svm-oe", "xgboost", "transformer", "transformer-oe", *ZOO, "ensemble", "chatbot")
+SKIPPABLE = ("linear", "svm", "svm-oe", "xgboost", "transformer", "transformer-oe", *ZOO, "ensemble",
+             "transformer-distill", "chatbot")
 # CLINC150's 14,750 unlabelled Wikipedia sentences: outlier exposure for the SVM (model.outliers) and the
 # Transformer (data.outliers, train.outlier_weight)
 WIKI = "all_wiki_sents.txt"
 # Hendrycks et al. (2019)'s weight for the outlier-exposure term; not tuned on val.
 OE_WEIGHT = 0.5
+# Distillation of the ensemble into one Transformer (train.distill_from): the config's defaults, Hinton et al.'s
+# usual range, not tuned on val.
+DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0
 log = logging.getLogger("clinc150_results")
 
 
@@ -91,17 +99,33 @@ def plan_runs(skip, transformer_seeds, transformer_epochs: int, zoo_epochs: int,
              [f"model.outliers={DATA / 'clinc150' / WIKI}", "model.outlier_weight=0.1"]),
             ("xgboost", "xgboost", "xgboost_clinc150.yaml", [])]
     plan += [("transformer", f"transformer-s{seed}", "clinc150_transformer.yaml",
-              [f"seed={seed}", f"train.epochs={transformer_epochs}", "train.precision=auto",
-               "tokenizer.on_vocab_too_large=lower", "train.num_threads=2"]) for seed in transformer_seeds]
+              transformer_overrides(seed, transformer_epochs)) for seed in transformer_seeds]
     plan += [("transformer-oe", f"transformer-oe-s{seed}", "clinc150_transformer.yaml",
-              [f"seed={seed}", f"train.epochs={transformer_epochs}", "train.precision=auto",
-               "tokenizer.on_vocab_too_large=lower", "train.num_threads=2",
-               f"data.outliers={DATA / 'clinc150' / WIKI}", f"train.outlier_weight={OE_WEIGHT}"])
-             for seed in oe_seeds]
+              transformer_overrides(seed, transformer_epochs, outliers=True)) for seed in oe_seeds]
     plan += [(fam, fam, config, [f"train.epochs={zoo_epochs}", "train.precision=auto",
                                  "tokenizer.on_vocab_too_large=lower", "train.num_threads=2"])
              for fam, config in ZOO.items()]
     return [(kind, key, config, dev + extra) for kind, key, config, extra in plan if kind not in set(skip)]
+
+
+def transformer_overrides(seed: int, epochs: int, outliers: bool = False) -> list[str]:
+    """clinc150_transformer.yaml's overrides for one seed; ``outliers``: with outlier exposure (the 14,750
+    Wikipedia sentences, weight ``OE_WEIGHT``), which makes it clinc150_transformer_oe.yaml."""
+    out = [f"seed={seed}", f"train.epochs={epochs}", "train.precision=auto", "tokenizer.on_vocab_too_large=lower",
+           "train.num_threads=2"]
+    return out + ([f"data.outliers={DATA / 'clinc150' / WIKI}", f"train.outlier_weight={OE_WEIGHT}"] if outliers else [])
+
+
+def distill_plan(skip, seeds, teacher: Path, epochs: int, dev_fraction: float,
+                 group_similarity: float | None = None) -> list[tuple[str, str, str, list[str]]]:
+    """The students of the ensemble (``transformer-distill-s<seed>``): the outlier-exposure Transformer trained
+    with the ensemble run ``teacher``'s probabilities as soft targets (train.distill_from), same dev split."""
+    if "transformer-distill" in skip or "ensemble" in skip:
+        return []
+    return [("transformer-distill", f"transformer-distill-s{seed}", "clinc150_transformer.yaml",
+             dev_overrides(dev_fraction, group_similarity) + transformer_overrides(seed, epochs, outliers=True)
+             + [f"train.distill_from={teacher}", f"train.distill_weight={DISTILL_WEIGHT}",
+                f"train.distill_temperature={DISTILL_TEMPERATURE}"]) for seed in seeds]
 
 
 def chatbot_plan(skip) -> list[str]:
@@ -213,6 +237,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seeds of the Transformer trained with outlier exposure (transformer-oe), beside the plain ones")
     ap.add_argument("--ensemble-transformers", choices=("plain", "oe"), default="plain",
                     help="which Transformer runs the ensemble averages: the plain seeds or the outlier-exposure ones")
+    ap.add_argument("--distill-seeds", type=int, nargs="*", default=[0],
+                    help="seeds of the Transformer distilled from the ensemble (transformer-distill: outlier exposure "
+                         "plus the ensemble's probabilities as soft targets), trained after the ensemble")
     ap.add_argument("--zoo-epochs", type=int, default=6)
     ap.add_argument("--max-in-scope-drop", type=float, default=0.0025,
                     help="bound on the in-scope accuracy the bounded threshold and the scorer may give up (fraction)")
@@ -259,6 +286,9 @@ def main() -> None:
                                                   f"model.members={json.dumps([str(runs[k]) for k in keys])}",
                                                   f"model.weights={json.dumps(weights)}", "oos.policy=scorer",
                                                   f"oos.max_in_scope_drop={args.max_in_scope_drop}"]).parent
+        for _, key, config, extra in distill_plan(args.skip, args.distill_seeds, runs[name], args.transformer_epochs,
+                                                  args.dev_fraction, args.dev_group_similarity):
+            runs[key] = train(config, args.runs_dir / f"{key}-clinc150", data_override + extra).parent
 
     rows, results = [], {}
     drop = args.max_in_scope_drop

@@ -210,6 +210,14 @@ class TrainConfig(_Strict):
     # With data.outliers: the weight of the outlier-exposure term (cross-entropy from the model's distribution on
     # an outlier to the uniform one) beside the classification loss; Hendrycks et al. use 0.5.
     outlier_weight: float = Field(0.5, gt=0.0, le=100.0)
+    # Knowledge distillation (Hinton et al. 2015) for torch classifiers: a trained classifier bundle or run folder
+    # (any family with class probabilities: linear, ensemble, a torch classifier) whose probabilities on the
+    # training texts become soft targets. The loss is (1 - distill_weight) x the model's own loss + distill_weight x
+    # T^2 x KL(teacher at T || student at T), T = distill_temperature (the teacher's probabilities p become
+    # p^(1/T), renormalised). The teacher must hold out the same development split (checked at the start).
+    distill_from: str | None = None
+    distill_weight: float = Field(0.5, gt=0.0, le=1.0)
+    distill_temperature: float = Field(2.0, gt=0.0, le=100.0)
 
 
 class OutputConfig(_Strict):
@@ -275,6 +283,11 @@ class ExperimentConfig(_Strict):
             if self.model.task != "classification":
                 raise ValueError(f"data.outliers is outlier exposure for task 'classification', not "
                                  f"{self.model.task!r}; remove it")
+        if self.train.distill_from is not None:
+            if self.model.spec.kind != "torch" or self.model.task != "classification":
+                raise ValueError(f"train.distill_from distils a classifier into a torch classifier; family "
+                                 f"{self.model.family!r} with task {self.model.task!r} is not one (families: "
+                                 f"the torch ones, task 'classification')")
         return self
 
     def to_dict(self) -> dict[str, Any]:

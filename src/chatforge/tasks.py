@@ -3,7 +3,8 @@
 generation (seq2seq): source = encode(text), target = <s> encode(response) </s>;
   decoder_input_ids = target[:-1], labels = target[1:] with padding as -100.
 classification: input_ids = encode(text), labels = index of the label; with outlier exposure
-  (:class:`OutlierExposureDataset`) unlabelled out-of-domain rows join the batches, flagged by ``outlier_mask``.
+  (:class:`OutlierExposureDataset`) unlabelled out-of-domain rows join the batches, flagged by ``outlier_mask``;
+  with distillation (:class:`SoftTargetDataset`) each row also carries a teacher's probabilities, ``teacher_probs``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from chatforge.tokenizer import Tokenizer
 IGNORE_INDEX = -100
 # The batch key flagging outlier-exposure rows (B,) bool; the Trainer takes it out before calling the model.
 OUTLIER_MASK = "outlier_mask"
+# The batch key carrying a teacher's class probabilities (B, C) for distillation; the Trainer takes it out too.
+TEACHER_PROBS = "teacher_probs"
 
 
 class TaskDataError(ValueError):
@@ -247,3 +250,47 @@ def outlier_exposure_loss(logits: torch.Tensor) -> torch.Tensor:
     ``logsumexp(z) - mean(z)`` per row, the outlier-exposure term of Hendrycks et al. (2019) for classifiers."""
     z = logits.float()
     return (torch.logsumexp(z, dim=-1) - z.mean(dim=-1)).mean()
+
+
+class SoftTargetDataset(Dataset):
+    """A classification training set whose rows also carry a teacher's class probabilities (knowledge distillation,
+    Hinton et al. 2015, "Distilling the Knowledge in a Neural Network").
+
+    ``probs`` (len(inner), C) holds row i's teacher distribution over the student's labels, in the student's order;
+    the collate adds ``batch["teacher_probs"]``. ``inner`` may itself be an :class:`OutlierExposureDataset`: its
+    outlier rows then carry any row (the Trainer distils labelled rows only). Items are ``(inner item, index)``, so
+    the sampler's order, exact resume and DDP are those of ``inner``.
+    """
+
+    def __init__(self, inner: Dataset, probs: torch.Tensor) -> None:
+        if not hasattr(inner, "collate"):
+            raise TypeError(f"SoftTargetDataset needs a dataset with a collate, got {type(inner).__name__}")
+        n = len(inner)  # type: ignore[arg-type]
+        if probs.dim() != 2 or probs.size(0) != n:
+            raise TaskDataError(f"teacher probabilities must have one row per training row: shape ({n}, C), "
+                                f"got {tuple(probs.shape)}")
+        self.inner, self.probs = inner, probs.float()
+
+    def __len__(self) -> int:
+        return self.probs.size(0)
+
+    def __getitem__(self, i: int):
+        return self.inner[i], i
+
+    def collate(self, batch):
+        out = self.inner.collate([item for item, _ in batch])
+        out[TEACHER_PROBS] = self.probs[torch.tensor([i for _, i in batch], dtype=torch.long)]
+        return out
+
+
+def distillation_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 KL(q_T || softmax(z / T))`` averaged over rows, where ``q_T`` is the teacher's distribution ``q``
+    sharpened or softened to temperature ``T`` (``q^(1/T)`` renormalised, i.e. ``softmax(log q / T)``, the
+    teacher's logits up to a constant). The ``T^2`` keeps the gradient's scale independent of ``T`` (Hinton
+    et al. 2015, section 2)."""
+    z = logits.float()
+    log_q = torch.log(teacher_probs.float().clamp_min(1e-12)) / temperature
+    log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
+    log_p = torch.log_softmax(z / temperature, dim=-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return kl.mean() * temperature**2

@@ -41,6 +41,19 @@ def test_the_outlier_exposure_transformer_reads_the_wiki_sentences_with_its_weig
     assert script.parse_args([]).transformer_oe_seeds == [0]
 
 
+def test_the_distilled_transformer_learns_from_the_ensemble_run_on_the_same_dev_split(script, tmp_path):
+    plan = script.distill_plan([], [0, 2], tmp_path / "ensemble-oe-clinc150", 12, 0.2)
+    assert [key for _, key, _, _ in plan] == ["transformer-distill-s0", "transformer-distill-s2"]
+    over = plan[1][3]
+    assert f"train.distill_from={tmp_path / 'ensemble-oe-clinc150'}" in over and "seed=2" in over
+    assert {"data.dev_fraction=0.2", "data.dev_seed=0", f"train.outlier_weight={script.OE_WEIGHT}",
+            f"train.distill_weight={script.DISTILL_WEIGHT}"} <= set(over)
+    # no ensemble, no teacher; and it can be skipped by name
+    assert script.distill_plan(["ensemble"], [0], tmp_path, 12, 0.2) == []
+    assert script.distill_plan(["transformer-distill"], [0], tmp_path, 12, 0.2) == []
+    assert script.parse_args([]).distill_seeds == [0] and script.parse_args(["--distill-seeds"]).distill_seeds == []
+
+
 def test_the_ensemble_takes_one_kind_of_transformer(script):
     runs = dict.fromkeys(["linear", "svm", "svm-oe", "xgboost", "transformer-s0", "transformer-s1", "transformer-oe-s0",
                           "bert", "gpt", "elmo"])

@@ -41,6 +41,7 @@ from chatforge.evaluation.metrics import corpus_chrf, generation_quality, select
 from chatforge.fileio import atomic_write_bytes
 from chatforge.oos import fit_policy, in_scope_only, oos_metrics
 from chatforge.tasks import (
+    SoftTargetDataset,
     TaskDataError,
     TaskDef,
     TaskSpec,
@@ -53,6 +54,7 @@ from chatforge.tasks import (
 from chatforge.tokenizer import ByteTokenizer, Tokenizer
 from chatforge.training import distributed as ddp
 from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
+from chatforge.training.distill import check_held_out, load_teacher, teacher_probs
 from chatforge.training.tracking import TrackingCallback, flatten, log_run_outputs, open_tracker, run_tags
 from chatforge.training.trainer import Callback, LoggingCallback, Trainer, resolve_device
 
@@ -322,6 +324,10 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
              held_out_split(cfg))
     # Read (and refused if missing or empty) before anything is trained.
     outliers = read_outliers(resolve_data_path(cfg.data.outliers)) if cfg.data.outliers else None
+    teacher = None
+    if cfg.train.distill_from:
+        teacher = load_teacher(cfg.train.distill_from)
+        check_held_out(teacher, test, load_splits)  # before anything is trained: a leaking teacher is refused
 
     if cfg.model.spec.kind != "torch":
         # Estimators (xgboost, linear, ensemble) fit themselves on the train split: no tokenizer, no Trainer.
@@ -364,6 +370,18 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
         train_ds = with_outliers(spec, train_ds, outliers, tok)
         log.info("outlier exposure: %d unlabelled sentences from %s mixed into %d training examples, weight %g",
                  len(outliers), cfg.data.outliers, len(train), cfg.train.outlier_weight)
+    if teacher is not None:
+        assert labels is not None  # distillation is for classification (validated with the config)
+        probs = teacher_probs(teacher, [e.text for e in train], labels)
+        if outliers is not None:  # outlier rows carry placeholder targets: the Trainer distils labelled rows only
+            probs = torch.cat([probs, torch.full((len(outliers), len(labels)), 1.0 / len(labels))])
+        train_ds = SoftTargetDataset(train_ds, probs)
+        agree = float((probs[: len(train)].argmax(1) == torch.tensor([labels.index(e.label) for e in train])).float()
+                      .mean()) if len(train) else 0.0
+        log.info("distillation from %s: soft targets for %d training examples (the teacher's argmax agrees with "
+                 "the label on %.1f %%), weight %g, temperature %g", cfg.train.distill_from, len(train), 100 * agree,
+                 cfg.train.distill_weight, cfg.train.distill_temperature)
+        del teacher
     # The epoch's order is a function of (seed, epoch) alone: exact resume without generator state,
     # and one process over the global batch sees what N DDP ranks see together.
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,

@@ -36,7 +36,13 @@ from torch.utils.data import DataLoader
 
 from chatforge.config import TrainConfig
 from chatforge.runtime import pick_train_precision, read_cpu_flags
-from chatforge.tasks import IGNORE_INDEX, OUTLIER_MASK, outlier_exposure_loss
+from chatforge.tasks import (
+    IGNORE_INDEX,
+    OUTLIER_MASK,
+    TEACHER_PROBS,
+    distillation_loss,
+    outlier_exposure_loss,
+)
 from chatforge.training.schedules import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -271,10 +277,13 @@ class Trainer:
                 break
             batch = self._to_device(batch)
             outliers = batch.pop(OUTLIER_MASK, None)
+            teacher = batch.pop(TEACHER_PROBS, None)
             if outliers is not None and bool(outliers.all()):
                 batch.pop("labels", None)  # nothing labelled: the model's own loss would be a mean over no rows
             with self._autocast():
                 out = self._train_model(**batch)
+            if teacher is not None:
+                out = self._add_distillation(out, teacher, outliers)
             if outliers is not None and bool(outliers.any()):
                 out = self._add_outlier_exposure(out, outliers)
             if out.loss is None:
@@ -311,6 +320,20 @@ class Trainer:
         if acc["counted"]:
             logs["train_accuracy"] = acc["correct"] / acc["counted"]
         return logs
+
+    def _add_distillation(self, out, teacher: torch.Tensor, outliers: torch.Tensor | None):
+        """Mix the distillation term into the model's own loss on the labelled rows: ``(1 - w) x own + w x KD``
+        with ``w = train.distill_weight`` (outlier rows, if any, keep only their outlier-exposure term); logged as
+        ``train_distillation_loss``."""
+        rows = ~outliers if outliers is not None else None
+        if rows is not None and not bool(rows.any()):
+            return out
+        logits = out.logits if rows is None else out.logits[rows]
+        kd = distillation_loss(logits, teacher if rows is None else teacher[rows], self.cfg.distill_temperature)
+        out.losses["distillation"] = kd
+        w = self.cfg.distill_weight
+        out.loss = w * kd if out.loss is None else (1.0 - w) * out.loss + w * kd
+        return out
 
     def _add_outlier_exposure(self, out, outliers: torch.Tensor):
         """The outlier-exposure term on the flagged rows' logits (``train.outlier_weight`` times the cross-entropy

@@ -1,0 +1,89 @@
+"""Knowledge distillation into a torch classifier (``train.distill_from``; Hinton et al. 2015).
+
+The teacher is any trained classification bundle (a linear model, an ensemble, a torch classifier): its class
+probabilities on the run's training texts become soft targets (:class:`chatforge.tasks.SoftTargetDataset`), and the
+Trainer mixes the distillation term into the loss. The typical use: one Transformer that serves at an ensemble's
+accuracy (README, CLINC150).
+
+A teacher that trained on the run's held-out examples would leak them into the student and into every figure
+reported on them, so the teacher must hold out exactly the run's held-out split: :func:`check_held_out` compares
+the lists. (An ensemble teacher's members are held to its split when the ensemble is trained.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from chatforge.bundle import Bundle, load_bundle
+from chatforge.config import ConfigError, ExperimentConfig
+from chatforge.data import Example
+
+log = logging.getLogger(__name__)
+
+SplitLoader = Callable[[ExperimentConfig], tuple[list[Example], list[Example], list[Example], Path]]
+
+
+def load_teacher(path: str) -> Bundle:
+    """The teacher bundle: a bundle folder, or a run folder holding ``bundle/``; refused unless it classifies."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"train.distill_from: {path} does not exist (a classifier bundle or a run folder)")
+    bundle = load_bundle(p / "bundle" if (p / "bundle").is_dir() else p)
+    if bundle.task != "classification":
+        raise ConfigError(f"train.distill_from: {path} is a {bundle.task!r} bundle; the teacher must be a "
+                          f"classification bundle")
+    return bundle
+
+
+def _as_keys(examples: Sequence[Example]) -> list[tuple[str, str]]:
+    return [(e.text, str(e.label)) for e in examples]
+
+
+def check_held_out(teacher: Bundle, held_out: Sequence[Example], load_splits: SplitLoader) -> None:
+    """Refuse a teacher whose training config holds out a different split than the run's ``held_out`` (its
+    dev/test examples): those examples would have been in the teacher's training data."""
+    if not held_out:
+        return
+    want = _as_keys(held_out)
+    try:
+        _, _, theirs, _ = load_splits(teacher.config)
+    except (ConfigError, OSError) as e:
+        raise ConfigError(f"train.distill_from: cannot rebuild the data split of {teacher.path} to check it held "
+                          f"out this run's {len(want)} held-out examples: {e}") from e
+    got = _as_keys(theirs)
+    if got != want:
+        leaked = len(set(want) - set(got))
+        raise ConfigError(
+            f"train.distill_from: {teacher.path} was trained with a different held-out split ({len(got)} examples "
+            f"against this run's {len(want)}; {leaked} of this run's held-out examples were not held out by it), "
+            f"so its soft targets would leak them. Train the teacher with this config's data section (data.path, "
+            f"data.dev_fraction, data.dev_seed, the seed for random splits)")
+
+
+def teacher_probs(teacher: Bundle, texts: Sequence[str], labels: Sequence[str], batch_size: int = 512,
+                  progress: Callable[[int, int], Any] | None = None) -> torch.Tensor:
+    """(N, C) teacher probabilities for ``texts`` in the student's ``labels`` order; the two label sets must be
+    the same (a teacher column the student lacks, or the reverse, is refused with both lists named)."""
+    t_labels = [str(v) for v in (teacher.labels or [])]
+    missing, extra = sorted(set(labels) - set(t_labels)), sorted(set(t_labels) - set(labels))
+    if missing or extra:
+        raise ConfigError(f"train.distill_from: the teacher's labels differ from this run's: labels only here "
+                          f"{missing[:10]}, only in the teacher {extra[:10]}; distillation needs one label set")
+    cols = [t_labels.index(v) for v in labels]
+    out = []
+    texts = list(texts)
+    for i in range(0, len(texts), batch_size):
+        p = np.asarray(teacher.predict_proba(texts[i:i + batch_size]), dtype=np.float64)[:, cols]
+        out.append(p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None))
+        if progress is not None:
+            progress(min(i + batch_size, len(texts)), len(texts))
+    probs = torch.from_numpy(np.concatenate(out) if out else np.zeros((0, len(labels)))).float()
+    if probs.numel() and not bool(torch.isfinite(probs).all()):
+        raise ConfigError(f"train.distill_from: the teacher {teacher.path} gave non-finite probabilities")
+    return probs
