@@ -38,7 +38,7 @@ def test_smoke_writes_json_markdown_and_a_chart_per_case(smoke):
     md = (out / "bench.md").read_text()
     for name in BENCH_CASES:
         assert f"## {name}" in md
-    assert "Not measured here" in md and "encoder-decoder" in md  # the skipped parts say why
+    assert "Not measured here" in md and "end-to-end gRPC" in md  # the skipped parts say why
     assert str(out) in output.replace("\n", "")
 
 
@@ -69,12 +69,14 @@ def test_chatforge_precisions_come_from_inference_precisions(smoke):
     from chatforge.inference import PRECISIONS
 
     _, result, _ = smoke
-    wanted = {f"chatforge-{p}" for p in PRECISIONS if p != "auto"}  # auto picks one of the others
-    for name in ("generation", "classification"):
+    plain = {f"chatforge-{p}" for p in PRECISIONS if p != "auto"}  # auto picks one of the others
+    # classification times BERT (chatforge-<p>) and the Transformer encoder (chatforge-transformer-<p>)
+    for name, wanted in (("generation", plain), ("seq2seq", plain),
+                         ("classification", plain | {n.replace("chatforge-", "chatforge-transformer-") for n in plain})):
         engines = result["cases"][name]["engines"]
         assert {n for n, e in engines.items() if e["role"] == "chatforge"} == wanted
         # bf16 is timed only where the CPU computes it natively; elsewhere it is a skipped engine that says why
-        timed = wanted if native_bf16() else wanted - {"chatforge-bf16"}
+        timed = wanted if native_bf16() else {n for n in wanted if not n.endswith("-bf16")}
         assert all(engines[n]["status"] == "ok" for n in timed), engines
         assert all("emulated" in engines[n]["reason"] for n in wanted - timed), engines
 
@@ -96,7 +98,7 @@ def test_training_reports_the_fraction_of_the_measured_matmul_peak(smoke):
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--cases", "generation,speed"], "--cases speed is unknown; allowed: generation, classification, tokenizer, training, scaling"),
+    (["--cases", "generation,speed"], "--cases speed is unknown; allowed: generation, seq2seq, classification, tokenizer, training, scaling"),
     (["--threads", "0"], "--threads 0 is out of range; allowed: an integer >= 1"),
     (["--repeats", "0"], "--repeats 0 is out of range; allowed: an integer >= 1"),
 ])

@@ -119,3 +119,29 @@ def test_the_export_loads_with_autotokenizer_and_ids_round_trip(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert tok.convert_tokens_to_ids(["w0", "w5"]) == [7, 12]
+
+
+def test_to_ct2_gives_a_translator_with_chatforges_greedy_tokens(tmp_path):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from chatforge.interop.hf_transformer import to_ct2
+
+    bundle = _bundle(tmp_path)
+    out = to_ct2(to_hf(bundle, tmp_path / "hf"), tmp_path / "ct2", "float32")
+    # chatforge's special ids, not Marian's original layout: <s> starts the decoder, nothing is added to sources.
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["decoder_start_token"] == "<s>" and cfg["eos_token"] == "</s>"
+    assert not cfg["add_source_bos"] and not cfg["add_source_eos"]
+    words = [*SPECIALS, *(f"w{i}" for i in range(VOCAB - len(SPECIALS)))]
+    src, _ = _batch()
+    opts = GenerationOptions(max_new_tokens=10, min_new_tokens=10)
+    with torch.inference_mode():
+        ours = generate_batch(load_bundle(bundle).model.eval(), src.tolist(), opts, bos_id=1, eos_id=2, pad_id=0)
+    translator = ctranslate2.Translator(str(out), device="cpu", compute_type="float32")
+    results = translator.translate_batch([[words[i] for i in row if i] for row in src.tolist()], beam_size=1,
+                                         max_decoding_length=10, min_decoding_length=10)
+    assert [[words.index(t) for t in r.hypotheses[0]] for r in results] == ours
+
+
+def test_the_export_without_its_tokenizer_has_only_the_model(tmp_path):
+    out = to_hf(_bundle(tmp_path), tmp_path / "hf", tokenizer=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]

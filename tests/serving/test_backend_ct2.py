@@ -9,11 +9,13 @@ process over gRPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -145,28 +147,38 @@ def test_sampling_without_seed_is_served(ct2_fp32):
 
 
 class _Gated:
-    """Wraps a ctranslate2.Generator: each decoding step's callback waits for a permit the test hands out."""
+    """Wraps a ctranslate2.Generator or Translator: each decoding step's callback waits for a permit the test
+    hands out; ``calls`` keeps each batch call's keyword arguments (a Translator's ``target_prefix`` too)."""
 
     def __init__(self, inner):
         self.inner = inner
         self.permits = threading.Semaphore(0)
+        self.calls: list[dict] = []
 
-    def generate_batch(self, prompts, callback=None, **kw):
+    def _gate(self, callback):
         def gated(step):
             assert self.permits.acquire(timeout=30), "the test handed out no permit"
             return callback(step)
 
-        return self.inner.generate_batch(prompts, callback=gated if callback else None, **kw)
+        return gated if callback else None
+
+    def generate_batch(self, prompts, callback=None, **kw):
+        self.calls.append(kw)
+        return self.inner.generate_batch(prompts, callback=self._gate(callback), **kw)
+
+    def translate_batch(self, source, target_prefix=None, callback=None, **kw):
+        self.calls.append({**kw, "target_prefix": target_prefix})
+        return self.inner.translate_batch(source, target_prefix, callback=self._gate(callback), **kw)
 
 
-def test_cancelled_stream_stops_ctranslate2(bundle):
-    gen = CT2Generator(bundle, "chat")
+def check_cancel_stops_ctranslate2(gen: CT2Generator, text: str, opts: GenerationOptions) -> None:
+    """Stream ``text`` through an engine, take 3 tokens, go away: CTranslate2 stops the row within 2 steps
+    (``opts`` asks for many more tokens than that)."""
     gen.generator = _Gated(gen.generator)
     engine = Engine({"chat": gen}, {})
-    opts = GenerationOptions(max_new_tokens=200, min_new_tokens=200)
 
     async def main():
-        stream = engine.stream_reply(TEXTS[0], opts)
+        stream = engine.stream_reply(text, opts)
         gen.generator.permits.release(3)
         got = [await stream.__anext__() for _ in range(3)]
         await stream.aclose()  # the client went away (cancel, deadline)
@@ -175,13 +187,18 @@ def test_cancelled_stream_stops_ctranslate2(bundle):
     try:
         got = asyncio.run(main())
         assert len(got) == 3
-        gen.generator.permits.release(200)  # enough for the whole reply, were it not stopped
+        gen.generator.permits.release(1000)  # enough for the whole reply, were it not stopped
         assert engine.wait_idle(30) and gen.wait_idle(30)
         # Steps after the cancel: the one the runner was waiting for, then the callback stops the row.
-        assert 3 <= gen.steps_run <= 5 < 200
+        assert 3 <= gen.steps_run <= 5 < opts.min_new_tokens
         assert engine.dropped == 1
     finally:
         engine.close()
+
+
+def test_cancelled_stream_stops_ctranslate2(bundle):
+    check_cancel_stops_ctranslate2(CT2Generator(bundle, "chat"), TEXTS[0],
+                                   GenerationOptions(max_new_tokens=200, min_new_tokens=200))
 
 
 def test_request_cancelled_while_waiting_is_dropped_and_frees_its_slot(bundle, torch_gen):
@@ -266,15 +283,15 @@ def test_overload_is_refused_before_it_queues(bundle):
         engine.close()
 
 
-def test_request_arriving_mid_reply_joins_by_restarting_the_batch(bundle, torch_gen):
-    gen = CT2Generator(bundle, "chat")
+def check_join_by_restart(gen: CT2Generator, stream_a, stream_b, want_a: list[int], want_b: list[int]) -> None:
+    """Start A (``stream_a()``), take 3 tokens, then start B while A's batch runs: A's batch stops for B (one
+    restart, two batches), and both replies are ``want_a``/``want_b`` (what each gives alone)."""
     gen.generator = _Gated(gen.generator)
-    opts = GenerationOptions(max_new_tokens=30)
-    a = gen.stream(TEXTS[0], opts)
+    a = stream_a()
     gen.generator.permits.release(3)
     first = [next(a).token_id for _ in range(3)]
     out: dict[str, list[int]] = {}
-    b = gen.stream(TEXTS[1], opts)
+    b = stream_b()
     t = threading.Thread(target=lambda: out.update(b=[d.token_id for d in b]))
     t.start()
     with gen._cond:  # B waits while A's batch runs
@@ -283,10 +300,16 @@ def test_request_arriving_mid_reply_joins_by_restarting_the_batch(bundle, torch_
     rest = [d.token_id for d in a]
     t.join(30)
     assert not t.is_alive()
-    # A's batch stopped for B (one restart, two batches); both replies are what each gives alone.
     assert gen.restarts == 1 and gen.batches_run == 2
-    assert first + rest == _ids(torch_gen, TEXTS[0], opts)
-    assert out["b"] == _ids(torch_gen, TEXTS[1], opts)
+    assert first + rest == want_a
+    assert out["b"] == want_b
+
+
+def test_request_arriving_mid_reply_joins_by_restarting_the_batch(bundle, torch_gen):
+    gen = CT2Generator(bundle, "chat")
+    opts = GenerationOptions(max_new_tokens=30)
+    check_join_by_restart(gen, lambda: gen.stream(TEXTS[0], opts), lambda: gen.stream(TEXTS[1], opts),
+                          _ids(torch_gen, TEXTS[0], opts), _ids(torch_gen, TEXTS[1], opts))
 
 
 def test_concurrent_streams_share_a_batch_and_match_alone(bundle, torch_gen):
@@ -324,10 +347,14 @@ def test_backend_choice_and_errors(tmp_path):
     with pytest.raises(BackendError, match="bfloat16.*allowed with --backend ctranslate2 here: fp32, int8"):
         compute_type_for("bf16", supported={"float32", "int8"})
     assert compute_type_for("auto", supported={"int8"}) == "int8"
+    (tmp_path / "bn").mkdir()
+    (tmp_path / "bn" / "metadata.json").write_text(json.dumps({"family": "bytenet", "task": "generation"}))
+    with pytest.raises(BackendError, match="serves GPT and Transformer generation bundles.*bytenet generation"
+                                           ".*--backend bn=torch"):
+        backend_ct2.applies(tmp_path / "bn", "bn")
     (tmp_path / "s2s").mkdir()
     (tmp_path / "s2s" / "metadata.json").write_text(json.dumps({"family": "transformer", "task": "generation"}))
-    with pytest.raises(BackendError, match="serves GPT bundles.*transformer generation.*--backend s2s=torch"):
-        backend_ct2.applies(tmp_path / "s2s", "s2s")
+    assert backend_ct2.applies(tmp_path / "s2s", "s2s") is True  # tests/serving/test_backend_ct2_seq2seq.py
     (tmp_path / "clf").mkdir()
     (tmp_path / "clf" / "metadata.json").write_text(json.dumps({"family": "bert", "task": "classification"}))
     assert backend_ct2.applies(tmp_path / "clf", "clf") is False
@@ -377,11 +404,11 @@ def test_thread_split(cpus, split):
     assert (inter, intra) == split and inter * intra <= cpus
 
 
-@pytest.mark.slow
-def test_grpc_serve_streams_through_ctranslate2(bundle, torch_gen, tmp_path):
+@contextlib.contextmanager
+def serve_ctranslate2(bundle: Path, tmp_path: Path) -> Iterator[int]:
+    """A ``chatforge serve --backend ctranslate2 --precision fp32`` process serving ``bundle`` as "chat" on
+    127.0.0.1; yields its port, and stops it (SIGTERM, then SIGKILL after 30 s)."""
     from tests.scenarios.test_e2e import wait_for_file
-
-    from chatforge.client import ChatbotClient, ChatbotError
 
     port_file = tmp_path / "port"
     env = {**os.environ, "CHATFORGE_ENV": "test"}
@@ -390,20 +417,26 @@ def test_grpc_serve_streams_through_ctranslate2(bundle, torch_gen, tmp_path):
          "--precision", "fp32", "--port", "0", "--port-file", str(port_file), "--grace", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        port = wait_for_file(port_file, proc, timeout=120)
-        with ChatbotClient(f"127.0.0.1:{port}", timeout=30) as client:
-            chunks = list(client.reply_stream(TEXTS[1], max_new_tokens=10))
-            deltas, final = chunks[:-1], chunks[-1]
-            assert [c.token_id for c in deltas] == _ids(torch_gen, TEXTS[1], GenerationOptions(max_new_tokens=10))
-            assert final.completion_tokens == len(deltas) and final.finish_reason in ("stop", "length")
-            [entry] = client.list_models()
-            assert entry.metadata.get("backend") == "ctranslate2"
-            with pytest.raises(ChatbotError) as e:
-                client.reply("hello", repetition_penalty=1.2)
-            assert e.value.code.name == "INVALID_ARGUMENT" and "repetition_penalty" in e.value.details
+        yield wait_for_file(port_file, proc, timeout=120)
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_grpc_serve_streams_through_ctranslate2(bundle, torch_gen, tmp_path):
+    from chatforge.client import ChatbotClient, ChatbotError
+
+    with serve_ctranslate2(bundle, tmp_path) as port, ChatbotClient(f"127.0.0.1:{port}", timeout=30) as client:
+        chunks = list(client.reply_stream(TEXTS[1], max_new_tokens=10))
+        deltas, final = chunks[:-1], chunks[-1]
+        assert [c.token_id for c in deltas] == _ids(torch_gen, TEXTS[1], GenerationOptions(max_new_tokens=10))
+        assert final.completion_tokens == len(deltas) and final.finish_reason in ("stop", "length")
+        [entry] = client.list_models()
+        assert entry.metadata.get("backend") == "ctranslate2"
+        with pytest.raises(ChatbotError) as e:
+            client.reply("hello", repetition_penalty=1.2)
+        assert e.value.code.name == "INVALID_ARGUMENT" and "repetition_penalty" in e.value.details

@@ -6,7 +6,8 @@ as bundles, exported with ``to-hf`` (chatforge.interop) and converted by each an
 * BERT classifier: bundle -> ``to_hf`` (``BertForSequenceClassification``) -> ``torch.onnx.export`` of
   that HF model -> ONNX Runtime's ``quantize_dynamic`` (int8 weights) copy.
 * Transformer encoder-decoder: bundle -> ``to_hf`` (``MarianMTModel``) -> CTranslate2 float32 and int8
-  copies, converted by CTranslate2's own Transformers loader for Marian/BART (see :func:`ct2_marian`).
+  copies, converted by CTranslate2's own Transformers loader for Marian/BART
+  (:func:`chatforge.interop.hf_transformer.to_ct2`, through :func:`ct2_marian`).
 * Transformer encoder classifier: no Hugging Face class has its head (Marian has none), so the chatforge
   model itself is exported with ``torch.onnx.export`` (as ``chatforge serve --backend onnxruntime`` does)
   -> ONNX Runtime's ``quantize_dynamic`` copy.
@@ -224,36 +225,9 @@ def transformer_weights(work: Path, *, vocab: int, layers: int, d_model: int, he
 
 
 def ct2_marian(hf_dir: Path, out: Path, quantization: str) -> Path:
-    """Convert a ``MarianMTModel`` folder written by chatforge's ``to_hf`` into a CTranslate2 ``Translator``.
-
-    CTranslate2's ``TransformersConverter`` picks its ``MarianMTLoader`` for such a folder, which assumes the
-    vocabulary of Marian's original checkpoints: the pad token last, its embedding row dropped, and decoding
-    started from a zero embedding. chatforge's vocabulary has pad at 0 and starts the decoder from ``<s>``'s
-    own embedding, so those two steps would give it a different model (the converter indeed stops on the
-    vocabulary sizes). This runs the rest of that loader unchanged: ``BartLoader``, which ``MarianMTLoader``
-    extends, with Marian's post-LN and no embedding LayerNorm, the decoder start token taken from
-    ``decoder_start_token_id``, through CTranslate2's ``Converter`` (validation, quantization, saving).
-    """
+    """:func:`chatforge.interop.hf_transformer.to_ct2` (the Marian export -> a CTranslate2 ``Translator``),
+    with a missing ctranslate2 reported as :class:`AnchorMissing`."""
     need("ctranslate2")
-    from ctranslate2.converters import Converter
-    from ctranslate2.converters.transformers import BartLoader
+    from chatforge.interop.hf_transformer import to_ct2
 
-    class _MarianLoader(BartLoader):
-        @property
-        def architecture_name(self):
-            return "MarianMTModel"
-
-        def get_model_spec(self, model):
-            model.config.normalize_before = False  # what MarianMTLoader sets: post-LN ...
-            model.config.normalize_embedding = False  # ... and no LayerNorm on the embeddings
-            return super().get_model_spec(model)
-
-    class _Converter(Converter):
-        def _load(self):
-            from transformers import AutoTokenizer, MarianMTModel
-
-            with torch.no_grad():
-                model = MarianMTModel.from_pretrained(str(hf_dir)).eval()
-                return _MarianLoader()(model, AutoTokenizer.from_pretrained(str(hf_dir)))
-
-    return Path(_Converter().convert(str(out), quantization=quantization, force=True))
+    return to_ct2(hf_dir, out, quantization)

@@ -93,6 +93,7 @@ def serve(
                                   "int8 (linear layers dynamically quantized at load); auto (the fastest this "
                                   "CPU supports, logged)."),
     backend: list[str] = typer.Option([], "--backend", help="torch (default) or ctranslate2: serve GPT generators "
+                                      "and Transformer encoder-decoder generators (post-LN; pre-LN is refused) "
                                       "through CTranslate2 (converted at load; compute type from --precision: "
                                       "fp32 -> float32, int8 -> int8, bf16 -> bfloat16 where the CPU has it, "
                                       "auto -> int8; needs chatforge[ct2]); onnxruntime: serve BERT/Transformer "

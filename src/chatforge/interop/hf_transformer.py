@@ -23,6 +23,9 @@ Two details do not map name for name:
 
 What Marian cannot express is refused with :class:`ConversionError`: pre-LN (``norm_first: true``, which
 adds final LayerNorms Marian has none of), and classification bundles (no Marian head classifies).
+
+:func:`to_ct2` converts such a folder into a CTranslate2 ``Translator`` (used by ``chatforge bench`` and by
+``chatforge serve --backend ctranslate2``, which may not import the bench package).
 """
 
 from __future__ import annotations
@@ -102,9 +105,10 @@ def state_dict_to_hf(model: TransformerSeq2Seq) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
+def to_hf(bundle_dir: Path, out_dir: Path, tokenizer: bool = True) -> Path:
     """Export a ``transformer`` generation bundle as an HF ``MarianMTModel`` folder (config.json,
-    model.safetensors, generation_config.json and the bundle's tokenizer)."""
+    model.safetensors, generation_config.json and, unless ``tokenizer`` is False, the bundle's tokenizer:
+    ``serve --backend ctranslate2`` writes a vocabulary of its own instead)."""
     b = load_bundle(bundle_dir)
     if isinstance(b.model, TransformerClassifier):
         raise ConversionError(f"{bundle_dir}: a transformer classification bundle has no Hugging Face Marian "
@@ -157,7 +161,8 @@ def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         hf_model.save_pretrained(str(tmp))
-        _write_tokenizer(b.tokenizer, tmp)
+        if tokenizer:
+            _write_tokenizer(b.tokenizer, tmp)
     return out_dir
 
 
@@ -173,3 +178,46 @@ def _write_tokenizer(tok, out: Path) -> None:
         logger.warning("the bundle's %s tokenizer was copied as %s; transformers' AutoTokenizer will not load "
                        "it for a Marian folder (feed token ids, or load it with a SentencePiece tokenizer class)",
                        tok.kind, tok.filename)
+
+
+def to_ct2(hf_dir: Path, out_dir: Path, quantization: str = "float32") -> Path:
+    """Convert a ``MarianMTModel`` folder written by :func:`to_hf` into a CTranslate2 ``Translator`` folder.
+
+    CTranslate2's ``TransformersConverter`` picks its ``MarianMTLoader`` for such a folder, which assumes the
+    vocabulary of Marian's original checkpoints: the pad token last, its embedding row dropped, and decoding
+    started from a zero embedding. chatforge's vocabulary has pad at 0 and starts the decoder from ``<s>``'s
+    own embedding, so those two steps would give it a different model (the converter indeed stops on the
+    vocabulary sizes). This runs the rest of that loader unchanged: ``BartLoader``, which ``MarianMTLoader``
+    extends, with Marian's post-LN and no embedding LayerNorm, the decoder start token taken from
+    ``decoder_start_token_id``, through CTranslate2's ``Converter`` (validation, quantization, saving). It
+    leans on those CTranslate2 internals (``ctranslate2.converters.transformers.BartLoader``).
+
+    The vocabulary is the folder's tokenizer as ``transformers.AutoTokenizer`` loads it (token strings in id
+    order). ``quantization``: a CTranslate2 weight type (``float32``, ``int8``, ...).
+    """
+    try:  # ct2 extra only: ctranslate2 is not installed by chatforge[hf]
+        from ctranslate2.converters import Converter
+        from ctranslate2.converters.transformers import BartLoader
+    except ImportError as e:
+        raise ConversionError(f"converting to CTranslate2 needs the ctranslate2 package ({e}); "
+                              "pip install 'chatforge[ct2]'") from None
+
+    class _MarianLoader(BartLoader):
+        @property
+        def architecture_name(self):
+            return "MarianMTModel"
+
+        def get_model_spec(self, model):
+            model.config.normalize_before = False  # what MarianMTLoader sets: post-LN ...
+            model.config.normalize_embedding = False  # ... and no LayerNorm on the embeddings
+            return super().get_model_spec(model)
+
+    class _Converter(Converter):
+        def _load(self):
+            from transformers import AutoTokenizer, MarianMTModel
+
+            with torch.no_grad():
+                model = MarianMTModel.from_pretrained(str(hf_dir)).eval()
+                return _MarianLoader()(model, AutoTokenizer.from_pretrained(str(hf_dir)))
+
+    return Path(_Converter().convert(str(out_dir), quantization=quantization, force=True))

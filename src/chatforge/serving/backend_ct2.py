@@ -1,11 +1,23 @@
-"""CTranslate2 as a serving backend for GPT bundles (``chatforge serve --backend ctranslate2``).
+"""CTranslate2 as a serving backend for GPT and Transformer bundles (``chatforge serve --backend ctranslate2``).
 
-A GPT generation/lm bundle is exported once at load (``to-hf`` -> CTranslate2's ``TransformersConverter``,
-float32 weights, into a temporary folder that is deleted as soon as CTranslate2 has read it) and served by
-a ``ctranslate2.Generator`` whose ``compute_type`` follows ``--precision`` (fp32 -> float32, int8 -> int8,
-bf16 -> bfloat16 where this CPU's CTranslate2 build has it, auto -> int8). :class:`CT2Generator` implements
-the :class:`chatforge.inference.ReplyGenerator` protocol, so the engine, gRPC/HTTP services, cancellation,
-deadlines and the conversation store drive it as any other generator.
+A bundle is exported once at load and served by CTranslate2 whose ``compute_type`` follows ``--precision``
+(fp32 -> float32, int8 -> int8, bf16 -> bfloat16 where this CPU's CTranslate2 build has it, auto -> int8),
+from float32 weights written into a temporary folder that is deleted as soon as CTranslate2 has read it:
+
+* a GPT generation/lm bundle: ``to-hf`` (``GPT2LMHeadModel``) -> CTranslate2's ``TransformersConverter`` ->
+  a ``ctranslate2.Generator``; the model's input is the prompt (``<s> q [SEP]`` for generation), the reply
+  continues it;
+* a Transformer encoder-decoder generation bundle (post-LN, the paper's and chatforge's default): ``to-hf``
+  (``MarianMTModel``) -> :func:`chatforge.interop.hf_transformer.to_ct2` -> a ``ctranslate2.Translator``;
+  the prompt's ids are the encoder's source, built as chatforge's own ``Seq2SeqGenerator.encode_prompt``
+  builds them (earlier turns included where the bundle was trained with ``data.context_turns``), and the
+  decoder starts from ``<s>``. A pre-LN bundle (``norm_first: true``) has no Marian equivalent and is refused
+  at load, naming ``--backend NAME=torch`` with the model's name.
+
+:class:`CT2Generator` implements the :class:`chatforge.inference.ReplyGenerator` protocol for both (the
+difference between the two is one small adapter, :class:`_GPTModel` or :class:`_Seq2SeqModel`), so the
+engine, gRPC/HTTP services, cancellation, deadlines and the conversation store drive it as any other
+generator.
 
 Why a temporary folder, not a cache beside the bundle: bundles are inputs the server only reads (they may
 be read-only mounts, and their files are hashed into the served lineage); the conversion of the models
@@ -15,20 +27,24 @@ CTranslate2's format.
 Batching. CTranslate2 cannot add a sequence to a running batch, so the engine's continuous batcher (which
 needs a step-wise model) does not apply: the engine hosts this generator with :class:`CT2Runner` (its
 ``make_runner``), which admits requests within the engine's limits and hands them to the generator, whose
-per-step callback sends each token straight to the request's event loop. Requests are gathered into ``generate_batch`` calls run by the
-Generator's workers (``inter_threads``): requests that arrive within ``batch_wait_ms`` of each other start
-together, and a request that arrives while a batch runs joins it by a restart: the running batch is
-stopped after its current step (the per-step ``callback`` returns True for every row) and its unfinished
-rows go on, in the next batch with the newcomers, from their prompt plus the tokens they have produced
-(one prefill of those tokens again; greedy replies are unchanged, tests/serving/test_backend_ct2.py).
-A request's tokens are streamed through the callback; a request that goes away stops its row there while
-the others go on. (``Generator.generate_tokens`` is this same callback loop over one ``generate_batch``
-whose prompts are all given at the call, so requests arriving one by one could not share it.) What is lost against continuous batching: each join costs a prefill of every running
-row's prompt and reply so far (continuous batching prefills only the newcomer), and rows share a batch only
-with identical decoding settings (sampling parameters, beams, and the tokens min_new_tokens still requires),
-so a request with other settings waits for a free worker. Beam search runs through ``generate_batch``
-without a callback (CTranslate2 streams greedy and sampled decoding only): its reply arrives at the end, as
-chatforge's own beam search sends it, and a cancelled beam request stops only when its search ends.
+per-step callback sends each token straight to the request's event loop. Requests are gathered into
+``generate_batch`` (GPT) or ``translate_batch`` (Transformer) calls run by CTranslate2's workers
+(``inter_threads``): requests that arrive within ``batch_wait_ms`` of each other start together, and a
+request that arrives while a batch runs joins it by a restart: the running batch is stopped after its
+current step (the per-step ``callback`` returns True for every row) and its unfinished rows go on, in the
+next batch with the newcomers, from the tokens they have produced: a GPT row from its prompt plus those
+tokens, a Transformer row from the same source with those tokens as the ``target_prefix`` (one prefill of
+those tokens again; greedy replies are unchanged, tests/serving/test_backend_ct2*.py). A
+``translate_batch`` callback also reports the target prefix's tokens, step by step; they are not sent
+again. A request's tokens are streamed through the callback; a request that goes away stops its row there
+while the others go on. (``generate_tokens`` is this same callback loop over one batch whose inputs are
+all given at the call, so requests arriving one by one could not share it.) What is lost against
+continuous batching: each join costs a prefill of every running row's prompt and reply so far (continuous
+batching prefills only the newcomer), and rows share a batch only with identical decoding settings
+(sampling parameters, beams, and the tokens min_new_tokens still requires), so a request with other
+settings waits for a free worker. Beam search runs without a callback (CTranslate2 streams greedy and
+sampled decoding only): its reply arrives at the end, as chatforge's own beam search sends it, and a
+cancelled beam request stops only when its search ends.
 """
 
 from __future__ import annotations
@@ -110,59 +126,162 @@ def _token_name(i: int) -> str:
     return f"<id{i}>"
 
 
-def convert_bundle(bundle_dir: Path, out_dir: Path) -> Path:
-    """Write a CTranslate2 float32 copy of the GPT bundle to ``out_dir`` (created; must not exist).
+def _token_id(name: str) -> int:
+    return int(name[3:-1])  # "<id{i}>" -> i
 
-    CTranslate2 takes token strings; the exported folder gets a word-level tokenizer whose token ``i`` is
-    ``<id{i}>``, so any bundle tokenizer (SentencePiece, byte, Hugging Face) maps ids to strings exactly.
-    """
-    ct2 = import_ct2()
-    try:
-        from tokenizers import Tokenizer, models
-        from transformers import PreTrainedTokenizerFast
-    except ImportError as e:
-        raise BackendError(f"--backend ctranslate2 converts through transformers ({e}); {INSTALL_HINT}") from None
-    from ctranslate2.converters import TransformersConverter
 
-    from chatforge.interop import ConversionError, to_hf
+def _id_vocabulary(hf: Path, cfg: dict, unk_id: int) -> None:
+    """Replace the exported folder's tokenizer files by a word-level tokenizer whose token ``i`` is
+    ``<id{i}>`` (CTranslate2 takes token strings), so any bundle tokenizer (SentencePiece, byte, Hugging
+    Face) maps ids to strings exactly."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
-    work = out_dir.parent / f".{out_dir.name}-hf"
-    try:
-        hf = to_hf(bundle_dir, work)
-    except ConversionError as e:
-        raise BackendError(f"bundle {bundle_dir} cannot be served by CTranslate2: {e}") from None
-    import json
-
-    cfg = json.loads((hf / "config.json").read_text())
-    if cfg.get("model_type") != "gpt2":
-        raise BackendError(f"bundle {bundle_dir} exports as {cfg.get('model_type')!r}; CTranslate2's converter "
-                           "reads GPT-2 (variant gpt2) only; serve it with --backend torch")
-    for p in hf.iterdir():  # the bundle's own tokenizer files: replaced by the id vocabulary below
+    for p in hf.iterdir():  # the bundle's own tokenizer files
         if p.name not in ("config.json", "generation_config.json") and not p.name.startswith("model"):
             p.unlink()
     vocab = {_token_name(i): i for i in range(cfg["vocab_size"])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token=_token_name(0)))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token=_token_name(unk_id)))
     names = {k: _token_name(cfg[f"{k}_token_id"]) for k in ("bos", "eos", "pad") if cfg.get(f"{k}_token_id") is not None}
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=_token_name(0),
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=_token_name(unk_id),
                             **{f"{k}_token": v for k, v in names.items()}).save_pretrained(str(hf))
-    importlib.import_module("transformers").utils.logging.disable_progress_bar()  # no bars in server logs
-    del ct2
+
+
+def convert_bundle(bundle_dir: Path, out_dir: Path, unk_id: int = 0, name: str = "NAME") -> Path:
+    """Write a CTranslate2 float32 copy of a GPT bundle (a ``Generator``) or of a Transformer generation
+    bundle (a ``Translator``) to ``out_dir`` (created; must not exist), with the ``<id{i}>`` vocabulary
+    (:func:`_id_vocabulary`; ``unk_id``: the bundle tokenizer's unknown id). ``name``: the served model's
+    name, for the errors."""
+    import_ct2()
+    try:
+        importlib.import_module("tokenizers")
+        transformers = importlib.import_module("transformers")
+    except ImportError as e:
+        raise BackendError(f"--backend ctranslate2 converts through transformers ({e}); {INSTALL_HINT}") from None
+    from chatforge.interop import ConversionError, to_hf
+
+    work = out_dir.parent / f".{out_dir.name}-hf"
+    family, _ = bundle_kind(bundle_dir, name)
+    try:
+        # The Marian export leaves its tokenizer out (it would warn that a SentencePiece file cannot be read by
+        # AutoTokenizer); both get the id vocabulary below.
+        hf = to_hf(bundle_dir, work, **({"tokenizer": False} if family == "transformer" else {}))
+    except ConversionError as e:
+        raise BackendError(f"model {name!r} ({bundle_dir}) cannot be served by CTranslate2: {e}; serve it with "
+                           f"--backend torch (--backend {name}=torch for this model alone)") from None
+    import json
+
+    cfg = json.loads((hf / "config.json").read_text())
+    if cfg.get("model_type") not in ("gpt2", "marian"):
+        raise BackendError(f"bundle {bundle_dir} exports as {cfg.get('model_type')!r}; CTranslate2's converters "
+                           "here read GPT-2 (variant gpt2) and the Transformer's Marian export only; serve it "
+                           "with --backend torch")
+    _id_vocabulary(hf, cfg, unk_id)
+    transformers.utils.logging.disable_progress_bar()  # no bars in server logs
+    if cfg["model_type"] == "marian":
+        from chatforge.interop.hf_transformer import to_ct2
+
+        return to_ct2(hf, out_dir, "float32")
+    from ctranslate2.converters import TransformersConverter
+
     return Path(TransformersConverter(str(hf)).convert(str(out_dir), quantization="float32", force=True))
 
+
+class _GPTModel:
+    """A GPT bundle on a ``ctranslate2.Generator``: the model's input is the prompt (``<s> q [SEP]``), and
+    after a restart the prompt plus the reply so far; the per-step callback reports new tokens only."""
+
+    ct2_class = "Generator"
+    echoes_prefix = False
+
+    def __init__(self, model: Any) -> None:
+        # The model's input for a request around the message's ids (<s> q [SEP] for generation, as is for lm).
+        marker = -1
+        wrapped = model.prompt_ids([marker])
+        at = wrapped.index(marker)
+        self._prefix, self._suffix = wrapped[:at], wrapped[at + 1:]
+        self.n_positions = int(model.cfg.n_positions)
+
+    def inputs(self, ids: list[int]) -> tuple[list[int], int]:
+        """(the model's input ids, the most tokens the model can add to them)."""
+        prompt = [*self._prefix, *ids, *self._suffix]
+        # As chatforge's GPT: positions 0 .. n_positions-1; the last token generated is never fed back.
+        limit = self.n_positions - len(prompt) + 1
+        if limit < 1:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the model's n_positions is {self.n_positions}")
+        return prompt, limit
+
+    @staticmethod
+    def min_key(job: _Job) -> int:
+        return max(0, job.options.min_new_tokens - job.produced)
+
+    @staticmethod
+    def lengths(batch: list[_Job]) -> dict[str, int]:
+        # Counted from the end of each row's input (its prompt and reply so far): the tokens still allowed.
+        most = max(j.left for j in batch)
+        return dict(max_length=most, min_length=min(_GPTModel.min_key(batch[0]), most))  # equal: part of the key
+
+    @staticmethod
+    def decode(ct2_model: Any, batch: list[_Job], **kw: Any) -> list[list[int]]:
+        results = ct2_model.generate_batch([j.prompt + [_token_name(t) for t in j.tokens] for j in batch],
+                                           include_prompt_in_result=False, **kw)
+        return [r.sequences_ids[0] for r in results]
+
+
+class _Seq2SeqModel:
+    """A Transformer generation bundle on a ``ctranslate2.Translator``: the source is the prompt's ids as
+    chatforge's ``Seq2SeqGenerator`` feeds its encoder (no <s> or </s> added), the decoder starts from
+    ``<s>`` (the export's ``decoder_start_token``), and after a restart the reply so far is the
+    ``target_prefix``. CTranslate2 counts the lengths with the prefix and reports its tokens to the callback."""
+
+    ct2_class = "Translator"
+    echoes_prefix = True
+
+    def __init__(self, model: Any) -> None:
+        self.max_len = int(model.max_len)
+
+    def inputs(self, ids: list[int]) -> tuple[list[int], int]:
+        if len(ids) > self.max_len:  # as TransformerSeq2Seq.init_state
+            raise ValueError(f"input has {len(ids)} tokens; the model's max_len is {self.max_len}")
+        # As chatforge's decoding: at most max_len steps, from <s> at position 0.
+        return ids, self.max_len
+
+    @staticmethod
+    def min_key(job: _Job) -> int:
+        # Absolute (the target prefix counts): rows share a batch only while each still needs the same total.
+        return job.options.min_new_tokens if job.produced < job.options.min_new_tokens else 0
+
+    @staticmethod
+    def lengths(batch: list[_Job]) -> dict[str, int]:
+        most = max(j.limit for j in batch)
+        return dict(max_decoding_length=most, min_decoding_length=min(_Seq2SeqModel.min_key(batch[0]), most),
+                    max_input_length=0)  # inputs were checked against max_len above
+
+    @staticmethod
+    def decode(ct2_model: Any, batch: list[_Job], **kw: Any) -> list[list[int]]:
+        prefixes = [[_token_name(t) for t in j.tokens] for j in batch]
+        results = ct2_model.translate_batch([j.prompt for j in batch],
+                                            target_prefix=prefixes if any(prefixes) else None, **kw)
+        return [[_token_id(t) for t in r.hypotheses[0]] for r in results]
+
+
+# (family, task) -> how CTranslate2 serves it
+MODELS: dict[tuple[str, str], Any] = {("gpt", "generation"): _GPTModel, ("gpt", "lm"): _GPTModel,
+                                      ("transformer", "generation"): _Seq2SeqModel}
 
 _END = object()
 
 
 @dataclass(eq=False)
 class _Job:
-    prompt: list[str]  # the model's input: the request's prompt, then its tokens so far after a restart
+    prompt: list[str]  # the model's input (GPT: the prompt; Transformer: the source), as token names
     options: GenerationOptions
     limit: int  # most tokens this request may produce
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    produced: int = 0
+    tokens: list[int] = field(default_factory=list)  # the reply so far (a restart continues from it)
     finished: bool = False
-    new: list[int] = field(default_factory=list)  # tokens produced in the batch now running
+    skip: int = 0  # callback steps of the batch now running that replay the reply so far (Translator)
     sink: Any = None  # called with each item instead of queueing it (CT2Runner: straight to the event loop)
     stop_error: BaseException | None = None  # set to end the row with this error (the runner is closing)
 
@@ -170,21 +289,18 @@ class _Job:
         (self.sink or self.out.put)(item)
 
     @property
+    def produced(self) -> int:
+        return len(self.tokens)
+
+    @property
     def left(self) -> int:
         return self.limit - self.produced
 
-    @property
-    def key(self) -> tuple:
-        """Requests with equal keys can share a ``generate_batch`` (its decoding settings are per batch)."""
-        o = self.options
-        sampling = (o.temperature, o.top_k, o.top_p) if o.do_sample else ()
-        return (o.do_sample, sampling, o.repetition_penalty, o.no_repeat_ngram_size,
-                max(0, o.min_new_tokens - self.produced), o.num_beams, o.length_penalty if o.num_beams > 1 else None)
-
 
 class CT2Generator:
-    """A GPT bundle served by ``ctranslate2.Generator`` (see the module docstring); a ReplyGenerator.
+    """A GPT or Transformer generation bundle served by CTranslate2 (see the module docstring); a ReplyGenerator.
 
+    ``generator`` is the ``ctranslate2.Generator`` (GPT) or ``ctranslate2.Translator`` (Transformer);
     ``steps_run`` counts the tokens CTranslate2 produced for every request (cancellation tests read it).
     """
 
@@ -196,16 +312,11 @@ class CT2Generator:
         compute_type = compute_type_for(precision)
         bundle_dir = Path(bundle_dir)
         bundle = load_bundle(bundle_dir)
-        if bundle.family != "gpt" or bundle.task not in ("generation", "lm"):
-            raise BackendError(f"--backend ctranslate2 serves GPT generation/lm bundles; {name!r} is a "
-                               f"{bundle.family} {bundle.task} bundle (serve it with --backend torch)")
-        model = bundle.model
-        # The model's input for a request around the message's ids (<s> q [SEP] for generation, as is for lm).
-        marker = -1
-        wrapped = model.prompt_ids([marker])
-        at = wrapped.index(marker)
-        self._prefix, self._suffix = wrapped[:at], wrapped[at + 1:]
-        self.n_positions = int(model.cfg.n_positions)
+        adapter = MODELS.get((bundle.family, bundle.task))
+        if adapter is None:
+            raise BackendError(f"--backend ctranslate2 serves GPT generation/lm and Transformer generation bundles; "
+                               f"{name!r} is a {bundle.family} {bundle.task} bundle (serve it with --backend torch)")
+        self.adapter = adapter(bundle.model)
         self.tok = bundle.tokenizer
         self.max_input_tokens = bundle.config.train.max_source_len
         self.context_turns = bundle.config.data.context_turns
@@ -216,20 +327,22 @@ class CT2Generator:
                                                max(1, cpus // self.inter_threads))
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="chatforge-ct2-") as tmp:
-            path = convert_bundle(bundle_dir, Path(tmp) / "ct2")
-            self.generator = ct2.Generator(str(path), device="cpu", compute_type=compute_type,
-                                           inter_threads=self.inter_threads, intra_threads=self.intra_threads)
+            path = convert_bundle(bundle_dir, Path(tmp) / "ct2", unk_id=self.tok.unk_id, name=name)
+            self.generator = getattr(ct2, self.adapter.ct2_class)(
+                str(path), device="cpu", compute_type=compute_type, inter_threads=self.inter_threads,
+                intra_threads=self.intra_threads)
         seconds = time.perf_counter() - t0
-        del bundle.model, model  # CTranslate2 holds its own copy of the weights
+        del bundle.model  # CTranslate2 holds its own copy of the weights
         self.eos_id = self.tok.eos_id
         self.compute_type = compute_type
         self.info = ModelInfo(name=name, family=bundle.family, task=bundle.task, version=version, metadata={
             **bundle.metadata, "context_turns": str(self.context_turns), "backend": "ctranslate2",
             "precision": precision, "compute_type": compute_type,
             "ct2_threads": f"{self.inter_threads}x{self.intra_threads}"})
-        logger.info("model %r served by CTranslate2 %s (%s, %d worker(s) x %d threads; converted in %.1f s)",
-                    name, ct2.__version__, compute_type, self.inter_threads, self.intra_threads, seconds,
-                    extra={"model": name, "backend": "ctranslate2", "compute_type": compute_type})
+        logger.info("model %r served by CTranslate2 %s %s (%s, %d worker(s) x %d threads; converted in %.1f s)",
+                    name, ct2.__version__, self.adapter.ct2_class, compute_type, self.inter_threads,
+                    self.intra_threads, seconds, extra={"model": name, "backend": "ctranslate2",
+                                                        "compute_type": compute_type})
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_batch_size = max_batch_size
         self.join_running = join_running
@@ -276,12 +389,15 @@ class CT2Generator:
         options.validate()
         self.check_options(options)
         ids = self.encode_prompt(text, context)[0][: self.max_input_tokens] or [self.tok.unk_id]
-        prompt = [*self._prefix, *ids, *self._suffix]
-        # As chatforge's GPT: positions 0 .. n_positions-1; the last token generated is never fed back.
-        limit = min(options.max_new_tokens, self.n_positions - len(prompt) + 1)
-        if limit < 1:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the model's n_positions is {self.n_positions}")
-        return _Job([_token_name(i) for i in prompt], options, limit, **kw)
+        prompt, limit = self.adapter.inputs(ids)
+        return _Job([_token_name(i) for i in prompt], options, min(options.max_new_tokens, limit), **kw)
+
+    def _key(self, job: _Job) -> tuple:
+        """Requests with equal keys can share a batch (CTranslate2's decoding settings are per batch)."""
+        o = job.options
+        sampling = (o.temperature, o.top_k, o.top_p) if o.do_sample else ()
+        return (o.do_sample, sampling, o.repetition_penalty, o.no_repeat_ngram_size, self.adapter.min_key(job),
+                o.num_beams, o.length_penalty if o.num_beams > 1 else None)
 
     def make_runner(self, name: str, **kw: Any) -> CT2Runner:
         """The engine's runner for this model (``Engine._make_slot``): :class:`CT2Runner`."""
@@ -328,8 +444,8 @@ class CT2Generator:
             self._pending = [j for j in self._pending if not j.cancelled.is_set()]
             batch: list[_Job] = []
             if self._pending:
-                key = self._pending[0].key
-                batch = [j for j in self._pending if j.key == key][: self.max_batch_size]
+                key = self._key(self._pending[0])
+                batch = [j for j in self._pending if self._key(j) == key][: self.max_batch_size]
                 self._pending = [j for j in self._pending if j not in batch]
         for j in gone:  # cancelled while waiting: ended without running (the runner counts it dropped)
             j.finished = True
@@ -371,35 +487,31 @@ class CT2Generator:
             if not self._pending:
                 return False
             running = [j for j in batch if not j.finished]
-            keys = {j.key for j in running}
+            keys = {self._key(j) for j in running}
             fits = len(running) + len(self._pending) <= self.max_batch_size
-            return fits and any(p.key in keys and not p.cancelled.is_set() for p in self._pending)
+            return fits and any(self._key(p) in keys and not p.cancelled.is_set() for p in self._pending)
 
     def _run(self, batch: list[_Job]) -> list[_Job]:
-        """Run one ``generate_batch``; returns the rows stopped early to take waiting requests in."""
+        """Run one CTranslate2 batch; returns the rows stopped early to take waiting requests in."""
         o = batch[0].options
-        max_length = max(j.left for j in batch)
-        min_left = max(0, o.min_new_tokens - batch[0].produced)  # equal for the batch (part of the key)
-        # min_new_tokens past the position limit: as chatforge's GPT, the reply ends at the limit.
-        kw: dict[str, Any] = dict(max_length=max_length, min_length=min(min_left, max_length),
-                                  include_prompt_in_result=False, end_token=[self.eos_id])
+        # min_new_tokens past the position limit: as chatforge's decoding, the reply ends at the limit.
+        kw: dict[str, Any] = dict(end_token=[self.eos_id], **self.adapter.lengths(batch))
         if o.do_sample:
             kw.update(sampling_topk=o.top_k, sampling_topp=o.top_p, sampling_temperature=o.temperature)
         else:
             kw.update(sampling_topk=1)
         self.batches_run += 1
-        prompts = [j.prompt for j in batch]
         for j in batch:
-            j.new = []
+            j.skip = j.produced if self.adapter.echoes_prefix else 0
         if o.num_beams > 1:
-            results = self.generator.generate_batch(prompts, beam_size=o.num_beams, length_penalty=o.length_penalty,
-                                                    **kw)
-            for j, r in zip(batch, results, strict=True):
-                for tok in r.sequences_ids[0][: j.limit]:
+            replies = self.adapter.decode(self.generator, batch, beam_size=o.num_beams,
+                                          length_penalty=o.length_penalty, **kw)
+            for j, reply in zip(batch, replies, strict=True):
+                for tok in reply[: j.limit]:
                     if tok == self.eos_id:
                         break
                     self.steps_run += 1
-                    j.produced += 1
+                    j.tokens.append(tok)
                     j.put(tok)
             return []
         restart = False
@@ -415,13 +527,18 @@ class CT2Generator:
                 j.finished = True
                 j.put(j.stop_error)
                 return True
-            if j.cancelled.is_set() or step.token_id == self.eos_id:
+            if j.cancelled.is_set():
+                j.finished = True
+                j.put(_END)
+                return True
+            if step.step < j.skip:  # the reply so far, given again as the target prefix: already sent
+                return False
+            if step.token_id == self.eos_id:
                 j.finished = True
                 j.put(_END)
                 return True
             self.steps_run += 1
-            j.produced += 1
-            j.new.append(step.token_id)
+            j.tokens.append(step.token_id)
             j.put(step.token_id)
             if j.produced >= j.limit:
                 j.finished = True
@@ -429,19 +546,16 @@ class CT2Generator:
                 return True
             if self.join_running and self._joinable(batch):
                 # CTranslate2 cannot add a row to a running batch: stop this one, and continue its rows
-                # from their prompt + tokens so far together with the waiting requests (one more prefill).
+                # from their input + tokens so far together with the waiting requests (one more prefill).
                 restart = True
                 return True
             return False
 
-        self.generator.generate_batch(prompts, beam_size=1, callback=on_step, **kw)
+        self.adapter.decode(self.generator, batch, beam_size=1, callback=on_step, **kw)
         if not restart:
             return []
-        again = [j for j in batch if not j.finished and not j.cancelled.is_set()]
-        for j in again:
-            j.prompt = j.prompt + [_token_name(t) for t in j.new]
         self.restarts += 1
-        return again
+        return [j for j in batch if not j.finished and not j.cancelled.is_set()]
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no batch runs or waits (True) or ``timeout`` seconds pass (False)."""
@@ -466,17 +580,18 @@ def bundle_kind(bundle_dir: str | Path, name: str) -> tuple[str | None, str | No
 
 
 def applies(bundle_dir: str | Path, name: str) -> bool:
-    """Whether ``--backend ctranslate2`` serves this bundle: True for GPT generation/lm bundles, False for
-    bundles of other tasks (classifiers, selection: served by torch, logged); a generation bundle of
-    another family is a :class:`BackendError` (asked for, and impossible)."""
+    """Whether ``--backend ctranslate2`` serves this bundle: True for GPT generation/lm and Transformer
+    generation bundles, False for bundles of other tasks (classifiers, selection: served by torch, logged);
+    a generation bundle of another family is a :class:`BackendError` (asked for, and impossible). A pre-LN
+    Transformer passes here and is refused at load (its config, not its metadata, says so)."""
     family, task = bundle_kind(bundle_dir, name)
     if task not in ("generation", "lm"):
         logger.info("backend ctranslate2 does not apply to %r (a %s %s bundle); serving it with torch",
                     name, family, task)
         return False
-    if family != "gpt":
-        raise BackendError(f"model {name!r}: --backend ctranslate2 serves GPT bundles; this is a {family} "
-                           f"{task} bundle; give it --backend {name}=torch")
+    if (family, task) not in MODELS:
+        raise BackendError(f"model {name!r}: --backend ctranslate2 serves GPT and Transformer generation bundles; "
+                           f"this is a {family} {task} bundle; give it --backend {name}=torch")
     return True
 
 

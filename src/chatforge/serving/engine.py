@@ -323,7 +323,7 @@ class Engine:
                      **kwargs) -> Engine:
         """Load every bundle (name -> folder) with :func:`chatforge.inference.load_model`, torch models
         at ``precision`` (``inference.PRECISIONS``: fp32, bf16, int8 or auto); ``backend`` (``backends``: per
-        model name) ``ctranslate2`` serves GPT generators through CTranslate2 (serving.backend_ct2)."""
+        model name) ``ctranslate2`` serves GPT and Transformer generators through CTranslate2 (serving.backend_ct2)."""
         if not bundles:
             raise ValueError("no bundles given; pass at least one name -> bundle folder")
         generators: dict[str, ReplyGenerator] = {}
@@ -721,7 +721,7 @@ def load_hosted_model(path: str | Path, name: str, version: str = "1", precision
                       backend: str = "torch") -> ReplyGenerator | TextClassifier:
     """Load a bundle for serving, with its lineage (config/data/tokenizer hashes) in the metadata.
 
-    ``backend="ctranslate2"`` serves a GPT generator through CTranslate2 at ``precision``
+    ``backend="ctranslate2"`` serves a GPT or Transformer generator through CTranslate2 at ``precision``
     (:mod:`chatforge.serving.backend_ct2`); ``backend="onnxruntime"`` serves a BERT/Transformer classifier
     through ONNX Runtime (:mod:`chatforge.serving.backend_ort`); other bundles are loaded by torch as always."""
     if backend_ct2.check_backend(backend) == "ctranslate2" and backend_ct2.applies(path, name):

@@ -492,7 +492,7 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     max_message_bytes: int | None = None
     precision: str = "fp32"
-    backend: str = "torch"  # torch | ctranslate2 (GPT generators; serving.backend_ct2) | onnxruntime (classifiers)
+    backend: str = "torch"  # torch | ctranslate2 (GPT and Transformer generators; serving.backend_ct2) | onnxruntime (classifiers)
     backends: Mapping[str, str] = field(default_factory=dict)  # per model name, over ``backend``
     max_running: int = 8
     max_queued: int = 64
