@@ -232,42 +232,66 @@ def generation(assets: Assets, threads: int, repeats: int, step: Step) -> Case:
     w = assets.gpt()
     from transformers import AutoModelForCausalLM
 
-    from chatforge.decoding import autocast_for
 
-    ids = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
-    makers: dict[str, Callable[[torch.Tensor, int, list], Callable[[], None]]] = {}
-    for p, model in _chatforge_models(w.bundle, case).items():
-        makers[f"chatforge-{p}"] = (lambda m: lambda x, n, out: greedy_fn(
-            m, False, x, n, "fp32", out=out, context=lambda: autocast_for(m), **ids))(model)
+    makers = _chatforge_greedy(w.bundle, case)
     hf = AutoModelForCausalLM.from_pretrained(str(w.hf)).eval()
     case.engine("hf-fp32", "anchor", "transformers", "fp32")
-    makers["hf-fp32"] = lambda x, n, out: greedy_fn(hf, True, x, n, "fp32", out=out, **ids)
-    if w.ct2 is None:
-        for q in ("float32", "int8"):
-            case.engine(f"ct2-{q}", "anchor", "ctranslate2", q, "skipped",
-                        "ctranslate2 is not installed; pip install 'chatforge[bench]'")
-    else:
+    makers["hf-fp32"] = lambda x, n, out: greedy_fn(hf, True, x, n, "fp32", out=out, **_IDS)
+    if _ct2_engines(case, w.ct2):
         import ctranslate2
 
         for q, path in w.ct2.items():
             gen = ctranslate2.Generator(str(path), device="cpu", compute_type=q, intra_threads=threads,
                                         inter_threads=1)
-            case.engine(f"ct2-{q}", "anchor", "ctranslate2", q)
             makers[f"ct2-{q}"] = (lambda g: lambda x, n, out: _ct2_fn(g, w.vocab, x, n, out))(gen)
+    _greedy_batches(case, makers, s, repeats, step, seed=0)
+    return case
 
+
+_IDS = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
+Maker = Callable[[torch.Tensor, int, list], Callable[[], None]]
+
+
+def _chatforge_greedy(bundle: Path, case: Case) -> dict[str, Maker]:
+    """chatforge's greedy decoding of ``bundle`` at each serving precision (``chatforge-<precision>``)."""
+    from chatforge.decoding import autocast_for
+
+    return {f"chatforge-{p}": (lambda m: lambda x, n, out: greedy_fn(
+        m, False, x, n, "fp32", out=out, context=lambda: autocast_for(m), **_IDS))(model)
+        for p, model in _chatforge_models(bundle, case).items()}
+
+
+def _ct2_engines(case: Case, ct2: dict[str, Path] | None) -> bool:
+    """Register the CTranslate2 float32/int8 engines; False (both skipped, with the reason) when it is absent."""
+    for q in ("float32", "int8"):
+        if ct2 is None:
+            case.engine(f"ct2-{q}", "anchor", "ctranslate2", q, "skipped",
+                        "ctranslate2 is not installed; pip install 'chatforge[bench]'")
+        else:
+            case.engine(f"ct2-{q}", "anchor", "ctranslate2", q)
+    return ct2 is not None
+
+
+def _greedy_batches(case: Case, makers: dict[str, Maker], s: Sizes, repeats: int, step: Step, seed: int,
+                    decode: Callable[[str, list], list] | None = None) -> None:
+    """Time every engine's greedy decoding at each batch size (tokens/s, then time to first token) on the same
+    random prompts, and record which engines' tokens equal chatforge fp32's. ``decode(engine, rows)`` maps an
+    engine's output rows to ids (after timing) where it answers otherwise."""
     outputs: dict[int, dict[str, list]] = {}
     for b in s.gen_batches:
-        prompts = _random_ids(b, s.prompt_len, s.vocab, seed=b)
-        outs = {name: [] for name in makers}
-        step(f"generation: batch {b}, {s.new_tokens} tokens")
+        prompts = _random_ids(b, s.prompt_len, s.vocab, seed=seed + b)
+        outs: dict[str, list] = {name: [] for name in makers}
+        step(f"{case.name}: batch {b}, {s.new_tokens} tokens")
         times = interleaved({n: mk(prompts, s.new_tokens, outs[n]) for n, mk in makers.items()}, repeats)
         case.add("tokens/s", "tokens/s", True, b, times, b * s.new_tokens)
-        outputs[b] = outs
-        step(f"generation: batch {b}, time to first token")
+        outputs[b] = {n: decode(n, rows) if decode else rows for n, rows in outs.items()}
+        step(f"{case.name}: batch {b}, time to first token")
         times = interleaved({n: mk(prompts, 1, []) for n, mk in makers.items()}, repeats * 3)
         case.add("time to first token", "ms", False, b, times, 1)
     case.agreement = _agreement(outputs, "chatforge-fp32", fp32_anchors=("hf-fp32", "ct2-float32"))
-    return case
+    # A random model can settle into repeating one token; agreement on such output would say little.
+    case.agreement["distinct_tokens"] = len({t for outs in outputs.values()
+                                             for row in outs.get("chatforge-fp32", []) for t in row})
 
 
 def _ct2_fn(gen, vocab: list[str], prompts: torch.Tensor, n: int, out: list) -> Callable[[], None]:
@@ -297,47 +321,22 @@ def seq2seq(assets: Assets, threads: int, repeats: int, step: Step) -> Case:
     w = assets.seq2seq()
     from transformers import MarianMTModel
 
-    from chatforge.decoding import autocast_for
 
-    ids = {"pad_id": 0, "bos_id": 1, "eos_id": 2}
-    makers: dict[str, Callable[[torch.Tensor, int, list], Callable[[], None]]] = {}
-    for p, model in _chatforge_models(w.bundle, case).items():
-        makers[f"chatforge-{p}"] = (lambda m: lambda x, n, out: greedy_fn(
-            m, False, x, n, "fp32", out=out, context=lambda: autocast_for(m), **ids))(model)
+    makers = _chatforge_greedy(w.bundle, case)
     hf = MarianMTModel.from_pretrained(str(w.hf)).eval()
     case.engine("hf-fp32", "anchor", "transformers", "fp32")
     makers["hf-fp32"] = lambda x, n, out: _hf_seq2seq_fn(hf, x, n, out)
-    if w.ct2 is None:
-        for q in ("float32", "int8"):
-            case.engine(f"ct2-{q}", "anchor", "ctranslate2", q, "skipped",
-                        "ctranslate2 is not installed; pip install 'chatforge[bench]'")
-    else:
+    if _ct2_engines(case, w.ct2):
         import ctranslate2
 
         for q, path in w.ct2.items():
             tr = ctranslate2.Translator(str(path), device="cpu", compute_type=q, intra_threads=threads,
                                         inter_threads=1)
-            case.engine(f"ct2-{q}", "anchor", "ctranslate2", q)
             makers[f"ct2-{q}"] = (lambda t: lambda x, n, out: _ct2_translate_fn(t, w.vocab, x, n, out))(tr)
-
     index = {t: i for i, t in enumerate(w.vocab or [])}
-    outputs: dict[int, dict[str, list]] = {}
-    for b in s.gen_batches:
-        sources = _random_ids(b, s.prompt_len, s.vocab, seed=1000 + b)
-        outs = {name: [] for name in makers}
-        step(f"seq2seq: batch {b}, {s.new_tokens} tokens")
-        times = interleaved({n: mk(sources, s.new_tokens, outs[n]) for n, mk in makers.items()}, repeats)
-        case.add("tokens/s", "tokens/s", True, b, times, b * s.new_tokens)
-        # A Translator answers token strings: mapped back to ids here, after timing.
-        outputs[b] = {n: [[index[t] for t in row] for row in rows] if n.startswith("ct2-") else rows
-                      for n, rows in outs.items()}
-        step(f"seq2seq: batch {b}, time to first token")
-        times = interleaved({n: mk(sources, 1, []) for n, mk in makers.items()}, repeats * 3)
-        case.add("time to first token", "ms", False, b, times, 1)
-    case.agreement = _agreement(outputs, "chatforge-fp32", fp32_anchors=("hf-fp32", "ct2-float32"))
-    # A random model can settle into repeating one token; agreement on such output would say little.
-    case.agreement["distinct_tokens"] = len({t for outs in outputs.values()
-                                             for row in outs.get("chatforge-fp32", []) for t in row})
+    # A Translator answers token strings: mapped back to ids, after timing.
+    _greedy_batches(case, makers, s, repeats, step, seed=1000,
+                    decode=lambda n, rows: [[index[t] for t in row] for row in rows] if n.startswith("ct2-") else rows)
     return case
 
 

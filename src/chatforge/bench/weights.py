@@ -74,11 +74,16 @@ def _bundle(out: Path, tok, model_cfg: dict, labels: list[str] | None, seed: int
 
 
 @dataclass
-class GPTWeights:
+class GenerationWeights:
+    """A generator bundle with its HF export and CTranslate2 copies (GPT-2 or the Transformer encoder-decoder)."""
+
     bundle: Path
     hf: Path | None = None
     ct2: dict[str, Path] | None = None  # CTranslate2 quantization -> model folder
     vocab: list[str] | None = None  # CTranslate2 takes token strings
+
+
+GPTWeights = Seq2SeqWeights = GenerationWeights
 
 
 def gpt_weights(work: Path, *, vocab: int, layers: int, d_model: int, heads: int, positions: int,
@@ -190,14 +195,6 @@ def _onnx_pair(model: torch.nn.Module, names: list[str], stem: Path) -> dict[str
     finally:
         logging.disable(logging.NOTSET)
     return {"fp32": fp32, "int8": int8}
-
-
-@dataclass
-class Seq2SeqWeights:
-    bundle: Path
-    hf: Path | None = None
-    ct2: dict[str, Path] | None = None  # CTranslate2 quantization -> model folder
-    vocab: list[str] | None = None  # CTranslate2 takes token strings
 
 
 def transformer_weights(work: Path, *, vocab: int, layers: int, d_model: int, heads: int, d_ff: int,
