@@ -1,13 +1,18 @@
-"""Served GPT generation through the real gRPC server against CTranslate2 called directly (issue 16).
+"""Served generation (GPT, or the Transformer encoder-decoder) through the real gRPC server against CTranslate2
+called directly (issue 16).
 
 Engines, every one on the same weights and prompts:
 
 * served (a ``chatforge serve`` process each, streamed over gRPC from this process with ``grpc.aio``):
   chatforge torch fp32, torch int8 (``--precision int8``), and the CTranslate2 backend float32 and int8
   (``--backend ctranslate2 --precision fp32|int8``);
-* anchors, in this process: ``ctranslate2.Generator`` float32 and int8 on the same conversion the
-  backend makes (``serving.backend_ct2.convert_bundle``), one prompt at a time (``generate_batch`` of
-  one) and 8 prompts as one ``generate_batch``; time to first token from its per-step callback.
+* anchors, in this process: ``ctranslate2.Generator`` (``--family gpt``) or ``ctranslate2.Translator``
+  (``--family transformer``) float32 and int8 on the same conversion the backend makes
+  (``serving.backend_ct2.convert_bundle``) and the same model inputs (the backend's adapter builds them: the
+  GPT prompt ``<s> q [SEP]``, the Transformer's encoder source), one prompt at a time (``generate_batch`` /
+  ``translate_batch`` of one) and 8 prompts as one batch; greedy, the tokenizer's ``</s>`` ending a reply and
+  ``new_tokens`` at most (``max_length`` / ``max_decoding_length``), as the backend asks; time to first token
+  from its per-step callback.
 
 Cases: one stream (the prompts one after another: tokens/s over the summed request times, median time to
 first token) and 8 concurrent streams (8 prompts at once: tokens over the wall time of the group, median
@@ -17,16 +22,20 @@ request with one would share a CTranslate2 batch only with rows needing the same
 which keeps the CTranslate2 backend from taking arrivals into a running batch (serving.backend_ct2). Repetitions are interleaved across engines (the order rotates each
 repetition); a warm-up round is not timed.
 
-Weights: ``configs/gpt_chatbot_kr.yaml``'s GPT-2 (4 layers, d_model 256, vocabulary 8000 SentencePiece
-trained on its ChatbotData training split) with random weights; prompts are its ChatbotData test
-questions (synthetic sentences when ``../shared/data`` is absent). Untrained weights do not change the
-work per token, which is what is timed; greedy agreement with chatforge torch fp32 is reported beside.
+Weights, random, of a config's shape, with a SentencePiece vocabulary trained on its ChatbotData training
+split: ``--family gpt`` (default) ``configs/gpt_chatbot_kr.yaml``'s GPT-2 (4 layers, d_model 256, vocabulary
+8000); ``--family transformer`` ``configs/chatbot_kr_transformer.yaml``'s post-LN Transformer (2 encoder and 2
+decoder layers, d_model 128, d_ff 512, 4 heads, unigram vocabulary 4000, max_len 512). Prompts are that
+config's ChatbotData test questions (synthetic sentences when ``../shared/data`` is absent). Untrained weights
+do not change the work per token, which is what is timed; greedy agreement with chatforge torch fp32 is
+reported beside.
 
     nice -n 10 python benchmarks/served_generation.py --out benchmarks/results/served-generation [--size tiny]
+    nice -n 10 python benchmarks/served_generation.py --family transformer --out benchmarks/results/served-generation-transformer
 
-Writes ``served-generation.json``, ``served-generation.md`` and ``served-generation.png`` under ``--out``,
-with the CPU model (lscpu), the load before and after, and whether the machine was loaded (then the
-figures are ratios only).
+Writes ``served-generation.json``, ``served-generation.md`` and ``served-generation.png`` under ``--out``
+(one family per folder; the JSON records which), with the CPU model (lscpu), the load before and after, and
+whether the machine was loaded (then the figures are ratios only).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,15 +61,16 @@ CONFIG = ROOT / "configs" / "gpt_chatbot_kr.yaml"
 
 
 class Size(NamedTuple):  # not a dataclass: the tests load this file without registering it as a module
-    layers: int
+    layers: int  # GPT: n_layers; Transformer: encoder layers and decoder layers each
     d_model: int
     heads: int
     vocab: int
-    positions: int
+    positions: int  # GPT: n_positions; Transformer: max_len
     new_tokens: int
     single_prompts: int  # prompts one after another per repetition (the one-stream case)
     concurrent: int  # streams at once (the concurrent case)
     reps: int
+    d_ff: int = 0  # Transformer only (GPT-2's is 4 d_model)
 
 
 SIZES = {
@@ -67,6 +78,63 @@ SIZES = {
                  concurrent=8, reps=5),
     "tiny": Size(layers=1, d_model=32, heads=2, vocab=1200, positions=64, new_tokens=4, single_prompts=2,
                  concurrent=2, reps=1),
+}
+
+
+# ------------------------------------------------------------------------------------------ families
+def _gpt_model(size: Size) -> dict[str, Any]:
+    return {"family": "gpt", "task": "generation", "variant": "gpt2", "d_model": size.d_model,
+            "n_heads": size.heads, "n_layers": size.layers, "n_positions": size.positions, "dropout": 0.0,
+            "attn_dropout": 0.0}
+
+
+def _transformer_model(size: Size) -> dict[str, Any]:
+    return {"family": "transformer", "task": "generation", "d_model": size.d_model, "n_heads": size.heads,
+            "num_encoder_layers": size.layers, "num_decoder_layers": size.layers, "d_ff": size.d_ff,
+            "max_len": size.positions, "dropout": 0.0}
+
+
+def _generate(generator, inputs: list[list[str]], n: int, **kw: Any) -> list[list[int]]:
+    res = generator.generate_batch(inputs, max_length=n, sampling_topk=1, include_prompt_in_result=False, **kw)
+    return [r.sequences_ids[0] for r in res]
+
+
+def _translate(translator, inputs: list[list[str]], n: int, **kw: Any) -> list[list[int]]:
+    from chatforge.serving.backend_ct2 import _token_id
+
+    # As the backend's Translator batches: greedy (beam_size 1: the callback needs it; translate_batch's
+    # default is 2), at most n tokens from <s>, the inputs already cut to the model's max_len.
+    res = translator.translate_batch(inputs, beam_size=1, sampling_topk=1, max_decoding_length=n,
+                                     max_input_length=0, **kw)
+    return [[_token_id(t) for t in r.hypotheses[0]] for r in res]
+
+
+class Family(NamedTuple):
+    config: Path  # the config whose shape (and data split) the random-weight bundle takes
+    sizes: dict[str, Size]
+    model: Callable[[Size], dict[str, Any]]  # the config's model section at a size
+    describe: Callable[[Size], str]
+    tokenizer: str  # SentencePiece model_type
+    anchor: str  # the ctranslate2 class called directly
+    decode: Callable[..., list[list[int]]]  # (ct2 model, inputs, most new tokens, **kw) -> reply ids
+    title: str
+
+
+FAMILIES = {
+    "gpt": Family(CONFIG, SIZES, _gpt_model, lambda s: (
+        f"GPT-2 {s.layers} layers, d_model {s.d_model}, {s.heads} heads, vocab {s.vocab} (SentencePiece), "
+        f"n_positions {s.positions}, random weights"), "unigram", "Generator", _generate,
+        "Served generation vs CTranslate2"),
+    "transformer": Family(
+        ROOT / "configs" / "chatbot_kr_transformer.yaml",
+        {"full": Size(layers=2, d_model=128, heads=4, d_ff=512, vocab=4000, positions=512, new_tokens=64,
+                      single_prompts=4, concurrent=8, reps=5),
+         "tiny": Size(layers=1, d_model=32, heads=2, d_ff=64, vocab=1200, positions=64, new_tokens=4,
+                      single_prompts=2, concurrent=2, reps=1)},
+        _transformer_model, lambda s: (
+            f"Transformer (post-LN encoder-decoder) {s.layers}+{s.layers} layers, d_model {s.d_model}, d_ff "
+            f"{s.d_ff}, {s.heads} heads, vocab {s.vocab} (SentencePiece), max_len {s.positions}, random weights"),
+        "unigram", "Translator", _translate, "Served Transformer generation vs CTranslate2 Translator"),
 }
 # name -> (backend, precision) of a served engine
 SERVED = {"chatforge-torch-fp32": ("torch", "fp32"), "chatforge-torch-int8": ("torch", "int8"),
@@ -77,17 +145,17 @@ CASES = ("1 stream", "concurrent")
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def prompts_and_corpus(n: int) -> tuple[list[str], list[str], str]:
+def prompts_and_corpus(n: int, config: Path = CONFIG) -> tuple[list[str], list[str], str]:
     """(test questions, tokenizer training texts, where they came from)."""
     try:
         from chatforge.config import load_config
         from chatforge.training.run import load_splits
 
-        train, _, test, path = load_splits(load_config(CONFIG))
+        train, _, test, path = load_splits(load_config(config))
         questions = [e.text for e in test if 2 <= len(e.text) <= 60]
         if len(questions) >= n:
             return questions[:n], [t for e in train for t in (e.text, e.response) if t], \
-                f"ChatbotData test questions ({path.name}, split of {CONFIG.name})"
+                f"ChatbotData test questions ({path.name}, split of {config.name})"
     except Exception as e:  # noqa: BLE001 - the data set is optional: synthetic prompts then
         print(f"ChatbotData unavailable ({type(e).__name__}: {e}); synthetic prompts", file=sys.stderr)
     from chatforge.bench.cases import sample_texts
@@ -96,19 +164,17 @@ def prompts_and_corpus(n: int) -> tuple[list[str], list[str], str]:
     return [corpus[i % len(corpus)] for i in range(n)], corpus, "synthetic (the packaged sample corpus)"
 
 
-def build_bundle(out: Path, size: Size, corpus: list[str]) -> Path:
+def build_bundle(out: Path, size: Size, corpus: list[str], family: Family = FAMILIES["gpt"]) -> Path:
     import torch
 
     from chatforge.bundle import build_from_config, save_bundle
     from chatforge.config import validate_config
     from chatforge.tokenizer import Tokenizer
 
-    tok = Tokenizer.train(corpus, vocab_size=size.vocab, on_vocab_too_large="lower")
+    tok = Tokenizer.train(corpus, vocab_size=size.vocab, model_type=family.tokenizer, on_vocab_too_large="lower")
     cfg = validate_config({"name": "served-generation", "data": {"path": "bench"}, "tracking": {"enabled": False},
-                           "model": {"family": "gpt", "task": "generation", "variant": "gpt2",
-                                     "d_model": size.d_model, "n_heads": size.heads, "n_layers": size.layers,
-                                     "n_positions": size.positions, "dropout": 0.0, "attn_dropout": 0.0},
-                           "train": {"max_source_len": 40}}, source="served_generation")
+                           "model": family.model(size), "train": {"max_source_len": 40}},
+                          source="served_generation")
     torch.manual_seed(0)
     return save_bundle(out, model=build_from_config(cfg, tok, None).eval(), tokenizer=tok, config=cfg, labels=None)
 
@@ -154,10 +220,11 @@ class Served:
 
 
 class Direct:
-    """CTranslate2 called directly: one generate_batch per prompt (1 stream) or of all prompts (concurrent)."""
+    """CTranslate2 called directly: one batch (``family.decode``: generate_batch or translate_batch) per prompt
+    (1 stream) or of all prompts (concurrent)."""
 
-    def __init__(self, generator, prompts: dict[str, list[str]]):
-        self.generator, self.tokens = generator, prompts
+    def __init__(self, model, prompts: dict[str, list[str]], family: Family, eos_id: int):
+        self.model, self.tokens, self.family, self.eos_id = model, prompts, family, eos_id
 
     def _batch(self, texts: list[str], n: int) -> tuple[list[tuple[float, float, list[int]]], float]:
         firsts: dict[int, float] = {}
@@ -167,10 +234,10 @@ class Direct:
             firsts.setdefault(step.batch_id, time.perf_counter() - t0)
             return False
 
-        res = self.generator.generate_batch([self.tokens[t] for t in texts], max_length=n,
-                                            sampling_topk=1, include_prompt_in_result=False, callback=on_step)
+        res = self.family.decode(self.model, [self.tokens[t] for t in texts], n, end_token=[self.eos_id],
+                                 callback=on_step)
         wall = time.perf_counter() - t0
-        return [(firsts.get(i, wall), wall, r.sequences_ids[0]) for i, r in enumerate(res)], wall
+        return [(firsts.get(i, wall), wall, ids) for i, ids in enumerate(res)], wall
 
     async def run(self, case: str, prompts: list[str], n: int) -> dict[str, Any]:
         if case == "1 stream":
@@ -241,7 +308,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"# Served generation vs CTranslate2 ({result['created']})", "",
+    lines = [f"# {FAMILIES[result.get('family', 'gpt')].title} ({result['created']})", "",
              f"CPU: {m['lscpu_model']}; CPUs available {m['cpu']['available_cpus']}; load before "
              f"{m['load_before']}, after {m['load_after']}" + (" — **loaded: figures are ratios only**"
                                                                if result["loaded"] else ""), "",
@@ -281,7 +348,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(engines)), [e.replace("chatforge-", "cf-") for e in engines], rotation=30, ha="right")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle("Served generation (gRPC) vs CTranslate2 direct" + (" — loaded machine" if result["loaded"] else ""))
+    what = {"gpt": "", "transformer": " Transformer"}[result.get("family", "gpt")]
+    fig.suptitle(f"Served{what} generation (gRPC) vs CTranslate2 direct" + (" — loaded machine" if result["loaded"]
+                                                                          else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -291,28 +360,39 @@ lscpu_model = machine.lscpu_model
 
 
 # ------------------------------------------------------------------------------------------ main
-def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
+def model_inputs(gen, family: str, texts: list[str]) -> dict[str, list[str]]:
+    """Each text's model input as the CTranslate2 backend builds it (its adapter for the family, from the
+    generator's prompt encoding), as CTranslate2 token names."""
+    from chatforge.serving.backend_ct2 import MODELS, _token_name
+
+    adapter = MODELS[(family, "generation")](gen.model)
+    return {t: [_token_name(i) for i in adapter.inputs(gen.encode_prompt(t)[0][: gen.max_input_tokens]
+                                                        or [gen.tok.unk_id])[0]] for t in texts}
+
+
+def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt") -> dict[str, Any]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it: idle pools sleep
     import ctranslate2
 
     from chatforge.bench.machine import cpu_info, cpus_available, is_loaded, load_average
-    from chatforge.serving.backend_ct2 import _token_name, convert_bundle
+    from chatforge.serving.backend_ct2 import convert_bundle
 
+    fam = FAMILIES[family]
     reps = reps or size.reps
     cpus = cpus_available()
     n_prompts = size.single_prompts + size.concurrent
-    texts, corpus, source = prompts_and_corpus(n_prompts)
+    texts, corpus, source = prompts_and_corpus(n_prompts, fam.config)
     load_before = load_average()
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="served-generation-") as tmp:
         work = Path(tmp)
-        bundle = build_bundle(work / "bundle", size, corpus)
+        bundle = build_bundle(work / "bundle", size, corpus, fam)
         from chatforge.inference import load_model
 
         gen = load_model(bundle, "chat")
-        prompt_tokens = {t: [_token_name(i) for i in gen.model.prompt_ids(gen.tok.encode(t)[:40])] for t in texts}
+        prompt_tokens, eos_id, unk_id = model_inputs(gen, family, texts), gen.tok.eos_id, gen.tok.unk_id
         del gen
-        ct2_dir = convert_bundle(bundle, work / "ct2")
+        ct2_dir = convert_bundle(bundle, work / "ct2", unk_id=unk_id)
         engines: dict[str, Any] = {}
         try:
             for name, (backend, precision) in SERVED.items():
@@ -320,8 +400,9 @@ def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
                 procs.append(proc)
                 engines[name] = Served(target)
             for name, ct in ANCHORS.items():
-                engines[name] = Direct(ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type=ct,
-                                                             intra_threads=cpus, inter_threads=1), prompt_tokens)
+                model = getattr(ctranslate2, fam.anchor)(str(ct2_dir), device="cpu", compute_type=ct,
+                                                         intra_threads=cpus, inter_threads=1)
+                engines[name] = Direct(model, prompt_tokens, fam, eos_id)
             single, group = texts[: size.single_prompts], texts[size.single_prompts:]
             prompts = {"1 stream": single, "concurrent": group}
             runs = served.interleaved_runs(engines, CASES, prompts, size.new_tokens, reps)
@@ -340,12 +421,13 @@ def run(out: Path, size: Size, reps: int | None = None) -> dict[str, Any]:
                     "load_after": load_after, "ctranslate2": ctranslate2.__version__,
                     "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "KMP_BLOCKTIME")}},
         "loaded": is_loaded([load_before, load_after], cpus),
-        "config": {"model": f"GPT-2 {size.layers} layers, d_model {size.d_model}, {size.heads} heads, vocab "
-                            f"{size.vocab} (SentencePiece), n_positions {size.positions}, random weights",
+        "family": family,
+        "config": {"model": fam.describe(size), "shape_of": fam.config.name,
                    "new_tokens": size.new_tokens, "prompts": source, "single_prompts": size.single_prompts,
                    "concurrent_streams": size.concurrent, "reps": reps,
                    "served": {k: {"backend": b, "precision": p} for k, (b, p) in SERVED.items()},
-                   "anchors": {k: {"compute_type": c, "intra_threads": cpus, "inter_threads": 1}
+                   "anchors": {k: {"class": f"ctranslate2.{fam.anchor}", "compute_type": c,
+                                   "intra_threads": cpus, "inter_threads": 1}
                                for k, c in ANCHORS.items()}},
         "rows": rows, "ratios": ratios(rows), "agreement": agreement(ids),
         "raw": runs,
@@ -375,11 +457,14 @@ def rebuild(out: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="gpt",
+                    help="gpt: configs/gpt_chatbot_kr.yaml's shape; transformer: configs/chatbot_kr_transformer.yaml's")
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default: the size's)")
     ap.add_argument("--rebuild", action="store_true", help="only rewrite the report from --out's JSON")
     args = ap.parse_args(argv)
-    result = rebuild(args.out) if args.rebuild else run(args.out, SIZES[args.size], args.reps)
+    size = FAMILIES[args.family].sizes[args.size]
+    result = rebuild(args.out) if args.rebuild else run(args.out, size, args.reps, args.family)
     print(markdown(result))
 
 

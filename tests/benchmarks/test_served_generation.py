@@ -54,18 +54,38 @@ def test_rebuild_recomputes_the_report_from_raw_repetitions(script, tmp_path):
         tmp_path / "served-generation.md").read_text()
 
 
+def test_transformer_full_size_is_the_configs_shape(script):
+    # --family transformer times a bundle of configs/chatbot_kr_transformer.yaml's shape: a change there shows here.
+    import yaml
+
+    fam = script.FAMILIES["transformer"]
+    cfg = yaml.safe_load(fam.config.read_text())
+    model = {k: v for k, v in fam.model(fam.sizes["full"]).items() if k in cfg["model"] and k != "dropout"}
+    assert model == {k: cfg["model"][k] for k in model}
+    assert set(model) >= {"family", "task", "d_model", "n_heads", "num_encoder_layers", "num_decoder_layers", "d_ff"}
+    assert fam.sizes["full"].vocab == cfg["tokenizer"]["vocab_size"]
+    assert fam.tokenizer == cfg["tokenizer"]["model_type"]
+    assert script.FAMILIES["gpt"].sizes is script.SIZES  # the default family: its sizes as before
+
+
 @pytest.mark.slow
-def test_tiny_run_writes_the_report(script, tmp_path):
+@pytest.mark.parametrize("family", ["gpt", "transformer"])
+def test_tiny_run_writes_the_report(script, tmp_path, family):
     pytest.importorskip("ctranslate2")
-    result = script.run(tmp_path, script.SIZES["tiny"], reps=1)
+    result = script.run(tmp_path, script.FAMILIES[family].sizes["tiny"], reps=1, family=family)
     engines = {r["engine"] for r in result["rows"]}
     assert engines == {*script.SERVED, *script.ANCHORS}
     assert all(r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in result["rows"])
     assert len(result["ratios"]) == len(script.SERVED) * len(script.ANCHORS) * len(script.CASES)
-    # Same weights: the float32 paths give chatforge torch fp32's greedy tokens.
-    assert result["agreement"]["chatforge-ct2-float32"]["identical_replies"] == 1.0
-    assert result["agreement"]["ct2-direct-float32"]["identical_replies"] == 1.0
+    # Same weights: the float32 paths give chatforge torch fp32's greedy tokens, on every reply.
+    assert result["agreement"]["chatforge-ct2-float32"] == {"identical_replies": 1.0, "prefix_tokens": 1.0}
+    assert result["agreement"]["ct2-direct-float32"] == {"identical_replies": 1.0, "prefix_tokens": 1.0}
     saved = json.loads((tmp_path / "served-generation.json").read_text())
+    assert saved["family"] == family
+    anchor = {"gpt": "ctranslate2.Generator", "transformer": "ctranslate2.Translator"}[family]
+    assert {a["class"] for a in saved["config"]["anchors"].values()} == {anchor}
     assert saved["machine"]["lscpu_model"] and saved["machine"]["load_before"]
-    assert "| chatforge-ct2-int8 | concurrent |" in (tmp_path / "served-generation.md").read_text()
+    md = (tmp_path / "served-generation.md").read_text()
+    assert "| chatforge-ct2-int8 | concurrent |" in md
+    assert md.startswith(f"# {script.FAMILIES[family].title} (")
     assert (tmp_path / "served-generation.png").stat().st_size > 0
