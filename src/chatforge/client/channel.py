@@ -49,8 +49,15 @@ METHOD_TIMEOUTS = {"Reply": "120s", "Classify": "10s", "ListModels": "5s"}
 # calls fail at once (exactly when a replica dies). Classify and ListModels are idempotent, and a
 # Reply that has not sent a token has produced nothing, so those are sent again (round_robin picks
 # another replica), at most CALL_ATTEMPTS times in all, with jittered backoff, within the deadline;
-# only when the connection failed, not for an UNAVAILABLE the server answered (see _should_retry).
+# only when the connection failed or the server's process dropped the call, not for an UNAVAILABLE the server
+# answered (see _should_retry).
 CALL_ATTEMPTS = 4
+# What a call that the server's process dropped looks like (no chatforge trailers: no handler answered it).
+# UNAVAILABLE: the connection broke or never opened. CANCELLED: the server stopped with the call accepted but not
+# answered: a replica ending its drain cancels what arrived in its last moments on a connection a TCP-mode balancer
+# still pinned to it (seen behind HAProxy in tcp mode). chatforge's server never answers CANCELLED itself, and this
+# client never cancels a call it then retries (an abandoned stream is not retried), so that CANCELLED is the server's.
+_DROPPED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 RETRY_BACKOFF_S = (0.05, 0.5)  # first backoff, cap (doubling, full jitter)
 
 
@@ -337,7 +344,7 @@ class ChatbotClient:
     def _should_retry(self, e: grpc.RpcError, attempt: int, deadline: float | None, rid: str, rpc: str) -> bool:
         """True (after a backoff) if a call that failed with ``e`` may be sent again."""
         code = e.code() if hasattr(e, "code") else None
-        if code is not grpc.StatusCode.UNAVAILABLE or attempt >= CALL_ATTEMPTS or self._closed:
+        if code not in _DROPPED_CODES or attempt >= CALL_ATTEMPTS or self._closed:
             return False
         if _answered_by_server(e):
             # An UNAVAILABLE the server sent (draining, still loading) was already retried by the
@@ -346,7 +353,7 @@ class ChatbotClient:
         backoff = random.uniform(0, min(RETRY_BACKOFF_S[1], RETRY_BACKOFF_S[0] * 2 ** (attempt - 1)))
         if deadline is not None and time.monotonic() + backoff >= deadline:
             return False  # no time left for another attempt: the caller's deadline wins
-        self._log(rid, logging.INFO, "%s failed with UNAVAILABLE (%s); retrying, attempt %d of %d", rpc,
+        self._log(rid, logging.INFO, "%s failed with %s (%s); retrying, attempt %d of %d", rpc, code.name,
                   e.details() if hasattr(e, "details") else "", attempt + 1, CALL_ATTEMPTS, rpc=rpc)
         time.sleep(backoff)  # backoff between attempts, not synchronisation
         return True
