@@ -22,6 +22,7 @@ pytest.importorskip("transformers")
 
 from tests.seq2seq_helpers import overfit, seq2seq_batch  # noqa: E402
 from tests.serving.test_backend_ct2 import (  # noqa: E402
+    UNSUPPORTED_OPTIONS,
     _Gated,
     check_cancel_stops_ctranslate2,
     check_join_by_restart,
@@ -154,11 +155,7 @@ def test_deltas_concatenate_to_the_decoded_reply(ct2_fp32):
         assert "".join(d.text for d in deltas) == ct2_fp32.tok.decode([d.token_id for d in deltas])
 
 
-@pytest.mark.parametrize("opts, field", [
-    (GenerationOptions(do_sample=True, seed=3), "seed"),
-    (GenerationOptions(repetition_penalty=1.3), "repetition_penalty"),
-    (GenerationOptions(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
-])
+@pytest.mark.parametrize("opts, field", UNSUPPORTED_OPTIONS)
 def test_unsupported_option_is_refused_naming_it(ct2_fp32, opts, field):
     with pytest.raises(UnsupportedOptionError, match=rf"options\.{field}=.*ctranslate2"):
         ct2_fp32.stream("hello", opts)
