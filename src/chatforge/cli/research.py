@@ -429,7 +429,8 @@ def convert_to_hf(
     bundle: Path = typer.Argument(..., help="chatforge bundle folder."),
     out: Path = typer.Argument(..., help="HF checkpoint folder to write (save_pretrained layout)."),
 ):
-    """Export a bundle as a Hugging Face checkpoint folder."""
+    """Export a bundle as a Hugging Face checkpoint folder: BERT (BertForSequenceClassification and the rest), GPT
+    (OpenAIGPTLMHeadModel / GPT2LMHeadModel), and a post-LN Transformer encoder-decoder as MarianMTModel."""
     from chatforge.interop import ConversionError, to_hf
 
     try:
