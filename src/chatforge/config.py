@@ -21,6 +21,7 @@ from chatforge.registry import FamilySpec, UnknownFamilyError, get_family
 from chatforge.tokenizer import BYTE_VOCAB_SIZE
 
 TASKS = ("generation", "classification")
+UNLABELLED_TASKS = ("mlm",)  # the tasks data.unlabelled feeds: they read text alone
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,9 @@ class DataConfig(_Strict):
     # join the training set without a label; the loss pushes the model's distribution on them towards uniform,
     # weighted by train.outlier_weight. The linear baseline takes the same file as model.outliers.
     outliers: str | None = None
+    # Unlabelled in-domain (or any) text for self-supervised pre-training (BERT's task 'mlm'): a UTF-8 text file, one
+    # sentence per line, whose lines join the training texts (and the tokenizer's). Validation and dev are untouched.
+    unlabelled: str | None = None
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -283,6 +287,10 @@ class ExperimentConfig(_Strict):
             if self.model.task != "classification":
                 raise ValueError(f"data.outliers is outlier exposure for task 'classification', not "
                                  f"{self.model.task!r}; remove it")
+        if self.data.unlabelled is not None and self.model.task not in UNLABELLED_TASKS:
+            raise ValueError(f"data.unlabelled adds text to self-supervised pre-training (task "
+                             f"{' or '.join(map(repr, UNLABELLED_TASKS))}); task {self.model.task!r} "
+                             "learns from labelled examples: remove it (outlier exposure is data.outliers)")
         if self.train.distill_from is not None:
             if self.model.spec.kind != "torch" or self.model.task != "classification":
                 raise ValueError(f"train.distill_from distils a classifier into a torch classifier; family "

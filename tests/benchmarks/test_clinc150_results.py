@@ -56,9 +56,29 @@ def test_the_distilled_transformer_learns_from_the_ensemble_run_on_the_same_dev_
 
 def test_the_ensemble_takes_one_kind_of_transformer(script):
     runs = dict.fromkeys(["linear", "svm", "svm-oe", "xgboost", "transformer-s0", "transformer-s1", "transformer-oe-s0",
-                          "bert", "gpt", "elmo"])
+                          "bert", "gpt", "elmo", "bert-pt"])
     assert script.ensemble_members(runs) == ["svm", "transformer-s0", "transformer-s1"]
     assert script.ensemble_members(runs, "oe") == ["svm", "transformer-oe-s0"]
+    assert script.ensemble_members(runs, "oe", bert_pt=True) == ["svm", "transformer-oe-s0", "bert-pt"]
+
+
+def test_the_pretrained_bert_is_pretrained_then_fine_tuned_on_the_same_dev_split(script, tmp_path):
+    from chatforge.config import load_config
+
+    plan = script.bert_pt_plan([], tmp_path, 0.2)
+    assert [(c, d.name) for c, d, _ in plan] == [("bert_clinc150_pretrain.yaml", "bert-pt-pretrain-clinc150"),
+                                                ("bert_clinc150_finetune.yaml", "bert-pt-clinc150")]
+    (_, pre_dir, pre), (_, _, ft) = plan
+    for over in (pre, ft):
+        assert {"data.dev_fraction=0.2", "data.dev_seed=0"} <= set(over)
+    assert any(o.startswith("data.unlabelled=") and o.endswith("all_wiki_sents.txt") for o in pre)
+    assert f"model.init_from={pre_dir}" in ft and f"train.outlier_weight={script.OE_WEIGHT}" in ft
+    # the overrides make valid configs (the script adds these two to every run)
+    for config, _, over in plan:
+        cfg = load_config(ROOT / "configs" / config, ["tracking.enabled=false", "oos.policy=train", *over])
+        assert cfg.data.dev_fraction == 0.2
+    assert script.bert_pt_plan(["bert-pt"], tmp_path, 0.2) == []
+    assert "bert-pt" in script.SKIPPABLE
 
 
 def test_a_run_folder_is_reused_only_for_the_same_configuration(script, tmp_path):

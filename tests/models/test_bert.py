@@ -20,6 +20,7 @@ from chatforge.models.bert import (
 )
 from chatforge.models.bert.pipeline import (
     BertClassificationDataset,
+    BertMaskedLMDataset,
     BertPretrainingDataset,
     TokenTaggingDataset,
     encode_pair,
@@ -105,6 +106,24 @@ def test_nsp_pairs_are_balanced_and_negatives_are_other_examples():
 def test_pretraining_needs_pairs():
     with pytest.raises(TaskDataError, match="no response"):
         BertPretrainingDataset([Example("a"), Example("b")], SPECIAL, V, _fake_encode, 16)
+
+
+def test_mlm_alone_reads_single_sentences_without_next_sentence_labels():
+    examples = [Example("q1"), Example("q2", response="a3"), Example("q4")]
+    ds = BertMaskedLMDataset(examples, SPECIAL, V, _fake_encode, 16, generator=torch.Generator().manual_seed(0))
+    assert len(ds) == 4  # every text, and the response as a sentence of its own
+    batch = ds.collate(list(range(4)) * 50)
+    assert "next_sentence_label" not in batch
+    ids, seg, labels = batch["input_ids"], batch["token_type_ids"], batch["labels"]
+    assert (ids[:, 0] == SPECIAL.cls).all() and (seg == 0).all()
+    orig = torch.where(labels != IGNORE_INDEX, labels, ids)
+    # texts first, then responses: q1 is [CLS] 8 8 [SEP] (pad); the response a3 is [CLS] 10 9 10 [SEP]
+    assert (orig[0::4, :4] == torch.tensor([SPECIAL.cls, 8, 8, SPECIAL.sep])).all()
+    assert (orig[3::4, :5] == torch.tensor([SPECIAL.cls, 10, 9, 10, SPECIAL.sep])).all()
+    assert ((labels != IGNORE_INDEX).sum(1) >= 1).all()  # every sequence has something to predict
+    assert not ((labels != IGNORE_INDEX) & ((orig == SPECIAL.cls) | (orig == SPECIAL.sep))).any()
+    with pytest.raises(TaskDataError, match=r"'mlm' needs a tokenizer with a \[MASK\]"):
+        BertMaskedLMDataset(examples, SpecialIds(pad=0, cls=4, sep=5), V, _fake_encode, 16)
 
 
 def test_pair_encoding_and_truncation():
@@ -274,3 +293,38 @@ def test_pretrain_then_finetune_runs(tmp_path):
     ft = run_experiment(validate_config(ft_cfg), run_dir=tmp_path / "ft")
     assert ft.metrics["init_from"]["loaded"] > 10  # the whole backbone came from the pre-trained run
     assert ft.metrics["init_from"]["new"] == 2  # classifier weight and bias
+
+
+def test_mlm_on_unlabelled_text_then_a_finetune_takes_its_shape(tmp_path):
+    extra = tmp_path / "unlabelled.txt"
+    extra.write_text("".join(f"unlabelled sentence number {i}\n" for i in range(40)) + "\n  \n", encoding="utf-8")
+    pre_cfg = _cfg("mlm", tmp_path)
+    pre_cfg["data"]["unlabelled"] = str(extra)
+    plain = run_experiment(validate_config(_cfg("mlm", tmp_path)), run_dir=tmp_path / "plain")
+    pre = run_experiment(validate_config(pre_cfg), run_dir=tmp_path / "pre")
+    assert pre.metrics["train_examples"] == plain.metrics["train_examples"] + 40  # blank lines skipped
+    assert "train_mlm_loss" in pre.metrics["history"][0] and "train_nsp_loss" not in pre.metrics["history"][0]
+    assert load_bundle(pre.run_dir / "bundle").task == "mlm"
+    # The fine-tune's config names no shape: d_model, layers... come from the pre-trained bundle.
+    ft_cfg = _cfg("classification", tmp_path)
+    for k in ("d_model", "n_heads", "num_layers", "d_ff", "max_len"):
+        del ft_cfg["model"][k]
+    ft_cfg["model"]["init_from"] = str(pre.run_dir)
+    ft = run_experiment(validate_config(ft_cfg), run_dir=tmp_path / "ft")
+    assert ft.metrics["init_from"]["new"] == 2  # only the classifier: the whole backbone was loaded
+    b = load_bundle(ft.run_dir / "bundle")
+    assert b.config.model.params["d_model"] == 32 and b.config.model.params["num_layers"] == 1
+    ft_cfg["model"]["d_ff"] = 128
+    with pytest.raises(ConfigError, match=r"model.d_ff: config 128, pre-trained 64"):
+        run_experiment(validate_config(ft_cfg), run_dir=tmp_path / "ft2")
+
+
+def test_unlabelled_text_is_refused_where_it_cannot_be_read(tmp_path):
+    cfg = _cfg("classification", tmp_path)
+    cfg["data"]["unlabelled"] = str(tmp_path / "x.txt")
+    with pytest.raises(ConfigError, match=r"data.unlabelled .*task 'mlm'.*task 'classification'"):
+        validate_config(cfg)
+    cfg = _cfg("mlm", tmp_path)
+    cfg["data"]["unlabelled"] = str(tmp_path / "missing.txt")
+    with pytest.raises(Exception, match=r"data.unlabelled: file not found: .*missing.txt"):
+        run_experiment(validate_config(cfg), run_dir=tmp_path / "r")

@@ -464,7 +464,7 @@ def read_outliers(path: str | os.PathLike, key: str = "data.outliers") -> list[s
     CLINC150's ``all_wiki_sents.txt``), or a clear error naming the config ``key`` and the file."""
     p = Path(path)
     if not p.is_file():
-        raise DataFileNotFoundError(f"{key}: file not found: {p} (a text file of out-of-domain sentences, "
+        raise DataFileNotFoundError(f"{key}: file not found: {p} (a text file of sentences, "
                                     "one per line, e.g. CLINC150's all_wiki_sents.txt)")
     try:
         text = p.read_text(encoding="utf-8")

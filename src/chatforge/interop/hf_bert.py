@@ -45,11 +45,14 @@ _HEADS = {
     "mlm_nsp": {"mlm_transform": "cls.predictions.transform.dense",
                 "mlm_norm": "cls.predictions.transform.LayerNorm",
                 "nsp_head": "cls.seq_relationship"},
+    "mlm": {"mlm_transform": "cls.predictions.transform.dense",
+            "mlm_norm": "cls.predictions.transform.LayerNorm",
+            "nsp_head": "cls.seq_relationship"},
     "classification": {"classifier": "classifier"},
     "pair_classification": {"classifier": "classifier"},
     "token_classification": {"classifier": "classifier"},
 }
-_HF_CLASS = {"mlm_nsp": "BertForPreTraining", "classification": "BertForSequenceClassification",
+_HF_CLASS = {"mlm_nsp": "BertForPreTraining", "mlm": "BertForPreTraining", "classification": "BertForSequenceClassification",
              "pair_classification": "BertForSequenceClassification",
              "token_classification": "BertForTokenClassification"}
 
@@ -74,7 +77,7 @@ def hf_key_map(num_layers: int, task: str, pooler: bool = True) -> dict[str, str
             m[f"bert.pooler.{p}"] = f"bert.pooler.dense.{p}"
         for mine, theirs in _HEADS[task].items():
             m[f"{mine}.{p}"] = f"{theirs}.{p}"
-    if task == "mlm_nsp":
+    if task in ("mlm_nsp", "mlm"):
         m["mlm_bias"] = "cls.predictions.bias"
     return m
 
@@ -238,7 +241,7 @@ def hf_state_dict(model, task: str) -> dict[str, Tensor]:
     mapping = hf_key_map(len(model.bert.layers), task, pooler=pooler)
     sd = model.state_dict()
     out = {hf_k: sd[k] for k, hf_k in mapping.items()}
-    if task == "mlm_nsp":
+    if task in ("mlm_nsp", "mlm"):
         out["cls.predictions.decoder.weight"] = sd["bert.embeddings.word.embedding.weight"]
         out["cls.predictions.decoder.bias"] = sd["mlm_bias"]
     return out

@@ -322,6 +322,11 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
     train, valid, test, data_path = load_splits(cfg)
     log.info("data %s: %d train / %d valid / %d %s", data_path, len(train), len(valid), len(test),
              held_out_split(cfg))
+    if cfg.data.unlabelled:
+        extra = read_outliers(resolve_data_path(cfg.data.unlabelled), key="data.unlabelled")
+        train = [*train, *(Example(text=t, source=f"{cfg.data.unlabelled}:{i + 1}") for i, t in enumerate(extra))]
+        log.info("data.unlabelled: %d sentences from %s join the %d training texts", len(extra),
+                 cfg.data.unlabelled, len(train) - len(extra))
     # Read (and refused if missing or empty) before anything is trained.
     outliers = read_outliers(resolve_data_path(cfg.data.outliers)) if cfg.data.outliers else None
     teacher = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
@@ -30,6 +30,15 @@ class BertConfig:
     layer_norm_eps: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-12
     initializer_range: Annotated[float, Field(gt=0.0)] = 0.02
     vocab_size: PositiveInt | None = None
+
+    # The keys that fix the network a checkpoint's weights belong to: a fine-tune (model.init_from) takes the ones
+    # its config leaves out from the pre-trained bundle and refuses ones that disagree (chatforge.training.run).
+    ARCHITECTURE_KEYS: ClassVar[tuple[str, ...]] = (
+        "d_model", "n_heads", "num_layers", "d_ff", "max_len", "type_vocab_size", "layer_norm_eps", "vocab_size")
+
+    def architecture(self) -> dict[str, Any]:
+        """The network these keys build: two configs build the same network iff these agree."""
+        return {k: getattr(self, k) for k in self.ARCHITECTURE_KEYS}
 
     @model_validator(mode="after")
     def _heads_divide_d_model(self) -> BertConfig:

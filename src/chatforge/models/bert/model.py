@@ -2,7 +2,7 @@
 Understanding"): a post-LN Transformer encoder with GELU over token + learned position + segment
 embeddings, a pooler on [CLS], masked-LM + next-sentence pre-training heads and fine-tuning heads.
 
-Registered as family ``bert`` for the tasks ``mlm_nsp``, ``classification``,
+Registered as family ``bert`` for the tasks ``mlm_nsp``, ``mlm`` (masked LM alone), ``classification``,
 ``pair_classification`` and ``token_classification``. Parameter names map one to one onto
 Hugging Face's ``BertModel`` (see :mod:`chatforge.interop.hf_bert`).
 """
@@ -26,7 +26,7 @@ from chatforge.tokenizer import SpecialIds
 logger = logging.getLogger(__name__)
 
 
-TASKS = ("mlm_nsp", "classification", "pair_classification", "token_classification")
+TASKS = ("mlm_nsp", "mlm", "classification", "pair_classification", "token_classification")
 
 
 class BertEmbeddings(nn.Module):
@@ -246,7 +246,8 @@ class BertForTokenClassification(_BertTask):
 
 
 def build(cfg: BertConfig, ctx: BuildContext) -> nn.Module:
-    """Builder for the registry: ``mlm_nsp`` -> :class:`BertForPreTraining`; ``classification`` and
+    """Builder for the registry: ``mlm_nsp`` and ``mlm`` -> :class:`BertForPreTraining` (``mlm``: its NSP head
+    is never trained); ``classification`` and
     ``pair_classification`` -> :class:`BertForSequenceClassification`; ``token_classification`` ->
     :class:`BertForTokenClassification`."""
     vocab_size = cfg.vocab_size or ctx.vocab_size
@@ -254,9 +255,9 @@ def build(cfg: BertConfig, ctx: BuildContext) -> nn.Module:
         raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {ctx.vocab_size}")
     if ctx.special.cls is None or ctx.special.sep is None:
         raise ValueError("family 'bert' needs a tokenizer with [CLS] and [SEP] pieces")
-    if ctx.task == "mlm_nsp":
+    if ctx.task in ("mlm_nsp", "mlm"):
         if ctx.special.mask is None:
-            raise ValueError("task 'mlm_nsp' needs a tokenizer with a [MASK] piece")
+            raise ValueError(f"task {ctx.task!r} needs a tokenizer with a [MASK] piece")
         return BertForPreTraining(cfg, vocab_size, ctx.special)
     if ctx.num_labels is None or ctx.num_labels < 1:
         raise ValueError(f"task {ctx.task!r} needs num_labels >= 1; got {ctx.num_labels!r}")

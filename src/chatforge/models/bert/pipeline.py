@@ -13,6 +13,11 @@ Tasks registered for family ``bert``:
     selected for masked LM; of those 80% become ``[MASK]``, 10% a random non-special token and
     10% stay unchanged (section 3.1, appendix A.1). Pairing and masking are redrawn for every
     batch (dynamic, as RoBERTa found slightly better than BERT's static copies).
+``mlm``
+    Masked LM alone, on single sentences ``[CLS] text [SEP]``: every text of the data (and every
+    response, as a sentence of its own) is one sequence, masked as above. For corpora without
+    sentence pairs (intent queries, ``data.unlabelled`` text); RoBERTa (Liu et al. 2019) found
+    dropping NSP no worse. The pooler gets no pre-training signal (it is NSP's).
 ``classification``
     ``[CLS] text [SEP]`` -> label.
 ``pair_classification``
@@ -195,6 +200,39 @@ class BertPretrainingDataset(Dataset):
         return out
 
 
+class BertMaskedLMDataset(Dataset):
+    """Single sentences for masked LM alone (task ``mlm``); masks are drawn at collate time."""
+
+    def __init__(self, examples: Sequence[Example], special: SpecialIds, vocab_size: int, encode_batch,
+                 max_len: int, *, generator: torch.Generator | None = None):
+        texts = [e.text for e in examples] + [e.response for e in examples if e.response]
+        if not texts:
+            raise TaskDataError("task 'mlm' needs at least one text")
+        require_bert_specials(special, "task 'mlm'")
+        if special.mask is None:
+            raise TaskDataError("task 'mlm' needs a tokenizer with a [MASK] piece")
+        self.seqs = encode_batch(texts)
+        self.special, self.vocab_size, self.max_len = special, vocab_size, max_len
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, batch: list[int]) -> dict[str, Tensor]:
+        seqs, segs = [], []
+        for i in batch:
+            ids, seg = encode_pair(self.seqs[i], None, self.special, self.max_len)
+            seqs.append(ids)
+            segs.append(seg)
+        out = pad_batch(seqs, segs, self.special.pad)
+        out["input_ids"], out["labels"] = mask_tokens(out["input_ids"], self.special, self.vocab_size,
+                                                      generator=self.generator)
+        return out
+
+
 class BertClassificationDataset(Dataset):
     """``[CLS] text [SEP]`` (or ``[CLS] text [SEP] response [SEP]`` when ``pairs``) -> label index."""
 
@@ -335,6 +373,11 @@ class TokenTaggingDataset(Dataset):
 @register_task("mlm_nsp", family="bert")
 def _mlm_nsp(spec: TaskSpec, examples: Sequence[Example], tok) -> Dataset:
     return BertPretrainingDataset(examples, tok.special, tok.vocab_size, tok.encode_batch, spec.max_source_len)
+
+
+@register_task("mlm", family="bert")
+def _mlm(spec: TaskSpec, examples: Sequence[Example], tok) -> Dataset:
+    return BertMaskedLMDataset(examples, tok.special, tok.vocab_size, tok.encode_batch, spec.max_source_len)
 
 
 @register_task("classification", family="bert", needs_labels=True)
