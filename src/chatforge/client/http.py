@@ -3,18 +3,38 @@ and benchmarks/http_vs_grpc.py: the same calls as :class:`~chatforge.client.chan
 (``reply_stream``, ``classify``, ``health``) over the OpenAI-compatible endpoints, so both surfaces
 are measured the same way. Streams parse the SSE ``data:`` lines as any OpenAI client does.
 Built on httpx; imports no torch and no grpc.
+
+Like ChatbotClient, a call whose connection failed before any response arrived (refused, reset,
+closed by a balancer or a draining server as the request went out) is sent again, at most
+``CALL_ATTEMPTS`` times in all; never once a status line arrived or a token was yielded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import random
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+logger = logging.getLogger(__name__)
+
+# The same bounds as chatforge.client.channel's CALL_ATTEMPTS and RETRY_BACKOFF_S (duplicated: that
+# module imports grpc; tests/client/test_http_retry.py checks they agree).
+CALL_ATTEMPTS = 4
+RETRY_BACKOFF_S = (0.05, 0.5)  # first backoff, cap (doubling, full jitter)
+# Failures with no response yet, where the server cannot be answering the request: the connection was
+# refused or reset, a write failed, or the server closed it without a byte ("Server disconnected without
+# sending a response", also what a pooled keep-alive connection closed under the request looks like).
+# Timeouts are not among them: after a read timeout the server may still be working on the request.
+_DROPPED = (httpx.NetworkError, httpx.RemoteProtocolError)
 
 
 class HttpChatError(Exception):
@@ -55,6 +75,7 @@ class HttpChatClient:
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
+        self._closed = threading.Event()
 
     def __enter__(self) -> HttpChatClient:
         return self
@@ -63,7 +84,34 @@ class HttpChatClient:
         self.close()
 
     def close(self) -> None:
+        self._closed.set()  # first: a call waiting to be sent again gives up
         self._http.close()
+
+    def _send(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """POST ``body`` and return the response once its status and headers arrived (body unread:
+        close it). Sent again while the connection failed with no response (see ``_DROPPED``);
+        after the last attempt, HttpChatError 503 "unavailable" (as ``wait_for_ready``; a load test
+        counts it as HTTP_503), from the httpx error."""
+        attempt = 1
+        while True:
+            try:
+                return self._http.send(self._http.build_request("POST", path, json=body), stream=True)
+            except _DROPPED as e:
+                if not self._should_retry(e, attempt, path):
+                    raise HttpChatError(503, f"{self.base_url}{path}: no response after {attempt} "
+                                             f"attempt{'s' if attempt > 1 else ''}: {type(e).__name__}: {e}",
+                                        "unavailable") from e
+                attempt += 1
+
+    def _should_retry(self, e: Exception, attempt: int, path: str) -> bool:
+        """True (after a backoff) if a call that failed with ``e`` before any response may be sent again."""
+        if attempt >= CALL_ATTEMPTS or self._closed.is_set():
+            return False
+        backoff = random.uniform(0, min(RETRY_BACKOFF_S[1], RETRY_BACKOFF_S[0] * 2 ** (attempt - 1)))
+        logger.info("POST %s failed with no response (%s: %s); retrying, attempt %d of %d", path,
+                    type(e).__name__, e, attempt + 1, CALL_ATTEMPTS)
+        # The backoff between attempts; close() ends it early, and then nothing is sent again.
+        return not self._closed.wait(backoff)
 
     @staticmethod
     def _raise(response) -> None:
@@ -97,7 +145,10 @@ class HttpChatClient:
             body["max_tokens"] = max_new_tokens
         if min_new_tokens is not None:
             body["min_tokens"] = min_new_tokens
-        with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+        response = self._send("/v1/chat/completions", body)
+        # From here on the server has answered: an error status, a broken or cut stream raise, never re-send
+        # (a token may already have reached the caller).
+        with closing(response):
             if response.status_code != 200:
                 response.read()
                 self._raise(response)
@@ -125,7 +176,11 @@ class HttpChatClient:
                             completion_tokens=usage.get("completion_tokens") if usage else None)
 
     def classify(self, text: str, model: str | None = None) -> dict[str, Any]:
-        response = self._http.post("/v1/classify", json={"text": text, **({"model": model} if model else {})})
+        response = self._send("/v1/classify", {"text": text, **({"model": model} if model else {})})
+        try:
+            response.read()  # after the status line: a failure here is not sent again
+        finally:
+            response.close()
         if response.status_code != 200:
             self._raise(response)
         return response.json()
