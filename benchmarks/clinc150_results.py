@@ -195,10 +195,25 @@ def train(config: str, run_dir: Path, overrides: list[str]) -> Path:
     return res.bundle_dir
 
 
+# Keys that do not change what a run learns: thread counts (speed only), and file paths compared as the files they
+# name (a relative path is read from the checkout's root, where the documented commands run).
+_SPEED_ONLY = ("train.num_threads",)
+_PATH_KEYS = ("data.path", "data.outliers", "data.unlabelled", "model.init_from", "train.distill_from",
+              "model.outliers")
+
+
 def changed_keys(had, want) -> list[str]:
     """The config keys (dotted) where a run folder's recorded config and the one asked for now differ, outside
-    ``output`` and ``tracking``: a reused run must be the run the table claims (an ensemble's members, a seed)."""
-    a, b = (flatten({k: v for k, v in c.to_dict().items() if k not in ("output", "tracking")}) for c in (had, want))
+    ``output`` and ``tracking``: a reused run must be the run the table claims (an ensemble's members, a seed).
+    Thread counts are not a difference, and paths are compared as the files they name."""
+    def norm(k: str, v):
+        if k in _PATH_KEYS and isinstance(v, str) and v != "sample":
+            return str((ROOT / v).resolve())  # an absolute v stays itself
+        return v
+
+    a, b = ({k: norm(k, v) for k, v in flatten({k: v for k, v in c.to_dict().items()
+                                                 if k not in ("output", "tracking")}).items()
+             if k not in _SPEED_ONLY} for c in (had, want))
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 

@@ -91,6 +91,11 @@ def test_a_run_folder_is_reused_only_for_the_same_configuration(script, tmp_path
     assert script.changed_keys(base, cfg('model.members=["a", "b"]', "output.dir=elsewhere")) == []
     assert script.changed_keys(base, cfg('model.members=["a", "c"]')) == ["model.members"]
     assert script.changed_keys(base, cfg('model.members=["a", "b"]', "seed=3")) == ["seed"]
+    # threads change speed, not the model; a path is the file it names, however it is spelt
+    assert script.changed_keys(base, cfg('model.members=["a", "b"]', "train.num_threads=2")) == []
+    same = f"data.path={ROOT.parent / 'shared' / 'data' / 'clinc150' / 'data_full_trainval.json'}"
+    assert script.changed_keys(base, cfg('model.members=["a", "b"]', same)) == []
+    assert script.changed_keys(base, cfg('model.members=["a", "b"]', "data.path=/elsewhere/x.json")) == ["data.path"]
 
 
 def test_unknown_skip_name_is_refused_with_the_allowed_ones(script, capsys):
