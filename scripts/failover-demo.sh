@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Failover demo: two chatforge replicas behind HAProxy with the shipped deploy/haproxy/haproxy.cfg,
 # 8 callers sending 1,000 Classify + 200 Reply calls, and at the halfway mark one replica drained
-# (SIGTERM), killed (SIGKILL + restart) or hung (SIGSTOP/SIGCONT), in TCP and HTTP/2 mode. Prints the
-# failed calls, detach and re-attach times per scenario (README "Failover behind HAProxy" explains them).
+# (SIGTERM), killed (SIGKILL + restart) or hung (SIGSTOP/SIGCONT), over gRPC in TCP and HTTP/2 mode and
+# over the HTTP API (--modes tcp,h2,http). Prints the failed calls, detach and re-attach times per
+# scenario (README "Failover behind HAProxy" explains them).
 #
 #   scripts/failover-demo.sh                                  # trains two tiny bundles first (seconds)
 #   scripts/failover-demo.sh --chat runs/demo/bundle --intent runs/demo-intent/bundle

@@ -1,16 +1,21 @@
 """Failover behind the shipped HAProxy (deploy/haproxy/haproxy.cfg), with real `chatforge serve` replicas.
 
 Two replicas (each in its own network namespace when this process may make them, else on 127.0.0.2 and
-127.0.0.3), HAProxy in front with the shipped file, and 8 concurrent ChatbotClient callers sending
-1,000 Classify and 200 short Reply calls through it. At the halfway mark one replica is, in turn:
+127.0.0.3) serving gRPC and the HTTP API (--http-port), HAProxy in front with the shipped file, and 8
+concurrent callers sending 1,000 Classify and 200 short Reply calls through it. At the halfway mark one
+replica is, in turn:
 
   drain    SIGTERM: readiness flips, HAProxy detaches it, it finishes what it has and exits 0
   kill     SIGKILL, then restarted at once: detach time, and re-attach time after the restart
   hang     SIGSTOP (a wedged process: it answers nothing), SIGCONT once the load is done
 
-for TCP mode (L4, :LB_TCP) and HTTP/2 mode (per-call balancing, :LB_H2). Printed per scenario: failed
-calls (and how many of them were Reply streams already under way), the detach time (signal -> HAProxy
-takes the replica out: NOLB for a drain, DOWN for a dead or hung one) and the re-attach time (restart or SIGCONT -> UP again).
+for three modes: gRPC in TCP mode (L4, :LB_TCP) and in HTTP/2 mode (per-call balancing, :LB_H2), with
+ChatbotClient callers, and the HTTP API (:LB_HTTP, per-request balancing) with HttpChatClient callers
+(POST /v1/classify and streamed POST /v1/chat/completions). Printed per scenario: failed calls (and how
+many of them were Reply streams already under way), the detach time (signal -> HAProxy takes the replica out: NOLB for a drain, DOWN for a dead
+or hung one) and the re-attach time (restart or SIGCONT -> UP again).
+Which replica served a call is read from HAProxy's per-server stats (stot of the mode's backend), the
+same for all three modes.
 
 Run by scripts/failover-demo.sh for users and by tests/scenarios/test_failover_haproxy.py in CI.
 """
@@ -34,14 +39,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
+import httpx  # noqa: E402
 from deploy_helpers import Replica, free_port, http_get, ready, wait_for  # noqa: E402
 
 from chatforge.client import ChatbotClient, ChatbotError  # noqa: E402
+from chatforge.client.http import HttpChatClient, HttpChatError  # noqa: E402
 
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
-GRPC_PORT, METRICS_PORT = 50051, 9100  # the shipped file's defaults; each replica has its own address
+# The shipped file's defaults; each replica has its own address.
+GRPC_PORT, HTTP_PORT, METRICS_PORT = 50051, 8080, 9100
 N_CLASSIFY, N_REPLY, CALLERS = 1000, 200, 8
-BACKEND = {"tcp": "chatforge_l4", "h2": "chatforge_h2"}
+BACKEND = {"tcp": "chatforge_l4", "h2": "chatforge_h2", "http": "chatforge_http"}
+MODES = tuple(BACKEND)
 SCENARIOS = ("drain", "kill", "hang")
 WAIT = 60.0  # bound on every wait (model loads on a busy 2-core machine)
 
@@ -106,12 +115,14 @@ class Topology:
 
 class HAProxy:
     def __init__(self, addrs: list[str], workdir: Path):
-        self.tcp, self.h2, self.stats = free_port(), free_port(), free_port()
+        self.tcp, self.h2, self.http, self.stats = free_port(), free_port(), free_port(), free_port()
         self.check_ports = free_port(), free_port()
         env = {**os.environ, "CHATFORGE_REPLICA_A": addrs[0], "CHATFORGE_REPLICA_B": addrs[1],
-               "CHATFORGE_GRPC_PORT": str(GRPC_PORT), "CHATFORGE_METRICS_PORT": str(METRICS_PORT),
+               "CHATFORGE_GRPC_PORT": str(GRPC_PORT), "CHATFORGE_HTTP_PORT": str(HTTP_PORT),
+               "CHATFORGE_METRICS_PORT": str(METRICS_PORT),
                "CHATFORGE_LB_ADDR": "127.0.0.1", "CHATFORGE_LB_TCP_PORT": str(self.tcp),
-               "CHATFORGE_LB_H2_PORT": str(self.h2), "CHATFORGE_LB_STATS_PORT": str(self.stats),
+               "CHATFORGE_LB_H2_PORT": str(self.h2), "CHATFORGE_LB_HTTP_PORT": str(self.http),
+               "CHATFORGE_LB_STATS_PORT": str(self.stats),
                "CHATFORGE_LB_CHECK_A_PORT": str(self.check_ports[0]),
                "CHATFORGE_LB_CHECK_B_PORT": str(self.check_ports[1])}
         self.log = workdir / "haproxy.log"
@@ -134,6 +145,10 @@ class HAProxy:
     def status(self, backend: str, server: str) -> str:
         return self.servers(backend).get(server, {}).get("status", "")
 
+    def target(self, mode: str) -> str:
+        port = {"tcp": self.tcp, "h2": self.h2, "http": self.http}[mode]
+        return f"127.0.0.1:{port}"
+
     def close(self) -> None:
         self.proc.terminate()
         try:
@@ -142,19 +157,42 @@ class HAProxy:
             self.proc.kill()
 
 
-def _load(target: str, on_half: threading.Event, started_at: list[float]) -> tuple[int, list[tuple]]:
+def _client(mode: str, target: str):
+    """One caller's client: ChatbotClient (gRPC modes) or HttpChatClient (http), each on its own connection."""
+    if mode == "http":
+        # Its own httpx pool: its own keep-alive connection to HAProxy, which balances each request.
+        return HttpChatClient(target, timeout=20)
+    # Its own TCP connection per caller: gRPC shares one subchannel (one connection) between channels with the
+    # same target and arguments, and a TCP-mode balancer spreads connections, not calls, so 8 callers on one
+    # connection all reached one replica and the victim sometimes served nothing before the event.
+    return ChatbotClient(target, timeout=20, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _error(e: Exception) -> str:
+    if isinstance(e, ChatbotError):
+        return f"{e.code.name}: {e.details[:80]}"
+    if isinstance(e, HttpChatError):
+        return f"{e.status_name} {e.code or ''}: {e.message[:80]}"
+    return f"{type(e).__name__}: {str(e)[:80]}"  # httpx: the connection broke after the response began
+
+
+# What a failed call raises: the gRPC client's error; the HTTP client's error status (HAProxy's own 5xx
+# included) or no answer after its retries, an httpx error for a reply stream cut after its first token,
+# and ValueError for an event cut in the middle.
+CALL_ERRORS = (ChatbotError, HttpChatError, httpx.HTTPError, ValueError)
+
+
+def _load(target: str, on_half: threading.Event, started_at: list[float], mode: str = "h2") -> tuple[int, list[tuple]]:
     """8 callers, 1,000 Classify + 200 Reply; sets on_half once half of them finished.
 
-    Returns (calls, failures) with each failure (time, rpc, started_reply, error)."""
+    Returns (calls, failures) with each failure (time, rpc, started_reply, error): a Reply counts as
+    started once a token arrived."""
     tasks = ["reply" if i % 6 == 0 else "classify" for i in range(N_CLASSIFY + N_REPLY)]
     lock, nxt, done, failures = threading.Lock(), [0], [0], []
     half = len(tasks) // 2
 
     def caller(k: int) -> None:
-        # Its own TCP connection per caller: gRPC shares one subchannel (one connection) between channels with the
-        # same target and arguments, and a TCP-mode balancer spreads connections, not calls, so 8 callers on one
-        # connection all reached one replica and the victim sometimes served nothing before the event.
-        with ChatbotClient(target, timeout=20, options=[("grpc.use_local_subchannel_pool", 1)]) as client:
+        with _client(mode, target) as client:
             while True:
                 with lock:
                     if nxt[0] >= len(tasks):
@@ -168,9 +206,9 @@ def _load(target: str, on_half: threading.Event, started_at: list[float]) -> tup
                             got += 0 if chunk.is_final else 1
                     else:
                         client.classify(f"hello there {i}", model="intent")
-                except ChatbotError as e:
+                except CALL_ERRORS as e:
                     with lock:
-                        failures.append((t0, tasks[i], got > 0, f"{e.code.name}: {e.details[:80]}"))
+                        failures.append((t0, tasks[i], got > 0, _error(e)))
                 with lock:
                     done[0] += 1
                     if done[0] == half:
@@ -192,7 +230,7 @@ class Failover:
         self.topo = Topology(use_netns)
         self.replicas = [Replica(chat, intent, self.topo.addrs[i], GRPC_PORT, METRICS_PORT,
                                  workdir / f"replica-{'ab'[i]}.log", netns=self.topo.netns[i], grace=grace,
-                                 drain_delay=drain_delay) for i in (0, 1)]
+                                 drain_delay=drain_delay, http_port=HTTP_PORT) for i in (0, 1)]
         self.lb: HAProxy | None = None
 
     def __enter__(self) -> Failover:
@@ -230,11 +268,11 @@ class Failover:
         self.wait_up("a")
         self.wait_up("b")
         backend = BACKEND[mode]
-        target = f"127.0.0.1:{self.lb.tcp if mode == 'tcp' else self.lb.h2}"
+        target = self.lb.target(mode)
         half, started_at, out = threading.Event(), [], {}
         t_start = time.monotonic()
         loader = threading.Thread(target=lambda: out.update(zip(("calls", "failures"),
-                                                                _load(target, half, started_at), strict=True)))
+                                                                _load(target, half, started_at, mode), strict=True)))
         loader.start()
         if not half.wait(timeout=600):
             raise TimeoutError("the load never reached its halfway mark")
@@ -304,7 +342,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chat", type=Path, help="generation bundle (default: train a tiny one)")
     p.add_argument("--intent", type=Path, help="classification bundle (default: train a tiny one)")
-    p.add_argument("--modes", default="tcp,h2")
+    p.add_argument("--modes", default=",".join(MODES), help="tcp, h2 (gRPC) and http (the HTTP API)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--loopback", action="store_true", help="no network namespaces")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -318,12 +356,12 @@ def main(argv: list[str]) -> int:
         results = []
         with Failover(a.chat, a.intent, work, use_netns=False if a.loopback else None) as f:
             print(f"replicas: {f.topo.kind} {f.topo.addrs}; HAProxy TCP :{f.lb.tcp}, HTTP/2 :{f.lb.h2}, "
-                  f"stats http://127.0.0.1:{f.lb.stats}/stats", flush=True)
+                  f"HTTP API :{f.lb.http}, stats http://127.0.0.1:{f.lb.stats}/stats", flush=True)
             for mode in a.modes.split(","):
                 for sc in a.scenarios.split(","):
                     r = f.run(mode, sc)
                     results.append(r)
-                    print(f"{mode:3} {sc:5}: {r.failed} failed of {r.calls} ({r.failed_started_replies} started "
+                    print(f"{mode:4} {sc:5}: {r.failed} failed of {r.calls} ({r.failed_started_replies} started "
                           f"replies, {r.failed_after_detach} after detach), detach {r.detach_s} s, re-attach "
                           f"{r.reattach_s} s, exit {r.exit_code}, {r.seconds} s" + "".join(f"\n      {e}" for e in r.errors),
                           flush=True)

@@ -86,9 +86,11 @@ class Replica:
     """One `chatforge serve` subprocess (optionally inside a network namespace) with both bundles."""
 
     def __init__(self, chat: Path, intent: Path, host: str, port: int, metrics_port: int, log: Path,
-                 netns: str | None = None, grace: float = 5.0, drain_delay: float | None = None):
+                 netns: str | None = None, grace: float = 5.0, drain_delay: float | None = None,
+                 http_port: int | None = None):
         self.chat, self.intent, self.host, self.port, self.metrics_port = chat, intent, host, port, metrics_port
         self.log, self.netns, self.grace, self.drain_delay = log, netns, grace, drain_delay
+        self.http_port = http_port  # also serve the HTTP API (--http-port) when set
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -101,6 +103,8 @@ class Replica:
                "--grace", str(self.grace)]
         if self.drain_delay is not None:
             cmd += ["--drain-delay", str(self.drain_delay)]
+        if self.http_port is not None:
+            cmd += ["--http-port", str(self.http_port)]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         env = {**os.environ, "CHATFORGE_ENV": "test", "CHATFORGE_LOG_FORMAT": "human", "OMP_NUM_THREADS": "1",

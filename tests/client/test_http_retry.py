@@ -1,6 +1,7 @@
-"""HttpChatClient sends a call again when the connection dropped before any response arrived
-(a balancer or a draining server closing a keep-alive connection as the request goes out), as
-ChatbotClient does over gRPC; never once a status line arrived, never once a token was yielded."""
+"""HttpChatClient sends a call again when its connection failed unanswered (a balancer or a draining
+server closing a keep-alive connection as the request goes out, a replica killed while writing), as
+ChatbotClient does over gRPC: Classify until its whole answer arrived, a Reply only before its first
+token; never after an error status, never once a token was yielded."""
 
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def test_a_server_that_always_drops_fails_after_call_attempts(serve, rpc):
     assert len(server.requests) == CALL_ATTEMPTS
     err = info.value
     assert (err.status, err.code, err.status_name) == (503, "unavailable", "HTTP_503")
-    assert f"no response after {CALL_ATTEMPTS} attempts" in err.message
+    assert f"no answer after {CALL_ATTEMPTS} attempts" in err.message
     assert isinstance(err.__cause__, httpx.RemoteProtocolError)  # the original httpx error is kept
 
 
@@ -181,6 +182,43 @@ def test_a_stream_dropped_after_a_token_raises_and_is_not_sent_again(serve):
         for chunk in client.reply_stream("hi"):
             seen.append(chunk)
     assert [c.text for c in seen] == ["hel"]  # the token reached the caller once; the reply is not repeated
+    assert len(server.requests) == 1
+
+
+def _chunked_head(content_type: str) -> bytes:
+    return f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def test_a_classify_cut_after_its_status_is_sent_again(serve):
+    # A replica killed between writing the status line and the body (uvicorn writes them separately):
+    # the answer never arrived whole, and classifying again is safe.
+    whole = _response("200 OK", json.dumps(CLASSIFY_BODY).encode(), "application/json")
+    server = serve(lambda i: _chunked_head("application/json") + _chunk(b'{"label": ') if i == 0 else whole)
+    with HttpChatClient(server.target, timeout=5.0) as client:
+        assert client.classify("hello") == CLASSIFY_BODY
+    assert len(server.requests) == 2
+
+
+def test_a_stream_cut_before_its_first_token_is_sent_again(serve):
+    role = b'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
+    server = serve(lambda i: _chunked_head("text/event-stream") + _chunk(role) if i == 0
+                   else _response("200 OK", STREAM_BODY, "text/event-stream"))
+    with HttpChatClient(server.target, timeout=5.0) as client:
+        chunks = list(client.reply_stream("hi"))
+    assert [c.text for c in chunks if not c.is_final] == ["hel", "lo"]  # once: nothing had reached the caller
+    assert len(server.requests) == 2
+
+
+def test_an_error_status_whose_body_is_cut_is_still_the_answer(serve):
+    head = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = serve(lambda i: head + _chunk(b'{"error": '))
+    with HttpChatClient(server.target, timeout=5.0) as client, pytest.raises(HttpChatError) as info:
+        client.classify("hello")
+    assert info.value.status == 503 and "cut" in info.value.message
     assert len(server.requests) == 1
 
 

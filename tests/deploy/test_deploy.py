@@ -11,7 +11,10 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from chatforge.serving.service import SERVICE_NAME
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 GRPC_PORT = 50051
+HTTP_PORT = 8080  # the replicas' --http-port and HAProxy's HTTP API frontend
 
 
 def _flag(args: list[str], name: str) -> str:
@@ -84,10 +88,16 @@ def _haproxy_servers(text: str) -> dict[str, list[list[str]]]:
     return backends
 
 
+def _haproxy_section(text: str, header: str) -> str:
+    """The lines of one section (``backend chatforge_http``), up to the next section or comment block."""
+    body = text.split(f"\n{header}\n", 1)[1]
+    return re.split(r"\n(?:#|global|defaults|frontend|backend|listen|resolvers)\b", body, maxsplit=1)[0]
+
+
 def test_haproxy_config_checks_every_replica_every_second():
     text = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
     backends = _haproxy_servers(text)
-    assert set(backends) == {"chatforge_l4", "chatforge_h2"}
+    assert set(backends) == {"chatforge_l4", "chatforge_h2", "chatforge_http"}
     for name, servers in backends.items():
         assert len(servers) == 2, name
         for words in servers:
@@ -96,6 +106,14 @@ def test_haproxy_config_checks_every_replica_every_second():
                         "on-marked-down shutdown-sessions"):
                 assert opt in " ".join(words), (name, opt)
             assert ("proto h2" in " ".join(words)) == (name == "chatforge_h2")
+            port = "${CHATFORGE_HTTP_PORT-8080}" if name == "chatforge_http" else "${CHATFORGE_GRPC_PORT-50051}"
+            assert words[2].endswith(f':{port}"'), (name, words[2])
+    # Every backend checks readiness the same way, and handles a drain (404 -> NOLB) the same way.
+    for name in backends:
+        section = _haproxy_section(text, f"backend {name}")
+        for must in ("option httpchk GET /readyz", "http-check disable-on-404", "http-check expect status 200",
+                     "balance roundrobin"):
+            assert must in section, (name, must)
     # A draining replica (503) becomes 404 = NOLB through its check listener; dead or hung ones fail.
     for srv in ("a", "b"):
         assert f'check addr 127.0.0.1 port "${{CHATFORGE_LB_CHECK_{srv.upper()}_PORT-' in text
@@ -103,12 +121,42 @@ def test_haproxy_config_checks_every_replica_every_second():
         assert "http-response set-status 404 reason draining if { status 503 }" in listener
         assert "retries 0" in listener and "timeout server 800ms" in listener
         assert f"server {srv} \"${{CHATFORGE_REPLICA_{srv.upper()}-chatbot-{srv}}}:${{CHATFORGE_METRICS_PORT-9100}}\"" in listener
-    assert text.count("    http-check disable-on-404\n") == 2  # in both backends
+    assert text.count("    http-check disable-on-404\n") == 3  # in every backend
     for must in ("option httpchk GET /readyz", "http-check expect status 200", "retries 3",
                  "option redispatch", "timeout check 1s", "retry-on conn-failure empty-response",
                  "bind \"${CHATFORGE_LB_ADDR-}:${CHATFORGE_LB_H2_PORT-50052}\" proto h2"):
         assert must in text, must
     assert re.search(r"frontend grpc_l4\s+mode tcp", text) and re.search(r"frontend grpc_h2\s+mode http", text)
+
+
+def test_haproxy_config_serves_the_http_api():
+    """The HTTP API frontend: HTTP/1.1 (no proto h2) to the replicas' --http-port, with the requests that
+    never got an answer retried, and nothing that would hold back a streamed (SSE) reply."""
+    text = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    frontend = _haproxy_section(text, "frontend http_api")
+    assert re.match(r"\s+mode http\n", frontend)
+    assert 'bind "${CHATFORGE_LB_ADDR-}:${CHATFORGE_LB_HTTP_PORT-8080}"\n' in frontend
+    assert "proto h2" not in frontend and "default_backend chatforge_http" in frontend
+    assert "timeout http-request" in frontend  # slow request headers cannot hold a connection open
+    backend = _haproxy_section(text, "backend chatforge_http")
+    assert re.match(r"\s+mode http\n", backend)
+    assert "retry-on conn-failure empty-response\n" in backend
+    # HAProxy only retries a request it had whole before sending it (a POST body sent after its headers
+    # disabled the retry: 502 to the client when a replica was killed under it).
+    assert "option http-buffer-request\n" in backend
+    # Each token goes out as it comes (test_haproxy_streams_server_sent_events_as_they_come shows why).
+    assert "option http-no-delay\n" in backend
+    for words in _haproxy_servers(text)["chatforge_http"]:
+        assert "proto" not in words  # HTTP/1.1, what uvicorn speaks
+    # A compression filter would hold a streamed reply back: none in any active line.
+    active = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    for never in ("compression", "filter "):
+        assert never not in active, never
+    # The streamed reply's own pings (every PING_S while idle) keep it inside the server timeout.
+    from chatforge.serving.http import PING_S
+
+    server_timeout = float(re.search(r"^\s+timeout server (\d+)s$", text, re.M).group(1))
+    assert server_timeout > PING_S
 
 
 def test_haproxy_accepts_the_config():
@@ -119,6 +167,96 @@ def test_haproxy_accepts_the_config():
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "Configuration file is valid" in r.stdout + r.stderr, r.stdout + r.stderr
     assert "[WARNING]" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+SSE_EVENTS = 20
+
+
+class _SseReplica(BaseHTTPRequestHandler):
+    """A stand-in replica: /readyz 200 (through the check listeners), and a POST answered with SSE events
+    written one at a time, each only after the client got the one before (``acked``)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # our writes go out at once; any holding back is HAProxy's
+    acked: list[threading.Event] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body = b'{"status": "ready"}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("cache-control", "no-store")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for i, acked in enumerate(self.acked):
+            data = f"data: {i}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            if not acked.wait(10):  # held back by the balancer: the test fails on its own bound
+                return
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def test_haproxy_streams_server_sent_events_as_they_come(tmp_path):
+    """The shipped config, run by a real HAProxy, forwards each event of a streamed reply the moment the
+    replica writes it: the replica writes event i+1 only once the client has event i, so a balancer that
+    buffered the response would stall the stream, and one that corked small writes (MSG_MORE, up to 200 ms
+    each) would take seconds for the 20 events."""
+    httpx = pytest.importorskip("httpx")
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (tools/ci_install_containers.sh installs Debian's package)")
+    from tests.deploy_helpers import free_port, http_get, wait_for
+
+    _SseReplica.acked = [threading.Event() for _ in range(SSE_EVENTS)]
+    replica = ThreadingHTTPServer(("127.0.0.1", 0), _SseReplica)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    port = str(replica.server_address[1])
+    lb_http, stats = free_port(), free_port()
+    env = {**os.environ, "CHATFORGE_REPLICA_A": "127.0.0.1", "CHATFORGE_REPLICA_B": "127.0.0.1",
+           "CHATFORGE_HTTP_PORT": port, "CHATFORGE_METRICS_PORT": port, "CHATFORGE_GRPC_PORT": str(free_port()),
+           "CHATFORGE_LB_ADDR": "127.0.0.1", "CHATFORGE_LB_HTTP_PORT": str(lb_http),
+           "CHATFORGE_LB_TCP_PORT": str(free_port()), "CHATFORGE_LB_H2_PORT": str(free_port()),
+           "CHATFORGE_LB_STATS_PORT": str(stats), "CHATFORGE_LB_CHECK_A_PORT": str(free_port()),
+           "CHATFORGE_LB_CHECK_B_PORT": str(free_port())}
+    log = tmp_path / "haproxy.log"
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")], env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    try:
+        def http_servers_up() -> bool:
+            status, body = http_get(f"http://127.0.0.1:{stats}/stats;csv")
+            rows = [r.split(",") for r in body.splitlines() if r.startswith("chatforge_http,")]
+            return status == 200 and sum(1 for r in rows if r[1] in ("a", "b") and r[17] == "UP") == 2
+
+        wait_for(http_servers_up, 15, "HAProxy marks both HTTP servers UP")
+        got, start = [], time.monotonic()
+        with httpx.Client(timeout=15) as client, client.stream(
+                "POST", f"http://127.0.0.1:{lb_http}/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream"
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    got.append(int(line[6:]))
+                    _SseReplica.acked[got[-1]].set()
+        took = time.monotonic() - start
+    finally:
+        for acked in _SseReplica.acked:
+            acked.set()
+        proc.terminate()
+        proc.wait(timeout=10)
+        replica.shutdown()
+        replica.server_close()
+    assert got == list(range(SSE_EVENTS)), log.read_text()[-2000:]
+    assert took < 2.0, f"{SSE_EVENTS} events took {took:.2f} s through HAProxy: held back between writes"
 
 
 def _compose() -> dict:
@@ -134,10 +272,13 @@ def test_compose_two_replicas_behind_haproxy():
     # haproxy.cfg's replica addresses are these service names.
     assert {hp["environment"]["CHATFORGE_REPLICA_A"], hp["environment"]["CHATFORGE_REPLICA_B"]} == set(replicas)
     assert "./haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in hp["volumes"]
-    assert {"50051:50051", "50052:50052"} <= set(hp["ports"])
+    assert {"50051:50051", "50052:50052", f"{HTTP_PORT}:{HTTP_PORT}"} <= set(hp["ports"])
     for name, svc in replicas.items():
         cmd, env = svc["command"], svc["environment"]
         assert int(_flag(cmd, "--port")) == GRPC_PORT and _flag(cmd, "--host") == "0.0.0.0"
+        # The HTTP API on the port haproxy.cfg's chatforge_http backend reaches (its default).
+        assert int(_flag(cmd, "--http-port")) == HTTP_PORT and str(HTTP_PORT) in svc["expose"]
+        assert {str(GRPC_PORT), env["CHATFORGE_METRICS_PORT"]} <= set(svc["expose"])
         assert env["CHATFORGE_METRICS_PORT"] == "9100" and env["CHATFORGE_SERVER_NAME"] == name
         delay, grace = float(_flag(cmd, "--drain-delay")), float(_flag(cmd, "--grace"))
         assert float(svc["stop_grace_period"].rstrip("s")) > delay + grace
@@ -203,7 +344,9 @@ def test_dockerfile_multi_stage_non_root_with_health_check():
     assert "--timeout=2s" in hc.group(0)
     assert 'ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' in lines  # CPU torch by default
     assert "ARG EXTRAS=serve" in lines and '".[${EXTRAS}]"' in text  # the serving extra only, by default
-    assert "CHATFORGE_METRICS_PORT=9100" in text and "EXPOSE 50051 9100" in lines
+    assert "CHATFORGE_METRICS_PORT=9100" in text and f"EXPOSE 50051 {HTTP_PORT} 9100" in lines
+    cmd = json.loads(next(ln for ln in lines if ln.startswith("CMD [")).split(" ", 1)[1])
+    assert int(_flag(cmd, "--http-port")) == HTTP_PORT and int(_flag(cmd, "--port")) == GRPC_PORT
     ignore = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignore and "runs" in ignore and "!deploy/wheels" in ignore
     for line in lines:

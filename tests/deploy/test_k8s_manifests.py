@@ -109,6 +109,7 @@ def test_serving_pod_probes_drain_and_metrics(rendered):
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     args = c["args"]
     assert ports["grpc"] == int(_flag(args, "--port"))
+    assert ports["http"] == int(_flag(args, "--http-port"))  # the OpenAI-compatible API and chat page
     assert "0.0.0.0" in args  # reachable from the kubelet and the Service, not only localhost
     # Native gRPC probes: readiness on the Chatbot service (NOT_SERVING while loading and draining),
     # liveness on the whole server ("": SERVING while draining, so a drain is never killed).
@@ -129,7 +130,9 @@ def test_serving_pod_probes_drain_and_metrics(rendered):
     ann = dep["spec"]["template"]["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true" and int(ann["prometheus.io/port"]) == ports["metrics"]
     svc = _one(rendered, "Service", "chatforge")
-    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {"grpc", "metrics"}
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {"grpc", "http", "metrics"}
+    # Clients reach the HTTP API on the same port number as the pod serves it (deploy/ uses 8080 throughout).
+    assert {p["port"] for p in svc["spec"]["ports"] if p["targetPort"] == "http"} == {ports["http"]}
     # Locked down like tests/scenarios/test_image.py runs the image.
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]

@@ -1,15 +1,18 @@
 """Failover behind the real HAProxy with the shipped deploy/haproxy/haproxy.cfg (scripts/failover_demo.py).
 
 Two real `chatforge serve` replicas (tiny bundles) in their own network namespaces where they can be
-made (loopback addresses otherwise), 8 ChatbotClient callers sending 1,000 Classify + 200 short Reply
-calls through HAProxy, and at the halfway mark one replica is drained (SIGTERM), killed (SIGKILL, then
-restarted) or hung (SIGSTOP, SIGCONT later), in TCP and in HTTP/2 mode. The figures are printed (the CI
-log shows them) and asserted:
+made (loopback addresses otherwise), 8 callers sending 1,000 Classify + 200 short Reply calls through
+HAProxy, and at the halfway mark one replica is drained (SIGTERM), killed (SIGKILL, then restarted) or
+hung (SIGSTOP, SIGCONT later): over gRPC in TCP and in HTTP/2 mode (ChatbotClient), and over the HTTP
+API (HttpChatClient: /v1/classify and streamed /v1/chat/completions, HAProxy's chatforge_http backend).
+The figures are printed (the CI log shows them) and asserted, the same in every mode:
 
 - drain: no failed call at all, the replica is taken out within 2 s as NOLB (HAProxy's drain state: no
   new calls, open streams carry on; deploy/haproxy/haproxy.cfg turns its 503 into 404) and exits 0;
 - kill: no failed call except a Reply stream that was already under way on the killed replica (its
-  tokens were delivered; nothing can resume it), detached within 2 s, re-attached after its restart;
+  tokens were delivered; nothing can resume it), detached within 2 s, re-attached after its restart.
+  Over HTTP that takes both layers: HAProxy re-sends what the killed replica never answered, and
+  HttpChatClient what it cut (uvicorn writes a status line and its body separately);
 - hang: no failure of a call made after HAProxy marked the replica down, which takes at most 2 s.
 """
 
@@ -40,7 +43,7 @@ def failover(tmp_path_factory):
         yield f
 
 
-@pytest.mark.parametrize("mode", ["tcp", "h2"])
+@pytest.mark.parametrize("mode", ["tcp", "h2", "http"])
 def test_failover_behind_haproxy(failover, mode, capsys):
     results = [failover.run(mode, scenario) for scenario in fd.SCENARIOS]
     with capsys.disabled():

@@ -4,9 +4,11 @@ and benchmarks/http_vs_grpc.py: the same calls as :class:`~chatforge.client.chan
 are measured the same way. Streams parse the SSE ``data:`` lines as any OpenAI client does.
 Built on httpx; imports no torch and no grpc.
 
-Like ChatbotClient, a call whose connection failed before any response arrived (refused, reset,
-closed by a balancer or a draining server as the request went out) is sent again, at most
-``CALL_ATTEMPTS`` times in all; never once a status line arrived or a token was yielded.
+Like ChatbotClient, a call whose connection failed unanswered (refused, reset, closed by a balancer
+or a draining server as the request went out, or cut by a replica that died while writing its answer)
+is sent again, at most ``CALL_ATTEMPTS`` times in all: ``classify`` (idempotent) until its whole answer
+arrived, ``reply_stream`` only before its first token; never after an error status, never after a
+token reached the caller.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ logger = logging.getLogger(__name__)
 # module imports grpc; tests/client/test_http_retry.py checks they agree).
 CALL_ATTEMPTS = 4
 RETRY_BACKOFF_S = (0.05, 0.5)  # first backoff, cap (doubling, full jitter)
-# Failures with no response yet, where the server cannot be answering the request: the connection was
-# refused or reset, a write failed, or the server closed it without a byte ("Server disconnected without
-# sending a response", also what a pooled keep-alive connection closed under the request looks like).
-# Timeouts are not among them: after a read timeout the server may still be working on the request.
+# Failures of the connection, where no answer will come: it was refused or reset, a write failed, the server
+# closed it without a byte ("Server disconnected without sending a response", also what a pooled keep-alive
+# connection closed under the request looks like), or closed it in the middle of an answer (a replica killed
+# while writing). Timeouts are not among them: after a read timeout the server may still be working on it.
 _DROPPED = (httpx.NetworkError, httpx.RemoteProtocolError)
 
 
@@ -88,20 +90,27 @@ class HttpChatClient:
         self._http.close()
 
     def _send(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        """POST ``body`` and return the response once its status and headers arrived (body unread:
-        close it). Sent again while the connection failed with no response (see ``_DROPPED``);
-        after the last attempt, HttpChatError 503 "unavailable" (as ``wait_for_ready``; a load test
-        counts it as HTTP_503), from the httpx error."""
-        attempt = 1
-        while True:
-            try:
-                return self._http.send(self._http.build_request("POST", path, json=body), stream=True)
-            except _DROPPED as e:
-                if not self._should_retry(e, attempt, path):
-                    raise HttpChatError(503, f"{self.base_url}{path}: no response after {attempt} "
-                                             f"attempt{'s' if attempt > 1 else ''}: {type(e).__name__}: {e}",
-                                        "unavailable") from e
-                attempt += 1
+        """POST ``body`` and return the response once its status and headers arrived (body unread: close it)."""
+        return self._http.send(self._http.build_request("POST", path, json=body), stream=True)
+
+    def _next_attempt(self, e: Exception, attempt: int, path: str) -> int:
+        """The next attempt's number after a call failed unanswered with ``e`` (see ``_DROPPED``), after a
+        backoff; past the last attempt (or after close()), HttpChatError 503 "unavailable" from ``e`` (as
+        ``wait_for_ready``; a load test counts it as HTTP_503)."""
+        if not self._should_retry(e, attempt, path):
+            raise HttpChatError(503, f"{self.base_url}{path}: no answer after {attempt} "
+                                     f"attempt{'s' if attempt > 1 else ''}: {type(e).__name__}: {e}",
+                                "unavailable") from e
+        return attempt + 1
+
+    @classmethod
+    def _raise_status(cls, response) -> None:
+        """An error status is the server's answer: raise it (never sent again), even if its body was cut."""
+        try:
+            response.read()
+        except _DROPPED as e:
+            raise HttpChatError(response.status_code, f"error body cut: {type(e).__name__}: {e}") from e
+        cls._raise(response)
 
     def _should_retry(self, e: Exception, attempt: int, path: str) -> bool:
         """True (after a backoff) if a call that failed with ``e`` before any response may be sent again."""
@@ -145,45 +154,53 @@ class HttpChatClient:
             body["max_tokens"] = max_new_tokens
         if min_new_tokens is not None:
             body["min_tokens"] = min_new_tokens
-        response = self._send("/v1/chat/completions", body)
-        # From here on the server has answered: an error status, a broken or cut stream raise, never re-send
-        # (a token may already have reached the caller).
-        with closing(response):
-            if response.status_code != 200:
-                response.read()
-                self._raise(response)
-            finish, usage = None, None
-            for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    err = chunk["error"]
-                    raise HttpChatError(200, err.get("message", ""), err.get("code"))
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    # One chunk per token (its text may still be empty); the opening role chunk is not one.
-                    if "content" in delta and "role" not in delta:
-                        yield HttpChunk(text=delta["content"] or "")
-                    if choice.get("finish_reason"):
-                        finish = choice["finish_reason"]
-            yield HttpChunk(is_final=True, finish_reason=finish,
-                            completion_tokens=usage.get("completion_tokens") if usage else None)
+        path, attempt = "/v1/chat/completions", 1
+        while True:
+            yielded = False
+            try:
+                with closing(self._send(path, body)) as response:
+                    if response.status_code != 200:
+                        self._raise_status(response)
+                    finish, usage = None, None
+                    for line in response.iter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        chunk = json.loads(data)
+                        if "error" in chunk:
+                            err = chunk["error"]
+                            raise HttpChatError(200, err.get("message", ""), err.get("code"))
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        for choice in chunk.get("choices") or ():
+                            delta = choice.get("delta") or {}
+                            # One chunk per token (its text may still be empty); the opening role chunk is not one.
+                            if "content" in delta and "role" not in delta:
+                                yielded = True
+                                yield HttpChunk(text=delta["content"] or "")
+                            if choice.get("finish_reason"):
+                                finish = choice["finish_reason"]
+                    yield HttpChunk(is_final=True, finish_reason=finish,
+                                    completion_tokens=usage.get("completion_tokens") if usage else None)
+                    return
+            except _DROPPED as e:
+                if yielded:  # a token reached the caller: sending again would repeat or splice the reply
+                    raise
+                attempt = self._next_attempt(e, attempt, path)
 
     def classify(self, text: str, model: str | None = None) -> dict[str, Any]:
-        response = self._send("/v1/classify", {"text": text, **({"model": model} if model else {})})
-        try:
-            response.read()  # after the status line: a failure here is not sent again
-        finally:
-            response.close()
-        if response.status_code != 200:
-            self._raise(response)
-        return response.json()
+        path, body, attempt = "/v1/classify", {"text": text, **({"model": model} if model else {})}, 1
+        while True:
+            try:
+                with closing(self._send(path, body)) as response:
+                    if response.status_code != 200:
+                        self._raise_status(response)
+                    response.read()
+                return response.json()
+            except _DROPPED as e:  # unanswered or cut: classifying again is safe (idempotent)
+                attempt = self._next_attempt(e, attempt, path)
 
     def health(self, service: str = "") -> str:
         """``""``: liveness (``/healthz``); anything else: readiness (``/readyz``). SERVING or NOT_SERVING."""
