@@ -114,7 +114,7 @@ def container(serving_image, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("image")
     chat, intent = train_tiny_bundles(tmp)
     name, volume = f"chatforge-ci-{uuid.uuid4().hex[:8]}", f"chatforge-ci-data-{uuid.uuid4().hex[:8]}"
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     _podman("volume", "create", volume)
     # What deploy/k8s/deployment.yaml asks of the pod: read-only root, tmpfs /tmp, writable /data,
     # no capabilities, no privilege escalation, 1 CPU / 1 GiB.
@@ -122,10 +122,11 @@ def container(serving_image, tmp_path_factory):
             "--security-opt", "no-new-privileges", "--cpus", "1", "--memory", "1g",
             "-v", f"{volume}:/data", "-v", f"{chat}:/models/chat:ro", "-v", f"{intent}:/models/intent:ro",
             "-p", f"127.0.0.1:{grpc_port}:50051", "-p", f"127.0.0.1:{metrics_port}:9100",
+            "-p", f"127.0.0.1:{http_port}:8080",
             serving_image, "--model", "chat=/models/chat", "--model", "intent=/models/intent",
-            "--host", "0.0.0.0", "--port", "50051", "--drain-delay", "1", "--grace", "10")
+            "--host", "0.0.0.0", "--port", "50051", "--http-port", "8080", "--drain-delay", "1", "--grace", "10")
     info = {"name": name, "volume": volume, "grpc": f"127.0.0.1:{grpc_port}",
-            "metrics": f"http://127.0.0.1:{metrics_port}", "labels": json.loads((intent / "labels.json").read_text())}
+            "metrics": f"http://127.0.0.1:{metrics_port}", "http": f"http://127.0.0.1:{http_port}", "labels": json.loads((intent / "labels.json").read_text())}
     try:
         wait_for(lambda: ready(info["metrics"] + "/readyz") or _exited(name), 180, "the container's /readyz")
         if _exited(name):
@@ -171,6 +172,22 @@ def test_serving_image_serves_like_kubernetes_runs_it(container, pytestconfig):
     # Read-only root, writable /data (the conversation store) and /tmp.
     assert _podman("exec", name, "touch", "/opt/x", check=False).returncode != 0
     _podman("exec", name, "touch", "/data/probe", "/tmp/probe")
+
+
+def test_the_image_serves_the_http_api_and_page_to_the_official_client(container):
+    # The OpenAI-compatible API and the chat page on the image's port 8080, called through the published port
+    # with the official client, as a user of the deployed stack does (HAProxy's :8080 forwards to it).
+    openai = pytest.importorskip("openai")
+    status, page = http_get(container["http"] + "/")
+    assert status == 200 and "<html" in page.lower()
+    with openai.OpenAI(base_url=container["http"] + "/v1", api_key="unused", timeout=30, max_retries=0) as client:
+        assert {"chat", "intent"} <= {m.id for m in client.models.list().data}
+        chunks = list(client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "안녕하세요"}], max_tokens=8, stream=True,
+            stream_options={"include_usage": True}))
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0] in ("stop", "length")
+    assert 1 <= chunks[-1].usage.completion_tokens <= 8
 
 
 def test_stop_drains_and_exits_zero(container, pytestconfig):
