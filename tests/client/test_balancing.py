@@ -134,7 +134,7 @@ class _DropsFirstCalls:
     trailers: what a client sees when a replica stops with its call accepted but unanswered (a drain's last
     moments on a connection that a TCP-mode balancer still pins to it). Later calls are answered."""
 
-    def __init__(self, drops: int = 1, trailers: bool = False):
+    def __init__(self, drops: int = 1, trailers: bool = False, port: int = 0):
         from concurrent import futures
 
         from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
@@ -158,7 +158,7 @@ class _DropsFirstCalls:
 
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_ChatbotServicer_to_server(Servicer(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
 
     def _drop(self, context):
         if self.trailers:  # a status a chatforge handler sent: its trailers carry the request id
@@ -192,3 +192,39 @@ def test_a_cancelled_status_a_chatforge_server_answered_is_not_sent_again():
         with pytest.raises(ChatbotError) as err:
             client.classify("hello")
         assert err.value.code == grpc.StatusCode.CANCELLED and srv.calls["classify"] == 1
+
+
+def test_a_call_sent_again_waits_for_the_channel_to_reconnect(monkeypatch):
+    # Found by CI behind HAProxy in tcp mode: a killed replica's connections failed, the channel sat in
+    # TRANSIENT_FAILURE for gRPC's reconnect backoff (about 1 s), and every re-send inside that window failed at once
+    # ("failed to connect to all addresses"), though the balancer had a healthy replica. Here the server comes up
+    # right after the first attempt failed; on the old client the re-sends (within 0.35 s) all failed UNAVAILABLE.
+    import socket
+    import threading
+
+    with socket.socket() as s:  # a port with nothing listening yet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first_failure = threading.Event()
+    original = ChatbotClient._should_retry
+
+    def noting(self, *args, **kwargs):
+        first_failure.set()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatbotClient, "_should_retry", noting)
+    result: dict = {}
+    with ChatbotClient(f"127.0.0.1:{port}", timeout=WAIT, options=[("grpc.enable_retries", 0)]) as client:
+        def call():
+            try:
+                result["label"] = client.classify("hello").label
+            except ChatbotError as e:
+                result["error"] = e
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert first_failure.wait(WAIT)
+        with _DropsFirstCalls(drops=0, port=port) as srv:
+            caller.join(WAIT)
+            assert not caller.is_alive()
+            assert result == {"label": "greeting"} and srv.calls["classify"] == 1
