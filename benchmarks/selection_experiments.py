@@ -12,6 +12,10 @@ the other folds only) and, for validation, by a model trained on the whole train
   against random answers (the prototype of ``ranker_pair_lr``);
 - ``label``: p(label | q) . p(label | c) from two linear label classifiers (the prototype of
   ``ranker_label_model``);
+- ``s2s``: per-token log-likelihoods under two small Transformer encoder-decoders (``chatforge.modules``, 2+2
+  pre-LN layers, d_model 128, ``epochs``) trained from scratch on the pairs: forward log p(c | q), backward
+  log p(q | c) (the MMI direction of Li et al. 2016), forward minus the answer's prior log p(c) (read from a lone
+  ``<unk>`` question), and the prior: four columns;
 - ``a+b``: both columns. Results: benchmarks/results/selection-experiments.json.
 
 Run:  PYTHONPATH=src nice -n 10 .venv/bin/python benchmarks/selection_experiments.py --variants base,label+pairlr \\
@@ -201,6 +205,110 @@ class LabelAgreement:
         return np.concatenate([pc[[cid[c] for c in cs]] @ pq[i] for i, cs in enumerate(candidates)])
 
 
+class _PairSeq2Seq(torch.nn.Module):
+    def __init__(self, vocab, pad, d=128, heads=4, layers=2, ff=512, dropout=0.1, max_len=64):
+        from chatforge.modules.embeddings import SinusoidalPositionalEmbedding, TokenEmbedding
+        from chatforge.modules.transformer_layers import TransformerDecoder, TransformerEncoder
+
+        super().__init__()
+        self.pad = pad
+        self.embed = TokenEmbedding(vocab, d, padding_idx=pad)
+        self.positions = SinusoidalPositionalEmbedding(max_len, d)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.encoder = TransformerEncoder(layers, d, heads, ff, dropout, "relu", True)
+        self.decoder = TransformerDecoder(layers, d, heads, ff, dropout, "relu", True)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, src, tgt_in):
+        from chatforge.modules.attention import causal_mask, padding_mask
+
+        mask = padding_mask(src, self.pad)
+        memory = self.encoder(self.dropout(self.embed(src) + self.positions(src.size(1))), mask)
+        y = self.dropout(self.embed(tgt_in) + self.positions(tgt_in.size(1)))
+        return self.head(self.decoder(y, memory, self_mask=causal_mask(tgt_in.size(1)), memory_mask=mask))
+
+
+class Seq2SeqLikelihood:
+    """Forward (q -> a) and backward (a -> q) encoder-decoders; ``scores`` gives four columns per pair: mean log
+    p(c | q), mean log p(q | c), (log p(c | q) - log p(c)) / |c| and log p(c) / |c| (p(c): the forward model
+    reading a lone <unk>)."""
+
+    def __init__(self, epochs=6, batch=64, lr=2e-3, max_len=32, vocab=4000, seed=0):
+        self.epochs, self.batch, self.lr, self.max_len, self.vocab, self.seed = epochs, batch, lr, max_len, vocab, seed
+
+    def _ids(self, texts):
+        return [self.tok.encode(t)[: self.max_len - 1] or [self.tok.unk_id] for t in texts]
+
+    def _batch(self, src, tgt):
+        pad, bos, eos = self.tok.pad_id, self.tok.bos_id, self.tok.eos_id
+        s = torch.full((len(src), max(map(len, src))), pad, dtype=torch.long)
+        width = max(map(len, tgt)) + 1
+        t_in = torch.full((len(tgt), width), pad, dtype=torch.long)
+        t_out = torch.full((len(tgt), width), -100, dtype=torch.long)
+        for i, (a, b) in enumerate(zip(src, tgt, strict=True)):
+            s[i, : len(a)] = torch.tensor(a)
+            t_in[i, : len(b) + 1] = torch.tensor([bos, *b])
+            t_out[i, : len(b) + 1] = torch.tensor([*b, eos])
+        return s, t_in, t_out
+
+    def fit(self, questions, answers):
+        from chatforge.tokenizer import Tokenizer
+
+        pairs = list(dict.fromkeys(zip(questions, answers, strict=True)))
+        qs, ans = [p[0] for p in pairs], [p[1] for p in pairs]
+        self.tok = Tokenizer.train(qs + sorted(set(ans)), vocab_size=self.vocab, on_vocab_too_large="lower")
+        q_ids, a_ids = self._ids(qs), self._ids(ans)
+        self.nets = {}
+        for direction, (src, tgt) in (("forward", (q_ids, a_ids)), ("backward", (a_ids, q_ids))):
+            torch.manual_seed(self.seed)
+            net = _PairSeq2Seq(self.tok.vocab_size, self.tok.pad_id)
+            n = len(src)
+            opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=0.01)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, self.lr, total_steps=self.epochs * -(-n // self.batch),
+                                                        pct_start=0.1)
+            g = torch.Generator().manual_seed(self.seed)
+            for epoch in range(self.epochs):
+                net.train()
+                perm = torch.randperm(n, generator=g)
+                total = 0.0
+                for start in range(0, n, self.batch):
+                    b = perm[start : start + self.batch].tolist()
+                    s, t_in, t_out = self._batch([src[i] for i in b], [tgt[i] for i in b])
+                    logits = net(s, t_in)
+                    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), t_out.reshape(-1), ignore_index=-100)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    total += loss.item() * len(b)
+                log.info("s2s %s epoch %d: loss %.3f", direction, epoch + 1, total / n)
+            net.eval()
+            self.nets[direction] = net
+        return self
+
+    @torch.inference_mode()
+    def _ll(self, net, src, tgt, bs=1024):
+        total, count = np.zeros(len(src)), np.zeros(len(src))
+        order = np.argsort([len(a) + len(b) for a, b in zip(src, tgt, strict=True)], kind="stable")
+        for start in range(0, len(order), bs):
+            idx = order[start : start + bs]
+            s, t_in, t_out = self._batch([src[i] for i in idx], [tgt[i] for i in idx])
+            logp = torch.log_softmax(net(s, t_in).float(), -1)
+            keep = t_out != -100
+            tok = logp.gather(-1, t_out.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+            total[idx], count[idx] = tok.sum(1).numpy(), keep.sum(1).numpy()
+        return total, count
+
+    def scores(self, questions, candidates):
+        fq = self._ids([q for q, cs in zip(questions, candidates, strict=True) for _ in cs])
+        fc = self._ids([c for cs in candidates for c in cs])
+        fwd, nc = self._ll(self.nets["forward"], fq, fc)
+        bwd, nq = self._ll(self.nets["backward"], fc, fq)
+        prior, _ = self._ll(self.nets["forward"], [[self.tok.unk_id]] * len(fc), fc)
+        return np.column_stack([fwd / nc, bwd / nq, (fwd - prior) / nc, prior / nc])
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -221,6 +329,8 @@ def fit_signal(kind, opts, tq, ta, tl, ix):
         return PairLogistic(negatives=int(opts.get("neg", 5)), alpha=float(opts.get("alpha", 1e-6)),
                             ngram=(int(opts.get("lo", 2)), int(opts.get("n", 2))),
                             epochs=int(opts.get("epochs", 5))).fit(q, a)
+    if kind == "s2s":
+        return Seq2SeqLikelihood(epochs=int(opts.get("epochs", 6))).fit(q, a)
     raise ValueError(f"unknown signal {kind!r}")
 
 
