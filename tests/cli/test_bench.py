@@ -108,3 +108,17 @@ def test_bad_options_fail_in_one_line_naming_the_allowed_values(tmp_path, args, 
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and expected in lines[0], r.output
     assert not (tmp_path / "r").exists()
+
+
+def test_threads_default_to_the_cpu_quota_not_the_affinity_mask(tmp_path, monkeypatch):
+    """A 1-CPU container on a 2-CPU host (podman --cpus 1: affinity 2, cgroup quota 1.0) runs with 1 thread.
+    The affinity mask alone gave it 2 (seen in such a container: bench.json threads 2, available_cpus 1)."""
+    from chatforge import runtime
+
+    monkeypatch.setattr(runtime, "_affinity", lambda: 2)
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda *a, **k: 1.0)
+    r = runner.invoke(app, ["bench", "--smoke", "--cases", "tokenizer", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "r" / "bench.json").read_text())
+    assert doc["machine"]["threads"] == 1 and doc["machine"]["cpus_available"] == 1
+    assert doc["machine"]["cpu"]["cgroup_cpu_quota"] == 1.0

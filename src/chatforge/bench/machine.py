@@ -18,11 +18,13 @@ CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512_vnni")
 
 
 def cpus_available() -> int:
-    """CPUs this process may run on (its affinity mask, which a container's cpuset narrows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+    """CPUs this process can keep busy: :func:`chatforge.runtime.available_cpus`, its affinity mask (which a
+    container's cpuset narrows) capped by the cgroup CPU quota (``--cpus 1``, a Kubernetes CPU limit). The
+    affinity alone gave a 1-CPU container 2 threads on this 2-CPU host: every parallel kernel then waited for
+    a thread the quota had not scheduled, and the run measured the oversubscription, not the engines."""
+    from chatforge.runtime import available_cpus
+
+    return available_cpus()
 
 
 def load_average() -> list[float]:
