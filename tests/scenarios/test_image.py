@@ -200,6 +200,11 @@ def test_stop_drains_and_exits_zero(container, pytestconfig):
     say(pytestconfig, f"\npodman stop took {took:.1f} s; exit code {state['ExitCode']}")
     assert state["ExitCode"] == 0, logs[-3000:]
     assert '"event": "stopped"' in logs  # the server's own orderly shutdown, not a SIGKILL
+    # --cpus 1: torch's pool sized from the cgroup quota (runtime.configure_threads), not pinned by the image's
+    # environment (it set OMP_NUM_THREADS=1, which made every container one thread whatever its CPUs)
+    threads = [ln for ln in logs.splitlines() if '"torch threads: ' in ln]
+    assert len(threads) == 1 and '"torch threads: 1 (CPUs available to this process: affinity ' in threads[0]
+    assert "cgroup quota 1.0)" in threads[0], threads
     assert took < 30
 
 
@@ -213,3 +218,14 @@ def test_training_image_has_the_training_stack(engine, pytestconfig):
     r = _podman("run", "--rm", *LIMITS, "--network", "none", "--entrypoint", "torchrun", tag, "--help")
     assert "--nnodes" in r.stdout
     assert "train" in _podman("run", "--rm", *LIMITS, "--network", "none", tag, "--help").stdout
+
+
+def test_the_image_sizes_torch_threads_from_the_cpu_quota(serving_image):
+    """The image leaves torch's thread count to `chatforge serve` (runtime.configure_threads): a container's CPU
+    quota, not an environment variable baked into the image, decides it. The image used to set OMP_NUM_THREADS=1,
+    so `--cpus 2` also ran one thread."""
+    probe = "from chatforge.runtime import configure_threads; print(configure_threads())"
+    for cpus in sorted({1, min(2, os.cpu_count() or 1)}):
+        r = _podman("run", "--rm", *LIMITS, "--network", "none", "--cpus", str(cpus), "--entrypoint", "python3",
+                    serving_image, "-c", probe)
+        assert r.stdout.strip() == str(cpus), (cpus, r.stdout, r.stderr[-1000:])
