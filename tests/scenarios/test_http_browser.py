@@ -84,20 +84,25 @@ def _save(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
+def open_page_and_send(page, base_url: str, text: str):
+    """Open the chat page at ``base_url``, check its model list (the fake engine's), send ``text``; returns the
+    locator of the assistant's reply."""
+    page.goto(f"{base_url}/")
+    page.wait_for_selector("#model option[value='chat']", state="attached", timeout=WAIT * 1000)
+    assert page.locator("#model option").all_inner_texts() == ["chat (v1)", "echo (v1)"]
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    page.wait_for_selector(f".msg.user >> text={text}", timeout=WAIT * 1000)
+    return page.locator(".msg.assistant .text").last
+
+
 def test_chat_page_streams_korean_token_by_token_and_stops(page, tmp_path):
     gen = GatedKoreanGenerator()
     engine = Engine({"chat": gen, "echo": FakeGenerator("echo")}, {"intents": FakeClassifier()})
     with ServerThread(engine, http_port=0) as st:
         st.wait_serving()
-        page.goto(f"http://127.0.0.1:{st.server.http.port}/")
-        page.wait_for_selector("#model option[value='chat']", state="attached", timeout=WAIT * 1000)
-        assert page.locator("#model option").all_inner_texts() == ["chat (v1)", "echo (v1)"]
-
         # 1. A Korean message; the reply appears token by token as the model makes it.
-        page.fill("#input", "안녕! 반가워요")
-        page.press("#input", "Enter")
-        page.wait_for_selector(".msg.user >> text=안녕! 반가워요", timeout=WAIT * 1000)
-        reply = page.locator(".msg.assistant .text").last
+        reply = open_page_and_send(page, f"http://127.0.0.1:{st.server.http.port}", "안녕! 반가워요")
         seen = []
         for i in range(len(REPLY)):
             gen.gate.release()

@@ -163,17 +163,10 @@ def test_chat_page_through_haproxy_streams_token_by_token_and_stops(page, tmp_pa
             seen_urls: list[str] = []
             page.on("request", lambda r: seen_urls.append(r.url))
 
-            # 1. The page, its script and style, and its model list, all from HAProxy's port.
-            page.goto(f"{lb.url}/")
-            page.wait_for_selector("#model option[value='chat']", state="attached", timeout=WAIT * 1000)
-            assert page.locator("#model option").all_inner_texts() == ["chat (v1)", "echo (v1)"]
-
-            # 2. A Korean message; the reply grows one token at a time: after the model's k-th token the
-            #    page shows exactly tokens 1..k, before the (k+1)-th is made.
-            page.fill("#input", "안녕! 반가워요")
-            page.press("#input", "Enter")
-            page.wait_for_selector(".msg.user >> text=안녕! 반가워요", timeout=WAIT * 1000)
-            reply = page.locator(".msg.assistant .text").last
+            # 1. The page, its script and style, and its model list, all from HAProxy's port; 2. a Korean
+            #    message; the reply grows one token at a time: after the model's k-th token the page shows
+            #    exactly tokens 1..k, before the (k+1)-th is made.
+            reply = test_http_browser.open_page_and_send(page, lb.url, "안녕! 반가워요")
             seen, took = [], []
             for k in range(1, len(LONG_REPLY) + 1):
                 gen.gate.release()
