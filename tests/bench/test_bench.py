@@ -71,13 +71,18 @@ def test_cpu_info_uses_the_runtime_module_when_it_exists(monkeypatch):
     assert machine.cpu_info()["model_name"] == "from runtime"
 
 
-def test_cpu_info_without_the_runtime_module_reads_the_machine(monkeypatch):
-    monkeypatch.setitem(sys.modules, "chatforge.runtime", None)
+def test_machine_facts_are_the_runtimes_quota_included(monkeypatch):
+    """The bench describes and sizes CPUs as the server does (chatforge.runtime): a 1-CPU quota on a 2-CPU
+    affinity mask is 1 CPU available, in the report and for the default thread count."""
+    from chatforge import runtime
+
+    monkeypatch.setattr(runtime, "_affinity", lambda: 2)
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda *a, **k: 1.0)
     info = machine.cpu_info()
-    # the keys chatforge.runtime.cpu_info uses for the same facts
-    assert set(info) == {"model_name", "flags", "available_cpus", "load_average"}
-    assert set(info["flags"]) == {"amx_bf16", "avx512_bf16", "avx512_vnni"}
-    assert info["available_cpus"] == machine.cpus_available() >= 1
+    assert {"model_name", "flags", "available_cpus", "load_average", "cgroup_cpu_quota"} <= set(info)
+    assert {"amx_bf16", "avx512_bf16", "avx512_vnni"} <= set(info["flags"])
+    assert info["affinity_cpus"] == 2 and info["cgroup_cpu_quota"] == 1.0
+    assert info["available_cpus"] == machine.cpus_available() == 1
     json.dumps(info)  # JSON-able
 
 

@@ -1,20 +1,15 @@
 """What a benchmark run records about the machine: CPU model and flags, CPUs available, load, peak RSS.
 
-``cpu_info()`` is :func:`chatforge.runtime.cpu_info` where that module exists, else a small reader of
-``/proc/cpuinfo`` with that function's main keys (``model_name``, ``flags``, ``available_cpus``,
-``load_average``), so reports keep one shape either way.
+``cpu_info()`` and ``cpus_available()`` are :mod:`chatforge.runtime`'s, so a report and the server describe and
+size CPUs the same way (affinity capped by the cgroup quota).
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import resource
 from pathlib import Path
 from typing import Any
-
-# The instruction-set flags that decide bf16 and int8 matmul speed on x86 (AMX tiles, AVX-512 BF16, VNNI).
-CPU_FLAGS = ("amx_bf16", "avx512_bf16", "avx512_vnni")
 
 
 def cpus_available() -> int:
@@ -34,27 +29,11 @@ def load_average() -> list[float]:
         return []
 
 
-def _local_cpu_info() -> dict[str, Any]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model_name": model, "flags": {f: f in flags for f in CPU_FLAGS}, "available_cpus": cpus_available(),
-            "load_average": load_average()}
-
-
 def cpu_info() -> dict[str, Any]:
-    """JSON-able: CPU model name, the bf16/int8 flags, CPUs available and the load average now."""
-    try:
-        from chatforge.runtime import cpu_info as runtime_cpu_info  # the serving runtime's own, where present
-    except ImportError:
-        return _local_cpu_info()
+    """JSON-able: CPU model name and flags, CPUs (logical, affinity, cgroup quota, available), the load average
+    now and torch's threads (:func:`chatforge.runtime.cpu_info`, the serving runtime's own)."""
+    from chatforge.runtime import cpu_info as runtime_cpu_info
+
     return dict(runtime_cpu_info())
 
 
