@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 
 import pytest
 
@@ -62,13 +61,6 @@ def test_bad_options_are_refused_before_anything_runs(tmp_path, kwargs, message)
     with pytest.raises(BenchError, match=message):
         run_bench(BenchOptions(out=tmp_path / "r", smoke=True, **kwargs))
     assert not (tmp_path / "r").exists()
-
-
-def test_cpu_info_uses_the_runtime_module_when_it_exists(monkeypatch):
-    fake = types.ModuleType("chatforge.runtime")
-    fake.cpu_info = lambda: {"model_name": "from runtime", "flags": {}, "available_cpus": 7, "load_average": [0.0]}
-    monkeypatch.setitem(sys.modules, "chatforge.runtime", fake)
-    assert machine.cpu_info()["model_name"] == "from runtime"
 
 
 def test_machine_facts_are_the_runtimes_quota_included(monkeypatch):

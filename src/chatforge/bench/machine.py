@@ -11,14 +11,15 @@ import resource
 from pathlib import Path
 from typing import Any
 
+from chatforge.runtime import available_cpus
+from chatforge.runtime import cpu_info as runtime_cpu_info
+
 
 def cpus_available() -> int:
     """CPUs this process can keep busy: :func:`chatforge.runtime.available_cpus`, its affinity mask (which a
     container's cpuset narrows) capped by the cgroup CPU quota (``--cpus 1``, a Kubernetes CPU limit). The
     affinity alone gave a 1-CPU container 2 threads on this 2-CPU host: every parallel kernel then waited for
     a thread the quota had not scheduled, and the run measured the oversubscription, not the engines."""
-    from chatforge.runtime import available_cpus
-
     return available_cpus()
 
 
@@ -32,8 +33,6 @@ def load_average() -> list[float]:
 def cpu_info() -> dict[str, Any]:
     """JSON-able: CPU model name and flags, CPUs (logical, affinity, cgroup quota, available), the load average
     now and torch's threads (:func:`chatforge.runtime.cpu_info`, the serving runtime's own)."""
-    from chatforge.runtime import cpu_info as runtime_cpu_info
-
     return dict(runtime_cpu_info())
 
 
