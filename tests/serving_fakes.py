@@ -156,6 +156,33 @@ class TinySeq2SeqGenerator:
                         bos_id=1, eos_id=2, unk_id=3)
 
 
+class TinyGPTGenerator(TinySeq2SeqGenerator):
+    """A real (tiny, random) GPT language model (``generation``: ``<s> q [SEP]`` then the reply) behind the
+    same protocol, driven by :class:`chatforge.models.gpt.GPTStepModel` in a continuous batch. A wide init
+    makes its next-token choices diverse; ``n_positions`` small enough that long requests run out of room."""
+
+    def __init__(self, name: str = "tiny-gpt", seed: int = 0, n_positions: int = 40, d_model: int = 32):
+        import torch
+
+        from chatforge.models.gpt import GPTConfig, GPTLMHeadModel
+        from chatforge.tokenizer import SpecialIds
+
+        torch.manual_seed(seed)
+        cfg = GPTConfig(d_model=d_model, n_heads=2, n_layers=2, n_positions=n_positions, dropout=0.0,
+                        attn_dropout=0.0, init_std=0.3)
+        self.model = GPTLMHeadModel(cfg, 48, SpecialIds(pad=0, bos=1, eos=2, unk=3, cls=44, sep=45),
+                                    "generation").eval()
+        self.info = ModelInfo(name=name, family="gpt", task="generation", metadata={"tiny": True})
+        self.max_input_tokens = 32
+
+    def step_spec(self):
+        from chatforge.decoding import StepSpec
+        from chatforge.models.gpt import GPTStepModel
+
+        return StepSpec(model=GPTStepModel(self.model), encode=self.encode, new_detokenizer=_TagDetok,
+                        bos_id=1, eos_id=2, unk_id=3)
+
+
 class SlowStepTinySeq2Seq(TinySeq2SeqGenerator):
     """TinySeq2SeqGenerator whose decoding steps take ``step_seconds`` longer, like a real model's
     step under load: the time stands for a long native kernel (the sleep, like one, releases the GIL),

@@ -77,14 +77,16 @@ def test_config_holds_the_typed_family_config_and_the_builder_gets_that_object()
                                       "num_decoder_layers": 1, "d_ff": 64}  # the YAML stays flat
 
 
-def test_only_the_transformer_registers_a_batched_decode_step():
+def test_the_transformer_and_gpt_register_a_batched_decode_step():
     """Continuous batching asks the registry for a family's step model; serving holds no family code."""
     import chatforge.families  # noqa: F401
+    from chatforge.models.gpt import GPTStepModel
     from chatforge.models.transformer import Seq2SeqStepModel
     from chatforge.registry import families, get_family
 
     steps = {name: get_family(name).step_model for name in families()}
     assert steps.pop("transformer") is Seq2SeqStepModel
+    assert steps.pop("gpt") is GPTStepModel
     assert set(steps.values()) == {None}
 
 

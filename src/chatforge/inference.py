@@ -186,6 +186,11 @@ class Seq2SeqGenerator:
         self.tok = bundle.tokenizer
         self.model = bundle.model
         self.max_input_tokens = bundle.config.train.max_source_len
+        # A decoder-only model shares its positions between prompt and reply (GPT): a longer prompt would
+        # leave no room for a token, so it is refused at the edge (INVALID_ARGUMENT) rather than failing mid-batch.
+        room = getattr(self.model, "max_prompt_tokens", None)
+        if room is not None and room < self.max_input_tokens:
+            self.max_input_tokens = max(1, room)
         # Earlier turns the model was trained to read before the message (data.context_turns; 0: none).
         self.context_turns = bundle.config.data.context_turns
         self.info = ModelInfo(name=name, family=bundle.family, task=bundle.task, version=version,

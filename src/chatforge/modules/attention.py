@@ -80,6 +80,15 @@ class GrowingKVCache(KVCache):
     def __len__(self) -> int:
         return self._len
 
+    @classmethod
+    def from_tensors(cls, k: Tensor, v: Tensor, headroom: int = 64) -> GrowingKVCache:
+        """A cache holding ``k``/``v`` (B, H, L, Dh), copied into buffers with room for ``headroom`` more
+        positions (continuous batching rebuilds a batch's caches when rows join or leave)."""
+        cache = cls(initial_capacity=k.size(2) + headroom)
+        if k.size(2):
+            cache.append(k, v)
+        return cache
+
     def _grow(self, like: Tensor, need: int) -> None:
         cap = 0 if self._k_buf is None else self._k_buf.size(2)
         if need <= cap:

@@ -268,7 +268,9 @@ class ContinuousBatcher(_Runner):
         self._thread.start()
 
     def submit(self, req: GenRequest) -> None:
-        cap = self.model.max_len
+        # A model whose room depends on the prompt (GPT: positions shared by prompt and reply) says per row.
+        row_cap = getattr(self.model, "max_steps", None)
+        cap = row_cap(req.prompt_ids) if row_cap is not None else self.model.max_len
         req.max_steps = min(req.options.max_new_tokens, cap) if cap else req.options.max_new_tokens
         self._enqueue(req)
 

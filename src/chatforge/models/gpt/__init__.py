@@ -3,6 +3,7 @@
 from chatforge.models.gpt import pipeline  # noqa: F401  (registers the gpt task pipelines)
 from chatforge.models.gpt.config import GPTConfig
 from chatforge.models.gpt.model import GPT_TASKS, GPTClassifier, GPTLMHeadModel, GPTModel, GPTState, build
+from chatforge.models.gpt.step import GPTStepModel
 from chatforge.registry import register_family
 
 __all__ = [
@@ -12,7 +13,8 @@ __all__ = [
     "GPTLMHeadModel",
     "GPTModel",
     "GPTState",
+    "GPTStepModel",
     "build",
 ]
 
-register_family("gpt", config_cls=GPTConfig, builder=build, tasks=GPT_TASKS)
+register_family("gpt", config_cls=GPTConfig, builder=build, tasks=GPT_TASKS, step_model=GPTStepModel)

@@ -371,10 +371,24 @@ class GPTLMHeadModel(_GPTHeadBase):
         if min(lengths) == 0:
             raise ValueError("every prompt row needs at least one non-pad token")
         rows = [self.prompt_ids(r[:n]) for r, n in zip(input_ids.tolist(), lengths, strict=True)]
+        return self.prefill_rows(rows, input_ids.device, use_cache)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest request (ids before :meth:`prompt_ids` adds its special tokens) that leaves room for
+        at least one new token within ``n_positions``."""
+        return self.cfg.n_positions - 1 - len(self.prompt_ids([]))
+
+    def prefill_rows(self, rows: list[list[int]], device: torch.device | str = "cpu",
+                     use_cache: bool = True) -> GPTState:
+        """:meth:`init_state` for prompts already in the model's input form (:meth:`prompt_ids`), one list
+        of ids per row, no padding (continuous batching prefills its newcomers with this)."""
         width = max(len(r) for r in rows)
+        if min(len(r) for r in rows) == 0:
+            raise ValueError("every prompt row needs at least one token")
         if width >= self.cfg.n_positions:
             raise ValueError(f"the prompt has {width} tokens; the model's n_positions is {self.cfg.n_positions}")
-        dev = input_ids.device
+        dev = device
         # Left-pad, so the next token of every row goes into the same column.
         prompt = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=dev)
         real = torch.zeros((len(rows), width), dtype=torch.bool, device=dev)
