@@ -17,6 +17,7 @@ import torch
 from chatforge import runtime
 from chatforge.bundle import Bundle, load_bundle, torch_class_probs
 from chatforge.decoding import GenerationOptions, StepSpec, autocast_for, generate_stream
+from chatforge.modules import pack_linear_layers
 from chatforge.predictions import ClassPrediction  # re-exported; defined torch-free for the client
 
 __all__ = [  # autocast_for, torch_class_probs, ClassPrediction: re-exported from where they live
@@ -322,6 +323,14 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
         else:
             logger.info("precision %s does not apply to %s (%s bundle); serving it as it is",
                         precision, name, bundle.family)
+    elif isinstance(bundle.model, torch.nn.Module):
+        kernels, why = runtime.fp32_linear_kernels()
+        if kernels == "onednn":
+            n = pack_linear_layers(bundle.model)
+            if n:
+                bundle.metadata = {**bundle.metadata, "fp32_linear": "onednn"}
+            logger.info("fp32 linear layers of %s: %s (%d packed; %s)", name, "oneDNN" if n else
+                        "torch's (oneDNN's op unavailable)", n, why)
     if bundle.task in ("generation", "lm"):  # lm: a decoder-only model continuing the text (GPT)
         return Seq2SeqGenerator(bundle, name, version)
     if bundle.task == "classification":

@@ -14,7 +14,7 @@ import math
 import os
 import platform
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -288,6 +288,30 @@ def int8_dot_products(flags: set[str] | None = None) -> bool:
 def native_bf16(flags: set[str] | None = None) -> bool:
     """Whether this CPU (or one with ``flags``) computes bf16 matmuls natively (AMX or avx512_bf16)."""
     return bool(set(BF16_CPU_FLAGS) & (read_cpu_flags()[1] if flags is None else set(flags)))
+
+
+FP32_LINEAR_ENV = "CHATFORGE_FP32_LINEAR"
+FP32_LINEAR_CHOICES = ("auto", "onednn", "aten")
+
+
+def fp32_linear_kernels(environ: Mapping[str, str] | None = None, cpu_model: str | None = None) -> tuple[str, str]:
+    """Which matmul serves fp32 linear layers -> (``onednn`` | ``aten``, why).
+
+    ``CHATFORGE_FP32_LINEAR`` chooses (``auto``, the default, ``onednn`` or ``aten``). ``auto`` picks oneDNN on AMD
+    CPUs, where torch's own path (oneMKL's sgemm) ran a GPT decode step's linear layers 1.5-1.9x slower than oneDNN
+    (``benchmarks/fp32_linear.py``, AMD EPYC, AVX2), and keeps torch's path elsewhere (not measured on other CPUs).
+    """
+    env = os.environ if environ is None else environ
+    choice = env.get(FP32_LINEAR_ENV, "auto").strip().lower() or "auto"
+    if choice not in FP32_LINEAR_CHOICES:
+        raise ValueError(f"{FP32_LINEAR_ENV}={env.get(FP32_LINEAR_ENV)!r} is not supported; allowed: "
+                         f"{', '.join(FP32_LINEAR_CHOICES)}")
+    if choice != "auto":
+        return choice, f"{FP32_LINEAR_ENV}={choice}"
+    model = cpu_model if cpu_model is not None else (read_cpu_flags()[0] or "")
+    if "AMD" in model.upper():
+        return "onednn", f"auto: {model!r} is an AMD CPU, where oneDNN's fp32 matmul was measured faster than oneMKL's"
+    return "aten", f"auto: {model or 'this CPU'!r} is not an AMD CPU (oneDNN measured faster on AMD only)"
 
 
 def auto_precision(int8_ok: bool = True, width: int | None = None) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from chatforge.modules.embeddings import (
     sinusoidal_table,
 )
 from chatforge.modules.feedforward import FeedForward, make_activation
-from chatforge.modules.linear import apply_linear, linear_fn
+from chatforge.modules.linear import PackedLinear, apply_linear, linear_fn, pack_linear_layers
 from chatforge.modules.transformer_layers import (
     DecoderLayerCache,
     TransformerDecoder,
@@ -31,6 +31,7 @@ __all__ = [
     "KVCache",
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",
+    "PackedLinear",
     "SinusoidalPositionalEmbedding",
     "TokenEmbedding",
     "TransformerDecoder",
@@ -42,6 +43,7 @@ __all__ = [
     "linear_fn",
     "load_stack_from_torch",
     "make_activation",
+    "pack_linear_layers",
     "padding_mask",
     "sinusoidal_table",
 ]

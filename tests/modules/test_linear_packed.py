@@ -1,0 +1,89 @@
+"""fp32 linear layers on oneDNN for serving (``modules.PackedLinear``, ``pack_linear_layers``) and the choice that
+turns it on (``runtime.fp32_linear_kernels``, ``inference.load_model``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from chatforge import runtime
+from chatforge.modules import PackedLinear, apply_linear, linear_fn, pack_linear_layers
+from chatforge.modules import linear as linear_mod
+
+needs_onednn = pytest.mark.skipif(linear_mod._onednn_linear() is None, reason="this torch build has no oneDNN linear op")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 8, linear_mod.PACK_MAX_ROWS, linear_mod.PACK_MAX_ROWS + 1, 300])
+def test_packed_layer_computes_the_linear_layer(rows):
+    torch.manual_seed(0)
+    layer = nn.Linear(512, 600)
+    packed = PackedLinear(layer, linear_mod._onednn_linear())
+    x = torch.randn(rows, 1, 512)  # decode steps pass (B, 1, D)
+    with torch.inference_mode():
+        want = layer(x)
+        for got in (packed(x), linear_fn(packed)(x), apply_linear(packed, x)):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert packed.weight is layer.weight and packed.bias is layer.bias  # readers of .weight keep working
+
+
+@needs_onednn
+def test_only_large_fp32_layers_are_packed():
+    model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 128), nn.Linear(128, 128, bias=False))
+    bf16 = nn.Linear(512, 1024).to(torch.bfloat16)
+    model.append(bf16)
+    assert pack_linear_layers(model) == 1  # 256 x 1024 only: 1024 x 128 and 128 x 128 are below the bar, bf16 stays
+    assert isinstance(model[0], PackedLinear) and type(model[2]) is nn.Linear and model[4] is bf16
+    assert pack_linear_layers(nn.Sequential(nn.Linear(8, 8)), min_weights=0) == 1
+
+
+def test_nothing_is_packed_without_the_op(monkeypatch):
+    monkeypatch.setattr(linear_mod, "_onednn_linear", lambda: None)
+    model = nn.Sequential(nn.Linear(512, 1024))
+    assert pack_linear_layers(model) == 0 and type(model[0]) is nn.Linear
+
+
+def test_fp32_linear_choice():
+    amd, intel = "AMD EPYC 7B13", "Intel(R) Xeon(R) Processor"
+    assert runtime.fp32_linear_kernels({}, amd)[0] == "onednn"
+    assert runtime.fp32_linear_kernels({}, intel)[0] == "aten"  # not measured there: torch's own path stays
+    assert runtime.fp32_linear_kernels({"CHATFORGE_FP32_LINEAR": "aten"}, amd) == ("aten", "CHATFORGE_FP32_LINEAR=aten")
+    assert runtime.fp32_linear_kernels({"CHATFORGE_FP32_LINEAR": "oneDNN"}, intel)[0] == "onednn"
+    with pytest.raises(ValueError, match=r"CHATFORGE_FP32_LINEAR='mkl' is not supported; allowed: auto, onednn, aten"):
+        runtime.fp32_linear_kernels({"CHATFORGE_FP32_LINEAR": "mkl"}, amd)
+
+
+@needs_onednn
+def test_served_gpt_fp32_packs_its_output_layer_and_answers_as_before(tmp_path, monkeypatch):
+    from chatforge.bench.cases import sample_texts
+    from chatforge.bundle import build_from_config, save_bundle
+    from chatforge.config import validate_config
+    from chatforge.decoding import GenerationOptions
+    from chatforge.inference import load_model
+    from chatforge.tokenizer import Tokenizer
+
+    cfg = validate_config({"name": "packed", "data": {"path": "bench"}, "tracking": {"enabled": False},
+                           "model": {"family": "gpt", "task": "generation", "d_model": 256, "n_heads": 4,
+                                     "n_layers": 1, "n_positions": 64, "init_std": 0.3},
+                           "train": {"max_source_len": 24}}, source="test")
+    tok = Tokenizer.train(sample_texts(), vocab_size=1100)
+    torch.manual_seed(0)
+    bundle = save_bundle(tmp_path / "b", model=build_from_config(cfg, tok, None).eval(), tokenizer=tok, config=cfg,
+                         labels=None)
+    served = {}
+    for kernels in ("aten", "onednn"):
+        monkeypatch.setenv("CHATFORGE_FP32_LINEAR", kernels)
+        served[kernels] = load_model(bundle, "g")
+    packed = [m for m in served["onednn"].model.modules() if isinstance(m, PackedLinear)]
+    # the feed-forward (256 x 1024, at the bar) and output (256 x 1,100) layers; not qkv (256 x 768) or out (256 x 256)
+    assert sorted((m.in_features, m.out_features) for m in packed) == [(256, 1024), (256, 1100), (1024, 256)]
+    assert not any(isinstance(m, PackedLinear) for m in served["aten"].model.modules())
+    assert served["onednn"].info.metadata.get("fp32_linear") == "onednn"
+    assert "fp32_linear" not in served["aten"].info.metadata
+    opts = GenerationOptions(max_new_tokens=12)
+    for text in ("안녕하세요", "오늘 날씨 어때"):
+        a = [d.token_id for d in served["aten"].stream(text, opts)]
+        b = [d.token_id for d in served["onednn"].stream(text, opts)]
+        assert a == b and len(set(a)) > 1
