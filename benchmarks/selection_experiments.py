@@ -16,7 +16,21 @@ the other folds only) and, for validation, by a model trained on the whole train
   pre-LN layers, d_model 128, ``epochs``) trained from scratch on the pairs: forward log p(c | q), backward
   log p(q | c) (the MMI direction of Li et al. 2016), forward minus the answer's prior log p(c) (read from a lone
   ``<unk>`` question), and the prior: four columns;
-- ``a+b``: both columns. Results: benchmarks/results/selection-experiments.json.
+- ``xencfeat``: a discriminative cross-encoder (``CrossEncoder``: ``[CLS] question [SEP] candidate [SEP]`` with
+  segment embeddings through a 2-layer pre-LN Transformer encoder from ``chatforge.modules``, d_model 128, a matching
+  read-out over [CLS] and the two segments' mean states, the run's own SentencePiece tokens, trained from scratch with a listwise softmax over the true answer, 5 hard negatives
+  (answers of the nearest other training questions) and 2 random ones) as one more cross-fitted column;
+- ``a+b``: both columns.
+
+and, not a column but a re-ranker on top of the shipped ranker:
+
+- ``xenc``: the cross-encoder trained once on the whole training split; final score = ranker margin + w * its
+  score, w chosen on one seeded half of the validation questions and reported on the other half and on all of
+  validation, beside the ranker alone on the same questions (``rerank_experiment``). ``cache=FILE`` keeps its
+  validation scores, which ``xencfeat`` with the same settings and ``cache`` reuses for its whole-split model.
+
+Settings go after a colon, ``;``-separated: ``xenc:epochs=4;hard=5;rand=2;cache=/tmp/xenc.npz``. Results:
+benchmarks/results/selection-experiments.json.
 
 Run:  PYTHONPATH=src nice -n 10 .venv/bin/python benchmarks/selection_experiments.py --variants base,label+pairlr \\
           [--train-seed S] [--out FILE]
@@ -309,6 +323,213 @@ class Seq2SeqLikelihood:
         return np.column_stack([fwd / nc, bwd / nq, (fwd - prior) / nc, prior / nc])
 
 
+# -- discriminative cross-encoder ---------------------------------------------------------------------------
+
+
+def _answer_key(text):
+    """Answers equal up to spaces and punctuation count as the same answer (no negative of each other)."""
+    return "".join(ch for ch in text if ch.isalnum())
+
+
+class _CrossEncoderNet(torch.nn.Module):
+    """[CLS] question [SEP] candidate [SEP] -> one score: token + sinusoidal position + segment embeddings, a pre-LN
+    Transformer encoder (``chatforge.modules``), then a tanh layer to a scalar over the [CLS] state (``cls``, BERT's
+    pooler) or over [CLS; mean question state; mean candidate state; their product; |their difference|] (``match``).
+    From scratch, the [CLS] read-out stayed at chance on 2,000 training pairs for 4 epochs (train R@1 of 8 0.14,
+    also with mean pooling: 0.17), where ``match`` reached 0.51: the product gives the
+    question-candidate interaction a direct path instead of leaving it to the feed-forward layers to discover."""
+
+    def __init__(self, vocab, pad, d=128, heads=4, layers=2, ff=512, dropout=0.1, max_len=48, readout="cls"):
+        from chatforge.modules.embeddings import SinusoidalPositionalEmbedding, TokenEmbedding
+        from chatforge.modules.transformer_layers import TransformerEncoder
+
+        super().__init__()
+        self.pad = pad
+        self.embed = TokenEmbedding(vocab, d, padding_idx=pad)
+        self.positions = SinusoidalPositionalEmbedding(max_len, d)
+        self.segments = torch.nn.Embedding(2, d)
+        torch.nn.init.normal_(self.segments.weight, std=0.02)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.encoder = TransformerEncoder(layers, d, heads, ff, dropout, "gelu", True)
+        self.readout = readout
+        self.pool = torch.nn.Linear(d * (5 if readout == "match" else 1), d)
+        self.out = torch.nn.Linear(d, 1)
+
+    def forward(self, ids, seg):
+        from chatforge.modules.attention import padding_mask
+
+        x = self.embed(ids) + self.positions(ids.size(1)) + self.segments(seg)
+        h = self.encoder(self.dropout(x), padding_mask(ids, self.pad))
+        z = h[:, 0]
+        if self.readout == "match":  # [CLS; mean q; mean c; product; |difference|] (ESIM-style matching read-out)
+            real = (ids != self.pad).unsqueeze(-1).float()
+            in_c = seg.unsqueeze(-1).float() * real
+            in_q = real - in_c
+            mq = (h * in_q).sum(1) / in_q.sum(1).clamp(min=1.0)
+            mc = (h * in_c).sum(1) / in_c.sum(1).clamp(min=1.0)
+            z = torch.cat([z, mq, mc, mq * mc, (mq - mc).abs()], -1)
+        return self.out(torch.tanh(self.pool(z))).squeeze(-1)
+
+
+class CrossEncoder:
+    """A discriminative cross-encoder trained from scratch with a listwise softmax loss: per training pair, the
+    true answer against ``hard`` negatives drawn (fresh each epoch) from the answers of the ``neighbours`` nearest
+    other training questions (char_wb 1-3-gram TF-IDF cosine, the ranker's char space; the first ``pool_hard``
+    distinct ones) and ``rand`` answers drawn at random from the pool; answers equal to one of the question's own
+    answers (up to spaces and punctuation) are never negatives. Tokens: the run's own SentencePiece model
+    (``chatforge.tokenizer.Tokenizer``, trained on the training questions and answers)."""
+
+    def __init__(self, epochs=4, hard=5, rand=2, batch=32, lr=1e-3, vocab=4000, d=128, layers=2, heads=4, ff=512,
+                 max_len=48, max_q=20, neighbours=30, pool_hard=20, readout="match", seed=0):
+        self.epochs, self.hard, self.rand, self.batch, self.lr = epochs, hard, rand, batch, lr
+        self.vocab, self.d, self.layers, self.heads, self.ff = vocab, d, layers, heads, ff
+        self.max_len, self.max_q, self.neighbours, self.pool_hard, self.seed = max_len, max_q, neighbours, pool_hard, seed
+        self.readout = readout
+        self.epoch_seconds: list[float] = []
+
+    def settings(self):
+        return {k: getattr(self, k) for k in ("epochs", "hard", "rand", "batch", "lr", "vocab", "d", "layers", "heads",
+                                              "ff", "max_len", "max_q", "neighbours", "pool_hard", "readout", "seed")}
+
+    def _pair(self, q, c):
+        """Token ids and segment ids of [CLS] q [SEP] c [SEP], at most ``max_len`` tokens."""
+        cls_, sep = self.tok.special.cls, self.tok.special.sep
+        q = q[: self.max_q]
+        c = c[: self.max_len - len(q) - 3]
+        return [cls_, *q, sep, *c, sep], len(q) + 2
+
+    def _batch(self, qids, cids):
+        seqs = [self._pair(q, c) for q, c in zip(qids, cids, strict=True)]
+        width = max(len(s) for s, _ in seqs)
+        ids = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
+        seg = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, nq) in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            seg[i, nq : len(s)] = 1
+        return ids, seg
+
+    def _ids(self, texts):
+        return [ids or [self.tok.unk_id] for ids in self.tok.encode_batch(list(texts))]
+
+    def _forward(self, qids, cids, parts=4):
+        """Scores in input order; the sequences sorted by length and run in ``parts`` sub-batches, each padded to
+        its own longest (a quarter of the padding of one batch padded to the longest candidate drawn)."""
+        order = np.argsort([min(len(q), self.max_q) + len(c) for q, c in zip(qids, cids, strict=True)], kind="stable")
+        out = torch.empty(len(qids))
+        for idx in np.array_split(order, parts):
+            if len(idx):
+                out = out.index_put((torch.as_tensor(idx),),
+                                    self.net(*self._batch([qids[i] for i in idx], [cids[i] for i in idx])))
+        return out
+
+    def _mine(self, qs, own):
+        """Per distinct question: up to ``pool_hard`` answer ids of its nearest other questions, nearest first."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True, min_df=1)
+        m = vec.fit_transform(qs)  # rows are L2-normalised
+        k = min(self.neighbours, len(qs) - 1)
+        hard = []
+        for start in range(0, len(qs), 1024):
+            s = (m[start : start + 1024] @ m.T).toarray()
+            s[np.arange(s.shape[0]), np.arange(start, start + s.shape[0])] = -1.0  # not itself
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable"), 1)
+            for r, row in enumerate(top):
+                i, seen, out = start + r, set(), []
+                for j in row:
+                    for a in own[j]:
+                        key = self.akey[a]
+                        if key not in seen and key not in self.own_keys[i]:
+                            seen.add(key)
+                            out.append(a)
+                out = out[: self.pool_hard]
+                hard.append(np.asarray(out, dtype=np.int64))
+        return hard
+
+    def fit(self, questions, answers):
+        from chatforge.tokenizer import Tokenizer
+
+        t0 = time.perf_counter()
+        pairs = list(dict.fromkeys(zip(questions, answers, strict=True)))
+        pool = sorted({a for _, a in pairs})
+        aid = {a: i for i, a in enumerate(pool)}
+        dq = sorted({q for q, _ in pairs})
+        qid = {q: i for i, q in enumerate(dq)}
+        own = [[] for _ in dq]
+        for q, a in pairs:
+            own[qid[q]].append(aid[a])
+        self.akey = [_answer_key(a) for a in pool]
+        self.own_keys = [{self.akey[a] for a in o} for o in own]
+        hard = self._mine(dq, own)
+        self.tok = Tokenizer.train(dq + pool, vocab_size=self.vocab, on_vocab_too_large="lower")
+        q_ids, a_ids = self._ids(dq), self._ids(pool)
+        pq = np.asarray([qid[q] for q, _ in pairs])
+        pa = np.asarray([aid[a] for _, a in pairs])
+        self.mining_seconds = round(time.perf_counter() - t0, 1)
+        log.info("xenc: %d pairs, %d questions, %d answers, mean hard list %.1f, vocab %d, prep %.1f s", len(pairs),
+                 len(dq), len(pool), np.mean([len(h) for h in hard]), self.tok.vocab_size, self.mining_seconds)
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        self.net = _CrossEncoderNet(self.tok.vocab_size, self.tok.pad_id, self.d, self.heads, self.layers, self.ff,
+                                    max_len=self.max_len, readout=self.readout)
+        n, k = len(pairs), self.hard + self.rand
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, self.lr, total_steps=self.epochs * -(-n // self.batch),
+                                                    pct_start=0.1)
+        target = torch.zeros(self.batch, dtype=torch.long)
+        for epoch in range(self.epochs):
+            t1 = time.perf_counter()
+            self.net.train()
+            perm = rng.permutation(n)
+            total = correct = 0.0
+            for start in range(0, n, self.batch):
+                b = perm[start : start + self.batch]
+                qs_, cs_ = [], []
+                for i in b:
+                    h = hard[pq[i]]
+                    negs = list(rng.choice(h, size=min(self.hard, len(h)), replace=False)) if len(h) else []
+                    keys = self.own_keys[pq[i]] | {self.akey[j] for j in negs}
+                    while len(negs) < k:  # the random ones (and any the hard list could not give)
+                        j = int(rng.integers(len(pool)))
+                        if self.akey[j] not in keys:
+                            keys.add(self.akey[j])
+                            negs.append(j)
+                    for j in [pa[i], *negs]:
+                        qs_.append(q_ids[pq[i]])
+                        cs_.append(a_ids[j])
+                logits = self._forward(qs_, cs_).view(len(b), k + 1)
+                loss = F.cross_entropy(logits, target[: len(b)])
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                total += loss.item() * len(b)
+                correct += (logits.argmax(1) == 0).sum().item()
+            self.epoch_seconds.append(round(time.perf_counter() - t1, 1))
+            log.info("xenc epoch %d: loss %.3f, train R@1 of %d %.3f, %.0f s", epoch + 1, total / n, k + 1,
+                     correct / n, self.epoch_seconds[-1])
+        self.net.eval()
+        self.train_seconds = round(time.perf_counter() - t0, 1)
+        return self
+
+    @torch.inference_mode()
+    def scores(self, questions, candidates, bs=1024):
+        """One score per (question, candidate), lists concatenated in order."""
+        dq = sorted(set(questions))
+        dc = sorted({c for cs in candidates for c in cs})
+        qi, ci = dict(zip(dq, self._ids(dq), strict=True)), dict(zip(dc, self._ids(dc), strict=True))
+        fq = [qi[q] for q, cs in zip(questions, candidates, strict=True) for _ in cs]
+        fc = [ci[c] for cs in candidates for c in cs]
+        out = np.zeros(len(fq))
+        order = np.argsort([min(len(a), self.max_q) + len(b) for a, b in zip(fq, fc, strict=True)], kind="stable")
+        for start in range(0, len(order), bs):
+            idx = order[start : start + bs]
+            out[idx] = self.net(*self._batch([fq[i] for i in idx], [fc[i] for i in idx])).double().numpy()
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -331,7 +552,139 @@ def fit_signal(kind, opts, tq, ta, tl, ix):
                             epochs=int(opts.get("epochs", 5))).fit(q, a)
     if kind == "s2s":
         return Seq2SeqLikelihood(epochs=int(opts.get("epochs", 6))).fit(q, a)
+    if kind == "xencfeat":  # the cross-encoder's score as a cross-fitted ranker column
+        return CrossEncoder(**xenc_kwargs(opts)).fit(q, a)
     raise ValueError(f"unknown signal {kind!r}")
+
+
+def xenc_kwargs(opts):
+    """``xenc:epochs=3;hard=5`` -> CrossEncoder keyword arguments, cast like the defaults."""
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(CrossEncoder).parameters.items()}
+    unknown = set(opts) - set(defaults) - {"split_seed", "cache"}
+    if unknown:
+        raise ValueError(f"unknown cross-encoder settings {sorted(unknown)}; allowed: {sorted(defaults)}")
+    return {k: type(defaults[k])(v) for k, v in opts.items() if k in defaults}
+
+
+def _split_scores(scores, lists):
+    return np.split(scores, np.cumsum([len(x) for x in lists])[:-1])
+
+
+def rank_metrics(ranks, novel, subset):
+    """R@1 and MRR over the questions ``subset`` (bool), also split into new answers and training answers."""
+    out = {}
+    for name, m in (("", subset), ("_novel", subset & novel), ("_in_pool", subset & ~novel)):
+        r = ranks[m]
+        out[f"r1{name}"] = round(float((r == 0).mean()), 4)
+        out[f"mrr{name}"] = round(float((1.0 / (r + 1)).mean()), 4)
+        out[f"n{name}"] = int(m.sum())
+    return out
+
+
+def rerank_experiment(opts, margins, evals, tq, ta):
+    """Variant ``xenc``: final score = ranker margin + w * cross-encoder score, the cross-encoder trained once on
+    the whole training split; w chosen on one seeded half of the validation questions (R@1 of 10, then MRR of 10),
+    reported on the other half and on all of validation, beside the ranker alone on the same questions. Also the
+    swap (w chosen on the second half, reported on the first) and the out-of-sample figure over all questions that
+    joins the two held-out halves."""
+    import os
+
+    cache = opts.get("cache")
+    keys = [key for key in evals if key[0] == "valid"]
+    if cache and os.path.exists(cache):
+        z = np.load(cache, allow_pickle=False)
+        xs = {key: z[f"{key[0]}_{key[1]}"] for key in keys}
+        info = json.loads(str(z["info"]))
+        log.info("xenc: scores read from %s", cache)
+    else:
+        model = CrossEncoder(**xenc_kwargs(opts)).fit(tq, ta)
+        t0 = time.perf_counter()
+        xs = {key: model.scores(evals[key]["q"], evals[key]["lists"]) for key in keys}
+        info = {"settings": model.settings(), "prep_seconds": model.mining_seconds,
+                "epoch_seconds": model.epoch_seconds, "train_seconds": model.train_seconds,
+                "scoring_seconds_valid_10_and_100": round(time.perf_counter() - t0, 1),
+                "parameters": sum(p.numel() for p in model.net.parameters()), "vocab": model.tok.vocab_size,
+                "tokenizer": "the run's own SentencePiece unigram model (chatforge.tokenizer.Tokenizer) trained on "
+                             "the training questions and answers"}
+        if cache:
+            np.savez(cache, info=json.dumps(info), **{f"{k[0]}_{k[1]}": v for k, v in xs.items()})
+    n = len(evals[("valid", 10)]["q"])
+    novel = evals[("valid", 10)]["novel"]
+    rng = np.random.default_rng(int(opts.get("split_seed", 0)))
+    half_a = np.zeros(n, dtype=bool)
+    half_a[rng.permutation(n)[: n // 2]] = True
+    everyone = np.ones(n, dtype=bool)
+
+    def ranks(key, w):
+        return r1(margins[key] + w * xs[key], evals[key]["lists"])
+
+    grid = [0.0, *np.round(np.geomspace(0.001, 10.0, 41), 5).tolist()]
+
+    def choose(subset):
+        best = max(grid, key=lambda w: (lambda r: ((r == 0).mean(), (1.0 / (r + 1)).mean(), -w))(
+            ranks(("valid", 10), w)[subset]))
+        return float(best)
+
+    def table(w, subset):
+        out = {}
+        for k in (10, 100):
+            out[f"ranker_of_{k}"] = rank_metrics(ranks(("valid", k), 0.0), novel, subset)
+            out[f"ranker_plus_xenc_of_{k}"] = rank_metrics(ranks(("valid", k), w), novel, subset)
+        return out
+
+    w_a, w_b = choose(half_a), choose(~half_a)
+    oos = {}
+    for k in (10, 100):
+        ra, rb = ranks(("valid", k), w_a), ranks(("valid", k), w_b)
+        joined = np.where(half_a, rb, ra)  # each half scored with the w chosen on the other
+        oos[f"ranker_of_{k}"] = rank_metrics(ranks(("valid", k), 0.0), novel, everyone)
+        oos[f"ranker_plus_xenc_of_{k}"] = rank_metrics(joined, novel, everyone)
+    alone = {f"of_{k}": rank_metrics(r1(xs[("valid", k)], evals[("valid", k)]["lists"]), novel, everyone)
+             for k in (10, 100)}
+    res = {**info, "split_seed": int(opts.get("split_seed", 0)), "half_sizes": [int(half_a.sum()), int((~half_a).sum())],
+           "w_grid": "0 and 41 values geometric from 0.001 to 10 (raw cross-encoder logit times w, added to the "
+                     "XGBoost margin)",
+           "cross_encoder_alone_valid": alone,
+           "w_chosen_on_half_a": w_a,
+           "half_a_tuning_in_sample": table(w_a, half_a),
+           "half_b_held_out": table(w_a, ~half_a),
+           "all_valid_with_w_from_half_a": table(w_a, everyone),
+           "swap_w_chosen_on_half_b": w_b,
+           "half_a_held_out_with_w_from_half_b": table(w_b, half_a),
+           "all_valid_out_of_sample_each_half_with_the_other_halfs_w": oos}
+    log.info("xenc alone %s; w from half A %.4g: half B %s", alone, w_a, res["half_b_held_out"])
+    return res
+
+
+def cached_whole_scores(kind, opts, evals):
+    """``xencfeat:...;cache=FILE``: the whole-training-split model's validation scores saved by an ``xenc`` run with
+    the same settings (the same model: it is trained once), or None."""
+    import os
+
+    if kind != "xencfeat" or not os.path.exists(opts.get("cache", "")):
+        return None
+    z = np.load(opts["cache"], allow_pickle=False)
+    saved = json.loads(str(z["info"]))["settings"]
+    want = CrossEncoder(**xenc_kwargs(opts)).settings()
+    if saved != want:
+        raise ValueError(f"{opts['cache']} holds scores of {saved}, not of {want}")
+    missing = [key for key in evals if f"{key[0]}_{key[1]}" not in z.files]
+    if missing:
+        raise ValueError(f"{opts['cache']} lacks scores for {missing}")
+    log.info("xencfeat: whole-split model's scores read from %s", opts["cache"])
+    return {key: z[f"{key[0]}_{key[1]}"] for key in evals}
+
+
+def fit_ranker(cfg, folds, extra=None):
+    """The shipped ranker on the cross-fitted training lists, with ``extra`` columns when given."""
+    x = np.concatenate([f["x"] for f in folds])
+    if extra is not None:
+        x = np.concatenate([x, extra], axis=1)
+    groups = np.asarray([len(lst) for f in folds for lst in f["lists"]])
+    y = np.concatenate([np.r_[1.0, np.zeros(g - 1)] for g in groups])
+    return PairRanker(cfg.ranker, cfg.ranker_trees, cfg.ranker_depth, cfg.ranker_lr, cfg.seed, 2).fit(x, y, groups)
 
 
 def main() -> None:
@@ -365,32 +718,47 @@ def main() -> None:
             evals[(name, k)] = {"q": q, "lists": lists, "x": x, "novel": np.asarray([x_ not in pool for x_ in a])}
     log.info("base features %.1f s", time.perf_counter() - t0)
     results = {}
+    margins = None
     for variant in args.variants.split(","):
         t1 = time.perf_counter()
-        extra_train, extra_eval = [], {}
+        kind, _, arg = variant.partition(":")
+        if kind == "xenc":  # re-ranker on top of the shipped ranker (validation only)
+            if margins is None:
+                base = fit_ranker(cfg, folds)
+                margins = {key: base.predict(e["x"]) for key, e in evals.items() if key[0] == "valid"}
+            res = rerank_experiment(dict(kv.split("=") for kv in arg.split(";") if kv), margins, evals, tq, ta)
+            results[variant] = {"seconds": round(time.perf_counter() - t1, 1), **res}
+            continue
+        extra_train, extra_eval, fold_seconds = [], {}, []
         if variant != "base":
             cols_train, cols_eval = [], {key: [] for key in evals}
             for part in variant.split("+"):  # several signals: one column each
                 kind, _, arg = part.partition(":")
                 opts = dict(kv.split("=") for kv in arg.split(";") if kv)
-                cols_train.append(np.concatenate([fit_signal(kind, opts, tq, ta, tl, f["inside"]).scores(f["hq"], f["lists"])
-                                                  for f in folds]))
-                m = fit_signal(kind, opts, tq, ta, tl, np.arange(len(tq)))
-                for key, e in evals.items():
-                    cols_eval[key].append(m.scores(e["q"], e["lists"]))
+                cols = []
+                for f in folds:
+                    sig = fit_signal(kind, opts, tq, ta, tl, f["inside"])
+                    cols.append(sig.scores(f["hq"], f["lists"]))
+                    if hasattr(sig, "train_seconds"):
+                        fold_seconds.append(sig.train_seconds)
+                cols_train.append(np.concatenate(cols))
+                whole = cached_whole_scores(kind, opts, evals)
+                if whole is None:
+                    m = fit_signal(kind, opts, tq, ta, tl, np.arange(len(tq)))
+                    whole = {key: m.scores(e["q"], e["lists"]) for key, e in evals.items()}
+                for key in evals:
+                    cols_eval[key].append(whole[key])
             extra_train = [np.column_stack(cols_train)]
             extra_eval = {key: np.column_stack(c) for key, c in cols_eval.items()}
-        x = np.concatenate([f["x"] for f in folds])
-        if extra_train:
-            x = np.concatenate([x, np.concatenate(extra_train)], axis=1)
-        groups = np.asarray([len(lst) for f in folds for lst in f["lists"]])
-        y = np.concatenate([np.r_[1.0, np.zeros(g - 1)] for g in groups])
-        ranker = PairRanker(cfg.ranker, cfg.ranker_trees, cfg.ranker_depth, cfg.ranker_lr, cfg.seed, 2).fit(x, y, groups)
+        ranker = fit_ranker(cfg, folds, np.concatenate(extra_train) if extra_train else None)
         res = {"seconds": round(time.perf_counter() - t1, 1)}
+        if fold_seconds:
+            res["fold_train_seconds"] = fold_seconds
         for (name, k), e in evals.items():
             xe = np.concatenate([e["x"], extra_eval[(name, k)]], axis=1) if extra_eval else e["x"]
             ranks = r1(ranker.predict(xe), e["lists"])
             res[f"{name}_r1_of_{k}"] = float((ranks == 0).mean())
+            res[f"{name}_mrr_of_{k}"] = round(float((1.0 / (ranks + 1)).mean()), 4)
             res[f"{name}_r1_of_{k}_novel"] = float((ranks[e["novel"]] == 0).mean())
             res[f"{name}_r1_of_{k}_in_pool"] = float((ranks[~e["novel"]] == 0).mean())
             if extra_eval:  # the extra signal alone
