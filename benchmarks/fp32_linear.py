@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import served_classification as sc  # noqa: E402  (sibling scripts: bundles and inputs)
 import served_generation as sg  # noqa: E402
 
+from chatforge.bench import served  # noqa: E402
+
 KERNELS = ("aten", "onednn")
 
 
@@ -157,11 +159,8 @@ def run(out: Path, size: str = "full", reps: int = 5) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
     lines = [f"# fp32 linear layers: oneDNN (prepacked) vs torch's path ({result['created']})", "",
-             f"CPU: {m['lscpu_model']}; CPUs available {m['cpu'].get('available_cpus')}; torch {m['torch']}; load before "
-             f"{m['load_before']}, after {m['load_after']}"
-             + (" — **loaded: figures are ratios only**" if result["loaded"] else ""), "",
+             f"{served.machine_line(result)}; torch {result['machine']['torch']}", "",
              f"Models: {result['config']['gpt']}; {result['config']['transformer']}; {result['config']['bert']}. "
              f"{result['config']['new_tokens']} new tokens (min = max), greedy; {result['config']['reps']} interleaved "
              "repetitions (median).", "",

@@ -31,6 +31,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import served_generation as sg  # noqa: E402  (a sibling script: bundle, prompts, medians, agreement)
 
+from chatforge.bench import served  # noqa: E402
+
 CASES = ("1 stream", "concurrent")
 ENGINES = {"continuous-fp32": (True, "fp32"), "per-request-fp32": (False, "fp32"),
            "continuous-int8": (True, "int8"), "per-request-int8": (False, "int8")}
@@ -76,19 +78,13 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for precision in ("fp32", "int8"):
             c, p = by.get((f"continuous-{precision}", case)), by.get((f"per-request-{precision}", case))
             if c and p and p["tokens_per_s"] and c["ttft_ms"]:
-                out.append({"case": case, "precision": precision,
-                            "tokens_per_s": round(c["tokens_per_s"] / p["tokens_per_s"], 3),
-                            "best_tokens_per_s": round(c["best_tokens_per_s"] / p["best_tokens_per_s"], 3),
-                            "ttft": round(p["ttft_ms"] / c["ttft_ms"], 3)})
+                out.append({"case": case, "precision": precision, **served.speed_ratio(c, p)})
     return out
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
     lines = [f"# GPT in the engine: continuous batching vs one thread per request ({result['created']})", "",
-             f"CPU: {m['lscpu_model']}; CPUs available {m['cpu'].get('available_cpus')}; load before "
-             f"{m['load_before']}, after {m['load_after']}"
-             + (" — **loaded: figures are ratios only**" if result["loaded"] else ""), "",
+             served.machine_line(result), "",
              f"Model: {result['config']['model']}; {result['config']['new_tokens']} new tokens per reply at most "
              f"(greedy); prompts: {result['config']['prompts']}; {result['config']['reps']} interleaved repetitions "
              "(median).", "",
@@ -109,7 +105,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run(out: Path, size: sg.Size, reps: int | None = None) -> dict[str, Any]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it
-    from chatforge.bench import served
     from chatforge.bench.machine import cpu_info, cpus_available, is_loaded, load_average
 
     reps = reps or size.reps

@@ -243,11 +243,9 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m, c = result["machine"], result["config"]
+    c = result["config"]
     lines = [f"# Served classification vs ONNX Runtime ({result['created']})", "",
-             f"CPU: {m['lscpu_model']}; CPUs available {m['cpu']['available_cpus']}; load before "
-             f"{m['load_before']}, after {m['load_after']}" + (" — **loaded: figures are ratios only**"
-                                                               if result["loaded"] else ""), "",
+             served.machine_line(result), "",
              f"Model: {c['model']}; texts: {c['texts']}; {c['single_texts']} texts one by one, {c['groups']} "
              f"groups of {c['callers']} concurrent callers; {c['reps']} interleaved repetitions (median); servers' "
              f"--max-wait-ms: {c.get('server_max_wait_ms', 'the default')}.", "",

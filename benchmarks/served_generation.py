@@ -299,19 +299,13 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 c, a = by.get((cf, case)), by.get((an, case))
                 if not c or not a or not a["tokens_per_s"] or not c["ttft_ms"]:
                     continue
-                out.append({"case": case, "chatforge": cf, "anchor": an,
-                            "tokens_per_s": round(c["tokens_per_s"] / a["tokens_per_s"], 3),
-                            "best_tokens_per_s": round(c["best_tokens_per_s"] / a["best_tokens_per_s"], 3),
-                            "ttft": round(a["ttft_ms"] / c["ttft_ms"], 3)})
+                out.append({"case": case, "chatforge": cf, "anchor": an, **served.speed_ratio(c, a)})
     return out
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
     lines = [f"# {FAMILIES[result.get('family', 'gpt')].title} ({result['created']})", "",
-             f"CPU: {m['lscpu_model']}; CPUs available {m['cpu']['available_cpus']}; load before "
-             f"{m['load_before']}, after {m['load_after']}" + (" — **loaded: figures are ratios only**"
-                                                               if result["loaded"] else ""), "",
+             served.machine_line(result), "",
              f"Model: {result['config']['model']}; {result['config']['new_tokens']} new tokens per reply at most (greedy); prompts: {result['config']['prompts']}; {result['config']['reps']} interleaved "
              f"repetitions (median).", "",
              "| engine | case | tokens/s (median) | tokens/s (best) | time to first token (ms) |",

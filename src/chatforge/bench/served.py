@@ -68,3 +68,18 @@ def interleaved_runs(engines: Mapping[str, Any], cases: Sequence[str], inputs: M
                     runs[e][case].append(r)
         logger.info("repetition %d/%d done", rep + 1, reps)
     return runs
+
+
+def speed_ratio(fast: Mapping[str, float], base: Mapping[str, float]) -> dict[str, float]:
+    """``fast`` over ``base`` (summary rows with ``tokens_per_s``, ``best_tokens_per_s``, ``ttft_ms``): tokens/s on
+    medians and on best repetitions (> 1: ``fast`` faster), and time to first token (> 1: ``fast`` sooner)."""
+    return {"tokens_per_s": round(fast["tokens_per_s"] / base["tokens_per_s"], 3),
+            "best_tokens_per_s": round(fast["best_tokens_per_s"] / base["best_tokens_per_s"], 3),
+            "ttft": round(base["ttft_ms"] / fast["ttft_ms"], 3)}
+
+
+def machine_line(result: Mapping[str, Any]) -> str:
+    """The report line naming the CPU, the CPUs available and the load, flagged when the run was loaded."""
+    m = result["machine"]
+    return (f"CPU: {m['lscpu_model']}; CPUs available {m['cpu'].get('available_cpus')}; load before {m['load_before']}, "
+            f"after {m['load_after']}" + (" — **loaded: figures are ratios only**" if result["loaded"] else ""))
