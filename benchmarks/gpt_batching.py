@@ -84,10 +84,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# GPT in the engine: continuous batching vs one thread per request ({result['created']})", "",
-             served.machine_line(result), "",
-             f"Model: {result['config']['model']}; {result['config']['new_tokens']} new tokens per reply at most "
-             f"(greedy); prompts: {result['config']['prompts']}; {result['config']['reps']} interleaved repetitions "
-             "(median).", "",
+             served.machine_line(result), "", sg.model_line(result["config"]), "",
              "| engine | runner | case | tokens/s (median) | tokens/s (best) | time to first token (ms) |",
              "|---|---|---|---:|---:|---:|"]
     for r in result["rows"]:
@@ -98,8 +95,7 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["ratios"]:
         lines.append(f"| {r['case']} | {r['precision']} | {r['tokens_per_s']:.2f}x | {r['best_tokens_per_s']:.2f}x | "
                      f"{r['ttft']:.2f}x |")
-    lines += ["", f"Greedy agreement with {REFERENCE} (identical replies / tokens before the first difference):", ""]
-    lines += [f"- {e}: {a['identical_replies']:.0%} / {a['prefix_tokens']:.0%}" for e, a in result["agreement"].items()]
+    lines += sg.agreement_lines(result["agreement"], REFERENCE)
     return "\n".join(lines) + "\n"
 
 

@@ -303,11 +303,19 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def model_line(config: dict[str, Any]) -> str:
+    return (f"Model: {config['model']}; {config['new_tokens']} new tokens per reply at most (greedy); prompts: "
+            f"{config['prompts']}; {config['reps']} interleaved repetitions (median).")
+
+
+def agreement_lines(agreement: dict[str, dict[str, float]], reference: str = REFERENCE) -> list[str]:
+    return ["", f"Greedy agreement with {reference} (identical replies / tokens before the first difference):", "",
+            *(f"- {name}: {a['identical_replies']:.0%} / {a['prefix_tokens']:.0%}" for name, a in agreement.items())]
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# {FAMILIES[result.get('family', 'gpt')].title} ({result['created']})", "",
-             served.machine_line(result), "",
-             f"Model: {result['config']['model']}; {result['config']['new_tokens']} new tokens per reply at most (greedy); prompts: {result['config']['prompts']}; {result['config']['reps']} interleaved "
-             f"repetitions (median).", "",
+             served.machine_line(result), "", model_line(result["config"]), "",
              "| engine | case | tokens/s (median) | tokens/s (best) | time to first token (ms) |",
              "|---|---|---:|---:|---:|"]
     for r in result["rows"]:
@@ -319,9 +327,7 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["ratios"]:
         lines.append(f"| {r['case']} | {r['chatforge']} | {r['anchor']} | {r['tokens_per_s']:.2f}x | "
                      f"{r['best_tokens_per_s']:.2f}x | {r['ttft']:.2f}x |")
-    lines += ["", f"Greedy agreement with {REFERENCE} (identical replies / tokens before the first difference):", ""]
-    for name, a in result["agreement"].items():
-        lines.append(f"- {name}: {a['identical_replies']:.0%} / {a['prefix_tokens']:.0%}")
+    lines += agreement_lines(result["agreement"])
     return "\n".join(lines) + "\n"
 
 
