@@ -214,3 +214,15 @@ def test_replies_decoding_option_must_be_key_value(tmp_path):
     r = runner.invoke(app, ["replies", "--model", f"a={tmp_path}", "--decoding", "no_repeat_ngram_size"])
     assert r.exit_code == 2
     assert "--decoding 'no_repeat_ngram_size' must look like KEY=VALUE" in r.output
+
+
+def test_error_lines_show_brackets_as_they_are():
+    """Server errors, paths and user input reach the CLI's error line: "[SEP]" used to vanish (read as markup) and
+    "[/x]" raised rich's MarkupError instead of printing the error."""
+    import typer
+
+    from chatforge.cli import _shared
+
+    with _shared.err_console.capture() as cap, pytest.raises(typer.Exit):
+        _shared._fail("the turn [SEP] and [/x] are not allowed; allowed: [bold]")
+    assert "the turn [SEP] and [/x] are not allowed; allowed: [bold]" in cap.get()

@@ -146,6 +146,13 @@ def test_cli_clients_send_the_api_key_from_option_or_env_and_never_print_it():
         assert "ok / errors" in runs[3].output and "3 / 0" in runs[3].output
         r = _cli(["chat", t, "-m", "hello"], env={"CHATFORGE_API_KEY": "wrong-key"})
         assert r.exit_code == 1 and "invalid API key" in r.output and "wrong-key" not in r.output
+        # The load test's error summary: the count in red, then the server's message as sent (it printed the
+        # markup itself, "[red]2 x[/] UNAUTHENTICATED ...", before).
+        r = _cli(["loadtest", t, "--rpc", "classify", "-n", "2"])
+        assert "2 x UNAUTHENTICATED: missing API key" in r.output and "[red]" not in r.output, r.output
+        # The message a user typed is echoed as typed ("[/x]" raised MarkupError before the request was sent).
+        r = _cli(["chat", t, "-m", "[/x] hi", "--max-new-tokens", "1"], env={"CHATFORGE_API_KEY": KEY})
+        assert r.exit_code == 0 and "you> [/x] hi" in r.output, r.output
     help_ = _cli(["health", "--help"], env={"CHATFORGE_API_KEY": KEY, "COLUMNS": "200"})
     assert "CHATFORGE_API_KEY" in help_.output and KEY not in help_.output
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from chatforge.settings import LOG_HANDLER_ATTR
 
@@ -40,8 +41,10 @@ def _flag(default: bool, decls: str, *short: str, help: str):
 
 
 def _fail(message: str, code: int = 2) -> None:
-    # soft_wrap: one line whatever the terminal width, so a log or a test sees the whole message.
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # soft_wrap: one line whatever the terminal width, so a log or a test sees the whole message. The message is
+    # escaped: server errors, paths and user input can hold brackets that rich would read as markup ("[SEP]"
+    # vanished) or fail on ("[/x]" raised MarkupError instead of printing the error).
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

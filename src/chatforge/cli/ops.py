@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from chatforge.cli._shared import _check_seconds, _fail, _flag, app, console, err_console
@@ -110,7 +111,7 @@ def chat(
         with ChatbotClient(target, timeout=timeout, **creds) as client:
             if message:
                 for m in message:
-                    console.print(f"[bold cyan]you>[/] {m}", highlight=False)
+                    console.print(f"[bold cyan]you>[/] {escape(m)}", highlight=False)
                     turn(client, m)
                 return
             console.print("[dim]Type a message; Ctrl-D or /quit to leave.[/]")
@@ -126,7 +127,7 @@ def chat(
                     try:
                         turn(client, text)
                     except ChatbotError as e:
-                        err_console.print(f"[red]{e}[/]")
+                        err_console.print(f"[red]{escape(str(e))}[/]", highlight=False)
     except ChatbotError as e:
         _fail(str(e), code=1)
     except ValueError as e:  # e.g. a malformed target
@@ -212,7 +213,7 @@ def _render_loadtest(report, slo_results) -> None:
             bar = "■" * round(width * b["count"] / top)
             console.print(f"  {b['upper'] * 1000:10.1f} ms [{b['count']:>6}] |{bar}", highlight=False)
     for msg, n in d["error_messages"].items():
-        err_console.print(f"[red]{n} x[/] {msg}", highlight=False, markup=False)
+        err_console.print(f"[red]{n} x[/] {escape(msg)}", highlight=False)
     for r in slo_results:
         mark = "[green]PASS[/]" if r.passed else "[bold red]MISS[/]"
         actual = "n/a" if r.actual is None else (
