@@ -135,16 +135,29 @@ class GuideRunner:
         assert r.returncode == 0, (f"README.md:{block.line}: `{command}` exited {r.returncode}\n"
                                    f"stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}")
 
-    def start_server(self, command: str, block: Block) -> None:
-        def fresh(m: re.Match) -> str:
+    def _fresh_port(self) -> str:
+        # The kernel may hand the port it just freed out again: two options of one command once got the same one
+        # (--metrics-port and --port, "Address already in use"), so a port this run holds is never reused.
+        while True:
             port = str(_free_port())
+            if port not in self.ports.values():
+                return port
+
+    def server_command(self, command: str) -> str:
+        """``command`` with every port option on a free port of its own (and --port added when it has none)."""
+        def fresh(m: re.Match) -> str:
+            port = self._fresh_port()
             self.ports[m.group(3)] = port
             return f"{m.group(1)}{m.group(2)}{port}"
 
         command = PORT_OPTION.sub(fresh, command)
         if not re.search(r"--port\b", command):  # the default port, 50051, may be taken on this machine
-            self.ports["50051"] = str(_free_port())
+            self.ports["50051"] = self._fresh_port()
             command = command.split(" #", 1)[0] + f" --port {self.ports['50051']}"
+        return command
+
+    def start_server(self, command: str, block: Block) -> None:
+        command = self.server_command(command)
         port = re.search(r"--port[ =](\d+)", command).group(1)
         self.log.append(command + " &")
         stderr = self.cwd / f"server-{len(self.servers)}.stderr"
@@ -201,6 +214,21 @@ def test_guide_blocks_parse_and_every_skip_gives_a_reason():
                    "chatforge serve", "chatforge health", "chatforge chat", "chatforge evaluate", "chatforge compare"):
         assert needed in text, f"no runnable guide block runs `{needed}`"
     assert all(b.skip_reason for b in blocks if b.skip_reason is not None)
+
+
+def test_each_port_option_of_a_server_gets_a_port_of_its_own(monkeypatch, tmp_path):
+    # CI failed once on `--metrics-port 9100 --port ...`: both got the same free port, the kernel having handed the
+    # one just released out again. The second draw here repeats the first, as the kernel did.
+    import tests.scenarios.test_readme_guide as guide
+
+    draws = iter([40001, 40001, 40002, 40001, 40003])
+    monkeypatch.setattr(guide, "_free_port", lambda: next(draws))
+    runner = GuideRunner(tmp_path, {})
+    got = runner.server_command("chatforge serve --model-dir models/ --metrics-port 9100")
+    assert got == "chatforge serve --model-dir models/ --metrics-port 40001 --port 40002"
+    assert runner.ports == {"9100": "40001", "50051": "40002"}
+    # a later server of the run gets none of the ports the run handed out before
+    assert runner.server_command("chatforge serve --port 7") == "chatforge serve --port 40003"
 
 
 def test_parsing_rules():
