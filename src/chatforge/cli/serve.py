@@ -91,7 +91,9 @@ def serve(
     precision: str = typer.Option("fp32", help="Torch models' precision: fp32; bf16 (weights cast once at "
                                   "load; several times faster matmuls on CPUs with AMX/AVX512-BF16 and on GPUs); "
                                   "int8 (linear layers dynamically quantized at load); auto (the fastest this "
-                                  "CPU supports, logged)."),
+                                  "CPU supports, logged). At fp32 the environment variable CHATFORGE_FP32_LINEAR "
+                                  "(auto, onednn, aten) picks the matmul of large linear layers; auto: oneDNN on "
+                                  "AMD CPUs, torch's elsewhere."),
     backend: list[str] = typer.Option([], "--backend", help="torch (default) or ctranslate2: serve GPT generators "
                                       "and Transformer encoder-decoder generators (post-LN; pre-LN is refused) "
                                       "through CTranslate2 (converted at load; compute type from --precision: "
