@@ -120,7 +120,8 @@ def top_k_top_p_filter(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Te
         sorted_logits, order = torch.sort(out, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # probability of strictly better tokens
-        remove_sorted = mass_before >= top_p  # the first token always has mass_before == 0
+        remove_sorted = mass_before >= top_p  # the first token always has mass_before == 0 ...
+        remove_sorted[..., 0] = False  # ... and stays even when top_p (1e-300) rounds to 0 in float32
         remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
         out = out.masked_fill(remove, float("-inf"))
     return out
@@ -165,8 +166,15 @@ def choose_next(logits: Tensor, options: GenerationOptions, generator: torch.Gen
         return logits.argmax(-1)
     # Any temperature in (0, 10] is valid; a tiny one (1e-30) overflows float32 logits / t to inf and
     # softmax(inf - inf) is NaN, so scale in float64 (range 1e308): the sample is then the argmax.
+    # Below about 1e-306 (the HTTP surface takes any float64, down to 5e-324) even float64 overflows:
+    # the row's maximum is subtracted first, so the best logit scales to 0 and the others to at most
+    # 0 (-inf at worst), which cannot be NaN.
     wide = options.temperature < 1e-3
-    scaled = (logits.double() if wide else logits) / options.temperature
+    if wide:
+        wide_logits = logits.double()
+        scaled = (wide_logits - wide_logits.amax(-1, keepdim=True)) / options.temperature
+    else:
+        scaled = logits / options.temperature
     filtered = top_k_top_p_filter(scaled, options.top_k, options.top_p)
     probs = filtered.softmax(-1, dtype=torch.float64 if wide else torch.float32)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -72,6 +72,18 @@ class InvalidRequestError(EngineError):
     """The request is malformed (empty text, too long, options out of range)."""
 
 
+def check_unicode(text: str, field: str = "text") -> None:
+    """Refuse a lone UTF-16 surrogate (JSON's ``"\\ud800"`` without its pair): it is no character, a
+    tokenizer cannot take it and UTF-8 cannot store it. gRPC never delivers one (proto strings are
+    UTF-8); the HTTP surface's JSON can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{field} holds a lone surrogate ({text[e.start]!r} at character {e.start}), which is not a "
+            "character; allowed: valid Unicode text (a surrogate only as half of an escaped pair)") from None
+
+
 class NoModelForTaskError(EngineError):
     """No model for the requested task is loaded (e.g. Classify on a server with no classifier)."""
 
@@ -454,6 +466,7 @@ class Engine:
             raise InvalidRequestError(
                 f"{field} is {len(text)} characters long; allowed: at most {self.max_input_chars}"
             )
+        check_unicode(text, field)
 
     def check_context(self, turns: Sequence[tuple[str, str]], field: str = "context") -> None:
         """Earlier turns of a conversation, as (role, text): at most MAX_CONTEXT_TURNS, roles from

@@ -60,6 +60,7 @@ from chatforge.serving.engine import (
     InvalidRequestError,
     ModelNotFoundError,
     ReplyDone,
+    check_unicode,
 )
 from chatforge.serving.interceptors import (
     FAILURE_REASON_BY_CODE,
@@ -269,6 +270,8 @@ def error_response(exc: BaseException, request_id: str | None,
     headers = {REQUEST_ID_METADATA_KEY: request_id} if request_id else {}
     if status in (429, 503):
         headers["retry-after"] = str(RETRY_AFTER_S)
+    if status == 401:  # RFC 9110: a 401 names the scheme it wants
+        headers["www-authenticate"] = "Bearer"
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -429,6 +432,8 @@ def earlier_messages(messages: list[ChatMessage], index: int, engine: Engine) ->
             continue
         if msg.role in CONTEXT_ROLES:  # what a model may read; a system prompt is only stored (the body
             engine.check_text(text, field=f"messages[{i}].content")  # limit bounds it, as it bounds all)
+        else:  # stored as UTF-8: a lone surrogate would fail the store's write (and its batch)
+            check_unicode(text, field=f"messages[{i}].content")
         out.append((msg.role, text))
     return out
 
@@ -467,9 +472,10 @@ def stop_sequences(stop: str | list[str] | None) -> list[str]:
     if len(stops) > MAX_STOP:
         raise FieldError("stop", f"stop holds {len(stops)} sequences; allowed: at most {MAX_STOP}")
     for i, s in enumerate(stops):
+        field = f"stop[{i}]" if not isinstance(stop, str) else "stop"
         if not s:
-            raise FieldError(f"stop[{i}]" if not isinstance(stop, str) else "stop",
-                             "a stop sequence is empty; allowed: non-empty strings")
+            raise FieldError(field, "a stop sequence is empty; allowed: non-empty strings")
+        check_unicode(s, field)
     return stops
 
 
@@ -555,6 +561,10 @@ def parse_chat_request(raw: bytes, content_type: str | None) -> ChatCompletionRe
                                          body=e.doc) from None
         except ValueError:  # not UTF-8 (FastAPI's answer to a body it cannot parse)
             raise StarletteHTTPException(status_code=400, detail="There was an error parsing the body") from None
+        except RecursionError:  # arrays/objects nested ~1000 deep: FastAPI's own parser answers 400 too
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "input": {},
+                                           "msg": "arrays/objects nested too deeply to parse (this endpoint's "
+                                                  "schema needs 5 levels)"}], body=None) from None
     try:
         return _CHAT_REQUEST.validate_python(body, from_attributes=True)
     except ValidationError as e:
@@ -563,7 +573,9 @@ def parse_chat_request(raw: bytes, content_type: str | None) -> ChatCompletionRe
 
 
 PING_S = 15.0  # a comment line on an idle stream (as sse-starlette sent), so proxies keep it open
-_SSE_HEADERS = {"cache-control": "no-store", "connection": "keep-alive", "x-accel-buffering": "no",
+# No Connection header of our own: the server sets it (``close`` for HTTP/1.0 or a client that asked),
+# and a fixed ``keep-alive`` beside it made the response say both.
+_SSE_HEADERS = {"cache-control": "no-store", "x-accel-buffering": "no",
                 "content-type": "text/event-stream; charset=utf-8"}
 
 
@@ -728,8 +740,9 @@ class HttpSurface:
     def check_key(self, header: str | None) -> None:
         auth = getattr(self.backend, "auth", None)
         if auth is not None:
-            # The same check (and messages) as gRPC metadata; an HTTP path is never an "open" rpc.
-            auth.check("/http", [(AUTH_METADATA_KEY, header)] if header is not None else [])
+            # The same check as gRPC metadata, its messages naming the header; an HTTP path is never
+            # an "open" rpc.
+            auth.check("/http", [(AUTH_METADATA_KEY, header)] if header is not None else [], http=True)
 
     def require_engine(self) -> Engine:
         engine = self.engine
@@ -1192,9 +1205,13 @@ def create_app(surface: HttpSurface) -> FastAPI:
             return Response(_static(name), media_type=_STATIC_TYPES[name], headers=_PAGE_HEADERS)
         return serve_file
 
-    app.add_api_route("/", page("index.html"), methods=["GET"], include_in_schema=False)
+    app.add_api_route("/", page("index.html"), methods=["GET", "HEAD"], include_in_schema=False)
     for name in ("chat.js", "chat.css"):
-        app.add_api_route(f"/static/{name}", page(name), methods=["GET"], include_in_schema=False)
+        app.add_api_route(f"/static/{name}", page(name), methods=["GET", "HEAD"], include_in_schema=False)
+    # HEAD of the probes (RFC 9110: a server that has GET has HEAD; uptime checkers and `curl -I` use it);
+    # kept out of /openapi.json, which documents the GETs. The server sends the headers without the body.
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -210,8 +210,24 @@ class ServingMetrics:
         return self.registry.get_sample_value(name, labels or {})
 
 
+# Seconds a connection may take to send its request: the server runs a thread per connection, so a
+# client that opens one and never finishes its request line (slowloris) held a thread for good.
+REQUEST_READ_TIMEOUT_S = 10.0
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _MirrorHTTPServer  # type: ignore[assignment]
+
+    def setup(self) -> None:
+        self.timeout = REQUEST_READ_TIMEOUT_S  # read by StreamRequestHandler.setup (socket timeout)
+        super().setup()
+
+    def do_HEAD(self) -> None:  # noqa: N802 - probes and `curl -I`: GET's status and headers, no body
+        self._head_only = True
+        try:
+            self.do_GET()
+        finally:
+            self._head_only = False
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = self.path.split("?", 1)[0]
@@ -243,7 +259,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not getattr(self, "_head_only", False):
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
         # Scrapes come every few seconds: debug, and through logging rather than stderr.

@@ -65,7 +65,9 @@ class ApiKeyAuth:
     def is_open(self, rpc: str) -> bool:
         return self.open_health and rpc.startswith(OPEN_PREFIXES)
 
-    def check(self, rpc: str, metadata) -> None:
+    def check(self, rpc: str, metadata, *, http: bool = False) -> None:
+        """Raise :class:`UnauthenticatedError` unless ``metadata`` carries a valid key (``http``: the key
+        came as an HTTP header, and the messages say so)."""
         if self.is_open(rpc):
             return
         given = None
@@ -74,10 +76,12 @@ class ApiKeyAuth:
                 given = value
                 break
         if given is None:
-            raise UnauthenticatedError("missing API key; send metadata 'authorization: Bearer <key>'")
+            where = "the header 'Authorization: Bearer <key>'" if http else "metadata 'authorization: Bearer <key>'"
+            raise UnauthenticatedError(f"missing API key; send {where}")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise UnauthenticatedError("malformed authorization metadata; expected 'Bearer <key>'")
+            where = "Authorization header" if http else "authorization metadata"
+            raise UnauthenticatedError(f"malformed {where}; expected 'Bearer <key>'")
         candidate = token.strip().encode()
         ok = False
         for k in self._keys:  # no early exit: the time taken does not depend on which key matched

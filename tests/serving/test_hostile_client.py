@@ -1,0 +1,243 @@
+"""A hostile client against the HTTP surface: inputs that once answered 500 (or worse, failed other
+callers' streams) now get a 4xx naming the field, and the server keeps serving.
+
+Found by attacking a real ``chatforge serve --http-port`` process with a tiny bundle; reproduced here
+in-process (``ServerThread``, 127.0.0.1, fake or gated models) where the bug shows the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+import torch
+from tests.serving_fakes import WAIT, GatedGenerator, ServerThread, make_engine
+
+from chatforge.decoding import GenerationOptions, choose_next, top_k_top_p_filter
+from chatforge.serving.engine import Engine
+
+
+def base_url(st: ServerThread) -> str:
+    return f"http://127.0.0.1:{st.server.http.port}"
+
+
+def chat(text: str = "hi", **kw) -> dict:
+    return {"messages": [{"role": "user", "content": text}], **kw}
+
+
+def assert_still_serving(http: httpx.Client) -> None:
+    assert http.get("/healthz").status_code == 200
+    r = http.post("/v1/chat/completions", json=chat(max_tokens=2))
+    assert r.status_code == 200, r.text
+
+
+@pytest.fixture
+def served():
+    with ServerThread(make_engine(), http_port=0) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            yield st, http
+
+
+# ------------------------------------------------------------------ sampling at the float limits
+@pytest.mark.parametrize("temperature", [5e-324, 1e-310, 1e-300])
+def test_choose_next_with_a_temperature_below_float64s_range_samples_the_argmax(temperature):
+    """The HTTP surface takes any float64 temperature in (0, 2]: 5e-324 overflowed even the float64
+    path (logits / t = inf, softmax NaN) and torch.multinomial raised."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, float("-inf")], [2.0, -2.0, 1.0, 0.0]])
+    opts = GenerationOptions(do_sample=True, temperature=temperature)
+    assert choose_next(logits, opts, torch.Generator().manual_seed(0)).tolist() == [1, 0]
+
+
+def test_top_p_below_float32s_range_keeps_the_best_token():
+    """top_p=1e-300 is in (0, 1] but is 0 as a float32: every token was filtered out (all -inf)."""
+    logits = torch.tensor([[0.5, 3.0, -1.0]])
+    assert torch.isfinite(top_k_top_p_filter(logits, top_p=1e-300)).tolist() == [[False, True, False]]
+    opts = GenerationOptions(do_sample=True, temperature=1.0, top_p=1e-300)
+    assert choose_next(logits, opts, torch.Generator().manual_seed(0)).tolist() == [1]
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-300}],
+                         ids=["temperature-5e-324", "top_p-1e-300"])
+def test_extreme_sampling_values_neither_fail_the_request_nor_the_streams_beside_it(extra):
+    """Over HTTP, ``temperature: 5e-324`` (or ``top_p: 1e-300``) made the model's step raise: the
+    caller got 500 ``internal error`` and so did every stream in the same running batch."""
+    gate = threading.Semaphore(0)  # each decoding step of the victim waits for a permit
+    engine = Engine({"gated": GatedGenerator(gate=gate)}, {})
+    with ServerThread(engine, http_port=0) as st:
+        st.wait_serving()
+        attacker: dict = {}
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http, \
+                http.stream("POST", "/v1/chat/completions", json=chat(stream=True, max_tokens=4)) as victim:
+            lines = victim.iter_lines()
+            assert next(lines).startswith("data: ")  # the victim runs (its prefill is done)
+
+            def attack():
+                with httpx.Client(base_url=base_url(st), timeout=WAIT) as other:
+                    attacker["r"] = other.post("/v1/chat/completions", json=chat(max_tokens=1, **extra))
+
+            thread = threading.Thread(target=attack)
+            thread.start()
+            # The attacker waits in the queue while the victim's step holds the batch: it joins the batch
+            # (and is prefilled beside the victim) when the step ends.
+            assert engine.stats.wait_for(lambda s: s.waiting == 1, WAIT)
+            gate.release(3)
+            thread.join(WAIT)
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        r = attacker["r"]
+        assert r.status_code == 200, r.text
+        assert events[-1] == "[DONE]"
+        assert all("error" not in json.loads(e) for e in events[:-1]), events
+        assert [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]][-1] == "length"
+        gate.release(100)
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            assert http.get("/healthz").status_code == 200
+        assert engine.stats.failed == 0
+
+
+# ------------------------------------------------------------------------ text that is no Unicode
+def _raw(http: httpx.Client, body: str, path: str = "/v1/chat/completions") -> httpx.Response:
+    """``body`` is sent as written (JSON escapes such as \\ud800 included)."""
+    return http.post(path, content=body.encode(), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content"),
+    ('{"messages": [{"role": "user", "content": "\\udfff"}], "stream": true}', "messages[0].content"),
+    ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}', "messages[0].content"),
+    ('{"messages": [{"role": "assistant", "content": "a\\ud800"}, {"role": "user", "content": "hi"}]}',
+     "messages[0].content"),
+    ('{"messages": [{"role": "system", "content": "\\udc00"}, {"role": "user", "content": "hi"}]}',
+     "messages[0].content"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "stop": ["x", "\\ud800"]}', "stop[1]"),
+], ids=["user", "user-streamed", "user-part", "assistant", "system", "stop"])
+def test_a_lone_surrogate_is_400_naming_the_field(served, body, param):
+    """A JSON escape of half a surrogate pair is no character: the model's tokenizer raised
+    (500 ``internal error``) and a system prompt with one failed the conversation store's write."""
+    st, http = served
+    r = _raw(http, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert "lone surrogate" in err["message"] and "allowed" in err["message"]
+    assert_still_serving(http)
+
+
+def test_an_escaped_surrogate_pair_is_a_character_and_is_accepted(served):
+    st, http = served
+    r = _raw(http, '{"messages": [{"role": "user", "content": "hi \\ud83d\\ude00"}], "max_tokens": 2}')
+    assert r.status_code == 200, r.text
+    assert st.server.engine.generators["echo"].calls[-1][0] == "hi \U0001F600"
+
+
+def test_a_lone_surrogate_never_reaches_the_store(tmp_path):
+    from chatforge.serving.store import ConversationStore
+
+    store = ConversationStore(f"sqlite:///{tmp_path / 'c.db'}")
+    with ServerThread(make_engine(), http_port=0, store=store) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            bad = _raw(http, '{"messages": [{"role": "system", "content": "\\ud800"}, '
+                             '{"role": "user", "content": "hello"}], "user": "bad"}')
+            good = http.post("/v1/chat/completions", json=chat("hello", user="good"))
+    assert bad.status_code == 400 and good.status_code == 200
+    assert store.flush(WAIT)
+    assert [row["session_id"] for row in store.iter_rows()] == ["good"]
+    assert store.failed == 0
+    store.close()
+
+
+# -------------------------------------------------------------------------------- deep JSON
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"messages": [{"role": "user", "content": "hi"}], "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+], ids=["top-level", "in-a-field"])
+def test_json_nested_too_deeply_is_400_not_a_500_and_a_reset_connection(served, body):
+    """Python's JSON parser raises RecursionError past ~1000 levels: it escaped as a plain-text
+    ``500 Internal Server Error`` and the server reset the connection."""
+    st, http = served
+    r = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "body" and "nested too deeply" in err["message"]
+    assert_still_serving(http)  # on the same keep-alive connection
+
+
+# ------------------------------------------------------------------------------ protocol edges
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/", "/static/chat.js"])
+def test_head_is_answered_where_get_is(served, path):
+    """HEAD (``curl -I``, uptime checkers) was 405 on every GET endpoint; RFC 9110 asks for it."""
+    st, http = served
+    get, head = http.get(path), http.head(path)
+    assert head.status_code == get.status_code == 200, head
+    assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    assert http.get("/healthz").status_code == 200  # the connection is still in step
+
+
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(request)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("version, extra", [(b"HTTP/1.0", b""), (b"HTTP/1.1", b"Connection: close\r\n")])
+def test_a_stream_to_a_client_that_closes_says_connection_close_only(served, version, extra):
+    """An SSE response carried a fixed ``connection: keep-alive`` beside the server's ``connection: close``."""
+    st, http = served
+    body = json.dumps(chat(stream=True, max_tokens=2)).encode()
+    raw = _raw_exchange(st.server.http.port, b"POST /v1/chat/completions " + version + b"\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Type: application/json\r\n" + extra +
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower().split("\r\n")
+    assert head[0].endswith("200 ok"), head
+    assert [h for h in head if h.startswith("connection:")] == ["connection: close"]
+    assert b"data: [DONE]" in raw
+
+
+def test_http_401_names_the_header_and_the_scheme():
+    from chatforge.serving.security import ApiKeyAuth
+
+    with ServerThread(make_engine(), http_port=0, auth=ApiKeyAuth(["k1"])) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            missing = http.get("/v1/models")
+            malformed = http.get("/v1/models", headers={"authorization": "Basic k1"})
+            assert http.get("/v1/models", headers={"authorization": "Bearer k1"}).status_code == 200
+    assert missing.status_code == malformed.status_code == 401
+    assert missing.headers["www-authenticate"] == malformed.headers["www-authenticate"] == "Bearer"
+    assert "header 'Authorization: Bearer <key>'" in missing.json()["error"]["message"]
+    assert "metadata" not in missing.json()["error"]["message"] + malformed.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------ the metrics port
+def test_metrics_port_answers_head_like_get():
+    from chatforge.serving.metrics import MetricsHTTPServer, ServingMetrics
+
+    with MetricsHTTPServer(ServingMetrics(process_metrics=False), "127.0.0.1", 0) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        for path in ("/healthz", "/readyz", "/metrics"):
+            get, head = httpx.get(url + path, timeout=WAIT), httpx.head(url + path, timeout=WAIT)
+            assert head.status_code == get.status_code == 200, (path, head.status_code)  # was 501
+            assert head.content == b"" and head.headers["content-length"] == get.headers["content-length"]
+
+
+def test_metrics_port_drops_a_client_that_never_finishes_its_request(monkeypatch):
+    """A thread per connection: a client sending half a request line held its thread forever."""
+    import socket
+
+    from chatforge.serving import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "REQUEST_READ_TIMEOUT_S", 0.2)
+    with metrics_module.MetricsHTTPServer(metrics_module.ServingMetrics(process_metrics=False),
+                                          "127.0.0.1", 0) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as slow:
+            slow.sendall(b"GET /heal")
+            assert httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=WAIT).status_code == 200
+            assert slow.recv(1024) == b""  # closed by the server (a socket timeout here would fail the test)
