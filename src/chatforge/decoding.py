@@ -492,7 +492,8 @@ class StepModel(Protocol):
         """Keep the rows ``index`` (a LongTensor) of ``state``."""
 
 
-def choose_tokens(logits: Tensor, rows: list[Any], eos_id: int) -> list[int]:
+def choose_tokens(logits: Tensor, rows: list[Any], eos_id: int,
+                  failed: dict[int, BaseException] | None = None) -> list[int]:
     """Pick each row's next token under its own options (greedy rows in one argmax).
 
     ``rows`` are the batch's requests, one per logits row, each with ``options``
@@ -503,17 +504,32 @@ def choose_tokens(logits: Tensor, rows: list[Any], eos_id: int) -> list[int]:
     Per-row Python work is limited to rows that need it (repetition penalty, sampling): the
     common case (greedy, min_new_tokens) costs a fixed number of tensor ops per step, whatever
     the batch size.
+
+    ``failed``: where a row's own work (its penalty, banned n-grams or sampling) raises, the error is
+    recorded there under the row's index (its token is then meaningless) instead of raised, so a batch
+    of many requests loses only the row whose options broke it; None raises.
     """
+
+    def row_failed(i: int, e: Exception) -> bool:
+        if failed is None:
+            return False
+        failed[i] = e
+        return True
+
     for i, r in enumerate(rows):
         o = r.options
-        if o.repetition_penalty != 1.0:
-            if r.seen is None:  # only penalised rows keep a (V,) mask of their generated tokens
-                r.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
-            logits[i : i + 1] = apply_repetition_penalty(logits[i : i + 1], r.seen[None], o.repetition_penalty)
-        if o.no_repeat_ngram_size:
-            banned = banned_ngram_tokens(r.history, o.no_repeat_ngram_size)
-            if banned:
-                logits[i, banned] = float("-inf")
+        try:
+            if o.repetition_penalty != 1.0:
+                if r.seen is None:  # only penalised rows keep a (V,) mask of their generated tokens
+                    r.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+                logits[i : i + 1] = apply_repetition_penalty(logits[i : i + 1], r.seen[None], o.repetition_penalty)
+            if o.no_repeat_ngram_size:
+                banned = banned_ngram_tokens(r.history, o.no_repeat_ngram_size)
+                if banned:
+                    logits[i, banned] = float("-inf")
+        except Exception as e:
+            if not row_failed(i, e):
+                raise
     no_eos = [i for i, r in enumerate(rows) if r.generated < r.options.min_new_tokens]
     if len(no_eos) == len(rows):
         logits[:, eos_id] = float("-inf")
@@ -521,8 +537,12 @@ def choose_tokens(logits: Tensor, rows: list[Any], eos_id: int) -> list[int]:
         logits[torch.tensor(no_eos, dtype=torch.long, device=logits.device), eos_id] = float("-inf")
     out = logits.argmax(-1).tolist()
     for i, r in enumerate(rows):
-        if r.options.do_sample:
-            if r.rng is None and r.options.seed is not None:
-                r.rng = torch.Generator(device=logits.device).manual_seed(r.options.seed)
-            out[i] = int(choose_next(logits[i : i + 1], r.options, r.rng)[0])
+        if r.options.do_sample and (failed is None or i not in failed):
+            try:
+                if r.rng is None and r.options.seed is not None:
+                    r.rng = torch.Generator(device=logits.device).manual_seed(r.options.seed)
+                out[i] = int(choose_next(logits[i : i + 1], r.options, r.rng)[0])
+            except Exception as e:
+                if not row_failed(i, e):
+                    raise
     return out

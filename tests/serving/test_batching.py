@@ -60,6 +60,49 @@ def test_continuous_batching_matches_decoding_each_request_alone(make):
     assert snap["steps"] < 0.75 * alone
 
 
+@pytest.mark.parametrize("where", ["prefill", "step"])
+def test_a_row_whose_token_choice_fails_fails_alone_and_its_batch_goes_on(monkeypatch, where):
+    """One request's sampling raising (as extreme options once made torch.multinomial do) failed every
+    request of the running batch; now only that request fails, and the others get the tokens they get alone."""
+    import chatforge.decoding as decoding
+
+    gen = TinyGPTGenerator()
+    engine = Engine({"tiny": gen}, {}, max_running=4)
+    bad = GenerationOptions(max_new_tokens=6, do_sample=True, seed=666)
+    good = [("hello there", GenerationOptions(max_new_tokens=7)),
+            ("sampled", GenerationOptions(max_new_tokens=5, do_sample=True, seed=3, top_k=5)),
+            ("zz top", GenerationOptions(max_new_tokens=9, repetition_penalty=1.3))]
+    expected = [gen.reference(t, o) for t, o in good]
+    real, calls = decoding.choose_next, {"n": 0}
+
+    def choose_next(logits, options, generator=None):
+        if options.seed == 666:
+            calls["n"] += 1
+            if where == "prefill" or calls["n"] > 2:  # "step": fails in a decoding step shared with the others
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, options, generator)
+
+    monkeypatch.setattr(decoding, "choose_next", choose_next)
+
+    async def bad_tokens():
+        got = []
+        with pytest.raises(RuntimeError, match="probability tensor"):
+            async for d in engine.stream_reply("boom", bad, "tiny"):
+                if isinstance(d, TokenDelta):
+                    got.append(d.token_id)
+        return got
+
+    async def main():
+        return await asyncio.gather(bad_tokens(), *(_tokens(engine, t, o, "tiny") for t, o in good))
+
+    bad_got, *outs = asyncio.run(main())
+    assert outs == expected
+    assert len(bad_got) == (0 if where == "prefill" else 2)
+    snap = engine.stats.snapshot()
+    assert snap["failed"] == 1 and snap["completed"] == 3 and snap["running"] == 0
+    assert snap["max_batch_seen"] >= 2  # the failing row shared a batch with the others
+
+
 def test_sequences_join_and_leave_between_steps():
     gate = threading.Semaphore(0)
     gen = GatedGenerator(gate=gate)

@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -138,9 +139,10 @@ class GenRequest:
     deliver: Callable[[tuple[str, Any]], None] | None = None
 
 
-def _log(req: GenRequest, level: int, msg: str, *args: Any, **extra: Any) -> None:
+def _log(req: GenRequest, level: int, msg: str, *args: Any, exc_info: BaseException | None = None,
+         **extra: Any) -> None:
     # Run inside the request's context so formatters that read the request-id contextvar see it.
-    req.context.run(logger.log, level, msg, *args, extra=extra)
+    req.context.run(partial(logger.log, level, msg, *args, exc_info=exc_info, extra=extra))
 
 
 # --------------------------------------------------------------------------- runners
@@ -369,10 +371,17 @@ class ContinuousBatcher(_Runner):
         self._rows = [self._rows[i] for i in keep]
         self._state = self.model.select(self._state, torch.tensor(keep, dtype=torch.long)) if keep else None
 
-    def _emit_and_prune(self, rows: list[GenRequest], tokens: list[int]) -> list[int]:
-        """Push each row's token; finish rows that hit </s> or their limit; return rows to keep."""
+    def _emit_and_prune(self, rows: list[GenRequest], tokens: list[int],
+                        failed: dict[int, BaseException] | None = None) -> list[int]:
+        """Push each row's token; finish rows that hit </s> or their limit, and rows whose own token choice
+        failed (``failed``: row index -> error; the other rows go on); return rows to keep."""
         keep: list[int] = []
         for i, (r, tok) in enumerate(zip(rows, tokens, strict=True)):
+            if failed and i in failed:
+                _log(r, logging.ERROR, "choosing the next token failed; only this request fails",
+                     model=self.name, exc_info=failed[i])
+                self._finish(r, "failed", error=failed[i])
+                continue
             if tok == self.eos_id:
                 self._finish(r, "completed", reason="stop")
                 continue
@@ -394,8 +403,9 @@ class ContinuousBatcher(_Runner):
         logits = self.model.step(self._state, tokens)
         self.stats.update(steps=1, batches=1)
         self._observe_batch(len(self._rows))
-        chosen = choose_tokens(logits, self._rows, self.eos_id)
-        keep = self._emit_and_prune(self._rows, chosen)
+        failed: dict[int, BaseException] = {}
+        chosen = choose_tokens(logits, self._rows, self.eos_id, failed)
+        keep = self._emit_and_prune(self._rows, chosen, failed)
         if len(keep) < len(self._rows):
             self._state = self.model.select(self._state, torch.tensor(keep, dtype=torch.long)) if keep else None
             self._rows = [self._rows[i] for i in keep]
@@ -407,8 +417,9 @@ class ContinuousBatcher(_Runner):
         state, logits = self.model.prefill([r.prompt_ids for r in new], self.bos_id)
         self.stats.update(batches=1)
         self._observe_batch(len(new))
-        chosen = choose_tokens(logits, new, self.eos_id)
-        keep = self._emit_and_prune(new, chosen)
+        failed: dict[int, BaseException] = {}
+        chosen = choose_tokens(logits, new, self.eos_id, failed)
+        keep = self._emit_and_prune(new, chosen, failed)
         if not keep:
             return
         if len(keep) < len(new):
