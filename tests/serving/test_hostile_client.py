@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -241,3 +242,67 @@ def test_metrics_port_drops_a_client_that_never_finishes_its_request(monkeypatch
             slow.sendall(b"GET /heal")
             assert httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=WAIT).status_code == 200
             assert slow.recv(1024) == b""  # closed by the server (a socket timeout here would fail the test)
+
+
+# ------------------------------------------------------------------ the API port's connections
+def _read_all(sock) -> bytes:
+    """Everything the server sends until it closes (a socket timeout here fails the test)."""
+    out = b""
+    while chunk := sock.recv(4096):
+        out += chunk
+    return out
+
+
+def test_api_port_answers_408_to_a_client_that_trickles_its_headers(monkeypatch, served):
+    """uvicorn has no deadline for a request's head: a client that sent half its headers (slowloris) held
+    its connection and file descriptor for good. Now it gets 408 and is closed; others are served."""
+    import socket
+
+    from chatforge.serving import http as http_module
+
+    monkeypatch.setattr(http_module, "REQUEST_HEAD_TIMEOUT_S", 0.3)
+    st, http = served
+    with socket.create_connection(("127.0.0.1", st.server.http.port), timeout=WAIT) as slow:
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: appl")
+        assert_still_serving(http)  # served meanwhile, on another connection
+        reply = _read_all(slow)
+    assert reply.startswith(b"HTTP/1.1 408 ") and reply.endswith(b"request headers not received in time")
+
+
+def test_api_port_closes_a_connection_that_never_sends_a_request(monkeypatch, served):
+    import socket
+
+    from chatforge.serving import http as http_module
+
+    monkeypatch.setattr(http_module, "IDLE_CONNECTION_TIMEOUT_S", 0.3)
+    st, http = served
+    with socket.create_connection(("127.0.0.1", st.server.http.port), timeout=WAIT) as idle:
+        assert _read_all(idle) == b""  # closed without a word, as an idle keep-alive connection is
+
+
+def test_api_port_caps_its_connections_and_keeps_serving(monkeypatch, served):
+    """Connections that never send a request took one file descriptor each, without bound: enough of them
+    exhaust the process's descriptors ("Too many open files") for gRPC and the store too. One over the cap
+    now gets 503 and is closed at once, and a slot frees when a connection closes."""
+    import socket
+
+    from chatforge.serving import http as http_module
+
+    monkeypatch.setattr(http_module, "max_http_connections", lambda: 3)
+    st, http = served
+    addr = ("127.0.0.1", st.server.http.port)
+    held = [socket.create_connection(addr, timeout=WAIT) for _ in range(3)]
+    try:
+        with socket.create_connection(addr, timeout=WAIT) as extra:
+            reply = _read_all(extra)
+        assert reply.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in reply
+        held.pop().close()
+        connections = st.server.http._server.server_state.connections
+        deadline = time.monotonic() + WAIT  # the server sees the close on its own loop
+        while len(connections) > 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as fresh:  # a freed slot serves again
+            assert_still_serving(fresh)
+    finally:
+        for s in held:
+            s.close()

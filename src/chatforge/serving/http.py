@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import re
+import resource
 import socket
 import ssl
 import time
@@ -44,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from chatforge.context import (
     CONTEXT_ROLES,
@@ -634,6 +636,92 @@ class SseResponse:
 GRPC_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc's default receive limit, which --max-message-bytes sets
 
 
+# A request's head (request line and headers) must arrive within this many seconds of its first byte,
+# or the connection gets 408 and is closed: a client that trickles its headers in (slowloris) would
+# otherwise hold its connection, and a file descriptor, for good (uvicorn has no such deadline; HAProxy's
+# `timeout http-request 10s` is the same bound in front of the replicas).
+REQUEST_HEAD_TIMEOUT_S = 10.0
+# A connection that has not sent a byte of its first request is closed after this, as an idle
+# keep-alive one is (``timeout_keep_alive``; a browser may open one ahead of its first request).
+IDLE_CONNECTION_TIMEOUT_S = 60.0
+
+
+def max_http_connections() -> int:
+    """The most HTTP connections served at once: half the process's file-descriptor limit (at most 4,096), so
+    idle or hostile HTTP clients cannot take the descriptors gRPC, the store and the logs need ("Too many
+    open files"); one over it gets 503 and is closed."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 4096
+    return max(16, min(4096, soft // 2))
+
+
+def _plain_response(status: str, text: str, *headers: str) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, for the protocol layer (no ASGI app behind it)."""
+    body = text.encode()
+    head = [f"HTTP/1.1 {status}", "content-type: text/plain; charset=utf-8", "connection: close", *headers,
+            f"content-length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+_HEAD_TIMEOUT_RESPONSE = _plain_response("408 Request Timeout", "request headers not received in time")
+_TOO_MANY_RESPONSE = _plain_response("503 Service Unavailable", "too many connections; retry", "retry-after: 1")
+
+
+def _address(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else ""
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the two bounds a server facing clients directly needs and uvicorn lacks:
+    a deadline for each request's head (:data:`REQUEST_HEAD_TIMEOUT_S`; 408) and for the first byte of a new
+    connection (:data:`IDLE_CONNECTION_TIMEOUT_S`), and a cap on open connections (:func:`max_http_connections`;
+    503). Bodies are bounded by :class:`BodyLimit` and replies by the engine's deadlines."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        limit = max_http_connections()
+        if len(self.connections) > limit:  # this one included
+            logger.warning("http connection refused: %d open, at most %d", len(self.connections) - 1, limit,
+                           extra={"client": _address(self.client)})
+            transport.write(_TOO_MANY_RESPONSE)
+            transport.close()
+            return
+        self._head_timer = self.loop.call_later(IDLE_CONNECTION_TIMEOUT_S, self._idle_timeout)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _idle_timeout(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            logger.info("http request head not received in %.0f s; connection closed", REQUEST_HEAD_TIMEOUT_S,
+                        extra={"client": _address(self.client)})
+            self.transport.write(_HEAD_TIMEOUT_RESPONSE)
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT_S, self._head_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+
 class BodyLimit:
     """ASGI layer: a request body larger than ``limit`` bytes gets 413 (the OpenAI error object) before any
     handler reads it, whether its Content-Length says so or its chunks add up to it; the rest of the app
@@ -768,10 +856,11 @@ class HttpSurface:
         # the graceful-shutdown timeout is short because the drain gate already waited `grace`.
         # Idle keep-alive connections live 60 s (uvicorn's default, 5 s, makes a chat page or an
         # OpenAI client that pauses between turns reconnect for most requests).
-        # httptools: the C HTTP/1.1 parser (a dependency), named so that a missing one fails loudly
-        # instead of falling back to pure-Python h11 on the hot path.
+        # GuardedHttpProtocol: uvicorn's httptools protocol (the C HTTP/1.1 parser, a dependency: a missing
+        # one fails loudly at import instead of falling back to pure-Python h11 on the hot path) with a
+        # deadline for request heads and a cap on connections.
         limit = getattr(self.backend, "max_message_bytes", None) or GRPC_DEFAULT_MAX_MESSAGE_BYTES
-        config = uvicorn.Config(BodyLimit(self.app, limit), lifespan="off", log_config=None, access_log=False, http="httptools",
+        config = uvicorn.Config(BodyLimit(self.app, limit), lifespan="off", log_config=None, access_log=False, http=GuardedHttpProtocol,
                                 timeout_graceful_shutdown=1, timeout_keep_alive=60, server_header=False,
                                 **ssl_kwargs)
         try:
