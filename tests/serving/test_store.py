@@ -187,3 +187,33 @@ def test_context_round_trips_through_both_export_formats(store, tmp_path):
     with open(tmp_path / "t.csv", newline="", encoding="utf-8") as f:
         first = next(csv.DictReader(f))
     assert json.loads(first["context"])[0]["text"] == "a,\"b\"\n"
+
+
+def test_a_row_the_database_refuses_is_the_only_turn_lost(tmp_path):
+    """A batch was one transaction: one row the database refused (here text that is no UTF-8) failed it 3 times
+    and every turn of the batch was dropped; a turn that could not be made a row killed the writer thread
+    (flush then waited for ever). Now the batch is retried row by row and only the bad turns are lost."""
+    store = ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}", batch_size=8)
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold_first_write(*_args, **_kw):
+        if not gate.is_set():
+            entered.set()
+            assert gate.wait(10)
+
+    event.listen(store.engine, "before_cursor_execute", hold_first_write)
+    try:
+        assert store.record(_turn(0))
+        assert entered.wait(10)  # the writer holds r0's batch; the next turns queue into one batch
+        for turn in (_turn(1), _turn(2, user_text="bad \ud800"), _turn(3),
+                     _turn(4, context=[{"role": "user", "text": object()}]), _turn(5)):
+            assert store.record(turn)
+        gate.set()
+        assert store.flush(10)
+        assert [r["request_id"] for r in store.iter_rows()] == ["r0", "r1", "r3", "r5"]
+        assert store.failed == 2 and store.written == 4
+        assert store.record(_turn(6)) and store.flush(10)  # the writer is still alive
+        assert store.count() == 5
+    finally:
+        gate.set()
+        store.close()

@@ -213,18 +213,41 @@ class ConversationStore:
                 return
 
     def _write(self, batch: list[Turn]) -> None:
-        rows = [t.row() for t in batch]
+        """Insert ``batch`` in one transaction, retried on a transient error; if it still fails, row by row, so a
+        row the database refuses (bad text, a value over a column's size on PostgreSQL) is the only one lost."""
+        rows: list[dict[str, Any]] = []
+        for t in batch:
+            try:
+                rows.append(t.row())
+            except Exception:  # noqa: BLE001 - one unusable turn must not stop the writer thread
+                self.failed += 1
+                log.exception("conversation store: turn dropped, it cannot be made a row",
+                              extra={"request_id": t.request_id})
+        if not rows:
+            return
         for attempt in range(3):
             try:
-                with self._locked(), self.engine.begin() as conn:
-                    conn.execute(turns.insert(), rows)
+                self._insert(rows)
                 self.written += len(rows)
                 return
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged; retried, then row by row
                 log.exception("conversation store write failed", extra={"rows": len(rows), "attempt": attempt + 1})
                 time.sleep(0.05 * 2**attempt)  # back off a transient lock/connection error
-        self.failed += len(rows)
-        log.error("conversation store gave up on a batch", extra={"rows": len(rows)})
+        if len(rows) > 1:
+            log.error("conversation store: a batch failed 3 times; writing its rows one by one",
+                      extra={"rows": len(rows)})
+        for row in rows:
+            try:
+                self._insert([row])
+                self.written += 1
+            except Exception as e:  # noqa: BLE001 - this row only
+                self.failed += 1
+                log.error("conversation store gave up on a turn: %s", type(e).__name__,
+                          extra={"request_id": row.get("request_id")})
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        with self._locked(), self.engine.begin() as conn:
+            conn.execute(turns.insert(), rows)
 
     def _locked(self):
         return self._db_lock if self._db_lock is not None else _NullLock()
