@@ -259,6 +259,74 @@ def test_haproxy_streams_server_sent_events_as_they_come(tmp_path):
     assert took < 2.0, f"{SSE_EVENTS} events took {took:.2f} s through HAProxy: held back between writes"
 
 
+class _Ready(BaseHTTPRequestHandler):
+    """A replica's metrics port as HAProxy's checks see it: /readyz 200."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+
+@pytest.mark.parametrize("frontend", ["CHATFORGE_LB_TCP_PORT", "CHATFORGE_LB_H2_PORT"], ids=["tcp", "h2"])
+def test_haproxy_carries_grpc_reflection_health_and_a_streamed_reply(tmp_path, frontend):
+    """Through both gRPC frontends of the shipped config, run by a real HAProxy in front of a real server:
+    reflection (a bidirectional stream: what grpcurl and Postman use), the standard health check and a
+    streamed Reply. The failover test covers the Chatbot RPCs in each mode; nothing ran reflection's
+    bidirectional stream or the health service through the balancer."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+    from tests.deploy_helpers import free_port, http_get, wait_for
+    from tests.serving_fakes import ServerThread, make_engine
+
+    from chatforge.v1 import chatbot_pb2 as pb
+    from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
+
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (tools/ci_install_containers.sh installs Debian's package)")
+    ready = ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
+    threading.Thread(target=ready.serve_forever, daemon=True).start()
+    with ServerThread(make_engine()) as st:
+        st.wait_serving()
+        grpc_port = st.target.rsplit(":", 1)[1]
+        ports = {k: str(free_port()) for k in ("CHATFORGE_LB_TCP_PORT", "CHATFORGE_LB_H2_PORT", "CHATFORGE_LB_HTTP_PORT",
+                                               "CHATFORGE_LB_STATS_PORT", "CHATFORGE_LB_CHECK_A_PORT",
+                                               "CHATFORGE_LB_CHECK_B_PORT", "CHATFORGE_HTTP_PORT")}
+        env = {**os.environ, **ports, "CHATFORGE_REPLICA_A": "127.0.0.1", "CHATFORGE_REPLICA_B": "127.0.0.1",
+               "CHATFORGE_GRPC_PORT": grpc_port, "CHATFORGE_METRICS_PORT": str(ready.server_address[1]),
+               "CHATFORGE_LB_ADDR": "127.0.0.1"}
+        log = tmp_path / "haproxy.log"
+        proc = subprocess.Popen(["haproxy", "-db", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")], env=env,
+                                stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        backend = "chatforge_l4" if frontend == "CHATFORGE_LB_TCP_PORT" else "chatforge_h2"
+        try:
+            def servers_up() -> bool:
+                status, body = http_get(f"http://127.0.0.1:{ports['CHATFORGE_LB_STATS_PORT']}/stats;csv")
+                rows = [r.split(",") for r in body.splitlines() if r.startswith(backend + ",")]
+                return status == 200 and sum(1 for r in rows if r[1] in ("a", "b") and r[17] == "UP") == 2
+
+            wait_for(servers_up, 15, f"HAProxy marks both {backend} servers UP")
+            with grpc.insecure_channel(f"127.0.0.1:{ports[frontend]}") as channel:
+                services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+                assert {"chatforge.v1.Chatbot", "grpc.health.v1.Health"} <= services
+                health = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+                chunks = list(pb_grpc.ChatbotStub(channel).Reply(
+                    pb.ReplyRequest(text="hello", options=pb.GenerationOptions(max_new_tokens=2)), timeout=10))
+            assert [c.delta.text for c in chunks[:-1]] == ["Hel", "lo"], log.read_text()[-2000:]
+            assert chunks[-1].final.finish_reason == "length"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+            ready.shutdown()
+            ready.server_close()
+
+
 def _compose() -> dict:
     return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
 
