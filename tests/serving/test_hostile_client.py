@@ -306,3 +306,30 @@ def test_api_port_caps_its_connections_and_keeps_serving(monkeypatch, served):
     finally:
         for s in held:
             s.close()
+
+
+# ------------------------------------------------------------------ types are checked, not coerced
+@pytest.mark.parametrize("field, value", [("max_tokens", "5"), ("max_tokens", True), ("min_tokens", "1"),
+                                          ("temperature", "0.5"), ("top_p", True), ("seed", "7"),
+                                          ("stream", "true"), ("stream", 1), ("n", "1")])
+def test_a_value_of_the_wrong_type_is_400_naming_the_field(served, field, value):
+    """Pydantic's lax mode read ``"max_tokens": "5"`` as 5 and ``true`` as 1 (and ``"stream": "true"`` as a
+    stream): a client's slip was answered as if it meant something. OpenAI's API refuses them; so does this."""
+    st, http = served
+    r = http.post("/v1/chat/completions", json={**chat(max_tokens=2), field: value})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["type"] == "invalid_request_error", err
+    assert_still_serving(http)
+
+
+def test_an_integer_is_a_number(served):
+    st, http = served
+    r = http.post("/v1/chat/completions", json=chat(max_tokens=2, temperature=1, top_p=1))
+    assert r.status_code == 200, r.text
+
+
+def test_classify_refuses_a_text_of_the_wrong_type(served):
+    st, http = served
+    r = http.post("/v1/classify", json={"text": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text", r.text

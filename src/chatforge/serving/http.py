@@ -113,26 +113,31 @@ class DeadlineExceededError(Exception):
 
 # ------------------------------------------------------------------------------------ schemas
 class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"] = Field(description="Only text parts are supported.")
     text: str
 
 
 class ChatMessage(BaseModel):
     # OpenAI messages may carry more (name, tool_call_id, ...); those are accepted and ignored.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = Field(False, description="Send one more chunk with `usage` (and no choices) "
                                 "before `data: [DONE]`.")
 
 
 class ChatCompletionRequest(BaseModel):
-    """The OpenAI chat-completions request; fields outside this list are accepted and ignored."""
+    """The OpenAI chat-completions request; fields outside this list are accepted and ignored.
 
-    model_config = ConfigDict(extra="ignore")
+    Strict types, as OpenAI's API checks them: ``"max_tokens": "5"`` or ``true`` is a 400 naming the field,
+    not a quiet 5 or 1 (an integer is accepted where a number is)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = Field(None, max_length=256, description="A generation model from /v1/models; "
                               "omitted: the server's default.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000, description=(
@@ -161,7 +166,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 class ClassifyHttpRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     text: str = Field(min_length=1, description="The message to classify (not blank).")
     model: str | None = Field(None, max_length=256, description="A classifier; omitted: the default.")
 
