@@ -123,6 +123,13 @@ def test_secrets_are_masked_in_message_and_extras(logger, capsys):
         ("authorization=Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
         ("x-api-key: k-77", "k-77"),
         ("password = hunter2", "hunter2"),
+        # one per branch of the three patterns, so the quick pre-check (_SUSPECT) never lets one through
+        ("Authorization: x9", "x9"), ("api_key=k1", "k1"), ("apikey: k2", "k2"), ("API-KEY=k3", "k3"),
+        ("client_secret=s4", "s4"), ("passwd=p5", "p5"), ("PASSWORD: p6", "p6"), ("refresh_token=r7", "r7"),
+        ("sent Bearer abc.def", "abc.def"), ("BASIC dXNlcjo=", "dXNlcjo="),
+        ("post https://hooks.slack.com/services/T0/B0/XYZ", "T0/B0/XYZ"),
+        ("post https://wh.jandi.com/connect-api/webhook/1/abc", "connect-api/webhook/1/abc"),
+        ("post http://my-webhook.internal:8080/hook/s3cr3t", "hook/s3cr3t"),
     ],
 )
 def test_mask_secrets_forms(text, secret):

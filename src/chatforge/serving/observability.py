@@ -56,8 +56,20 @@ _WEBHOOK_URL = re.compile(
 _HANDLER_TAG = LOG_HANDLER_ATTR
 
 
+# Every pattern above needs one of these words: a text without any (nearly every log field: ids, rpc names,
+# model names, numbers) is returned after one search instead of three substitutions (which were 60 % of an
+# access log line's cost, 154 us a line in all on the AMD EPYC measured).
+_SUSPECT = re.compile(r"authorization|api[_-]?key|secret|passw|token|bearer|basic|webhook|hooks\.slack|jandi",
+                      re.IGNORECASE)
+
+
 def mask_secrets(text: str) -> str:
     """Replace credential values (tokens, authorization headers, webhook URLs) with ``***``."""
+    return mask_secrets_always(text) if _SUSPECT.search(text) else text
+
+
+def mask_secrets_always(text: str) -> str:
+    """:func:`mask_secrets` without the pre-check (``benchmarks/log_line.py`` times both)."""
     text = _WEBHOOK_URL.sub(rf"\1/{_MASK}", text)
     text = _SECRET_PAIR.sub(lambda m: f"{m.group('key')}{m.group('sep')}{m.group('q')}{_MASK}", text)
     return _BEARER.sub(lambda m: f"{m.group(1)} {_MASK}", text)
