@@ -195,3 +195,23 @@ def test_chatforge_entry_point_sets_a_passive_wait_policy_before_torch_loads():
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in r.stderr and "GOMP_SPINCOUNT = '0'" in r.stderr  # took effect
     r = _probe({"OMP_WAIT_POLICY": "ACTIVE"})  # the user's choice wins
     assert "policy ACTIVE" in r.stdout and "OMP_WAIT_POLICY = 'ACTIVE'" in r.stderr
+
+
+@pytest.mark.parametrize("soft, share, expected", [(1024, 0.5, 512), (1024, 0.25, 256), (20, 0.5, 16),
+                                                   (1_048_576, 0.5, 4096)])
+def test_fd_budget_is_a_share_of_the_descriptor_limit_within_bounds(monkeypatch, soft, share, expected):
+    import resource
+
+    from chatforge.runtime import fd_budget
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, soft))
+    assert fd_budget(share) == expected
+
+
+def test_fd_budget_without_a_limit_is_the_most(monkeypatch):
+    import resource
+
+    from chatforge.runtime import fd_budget
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert fd_budget(0.25) == 4096

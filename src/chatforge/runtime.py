@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import sys
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "cgroup_cpu_quota",
     "configure_threads",
     "cpu_info",
+    "fd_budget",
     "pick_precision",
     "int8_dot_products",
     "native_bf16",
@@ -132,6 +134,17 @@ def _affinity() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return os.cpu_count() or 1
+
+
+def fd_budget(share: float, most: int = 4096, least: int = 16) -> int:
+    """How many connections one kind of client may hold: ``share`` of this process's file-descriptor limit
+    (RLIMIT_NOFILE, soft), within [least, most]. The gRPC port takes half and the HTTP port a quarter, so
+    clients that open connections and never use them cannot take the descriptors the other port, the
+    conversation store, the logs and model files need ("Too many open files")."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return most
+    return max(least, min(most, int(soft * share)))
 
 
 def available_cpus(quota: float | None = None, affinity: int | None = None) -> int:

@@ -333,3 +333,68 @@ def test_classify_refuses_a_text_of_the_wrong_type(served):
     st, http = served
     r = http.post("/v1/classify", json={"text": 5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "text", r.text
+
+
+# ------------------------------------------------------------------ the gRPC port's connections
+def _silent_connections(target: str, n: int):
+    import socket
+
+    host, port = target.rsplit(":", 1)
+    return [socket.create_connection((host, int(port)), timeout=WAIT) for _ in range(n)]
+
+
+def test_grpc_port_closes_a_connection_that_never_sends_its_preface(monkeypatch):
+    """grpc's default handshake timeout (120 s) let a client that opened connections and sent nothing hold
+    each one (and a file descriptor) for two minutes; the server now bounds the handshake."""
+    from chatforge.client import ChatbotClient
+    from chatforge.serving import server as server_module
+
+    monkeypatch.setattr(server_module, "HANDSHAKE_TIMEOUT_MS", 300)
+    with ServerThread(make_engine()) as st:
+        st.wait_serving()
+        (silent,) = _silent_connections(st.target, 1)
+        with silent:
+            assert _read_all(silent).startswith(b"\x00")  # the server's SETTINGS frame, then it closes
+        with ChatbotClient(st.target, timeout=WAIT) as client:
+            assert client.health() == "SERVING"
+
+
+def test_grpc_server_bounds_the_handshake_and_caps_connections_by_default():
+    from chatforge.runtime import fd_budget
+    from chatforge.serving.server import ChatbotServer
+
+    options = dict(ChatbotServer(make_engine(), "127.0.0.1", 0)._options)
+    assert 0 < options["grpc.server_handshake_timeout_ms"] <= 10_000
+    assert options["grpc.max_allowed_incoming_connections"] == fd_budget(0.5)
+
+
+def test_grpc_port_caps_its_connections_and_serves_again_when_one_closes(monkeypatch):
+    """Connections that never make a call took a descriptor each without bound; past the cap a new one is
+    now refused (the client sees UNAVAILABLE and may retry elsewhere), and one closing frees a place."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from chatforge.client import ChatbotClient, ChatbotError
+    from chatforge.serving import server as server_module
+
+    monkeypatch.setattr(server_module, "fd_budget", lambda share: 3)
+    with ServerThread(make_engine()) as st:
+        st.wait_serving()
+        held = _silent_connections(st.target, 3)
+        try:
+            with grpc.insecure_channel(st.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                with pytest.raises(grpc.RpcError) as err:
+                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=WAIT)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + WAIT  # the server sees the closes on its own threads
+        while True:
+            try:
+                with ChatbotClient(st.target, timeout=2) as client:
+                    assert client.health() == "SERVING"
+                break
+            except ChatbotError:
+                if time.monotonic() > deadline:
+                    raise

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import re
-import resource
 import socket
 import ssl
 import time
@@ -57,6 +56,7 @@ from chatforge.context import (
 )
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import TokenDelta
+from chatforge.runtime import fd_budget
 from chatforge.serving.engine import (
     Engine,
     InvalidRequestError,
@@ -652,13 +652,11 @@ IDLE_CONNECTION_TIMEOUT_S = 60.0
 
 
 def max_http_connections() -> int:
-    """The most HTTP connections served at once: half the process's file-descriptor limit (at most 4,096), so
-    idle or hostile HTTP clients cannot take the descriptors gRPC, the store and the logs need ("Too many
-    open files"); one over it gets 503 and is closed."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft <= 0:
-        return 4096
-    return max(16, min(4096, soft // 2))
+    """The most HTTP connections served at once: a quarter of the process's file-descriptor limit (at most
+    4,096; ``runtime.fd_budget``, which gives the gRPC port half), so idle or hostile HTTP clients cannot take
+    the descriptors gRPC, the store and the logs need ("Too many open files"); one over it gets 503 and is
+    closed."""
+    return fd_budget(0.25)
 
 
 def _plain_response(status: str, text: str, *headers: str) -> bytes:

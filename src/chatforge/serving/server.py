@@ -44,7 +44,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chatforge.fileio import atomic_write_text
 from chatforge.inference import check_precision
-from chatforge.runtime import configure_threads
+from chatforge.runtime import configure_threads, fd_budget
 from chatforge.serving import backend_ct2, backend_ort
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
 from chatforge.serving.alerts import AlertManager
@@ -72,7 +72,12 @@ logger = logging.getLogger(__name__)
 #   politely (GOAWAY) after a while, so clients reconnect and an L4 balancer, which balances
 #   connections and not calls, spreads load onto new replicas; the jitter grpc adds avoids
 #   reconnect storms. Clients retry the GOAWAY'd (unstarted) calls transparently;
-# - so_reuseport=0: a second server on a taken port fails to bind instead of silently sharing it.
+# - so_reuseport=0: a second server on a taken port fails to bind instead of silently sharing it;
+# - server_handshake_timeout_ms: a connection must finish its handshake (TLS, the HTTP/2 preface) in
+#   HANDSHAKE_TIMEOUT_MS; grpc's default (120 s) let a client that opened connections and sent nothing hold
+#   each one, and a file descriptor, for two minutes. ChatbotServer sets it, with the cap on connections
+#   (grpc's max_allowed_incoming_connections), which depends on the process's descriptor limit.
+HANDSHAKE_TIMEOUT_MS = 10_000
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -156,6 +161,10 @@ class ChatbotServer:
         self.port_file = Path(port_file) if port_file is not None else None
         # Later options override the defaults; deduplicated so no grpc version has to choose.
         merged = dict(SERVER_OPTIONS)
+        merged["grpc.server_handshake_timeout_ms"] = HANDSHAKE_TIMEOUT_MS
+        # Half the descriptors for gRPC connections (the HTTP port takes a quarter): one more is closed at
+        # once, so idle connections cannot starve the rest of the process ("Too many open files").
+        merged["grpc.max_allowed_incoming_connections"] = fd_budget(0.5)
         self.max_message_bytes = max_message_bytes  # also the HTTP surface's request body limit
         if max_message_bytes is not None:
             merged["grpc.max_receive_message_length"] = max_message_bytes
