@@ -94,7 +94,7 @@ def _agree(a: Any, b: Any) -> dict[str, float]:
 def run(out: Path, size: str = "full", reps: int = 5) -> dict[str, Any]:
     import torch
 
-    from chatforge.bench.machine import cpu_info, cpus_available, is_loaded, load_average
+    from chatforge.bench.machine import cpus_available, is_loaded, load_average
 
     gsize = sg.SIZES[size]
     tsize = sg.FAMILIES["transformer"].sizes[size]
@@ -143,8 +143,7 @@ def run(out: Path, size: str = "full", reps: int = 5) -> dict[str, Any]:
     load_after = load_average()
     result = {
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"lscpu_model": sg.lscpu_model(), "cpu": cpu_info(), "load_before": load_before,
-                    "load_after": load_after, "torch": torch.__version__},
+        "machine": served.machine_record(load_before, load_after, torch=torch.__version__),
         "loaded": is_loaded([load_before, load_after], cpus_available()),
         "config": {"gpt": sg.FAMILIES["gpt"].describe(gsize), "transformer": sg.FAMILIES["transformer"].describe(tsize),
                    "bert": f"BERT {csize.layers} layers, d_model {csize.d_model}, 151 labels, random weights",

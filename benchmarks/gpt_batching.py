@@ -85,23 +85,17 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# GPT in the engine: continuous batching vs one thread per request ({result['created']})", "",
              served.machine_line(result), "", sg.model_line(result["config"]), "",
-             "| engine | runner | case | tokens/s (median) | tokens/s (best) | time to first token (ms) |",
-             "|---|---|---|---:|---:|---:|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['engine']} | {result['runners'][r['engine']]} | {r['case']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['best_tokens_per_s']:.1f} | {r['ttft_ms']:.1f} |")
-    lines += ["", "Continuous batching over one thread per request (> 1: faster or sooner):", "",
-              "| case | precision | tokens/s (medians) | tokens/s (best) | time to first token |", "|---|---|---:|---:|---:|"]
-    for r in result["ratios"]:
-        lines.append(f"| {r['case']} | {r['precision']} | {r['tokens_per_s']:.2f}x | {r['best_tokens_per_s']:.2f}x | "
-                     f"{r['ttft']:.2f}x |")
-    lines += sg.agreement_lines(result["agreement"], REFERENCE)
+             *sg.speed_table([{**r, "runner": result["runners"][r["engine"]]} for r in result["rows"]],
+                             ["engine", "runner", "case"]),
+             "", "Continuous batching over one thread per request (> 1: faster or sooner):", "",
+             *sg.ratio_table(result["ratios"], ["case", "precision"]),
+             *sg.agreement_lines(result["agreement"], REFERENCE)]
     return "\n".join(lines) + "\n"
 
 
 def run(out: Path, size: sg.Size, reps: int | None = None) -> dict[str, Any]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it
-    from chatforge.bench.machine import cpu_info, cpus_available, is_loaded, load_average
+    from chatforge.bench.machine import cpus_available, is_loaded, load_average
 
     reps = reps or size.reps
     texts, corpus, source = sg.prompts_and_corpus(size.single_prompts + size.concurrent)
@@ -116,16 +110,11 @@ def run(out: Path, size: sg.Size, reps: int | None = None) -> dict[str, Any]:
             for e in engines.values():
                 e.engine.close()
     load_after = load_average()
-    ids = {e: [x for case in CASES for x in runs[e][case][-1]["ids"]] for e in runs}
-    for e in runs:
-        for case in CASES:
-            for r in runs[e][case]:
-                r.pop("ids", None)
+    ids = served.last_outputs(runs, CASES, "ids")
     rows = sg.summarize(runs)
     result: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"lscpu_model": sg.lscpu_model(), "cpu": cpu_info(), "load_before": load_before,
-                    "load_after": load_after},
+        "machine": served.machine_record(load_before, load_after),
         "loaded": is_loaded([load_before, load_after], cpus_available()),
         "config": {"model": sg.FAMILIES["gpt"].describe(size), "new_tokens": size.new_tokens, "prompts": source,
                    "single_prompts": size.single_prompts, "concurrent_streams": size.concurrent, "reps": reps},

@@ -211,18 +211,8 @@ def agreement(argmax: dict[str, list[str]], reference: str = REFERENCE) -> dict[
 
 
 def summarize(runs: dict[str, dict[str, list[dict]]]) -> list[dict[str, Any]]:
-    """One row per (engine, case): medians over the repetitions, with every repetition's figures."""
-    rows = []
-    for engine, cases in runs.items():
-        for case, reps in cases.items():
-            rows.append({"engine": engine, "case": case,
-                         "texts_per_s": round(statistics.median(r["texts_per_s"] for r in reps), 2),
-                         "latency_ms": round(statistics.median(r["latency_ms"] for r in reps), 3),
-                         # The best repetition: on a shared machine a neighbour only ever slows a run down.
-                         "best_texts_per_s": round(max(r["texts_per_s"] for r in reps), 2),
-                         "reps_texts_per_s": [round(r["texts_per_s"], 2) for r in reps],
-                         "reps_latency_ms": [round(r["latency_ms"], 3) for r in reps]})
-    return rows
+    """One row per (engine, case): medians over the repetitions, the best, and every repetition's figures."""
+    return served.summarize_runs(runs, "texts_per_s", "latency_ms")
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -249,16 +239,15 @@ def markdown(result: dict[str, Any]) -> str:
              f"Model: {c['model']}; texts: {c['texts']}; {c['single_texts']} texts one by one, {c['groups']} "
              f"groups of {c['callers']} concurrent callers; {c['reps']} interleaved repetitions (median); servers' "
              f"--max-wait-ms: {c.get('server_max_wait_ms', 'the default')}.", "",
-             "| engine | case | texts/s (median) | texts/s (best) | call latency (ms, median) |",
-             "|---|---|---:|---:|---:|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['engine']} | {r['case']} | {r['texts_per_s']:.1f} | {r['best_texts_per_s']:.1f} | "
-                     f"{r['latency_ms']:.2f} |")
-    lines += ["", "Ratios (chatforge served / ONNX Runtime direct, texts/s; > 1: chatforge faster):", "",
-              "| case | chatforge | anchor | medians | best |", "|---|---|---|---:|---:|"]
-    for r in result["ratios"]:
-        lines.append(f"| {r['case']} | {r['chatforge']} | {r['anchor']} | {r['texts_per_s']:.2f}x | "
-                     f"{r['best_texts_per_s']:.2f}x |")
+             *served.markdown_table(
+                 ["engine", "case", "texts/s (median)", "texts/s (best)", "call latency (ms, median)"],
+                 [[r["engine"], r["case"], f"{r['texts_per_s']:.1f}", f"{r['best_texts_per_s']:.1f}",
+                   f"{r['latency_ms']:.2f}"] for r in result["rows"]], 2),
+             "", "Ratios (chatforge served / ONNX Runtime direct, texts/s; > 1: chatforge faster):", "",
+             *served.markdown_table(
+                 ["case", "chatforge", "anchor", "medians", "best"],
+                 [[r["case"], r["chatforge"], r["anchor"], f"{r['texts_per_s']:.2f}x", f"{r['best_texts_per_s']:.2f}x"]
+                  for r in result["ratios"]], 3)]
     lines += ["", f"Argmax agreement with {REFERENCE}:", ""]
     lines += [f"- {name}: {a:.1%}" for name, a in result["agreement"].items()]
     return "\n".join(lines) + "\n"
@@ -272,7 +261,7 @@ def run(out: Path, size: Size, reps: int | None = None, max_wait_ms: float | Non
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it: idle pools sleep
     import onnxruntime as ort
 
-    from chatforge.bench.machine import cpu_info, cpus_available, is_loaded, load_average
+    from chatforge.bench.machine import cpus_available, is_loaded, load_average
     from chatforge.bundle import class_inputs
     from chatforge.inference import load_model
     from chatforge.serving import backend_ort
@@ -313,17 +302,11 @@ def run(out: Path, size: Size, reps: int | None = None, max_wait_ms: float | Non
         finally:
             served.stop_servers(procs)
     load_after = load_average()
-    argmax = {e: [x for case in CASES for x in runs[e][case][-1]["argmax"]] for e in runs}
-    for e in runs:
-        for case in CASES:
-            for r in runs[e][case]:
-                r.pop("argmax", None)
+    argmax = served.last_outputs(runs, CASES, "argmax")
     rows = summarize(runs)
     result: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"lscpu_model": lscpu_model(), "cpu": cpu_info(), "load_before": load_before,
-                    "load_after": load_after, "onnxruntime": ort.__version__,
-                    "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "KMP_BLOCKTIME")}},
+        "machine": served.machine_record(load_before, load_after, onnxruntime=ort.__version__),
         "loaded": is_loaded([load_before, load_after], cpus),
         "config": {"model": f"BERT classifier {size.layers} layers, d_model {size.d_model}, {size.heads} heads, "
                             f"vocab {size.vocab} (SentencePiece), 151 labels, max_source_len 32, random weights",

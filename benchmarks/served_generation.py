@@ -274,18 +274,8 @@ def agreement(ids: dict[str, list[list[int]]], reference: str = REFERENCE) -> di
 
 
 def summarize(runs: dict[str, dict[str, list[dict]]]) -> list[dict[str, Any]]:
-    """One row per (engine, case): medians over the repetitions, with every repetition's figures."""
-    rows = []
-    for engine, cases in runs.items():
-        for case, reps in cases.items():
-            rows.append({"engine": engine, "case": case,
-                         "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in reps), 2),
-                         "ttft_ms": round(statistics.median(r["ttft_ms"] for r in reps), 3),
-                         # The best repetition: on a shared machine a neighbour only ever slows a run down.
-                         "best_tokens_per_s": round(max(r["tokens_per_s"] for r in reps), 2),
-                         "reps_tokens_per_s": [round(r["tokens_per_s"], 2) for r in reps],
-                         "reps_ttft_ms": [round(r["ttft_ms"], 3) for r in reps]})
-    return rows
+    """One row per (engine, case): medians over the repetitions, the best, and every repetition's figures."""
+    return served.summarize_runs(runs, "tokens_per_s", "ttft_ms")
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -308,6 +298,22 @@ def model_line(config: dict[str, Any]) -> str:
             f"{config['prompts']}; {config['reps']} interleaved repetitions (median).")
 
 
+def speed_table(rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """The report's table of engines: ``keys`` (e.g. engine, case), then tokens/s and time to first token."""
+    return served.markdown_table(
+        [*keys, "tokens/s (median)", "tokens/s (best)", "time to first token (ms)"],
+        [[*(r[k] for k in keys), f"{r['tokens_per_s']:.1f}", f"{r['best_tokens_per_s']:.1f}", f"{r['ttft_ms']:.1f}"]
+         for r in rows], len(keys))
+
+
+def ratio_table(ratios: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """The report's table of ratios (``served.speed_ratio``), after ``keys``."""
+    return served.markdown_table(
+        [*keys, "tokens/s (medians)", "tokens/s (best)", "time to first token"],
+        [[*(r[k] for k in keys), f"{r['tokens_per_s']:.2f}x", f"{r['best_tokens_per_s']:.2f}x", f"{r['ttft']:.2f}x"]
+         for r in ratios], len(keys))
+
+
 def agreement_lines(agreement: dict[str, dict[str, float]], reference: str = REFERENCE) -> list[str]:
     return ["", f"Greedy agreement with {reference} (identical replies / tokens before the first difference):", "",
             *(f"- {name}: {a['identical_replies']:.0%} / {a['prefix_tokens']:.0%}" for name, a in agreement.items())]
@@ -316,18 +322,10 @@ def agreement_lines(agreement: dict[str, dict[str, float]], reference: str = REF
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# {FAMILIES[result.get('family', 'gpt')].title} ({result['created']})", "",
              served.machine_line(result), "", model_line(result["config"]), "",
-             "| engine | case | tokens/s (median) | tokens/s (best) | time to first token (ms) |",
-             "|---|---|---:|---:|---:|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['engine']} | {r['case']} | {r['tokens_per_s']:.1f} | {r['best_tokens_per_s']:.1f} | "
-                     f"{r['ttft_ms']:.1f} |")
-    lines += ["", "Ratios (chatforge served / CTranslate2 direct; > 1: chatforge faster or sooner):", "",
-              "| case | chatforge | anchor | tokens/s (medians) | tokens/s (best) | time to first token |",
-              "|---|---|---|---:|---:|---:|"]
-    for r in result["ratios"]:
-        lines.append(f"| {r['case']} | {r['chatforge']} | {r['anchor']} | {r['tokens_per_s']:.2f}x | "
-                     f"{r['best_tokens_per_s']:.2f}x | {r['ttft']:.2f}x |")
-    lines += agreement_lines(result["agreement"])
+             *speed_table(result["rows"], ["engine", "case"]),
+             "", "Ratios (chatforge served / CTranslate2 direct; > 1: chatforge faster or sooner):", "",
+             *ratio_table(result["ratios"], ["case", "chatforge", "anchor"]),
+             *agreement_lines(result["agreement"])]
     return "\n".join(lines) + "\n"
 
 
@@ -374,7 +372,7 @@ def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt") -> 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it: idle pools sleep
     import ctranslate2
 
-    from chatforge.bench.machine import cpu_info, cpus_available, is_loaded, load_average
+    from chatforge.bench.machine import cpus_available, is_loaded, load_average
     from chatforge.serving.backend_ct2 import convert_bundle
 
     fam = FAMILIES[family]
@@ -409,17 +407,11 @@ def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt") -> 
         finally:
             served.stop_servers(procs)
     load_after = load_average()
-    ids = {e: [x for case in CASES for x in runs[e][case][-1]["ids"]] for e in runs}
-    for e in runs:
-        for case in CASES:
-            for r in runs[e][case]:
-                r.pop("ids", None)
+    ids = served.last_outputs(runs, CASES, "ids")
     rows = summarize(runs)
     result: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"lscpu_model": lscpu_model(), "cpu": cpu_info(), "load_before": load_before,
-                    "load_after": load_after, "ctranslate2": ctranslate2.__version__,
-                    "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "KMP_BLOCKTIME")}},
+        "machine": served.machine_record(load_before, load_after, ctranslate2=ctranslate2.__version__),
         "loaded": is_loaded([load_before, load_after], cpus),
         "family": family,
         "config": {"model": fam.describe(size), "shape_of": fam.config.name,

@@ -83,3 +83,51 @@ def machine_line(result: Mapping[str, Any]) -> str:
     m = result["machine"]
     return (f"CPU: {m['lscpu_model']}; CPUs available {m['cpu'].get('available_cpus')}; load before {m['load_before']}, "
             f"after {m['load_after']}" + (" — **loaded: figures are ratios only**" if result["loaded"] else ""))
+
+
+# ------------------------------------------------------------------ what the scripts' reports share
+THREAD_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "KMP_BLOCKTIME")
+
+
+def last_outputs(runs: dict[str, dict[str, list[dict]]], cases: Sequence[str], key: str) -> dict[str, list]:
+    """Each engine's outputs (``key``: token ids, argmaxes) of its last repetition, cases in order; ``key`` is then
+    removed from every repetition's record, so the JSON keeps the timings only."""
+    out = {e: [x for case in cases for x in runs[e][case][-1][key]] for e in runs}
+    for by_case in runs.values():
+        for case in cases:
+            for record in by_case[case]:
+                record.pop(key, None)
+    return out
+
+
+def machine_record(load_before: Any, load_after: Any, **extra: Any) -> dict[str, Any]:
+    """A report's ``machine``: ``lscpu``'s model, the CPU flags that matter, the load before and after, the thread
+    variables in effect, and ``extra`` (library versions)."""
+    from chatforge.bench.machine import cpu_info, lscpu_model
+
+    return {"lscpu_model": lscpu_model(), "cpu": cpu_info(), "load_before": load_before, "load_after": load_after,
+            **extra, "env": {k: os.environ.get(k) for k in THREAD_ENV}}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int) -> list[str]:
+    """A Markdown table's lines; ``rows`` hold formatted cells, columns from ``numeric_from`` on align right."""
+    align = ["---"] * numeric_from + ["---:"] * (len(header) - numeric_from)
+    return [f"| {' | '.join(header)} |", f"|{'|'.join(align)}|", *(f"| {' | '.join(map(str, r))} |" for r in rows)]
+
+
+def summarize_runs(runs: dict[str, dict[str, list[dict]]], rate: str, time_key: str) -> list[dict[str, Any]]:
+    """One row per (engine, case): the medians of ``rate`` (e.g. tokens_per_s) and ``time_key`` (ttft_ms) over the
+    repetitions, the best ``rate`` (on a shared machine a neighbour only ever slows a run down), and every
+    repetition's figures."""
+    import statistics
+
+    rows = []
+    for engine, cases in runs.items():
+        for case, reps in cases.items():
+            rows.append({"engine": engine, "case": case,
+                         rate: round(statistics.median(r[rate] for r in reps), 2),
+                         time_key: round(statistics.median(r[time_key] for r in reps), 3),
+                         f"best_{rate}": round(max(r[rate] for r in reps), 2),
+                         f"reps_{rate}": [round(r[rate], 2) for r in reps],
+                         f"reps_{time_key}": [round(r[time_key], 3) for r in reps]})
+    return rows
