@@ -229,6 +229,19 @@ def test_metrics_port_answers_head_like_get():
             assert head.content == b"" and head.headers["content-length"] == get.headers["content-length"]
 
 
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_metrics_port_answers_other_methods_405_naming_the_allowed_ones(method):
+    """http.server answered them with its own 501 HTML page ("Unsupported method")."""
+    from chatforge.serving.metrics import MetricsHTTPServer, ServingMetrics
+
+    with MetricsHTTPServer(ServingMetrics(process_metrics=False), "127.0.0.1", 0) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        r = httpx.request(method, url + "/metrics", content=b"x" * 100, timeout=WAIT)
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", (r.status_code, r.text)
+        assert r.text == f"{method} is not allowed here; allowed: GET, HEAD\n"
+        assert httpx.get(url + "/healthz", timeout=WAIT).status_code == 200
+
+
 def test_metrics_port_drops_a_client_that_never_finishes_its_request(monkeypatch):
     """A thread per connection: a client sending half a request line held its thread forever."""
     import socket

@@ -254,8 +254,20 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found; try /metrics, /healthz or /readyz\n")
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+    def _refuse_method(self) -> None:
+        """Any method but GET and HEAD: 405 naming the allowed ones (http.server's own answer was a 501 HTML page).
+        A body the client sent is not read; the connection closes after the answer."""
+        self.close_connection = True
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed here; allowed: GET, HEAD\n".encode(),
+                   extra_headers=(("Allow", "GET, HEAD"), ("Connection", "close")))
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method  # noqa: N815 - http.server's naming
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str = "text/plain; charset=utf-8",
+              extra_headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.send_response(status)
+        for name, value in extra_headers:
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
