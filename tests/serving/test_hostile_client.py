@@ -411,3 +411,18 @@ def test_grpc_port_caps_its_connections_and_serves_again_when_one_closes(monkeyp
             except ChatbotError:
                 if time.monotonic() > deadline:
                     raise
+
+
+@pytest.mark.parametrize("value", ["1_0", "1e3", "infinity", "0x10", "+3", "-1", "0", "5 s"])
+def test_x_request_timeout_takes_a_decimal_number_of_seconds_only(served, value):
+    """Python's float() read "1_0" as 10 s and "1e3" as 1,000 s: not numbers as HTTP headers write them."""
+    st, http = served
+    r = http.post("/v1/chat/completions", json=chat(max_tokens=2), headers={"X-Request-Timeout": value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Timeout", (value, r.text)
+
+
+@pytest.mark.parametrize("value", ["10", "2.5", ".5", "3."])
+def test_x_request_timeout_accepts_decimal_seconds(served, value):
+    st, http = served
+    r = http.post("/v1/chat/completions", json=chat(max_tokens=2), headers={"X-Request-Timeout": value})
+    assert r.status_code == 200, (value, r.text)

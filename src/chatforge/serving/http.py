@@ -397,13 +397,15 @@ class HttpCall:
         return response
 
 
+# A decimal number of seconds, as HTTP headers write numbers: Python's float() would also read "1_0" (10),
+# " 5 ", "1e3" or "infinity".
+_SECONDS = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)")
+
+
 def _deadline(raw: str | None, start: float) -> float | None:
     if raw is None:
         return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
+    seconds = float(raw) if _SECONDS.fullmatch(raw) else math.nan
     if not 0 < seconds <= MAX_TIMEOUT_S:
         raise FieldError("X-Request-Timeout", f"X-Request-Timeout={raw[:40]!r} is invalid; allowed: seconds "
                          f"in (0, {MAX_TIMEOUT_S:g}]")
