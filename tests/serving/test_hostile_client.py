@@ -14,14 +14,11 @@ import time
 import httpx
 import pytest
 import torch
+from tests.serving.conftest import base_url
 from tests.serving_fakes import WAIT, GatedGenerator, ServerThread, make_engine
 
 from chatforge.decoding import GenerationOptions, choose_next, top_k_top_p_filter
 from chatforge.serving.engine import Engine
-
-
-def base_url(st: ServerThread) -> str:
-    return f"http://127.0.0.1:{st.server.http.port}"
 
 
 def chat(text: str = "hi", **kw) -> dict:
@@ -32,14 +29,6 @@ def assert_still_serving(http: httpx.Client) -> None:
     assert http.get("/healthz").status_code == 200
     r = http.post("/v1/chat/completions", json=chat(max_tokens=2))
     assert r.status_code == 200, r.text
-
-
-@pytest.fixture
-def served():
-    with ServerThread(make_engine(), http_port=0) as st:
-        st.wait_serving()
-        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
-            yield st, http
 
 
 # ------------------------------------------------------------------ sampling at the float limits

@@ -11,6 +11,7 @@ import threading
 
 import httpx
 import pytest
+from tests.serving.conftest import base_url
 from tests.serving_fakes import (
     WAIT,
     BlockingGenerator,
@@ -26,18 +27,6 @@ from chatforge.client import ChatbotClient
 from chatforge.serving.engine import Engine, PipelineConfig
 from chatforge.serving.http import StopMatcher
 from chatforge.serving.security import ApiKeyAuth
-
-
-def base_url(st: ServerThread) -> str:
-    return f"http://127.0.0.1:{st.server.http.port}"
-
-
-@pytest.fixture
-def served():
-    with ServerThread(make_engine(), http_port=0) as st:
-        st.wait_serving()
-        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
-            yield st, http
 
 
 def sse_events(lines) -> list[str]:
