@@ -231,6 +231,30 @@ def test_metrics_port_answers_other_methods_405_naming_the_allowed_ones(method):
         assert httpx.get(url + "/healthz", timeout=WAIT).status_code == 200
 
 
+def test_metrics_port_caps_its_connection_threads(monkeypatch):
+    """A thread per connection without bound: silent connections each held one (for up to the read timeout).
+    One over the cap now gets 503 at once; a closed connection frees its place."""
+    import socket
+
+    from chatforge.serving import metrics as metrics_module
+    from chatforge.serving.metrics import MetricsHTTPServer, ServingMetrics
+
+    monkeypatch.setattr(metrics_module, "MAX_CONNECTIONS", 2)
+    with MetricsHTTPServer(ServingMetrics(process_metrics=False), "127.0.0.1", 0) as server:
+        addr = ("127.0.0.1", server.port)
+        held = [socket.create_connection(addr, timeout=WAIT) for _ in range(2)]
+        try:
+            with socket.create_connection(addr, timeout=WAIT) as extra:
+                reply = _read_all(extra)
+            assert reply.startswith(b"HTTP/1.1 503 ") and reply.endswith(b"too many connections\n")
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + WAIT  # the handler threads see the closes and give their places back
+        while (status := httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=WAIT).status_code) != 200:
+            assert status == 503 and time.monotonic() < deadline
+
+
 def test_metrics_port_drops_a_client_that_never_finishes_its_request(monkeypatch):
     """A thread per connection: a client sending half a request line held its thread forever."""
     import socket

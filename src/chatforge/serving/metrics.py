@@ -279,6 +279,13 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("metrics http: " + format, *args)
 
 
+# Connections served at once: scrapers and probes need a few; each holds a thread (for at most
+# REQUEST_READ_TIMEOUT_S while it sends nothing), so more would only be threads for an abusive client.
+MAX_CONNECTIONS = 64
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: 21\r\n\r\ntoo many connections\n")
+
+
 class _MirrorHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -286,6 +293,29 @@ class _MirrorHTTPServer(ThreadingHTTPServer):
         super().__init__(addr, _Handler)
         self.metrics = metrics
         self.readiness = readiness
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[override]
+        """A thread per connection, at most MAX_CONNECTIONS: one more is answered 503 at once and closed."""
+        if not self._slots.acquire(blocking=False):
+            log.warning("metrics http: connection refused, %d open", MAX_CONNECTIONS)
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class MetricsHTTPServer:
