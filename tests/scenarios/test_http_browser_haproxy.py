@@ -159,6 +159,10 @@ def test_chat_page_through_haproxy_streams_token_by_token_and_stops(page, tmp_pa
         lb = Balancer(exe, st.server.http.port, st.server.metrics_http.port, tmp_path / "haproxy.log")
         try:
             lb.wait_up()
+            # HAProxy counts a response in its stats a moment after the client has it: wait_up's one 2xx (its
+            # /readyz) must be in the count before the page's requests are counted from it (a run read 0 here
+            # and then counted 9 for the page's 8).
+            wait_for(lambda: lb.answered() >= 1, WAIT, "HAProxy's stats count wait_up's /readyz")
             before = lb.answered()
             seen_urls: list[str] = []
             page.on("request", lambda r: seen_urls.append(r.url))
@@ -237,6 +241,7 @@ def test_chat_page_through_haproxy_streams_token_by_token_and_stops(page, tmp_pa
                 assert path in paths, (path, paths)
             assert paths.count("/v1/chat/completions") == 2, paths
             # Each with a 2xx answer (Chromium's own /favicon.ico request, a 404, is not one of the page's).
+            wait_for(lambda: lb.answered() - before >= len(seen_urls), WAIT, "HAProxy's stats count the page's requests")
             counted = lb.answered() - before
             assert counted == len(seen_urls), (f"HAProxy's backend chatforge_http answered {counted} requests with "
                                                f"2xx, the page made {len(seen_urls)}: {paths}")

@@ -88,7 +88,17 @@ def _size_mb(tag: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def engine() -> None:
+def engine():
+    """The container engine, checked; at the end, the untagged images that earlier runs left behind are removed
+    (each run re-tags the two images and leaves the old ones and their build stages untagged: over many runs they
+    filled a 250 GB disk, and a build then failed writing a layer). This run's own stay as the next build's cache."""
+    started = int(time.time())
+    yield _check_engine()
+    subprocess.run(["podman", "image", "prune", "-f", "--filter", f"until={started}"], capture_output=True,
+                   timeout=300)
+
+
+def _check_engine() -> None:
     if shutil.which("podman") is None:
         _skip("podman is not installed (tools/ci_install_containers.sh installs it; make test does under CI)")
     if subprocess.run(["podman", "image", "exists", BASE]).returncode != 0:
