@@ -1,8 +1,13 @@
-"""Out-of-scope scores of one classifier bundle on CLINC150 val and dev: max-probability, energy, max-logit.
+"""Out-of-scope scores of one classifier bundle on CLINC150 val and dev: max-probability, energy, max-logit, and
+nearest-neighbour distance in the model's feature space.
 
 Energy (Liu et al. 2020, "Energy-based Out-of-distribution Detection") is ``-T logsumexp(z / T)`` over the
 in-scope logits ``z``: a torch classifier's logits, or for the linear SVM ``temperature * margin`` (the
-logits its probabilities come from). Each score gets the bounded threshold the benchmark uses (at most ``--max-in-scope-drop`` of
+logits its probabilities come from). The nearest-neighbour score (Sun et al. 2022, "Out-of-Distribution
+Detection with Deep Nearest Neighbors") is one minus the cosine similarity to the k-th nearest in-scope
+training example (the run's own training split, dev held out), for k in ``--knn`` (both reported; none chosen):
+on a torch classifier's feature space (the vector its head reads), on the linear model's TF-IDF vectors. Each
+score gets the bounded threshold the benchmark uses (at most ``--max-in-scope-drop`` of
 in-scope accuracy, the exact search of ``choose_flag_threshold``): cross-fitted on val (10 folds x 10),
 and fitted on all of val then applied to the run's dev split (``data.dev_fraction``).
 
@@ -24,6 +29,38 @@ from chatforge.oos import apply_oos_threshold, choose_flag_threshold, oos_metric
 from chatforge.training.run import load_splits
 
 OOS = "oos"
+
+
+def features(bundle, texts: list[str]) -> np.ndarray:
+    """(N, D) unit vectors: what a torch classifier's head reads (dense), or the linear model's TF-IDF rows (sparse)."""
+    m = bundle.model
+    if bundle.family == "linear":
+        from sklearn.preprocessing import normalize
+
+        return normalize(m._features(texts)).astype(np.float32)  # sparse: a dense TF-IDF bank is GBs
+    else:
+        head = getattr(m, "head", None) or getattr(m, "classifier", None)
+        if not isinstance(head, torch.nn.Linear):
+            raise SystemExit(f"no linear head found on a {bundle.family!r} classifier")
+        seen: list[np.ndarray] = []
+        hook = head.register_forward_pre_hook(lambda _mod, args: seen.append(args[0].float().numpy()))
+        try:
+            logits(bundle, texts)
+        finally:
+            hook.remove()
+        x = np.concatenate(seen)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_score(bank: np.ndarray, x: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """1 - cosine similarity to the k-th most similar row of ``bank`` (unit rows), per row of ``x``."""
+    out = []
+    for i in range(0, x.shape[0], chunk):  # x may be sparse, which has no len()
+        sims = x[i:i + chunk] @ bank.T  # (n, M)
+        sims = np.asarray(sims.toarray() if hasattr(sims, "toarray") else sims)
+        kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]  # the k-th largest similarity
+        out.append(1.0 - kth)
+    return np.concatenate(out)
 
 
 def logits(bundle, texts: list[str], batch_size: int = 128) -> np.ndarray:
@@ -54,32 +91,38 @@ def main() -> None:
     ap.add_argument("bundle")
     ap.add_argument("--max-in-scope-drop", type=float, default=0.0025)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.1])
+    ap.add_argument("--knn", type=int, nargs="+", default=[1, 10], help="k of the nearest-neighbour score")
     args = ap.parse_args()
     bundle = load_bundle(args.bundle)
-    _, val, dev, _ = load_splits(bundle.config)
+    train, val, dev, _ = load_splits(bundle.config)
     if not dev:
         raise SystemExit("the bundle's config holds out no dev split (data.dev_fraction is 0)")
     labels = list(bundle.labels)
     ins = [i for i, v in enumerate(labels) if v != OOS]
-    parts = {}
+    bank = features(bundle, [e.text for e in train if str(e.label) != OOS])  # in-scope training examples
+    parts, knn = {}, {}
     for name, part in (("val", val), ("dev", dev)):
         texts, y = [e.text for e in part], [str(e.label) for e in part]
         z = logits(bundle, texts)  # (N, C)
         p = np.exp(z - logsumexp(z, axis=1, keepdims=True))
         parts[name] = (apply_oos_threshold(p, labels, 0.0, OOS), p, z, y)
+        x = features(bundle, texts)
+        knn[name] = {k: knn_score(bank, x, k) for k in args.knn}
     scores = {"max-probability": lambda p, z, t: 1.0 - p[:, ins].max(axis=1),
               "energy": lambda p, z, t: -t * logsumexp(z[:, ins] / t, axis=1),
               "max-logit": lambda p, z, t: -z[:, ins].max(axis=1)}
-    print("| score | T | val (cross-fitted) | dev |\n|---|---|---|---|")  # noqa: T201  (a script's output)
-    for t in args.temperatures:
-        for name, f in scores.items():
-            (mv, pv, zv, yv), (md, pd, zd, yd) = parts["val"], parts["dev"]
-            sv, sd = f(pv, zv, t), f(pd, zd, t)
-            cf = cross_fit(yv, flag_fit_apply(mv, sv, yv, OOS, args.max_in_scope_drop), OOS, 10, 10)
-            thr, _ = choose_flag_threshold(mv, sv, yv, OOS, max_in_scope_drop=args.max_in_scope_drop)
-            d = oos_metrics(yd, [OOS if q >= thr else x for x, q in zip(md, sd, strict=True)], OOS)
-            print(f"| {name} | {t:g} | {100 * cf['in_scope_accuracy']:.2f} / {100 * cf['oos_recall']:.1f} "  # noqa: T201
-                  f"| {100 * d['in_scope_accuracy']:.2f} / {100 * d['oos_recall']:.1f} |")
+    rows = [(name, f"{t:g}", lambda part, f=f, t=t: f(parts[part][1], parts[part][2], t))
+            for t in args.temperatures for name, f in scores.items()]
+    rows += [("nearest neighbour", f"k={k}", lambda part, k=k: knn[part][k]) for k in args.knn]
+    print("| score | T or k | val (cross-fitted) | dev |\n|---|---|---|---|")  # noqa: T201  (a script's output)
+    (mv, _, _, yv), (md, _, _, yd) = parts["val"], parts["dev"]
+    for name, setting, score in rows:
+        sv, sd = score("val"), score("dev")
+        cf = cross_fit(yv, flag_fit_apply(mv, sv, yv, OOS, args.max_in_scope_drop), OOS, 10, 10)
+        thr, _ = choose_flag_threshold(mv, sv, yv, OOS, max_in_scope_drop=args.max_in_scope_drop)
+        d = oos_metrics(yd, [OOS if q >= thr else x for x, q in zip(md, sd, strict=True)], OOS)
+        print(f"| {name} | {setting} | {100 * cf['in_scope_accuracy']:.2f} / {100 * cf['oos_recall']:.1f} "  # noqa: T201
+              f"| {100 * d['in_scope_accuracy']:.2f} / {100 * d['oos_recall']:.1f} |")
 
 
 if __name__ == "__main__":
