@@ -292,7 +292,9 @@ def test_api_port_answers_408_to_a_client_that_trickles_its_headers(monkeypatch,
         slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: appl")
         assert_still_serving(http)  # served meanwhile, on another connection
         reply = _read_all(slow)
-    assert reply.startswith(b"HTTP/1.1 408 ") and reply.endswith(b"request headers not received in time")
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]  # the API's error object, as for every error
+    assert error["code"] == "request_timeout" and "request headers not received in time" in error["message"]
 
 
 def test_api_port_closes_a_connection_that_never_sends_a_request(monkeypatch, served):
@@ -322,6 +324,7 @@ def test_api_port_caps_its_connections_and_keeps_serving(monkeypatch, served):
         with socket.create_connection(addr, timeout=WAIT) as extra:
             reply = _read_all(extra)
         assert reply.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in reply
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_connections"
         held.pop().close()
         connections = st.server.http._server.server_state.connections
         deadline = time.monotonic() + WAIT  # the server sees the close on its own loop

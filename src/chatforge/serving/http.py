@@ -661,16 +661,20 @@ def max_http_connections() -> int:
     return fd_budget(0.25)
 
 
-def _plain_response(status: str, text: str, *headers: str) -> bytes:
-    """A whole HTTP/1.1 response that closes the connection, for the protocol layer (no ASGI app behind it)."""
-    body = text.encode()
-    head = [f"HTTP/1.1 {status}", "content-type: text/plain; charset=utf-8", "connection: close", *headers,
+def _closing_error(status: str, message: str, kind: str, code: str, *headers: str) -> bytes:
+    """A whole HTTP/1.1 response carrying the OpenAI error object every other error of this API carries, for the
+    protocol layer (no ASGI app behind it), after which the connection closes."""
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    head = [f"HTTP/1.1 {status}", "content-type: application/json", "connection: close", *headers,
             f"content-length: {len(body)}"]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-_HEAD_TIMEOUT_RESPONSE = _plain_response("408 Request Timeout", "request headers not received in time")
-_TOO_MANY_RESPONSE = _plain_response("503 Service Unavailable", "too many connections; retry", "retry-after: 1")
+_HEAD_TIMEOUT_RESPONSE = _closing_error("408 Request Timeout", "request headers not received in time; allowed: "
+                                        f"{REQUEST_HEAD_TIMEOUT_S:g} s from a request's first byte",
+                                        "timeout", "request_timeout")
+_TOO_MANY_RESPONSE = _closing_error("503 Service Unavailable", "too many connections; retry", "service_unavailable",
+                                    "too_many_connections", f"retry-after: {RETRY_AFTER_S}")
 
 
 def _address(client: tuple[str, int] | None) -> str:
