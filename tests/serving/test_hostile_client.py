@@ -191,6 +191,31 @@ def test_a_stream_to_a_client_that_closes_says_connection_close_only(served, ver
     assert b"data: [DONE]" in raw
 
 
+def test_a_stream_to_an_http_1_0_client_is_close_delimited_not_chunked(served):
+    """HTTP/1.0 has no chunked transfer coding (RFC 9112 section 6.1): uvicorn framed a streamed reply in chunks
+    anyway, so a 1.0 client saw chunk sizes inside its events. The body now ends where the connection does."""
+    st, http = served
+    body = json.dumps(chat(stream=True, max_tokens=3)).encode()
+    raw = _raw_exchange(st.server.http.port, b"POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    head, payload = raw.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").lower().split("\r\n")
+    assert lines[0].endswith("200 ok"), lines
+    assert not [h for h in lines if h.startswith(("transfer-encoding:", "content-length:"))], lines
+    assert "connection: close" in lines
+    events = [e for e in payload.decode().split("\n\n") if e]
+    assert events and all(e.startswith("data: ") for e in events), payload[:200]  # no chunk sizes between them
+    assert events[-1] == "data: [DONE]"
+    deltas = [json.loads(e[6:]) for e in events[:-1]]
+    assert deltas[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    # a reply of known length (a plain JSON body) to HTTP/1.0 keeps its Content-Length
+    raw = _raw_exchange(st.server.http.port, b"GET /v1/models HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    head, payload = raw.split(b"\r\n\r\n", 1)
+    assert f"content-length: {len(payload)}" in head.decode("latin-1").lower().split("\r\n")
+    assert json.loads(payload)["object"] == "list"
+    assert http.get("/v1/models").status_code == 200  # and HTTP/1.1 clients are served as before
+
+
 def test_http_401_names_the_header_and_the_scheme():
     from chatforge.serving.security import ApiKeyAuth
 

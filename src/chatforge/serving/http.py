@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Route
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from chatforge.context import (
     CONTEXT_ROLES,
@@ -681,11 +681,44 @@ def _address(client: tuple[str, int] | None) -> str:
     return f"{client[0]}:{client[1]}" if client else ""
 
 
+class _Http10Cycle(RequestResponseCycle):
+    """uvicorn's request cycle for an HTTP/1.0 request. HTTP/1.0 has no chunked transfer coding (RFC 9112
+    section 6.1: a server must not send it to a 1.0 client), yet uvicorn frames every reply of unknown length
+    in chunks, so a 1.0 client read chunk sizes inside the SSE events. A reply without Content-Length is sent
+    close-delimited instead: ``connection: close``, the body as it comes, and the end of the body is the end of
+    the connection. Replies that carry a Content-Length go through uvicorn unchanged."""
+
+    _close_delimited = False
+
+    async def send(self, message) -> None:  # type: ignore[override]
+        if not self.response_started and message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            if (b"content-length" not in names and b"transfer-encoding" not in names
+                    and self.scope["method"] != "HEAD" and message["status"] not in (204, 304)):
+                self._close_delimited = True
+                self.keep_alive = False  # uvicorn adds connection: close
+                self.chunked_encoding = False  # ... and no transfer-encoding
+            return await super().send(message)
+        if not self._close_delimited or self.response_complete or message["type"] != "http.response.body":
+            return await super().send(message)
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+        if self.disconnected:
+            return
+        if body := message.get("body", b""):
+            self.transport.write(body)
+        if not message.get("more_body", False):
+            self.response_complete = True
+            self.message_event.set()
+            self.transport.close()
+            self.on_response()
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the two bounds a server facing clients directly needs and uvicorn lacks:
     a deadline for each request's head (:data:`REQUEST_HEAD_TIMEOUT_S`; 408) and for the first byte of a new
     connection (:data:`IDLE_CONNECTION_TIMEOUT_S`), and a cap on open connections (:func:`max_http_connections`;
-    503). Bodies are bounded by :class:`BodyLimit` and replies by the engine's deadlines."""
+    503); and streamed replies to HTTP/1.0 clients close-delimited rather than chunked (:class:`_Http10Cycle`). Bodies are bounded by :class:`BodyLimit` and replies by the engine's deadlines."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -725,6 +758,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
         super().on_headers_complete()
+        cycle = self.cycle
+        # The cycle's task has been created but not run yet, so its ``send`` is looked up after this swap.
+        if type(cycle) is RequestResponseCycle and cycle.scope.get("http_version") == "1.0":
+            cycle.__class__ = _Http10Cycle
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
