@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare a machine for the deployment tests (tests/scenarios/test_image.py, tests/scenarios/test_failover_haproxy.py,
+# Prepare a machine for the deployment tests (tests/scenarios/test_image.py, test_compose_stack.py, test_failover_haproxy.py,
 # tests/docs/test_diagrams.py): install Debian's podman, runc, debootstrap, haproxy, plantuml and graphviz when they
 # are missing, and build a local Python base image from Debian packages, because no image registry is
 # reachable on these machines. Called by `make test` under CI; safe to run again (each step is skipped
@@ -23,6 +23,8 @@ for pair in podman:podman runc:runc debootstrap:debootstrap haproxy:haproxy plan
   cmd="${pair%%:*}"; pkg="${pair##*:}"
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
+# DNS on podman's CNI networks (compose's service names: tests/scenarios/test_compose_stack.py).
+[[ -e /usr/lib/cni/dnsname ]] || need+=(golang-github-containernetworking-plugin-dnsname)
 if ((${#need[@]})); then
   command -v apt-get >/dev/null || { log "missing ${need[*]} and no apt-get to install them"; exit 1; }
   log "installing ${need[*]} from Debian's packages..."

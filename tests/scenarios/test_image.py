@@ -13,19 +13,14 @@ Skipped, with the reason printed, only where the container engine cannot start a
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
+from tests.container_helpers import LIMITS, build, podman, size_mb
 from tests.deploy_helpers import (
-    REPO,
     TRAIN_ONLY_MODULES,
     free_port,
     http_get,
@@ -39,85 +34,6 @@ from chatforge.client import ChatbotClient
 
 pytestmark = pytest.mark.slow
 
-BASE = os.environ.get("CHATFORGE_BASE_IMAGE", "localhost/chatforge-base:bookworm")
-# runc: crun fails on these machines; explicit ulimits: the defaults podman asks for are refused here.
-ENGINE = ["podman", "--runtime", "runc"]
-LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
-HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
-BUILD_TIMEOUT = 1500
-
-
-def _skip(reason: str):
-    print(f"\nSKIP tests/scenarios/test_image.py: {reason}", file=sys.stderr)
-    pytest.skip(reason)
-
-
-def _podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([*ENGINE, *args], capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args[:3])} ... failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    return r
-
-
-def _torch_wheel() -> Path | None:
-    """A local CPU torch wheel (pip's find-links here), so the build needs no PyTorch index."""
-    for pattern in (os.environ.get("CHATFORGE_TORCH_WHEEL", ""), "/opt/wheels/torch-*+cpu-*.whl"):
-        hits = sorted(glob.glob(pattern)) if pattern else []
-        if hits:
-            return Path(hits[-1])
-    return None
-
-
-def _build(dockerfile: str, tag: str) -> float:
-    wheels = REPO / "deploy" / "wheels"
-    wheel = _torch_wheel()
-    if wheel is not None and not (wheels / wheel.name).exists():
-        shutil.copy2(wheel, wheels / wheel.name)  # git-ignored; the build context's WHEELS folder
-    args = ["build", "--format", "docker", "--network", "host", *LIMITS, "-f", dockerfile,
-            "--build-arg", f"BASE_IMAGE={BASE}", "-t", tag]
-    if HOST_CA.is_file():  # pip behind this network's TLS-intercepting proxy needs the host's CA bundle
-        args += ["-v", f"{HOST_CA}:/run/host-ca.crt:ro", "--build-arg", "PIP_CERT=/run/host-ca.crt"]
-    start = time.monotonic()
-    r = subprocess.run([*ENGINE, *args, str(REPO)], capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-    assert r.returncode == 0, f"building {dockerfile} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    return time.monotonic() - start
-
-
-def _size_mb(tag: str) -> float:
-    return int(_podman("image", "inspect", tag, "--format", "{{.Size}}").stdout.strip()) / 1e6
-
-
-@pytest.fixture(scope="module")
-def engine():
-    """The container engine, checked; at the end, the untagged images that earlier runs left behind are removed
-    (each run re-tags the two images and leaves the old ones and their build stages untagged: over many runs they
-    filled a 250 GB disk, and a build then failed writing a layer). This run's own stay as the next build's cache."""
-    started = int(time.time())
-    yield _check_engine()
-    subprocess.run(["podman", "image", "prune", "-f", "--filter", f"until={started}"], capture_output=True,
-                   timeout=300)
-
-
-def _check_engine() -> None:
-    if shutil.which("podman") is None:
-        _skip("podman is not installed (tools/ci_install_containers.sh installs it; make test does under CI)")
-    if subprocess.run(["podman", "image", "exists", BASE]).returncode != 0:
-        r = subprocess.run(["bash", str(REPO / "tools" / "ci_install_containers.sh")], capture_output=True,
-                           text=True, timeout=900)
-        assert r.returncode == 0, f"could not build the base image {BASE}:\n{r.stderr[-3000:]}"
-    probe = _podman("run", "--rm", *LIMITS, "--network", "none", BASE, "python3", "-c", "print('ok')",
-                    check=False)
-    if probe.returncode != 0 or probe.stdout.strip() != "ok":
-        _skip(f"the container engine cannot start a container here: {probe.stderr.strip()[-500:]}")
-
-
-@pytest.fixture(scope="module")
-def serving_image(engine, pytestconfig) -> str:
-    tag = "localhost/chatforge:ci"
-    took = _build("deploy/Dockerfile", tag)
-    say(pytestconfig, f"\nserving image {tag}: {_size_mb(tag):.0f} MB, built in {took:.0f} s on {BASE}")
-    return tag
-
 
 @pytest.fixture(scope="module")
 def container(serving_image, tmp_path_factory):
@@ -125,10 +41,10 @@ def container(serving_image, tmp_path_factory):
     chat, intent = train_tiny_bundles(tmp)
     name, volume = f"chatforge-ci-{uuid.uuid4().hex[:8]}", f"chatforge-ci-data-{uuid.uuid4().hex[:8]}"
     grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
-    _podman("volume", "create", volume)
+    podman("volume", "create", volume)
     # What deploy/k8s/deployment.yaml asks of the pod: read-only root, tmpfs /tmp, writable /data,
     # no capabilities, no privilege escalation, 1 CPU / 1 GiB.
-    _podman("run", "-d", "--name", name, *LIMITS, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+    podman("run", "-d", "--name", name, *LIMITS, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges", "--cpus", "1", "--memory", "1g",
             "-v", f"{volume}:/data", "-v", f"{chat}:/models/chat:ro", "-v", f"{intent}:/models/intent:ro",
             "-p", f"127.0.0.1:{grpc_port}:50051", "-p", f"127.0.0.1:{metrics_port}:9100",
@@ -140,21 +56,21 @@ def container(serving_image, tmp_path_factory):
     try:
         wait_for(lambda: ready(info["metrics"] + "/readyz") or _exited(name), 180, "the container's /readyz")
         if _exited(name):
-            raise AssertionError(f"the container exited:\n{_podman('logs', name, check=False).stderr[-3000:]}")
+            raise AssertionError(f"the container exited:\n{podman('logs', name, check=False).stderr[-3000:]}")
         yield info
     finally:
-        print(_podman("logs", name, check=False).stderr[-1500:])
-        _podman("rm", "-f", "-t", "0", name, check=False)
-        _podman("volume", "rm", "-f", volume, check=False)
+        print(podman("logs", name, check=False).stderr[-1500:])
+        podman("rm", "-f", "-t", "0", name, check=False)
+        podman("volume", "rm", "-f", volume, check=False)
 
 
 def _exited(name: str) -> bool:
-    return _podman("inspect", name, "--format", "{{.State.Running}}", check=False).stdout.strip() == "false"
+    return podman("inspect", name, "--format", "{{.State.Running}}", check=False).stdout.strip() == "false"
 
 
 def test_serving_image_serves_like_kubernetes_runs_it(container, pytestconfig):
     name = container["name"]
-    assert _podman("exec", name, "id", "-u").stdout.strip() == "10001"  # non-root
+    assert podman("exec", name, "id", "-u").stdout.strip() == "10001"  # non-root
     with ChatbotClient(container["grpc"], timeout=30) as client:
         assert client.health("chatforge.v1.Chatbot") == "SERVING"
         assert client.health("") == "SERVING"
@@ -168,20 +84,20 @@ def test_serving_image_serves_like_kubernetes_runs_it(container, pytestconfig):
     assert http_get(container["metrics"] + "/readyz")[0] == 200
 
     # The HEALTHCHECK is the image's, and it passes well within its 2 s timeout.
-    hc = json.loads(_podman("inspect", name, "--format", "{{json .Config.Healthcheck}}").stdout)
+    hc = json.loads(podman("inspect", name, "--format", "{{json .Config.Healthcheck}}").stdout)
     assert hc["Test"][:3] == ["CMD", "chatforge", "health"] and "chatforge.v1.Chatbot" in hc["Test"]
     start = time.monotonic()
-    r = _podman("healthcheck", "run", name, check=False)
+    r = podman("healthcheck", "run", name, check=False)
     took = time.monotonic() - start
     say(pytestconfig, f"\nHEALTHCHECK answered in {took:.2f} s (podman healthcheck run, incl. podman's own start)")
     assert r.returncode == 0, r.stdout + r.stderr
 
     # The serving extra only: none of the training stack is installed.
     probe = f"import importlib.util as u; print([m for m in {TRAIN_ONLY_MODULES!r} if u.find_spec(m)])"
-    assert _podman("exec", name, "python3", "-c", probe).stdout.strip() == "[]"
+    assert podman("exec", name, "python3", "-c", probe).stdout.strip() == "[]"
     # Read-only root, writable /data (the conversation store) and /tmp.
-    assert _podman("exec", name, "touch", "/opt/x", check=False).returncode != 0
-    _podman("exec", name, "touch", "/data/probe", "/tmp/probe")
+    assert podman("exec", name, "touch", "/opt/x", check=False).returncode != 0
+    podman("exec", name, "touch", "/data/probe", "/tmp/probe")
 
 
 def test_the_image_serves_the_http_api_and_page_to_the_official_client(container):
@@ -203,10 +119,10 @@ def test_the_image_serves_the_http_api_and_page_to_the_official_client(container
 def test_stop_drains_and_exits_zero(container, pytestconfig):
     name = container["name"]
     start = time.monotonic()
-    _podman("stop", "-t", "30", name, timeout=60)
+    podman("stop", "-t", "30", name, timeout=60)
     took = time.monotonic() - start
-    state = json.loads(_podman("inspect", name, "--format", "{{json .State}}").stdout)
-    logs = _podman("logs", name, check=False).stderr
+    state = json.loads(podman("inspect", name, "--format", "{{json .State}}").stdout)
+    logs = podman("logs", name, check=False).stderr
     say(pytestconfig, f"\npodman stop took {took:.1f} s; exit code {state['ExitCode']}")
     assert state["ExitCode"] == 0, logs[-3000:]
     assert '"event": "stopped"' in logs  # the server's own orderly shutdown, not a SIGKILL
@@ -220,14 +136,14 @@ def test_stop_drains_and_exits_zero(container, pytestconfig):
 
 def test_training_image_has_the_training_stack(engine, pytestconfig):
     tag = "localhost/chatforge-train:ci"
-    took = _build("deploy/Dockerfile.train", tag)
-    say(pytestconfig, f"\ntraining image {tag}: {_size_mb(tag):.0f} MB, built in {took:.0f} s")
+    took = build("deploy/Dockerfile.train", tag)
+    say(pytestconfig, f"\ntraining image {tag}: {size_mb(tag):.0f} MB, built in {took:.0f} s")
     probe = "import mlflow, optuna, sklearn, xgboost, matplotlib, torch.distributed.run; print('ok')"
-    r = _podman("run", "--rm", *LIMITS, "--network", "none", "--entrypoint", "python3", tag, "-c", probe)
+    r = podman("run", "--rm", *LIMITS, "--network", "none", "--entrypoint", "python3", tag, "-c", probe)
     assert r.stdout.strip().endswith("ok")
-    r = _podman("run", "--rm", *LIMITS, "--network", "none", "--entrypoint", "torchrun", tag, "--help")
+    r = podman("run", "--rm", *LIMITS, "--network", "none", "--entrypoint", "torchrun", tag, "--help")
     assert "--nnodes" in r.stdout
-    assert "train" in _podman("run", "--rm", *LIMITS, "--network", "none", tag, "--help").stdout
+    assert "train" in podman("run", "--rm", *LIMITS, "--network", "none", tag, "--help").stdout
 
 
 def test_the_image_sizes_torch_threads_from_the_cpu_quota(serving_image):
@@ -236,6 +152,6 @@ def test_the_image_sizes_torch_threads_from_the_cpu_quota(serving_image):
     so `--cpus 2` also ran one thread."""
     probe = "from chatforge.runtime import configure_threads; print(configure_threads())"
     for cpus in sorted({1, min(2, os.cpu_count() or 1)}):
-        r = _podman("run", "--rm", *LIMITS, "--network", "none", "--cpus", str(cpus), "--entrypoint", "python3",
+        r = podman("run", "--rm", *LIMITS, "--network", "none", "--cpus", str(cpus), "--entrypoint", "python3",
                     serving_image, "-c", probe)
         assert r.stdout.strip() == str(cpus), (cpus, r.stdout, r.stderr[-1000:])

@@ -1,0 +1,245 @@
+"""deploy/docker-compose.yml run as an operator runs it: ``podman-compose up`` of the shipped file, unchanged, with
+the serving image built from deploy/Dockerfile, two replicas, HAProxy and Prometheus on compose's own network
+(service names resolved by its DNS), then called through the published ports with the official clients: gRPC
+in both HAProxy modes, the OpenAI-compatible API, the chat page; Prometheus scraping every target; one replica
+stopped (SIGTERM, drained, exit 0) while calls go on, and started again.
+
+No image registry is reachable on these machines, so the two upstream images the file names (HAProxy,
+Prometheus) are stand-ins built here from Debian's packages (HAProxy 2.6, as the file pins; Prometheus 2.42,
+the file pins 2.53) and tagged with the names the file uses, only where no image of that name exists: a real
+upstream image is used as it is. podman runs with this machine's two quirks (runc; nofile soft 1024 and nproc
+4096, which its defaults exceed) through CONTAINERS_CONF, not through the compose file.
+
+Skipped, with the reason printed, where the container engine cannot start a container, podman-compose is missing,
+or podman's networks have no DNS (the dnsname CNI plugin; tools/ci_install_containers.sh installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.container_helpers import BASE, LIMITS, podman, skip
+from tests.deploy_helpers import REPO, free_port, http_get, say, train_tiny_bundles, wait_for
+
+from chatforge.client import ChatbotClient
+
+pytestmark = pytest.mark.slow
+
+COMPOSE = REPO / "deploy" / "docker-compose.yml"
+STANDIN_LABEL = "org.chatforge.standin"
+# service -> (Debian package, the rest of a Containerfile on the base image that makes it run like the upstream
+# image the compose file names: the same command, config path and user)
+STANDINS = {
+    "haproxy": ("haproxy", 'USER haproxy\nCMD ["haproxy", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]\n'),
+    "prometheus": ("prometheus", "RUN mkdir -p /prometheus && chown nobody:nogroup /prometheus\nUSER nobody\n"
+                   'WORKDIR /prometheus\nENTRYPOINT ["/usr/bin/prometheus"]\n'
+                   'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]\n'),
+}
+PUBLISHED = ("GRPC", "GRPC_H2", "HTTP", "STATS", "PROMETHEUS")
+UP_TIMEOUT_S = 240
+
+
+def _compose_tool() -> list[str]:
+    exe = shutil.which("podman-compose") or str(Path(sys.executable).with_name("podman-compose"))
+    if not Path(exe).exists():
+        skip("podman-compose is not installed (the dev extra installs it)")
+    return [exe]
+
+
+def _standin(image: str, package: str, tail: str, work: Path) -> str:
+    """Make ``image`` exist: keep an upstream image or an earlier stand-in, else build one; says which."""
+    found = podman("image", "inspect", image, "--format", f'{{{{index .Labels "{STANDIN_LABEL}"}}}}', check=False)
+    if found.returncode == 0:
+        return "stand-in (cached)" if found.stdout.strip() == package else "upstream image"
+    folder = work / package
+    folder.mkdir()
+    (folder / "Containerfile").write_text(
+        f"FROM {BASE}\nRUN apt-get update && apt-get install -y --no-install-recommends {package} "
+        f"&& rm -rf /var/lib/apt/lists/*\n{tail}LABEL {STANDIN_LABEL}={package}\n")
+    podman("build", "--network", "host", *LIMITS, "-t", image, str(folder), timeout=600)
+    return "stand-in (built)"
+
+
+def _containers_conf(path: Path) -> Path:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = 1048576 if hard == resource.RLIM_INFINITY else hard
+    path.write_text(f'[containers]\ndefault_ulimits = ["nofile=1024:{hard}", "nproc=4096:4096"]\n'
+                    '[engine]\nruntime = "runc"\n')
+    return path
+
+
+class Stack:
+    def __init__(self, project: str, env: dict[str, str], ports: dict[str, int]):
+        self.project, self.env, self.ports = project, env, ports
+        self.tool = _compose_tool()
+
+    def compose(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([*self.tool, "-p", self.project, "-f", str(COMPOSE), *args], capture_output=True,
+                           text=True, timeout=timeout, env=self.env, cwd=COMPOSE.parent)
+        if check and r.returncode != 0:
+            raise AssertionError(f"podman-compose {' '.join(args)} failed ({r.returncode}):\n"
+                                 f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        return r
+
+    def container(self, service: str) -> str:
+        return f"{self.project}_{service}_1"
+
+    def url(self, which: str) -> str:
+        return f"http://127.0.0.1:{self.ports[which]}"
+
+    def target(self, which: str) -> str:
+        return f"127.0.0.1:{self.ports[which]}"
+
+    def servers(self) -> dict[tuple[str, str], dict[str, str]]:
+        """HAProxy's stats CSV: (proxy, server) -> row."""
+        status, body = http_get(self.url("STATS") + "/stats;csv", timeout=2.0)
+        if status != 200:
+            return {}
+        lines = body.lstrip("# ").splitlines()
+        head = lines[0].split(",")
+        rows = [dict(zip(head, ln.split(","), strict=False)) for ln in lines[1:] if ln]
+        return {(r["pxname"], r["svname"]): r for r in rows}
+
+    def backend_states(self, server: str) -> set[str]:
+        return {row["status"] for (px, sv), row in self.servers().items()
+                if sv == server and px in ("chatforge_l4", "chatforge_h2", "chatforge_http")}
+
+    def logs(self, service: str) -> str:
+        r = podman("logs", self.container(service), check=False)
+        return (r.stdout + r.stderr)[-2500:]
+
+
+@pytest.fixture(scope="module")
+def stack(serving_image, tmp_path_factory, pytestconfig):
+    if not Path("/usr/lib/cni/dnsname").exists() and shutil.which("aardvark-dns") is None:
+        skip("podman's networks have no DNS here (the dnsname CNI plugin or aardvark-dns; "
+             "tools/ci_install_containers.sh installs it): compose's service names would not resolve")
+    work = tmp_path_factory.mktemp("compose")
+    spec = yaml.safe_load(COMPOSE.read_text())
+    # The file's own image name for the replicas: what `up` would otherwise build from deploy/Dockerfile.
+    podman("tag", serving_image, spec["x-chatbot"]["image"])
+    made = {svc: _standin(spec["services"][svc]["image"], pkg, tail, work) for svc, (pkg, tail) in STANDINS.items()}
+    say(pytestconfig, "\ncompose images: " + ", ".join(f"{s}: {spec['services'][s]['image']} ({how})"
+                                                     for s, how in made.items()))
+    chat, _ = train_tiny_bundles(work)
+    ports = {p: free_port() for p in PUBLISHED}
+    env = {**os.environ, "CONTAINERS_CONF": str(_containers_conf(work / "containers.conf")),
+           "CHATFORGE_BUNDLE": str(chat), "CHATFORGE_PUBLISH_ADDR": "127.0.0.1",
+           **{f"CHATFORGE_PUBLISH_{p}": str(port) for p, port in ports.items()}}
+    st = Stack(f"chatforge-ci-{uuid.uuid4().hex[:6]}", env, ports)
+    try:
+        start = time.monotonic()
+        st.compose("up", "-d")
+        wait_for(lambda: all(st.backend_states(s) == {"UP"} for s in "ab"), UP_TIMEOUT_S,
+                 "both replicas UP in all three HAProxy backends", interval=0.5)
+        say(pytestconfig, f"\ncompose stack up (both replicas UP behind HAProxy) in {time.monotonic() - start:.0f} s")
+        yield st
+    finally:
+        for svc in ("chatbot-a", "chatbot-b", "haproxy", "prometheus"):
+            print(f"--- {svc}\n{st.logs(svc)}")
+        st.compose("down", "-v", "-t", "5", check=False, timeout=180)
+
+
+def _published(stack: Stack) -> dict[str, str]:
+    """Host side of each port mapping of the running HAProxy container -> container port."""
+    raw = json.loads(podman("inspect", stack.container("haproxy"), "--format", "{{json .NetworkSettings.Ports}}").stdout)
+    return {f"{b['HostIp']}:{b['HostPort']}": cport for cport, binds in raw.items() for b in binds or []}
+
+
+def test_compose_stack_serves_grpc_http_and_page_through_haproxy(stack):
+    # The ports the operator asked for, on the address asked for, and nothing else published.
+    published = _published(stack)
+    assert published == {stack.target("GRPC"): "50051/tcp", stack.target("GRPC_H2"): "50052/tcp",
+                         stack.target("HTTP"): "8080/tcp", stack.target("STATS"): "8404/tcp"}, published
+    before = stack.servers()
+    for which in ("GRPC", "GRPC_H2"):
+        with ChatbotClient(stack.target(which), timeout=30) as client:
+            assert client.health("chatforge.v1.Chatbot") == "SERVING"
+            for i in range(6):
+                chunks = list(client.reply_stream(f"안녕하세요 {i}", model="chat", max_new_tokens=6))
+                assert chunks[-1].is_final and chunks[-1].completion_tokens == len(chunks) - 1 >= 1
+    # HTTP/2 mode balances each call, so one channel's six calls reached both replicas.
+    after = stack.servers()
+    h2 = {s: int(after[("chatforge_h2", s)]["stot"]) - int(before[("chatforge_h2", s)]["stot"]) for s in "ab"}
+    assert h2["a"] >= 1 and h2["b"] >= 1, h2
+
+    openai = pytest.importorskip("openai")
+    status, page = http_get(stack.url("HTTP") + "/", timeout=10)
+    assert status == 200 and "<html" in page.lower()
+    with openai.OpenAI(base_url=stack.url("HTTP") + "/v1", api_key="unused", timeout=30, max_retries=0) as client:
+        assert "chat" in {m.id for m in client.models.list().data}
+        chunks = list(client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "안녕하세요"}], max_tokens=6, stream=True))
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals in (["stop"], ["length"])
+
+
+def _prometheus(stack: Stack, path: str, **query: str) -> dict:
+    status, body = http_get(f"{stack.url('PROMETHEUS')}{path}?{urllib.parse.urlencode(query)}", timeout=5)
+    return json.loads(body) if status == 200 else {}
+
+
+def test_compose_prometheus_scrapes_both_replicas_and_haproxy(stack):
+    def healthy() -> dict[str, str]:
+        targets = _prometheus(stack, "/api/v1/targets").get("data", {}).get("activeTargets", [])
+        return {t["labels"]["instance"]: t["health"] for t in targets}
+
+    wait_for(lambda: healthy() == {"chatbot-a:9100": "up", "chatbot-b:9100": "up", "haproxy:8404": "up"}, 60,
+             f"Prometheus scraping all three targets (last: {healthy()})", interval=1.0)
+    # chatforge's own series, from each replica, as the dashboard reads them
+    series = _prometheus(stack, "/api/v1/series", **{"match[]": '{job="chatforge", __name__=~"chatforge_.+"}'})
+    instances = {s["instance"] for s in series.get("data", [])}
+    assert instances == {"chatbot-a:9100", "chatbot-b:9100"}, instances
+
+
+def test_compose_stop_drains_one_replica_while_calls_go_on(stack, pytestconfig):
+    """`podman-compose stop chatbot-a` (SIGTERM): HAProxy takes it out, calls through the HTTP/2 frontend keep
+    succeeding on the other replica, the replica exits 0 after its drain, and `start` brings it back."""
+    failures: list[str] = []
+    done = threading.Event()
+    calls = [0]
+
+    def caller() -> None:
+        with ChatbotClient(stack.target("GRPC_H2"), timeout=30) as client:
+            while not done.is_set():
+                try:
+                    chunks = list(client.reply_stream("안녕", model="chat", max_new_tokens=4))
+                    assert chunks[-1].is_final
+                except Exception as e:  # noqa: BLE001 - every failure is collected and reported
+                    failures.append(f"{type(e).__name__}: {e}")
+                calls[0] += 1
+
+    thread = threading.Thread(target=caller, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        stack.compose("stop", "chatbot-a", timeout=120)
+        took = time.monotonic() - start
+        state = json.loads(podman("inspect", stack.container("chatbot-a"), "--format", "{{json .State}}").stdout)
+        assert state["ExitCode"] == 0, stack.logs("chatbot-a")
+        assert '"event": "stopped"' in stack.logs("chatbot-a")  # its own orderly shutdown, not a SIGKILL
+        states = stack.backend_states("a")
+        assert states and all(s.startswith(("DOWN", "MAINT")) for s in states), states
+        assert stack.backend_states("b") == {"UP"}
+        n = calls[0]
+        wait_for(lambda: calls[0] >= n + 3, 60, "three more calls with one replica stopped")
+        stack.compose("start", "chatbot-a", timeout=120)
+        wait_for(lambda: stack.backend_states("a") == {"UP"}, UP_TIMEOUT_S, "chatbot-a UP again", interval=0.5)
+    finally:
+        done.set()
+        thread.join(timeout=60)
+    say(pytestconfig, f"\ncompose stop chatbot-a: {took:.1f} s (drain), {calls[0]} calls, {len(failures)} failed")
+    assert not failures, failures[:5]
+    assert calls[0] >= 5
