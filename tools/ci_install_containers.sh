@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a machine for the deployment tests (tests/scenarios/test_image.py, test_compose_stack.py, test_failover_haproxy.py,
+# Prepare a machine for the deployment tests (tests/scenarios/test_image.py, test_compose_stack.py, test_k8s_play.py,
+# test_failover_haproxy.py,
 # tests/docs/test_diagrams.py): install Debian's podman, runc, debootstrap, haproxy, plantuml and graphviz when they
 # are missing, and build a local Python base image from Debian packages, because no image registry is
 # reachable on these machines. Called by `make test` under CI; safe to run again (each step is skipped
@@ -25,6 +26,8 @@ for pair in podman:podman runc:runc debootstrap:debootstrap haproxy:haproxy plan
 done
 # DNS on podman's CNI networks (compose's service names: tests/scenarios/test_compose_stack.py).
 [[ -e /usr/lib/cni/dnsname ]] || need+=(golang-github-containernetworking-plugin-dnsname)
+# The pause process of `podman kube play`'s pods (tests/scenarios/test_k8s_play.py).
+command -v catatonit >/dev/null 2>&1 || need+=(catatonit)
 if ((${#need[@]})); then
   command -v apt-get >/dev/null || { log "missing ${need[*]} and no apt-get to install them"; exit 1; }
   log "installing ${need[*]} from Debian's packages..."
