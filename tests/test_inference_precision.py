@@ -8,6 +8,7 @@ checked against fp32 within int8's error, on the same paths; ``auto`` picks from
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,19 @@ def test_auto_picks_from_the_cpu_flags_the_width_and_the_family(family_bundles, 
     assert "precision" not in load_model(family_bundles["elmo-projected"], "m", precision="auto").info.metadata
     monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", set()))  # no AVX2: not measured, fp32
     assert "precision" not in load_model(bert, "m", precision="auto").info.metadata
+
+
+def test_the_fp32_kernel_log_says_why_a_small_model_keeps_torchs_matmul(bundles, monkeypatch, caplog):
+    """A model too small to pack was logged as "oneDNN's op unavailable", which sent an operator looking for a
+    broken torch build (seen in the serving image, whose torch has the op)."""
+    from chatforge import runtime
+    from chatforge.modules import onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN linear op: the other branch of the message")
+    monkeypatch.setattr(runtime, "fp32_linear_kernels", lambda: ("onednn", "chosen by the test"))
+    with caplog.at_level(logging.INFO, logger="chatforge.inference"):
+        load_model(bundles["generation"], name="tiny")
+    (line,) = [r.getMessage() for r in caplog.records if "fp32 linear layers of tiny" in r.getMessage()]
+    assert "(0 packed; chosen by the test)" in line and "unavailable" not in line
+    assert "no linear layer has the 262,144 weights" in line

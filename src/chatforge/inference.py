@@ -17,7 +17,8 @@ import torch
 from chatforge import runtime
 from chatforge.bundle import Bundle, load_bundle, torch_class_probs
 from chatforge.decoding import GenerationOptions, StepSpec, autocast_for, generate_stream
-from chatforge.modules import pack_linear_layers
+from chatforge.modules import onednn_linear_available, pack_linear_layers
+from chatforge.modules.linear import PACK_MIN_WEIGHTS
 from chatforge.predictions import ClassPrediction  # re-exported; defined torch-free for the client
 
 __all__ = [  # autocast_for, torch_class_probs, ClassPrediction: re-exported from where they live
@@ -329,8 +330,13 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
             n = pack_linear_layers(bundle.model)
             if n:
                 bundle.metadata = {**bundle.metadata, "fp32_linear": "onednn"}
-            logger.info("fp32 linear layers of %s: %s (%d packed; %s)", name, "oneDNN" if n else
-                        "torch's (oneDNN's op unavailable)", n, why)
+            if n:
+                used = "oneDNN"
+            elif onednn_linear_available():  # a small model: no layer's matmul pays for oneDNN's call
+                used = f"torch's (no linear layer has the {PACK_MIN_WEIGHTS:,} weights that pay for oneDNN's call)"
+            else:
+                used = "torch's (oneDNN's op unavailable in this torch build)"
+            logger.info("fp32 linear layers of %s: %s (%d packed; %s)", name, used, n, why)
     if bundle.task in ("generation", "lm"):  # lm: a decoder-only model continuing the text (GPT)
         return Seq2SeqGenerator(bundle, name, version)
     if bundle.task == "classification":

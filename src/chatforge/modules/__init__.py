@@ -14,7 +14,13 @@ from chatforge.modules.embeddings import (
     sinusoidal_table,
 )
 from chatforge.modules.feedforward import FeedForward, make_activation
-from chatforge.modules.linear import PackedLinear, apply_linear, linear_fn, pack_linear_layers
+from chatforge.modules.linear import (
+    PackedLinear,
+    apply_linear,
+    linear_fn,
+    onednn_linear_available,
+    pack_linear_layers,
+)
 from chatforge.modules.transformer_layers import (
     DecoderLayerCache,
     TransformerDecoder,
@@ -43,6 +49,7 @@ __all__ = [
     "linear_fn",
     "load_stack_from_torch",
     "make_activation",
+    "onednn_linear_available",
     "pack_linear_layers",
     "padding_mask",
     "sinusoidal_table",

@@ -91,6 +91,11 @@ PACK_MIN_WEIGHTS = 256 * 1024
 PACK_MAX_ROWS = 64
 
 
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear op (and it passes a probe)."""
+    return _onednn_linear() is not None
+
+
 def pack_linear_layers(model: nn.Module, min_weights: int = PACK_MIN_WEIGHTS) -> int:
     """Replace every fp32 CPU ``nn.Linear`` of ``model`` with at least ``min_weights`` weights by a
     :class:`PackedLinear` (for inference: the packed copy does not follow later changes to the weights); returns how
