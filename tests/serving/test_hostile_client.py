@@ -467,3 +467,52 @@ def test_x_request_timeout_accepts_decimal_seconds(served, value):
     st, http = served
     r = http.post("/v1/chat/completions", json=chat(max_tokens=2), headers={"X-Request-Timeout": value})
     assert r.status_code == 200, (value, r.text)
+
+
+# ------------------------------------------------ OpenAI parameters this server cannot honour
+_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("tools", [_TOOL], "omitted or []"),
+    ("tool_choice", "required", "omitted, 'none' or 'auto'"),
+    ("tool_choice", {"type": "function", "function": {"name": "get_weather"}}, "omitted, 'none' or 'auto'"),
+    ("functions", [_TOOL["function"]], "omitted or []"),
+    ("function_call", {"name": "get_weather"}, "omitted, 'none' or 'auto'"),
+    ("response_format", {"type": "json_object"}, "omitted or {'type': 'text'}"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+     "omitted or {'type': 'text'}"),
+    ("logprobs", True, "omitted or false"),
+    ("top_logprobs", 3, "omitted or 0"),
+    ("logit_bias", {"42": 100}, "omitted or {}"),
+    ("frequency_penalty", 0.5, "omitted or 0"),
+    ("presence_penalty", -1, "omitted or 0"),
+    ("modalities", ["text", "audio"], "omitted or ['text']"),
+    ("audio", {"voice": "alloy", "format": "wav"}, "omitted"),
+])
+def test_a_parameter_that_would_change_the_reply_and_is_not_supported_is_400_not_ignored(served, field, value,
+                                                                                       allowed):
+    """These were accepted and silently ignored: a client asking for JSON output, tool calls or log-probabilities
+    got a plain reply and a 200, as if it had been honoured. Each is now a 400 naming the field and what is
+    allowed; their neutral values (what SDKs send by default) still pass."""
+    st, http = served
+    r = http.post("/v1/chat/completions", json={**chat(max_tokens=2), field: value})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["type"] == "invalid_request_error", err
+    assert "not supported" in err["message"] and f"allowed: {allowed}" in err["message"], err["message"]
+    assert_still_serving(http)
+
+
+def test_the_neutral_values_sdks_send_by_default_are_accepted(served):
+    st, http = served
+    neutral = {"tools": [], "tool_choice": "none", "functions": [], "function_call": "auto",
+               "response_format": {"type": "text"}, "logprobs": False, "top_logprobs": 0, "logit_bias": {},
+               "frequency_penalty": 0, "presence_penalty": 0.0, "modalities": ["text"], "parallel_tool_calls": True,
+               "store": False, "metadata": {"k": "v"}, "service_tier": "auto", "unknown_future_field": 1}
+    r = http.post("/v1/chat/completions", json={**chat(max_tokens=2), **neutral})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["role"] == "assistant"
+    # and null, which some clients send for every field they leave unset
+    r = http.post("/v1/chat/completions", json={**chat(max_tokens=2), **{k: None for k in neutral}})
+    assert r.status_code == 200, r.text

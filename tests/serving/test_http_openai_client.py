@@ -63,6 +63,23 @@ def test_errors_raise_the_matching_exception_types(client):
     assert e.value.body["param"] == "temperature"
 
 
+def test_json_mode_and_tools_are_refused_not_answered_as_plain_text(client):
+    """The client's structured-output and tool-calling paths get a BadRequestError naming the parameter, where
+    they used to get a plain-text completion the caller then failed to parse."""
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="echo", messages=msgs, response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format" and "not supported" in e.value.message
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="echo", messages=msgs, tools=[tool])
+    assert e.value.body["param"] == "tools"
+    # what the client sends when a caller sets these to their defaults is still served
+    out = client.chat.completions.create(model="echo", messages=msgs, response_format={"type": "text"},
+                                         frequency_penalty=0, presence_penalty=0, logprobs=False)
+    assert out.choices[0].message.content == "안녕하세요!"
+
+
 def test_bad_api_key_is_authentication_error():
     with ServerThread(make_engine(), http_port=0, auth=_auth()) as st:
         st.wait_serving()

@@ -29,6 +29,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from datetime import datetime
 from importlib import resources
@@ -132,12 +133,14 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The OpenAI chat-completions request; fields outside this list are accepted and ignored.
+    """The OpenAI chat-completions request. Of the fields outside this list, those that would change the reply
+    and that this server cannot honour (:data:`UNSUPPORTED_CHAT_PARAMS`: tools, JSON output, log-probabilities...)
+    are a 400 unless they hold their neutral value; the others (``store``, ``metadata``...) are ignored.
 
     Strict types, as OpenAI's API checks them: ``"max_tokens": "5"`` or ``true`` is a 400 naming the field,
     not a quiet 5 or 1 (an integer is accepted where a number is)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = Field(None, max_length=256, description="A generation model from /v1/models; "
                               "omitted: the server's default.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000, description=(
@@ -445,6 +448,42 @@ def earlier_messages(messages: list[ChatMessage], index: int, engine: Engine) ->
             check_unicode(text, field=f"messages[{i}].content")
         out.append((msg.role, text))
     return out
+
+
+def _is_zero(v: Any) -> bool:
+    return v is None or (type(v) in (int, float) and v == 0)
+
+
+# OpenAI chat parameters that change what comes back, which no chatforge model can honour: name -> (whether a
+# value is the neutral one SDKs send by default, the neutral values, what is not supported). Accepting them
+# quietly answered a client that asked for JSON, tool calls or log-probabilities with a plain 200 reply.
+UNSUPPORTED_CHAT_PARAMS: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "tools": (lambda v: v is None or v == [], "omitted or []", "tool calling"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "omitted, 'none' or 'auto'", "tool calling"),
+    "functions": (lambda v: v is None or v == [], "omitted or []", "function calling"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "omitted, 'none' or 'auto'", "function calling"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, "omitted or {'type': 'text'}",
+                        "structured output (JSON mode, JSON schemas)"),
+    "logprobs": (lambda v: v is None or v is False, "omitted or false", "log-probabilities"),
+    "top_logprobs": (_is_zero, "omitted or 0", "log-probabilities"),
+    "logit_bias": (lambda v: v is None or v == {}, "omitted or {}", "logit bias"),
+    "frequency_penalty": (_is_zero, "omitted or 0",
+                          "OpenAI's frequency penalty (this server's is repetition_penalty, CTRL's)"),
+    "presence_penalty": (_is_zero, "omitted or 0",
+                         "OpenAI's presence penalty (this server's is repetition_penalty, CTRL's)"),
+    "modalities": (lambda v: v is None or v == ["text"], "omitted or ['text']", "output other than text"),
+    "audio": (lambda v: v is None, "omitted", "audio output"),
+}
+
+
+def check_supported(req: ChatCompletionRequest) -> None:
+    """400 (naming the field and its allowed values) for a parameter of :data:`UNSUPPORTED_CHAT_PARAMS` that
+    does not hold its neutral value."""
+    for name, value in (req.model_extra or {}).items():
+        rule = UNSUPPORTED_CHAT_PARAMS.get(name)
+        if rule is not None and not rule[0](value):
+            shown = json.dumps(value, ensure_ascii=False)
+            raise FieldError(name, f"{name}={shown[:80]} is not supported: {rule[2]}; allowed: {rule[1]}")
 
 
 def generation_options(req: ChatCompletionRequest, engine: Engine) -> GenerationOptions:
@@ -991,6 +1030,7 @@ class HttpSurface:
         call = HttpCall(self, "/v1/chat/completions", request, session_id=body.user, params=CHAT_PARAMS)
         try:
             call.admit(request.headers.get(AUTH_METADATA_KEY))
+            check_supported(body)
             engine = self.require_engine()
             index, text = last_user_message(body.messages)
             engine.check_text(text, field=f"messages[{index}].content")
