@@ -516,3 +516,20 @@ def test_the_neutral_values_sdks_send_by_default_are_accepted(served):
     # and null, which some clients send for every field they leave unset
     r = http.post("/v1/chat/completions", json={**chat(max_tokens=2), **{k: None for k in neutral}})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("part", [{"type": "image_url", "image_url": {"url": "http://example.invalid/x.png"}},
+                                  {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, "hi"])
+def test_a_content_part_other_than_text_is_400_naming_the_message(served, part):
+    """An image part got "messages[0].content.str=list is invalid: Input should be a valid string" (pydantic's
+    first branch of the union), which names neither the part nor what is allowed."""
+    st, http = served
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "look"}, part]}], "max_tokens": 2}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages[0].content", err
+    assert "part 1 is of type" in err["message"] and "only text parts are supported" in err["message"]
+    ok = http.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "look"}]}]})
+    assert ok.status_code == 200, ok.text
