@@ -54,7 +54,7 @@ class Played:
         self.deployment, self.claim, self.env = deployment, claim, env
         self.name = deployment["metadata"]["name"]
         self.replicas = deployment["spec"]["replicas"]
-        self.pods = [f"{self.name}-pod-{i}" for i in range(self.replicas)]
+        self.pods: list[str] = []  # found after play: podman 4.3 makes one pod per replica, NAME-pod-I
         self.container_name = deployment["spec"]["template"]["spec"]["containers"][0]["name"]
 
     def container(self, pod: str) -> str:
@@ -102,6 +102,9 @@ def played(serving_image, tmp_path_factory, pytestconfig):
         shutil.copytree(chat, os.path.join(root, "chat", "1"))  # what the training Job writes: /models/<name>/<v>/
         start = time.monotonic()
         _kube("play", str(work / "deployment.yaml"), env=env)
+        run.pods = sorted(podman("pod", "ps", "--filter", f"name=^{run.name}-pod", "--format", "{{.Name}}")
+                          .stdout.split())
+        assert len(run.pods) == run.replicas, (run.pods, run.replicas)  # one pod per replica
         for pod in run.pods:
             wait_for(lambda p=pod: http_get(f"http://{run.address(p)}:9100/readyz")[0] == 200, START_TIMEOUT_S,
                      f"{pod}'s /readyz")
