@@ -186,6 +186,20 @@ def test_compose_stack_serves_grpc_http_and_page_through_haproxy(stack):
     assert finals in (["stop"], ["length"])
 
 
+@pytest.mark.parametrize("frontend, protocol", [("GRPC", "grpc"), ("HTTP", "http")])
+def test_compose_loadtest_through_haproxy_meets_a_zero_error_slo(stack, tmp_path, frontend, protocol, pytestconfig):
+    """The compose file's own load-test line, as an operator runs it: the CLI against HAProxy's TCP frontend and
+    the HTTP API, with an SLO gate on errors."""
+    out = tmp_path / protocol
+    r = subprocess.run([sys.executable, "-m", "chatforge.cli", "loadtest", stack.target(frontend), "--protocol",
+                        protocol, "-c", "4", "-n", "40", "--max-new-tokens", "4", "--slo", "errors=0%",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (report["count"], report["ok"], report["errors"]) == (40, 40, 0), report["error_messages"]
+    say(pytestconfig, f"\nloadtest {protocol} via HAProxy: 40 calls, p50 {report['latency_s']['p50'] * 1e3:.0f} ms")
+
+
 def _prometheus(stack: Stack, path: str, **query: str) -> dict:
     status, body = http_get(f"{stack.url('PROMETHEUS')}{path}?{urllib.parse.urlencode(query)}", timeout=5)
     return json.loads(body) if status == 200 else {}
