@@ -444,3 +444,48 @@ def test_grpc_serve_streams_through_ctranslate2(bundle, torch_gen, tmp_path):
         with pytest.raises(ChatbotError) as e:
             client.reply("hello", repetition_penalty=1.2)
         assert e.value.code.name == "INVALID_ARGUMENT" and "repetition_penalty" in e.value.details
+
+
+class _KeepsCallbacks:
+    """A ctranslate2 model wrapper that keeps every step callback it is given, as CTranslate2 may after a batch:
+    its worker thread drops its copy of the callback after the result is ready."""
+
+    def __init__(self, inner):
+        self.inner, self.callbacks = inner, []
+
+    def generate_batch(self, *a, callback=None, **kw):
+        if callback is not None:
+            self.callbacks.append(callback)
+        return self.inner.generate_batch(*a, callback=callback, **kw)
+
+
+@pytest.mark.parametrize("through", ["stream", "engine"])
+def test_the_step_callback_does_not_keep_the_generator_alive(bundle, through):
+    """CI aborted once with "terminate called after throwing an instance of 'std::system_error' / Resource deadlock
+    avoided" right after a CTranslate2 test: the step callback closed over the CT2Generator (and, in the engine,
+    over its runner), so when CTranslate2 dropped the callback last, on its own worker thread, the Generator was
+    freed there and its destructor joined that same thread. The callback must hold neither."""
+    import gc
+    import weakref
+
+    gen = CT2Generator(bundle, "chat")
+    keeper = gen.generator = _KeepsCallbacks(gen.generator)
+    opts = GenerationOptions(max_new_tokens=4)
+    if through == "stream":
+        assert len(list(gen.stream(TEXTS[0], opts))) >= 1
+    else:
+        engine = Engine({"chat": gen}, {})
+
+        async def main():
+            return [item async for item in engine.stream_reply(TEXTS[0], opts)]
+
+        assert isinstance(asyncio.run(main())[-1], ReplyDone)
+        engine.close()
+        del engine
+    assert gen.wait_idle(10)
+    gen.close()
+    alive = weakref.ref(gen)
+    assert keeper.callbacks  # the batch ran through the wrapper
+    del gen
+    gc.collect()
+    assert alive() is None, [type(r).__name__ for r in gc.get_referrers(alive())]

@@ -55,6 +55,7 @@ import queue
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -346,13 +347,21 @@ class CT2Generator:
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_batch_size = max_batch_size
         self.join_running = join_running
-        self.steps_run = 0
+        self._steps = [0]  # steps_run's count, a list the step callback can update without holding self
         self.batches_run = 0
         self.restarts = 0
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
         self._free = self.inter_threads
         self._pool = ThreadPoolExecutor(max_workers=self.inter_threads, thread_name_prefix=f"chatforge-ct2-{name}")
+
+    @property
+    def steps_run(self) -> int:
+        return self._steps[0]
+
+    @steps_run.setter
+    def steps_run(self, value: int) -> None:
+        self._steps[0] = value
 
     # ------------------------------------------------------------------ ReplyGenerator
 
@@ -515,6 +524,12 @@ class CT2Generator:
                     j.put(tok)
             return []
         restart = False
+        steps = self._steps
+        # The callback holds no reference to this object: CTranslate2 may drop its copy of the callback on its own
+        # worker thread after the batch, and were that the last reference, this object and its Generator would be
+        # freed there, whose destructor joins that very thread (std::system_error "Resource deadlock avoided":
+        # the process aborts; seen in CI, and a hot swap that unloads a model can leave exactly that last reference).
+        eos_id, join_running, me = self.eos_id, self.join_running, weakref.ref(self)
 
         def on_step(step) -> bool:
             nonlocal restart
@@ -533,18 +548,19 @@ class CT2Generator:
                 return True
             if step.step < j.skip:  # the reply so far, given again as the target prefix: already sent
                 return False
-            if step.token_id == self.eos_id:
+            if step.token_id == eos_id:
                 j.finished = True
                 j.put(_END)
                 return True
-            self.steps_run += 1
+            steps[0] += 1
             j.tokens.append(step.token_id)
             j.put(step.token_id)
             if j.produced >= j.limit:
                 j.finished = True
                 j.put(_END)
                 return True
-            if self.join_running and self._joinable(batch):
+            owner = me() if join_running else None  # alive: _run's caller holds it while the batch runs
+            if owner is not None and owner._joinable(batch):
                 # CTranslate2 cannot add a row to a running batch: stop this one, and continue its rows
                 # from their input + tokens so far together with the waiting requests (one more prefill).
                 restart = True
@@ -642,19 +658,25 @@ class CT2Runner(_Runner):
     def _start(self, req: GenRequest) -> None:
         detok = self.generator.tok.incremental_decoder()
         state = {"n": 0}
+        me = weakref.ref(self)  # the job (which CTranslate2's step callback reaches) must not keep the runner,
+        # and through it the Generator, alive: see CT2Generator._run
 
         def sink(item: Any) -> None:  # on a CTranslate2 worker thread (or this one, for a failure)
             if isinstance(item, int):
                 state["n"] += 1
                 req.emit("token", TokenDelta(token_id=item, text=detok.feed(item)))
-            elif item is _END:
+                return
+            runner = me()
+            if runner is None:  # the engine dropped this runner only after every job ended
+                return
+            if item is _END:
                 if req.cancelled.is_set():
-                    self._end(req, job, "dropped")
+                    runner._end(req, job, "dropped")
                 else:
-                    self._end(req, job, "completed",
-                              ("end", "length" if state["n"] >= req.options.max_new_tokens else "stop"))
+                    runner._end(req, job, "completed",
+                                ("end", "length" if state["n"] >= req.options.max_new_tokens else "stop"))
             else:
-                self._end(req, job, "failed", ("error", item))
+                runner._end(req, job, "failed", ("error", item))
 
         try:
             job = self.generator._job(req.text, req.options, req.turns, cancelled=req.cancelled, sink=sink)
