@@ -217,3 +217,125 @@ def test_a_row_the_database_refuses_is_the_only_turn_lost(tmp_path):
     finally:
         gate.set()
         store.close()
+
+
+class _Outage:
+    """Makes the store's INSERTs fail as an unreachable database does (SQLAlchemy's OperationalError) until
+    ``end()``; ``refused`` is set once it has refused ``after`` times."""
+
+    def __init__(self, engine, after: int = 3):
+        self.on, self.count, self.after, self.refused = True, 0, after, threading.Event()
+        event.listen(engine, "before_cursor_execute", self)
+
+    def __call__(self, conn, cursor, statement, *args):
+        if self.on and statement.lstrip().upper().startswith("INSERT"):
+            self.count += 1
+            if self.count >= self.after:
+                self.refused.set()
+            from sqlalchemy.exc import OperationalError
+            raise OperationalError(statement, {}, sqlite3.OperationalError("disk I/O error"))
+
+    def end(self):
+        self.on = False
+
+
+class _Alerts:
+    def __init__(self):
+        self.raised = []
+
+    def alert(self, title, description, *, key=None, severity="critical"):
+        self.raised.append((title, severity))
+
+
+def test_an_outage_holds_the_turns_and_writes_them_when_the_database_answers(tmp_path):
+    """Before: three tries 50-200 ms apart, then row by row, then every turn of the outage was dropped (a
+    PostgreSQL restart of a few seconds lost every conversation in it). Now the batch is held and retried
+    with backoff until the database answers; the outage is raised as an alert, and its end too."""
+    alerts = _Alerts()
+    store = ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}", batch_size=4, alerts=alerts,
+                              backoff=(0.01, 0.05))
+    outage = _Outage(store.engine, after=6)
+    try:
+        for i in range(12):
+            assert store.record(_turn(i))
+        assert outage.refused.wait(10)  # the writer met the outage several times over
+        assert not store.available and store.pending == 12 and store.failed == 0
+        assert alerts.raised == [("conversation store unavailable", "critical")]
+        outage.end()
+        assert store.flush(timeout=10)
+        assert store.available and store.written == 12 and store.failed == 0 and store.pending == 0
+        assert [r["request_id"] for r in store.iter_rows()] == [f"r{i}" for i in range(12)]
+        assert alerts.raised[-1] == ("conversation store available again", "info")
+    finally:
+        outage.end()
+        store.close()
+
+
+def test_an_outage_longer_than_the_queue_drops_the_newest_turns_and_counts_them(tmp_path):
+    store = ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}", batch_size=2, queue_size=3, backoff=(0.01, 0.05))
+    outage = _Outage(store.engine, after=1)
+    try:
+        assert store.record(_turn(0))
+        assert outage.refused.wait(10)  # the writer holds turn 0's batch; the queue takes 3 more
+        accepted = [store.record(_turn(i)) for i in range(1, 7)]
+        assert accepted == [True] * 3 + [False] * 3 and store.dropped == 3
+        outage.end()
+        assert store.flush(timeout=10) and store.count() == 4
+    finally:
+        outage.end()
+        store.close()
+
+
+def test_close_during_an_outage_gives_up_after_its_timeout(tmp_path):
+    """close() must return (a draining server exits) and say what it lost, not retry for ever."""
+    store = ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}", backoff=(0.01, 0.05))
+    outage = _Outage(store.engine, after=2)
+    for i in range(5):
+        assert store.record(_turn(i))
+    assert outage.refused.wait(10)
+    closer = threading.Thread(target=store.close, kwargs={"timeout": 0.5})
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive() and not store._thread.is_alive()
+    assert store.failed == 5 and store.written == 0 and store.pending == 0
+
+
+def test_a_sqlite_file_that_cannot_be_opened_still_fails_at_start(tmp_path):
+    """An unreachable server database is waited for; a local file that cannot be made is a configuration
+    error and stops start-up, as before."""
+    from sqlalchemy.exc import OperationalError
+
+    (tmp_path / "conv.db").mkdir()  # a directory where the database file should be
+    with pytest.raises(OperationalError, match="unable to open database file"):
+        ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}")
+
+
+def test_the_store_state_is_exported_as_prometheus_metrics(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from chatforge.serving.metrics import ServingMetrics
+
+    def scrape(metrics) -> dict:
+        return {(s.name, s.labels.get("outcome")): s.value
+                for fam in text_string_to_metric_families(metrics.render().decode())
+                for s in fam.samples if s.name.startswith("chatforge_store_")}
+
+    store = ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}", backoff=(0.01, 0.05))
+    metrics = ServingMetrics(process_metrics=False)
+    metrics.watch_store(store)
+    metrics.watch_store(store)  # once per registry: a second call must not register a duplicate
+    try:
+        assert store.record(_turn(0)) and store.flush(10)
+        assert scrape(metrics) == {("chatforge_store_available", None): 1.0,
+                                   ("chatforge_store_pending_turns", None): 0.0,
+                                   ("chatforge_store_turns_total", "written"): 1.0,
+                                   ("chatforge_store_turns_total", "failed"): 0.0,
+                                   ("chatforge_store_turns_total", "dropped"): 0.0}
+        outage = _Outage(store.engine, after=2)
+        assert store.record(_turn(1)) and outage.refused.wait(10)
+        seen = scrape(metrics)
+        assert seen[("chatforge_store_available", None)] == 0.0 and seen[("chatforge_store_pending_turns", None)] == 1
+        outage.end()
+        assert store.flush(10) and scrape(metrics)[("chatforge_store_turns_total", "written")] == 2.0
+    finally:
+        store.close()

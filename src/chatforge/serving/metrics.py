@@ -89,6 +89,26 @@ class _GpuCollector(Collector):
         yield reserved
 
 
+class _StoreCollector(Collector):
+    """The conversation store's state, read at scrape time: whether its database answers, turns waiting to be
+    written (they pile up during an outage), and turns written, given up on and dropped (queue full)."""
+
+    def __init__(self, namespace: str, store: Any) -> None:
+        self._prefix, self._store = (f"{namespace}_store" if namespace else "store"), store
+
+    def collect(self) -> Iterator[Any]:
+        p, s = self._prefix, self._store
+        yield GaugeMetricFamily(f"{p}_available", "1 while the conversation database answers, 0 during an outage.",
+                                value=1.0 if s.available else 0.0)
+        yield GaugeMetricFamily(f"{p}_pending_turns", "Turns accepted and not yet written.", value=s.pending)
+        turns = CounterMetricFamily(f"{p}_turns", "Turns by outcome: written, failed (the database refused them "
+                                    "or stayed unreachable until shutdown), dropped (the queue was full).",
+                                    labels=["outcome"])
+        for outcome in ("written", "failed", "dropped"):
+            turns.add_metric([outcome], getattr(s, outcome))
+        yield turns
+
+
 class ServingMetrics:
     """The server's metrics and the hooks that feed them.
 
@@ -140,6 +160,14 @@ class ServingMetrics:
         # labels() builds a key and takes the metric's lock on every call; the per-token and
         # per-step hooks look their children up here instead (children are never removed).
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._namespace, self._store_watched = ns, False
+
+    def watch_store(self, store: Any) -> None:
+        """Export ``store``'s state (a :class:`chatforge.serving.store.ConversationStore`) as
+        ``<namespace>_store_*``; once per registry."""
+        if not self._store_watched:
+            self.registry.register(_StoreCollector(self._namespace, store))
+            self._store_watched = True
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), labels)

@@ -96,6 +96,10 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 # and how long the runners' threads get to finish their current step (one decoding step).
 STREAM_END_WAIT = 2.0
 RUNNER_JOIN_TIMEOUT = 10.0
+# How long shutdown waits for the conversation store's unwritten turns: while its database answers, and during an
+# outage (then waiting is mostly futile, and a drain must end inside compose's/Kubernetes' grace period).
+STORE_FLUSH_TIMEOUT = 30.0
+STORE_OUTAGE_FLUSH_TIMEOUT = 2.0
 
 LIVENESS, READINESS = "", SERVICE_NAME
 HEALTH_SERVICES = (LIVENESS, READINESS)
@@ -172,6 +176,8 @@ class ChatbotServer:
         merged.update(dict(options))
         self._options = list(merged.items())
         self.metrics, self.metrics_port, self.alerts, self.store = metrics, metrics_port, alerts, store
+        if metrics is not None and store is not None:
+            metrics.watch_store(store)
         self.auth, self.tls, self.model_dir, self.poll_interval = auth, tls, model_dir, poll_interval
         self.metrics_http = None
         # Error-rate / p99 rules (serving/alert_rules.py), evaluated on a timer off the request path.
@@ -362,8 +368,10 @@ class ChatbotServer:
             if not await asyncio.to_thread(self.servicer.engine.join, RUNNER_JOIN_TIMEOUT):
                 logger.error("model runner threads still running after %.0f s", RUNNER_JOIN_TIMEOUT)
         if self.store is not None:
-            # Every acknowledged turn reaches the database before the process exits.
-            if not await asyncio.to_thread(self.store.flush, 30.0):
+            # Every acknowledged turn reaches the database before the process exits; during an outage only
+            # briefly, so that a drain stays inside its grace period (the store's close() counts what is lost).
+            wait = STORE_FLUSH_TIMEOUT if getattr(self.store, "available", True) else STORE_OUTAGE_FLUSH_TIMEOUT
+            if not await asyncio.to_thread(self.store.flush, wait):
                 logger.error("conversation store flush timed out during shutdown")
         if self.alerts is not None:
             await asyncio.to_thread(self.alerts.flush, 5.0)
@@ -463,7 +471,7 @@ def operations(settings) -> dict:
                        error_rate=settings.alert_error_rate, p99_seconds=settings.alert_p99_ms / 1000.0,
                        min_calls=settings.alert_min_calls)
     return {"metrics": ServingMetrics(), "alerts": alerts, "alert_rules": rules,
-            "store": ConversationStore.from_settings(settings)}
+            "store": ConversationStore.from_settings(settings, alerts=alerts)}
 
 
 def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -582,5 +590,6 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
                           auth=auth, tls=tls, model_dir=directory, poll_interval=config.poll_interval,
                           max_message_bytes=config.max_message_bytes, http_port=config.http_port, **ops))
     finally:
-        ops["store"].close()
+        store = ops["store"]
+        store.close(timeout=STORE_FLUSH_TIMEOUT if store.available else STORE_OUTAGE_FLUSH_TIMEOUT)
         ops["alerts"].close()

@@ -5,6 +5,17 @@ and ad-hoc ``sqlite3`` readers never block the writer. ``record()`` only enqueue
 background thread writes batches, each in a single transaction (one fsync per batch rather
 than per turn). ``flush()`` waits for everything recorded so far, and ``close()`` flushes,
 so a turn that ``record()`` accepted is never lost on a clean shutdown.
+
+A database that cannot be reached (a PostgreSQL server restarting, a network partition, SQLite's
+"database is locked" past its busy timeout) is an *outage*, not a reason to drop turns: the writer keeps the
+batch it holds and retries it with capped exponential backoff until the database answers, while ``record()``
+goes on queueing (up to ``queue_size`` turns, then it drops and says so). The outage is logged once when it
+starts and once when it ends, raised as an alert when an :class:`~chatforge.serving.alerts.AlertManager` is
+given, and visible as ``available``/``pending`` (Prometheus: ``chatforge_store_*``). A server database that
+is down when the process starts is the same outage: the schema is made when it first answers, so a replica
+does not depend on its database starting first. Errors about the rows themselves (a value over a column's
+size, a constraint) are not outages: such a batch is retried a few times, then written row by row so only the
+refused rows are lost.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from chatforge.fileio import atomic_writer
@@ -70,6 +82,20 @@ turns = Table(
     Column("context_turns", Integer),  # how many of them the model read before the message
     Column("path", String(32)),  # reply policy: which path answered (scripted, retrieval, generation, fallback)
 )
+
+
+# Backoff while the database is unreachable: 0.1 s doubling to 5 s (a restarting server is back within seconds;
+# a long outage is retried every 5 s, not hammered).
+OUTAGE_BACKOFF_S = (0.1, 5.0)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for errors that say the database cannot be used right now (connection refused or lost, server
+    shutting down, SQLite busy or unable to open), as against errors about the rows themselves
+    (``IntegrityError``, ``DataError``: retrying those cannot help)."""
+    if isinstance(exc, DisconnectionError | OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 def _utcnow() -> datetime:
@@ -120,22 +146,39 @@ class ConversationStore:
     """
 
     def __init__(self, url: str, *, batch_size: int = 256, queue_size: int = 10_000,
-                 engine_kwargs: dict[str, Any] | None = None) -> None:
+                 engine_kwargs: dict[str, Any] | None = None, alerts: Any = None,
+                 backoff: tuple[float, float] = OUTAGE_BACKOFF_S) -> None:
         if batch_size < 1 or queue_size < 1:
             raise ValueError("batch_size and queue_size must be >= 1")
+        if not 0 < backoff[0] <= backoff[1]:
+            raise ValueError(f"backoff must be (first, cap) seconds with 0 < first <= cap, got {backoff}")
         self.url = url
         self.batch_size = batch_size
+        self.alerts, self._backoff = alerts, backoff
         self.engine = _make_engine(url, **(engine_kwargs or {}))
         # One pinned connection (in-memory SQLite) must not be used by two threads at once.
         self._db_lock = threading.Lock() if isinstance(self.engine.pool, StaticPool) else None
-        metadata.create_all(self.engine)
-        _add_missing_columns(self.engine, self._locked)
+        self._schema_lock = threading.Lock()
+        self._schema_ready = False
+        self._outage_since: float | None = None  # time.monotonic() of the first failure of an outage
+        self.available = True
+        try:
+            self._ensure_schema()
+        except Exception as e:
+            # A local SQLite file that cannot be made or opened is a configuration error: fail at start-up. A
+            # server database that is not up yet (compose and Kubernetes start containers in any order) is an
+            # outage like any other: serve, queue the turns, make the schema when it answers.
+            if self.engine.dialect.name == "sqlite" or not is_outage(e):
+                self.engine.dispose()
+                raise
+            self._outage_started(e)
         self._queue: queue.Queue[Turn | None] = queue.Queue(maxsize=queue_size)
         self._cond = threading.Condition()
         self._accepted = 0  # turns accepted by record()
         self._processed = 0  # turns the writer has finished with (committed or failed)
-        self.written = self.failed = 0
+        self.written = self.failed = self.dropped = 0
         self._closed = False
+        self._give_up = threading.Event()  # close() ran out of time: stop retrying an unreachable database
         self._thread = threading.Thread(target=self._run, name="chatforge-store", daemon=True)
         self._thread.start()
 
@@ -144,17 +187,25 @@ class ConversationStore:
         """Under ``env == "test"`` this is in-memory unless a store URL was given explicitly."""
         return cls(settings.effective_store_url, **kwargs)
 
+    @property
+    def pending(self) -> int:
+        """Turns accepted by :meth:`record` and not yet written (or given up on)."""
+        with self._cond:
+            return self._accepted - self._processed
+
     # -- writing -----------------------------------------------------------------------------
     def record(self, turn: Turn) -> bool:
         """Enqueue ``turn`` (never blocks). False if the store is closed or its queue is full."""
         with self._cond:
             # Checked under the lock so that no accepted turn can queue behind close()'s stop marker.
             if self._closed:
+                self.dropped += 1
                 log.warning("turn recorded after close() dropped", extra={"request_id": turn.request_id})
                 return False
             try:
                 self._queue.put_nowait(turn)
             except queue.Full:
+                self.dropped += 1
                 log.warning("conversation store queue full; turn dropped", extra={"request_id": turn.request_id})
                 return False
             self._accepted += 1
@@ -173,14 +224,16 @@ class ConversationStore:
         return True
 
     def close(self, timeout: float = 30.0) -> None:
-        """Flush, stop the writer and dispose of the engine's connections."""
+        """Flush, stop the writer and dispose of the engine's connections. Turns still unwritten after
+        ``timeout`` (the database unreachable all that time) are counted in ``failed`` and logged."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
         if not self.flush(timeout):
-            log.error("conversation store: flush timed out on close; unwritten turns may be lost")
-        self._queue.put(None)
+            log.error("conversation store: flush timed out on close; %d unwritten turn(s) are lost", self.pending)
+            self._give_up.set()
+        self._queue.put(None)  # never blocks for long: the writer drains the queue, giving up at once now
         self._thread.join(timeout)
         self.engine.dispose()
 
@@ -213,8 +266,10 @@ class ConversationStore:
                 return
 
     def _write(self, batch: list[Turn]) -> None:
-        """Insert ``batch`` in one transaction, retried on a transient error; if it still fails, row by row, so a
-        row the database refuses (bad text, a value over a column's size on PostgreSQL) is the only one lost."""
+        """Insert ``batch`` in one transaction. While the database is unreachable the batch is held and retried
+        (backoff up to ``backoff[1]`` seconds) until it answers or :meth:`close` gives up; any other error is
+        retried twice, then the rows are written one by one, so a row the database refuses (bad text, a value
+        over a column's size on PostgreSQL) is the only one lost."""
         rows: list[dict[str, Any]] = []
         for t in batch:
             try:
@@ -225,14 +280,30 @@ class ConversationStore:
                               extra={"request_id": t.request_id})
         if not rows:
             return
-        for attempt in range(3):
+        attempt, delay = 0, self._backoff[0]
+        while True:
             try:
+                self._ensure_schema()
                 self._insert(rows)
-                self.written += len(rows)
-                return
-            except Exception:  # noqa: BLE001 - logged; retried, then row by row
-                log.exception("conversation store write failed", extra={"rows": len(rows), "attempt": attempt + 1})
-                time.sleep(0.05 * 2**attempt)  # back off a transient lock/connection error
+            except Exception as e:  # noqa: BLE001 - an outage is waited out; anything else is retried, then split
+                if is_outage(e):
+                    self._outage_started(e)
+                    if self._give_up.wait(delay):
+                        self.failed += len(rows)
+                        log.error("conversation store: %d turn(s) lost, the database stayed unreachable until "
+                                  "shutdown", len(rows))
+                        return
+                    delay = min(delay * 2, self._backoff[1])
+                    continue
+                attempt += 1
+                log.exception("conversation store write failed", extra={"rows": len(rows), "attempt": attempt})
+                if attempt >= 3:
+                    break
+                time.sleep(0.05 * 2**attempt)  # back off a transient lock or serialisation error
+                continue
+            self.written += len(rows)
+            self._outage_ended()
+            return
         if len(rows) > 1:
             log.error("conversation store: a batch failed 3 times; writing its rows one by one",
                       extra={"rows": len(rows)})
@@ -244,6 +315,41 @@ class ConversationStore:
                 self.failed += 1
                 log.error("conversation store gave up on a turn: %s", type(e).__name__,
                           extra={"request_id": row.get("request_id")})
+
+    def _ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if not self._schema_ready:
+                metadata.create_all(self.engine)
+                _add_missing_columns(self.engine, self._locked)
+                self._schema_ready = True
+
+    def _outage_started(self, exc: BaseException) -> None:
+        if self._outage_since is not None:
+            return
+        self._outage_since, self.available = time.monotonic(), False
+        self._dropped_before_outage = getattr(self, "dropped", 0)
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.error("conversation store unavailable; turns are held and retried until it answers (%s)", reason,
+                  extra={"store": _safe_url(self.url)})
+        if self.alerts is not None:
+            self.alerts.alert("conversation store unavailable",
+                              f"store: {_safe_url(self.url)}\nerror: {reason}\nturns are held (up to the queue's "
+                              "size) and written when it answers", key=("store", "unavailable"))
+
+    def _outage_ended(self) -> None:
+        if self._outage_since is None:
+            return
+        took = time.monotonic() - self._outage_since
+        dropped = self.dropped - self._dropped_before_outage
+        self._outage_since, self.available = None, True
+        log.warning("conversation store available again after %.1f s; held turns are being written, %d dropped "
+                    "(queue full)", took, dropped, extra={"store": _safe_url(self.url)})
+        if self.alerts is not None:
+            self.alerts.alert("conversation store available again",
+                              f"store: {_safe_url(self.url)}\nunavailable for {took:.1f} s; turns dropped because "
+                              f"the queue was full: {dropped}", key=("store", "available"), severity="info")
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         with self._locked(), self.engine.begin() as conn:
@@ -261,6 +367,7 @@ class ConversationStore:
             query = query.where(turns.c.created_at >= _naive_utc(since))
         if session_id is not None:
             query = query.where(turns.c.session_id == session_id)
+        self._ensure_schema()
         with self._locked(), self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(query)]
         for row in rows:
@@ -320,8 +427,20 @@ class _NullLock:
         return None
 
 
+def _safe_url(url: str) -> str:
+    """The URL with its password masked, for logs and alerts."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown by its scheme only
+        return url.split(":", 1)[0] + ":..."
+
+
 def _make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2"):
+        # libpq waits for a connection without limit by default: a server that drops packets would hold the
+        # writer (and start-up) forever instead of counting as an outage.
+        kwargs["connect_args"] = {"connect_timeout": 5, **kwargs.get("connect_args", {})}
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True, **kwargs)
     database = parsed.database
