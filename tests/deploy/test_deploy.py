@@ -40,7 +40,6 @@ COVERAGE = {
     "Dockerfile": "tests/scenarios/test_image.py (built and run in CI) + test_dockerfile_*",
     "Dockerfile.train": "tests/scenarios/test_image.py::test_training_image_has_the_training_stack",
     "docker-compose.yml": "test_compose_*",
-    "envoy.yaml": "test_compose_envoy_is_optional_and_points_at_the_replicas",
     "haproxy/haproxy.cfg": "tests/scenarios/test_failover_haproxy.py (real HAProxy) + test_haproxy_*",
     "prometheus/prometheus.yml": "test_compose_prometheus_scrapes_what_the_stack_exposes",
     "grafana/chatforge-dashboard.json": "test_dashboard_queries_only_exported_metrics",
@@ -66,7 +65,7 @@ def test_every_deploy_file_is_exercised():
 
 def test_every_deploy_file_parses():
     files = list(DEPLOY.rglob("*.yaml")) + list(DEPLOY.rglob("*.yml"))
-    assert len(files) >= 10
+    assert len(files) >= 9
     for f in files:
         assert list(yaml.safe_load_all(f.read_text())), f
     assert json.loads((DEPLOY / "grafana" / "chatforge-dashboard.json").read_text())["panels"]
@@ -357,11 +356,14 @@ def test_compose_two_replicas_behind_haproxy():
     for svc in services.values():
         image = svc["image"]
         assert ":" in image and not image.endswith(":latest"), image  # pinned
-    assert services["postgres"]["profiles"] == ["postgres"] and services["envoy"]["profiles"] == ["envoy"]
-    # The image's EXTRAS build argument, so the postgres profile can build psycopg in.
+    assert services["postgres"]["profiles"] == ["postgres"] and "envoy" not in services
+    # The image's EXTRAS build argument: by default the PostgreSQL driver is in, so the postgres profile needs
+    # no other build.
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     for svc in replicas.values():
         assert set(svc["build"]["args"]) <= set(re.findall(r"^ARG (\w+)", dockerfile, re.M))
+        assert svc["build"]["args"]["EXTRAS"] == "${CHATFORGE_EXTRAS:-serve,postgres}"
+    assert re.search(r"^ARG EXTRAS=serve,postgres$", dockerfile, re.M)
 
 
 def test_compose_prometheus_scrapes_what_the_stack_exposes():
@@ -375,20 +377,6 @@ def test_compose_prometheus_scrapes_what_the_stack_exposes():
         r = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
-
-
-def test_compose_envoy_is_optional_and_points_at_the_replicas():
-    compose = _compose()
-    envoy_svc = compose["services"]["envoy"]
-    assert "./envoy.yaml:/etc/envoy/envoy.yaml:ro" in envoy_svc["volumes"]
-    envoy = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
-    (cluster,) = envoy["static_resources"]["clusters"]
-    (hc,) = cluster["health_checks"]
-    assert hc["interval"] == "1s" and hc["grpc_health_check"]["service_name"] == SERVICE_NAME
-    addrs = [e["endpoint"]["address"]["socket_address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
-    assert addrs == [{"address": "chatbot-a", "port_value": GRPC_PORT}, {"address": "chatbot-b", "port_value": GRPC_PORT}]
-    opts = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-    assert "http2_protocol_options" in opts["explicit_http_config"]  # gRPC needs HTTP/2 upstream
 
 
 def _dockerfile_lines(name: str) -> list[str]:
@@ -412,7 +400,7 @@ def test_dockerfile_multi_stage_non_root_with_health_check():
     assert cmd[:2] == ["chatforge", "health"] and SERVICE_NAME in cmd and f"127.0.0.1:{GRPC_PORT}" in cmd
     assert "--timeout=2s" in hc.group(0)
     assert 'ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' in lines  # CPU torch by default
-    assert "ARG EXTRAS=serve" in lines and '".[${EXTRAS}]"' in text  # the serving extra only, by default
+    assert "ARG EXTRAS=serve,postgres" in lines and '".[${EXTRAS}]"' in text  # serving + the PostgreSQL driver, no training stack
     assert "CHATFORGE_METRICS_PORT=9100" in text and f"EXPOSE 50051 {HTTP_PORT} 9100" in lines
     cmd = json.loads(next(ln for ln in lines if ln.startswith("CMD [")).split(" ", 1)[1])
     assert int(_flag(cmd, "--http-port")) == HTTP_PORT and int(_flag(cmd, "--port")) == GRPC_PORT

@@ -17,139 +17,26 @@ or podman's networks have no DNS (the dnsname CNI plugin; tools/ci_install_conta
 from __future__ import annotations
 
 import json
-import os
-import resource
-import shutil
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
-import uuid
-from pathlib import Path
 
 import pytest
-import yaml
-from tests.container_helpers import BASE, LIMITS, podman, skip
-from tests.deploy_helpers import REPO, free_port, http_get, say, train_tiny_bundles, wait_for
+from tests.compose_helpers import UP_TIMEOUT_S, Stack, running_stack
+from tests.container_helpers import podman
+from tests.deploy_helpers import REPO, http_get, say, wait_for
 
 from chatforge.client import ChatbotClient
 
 pytestmark = pytest.mark.slow
 
-COMPOSE = REPO / "deploy" / "docker-compose.yml"
-STANDIN_LABEL = "org.chatforge.standin"
-# service -> (Debian package, the rest of a Containerfile on the base image that makes it run like the upstream
-# image the compose file names: the same command, config path and user)
-STANDINS = {
-    "haproxy": ("haproxy", 'USER haproxy\nCMD ["haproxy", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]\n'),
-    "prometheus": ("prometheus", "RUN mkdir -p /prometheus && chown nobody:nogroup /prometheus\nUSER nobody\n"
-                   'WORKDIR /prometheus\nENTRYPOINT ["/usr/bin/prometheus"]\n'
-                   'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]\n'),
-}
-PUBLISHED = ("GRPC", "GRPC_H2", "HTTP", "STATS", "PROMETHEUS")
-UP_TIMEOUT_S = 240
-
-
-def _compose_tool() -> list[str]:
-    exe = shutil.which("podman-compose") or str(Path(sys.executable).with_name("podman-compose"))
-    if not Path(exe).exists():
-        skip("podman-compose is not installed (the dev extra installs it)")
-    return [exe]
-
-
-def _standin(image: str, package: str, tail: str, work: Path) -> str:
-    """Make ``image`` exist: keep an upstream image or an earlier stand-in, else build one; says which."""
-    found = podman("image", "inspect", image, "--format", f'{{{{index .Labels "{STANDIN_LABEL}"}}}}', check=False)
-    if found.returncode == 0:
-        return "stand-in (cached)" if found.stdout.strip() == package else "upstream image"
-    folder = work / package
-    folder.mkdir()
-    (folder / "Containerfile").write_text(
-        f"FROM {BASE}\nRUN apt-get update && apt-get install -y --no-install-recommends {package} "
-        f"&& rm -rf /var/lib/apt/lists/*\n{tail}LABEL {STANDIN_LABEL}={package}\n")
-    podman("build", "--network", "host", *LIMITS, "-t", image, str(folder), timeout=600)
-    return "stand-in (built)"
-
-
-def _containers_conf(path: Path) -> Path:
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    hard = 1048576 if hard == resource.RLIM_INFINITY else hard
-    path.write_text(f'[containers]\ndefault_ulimits = ["nofile=1024:{hard}", "nproc=4096:4096"]\n'
-                    '[engine]\nruntime = "runc"\n')
-    return path
-
-
-class Stack:
-    def __init__(self, project: str, env: dict[str, str], ports: dict[str, int]):
-        self.project, self.env, self.ports = project, env, ports
-        self.tool = _compose_tool()
-
-    def compose(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([*self.tool, "-p", self.project, "-f", str(COMPOSE), *args], capture_output=True,
-                           text=True, timeout=timeout, env=self.env, cwd=COMPOSE.parent)
-        if check and r.returncode != 0:
-            raise AssertionError(f"podman-compose {' '.join(args)} failed ({r.returncode}):\n"
-                                 f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-        return r
-
-    def container(self, service: str) -> str:
-        return f"{self.project}_{service}_1"
-
-    def url(self, which: str) -> str:
-        return f"http://127.0.0.1:{self.ports[which]}"
-
-    def target(self, which: str) -> str:
-        return f"127.0.0.1:{self.ports[which]}"
-
-    def servers(self) -> dict[tuple[str, str], dict[str, str]]:
-        """HAProxy's stats CSV: (proxy, server) -> row."""
-        status, body = http_get(self.url("STATS") + "/stats;csv", timeout=2.0)
-        if status != 200:
-            return {}
-        lines = body.lstrip("# ").splitlines()
-        head = lines[0].split(",")
-        rows = [dict(zip(head, ln.split(","), strict=False)) for ln in lines[1:] if ln]
-        return {(r["pxname"], r["svname"]): r for r in rows}
-
-    def backend_states(self, server: str) -> set[str]:
-        return {row["status"] for (px, sv), row in self.servers().items()
-                if sv == server and px in ("chatforge_l4", "chatforge_h2", "chatforge_http")}
-
-    def logs(self, service: str) -> str:
-        r = podman("logs", self.container(service), check=False)
-        return (r.stdout + r.stderr)[-2500:]
-
 
 @pytest.fixture(scope="module")
 def stack(serving_image, tmp_path_factory, pytestconfig):
-    if not Path("/usr/lib/cni/dnsname").exists() and shutil.which("aardvark-dns") is None:
-        skip("podman's networks have no DNS here (the dnsname CNI plugin or aardvark-dns; "
-             "tools/ci_install_containers.sh installs it): compose's service names would not resolve")
-    work = tmp_path_factory.mktemp("compose")
-    spec = yaml.safe_load(COMPOSE.read_text())
-    # The file's own image name for the replicas: what `up` would otherwise build from deploy/Dockerfile.
-    podman("tag", serving_image, spec["x-chatbot"]["image"])
-    made = {svc: _standin(spec["services"][svc]["image"], pkg, tail, work) for svc, (pkg, tail) in STANDINS.items()}
-    say(pytestconfig, "\ncompose images: " + ", ".join(f"{s}: {spec['services'][s]['image']} ({how})"
-                                                     for s, how in made.items()))
-    chat, _ = train_tiny_bundles(work)
-    ports = {p: free_port() for p in PUBLISHED}
-    env = {**os.environ, "CONTAINERS_CONF": str(_containers_conf(work / "containers.conf")),
-           "CHATFORGE_BUNDLE": str(chat), "CHATFORGE_PUBLISH_ADDR": "127.0.0.1",
-           **{f"CHATFORGE_PUBLISH_{p}": str(port) for p, port in ports.items()}}
-    st = Stack(f"chatforge-ci-{uuid.uuid4().hex[:6]}", env, ports)
-    try:
-        start = time.monotonic()
-        st.compose("up", "-d")
-        wait_for(lambda: all(st.backend_states(s) == {"UP"} for s in "ab"), UP_TIMEOUT_S,
-                 "both replicas UP in all three HAProxy backends", interval=0.5)
-        say(pytestconfig, f"\ncompose stack up (both replicas UP behind HAProxy) in {time.monotonic() - start:.0f} s")
+    with running_stack(serving_image, tmp_path_factory.mktemp("compose"), pytestconfig) as st:
         yield st
-    finally:
-        for svc in ("chatbot-a", "chatbot-b", "haproxy", "prometheus"):
-            print(f"--- {svc}\n{st.logs(svc)}")
-        st.compose("down", "-v", "-t", "5", check=False, timeout=180)
 
 
 def _published(stack: Stack) -> dict[str, str]:

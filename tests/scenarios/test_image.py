@@ -95,6 +95,8 @@ def test_serving_image_serves_like_kubernetes_runs_it(container, pytestconfig):
     # The serving extra only: none of the training stack is installed.
     probe = f"import importlib.util as u; print([m for m in {TRAIN_ONLY_MODULES!r} if u.find_spec(m)])"
     assert podman("exec", name, "python3", "-c", probe).stdout.strip() == "[]"
+    # ... with the PostgreSQL driver, so CHATFORGE_STORE_URL alone picks the store (the compose postgres profile).
+    assert podman("exec", name, "python3", "-c", "import psycopg; print(psycopg.pq.version() > 0)").stdout.strip() == "True"
     # Read-only root, writable /data (the conversation store) and /tmp.
     assert podman("exec", name, "touch", "/opt/x", check=False).returncode != 0
     podman("exec", name, "touch", "/data/probe", "/tmp/probe")
