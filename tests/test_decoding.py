@@ -11,6 +11,8 @@ import torch
 
 from chatforge.decoding import (
     GenerationOptions,
+    apply_count_penalties,
+    apply_penalties,
     apply_repetition_penalty,
     banned_ngram_tokens,
     block_repeated_ngrams,
@@ -145,6 +147,40 @@ def test_min_new_tokens_suppresses_eos():
     assert generate(PlusOneModel(eos_first=True), [5], GenerationOptions(), bos_id=BOS, eos_id=EOS) == []
 
 
+def test_count_penalties_follow_openais_formula():
+    """logits[j] - counts[j] * frequency_penalty - (counts[j] > 0) * presence_penalty (OpenAI's API reference,
+    "Parameter details"), per row."""
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    counts = torch.tensor([[0.0, 1.0, 2.0, 0.0], [3.0, 0.0, 0.0, 1.0]])
+    expected = logits - counts * 0.5 - (counts > 0).float() * 1.0
+    assert apply_count_penalties(logits, counts, 0.5, 1.0).tolist() == expected.tolist()
+    assert expected.tolist() == [[1.0, 0.5, 1.0, 4.0], [-1.5, 2.0, 3.0, 2.5]]
+    assert apply_count_penalties(logits, counts, -1.0, 0.0).tolist() == [[1.0, 3.0, 5.0, 4.0], [4.0, 2.0, 3.0, 5.0]]
+    assert apply_count_penalties(logits, counts, 0.0, 0.0) is logits
+    # with CTRL's penalty: the repetition penalty first (on seen tokens), then the additive ones
+    opts = GenerationOptions(repetition_penalty=2.0, frequency_penalty=0.5)
+    assert apply_penalties(logits, counts, opts).tolist() == [[1.0, 0.5, 0.5, 4.0], [-1.0, 2.0, 3.0, 1.5]]
+
+
+@pytest.mark.parametrize("bad", [dict(frequency_penalty=2.5), dict(presence_penalty=-3.0)])
+def test_count_penalties_out_of_range_are_refused_naming_the_range(bad):
+    (name,) = bad
+    with pytest.raises(ValueError, match=rf"{name}=.* allowed: a number in \[-2, 2\]"):
+        GenerationOptions(**bad).validate()
+
+
+def test_frequency_and_presence_penalties_in_loop():
+    flat = {5: 1.0, 6: 0.9}
+    run = lambda **kw: generate(PlusOneModel(flat=flat), [3], GenerationOptions(max_new_tokens=4, **kw),  # noqa: E731
+                                bos_id=BOS, eos_id=EOS)
+    assert run() == [5, 5, 5, 5]
+    # frequency 0.06: 5 scores 1.0, 0.94, 0.88 (< 6's 0.9) -> 6, then 0.88 > 0.84 -> 5
+    assert run(frequency_penalty=0.06) == [5, 5, 6, 5]
+    # presence 0.2: once seen, 5 scores 0.8 < 0.9 -> 6; then 6 scores 0.7 -> 5, and both stay seen
+    assert run(presence_penalty=0.2) == [5, 6, 5, 5]
+    assert run(frequency_penalty=-1.0) == [5, 5, 5, 5]  # negative: repeats favoured
+
+
 def test_repetition_penalty_in_loop():
     flat = {5: 1.0, 6: 0.9}
     opts = GenerationOptions(max_new_tokens=3)
@@ -212,9 +248,10 @@ def model() -> TransformerSeq2Seq:
 SOURCES = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [20]]
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.5])
+@pytest.mark.parametrize("penalty", [{}, {"repetition_penalty": 1.5},
+                                     {"frequency_penalty": 1.2, "presence_penalty": 0.4}])
 def test_cached_equals_uncached(model, penalty):
-    opts = GenerationOptions(max_new_tokens=15, repetition_penalty=penalty)
+    opts = GenerationOptions(max_new_tokens=15, **penalty)
     outs = []
     for src in SOURCES:
         cached = generate(model, src, opts, bos_id=BOS, eos_id=EOS)

@@ -118,3 +118,20 @@ def test_gpt_beam_cached_equals_uncached_and_min_length():
     b = generate(model, [7, 8, 9], opts, bos_id=1, eos_id=EOS, use_cache=False)
     assert a == b and len(a) >= 6
     assert generate_batch(model, [[7, 8, 9], [10]], opts, bos_id=1, eos_id=EOS, pad_id=0)[0] == a
+
+
+def test_gpt_beam_applies_openais_count_penalties_to_each_beam():
+    """Beam search reads each hypothesis' own token counts: a frequency penalty breaks the plain beam's run of
+    one token, cached and uncached agree, and a batched row equals the same prompt alone."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(d_model=32, n_heads=2, n_layers=2, n_positions=64, dropout=0.0, attn_dropout=0.0, init_std=0.3)
+    model = GPTLMHeadModel(cfg, 40, SpecialIds(cls=4, sep=5), "generation").eval()
+    plain = generate(model, [7, 8, 9], GenerationOptions(max_new_tokens=10, num_beams=4, min_new_tokens=6),
+                     bos_id=1, eos_id=EOS)
+    most = max(plain.count(t) for t in plain)
+    for kw in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0, "frequency_penalty": 0.5}):
+        opts = GenerationOptions(max_new_tokens=10, num_beams=4, min_new_tokens=6, **kw)
+        a = generate(model, [7, 8, 9], opts, bos_id=1, eos_id=EOS)
+        assert a == generate(model, [7, 8, 9], opts, bos_id=1, eos_id=EOS, use_cache=False)
+        assert generate_batch(model, [[7, 8, 9], [10]], opts, bos_id=1, eos_id=EOS, pad_id=0)[0] == a
+        assert a != plain and max(a.count(t) for t in a) < most, (a, plain)

@@ -54,6 +54,10 @@ class GenerationOptions:
     num_beams: int = 1  # > 1: beam search (deterministic; do_sample must be false)
     length_penalty: float = 1.0  # beam scores are sum(log p) / length**length_penalty
     no_repeat_ngram_size: int = 0  # > 0: never generate an n-gram of this size twice in one reply
+    # OpenAI's additive penalties on tokens of the reply so far: a logit loses frequency_penalty x its count
+    # and presence_penalty once it occurred; negative values favour repeats. 0: none.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     # Limits that the API enforces; a bad value is reported with the allowed range.
     MAX_NEW_TOKENS_LIMIT = 1024
@@ -75,6 +79,8 @@ class GenerationOptions:
             ("length_penalty", -5.0 <= self.length_penalty <= 5.0, "a number in [-5, 5]"),
             ("no_repeat_ngram_size", 0 <= self.no_repeat_ngram_size <= self.MAX_NO_REPEAT_NGRAM,
              f"an integer in [0, {self.MAX_NO_REPEAT_NGRAM}] (0 disables it)"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "a number in [-2, 2] (0 disables it)"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "a number in [-2, 2] (0 disables it)"),
             ("num_beams", self.num_beams == 1 or not self.do_sample,
              "1 when do_sample is true (beam search is deterministic)"),
         ]
@@ -82,6 +88,11 @@ class GenerationOptions:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is out of range; allowed: {allowed}")
         return self
+
+    @property
+    def penalised(self) -> bool:
+        """True when a penalty reads the tokens generated so far (their counts must be kept)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 def autocast_for(model: Any):
@@ -137,6 +148,30 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_count_penalties(logits: Tensor, counts: Tensor, frequency: float, presence: float) -> Tensor:
+    """OpenAI's frequency and presence penalties: ``logits - counts * frequency - (counts > 0) * presence``.
+
+    ``counts`` is a float (B, V) tensor of how often each token occurs in the reply so far (the prompt does not
+    count, as in OpenAI's API and vLLM).
+    """
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    out = logits
+    if frequency != 0.0:
+        out = out - counts * frequency
+    if presence != 0.0:
+        out = out - (counts > 0).to(logits.dtype) * presence
+    return out
+
+
+def apply_penalties(logits: Tensor, counts: Tensor, options: GenerationOptions) -> Tensor:
+    """Every penalty of ``options`` that reads the reply so far (``counts``, float (B, V)): CTRL's repetition
+    penalty, then OpenAI's frequency and presence penalties."""
+    if options.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, counts > 0, options.repetition_penalty)
+    return apply_count_penalties(logits, counts, options.frequency_penalty, options.presence_penalty)
 
 
 def banned_ngram_tokens(history: list[int], n: int) -> list[int]:
@@ -269,19 +304,19 @@ def _decode_steps(model: Any, src: Tensor, options: GenerationOptions, bos_id: i
     state = model.init_state(src, use_cache=use_cache)
     max_steps = _cap_steps(state, max_steps)
     # Batch-1 decoding is bound by per-step overhead, so the bookkeeping stays in Python lists and
-    # the (B, V) ``seen`` mask exists only when the repetition penalty needs it.
+    # the (B, V) ``counts`` exist only when a penalty needs them.
     active = list(range(src.size(0)))  # original row of each state row
     tokens = _start_tokens(state, src, bos_id)
-    penalty = options.repetition_penalty
-    seen: Tensor | None = None  # (B, V) tokens generated so far, for the repetition penalty
+    penalised = options.penalised
+    counts: Tensor | None = None  # (B, V) how often each token was generated so far, for the penalties
     ngram = options.no_repeat_ngram_size
     histories: list[list[int]] = [[] for _ in active] if ngram else []  # each row's reply so far
     for step in range(max_steps):
         logits = model.decode_step(tokens, state).float()  # (b, V)
-        if penalty != 1.0:
-            if seen is None:
-                seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-            logits = apply_repetition_penalty(logits, seen, penalty)
+        if penalised:
+            if counts is None:
+                counts = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+            logits = apply_penalties(logits, counts, options)
         if ngram:
             block_repeated_ngrams(logits, histories, ngram)
         if step < options.min_new_tokens:
@@ -293,8 +328,8 @@ def _decode_steps(model: Any, src: Tensor, options: GenerationOptions, bos_id: i
         yield active, chosen
         if step == max_steps - 1:
             break
-        if seen is not None:
-            seen[torch.arange(nxt.size(0), device=nxt.device), nxt] = True
+        if counts is not None:
+            counts[torch.arange(nxt.size(0), device=nxt.device), nxt] += 1
         if eos_id in chosen:
             keep_rows = [i for i, t in enumerate(chosen) if t != eos_id]
             if not keep_rows:
@@ -306,8 +341,8 @@ def _decode_steps(model: Any, src: Tensor, options: GenerationOptions, bos_id: i
             if histories:
                 histories = [histories[i] for i in keep_rows]
             nxt = nxt[keep]
-            if seen is not None:
-                seen = seen[keep]
+            if counts is not None:
+                counts = counts[keep]
         tokens = nxt.unsqueeze(1)
 
 
@@ -369,12 +404,12 @@ def _beam_search(model: Any, input_ids: list[int], options: GenerationOptions, b
 
     for step in range(max_steps):
         logits = model.decode_step(tokens, state).float()  # (K, V)
-        if options.repetition_penalty != 1.0:
-            seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        if options.penalised:
+            counts = torch.zeros(logits.shape, dtype=logits.dtype, device=device)
             for i, s in enumerate(seqs):
                 if s:
-                    seen[i, s] = True
-            logits = apply_repetition_penalty(logits, seen, options.repetition_penalty)
+                    counts[i].index_add_(0, torch.tensor(s, device=device), torch.ones(len(s), device=device))
+            logits = apply_penalties(logits, counts, options)
         if options.no_repeat_ngram_size:
             block_repeated_ngrams(logits, seqs, options.no_repeat_ngram_size)
         if step < options.min_new_tokens:
@@ -498,7 +533,7 @@ def choose_tokens(logits: Tensor, rows: list[Any], eos_id: int,
 
     ``rows`` are the batch's requests, one per logits row, each with ``options``
     (:class:`GenerationOptions`), ``generated`` (tokens so far), ``history`` (their ids, kept by rows with
-    ``no_repeat_ngram_size``), and the per-row ``seen`` (V,) mask and ``rng`` generator, which this function
+    ``no_repeat_ngram_size``), and the per-row ``counts`` (V,) of its generated tokens and ``rng`` generator, which this function
     creates on first use.
 
     Per-row Python work is limited to rows that need it (repetition penalty, sampling): the
@@ -519,10 +554,10 @@ def choose_tokens(logits: Tensor, rows: list[Any], eos_id: int,
     for i, r in enumerate(rows):
         o = r.options
         try:
-            if o.repetition_penalty != 1.0:
-                if r.seen is None:  # only penalised rows keep a (V,) mask of their generated tokens
-                    r.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
-                logits[i : i + 1] = apply_repetition_penalty(logits[i : i + 1], r.seen[None], o.repetition_penalty)
+            if o.penalised:
+                if r.counts is None:  # only penalised rows keep (V,) counts of their generated tokens
+                    r.counts = torch.zeros(logits.size(-1), dtype=logits.dtype, device=logits.device)
+                logits[i : i + 1] = apply_penalties(logits[i : i + 1], r.counts[None], o)
             if o.no_repeat_ngram_size:
                 banned = banned_ngram_tokens(r.history, o.no_repeat_ngram_size)
                 if banned:

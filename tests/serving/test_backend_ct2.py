@@ -126,6 +126,8 @@ UNSUPPORTED_OPTIONS = [
     (GenerationOptions(do_sample=True, seed=3), "seed"),
     (GenerationOptions(repetition_penalty=1.3), "repetition_penalty"),
     (GenerationOptions(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
+    (GenerationOptions(frequency_penalty=0.5), "frequency_penalty"),
+    (GenerationOptions(presence_penalty=-1.0), "presence_penalty"),
 ]
 
 

@@ -44,6 +44,10 @@ def test_continuous_batching_matches_decoding_each_request_alone(make):
         ("rep", GenerationOptions(max_new_tokens=10, repetition_penalty=1.5, min_new_tokens=4, do_sample=True,
                                   top_p=0.9, seed=11)),
         ("no repeats", GenerationOptions(max_new_tokens=16, min_new_tokens=16, no_repeat_ngram_size=2)),
+        # OpenAI's penalties: each row counts its own reply's tokens
+        ("counted", GenerationOptions(max_new_tokens=14, min_new_tokens=14, frequency_penalty=1.5)),
+        ("present", GenerationOptions(max_new_tokens=14, min_new_tokens=14, presence_penalty=2.0,
+                                      frequency_penalty=-0.5)),
     ]
 
     async def main():
@@ -53,7 +57,7 @@ def test_continuous_batching_matches_decoding_each_request_alone(make):
     for (text, options), got in zip(requests, outs, strict=True):
         assert got == gen.reference(text, options), text
     snap = engine.stats.snapshot()
-    assert snap["completed"] == 8 and snap["running"] == 0 and snap["waiting"] == 0
+    assert snap["completed"] == len(requests) and snap["running"] == 0 and snap["waiting"] == 0
     assert snap["max_batch_seen"] == 3  # never above max_running
     # Requests joined a running batch: far fewer decoder steps than decoding one by one.
     alone = sum(len(got) - 1 for got in outs)  # decoding steps one by one (the prefill gives each first token)

@@ -485,8 +485,6 @@ _TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     ("logprobs", True, "omitted or false"),
     ("top_logprobs", 3, "omitted or 0"),
     ("logit_bias", {"42": 100}, "omitted or {}"),
-    ("frequency_penalty", 0.5, "omitted or 0"),
-    ("presence_penalty", -1, "omitted or 0"),
     ("modalities", ["text", "audio"], "omitted or ['text']"),
     ("audio", {"voice": "alloy", "format": "wav"}, "omitted"),
 ])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tests.serving_fakes import WAIT, FakeGenerator, ServerThread, make_engine
+from tests.serving_fakes import WAIT, FakeGenerator, ServerThread, TinyGPTGenerator, make_engine
 
 openai = pytest.importorskip("openai", reason="the openai package is a dev dependency (pip install -e '.[dev]')")
 
@@ -95,3 +95,28 @@ def _auth():
     from chatforge.serving.security import ApiKeyAuth
 
     return ApiKeyAuth(["k1"])
+
+
+def test_frequency_and_presence_penalties_reach_the_model():
+    """OpenAI's frequency_penalty and presence_penalty, sent by the official client, decode as chatforge's own
+    decoding does alone with them (``logit - count * frequency - seen * presence`` on the reply's tokens).
+    They were refused with a 400 before."""
+    from chatforge.decoding import GenerationOptions
+
+    gen = TinyGPTGenerator("gpt")
+    with ServerThread(make_engine(generators={"gpt": gen}), http_port=0) as st:
+        st.wait_serving()
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{st.server.http.port}/v1", api_key="unused",
+                           timeout=WAIT, max_retries=0) as client:
+            replies = []
+            for kw in ({}, {"frequency_penalty": 1.5}, {"presence_penalty": 2.0, "frequency_penalty": -0.5}):
+                out = client.chat.completions.create(model="gpt", messages=[{"role": "user", "content": "counted"}],
+                                                     max_tokens=14, extra_body={"min_tokens": 14}, **kw)
+                expected = gen.reference("counted", GenerationOptions(max_new_tokens=14, min_new_tokens=14, **kw))
+                assert out.choices[0].message.content == "".join(f"<{t}>" for t in expected), kw
+                replies.append(out.choices[0].message.content)
+            assert len(set(replies)) == 3  # each penalty changed the reply
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="gpt", messages=[{"role": "user", "content": "x"}],
+                                               frequency_penalty=2.5)
+            assert e.value.body["param"] == "frequency_penalty"

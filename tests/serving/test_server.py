@@ -153,6 +153,10 @@ def test_invalid_argument_then_server_still_serves(server, text, options, expect
         ({"top_k": 100_001}, "options.top_k=100001 is out of range; allowed: an integer in [0, 100000] (0 disables top-k)"),
         ({"no_repeat_ngram_size": 17},
          "options.no_repeat_ngram_size=17 is out of range; allowed: an integer in [0, 16] (0 disables it)"),
+        ({"frequency_penalty": 2.1},
+         "options.frequency_penalty=2.1 is out of range; allowed: a number in [-2, 2] (0 disables it)"),
+        ({"presence_penalty": -2.5},
+         "options.presence_penalty=-2.5 is out of range; allowed: a number in [-2, 2] (0 disables it)"),
     ],
 )
 def test_options_are_checked_as_sent_and_the_range_is_the_protos(server, options, expected):
@@ -165,7 +169,8 @@ def test_options_are_checked_as_sent_and_the_range_is_the_protos(server, options
 
 @pytest.mark.parametrize("options", [{"temperature": 1e-30, "do_sample": True}, {"top_p": 1e-30, "do_sample": True},
                                      {"temperature": 10.0}, {"repetition_penalty": 10.0},
-                                     {"no_repeat_ngram_size": 16}])
+                                     {"no_repeat_ngram_size": 16}, {"frequency_penalty": -2.0},
+                                     {"presence_penalty": 0.7, "frequency_penalty": 2.0}])
 def test_options_inside_the_documented_range_are_accepted(options):
     engine = make_engine()
     with ServerThread(engine) as st, ChatbotClient(st.target, timeout=WAIT) as client:

@@ -67,6 +67,10 @@ def chat(
     top_p: float = typer.Option(1.0),
     repetition_penalty: float = typer.Option(1.0, help="Penalty on tokens already generated, in [1, 10]; 1: none."),
     no_repeat_ngram: int = typer.Option(0, help="Never repeat an n-gram of this size in a reply; 0: off."),
+    frequency_penalty: float = typer.Option(0.0, help="OpenAI's: a token loses this x its count in the reply so "
+                                            "far, in [-2, 2]; 0: none."),
+    presence_penalty: float = typer.Option(0.0, help="OpenAI's: a token loses this once it is in the reply, "
+                                           "in [-2, 2]; 0: none."),
     timeout: float = typer.Option(30.0, help="Deadline per reply, seconds."),
     context: bool = _flag(True, "--context/--no-context", help="Send this conversation's earlier turns (the "
                           "latest 64) with each message; a model trained with context reads them."),
@@ -84,7 +88,8 @@ def chat(
     creds = _client_kwargs(api_key, tls, tls_ca, tls_cert, tls_key)
 
     opts = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram)
+                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram,
+                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
 
     history: list[tuple[str, str]] = []
 

@@ -389,6 +389,11 @@ class CT2Generator:
                 f"options.no_repeat_ngram_size={options.no_repeat_ngram_size!r} is not supported by the "
                 "ctranslate2 backend: CTranslate2 also counts the prompt's n-grams, chatforge only the reply's; "
                 "allowed: 0")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(options, name) != 0.0:
+                raise UnsupportedOptionError(
+                    f"options.{name}={getattr(options, name)!r} is not supported by the ctranslate2 backend: "
+                    "CTranslate2 has no such penalty; allowed: 0 (or serve this model with --backend torch)")
         return options
 
     def stream(self, text: str, options: GenerationOptions, context: Sequence[str] = ()) -> Iterator[TokenDelta]:

@@ -131,7 +131,7 @@ class GenRequest:
     generated: int = 0
     max_steps: int = 0
     last_token: int = 0
-    seen: Any = None  # (V,) bool tensor of generated tokens, for the repetition penalty
+    counts: Any = None  # (V,) float tensor: how often each token was generated, for the penalties
     history: list[int] = field(default_factory=list)  # generated ids, for no_repeat_ngram_size only
     rng: Any = None  # torch.Generator when sampling with a seed
     finished: bool = False
@@ -285,7 +285,7 @@ class ContinuousBatcher(_Runner):
 
     # -- the scheduler loop ------------------------------------------------------------------
     def _loop(self) -> None:
-        # Every tensor of the batch (logits, seen masks, caches) lives in inference mode.
+        # Every tensor of the batch (logits, token counts, caches) lives in inference mode.
         with torch.inference_mode():
             self._run()
 
@@ -387,8 +387,8 @@ class ContinuousBatcher(_Runner):
                 continue
             r.generated += 1
             r.last_token = tok
-            if r.seen is not None:
-                r.seen[tok] = True
+            if r.counts is not None:
+                r.counts[tok] += 1
             if r.options.no_repeat_ngram_size:
                 r.history.append(tok)
             self._send(r, "token", TokenDelta(token_id=tok, text=r.detok.feed(tok) if r.detok is not None else ""))

@@ -172,6 +172,10 @@ class ChatCompletionRequest(BaseModel):
         "CTRL's penalty on tokens already generated (an extension, as in vLLM); 1 or omitted: none."))
     no_repeat_ngram_size: int | None = Field(None, ge=0, le=16, description=(
         "Never generate an n-gram of this size twice in one reply (an extension); 0 or omitted: off."))
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=(
+        "A token's logit loses this times its count in the reply so far; 0 or omitted: none."))
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=(
+        "A token's logit loses this once it occurs in the reply so far; 0 or omitted: none."))
     n: int = Field(1, ge=1, le=1, description="Number of choices; only 1 is supported.")
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} sequences where the reply ends "
                                          "(not included in it).")
@@ -480,10 +484,6 @@ UNSUPPORTED_CHAT_PARAMS: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "logprobs": (lambda v: v is None or v is False, "omitted or false", "log-probabilities"),
     "top_logprobs": (_is_zero, "omitted or 0", "log-probabilities"),
     "logit_bias": (lambda v: v is None or v == {}, "omitted or {}", "logit bias"),
-    "frequency_penalty": (_is_zero, "omitted or 0",
-                          "OpenAI's frequency penalty (this server's is repetition_penalty, CTRL's)"),
-    "presence_penalty": (_is_zero, "omitted or 0",
-                         "OpenAI's presence penalty (this server's is repetition_penalty, CTRL's)"),
     "modalities": (lambda v: v is None or v == ["text"], "omitted or ['text']", "output other than text"),
     "audio": (lambda v: v is None, "omitted", "audio output"),
 }
@@ -521,6 +521,9 @@ def generation_options(req: ChatCompletionRequest, engine: Engine) -> Generation
         fields["repetition_penalty"] = req.repetition_penalty
     if req.no_repeat_ngram_size is not None:
         fields["no_repeat_ngram_size"] = req.no_repeat_ngram_size
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name):  # 0 and None: off (what SDKs send by default)
+            fields[name] = getattr(req, name)
     try:
         return GenerationOptions(**fields).validate()
     except ValueError as e:

@@ -40,6 +40,8 @@ _OPTION_FIELDS = (
     "num_beams",
     "length_penalty",
     "no_repeat_ngram_size",
+    "frequency_penalty",
+    "presence_penalty",
 )
 _SUPPORTED = {f.name for f in dataclasses.fields(GenerationOptions)}
 MAX_BEAMS = getattr(GenerationOptions, "MAX_BEAMS", 16)
@@ -71,7 +73,8 @@ def options_from_proto(msg: pb.GenerationOptions, max_new_tokens_cap: int | None
     beam search; otherwise num_beams > 1 is refused here.
     """
     fields = {name: getattr(msg, name) for name in _OPTION_FIELDS if msg.HasField(name)}
-    for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+    for name in ("temperature", "top_p", "repetition_penalty", "length_penalty", "frequency_penalty",
+                 "presence_penalty"):
         # proto floats are float32: take the shortest decimal that is the same float32, so that 0.7
         # is checked and reported as 0.7 (not 0.699999988) and 1e-30 stays 1e-30. Never a fixed
         # number of decimals: round(1e-30, 6) is 0.0, which would reject a value inside the range.
