@@ -147,7 +147,8 @@ def running_stack(serving_image: str, work: Path, pytestconfig, *, profiles: tup
                   env: dict[str, str] | None = None, services: tuple[str, ...] = ("haproxy", "prometheus"),
                   ) -> Iterator[Stack]:
     """``podman-compose up`` of the shipped file with ``profiles``, the serving image under the file's own image
-    name, stand-ins for ``services``' upstream images, a tiny bundle to serve and free host ports; yields once
+    name, stand-ins for ``services``' upstream images (every service the profiles start: `up` would otherwise
+    try to pull a missing one from a registry), a tiny bundle to serve and free host ports; yields once
     both replicas are UP in all three HAProxy backends, and takes the stack down (volumes too) after."""
     if not Path("/usr/lib/cni/dnsname").exists() and shutil.which("aardvark-dns") is None:
         skip("podman's networks have no DNS here (the dnsname CNI plugin or aardvark-dns; "

@@ -27,7 +27,7 @@ def pg_stack(serving_image, tmp_path_factory, pytestconfig):
     env = {"CHATFORGE_PG_PASSWORD": password,
            "CHATFORGE_STORE_URL": f"postgresql+psycopg://chatforge:{password}@postgres/chatforge"}
     with running_stack(serving_image, tmp_path_factory.mktemp("compose-pg"), pytestconfig, profiles=("postgres",),
-                       env=env, services=("haproxy", "postgres")) as st:
+                       env=env, services=("haproxy", "prometheus", "postgres")) as st:
         yield st
 
 
