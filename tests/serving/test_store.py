@@ -271,7 +271,7 @@ def test_an_outage_holds_the_turns_and_writes_them_when_the_database_answers(tmp
         store.close()
 
 
-def test_an_outage_longer_than_the_queue_drops_the_newest_turns_and_counts_them(tmp_path):
+def test_an_outage_longer_than_the_queue_drops_the_newest_turns_and_counts_them(tmp_path, caplog):
     store = ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}", batch_size=2, queue_size=3, backoff=(0.01, 0.05))
     outage = _Outage(store.engine, after=1)
     try:
@@ -279,6 +279,8 @@ def test_an_outage_longer_than_the_queue_drops_the_newest_turns_and_counts_them(
         assert outage.refused.wait(10)  # the writer holds turn 0's batch; the queue takes 3 more
         accepted = [store.record(_turn(i)) for i in range(1, 7)]
         assert accepted == [True] * 3 + [False] * 3 and store.dropped == 3
+        # one warning for the three, not one per turn (an outage at full traffic would flood the logs)
+        assert sum("queue full" in r.getMessage() for r in caplog.records) == 1
         outage.end()
         assert store.flush(timeout=10) and store.count() == 4
     finally:

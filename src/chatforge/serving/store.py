@@ -87,6 +87,7 @@ turns = Table(
 # Backoff while the database is unreachable: 0.1 s doubling to 5 s (a restarting server is back within seconds;
 # a long outage is retried every 5 s, not hammered).
 OUTAGE_BACKOFF_S = (0.1, 5.0)
+DROP_LOG_INTERVAL_S = 10.0  # at most one "queue full" line this often
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -96,6 +97,10 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, DisconnectionError | OperationalError | InterfaceError):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+class _GaveUp(Exception):
+    """The database stayed unreachable until :meth:`ConversationStore.close` gave up waiting."""
 
 
 def _utcnow() -> datetime:
@@ -177,6 +182,7 @@ class ConversationStore:
         self._accepted = 0  # turns accepted by record()
         self._processed = 0  # turns the writer has finished with (committed or failed)
         self.written = self.failed = self.dropped = 0
+        self._drop_logged_at = -DROP_LOG_INTERVAL_S
         self._closed = False
         self._give_up = threading.Event()  # close() ran out of time: stop retrying an unreachable database
         self._thread = threading.Thread(target=self._run, name="chatforge-store", daemon=True)
@@ -206,7 +212,12 @@ class ConversationStore:
                 self._queue.put_nowait(turn)
             except queue.Full:
                 self.dropped += 1
-                log.warning("conversation store queue full; turn dropped", extra={"request_id": turn.request_id})
+                # One line per 10 s, not per turn: a long outage at full traffic must not flood the logs.
+                now = time.monotonic()
+                if now - self._drop_logged_at >= DROP_LOG_INTERVAL_S:
+                    self._drop_logged_at = now
+                    log.warning("conversation store queue full (%d turns held); turns dropped: %d so far",
+                                self._queue.maxsize, self.dropped, extra={"request_id": turn.request_id})
                 return False
             self._accepted += 1
         return True
@@ -280,41 +291,51 @@ class ConversationStore:
                               extra={"request_id": t.request_id})
         if not rows:
             return
-        attempt, delay = 0, self._backoff[0]
-        while True:
-            try:
-                self._ensure_schema()
-                self._insert(rows)
-            except Exception as e:  # noqa: BLE001 - an outage is waited out; anything else is retried, then split
-                if is_outage(e):
-                    self._outage_started(e)
-                    if self._give_up.wait(delay):
-                        self.failed += len(rows)
-                        log.error("conversation store: %d turn(s) lost, the database stayed unreachable until "
-                                  "shutdown", len(rows))
-                        return
-                    delay = min(delay * 2, self._backoff[1])
-                    continue
-                attempt += 1
-                log.exception("conversation store write failed", extra={"rows": len(rows), "attempt": attempt})
-                if attempt >= 3:
-                    break
+        for attempt in range(1, 4):
+            error = self._insert_through_outages(rows)
+            if error is None:
+                self.written += len(rows)
+                return
+            if isinstance(error, _GaveUp):
+                self.failed += len(rows)
+                return
+            log.error("conversation store write failed: %s", error, extra={"rows": len(rows), "attempt": attempt})
+            if attempt < 3:
                 time.sleep(0.05 * 2**attempt)  # back off a transient lock or serialisation error
-                continue
-            self.written += len(rows)
-            self._outage_ended()
-            return
         if len(rows) > 1:
             log.error("conversation store: a batch failed 3 times; writing its rows one by one",
                       extra={"rows": len(rows)})
         for row in rows:
-            try:
-                self._insert([row])
+            error = self._insert_through_outages([row])
+            if error is None:
                 self.written += 1
-            except Exception as e:  # noqa: BLE001 - this row only
-                self.failed += 1
-                log.error("conversation store gave up on a turn: %s", type(e).__name__,
+                continue
+            self.failed += 1
+            if not isinstance(error, _GaveUp):
+                log.error("conversation store gave up on a turn: %s", type(error).__name__,
                           extra={"request_id": row.get("request_id")})
+
+    def _insert_through_outages(self, rows: list[dict[str, Any]]) -> Exception | None:
+        """Insert ``rows`` in one transaction, waiting out an outage (backoff up to ``backoff[1]`` seconds) until
+        the database answers; None when written, else the error that is not an outage, or :class:`_GaveUp` when
+        :meth:`close` ran out of time during the outage."""
+        delay = self._backoff[0]
+        while True:
+            try:
+                self._ensure_schema()
+                self._insert(rows)
+            except Exception as e:  # noqa: BLE001 - returned to the caller, which decides
+                if not is_outage(e):
+                    return e
+                self._outage_started(e)
+                if self._give_up.wait(delay):
+                    log.error("conversation store: %d turn(s) lost, the database stayed unreachable until "
+                              "shutdown", len(rows))
+                    return _GaveUp()
+                delay = min(delay * 2, self._backoff[1])
+                continue
+            self._outage_ended()
+            return None
 
     def _ensure_schema(self) -> None:
         if self._schema_ready:
