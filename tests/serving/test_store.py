@@ -253,7 +253,7 @@ def test_an_outage_holds_the_turns_and_writes_them_when_the_database_answers(tmp
     with backoff until the database answers; the outage is raised as an alert, and its end too."""
     alerts = _Alerts()
     store = ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}", batch_size=4, alerts=alerts,
-                              backoff=(0.01, 0.05))
+                              backoff=(0.01, 0.05), alert_after=0)
     outage = _Outage(store.engine, after=6)
     try:
         for i in range(12):
@@ -340,4 +340,22 @@ def test_the_store_state_is_exported_as_prometheus_metrics(tmp_path):
         outage.end()
         assert store.flush(10) and scrape(metrics)[("chatforge_store_turns_total", "written")] == 2.0
     finally:
+        store.close()
+
+
+def test_a_short_outage_is_logged_not_alerted(tmp_path):
+    """A database that is back before ``alert_after`` (a restart, or one starting a moment after the replicas on
+    every compose ``up``) pages nobody: neither its start nor its end is alerted."""
+    alerts = _Alerts()
+    store = ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}", alerts=alerts, backoff=(0.01, 0.05),
+                              alert_after=3600)
+    outage = _Outage(store.engine, after=3)
+    try:
+        assert store.record(_turn(0)) and outage.refused.wait(10)
+        assert not store.available
+        outage.end()
+        assert store.flush(timeout=10) and store.available and store.written == 1
+        assert alerts.raised == []
+    finally:
+        outage.end()
         store.close()

@@ -287,3 +287,19 @@ def test_a_database_down_at_start_is_waited_for(pg_url):
         with admin.begin() as conn:
             conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
         admin.dispose()
+
+
+def test_availability_follows_the_database_without_traffic(pg_url):
+    """With no turn to write, the store still probes a database that was down at start, so ``available`` (the
+    chatforge_store_available metric) turns 1 when it answers, not at the next conversation."""
+    link = _Link(pg_url)
+    link.cut()
+    store = ConversationStore(link.url, backoff=(0.05, 0.2))
+    try:
+        assert not store.available
+        link.restore()
+        assert _wait(lambda: store.available, 15), "the idle store never noticed the database was back"
+        assert store.pending == 0 and store.written == 0
+    finally:
+        store.close(timeout=5)
+        link.cut()

@@ -87,6 +87,9 @@ turns = Table(
 # Backoff while the database is unreachable: 0.1 s doubling to 5 s (a restarting server is back within seconds;
 # a long outage is retried every 5 s, not hammered).
 OUTAGE_BACKOFF_S = (0.1, 5.0)
+# An outage is alerted on once it has lasted this long: a database that starts a moment after the replicas
+# (every compose `up`) or a blip is logged, not paged.
+OUTAGE_ALERT_AFTER_S = 10.0
 DROP_LOG_INTERVAL_S = 10.0  # at most one "queue full" line this often
 
 
@@ -152,14 +155,15 @@ class ConversationStore:
 
     def __init__(self, url: str, *, batch_size: int = 256, queue_size: int = 10_000,
                  engine_kwargs: dict[str, Any] | None = None, alerts: Any = None,
-                 backoff: tuple[float, float] = OUTAGE_BACKOFF_S) -> None:
+                 backoff: tuple[float, float] = OUTAGE_BACKOFF_S, alert_after: float = OUTAGE_ALERT_AFTER_S) -> None:
         if batch_size < 1 or queue_size < 1:
             raise ValueError("batch_size and queue_size must be >= 1")
         if not 0 < backoff[0] <= backoff[1]:
             raise ValueError(f"backoff must be (first, cap) seconds with 0 < first <= cap, got {backoff}")
         self.url = url
         self.batch_size = batch_size
-        self.alerts, self._backoff = alerts, backoff
+        self.alerts, self._backoff, self._alert_after = alerts, backoff, alert_after
+        self._alerted = False  # this outage was alerted on (so its end is too)
         self.engine = _make_engine(url, **(engine_kwargs or {}))
         # One pinned connection (in-memory SQLite) must not be used by two threads at once.
         self._db_lock = threading.Lock() if isinstance(self.engine.pool, StaticPool) else None
@@ -176,7 +180,7 @@ class ConversationStore:
             if self.engine.dialect.name == "sqlite" or not is_outage(e):
                 self.engine.dispose()
                 raise
-            self._outage_started(e)
+            self._outage_started(e, at_start=True)
         self._queue: queue.Queue[Turn | None] = queue.Queue(maxsize=queue_size)
         self._cond = threading.Condition()
         self._accepted = 0  # turns accepted by record()
@@ -255,8 +259,20 @@ class ConversationStore:
         self.close()
 
     def _run(self) -> None:
+        delay = self._backoff[0]
         while True:
-            first = self._queue.get()
+            if self._outage_since is None:
+                first = self._queue.get()
+                delay = self._backoff[0]
+            else:
+                # Idle during an outage (no turn to write): probe the database on the backoff's schedule, so that
+                # `available` (and its metric and alerts) follows it even while no traffic comes in.
+                try:
+                    first = self._queue.get(timeout=delay)
+                except queue.Empty:
+                    self._probe()
+                    delay = min(delay * 2, self._backoff[1])
+                    continue
             if first is None:
                 return
             batch, stop = [first], False
@@ -328,6 +344,7 @@ class ConversationStore:
                 if not is_outage(e):
                     return e
                 self._outage_started(e)
+                self._maybe_alert()
                 if self._give_up.wait(delay):
                     log.error("conversation store: %d turn(s) lost, the database stayed unreachable until "
                               "shutdown", len(rows))
@@ -346,18 +363,39 @@ class ConversationStore:
                 _add_missing_columns(self.engine, self._locked)
                 self._schema_ready = True
 
-    def _outage_started(self, exc: BaseException) -> None:
+    def _probe(self) -> None:
+        """One connection attempt (and the schema, if it is not made yet): ends the outage if it succeeds."""
+        try:
+            self._ensure_schema()
+            with self._locked(), self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as e:  # noqa: BLE001 - an outage goes on; anything else shows on the next write
+            if is_outage(e):
+                self._maybe_alert()
+                return
+        self._outage_ended()
+
+    def _outage_started(self, exc: BaseException, at_start: bool = False) -> None:
         if self._outage_since is not None:
             return
-        self._outage_since, self.available = time.monotonic(), False
+        self._outage_since, self.available, self._alerted = time.monotonic(), False, False
         self._dropped_before_outage = getattr(self, "dropped", 0)
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        log.error("conversation store unavailable; turns are held and retried until it answers (%s)", reason,
-                  extra={"store": _safe_url(self.url)})
-        if self.alerts is not None:
+        self._outage_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        # At start-up a database that comes up a moment later than this process is ordinary (compose, Kubernetes).
+        log.log(logging.WARNING if at_start else logging.ERROR,
+                "conversation store unavailable%s; turns are held and retried until it answers (%s)",
+                " at start-up" if at_start else "", self._outage_reason, extra={"store": _safe_url(self.url)})
+
+    def _maybe_alert(self) -> None:
+        if self.alerts is None or self._alerted or self._outage_since is None:
+            return
+        took = time.monotonic() - self._outage_since
+        if took >= self._alert_after:
+            self._alerted = True
             self.alerts.alert("conversation store unavailable",
-                              f"store: {_safe_url(self.url)}\nerror: {reason}\nturns are held (up to the queue's "
-                              "size) and written when it answers", key=("store", "unavailable"))
+                              f"store: {_safe_url(self.url)}\nerror: {self._outage_reason}\nunavailable for "
+                              f"{took:.0f} s; turns are held (up to the queue's size) and written when it answers",
+                              key=("store", "unavailable"))
 
     def _outage_ended(self) -> None:
         if self._outage_since is None:
@@ -367,7 +405,7 @@ class ConversationStore:
         self._outage_since, self.available = None, True
         log.warning("conversation store available again after %.1f s; held turns are being written, %d dropped "
                     "(queue full)", took, dropped, extra={"store": _safe_url(self.url)})
-        if self.alerts is not None:
+        if self.alerts is not None and self._alerted:
             self.alerts.alert("conversation store available again",
                               f"store: {_safe_url(self.url)}\nunavailable for {took:.1f} s; turns dropped because "
                               f"the queue was full: {dropped}", key=("store", "available"), severity="info")
