@@ -468,6 +468,7 @@ def exported_sample_names(monkeypatch) -> set[str]:
     m.first_token("Reply", "chat", 0.01)
     m.token("chat", 0.01)
     m.request_finished("Reply", "chat", "INTERNAL", 0.1, reason="internal")
+    m.watch_store(types.SimpleNamespace(available=True, pending=0, written=1, failed=0, dropped=0))
     return {s.name for fam in m.registry.collect() for s in fam.samples}
 
 
@@ -482,7 +483,8 @@ def test_dashboard_queries_only_exported_metrics(exported_sample_names):
     # and the headline metrics of the issue are on the dashboard
     for must in ("chatforge_time_to_first_token_seconds_bucket", "chatforge_inter_token_latency_seconds_bucket",
                  "chatforge_requests_waiting", "chatforge_request_failure_total",
-                 "chatforge_process_resident_memory_bytes", "chatforge_gpu_memory_allocated_bytes"):
+                 "chatforge_process_resident_memory_bytes", "chatforge_gpu_memory_allocated_bytes",
+                 "chatforge_store_pending_turns", "chatforge_store_available"):
         assert must in queried, must
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))

@@ -38,6 +38,15 @@ def _rows(stack, session: str) -> int:
     return int(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip().isdigit() else -1
 
 
+def _store_metrics(stack, replica: str) -> dict[str, float]:
+    """The replica's chatforge_store_* samples, read from its own /metrics inside its container (not published)."""
+    probe = ("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9100/metrics', timeout=5)"
+             ".read().decode())")
+    text = podman("exec", stack.container(replica), "python3", "-c", probe).stdout
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("chatforge_store_")}
+
+
 def _chat(stack, session: str, n: int) -> None:
     with ChatbotClient(stack.target("GRPC_H2"), timeout=30) as client:  # HTTP/2 mode: calls spread over both
         for i in range(n):
@@ -65,4 +74,11 @@ def test_a_postgres_restart_loses_no_turn_and_the_replicas_keep_answering(pg_sta
                     interval=0.5)
     logs = pg_stack.logs("chatbot-a") + pg_stack.logs("chatbot-b")
     assert "conversation store unavailable" in logs and "available again" in logs, logs[-3000:]
+    # what an operator's dashboard shows after it: both replicas' stores up, nothing pending, nothing lost
+    seen = [_store_metrics(pg_stack, r) for r in ("chatbot-a", "chatbot-b")]
+    for m in seen:
+        assert m["chatforge_store_available"] == 1.0 and m["chatforge_store_pending_turns"] == 0, m
+        assert m['chatforge_store_turns_total{outcome="failed"}'] == 0, m
+        assert m['chatforge_store_turns_total{outcome="dropped"}'] == 0, m
+    assert sum(m['chatforge_store_turns_total{outcome="written"}'] for m in seen) >= 9
     say(pytestconfig, f"\npostgres restart: 6 turns held by the replicas, all written {took:.1f} s after it was up")
