@@ -20,6 +20,9 @@ the other folds only) and, for validation, by a model trained on the whole train
   segment embeddings through a 2-layer pre-LN Transformer encoder from ``chatforge.modules``, d_model 128, a matching
   read-out over [CLS] and the two segments' mean states, the run's own SentencePiece tokens, trained from scratch with a listwise softmax over the true answer, 5 hard negatives
   (answers of the nearest other training questions) and 2 random ones) as one more cross-fitted column;
+- ``topics``: which *kind* of answer fits the question (``AnswerTopics``): the training answers clustered by
+  k-means (``k``), p(cluster | question) from a logistic regression, the candidate softly assigned to the
+  clusters; the column is log p(its cluster | q);
 - ``a+b``: both columns.
 
 and, not a column but a re-ranker on top of the shipped ranker:
@@ -28,6 +31,10 @@ and, not a column but a re-ranker on top of the shipped ranker:
   score, w chosen on one seeded half of the validation questions and reported on the other half and on all of
   validation, beside the ranker alone on the same questions (``rerank_experiment``). ``cache=FILE`` keeps its
   validation scores, which ``xencfeat`` with the same settings and ``cache`` reuses for its whole-split model.
+
+``--oof`` adds a selection figure that nothing else is chosen on and that is 18 times validation's size: each
+cross-fitting fold's training lists (true answer + 19) ranked by a ranker fitted on the other folds' lists
+(``train_oof_r1_of_20``).
 
 Settings go after a colon, ``;``-separated: ``xenc:epochs=4;hard=5;rand=2;cache=/tmp/xenc.npz``. Results:
 benchmarks/results/selection-experiments.json.
@@ -217,6 +224,42 @@ class LabelAgreement:
             return np.concatenate([np.c_[np.repeat(pq[i][None], len(cs), 0), pc[[cid[c] for c in cs]]]
                                    for i, cs in enumerate(candidates)])
         return np.concatenate([pc[[cid[c] for c in cs]] @ pq[i] for i, cs in enumerate(candidates)])
+
+
+class AnswerTopics:
+    """Which *kind* of answer fits the question: the training answers are clustered (k-means over their char_wb
+    1-3-gram TF-IDF vectors, ``k`` clusters) and a logistic regression learns p(cluster | question) from the
+    pairs; a candidate, seen or new, is softly assigned to the clusters by its cosine to their centroids, and the
+    score is log p(its cluster | q) under that soft assignment. The label model's idea with learned, finer labels."""
+
+    def __init__(self, k=200, temperature=0.05, c=4.0, seed=0):
+        self.k, self.temperature, self.c, self.seed = k, temperature, c, seed
+
+    def fit(self, questions, answers):
+        from sklearn.cluster import MiniBatchKMeans
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+
+        pool = sorted(set(answers))
+        self.av = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True, min_df=2).fit(pool)
+        km = MiniBatchKMeans(n_clusters=self.k, random_state=self.seed, n_init=3, batch_size=2048).fit(self.av.transform(pool))
+        cent = km.cluster_centers_
+        self.centroids = cent / np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-9)
+        cluster = dict(zip(pool, km.labels_, strict=True))
+        self.qv = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True, min_df=2).fit(questions)
+        y = np.asarray([cluster[a] for a in answers])
+        self.clf = LogisticRegression(C=self.c, max_iter=300).fit(self.qv.transform(questions), y)
+        return self
+
+    def scores(self, questions, candidates):
+        distinct = sorted({c for cs in candidates for c in cs})
+        cid = {c: i for i, c in enumerate(distinct)}
+        sim = np.asarray(self.av.transform(distinct) @ self.centroids.T)  # rows are unit TF-IDF vectors
+        sim = sim[:, self.clf.classes_]
+        soft = np.exp((sim - sim.max(1, keepdims=True)) / self.temperature)
+        soft /= soft.sum(1, keepdims=True)
+        pq = self.clf.predict_proba(self.qv.transform(list(questions)))
+        return np.concatenate([np.log(soft[[cid[c] for c in cs]] @ pq[i] + 1e-9) for i, cs in enumerate(candidates)])
 
 
 class _PairSeq2Seq(torch.nn.Module):
@@ -550,6 +593,9 @@ def fit_signal(kind, opts, tq, ta, tl, ix):
         return PairLogistic(negatives=int(opts.get("neg", 5)), alpha=float(opts.get("alpha", 1e-6)),
                             ngram=(int(opts.get("lo", 2)), int(opts.get("n", 2))),
                             epochs=int(opts.get("epochs", 5))).fit(q, a)
+    if kind == "topics":
+        return AnswerTopics(k=int(opts.get("k", 200)), temperature=float(opts.get("t", 0.05)),
+                            c=float(opts.get("c", 4.0))).fit(q, a)
     if kind == "s2s":
         return Seq2SeqLikelihood(epochs=int(opts.get("epochs", 6))).fit(q, a)
     if kind == "xencfeat":  # the cross-encoder's score as a cross-fitted ranker column
@@ -692,6 +738,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/retrieval_chatbot_kr_ranker.yaml")
     ap.add_argument("--out", default=None)
     ap.add_argument("--variants", default="base,bilinear")
+    ap.add_argument("--oof", action="store_true",
+                    help="also rank each fold's training lists by a ranker fitted on the other folds' lists")
     ap.add_argument("--test", action="store_true", help="also report test (only for the final choice)")
     ap.add_argument("--train-seed", type=int, default=None,
                     help="seed of the ranker's folds, training lists and trees (the benchmark lists keep the run's)")
@@ -752,6 +800,20 @@ def main() -> None:
             extra_eval = {key: np.column_stack(c) for key, c in cols_eval.items()}
         ranker = fit_ranker(cfg, folds, np.concatenate(extra_train) if extra_train else None)
         res = {"seconds": round(time.perf_counter() - t1, 1)}
+        if args.oof:  # R@1 of 20 on the training lists, each fold ranked by a ranker fitted on the others' lists
+            all_extra = np.concatenate(extra_train) if extra_train else None
+            sizes = np.cumsum([0] + [len(f["x"]) for f in folds])
+            ranks = []
+            for fi, f in enumerate(folds):
+                rest = [g for gi, g in enumerate(folds) if gi != fi]
+                ex = None if all_extra is None else np.concatenate(
+                    [all_extra[sizes[gi]:sizes[gi + 1]] for gi in range(len(folds)) if gi != fi])
+                rk = fit_ranker(cfg, rest, ex)
+                xf = f["x"] if all_extra is None else np.concatenate([f["x"], all_extra[sizes[fi]:sizes[fi + 1]]], axis=1)
+                ranks.append(r1(rk.predict(xf), f["lists"]))
+            ranks = np.concatenate(ranks)
+            res["train_oof_r1_of_20"] = round(float((ranks == 0).mean()), 4)
+            res["train_oof_mrr_of_20"] = round(float((1.0 / (ranks + 1)).mean()), 4)
         if fold_seconds:
             res["fold_train_seconds"] = fold_seconds
         for (name, k), e in evals.items():
