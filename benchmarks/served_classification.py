@@ -26,6 +26,9 @@ benchmarks/ort_quality.py).
 
     nice -n 10 python benchmarks/served_classification.py --out benchmarks/results/served-classification [--size tiny]
 
+Threads: ``--server-threads`` and ``--anchor-threads`` as in benchmarks/served_generation.py (servers at
+``chatforge serve``'s own sizing plus ``<engine>-<n>t`` variants; the ONNX Runtime anchor at each count).
+
 Writes ``served-classification.json`` and ``.md`` under ``--out``, with the CPU model (lscpu), the load
 before and after, and whether the machine was loaded (then the figures are ratios only).
 """
@@ -116,8 +119,13 @@ def build_bundle(out: Path, size: Size, corpus: list[str], labels: int = 151) ->
 
 # ------------------------------------------------------------------------------------------ servers
 def start_server(bundle: Path, backend: str, precision: str, work: Path, name: str,
-                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    return served.start_server(bundle, "intents", backend, precision, work, name, extra, cwd=ROOT)
+                 extra: tuple[str, ...] = (), threads: int | None = None) -> tuple[subprocess.Popen, str]:
+    return served.start_server(bundle, "intents", backend, precision, work, name, extra, cwd=ROOT,
+                               env=served.thread_env(threads))
+
+
+def is_anchor(engine: str) -> bool:
+    return engine.startswith("ort-direct-")
 
 async def _classify(stub, pb, text: str) -> tuple[float, str]:
     """(seconds, the best-scoring label) of one Classify call."""
@@ -221,8 +229,8 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["engine"], r["case"]): r for r in rows}
     out = []
     for case in CASES:
-        for cf in (*SERVED, *IN_PROCESS):
-            for an in ANCHORS:
+        for cf in dict.fromkeys(r["engine"] for r in rows if not is_anchor(r["engine"])):
+            for an in dict.fromkeys(r["engine"] for r in rows if is_anchor(r["engine"])):
                 c, a = by.get((cf, case)), by.get((an, case))
                 if not c or not a or not a["texts_per_s"] or not a["best_texts_per_s"]:
                     continue
@@ -257,13 +265,15 @@ lscpu_model = machine.lscpu_model
 
 
 # ------------------------------------------------------------------------------------------ main
-def run(out: Path, size: Size, reps: int | None = None, max_wait_ms: float | None = None) -> dict[str, Any]:
+def run(out: Path, size: Size, reps: int | None = None, max_wait_ms: float | None = None,
+        server_threads: list[int] | None = None, anchor_threads: list[int] | None = None) -> dict[str, Any]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it: idle pools sleep
     import onnxruntime as ort
 
     from chatforge.bench.machine import cpus_available, is_loaded, load_average
-    from chatforge.bundle import class_inputs
+    from chatforge.bundle import class_inputs, load_bundle
     from chatforge.inference import load_model
+    from chatforge.runtime import serving_threads
     from chatforge.serving import backend_ort
 
     reps = reps or size.reps
@@ -279,20 +289,25 @@ def run(out: Path, size: Size, reps: int | None = None, max_wait_ms: float | Non
         batches = [[t] for t in single] + [group[i: i + size.callers] for i in range(0, len(group), size.callers)]
         feeds = {tuple(b): {k: v.numpy() for k, v in class_inputs(clf.model, clf.tok, b, clf.max_input_tokens).items()}
                  for b in batches}
-        example = class_inputs(clf.model, clf.tok, ["a", "b c"], clf.max_input_tokens)  # as the backend exports
-        fp32 = backend_ort.export_onnx(clf.model, example, work / "model.onnx")
+        # Exported as the backend exports: from the bundle's own model, not load_model's, whose fp32 linear layers
+        # may be packed for oneDNN (on AMD CPUs), an op the ONNX exporter cannot trace.
+        raw = load_bundle(bundle).model.eval()
+        example = class_inputs(raw, clf.tok, ["a", "b c"], clf.max_input_tokens)
+        fp32 = backend_ort.export_onnx(raw, example, work / "model.onnx")
         graphs = {"fp32": fp32, "int8": backend_ort.quantize_int8(fp32, work / "model-int8.onnx")}
         labels = clf.labels
         del clf
         engines: dict[str, Any] = {}
         try:
-            for name, (backend, precision) in SERVED.items():
+            serving = served.with_thread_counts(SERVED, server_threads)
+            for name, (backend, precision, threads) in serving.items():
                 extra = ("--max-wait-ms", str(max_wait_ms)) if max_wait_ms is not None else ()
-                proc, target = start_server(bundle, backend, precision, work, name, extra)
+                proc, target = start_server(bundle, backend, precision, work, name, extra, threads)
                 procs.append(proc)
                 engines[name] = Served(target)
-            for name, p in ANCHORS.items():
-                sess = ort.InferenceSession(str(graphs[p]), backend_ort.session_options(cpus),
+            anchors = served.anchor_variants(ANCHORS, anchor_threads, cpus)
+            for name, (p, threads) in anchors.items():
+                sess = ort.InferenceSession(str(graphs[p]), backend_ort.session_options(threads),
                                             providers=["CPUExecutionProvider"])
                 engines[name] = Direct(sess, feeds, labels)
             for name, p in IN_PROCESS.items():
@@ -313,9 +328,10 @@ def run(out: Path, size: Size, reps: int | None = None, max_wait_ms: float | Non
                    "texts": source, "single_texts": size.single_texts, "callers": size.callers,
                    "groups": size.groups, "reps": reps,
                    "server_max_wait_ms": max_wait_ms if max_wait_ms is not None else "the default",
-                   "served": {k: {"backend": b, "precision": p} for k, (b, p) in SERVED.items()},
-                   "anchors": {k: {"graph": p, "intra_op_threads": cpus, "inter_op_threads": 1, "spinning": False}
-                               for k, p in ANCHORS.items()},
+                   "served": {k: {"backend": b, "precision": p, "threads": t or f"default ({serving_threads()})"}
+                              for k, (b, p, t) in serving.items()},
+                   "anchors": {k: {"graph": p, "intra_op_threads": t, "inter_op_threads": 1, "spinning": False}
+                               for k, (p, t) in anchors.items()},
                    "in_process": {k: {"backend": "onnxruntime", "precision": p} for k, p in IN_PROCESS.items()}},
         "rows": rows, "ratios": ratios(rows), "agreement": agreement(argmax),
         "raw": runs,
@@ -349,8 +365,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rebuild", action="store_true", help="only rewrite the report from --out's JSON")
     ap.add_argument("--max-wait-ms", type=float, default=None,
                     help="the servers' --max-wait-ms (the Classify micro-batcher's window; default: serve's)")
+    ap.add_argument("--server-threads", type=int, nargs="+", default=None,
+                    help="also serve every engine with these OMP_NUM_THREADS (named <engine>-<n>t)")
+    ap.add_argument("--anchor-threads", type=int, nargs="+", default=None,
+                    help="ONNX Runtime's intra-op threads, one anchor per count (default: the CPUs available)")
     args = ap.parse_args(argv)
-    result = rebuild(args.out) if args.rebuild else run(args.out, SIZES[args.size], args.reps, args.max_wait_ms)
+    result = rebuild(args.out) if args.rebuild else run(args.out, SIZES[args.size], args.reps, args.max_wait_ms,
+                                                        args.server_threads, args.anchor_threads)
     print(markdown(result))
 
 

@@ -5,7 +5,9 @@ Engines, every one on the same weights and prompts:
 
 * served (a ``chatforge serve`` process each, streamed over gRPC from this process with ``grpc.aio``):
   chatforge torch fp32, torch int8 (``--precision int8``), and the CTranslate2 backend float32 and int8
-  (``--backend ctranslate2 --precision fp32|int8``);
+  (``--backend ctranslate2 --precision fp32|int8``); and torch bf16 (``--precision bf16``) on a CPU with native
+  bf16 matmuls (AMX or avx512_bf16, ``runtime.native_bf16``), where it is a serving choice; elsewhere bf16 is
+  emulated and not served;
 * anchors, in this process: ``ctranslate2.Generator`` (``--family gpt``) or ``ctranslate2.Translator``
   (``--family transformer``) float32 and int8 on the same conversion the backend makes
   (``serving.backend_ct2.convert_bundle``) and the same model inputs (the backend's adapter builds them: the
@@ -32,6 +34,11 @@ reported beside.
 
     nice -n 10 python benchmarks/served_generation.py --out benchmarks/results/served-generation [--size tiny]
     nice -n 10 python benchmarks/served_generation.py --family transformer --out benchmarks/results/served-generation-transformer
+
+Threads: every server sizes its pools as ``chatforge serve`` does (the CPUs available less one,
+``runtime.serving_threads``); ``--server-threads 2`` also serves every engine under ``OMP_NUM_THREADS=2`` (named
+``<engine>-2t``) in the same interleaved run, and ``--anchor-threads 1 2`` times the direct anchor at each count
+(``<anchor>-1t``; the plain name is the one at every CPU), so each side can be read at its best.
 
 Writes ``served-generation.json``, ``served-generation.md`` and ``served-generation.png`` under ``--out``
 (one family per folder; the JSON records which), with the CPU model (lscpu), the load before and after, and
@@ -139,7 +146,18 @@ FAMILIES = {
 # name -> (backend, precision) of a served engine
 SERVED = {"chatforge-torch-fp32": ("torch", "fp32"), "chatforge-torch-int8": ("torch", "int8"),
           "chatforge-ct2-float32": ("ctranslate2", "fp32"), "chatforge-ct2-int8": ("ctranslate2", "int8")}
+# Served only on a CPU with native bf16 matmuls (AMX or avx512_bf16); elsewhere bf16 is emulated, many times slower.
+BF16_ENGINE = ("chatforge-torch-bf16", ("torch", "bf16"))
+
+
+def served_engines(native_bf16: bool) -> dict[str, tuple[str, str]]:
+    """The served engines of a run: :data:`SERVED`, plus torch bf16 where the CPU computes bf16 natively."""
+    return {**SERVED, **(dict([BF16_ENGINE]) if native_bf16 else {})}
 ANCHORS = {"ct2-direct-float32": "float32", "ct2-direct-int8": "int8"}
+
+
+def is_anchor(engine: str) -> bool:
+    return engine.startswith("ct2-direct-")
 REFERENCE = "chatforge-torch-fp32"
 CASES = ("1 stream", "concurrent")
 
@@ -180,8 +198,11 @@ def build_bundle(out: Path, size: Size, corpus: list[str], family: Family = FAMI
 
 
 # ------------------------------------------------------------------------------------------ servers
-def start_server(bundle: Path, backend: str, precision: str, work: Path, name: str) -> tuple[subprocess.Popen, str]:
-    return served.start_server(bundle, "chat", backend, precision, work, name, cwd=ROOT)
+def start_server(bundle: Path, backend: str, precision: str, work: Path, name: str,
+                 threads: int | None = None) -> tuple[subprocess.Popen, str]:
+    return served.start_server(bundle, "chat", backend, precision, work, name, cwd=ROOT, env=served.thread_env(threads))
+
+
 
 async def _stream(stub, pb, text: str, n: int) -> tuple[float, float, list[int]]:
     """(seconds to the first token, seconds to the end, token ids) of one streamed reply."""
@@ -284,8 +305,8 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["engine"], r["case"]): r for r in rows}
     out = []
     for case in CASES:
-        for cf in SERVED:
-            for an in ANCHORS:
+        for cf in dict.fromkeys(r["engine"] for r in rows if not is_anchor(r["engine"])):
+            for an in dict.fromkeys(r["engine"] for r in rows if is_anchor(r["engine"])):
                 c, a = by.get((cf, case)), by.get((an, case))
                 if not c or not a or not a["tokens_per_s"] or not c["ttft_ms"]:
                     continue
@@ -335,7 +356,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    engines = [*SERVED, *ANCHORS]
+    seen = list(dict.fromkeys(r["engine"] for r in result["rows"]))
+    engines = [e for e in seen if not is_anchor(e)] + sorted(e for e in seen if is_anchor(e))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     by = {(r["engine"], r["case"]): r for r in result["rows"]}
     for ax, metric, label in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "ttft_ms", "time to first token (ms)")):
@@ -368,11 +390,13 @@ def model_inputs(gen, family: str, texts: list[str]) -> dict[str, list[str]]:
                                                         or [gen.tok.unk_id])[0]] for t in texts}
 
 
-def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt") -> dict[str, Any]:
+def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt",
+        anchor_threads: list[int] | None = None, server_threads: list[int] | None = None) -> dict[str, Any]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it: idle pools sleep
     import ctranslate2
 
     from chatforge.bench.machine import cpus_available, is_loaded, load_average
+    from chatforge.runtime import native_bf16, serving_threads
     from chatforge.serving.backend_ct2 import convert_bundle
 
     fam = FAMILIES[family]
@@ -393,13 +417,15 @@ def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt") -> 
         ct2_dir = convert_bundle(bundle, work / "ct2", unk_id=unk_id)
         engines: dict[str, Any] = {}
         try:
-            for name, (backend, precision) in SERVED.items():
-                proc, target = start_server(bundle, backend, precision, work, name)
+            serving = served.with_thread_counts(served_engines(native_bf16()), server_threads)
+            for name, (backend, precision, threads) in serving.items():
+                proc, target = start_server(bundle, backend, precision, work, name, threads)
                 procs.append(proc)
                 engines[name] = Served(target)
-            for name, ct in ANCHORS.items():
+            anchors = served.anchor_variants(ANCHORS, anchor_threads, cpus)
+            for name, (ct, threads) in anchors.items():
                 model = getattr(ctranslate2, fam.anchor)(str(ct2_dir), device="cpu", compute_type=ct,
-                                                         intra_threads=cpus, inter_threads=1)
+                                                         intra_threads=threads, inter_threads=1)
                 engines[name] = Direct(model, prompt_tokens, fam, eos_id)
             single, group = texts[: size.single_prompts], texts[size.single_prompts:]
             prompts = {"1 stream": single, "concurrent": group}
@@ -417,10 +443,11 @@ def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt") -> 
         "config": {"model": fam.describe(size), "shape_of": fam.config.name,
                    "new_tokens": size.new_tokens, "prompts": source, "single_prompts": size.single_prompts,
                    "concurrent_streams": size.concurrent, "reps": reps,
-                   "served": {k: {"backend": b, "precision": p} for k, (b, p) in SERVED.items()},
+                   "served": {k: {"backend": b, "precision": p, "threads": t or f"default ({serving_threads()})"}
+                              for k, (b, p, t) in serving.items()},
                    "anchors": {k: {"class": f"ctranslate2.{fam.anchor}", "compute_type": c,
-                                   "intra_threads": cpus, "inter_threads": 1}
-                               for k, c in ANCHORS.items()}},
+                                   "intra_threads": t, "inter_threads": 1}
+                               for k, (c, t) in anchors.items()}},
         "rows": rows, "ratios": ratios(rows), "agreement": agreement(ids),
         "raw": runs,
     }
@@ -454,9 +481,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default: the size's)")
     ap.add_argument("--rebuild", action="store_true", help="only rewrite the report from --out's JSON")
+    ap.add_argument("--server-threads", type=int, nargs="+", default=None,
+                    help="also serve every engine with these OMP_NUM_THREADS (named <engine>-<n>t)")
+    ap.add_argument("--anchor-threads", type=int, nargs="+", default=None,
+                    help="CTranslate2's intra_threads, one anchor per count (default: the CPUs available)")
     args = ap.parse_args(argv)
     size = FAMILIES[args.family].sizes[args.size]
-    result = rebuild(args.out) if args.rebuild else run(args.out, size, args.reps, args.family)
+    result = rebuild(args.out) if args.rebuild else run(args.out, size, args.reps, args.family, args.anchor_threads,
+                                                                  args.server_threads)
     print(markdown(result))
 
 

@@ -35,6 +35,17 @@ def test_medians_and_ratios(script):
     assert got[("concurrent", "chatforge-ct2-int8", "ct2-direct-int8")]["ttft"] == 0.5
 
 
+def test_bf16_is_served_only_where_the_cpu_computes_it(script):
+    assert script.BF16_ENGINE[0] not in script.served_engines(False)
+    with_bf16 = script.served_engines(True)
+    assert with_bf16[script.BF16_ENGINE[0]] == ("torch", "bf16") and set(script.SERVED) < set(with_bf16)
+    # and a bf16 row gets its ratios against the anchors like the others
+    runs = {"chatforge-torch-bf16": {"1 stream": [_rep(100, 10)]}, "ct2-direct-float32": {"1 stream": [_rep(200, 5)]}}
+    got = script.ratios(script.summarize(runs))
+    assert [(r["chatforge"], r["anchor"], r["tokens_per_s"]) for r in got] == [
+        ("chatforge-torch-bf16", "ct2-direct-float32", 0.5)]
+
+
 def test_agreement_against_the_reference(script):
     ids = {"chatforge-torch-fp32": [[1, 2, 3, 4], [5, 6]], "x": [[1, 2, 9, 4], [5, 6]]}
     assert script.agreement(ids) == {"x": {"identical_replies": 0.5, "prefix_tokens": round(4 / 6, 4)}}
@@ -73,10 +84,13 @@ def test_transformer_full_size_is_the_configs_shape(script):
 def test_tiny_run_writes_the_report(script, tmp_path, family):
     pytest.importorskip("ctranslate2")
     result = script.run(tmp_path, script.FAMILIES[family].sizes["tiny"], reps=1, family=family)
+    from chatforge.runtime import native_bf16
+
     engines = {r["engine"] for r in result["rows"]}
-    assert engines == {*script.SERVED, *script.ANCHORS}
+    serving = script.served_engines(native_bf16())
+    assert engines == {*serving, *script.ANCHORS}
     assert all(r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in result["rows"])
-    assert len(result["ratios"]) == len(script.SERVED) * len(script.ANCHORS) * len(script.CASES)
+    assert len(result["ratios"]) == len(serving) * len(script.ANCHORS) * len(script.CASES)
     # Same weights: the float32 paths give chatforge torch fp32's greedy tokens, on every reply.
     assert result["agreement"]["chatforge-ct2-float32"] == {"identical_replies": 1.0, "prefix_tokens": 1.0}
     assert result["agreement"]["ct2-direct-float32"] == {"identical_replies": 1.0, "prefix_tokens": 1.0}

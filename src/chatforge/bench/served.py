@@ -20,16 +20,18 @@ START_TIMEOUT_S = 300
 
 
 def start_server(bundle: Path, model: str, backend: str, precision: str, work: Path, name: str,
-                 extra: Sequence[str] = (), cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
+                 extra: Sequence[str] = (), cwd: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """``chatforge serve --model MODEL=BUNDLE`` on a free 127.0.0.1 port -> (process, "127.0.0.1:PORT"), once the
-    server has written its port file (it does so when SERVING); its output goes to ``work/NAME.log``."""
+    server has written its port file (it does so when SERVING); its output goes to ``work/NAME.log``. ``env``:
+    variables set for the server on top of this process's (e.g. ``OMP_NUM_THREADS``)."""
     port_file = work / f"{name}.port"
     log = (work / f"{name}.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"{model}={bundle}", "--backend", backend,
          "--precision", precision, "--port", "0", "--port-file", str(port_file), "--grace", "2",
          "--drain-delay", "0", *extra],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CHATFORGE_ENV": "test"}, cwd=cwd)
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), "CHATFORGE_ENV": "test"}, cwd=cwd)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if port_file.is_file() and port_file.read_text().strip():
@@ -39,6 +41,28 @@ def start_server(bundle: Path, model: str, backend: str, precision: str, work: P
         time.sleep(0.1)  # polling the file the server writes once SERVING, bounded by the deadline
     proc.kill()
     raise SystemExit(f"server {name} did not start in {START_TIMEOUT_S} s")
+
+
+def with_thread_counts(engines: Mapping[str, tuple], threads: Sequence[int] | None) -> dict[str, tuple]:
+    """name -> (*spec, threads) of served engines: each as ``chatforge serve`` sizes its pools (threads None: the
+    CPUs available less one, ``runtime.serving_threads``), plus one per count in ``threads`` (set through
+    ``OMP_NUM_THREADS``, see :func:`thread_env`) named ``<engine>-<n>t``, so one interleaved run compares them."""
+    out = {k: (*spec, None) for k, spec in engines.items()}
+    for t in threads or []:
+        out.update({f"{k}-{t}t": (*spec, t) for k, spec in engines.items()})
+    return out
+
+
+def thread_env(threads: int | None) -> dict[str, str] | None:
+    """The server environment for a thread count of :func:`with_thread_counts` (None: the server's own sizing)."""
+    return {"OMP_NUM_THREADS": str(threads)} if threads else None
+
+
+def anchor_variants(anchors: Mapping[str, Any], threads: Sequence[int] | None, cpus: int) -> dict[str, tuple[Any, int]]:
+    """name -> (spec, threads) of direct anchors at each of ``threads`` (default: every available CPU). The one at
+    ``cpus`` threads keeps its plain name, others get ``-<n>t``: a run can give the reference its best thread count,
+    as the served engines get theirs."""
+    return {(name if t == cpus else f"{name}-{t}t"): (spec, t) for t in (threads or [cpus]) for name, spec in anchors.items()}
 
 
 def stop_servers(procs: Sequence[subprocess.Popen], timeout: float = 30) -> None:
