@@ -165,6 +165,32 @@ def test_configure_threads_sizes_torch_from_available_cpus(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_configure_threads_leaves_reserved_cpus_to_the_server(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for cpus, want in ((1, 1), (2, 1), (4, 3)):
+            monkeypatch.setattr(runtime, "available_cpus", lambda *a, c=cpus, **k: c)
+            assert runtime.configure_threads({}, reserve=1) == want == torch.get_num_threads()
+            assert runtime.configure_threads({}) == cpus  # training and tools keep every CPU
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cpus, want", [(1, 1), (2, 1), (3, 2), (16, 15)])
+def test_serving_threads_keep_one_cpu_for_the_servers_own_threads(cpus, want):
+    assert runtime.serving_threads({}, cpus=cpus) == want
+
+
+def test_serving_threads_follow_omp_num_threads_and_reject_nonsense():
+    assert runtime.serving_threads({"OMP_NUM_THREADS": "3"}, cpus=2) == 3  # the user's choice wins
+    assert runtime.serving_threads({"OMP_NUM_THREADS": " "}, cpus=4) == 3  # blank: unset
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="OMP_NUM_THREADS=.*positive integer"):
+            runtime.serving_threads({"OMP_NUM_THREADS": bad}, cpus=2)
+
+
 # The chatforge entry point sets the policy before any command imports torch, and the OpenMP runtime
 # torch loads then runs with it: libgomp's OMP_DISPLAY_ENV shows its spin count (0 = passive waiting).
 PROBE = """

@@ -206,14 +206,15 @@ def set_omp_wait_policy(environ: MutableMapping[str, str] | None = None) -> str:
     return env["OMP_WAIT_POLICY"]
 
 
-def configure_threads(environ: MutableMapping[str, str] | None = None, share: int = 1) -> int:
+def configure_threads(environ: MutableMapping[str, str] | None = None, share: int = 1, reserve: int = 0) -> int:
     """Size torch's intra-op thread pool from the CPUs actually available (:func:`available_cpus`),
-    divided by ``share`` (processes on this machine splitting them, e.g. torchrun's local ranks), unless
-    the user chose (``OMP_NUM_THREADS``); returns the thread count in effect.
+    divided by ``share`` (processes on this machine splitting them, e.g. torchrun's local ranks), less
+    ``reserve`` CPUs left to other work of the process (at least 1 thread), unless the user chose
+    (``OMP_NUM_THREADS``); returns the thread count in effect.
 
     torch sizes its pool from the machine's cores, which in a container with a CPU quota (or a
     process pinned to fewer CPUs) means more threads than CPUs: each parallel region then waits for
-    threads that are not scheduled.
+    threads that are not scheduled. A server passes ``reserve=SERVING_RESERVED_CPUS`` (:func:`serving_threads`).
     """
     import torch
 
@@ -222,12 +223,43 @@ def configure_threads(environ: MutableMapping[str, str] | None = None, share: in
         n = torch.get_num_threads()
         logger.info("torch threads: %d (OMP_NUM_THREADS=%s)", n, env["OMP_NUM_THREADS"])
         return n
-    n = max(1, available_cpus() // max(1, share))
+    cpus = max(1, available_cpus() // max(1, share))
+    n = max(1, cpus - reserve)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    logger.info("torch threads: %d (CPUs available to this process: affinity %d, cgroup quota %s)",
-                n, _affinity(), cgroup_cpu_quota())
+    logger.info("torch threads: %d (CPUs available to this process: affinity %d, cgroup quota %s)%s",
+                n, _affinity(), cgroup_cpu_quota(),
+                f"; {cpus - n} of them left to the server's own threads" if n < cpus else "")
     return n
+
+
+# CPUs a serving process keeps out of its compute pools (torch, CTranslate2, ONNX Runtime) once it has two or more.
+# Beside every decoding step the server runs Python of its own: the asyncio loop handing each token to gRPC, gRPC's
+# threads, detokenization, the store writer. With every CPU in the compute pool, each parallel region of a step
+# waits for a worker the loop has pre-empted. On a 2-CPU AMD EPYC (Zen 5) a GPT-2 4 x 256 served over gRPC made
+# 1.30x (fp32) and 2.10x (int8) the tokens/s for one stream and 1.19x / 1.58x for 8 streams with one torch thread
+# instead of two, 2.4-5.2x through the CTranslate2 backend; Classify gained 1.08-1.85x with one caller and lost
+# 4-21 % under 32 concurrent callers (benchmarks/results/served-{generation,classification}-amd-epyc-zen5, README
+# "A third CPU kind").
+SERVING_RESERVED_CPUS = 1
+
+
+def serving_threads(environ: Mapping[str, str] | None = None, cpus: int | None = None) -> int:
+    """Compute threads for a serving process's engines (torch, CTranslate2, ONNX Runtime): the CPUs available
+    (:func:`available_cpus`) less :data:`SERVING_RESERVED_CPUS`, at least 1; ``OMP_NUM_THREADS`` when the user
+    set it (a positive integer)."""
+    env = os.environ if environ is None else environ
+    chosen = (env.get("OMP_NUM_THREADS") or "").strip()
+    if chosen:
+        try:
+            n = int(chosen)
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return n
+        raise ValueError(f"OMP_NUM_THREADS={chosen!r} is not a thread count; allowed: a positive integer")
+    cpus = available_cpus() if cpus is None else cpus
+    return max(1, cpus - SERVING_RESERVED_CPUS)
 
 
 # --precision auto leaves models narrower than this (the median input width of their linear layers) in

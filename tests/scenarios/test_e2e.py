@@ -48,8 +48,11 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> 
 
 
 def test_train_serve_chat_shutdown(trained, tmp_path):
+    from chatforge.runtime import serving_threads
+
     port_file = tmp_path / "port"
     env = {**os.environ, "CHATFORGE_ENV": "test"}
+    env.pop("OMP_NUM_THREADS", None)  # the server sizes its own pool, as in production
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"chat={trained}", "--port", "0",
          "--port-file", str(port_file), "--grace", "5"],
@@ -75,6 +78,10 @@ def test_train_serve_chat_shutdown(trained, tmp_path):
         assert proc.wait(timeout=30) == 0
         h = cli("health", target, "--timeout", "1")
         assert h.returncode != 0  # gone
+        # torch's pool: the CPUs available less one, left to the event loop, gRPC and the client-facing work
+        # (it took every CPU, which on 2 CPUs served a stream at about half the rate)
+        threads = [ln for ln in proc.stderr.read().splitlines() if "torch threads: " in ln]
+        assert len(threads) == 1 and f"torch threads: {serving_threads({})} (" in threads[0], threads
     finally:
         if proc.poll() is None:
             proc.kill()

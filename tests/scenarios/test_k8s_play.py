@@ -138,7 +138,13 @@ def test_each_pod_serves_as_the_deployment_configures_it(played):
         podman("exec", ctr, "touch", "/data/x", "/tmp/x")  # the emptyDirs writable
         env = dict(line.split("=", 1) for line in podman("exec", ctr, "env").stdout.splitlines() if "=" in line)
         assert env["CHATFORGE_SERVER_NAME"] == pod  # fieldRef metadata.name: alerts name the pod
-        assert env["OMP_NUM_THREADS"] == "2"  # resourceFieldRef limits.cpu
+        # No OMP_NUM_THREADS: the server sizes torch's pool from the pod's CPUs less one (runtime.serving_threads),
+        # as its own log says; the manifest used to pin it to the CPU limit, every CPU.
+        assert "OMP_NUM_THREADS" not in env
+        want = podman("exec", ctr, "python3", "-c",
+                      "from chatforge.runtime import serving_threads; print(serving_threads())").stdout.strip()
+        logged = [ln for ln in podman("logs", ctr).stderr.splitlines() if '"torch threads: ' in ln]
+        assert len(logged) == 1 and f'"torch threads: {want} (' in logged[0], (want, logged)
         # The optional Secrets are absent, so the image's own store (SQLite on the /data emptyDir) holds the turns
         # and no alerts are sent.
         assert env["CHATFORGE_STORE_URL"] == "sqlite:////data/conversations.db"

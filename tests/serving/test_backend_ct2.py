@@ -404,6 +404,17 @@ def test_model_directory_loads_versions_with_the_backend(bundle, tmp_path):
         engine.close()
 
 
+def test_the_generator_leaves_a_cpu_to_the_server(bundle, monkeypatch):
+    # CTranslate2's workers x OpenMP threads: the CPUs available less one for the server's own threads
+    from chatforge import runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "available_cpus", lambda *a, **k: 5)
+    gen = CT2Generator(bundle, "chat", precision="fp32")
+    assert (gen.inter_threads, gen.intra_threads) == backend_ct2.thread_split(4) == (1, 4)
+    assert gen.info.metadata["ct2_threads"] == "1x4"
+
+
 @pytest.mark.parametrize("cpus, split", [(1, (1, 1)), (2, (1, 2)), (8, (2, 4)), (16, (4, 4)), (64, (4, 16))])
 def test_thread_split(cpus, split):
     inter, intra = backend_ct2.thread_split(cpus)

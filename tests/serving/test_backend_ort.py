@@ -111,6 +111,16 @@ def test_auto_is_int8_and_bf16_is_refused(bundle):
         backend_ort.ort_precision("fp16")
 
 
+def test_the_session_leaves_a_cpu_to_the_server(bundle, monkeypatch):
+    # ONNX Runtime's intra-op pool: the CPUs available less one for the server's own threads (it took them all)
+    from chatforge import runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "available_cpus", lambda *a, **k: 3)
+    assert OrtClassifier(bundle, "intents", precision="fp32").threads == 2
+    assert OrtClassifier(bundle, "intents", precision="fp32", threads=3).threads == 3  # a caller's choice stands
+
+
 def test_batch_and_single_calls_agree(bundle):
     ort_clf = OrtClassifier(bundle, "intents", precision="fp32")
     texts = _texts()  # 82 texts: two session runs of up to 64

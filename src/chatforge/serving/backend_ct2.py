@@ -321,7 +321,7 @@ class CT2Generator:
         self.tok = bundle.tokenizer
         self.max_input_tokens = bundle.config.train.max_source_len
         self.context_turns = bundle.config.data.context_turns
-        cpus = runtime.available_cpus()
+        cpus = runtime.serving_threads()  # the CPUs available less one for the server's own threads
         auto_inter, auto_intra = thread_split(cpus)
         self.inter_threads = inter_threads or auto_inter
         self.intra_threads = intra_threads or (auto_intra if inter_threads is None else

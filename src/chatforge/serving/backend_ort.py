@@ -17,8 +17,8 @@ policy are the torch classifier's, inherited, so the Classify RPC, HTTP and List
 (metadata ``backend: onnxruntime``). The engine's classifier runner micro-batches concurrent callers
 into one ``classify`` call, which runs the session once per 64 texts.
 
-Threads: the session's intra-op pool has one thread per CPU this process can use
-(``chatforge.runtime.available_cpus``), one inter-op thread, and does not spin: ONNX Runtime's pool spins
+Threads: the session's intra-op pool has one thread per CPU this process can use less one left to the server's
+own threads (``chatforge.runtime.serving_threads``; ``OMP_NUM_THREADS`` chooses), one inter-op thread, and does not spin: ONNX Runtime's pool spins
 after each run by default, which would take the cores from the server's other work between calls.
 """
 
@@ -159,7 +159,7 @@ class OrtClassifier(Classifier):
         check_available(precision)
         bundle = load_bundle(bundle_dir)
         super().__init__(bundle, name, version)
-        self.threads = threads or runtime.available_cpus()
+        self.threads = threads or runtime.serving_threads()  # the CPUs available less one for the server's own threads
         model = bundle.model.eval()
         example = class_inputs(model, self.tok, ["a", "b c"], self.max_input_tokens)
         t0 = time.perf_counter()

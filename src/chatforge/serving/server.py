@@ -44,7 +44,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chatforge.fileio import atomic_write_text
 from chatforge.inference import check_precision
-from chatforge.runtime import configure_threads, fd_budget
+from chatforge.runtime import SERVING_RESERVED_CPUS, configure_threads, fd_budget
 from chatforge.serving import backend_ct2, backend_ort
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
 from chatforge.serving.alerts import AlertManager
@@ -561,11 +561,12 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
 
     Wires the operations library from ``settings`` (default: ``CHATFORGE_*`` variables):
     logging, alerts, the conversation store and metrics (HTTP on ``config.metrics_port``); sizes torch's
-    thread pool (``chatforge.runtime.configure_threads``).
+    thread pool (``chatforge.runtime.configure_threads``, one CPU left to the server's own threads).
     """
     settings = settings or get_settings()
     configure_logging(settings)
-    configure_threads()  # torch's pool from the CPUs this process may use (affinity, cgroup quota), logged
+    # torch's pool from the CPUs this process may use (affinity, cgroup quota) less one for the server's own threads
+    configure_threads(reserve=SERVING_RESERVED_CPUS)
     auth = ApiKeyAuth.from_file(config.api_keys_file, open_health=config.open_health) if config.api_keys_file \
         else ApiKeyAuth.from_env(open_health=config.open_health)
     tls = TlsConfig(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
