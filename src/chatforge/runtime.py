@@ -237,10 +237,9 @@ def configure_threads(environ: MutableMapping[str, str] | None = None, share: in
 # Beside every decoding step the server runs Python of its own: the asyncio loop handing each token to gRPC, gRPC's
 # threads, detokenization, the store writer. With every CPU in the compute pool, each parallel region of a step
 # waits for a worker the loop has pre-empted. On a 2-CPU AMD EPYC (Zen 5) a GPT-2 4 x 256 served over gRPC made
-# 1.30x (fp32) and 2.10x (int8) the tokens/s for one stream and 1.19x / 1.58x for 8 streams with one torch thread
-# instead of two, 2.4-5.2x through the CTranslate2 backend; Classify gained 1.08-1.85x with one caller and lost
-# 4-21 % under 32 concurrent callers (benchmarks/results/served-{generation,classification}-amd-epyc-zen5, README
-# "A third CPU kind").
+# 1.43x (fp32) and 2.11x (int8) the tokens/s for one stream and 1.28x / 1.57x for 8 streams with one torch thread
+# instead of two, 2.2-5.7x through the CTranslate2 backend (benchmarks/results/served-generation-amd-epyc-zen5,
+# README "A third CPU kind"). A classifier's batches are the exception (runner_threads).
 SERVING_RESERVED_CPUS = 1
 
 
@@ -260,6 +259,24 @@ def serving_threads(environ: Mapping[str, str] | None = None, cpus: int | None =
         raise ValueError(f"OMP_NUM_THREADS={chosen!r} is not a thread count; allowed: a positive integer")
     cpus = available_cpus() if cpus is None else cpus
     return max(1, cpus - SERVING_RESERVED_CPUS)
+
+
+def runner_threads(task: str, environ: Mapping[str, str] | None = None,
+                   cpus: int | None = None) -> tuple[int, int] | None:
+    """torch threads of a serving runner's thread: (for a call of one row, for a call of more), or None when the
+    user chose with ``OMP_NUM_THREADS`` (every thread keeps that).
+
+    Decoding steps (``task`` "generation") use :func:`serving_threads` whatever the batch: 8 concurrent streams were
+    faster on one thread than on two on 2 CPUs. A classifier uses it for one text, where the event loop's work per
+    call weighs most (one caller: 1.46-1.78x the texts/s of two threads), and every available CPU for a batch of
+    texts: with one thread for batches too, 32 concurrent callers lost 4-21 %; with this split they hold (0.99-1.06x;
+    benchmarks/results/served-classification-amd-epyc-zen5)."""
+    env = os.environ if environ is None else environ
+    if (env.get("OMP_NUM_THREADS") or "").strip():
+        return None
+    cpus = available_cpus() if cpus is None else cpus
+    one = serving_threads({}, cpus)
+    return (one, one) if task != "classification" else (one, cpus)
 
 
 # --precision auto leaves models narrower than this (the median input width of their linear layers) in

@@ -117,8 +117,12 @@ def test_the_session_leaves_a_cpu_to_the_server(bundle, monkeypatch):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(runtime, "available_cpus", lambda *a, **k: 3)
-    assert OrtClassifier(bundle, "intents", precision="fp32").threads == 2
-    assert OrtClassifier(bundle, "intents", precision="fp32", threads=3).threads == 3  # a caller's choice stands
+    clf = OrtClassifier(bundle, "intents", precision="fp32")
+    assert (clf.threads, clf.batch_threads) == (2, 3) and clf.batch_session is not clf.session  # a batch: every CPU
+    texts = _texts()[:5]
+    np.testing.assert_allclose(clf.predict_proba(texts[:1]), clf.predict_proba(texts)[:1], atol=2e-5)  # same graph
+    mine = OrtClassifier(bundle, "intents", precision="fp32", threads=3)  # a caller's choice stands, for both
+    assert (mine.threads, mine.batch_threads) == (3, 3) and mine.batch_session is mine.session
 
 
 def test_batch_and_single_calls_agree(bundle):

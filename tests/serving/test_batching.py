@@ -14,6 +14,7 @@ from tests.serving_fakes import (
     GatedGenerator,
     TinyGPTGenerator,
     TinySeq2SeqGenerator,
+    make_engine,
 )
 
 from chatforge.decoding import GenerationOptions
@@ -461,3 +462,94 @@ def test_classify_natural_batching_groups_requests_that_arrive_during_a_forward_
     preds = asyncio.run(main())
     assert [p[0].label for p in preds] == ["greet"] + ["bye"] * 7
     assert clf.batches == [1, 7]
+
+
+# -- torch threads per runner thread (runtime.runner_threads) ------------------------------------------------------
+class _ThreadCountingClassifier(FakeClassifier):
+    """Records torch's intra-op thread count, as the calling thread sees it, for each batch it classifies."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []  # (texts, torch threads)
+
+    def classify(self, texts):
+        import torch
+
+        self.seen.append((len(texts), torch.get_num_threads()))
+        return super().classify(texts)
+
+
+def test_a_classifier_batch_gets_every_cpu_and_a_single_text_leaves_one():
+    import torch
+
+    from chatforge.serving.batching import ClassifyRequest, MicroBatcher, RunnerStats
+
+    clf = _ThreadCountingClassifier()
+    before = torch.get_num_threads()
+    runner = MicroBatcher("c", clf, max_batch_size=8, max_queued=8, stats=RunnerStats(), threads=(1, 2))
+    try:
+        for texts in (["hi"], ["a", "b", "c"], ["bye"]):
+            done = threading.Event()
+            runner.submit(ClassifyRequest(texts=texts, done=lambda preds, err, d=done: d.set()))
+            assert done.wait(WAIT)
+    finally:
+        runner.close()
+    assert clf.seen == [(1, 1), (3, 2), (1, 1)]
+    assert torch.get_num_threads() == before  # OpenMP's count is per thread: the caller's own is untouched
+
+
+def test_decoding_runners_use_their_own_thread_count():
+    import torch
+
+    from chatforge.serving.batching import ContinuousBatcher, GenRequest, RunnerStats, ThreadedRunner
+
+    class Counting(FakeGenerator):
+        def stream(self, text, options):
+            seen.append(torch.get_num_threads())
+            yield from super().stream(text, options)
+
+    seen: list[int] = []
+    want = 2 if torch.get_num_threads() == 1 else 1  # a count this thread does not have
+    threaded = ThreadedRunner("t", Counting("t"), max_running=2, max_queued=2, stats=RunnerStats(),
+                              threads=(want, want))
+    gen = GatedGenerator(gate=threading.Semaphore(64))
+    spec = gen.step_spec()
+    batcher = ContinuousBatcher("g", spec.model, bos_id=1, eos_id=2, max_running=2, max_queued=2,
+                                stats=RunnerStats(), threads=(want, want))
+    step_threads: list[int] = []
+    real_step = spec.model.step
+
+    def counting_step(*a, **k):
+        step_threads.append(torch.get_num_threads())
+        return real_step(*a, **k)
+
+    spec.model.step = counting_step
+    try:
+        for runner in (threaded, batcher):
+            done = threading.Event()
+            runner.submit(GenRequest(text="a", prompt_ids=[5], options=GenerationOptions(max_new_tokens=2),
+                                     emit=lambda kind, payload, d=done: d.set() if kind in ("end", "error") else None))
+            assert done.wait(WAIT)
+    finally:
+        threaded.close()
+        batcher.close()
+    assert seen == [want] and step_threads and set(step_threads) == {want}
+
+
+def test_the_engine_sizes_its_runners_from_runtime(monkeypatch):
+    from chatforge import runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "available_cpus", lambda *a, **k: 4)
+    engine = make_engine()
+    try:
+        assert engine._classifiers["intents"].runner.threads == (3, 4)
+        assert engine._generators["echo"].runner.threads == (3, 3)
+    finally:
+        engine.close()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice: runners leave every thread as it is
+    engine = make_engine()
+    try:
+        assert engine._classifiers["intents"].runner.threads is None
+    finally:
+        engine.close()

@@ -17,8 +17,10 @@ policy are the torch classifier's, inherited, so the Classify RPC, HTTP and List
 (metadata ``backend: onnxruntime``). The engine's classifier runner micro-batches concurrent callers
 into one ``classify`` call, which runs the session once per 64 texts.
 
-Threads: the session's intra-op pool has one thread per CPU this process can use less one left to the server's
-own threads (``chatforge.runtime.serving_threads``; ``OMP_NUM_THREADS`` chooses), one inter-op thread, and does not spin: ONNX Runtime's pool spins
+Threads: a call with one text runs on a session whose intra-op pool has one thread per CPU this process can use
+less one left to the server's own threads, a batch on a second session with every CPU (``chatforge.runtime.
+runner_threads``, the split torch's classify runner gets; ``OMP_NUM_THREADS`` sets both), one inter-op thread, and
+neither spins: ONNX Runtime's pool spins
 after each run by default, which would take the cores from the server's other work between calls.
 """
 
@@ -159,7 +161,11 @@ class OrtClassifier(Classifier):
         check_available(precision)
         bundle = load_bundle(bundle_dir)
         super().__init__(bundle, name, version)
-        self.threads = threads or runtime.serving_threads()  # the CPUs available less one for the server's own threads
+        # One text: the CPUs available less one, left to the server's own threads; a batch: every CPU (the split
+        # runtime.runner_threads gives torch's classify runner). A caller's `threads` (or OMP_NUM_THREADS) sets both.
+        one, many = (threads, threads) if threads else (runtime.runner_threads("classification") or
+                                                        (runtime.serving_threads(),) * 2)
+        self.threads, self.batch_threads = one, many
         model = bundle.model.eval()
         example = class_inputs(model, self.tok, ["a", "b c"], self.max_input_tokens)
         t0 = time.perf_counter()
@@ -167,24 +173,28 @@ class OrtClassifier(Classifier):
             path = export_onnx(model, example, Path(tmp) / "model.onnx")
             if graph == "int8":
                 path = quantize_int8(path, Path(tmp) / "model-int8.onnx")
-            self.session = ort.InferenceSession(str(path), session_options(self.threads),
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), session_options(one), providers=["CPUExecutionProvider"])
+            # A second session over the same graph for batches (its own copy of the weights: a few MB here).
+            self.batch_session = self.session if many == one else ort.InferenceSession(
+                str(path), session_options(many), providers=["CPUExecutionProvider"])
         seconds = time.perf_counter() - t0
         # ONNX Runtime holds its own copy of the weights; the module stays only for its input layout
         # (prepare_inputs reads the special ids and max_len), so its tensors go to the meta device.
         model.to("meta")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.precision = graph
-        self.info.metadata.update({"backend": BACKEND, "precision": graph, "ort_threads": str(self.threads)})
-        logger.info("model %r served by ONNX Runtime %s (%s, %d intra-op threads; exported in %.1f s)",
-                    name, ort.__version__, graph, self.threads, seconds,
+        self.info.metadata.update({"backend": BACKEND, "precision": graph,
+                                   "ort_threads": str(one) if many == one else f"{one} for one text, {many} for a batch"})
+        logger.info("model %r served by ONNX Runtime %s (%s, %d intra-op threads for one text, %d for a batch; "
+                    "exported in %.1f s)", name, ort.__version__, graph, one, many, seconds,
                     extra={"model": name, "backend": BACKEND, "precision": graph})
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """(N, C) probabilities, columns in ``self.labels`` order (the torch path's inputs, ORT's logits)."""
         out = []
+        session = self.session if len(texts) <= 1 else self.batch_session
         for i in range(0, len(texts), BATCH):
             feed = class_inputs(self.model, self.tok, list(texts[i : i + BATCH]), self.max_input_tokens)
-            logits = self.session.run(None, {n: feed[n].numpy() for n in self.input_names})[0]
+            logits = session.run(None, {n: feed[n].numpy() for n in self.input_names})[0]
             out.append(softmax(logits.astype(np.float32, copy=False)))
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)

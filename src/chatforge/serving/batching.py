@@ -154,7 +154,8 @@ class _Runner:
     kind = "runner"
 
     def __init__(self, name: str, *, max_running: int, max_queued: int, stats: RunnerStats,
-                 metrics: Any = None, on_error: Callable[[BaseException], None] | None = None) -> None:
+                 metrics: Any = None, on_error: Callable[[BaseException], None] | None = None,
+                 threads: tuple[int, int] | None = None) -> None:
         if max_running < 1 or max_queued < 0:
             raise ValueError(
                 f"max_running={max_running!r}, max_queued={max_queued!r} are out of range; "
@@ -169,6 +170,17 @@ class _Runner:
         self._closed = False
         self._draining = False
         self.running = 0  # this runner's own count (stats hold the engine's totals)
+        # torch intra-op threads of this runner's threads: (for a call of one row, for more rows); None leaves them.
+        # OpenMP's thread count is per OS thread, so a classifier's batches can use every CPU while decoding
+        # steps and single texts leave one to the event loop (runtime.runner_threads).
+        self.threads = threads
+
+    def _use_threads(self, rows: int) -> None:
+        """Size torch's pool, for the calling thread only, for a call of ``rows`` rows (see ``threads``)."""
+        if self.threads is not None:
+            n = self.threads[0] if rows <= 1 else self.threads[1]
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
 
     @property
     def waiting(self) -> int:
@@ -285,6 +297,7 @@ class ContinuousBatcher(_Runner):
 
     # -- the scheduler loop ------------------------------------------------------------------
     def _loop(self) -> None:
+        self._use_threads(1)  # a decoding step, of one row or many: measured faster with a CPU left to the loop
         # Every tensor of the batch (logits, token counts, caches) lives in inference mode.
         with torch.inference_mode():
             self._run()
@@ -468,6 +481,7 @@ class ThreadedRunner(_Runner):
         item.emit("error", exc)
 
     def _work(self, req: GenRequest) -> None:
+        self._use_threads(1)
         outcome, n = "failed", 0
         # The last event (end or error) is sent after the counters are updated, as the
         # continuous batcher does: a consumer that sees the end must also see `completed`.
@@ -583,6 +597,7 @@ class MicroBatcher(_Runner):
             if not batch:
                 continue
             texts = [t for r in batch for t in r.texts]
+            self._use_threads(len(texts))
             self._observe_batch(len(texts))
             self.stats.update(batches=1)
             try:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chatforge import inference
+from chatforge import inference, runtime
 from chatforge.context import CONTEXT_ROLES, MAX_CONTEXT_TURNS
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import ClassPrediction, ModelInfo, ReplyGenerator, TextClassifier, TokenDelta
@@ -302,8 +302,13 @@ class Engine:
     def _make_slot(self, name: str, model: Any, task: str) -> _Slot:
         kw = {"max_queued": self.max_queued, "stats": self.stats, "metrics": self.metrics,
               "on_error": self.on_error}
+        threads = runtime.runner_threads(task)  # torch's, per runner thread (backends size their own pools)
         if task == "classification":
-            runner = MicroBatcher(name, model, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms, **kw)
+            runner = MicroBatcher(name, model, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
+                                  threads=threads, **kw)
+            logger.info("hosting classification model %r (torch threads: %s)", name,
+                        "as OMP_NUM_THREADS sets" if threads is None else f"{threads[0]} for one text, "
+                        f"{threads[1]} for a batch", extra={"model": name, "runner": runner.kind})
             return _Slot(name, model, task, runner)
         make_runner = getattr(model, "make_runner", None)
         if callable(make_runner):  # a backend that schedules its own batches (serving.backend_ct2)
@@ -314,6 +319,7 @@ class Engine:
         spec = None
         if self.continuous_batching and callable(getattr(model, "step_spec", None)):
             spec = model.step_spec()
+        kw["threads"] = threads
         if spec is not None:
             runner = ContinuousBatcher(name, spec.model, bos_id=spec.bos_id, eos_id=spec.eos_id,
                                        max_running=self.max_running, **kw)
