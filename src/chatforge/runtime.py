@@ -261,22 +261,24 @@ def serving_threads(environ: Mapping[str, str] | None = None, cpus: int | None =
     return max(1, cpus - SERVING_RESERVED_CPUS)
 
 
-def runner_threads(task: str, environ: Mapping[str, str] | None = None,
+def runner_threads(task: str, alongside_decoding: bool = False, environ: Mapping[str, str] | None = None,
                    cpus: int | None = None) -> tuple[int, int] | None:
-    """torch threads of a serving runner's thread: (for a call of one row, for a call of more), or None when the
-    user chose with ``OMP_NUM_THREADS`` (every thread keeps that).
+    """torch threads of a serving runner: (for a call of one row, for a call of more), or None when the user chose
+    with ``OMP_NUM_THREADS`` (every thread keeps that).
 
     Decoding steps (``task`` "generation") use :func:`serving_threads` whatever the batch: 8 concurrent streams were
     faster on one thread than on two on 2 CPUs. A classifier uses it for one text, where the event loop's work per
     call weighs most (one caller: 1.46-1.78x the texts/s of two threads), and every available CPU for a batch of
     texts: with one thread for batches too, 32 concurrent callers lost 4-21 %; with this split they hold (0.99-1.06x;
-    benchmarks/results/served-classification-amd-epyc-zen5)."""
+    benchmarks/results/served-classification-amd-epyc-zen5). torch's thread count is not reliably per thread (a
+    count one thread sets is what the others read), so a classifier served ``alongside_decoding`` (the same process
+    hosts a generator) keeps the decoding count for its batches too: the runners never change it under each other."""
     env = os.environ if environ is None else environ
     if (env.get("OMP_NUM_THREADS") or "").strip():
         return None
     cpus = available_cpus() if cpus is None else cpus
     one = serving_threads({}, cpus)
-    return (one, one) if task != "classification" else (one, cpus)
+    return (one, cpus) if task == "classification" and not alongside_decoding else (one, one)
 
 
 # --precision auto leaves models narrower than this (the median input width of their linear layers) in

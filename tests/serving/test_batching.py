@@ -494,8 +494,8 @@ def test_a_classifier_batch_gets_every_cpu_and_a_single_text_leaves_one():
             assert done.wait(WAIT)
     finally:
         runner.close()
+        torch.set_num_threads(before)
     assert clf.seen == [(1, 1), (3, 2), (1, 1)]
-    assert torch.get_num_threads() == before  # OpenMP's count is per thread: the caller's own is untouched
 
 
 def test_decoding_runners_use_their_own_thread_count():
@@ -509,7 +509,8 @@ def test_decoding_runners_use_their_own_thread_count():
             yield from super().stream(text, options)
 
     seen: list[int] = []
-    want = 2 if torch.get_num_threads() == 1 else 1  # a count this thread does not have
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1  # a count torch does not have now
     threaded = ThreadedRunner("t", Counting("t"), max_running=2, max_queued=2, stats=RunnerStats(),
                               threads=(want, want))
     gen = GatedGenerator(gate=threading.Semaphore(64))
@@ -533,6 +534,7 @@ def test_decoding_runners_use_their_own_thread_count():
     finally:
         threaded.close()
         batcher.close()
+        torch.set_num_threads(before)
     assert seen == [want] and step_threads and set(step_threads) == {want}
 
 
@@ -541,9 +543,14 @@ def test_the_engine_sizes_its_runners_from_runtime(monkeypatch):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(runtime, "available_cpus", lambda *a, **k: 4)
-    engine = make_engine()
+    engine = Engine({}, {"intents": FakeClassifier()}, max_input_chars=200)  # a classifier alone: batches on every CPU
     try:
         assert engine._classifiers["intents"].runner.threads == (3, 4)
+    finally:
+        engine.close()
+    engine = make_engine()  # beside generators: torch's count is process-wide, so every runner keeps the decoding one
+    try:
+        assert engine._classifiers["intents"].runner.threads == (3, 3)
         assert engine._generators["echo"].runner.threads == (3, 3)
     finally:
         engine.close()

@@ -170,13 +170,13 @@ class _Runner:
         self._closed = False
         self._draining = False
         self.running = 0  # this runner's own count (stats hold the engine's totals)
-        # torch intra-op threads of this runner's threads: (for a call of one row, for more rows); None leaves them.
-        # OpenMP's thread count is per OS thread, so a classifier's batches can use every CPU while decoding
-        # steps and single texts leave one to the event loop (runtime.runner_threads).
+        # torch intra-op threads of this runner's calls: (for a call of one row, for more rows); None leaves them.
+        # A classifier's batches may use every CPU while single texts leave one to the event loop
+        # (runtime.runner_threads; torch's count is process-wide, so only where no decoding runner shares it).
         self.threads = threads
 
     def _use_threads(self, rows: int) -> None:
-        """Size torch's pool, for the calling thread only, for a call of ``rows`` rows (see ``threads``)."""
+        """Size torch's pool for a call of ``rows`` rows (see ``threads``)."""
         if self.threads is not None:
             n = self.threads[0] if rows <= 1 else self.threads[1]
             if torch.get_num_threads() != n:

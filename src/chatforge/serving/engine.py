@@ -302,7 +302,9 @@ class Engine:
     def _make_slot(self, name: str, model: Any, task: str) -> _Slot:
         kw = {"max_queued": self.max_queued, "stats": self.stats, "metrics": self.metrics,
               "on_error": self.on_error}
-        threads = runtime.runner_threads(task)  # torch's, per runner thread (backends size their own pools)
+        # torch's threads per call (backends size their own pools); generator slots are made first, so a classifier
+        # knows whether it shares the process with decoding
+        threads = runtime.runner_threads(task, alongside_decoding=bool(self._generators))
         if task == "classification":
             runner = MicroBatcher(name, model, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
                                   threads=threads, **kw)
