@@ -130,6 +130,10 @@ def test_chat_page_streams_korean_token_by_token_and_stops(page, tmp_path):
         assert page.locator("#stop").is_enabled()
         page.click("#stop")
         page.wait_for_selector(".msg.assistant:last-child .stopped", timeout=WAIT * 1000)
+        # The server sees the page's request go away (the engine counts the reply abandoned and flags it cancelled);
+        # only then may the generator run on, or a fast one would finish the reply before the cancel lands (CI once
+        # saw the reply complete instead of being dropped).
+        assert engine.stats.wait_for(lambda s: s.abandoned == 1, WAIT), "the server never saw the page stop"
         # The server drops the sequence (the runner sees the cancel at its next token).
         for _ in range(len(REPLY)):
             gen.gate.release()
