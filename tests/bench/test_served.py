@@ -35,3 +35,24 @@ def test_stop_servers_ends_every_process():
     procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
     served.stop_servers(procs, timeout=10)
     assert all(p.poll() is not None for p in procs)
+
+
+def test_start_server_ignores_a_port_file_left_by_an_earlier_server(tmp_path, monkeypatch):
+    """A work folder reused across runs holds the last server's port file: reading it at once connected the
+    benchmark to a dead port and hung it (found while profiling the served engines)."""
+    (tmp_path / "eng.port").write_text("1111")
+
+    class FakeServer:  # writes its port file a moment after starting, as `chatforge serve` does once SERVING
+        def __init__(self, argv, **kw):
+            self.port_file = tmp_path / "eng.port"
+            self.polls = 0
+
+        def poll(self):
+            self.polls += 1
+            if self.polls == 2:
+                self.port_file.write_text("2222")
+            return None
+
+    monkeypatch.setattr(served.subprocess, "Popen", FakeServer)
+    proc, target = served.start_server(tmp_path / "bundle", "chat", "torch", "fp32", tmp_path, "eng")
+    assert target == "127.0.0.1:2222"

@@ -26,6 +26,7 @@ def start_server(bundle: Path, model: str, backend: str, precision: str, work: P
     server has written its port file (it does so when SERVING); its output goes to ``work/NAME.log``. ``env``:
     variables set for the server on top of this process's (e.g. ``OMP_NUM_THREADS``)."""
     port_file = work / f"{name}.port"
+    port_file.unlink(missing_ok=True)  # a stale file from an earlier server of that name would be read at once
     log = (work / f"{name}.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "chatforge.cli", "serve", "--model", f"{model}={bundle}", "--backend", backend,
