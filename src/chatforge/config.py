@@ -222,6 +222,14 @@ class TrainConfig(_Strict):
     distill_from: str | None = None
     distill_weight: float = Field(0.5, gt=0.0, le=1.0)
     distill_temperature: float = Field(2.0, gt=0.0, le=100.0)
+    # Supervised contrastive learning (Khosla et al. 2020) for torch classifiers: contrastive_weight x the SupCon
+    # loss on the unit vectors the classification head reads is added to the model's loss; an example's positives
+    # are the rows of its label in the batch and in a queue of the last contrastive_queue rows' vectors (a batch of
+    # 64 over 151 intents holds few pairs of one label). 0 = off. It shapes the space whose nearest-neighbour
+    # distances score out-of-scope text (benchmarks/clinc150_oos_scores.py).
+    contrastive_weight: float = Field(0.0, ge=0.0, le=100.0)
+    contrastive_temperature: float = Field(0.1, gt=0.0, le=10.0)
+    contrastive_queue: int = Field(4096, ge=0, le=1_000_000)
 
 
 class OutputConfig(_Strict):
@@ -291,6 +299,11 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"data.unlabelled adds text to self-supervised pre-training (task "
                              f"{' or '.join(map(repr, UNLABELLED_TASKS))}); task {self.model.task!r} "
                              "learns from labelled examples: remove it (outlier exposure is data.outliers)")
+        if self.train.contrastive_weight > 0 and (self.model.spec.kind != "torch"
+                                                  or self.model.task != "classification"):
+            raise ValueError(f"train.contrastive_weight trains the feature space of a torch classifier; family "
+                             f"{self.model.family!r} with task {self.model.task!r} is not one (families: the torch "
+                             "ones, task 'classification'); set it to 0")
         if self.train.distill_from is not None:
             if self.model.spec.kind != "torch" or self.model.task != "classification":
                 raise ValueError(f"train.distill_from distils a classifier into a torch classifier; family "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from chatforge.data import Example
@@ -250,6 +251,60 @@ def outlier_exposure_loss(logits: torch.Tensor) -> torch.Tensor:
     ``logsumexp(z) - mean(z)`` per row, the outlier-exposure term of Hendrycks et al. (2019) for classifiers."""
     z = logits.float()
     return (torch.logsumexp(z, dim=-1) - z.mean(dim=-1)).mean()
+
+
+def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float,
+                                bank_features: torch.Tensor | None = None,
+                                bank_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, "Supervised Contrastive Learning", L_out) over unit
+    feature vectors: each row of ``features`` (N, D) is an anchor whose positives are the other rows and the
+    ``bank_features`` (M, D) rows (features of earlier batches, no gradient) with its label; the candidates are
+    every other row and the whole bank. Per anchor: minus the mean over its positives of
+    ``s_p - logsumexp_a s_a``, s = cosine / ``temperature``; anchors without a positive are left out, and with
+    none at all the loss is 0 (still connected to ``features``, so backward works)."""
+    z = F.normalize(features.float(), dim=-1)
+    sims = z @ z.t() / temperature  # (N, N)
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    pos = (labels[:, None] == labels[None, :]) & ~self_mask
+    sims = sims.masked_fill(self_mask, float("-inf"))
+    if bank_features is not None and len(bank_features):
+        sims = torch.cat([sims, z @ bank_features.t().to(z) / temperature], dim=1)
+        pos = torch.cat([pos, labels[:, None] == bank_labels[None, :].to(labels.device)], dim=1)
+    log_prob = sims - torch.logsumexp(sims, dim=1, keepdim=True)
+    n_pos = pos.sum(dim=1)
+    has = n_pos > 0
+    if not bool(has.any()):
+        return z.sum() * 0.0
+    mean_pos = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(dim=1)[has] / n_pos[has]
+    return -mean_pos.mean()
+
+
+class FeatureBank:
+    """A first-in-first-out memory of the last ``size`` unit feature vectors and their labels (a MoCo-style queue,
+    without a momentum encoder): the positives and negatives of :func:`supervised_contrastive_loss` beyond one
+    batch, where a batch of 64 rows over 151 intents holds few pairs of one label."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.features: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+
+    def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        z = F.normalize(features.detach().float(), dim=-1)
+        if self.features is None:
+            self.features, self.labels = z[-self.size:], labels.detach()[-self.size:]
+        else:
+            self.features = torch.cat([self.features, z])[-self.size:]
+            self.labels = torch.cat([self.labels, labels.detach()])[-self.size:]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.features is None else {"features": self.features.cpu(), "labels": self.labels.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        if state:
+            self.features, self.labels = state["features"].to(device), state["labels"].to(device)
+        else:
+            self.features = self.labels = None
 
 
 class SoftTargetDataset(Dataset):

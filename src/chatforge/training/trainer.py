@@ -40,8 +40,10 @@ from chatforge.tasks import (
     IGNORE_INDEX,
     OUTLIER_MASK,
     TEACHER_PROBS,
+    FeatureBank,
     distillation_loss,
     outlier_exposure_loss,
+    supervised_contrastive_loss,
 )
 from chatforge.training.schedules import build_scheduler
 
@@ -180,6 +182,21 @@ class Trainer:
         self._seconds_before = 0.0
         self._pending_rng: dict[str, Any] | None = None
         self._fit_started: float | None = None
+        # train.contrastive_weight: the head's input, captured by a forward pre-hook during training steps
+        self._bank: FeatureBank | None = None
+        self._head_input: torch.Tensor | None = None
+        if cfg.contrastive_weight > 0:
+            head = getattr(self.model, "head", None)
+            head = head if isinstance(head, nn.Module) else getattr(self.model, "classifier", None)
+            if not isinstance(head, nn.Module):
+                raise ValueError(f"train.contrastive_weight needs a classifier whose head is a module named 'head' or "
+                                 f"'classifier'; {type(self.model).__name__} has neither; set it to 0")
+            head.register_forward_pre_hook(self._capture_head_input)
+            self._bank = FeatureBank(cfg.contrastive_queue)
+
+    def _capture_head_input(self, _module: nn.Module, args: tuple) -> None:
+        if self.model.training:
+            self._head_input = args[0]
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -286,6 +303,8 @@ class Trainer:
                 out = self._add_distillation(out, teacher, outliers)
             if outliers is not None and bool(outliers.any()):
                 out = self._add_outlier_exposure(out, outliers)
+            if self._bank is not None and "labels" in batch:
+                out = self._add_contrastive(out, batch["labels"])
             if out.loss is None:
                 raise RuntimeError(f"{type(self.model).__name__} returned no loss; batches must carry labels")
             self.optimizer.zero_grad(set_to_none=True)
@@ -344,6 +363,26 @@ class Trainer:
         out.loss = weighted if out.loss is None else out.loss + weighted
         return out
 
+    def _add_contrastive(self, out, labels: torch.Tensor):
+        """The supervised contrastive term (``train.contrastive_weight`` x :func:`supervised_contrastive_loss`) on
+        the labelled rows' head inputs, with the feature bank's rows as extra positives and negatives; then those
+        rows join the bank. Logged as ``train_contrastive_loss``."""
+        feats, self._head_input = self._head_input, None
+        if feats is None or feats.dim() != 2 or labels.dim() != 1 or feats.size(0) != labels.size(0):
+            got = None if feats is None else tuple(feats.shape)
+            raise RuntimeError(f"train.contrastive_weight needs one feature vector per example at the head's input, "
+                               f"shape (batch, features); {type(self.model).__name__} gave {got}")
+        rows = labels != IGNORE_INDEX  # outlier-exposure rows carry no label
+        f, y = feats[rows], labels[rows]
+        loss = supervised_contrastive_loss(f, y, self.cfg.contrastive_temperature, self._bank.features,
+                                           self._bank.labels)
+        if self.cfg.contrastive_queue:
+            self._bank.add(f, y)
+        out.losses["contrastive"] = loss
+        weighted = self.cfg.contrastive_weight * loss
+        out.loss = weighted if out.loss is None else out.loss + weighted
+        return out
+
     def _all_ranks(self, acc: dict[str, Any]) -> dict[str, Any]:
         """Under DDP, sum the epoch's counters over ranks so logs describe the global batch."""
         if self.distributed is None or not self.distributed.enabled:
@@ -395,6 +434,7 @@ class Trainer:
                 "loader_generator": self._epoch_loader_state,
             },
             "acc": copy.deepcopy(self._epoch_acc),
+            "feature_bank": self._bank.state_dict() if self._bank is not None else {},
             "best": {
                 "state": self.best_state, "epoch": self.result.best_epoch,
                 "valid_loss": self.result.best_valid_loss, "epochs_since_best": self.epochs_since_best,
@@ -416,6 +456,8 @@ class Trainer:
         if pos.get("sampler_seed") != seed:
             raise ValueError(f"checkpoint sampler seed {pos.get('sampler_seed')} != loader's {seed}")
         self.model.load_state_dict(state["model"])
+        if self._bank is not None:
+            self._bank.load_state_dict(state.get("feature_bank") or {}, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         best = state["best"]
