@@ -86,6 +86,50 @@ def logits(bundle, texts: list[str], batch_size: int = 128) -> np.ndarray:
     return np.concatenate(out)
 
 
+def score_rows(bundle_dir, max_in_scope_drop: float = 0.0025, temperatures=(1.0, 0.1), knn=(1, 10)) -> list[dict]:
+    """One row per score: name, setting, and (in-scope accuracy, OOS recall) under the bounded threshold,
+    cross-fitted on val (10 folds x 10) and fitted on all of val then applied to dev."""
+    bundle = load_bundle(bundle_dir)
+    train, val, dev, _ = load_splits(bundle.config)
+    if not dev:
+        raise SystemExit("the bundle's config holds out no dev split (data.dev_fraction is 0)")
+    labels = list(bundle.labels)
+    ins = [i for i, v in enumerate(labels) if v != OOS]
+    bank = features(bundle, [e.text for e in train if str(e.label) != OOS])  # in-scope training examples
+    parts, near = {}, {}
+    for name, part in (("val", val), ("dev", dev)):
+        texts, y = [e.text for e in part], [str(e.label) for e in part]
+        z = logits(bundle, texts)  # (N, C)
+        p = np.exp(z - logsumexp(z, axis=1, keepdims=True))
+        parts[name] = (apply_oos_threshold(p, labels, 0.0, OOS), p, z, y)
+        x = features(bundle, texts)
+        near[name] = {k: knn_score(bank, x, k) for k in knn}
+    scores = {"max-probability": lambda p, z, t: 1.0 - p[:, ins].max(axis=1),
+              "energy": lambda p, z, t: -t * logsumexp(z[:, ins] / t, axis=1),
+              "max-logit": lambda p, z, t: -z[:, ins].max(axis=1)}
+    rows = [(name, f"{t:g}", lambda part, f=f, t=t: f(parts[part][1], parts[part][2], t))
+            for t in temperatures for name, f in scores.items()]
+    rows += [("nearest neighbour", f"k={k}", lambda part, k=k: near[part][k]) for k in knn]
+    (mv, _, _, yv), (md, _, _, yd) = parts["val"], parts["dev"]
+    out = []
+    for name, setting, score in rows:
+        sv, sd = score("val"), score("dev")
+        cf = cross_fit(yv, flag_fit_apply(mv, sv, yv, OOS, max_in_scope_drop), OOS, 10, 10)
+        thr, _ = choose_flag_threshold(mv, sv, yv, OOS, max_in_scope_drop=max_in_scope_drop)
+        d = oos_metrics(yd, [OOS if q >= thr else x for x, q in zip(md, sd, strict=True)], OOS)
+        out.append({"score": name, "setting": setting,
+                    "val_cross_fitted": [round(100 * cf["in_scope_accuracy"], 2), round(100 * cf["oos_recall"], 1)],
+                    "dev": [round(100 * d["in_scope_accuracy"], 2), round(100 * d["oos_recall"], 1)]})
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| score | T or k | val (cross-fitted) | dev |", "|---|---|---|---|"]
+    lines += [f"| {r['score']} | {r['setting']} | {r['val_cross_fitted'][0]:.2f} / {r['val_cross_fitted'][1]:.1f} "
+              f"| {r['dev'][0]:.2f} / {r['dev'][1]:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("bundle")
@@ -93,36 +137,8 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.1])
     ap.add_argument("--knn", type=int, nargs="+", default=[1, 10], help="k of the nearest-neighbour score")
     args = ap.parse_args()
-    bundle = load_bundle(args.bundle)
-    train, val, dev, _ = load_splits(bundle.config)
-    if not dev:
-        raise SystemExit("the bundle's config holds out no dev split (data.dev_fraction is 0)")
-    labels = list(bundle.labels)
-    ins = [i for i, v in enumerate(labels) if v != OOS]
-    bank = features(bundle, [e.text for e in train if str(e.label) != OOS])  # in-scope training examples
-    parts, knn = {}, {}
-    for name, part in (("val", val), ("dev", dev)):
-        texts, y = [e.text for e in part], [str(e.label) for e in part]
-        z = logits(bundle, texts)  # (N, C)
-        p = np.exp(z - logsumexp(z, axis=1, keepdims=True))
-        parts[name] = (apply_oos_threshold(p, labels, 0.0, OOS), p, z, y)
-        x = features(bundle, texts)
-        knn[name] = {k: knn_score(bank, x, k) for k in args.knn}
-    scores = {"max-probability": lambda p, z, t: 1.0 - p[:, ins].max(axis=1),
-              "energy": lambda p, z, t: -t * logsumexp(z[:, ins] / t, axis=1),
-              "max-logit": lambda p, z, t: -z[:, ins].max(axis=1)}
-    rows = [(name, f"{t:g}", lambda part, f=f, t=t: f(parts[part][1], parts[part][2], t))
-            for t in args.temperatures for name, f in scores.items()]
-    rows += [("nearest neighbour", f"k={k}", lambda part, k=k: knn[part][k]) for k in args.knn]
-    print("| score | T or k | val (cross-fitted) | dev |\n|---|---|---|---|")  # noqa: T201  (a script's output)
-    (mv, _, _, yv), (md, _, _, yd) = parts["val"], parts["dev"]
-    for name, setting, score in rows:
-        sv, sd = score("val"), score("dev")
-        cf = cross_fit(yv, flag_fit_apply(mv, sv, yv, OOS, args.max_in_scope_drop), OOS, 10, 10)
-        thr, _ = choose_flag_threshold(mv, sv, yv, OOS, max_in_scope_drop=args.max_in_scope_drop)
-        d = oos_metrics(yd, [OOS if q >= thr else x for x, q in zip(md, sd, strict=True)], OOS)
-        print(f"| {name} | {setting} | {100 * cf['in_scope_accuracy']:.2f} / {100 * cf['oos_recall']:.1f} "  # noqa: T201
-              f"| {100 * d['in_scope_accuracy']:.2f} / {100 * d['oos_recall']:.1f} |")
+    rows = score_rows(args.bundle, args.max_in_scope_drop, args.temperatures, args.knn)
+    print(markdown(rows))  # noqa: T201  (a script's output)
 
 
 if __name__ == "__main__":
