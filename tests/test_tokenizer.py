@@ -156,3 +156,29 @@ def test_encode_batch_gives_encodes_ids_and_hands_only_long_lists_to_sentencepie
     assert tok.encode_batch(texts) == expected and lists == []  # a served call's few texts: one by one
     monkeypatch.setattr(tokmod, "THREADED_BATCH_MIN", 4)
     assert tok.encode_batch(texts) == expected and lists == [len(texts)]  # a corpus: SentencePiece's threads
+
+
+def test_incremental_decoder_decodes_once_per_token(tok):
+    """The served path runs the decoder once per streamed token: one SentencePiece decode each (the window's
+    emitted text is remembered, a piece's own text is cached per id), where it took three."""
+
+    class CountingSP:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def decode(self, ids):
+            self.calls += 1
+            return self.inner.decode(ids)
+
+    ids = tok.encode(" ".join(EN + KO) * 4)
+    expected = tok.decode(ids)
+    counting = CountingSP(tok.sp)
+    tok.sp = counting
+    try:
+        "".join(tok.incremental_decoder().feed(i) for i in ids)  # fills the per-id cache
+        counting.calls = 0
+        d = tok.incremental_decoder()
+        assert "".join(d.feed(i) for i in ids) == expected
+    finally:
+        tok.sp = counting.inner
+    assert len(ids) > 100 and counting.calls <= 1.05 * len(ids), (counting.calls, len(ids))

@@ -149,6 +149,15 @@ class Tokenizer(SpecialIdsMixin):
             sep=ids[SEP] if ids[SEP] != 3 else None,
             mask=ids[MASK] if ids[MASK] != 3 else None,
         )
+        self._skip = frozenset((self.special.pad, self.special.bos, self.special.eos))  # what decode drops
+        self._single: dict[int, str] = {}  # id -> decode([id]), for IncrementalDecoder (at most the vocabulary)
+
+    def decode_one(self, token_id: int) -> str:
+        """``decode([token_id])``, remembered per id: a streamed reply asks for it at almost every token."""
+        text = self._single.get(token_id)
+        if text is None:
+            text = self._single[token_id] = self.decode([token_id])
+        return text
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -233,8 +242,8 @@ class Tokenizer(SpecialIdsMixin):
         return self.sp.encode(list(texts), out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
-        specials = {self.special.pad, self.special.bos, self.special.eos}
-        return self.sp.decode([int(i) for i in ids if int(i) not in specials])
+        skip = self._skip
+        return self.sp.decode([i for i in map(int, ids) if i not in skip])
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
@@ -471,6 +480,10 @@ class IncrementalDecoder:
     leading space and their difference is exactly the new text (a window only starts at a piece
     with visible text of its own, see ``_anchors``). A delta that ends in U+FFFD
     (an incomplete UTF-8 sequence from byte pieces) is held back until the character is whole.
+
+    One SentencePiece decode per token: the window's emitted text is remembered from the token
+    before (``_done``), and a piece's text alone (``_anchors``, and the new window after an anchor) is
+    the tokenizer's ``decode_one`` where it has one. The served path runs this once per streamed token.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -478,23 +491,34 @@ class IncrementalDecoder:
         self.ids: list[int] = []
         self.prefix = 0  # window start: the pieces before it never change the text again
         self.read = 0  # ids[:read] are emitted
+        self._done: str | None = ""  # decode(ids[prefix:read]), None when not known yet
+        single = getattr(tokenizer, "decode_one", None)
+        self._one = single if single is not None else (lambda i: tokenizer.decode([i]))
 
     def feed(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        done = self.tok.decode(self.ids[self.prefix:self.read])
-        text = self.tok.decode(self.ids[self.prefix:])
+        ids = self.ids
+        ids.append(int(token_id))
+        done = self._done
+        if done is None:
+            done = self._done = self.tok.decode(ids[self.prefix:self.read])
+        text = self.tok.decode(ids[self.prefix:])
         if len(text) <= len(done) or text.endswith("\ufffd") or not text.startswith(done):
             return ""  # nothing visible yet, or a character still incomplete
-        if self._anchors(self.ids[self.read]):
+        read = len(ids)
+        if self._anchors(ids[self.read]):
+            # The new window is ids[old read:]: one piece (the usual case) is that piece's text alone.
             self.prefix = self.read
-        self.read = len(self.ids)
+            self._done = self._one(ids[self.prefix]) if read - self.prefix == 1 else None
+        else:
+            self._done = text
+        self.read = read
         return text[len(done):]
 
     def _anchors(self, token_id: int) -> bool:
         """Can a window start at this piece? Only if it shows text of its own: a decode drops
         *all* leading whitespace (``decode(["▁", "▁"]) == ""``) and skips specials, so a window
         starting at one would lose the spaces the full text has."""
-        alone = self.tok.decode([token_id])
+        alone = self._one(token_id)
         return bool(alone) and not alone.isspace()
 
 
