@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 
-from chatforge.bench.gpt_hf import gpt_train_flops_per_token, greedy_fn, train_steps_fn
+from chatforge.bench.gpt_hf import (
+    gpt_train_flops_per_token,
+    greedy_fn,
+    train_steps_fn,
+    training_linear_kernels,
+)
 from chatforge.bench.timing import interleaved, matmul_peak_flops
 from chatforge.bench.weights import (
     AnchorMissing,
@@ -584,7 +589,10 @@ def training(assets: Assets, threads: int, repeats: int, step: Step) -> Case:
         "model": f"GPT-2, {s.gpt_layers} layers, d_model {s.gpt_d_model}, vocab {s.vocab}",
         "batch": s.train_batch, "seq_len": s.train_seq_len, "steps_per_repeat": s.train_steps, "repeats": repeats,
         "step": "forward + backward + AdamW", "flops_per_token": flops_per_token,
-        "flops": "6 x matmul weights (blocks + vocabulary head) + 12 x layers x seq_len x d_model per token"},
+        "flops": "6 x matmul weights (blocks + vocabulary head) + 12 x layers x seq_len x d_model per token",
+        # As chatforge's Trainer runs it: torch's matmul or oneDNN's (runtime.fp32_linear_kernels, AMD CPUs)
+        "chatforge_fp32_linear": training_linear_kernels("fp32"),
+        "matmul_peak": "the faster of torch.matmul and oneDNN's linear op on (n, n) @ (n, n)"},
         same_precision_ratios=True)
     x = _random_ids(s.train_batch, s.train_seq_len, s.vocab, seed=0)
     tokens = s.train_batch * s.train_seq_len * s.train_steps

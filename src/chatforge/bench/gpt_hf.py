@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -20,20 +20,31 @@ def shifted_labels(x: torch.Tensor) -> torch.Tensor:
 def train_steps_fn(model: torch.nn.Module, is_hf: bool, x: torch.Tensor, steps: int,
                    precision: str) -> Callable[[], None]:
     """``steps`` optimizer steps (forward + backward + AdamW) on the token batch ``x`` (B, T); the model
-    is put in train mode. Both sides predict the same next tokens."""
+    is put in train mode. Both sides predict the same next tokens. chatforge's forwards run as its Trainer runs
+    them (fp32 linear layers on oneDNN's matmul where ``training.trainer.fp32_training_linear`` picks it)."""
+    from chatforge.training.trainer import fp32_training_linear
+
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     labels = x if is_hf else shifted_labels(x)
+    mode = None if is_hf else fp32_training_linear(precision, x.device)
 
     def run():
         for _ in range(steps):
-            with autocast(precision):
+            with autocast(precision), (mode if mode is not None else nullcontext()):
                 loss = model(x, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
     return run
+
+
+def training_linear_kernels(precision: str) -> str:
+    """What chatforge's fp32 linear layers train on here ("oneDNN" or "torch"), for a report."""
+    from chatforge.training.trainer import fp32_training_linear
+
+    return "oneDNN" if fp32_training_linear(precision, torch.device("cpu")) is not None else "torch"
 
 
 def greedy_fn(model, is_hf: bool, prompts: torch.Tensor, new_tokens: int, precision: str, *, pad_id: int,

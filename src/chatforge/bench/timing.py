@@ -51,16 +51,25 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 
 def matmul_peak_flops(n: int, precision: str, reps: int = 3) -> float:
-    """Measured FLOP/s of one (n, n) @ (n, n) torch.matmul in ``precision`` (fp32 or bf16): the best of
-    ``reps`` timed calls after a warm-up, the ceiling achieved training FLOP/s are compared with."""
+    """Measured FLOP/s of one (n, n) @ (n, n) matmul in ``precision`` (fp32 or bf16): the best of ``reps`` timed
+    calls after a warm-up, of torch.matmul and, where this torch build has it, of oneDNN's linear op (in fp32
+    torch's CPU matmul is oneMKL's sgemm, which ran at half oneDNN's speed on the AMD EPYC measured), the ceiling
+    achieved training FLOP/s are compared with."""
+    from chatforge.modules.linear import _onednn_linear
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
-    torch.matmul(a, b)
+    calls = [lambda: torch.matmul(a, b)]
+    op = _onednn_linear()
+    if op is not None:
+        calls.append(lambda: op(a, b, None, "none", [], ""))
     best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t0)
+    for call in calls:
+        call()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best

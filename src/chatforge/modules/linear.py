@@ -111,3 +111,68 @@ def pack_linear_layers(model: nn.Module, min_weights: int = PACK_MIN_WEIGHTS) ->
                 setattr(module, name, PackedLinear(child, op))
                 n += 1
     return n
+
+
+# ------------------------------------------------------------------ training
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` whose three matmuls (forward, the input's and the weight's gradients) run on oneDNN's fp32
+    matmul (``torch.ops.mkldnn._linear_pointwise`` on plain, possibly transposed, weights), the bias gradient a sum.
+
+    oneDNN reads strided operands, so the backward's transposes are views, not copies."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, op: Callable[..., Tensor]) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        y = op(rows, weight, bias, "none", [], "")
+        ctx.save_for_backward(rows, weight)
+        ctx.op, ctx.shape, ctx.has_bias = op, x.shape, bias is not None
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, weight = ctx.saved_tensors
+        op = ctx.op
+        g = grad.reshape(-1, grad.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): a linear layer whose weight is W^T
+            gx = op(g, weight.t(), None, "none", [], "").view(ctx.shape)
+        if ctx.needs_input_grad[1]:  # (N, M) @ (M, K)
+            gw = op(g.t(), rows.t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb, None
+
+
+# A layer this small (rows x inputs x outputs multiply-adds) stays on torch's path: oneDNN's call costs more than
+# it saves below it.
+TRAIN_MIN_MACS = 1 << 23
+
+
+class OneDNNTrainingLinear(torch.overrides.TorchFunctionMode):
+    """Routes every fp32 CPU ``F.linear`` of at least ``min_macs`` multiply-adds called inside it (``nn.Linear``
+    layers, tied output heads) through :class:`_OneDNNLinear`; anything else runs as it would. ``calls`` counts the
+    routed calls."""
+
+    def __init__(self, op: Callable[..., Tensor], min_macs: int = TRAIN_MIN_MACS):
+        super().__init__()
+        self.op, self.min_macs, self.calls = op, min_macs, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and weight.dim() == 2
+                    and x.dim() >= 2 and (bias is None or bias.dtype == torch.float32)
+                    and x.numel() * weight.shape[0] >= self.min_macs):
+                self.calls += 1
+                return _OneDNNLinear.apply(x, weight, bias, self.op)
+        return func(*args, **kwargs)
+
+
+def onednn_training_linear(min_macs: int = TRAIN_MIN_MACS) -> OneDNNTrainingLinear | None:
+    """A :class:`OneDNNTrainingLinear` mode to run training forwards in, or None where this torch build has no
+    oneDNN linear op."""
+    op = _onednn_linear()
+    return None if op is None else OneDNNTrainingLinear(op, min_macs)
