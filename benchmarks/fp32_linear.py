@@ -41,18 +41,32 @@ KERNELS = ("aten", "onednn")
 
 
 def _load(bundle: Path, kernels: str):
-    from chatforge.inference import load_model
+    """``kernels``: aten, onednn (this CPU's packing policy) or onednn-avx2 (the AVX2 policy on an AVX-512 CPU)."""
+    from chatforge import inference
+    from chatforge.modules.linear import PACK_AVX2
     from chatforge.runtime import FP32_LINEAR_ENV
 
-    old = os.environ.get(FP32_LINEAR_ENV)
-    os.environ[FP32_LINEAR_ENV] = kernels
+    old, policy = os.environ.get(FP32_LINEAR_ENV), inference.pack_policy
+    os.environ[FP32_LINEAR_ENV] = kernels.split("-")[0]
+    if kernels == "onednn-avx2":
+        inference.pack_policy = lambda flags: PACK_AVX2
     try:
-        return load_model(bundle, "m")
+        return inference.load_model(bundle, "m")
     finally:
+        inference.pack_policy = policy
         if old is None:
             os.environ.pop(FP32_LINEAR_ENV, None)
         else:
             os.environ[FP32_LINEAR_ENV] = old
+
+
+def kernels_here() -> tuple[str, ...]:
+    """The engines of a run: torch's path and oneDNN with this CPU's packing policy, plus the AVX2 policy where this
+    CPU's is the AVX-512 one (so one run shows what the wider policy gains)."""
+    from chatforge.modules.linear import pack_policy
+    from chatforge.runtime import read_cpu_flags
+
+    return (*KERNELS, "onednn-avx2") if pack_policy(read_cpu_flags()[1]).name == "avx512" else KERNELS
 
 
 def _generation_case(gen, prompts: list[list[int]], n: int):
@@ -111,10 +125,11 @@ def run(out: Path, size: str = "full", reps: int = 5) -> dict[str, Any]:
         tfm = sg.build_bundle(work / "transformer", tsize, tcorpus, sg.FAMILIES["transformer"])
         ctexts, ccorpus, csource = sc.texts_and_corpus(32 if size == "full" else 4)
         bert = sc.build_bundle(work / "bert", csize, ccorpus)
+        engines = kernels_here()
         loaded = {k: {name: _load(b, k) for name, b in (("gpt", gpt), ("transformer", tfm), ("bert", bert))}
-                  for k in KERNELS}
-        packed = {k: sum(type(m).__name__ == "PackedLinear" for m in loaded[k]["gpt"].model.modules()) for k in KERNELS}
-        for k in KERNELS:
+                  for k in engines}
+        packed = {k: sum(type(m).__name__ == "PackedLinear" for m in loaded[k]["gpt"].model.modules()) for k in engines}
+        for k in engines:
             g = loaded[k]
             for b in batches:
                 cases.setdefault(f"gpt generation, batch {b}", {})[k] = _generation_case(
@@ -127,17 +142,19 @@ def run(out: Path, size: str = "full", reps: int = 5) -> dict[str, Any]:
         rows = []
         with torch.inference_mode():
             for case, fns in cases.items():
-                outs = {k: fns[k]()[1] for k in KERNELS}  # warm-up, and the outputs compared
-                times: dict[str, list[float]] = {k: [] for k in KERNELS}
+                outs = {k: fns[k]()[1] for k in engines}  # warm-up, and the outputs compared
+                times: dict[str, list[float]] = {k: [] for k in engines}
                 for rep in range(reps):
-                    for k in (KERNELS if rep % 2 == 0 else KERNELS[::-1]):
+                    for k in (engines if rep % 2 == 0 else engines[::-1]):
                         t0 = time.perf_counter()
                         n, _ = fns[k]()
                         times[k].append(n / (time.perf_counter() - t0))
                 med = {k: statistics.median(v) for k, v in times.items()}
                 rows.append({"case": case, "unit": "texts/s" if "classification" in case else "tokens/s",
-                             **{f"{k}_per_s": round(med[k], 1) for k in KERNELS},
+                             **{f"{k}_per_s": round(med[k], 1) for k in engines},
                              "ratio": round(med["onednn"] / med["aten"], 3),
+                             **({"ratio_avx2_policy": round(med["onednn-avx2"] / med["aten"], 3)}
+                                if "onednn-avx2" in med else {}),
                              "reps": {k: [round(x, 1) for x in v] for k, v in times.items()},
                              "agreement": _agree(outs["aten"], outs["onednn"])})
     load_after = load_average()
@@ -148,7 +165,7 @@ def run(out: Path, size: str = "full", reps: int = 5) -> dict[str, Any]:
         "config": {"gpt": sg.FAMILIES["gpt"].describe(gsize), "transformer": sg.FAMILIES["transformer"].describe(tsize),
                    "bert": f"BERT {csize.layers} layers, d_model {csize.d_model}, 151 labels, random weights",
                    "new_tokens": new_tokens, "prompts": gsource, "texts": csource, "reps": reps,
-                   "packed_linear_layers_gpt": packed},
+                   "packed_linear_layers_gpt": packed, "policy": _policy_name()},
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -157,17 +174,29 @@ def run(out: Path, size: str = "full", reps: int = 5) -> dict[str, Any]:
     return result
 
 
+def _policy_name() -> str:
+    from chatforge.modules.linear import pack_policy
+    from chatforge.runtime import read_cpu_flags
+
+    return pack_policy(read_cpu_flags()[1]).name
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# fp32 linear layers: oneDNN (prepacked) vs torch's path ({result['created']})", "",
              f"{served.machine_line(result)}; torch {result['machine']['torch']}", "",
              f"Models: {result['config']['gpt']}; {result['config']['transformer']}; {result['config']['bert']}. "
              f"{result['config']['new_tokens']} new tokens (min = max), greedy; {result['config']['reps']} interleaved "
              "repetitions (median).", "",
-             "| case | unit | torch (aten) | oneDNN | oneDNN / torch | agreement |", "|---|---|---:|---:|---:|---|"]
+             f"Packing policy here: {result['config'].get('policy', 'avx2')}" + (
+                 " (the AVX2 policy beside it: oneDNN only for layers of 256 x 1,024 weights up and calls of at most "
+                 "64 rows)" if any("ratio_avx2_policy" in r for r in result["rows"]) else ""), "",
+             "| case | unit | torch (aten) | oneDNN | oneDNN / torch | AVX2 policy / torch | agreement |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         agree = ", ".join(f"{k} {v:g}" for k, v in r["agreement"].items())
+        avx2 = f"{r['ratio_avx2_policy']:.2f}x" if "ratio_avx2_policy" in r else "-"
         lines.append(f"| {r['case']} | {r['unit']} | {r['aten_per_s']:,.1f} | {r['onednn_per_s']:,.1f} | "
-                     f"{r['ratio']:.2f}x | {agree} |")
+                     f"{r['ratio']:.2f}x | {avx2} | {agree} |")
     return "\n".join(lines) + "\n"
 
 

@@ -214,7 +214,9 @@ def test_int8_quantizes_the_linear_layers_and_keeps_embeddings_fp32(family_bundl
 
     fp32 = load_model(family_bundles[key], "m")
     int8 = load_model(family_bundles[key], "m", precision="int8")
-    n_linear = sum(isinstance(m, torch.nn.Linear) for m in fp32.model.modules())
+    from chatforge.modules import PackedLinear  # fp32 on AMD CPUs: linear layers packed for oneDNN
+
+    n_linear = sum(isinstance(m, torch.nn.Linear | PackedLinear) for m in fp32.model.modules())
     assert n_linear > 0
     assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())  # every one replaced
     assert sum(isinstance(m, QLinear) for m in int8.model.modules()) == n_linear
@@ -347,6 +349,7 @@ def test_the_fp32_kernel_log_says_why_a_small_model_keeps_torchs_matmul(bundles,
     if not onednn_linear_available():
         pytest.skip("this torch build has no oneDNN linear op: the other branch of the message")
     monkeypatch.setattr(runtime, "fp32_linear_kernels", lambda: ("onednn", "chosen by the test"))
+    monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx2"}))  # the AVX2 packing policy
     with caplog.at_level(logging.INFO, logger="chatforge.inference"):
         load_model(bundles["generation"], name="tiny")
     (line,) = [r.getMessage() for r in caplog.records if "fp32 linear layers of tiny" in r.getMessage()]

@@ -18,7 +18,7 @@ from chatforge import runtime
 from chatforge.bundle import Bundle, load_bundle, torch_class_probs
 from chatforge.decoding import GenerationOptions, StepSpec, autocast_for, generate_stream
 from chatforge.modules import onednn_linear_available, pack_linear_layers
-from chatforge.modules.linear import PACK_MIN_WEIGHTS
+from chatforge.modules.linear import pack_policy
 from chatforge.predictions import ClassPrediction  # re-exported; defined torch-free for the client
 
 __all__ = [  # autocast_for, torch_class_probs, ClassPrediction: re-exported from where they live
@@ -327,13 +327,16 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
     elif isinstance(bundle.model, torch.nn.Module):
         kernels, why = runtime.fp32_linear_kernels()
         if kernels == "onednn":
-            n = pack_linear_layers(bundle.model)
+            policy = pack_policy(runtime.read_cpu_flags()[1])
+            n = pack_linear_layers(bundle.model, policy=policy)
             if n:
                 bundle.metadata = {**bundle.metadata, "fp32_linear": "onednn"}
             if n:
-                used = "oneDNN"
+                used = f"oneDNN ({policy.name}: calls from {policy.min_macs:,} multiply-adds" + (
+                    f", of at most {policy.max_rows} rows)" if policy.max_rows is not None else ")")
             elif onednn_linear_available():  # a small model: no layer's matmul pays for oneDNN's call
-                used = f"torch's (no linear layer has the {PACK_MIN_WEIGHTS:,} weights that pay for oneDNN's call)"
+                used = (f"torch's (no linear layer has the {policy.min_weights:,} weights that pay for oneDNN's "
+                        "call)")
             else:
                 used = "torch's (oneDNN's op unavailable in this torch build)"
             logger.info("fp32 linear layers of %s: %s (%d packed; %s)", name, used, n, why)

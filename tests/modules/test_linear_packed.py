@@ -15,11 +15,12 @@ needs_onednn = pytest.mark.skipif(linear_mod._onednn_linear() is None, reason="t
 
 
 @needs_onednn
+@pytest.mark.parametrize("policy", [linear_mod.PACK_AVX2, linear_mod.PACK_AVX512])
 @pytest.mark.parametrize("rows", [1, 8, linear_mod.PACK_MAX_ROWS, linear_mod.PACK_MAX_ROWS + 1, 300])
-def test_packed_layer_computes_the_linear_layer(rows):
+def test_packed_layer_computes_the_linear_layer(rows, policy):
     torch.manual_seed(0)
     layer = nn.Linear(512, 600)
-    packed = PackedLinear(layer, linear_mod._onednn_linear())
+    packed = PackedLinear(layer, linear_mod._onednn_linear(), policy)
     x = torch.randn(rows, 1, 512)  # decode steps pass (B, 1, D)
     with torch.inference_mode():
         want = layer(x)
@@ -27,6 +28,34 @@ def test_packed_layer_computes_the_linear_layer(rows):
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     assert packed.weight is layer.weight and packed.bias is layer.bias  # readers of .weight keep working
+
+
+@needs_onednn
+@pytest.mark.parametrize(("policy", "to_onednn"), [
+    (linear_mod.PACK_AVX2, {1: True, 8: True, 64: True, 65: False, 600: False}),  # a few rows: decoding steps
+    (linear_mod.PACK_AVX512, {1: False, 3: False, 4: True, 64: True, 600: True}),  # from 1 M multiply-adds, any rows
+])
+def test_each_policy_sends_the_calls_it_names_to_onednn(policy, to_onednn):
+    op = linear_mod._onednn_linear()
+    called = []
+
+    def counting(*args):
+        called.append(args[0].shape[0])
+        return op(*args)
+
+    layer = nn.Linear(256, 1024)  # 262,144 multiply-adds per row
+    packed = PackedLinear(layer, counting, policy)
+    with torch.inference_mode():
+        for rows, want in to_onednn.items():
+            called.clear()
+            x = torch.randn(rows, 256)
+            torch.testing.assert_close(packed(x), layer(x), atol=1e-4, rtol=1e-5)
+            assert bool(called) == want, (rows, called)
+
+
+def test_the_policy_follows_the_cpus_vector_width():
+    assert linear_mod.pack_policy({"avx2", "fma"}) is linear_mod.PACK_AVX2
+    assert linear_mod.pack_policy({"avx2", "avx512f", "avx512_bf16"}) is linear_mod.PACK_AVX512
 
 
 @needs_onednn
@@ -56,7 +85,8 @@ def test_fp32_linear_choice():
 
 
 @needs_onednn
-def test_served_gpt_fp32_packs_its_output_layer_and_answers_as_before(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags", ["avx2", "avx512f"])
+def test_served_gpt_fp32_packs_its_output_layer_and_answers_as_before(tmp_path, monkeypatch, flags):
     from chatforge.bench.cases import sample_texts
     from chatforge.bundle import build_from_config, save_bundle
     from chatforge.config import validate_config
@@ -72,13 +102,19 @@ def test_served_gpt_fp32_packs_its_output_layer_and_answers_as_before(tmp_path, 
     torch.manual_seed(0)
     bundle = save_bundle(tmp_path / "b", model=build_from_config(cfg, tok, None).eval(), tokenizer=tok, config=cfg,
                          labels=None)
+    monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx2", flags}))
     served = {}
     for kernels in ("aten", "onednn"):
         monkeypatch.setenv("CHATFORGE_FP32_LINEAR", kernels)
         served[kernels] = load_model(bundle, "g")
     packed = [m for m in served["onednn"].model.modules() if isinstance(m, PackedLinear)]
-    # the feed-forward (256 x 1024, at the bar) and output (256 x 1,100) layers; not qkv (256 x 768) or out (256 x 256)
-    assert sorted((m.in_features, m.out_features) for m in packed) == [(256, 1024), (256, 1100), (1024, 256)]
+    if flags == "avx2":
+        # the feed-forward (256 x 1024, at the bar) and output (256 x 1,100) layers; not qkv (256 x 768) or out (256 x 256)
+        assert sorted((m.in_features, m.out_features) for m in packed) == [(256, 1024), (256, 1100), (1024, 256)]
+    else:  # AVX-512: every layer from 128 x 128 weights
+        assert sorted((m.in_features, m.out_features) for m in packed) == [
+            (256, 256), (256, 768), (256, 1024), (256, 1100), (1024, 256)]
+        assert {m.policy.name for m in packed} == {"avx512"}
     assert not any(isinstance(m, PackedLinear) for m in served["aten"].model.modules())
     assert served["onednn"].info.metadata.get("fp32_linear") == "onednn"
     assert "fp32_linear" not in served["aten"].info.metadata

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,28 +50,67 @@ def _onednn_linear() -> Callable[..., Tensor] | None:
     return op
 
 
+class PackPolicy(NamedTuple):
+    """Which fp32 linear layers serving packs for oneDNN and which of their calls go to it (the others to
+    ``F.linear``): layers of at least ``min_weights`` weights; calls of at least ``min_macs`` multiply-adds (rows x
+    inputs x outputs) and at most ``max_rows`` rows (None: any)."""
+
+    min_weights: int
+    min_macs: int
+    max_rows: int | None
+    name: str
+
+
+# Measured on an AMD EPYC with AVX2 only (benchmarks/fp32_linear.py): oneDNN's call costs about 30 us more than
+# torch's at batch 1 (a 128 x 128 layer: 37 against 5.5 us), so only layers whose matmul outlasts that gain, from a
+# d_model-256 feed-forward layer's size up (256 x 1024: 0.74x at batch 1, 1.15x at 8; 256 x 8,000: 1.8x / 2.3x);
+# packing every layer made the d128 Transformer decode 0.57x, packing these 1.04-1.06x and the d256 GPT 1.28x / 1.61x
+# (batch 1 / 8). With hundreds of rows (32 texts of a BERT classifier) oneDNN ran 0.91x torch's there: calls of more
+# than 64 rows stay on torch's.
+PACK_AVX2 = PackPolicy(min_weights=256 * 1024, min_macs=0, max_rows=64, name="avx2")
+# Measured on an AMD EPYC Zen 5 (AVX-512; oneMKL still takes its AVX2 path on AMD): oneDNN's call costs about 12 us
+# more at batch 1 (128 x 128: 15 against 3 us; 256 x 1,024: 0.68x), breaks even near 1 M multiply-adds (128 x 128 at
+# 64 rows, 1.0x) and then runs 1.6-3.6x torch's at any row count (256 x 1,024: 1.79x at 8 rows, 2.90x at 64, 2.34x
+# at 512; 256 x 256 at 512 rows 2.21x): every layer of a d_model-128 model up, calls from 1 M multiply-adds.
+PACK_AVX512 = PackPolicy(min_weights=128 * 128, min_macs=1 << 20, max_rows=None, name="avx512")
+# Kept for readers of the AVX2 figures above.
+PACK_MIN_WEIGHTS, PACK_MAX_ROWS = PACK_AVX2.min_weights, PACK_AVX2.max_rows
+
+
+def pack_policy(cpu_flags: set[str] | frozenset[str]) -> PackPolicy:
+    """The :class:`PackPolicy` for a CPU with these ``/proc/cpuinfo`` flags: AVX-512 or AVX2 (oneDNN's kernels)."""
+    return PACK_AVX512 if "avx512f" in cpu_flags else PACK_AVX2
+
+
 class PackedLinear(nn.Module):
     """An fp32 ``nn.Linear`` for inference on CPU with its weight prepacked for oneDNN's matmul
-    (``torch.ops.mkldnn._linear_pointwise``; :func:`pack_linear_layers`), used for calls of at most
-    ``PACK_MAX_ROWS`` rows (torch's ``F.linear`` for more). ``weight``/``bias`` stay readable.
+    (``torch.ops.mkldnn._linear_pointwise``; :func:`pack_linear_layers`), used for the calls its
+    :class:`PackPolicy` gives oneDNN (torch's ``F.linear`` for the others). ``weight``/``bias`` stay readable.
 
-    Why: torch's CPU ``F.linear`` goes to oneMKL's sgemm, which on the AMD EPYC measured here ran the large layers of
-    a decode step (a 256 x 8,000 output layer: 230 against 127 us at batch 1) up to 2.3x slower than oneDNN on the
-    same weights (``benchmarks/fp32_linear.py``); the results differ by float rounding only (about 1e-6).
+    Why: torch's CPU ``F.linear`` goes to oneMKL's sgemm, which on the AMD EPYCs measured here ran the large layers of
+    a decode step (a 256 x 8,000 output layer: 230 against 127 us at batch 1 with AVX2, 124 against 63 on Zen 5) up to
+    2.3-3.6x slower than oneDNN on the same weights (``benchmarks/fp32_linear.py``); the results differ by float
+    rounding only (about 1e-6).
     """
 
-    def __init__(self, layer: nn.Linear, op: Callable[..., Tensor]):
+    def __init__(self, layer: nn.Linear, op: Callable[..., Tensor], policy: PackPolicy = PACK_AVX2):
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.weight, self.bias = layer.weight, layer.bias  # the originals: readers of .weight keep working
+        self.policy = policy
         with torch.no_grad():
             self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None),
                                  persistent=False)
         packed, weight, bias = self.packed, layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-        most = PACK_MAX_ROWS * layer.in_features
+        # Bounds on x.numel() (rows x inputs): at least min_macs multiply-adds, at most max_rows rows.
+        least = -(-policy.min_macs // layer.out_features)  # multiply-adds = x.numel() x outputs
+        most = policy.max_rows * layer.in_features if policy.max_rows is not None else None
 
-        def fn(x: Tensor) -> Tensor:  # decode steps: a few rows, oneDNN; prefills and batches of texts: torch's
-            return op(x, packed, bias, "none", [], "") if x.numel() <= most else F.linear(x, weight, bias)
+        def fn(x: Tensor) -> Tensor:
+            n = x.numel()
+            if n >= least and (most is None or n <= most):
+                return op(x, packed, bias, "none", [], "")
+            return F.linear(x, weight, bias)
 
         self.fn: Callable[[Tensor], Tensor] = fn
 
@@ -78,17 +118,8 @@ class PackedLinear(nn.Module):
         return self.fn(x)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN"
-
-
-# oneDNN's call costs about 30 us more than torch's at batch 1 on the AMD EPYC measured (a 128 x 128 layer: 37 against
-# 5.5 us), so only layers whose matmul outlasts that gain: from a d_model-256 feed-forward layer's size up (256 x 1024:
-# 0.74x at batch 1, 1.15x at 8; 256 x 8,000: 1.8x / 2.3x). Packing every layer made the d128 Transformer decode
-# 0.57x; packing these 1.04-1.06x, and the d256 GPT 1.28x / 1.61x (batch 1 / 8).
-PACK_MIN_WEIGHTS = 256 * 1024
-# ... and only for a few rows at a time (decoding steps): with 32 texts of a BERT classifier (hundreds of rows per
-# matmul) oneDNN's path ran 0.91x torch's, so a call with more rows than this goes to torch's.
-PACK_MAX_ROWS = 64
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"oneDNN ({self.policy.name})")
 
 
 def onednn_linear_available() -> bool:
@@ -96,19 +127,20 @@ def onednn_linear_available() -> bool:
     return _onednn_linear() is not None
 
 
-def pack_linear_layers(model: nn.Module, min_weights: int = PACK_MIN_WEIGHTS) -> int:
-    """Replace every fp32 CPU ``nn.Linear`` of ``model`` with at least ``min_weights`` weights by a
-    :class:`PackedLinear` (for inference: the packed copy does not follow later changes to the weights); returns how
-    many, 0 where oneDNN's op is unavailable."""
+def pack_linear_layers(model: nn.Module, min_weights: int | None = None, policy: PackPolicy = PACK_AVX2) -> int:
+    """Replace every fp32 CPU ``nn.Linear`` of ``model`` with at least ``policy.min_weights`` weights (or
+    ``min_weights``) by a :class:`PackedLinear` under ``policy`` (for inference: the packed copy does not follow
+    later changes to the weights); returns how many, 0 where oneDNN's op is unavailable."""
     op = _onednn_linear()
     if op is None:
         return 0
+    least = policy.min_weights if min_weights is None else min_weights
     n = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if (type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu"
-                    and child.weight.numel() >= min_weights):
-                setattr(module, name, PackedLinear(child, op))
+                    and child.weight.numel() >= least):
+                setattr(module, name, PackedLinear(child, op, policy))
                 n += 1
     return n
 
