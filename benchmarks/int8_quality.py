@@ -106,6 +106,23 @@ LAYER_SETS = {
 }
 
 
+def _plain_fp32(bundle: Path):
+    """The fp32 model with plain ``nn.Linear`` layers (``CHATFORGE_FP32_LINEAR=aten``): on AMD CPUs serving packs
+    them for oneDNN (``modules.PackedLinear``), which ``quantize_dynamic`` would leave unquantized."""
+    from chatforge import inference
+    from chatforge.runtime import FP32_LINEAR_ENV
+
+    old = os.environ.get(FP32_LINEAR_ENV)
+    os.environ[FP32_LINEAR_ENV] = "aten"
+    try:
+        return inference.load_model(bundle, "chat", precision="fp32")
+    finally:
+        if old is None:
+            os.environ.pop(FP32_LINEAR_ENV, None)
+        else:
+            os.environ[FP32_LINEAR_ENV] = old
+
+
 def layer_study(bundle: Path, max_examples: int | None) -> dict:
     """Greedy token agreement with fp32 when int8 covers only some linear layers (LAYER_SETS), with the share of
     matmul weights each set quantizes. Not a serving path: ``quantize_int8`` refuses sets below
@@ -134,7 +151,7 @@ def layer_study(bundle: Path, max_examples: int | None) -> dict:
     out = {"bundle": str(bundle), "examples": len(test),
            "chrf_fp32": sacrebleu.corpus_chrf([fp32.tok.decode(t) for t in base], refs).score, "sets": {}}
     for name, skip in LAYER_SETS.items():
-        m = inference.load_model(bundle, "chat", precision="fp32")
+        m = _plain_fp32(bundle)
         spec, _ = inference._int8_plan(m.model)
         spec = {k: v for k, v in spec.items() if not (skip and re.search(skip, k))}
         weights = {k: mod.weight.numel() for k, mod in m.model.named_modules() if isinstance(mod, torch.nn.Linear)}

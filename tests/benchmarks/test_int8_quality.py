@@ -28,17 +28,23 @@ def test_token_agreement_counts_positions_over_the_longer_reply(script):
                                                     "tokens_compared": 1}
 
 
-def test_layer_study_quantizes_exactly_the_named_layer_sets(script, tmp_path):
+def test_layer_study_quantizes_exactly_the_named_layer_sets(script, tmp_path, monkeypatch):
+    """Also where serving packs fp32 layers for oneDNN (forced here): the study quantizes plain linear layers, so
+    a packed one would have stayed fp32 and out of every share."""
     import torch
     from tests.test_bundle import tiny_cfg
 
     from chatforge.config import validate_config
     from chatforge.inference import load_model
+    from chatforge.modules.linear import PackPolicy
     from chatforge.training.run import run_experiment
 
     run = run_experiment(validate_config(tiny_cfg("generation", tmp_path)), run_dir=tmp_path / "run")
+    monkeypatch.setenv("CHATFORGE_FP32_LINEAR", "onednn")  # every linear layer packed, as on an AMD CPU
+    monkeypatch.setattr("chatforge.inference.pack_policy", lambda flags: PackPolicy(0, 0, None, "all"))
     got = script.layer_study(run.bundle_dir, max_examples=4)
     assert got["examples"] == 4 and set(got["sets"]) == set(script.LAYER_SETS)
+    monkeypatch.setenv("CHATFORGE_FP32_LINEAR", "aten")
     weights = {n: m.weight.numel() for n, m in load_model(run.bundle_dir, "x").model.named_modules()
                if isinstance(m, torch.nn.Linear)}
     total = sum(weights.values())
