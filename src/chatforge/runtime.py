@@ -328,7 +328,9 @@ def pick_train_precision(flags: set[str] | dict, device_type: str = "cpu",
 
     bf16 autocast on a GPU that supports it, or on a CPU with native bf16 matmuls (AMX tiles or avx512_bf16: 6x and
     2.5x fp32's matmul rate on the first two kinds measured; on an AMD EPYC Zen 5, avx512_bf16 without AMX, 4.4x, and
-    a GPT training step ran at 1.94x fp32's tokens/s, benchmarks/results/bench-2026-12-05-amd-zen5); fp32 elsewhere.
+    a GPT training step ran at 1.94x fp32's tokens/s, benchmarks/results/bench-2026-12-05-amd-zen5; with fp32's linear
+    layers on oneDNN since, still 1.2x, and the ChatbotData Transformer's epoch 1.07x, bench-2026-12-06-amd-zen5-training);
+    fp32 elsewhere.
     On a CPU without them (an AMD EPYC with AVX2 only, benchmarks/results/train-precision-amd-epyc-avx2.json) a bf16
     training step took 10x (the CLINC150 Transformer) to 28x (the ChatbotData GPT) as long as fp32's.
     """
