@@ -21,8 +21,8 @@ the same (the seeds share theirs); its bundle carries the scorer fitted on all o
 probabilities as soft targets (``train.distill_from``, Hinton et al. 2015): one model to serve instead of the
 ensemble (``--skip transformer-distill`` leaves it out).
 With ``--dev-fraction`` (default 0.2) every model is trained on what ``data.dev_fraction`` leaves of
-``train`` + ``oos_train``; the held-out part (stratified, ``data.dev_seed`` 0, the same for every
-model) is a development test nothing is fitted or chosen on: each policy is fitted on all of val and
+``train`` + ``oos_train``; the held-out part (each label's last examples in file order, ``--dev-split
+tail``, or stratified in hash order, ``hashed``; the same for every model) is a development test nothing is fitted or chosen on: each policy is fitted on all of val and
 applied to it, beside the cross-fitted val figures, so a method that overfits val shows it there.
 Writes <out>.md and .json, and <out>-oos-tradeoff.png (in-scope accuracy against OOS recall for the
 ensemble: the plain threshold and the scorer's out-of-fold P(oos)); ``--out`` defaults to
@@ -32,7 +32,7 @@ refresh the committed copy).
     python benchmarks/clinc150_results.py [--runs-dir runs/clinc150] [--transformer-epochs 12]
         [--transformer-seeds 0 1 2 3 4] [--transformer-oe-seeds 0] [--ensemble-transformers plain|oe]
         [--distill-seeds 0] [--ensemble-bert-pt]
-        [--max-in-scope-drop 0.0025] [--dev-fraction 0.2]
+        [--max-in-scope-drop 0.0025] [--dev-fraction 0.2] [--dev-split tail|hashed]
         [--skip xgboost bert ...] [--out DIR/NAME]
 """
 
@@ -88,17 +88,20 @@ DISTILL_WEIGHT, DISTILL_TEMPERATURE = 0.5, 2.0
 log = logging.getLogger("clinc150_results")
 
 
-def dev_overrides(dev_fraction: float, group_similarity: float | None) -> list[str]:
+def dev_overrides(dev_fraction: float, group_similarity: float | None, dev_split: str = "tail") -> list[str]:
     """The data.* overrides that give every run (and the ensemble) the same development split."""
     out = [f"data.dev_fraction={dev_fraction}", "data.dev_seed=0"]
+    if dev_fraction:
+        out.append(f"data.dev_split={dev_split}")
     return out + ([f"data.dev_group_similarity={group_similarity}"] if group_similarity and dev_fraction else [])
 
 
 def plan_runs(skip, transformer_seeds, transformer_epochs: int, zoo_epochs: int, dev_fraction: float,
-              group_similarity: float | None = None, oe_seeds=(0,)) -> list[tuple[str, str, str, list[str]]]:
+              group_similarity: float | None = None, oe_seeds=(0,),
+              dev_split: str = "tail") -> list[tuple[str, str, str, list[str]]]:
     """(kind, run key, config, overrides) for every CLINC150 model --skip leaves; every run holds out the
-    same development split (data.dev_fraction, data.dev_seed 0, data.dev_group_similarity)."""
-    dev = dev_overrides(dev_fraction, group_similarity)
+    same development split (data.dev_fraction, data.dev_seed 0, data.dev_split, data.dev_group_similarity)."""
+    dev = dev_overrides(dev_fraction, group_similarity, dev_split)
     plan = [("linear", "linear", "linear_clinc150.yaml", []),
             ("svm", "svm", "linear_svm_clinc150.yaml", []),
             ("svm-oe", "svm-oe", "linear_svm_clinc150.yaml",
@@ -123,24 +126,24 @@ def transformer_overrides(seed: int, epochs: int, outliers: bool = False) -> lis
 
 
 def distill_plan(skip, seeds, teacher: Path, epochs: int, dev_fraction: float,
-                 group_similarity: float | None = None) -> list[tuple[str, str, str, list[str]]]:
+                 group_similarity: float | None = None, dev_split: str = "tail") -> list[tuple[str, str, str, list[str]]]:
     """The students of the ensemble (``transformer-distill-s<seed>``): the outlier-exposure Transformer trained
     with the ensemble run ``teacher``'s probabilities as soft targets (train.distill_from), same dev split."""
     if "transformer-distill" in skip or "ensemble" in skip:
         return []
     return [("transformer-distill", f"transformer-distill-s{seed}", "clinc150_transformer.yaml",
-             dev_overrides(dev_fraction, group_similarity) + transformer_overrides(seed, epochs, outliers=True)
+             dev_overrides(dev_fraction, group_similarity, dev_split) + transformer_overrides(seed, epochs, outliers=True)
              + [f"train.distill_from={teacher}", f"train.distill_weight={DISTILL_WEIGHT}",
                 f"train.distill_temperature={DISTILL_TEMPERATURE}"]) for seed in seeds]
 
 
 def bert_pt_plan(skip, runs_dir: Path, dev_fraction: float,
-                 group_similarity: float | None = None) -> list[tuple[str, Path, list[str]]]:
+                 group_similarity: float | None = None, dev_split: str = "tail") -> list[tuple[str, Path, list[str]]]:
     """(config, run dir, overrides) of the in-domain pre-training and then its fine-tune (the model ``bert-pt``),
     in that order; both hold out the same development split as every other run, so neither stage read it."""
     if "bert-pt" in skip:
         return []
-    dev = dev_overrides(dev_fraction, group_similarity)
+    dev = dev_overrides(dev_fraction, group_similarity, dev_split)
     wiki = DATA / "clinc150" / WIKI
     pre = runs_dir / "bert-pt-pretrain-clinc150"
     return [(BERT_PT[0], pre, dev + [f"data.unlabelled={wiki}", "train.precision=auto", "train.num_threads=2"]),
@@ -178,10 +181,11 @@ def train(config: str, run_dir: Path, overrides: list[str]) -> Path:
     cfg = load_config(ROOT / "configs" / config, ["tracking.enabled=false", "oos.policy=train", *overrides])
     if (run_dir / "bundle" / "metadata.json").is_file():
         had = load_config(run_dir / "config.yaml").data
-        keys = ("dev_fraction", "dev_seed", "dev_group_similarity")
+        keys = ("dev_fraction", "dev_seed", "dev_group_similarity", "dev_split")
         if [getattr(had, k) for k in keys] != [getattr(cfg.data, k) for k in keys]:
             raise SystemExit(f"{run_dir} was trained with another development split ({had.dev_fraction}, seed "
-                             f"{had.dev_seed}, grouped at {had.dev_group_similarity}): its dev figures would not "
+                             f"{had.dev_seed}, {had.dev_split}, grouped at {had.dev_group_similarity}): its dev "
+                             "figures would not "
                              "be held out; remove it or pass another --runs-dir")
         changed = changed_keys(load_config(run_dir / "config.yaml"), cfg)
         if changed:
@@ -266,6 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="results path without suffix (default <runs-dir>/results/clinc150, outside the tracked tree)")
     ap.add_argument("--dev-fraction", type=float, default=0.2,
                     help="share of train + oos_train held out as the development test (data.dev_fraction)")
+    ap.add_argument("--dev-split", choices=("tail", "hashed"), default="tail",
+                    help="which examples of each label the dev split takes (data.dev_split): the last ones in file "
+                         "order (tail, the default: CLINC150's lists are in collection order) or hashed (dev_seed 0)")
     ap.add_argument("--dev-group-similarity", type=float, default=0.0,
                     help="near-duplicates at this char n-gram cosine are held out together "
                          "(data.dev_group_similarity; 0: one by one)")
@@ -291,6 +298,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"models not to train, any of: {' '.join(SKIPPABLE)} (xgboost and linear also skip "
                          "their ChatbotData runs; chatbot skips both)")
     args = ap.parse_args(argv)
+    if args.dev_group_similarity and args.dev_split != "hashed":
+        ap.error(f"--dev-group-similarity {args.dev_group_similarity} groups a hashed dev split; add --dev-split "
+                 "hashed (the default, tail, holds out each label's last examples in file order)")
     if args.out is None:  # beside the runs, never over the committed results unless asked (--out)
         args.out = args.runs_dir / "results" / "clinc150"
     return args
@@ -307,9 +317,10 @@ def main() -> None:
     runs: dict[str, Path] = {}
     for _, key, config, extra in plan_runs(args.skip, args.transformer_seeds, args.transformer_epochs,
                                            args.zoo_epochs, args.dev_fraction, args.dev_group_similarity,
-                                           args.transformer_oe_seeds):
+                                           args.transformer_oe_seeds, args.dev_split):
         runs[key] = train(config, args.runs_dir / f"{key}-clinc150", data_override + extra).parent
-    for config, run_dir, extra in bert_pt_plan(args.skip, args.runs_dir, args.dev_fraction, args.dev_group_similarity):
+    for config, run_dir, extra in bert_pt_plan(args.skip, args.runs_dir, args.dev_fraction, args.dev_group_similarity,
+                                              args.dev_split):
         bundle = train(config, run_dir, data_override + extra)
     if "bert-pt" not in args.skip:
         runs["bert-pt"] = bundle.parent  # the fine-tune, trained last
@@ -327,12 +338,12 @@ def main() -> None:
         name = ("ensemble" if args.ensemble_transformers == "plain" else "ensemble-oe") + (
             "-bert" if args.ensemble_bert_pt else "")
         runs[name] = train("ensemble_clinc150.yaml", args.runs_dir / f"{name}-clinc150",
-                                 data_override + dev_overrides(args.dev_fraction, args.dev_group_similarity) + [
+                                 data_override + dev_overrides(args.dev_fraction, args.dev_group_similarity, args.dev_split) + [
                                                   f"model.members={json.dumps([str(runs[k]) for k in keys])}",
                                                   f"model.weights={json.dumps(weights)}", "oos.policy=scorer",
                                                   f"oos.max_in_scope_drop={args.max_in_scope_drop}"]).parent
         for _, key, config, extra in distill_plan(args.skip, args.distill_seeds, runs[name], args.transformer_epochs,
-                                                  args.dev_fraction, args.dev_group_similarity):
+                                                  args.dev_fraction, args.dev_group_similarity, args.dev_split):
             runs[key] = train(config, args.runs_dir / f"{key}-clinc150", data_override + extra).parent
 
     rows, results = [], {}
@@ -417,7 +428,8 @@ def main() -> None:
           "assignments, the worst one alongside; see the script's docstring); \"bounded\" and the scorer choose "
           f"among thresholds that lose at most {100 * args.max_in_scope_drop:.2f} points of in-scope accuracy on "
           "the fitting folds. Goal: in-scope >= 93.5, OOS recall >= 55. \"dev\": the development test held out "
-          f"of train + oos_train (data.dev_fraction {args.dev_fraction}, stratified, dev_seed 0"
+          f"of train + oos_train (data.dev_fraction {args.dev_fraction}, "
+          + ("each label's last examples in file order" if args.dev_split == "tail" else "stratified, dev_seed 0")
           + (f", near-duplicates at cosine >= {args.dev_group_similarity} held out together"
              if args.dev_group_similarity else "")
           + "; no model saw it), every policy fitted on all of val and applied there.", "",

@@ -59,6 +59,12 @@ class DataConfig(_Strict):
     # Hold near-duplicates out together: texts of one label at char n-gram TF-IDF cosine >= this are one group
     # (chatforge.data.splits.hold_out); None: one by one.
     dev_group_similarity: float | None = Field(None, gt=0.0, le=1.0)
+    # Which examples of each label the dev split takes: 'hashed' (in an order fixed by dev_seed) or 'tail' (the
+    # last dev_fraction of the label's examples in file order). CLINC150's lists are in collection order, one
+    # crowd worker's paraphrases in a run, so a hashed dev example usually has its siblings in training and
+    # scores ~3 points easier than the official val and test lists; the tail shares one cut with training per
+    # label (README, CLINC150: "A development split that predicts val"). dev_seed plays no part in 'tail'.
+    dev_split: Literal["hashed", "tail"] = "hashed"
     on_error: Literal["raise", "skip"] = "raise"
     max_examples: int | None = Field(None, gt=0)
     # Outlier exposure for torch classifiers (Hendrycks et al. 2019): a UTF-8 text file of unlabelled
@@ -84,6 +90,12 @@ class DataConfig(_Strict):
         if self.dev_group_similarity is not None and not self.dev_fraction:
             raise ValueError(f"dev_group_similarity={self.dev_group_similarity} groups the examples data.dev_fraction "
                              "holds out, but dev_fraction is 0; set dev_fraction (e.g. 0.2) or remove it")
+        if self.dev_split != "hashed" and not self.dev_fraction:
+            raise ValueError(f"dev_split={self.dev_split!r} chooses the examples data.dev_fraction holds out, but "
+                             "dev_fraction is 0; set dev_fraction (e.g. 0.2) or remove dev_split")
+        if self.dev_split == "tail" and self.dev_group_similarity is not None:
+            raise ValueError(f"dev_group_similarity={self.dev_group_similarity} groups a hashed dev split; "
+                             "dev_split 'tail' holds out a contiguous run per label already: drop one of the two")
         return self
 
 

@@ -106,9 +106,21 @@ def test_unknown_skip_name_is_refused_with_the_allowed_ones(script, capsys):
 
 
 def test_every_run_holds_out_the_same_dev_split(script):
-    for _, _, _, overrides in script.plan_runs([], [0, 3], 12, 6, 0.2, 0.85):
-        assert {"data.dev_fraction=0.2", "data.dev_seed=0", "data.dev_group_similarity=0.85"} <= set(overrides)
-    assert script.dev_overrides(0.2, 0) == ["data.dev_fraction=0.2", "data.dev_seed=0"]
+    for _, _, _, overrides in script.plan_runs([], [0, 3], 12, 6, 0.2, 0.85, dev_split="hashed"):
+        assert {"data.dev_fraction=0.2", "data.dev_seed=0", "data.dev_split=hashed",
+                "data.dev_group_similarity=0.85"} <= set(overrides)
+    for _, _, _, overrides in script.plan_runs([], [0], 12, 6, 0.2):
+        assert {"data.dev_fraction=0.2", "data.dev_split=tail"} <= set(overrides)  # the default: file order
+    assert script.dev_overrides(0.2, 0) == ["data.dev_fraction=0.2", "data.dev_seed=0", "data.dev_split=tail"]
+    assert script.dev_overrides(0.0, 0) == ["data.dev_fraction=0.0", "data.dev_seed=0"]
+    assert script.parse_args([]).dev_split == "tail"
+
+
+def test_grouping_near_duplicates_needs_the_hashed_dev_split(script, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--dev-group-similarity", "0.85"])
+    assert "--dev-split hashed" in capsys.readouterr().err
+    assert script.parse_args(["--dev-group-similarity", "0.85", "--dev-split", "hashed"]).dev_group_similarity == 0.85
 
 
 def test_results_go_beside_the_runs_unless_asked(script, tmp_path):

@@ -127,3 +127,51 @@ def test_ensemble_members_must_hold_out_the_same_dev_split(tmp_path):
             run_experiment(ensemble(held, bad), run_dir=tmp_path / "ens-bad")
     ok = run_experiment(ensemble(held, held), run_dir=tmp_path / "ens")
     assert ok.metrics["dev_in_scope_accuracy"] == pytest.approx(held.metrics["dev_in_scope_accuracy"])
+
+
+def test_tail_hold_out_takes_each_labels_last_examples_in_file_order():
+    # two labels interleaved; each label's last 30 % in input order is held out, whatever the seed
+    examples = [Example(f"{lab} query {i}", label=lab) for i in range(10) for lab in ("a", "b")]
+    kept, held = hold_out(examples, 0.3, order="tail")
+    assert [e.text for e in held] == [f"{lab} query {i}" for i in (7, 8, 9) for lab in ("a", "b")]
+    assert len(kept) == 14 and not {e.text for e in kept} & {e.text for e in held}
+    assert hold_out(examples, 0.3, seed=5, order="tail") == (kept, held)  # dev_seed plays no part
+    # an exact twin earlier in the list goes with the held-out copy: a duplicate never straddles the cut
+    twins = [Example("same", label="a"), *[Example(f"q{i}", label="a") for i in range(8)], Example("same", label="a")]
+    kept2, held2 = hold_out(twins, 0.2, order="tail")
+    assert "same" not in {e.text for e in kept2}
+    assert [e.text for e in held2] == ["same", "same"]
+    with pytest.raises(Exception, match="hashed.*tail"):
+        hold_out(examples, 0.3, order="random")
+
+
+def test_dev_split_tail_in_config_reads_file_order(tmp_path):
+    cfg = _cfg(tmp_path)
+
+    def with_data(**data):
+        return validate_config({**cfg.model_dump(mode="json"), "data": {**cfg.data.model_dump(mode="json"), **data}})
+
+    _, _, dev, _ = load_splits(with_data(dev_split="tail"))
+    everything = load_splits(with_data(dev_fraction=0.0))[0]
+    # the held-out texts are each label's last ones in the file's train lists
+    for lab in {e.label for e in everything}:
+        ordered = [e.text for e in everything if e.label == lab]
+        got = [e.text for e in dev if e.label == lab]
+        assert got and got == ordered[len(ordered) - len(got):]
+    hashed = load_splits(cfg)[2]
+    assert {e.text for e in hashed} != {e.text for e in dev}
+    tree = intent_cfg(tmp_path)
+    tree["data"]["dev_split"] = "tail"
+    with pytest.raises(ConfigError, match="dev_split.*dev_fraction is 0"):
+        validate_config(tree)
+    tree["data"].update(dev_fraction=0.2, dev_group_similarity=0.85)
+    with pytest.raises(ConfigError, match="drop one of the two"):
+        validate_config(tree)
+
+
+def test_ensemble_refuses_a_member_with_another_dev_split_order(tmp_path):
+    held = run_experiment(_cfg(tmp_path), run_dir=tmp_path / "held")
+    tree = intent_cfg(tmp_path, family="ensemble", members=[str(held.run_dir)] * 2)
+    tree["data"].update(dev_fraction=0.25, dev_seed=0, dev_split="tail")
+    with pytest.raises(ConfigError, match="has seen the ensemble's dev examples"):
+        run_experiment(validate_config(tree), run_dir=tmp_path / "ens-bad")

@@ -143,9 +143,43 @@ def near_duplicate_groups(texts: Sequence[str], similarity: float) -> list[list[
     return list(groups.values())
 
 
+def hold_out_tail(examples: Sequence[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+    """(kept, held out): the last ``round(fraction * n)`` of each label's ``n`` examples, in input order.
+
+    For lists kept in collection order (CLINC150: one crowd worker's paraphrases of a prompt in a run), a
+    contiguous tail shares a single cut with training per label, so few held-out examples have a sibling by
+    the same writer in training, as for a list collected separately (the official val and test lists). Whole
+    duplicate groups (same text and response within a label) move together: an example whose twin sits
+    earlier in the list is held out with it, so an exact duplicate never straddles the cut.
+    """
+    _check_fractions(0.0, fraction)
+    by_label: dict[str | None, list[int]] = defaultdict(list)
+    for i, e in enumerate(examples):
+        by_label[e.label].append(i)
+    held: set[int] = set()
+    for idx in by_label.values():
+        twins: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+        for i in idx:
+            twins[example_key(examples[i])].append(i)
+        want, got = round(fraction * len(idx)), 0
+        for i in reversed(idx):
+            if got >= want:
+                break
+            if i not in held:
+                group = twins[example_key(examples[i])]
+                held.update(group)
+                got += len(group)
+    kept = [e for i, e in enumerate(examples) if i not in held]
+    out = [e for i, e in enumerate(examples) if i in held]
+    logger.info("held out the last %d of %d examples per label (fraction %s, file order)", len(out), len(examples),
+                fraction)
+    return kept, out
+
+
 def hold_out(examples: Sequence[Example], fraction: float, seed: int = 0,
-             group_similarity: float | None = None) -> tuple[list[Example], list[Example]]:
-    """(kept, held out): ``fraction`` of each label's examples held out, in an order fixed by ``seed``.
+             group_similarity: float | None = None, order: str = "hashed") -> tuple[list[Example], list[Example]]:
+    """(kept, held out): ``fraction`` of each label's examples held out, in an order fixed by ``seed``
+    (``order="hashed"``), or the last ones in input order (``order="tail"``, :func:`hold_out_tail`).
 
     Without ``group_similarity`` this is ``split_examples(..., test_fraction=fraction, stratify=True)``.
     With it, near-duplicates of one label (:func:`near_duplicate_groups`) are held out or kept together,
@@ -154,6 +188,12 @@ def hold_out(examples: Sequence[Example], fraction: float, seed: int = 0,
     a sibling in training and the held-out score is optimistic (on CLINC150, 17 % of a plain 20 % dev
     split has a training text at cosine >= 0.9, against 11 % of the official val list).
     """
+    if order not in ("hashed", "tail"):
+        raise DataError(f"dev split order must be 'hashed' or 'tail', got {order!r}")
+    if order == "tail":
+        if group_similarity is not None:
+            raise DataError("group_similarity groups a hashed dev split; a tail split holds out contiguous runs")
+        return hold_out_tail(examples, fraction)
     _check_fractions(0.0, fraction)
     if group_similarity is None:
         s = split_examples(examples, valid_fraction=0.0, test_fraction=fraction, seed=seed, stratify=True)

@@ -63,7 +63,7 @@ def check_held_out(teacher: Bundle, held_out: Sequence[Example], load_splits: Sp
             f"train.distill_from: {teacher.path} was trained with a different held-out split ({len(got)} examples "
             f"against this run's {len(want)}; {leaked} of this run's held-out examples were not held out by it), "
             f"so its soft targets would leak them. Train the teacher with this config's data section (data.path, "
-            f"data.dev_fraction, data.dev_seed, the seed for random splits)")
+            f"data.dev_fraction, data.dev_split, data.dev_seed, the seed for random splits)")
 
 
 def teacher_probs(teacher: Bundle, texts: Sequence[str], labels: Sequence[str], batch_size: int = 512,

@@ -116,7 +116,8 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
         if d.dev_fraction:
             # The development test comes out of train, stratified so that every intent and the few
             # out-of-scope examples keep their share; test_fraction plays no part in a predefined split.
-            train, test = hold_out(train, d.dev_fraction, seed=d.dev_seed, group_similarity=d.dev_group_similarity)
+            train, test = hold_out(train, d.dev_fraction, seed=d.dev_seed, group_similarity=d.dev_group_similarity,
+                                   order=d.dev_split)
     else:
         examples, rep = read_examples(path, **kw)
         s = split_examples(examples, valid_fraction=d.valid_fraction, test_fraction=d.test_fraction,
@@ -526,7 +527,7 @@ def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train
     return policy, out
 
 
-DEV_KEYS = ("dev_fraction", "dev_seed", "dev_group_similarity")
+DEV_KEYS = ("dev_fraction", "dev_seed", "dev_group_similarity", "dev_split")
 
 
 def _check_members_dev_split(cfg: ExperimentConfig, model) -> None:
