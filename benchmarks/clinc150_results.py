@@ -19,7 +19,11 @@ the same (the seeds share theirs); its bundle carries the scorer fitted on all o
 ``--ensemble-bert-pt`` adds it to the ensemble (``ensemble-oe-bert``), weighing as much as the SVM.
 ``--distill-seeds`` (default 0) then trains the outlier-exposure Transformer again with the ensemble's
 probabilities as soft targets (``train.distill_from``, Hinton et al. 2015): one model to serve instead of the
-ensemble (``--skip transformer-distill`` leaves it out).
+ensemble (``--skip transformer-distill`` leaves it out). ``--distill-crossfit K`` adds a cross-fitted teacher: per fold
+of the training split, the SVM and the first outlier-exposure seed trained without it (``data.crossfit_fold``) and
+their ensemble, so every training example gets soft targets from a teacher that never saw it; beside it, the same
+pair trained on everything (``ensemble-oe1``) as the in-sample teacher, and one student of each per seed
+(``transformer-distill-oe1-s<seed>``, ``transformer-distill-cf<K>-s<seed>``).
 With ``--dev-fraction`` (default 0.2) every model is trained on what ``data.dev_fraction`` leaves of
 ``train`` + ``oos_train``; the held-out part (each label's last examples in file order, ``--dev-split
 tail``, or stratified in hash order, ``hashed``; the same for every model) is a development test nothing is fitted or chosen on: each policy is fitted on all of val and
@@ -31,7 +35,7 @@ refresh the committed copy).
 
     python benchmarks/clinc150_results.py [--runs-dir runs/clinc150] [--transformer-epochs 12]
         [--transformer-seeds 0 1 2 3 4] [--transformer-oe-seeds 0] [--ensemble-transformers plain|oe]
-        [--distill-seeds 0] [--ensemble-bert-pt]
+        [--distill-seeds 0] [--distill-crossfit 5] [--ensemble-bert-pt]
         [--max-in-scope-drop 0.0025] [--dev-fraction 0.2] [--dev-split tail|hashed]
         [--skip xgboost bert ...] [--out DIR/NAME]
 """
@@ -135,6 +139,30 @@ def distill_plan(skip, seeds, teacher: Path, epochs: int, dev_fraction: float,
              dev_overrides(dev_fraction, group_similarity, dev_split) + transformer_overrides(seed, epochs, outliers=True)
              + [f"train.distill_from={teacher}", f"train.distill_weight={DISTILL_WEIGHT}",
                 f"train.distill_temperature={DISTILL_TEMPERATURE}"]) for seed in seeds]
+
+
+def crossfit_plan(folds: int, seed: int, oe_seed: int, epochs: int, dev_fraction: float,
+                  group_similarity: float | None = None, dev_split: str = "tail") -> list[list[tuple[str, str, str, list[str]]]]:
+    """Per fold i of ``folds``: (kind, run key, config, overrides) of the SVM and the outlier-exposure Transformer
+    (seed ``oe_seed``) trained without that fold of the training split (``data.crossfit_fold``), whose ensemble
+    is the fold's teacher: for the examples of fold i, it is a teacher that never saw them."""
+    dev = dev_overrides(dev_fraction, group_similarity, dev_split)
+    out = []
+    for i in range(folds):
+        cf = [f"data.crossfit_fold.folds={folds}", f"data.crossfit_fold.fold={i}", f"data.crossfit_fold.seed={seed}"]
+        out.append([("svm", f"svm-cf{i}of{folds}", "linear_svm_clinc150.yaml", dev + cf),
+                    ("transformer-oe", f"transformer-oe-s{oe_seed}-cf{i}of{folds}", "clinc150_transformer.yaml",
+                     dev + cf + transformer_overrides(oe_seed, epochs, outliers=True))])
+    return out
+
+
+def student_overrides(seed: int, epochs: int, teachers: list[Path], dev_fraction: float,
+                      group_similarity: float | None = None, dev_split: str = "tail") -> list[str]:
+    """The outlier-exposure Transformer distilled from ``teachers``: one run, or one per cross-fitting fold."""
+    source = json.dumps([str(t) for t in teachers]) if len(teachers) > 1 else str(teachers[0])
+    return (dev_overrides(dev_fraction, group_similarity, dev_split) + transformer_overrides(seed, epochs, outliers=True)
+            + [f"train.distill_from={source}", f"train.distill_weight={DISTILL_WEIGHT}",
+               f"train.distill_temperature={DISTILL_TEMPERATURE}"])
 
 
 def bert_pt_plan(skip, runs_dir: Path, dev_fraction: float,
@@ -284,6 +312,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="which Transformer runs the ensemble averages: the plain seeds or the outlier-exposure ones")
     ap.add_argument("--ensemble-bert-pt", action="store_true",
                     help="the ensemble also averages the in-domain pre-trained BERT (bert-pt), a kind of its own")
+    ap.add_argument("--distill-crossfit", type=int, default=0, metavar="K",
+                    help="also distil from a cross-fitted teacher: K folds, each an SVM + outlier-exposure Transformer "
+                         "ensemble trained without that fold (data.crossfit_fold), beside the same pair trained on "
+                         "everything; one student of each per --distill-seeds (0: off)")
     ap.add_argument("--distill-seeds", type=int, nargs="*", default=[0],
                     help="seeds of the Transformer distilled from the ensemble (transformer-distill: outlier exposure "
                          "plus the ensemble's probabilities as soft targets), trained after the ensemble")
@@ -345,6 +377,29 @@ def main() -> None:
         for _, key, config, extra in distill_plan(args.skip, args.distill_seeds, runs[name], args.transformer_epochs,
                                                   args.dev_fraction, args.dev_group_similarity, args.dev_split):
             runs[key] = train(config, args.runs_dir / f"{key}-clinc150", data_override + extra).parent
+
+    if args.distill_crossfit and "transformer-distill" not in args.skip:
+        # Soft targets from teachers that did not see the example (README, CLINC150, distillation): per fold, an
+        # ensemble of the SVM and one outlier-exposure Transformer trained without it; beside it, the same pair
+        # trained on everything as the in-sample teacher, and a student of each (same seed, same budget).
+        k, oe_seed = args.distill_crossfit, (args.transformer_oe_seeds or [0])[0]
+        dev = (args.dev_fraction, args.dev_group_similarity, args.dev_split)
+        teachers = []
+        for i, fold in enumerate(crossfit_plan(k, 0, oe_seed, args.transformer_epochs, *dev)):
+            members = [train(config, args.runs_dir / f"{key}-clinc150", data_override + extra).parent
+                       for _, key, config, extra in fold]
+            teachers.append(train("ensemble_clinc150.yaml", args.runs_dir / f"ensemble-oe1-cf{i}of{k}-clinc150",
+                                  data_override + fold[0][3] + [f"model.members={json.dumps([str(m) for m in members])}",
+                                                                "model.weights=[1.0, 1.0]", "oos.policy=train"]).parent)
+        pair = [runs["svm"], runs[f"transformer-oe-s{oe_seed}"]]
+        in_sample = train("ensemble_clinc150.yaml", args.runs_dir / "ensemble-oe1-clinc150",
+                          data_override + dev_overrides(*dev) + [f"model.members={json.dumps([str(m) for m in pair])}",
+                                                                 "model.weights=[1.0, 1.0]", "oos.policy=train"]).parent
+        for seed in args.distill_seeds:
+            for key, source in ((f"transformer-distill-oe1-s{seed}", [in_sample]),
+                                (f"transformer-distill-cf{k}-s{seed}", teachers)):
+                runs[key] = train("clinc150_transformer.yaml", args.runs_dir / f"{key}-clinc150",
+                                  data_override + student_overrides(seed, args.transformer_epochs, source, *dev)).parent
 
     rows, results = [], {}
     drop = args.max_in_scope_drop

@@ -32,6 +32,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class CrossFitFold(_Strict):
+    """Train without one fold of the training split: ``folds`` folds dealt per label in an order fixed by ``seed``
+    (``chatforge.data.splits.fold_ids``); the run trains on the others. K such runs are a cross-fitted teacher for
+    ``train.distill_from`` (a list): each training example's soft targets come from the run that did not see it."""
+
+    folds: int = Field(5, ge=2, le=100)
+    fold: int = Field(..., ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> CrossFitFold:
+        if self.fold >= self.folds:
+            raise ValueError(f"fold={self.fold} must be in [0, folds={self.folds})")
+        return self
+
+
 class DataConfig(_Strict):
     path: str = Field(description="corpus file; 'sample' means the corpus shipped with chatforge")
     # tagged_jsonl: {"tokens": [...], "tags": [...]} per line, for task token_classification only.
@@ -65,6 +81,8 @@ class DataConfig(_Strict):
     # scores ~3 points easier than the official val and test lists; the tail shares one cut with training per
     # label (README, CLINC150: "A development split that predicts val"). dev_seed plays no part in 'tail'.
     dev_split: Literal["hashed", "tail"] = "hashed"
+    # Leave one fold of the training split (what remains after the dev split) out of training: see CrossFitFold.
+    crossfit_fold: CrossFitFold | None = None
     on_error: Literal["raise", "skip"] = "raise"
     max_examples: int | None = Field(None, gt=0)
     # Outlier exposure for torch classifiers (Hendrycks et al. 2019): a UTF-8 text file of unlabelled
@@ -231,7 +249,9 @@ class TrainConfig(_Strict):
     # training texts become soft targets. The loss is (1 - distill_weight) x the model's own loss + distill_weight x
     # T^2 x KL(teacher at T || student at T), T = distill_temperature (the teacher's probabilities p become
     # p^(1/T), renormalised). The teacher must hold out the same development split (checked at the start).
-    distill_from: str | None = None
+    # A list of K runs is a cross-fitted teacher: run i was trained with data.crossfit_fold {folds: K, fold: i}
+    # (checked), and gives the soft targets of the examples of fold i, which it never saw.
+    distill_from: str | list[str] | None = None
     distill_weight: float = Field(0.5, gt=0.0, le=1.0)
     distill_temperature: float = Field(2.0, gt=0.0, le=100.0)
     # Supervised contrastive learning (Khosla et al. 2020) for torch classifiers: contrastive_weight x the SupCon
@@ -317,6 +337,12 @@ class ExperimentConfig(_Strict):
                              f"{self.model.family!r} with task {self.model.task!r} is not one (families: the torch "
                              "ones, task 'classification'); set it to 0")
         if self.train.distill_from is not None:
+            if isinstance(self.train.distill_from, list) and len(self.train.distill_from) < 2:
+                raise ValueError(f"train.distill_from: a list names one run per cross-fitting fold and needs at "
+                                 f"least 2, got {self.train.distill_from}; give a single run as a string")
+            if isinstance(self.train.distill_from, list) and self.data.crossfit_fold is not None:
+                raise ValueError("train.distill_from (a cross-fitted teacher) gives soft targets for every training "
+                                 "example; this run leaves a fold out itself (data.crossfit_fold): remove one")
             if self.model.spec.kind != "torch" or self.model.task != "classification":
                 raise ValueError(f"train.distill_from distils a classifier into a torch classifier; family "
                                  f"{self.model.family!r} with task {self.model.task!r} is not one (families: "

@@ -158,3 +158,24 @@ def test_oos_scores_logits_are_the_ones_the_probabilities_come_from(tmp_path):
     bundle = load_bundle(res.bundle_dir)
     texts = ["please volcano the galaxy tax", "what is rain now forecast", "book a flight ticket"]
     np.testing.assert_allclose(softmax(mod.logits(bundle, texts), axis=1), bundle.predict_proba(texts), atol=1e-5)
+
+
+def test_the_crossfitted_teacher_trains_each_fold_without_it_and_the_student_reads_them_in_order(script, tmp_path):
+    from chatforge.config import load_config
+
+    plan = script.crossfit_plan(5, 0, 2, 12, 0.2)
+    assert len(plan) == 5
+    for i, fold in enumerate(plan):
+        assert [key for _, key, _, _ in fold] == [f"svm-cf{i}of5", f"transformer-oe-s2-cf{i}of5"]
+        for _, _, config, over in fold:
+            cfg = load_config(ROOT / "configs" / config, ["tracking.enabled=false", "oos.policy=train", *over])
+            assert (cfg.data.crossfit_fold.folds, cfg.data.crossfit_fold.fold) == (5, i)
+            assert cfg.data.dev_split == "tail" and cfg.data.dev_fraction == 0.2
+        assert f"train.outlier_weight={script.OE_WEIGHT}" in fold[1][3] and "seed=2" in fold[1][3]
+    teachers = [tmp_path / f"t{i}" for i in range(5)]
+    over = script.student_overrides(0, 12, teachers, 0.2)
+    cfg = load_config(ROOT / "configs" / "clinc150_transformer.yaml", ["tracking.enabled=false", *over])
+    assert cfg.train.distill_from == [str(t) for t in teachers] and cfg.data.crossfit_fold is None
+    one = script.student_overrides(0, 12, teachers[:1], 0.2)
+    assert f"train.distill_from={teachers[0]}" in one
+    assert script.parse_args([]).distill_crossfit == 0 and script.parse_args(["--distill-crossfit", "5"]).distill_crossfit == 5

@@ -216,3 +216,100 @@ def test_soft_target_rows_are_the_teachers_on_each_training_text(tmp_path):
     ds = SoftTargetDataset(make_dataset(spec, train, tok), probs)
     batch = ds.collate([ds[1], ds[0]])
     assert batch["labels"].tolist() == [0, 2] and torch.equal(batch[TEACHER_PROBS], probs[[1, 0]])
+
+
+def _linear_fold(tmp_path, name, fold=None, folds=3, seed=0, **data):
+    tree = intent_cfg(tmp_path, family="linear", name=name)
+    tree["data"].update(dev_fraction=0.25, **data)
+    if fold is not None:
+        tree["data"]["crossfit_fold"] = {"folds": folds, "fold": fold, "seed": seed}
+    return run_experiment(validate_config(tree), run_dir=tmp_path / name)
+
+
+def _student_tree(tmp_path, teachers, **train):
+    tree = intent_cfg(tmp_path, family="transformer", name="student", **TINY)
+    tree["data"]["dev_fraction"] = 0.25
+    tree["tokenizer"] = {"vocab_size": 120, "on_vocab_too_large": "lower"}
+    tree["train"] = {**TRAIN, "epochs": 1, "distill_from": [str(tmp_path / t) for t in teachers], **train}
+    return validate_config(tree)
+
+
+def test_fold_ids_deal_each_label_evenly_and_keep_duplicates_together():
+    from chatforge.data.splits import fold_ids
+
+    examples = [Example(f"{lab} text {i}", label=lab) for lab in "ab" for i in range(9)]
+    examples.append(Example("a text 0", label="a"))  # an exact duplicate
+    ids = fold_ids(examples, 3, seed=0)
+    for lab in "ab":
+        counts = np.bincount([f for e, f in zip(examples, ids, strict=True) if e.label == lab], minlength=3)
+        assert counts.max() - counts.min() <= 1 + (lab == "a")  # the duplicate rides with its twin
+    assert ids[0] == ids[-1]
+    # the fold is a function of the example, not of its position
+    order = list(reversed(range(len(examples))))
+    assert [ids[i] for i in order] == fold_ids([examples[i] for i in order], 3, seed=0)
+    assert fold_ids(examples, 3, seed=1) != ids
+
+
+def test_crossfit_fold_leaves_that_fold_out_of_training(tmp_path):
+    from chatforge.data.splits import fold_ids
+    from chatforge.training.run import load_splits
+
+    tree = intent_cfg(tmp_path, family="linear")
+    tree["data"]["dev_fraction"] = 0.25
+    full, valid, dev, _ = load_splits(validate_config(tree))
+    ids = fold_ids(full, 3, 0)
+    tree["data"]["crossfit_fold"] = {"folds": 3, "fold": 1}
+    kept, valid1, dev1, _ = load_splits(validate_config(tree))
+    assert [e.text for e in kept] == [e.text for e, f in zip(full, ids, strict=True) if f != 1]
+    assert (valid1, dev1) == (valid, dev)  # val and dev are untouched
+    tree["data"]["crossfit_fold"] = {"folds": 3, "fold": 3}
+    with pytest.raises(ConfigError, match=r"fold=3 must be in \[0, folds=3\)"):
+        validate_config(tree)
+
+
+def test_a_crossfitted_teacher_gives_each_example_the_targets_of_the_run_that_never_saw_it(tmp_path, monkeypatch):
+    import chatforge.training.run as run_mod
+    from chatforge.training.run import load_splits
+
+    for i in range(3):
+        _linear_fold(tmp_path, f"t{i}", fold=i)
+    calls = []
+    real = run_mod.teacher_probs
+
+    def spy(teacher, texts, labels, **kw):
+        calls.append((teacher, list(texts)))
+        return real(teacher, texts, labels, **kw)
+
+    monkeypatch.setattr(run_mod, "teacher_probs", spy)
+    cfg = _student_tree(tmp_path, ["t0", "t1", "t2"])
+    res = run_experiment(cfg, run_dir=tmp_path / "student")
+    assert (res.bundle_dir / "metadata.json").is_file()
+    student_train = {e.text for e in load_splits(cfg)[0]}
+    assert len(calls) == 3
+    covered = []
+    for i, (teacher, texts) in enumerate(calls):
+        assert teacher.config.data.crossfit_fold.fold == i
+        seen = {e.text for e in load_splits(teacher.config)[0]}
+        assert texts and not set(texts) & seen  # no example is scored by a teacher that trained on it
+        covered += texts
+    assert sorted(covered) == sorted(e.text for e in load_splits(cfg)[0]) and set(covered) == student_train
+
+
+def test_a_crossfitted_teacher_out_of_order_or_with_other_folds_is_refused(tmp_path):
+    for i in range(3):
+        _linear_fold(tmp_path, f"t{i}", fold=i)
+    _linear_fold(tmp_path, "seed1", fold=2, seed=1)
+    _linear_fold(tmp_path, "plain")
+    for teachers, match in ((["t1", "t0", "t2"], "entry 0 .* must be trained with data.crossfit_fold"),
+                            (["t0", "t1", "plain"], "entry 2"),
+                            (["t0", "t1", "seed1"], "different data.crossfit_fold seeds"),
+                            (["t0", "t1"], "entry 0 .*folds: 2")):
+        with pytest.raises(ConfigError, match=match):
+            run_experiment(_student_tree(tmp_path, teachers), run_dir=tmp_path / "s")
+        assert not (tmp_path / "s" / "bundle").exists()
+    with pytest.raises(ConfigError, match="needs at least 2"):
+        _student_tree(tmp_path, ["t0"])
+    tree = _student_tree(tmp_path, ["t0", "t1", "t2"]).to_dict()
+    tree["data"]["crossfit_fold"] = {"folds": 3, "fold": 0}
+    with pytest.raises(ConfigError, match="leaves a fold out itself"):
+        validate_config(tree)

@@ -216,3 +216,21 @@ def hold_out(examples: Sequence[Example], fraction: float, seed: int = 0,
     logger.info("held out %d of %d examples (fraction %s, near-duplicates >= %s together)", len(out), len(examples),
                 fraction, group_similarity)
     return kept, out
+
+
+def fold_ids(examples: Sequence[Example], folds: int, seed: int = 0) -> list[int]:
+    """The cross-fitting fold (0 .. folds-1) of each example: per label, whole duplicate groups (same text and
+    response) in the order of their hash under ``seed``, dealt to the folds in turn, so each label is spread evenly
+    and an exact duplicate never sits in two folds. Depends on the examples, not on their order."""
+    if folds < 2:
+        raise DataError(f"folds must be >= 2, got {folds}")
+    by_label: dict[str | None, dict[tuple[str, str | None], list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, e in enumerate(examples):
+        by_label[e.label][example_key(e)].append(i)
+    out = [0] * len(examples)
+    for groups in by_label.values():
+        ordered = sorted(groups, key=lambda k: (stable_unit(seed, Example(k[0], k[1])), k[0], k[1] or ""))
+        for n, key in enumerate(ordered):
+            for i in groups[key]:
+                out[i] = n % folds
+    return out

@@ -41,6 +41,43 @@ def load_teacher(path: str) -> Bundle:
     return bundle
 
 
+def load_teachers(spec: str | list[str]) -> list[Bundle]:
+    """One teacher bundle, or the K bundles of a cross-fitted teacher (``train.distill_from`` as a list)."""
+    return [load_teacher(p) for p in ([spec] if isinstance(spec, str) else spec)]
+
+
+def check_crossfit(teachers: Sequence[Bundle], train: Sequence[Example], load_splits: SplitLoader) -> list[int]:
+    """The fold of each training example, after checking that teacher i was trained on exactly the training
+    examples outside fold i (``data.crossfit_fold`` {folds: K, fold: i}, one seed for all): so each example's soft
+    targets come from a teacher that never saw it. Refused with the teacher and what differs named."""
+    from chatforge.data.splits import fold_ids
+
+    k = len(teachers)
+    seeds = set()
+    for i, t in enumerate(teachers):
+        cf = t.config.data.crossfit_fold
+        if cf is None or cf.folds != k or cf.fold != i:
+            raise ConfigError(f"train.distill_from: entry {i} ({t.path}) must be trained with data.crossfit_fold "
+                              f"{{folds: {k}, fold: {i}}} (one run per fold, in fold order); it has "
+                              f"{None if cf is None else cf.model_dump()}")
+        seeds.add(cf.seed)
+    if len(seeds) > 1:
+        raise ConfigError(f"train.distill_from: the folds' runs used different data.crossfit_fold seeds {sorted(seeds)}"
+                          "; their folds overlap, so some examples were seen by their own teacher")
+    ids = fold_ids(train, k, seeds.pop())
+    for i, t in enumerate(teachers):
+        try:
+            theirs = load_splits(t.config)[0]
+        except (ConfigError, OSError) as e:
+            raise ConfigError(f"train.distill_from: cannot rebuild the training split of {t.path}: {e}") from e
+        want = sorted(_as_keys([e for e, f in zip(train, ids, strict=True) if f != i]))
+        if sorted(_as_keys(theirs)) != want:
+            raise ConfigError(f"train.distill_from: {t.path} (fold {i}) was not trained on this run's training "
+                              f"examples outside fold {i} ({len(theirs)} examples against {len(want)}): train "
+                              "the folds' runs with this config's data section and data.crossfit_fold")
+    return ids
+
+
 def _as_keys(examples: Sequence[Example]) -> list[tuple[str, str]]:
     return [(e.text, str(e.label)) for e in examples]
 

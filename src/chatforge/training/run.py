@@ -35,7 +35,7 @@ from chatforge.bundle import build_from_config, load_bundle, save_bundle, torch_
 from chatforge.config import ConfigError, ExperimentConfig, load_config, validate_config
 from chatforge.data import Example, read_examples, sample_corpus_path, split_examples
 from chatforge.data.readers import read_outliers
-from chatforge.data.splits import hold_out
+from chatforge.data.splits import fold_ids, hold_out
 from chatforge.decoding import GenerationOptions, generate, generate_batch
 from chatforge.evaluation.metrics import corpus_chrf, generation_quality, selection_report
 from chatforge.fileio import atomic_write_bytes
@@ -54,7 +54,7 @@ from chatforge.tasks import (
 from chatforge.tokenizer import ByteTokenizer, Tokenizer
 from chatforge.training import distributed as ddp
 from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
-from chatforge.training.distill import check_held_out, load_teacher, teacher_probs
+from chatforge.training.distill import check_crossfit, check_held_out, load_teachers, teacher_probs
 from chatforge.training.tracking import TrackingCallback, flatten, log_run_outputs, open_tracker, run_tags
 from chatforge.training.trainer import Callback, LoggingCallback, Trainer, resolve_device
 
@@ -125,6 +125,12 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
         train, valid, test = s.train, s.valid, s.test
     if rep is not None and (rep.n_rejected or rep.n_normalised):
         log.warning("%s: %d row(s) rejected, %d normalised", path, rep.n_rejected, rep.n_normalised)
+    if d.crossfit_fold is not None:
+        cf = d.crossfit_fold
+        ids = fold_ids(train, cf.folds, cf.seed)
+        train = [e for e, f in zip(train, ids, strict=True) if f != cf.fold]
+        log.info("data.crossfit_fold: fold %d of %d left out of training (%d examples kept)", cf.fold, cf.folds,
+                 len(train))
     if d.max_examples:
         train = train[: d.max_examples]
     if not train:
@@ -330,10 +336,14 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
                  cfg.data.unlabelled, len(train) - len(extra))
     # Read (and refused if missing or empty) before anything is trained.
     outliers = read_outliers(resolve_data_path(cfg.data.outliers)) if cfg.data.outliers else None
-    teacher = None
+    teachers: list | None = None
+    folds: list[int] | None = None
     if cfg.train.distill_from:
-        teacher = load_teacher(cfg.train.distill_from)
-        check_held_out(teacher, test, load_splits)  # before anything is trained: a leaking teacher is refused
+        teachers = load_teachers(cfg.train.distill_from)
+        for teacher in teachers:  # before anything is trained: a leaking teacher is refused
+            check_held_out(teacher, test, load_splits)
+        if len(teachers) > 1:
+            folds = check_crossfit(teachers, train, load_splits)
 
     if cfg.model.spec.kind != "torch":
         # Estimators (xgboost, linear, ensemble) fit themselves on the train split: no tokenizer, no Trainer.
@@ -376,9 +386,15 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
         train_ds = with_outliers(spec, train_ds, outliers, tok)
         log.info("outlier exposure: %d unlabelled sentences from %s mixed into %d training examples, weight %g",
                  len(outliers), cfg.data.outliers, len(train), cfg.train.outlier_weight)
-    if teacher is not None:
+    if teachers is not None:
         assert labels is not None  # distillation is for classification (validated with the config)
-        probs = teacher_probs(teacher, [e.text for e in train], labels)
+        if folds is None:
+            probs = teacher_probs(teachers[0], [e.text for e in train], labels)
+        else:  # cross-fitted: each fold's rows from the run that did not see them
+            probs = torch.zeros((len(train), len(labels)))
+            for i, teacher in enumerate(teachers):
+                rows = [j for j, f in enumerate(folds) if f == i]
+                probs[rows] = teacher_probs(teacher, [train[j].text for j in rows], labels)
         if outliers is not None:  # outlier rows carry placeholder targets: the Trainer distils labelled rows only
             probs = torch.cat([probs, torch.full((len(outliers), len(labels)), 1.0 / len(labels))])
         train_ds = SoftTargetDataset(train_ds, probs)
@@ -387,7 +403,7 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
         log.info("distillation from %s: soft targets for %d training examples (the teacher's argmax agrees with "
                  "the label on %.1f %%), weight %g, temperature %g", cfg.train.distill_from, len(train), 100 * agree,
                  cfg.train.distill_weight, cfg.train.distill_temperature)
-        del teacher
+        del teachers
     # The epoch's order is a function of (seed, epoch) alone: exact resume without generator state,
     # and one process over the global batch sees what N DDP ranks see together.
     sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
@@ -527,7 +543,7 @@ def _fit_oos_and_evaluate(cfg: ExperimentConfig, probs, labels: list[str], train
     return policy, out
 
 
-DEV_KEYS = ("dev_fraction", "dev_seed", "dev_group_similarity", "dev_split")
+DEV_KEYS = ("dev_fraction", "dev_seed", "dev_group_similarity", "dev_split", "crossfit_fold")
 
 
 def _check_members_dev_split(cfg: ExperimentConfig, model) -> None:
