@@ -330,6 +330,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"models not to train, any of: {' '.join(SKIPPABLE)} (xgboost and linear also skip "
                          "their ChatbotData runs; chatbot skips both)")
     args = ap.parse_args(argv)
+    if args.distill_crossfit:
+        needs = [name for name in ("svm", "transformer-oe", "transformer-distill") if name in args.skip]
+        if needs or not args.transformer_oe_seeds or args.distill_crossfit < 2:
+            ap.error(f"--distill-crossfit {args.distill_crossfit} needs K >= 2, the SVM and an outlier-exposure "
+                     "Transformer seed (its in-sample teacher's pair) and the students: do not --skip "
+                     f"{' '.join(needs) or 'them'}, and give --transformer-oe-seeds at least one seed")
     if args.dev_group_similarity and args.dev_split != "hashed":
         ap.error(f"--dev-group-similarity {args.dev_group_similarity} groups a hashed dev split; add --dev-split "
                  "hashed (the default, tail, holds out each label's last examples in file order)")

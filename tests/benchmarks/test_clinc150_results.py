@@ -179,3 +179,13 @@ def test_the_crossfitted_teacher_trains_each_fold_without_it_and_the_student_rea
     one = script.student_overrides(0, 12, teachers[:1], 0.2)
     assert f"train.distill_from={teachers[0]}" in one
     assert script.parse_args([]).distill_crossfit == 0 and script.parse_args(["--distill-crossfit", "5"]).distill_crossfit == 5
+
+
+@pytest.mark.parametrize("argv", [["--skip", "svm"], ["--skip", "transformer-oe"], ["--transformer-oe-seeds"],
+                                  ["--skip", "transformer-distill"]])
+def test_distill_crossfit_refuses_to_start_without_what_it_trains_on(script, capsys, argv):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--distill-crossfit", "5", *argv])
+    assert "--distill-crossfit 5 needs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--distill-crossfit", "1"])
