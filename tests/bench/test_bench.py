@@ -131,7 +131,8 @@ def test_bf16_engines_are_skipped_where_the_cpu_only_emulates_bf16(tmp_path, mon
     monkeypatch.setattr(cases, "native_bf16", lambda: False)  # an AMD EPYC with AVX2 only, say
     result, _ = run_bench(BenchOptions(out=tmp_path, cases=["classification", "training"], threads=1, repeats=1,
                                        smoke=True))
-    for name, engines in (("classification", ["chatforge-bf16"]), ("training", ["chatforge-bf16", "hf-bf16"])):
+    for name, engines in (("classification", ["chatforge-bf16"]),
+                          ("training", ["chatforge-bf16", "hf-bf16", "hf-eager-bf16"])):
         case = result["cases"][name]
         assert case["status"] == "ok"
         for e in engines:
@@ -139,3 +140,6 @@ def test_bf16_engines_are_skipped_where_the_cpu_only_emulates_bf16(tmp_path, mon
         assert not any(r["engine"].endswith("bf16") for r in case["rows"])
         assert any(r["engine"] == "chatforge-fp32" for r in case["rows"])
     assert set(result["cases"]["training"]["extra"]["matmul_peak_flops"]) == {"fp32"}
+    # Training is compared with HF's default attention (SDPA) and with its eager attention, each in the same precision.
+    assert {(r["chatforge"], r["anchor"]) for r in result["cases"]["training"]["ratios"]} == {
+        ("chatforge-fp32", "hf-fp32"), ("chatforge-fp32", "hf-eager-fp32")}

@@ -601,18 +601,25 @@ def training(assets: Assets, threads: int, repeats: int, step: Step) -> Case:
         if p == "bf16" and not native_bf16():
             case.engine(f"chatforge-{p}", "chatforge", "chatforge", p, "skipped", EMULATED_BF16)
             case.engine(f"hf-{p}", "anchor", "transformers", p, "skipped", EMULATED_BF16)
+            case.engine(f"hf-eager-{p}", "anchor", "transformers (attn_implementation=eager)", p, "skipped",
+                        EMULATED_BF16)
             continue
         step(f"training: matmul peak {p}")
         # The best of 10 calls, measured again after the training rounds: one short measurement taken while
         # a neighbour held a core once came out below what the training step then achieved.
         peaks[p] = matmul_peak_flops(s.matmul_n, p, reps=10)
         mine = load_bundle(w.bundle).model
+        # HF's default attention is SDPA; its "eager" attention (matmuls around a softmax, as chatforge's training
+        # path on CPU computes small products: modules.attention.materialized_attention) is the second anchor.
         theirs = AutoModelForCausalLM.from_pretrained(str(w.hf))
+        theirs_eager = AutoModelForCausalLM.from_pretrained(str(w.hf), attn_implementation="eager")
         case.engine(f"chatforge-{p}", "chatforge", "chatforge", p)
         case.engine(f"hf-{p}", "anchor", "transformers", p)
+        case.engine(f"hf-eager-{p}", "anchor", "transformers (attn_implementation=eager)", p)
         step(f"training: {p}")
         times = interleaved({f"chatforge-{p}": train_steps_fn(mine, False, x, s.train_steps, p),
-                             f"hf-{p}": train_steps_fn(theirs, True, x, s.train_steps, p)}, repeats)
+                             f"hf-{p}": train_steps_fn(theirs, True, x, s.train_steps, p),
+                             f"hf-eager-{p}": train_steps_fn(theirs_eager, True, x, s.train_steps, p)}, repeats)
         case.add("train tokens/s", "tokens/s", True, s.train_batch, times, tokens)
         peaks[p] = max(peaks[p], matmul_peak_flops(s.matmul_n, p, reps=10))
     case.extra["matmul_peak_flops"] = {p: round(v) for p, v in peaks.items()}

@@ -6,6 +6,7 @@ broadcasting (True = may attend), and an optional :class:`KVCache` for increment
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,78 @@ def causal_mask(q_len: int, k_len: int | None = None, device: torch.device | str
         raise ValueError(f"causal_mask: k_len={k_len} must be >= q_len={q_len}")
     mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
     return mask[None, None]  # (1, 1, T, S)
+
+
+# Attention kernels for training on CPU. ``CHATFORGE_ATTENTION``: ``auto`` (default) computes small attention
+# products as two matmuls around a softmax (:func:`materialized_attention`) when gradients flow on CPU, and ``sdpa``
+# always calls ``F.scaled_dot_product_attention``. Measured (benchmarks/attention_kernels.py, results in
+# benchmarks/results/attention-kernels-*; AMD EPYC Zen 5, 2 threads, 4 heads of 64, forward + backward): SDPA's CPU
+# flash kernel is slow in bf16 (its backward above all): materialized was 2.2-6.1x faster at lengths 32-512; in fp32
+# 1.2-1.6x up to 128 and 0.87-0.96x from 256. Past these query x key positions per head SDPA keeps the product
+# (and the (B, H, T, S) scores, which it never materializes, stay unallocated).
+ATTENTION_ENV = "CHATFORGE_ATTENTION"
+ATTENTION_CHOICES = ("auto", "sdpa")
+MATERIALIZE_MAX_POSITIONS = {torch.bfloat16: 512 * 512}
+MATERIALIZE_MAX_POSITIONS_DEFAULT = 128 * 128  # fp32 and any other dtype
+
+
+def materialize_limit(dtype: torch.dtype) -> int:
+    """Query x key positions per head up to which ``auto`` materializes a product of ``dtype``."""
+    return MATERIALIZE_MAX_POSITIONS.get(dtype, MATERIALIZE_MAX_POSITIONS_DEFAULT)
+
+
+def attention_kernel(environ=None) -> str:
+    """``CHATFORGE_ATTENTION``, checked: ``auto`` or ``sdpa``."""
+    env = os.environ if environ is None else environ
+    choice = env.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"{ATTENTION_ENV}={env.get(ATTENTION_ENV)!r} is not supported; allowed: "
+                         f"{', '.join(ATTENTION_CHOICES)}")
+    return choice
+
+
+def use_materialized(q: Tensor, k: Tensor, mask: Tensor | None) -> bool:
+    """Whether :meth:`MultiHeadAttention._attend` computes this product with :func:`materialized_attention`:
+    on CPU, while autograd records (training), for at most :func:`materialize_limit` query x key positions,
+    with a boolean mask or none, unless ``CHATFORGE_ATTENTION=sdpa``. Inference keeps SDPA (decoding's
+    outputs are compared token for token with other engines)."""
+    return (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+            and q.size(-2) * k.size(-2) <= materialize_limit(q.dtype)
+            and (mask is None or mask.dtype == torch.bool) and attention_kernel() == "auto")
+
+
+_CAUSAL: dict[tuple[int, int, str], Tensor] = {}
+
+
+def materialized_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
+                           is_causal: bool = False, dropout_p: float = 0.0) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)`` for a
+    boolean ``mask`` (True = may attend), written out: scores = (q / sqrt(Dh)) k^T, masked, softmax, dropout,
+    times v. q (B, H, T, Dh), k and v (B, H, S, Dh) -> (B, H, T, Dh). As SDPA does, ``is_causal`` aligns the
+    diagonal top-left and a query row with no key to attend to gets zeros (not NaN), and its gradient too.
+    """
+    t, s = q.size(-2), k.size(-2)
+    scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-2, -1))  # (B, H, T, S)
+    if is_causal:
+        if mask is not None:
+            raise ValueError("materialized_attention: pass either mask or is_causal, not both")
+        key = (t, s, str(q.device))
+        if key not in _CAUSAL:
+            _CAUSAL[key] = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
+        mask = _CAUSAL[key]
+    empty = None
+    if mask is not None:
+        # In place: matmul's backward reads its inputs, not its output.
+        scores = scores.masked_fill_(~mask, float("-inf"))
+        if not is_causal:
+            empty = ~mask.any(-1, keepdim=True)  # rows with nothing to attend to
+            empty = empty if bool(empty.any()) else None
+    probs = torch.softmax(scores, dim=-1)  # (B, H, T, S)
+    if empty is not None:
+        probs = probs.masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p, training=True)
+    return torch.matmul(probs, v)  # (B, H, T, Dh)
 
 
 @dataclass
@@ -224,9 +297,13 @@ class MultiHeadAttention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
                 b: int, t: int) -> Tensor:
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )  # (B, H, T, Dh)
+        dropout_p = self.dropout if self.training else 0.0
+        if use_materialized(q, k, mask):
+            y = materialized_attention(q, k, v, mask, is_causal, dropout_p)  # (B, H, T, Dh)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+            )  # (B, H, T, Dh)
         y = y.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, D)
         return self.out_proj(y)
 
