@@ -98,12 +98,17 @@ def generation_quality(bundle: Path, max_examples: int | None) -> dict:
 
 # --layers: which linear layers int8 covers, to find where greedy replies flip (name patterns of the families'
 # modules: attention projections are *_attn.*/attn.*, the output layer lm_head).
+# Each set's activations are quantized as serving's (``inference.full_range_activations``: 8 bits on CPUs with int8
+# dot products), except the 7-bit set, torch's own dynamic layer (``reduce_range=True`` always), which serving used
+# before: the same layers as "all", to measure what the eighth bit does.
 LAYER_SETS = {
     "all": None,
+    "all, 7-bit activations (torch's default)": None,
     "no-attention": r"attn",
     "no-output": r"lm_head$",
     "feed-forward only": r"attn|lm_head$",
 }
+SEVEN_BIT_SETS = ("all, 7-bit activations (torch's default)",)
 
 
 def _plain_fp32(bundle: Path):
@@ -126,7 +131,8 @@ def _plain_fp32(bundle: Path):
 def layer_study(bundle: Path, max_examples: int | None) -> dict:
     """Greedy token agreement with fp32 when int8 covers only some linear layers (LAYER_SETS), with the share of
     matmul weights each set quantizes. Not a serving path: ``quantize_int8`` refuses sets below
-    ``INT8_MIN_COVERAGE``; this applies torch's dynamic quantization to the set directly."""
+    ``INT8_MIN_COVERAGE``; this applies torch's dynamic quantization to the set directly, then serving's activation
+    width (``inference.full_range_activations``) except for ``SEVEN_BIT_SETS``."""
     import re
     import warnings
 
@@ -158,9 +164,11 @@ def layer_study(bundle: Path, max_examples: int | None) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.ao.quantization.quantize_dynamic(m.model.eval(), spec, dtype=torch.qint8, inplace=True)
+        full = 0 if name in SEVEN_BIT_SETS else inference.full_range_activations(m.model)
         toks = greedy(m)
         out["sets"][name] = {
             "linear_weight_share": sum(weights.get(k, 0) for k in spec) / sum(weights.values()),
+            "activation_bits": 8 if full else 7,
             "token_agreement": token_agreement(base, toks),
             "chrf": sacrebleu.corpus_chrf([m.tok.decode(t) for t in toks], refs).score,
         }

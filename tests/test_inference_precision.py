@@ -355,3 +355,43 @@ def test_the_fp32_kernel_log_says_why_a_small_model_keeps_torchs_matmul(bundles,
     (line,) = [r.getMessage() for r in caplog.records if "fp32 linear layers of tiny" in r.getMessage()]
     assert "(0 packed; chosen by the test)" in line and "unavailable" not in line
     assert "no linear layer has the 262,144 weights" in line
+
+
+def _quantized_pair(flags: set[str]):
+    """A two-layer model quantized by ``quantize_int8`` as a CPU with ``flags`` would get it, and its fp32 twin."""
+    import copy
+
+    from chatforge import inference
+
+    torch.manual_seed(0)
+    fp32 = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32)).eval()
+    int8 = copy.deepcopy(fp32)
+    real = inference.runtime.int8_dot_products
+    inference.runtime.int8_dot_products = lambda f=None: real(flags if f is None else f)
+    try:
+        inference.quantize_int8(int8, "test")
+    finally:
+        inference.runtime.int8_dot_products = real
+    return fp32, int8
+
+
+def test_int8_activations_use_all_8_bits_where_the_cpu_has_int8_dot_products():
+    """torch's dynamic linear layer always quantizes activations to 7 bits (``reduce_range=True``); with VNNI/AMX
+    chatforge's use 8 (fails on the old code, which kept torch's 7 everywhere)."""
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    fp32, vnni = _quantized_pair({"avx512_vnni"})
+    _, avx2 = _quantized_pair({"avx2"})
+    first = vnni[0]
+    exact8 = torch.ops.quantized.linear_dynamic(x, first._packed_params._packed_params, reduce_range=False)
+    exact7 = torch.ops.quantized.linear_dynamic(x, first._packed_params._packed_params, reduce_range=True)
+    assert not torch.equal(exact8, exact7)  # the two really differ on this input
+    with torch.no_grad():
+        assert torch.equal(vnni[0](x), exact8)
+        assert torch.equal(avx2[0](x), exact7)  # no int8 dot products: torch's 7-bit path stays
+        ref = fp32(x)
+        err8, err7 = (vnni(x) - ref).abs().mean().item(), (avx2(x) - ref).abs().mean().item()
+    assert err8 < 0.75 * err7  # the eighth bit halves the activation rounding step
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    assert all(isinstance(m, QLinear) for m in (vnni[0], vnni[2], avx2[0]))  # still torch's int8 layers
+    assert "full range" in repr(vnni) and "full range" not in repr(avx2)

@@ -32,6 +32,7 @@ __all__ = [  # autocast_for, torch_class_probs, ClassPrediction: re-exported fro
     "TokenDelta",
     "autocast_for",
     "check_precision",
+    "full_range_activations",
     "load_model",
     "quantize_int8",
     "resolve_precision",
@@ -97,10 +98,54 @@ def linear_width(model: torch.nn.Module) -> int | None:
     return widths[len(widths) // 2] if widths else None
 
 
+def _full_range_linear_class() -> type:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    class FullRangeDynamicLinear(DynamicLinear):
+        """torch's dynamic int8 linear layer with its activations quantized to all 8 bits (0-255 with the call's own
+        scale and zero point) instead of 7: ``DynamicQuantizedLinear.forward`` always passes ``reduce_range=True``,
+        which guards CPUs whose u8 x s8 kernels add pairs of products in 16-bit lanes (and can saturate). With int8 dot
+        products (VNNI, AMX) the products are added in 32 bits, so the eighth bit is free precision."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False)
+            return y.to(x.dtype)
+
+        def _get_name(self) -> str:
+            return "DynamicQuantizedLinear(full range)"
+
+    return FullRangeDynamicLinear
+
+
+_FULL_RANGE_LINEAR: type | None = None
+
+
+def full_range_activations(model: torch.nn.Module, flags: set[str] | None = None) -> int:
+    """Give ``model``'s dynamically quantized int8 linear layers 8-bit activations where this CPU (or one with
+    ``flags``) has int8 dot products (:func:`chatforge.runtime.int8_dot_products`); returns how many layers changed
+    (0 elsewhere: there torch's 7-bit activations stay). On ChatbotData's test questions (a 10-epoch
+    ``chatbot_kr_transformer.yaml`` run) greedy int8 replies agreed with fp32 on 89.3 % of tokens against 83.5 % with 7
+    bits (README, Serving precision)."""
+    global _FULL_RANGE_LINEAR
+    if not runtime.int8_dot_products(flags):
+        return 0
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    if _FULL_RANGE_LINEAR is None:
+        _FULL_RANGE_LINEAR = _full_range_linear_class()
+    changed = 0
+    for module in model.modules():
+        if type(module) is DynamicLinear and module._packed_params.dtype == torch.qint8:
+            module.__class__ = _FULL_RANGE_LINEAR
+            changed += 1
+    return changed
+
+
 def quantize_int8(model: torch.nn.Module, family: str) -> torch.nn.Module:
     """Dynamically quantize ``model``'s linear layers to int8 in place (``torch.ao.quantization``):
-    weights int8 per output channel, activations quantized per call from their observed range, int32
-    accumulation, fp32 out; everything else (embeddings, norms, attention softmax) stays fp32.
+    weights int8 per output channel, activations quantized per call from their observed range (8 bits on CPUs with
+    int8 dot products, torch's 7 elsewhere: :func:`full_range_activations`), int32 accumulation, fp32 out; everything
+    else (embeddings, norms, attention softmax) stays fp32.
 
     The kernels are those of torch's ``x86`` quantized engine (its default on x86): it runs dynamic
     linear layers on FBGEMM (AVX2/AVX512, VNNI where present). On the Xeon with AMX here a 256-1024-256-8000
@@ -122,8 +167,10 @@ def quantize_int8(model: torch.nn.Module, family: str) -> torch.nn.Module:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
         torch.ao.quantization.quantize_dynamic(model.eval(), spec, dtype=torch.qint8, inplace=True)
-    logger.info("quantized %d layers of %s to int8 (%.0f%% of its matmul weights; engine %s)",
-                len(spec), family, 100 * coverage, torch.backends.quantized.engine)
+    full = full_range_activations(model)
+    logger.info("quantized %d layers of %s to int8 (%.0f%% of its matmul weights; engine %s; activations %s)",
+                len(spec), family, 100 * coverage, torch.backends.quantized.engine,
+                f"8-bit in {full} linear layers (int8 dot products)" if full else "7-bit (no int8 dot products)")
     return model
 
 

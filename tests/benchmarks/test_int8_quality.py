@@ -51,7 +51,12 @@ def test_layer_study_quantizes_exactly_the_named_layer_sets(script, tmp_path, mo
     ff = sum(v for n, v in weights.items() if ".ff." in n)
     attn = sum(v for n, v in weights.items() if "attn" in n)
     shares = {k: v["linear_weight_share"] for k, v in got["sets"].items()}
-    assert shares["all"] == pytest.approx(1.0)
+    assert shares["all"] == pytest.approx(1.0) == shares["all, 7-bit activations (torch's default)"]
+    from chatforge.runtime import int8_dot_products
+
+    bits = {k: v["activation_bits"] for k, v in got["sets"].items()}
+    assert bits.pop("all, 7-bit activations (torch's default)") == 7
+    assert set(bits.values()) == {8 if int8_dot_products() else 7}  # as serving quantizes them on this CPU
     assert shares["no-attention"] == pytest.approx(1 - attn / total)
     assert shares["no-output"] == pytest.approx(1 - weights["lm_head"] / total)
     assert shares["feed-forward only"] == pytest.approx(ff / total)
