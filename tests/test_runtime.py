@@ -144,9 +144,12 @@ def test_trainer_resolves_auto_and_warns_about_emulated_bf16(monkeypatch, caplog
 
 def test_set_omp_wait_policy_keeps_the_users_choice():
     env: dict[str, str] = {}
-    assert runtime.set_omp_wait_policy(env) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert runtime.set_omp_wait_policy(env) == "PASSIVE"
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(runtime.OMP_SPIN_COUNT)}
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert runtime.set_omp_wait_policy(env) == "ACTIVE" and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert runtime.set_omp_wait_policy(env) == "ACTIVE" and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    env = {"GOMP_SPINCOUNT": "0"}  # a spin count alone is a choice too
+    assert runtime.set_omp_wait_policy(env) == "default" and env == {"GOMP_SPINCOUNT": "0"}
 
 
 def test_configure_threads_sizes_torch_from_available_cpus(monkeypatch):
@@ -214,11 +217,14 @@ def _probe(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_chatforge_entry_point_sets_a_passive_wait_policy_before_torch_loads():
+def test_chatforge_entry_point_sets_a_short_spin_then_passive_wait_policy_before_torch_loads():
+    """Fails on the old code, which set PASSIVE alone (libgomp then spins 0 times: every short parallel region of a
+    batch-1 forward had to wake its workers)."""
     r = _probe({})
     assert r.returncode == 0, r.stderr
     assert "torch-before False" in r.stdout and "policy PASSIVE" in r.stdout
-    assert "OMP_WAIT_POLICY = 'PASSIVE'" in r.stderr and "GOMP_SPINCOUNT = '0'" in r.stderr  # took effect
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in r.stderr  # took effect, with the short spin:
+    assert f"GOMP_SPINCOUNT = '{runtime.OMP_SPIN_COUNT}'" in r.stderr
     r = _probe({"OMP_WAIT_POLICY": "ACTIVE"})  # the user's choice wins
     assert "policy ACTIVE" in r.stdout and "OMP_WAIT_POLICY = 'ACTIVE'" in r.stderr
 

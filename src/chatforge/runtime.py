@@ -188,22 +188,32 @@ def cpu_info() -> dict:
     return info
 
 
-def set_omp_wait_policy(environ: MutableMapping[str, str] | None = None) -> str:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy; returns the policy in effect.
+# Spins (libgomp: about 100 per microsecond) an idle OpenMP worker waits actively before it sleeps, where chatforge
+# chooses: a short spin, then PASSIVE. See set_omp_wait_policy.
+OMP_SPIN_COUNT = 1000
 
-    With the default policy, OpenMP worker threads spin for a while after each parallel region
-    waiting for the next: on a quiet machine that saves a wake-up, but on a shared or CPU-quota'd one
-    the spinning burns the CPU time other threads (and other processes) need. The issue measured one
-    training step at 1.3 s of CPU with the default and 0.10 s with PASSIVE on a loaded 2-core machine
-    (benchmarks/omp_wait_policy.py measures it again). The OpenMP runtime reads it once, when torch
-    loads it, so this must run before ``import torch``.
+
+def set_omp_wait_policy(environ: MutableMapping[str, str] | None = None) -> str:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` with ``GOMP_SPINCOUNT=OMP_SPIN_COUNT`` (idle OpenMP workers spin about 10 us,
+    then sleep) unless the user set either; returns the policy in effect.
+
+    With libgomp's default, workers spin 300,000 times (about 3 ms) after each parallel region waiting for the
+    next: on a shared or CPU-quota'd machine that burns the CPU time other threads (and processes) need. The
+    issue measured one training step at 1.3 s of CPU with the default and 0.10 s with PASSIVE on a loaded 2-core
+    machine. PASSIVE alone (no spin) has its own cost: each of the hundreds of short regions of a batch-1 forward
+    must wake its workers, which doubled a BERT-sized encoder's latency on a quiet machine. A 1,000-spin wait
+    keeps both (``benchmarks/omp_wait_policy.py``, AMD EPYC Zen 5, 2 threads): batch-1 inference 1.6 ms quiet
+    against 4.0 with PASSIVE and 2.0 with the default, training steps as with PASSIVE quiet and with 3 busy
+    processes beside it; only batch-1 inference under that contention pays (8.6 ms against PASSIVE's 5.7, the
+    default's 15.7). The OpenMP runtime reads both once, when torch loads it, so this must run before ``import torch``.
     """
     env = os.environ if environ is None else environ
-    if "OMP_WAIT_POLICY" not in env:
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env["GOMP_SPINCOUNT"] = str(OMP_SPIN_COUNT)
         if "torch" in sys.modules:
             logger.debug("OMP_WAIT_POLICY set after torch was imported: it applies to child processes only")
-    return env["OMP_WAIT_POLICY"]
+    return env.get("OMP_WAIT_POLICY", "default")
 
 
 def configure_threads(environ: MutableMapping[str, str] | None = None, share: int = 1, reserve: int = 0) -> int:

@@ -121,7 +121,7 @@ def run_bench(opts: BenchOptions, progress: Callable[[str], None] | None = None,
         "machine": {"cpu": cpu_info(), "cpus_available": cpus, "threads": opts.threads, "load_before": load_before,
                     "versions": _versions(),
                     "env": {k: os.environ.get(k) for k in ("RAYON_NUM_THREADS", "KMP_BLOCKTIME", "OMP_NUM_THREADS",
-                                                             "OMP_WAIT_POLICY")}},
+                                                             "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}},
         "cases": {}, "left_out": dict(LEFT_OUT)}
     result["machine"]["contended_by"] = opts.contend
     hogs = start_hogs(opts.contend)

@@ -111,7 +111,7 @@ def machine_line(result: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------ what the scripts' reports share
-THREAD_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "KMP_BLOCKTIME")
+THREAD_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "KMP_BLOCKTIME")
 
 
 def last_outputs(runs: dict[str, dict[str, list[dict]]], cases: Sequence[str], key: str) -> dict[str, list]:

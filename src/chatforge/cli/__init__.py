@@ -35,7 +35,7 @@ __all__ = ["app", "main"]
 
 def main() -> None:
     # Before any command imports torch: its OpenMP runtime reads the wait policy once, when it loads
-    # (chatforge.runtime.set_omp_wait_policy says why PASSIVE). Child processes (torchrun) inherit it.
+    # (chatforge.runtime.set_omp_wait_policy says why PASSIVE after a short spin). Child processes (torchrun) inherit it.
     from chatforge.runtime import set_omp_wait_policy
 
     set_omp_wait_policy()
