@@ -102,7 +102,7 @@ def dev_overrides(dev_fraction: float, group_similarity: float | None, dev_split
 
 def plan_runs(skip, transformer_seeds, transformer_epochs: int, zoo_epochs: int, dev_fraction: float,
               group_similarity: float | None = None, oe_seeds=(0,),
-              dev_split: str = "tail") -> list[tuple[str, str, str, list[str]]]:
+              dev_split: str = "tail", subword_alpha: float = 0.0) -> list[tuple[str, str, str, list[str]]]:
     """(kind, run key, config, overrides) for every CLINC150 model --skip leaves; every run holds out the
     same development split (data.dev_fraction, data.dev_seed 0, data.dev_split, data.dev_group_similarity)."""
     dev = dev_overrides(dev_fraction, group_similarity, dev_split)
@@ -112,37 +112,42 @@ def plan_runs(skip, transformer_seeds, transformer_epochs: int, zoo_epochs: int,
              [f"model.outliers={DATA / 'clinc150' / WIKI}", "model.outlier_weight=0.1"]),
             ("xgboost", "xgboost", "xgboost_clinc150.yaml", [])]
     plan += [("transformer", f"transformer-s{seed}", "clinc150_transformer.yaml",
-              transformer_overrides(seed, transformer_epochs)) for seed in transformer_seeds]
+              transformer_overrides(seed, transformer_epochs, subword_alpha=subword_alpha)) for seed in transformer_seeds]
     plan += [("transformer-oe", f"transformer-oe-s{seed}", "clinc150_transformer.yaml",
-              transformer_overrides(seed, transformer_epochs, outliers=True)) for seed in oe_seeds]
+              transformer_overrides(seed, transformer_epochs, outliers=True, subword_alpha=subword_alpha))
+             for seed in oe_seeds]
     plan += [(fam, fam, config, [f"train.epochs={zoo_epochs}", "train.precision=auto",
                                  "tokenizer.on_vocab_too_large=lower", "train.num_threads=2"])
              for fam, config in ZOO.items()]
     return [(kind, key, config, dev + extra) for kind, key, config, extra in plan if kind not in set(skip)]
 
 
-def transformer_overrides(seed: int, epochs: int, outliers: bool = False) -> list[str]:
+def transformer_overrides(seed: int, epochs: int, outliers: bool = False, subword_alpha: float = 0.0) -> list[str]:
     """clinc150_transformer.yaml's overrides for one seed; ``outliers``: with outlier exposure (the 14,750
-    Wikipedia sentences, weight ``OE_WEIGHT``), which makes it clinc150_transformer_oe.yaml."""
+    Wikipedia sentences, weight ``OE_WEIGHT``), which makes it clinc150_transformer_oe.yaml; ``subword_alpha``:
+    subword regularization (train.subword_alpha; 0: off)."""
     out = [f"seed={seed}", f"train.epochs={epochs}", "train.precision=auto", "tokenizer.on_vocab_too_large=lower",
-           "train.num_threads=2"]
+           "train.num_threads=2"] + ([f"train.subword_alpha={subword_alpha}"] if subword_alpha else [])
     return out + ([f"data.outliers={DATA / 'clinc150' / WIKI}", f"train.outlier_weight={OE_WEIGHT}"] if outliers else [])
 
 
 def distill_plan(skip, seeds, teacher: Path, epochs: int, dev_fraction: float,
-                 group_similarity: float | None = None, dev_split: str = "tail") -> list[tuple[str, str, str, list[str]]]:
+                 group_similarity: float | None = None, dev_split: str = "tail",
+                 subword_alpha: float = 0.0) -> list[tuple[str, str, str, list[str]]]:
     """The students of the ensemble (``transformer-distill-s<seed>``): the outlier-exposure Transformer trained
     with the ensemble run ``teacher``'s probabilities as soft targets (train.distill_from), same dev split."""
     if "transformer-distill" in skip or "ensemble" in skip:
         return []
     return [("transformer-distill", f"transformer-distill-s{seed}", "clinc150_transformer.yaml",
-             dev_overrides(dev_fraction, group_similarity, dev_split) + transformer_overrides(seed, epochs, outliers=True)
+             dev_overrides(dev_fraction, group_similarity, dev_split)
+             + transformer_overrides(seed, epochs, outliers=True, subword_alpha=subword_alpha)
              + [f"train.distill_from={teacher}", f"train.distill_weight={DISTILL_WEIGHT}",
                 f"train.distill_temperature={DISTILL_TEMPERATURE}"]) for seed in seeds]
 
 
 def crossfit_plan(folds: int, seed: int, oe_seed: int, epochs: int, dev_fraction: float,
-                  group_similarity: float | None = None, dev_split: str = "tail") -> list[list[tuple[str, str, str, list[str]]]]:
+                  group_similarity: float | None = None, dev_split: str = "tail",
+                  subword_alpha: float = 0.0) -> list[list[tuple[str, str, str, list[str]]]]:
     """Per fold i of ``folds``: (kind, run key, config, overrides) of the SVM and the outlier-exposure Transformer
     (seed ``oe_seed``) trained without that fold of the training split (``data.crossfit_fold``), whose ensemble
     is the fold's teacher: for the examples of fold i, it is a teacher that never saw them."""
@@ -152,15 +157,17 @@ def crossfit_plan(folds: int, seed: int, oe_seed: int, epochs: int, dev_fraction
         cf = [f"data.crossfit_fold.folds={folds}", f"data.crossfit_fold.fold={i}", f"data.crossfit_fold.seed={seed}"]
         out.append([("svm", f"svm-cf{i}of{folds}", "linear_svm_clinc150.yaml", dev + cf),
                     ("transformer-oe", f"transformer-oe-s{oe_seed}-cf{i}of{folds}", "clinc150_transformer.yaml",
-                     dev + cf + transformer_overrides(oe_seed, epochs, outliers=True))])
+                     dev + cf + transformer_overrides(oe_seed, epochs, outliers=True, subword_alpha=subword_alpha))])
     return out
 
 
 def student_overrides(seed: int, epochs: int, teachers: list[Path], dev_fraction: float,
-                      group_similarity: float | None = None, dev_split: str = "tail") -> list[str]:
+                      group_similarity: float | None = None, dev_split: str = "tail",
+                      subword_alpha: float = 0.0) -> list[str]:
     """The outlier-exposure Transformer distilled from ``teachers``: one run, or one per cross-fitting fold."""
     source = json.dumps([str(t) for t in teachers]) if len(teachers) > 1 else str(teachers[0])
-    return (dev_overrides(dev_fraction, group_similarity, dev_split) + transformer_overrides(seed, epochs, outliers=True)
+    return (dev_overrides(dev_fraction, group_similarity, dev_split)
+            + transformer_overrides(seed, epochs, outliers=True, subword_alpha=subword_alpha)
             + [f"train.distill_from={source}", f"train.distill_weight={DISTILL_WEIGHT}",
                f"train.distill_temperature={DISTILL_TEMPERATURE}"])
 
@@ -305,6 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="near-duplicates at this char n-gram cosine are held out together "
                          "(data.dev_group_similarity; 0: one by one)")
     ap.add_argument("--transformer-epochs", type=int, default=12)
+    ap.add_argument("--transformer-subword-alpha", type=float, default=0.0, metavar="ALPHA",
+                    help="subword regularization for every Transformer run (train.subword_alpha; 0: off); runs trained "
+                         "without it are not reused (give another --runs-dir)")
     ap.add_argument("--transformer-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--transformer-oe-seeds", type=int, nargs="*", default=[0],
                     help="seeds of the Transformer trained with outlier exposure (transformer-oe), beside the plain ones")
@@ -355,7 +365,7 @@ def main() -> None:
     runs: dict[str, Path] = {}
     for _, key, config, extra in plan_runs(args.skip, args.transformer_seeds, args.transformer_epochs,
                                            args.zoo_epochs, args.dev_fraction, args.dev_group_similarity,
-                                           args.transformer_oe_seeds, args.dev_split):
+                                           args.transformer_oe_seeds, args.dev_split, args.transformer_subword_alpha):
         runs[key] = train(config, args.runs_dir / f"{key}-clinc150", data_override + extra).parent
     for config, run_dir, extra in bert_pt_plan(args.skip, args.runs_dir, args.dev_fraction, args.dev_group_similarity,
                                               args.dev_split):
@@ -381,7 +391,8 @@ def main() -> None:
                                                   f"model.weights={json.dumps(weights)}", "oos.policy=scorer",
                                                   f"oos.max_in_scope_drop={args.max_in_scope_drop}"]).parent
         for _, key, config, extra in distill_plan(args.skip, args.distill_seeds, runs[name], args.transformer_epochs,
-                                                  args.dev_fraction, args.dev_group_similarity, args.dev_split):
+                                                  args.dev_fraction, args.dev_group_similarity, args.dev_split,
+                                                  args.transformer_subword_alpha):
             runs[key] = train(config, args.runs_dir / f"{key}-clinc150", data_override + extra).parent
 
     if args.distill_crossfit and "transformer-distill" not in args.skip:
@@ -391,7 +402,8 @@ def main() -> None:
         k, oe_seed = args.distill_crossfit, (args.transformer_oe_seeds or [0])[0]
         dev = (args.dev_fraction, args.dev_group_similarity, args.dev_split)
         teachers = []
-        for i, fold in enumerate(crossfit_plan(k, 0, oe_seed, args.transformer_epochs, *dev)):
+        for i, fold in enumerate(crossfit_plan(k, 0, oe_seed, args.transformer_epochs, *dev,
+                                               subword_alpha=args.transformer_subword_alpha)):
             members = [train(config, args.runs_dir / f"{key}-clinc150", data_override + extra).parent
                        for _, key, config, extra in fold]
             teachers.append(train("ensemble_clinc150.yaml", args.runs_dir / f"ensemble-oe1-cf{i}of{k}-clinc150",
@@ -405,7 +417,8 @@ def main() -> None:
             for key, source in ((f"transformer-distill-oe1-s{seed}", [in_sample]),
                                 (f"transformer-distill-cf{k}-s{seed}", teachers)):
                 runs[key] = train("clinc150_transformer.yaml", args.runs_dir / f"{key}-clinc150",
-                                  data_override + student_overrides(seed, args.transformer_epochs, source, *dev)).parent
+                                  data_override + student_overrides(seed, args.transformer_epochs, source, *dev,
+                                                                    subword_alpha=args.transformer_subword_alpha)).parent
 
     rows, results = [], {}
     drop = args.max_in_scope_drop

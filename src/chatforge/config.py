@@ -262,6 +262,12 @@ class TrainConfig(_Strict):
     contrastive_weight: float = Field(0.0, ge=0.0, le=100.0)
     contrastive_temperature: float = Field(0.1, gt=0.0, le=10.0)
     contrastive_queue: int = Field(4096, ge=0, le=1_000_000)
+    # Subword regularization (Kudo 2018) for torch models on a SentencePiece tokenizer: every epoch the training
+    # texts are segmented afresh by sampling SentencePiece's segmentations (unigram: from the lattice, smoothed by
+    # subword_alpha, smaller = more varied; BPE: BPE-dropout with probability subword_alpha), over the subword_nbest
+    # best ones (-1: all). 0 = off: the one best segmentation, as validation, evaluation and serving always use.
+    subword_alpha: float = Field(0.0, ge=0.0, le=1.0)
+    subword_nbest: int = Field(-1, ge=-1, le=1000)
 
 
 class OutputConfig(_Strict):
@@ -336,6 +342,17 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"train.contrastive_weight trains the feature space of a torch classifier; family "
                              f"{self.model.family!r} with task {self.model.task!r} is not one (families: the torch "
                              "ones, task 'classification'); set it to 0")
+        if self.train.subword_alpha > 0:
+            if self.tokenizer.kind != "sentencepiece":
+                raise ValueError(f"train.subword_alpha={self.train.subword_alpha} samples SentencePiece segmentations; "
+                                 f"tokenizer.kind {self.tokenizer.kind!r} has one segmentation per text: set it to 0 "
+                                 "or use tokenizer.kind 'sentencepiece'")
+            if self.model.spec.kind != "torch":
+                raise ValueError(f"train.subword_alpha re-segments the training texts of torch models each epoch; "
+                                 f"family {self.model.family!r} is not one (families: the torch ones): set it to 0")
+        if self.train.subword_nbest in (0, 1) and self.train.subword_alpha > 0:
+            raise ValueError(f"train.subword_nbest={self.train.subword_nbest} leaves nothing to sample from; use -1 "
+                             "(every segmentation) or at least 2")
         if self.train.distill_from is not None:
             if isinstance(self.train.distill_from, list) and len(self.train.distill_from) < 2:
                 raise ValueError(f"train.distill_from: a list names one run per cross-fitting fold and needs at "

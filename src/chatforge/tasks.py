@@ -198,6 +198,71 @@ def make_dataset(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) ->
     return get_task(spec.task, spec.family).build(spec, examples, tok)
 
 
+class SubwordSampler:
+    """A SentencePiece :class:`Tokenizer` whose ``encode``/``encode_batch`` sample a segmentation (subword
+    regularization, Kudo 2018: unigram models sample from the segmentation lattice smoothed by ``alpha``, BPE models
+    drop merges with probability ``alpha``) among the ``nbest`` best (-1: all); every other attribute is the
+    tokenizer's. Texts are encoded one by one: SentencePiece's threaded list form would make the draws depend on
+    thread scheduling, not only on the seed (:func:`seed_subword_sampling`)."""
+
+    def __init__(self, tok: Tokenizer, alpha: float, nbest: int = -1) -> None:
+        if getattr(tok, "kind", None) != "sentencepiece":
+            raise TaskDataError(f"subword sampling needs a SentencePiece tokenizer, not {getattr(tok, 'kind', tok)!r}")
+        self._tok, self.alpha, self.nbest = tok, alpha, nbest
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.sp.encode(text, out_type=int, enable_sampling=True, alpha=self.alpha, nbest_size=self.nbest)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+
+def seed_subword_sampling(seed: int, epoch: int) -> None:
+    """Seed SentencePiece's sampler (process-wide) from (run seed, epoch): an epoch's segmentations are a function
+    of the two, so a resumed run and one DDP rank see what an uninterrupted single process sees."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed((seed * 1_000_003 + epoch) % (2**31 - 1) + 1)
+
+
+class ResegmentedDataset(Dataset):
+    """A training set rebuilt every epoch from freshly sampled segmentations of its texts (``train.subword_alpha``).
+
+    ``build(tokenizer)`` makes the set (the task's dataset, with outliers mixed in where there are any) from a
+    tokenizer; here it gets a :class:`SubwordSampler`. :meth:`set_epoch`, which the Trainer calls at the start of
+    each epoch, re-segments with the sampler seeded by (seed, epoch). The rows stay in place (row i is example i),
+    so the sampler's order, exact resume and DDP are as for any dataset.
+    """
+
+    def __init__(self, build: Callable[[Any], Dataset], tok: Tokenizer, alpha: float, nbest: int, seed: int) -> None:
+        self._build, self._sampler, self._seed = build, SubwordSampler(tok, alpha, nbest), seed
+        self.epoch: int | None = None
+        self.current: Dataset = build(tok)  # replaced by set_epoch; sized like every epoch's
+        self._n = len(self.current)  # type: ignore[arg-type]
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch == self.epoch:
+            return
+        seed_subword_sampling(self._seed, epoch)
+        current = self._build(self._sampler)
+        if len(current) != self._n:  # type: ignore[arg-type]
+            raise TaskDataError(f"re-segmenting the training set changed its size from {self._n} to {len(current)}")
+        self.current, self.epoch = current, epoch
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int):
+        return self.current[i]
+
+    def collate(self, batch):
+        return self.current.collate(batch)  # type: ignore[attr-defined]
+
+
 class OutlierExposureDataset(Dataset):
     """A classification training set with unlabelled out-of-domain rows mixed in (outlier exposure, Hendrycks
     et al. 2019, "Deep Anomaly Detection with Outlier Exposure").
@@ -331,6 +396,10 @@ class SoftTargetDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.inner[i], i
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.inner, "set_epoch"):  # a ResegmentedDataset inside
+            self.inner.set_epoch(epoch)
 
     def collate(self, batch):
         out = self.inner.collate([item for item, _ in batch])

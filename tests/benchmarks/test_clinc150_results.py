@@ -189,3 +189,18 @@ def test_distill_crossfit_refuses_to_start_without_what_it_trains_on(script, cap
     assert "--distill-crossfit 5 needs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         script.parse_args(["--distill-crossfit", "1"])
+
+
+def test_subword_regularization_reaches_every_transformer_run_and_nothing_else(script, tmp_path):
+    from chatforge.config import load_config
+
+    assert script.parse_args([]).transformer_subword_alpha == 0.0
+    assert not any("subword" in o for _, _, _, over in script.plan_runs([], [0], 12, 6, 0.2) for o in over)
+    plan = script.plan_runs([], [0], 12, 6, 0.2, oe_seeds=[1], subword_alpha=0.2)
+    for kind, key, config, over in plan:
+        cfg = load_config(ROOT / "configs" / config, ["tracking.enabled=false", "oos.policy=train", *over])
+        assert (cfg.train.subword_alpha == 0.2) == kind.startswith("transformer"), key
+    assert "train.subword_alpha=0.2" in script.distill_plan([], [0], tmp_path, 12, 0.2, subword_alpha=0.2)[0][3]
+    assert all("train.subword_alpha=0.2" in fold[1][3] and "train.subword_alpha=0.2" not in fold[0][3]
+               for fold in script.crossfit_plan(3, 0, 0, 12, 0.2, subword_alpha=0.2))
+    assert "train.subword_alpha=0.2" in script.student_overrides(0, 12, [tmp_path], 0.2, subword_alpha=0.2)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from chatforge import runtime
 from chatforge.bundle import build_from_config, load_bundle, save_bundle, torch_class_probs
@@ -41,6 +41,7 @@ from chatforge.evaluation.metrics import corpus_chrf, generation_quality, select
 from chatforge.fileio import atomic_write_bytes
 from chatforge.oos import fit_policy, in_scope_only, oos_metrics
 from chatforge.tasks import (
+    ResegmentedDataset,
     SoftTargetDataset,
     TaskDataError,
     TaskDef,
@@ -381,9 +382,18 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
     if cfg.model.init_from:
         init_report = _init_from(model, pre, cfg.model.init_from)
 
-    train_ds = make_dataset(spec, train, tok)
+    def build_train(t) -> Dataset:
+        ds = make_dataset(spec, train, t)
+        return with_outliers(spec, ds, outliers, t) if outliers is not None else ds
+
+    if cfg.train.subword_alpha > 0:
+        train_ds = ResegmentedDataset(build_train, tok, cfg.train.subword_alpha, cfg.train.subword_nbest, cfg.seed)
+        log.info("subword regularization: the training texts are segmented afresh each epoch, sampled with alpha %g "
+                 "from %s", cfg.train.subword_alpha, "every segmentation" if cfg.train.subword_nbest < 0
+                 else f"the {cfg.train.subword_nbest} best segmentations")
+    else:
+        train_ds = build_train(tok)
     if outliers is not None:
-        train_ds = with_outliers(spec, train_ds, outliers, tok)
         log.info("outlier exposure: %d unlabelled sentences from %s mixed into %d training examples, weight %g",
                  len(outliers), cfg.data.outliers, len(train), cfg.train.outlier_weight)
     if teachers is not None:

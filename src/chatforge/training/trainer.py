@@ -291,6 +291,9 @@ class Trainer:
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler: the order is a function of (seed, epoch)
             sampler.set_epoch(self.epoch)
+        dataset = getattr(self.train_loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):  # train.subword_alpha: this epoch's segmentations, from (seed, epoch)
+            dataset.set_epoch(self.epoch)
         gen = getattr(self.train_loader, "generator", None)
         resume, self._resume = self._resume, None
         if resume is not None:
