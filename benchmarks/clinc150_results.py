@@ -102,7 +102,7 @@ def dev_overrides(dev_fraction: float, group_similarity: float | None, dev_split
 
 def plan_runs(skip, transformer_seeds, transformer_epochs: int, zoo_epochs: int, dev_fraction: float,
               group_similarity: float | None = None, oe_seeds=(0,),
-              dev_split: str = "tail", subword_alpha: float = 0.0) -> list[tuple[str, str, str, list[str]]]:
+              dev_split: str = "tail", subword_alpha: float | None = None) -> list[tuple[str, str, str, list[str]]]:
     """(kind, run key, config, overrides) for every CLINC150 model --skip leaves; every run holds out the
     same development split (data.dev_fraction, data.dev_seed 0, data.dev_split, data.dev_group_similarity)."""
     dev = dev_overrides(dev_fraction, group_similarity, dev_split)
@@ -122,18 +122,19 @@ def plan_runs(skip, transformer_seeds, transformer_epochs: int, zoo_epochs: int,
     return [(kind, key, config, dev + extra) for kind, key, config, extra in plan if kind not in set(skip)]
 
 
-def transformer_overrides(seed: int, epochs: int, outliers: bool = False, subword_alpha: float = 0.0) -> list[str]:
+def transformer_overrides(seed: int, epochs: int, outliers: bool = False,
+                          subword_alpha: float | None = None) -> list[str]:
     """clinc150_transformer.yaml's overrides for one seed; ``outliers``: with outlier exposure (the 14,750
     Wikipedia sentences, weight ``OE_WEIGHT``), which makes it clinc150_transformer_oe.yaml; ``subword_alpha``:
-    subword regularization (train.subword_alpha; 0: off)."""
+    subword regularization (train.subword_alpha; 0: off; None: the config's)."""
     out = [f"seed={seed}", f"train.epochs={epochs}", "train.precision=auto", "tokenizer.on_vocab_too_large=lower",
-           "train.num_threads=2"] + ([f"train.subword_alpha={subword_alpha}"] if subword_alpha else [])
+           "train.num_threads=2"] + ([f"train.subword_alpha={subword_alpha}"] if subword_alpha is not None else [])
     return out + ([f"data.outliers={DATA / 'clinc150' / WIKI}", f"train.outlier_weight={OE_WEIGHT}"] if outliers else [])
 
 
 def distill_plan(skip, seeds, teacher: Path, epochs: int, dev_fraction: float,
                  group_similarity: float | None = None, dev_split: str = "tail",
-                 subword_alpha: float = 0.0) -> list[tuple[str, str, str, list[str]]]:
+                 subword_alpha: float | None = None) -> list[tuple[str, str, str, list[str]]]:
     """The students of the ensemble (``transformer-distill-s<seed>``): the outlier-exposure Transformer trained
     with the ensemble run ``teacher``'s probabilities as soft targets (train.distill_from), same dev split."""
     if "transformer-distill" in skip or "ensemble" in skip:
@@ -147,7 +148,7 @@ def distill_plan(skip, seeds, teacher: Path, epochs: int, dev_fraction: float,
 
 def crossfit_plan(folds: int, seed: int, oe_seed: int, epochs: int, dev_fraction: float,
                   group_similarity: float | None = None, dev_split: str = "tail",
-                  subword_alpha: float = 0.0) -> list[list[tuple[str, str, str, list[str]]]]:
+                  subword_alpha: float | None = None) -> list[list[tuple[str, str, str, list[str]]]]:
     """Per fold i of ``folds``: (kind, run key, config, overrides) of the SVM and the outlier-exposure Transformer
     (seed ``oe_seed``) trained without that fold of the training split (``data.crossfit_fold``), whose ensemble
     is the fold's teacher: for the examples of fold i, it is a teacher that never saw them."""
@@ -163,7 +164,7 @@ def crossfit_plan(folds: int, seed: int, oe_seed: int, epochs: int, dev_fraction
 
 def student_overrides(seed: int, epochs: int, teachers: list[Path], dev_fraction: float,
                       group_similarity: float | None = None, dev_split: str = "tail",
-                      subword_alpha: float = 0.0) -> list[str]:
+                      subword_alpha: float | None = None) -> list[str]:
     """The outlier-exposure Transformer distilled from ``teachers``: one run, or one per cross-fitting fold."""
     source = json.dumps([str(t) for t in teachers]) if len(teachers) > 1 else str(teachers[0])
     return (dev_overrides(dev_fraction, group_similarity, dev_split)
@@ -312,9 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="near-duplicates at this char n-gram cosine are held out together "
                          "(data.dev_group_similarity; 0: one by one)")
     ap.add_argument("--transformer-epochs", type=int, default=12)
-    ap.add_argument("--transformer-subword-alpha", type=float, default=0.0, metavar="ALPHA",
-                    help="subword regularization for every Transformer run (train.subword_alpha; 0: off); runs trained "
-                         "without it are not reused (give another --runs-dir)")
+    ap.add_argument("--transformer-subword-alpha", type=float, default=None, metavar="ALPHA",
+                    help="subword regularization for every Transformer run (train.subword_alpha; 0: off; default: "
+                         "clinc150_transformer.yaml's); runs trained otherwise are not reused (give another --runs-dir)")
     ap.add_argument("--transformer-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--transformer-oe-seeds", type=int, nargs="*", default=[0],
                     help="seeds of the Transformer trained with outlier exposure (transformer-oe), beside the plain ones")

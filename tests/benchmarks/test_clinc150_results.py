@@ -194,8 +194,9 @@ def test_distill_crossfit_refuses_to_start_without_what_it_trains_on(script, cap
 def test_subword_regularization_reaches_every_transformer_run_and_nothing_else(script, tmp_path):
     from chatforge.config import load_config
 
-    assert script.parse_args([]).transformer_subword_alpha == 0.0
+    assert script.parse_args([]).transformer_subword_alpha is None  # the config's own value
     assert not any("subword" in o for _, _, _, over in script.plan_runs([], [0], 12, 6, 0.2) for o in over)
+    assert "train.subword_alpha=0.0" in script.transformer_overrides(0, 12, subword_alpha=0.0)  # 0 turns it off
     plan = script.plan_runs([], [0], 12, 6, 0.2, oe_seeds=[1], subword_alpha=0.2)
     for kind, key, config, over in plan:
         cfg = load_config(ROOT / "configs" / config, ["tracking.enabled=false", "oos.policy=train", *over])
