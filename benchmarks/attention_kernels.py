@@ -133,25 +133,16 @@ def _gpt(work: Path, gpt: str):
 
 def _steps(model, is_hf: bool, x: torch.Tensor, steps: int, precision: str, kernel: str | None,
            losses: list[float] | None = None):
-    from chatforge.bench.gpt_hf import shifted_labels
-    from chatforge.bench.timing import autocast
-    from chatforge.training.trainer import fp32_training_linear
+    """``chatforge bench``'s training step (``bench.gpt_hf.train_steps_fn``), run with ``CHATFORGE_ATTENTION=kernel``."""
+    from chatforge.bench.gpt_hf import train_steps_fn
 
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    labels = x if is_hf else shifted_labels(x)
-    linear = None if is_hf else fp32_training_linear(precision, x.device)
+    fn = train_steps_fn(model, is_hf, x, steps, precision, losses)
+    if not kernel:
+        return fn
 
     def run():
-        for _ in range(steps):
-            with (attention_env(kernel) if kernel else contextlib.nullcontext()), autocast(precision), \
-                    (linear if linear is not None else contextlib.nullcontext()):
-                loss = model(x, labels=labels).loss
-            if losses is not None:
-                losses.append(loss.item())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        with attention_env(kernel):
+            fn()
     return run
 
 

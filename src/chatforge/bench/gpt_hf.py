@@ -18,7 +18,7 @@ def shifted_labels(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_steps_fn(model: torch.nn.Module, is_hf: bool, x: torch.Tensor, steps: int,
-                   precision: str) -> Callable[[], None]:
+                   precision: str, losses: list[float] | None = None) -> Callable[[], None]:
     """``steps`` optimizer steps (forward + backward + AdamW) on the token batch ``x`` (B, T); the model
     is put in train mode. Both sides predict the same next tokens. chatforge's forwards run as its Trainer runs
     them (fp32 linear layers on oneDNN's matmul where ``training.trainer.fp32_training_linear`` picks it)."""
@@ -33,6 +33,8 @@ def train_steps_fn(model: torch.nn.Module, is_hf: bool, x: torch.Tensor, steps: 
         for _ in range(steps):
             with autocast(precision), (mode if mode is not None else nullcontext()):
                 loss = model(x, labels=labels).loss
+            if losses is not None:  # each step's loss, for agreement checks (costs a sync)
+                losses.append(loss.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
