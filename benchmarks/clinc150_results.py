@@ -35,6 +35,7 @@ refresh the committed copy).
 
     python benchmarks/clinc150_results.py [--runs-dir runs/clinc150] [--transformer-epochs 12]
         [--transformer-seeds 0 1 2 3 4] [--transformer-oe-seeds 0] [--ensemble-transformers plain|oe]
+        [--ensemble-method average|geometric]
         [--distill-seeds 0] [--distill-crossfit 5] [--ensemble-bert-pt]
         [--max-in-scope-drop 0.0025] [--dev-fraction 0.2] [--dev-split tail|hashed]
         [--skip xgboost bert ...] [--out DIR/NAME]
@@ -321,6 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seeds of the Transformer trained with outlier exposure (transformer-oe), beside the plain ones")
     ap.add_argument("--ensemble-transformers", choices=("plain", "oe"), default="plain",
                     help="which Transformer runs the ensemble averages: the plain seeds or the outlier-exposure ones")
+    ap.add_argument("--ensemble-method", choices=("average", "geometric"), default=None,
+                    help="how the ensemble pools its members' probabilities (model.method; default: "
+                         "ensemble_clinc150.yaml's); another method than the config's adds -<method> to the run's name")
     ap.add_argument("--ensemble-bert-pt", action="store_true",
                     help="the ensemble also averages the in-domain pre-trained BERT (bert-pt), a kind of its own")
     ap.add_argument("--distill-crossfit", type=int, default=0, metavar="K",
@@ -386,8 +390,12 @@ def main() -> None:
         weights = [1.0 / n_seeds if k.startswith("transformer") else 1.0 for k in keys]
         name = ("ensemble" if args.ensemble_transformers == "plain" else "ensemble-oe") + (
             "-bert" if args.ensemble_bert_pt else "")
+        method = []
+        if args.ensemble_method and args.ensemble_method != load_config(ROOT / "configs" / "ensemble_clinc150.yaml").model.method:
+            name += f"-{args.ensemble_method}"
+            method = [f"model.method={args.ensemble_method}"]
         runs[name] = train("ensemble_clinc150.yaml", args.runs_dir / f"{name}-clinc150",
-                                 data_override + dev_overrides(args.dev_fraction, args.dev_group_similarity, args.dev_split) + [
+                                 data_override + dev_overrides(args.dev_fraction, args.dev_group_similarity, args.dev_split) + method + [
                                                   f"model.members={json.dumps([str(runs[k]) for k in keys])}",
                                                   f"model.weights={json.dumps(weights)}", "oos.policy=scorer",
                                                   f"oos.max_in_scope_drop={args.max_in_scope_drop}"]).parent

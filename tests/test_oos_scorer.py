@@ -486,11 +486,11 @@ def _in_ensemble_order(member: FamilyMember, texts: list[str]) -> np.ndarray:
     return p[:, [member.labels.index(v) for v in LABELS]]
 
 
-@pytest.mark.parametrize("method", ["average", "stacking"])
+@pytest.mark.parametrize("method", ["average", "geometric", "stacking"])
 def test_ensemble_views_one_per_family(method):
     members = [FamilyMember("linear", 0, LABELS), FamilyMember("xgboost", 1, LABELS[::-1]),
                FamilyMember("linear", 2, [LABELS[i] for i in (2, 0, 3, 1)])]
-    weights = [1.0, 2.0, 3.0] if method == "average" else None
+    weights = [1.0, 2.0, 3.0] if method != "stacking" else None
     ens = EnsembleClassifier.from_members(members, EnsembleConfig(members=["m0", "m1", "m2"], method=method,
                                                                   weights=weights))
     texts = QUERIES
@@ -501,8 +501,12 @@ def test_ensemble_views_one_per_family(method):
     w = weights or [1.0, 1.0, 1.0]
     assert ens.member_kinds() == ["linear", "xgboost", "linear"] and len(views) == 3
     np.testing.assert_allclose(views[0], ens.predict_proba(texts), atol=1e-6)
-    np.testing.assert_allclose(views[1], (w[0] * p[0] + w[2] * p[2]) / (w[0] + w[2]), atol=1e-12)
-    np.testing.assert_allclose(views[2], p[1], atol=1e-12)
+    if method == "geometric":  # each kind's view pooled the way the ensemble pools
+        g = p[0] ** (w[0] / (w[0] + w[2])) * p[2] ** (w[2] / (w[0] + w[2]))
+        np.testing.assert_allclose(views[1], g / g.sum(axis=1, keepdims=True), atol=1e-9)
+    else:
+        np.testing.assert_allclose(views[1], (w[0] * p[0] + w[2] * p[2]) / (w[0] + w[2]), atol=1e-12)
+    np.testing.assert_allclose(views[2], p[1], atol=1e-9)
 
 
 def test_single_family_ensemble_gives_one_view():

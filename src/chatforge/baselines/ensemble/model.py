@@ -1,7 +1,11 @@
 """Ensembles of trained classifier bundles, servable as one bundle (family ``ensemble``).
 
 ``average``: weighted probability averaging (Dietterich 2000, "Ensemble Methods in Machine
-Learning", section 2). ``stacking``: a multinomial logistic-regression meta-learner over the
+Learning", section 2). ``geometric``: the weighted geometric mean of the members' probabilities,
+renormalised (log-linear pooling, a product of experts: Hinton 2002; what neural machine translation
+ensembles do when they average log-probabilities): a class one member finds very unlikely stays
+unlikely however sure another member is, where the arithmetic mean lets the most confident member
+decide. ``stacking``: a multinomial logistic-regression meta-learner over the
 members' concatenated probabilities, fitted on the validation split, which the members never
 trained on (Wolpert 1992, "Stacked Generalization"; Ting & Witten 1999 for probabilities as the
 level-1 features).
@@ -34,10 +38,25 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 ENSEMBLE_FILE = "ensemble.json"
 MEMBERS_DIR = "members"
+# Geometric pooling takes logs: a member's probability is floored here first, so a class one member gives
+# exactly 0 (float32 underflow) is strongly vetoed rather than turning the product into NaN.
+GEOMETRIC_FLOOR = 1e-12
 
 
 class EnsembleError(ValueError):
     pass
+
+
+def pool(probs: Sequence[np.ndarray], weights: Sequence[float], method: str) -> np.ndarray:
+    """The weighted pool of (N, C) probability arrays, rows summing to 1: the arithmetic mean
+    (``average``) or the renormalised geometric mean (``geometric``). ``weights`` sum to 1."""
+    if method == "geometric":
+        z = sum(w * np.log(np.clip(p, GEOMETRIC_FLOOR, None)) for w, p in zip(weights, probs, strict=True))
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+    if method == "average":
+        return sum(w * p for w, p in zip(weights, probs, strict=True))
+    raise ValueError(f"pool: method must be 'average' or 'geometric', got {method!r}")
 
 
 def resolve_member(path: str | os.PathLike) -> Path:
@@ -60,7 +79,7 @@ def check_label_sets(members: Sequence[Any], names: Sequence[str]) -> list[str]:
 
 
 class EnsembleClassifier:
-    """Weighted probability averaging or logistic-regression stacking over member classifiers.
+    """Weighted arithmetic or geometric pooling, or logistic-regression stacking, over member classifiers.
 
     A member is anything with ``labels`` and ``predict_proba(texts)`` (a loaded classification bundle,
     :class:`chatforge.bundle.Bundle`); columns are re-ordered to the ensemble's sorted labels.
@@ -152,9 +171,9 @@ class EnsembleClassifier:
         return self._combine(self._member_probs(texts))
 
     def _combine(self, probs: list[np.ndarray]) -> np.ndarray:
-        """The ensemble's (N, C) probabilities from its members' (averaged, or through the meta-learner)."""
-        if self.config.method == "average":
-            return sum(w * p for w, p in zip(self.weights, probs, strict=True)).astype(np.float32)
+        """The ensemble's (N, C) probabilities from its members' (pooled, or through the meta-learner)."""
+        if self.config.method in ("average", "geometric"):
+            return pool(probs, self.weights, self.config.method).astype(np.float32)
         if self.meta is None:
             raise RuntimeError("stacking ensemble has no meta-learner; call fit() with validation data")
         z = np.concatenate(probs, axis=1) @ np.asarray(self.meta["coef"]).T + np.asarray(self.meta["intercept"])
@@ -175,22 +194,25 @@ class EnsembleClassifier:
 
     def predict_views(self, texts: Sequence[str]) -> list[np.ndarray]:
         """The ensemble's probabilities, then one (N, C) view per kind of member when there are two or more
-        kinds: the weighted mean of that kind's members (seeds of one model agree on how sure to be, so
-        one view per kind, not per member). The oos scorer (``chatforge.oos_scorer``) reads these."""
+        kinds: that kind's members pooled as the ensemble pools (weighted arithmetic or geometric mean;
+        seeds of one model agree on how sure to be, so one view per kind, not per member). The oos scorer
+        (``chatforge.oos_scorer``) reads these."""
         texts = check_texts(texts, "texts")
         kinds = self.member_kinds()
         if len(set(kinds)) < 2 or not texts:
             return [self.predict_proba(texts).astype(np.float64)]
         probs = self._member_probs(texts)  # once: the combined view and the per-kind views share them
         combined = self._combine(probs).astype(np.float64)
-        weights = self.weights if self.config.method == "average" else [1.0] * len(probs)
+        pooled = self.config.method in ("average", "geometric")
+        weights = self.weights if pooled else [1.0] * len(probs)
+        method = self.config.method if pooled else "average"
         views = [combined]
         for kind in dict.fromkeys(kinds):
             idx = [i for i, k in enumerate(kinds) if k == kind]
             w = [weights[i] for i in idx]
             if sum(w) <= 0:  # a kind weighted out of the average still says how sure it is: equal weights
                 w = [1.0] * len(idx)
-            views.append(sum(wi * probs[i] for wi, i in zip(w, idx, strict=True)) / sum(w))
+            views.append(pool([probs[i] for i in idx], [wi / sum(w) for wi in w], method))
         return views
 
     def save(self, directory: str | os.PathLike) -> Path:
