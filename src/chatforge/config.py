@@ -108,9 +108,8 @@ class DataConfig(_Strict):
         if self.dev_group_similarity is not None and not self.dev_fraction:
             raise ValueError(f"dev_group_similarity={self.dev_group_similarity} groups the examples data.dev_fraction "
                              "holds out, but dev_fraction is 0; set dev_fraction (e.g. 0.2) or remove it")
-        if self.dev_split != "hashed" and not self.dev_fraction:
-            raise ValueError(f"dev_split={self.dev_split!r} chooses the examples data.dev_fraction holds out, but "
-                             "dev_fraction is 0; set dev_fraction (e.g. 0.2) or remove dev_split")
+        # dev_split with dev_fraction 0 is a no-op, not an error: `--set data.dev_fraction=0` on a config that
+        # sets dev_split (every CLINC150 config) is how a model is trained on everything for release.
         if self.dev_split == "tail" and self.dev_group_similarity is not None:
             raise ValueError(f"dev_group_similarity={self.dev_group_similarity} groups a hashed dev split; "
                              "dev_split 'tail' holds out a contiguous run per label already: drop one of the two")

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from tests.test_oos import intent_cfg
 from typer.testing import CliRunner
 
 from chatforge.cli import app
-from chatforge.config import ConfigError, validate_config
+from chatforge.config import ConfigError, load_config, validate_config
 from chatforge.data import Example
 from chatforge.data.splits import hold_out
 from chatforge.evaluation.compare import build_leaderboard, collect_runs
 from chatforge.evaluation.evaluate import EvaluationError, evaluate_bundle
 from chatforge.training.run import load_splits, run_experiment
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tmp_path, dev_fraction=0.25, seed=0, dev_seed=0, **oos):
@@ -161,12 +164,18 @@ def test_dev_split_tail_in_config_reads_file_order(tmp_path):
     hashed = load_splits(cfg)[2]
     assert {e.text for e in hashed} != {e.text for e in dev}
     tree = intent_cfg(tmp_path)
-    tree["data"]["dev_split"] = "tail"
-    with pytest.raises(ConfigError, match="dev_split.*dev_fraction is 0"):
-        validate_config(tree)
-    tree["data"].update(dev_fraction=0.2, dev_group_similarity=0.85)
+    tree["data"].update(dev_fraction=0.2, dev_split="tail", dev_group_similarity=0.85)
     with pytest.raises(ConfigError, match="drop one of the two"):
         validate_config(tree)
+
+
+def test_a_tail_config_trains_on_everything_with_dev_fraction_0():
+    """`--set data.dev_fraction=0` on a shipped CLINC150 config (which sets dev_split: tail) is how a model is
+    trained on all of train + oos_train for release: no error, no dev split."""
+    cfg = load_config(ROOT / "configs" / "linear_svm_clinc150.yaml", ["data.dev_fraction=0"])
+    assert cfg.data.dev_split == "tail" and cfg.data.dev_fraction == 0
+    for name in ("clinc150_transformer_oe.yaml", "ensemble_clinc150.yaml"):
+        assert load_config(ROOT / "configs" / name, ["data.dev_fraction=0"]).data.dev_fraction == 0
 
 
 def test_ensemble_refuses_a_member_with_another_dev_split_order(tmp_path):
