@@ -766,9 +766,10 @@ def load_hosted_model(path: str | Path, name: str, version: str = "1", precision
         if isinstance(tok, dict) and tok.get("sha256"):
             meta.setdefault("tokenizer_sha256", tok["sha256"])
         meta.setdefault("bundle", str(path))
-        policy = getattr(model, "oos", None)
-        if hasattr(policy, "serving_metadata"):  # classifiers: the oos policy Classify applies
-            for k, v in policy.serving_metadata().items():
-                meta.setdefault(k, v)
+        # classifiers: the oos policy Classify applies; ensembles: how their members are pooled
+        for part in (getattr(model, "oos", None), getattr(model, "model", None)):
+            if hasattr(part, "serving_metadata"):
+                for k, v in part.serving_metadata().items():
+                    meta.setdefault(k, v)
     logger.info("loaded model", extra={"model": name, "bundle": str(path), "version": version})
     return model

@@ -215,6 +215,10 @@ class EnsembleClassifier:
             views.append(pool([probs[i] for i in idx], [wi / sum(w) for wi in w], method))
         return views
 
+    def serving_metadata(self) -> dict[str, str]:
+        """Flat ``ensemble_*`` entries for ListModels: how the members are pooled, and their families in order."""
+        return {"ensemble_method": self.config.method, "ensemble_members": ",".join(self.member_kinds())}
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Copy the member bundles into ``members/<i>/`` and write ``ensemble.json``."""
         d = Path(directory)
