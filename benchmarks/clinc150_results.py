@@ -127,7 +127,10 @@ def transformer_overrides(seed: int, epochs: int, outliers: bool = False,
                           subword_alpha: float | None = None) -> list[str]:
     """clinc150_transformer.yaml's overrides for one seed; ``outliers``: with outlier exposure (the 14,750
     Wikipedia sentences, weight ``OE_WEIGHT``), which makes it clinc150_transformer_oe.yaml; ``subword_alpha``:
-    subword regularization (train.subword_alpha; 0: off; None: the config's)."""
+    subword regularization (train.subword_alpha; 0: off; None: the config's, so clinc150_transformer_oe.yaml's
+    for an outlier-exposure run and clinc150_transformer.yaml's otherwise)."""
+    if subword_alpha is None and outliers:
+        subword_alpha = load_config(ROOT / "configs" / "clinc150_transformer_oe.yaml").train.subword_alpha
     out = [f"seed={seed}", f"train.epochs={epochs}", "train.precision=auto", "tokenizer.on_vocab_too_large=lower",
            "train.num_threads=2"] + ([f"train.subword_alpha={subword_alpha}"] if subword_alpha is not None else [])
     return out + ([f"data.outliers={DATA / 'clinc150' / WIKI}", f"train.outlier_weight={OE_WEIGHT}"] if outliers else [])
@@ -316,7 +319,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--transformer-epochs", type=int, default=12)
     ap.add_argument("--transformer-subword-alpha", type=float, default=None, metavar="ALPHA",
                     help="subword regularization for every Transformer run (train.subword_alpha; 0: off; default: "
-                         "clinc150_transformer.yaml's); runs trained otherwise are not reused (give another --runs-dir)")
+                         "each run's config's: clinc150_transformer_oe.yaml's 0.2 for the outlier-exposure runs, "
+                         "clinc150_transformer.yaml's none for the plain ones); runs trained otherwise are not reused "
+                         "(give another --runs-dir)")
     ap.add_argument("--transformer-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--transformer-oe-seeds", type=int, nargs="*", default=[0],
                     help="seeds of the Transformer trained with outlier exposure (transformer-oe), beside the plain ones")

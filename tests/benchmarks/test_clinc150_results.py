@@ -195,7 +195,13 @@ def test_subword_regularization_reaches_every_transformer_run_and_nothing_else(s
     from chatforge.config import load_config
 
     assert script.parse_args([]).transformer_subword_alpha is None  # the config's own value
-    assert not any("subword" in o for _, _, _, over in script.plan_runs([], [0], 12, 6, 0.2) for o in over)
+    oe_alpha = load_config(ROOT / "configs" / "clinc150_transformer_oe.yaml").train.subword_alpha
+    assert oe_alpha > 0
+    # by default each run takes its config's: the outlier-exposure runs clinc150_transformer_oe.yaml's (the
+    # ensemble's members), the plain ones none
+    for kind, key, config, over in script.plan_runs([], [0], 12, 6, 0.2, oe_seeds=[1]):
+        cfg = load_config(ROOT / "configs" / config, ["tracking.enabled=false", "oos.policy=train", *over])
+        assert cfg.train.subword_alpha == (oe_alpha if kind == "transformer-oe" else 0.0), key
     assert "train.subword_alpha=0.0" in script.transformer_overrides(0, 12, subword_alpha=0.0)  # 0 turns it off
     plan = script.plan_runs([], [0], 12, 6, 0.2, oe_seeds=[1], subword_alpha=0.2)
     for kind, key, config, over in plan:
