@@ -175,6 +175,72 @@ def layer_study(bundle: Path, max_examples: int | None) -> dict:
     return out
 
 
+# --margins: how close fp32's own greedy choices are, against how far int8 moves them.
+MARGIN_LEVELS = (0.005, 0.01, 0.02, 0.05, 0.1)
+ERROR_SCALES = (1.0, 0.5, 0.25, 0.125)
+
+
+def margin_study(bundle: Path, max_examples: int | None) -> dict:
+    """Why greedy int8 replies leave fp32's: along each fp32 greedy reply (both models fed fp32's tokens through
+    the serving step path, ``init_state``/``decode_step``, so int8 quantizes each step's activations as it does
+    when serving), fp32's margin between its chosen token and its runner-up, and int8's error on that margin.
+    ``flips`` counts the replies in which int8, fed fp32's prefix, would pick another token at some step, with
+    int8's logit error as measured (scale 1) and scaled down (logits fp32 + s * (int8 - fp32)): how much smaller
+    int8's error would have to be for a given share of replies to stay identical."""
+    import numpy as np
+    import torch
+
+    from chatforge.decoding import GenerationOptions, _start_tokens
+    from chatforge.inference import load_model
+    from chatforge.training.run import load_splits
+
+    fp32, int8 = (load_model(bundle, "chat", precision=p) for p in ("fp32", "int8"))
+    cfg = fp32.bundle.config
+    _, _, test, _ = load_splits(cfg)
+    test = test[:max_examples] if max_examples else test
+    opts = GenerationOptions(max_new_tokens=cfg.train.max_target_len)
+    margins, errors, reply_min, flips = [], [], [], {s: 0 for s in ERROR_SCALES}
+    mismatched = 0
+    for ex in test:
+        toks = [d.token_id for d in fp32.stream(ex.text, opts)]
+        ids = fp32.encode_prompt(ex.text)[0][: fp32.max_input_tokens] or [fp32.tok.unk_id]
+        src = torch.tensor([ids])
+        flipped = dict.fromkeys(ERROR_SCALES, False)
+        rm = float("inf")
+        with torch.inference_mode():
+            s32, s8 = fp32.model.init_state(src), int8.model.init_state(src)
+            cur = _start_tokens(s32, src, fp32.tok.bos_id)
+            for t in toks:
+                a = fp32.model.decode_step(cur, s32).float()[0]
+                b = int8.model.decode_step(cur, s8).float()[0]
+                top = a.topk(2)
+                mismatched += int(top.indices[0]) != t
+                m = float(top.values[0] - top.values[1])
+                i1, i2 = int(top.indices[0]), int(top.indices[1])
+                margins.append(m)
+                errors.append(abs(float(b[i1] - b[i2]) - m))
+                rm = min(rm, m)
+                for s in ERROR_SCALES:
+                    flipped[s] |= int((a + s * (b - a)).argmax()) != i1
+                cur = torch.tensor([[t]])
+        reply_min.append(rm)
+        for s in ERROR_SCALES:
+            flips[s] += flipped[s]
+    margins, errors, reply_min = np.asarray(margins), np.asarray(errors), np.asarray(reply_min)
+    n = len(test)
+    return {
+        "bundle": str(bundle), "examples": n, "steps": int(margins.size),
+        "steps_where_fp32_step_path_disagrees_with_its_stream": mismatched,
+        "fp32_margin": {"median": float(np.median(margins)),
+                        "share_of_steps_below": {str(x): float((margins < x).mean()) for x in MARGIN_LEVELS},
+                        "share_of_replies_with_a_step_below": {str(x): float((reply_min < x).mean())
+                                                               for x in MARGIN_LEVELS}},
+        "int8_margin_error": {"median": float(np.median(errors)), "p90": float(np.percentile(errors, 90)),
+                              "max": float(errors.max()) if errors.size else 0.0},
+        "share_of_replies_int8_would_flip_at_error_scale": {str(s): flips[s] / n for s in ERROR_SCALES},
+    }
+
+
 def backend_quality(bundle: Path, max_examples: int | None) -> dict:
     """GPT generators: greedy replies of every int8/fp32 serving path against torch fp32's, on the same test
     questions: torch int8 (``quantize_int8``) and the CTranslate2 backend in float32 and int8
@@ -256,6 +322,9 @@ def main() -> None:
                          "against torch fp32")
     ap.add_argument("--layers", action="store_true",
                     help="generation: also measure agreement when int8 covers only some linear layers (LAYER_SETS)")
+    ap.add_argument("--margins", action="store_true",
+                    help="generation: also fp32's top-1/top-2 margins along its greedy replies against int8's error on "
+                         "them, and the share of replies int8 would flip with that error scaled down")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8-quality.json")
     args = ap.parse_args()
     os.chdir(ROOT)  # the configs' data paths are relative to the repository root
@@ -275,6 +344,7 @@ def main() -> None:
     cls = [classification_quality(b) for b in args.classifier]
     layers = [layer_study(b, args.max_examples) for b in args.generator] if args.layers else []
     backends = [backend_quality(b, args.max_examples) for b in args.generator] if args.backends else []
+    margins = [margin_study(b, args.max_examples) for b in args.generator] if args.margins else []
     acceptance = {
         "generation": [{"bundle": g["bundle"], "token_agreement>=0.95": g["token_agreement"]["position"] >= 0.95,
                         "chrf_within_1": abs(g["chrf_delta"]) <= 1.0} for g in gen],
@@ -285,7 +355,8 @@ def main() -> None:
     result = {"benchmark": "int8_quality", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "machine_before": before, "machine_after": cpu_info(), "torch": torch.__version__,
               "generation": gen, "classification": cls, "acceptance": acceptance,
-              **({"layers": layers} if layers else {}), **({"backends": backends} if backends else {})}
+              **({"layers": layers} if layers else {}), **({"backends": backends} if backends else {}),
+              **({"margins": margins} if margins else {})}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     summary = {"generation": [{k: g[k] for k in ("family", "examples", "token_agreement", "chrf")} for g in gen],
@@ -295,7 +366,10 @@ def main() -> None:
                                    for n, v in ly["sets"].items()} if k == "sets" else ly[k]
                                for k in ("bundle", "sets")} for ly in layers]} if layers else {}),
                **({"backends": [{n: (v["token_agreement"]["position"], round(v["chrf_delta"], 2))
-                                 for n, v in b["paths"].items()} for b in backends]} if backends else {})}
+                                 for n, v in b["paths"].items()} for b in backends]} if backends else {}),
+               **({"margins": [{k: m[k] for k in ("examples", "int8_margin_error",
+                                                  "share_of_replies_int8_would_flip_at_error_scale")}
+                               for m in margins]} if margins else {})}
     print(json.dumps(summary, indent=1))
 
 

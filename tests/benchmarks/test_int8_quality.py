@@ -87,3 +87,30 @@ def test_backend_quality_scores_every_path_against_torch_fp32(script, tmp_path):
     assert fp32["token_agreement"]["exact_replies"] == 1.0 and fp32["chrf_delta"] == pytest.approx(0.0)
     for p in got["paths"].values():
         assert p["token_agreement"]["tokens_compared"] > 0 and 0.0 <= p["token_agreement"]["position"] <= 1.0
+
+
+def test_margin_study_follows_fp32s_own_greedy_replies_through_the_step_path(script, tmp_path):
+    """fp32's step path, fed its own greedy tokens, picks them again at every step (so the margins are the ones the
+    served replies were chosen with), and more replies have a near-tie below a larger level."""
+    from tests.test_bundle import tiny_cfg
+
+    from chatforge.config import validate_config
+    from chatforge.decoding import GenerationOptions
+    from chatforge.inference import load_model
+    from chatforge.training.run import load_splits, run_experiment
+
+    run = run_experiment(validate_config(tiny_cfg("generation", tmp_path)), run_dir=tmp_path / "run")
+    got = script.margin_study(run.bundle_dir, max_examples=5)
+    fp32 = load_model(run.bundle_dir, "x")
+    cfg = fp32.bundle.config
+    test = load_splits(cfg)[2][:5]
+    opts = GenerationOptions(max_new_tokens=cfg.train.max_target_len)
+    assert got["examples"] == len(test) > 0
+    assert got["steps"] == sum(len(list(fp32.stream(ex.text, opts))) for ex in test)
+    assert got["steps_where_fp32_step_path_disagrees_with_its_stream"] == 0
+    below = [got["fp32_margin"]["share_of_replies_with_a_step_below"][str(x)] for x in script.MARGIN_LEVELS]
+    assert below == sorted(below) and all(0.0 <= b <= 1.0 for b in below)
+    flips = got["share_of_replies_int8_would_flip_at_error_scale"]
+    assert set(flips) == {str(s) for s in script.ERROR_SCALES}
+    assert all(0.0 <= f <= 1.0 for f in flips.values())
+    assert got["int8_margin_error"]["median"] >= 0.0 and got["int8_margin_error"]["max"] > 0.0
