@@ -9,7 +9,7 @@ import pytest
 from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
 
 from chatforge.inference import ModelInfo
-from chatforge.serving.engine import Engine, ReplyDone
+from chatforge.serving.engine import Engine, ModelNotFoundError, ReplyDone
 from chatforge.serving.policy import PolicyError, ReplyPolicy
 from chatforge.v1 import chatbot_pb2 as pb
 from chatforge.v1 import chatbot_pb2_grpc
@@ -118,3 +118,59 @@ def test_shipped_policy_loads():
 
     pol = ReplyPolicy.from_yaml(Path(__file__).resolve().parents[2] / "configs" / "policies" / "hybrid_chatbot_kr.yaml")
     assert pol.retriever and pol.generate and pol.retrieval_threshold > 0
+
+
+def test_selection_models_are_listed_and_answer_when_named():
+    """A hosted selection model was loaded but missing from ListModels (and /v1/models, so from the chat page's
+    picker), and a Reply naming it only answered when the policy happened to route to retrieval: one naming a model
+    that does not exist was answered too."""
+    engine = _engine(retrieval_threshold=9.0)  # the policy alone would never retrieve
+    try:
+        listed = {m.name: (m.info.task, m.is_default) for m in engine.models()}
+        assert listed == {"echo": ("generation", True), "intents": ("classification", True),
+                          "selector": ("selection", False)}
+        got, done = asyncio.run(_reply_named(engine, "tell me a story", "selector"))
+        assert (got, done.path, done.model, done.version) == ("글쎄요.", "retrieval", "selector", "7")
+        assert done.path_score == pytest.approx(0.2) and done.finish_reason == "stop"
+        assert asyncio.run(_reply_named(engine, "tell me a story", "echo"))[1].path == "generation"
+        with pytest.raises(ModelNotFoundError, match="no generation or selection model named 'nope'; "
+                                                     "available: echo, selector"):
+            asyncio.run(_reply_named(engine, "how is the weather", "nope"))
+        with pytest.raises(ModelNotFoundError, match="named 'intents'"):  # a classifier does not reply
+            asyncio.run(_reply_named(engine, "how is the weather", "intents"))
+    finally:
+        engine.close()
+
+
+def test_a_server_with_only_a_selection_model_replies_with_it_by_default():
+    engine = Engine({}, {}, retrievers={"selector": FakeSelector()}, continuous_batching=False)
+    try:
+        assert [(m.name, m.is_default) for m in engine.models()] == [("selector", True)]
+        got, done = asyncio.run(_reply(engine, "how is the weather"))
+        assert (got, done.path, done.path_score) == ("맑아요.", "retrieval", pytest.approx(1.5))
+    finally:
+        engine.close()
+
+
+def test_list_models_over_grpc_names_the_selection_model_and_reply_reaches_it():
+    with ServerThread(_engine(retrieval_threshold=9.0)) as st:
+        st.wait_serving()
+        with grpc.insecure_channel(st.target) as channel:
+            stub = chatbot_pb2_grpc.ChatbotStub(channel)
+            models = {m.name: m.task for m in stub.ListModels(pb.ListModelsRequest(), timeout=WAIT).models}
+            assert models["selector"] == "selection"
+            chunks = list(stub.Reply(pb.ReplyRequest(text="how is the weather", model="selector"), timeout=WAIT))
+            assert chunks[0].delta.text == "맑아요." and chunks[-1].final.path == "retrieval"
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Reply(pb.ReplyRequest(text="hi", model="nope"), timeout=WAIT))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _reply_named(engine: Engine, text: str, model: str) -> tuple[str, ReplyDone]:
+    parts, done = [], None
+    async for item in engine.stream_reply(text, model=model):
+        if isinstance(item, ReplyDone):
+            done = item
+        else:
+            parts.append(item.text)
+    return "".join(parts), done

@@ -418,11 +418,36 @@ class Engine:
     def default_classifier(self) -> str | None:
         return next(iter(self._classifiers), None)
 
+    @property
+    def default_selector(self) -> str | None:
+        """The selection model a Reply without ``model`` answers with: the first hosted one, only when the server
+        hosts no generator and no reply policy (which would decide instead)."""
+        if self._generators or self.policy is not None:
+            return None
+        return next(iter(self.retrievers), None)
+
     def models(self) -> list[HostedModel]:
-        """Every hosted model, generators first, in load order."""
+        """Every hosted model, in load order: generators, classifiers, then selection models (Reply answers with
+        one when the request names it, see :meth:`stream_reply`)."""
         out = [HostedModel(n, s.model.info, n == self.default_generator) for n, s in self._generators.items()]
         out += [HostedModel(n, s.model.info, n == self.default_classifier) for n, s in self._classifiers.items()]
+        out += [HostedModel(n, m.info, n == self.default_selector) for n, m in self.retrievers.items()]
         return out
+
+    def _reply_selector(self, model: str | None) -> str | None:
+        """The selection model that answers a Reply naming ``model`` (or the default one), None for generation;
+        a name that is neither a generator nor a selection model is an error before any path runs, also when a
+        reply policy would have answered without it."""
+        if not model:
+            return self.default_selector
+        if model in self._generators:
+            return None
+        if model in self.retrievers:
+            return model
+        names = sorted([*self._generators, *self.retrievers])
+        if not names:
+            raise NoModelForTaskError("Reply is not available: this server hosts no generation or selection model")
+        raise ModelNotFoundError(f"no generation or selection model named {model!r}; available: {', '.join(names)}")
 
     def runner_kind(self, name: str) -> str:
         slot = self._generators.get(name) or self._classifiers.get(name)
@@ -544,6 +569,8 @@ class Engine:
         name their own fields). A generator that reads context (``context_turns`` > 0, from its bundle's
         ``data.context_turns``) gets as many of the latest as fit its input; ``ReplyDone.context_turns``
         says how many it read. Other generators, and the scripted/retrieval paths, read the message only.
+        ``model`` may also name a hosted selection model: its best pool answer comes back as one delta, with
+        ``path`` "retrieval" and its score, whatever the reply policy would have done.
 
         Raises :class:`InvalidRequestError`, :class:`ModelNotFoundError`,
         :class:`NoModelForTaskError` or :class:`EngineOverloadedError` before the first token.
@@ -553,6 +580,13 @@ class Engine:
         options = self.check_options(options)
         self._check_open()
         path, path_score, policy_intent = "", 0.0, ("", 0.0)
+        selector = self._reply_selector(model)
+        if selector is not None:  # a selection model answers directly: its best pool answer, as one delta
+            reply, score = await self._policy_retrieve(selector, text)
+            yield TokenDelta(token_id=-1, text=reply)
+            yield ReplyDone("stop", 0, 0, selector, self.retrievers[selector].version, "", 0.0, "retrieval",
+                            float(score))
+            return
         if self.policy is not None:
             route = await self.policy.route(text, self._policy_classify, self._policy_retrieve)
             if route.reply is not None:  # scripted, retrieval or fallback: the whole reply as one delta

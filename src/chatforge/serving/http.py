@@ -154,8 +154,9 @@ class ChatCompletionRequest(BaseModel):
     not a quiet 5 or 1 (an integer is accepted where a number is)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
-    model: str | None = Field(None, max_length=256, description="A generation model from /v1/models; "
-                              "omitted: the server's default.")
+    model: str | None = Field(None, max_length=256, description="A generation model from /v1/models, or a "
+                              "selection model (task 'selection': its best pool answer as the reply); omitted: "
+                              "the server's default.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000, description=(
         "The conversation; the last user message is the input. The messages before it are stored with the "
         "session, and a model trained with context (/v1/models: context_turns > 0) reads the latest user and "

@@ -59,7 +59,7 @@
     const data = (await resp.json()).data;
     const select = $("model");
     select.textContent = "";
-    for (const m of data.filter((m) => m.task === "generation")) {
+    for (const m of data.filter((m) => m.task === "generation" || m.task === "selection")) {
       const o = document.createElement("option");
       o.value = m.id; o.textContent = `${m.id} (v${m.version})`; o.selected = m.is_default;
       select.appendChild(o);
