@@ -12,6 +12,9 @@ import uuid
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
 SESSION_ID_METADATA_KEY = "x-session-id"
+# The longest session id a request may carry, in its field or its header (the store's session_id column); a
+# longer one is refused, never cut: two ids sharing their first 128 characters would merge two conversations.
+MAX_SESSION_ID_CHARS = 128
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 session_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("session_id", default=None)

@@ -75,7 +75,12 @@ class InvalidRequestError(EngineError):
 def check_unicode(text: str, field: str = "text") -> None:
     """Refuse a lone UTF-16 surrogate (JSON's ``"\\ud800"`` without its pair): it is no character, a
     tokenizer cannot take it and UTF-8 cannot store it. gRPC never delivers one (proto strings are
-    UTF-8); the HTTP surface's JSON can."""
+    UTF-8); the HTTP surface's JSON can. Refuse NUL (U+0000) too: both surfaces deliver it, and PostgreSQL's
+    text columns cannot hold it, so the conversation store would lose the turn after the call succeeded."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise InvalidRequestError(f"{field} holds a NUL character (U+0000 at character {nul}); allowed: text "
+                                  "without NUL")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

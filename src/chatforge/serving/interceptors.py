@@ -26,6 +26,7 @@ import grpc
 import grpc.aio
 
 from chatforge.context import (
+    MAX_SESSION_ID_CHARS,
     REQUEST_ID_METADATA_KEY,
     SESSION_ID_METADATA_KEY,
     new_request_id,
@@ -38,6 +39,7 @@ from chatforge.serving.engine import (
     InvalidRequestError,
     ModelNotFoundError,
     NoModelForTaskError,
+    check_unicode,
 )
 from chatforge.serving.security import UnauthenticatedError
 
@@ -175,8 +177,16 @@ def pick_request_id(metadata) -> str:
 def _metadata_value(metadata, wanted: str) -> str | None:
     for key, value in metadata or ():
         if key == wanted and isinstance(value, str):
-            return value[:128]
+            return value
     return None
+
+
+def check_session_id(session_id: str, field: str) -> None:
+    """A session id longer than ``MAX_SESSION_ID_CHARS`` or holding a NUL is refused, naming ``field``."""
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise InvalidRequestError(f"{field} is {len(session_id)} characters long; "
+                                  f"allowed: at most {MAX_SESSION_ID_CHARS}")
+    check_unicode(session_id, field)
 
 
 class MalformedRequest:
@@ -240,12 +250,18 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         rpc = handler_call_details.method
         request_id = pick_request_id(metadata)
         session_id = _metadata_value(metadata, SESSION_ID_METADATA_KEY)
+        session_error = None
+        if session_id is not None:
+            try:
+                check_session_id(session_id, SESSION_ID_METADATA_KEY)
+            except InvalidRequestError as e:  # refused in admit(), once the call's scope exists
+                session_error, session_id = e, None
 
         for kind, factory in _HANDLER_KINDS:
             behavior = getattr(handler, kind)
             if behavior is None:
                 continue
-            wrapped = _wrap(behavior, _CallScope(self, rpc, request_id, session_id, metadata))
+            wrapped = _wrap(behavior, _CallScope(self, rpc, request_id, session_id, metadata, session_error))
             if wrapped is None:  # a sync handler (run in a thread): leave it alone
                 return handler
             return factory(
@@ -268,8 +284,9 @@ class _CallScope:
     """Per-call bookkeeping shared by the coroutine and async-generator wrappers."""
 
     def __init__(self, owner: RequestContextInterceptor, rpc: str, request_id: str, session_id: str | None,
-                 invocation_metadata) -> None:
+                 invocation_metadata, session_error: InvalidRequestError | None = None) -> None:
         self.owner, self.rpc, self.request_id, self.session_id = owner, rpc, request_id, session_id
+        self.session_error = session_error
         self.invocation_metadata = invocation_metadata
         self.is_chatbot = rpc.startswith(CHATBOT_PREFIX)
         self.short_rpc = rpc.rsplit("/", 1)[-1]
@@ -289,9 +306,11 @@ class _CallScope:
         context.set_trailing_metadata(self.metadata)
 
     def admit(self) -> None:
-        """Auth and drain checks; raise a domain error (mapped to a status by fail())."""
+        """Auth, session header and drain checks; raise a domain error (mapped to a status by fail())."""
         if self.owner.auth is not None:
             self.owner.auth.check(self.rpc, self.invocation_metadata)
+        if self.is_chatbot and self.session_error is not None:
+            raise self.session_error
         if self.is_chatbot and self.owner.gate is not None:
             self.owner.gate.enter()
             self.gated = True

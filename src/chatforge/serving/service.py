@@ -19,7 +19,7 @@ from chatforge.context import request_id_var, session_id_var
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import TokenDelta
 from chatforge.serving.engine import Engine, EngineUnavailableError, InvalidRequestError
-from chatforge.serving.interceptors import current_call
+from chatforge.serving.interceptors import check_session_id, current_call
 from chatforge.serving.store import Turn
 from chatforge.v1 import chatbot_pb2 as pb
 from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
@@ -96,17 +96,12 @@ def options_from_proto(msg: pb.GenerationOptions, max_new_tokens_cap: int | None
         raise InvalidRequestError(f"options.{e}") from None
 
 
-MAX_SESSION_ID_CHARS = 128  # the store's session_id column
-
-
 def _use_session_id(session_id: str, call) -> None:
     """``ReplyRequest.session_id`` is the conversation's id; set it for the store, logs and the
     interceptor's call line. Empty: keep the ``x-session-id`` header's value (the fallback)."""
     if not session_id:
         return
-    if len(session_id) > MAX_SESSION_ID_CHARS:
-        raise InvalidRequestError(f"session_id is {len(session_id)} characters long; "
-                                  f"allowed: at most {MAX_SESSION_ID_CHARS}")
+    check_session_id(session_id, "session_id")
     session_id_var.set(session_id)  # the interceptor resets it when the call ends
     if call is not None:
         call.session_id = session_id
