@@ -226,3 +226,33 @@ def test_error_lines_show_brackets_as_they_are():
     with _shared.err_console.capture() as cap, pytest.raises(typer.Exit):
         _shared._fail("the turn [SEP] and [/x] are not allowed; allowed: [bold]")
     assert "the turn [SEP] and [/x] are not allowed; allowed: [bold]" in cap.get()
+
+
+def _commands(group, path=()):
+    import click
+
+    for name, cmd in sorted(group.commands.items()):
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*path, name))
+        else:
+            yield (*path, name), cmd
+
+
+def test_help_shows_every_bracketed_word_of_an_option_help_as_written():
+    """`serve --help` printed "needs chatforge);" where the option's help says "needs chatforge[ct2]": the help
+    renderer read "[ct2]" as markup and dropped it, so users were never told which extra to install."""
+    import re
+
+    import typer
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for path, cmd in _commands(group):
+        words = {w for p in cmd.params for w in re.findall(r"\w\[[\w,]+\]", p.help or "")}
+        if not words:
+            continue
+        out = runner.invoke(app, [*path, "--help"], terminal_width=400, env={"COLUMNS": "400"}).output
+        for w in words:
+            assert w in out, (path, w)
+            checked += 1
+    assert checked >= 2  # serve --backend names chatforge[ct2] and chatforge[ort]

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from chatforge.settings import LOG_HANDLER_ATTR
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="chatforge: from a conversational corpus and one YAML file to a chatbot served over gRPC.")
 
 console = Console()

@@ -372,7 +372,7 @@ def top(
 
 
 # -------------------------------------------------------------------- conversations
-conversations_app = typer.Typer(no_args_is_help=True, help="The conversation store.")
+conversations_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The conversation store.")
 app.add_typer(conversations_app, name="conversations")
 
 

@@ -20,9 +20,9 @@ from rich.table import Table
 
 from chatforge.cli._shared import _fail, _flag, _parse_models, app, console, err_console
 
-tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect SentencePiece tokenizers.")
-data_app = typer.Typer(no_args_is_help=True, help="Get the public data sets.")
-config_app = typer.Typer(no_args_is_help=True, help="Check experiment configs.")
+tokenizer_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Train and inspect SentencePiece tokenizers.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Get the public data sets.")
+config_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Check experiment configs.")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
@@ -399,7 +399,7 @@ def data_download(
 
 
 # --------------------------------------------------------------------------- convert
-convert_app = typer.Typer(no_args_is_help=True, help="Convert Hugging Face checkpoints to and from bundles.")
+convert_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Convert Hugging Face checkpoints to and from bundles.")
 app.add_typer(convert_app, name="convert")
 
 
