@@ -371,6 +371,24 @@ class ExperimentConfig(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
+    def resolved_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the model section resolved too: the family's every key, defaults filled in (the
+        model section otherwise keeps the keys as written, and the family config fills the rest when built).
+        What ``chatforge config check`` prints; it validates back to the same configuration."""
+        from pydantic import TypeAdapter
+
+        out = self.to_dict()
+        family_config = self.model.family_config()
+        if family_config is not None:
+            keys = TypeAdapter(type(family_config)).dump_python(family_config, mode="json")
+            written = out["model"]
+            out["model"] = {**{k: written[k] for k in ("family", "task", "init_from") if k in written}, **keys,
+                            **{k: v for k, v in written.items() if k not in keys}}
+        return out
+
+    def resolved_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved_dict(), sort_keys=False, allow_unicode=True)
+
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")

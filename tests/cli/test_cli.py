@@ -256,3 +256,23 @@ def test_help_shows_every_bracketed_word_of_an_option_help_as_written():
             assert w in out, (path, w)
             checked += 1
     assert checked >= 2  # serve --backend names chatforge[ct2] and chatforge[ort]
+
+
+def test_config_check_resolves_the_model_section_and_round_trips_for_every_shipped_config(tmp_path):
+    """`config check` promised the config "fully resolved (defaults filled in)" but printed the model section as
+    written: configs/retrieval_chatbot_kr.yaml showed none of its search keys. Now every family key is printed, and
+    what it prints validates back to the same configuration."""
+    from chatforge.config import load_config
+
+    r = runner.invoke(app, ["config", "check", str(REPO / "configs" / "retrieval_chatbot_kr.yaml")],
+                      terminal_width=400)
+    assert r.exit_code == 0, r.output
+    model = yaml.safe_load(r.output)["model"]
+    assert model["search"] == "auto" and "search_shortlist" in model and "search_hnsw_m" in model
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        printed = tmp_path / path.name
+        printed.write_text(cfg.resolved_yaml(), encoding="utf-8")
+        again = load_config(printed)
+        assert again.model.family_config() == cfg.model.family_config(), path.name
+        assert again.resolved_dict() == cfg.resolved_dict(), path.name

@@ -39,7 +39,7 @@ def config_check(config: Path = typer.Argument(..., help="Experiment YAML file."
         cfg = load_config(config, set_)
     except ConfigError as e:
         _fail(str(e))
-    console.print(cfg.to_yaml(), highlight=False)
+    console.print(cfg.resolved_yaml(), highlight=False, markup=False)
 
 
 # ------------------------------------------------------------------------ tokenizer
