@@ -291,6 +291,19 @@ def test_seeded_sampling_is_reproducible(model):
     assert b1 == generate_batch(model, SOURCES, opts, bos_id=BOS, eos_id=EOS, pad_id=PAD)
 
 
+@pytest.mark.parametrize(("a", "b"), [(1, 2**32 + 1), (-1, 2**63 - 1), (0, -(2**63)), (7, 7 + (1 << 40))])
+def test_seeds_that_differ_only_in_their_high_bits_sample_different_replies(model, a, b):
+    """The proto's seed is an int64, but torch's CPU generator keeps only the low 32 bits of its seed:
+    1 and 2**32 + 1 (or -1 and 2**63 - 1) sampled the same reply."""
+
+    def sample(seed):
+        opts = GenerationOptions(do_sample=True, temperature=2.0, seed=seed, min_new_tokens=20, max_new_tokens=20)
+        return generate(model, [5, 6, 7], opts, bos_id=BOS, eos_id=EOS)
+
+    assert sample(a) == sample(a) and sample(b) == sample(b)
+    assert sample(a) != sample(b)
+
+
 # ---- decoder-only hooks: start_tokens and max_steps on the state ----
 
 

@@ -135,3 +135,26 @@ def test_gpt_beam_applies_openais_count_penalties_to_each_beam():
         assert a == generate(model, [7, 8, 9], opts, bos_id=1, eos_id=EOS, use_cache=False)
         assert generate_batch(model, [[7, 8, 9], [10]], opts, bos_id=1, eos_id=EOS, pad_id=0)[0] == a
         assert a != plain and max(a.count(t) for t in a) < most, (a, plain)
+
+
+class _CountingMarkov(MarkovModel):
+    def __init__(self, table):
+        super().__init__(table)
+        self.steps = 0
+
+    def decode_step(self, tokens, state):
+        self.steps += 1
+        return super().decode_step(tokens, state)
+
+
+def test_a_beam_stream_starts_its_search_at_the_first_next():
+    """``generate_stream`` ran the whole search at the call, before its consumer could stop it (or set up what
+    decoding reads from the consumer's context: its ``should_stop``); bad input still fails at the call."""
+    model = _CountingMarkov(scripted(1).table)
+    opts = GenerationOptions(max_new_tokens=6, min_new_tokens=6, num_beams=3)
+    stream = generate_stream(model, [5], opts, bos_id=1, eos_id=EOS)
+    assert model.steps == 0
+    assert list(stream) == beam_search(scripted(1), [5], opts, bos_id=1, eos_id=EOS)
+    assert model.steps == 6
+    with pytest.raises(ValueError, match="input sequence 0 is empty"):
+        generate_stream(model, [], opts, bos_id=1, eos_id=EOS)

@@ -25,11 +25,22 @@ Continuous batching (``serving/batching.py``) drives a second, row-wise interfac
 position. A family that supports it implements it in its ``step.py`` and registers the
 factory with the registry (``step_model=``); the engine drives every family the same way and
 holds no family code. :func:`choose_tokens` picks each row's token under its own options.
+
+A caller that reaches decoding through layers it cannot pass arguments through (the serving
+runner over ``ReplyGenerator.stream``) opens :func:`watch_decoding` around its iteration: every
+decoding loop run in that context then checks its ``should_stop`` before each step (raising
+:class:`DecodingStopped`; beam search sends nothing until it ends, so this is the only way to stop
+it early) and records there the number of steps the reply may take (``max_new_tokens`` capped by
+the model's positions), from which the caller tells "length" from "stop".
+
+A sampling ``seed`` (any int64) reaches torch's generator through :func:`generator_seed`, a
+splitmix64 mix: torch's CPU generator keeps only the low 32 bits of the seed it is given.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,7 +60,7 @@ class GenerationOptions:
     temperature: float = 1.0
     top_k: int = 0  # 0 = no top-k filtering
     top_p: float = 1.0  # 1.0 = no nucleus filtering
-    seed: int | None = None
+    seed: int | None = None  # any int64; mixed into torch's generator seed by generator_seed()
     repetition_penalty: float = 1.0
     num_beams: int = 1  # > 1: beam search (deterministic; do_sample must be false)
     length_penalty: float = 1.0  # beam scores are sum(log p) / length**length_penalty
@@ -108,6 +119,91 @@ def autocast_for(model: Any):
     if param.dtype != torch.bfloat16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=param.device.type, dtype=torch.bfloat16)
+
+
+# ---- what a caller shares with the decoding that runs in its context ----
+
+
+class DecodingStopped(Exception):
+    """Decoding ended early because the ``should_stop`` of :func:`watch_decoding` said so (the caller went away)."""
+
+
+@dataclass
+class DecodingWatch:
+    """A caller's view of the decoding that runs in its context (see :func:`watch_decoding`).
+
+    ``should_stop`` (set by the caller): checked before every decoding step; when it returns True the
+    loop raises :class:`DecodingStopped`, so a cancelled request costs at most one more step, beams
+    included. ``max_steps`` (set by decoding): how many tokens the latest reply decoded here may take,
+    ``max_new_tokens`` capped by the model's positions (``max_len``, ``state.max_steps``); a reply of
+    that many tokens was cut there ("length"), a shorter one ended with </s> ("stop").
+    """
+
+    should_stop: Callable[[], bool] | None = None
+    max_steps: int | None = None
+
+    def finish_reason(self, n_tokens: int, max_new_tokens: int) -> str:
+        """The finish reason of a reply of ``n_tokens``: "length" when it hit its cap (``max_steps``, else
+        ``max_new_tokens`` when no decoding loop reported one, e.g. a backend of its own), else "stop"."""
+        cap = self.max_steps if self.max_steps is not None else max_new_tokens
+        return "length" if n_tokens >= cap else "stop"
+
+
+_WATCH: contextvars.ContextVar[DecodingWatch | None] = contextvars.ContextVar("chatforge_decoding_watch",
+                                                                              default=None)
+
+
+@contextlib.contextmanager
+def watch_decoding(should_stop: Callable[[], bool] | None = None) -> Iterator[DecodingWatch]:
+    """Within the block, decoding run in this context (this thread, or a ``contextvars.Context`` it runs in)
+    checks ``should_stop`` before each step and reports its step cap; yields the :class:`DecodingWatch`.
+
+    A decoding generator reads the watch when it starts (its first ``next``), so start it inside the block.
+    """
+    watch = DecodingWatch(should_stop)
+    token = _WATCH.set(watch)
+    try:
+        yield watch
+    finally:
+        _WATCH.reset(token)
+
+
+def _stop_check(watch: DecodingWatch | None) -> Callable[[], bool] | None:
+    return None if watch is None else watch.should_stop
+
+
+def _check_stop(should_stop: Callable[[], bool] | None, step: int) -> None:
+    if should_stop is not None and should_stop():
+        raise DecodingStopped(f"decoding stopped by its caller before step {step + 1}")
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One output of Steele, Lea and Flood's SplitMix64 (2014) from state ``x``: a bijection of 64-bit integers
+    whose every output bit depends on every input bit."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def generator_seed(seed: int) -> int:
+    """The seed given to torch's generator for a request's ``seed`` (an int64, negative ones included).
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of ``manual_seed``, so seeds 1 and 2**32 + 1
+    (or -1 and 2**63 - 1) sampled the same reply. The seed (as 64 bits, two's complement) is mixed by
+    SplitMix64 and its halves XOR-folded into the low 32 bits, which then depend on all 64: seeds that
+    differ only in their high bits give different streams, and one seed always gives the same stream.
+    """
+    z = _splitmix64(seed & _MASK64)
+    return z ^ (z >> 32)
+
+
+def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A torch generator on ``device`` seeded from a request's ``seed`` through :func:`generator_seed`."""
+    return torch.Generator(device=device).manual_seed(generator_seed(seed))
 
 
 # ---- pure helpers on logits ----
@@ -225,12 +321,16 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _pad_batch(batch: list[list[int]], pad_id: int, device: torch.device) -> Tensor:
+def _check_inputs(batch: list[list[int]]) -> None:
     if not batch:
         raise ValueError("the batch is empty; pass at least one input sequence")
     for i, ids in enumerate(batch):
         if len(ids) == 0:
             raise ValueError(f"input sequence {i} is empty; each source needs at least one token")
+
+
+def _pad_batch(batch: list[list[int]], pad_id: int, device: torch.device) -> Tensor:
+    _check_inputs(batch)
     width = max(len(ids) for ids in batch)
     out = torch.full((len(batch), width), pad_id, dtype=torch.long, device=device)
     for i, ids in enumerate(batch):
@@ -292,17 +392,14 @@ def _decode_steps(model: Any, src: Tensor, options: GenerationOptions, bos_id: i
     options.validate()
     if getattr(model, "training", False):
         logger.warning("decoding a model in training mode (dropout active); call model.eval() first")
-    max_steps = options.max_new_tokens
-    max_len = getattr(model, "max_len", None)
-    if max_len is not None and max_steps > max_len:
-        logger.debug("max_new_tokens=%d capped to the model's max_len=%d", max_steps, max_len)
-        max_steps = max_len
+    watch = _WATCH.get()
+    should_stop = _stop_check(watch)
     generator = None
     if options.do_sample and options.seed is not None:
-        generator = torch.Generator(device=src.device).manual_seed(options.seed)
+        generator = seeded_generator(options.seed, src.device)
 
     state = model.init_state(src, use_cache=use_cache)
-    max_steps = _cap_steps(state, max_steps)
+    max_steps = _step_limit(model, state, options, watch)
     # Batch-1 decoding is bound by per-step overhead, so the bookkeeping stays in Python lists and
     # the (B, V) ``counts`` exist only when a penalty needs them.
     active = list(range(src.size(0)))  # original row of each state row
@@ -312,6 +409,7 @@ def _decode_steps(model: Any, src: Tensor, options: GenerationOptions, bos_id: i
     ngram = options.no_repeat_ngram_size
     histories: list[list[int]] = [[] for _ in active] if ngram else []  # each row's reply so far
     for step in range(max_steps):
+        _check_stop(should_stop, step)
         logits = model.decode_step(tokens, state).float()  # (b, V)
         if penalised:
             if counts is None:
@@ -362,6 +460,20 @@ def _cap_steps(state: Any, max_steps: int) -> int:
     return max_steps
 
 
+def _step_limit(model: Any, state: Any, options: GenerationOptions, watch: DecodingWatch | None) -> int:
+    """The most tokens this reply may take: ``max_new_tokens`` capped by the model's ``max_len`` and the
+    positions ``state`` has left (every decoding path uses this one cap); reported to ``watch``."""
+    max_steps = options.max_new_tokens
+    max_len = getattr(model, "max_len", None)
+    if max_len is not None and max_steps > max_len:
+        logger.debug("max_new_tokens=%d capped to the model's max_len=%d", max_steps, max_len)
+        max_steps = max_len
+    max_steps = _cap_steps(state, max_steps)
+    if watch is not None:
+        watch.max_steps = max_steps
+    return max_steps
+
+
 def beam_search(model: Any, input_ids: list[int], options: GenerationOptions, *, bos_id: int, eos_id: int,
                 use_cache: bool = True) -> list[int]:
     """Beam search (as in Sutskever et al. 2014; length penalty as in Wu et al. 2016, section 7)
@@ -373,6 +485,10 @@ def beam_search(model: Any, input_ids: list[int], options: GenerationOptions, *,
     Search stops when ``num_beams`` hypotheses have finished and no live beam can beat the worst of
     them at the current length (HF's ``early_stopping=False`` rule), or at ``max_new_tokens``,
     where live beams are scored as they stand. ``min_new_tokens`` and the repetition penalty apply.
+
+    Inside :func:`watch_decoding`, ``should_stop`` is checked before every step (raising
+    :class:`DecodingStopped`) and the step cap is reported: the search sends nothing until it ends, so
+    this is how a caller that went away stops it within one step.
     """
     options.validate()
     device = _model_device(model)
@@ -383,13 +499,11 @@ def beam_search(model: Any, input_ids: list[int], options: GenerationOptions, *,
 def _beam_search(model: Any, input_ids: list[int], options: GenerationOptions, bos_id: int, eos_id: int,
                  use_cache: bool, device: torch.device) -> list[int]:
     k = options.num_beams
+    watch = _WATCH.get()
+    should_stop = _stop_check(watch)
     src = _pad_batch([list(input_ids)], pad_id=0, device=device)
     state = model.init_state(src, use_cache=use_cache)
-    max_steps = options.max_new_tokens
-    max_len = getattr(model, "max_len", None)
-    if max_len is not None:
-        max_steps = min(max_steps, max_len)
-    max_steps = _cap_steps(state, max_steps)
+    max_steps = _step_limit(model, state, options, watch)
     tokens = _start_tokens(state, src, bos_id).repeat(k, 1)  # (K, 1)
     state.reorder(torch.zeros(k, dtype=torch.long, device=device))  # K copies of the one source
     # Only beam 0 is live at first, so the K copies do not yield K identical hypotheses.
@@ -403,6 +517,7 @@ def _beam_search(model: Any, input_ids: list[int], options: GenerationOptions, b
         return score / (length**lp)
 
     for step in range(max_steps):
+        _check_stop(should_stop, step)
         logits = model.decode_step(tokens, state).float()  # (K, V)
         if options.penalised:
             counts = torch.zeros(logits.shape, dtype=logits.dtype, device=device)
@@ -451,15 +566,25 @@ def generate_stream(model: Any, input_ids: list[int], options: GenerationOptions
 
     Stops at ``eos_id`` or after ``options.max_new_tokens``; </s> is suppressed until
     ``options.min_new_tokens`` tokens exist. Greedy unless ``options.do_sample``; a set
-    ``options.seed`` makes sampling reproducible.
+    ``options.seed`` (any int64, mapped by :func:`generator_seed`) makes sampling reproducible.
+
+    The work starts at the first ``next()`` (beam search too), so a :func:`watch_decoding` around the
+    iteration sees it: it can stop it between steps and learns the step cap.
     """
     # Validate eagerly (this is not itself a generator) so bad input fails at the call, not at next().
     options.validate()
     if options.num_beams > 1:
+        _check_inputs([list(input_ids)])
         # A beam's prefix can still change until the search ends, so the best one is sent at the end.
-        return iter(beam_search(model, input_ids, options, bos_id=bos_id, eos_id=eos_id, use_cache=use_cache))
+        return _beam_stream(model, input_ids, options, bos_id, eos_id, use_cache)
     src = _pad_batch([list(input_ids)], pad_id=0, device=_model_device(model))  # one row: no padding
     return _first_row(_decode(model, src, options, bos_id, eos_id, use_cache), eos_id)
+
+
+def _beam_stream(model: Any, input_ids: list[int], options: GenerationOptions, bos_id: int, eos_id: int,
+                 use_cache: bool) -> Iterator[int]:
+    # A generator, so the search runs at the first next(), inside the consumer's watch_decoding.
+    yield from beam_search(model, input_ids, options, bos_id=bos_id, eos_id=eos_id, use_cache=use_cache)
 
 
 def _first_row(steps: Iterator[tuple[list[int], list[int]]], eos_id: int) -> Iterator[int]:
@@ -575,7 +700,7 @@ def choose_tokens(logits: Tensor, rows: list[Any], eos_id: int,
         if r.options.do_sample and (failed is None or i not in failed):
             try:
                 if r.rng is None and r.options.seed is not None:
-                    r.rng = torch.Generator(device=logits.device).manual_seed(r.options.seed)
+                    r.rng = seeded_generator(r.options.seed, logits.device)
                 out[i] = int(choose_next(logits[i : i + 1], r.options, r.rng)[0])
             except Exception as e:
                 if not row_failed(i, e):

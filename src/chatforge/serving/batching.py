@@ -42,7 +42,13 @@ from typing import Any
 
 import torch
 
-from chatforge.decoding import StepModel, StepSpec, choose_tokens  # noqa: F401  (StepSpec: re-exported)
+from chatforge.decoding import (  # noqa: F401  (StepSpec: re-exported)
+    DecodingStopped,
+    StepModel,
+    StepSpec,
+    choose_tokens,
+    watch_decoding,
+)
 from chatforge.inference import TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -444,10 +450,13 @@ class ContinuousBatcher(_Runner):
 
 
 class ThreadedRunner(_Runner):
-    """One worker thread per running request over ``ReplyGenerator.stream`` (the fallback).
+    """One worker thread per running request over ``ReplyGenerator.stream`` (the fallback, and beam search).
 
-    Checks the request's ``cancelled`` flag between tokens, so a consumer that goes away
-    stops the model within one token.
+    Checks the request's ``cancelled`` flag between tokens, and hands it to the decoding loops under the
+    stream (``decoding.watch_decoding``), which check it before every step: a consumer that goes away
+    stops the model within one step even where the stream sends nothing until it ends (beam search), so
+    its worker is free again as soon as its RPC has ended. The same watch reports the reply's step cap
+    (``max_new_tokens`` capped by the model's positions), so a reply cut there ends with "length".
     """
 
     kind = "threaded"
@@ -489,19 +498,28 @@ class ThreadedRunner(_Runner):
         try:
             req.emit("start", req.prompt_tokens)
             self.metrics.prompt_tokens(self.name, req.prompt_tokens)
-            # Only a generator that reads context is handed it (the keyword is not part of every stream()).
-            stream = (self.generator.stream(req.text, req.options, context=req.turns) if req.turns
-                      else self.generator.stream(req.text, req.options))
-            try:
-                for delta in stream:
-                    if req.cancelled.is_set() or self._closed:  # at most one more token after a cancel
-                        break
-                    n += 1
-                    req.emit("token", delta)
-            finally:
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    close()
+
+            def gone() -> bool:
+                return req.cancelled.is_set() or self._closed
+
+            # Decoding under the stream checks gone() before each of its steps and reports its step cap.
+            with watch_decoding(should_stop=gone) as watch:
+                # Only a generator that reads context is handed it (the keyword is not part of every stream()).
+                stream = (self.generator.stream(req.text, req.options, context=req.turns) if req.turns
+                          else self.generator.stream(req.text, req.options))
+                try:
+                    for delta in stream:
+                        if gone():  # at most one more token after a cancel
+                            break
+                        n += 1
+                        req.emit("token", delta)
+                except DecodingStopped:
+                    if not gone():  # only our own should_stop may stop it; anything else is a failure
+                        raise
+                finally:
+                    close = getattr(stream, "close", None)
+                    if close is not None:
+                        close()
             if req.cancelled.is_set():
                 outcome = "dropped"
             elif self._closed:
@@ -509,7 +527,8 @@ class ThreadedRunner(_Runner):
                                                    "retry on another replica"))
             else:
                 outcome = "completed"
-                last = ("end", "length" if n >= req.options.max_new_tokens else "stop")
+                # "length" at the model's cap (its positions), not only at max_new_tokens.
+                last = ("end", watch.finish_reason(n, req.options.max_new_tokens))
         except BaseException as e:  # every failure must reach the consumer, which maps it to a status
             if not _is_domain_error(e):
                 logger.error("model %r failed while generating", self.name, exc_info=True)
