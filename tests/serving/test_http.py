@@ -511,3 +511,103 @@ def test_a_long_system_prompt_is_stored_not_held_to_the_models_input_limit(tmp_p
     [row] = [r for r in store.iter_rows() if r["session_id"] == "sys-1"]
     assert row["context"] == [{"role": "system", "text": system}]
     store.close()
+
+
+@pytest.mark.parametrize("path, raw", [
+    ("/v1/chat/completions", b"{bad"),
+    ("/v1/chat/completions", json.dumps({"messages": []}).encode()),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "wizard", "content": 5}], "n": "x"}).encode()),
+    ("/v1/chat/completions", b"\xff\xfe{}"),  # not UTF-8
+    ("/v1/classify", b"{bad"),
+    ("/v1/classify", json.dumps({"text": 5, "extra": 1}).encode()),
+    ("/v1/classify", b""),
+])
+def test_the_api_key_is_checked_before_the_body_is_parsed(monkeypatch, path, raw):
+    """A client without a valid key got 400 for a body that is not JSON, and a 400 describing the schema for
+    one that fails it: the server parsed and validated bodies for anyone. It now answers 401 first."""
+    from chatforge.serving import http as http_module
+
+    parsed = []
+    real = http_module.parse_body
+    monkeypatch.setattr(http_module, "parse_body", lambda *a, **kw: parsed.append(a) or real(*a, **kw))
+    with ServerThread(make_engine(), http_port=0, auth=ApiKeyAuth(["s3cret"])) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                r = http.post(path, content=raw, headers={"content-type": "application/json", **headers})
+                assert r.status_code == 401, r.text
+                assert r.json()["error"]["type"] == "authentication_error"
+            assert parsed == []
+            # With the key, the same body is refused for what it is.
+            r = http.post(path, content=raw, headers={"content-type": "application/json",
+                                                      "Authorization": "Bearer s3cret"})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+def test_classify_and_chat_stay_documented_with_their_request_bodies(served):
+    st, http = served
+    doc = http.get("/openapi.json").json()
+    for path, schema in (("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/classify", "ClassifyHttpRequest")):
+        post = doc["paths"][path]["post"]
+        ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{schema}"
+        assert {"200", "400", "401", "413"} <= set(post["responses"])
+
+
+def _oos_engine() -> Engine:
+    """Every message out of scope (the fake classifier's 0.8 is under the threshold): the reply is the
+    pipeline's fallback, which the classifier "intents" gives, not the chat model."""
+    return Engine({"chat": FakeGenerator("chat")}, {"intents": FakeClassifier()},
+                  pipeline=PipelineConfig("intents", "Sorry, I can't help with that.", threshold=0.9))
+
+
+def _without_ids(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in ("id", "created")} | {
+        "chatforge": {k: v for k, v in body["chatforge"].items() if k != "request_id"}}
+
+
+def test_a_stop_sequence_in_the_fallback_reply_keeps_the_replys_metadata(tmp_path):
+    """With ``stop``, the reply was complete at the stop sequence, before the engine's ReplyDone was read: an
+    out-of-scope message came back with ``out_of_scope: false``, ``intent: null``, model "chat" and usage
+    counted as if the chat model had run, and the store lost the turn's intent."""
+    from chatforge.serving.store import ConversationStore
+
+    store = ConversationStore(f"sqlite:///{tmp_path / 'c.db'}")
+    with ServerThread(_oos_engine(), http_port=0, store=store) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            plain = http.post("/v1/chat/completions", json=chat(["hello"], user="plain")).json()
+            cut = http.post("/v1/chat/completions", json=chat(["hello"], stop="I", user="cut")).json()
+            with http.stream("POST", "/v1/chat/completions", json=chat(
+                    ["hello"], stop="I", stream=True, stream_options={"include_usage": True})) as s:
+                chunks = [json.loads(d) for d in sse_events(s.iter_lines())[:-1]]
+    assert plain["chatforge"]["out_of_scope"] is True and plain["model"] == "intents"
+    assert cut["choices"][0]["message"]["content"] == "Sorry, "
+    want = _without_ids(plain)
+    want["choices"][0]["message"]["content"] = "Sorry, "
+    assert _without_ids(cut) == want
+    final, usage = chunks[-2], chunks[-1]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == "Sorry, "
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert {k: v for k, v in final["chatforge"].items() if k != "request_id"} == want["chatforge"]
+    assert usage["usage"] == plain["usage"]
+    assert store.flush(WAIT)
+    rows = {r["session_id"]: r for r in store.iter_rows()}
+    assert (rows["cut"]["intent"], rows["cut"]["model"]) == (rows["plain"]["intent"], rows["plain"]["model"]) \
+        == ("greet", "intents")
+    store.close()
+
+
+@pytest.mark.parametrize("stop", [None, "I"])
+def test_every_chunk_of_a_streamed_fallback_reply_names_the_model_that_answered(stop):
+    """The first chunks of a streamed fallback reply said "model": "chat" and the last ones "intents"."""
+    with ServerThread(_oos_engine(), http_port=0) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            whole = http.post("/v1/chat/completions", json=chat(["hello"], stop=stop)).json()
+            with http.stream("POST", "/v1/chat/completions", json=chat(
+                    ["hello"], stop=stop, stream=True, stream_options={"include_usage": True})) as s:
+                chunks = [json.loads(d) for d in sse_events(s.iter_lines())[:-1]]
+    assert whole["model"] == "intents"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["model"] for c in chunks] == ["intents"] * len(chunks)

@@ -9,6 +9,7 @@
     history: JSON.parse(store.getItem("chatforge.history") || "[]"),
     classifier: null,
     controller: null,
+    epoch: 0,  // counts "new conversation" clicks: a reply that ends after one joins no conversation
   };
   store.setItem("chatforge.session", state.session);
   $("apikey").value = store.getItem("chatforge.key") || "";
@@ -88,8 +89,11 @@
 
   async function send(text) {
     const userDiv = bubble("user", text);
-    state.history.push({ role: "user", content: text });
-    save();
+    // The message joins the conversation (state.history, which every later request sends) only once it has a
+    // reply: a refused one (too long, say) kept there made every later request fail the same way. A failed
+    // message stays on screen, marked, with the error under it.
+    const turn = { role: "user", content: text };
+    const epoch = state.epoch;
     classify(text, userDiv);
     const div = bubble("assistant", "");
     div.classList.add("streaming");
@@ -98,13 +102,14 @@
     state.controller = controller;
     busy(true);
     const t0 = performance.now();
-    let first = null, last = null, tokens = 0, reply = "", finish = null, ext = null, usage = null;
+    let first = null, last = null, tokens = 0, reply = "", finish = null, ext = null, usage = null, failed = false;
     try {
       const resp = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(), signal: controller.signal,
         // The latest turns only: the server reads at most 64 earlier turns, and a long conversation
         // kept in this browser must not grow the request past the API's 1,000 messages.
-        body: JSON.stringify({ model: $("model").value || undefined, messages: state.history.slice(-65), stream: true,
+        body: JSON.stringify({ model: $("model").value || undefined, messages: [...state.history, turn].slice(-65),
+                               stream: true,
                                max_tokens: Number($("maxtokens").value) || undefined, user: state.session,
                                stream_options: { include_usage: true } }),
       });
@@ -144,7 +149,12 @@
       }
     } catch (e) {
       if (e.name === "AbortError") { meta(div, "stopped", "badge stopped"); finish = "stopped"; }
-      else meta(div, "error: " + e.message, "error");
+      else {
+        failed = true;
+        meta(div, "error: " + e.message, "error");
+        userDiv.classList.add("failed");
+        meta(userDiv, "failed: left out of the conversation", "badge failed");
+      }
     } finally {
       state.controller = null;
       busy(false);
@@ -158,7 +168,12 @@
     }
     if (ext && ext.out_of_scope) meta(div, "fallback (out of scope)", "badge oos");
     div.dataset.finish = finish || "";
-    if (reply) { state.history.push({ role: "assistant", content: reply }); save(); }
+    // A reply, whole or stopped by the user, keeps the turn; a stopped one without text keeps the message alone.
+    if (!failed && epoch === state.epoch) {
+      state.history.push(turn);
+      if (reply) state.history.push({ role: "assistant", content: reply });
+      save();
+    }
   }
 
   $("form").addEventListener("submit", (ev) => {
@@ -173,7 +188,7 @@
   });
   $("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
   $("clear").addEventListener("click", () => {
-    state.history = []; save(); $("log").textContent = "";
+    state.history = []; state.epoch += 1; save(); $("log").textContent = "";
   });
   for (const m of state.history) bubble(m.role, m.content);
   loadModels();
