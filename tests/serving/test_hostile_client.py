@@ -531,3 +531,33 @@ def test_a_content_part_other_than_text_is_400_naming_the_message(served, part):
     ok = http.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "look"}]}]})
     assert ok.status_code == 200, ok.text
+
+
+# ------------------------------------------------------------------------ session ids
+def test_an_over_long_or_nul_session_header_is_400_not_cut(tmp_path):
+    """X-Session-Id was cut to its first 128 characters, so two clients whose ids shared them wrote into one
+    conversation (the body's ``user`` was already refused past 128); a NUL in it or in ``user`` reached the store,
+    where PostgreSQL cannot hold it."""
+    from chatforge.serving.store import ConversationStore
+
+    store = ConversationStore(f"sqlite:///{tmp_path / 'c.db'}")
+    with ServerThread(make_engine(), http_port=0, store=store) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            for sid in ("s" * 128 + "a", "s" * 128 + "b"):
+                r = http.post("/v1/chat/completions", json=chat(max_tokens=2), headers={"x-session-id": sid})
+                assert r.status_code == 400, r.text
+                assert r.json()["error"]["message"] == ("X-Session-Id header is 129 characters long; allowed: at "
+                                                        "most 128")
+            r = http.post("/v1/classify", json={"text": "hi"}, headers={"x-session-id": "s" * 129})
+            assert r.status_code == 400, r.text
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=2, user="a\x00b"))
+            assert r.status_code == 400 and "NUL" in r.json()["error"]["message"], r.text
+            r = http.post("/v1/chat/completions", json=chat("x\x00y", max_tokens=2))
+            assert r.status_code == 400 and "NUL" in r.json()["error"]["message"], r.text
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=2), headers={"x-session-id": "s" * 128})
+            assert r.status_code == 200, r.text
+            assert_still_serving(http)
+    store.flush()
+    assert [t["user_text"] for t in store.session("s" * 128)] == ["hi"]
+    assert store.session("s" * 128 + "a") == [] and store.session("a\x00b") == []

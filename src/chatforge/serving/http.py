@@ -68,6 +68,7 @@ from chatforge.serving.engine import (
 from chatforge.serving.interceptors import (
     FAILURE_REASON_BY_CODE,
     CallInfo,
+    check_session_id,
     current_call,
     pick_request_id,
     status_for,
@@ -360,8 +361,12 @@ class HttpCall:
         self.surface, self.rpc, self.params = surface, rpc, params
         self.request_id = pick_request_id([(REQUEST_ID_METADATA_KEY, request.headers.get(REQUEST_ID_METADATA_KEY))])
         self.session_id = (request.headers.get(SESSION_ID_METADATA_KEY) or session_id or None)
+        self._session_error: InvalidRequestError | None = None
         if self.session_id is not None:
-            self.session_id = self.session_id[:128]
+            try:  # refused in admit(): never cut, or two sessions sharing 128 characters would merge
+                check_session_id(self.session_id, "X-Session-Id header")
+            except InvalidRequestError as e:
+                self._session_error, self.session_id = e, None
         self.start = time.perf_counter()
         self.info = CallInfo(rpc, surface.metrics, self.start)
         self.gated = False
@@ -375,14 +380,17 @@ class HttpCall:
     def use_session(self, session_id: str | None) -> None:
         """The session id a request's body names (its ``user``), read once the body is parsed; the
         ``X-Session-Id`` header, when sent, wins."""
-        if self.session_id is None and session_id:
-            self.session_id = session_id[:128]
+        if self.session_id is None and self._session_error is None and session_id:
+            check_session_id(session_id, "user")  # the body's schema bounds its length; NUL is refused here
+            self.session_id = session_id
             session_id_var.set(self.session_id)
 
     def admit(self, auth_header: str | None) -> None:
         """API key, then the drain gate, then the deadline header; raises a domain error. Called before a
         request's body is parsed: a client without a valid key gets 401 whatever it sent."""
         self.surface.check_key(auth_header)
+        if self._session_error is not None:
+            raise self._session_error
         self.deadline = _deadline(self._timeout_header, self.start)
         gate = self.surface.gate
         if gate is not None:
