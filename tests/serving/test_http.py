@@ -611,3 +611,33 @@ def test_every_chunk_of_a_streamed_fallback_reply_names_the_model_that_answered(
     assert whole["model"] == "intents"
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert [c["model"] for c in chunks] == ["intents"] * len(chunks)
+
+
+def test_a_stop_sequence_in_a_generated_reply_keeps_the_pipelines_metadata(tmp_path):
+    """A model's reply cut by a stop sequence ends before the engine's ReplyDone (it would come only once the model
+    ran to its end), so its intent, intent_score and context turns came back null and the store lost the intent.
+    The engine now hands the surface those facts before the model starts (``stream_reply(on_start=...)``)."""
+    from chatforge.serving.store import ConversationStore
+
+    engine = Engine({"chat": FakeGenerator("chat")}, {"intents": FakeClassifier()},
+                    pipeline=PipelineConfig("intents", "Sorry, I can't help with that.", threshold=0.5))
+    store = ConversationStore(f"sqlite:///{tmp_path / 'c.db'}")
+    with ServerThread(engine, http_port=0, store=store) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            plain = http.post("/v1/chat/completions", json=chat(["hello"], user="plain")).json()
+            cut = http.post("/v1/chat/completions", json=chat(["hello"], stop="there", user="cut")).json()
+            with http.stream("POST", "/v1/chat/completions", json=chat(["hello"], stop="there", stream=True)) as s:
+                final = [json.loads(d) for d in sse_events(s.iter_lines())[:-1]][-1]
+    assert plain["chatforge"]["intent"] == "greet" and plain["model"] == "chat"
+    assert cut["choices"][0]["message"]["content"] == "Hello "
+    assert cut["choices"][0]["message"]["content"] != plain["choices"][0]["message"]["content"]
+    for got in (cut["chatforge"], final["chatforge"]):
+        assert {k: v for k, v in got.items() if k != "request_id"} == \
+            {k: v for k, v in plain["chatforge"].items() if k != "request_id"}
+    assert cut["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert store.flush(WAIT)
+    rows = {r["session_id"]: r for r in store.iter_rows()}
+    assert (rows["cut"]["intent"], rows["cut"]["intent_score"]) == (rows["plain"]["intent"],
+                                                                    rows["plain"]["intent_score"])
+    store.close()

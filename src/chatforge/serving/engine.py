@@ -566,7 +566,7 @@ class Engine:
 
     async def stream_reply(
         self, text: str, options: GenerationOptions | None = None, model: str | None = None,
-        context: Sequence[str] = (),
+        context: Sequence[str] = (), on_start: Callable[[ReplyDone], None] | None = None,
     ) -> AsyncIterator[TokenDelta | ReplyDone]:
         """Yield a :class:`TokenDelta` per generated token, then exactly one :class:`ReplyDone`.
 
@@ -576,6 +576,11 @@ class Engine:
         says how many it read. Other generators, and the scripted/retrieval paths, read the message only.
         ``model`` may also name a hosted selection model: its best pool answer comes back as one delta, with
         ``path`` "retrieval" and its score, whatever the reply policy would have done.
+
+        ``on_start`` is called once, before a model starts generating, with what the final :class:`ReplyDone`
+        will say except ``finish_reason`` (empty) and ``completion_tokens`` (0): a consumer that stops reading
+        early (a stop sequence) keeps the reply's model, intent, path and context turns. Whole replies (scripted,
+        retrieval, fallback) do not call it: their ReplyDone follows their one delta at once.
 
         Raises :class:`InvalidRequestError`, :class:`ModelNotFoundError`,
         :class:`NoModelForTaskError` or :class:`EngineOverloadedError` before the first token.
@@ -654,6 +659,9 @@ class Engine:
         req = GenRequest(text=text, prompt_ids=prompt, options=options, emit=emit, detok=detok,
                          prompt_tokens=n_prompt, sink=sink, deliver=deliver, turns=turns)
         slot = self._submit(self._generators, slot.name, req, per_request=beams)
+        if on_start is not None:
+            on_start(ReplyDone("", n_prompt, 0, slot.name, slot.version, intent, intent_score, path, path_score,
+                               n_context))
         prompt_tokens, n, ended = n_prompt, 0, False
         try:
             while True:

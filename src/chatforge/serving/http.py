@@ -1161,7 +1161,8 @@ class HttpSurface:
             if name in engine.generators:
                 call.info.set_model(name)
             turns = [t for role, t in history if role in CONTEXT_ROLES][-MAX_CONTEXT_TURNS:]
-            stream = engine.stream_reply(text, options, body.model or None, turns)
+            started: list[ReplyDone] = []  # what the engine knows before the model's first token
+            stream = engine.stream_reply(text, options, body.model or None, turns, on_start=started.append)
             # The first item is awaited here, before any byte is sent, so that everything the
             # engine refuses up front (validation, unknown model, overload) gets its HTTP status.
             try:
@@ -1176,7 +1177,7 @@ class HttpSurface:
         except asyncio.CancelledError:
             call.finish(grpc.StatusCode.CANCELLED, 499)
             raise
-        reply = _Reply(call, body, text, stops, engine, history)
+        reply = _Reply(call, body, text, stops, engine, history, started)
         if body.stream:
             return SseResponse(self._sse(call, reply, stream, first), {REQUEST_ID_METADATA_KEY: call.request_id})
         try:
@@ -1273,7 +1274,7 @@ class HttpSurface:
             call.finish(code, status)
 
     def _finish_reply(self, call: HttpCall, reply: _Reply, finish: bool = True) -> None:
-        done = reply.done
+        done = reply.facts
         self._record(call, model=reply.model, model_version=reply.version, user_text=reply.text,
                      reply=reply.content, intent=(done.intent or None) if done else None,
                      intent_score=done.intent_score if done and done.intent else None, ttft_ms=call.info.ttft_ms,
@@ -1330,7 +1331,7 @@ class _Reply:
     """One completion as it is assembled: text after stop sequences, counts, the final record."""
 
     def __init__(self, call: HttpCall, body: ChatCompletionRequest, text: str, stops: list[str],
-                 engine: Engine, history: list[tuple[str, str]] = ()) -> None:
+                 engine: Engine, history: list[tuple[str, str]] = (), started: list[ReplyDone] = ()) -> None:
         self.call, self.body, self.text, self.engine = call, body, text, engine
         self.history = list(history)
         self.matcher = StopMatcher(stops)
@@ -1341,6 +1342,11 @@ class _Reply:
         self.stopped = False
         self.model = body.model or engine.default_generator or ""
         self.version = engine.version_of(self.model) or ""
+        # The engine's facts from before the model's first token (Engine.stream_reply's on_start): a reply cut by
+        # a stop sequence ends before its ReplyDone, and keeps these.
+        self.started: ReplyDone | None = started[0] if started else None
+        if self.started is not None:
+            self.model, self.version = self.started.model, self.started.version
         self.id = f"chatcmpl-{call.request_id}"
         self.created = int(time.time())
         self._event_model: str | None = None
@@ -1379,23 +1385,30 @@ class _Reply:
             return "stop"  # "stop": </s>, a stop sequence, or the pipeline's fallback reply
         return "length"
 
+    @property
+    def facts(self) -> ReplyDone | None:
+        """The reply's ReplyDone, or for a reply cut by a stop sequence what the engine said before it started."""
+        return self.done if self.done is not None else self.started
+
     def usage(self) -> dict[str, int]:
         if self.done is not None:
             prompt, completion = self.done.prompt_tokens, self.done.completion_tokens
-        else:  # cut by a stop sequence: the engine never reported its counts
+        elif self.started is not None:  # cut by a stop sequence: the counts as the engine had them, and ours
+            prompt, completion = self.started.prompt_tokens, self.tokens
+        else:
             prompt = self.engine.generators[self.model].count_tokens(self.text) if self.model in \
                 self.engine.generators else 0
             completion = self.tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def extension(self) -> dict[str, Any]:
-        done = self.done
+        facts = self.facts
         return ChatforgeInfo(model_version=self.version, request_id=self.call.request_id,
-                             intent=(done.intent or None) if done else None,
-                             intent_score=done.intent_score if done and done.intent else None,
-                             out_of_scope=bool(done and done.finish_reason == "fallback"),
-                             context_turns=done.context_turns if done else 0,
-                             path=(done.path or None) if done else None).model_dump()
+                             intent=(facts.intent or None) if facts else None,
+                             intent_score=facts.intent_score if facts and facts.intent else None,
+                             out_of_scope=bool(self.done and self.done.finish_reason == "fallback"),
+                             context_turns=facts.context_turns if facts else 0,
+                             path=(facts.path or None) if facts else None).model_dump()
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
