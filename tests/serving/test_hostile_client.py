@@ -561,3 +561,26 @@ def test_an_over_long_or_nul_session_header_is_400_not_cut(tmp_path):
     store.flush()
     assert [t["user_text"] for t in store.session("s" * 128)] == ["hi"]
     assert store.session("s" * 128 + "a") == [] and store.session("a\x00b") == []
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "stop": 5}', "stop"),
+], ids=["content", "stop"])
+def test_a_wrong_type_in_a_union_field_names_the_field_not_pydantics_branch(served, body, param):
+    """The error's param read "messages[0].content.str": pydantic's name for the union member it tried first."""
+    st, http = served
+    r = _raw(http, body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert r.json()["error"]["message"].startswith(f"{param}=5 is invalid")
+
+
+def test_an_integer_too_long_to_convert_is_a_400_naming_the_body(served):
+    """A 5,000-digit max_tokens is valid JSON that Python will not convert: the answer was FastAPI's bare "There was
+    an error parsing the body" with no param."""
+    st, http = served
+    r = _raw(http, '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + "9" * 5000 + "}")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "body" and "4300 digits" in err["message"] and "sys." not in err["message"]
+    assert_still_serving(http)

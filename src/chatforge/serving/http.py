@@ -329,8 +329,13 @@ def error_body(exc: BaseException, request_id: str | None,
     return status, {"error": {"message": message, "type": kind, "param": param, "code": err_code}}
 
 
+# How pydantic names the member of a union in an error's location ("messages[0].content.str",
+# "stop.list[str]"): a type, never one of the schemas' field names (snake_case).
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|(list|dict|tuple|set)\[.*\]|[A-Z]\w*(\[.*\])?)$")
+
+
 def _validation_param(loc: tuple) -> str:
-    parts = [p for p in loc if p != "body"]
+    parts = [p for p in loc if p != "body" and not (isinstance(p, str) and _UNION_MEMBER.match(p))]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -646,8 +651,12 @@ def parse_body(adapter: TypeAdapter, raw: bytes, content_type: str | None, level
             raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos),
                                            "msg": "JSON decode error", "input": {}, "ctx": {"error": e.msg}}],
                                          body=e.doc) from None
-        except ValueError:  # not UTF-8 (FastAPI's answer to a body it cannot parse)
+        except UnicodeDecodeError:  # not UTF-8 (FastAPI's answer to a body it cannot parse)
             raise StarletteHTTPException(status_code=400, detail="There was an error parsing the body") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts (4,300)
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "input": {},
+                                           "msg": f"JSON decode error: {str(e).split(': ')[0]}"}],
+                                         body=None) from None
         except RecursionError:  # arrays/objects nested ~1000 deep: FastAPI's own parser answers 400 too
             raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "input": {},
                                            "msg": "arrays/objects nested too deeply to parse (this endpoint's "
