@@ -138,6 +138,8 @@ def test_gpt_beam_applies_openais_count_penalties_to_each_beam():
 
 
 class _CountingMarkov(MarkovModel):
+    """A MarkovModel that counts its decoding steps (also used by tests/test_decoding_watch.py)."""
+
     def __init__(self, table):
         super().__init__(table)
         self.steps = 0

@@ -9,7 +9,7 @@ import contextvars
 import pytest
 import torch
 from tests.test_decoding import PAD, PlusOneModel, _EchoModel
-from tests.test_decoding_beam import MarkovModel, scripted
+from tests.test_decoding_beam import _CountingMarkov, scripted
 
 from chatforge.decoding import (
     DecodingStopped,
@@ -24,16 +24,6 @@ from chatforge.decoding import (
 )
 
 BOS, EOS = 1, 2
-
-
-class _CountingMarkov(MarkovModel):
-    def __init__(self, table):
-        super().__init__(table)
-        self.steps = 0
-
-    def decode_step(self, tokens, state):
-        self.steps += 1
-        return super().decode_step(tokens, state)
 
 
 def _stop_after(model, n: int):
