@@ -508,3 +508,45 @@ def test_serve_reads_the_metrics_port_from_the_environment(tmp_path, monkeypatch
     r = CliRunner().invoke(app, ["serve", "--model", f"chat={tmp_path / 'bundle'}", *argv], env=env)
     assert r.exit_code == 0, r.output
     assert seen["config"].metrics_port == expected
+
+
+def _readme_commands(prefix: str) -> list[str]:
+    """README's shell commands starting with ``prefix``, continuation lines joined."""
+    text = (REPO / "README.md").read_text(encoding="utf-8").replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
+
+
+def test_the_readme_runs_the_image_with_a_stop_timeout_longer_than_its_drain():
+    """An operator's review: `docker run` as the README wrote it, then `docker stop`, SIGKILLed the server 10 s
+    after SIGTERM (docker's and podman's default), cutting a stream the default command's drain (--drain-delay 5
+    + --grace 10) would have finished. An image cannot set its stop timeout; the run command must."""
+    cmd = json.loads(next(line for line in _dockerfile_lines("Dockerfile") if line.startswith("CMD "))[4:])
+    drain = float(_flag(cmd, "--drain-delay")) + float(_flag(cmd, "--grace"))
+    runs = [c for c in _readme_commands("docker run") if " chatforge:0.1.0" in c]
+    assert runs
+    for run in runs:
+        words = run.split()
+        assert "--stop-timeout" in words, run
+        assert float(words[words.index("--stop-timeout") + 1]) > drain, run
+
+
+def test_compose_passes_the_base_image_so_it_builds_without_a_registry():
+    """`docker compose ... up -d --build` pulled python:3.11.11-slim-bookworm: compose passed only EXTRAS, so the
+    documented no-registry base (localhost/chatforge-base:bookworm) could not be given."""
+    for name, svc in _compose()["services"].items():
+        if name.startswith("chatbot-"):
+            assert svc["build"]["args"]["BASE_IMAGE"] == "${CHATFORGE_BASE_IMAGE:-python:3.11.11-slim-bookworm}"
+    default = re.search(r"^ARG BASE_IMAGE=(\S+)", (DEPLOY / "Dockerfile").read_text(), re.M).group(1)
+    assert default == "python:3.11.11-slim-bookworm"
+    assert "CHATFORGE_BASE_IMAGE=localhost/chatforge-base:bookworm" in (REPO / "docs" / "operations.md").read_text()
+
+
+def test_the_training_images_run_command_names_a_config_inside_it_and_a_writable_run_folder():
+    """Dockerfile.train's header said `train configs/demo.yaml` (the image's configs are in /app/configs, and it
+    works in /runs) and mounted a host folder the image's user 10001 cannot write."""
+    text = (DEPLOY / "Dockerfile.train").read_text()
+    header = " ".join(line.lstrip("# ").rstrip("\\ ") for line in text.splitlines() if line.startswith("#"))
+    lines = _dockerfile_lines("Dockerfile.train")
+    assert "COPY configs /app/configs" in lines and "WORKDIR /runs" in lines
+    for run in [*_readme_commands("mkdir -p runs && docker run"), header]:
+        assert "train /app/configs/demo.yaml" in run and '--user "$(id -u):$(id -g)"' in run, run
