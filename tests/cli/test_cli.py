@@ -228,16 +228,6 @@ def test_error_lines_show_brackets_as_they_are():
     assert "the turn [SEP] and [/x] are not allowed; allowed: [bold]" in cap.get()
 
 
-def _commands(group, path=()):
-    import click
-
-    for name, cmd in sorted(group.commands.items()):
-        if isinstance(cmd, click.Group):
-            yield from _commands(cmd, (*path, name))
-        else:
-            yield (*path, name), cmd
-
-
 def test_help_shows_every_bracketed_word_of_an_option_help_as_written():
     """`serve --help` printed "needs chatforge);" where the option's help says "needs chatforge[ct2]": the help
     renderer read "[ct2]" as markup and dropped it, so users were never told which extra to install."""
