@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 
 import grpc
@@ -205,3 +206,57 @@ def test_top_sends_the_api_key_with_each_scrape():
         httpd.shutdown()
         httpd.server_close()
     assert seen == [f"Bearer {KEY}"]
+
+
+def test_a_client_ca_without_a_server_certificate_is_refused(tmp_path):
+    """--tls-client-ca alone served plaintext and checked no client: the server logged "tls": false and answered a
+    plaintext client, while the operator had asked for mutual TLS."""
+    from chatforge.serving.server import ServerConfig
+
+    certs = _certs(tmp_path)
+    with pytest.raises(ValueError, match="--tls-client-ca .*needs --tls-cert and --tls-key"):
+        ServerConfig(bundles={"chat": tmp_path}, tls_client_ca=certs["ca"])
+
+
+@pytest.mark.parametrize("case", ["key-of-another-cert", "garbage-cert", "garbage-ca", "missing-key"])
+def test_bad_tls_files_are_named_before_the_port_is_bound(tmp_path, case):
+    """A key that does not match its certificate, or a file that is not PEM, made grpc fail the bind, and serve said
+    the port was already in use."""
+    from chatforge.serving.server import ServerConfig
+
+    certs = _certs(tmp_path)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("garbage\n")
+    cert, key, ca = certs["server"], certs["server_key"], None
+    if case == "key-of-another-cert":
+        key = certs["client_key"]
+    elif case == "garbage-cert":
+        cert = garbage
+    elif case == "garbage-ca":
+        ca = garbage
+    else:
+        key = tmp_path / "nope.pem"
+    with pytest.raises(ValueError) as err:
+        ServerConfig(bundles={"chat": tmp_path}, tls_cert=cert, tls_key=key, tls_client_ca=ca)
+    message = str(err.value)
+    assert "port" not in message and ("--tls-" in message), message
+    # the good files pass
+    ServerConfig(bundles={"chat": tmp_path}, tls_cert=certs["server"], tls_key=certs["server_key"],
+                 tls_client_ca=certs["ca"])
+
+
+def test_the_listening_line_says_whether_api_keys_are_on(caplog):
+    """The line logged "api_keys": "***" whether or not keys were configured: the log redacts fields named like
+    secrets, so it could not tell an operator whether the server checks keys."""
+    from chatforge.serving.observability import JsonFormatter
+
+    lines = {}
+    for auth in (None, ApiKeyAuth([KEY])):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="chatforge.serving.server"), \
+                ServerThread(make_engine(), auth=auth) as st:
+            st.wait_serving()
+        record = next(r for r in caplog.records if r.getMessage() == "listening")
+        lines[auth is not None] = json.loads(JsonFormatter().format(record))
+    assert (lines[False]["auth"], lines[True]["auth"]) == ("none", "api_keys")
+    assert KEY not in json.dumps(lines[True])

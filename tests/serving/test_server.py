@@ -96,7 +96,10 @@ def test_shutdown_sets_not_serving_before_stopping():
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_process_with_exit_code_0(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_stops_the_process_with_exit_code_0(tmp_path, sig):
+    """SIGHUP drains like SIGTERM: its default action killed the server at once (no drain, no log line, every call
+    in flight failed), e.g. when the terminal that started it closed."""
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
         [sys.executable, str(TESTS_DIR / "serving_fakes.py"), str(port_file)],
@@ -112,7 +115,7 @@ def test_sigterm_stops_the_process_with_exit_code_0(tmp_path):
         with ChatbotClient(f"127.0.0.1:{port}", timeout=WAIT) as client:
             assert client.health("chatforge.v1.Chatbot") == "SERVING"
             assert client.reply("hello", max_new_tokens=2) == "Hello"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rc = proc.wait(timeout=30)
         stderr = proc.stderr.read()
         assert rc == 0, stderr

@@ -103,7 +103,7 @@ def serve(
                                       "int8/auto; needs chatforge[ort]). NAME=BACKEND sets one model's "
                                       "(repeatable)."),
 ):
-    """Serve bundles over gRPC (Chatbot service, health, reflection) until SIGTERM/SIGINT."""
+    """Serve bundles over gRPC (Chatbot service, health, reflection) until SIGTERM/SIGINT/SIGHUP."""
     from chatforge.serving.backend_ct2 import parse_backends
     from chatforge.serving.engine import PipelineConfig
     from chatforge.serving.policy import ReplyPolicy

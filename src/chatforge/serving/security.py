@@ -98,6 +98,30 @@ class TlsConfig:
     key_file: Path
     client_ca_file: Path | None = None
 
+    def check(self) -> None:
+        """Load the files as a TLS server would (Python's ssl), raising ValueError naming the file and what is
+        wrong: unreadable, not PEM, or a key that does not belong to the certificate. grpc reports all of these
+        only when the port is bound, as a failed bind, so the server said the port was in use."""
+        import ssl
+
+        for path, what in ((self.cert_file, "--tls-cert"), (self.key_file, "--tls-key"),
+                           (self.client_ca_file, "--tls-client-ca")):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{what} {path}: no such file")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError(f"--tls-cert {self.cert_file} / --tls-key {self.key_file}: cannot be loaded as a "
+                             f"PEM certificate chain and its private key ({getattr(e, 'reason', None) or e})") \
+                from None
+        if self.client_ca_file is not None:
+            try:
+                ctx.load_verify_locations(cafile=str(self.client_ca_file))
+            except (ssl.SSLError, OSError) as e:
+                raise ValueError(f"--tls-client-ca {self.client_ca_file}: not PEM CA certificates "
+                                 f"({getattr(e, 'reason', None) or e})") from None
+
     def server_credentials(self):
         def read(p: Path, what: str) -> bytes:
             try:

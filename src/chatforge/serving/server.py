@@ -7,7 +7,7 @@ Lifecycle (what a load balancer / Kubernetes sees). Two health services:
    UNAVAILABLE ("still loading");
 2. load the models in a worker thread (the event loop keeps answering health checks);
 3. readiness -> SERVING; the bound port is written (atomically) to ``port_file``;
-4. SIGTERM/SIGINT -> drain: readiness NOT_SERVING at once (gRPC health and ``/readyz``), and
+4. SIGTERM/SIGINT/SIGHUP -> drain: readiness NOT_SERVING at once (gRPC health and ``/readyz``), and
    for ``drain_delay`` seconds the server still accepts and serves every call, so that a
    balancer polling readiness (HAProxy every second, a Kubernetes readiness probe, endpoints
    removal) takes the replica out before any call is refused; then new Chatbot calls answer
@@ -244,8 +244,10 @@ class ChatbotServer:
             except OSError:
                 await server.stop(0)
                 raise
+        # "auth", not "api_keys": the log redacts fields named like secrets, which hid whether keys are on at all.
         logger.info("listening", extra={"address": f"{self.host}:{self.port}", "tls": self.tls is not None,
-                                        "api_keys": self.auth is not None})
+                                        "mutual_tls": self.tls is not None and self.tls.client_ca_file is not None,
+                                        "auth": "api_keys" if self.auth is not None else "none"})
         if self.metrics_port is not None:
             self.metrics_http = MetricsHTTPServer(self.metrics, self.host, self.metrics_port,
                                                   readiness=lambda: self.ready).start()
@@ -431,7 +433,7 @@ async def serve(
     handle_signals: bool = True,
     **server_kwargs,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; return after a graceful shutdown.
+    """Serve until SIGTERM/SIGINT/SIGHUP; return after a graceful shutdown.
 
     ``engine_or_loader`` is an :class:`Engine` or a no-argument callable that builds one
     (run in a thread after the port is bound). ``port=0`` picks a free port; the bound
@@ -444,7 +446,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     installed: list[int] = []
     if handle_signals and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP (the terminal that started it closed; a supervisor's hang-up) drains like SIGTERM: its default
+        # action killed the process at once, failing every call in flight. Nothing is reloaded on it.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, server.request_shutdown)
             installed.append(sig)
     try:
@@ -527,6 +531,11 @@ class ServerConfig:
             raise ValueError("pass bundles or a model directory, not both")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key: without them the server "
+                             "would serve plaintext and check no client")
+        if self.tls_cert is not None:  # before the port is bound: grpc reports bad TLS files as a failed bind
+            TlsConfig(Path(self.tls_cert), Path(self.tls_key), self.tls_client_ca and Path(self.tls_client_ca)).check()
         if self.poll_interval <= 0:
             raise ValueError(f"poll_interval={self.poll_interval!r} is out of range; allowed: seconds > 0")
         check_precision(self.precision)  # before the port is bound, not in the model loader's thread
@@ -557,7 +566,7 @@ class ServerConfig:
 
 
 def run_server(config: ServerConfig, *, settings=None) -> None:
-    """Blocking entry point for the CLI: serve ``config``'s models until SIGTERM/SIGINT.
+    """Blocking entry point for the CLI: serve ``config``'s models until SIGTERM/SIGINT/SIGHUP.
 
     Wires the operations library from ``settings`` (default: ``CHATFORGE_*`` variables):
     logging, alerts, the conversation store and metrics (HTTP on ``config.metrics_port``); sizes torch's
