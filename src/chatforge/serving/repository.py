@@ -10,6 +10,7 @@ nothing of folders.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -66,23 +67,42 @@ class ModelDirectory:
             return pin.read_text(encoding="utf-8").strip() or None
         return None
 
-    def resolve(self) -> dict[str, tuple[str, Path]]:
-        """name -> (version, bundle folder) that should be served now."""
-        out: dict[str, tuple[str, Path]] = {}
+    def scan(self) -> tuple[dict[str, tuple[str, Path]], dict[str, Exception]]:
+        """What each model should serve now, and what keeps the others from resolving.
+
+        Returns ``(wanted, problems)``: name -> (version, bundle folder), and name -> the error
+        for a model that cannot be resolved (pinned to a version that does not exist, an
+        unreadable ``PINNED`` file or folder). One model's problem is its own: the others
+        still resolve. Only an unreadable root raises.
+        """
+        wanted: dict[str, tuple[str, Path]] = {}
+        problems: dict[str, Exception] = {}
         for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            versions = self.versions(d.name)
-            if not versions:
+            try:
+                versions = self.versions(d.name)
+                if not versions:
+                    continue
+                version = self.pinned(d.name) or versions[-1]
+                if version not in versions:
+                    raise FileNotFoundError(
+                        f"model {d.name!r} is pinned to version {version!r}, which does not exist; "
+                        f"available: {', '.join(versions)}"
+                    )
+            except (OSError, ValueError) as e:  # ValueError: a PINNED file that is not UTF-8
+                problems[d.name] = e
                 continue
-            version = self.pinned(d.name) or versions[-1]
-            if version not in versions:
-                raise FileNotFoundError(
-                    f"model {d.name!r} is pinned to version {version!r}, which does not exist; "
-                    f"available: {', '.join(versions)}"
-                )
-            out[d.name] = (version, d / version)
-        if not out:
+            wanted[d.name] = (version, d / version)
+        return wanted, problems
+
+    def resolve(self) -> dict[str, tuple[str, Path]]:
+        """name -> (version, bundle folder) that should be served now; raises on any model's problem
+        (at startup every model must resolve; the watcher uses :meth:`scan` instead)."""
+        wanted, problems = self.scan()
+        for e in problems.values():
+            raise e
+        if not wanted:
             raise FileNotFoundError(f"no bundles under {self.root}; expected {self.root}/<name>/<version>/")
-        return out
+        return wanted
 
     def load_engine(self, loader: Callable[..., Any] | None = None, **engine_kwargs) -> Engine:
         generators, classifiers = {}, {}
@@ -92,11 +112,35 @@ class ModelDirectory:
         return Engine(generators, classifiers, **engine_kwargs)
 
 
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def folder_fingerprint(path: Path) -> Fingerprint:
+    """(relative name, size, mtime in ns) of everything under ``path``, sorted: it changes when a
+    file is added, removed, rewritten or touched. Entries that vanish while it is taken are left
+    out; a folder that cannot be read gives what could be read (an empty tuple at worst)."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        for entry in (*dirnames, *filenames):
+            full = os.path.join(dirpath, entry)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
 class ModelDirectoryWatcher:
     """Polls a :class:`ModelDirectory` and hot-swaps models whose served version changed.
 
-    Loading happens on the watcher's thread, beside the serving version; a version that
-    fails to load is reported (``on_load_error``) and the old one keeps serving.
+    Loading happens on the watcher's thread, beside the serving version; a version that fails
+    to load, or that the engine refuses (e.g. a classifier under a generator's name), is logged
+    once, reported (``on_load_error``) and the old one keeps serving. A failed version is tried
+    again when its folder changes (:func:`folder_fingerprint`: a half-copied bundle is retried
+    once the copy completes), never on every poll. A model that cannot be resolved (a bad pin)
+    is logged once per distinct problem and holds back only itself. Nothing one version does
+    stops the watcher.
     """
 
     def __init__(self, engine: Engine, directory: ModelDirectory, *, poll_interval: float = 5.0,
@@ -107,39 +151,78 @@ class ModelDirectoryWatcher:
         self.engine, self.directory, self.poll_interval = engine, directory, poll_interval
         self.loader, self.on_load_error = loader or directory.load, on_load_error
         self.swaps = 0
-        self._failed: set[tuple[str, str]] = set()
+        # (name, version) -> fingerprint of its folder taken before the failed attempt; retried when it differs
+        self._failed: dict[tuple[str, str], Fingerprint] = {}
+        # model name ("" for the directory itself) -> the problem last logged for it
+        self._problems: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def check_once(self) -> list[str]:
         """Swap every model whose wanted version differs from the served one; return their names."""
-        swapped = []
+        swapped: list[str] = []
         try:
-            wanted = self.directory.resolve()
-        except (OSError, ValueError) as e:
-            logger.warning("model directory scan failed: %s", e)
+            wanted, problems = self.directory.scan()
+        except Exception as e:  # noqa: BLE001 - an unreadable root: keep serving, poll again
+            self._note_problems({"": f"model directory scan failed: {e}"})
             return swapped
+        notes = {name: f"model directory scan: {e}; keeping the served version" for name, e in problems.items()}
+        if not wanted and not problems:
+            notes[""] = f"model directory scan: no bundles under {self.directory.root}; keeping the served versions"
+        self._note_problems(notes)
+        # Forget failures of versions no longer wanted by a model that resolved (bounds the memory)
+        self._failed = {k: fp for k, fp in self._failed.items() if k[0] not in wanted or wanted[k[0]][0] == k[1]}
         for name, (version, path) in wanted.items():
-            if self.engine.version_of(name) == version or (name, version) in self._failed:
+            if self.engine.version_of(name) == version:
                 continue
-            try:
-                model = self.loader(path, name, version)
-            except Exception as e:  # noqa: BLE001 - keep serving the old version
-                self._failed.add((name, version))
-                logger.error("loading %s version %s failed; keeping the served version", name, version,
-                             exc_info=True)
-                if self.on_load_error is not None:
-                    self.on_load_error(name, e)
-                continue
-            self.engine.swap(name, model)
-            self.swaps += 1
-            swapped.append(name)
+            # Taken before loading: a file that lands while the load runs makes the next poll retry
+            fingerprint = folder_fingerprint(path)
+            if self._failed.get((name, version)) == fingerprint:
+                continue  # failed before, and nothing changed since
+            if self._load_and_swap(name, version, path, fingerprint):
+                swapped.append(name)
         return swapped
+
+    def _load_and_swap(self, name: str, version: str, path: Path, fingerprint: Fingerprint) -> bool:
+        model = None
+        try:
+            model = self.loader(path, name, version)
+            self.engine.swap(name, model)
+        except Exception as e:  # noqa: BLE001 - any failure of one version: keep serving the old one
+            self._failed[(name, version)] = fingerprint
+            if model is not None and self.engine.version_of(name) != version:
+                _close_quietly(model)  # loaded but refused: release what it holds (CTranslate2 pools)
+            what = "loading" if model is None else "swapping in"
+            logger.error("%s %s version %s failed: %s; keeping the served version %s", what, name, version, e,
+                         self.engine.version_of(name), exc_info=True,
+                         extra={"model": name, "version": version, "served": self.engine.version_of(name)})
+            if self.on_load_error is not None:
+                try:
+                    self.on_load_error(name, e)
+                except Exception:  # noqa: BLE001 - a broken alert sink must not stop the watcher
+                    logger.exception("reporting the failure of %s version %s failed", name, version)
+            return False
+        self._failed.pop((name, version), None)
+        self.swaps += 1
+        return True
+
+    def _note_problems(self, problems: dict[str, str]) -> None:
+        """Log each problem once while it lasts; a changed or returning problem is logged again."""
+        for key, message in problems.items():
+            if self._problems.get(key) != message:
+                logger.warning("%s", message, extra={"model": key} if key else {})
+        for key in self._problems.keys() - problems.keys():
+            logger.info("model directory scan: the problem with %s is gone", repr(key) if key else "the directory",
+                        extra={"model": key} if key else {})
+        self._problems = dict(problems)
 
     def start(self) -> ModelDirectoryWatcher:
         def run() -> None:
             while not self._stop.wait(self.poll_interval):
-                self.check_once()
+                try:
+                    self.check_once()
+                except Exception:  # noqa: BLE001 - the watcher outlives any one poll
+                    logger.exception("model directory poll failed; the watcher keeps polling")
 
         self._thread = threading.Thread(target=run, name="chatforge-model-watcher", daemon=True)
         self._thread.start()
@@ -149,3 +232,12 @@ class ModelDirectoryWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.poll_interval + 5)
+
+
+def _close_quietly(model: Any) -> None:
+    close = getattr(model, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - best effort; the failure itself is already being reported
+            logger.debug("closing a refused model failed", exc_info=True)
