@@ -377,20 +377,33 @@ app.add_typer(conversations_app, name="conversations")
 
 
 def _parse_since(value: str):
-    """ISO date/time (naive = UTC) or a relative age such as 30m, 24h, 7d."""
+    """ISO date/time (naive = UTC) or a relative age such as 30m, 24h, 7d; returned in UTC."""
     import re
     from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc)
+    max_days = (now - datetime.min.replace(tzinfo=timezone.utc)).days
+
+    def out_of_range() -> None:
+        _fail(f"--since {value!r} is out of range; allowed: a date/time from 0001-01-01 to 9999-12-31 (UTC), "
+              f"or an age up to {max_days}d ({max_days * 24}h)")
 
     m = re.fullmatch(r"\s*(\d+)\s*([mhd])\s*", value)
     if m:
         unit = {"m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-        return datetime.now(timezone.utc) - timedelta(**{unit: int(m.group(1))})
+        try:
+            return now - timedelta(**{unit: int(m.group(1))})
+        except (OverflowError, ValueError):  # before year 1, or more digits than int() reads
+            out_of_range()
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
         _fail(f"--since {value!r} is not understood; allowed: an ISO date/time (2026-01-31, "
               "2026-01-31T12:00:00+09:00) or an age such as 30m, 24h, 7d")
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+    try:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+        return dt.astimezone(timezone.utc) if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+    except OverflowError:
+        out_of_range()
 
 
 @conversations_app.command("export")
@@ -400,29 +413,32 @@ def conversations_export(
     fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
     since: str = typer.Option(None, "--since", help="Only turns at/after this ISO time, or an age (24h, 7d)."),
 ):
-    """Export stored turns to JSONL/CSV for the next training round."""
+    """Export stored turns to JSONL/CSV for the next training round. Only reads the database."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-    from chatforge.serving.store import EXPORT_FORMATS, ConversationStore
+    from chatforge.serving.store import EXPORT_FORMATS, NotAConversationStore, export_store
 
     if fmt not in EXPORT_FORMATS:
         _fail(f"--format {fmt!r} is unknown; allowed: {', '.join(EXPORT_FORMATS)}")
+    if out.is_dir():
+        _fail(f"--out {out} is a directory; give the file to write, e.g. --out {out / ('turns.' + fmt)}")
     try:
         parsed = make_url(url)
     except ArgumentError:
         _fail(f"--url {url!r} is not a database URL; e.g. sqlite:///runs/conversations.db")
-    # Opening a store creates its database: exporting from a mistyped path must not make an empty one.
+    # The export only reads (a SQLite file is opened read-only): a mistyped path is no database, not an empty one.
     db = parsed.database
     if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).is_file():
         _fail(f"no conversation database at {db}")
     since_dt = _parse_since(since) if since else None
+    where = parsed.render_as_string(hide_password=True)
     try:
-        store = ConversationStore(url)
-        try:
-            n = store.export(out, format=fmt, since=since_dt)
-        finally:
-            store.close()
+        n = export_store(url, out, format=fmt, since=since_dt)
+    except NotAConversationStore as e:
+        _fail(str(e))
     except (SQLAlchemyError, ModuleNotFoundError) as e:
-        _fail(f"cannot read the conversation store at {parsed.render_as_string(hide_password=True)}: {e}", code=1)
+        _fail(f"cannot read the conversation store at {where}: {e}", code=1)
+    except OSError as e:  # the output: a folder that cannot be made, no permission, a full disk
+        _fail(f"cannot write --out {out}: {e.strerror or e}", code=1)
     console.print(f"exported {n} turns to [bold]{out}[/]", highlight=False)

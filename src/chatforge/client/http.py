@@ -52,6 +52,18 @@ class HttpChatError(Exception):
         return f"HTTP_{self.status}"
 
 
+class HttpStreamError(HttpChatError):
+    """A 200 whose body is no whole chat completion stream: not SSE, an event that is not JSON, or cut before
+    ``data: [DONE]``. A load test counts it as ``BAD_STREAM``, not as an HTTP status."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(200, message, code)
+
+    @property
+    def status_name(self) -> str:
+        return "BAD_STREAM"
+
+
 @dataclass
 class HttpChunk:
     """One token of a streamed reply, or (``is_final``) its end with the finish reason and usage."""
@@ -161,16 +173,18 @@ class HttpChatClient:
                 with closing(self._send(path, body)) as response:
                     if response.status_code != 200:
                         self._raise_status(response)
-                    finish, usage = None, None
+                    finish, usage, chunks, done = None, None, 0, False
                     for line in response.iter_lines():
                         if not line.startswith("data:"):
                             continue
                         data = line[5:].strip()
                         if data == "[DONE]":
+                            done = True
                             break
-                        chunk = json.loads(data)
+                        chunk = self._stream_event(data, path)
+                        chunks += 1
                         if "error" in chunk:
-                            err = chunk["error"]
+                            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
                             raise HttpChatError(200, err.get("message", ""), err.get("code"))
                         if chunk.get("usage"):
                             usage = chunk["usage"]
@@ -182,6 +196,18 @@ class HttpChatClient:
                                 yield HttpChunk(text=delta["content"] or "")
                             if choice.get("finish_reason"):
                                 finish = choice["finish_reason"]
+                    # A stream is whole only once "data: [DONE]" arrived: a connection closed before it (a replica
+                    # killed mid-reply, a proxy's cut) or a 200 that is no SSE stream at all is no reply.
+                    if not chunks:
+                        raise HttpStreamError(
+                            f"{self.base_url}{path} answered 200 without a chat completion stream (Content-Type "
+                            f"{response.headers.get('content-type', 'none')!r}, "
+                            f"{'only data: [DONE]' if done else 'no SSE data: line'}); is it chatforge's HTTP port "
+                            "(serve --http-port)?", "not_a_chat_stream")
+                    if not done:
+                        raise HttpStreamError(f"{self.base_url}{path}: the stream ended after {chunks} chunk"
+                                              f"{'s' if chunks != 1 else ''} without data: [DONE] (cut short)",
+                                              "incomplete_stream")
                     yield HttpChunk(is_final=True, finish_reason=finish,
                                     completion_tokens=usage.get("completion_tokens") if usage else None)
                     return
@@ -189,6 +215,17 @@ class HttpChatClient:
                 if yielded:  # a token reached the caller: sending again would repeat or splice the reply
                     raise
                 attempt = self._next_attempt(e, attempt, path)
+
+    def _stream_event(self, data: str, path: str) -> dict[str, Any]:
+        """One SSE ``data:`` payload as the JSON object a chat completion chunk is; HttpStreamError otherwise."""
+        try:
+            event = json.loads(data)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            raise HttpStreamError(f"{self.base_url}{path} sent a stream event that is not a JSON object: "
+                                  f"{data[:80]!r}", "not_a_chat_stream")
+        return event
 
     def classify(self, text: str, model: str | None = None) -> dict[str, Any]:
         path, body, attempt = "/v1/classify", {"text": text, **({"model": model} if model else {})}, 1

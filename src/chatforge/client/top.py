@@ -9,6 +9,7 @@ replica, in a container or behind a firewall that only opens the metrics port.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import ssl
 import time
@@ -51,6 +52,14 @@ class ResourceSample:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _short(e: BaseException, limit: int = 40) -> str:
+    """An exception's text on one short line; escaped when it is not printable (BadStatusLine holds the raw bytes
+    that came back: HTTP/2 frames from a gRPC port)."""
+    text = str(e)
+    text = " ".join(text.split()) if text.isprintable() else ascii(text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def metrics_url(target: str) -> str:
@@ -132,6 +141,12 @@ class ResourceMonitor:
                 return r.read().decode("utf-8")
         except (urllib.error.URLError, OSError) as e:
             raise MonitorError(f"cannot read metrics from {self.url}: {e}") from None
+        except (http.client.HTTPException, UnicodeDecodeError) as e:
+            # Something answered, but not HTTP/1 text: a gRPC port (HTTP/2 frames: BadStatusLine), a TLS port, ...
+            raise MonitorError(f"cannot read metrics from {self.url}: it did not answer as a metrics endpoint "
+                               f"({type(e).__name__}: {_short(e)}); give the server's metrics port "
+                               "(serve --metrics-port, CHATFORGE_METRICS_PORT), not its gRPC or HTTP API port"
+                               ) from None
 
     def sample(self) -> ResourceSample:
         text = self.scrape()

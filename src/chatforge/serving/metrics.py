@@ -10,10 +10,13 @@ servers in one process, never clash on prometheus-client's global registry.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -238,17 +241,72 @@ class ServingMetrics:
         return self.registry.get_sample_value(name, labels or {})
 
 
-# Seconds a connection may take to send its request: the server runs a thread per connection, so a
-# client that opens one and never finishes its request line (slowloris) held a thread for good.
+# Seconds a connection may take to send its whole request head (request line and headers), from the moment it
+# is accepted: the server runs a thread per connection, so a client that opens one and never finishes its request
+# line (slowloris) held a thread for good, and one that sends a header line every few seconds held it as long as it
+# liked while a timeout applied to each read only. One request per connection (HTTP/1.0 answers, then a close), so
+# this bounds the whole time a connection spends being read. Also the timeout of each write of the answer.
 REQUEST_READ_TIMEOUT_S = 10.0
+# The paths the reserved probe slots serve (see RESERVED_PROBE_CONNECTIONS).
+_PROBE_PATHS = ("/healthz", "/readyz")
+
+
+class _HeadDeadlineReader(io.RawIOBase):
+    """The connection's bytes, all of them before one deadline: each read waits at most for what is left of it,
+    so a request head trickled a line at a time ends at the deadline (``TimeoutError``, which http.server answers
+    by closing the connection) instead of lasting as long as the client keeps sending."""
+
+    def __init__(self, sock: socket.socket, seconds: float, write_timeout: float) -> None:
+        super().__init__()
+        self._sock, self._deadline, self._write_timeout = sock, time.monotonic() + seconds, write_timeout
+        self._seconds, self.timed_out = seconds, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            self.timed_out = True
+            raise TimeoutError(f"request head not received within {self._seconds:g} s")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        except TimeoutError:
+            self.timed_out = True
+            raise
+        finally:
+            self._sock.settimeout(self._write_timeout)  # the answer's writes get the ordinary timeout
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _MirrorHTTPServer  # type: ignore[assignment]
 
     def setup(self) -> None:
-        self.timeout = REQUEST_READ_TIMEOUT_S  # read by StreamRequestHandler.setup (socket timeout)
+        self.timeout = REQUEST_READ_TIMEOUT_S  # read by StreamRequestHandler.setup (socket timeout, for writes)
         super().setup()
+        # A connection in a reserved probe slot serves /healthz and /readyz only, and must send its request at once.
+        self._probe_only = self.server.is_probe_only(self.request)
+        head_s = min(PROBE_HEAD_TIMEOUT_S, REQUEST_READ_TIMEOUT_S) if self._probe_only else REQUEST_READ_TIMEOUT_S
+        self.rfile.close()  # the socket file StreamRequestHandler made (closing it leaves the socket open)
+        self._reader = _HeadDeadlineReader(self.connection, head_s, REQUEST_READ_TIMEOUT_S)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle(self) -> None:
+        super().handle()  # a request head past its deadline ends here too (http.server closes the connection)
+        if self._probe_only and self._reader.timed_out:
+            # A connection over the cap that sent no probe in time: the answer any connection over the cap gets.
+            try:
+                self.wfile.write(_BUSY)
+            except OSError:
+                pass
+
+    def __getattr__(self, name: str) -> Any:
+        # http.server looks up do_<METHOD> and answers 501 with an HTML page when there is none: every method
+        # but GET and HEAD (TRACE, CONNECT, anything made up) is refused with 405 like POST instead.
+        if name.startswith("do_"):
+            return self._refuse_method
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def do_HEAD(self) -> None:  # noqa: N802 - probes and `curl -I`: GET's status and headers, no body
         self._head_only = True
@@ -259,6 +317,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = self.path.split("?", 1)[0]
+        if self._probe_only and path not in _PROBE_PATHS:
+            self.close_connection = True
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"too many connections\n",
+                       extra_headers=(("Retry-After", "1"), ("Connection", "close")))
+            return
         if path == "/metrics":
             try:
                 body = self.server.metrics.render()
@@ -286,7 +349,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Any method but GET and HEAD: 405 naming the allowed ones (http.server's own answer was a 501 HTML page).
         A body the client sent is not read; the connection closes after the answer."""
         self.close_connection = True
-        self._send(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} is not allowed here; allowed: GET, HEAD\n".encode(),
+        # The method is any token of the request line: named back only when it looks like one.
+        method = self.command if len(self.command) <= 32 and self.command.isalnum() else "this method"
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed here; allowed: GET, HEAD\n".encode(),
                    extra_headers=(("Allow", "GET, HEAD"), ("Connection", "close")))
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method  # noqa: N815 - http.server's naming
@@ -308,42 +373,81 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 # Connections served at once: scrapers and probes need a few; each holds a thread (for at most
-# REQUEST_READ_TIMEOUT_S while it sends nothing), so more would only be threads for an abusive client.
+# REQUEST_READ_TIMEOUT_S while it sends its request), so more would only be threads for an abusive client.
 MAX_CONNECTIONS = 64
+# Beyond MAX_CONNECTIONS, a few more connections are taken for liveness and readiness probes only: they must send
+# their request within PROBE_HEAD_TIMEOUT_S (a kubelet or HAProxy sends it at once) and are answered 503 for any
+# other path. Slow clients that filled the ordinary slots then no longer fail the probes (and restart the pod).
+RESERVED_PROBE_CONNECTIONS = 4
+PROBE_HEAD_TIMEOUT_S = 1.0
+# Connections waiting to be accepted (the listen backlog). socketserver's default is 5: a burst of probes and
+# scrapes beyond it had its SYNs dropped and retransmitted a second later, past a kubelet's 1 s probe timeout.
+LISTEN_BACKLOG = 128
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
          b"Connection: close\r\nContent-Length: 21\r\n\r\ntoo many connections\n")
 
 
 class _MirrorHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG  # read by server_activate (listen)
 
     def __init__(self, addr: tuple[str, int], metrics: ServingMetrics, readiness: Callable[[], bool]) -> None:
+        self.request_queue_size = max(LISTEN_BACKLOG, MAX_CONNECTIONS + RESERVED_PROBE_CONNECTIONS)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._probe_slots = threading.BoundedSemaphore(RESERVED_PROBE_CONNECTIONS) if RESERVED_PROBE_CONNECTIONS \
+            else None
+        self._held: dict[socket.socket, threading.BoundedSemaphore] = {}  # connection -> the slot it holds
+        self._held_lock = threading.Lock()
         super().__init__(addr, _Handler)
         self.metrics = metrics
         self.readiness = readiness
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def is_probe_only(self, request: socket.socket) -> bool:
+        with self._held_lock:
+            return self._probe_slots is not None and self._held.get(request) is self._probe_slots
 
     def process_request(self, request, client_address) -> None:  # type: ignore[override]
-        """A thread per connection, at most MAX_CONNECTIONS: one more is answered 503 at once and closed."""
-        if not self._slots.acquire(blocking=False):
-            log.warning("metrics http: connection refused, %d open", MAX_CONNECTIONS)
+        """A thread per connection, at most MAX_CONNECTIONS (plus RESERVED_PROBE_CONNECTIONS for probes): one more
+        is answered 503 at once and closed."""
+        if self._slots.acquire(blocking=False):
+            slot = self._slots
+        elif self._probe_slots is not None and self._probe_slots.acquire(blocking=False):
+            slot = self._probe_slots
+        else:
+            log.warning("metrics http: connection refused, %d open", MAX_CONNECTIONS + RESERVED_PROBE_CONNECTIONS)
             try:
                 request.sendall(_BUSY)
             except OSError:
                 pass
             self.shutdown_request(request)
             return
+        with self._held_lock:
+            self._held[request] = slot
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._release(request)
             raise
 
     def process_request_thread(self, request, client_address) -> None:  # type: ignore[override]
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._release(request)
+
+    def _release(self, request: socket.socket) -> None:
+        with self._held_lock:
+            slot = self._held.pop(request, None)
+        if slot is not None:
+            slot.release()
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[override]
+        # socketserver printed a traceback to stderr; a client that reset its connection is no error of ours.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.debug("metrics http: connection from %s ended: %r", client_address, exc)
+        else:
+            log.exception("metrics http: handling a connection from %s failed", client_address)
 
 
 class MetricsHTTPServer:

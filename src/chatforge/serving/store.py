@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from sqlalchemy import (
     Column,
@@ -51,7 +53,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from chatforge.fileio import atomic_writer
 from chatforge.settings import Settings
@@ -430,9 +432,7 @@ class ConversationStore:
         with self._locked(), self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(query)]
         for row in rows:
-            row["created_at"] = row["created_at"].replace(tzinfo=timezone.utc)
-            row["context"] = json.loads(row["context"]) if row["context"] else None
-            yield row
+            yield _decoded(row)
 
     def session(self, session_id: str) -> list[dict[str, Any]]:
         """One conversation's turns, oldest first (recorded turns are flushed first)."""
@@ -444,24 +444,82 @@ class ConversationStore:
 
     def export(self, path: str | os.PathLike[str], format: Literal["jsonl", "csv"] = "jsonl",  # noqa: A002
                since: datetime | None = None) -> int:
-        """Write the stored turns (flushed first) to ``path`` atomically; returns the row count."""
-        if format not in EXPORT_FORMATS:
-            raise ValueError(f"unknown export format {format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+        """Write the stored turns (flushed first) to ``path`` atomically; returns the row count.
+        To export a store without opening it for writing, use :func:`export_store`."""
+        _check_format(format)
         self.flush()
-        n = 0
-        with atomic_writer(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=_COLUMNS) if format == "csv" else None
+        return _write_export(path, format, self.iter_rows(since))
+
+
+class NotAConversationStore(Exception):
+    """The database has no conversation table (``turns`` with at least ``id`` and ``created_at``)."""
+
+
+def export_store(url: str, path: str | os.PathLike[str], format: Literal["jsonl", "csv"] = "jsonl",  # noqa: A002
+                 since: datetime | None = None) -> int:
+    """Write the turns stored at ``url`` to ``path`` atomically and return the row count, only reading the
+    database: no schema is made or migrated (a store of an older chatforge is read as it is, its missing columns
+    empty) and a SQLite file is opened read-only. A database without a conversation table (an empty file, another
+    application's database) raises :class:`NotAConversationStore`; it is not given one.
+
+    What ``chatforge conversations export`` runs: opening a :class:`ConversationStore` to export made the
+    ``turns`` table and its indexes in whatever database it was pointed at, and switched a SQLite one to WAL."""
+    _check_format(format)
+    since_naive = None
+    if since is not None:
+        try:
+            since_naive = _naive_utc(since)
+        except OverflowError:
+            raise ValueError(f"since={since!r} is out of range; allowed: 0001-01-01 to 9999-12-31 UTC") from None
+    engine = _make_read_only_engine(url)
+    try:
+        with engine.connect() as conn:
+            inspector = inspect(conn)
+            if not inspector.has_table(turns.name):
+                raise NotAConversationStore(f"{_safe_url(url)} holds no conversation table ({turns.name!r}); "
+                                            "is it a chatforge conversation store?")
+            present = {c["name"] for c in inspector.get_columns(turns.name)}
+            if not {"id", "created_at"} <= present:
+                raise NotAConversationStore(f"the {turns.name!r} table of {_safe_url(url)} is not a conversation "
+                                            "table (it has no id and created_at columns)")
+            query = select(*(turns.c[name] for name in _COLUMNS if name in present)).order_by(turns.c.id)
+            if since_naive is not None:
+                query = query.where(turns.c.created_at >= since_naive)
+            empty = dict.fromkeys(_COLUMNS)
+            rows = (_decoded({**empty, **r._mapping}) for r in conn.execute(query))
+            return _write_export(path, format, rows)
+    finally:
+        engine.dispose()
+
+
+def _check_format(format: str) -> None:  # noqa: A002 - the export methods' argument
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; allowed: {', '.join(EXPORT_FORMATS)}")
+
+
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row as callers see it: ``created_at`` aware UTC, ``context`` a list (or None)."""
+    if row["created_at"] is not None:
+        row["created_at"] = row["created_at"].replace(tzinfo=timezone.utc)
+    row["context"] = json.loads(row["context"]) if row["context"] else None
+    return row
+
+
+def _write_export(path: str | os.PathLike[str], format: str, rows: Iterator[dict[str, Any]]) -> int:  # noqa: A002
+    n = 0
+    with atomic_writer(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_COLUMNS) if format == "csv" else None
+        if writer is not None:
+            writer.writeheader()
+        for row in rows:
+            row["created_at"] = row["created_at"].isoformat() if row["created_at"] is not None else None
             if writer is not None:
-                writer.writeheader()
-            for row in self.iter_rows(since):
-                row["created_at"] = row["created_at"].isoformat()
-                if writer is not None:
-                    row["context"] = json.dumps(row["context"], ensure_ascii=False) if row["context"] else None
-                    writer.writerow(row)
-                else:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-        return n
+                row["context"] = json.dumps(row["context"], ensure_ascii=False) if row["context"] else None
+                writer.writerow(row)
+            else:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
 
 
 def _add_missing_columns(engine: Engine, locked) -> None:
@@ -520,3 +578,18 @@ def _make_engine(url: str, **kwargs: Any) -> Engine:
         cur.close()
 
     return engine
+
+
+def _make_read_only_engine(url: str) -> Engine:
+    """An engine for reading ``url`` only: a SQLite file is opened with ``mode=ro`` (SQLite refuses any write) and
+    without the store's pragmas (``journal_mode=WAL`` would convert the file); other databases as the store opens
+    them (the export runs nothing but SELECTs there)."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or "mode=memory" in str(parsed):
+        return _make_engine(url)
+    if database.startswith("file:"):  # already a SQLite URI: add mode=ro to its parameters
+        return create_engine(parsed.update_query_dict({"mode": "ro", "uri": "true"}), poolclass=NullPool)
+    uri = f"file:{quote(str(Path(database).expanduser().resolve()))}?mode=ro"
+    return create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+                         poolclass=NullPool)
