@@ -106,8 +106,8 @@ def test_loadtest_counts_a_200_hello_listener_as_errors(tmp_path):
     with _listener(_answer(b"hello", "text/plain")) as target:
         r = CliRunner().invoke(app, ["loadtest", target, "--protocol", "http", "--requests", "3",
                                      "--out", str(tmp_path)])
-    assert r.exit_code == 0, r.output
-    data = json.loads((tmp_path / "report.json").read_text())
+    assert r.exit_code == 1 and "no request succeeded (3 errors" in r.output, r.output  # was 0
+    data = json.loads((tmp_path / "report.json").read_text())  # the report is still written
     assert (data["ok"], data["errors"]) == (0, 3)  # was ok 3 (ok 2 / errors 1 in the report that found it)
     assert data["status_codes"] == {"BAD_STREAM": 3}
     assert "without a chat completion stream" in next(iter(data["error_messages"]))

@@ -321,6 +321,11 @@ def loadtest(
     if missed:
         err_console.print("[bold red]SLO missed[/]")
         raise typer.Exit(1)
+    failed = [r for r in reports if r.ok == 0 and r.errors > 0]
+    if failed:  # a run where nothing succeeded is not a measurement, SLO or not
+        err_console.print(f"no request succeeded ({failed[0].errors} errors; their status codes are above)",
+                          style="bold red", markup=False, highlight=False)
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------- top
