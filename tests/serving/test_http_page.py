@@ -62,3 +62,35 @@ def test_a_refused_message_is_shown_but_left_out_of_the_conversation(page):
     assert sent == [turns[:1], [*turns, {"role": "user", "content": too_long}],
                     [*turns, {"role": "user", "content": "hello again"}]]
     assert stored == [*turns, {"role": "user", "content": "hello again"}, {"role": "assistant", "content": REPLY}]
+
+
+def test_the_picker_offers_selection_models_and_keeps_the_users_choice_when_models_reload(page):
+    """A served ranker (a selection model) was not in the picker at all; and a reload of the model list (entering
+    an API key does one) put the default model back, so the next message went to the model the user had not
+    picked. Found by driving the page against `chatforge serve --model transformer=... --model ranker=...`."""
+    from tests.serving.test_policy import FakeSelector
+
+    engine = Engine({"chat": FakeGenerator("chat"), "echo": FakeGenerator("echo")}, {"intents": FakeClassifier()},
+                    retrievers={"selector": FakeSelector()})
+    sent: list[str | None] = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data).get("model"))
+            if r.url.endswith("/v1/chat/completions") else None)
+    with ServerThread(engine, http_port=0) as st:
+        st.wait_serving()
+        page.goto(f"http://127.0.0.1:{st.server.http.port}/")
+        page.wait_for_selector("#model option[value='selector']", state="attached", timeout=WAIT * 1000)
+        assert page.locator("#model option").all_inner_texts() == ["chat (v1)", "echo (v1)", "selector (v7)"]
+        assert page.eval_on_selector("#model", "s => s.value") == "chat"  # the default generator
+        page.select_option("#model", "selector")
+        page.click("#settings summary")
+        page.fill("#apikey", "some-key")
+        with page.expect_response(lambda r: r.url.endswith("/v1/models")):
+            page.dispatch_event("#apikey", "change")  # what leaving the field does: the list is fetched again
+        assert page.eval_on_selector("#model", "s => s.value") == "selector"
+        page.fill("#input", "how is the weather")
+        page.press("#input", "Enter")
+        _wait_for_replies(page, 1)
+        assert page.locator(".msg.assistant .text").last.inner_text() == "맑아요."
+        timing = page.locator(".msg.assistant .timing").last.inner_text()
+        assert timing.endswith("retrieval reply") and "0 tokens" not in timing, timing
+    assert sent == ["selector"]

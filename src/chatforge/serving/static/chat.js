@@ -59,10 +59,13 @@
     if (!resp.ok) { $("status").textContent = "models: " + await errorText(resp); return; }
     const data = (await resp.json()).data;
     const select = $("model");
+    const chosen = select.value;  // a reload (a new API key) keeps the user's choice while it is still served
+    const served = data.filter((m) => m.task === "generation" || m.task === "selection");
+    const keep = served.some((m) => m.id === chosen);
     select.textContent = "";
-    for (const m of data.filter((m) => m.task === "generation" || m.task === "selection")) {
+    for (const m of served) {
       const o = document.createElement("option");
-      o.value = m.id; o.textContent = `${m.id} (v${m.version})`; o.selected = m.is_default;
+      o.value = m.id; o.textContent = `${m.id} (v${m.version})`; o.selected = keep ? m.id === chosen : m.is_default;
       select.appendChild(o);
     }
     const clf = data.find((m) => m.task === "classification" && m.is_default);
@@ -161,7 +164,12 @@
       div.classList.remove("streaming");
     }
     const n = usage ? usage.completion_tokens : tokens;
-    if (first !== null) {
+    // A whole reply no model generated (a selection model's pick, a policy's scripted or retrieved answer) has no
+    // tokens to count: say which path gave it instead of "0 tokens".
+    const whole = ext && ext.path && ext.path !== "generation";
+    if (first !== null && whole) {
+      meta(div, `TTFT ${Math.round(first - t0)} ms · ${ext.path} reply`, "timing");
+    } else if (first !== null) {
       const rate = n > 1 && last > first ? ((n - 1) * 1000) / (last - first) : null;
       meta(div, `TTFT ${Math.round(first - t0)} ms · ${n} tokens` + (rate ? ` · ${rate.toFixed(1)} tok/s` : ""),
            "timing");
