@@ -235,11 +235,18 @@ def test_rule_helpers(receiver, clock):
         assert m.check_latency_p99(2.5, 1.0) is True
         m.model_load_failed("gpt-tiny", _caught("weights.safetensors missing"))
         m.health_changed("chatforge.v1.Chatbot", "NOT_SERVING")
+        m.model_directory_problem("faq", "model 'faq' is pinned to version '9', which does not exist")
+        m.watcher_stopped("/models", SystemExit(3))
     titles = sorted(b["connectInfo"][0]["title"] for b in receiver.bodies)
     assert titles == sorted([
         "error rate above threshold", "p99 latency above threshold", "model 'gpt-tiny' failed to load",
-        "health of chatforge.v1.Chatbot is NOT_SERVING",
+        "health of chatforge.v1.Chatbot is NOT_SERVING", "model directory: faq cannot be resolved",
+        "model directory watcher stopped",
     ])
+    pin = next(b for b in receiver.bodies if "cannot be resolved" in b["body"])
+    assert "pinned to version '9'" in pin["connectInfo"][0]["description"]
+    stop = next(b for b in receiver.bodies if "watcher stopped" in b["body"])
+    assert "/models" in stop["connectInfo"][0]["description"] and "SystemExit(3)" in stop["connectInfo"][0]["description"]
     rate = next(b for b in receiver.bodies if b["connectInfo"][0]["title"].startswith("error rate"))
     assert "(x2)" in rate["body"]
     load = next(b for b in receiver.bodies if "failed to load" in b["body"])

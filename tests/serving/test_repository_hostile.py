@@ -4,6 +4,7 @@ and never stops the watcher or later swaps. Driven through ``check_once``, no sl
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -246,3 +247,83 @@ def test_startup_still_refuses_a_bad_pin(tmp_path):
     (tmp_path / "chat" / "PINNED").write_text("7")
     with pytest.raises(FileNotFoundError, match="pinned to version '7'"):
         ModelDirectory(tmp_path).resolve()
+
+
+# ------------------------------------------------------------------ 4. told by the bundle's metadata, alerts, the thread
+
+
+def _metadata(folder, task):
+    (folder / "metadata.json").write_text(json.dumps({"task": task, "family": "transformer"}))
+    return folder
+
+
+def test_a_wrong_task_version_is_refused_from_its_metadata_without_loading_its_weights(served):
+    root, loader, engine, watcher, alerts = served
+    _metadata(_bundle(root / "chat" / "2", classifier=True), "classification")
+
+    assert watcher.check_once() == []
+    assert ("chat", "2") not in loader.calls  # refused before the loader ran: no weights read beside the served ones
+    assert engine.version_of("chat") == "1"
+    [(name, error)] = alerts
+    assert name == "chat" and "serves generation" in str(error) and "classification bundle" in str(error)
+
+    _metadata(_bundle(root / "chat" / "3"), "generation")  # the right task loads and swaps as before
+    assert watcher.check_once() == ["chat"] and engine.version_of("chat") == "3"
+
+
+def test_a_bad_pin_is_reported_once_per_distinct_problem(tmp_path):
+    _bundle(tmp_path / "chat" / "1")
+    loader = Loader()
+    directory = ModelDirectory(tmp_path)
+    engine = directory.load_engine(loader=loader)
+    problems: list[tuple[str, str]] = []
+    watcher = ModelDirectoryWatcher(engine, directory, poll_interval=60, loader=loader,
+                                    on_problem=lambda name, message: problems.append((name, message)))
+    try:
+        (tmp_path / "chat" / "PINNED").write_text("7\n")
+        for _ in range(3):
+            watcher.check_once()
+        (tmp_path / "chat" / "PINNED").write_text("8\n")
+        watcher.check_once()
+        assert [(n, "'7'" in m, "'8'" in m) for n, m in problems] == [("chat", True, False), ("chat", False, True)]
+    finally:
+        engine.close()
+
+
+class _Fatal(BaseException):
+    """What no ``except Exception`` catches (a loader calling sys.exit, say)."""
+
+
+def test_a_watcher_thread_that_ends_unasked_says_so_once(served):
+    root, loader, engine, watcher, _ = served
+    stopped: list[BaseException | None] = []
+    ended = threading.Event()
+    watcher.on_stopped = lambda reason: (stopped.append(reason), ended.set())
+
+    def fatal(path):
+        raise _Fatal("loader gave up")
+
+    loader.during_load = fatal
+    _bundle(root / "chat" / "2")
+    watcher.poll_interval = 0.01
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda args: None  # the thread's own traceback is expected here
+    try:
+        watcher.start()
+        assert ended.wait(WAIT)
+        watcher._thread.join(WAIT)
+    finally:
+        threading.excepthook = previous_hook
+    assert [type(r) for r in stopped] == [_Fatal] and not watcher.alive
+    assert engine.version_of("chat") == "1"
+
+
+def test_a_watcher_stopped_on_purpose_reports_nothing(served):
+    _, _, _, watcher, _ = served
+    stopped: list = []
+    watcher.on_stopped = stopped.append
+    watcher.poll_interval = 0.01
+    watcher.start()
+    assert watcher.alive
+    watcher.stop()
+    assert not watcher.alive and stopped == []

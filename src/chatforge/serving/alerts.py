@@ -213,6 +213,19 @@ class AlertManager:
                    f"location: {d['file']}:{d['line']}\nsource: {d['source'] or '<unavailable>'}",
                    key=("model_load", name, d["exception"]), severity="critical")
 
+    def model_directory_problem(self, name: str, message: str) -> None:
+        """A model of the model directory cannot be resolved (a pin naming a missing version, an unreadable
+        ``PINNED`` file): it keeps serving what it served, and the operator's change is not applied."""
+        self.alert(f"model directory: {name or '<directory>'!s} cannot be resolved",
+                   f"model: {name or '<directory>'}\nproblem: {message}",
+                   key=("model_directory", name, message), severity="warning")
+
+    def watcher_stopped(self, root: str, reason: BaseException | None) -> None:
+        """The model directory watcher's thread ended: this replica no longer follows the directory."""
+        self.alert("model directory watcher stopped",
+                   f"directory: {root}\nreason: {reason!r}\nliveness is now NOT_SERVING, so the replica is restarted",
+                   key=("watcher_stopped", root), severity="critical")
+
     def health_changed(self, service: str, status: str) -> None:
         """Health of ``service`` became ``status`` (gRPC health names: SERVING, NOT_SERVING…)."""
         severity: Severity = "info" if status.upper() == "SERVING" else "critical"

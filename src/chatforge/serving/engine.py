@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -267,7 +268,8 @@ class Engine:
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r} is out of range; allowed: {allowed}")
-        overlap = set(generators) & set(classifiers)
+        overlap = ((set(generators) & set(classifiers)) | (set(generators) & set(retrievers or {}))
+                   | (set(classifiers) & set(retrievers or {})))
         if overlap:
             raise ValueError(f"model names must be unique across tasks; used twice: {', '.join(sorted(overlap))}")
         self.max_input_chars, self.max_input_tokens, self.max_new_tokens = max_input_chars, max_input_tokens, max_new_tokens
@@ -357,8 +359,7 @@ class Engine:
         for name, path in bundles.items():
             model = load_hosted_model(path, name, (versions or {}).get(name, "1"), precision,
                                       (backends or {}).get(name, backend))
-            kind = generators if hasattr(model, "stream") else retrievers if hasattr(model, "select") else classifiers
-            kind[name] = model
+            {"generation": generators, "selection": retrievers, "classification": classifiers}[model_task(model)][name] = model
         if retrievers:
             kwargs["retrievers"] = {**retrievers, **kwargs.get("retrievers", {})}
         return cls(generators, classifiers, **kwargs)
@@ -746,7 +747,18 @@ class Engine:
 
     def version_of(self, name: str) -> str | None:
         slot = self._generators.get(name) or self._classifiers.get(name)
-        return None if slot is None else slot.version
+        if slot is not None:
+            return slot.version
+        selector = self.retrievers.get(name)
+        return None if selector is None else str(selector.info.version)
+
+    def task_of(self, name: str) -> str | None:
+        """What ``name`` serves: "generation", "classification" or "selection"; None when it is not hosted."""
+        for task, hosted in (("generation", self._generators), ("classification", self._classifiers),
+                             ("selection", self.retrievers)):
+            if name in hosted:
+                return task
+        return None
 
     def swap(self, name: str, model: Any) -> str | None:
         """Serve ``model`` under ``name`` from now on; the previous version drains and stops.
@@ -755,11 +767,25 @@ class Engine:
         request lands on one version or the other, and none is refused. Returns the old
         version (None when ``name`` is new).
         """
-        task = "generation" if hasattr(model, "stream") else "classification"
-        slots, other = (self._generators, self._classifiers) if task == "generation" else (
-            self._classifiers, self._generators)
-        if name in other:
-            raise ValueError(f"model {name!r} already serves another task; names are unique across tasks")
+        task = model_task(model)
+        served = self.task_of(name)
+        if served is not None and served != task:
+            raise ValueError(f"model {name!r} serves {served}; this version is a {task} model, and a name keeps "
+                             "its task across versions (names are unique across tasks)")
+        if task == "selection":
+            # A selection model answers in one call off the loop (no runner): the next call reads the new one,
+            # calls already running finish on the old one, which they hold.
+            with self._lock:
+                old_selector = self.retrievers.get(name)
+                self.retrievers[name] = model
+            self.metrics.set_model_info(model.info)
+            previous = None if old_selector is None else str(old_selector.info.version)
+            if old_selector is not None and previous != str(model.info.version):
+                self.metrics.remove_model_info(old_selector.info)
+            logger.info("model %r now serves version %s", name, model.info.version,
+                        extra={"model": name, "version": str(model.info.version), "previous": previous})
+            return previous
+        slots = self._generators if task == "generation" else self._classifiers
         new = self._make_slot(name, model, task)
         with self._lock:
             old = slots.get(name)
@@ -783,6 +809,27 @@ def _sha256_file(path: Path) -> str | None:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+def model_task(model: Any) -> str:
+    """The task a loaded model serves in the engine: "generation" (``stream``), "selection" (``select``) or
+    "classification" (``classify``)."""
+    return "generation" if hasattr(model, "stream") else "selection" if hasattr(model, "select") else "classification"
+
+
+# A bundle's metadata task -> the engine task its model serves (lm: a GPT continuing the text)
+BUNDLE_TASKS = {"generation": "generation", "lm": "generation", "classification": "classification",
+                "selection": "selection"}
+
+
+def bundle_serving_task(path: str | Path) -> str | None:
+    """The engine task a bundle folder will serve, read from its ``metadata.json`` alone (no weights loaded);
+    None when the file is missing, unreadable or names no task this engine serves (loading then says why)."""
+    try:
+        meta = json.loads((Path(path) / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return BUNDLE_TASKS.get(meta.get("task")) if isinstance(meta, dict) else None
 
 
 def load_hosted_model(path: str | Path, name: str, version: str = "1", precision: str = "fp32",

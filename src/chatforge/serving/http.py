@@ -1300,6 +1300,8 @@ class HttpSurface:
                           latency_ms=(time.perf_counter() - call.start) * 1000.0, **fields))
 
     async def healthz(self, request: Request) -> Response:
+        if not getattr(self.backend, "live", True):
+            return JSONResponse({"status": "not live"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:

@@ -331,7 +331,15 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            self._send(HTTPStatus.OK, b"ok\n")
+            try:
+                live = bool(self.server.liveness())
+            except Exception:
+                log.exception("liveness check raised; reporting not live")
+                live = False
+            if live:
+                self._send(HTTPStatus.OK, b"ok\n")
+            else:
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"not live\n")
         elif path == "/readyz":
             try:
                 ready = bool(self.server.readiness())
@@ -391,7 +399,8 @@ class _MirrorHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG  # read by server_activate (listen)
 
-    def __init__(self, addr: tuple[str, int], metrics: ServingMetrics, readiness: Callable[[], bool]) -> None:
+    def __init__(self, addr: tuple[str, int], metrics: ServingMetrics, readiness: Callable[[], bool],
+                 liveness: Callable[[], bool] = lambda: True) -> None:
         self.request_queue_size = max(LISTEN_BACKLOG, MAX_CONNECTIONS + RESERVED_PROBE_CONNECTIONS)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._probe_slots = threading.BoundedSemaphore(RESERVED_PROBE_CONNECTIONS) if RESERVED_PROBE_CONNECTIONS \
@@ -401,6 +410,7 @@ class _MirrorHTTPServer(ThreadingHTTPServer):
         super().__init__(addr, _Handler)
         self.metrics = metrics
         self.readiness = readiness
+        self.liveness = liveness
 
     def is_probe_only(self, request: socket.socket) -> bool:
         with self._held_lock:
@@ -454,15 +464,17 @@ class MetricsHTTPServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` over plain HTTP for scrapers and probes.
 
     Kubernetes probes and Prometheus speak HTTP, not gRPC; this mirrors the gRPC health
-    service on a side port. ``/healthz`` is 200 while the process is up (liveness);
+    service on a side port. ``/healthz`` is 200 while ``liveness()`` returns True (the process is up and
+    nothing it needs has stopped; else 503);
     ``/readyz`` is 200 only when ``readiness()`` returns True (e.g. models loaded and not
     draining), else 503. Runs in a daemon thread; ``port=0`` picks a free port, read it
     back from :attr:`port` after :meth:`start`.
     """
 
     def __init__(self, metrics: ServingMetrics, host: str = "127.0.0.1", port: int = 0,
-                 readiness: Callable[[], bool] = lambda: True) -> None:
+                 readiness: Callable[[], bool] = lambda: True, liveness: Callable[[], bool] = lambda: True) -> None:
         self.metrics, self.host, self._requested_port, self.readiness = metrics, host, port, readiness
+        self.liveness = liveness
         self._server: _MirrorHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -479,7 +491,8 @@ class MetricsHTTPServer:
     def start(self) -> MetricsHTTPServer:
         if self._server is not None:
             return self
-        self._server = _MirrorHTTPServer((self.host, self._requested_port), self.metrics, self.readiness)
+        self._server = _MirrorHTTPServer((self.host, self._requested_port), self.metrics, self.readiness,
+                                         self.liveness)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="chatforge-metrics-http", daemon=True)
         self._thread.start()

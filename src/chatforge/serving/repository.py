@@ -19,7 +19,7 @@ from typing import Any
 
 from chatforge.inference import ReplyGenerator, TextClassifier, check_precision
 from chatforge.serving import backend_ct2
-from chatforge.serving.engine import Engine, load_hosted_model
+from chatforge.serving.engine import Engine, bundle_serving_task, load_hosted_model, model_task
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +105,13 @@ class ModelDirectory:
         return wanted
 
     def load_engine(self, loader: Callable[..., Any] | None = None, **engine_kwargs) -> Engine:
-        generators, classifiers = {}, {}
+        hosted: dict[str, dict[str, Any]] = {"generation": {}, "classification": {}, "selection": {}}
         for name, (version, path) in self.resolve().items():
             model = (loader or self.load)(path, name, version)
-            (generators if hasattr(model, "stream") else classifiers)[name] = model
-        return Engine(generators, classifiers, **engine_kwargs)
+            hosted[model_task(model)][name] = model
+        if hosted["selection"]:
+            engine_kwargs["retrievers"] = {**hosted["selection"], **engine_kwargs.get("retrievers", {})}
+        return Engine(hosted["generation"], hosted["classification"], **engine_kwargs)
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -136,20 +138,26 @@ class ModelDirectoryWatcher:
 
     Loading happens on the watcher's thread, beside the serving version; a version that fails
     to load, or that the engine refuses (e.g. a classifier under a generator's name), is logged
-    once, reported (``on_load_error``) and the old one keeps serving. A failed version is tried
-    again when its folder changes (:func:`folder_fingerprint`: a half-copied bundle is retried
-    once the copy completes), never on every poll. A model that cannot be resolved (a bad pin)
-    is logged once per distinct problem and holds back only itself. Nothing one version does
-    stops the watcher.
+    once, reported (``on_load_error``) and the old one keeps serving. A version whose bundle says
+    (``metadata.json``) it serves another task than the name does is refused before its weights are
+    read. A failed version is tried again when its folder changes (:func:`folder_fingerprint`: a
+    half-copied bundle is retried once the copy completes), never on every poll. A model that cannot
+    be resolved (a bad pin) is logged and reported (``on_problem``) once per distinct problem and
+    holds back only itself. Nothing one version does stops the watcher; should its thread end any
+    other way than :meth:`stop`, ``on_stopped`` is called with the reason (the server then fails
+    its liveness check, so the orchestrator restarts a replica that no longer follows the folder).
     """
 
     def __init__(self, engine: Engine, directory: ModelDirectory, *, poll_interval: float = 5.0,
                  loader: Callable[..., Any] | None = None,
-                 on_load_error: Callable[[str, BaseException], None] | None = None) -> None:
+                 on_load_error: Callable[[str, BaseException], None] | None = None,
+                 on_problem: Callable[[str, str], None] | None = None,
+                 on_stopped: Callable[[BaseException | None], None] | None = None) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval={poll_interval!r} is out of range; allowed: seconds > 0")
         self.engine, self.directory, self.poll_interval = engine, directory, poll_interval
         self.loader, self.on_load_error = loader or directory.load, on_load_error
+        self.on_problem, self.on_stopped = on_problem, on_stopped
         self.swaps = 0
         # (name, version) -> fingerprint of its folder taken before the failed attempt; retried when it differs
         self._failed: dict[tuple[str, str], Fingerprint] = {}
@@ -183,9 +191,20 @@ class ModelDirectoryWatcher:
                 swapped.append(name)
         return swapped
 
+    @property
+    def alive(self) -> bool:
+        """True while the polling thread runs (False before :meth:`start` and after it ended)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _load_and_swap(self, name: str, version: str, path: Path, fingerprint: Fingerprint) -> bool:
         model = None
         try:
+            served, task = self.engine.task_of(name), bundle_serving_task(path)
+            if served is not None and task is not None and task != served:
+                # Refused from its metadata: a wrong-task bundle (a large generator under a classifier's name)
+                # is never loaded next to the serving version.
+                raise ValueError(f"model {name!r} serves {served}; version {version} ({path}) is a {task} bundle, "
+                                 "and a name keeps its task across versions (not loaded)")
             model = self.loader(path, name, version)
             self.engine.swap(name, model)
         except Exception as e:  # noqa: BLE001 - any failure of one version: keep serving the old one
@@ -211,6 +230,11 @@ class ModelDirectoryWatcher:
         for key, message in problems.items():
             if self._problems.get(key) != message:
                 logger.warning("%s", message, extra={"model": key} if key else {})
+                if self.on_problem is not None:
+                    try:
+                        self.on_problem(key, message)
+                    except Exception:  # noqa: BLE001 - a broken alert sink must not stop the watcher
+                        logger.exception("reporting the model directory problem of %r failed", key)
         for key in self._problems.keys() - problems.keys():
             logger.info("model directory scan: the problem with %s is gone", repr(key) if key else "the directory",
                         extra={"model": key} if key else {})
@@ -218,11 +242,25 @@ class ModelDirectoryWatcher:
 
     def start(self) -> ModelDirectoryWatcher:
         def run() -> None:
-            while not self._stop.wait(self.poll_interval):
-                try:
-                    self.check_once()
-                except Exception:  # noqa: BLE001 - the watcher outlives any one poll
-                    logger.exception("model directory poll failed; the watcher keeps polling")
+            reason: BaseException | None = None
+            try:
+                while not self._stop.wait(self.poll_interval):
+                    try:
+                        self.check_once()
+                    except Exception:  # noqa: BLE001 - the watcher outlives any one poll
+                        logger.exception("model directory poll failed; the watcher keeps polling")
+            except BaseException as e:  # SystemExit, KeyboardInterrupt or the like from a loader: reported, then raised
+                reason = e
+                raise
+            finally:
+                if not self._stop.is_set():
+                    logger.critical("the model directory watcher stopped (%r); %s no longer follows %s",
+                                    reason, "this server", self.directory.root)
+                    if self.on_stopped is not None:
+                        try:
+                            self.on_stopped(reason)
+                        except Exception:  # noqa: BLE001
+                            logger.exception("reporting the watcher's stop failed")
 
         self._thread = threading.Thread(target=run, name="chatforge-model-watcher", daemon=True)
         self._thread.start()

@@ -190,6 +190,7 @@ class ChatbotServer:
         self.port: int | None = None
         self.serving = asyncio.Event()
         self.ready = False  # readiness, as the HTTP mirror reports it (read from its thread)
+        self.live = True  # liveness: False once a part the replica needs has stopped (the model watcher)
         self._shutdown_requested = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._load_task: asyncio.Task | None = None
@@ -201,6 +202,22 @@ class ChatbotServer:
     @property
     def engine(self) -> Engine | None:
         return self.servicer.engine
+
+    def _watcher_stopped(self, loop: asyncio.AbstractEventLoop, reason: BaseException | None) -> None:
+        """Called on the watcher's thread when it ends unasked: liveness goes NOT_SERVING (gRPC health "",
+        the metrics port's and the HTTP surface's /healthz), so Kubernetes' liveness probe restarts the
+        replica; it goes on serving its loaded models until then."""
+        self.live = False
+        if self.alerts is not None:
+            self.alerts.watcher_stopped(str(self.model_dir.root) if self.model_dir else "", reason)
+
+        def set_liveness() -> None:
+            loop.create_task(self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING))
+
+        try:
+            loop.call_soon_threadsafe(set_liveness)
+        except RuntimeError:  # the loop is gone: the server already stopped
+            pass
 
     async def _set_readiness(self, status: int) -> None:
         await self.health.set(READINESS, status)
@@ -250,7 +267,7 @@ class ChatbotServer:
                                         "auth": "api_keys" if self.auth is not None else "none"})
         if self.metrics_port is not None:
             self.metrics_http = MetricsHTTPServer(self.metrics, self.host, self.metrics_port,
-                                                  readiness=lambda: self.ready).start()
+                                                  readiness=lambda: self.ready, liveness=lambda: self.live).start()
         self._load_task = asyncio.get_running_loop().create_task(self._load())
         if self.alert_rules is not None:
             self._rules_task = asyncio.get_running_loop().create_task(self._evaluate_rules())
@@ -288,8 +305,12 @@ class ChatbotServer:
         self.servicer.engine = engine
         if self.model_dir is not None:
             on_load_error = self.alerts.model_load_failed if self.alerts is not None else None
-            self.watcher = ModelDirectoryWatcher(engine, self.model_dir, poll_interval=self.poll_interval,
-                                                 on_load_error=on_load_error).start()
+            on_problem = self.alerts.model_directory_problem if self.alerts is not None else None
+            loop = asyncio.get_running_loop()
+            self.watcher = ModelDirectoryWatcher(
+                engine, self.model_dir, poll_interval=self.poll_interval, on_load_error=on_load_error,
+                on_problem=on_problem,
+                on_stopped=lambda reason: self._watcher_stopped(loop, reason)).start()
         await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)
         if self.port_file is not None:
             write_port_file(self.port_file, self.port)
