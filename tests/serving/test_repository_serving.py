@@ -39,11 +39,16 @@ def selectors(tmp_path_factory) -> tuple[Path, Path]:
     return _selector(tmp, 5), _selector(tmp, 0)
 
 
+def _directory(tmp_path: Path, version_1: Path, kind: type[ModelDirectory] = ModelDirectory):
+    """(root, directory) over root/faq/1, a copy of ``version_1``."""
+    root = tmp_path / "models"
+    shutil.copytree(version_1, root / "faq" / "1")
+    return root, kind(root)
+
+
 def test_a_selection_bundle_in_the_model_directory_answers_replies_and_hot_swaps(selectors, tmp_path):
     v1, v2 = selectors
-    root = tmp_path / "models"
-    shutil.copytree(v1, root / "faq" / "1")
-    directory = ModelDirectory(root)
+    root, directory = _directory(tmp_path, v1)
     engine = directory.load_engine()
     assert engine.task_of("faq") == "selection" and "faq" not in engine.classifiers
 
@@ -93,9 +98,7 @@ class _FatalDirectory(ModelDirectory):
 
 def test_a_watcher_that_ends_takes_liveness_down_on_grpc_and_the_metrics_port(selectors, tmp_path):
     v1, _ = selectors
-    root = tmp_path / "models"
-    shutil.copytree(v1, root / "faq" / "1")
-    directory = _FatalDirectory(root)
+    root, directory = _directory(tmp_path, v1, _FatalDirectory)
     engine = directory.load_engine()
     previous_hook = threading.excepthook
     threading.excepthook = lambda args: None  # the watcher thread's traceback is what this test provokes
@@ -131,9 +134,7 @@ def test_a_watcher_that_ends_takes_liveness_down_on_grpc_and_the_metrics_port(se
 
 def test_a_bad_pin_in_the_served_directory_is_alerted_once(selectors, tmp_path):
     v1, _ = selectors
-    root = tmp_path / "models"
-    shutil.copytree(v1, root / "faq" / "1")
-    directory = ModelDirectory(root)
+    root, directory = _directory(tmp_path, v1)
     alerts = _Alerts()
     with ServerThread(directory.load_engine(), model_dir=directory, poll_interval=60, alerts=alerts) as st:
         st.wait_serving()

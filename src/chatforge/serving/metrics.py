@@ -331,27 +331,20 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._send(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            try:
-                live = bool(self.server.liveness())
-            except Exception:
-                log.exception("liveness check raised; reporting not live")
-                live = False
-            if live:
-                self._send(HTTPStatus.OK, b"ok\n")
-            else:
-                self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"not live\n")
+            self._probe(self.server.liveness, b"ok\n", b"not live\n", "liveness")
         elif path == "/readyz":
-            try:
-                ready = bool(self.server.readiness())
-            except Exception:
-                log.exception("readiness check raised; reporting not ready")
-                ready = False
-            if ready:
-                self._send(HTTPStatus.OK, b"ready\n")
-            else:
-                self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"not ready\n")
+            self._probe(self.server.readiness, b"ready\n", b"not ready\n", "readiness")
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found; try /metrics, /healthz or /readyz\n")
+
+    def _probe(self, check: Callable[[], bool], ok: bytes, not_ok: bytes, what: str) -> None:
+        """200 ``ok`` when ``check()`` is true, else 503 ``not_ok``; a check that raises counts as false."""
+        try:
+            passed = bool(check())
+        except Exception:
+            log.exception("%s check raised; reporting it failed", what)
+            passed = False
+        self._send(HTTPStatus.OK if passed else HTTPStatus.SERVICE_UNAVAILABLE, ok if passed else not_ok)
 
     def _refuse_method(self) -> None:
         """Any method but GET and HEAD: 405 naming the allowed ones (http.server's own answer was a 501 HTML page).
