@@ -289,3 +289,22 @@ def test_context_field_is_for_jsonl_only(tmp_path):
     path = write(tmp_path, "d.csv", "question,answer\nq,a\n")
     with pytest.raises(DataError, match="context_field='turns' applies to jsonl files"):
         read_examples(path, context_field="turns")
+
+
+@pytest.mark.parametrize(("encoding", "hint"), [
+    ("cp949", "reads as Korean in CP949/EUC-KR: convert it with `iconv -f cp949 -t utf-8 IN > OUT`"),
+    ("utf-16", "looks UTF-16 (it starts with a byte-order mark): convert it with `iconv -f utf-16 -t utf-8`"),
+])
+def test_a_korean_file_in_another_encoding_names_it_and_how_to_convert(tmp_path, encoding, hint):
+    text = "Q,A,label\n12시 땡!,하루가 또 가네요.,0\n1지망 학교 떨어졌어,위로해 드립니다.,0\n"
+    path = write(tmp_path, "k.csv", text.encode(encoding))
+    with pytest.raises(DataError, match="not valid UTF-8") as info:
+        read_examples(path, allowed_labels=CHATBOT_KR_LABELS)
+    assert str(info.value).endswith(hint)
+
+
+def test_a_stray_bad_byte_in_a_utf8_file_gets_no_encoding_guess(tmp_path):
+    path = write(tmp_path, "u.csv", "Q,A,label\n12시 땡!,하루가 또 가네요.,0\n".encode() + b"bad \xff byte,x,1\n")
+    with pytest.raises(DataError) as info:
+        read_examples(path, allowed_labels=CHATBOT_KR_LABELS)
+    assert str(info.value).endswith("files must be UTF-8 encoded")

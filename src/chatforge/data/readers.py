@@ -181,16 +181,32 @@ def _decode_lines(data: bytes) -> tuple[list[str], dict[int, str]]:
         data = data[3:]
     lines: list[str] = []
     bad: dict[int, str] = {}
+    hint: str | None = None
     for number, raw in enumerate(data.splitlines(keepends=True), start=1):
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
+            hint = _encoding_hint(data) if hint is None else hint
             bad[number] = (
                 f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                "files must be UTF-8 encoded"
+                f"files must be UTF-8 encoded{hint}"
             )
             lines.append(raw.decode("utf-8", errors="replace"))
     return lines, bad
+
+
+def _encoding_hint(data: bytes) -> str:
+    """What a file that is not UTF-8 most likely is, and how to convert it ("" when unsure). Korean files saved by
+    Windows tools are CP949 (EUC-KR's superset); Excel's "Unicode text" is UTF-16 with a byte-order mark."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "; this one looks UTF-16 (it starts with a byte-order mark): convert it with `iconv -f utf-16 -t utf-8`"
+    try:
+        text = data.decode("cp949")
+    except UnicodeDecodeError:
+        return ""
+    if any("\uac00" <= ch <= "\ud7a3" for ch in text):
+        return "; this one reads as Korean in CP949/EUC-KR: convert it with `iconv -f cp949 -t utf-8 IN > OUT`"
+    return ""
 
 
 def _pick(header: Sequence[str], given: str | None, candidates: tuple[str, ...], what: str, path: Path):
