@@ -97,6 +97,14 @@ def test_generic_csv_infers_fields(tmp_path):
     assert examples == [Example("how are you", "fine, thanks", "smalltalk", "d.csv:2")]
 
 
+def test_korean_headers_are_inferred_too(tmp_path):
+    path = write(tmp_path, "k.csv", "번호,질문,답변,의도\n1,오늘 뭐 해?,집에서 쉬어요.,일상\n")
+    examples, _ = read_examples(path)
+    assert examples == [Example("오늘 뭐 해?", "집에서 쉬어요.", "일상", "k.csv:2")]
+    path = write(tmp_path, "j.jsonl", '{"발화": "환불해 주세요", "분류": "환불"}\n')
+    assert read_examples(path)[0] == [Example("환불해 주세요", None, "환불", "j.jsonl:1")]
+
+
 def test_tsv_with_given_fields(tmp_path):
     path = write(tmp_path, "d.tsv", "id\tsentence\tcls\n1\tbook a table\trestaurant\n")
     examples, _ = read_examples(path, text_field="sentence", label_field="cls")

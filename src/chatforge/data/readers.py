@@ -34,10 +34,11 @@ logger = logging.getLogger(__name__)
 FORMATS: tuple[str, ...] = ("auto", "chatbot_csv", "clinc150", "csv", "tsv", "jsonl")
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
 
-# Inference order matters: the first name present in the header wins (case-insensitive).
-TEXT_NAMES: tuple[str, ...] = ("text", "question", "q", "utterance", "query", "input", "prompt")
-RESPONSE_NAMES: tuple[str, ...] = ("response", "answer", "a", "reply", "output")
-LABEL_NAMES: tuple[str, ...] = ("label", "intent", "category")
+# Inference order matters: the first name present in the header wins (case-insensitive). Korean headers too
+# (질문 question, 문장 sentence, 발화 utterance; 답변/대답/응답 answer; 라벨/레이블 label, 의도 intent, 분류 category).
+TEXT_NAMES: tuple[str, ...] = ("text", "question", "q", "utterance", "query", "input", "prompt", "질문", "문장", "발화")
+RESPONSE_NAMES: tuple[str, ...] = ("response", "answer", "a", "reply", "output", "답변", "대답", "응답")
+LABEL_NAMES: tuple[str, ...] = ("label", "intent", "category", "라벨", "레이블", "의도", "분류")
 
 CHATBOT_CSV_COLUMNS: tuple[str, ...] = ("Q", "A", "label")
 # The labels of songys/Chatbot_data: 0 daily life, 1 breakup (negative), 2 love (positive).
