@@ -182,3 +182,12 @@ def test_incremental_decoder_decodes_once_per_token(tok):
     finally:
         tok.sp = counting.inner
     assert len(ids) > 100 and counting.calls <= 1.05 * len(ids), (counting.calls, len(ids))
+
+
+def test_sentencepiece_encodes_decomposed_hangul_as_composed(tok):
+    """The ByteTokenizer and the estimator baselines compose NFD text (NFC) to match; SentencePiece's own NFKC rule
+    already does, which this pins."""
+    import unicodedata
+
+    text = "안녕하세요 반가워요"
+    assert tok.encode(unicodedata.normalize("NFD", text)) == tok.encode(text)

@@ -2,6 +2,7 @@
 
 import json
 import random
+import unicodedata
 
 import pytest
 
@@ -50,6 +51,12 @@ def test_round_trip(tok, text):
 
 def test_korean_syllable_is_three_bytes(tok):
     assert len(tok.encode("안")) == 3 and len(tok.encode("😊")) == 4 and len(tok.encode("a")) == 1
+
+
+def test_decomposed_hangul_encodes_as_composed(tok):
+    nfd = unicodedata.normalize("NFD", "결혼 [MASK] 안녕")
+    assert nfd.encode("utf-8") != "결혼 [MASK] 안녕".encode()  # different bytes before encoding
+    assert tok.encode(nfd) == tok.encode("결혼 [MASK] 안녕")
 
 
 def test_mask_is_kept_whole_and_controls_are_not_produced(tok):

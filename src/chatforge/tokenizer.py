@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,8 +372,12 @@ class ByteTokenizer(JsonDocumentMixin, SpecialIdsMixin):
         return BYTE_VOCAB_SIZE
 
     def encode(self, text: str) -> list[int]:
-        """Text -> one id per UTF-8 byte, without <s>/</s>; ``[MASK]`` in the text stays one id."""
+        """Text -> one id per UTF-8 byte of its NFC form, without <s>/</s>; ``[MASK]`` in the text stays one id.
+        NFC as SentencePiece's NFKC rule does for the other tokenizer: decomposed Hangul (NFD, as some systems
+        send it) would otherwise be bytes the model never saw in training."""
         ids: list[int] = []
+        if not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
         for part in _MASK_SPLIT.split(text):
             if part == MASK:
                 ids.append(self.special.mask)

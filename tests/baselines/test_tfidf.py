@@ -2,6 +2,7 @@
 side, a JSON round trip that reproduces the features bit for bit, and clear errors at the edges."""
 
 import json
+import unicodedata
 
 import numpy as np
 import pytest
@@ -56,3 +57,27 @@ def test_read_saved_meta_names_missing_files_and_wrong_versions(tmp_path):
         read_saved_meta(tmp_path, ["meta.json", "weights.npz"], "meta.json", 1, "linear model")
     (tmp_path / "meta.json").write_text(json.dumps({"format_version": 1, "k": "v"}))
     assert read_saved_meta(tmp_path, ["meta.json"], "meta.json", 1, "linear model")["k"] == "v"
+
+
+def test_check_texts_composes_decomposed_hangul():
+    nfd = unicodedata.normalize("NFD", "결혼하면 좋을까")
+    assert len(nfd) > len("결혼하면 좋을까")  # decomposed: letters, not syllables
+    assert check_texts([nfd, "cafe\u0301", "plain"], "texts") == ["결혼하면 좋을까", "café", "plain"]
+
+
+def test_estimator_baselines_answer_decomposed_korean_as_composed():
+    """Before: a TF-IDF selector and classifier scored an NFD message on letters no training text had."""
+    from chatforge.baselines.retrieval import ResponseSelector, RetrievalConfig
+    from chatforge.baselines.xgboost import XGBoostConfig, XGBoostTextClassifier
+
+    questions = ["오늘 날씨 어때", "비가 와", "배고파", "밥 먹고 싶다", "졸려", "잠이 와", "헤어졌어", "이별했어"]
+    answers = ["맑아요.", "우산 챙기세요.", "맛있는 거 드세요.", "맛있는 거 드세요.", "일찍 주무세요.", "일찍 주무세요.",
+               "많이 힘드시겠어요.", "많이 힘드시겠어요."]
+    selector = ResponseSelector(RetrievalConfig(encoder="tfidf", neighbours=3)).fit(questions, answers)
+    classifier = XGBoostTextClassifier(XGBoostConfig(n_estimators=20, max_depth=3)).fit(
+        questions, ["weather", "weather", "food", "food", "sleep", "sleep", "love", "love"])
+    for text in ("밥 먹고 싶어", "잠이 와요", "헤어졌어요"):
+        nfd = unicodedata.normalize("NFD", text)
+        assert selector.reply(nfd) == selector.reply(text)
+        np.testing.assert_array_equal(classifier.predict_proba([nfd]), classifier.predict_proba([text]))
+    assert selector.reply(unicodedata.normalize("NFD", "밥 먹고 싶어"))[0] == "맛있는 거 드세요."

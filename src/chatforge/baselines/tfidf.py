@@ -7,6 +7,7 @@ exactly through JSON, so reloaded features are bit-identical.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,19 @@ class TfidfConfig:
 
 
 def check_texts(texts: Sequence[str], what: str) -> list[str]:
-    """A list of strings, or a TypeError naming what was wrong (a lone string is a common slip)."""
+    """A list of strings in Unicode NFC, or a TypeError naming what was wrong (a lone string is a common slip).
+
+    NFC because these models compare characters: Hangul typed or copied on some systems arrives decomposed (NFD:
+    "결" as the three letters ㄱ ㅕ ㄹ), which shares no character n-gram with the same word composed, so a
+    TF-IDF or ranker model answered every such message with one unrelated reply. SentencePiece's NFKC does the
+    same for the neural families."""
     if isinstance(texts, str):
         raise TypeError(f"{what} must be a sequence of strings, not a single string")
     texts = list(texts)
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise TypeError(f"{what} must contain only strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
-    return texts
+    return [t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t) for t in texts]
 
 
 def read_saved_meta(directory: Path, files: Sequence[str], meta_file: str, version: int, what: str) -> dict:
