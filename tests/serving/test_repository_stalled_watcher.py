@@ -60,11 +60,22 @@ def test_a_healthy_watcher_is_never_reported(tmp_path):
     reasons = []
     watcher = ModelDirectoryWatcher(engine, directory, poll_interval=0.01, loader=loader,
                                     on_stopped=reasons.append, stall_timeout=0.5)
+    polls, enough = [], threading.Event()
+    check_once = watcher.check_once
+
+    def counted():
+        swapped = check_once()
+        polls.append(swapped)
+        if len(polls) >= 100:  # 100 polls of 10 ms each: twice the stall timeout has passed, in short polls
+            enough.set()
+        return swapped
+
+    watcher.check_once = counted
     try:
-        watcher.start()
         (tmp_path / "chat" / "2").mkdir()
-        threading.Event().wait(1.0)
-        assert engine.version_of("chat") == "2"
+        watcher.start()
+        assert enough.wait(WAIT)
+        assert engine.version_of("chat") == "2" and ["chat"] in polls
     finally:
         watcher.stop()
         engine.close()
