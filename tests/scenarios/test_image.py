@@ -157,3 +157,45 @@ def test_the_image_sizes_torch_threads_from_the_cpu_quota(serving_image):
         r = podman("run", "--rm", *LIMITS, "--network", "none", "--cpus", str(cpus), "--entrypoint", "python3",
                     serving_image, "-c", probe)
         assert r.stdout.strip() == str(cpus), (cpus, r.stdout, r.stderr[-1000:])
+
+
+def test_the_image_serves_a_model_directory_and_hot_swaps_as_its_non_root_user(serving_image, tmp_path):
+    """What deploy/k8s runs: `--model-dir /models` on a read-only volume, as uid 10001. The volume's root holds a
+    root-only `lost+found` (an ext4 volume has one; it stopped a non-root server from starting), and a second
+    version published the documented way (hidden name, then rename) is swapped in while the container serves."""
+    import shutil
+
+    chat, _ = train_tiny_bundles(tmp_path / "bundles")
+    root = tmp_path / "models"
+    shutil.copytree(chat, root / "chat" / "1")
+    (root / "lost+found").mkdir(mode=0o700)  # owned by root, as mkfs makes it: uid 10001 cannot list it
+    for d, _, files in os.walk(root):
+        if not d.endswith("lost+found"):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
+    os.chmod(tmp_path, 0o755)
+    name, grpc_port, metrics_port = f"chatforge-ci-dir-{uuid.uuid4().hex[:8]}", free_port(), free_port()
+    podman("run", "-d", "--name", name, *LIMITS, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+           "--security-opt", "no-new-privileges", "-v", f"{root}:/models:ro",
+           "-p", f"127.0.0.1:{grpc_port}:50051", "-p", f"127.0.0.1:{metrics_port}:9100",
+           serving_image, "--model-dir", "/models", "--poll-interval", "0.5", "--host", "0.0.0.0", "--port", "50051",
+           "--drain-delay", "0", "--grace", "5")
+    try:
+        wait_for(lambda: ready(f"http://127.0.0.1:{metrics_port}/readyz") or _exited(name), 180,
+                 "the container's /readyz")
+        assert not _exited(name), podman("logs", name, check=False).stderr[-3000:]
+        with ChatbotClient(f"127.0.0.1:{grpc_port}", timeout=30) as client:
+            assert [(m.name, m.version) for m in client.list_models()] == [("chat", "1")]
+            shutil.copytree(chat, root / "chat" / ".incoming-2")
+            for d, _, files in os.walk(root / "chat" / ".incoming-2"):
+                os.chmod(d, 0o755)
+                for f in files:
+                    os.chmod(os.path.join(d, f), 0o644)
+            os.replace(root / "chat" / ".incoming-2", root / "chat" / "2")
+            wait_for(lambda: [m.version for m in client.list_models()] == ["2"], 60, "version 2 swapped in")
+            assert list(client.reply_stream("안녕하세요", max_new_tokens=4))[-1].model_version == "2"
+        logs = podman("logs", name, check=False).stderr
+        assert "lost+found" not in logs and '"level": "ERROR"' not in logs, logs[-3000:]
+    finally:
+        podman("rm", "-f", "-t", "0", name, check=False)
