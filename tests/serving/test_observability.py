@@ -236,3 +236,32 @@ def test_served_call_logs_each_event_once_in_the_chosen_format(tiny_classifier, 
     assert "listening" in names and any("Classify" in n for n in names), names
     assert len(lines) == len(set(lines)), "a line was written twice"
     assert names.count("listening") == 1 and names.count("stopped") == 1, names
+
+
+# A session id as a hostile client may send it (ReplyRequest.session_id and the HTTP body's "user" take any text
+# but NUL, up to 128 characters): a forged JSON line, a carriage return, terminal escapes (clear the screen, set
+# the window title), and the characters that end a line for str.splitlines and some log shippers.
+HOSTILE_SESSION_ID = ('a\n{"level": "CRITICAL", "event": "forged"}\r\x1b[2J\x1b]0;pwned\x07'
+                      " x\u2028y\u2029z\x85w\x7f")
+
+
+@pytest.mark.parametrize("fmt", ["json", "human"])
+def test_a_client_chosen_session_id_cannot_break_or_forge_log_lines(logger, capsys, fmt):
+    """Before: the human format wrote the id as it came (a forged line, the operator's terminal cleared and
+    retitled); the JSON format left U+2028, U+2029 and NEL raw, so a reader splitting lines as Python does
+    (str.splitlines, this file's _json_lines) cut one event in two."""
+    configure_logging(Settings(env="test", log_format=fmt), logger=logger)
+    sid = session_id_var.set(HOSTILE_SESSION_ID)
+    try:
+        logger.info("rpc done", extra={"session_id": HOSTILE_SESSION_ID, "model": "m\nforged=1"})
+    finally:
+        session_id_var.reset(sid)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, lines
+    assert not any(c in err for c in "\r\x1b\x07\x7f\x85\u2028\u2029")
+    if fmt == "json":
+        doc = json.loads(lines[0])
+        assert doc["session_id"] == HOSTILE_SESSION_ID and doc["model"] == "m\nforged=1"  # the same text, escaped
+    else:
+        assert 'sess=a\\n{"level"' in lines[0] and "\\x1b[2J" in lines[0] and "model=m\\nforged=1" in lines[0]

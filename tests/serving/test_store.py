@@ -359,3 +359,119 @@ def test_a_short_outage_is_logged_not_alerted(tmp_path):
     finally:
         outage.end()
         store.close()
+
+
+def _request_ids(path) -> list[str]:
+    from contextlib import closing
+
+    with closing(sqlite3.connect(path)) as conn:
+        return [r[0] for r in conn.execute("select request_id from turns order by id")]
+
+
+def test_a_sqlite_file_removed_or_replaced_while_open_is_written_at_its_path_again(tmp_path, caplog):
+    """Before: after `rm conv.db` (or a backup moved over it) the store went on writing into the unlinked file
+    through its open connections; every later turn counted as written and was lost, without a log line."""
+    path = tmp_path / "conv.db"
+    store = ConversationStore(f"sqlite:///{path}", batch_size=4)
+    try:
+        assert store.record(_turn(0)) and store.flush(10)
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"conv.db{suffix}").unlink(missing_ok=True)
+        assert store.record(_turn(1)) and store.flush(10)
+        assert path.exists() and _request_ids(path) == ["r1"]
+        assert any("was removed" in r.getMessage() for r in caplog.records)
+
+        restored = tmp_path / "restored.db"  # a backup restored the usual way: copied beside it, moved over it
+        from contextlib import closing
+
+        with closing(sqlite3.connect(path)) as src, closing(sqlite3.connect(restored)) as dst:
+            src.backup(dst)
+        restored.replace(path)
+        assert store.record(_turn(2)) and store.flush(10)
+        assert _request_ids(path) == ["r1", "r2"]
+        assert any("was replaced" in r.getMessage() for r in caplog.records)
+        assert store.written == 3 and store.failed == 0
+    finally:
+        store.close()
+
+
+_FIRST_SCHEMA = ("CREATE TABLE turns (id INTEGER PRIMARY KEY, created_at DATETIME NOT NULL, session_id VARCHAR(128), "
+                 "request_id VARCHAR(128), model VARCHAR(256), model_version VARCHAR(64), user_text TEXT, reply TEXT, "
+                 "intent VARCHAR(256), intent_score FLOAT, ttft_ms FLOAT, latency_ms FLOAT, status VARCHAR(64))")
+
+
+@pytest.mark.parametrize("existing", [None, _FIRST_SCHEMA], ids=["new-file", "first-schema"])
+def test_a_second_process_making_the_schema_at_the_same_moment_does_not_fail_start_up(tmp_path, monkeypatch, existing):
+    """Before: two servers opening one SQLite file together (the default runs/conversations.db of two local
+    servers, a restart beside a draining container on the same volume) both looked, both created: the later one
+    died at start-up with "table turns already exists" (13 of 15 tries) or, on a store of an older chatforge,
+    "duplicate column name: context". Here the other process's DDL runs just before ours, as in that race."""
+    from contextlib import closing
+
+    from sqlalchemy import create_engine
+
+    import chatforge.serving.store as store_mod
+
+    path = tmp_path / "conv.db"
+    if existing:
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute(existing)
+            conn.commit()
+    raced = []
+    real_make_engine = store_mod._make_engine
+
+    def make_engine(url, **kwargs):
+        engine = real_make_engine(url, **kwargs)
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def _other_process_first(conn, cursor, statement, *args):
+            if not raced and statement.lstrip().upper().startswith(("CREATE TABLE", "ALTER TABLE")):
+                raced.append(statement.split("(")[0].strip())
+                other = create_engine(f"sqlite:///{path}")
+                try:  # the other server, a moment ahead: the whole schema of this version
+                    store_mod.metadata.create_all(other)
+                    store_mod._add_missing_columns(other, store_mod._NullLock)
+                finally:
+                    other.dispose()
+
+        return engine
+
+    monkeypatch.setattr(store_mod, "_make_engine", make_engine)
+    store = ConversationStore(f"sqlite:///{path}")
+    try:
+        assert raced, "the race was not staged"
+        assert store.record(_turn(0)) and store.flush(10)
+        assert store.written == 1 and [r["request_id"] for r in store.iter_rows()] == ["r0"]
+    finally:
+        store.close()
+
+
+def test_a_sqlite_file_that_was_read_only_is_written_once_it_is_writable_again(tmp_path):
+    """Before: a store whose file was read-only (a volume mounted :ro, a file mode) held its turns as an outage, as
+    it should, but its pooled connection had opened the file read-only and stayed so: after the mount or the mode
+    was fixed the outage never ended and every turn was lost at shutdown. `PRAGMA query_only` stands in for the
+    read-only file here (the same SQLITE_READONLY error; a read-only mount needs root)."""
+    store = ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}", backoff=(0.01, 0.05))
+    read_only = threading.Event()
+    read_only.set()
+    refused = threading.Event()
+
+    @event.listens_for(store.engine, "connect")
+    def _opened_read_only(dbapi_conn, _record):
+        if read_only.is_set():
+            dbapi_conn.execute("PRAGMA query_only=ON")
+
+    @event.listens_for(store.engine, "handle_error")
+    def _seen(ctx):
+        if "readonly database" in str(ctx.original_exception):
+            refused.set()
+
+    store.engine.dispose()  # the connections from here on open "read-only"
+    try:
+        assert store.record(_turn(0))
+        assert refused.wait(10)  # the write was refused as read-only (the outage starts right after)
+        read_only.clear()  # the mount is fixed
+        assert store.flush(timeout=10), "the outage went on after the file became writable"
+        assert store.available and store.written == 1 and store.count() == 1
+    finally:
+        store.close(timeout=1)

@@ -101,6 +101,20 @@ class SecretMaskingFilter(logging.Filter):
         return True
 
 
+# What ends or rewrites a line where logs are read: C0 controls (newline, carriage return, ESC of terminal
+# sequences), DEL, C1 controls (NEL, U+0085, ends a line for str.splitlines and some log shippers) and the Unicode
+# line and paragraph separators. Client-chosen text reaches log lines (ReplyRequest.session_id, the HTTP body's
+# "user", a model name): the human format shows these characters escaped, so one event stays one line and a
+# client cannot forge lines or drive the operator's terminal.
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# json.dumps(ensure_ascii=False) escapes C0 controls but writes DEL, C1 controls, U+2028 and U+2029 as they are.
+_JSON_LINE_BREAKING = re.compile(r"[\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_controls(text: str) -> str:
+    return _LINE_BREAKING.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")}
 
@@ -136,7 +150,9 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
         # default=str: an odd extra (a Path, a dataclass) must not lose the whole event.
-        return json.dumps(doc, ensure_ascii=False, default=str)
+        line = json.dumps(doc, ensure_ascii=False, default=str)
+        # Those characters only occur inside JSON strings, where \uXXXX is the same text: the line stays one line.
+        return _JSON_LINE_BREAKING.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
 class HumanFormatter(logging.Formatter):
@@ -153,7 +169,7 @@ class HumanFormatter(logging.Formatter):
             parts.append("[" + " ".join(ids) + "]")
         parts.append(record.getMessage())
         parts.extend(f"{k}={v}" for k, v in _extras(record).items())
-        line = " ".join(parts)
+        line = _escape_controls(" ".join(parts))
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:

@@ -104,6 +104,12 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
+def _read_only_sqlite(exc: BaseException) -> bool:
+    """SQLite's SQLITE_READONLY: "attempt to write a readonly database"."""
+    return isinstance(exc, DBAPIError) and isinstance(exc.orig, sqlite3.OperationalError) \
+        and "readonly database" in str(exc.orig)
+
+
 class _GaveUp(Exception):
     """The database stayed unreachable until :meth:`ConversationStore.close` gave up waiting."""
 
@@ -167,6 +173,8 @@ class ConversationStore:
         self.alerts, self._backoff, self._alert_after = alerts, backoff, alert_after
         self._alerted = False  # this outage was alerted on (so its end is too)
         self.engine = _make_engine(url, **(engine_kwargs or {}))
+        # A SQLite file's path, and the file (device, inode) this store writes: see _reopen_if_replaced.
+        self._sqlite_file, self._file_id = _sqlite_file(url), None
         # One pinned connection (in-memory SQLite) must not be used by two threads at once.
         self._db_lock = threading.Lock() if isinstance(self.engine.pool, StaticPool) else None
         self._schema_lock = threading.Lock()
@@ -340,11 +348,16 @@ class ConversationStore:
         delay = self._backoff[0]
         while True:
             try:
+                self._reopen_if_replaced()
                 self._ensure_schema()
                 self._insert(rows)
             except Exception as e:  # noqa: BLE001 - returned to the caller, which decides
                 if not is_outage(e):
                     return e
+                if _read_only_sqlite(e):
+                    # SQLite opened the file read-only (a read-only mount or file mode) and its connection stays so:
+                    # without new connections, fixing the mount or the mode never ended the outage (until a restart).
+                    self.engine.dispose()
                 self._outage_started(e)
                 self._maybe_alert()
                 if self._give_up.wait(delay):
@@ -361,9 +374,47 @@ class ConversationStore:
             return
         with self._schema_lock:
             if not self._schema_ready:
-                metadata.create_all(self.engine)
-                _add_missing_columns(self.engine, self._locked)
+                for attempt in range(1, 4):
+                    try:
+                        metadata.create_all(self.engine)
+                        _add_missing_columns(self.engine, self._locked)
+                        break
+                    except Exception:
+                        # Another process opening the same database (a second server on the one SQLite file, replicas
+                        # starting together on one PostgreSQL) made the table or a column between our look and our
+                        # CREATE/ALTER ("table turns already exists", "duplicate column name"): done if it made all
+                        # of them, else look again (it adds columns one by one) while the table is there.
+                        exists, complete = _schema_state(self.engine, self._locked)
+                        if complete:
+                            break
+                        if attempt == 3 or not exists:
+                            raise
+                if self._sqlite_file is not None:
+                    self._file_id = _file_id(self._sqlite_file)
                 self._schema_ready = True
+
+    def _reopen_if_replaced(self) -> None:
+        """Open the SQLite file at the store's path again when it was removed or replaced while the store ran.
+
+        SQLite writes through the connections it holds open, to the file they opened: after an ``rm`` (an operator
+        starting afresh, a clean-up script) or a ``mv`` over it (a backup restored) every later turn went to a file
+        no longer in any folder, counted as written, and was gone when the process ended, without a line in the
+        log. One ``stat`` per batch finds it; the pooled connections are closed and the schema made at the path."""
+        if self._sqlite_file is None or self._file_id is None:
+            return
+        now = _file_id(self._sqlite_file)
+        if now == self._file_id:
+            return
+        log.warning("conversation store: %s was %s while the store was open; writing to the file at that path "
+                    "from now on", self._sqlite_file, "removed" if now is None else "replaced",
+                    extra={"store": _safe_url(self.url)})
+        with self._schema_lock:
+            self._file_id, self._schema_ready = None, False
+            self.engine.dispose()  # the old file's connections: closing them checkpoints into it, not the new one
+        try:
+            self._sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # the file cannot be opened then: an outage, held and retried like any other
 
     def _probe(self) -> None:
         """One connection attempt (and the schema, if it is not made yet): ends the outage if it succeeds."""
@@ -536,6 +587,19 @@ def _add_missing_columns(engine: Engine, locked) -> None:
         log.info("conversation store migrated: added column(s) %s", ", ".join(c.name for c in missing))
 
 
+def _schema_state(engine: Engine, locked) -> tuple[bool, bool]:
+    """(``turns`` exists, it has every column of this version); (False, False) when the database cannot be asked."""
+    try:
+        with locked(), engine.connect() as conn:
+            inspector = inspect(conn)
+            if not inspector.has_table(turns.name):
+                return False, False
+            present = {c["name"] for c in inspector.get_columns(turns.name)}
+    except Exception:  # noqa: BLE001 - the caller raises the error it met first
+        return False, False
+    return True, all(c.name in present for c in turns.columns)
+
+
 class _NullLock:
     def __enter__(self) -> None:
         return None
@@ -550,6 +614,25 @@ def _safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - an unparsable URL is shown by its scheme only
         return url.split(":", 1)[0] + ":..."
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL naming one by path (not in-memory, not a ``file:`` URI); else None."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or "mode=memory" in str(parsed) \
+            or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().absolute()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None when it does not exist (or cannot be looked at)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _make_engine(url: str, **kwargs: Any) -> Engine:
@@ -573,8 +656,10 @@ def _make_engine(url: str, **kwargs: Any) -> Engine:
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         # WAL: readers don't block the writer; busy_timeout: wait instead of "database is locked".
-        cur.execute("PRAGMA journal_mode=WAL")
+        # busy_timeout first: switching a new file to WAL needs its write lock, which another process opening the
+        # same file may hold for a moment ("database is locked" at start-up, with no wait, the other way round).
         cur.execute("PRAGMA busy_timeout=5000")
+        cur.execute("PRAGMA journal_mode=WAL")
         cur.close()
 
     return engine
