@@ -238,6 +238,9 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
     tokenizer = load_tokenizer(path / tok_file, tok_meta.get("kind", "sentencepiece"),
                                special_tokens=tok_meta.get("special_tokens"))
     labels = json.loads((path / LABELS).read_text(encoding="utf-8")) if (path / LABELS).is_file() else None
+    if labels is None and cfg.model.task in ("classification", "pair_classification", "token_classification"):
+        raise BundleError(f"{path} is not a complete chatforge bundle: missing {LABELS} (a {cfg.model.task} "
+                          f"bundle names its classes there)")
     model = build_from_config(cfg, tokenizer, labels)
     missing_keys, unexpected = _st_load_model(model, str(path / WEIGHTS), strict=False, device=device)
     if missing_keys or unexpected:

@@ -87,7 +87,8 @@ def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: s
     if clinc_keys:
         examples, _ = read_examples(path, format=fmt, clinc_keys=tuple(clinc_keys), **kw)
         return examples, "+".join(clinc_keys), path
-    if split == "all" and d.split != "predefined":
+    clinc = fmt == "clinc150" or (fmt == "auto" and path.suffix.lower() == ".json")
+    if split == "all" and (d.split != "predefined" or not clinc):  # a file without the predefined lists: whole
         examples, _ = read_examples(path, format=fmt, **kw)
         return examples, "all", path
     tree = cfg.to_dict()
@@ -143,6 +144,17 @@ def _classification(bundle, examples, out: Path, title: str, batch_size: int, cr
     y_true = [str(e.label) for e in examples]
     if any(e.label is None for e in examples):
         raise EvaluationError("classification evaluation needs a label for every example; the data has unlabelled rows")
+    known = set(clf.labels) | {clf.oos.label}
+    unknown = sorted({v for v in y_true if v not in known})
+    n_unknown = sum(v not in known for v in y_true)
+    if n_unknown == len(y_true):
+        raise EvaluationError(
+            f"none of the {len(y_true)} examples has a label this model predicts: the data's labels "
+            f"({', '.join(unknown[:8])}{', ...' if len(unknown) > 8 else ''}) are not among the model's "
+            f"({', '.join(clf.labels[:8])}{', ...' if len(clf.labels) > 8 else ''}); evaluate on data with its label set")
+    if n_unknown:
+        logger.warning("%d of %d examples have labels this model never predicts (%s): they count as errors",
+                       n_unknown, len(y_true), ", ".join(unknown[:8]))
     t0 = time.perf_counter()
     batches = [clf.predict_views(texts[i : i + batch_size]) if clf.oos.needs_views
                else [clf.predict_proba(texts[i : i + batch_size])] for i in range(0, len(texts), batch_size)]
@@ -155,6 +167,8 @@ def _classification(bundle, examples, out: Path, title: str, batch_size: int, cr
     report = write_classification_report(out, y_true, y_pred, probs, clf.labels, texts,
                                          oos_label=clf.oos.label if has_oos else None, title=title)
     summary = {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "weighted_f1": report["weighted_f1"]}
+    if n_unknown:
+        summary["unknown_label_examples"] = n_unknown
     if "oos" in report:
         summary.update({k: report["oos"][k] for k in ("in_scope_accuracy", "oos_recall", "oos_precision")})
     summary["oos_policy"] = clf.oos.to_metadata()

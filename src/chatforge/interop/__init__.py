@@ -31,16 +31,46 @@ def _module(name: str):
         raise ConversionError(f"{e}. Install the extra: pip install 'chatforge[hf]'") from None
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(tree, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(tree).__name__}")
+    return tree
+
+
+def _check_out(src: Path, out: Path, ours: str) -> None:
+    """The output folder is replaced whole (``atomic_dir``): refuse one that holds the source, or a folder of other
+    files; an earlier output of the same kind (a folder holding ``ours``, no chatforge ``metadata.json`` beside an
+    HF ``config.json``) or an empty folder is replaced as before."""
+    s, o = src.resolve(), out.resolve()
+    if o == s or o in s.parents:
+        raise ConversionError(f"output {out} holds the source {src}, and the output replaces its folder whole; "
+                              f"give a new folder")
+    if o.exists() and not o.is_dir():
+        raise ConversionError(f"output {out} is a file; give a new folder")
+    if o.is_dir() and any(o.iterdir()):
+        earlier = (o / ours).is_file() and not (ours == "config.json" and (o / "metadata.json").is_file())
+        if not earlier:
+            names = sorted(p.name for p in o.iterdir())
+            raise ConversionError(f"output {out} already holds other files ({', '.join(names[:4])}"
+                                  f"{', ...' if len(names) > 4 else ''}), which the output would replace whole; "
+                                  f"give a new or empty folder")
+
+
 def from_hf(src_dir: str | Path, out_bundle: str | Path, **kwargs) -> Path:
     src = Path(src_dir)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ConversionError(f"{src} is not a Hugging Face checkpoint folder: no config.json")
-    model_type = json.loads(cfg_path.read_text()).get("model_type")
+    model_type = _read_json(cfg_path).get("model_type")
     if model_type not in _FROM_HF:
         raise ConversionError(
             f"model_type {model_type!r} in {cfg_path} is not supported; supported: {', '.join(sorted(_FROM_HF))}"
         )
+    _check_out(src, Path(out_bundle), "metadata.json")
     return _module(_FROM_HF[model_type]).from_hf(src, Path(out_bundle), **kwargs)
 
 
@@ -48,7 +78,8 @@ def to_hf(bundle_dir: str | Path, out_dir: str | Path, **kwargs) -> Path:
     meta_path = Path(bundle_dir) / "metadata.json"
     if not meta_path.is_file():
         raise ConversionError(f"{bundle_dir} is not a chatforge bundle: no metadata.json")
-    family = json.loads(meta_path.read_text()).get("family")
+    family = _read_json(meta_path).get("family")
     if family not in _TO_HF:
         raise ConversionError(f"family {family!r} cannot be exported to HF; supported: {', '.join(sorted(_TO_HF))}")
+    _check_out(Path(bundle_dir), Path(out_dir), "config.json")
     return _module(_TO_HF[family]).to_hf(Path(bundle_dir), Path(out_dir), **kwargs)

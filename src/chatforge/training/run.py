@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,6 +113,10 @@ def load_splits(cfg: ExperimentConfig) -> tuple[list[Example], list[Example], li
                           f"task {cfg.model.task!r} reads auto, chatbot_csv, clinc150, csv, tsv or jsonl")
     elif d.split == "predefined":
         train, rep = read_examples(path, clinc_keys=tuple(d.train_keys), **kw)
+        if rep.format != "clinc150":  # other readers ignore the lists: train and valid would be the whole file
+            raise ConfigError(f"data.split: 'predefined' reads the train_keys/valid_keys lists of a CLINC150 JSON "
+                              f"file; {path} is {rep.format}, which has no such lists, so every example would be in "
+                              f"both train and valid: use data.split 'random' (chatforge evaluate: --split all)")
         valid, _ = read_examples(path, clinc_keys=tuple(d.valid_keys), **kw)
         test: list[Example] = []
         if d.dev_fraction:
@@ -309,6 +314,29 @@ def run_experiment(cfg: ExperimentConfig, *, callbacks: list[Callback] | None = 
             ddp.cleanup(ctx)
 
 
+# What an earlier run leaves in its folder besides config.yaml and the tokenizer (which a new run rewrites).
+EARLIER_RUN_OUTPUTS = ("checkpoints", "bundle", "metrics.json", "mlflow_run_id", "eval")
+
+
+def _clear_earlier_run(run_dir: Path) -> None:
+    """A new run into the folder of an earlier one (``--run-dir`` again) starts from a clean folder: else its
+    config.yaml sat beside the earlier run's bundle, metrics and evaluations until it finished (for good if it
+    failed), and ``--resume`` loaded the earlier run's checkpoint into the new config. Other files are kept."""
+    gone = []
+    for name in EARLIER_RUN_OUTPUTS:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        gone.append(name)
+    if gone:
+        log.warning("%s held an earlier run: removed its %s (a new run starts here; --resume continues a run)",
+                    run_dir, ", ".join(gone))
+
+
 def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.device, callbacks: list[Callback],
          run_dir: str | Path | None, resume: bool, tracking_tags: dict[str, str]) -> RunResult:
     if resume and run_dir is None:
@@ -325,6 +353,7 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
+            _clear_earlier_run(run_dir)
             atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
 
     train, valid, test, data_path = load_splits(cfg)

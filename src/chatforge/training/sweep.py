@@ -131,13 +131,16 @@ def _override(key: str, value: Any) -> str:
 
 
 def check_space(base: ExperimentConfig, space: dict[str, Any]) -> None:
-    """Fail before any trial if a key is not a config key (one sample of every key must validate)."""
-    overrides = [_override(key, dist.choices[0] if isinstance(dist, CategoricalDist) else dist.low)
-                 for key, dist in space.items()]
-    try:
-        validate_config(apply_overrides(base.to_dict(), overrides), source="sweep space")
-    except ConfigError as e:
-        raise ConfigError(f"the sweep space does not fit the config:\n{e}") from None
+    """Fail before any trial if a key is not a config key or a value the space can draw is out of its range: every
+    choice of a categorical, both ends of a range, each with the other keys at their first value, must validate."""
+    first = {key: dist.choices[0] if isinstance(dist, CategoricalDist) else dist.low for key, dist in space.items()}
+    for key, dist in space.items():
+        for value in dist.choices if isinstance(dist, CategoricalDist) else (dist.low, dist.high):
+            overrides = [_override(k, value if k == key else v) for k, v in first.items()]
+            try:
+                validate_config(apply_overrides(base.to_dict(), overrides), source="sweep space")
+            except ConfigError as e:
+                raise ConfigError(f"the sweep space does not fit the config ({key} = {value!r}):\n{e}") from None
 
 
 class OptunaPruningCallback(Callback):
