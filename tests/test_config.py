@@ -124,3 +124,15 @@ def test_context_turns_is_for_generation_models_only():
     tree["data"]["context_turns"] = 65
     with pytest.raises(ConfigError, match="context_turns"):
         validate_config(tree)
+
+
+def test_model_checks_read_as_one_plain_sentence_each():
+    """Before: "model: Value error, model: Value error, d_model=15 must be divisible ... (got ArgsKwargs((), {...}))"."""
+    with pytest.raises(ConfigError) as info:
+        validate_config({"name": "x", "data": {"path": "sample"}, "model": {"family": "transformer", "task": "generation", "d_model": 15, "n_heads": 2}})
+    text = str(info.value)
+    assert "  model: d_model=15 must be divisible by n_heads=2" in text
+    assert "Value error" not in text and "ArgsKwargs" not in text
+    with pytest.raises(ConfigError) as info:
+        validate_config({"name": "x", "data": {"path": "sample"}, "model": {"family": "transformer", "task": "generation", "n_heads": 0}})
+    assert "\n  model.n_heads: Input should be greater than 0 (got 0)" in str(info.value)

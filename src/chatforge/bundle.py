@@ -232,7 +232,9 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
     tok_file = tok_meta.get("file", TOKENIZER)
     missing = [n for n in (WEIGHTS, tok_file, CONFIG, METADATA) if not (path / n).is_file()]
     if missing:
-        raise BundleError(f"{path} is not a complete chatforge bundle: missing {', '.join(missing)}")
+        hint = (f"; {path} looks like a run folder: its bundle is {path / 'bundle'}"
+                if (path / "bundle" / METADATA).is_file() else "")
+        raise BundleError(f"{path} is not a complete chatforge bundle: missing {', '.join(missing)}{hint}")
     tree = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
     cfg = validate_config(tree, source=str(path / CONFIG))
     tokenizer = load_tokenizer(path / tok_file, tok_meta.get("kind", "sentencepiece"),

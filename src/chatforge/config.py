@@ -209,9 +209,16 @@ def _family_errors(err: ValidationError, cls: type, family: str) -> str:
                          f"allowed: family, task, init_from, {', '.join(_field_names(cls))}")
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            parts.append(f"model.{loc}: {e['msg']}{shown}" if loc else f"model: {e['msg']}{shown}")
+            # a model-level check (d_model vs n_heads) gets the whole argument set as its input: not worth showing
+            shown = "" if isinstance(got, dict) or type(got).__name__ == "ArgsKwargs" else f" (got {got!r})"
+            msg = _plain_message(e["msg"])
+            parts.append(f"model.{loc}: {msg}{shown}" if loc else f"model: {msg}{shown}")
     return "; ".join(parts)
+
+
+def _plain_message(msg: str) -> str:
+    """pydantic's message without its "Value error, " prefix (our checks raise ValueError with the whole text)."""
+    return msg.removeprefix("Value error, ")
 
 
 class TrainConfig(_Strict):
@@ -448,9 +455,13 @@ def _format_errors(err: ValidationError, source: str, tree: dict[str, Any]) -> s
             lines.append(f"  {loc}: required key is missing")
             continue
         shown = e.get("input")
-        if isinstance(shown, dict):
+        if isinstance(shown, dict) or type(shown).__name__ == "ArgsKwargs":
             shown = None
         value = f" (got {shown!r})" if shown is not None else ""
+        msg = _plain_message(msg)
+        if loc == "model" and msg.startswith(("model: ", "model.")):  # a family's own errors name their keys
+            lines.append(f"  {msg}{value}")
+            continue
         lines.append(f"  {loc}: {msg}{value}")
     return "\n".join(lines)
 

@@ -51,6 +51,13 @@ def test_tokenizer_train_command(tmp_path):
     r = runner.invoke(app, ["tokenizer", "train", "--data", str(REPO / "src/chatforge/data/sample/chitchat.csv"),
                             "--vocab-size", "100000", "--out", str(out)])
     assert r.exit_code == 2 and "largest workable size" in r.output
+    assert "--lower-if-too-large" in r.output and "tokenizer.vocab_size" not in r.output  # the command's own flags
+    for args, message in ((["--vocab-size", "3"], "greater than or equal to 16"),
+                          (["--out", str(tmp_path)], "is a folder")):  # was a SentencePiece INTERNAL error, a traceback
+        r = runner.invoke(app, ["tokenizer", "train", "--data", str(REPO / "src/chatforge/data/sample/chitchat.csv"),
+                                "--out", str(out), *args])
+        assert r.exit_code == 2 and message in r.output, r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit)  # an error message, not a traceback
     r = runner.invoke(app, ["tokenizer", "train", "--data", str(REPO / "src/chatforge/data/sample/chitchat.csv"),
                             "--vocab-size", "800", "--out", str(out)])
     assert r.exit_code == 0, r.output

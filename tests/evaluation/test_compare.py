@@ -114,3 +114,17 @@ def test_cross_fitted_figures_are_columns_and_can_rank(runs):
     assert "cross_fitted_in_scope_accuracy" in lb.columns
     plain = build_leaderboard(collect_runs(runs_dir=runs), metric="in_scope_accuracy")
     assert plain.rows[0]["run"] == "b-transformer"
+
+
+@pytest.mark.parametrize("metrics", ['{"bro', "[1, 2]", "null"])
+def test_one_broken_run_does_not_take_the_leaderboard_down(runs, metrics, caplog):
+    (runs / "c-noeval" / "metrics.json").write_text(metrics)  # a run edited by hand or cut off mid-write
+    make_run(runs, "d-badconfig", "linear", 0.9, 0.3, 0.1)
+    (runs / "d-badconfig" / "config.yaml").write_text("- a list\n- not a run config\n")
+    records = collect_runs(runs_dir=runs)
+    assert [r.name for r in records] == ["a-linear", "b-transformer", "c-noeval"]
+    assert next(r for r in records if r.name == "c-noeval").metrics == {}
+    assert any("c-noeval" in r.getMessage() and "metrics.json" in r.getMessage() for r in caplog.records)
+    assert any("d-badconfig" in r.getMessage() for r in caplog.records)
+    with pytest.raises(CompareError, match="expected a mapping"):  # named by the user: refused, not skipped
+        collect_runs(run_dirs=[runs / "d-badconfig"])

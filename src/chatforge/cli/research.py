@@ -47,7 +47,7 @@ def config_check(config: Path = typer.Argument(..., help="Experiment YAML file."
 def tokenizer_train(
     data: Path = typer.Option(..., "--data", help="Corpus file (ChatbotData CSV, CLINC150 JSON, CSV/TSV/JSONL)."),
     out: Path = typer.Option(Path("tokenizer.model"), "--out", help="Where to write the .model file."),
-    vocab_size: int = typer.Option(8000, help="Vocabulary size."),
+    vocab_size: int = typer.Option(8000, min=16, help="Vocabulary size (at least 16: 7 ids are reserved)."),
     model_type: str = typer.Option("unigram", help="unigram or bpe."),
     fmt: str = typer.Option("auto", "--format", help="auto, chatbot_csv, clinc150, csv, tsv, jsonl."),
     lower_if_too_large: bool = _flag(False, "--lower-if-too-large/--no-lower-if-too-large",
@@ -55,13 +55,19 @@ def tokenizer_train(
 ):
     """Train a SentencePiece tokenizer with chatforge's special tokens."""
     from chatforge.data import DataError, read_examples
-    from chatforge.tokenizer import Tokenizer, TokenizerError
+    from chatforge.tokenizer import Tokenizer, TokenizerError, VocabTooLargeError
 
+    if out.is_dir():
+        _fail(f"--out {out} is a folder; give the path of the .model file to write, e.g. {out / 'tokenizer.model'}")
     try:
         examples, report = read_examples(data, format=fmt)
         texts = [e.text for e in examples] + [e.response for e in examples if e.response]
         tok = Tokenizer.train(texts, vocab_size=vocab_size, model_type=model_type,
                               on_vocab_too_large="lower" if lower_if_too_large else "error")
+    except VocabTooLargeError as e:  # its own message names the config keys; here the flags are what the user has
+        hint = f"; the largest workable size for this corpus is {e.max_size}" if e.max_size else ""
+        _fail(f"--vocab-size {e.requested} is too large for this corpus{hint}: lower --vocab-size, or pass "
+              "--lower-if-too-large to use the largest workable size")
     except (DataError, TokenizerError, FileNotFoundError) as e:
         _fail(str(e))
     tok.save(out)

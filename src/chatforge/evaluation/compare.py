@@ -82,10 +82,22 @@ def load_run(run_dir: str | Path) -> RunRecord:
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise CompareError(f"{run_dir} is not a run folder: no config.yaml inside")
-    cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    try:
+        cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CompareError(f"{cfg_file}: not a readable run config ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise CompareError(f"{cfg_file}: expected a mapping, got {type(cfg).__name__}")
     metrics = {}
     if (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        try:
+            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            metrics = None
+        if not isinstance(metrics, dict):  # a run killed while writing it (before atomic writes), or edited by hand
+            logger.warning("skipping unreadable %s (expected a JSON object); the run is listed without metrics",
+                           run_dir / "metrics.json")
+            metrics = {}
     evaluations = []
     for f in sorted(run_dir.glob("eval/*/evaluation.json")):
         try:
@@ -131,8 +143,15 @@ def _matches(rec: RunRecord, experiment: str | None, tags: dict[str, str]) -> bo
 def collect_runs(run_dirs: Sequence[str | Path] = (), runs_dir: str | Path | None = None,
                  experiment: str | None = None, tags: dict[str, str] | None = None) -> list[RunRecord]:
     """Load the given run folders (or every run under ``runs_dir``) and keep those matching the filters."""
-    dirs = [Path(d) for d in run_dirs] if run_dirs else find_runs(runs_dir or "runs")
-    records = [load_run(d) for d in dirs]
+    if run_dirs:  # named by the user: each must load
+        records = [load_run(d) for d in run_dirs]
+    else:  # every run of a folder: one broken run is skipped with a warning, not the whole leaderboard
+        records = []
+        for d in find_runs(runs_dir or "runs"):
+            try:
+                records.append(load_run(d))
+            except CompareError as e:
+                logger.warning("skipping %s: %s", d, e)
     return [r for r in records if _matches(r, experiment, tags or {})]
 
 

@@ -13,6 +13,7 @@ there), never on the split it is reported on.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 import re
@@ -55,6 +56,10 @@ def bundle_replies(bundle, questions: Sequence[str], max_new_tokens: int | None 
         raise EvaluationError(f"bundle {bundle.path} has task {bundle.task!r}; replies come from generation, lm "
                               f"or selection bundles")
     cfg, tok, model = bundle.config, bundle.tokenizer, bundle.model
+    allowed = [f.name for f in dataclasses.fields(GenerationOptions)]
+    unknown = sorted(set(decoding or {}) - set(allowed))
+    if unknown:
+        raise EvaluationError(f"unknown decoding option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
     try:
         opts = GenerationOptions(**{"max_new_tokens": max_new_tokens or cfg.train.max_target_len,
                                     **(decoding or {})}).validate()
