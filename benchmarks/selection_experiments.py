@@ -23,6 +23,11 @@ the other folds only) and, for validation, by a model trained on the whole train
 - ``topics``: which *kind* of answer fits the question (``AnswerTopics``): the training answers clustered by
   k-means (``k``), p(cluster | question) from a logistic regression, the candidate softly assigned to the
   clusters; the column is log p(its cluster | q);
+- ``hub``: hubness / querybank normalisation (``HubNorm``: CSLS, inverted softmax, QB-Norm) with a bank of the
+  index's training questions only: per space, CSLS, the candidate's hubness r_c, z-score, percentile and inverted
+  softmax of cos(q, c) against cos(bank question, c) (group ``qa``), and the ``path``/``exact``/``reverse`` scores
+  minus their mean over the bank (each bank question leave-own-text-out; group ``nb``); 18 columns, or 10 / 8 with
+  ``cols=qa`` / ``cols=nb`` (``k`` = 10 nearest for CSLS, ``t`` = 0.05 for the inverted softmax);
 - ``a+b``: both columns.
 
 and, not a column but a re-ranker on top of the shipped ranker:
@@ -260,6 +265,150 @@ class AnswerTopics:
         soft /= soft.sum(1, keepdims=True)
         pq = self.clf.predict_proba(self.qv.transform(list(questions)))
         return np.concatenate([np.log(soft[[cid[c] for c in cs]] @ pq[i] + 1e-9) for i, cs in enumerate(candidates)])
+
+
+class HubNorm:
+    """Hubness / querybank normalisation (CSLS, Conneau et al. 2018; inverted softmax, Smith et al. 2017; QB-Norm,
+    Bogolin et al. 2022) with a querybank of the index's TRAINING questions only. Generic answers are hubs: near to
+    many questions, so a raw similarity overrates them. Per TF-IDF space (char, word; the ranker's own vectorizers,
+    fitted on the same pairs), columns (``cols``: groups ``qa`` and ``nb``, comma-free, e.g. ``cols=qa``):
+
+    - ``qa`` group: CSLS 2 cos(q, c) - r_q - r_c (r_c: mean cosine of c to its ``k`` nearest bank questions, r_q: of
+      q to its ``k`` nearest pool answers); r_c itself; the z-score and percentile of cos(q, c) among cos(b, c) over
+      the bank b; the log inverted softmax cos(q, c)/T - log sum_b exp(cos(b, c)/T);
+    - ``nb`` group: the ranker's ``path``, ``exact`` and ``reverse`` scores of (q, c) minus their mean over bank
+      questions b (each b scored leave-one-out: its own text removed from the index, as a held-out question), and
+      path's z-score. ``path`` for b is max over the union of b's ``topk`` answers by QP and c's ``topk`` nearest pool
+      answers (a close approximation of the max over the whole pool).
+    """
+
+    def __init__(self, cfg, k=10, temperature=0.05, topk=20, groups=("qa", "nb"), chunk=500):
+        self.cfg, self.k, self.t, self.topk, self.groups, self.chunk = cfg, k, temperature, topk, groups, chunk
+
+    def fit(self, questions, answers):
+        from chatforge.baselines.retrieval.ranker import SPACES
+
+        self.idx = FeatureIndex.fit(questions, answers, None, dataclasses.replace(self.cfg, ranker_pmi=False,
+                                                                               ranker_pair_lr=False))
+        self.spaces = SPACES
+        qs = self.idx.questions
+        first = {}
+        self.text_id = np.asarray([first.setdefault(q, len(first)) for q in qs])
+        self.bank_rows = np.unique(self.text_id, return_index=True)[1]  # one bank row per distinct question text
+        return self
+
+    def _bank_nb(self, space, s_cp, rtop):
+        from chatforge.baselines.retrieval.ranker import _softmax_rows
+
+        """Over bank questions b (leave-own-text-out): sums and squares of path(b, c) for each candidate row of
+        s_cp, and the mean of QP(b, p) per pool answer p."""
+        idx = self.idx
+        qvec = idx.question_vecs[space]
+        m, npool = s_cp.shape
+        ps, ps2, qsum = np.zeros(m), np.zeros(m), np.zeros(npool)
+        kmax, kmid = min(max(self.cfg.ranker_neighbours), len(idx.questions)), 20
+        u, nbmax_sum = np.zeros(npool), np.zeros(m)  # nbx: mean answer weights of nb20, sum of nbmax per candidate
+        rvals = np.take_along_axis(s_cp, rtop, 1)  # (m, R)
+        kk = min(self.topk, npool)
+        for s in range(0, len(self.bank_rows), self.chunk):
+            b = self.bank_rows[s:s + self.chunk]
+            sims = _dense_(qvec[b] @ qvec.T)
+            sims[self.text_id[b][:, None] == self.text_id[None, :]] = 0.0
+            qp = idx.per_answer_max(sims)  # (B, P)
+            if "nbx" in self.groups:
+                top_q = np.argpartition(-sims, kmax - 1, axis=1)[:, :kmax]
+                ts = np.take_along_axis(sims, top_q, 1)
+                o = np.argsort(-ts, axis=1, kind="stable")
+                top_q, ts = np.take_along_axis(top_q, o, 1), np.take_along_axis(ts, o, 1)
+                np.add.at(u, idx.answer_of[top_q[:, :kmid]], _softmax_rows(ts[:, :kmid], self.cfg.neighbour_temperature))
+                nbmax_sum += (s_cp[:, idx.answer_of[top_q]] * ts[None]).max(-1).sum(1)
+            qsum += qp.sum(0)
+            top = np.argpartition(-qp, kk - 1, axis=1)[:, :kk]  # (B, K)
+            tv = np.take_along_axis(qp, top, 1)
+            a = (s_cp[:, top] * tv[None]).max(-1)  # (m, B)
+            bb = (qp[:, rtop] * rvals[None]).max(-1).T  # (m, B)
+            path = np.maximum(a, bb)
+            ps += path.sum(1)
+            ps2 += (path * path).sum(1)
+        nb = len(self.bank_rows)
+        mu = ps / nb
+        self._nbx = (s_cp @ (u / nb), nbmax_sum / nb)  # bank means of nb20 and nbmax per candidate
+        return mu, np.sqrt(np.maximum(ps2 / nb - mu * mu, 0.0)), qsum / nb
+
+    def scores(self, questions, candidates):
+        from scipy.special import logsumexp
+
+        from chatforge.baselines.retrieval.ranker import _normalize
+
+        idx = self.idx
+        distinct = sorted({c for cs in candidates for c in cs})
+        cid = {c: i for i, c in enumerate(distinct)}
+        rows = [np.asarray([cid[c] for c in cs]) for cs in candidates]
+        pidx = np.asarray([idx.pool_id.get(c, -1) for c in distinct])
+        in_pool, safe = pidx >= 0, np.maximum(pidx, 0)
+        out = []
+        for space in self.spaces:
+            vec = idx.features.vectorizers[space]
+            qv, cv = _normalize(vec.transform(list(questions))), _normalize(vec.transform(distinct))
+            bank = idx.question_vecs[space][self.bank_rows]
+            s_qc = _dense_(qv @ cv.T)
+            if "qa" in self.groups:
+                s_cb = _dense_(cv @ bank.T)  # (m, Nb)
+                k = min(self.k, s_cb.shape[1])
+                r_c = -np.partition(-s_cb, k - 1, axis=1)[:, :k].mean(1)
+                s_qp = _dense_(qv @ idx.pool_vecs[space].T)
+                r_q = -np.partition(-s_qp, k - 1, axis=1)[:, :k].mean(1)
+                mu, sd = s_cb.mean(1), np.maximum(s_cb.std(1), 0.01)  # floor: word vectors can be all-zero
+                lse = logsumexp(s_cb / self.t, axis=1)
+                srt = np.sort(s_cb, 1) + 4.0 * np.arange(len(distinct))[:, None]  # rows offset: one searchsorted
+                flat = srt.ravel()
+                nb = s_cb.shape[1]
+            if "nb" in self.groups or "nbx" in self.groups:
+                from chatforge.baselines.retrieval.ranker import _softmax_rows
+
+                s_qq = _dense_(qv @ idx.question_vecs[space].T)
+                qp = idx.per_answer_max(s_qq)  # (n, P)
+                s_cp = _dense_(cv @ idx.pool_vecs[space].T)  # (m, P)
+                rk = min(self.cfg.ranker_reverse, s_cp.shape[1])
+                rtop = np.argpartition(-s_cp, rk - 1, axis=1)[:, :rk]
+                rw = _softmax_rows(np.take_along_axis(s_cp, rtop, 1), self.cfg.neighbour_temperature)
+                ptop = np.argpartition(-s_cp, min(self.topk, s_cp.shape[1]) - 1, axis=1)[:, :self.topk]
+                pmu, psd, qpmean = self._bank_nb(space, s_cp, ptop)
+                exact_mu = np.where(in_pool, qpmean[safe], 0.0)
+                rev_mu = (qpmean[rtop] * rw).sum(1)
+                if "nbx" in self.groups:
+                    kmax = min(max(self.cfg.ranker_neighbours), len(idx.questions))
+                    top_q = np.argpartition(-s_qq, kmax - 1, axis=1)[:, :kmax]
+                    ts = np.take_along_axis(s_qq, top_q, 1)
+                    o = np.argsort(-ts, axis=1, kind="stable")
+                    top_q, ts = np.take_along_axis(top_q, o, 1), np.take_along_axis(ts, o, 1)
+                    nb20_mu, nbmax_mu = self._nbx
+            feats = []
+            for i, r in enumerate(rows):
+                f = []
+                qa = s_qc[i, r]
+                if "qa" in self.groups:
+                    pct = (np.searchsorted(flat, qa + 4.0 * r, side="left") + np.searchsorted(flat, qa + 4.0 * r, side="right")
+                           - 2 * r * nb) / (2.0 * nb)  # mid-rank: ties (zeros) count half
+                    f += [2 * qa - r_q[i] - r_c[r], r_c[r], (qa - mu[r]) / sd[r], pct, qa / self.t - lse[r]]
+                if "nb" in self.groups:
+                    cp = s_cp[r]
+                    path = (qp[i][None, :] * cp).max(1)
+                    exact = np.where(in_pool[r], qp[i][safe[r]], 0.0)
+                    rev = (qp[i][rtop[r]] * rw[r]).sum(1)
+                    f += [path - pmu[r], (path - pmu[r]) / np.maximum(psd[r], 0.01), exact - exact_mu[r], rev - rev_mu[r]]
+                if "nbx" in self.groups:
+                    cp = s_cp[r]
+                    nb20 = cp[:, idx.answer_of[top_q[i, :20]]] @ _softmax_rows(ts[i, :20], self.cfg.neighbour_temperature)
+                    nbmax = (cp[:, idx.answer_of[top_q[i]]] * ts[i]).max(1)
+                    f += [nb20 - nb20_mu[r], nbmax - nbmax_mu[r]]
+                feats.append(np.stack(f, 1))
+            out.append(np.concatenate(feats))
+        return np.concatenate(out, 1)
+
+
+def _dense_(x):
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
 
 
 class _PairSeq2Seq(torch.nn.Module):
@@ -581,9 +730,12 @@ def r1(scores, lists):
     return np.asarray(ranks)
 
 
-def fit_signal(kind, opts, tq, ta, tl, ix):
-    """One extra signal, trained on the training pairs ``ix``."""
+def fit_signal(kind, opts, tq, ta, tl, ix, cfg=None):
+    """One extra signal, trained on the training pairs ``ix`` (``cfg``: the ranker's config, for ``hub``)."""
     q, a = _pick(tq, ix), _pick(ta, ix)
+    if kind == "hub":
+        return HubNorm(cfg, k=int(opts.get("k", 10)), temperature=float(opts.get("t", 0.05)),
+                       topk=int(opts.get("topk", 20)), groups=tuple(opts.get("cols", "qa.nb").split("."))).fit(q, a)
     if kind in ("label", "labelvec"):
         return LabelAgreement(kind == "labelvec").fit(q, a, _pick(tl, ix))
     if kind == "bilinear":
@@ -741,6 +893,8 @@ def main() -> None:
     ap.add_argument("--oof", action="store_true",
                     help="also rank each fold's training lists by a ranker fitted on the other folds' lists")
     ap.add_argument("--test", action="store_true", help="also report test (only for the final choice)")
+    ap.add_argument("--save-ranks", action="store_true",
+                    help="keep per-question ranks (out of fold and validation) in the results, for paired tests")
     ap.add_argument("--train-seed", type=int, default=None,
                     help="seed of the ranker's folds, training lists and trees (the benchmark lists keep the run's)")
     args = ap.parse_args()
@@ -785,14 +939,14 @@ def main() -> None:
                 opts = dict(kv.split("=") for kv in arg.split(";") if kv)
                 cols = []
                 for f in folds:
-                    sig = fit_signal(kind, opts, tq, ta, tl, f["inside"])
+                    sig = fit_signal(kind, opts, tq, ta, tl, f["inside"], cfg)
                     cols.append(sig.scores(f["hq"], f["lists"]))
                     if hasattr(sig, "train_seconds"):
                         fold_seconds.append(sig.train_seconds)
                 cols_train.append(np.concatenate(cols))
                 whole = cached_whole_scores(kind, opts, evals)
                 if whole is None:
-                    m = fit_signal(kind, opts, tq, ta, tl, np.arange(len(tq)))
+                    m = fit_signal(kind, opts, tq, ta, tl, np.arange(len(tq)), cfg)
                     whole = {key: m.scores(e["q"], e["lists"]) for key, e in evals.items()}
                 for key in evals:
                     cols_eval[key].append(whole[key])
@@ -814,6 +968,8 @@ def main() -> None:
             ranks = np.concatenate(ranks)
             res["train_oof_r1_of_20"] = round(float((ranks == 0).mean()), 4)
             res["train_oof_mrr_of_20"] = round(float((1.0 / (ranks + 1)).mean()), 4)
+            if args.save_ranks:
+                res["ranks_train_oof_of_20"] = ranks.astype(int).tolist()
         if fold_seconds:
             res["fold_train_seconds"] = fold_seconds
         for (name, k), e in evals.items():
@@ -823,6 +979,8 @@ def main() -> None:
             res[f"{name}_mrr_of_{k}"] = round(float((1.0 / (ranks + 1)).mean()), 4)
             res[f"{name}_r1_of_{k}_novel"] = float((ranks[e["novel"]] == 0).mean())
             res[f"{name}_r1_of_{k}_in_pool"] = float((ranks[~e["novel"]] == 0).mean())
+            if args.save_ranks:
+                res[f"ranks_{name}_of_{k}"] = ranks.astype(int).tolist()
             if extra_eval:  # the extra signal alone
                 ranks = r1(extra_eval[(name, k)][:, 0], e["lists"])
                 res[f"{name}_r1_of_{k}_feature_alone"] = float((ranks == 0).mean())
