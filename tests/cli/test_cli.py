@@ -273,3 +273,17 @@ def test_config_check_resolves_the_model_section_and_round_trips_for_every_shipp
         again = load_config(printed)
         assert again.model.family_config() == cfg.model.family_config(), path.name
         assert again.resolved_dict() == cfg.resolved_dict(), path.name
+
+
+def test_train_interrupted_says_how_to_continue(tmp_path, monkeypatch):
+    import chatforge.training.run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run_experiment", interrupted)
+    r = runner.invoke(app, ["train", str(REPO / "configs" / "demo.yaml"), "--run-dir", str(tmp_path / "run"),
+                            "--no-progress"])
+    assert r.exit_code == 130
+    assert f"interrupted; the last checkpoint is in {tmp_path / 'run'}" in r.output
+    assert f"chatforge train --resume {tmp_path / 'run'}" in r.output

@@ -137,6 +137,12 @@ def test_from_path_missing_files(tmp_path):
         download("chatbot-kr", tmp_path / "d", from_path=empty)
     with pytest.raises(DataError, match=r"is not a folder"):
         download("chatbot-kr", tmp_path / "d", from_path=tmp_path / "missing")
+    assert not (tmp_path / "d").exists()  # a failed download leaves no empty folders behind
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    with pytest.raises(DataError):
+        download("chatbot-kr", kept, from_path=empty)
+    assert kept.is_dir() and list(kept.iterdir()) == []  # a folder that was there stays
 
 
 # --- over HTTP (a local server; no internet) --------------------------------------------------

@@ -102,3 +102,21 @@ def test_tracked_run_logs_params_features_metrics_artifacts_tags(tmp_path, monke
     assert {"bundle", "metrics.json", "config.yaml"} <= names
     assert {a.path for a in client.list_artifacts(run_id, "bundle")} >= {"bundle/weights.safetensors"}
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # the explicit URI, not the default location
+
+
+@pytest.mark.slow
+def test_a_run_stopped_with_ctrl_c_is_killed_in_mlflow_not_failed(tmp_path, monkeypatch):
+    from chatforge.training.trainer import Callback
+
+    class CtrlC(Callback):
+        def on_step_end(self, trainer, step, logs):
+            raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(validate_config(_tree(tmp_path, uri)), run_dir=tmp_path / "runs" / "r1", callbacks=[CtrlC()])
+    from mlflow.tracking import MlflowClient
+
+    [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("tracked").experiment_id])
+    assert run.info.status == "KILLED"

@@ -147,6 +147,10 @@ def train(
             result = run_experiment(cfg, callbacks=callbacks, run_dir=run_dir)
     except (ConfigError, DataError, TokenizerError, TaskDataError, CheckpointError, ValueError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        where = resume if resume is not None else run_dir
+        _fail("interrupted" + (f"; the last checkpoint is in {where}: continue with chatforge train --resume {where}"
+                               if where is not None else "; continue with chatforge train --resume RUN_DIR"), code=130)
     if launched_distributed() and os.environ.get("RANK", "0") != "0":
         return
     m = result.metrics

@@ -248,14 +248,24 @@ def download(
     """
     spec = get_spec(name)
     folder = Path(dest_dir) / spec.folder
+    # Folders this call makes: removed again (when still empty) if it fails, so a failed download leaves nothing
+    made = [d for d in (folder, *folder.parents) if not d.exists()]
     folder.mkdir(parents=True, exist_ok=True)
-    source = _source_folder(spec, Path(from_path)) if from_path is not None else None
-    for file in spec.files:
-        if source is not None:
-            _copy(file, source, folder, progress)
-            continue
-        target = folder / file.name
-        if not _already_there(target, file.sha256):
-            _fetch(file, target, timeout, progress)
+    try:
+        source = _source_folder(spec, Path(from_path)) if from_path is not None else None
+        for file in spec.files:
+            if source is not None:
+                _copy(file, source, folder, progress)
+                continue
+            target = folder / file.name
+            if not _already_there(target, file.sha256):
+                _fetch(file, target, timeout, progress)
+    except BaseException:
+        for d in made:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:  # not empty (a file of this data set was written) or not ours to remove
+                break
+        raise
     logger.info("dataset %s ready in %s", name, folder)
     return folder

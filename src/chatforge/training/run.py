@@ -487,8 +487,9 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
                       init_report, run_dir, oos_data=oos_data)
     except BaseException as e:
         if tracker is not None:
-            # An Optuna prune is a deliberate stop, not a failure.
-            tracker.end("KILLED" if type(e).__name__ == "TrialPruned" else "FAILED")
+            # An Optuna prune or Ctrl-C is a deliberate stop, not a failure (MLflow's KILLED).
+            tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "TrialPruned"
+                        else "FAILED")
         raise
     if tracker is not None:
         log_run_outputs(tracker, run_dir, out.metrics, log_bundle=cfg.tracking.log_bundle)
