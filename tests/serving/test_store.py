@@ -305,10 +305,10 @@ def test_close_during_an_outage_gives_up_after_its_timeout(tmp_path):
 def test_a_sqlite_file_that_cannot_be_opened_still_fails_at_start(tmp_path):
     """An unreachable server database is waited for; a local file that cannot be made is a configuration
     error and stops start-up, as before."""
-    from sqlalchemy.exc import OperationalError
+    from chatforge.serving.store import StoreConfigError
 
     (tmp_path / "conv.db").mkdir()  # a directory where the database file should be
-    with pytest.raises(OperationalError, match="unable to open database file"):
+    with pytest.raises(StoreConfigError, match="cannot be used: OperationalError: unable to open database file"):
         ConversationStore(f"sqlite:///{tmp_path / 'conv.db'}")
 
 
@@ -475,3 +475,30 @@ def test_a_sqlite_file_that_was_read_only_is_written_once_it_is_writable_again(t
         assert store.available and store.written == 1 and store.count() == 1
     finally:
         store.close(timeout=1)
+
+
+def test_another_applications_turns_table_is_refused_not_altered(tmp_path):
+    """Before: pointed at a database whose "turns" table belongs to something else, the server added its columns."""
+    from contextlib import closing
+
+    from chatforge.serving.store import NotAConversationStore
+
+    path = tmp_path / "game.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE turns (id INTEGER PRIMARY KEY, player TEXT, score INTEGER)")
+        conn.commit()
+    with pytest.raises(NotAConversationStore, match="lacks created_at, reply, request_id, session_id, user_text"):
+        ConversationStore(f"sqlite:///{path}")
+    with closing(sqlite3.connect(path)) as conn:
+        assert [r[1] for r in conn.execute("PRAGMA table_info(turns)")] == ["id", "player", "score"]
+
+
+def test_a_file_that_is_not_a_database_is_one_clear_error(tmp_path):
+    """Before: `chatforge serve` printed sqlite3's traceback."""
+    from chatforge.serving.store import StoreConfigError
+
+    path = tmp_path / "notes.db"
+    path.write_text("shopping list, not a database\n" * 100)
+    with pytest.raises(StoreConfigError, match=r"cannot be used: DatabaseError: file is not a database"):
+        ConversationStore(f"sqlite:///{path}")
+    assert path.read_text().startswith("shopping list")

@@ -189,7 +189,12 @@ class ConversationStore:
             # outage like any other: serve, queue the turns, make the schema when it answers.
             if self.engine.dialect.name == "sqlite" or not is_outage(e):
                 self.engine.dispose()
-                raise
+                if isinstance(e, (ValueError, OSError)):  # NotAConversationStore, a folder that cannot be made
+                    raise
+                # e.g. a file that is not a SQLite database: one line naming the store and why, not a traceback
+                reason = getattr(e, "orig", None) or e
+                raise StoreConfigError(f"conversation store {_safe_url(url)} cannot be used: "
+                                       f"{type(reason).__name__}: {reason} (CHATFORGE_STORE_URL names it)") from e
             self._outage_started(e, at_start=True)
         self._queue: queue.Queue[Turn | None] = queue.Queue(maxsize=queue_size)
         self._cond = threading.Condition()
@@ -379,6 +384,8 @@ class ConversationStore:
                         metadata.create_all(self.engine)
                         _add_missing_columns(self.engine, self._locked)
                         break
+                    except NotAConversationStore:
+                        raise
                     except Exception:
                         # Another process opening the same database (a second server on the one SQLite file, replicas
                         # starting together on one PostgreSQL) made the table or a column between our look and our
@@ -502,7 +509,11 @@ class ConversationStore:
         return _write_export(path, format, self.iter_rows(since))
 
 
-class NotAConversationStore(Exception):
+class StoreConfigError(ValueError):
+    """The store's database cannot be used at all (not a database, not ours): a configuration error at start-up."""
+
+
+class NotAConversationStore(StoreConfigError):
     """The database has no conversation table (``turns`` with at least ``id`` and ``created_at``)."""
 
 
@@ -573,12 +584,20 @@ def _write_export(path: str | os.PathLike[str], format: str, rows: Iterator[dict
     return n
 
 
+# Columns every chatforge store has had since the first version: a "turns" table without them belongs to something else
+_FIRST_COLUMNS = frozenset({"id", "created_at", "session_id", "request_id", "user_text", "reply"})
+
+
 def _add_missing_columns(engine: Engine, locked) -> None:
     """Bring a store made by an older chatforge up to this schema: every column added since is nullable,
     so ``ALTER TABLE ... ADD COLUMN`` (one transaction) migrates it in place and old rows read as None.
     Only additions are ever made to ``turns``; a rename or type change would need a real migration tool."""
     with locked(), engine.begin() as conn:
         present = {c["name"] for c in inspect(conn).get_columns(turns.name)}
+        if not _FIRST_COLUMNS <= present:  # another application's "turns": never altered
+            raise NotAConversationStore(
+                f"the {turns.name!r} table of {_safe_url(str(engine.url))} is not a conversation table (it lacks "
+                f"{', '.join(sorted(_FIRST_COLUMNS - present))}); give the store a database of its own")
         missing = [c for c in turns.columns if c.name not in present]
         for column in missing:
             kind = column.type.compile(dialect=engine.dialect)
