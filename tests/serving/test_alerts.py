@@ -19,12 +19,14 @@ class Receiver:
         self.requests: list[tuple[str, dict[str, str], dict]] = []
         self.status = status
         self.hold: threading.Event | None = None  # when set, replies wait for it (to force client timeouts)
+        self.arrived = threading.Semaphore(0)  # released once per request received
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append((self.path, dict(self.headers), body))
+                outer.arrived.release()
                 if outer.hold is not None:
                     outer.hold.wait(10)
                 self.send_response(outer.status)
@@ -125,18 +127,42 @@ def test_slack_payload_shape(receiver, clock):
     assert any(f":{RAISE_LINE} in _fail" in b["text"]["text"] for b in attachment["blocks"])
 
 
-def test_fifty_identical_exceptions_one_post_with_count(receiver, clock):
+def test_fifty_identical_exceptions_the_first_at_once_then_one_post_with_the_count(receiver, clock):
     m = _manager(receiver.url, clock)
-    for _ in range(50):
-        m.alert_exception(_caught(), rpc="Chat")
+    m.alert_exception(_caught(), rpc="Chat")
+    assert receiver.arrived.acquire(timeout=10)  # critical: sent without waiting for the window (the clock stands)
+    for _ in range(49):
         clock.now += 0.5  # all inside the 60 s window
-    assert m.poll() == 0  # window still open: nothing sent yet
+        m.alert_exception(_caught(), rpc="Chat")
+    assert m.poll() == 0  # window still open: the repeats wait
     m.close()
-    assert len(receiver.requests) == 1
-    body = receiver.bodies[0]
-    assert "(x50)" in body["body"]
-    assert "occurrences: 50" in body["connectInfo"][0]["description"]
-    assert m.sent == 1
+    assert len(receiver.requests) == 2
+    first, repeats = receiver.bodies
+    assert "(x" not in first["body"] and "more)" not in first["body"]
+    assert "(49 more)" in repeats["body"]
+    assert "occurrences after the first (already sent): 49 in 24s" in repeats["connectInfo"][0]["description"]
+    assert m.sent == 2
+
+
+def test_a_critical_alert_that_does_not_repeat_is_sent_once(receiver, clock):
+    m = _manager(receiver.url, clock)
+    m.alert_exception(_caught())
+    clock.now += 61
+    assert m.poll() == 0  # its follow-up bucket held no repeats: nothing more to say
+    m.close()
+    assert len(receiver.requests) == 1 and m.sent == 1
+
+
+def test_warnings_are_still_held_for_the_window_and_sent_once(receiver, clock):
+    m = _manager(receiver.url, clock)
+    for _ in range(3):
+        assert m.check_latency_p99(2.5, 1.0)  # a warning
+    clock.now += 30
+    assert m.poll() == 0 and receiver.requests == []
+    clock.now += 31
+    assert m.poll() == 1
+    m.close()
+    assert len(receiver.requests) == 1 and "(x3)" in receiver.bodies[0]["body"]
 
 
 def test_window_elapses_then_new_bucket(receiver, clock):
@@ -146,11 +172,12 @@ def test_window_elapses_then_new_bucket(receiver, clock):
     clock.now += 30
     assert m.poll() == 0
     clock.now += 31
-    assert m.poll() == 1
+    assert m.poll() == 1  # the follow-up with the 2 repeats
     assert m.flush(timeout=5)
-    m.alert_exception(_caught())  # after the window: a fresh alert
+    m.alert_exception(_caught())  # after the window: a fresh alert, sent at once
     m.close()
-    assert ["(x3)" in b["body"] for b in receiver.bodies] == [True, False]
+    assert [("(2 more)" in b["body"], "more)" in b["body"]) for b in receiver.bodies] == [
+        (False, False), (True, True), (False, False)]
 
 
 def test_different_lines_are_different_alerts(receiver, clock):
@@ -239,7 +266,8 @@ def test_rule_helpers(receiver, clock):
         m.watcher_stopped("/models", SystemExit(3))
     titles = sorted(b["connectInfo"][0]["title"] for b in receiver.bodies)
     assert titles == sorted([
-        "error rate above threshold", "p99 latency above threshold", "model 'gpt-tiny' failed to load",
+        "error rate above threshold", "error rate above threshold", "p99 latency above threshold",
+        "model 'gpt-tiny' failed to load",
         "health of chatforge.v1.Chatbot is NOT_SERVING", "model directory: faq cannot be resolved",
         "model directory watcher stopped",
     ])
@@ -247,8 +275,8 @@ def test_rule_helpers(receiver, clock):
     assert "pinned to version '9'" in pin["connectInfo"][0]["description"]
     stop = next(b for b in receiver.bodies if "watcher stopped" in b["body"])
     assert "/models" in stop["connectInfo"][0]["description"] and "SystemExit(3)" in stop["connectInfo"][0]["description"]
-    rate = next(b for b in receiver.bodies if b["connectInfo"][0]["title"].startswith("error rate"))
-    assert "(x2)" in rate["body"]
+    rate = [b for b in receiver.bodies if b["connectInfo"][0]["title"].startswith("error rate")]
+    assert ["(1 more)" in b["body"] for b in rate] == [False, True]  # critical: the first at once, then the repeat
     load = next(b for b in receiver.bodies if "failed to load" in b["body"])
     assert "weights.safetensors missing" in load["connectInfo"][0]["description"]
 

@@ -6,15 +6,17 @@ An alert never blocks or fails the caller: ``alert_*`` methods only update an in
 bucket under a lock; a daemon thread POSTs with ``urllib`` and a timeout, and a failing
 or slow webhook is logged, never raised.
 
-Deduplication (aggregate, then send once)
------------------------------------------
+Deduplication (critical: send the first at once, then aggregate; others: aggregate, then send once)
+-------------------------------------------------------------------------------------------------
 Alerts with the same key (for exceptions: type + file + line) are collected into one
 bucket. The bucket opens at the first occurrence and is sent when ``window_seconds`` have
 passed since then, as a single message saying how many times it happened; the next
-occurrence after that opens a new bucket. So a crash loop that raises 50 identical
-exceptions in a window costs exactly one POST, "occurred 50 times", at the price of the
-first alert arriving up to one window late (``window_seconds=0`` sends at once, no
-dedupe). :meth:`AlertManager.flush` sends every open bucket now (shutdown, tests);
+occurrence after that opens a new bucket. A *critical* alert is not held that long: its
+first occurrence is sent at once, and its bucket collects only the repeats, sent at the end
+of the window as one follow-up ("49 more in 58 s"), or not at all when there were none. So a
+crash loop that raises 50 identical exceptions in a window costs two POSTs, the first within
+a tick, and a warning or info alert (a p99 breach, a health flip back to SERVING) one,
+up to a window late (``window_seconds=0`` sends everything at once, no dedupe). :meth:`AlertManager.flush` sends every open bucket now (shutdown, tests);
 :meth:`AlertManager.poll` sends the due ones (the worker calls it about every
 ``tick_seconds``). Time comes from an injectable ``clock`` so tests drive windows without
 sleeping.
@@ -30,7 +32,7 @@ import time
 import traceback
 import urllib.request
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from chatforge.serving.observability import mask_secrets
@@ -61,14 +63,22 @@ class Alert:
     last_seen: float = 0.0
     window_seconds: float = 0.0
     fields: dict[str, str] = field(default_factory=dict)
+    # The repeats of a critical alert whose first occurrence was already sent: ``count`` counts only them
+    follow_up: bool = False
 
     def headline(self, server_name: str) -> str:
-        times = f" (x{self.count})" if self.count > 1 else ""
+        if self.follow_up:
+            times = f" ({self.count} more)"
+        else:
+            times = f" (x{self.count})" if self.count > 1 else ""
         return f"[{server_name}] {self.severity.upper()}: {self.title}{times}"
 
     def full_description(self) -> str:
         text = self.description
-        if self.count > 1:
+        if self.follow_up:
+            text += f"\noccurrences after the first (already sent): {self.count} in " \
+                    f"{self.last_seen - self.first_seen:.0f}s (window {self.window_seconds:.0f}s)"
+        elif self.count > 1:
             text += f"\noccurrences: {self.count} in {self.last_seen - self.first_seen:.0f}s " \
                     f"(window {self.window_seconds:.0f}s)"
         return text
@@ -245,11 +255,27 @@ class AlertManager:
             if bucket is None:
                 alert.first_seen = alert.last_seen = now
                 alert.window_seconds = self.window_seconds
-                self._pending[alert.key] = alert
+                if alert.severity == "critical" and self.window_seconds > 0:
+                    # Sent now; its repeats within the window collect in a follow-up bucket
+                    self._pending[alert.key] = replace(alert, count=0, follow_up=True)
+                    self._enqueue(alert)
+                else:
+                    self._pending[alert.key] = alert
             else:
                 bucket.count += 1
                 bucket.last_seen = now
         self.poll()
+
+    def _enqueue(self, alert: Alert) -> bool:
+        """Queue ``alert`` for the worker (the caller holds the lock); False when the queue is full."""
+        try:
+            self._queue.put_nowait(alert)
+        except queue.Full:
+            self.dropped += 1
+            log.warning("alert queue full; alert dropped", extra={"alert": alert.title})
+            return False
+        self._outstanding += 1
+        return True
 
     def poll(self) -> int:
         """Queue for sending every bucket whose window has elapsed; returns how many."""
@@ -264,14 +290,10 @@ class AlertManager:
                 if not force and now - alert.first_seen < self.window_seconds:
                     continue
                 del self._pending[key]
-                try:
-                    self._queue.put_nowait(alert)
-                except queue.Full:
-                    self.dropped += 1
-                    log.warning("alert queue full; alert dropped", extra={"alert": alert.title})
-                    continue
-                self._outstanding += 1
-                promoted += 1
+                if alert.follow_up and alert.count == 0:
+                    continue  # a critical alert that did not repeat: its first occurrence said it all
+                if self._enqueue(alert):
+                    promoted += 1
         return promoted
 
     def flush(self, timeout: float = 10.0) -> bool:
