@@ -105,13 +105,20 @@ class ReplyPolicy:
             raise PolicyError(f"reply policy file not found: {p}")
         return cls.from_dict(yaml.safe_load(p.read_text(encoding="utf-8")) or {}, source=str(p))
 
-    def check_hosted(self, classifiers: Any, retrievers: Any, has_generator: bool) -> None:
-        """Fail at startup, naming what is missing, when the policy names a model that is not hosted."""
+    def check_hosted(self, classifiers: Any, retrievers: Any, has_generator: bool, generators: Any = ()) -> None:
+        """Fail at startup, naming what is missing, when the policy names a model that is not hosted, or one
+        hosted for another task (a classifier named as the retriever is hosted, but cannot retrieve)."""
+        tasks = {**{n: "generation" for n in generators}, **{n: "classification" for n in classifiers},
+                 **{n: "selection" for n in retrievers}}
+
+        def why(name: str) -> str:
+            return f"is a {tasks[name]} model" if name in tasks else "is not hosted"
+
         if self.classifier is not None and self.classifier not in classifiers:
-            raise PolicyError(f"policy classifier {self.classifier!r} is not hosted; classifiers: "
+            raise PolicyError(f"policy classifier {self.classifier!r} {why(self.classifier)}; classifiers: "
                               f"{', '.join(classifiers) or 'none'}")
         if self.retriever is not None and self.retriever not in retrievers:
-            raise PolicyError(f"policy retriever {self.retriever!r} is not hosted; selection models: "
+            raise PolicyError(f"policy retriever {self.retriever!r} {why(self.retriever)}; selection models: "
                               f"{', '.join(retrievers) or 'none'}")
         if self.generate and not has_generator:
             raise PolicyError("policy generate: true needs a hosted generation model; host one or set generate: false")
