@@ -187,3 +187,20 @@ def test_from_bundles_sorts_models_by_protocol(monkeypatch, tmp_path):
     assert list(engine.generators) == ["gen"] and list(engine.classifiers) == ["clf"]
     assert loaded["clf"] == tmp_path / "c"
     assert engine.max_input_chars == 50
+
+
+def test_the_character_limit_counts_decomposed_korean_as_composed():
+    """Before: NFD Hangul (2-3 letters per syllable) was refused at a third of the composed length."""
+    import unicodedata
+
+    engine = Engine({"gen": FakeGenerator("gen")}, {}, max_input_chars=10)
+    try:
+        composed = "결혼하면 좋을까요"  # 9 characters
+        decomposed = unicodedata.normalize("NFD", composed)
+        assert len(decomposed) > 10
+        engine.check_text(composed)
+        engine.check_text(decomposed)  # the same 9 characters, spelt in letters
+        with pytest.raises(InvalidRequestError, match="is 12 characters long; allowed: at most 10"):
+            engine.check_text(unicodedata.normalize("NFD", "결혼하면 좋을까요???"))
+    finally:
+        engine.close()

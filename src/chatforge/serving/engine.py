@@ -32,6 +32,7 @@ import json
 import logging
 import threading
 import time
+import unicodedata
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -501,9 +502,12 @@ class Engine:
             raise InvalidRequestError(f"{field} must be a string, got {type(text).__name__}")
         if not text.strip():
             raise InvalidRequestError(f"{field} is empty; allowed: 1 to {self.max_input_chars} characters")
-        if len(text) > self.max_input_chars:
+        # Counted composed (NFC): decomposed Hangul (NFD, as some systems send it) spells each syllable in 2-3
+        # letters, and every model reads it composed.
+        if len(text) > self.max_input_chars and len(unicodedata.normalize("NFC", text)) > self.max_input_chars:
             raise InvalidRequestError(
-                f"{field} is {len(text)} characters long; allowed: at most {self.max_input_chars}"
+                f"{field} is {len(unicodedata.normalize('NFC', text))} characters long; allowed: at most "
+                f"{self.max_input_chars}"
             )
         check_unicode(text, field)
 
