@@ -9,7 +9,7 @@ import pytest
 from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
 
 from chatforge.inference import ModelInfo
-from chatforge.serving.engine import Engine, ModelNotFoundError, ReplyDone
+from chatforge.serving.engine import Engine, InvalidRequestError, ModelNotFoundError, ReplyDone
 from chatforge.serving.policy import PolicyError, ReplyPolicy
 from chatforge.v1 import chatbot_pb2 as pb
 from chatforge.v1 import chatbot_pb2_grpc
@@ -174,3 +174,27 @@ async def _reply_named(engine: Engine, text: str, model: str) -> tuple[str, Repl
         else:
             parts.append(item.text)
     return "".join(parts), done
+
+
+def test_a_message_too_long_for_the_generator_gets_the_fallback_not_an_error():
+    """Before: the hybrid answered a long message when retrieval scored high, and refused the same length with
+    INVALID_ARGUMENT when it scored low (the generator's input limit); now the low-score case gets the fallback."""
+    doc = {"fallback_reply": FALLBACK, "retriever": "selector", "retrieval_threshold": 1.0}
+    engine = Engine({"echo": FakeGenerator(max_input_tokens=4)}, {}, retrievers={"selector": FakeSelector()},
+                    policy=ReplyPolicy.from_dict(doc), continuous_batching=False)
+    try:
+        long_text = "tell me a very long story about the sea"  # 9 tokens for the fake generator
+        got, done = asyncio.run(_reply(engine, long_text))
+        assert (got, done.path, done.finish_reason) == (FALLBACK, "fallback", "fallback")
+        assert (done.model, done.version) == ("selector", "7") and done.path_score == pytest.approx(0.2)
+        got, done = asyncio.run(_reply(engine, long_text + " weather"))  # retrieval still answers when it clears
+        assert (got, done.path) == ("맑아요.", "retrieval")
+        assert asyncio.run(_reply(engine, "short story"))[1].path == "generation"
+    finally:
+        engine.close()
+    plain = Engine({"echo": FakeGenerator(max_input_tokens=4)}, {}, continuous_batching=False)
+    try:  # without a policy the generator's limit is the caller's error, as before
+        with pytest.raises(InvalidRequestError, match="accepts at most 4 input tokens"):
+            asyncio.run(_reply(plain, long_text))
+    finally:
+        plain.close()

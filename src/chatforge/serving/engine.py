@@ -640,7 +640,20 @@ class Engine:
         else:
             n_prompt = slot.model.count_tokens(text)
             prompt, detok = [], None
-        self._check_tokens(n_prompt, slot.name, slot.model.max_input_tokens)
+        try:
+            self._check_tokens(n_prompt, slot.name, slot.model.max_input_tokens)
+        except InvalidRequestError:
+            if path != "generation" or self.policy is None:
+                raise
+            # The policy sent a message the generator cannot take (too many tokens) that the server accepts and
+            # that retrieval would have answered had it scored higher: the policy's fallback reply, as when no
+            # path can answer, rather than an error that depends on the retrieval score.
+            owner = self.policy.retriever or self.policy.classifier or slot.name
+            version = (self.retrievers[owner].version if owner in self.retrievers else
+                       self._classifiers[owner].version if owner in self._classifiers else slot.version)
+            yield TokenDelta(token_id=-1, text=self.policy.fallback_reply)
+            yield ReplyDone("fallback", 0, 0, owner, version, intent, intent_score, "fallback", path_score)
+            return
         n_context = 0
         if encode_prompt is not None:
             # The message fits (checked above); earlier turns fill what is left of the model's input.
