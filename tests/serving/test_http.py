@@ -641,3 +641,17 @@ def test_a_stop_sequence_in_a_generated_reply_keeps_the_pipelines_metadata(tmp_p
     assert (rows["cut"]["intent"], rows["cut"]["intent_score"]) == (rows["plain"]["intent"],
                                                                     rows["plain"]["intent_score"])
     store.close()
+
+
+def test_a_stop_sequence_sent_decomposed_matches_the_composed_reply():
+    """Before: a stop sequence in NFD Hangul (letters) never matched a reply, which is composed (syllables)."""
+    import unicodedata
+
+    gen = FakeGenerator("ko", tokens=("안녕", "하세요", " 반가워요", "!"))
+    with ServerThread(Engine({"ko": gen}, {}), http_port=0) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            r = http.post("/v1/chat/completions", json=chat(["hi"], stop=[unicodedata.normalize("NFD", " 반가")]))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "안녕하세요"
+    assert r.json()["choices"][0]["finish_reason"] == "stop"

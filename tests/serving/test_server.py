@@ -345,6 +345,24 @@ def test_loader_failure_shuts_the_server_down_with_the_error():
     assert st.server.engine is None
 
 
+@pytest.mark.parametrize(("error", "traceback"), [
+    (ValueError("policy retriever 'intent' is a classification model"), False),  # configuration: its message
+    (RuntimeError("CUDA driver exploded"), True),  # anything else: the traceback is the clue
+])
+def test_a_configuration_error_at_load_is_logged_without_a_traceback(error, traceback, caplog):
+    import logging
+
+    def broken_loader():
+        raise error
+
+    caplog.set_level(logging.ERROR, logger="chatforge.serving.server")
+    with ServerThread(broken_loader) as st:
+        st.join()
+    [record] = [r for r in caplog.records if r.getMessage().startswith("loading the models failed")]
+    assert (record.exc_info is not None) is traceback
+    assert str(error) in record.getMessage() or traceback
+
+
 def test_run_server_needs_bundles():
     from chatforge.serving.server import ServerConfig
 

@@ -29,6 +29,7 @@ import re
 import socket
 import ssl
 import time
+import unicodedata
 from collections.abc import Callable
 from contextlib import aclosing
 from datetime import datetime
@@ -562,7 +563,8 @@ def stop_sequences(stop: str | list[str] | None) -> list[str]:
         if not s:
             raise FieldError(field, "a stop sequence is empty; allowed: non-empty strings")
         check_unicode(s, field)
-    return stops
+    # Composed (NFC), as replies are: a stop sequence sent decomposed (NFD Hangul) would otherwise never match
+    return [unicodedata.normalize("NFC", s) for s in stops]
 
 
 class StopMatcher:

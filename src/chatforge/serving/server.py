@@ -342,7 +342,12 @@ class ChatbotServer:
             and self._load_task.exception() is not None
         ):
             load_error = self._load_task.exception()
-            logger.error("loading the models failed; shutting down", exc_info=load_error)
+            if isinstance(load_error, (ValueError, FileNotFoundError)):
+                # A configuration error (a bad pin, a policy naming a model of another task, a store that is not
+                # one): its message says it all, and `chatforge serve` prints it as one line; no traceback
+                logger.error("loading the models failed; shutting down: %s", load_error)
+            else:
+                logger.error("loading the models failed; shutting down", exc_info=load_error)
         else:
             await self._shutdown_requested.wait()
         stop_wait.cancel()
