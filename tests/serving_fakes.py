@@ -417,3 +417,13 @@ if __name__ == "__main__":
         _drain_child_main(sys.argv[1], sys.argv[3], sys.argv[4])
     else:
         _child_main(sys.argv[1])
+
+
+def watched_directory(root, loader, **watcher_kwargs):
+    """(engine, watcher) over the model directory at ``root``, loaded with ``loader``; the watcher is not started
+    (tests drive ``check_once``), and its other callbacks come from ``watcher_kwargs``."""
+    from chatforge.serving.repository import ModelDirectory, ModelDirectoryWatcher
+
+    directory = ModelDirectory(root)
+    engine = directory.load_engine(loader=loader)
+    return engine, ModelDirectoryWatcher(engine, directory, poll_interval=60, loader=loader, **watcher_kwargs)

@@ -216,6 +216,17 @@ def _check_readable(path: Path) -> None:
             raise _permission_denied(path, e.filename or path)
 
 
+def read_bundle_task(path: str | Path) -> str | None:
+    """A bundle folder's task as its ``metadata.json`` records it, without loading anything else; None when the
+    file is missing or unreadable (loading the bundle then says why)."""
+    try:
+        meta = json.loads((Path(path) / METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    task = meta.get("task") if isinstance(meta, dict) else None
+    return task if isinstance(task, str) else None
+
+
 def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
     path = Path(path)
     try:

@@ -10,7 +10,7 @@ import os
 import threading
 
 import pytest
-from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator
+from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, watched_directory
 
 from chatforge.serving.repository import ModelDirectory, ModelDirectoryWatcher
 
@@ -72,11 +72,8 @@ def served(tmp_path):
     """(root, loader, engine, watcher, alerts) over root/chat/1, a generator."""
     _bundle(tmp_path / "chat" / "1")
     loader = Loader()
-    directory = ModelDirectory(tmp_path)
-    engine = directory.load_engine(loader=loader)
     alerts: list[tuple[str, BaseException]] = []
-    watcher = ModelDirectoryWatcher(engine, directory, poll_interval=60, loader=loader,
-                                    on_load_error=lambda name, e: alerts.append((name, e)))
+    engine, watcher = watched_directory(tmp_path, loader, on_load_error=lambda name, e: alerts.append((name, e)))
     try:
         yield tmp_path, loader, engine, watcher, alerts
     finally:
@@ -273,12 +270,9 @@ def test_a_wrong_task_version_is_refused_from_its_metadata_without_loading_its_w
 
 def test_a_bad_pin_is_reported_once_per_distinct_problem(tmp_path):
     _bundle(tmp_path / "chat" / "1")
-    loader = Loader()
-    directory = ModelDirectory(tmp_path)
-    engine = directory.load_engine(loader=loader)
     problems: list[tuple[str, str]] = []
-    watcher = ModelDirectoryWatcher(engine, directory, poll_interval=60, loader=loader,
-                                    on_problem=lambda name, message: problems.append((name, message)))
+    engine, watcher = watched_directory(tmp_path, Loader(),
+                                        on_problem=lambda name, message: problems.append((name, message)))
     try:
         (tmp_path / "chat" / "PINNED").write_text("7\n")
         for _ in range(3):

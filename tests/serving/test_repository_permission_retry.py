@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-from tests.serving_fakes import FakeGenerator
+from tests.serving_fakes import FakeGenerator, watched_directory
 
-from chatforge.serving.repository import ModelDirectory, ModelDirectoryWatcher, folder_fingerprint
+from chatforge.serving.repository import folder_fingerprint
 
 FILES = ("config.yaml", "metadata.json", "weights.safetensors", "tokenizer.model")
 
@@ -41,11 +41,8 @@ def test_a_chmod_changes_the_fingerprint(tmp_path):
 
 def test_a_version_refused_for_its_permissions_is_retried_after_the_chmod_the_error_advises(tmp_path):
     _bundle(tmp_path / "chat" / "1")
-    directory = ModelDirectory(tmp_path)
-    engine = directory.load_engine(loader=_loader)
     failures = []
-    watcher = ModelDirectoryWatcher(engine, directory, poll_interval=60, loader=_loader,
-                                    on_load_error=lambda name, e: failures.append(name))
+    engine, watcher = watched_directory(tmp_path, _loader, on_load_error=lambda name, e: failures.append(name))
     try:
         v2 = _bundle(tmp_path / "chat" / "2", mode=0o600)
         assert watcher.check_once() == [] and failures == ["chat"]

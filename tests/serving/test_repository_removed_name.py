@@ -8,9 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 
-from tests.serving_fakes import FakeGenerator
-
-from chatforge.serving.repository import ModelDirectory, ModelDirectoryWatcher
+from tests.serving_fakes import FakeGenerator, watched_directory
 
 LOGGER = "chatforge.serving.repository"
 
@@ -25,11 +23,8 @@ def test_a_model_whose_versions_were_all_removed_is_reported_once_and_keeps_serv
     caplog.set_level(logging.INFO, logger=LOGGER)
     for name in ("chat", "other"):
         (tmp_path / name / "1").mkdir(parents=True)
-    directory = ModelDirectory(tmp_path)
-    engine = directory.load_engine(loader=_loader)
     problems = []
-    watcher = ModelDirectoryWatcher(engine, directory, poll_interval=60, loader=_loader,
-                                    on_problem=lambda name, message: problems.append(name))
+    engine, watcher = watched_directory(tmp_path, _loader, on_problem=lambda name, message: problems.append(name))
     try:
         shutil.rmtree(tmp_path / "chat" / "1")
         for _ in range(3):

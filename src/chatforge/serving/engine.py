@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge import inference, runtime
+from chatforge.bundle import read_bundle_task
 from chatforge.context import CONTEXT_ROLES, MAX_CONTEXT_TURNS
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import ClassPrediction, ModelInfo, ReplyGenerator, TextClassifier, TokenDelta
@@ -842,11 +842,7 @@ BUNDLE_TASKS = {"generation": "generation", "lm": "generation", "classification"
 def bundle_serving_task(path: str | Path) -> str | None:
     """The engine task a bundle folder will serve, read from its ``metadata.json`` alone (no weights loaded);
     None when the file is missing, unreadable or names no task this engine serves (loading then says why)."""
-    try:
-        meta = json.loads((Path(path) / "metadata.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return BUNDLE_TASKS.get(meta.get("task")) if isinstance(meta, dict) else None
+    return BUNDLE_TASKS.get(read_bundle_task(path) or "")
 
 
 def load_hosted_model(path: str | Path, name: str, version: str = "1", precision: str = "fp32",
