@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -420,7 +421,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[s
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        _set_path(tree, key, yaml.safe_load(raw) if raw != "" else None)
+        _set_path(tree, key, _yaml_value(raw) if raw != "" else None)
     return tree
 
 
@@ -470,9 +471,49 @@ def validate_config(tree: dict[str, Any], source: str = "<config>") -> Experimen
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(tree).__name__}")
     try:
-        return ExperimentConfig.model_validate(tree)
+        cfg = ExperimentConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source, tree)) from None
+    problems = _booleans_read_as_numbers(tree, cfg)
+    if problems:
+        lines = [f"{source}: invalid configuration ({len(problems)} problem(s)):"]
+        lines += [f"  {key}: expected a number, got {raw} (a YAML boolean; YAML also reads yes/no/on/off as "
+                  f"booleans)" for key, raw in problems]
+        raise ConfigError("\n".join(lines))
+    return cfg
+
+
+def _booleans_read_as_numbers(tree: dict[str, Any], cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Keys written as a YAML boolean whose validated value is a number.
+
+    pydantic's lax mode turns ``true`` into 1 for an int or float field, so ``train.epochs: true`` would train one
+    epoch. Checked on the validated object rather than per field type, so every section and every family's own
+    keys (``model.d_model: yes``) are covered by one rule."""
+    found: list[tuple[str, str]] = []
+
+    def child(obj: Any, key: Any) -> Any:
+        if isinstance(obj, dict):
+            return obj.get(key)
+        if isinstance(obj, (list, tuple)):
+            return obj[key] if isinstance(key, int) and 0 <= key < len(obj) else None
+        return getattr(obj, key, None) if isinstance(key, str) else None
+
+    def walk(raw: Any, obj: Any, path: list[str]) -> None:
+        items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+        for key, value in items:
+            if obj is cfg.model and key not in ("family", "task", "init_from"):
+                sub = child(cfg.model.family_config(), key)
+            else:
+                sub = child(obj, key)
+            here = [*path, str(key)]
+            if isinstance(value, bool):
+                if isinstance(sub, (int, float)) and not isinstance(sub, bool):
+                    found.append((".".join(here), "true" if value else "false"))
+            elif isinstance(value, (dict, list)) and sub is not None:
+                walk(value, sub, here)
+
+    walk(tree, cfg, [])
+    return found
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -496,9 +537,26 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[An
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.1 (PyYAML) needs a dot in a float, so `batch_size: 1e9` or `lr: 1e-3` arrive as the text "1e9"; YAML 1.2
+# and every other reader take them as numbers. Read them as floats here, so they are checked as the numbers they are
+# (an int key takes 1e3 as 1000; 1e9 is refused by the key's range, not as "not a valid integer").
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
-def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+def read_yaml(text: str) -> Any:
+    """YAML as chatforge reads every file it is given (configs, sweep spaces, reply policies, ``--set`` values): a key
+    given twice is refused, and ``1e-3`` is a number. Raises ``yaml.YAMLError`` like ``yaml.safe_load``."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def _yaml_value(raw: str) -> Any:
+    """One ``--set`` value, read as the config file's own values are (same loader)."""
+    return read_yaml(raw)
+
+
+def yaml_error_line(path: Path, e: yaml.YAMLError) -> str:
     """One line: file:line:column and the problem, not PyYAML's multi-line report of a '<unicode string>'."""
     mark = getattr(e, "problem_mark", None)
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -512,9 +570,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        tree = read_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(_yaml_error(path, e)) from None
+        raise ConfigError(yaml_error_line(path, e)) from None
     return validate_config(apply_overrides(tree, overrides), source=str(path))

@@ -305,7 +305,7 @@ def replies(
     import yaml
 
     from chatforge.bundle import BundleError
-    from chatforge.config import ConfigError
+    from chatforge.config import ConfigError, read_yaml
     from chatforge.evaluation.evaluate import EvaluationError
     from chatforge.evaluation.replies import reply_table
 
@@ -321,7 +321,10 @@ def replies(
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             _fail(f"--decoding {item!r} must look like KEY=VALUE, e.g. no_repeat_ngram_size=3")
-        options[key.strip()] = yaml.safe_load(value)  # 3 -> int, 1.3 -> float, true -> bool
+        try:
+            options[key.strip()] = read_yaml(value)  # 3 -> int, 1.3 -> float, 1e-3 -> float, true -> bool
+        except yaml.YAMLError:
+            _fail(f"--decoding {item!r}: the value is not a YAML number, boolean or text")
     try:
         res = reply_table(named, hybrid_of=pair, split=split, n=n, out_dir=out, max_examples=max_examples,
                           decoding=options)

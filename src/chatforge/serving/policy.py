@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from chatforge.config import read_yaml, yaml_error_line
 from chatforge.predictions import ClassPrediction
 
 PATHS = ("scripted", "retrieval", "generation", "fallback")
@@ -103,7 +104,13 @@ class ReplyPolicy:
         p = Path(path)
         if not p.is_file():
             raise PolicyError(f"reply policy file not found: {p}")
-        return cls.from_dict(yaml.safe_load(p.read_text(encoding="utf-8")) or {}, source=str(p))
+        try:
+            tree = read_yaml(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise PolicyError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") from None
+        except yaml.YAMLError as e:
+            raise PolicyError(yaml_error_line(p, e)) from None
+        return cls.from_dict(tree or {}, source=str(p))
 
     def check_hosted(self, classifiers: Any, retrievers: Any, has_generator: bool, generators: Any = ()) -> None:
         """Fail at startup, naming what is missing, when the policy names a model that is not hosted, or one

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from chatforge.config import ConfigError, ExperimentConfig, apply_overrides, validate_config
+from chatforge.config import ConfigError, ExperimentConfig, apply_overrides, read_yaml, validate_config
 from chatforge.fileio import atomic_write_bytes
 from chatforge.settings import Settings
 from chatforge.training.run import run_experiment
@@ -118,7 +118,7 @@ def load_space(path: str | Path) -> dict[str, FloatDist | IntDist | CategoricalD
     if not path.is_file():
         raise ConfigError(f"sweep space file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return parse_space(tree, str(path))
