@@ -176,6 +176,7 @@ class ReplyChunk:
     path: str = ""  # reply policy: which path answered
     path_score: float = 0.0
     context_turns: int = 0  # earlier turns of ``context`` the model read
+    out_of_scope: bool = False  # a classifier judged the message out of scope (the fallback reply answered)
 
     @property
     def is_final(self) -> bool:
@@ -453,6 +454,7 @@ class ChatbotClient:
                     path=f.path,
                     path_score=round(f.path_score, 6),
                     context_turns=f.context_turns,
+                    out_of_scope=f.out_of_scope,
                 )
 
     def reply(self, text: str, **kwargs) -> str:

@@ -121,6 +121,7 @@ class ReplyDone:
     path: str = ""  # reply policy: "scripted" | "retrieval" | "generation" | "fallback" (serving.policy)
     path_score: float = 0.0  # reply policy: the retrieval score (also when generation answered), else the intent's
     context_turns: int = 0  # earlier turns of the conversation the model read before the message
+    out_of_scope: bool = False  # a classifier judged the message out of scope (finish_reason is then "fallback")
 
 
 @dataclass
@@ -609,7 +610,8 @@ class Engine:
                     self._classifiers[route.model].version if route.model in self._classifiers else "")
                 yield TokenDelta(token_id=-1, text=route.reply)
                 yield ReplyDone("fallback" if route.path == "fallback" else "stop", 0, 0, route.model, version,
-                                route.intent, route.intent_score, route.path, route.score)
+                                route.intent, route.intent_score, route.path, route.score,
+                                out_of_scope=route.out_of_scope)
                 return
             path, path_score, policy_intent = route.path, route.score, (route.intent, route.intent_score)
         slot = self._resolve(self._generators, model, "generation", "Reply")
@@ -620,7 +622,7 @@ class Engine:
             if self.pipeline.out_of_scope(pred):
                 clf = self._classifiers[self.pipeline.classifier]
                 yield TokenDelta(token_id=-1, text=self.pipeline.fallback_reply)
-                yield ReplyDone("fallback", 0, 0, clf.name, clf.version, intent, intent_score)
+                yield ReplyDone("fallback", 0, 0, clf.name, clf.version, intent, intent_score, out_of_scope=True)
                 return
 
         check = getattr(slot.model, "check_options", None)

@@ -1419,7 +1419,7 @@ class _Reply:
         return ChatforgeInfo(model_version=self.version, request_id=self.call.request_id,
                              intent=(facts.intent or None) if facts else None,
                              intent_score=facts.intent_score if facts and facts.intent else None,
-                             out_of_scope=bool(self.done and self.done.finish_reason == "fallback"),
+                             out_of_scope=bool(self.done and self.done.out_of_scope),
                              context_turns=facts.context_turns if facts else 0,
                              path=(facts.path or None) if facts else None).model_dump()
 

@@ -52,6 +52,7 @@ class Route:
     intent: str = ""
     intent_score: float = 0.0
     model: str = ""  # the model that chose the reply (classifier or retriever); "" for generation
+    out_of_scope: bool = False  # the classifier judged the message out of scope (not: no path could answer)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ class ReplyPolicy:
             pred = await classify(self.classifier, text)
             intent, intent_score = pred.label, pred.score
             if self.out_of_scope(pred):
-                return Route("fallback", self.fallback_reply, intent_score, intent, intent_score, self.classifier)
+                return Route("fallback", self.fallback_reply, intent_score, intent, intent_score, self.classifier,
+                             out_of_scope=True)
             if intent in self.scripted:
                 return Route("scripted", self.scripted[intent], intent_score, intent, intent_score, self.classifier)
         score = 0.0

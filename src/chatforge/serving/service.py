@@ -169,6 +169,7 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
                     path=item.path,
                     path_score=item.path_score,
                     context_turns=item.context_turns,
+                    out_of_scope=item.out_of_scope,
                 )))
                 # Acknowledged: the final chunk is on its way to the client.
                 self._record(model=item.model, model_version=item.version, user_text=request.text,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63hatforge/v1/chatbot.proto\x12\x0c\x63hatforge.v1\"\xcf\x04\n\x11GenerationOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tdo_sample\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x16\n\tnum_beams\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\n \x01(\x02H\t\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x0b\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\x0c\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0c\n\n_num_beamsB\x11\n\x0f_length_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"\x9d\x01\n\x0cReplyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x30\n\x07options\x18\x04 \x01(\x0b\x32\x1f.chatforge.v1.GenerationOptions\x12*\n\x07\x63ontext\x18\x05 \x03(\x0b\x32\x19.chatforge.v1.ContextTurn\")\n\x0b\x43ontextTurn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\",\n\nReplyDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\"\xee\x01\n\nReplyFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0e\n\x06intent\x18\x07 \x01(\t\x12\x14\n\x0cintent_score\x18\x08 \x01(\x02\x12\x0c\n\x04path\x18\t \x01(\t\x12\x12\n\npath_score\x18\n \x01(\x02\x12\x15\n\rcontext_turns\x18\x0b \x01(\x05\"k\n\nReplyChunk\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.chatforge.v1.ReplyDeltaH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.chatforge.v1.ReplyFinalH\x00\x42\x07\n\x05\x63hunk\".\n\x0f\x43lassifyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\xd7\x01\n\x10\x43lassifyResponse\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12:\n\x06scores\x18\x03 \x03(\x0b\x32*.chatforge.v1.ClassifyResponse.ScoresEntry\x12\x14\n\x0cout_of_scope\x18\x04 \x01(\x08\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"\xd4\x01\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12>\n\x08metadata\x18\x05 \x03(\x0b\x32,.chatforge.v1.ModelDescription.MetadataEntry\x12\x12\n\nis_default\x18\x06 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x12ListModelsResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.chatforge.v1.ModelDescription2\xe6\x01\n\x07\x43hatbot\x12?\n\x05Reply\x12\x1a.chatforge.v1.ReplyRequest\x1a\x18.chatforge.v1.ReplyChunk0\x01\x12I\n\x08\x43lassify\x12\x1d.chatforge.v1.ClassifyRequest\x1a\x1e.chatforge.v1.ClassifyResponse\x12O\n\nListModels\x12\x1f.chatforge.v1.ListModelsRequest\x1a .chatforge.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63hatforge/v1/chatbot.proto\x12\x0c\x63hatforge.v1\"\xcf\x04\n\x11GenerationOptions\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tdo_sample\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x16\n\tnum_beams\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\n \x01(\x02H\t\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x0b\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\x0c\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0c\n\n_num_beamsB\x11\n\x0f_length_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"\x9d\x01\n\x0cReplyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x30\n\x07options\x18\x04 \x01(\x0b\x32\x1f.chatforge.v1.GenerationOptions\x12*\n\x07\x63ontext\x18\x05 \x03(\x0b\x32\x19.chatforge.v1.ContextTurn\")\n\x0b\x43ontextTurn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\",\n\nReplyDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\"\x84\x02\n\nReplyFinal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0e\n\x06intent\x18\x07 \x01(\t\x12\x14\n\x0cintent_score\x18\x08 \x01(\x02\x12\x0c\n\x04path\x18\t \x01(\t\x12\x12\n\npath_score\x18\n \x01(\x02\x12\x15\n\rcontext_turns\x18\x0b \x01(\x05\x12\x14\n\x0cout_of_scope\x18\x0c \x01(\x08\"k\n\nReplyChunk\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.chatforge.v1.ReplyDeltaH\x00\x12)\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x18.chatforge.v1.ReplyFinalH\x00\x42\x07\n\x05\x63hunk\".\n\x0f\x43lassifyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\xd7\x01\n\x10\x43lassifyResponse\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12:\n\x06scores\x18\x03 \x03(\x0b\x32*.chatforge.v1.ClassifyResponse.ScoresEntry\x12\x14\n\x0cout_of_scope\x18\x04 \x01(\x08\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"\xd4\x01\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12>\n\x08metadata\x18\x05 \x03(\x0b\x32,.chatforge.v1.ModelDescription.MetadataEntry\x12\x12\n\nis_default\x18\x06 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x12ListModelsResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.chatforge.v1.ModelDescription2\xe6\x01\n\x07\x43hatbot\x12?\n\x05Reply\x12\x1a.chatforge.v1.ReplyRequest\x1a\x18.chatforge.v1.ReplyChunk0\x01\x12I\n\x08\x43lassify\x12\x1d.chatforge.v1.ClassifyRequest\x1a\x1e.chatforge.v1.ClassifyResponse\x12O\n\nListModels\x12\x1f.chatforge.v1.ListModelsRequest\x1a .chatforge.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,23 +44,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLYDELTA']._serialized_start=841
   _globals['_REPLYDELTA']._serialized_end=885
   _globals['_REPLYFINAL']._serialized_start=888
-  _globals['_REPLYFINAL']._serialized_end=1126
-  _globals['_REPLYCHUNK']._serialized_start=1128
-  _globals['_REPLYCHUNK']._serialized_end=1235
-  _globals['_CLASSIFYREQUEST']._serialized_start=1237
-  _globals['_CLASSIFYREQUEST']._serialized_end=1283
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1286
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1501
-  _globals['_CLASSIFYRESPONSE_SCORESENTRY']._serialized_start=1456
-  _globals['_CLASSIFYRESPONSE_SCORESENTRY']._serialized_end=1501
-  _globals['_LISTMODELSREQUEST']._serialized_start=1503
-  _globals['_LISTMODELSREQUEST']._serialized_end=1522
-  _globals['_MODELDESCRIPTION']._serialized_start=1525
-  _globals['_MODELDESCRIPTION']._serialized_end=1737
-  _globals['_MODELDESCRIPTION_METADATAENTRY']._serialized_start=1690
-  _globals['_MODELDESCRIPTION_METADATAENTRY']._serialized_end=1737
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1739
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1807
-  _globals['_CHATBOT']._serialized_start=1810
-  _globals['_CHATBOT']._serialized_end=2040
+  _globals['_REPLYFINAL']._serialized_end=1148
+  _globals['_REPLYCHUNK']._serialized_start=1150
+  _globals['_REPLYCHUNK']._serialized_end=1257
+  _globals['_CLASSIFYREQUEST']._serialized_start=1259
+  _globals['_CLASSIFYREQUEST']._serialized_end=1305
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1308
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1523
+  _globals['_CLASSIFYRESPONSE_SCORESENTRY']._serialized_start=1478
+  _globals['_CLASSIFYRESPONSE_SCORESENTRY']._serialized_end=1523
+  _globals['_LISTMODELSREQUEST']._serialized_start=1525
+  _globals['_LISTMODELSREQUEST']._serialized_end=1544
+  _globals['_MODELDESCRIPTION']._serialized_start=1547
+  _globals['_MODELDESCRIPTION']._serialized_end=1759
+  _globals['_MODELDESCRIPTION_METADATAENTRY']._serialized_start=1712
+  _globals['_MODELDESCRIPTION_METADATAENTRY']._serialized_end=1759
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1761
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1829
+  _globals['_CHATBOT']._serialized_start=1832
+  _globals['_CHATBOT']._serialized_end=2062
 # @@protoc_insertion_point(module_scope)

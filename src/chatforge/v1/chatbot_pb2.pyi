@@ -67,7 +67,7 @@ class ReplyDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class ReplyFinal(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "model", "request_id", "model_version", "intent", "intent_score", "path", "path_score", "context_turns")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "model", "request_id", "model_version", "intent", "intent_score", "path", "path_score", "context_turns", "out_of_scope")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class ReplyFinal(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     PATH_SCORE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TURNS_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_SCOPE_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -90,7 +91,8 @@ class ReplyFinal(_message.Message):
     path: str
     path_score: float
     context_turns: int
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ..., intent: _Optional[str] = ..., intent_score: _Optional[float] = ..., path: _Optional[str] = ..., path_score: _Optional[float] = ..., context_turns: _Optional[int] = ...) -> None: ...
+    out_of_scope: bool
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., model_version: _Optional[str] = ..., intent: _Optional[str] = ..., intent_score: _Optional[float] = ..., path: _Optional[str] = ..., path_score: _Optional[float] = ..., context_turns: _Optional[int] = ..., out_of_scope: _Optional[bool] = ...) -> None: ...
 
 class ReplyChunk(_message.Message):
     __slots__ = ("delta", "final")
