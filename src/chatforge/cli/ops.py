@@ -422,7 +422,7 @@ def conversations_export(
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-    from chatforge.serving.store import EXPORT_FORMATS, NotAConversationStore, export_store
+    from chatforge.serving.store import EXPORT_FORMATS, NotAConversationStore, StoreUnreadable, export_store
 
     if fmt not in EXPORT_FORMATS:
         _fail(f"--format {fmt!r} is unknown; allowed: {', '.join(EXPORT_FORMATS)}")
@@ -442,8 +442,12 @@ def conversations_export(
         n = export_store(url, out, format=fmt, since=since_dt)
     except NotAConversationStore as e:
         _fail(str(e))
+    except StoreUnreadable as e:
+        _fail(f"cannot read the conversation store: {e}", code=1)
     except (SQLAlchemyError, ModuleNotFoundError) as e:
-        _fail(f"cannot read the conversation store at {where}: {e}", code=1)
+        # the driver's own message, without SQLAlchemy's [SQL: ...] and "Background on this error" lines
+        reason = getattr(e, "orig", None) or e
+        _fail(f"cannot read the conversation store at {where}: {reason}", code=1)
     except OSError as e:  # the output: a folder that cannot be made, no permission, a full disk
         _fail(f"cannot write --out {out}: {e.strerror or e}", code=1)
     console.print(f"exported {n} turns to [bold]{out}[/]", highlight=False)

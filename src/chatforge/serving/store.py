@@ -517,6 +517,27 @@ class NotAConversationStore(StoreConfigError):
     """The database has no conversation table (``turns`` with at least ``id`` and ``created_at``)."""
 
 
+class StoreUnreadable(StoreConfigError):
+    """A SQLite store that cannot be opened read-only where it lies, with what to do about it."""
+
+
+def _wal_without_shm_hint(url: str) -> str | None:
+    """Why a read-only open of a SQLite store failed, when the reason is its write-ahead log: SQLite reads ``X-wal``
+    through a shared-memory index ``X-shm`` that it must create beside the file, which a read-only folder or mount
+    (a backup, a volume mounted ``:ro`` into a sidecar) does not allow. None when that is not the case."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database.startswith("file:"):
+        return None
+    db = Path(database).expanduser()
+    wal, shm = Path(f"{db}-wal"), Path(f"{db}-shm")
+    if not wal.is_file() or shm.is_file() or os.access(db.parent, os.W_OK):
+        return None
+    return (f"{db} has a write-ahead log ({wal.name}) that SQLite can only read through a {shm.name} file it must "
+            f"create beside it, and {db.parent} is read-only; copy {db.name} and {wal.name} to a writable folder and "
+            f"export from there (or stop the server cleanly first: it folds the log into {db.name})")
+
+
 def export_store(url: str, path: str | os.PathLike[str], format: Literal["jsonl", "csv"] = "jsonl",  # noqa: A002
                  since: datetime | None = None) -> int:
     """Write the turns stored at ``url`` to ``path`` atomically and return the row count, only reading the
@@ -536,8 +557,15 @@ def export_store(url: str, path: str | os.PathLike[str], format: Literal["jsonl"
     engine = _make_read_only_engine(url)
     try:
         with engine.connect() as conn:
-            inspector = inspect(conn)
-            if not inspector.has_table(turns.name):
+            try:  # SQLite opens the file (and its write-ahead log) at the first statement
+                inspector = inspect(conn)
+                has_turns = inspector.has_table(turns.name)
+            except OperationalError:
+                hint = _wal_without_shm_hint(url)
+                if hint is not None:
+                    raise StoreUnreadable(hint) from None
+                raise
+            if not has_turns:
                 raise NotAConversationStore(f"{_safe_url(url)} holds no conversation table ({turns.name!r}); "
                                             "is it a chatforge conversation store?")
             present = {c["name"] for c in inspector.get_columns(turns.name)}
