@@ -83,9 +83,10 @@ def test_serving_image_serves_like_kubernetes_runs_it(container, pytestconfig):
     assert status == 200 and 'chatforge_requests_total{' in body and 'rpc="Reply"' in body
     assert http_get(container["metrics"] + "/readyz")[0] == 200
 
-    # The HEALTHCHECK is the image's, and it passes well within its 2 s timeout.
+    # The HEALTHCHECK is the image's (liveness and readiness), and it passes well within its 3 s timeout.
     hc = json.loads(podman("inspect", name, "--format", "{{json .Config.Healthcheck}}").stdout)
     assert hc["Test"][:3] == ["CMD", "chatforge", "health"] and "chatforge.v1.Chatbot" in hc["Test"]
+    assert "" in hc["Test"], hc["Test"]
     start = time.monotonic()
     r = podman("healthcheck", "run", name, check=False)
     took = time.monotonic() - start

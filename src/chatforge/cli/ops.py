@@ -142,7 +142,9 @@ def chat(
 @app.command()
 def health(
     target: str = typer.Argument(..., help="HOST:PORT"),
-    service: str = typer.Option("", help="Service name; '' is the whole server, chatforge.v1.Chatbot readiness."),
+    service: list[str] = typer.Option(
+        [""], help="Service name; '' is the whole server (liveness), chatforge.v1.Chatbot readiness. Repeat it to "
+                   "check several on one connection: exit 0 only when every one is SERVING."),
     timeout: float = typer.Option(3.0, help="Seconds to wait for an answer."),
     api_key: str = _api_key_option(),
     tls: bool = _tls_option(),
@@ -159,16 +161,19 @@ def health(
 
     _check_seconds("--timeout", timeout)
     creds = _client_kwargs(api_key, tls, tls_ca, tls_cert, tls_key)
+    statuses: list[tuple[str, str]] = []
     try:
         with ChatbotClient(target, timeout=timeout, **creds) as client:
-            status = client.health(service)
+            for name in dict.fromkeys(service):  # in order, each once
+                statuses.append((name, client.health(name)))
     except ChatbotError as e:
         err_console.print(f"{target}: {e}", highlight=False, markup=False, soft_wrap=True)  # one line
         raise typer.Exit(1) from None
     except ValueError as e:  # e.g. a malformed target
         _fail(str(e))
-    console.print(f"{target} {service or '(server)'}: {status}")
-    raise typer.Exit(0 if status == "SERVING" else 1)
+    for name, status in statuses:
+        console.print(f"{target} {name or '(server)'}: {status}")
+    raise typer.Exit(0 if all(status == "SERVING" for _, status in statuses) else 1)
 
 
 # ------------------------------------------------------------------------ loadtest
