@@ -398,7 +398,7 @@ def test_dockerfile_multi_stage_non_root_with_health_check():
     assert hc is not None
     cmd = json.loads(hc.group(1))
     assert cmd[:2] == ["chatforge", "health"] and SERVICE_NAME in cmd and f"127.0.0.1:{GRPC_PORT}" in cmd
-    assert "--timeout=2s" in hc.group(0)
+    assert "--timeout=3s" in hc.group(0) and "" in cmd  # liveness ("") and readiness, one connection
     assert 'ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' in lines  # CPU torch by default
     assert "ARG EXTRAS=serve,postgres" in lines and '".[${EXTRAS}]"' in text  # serving + the PostgreSQL driver, no training stack
     assert "CHATFORGE_METRICS_PORT=9100" in text and f"EXPOSE 50051 {HTTP_PORT} 9100" in lines
