@@ -410,7 +410,7 @@ def main() -> None:
             runs[key] = train(config, args.runs_dir / f"{key}-clinc150", data_override + extra).parent
 
     if args.distill_crossfit and "transformer-distill" not in args.skip:
-        # Soft targets from teachers that did not see the example (README, CLINC150, distillation): per fold, an
+        # Soft targets from teachers that did not see the example (docs/results/clinc150.md, distillation): per fold, an
         # ensemble of the SVM and one outlier-exposure Transformer trained without it; beside it, the same pair
         # trained on everything as the in-sample teacher, and a student of each (same seed, same budget).
         k, oe_seed = args.distill_crossfit, (args.transformer_oe_seeds or [0])[0]

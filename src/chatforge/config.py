@@ -80,7 +80,7 @@ class DataConfig(_Strict):
     # last dev_fraction of the label's examples in file order). CLINC150's lists are in collection order, one
     # crowd worker's paraphrases in a run, so a hashed dev example usually has its siblings in training and
     # scores ~3 points easier than the official val and test lists; the tail shares one cut with training per
-    # label (README, CLINC150: "A development split that predicts val"). dev_seed plays no part in 'tail'.
+    # label (docs/results/clinc150.md: "A development split that predicts val"). dev_seed plays no part in 'tail'.
     dev_split: Literal["hashed", "tail"] = "hashed"
     # Leave one fold of the training split (what remains after the dev split) out of training: see CrossFitFold.
     crossfit_fold: CrossFitFold | None = None

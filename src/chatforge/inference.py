@@ -71,7 +71,7 @@ def _int8_plan(model: torch.nn.Module) -> tuple[dict[str, object], float]:
     """
     # Per output channel: one scale per row of each weight, not one per matrix. On ChatbotData's 559 test
     # questions (chatbot_kr_transformer.yaml, 10 epochs) greedy int8 replies agreed with fp32 on 90.6 % of
-    # token positions against 87.7 % per tensor (benchmarks/int8_quality.py; README, Serving precision).
+    # token positions against 87.7 % per tensor (benchmarks/int8_quality.py; docs/results/serving-precision.md).
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     spec: dict[str, object] = {}
@@ -125,7 +125,7 @@ def full_range_activations(model: torch.nn.Module, flags: set[str] | None = None
     ``flags``) has int8 dot products (:func:`chatforge.runtime.int8_dot_products`); returns how many layers changed
     (0 elsewhere: there torch's 7-bit activations stay). On ChatbotData's test questions (a 10-epoch
     ``chatbot_kr_transformer.yaml`` run) greedy int8 replies agreed with fp32 on 89.3 % of tokens against 83.5 % with 7
-    bits (README, Serving precision)."""
+    bits (docs/results/serving-precision.md)."""
     global _FULL_RANGE_LINEAR
     if not runtime.int8_dot_products(flags):
         return 0

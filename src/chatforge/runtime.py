@@ -249,7 +249,7 @@ def configure_threads(environ: MutableMapping[str, str] | None = None, share: in
 # waits for a worker the loop has pre-empted. On a 2-CPU AMD EPYC (Zen 5) a GPT-2 4 x 256 served over gRPC made
 # 1.43x (fp32) and 2.11x (int8) the tokens/s for one stream and 1.28x / 1.57x for 8 streams with one torch thread
 # instead of two, 2.2-5.7x through the CTranslate2 backend (benchmarks/results/served-generation-amd-epyc-zen5,
-# README "A third CPU kind"). A classifier's batches are the exception (runner_threads).
+# docs/results/performance.md, "A third CPU kind"). A classifier's batches are the exception (runner_threads).
 SERVING_RESERVED_CPUS = 1
 
 

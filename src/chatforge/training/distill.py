@@ -3,7 +3,7 @@
 The teacher is any trained classification bundle (a linear model, an ensemble, a torch classifier): its class
 probabilities on the run's training texts become soft targets (:class:`chatforge.tasks.SoftTargetDataset`), and the
 Trainer mixes the distillation term into the loss. The typical use: one Transformer that serves at an ensemble's
-accuracy (README, CLINC150).
+accuracy (docs/results/clinc150.md).
 
 A teacher that trained on the run's held-out examples would leak them into the student and into every figure
 reported on them, so the teacher must hold out exactly the run's held-out split: :func:`check_held_out` compares

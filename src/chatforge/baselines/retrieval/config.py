@@ -34,7 +34,7 @@ class RetrievalConfig(TfidfConfig):
     shortlist of ``ranker_shortlist`` pool answers per similarity space. ``ranker_pair_lr`` and
     ``ranker_label_model`` add learned question->answer features (a hashed n-gram pair logistic regression; label
     classifiers' agreement), fitted per cross-fitting fold; off by default (on ChatbotData they add +0.020
-    validation R@1 of 10 over four seeds, at the noise level, and nothing on test; README, issue 17).
+    validation R@1 of 10 over four seeds, at the noise level, and nothing on test; docs/results/chitchat-selection.md).
 
     ``search`` (bi-encoder; ``chatforge.baselines.retrieval.search``): how ``select`` finds the best pool answers
     and the nearest training questions. ``exact``: a matrix product; ``faiss``: a FAISS index of kind

@@ -10,7 +10,7 @@ for inner product (FAISS HNSW or IVF) serves both.
 index (``flat``: exact inner product, the reference; ``hnsw``; ``ivf``). ``auto`` picks FAISS for a matrix
 of at least ``search_min_pool`` rows and exact search below it. Its default is past every size
 ``benchmarks/retrieval_ann.py`` measured: on this machine no pool up to 300,000 vectors gave an index at least
-2x exact search's queries/s at recall@10 >= 0.95 (README, issue 17; ``benchmarks/results/retrieval-ann*.md``),
+2x exact search's queries/s at recall@10 >= 0.95 (docs/results/chitchat-selection.md; ``benchmarks/results/retrieval-ann*.md``),
 so ``auto`` searches exactly wherever the benchmark could check it.
 
 The index is built when the selector is first searched or saved, and saved in the bundle
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 SEARCH_MODES = ("exact", "faiss", "auto")
 INDEX_KINDS = ("hnsw", "ivf", "flat")
-# Past the largest pool measured (300,000), where no index paid at recall@10 >= 0.95: README (issue 17) and
+# Past the largest pool measured (300,000), where no index paid at recall@10 >= 0.95: docs/results/chitchat-selection.md and
 # benchmarks/results/retrieval-ann*.md. At 1,000,000 exact search costs tens of ms per message here.
 DEFAULT_MIN_POOL = 1_000_000
 
