@@ -370,9 +370,15 @@ def top(
 
     import time as _time
 
+    samples = monitor.watch(count)
     try:
+        # The first scrape before the table: a target that does not answer is one error line, not an empty table.
+        first = next(samples, None)
+        if first is None:
+            return
+        rows.append((_time.strftime("%H:%M:%S"), first))
         with Live(render(), console=console, auto_refresh=False) as live:
-            for sample in monitor.watch(count):
+            for sample in samples:
                 rows.append((_time.strftime("%H:%M:%S"), sample))
                 live.update(render(), refresh=True)
     except MonitorError as e:

@@ -139,8 +139,13 @@ class ResourceMonitor:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout, context=self._ssl) as r:
                 return r.read().decode("utf-8")
+        except urllib.error.HTTPError as e:  # it answered: say with what (401 behind a proxy, 404 on another path)
+            raise MonitorError(f"cannot read metrics from {self.url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError) as e:
-            raise MonitorError(f"cannot read metrics from {self.url}: {e}") from None
+            reason = e.reason if isinstance(e, urllib.error.URLError) else e
+            text = getattr(reason, "strerror", None) or str(reason)  # "Connection refused", not "<urlopen error ...>"
+            raise MonitorError(f"cannot read metrics from {self.url}: {text} (is a server running there with "
+                               "--metrics-port?)") from None
         except (http.client.HTTPException, UnicodeDecodeError) as e:
             # Something answered, but not HTTP/1 text: a gRPC port (HTTP/2 frames: BadStatusLine), a TLS port, ...
             raise MonitorError(f"cannot read metrics from {self.url}: it did not answer as a metrics endpoint "
