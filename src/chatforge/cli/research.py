@@ -240,8 +240,10 @@ def evaluate(
     bundle: Path = typer.Argument(..., help="Bundle folder (runs/<run>/bundle)."),
     data: Path = typer.Option(None, "--data", help="Data file (default: the bundle's training data file)."),
     fmt: str = typer.Option("auto", "--format", help="auto, chatbot_csv, clinc150, csv, tsv, jsonl."),
-    split: str = typer.Option("valid", "--split", help="valid, test, dev or all (split as the bundle's config does; dev: the part "
-                                                    "data.dev_fraction holds out of a predefined split's train lists)."),
+    split: str = typer.Option(None, "--split", help="valid, test, dev or all (split as the bundle's config does; dev: the part "
+                                                  "data.dev_fraction holds out of a predefined split's train lists). "
+                                                  "Default: valid; all for a --data file the bundle did not train "
+                                                  "on (unless its split is predefined)."),
     clinc_keys: str = typer.Option(None, "--clinc-keys", help="CLINC150 lists to read, e.g. val,oos_val."),
     out: Path = typer.Option(None, "--out", help="Report folder (default <run>/eval/<data>-<split>)."),
     max_examples: int = typer.Option(None, "--max-examples", min=1, help="Evaluate at most this many."),

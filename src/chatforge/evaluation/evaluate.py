@@ -113,9 +113,30 @@ def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: s
                               "data.dev_fraction; this bundle splits its data at random: use --split test")
     chosen = {"valid": valid, "test": test}[split]
     if not chosen:
-        raise EvaluationError(f"the {split} split of {path} is empty (data.{split}_fraction is 0 in the bundle's "
-                              f"config); use --split all or another data file")
+        fraction = getattr(d, f"{split}_fraction")
+        why = (f"data.{split}_fraction is 0 in the bundle's config" if not fraction else
+               f"the bundle's config takes data.{split}_fraction {fraction:g} of its {len(train + valid + test)} "
+               f"examples, which leaves none")
+        raise EvaluationError(f"the {split} split of {path} is empty ({why}); use --split all or another data file")
     return chosen, split, path
+
+
+def default_split(bundle, data: str | Path | None, clinc_keys: list[str] | None = None) -> str:
+    """``--split`` when none is given: ``valid`` on the bundle's own training data (its validation split), and
+    ``all`` on any other file of a bundle with a random split, whose rows it never trained on: held-out data is
+    scored whole, not cut to the config's valid fraction. A predefined (CLINC150) split reads that file's
+    ``valid_keys`` lists, as before."""
+
+    if data is None or clinc_keys or bundle.config.data.split == "predefined":
+        return "valid"
+    path = resolve_data_path(str(data))
+    if not path.is_file() or path.resolve() == resolve_data_path(bundle.config.data.path).resolve():
+        return "valid"
+    if file_sha256(path) == bundle.metadata.get("data_sha256"):  # a copy of the training data
+        return "valid"
+    logger.info("%s is not the data %s was trained on: scoring all of its rows (--split valid or test splits it as "
+                "the training data was split)", path, bundle.config.name)
+    return "all"
 
 
 def _slug(text: str) -> str:
@@ -246,13 +267,14 @@ def _selection(bundle, examples, out: Path, title: str, split_name: str) -> tupl
 
 
 def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, fmt: str = "auto",
-                    split: str = "valid", clinc_keys: list[str] | None = None, out_dir: str | Path | None = None,
+                    split: str | None = None, clinc_keys: list[str] | None = None, out_dir: str | Path | None = None,
                     max_examples: int | None = None, batch_size: int = 64,
                     max_new_tokens: int | None = None, track: bool = True, cross_fit: int = 0,
                     cross_fit_repeats: int = 10) -> EvaluationResult:
     """Evaluate a bundle and write the report folder; see the module docstring for what is in it.
 
-    ``data`` None means the bundle's own training data file (its ``split``). ``max_examples`` caps
+    ``data`` None means the bundle's own training data file (its ``split``); ``split`` None is
+    :func:`default_split` (``valid``, or every row of a file the bundle did not train on). ``max_examples`` caps
     the examples (generation decodes one by one, so large sets are slow). ``cross_fit`` (folds, e.g.
     10; 0 = off): also report the oos policy's in-scope accuracy and OOS recall cross-fitted on these
     examples (``chatforge.evaluation.crossfit``), the honest figures when the policy was fitted on them.
@@ -263,6 +285,8 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
                               f"--cross-fit-repeats at least 1; got {cross_fit} and {cross_fit_repeats}")
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
+    if split is None:
+        split = default_split(bundle, data, clinc_keys)
     examples, split_name, data_path = select_examples(bundle.config, data, fmt=fmt, split=split,
                                                       clinc_keys=clinc_keys)
     if max_examples:
