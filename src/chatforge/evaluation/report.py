@@ -90,6 +90,11 @@ def write_classification_report(
 
     all_labels = list(labels) + sorted((set(y_true) | set(y_pred)) - set(labels))
     cls = M.classification_metrics(y_true, y_pred, labels=all_labels)
+    # The matrix keeps every label the model knows; macro-F1 averages those that occur in the data or the
+    # predictions (scikit-learn's default), so held-out data with a few of the intents is not scored as if each
+    # intent it lacks were an F1 of 0.
+    occurring = set(y_true) | set(y_pred)
+    cls["macro_f1"] = float(np.mean([cls["per_label"][label]["f1"] for label in all_labels if label in occurring]))
     report: dict = {
         "title": title,
         "n": n,
@@ -132,7 +137,8 @@ def write_classification_report(
                     ("OOS precision", o["oos_precision"])]
     if "confidence" in report:
         summary.append(("ECE", report["confidence"]["ece"]))
-    worst = sorted(cls["per_label"].items(), key=lambda kv: (kv[1]["f1"], kv[0]))[:10]
+    worst = sorted(((k, v) for k, v in cls["per_label"].items() if k in occurring),
+                   key=lambda kv: (kv[1]["f1"], kv[0]))[:10]
     md = [
         f"# {title}",
         "",
