@@ -4,7 +4,7 @@ A run is a folder written by ``chatforge train`` (``config.yaml``, ``metrics.jso
 plus the reports ``chatforge evaluate`` put in ``<run>/eval/<data>-<split>/evaluation.json``. The
 leaderboard puts one evaluation split side by side for every run (the split most runs were
 evaluated on unless ``split`` is given; a run without it falls back to its training-time
-``metrics.json`` numbers, marked by the ``source`` column), with the parameters that differ between
+``metrics.json`` numbers of that same split, marked by the ``source`` column, or shows none), with the parameters that differ between
 runs, training time, latency per example and bundle size. Runs can also come from MLflow.
 """
 
@@ -194,6 +194,19 @@ def _differing_params(records: Sequence[RunRecord]) -> list[str]:
     return out
 
 
+def _metrics_prefix(rec: RunRecord, split: str | None) -> str | None:
+    """The metrics.json prefix (``valid``, ``test``, ``dev``) holding a run's training-time figures on the
+    leaderboard's ``split``, or None when the run has no such figures: a row never shows another split's."""
+    if split is None or split in ("valid", "test", "dev"):
+        return split or "valid"
+    if "data.split" not in rec.params:  # a config that does not say how it split: its validation figures
+        return "valid"
+    keys = rec.params.get("data.valid_keys")
+    if rec.params.get("data.split") == "predefined" and isinstance(keys, list) and split == "+".join(map(str, keys)):
+        return "valid"
+    return None
+
+
 def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accuracy",
                       split: str | None = None, max_params: int = 8) -> Leaderboard:
     """One row per run, sorted by ``metric`` (best first; runs without it last)."""
@@ -218,10 +231,12 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
             row["n"] = ev.get("n")
         else:
             row["source"] = "metrics.json"
+            prefix = _metrics_prefix(r, split)
             for m in METRICS:
-                row[m] = r.metrics.get(f"valid_{m}", r.metrics.get(m))
+                row[m] = None if prefix is None else r.metrics.get(
+                    f"{prefix}_{m}", r.metrics.get(m) if prefix == "valid" else None)
             row["latency_ms"] = None
-            row["n"] = r.metrics.get("valid_examples")
+            row["n"] = None if prefix is None else r.metrics.get(f"{prefix}_examples")
         dev_evals = [e for e in r.evaluations if e.get("split") == "dev"]
         dev = max(dev_evals, key=lambda e: e.get("created", ""))["metrics"] if dev_evals else None
         for m in DEV_METRICS:
