@@ -279,6 +279,8 @@ def test_train_interrupted_says_how_to_continue(tmp_path, monkeypatch):
     import chatforge.training.run as run_module
 
     def interrupted(*args, **kwargs):
+        (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # train.checkpoint_every_steps wrote one
+        (tmp_path / "run" / "checkpoints" / "last.safetensors").write_bytes(b"x")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run_module, "run_experiment", interrupted)

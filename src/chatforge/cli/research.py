@@ -148,9 +148,17 @@ def train(
     except (ConfigError, DataError, TokenizerError, TaskDataError, CheckpointError, ValueError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
+        from chatforge.training.checkpoint import checkpoint_path
+
         where = resume if resume is not None else run_dir
-        _fail("interrupted" + (f"; the last checkpoint is in {where}: continue with chatforge train --resume {where}"
-                               if where is not None else "; continue with chatforge train --resume RUN_DIR"), code=130)
+        if where is None:
+            _fail("interrupted; if train.checkpoint_every_steps wrote a checkpoint, continue with chatforge train "
+                  "--resume RUN_DIR (the run folder named in the log)", code=130)
+        if checkpoint_path(where).is_file():
+            _fail(f"interrupted; the last checkpoint is in {where}: continue with chatforge train --resume {where}",
+                  code=130)
+        _fail(f"interrupted; no checkpoint was written in {where}, so the run cannot be resumed: start it again "
+              f"(train.checkpoint_every_steps=N makes a run resumable)", code=130)
     if launched_distributed() and os.environ.get("RANK", "0") != "0":
         return
     m = result.metrics
