@@ -316,7 +316,8 @@ class OOSConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    # NumPy's seed range; torch's sampler seeds seed + epoch, which overflowed mid-run for seeds near 2**64
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataConfig
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig

@@ -34,7 +34,7 @@ class LinearConfig(TfidfConfig):
     temperature: float = Field(10.0, gt=0.0, le=1e4)
     class_weight: Literal["balanced"] | None = None
     max_iter: int = Field(1000, ge=1, le=100000)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # the range scikit-learn and NumPy take
     outliers: str | None = None
     outlier_weight: float = Field(0.1, gt=0.0, le=100.0)
 

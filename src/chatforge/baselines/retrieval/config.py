@@ -66,7 +66,7 @@ class RetrievalConfig(TfidfConfig):
     lr: float = Field(2.0e-3, gt=0.0, le=1.0)
     temperature: float = Field(0.05, gt=0.0, le=10.0)
     qq_weight: float = Field(0.5, ge=0.0, le=10.0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # the range scikit-learn and NumPy take
     # poly-encoder only (ignored by the others, like the bi-encoder keys): m, the learned codes (global question vectors)
     poly_codes: int = Field(16, ge=1, le=1024)
     # ranker (ignored by the other encoders)

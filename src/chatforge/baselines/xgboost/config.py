@@ -31,5 +31,5 @@ class XGBoostConfig(TfidfConfig):
     tree_method: Literal["hist", "approx", "exact"] = "hist"
     early_stopping_rounds: int = Field(20, ge=0)
     n_jobs: int = Field(2, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # the range scikit-learn and NumPy take
 
