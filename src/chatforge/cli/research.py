@@ -254,7 +254,8 @@ def evaluate(
                                                   "on (unless its split is predefined)."),
     clinc_keys: str = typer.Option(None, "--clinc-keys", help="CLINC150 lists to read, e.g. val,oos_val."),
     out: Path = typer.Option(None, "--out", help="Report folder (default <run>/eval/<data>-<split>)."),
-    max_examples: int = typer.Option(None, "--max-examples", min=1, help="Evaluate at most this many."),
+    max_examples: int = typer.Option(None, "--max-examples", min=1,
+                                     help="Evaluate the first N only (split named SPLIT-firstN, in its own folder)."),
     cross_fit: int = typer.Option(0, "--cross-fit", min=0, max=100,
                                   help="Also cross-fit the oos policy over this many folds of the data (e.g. 10): "
                                        "honest figures when its threshold was chosen on this split. 0: off."),

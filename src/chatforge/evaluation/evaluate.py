@@ -311,8 +311,10 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
         split = default_split(bundle, data, clinc_keys)
     examples, split_name, data_path = select_examples(bundle.config, data, fmt=fmt, split=split,
                                                       clinc_keys=clinc_keys)
-    if max_examples:
-        examples = examples[:max_examples]
+    base_split = split_name  # what seeds the selection candidates: the run's own figures for that split
+    if max_examples and len(examples) > max_examples:
+        # named as a cut of the split: its own folder, and never ranked by `compare` as the whole split
+        examples, split_name = examples[:max_examples], f"{split_name}-first{max_examples}"
     if not examples:
         raise EvaluationError(f"no examples to evaluate in {data_path} ({split_name})")
     out = Path(out_dir) if out_dir is not None else default_out_dir(bundle_dir, data_path, split_name)
@@ -323,7 +325,7 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
     elif bundle.task in ("generation", "lm"):
         metrics, extra = _generation(bundle, examples, out, title, batch_size, max_new_tokens)
     elif bundle.task == "selection":
-        metrics, extra = _selection(bundle, examples, out, title, split_name)
+        metrics, extra = _selection(bundle, examples, out, title, base_split)
     else:
         raise EvaluationError(f"bundle task {bundle.task!r} cannot be evaluated; allowed: classification, "
                               f"generation, selection")
