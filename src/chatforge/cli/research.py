@@ -381,13 +381,29 @@ def compare(
         lb = C.build_leaderboard(records, metric=metric, split=split)
     except C.CompareError as e:
         _fail(str(e))
-    table = Table(title=f"leaderboard by {lb.metric}" + (f" ({lb.split})" if lb.split else ""))
-    for c in lb.columns:
-        table.add_column(c, justify="left" if c in ("run", "family", "task", "source") else "right")
-    for row in lb.rows:
-        table.add_row(*("-" if row.get(c) is None else f"{row[c]:.4f}" if isinstance(row[c], float)
-                        else str(row[c]) for c in lb.columns))
+    def leaderboard_table(columns: list[str]) -> Table:
+        table = Table(title=f"leaderboard by {lb.metric}" + (f" ({lb.split})" if lb.split else ""))
+        for c in columns:
+            table.add_column(c, justify="left" if c in ("run", "family", "task", "source") else "right")
+        for row in lb.rows:
+            table.add_row(*("-" if row.get(c) is None else f"{row[c]:.4f}" if isinstance(row[c], float)
+                            else str(row[c]) for c in columns))
+        return table
+
+    # Columns that do not fit the terminal are left out from the right (parameters first), never squeezed:
+    # rich would cut every cell, run names and the ranked metric included, to an ellipsis.
+    columns = list(lb.columns)
+    table = leaderboard_table(columns)
+    unbounded = console.options.update_width(1_000_000)
+    while console.measure(table, options=unbounded).maximum > console.width and len(columns) > 2:
+        drop = next(c for c in reversed(columns) if c not in ("run", lb.metric))
+        columns.remove(drop)
+        table = leaderboard_table(columns)
     console.print(table)
+    left_out = [c for c in lb.columns if c not in columns]
+    if left_out:
+        console.print(f"left out to fit {console.width} columns: {', '.join(left_out)} (--md or --csv writes them "
+                      f"all)", highlight=False)
     for path, write in ((md, C.write_markdown), (csv_out, C.write_csv)):
         if path is not None:
             write(lb, path)
