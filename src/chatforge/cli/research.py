@@ -363,7 +363,8 @@ def compare(
     experiment: str = typer.Option(None, "--experiment", help="Only runs of this experiment (or config name)."),
     tag: list[str] = typer.Option([], "--tag", help="key=value filter on config keys or family/task (repeatable)."),
     metric: str = typer.Option("in_scope_accuracy", "--metric", help="Sort by this metric."),
-    split: str = typer.Option(None, "--split", help="Evaluation split to compare (default: the most common)."),
+    split: str = typer.Option(None, "--split", help="Evaluation split to compare (default: the most common); "
+                                                  "on a file other than a run's training data: 'SPLIT of FILE'."),
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="Read runs from this MLflow store instead."),
     md: Path = typer.Option(None, "--md", help="Write the leaderboard as Markdown."),
     csv_out: Path = typer.Option(None, "--csv", help="Write the leaderboard as CSV."),

@@ -4,7 +4,8 @@ A run is a folder written by ``chatforge train`` (``config.yaml``, ``metrics.jso
 plus the reports ``chatforge evaluate`` put in ``<run>/eval/<data>-<split>/evaluation.json``. The
 leaderboard puts one evaluation split side by side for every run (the split most runs were
 evaluated on unless ``split`` is given; a run without it falls back to its training-time
-``metrics.json`` numbers of that same split, marked by the ``source`` column, or shows none), with the parameters that differ between
+``metrics.json`` numbers of that same split, marked by the ``source`` column, or shows none; an evaluation of a
+file other than the run's training data is the split ``SPLIT of FILE``), with the parameters that differ between
 runs, training time, latency per example and bundle size. Runs can also come from MLflow.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from chatforge.data import sample_corpus_path
 from chatforge.evaluation.report import _md_table
 from chatforge.fileio import atomic_write_bytes, atomic_write_text
 
@@ -194,6 +196,16 @@ def _differing_params(records: Sequence[RunRecord]) -> list[str]:
     return out
 
 
+def board_split(rec: RunRecord, ev: dict) -> str:
+    """The split an evaluation stands for on a leaderboard: its split name on the run's own training data, and
+    "SPLIT of FILE" on any other file, so evaluations of different data are never ranked as one split."""
+    split, data, train = ev.get("split"), ev.get("data"), rec.params.get("data.path")
+    train_name = sample_corpus_path().name if train == "sample" else Path(str(train)).name  # as training reads it
+    if not data or not isinstance(train, str) or Path(data).name == train_name:
+        return split
+    return f"{split} of {Path(data).name}"
+
+
 def _metrics_prefix(rec: RunRecord, split: str | None) -> str | None:
     """The metrics.json prefix (``valid``, ``test``, ``dev``) holding a run's training-time figures on the
     leaderboard's ``split``, or None when the run has no such figures: a row never shows another split's."""
@@ -214,12 +226,13 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
         raise CompareError("no runs to compare (check the folders, --experiment and --tag filters)")
     if split is None:
         # dev has its own columns; rank on another split when there is one
-        counts = Counter(e["split"] for r in records for e in r.evaluations if e["split"] != "dev") or Counter(
-            e["split"] for r in records for e in r.evaluations)
+        counts = Counter(board_split(r, e) for r in records for e in r.evaluations
+                         if board_split(r, e) != "dev") or Counter(board_split(r, e) for r in records
+                                                                   for e in r.evaluations)
         split = counts.most_common(1)[0][0] if counts else None
     rows = []
     for r in records:
-        evals = [e for e in r.evaluations if e.get("split") == split]
+        evals = [e for e in r.evaluations if board_split(r, e) == split]
         ev = max(evals, key=lambda e: e.get("created", "")) if evals else None
         row: dict[str, Any] = {"run": Path(r.run).name, "family": r.family, "task": r.task}
         if ev is not None:
@@ -237,7 +250,7 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
                     f"{prefix}_{m}", r.metrics.get(m) if prefix == "valid" else None)
             row["latency_ms"] = None
             row["n"] = None if prefix is None else r.metrics.get(f"{prefix}_examples")
-        dev_evals = [e for e in r.evaluations if e.get("split") == "dev"]
+        dev_evals = [e for e in r.evaluations if board_split(r, e) == "dev"]
         dev = max(dev_evals, key=lambda e: e.get("created", ""))["metrics"] if dev_evals else None
         for m in DEV_METRICS:
             row[m] = dev.get(m.removeprefix("dev_")) if dev is not None else r.metrics.get(m)
