@@ -225,11 +225,13 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
     if not records:
         raise CompareError("no runs to compare (check the folders, --experiment and --tag filters)")
     if split is None:
-        # dev has its own columns; rank on another split when there is one
-        counts = Counter(board_split(r, e) for r in records for e in r.evaluations
-                         if board_split(r, e) != "dev") or Counter(board_split(r, e) for r in records
-                                                                   for e in r.evaluations)
-        split = counts.most_common(1)[0][0] if counts else None
+        # The split most runs were evaluated on, among evaluations that report the metric when some do; dev has
+        # its own columns, so another split when there is one; ties go to a run's own data, then by name.
+        evals = [(r, e) for r in records for e in r.evaluations]
+        evals = [(r, e) for r, e in evals if (e.get("metrics") or {}).get(metric) is not None] or evals
+        counts = Counter(board_split(r, e) for r, e in evals if board_split(r, e) != "dev") or Counter(
+            board_split(r, e) for r, e in evals)
+        split = min(counts, key=lambda k: (-counts[k], " of " in k, k)) if counts else None
     rows = []
     for r in records:
         evals = [e for e in r.evaluations if board_split(r, e) == split]
