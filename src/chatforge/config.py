@@ -422,8 +422,21 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None) -> dict[s
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
-        _set_path(tree, key, _yaml_value(raw) if raw != "" else None)
+        _set_path(tree, key, _override_value(item, raw))
     return tree
+
+
+def _override_value(item: str, raw: str) -> Any:
+    """The value of ``key=raw`` parsed as YAML; one line naming the override when it is not YAML."""
+    if raw == "":
+        return None
+    try:
+        return _yaml_value(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        key = item.split("=", 1)[0].strip()
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); to pass it as text, quote "
+                          f"it for YAML: --set \"{key}='...'\"") from None
 
 
 def _allowed_keys(model_cls: type[BaseModel] | None) -> str:
