@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from chatforge.data import sample_corpus_path
+from chatforge.evaluation.plots import text_fonts
 from chatforge.evaluation.report import _md_table
 from chatforge.fileio import atomic_write_bytes, atomic_write_text
 
@@ -326,7 +327,7 @@ def learning_curves_png(records: Sequence[RunRecord], keys: Sequence[str] = ("va
         ax.set_ylabel(key)
         ax.set_title(key if plotted else f"{key}: no per-epoch history in these runs", fontsize=9)
         if plotted:
-            ax.legend(fontsize=7)
+            ax.legend(prop={"size": 7, "family": text_fonts()})  # run names may be Korean
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return buf.getvalue()

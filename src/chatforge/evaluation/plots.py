@@ -5,10 +5,27 @@ Each function returns PNG bytes so the caller decides where (and how atomically)
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 
 import numpy as np
+
+# Fonts with Hangul, tried after DejaVu Sans (matplotlib's default, no Hangul) for the glyphs it lacks, so Korean
+# labels, titles and run names are drawn instead of empty boxes; the first installed ones are used.
+HANGUL_FONTS = ("Noto Sans CJK KR", "Noto Sans KR", "Source Han Sans KR", "NanumGothic", "NanumBarunGothic",
+                "Malgun Gothic", "Apple SD Gothic Neo", "AppleGothic", "UnDotum", "Baekmuk Gulim",
+                "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC")
+
+
+@functools.cache
+def text_fonts() -> list[str]:
+    """Font families for text in plots: DejaVu Sans, then the installed fonts of ``HANGUL_FONTS``."""
+    # lazy: matplotlib takes seconds to import; only figures need it
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *(name for name in HANGUL_FONTS if name in installed)]
 
 
 def _figure(figsize: tuple[float, float]):
@@ -60,13 +77,13 @@ def confusion_matrix_png(cm: Sequence[Sequence[int]], labels: Sequence[str], top
     np.fill_diagonal(errors, 0)
     im = ax.imshow(errors, cmap="Reds", interpolation="nearest", vmin=0, vmax=max(1, int(errors.max())))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(k), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(k), names, fontsize=7)
+    ax.set_xticks(range(k), names, rotation=90, fontsize=7, fontfamily=text_fonts())
+    ax.set_yticks(range(k), names, fontsize=7, fontfamily=text_fonts())
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     subtitle = f"top {k} most-confused of {k_all} labels" if k < k_all else f"{k_all} labels"
     subtitle += "; colour = errors, grey = correct"
-    ax.set_title(f"{title}\n{subtitle}" if title else subtitle, fontsize=9)
+    ax.set_title(f"{title}\n{subtitle}" if title else subtitle, fontsize=9, fontfamily=text_fonts())
     if k <= 40:  # numbers stop being legible beyond that
         vmax = errors.max() if errors.size else 0
         for i in range(k):
@@ -89,7 +106,8 @@ def confidence_histogram_png(hist: dict, title: str = "") -> bytes:
     ax.set_xlim(0, 1)
     ax.set_xlabel("confidence (probability of the predicted label)")
     ax.set_ylabel("examples")
-    ax.set_title(f"{title} (ECE {hist['ece']:.3f})" if title else f"ECE {hist['ece']:.3f}", fontsize=9)
+    ax.set_title(f"{title} (ECE {hist['ece']:.3f})" if title else f"ECE {hist['ece']:.3f}", fontsize=9,
+                 fontfamily=text_fonts())
     ax.legend()
     return _png(fig)
 
@@ -124,7 +142,7 @@ def oos_tradeoff_png(curves: dict[str, tuple[Sequence[float], Sequence[float]]],
     ax.set_xlabel("OOS recall (%)")
     ax.set_ylabel("in-scope accuracy (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="lower left", prop={"size": 8, "family": text_fonts()})
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontfamily=text_fonts())
     return _png(fig)
