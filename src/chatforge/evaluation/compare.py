@@ -312,6 +312,7 @@ def learning_curves_png(records: Sequence[RunRecord], keys: Sequence[str] = ("va
     # lazy: matplotlib takes seconds to import; only figures need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.0 * len(keys), 4.0), dpi=100)
     FigureCanvasAgg(fig)
@@ -324,6 +325,7 @@ def learning_curves_png(records: Sequence[RunRecord], keys: Sequence[str] = ("va
                 ax.plot(*zip(*pts, strict=True), marker="o", label=Path(r.run).name)
                 plotted += 1
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no ticks between epochs
         ax.set_ylabel(key)
         ax.set_title(key if plotted else f"{key}: no per-epoch history in these runs", fontsize=9)
         if plotted:
