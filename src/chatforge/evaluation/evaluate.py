@@ -86,7 +86,10 @@ def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: s
               context_field=d.context_field, on_error=d.on_error)
     fmt = fmt if data is not None else d.format
     if clinc_keys:
-        examples, _ = read_examples(path, format=fmt, clinc_keys=tuple(clinc_keys), **kw)
+        examples, report = read_examples(path, format=fmt, clinc_keys=tuple(clinc_keys), **kw)
+        if report.format != "clinc150":  # the reader of any other format has no lists to pick: it read every row
+            raise EvaluationError(f"--clinc-keys reads lists of a CLINC150 JSON file; {path} is {report.format}: "
+                                  f"use --split (valid, test or all) instead")
         return examples, "+".join(clinc_keys), path
     clinc = fmt == "clinc150" or (fmt == "auto" and path.suffix.lower() == ".json")
     if split == "all" and (d.split != "predefined" or not clinc):  # a file without the predefined lists: whole
