@@ -74,6 +74,18 @@ class InvalidRequestError(EngineError):
     """The request is malformed (empty text, too long, options out of range)."""
 
 
+QUOTED_CHARS = 64  # how much of a client's value an error message quotes
+
+
+def quoted(value: str, limit: int = QUOTED_CHARS) -> str:
+    """``repr(value)``, shortened past ``limit`` characters to its start and its length: error messages
+    travel back in the status's details (gRPC trailers, which a client refuses past 16 KiB), so a
+    client's long model name or role must not be echoed whole."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def check_unicode(text: str, field: str = "text") -> None:
     """Refuse a lone UTF-16 surrogate (JSON's ``"\\ud800"`` without its pair): it is no character, a
     tokenizer cannot take it and UTF-8 cannot store it. gRPC never delivers one (proto strings are
@@ -455,12 +467,12 @@ class Engine:
         names = sorted([*self._generators, *self.retrievers])
         if not names:
             raise NoModelForTaskError("Reply is not available: this server hosts no generation or selection model")
-        raise ModelNotFoundError(f"no generation or selection model named {model!r}; available: {', '.join(names)}")
+        raise ModelNotFoundError(f"no generation or selection model named {quoted(model)}; available: {', '.join(names)}")
 
     def runner_kind(self, name: str) -> str:
         slot = self._generators.get(name) or self._classifiers.get(name)
         if slot is None:
-            raise ModelNotFoundError(f"no model named {name!r}")
+            raise ModelNotFoundError(f"no model named {quoted(name)}")
         return slot.runner.kind
 
     @property
@@ -520,7 +532,7 @@ class Engine:
                                       "(send the latest ones)")
         for i, (role, text) in enumerate(turns):
             if role not in CONTEXT_ROLES:
-                raise InvalidRequestError(f"{field}[{i}].role is {role!r}; allowed: {', '.join(CONTEXT_ROLES)}")
+                raise InvalidRequestError(f"{field}[{i}].role is {quoted(role)}; allowed: {', '.join(CONTEXT_ROLES)}")
             self.check_text(text, field=f"{field}[{i}].text")
 
     def _check_tokens(self, n: int, name: str, model_limit: int, field: str = "text") -> None:
@@ -550,7 +562,7 @@ class Engine:
             raise NoModelForTaskError(f"{rpc} is not available: this server hosts no {task} model")
         name = model or next(iter(slots))
         if name not in slots:
-            raise ModelNotFoundError(f"no {task} model named {name!r}; available: {', '.join(sorted(slots))}")
+            raise ModelNotFoundError(f"no {task} model named {quoted(name)}; available: {', '.join(sorted(slots))}")
         return slots[name]
 
     def _submit(self, slots: Mapping[str, _Slot], name: str, req: Any, per_request: bool = False) -> _Slot:

@@ -71,6 +71,11 @@ FAILURE_REASON_BY_CODE: dict[grpc.StatusCode, str] = {
 
 CHATBOT_PREFIX = "/chatforge.v1.Chatbot/"
 
+# A status's details travel percent-encoded in the trailers, and a gRPC client refuses trailers past 16 KiB: the
+# call would then fail RESOURCE_EXHAUSTED "Stream removed" on the client, whatever the server answered. 1,000
+# characters stay under that limit even when each is a 4-byte UTF-8 character encoded as %XX%XX%XX%XX.
+MAX_DETAILS_CHARS = 1000
+
 
 class DrainingError(EngineUnavailableError):
     """The server is draining (SIGTERM): new calls go elsewhere (UNAVAILABLE is retried)."""
@@ -161,7 +166,10 @@ def status_for(exc: BaseException, request_id: str | None = None) -> tuple[grpc.
     """
     for cls, code in STATUS_BY_ERROR:
         if isinstance(exc, cls):
-            return code, str(exc)
+            message = str(exc)
+            if len(message) > MAX_DETAILS_CHARS:
+                message = message[:MAX_DETAILS_CHARS - 3] + "..."
+            return code, message
     suffix = f" (request id {request_id})" if request_id else ""
     return grpc.StatusCode.INTERNAL, f"internal error{suffix}"
 
