@@ -20,7 +20,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chatforge.context import REQUEST_ID_METADATA_KEY, SESSION_ID_METADATA_KEY, new_request_id, request_id_var
+from chatforge.context import (
+    REQUEST_ID_METADATA_KEY,
+    SESSION_ID_METADATA_KEY,
+    new_request_id,
+    request_id_var,
+    session_id_var,
+)
 from chatforge.predictions import ClassPrediction  # not chatforge.inference: that imports torch
 from chatforge.v1 import chatbot_pb2 as pb
 from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
@@ -294,17 +300,19 @@ class ChatbotClient:
         # "사용자-1" travels in the field only.
         if session_id and session_id.isascii() and session_id.isprintable():
             md.append((SESSION_ID_METADATA_KEY, session_id))
-        self._log(rid, logging.DEBUG, "calling %s on %s", rpc, self.target, rpc=rpc)
+        self._log(rid, logging.DEBUG, "calling %s on %s", rpc, self.target, rpc=rpc, session_id=session_id)
         return rid, tuple(md)
 
-    def _log(self, rid: str, level: int, msg: str, *args, **extra) -> None:
-        # The id in the contextvar as well as in `extra`: JSON logs read it from the contextvar,
-        # so the client's line matches the API's and the engine's lines for the same call.
-        token = request_id_var.set(rid)
+    def _log(self, rid: str, level: int, msg: str, *args, session_id: str | None = None, **extra) -> None:
+        # The ids in the contextvars as well as in `extra`: JSON logs read them from the contextvars,
+        # so the client's line matches the API's and the engine's lines for the same call (request id
+        # and, for a Reply that names one, session id).
+        tokens = (request_id_var.set(rid), session_id_var.set(session_id or None))
         try:
-            logger.log(level, msg, *args, extra={"request_id": rid, **extra})
+            logger.log(level, msg, *args, extra={"request_id": rid, "session_id": session_id or None, **extra})
         finally:
-            request_id_var.reset(token)
+            session_id_var.reset(tokens[1])
+            request_id_var.reset(tokens[0])
 
     def _remember(self, call, sent_id: str) -> str:
         """The server's request id: in the headers of a response, in the trailers of any call."""
@@ -321,11 +329,11 @@ class ChatbotClient:
         self.last_request_id = rid
         return rid
 
-    def _error(self, e: grpc.RpcError, sent_id: str) -> ChatbotError:
+    def _error(self, e: grpc.RpcError, sent_id: str, session_id: str | None = None) -> ChatbotError:
         rid = self._remember(e, sent_id)
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = e.details() if hasattr(e, "details") else str(e)
-        self._log(rid, logging.DEBUG, "call failed: %s", code.name, grpc_code=code.name)
+        self._log(rid, logging.DEBUG, "call failed: %s", code.name, grpc_code=code.name, session_id=session_id)
         return ChatbotError(code, details or "", rid)
 
     def _unary(self, method, request, request_id: str | None, rpc: str, *, idempotent: bool = False):
@@ -347,7 +355,8 @@ class ChatbotClient:
     def _time_left(deadline: float | None) -> float | None:
         return None if deadline is None else max(0.001, deadline - time.monotonic())
 
-    def _should_retry(self, e: grpc.RpcError, attempt: int, deadline: float | None, rid: str, rpc: str) -> bool:
+    def _should_retry(self, e: grpc.RpcError, attempt: int, deadline: float | None, rid: str, rpc: str,
+                      session_id: str | None = None) -> bool:
         """True (after a backoff) if a call that failed with ``e`` may be sent again."""
         code = e.code() if hasattr(e, "code") else None
         if code not in _DROPPED_CODES or attempt >= CALL_ATTEMPTS or self._closed:
@@ -360,7 +369,8 @@ class ChatbotClient:
         if deadline is not None and time.monotonic() + backoff >= deadline:
             return False  # no time left for another attempt: the caller's deadline wins
         self._log(rid, logging.INFO, "%s failed with %s (%s); retrying, attempt %d of %d", rpc, code.name,
-                  e.details() if hasattr(e, "details") else "", attempt + 1, CALL_ATTEMPTS, rpc=rpc)
+                  e.details() if hasattr(e, "details") else "", attempt + 1, CALL_ATTEMPTS, rpc=rpc,
+                  session_id=session_id)
         time.sleep(backoff)  # backoff between attempts, not synchronisation
         self._await_channel(deadline)
         return True
@@ -427,10 +437,11 @@ class ChatbotClient:
                 return
             except grpc.RpcError as e:
                 # Retried only while nothing reached the caller: a reply is never duplicated or spliced.
-                if not received and self._should_retry(e, attempt, deadline, rid, "/chatforge.v1.Chatbot/Reply"):
+                if not received and self._should_retry(e, attempt, deadline, rid, "/chatforge.v1.Chatbot/Reply",
+                                                        session_id):
                     attempt += 1
                     continue
-                raise self._error(e, rid) from None
+                raise self._error(e, rid, session_id) from None
             finally:
                 # A no-op when the call finished; otherwise the consumer left early: tell the server.
                 call.cancel()
