@@ -8,6 +8,7 @@ while the request is handled (API and engine alike) carries it.
 from __future__ import annotations
 
 import contextvars
+import re
 import uuid
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
@@ -18,6 +19,16 @@ MAX_SESSION_ID_CHARS = 128
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 session_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("session_id", default=None)
+
+
+# A request id a caller may choose: it is written into every log line of the call, so only short, plain ids; the
+# server replaces any other with one of its own, and gRPC refuses a header value outside printable ASCII.
+REQUEST_ID_CHARS = "1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def is_valid_request_id(value: object) -> bool:
+    return isinstance(value, str) and _REQUEST_ID.fullmatch(value) is not None
 
 
 def new_request_id() -> str:

@@ -251,8 +251,12 @@ def test_request_id_is_echoed_and_logged(server, caplog):
             client.health()
             generated = client.last_request_id
             assert generated and generated != "req-abc.123"
-            client.health(request_id="bad id with spaces")  # not echoed into logs: replaced
-            assert client.last_request_id != "bad id with spaces"
+            with pytest.raises(ValueError, match="request_id"):  # the client refuses what the server would replace
+                client.health(request_id="bad id with spaces")
+        with grpc.insecure_channel(server.target) as channel:  # another client's: not echoed into logs, replaced
+            _, call = health_pb2_grpc.HealthStub(channel).Check.with_call(
+                health_pb2.HealthCheckRequest(), timeout=WAIT, metadata=(("x-request-id", "bad id with spaces"),))
+            assert dict(call.trailing_metadata())["x-request-id"] not in ("", "bad id with spaces")
         # The log line is written when the call finishes, which may be just after the client saw it.
         server.run(_noop())
     records = [r for r in caplog.records if getattr(r, "request_id", None) == "req-abc.123"]

@@ -21,8 +21,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatforge.context import (
+    REQUEST_ID_CHARS,
     REQUEST_ID_METADATA_KEY,
     SESSION_ID_METADATA_KEY,
+    is_valid_request_id,
     new_request_id,
     request_id_var,
     session_id_var,
@@ -132,6 +134,15 @@ def _answered_by_server(e: grpc.RpcError) -> bool:
     except Exception:  # noqa: BLE001 - no trailers on an error raised before the call
         return False
     return any(k == REQUEST_ID_METADATA_KEY for k, _ in trailers)
+
+
+def _checked_request_id(request_id: str | None) -> str | None:
+    """A caller's request id, if the server will keep it: the server replaces any other with its own (so the
+    caller's log lines and the server's would name different ids), and gRPC fails a call whose header value is
+    not printable ASCII with a bare INTERNAL "Invalid metadata"."""
+    if request_id and not is_valid_request_id(request_id):
+        raise ValueError(f"request_id={request_id!r} is invalid; allowed: {REQUEST_ID_CHARS}")
+    return request_id
 
 
 def _is_multi_address(target: str) -> bool:
@@ -245,7 +256,7 @@ class ChatbotClient:
                 raise ValueError("api_key is empty; allowed: a non-empty key or None")
             md.append(("authorization", f"Bearer {api_key.strip()}"))
         self._metadata = tuple(md)
-        self._request_id = request_id
+        self._request_id = _checked_request_id(request_id)
         self.last_request_id: str | None = None
         multi = _is_multi_address(target)
         self.health_check = multi if health_check is None else health_check
@@ -293,7 +304,7 @@ class ChatbotClient:
     # ------------------------------------------------------------------ helpers
 
     def _call_metadata(self, request_id: str | None, session_id: str | None = None, rpc: str = ""):
-        rid = request_id or self._request_id or new_request_id()
+        rid = _checked_request_id(request_id) or self._request_id or new_request_id()
         md = [*self._metadata, (REQUEST_ID_METADATA_KEY, rid)]
         # The header is a copy for proxies and logs; ReplyRequest.session_id carries the id itself. gRPC
         # refuses a header value outside printable ASCII (the whole call fails INTERNAL), so an id such as

@@ -18,7 +18,6 @@ import asyncio
 import contextvars
 import inspect
 import logging
-import re
 import time
 from collections.abc import Callable
 
@@ -29,6 +28,7 @@ from chatforge.context import (
     MAX_SESSION_ID_CHARS,
     REQUEST_ID_METADATA_KEY,
     SESSION_ID_METADATA_KEY,
+    is_valid_request_id,
     new_request_id,
     request_id_var,
     session_id_var,
@@ -154,10 +154,6 @@ class CallInfo:
 current_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("chatforge_call", default=None)
 
 
-# A client-chosen id ends up in logs: accept only short, plain ids, otherwise make our own.
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-
-
 def status_for(exc: BaseException, request_id: str | None = None) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception raised by a handler.
 
@@ -177,7 +173,7 @@ def status_for(exc: BaseException, request_id: str | None = None) -> tuple[grpc.
 def pick_request_id(metadata) -> str:
     """The caller's ``x-request-id`` if it is a plain id, else a new one."""
     for key, value in metadata or ():
-        if key == REQUEST_ID_METADATA_KEY and isinstance(value, str) and _VALID_REQUEST_ID.match(value):
+        if key == REQUEST_ID_METADATA_KEY and is_valid_request_id(value):
             return value
     return new_request_id()
 
