@@ -93,10 +93,22 @@ def jandi_payload(alert: Alert, server_name: str) -> dict[str, Any]:
     }
 
 
+def slack_escape(text: str) -> str:
+    """``&``, ``<`` and ``>`` as Slack's HTML entities: Slack reads them as control characters in message text
+    (``<!channel>`` notifies the whole channel, ``<url|text>`` is a link), and an exception message may quote what
+    a client sent. https://api.slack.com/reference/surfaces/formatting#escaping"""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def slack_payload(alert: Alert, server_name: str) -> dict[str, Any]:
     """Slack incoming-webhook body: ``text`` fallback plus a coloured attachment of blocks."""
-    headline = alert.headline(server_name)
-    details = alert.full_description()[:2900]  # Slack section text is capped at 3000 chars
+    headline = slack_escape(alert.headline(server_name))
+    details = slack_escape(alert.full_description())
+    if len(details) > 2900:  # Slack section text is capped at 3000 chars
+        details = details[:2900]
+        amp = details.rfind("&", -5)
+        if amp >= 0 and ";" not in details[amp:]:
+            details = details[:amp]  # never half an entity
     return {
         "text": headline,
         "attachments": [{
