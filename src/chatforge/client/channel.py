@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatforge.context import (
+    MAX_SESSION_ID_CHARS,
     REQUEST_ID_CHARS,
     REQUEST_ID_METADATA_KEY,
     SESSION_ID_METADATA_KEY,
@@ -308,8 +309,10 @@ class ChatbotClient:
         md = [*self._metadata, (REQUEST_ID_METADATA_KEY, rid)]
         # The header is a copy for proxies and logs; ReplyRequest.session_id carries the id itself. gRPC
         # refuses a header value outside printable ASCII (the whole call fails INTERNAL), so an id such as
-        # "사용자-1" travels in the field only.
-        if session_id and session_id.isascii() and session_id.isprintable():
+        # "사용자-1" travels in the field only; so does an over-long id, which the server then refuses naming the
+        # field the caller set (the header is checked first, and its error would name a header the caller never saw).
+        if (session_id and session_id.isascii() and session_id.isprintable()
+                and len(session_id) <= MAX_SESSION_ID_CHARS):
             md.append((SESSION_ID_METADATA_KEY, session_id))
         self._log(rid, logging.DEBUG, "calling %s on %s", rpc, self.target, rpc=rpc, session_id=session_id)
         return rid, tuple(md)
