@@ -236,6 +236,23 @@ class _Runner:
             self.stats.update(running=len(taken))
         return taken
 
+    def withdraw(self, item: Any) -> bool:
+        """Take back a waiting request whose consumer went away (deadline, cancel); True if it was waiting.
+
+        Its queue place is free at once: left in the queue until a running request finished (the admission loop
+        drops it then), it made the model refuse new requests as overloaded while nobody waited, and counted
+        as waiting in the engine's stats and the metrics."""
+        with self._cond:
+            try:
+                self._waiting.remove(item)  # requests compare by identity (eq=False)
+            except ValueError:
+                return False  # running, finished or never queued: the runner sees ``cancelled`` itself
+            self.stats.update(waiting=-1, dropped=1)
+            self.metrics.request_dequeued(self.name, time.perf_counter() - item.enqueued)
+            self._cond.notify_all()
+        _log(item, logging.INFO, "request dropped before it ran", model=self.name, outcome="dropped")
+        return True
+
     def _observe_batch(self, size: int) -> None:
         self.metrics.batch(self.name, size)
         with self.stats.cond:

@@ -565,14 +565,17 @@ class Engine:
             raise ModelNotFoundError(f"no {task} model named {quoted(name)}; available: {', '.join(sorted(slots))}")
         return slots[name]
 
-    def _submit(self, slots: Mapping[str, _Slot], name: str, req: Any, per_request: bool = False) -> _Slot:
+    def _submit(self, slots: Mapping[str, _Slot], name: str, req: Any, per_request: bool = False
+                ) -> tuple[_Slot, Any]:
+        """Submit ``req`` to ``name``'s runner; the slot and the runner that took it."""
         # A hot swap may drain the slot we resolved between resolving and submitting: the
         # request then goes to the version that replaced it, so a swap never fails a request.
         for _ in range(3):
             slot = slots[name]
+            runner = slot.fallback if per_request and slot.fallback is not None else slot.runner
             try:
-                (slot.fallback if per_request and slot.fallback is not None else slot.runner).submit(req)
-                return slot
+                runner.submit(req)
+                return slot, runner
             except OverloadedError as e:
                 raise EngineOverloadedError(str(e)) from None
             except RunnerClosedError:
@@ -690,7 +693,7 @@ class Engine:
 
         req = GenRequest(text=text, prompt_ids=prompt, options=options, emit=emit, detok=detok,
                          prompt_tokens=n_prompt, sink=sink, deliver=deliver, turns=turns)
-        slot = self._submit(self._generators, slot.name, req, per_request=beams)
+        slot, runner = self._submit(self._generators, slot.name, req, per_request=beams)
         if on_start is not None:
             on_start(ReplyDone("", n_prompt, 0, slot.name, slot.version, intent, intent_score, path, path_score,
                                n_context))
@@ -719,6 +722,7 @@ class Engine:
             req.cancelled.set()
             if not ended:
                 self.stats.update(abandoned=1)
+                runner.withdraw(req)  # still queued: its place is free now, not when a running reply ends
 
     async def _policy_classify(self, name: str, text: str) -> ClassPrediction:
         [pred] = await self.classify([text], name)
@@ -767,11 +771,13 @@ class Engine:
             sink.post(settle, (result, error))
 
         req = ClassifyRequest(list(texts), done)
-        slot = self._submit(self._classifiers, slot.name, req)
+        slot, runner = self._submit(self._classifiers, slot.name, req)
         try:
             preds = await future
         finally:
             req.cancelled.set()
+            if not future.done():
+                runner.withdraw(req)  # the caller went away while it was queued
         return preds, HostedModel(slot.name, slot.model.info, slot.name == self.default_classifier)
 
     # ------------------------------------------------------------------ hot swap
