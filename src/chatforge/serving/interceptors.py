@@ -265,7 +265,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             behavior = getattr(handler, kind)
             if behavior is None:
                 continue
-            wrapped = _wrap(behavior, _CallScope(self, rpc, request_id, session_id, metadata, session_error))
+            wrapped = _wrap(behavior, _CallScope(self, rpc, request_id, session_id, metadata, session_error),
+                            streaming_request=kind.startswith("stream_"))
             if wrapped is None:  # a sync handler (run in a thread): leave it alone
                 return handler
             return factory(
@@ -416,7 +417,16 @@ def _code_of(exc: BaseException, context) -> grpc.StatusCode | None:
     return None  # AbortError: the code was set on the context by abort()
 
 
-def _wrap(behavior, scope: _CallScope):
+async def _checked_requests(requests, scope: _CallScope):
+    """A client stream's messages, each checked as :func:`_check_request` checks a unary request: a message that
+    did not decode raises InvalidRequestError when the handler reaches it, instead of reaching the handler (the
+    reflection servicer failed INTERNAL on it, with an ERROR and a critical alert)."""
+    async for request in requests:
+        _check_request(request, scope)
+        yield request
+
+
+def _wrap(behavior, scope: _CallScope, *, streaming_request: bool = False):
     if inspect.isasyncgenfunction(behavior):
 
         async def wrapped_gen(request, context):
@@ -425,7 +435,10 @@ def _wrap(behavior, scope: _CallScope):
             ctx = _IdContext(context, scope.metadata)
             try:
                 scope.admit()
-                _check_request(request, scope)
+                if streaming_request:
+                    request = _checked_requests(request, scope)
+                else:
+                    _check_request(request, scope)
                 # No separate headers for streams either (see _IdContext).
                 async for response in behavior(request, ctx):
                     yield response
@@ -447,7 +460,10 @@ def _wrap(behavior, scope: _CallScope):
             ctx = _IdContext(context, scope.metadata)
             try:
                 scope.admit()
-                _check_request(request, scope)
+                if streaming_request:
+                    request = _checked_requests(request, scope)
+                else:
+                    _check_request(request, scope)
                 # No separate headers for unary calls: grpc then sends headers, the message and
                 # the trailers (which carry the request id) in one batch. Headers sent on their
                 # own commit the call, so a replica killed between the two writes failed a call
