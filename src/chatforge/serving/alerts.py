@@ -323,18 +323,33 @@ class AlertManager:
         return True
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush, then stop the worker. Later alerts are logged and dropped."""
+        """Flush, then stop the worker, within ``timeout`` seconds in all. Later alerts are logged and dropped.
+
+        What a hanging webhook left unsent by then is dropped (counted in ``dropped``), not posted one
+        ``self.timeout`` at a time: a shutdown must end within its grace period whatever the webhook does."""
         if self._closed:
             return
+        deadline = time.monotonic() + timeout
         self.flush(timeout)
         self._closed = True
-        if self._thread is not None:
-            try:
-                self._queue.put(_STOP, timeout=timeout)
-            except queue.Full:
-                log.warning("alert worker did not stop: queue full")
-                return
-            self._thread.join(timeout)
+        if self._thread is None:
+            return
+        unsent = 0
+        with self._done:
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                unsent += 1
+                self._outstanding -= 1
+            self.dropped += unsent
+            self._done.notify_all()
+        if unsent:
+            log.warning("%d alert(s) not sent before close: the webhook did not answer in time", unsent,
+                        extra={"dropped": unsent})
+        self._queue.put_nowait(_STOP)  # the queue was just emptied: the worker stops after its current POST
+        self._thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> AlertManager:
         return self

@@ -100,6 +100,11 @@ RUNNER_JOIN_TIMEOUT = 10.0
 # outage (then waiting is mostly futile, and a drain must end inside compose's/Kubernetes' grace period).
 STORE_FLUSH_TIMEOUT = 30.0
 STORE_OUTAGE_FLUSH_TIMEOUT = 2.0
+# Alerts get ALERTS_FLUSH_TIMEOUT to go out during the drain, and ALERTS_CLOSE_TIMEOUT more when the process ends: a
+# webhook that hangs must not hold a shutdown past its grace period (deploy/k8s: 30 s, 20 of them preStop, drain
+# delay and grace).
+ALERTS_FLUSH_TIMEOUT = 5.0
+ALERTS_CLOSE_TIMEOUT = 2.0
 
 LIVENESS, READINESS = "", SERVICE_NAME
 HEALTH_SERVICES = (LIVENESS, READINESS)
@@ -402,7 +407,7 @@ class ChatbotServer:
             if not await asyncio.to_thread(self.store.flush, wait):
                 logger.error("conversation store flush timed out during shutdown")
         if self.alerts is not None:
-            await asyncio.to_thread(self.alerts.flush, 5.0)
+            await asyncio.to_thread(self.alerts.flush, ALERTS_FLUSH_TIMEOUT)
         if self.metrics_http is not None:
             self.metrics_http.stop()
         await self.health.enter_graceful_shutdown()  # liveness last: the process is about to exit
@@ -628,4 +633,4 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
     finally:
         store = ops["store"]
         store.close(timeout=STORE_FLUSH_TIMEOUT if store.available else STORE_OUTAGE_FLUSH_TIMEOUT)
-        ops["alerts"].close()
+        ops["alerts"].close(timeout=ALERTS_CLOSE_TIMEOUT)
