@@ -169,7 +169,8 @@ class ChatbotError(Exception):
         self.code = code
         self.details = details
         self.request_id = request_id
-        rid = f" [request id {request_id}]" if request_id else ""
+        # The server's INTERNAL details already name the id ("internal error (request id X)"): say it once.
+        rid = f" [request id {request_id}]" if request_id and request_id not in details else ""
         super().__init__(f"{code.name}: {details}{rid}")
 
 
