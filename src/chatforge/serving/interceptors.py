@@ -1,8 +1,8 @@
 """Server interceptor: request ids, auth, drain gate, one log line and metrics per call,
 domain errors -> status codes, alerts on unexpected errors.
 
-The request id is returned in the response headers (with the first message) and in the
-trailers (always, errors included).
+The request id is returned in the trailers (always, errors included), and in the headers only
+when a handler sends headers of its own (see :class:`_IdContext`).
 
 Why the error mapping lives here and works for streaming RPCs too: a grpc.aio
 interceptor only receives the method handler, not the call, so it wraps the
@@ -231,7 +231,7 @@ def _check_request(request, scope: _CallScope) -> None:
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    """Sets the request id, echoes it in initial metadata, logs each call, maps errors.
+    """Sets the request id, echoes it in the trailers, logs each call, maps errors.
 
     Each call produces one record on ``chatforge.serving.interceptors`` (INFO for Chatbot
     calls, DEBUG for health and reflection, which balancers call every second) with
