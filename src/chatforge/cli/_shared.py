@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import typer
@@ -49,9 +50,10 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _check_seconds(option: str, value: float | None) -> None:
-    """Deadlines and intervals must be > 0: one line and exit 2 here, not the library's traceback."""
-    if value is not None and not value > 0:
-        _fail(f"{option} {value:g} is out of range; allowed: seconds > 0, e.g. {option} 3")
+    """Deadlines and intervals must be finite and > 0: one line and exit 2 here, not the library's traceback (an
+    infinite deadline failed every call at once with DEADLINE_EXCEEDED)."""
+    if value is not None and not 0 < value < math.inf:
+        _fail(f"{option} {value:g} is out of range; allowed: a finite number of seconds > 0, e.g. {option} 3")
 
 
 @app.callback()

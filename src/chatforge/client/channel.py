@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -248,8 +249,9 @@ class ChatbotClient:
     ) -> None:
         if not target or not isinstance(target, str):
             raise ValueError(f"target={target!r} is invalid; allowed: 'host:port', e.g. '127.0.0.1:50051'")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout={timeout!r} is out of range; allowed: seconds > 0 or None")
+        if timeout is not None and not 0 < timeout < math.inf:  # inf and NaN failed every call DEADLINE_EXCEEDED
+            raise ValueError(f"timeout={timeout!r} is out of range; allowed: a finite number of seconds > 0, or None "
+                             "(the per-method defaults)")
         self.target = target
         self.timeout = timeout
         md = list(metadata or ())

@@ -99,8 +99,8 @@ class LoadTestConfig:
             raise LoadTestError(f"connections={self.connections} is out of range; allowed: an integer >= 1")
         if self.rps is not None and not self.rps > 0:
             raise LoadTestError(f"rps={self.rps} is out of range; allowed: requests per second > 0")
-        if not self.timeout > 0:
-            raise LoadTestError(f"timeout={self.timeout} is out of range; allowed: seconds > 0")
+        if not 0 < self.timeout < math.inf:  # an infinite deadline failed every call at once
+            raise LoadTestError(f"timeout={self.timeout} is out of range; allowed: a finite number of seconds > 0")
         if self.rpc != "health" and not self.texts:
             raise LoadTestError(f"rpc={self.rpc!r} needs input texts; none were given")
         if ":" not in self.target:
