@@ -30,7 +30,7 @@ import socket
 import ssl
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import aclosing
 from datetime import datetime
 from importlib import resources
@@ -112,6 +112,10 @@ class FieldError(InvalidRequestError):
 
 class DeadlineExceededError(Exception):
     """The ``X-Request-Timeout`` the client gave passed before the reply was complete."""
+
+
+class ClientGoneError(Exception):
+    """The client closed its connection before its (non-streamed) reply was complete."""
 
 
 # ------------------------------------------------------------------------------------ schemas
@@ -738,6 +742,33 @@ class SseResponse:
                 return
 
 
+async def _until_disconnect(receive) -> None:
+    """Returns once the server says the client is gone (``http.disconnect``). Called after the body is read, so
+    nothing else is taken from ``receive``."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
+    """``work``'s result, or :class:`ClientGoneError` once the client disconnects first: ``work`` is cancelled (its
+    engine stream closes and the batcher drops the sequence, as for a stream whose client left). Without this a
+    non-streamed reply ran to its max_tokens for nobody: an SDK that timed out (and retried) held a slot each time.
+    The request's body must have been read."""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(work)
+    watcher = loop.create_task(_until_disconnect(request.receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # the client is gone, or this handler is cancelled (server shutdown)
+            task.cancel()
+            await asyncio.wait((task,))
+    if task.cancelled():
+        raise ClientGoneError("the client disconnected before the reply was complete")
+    return task.result()
+
+
 # ---------------------------------------------------------------------------------- the surface
 GRPC_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc's default receive limit, which --max-message-bytes sets
 
@@ -1174,40 +1205,46 @@ class HttpSurface:
             turns = [t for role, t in history if role in CONTEXT_ROLES][-MAX_CONTEXT_TURNS:]
             started: list[ReplyDone] = []  # what the engine knows before the model's first token
             stream = engine.stream_reply(text, options, body.model or None, turns, on_start=started.append)
-            # The first item is awaited here, before any byte is sent, so that everything the
-            # engine refuses up front (validation, unknown model, overload) gets its HTTP status.
-            try:
-                first = await self._next(stream, call)
-            except BaseException:
-                await stream.aclose()
-                raise
+            if not body.stream:  # the whole reply, given up once the client is gone (as a stream is)
+                reply = await _unless_gone(request, self._complete(
+                    stream, call, lambda: _Reply(call, body, text, stops, engine, history, started)))
+            else:
+                # The first item is awaited here, before any byte is sent, so that everything the
+                # engine refuses up front (validation, unknown model, overload) gets its HTTP status.
+                try:
+                    first = await self._next(stream, call)
+                except BaseException:
+                    await stream.aclose()
+                    raise
         except StarletteHTTPException:  # FastAPI's answer to a body it cannot read (the call is finished)
             raise
+        except ClientGoneError:  # the sequence is dropped; no one reads a response
+            call.finish(grpc.StatusCode.CANCELLED, 499)
+            return Response(status_code=499)
         except Exception as e:  # noqa: BLE001
             return call.fail(e)
         except asyncio.CancelledError:
             call.finish(grpc.StatusCode.CANCELLED, 499)
             raise
+        if not body.stream:
+            self._finish_reply(call, reply)
+            return JSONResponse(reply.completion(), headers={REQUEST_ID_METADATA_KEY: call.request_id})
         reply = _Reply(call, body, text, stops, engine, history, started)
-        if body.stream:
-            return SseResponse(self._sse(call, reply, stream, first), {REQUEST_ID_METADATA_KEY: call.request_id})
-        try:
-            async with aclosing(stream):
-                item = first
-                while item is not None:
-                    done = reply.take(item)
-                    if is_whole_reply(item):
-                        done = await self._take_end(stream, call, reply)
-                    if done:
-                        break
-                    item = await self._next(stream, call)
-        except Exception as e:  # noqa: BLE001
-            return call.fail(e)
-        except asyncio.CancelledError:
-            call.finish(grpc.StatusCode.CANCELLED, 499)
-            raise
-        self._finish_reply(call, reply)
-        return JSONResponse(reply.completion(), headers={REQUEST_ID_METADATA_KEY: call.request_id})
+        return SseResponse(self._sse(call, reply, stream, first), {REQUEST_ID_METADATA_KEY: call.request_id})
+
+    async def _complete(self, stream, call: HttpCall, new_reply: Callable[[], _Reply]) -> _Reply:
+        """A non-streamed reply: every item of the engine's stream, taken up to the reply's end."""
+        async with aclosing(stream):
+            item = await self._next(stream, call)
+            reply = new_reply()  # after the first item: what the engine said before it (on_start) is known
+            while item is not None:
+                done = reply.take(item)
+                if is_whole_reply(item):
+                    done = await self._take_end(stream, call, reply)
+                if done:
+                    break
+                item = await self._next(stream, call)
+        return reply
 
     async def _next(self, stream, call: HttpCall):
         """The stream's next item (None at its end), within the request's deadline."""

@@ -1,0 +1,57 @@
+"""A client that gives up on a non-streamed completion (an SDK's timeout, a closed tab) frees its slot.
+
+Only streamed replies watched for the client's disconnect: a non-streamed one kept generating to its
+max_tokens for nobody, holding a running slot (and the openai client's retries after its timeout piled
+more such orphans onto the same server)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+import httpx
+from tests.serving_fakes import WAIT, FakeGenerator, GatedGenerator, ServerThread
+
+from chatforge.serving.engine import Engine
+
+
+def _post(port: int, body: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def test_a_client_gone_before_its_non_streamed_reply_frees_the_slot(caplog):
+    caplog.set_level(logging.INFO)
+    gate = threading.Semaphore(0)
+    gen = GatedGenerator(gate=gate)
+    engine = Engine({"gated": gen}, {}, max_running=2)
+    with ServerThread(engine, http_port=0) as st:
+        st.wait_serving()
+        with _post(st.server.http.port, b'{"messages":[{"role":"user","content":"a"}],"max_tokens":500}'):
+            assert engine.stats.wait_for(lambda s: s.running == 1, WAIT), "the request never started"
+        # The connection is closed: the server must notice and abandon the reply, as it does for a stream.
+        assert engine.stats.wait_for(lambda s: s.abandoned == 1, WAIT), "the disconnect was not noticed"
+        steps = gen.step_model.step_calls
+        gate.release()
+        assert engine.stats.wait_for(lambda s: s.running == 0, WAIT), "the slot was not freed"
+        assert engine.dropped == 1
+        assert gen.step_model.step_calls - steps <= 1
+        for _ in range(600):
+            gate.release()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "a client's disconnect logged an error"
+    assert [r.http_status for r in caplog.records if getattr(r, "rpc", None) == "/v1/chat/completions"] == [499]
+
+
+def test_a_non_streamed_reply_whose_client_waits_is_whole_and_logged_once(caplog):
+    caplog.set_level(logging.INFO)
+    with ServerThread(Engine({"echo": FakeGenerator()}, {}), http_port=0) as st:
+        st.wait_serving()
+        r = httpx.post(f"http://127.0.0.1:{st.server.http.port}/v1/chat/completions", timeout=WAIT,
+                       json={"messages": [{"role": "user", "content": "a"}]}, headers={"x-request-timeout": "5"})
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == "Hello there!"
+        assert r.json()["usage"]["completion_tokens"] == 4
+    assert [r.http_status for r in caplog.records if getattr(r, "rpc", None) == "/v1/chat/completions"] == [200]
