@@ -54,9 +54,28 @@
     catch (e) { return resp.statusText; }
   }
 
+  // A server that is still loading its models, draining, restarting or overloaded (429, 5xx, no answer) is asked
+  // again, as its Retry-After says, backing off to 30 s; a refused key (401) waits for the user to enter another.
+  let modelsRetry = null, modelsTries = 0;
+  function retryModels(after) {
+    const s = Number(after);
+    const delay = Math.min(Math.max(Number.isFinite(s) && s > 0 ? s * 1000 : 1000, 1000 * 2 ** modelsTries), 30000);
+    modelsTries += 1;
+    modelsRetry = setTimeout(loadModels, delay);
+  }
+
   async function loadModels() {
-    const resp = await fetch("/v1/models", { headers: headers() });
-    if (!resp.ok) { $("status").textContent = "models: " + await errorText(resp); return; }
+    clearTimeout(modelsRetry);
+    modelsRetry = null;
+    let resp;
+    try { resp = await fetch("/v1/models", { headers: headers() }); }
+    catch (e) { $("status").textContent = "models: the server does not answer; retrying"; retryModels(null); return; }
+    if (!resp.ok) {
+      $("status").textContent = "models: " + await errorText(resp);
+      if (resp.status === 429 || resp.status >= 500) retryModels(resp.headers.get("retry-after"));
+      return;
+    }
+    modelsTries = 0;
     const data = (await resp.json()).data;
     const select = $("model");
     const chosen = select.value;  // a reload (a new API key) keeps the user's choice while it is still served

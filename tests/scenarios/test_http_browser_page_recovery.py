@@ -1,0 +1,65 @@
+"""The chat page against a server that is not ready when the page opens.
+
+A page opened while the server was still loading its models (a restart, a rollout) said "models: the server is
+still loading its models; retry shortly" and never retried: the picker stayed empty and the intent badges off until
+the user reloaded the page."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from tests.scenarios.test_http_browser import CHROMIUM_ARGS, _chromium
+from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
+
+from chatforge.serving.engine import Engine
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def page():
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
+    exe = _chromium()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser.new_context().new_page()
+        finally:
+            browser.close()
+
+
+def _engine() -> Engine:
+    return Engine({"echo": FakeGenerator("echo"), "other": FakeGenerator("other")}, {"intents": FakeClassifier()})
+
+
+def _send(page, text: str) -> None:
+    """Send ``text`` and wait for its reply to end (its timing line)."""
+    before = page.locator(".msg.assistant .timing").count()
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    page.wait_for_function("(n) => document.querySelectorAll('.msg.assistant .timing').length === n",
+                           arg=before + 1, timeout=WAIT * 1000)
+
+
+def test_a_page_opened_while_the_server_loads_gets_the_models_once_they_are_loaded(page):
+    release = threading.Event()
+
+    def loader() -> Engine:
+        if not release.wait(WAIT):
+            raise RuntimeError("the test never let the models load")
+        return _engine()
+
+    with ServerThread(loader, http_port=0) as st:
+        page.goto(f"http://127.0.0.1:{st.server.http.port}/")
+        page.wait_for_function("document.getElementById('status').textContent.includes('loading')",
+                               timeout=WAIT * 1000)
+        assert page.locator("#model option").count() == 0
+        release.set()
+        st.wait_serving()
+        # No reload, no click: the page asks again (as the 503's Retry-After says) and fills the picker.
+        page.wait_for_selector("#model option[value='echo']", state="attached", timeout=WAIT * 1000)
+        assert page.locator("#model option").all_inner_texts() == ["echo (v1)", "other (v1)"]
+        assert page.inner_text("#status") == "intent classifier: intents"
+        _send(page, "hello")  # and the classifier's badge is back
+        page.wait_for_selector(".msg.user .intent", timeout=WAIT * 1000)
