@@ -1,11 +1,14 @@
-"""The chat page against a server that is not ready when the page opens.
+"""The chat page against a server that is not ready when the page opens, and its "new conversation" button.
 
 A page opened while the server was still loading its models (a restart, a rollout) said "models: the server is
 still loading its models; retry shortly" and never retried: the picker stayed empty and the intent badges off until
-the user reloaded the page."""
+the user reloaded the page. And "new conversation" cleared the screen but kept the session id, so the store filed
+the new conversation's turns under the old one's id (README: the session id is "an id of the conversation", so
+"one conversation's turns can be found and exported together")."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -63,3 +66,26 @@ def test_a_page_opened_while_the_server_loads_gets_the_models_once_they_are_load
         assert page.inner_text("#status") == "intent classifier: intents"
         _send(page, "hello")  # and the classifier's badge is back
         page.wait_for_selector(".msg.user .intent", timeout=WAIT * 1000)
+
+
+def test_new_conversation_starts_a_new_session(page, caplog):
+    caplog.set_level(logging.INFO)
+    with ServerThread(_engine(), http_port=0) as st:
+        st.wait_serving()
+        page.goto(f"http://127.0.0.1:{st.server.http.port}/")
+        page.wait_for_selector("#model option[value='echo']", state="attached", timeout=WAIT * 1000)
+        first = page.evaluate("sessionStorage.getItem('chatforge.session')")
+        _send(page, "one")
+        _send(page, "two")
+        page.click("#settings summary")
+        page.click("#clear")
+        second = page.evaluate("sessionStorage.getItem('chatforge.session')")
+        _send(page, "three")
+        # A reload keeps the tab's (new) session.
+        page.reload()
+        page.wait_for_selector("#model option[value='echo']", state="attached", timeout=WAIT * 1000)
+        assert page.evaluate("sessionStorage.getItem('chatforge.session')") == second
+        _send(page, "four")
+    sessions = [r.session_id for r in caplog.records if getattr(r, "rpc", None) == "/v1/chat/completions"]
+    assert first and second and first != second
+    assert sessions == [first, first, second, second]

@@ -4,8 +4,9 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const store = window.sessionStorage;
+  const newSession = () => crypto.randomUUID().replace(/-/g, "");
   const state = {
-    session: store.getItem("chatforge.session") || crypto.randomUUID().replace(/-/g, ""),
+    session: store.getItem("chatforge.session") || newSession(),
     history: JSON.parse(store.getItem("chatforge.history") || "[]"),
     classifier: null,
     controller: null,
@@ -215,6 +216,8 @@
   });
   $("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
   $("clear").addEventListener("click", () => {
+    // A new conversation is a new session: the store files its turns apart from the last one's.
+    state.session = newSession(); store.setItem("chatforge.session", state.session);
     state.history = []; state.epoch += 1; save(); $("log").textContent = "";
   });
   for (const m of state.history) bubble(m.role, m.content);
