@@ -183,10 +183,11 @@ class ChatCompletionRequest(BaseModel):
         "A token's logit loses this times its count in the reply so far; 0 or omitted: none."))
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=(
         "A token's logit loses this once it occurs in the reply so far; 0 or omitted: none."))
-    n: int = Field(1, ge=1, le=1, description="Number of choices; only 1 is supported.")
+    # n and stream are nullable in OpenAI's schema (null: the default), as every optional field here is.
+    n: int | None = Field(1, ge=1, le=1, description="Number of choices; only 1 is supported (null: 1).")
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} sequences where the reply ends "
                                          "(not included in it).")
-    stream: bool = False
+    stream: bool | None = Field(False, description="true: Server-Sent Events (null: false).")
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=128, description="End-user id; the session id in the "
                              "conversation store unless an X-Session-Id header is sent.")
