@@ -156,7 +156,7 @@ def test_json_nested_too_deeply_is_400_not_a_500_and_a_reset_connection(served, 
 
 
 # ------------------------------------------------------------------------------ protocol edges
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/", "/static/chat.js"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/", "/static/chat.js", "/v1/models", "/v1/models/echo"])
 def test_head_is_answered_where_get_is(served, path):
     """HEAD (``curl -I``, uptime checkers) was 405 on every GET endpoint; RFC 9110 asks for it."""
     st, http = served

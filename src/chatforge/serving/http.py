@@ -1599,6 +1599,8 @@ def create_app(surface: HttpSurface) -> FastAPI:
     # kept out of /openapi.json, which documents the GETs. The server sends the headers without the body.
     app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
     app.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/v1/models", list_models, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/v1/models/{model}", get_model, methods=["HEAD"], include_in_schema=False)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
