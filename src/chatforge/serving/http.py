@@ -351,6 +351,10 @@ def _validation_param(loc: tuple) -> str:
 def _validation_message(errors: list[dict]) -> tuple[str, str]:
     first = errors[0]
     param = _validation_param(tuple(first.get("loc", ())))
+    if param == "body" and isinstance(first.get("input"), bytes):  # the raw body: its Content-Type is not JSON
+        return "body", ("the request body was not read as JSON: its Content-Type header is not application/json "
+                        "(curl -d sends application/x-www-form-urlencoded); allowed: Content-Type: application/json "
+                        "or application/*+json")
     if first.get("type") == "json_invalid" or param == "body":
         return "body", f"the request body is not a valid JSON object of this endpoint's schema: {first.get('msg')}"
     value = first.get("input")
