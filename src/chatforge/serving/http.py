@@ -542,6 +542,10 @@ def generation_options(req: ChatCompletionRequest, engine: Engine) -> Generation
                          f"{engine.max_new_tokens}")
     fields: dict[str, Any] = {"max_new_tokens": max_tokens}
     if req.min_tokens is not None:
+        if req.min_tokens > max_tokens:  # in this API's names, with the limit (the default, when none was sent)
+            given = req.max_completion_tokens is not None or req.max_tokens is not None
+            raise FieldError("min_tokens", f"min_tokens={req.min_tokens} is out of range; allowed: at most {field}, "
+                             f"{max_tokens}" + ("" if given else " (the default; send max_tokens to raise it)"))
         fields["min_new_tokens"] = req.min_tokens
     if req.temperature:  # 0 and None: greedy, as the gRPC surface's default
         fields.update(do_sample=True, temperature=req.temperature)
