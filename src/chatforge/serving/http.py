@@ -1163,8 +1163,9 @@ class HttpSurface:
         except RequestValidationError as e:
             param, message = _validation_message(list(e.errors()))
             raise FieldError(param, message) from None
-        except StarletteHTTPException:
+        except StarletteHTTPException as e:
             call.finish(grpc.StatusCode.INVALID_ARGUMENT, 400)
+            e.headers = {**(e.headers or {}), REQUEST_ID_METADATA_KEY: call.request_id}  # the id it was logged under
             raise
 
     async def classify(self, request: Request) -> Response:
