@@ -9,6 +9,7 @@ the new conversation's turns under the old one's id (README: the session id is "
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 
 import pytest
@@ -89,3 +90,35 @@ def test_new_conversation_starts_a_new_session(page, caplog):
     sessions = [r.session_id for r in caplog.records if getattr(r, "rpc", None) == "/v1/chat/completions"]
     assert first and second and first != second
     assert sessions == [first, first, second, second]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_page_that_picked_a_model_gone_after_a_restart_offers_the_served_ones(page):
+    """The server restarts serving other models (a rollout renamed one): the page's picker still offered the old
+    list, and every message to the picked model failed (404) until the page was reloaded."""
+    port = _free_port()
+    with ServerThread(_engine(), http_port=port) as st:
+        st.wait_serving()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#model option[value='other']", state="attached", timeout=WAIT * 1000)
+        page.select_option("#model", "other")
+        _send(page, "one")
+    renamed = Engine({"echo": FakeGenerator("echo"), "other-v2": FakeGenerator("other-v2")},
+                     {"intents": FakeClassifier()})
+    with ServerThread(renamed, http_port=port) as st:
+        st.wait_serving()
+        page.fill("#input", "two")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.assistant .error", timeout=WAIT * 1000)
+        assert "no generation or selection model named 'other'" in page.inner_text(".msg.assistant .error")
+        # The 404 named the model: the page fetched the list again, and offers what is served now.
+        page.wait_for_selector("#model option[value='other-v2']", state="attached", timeout=WAIT * 1000)
+        assert page.locator("#model option").all_inner_texts() == ["echo (v1)", "other-v2 (v1)"]
+        assert page.eval_on_selector("#model", "s => s.value") == "echo"  # the default, the old pick being gone
+        _send(page, "three")
+        assert page.locator(".msg.assistant .text").last.inner_text() == "Hello there!"

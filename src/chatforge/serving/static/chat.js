@@ -136,7 +136,12 @@
                                max_tokens: Number($("maxtokens").value) || undefined, user: state.session,
                                stream_options: { include_usage: true } }),
       });
-      if (!resp.ok) throw new Error(await errorText(resp));
+      if (!resp.ok) {
+        const message = await errorText(resp);
+        // 404: the picked model is not served (any more: a restart, a rollout); offer the models that are.
+        if (resp.status === 404) loadModels();
+        throw new Error(message);
+      }
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
       let buf = "";
       for (;;) {
