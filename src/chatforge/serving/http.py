@@ -787,6 +787,11 @@ GRPC_DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # grpc's default receive limit
 # otherwise hold its connection, and a file descriptor, for good (uvicorn has no such deadline; HAProxy's
 # `timeout http-request 10s` is the same bound in front of the replicas).
 REQUEST_HEAD_TIMEOUT_S = 10.0
+# A request's body must arrive within this many seconds of its head, or the request gets 408 and the connection is
+# closed: a client that stopped sending its body held its connection, descriptor and task for good, as trickled
+# headers did (4 MiB, the body limit, in 30 s is about 140 kB/s; chat bodies are a few kB. HAProxy's
+# `timeout http-request 10s` with `option http-buffer-request` bounds the whole request in front of the replicas).
+REQUEST_BODY_TIMEOUT_S = 30.0
 # A connection that has not sent a byte of its first request is closed after this, as an idle
 # keep-alive one is (``timeout_keep_alive``; a browser may open one ahead of its first request).
 IDLE_CONNECTION_TIMEOUT_S = 60.0
@@ -971,17 +976,21 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._too_large(scope, send, int(declared))
         chunks, size, first = [], 0, None
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # gone while sending: the app sees the disconnect
-                first = message
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await self._too_large(scope, send, size, at_least=True)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(REQUEST_BODY_TIMEOUT_S):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # gone while sending: the app sees the disconnect
+                        first = message
+                        break
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.limit:
+                        return await self._too_large(scope, send, size, at_least=True)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            return await self._too_slow(scope, send, size)
         pending = [first or {"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replay():
@@ -989,10 +998,26 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope, send, size: int, at_least: bool = False) -> None:
+    async def _too_slow(self, scope, send, size: int) -> None:
+        request_id = self._request_id(scope)
+        logger.info("HTTP request body not received in %g s; connection closed", REQUEST_BODY_TIMEOUT_S,
+                    extra={"request_id": request_id, "path": scope.get("path"), "received_bytes": size,
+                           "client": _address(scope.get("client"))})
+        body = {"error": {"message": f"request body not received in time; allowed: {REQUEST_BODY_TIMEOUT_S:g} s "
+                                     f"from the end of the request's headers ({size} bytes arrived)",
+                          "type": "timeout", "param": None, "code": "request_timeout"}}
+        response = JSONResponse(body, status_code=408, headers={REQUEST_ID_METADATA_KEY: request_id,
+                                                                  "connection": "close"})
+        await response(scope, _no_receive, send)
+
+    @staticmethod
+    def _request_id(scope) -> str:
         headers = dict(scope["headers"])
-        request_id = pick_request_id([(REQUEST_ID_METADATA_KEY, headers.get(REQUEST_ID_METADATA_KEY.encode(),
-                                                                            b"").decode("latin-1") or None)])
+        return pick_request_id([(REQUEST_ID_METADATA_KEY, headers.get(REQUEST_ID_METADATA_KEY.encode(),
+                                                                      b"").decode("latin-1") or None)])
+
+    async def _too_large(self, scope, send, size: int, at_least: bool = False) -> None:
+        request_id = self._request_id(scope)
         many = f"more than {self.limit}" if at_least else str(size)
         body = {"error": {"message": f"the request body is {many} bytes; allowed: at most {self.limit} "
                                      "(the server's --max-message-bytes)", "type": "invalid_request_error",
