@@ -828,6 +828,10 @@ _HEAD_TOO_LARGE_RESPONSE = _closing_error(
     "431 Request Header Fields Too Large", f"the request line and headers are over {MAX_REQUEST_HEAD_BYTES} "
     f"bytes; allowed: at most {MAX_REQUEST_HEAD_BYTES} bytes in all", "invalid_request_error",
     "request_header_fields_too_large")
+_INVALID_REQUEST_RESPONSE = _closing_error(
+    "400 Bad Request", "invalid HTTP request: the parser refused its request line, a header or its body framing "
+    "(Content-Length, Transfer-Encoding); allowed: HTTP/1.1 as RFC 9112 writes it", "invalid_request_error",
+    "invalid_http_request")
 _TOO_MANY_RESPONSE = _closing_error("503 Service Unavailable", "too many connections; retry", "service_unavailable",
                                     "too_many_connections", f"retry-after: {RETRY_AFTER_S}")
 
@@ -934,6 +938,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     extra={"client": _address(self.client)})
         if self.cycle is None or self.cycle.response_complete:  # else it would land inside that response
             self.transport.write(_HEAD_TOO_LARGE_RESPONSE)
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:  # type: ignore[override]
+        """uvicorn's answer to bytes its parser refuses ("Invalid HTTP request received.", text/plain) as the API's
+        error object, as this port's other refusals; never written into a response already under way (a request
+        pipelined behind it), which is cut instead."""
+        self._cancel_head_timer()
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            self.transport.write(_INVALID_REQUEST_RESPONSE)
         self.transport.close()
 
     def on_message_begin(self) -> None:
