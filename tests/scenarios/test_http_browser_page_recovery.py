@@ -13,7 +13,7 @@ import socket
 import threading
 
 import pytest
-from tests.scenarios.test_http_browser import CHROMIUM_ARGS, _chromium
+from tests.scenarios.test_http_browser import CHROMIUM_ARGS, REPLY, GatedKoreanGenerator, _chromium
 from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
 
 from chatforge.serving.engine import Engine
@@ -122,3 +122,35 @@ def test_a_page_that_picked_a_model_gone_after_a_restart_offers_the_served_ones(
         assert page.eval_on_selector("#model", "s => s.value") == "echo"  # the default, the old pick being gone
         _send(page, "three")
         assert page.locator(".msg.assistant .text").last.inner_text() == "Hello there!"
+
+
+def test_new_conversation_during_a_reply_stops_it(page):
+    """"New conversation" in the middle of a reply cleared the screen but left the reply streaming into nothing: the
+    server generated it to its end for nobody, and the send button stayed disabled until then."""
+    gen = GatedKoreanGenerator()
+    engine = Engine({"chat": gen}, {})
+    with ServerThread(engine, http_port=0) as st:
+        st.wait_serving()
+        page.goto(f"http://127.0.0.1:{st.server.http.port}/")
+        page.wait_for_selector("#model option[value='chat']", state="attached", timeout=WAIT * 1000)
+        page.fill("#input", "안녕")
+        page.press("#input", "Enter")
+        gen.gate.release()
+        page.wait_for_function("(want) => document.querySelector('.msg.assistant .text').textContent === want",
+                               arg=REPLY[0], timeout=WAIT * 1000)
+        assert page.locator("#send").is_disabled()
+        page.click("#settings summary")
+        page.click("#clear")
+        assert engine.stats.wait_for(lambda s: s.abandoned == 1, WAIT), "the reply was not stopped"
+        for _ in range(len(REPLY)):
+            gen.gate.release()
+        assert engine.stats.wait_for(lambda s: s.running == 0, WAIT)
+        page.wait_for_function("!document.getElementById('send').disabled", timeout=WAIT * 1000)
+        assert page.locator(".msg").count() == 0  # the cleared screen stays clear
+        assert page.evaluate("JSON.parse(sessionStorage.getItem('chatforge.history'))") == []
+        page.fill("#input", "다시")
+        page.press("#input", "Enter")
+        for _ in range(len(REPLY)):
+            gen.gate.release()
+        page.wait_for_function("(want) => document.querySelector('.msg.assistant .text').textContent === want",
+                               arg="".join(REPLY), timeout=WAIT * 1000)

@@ -221,6 +221,7 @@
   });
   $("stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
   $("clear").addEventListener("click", () => {
+    if (state.controller) state.controller.abort();  // a reply under way belongs to the conversation left behind
     // A new conversation is a new session: the store files its turns apart from the last one's.
     state.session = newSession(); store.setItem("chatforge.session", state.session);
     state.history = []; state.epoch += 1; save(); $("log").textContent = "";
