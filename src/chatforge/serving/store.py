@@ -26,6 +26,7 @@ import logging
 import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -181,6 +182,13 @@ class ConversationStore:
         self._schema_ready = False
         self._outage_since: float | None = None  # time.monotonic() of the first failure of an outage
         self.available = True
+        if self._sqlite_file is not None and (problem := _sqlite_write_problem(self._sqlite_file)):
+            # SQLite says only "unable to open database file" for a folder it may not write, and opens a file it may
+            # not write read-only: the server started, then held every turn as if the database were down and lost
+            # them. A volume with the wrong owner or mode is a configuration error: fail at start-up, naming it.
+            self.engine.dispose()
+            raise StoreConfigError(f"conversation store {_safe_url(url)} cannot be used: {problem} "
+                                   "(CHATFORGE_STORE_URL names it)")
         try:
             self._ensure_schema()
         except Exception as e:
@@ -671,6 +679,29 @@ def _sqlite_file(url: str) -> Path | None:
             or database.startswith("file:"):
         return None
     return Path(database).expanduser().absolute()
+
+
+def _sqlite_write_problem(path: Path) -> str | None:
+    """Why this process cannot write the SQLite database ``path`` (its folder, where SQLite also makes the -wal and
+    -shm files, or the file itself), with the owner and mode to change; None when it can."""
+    uid = os.geteuid()
+    for kind, p, need in (("folder", path.parent, os.W_OK | os.X_OK), ("file", path, os.W_OK)):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue  # a file not made yet: the folder decides
+        if os.access(p, need, effective_ids=os.access in os.supports_effective_ids):
+            continue
+        try:
+            read_only_fs = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only_fs = False
+        where = "is on a read-only file system" if read_only_fs else "is not writable by this process"
+        also = "; SQLite writes the database and its -wal and -shm files in that folder" if kind == "folder" else ""
+        return (f"the {kind} {p} (mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}) {where}; this process "
+                f"runs as uid {uid}{also}. Make it writable by uid {uid} (e.g. chown -R {uid} {path.parent}; on "
+                "Kubernetes: securityContext.fsGroup) or point CHATFORGE_STORE_URL at a writable place")
+    return None
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
