@@ -21,7 +21,7 @@ from typing import Any
 
 from chatforge.context import request_id_var, session_id_var
 from chatforge.serving.metrics import FAILURE_REASONS, MetricsHTTPServer, ServingMetrics
-from chatforge.settings import LOG_HANDLER_ATTR, Settings, get_settings
+from chatforge.settings import LOG_HANDLER_ATTR, Settings, SettingsError, get_settings
 
 __all__ = [
     "FAILURE_REASONS",
@@ -204,22 +204,29 @@ def configure_logging(settings: Settings | None = None, *, logger: logging.Logge
     """
     settings = settings or get_settings()
     target = logger or logging.getLogger()
-    for handler in list(target.handlers):
-        if getattr(handler, _HANDLER_TAG, False):
-            target.removeHandler(handler)
-            handler.close()
-
     formatter: logging.Formatter = JsonFormatter() if settings.log_format == "json" else HumanFormatter()
     handlers: list[logging.Handler] = [_StderrHandler()]
     handlers[0].setFormatter(formatter)
     if (path := settings.effective_log_file) is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.handlers.RotatingFileHandler(
-            path, maxBytes=settings.log_file_max_bytes, backupCount=settings.log_file_backups, encoding="utf-8"
-        )
+        # Opened before the current handlers are removed: a log file that cannot be written leaves them as they were.
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file_handler = logging.handlers.RotatingFileHandler(
+                path, maxBytes=settings.log_file_max_bytes, backupCount=settings.log_file_backups, encoding="utf-8"
+            )
+        except OSError as e:
+            # One line naming the variable (the bare OSError named neither it nor the log file); in the image the
+            # root file system is read-only and /data and /tmp are the writable places.
+            where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+            raise SettingsError(f"{Settings.env_var('log_file')}={path} cannot be written: "
+                                f"{e.strerror or e}{where}; name a file in a writable folder") from None
         # Files are read by machines (log shippers): always JSON, whatever the terminal gets.
         file_handler.setFormatter(JsonFormatter())
         handlers.append(file_handler)
+    for handler in list(target.handlers):
+        if getattr(handler, _HANDLER_TAG, False):
+            target.removeHandler(handler)
+            handler.close()
     for handler in handlers:
         handler.addFilter(SecretMaskingFilter())
         setattr(handler, _HANDLER_TAG, True)
