@@ -48,6 +48,22 @@ def _bind_failure(e: OSError, host: str, port: int, metrics_port: int | None) ->
     return str(e)
 
 
+def _fail_serving(message: str, handlers_before: set[int], logged: bool = False) -> None:
+    """Exit 2 with ``message``: one JSON error event once this server set its logging up as JSON (the image's
+    default; every stderr line is then JSON, and log pipelines parse them; none when the server ``logged`` it
+    already), else the CLI's one plain line."""
+    import logging
+
+    from chatforge.serving.observability import json_stderr_active
+
+    root = logging.getLogger()
+    if json_stderr_active(root) and any(id(h) not in handlers_before for h in root.handlers):
+        if not logged:
+            logging.getLogger("chatforge.cli").error(message)
+        raise typer.Exit(2)
+    _fail(message)
+
+
 # ---------------------------------------------------------------------------- serve
 @app.command()
 def serve(
@@ -127,6 +143,9 @@ def serve(
             # An address that is not this machine's is --host's fault, not the port's.
             _fail(_port_failure(host, p, "--host" if err.errno == errno.EADDRNOTAVAIL else option,
                                 (err.strerror or str(err)).lower()))
+    import logging
+
+    handlers_before = {id(h) for h in logging.getLogger().handlers}  # run_server replaces them (configure_logging)
     try:
         pipeline = PipelineConfig(pipeline_classifier, fallback_reply, oos_threshold) if pipeline_classifier else None
         reply_policy = ReplyPolicy.from_yaml(policy) if policy is not None else None
@@ -141,7 +160,7 @@ def serve(
             policy=reply_policy)
         code = run_server(config)
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        _fail_serving(str(e), handlers_before, logged=getattr(e, "chatforge_logged", False))
     except OSError as e:  # a port that is taken: one line naming it and its option, not a traceback
-        _fail(_bind_failure(e, host, port, metrics_port))
+        _fail_serving(_bind_failure(e, host, port, metrics_port), handlers_before)
     raise typer.Exit(code or 0)

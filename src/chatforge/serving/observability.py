@@ -31,6 +31,7 @@ __all__ = [
     "SecretMaskingFilter",
     "ServingMetrics",
     "configure_logging",
+    "json_stderr_active",
     "mask_secrets",
     "redact_text",
 ]
@@ -235,6 +236,14 @@ def configure_logging(settings: Settings | None = None, *, logger: logging.Logge
     if target is logging.getLogger():
         logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings" -> these handlers
     return handlers
+
+
+def json_stderr_active(logger: logging.Logger | None = None) -> bool:
+    """True when :func:`configure_logging` has put JSON lines on stderr (``CHATFORGE_LOG_FORMAT=json``): what
+    is said to the operator from then on must be logged as an event, not printed as text."""
+    target = logger or logging.getLogger()
+    return any(getattr(h, _HANDLER_TAG, False) and isinstance(h, _StderrHandler)
+               and isinstance(h.formatter, JsonFormatter) for h in target.handlers)
 
 
 def redact_text(text: str | None, settings: Settings | None = None) -> str:

@@ -351,6 +351,7 @@ class ChatbotServer:
                 # A configuration error (a bad pin, a policy naming a model of another task, a store that is not
                 # one): its message says it all, and `chatforge serve` prints it as one line; no traceback
                 logger.error("loading the models failed; shutting down: %s", load_error)
+                load_error.chatforge_logged = True  # type: ignore[attr-defined]  # serve's JSON mode: not again
             else:
                 logger.error("loading the models failed; shutting down", exc_info=load_error)
         else:
