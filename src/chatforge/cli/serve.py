@@ -69,7 +69,9 @@ def _fail_serving(message: str, handlers_before: set[int], logged: bool = False)
 def serve(
     bundles: list[Path] = typer.Argument(None, help="Bundle folders to serve (named after their run)."),
     model: list[str] = typer.Option([], "--model", help="NAME=BUNDLE_PATH (repeatable)."),
-    host: str = typer.Option("127.0.0.1", help="Interface to bind; 0.0.0.0 for all."),
+    # The image sets CHATFORGE_HOST=0.0.0.0, so arguments of one's own (which replace its command) still listen on
+    # the container's interfaces; the flag wins over it.
+    host: str = typer.Option("127.0.0.1", envvar="CHATFORGE_HOST", help="Interface to bind; 0.0.0.0 for all."),
     port: int = typer.Option(50051, help="Port; 0 picks a free one (see --port-file)."),
     port_file: Path = typer.Option(None, help="Write the bound port here once the server is SERVING."),
     grace: float = typer.Option(10.0, help="Seconds in-flight calls get to finish after SIGTERM."),
