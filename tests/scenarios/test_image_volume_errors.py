@@ -21,15 +21,17 @@ from tests.container_helpers import LIMITS, podman
 pytestmark = pytest.mark.slow
 
 
-def _start(image: str, *args: str, env: dict[str, str] | None = None) -> tuple[int | None, list[dict], list[str]]:
-    """Run the image (its default command; no bundle is needed to fail at start-up) with the README's flags and
-    ``args``; (exit code, None when it was still running after 90 s, its JSON lines, its other lines). podman's own lines ('time=...') are left out."""
+def _start(image: str, *args: str, env: dict[str, str] | None = None,
+           command: tuple[str, ...] = ()) -> tuple[int | None, list[dict], list[str]]:
+    """Run the image (its default command, or ``command``: arguments of one's own; no bundle is needed to fail at
+    start-up) with the README's flags and ``args``: (exit code, None when it still ran after 90 s; its JSON lines;
+    its other lines). podman's own lines ('time=...') are left out."""
     flags = [f for k, v in (env or {}).items() for f in ("-e", f"{k}={v}")]
     name = f"chatforge-ci-volerr-{uuid.uuid4().hex[:8]}"
     try:
         r = podman("run", "--rm", "--name", name, *LIMITS, "--network", "none", "--read-only", "--tmpfs", "/tmp",
-                   "--cap-drop", "ALL", "--security-opt", "no-new-privileges", *flags, *args, image, timeout=90,
-                   check=False)
+                   "--cap-drop", "ALL", "--security-opt", "no-new-privileges", *flags, *args, image, *command,
+                   timeout=90, check=False)
         code, out = r.returncode, r.stdout + r.stderr
     except subprocess.TimeoutExpired as e:  # it started and kept serving
         code, out = None, (e.stdout or b"").decode() + (e.stderr or b"").decode()
@@ -89,3 +91,20 @@ def test_a_log_file_on_the_read_only_root_names_chatforge_log_file(serving_image
     # Logging is not set up when the log file fails: the CLI's one plain line says it.
     assert len(other) == 1 and other[0].startswith("error: "), (other, events)
     assert "CHATFORGE_LOG_FILE=/var/log/chatforge/server.log cannot be written: Read-only file system" in other[0]
+
+
+def test_a_model_folder_the_image_user_cannot_read_is_named(serving_image, tmp_path):
+    """`--model-dir /models` (the Kubernetes claim) with a model folder made by root, mode 0700: one JSON error
+    naming it, not a traceback ending in "[Errno 13] Permission denied: '/models/chat'"."""
+    if os.geteuid() != 0:
+        pytest.skip("needs a folder owned by another uid than the container's 10001 (tests run as root in CI)")
+    (tmp_path / "models" / "chat" / "1").mkdir(parents=True)
+    (tmp_path / "models").chmod(0o755)
+    (tmp_path / "models" / "chat").chmod(0o700)
+    code, events, other = _start(serving_image, "-v", f"{tmp_path / 'models'}:/models:ro",
+                                 command=("--model-dir", "/models"))
+    assert code == 2 and not other, (code, other, events)
+    msg = _error(events)
+    assert "permission denied: cannot read /models/chat (mode drwx------, owner uid 0); this process runs as uid " \
+           "10001" in msg and "chmod -R a+rX /models" in msg, msg
+    assert not any("exc" in e for e in events), events

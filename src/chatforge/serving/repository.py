@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -92,11 +93,26 @@ class ModelDirectory:
                         f"model {d.name!r} is pinned to version {version!r}, which does not exist; "
                         f"available: {', '.join(versions)}"
                     )
+            except PermissionError as e:  # a folder (or PINNED) made by root, 0700: say which, and the fix
+                problems[d.name] = self._permission_denied(e, d)
+                continue
             except (OSError, ValueError) as e:  # ValueError: a PINNED file that is not UTF-8
                 problems[d.name] = e
                 continue
             wanted[d.name] = (version, d / version)
         return wanted, problems
+
+    def _permission_denied(self, e: PermissionError, default: Path) -> ValueError:
+        """The one-line error for a folder or file under the root this process may not read (a configuration
+        error, logged without a traceback), in the words an unreadable bundle file gets."""
+        path = Path(e.filename) if e.filename else default
+        try:
+            st = os.stat(path)
+            mode = f" (mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid})"
+        except OSError:
+            mode = ""
+        return ValueError(f"permission denied: cannot read {path}{mode}; this process runs as uid {os.geteuid()}. "
+                          f"Make the model directory readable by it, e.g. chmod -R a+rX {self.root}")
 
     def resolve(self) -> dict[str, tuple[str, Path]]:
         """name -> (version, bundle folder) that should be served now; raises on any model's problem
