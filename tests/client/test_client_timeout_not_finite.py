@@ -36,3 +36,13 @@ def test_the_commands_refuse_an_infinite_timeout_in_one_line(command):
     result = CliRunner().invoke(app, [*command, "--timeout", "inf"])
     assert result.exit_code == 2, result.output
     assert re.search(r"timeout[ =]inf is out of range; allowed: a finite number of seconds > 0", result.output)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.inf, math.nan], ids=["zero", "negative", "inf", "nan"])
+def test_the_http_client_refuses_a_timeout_out_of_range_naming_it(timeout):
+    # It was taken: 0 failed each call as "HTTP 503 (unavailable) ... no answer after 4 attempts" from a healthy
+    # server, inf raised OverflowError and -1 httpx's "Timeout value out of range" at the first call.
+    from chatforge.client.http import HttpChatClient
+
+    with pytest.raises(ValueError, match=r"timeout=.* is out of range; allowed: a finite number of seconds > 0"):
+        HttpChatClient("127.0.0.1:1", timeout=timeout)

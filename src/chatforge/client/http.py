@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import socket
 import threading
@@ -81,6 +82,8 @@ class HttpChatClient:
                  scheme: str = "http") -> None:
         if ":" not in target:
             raise ValueError(f"target={target!r} is invalid; allowed: HOST:PORT, e.g. 127.0.0.1:8080")
+        if not 0 < timeout < math.inf:  # 0 failed each call as "HTTP 503 (unavailable)" from a healthy server
+            raise ValueError(f"timeout={timeout!r} is out of range; allowed: a finite number of seconds > 0")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = f"{scheme}://{target}"
         # TCP_NODELAY as curl sets it: httpx writes a request's headers and body separately, and
