@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from chatforge.context import request_id_var
 from chatforge.decoding import (  # noqa: F401  (StepSpec: re-exported)
     DecodingStopped,
     StepModel,
@@ -149,6 +150,17 @@ def _log(req: GenRequest, level: int, msg: str, *args: Any, exc_info: BaseExcept
          **extra: Any) -> None:
     # Run inside the request's context so formatters that read the request-id contextvar see it.
     req.context.run(partial(logger.log, level, msg, *args, exc_info=exc_info, extra=extra))
+
+
+def _log_batch_failure(reqs: list, msg: str, *args: Any, exc_info: BaseException) -> None:
+    """The ERROR line (with the traceback) of a failure shared by a batch, naming its calls: ``request_ids``
+    always, and a lone request's ids as the line's own (its context), so the traceback is found from the failed
+    call's request id; the runner's thread has no request context of its own."""
+    ids = [r.context.get(request_id_var) for r in reqs]
+    if len(reqs) == 1:
+        _log(reqs[0], logging.ERROR, msg, *args, exc_info=exc_info, request_ids=ids)
+    else:
+        logger.error(msg, *args, exc_info=exc_info, extra={"request_ids": ids})
 
 
 # --------------------------------------------------------------------------- runners
@@ -344,8 +356,9 @@ class ContinuousBatcher(_Runner):
                     self._decode_step()
             except Exception as e:  # noqa: BLE001 - fail the batch, keep the scheduler alive
                 # Each affected request reports it (INTERNAL + alert); no separate engine alert.
-                logger.error("model %r failed while generating", self.name, exc_info=True)
-                for r in self._rows + [r for r in new if r not in self._rows]:
+                failed = self._rows + [r for r in new if r not in self._rows]
+                _log_batch_failure(failed, "model %r failed while generating", self.name, exc_info=e)
+                for r in failed:
                     self._finish(r, "failed", error=e)
                 self._rows, self._state = [], None
             finally:
@@ -646,7 +659,7 @@ class MicroBatcher(_Runner):
             except Exception as e:  # noqa: BLE001 - delivered to every request of the batch
                 preds, error = None, e
                 if not _is_domain_error(e):
-                    logger.error("classifier %r failed", self.name, exc_info=True)
+                    _log_batch_failure(batch, "classifier %r failed", self.name, exc_info=e)
             i = 0
             for r in batch:
                 part = None if preds is None else preds[i : i + len(r.texts)]
