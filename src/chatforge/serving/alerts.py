@@ -248,11 +248,16 @@ class AlertManager:
                    f"directory: {root}\nreason: {reason!r}\nliveness is now NOT_SERVING, so the replica is restarted",
                    key=("watcher_stopped", root), severity="critical")
 
-    def health_changed(self, service: str, status: str) -> None:
-        """Health of ``service`` became ``status`` (gRPC health names: SERVING, NOT_SERVING…)."""
-        severity: Severity = "info" if status.upper() == "SERVING" else "critical"
-        self.alert(f"health of {service or '<server>'} is {status}", f"service: {service or '<server>'}\nstatus: {status}",
-                   key=("health", service, status), severity=severity)
+    def health_changed(self, service: str, status: str, *, reason: str | None = None) -> None:
+        """Health of ``service`` became ``status`` (gRPC health names: SERVING, NOT_SERVING…).
+
+        ``reason`` says the server changed it on purpose (a drain: SIGTERM on a deploy or scale-down): that is
+        info, like SERVING; any other non-SERVING status is critical."""
+        planned = reason is not None
+        severity: Severity = "info" if status.upper() == "SERVING" or planned else "critical"
+        description = f"service: {service or '<server>'}\nstatus: {status}" + (f"\nreason: {reason}" if planned else "")
+        self.alert(f"health of {service or '<server>'} is {status}", description,
+                   key=("health", service, status, planned), severity=severity)
 
     # -- aggregation and delivery ----------------------------------------------------------
     def _submit(self, alert: Alert) -> None:

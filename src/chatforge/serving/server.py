@@ -107,6 +107,8 @@ ALERTS_FLUSH_TIMEOUT = 5.0
 ALERTS_CLOSE_TIMEOUT = 2.0
 
 LIVENESS, READINESS = "", SERVICE_NAME
+# Why readiness goes NOT_SERVING on SIGTERM (every deploy and scale-down): announced (info), not paged (critical).
+DRAIN_REASON = "draining: shutdown requested"
 HEALTH_SERVICES = (LIVENESS, READINESS)
 
 EngineOrLoader = Engine | Callable[[], Engine]
@@ -224,13 +226,13 @@ class ChatbotServer:
         except RuntimeError:  # the loop is gone: the server already stopped
             pass
 
-    async def _set_readiness(self, status: int) -> None:
+    async def _set_readiness(self, status: int, reason: str | None = None) -> None:
         await self.health.set(READINESS, status)
         self.ready = status == health_pb2.HealthCheckResponse.SERVING
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
         logger.info("readiness %s", name, extra={"service": READINESS, "status": name})
         if self.alerts is not None:
-            self.alerts.health_changed(READINESS, name)
+            self.alerts.health_changed(READINESS, name, reason=reason)
 
     async def start(self) -> int:
         """Bind, start answering (not ready), start loading the models; return the bound port."""
@@ -357,16 +359,18 @@ class ChatbotServer:
         else:
             await self._shutdown_requested.wait()
         stop_wait.cancel()
-        await self.shutdown()
+        # A failed load is no planned drain: its readiness alert stays critical (reason None).
+        await self.shutdown(reason=None if load_error is not None else DRAIN_REASON)
         if load_error is not None:
             raise load_error
 
-    async def shutdown(self, grace: float | None = None) -> None:
-        """Drain (see the module docstring): readiness off, refuse new calls, finish in-flight ones."""
+    async def shutdown(self, grace: float | None = None, *, reason: str | None = None) -> None:
+        """Drain (see the module docstring): readiness off, refuse new calls, finish in-flight ones. ``reason`` (a
+        drain the server was asked for) makes the readiness alert info, not critical."""
         grace = self.grace if grace is None else grace
         self._shutdown_requested.set()
         was_ready = self.ready
-        await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING, reason=reason)
         if was_ready and self.drain_delay > 0:
             # Still accepting and serving: balancers see readiness go NOT_SERVING and stop sending
             # before anything is refused. A replica that never was ready has no traffic to move.
