@@ -109,7 +109,7 @@ def test_channel_config_retries_throttles_times_out_and_keepalive_matches_server
     assert set(by_method) == {"Reply", "Classify", "ListModels", "Check"}
     for m in by_method.values():
         policy = m["retryPolicy"]
-        assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+        assert set(policy["retryableStatusCodes"]) == {"UNAVAILABLE"}  # RESOURCE_EXHAUSTED: the client's own retry
         assert policy["maxAttempts"] >= 2 and m["timeout"].endswith("s")
     assert config["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
     assert "loadBalancingConfig" not in config  # one address: pick_first, no health gating

@@ -40,14 +40,17 @@ logger = logging.getLogger(__name__)
 READINESS_SERVICE = "chatforge.v1.Chatbot"
 
 # UNAVAILABLE: a replica is down, draining or still loading -> another attempt (another
-# replica under round_robin). RESOURCE_EXHAUSTED: a replica's queue is full -> retry after a
-# backoff. Both are safe to retry because the server commits nothing before answering.
+# replica under round_robin); safe because the server commits nothing before answering.
+# RESOURCE_EXHAUSTED is not here: gRPC uses it both for a replica whose queue is full (worth another attempt after a
+# backoff) and for a request over the server's message size limit (never: the same bytes fail again, and a 100 KB
+# request was uploaded 5 times, each failure also spending retry-throttle tokens). The channel cannot tell the two
+# apart; the client can (see _should_retry): only a chatforge server's own answer carries its trailers.
 _RETRY_POLICY = {
     "maxAttempts": 5,
     "initialBackoff": "0.05s",
     "maxBackoff": "2s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    "retryableStatusCodes": ["UNAVAILABLE"],
 }
 
 # Per-method deadlines when the caller gives none (a Reply stream may run long on CPU).
@@ -376,9 +379,13 @@ class ChatbotClient:
                       session_id: str | None = None) -> bool:
         """True (after a backoff) if a call that failed with ``e`` may be sent again."""
         code = e.code() if hasattr(e, "code") else None
-        if code not in _DROPPED_CODES or attempt >= CALL_ATTEMPTS or self._closed:
+        answered = _answered_by_server(e)
+        # A full queue, said by the server itself (its trailers): another attempt after a backoff. RESOURCE_EXHAUSTED
+        # without them is gRPC's own (a message over the size limit), which would fail the same way again.
+        overloaded = code == grpc.StatusCode.RESOURCE_EXHAUSTED and answered
+        if (code not in _DROPPED_CODES and not overloaded) or attempt >= CALL_ATTEMPTS or self._closed:
             return False
-        if _answered_by_server(e):
+        if answered and not overloaded:
             # An UNAVAILABLE the server sent (draining, still loading) was already retried by the
             # channel's retry policy; sending it again here would only multiply the attempts.
             return False
@@ -389,7 +396,8 @@ class ChatbotClient:
                   e.details() if hasattr(e, "details") else "", attempt + 1, CALL_ATTEMPTS, rpc=rpc,
                   session_id=session_id)
         time.sleep(backoff)  # backoff between attempts, not synchronisation
-        self._await_channel(deadline)
+        if not overloaded:  # the connection is up when the server itself answered
+            self._await_channel(deadline)
         return True
 
     def _await_channel(self, deadline: float | None) -> None:
