@@ -165,9 +165,10 @@ def train(
     table = Table(title=f"run {result.run_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k in ("num_parameters", "train_examples", "steps", "train_seconds", "best_epoch", "valid_loss",
-              "valid_accuracy", "test_loss", "test_accuracy", "valid_in_scope_accuracy", "valid_oos_recall",
-              "dev_accuracy", "dev_in_scope_accuracy", "dev_oos_recall"):
+    # every kind of model's headline figures per split: classifiers', generators' and selection models' alike
+    headline = ("loss", "accuracy", "in_scope_accuracy", "oos_recall", "r1_of_10", "mrr_of_10", "chrf", "bleu")
+    for k in ("num_parameters", "train_examples", "steps", "train_seconds", "best_epoch",
+              *(f"{split}_{h}" for split in ("valid", "test", "dev") for h in headline)):
         if k in m:
             v = m[k]
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
