@@ -351,7 +351,10 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
                           if (Path(cfg.model.init_from) / "bundle").is_dir() else cfg.model.init_from)
         cfg = init_from_config(cfg, pre)  # before config.yaml: the run records the network it trains
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # under a file, a name too long for the filesystem, no permission: before any work
+            raise ConfigError(f"cannot create the run folder {run_dir}: {e.strerror or e}") from None
         if not resume:
             _clear_earlier_run(run_dir)
             atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
