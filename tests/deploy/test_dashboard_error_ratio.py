@@ -1,0 +1,23 @@
+"""The dashboard's error ratio counts what the error-rate alert counts. It counted every status but OK, so a caller's
+INVALID_ARGUMENT or the chat page's stop button (CANCELLED) raised the panel that docs/operations.md compares with the
+alert's 5 % threshold, while the alert (alert_rules.SERVER_FAULT_CODES) rightly ignored them."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from chatforge.serving.alert_rules import SERVER_FAULT_CODES
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "chatforge-dashboard.json"
+
+
+def test_the_error_ratio_panel_counts_the_alerts_codes():
+    panels = [p for p in json.loads(DASHBOARD.read_text(encoding="utf-8"))["panels"] if "error ratio" in p["title"].lower()]
+    assert len(panels) == 1
+    [target] = panels[0]["targets"]
+    numerator = target["expr"].split(" / ", 1)[0]
+    match = re.search(r'status=~\\?"([A-Z_|]+)\\?"', numerator)
+    assert match is not None and "status!=" not in numerator, numerator
+    assert set(match.group(1).split("|")) == SERVER_FAULT_CODES
