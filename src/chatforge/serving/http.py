@@ -188,9 +188,17 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} sequences where the reply ends "
                                          "(not included in it).")
     stream: bool | None = Field(False, description="true: Server-Sent Events (null: false).")
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true (as OpenAI's API).")
     user: str | None = Field(None, max_length=128, description="End-user id; the session id in the "
                              "conversation store unless an X-Session-Id header is sent.")
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v: StreamOptions | None, info: Any) -> StreamOptions | None:
+        # OpenAI answers 400 here; accepting it silently let a client believe it would get a usage chunk
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
 
 
 class ClassifyHttpRequest(BaseModel):
