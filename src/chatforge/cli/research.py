@@ -275,6 +275,8 @@ def evaluate(
                               max_examples=max_examples, cross_fit=cross_fit, cross_fit_repeats=cross_fit_repeats)
     except (BundleError, ConfigError, DataError, EvaluationError, FileNotFoundError) as e:
         _fail(str(e))
+    except OSError as e:  # the report folder: under a file, no permission, a full disk
+        _fail(f"cannot write the report{f' to {out}' if out is not None else ''}: {e.strerror or e} ({e.filename})")
     s = res.summary
     table = Table(title=f"{s['name']} on {Path(s['data']).name} ({s['split']}, {s['n']} examples)")
     table.add_column("metric")
@@ -406,13 +408,14 @@ def compare(
     if left_out:
         console.print(f"left out to fit {console.width} columns: {', '.join(left_out)} (--md or --csv writes them "
                       f"all)", highlight=False)
-    for path, write in ((md, C.write_markdown), (csv_out, C.write_csv)):
+    for path, write in ((md, lambda p: C.write_markdown(lb, p)), (csv_out, lambda p: C.write_csv(lb, p)),
+                        (plot, lambda p: C.write_learning_curves(records, p))):
         if path is not None:
-            write(lb, path)
+            try:
+                write(path)
+            except OSError as e:  # under a file, no permission, a full disk
+                _fail(f"cannot write {path}: {e.strerror or e}")
             console.print(f"wrote [bold]{path}[/]", highlight=False)
-    if plot is not None:
-        C.write_learning_curves(records, plot)
-        console.print(f"wrote [bold]{plot}[/]", highlight=False)
 
 
 # ----------------------------------------------------------------------------- data
