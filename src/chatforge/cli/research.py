@@ -70,7 +70,10 @@ def tokenizer_train(
               "--lower-if-too-large to use the largest workable size")
     except (DataError, TokenizerError, FileNotFoundError) as e:
         _fail(str(e))
-    tok.save(out)
+    try:
+        tok.save(out)
+    except OSError as e:  # under a file, no permission, a full disk
+        _fail(f"cannot write {out}: {e.strerror or e}")
     console.print(f"wrote [bold]{out}[/] (vocab {tok.vocab_size}, {len(texts)} sentences, "
                   f"special ids {tok.special})", highlight=False)
 
