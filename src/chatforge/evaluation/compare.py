@@ -38,6 +38,8 @@ METRICS = ("in_scope_accuracy", "oos_recall", "cross_fitted_in_scope_accuracy", 
 # has one, else from the run's metrics.json.
 DEV_METRICS = ("dev_in_scope_accuracy", "dev_oos_recall", "dev_accuracy")
 CROSS_FITTED = "cross_fitted_"  # from an evaluation's metrics["cross_fitted"] (chatforge evaluate --cross-fit)
+# Tasks whose metrics.json accuracy is next-token (or masked-token) accuracy: not comparable with a classifier's.
+TOKEN_ACCURACY_TASKS = frozenset({"generation", "lm", "mlm", "mlm_nsp"})
 LOWER_IS_BETTER = {"perplexity", "latency_ms", "valid_loss", "repeat_3_rate", "identical_rate"}
 # Config keys that name things rather than choose them: never "parameters" of a comparison.
 _IGNORED_PARAMS = ("name", "output.", "tracking.", "data.path")
@@ -251,6 +253,8 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
             for m in METRICS:
                 row[m] = None if prefix is None else r.metrics.get(
                     f"{prefix}_{m}", r.metrics.get(m) if prefix == "valid" else None)
+            if r.task in TOKEN_ACCURACY_TASKS:  # their training-time accuracy counts next tokens, not examples
+                row["accuracy"] = None
             row["latency_ms"] = None
             row["n"] = None if prefix is None else r.metrics.get(f"{prefix}_examples")
         dev_evals = [e for e in r.evaluations if board_split(r, e) == "dev"]
