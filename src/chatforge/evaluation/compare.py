@@ -106,9 +106,15 @@ def load_run(run_dir: str | Path) -> RunRecord:
     evaluations = []
     for f in sorted(run_dir.glob("eval/*/evaluation.json")):
         try:
-            evaluations.append(json.loads(f.read_text(encoding="utf-8")))
-        except json.JSONDecodeError:
+            ev = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
             logger.warning("skipping unreadable %s", f)
+            continue
+        if not (isinstance(ev, dict) and isinstance(ev.get("split"), str) and isinstance(ev.get("metrics"), dict)):
+            logger.warning("skipping %s: not an evaluation summary (expected a JSON object with 'split' and "
+                           "'metrics', as chatforge evaluate writes)", f)
+            continue
+        evaluations.append(ev)
     bundle = run_dir / "bundle"
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) if bundle.is_dir() else None
     model = cfg.get("model", {})
