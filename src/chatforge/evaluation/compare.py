@@ -172,6 +172,11 @@ def collect_mlflow(tracking_uri: str, experiment: str | None = None, tags: dict[
     # lazy: importing mlflow takes seconds; only tracked runs need it
     from mlflow.tracking import MlflowClient
 
+    if tracking_uri.startswith("sqlite:///"):  # reading must not create an empty store at a mistyped path
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise CompareError(f"no MLflow store at {db} (--tracking-uri {tracking_uri}); training writes "
+                               f"sqlite:///runs/mlflow.db unless tracking.tracking_uri says otherwise")
     client = MlflowClient(tracking_uri=tracking_uri)
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
