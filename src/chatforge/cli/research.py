@@ -257,6 +257,10 @@ def evaluate(
                                                   "Default: valid; all for a --data file the bundle did not train "
                                                   "on (unless its split is predefined)."),
     clinc_keys: str = typer.Option(None, "--clinc-keys", help="CLINC150 lists to read, e.g. val,oos_val."),
+    text_field: str = typer.Option(None, "--text-field", help="Column (key) of the text in --data (default: the "
+                                                              "bundle's data.text_field, else inferred)."),
+    label_field: str = typer.Option(None, "--label-field", help="Column (key) of the label in --data."),
+    response_field: str = typer.Option(None, "--response-field", help="Column (key) of the reply in --data."),
     out: Path = typer.Option(None, "--out", help="Report folder (default <run>/eval/<data>-<split>)."),
     max_examples: int = typer.Option(None, "--max-examples", min=1,
                                      help="Evaluate the first N only (split named SPLIT-firstN, in its own folder)."),
@@ -275,7 +279,9 @@ def evaluate(
     keys = [k.strip() for k in clinc_keys.split(",") if k.strip()] if clinc_keys else None
     try:
         res = evaluate_bundle(bundle, data, fmt=fmt, split=split, clinc_keys=keys, out_dir=out,
-                              max_examples=max_examples, cross_fit=cross_fit, cross_fit_repeats=cross_fit_repeats)
+                              max_examples=max_examples, cross_fit=cross_fit, cross_fit_repeats=cross_fit_repeats,
+                              fields={"text_field": text_field, "label_field": label_field,
+                                      "response_field": response_field})
     except (BundleError, ConfigError, DataError, EvaluationError, FileNotFoundError) as e:
         _fail(str(e))
     except OSError as e:  # the report folder: under a file, no permission, a full disk

@@ -67,9 +67,15 @@ def run_dir_of(bundle_dir: Path) -> Path | None:
     return parent if bundle_dir.name == "bundle" and (parent / "config.yaml").is_file() else None
 
 
+FIELDS = ("text_field", "response_field", "label_field")
+
+
 def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: str = "valid",
-                    clinc_keys: list[str] | None = None) -> tuple[list, str, Path]:
+                    clinc_keys: list[str] | None = None, fields: dict[str, str] | None = None) -> tuple[list, str, Path]:
     """The examples to evaluate on, a name for the split, and the data file.
+
+    ``fields`` names the columns (keys) of the data file, e.g. ``{"text_field": "sentence"}``, in place of the
+    bundle's ``data.*_field`` settings: a held-out file's headers need not be the training file's.
 
     ``clinc_keys`` reads exactly those lists of a CLINC150 JSON file. Otherwise the file is split
     as the bundle's config splits its training data (same seed and fractions, or the predefined
@@ -82,8 +88,13 @@ def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: s
     if not path.is_file():
         raise EvaluationError(f"data file not found: {path}")
     d = cfg.data
+    named = {k: v for k, v in (fields or {}).items() if v}
+    unknown = sorted(set(named) - set(FIELDS))
+    if unknown:
+        raise EvaluationError(f"unknown field setting(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
     kw = dict(text_field=d.text_field, response_field=d.response_field, label_field=d.label_field,
               context_field=d.context_field, on_error=d.on_error)
+    kw.update(named)
     fmt = fmt if data is not None else d.format
     if clinc_keys:
         examples, report = read_examples(path, format=fmt, clinc_keys=tuple(clinc_keys), **kw)
@@ -96,7 +107,7 @@ def select_examples(cfg, data: str | Path | None, *, fmt: str = "auto", split: s
         examples, _ = read_examples(path, format=fmt, **kw)
         return examples, "all", path
     tree = cfg.to_dict()
-    tree["data"].update(path=str(path), format=fmt, max_examples=None)
+    tree["data"].update(path=str(path), format=fmt, max_examples=None, **named)
 
     sub = validate_config(tree, source="evaluation data")
     train, valid, test, _ = load_splits(sub)
@@ -295,7 +306,7 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
                     split: str | None = None, clinc_keys: list[str] | None = None, out_dir: str | Path | None = None,
                     max_examples: int | None = None, batch_size: int = 64,
                     max_new_tokens: int | None = None, track: bool = True, cross_fit: int = 0,
-                    cross_fit_repeats: int = 10) -> EvaluationResult:
+                    cross_fit_repeats: int = 10, fields: dict[str, str] | None = None) -> EvaluationResult:
     """Evaluate a bundle and write the report folder; see the module docstring for what is in it.
 
     ``data`` None means the bundle's own training data file (its ``split``); ``split`` None is
@@ -303,6 +314,7 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
     the examples (generation decodes one by one, so large sets are slow). ``cross_fit`` (folds, e.g.
     10; 0 = off): also report the oos policy's in-scope accuracy and OOS recall cross-fitted on these
     examples (``chatforge.evaluation.crossfit``), the honest figures when the policy was fitted on them.
+    ``fields``: the data file's column names (:func:`select_examples`).
     """
 
     if cross_fit < 0 or cross_fit == 1 or cross_fit_repeats < 1:
@@ -313,7 +325,7 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
     if split is None:
         split = default_split(bundle, data, clinc_keys)
     examples, split_name, data_path = select_examples(bundle.config, data, fmt=fmt, split=split,
-                                                      clinc_keys=clinc_keys)
+                                                      clinc_keys=clinc_keys, fields=fields)
     base_split = split_name  # what seeds the selection candidates: the run's own figures for that split
     if max_examples and len(examples) > max_examples:
         # named as a cut of the split: its own folder, and never ranked by `compare` as the whole split
