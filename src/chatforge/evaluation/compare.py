@@ -177,16 +177,22 @@ def collect_mlflow(tracking_uri: str, experiment: str | None = None, tags: dict[
         if not db.is_file():
             raise CompareError(f"no MLflow store at {db} (--tracking-uri {tracking_uri}); training writes "
                                f"sqlite:///runs/mlflow.db unless tracking.tracking_uri says otherwise")
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient(tracking_uri=tracking_uri)
-    if experiment is not None:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise CompareError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
-        ids = [exp.experiment_id]
-    else:
-        ids = [e.experiment_id for e in client.search_experiments()]
+    try:
+        if experiment is not None:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise CompareError(f"no MLflow experiment named {experiment!r} at {tracking_uri}")
+            ids = [exp.experiment_id]
+        else:
+            ids = [e.experiment_id for e in client.search_experiments()]
+        found = client.search_runs(ids, max_results=max_runs)
+    except (MlflowException, OSError) as e:  # a server that does not answer (requests' errors are OSErrors)
+        raise CompareError(f"cannot read MLflow runs from {tracking_uri}: {str(e).splitlines()[0][:300]}") from None
     out = []
-    for run in client.search_runs(ids, max_results=max_runs):
+    for run in found:
         params = dict(run.data.params)
         metrics = {k.removeprefix("final_"): v for k, v in run.data.metrics.items()}
         rec = RunRecord(run=run.info.run_name or run.info.run_id, name=params.get("name", run.info.run_id),
