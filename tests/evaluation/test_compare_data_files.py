@@ -52,9 +52,10 @@ def test_evaluations_of_the_training_file_keep_their_split(tmp_path):
 
 
 def test_default_split_is_one_that_reports_the_metric(tmp_path):
-    _run(tmp_path, "gen", [("all", "/x/a_qa.csv", None)])  # a generation run's evaluation: no accuracy
-    _run(tmp_path, "cls", [("test", "/d/train.csv", 0.6)])
-    (tmp_path / "gen" / "eval" / "e0" / "evaluation.json").write_text(json.dumps({
+    # a generation run's evaluation (no accuracy), first in folder order, as ties used to be broken
+    _run(tmp_path, "a-gen", [("all", "/x/a_qa.csv", None)])
+    _run(tmp_path, "b-cls", [("test", "/d/train.csv", 0.6)])
+    (tmp_path / "a-gen" / "eval" / "e0" / "evaluation.json").write_text(json.dumps({
         "split": "all", "data": "/x/a_qa.csv", "n": 3, "metrics": {"bleu": 1.0}}))
     lb = build_leaderboard(collect_runs(runs_dir=tmp_path), metric="accuracy")
     assert lb.split == "test" and lb.rows[0]["accuracy"] == 0.6
