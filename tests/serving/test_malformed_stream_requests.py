@@ -22,7 +22,7 @@ class RecordingAlerts:
     def alert_exception(self, exc, **_) -> None:
         self.exceptions.append(exc)
 
-    def health_changed(self, *_) -> None:
+    def health_changed(self, *_, **__) -> None:
         pass
 
     def flush(self, timeout: float) -> bool:
