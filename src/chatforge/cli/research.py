@@ -123,6 +123,7 @@ def train(
     from chatforge.training.checkpoint import CheckpointError
     from chatforge.training.distributed import launched_distributed, torchrun_command
     from chatforge.training.run import run_experiment
+    from chatforge.training.tracking import TrackingError
 
     if nproc > 1:
         import subprocess
@@ -148,7 +149,7 @@ def train(
         else:
             cfg = load_config(config, set_)
             result = run_experiment(cfg, callbacks=callbacks, run_dir=run_dir)
-    except (ConfigError, DataError, TokenizerError, TaskDataError, CheckpointError, ValueError) as e:
+    except (ConfigError, DataError, TokenizerError, TaskDataError, CheckpointError, TrackingError, ValueError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         from chatforge.training.checkpoint import checkpoint_path

@@ -171,12 +171,21 @@ def open_tracker(cfg: ExperimentConfig) -> MLflowTracker | None:
     uri = resolve_tracking_uri(cfg.tracking)
     if uri is None:
         return None
+    if uri.startswith(("http://", "https://")):
+        # MLflow retries a tracking server 7 times with exponential backoff (minutes) before it gives up; a run that
+        # cannot reach its server should say so in seconds (MLFLOW_HTTP_REQUEST_* still win when set).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     try:
         return MLflowTracker(uri, cfg.tracking.experiment or cfg.name,
                              artifact_location=cfg.tracking.artifact_location)
     except ImportError as e:
         raise TrackingError(f"tracking.enabled is true but mlflow is not installed ({e}); "
                             f"pip install mlflow-skinny alembic, or set tracking.enabled: false") from None
+    except Exception as e:  # noqa: BLE001 - MlflowException, or requests' connection errors (OSError)
+        reason = " ".join(str(e).split())[:300]
+        raise TrackingError(f"cannot use the MLflow tracking store {uri}: {reason}; start the server or fix "
+                            "tracking.tracking_uri (or MLFLOW_TRACKING_URI), or set tracking.enabled: false") from None
 
 
 def run_tags(cfg: ExperimentConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
