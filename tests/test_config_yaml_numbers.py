@@ -71,3 +71,11 @@ def test_an_exponent_out_of_range_is_a_range_error_not_a_parse_error(tmp_path):
 def test_plain_safe_load_is_not_changed():
     # the resolver belongs to chatforge's own loader, not to PyYAML's SafeLoader that other code shares
     assert yaml.safe_load("a: 1e9")["a"] == "1e9"
+
+
+@pytest.mark.parametrize("override, key", [("train.epochs=null", "train.epochs"), ("data=~", "data"),
+                                           ("model.d_model=null", "model.d_model")])
+def test_a_null_where_a_value_is_needed_says_null(tmp_path, override, key):
+    # YAML's null (also ~ or nothing after the colon): the error said what was wrong but not what was written
+    with pytest.raises(ConfigError, match=rf"{key}: .*\(got null\)"):
+        load_config(_write(tmp_path, ""), overrides=[override])

@@ -211,7 +211,8 @@ def _family_errors(err: ValidationError, cls: type, family: str) -> str:
         else:
             got = e.get("input")
             # a model-level check (d_model vs n_heads) gets the whole argument set as its input: not worth showing
-            shown = "" if isinstance(got, dict) or type(got).__name__ == "ArgsKwargs" else f" (got {got!r})"
+            shown = ("" if isinstance(got, dict) or type(got).__name__ == "ArgsKwargs" else
+                     " (got null)" if got is None else f" (got {got!r})")
             msg = _plain_message(e["msg"])
             parts.append(f"model.{loc}: {msg}{shown}" if loc else f"model: {msg}{shown}")
     return "; ".join(parts)
@@ -471,8 +472,11 @@ def _format_errors(err: ValidationError, source: str, tree: dict[str, Any]) -> s
             continue
         shown = e.get("input")
         if isinstance(shown, dict) or type(shown).__name__ == "ArgsKwargs":
-            shown = None
-        value = f" (got {shown!r})" if shown is not None else ""
+            value = ""
+        elif shown is None:  # written as null (or ~, or nothing after the colon) where a value is needed
+            value = " (got null)"
+        else:
+            value = f" (got {shown!r})"
         msg = _plain_message(msg)
         if loc == "model" and msg.startswith(("model: ", "model.")):  # a family's own errors name their keys
             lines.append(f"  {msg}{value}")
