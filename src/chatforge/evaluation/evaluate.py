@@ -333,6 +333,11 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path | None = None, *, f
     if not examples:
         raise EvaluationError(f"no examples to evaluate in {data_path} ({split_name})")
     out = Path(out_dir) if out_dir is not None else default_out_dir(bundle_dir, data_path, split_name)
+    inside = bundle_dir.resolve()
+    if out.resolve() == inside or inside in out.resolve().parents:
+        # a bundle is what servers load and `convert` and `compare` read: reports written into it travel with it
+        raise EvaluationError(f"--out {out} is inside the bundle {bundle_dir}, which is a read-only input; write the "
+                              f"report elsewhere (default: {default_out_dir(bundle_dir, data_path, split_name)})")
     title = f"{bundle.config.name} on {data_path.name} ({split_name})"
     if bundle.task == "classification":
         metrics, extra = _classification(bundle, examples, out, title, batch_size, cross_fit, cross_fit_repeats,
