@@ -383,11 +383,20 @@ class HttpCall:
                  params: dict[str, str] | None = None) -> None:
         self.surface, self.rpc, self.params = surface, rpc, params
         self.request_id = pick_request_id([(REQUEST_ID_METADATA_KEY, request.headers.get(REQUEST_ID_METADATA_KEY))])
-        self.session_id = (request.headers.get(SESSION_ID_METADATA_KEY) or session_id or None)
+        header = request.headers.get(SESSION_ID_METADATA_KEY) or None
+        field = "X-Session-Id header" if header is not None else "user"
+        self.session_id = header or session_id or None
         self._session_error: InvalidRequestError | None = None
         if self.session_id is not None:
             try:  # refused in admit(): never cut, or two sessions sharing 128 characters would merge
-                check_session_id(self.session_id, "X-Session-Id header")
+                if header is not None and not header.isascii():
+                    # HTTP gives header bytes as latin-1; a client sends UTF-8, as it sends `user` in the body, so the
+                    # id is read as UTF-8: the same id by header or by `user` is one conversation, not mojibake
+                    try:
+                        self.session_id = header.encode("latin-1").decode("utf-8")
+                    except UnicodeError:
+                        raise InvalidRequestError(f"{field} is not UTF-8 text") from None
+                check_session_id(self.session_id, field)
             except InvalidRequestError as e:
                 self._session_error, self.session_id = e, None
         self.start = time.perf_counter()
