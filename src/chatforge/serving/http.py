@@ -137,11 +137,18 @@ class ChatMessage(BaseModel):
         # Without this, an image part failed both branches of the union and the 400 named pydantic's first one
         # ("messages[0].content.str=list is invalid: Input should be a valid string").
         if isinstance(v, list):
+            parts = []
             for j, part in enumerate(v):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                if kind != "text":
+                if kind == "refusal" and isinstance(part.get("refusal"), str):
+                    # an earlier assistant turn the official client echoes back as it got it: its words are text
+                    part = {"type": "text", "text": part["refusal"]}
+                elif kind != "text":
                     raise ValueError(f"part {j} is of type {kind!r}: only text parts are supported; allowed: a "
-                                     "string or a list of {'type': 'text', 'text': ...} parts")
+                                     "string or a list of {'type': 'text', 'text': ...} parts (an assistant turn's "
+                                     "{'type': 'refusal', 'refusal': ...} is read as text)")
+                parts.append(part)
+            return parts
         return v
 
 
