@@ -88,21 +88,42 @@ def _compact(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
 
 
-def _chart(case: dict) -> bytes | None:
-    """One panel per metric: a bar per engine and batch size (log scale when the values span 10x)."""
+def machine_line(result: dict[str, Any]) -> str:
+    """What a chart says about where it was measured: a PNG is often looked at without bench.md beside it."""
+    m = result["machine"]
+    flags = ", ".join(f for f, on in m["cpu"].get("flags", {}).items() if on) or "none"
+    line = (f"chatforge bench ({'smoke: tiny sizes, no timing claims' if result['smoke'] else 'full'}), "
+            f"{result['created']}; CPU: {m['cpu'].get('model_name')} ({flags}); {m['cpus_available']} CPUs "
+            f"available, {m['threads']} threads; load before {m['load_before']}, after {m['load_after']}")
+    if result.get("loaded"):
+        line += f"; {LOADED_NOTE}"
+    if result.get("contended_note"):
+        line += f"; {result['contended_note']}"
+    return line
+
+
+def _figure(case: dict, result: dict[str, Any]):
+    """One panel per metric: a bar per engine and batch size (log scale when the values span 10x), with the
+    machine it ran on (CPU, flags, threads, load; smoke and loaded runs say so) under the panels."""
     if case["status"] != "ok" or not case["rows"]:
         return None
+    import textwrap
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: seconds to import
     from matplotlib.figure import Figure
 
     metrics = list(dict.fromkeys(r["metric"] for r in case["rows"]))
-    engines = _engine_names(case)
     fig = Figure(figsize=(5.5 * len(metrics), 4), dpi=100)
     FigureCanvasAgg(fig)  # the object API with the Agg canvas: no pyplot global state
     xs = case["extra"].get("x")  # a curve per engine (scaling) instead of bars per batch
     for i, metric in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), i + 1)
         rows = [r for r in case["rows"] if r["metric"] == metric]
+        # only the engines measured for this metric (classification: the BERT and the Transformer panels differ)
+        engines = [e for e in _engine_names(case) if any(r["engine"] == e for r in rows)]
+        better = " (higher is better)" if rows[0]["higher_is_better"] else " (lower is better)"
+        ax.set_title(f"{case['name']}: {metric}{better}", fontsize=9)
+        ax.set_ylabel(rows[0]["unit"])
         if xs:
             for e in engines:
                 pts = sorted((r["batch"], r["value"]) for r in rows if r["engine"] == e)
@@ -110,9 +131,6 @@ def _chart(case: dict) -> bytes | None:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel(xs.get(metric, "x"))
-            ax.set_ylabel(rows[0]["unit"])
-            ax.set_title(f"{metric}" + (" (higher is better)" if rows[0]["higher_is_better"]
-                                        else " (lower is better)"), fontsize=9)
             ax.legend(fontsize=7)
             continue
         batches = list(dict.fromkeys(r["batch"] for r in rows))
@@ -123,13 +141,20 @@ def _chart(case: dict) -> bytes | None:
         ax.set_xticks([k + width * (len(engines) - 1) / 2 for k in range(len(batches))])
         ax.set_xticklabels([str(b) for b in batches])
         ax.set_xlabel("batch")
-        ax.set_ylabel(rows[0]["unit"])
         values = [r["value"] for r in rows if r["value"] > 0]
         if values and max(values) / min(values) > 10:
             ax.set_yscale("log")
-        ax.set_title(f"{case['name']}: {metric}" + (" (higher is better)" if rows[0]["higher_is_better"]
-                                                   else " (lower is better)"), fontsize=9)
         ax.legend(fontsize=7)
+    footer = textwrap.wrap(machine_line(result), width=90 * len(metrics))
+    fig.tight_layout(rect=(0, 0.04 * len(footer) + 0.02, 1, 1))
+    fig.text(0.01, 0.01, "\n".join(footer), fontsize=7, ha="left", va="bottom")
+    return fig
+
+
+def _chart(case: dict, result: dict[str, Any]) -> bytes | None:
+    fig = _figure(case, result)
+    if fig is None:
+        return None
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     return buf.getvalue()
@@ -141,7 +166,7 @@ def write_report(result: dict[str, Any], out: Path) -> dict[str, Path]:
     paths = {"json": atomic_write_json(out / "bench.json", result),
              "markdown": atomic_write_text(out / "bench.md", markdown(result))}
     for name, case in result["cases"].items():
-        png = _chart(case)
+        png = _chart(case, result)
         if png is not None:
             paths[name] = atomic_write_bytes(out / f"{name}.png", png)
     return paths
