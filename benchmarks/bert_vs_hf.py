@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -118,6 +117,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from chatforge.runtime import cpu_info
+
+    before = cpu_info()  # CPU model, flags, CPUs, threads, load: the machine the figures were measured on
     cfg = BertConfig(d_model=args.d_model, n_heads=args.heads, num_layers=args.layers, d_ff=4 * args.d_model,
                      dropout=0.1, max_len=max(512, args.seq))
     tokens = args.batch * args.seq * args.steps
@@ -141,7 +143,8 @@ def main() -> None:
                    "vocab": args.vocab, "batch": args.batch, "seq": args.seq, "pad_fraction": args.pad_fraction,
                    "steps": args.steps, "rounds": args.rounds},
         "env": {"torch": torch.__version__, "transformers": transformers.__version__,
-                "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+                "threads": torch.get_num_threads(), "cpu": before["model_name"]},
+        "machine_before": before, "machine_after": cpu_info(),
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +156,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['task']:15s} {r['precision']:5s} {r['chatforge_tokens_per_s']:12.0f} "
               f"{r['hf_tokens_per_s']:12.0f} {r['ratio']:6.2f}x")
+    print(f"{before['model_name']}, {torch.get_num_threads()} threads, load {before['load_average']} -> "
+          f"{result['machine_after']['load_average']}")
     print(f"wrote {args.out}")
 
 

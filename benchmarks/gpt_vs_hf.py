@@ -88,6 +88,10 @@ def main() -> None:
 
     import transformers
 
+    from chatforge.runtime import cpu_info
+
+    before = cpu_info()  # CPU model, flags, CPUs, threads, load: the machine the figures were measured on
+
     mine, hf = build_pair(args)
     mine.eval()
     hf.eval()
@@ -114,8 +118,11 @@ def main() -> None:
             rows.append({"metric": "TTFT ms", "precision": precision, "batch": batch,
                          "chatforge": ours * 1e3, "hf": theirs * 1e3, "ratio": theirs / ours})
 
+    after = cpu_info()
     print(f"\nchatforge GPT-2 vs HF transformers {transformers.__version__} (torch {torch.__version__}, "
           f"{args.threads} threads): {args.layers} layers, d_model {args.d_model}, vocab {args.vocab}")
+    print(f"{before['model_name']}, {before['available_cpus']} CPUs available, load {before['load_average']} -> "
+          f"{after['load_average']}")
     print("ratio = chatforge speed / HF speed (>1: chatforge faster; TTFT: HF time / chatforge time)\n")
     print(f"{'metric':<20}{'prec':<6}{'batch':>6}{'chatforge':>12}{'hf':>12}{'ratio':>8}")
     for r in rows:
@@ -127,7 +134,7 @@ def main() -> None:
     result = {"benchmark": "gpt_vs_hf", "created": stamp, "args": {k: str(v) for k, v in vars(args).items()},
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
-              "cpu_count": os.cpu_count(), "rows": rows}
+              "cpu_count": os.cpu_count(), "machine_before": before, "machine_after": after, "rows": rows}
     path = args.out / f"gpt_vs_hf-{stamp}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
