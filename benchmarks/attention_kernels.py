@@ -243,16 +243,19 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax1.axhline(1.0, color="gray", lw=0.8)
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("sequence length")
-    ax1.set_ylabel("SDPA time / materialized time")
+    ax1.set_ylabel("SDPA time / materialized time (below 1: SDPA faster)")
     ax1.set_title("one attention product, forward + backward")
     ax1.legend(fontsize=8)
-    labels = [f"{x['engine']}\n{x['precision']}" for x in r["steps"]]
+    # "chatforge-auto" over "chatforge-sdpa" on one line ran into each other: the engine's parts on lines of their own
+    labels = [f"{x['engine'].replace('-', chr(10), 1)}\n{x['precision']}" for x in r["steps"]]
     ax2.bar(labels, [x["tokens_per_s"] for x in r["steps"]],
             color=["tab:blue", "tab:cyan", "tab:gray", "silver"] * (len(labels) // 4 or 1))
     ax2.set_ylabel("training tokens/s (median)")
     ax2.set_title("GPT-2 training step")
     ax2.tick_params(axis="x", labelsize=7)
-    fig.suptitle(f"{r['machine']['lscpu_model']}, {r['machine']['threads']} threads")
+    m = r["machine"]
+    fig.suptitle(f"{m['lscpu_model']}, {m['threads']} threads; load before {m['load_before']}, after "
+                 f"{m['load_after']}" + (" — loaded: figures are ratios only" if m["loaded"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
