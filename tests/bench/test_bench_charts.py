@@ -63,3 +63,15 @@ def test_each_panel_has_axis_labels_and_its_legend_names_only_the_engines_it_plo
         assert ax.get_xlabel() == "batch" and ax.get_ylabel() == rows[0]["unit"]
         legend = [t.get_text() for t in ax.get_legend().get_texts()]
         assert sorted(legend) == sorted({r["engine"] for r in rows}), (metric, legend)
+
+
+def test_a_committed_result_from_before_model_name_still_names_its_cpu():
+    import json
+    from pathlib import Path
+
+    from chatforge.bench.report import machine_line
+
+    committed = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bench-2026-12-03" / "bench.json"
+    result = json.loads(committed.read_text())
+    assert "model_name" not in result["machine"]["cpu"]  # the schema this test is about
+    assert f"CPU: {result['machine']['cpu']['model']} (" in machine_line(result)

@@ -89,11 +89,12 @@ def _compact(obj: Any) -> str:
 
 
 def machine_line(result: dict[str, Any]) -> str:
-    """What a chart says about where it was measured: a PNG is often looked at without bench.md beside it."""
+    """What a chart says about where it was measured: a PNG is often looked at without bench.md beside it.
+    (Results written before 2026-12-04 name the CPU ``model``.)"""
     m = result["machine"]
     flags = ", ".join(f for f, on in m["cpu"].get("flags", {}).items() if on) or "none"
     line = (f"chatforge bench ({'smoke: tiny sizes, no timing claims' if result['smoke'] else 'full'}), "
-            f"{result['created']}; CPU: {m['cpu'].get('model_name')} ({flags}); {m['cpus_available']} CPUs "
+            f"{result['created']}; CPU: {m['cpu'].get('model_name') or m['cpu'].get('model')} ({flags}); {m['cpus_available']} CPUs "
             f"available, {m['threads']} threads; load before {m['load_before']}, after {m['load_after']}")
     if result.get("loaded"):
         line += f"; {LOADED_NOTE}"
