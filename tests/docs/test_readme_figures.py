@@ -1,0 +1,85 @@
+"""Figures README.md quotes from a committed result file agree with that file (at the precision the README prints).
+
+Each check reads the README's own table or sentence and the file it cites, so a rerun that refreshes the file
+without the README (or a typo in the README) fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.deploy_helpers import REPO
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _row(first_cell: str) -> list[str]:
+    """The cells of the README table row whose first cell is ``first_cell``."""
+    for line in README.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"README has no table row {first_cell!r}")
+
+
+def _num(cell: str) -> float:
+    return float(re.search(r"-?[\d,]+(?:\.\d+)?", cell).group(0).replace(",", ""))
+
+
+def _same(printed: str, value: float) -> bool:
+    """``printed`` is ``value`` rounded to the decimals ``printed`` shows."""
+    text = re.search(r"-?[\d,]+(?:\.\d+)?", printed).group(0).replace(",", "")
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return abs(float(text) - value) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+def test_the_load_test_table_is_the_committed_reports():
+    for rpc, first in (("reply", "Reply (stream)"), ("classify", "Classify")):
+        r = json.loads((REPO / "docs" / "loadtest" / rpc / "report.json").read_text())
+        row = _row(first)
+        ms = {k: v * 1000 for k, v in r["latency_s"].items()}
+        assert _num(row[1]) == r["concurrency"]
+        assert _num(row[3]) == r["count"] and _num(row[4]) == r["errors"]
+        for cell, value in zip(row[5:10], (r["throughput_rps"], ms["p50"], ms["p90"], ms["p99"], ms["max"]),
+                               strict=True):
+            assert _same(cell, value), (rpc, cell, value)
+        if rpc == "reply":
+            ttft = row[10].split("/")
+            assert _same(ttft[0], r["ttft_s"]["p50"] * 1000) and _same(ttft[1], r["ttft_s"]["p99"] * 1000)
+            total, per_stream = row[11].split(",")
+            assert _same(total, r["tokens"]["per_second"]), total
+            assert _same(per_stream, r["tokens"]["stream_decode_rate_mean"]), (per_stream, r["tokens"])
+
+
+def test_the_bert_vs_hf_table_is_the_committed_run():
+    rows = {(r["task"], r["precision"]): r["ratio"]
+            for r in json.loads((RESULTS / "bert_vs_hf.json").read_text())["results"]}
+    for task, first in (("mlm_nsp", "pre-training (MLM + NSP)"), ("classification", "sequence classification")):
+        row = _row(first)
+        assert _same(row[1], rows[(task, "fp32")]) and _same(row[2], rows[(task, "bf16")]), (row, rows)
+
+
+def test_the_gpt_vs_hf_table_is_the_committed_run():
+    # the README's run: 7 repetitions (`--reps 7`), the one committed gpt_vs_hf file with them
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("gpt_vs_hf-*.json"))]
+    run = next(r for r in runs if r["args"]["reps"] == "7")
+    by = {(r["metric"], r["precision"], r["batch"]): r["ratio"] for r in run["rows"]}
+    for first, metric, batch in (("training tokens/s (batch 8 x 128)", "train tokens/s", 8),
+                                 ("greedy generation tokens/s, batch 1", "generate tokens/s", 1),
+                                 ("greedy generation tokens/s, batch 8", "generate tokens/s", 8),
+                                 ("time to first token, batch 1", "TTFT ms", 1)):
+        row = _row(first)
+        for cell, precision in zip(row[1:3], ("fp32", "bf16"), strict=True):
+            assert _same(cell, by[(metric, precision, batch)]), (first, precision, cell)
+
+
+def test_the_http_attribution_is_the_committed_runs():
+    for name, old in (("http_vs_grpc-old-server-raw.json", "old server + `RawSseClient`"),
+                      ("http_vs_grpc-httpx.json", "new server +\n  httpx")):
+        s = json.loads((RESULTS / name).read_text())["summary"]
+        m = re.search(re.escape(old) + r" \+([\d.]+) ms / ([\d.]+)", README)
+        assert m, old
+        assert _same(m.group(1), s["ttft_overhead_ms"]), (name, m.group(1), s["ttft_overhead_ms"])
+        assert _same(m.group(2), s["concurrent_tokens_ratio"]), (name, m.group(2), s["concurrent_tokens_ratio"])
