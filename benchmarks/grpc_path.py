@@ -268,6 +268,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     from chatforge.client.loadtest import load_texts
+    from chatforge.runtime import cpu_info
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundle = train_bundle(args.workdir, "generation", args.size)
@@ -279,7 +280,8 @@ def main() -> None:
         "benchmark": "grpc_path",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+                    "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                    "cpu": cpu_info()},  # CPU model and flags, CPUs available, torch threads
         "settings": {"size": args.size, "precision": args.precision, "reps": len(texts),
                      "new_tokens": args.new_tokens},
         "echo_no_model": echo,
@@ -298,6 +300,9 @@ def main() -> None:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out)
+    m = result["machine"]
+    print(f"{m['cpu']['model_name']}, {m['cpu']['available_cpus']} CPUs available; load "
+          f"{[round(x, 2) for x in m['loadavg_start']]} -> {[round(x, 2) for x in m['loadavg_end']]}")
     print(f"wrote {out}")
 
 
