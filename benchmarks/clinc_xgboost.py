@@ -59,6 +59,9 @@ def main() -> None:
         max_bin=args.max_bin, learning_rate=args.learning_rate, n_jobs=args.n_jobs, early_stopping_rounds=0,
     )
 
+    from chatforge.runtime import cpu_info
+
+    machine_before = cpu_info()
     t0 = time.perf_counter()
     model = XGBoostTextClassifier(cfg).fit([t for t, _ in train], [y for _, y in train])
     train_s = time.perf_counter() - t0
@@ -100,12 +103,13 @@ def main() -> None:
         "oos_threshold": args.oos_threshold,
         "n_train": len(train),
         "n_val": len(val),
-        "n_features": sum(len(v.vocabulary_) for v in model._vectorizers.values()),
+        "n_features": model._features_.n_features,
         "train_seconds": round(train_s, 1),
         "predict_seconds": round(predict_s, 2),
         "accuracy_all_val": accuracy,
         "results": results,
-        "machine": {"cpus_used": args.n_jobs, "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus_used": args.n_jobs, "platform": platform.platform(), "python": platform.python_version(),
+                    "cpu_before": machine_before, "cpu_after": cpu_info()},  # model, flags, CPUs, load
     }
     atomic_write_json(args.out, result)
     if args.report_dir is not None:
@@ -114,7 +118,8 @@ def main() -> None:
     for name, m in results.items():
         print(f"{name:>13}: in-scope accuracy {m['in_scope_accuracy']:.4f}  OOS recall {m['oos_recall']:.4f}"
               f"  OOS precision {m['oos_precision'] or 0:.4f}")
-    print(f"training time {train_s:.1f} s on {args.n_jobs} threads; wrote {args.out}")
+    print(f"training time {train_s:.1f} s on {args.n_jobs} threads ({machine_before['model_name']}, load "
+          f"{machine_before['load_average']} -> {result['machine']['cpu_after']['load_average']}); wrote {args.out}")
 
 
 if __name__ == "__main__":
