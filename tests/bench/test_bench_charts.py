@@ -75,3 +75,20 @@ def test_a_committed_result_from_before_model_name_still_names_its_cpu():
     result = json.loads(committed.read_text())
     assert "model_name" not in result["machine"]["cpu"]  # the schema this test is about
     assert f"CPU: {result['machine']['cpu']['model']} (" in machine_line(result)
+
+
+def test_the_markdown_keeps_significant_zeros_and_does_not_repeat_a_unit(tmp_path):
+    import json
+    from pathlib import Path
+
+    from chatforge.bench.report import markdown
+
+    committed = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bench-2026-12-03" / "bench.json"
+    result = json.loads(committed.read_text())
+    row = result["cases"]["generation"]["rows"][0]
+    case = {**result["cases"]["generation"], "rows": [{**row, "metric": "time to first token", "unit": "ms",
+                                                       "value": 1.0},
+                                                      {**row, "metric": "tokens/s", "unit": "tokens/s"}]}
+    md = markdown({**result, "cases": {"generation": case}})
+    assert f"| time to first token (ms) | {row['batch']} | 1.00 |" in md
+    assert "tokens/s (tokens/s)" not in md and f"| tokens/s | {row['batch']} |" in md

@@ -12,7 +12,8 @@ LOADED_NOTE = "loaded: figures are ratios only"
 
 
 def _fmt(v: float) -> str:
-    return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
+    # three significant digits below 10, trailing zeros kept: 1.00 ms, not "1" (read as a count beside 1.36)
+    return f"{v:,.1f}" if abs(v) >= 10 else f"{v:#.3g}"
 
 
 def _engine_names(case: dict) -> list[str]:
@@ -57,7 +58,8 @@ def markdown(result: dict[str, Any]) -> str:
             keyed.setdefault((r["metric"], r["batch"]), {})[r["engine"]] = r
         for (metric, batch), by in keyed.items():
             unit = next(iter(by.values()))["unit"]
-            lines.append(f"| {metric} ({unit}) | {batch} | "
+            label = metric if metric == unit else f"{metric} ({unit})"  # not "tokens/s (tokens/s)"
+            lines.append(f"| {label} | {batch} | "
                          + " | ".join(_fmt(by[e]["value"]) if e in by else "–" for e in engines) + " |")
         lines.append("")
         if case["ratios"]:
