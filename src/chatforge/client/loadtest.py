@@ -281,6 +281,9 @@ class LoadReport:
     results: list[CallResult]
     server: dict[str, Any] = field(default_factory=dict)
     protocol: str = "grpc"
+    # the load generator's machine (CPU model and flags, CPUs available) and its load before and after the run:
+    # client and server often share the cores, so the figures mean little without it
+    client: dict[str, Any] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -364,6 +367,7 @@ class LoadReport:
             "error_messages": self.error_messages(),
             "histogram_s": histogram(self.latencies()),
             "server": self.server,
+            "client": self.client,
         }
 
 
@@ -448,6 +452,9 @@ def run_load_test(
     (e.g. Ctrl-C in the CLI): requests in flight finish, no new ones start.
     """
     cfg.validate()
+    from chatforge.runtime import cpu_info  # reads torch's settings only where torch is already loaded
+
+    client_before = cpu_info()
     own = clients is None
     channels = list(clients) if clients is not None else _make_clients(cfg)
     stop = stop or threading.Event()
@@ -494,8 +501,11 @@ def run_load_test(
             for c in channels:
                 c.close()
     results.sort(key=lambda r: r.index)
+    client = dict(client_before)
+    client["load_before"] = client.pop("load_average", None)
+    client["load_after"] = cpu_info().get("load_average")
     report = LoadReport(cfg.target, cfg.rpc, cfg.concurrency, len(channels), cfg.rps, wall, results, server,
-                        cfg.protocol)
+                        cfg.protocol, client)
     logger.info("load test finished", extra={"count": report.count, "errors": report.errors,
                                              "throughput_rps": round(report.throughput, 2)})
     return report
@@ -679,8 +689,13 @@ def _plot_report(report: LoadReport, path: Path) -> None:
         ax_time.scatter(*zip(*ttft, strict=True), s=4, alpha=0.5, color="tab:green", label="TTFT")
     ax_time.legend(loc="upper right")
     ax_time.set(title="latency over time", xlabel="request start (s)", ylabel="ms")
-    fig.suptitle(f"{report.rpc} @ {report.target}: concurrency {report.concurrency}, "
-                 f"{report.throughput:.1f} req/s, {report.errors} errors")
+    title = (f"{report.rpc} @ {report.target}: concurrency {report.concurrency}, "
+             f"{report.throughput:.1f} req/s, {report.errors} errors")
+    if report.client:
+        c = report.client
+        title += (f"\nclient: {c.get('model_name')}, {c.get('available_cpus')} CPUs available; load "
+                  f"{c.get('load_before')} -> {c.get('load_after')}")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
