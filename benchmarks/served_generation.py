@@ -364,13 +364,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
         width = 0.38
         for k, case in enumerate(CASES):
             vals = [by.get((e, case), {}).get(metric, 0.0) for e in engines]
-            ax.bar([i + (k - 0.5) * width for i in range(len(engines))], vals, width, label=case)
+            n = result["config"].get("concurrent_streams")
+            ax.bar([i + (k - 0.5) * width for i in range(len(engines))], vals, width,
+                   label=f"{n} concurrent streams" if case == "concurrent" and n else case)
         ax.set_xticks(range(len(engines)), [e.replace("chatforge-", "cf-") for e in engines], rotation=30, ha="right")
         ax.set_ylabel(label)
         ax.legend()
     what = {"gpt": "", "transformer": " Transformer"}[result.get("family", "gpt")]
-    fig.suptitle(f"Served{what} generation (gRPC) vs CTranslate2 direct" + (" — loaded machine" if result["loaded"]
-                                                                          else ""))
+    fig.suptitle(f"Served{what} generation (gRPC) vs CTranslate2 direct\n"  # the machine, as in the .md
+                 + served.machine_line(result).replace("**", ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -254,7 +254,9 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("training tokens/s (median)")
     ax2.set_title("GPT-2 training step, fp32")
     ax2.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"{r['machine']['lscpu_model']}, {r['machine']['threads']} threads")
+    m = r["machine"]
+    fig.suptitle(f"{m['lscpu_model']}, {m['threads']} threads; load before {m['load_before']}, after "
+                 f"{m['load_after']}" + (" — loaded: figures are ratios only" if m["loaded"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
