@@ -315,6 +315,10 @@ def plot(data: dict, path: Path) -> None:
                         label=None if synth else v)
         ax.set(xscale="log", yscale=yscale, xlabel="pool size (stars: real pool)", ylabel=ylabel, title=title)
         ax.legend(fontsize=7)
+    mb, ma = data.get("machine_before", {}), data.get("machine_after", {})
+    fig.suptitle(f"{mb.get('lscpu_model_name')}, {mb.get('logical_cpus')} CPUs, FAISS threads "
+                 f"{mb.get('faiss_threads')}; load before {mb.get('load_average')}, after {ma.get('load_average')}",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -49,3 +49,13 @@ def test_the_png_names_cpu_and_load(script, result, titles, tmp_path, monkeypatc
     if script == "served_generation":
         legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
         assert f"{r['config']['concurrent_streams']} concurrent streams" in legend
+
+
+def test_the_retrieval_png_names_cpu_threads_and_load(titles, tmp_path):
+    r = json.loads((RESULTS / "retrieval-ann.json").read_text())
+    load("retrieval_ann").plot(r, tmp_path / "plot.png")
+    (fig,) = titles
+    title = fig._suptitle.get_text() if fig._suptitle else ""
+    mb = r["machine_before"]
+    assert mb["lscpu_model_name"] in title and f"FAISS threads {mb['faiss_threads']}" in title
+    assert str(mb["load_average"]) in title and str(r["machine_after"]["load_average"]) in title
