@@ -1,7 +1,7 @@
 """Hugging Face BERT checkpoints <-> chatforge ``bert`` bundles (optional extra ``chatforge[hf]``).
 
-``from_hf`` reads a checkpoint folder (``config.json`` + ``model.safetensors``, a sharded
-safetensors index, or ``pytorch_model.bin`` loaded with ``weights_only=True``) of ``BertModel``,
+``from_hf`` reads a checkpoint folder (``config.json`` + the weights: one file or shards, safetensors or
+``pytorch_model.bin``, :mod:`chatforge.interop.hf_weights`) of ``BertModel``,
 ``BertForPreTraining``/``BertForMaskedLM`` (-> task ``mlm_nsp``; missing heads are freshly
 initialised and logged: ``BertForMaskedLM`` saves neither the NSP head nor the pooler, which only
 the NSP head and sentence classification read), ``BertForSequenceClassification`` (-> ``classification``, labels from
@@ -20,14 +20,14 @@ import re
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from chatforge.bundle import build_from_config, load_bundle, save_bundle
 from chatforge.config import validate_config
 from chatforge.fileio import atomic_dir
+from chatforge.interop import ConversionError
 from chatforge.interop.hf_tokenizer import HFTokenizer
+from chatforge.interop.hf_weights import read_hf_weights
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +88,10 @@ def hf_key_map(num_layers: int, task: str, pooler: bool = True) -> dict[str, str
 def read_hf_state_dict(src: Path) -> dict[str, Tensor]:
     """Load a checkpoint folder's tensors without executing code; keys normalised to ``bert.``-prefixed
     names with ``weight``/``bias`` (very old checkpoints use LayerNorm ``gamma``/``beta``)."""
-    if (src / "model.safetensors").is_file():
-        sd = load_file(str(src / "model.safetensors"))
-    elif (src / "model.safetensors.index.json").is_file():
-        index = json.loads((src / "model.safetensors.index.json").read_text())
-        sd = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            sd.update(load_file(str(src / shard)))
-    elif (src / "pytorch_model.bin").is_file():
-        sd = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise HFBertError(f"{src} has no weights: expected model.safetensors, model.safetensors.index.json "
-                          "or pytorch_model.bin")
+    try:
+        sd = read_hf_weights(src)
+    except ConversionError as e:
+        raise HFBertError(str(e)) from None
     out = {}
     for k, v in sd.items():
         k = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k))

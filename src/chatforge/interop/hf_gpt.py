@@ -1,8 +1,8 @@
 """GPT / GPT-2 checkpoints <-> chatforge ``gpt`` bundles (optional extra ``chatforge[hf]``).
 
 ``from_hf`` reads an ``OpenAIGPTModel``/``OpenAIGPTLMHeadModel`` (``model_type: openai-gpt``) or
-``GPT2Model``/``GPT2LMHeadModel`` (``model_type: gpt2``) folder: ``config.json``, ``model.safetensors``
-(or ``pytorch_model.bin``, loaded with ``weights_only=True`` so no pickled code runs) and the
+``GPT2Model``/``GPT2LMHeadModel`` (``model_type: gpt2``) folder: ``config.json``, the weights (one file or
+shards, :mod:`chatforge.interop.hf_weights`; no pickled code runs) and the
 tokenizer (``tokenizer.json``, else built by transformers' fast tokenizer from the folder's files).
 Weights map 1:1; HF's ``Conv1D`` stores (in, out) matrices, so they are transposed.
 
@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from chatforge.bundle import build_from_config, load_bundle, save_bundle
 from chatforge.config import validate_config
 from chatforge.fileio import atomic_dir
 from chatforge.interop import ConversionError
 from chatforge.interop.hf_tokenizer import _BOS, _EOS, HFTokenizer
+from chatforge.interop.hf_weights import read_hf_weights
 from chatforge.models.gpt import GPTLMHeadModel
 
 logger = logging.getLogger(__name__)
@@ -117,14 +117,6 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], model_type: str, n_layers: int
         out["transformer.ln_f.weight"] = sd["transformer.ln_f.weight"]
         out["transformer.ln_f.bias"] = sd["transformer.ln_f.bias"]
     return out
-
-
-def _load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
-    if (src / "model.safetensors").is_file():
-        return load_file(str(src / "model.safetensors"))
-    if (src / "pytorch_model.bin").is_file():
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise ConversionError(f"{src} has no model.safetensors or pytorch_model.bin")
 
 
 def _load_hf_tokenizer(src: Path, model_type: str, special_tokens: dict[str, str]):
@@ -222,7 +214,7 @@ def from_hf(src: Path, out_bundle: Path, *, task: str = "lm", name: str | None =
         "tracking": {"enabled": False},
     }, source=str(src / "config.json"))
     model = build_from_config(cfg, tok, None)
-    sd = state_dict_from_hf(_load_hf_weights(src), hf["model_type"], params["n_layers"], params["tie_embeddings"])
+    sd = state_dict_from_hf(read_hf_weights(src), hf["model_type"], params["n_layers"], params["tie_embeddings"])
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ConversionError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
