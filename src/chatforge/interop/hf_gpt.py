@@ -214,12 +214,38 @@ def from_hf(src: Path, out_bundle: Path, *, task: str = "lm", name: str | None =
         "tracking": {"enabled": False},
     }, source=str(src / "config.json"))
     model = build_from_config(cfg, tok, None)
-    sd = state_dict_from_hf(read_hf_weights(src), hf["model_type"], params["n_layers"], params["tie_embeddings"])
+    theirs = read_hf_weights(src)
+    sd = state_dict_from_hf(theirs, hf["model_type"], params["n_layers"], params["tie_embeddings"])
+    mine = model.state_dict()
+    for k, t in sd.items():  # load_state_dict's size-mismatch RuntimeError would be a traceback in chatforge's names
+        if k in mine and t.shape != mine[k].shape:
+            name, transposed = _hf_key(k, hf["model_type"])
+            want = tuple(mine[k].shape)[::-1] if transposed else tuple(mine[k].shape)
+            raise ConversionError(f"{name}: shape {tuple(t.shape)[::-1] if transposed else tuple(t.shape)} in the "
+                                  f"checkpoint, {want} expected from {src / 'config.json'}")
+    read = {_hf_key(k, hf["model_type"])[0] for k in sd}
+    beyond = sorted(k for k in theirs if re.match(r"(transformer\.)?h\.\d+\.", k)
+                    and k.removeprefix("transformer.") not in read and not k.endswith((".attn.bias", ".attn.masked_bias")))
+    if beyond:  # the bundle would silently be a smaller model than the checkpoint
+        raise ConversionError(f"the checkpoint has blocks that {src / 'config.json'} does not describe "
+                              f"(n_layer={params['n_layers']}): {', '.join(beyond[:3])}{', ...' if len(beyond) > 3 else ''}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ConversionError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     meta = {"converted_from": {"format": "huggingface", "model_type": hf["model_type"], "source": str(src)}}
     return save_bundle(out_bundle, model=model.eval(), tokenizer=tok, config=cfg, extra_metadata=meta)
+
+
+def _hf_key(mine: str, model_type: str) -> tuple[str, bool]:
+    """The checkpoint's name (without ``transformer.``) of chatforge's tensor ``mine``, and whether it is transposed."""
+    emb = ("wte", "wpe") if model_type == "gpt2" else ("tokens_embed", "positions_embed")
+    if mine.startswith(("transformer.wte.", "transformer.wpe.")):
+        return f"{emb[0] if '.wte.' in mine else emb[1]}.weight", False
+    m = re.fullmatch(r"transformer\.blocks\.(\d+)\.(.+)\.(weight|bias)", mine)
+    if m:
+        theirs, transpose = next((t, tr) for my, t, tr in _BLOCK_MAP if my == m[2])
+        return f"h.{m[1]}.{theirs}.{m[3]}", transpose and m[3] == "weight"
+    return mine.removeprefix("transformer."), False
 
 
 def to_hf(bundle_dir: Path, out_dir: Path) -> Path:
