@@ -41,6 +41,33 @@ def _read_json(path: Path) -> dict:
     return tree
 
 
+# HF model_type -> its transformers config class, whose defaults fill the keys a config.json leaves out
+_HF_CONFIG_CLASS = {"bert": "BertConfig", "openai-gpt": "OpenAIGPTConfig", "gpt2": "GPT2Config"}
+
+
+def read_hf_config(src: Path, required: tuple[str, ...] = ()) -> dict:
+    """``src/config.json`` with the keys it leaves out filled as transformers fills them (its config class's
+    defaults: a hand-written ``{"model_type": "gpt2", "n_layer": 2, ...}`` loads in HF, so it converts here). Without
+    transformers, a ``required`` key that is absent is named."""
+    path = src / "config.json"
+    tree = _read_json(path)
+    cls_name = _HF_CONFIG_CLASS.get(tree.get("model_type"))
+    if cls_name:
+        try:
+            import transformers  # hf extra only: a tokenizer.json checkpoint converts with tokenizers alone
+
+            tree = {**getattr(transformers, cls_name).from_dict(tree).to_dict(), **tree}
+        except ImportError:
+            pass
+        except Exception:  # noqa: BLE001 - values transformers refuses: the checks below and the converter name them
+            pass
+    missing = [k for k in required if tree.get(k) is None]
+    if missing:
+        raise ConversionError(f"{path} has no {', '.join(missing)} (install transformers, pip install "
+                              f"'chatforge[hf]', to use its defaults, or add them)")
+    return tree
+
+
 def _check_out(src: Path, out: Path, ours: str) -> None:
     """The output folder is replaced whole (``atomic_dir``): refuse one that holds the source, or a folder of other
     files; an earlier output of the same kind (a folder holding ``ours``, no chatforge ``metadata.json`` beside an

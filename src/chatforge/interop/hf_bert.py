@@ -25,7 +25,7 @@ from torch import Tensor
 from chatforge.bundle import build_from_config, load_bundle, save_bundle
 from chatforge.config import validate_config
 from chatforge.fileio import atomic_dir
-from chatforge.interop import ConversionError
+from chatforge.interop import ConversionError, read_hf_config
 from chatforge.interop.hf_tokenizer import HFTokenizer
 from chatforge.interop.hf_weights import read_hf_weights
 
@@ -166,7 +166,8 @@ def from_hf(src_dir: Path, out_bundle: Path, *, bos_token: str | None = None,
 
     ``bos_token``/``eos_token`` name the sequence delimiters if the vocabulary has no [CLS]/[SEP]."""
     src, out = Path(src_dir), Path(out_bundle)
-    hf_cfg = json.loads((src / "config.json").read_text())
+    hf_cfg = read_hf_config(src, ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                                  "max_position_embeddings", "vocab_size"))
     if hf_cfg.get("model_type") != "bert":
         raise HFBertError(f"{src / 'config.json'} has model_type={hf_cfg.get('model_type')!r}; expected 'bert'")
     task = _task_for(hf_cfg)

@@ -23,7 +23,7 @@ import torch
 from chatforge.bundle import build_from_config, load_bundle, save_bundle
 from chatforge.config import validate_config
 from chatforge.fileio import atomic_dir
-from chatforge.interop import ConversionError
+from chatforge.interop import ConversionError, read_hf_config
 from chatforge.interop.hf_tokenizer import _BOS, _EOS, HFTokenizer
 from chatforge.interop.hf_weights import read_hf_weights
 from chatforge.models.gpt import GPTLMHeadModel
@@ -194,7 +194,7 @@ def from_hf(src: Path, out_bundle: Path, *, task: str = "lm", name: str | None =
     conventionally (see :mod:`chatforge.interop.hf_tokenizer`)."""
     if task not in ("lm", "generation"):
         raise ConversionError(f"task={task!r}: a GPT checkpoint converts to task 'lm' or 'generation'")
-    hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    hf = read_hf_config(src, ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"))
     params = gpt_config_from_hf(hf)
     chosen = {k: v for k, v in (("bos", bos_token), ("eos", eos_token)) if v is not None}
     tok = _load_hf_tokenizer(src, hf["model_type"], chosen)
