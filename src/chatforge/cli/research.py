@@ -231,17 +231,20 @@ def generate(
     from chatforge.decoding import GenerationOptions
     from chatforge.inference import load_model
 
-    try:
-        model = load_model(bundle, name="local")
+    try:  # the options first: a typo is refused before the bundle loads
         opts = GenerationOptions(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
                                  no_repeat_ngram_size=no_repeat_ngram).validate()
+        model = load_model(bundle, name="local")
     except (BundleError, ValueError) as e:
         _fail(str(e))
     for t in text:
         if hasattr(model, "stream"):
             reply = "".join(d.text for d in model.stream(t, opts))
             console.print(f"[dim]you:[/] {t}\n[bold]bot:[/] {reply}", highlight=False)
+        elif hasattr(model, "select"):  # a retrieval (selection) bundle: the pool's best answer and its score
+            reply, score = model.select(t)
+            console.print(f"[dim]you:[/] {t}\n[bold]bot:[/] {reply} ({score:.3f})", highlight=False)
         else:
             p = model.classify([t])[0]
             console.print(f"[dim]text:[/] {t}\n[bold]label:[/] {p.label} ({p.score:.3f})", highlight=False)
