@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -178,7 +179,8 @@ def train(
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(table)
     for s in m.get("samples", [])[:5]:
-        console.print(f"[dim]Q:[/] {s['question']}\n[dim]ref:[/] {s['reference']}\n[bold]bot:[/] {s['reply']}\n",
+        console.print(f"[dim]Q:[/] {escape(s['question'])}\n[dim]ref:[/] {escape(s['reference'])}\n"
+                      f"[bold]bot:[/] {escape(s['reply'])}\n",
                       highlight=False)
     console.print(f"bundle: [bold]{result.bundle_dir}[/]", highlight=False)
 
@@ -241,13 +243,13 @@ def generate(
     for t in text:
         if hasattr(model, "stream"):
             reply = "".join(d.text for d in model.stream(t, opts))
-            console.print(f"[dim]you:[/] {t}\n[bold]bot:[/] {reply}", highlight=False)
+            console.print(f"[dim]you:[/] {escape(t)}\n[bold]bot:[/] {escape(reply)}", highlight=False)
         elif hasattr(model, "select"):  # a retrieval (selection) bundle: the pool's best answer and its score
             reply, score = model.select(t)
-            console.print(f"[dim]you:[/] {t}\n[bold]bot:[/] {reply} ({score:.3f})", highlight=False)
+            console.print(f"[dim]you:[/] {escape(t)}\n[bold]bot:[/] {escape(reply)} ({score:.3f})", highlight=False)
         else:
             p = model.classify([t])[0]
-            console.print(f"[dim]text:[/] {t}\n[bold]label:[/] {p.label} ({p.score:.3f})", highlight=False)
+            console.print(f"[dim]text:[/] {escape(t)}\n[bold]label:[/] {escape(p.label)} ({p.score:.3f})", highlight=False)
 
 
 # ------------------------------------------------------------------ evaluate, compare
