@@ -319,7 +319,8 @@ def evaluate(
 @app.command()
 def replies(
     model: list[str] = typer.Option([], "--model", help="NAME=BUNDLE (repeatable): generation, lm or selection "
-                                    "bundles trained on the same data split."),
+                                    "bundles trained on the same data split. NAME is a column of the table: not "
+                                    "question, reference or (with --hybrid) hybrid."),
     hybrid: str = typer.Option(None, "--hybrid", help="SELECTION,GENERATION: add the hybrid column (retrieval "
                                "above a threshold chosen on valid, else generation)."),
     split: str = typer.Option("test", "--split", help="valid, test or all."),

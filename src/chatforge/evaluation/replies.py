@@ -98,6 +98,13 @@ def reply_table(models: Mapping[str, str | Path], *, hybrid_of: tuple[str, str] 
     """
     if not models:
         raise EvaluationError("give at least one NAME=BUNDLE")
+    # The table's rows are {question, reference, one column per model (and the hybrid's)}: a model of one of
+    # those names would overwrite that column in replies.json/.md/.html.
+    reserved = {"question", "reference", *([HYBRID] if hybrid_of is not None else [])}
+    for name in models:
+        if not name or name in reserved:
+            raise EvaluationError(f"model name {name!r} is not allowed: the reply table's columns are "
+                                  f"{', '.join(sorted(reserved))} and one per model; give it another NAME")
     bundles = {name: load_bundle(path) for name, path in models.items()}
     keys = {name: (b.config.data.path, b.config.seed, b.config.data.valid_fraction, b.config.data.test_fraction)
             for name, b in bundles.items()}
