@@ -65,13 +65,20 @@ def _parse_models(bundles: list[Path], models: list[str]) -> dict[str, str]:
     """NAME=BUNDLE options and bare bundle folders (named after their run) -> {name: path}; used by serve and
     replies."""
     out: dict[str, str] = {}
+
+    def add(name: str, path: str) -> None:  # the same name twice would silently keep only the last bundle
+        if name in out:
+            _fail(f"model name {name!r} is given twice ({out[name]} and {path}); name them apart with "
+                  f"--model NAME=BUNDLE_PATH")
+        out[name] = path
+
     for item in models:
         if "=" not in item:
             _fail(f"--model {item!r} must look like NAME=BUNDLE_PATH, e.g. chat=runs/demo/bundle")
         name, path = item.split("=", 1)
-        out[name.strip()] = path
+        add(name.strip(), path)
     for b in bundles:
-        out[b.parent.name if b.name == "bundle" else b.name] = str(b)
+        add(b.parent.name if b.name == "bundle" else b.name, str(b))
     if not out:
         _fail("give at least one bundle: chatforge serve runs/<run>/bundle, or --model NAME=PATH")
     for name, path in out.items():
