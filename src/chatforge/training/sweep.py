@@ -202,6 +202,7 @@ def run_sweep(base: ExperimentConfig, space: dict[str, Any], *, trials: int, sto
         sampler=optuna.samplers.TPESampler(seed=base.seed if seed is None else seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
+    _check_joined_study(study, space, study_name)
     parent = _open_parent_run(base, study_name)
 
     def objective(trial: optuna.Trial) -> float:
@@ -246,6 +247,36 @@ def run_sweep(base: ExperimentConfig, space: dict[str, Any], *, trials: int, sto
     return SweepResult(study_name=study_name, storage=storage, best_value=float(best.value),
                        best_params=dict(best.params), best_config_path=out, n_trials=len(study.trials),
                        sweep_dir=sweep_dir)
+
+
+def _check_joined_study(study, space: dict[str, Any], study_name: str) -> None:
+    """A joined study's earlier trials drew each key from a distribution; optuna refuses another kind (float/int/
+    categorical) or other choices for the same key with a ValueError in the middle of the first trial. Say so up front,
+    naming the key and both distributions."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+        check_distribution_compatibility,
+    )
+
+    def as_optuna(dist):
+        if isinstance(dist, CategoricalDist):
+            return CategoricalDistribution(dist.choices)
+        cls = FloatDistribution if isinstance(dist, FloatDist) else IntDistribution
+        return cls(dist.low, dist.high, log=dist.log, step=dist.step)
+
+    for trial in study.get_trials(deepcopy=False):
+        for key, old in trial.distributions.items():
+            if key not in space:
+                continue
+            try:
+                check_distribution_compatibility(old, as_optuna(space[key]))
+            except ValueError as e:
+                raise ConfigError(
+                    f"study {study_name!r} already drew {key} from {old} (trial {trial.number}); the space now "
+                    f"says {space[key].model_dump(exclude_none=True)}, which optuna cannot mix ({e}). Give the "
+                    f"changed space its own study: --study NEW_NAME") from None
 
 
 def _open_parent_run(base: ExperimentConfig, study_name: str):
