@@ -197,12 +197,14 @@ def sweep(
 ):
     """Optuna sweep: each trial trains a run (tracked in MLflow); writes the best config as YAML."""
     from chatforge.config import ConfigError, load_config
-    from chatforge.training.sweep import load_space, run_sweep
+    from chatforge.training.sweep import SweepInterrupted, load_space, run_sweep
 
     try:
         base = load_config(config, set_)
         result = run_sweep(base, load_space(space), trials=trials, storage=storage, study_name=study,
                            sweep_dir=out)
+    except SweepInterrupted as e:
+        _fail(str(e), code=130)
     except (ConfigError, RuntimeError) as e:
         _fail(str(e))
     table = Table(title=f"study {result.study_name} ({result.n_trials} trials)")

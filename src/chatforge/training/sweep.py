@@ -161,6 +161,10 @@ class OptunaPruningCallback(Callback):
             raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.metric}={value:.4g})")
 
 
+class SweepInterrupted(RuntimeError):
+    """Ctrl-C during a sweep: what the study keeps and where (the CLI prints it and exits 130)."""
+
+
 @dataclass
 class SweepResult:
     study_name: str
@@ -227,6 +231,17 @@ def run_sweep(base: ExperimentConfig, space: dict[str, Any], *, trials: int, sto
     try:
         study.optimize(objective, n_trials=trials, catch=(ConfigError,))
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        last = study.trials[-1] if study.trials else None
+        cut = last is not None and last.state == optuna.trial.TrialState.FAIL
+        where = f"in {storage}; the same command continues it" if storage else \
+            "in memory only, now lost (--storage keeps a study)"
+        raise SweepInterrupted(
+            f"interrupted; study {study_name!r} keeps its {done} completed trial(s) {where}"
+            + (f"; {sweep_dir / f'trial-{last.number}'} is the interrupted trial's incomplete run" if cut else "")
+        ) from None
     finally:
         if parent is not None:
             parent[0].end(status)
