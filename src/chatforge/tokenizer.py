@@ -42,9 +42,19 @@ class TokenizerError(ValueError):
     pass
 
 
+MIN_VOCAB_SIZE = 16  # the least tokenizer.vocab_size / --vocab-size accepts (7 ids are reserved)
+
+
 class VocabTooLargeError(TokenizerError):
     def __init__(self, requested: int, max_size: int | None):
         self.requested, self.max_size = requested, max_size
+        if max_size is not None and max_size < MIN_VOCAB_SIZE:
+            # "lower tokenizer.vocab_size" cannot reach it: the setting's minimum is above what the corpus supports
+            super().__init__(
+                f"vocab_size={requested} is too large for this corpus, which supports only {max_size} pieces, fewer "
+                f"than the smallest tokenizer.vocab_size ({MIN_VOCAB_SIZE}): train on more text, or set "
+                f"tokenizer.on_vocab_too_large=lower to use {max_size}.")
+            return
         hint = f"; the largest workable size for this corpus is {max_size}" if max_size else ""
         super().__init__(
             f"vocab_size={requested} is too large for this corpus{hint}. Lower tokenizer.vocab_size"

@@ -56,7 +56,7 @@ def tokenizer_train(
 ):
     """Train a SentencePiece tokenizer with chatforge's special tokens."""
     from chatforge.data import DataError, read_examples
-    from chatforge.tokenizer import Tokenizer, TokenizerError, VocabTooLargeError
+    from chatforge.tokenizer import MIN_VOCAB_SIZE, Tokenizer, TokenizerError, VocabTooLargeError
 
     if out.is_dir():
         _fail(f"--out {out} is a folder; give the path of the .model file to write, e.g. {out / 'tokenizer.model'}")
@@ -66,6 +66,9 @@ def tokenizer_train(
         tok = Tokenizer.train(texts, vocab_size=vocab_size, model_type=model_type,
                               on_vocab_too_large="lower" if lower_if_too_large else "error")
     except VocabTooLargeError as e:  # its own message names the config keys; here the flags are what the user has
+        if e.max_size is not None and e.max_size < MIN_VOCAB_SIZE:
+            _fail(f"this corpus supports only {e.max_size} pieces, fewer than the smallest --vocab-size "
+                  f"({MIN_VOCAB_SIZE}): train on more text, or pass --lower-if-too-large to use {e.max_size}")
         hint = f"; the largest workable size for this corpus is {e.max_size}" if e.max_size else ""
         _fail(f"--vocab-size {e.requested} is too large for this corpus{hint}: lower --vocab-size, or pass "
               "--lower-if-too-large to use the largest workable size")
