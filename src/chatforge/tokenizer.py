@@ -240,8 +240,10 @@ class Tokenizer(SpecialIdsMixin):
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids, without <s>/</s> (callers add them where their family needs them)."""
-        return self.sp.encode(text, out_type=int)
+        """Text -> ids of its NFC form, without <s>/</s> (callers add them where their family needs them). NFC here,
+        not in SentencePiece: its default NFKC rule also folds Hangul compatibility jamo ("ㅋㅋ", "ㅠㅠ") into
+        conjoining jamo, which replies then showed (see :func:`_train_proto`)."""
+        return self.sp.encode(_nfc(text), out_type=int)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Texts -> ids, as :meth:`encode` gives each. SentencePiece's list form starts a thread pool per call:
@@ -249,8 +251,8 @@ class Tokenizer(SpecialIdsMixin):
         about 2 us, so the few texts of a served call go one by one and only long lists (training corpora)
         use the threads (``THREADED_BATCH_MIN``; benchmarks/tokenizer_batch.py)."""
         if len(texts) < THREADED_BATCH_MIN:
-            return [self.sp.encode(t, out_type=int) for t in texts]
-        return self.sp.encode(list(texts), out_type=int)
+            return [self.sp.encode(_nfc(t), out_type=int) for t in texts]
+        return self.sp.encode([_nfc(t) for t in texts], out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
         skip = self._skip
@@ -383,7 +385,7 @@ class ByteTokenizer(JsonDocumentMixin, SpecialIdsMixin):
 
     def encode(self, text: str) -> list[int]:
         """Text -> one id per UTF-8 byte of its NFC form, without <s>/</s>; ``[MASK]`` in the text stays one id.
-        NFC as SentencePiece's NFKC rule does for the other tokenizer: decomposed Hangul (NFD, as some systems
+        NFC as the SentencePiece tokenizer's encode does: decomposed Hangul (NFD, as some systems
         send it) would otherwise be bytes the model never saw in training."""
         ids: list[int] = []
         if not unicodedata.is_normalized("NFC", text):
@@ -537,9 +539,17 @@ class IncrementalDecoder:
         return bool(alone) and not alone.isspace()
 
 
+def _nfc(text: str) -> str:
+    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
+
+
 def _train_proto(corpus: list[str], vocab_size: int, model_type: str, coverage: float, seed_size: int) -> bytes:
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
+        # No Unicode folding inside SentencePiece (its default, nmt_nfkc, is NFKC): NFKC turns the Hangul
+        # compatibility jamo of Korean chat ("ㅋㅋ", "ㅠㅠ", U+3131-318E) into conjoining jamo (U+1100-11FF), so
+        # replies came back as "ᄏᄏ". Text is NFC (the readers, and encode above); whitespace is still collapsed.
+        normalization_rule_name="identity",
         sentence_iterator=iter(corpus),
         model_writer=out,
         vocab_size=vocab_size,

@@ -47,7 +47,7 @@ def check_texts(texts: Sequence[str], what: str) -> list[str]:
 
     NFC because these models compare characters: Hangul typed or copied on some systems arrives decomposed (NFD:
     "결" as the three letters ㄱ ㅕ ㄹ), which shares no character n-gram with the same word composed, so a
-    TF-IDF or ranker model answered every such message with one unrelated reply. SentencePiece's NFKC does the
+    TF-IDF or ranker model answered every such message with one unrelated reply. The tokenizers' encode does the
     same for the neural families."""
     if isinstance(texts, str):
         raise TypeError(f"{what} must be a sequence of strings, not a single string")
