@@ -20,6 +20,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from chatforge.bundle import build_from_config, load_bundle, save_bundle
@@ -211,7 +212,16 @@ def from_hf(src_dir: Path, out_bundle: Path, *, bos_token: str | None = None,
                        "initialised: the pooled output and NSP head are untrained until fine-tuned",
                        src, ", ".join(mapping[k] for k in pooler_new))
     model.load_state_dict(loaded, strict=False)
-    used = set(mapping.values()) | {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    # chatforge's masked-LM head is tied to the word embeddings; HF's decoder matrix is the same tensor unless the
+    # checkpoint was trained with tie_word_embeddings: false, and then it is dropped like any unused tensor.
+    decoder, words = theirs.get("cls.predictions.decoder.weight"), theirs.get("bert.embeddings.word_embeddings.weight")
+    untied = decoder is not None and words is not None and not torch.equal(decoder, words)
+    if untied:
+        logger.warning("from-hf %s: the checkpoint's masked-LM decoder (cls.predictions.decoder.weight) is not tied to "
+                       "its word embeddings; chatforge's BERT ties them, so the bundle's masked-LM predictions differ "
+                       "from the checkpoint's (the encoder and other heads are exact)", src)
+    used = set(mapping.values()) | {"cls.predictions.decoder.bias"} | (
+        set() if untied else {"cls.predictions.decoder.weight"})
     dropped = sorted(k for k in theirs if k not in used and not k.endswith("position_ids"))
     if new:
         logger.warning("from-hf %s: %d tensor(s) not in the checkpoint, freshly initialised: %s",
