@@ -478,7 +478,8 @@ app.add_typer(convert_app, name="convert")
 def convert_from_hf(
     src: Path = typer.Argument(..., help="HF checkpoint folder (config.json, weights, tokenizer files)."),
     out: Path = typer.Argument(..., help="Bundle folder to write."),
-    task: str = typer.Option(None, help="Task of the bundle (gpt: lm or generation); default: the family's."),
+    task: str = typer.Option(None, help="Task of the bundle (gpt: lm or generation); default: the family's. "
+                             "A BERT checkpoint's task follows its architecture."),
     bos_token: str = typer.Option(None, "--bos-token", help="Vocabulary token that begins a sequence, when "
                                   "it is not <s>, <|endoftext|> or [CLS] (e.g. openai-gpt has none)."),
     eos_token: str = typer.Option(None, "--eos-token", help="Vocabulary token that ends a sequence, when it "

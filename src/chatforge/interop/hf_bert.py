@@ -161,7 +161,7 @@ def _load_tokenizer(src: Path, tmp: Path, special_tokens: dict[str, str] | None 
                       f"tokenizer files into the folder (e.g. tokenizer.save_pretrained('{src}') in transformers)")
 
 
-def from_hf(src_dir: Path, out_bundle: Path, *, bos_token: str | None = None,
+def from_hf(src_dir: Path, out_bundle: Path, *, task: str | None = None, bos_token: str | None = None,
             eos_token: str | None = None) -> Path:
     """Convert a HF BERT checkpoint folder into a chatforge bundle; returns the bundle path.
 
@@ -171,7 +171,12 @@ def from_hf(src_dir: Path, out_bundle: Path, *, bos_token: str | None = None,
                                   "max_position_embeddings", "vocab_size"))
     if hf_cfg.get("model_type") != "bert":
         raise HFBertError(f"{src / 'config.json'} has model_type={hf_cfg.get('model_type')!r}; expected 'bert'")
-    task = _task_for(hf_cfg)
+    arch_task = _task_for(hf_cfg)
+    if task is not None and task != arch_task:
+        arch = (hf_cfg.get("architectures") or ["BertModel"])[0]
+        raise HFBertError(f"task={task!r}: a BERT checkpoint's task follows its architecture ({arch} converts to "
+                          f"{arch_task!r}); leave --task out, or convert a checkpoint of the architecture you need")
+    task = arch_task
     labels = _labels_from(hf_cfg) if task != "mlm_nsp" else None
     params = bert_params_from_hf(hf_cfg)
     with tempfile.TemporaryDirectory() as tmp:
