@@ -199,13 +199,21 @@ def run_sweep(base: ExperimentConfig, space: dict[str, Any], *, trials: int, sto
     check_space(base, space)
     study_name = study_name or f"{base.name}-sweep"
     sweep_dir = Path(sweep_dir) if sweep_dir else Path(base.output.dir) / "sweeps" / study_name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, or a folder nobody may write
+        raise ConfigError(f"sweep folder {sweep_dir}: {e.strerror or e}; give another --out") from None
     storage = resolve_storage(storage)
-    study = optuna.create_study(
-        study_name=study_name, storage=storage, direction="minimize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=base.seed if seed is None else seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-    )
+    try:
+        study = optuna.create_study(
+            study_name=study_name, storage=storage, direction="minimize", load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=base.seed if seed is None else seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        )
+    except Exception as e:  # noqa: BLE001 - sqlalchemy's errors (unknown dialect, a missing folder, no server)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--storage {storage}: cannot open the study store ({type(e).__name__}: {first}); give "
+                          f"an RDB URL optuna can open, e.g. sqlite:///runs/optuna.db (its folder must exist)") from None
     _check_joined_study(study, space, study_name)
     parent = _open_parent_run(base, study_name)
 
