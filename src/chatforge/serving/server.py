@@ -565,6 +565,9 @@ class ServerConfig:
             raise ValueError("no bundles given; pass at least one name=path, or a model directory")
         if self.bundles and self.model_dir is not None:
             raise ValueError("pass bundles or a model directory, not both")
+        if self.pins and self.model_dir is None:  # else ignored: the bundles given are served as they are
+            raise ValueError(f"--pin chooses versions under --model-dir; the bundles given by name have no versions "
+                             f"to pin ({', '.join(f'{n}={v}' for n, v in self.pins.items())})")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
         if self.tls_client_ca is not None and self.tls_cert is None:
