@@ -22,3 +22,11 @@ def test_pin_without_a_model_directory_is_refused(tmp_path):
     assert r.exit_code == 2, out
     assert "--pin chooses versions under --model-dir" in out
     assert not port_file.exists()
+
+
+def test_a_bare_bundle_named_like_a_model_option_is_refused(tmp_path):
+    (tmp_path / "chat" / "bundle").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    r, out, _ = _serve(tmp_path, str(tmp_path / "chat" / "bundle"), "--model", f"chat={tmp_path / 'other'}")
+    assert r.exit_code == 2, out
+    assert "model name 'chat' is given twice" in out
