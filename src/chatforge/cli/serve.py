@@ -94,7 +94,9 @@ def serve(
     max_new_tokens: int = typer.Option(1024, help="Cap on max_new_tokens a request may ask for."),
     max_message_bytes: int = typer.Option(4 * 1024 * 1024, help="Largest gRPC message accepted or sent, and "
                                           "largest HTTP request body (413 above it)."),
-    pipeline_classifier: str = typer.Option(None, help="Chatbot pipeline: classify with this model first."),
+    pipeline_classifier: str = typer.Option(None, help="Chatbot pipeline: classify with this model first, then "
+                                            "fallback or generate (needs a generator; before a selection model "
+                                            "use --policy)."),
     fallback_reply: str = typer.Option("Sorry, I can't help with that.",
                                        help="Pipeline: the reply to out-of-scope messages."),
     oos_threshold: float = typer.Option(0.0, help="Pipeline: scores below this count as out of scope."),

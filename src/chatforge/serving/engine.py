@@ -307,6 +307,14 @@ class Engine:
                 f"pipeline classifier {pipeline.classifier!r} is not hosted; "
                 f"classifiers: {', '.join(self._classifiers) or 'none'}"
             )
+        if pipeline is not None and not self._generators:
+            # Reply would go to a selection model (the default without a generator) and skip the classifier
+            raise ValueError(
+                f"the pipeline (classify with {pipeline.classifier!r} -> fallback -> generate) needs a generator, and "
+                "this server hosts no generation model, so no Reply would pass the classifier; to put a classifier "
+                "in front of a selection model write a reply policy (--policy) with classifier, retriever and "
+                "generate: false"
+            )
         self.pipeline = pipeline
         # Selection models answer in one matrix product: called off the loop, no batching runner.
         self.retrievers: dict[str, Any] = dict(retrievers or {})
