@@ -619,18 +619,30 @@ class Engine:
         options = self.check_options(options)
         self._check_open()
         path, path_score, policy_intent = "", 0.0, ("", 0.0)
+        # model name -> the version that answered for this reply: a hot swap may replace a model while it answers,
+        # and the reply must name the version that chose it, not the one serving afterwards
+        used: dict[str, str] = {}
+
+        async def classify(name: str, text: str) -> ClassPrediction:
+            preds, hosted = await self.classify_with_model([text], name)
+            used[name] = str(hosted.info.version)
+            return preds[0]
+
+        async def retrieve(name: str, text: str) -> tuple[str, float]:
+            selector = self.retrievers[name]
+            used[name] = str(selector.info.version)
+            return await asyncio.to_thread(selector.select, text)
+
         selector = self._reply_selector(model)
         if selector is not None:  # a selection model answers directly: its best pool answer, as one delta
-            reply, score = await self._policy_retrieve(selector, text)
+            reply, score = await retrieve(selector, text)
             yield TokenDelta(token_id=-1, text=reply)
-            yield ReplyDone("stop", 0, 0, selector, self.retrievers[selector].version, "", 0.0, "retrieval",
-                            float(score))
+            yield ReplyDone("stop", 0, 0, selector, used[selector], "", 0.0, "retrieval", float(score))
             return
         if self.policy is not None:
-            route = await self.policy.route(text, self._policy_classify, self._policy_retrieve)
+            route = await self.policy.route(text, classify, retrieve)
             if route.reply is not None:  # scripted, retrieval or fallback: the whole reply as one delta
-                version = self.retrievers[route.model].version if route.model in self.retrievers else (
-                    self._classifiers[route.model].version if route.model in self._classifiers else "")
+                version = used.get(route.model, "")
                 yield TokenDelta(token_id=-1, text=route.reply)
                 yield ReplyDone("fallback" if route.path == "fallback" else "stop", 0, 0, route.model, version,
                                 route.intent, route.intent_score, route.path, route.score,
@@ -640,12 +652,12 @@ class Engine:
         slot = self._resolve(self._generators, model, "generation", "Reply")
         intent, intent_score = policy_intent
         if self.pipeline is not None:
-            [pred] = await self.classify([text], self.pipeline.classifier)
+            pred = await classify(self.pipeline.classifier, text)
             intent, intent_score = pred.label, pred.score
             if self.pipeline.out_of_scope(pred):
-                clf = self._classifiers[self.pipeline.classifier]
                 yield TokenDelta(token_id=-1, text=self.pipeline.fallback_reply)
-                yield ReplyDone("fallback", 0, 0, clf.name, clf.version, intent, intent_score, out_of_scope=True)
+                yield ReplyDone("fallback", 0, 0, self.pipeline.classifier, used[self.pipeline.classifier], intent,
+                                intent_score, out_of_scope=True)
                 return
 
         check = getattr(slot.model, "check_options", None)
@@ -674,8 +686,7 @@ class Engine:
             # that retrieval would have answered had it scored higher: the policy's fallback reply, as when no
             # path can answer, rather than an error that depends on the retrieval score.
             owner = self.policy.retriever or self.policy.classifier or slot.name
-            version = (self.retrievers[owner].version if owner in self.retrievers else
-                       self._classifiers[owner].version if owner in self._classifiers else slot.version)
+            version = used.get(owner, slot.version)
             yield TokenDelta(token_id=-1, text=self.policy.fallback_reply)
             yield ReplyDone("fallback", 0, 0, owner, version, intent, intent_score, "fallback", path_score)
             return
@@ -731,13 +742,6 @@ class Engine:
             if not ended:
                 self.stats.update(abandoned=1)
                 runner.withdraw(req)  # still queued: its place is free now, not when a running reply ends
-
-    async def _policy_classify(self, name: str, text: str) -> ClassPrediction:
-        [pred] = await self.classify([text], name)
-        return pred
-
-    async def _policy_retrieve(self, name: str, text: str) -> tuple[str, float]:
-        return await asyncio.to_thread(self.retrievers[name].select, text)
 
     # ------------------------------------------------------------------ classification
 
