@@ -426,7 +426,8 @@ def _parse_since(value: str):
 def conversations_export(
     url: str = typer.Option(..., "--url", help="Store URL, e.g. sqlite:///runs/conversations.db or postgresql+psycopg://..."),
     out: Path = typer.Option(..., "--out", help="File to write (atomically)."),
-    fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
+    fmt: str = typer.Option(None, "--format", help="jsonl or csv (default: csv for an --out ending in .csv, "
+                            "else jsonl)."),
     since: str = typer.Option(None, "--since", help="Only turns at/after this ISO time, or an age (24h, 7d)."),
 ):
     """Export stored turns to JSONL/CSV for the next training round. Only reads the database."""
@@ -435,6 +436,8 @@ def conversations_export(
 
     from chatforge.serving.store import EXPORT_FORMATS, NotAConversationStore, StoreUnreadable, export_store
 
+    if fmt is None:  # the file's suffix says what the user expects in it
+        fmt = "csv" if out.suffix.lower() == ".csv" else "jsonl"
     if fmt not in EXPORT_FORMATS:
         _fail(f"--format {fmt!r} is unknown; allowed: {', '.join(EXPORT_FORMATS)}")
     if out.is_dir():
