@@ -120,10 +120,11 @@ class ModelDirectory:
         wanted, problems = self.scan()
         for e in problems.values():
             raise e
-        unknown = sorted(set(self.pins) - set(wanted))
-        if unknown:  # a typo in a rollback (--pin chatt=2) must not pass for a rollback
-            raise ValueError(f"--pin names no model under {self.root}: {', '.join(unknown)}; "
-                             f"models: {', '.join(sorted(wanted)) or 'none'}")
+        for option, names in (("--pin", self.pins), ("--backend", self.backends)):
+            unknown = sorted(set(names) - set(wanted))
+            if unknown:  # a typo (--pin chatt=2, --backend chatt=ctranslate2) must not pass for what it asked
+                raise ValueError(f"{option} names no model under {self.root}: {', '.join(unknown)}; "
+                                 f"models: {', '.join(sorted(wanted)) or 'none'}")
         if not wanted:
             raise FileNotFoundError(f"no bundles under {self.root}; expected {self.root}/<name>/<version>/")
         return wanted
