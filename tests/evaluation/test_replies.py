@@ -58,6 +58,7 @@ def test_reply_table_compares_models_on_the_same_questions(tmp_path):
     assert rows[0]["question"] in (tmp_path / "out" / "replies.md").read_text(encoding="utf-8")
     policy = ReplyPolicy.from_yaml(tmp_path / "out" / "policy.yaml")  # the hybrid column, ready to serve
     assert (policy.retriever, policy.retrieval_threshold) == ("retrieval", res["hybrid"]["threshold"])
+    assert policy.generator == "seq2seq"  # the generator the threshold was chosen with, not the server's default
     with pytest.raises(EvaluationError, match="must be one of the named bundles"):
         reply_table({"retrieval": sel}, hybrid_of=("retrieval", "seq2seq"), out_dir=tmp_path / "x")
     # Decoding options reach the generation model (a 4-step model loops: blocking repeats changes its replies),

@@ -156,7 +156,7 @@ def reply_table(models: Mapping[str, str | Path], *, hybrid_of: tuple[str, str] 
         # The served form of the hybrid column: `chatforge serve --model NAME=BUNDLE ... --policy policy.yaml`.
         atomic_write_text(out / "policy.yaml", yaml.safe_dump({
             "retriever": hybrid_of[0], "retrieval_threshold": threshold, "generate": True,
-            "fallback_reply": DEFAULT_FALLBACK}, allow_unicode=True, sort_keys=False))
+            "generator": hybrid_of[1], "fallback_reply": DEFAULT_FALLBACK}, allow_unicode=True, sort_keys=False))
     logger.info("reply table written to %s", out)
     return result
 

@@ -649,6 +649,7 @@ class Engine:
                                 out_of_scope=route.out_of_scope)
                 return
             path, path_score, policy_intent = route.path, route.score, (route.intent, route.intent_score)
+            model = model or self.policy.generator  # a Reply naming a generator keeps it
         slot = self._resolve(self._generators, model, "generation", "Reply")
         intent, intent_score = policy_intent
         if self.pipeline is not None:

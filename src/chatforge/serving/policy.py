@@ -6,7 +6,7 @@ Production Korean chit-chat is retrieval-first (Rasa's ResponseSelector, ParlAI'
 2. an intent with a ``scripted`` answer gets that answer;
 3. otherwise the retrieval model's best pool answer, if its score clears ``retrieval_threshold``
    (chosen on validation; see ``chatforge.evaluation.replies.choose_retrieval_threshold``);
-4. otherwise generation, when a generator is hosted; else the ``fallback`` reply.
+4. otherwise generation (``generator``, or the default generator), when one is hosted; else the ``fallback`` reply.
 
 The policy is pure: :meth:`ReplyPolicy.route` takes the classify and retrieve calls as arguments, so
 the engine keeps its runners and this module stays testable without models. A YAML file holds it::
@@ -18,6 +18,7 @@ the engine keeps its runners and this module stays testable without models. A YA
     retriever: selector           # hosted selection bundle name, or omit
     retrieval_threshold: 0.9
     generate: true                # fall to the generator below the threshold
+    generator: chat               # which hosted generator (omit: the default one, the first given)
     fallback_reply: "잘 모르겠어요. 다르게 말씀해 주시겠어요?"
 """
 
@@ -35,7 +36,7 @@ from chatforge.predictions import ClassPrediction
 
 PATHS = ("scripted", "retrieval", "generation", "fallback")
 _KEYS = ("classifier", "oos_labels", "intent_threshold", "scripted", "retriever", "retrieval_threshold",
-         "generate", "fallback_reply")
+         "generate", "generator", "fallback_reply")
 
 
 class PolicyError(ValueError):
@@ -65,6 +66,7 @@ class ReplyPolicy:
     retriever: str | None = None
     retrieval_threshold: float = 0.0
     generate: bool = True
+    generator: str | None = None  # the generation path's model; None: the default generator
 
     def __post_init__(self) -> None:
         if not isinstance(self.fallback_reply, str) or not self.fallback_reply.strip():
@@ -73,6 +75,9 @@ class ReplyPolicy:
             raise PolicyError(f"policy intent_threshold={self.intent_threshold!r} is out of range; allowed: [0, 1]")
         if self.scripted and self.classifier is None:
             raise PolicyError("policy scripted answers need a classifier to recognise their intents; set classifier")
+        if self.generator is not None and not self.generate:
+            raise PolicyError(f"policy generator {self.generator!r} is unused with generate: false; remove it or "
+                              "set generate: true")
         bad = [k for k, v in self.scripted.items() if not isinstance(v, str) or not v.strip()]
         if bad:
             raise PolicyError(f"policy scripted answers must be non-empty texts; empty or not text for: {bad}")
@@ -130,6 +135,9 @@ class ReplyPolicy:
                               f"{', '.join(retrievers) or 'none'}")
         if self.generate and not has_generator:
             raise PolicyError("policy generate: true needs a hosted generation model; host one or set generate: false")
+        if self.generator is not None and self.generator not in generators:
+            raise PolicyError(f"policy generator {self.generator!r} {why(self.generator)}; generators: "
+                              f"{', '.join(generators) or 'none'}")
 
     def out_of_scope(self, p: ClassPrediction) -> bool:
         return p.label in self.oos_labels or p.out_of_scope or p.score < self.intent_threshold
