@@ -526,7 +526,10 @@ def hf_tokenizer_from_sentencepiece(proto: bytes):
     unreachable = (m.pieces[0].CONTROL, m.pieces[0].UNKNOWN)
     vocab = [("\x00" + p.piece if p.type in unreachable else p.piece, p.score) for p in m.pieces]
     tk = tokenizers.Tokenizer(tokenizers.models.Unigram(vocab, unk_id=unk, byte_fallback=m.trainer_spec.byte_fallback))
-    norm = [tokenizers.normalizers.Precompiled(m.normalizer_spec.precompiled_charsmap)]
+    charsmap = m.normalizer_spec.precompiled_charsmap
+    # chatforge's own tokenizers use SentencePiece's identity rule (no charsmap) and compose to NFC in encode; older
+    # ones and other SentencePiece models carry NFKC as a precompiled charsmap
+    norm = [tokenizers.normalizers.Precompiled(charsmap)] if charsmap else [tokenizers.normalizers.NFC()]
     if m.normalizer_spec.remove_extra_whitespaces:
         norm += [tokenizers.normalizers.Strip(), tokenizers.normalizers.Replace(tokenizers.Regex(" {2,}"), " ")]
     tk.normalizer = tokenizers.normalizers.Sequence(norm)
