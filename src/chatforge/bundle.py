@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 from torch import nn
@@ -255,7 +256,14 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
         raise BundleError(f"{path} is not a complete chatforge bundle: missing {LABELS} (a {cfg.model.task} "
                           f"bundle names its classes there)")
     model = build_from_config(cfg, tokenizer, labels)
-    missing_keys, unexpected = _st_load_model(model, str(path / WEIGHTS), strict=False, device=device)
+    try:
+        missing_keys, unexpected = _st_load_model(model, str(path / WEIGHTS), strict=False, device=device)
+    except SafetensorError as e:  # a copy or download cut short, or another file under the name
+        raise BundleError(f"{path / WEIGHTS} is damaged or incomplete ({e}); copy or train the bundle again") from None
+    except RuntimeError as e:  # load_state_dict's size mismatches: weights of another config
+        first = str(e).strip().splitlines()
+        raise BundleError(f"{path / WEIGHTS} does not match the model built from config.yaml: "
+                          f"{' '.join(x.strip() for x in first[1:3]) or first[0]}") from None
     if missing_keys or unexpected:
         raise BundleError(
             f"{path / WEIGHTS} does not match the model built from config.yaml: "
