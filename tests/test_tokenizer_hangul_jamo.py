@@ -28,3 +28,11 @@ def test_decomposed_hangul_encodes_as_composed(tok):
     text = "안녕하세요 반가워요"
     assert tok.encode(unicodedata.normalize("NFD", text)) == tok.encode(text)
     assert tok.encode_batch([unicodedata.normalize("NFD", text)] * 600) == [tok.encode(text)] * 600  # threaded path
+
+
+def test_a_decomposed_corpus_trains_the_same_tokenizer_as_the_composed_one(tok):
+    nfd = Tokenizer.train([unicodedata.normalize("NFD", t) for t in CORPUS], vocab_size=48, on_vocab_too_large="lower")
+    assert nfd.vocab_size == tok.vocab_size
+    assert [nfd.id_to_piece(i) for i in range(nfd.vocab_size)] == [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    text = "ㅋㅋㅋ 진짜 웃기다"
+    assert nfd.encode(unicodedata.normalize("NFD", text)) == tok.encode(text)

@@ -212,7 +212,7 @@ class Tokenizer(SpecialIdsMixin):
         """
         if model_type not in ("unigram", "bpe"):
             raise TokenizerError(f"model_type={model_type!r} is not supported; allowed: unigram, bpe")
-        corpus = [s.strip() for s in sentences if s and s.strip()]
+        corpus = [_nfc(s).strip() for s in sentences if s and s.strip()]  # as encode sees text (no NFKC inside)
         if not corpus:
             raise TokenizerError("cannot train a tokenizer on an empty corpus")
         try:
