@@ -36,3 +36,11 @@ def test_a_decomposed_corpus_trains_the_same_tokenizer_as_the_composed_one(tok):
     assert [nfd.id_to_piece(i) for i in range(nfd.vocab_size)] == [tok.id_to_piece(i) for i in range(tok.vocab_size)]
     text = "ㅋㅋㅋ 진짜 웃기다"
     assert nfd.encode(unicodedata.normalize("NFD", text)) == tok.encode(text)
+
+
+def test_subword_sampling_composes_decomposed_text_too(tok):
+    from chatforge.tasks import SubwordSampler
+
+    text = "안녕하세요 반가워요"
+    sampler = SubwordSampler(tok, alpha=1.0)
+    assert all(tok.decode(sampler.encode(unicodedata.normalize("NFD", text))) == text for _ in range(5))

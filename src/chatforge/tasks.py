@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from chatforge.data import Example
-from chatforge.tokenizer import Tokenizer
+from chatforge.tokenizer import Tokenizer, nfc
 
 IGNORE_INDEX = -100
 # The batch key flagging outlier-exposure rows (B,) bool; the Trainer takes it out before calling the model.
@@ -214,7 +214,8 @@ class SubwordSampler:
         return getattr(self._tok, name)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.sp.encode(text, out_type=int, enable_sampling=True, alpha=self.alpha, nbest_size=self.nbest)
+        return self._tok.sp.encode(nfc(text), out_type=int, enable_sampling=True, alpha=self.alpha,
+                                   nbest_size=self.nbest)  # NFC as Tokenizer.encode (no NFKC inside SentencePiece)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]

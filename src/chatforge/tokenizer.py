@@ -212,7 +212,7 @@ class Tokenizer(SpecialIdsMixin):
         """
         if model_type not in ("unigram", "bpe"):
             raise TokenizerError(f"model_type={model_type!r} is not supported; allowed: unigram, bpe")
-        corpus = [_nfc(s).strip() for s in sentences if s and s.strip()]  # as encode sees text (no NFKC inside)
+        corpus = [nfc(s).strip() for s in sentences if s and s.strip()]  # as encode sees text (no NFKC inside)
         if not corpus:
             raise TokenizerError("cannot train a tokenizer on an empty corpus")
         try:
@@ -243,7 +243,7 @@ class Tokenizer(SpecialIdsMixin):
         """Text -> ids of its NFC form, without <s>/</s> (callers add them where their family needs them). NFC here,
         not in SentencePiece: its default NFKC rule also folds Hangul compatibility jamo ("ㅋㅋ", "ㅠㅠ") into
         conjoining jamo, which replies then showed (see :func:`_train_proto`)."""
-        return self.sp.encode(_nfc(text), out_type=int)
+        return self.sp.encode(nfc(text), out_type=int)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Texts -> ids, as :meth:`encode` gives each. SentencePiece's list form starts a thread pool per call:
@@ -251,8 +251,8 @@ class Tokenizer(SpecialIdsMixin):
         about 2 us, so the few texts of a served call go one by one and only long lists (training corpora)
         use the threads (``THREADED_BATCH_MIN``; benchmarks/tokenizer_batch.py)."""
         if len(texts) < THREADED_BATCH_MIN:
-            return [self.sp.encode(_nfc(t), out_type=int) for t in texts]
-        return self.sp.encode([_nfc(t) for t in texts], out_type=int)
+            return [self.sp.encode(nfc(t), out_type=int) for t in texts]
+        return self.sp.encode([nfc(t) for t in texts], out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
         skip = self._skip
@@ -539,7 +539,8 @@ class IncrementalDecoder:
         return bool(alone) and not alone.isspace()
 
 
-def _nfc(text: str) -> str:
+def nfc(text: str) -> str:
+    """``text`` in Unicode NFC (returned as it is when it already is)."""
     return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
 
 
