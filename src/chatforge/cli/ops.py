@@ -108,7 +108,14 @@ def chat(
         history.append(("user", text))
         if reply.strip():  # an empty reply is no turn (the server refuses empty context texts)
             history.append(("assistant", reply))
-        if final is not None:
+        if final is not None and ((final.path and final.path != "generation") or final.finish_reason == "fallback"):
+            # a whole reply chosen, not generated (its token counts are 0): who chose it, and why
+            what = final.path or "fallback"
+            why = ", out of scope" if final.out_of_scope else (
+                f", score {final.path_score:.3g}" if what == "retrieval" else "")
+            console.print(f"[dim]({what} by {escape(final.model)} v{escape(final.model_version)}{why})[/]",
+                          highlight=False)
+        elif final is not None:
             read = f", read {final.context_turns} earlier turns" if final.context_turns else ""
             console.print(f"[dim]({final.completion_tokens} tokens, {final.finish_reason}{read})[/]")
 
