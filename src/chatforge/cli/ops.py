@@ -274,6 +274,7 @@ def loadtest(
         LoadTestConfig,
         LoadTestError,
         check_slos,
+        check_slos_apply,
         load_texts,
         parse_levels,
         parse_slo,
@@ -293,6 +294,7 @@ def loadtest(
                              rps=rps, connections=connections, texts=texts, model=model, timeout=timeout,
                              max_new_tokens=max_new_tokens, retries=retries,
                              metrics_url=metrics, protocol=protocol, **creds).validate()
+        check_slos_apply(slos, cfg.rpc)
         if levels:
             def progress(n, r):
                 err_console.print(f"concurrency {n}: {r.throughput:.1f} req/s, p99 {_fmt_ms(r.latency()['p99'])}",

@@ -195,6 +195,15 @@ class SLOResult:
     passed: bool
 
 
+def check_slos_apply(slos: Sequence[SLO], rpc: str) -> None:
+    """Refuse, before a test runs, an SLO its RPC cannot measure: time to first token exists for ``reply`` only
+    (checked after the run, it could only MISS with no value)."""
+    for slo in slos:
+        if slo.key.startswith("ttft_") and rpc != "reply":
+            raise LoadTestError(f"--slo {slo.text}: time to first token is measured for --rpc reply only, not "
+                                f"--rpc {rpc}; drop it or gate on latency (p50, p99, ...)")
+
+
 def check_slos(report: LoadReport, slos: Sequence[SLO]) -> list[SLOResult]:
     """Compare a report with each SLO; a latency SLO with no successful request fails."""
     results = []
