@@ -321,7 +321,7 @@ class Engine:
         if policy is not None:
             if pipeline is not None:
                 raise ValueError("give a reply policy or a pipeline, not both (a policy includes the pipeline)")
-            policy.check_hosted(self._classifiers, self.retrievers, bool(self._generators), self._generators)
+            policy.check_hosted(self.classifiers, self.retrievers, bool(self._generators), self._generators)
         self.policy = policy
         for slot in self._slots():
             self.metrics.set_model_info(slot.model.info)

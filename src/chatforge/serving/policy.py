@@ -14,7 +14,7 @@ the engine keeps its runners and this module stays testable without models. A YA
     classifier: intent            # hosted classifier name, or omit to skip step 1-2
     oos_labels: [oos]
     intent_threshold: 0.0         # a top intent score below this is out of scope
-    scripted: {greeting: "안녕하세요! 무엇을 도와드릴까요?"}
+    scripted: {greeting: "안녕하세요! 무엇을 도와드릴까요?"}   # intents: labels of the classifier (checked at start)
     retriever: selector           # hosted selection bundle name, or omit
     retrieval_threshold: 0.9
     generate: true                # fall to the generator below the threshold
@@ -138,6 +138,11 @@ class ReplyPolicy:
         if self.generator is not None and self.generator not in generators:
             raise PolicyError(f"policy generator {self.generator!r} {why(self.generator)}; generators: "
                               f"{', '.join(generators) or 'none'}")
+        labels = getattr(classifiers[self.classifier], "labels", None) if self.classifier is not None else None
+        unknown = sorted(set(self.scripted) - {str(x) for x in labels}) if labels is not None else []
+        if unknown:  # a typo, or another classifier's label: that answer could never be given
+            raise PolicyError(f"policy scripted intent(s) {', '.join(unknown)} are not labels of classifier "
+                              f"{self.classifier!r}; its labels: {', '.join(sorted(str(x) for x in labels))}")
 
     def out_of_scope(self, p: ClassPrediction) -> bool:
         return p.label in self.oos_labels or p.out_of_scope or p.score < self.intent_threshold
