@@ -8,6 +8,8 @@ layers testable on their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -427,3 +429,46 @@ def watched_directory(root, loader, **watcher_kwargs):
     directory = ModelDirectory(root)
     engine = directory.load_engine(loader=loader)
     return engine, ModelDirectoryWatcher(engine, directory, poll_interval=60, loader=loader, **watcher_kwargs)
+
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def as_another_user():
+    """Run the body as uid/gid nobody when root (file access is checked against the effective ids); as the current
+    user otherwise. Yields the uid the body runs as."""
+    if os.geteuid() != 0:
+        yield os.geteuid()
+        return
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
+    try:
+        yield NOBODY
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@contextlib.contextmanager
+def json_log_lines(level: int):
+    """Capture chatforge's log records as the JSON lines the server writes; yields a function returning them
+    parsed (a list of dicts), the logger's level set to ``level`` meanwhile."""
+    import io
+    import json
+    import logging
+
+    from chatforge.serving.observability import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("chatforge")
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(level)
+    try:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)

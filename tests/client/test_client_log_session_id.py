@@ -3,32 +3,26 @@ lines do: one ``grep`` for a conversation finds the client's side of it too (it 
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 
 import grpc
 import pytest
-from tests.serving_fakes import WAIT, FailingGenerator, FakeGenerator, ServerThread, make_engine
+from tests.serving_fakes import (
+    WAIT,
+    FailingGenerator,
+    FakeGenerator,
+    ServerThread,
+    json_log_lines,
+    make_engine,
+)
 
 from chatforge.client import ChatbotClient, ChatbotError
-from chatforge.serving.observability import JsonFormatter
 
 
 @pytest.fixture
 def json_lines():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("chatforge")
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
+    with json_log_lines(logging.DEBUG) as lines:
+        yield lines
 
 
 def test_every_line_of_a_reply_names_its_session_on_both_sides(json_lines):

@@ -4,15 +4,20 @@ request_id null, so the traceback could not be found from the failed call's requ
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 
 import pytest
-from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, GatedGenerator, ServerThread, make_engine
+from tests.serving_fakes import (
+    WAIT,
+    FakeClassifier,
+    FakeGenerator,
+    GatedGenerator,
+    ServerThread,
+    json_log_lines,
+    make_engine,
+)
 
 from chatforge.client import ChatbotClient, ChatbotError
-from chatforge.serving.observability import JsonFormatter
 
 
 class BrokenClassifier(FakeClassifier):
@@ -34,18 +39,8 @@ class BrokenStepGenerator(GatedGenerator):
 
 @pytest.fixture
 def json_lines():
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("chatforge")
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
+    with json_log_lines(logging.INFO) as lines:
+        yield lines
 
 
 def test_the_failure_line_names_the_request_it_failed(json_lines):

@@ -8,31 +8,15 @@ When the tests run as root (root may read anything) the directory is scanned wit
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+from tests.serving_fakes import as_another_user
 
 from chatforge.serving.repository import ModelDirectory
-
-NOBODY = 65534
-
-
-@contextlib.contextmanager
-def as_another_user():
-    if os.geteuid() != 0:
-        yield os.geteuid()
-        return
-    os.setegid(NOBODY)
-    os.seteuid(NOBODY)
-    try:
-        yield NOBODY
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
 
 
 @pytest.fixture()

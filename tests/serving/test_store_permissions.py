@@ -8,32 +8,15 @@ When the tests run as root (root may write anything) the store is opened with th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+from tests.serving_fakes import NOBODY, as_another_user
 
 from chatforge.serving.store import ConversationStore, StoreConfigError
-
-NOBODY = 65534
-
-
-@contextlib.contextmanager
-def as_another_user():
-    """Run the body as uid/gid nobody when root (file access is checked against the effective ids)."""
-    if os.geteuid() != 0:
-        yield os.geteuid()
-        return
-    os.setegid(NOBODY)
-    os.seteuid(NOBODY)
-    try:
-        yield NOBODY
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
 
 
 @pytest.fixture()

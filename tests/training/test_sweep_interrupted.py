@@ -4,28 +4,17 @@ interrupted trial's incomplete run folder."""
 
 from __future__ import annotations
 
+from tests.training.sweep_helpers import write_tiny_sweep
 from typer.testing import CliRunner
 
 import chatforge.training.sweep as sweep_mod
 from chatforge.cli import app
 
-CONFIG = """name: h5-ctrl-c
-seed: 0
-data: {path: sample, valid_fraction: 0.1, test_fraction: 0.0}
-tokenizer: {vocab_size: 600}
-model: {family: transformer, task: classification, d_model: 32, n_heads: 2, num_encoder_layers: 1, d_ff: 64,
-        dropout: 0.0}
-train: {epochs: 1, max_steps: 2, batch_size: 160, num_threads: 1, device: cpu}
-tracking: {enabled: false}
-output: {dir: OUT}
-"""
-
 
 def test_ctrl_c_in_the_second_trial_says_what_the_study_keeps(tmp_path, monkeypatch):
     import optuna
 
-    (tmp_path / "c.yaml").write_text(CONFIG.replace("OUT", str(tmp_path / "runs")))
-    (tmp_path / "s.yaml").write_text("model.d_ff: {type: categorical, choices: [32, 64]}\n")
+    write_tiny_sweep(tmp_path, "h5-ctrl-c", "s.yaml")
     storage = f"sqlite:///{tmp_path}/optuna.db"
     real = sweep_mod.run_experiment
     calls = []

@@ -6,26 +6,15 @@ middle of a trial. It is now a one-line error naming the key, both distributions
 from __future__ import annotations
 
 import pytest
+from tests.training.sweep_helpers import write_tiny_sweep
 from typer.testing import CliRunner
 
 from chatforge.cli import app
 
-CONFIG = """name: h5-joined
-seed: 0
-data: {path: sample, valid_fraction: 0.1, test_fraction: 0.0}
-tokenizer: {vocab_size: 600}
-model: {family: transformer, task: classification, d_model: 32, n_heads: 2, num_encoder_layers: 1, d_ff: 64,
-        dropout: 0.0}
-train: {epochs: 1, max_steps: 2, batch_size: 160, num_threads: 1, device: cpu}
-tracking: {enabled: false}
-output: {dir: OUT}
-"""
-
 
 @pytest.fixture
 def study(tmp_path):
-    (tmp_path / "c.yaml").write_text(CONFIG.replace("OUT", str(tmp_path / "runs")))
-    (tmp_path / "s1.yaml").write_text("model.d_ff: {type: categorical, choices: [32, 64]}\n")
+    write_tiny_sweep(tmp_path, "h5-joined", "s1.yaml")
     storage = f"sqlite:///{tmp_path}/optuna.db"
     r = CliRunner().invoke(app, ["sweep", str(tmp_path / "c.yaml"), "--space", str(tmp_path / "s1.yaml"),
                                  "--trials", "1", "--storage", storage])

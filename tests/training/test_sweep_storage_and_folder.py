@@ -5,25 +5,15 @@ fail before any trial trains."""
 from __future__ import annotations
 
 import pytest
+from tests.training.sweep_helpers import write_tiny_sweep
 from typer.testing import CliRunner
 
 from chatforge.cli import app
 
-CONFIG = """name: h5-store
-seed: 0
-data: {path: sample, valid_fraction: 0.1, test_fraction: 0.0}
-tokenizer: {vocab_size: 600}
-model: {family: transformer, task: classification, d_model: 32, n_heads: 2, num_encoder_layers: 1, d_ff: 64}
-train: {epochs: 1, max_steps: 2, batch_size: 160, num_threads: 1, device: cpu}
-tracking: {enabled: false}
-output: {dir: OUT}
-"""
-
 
 @pytest.fixture
 def files(tmp_path):
-    (tmp_path / "c.yaml").write_text(CONFIG.replace("OUT", str(tmp_path / "runs")))
-    (tmp_path / "s.yaml").write_text("model.d_ff: {type: categorical, choices: [32, 64]}\n")
+    write_tiny_sweep(tmp_path, "h5-store", "s.yaml")
     return tmp_path
 
 
