@@ -60,20 +60,6 @@ class GatedKoreanGenerator(FakeGenerator):
             yield TokenDelta(token_id=100 + i, text=tok)
 
 
-@pytest.fixture
-def page():
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
-    exe = _chromium()
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": 390, "height": 720}, device_scale_factor=2,
-                                          locale="ko-KR")
-            yield context.new_page()
-        finally:
-            browser.close()
-
-
 def _save(page, tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     page.screenshot(path=str(path), full_page=True)

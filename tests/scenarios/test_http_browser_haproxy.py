@@ -36,8 +36,6 @@ from chatforge.serving.engine import Engine
 
 pytestmark = pytest.mark.slow
 
-# The neighbour's fixture: Debian's Chromium through Playwright, skipped (naming it) when absent.
-page = test_http_browser.page
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 # A long Korean reply: more tokens, a steadier median of the per-token latencies below.
 LONG_REPLY = [*REPLY, " 오늘은 ", "맑고 ", "따뜻한 ", "날씨", "예요", "."]

@@ -13,24 +13,12 @@ import socket
 import threading
 
 import pytest
-from tests.scenarios.test_http_browser import CHROMIUM_ARGS, REPLY, GatedKoreanGenerator, _chromium
+from tests.scenarios.test_http_browser import REPLY, GatedKoreanGenerator
 from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
 
 from chatforge.serving.engine import Engine
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def page():
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
-    exe = _chromium()
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser.new_context().new_page()
-        finally:
-            browser.close()
 
 
 def _engine() -> Engine:

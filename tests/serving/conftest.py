@@ -18,3 +18,17 @@ def served():
         st.wait_serving()
         with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
             yield st, http
+
+
+def assert_abandoned_then_freed(engine, gen, gate, releases: int = 100) -> None:
+    """After a client went away mid-reply: the engine notices (the request is abandoned by its consumer), and the
+    batcher drops the sequence at its next step (at most one more step), freeing the slot. ``gen`` is the
+    GatedGenerator the reply runs on and ``gate`` its semaphore; the gate is opened for the steps left after."""
+    assert engine.stats.wait_for(lambda s: s.abandoned == 1, WAIT), "the disconnect was not noticed"
+    steps = gen.step_model.step_calls
+    gate.release()
+    assert engine.stats.wait_for(lambda s: s.running == 0, WAIT), "the slot was not freed"
+    assert engine.dropped == 1
+    assert gen.step_model.step_calls - steps <= 1
+    for _ in range(releases):
+        gate.release()

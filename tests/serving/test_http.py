@@ -11,7 +11,7 @@ import threading
 
 import httpx
 import pytest
-from tests.serving.conftest import base_url
+from tests.serving.conftest import assert_abandoned_then_freed, base_url
 from tests.serving_fakes import (
     WAIT,
     BlockingGenerator,
@@ -243,17 +243,9 @@ def test_client_disconnect_mid_stream_frees_the_slot():
                     if '"content":"<' in line:  # the first generated token arrived
                         break
                 assert engine.active == 1
-            # The connection is closed here. The server notices (http.disconnect), cancels the body
-            # task and closes the engine's stream: the request is abandoned by its consumer...
-            assert engine.stats.wait_for(lambda s: s.abandoned == 1, WAIT), "the disconnect was not noticed"
-            steps = gen.step_model.step_calls
-            # ...and the batcher drops the sequence at its next step, as it does for a gRPC cancel.
-            gate.release()
-            assert engine.stats.wait_for(lambda s: s.running == 0, WAIT), "the slot was not freed"
-            assert engine.dropped == 1
-            assert gen.step_model.step_calls - steps <= 1
-            for _ in range(100):
-                gate.release()
+            # The connection is closed here. The server notices (http.disconnect), cancels the body task and
+            # closes the engine's stream; the batcher drops the sequence at its next step, as for a gRPC cancel.
+            assert_abandoned_then_freed(engine, gen, gate)
 
 
 def test_classify_and_health(served):

@@ -11,6 +11,7 @@ import socket
 import threading
 
 import httpx
+from tests.serving.conftest import assert_abandoned_then_freed
 from tests.serving_fakes import WAIT, FakeGenerator, GatedGenerator, ServerThread
 
 from chatforge.serving.engine import Engine
@@ -33,14 +34,7 @@ def test_a_client_gone_before_its_non_streamed_reply_frees_the_slot(caplog):
         with _post(st.server.http.port, b'{"messages":[{"role":"user","content":"a"}],"max_tokens":500}'):
             assert engine.stats.wait_for(lambda s: s.running == 1, WAIT), "the request never started"
         # The connection is closed: the server must notice and abandon the reply, as it does for a stream.
-        assert engine.stats.wait_for(lambda s: s.abandoned == 1, WAIT), "the disconnect was not noticed"
-        steps = gen.step_model.step_calls
-        gate.release()
-        assert engine.stats.wait_for(lambda s: s.running == 0, WAIT), "the slot was not freed"
-        assert engine.dropped == 1
-        assert gen.step_model.step_calls - steps <= 1
-        for _ in range(600):
-            gate.release()
+        assert_abandoned_then_freed(engine, gen, gate, releases=600)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "a client's disconnect logged an error"
     assert [r.http_status for r in caplog.records if getattr(r, "rpc", None) == "/v1/chat/completions"] == [499]
 
