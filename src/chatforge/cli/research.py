@@ -400,11 +400,9 @@ def compare(
     try:
         tags = C.parse_tags(tag)
         if tracking_uri:
-            if tracking_uri.startswith(("http://", "https://")):
-                # MLflow's default of 7 retries with exponential backoff held a leaderboard for minutes when the
-                # server was down; reading runs is worth a short wait only (the variables still win when set).
-                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-                os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            from chatforge.training.tracking import short_http_retries
+
+            short_http_retries(tracking_uri)  # reading runs is worth a short wait only
             records = C.collect_mlflow(tracking_uri, experiment, tags)
         else:
             records = C.collect_runs(runs or [], runs_dir, experiment, tags)

@@ -166,16 +166,20 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= _PARAM_MAX else s[: _PARAM_MAX - 3] + "..."
 
 
+def short_http_retries(uri: str) -> None:
+    """For an http(s) tracking URI: 2 retries with backoff 1 unless MLFLOW_HTTP_REQUEST_* say otherwise. MLflow's own
+    default (7, exponential backoff) held a run or a leaderboard for minutes when the server was down or mistyped."""
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
 def open_tracker(cfg: ExperimentConfig) -> MLflowTracker | None:
     """An :class:`MLflowTracker` for ``cfg``, or None when tracking is off (see module doc)."""
     uri = resolve_tracking_uri(cfg.tracking)
     if uri is None:
         return None
-    if uri.startswith(("http://", "https://")):
-        # MLflow retries a tracking server 7 times with exponential backoff (minutes) before it gives up; a run that
-        # cannot reach its server should say so in seconds (MLFLOW_HTTP_REQUEST_* still win when set).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    short_http_retries(uri)
     try:
         return MLflowTracker(uri, cfg.tracking.experiment or cfg.name,
                              artifact_location=cfg.tracking.artifact_location)
