@@ -47,3 +47,21 @@ def _no_cli_log_handlers_leak():
         if h not in before:
             root.removeHandler(h)
     root.setLevel(level)
+
+
+@pytest.fixture
+def page():
+    """A page of Debian's Chromium driven by Playwright (a phone-sized viewport, Korean locale); skips without either.
+    Shared by the chat-page tests (tests/scenarios and tests/serving)."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
+    from tests.scenarios.test_http_browser import CHROMIUM_ARGS, _chromium
+
+    exe = _chromium()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 390, "height": 720}, device_scale_factor=2,
+                                          locale="ko-KR")
+            yield context.new_page()
+        finally:
+            browser.close()

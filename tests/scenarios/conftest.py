@@ -28,21 +28,3 @@ def serving_image(engine, pytestconfig) -> str:
     took = build("deploy/Dockerfile", tag)
     say(pytestconfig, f"\nserving image {tag}: {size_mb(tag):.0f} MB, built in {took:.0f} s on {BASE}")
     return tag
-
-
-@pytest.fixture
-def page():
-    """A page of Debian's Chromium driven by Playwright (a phone-sized viewport, Korean locale); skips without either.
-    Shared by the chat-page tests."""
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
-    from tests.scenarios.test_http_browser import CHROMIUM_ARGS, _chromium
-
-    exe = _chromium()
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": 390, "height": 720}, device_scale_factor=2,
-                                          locale="ko-KR")
-            yield context.new_page()
-        finally:
-            browser.close()

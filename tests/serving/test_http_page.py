@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.scenarios import test_http_browser
 from tests.scenarios.test_http_browser import open_page_and_send
 from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
 
@@ -19,7 +18,6 @@ from chatforge.serving.engine import Engine
 
 pytestmark = pytest.mark.slow
 
-page = test_http_browser.page  # Debian's Chromium through Playwright
 REPLY = "Hello there!"  # FakeGenerator's tokens
 
 
