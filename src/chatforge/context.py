@@ -17,6 +17,13 @@ SESSION_ID_METADATA_KEY = "x-session-id"
 # longer one is refused, never cut: two ids sharing their first 128 characters would merge two conversations.
 MAX_SESSION_ID_CHARS = 128
 
+# Marks a call as synthetic traffic (the value names what made it; only TRAFFIC_KINDS are accepted): the server
+# still answers and stores it like any other, flagged in the store's ``traffic`` column, and ``conversations
+# export`` leaves flagged turns out unless asked for them. ``chatforge loadtest`` sends it with every call.
+TRAFFIC_METADATA_KEY = "x-chatforge-traffic"
+LOADTEST_TRAFFIC = "loadtest"
+TRAFFIC_KINDS = (LOADTEST_TRAFFIC,)
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 session_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("session_id", default=None)
 

@@ -137,6 +137,6 @@ def test_a_store_of_the_first_schema_is_exported_as_it_is(tmp_path):
     r = _export("--url", f"sqlite:///{old}", "--out", str(out), "--format", "csv")
     assert r.exit_code == 0, r.output
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert lines[0].endswith(",context,context_turns,path") and len(lines) == 2
-    assert lines[1].startswith("1,s,,,,old question,old reply,") and lines[1].endswith(",2026-01-02T03:04:05+00:00,,,")
+    assert lines[0].endswith(",context,context_turns,path,traffic") and len(lines) == 2
+    assert lines[1].startswith("1,s,,,,old question,old reply,") and lines[1].endswith(",2026-01-02T03:04:05+00:00,,,,")
     assert _digest(old) == before

@@ -438,6 +438,9 @@ def conversations_export(
     fmt: str = typer.Option(None, "--format", help="jsonl or csv (default: csv for an --out ending in .csv, "
                             "else jsonl)."),
     since: str = typer.Option(None, "--since", help="Only turns at/after this ISO time, or an age (24h, 7d)."),
+    synthetic: bool = typer.Option(False, "--include-synthetic/--no-include-synthetic",
+                                   help="Also export turns of synthetic traffic (chatforge loadtest's calls, column "
+                                        "traffic); left out by default."),
 ):
     """Export stored turns to JSONL/CSV for the next training round. Only reads the database."""
     from sqlalchemy.engine import make_url
@@ -462,7 +465,7 @@ def conversations_export(
     since_dt = _parse_since(since) if since else None
     where = parsed.render_as_string(hide_password=True)
     try:
-        n = export_store(url, out, format=fmt, since=since_dt)
+        n = export_store(url, out, format=fmt, since=since_dt, include_synthetic=synthetic)
     except NotAConversationStore as e:
         _fail(str(e))
     except StoreUnreadable as e:

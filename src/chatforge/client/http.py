@@ -79,12 +79,12 @@ class HttpChatClient:
     """Blocking calls to ``http://HOST:PORT`` (one pooled httpx client; thread-safe)."""
 
     def __init__(self, target: str, *, timeout: float = 30.0, api_key: str | None = None,
-                 scheme: str = "http") -> None:
+                 scheme: str = "http", headers: dict[str, str] | None = None) -> None:
         if ":" not in target:
             raise ValueError(f"target={target!r} is invalid; allowed: HOST:PORT, e.g. 127.0.0.1:8080")
         if not 0 < timeout < math.inf:  # 0 failed each call as "HTTP 503 (unavailable)" from a healthy server
             raise ValueError(f"timeout={timeout!r} is out of range; allowed: a finite number of seconds > 0")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {api_key}"} if api_key else {})}  # sent every call
         self.base_url = f"{scheme}://{target}"
         # TCP_NODELAY as curl sets it: httpx writes a request's headers and body separately, and
         # with Nagle the body could wait for the server's delayed ACK.

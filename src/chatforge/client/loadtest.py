@@ -39,6 +39,7 @@ from typing import Any
 from chatforge.client import ChatbotClient, ChatbotError
 from chatforge.client.http import HttpChatClient, HttpChatError
 from chatforge.client.top import ResourceMonitor, summarize_samples
+from chatforge.context import LOADTEST_TRAFFIC, TRAFFIC_METADATA_KEY
 from chatforge.data import DataError, read_examples, sample_corpus_path
 from chatforge.fileio import atomic_writer
 
@@ -409,14 +410,19 @@ class _Tickets:
 
 
 def _make_clients(cfg: LoadTestConfig) -> list[Any]:
+    # Every call says it is a load test's (x-chatforge-traffic: loadtest): the server answers and stores it as any
+    # other, flagged, and `conversations export` leaves it out, so a test against production does not feed its
+    # synthetic messages into the next training round.
+    mark = (TRAFFIC_METADATA_KEY, LOADTEST_TRAFFIC)
     if cfg.protocol == "http":
         # One pooled HTTP client per "connection"; each concurrent stream holds its own
         # HTTP/1.1 connection from the pool (SSE streams do not multiplex).
-        return [HttpChatClient(cfg.target, timeout=cfg.timeout, api_key=cfg.api_key) for _ in range(cfg.connections)]
+        return [HttpChatClient(cfg.target, timeout=cfg.timeout, api_key=cfg.api_key, headers=dict([mark]))
+                for _ in range(cfg.connections)]
     options = [] if cfg.retries else [("grpc.enable_retries", 0)]
     creds = dict(api_key=cfg.api_key, tls=cfg.tls, ca_file=cfg.ca_file, cert_file=cfg.cert_file,
                  key_file=cfg.key_file)
-    return [ChatbotClient(cfg.target, timeout=cfg.timeout, options=options, **creds)
+    return [ChatbotClient(cfg.target, timeout=cfg.timeout, options=options, metadata=[mark], **creds)
             for _ in range(cfg.connections)]
 
 

@@ -53,6 +53,7 @@ from chatforge.context import (
     MAX_CONTEXT_TURNS,
     REQUEST_ID_METADATA_KEY,
     SESSION_ID_METADATA_KEY,
+    TRAFFIC_METADATA_KEY,
     request_id_var,
     session_id_var,
 )
@@ -75,7 +76,7 @@ from chatforge.serving.interceptors import (
     status_for,
 )
 from chatforge.serving.security import AUTH_METADATA_KEY
-from chatforge.serving.service import ModelsLoadingError
+from chatforge.serving.service import ModelsLoadingError, traffic_of
 from chatforge.serving.store import Turn
 
 logger = logging.getLogger(__name__)
@@ -412,6 +413,8 @@ class HttpCall:
         self.finished = False
         self.deadline: float | None = None
         self._timeout_header = request.headers.get(TIMEOUT_HEADER)
+        self._traffic_header = request.headers.get(TRAFFIC_METADATA_KEY)
+        self.traffic: str | None = None  # synthetic traffic (a load test's): flagged in the store, see admit()
         request_id_var.set(self.request_id)
         session_id_var.set(self.session_id)
         current_call.set(self.info)
@@ -430,6 +433,8 @@ class HttpCall:
         self.surface.check_key(auth_header)
         if self._session_error is not None:
             raise self._session_error
+        if self._traffic_header is not None:
+            self.traffic = traffic_of([(TRAFFIC_METADATA_KEY, self._traffic_header)])
         self.deadline = _deadline(self._timeout_header, self.start)
         gate = self.surface.gate
         if gate is not None:
@@ -1408,7 +1413,7 @@ class HttpSurface:
         store = self.store
         if store is None:
             return
-        store.record(Turn(session_id=call.session_id, request_id=call.request_id, status="OK",
+        store.record(Turn(session_id=call.session_id, request_id=call.request_id, status="OK", traffic=call.traffic,
                           latency_ms=(time.perf_counter() - call.start) * 1000.0, **fields))
 
     async def healthz(self, request: Request) -> Response:

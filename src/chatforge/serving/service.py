@@ -15,7 +15,7 @@ import struct
 import time
 from contextlib import aclosing
 
-from chatforge.context import request_id_var, session_id_var
+from chatforge.context import TRAFFIC_KINDS, TRAFFIC_METADATA_KEY, request_id_var, session_id_var
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import TokenDelta
 from chatforge.serving.engine import Engine, EngineUnavailableError, InvalidRequestError
@@ -107,6 +107,27 @@ def _use_session_id(session_id: str, call) -> None:
         call.session_id = session_id
 
 
+def traffic_of(metadata) -> str | None:
+    """The call's synthetic-traffic mark (the ``x-chatforge-traffic`` header, e.g. "loadtest" from ``chatforge
+    loadtest``), stored with its turn so that exports can leave it out; None for real traffic. An unknown value is
+    refused rather than stored as real: a typo would otherwise put a load test's turns into the training data."""
+    value = None
+    for key, v in metadata or ():
+        if key.lower() == TRAFFIC_METADATA_KEY:
+            value = v
+    if value is None:
+        return None
+    if value not in TRAFFIC_KINDS:
+        raise InvalidRequestError(f"{TRAFFIC_METADATA_KEY} header {value[:64]!r} is unknown; allowed: "
+                                  f"{', '.join(TRAFFIC_KINDS)} (or no header: real traffic)")
+    return value
+
+
+def _call_traffic(context) -> str | None:
+    metadata = getattr(context, "invocation_metadata", None)
+    return traffic_of(metadata() if metadata is not None else ())
+
+
 def _metadata_str(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
@@ -116,7 +137,8 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
 
     ``engine`` may be None while the server loads its models; calls then fail with
     UNAVAILABLE (retryable) and health reports NOT_SERVING. ``store`` (a
-    :class:`chatforge.serving.store.ConversationStore`) records every acknowledged turn.
+    :class:`chatforge.serving.store.ConversationStore`) records every acknowledged turn, a load test's
+    flagged as such (see :func:`traffic_of`).
     """
 
     def __init__(self, engine: Engine | None = None, store=None) -> None:
@@ -137,6 +159,7 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
         engine = self._engine()
         start = time.perf_counter()
         call = current_call.get()
+        traffic = _call_traffic(context)
         _use_session_id(request.session_id, call)
         options = options_from_proto(request.options, engine.max_new_tokens)
         name = request.model or engine.default_generator or ""
@@ -178,19 +201,20 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
                              ttft_ms=call.ttft_ms if call is not None else None,
                              latency_ms=(time.perf_counter() - start) * 1000.0, status="OK",
                              context=[{"role": r, "text": t} for r, t in turns] or None,
-                             context_turns=item.context_turns, path=item.path or None)
+                             context_turns=item.context_turns, path=item.path or None, traffic=traffic)
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         engine = self._engine()
         start = time.perf_counter()
         call = current_call.get()
+        traffic = _call_traffic(context)
         name = request.model or engine.default_classifier or ""
         if call is not None and name in engine.classifiers:
             call.set_model(name)
         [pred], hosted = await engine.classify_with_model([request.text], request.model or None)
         self._record(model=hosted.name, model_version=str(hosted.info.version), user_text=request.text,
                      intent=pred.label, intent_score=pred.score,
-                     latency_ms=(time.perf_counter() - start) * 1000.0, status="OK")
+                     latency_ms=(time.perf_counter() - start) * 1000.0, status="OK", traffic=traffic)
         return pb.ClassifyResponse(
             label=pred.label,
             score=pred.score,

@@ -84,6 +84,10 @@ turns = Table(
     Column("context", Text),  # the conversation's earlier turns as sent: JSON [{"role", "text"}], oldest first
     Column("context_turns", Integer),  # how many of them the model read before the message
     Column("path", String(32)),  # reply policy: which path answered (scripted, retrieval, generation, fallback)
+    # Synthetic traffic (a load test's calls, marked by the x-chatforge-traffic header): what made it, e.g.
+    # "loadtest"; NULL for real users. Kept (the write path is part of what a load test measures, and a header
+    # must not be able to make the server forget a conversation) but left out of exports unless asked for.
+    Column("traffic", String(32)),
 )
 
 
@@ -142,6 +146,7 @@ class Turn:
     context: list[dict[str, str]] | None = None  # earlier turns as sent, [{"role", "text"}], oldest first
     context_turns: int | None = None
     path: str | None = None
+    traffic: str | None = None  # synthetic traffic ("loadtest"); None for real users
 
     def row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -509,12 +514,16 @@ class ConversationStore:
         return sum(1 for _ in self.iter_rows())
 
     def export(self, path: str | os.PathLike[str], format: Literal["jsonl", "csv"] = "jsonl",  # noqa: A002
-               since: datetime | None = None) -> int:
-        """Write the stored turns (flushed first) to ``path`` atomically; returns the row count.
+               since: datetime | None = None, *, include_synthetic: bool = False) -> int:
+        """Write the stored turns (flushed first) to ``path`` atomically; returns the row count. Turns of synthetic
+        traffic (``traffic`` set: a load test's) are left out unless ``include_synthetic``.
         To export a store without opening it for writing, use :func:`export_store`."""
         _check_format(format)
         self.flush()
-        return _write_export(path, format, self.iter_rows(since))
+        rows = self.iter_rows(since)
+        if not include_synthetic:
+            rows = (r for r in rows if r["traffic"] is None)
+        return _write_export(path, format, rows)
 
 
 class StoreConfigError(ValueError):
@@ -547,10 +556,11 @@ def _wal_without_shm_hint(url: str) -> str | None:
 
 
 def export_store(url: str, path: str | os.PathLike[str], format: Literal["jsonl", "csv"] = "jsonl",  # noqa: A002
-                 since: datetime | None = None) -> int:
+                 since: datetime | None = None, *, include_synthetic: bool = False) -> int:
     """Write the turns stored at ``url`` to ``path`` atomically and return the row count, only reading the
     database: no schema is made or migrated (a store of an older chatforge is read as it is, its missing columns
-    empty) and a SQLite file is opened read-only. A database without a conversation table (an empty file, another
+    empty) and a SQLite file is opened read-only. Turns of synthetic traffic (``traffic`` set: a load test's) are
+    left out unless ``include_synthetic``. A database without a conversation table (an empty file, another
     application's database) raises :class:`NotAConversationStore`; it is not given one.
 
     What ``chatforge conversations export`` runs: opening a :class:`ConversationStore` to export made the
@@ -583,6 +593,8 @@ def export_store(url: str, path: str | os.PathLike[str], format: Literal["jsonl"
             query = select(*(turns.c[name] for name in _COLUMNS if name in present)).order_by(turns.c.id)
             if since_naive is not None:
                 query = query.where(turns.c.created_at >= since_naive)
+            if not include_synthetic and "traffic" in present:  # an older store has no synthetic turns
+                query = query.where(turns.c.traffic.is_(None))
             empty = dict.fromkeys(_COLUMNS)
             rows = (_decoded({**empty, **r._mapping}) for r in conn.execute(query))
             return _write_export(path, format, rows)
