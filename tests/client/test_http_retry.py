@@ -134,6 +134,22 @@ def test_reply_stream_is_sent_again_after_a_drop_without_response(serve):
 
 
 @pytest.mark.parametrize("rpc", ["classify", "reply"])
+def test_the_attempts_of_one_call_carry_one_request_id(serve, rpc):
+    """The server's store keeps a call sent again under its X-Request-Id as one turn: without the header every
+    attempt got an id of the server's own, and a classification whose answer was lost was stored twice."""
+    answer = (_response("200 OK", json.dumps(CLASSIFY_BODY).encode(), "application/json") if rpc == "classify"
+              else _response("200 OK", STREAM_BODY, "text/event-stream"))
+    server = serve(lambda i: "drop" if i in (0, 2) else answer)
+    sent: list[str | None] = []
+    with HttpChatClient(server.target, timeout=5.0) as client:
+        client._http.event_hooks["request"] = [lambda request: sent.append(request.headers.get("x-request-id"))]
+        for _ in range(2):  # two calls, each dropped once
+            client.classify("hello") if rpc == "classify" else list(client.reply_stream("hi"))
+    assert len(sent) == 4 and sent[0] == sent[1] and sent[2] == sent[3] and sent[0] != sent[2]
+    assert all(rid and len(rid) == 32 for rid in sent)
+
+
+@pytest.mark.parametrize("rpc", ["classify", "reply"])
 def test_a_server_that_always_drops_fails_after_call_attempts(serve, rpc):
     server = serve(lambda i: "drop")
     with HttpChatClient(server.target, timeout=5.0) as client, pytest.raises(HttpChatError) as info:

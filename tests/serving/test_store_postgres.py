@@ -65,6 +65,15 @@ def test_turns_round_trip_through_postgres(store):
     assert rows[0]["created_at"].tzinfo is timezone.utc
 
 
+def test_a_call_sent_again_is_one_row_on_postgres(store):
+    session = uuid.uuid4().hex
+    for reply, flush in (("first", True), ("second", False), ("third", True)):  # across batches and within one
+        assert store.record(_turn(session, 0, reply=reply))
+        if flush:
+            assert store.flush(timeout=10)
+    assert [r["reply"] for r in store.session(session)] == ["third"] and store.merged == 2
+
+
 def test_concurrent_writers_and_close_keeps_every_turn(pg_url):
     session = uuid.uuid4().hex
     s = ConversationStore(pg_url, batch_size=8)

@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from chatforge.context import REQUEST_ID_METADATA_KEY, new_request_id
+
 logger = logging.getLogger(__name__)
 
 # The same bounds as chatforge.client.channel's CALL_ATTEMPTS and RETRY_BACKOFF_S (duplicated: that
@@ -104,9 +106,12 @@ class HttpChatClient:
         self._closed.set()  # first: a call waiting to be sent again gives up
         self._http.close()
 
-    def _send(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        """POST ``body`` and return the response once its status and headers arrived (body unread: close it)."""
-        return self._http.send(self._http.build_request("POST", path, json=body), stream=True)
+    def _send(self, path: str, body: dict[str, Any], request_id: str) -> httpx.Response:
+        """POST ``body`` and return the response once its status and headers arrived (body unread: close it).
+        Every attempt of one call carries the call's ``request_id`` (X-Request-Id), as ChatbotClient's do: the
+        server's conversation store keeps a call sent again as one turn, and the logs show the attempts as one."""
+        request = self._http.build_request("POST", path, json=body, headers={REQUEST_ID_METADATA_KEY: request_id})
+        return self._http.send(request, stream=True)
 
     def _next_attempt(self, e: Exception, attempt: int, path: str) -> int:
         """The next attempt's number after a call failed unanswered with ``e`` (see ``_DROPPED``), after a
@@ -169,11 +174,11 @@ class HttpChatClient:
             body["max_tokens"] = max_new_tokens
         if min_new_tokens is not None:
             body["min_tokens"] = min_new_tokens
-        path, attempt = "/v1/chat/completions", 1
+        path, attempt, rid = "/v1/chat/completions", 1, new_request_id()
         while True:
             yielded = False
             try:
-                with closing(self._send(path, body)) as response:
+                with closing(self._send(path, body, rid)) as response:
                     if response.status_code != 200:
                         self._raise_status(response)
                     finish, usage, chunks, done = None, None, 0, False
@@ -232,9 +237,10 @@ class HttpChatClient:
 
     def classify(self, text: str, model: str | None = None) -> dict[str, Any]:
         path, body, attempt = "/v1/classify", {"text": text, **({"model": model} if model else {})}, 1
+        rid = new_request_id()
         while True:
             try:
-                with closing(self._send(path, body)) as response:
+                with closing(self._send(path, body, rid)) as response:
                     if response.status_code != 200:
                         self._raise_status(response)
                     response.read()

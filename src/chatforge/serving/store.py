@@ -70,7 +70,7 @@ turns = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("created_at", DateTime, nullable=False, index=True),  # naive UTC (portable across backends)
     Column("session_id", String(128), index=True),
-    Column("request_id", String(128)),
+    Column("request_id", String(128), index=True),  # indexed: each batch looks its ids up (retries, see _merge_retries)
     Column("model", String(256)),
     Column("model_version", String(64)),
     Column("user_text", Text),
@@ -214,6 +214,7 @@ class ConversationStore:
         self._accepted = 0  # turns accepted by record()
         self._processed = 0  # turns the writer has finished with (committed or failed)
         self.written = self.failed = self.dropped = 0
+        self.merged = 0  # written turns that were a call sent again, folded into the row already stored for it
         self._drop_logged_at = -DROP_LOG_INTERVAL_S
         self._closed = False
         self._give_up = threading.Event()  # close() ran out of time: stop retrying an unreachable database
@@ -485,7 +486,10 @@ class ConversationStore:
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         with self._locked(), self.engine.begin() as conn:
-            conn.execute(turns.insert(), rows)
+            fresh, merged = _merge_retries(conn, rows)
+            if fresh:
+                conn.execute(turns.insert(), fresh)
+        self.merged += merged  # committed
 
     def _locked(self):
         return self._db_lock if self._db_lock is not None else _NullLock()
@@ -524,6 +528,62 @@ class ConversationStore:
         if not include_synthetic:
             rows = (r for r in rows if r["traffic"] is None)
         return _write_export(path, format, rows)
+
+
+# Two turns are one call sent twice (a client's retry after UNAVAILABLE or RESOURCE_EXHAUSTED, a caller re-sending
+# a request under its id) when these agree, and the id is set. The request id alone is not enough: a caller may fix
+# one id for many calls (an upstream trace id, ChatbotClient(request_id=...)), and those are different turns.
+_RETRY_KEY = ("request_id", "session_id", "user_text", "context")
+_IN_CHUNK = 500  # request ids per IN (...): well under SQLite's and PostgreSQL's bound parameter limits
+
+
+def _retry_key(row: Any) -> tuple | None:
+    """What makes two rows one call: the :data:`_RETRY_KEY` columns and the kind of call (a Classify has no reply);
+    None for a row without a request id (never merged)."""
+    get = row.get if isinstance(row, dict) else row._mapping.get
+    if not get("request_id"):
+        return None
+    return (*(get(c) for c in _RETRY_KEY), get("reply") is None)
+
+
+def _merge_retries(conn: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Make writing ``rows`` idempotent per call, inside the batch's transaction: a row that repeats a call already
+    stored (same :func:`_retry_key`) updates that row instead of adding one, and of two in the batch the later
+    replaces the earlier. The first attempt's ``id`` and ``created_at`` stay; the rest is the later attempt's, the
+    answer its caller received last. Returns (rows to insert, rows merged). A retried Classify was stored twice
+    before (the first attempt's answer lost on the way back, or a caller re-sending under the same id).
+
+    A lookup, not a unique constraint (the key includes text, and stores written before hold duplicates): two
+    replicas writing the two attempts to one PostgreSQL at the same instant can still both insert."""
+    ids = sorted({r["request_id"] for r in rows if r.get("request_id")})
+    existing: dict[tuple, int] = {}
+    cols = (turns.c.id, *(turns.c[c] for c in _RETRY_KEY), turns.c.reply)
+    for i in range(0, len(ids), _IN_CHUNK):
+        query = select(*cols).where(turns.c.request_id.in_(ids[i:i + _IN_CHUNK])).order_by(turns.c.id)
+        for stored in conn.execute(query):
+            existing.setdefault(_retry_key(stored), stored.id)
+    fresh: list[dict[str, Any]] = []
+    in_batch: dict[tuple, int] = {}
+    merged = 0
+    for row in rows:
+        key = _retry_key(row)
+        if key is None:
+            fresh.append(row)
+        elif key in existing:
+            conn.execute(turns.update().where(turns.c.id == existing[key])
+                         .values({k: v for k, v in row.items() if k != "created_at"}))
+        elif key in in_batch:
+            first = fresh[in_batch[key]]
+            fresh[in_batch[key]] = {**row, "created_at": first["created_at"]}
+        else:
+            in_batch[key] = len(fresh)
+            fresh.append(row)
+            continue
+        if key is not None:
+            merged += 1
+            log.info("conversation store: a call sent again (same request id and message) is kept as one turn",
+                     extra={"request_id": row["request_id"]})
+    return fresh, merged
 
 
 class StoreConfigError(ValueError):
@@ -650,8 +710,15 @@ def _add_missing_columns(engine: Engine, locked) -> None:
         for column in missing:
             kind = column.type.compile(dialect=engine.dialect)
             conn.execute(text(f'ALTER TABLE {turns.name} ADD COLUMN "{column.name}" {kind}'))
+        # create_all makes a table's indexes only with the table: an index added since (request_id) is made here
+        indexes = {i["name"] for i in inspect(conn).get_indexes(turns.name)}
+        new_indexes = [i for i in turns.indexes if i.name not in indexes]
+        for index in new_indexes:
+            index.create(conn, checkfirst=True)
     if missing:
         log.info("conversation store migrated: added column(s) %s", ", ".join(c.name for c in missing))
+    if new_indexes:
+        log.info("conversation store migrated: added index(es) %s", ", ".join(i.name for i in new_indexes))
 
 
 def _schema_state(engine: Engine, locked) -> tuple[bool, bool]:
