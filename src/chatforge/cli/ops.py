@@ -207,10 +207,14 @@ def _render_loadtest(report, slo_results) -> None:
         for k in ("p50", "p90", "p99"):
             t.add_row(f"time to first token {k}", _fmt_ms(d["ttft_s"][k]))
         tok = d["tokens"]
-        t.add_row("tokens generated", str(tok["total"]))
-        t.add_row("tokens/s (all streams)", f"{tok['per_second']:.1f}")
+        # Tokens a model generated (the server's count): whole scripted/retrieval replies generate none.
+        t.add_row("tokens generated (by models)", str(tok["total"]))
+        t.add_row("generated tokens/s (all streams)", f"{tok['per_second']:.1f}")
         if tok["stream_decode_rate_mean"] is not None:
-            t.add_row("tokens/s per stream (mean)", f"{tok['stream_decode_rate_mean']:.1f}")
+            t.add_row("generated tokens/s per stream (mean)", f"{tok['stream_decode_rate_mean']:.1f}")
+        paths = tok.get("replies_by_path") or {}
+        if set(paths) - {"generation", "unknown"}:  # say how many replies no model generated
+            t.add_row("replies by path", ", ".join(f"{p} {n}" for p, n in paths.items()))
     for k, v in d["status_codes"].items():
         t.add_row(f"status {k}", str(v))
     srv = d["server"]

@@ -51,6 +51,9 @@ PERCENTILES = (50, 90, 95, 99)
 HISTOGRAM_BUCKETS = 10
 # Enough distinct messages to avoid measuring a cache, few enough to load instantly.
 MAX_TEXTS = 10_000
+# What the report's "tokens" count (its "counted" field says so in every JSON report).
+TOKENS_COUNTED = ("tokens the model generated, as the server reported them (completion_tokens); scripted, "
+                  "retrieval and fallback replies generate none")
 
 
 class LoadTestError(ValueError):
@@ -274,8 +277,9 @@ class CallResult:
     latency: float
     status: str
     ttft: float | None = None
-    tokens: int = 0
+    tokens: int = 0  # tokens the model generated, as the server counted them (0 for a whole scripted/retrieval reply)
     error: str = ""
+    path: str = ""  # reply policy: which path answered (the final chunk's; "" when the server does not say)
 
 
 @dataclass
@@ -332,18 +336,27 @@ class LoadReport:
     def ttft(self) -> dict[str, float | None]:
         return latency_stats([r.ttft for r in self.results if r.status == "OK" and r.ttft is not None])
 
-    def tokens(self) -> dict[str, float | None]:
-        """Generated tokens: total, aggregate tokens/s over the run, and the mean per-stream decode rate."""
+    def tokens(self) -> dict[str, Any]:
+        """Generated tokens: total, aggregate tokens/s over the run, and the mean per-stream decode rate.
+
+        A token is one the model generated, as the server counts it (``ReplyFinal.completion_tokens``, the HTTP
+        ``usage``), not a chunk of the stream: a scripted, retrieval or fallback reply arrives as one chunk and
+        generates none. Counting chunks made a run of retrieval replies report one "token" per reply and a
+        tokens/s equal to its request rate. ``replies_by_path`` says how many replies each path answered."""
         ok = [r for r in self.results if r.status == "OK"]
         total = sum(r.tokens for r in ok)
+        generated = [r for r in ok if r.tokens > 0]
         # Decode rate excludes the first token (that is TTFT's job); streams of one token have none.
-        rates = [(r.tokens - 1) / (r.latency - r.ttft) for r in ok
+        rates = [(r.tokens - 1) / (r.latency - r.ttft) for r in generated
                  if r.ttft is not None and r.tokens > 1 and r.latency > r.ttft]
         return {
+            "counted": TOKENS_COUNTED,
             "total": total,
             "per_request_mean": total / len(ok) if ok else 0.0,
             "per_second": total / self.wall_seconds if self.wall_seconds > 0 else 0.0,
             "stream_decode_rate_mean": sum(rates) / len(rates) if rates else None,
+            "replies_generated": len(generated),
+            "replies_by_path": dict(Counter(r.path or "unknown" for r in ok).most_common()),
         }
 
     def slo_value(self, key: str) -> float | None:
@@ -426,33 +439,50 @@ def _make_clients(cfg: LoadTestConfig) -> list[Any]:
             for _ in range(cfg.connections)]
 
 
-def _call(client: Any, cfg: LoadTestConfig, text: str) -> tuple[str, float | None, int, str]:
-    """Run one request; (status, ttft seconds since start or None, tokens, error text)."""
+def _reply_path(final: Any, tokens: int) -> str:
+    """Which path answered a reply: the final chunk's ``path`` (set under a reply policy and for a selection model),
+    else "fallback" for a pipeline's out-of-scope answer, else "generation" (over gRPC every whole reply names its
+    path; an HTTP stream says nothing, so there it is "generation" when tokens were generated, else "")."""
+    path = getattr(final, "path", None)
+    if path:
+        return path
+    if getattr(final, "finish_reason", None) == "fallback":
+        return "fallback"
+    return "generation" if path is not None or tokens > 0 else ""
+
+
+def _call(client: Any, cfg: LoadTestConfig, text: str) -> tuple[str, float | None, int, str, str]:
+    """Run one request; (status, ttft seconds since start or None, generated tokens, error text, reply path)."""
     start = time.perf_counter()
     try:
         if cfg.rpc == "reply":
-            ttft, tokens = None, 0
+            ttft, chunks, final = None, 0, None
             opts = {"max_new_tokens": cfg.max_new_tokens} if cfg.max_new_tokens else {}
             for chunk in client.reply_stream(text, model=cfg.model, **opts):
                 if chunk.is_final:
+                    final = chunk
                     continue
                 if ttft is None:
                     ttft = time.perf_counter() - start
-                tokens += 1
-            return "OK", ttft, tokens, ""
+                chunks += 1
+            # The server's count of generated tokens, not the chunks: a whole reply (scripted, retrieval) is one
+            # chunk and no token. Chunks only where the server gave no count (an HTTP stream without usage).
+            counted = getattr(final, "completion_tokens", None)
+            tokens = counted if counted is not None else chunks
+            return "OK", ttft, tokens, "", _reply_path(final, tokens)
         if cfg.rpc == "classify":
             client.classify(text, cfg.model)
-            return "OK", None, 0, ""
+            return "OK", None, 0, "", ""
         status = client.health("")
         # A reachable server that says NOT_SERVING failed the check as far as a balancer is concerned.
-        return ("OK", None, 0, "") if status == "SERVING" else (status, None, 0, f"health {status}")
+        return ("OK", None, 0, "", "") if status == "SERVING" else (status, None, 0, f"health {status}", "")
     except ChatbotError as e:
-        return e.code.name, None, 0, (e.details or "")[:200]
+        return e.code.name, None, 0, (e.details or "")[:200], ""
     except Exception as e:  # noqa: BLE001 - a client-side bug must count as a failure, not kill the run
         if isinstance(e, HttpChatError):
-            return e.status_name, None, 0, e.message[:200]
+            return e.status_name, None, 0, e.message[:200], ""
         logger.exception("load-test call raised")
-        return "CLIENT_ERROR", None, 0, f"{type(e).__name__}: {e}"[:200]
+        return "CLIENT_ERROR", None, 0, f"{type(e).__name__}: {e}"[:200], ""
 
 
 def run_load_test(
@@ -496,9 +526,9 @@ def run_load_test(
                 if delay > 0 and stop.wait(delay):
                     break
                 start = time.perf_counter()
-                status, ttft, tokens, error = _call(client, cfg, texts[i % len(texts)])
+                status, ttft, tokens, error, path = _call(client, cfg, texts[i % len(texts)])
                 local.append(CallResult(i, channel, start - t0, time.perf_counter() - start, status, ttft,
-                                        tokens, error))
+                                        tokens, error, path))
             with lock:
                 results.extend(local)
 
@@ -651,8 +681,9 @@ def write_report(report: LoadReport, out_dir: str | os.PathLike[str], *, slos: S
     rows = [{"index": r.index, "channel": r.channel, "start_s": round(r.start, 6),
              "latency_ms": round(r.latency * 1000, 3),
              "ttft_ms": None if r.ttft is None else round(r.ttft * 1000, 3),
-             "tokens": r.tokens, "status": r.status, "error": r.error} for r in report.results]
-    _write_csv(paths["csv"], rows, ["index", "channel", "start_s", "latency_ms", "ttft_ms", "tokens", "status", "error"])
+             "tokens": r.tokens, "path": r.path, "status": r.status, "error": r.error} for r in report.results]
+    _write_csv(paths["csv"], rows, ["index", "channel", "start_s", "latency_ms", "ttft_ms", "tokens", "path", "status",
+                                    "error"])
     if plot:
         paths["png"] = out / "report.png"
         _plot_report(report, paths["png"])
