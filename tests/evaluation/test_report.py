@@ -95,7 +95,7 @@ def test_generation_report(tmp_path):
     assert m["avg_length"] == pytest.approx(3.5)  # 2 and 5 whitespace tokens
     assert json.loads((tmp_path / "generation_report.json").read_text())["samples"][1]["hyp"] == hyps[1]
     md = (tmp_path / "generation_report.md").read_text()
-    assert "| source | reply | reference |" in md and "i am fine \\| thanks" in md  # pipe escaped
+    assert "| source | reply | reference |" in md and "i am fine &#124; thanks" in md  # pipe escaped (as an entity)
     assert _no_temp_files(tmp_path) == []
     with pytest.raises(ValueError, match="both nll and n_tokens"):
         write_generation_report(tmp_path, src, hyps, hyps, nll=1.0)

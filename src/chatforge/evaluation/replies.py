@@ -29,7 +29,7 @@ from chatforge.bundle import load_bundle
 from chatforge.decoding import GenerationOptions, generate
 from chatforge.evaluation.evaluate import EvaluationError, select_examples
 from chatforge.evaluation.metrics import corpus_chrf, generation_quality
-from chatforge.evaluation.report import _md_table
+from chatforge.evaluation.report import _md_table, md_text
 from chatforge.fileio import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -166,12 +166,15 @@ _FIGURE_COLUMNS = ("chrf", "bleu", "distinct_1", "distinct_2", "avg_length", "re
 
 def _markdown(result: dict, names: list[str]) -> str:
     fig = result["figures"]
-    lines = [f"# Replies on {Path(result['data']).name} ({result['split']}, {result['n_questions']} questions)", "",
+    # Questions, replies, model names and the data file's name are data: md_text/_md_table escape them, so a
+    # reply holding `|`, a newline, a backtick or `<script>` stays the text of its own cell.
+    lines = [f"# Replies on {md_text(Path(result['data']).name)} ({md_text(result['split'])}, "
+             f"{result['n_questions']} questions)", "",
              _md_table(["model", *_FIGURE_COLUMNS], [[n, *(fig[n][k] for k in _FIGURE_COLUMNS)] for n in names])]
     if "hybrid" in result:
         h = result["hybrid"]
-        lines += ["", f"hybrid: {h['selection']} when its score >= {h['threshold']:.4f} (chosen on valid), "
-                  f"else {h['generation']}; retrieval answered {fig[HYBRID]['retrieval_share']:.1%}."]
+        lines += ["", f"hybrid: {md_text(h['selection'])} when its score >= {h['threshold']:.4f} (chosen on valid), "
+                  f"else {md_text(h['generation'])}; retrieval answered {fig[HYBRID]['retrieval_share']:.1%}."]
     lines += ["", _md_table(["question", "reference", *names],
                             [[r["question"], r["reference"], *(r[n] for n in names)] for r in result["table"]]), ""]
     return "\n".join(lines)
@@ -189,6 +192,6 @@ def _html(result: dict, names: list[str]) -> str:
     title = esc(f"Replies on {Path(result['data']).name} ({result['split']})")
     return (f"<!doctype html>\n<html lang=\"ko\"><head><meta charset=\"utf-8\"><title>{title}</title>"
             "<style>body{font-family:sans-serif}table{border-collapse:collapse;margin:1em 0}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}</style></head><body>"
+            "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;white-space:pre-wrap}</style></head><body>"
             f"<h1>{title}</h1><table><tr>{fhead}</tr>\n{frows}</table>"
             f"<table><tr>{head}</tr>\n{rows}</table></body></html>\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,17 +21,34 @@ from chatforge.fileio import atomic_write_bytes, atomic_write_json, atomic_write
 logger = logging.getLogger(__name__)
 
 
+# Characters that start inline markup in CommonMark/GFM (emphasis, code spans, links and images, raw HTML,
+# entities, strikethrough, GitHub's math): each is backslash-escaped, so text is shown as it was written. Block
+# markup (`#`, `-`, `>` at a line's start) cannot start inside a table cell and is left alone for readability.
+# `_` inside a word (`val_accuracy`) cannot open or close emphasis and stays as it is.
+_MD_INLINE_SPECIAL = re.compile(r"[\\`*\[\]<>~&$!]|(?<![^\W_])_|_(?![^\W_])")
+# Every line break a Markdown or HTML viewer (or str.splitlines) would honour.
+_LINE_BREAK = re.compile("\r\n|[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def md_text(value) -> str:
+    """``value`` as the literal text of one Markdown table cell (or inline line): inline markup escaped,
+    ``|`` written as the entity ``&#124;`` (a GFM table splits rows at a pipe before any backslash escape is
+    read, so ``\\|`` after a backslash in the text would still split the cell), line breaks as ``<br>``."""
+    text = _MD_INLINE_SPECIAL.sub(lambda m: "\\" + m.group(0), str(value)).replace("|", "&#124;")
+    return _LINE_BREAK.sub("<br>", text)
+
+
 def _md_cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     if value is None:
         return "-"
-    # A pipe or newline would break the table row.
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return md_text(value)
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    """A GFM table; every header and cell is escaped (questions, replies, labels and model names are data)."""
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
