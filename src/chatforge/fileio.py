@@ -12,13 +12,18 @@ stricter umask (077) is honoured, not overridden.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+logger = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -108,19 +113,104 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
+# Temporary folders are named after their writer, `<host>-<pid>-`: a process killed by SIGKILL (or the OOM killer)
+# cleans nothing up, and the next writer of the same name can then tell a dead writer's leftover, which it removes,
+# from a live writer's folder, which it leaves alone. Only this host's pids can be checked; a folder another host
+# left (a shared volume) is kept, and is harmless: its name starts with a dot, which every listing skips.
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _writer_tag() -> str:
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def _dead_writers(parent: Path, pattern: re.Pattern) -> Iterator[tuple[Path, re.Match]]:
+    """Entries of ``parent`` whose names ``pattern`` matches (groups ``host`` and ``pid``) and whose writer was a
+    process of this host that no longer runs."""
+    host = _host_tag()
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if m and m["host"] == host and not _pid_alive(int(m["pid"])):
+            yield p, m
+
+
+def remove_stale_temp_dirs(target: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers of ``target`` left beside it: ``.NAME.tmp-<host>-<pid>-*`` folders (a write that
+    never finished) and ``.NAME.old-<host>-<pid>`` (the previous ``target``, moved aside for the swap: put back
+    when ``target`` itself is missing, since the kill came between the two renames). Returns the paths removed."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)"
+                         rf"(?:-[A-Za-z0-9_]+)?")
+    removed = []
+    for p, m in _dead_writers(target.parent, pattern):
+        if m["kind"] == "old" and not target.exists():
+            try:
+                os.replace(p, target)
+                logger.warning("put back %s: a writer (pid %s) was killed between moving it aside and replacing it",
+                               target, m["pid"])
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            removed.append(p)
+            logger.info("removed %s, left by a writer of %s (pid %s) that was killed", p, target, m["pid"])
+    return removed
+
+
+@contextmanager
+def private_temp_dir(prefix: str) -> Iterator[Path]:
+    """``tempfile.TemporaryDirectory(prefix=...)`` whose name carries ``<host>-<pid>``, after removing the folders
+    of the same ``prefix`` that killed processes of this host left in the temp dir (a converted model is hundreds
+    of MB; a server killed while converting would otherwise leave one per start)."""
+    parent = Path(tempfile.gettempdir())
+    pattern = re.compile(rf"{re.escape(prefix)}(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[A-Za-z0-9_]+")
+    for p, m in _dead_writers(parent, pattern):
+        shutil.rmtree(p, ignore_errors=True)
+        logger.info("removed %s, left by a process (pid %s) that was killed", p, m["pid"])
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{_writer_tag()}-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target`` whole."""
+    """Yield a temporary folder beside ``target``; on success it replaces ``target`` whole.
+
+    The folder is ``.NAME.tmp-<host>-<pid>-<random>``; leftovers of killed writers of the same ``target`` are
+    removed first (``remove_stale_temp_dirs``)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    remove_stale_temp_dirs(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{_writer_tag()}-"))
     try:
         yield tmp
         # mkdtemp made the folder 0700 and writers such as safetensors create 0600 files: the whole
         # tree gets the umask's permissions, or a server running as another user cannot read it.
         apply_umask(tmp)
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(f".{target.name}.old-{_writer_tag()}")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

@@ -127,11 +127,14 @@ def load_run(run_dir: str | Path) -> RunRecord:
 
 
 def find_runs(runs_dir: str | Path) -> list[Path]:
-    """Run folders directly under ``runs_dir`` (those with a config.yaml), sorted by name."""
+    """Run folders directly under ``runs_dir`` (those with a config.yaml), sorted by name. Hidden folders are
+    skipped: ``.NAME.tmp-*`` is a bundle or conversion being written (or left by a killed writer), and holds a
+    config.yaml too."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise CompareError(f"runs folder not found: {runs_dir}")
-    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
+    return sorted(p for p in runs_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / "config.yaml").is_file())
 
 
 def parse_tags(tags: Sequence[str]) -> dict[str, str]:

@@ -52,7 +52,6 @@ from __future__ import annotations
 import importlib
 import logging
 import queue
-import tempfile
 import threading
 import time
 import weakref
@@ -65,6 +64,7 @@ from typing import Any
 from chatforge import runtime
 from chatforge.bundle import load_bundle
 from chatforge.decoding import GenerationOptions
+from chatforge.fileio import private_temp_dir
 from chatforge.inference import ModelInfo, TokenDelta, check_precision
 from chatforge.serving.batching import GenRequest, RunnerClosedError, _log, _Runner
 
@@ -327,7 +327,7 @@ class CT2Generator:
         self.intra_threads = intra_threads or (auto_intra if inter_threads is None else
                                                max(1, cpus // self.inter_threads))
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="chatforge-ct2-") as tmp:
+        with private_temp_dir("chatforge-ct2-") as tmp:  # named by pid: a killed server's leftover is removed
             path = convert_bundle(bundle_dir, Path(tmp) / "ct2", unk_id=self.tok.unk_id, name=name)
             self.generator = getattr(ct2, self.adapter.ct2_class)(
                 str(path), device="cpu", compute_type=compute_type, inter_threads=self.inter_threads,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from chatforge import runtime
 from chatforge.bundle import class_inputs, load_bundle
+from chatforge.fileio import private_temp_dir
 from chatforge.inference import Classifier, check_precision
 from chatforge.serving.backend_ct2 import BackendError, bundle_kind  # one error type for every backend
 
@@ -169,7 +169,7 @@ class OrtClassifier(Classifier):
         model = bundle.model.eval()
         example = class_inputs(model, self.tok, ["a", "b c"], self.max_input_tokens)
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="chatforge-ort-") as tmp:
+        with private_temp_dir("chatforge-ort-") as tmp:  # named by pid: a killed server's leftover is removed
             path = export_onnx(model, example, Path(tmp) / "model.onnx")
             if graph == "int8":
                 path = quantize_int8(path, Path(tmp) / "model-int8.onnx")
