@@ -4,7 +4,7 @@ One training step = forward + backward + AdamW step, in train mode (dropout on).
 ``mlm_nsp`` (chatforge BertForPreTraining vs HF BertForPreTraining) and ``classification``
 (BertForSequenceClassification on both sides). CPU, fp32 and bf16 autocast. The two
 implementations are measured in alternating rounds (so a noisy neighbour on a shared machine hurts
-both alike) and the median round counts. Prints a table and writes JSON under benchmarks/results/.
+both alike) and the median round counts. Prints a table and writes JSON under runs/bench/ (``--publish``: benchmarks/results/).
 
     python benchmarks/bert_vs_hf.py                       # defaults: d=256, 4 layers, B=16, T=128
     python benchmarks/bert_vs_hf.py --tasks mlm_nsp --precisions fp32 --rounds 3
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from chatforge.registry import SpecialIds
 
 SPECIAL = SpecialIds(pad=0, bos=1, eos=2, unk=3, cls=4, sep=5, mask=6)
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the _output module beside this script
+from _output import add_output_options, output_path  # noqa: E402
 
 
 def make_models(task: str, cfg: BertConfig, vocab: int, num_labels: int = 3):
@@ -113,8 +116,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "bert_vs_hf.json")
+    add_output_options(ap, "bert_vs_hf.json")
     args = ap.parse_args()
+    args.out = output_path(args, "bert_vs_hf.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     from chatforge.runtime import cpu_info

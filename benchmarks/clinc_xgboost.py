@@ -2,7 +2,7 @@
 
 Trains on ``train`` (+ ``oos_train`` as a 151st class unless --no-oos-train), evaluates on
 ``val`` + ``oos_val`` (the official test split is not in ../shared/data), and prints in-scope
-accuracy, OOS recall and training time; writes a JSON result under benchmarks/results/.
+accuracy, OOS recall and training time; writes a JSON result under runs/bench/ (``--publish``: benchmarks/results/).
 
 With ``--oos-threshold auto`` the oos probability threshold is *cross-fitted*: val is split in two
 halves (every other example of each intent), the threshold chosen on one half (criterion: in-scope
@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,9 @@ from chatforge.evaluation.metrics import apply_oos_threshold, choose_oos_thresho
 from chatforge.evaluation.report import atomic_write_json, write_classification_report
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the _output module beside this script
+from _output import add_output_options, output_path  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "clinc150" / "data_full_trainval.json"
 OOS = "oos"
 
@@ -44,9 +48,10 @@ def main() -> None:
     ap.add_argument("--max-bin", type=int, default=16)
     ap.add_argument("--learning-rate", type=float, default=0.3)
     ap.add_argument("--n-jobs", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "clinc_xgboost.json")
+    add_output_options(ap, "clinc_xgboost.json")
     ap.add_argument("--report-dir", type=Path, default=None, help="also write a full classification report here")
     args = ap.parse_args()
+    args.out = output_path(args, "clinc_xgboost.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if not args.data.is_file():

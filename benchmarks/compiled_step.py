@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the _output module beside this script
+from _output import add_output_options, output_path  # noqa: E402
+
 VARIANTS = ("eager", "compiled_dynamic", "static_eager", "compiled_static")
 COMPILED = ("compiled_dynamic", "compiled_static")
 
@@ -231,8 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="use inductor's on-disk cache as it is (a restart's compile); default: a fresh empty "
                          "cache, so compile_s is a first deployment's")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compiled-step.json")
+    add_output_options(ap, "compiled-step.json")
     args = ap.parse_args(argv)
+    args.out = output_path(args, "compiled-step.json")
     if "eager" not in args.variants:
         ap.error("--variants must include eager (the reference)")
 

@@ -10,7 +10,7 @@ Measures, in fp32 and under bf16 autocast:
   HF gets the faster of calling ``generate`` inside or outside inference mode.
 
 Each measurement is repeated ``--reps`` times and the median kept. Prints a table with the
-chatforge/HF ratios and writes JSON under benchmarks/results/. The machine is shared, so run it
+chatforge/HF ratios and writes JSON under runs/bench/ (``--publish``: benchmarks/results/). The machine is shared, so run it
 when it is quiet and read the ratios (measured back to back) rather than the absolute numbers.
 
     python benchmarks/gpt_vs_hf.py [--layers 4 --d-model 256 --reps 3 --threads 2]
@@ -23,6 +23,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ from chatforge.models.gpt import GPTConfig, GPTLMHeadModel
 from chatforge.registry import SpecialIds
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the _output module beside this script
+from _output import add_output_options, output_path  # noqa: E402
 
 
 def build_pair(args) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -82,8 +85,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_output_options(ap, "")  # a folder: gpt_vs_hf-<time>.json is written in it
     args = ap.parse_args()
+    args.out = output_path(args, "")
     torch.set_num_threads(args.threads)
 
     import transformers

@@ -15,7 +15,7 @@ process. That difference also holds whatever separates the two processes (the sa
     python benchmarks/grpc_path.py --workdir W [--size base] [--precision bf16] [--reps 40]
 
 W is a ``serving_bench.py --workdir`` (its bundles are reused, or trained there).
-Writes ``results/grpc-path-<size>[-bf16].json``.
+Writes ``runs/bench/grpc-path-<size>[-bf16].json`` (``--publish``: ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _output import add_output_options, output_path  # noqa: E402
 
 ECHO_TOKENS = 33
 
@@ -265,8 +266,10 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32")
     ap.add_argument("--reps", type=int, default=40, help="texts per path")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--out", type=Path)
+    add_output_options(ap, "grpc-path-<size>[-<precision>].json")
     args = ap.parse_args()
+    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
+    out = output_path(args, f"grpc-path-{args.size}{suffix}.json")
     from chatforge.client.loadtest import load_texts
     from chatforge.runtime import cpu_info
 
@@ -295,8 +298,6 @@ def main() -> None:
           f"({ab['stream_rate_ratio']:.2f}x, target >= 0.9)")
     for stage, ms in ab["stages_ms"].items():
         print(f"  {stage:<26}{ms:8.2f} ms")
-    suffix = "" if args.precision == "fp32" else f"-{args.precision}"
-    out = args.out or ROOT / "benchmarks" / "results" / f"grpc-path-{args.size}{suffix}.json"
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out)

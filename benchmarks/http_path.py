@@ -12,7 +12,7 @@ body is read and validated) -> first body write -> client.
     python benchmarks/http_path.py --workdir W [--size tiny|base] [--reps 40]
 
 W is a ``serving_bench.py``/``http_vs_grpc.py --workdir`` (its bundles are reused, or trained there).
-Writes ``results/http-path-<size>.json``.
+Writes ``runs/bench/http-path-<size>.json`` (``--publish``: ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
+from _output import add_output_options, output_path  # noqa: E402
 from grpc_path import _ms, _rate, _spawn, _stream, serve_with_direct_path  # noqa: E402
 
 
@@ -144,8 +144,9 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--reps", type=int, default=40, help="texts per path")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--out", type=Path)
+    add_output_options(ap, "http-path-<size>.json")
     args = ap.parse_args()
+    out = output_path(args, f"http-path-{args.size}.json")
     from chatforge.client.loadtest import load_texts
     from chatforge.runtime import cpu_info
 
@@ -170,7 +171,6 @@ def main() -> None:
     print("  streamed tokens/s: " + ", ".join(f"{k} {v:.1f}" for k, v in abc["tokens_per_s"].items()))
     for stage, ms in abc["http_stages_ms"].items():
         print(f"  HTTP {stage:<24}{ms:8.2f} ms")
-    out = args.out or ROOT / "benchmarks" / "results" / f"http-path-{args.size}.json"
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _output import add_output_options, output_path  # noqa: E402
 from serving_bench import CliServer, _describe, _free_port, stream_timing, train_bundle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,11 +203,10 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--http-client", choices=["raw", "httpx"], default="raw",
                     help="HTTP client: http.client SSE reader (default) or HttpChatClient (httpx)")
-    ap.add_argument("--out", type=Path, help="results file (default: results/http_vs_grpc[-<size>].json)")
+    add_output_options(ap, "http_vs_grpc[-<size>].json")
     args = ap.parse_args()
-    if args.out is None:
-        suffix = "" if args.bundle or args.size == "tiny" else f"-{args.size}"
-        args.out = ROOT / "benchmarks" / "results" / f"http_vs_grpc{suffix}.json"
+    suffix = "" if args.bundle or args.size == "tiny" else f"-{args.size}"
+    args.out = output_path(args, f"http_vs_grpc{suffix}.json")
 
     import grpc
 

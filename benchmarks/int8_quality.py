@@ -16,7 +16,7 @@ difference over the longer length) is the strict version and ``exact_replies`` t
 
 ``--train W`` runs (under nice -n 10) configs/chatbot_kr_transformer.yaml with train.epochs=4 and
 configs/clinc150_transformer.yaml with train.epochs=6: minutes each on 2 CPU cores, not the configs'
-full budgets. Writes results/int8-quality.json with ``chatforge.runtime.cpu_info()``.
+full budgets. Writes runs/bench/int8-quality.json (``--publish``: benchmarks/results/) with ``chatforge.runtime.cpu_info()``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the _output module beside this script
+from _output import add_output_options, output_path  # noqa: E402
+
 TRAIN = {  # name -> (config, overrides): short budgets of the shipped configs
     "chatbot-kr-transformer": ("configs/chatbot_kr_transformer.yaml", ["train.epochs=4"]),
     "clinc150-transformer": ("configs/clinc150_transformer.yaml", ["train.epochs=6"]),
@@ -325,8 +328,9 @@ def main() -> None:
     ap.add_argument("--margins", action="store_true",
                     help="generation: also fp32's top-1/top-2 margins along its greedy replies against int8's error on "
                          "them, and the share of replies int8 would flip with that error scaled down")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8-quality.json")
+    add_output_options(ap, "int8-quality.json")
     args = ap.parse_args()
+    args.out = output_path(args, "int8-quality.json")
     os.chdir(ROOT)  # the configs' data paths are relative to the repository root
 
     from chatforge.runtime import configure_threads, cpu_info, set_omp_wait_policy

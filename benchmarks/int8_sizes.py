@@ -7,7 +7,7 @@ at fp32, bf16 (weights cast, autocast) and int8 (``inference.quantize_int8``). E
 Records ``chatforge.runtime.cpu_info()`` (CPU model, flags, threads, load).
 
     python benchmarks/int8_sizes.py [--widths 128 256 512] [--rounds 3] [--precisions fp32 bf16 int8]
-        [--out results/int8-sizes.json]
+        [--out FILE | --publish]
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the _output module beside this script
+from _output import add_output_options, output_path  # noqa: E402
 
 
 def build(d_model: int, n_layers: int, vocab: int):
@@ -55,8 +57,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "int8"), default=["fp32", "bf16", "int8"],
                     help="fp32 is always measured (the ratios' base); leave bf16 out on a CPU that emulates it")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "int8-sizes.json")
+    add_output_options(ap, "int8-sizes.json")
     args = ap.parse_args()
+    args.out = output_path(args, "int8-sizes.json")
 
     from chatforge.runtime import configure_threads, cpu_info, set_omp_wait_policy
 

@@ -10,7 +10,7 @@ one text at a time with a BERT-sized encoder, per call. ``--busy K`` adds K
 busy-looping processes for the contended cases (a shared machine's load). The process's threads are
 the CPUs available to it (``chatforge.runtime.available_cpus``).
 
-    python benchmarks/omp_wait_policy.py [--steps 10] [--busy 4] [--out results/omp-wait-policy.json]
+    python benchmarks/omp_wait_policy.py [--steps 10] [--busy 4] [--out FILE | --publish]
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the _output module beside this script
+from _output import add_output_options, output_path  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -108,8 +110,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--busy", type=int, default=4, help="busy-looping processes in the contended cases")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "omp-wait-policy.json")
+    add_output_options(ap, "omp-wait-policy.json")
     args = ap.parse_args()
+    args.out = output_path(args, "omp-wait-policy.json")
     from chatforge.runtime import cpu_info
 
     cases = []

@@ -12,7 +12,7 @@ path (fp32 vs torch fp32, int8 vs torch int8) and against torch fp32.
     python benchmarks/ort_quality.py --train W   # trains the short-budget BERT below into W first
 
 ``--train W`` runs (under nice -n 10) configs/bert_clinc150.yaml with train.epochs=4: minutes on 2 CPU cores,
-not the config's full budget. Writes results/ort-quality.json with ``chatforge.runtime.cpu_info()``.
+not the config's full budget. Writes runs/bench/ort-quality.json (``--publish``: benchmarks/results/) with ``chatforge.runtime.cpu_info()``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the _output module beside this script
+from _output import add_output_options, output_path  # noqa: E402
+
 TRAIN = ("configs/bert_clinc150.yaml", ["train.epochs=4", "tokenizer.on_vocab_too_large=lower"])
 PATHS = ("torch-fp32", "torch-int8", "ort-fp32", "ort-int8")
 REFERENCE = "torch-fp32"
@@ -98,8 +101,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--classifier", type=Path, action="append", default=[])
     ap.add_argument("--train", type=Path, help="train the short-budget BERT bundle into this folder first")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ort-quality.json")
+    add_output_options(ap, "ort-quality.json")
     args = ap.parse_args()
+    args.out = output_path(args, "ort-quality.json")
     os.chdir(ROOT)  # the configs' data paths are relative to the repository root
 
     from chatforge.runtime import configure_threads, cpu_info, set_omp_wait_policy

@@ -11,7 +11,7 @@ best round of each is reported, with ``chatforge.runtime.cpu_info()`` (CPU model
 flags, threads, load) before and after.
 
     python benchmarks/precision_speed.py --generator RUN/bundle --classifier RUN/bundle \
-        --questions ../shared/data/chatbot_kr/ChatbotData.csv [--rounds 2] [--out results/precision-speed.json]
+        --questions ../shared/data/chatbot_kr/ChatbotData.csv [--rounds 2] [--out FILE | --publish]
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the _output module beside this script
+from _output import add_output_options, output_path  # noqa: E402
 
 
 async def _stream(engine, text, options, model) -> tuple[int, float, float]:
@@ -127,8 +129,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--callers", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision-speed.json")
+    add_output_options(ap, "precision-speed.json")
     args = ap.parse_args()
+    args.out = output_path(args, "precision-speed.json")
 
     from chatforge.runtime import configure_threads, cpu_info, set_omp_wait_policy
 

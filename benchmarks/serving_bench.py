@@ -30,7 +30,7 @@ with ``--torch-threads 2`` (results/serving-*-t2.json) the results are erratic: 
 the OpenMP threads spinning against the client's and other processes' threads for two cores.
 
     python benchmarks/serving_bench.py --size base --workdir W   # train (or reuse W's), measure,
-                                                                 # write results/serving-base.json
+                                                                 # write runs/bench/serving-base.json (--publish: benchmarks/results/)
     python benchmarks/serving_bench.py --size tiny --torch-threads 2 --workdir W   # serving-tiny-t2.json
     python benchmarks/serving_bench.py --bundle B --classifier C --reps 30
 """
@@ -53,6 +53,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the _output module beside this script
+from _output import add_output_options, output_path  # noqa: E402
+
 READINESS = "chatforge.v1.Chatbot"
 TARGETS = {  # metric -> (comparison, limit)
     "ttft_overhead_ms": ("<=", 2.0),
@@ -421,14 +424,12 @@ def main() -> None:
                     help="torch intra-op threads, engine-only and in the server (see the module docstring)")
     ap.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
                     help="served precision, engine-only and in the server (chatforge serve --precision)")
-    ap.add_argument("--out", type=Path,
-                    help="results file (default: results/serving-<size>[-t<threads>][-bf16].json)")
+    add_output_options(ap, "serving-<size>[-t<threads>][-<precision>].json")
     args = ap.parse_args()
-    if args.out is None:
-        name = "custom" if args.bundle else args.size
-        suffix = ("" if args.torch_threads == 1 else f"-t{args.torch_threads}") + \
-            ("" if args.precision == "fp32" else f"-{args.precision}")
-        args.out = ROOT / "benchmarks" / "results" / f"serving-{name}{suffix}.json"
+    name = "custom" if args.bundle else args.size
+    suffix = ("" if args.torch_threads == 1 else f"-t{args.torch_threads}") + \
+        ("" if args.precision == "fp32" else f"-{args.precision}")
+    args.out = output_path(args, f"serving-{name}{suffix}.json")
     if args.train_only and args.workdir is None:
         ap.error("--train-only needs --workdir (where the bundles are kept)")
 
