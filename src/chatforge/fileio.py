@@ -139,17 +139,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def process_tag() -> dict[str, Any]:
+    """Who this process is, as ``process_gone`` reads it back: ``{"host": ..., "pid": ...}``."""
+    return {"host": _host_tag(), "pid": os.getpid()}
+
+
+def process_gone(host: Any, pid: Any) -> bool:
+    """True only when ``(host, pid)`` (a ``process_tag``) names a process of this host that no longer runs; a
+    process of another host (or a malformed tag) cannot be checked and counts as possibly running."""
+    return host == _host_tag() and isinstance(pid, int) and not isinstance(pid, bool) and not _pid_alive(pid)
+
+
 def _dead_writers(parent: Path, pattern: re.Pattern) -> Iterator[tuple[Path, re.Match]]:
     """Entries of ``parent`` whose names ``pattern`` matches (groups ``host`` and ``pid``) and whose writer was a
     process of this host that no longer runs."""
-    host = _host_tag()
     try:
         entries = list(parent.iterdir())
     except OSError:
         return
     for p in entries:
         m = pattern.fullmatch(p.name)
-        if m and m["host"] == host and not _pid_alive(int(m["pid"])):
+        if m and process_gone(m["host"], int(m["pid"])):
             yield p, m
 
 

@@ -77,7 +77,7 @@ def test_two_gloo_processes_equal_one_process_over_global_batch(tmp_path):
         assert abs(ddp_metrics["history"][0][key] - single.metrics["history"][0][key]) < 1e-5, key
     # rank 0 alone wrote the run: one bundle, one metrics file
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "bundle", "config.yaml", "metrics.json", "tokenizer.model"]
+        "bundle", "config.yaml", "metrics.json", "status.json", "tokenizer.model"]
 
 
 def test_global_batch_must_divide_by_world_size():

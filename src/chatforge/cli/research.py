@@ -412,7 +412,7 @@ def compare(
     def leaderboard_table(columns: list[str]) -> Table:
         table = Table(title=f"leaderboard by {lb.metric}" + (f" ({lb.split})" if lb.split else ""))
         for c in columns:
-            table.add_column(c, justify="left" if c in ("run", "family", "task", "source") else "right")
+            table.add_column(c, justify="left" if c in ("run", "family", "task", "status", "source") else "right")
         for row in lb.rows:
             table.add_row(*("-" if row.get(c) is None else f"{row[c]:.4f}" if isinstance(row[c], float)
                             else str(row[c]) for c in columns))
@@ -423,11 +423,15 @@ def compare(
     columns = list(lb.columns)
     table = leaderboard_table(columns)
     unbounded = console.options.update_width(1_000_000)
-    while console.measure(table, options=unbounded).maximum > console.width and len(columns) > 2:
-        drop = next(c for c in reversed(columns) if c not in ("run", lb.metric))
+    while console.measure(table, options=unbounded).maximum > console.width and len(columns) > 3:
+        drop = next(c for c in reversed(columns) if c not in ("run", "status", lb.metric))
         columns.remove(drop)
         table = leaderboard_table(columns)
     console.print(table)
+    unfinished = [f"{row['run']} ({row['status']})" for row in lb.rows if row["status"] != "finished"]
+    if unfinished:
+        console.print(f"did not finish: {', '.join(unfinished)}; listed after the finished runs, with the figures of "
+                      f"where training stopped (or none)", highlight=False)
     left_out = [c for c in lb.columns if c not in columns]
     if left_out:
         console.print(f"left out to fit {console.width} columns: {', '.join(left_out)} (--md or --csv writes them "

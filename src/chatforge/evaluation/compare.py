@@ -25,8 +25,9 @@ import yaml
 
 from chatforge.data import sample_corpus_path
 from chatforge.evaluation.plots import text_fonts
-from chatforge.evaluation.report import _md_table
+from chatforge.evaluation.report import _md_table, md_text
 from chatforge.fileio import atomic_write_bytes, atomic_write_text
+from chatforge.training.status import FINISHED, read_status
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class RunRecord:
     history: list[dict] = field(default_factory=list)
     experiment: str | None = None
     bundle_size_bytes: int | None = None
+    # finished, or what stopped it: failed, interrupted, killed, running, incomplete (a folder's status.json,
+    # training.status; MLflow's run status). A run that did not finish shows the figures of where it stopped.
+    status: str = FINISHED
 
 
 @dataclass
@@ -123,6 +127,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         task=model.get("task", "?"), params=_flatten(cfg), metrics=metrics, evaluations=evaluations,
         history=metrics.get("history", []) or [],
         experiment=(cfg.get("tracking") or {}).get("experiment") or cfg.get("name"), bundle_size_bytes=size,
+        status=read_status(run_dir),
     )
 
 
@@ -198,10 +203,14 @@ def collect_mlflow(tracking_uri: str, experiment: str | None = None, tags: dict[
     for run in found:
         params = dict(run.data.params)
         metrics = {k.removeprefix("final_"): v for k, v in run.data.metrics.items()}
+        # MLflow's FINISHED / FAILED / KILLED (a prune or Ctrl-C) / RUNNING (also a run killed by a signal that let
+        # no code run: MLflow cannot tell) / SCHEDULED. A run that did not finish logged no final_* metrics, so
+        # its figures are the last per-epoch values.
+        status = str(run.info.status or "unknown").lower()
         rec = RunRecord(run=run.info.run_name or run.info.run_id, name=params.get("name", run.info.run_id),
                         family=run.data.tags.get("family", params.get("model.family", "?")),
                         task=run.data.tags.get("task", params.get("model.task", "?")), params=params,
-                        metrics=metrics, experiment=experiment)
+                        metrics=metrics, experiment=experiment, status=status)
         if all(run.data.tags.get(k) == v or params.get(k) == v for k, v in (tags or {}).items()):
             out.append(rec)
     return out
@@ -259,7 +268,7 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
     for r in records:
         evals = [e for e in r.evaluations if board_split(r, e) == split]
         ev = max(evals, key=lambda e: e.get("created", "")) if evals else None
-        row: dict[str, Any] = {"run": Path(r.run).name, "family": r.family, "task": r.task}
+        row: dict[str, Any] = {"run": Path(r.run).name, "family": r.family, "task": r.task, "status": r.status}
         if ev is not None:
             row["source"] = f"eval:{split}"
             cf = ev["metrics"].get("cross_fitted") or {}
@@ -292,11 +301,14 @@ def build_leaderboard(records: Sequence[RunRecord], metric: str = "in_scope_accu
         for p in params:
             row[p] = r.params.get(p)
     sign = 1 if metric in LOWER_IS_BETTER else -1
-    rows.sort(key=lambda rr: (rr[1].get(metric) is None, sign * (rr[1].get(metric) or 0), rr[1]["run"]))
+    # Runs that did not finish go after every finished one, whatever their figures: a half-trained model is not
+    # ranked against finished ones.
+    rows.sort(key=lambda rr: (rr[1]["status"] != FINISHED, rr[1].get(metric) is None,
+                              sign * (rr[1].get(metric) or 0), rr[1]["run"]))
     present = [m for m in (*METRICS, *DEV_METRICS) if any(row.get(m) is not None for _, row in rows)]
     if metric not in present and metric not in ("valid_loss", "train_seconds", "latency_ms", "bundle_mb"):
         raise CompareError(f"--metric {metric!r} is not reported by any run; available: {', '.join(present)}")
-    columns = (["run", "family", "task", "source", "n"] + present +
+    columns = (["run", "family", "task", "status", "source", "n"] + present +
                ["valid_loss", "train_seconds", "latency_ms", "bundle_mb", "num_parameters"] + params)
     return Leaderboard(columns=columns, rows=[row for _, row in rows], metric=metric, split=split)
 
@@ -311,7 +323,12 @@ def _cell(v: Any) -> Any:
 
 def to_markdown(lb: Leaderboard) -> str:
     head = f"Leaderboard by `{lb.metric}`" + (f" on split `{lb.split}`" if lb.split else "")
-    return head + "\n\n" + _md_table(lb.columns, [[_cell(row.get(c)) for c in lb.columns] for row in lb.rows]) + "\n"
+    unfinished = [row for row in lb.rows if row["status"] != FINISHED]
+    names = ", ".join(f"{row['run']} ({row['status']})" for row in unfinished)
+    foot = ("\n" + md_text(f"Did not finish: {names}; listed after the finished runs, with the figures of where "
+                           f"training stopped (or none).") + "\n") if unfinished else ""
+    return (head + "\n\n" + _md_table(lb.columns, [[_cell(row.get(c)) for c in lb.columns] for row in lb.rows])
+            + "\n" + foot)
 
 
 def to_csv(lb: Leaderboard) -> str:

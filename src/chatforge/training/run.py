@@ -57,6 +57,7 @@ from chatforge.tokenizer import ByteTokenizer, Tokenizer
 from chatforge.training import distributed as ddp
 from chatforge.training.checkpoint import CheckpointCallback, checkpoint_path, load_checkpoint
 from chatforge.training.distill import check_crossfit, check_held_out, load_teachers, teacher_probs
+from chatforge.training.status import FINISHED, RUNNING, status_of_error, write_status
 from chatforge.training.tracking import TrackingCallback, flatten, log_run_outputs, open_tracker, run_tags
 from chatforge.training.trainer import Callback, LoggingCallback, Trainer, resolve_device
 
@@ -358,7 +359,31 @@ def _run(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.devic
         if not resume:
             _clear_earlier_run(run_dir)
             atomic_write_bytes(run_dir / "config.yaml", cfg.to_yaml().encode("utf-8"))
+        # status.json says whether the run finished: `chatforge compare` marks a run that stopped half-way (and a
+        # `running` one whose process is gone reads as killed: SIGKILL lets nothing else be written).
+        _set_status(run_dir, RUNNING)
+    try:
+        result = _train_into(cfg, ctx, device, callbacks, run_dir, resume, tracking_tags, pre)
+    except BaseException as e:
+        if main:
+            _set_status(run_dir, status_of_error(e), e)
+        raise
+    if main:
+        _set_status(run_dir, FINISHED)
+    return result
 
+
+def _set_status(run_dir: Path, status: str, error: BaseException | None = None) -> None:
+    try:
+        write_status(run_dir, status, error)
+    except OSError as e:  # a full disk must not hide the run's own outcome (or its error)
+        log.warning("cannot record the run's status (%s) in %s: %s", status, run_dir, e)
+
+
+def _train_into(cfg: ExperimentConfig, ctx: ddp.DistributedContext, device: torch.device, callbacks: list[Callback],
+                run_dir: Path, resume: bool, tracking_tags: dict[str, str], pre) -> RunResult:
+    """The run once its folder exists: data, tokenizer, model, training or fitting, the bundle and metrics."""
+    main = ctx.is_main
     train, valid, test, data_path = load_splits(cfg)
     log.info("data %s: %d train / %d valid / %d %s", data_path, len(train), len(valid), len(test),
              held_out_split(cfg))
