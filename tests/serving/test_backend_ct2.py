@@ -100,7 +100,8 @@ def test_reply_ends_at_the_position_limit_as_torch_does(tmp_path):
 
 def test_int8_agrees_with_fp32_within_bound(bundle, torch_gen):
     int8 = CT2Generator(bundle, "chat", precision="int8")
-    assert int8.info.metadata["compute_type"] == "int8"
+    assert int8.info.metadata["precision"] == "int8"
+    assert int8.info.metadata["compute_type"] in ("int8", "int8_float32")  # as CTranslate2 resolved it here
     opts = GenerationOptions(max_new_tokens=24, min_new_tokens=24)
     same = total = 0
     for text in TEXTS:

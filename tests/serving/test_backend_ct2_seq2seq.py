@@ -133,7 +133,8 @@ def test_fp32_tokens_equal_chatforge_torch(torch_gen, ct2_fp32, opts):
 
 def test_int8_agrees_with_fp32_within_bound(bundle, torch_gen):
     int8 = CT2Generator(bundle, "chat", precision="int8")
-    assert int8.info.metadata["compute_type"] == "int8"
+    assert int8.info.metadata["precision"] == "int8"
+    assert int8.info.metadata["compute_type"] in ("int8", "int8_float32")  # as CTranslate2 resolved it here
     opts = GenerationOptions(max_new_tokens=MAX_LEN)
     same = total = 0
     for context, text, _ in DIALOGUES:

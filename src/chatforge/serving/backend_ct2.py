@@ -114,6 +114,19 @@ def compute_type_for(precision: str, supported: set[str] | None = None) -> str:
     return ct
 
 
+# CTranslate2 compute_type (as a loaded model reports it) -> the serving precision it is: the weights' type decides,
+# the activations' (int8_float32, int8_bfloat16, ...) do not change what --precision would name it.
+_PRECISION_OF_COMPUTE_TYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8",
+                              "int8_float32": "int8", "int8_bfloat16": "int8", "int8_float16": "int8",
+                              "int16": "int16"}
+
+
+def served_precision(compute_type: str) -> str:
+    """The precision a model loaded with ``compute_type`` (CTranslate2's own name) is served at: ``fp32``, ``bf16``,
+    ``int8``; an unknown name as it is, never a requested ``auto``."""
+    return _PRECISION_OF_COMPUTE_TYPE.get(compute_type, compute_type)
+
+
 def thread_split(cpus: int) -> tuple[int, int]:
     """(inter_threads, intra_threads) for ``cpus`` available CPUs: one Generator worker per 4 CPUs (at
     most 4), each with an equal share of OpenMP threads. One worker runs a whole batch on every core (what
@@ -335,15 +348,18 @@ class CT2Generator:
         seconds = time.perf_counter() - t0
         del bundle.model  # CTranslate2 holds its own copy of the weights
         self.eos_id = self.tok.eos_id
-        self.compute_type = compute_type
+        # What the loaded model computes in, as CTranslate2 resolved it (int8 may become int8_float32), and the
+        # precision that is: ListModels reports these, never the requested "auto".
+        self.compute_type = str(getattr(self.generator, "compute_type", None) or compute_type)
+        resolved = served_precision(self.compute_type)
         self.info = ModelInfo(name=name, family=bundle.family, task=bundle.task, version=version, metadata={
             **bundle.metadata, "context_turns": str(self.context_turns), "backend": "ctranslate2",
-            "precision": precision, "compute_type": compute_type,
-            "ct2_threads": f"{self.inter_threads}x{self.intra_threads}"})
+            "precision": resolved, **({"precision_requested": precision} if precision != resolved else {}),
+            "compute_type": self.compute_type, "ct2_threads": f"{self.inter_threads}x{self.intra_threads}"})
         logger.info("model %r served by CTranslate2 %s %s (%s, %d worker(s) x %d threads; converted in %.1f s)",
-                    name, ct2.__version__, self.adapter.ct2_class, compute_type, self.inter_threads,
+                    name, ct2.__version__, self.adapter.ct2_class, self.compute_type, self.inter_threads,
                     self.intra_threads, seconds, extra={"model": name, "backend": "ctranslate2",
-                                                        "compute_type": compute_type})
+                                                        "compute_type": self.compute_type})
         self.batch_wait = batch_wait_ms / 1000.0
         self.max_batch_size = max_batch_size
         self.join_running = join_running
