@@ -198,13 +198,20 @@ def from_hf(src: Path, out_bundle: Path, *, task: str = "lm", name: str | None =
     params = gpt_config_from_hf(hf)
     chosen = {k: v for k, v in (("bos", bos_token), ("eos", eos_token)) if v is not None}
     tok = _load_hf_tokenizer(src, hf["model_type"], chosen)
-    if tok.vocab_size != hf["vocab_size"]:
-        # A bundle builds its model from the tokenizer's size, so the two must agree.
+    if tok.vocab_size > hf["vocab_size"]:
+        # Every tokenizer id needs an embedding row; a tokenizer with more ids is not this checkpoint's.
         extra = [tok.tk.id_to_token(i) for i in range(hf["vocab_size"], tok.vocab_size)]
         raise ConversionError(
-            f"the tokenizer has {tok.vocab_size} tokens but config.json says vocab_size={hf['vocab_size']}; "
-            f"they must be equal" + (f" (tokens beyond the model's embedding: {extra[:5]})" if extra else
-                                     " (is this the checkpoint's own tokenizer?)"))
+            f"the tokenizer has {tok.vocab_size} tokens but config.json says vocab_size={hf['vocab_size']}: the "
+            f"model has no embedding row for ids {hf['vocab_size']}..{tok.vocab_size - 1} (e.g. {extra[:5]}); "
+            f"allowed: vocab_size >= the tokenizer's size (rows past it are padding). Is this the checkpoint's "
+            f"own tokenizer?")
+    if tok.vocab_size < hf["vocab_size"]:
+        # HF checkpoints often pad the embedding to a multiple of 8 or 64 for the matmul kernels: the extra rows
+        # stand for no token, and the model cuts their logits off (model.vocab_rows).
+        params["vocab_rows"] = hf["vocab_size"]
+        logger.info("%s: the embedding has %d rows for the tokenizer's %d tokens; the %d rows past it are padding "
+                    "and never predicted", src, hf["vocab_size"], tok.vocab_size, hf["vocab_size"] - tok.vocab_size)
     half = max(2, hf["n_positions"] // 2)
     cfg = validate_config({
         "name": name or _run_name(src),

@@ -215,6 +215,10 @@ class _GPTModel:
         at = wrapped.index(marker)
         self._prefix, self._suffix = wrapped[:at], wrapped[at + 1:]
         self.n_positions = int(model.cfg.n_positions)
+        # A padded vocabulary (model.vocab_rows: more embedding rows than tokenizer ids) is converted whole; its
+        # rows past the tokenizer stand for no token, so CTranslate2 is told never to produce them.
+        rows = int(getattr(model.cfg, "vocab_rows", None) or model.vocab_size)
+        self.suppress = [[_token_name(i)] for i in range(int(model.vocab_size), rows)]
 
     def inputs(self, ids: list[int]) -> tuple[list[int], int]:
         """(the model's input ids, the most tokens the model can add to them)."""
@@ -235,8 +239,9 @@ class _GPTModel:
         most = max(j.left for j in batch)
         return dict(max_length=most, min_length=min(_GPTModel.min_key(batch[0]), most))  # equal: part of the key
 
-    @staticmethod
-    def decode(ct2_model: Any, batch: list[_Job], **kw: Any) -> list[list[int]]:
+    def decode(self, ct2_model: Any, batch: list[_Job], **kw: Any) -> list[list[int]]:
+        if self.suppress:
+            kw["suppress_sequences"] = self.suppress
         results = ct2_model.generate_batch([j.prompt + [_token_name(t) for t in j.tokens] for j in batch],
                                            include_prompt_in_result=False, **kw)
         return [r.sequences_ids[0] for r in results]

@@ -38,13 +38,18 @@ class GPTConfig:
     loss_on_prompt: bool = False
     classifier_dropout: Probability = 0.1
     label_smoothing: Probability = 0.0
+    # Embedding (and LM head) rows when the checkpoint pads its vocabulary past the tokenizer's ids, as HF
+    # checkpoints often do (to a multiple of 8 or 64, for the matmul kernels): None builds one row per tokenizer
+    # id. Rows beyond the tokenizer stand for no token: their logits are cut off, so they are never predicted,
+    # sampled or trained towards. Fewer rows than tokenizer ids is refused when the model is built.
+    vocab_rows: PositiveInt | None = None
 
     # The keys that fix the network a checkpoint's weights belong to. A fine-tune (model.init_from) takes the
     # ones its config leaves out from the pre-trained bundle, and refuses ones that disagree with it
     # (chatforge.training.run); dropout, losses and the classifier head stay the fine-tune's own.
     ARCHITECTURE_KEYS: ClassVar[tuple[str, ...]] = (
         "variant", "d_model", "n_heads", "n_layers", "d_ff", "n_positions", "activation", "norm_first",
-        "final_norm", "layer_norm_epsilon", "bias", "tie_embeddings")
+        "final_norm", "layer_norm_epsilon", "bias", "tie_embeddings", "vocab_rows")
 
     @model_validator(mode="after")
     def _heads_divide_d_model(self) -> GPTConfig:
@@ -77,4 +82,4 @@ class GPTConfig:
         return {"d_model": self.d_model, "n_heads": self.n_heads, "n_layers": self.n_layers, "d_ff": self.ff_dim,
                 "n_positions": self.n_positions, "activation": self.act, "norm_first": self.pre_ln,
                 "final_norm": self.has_final_norm, "layer_norm_epsilon": self.layer_norm_epsilon,
-                "bias": self.bias, "tie_embeddings": self.tie_embeddings}
+                "bias": self.bias, "tie_embeddings": self.tie_embeddings, "vocab_rows": self.vocab_rows}

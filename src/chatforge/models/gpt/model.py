@@ -308,12 +308,24 @@ class _GPTHeadBase(nn.Module):
         self.task = task
         self.special = special
         self.pad_id = special.pad
-        self.transformer = GPTModel(cfg, vocab_size)
-        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        # vocab_size: the tokenizer's ids; rows: the embedding's, more when a checkpoint padded its vocabulary.
+        rows = cfg.vocab_rows or vocab_size
+        if rows < vocab_size:
+            raise ValueError(f"model.vocab_rows={rows} is smaller than the tokenizer's {vocab_size} ids: every id "
+                             f"needs an embedding row; allowed: vocab_rows >= {vocab_size} (rows past the tokenizer "
+                             f"are padding), or leave it out")
+        self.vocab_size = vocab_size
+        self.transformer = GPTModel(cfg, rows)
+        self.lm_head = nn.Linear(cfg.d_model, rows, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # paper section 3.1: W_e reused as output
         else:
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+
+    def _token_logits(self, logits: Tensor) -> Tensor:
+        """(..., rows) -> (..., vocab_size): padded rows stand for no token, so no loss, argmax or sample sees
+        them (a view; nothing is computed twice)."""
+        return logits if logits.size(-1) == self.vocab_size else logits[..., : self.vocab_size]
 
     @property
     def delimiter_id(self) -> int:
@@ -340,7 +352,7 @@ class GPTLMHeadModel(_GPTHeadBase):
         """input_ids (B, T) right-padded; labels (B, T) aligned with the logits (the token each
         position must predict, -100 = ignored) -> logits (B, T, V)."""
         h = self.transformer(input_ids)  # (B, T, D); causal masking alone suffices for right padding
-        logits = self.lm_head(h)  # (B, T, V)
+        logits = self._token_logits(self.lm_head(h))  # (B, T, V)
         loss = None
         losses: dict[str, Tensor] = {}
         if labels is not None:
@@ -439,7 +451,7 @@ class GPTLMHeadModel(_GPTHeadBase):
                 (b, 1, 1, t), dtype=torch.bool, device=tokens.device)
             h = self.transformer(state.history, position_ids=ph, mask=_attn_mask(km, t))[:, -1:]
         state.next_pos = state.next_pos + 1
-        return apply_linear(self.lm_head, h[:, 0])  # (B, V)
+        return self._token_logits(apply_linear(self.lm_head, h[:, 0]))  # (B, V)
 
 
 class GPTClassifier(_GPTHeadBase):
@@ -486,7 +498,7 @@ class GPTClassifier(_GPTHeadBase):
             loss = task_loss
             if self.cfg.aux_lm_weight > 0:
                 # L1 on the same inputs: predict every next token, the extract token included.
-                lm = _lm_loss(self.lm_head(h), _next_token_targets(x, self.pad_id))
+                lm = _lm_loss(self._token_logits(self.lm_head(h)), _next_token_targets(x, self.pad_id))
                 losses["lm"] = lm
                 loss = task_loss + self.cfg.aux_lm_weight * lm
         return ModelOutput(logits=logits, loss=loss, losses=losses)
