@@ -55,7 +55,7 @@ from chatforge.serving.batching import (
     RunnerStats,
     ThreadedRunner,
 )
-from chatforge.serving.policy import ReplyPolicy
+from chatforge.serving.policy import PolicyError, ReplyPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -810,6 +810,20 @@ class Engine:
                 return task
         return None
 
+    def _check_policy_after_swap(self, name: str, model: Any, task: str) -> None:
+        """The reply policy's start-up check (:meth:`ReplyPolicy.check_hosted`) over the models as they would be
+        after the swap: a version that breaks it (a classifier without an intent the policy scripts) is refused
+        before anything of it is built, and the served version keeps answering."""
+        hosted = {"generation": {n: s.model for n, s in self._generators.items()},
+                  "classification": self.classifiers, "selection": dict(self.retrievers)}
+        hosted[task][name] = model
+        try:
+            self.policy.check_hosted(hosted["classification"], hosted["selection"], bool(hosted["generation"]),
+                                     hosted["generation"])
+        except PolicyError as e:
+            raise PolicyError(f"version {model.info.version} of {name!r} breaks the reply policy: {e} "
+                              "(not swapped in; the served version keeps answering)") from None
+
     def swap(self, name: str, model: Any) -> str | None:
         """Serve ``model`` under ``name`` from now on; the previous version drains and stops.
 
@@ -822,6 +836,8 @@ class Engine:
         if served is not None and served != task:
             raise ValueError(f"model {name!r} serves {served}; this version is a {task} model, and a name keeps "
                              "its task across versions (names are unique across tasks)")
+        if self.policy is not None:
+            self._check_policy_after_swap(name, model, task)
         if task == "selection":
             # A selection model answers in one call off the loop (no runner): the next call reads the new one,
             # calls already running finish on the old one, which they hold.
