@@ -56,7 +56,7 @@ def test_failure_reasons_counted(reason):
 
 def test_unknown_failure_reason_is_rejected():
     m = ServingMetrics(process_metrics=False)
-    with pytest.raises(ValueError, match="allowed: validation, overloaded, cancelled, deadline, internal"):
+    with pytest.raises(ValueError, match="allowed: validation, overloaded, cancelled, deadline, short_deadline, internal"):
         m.request_finished("Chat", "gpt", "ERR", 0.1, reason="oops")
 
 

@@ -68,10 +68,10 @@ from chatforge.serving.engine import (
     check_unicode,
 )
 from chatforge.serving.interceptors import (
-    FAILURE_REASON_BY_CODE,
     CallInfo,
     check_session_id,
     current_call,
+    failure_reason,
     pick_request_id,
     status_for,
 )
@@ -452,15 +452,16 @@ class HttpCall:
         if self.gated:
             self.surface.gate.exit()
         model = self.info.model or ""
-        if self.surface.call_stats is not None:
-            self.surface.call_stats.record(seconds, code.name)
+        call_stats = self.surface.call_stats
+        allowed = None if self.deadline is None else self.deadline - self.start  # X-Request-Timeout
+        if call_stats is not None:
+            call_stats.record(seconds, code.name, allowed)
         metrics = self.surface.metrics
         if metrics is not None:
             if not self.info.started:
                 metrics.request_started(self.rpc, model)
             metrics.request_finished(self.rpc, model, code.name, seconds,
-                                     reason=None if code is grpc.StatusCode.OK else
-                                     FAILURE_REASON_BY_CODE.get(code, "internal"))
+                                     reason=failure_reason(code, call_stats, allowed))
         logger.info("http %s %d %s %.1fms", self.rpc, http_status, code.name, seconds * 1000.0, extra={
             "rpc": self.rpc, "http_status": http_status, "grpc_code": code.name,
             "latency_ms": round(seconds * 1000.0, 3), "request_id": self.request_id,

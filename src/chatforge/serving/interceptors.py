@@ -68,6 +68,20 @@ FAILURE_REASON_BY_CODE: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.CANCELLED: "cancelled",
     grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
 }
+# The failure reason of a DEADLINE_EXCEEDED whose caller allowed less than the latency budget
+# (alert_rules.is_server_fault): not the server's fault: left out of the dashboard's error ratio, as out of the alert's.
+SHORT_DEADLINE_REASON = "short_deadline"
+
+
+def failure_reason(code: grpc.StatusCode, call_stats, deadline_seconds: float | None) -> str | None:
+    """The ``reason`` label of chatforge_request_failure_total for a call that ended with ``code`` (None for OK)."""
+    if code is grpc.StatusCode.OK:
+        return None
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED and call_stats is not None \
+            and not call_stats.is_server_fault(code.name, deadline_seconds):
+        return SHORT_DEADLINE_REASON
+    return FAILURE_REASON_BY_CODE.get(code, "internal")
+
 
 CHATBOT_PREFIX = "/chatforge.v1.Chatbot/"
 
@@ -303,6 +317,9 @@ class _CallScope:
     def enter(self, context) -> None:
         # Fresh per call: a scope object is built per handler lookup, but be explicit about time.
         self.start = time.perf_counter()
+        # What the caller's deadline left the call on arrival (None: no deadline): a DEADLINE_EXCEEDED is the
+        # server's fault only when that was at least the latency budget (alert_rules.is_server_fault).
+        self.deadline_seconds = _time_remaining(context)
         self.call = CallInfo(self.short_rpc, self.owner.metrics if self.is_chatbot else None, self.start)
         # Set inside the handler's task so every log line of this call (API and engine) sees it.
         self.tokens = [request_id_var.set(self.request_id), session_id_var.set(self.session_id),
@@ -357,15 +374,15 @@ class _CallScope:
         if self.gated:
             self.owner.gate.exit()
         model = self.call.model or ""
-        if self.owner.call_stats is not None and self.is_chatbot:
-            self.owner.call_stats.record(seconds, code.name)
+        call_stats = self.owner.call_stats
+        if call_stats is not None and self.is_chatbot:
+            call_stats.record(seconds, code.name, self.deadline_seconds)
         metrics = self.owner.metrics
         if metrics is not None and self.is_chatbot:
             if not self.call.started:  # failed before a model was chosen: count it all the same
                 metrics.request_started(self.short_rpc, model)
             metrics.request_finished(self.short_rpc, model, code.name, seconds,
-                                     reason=None if code is grpc.StatusCode.OK else
-                                     FAILURE_REASON_BY_CODE.get(code, "internal"))
+                                     reason=failure_reason(code, call_stats, self.deadline_seconds))
         logger.log(
             logging.INFO if self.is_chatbot else logging.DEBUG,
             "rpc %s %s %.1fms", self.rpc, code.name, latency_ms,
@@ -380,11 +397,15 @@ class _CallScope:
         )
 
 
-def _deadline_passed(context) -> bool:
+def _time_remaining(context) -> float | None:
     try:
-        remaining = context.time_remaining()
+        return context.time_remaining()
     except Exception:  # noqa: BLE001 - not every context implements it
-        return False
+        return None
+
+
+def _deadline_passed(context) -> bool:
+    remaining = _time_remaining(context)
     return remaining is not None and remaining <= 0
 
 

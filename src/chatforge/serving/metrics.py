@@ -38,7 +38,8 @@ from chatforge.inference import ModelInfo
 
 log = logging.getLogger(__name__)
 
-FAILURE_REASONS = ("validation", "overloaded", "cancelled", "deadline", "internal")
+# short_deadline: a DEADLINE_EXCEEDED whose caller allowed less than the latency budget (alert_rules.is_server_fault)
+FAILURE_REASONS = ("validation", "overloaded", "cancelled", "deadline", "short_deadline", "internal")
 
 # Latency buckets in seconds: a token every few ms on GPU up to tens of seconds on CPU.
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
