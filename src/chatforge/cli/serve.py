@@ -94,6 +94,9 @@ def serve(
     max_new_tokens: int = typer.Option(1024, help="Cap on max_new_tokens a request may ask for."),
     max_message_bytes: int = typer.Option(4 * 1024 * 1024, help="Largest gRPC message accepted or sent, and "
                                           "largest HTTP request body (413 above it)."),
+    max_concurrent_streams: int = typer.Option(None, help="gRPC calls one connection may have open at once (HTTP/2 "
+                                               "SETTINGS_MAX_CONCURRENT_STREAMS; a grpc client queues the rest). "
+                                               "Default: --max-running + --max-queued + 16."),
     pipeline_classifier: str = typer.Option(None, help="Chatbot pipeline: classify with this model first, then "
                                             "fallback or generate (needs a generator; before a selection model "
                                             "use --policy)."),
@@ -157,7 +160,8 @@ def serve(
             bundles=named or {}, model_dir=model_dir, pins=pins, poll_interval=poll_interval, host=host, port=port,
             port_file=port_file, grace=grace, drain_delay=drain_delay, metrics_port=metrics_port, http_port=http_port,
             api_keys_file=api_keys_file, open_health=not protect_health, tls_cert=tls_cert, tls_key=tls_key,
-            tls_client_ca=tls_client_ca, max_message_bytes=max_message_bytes, precision=precision,
+            tls_client_ca=tls_client_ca, max_message_bytes=max_message_bytes,
+            max_concurrent_streams=max_concurrent_streams, precision=precision,
             backend=default_backend, backends=model_backends,
             max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, pipeline=pipeline,

@@ -78,6 +78,23 @@ logger = logging.getLogger(__name__)
 #   each one, and a file descriptor, for two minutes. ChatbotServer sets it, with the cap on connections
 #   (grpc's max_allowed_incoming_connections), which depends on the process's descriptor limit.
 HANDSHAKE_TIMEOUT_MS = 10_000
+
+# Streams one HTTP/2 connection may hold open at once (grpc.max_concurrent_streams, sent to the client in SETTINGS):
+# grpc's default is unlimited, so one connection could open streams without end (each a call, its buffers and a
+# task). The default is what one model's engine can hold (max_running + max_queued: a call beyond that is refused
+# RESOURCE_EXHAUSTED by the engine anyway) plus STREAM_HEADROOM for health Watch, reflection and Classify calls
+# beside. What happens beyond it (measured with grpcio 1.85, tests/serving/test_server_streams_bound.py): a grpc
+# client queues the extra calls on its side until a stream ends or the call's deadline passes (HTTP/2 semantics;
+# other connections are served meanwhile); a client that ignores the SETTINGS gets RST_STREAM for each extra stream
+# (REFUSED_STREAM; ENHANCE_YOUR_CALM while it has not acknowledged them), and its first streams are still answered.
+# Not grpc.aio.server(maximum_concurrent_rpcs=): that cap is per process and refuses every RPC beyond it, health
+# checks included, so a flood of calls would fail the liveness probe and get a busy replica restarted.
+STREAM_HEADROOM = 16
+
+
+def default_max_concurrent_streams(max_running: int = 8, max_queued: int = 64) -> int:
+    """The per-connection stream bound for an engine with these (per-model) limits: its capacity plus headroom."""
+    return max_running + max_queued + STREAM_HEADROOM
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -112,6 +129,12 @@ DRAIN_REASON = "draining: shutdown requested"
 HEALTH_SERVICES = (LIVENESS, READINESS)
 
 EngineOrLoader = Engine | Callable[[], Engine]
+
+
+def _check_streams_bound(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_concurrent_streams={value!r} is out of range; allowed: an integer >= 1 (streams one "
+                         "connection may hold open at once)")
 
 
 def write_port_file(path: str | Path, port: int) -> None:
@@ -154,6 +177,7 @@ class ChatbotServer:
         alert_rules=None,
         alert_rules_interval: float = 15.0,
         http_port: int | None = None,
+        max_concurrent_streams: int | None = None,
     ) -> None:
         if not (0 <= port <= 65535):
             raise ValueError(f"port={port!r} is out of range; allowed: 0 (ephemeral) to 65535")
@@ -165,6 +189,11 @@ class ChatbotServer:
             raise ValueError(f"metrics_port={metrics_port!r} is out of range; allowed: 0 to 65535")
         if max_message_bytes is not None and max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes={max_message_bytes!r} is out of range; allowed: >= 1024")
+        if max_concurrent_streams is None:
+            max_concurrent_streams = default_max_concurrent_streams(
+                *((engine_or_loader.max_running, engine_or_loader.max_queued)
+                  if isinstance(engine_or_loader, Engine) else ()))
+        _check_streams_bound(max_concurrent_streams)
         if metrics_port is not None and metrics is None:
             metrics = ServingMetrics()
         self._engine_or_loader = engine_or_loader
@@ -176,12 +205,14 @@ class ChatbotServer:
         # Half the descriptors for gRPC connections (the HTTP port takes a quarter): one more is closed at
         # once, so idle connections cannot starve the rest of the process ("Too many open files").
         merged["grpc.max_allowed_incoming_connections"] = fd_budget(0.5)
+        merged["grpc.max_concurrent_streams"] = max_concurrent_streams  # see STREAM_HEADROOM
         self.max_message_bytes = max_message_bytes  # also the HTTP surface's request body limit
         if max_message_bytes is not None:
             merged["grpc.max_receive_message_length"] = max_message_bytes
             merged["grpc.max_send_message_length"] = max_message_bytes
         merged.update(dict(options))
         self._options = list(merged.items())
+        self.max_concurrent_streams = merged["grpc.max_concurrent_streams"]
         self.metrics, self.metrics_port, self.alerts, self.store = metrics, metrics_port, alerts, store
         if metrics is not None and store is not None:
             metrics.watch_store(store)
@@ -548,6 +579,7 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     max_message_bytes: int | None = None
+    max_concurrent_streams: int | None = None  # per HTTP/2 connection; None: default_max_concurrent_streams
     precision: str = "fp32"
     backend: str = "torch"  # torch | ctranslate2 (GPT and Transformer generators; serving.backend_ct2) | onnxruntime (classifiers)
     backends: Mapping[str, str] = field(default_factory=dict)  # per model name, over ``backend``
@@ -577,6 +609,8 @@ class ServerConfig:
             TlsConfig(Path(self.tls_cert), Path(self.tls_key), self.tls_client_ca and Path(self.tls_client_ca)).check()
         if self.poll_interval <= 0:
             raise ValueError(f"poll_interval={self.poll_interval!r} is out of range; allowed: seconds > 0")
+        if self.max_concurrent_streams is not None:
+            _check_streams_bound(self.max_concurrent_streams)
         check_precision(self.precision)  # before the port is bound, not in the model loader's thread
         for b in (self.backend, *self.backends.values()):
             backend_ct2.check_backend(b)
@@ -596,6 +630,12 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
+
+    @property
+    def streams_bound(self) -> int:
+        """Streams one HTTP/2 connection may hold open: ``max_concurrent_streams``, or one model's engine capacity
+        (``max_running + max_queued``) plus :data:`STREAM_HEADROOM`."""
+        return self.max_concurrent_streams or default_max_concurrent_streams(self.max_running, self.max_queued)
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The :class:`Engine` keyword arguments this configuration asks for."""
@@ -637,7 +677,8 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
         asyncio.run(serve(loader, config.host, config.port, grace=config.grace, drain_delay=config.drain_delay,
                           port_file=config.port_file, metrics_port=config.metrics_port,
                           auth=auth, tls=tls, model_dir=directory, poll_interval=config.poll_interval,
-                          max_message_bytes=config.max_message_bytes, http_port=config.http_port, **ops))
+                          max_message_bytes=config.max_message_bytes, http_port=config.http_port,
+                          max_concurrent_streams=config.streams_bound, **ops))
     finally:
         store = ops["store"]
         store.close(timeout=STORE_FLUSH_TIMEOUT if store.available else STORE_OUTAGE_FLUSH_TIMEOUT)
