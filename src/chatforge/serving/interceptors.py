@@ -19,6 +19,7 @@ import contextvars
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import Callable
 
 import grpc
@@ -279,10 +280,13 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             behavior = getattr(handler, kind)
             if behavior is None:
                 continue
-            wrapped = _wrap(behavior, _CallScope(self, rpc, request_id, session_id, metadata, session_error),
-                            streaming_request=kind.startswith("stream_"))
+            scope = _CallScope(self, rpc, request_id, session_id, metadata, session_error)
+            wrapped = _wrap(behavior, scope, streaming_request=kind.startswith("stream_"))
             if wrapped is None:  # a sync handler (run in a thread): leave it alone
                 return handler
+            # grpc drops the handler when the call ends; if it never ran, grpc ended the call itself (see
+            # _ended_unhandled): the only trace such a call leaves in this process.
+            weakref.finalize(wrapped, _ended_unhandled, scope).atexit = False
             return factory(
                 wrapped,
                 request_deserializer=_tolerant(handler.request_deserializer),
@@ -311,11 +315,13 @@ class _CallScope:
         self.short_rpc = rpc.rsplit("/", 1)[-1]
         self.tokens: list = []
         self.gated = False
+        self.entered = False  # the handler ran (see _ended_unhandled)
         self._finished = False
         self.error: BaseException | None = None
 
     def enter(self, context) -> None:
         # Fresh per call: a scope object is built per handler lookup, but be explicit about time.
+        self.entered = True
         self.start = time.perf_counter()
         # What the caller's deadline left the call on arrival (None: no deadline): a DEADLINE_EXCEEDED is the
         # server's fault only when that was at least the latency budget (alert_rules.is_server_fault).
@@ -395,6 +401,33 @@ class _CallScope:
                 "model": model or None,
             },
         )
+
+
+def _ended_unhandled(scope: _CallScope) -> None:
+    """Called when grpc drops a call's handler: a handler that never ran means grpc ended the call before it.
+
+    grpc looks the handler up (so this interceptor runs) when a call's headers arrive, and then, before calling
+    it, receives the request message. A message over ``grpc.max_receive_message_length`` (``--max-message-bytes``)
+    ends the call there with RESOURCE_EXHAUSTED, sent by grpc core; a client that cancels, or whose deadline passes,
+    before its message arrives ends it there too. Neither reaches the handler, its log line or its metrics, and grpc
+    says nothing of either in this process, nor which of the two it was: so this logs one line and counts
+    ``chatforge_requests_unhandled_total``. (Streams grpc refuses before any lookup, past ``max_concurrent_streams``
+    or the connection cap, leave no trace at all in this process: see docs/operations.md.)
+    """
+    if scope.entered:
+        return
+    try:
+        logger.log(
+            logging.INFO if scope.is_chatbot else logging.DEBUG,
+            "rpc %s ended before its handler ran: grpc refused its request message (over the size limit, "
+            "--max-message-bytes; the client got RESOURCE_EXHAUSTED) or the client left before sending it",
+            scope.rpc, extra={"rpc": scope.rpc, "grpc_code": None, "request_id": scope.request_id,
+                              "session_id": scope.session_id},
+        )
+        if scope.owner.metrics is not None:
+            scope.owner.metrics.request_unhandled(scope.short_rpc)
+    except Exception:  # noqa: BLE001 - a finalizer must not raise (Python would print it to stderr)
+        logger.exception("recording a call grpc ended before its handler failed")
 
 
 def _time_remaining(context) -> float | None:

@@ -156,6 +156,10 @@ class ServingMetrics:
                                            namespace=ns, registry=r)
         self.generation_tokens_total = Counter("generation_tokens", "Tokens generated.", ["model"],
                                                namespace=ns, registry=r)
+        self.unhandled = Counter("requests_unhandled", "Calls grpc ended before their handler ran (no status of "
+                                 "ours, not in requests_total): a request message over the size limit (the client "
+                                 "got RESOURCE_EXHAUSTED), or a client that left before sending its request.",
+                                 ["rpc"], namespace=ns, registry=r)
         self.model_info = Gauge("model_info", "Served models (value 1); labels describe the model.",
                                 ["model", "family", "task", "version"], namespace=ns, registry=r)
         if process_metrics:
@@ -221,6 +225,10 @@ class ServingMetrics:
         self._child(self.duration, rpc, model).observe(seconds)
         if reason is not None:
             self.failures.labels(rpc, model, reason).inc()
+
+    def request_unhandled(self, rpc: str) -> None:
+        """A call of ``rpc`` (a method this server has) that grpc ended before its handler ran."""
+        self._child(self.unhandled, rpc).inc()
 
     def set_model_info(self, info: ModelInfo) -> None:
         """Publish a served model (call on load); :meth:`remove_model_info` on unload."""
