@@ -790,22 +790,32 @@ async def _until_disconnect(receive) -> None:
 
 async def _unless_gone(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
     """``work``'s result, or :class:`ClientGoneError` once the client disconnects first: ``work`` is cancelled (its
-    engine stream closes and the batcher drops the sequence, as for a stream whose client left). Without this a
-    non-streamed reply ran to its max_tokens for nobody: an SDK that timed out (and retried) held a slot each time.
-    The request's body must have been read."""
-    loop = asyncio.get_running_loop()
-    task = loop.create_task(work)
-    watcher = loop.create_task(_until_disconnect(request.receive))
+    engine stream closes and the batcher drops the sequence, or takes it back from the queue, as for a stream whose
+    client left). Without this a non-streamed reply ran to its max_tokens for nobody (an SDK that timed out and
+    retried held a slot each time), and so did a streamed one whose client left while it was queued, before the SSE
+    response (which watches from its first token on) existed. The request's body must have been read.
+
+    ``work`` runs in the calling task (no task of its own, on the streams' hot path): a watcher task cancels the
+    caller on ``http.disconnect``, as :class:`SseResponse` does."""
+    task = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _until_disconnect(request.receive)
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        # Our own cancel: the client is gone. Any other (server shutdown) propagates.
+        if gone and task.uncancel() == 0:
+            raise ClientGoneError("the client disconnected before the reply was complete") from None
+        raise
     finally:
         watcher.cancel()
-        if not task.done():  # the client is gone, or this handler is cancelled (server shutdown)
-            task.cancel()
-            await asyncio.wait((task,))
-    if task.cancelled():
-        raise ClientGoneError("the client disconnected before the reply was complete")
-    return task.result()
 
 
 # ---------------------------------------------------------------------------------- the surface
@@ -1290,8 +1300,9 @@ class HttpSurface:
             else:
                 # The first item is awaited here, before any byte is sent, so that everything the
                 # engine refuses up front (validation, unknown model, overload) gets its HTTP status.
+                # The client is watched meanwhile: a request still queued when it leaves is taken back.
                 try:
-                    first = await self._next(stream, call)
+                    first = await _unless_gone(request, self._next(stream, call))
                 except BaseException:
                     await stream.aclose()
                     raise
