@@ -348,6 +348,11 @@ def error_body(exc: BaseException, request_id: str | None,
             param = (params or {}).get(head, head)
     if code is grpc.StatusCode.UNAVAILABLE and "draining" in message:
         err_code = "draining"
+    # A message may quote what the client sent, and JSON lets it send a lone surrogate ("\ud800"), which UTF-8 cannot
+    # carry: shown escaped, or the error body itself failed to encode and the client got a bare 500.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if param is not None:
+        param = param.encode("utf-8", "backslashreplace").decode("utf-8")
     return status, {"error": {"message": message, "type": kind, "param": param, "code": err_code}}
 
 
