@@ -45,7 +45,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from chatforge.context import (
@@ -1633,9 +1633,16 @@ def create_app(surface: HttpSurface) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {exc.detail}",
+        detail, headers = exc.detail, getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route on the path only (GET of /v1/models, whose HEAD
+            # is a route of its own), and its message none
+            allowed = _allowed_methods(app, request.scope)
+            detail = f"method not allowed; allowed: {allowed}"
+            headers = {**{k: v for k, v in (headers or {}).items() if k.lower() != "allow"}, "allow": allowed}
+        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {detail}",
                                        "type": kind, "param": None, "code": str(exc.status_code)}},
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+                            status_code=exc.status_code, headers=headers)
 
     @app.get("/v1/models", response_model=ModelList, tags=["openai"],
              responses={k: _ERRORS[k] for k in (401, 503)}, summary="The served models and versions")
@@ -1717,6 +1724,15 @@ def create_app(surface: HttpSurface) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _allowed_methods(app: FastAPI, scope: dict[str, Any]) -> str:
+    """The methods the routes on ``scope``'s path serve, as an ``Allow`` header lists them."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if getattr(route, "methods", None) and route.matches(scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 def _version() -> str:
