@@ -6,6 +6,7 @@ give the operator to find it."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 
 import pytest
@@ -28,3 +29,20 @@ def test_a_body_that_is_not_utf8_gets_400_with_the_logged_request_id(served, cap
     assert r.headers.get("x-request-id") == logged[0].request_id
     if sent:
         assert logged[0].request_id == sent
+
+
+@pytest.mark.parametrize("path", sorted(RAW))
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+def test_a_body_that_is_not_utf8_gets_a_400_saying_so(served, path, encoding):
+    """FastAPI's answer, "There was an error parsing the body", named neither the cause nor what is allowed: a client
+    that sent Latin-1 text, or compressed its body, could not tell what to change."""
+    st, http = served
+    raw = RAW[path] if encoding is None else gzip.compress(RAW[path].decode("latin-1").encode())
+    headers = {"content-type": "application/json", **({"content-encoding": encoding} if encoding else {})}
+    r = http.post(path, content=raw, headers=headers)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "body" and err["type"] == "invalid_request_error"
+    assert "not UTF-8" in err["message"] and "Content-Encoding" in err["message"]
+    assert "allowed: a JSON body in UTF-8, not compressed" in err["message"]
+    assert http.get("/healthz").status_code == 200

@@ -686,6 +686,13 @@ def _json_content_type(value: str | None) -> bool:
     return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
+# What FastAPI says of a body it cannot decode (not UTF-8: Latin-1 text, a gzip body), which this API raises as well,
+# and what the error object says instead: the cause and what is allowed.
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+_BODY_NOT_UTF8 = ("the request body is not UTF-8 text (Latin-1, or compressed with a Content-Encoding such as gzip, "
+                  "which this server does not decode); allowed: a JSON body in UTF-8, not compressed")
+
+
 def parse_body(adapter: TypeAdapter, raw: bytes, content_type: str | None, levels: int) -> Any:
     """The request body as FastAPI would read and validate it for a body parameter of ``adapter``'s type (the
     same error types, locations and messages), in one pydantic call. ``levels``: how deeply that type nests
@@ -702,7 +709,7 @@ def parse_body(adapter: TypeAdapter, raw: bytes, content_type: str | None, level
                                            "msg": "JSON decode error", "input": {}, "ctx": {"error": e.msg}}],
                                          body=e.doc) from None
         except UnicodeDecodeError:  # not UTF-8 (FastAPI's answer to a body it cannot parse)
-            raise StarletteHTTPException(status_code=400, detail="There was an error parsing the body") from None
+            raise StarletteHTTPException(status_code=400, detail=_BODY_PARSE_ERROR) from None
         except ValueError as e:  # e.g. an integer of more digits than Python converts (4,300)
             raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "input": {},
                                            "msg": f"JSON decode error: {str(e).split(': ')[0]}"}],
@@ -1241,7 +1248,7 @@ class HttpSurface:
             raw = await request.body()
         except ClientDisconnect:  # gone while sending its body: FastAPI's answer (nobody reads it)
             call.finish(grpc.StatusCode.CANCELLED, 499)
-            raise StarletteHTTPException(status_code=400, detail="There was an error parsing the body") from None
+            raise StarletteHTTPException(status_code=400, detail=_BODY_PARSE_ERROR) from None
         try:
             return parse(raw, request.headers.get("content-type"))
         except RequestValidationError as e:
@@ -1634,6 +1641,9 @@ def create_app(surface: HttpSurface) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         detail, headers = exc.detail, getattr(exc, "headers", None)
+        param = None
+        if exc.status_code == 400 and detail == _BODY_PARSE_ERROR:  # FastAPI's words for a body it cannot decode
+            detail, param = _BODY_NOT_UTF8, "body"
         if exc.status_code == 405:
             # Starlette's Allow names the methods of the first route on the path only (GET of /v1/models, whose HEAD
             # is a route of its own), and its message none
@@ -1641,7 +1651,7 @@ def create_app(surface: HttpSurface) -> FastAPI:
             detail = f"method not allowed; allowed: {allowed}"
             headers = {**{k: v for k, v in (headers or {}).items() if k.lower() != "allow"}, "allow": allowed}
         return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {detail}",
-                                       "type": kind, "param": None, "code": str(exc.status_code)}},
+                                       "type": kind, "param": param, "code": str(exc.status_code)}},
                             status_code=exc.status_code, headers=headers)
 
     @app.get("/v1/models", response_model=ModelList, tags=["openai"],
