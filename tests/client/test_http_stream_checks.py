@@ -111,3 +111,46 @@ def test_loadtest_counts_a_200_hello_listener_as_errors(tmp_path):
     assert (data["ok"], data["errors"]) == (0, 3)  # was ok 3 (ok 2 / errors 1 in the report that found it)
     assert data["status_codes"] == {"BAD_STREAM": 3}
     assert "without a chat completion stream" in next(iter(data["error_messages"]))
+
+
+@pytest.mark.parametrize("event", [
+    {"choices": {"0": {"delta": {"content": "x"}}}},  # choices not a list
+    {"choices": ["x"]},  # a choice not an object
+    {"choices": [{"delta": "x"}]},  # a delta not an object
+    {"choices": [{"delta": {"content": 5}}]},  # content not text
+    {"choices": [], "usage": 5},  # usage not an object
+], ids=["choices-dict", "choice-str", "delta-str", "content-int", "usage-int"])
+def test_an_event_of_the_wrong_shape_is_a_bad_stream(event):
+    """A JSON object whose fields have the wrong types (a proxy's or another server's stream) raised AttributeError or
+    TypeError out of reply_stream: a load test counted it as a client error with a traceback, not a bad stream."""
+    with _listener(_answer(_events(ROLE, event, LAST, "[DONE]"))) as target, \
+            HttpChatClient(target, timeout=5.0) as client:
+        with pytest.raises(HttpChatError) as info:
+            list(client.reply_stream("hi"))
+    assert info.value.code == "not_a_chat_stream" and info.value.status_name == "BAD_STREAM"
+    assert "not a chat completion chunk" in info.value.message
+
+
+def _error_answer(status: str, body: bytes, content_type: str = "application/json") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'"Bad Gateway"', '"Bad Gateway"'),  # a JSON string
+    (b"[1, 2]", "[1, 2]"),  # a JSON array
+    (b'{"error": "upstream timed out"}', "upstream timed out"),  # error as text, not an object
+    (b'{"error": {"message": 5, "code": 7}}', "5"),
+], ids=["json-string", "json-array", "error-text", "error-fields-not-text"])
+@pytest.mark.parametrize("rpc", ["reply_stream", "classify"])
+def test_an_error_body_of_another_shape_is_still_the_servers_error(body, message, rpc):
+    """A proxy in front of the server (or another server) answering 502 with a body that is JSON but not the OpenAI
+    error object raised AttributeError ('str' object has no attribute 'get'), not HttpChatError with its status."""
+    with _listener(_error_answer("502 Bad Gateway", body)) as target, HttpChatClient(target, timeout=5.0) as client:
+        with pytest.raises(HttpChatError) as info:
+            call = getattr(client, rpc)("hi")
+            if rpc == "reply_stream":
+                list(call)
+    assert info.value.status == 502 and info.value.status_name == "HTTP_502"
+    assert message in info.value.message
+    assert info.value.code is None or isinstance(info.value.code, str)

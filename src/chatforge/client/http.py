@@ -77,6 +77,25 @@ class HttpChunk:
     completion_tokens: int | None = None
 
 
+def _is_chunk(event: dict[str, Any]) -> bool:
+    """Whether the fields reply_stream reads have a chat completion chunk's types: ``choices`` a list of objects whose
+    ``delta`` is an object with text (or null) ``content``, ``usage`` an object."""
+    usage, choices = event.get("usage"), event.get("choices")
+    if usage is not None and not isinstance(usage, dict):
+        return False
+    if choices is None:
+        return True
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        delta = choice.get("delta")
+        if delta is not None and not (isinstance(delta, dict) and isinstance(delta.get("content", ""), str | None)):
+            return False
+    return True
+
+
 class HttpChatClient:
     """Blocking calls to ``http://HOST:PORT`` (one pooled httpx client; thread-safe)."""
 
@@ -144,11 +163,17 @@ class HttpChatClient:
 
     @staticmethod
     def _raise(response) -> None:
+        """HttpChatError from an error answer: the OpenAI error object's message and code where the body is one (a
+        proxy's JSON of another shape, ``"Bad Gateway"`` or ``{"error": "..."}``, is still this status's error)."""
         try:
-            err = response.json().get("error") or {}
+            body = response.json()
         except ValueError:
-            err = {}
-        raise HttpChatError(response.status_code, str(err.get("message") or response.text[:200]), err.get("code"))
+            body = None
+        err = body.get("error") if isinstance(body, dict) else None
+        err = {"message": err} if isinstance(err, str) else err if isinstance(err, dict) else {}
+        message, code = err.get("message"), err.get("code")
+        raise HttpChatError(response.status_code, str(message) if message not in (None, "") else response.text[:200],
+                            None if code is None else str(code))
 
     def wait_for_ready(self, timeout: float = 10.0) -> None:
         """Block until ``/readyz`` answers 200 (bounded by ``timeout``)."""
@@ -233,6 +258,10 @@ class HttpChatClient:
         if not isinstance(event, dict):
             raise HttpStreamError(f"{self.base_url}{path} sent a stream event that is not a JSON object: "
                                   f"{data[:80]!r}", "not_a_chat_stream")
+        if "error" not in event and not _is_chunk(event):  # else reply_stream failed on it (AttributeError...)
+            raise HttpStreamError(f"{self.base_url}{path} sent a stream event that is not a chat completion chunk "
+                                  f"(choices, delta, content or usage of another type): {data[:80]!r}",
+                                  "not_a_chat_stream")
         return event
 
     def classify(self, text: str, model: str | None = None) -> dict[str, Any]:
