@@ -55,3 +55,30 @@ def test_a_body_sent_in_pieces_within_the_deadline_is_served(monkeypatch, served
                    headers={"content-type": "application/json"}, timeout=WAIT)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "Hello"
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/healthz"), ("GET", "/v1/models"),
+                                              ("OPTIONS", "/v1/chat/completions"), ("GET", "/nope")])
+def test_a_body_on_a_get_that_stops_arriving_gets_408_too(monkeypatch, served, method, path):
+    """GET, HEAD and OPTIONS skipped the body's deadline (they carry no body, as a rule): a GET with a Content-Length
+    was answered at once, and the connection then took the body's bytes for as long as they trickled in, each byte
+    resetting the keep-alive timer, so a client held its connection (and a place under the connection cap) for good."""
+    monkeypatch.setattr(http_module, "REQUEST_BODY_TIMEOUT_S", 0.3, raising=False)
+    st, http = served
+    with socket.create_connection(("127.0.0.1", st.server.http.port), timeout=WAIT) as slow:
+        slow.sendall(f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\nxx".encode())
+        assert http.get("/healthz").status_code == 200  # served meanwhile
+        reply = _read_all(slow)  # the server closes the connection (a socket timeout fails the test)
+    head, body = reply.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 408 "), reply
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_a_get_with_a_whole_small_body_is_served_and_a_large_one_is_413(served):
+    st, http = served
+    r = http.request("GET", "/v1/models", content=b"{}")
+    assert r.status_code == 200 and r.json()["object"] == "list"
+    with socket.create_connection(("127.0.0.1", st.server.http.port), timeout=WAIT) as big:
+        big.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % (64 * 1024 * 1024))
+        head, body = _read_all(big).split(b"\r\n\r\n", 1)  # answered without its body, and closed
+    assert head.startswith(b"HTTP/1.1 413 ") and json.loads(body)["error"]["code"] == "request_too_large"

@@ -1036,9 +1036,15 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if scope["method"] in ("GET", "HEAD", "OPTIONS") and declared in (None, b"0") \
+                and b"transfer-encoding" not in headers:
+            # No body. One that comes anyway is bounded as any other: answered at once, a GET's body was then taken
+            # for as long as it trickled in (each byte reset the keep-alive timer), holding the connection for good.
+            return await self.app(scope, receive, send)
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._too_large(scope, send, int(declared))
         chunks, size, first = [], 0, None
