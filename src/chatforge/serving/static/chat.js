@@ -143,11 +143,15 @@
         throw new Error(message);
       }
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buf = "";
-      for (;;) {
+      let buf = "", whole = false;
+      for (let ended = false; !ended;) {
         const { value, done } = await reader.read();
-        if (done) break;
-        buf += value;
+        ended = done;
+        buf += done ? "" : value;
+        // SSE lines end with CRLF, LF or CR (a proxy may reframe them): all read as LF. A CR that ends what has
+        // come so far waits (unless the stream has ended), as it may be the first half of a CRLF.
+        const cut = buf.endsWith("\r") && !done ? buf.length - 1 : buf.length;
+        buf = buf.slice(0, cut).replace(/\r\n?/g, "\n") + buf.slice(cut);
         let nl;
         while ((nl = buf.indexOf("\n\n")) >= 0) {
           const event = buf.slice(0, nl);
@@ -155,7 +159,7 @@
           for (const line of event.split("\n")) {
             if (!line.startsWith("data:")) continue;
             const data = line.slice(5).trim();
-            if (data === "[DONE]") continue;
+            if (data === "[DONE]") { whole = true; continue; }
             const chunk = JSON.parse(data);
             if (chunk.error) throw new Error(chunk.error.message);
             if (chunk.usage) usage = chunk.usage;
@@ -175,6 +179,9 @@
           }
         }
       }
+      // Only data: [DONE] ends a reply: a stream that stops before it (a replica killed or drained mid-reply, a
+      // proxy's timeout) is no whole reply, and must not join the conversation as if the model had said only that.
+      if (!whole) throw new Error("the reply was cut short: the connection closed before its end");
     } catch (e) {
       if (e.name === "AbortError") { meta(div, "stopped", "badge stopped"); finish = "stopped"; }
       else {
