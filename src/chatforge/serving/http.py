@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import email.message
 import importlib.metadata
+import itertools
 import json
 import logging
 import math
@@ -578,8 +579,18 @@ def check_supported(req: ChatCompletionRequest) -> None:
     for name, value in (req.model_extra or {}).items():
         rule = UNSUPPORTED_CHAT_PARAMS.get(name)
         if rule is not None and not rule[0](value):
-            shown = json.dumps(value, ensure_ascii=False)
-            raise FieldError(name, f"{name}={shown[:80]} is not supported: {rule[2]}; allowed: {rule[1]}")
+            raise FieldError(name, f"{name}={_shown(value)} is not supported: {rule[2]}; allowed: {rule[1]}")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """The start of ``value`` as JSON, at most ``limit`` characters: a large container is cut to its first items
+    before it is serialised (the whole of a 300,000-key logit_bias was, on the event loop, to show 80 characters)."""
+    head = value
+    if isinstance(value, dict) and len(value) > limit:
+        head = dict(itertools.islice(value.items(), limit))
+    elif isinstance(value, list) and len(value) > limit:
+        head = value[:limit]
+    return json.dumps(head, ensure_ascii=False)[:limit]
 
 
 def generation_options(req: ChatCompletionRequest, engine: Engine) -> GenerationOptions:
