@@ -55,7 +55,7 @@ from chatforge.serving.batching import (
     RunnerStats,
     ThreadedRunner,
 )
-from chatforge.serving.policy import PolicyError, ReplyPolicy
+from chatforge.serving.policy import DEFAULT_OOS_LABELS, PolicyError, ReplyPolicy, oos_labels_problem
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +148,14 @@ class PipelineConfig:
     """The chatbot pipeline: classify first; answer out-of-scope messages with ``fallback_reply``.
 
     A message is out of scope when the predicted label is in ``oos_labels``, the classifier
-    says ``out_of_scope``, or the top score is below ``threshold``.
+    says ``out_of_scope``, or the top score is below ``threshold``. ``oos_labels`` given must be labels of the
+    classifier (checked at start and at a swap); None: ``("oos",)``, which the classifier need not have.
     """
 
     classifier: str
     fallback_reply: str
     threshold: float = 0.0
-    oos_labels: tuple[str, ...] = ("oos",)
+    oos_labels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -163,7 +164,8 @@ class PipelineConfig:
             raise ValueError("pipeline fallback_reply is empty; allowed: a non-empty reply text")
 
     def out_of_scope(self, p: ClassPrediction) -> bool:
-        return p.label in self.oos_labels or p.out_of_scope or p.score < self.threshold
+        labels = DEFAULT_OOS_LABELS if self.oos_labels is None else self.oos_labels
+        return p.label in labels or p.out_of_scope or p.score < self.threshold
 
 
 @dataclass
@@ -315,6 +317,9 @@ class Engine:
                 "in front of a selection model write a reply policy (--policy) with classifier, retriever and "
                 "generate: false"
             )
+        if pipeline is not None and (problem := oos_labels_problem(
+                "pipeline", pipeline.oos_labels, pipeline.classifier, self._classifiers[pipeline.classifier].model)):
+            raise ValueError(problem)
         self.pipeline = pipeline
         # Selection models answer in one matrix product: called off the loop, no batching runner.
         self.retrievers: dict[str, Any] = dict(retrievers or {})
@@ -838,6 +843,10 @@ class Engine:
                              "its task across versions (names are unique across tasks)")
         if self.policy is not None:
             self._check_policy_after_swap(name, model, task)
+        if self.pipeline is not None and name == self.pipeline.classifier and (problem := oos_labels_problem(
+                "pipeline", self.pipeline.oos_labels, name, model)):
+            raise ValueError(f"version {model.info.version} of {name!r} breaks the pipeline: {problem} (not swapped "
+                             "in; the served version keeps answering)")
         if task == "selection":
             # A selection model answers in one call off the loop (no runner): the next call reads the new one,
             # calls already running finish on the old one, which they hold.

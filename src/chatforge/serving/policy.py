@@ -12,7 +12,8 @@ The policy is pure: :meth:`ReplyPolicy.route` takes the classify and retrieve ca
 the engine keeps its runners and this module stays testable without models. A YAML file holds it::
 
     classifier: intent            # hosted classifier name, or omit to skip step 1-2
-    oos_labels: [oos]
+    oos_labels: [oos]             # labels of the classifier that mean out of scope (checked at start); omitted:
+                                  # "oos" where the classifier has it (its own out-of-scope answers always count)
     intent_threshold: 0.0         # a top intent score below this is out of scope
     scripted: {greeting: "안녕하세요! 무엇을 도와드릴까요?"}   # intents: labels of the classifier (checked at start)
     retriever: selector           # hosted selection bundle name, or omit
@@ -37,6 +38,37 @@ from chatforge.predictions import ClassPrediction
 PATHS = ("scripted", "retrieval", "generation", "fallback")
 _KEYS = ("classifier", "oos_labels", "intent_threshold", "scripted", "retriever", "retrieval_threshold",
          "generate", "generator", "fallback_reply")
+DEFAULT_OOS_LABELS = ("oos",)  # oos_labels not given: CLINC150's label, not required of the classifier
+
+
+def classifier_labels(model: Any) -> list[str] | None:
+    """The labels a hosted classifier answers with: its ``labels`` and the label of its bundle's out-of-scope policy
+    (``oos.label``, which need not be one of its columns); None when the model does not say."""
+    labels = getattr(model, "labels", None)
+    if labels is None:
+        return None
+    out = [str(x) for x in labels]
+    oos_label = getattr(getattr(model, "oos", None), "label", None)
+    if isinstance(oos_label, str) and oos_label not in out:
+        out.append(oos_label)
+    return out
+
+
+def oos_labels_problem(owner: str, oos_labels: tuple[str, ...] | None, classifier: str, model: Any) -> str | None:
+    """Why ``oos_labels`` (given explicitly by ``owner``, the policy or the pipeline) cannot work with ``model``, the
+    classifier hosted as ``classifier``: a label it never answers with never sends a message to the fallback, and
+    nothing said so (a typo, or another classifier's label). None when they all are its labels, none were given,
+    or the model does not say its labels."""
+    labels = classifier_labels(model)
+    if not oos_labels or labels is None:
+        return None
+    missing = list(dict.fromkeys(x for x in oos_labels if x not in labels))
+    if not missing:
+        return None
+    one = len(missing) == 1
+    return (f"{owner} oos_labels: {', '.join(missing)} {'is not a label' if one else 'are not labels'} of classifier "
+            f"{classifier!r} (it never answers with {'it' if one else 'them'}, so no message would go to the fallback "
+            f"through {'it' if one else 'them'}); its labels: {', '.join(sorted(labels))}")
 
 
 class PolicyError(ValueError):
@@ -60,7 +92,7 @@ class Route:
 class ReplyPolicy:
     fallback_reply: str
     classifier: str | None = None
-    oos_labels: tuple[str, ...] = ("oos",)
+    oos_labels: tuple[str, ...] | None = None  # None: DEFAULT_OOS_LABELS, which the classifier need not have
     intent_threshold: float = 0.0
     scripted: Mapping[str, str] = field(default_factory=dict)
     retriever: str | None = None
@@ -78,6 +110,10 @@ class ReplyPolicy:
         if self.generator is not None and not self.generate:
             raise PolicyError(f"policy generator {self.generator!r} is unused with generate: false; remove it or "
                               "set generate: true")
+        if self.oos_labels is not None and (not isinstance(self.oos_labels, tuple)
+                                            or not all(isinstance(x, str) for x in self.oos_labels)):
+            raise PolicyError(f"policy oos_labels={self.oos_labels!r} is not a list of labels; allowed: labels of the "
+                              "classifier, e.g. [oos]")
         bad = [k for k, v in self.scripted.items() if not isinstance(v, str) or not v.strip()]
         if bad:
             raise PolicyError(f"policy scripted answers must be non-empty texts; empty or not text for: {bad}")
@@ -93,7 +129,13 @@ class ReplyPolicy:
             raise PolicyError(f"{source}: fallback_reply is required (the reply to out-of-scope messages)")
         kw = dict(doc)
         if "oos_labels" in kw:
-            kw["oos_labels"] = tuple(str(x) for x in kw["oos_labels"])
+            labels = kw["oos_labels"]
+            if not isinstance(labels, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool)
+                                                       for x in labels):
+                # a bare string was iterated into its letters: oos_labels: oos named "o" and "s"
+                raise PolicyError(f"{source}: oos_labels must be a list of the classifier's labels, e.g. [oos]; "
+                                  f"got {labels!r}")
+            kw["oos_labels"] = tuple(str(x) for x in labels)
         for key in ("intent_threshold", "retrieval_threshold"):
             if key in kw and (isinstance(kw[key], bool) or not isinstance(kw[key], (int, float))):
                 raise PolicyError(f"{source}: {key} must be a number, got {kw[key]!r}")
@@ -143,9 +185,14 @@ class ReplyPolicy:
         if unknown:  # a typo, or another classifier's label: that answer could never be given
             raise PolicyError(f"policy scripted intent(s) {', '.join(unknown)} are not labels of classifier "
                               f"{self.classifier!r}; its labels: {', '.join(sorted(str(x) for x in labels))}")
+        if self.classifier is not None:
+            problem = oos_labels_problem("policy", self.oos_labels, self.classifier, classifiers[self.classifier])
+            if problem:
+                raise PolicyError(problem)
 
     def out_of_scope(self, p: ClassPrediction) -> bool:
-        return p.label in self.oos_labels or p.out_of_scope or p.score < self.intent_threshold
+        labels = DEFAULT_OOS_LABELS if self.oos_labels is None else self.oos_labels
+        return p.label in labels or p.out_of_scope or p.score < self.intent_threshold
 
     async def route(self, text: str,
                     classify: Callable[[str, str], Awaitable[ClassPrediction]],
