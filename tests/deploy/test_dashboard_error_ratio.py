@@ -27,3 +27,8 @@ def test_the_error_ratio_panel_counts_the_alerts_codes():
     assert re.search(r'- \(sum\(rate\(chatforge_request_failure_total\{[^}]*reason="short_deadline"[^}]*\}'
                      r'\[\$__rate_interval\]\)\) or vector\(0\)\)', numerator), numerator
     assert "short_deadline" in FAILURE_REASONS
+    # ... and says so where the panel is read (its description; docs/operations.md's dashboard table)
+    assert "short_deadline" in panels[0]["description"]
+    operations = (DASHBOARD.parents[2] / "docs" / "operations.md").read_text(encoding="utf-8")
+    [row] = [line for line in operations.splitlines() if line.startswith("| Server error ratio")]
+    assert "short_deadline" in row
