@@ -9,11 +9,13 @@ Temp folders now carry `<host>-<pid>`; a later writer removes those whose proces
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +102,13 @@ def test_backend_conversion_folders_of_killed_servers_are_removed(tmp_path, monk
         assert tmp.parent == tmp_path and tmp.name.startswith(f"{prefix}{host}-{os.getpid()}-")
         assert not stale.exists() and live.is_dir()
     assert not tmp.exists()
+
+
+def test_the_architecture_names_every_conversion_folder_prefix():
+    """docs/architecture.md told an operator to look for `chatforge-ct2-*` only; ONNX Runtime's are `chatforge-ort-*`."""
+    root = Path(__file__).resolve().parents[1]
+    prefixes = {m for p in (root / "src" / "chatforge").rglob("*.py")
+                for m in re.findall(r'private_temp_dir\("([^"]+)"\)', p.read_text(encoding="utf-8"))}
+    assert prefixes == {"chatforge-ct2-", "chatforge-ort-"}
+    arch = (root / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert all(f"`{p}<host>-<pid>-*`" in arch for p in prefixes)
