@@ -428,10 +428,9 @@ def compare(
         columns.remove(drop)
         table = leaderboard_table(columns)
     console.print(table)
-    unfinished = [f"{row['run']} ({row['status']})" for row in lb.rows if row["status"] != "finished"]
-    if unfinished:
-        console.print(f"did not finish: {', '.join(unfinished)}; listed after the finished runs, with the figures of "
-                      f"where training stopped (or none)", highlight=False)
+    unfinished = C.unfinished_runs(lb)
+    if unfinished is not None:
+        console.print(f"did not finish: {unfinished}", highlight=False)
     left_out = [c for c in lb.columns if c not in columns]
     if left_out:
         console.print(f"left out to fit {console.width} columns: {', '.join(left_out)} (--md or --csv writes them "

@@ -321,12 +321,20 @@ def _cell(v: Any) -> Any:
     return v
 
 
+def unfinished_runs(lb: Leaderboard) -> str | None:
+    """The runs that did not finish, each with its status, and where the board puts them: what follows "did not
+    finish:" under the table (Markdown and the terminal alike); None when every run finished."""
+    names = [f"{row['run']} ({row['status']})" for row in lb.rows if row["status"] != FINISHED]
+    if not names:
+        return None
+    return (f"{', '.join(names)}; listed after the finished runs, with the figures of where training stopped "
+            f"(or none)")
+
+
 def to_markdown(lb: Leaderboard) -> str:
     head = f"Leaderboard by `{lb.metric}`" + (f" on split `{lb.split}`" if lb.split else "")
-    unfinished = [row for row in lb.rows if row["status"] != FINISHED]
-    names = ", ".join(f"{row['run']} ({row['status']})" for row in unfinished)
-    foot = ("\n" + md_text(f"Did not finish: {names}; listed after the finished runs, with the figures of where "
-                           f"training stopped (or none).") + "\n") if unfinished else ""
+    unfinished = unfinished_runs(lb)
+    foot = "" if unfinished is None else "\n" + md_text(f"Did not finish: {unfinished}.") + "\n"
     return (head + "\n\n" + _md_table(lb.columns, [[_cell(row.get(c)) for c in lb.columns] for row in lb.rows])
             + "\n" + foot)
 
