@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tests.evaluation.test_compare import make_run
@@ -21,6 +22,7 @@ from chatforge.cli import app
 from chatforge.config import validate_config
 from chatforge.evaluation.compare import build_leaderboard, collect_mlflow, collect_runs, to_markdown
 from chatforge.fileio import process_tag
+from chatforge.training import status as run_status
 from chatforge.training.run import run_experiment
 from chatforge.training.status import read_status, write_status
 from chatforge.training.trainer import Callback
@@ -114,3 +116,15 @@ def test_mlflow_runs_carry_their_run_status(tmp_path):
     # the crashed run's last figure is the best: it still comes after the finished run
     assert [(r["run"], r["status"]) for r in lb.rows] == [("done", "finished"), ("crashed", "failed"),
                                                          ("alive", "running")]
+
+
+def test_the_readme_names_every_status_a_run_folder_reads():
+    """README's paragraph on the status column left out `finished` and what makes a run `interrupted` (a prune) or
+    `killed` (only on the host that ran it)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("Its `status` column")
+    paragraph = readme[start:readme.index("\n\n", start)]
+    names = (run_status.FINISHED, run_status.RUNNING, run_status.FAILED, run_status.INTERRUPTED, run_status.KILLED,
+             run_status.INCOMPLETE)
+    assert [n for n in names if f"`{n}`" not in paragraph] == []
+    assert "prune" in paragraph and "host" in paragraph
