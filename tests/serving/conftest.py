@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import pytest
 from tests.serving_fakes import WAIT, ServerThread, make_engine
@@ -18,6 +20,15 @@ def served():
         st.wait_serving()
         with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
             yield st, http
+
+
+def post_chat_raw(port: int, body: bytes) -> socket.socket:
+    """``body`` POSTed to /v1/chat/completions over a plain socket, left open: the test closes it (a client that
+    leaves) or reads the reply from it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
 
 
 def assert_abandoned_then_freed(engine, gen, gate, releases: int = 100) -> None:

@@ -7,9 +7,9 @@ request in the queue that later ran to its max_tokens for nobody, holding a batc
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 
+from tests.serving.conftest import post_chat_raw
 from tests.serving_fakes import WAIT, GatedGenerator, ServerThread
 
 from chatforge.serving.engine import Engine
@@ -17,12 +17,8 @@ from chatforge.serving.engine import Engine
 # The old code notices only once the running request ends, which the test holds back for longer than this.
 NOTICE_S = WAIT / 2
 
-
-def _post(port: int, body: bytes) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
-    return sock
+LONG = b'{"messages":[{"role":"user","content":"a"}],"max_tokens":500}'
+LONG_STREAMED = b'{"messages":[{"role":"user","content":"b"}],"max_tokens":500,"stream":true}'
 
 
 def test_a_streamed_request_whose_client_leaves_while_queued_is_withdrawn(caplog):
@@ -33,10 +29,10 @@ def test_a_streamed_request_whose_client_leaves_while_queued_is_withdrawn(caplog
     with ServerThread(engine, http_port=0) as st:
         st.wait_serving()
         port = st.server.http.port
-        running = _post(port, b'{"messages":[{"role":"user","content":"a"}],"max_tokens":500}')
+        running = post_chat_raw(port, LONG)
         try:
             assert engine.stats.wait_for(lambda s: s.running == 1, WAIT), "the first request never started"
-            with _post(port, b'{"messages":[{"role":"user","content":"b"}],"max_tokens":500,"stream":true}'):
+            with post_chat_raw(port, LONG_STREAMED):
                 assert engine.stats.wait_for(lambda s: s.waiting == 1, WAIT), "the streamed request was not queued"
             # Closed while queued, the running request still holding the only slot: withdrawn now, not later.
             assert engine.stats.wait_for(lambda s: s.abandoned == 1 and s.waiting == 0 and s.dropped == 1,
@@ -66,9 +62,9 @@ def test_a_streamed_request_queued_then_run_still_streams_whole():
     with ServerThread(engine, http_port=0) as st:
         st.wait_serving()
         port = st.server.http.port
-        first = _post(port, b'{"messages":[{"role":"user","content":"a"}],"max_tokens":500}')
+        first = post_chat_raw(port, LONG)
         assert engine.stats.wait_for(lambda s: s.running == 1, WAIT)
-        with _post(port, b'{"messages":[{"role":"user","content":"b"}],"max_tokens":500,"stream":true}') as sock:
+        with post_chat_raw(port, LONG_STREAMED) as sock:
             assert engine.stats.wait_for(lambda s: s.waiting == 1, WAIT)
             first.close()  # the slot frees at the running request's next step
             assert engine.stats.wait_for(lambda s: s.abandoned == 1, WAIT)

@@ -7,21 +7,13 @@ more such orphans onto the same server)."""
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 
 import httpx
-from tests.serving.conftest import assert_abandoned_then_freed
+from tests.serving.conftest import assert_abandoned_then_freed, post_chat_raw
 from tests.serving_fakes import WAIT, FakeGenerator, GatedGenerator, ServerThread
 
 from chatforge.serving.engine import Engine
-
-
-def _post(port: int, body: bytes) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
-    return sock
 
 
 def test_a_client_gone_before_its_non_streamed_reply_frees_the_slot(caplog):
@@ -31,7 +23,7 @@ def test_a_client_gone_before_its_non_streamed_reply_frees_the_slot(caplog):
     engine = Engine({"gated": gen}, {}, max_running=2)
     with ServerThread(engine, http_port=0) as st:
         st.wait_serving()
-        with _post(st.server.http.port, b'{"messages":[{"role":"user","content":"a"}],"max_tokens":500}'):
+        with post_chat_raw(st.server.http.port, b'{"messages":[{"role":"user","content":"a"}],"max_tokens":500}'):
             assert engine.stats.wait_for(lambda s: s.running == 1, WAIT), "the request never started"
         # The connection is closed: the server must notice and abandon the reply, as it does for a stream.
         assert_abandoned_then_freed(engine, gen, gate, releases=600)
