@@ -128,3 +128,6 @@ def test_the_readme_names_every_status_a_run_folder_reads():
              run_status.INCOMPLETE)
     assert [n for n in names if f"`{n}`" not in paragraph] == []
     assert "prune" in paragraph and "host" in paragraph
+    # ... and the paragraph that lists what a run folder holds names the file
+    start = readme.index("The run folder\n")
+    assert f"`{run_status.STATUS_FILE}`" in readme[start:readme.index("**", start)]
