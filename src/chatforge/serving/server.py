@@ -78,6 +78,19 @@ logger = logging.getLogger(__name__)
 #   each one, and a file descriptor, for two minutes. ChatbotServer sets it, with the cap on connections
 #   (grpc's max_allowed_incoming_connections), which depends on the process's descriptor limit.
 HANDSHAKE_TIMEOUT_MS = 10_000
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.max_connection_age_ms", 5 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 60_000),
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_send_message_length", 4 * 1024 * 1024),
+)
 
 # Streams one HTTP/2 connection may hold open at once (grpc.max_concurrent_streams, sent to the client in SETTINGS):
 # grpc's default is unlimited, so one connection could open streams without end (each a call, its buffers and a
@@ -95,19 +108,7 @@ STREAM_HEADROOM = 16
 def default_max_concurrent_streams(max_running: int = 8, max_queued: int = 64) -> int:
     """The per-connection stream bound for an engine with these (per-model) limits: its capacity plus headroom."""
     return max_running + max_queued + STREAM_HEADROOM
-SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 2),
-    ("grpc.max_connection_age_ms", 5 * 60_000),
-    ("grpc.max_connection_age_grace_ms", 60_000),
-    ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-    ("grpc.max_send_message_length", 4 * 1024 * 1024),
-)
+
 
 # After the grace: how long streams get to send their UNAVAILABLE status once the engine stops them,
 # and how long the runners' threads get to finish their current step (one decoding step).
