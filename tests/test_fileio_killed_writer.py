@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tests.process_helpers import dead_pid
 
 from chatforge import fileio
 from chatforge.evaluation.compare import find_runs
@@ -33,12 +34,6 @@ WRITER = textwrap.dedent("""
         print(tmp, flush=True)
         time.sleep(60)
 """)
-
-
-def _dead_pid() -> int:
-    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                       check=True, timeout=60)
-    return int(p.stdout)
 
 
 def test_a_sigkilled_writers_temp_folder_is_ignored_then_removed(tmp_path):
@@ -68,7 +63,7 @@ def test_a_sigkilled_writers_temp_folder_is_ignored_then_removed(tmp_path):
 
 def test_live_writers_and_other_hosts_are_left_alone(tmp_path):
     target = tmp_path / "out"
-    host, dead = fileio._host_tag(), _dead_pid()
+    host, dead = fileio._host_tag(), dead_pid()
     mine = tmp_path / f".out.tmp-{host}-{os.getpid()}-abc123"  # a live writer (this process)
     other_host = tmp_path / f".out.tmp-{host}x-{dead}-abc123"
     stale = tmp_path / f".out.tmp-{host}-{dead}-abc123"
@@ -81,7 +76,7 @@ def test_live_writers_and_other_hosts_are_left_alone(tmp_path):
 
 def test_a_kill_between_the_two_renames_puts_the_old_output_back(tmp_path):
     target = tmp_path / "out"
-    old = tmp_path / f".out.old-{fileio._host_tag()}-{_dead_pid()}"
+    old = tmp_path / f".out.old-{fileio._host_tag()}-{dead_pid()}"
     old.mkdir()
     (old / "weights").write_text("w")
     with atomic_dir(target) as d:
@@ -93,7 +88,7 @@ def test_a_kill_between_the_two_renames_puts_the_old_output_back(tmp_path):
 @pytest.mark.parametrize("prefix", ["chatforge-ct2-", "chatforge-ort-"])
 def test_backend_conversion_folders_of_killed_servers_are_removed(tmp_path, monkeypatch, prefix):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    host, dead = fileio._host_tag(), _dead_pid()
+    host, dead = fileio._host_tag(), dead_pid()
     stale = tmp_path / f"{prefix}{host}-{dead}-abcd1234"
     live = tmp_path / f"{prefix}{host}-{os.getpid()}-abcd1234"
     for p in (stale, live):

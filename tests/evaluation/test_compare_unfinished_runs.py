@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tests.evaluation.test_compare import make_run
+from tests.process_helpers import dead_pid
 from typer.testing import CliRunner
 
 from chatforge.cli import app
@@ -28,12 +27,6 @@ from chatforge.training.status import read_status, write_status
 from chatforge.training.trainer import Callback
 
 
-def _dead_pid() -> int:
-    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                       check=True, timeout=60)
-    return int(p.stdout)
-
-
 def _status_file(run, status: str, pid: int) -> None:
     (run / "status.json").write_text(json.dumps({"status": status, "host": process_tag()["host"], "pid": pid}))
 
@@ -42,7 +35,7 @@ def _status_file(run, status: str, pid: int) -> None:
 def runs(tmp_path):
     make_run(tmp_path, "a-done", "linear", 0.90, 0.40, 0.1)
     killed = make_run(tmp_path, "b-killed", "transformer", 0.99, 0.50, 0.001)  # the best figures, half-trained
-    _status_file(killed, "running", _dead_pid())  # what a SIGKILLed training leaves
+    _status_file(killed, "running", dead_pid())  # what a SIGKILLed training leaves
     live = make_run(tmp_path, "c-running", "transformer", 0.98, 0.50, 0.002)
     _status_file(live, "running", os.getpid())
     failed = make_run(tmp_path, "d-failed", "transformer", 0.97, 0.50, 0.003)
