@@ -7,6 +7,8 @@ scripted answer silently became unreachable on a running server."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
 
@@ -68,3 +70,12 @@ def test_engine_swap_refuses_a_classifier_the_policy_cannot_use():
         assert engine.classifiers["intents"].labels == list(LABELS["1"])
     finally:
         engine.close()
+
+
+def test_the_runbook_names_the_policy_among_the_reasons_a_version_is_refused():
+    """docs/operations.md's row for the `failed to load` alert listed load errors and another task only: an operator
+    paged for a refused version found no word of the policy there."""
+    operations = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text(encoding="utf-8")
+    [row] = [line for line in operations.splitlines() if line.startswith("| `model 'NAME' failed to load`")]
+    assert "breaks the reply policy" in row and "`--policy`" in row and "breaks the pipeline" in row
+    assert "`oos_labels`" in row
