@@ -126,6 +126,9 @@ def test_haproxy_config_checks_every_replica_every_second():
                  "bind \"${CHATFORGE_LB_ADDR-}:${CHATFORGE_LB_H2_PORT-50052}\" proto h2"):
         assert must in text, must
     assert re.search(r"frontend grpc_l4\s+mode tcp", text) and re.search(r"frontend grpc_h2\s+mode http", text)
+    # In the HTTP/2 backend itself (not only chatforge_http's): it re-sends the streams a replica refuses at its
+    # --max-concurrent-streams bound in a burst (tests/scenarios/test_haproxy_h2_streams_bound.py).
+    assert "    retry-on conn-failure empty-response\n" in _haproxy_section(text, "backend chatforge_h2")
 
 
 def test_haproxy_config_serves_the_http_api():

@@ -73,12 +73,12 @@ def _haproxy() -> str:
 class Balancer:
     """The real haproxy binary running the shipped config, every listener on a free 127.0.0.1 port."""
 
-    def __init__(self, exe: str, http_port: int, metrics_port: int, log: Path):
+    def __init__(self, exe: str, http_port: int, metrics_port: int, log: Path, grpc_port: int | None = None):
         self.http, self.stats = free_port(), free_port()
         self.log = log
         self.env = {**os.environ, "CHATFORGE_REPLICA_A": "127.0.0.1", "CHATFORGE_REPLICA_B": "127.0.0.1",
                     "CHATFORGE_HTTP_PORT": str(http_port), "CHATFORGE_METRICS_PORT": str(metrics_port),
-                    "CHATFORGE_GRPC_PORT": str(free_port()), "CHATFORGE_LB_ADDR": "127.0.0.1",
+                    "CHATFORGE_GRPC_PORT": str(grpc_port or free_port()), "CHATFORGE_LB_ADDR": "127.0.0.1",
                     "CHATFORGE_LB_HTTP_PORT": str(self.http), "CHATFORGE_LB_STATS_PORT": str(self.stats),
                     "CHATFORGE_LB_TCP_PORT": str(free_port()), "CHATFORGE_LB_H2_PORT": str(free_port()),
                     "CHATFORGE_LB_CHECK_A_PORT": str(free_port()), "CHATFORGE_LB_CHECK_B_PORT": str(free_port())}
