@@ -48,7 +48,7 @@ def test_the_load_test_table_is_the_committed_reports():
         if rpc == "reply":
             ttft = row[10].split("/")
             assert _same(ttft[0], r["ttft_s"]["p50"] * 1000) and _same(ttft[1], r["ttft_s"]["p99"] * 1000)
-            total, per_stream = row[11].split(",")
+            total, per_stream = row[11].split(", ")  # "1,618 total, 439 per stream"
             assert _same(total, r["tokens"]["per_second"]), total
             assert _same(per_stream, r["tokens"]["stream_decode_rate_mean"]), (per_stream, r["tokens"])
 
