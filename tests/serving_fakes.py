@@ -121,7 +121,7 @@ class TinySeq2SeqGenerator:
     so replies usually run to max_new_tokens, which makes join/leave timing predictable.
     """
 
-    def __init__(self, name: str = "tiny", seed: int = 0, max_len: int = 64, d_model: int = 32):
+    def __init__(self, name: str = "tiny", seed: int = 0, max_len: int = 64, d_model: int = 32, drafts=None):
         import torch
 
         from chatforge.models.transformer import TransformerConfig, TransformerSeq2Seq
@@ -132,6 +132,7 @@ class TinySeq2SeqGenerator:
         self.model = TransformerSeq2Seq(cfg, vocab_size=48, pad_id=0).eval()
         self.info = ModelInfo(name=name, family="transformer", task="generation", metadata={"tiny": True})
         self.max_input_tokens = 32
+        self.drafts = drafts  # chatforge.drafts.DraftIndex for speculative decoding, as a bundle's
 
     @staticmethod
     def encode(text: str) -> list[int]:
@@ -155,7 +156,7 @@ class TinySeq2SeqGenerator:
         from chatforge.models.transformer import Seq2SeqStepModel
 
         return StepSpec(model=Seq2SeqStepModel(self.model), encode=self.encode, new_detokenizer=_TagDetok,
-                        bos_id=1, eos_id=2, unk_id=3)
+                        bos_id=1, eos_id=2, unk_id=3, drafts=self.drafts)
 
 
 class TinyGPTGenerator(TinySeq2SeqGenerator):
@@ -163,7 +164,8 @@ class TinyGPTGenerator(TinySeq2SeqGenerator):
     same protocol, driven by :class:`chatforge.models.gpt.GPTStepModel` in a continuous batch. A wide init
     makes its next-token choices diverse; ``n_positions`` small enough that long requests run out of room."""
 
-    def __init__(self, name: str = "tiny-gpt", seed: int = 0, n_positions: int = 40, d_model: int = 32):
+    def __init__(self, name: str = "tiny-gpt", seed: int = 0, n_positions: int = 40, d_model: int = 32,
+                 drafts=None):
         import torch
 
         from chatforge.models.gpt import GPTConfig, GPTLMHeadModel
@@ -176,13 +178,14 @@ class TinyGPTGenerator(TinySeq2SeqGenerator):
                                     "generation").eval()
         self.info = ModelInfo(name=name, family="gpt", task="generation", metadata={"tiny": True})
         self.max_input_tokens = 32
+        self.drafts = drafts
 
     def step_spec(self):
         from chatforge.decoding import StepSpec
         from chatforge.models.gpt import GPTStepModel
 
         return StepSpec(model=GPTStepModel(self.model), encode=self.encode, new_detokenizer=_TagDetok,
-                        bos_id=1, eos_id=2, unk_id=3)
+                        bos_id=1, eos_id=2, unk_id=3, drafts=self.drafts)
 
 
 class SlowStepTinySeq2Seq(TinySeq2SeqGenerator):

@@ -38,6 +38,7 @@ from torch import nn
 import chatforge
 from chatforge.config import ExperimentConfig, validate_config
 from chatforge.decoding import autocast_for
+from chatforge.drafts import DRAFTS_DIR, DraftIndex, DraftIndexError
 from chatforge.fileio import atomic_dir
 from chatforge.oos import OOSPolicy
 from chatforge.registry import BuildContext, SpecialIds, build_model
@@ -64,6 +65,8 @@ class Bundle:
     # The out-of-scope policy stored with a classifier (metadata "oos"); the one place it is read, so
     # evaluation and serving apply the same policy (chatforge.oos).
     oos: OOSPolicy = field(default_factory=OOSPolicy)
+    # Training replies of a generation bundle (folder drafts/), the datastore of speculative decoding.
+    drafts: DraftIndex | None = None
 
     @property
     def family(self) -> str:
@@ -270,8 +273,14 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
             f"missing {sorted(missing_keys)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.eval()
+    drafts = None
+    if (path / DRAFTS_DIR).is_dir():
+        try:
+            drafts = DraftIndex.load(path / DRAFTS_DIR, vocab_size=tokenizer.vocab_size)
+        except DraftIndexError as e:
+            raise BundleError(str(e)) from None
     return Bundle(path=path, config=cfg, tokenizer=tokenizer, model=model, labels=labels, metadata=metadata,
-                  oos=OOSPolicy.from_metadata(metadata.get("oos"), path))
+                  oos=OOSPolicy.from_metadata(metadata.get("oos"), path), drafts=drafts)
 
 
 def _load_estimator_bundle(path: Path, metadata: dict[str, Any]) -> Bundle:

@@ -632,6 +632,7 @@ class StepSpec:
     bos_id: int
     eos_id: int
     unk_id: int
+    drafts: Any = None  # chatforge.drafts.DraftIndex of the bundle's training replies, for speculative decoding
 
 
 class StepModel(Protocol):

@@ -275,7 +275,7 @@ class Seq2SeqGenerator:
             return None
         return StepSpec(model=make_step(self.model), encode=self.tok.encode,
                         new_detokenizer=self.tok.incremental_decoder, bos_id=self.tok.bos_id,
-                        eos_id=self.tok.eos_id, unk_id=self.tok.unk_id)
+                        eos_id=self.tok.eos_id, unk_id=self.tok.unk_id, drafts=self.bundle.drafts)
 
 
 ESTIMATOR_MAX_WORDS = 4096  # estimators have no context window; this only bounds request size

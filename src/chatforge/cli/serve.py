@@ -90,6 +90,10 @@ def serve(
     max_queued: int = typer.Option(64, help="Per model: requests waiting beyond that (then RESOURCE_EXHAUSTED)."),
     max_batch_size: int = typer.Option(32, help="Classify: most texts per micro-batch."),
     max_wait_ms: float = typer.Option(0.0, help="Classify: longest wait for a micro-batch to fill; 0 (default): run what is queued as soon as the model is free (requests that arrive during a forward pass form the next batch)."),
+    draft_tokens: int = typer.Option(None, help="Speculative greedy decoding: tokens drafted per step from the "
+                                     "bundle's training replies and checked by the model in one step (the same "
+                                     "replies in fewer steps; torch GPT and Transformer generators), 0-16; 0: off. "
+                                     "Default: the server's (chatforge.serving.engine.DEFAULT_DRAFT_TOKENS)."),
     max_input_tokens: int = typer.Option(None, help="Cap on input tokens (besides each model's own)."),
     max_new_tokens: int = typer.Option(1024, help="Cap on max_new_tokens a request may ask for."),
     max_message_bytes: int = typer.Option(4 * 1024 * 1024, help="Largest gRPC message accepted or sent, and "
@@ -165,7 +169,7 @@ def serve(
             backend=default_backend, backends=model_backends,
             max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, pipeline=pipeline,
-            policy=reply_policy)
+            policy=reply_policy, **({} if draft_tokens is None else {"draft_tokens": draft_tokens}))
         code = run_server(config)
     except (ValueError, FileNotFoundError) as e:
         _fail_serving(str(e), handlers_before, logged=getattr(e, "chatforge_logged", False))

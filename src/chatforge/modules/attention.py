@@ -185,6 +185,15 @@ class GrowingKVCache(KVCache):
         self.v = self._v_buf[:, :, : self._len]
         return self.k, self.v
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (speculative decoding drops rejected draft tokens)."""
+        if not 0 <= length <= self._len:
+            raise ValueError(f"cannot truncate a cache of {self._len} positions to {length}")
+        self._len = length
+        if self._k_buf is not None:
+            self.k = self._k_buf[:, :, :length]
+            self.v = self._v_buf[:, :, :length]
+
     def reorder(self, index: Tensor) -> None:
         if self._k_buf is not None:
             self._k_buf = self._k_buf.index_select(0, index)

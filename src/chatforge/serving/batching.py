@@ -50,6 +50,7 @@ from chatforge.decoding import (  # noqa: F401  (StepSpec: re-exported)
     choose_tokens,
     watch_decoding,
 )
+from chatforge.drafts import DraftIndex
 from chatforge.inference import TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class RunnerStats:
         self.steps = 0
         self.batches = 0
         self.max_batch_seen = 0
+        self.draft_tokens = 0  # speculative decoding: draft tokens verified, and how many the model agreed with
+        self.accepted_tokens = 0
 
     def update(self, **deltas: int) -> None:
         with self.cond:
@@ -140,6 +143,7 @@ class GenRequest:
     last_token: int = 0
     counts: Any = None  # (V,) float tensor: how often each token was generated, for the penalties
     history: list[int] = field(default_factory=list)  # generated ids, for no_repeat_ngram_size only
+    draft_node: int | None = None  # speculative decoding: where the reply so far is in the DraftIndex
     rng: Any = None  # torch.Generator when sampling with a seed
     finished: bool = False
     sink: Any = None
@@ -307,9 +311,15 @@ class ContinuousBatcher(_Runner):
 
     kind = "continuous"
 
-    def __init__(self, name: str, model: StepModel, *, bos_id: int, eos_id: int, **kw: Any) -> None:
+    def __init__(self, name: str, model: StepModel, *, bos_id: int, eos_id: int, drafts: DraftIndex | None = None,
+                 draft_tokens: int = 0, **kw: Any) -> None:
         super().__init__(name, **kw)
         self.model, self.bos_id, self.eos_id = model, bos_id, eos_id
+        if draft_tokens < 0:
+            raise ValueError(f"draft_tokens={draft_tokens} is out of range; allowed: an integer >= 0 (0 disables)")
+        # Speculative greedy decoding (chatforge.drafts): only where the model can verify a draft.
+        self.drafts = drafts if draft_tokens and callable(getattr(model, "verify", None)) else None
+        self.draft_tokens = draft_tokens if self.drafts is not None else 0
         self._rows: list[GenRequest] = []
         self._state: Any = None
         self._out: list[tuple[GenRequest, str, Any]] = []  # this iteration's events, sent by _flush()
@@ -420,34 +430,100 @@ class ContinuousBatcher(_Runner):
         self._rows = [self._rows[i] for i in keep]
         self._state = self.model.select(self._state, torch.tensor(keep, dtype=torch.long)) if keep else None
 
-    def _emit_and_prune(self, rows: list[GenRequest], tokens: list[int],
+    def _emit_and_prune(self, rows: list[GenRequest], tokens: list[int] | list[list[int]],
                         failed: dict[int, BaseException] | None = None) -> list[int]:
-        """Push each row's token; finish rows that hit </s> or their limit, and rows whose own token choice
-        failed (``failed``: row index -> error; the other rows go on); return rows to keep."""
+        """Push each row's token (or tokens: a verified draft and the model's own next token); finish rows
+        that hit </s> or their limit, and rows whose own token choice failed (``failed``: row index ->
+        error; the other rows go on); return rows to keep."""
         keep: list[int] = []
-        for i, (r, tok) in enumerate(zip(rows, tokens, strict=True)):
+        for i, (r, toks) in enumerate(zip(rows, tokens, strict=True)):
             if failed and i in failed:
                 _log(r, logging.ERROR, "choosing the next token failed; only this request fails",
                      model=self.name, exc_info=failed[i])
                 self._finish(r, "failed", error=failed[i])
                 continue
+            if self._emit_tokens(r, toks if isinstance(toks, list) else [toks]):
+                keep.append(i)
+        return keep
+
+    def _emit_tokens(self, r: GenRequest, toks: list[int]) -> bool:
+        """Emit ``toks`` in order until the row ends (</s> or its limit); True while it goes on."""
+        for tok in toks:
             if tok == self.eos_id:
                 self._finish(r, "completed", reason="stop")
-                continue
+                return False
             r.generated += 1
             r.last_token = tok
             if r.counts is not None:
                 r.counts[tok] += 1
             if r.options.no_repeat_ngram_size:
                 r.history.append(tok)
+            if self.drafts is not None:
+                r.draft_node = self.drafts.advance(r.draft_node, tok)
             self._send(r, "token", TokenDelta(token_id=tok, text=r.detok.feed(tok) if r.detok is not None else ""))
             if r.generated >= r.max_steps:
                 self._finish(r, "completed", reason="length")
-            else:
-                keep.append(i)
-        return keep
+                return False
+        return True
+
+    def _draft(self, r: GenRequest) -> list[int]:
+        """The row's draft: greedy rows whose choice reads nothing but the logits (no sampling, penalty,
+        n-gram ban or eos ban), while the reply so far is a prefix of a stored reply; short enough that
+        every fed token has a position (``max_steps``)."""
+        o = r.options
+        if (r.draft_node is None or o.do_sample or o.penalised or o.no_repeat_ngram_size
+                or r.generated < o.min_new_tokens):
+            return []
+        return self.drafts.draft(r.draft_node, min(self.draft_tokens, r.max_steps - r.generated - 1))
+
+    def _speculative_step(self, drafts: list[list[int]]) -> None:
+        """One step that feeds each row its last token and its draft, keeps the longest draft prefix the
+        model agrees with (greedy) and the model's own token after it: the tokens greedy decoding would
+        give one step at a time, in fewer steps."""
+        rows = self._rows
+        t = 1 + max(len(d) for d in drafts)
+        fed = torch.tensor([[r.last_token, *d] + [self.eos_id] * (t - 1 - len(d)) for r, d in zip(rows, drafts, strict=True)],
+                           dtype=torch.long)
+        logits = self.model.verify(self._state, fed)  # (B, T, V)
+        self.stats.update(steps=1, batches=1)
+        self._observe_batch(len(rows))
+        failed: dict[int, BaseException] = {}
+        # Rows without a draft choose as in a plain step (their own options); the others argmax.
+        plain = [i for i, d in enumerate(drafts) if not d]
+        first = choose_tokens(logits[plain, 0], [rows[i] for i in plain], self.eos_id, failed) if plain else []
+        if failed:
+            failed = {plain[i]: e for i, e in failed.items()}
+        greedy = logits.argmax(-1).tolist()  # (B, T)
+        out: list[list[int]] = []
+        keep_fed: list[int] = []
+        chosen = dict(zip(plain, first, strict=True))
+        drafted = accepted = 0
+        for i, d in enumerate(drafts):
+            if not d:
+                out.append([chosen[i]])
+                keep_fed.append(1)
+                continue
+            a = 0
+            while a < len(d) and greedy[i][a] == d[a]:
+                a += 1
+            out.append([*d[:a], greedy[i][a]])
+            keep_fed.append(1 + a)
+            drafted += len(d)
+            accepted += a
+        self.model.accept(self._state, keep_fed, t)
+        self.stats.update(draft_tokens=drafted, accepted_tokens=accepted)
+        self.metrics.draft_tokens(self.name, drafted, accepted)
+        keep = self._emit_and_prune(rows, out, failed)
+        if len(keep) < len(rows):
+            self._state = self.model.select(self._state, torch.tensor(keep, dtype=torch.long)) if keep else None
+            self._rows = [rows[i] for i in keep]
 
     def _decode_step(self) -> None:
+        if self.drafts is not None:
+            drafts = [self._draft(r) for r in self._rows]
+            if any(drafts):
+                self._speculative_step(drafts)
+                return
         tokens = torch.tensor([r.last_token for r in self._rows], dtype=torch.long)
         logits = self.model.step(self._state, tokens)
         self.stats.update(steps=1, batches=1)
@@ -461,6 +537,8 @@ class ContinuousBatcher(_Runner):
 
     def _prefill(self, new: list[GenRequest]) -> None:
         for r in new:
+            if self.drafts is not None:
+                r.draft_node = 0  # the reply starts at the trie's root
             self._send(r, "start", r.prompt_tokens)
             self.metrics.prompt_tokens(self.name, r.prompt_tokens)
         state, logits = self.model.prefill([r.prompt_ids for r in new], self.bos_id)

@@ -60,6 +60,16 @@ from chatforge.serving.policy import DEFAULT_OOS_LABELS, PolicyError, ReplyPolic
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_INPUT_CHARS = 4000
+# Speculative greedy decoding from the bundle's training replies (chatforge.drafts): tokens drafted per step.
+DEFAULT_DRAFT_TOKENS = 0
+MAX_DRAFT_TOKENS = 16
+
+
+def check_draft_tokens(value: Any) -> None:
+    """ValueError naming ``draft_tokens`` and its range unless ``value`` is an integer in [0, MAX_DRAFT_TOKENS]."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_DRAFT_TOKENS):
+        raise ValueError(f"draft_tokens={value!r} is out of range; allowed: an integer in [0, {MAX_DRAFT_TOKENS}] "
+                         f"(0 disables speculative decoding)")
 
 
 class EngineError(Exception):
@@ -269,7 +279,9 @@ class Engine:
         pipeline: PipelineConfig | None = None,
         retrievers: Mapping[str, Any] | None = None,
         policy: ReplyPolicy | None = None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> None:
+        check_draft_tokens(draft_tokens)
         checks = [
             ("max_input_chars", max_input_chars, max_input_chars >= 1, "an integer >= 1"),
             ("max_input_tokens", max_input_tokens, max_input_tokens is None or max_input_tokens >= 1,
@@ -292,6 +304,7 @@ class Engine:
         self.max_running, self.max_queued = max_running, max_queued
         self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
         self.continuous_batching = continuous_batching
+        self.draft_tokens = draft_tokens
         self.metrics = metrics or NULL_METRICS
         self.on_error = on_error
         self.stats = RunnerStats()
@@ -358,11 +371,17 @@ class Engine:
         kw["threads"] = threads
         if spec is not None:
             runner = ContinuousBatcher(name, spec.model, bos_id=spec.bos_id, eos_id=spec.eos_id,
+                                       drafts=spec.drafts, draft_tokens=self.draft_tokens,
                                        max_running=self.max_running, **kw)
             # Beam search keeps several hypotheses per request: it runs per request, beside the batch.
             fallback = ThreadedRunner(name, model, max_running=self.max_running, **kw)
-            logger.info("hosting %s model %r (%s runner)", task, name, runner.kind,
-                        extra={"model": name, "runner": runner.kind})
+            drafting = (f"speculative decoding: {runner.draft_tokens} draft tokens from {len(runner.drafts)} stored "
+                        f"replies" if runner.drafts is not None else
+                        "speculative decoding off" + ("" if not self.draft_tokens else
+                                                      ": the bundle stores no replies (drafts/)" if spec.drafts is None
+                                                      else ": the model cannot verify drafts"))
+            logger.info("hosting %s model %r (%s runner; %s)", task, name, runner.kind, drafting,
+                        extra={"model": name, "runner": runner.kind, "draft_tokens": runner.draft_tokens})
             return _Slot(name, model, task, runner, spec, fallback)
         else:
             # No step-wise model (other families, fakes): one thread per running request.

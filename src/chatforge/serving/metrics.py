@@ -156,6 +156,9 @@ class ServingMetrics:
                                            namespace=ns, registry=r)
         self.generation_tokens_total = Counter("generation_tokens", "Tokens generated.", ["model"],
                                                namespace=ns, registry=r)
+        self.draft_tokens_total = Counter("draft_tokens", "Speculative decoding: draft tokens the model verified, "
+                                          "by outcome (accepted: the model's own greedy choice; rejected).",
+                                          ["model", "outcome"], namespace=ns, registry=r)
         self.unhandled = Counter("requests_unhandled", "Calls grpc ended before their handler ran (no status of "
                                  "ours, not in requests_total): a request message over the size limit (the client "
                                  "got RESOURCE_EXHAUSTED), or a client that left before sending its request.",
@@ -208,6 +211,10 @@ class ServingMetrics:
 
     def prompt_tokens(self, model: str, n: int) -> None:
         self._child(self.prompt_tokens_total, model).inc(n)
+
+    def draft_tokens(self, model: str, drafted: int, accepted: int) -> None:
+        self._child(self.draft_tokens_total, model, "accepted").inc(accepted)
+        self._child(self.draft_tokens_total, model, "rejected").inc(drafted - accepted)
 
     def batch(self, model: str, size: int) -> None:
         self._child(self.batch_size, model).observe(size)

@@ -48,7 +48,7 @@ from chatforge.runtime import SERVING_RESERVED_CPUS, configure_threads, fd_budge
 from chatforge.serving import backend_ct2, backend_ort
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
 from chatforge.serving.alerts import AlertManager
-from chatforge.serving.engine import Engine, PipelineConfig
+from chatforge.serving.engine import DEFAULT_DRAFT_TOKENS, Engine, PipelineConfig, check_draft_tokens
 from chatforge.serving.http import HttpSurface
 from chatforge.serving.interceptors import CallGate, RequestContextInterceptor
 from chatforge.serving.metrics import MetricsHTTPServer, ServingMetrics
@@ -592,6 +592,7 @@ class ServerConfig:
     max_new_tokens: int = 1024
     pipeline: PipelineConfig | None = None
     policy: ReplyPolicy | None = None  # the hybrid reply policy (serving.policy), instead of a pipeline
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS  # speculative greedy decoding from the bundle's replies; 0: off
 
     def __post_init__(self) -> None:
         if not self.bundles and self.model_dir is None:
@@ -612,6 +613,7 @@ class ServerConfig:
             raise ValueError(f"poll_interval={self.poll_interval!r} is out of range; allowed: seconds > 0")
         if self.max_concurrent_streams is not None:
             _check_streams_bound(self.max_concurrent_streams)
+        check_draft_tokens(self.draft_tokens)
         check_precision(self.precision)  # before the port is bound, not in the model loader's thread
         for b in (self.backend, *self.backends.values()):
             backend_ct2.check_backend(b)
@@ -642,7 +644,8 @@ class ServerConfig:
         """The :class:`Engine` keyword arguments this configuration asks for."""
         return dict(max_running=self.max_running, max_queued=self.max_queued, max_batch_size=self.max_batch_size,
                     max_wait_ms=self.max_wait_ms, max_input_tokens=self.max_input_tokens,
-                    max_new_tokens=self.max_new_tokens, pipeline=self.pipeline, policy=self.policy)
+                    max_new_tokens=self.max_new_tokens, pipeline=self.pipeline, policy=self.policy,
+                    draft_tokens=self.draft_tokens)
 
 
 def run_server(config: ServerConfig, *, settings=None) -> None:

@@ -433,7 +433,10 @@ class GPTLMHeadModel(_GPTHeadBase):
             # Positions never exceed the cached length (left-padded rows count from their first real
             # token), so a Python-side check of the cache length bounds them without a device sync.
             cached = len(state.caches[0])
-            if cached >= self.cfg.n_positions:
+            # Masked columns (draft tokens a speculative step rejected) take cache room but no position,
+            # so past n_positions columns the positions themselves decide (one sync, only then).
+            if cached >= self.cfg.n_positions and (state.key_mask is None
+                                                   or int(state.next_pos.max()) >= self.cfg.n_positions):
                 raise ValueError(f"{cached + 1} positions exceed the model's n_positions={self.cfg.n_positions}")
             # One query attending to every cached key needs only the padding mask.
             if self.training:  # dropout active (decoding warns): the module path applies it

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from chatforge.decoding import autocast_for
 from chatforge.models.gpt.model import GPTLMHeadModel, GPTState
-from chatforge.modules import GrowingKVCache
+from chatforge.modules import GrowingKVCache, apply_linear
 
 
 class GPTStepModel:
@@ -55,6 +55,47 @@ class GPTStepModel:
         with torch.inference_mode(), autocast_for(m):
             return m.decode_step(tokens.to(state.next_pos.device)[:, None], state).float()
 
+    def verify(self, state: GPTState, tokens: Tensor) -> Tensor:
+        """Feed ``tokens`` (B, T) per row at its next T positions (each row's last chosen token, then its
+        draft; speculative decoding) -> logits (B, T, V). The caches gain T columns; :meth:`accept` must
+        follow and says how many of them each row keeps. Positions past ``n_positions`` (padding of a row
+        whose draft is shorter) are clamped: the caller never keeps them."""
+        m = self.model
+        if m.training:
+            raise RuntimeError("verify decodes in eval mode only")
+        b, t = tokens.shape
+        with torch.inference_mode(), autocast_for(m):
+            dev = state.next_pos.device
+            tokens = tokens.to(dev)
+            steps = torch.arange(t, device=dev)
+            pos = (state.next_pos[:, None] + steps).clamp(max=m.cfg.n_positions - 1)  # (B, T)
+            width = len(state.caches[0])
+            causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+            mask = torch.cat([_key_mask(state).expand(b, 1, t, width), causal.expand(b, 1, t, t)], dim=-1)
+            if state.plan is None:
+                state.plan = m.transformer.decode_plan()
+            h = m.transformer.decode(tokens, pos, mask, state.caches, state.plan)  # (B, T, D)
+            return m._token_logits(apply_linear(m.lm_head, h)).float()
+
+    def accept(self, state: GPTState, keep: list[int], fed: int) -> None:
+        """After :meth:`verify` of ``fed`` tokens per row: row i keeps the first ``keep[i]`` (1..fed) of
+        them. Columns no row keeps are cut off the caches; the others are masked for the rows that
+        rejected them (the row's positions go on from its last kept token)."""
+        tail = fed - max(keep)
+        if tail:
+            for c in state.caches:
+                c.truncate(len(c) - tail)
+        t = fed - tail
+        width = len(state.caches[0])
+        dev = state.next_pos.device
+        kept = torch.tensor(keep, dtype=torch.long, device=dev)
+        if min(keep) < t or state.key_mask is not None:
+            old = state.key_mask if state.key_mask is not None else torch.ones(
+                (len(keep), 1, 1, width - t), dtype=torch.bool, device=dev)
+            new = torch.arange(t, device=dev)[None, :] < kept[:, None]  # (B, t)
+            state.key_mask = torch.cat([old, new[:, None, None, :]], dim=-1)
+        state.next_pos = state.next_pos + kept
+
     def merge(self, a: GPTState, b: GPTState) -> GPTState:
         """Rows of ``a`` then ``b``; the narrower cache gains masked columns on its left."""
         t = max(len(a.caches[0]), len(b.caches[0]))
@@ -76,7 +117,12 @@ class GPTStepModel:
         """Keep the rows ``index``; drop the cache columns none of them needs any more, so a long reply
         that left does not keep costing."""
         state.reorder(index)
-        width, need = len(state.caches[0]), int(state.next_pos.max())
+        width = len(state.caches[0])
+        if state.key_mask is not None:  # the rows' keys start at the first column any of them uses
+            used = state.key_mask.reshape(state.key_mask.size(0), -1).any(0)  # (L,)
+            need = width - int(used.to(torch.int8).argmax()) if bool(used.any()) else 0
+        else:
+            need = int(state.next_pos.max())
         if need < width:
             state.caches = [GrowingKVCache.from_tensors(c.k[:, :, width - need:], c.v[:, :, width - need:])
                             for c in state.caches]

@@ -23,6 +23,28 @@ class _RowsState:
     memory_mask: Tensor  # (B, 1, 1, S)
     caches: list[DecoderLayerCache]  # per decoder layer: self k/v (B, H, T, Dh) right-aligned; cross (B, H, S, Dh)
     lens: Tensor  # (B,) decoder positions consumed per row
+    # (B, 1, 1, T) True = a row's key, once columns are not each row's last ``lens`` (speculative decoding
+    # masks the draft tokens a row rejected); None = row i's keys are its last lens[i] columns.
+    key_mask: Tensor | None = None
+
+
+def _trim(cache, width: int) -> None:
+    """Keep the last ``width`` self-attention columns of a layer's cache."""
+    c = cache.self_attn
+    if c.k.size(2) > width:
+        c.k, c.v = c.k[:, :, c.k.size(2) - width :], c.v[:, :, c.v.size(2) - width :]
+
+
+def _keys(state: _RowsState, width: int | None = None) -> Tensor:
+    """(B, 1, 1, T): which of the first ``width`` (default: all) self-attention columns are each row's keys."""
+    if state.key_mask is not None:
+        return state.key_mask
+    return _right_aligned(state.lens, len(state.caches[0].self_attn) if width is None else width)
+
+
+def _right_aligned(lens: Tensor, width: int) -> Tensor:
+    cols = torch.arange(width, device=lens.device)
+    return (cols[None, :] >= (width - lens)[:, None])[:, None, None, :]
 
 
 class Seq2SeqStepModel:
@@ -64,12 +86,48 @@ class Seq2SeqStepModel:
             width = len(state.caches[0].self_attn)  # T: cached positions (right-aligned)
             # Sinusoidal positions are a fixed (max_len, D) table: one row per sequence's own position.
             y = m.dropout(m.tgt_embed(tokens[:, None]) + m.positions.table[state.lens][:, None])  # (B, 1, D)
-            # After this step appends one key, key j of T+1 belongs to row i iff j >= T - lens[i].
-            keys = torch.arange(width + 1, device=tokens.device)
-            self_mask = (keys[None, :] >= (width - state.lens)[:, None])[:, None, None, :]  # (B, 1, 1, T+1)
+            if state.key_mask is None:
+                # After this step appends one key, key j of T+1 belongs to row i iff j >= T - lens[i].
+                keys = torch.arange(width + 1, device=tokens.device)
+                self_mask = (keys[None, :] >= (width - state.lens)[:, None])[:, None, None, :]  # (B, 1, 1, T+1)
+            else:
+                self_mask = state.key_mask = F.pad(state.key_mask, (0, 1), value=True)
             y = m.decoder(y, state.memory, self_mask=self_mask, memory_mask=state.memory_mask, cache=state.caches)
             state.lens = state.lens + 1
             return m.lm_head(y[:, 0]).float()  # (B, V)
+
+    def verify(self, state: _RowsState, tokens: Tensor) -> Tensor:
+        """Feed ``tokens`` (B, T) per row at its next T positions (its last chosen token, then its draft;
+        speculative decoding) -> logits (B, T, V); :meth:`accept` must follow. Positions past the table
+        (padding of a shorter draft) are clamped: the caller never keeps them."""
+        m = self.model
+        b, t = tokens.shape
+        with torch.inference_mode(), autocast_for(m):
+            dev = state.lens.device
+            tokens = tokens.to(dev)
+            pos = (state.lens[:, None] + torch.arange(t, device=dev)).clamp(max=m.positions.table.size(0) - 1)
+            y = m.dropout(m.tgt_embed(tokens) + m.positions.table[pos])  # (B, T, D)
+            width = len(state.caches[0].self_attn)
+            causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+            self_mask = torch.cat([_keys(state).expand(b, 1, t, width), causal.expand(b, 1, t, t)], dim=-1)
+            y = m.decoder(y, state.memory, self_mask=self_mask, memory_mask=state.memory_mask, cache=state.caches)
+            return m.lm_head(y).float()  # (B, T, V)
+
+    def accept(self, state: _RowsState, keep: list[int], fed: int) -> None:
+        """After :meth:`verify` of ``fed`` tokens per row: row i keeps the first ``keep[i]`` (1..fed) of
+        them; columns no row keeps are cut off, the others masked for the rows that rejected them."""
+        width = len(state.caches[0].self_attn) - fed  # before the verification
+        old = _keys(state, width)
+        t = max(keep)
+        if fed > t:
+            for c in state.caches:
+                c.self_attn.k = c.self_attn.k[:, :, : width + t]
+                c.self_attn.v = c.self_attn.v[:, :, : width + t]
+        kept = torch.tensor(keep, dtype=torch.long, device=state.lens.device)
+        if min(keep) < t or state.key_mask is not None:
+            new = torch.arange(t, device=kept.device)[None, :] < kept[:, None]  # (B, t)
+            state.key_mask = torch.cat([old, new[:, None, None, :]], dim=-1)
+        state.lens = state.lens + kept
 
     def merge(self, a: _RowsState, b: _RowsState) -> _RowsState:
         s = max(a.memory.size(1), b.memory.size(1))
@@ -86,6 +144,9 @@ class Seq2SeqStepModel:
             extra = dim_size - x.size(2)
             return x if extra == 0 else F.pad(x, [0, 0, extra, 0])
 
+        key_mask = None
+        if a.key_mask is not None or b.key_mask is not None:  # rows with masked columns: masks for all
+            key_mask = torch.cat([F.pad(_keys(x), [t - len(x.caches[0].self_attn), 0], value=False) for x in (a, b)])
         memory = torch.cat([pad_right(a.memory, s, 1), pad_right(b.memory, s, 1)])
         mask = torch.cat([pad_right(a.memory_mask, s, 3, False), pad_right(b.memory_mask, s, 3, False)])
         for ca, cb in zip(a.caches, b.caches, strict=True):
@@ -93,7 +154,7 @@ class Seq2SeqStepModel:
             ca.self_attn.v = torch.cat([pad_left(ca.self_attn.v, t), pad_left(cb.self_attn.v, t)])
             ca.cross_attn.k = torch.cat([pad_right(ca.cross_attn.k, s, 2), pad_right(cb.cross_attn.k, s, 2)])
             ca.cross_attn.v = torch.cat([pad_right(ca.cross_attn.v, s, 2), pad_right(cb.cross_attn.v, s, 2)])
-        return _RowsState(memory, mask, a.caches, torch.cat([a.lens, b.lens]))
+        return _RowsState(memory, mask, a.caches, torch.cat([a.lens, b.lens]), key_mask)
 
     def select(self, state: _RowsState, index: Tensor) -> _RowsState:
         index = index.to(state.memory.device)
@@ -103,11 +164,20 @@ class Seq2SeqStepModel:
         for c in state.caches:
             c.reorder(index)
         # Drop columns no remaining row needs, so a long reply that left does not keep costing.
-        width, need = len(state.caches[0].self_attn), int(state.lens.max())
+        width = len(state.caches[0].self_attn)
+        if state.key_mask is not None:
+            state.key_mask = state.key_mask.index_select(0, index)
+            used = state.key_mask.reshape(state.key_mask.size(0), -1).any(0)  # (T,)
+            need = width - int(used.to(torch.int8).argmax()) if bool(used.any()) else 0
+        else:
+            need = int(state.lens.max())
         if need < width:
             for c in state.caches:
-                c.self_attn.k = c.self_attn.k[:, :, width - need :]
-                c.self_attn.v = c.self_attn.v[:, :, width - need :]
+                _trim(c, need)
+            if state.key_mask is not None:
+                state.key_mask = state.key_mask[..., width - need :]
+        if state.key_mask is not None and bool((state.key_mask == _right_aligned(state.lens, need)).all()):
+            state.key_mask = None  # no masked column left: back to the right-aligned fast path
         used = state.memory_mask.reshape(state.memory_mask.size(0), -1).any(0)  # (S,)
         s_need = int(used.nonzero().max()) + 1 if bool(used.any()) else state.memory.size(1)
         if s_need < state.memory.size(1):

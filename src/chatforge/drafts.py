@@ -1,0 +1,121 @@
+"""Draft tokens for speculative greedy decoding, looked up in the replies a model was trained on.
+
+Retrieval-based speculative decoding (He et al. 2024, "REST"): instead of a small draft model, the
+draft for a reply is read from a datastore of token sequences. A chatbot trained on a curated reply
+set reproduces those replies, often word for word, so the datastore here is the training replies'
+token ids in a trie: a running reply that is still a prefix of some training reply is continued with
+the most frequent continuation under that prefix, up to ``k`` tokens. The model then checks every
+draft token in one step (``StepModel.verify``) and keeps the longest prefix it would have produced
+itself, plus its own next token, so greedy output is the same as without drafts; only the number of
+decoding steps changes. A reply that leaves the trie gets no more drafts (no wasted verification).
+
+The trie is saved in a bundle as ``drafts/replies.json`` (token id lists; JSON, nothing executes on
+load), built from the training split at bundle time (``chatforge.training``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from chatforge.fileio import atomic_write_bytes
+
+DRAFTS_DIR = "drafts"
+REPLIES_FILE = "replies.json"
+FORMAT = 1
+MAX_REPLIES = 1_000_000  # a datastore bigger than this is not a reply set; refused on load
+MAX_REPLY_TOKENS = 4096
+
+
+class DraftIndexError(ValueError):
+    """A draft datastore that cannot be used; the message names the file and what is wrong."""
+
+
+class DraftIndex:
+    """A trie over reply token sequences with each node's most frequent child.
+
+    Nodes are integers (0 = the root, an empty reply); ``advance(node, token)`` follows one token
+    (None: no stored reply continues that way) and ``draft(node, k)`` reads up to ``k`` tokens along
+    the most frequent path below ``node`` (ties: the token seen first), stopping after ``eos_id``.
+    """
+
+    def __init__(self, replies: Iterable[Sequence[int]], eos_id: int) -> None:
+        self.eos_id = int(eos_id)
+        self._children: list[dict[int, int]] = [{}]
+        counts: list[int] = [0]
+        self.replies: list[list[int]] = []
+        for reply in replies:
+            ids = [int(t) for t in reply]
+            self.replies.append(ids)
+            node = 0
+            counts[0] += 1
+            for tok in ids:
+                nxt = self._children[node].get(tok)
+                if nxt is None:
+                    nxt = len(self._children)
+                    self._children[node][tok] = nxt
+                    self._children.append({})
+                    counts.append(0)
+                counts[nxt] += 1
+                node = nxt
+                if tok == self.eos_id:
+                    break
+        # best[node] = (token, child) of the most frequent child; None at a leaf
+        self._best: list[tuple[int, int] | None] = [
+            max(ch.items(), key=lambda kv: counts[kv[1]]) if ch else None for ch in self._children
+        ]
+
+    def __len__(self) -> int:
+        return len(self.replies)
+
+    @property
+    def nodes(self) -> int:
+        return len(self._children)
+
+    def advance(self, node: int | None, token: int) -> int | None:
+        if node is None:
+            return None
+        return self._children[node].get(token)
+
+    def draft(self, node: int | None, k: int) -> list[int]:
+        out: list[int] = []
+        while node is not None and len(out) < k:
+            best = self._best[node]
+            if best is None:
+                break
+            tok, node = best
+            out.append(tok)
+            if tok == self.eos_id:
+                break
+        return out
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        doc = {"format": FORMAT, "eos_id": self.eos_id, "replies": self.replies}
+        atomic_write_bytes(folder / REPLIES_FILE, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+
+    @classmethod
+    def load(cls, folder: str | Path, *, vocab_size: int | None = None) -> DraftIndex:
+        path = Path(folder) / REPLIES_FILE
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DraftIndexError(f"{path}: cannot read the draft datastore ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise DraftIndexError(f"{path}: not a draft datastore of format {FORMAT} "
+                                  f"(an object with format, eos_id and replies)")
+        eos, replies = doc.get("eos_id"), doc.get("replies")
+        if not isinstance(eos, int) or isinstance(eos, bool) or not isinstance(replies, list):
+            raise DraftIndexError(f"{path}: eos_id must be an integer and replies a list of token id lists")
+        if len(replies) > MAX_REPLIES:
+            raise DraftIndexError(f"{path}: {len(replies)} replies; at most {MAX_REPLIES} are allowed")
+        hi = vocab_size if vocab_size is not None else 2**31
+        for i, r in enumerate(replies):
+            if (not isinstance(r, list) or len(r) > MAX_REPLY_TOKENS
+                    or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < hi for t in r)):
+                raise DraftIndexError(f"{path}: reply {i} must be a list of at most {MAX_REPLY_TOKENS} token ids "
+                                      f"in [0, {hi})")
+        return cls(replies, eos)
