@@ -150,9 +150,20 @@ SERVED = {"chatforge-torch-fp32": ("torch", "fp32"), "chatforge-torch-int8": ("t
 BF16_ENGINE = ("chatforge-torch-bf16", ("torch", "bf16"))
 
 
-def served_engines(native_bf16: bool) -> dict[str, tuple[str, str]]:
-    """The served engines of a run: :data:`SERVED`, plus torch bf16 where the CPU computes bf16 natively."""
-    return {**SERVED, **(dict([BF16_ENGINE]) if native_bf16 else {})}
+def served_engines(native_bf16: bool, draft_tokens: int = 0) -> dict[str, tuple[str, str]]:
+    """The served engines of a run: :data:`SERVED`, plus torch bf16 where the CPU computes bf16 natively, plus
+    with ``draft_tokens`` the torch engines again with speculative decoding (``serve --draft-tokens``), named
+    ``<engine>-draft<N>``; the others are then served with ``--draft-tokens 0``."""
+    engines = {**SERVED, **(dict([BF16_ENGINE]) if native_bf16 else {})}
+    if draft_tokens:
+        engines.update({f"{k}-draft{draft_tokens}": v for k, v in engines.items() if v[0] == "torch"})
+    return engines
+
+
+def serve_args(engine: str) -> list[str]:
+    """``chatforge serve`` flags of a served engine beyond backend and precision: its draft tokens."""
+    n = engine.rsplit("-draft", 1)[1].split("-")[0] if "-draft" in engine else "0"
+    return ["--draft-tokens", n]
 ANCHORS = {"ct2-direct-float32": "float32", "ct2-direct-int8": "int8"}
 
 
@@ -200,7 +211,9 @@ def build_bundle(out: Path, size: Size, corpus: list[str], family: Family = FAMI
 # ------------------------------------------------------------------------------------------ servers
 def start_server(bundle: Path, backend: str, precision: str, work: Path, name: str,
                  threads: int | None = None) -> tuple[subprocess.Popen, str]:
-    return served.start_server(bundle, "chat", backend, precision, work, name, cwd=ROOT, env=served.thread_env(threads))
+    extra = serve_args(name) if backend == "torch" else []
+    return served.start_server(bundle, "chat", backend, precision, work, name, extra=extra, cwd=ROOT,
+                               env=served.thread_env(threads))
 
 
 
@@ -392,8 +405,25 @@ def model_inputs(gen, family: str, texts: list[str]) -> dict[str, list[str]]:
                                                         or [gen.tok.unk_id])[0]] for t in texts}
 
 
+def trained_size(bundle: Path, size: Size) -> tuple[Size, str]:
+    """``size`` with a trained bundle's shape (layers, width, heads, vocabulary, positions), and its description."""
+    import yaml
+
+    cfg = yaml.safe_load((bundle / "config.yaml").read_text(encoding="utf-8"))
+    meta = json.loads((bundle / "metadata.json").read_text(encoding="utf-8"))
+    m = cfg["model"]
+    layers = m.get("n_layers") or m.get("num_decoder_layers")
+    positions = m.get("n_positions") or m.get("max_len")
+    size = size._replace(layers=layers, d_model=m["d_model"], heads=m["n_heads"],
+                         vocab=meta["tokenizer"]["vocab_size"], positions=positions)
+    return size, (f"trained bundle {bundle.name} ({cfg['name']}: {m['family']} {layers} layers, d_model "
+                  f"{m['d_model']}, vocab {size.vocab}, {meta.get('metrics', {}).get('best_epoch', '?')} epochs), "
+                  f"its own weights")
+
+
 def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt",
-        anchor_threads: list[int] | None = None, server_threads: list[int] | None = None) -> dict[str, Any]:
+        anchor_threads: list[int] | None = None, server_threads: list[int] | None = None,
+        bundle: Path | None = None, draft_tokens: int = 0) -> dict[str, Any]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it: idle pools sleep
     import ctranslate2
 
@@ -405,12 +435,16 @@ def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt",
     reps = reps or size.reps
     cpus = cpus_available()
     n_prompts = size.single_prompts + size.concurrent
-    texts, corpus, source = prompts_and_corpus(n_prompts, fam.config)
+    texts, corpus, source = prompts_and_corpus(n_prompts, bundle / "config.yaml" if bundle else fam.config)
+    describe = fam.describe(size)
+    if bundle is not None:
+        size, describe = trained_size(bundle, size)
     load_before = load_average()
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="served-generation-") as tmp:
         work = Path(tmp)
-        bundle = build_bundle(work / "bundle", size, corpus, fam)
+        if bundle is None:
+            bundle = build_bundle(work / "bundle", size, corpus, fam)
         from chatforge.inference import load_model
 
         gen = load_model(bundle, "chat")
@@ -419,7 +453,7 @@ def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt",
         ct2_dir = convert_bundle(bundle, work / "ct2", unk_id=unk_id)
         engines: dict[str, Any] = {}
         try:
-            serving = served.with_thread_counts(served_engines(native_bf16()), server_threads)
+            serving = served.with_thread_counts(served_engines(native_bf16(), draft_tokens), server_threads)
             for name, (backend, precision, threads) in serving.items():
                 proc, target = start_server(bundle, backend, precision, work, name, threads)
                 procs.append(proc)
@@ -442,7 +476,7 @@ def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt",
         "machine": served.machine_record(load_before, load_after, ctranslate2=ctranslate2.__version__),
         "loaded": is_loaded([load_before, load_after], cpus),
         "family": family,
-        "config": {"model": fam.describe(size), "shape_of": fam.config.name,
+        "config": {"model": describe, "shape_of": fam.config.name, "draft_tokens": draft_tokens,
                    "new_tokens": size.new_tokens, "prompts": source, "single_prompts": size.single_prompts,
                    "concurrent_streams": size.concurrent, "reps": reps,
                    "served": {k: {"backend": b, "precision": p, "threads": t or f"default ({serving_threads()})"}
@@ -487,10 +521,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="also serve every engine with these OMP_NUM_THREADS (named <engine>-<n>t)")
     ap.add_argument("--anchor-threads", type=int, nargs="+", default=None,
                     help="CTranslate2's intra_threads, one anchor per count (default: the CPUs available)")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="time this trained generation bundle (of --family) instead of random weights of the size's "
+                         "shape; prompts are its config's test questions")
+    ap.add_argument("--draft-tokens", type=int, default=0,
+                    help="also serve the torch engines with speculative decoding (serve --draft-tokens N)")
+    ap.add_argument("--single-prompts", type=int, default=None, help="prompts of the one-stream case")
     args = ap.parse_args(argv)
     size = FAMILIES[args.family].sizes[args.size]
+    if args.single_prompts:
+        size = size._replace(single_prompts=args.single_prompts)
     result = rebuild(args.out) if args.rebuild else run(args.out, size, args.reps, args.family, args.anchor_threads,
-                                                                  args.server_threads)
+                                                                  args.server_threads, args.bundle, args.draft_tokens)
     print(markdown(result))
 
 

@@ -55,9 +55,9 @@ def test_a_damaged_datastore_is_refused_naming_the_file_and_what_is_wrong(tmp_pa
     assert str(tmp_path / REPLIES_FILE) in str(e.value)
 
 
-@pytest.fixture(scope="module")
-def generation_run(tmp_path_factory):
-    cfg = validate_config({
+def tiny_generation_config():
+    """A Transformer generator on the packaged sample corpus that trains in seconds."""
+    return validate_config({
         "name": "drafts", "seed": 0, "data": {"path": "sample", "valid_fraction": 0.05, "test_fraction": 0.0},
         "tokenizer": {"model_type": "unigram", "vocab_size": 600, "on_vocab_too_large": "lower"},
         "model": {"family": "transformer", "task": "generation", "d_model": 32, "n_heads": 2,
@@ -65,6 +65,11 @@ def generation_run(tmp_path_factory):
         "train": {"epochs": 2, "batch_size": 32, "lr": 3e-3, "max_source_len": 32, "max_target_len": 32},
         "tracking": {"enabled": False},
     })
+
+
+@pytest.fixture(scope="module")
+def generation_run(tmp_path_factory):
+    cfg = tiny_generation_config()
     return cfg, run_experiment(cfg, run_dir=tmp_path_factory.mktemp("run") / "run")
 
 

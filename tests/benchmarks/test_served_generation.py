@@ -103,3 +103,33 @@ def test_tiny_run_writes_the_report(script, tmp_path, family):
     assert "| chatforge-ct2-int8 | concurrent |" in md
     assert md.startswith(f"# {script.FAMILIES[family].title} (")
     assert (tmp_path / "served-generation.png").stat().st_size > 0
+
+
+def test_draft_engines_are_the_torch_engines_served_with_draft_tokens(script):
+    engines = script.served_engines(False, draft_tokens=8)
+    drafted = {k for k in engines if "-draft" in k}
+    assert drafted == {f"{k}-draft8" for k, (backend, _) in script.SERVED.items() if backend == "torch"}
+    assert all(engines[k] == engines[k.replace("-draft8", "")] for k in drafted)
+    # each engine is served with its own count; the plain ones explicitly without drafts, whatever the default
+    assert script.serve_args("chatforge-torch-int8-draft8") == ["--draft-tokens", "8"]
+    assert script.serve_args("chatforge-torch-int8-draft8-2t") == ["--draft-tokens", "8"]
+    assert script.serve_args("chatforge-torch-int8") == ["--draft-tokens", "0"]
+    assert script.served_engines(False) == script.SERVED
+
+
+@pytest.mark.slow
+def test_a_trained_bundle_with_drafts_is_timed_with_and_without_them(script, tmp_path):
+    pytest.importorskip("ctranslate2")
+    from tests.test_drafts import tiny_generation_config
+
+    from chatforge.training.run import run_experiment
+
+    bundle = run_experiment(tiny_generation_config(), run_dir=tmp_path / "run").bundle_dir
+    size = script.FAMILIES["transformer"].sizes["tiny"]._replace(new_tokens=12)
+    result = script.run(tmp_path / "out", size, reps=1, family="transformer", bundle=bundle, draft_tokens=4)
+    engines = {r["engine"] for r in result["rows"]}
+    assert {"chatforge-torch-fp32-draft4", "chatforge-torch-int8-draft4"} <= engines
+    assert result["config"]["draft_tokens"] == 4 and result["config"]["model"].startswith("trained bundle bundle")
+    # the same weights and greedy tokens with and without drafts
+    assert result["agreement"]["chatforge-torch-fp32-draft4"] == {"identical_replies": 1.0, "prefix_tokens": 1.0}
+    assert result["agreement"]["ct2-direct-float32"]["identical_replies"] == 1.0
