@@ -313,10 +313,22 @@ class Engine:
         self._closed = False
         self._generators: dict[str, _Slot] = {}
         self._classifiers: dict[str, _Slot] = {}
-        for name, g in generators.items():
-            self._generators[name] = self._make_slot(name, g, "generation")
-        for name, c in classifiers.items():
-            self._classifiers[name] = self._make_slot(name, c, "classification")
+        try:
+            for name, g in generators.items():
+                self._generators[name] = self._make_slot(name, g, "generation")
+            for name, c in classifiers.items():
+                self._classifiers[name] = self._make_slot(name, c, "classification")
+            self._check_routing(pipeline, retrievers, policy)
+        except BaseException:
+            # The runners already started (a scheduler thread each) would wait for work forever.
+            self.close()
+            raise
+        for slot in self._slots():
+            self.metrics.set_model_info(slot.model.info)
+
+    def _check_routing(self, pipeline: PipelineConfig | None, retrievers: Mapping[str, Any] | None,
+                       policy: ReplyPolicy | None) -> None:
+        """Check the pipeline or reply policy against the hosted models; sets ``pipeline``, ``retrievers``, ``policy``."""
         if pipeline is not None and pipeline.classifier not in self._classifiers:
             raise ValueError(
                 f"pipeline classifier {pipeline.classifier!r} is not hosted; "
@@ -341,8 +353,6 @@ class Engine:
                 raise ValueError("give a reply policy or a pipeline, not both (a policy includes the pipeline)")
             policy.check_hosted(self.classifiers, self.retrievers, bool(self._generators), self._generators)
         self.policy = policy
-        for slot in self._slots():
-            self.metrics.set_model_info(slot.model.info)
 
     # ------------------------------------------------------------------ construction
 
