@@ -33,6 +33,24 @@ def test_a_draft_follows_the_most_frequent_continuation_and_stops_at_eos():
     assert len(idx) == 4 and idx.nodes == 11  # the root and one node per distinct prefix
 
 
+def test_a_reply_off_every_stored_reply_is_continued_from_its_last_tokens():
+    idx = DraftIndex([[5, 6, 7, 8, EOS], [9, 6, 7, 8, EOS], [9, 4, 7, 3, EOS]], eos_id=EOS)
+    assert idx.draft(None, 8, (11, 6)) == [7, 8, EOS]  # "6" was followed by "7" twice; "6 7" by "8"
+    assert idx.draft(None, 2, (11, 6)) == [7, 8]
+    assert idx.draft(None, 8, (4, 7)) == [3, EOS]  # two tokens of context before one: "4 7" -> 3, not "7" -> 8
+    assert idx.draft(None, 8, (11, 12)) == [] and idx.draft(None, 8, ()) == []
+
+
+def test_a_draft_stops_where_its_estimated_probability_gets_low():
+    replies = [[5, 6, EOS], [5, 7, EOS], [5, 8, EOS], [5, 9, EOS], [5, 10, EOS]]
+    after_5 = DraftIndex(replies, eos_id=EOS).advance(0, 5)
+    assert DraftIndex(replies, eos_id=EOS, min_probability=0.3).draft(after_5, 4) == []  # 6 is one reply of five
+    assert DraftIndex(replies, eos_id=EOS, min_probability=0.1).draft(after_5, 4) == [6, EOS]
+    assert DraftIndex(replies, eos_id=EOS, min_probability=0.0).draft(None, 4, (9,)) == [EOS]
+    with pytest.raises(ValueError, match=r"min_probability=1.5 is out of range; allowed: a number in \[0, 1\]"):
+        DraftIndex(replies, eos_id=EOS, min_probability=1.5)
+
+
 def test_save_and_load_round_trip(tmp_path):
     idx = DraftIndex([[5, 6, EOS], [7, EOS]], eos_id=EOS)
     idx.save(tmp_path / DRAFTS_DIR)
@@ -62,7 +80,7 @@ def tiny_generation_config():
         "tokenizer": {"model_type": "unigram", "vocab_size": 600, "on_vocab_too_large": "lower"},
         "model": {"family": "transformer", "task": "generation", "d_model": 32, "n_heads": 2,
                   "num_encoder_layers": 1, "num_decoder_layers": 1, "d_ff": 64, "dropout": 0.0},
-        "train": {"epochs": 2, "batch_size": 32, "lr": 3e-3, "max_source_len": 32, "max_target_len": 32},
+        "train": {"epochs": 8, "batch_size": 32, "lr": 3e-3, "max_source_len": 32, "max_target_len": 32},
         "tracking": {"enabled": False},
     })
 

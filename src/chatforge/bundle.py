@@ -7,6 +7,8 @@
     config.yaml           the resolved experiment config: how the model was made
     labels.json           class labels, for classifiers
     metadata.json         chatforge version, family, task, data/tokenizer hashes, metrics, created time
+    drafts/               generation bundles: the training replies' token ids (chatforge.drafts), the
+                          datastore of speculative decoding when served
 
 Estimator bundles (families registered with kind != "torch": xgboost, linear, ensemble) hold the
 estimator's own JSON / safetensors files instead of weights.safetensors + tokenizer.model, and

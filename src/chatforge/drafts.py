@@ -4,10 +4,12 @@ Retrieval-based speculative decoding (He et al. 2024, "REST"): instead of a smal
 draft for a reply is read from a datastore of token sequences. A chatbot trained on a curated reply
 set reproduces those replies, often word for word, so the datastore here is the training replies'
 token ids in a trie: a running reply that is still a prefix of some training reply is continued with
-the most frequent continuation under that prefix, up to ``k`` tokens. The model then checks every
-draft token in one step (``StepModel.verify``) and keeps the longest prefix it would have produced
+the most frequent continuation under that prefix, up to ``k`` tokens; a reply that has left the trie
+is continued from its last one or two tokens, as the stored replies continue them. The model then checks
+every draft token in one step (``StepModel.verify``) and keeps the longest prefix it would have produced
 itself, plus its own next token, so greedy output is the same as without drafts; only the number of
-decoding steps changes. A reply that leaves the trie gets no more drafts (no wasted verification).
+decoding steps changes. Drafts stop where their estimated probability gets low, so an unlikely guess
+does not widen the step.
 
 The trie is saved in a bundle as ``drafts/replies.json`` (token id lists; JSON, nothing executes on
 load), built from the training split at bundle time (``chatforge.training``).
@@ -33,24 +35,38 @@ class DraftIndexError(ValueError):
 
 
 class DraftIndex:
-    """A trie over reply token sequences with each node's most frequent child.
+    """A trie over reply token sequences, and a table of what follows each one or two tokens in them.
 
-    Nodes are integers (0 = the root, an empty reply); ``advance(node, token)`` follows one token
-    (None: no stored reply continues that way) and ``draft(node, k)`` reads up to ``k`` tokens along
-    the most frequent path below ``node`` (ties: the token seen first), stopping after ``eos_id``.
+    Nodes are integers (0 = the root, an empty reply); ``advance(node, token)`` follows one token (None: no
+    stored reply continues that way). ``draft(node, k, tail)`` reads up to ``k`` tokens along the most frequent
+    path below ``node``; once a reply has left every stored reply (``node`` None) it continues ``tail`` (the
+    reply's last tokens) with the most frequent next token after its last two tokens (or its last one), again
+    and again (the suffix match of REST, on one and two tokens). Either way a draft stops after ``eos_id`` and
+    when its estimated probability (the product of each step's share of the stored continuations) falls under
+    ``min_probability``: a guess among many stored replies costs a wider verification step and is rarely right.
     """
 
-    def __init__(self, replies: Iterable[Sequence[int]], eos_id: int) -> None:
+    CONTEXT = 2  # tokens of the n-gram table's context
+
+    def __init__(self, replies: Iterable[Sequence[int]], eos_id: int, min_probability: float = 0.2) -> None:
+        if not 0.0 <= min_probability <= 1.0:
+            raise ValueError(f"min_probability={min_probability!r} is out of range; allowed: a number in [0, 1]")
         self.eos_id = int(eos_id)
+        self.min_probability = min_probability
         self._children: list[dict[int, int]] = [{}]
         counts: list[int] = [0]
+        following: dict[tuple[int, ...], dict[int, int]] = {}
         self.replies: list[list[int]] = []
         for reply in replies:
             ids = [int(t) for t in reply]
             self.replies.append(ids)
             node = 0
             counts[0] += 1
-            for tok in ids:
+            for i, tok in enumerate(ids):
+                for n in range(1, self.CONTEXT + 1):
+                    if i >= n:
+                        after = following.setdefault(tuple(ids[i - n : i]), {})
+                        after[tok] = after.get(tok, 0) + 1
                 nxt = self._children[node].get(tok)
                 if nxt is None:
                     nxt = len(self._children)
@@ -61,10 +77,19 @@ class DraftIndex:
                 node = nxt
                 if tok == self.eos_id:
                     break
-        # best[node] = (token, child) of the most frequent child; None at a leaf
-        self._best: list[tuple[int, int] | None] = [
-            max(ch.items(), key=lambda kv: counts[kv[1]]) if ch else None for ch in self._children
-        ]
+        # best[node] = (token, child, share of the node's replies that go on with it); None at a leaf
+        self._best: list[tuple[int, int, float] | None] = []
+        for node, ch in enumerate(self._children):
+            if not ch:
+                self._best.append(None)
+                continue
+            tok, child = max(ch.items(), key=lambda kv: counts[kv[1]])
+            self._best.append((tok, child, counts[child] / counts[node]))
+        # next[context] = (most frequent next token, its share)
+        self._next: dict[tuple[int, ...], tuple[int, float]] = {}
+        for ctx, after in following.items():
+            tok, n = max(after.items(), key=lambda kv: kv[1])
+            self._next[ctx] = (tok, n / sum(after.values()))
 
     def __len__(self) -> int:
         return len(self.replies)
@@ -78,16 +103,35 @@ class DraftIndex:
             return None
         return self._children[node].get(token)
 
-    def draft(self, node: int | None, k: int) -> list[int]:
+    def draft(self, node: int | None, k: int, tail: Sequence[int] = ()) -> list[int]:
         out: list[int] = []
-        while node is not None and len(out) < k:
-            best = self._best[node]
-            if best is None:
+        p = 1.0
+        if node is not None:
+            while len(out) < k:
+                best = self._best[node]
+                if best is None:
+                    break
+                tok, node, share = best
+                p *= share
+                if p < self.min_probability:
+                    break
+                out.append(tok)
+                if tok == self.eos_id:
+                    break
+            return out
+        context = list(tail[-self.CONTEXT :])
+        while len(out) < k and context:
+            hit = self._next.get(tuple(context[-2:])) or self._next.get((context[-1],))
+            if hit is None:
                 break
-            tok, node = best
+            tok, share = hit
+            p *= share
+            if p < self.min_probability:
+                break
             out.append(tok)
             if tok == self.eos_id:
                 break
+            context.append(tok)
         return out
 
     # -- persistence ---------------------------------------------------------------------------

@@ -143,7 +143,8 @@ class GenRequest:
     last_token: int = 0
     counts: Any = None  # (V,) float tensor: how often each token was generated, for the penalties
     history: list[int] = field(default_factory=list)  # generated ids, for no_repeat_ngram_size only
-    draft_node: int | None = None  # speculative decoding: where the reply so far is in the DraftIndex
+    draft_node: int | None = None  # speculative decoding: where the reply so far is in the DraftIndex's trie
+    draft_tail: tuple[int, ...] = ()  # and its last tokens (the DraftIndex's n-gram context)
     rng: Any = None  # torch.Generator when sampling with a seed
     finished: bool = False
     sink: Any = None
@@ -460,21 +461,21 @@ class ContinuousBatcher(_Runner):
                 r.history.append(tok)
             if self.drafts is not None:
                 r.draft_node = self.drafts.advance(r.draft_node, tok)
+                r.draft_tail = (*r.draft_tail[1 - self.drafts.CONTEXT :], tok)
             self._send(r, "token", TokenDelta(token_id=tok, text=r.detok.feed(tok) if r.detok is not None else ""))
             if r.generated >= r.max_steps:
                 self._finish(r, "completed", reason="length")
                 return False
         return True
 
-    def _draft(self, r: GenRequest) -> list[int]:
-        """The row's draft: greedy rows whose choice reads nothing but the logits (no sampling, penalty,
-        n-gram ban or eos ban), while the reply so far is a prefix of a stored reply; short enough that
-        every fed token has a position (``max_steps``)."""
+    def _draft(self, r: GenRequest, k: int) -> list[int]:
+        """The row's draft (``DraftIndex.draft``): greedy rows whose choice reads nothing but the logits (no
+        sampling, penalty, n-gram ban or eos ban); short enough that every fed token has a position
+        (``max_steps``)."""
         o = r.options
-        if (r.draft_node is None or o.do_sample or o.penalised or o.no_repeat_ngram_size
-                or r.generated < o.min_new_tokens):
+        if o.do_sample or o.penalised or o.no_repeat_ngram_size or r.generated < o.min_new_tokens:
             return []
-        return self.drafts.draft(r.draft_node, min(self.draft_tokens, r.max_steps - r.generated - 1))
+        return self.drafts.draft(r.draft_node, min(k, r.max_steps - r.generated - 1), r.draft_tail)
 
     def _speculative_step(self, drafts: list[list[int]]) -> None:
         """One step that feeds each row its last token and its draft, keeps the longest draft prefix the
@@ -519,8 +520,11 @@ class ContinuousBatcher(_Runner):
             self._rows = [rows[i] for i in keep]
 
     def _decode_step(self) -> None:
-        if self.drafts is not None:
-            drafts = [self._draft(r) for r in self._rows]
+        # A step verifies at most 2 x draft_tokens draft tokens: a lone row drafts draft_tokens, a batch fewer per
+        # row, a batch wider than that none (a step of many rows already has work; each draft token widens it).
+        k = min(self.draft_tokens, 2 * self.draft_tokens // len(self._rows)) if self.drafts is not None else 0
+        if k:
+            drafts = [self._draft(r, k) for r in self._rows]
             if any(drafts):
                 self._speculative_step(drafts)
                 return
