@@ -110,3 +110,28 @@ def test_a_model_without_verification_decodes_as_before():
 def test_draft_tokens_out_of_range_is_refused_naming_the_range(bad):
     with pytest.raises(ValueError, match=r"draft_tokens=.*allowed: an integer in \[0, 16\]"):
         Engine({"tiny": TinyGPTGenerator()}, {}, draft_tokens=bad)
+
+
+def test_by_default_fp32_and_bf16_models_draft_and_int8_ones_do_not():
+    from chatforge.inference import ModelInfo
+    from chatforge.serving.engine import DEFAULT_DRAFT_TOKENS
+
+    plain = TinyGPTGenerator()
+    store = _datastore(plain)
+    int8 = TinyGPTGenerator(name="q", drafts=store)
+    int8.info = ModelInfo(name="q", family="gpt", task="generation", metadata={"precision": "int8"})
+    engine = Engine({"tiny": TinyGPTGenerator(drafts=store), "q": int8}, {}, max_running=1)
+    assert engine._generators["tiny"].runner.draft_tokens == DEFAULT_DRAFT_TOKENS > 0
+    assert engine._generators["q"].runner.draft_tokens == 0
+    assert _run(engine, GREEDY[1:3]) == [plain.reference(t, o) for t, o in GREEDY[1:3]]
+    assert engine.stats.snapshot()["accepted_tokens"] > 0
+    # an explicit count applies to every model, int8 too
+    engine = Engine({"q": int8}, {}, max_running=1, draft_tokens=2)
+    assert engine._generators["q"].runner.draft_tokens == 2
+
+
+def test_the_server_config_refuses_a_bad_count_before_loading_anything(tmp_path):
+    from chatforge.serving.server import ServerConfig
+
+    with pytest.raises(ValueError, match=r"draft_tokens=17 is out of range; allowed: an integer in \[0, 16\]"):
+        ServerConfig(bundles={"chat": tmp_path / "missing"}, draft_tokens=17)

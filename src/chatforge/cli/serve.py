@@ -93,7 +93,8 @@ def serve(
     draft_tokens: int = typer.Option(None, help="Speculative greedy decoding: tokens drafted per step from the "
                                      "bundle's training replies and checked by the model in one step (the same "
                                      "replies in fewer steps; torch GPT and Transformer generators), 0-16; 0: off. "
-                                     "Default: the server's (chatforge.serving.engine.DEFAULT_DRAFT_TOKENS)."),
+                                     "Default: 4, and 0 for int8 models (a wider step rounds their activations "
+                                     "differently, so replies would change)."),
     max_input_tokens: int = typer.Option(None, help="Cap on input tokens (besides each model's own)."),
     max_new_tokens: int = typer.Option(1024, help="Cap on max_new_tokens a request may ask for."),
     max_message_bytes: int = typer.Option(4 * 1024 * 1024, help="Largest gRPC message accepted or sent, and "
@@ -169,7 +170,7 @@ def serve(
             backend=default_backend, backends=model_backends,
             max_running=max_running, max_queued=max_queued, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, pipeline=pipeline,
-            policy=reply_policy, **({} if draft_tokens is None else {"draft_tokens": draft_tokens}))
+            policy=reply_policy, draft_tokens=draft_tokens)
         code = run_server(config)
     except (ValueError, FileNotFoundError) as e:
         _fail_serving(str(e), handlers_before, logged=getattr(e, "chatforge_logged", False))

@@ -60,14 +60,24 @@ from chatforge.serving.policy import DEFAULT_OOS_LABELS, PolicyError, ReplyPolic
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_INPUT_CHARS = 4000
-# Speculative greedy decoding from the bundle's training replies (chatforge.drafts): tokens drafted per step.
-DEFAULT_DRAFT_TOKENS = 0
+# Speculative greedy decoding from the bundle's training replies (chatforge.drafts): tokens drafted per step when
+# not set (draft_tokens None), for fp32 and bf16 models. int8 models get none by default: activations are quantized
+# with one scale per call, so a step that also verifies drafts rounds differently (docs/results/performance.md).
+DEFAULT_DRAFT_TOKENS = 4
 MAX_DRAFT_TOKENS = 16
 
 
+def default_draft_tokens(model: Any) -> int:
+    """Draft tokens for ``model`` when the server sets none: :data:`DEFAULT_DRAFT_TOKENS`, 0 for an int8 model."""
+    precision = (getattr(getattr(model, "info", None), "metadata", None) or {}).get("precision", "fp32")
+    return 0 if precision == "int8" else DEFAULT_DRAFT_TOKENS
+
+
 def check_draft_tokens(value: Any) -> None:
-    """ValueError naming ``draft_tokens`` and its range unless ``value`` is an integer in [0, MAX_DRAFT_TOKENS]."""
-    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_DRAFT_TOKENS):
+    """ValueError naming ``draft_tokens`` and its range unless ``value`` is None (each model's default) or an integer
+    in [0, MAX_DRAFT_TOKENS]."""
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                  and 0 <= value <= MAX_DRAFT_TOKENS):
         raise ValueError(f"draft_tokens={value!r} is out of range; allowed: an integer in [0, {MAX_DRAFT_TOKENS}] "
                          f"(0 disables speculative decoding)")
 
@@ -279,7 +289,7 @@ class Engine:
         pipeline: PipelineConfig | None = None,
         retrievers: Mapping[str, Any] | None = None,
         policy: ReplyPolicy | None = None,
-        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        draft_tokens: int | None = None,
     ) -> None:
         check_draft_tokens(draft_tokens)
         checks = [
@@ -380,16 +390,19 @@ class Engine:
             spec = model.step_spec()
         kw["threads"] = threads
         if spec is not None:
+            drafts_asked = default_draft_tokens(model) if self.draft_tokens is None else self.draft_tokens
             runner = ContinuousBatcher(name, spec.model, bos_id=spec.bos_id, eos_id=spec.eos_id,
-                                       drafts=spec.drafts, draft_tokens=self.draft_tokens,
+                                       drafts=spec.drafts, draft_tokens=drafts_asked,
                                        max_running=self.max_running, **kw)
             # Beam search keeps several hypotheses per request: it runs per request, beside the batch.
             fallback = ThreadedRunner(name, model, max_running=self.max_running, **kw)
             drafting = (f"speculative decoding: {runner.draft_tokens} draft tokens from {len(runner.drafts)} stored "
                         f"replies" if runner.drafts is not None else
-                        "speculative decoding off" + ("" if not self.draft_tokens else
-                                                      ": the bundle stores no replies (drafts/)" if spec.drafts is None
-                                                      else ": the model cannot verify drafts"))
+                        "speculative decoding off" + (
+                            ": an int8 model (--draft-tokens N turns it on)" if not drafts_asked and self.draft_tokens is None
+                            else "" if not drafts_asked
+                            else ": the bundle stores no replies (drafts/)" if spec.drafts is None
+                            else ": the model cannot verify drafts"))
             logger.info("hosting %s model %r (%s runner; %s)", task, name, runner.kind, drafting,
                         extra={"model": name, "runner": runner.kind, "draft_tokens": runner.draft_tokens})
             return _Slot(name, model, task, runner, spec, fallback)

@@ -48,7 +48,7 @@ from chatforge.runtime import SERVING_RESERVED_CPUS, configure_threads, fd_budge
 from chatforge.serving import backend_ct2, backend_ort
 from chatforge.serving.alert_rules import AlertRules, RollingCallStats
 from chatforge.serving.alerts import AlertManager
-from chatforge.serving.engine import DEFAULT_DRAFT_TOKENS, Engine, PipelineConfig, check_draft_tokens
+from chatforge.serving.engine import Engine, PipelineConfig, check_draft_tokens
 from chatforge.serving.http import HttpSurface
 from chatforge.serving.interceptors import CallGate, RequestContextInterceptor
 from chatforge.serving.metrics import MetricsHTTPServer, ServingMetrics
@@ -592,7 +592,7 @@ class ServerConfig:
     max_new_tokens: int = 1024
     pipeline: PipelineConfig | None = None
     policy: ReplyPolicy | None = None  # the hybrid reply policy (serving.policy), instead of a pipeline
-    draft_tokens: int = DEFAULT_DRAFT_TOKENS  # speculative greedy decoding from the bundle's replies; 0: off
+    draft_tokens: int | None = None  # speculative greedy decoding from the bundle's replies; 0: off; None: per model
 
     def __post_init__(self) -> None:
         if not self.bundles and self.model_dir is None:
