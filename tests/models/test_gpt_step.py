@@ -141,20 +141,3 @@ def test_bf16_and_int8_rows_follow_fp32(precision):
     cos = torch.nn.functional.cosine_similarity(out["fp32"], out[precision], dim=-1)
     assert cos.min() > 0.99, cos
     assert not torch.equal(out["fp32"], out[precision])  # the other precision really ran
-
-
-def test_a_prefill_reads_the_weights_once(monkeypatch):
-    # The prompt's last token goes through the same forward pass as the rest (it was a decode step of its own:
-    # at batch 1 decoding is bound by reading the weights, so two passes cost a prompt's first token twice).
-    m = lm()
-    step = GPTStepModel(m)
-    passes = []
-    for name in ("forward", "decode"):
-        real = getattr(m.transformer, name)
-        monkeypatch.setattr(m.transformer, name, lambda *a, _real=real, _name=name, **k: passes.append(_name) or _real(*a, **k))
-    with torch.inference_mode():
-        state, logits = step.prefill([[7, 8, 9], [10, 11]], bos_id=1)
-        assert passes == ["forward"]
-        want = torch.stack([Alone(m, p).logits for p in ([7, 8, 9], [10, 11])])
-        torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
-        assert state.next_pos.tolist() == [5, 4] and state.max_steps == 64 - 5 + 1

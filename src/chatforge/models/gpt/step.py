@@ -46,7 +46,8 @@ class GPTStepModel:
         feed each one's last token -> (state, logits (n, V))."""
         m = self.model
         with torch.inference_mode(), autocast_for(m):
-            state, logits = m.prefill_rows([m.prompt_ids(p) for p in prompts], self._device(), feed_last=True)
+            state = m.prefill_rows([m.prompt_ids(p) for p in prompts], self._device())
+            logits = m.decode_step(state.start_tokens, state)
         return state, logits.float()
 
     def step(self, state: GPTState, tokens: Tensor) -> Tensor:
