@@ -106,25 +106,18 @@ class DraftIndex:
     def draft(self, node: int | None, k: int, tail: Sequence[int] = ()) -> list[int]:
         out: list[int] = []
         p = 1.0
-        if node is not None:
-            while len(out) < k:
+        context = list(tail[-self.CONTEXT :])
+        while len(out) < k:
+            if node is not None:  # down the trie: the stored replies that begin like this one
                 best = self._best[node]
                 if best is None:
                     break
                 tok, node, share = best
-                p *= share
-                if p < self.min_probability:
+            else:  # after the last tokens, wherever they occur in the stored replies
+                hit = (self._next.get(tuple(context[-2:])) or self._next.get((context[-1],))) if context else None
+                if hit is None:
                     break
-                out.append(tok)
-                if tok == self.eos_id:
-                    break
-            return out
-        context = list(tail[-self.CONTEXT :])
-        while len(out) < k and context:
-            hit = self._next.get(tuple(context[-2:])) or self._next.get((context[-1],))
-            if hit is None:
-                break
-            tok, share = hit
+                tok, share = hit
             p *= share
             if p < self.min_probability:
                 break
