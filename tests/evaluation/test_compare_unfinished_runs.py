@@ -111,6 +111,30 @@ def test_mlflow_runs_carry_their_run_status(tmp_path):
                                                          ("alive", "running")]
 
 
+def test_an_mlflow_run_whose_training_process_is_gone_reads_killed(tmp_path):
+    """SIGKILL leaves an MLflow run RUNNING for good; training tags it with its host and pid, and compare reads it as
+    killed once that process is gone. Fails on the old code (it showed `running`)."""
+    pytest.importorskip("mlflow", reason="the MLflow store is read through mlflow (chatforge[track])")
+    from mlflow.tracking import MlflowClient
+
+    from chatforge.fileio import process_tag
+    from chatforge.training.tracking import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MLflowTracker(uri, "k")
+    alive = tracker.start("alive", {})
+    assert MlflowClient(tracking_uri=uri).get_run(alive).data.tags["chatforge.pid"] == str(process_tag()["pid"])
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("k").experiment_id
+    gone = client.create_run(exp, run_name="gone", tags={"chatforge.host": str(process_tag()["host"]),
+                                                          "chatforge.pid": str(dead_pid())})
+    other = client.create_run(exp, run_name="elsewhere", tags={"chatforge.host": "another-host", "chatforge.pid": "1"})
+    for run_id in (alive, gone.info.run_id, other.info.run_id):
+        client.log_metric(run_id, "in_scope_accuracy", 0.5)
+    got = {r.run: r.status for r in collect_mlflow(uri, "k")}
+    assert got == {"alive": "running", "gone": "killed", "elsewhere": "running"}
+
+
 def test_the_readme_names_every_status_a_run_folder_reads():
     """README's paragraph on the status column left out `finished` and what makes a run `interrupted` (a prune) or
     `killed` (only on the host that ran it)."""

@@ -26,8 +26,8 @@ import yaml
 from chatforge.data import sample_corpus_path
 from chatforge.evaluation.plots import text_fonts
 from chatforge.evaluation.report import _md_table, md_text
-from chatforge.fileio import atomic_write_bytes, atomic_write_text
-from chatforge.training.status import FINISHED, read_status
+from chatforge.fileio import atomic_write_bytes, atomic_write_text, process_gone
+from chatforge.training.status import FINISHED, KILLED, read_status
 
 logger = logging.getLogger(__name__)
 
@@ -203,10 +203,13 @@ def collect_mlflow(tracking_uri: str, experiment: str | None = None, tags: dict[
     for run in found:
         params = dict(run.data.params)
         metrics = {k.removeprefix("final_"): v for k, v in run.data.metrics.items()}
-        # MLflow's FINISHED / FAILED / KILLED (a prune or Ctrl-C) / RUNNING (also a run killed by a signal that let
-        # no code run: MLflow cannot tell) / SCHEDULED. A run that did not finish logged no final_* metrics, so
-        # its figures are the last per-epoch values.
+        # MLflow's FINISHED / FAILED / KILLED (a prune or Ctrl-C) / RUNNING / SCHEDULED. A run killed by a signal
+        # that let no code run stays RUNNING: when the process that trains it (tags chatforge.host/pid) was of this
+        # host and is gone, it reads killed, as a run folder's status does. A run that did not finish logged no
+        # final_* metrics, so its figures are the last per-epoch values.
         status = str(run.info.status or "unknown").lower()
+        if status == "running" and _trainer_gone(run.data.tags):
+            status = KILLED
         rec = RunRecord(run=run.info.run_name or run.info.run_id, name=params.get("name", run.info.run_id),
                         family=run.data.tags.get("family", params.get("model.family", "?")),
                         task=run.data.tags.get("task", params.get("model.task", "?")), params=params,
@@ -214,6 +217,11 @@ def collect_mlflow(tracking_uri: str, experiment: str | None = None, tags: dict[
         if all(run.data.tags.get(k) == v or params.get(k) == v for k, v in (tags or {}).items()):
             out.append(rec)
     return out
+
+
+def _trainer_gone(tags: dict[str, str]) -> bool:
+    pid = tags.get("chatforge.pid", "")
+    return pid.isdigit() and process_gone(tags.get("chatforge.host"), int(pid))
 
 
 def _differing_params(records: Sequence[RunRecord]) -> list[str]:

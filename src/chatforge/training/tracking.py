@@ -27,6 +27,7 @@ from typing import Any
 
 import chatforge
 from chatforge.config import ExperimentConfig, TrackingConfig
+from chatforge.fileio import process_tag
 from chatforge.settings import Settings
 from chatforge.training.trainer import Callback
 
@@ -122,11 +123,15 @@ class MLflowTracker:
         self.run_id: str | None = None
 
     def start(self, run_name: str, tags: dict[str, str], *, resume_run_id: str | None = None) -> str:
+        # Which process trains the run (``chatforge.host``/``chatforge.pid``): a run killed by a signal that lets no
+        # code run stays RUNNING in MLflow, and ``chatforge compare`` reads it as killed once that process is gone.
+        me = {f"chatforge.{k}": str(v) for k, v in process_tag().items()}
         if resume_run_id:
             self.client.update_run(resume_run_id, status="RUNNING")
             self.run_id = resume_run_id
+            self.set_tags(me)
         else:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**tags, **me})
             self.run_id = run.info.run_id
         return self.run_id
 
