@@ -392,9 +392,13 @@ class GPTLMHeadModel(_GPTHeadBase):
         return self.cfg.n_positions - 1 - len(self.prompt_ids([]))
 
     def prefill_rows(self, rows: list[list[int]], device: torch.device | str = "cpu",
-                     use_cache: bool = True) -> GPTState:
+                     use_cache: bool = True, feed_last: bool = False) -> GPTState | tuple[GPTState, Tensor]:
         """:meth:`init_state` for prompts already in the model's input form (:meth:`prompt_ids`), one list
-        of ids per row, no padding (continuous batching prefills its newcomers with this)."""
+        of ids per row, no padding (continuous batching prefills its newcomers with this).
+
+        ``feed_last``: the last prompt token too, in the same forward pass -> (state, its next-token logits
+        (B, V)), the state as after :meth:`decode_step` of ``start_tokens``: one pass over the weights instead
+        of two (decoding one row reads every weight per pass, so a prompt's first token comes sooner)."""
         width = max(len(r) for r in rows)
         if min(len(r) for r in rows) == 0:
             raise ValueError("every prompt row needs at least one token")
@@ -409,6 +413,16 @@ class GPTLMHeadModel(_GPTHeadBase):
             real[i, width - len(r):] = True
         padded = not bool(real.all())
         pos = (real.cumsum(1) - 1).clamp(min=0)  # (B, W): each row counts from its first real token
+        if feed_last and use_cache and not self.training:
+            state = GPTState(
+                start_tokens=prompt[:, -1:], next_pos=pos[:, -1] + 1, key_mask=real[:, None, None, :] if padded else None,
+                caches=[GrowingKVCache(initial_capacity=width + 64) for _ in self.transformer.blocks],
+                history=None, pos_history=None, max_steps=self.cfg.n_positions - width + 1,
+            )
+            mask = _attn_mask(state.key_mask, width) if padded else None
+            h = self.transformer(prompt, position_ids=pos if padded else None, mask=mask, caches=state.caches,
+                                 is_causal=True)  # (B, W, D)
+            return state, self._token_logits(apply_linear(self.lm_head, h[:, -1]))
         state = GPTState(
             start_tokens=prompt[:, -1:], next_pos=pos[:, -1], key_mask=real[:, None, None, :-1] if padded else None,
             caches=[GrowingKVCache(initial_capacity=width + 64) for _ in self.transformer.blocks] if use_cache else None,

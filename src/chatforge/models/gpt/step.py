@@ -28,6 +28,13 @@ class GPTStepModel:
             raise TypeError(f"GPTStepModel drives a GPTLMHeadModel, not {type(model).__name__}")
         self.model = model
         self.max_len: int | None = None  # per row: max_steps(prompt)
+        # The prompt's last token in the prefill's own forward pass (one read of the weights, not two), except
+        # with dynamically quantized int8 layers: they quantize a call's activations with one scale, so the last
+        # token would take the whole prompt's and round differently than decoding it alone (measured: served int8
+        # replies agreed with fp32 on 94.1 % of ChatbotData test tokens against 95.2 % with two passes).
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+        self._one_pass = not any(isinstance(mod, DynamicInt8Linear) for mod in model.modules())
 
     def _device(self) -> torch.device:
         return self.model.transformer.wpe.embedding.weight.device
@@ -46,8 +53,12 @@ class GPTStepModel:
         feed each one's last token -> (state, logits (n, V))."""
         m = self.model
         with torch.inference_mode(), autocast_for(m):
-            state = m.prefill_rows([m.prompt_ids(p) for p in prompts], self._device())
-            logits = m.decode_step(state.start_tokens, state)
+            rows = [m.prompt_ids(p) for p in prompts]
+            if self._one_pass:
+                state, logits = m.prefill_rows(rows, self._device(), feed_last=True)
+            else:
+                state = m.prefill_rows(rows, self._device())
+                logits = m.decode_step(state.start_tokens, state)
         return state, logits.float()
 
     def step(self, state: GPTState, tokens: Tensor) -> Tensor:
