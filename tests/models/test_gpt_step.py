@@ -143,15 +143,21 @@ def test_bf16_and_int8_rows_follow_fp32(precision):
     assert not torch.equal(out["fp32"], out[precision])  # the other precision really ran
 
 
+def _record_passes(monkeypatch, m: GPTLMHeadModel) -> list[str]:
+    """The names of the transformer's forward passes (module forward or the decode fast path), as they run."""
+    passes: list[str] = []
+    for name in ("forward", "decode"):
+        real = getattr(m.transformer, name)
+        monkeypatch.setattr(m.transformer, name, lambda *a, _real=real, _name=name, **k: passes.append(_name) or _real(*a, **k))
+    return passes
+
+
 def test_a_prefill_reads_the_weights_once(monkeypatch):
     # The prompt's last token goes through the same forward pass as the rest (it was a decode step of its own:
     # at batch 1 decoding is bound by reading the weights, so two passes cost a prompt's first token twice).
     m = lm()
     step = GPTStepModel(m)
-    passes = []
-    for name in ("forward", "decode"):
-        real = getattr(m.transformer, name)
-        monkeypatch.setattr(m.transformer, name, lambda *a, _real=real, _name=name, **k: passes.append(_name) or _real(*a, **k))
+    passes = _record_passes(monkeypatch, m)
     with torch.inference_mode():
         state, logits = step.prefill([[7, 8, 9], [10, 11]], bos_id=1)
         assert passes == ["forward"]
@@ -168,10 +174,7 @@ def test_an_int8_model_prefills_its_last_token_alone(monkeypatch):
 
     m = quantize_int8(lm(), "gpt")
     step = GPTStepModel(m)
-    passes = []
-    for name in ("forward", "decode"):
-        real = getattr(m.transformer, name)
-        monkeypatch.setattr(m.transformer, name, lambda *a, _real=real, _name=name, **k: passes.append(_name) or _real(*a, **k))
+    passes = _record_passes(monkeypatch, m)
     with torch.inference_mode():
         _, logits = step.prefill([[7, 8, 9]], bos_id=1)
         assert passes == ["forward", "decode"]
