@@ -312,3 +312,61 @@ def test_availability_follows_the_database_without_traffic(pg_url):
     finally:
         store.close(timeout=5)
         link.cut()
+
+
+def test_two_replicas_writing_the_two_attempts_of_a_call_at_once_keep_one_row(pg_url):
+    """Two replicas share one PostgreSQL; a call's first attempt was stored by replica A, and the client's retry went
+    to replica B. Here A has looked the batch's request ids up and is about to insert when B writes the retry: before,
+    B's lookup did not see A's uncommitted row, so both inserted and the call was two turns. Now B waits for A (a
+    lock per request id, held to A's commit) and then finds A's row and updates it."""
+    from sqlalchemy import create_engine, event, text
+
+    session = uuid.uuid4().hex
+    a = ConversationStore(pg_url, engine_kwargs={"connect_args": {"application_name": f"a-{session[:8]}"}})
+    b = ConversationStore(pg_url, engine_kwargs={"connect_args": {"application_name": f"b-{session[:8]}"}})
+    monitor = create_engine(pg_url, connect_args={"connect_timeout": 5})
+    a_looked, b_looked, went_on = threading.Event(), threading.Event(), []
+
+    def is_lookup(statement: str) -> bool:
+        return statement.lstrip().upper().startswith("SELECT") and "request_id IN" in statement
+
+    def b_blocked() -> bool:  # B's writer waits for a lock another session holds
+        with monitor.connect() as conn:
+            return bool(conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND wait_event_type = 'Lock'"),
+                {"name": f"b-{session[:8]}"}).scalar())
+
+    def a_after(conn, cursor, statement, parameters, context, executemany):
+        if not is_lookup(statement) or a_looked.is_set():
+            return
+        a_looked.set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until B has read the table too, or waits for A
+            if b_looked.wait(0.02):
+                went_on.append("B looked the call up while A had not yet inserted")
+                return
+            if b_blocked():
+                went_on.append("B waited for A")
+                return
+        went_on.append("B neither looked up nor waited")
+
+    def b_after(conn, cursor, statement, parameters, context, executemany):
+        if is_lookup(statement):
+            b_looked.set()
+
+    event.listen(a.engine, "after_cursor_execute", a_after)
+    event.listen(b.engine, "after_cursor_execute", b_after)
+    try:
+        assert a.record(_turn(session, 0, reply="first attempt"))
+        assert a_looked.wait(20)
+        assert b.record(_turn(session, 0, reply="the retry"))
+        assert a.flush(timeout=30) and b.flush(timeout=30)
+        rows = [r for r in a.iter_rows(since=datetime.now(timezone.utc) - timedelta(hours=1))
+                if r["session_id"] == session]
+        assert [r["reply"] for r in rows] == ["the retry"]
+        assert went_on == ["B waited for A"]
+        assert (a.merged, b.merged) == (0, 1)
+    finally:
+        a.close()
+        b.close()
+        monitor.dispose()

@@ -99,3 +99,38 @@ def test_an_older_store_gets_the_request_id_index(tmp_path):
     with sqlite3.connect(path) as db:
         names = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "ix_turns_request_id" in names
+
+
+def test_a_sqlite_store_holds_the_write_lock_from_its_retry_lookup_to_its_commit(tmp_path):
+    """Two servers writing one SQLite file (two ``chatforge serve`` on one host, the default store path): the lookup
+    of a batch's request ids must run under the database's write lock, or the other server can insert the same call
+    between this one's lookup and its insert, and both rows stay. Before, Python's driver began the transaction only
+    at the INSERT, so the lookup ran outside any transaction and another process could write right after it."""
+    from sqlalchemy import event
+
+    path = tmp_path / "turns.db"
+    store = ConversationStore(f"sqlite:///{path}")
+    probes: list[str] = []
+
+    def after_lookup(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("SELECT") and "request_id IN" in statement:
+            other = sqlite3.connect(path, timeout=0)  # another process, not willing to wait
+            try:
+                other.execute("BEGIN IMMEDIATE")  # could another writer start here?
+                other.execute("ROLLBACK")
+                probes.append("another writer could write between the lookup and the insert")
+            except sqlite3.OperationalError as e:
+                probes.append(str(e))
+            finally:
+                other.close()
+
+    event.listen(store.engine, "after_cursor_execute", after_lookup)
+    try:
+        store.record(Turn(request_id="r1", session_id="s", user_text="hi", reply="an answer"))
+        assert store.flush(WAIT)
+        assert probes == ["database is locked"]
+        store.record(Turn(request_id="r1", session_id="s", user_text="hi", reply="the retry's answer"))
+        assert store.flush(WAIT) and store.merged == 1
+    finally:
+        store.close()
+    assert [r["reply"] for r in _rows(f"sqlite:///{path}")] == ["the retry's answer"]

@@ -21,6 +21,7 @@ refused rows are lost.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -486,6 +487,7 @@ class ConversationStore:
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         with self._locked(), self.engine.begin() as conn:
+            _serialise_retries(conn, rows)
             fresh, merged = _merge_retries(conn, rows)
             if fresh:
                 conn.execute(turns.insert(), fresh)
@@ -546,6 +548,38 @@ def _retry_key(row: Any) -> tuple | None:
     return (*(get(c) for c in _RETRY_KEY), get("reply") is None)
 
 
+# PostgreSQL advisory locks come in a (namespace, key) form of two 32-bit integers: this namespace is chatforge's
+# ("chat" in ASCII), so the store's locks cannot collide with another application's on the same database.
+_ADVISORY_NAMESPACE = 0x63686174
+
+
+def _advisory_key(request_id: str) -> int:
+    """A request id as a signed 32-bit advisory lock key, the same in every process (not Python's salted hash)."""
+    return int.from_bytes(hashlib.blake2b(request_id.encode("utf-8"), digest_size=4).digest(), "big", signed=True)
+
+
+def _serialise_retries(conn: Any, rows: list[dict[str, Any]]) -> None:
+    """Make the :func:`_merge_retries` lookup and the writes after it one step against every other writer of the
+    same database, so that the two attempts of one call written by two replicas at the same instant cannot both find
+    nothing and both insert (before, they could: the lookup was only a read).
+
+    PostgreSQL: a transaction-scoped advisory lock per request id of the batch (a hash of it: a collision only makes
+    two unrelated writers wait for each other), taken in ascending key order in one statement, so two batches that
+    share ids wait for each other instead of deadlocking; released at commit or rollback. SQLite: ``BEGIN
+    IMMEDIATE`` takes the database's write lock before the lookup (Python's driver would begin the transaction only
+    at the first INSERT, after the lookup, so another process could write in between); a second writer waits for it
+    (``busy_timeout``) as it waits for any write. Other databases: the lookup alone."""
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return
+    keys = sorted({_advisory_key(r["request_id"]) for r in rows if r.get("request_id")})
+    if dialect == "postgresql" and keys:
+        # unnest yields the array's elements in order, and each row's lock is taken as the row is produced
+        conn.execute(text("SELECT pg_advisory_xact_lock(:namespace, k) FROM unnest(CAST(:keys AS integer[])) AS k"),
+                     {"namespace": _ADVISORY_NAMESPACE, "keys": keys})
+
+
 def _merge_retries(conn: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """Make writing ``rows`` idempotent per call, inside the batch's transaction: a row that repeats a call already
     stored (same :func:`_retry_key`) updates that row instead of adding one, and of two in the batch the later
@@ -553,8 +587,9 @@ def _merge_retries(conn: Any, rows: list[dict[str, Any]]) -> tuple[list[dict[str
     answer its caller received last. Returns (rows to insert, rows merged). A retried Classify was stored twice
     before (the first attempt's answer lost on the way back, or a caller re-sending under the same id).
 
-    A lookup, not a unique constraint (the key includes text, and stores written before hold duplicates): two
-    replicas writing the two attempts to one PostgreSQL at the same instant can still both insert."""
+    A lookup, not a unique constraint (the key includes text, and stores written before hold duplicates); that two
+    writers (replicas sharing one PostgreSQL, servers sharing one SQLite file) cannot both miss each other's row and
+    both insert is :func:`_serialise_retries`' work, called first in the same transaction."""
     ids = sorted({r["request_id"] for r in rows if r.get("request_id")})
     existing: dict[tuple, int] = {}
     cols = (turns.c.id, *(turns.c[c] for c in _RETRY_KEY), turns.c.reply)
