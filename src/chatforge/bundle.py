@@ -233,6 +233,16 @@ def read_bundle_task(path: str | Path) -> str | None:
     return task if isinstance(task, str) else None
 
 
+def bundle_tokenizer(path: Path, metadata: dict[str, Any]) -> Tokenizer:
+    """The tokenizer of a torch bundle, as its ``metadata.json`` names it (file, kind, chosen special tokens)."""
+    tok_meta = metadata.get("tokenizer") or {}
+    tok_file = tok_meta.get("file", TOKENIZER)
+    if not (path / tok_file).is_file():
+        raise BundleError(f"{path} is not a complete chatforge bundle: missing {tok_file}")
+    return load_tokenizer(path / tok_file, tok_meta.get("kind", "sentencepiece"),
+                          special_tokens=tok_meta.get("special_tokens"))
+
+
 def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
     path = Path(path)
     try:
@@ -254,8 +264,7 @@ def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
         raise BundleError(f"{path} is not a complete chatforge bundle: missing {', '.join(missing)}{hint}")
     tree = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
     cfg = validate_config(tree, source=str(path / CONFIG))
-    tokenizer = load_tokenizer(path / tok_file, tok_meta.get("kind", "sentencepiece"),
-                               special_tokens=tok_meta.get("special_tokens"))
+    tokenizer = bundle_tokenizer(path, metadata)
     labels = json.loads((path / LABELS).read_text(encoding="utf-8")) if (path / LABELS).is_file() else None
     if labels is None and cfg.model.task in ("classification", "pair_classification", "token_classification"):
         raise BundleError(f"{path} is not a complete chatforge bundle: missing {LABELS} (a {cfg.model.task} "

@@ -12,7 +12,9 @@ decoding steps changes. Drafts stop where their estimated probability gets low, 
 does not widen the step.
 
 The trie is saved in a bundle as ``drafts/replies.json`` (token id lists; JSON, nothing executes on
-load), built from the training split at bundle time (``chatforge.training``).
+load), built by :func:`training_replies` from the training split: at bundle time (``chatforge.training.run``), or
+afterwards for a bundle trained without it (``chatforge bundle add-drafts``, ``chatforge.training.bundle_drafts``);
+one function, so both write the same bytes.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chatforge.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:  # annotations only: the datastore itself needs neither
+    from chatforge.data import Example
+    from chatforge.tokenizer import Tokenizer
 
 DRAFTS_DIR = "drafts"
 REPLIES_FILE = "replies.json"
@@ -156,3 +163,10 @@ class DraftIndex:
                 raise DraftIndexError(f"{path}: reply {i} must be a list of at most {MAX_REPLY_TOKENS} token ids "
                                       f"in [0, {hi})")
         return cls(replies, eos)
+
+
+def training_replies(train: Iterable[Example], tok: Tokenizer) -> DraftIndex | None:
+    """The datastore a generation bundle stores: each training example's reply as ``tok`` encodes it, plus
+    ``</s>``, in the training split's order; None when no example has a reply (nothing to draft from)."""
+    replies = [[*tok.encode(e.response), tok.eos_id] for e in train if e.response]
+    return DraftIndex(replies, tok.eos_id) if replies else None

@@ -183,6 +183,12 @@ def get_task(name: str, family: str | None = None) -> TaskDef:
     return found
 
 
+def generating_tasks() -> list[str]:
+    """The tasks whose models answer with text (``TaskDef.generates``) under any family, for messages that say
+    which tasks something is for."""
+    return sorted({name for (_, name), t in _TASKS.items() if t.generates})
+
+
 @register_task("generation", generates=True)
 def _generation(spec: TaskSpec, examples: Sequence[Example], tok: Tokenizer) -> Dataset:
     return Seq2SeqDataset(examples, tok, spec.max_source_len, spec.max_target_len, spec.context_turns)

@@ -6,7 +6,7 @@ client commands (health, chat, loadtest, top) must not pay for torch, scikit-lea
 tests/client/test_channel.py checks that they import none of them.
 
 One typer app (``app``, in :mod:`._shared`), its commands split by audience: :mod:`.research`
-(configs, tokenizers, data, train, sweep, generate, evaluate, compare, convert), :mod:`.serve`
+(configs, tokenizers, data, train, sweep, generate, evaluate, compare, convert, bundle), :mod:`.serve`
 (``serve``), :mod:`.ops` (chat, health, loadtest, top, conversations) and :mod:`.bench` (``bench``). Importing this
 package registers them all; ``main`` is the ``chatforge`` entry point.
 """

@@ -1,4 +1,4 @@
-"""Research commands: configs, tokenizers, data sets, train, sweep, generate, evaluate, compare, convert."""
+"""Research commands: configs, tokenizers, data sets, train, sweep, generate, evaluate, compare, convert, bundle."""
 
 from __future__ import annotations
 
@@ -511,3 +511,33 @@ def convert_to_hf(
     except (ConversionError, ValueError, OSError) as e:
         _fail(str(e))
     console.print(f"HF checkpoint written to [bold]{path}[/]", highlight=False)
+
+
+# --------------------------------------------------------------------------- bundle
+bundle_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Work on trained bundles in place.")
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("add-drafts")
+def bundle_add_drafts(
+    bundle: Path = typer.Argument(..., help="Generation bundle folder (runs/<run>/bundle)."),
+    data: Path = typer.Option(None, "--data", help="The training data file, when it is no longer where the "
+                              "bundle's config.yaml says (data.path); its other data settings still apply."),
+    force: bool = _flag(False, "--force/--no-force", help="Replace the drafts the bundle already has, and build "
+                        "them from a data file whose sha256 is not the one the bundle was trained on."),
+):
+    """Add drafts/ (the training replies, the datastore of speculative decoding) to a generation bundle trained
+    without it: the training split is read again as the bundle's config made it, and written atomically."""
+    from chatforge.bundle import BundleError
+    from chatforge.training.bundle_drafts import add_drafts
+
+    try:
+        with err_console.status(f"reading the training replies for {escape(str(bundle))}"):
+            added = add_drafts(bundle, data=data, force=force)
+    except (BundleError, ValueError, OSError) as e:  # AddDraftsError, ConfigError, DataError are ValueErrors
+        _fail(str(e))
+    verb = "replaced" if added.replaced else "written"
+    forced = "" if added.data_matches else ", not the file the bundle was trained on (--force)"
+    console.print(f"drafts {verb}: [bold]{escape(str(added.folder))}[/] ({added.replies} training replies from "
+                  f"{escape(str(added.data_path))}{forced}); speculative decoding uses them when the bundle is next "
+                  f"loaded", highlight=False, soft_wrap=True)

@@ -401,7 +401,8 @@ class Engine:
                         "speculative decoding off" + (
                             ": an int8 model (--draft-tokens N turns it on)" if not drafts_asked and self.draft_tokens is None
                             else "" if not drafts_asked
-                            else ": the bundle stores no replies (drafts/)" if spec.drafts is None
+                            else ": the bundle stores no replies (drafts/; chatforge bundle add-drafts adds them)"
+                            if spec.drafts is None
                             else ": the model cannot verify drafts"))
             logger.info("hosting %s model %r (%s runner; %s)", task, name, runner.kind, drafting,
                         extra={"model": name, "runner": runner.kind, "draft_tokens": runner.draft_tokens})

@@ -38,7 +38,7 @@ from chatforge.data import Example, read_examples, sample_corpus_path, split_exa
 from chatforge.data.readers import read_outliers
 from chatforge.data.splits import fold_ids, hold_out
 from chatforge.decoding import GenerationOptions, generate, generate_batch
-from chatforge.drafts import DRAFTS_DIR, DraftIndex
+from chatforge.drafts import DRAFTS_DIR, training_replies
 from chatforge.evaluation.metrics import corpus_chrf, generation_quality, selection_report
 from chatforge.fileio import atomic_write_bytes
 from chatforge.oos import fit_policy, in_scope_only, oos_metrics
@@ -567,10 +567,11 @@ def _finish(cfg, trainer, result, tok, labels, spec, task_def, train, valid, tes
         extra_metadata = {"oos": policy.to_metadata()}
         extra_dirs = policy.extra_dirs()
     if task_def.generates and tok is not None:
-        # The training replies, the datastore of speculative decoding when served (chatforge.drafts).
-        replies = [[*tok.encode(e.response), tok.eos_id] for e in train if e.response]
-        if replies:
-            extra_dirs = {**(extra_dirs or {}), DRAFTS_DIR: DraftIndex(replies, tok.eos_id)}
+        # The training replies, the datastore of speculative decoding when served (chatforge.drafts); the same
+        # call rebuilds it for a bundle saved without it (training.bundle_drafts).
+        drafts = training_replies(train, tok)
+        if drafts is not None:
+            extra_dirs = {**(extra_dirs or {}), DRAFTS_DIR: drafts}
     bundle_dir = save_bundle(
         run_dir / "bundle", model=model, tokenizer=tok, config=cfg, labels=labels,
         metrics={k: v for k, v in metrics.items() if k not in ("history", "samples")},
