@@ -65,7 +65,11 @@ class DraftIndex:
         following: dict[tuple[int, ...], dict[int, int]] = {}
         self.replies: list[list[int]] = []
         for reply in replies:
-            ids = [int(t) for t in reply]
+            if len(self.replies) == MAX_REPLIES:
+                break  # no more than load() accepts: a datastore saved from this one must load again
+            # A reply's first MAX_REPLY_TOKENS tokens (GenerationOptions.MAX_NEW_TOKENS_LIMIT is far lower, so no
+            # draft needs more), likewise: one long training reply must not make its bundle unloadable.
+            ids = [int(t) for t in reply][:MAX_REPLY_TOKENS]
             self.replies.append(ids)
             node = 0
             counts[0] += 1
@@ -146,8 +150,11 @@ class DraftIndex:
         path = Path(folder) / REPLIES_FILE
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DraftIndexError(f"{path}: cannot read the draft datastore ({e})") from None
+        # ValueError: also a number of more than sys.get_int_max_str_digits() digits; RecursionError: arrays
+        # nested deeper than the interpreter's stack (a hand-edited file is not trusted to be sane JSON)
+        except (OSError, ValueError, RecursionError) as e:
+            what = "JSON nested too deeply" if isinstance(e, RecursionError) else e
+            raise DraftIndexError(f"{path}: cannot read the draft datastore ({what})") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise DraftIndexError(f"{path}: not a draft datastore of format {FORMAT} "
                                   f"(an object with format, eos_id and replies)")
@@ -157,6 +164,8 @@ class DraftIndex:
         if len(replies) > MAX_REPLIES:
             raise DraftIndexError(f"{path}: {len(replies)} replies; at most {MAX_REPLIES} are allowed")
         hi = vocab_size if vocab_size is not None else 2**31
+        if not 0 <= eos < hi:
+            raise DraftIndexError(f"{path}: eos_id {eos} is not a token id in [0, {hi})")
         for i, r in enumerate(replies):
             if (not isinstance(r, list) or len(r) > MAX_REPLY_TOKENS
                     or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < hi for t in r)):
