@@ -75,3 +75,23 @@ def test_what_a_datastore_saves_always_loads_again(tmp_path, monkeypatch):
     back = DraftIndex.load(tmp_path, vocab_size=16)
     assert back.replies == idx.replies
     assert back.draft(0, 4) == idx.draft(0, 4) == [5, 6, 7, 7]
+
+
+def test_a_datastore_too_big_to_be_a_reply_set_is_refused_by_its_size_before_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(drafts, "MAX_FILE_BYTES", 100)
+    (tmp_path / REPLIES_FILE).write_text(_doc(replies=[[5, EOS]] * 40), encoding="utf-8")
+    monkeypatch.setattr(drafts.json, "loads", lambda *_: pytest.fail("the file was parsed"))
+    with pytest.raises(DraftIndexError, match=r"bytes; allowed: a draft datastore of at most 100 bytes"):
+        DraftIndex.load(tmp_path)
+
+
+def test_the_tokens_of_all_replies_are_bounded_when_saved_and_when_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(drafts, "MAX_TOTAL_TOKENS", 6)
+    idx = DraftIndex([[5, 6, EOS], [7, EOS], [8, 9, EOS]], eos_id=EOS)
+    assert idx.replies == [[5, 6, EOS], [7, EOS]]  # the third would pass 6 tokens in all
+    idx.save(tmp_path)
+    assert DraftIndex.load(tmp_path, vocab_size=16).replies == idx.replies
+    (tmp_path / REPLIES_FILE).write_text(_doc(replies=[[5, 6, EOS], [7, EOS], [8, 9, EOS]]),
+                                         encoding="utf-8")
+    with pytest.raises(DraftIndexError, match="more than 6 tokens in all"):
+        DraftIndex.load(tmp_path, vocab_size=16)

@@ -35,6 +35,10 @@ REPLIES_FILE = "replies.json"
 FORMAT = 1
 MAX_REPLIES = 1_000_000  # a datastore bigger than this is not a reply set; refused on load
 MAX_REPLY_TOKENS = 4096
+# Tokens in all the replies, and so the file's size (a token id is at most 10 digits and a comma): a hand-made or
+# damaged replies.json of gigabytes is refused by its size before it is read, not parsed into memory first.
+MAX_TOTAL_TOKENS = 32_000_000
+MAX_FILE_BYTES = 12 * MAX_TOTAL_TOKENS + 8 * MAX_REPLIES + 1024
 
 
 class DraftIndexError(ValueError):
@@ -64,12 +68,16 @@ class DraftIndex:
         counts: list[int] = [0]
         following: dict[tuple[int, ...], dict[int, int]] = {}
         self.replies: list[list[int]] = []
+        total = 0
         for reply in replies:
             if len(self.replies) == MAX_REPLIES:
                 break  # no more than load() accepts: a datastore saved from this one must load again
             # A reply's first MAX_REPLY_TOKENS tokens (GenerationOptions.MAX_NEW_TOKENS_LIMIT is far lower, so no
             # draft needs more), likewise: one long training reply must not make its bundle unloadable.
             ids = [int(t) for t in reply][:MAX_REPLY_TOKENS]
+            total += len(ids)
+            if total > MAX_TOTAL_TOKENS:
+                break  # and no more tokens in all than load() accepts
             self.replies.append(ids)
             node = 0
             counts[0] += 1
@@ -148,6 +156,10 @@ class DraftIndex:
     @classmethod
     def load(cls, folder: str | Path, *, vocab_size: int | None = None) -> DraftIndex:
         path = Path(folder) / REPLIES_FILE
+        size = path.stat().st_size if path.is_file() else 0  # not a file: reading it says why, below
+        if size > MAX_FILE_BYTES:
+            raise DraftIndexError(f"{path}: {size:,} bytes; allowed: a draft datastore of at most "
+                                  f"{MAX_FILE_BYTES:,} bytes ({MAX_TOTAL_TOKENS:,} tokens in all)")
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         # ValueError: also a number of more than sys.get_int_max_str_digits() digits; RecursionError: arrays
@@ -166,7 +178,11 @@ class DraftIndex:
         hi = vocab_size if vocab_size is not None else 2**31
         if not 0 <= eos < hi:
             raise DraftIndexError(f"{path}: eos_id {eos} is not a token id in [0, {hi})")
+        total = 0
         for i, r in enumerate(replies):
+            total += len(r) if isinstance(r, list) else 0
+            if total > MAX_TOTAL_TOKENS:
+                raise DraftIndexError(f"{path}: more than {MAX_TOTAL_TOKENS:,} tokens in all; allowed: at most that")
             if (not isinstance(r, list) or len(r) > MAX_REPLY_TOKENS
                     or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < hi for t in r)):
                 raise DraftIndexError(f"{path}: reply {i} must be a list of at most {MAX_REPLY_TOKENS} token ids "
