@@ -53,6 +53,42 @@ def test_each_policy_sends_the_calls_it_names_to_onednn(policy, to_onednn):
             assert bool(called) == want, (rows, called)
 
 
+@needs_onednn
+def test_one_row_calls_of_a_widening_layer_read_its_transposed_copy():
+    """A lone stream's decode step is one row: under the AVX-512 policy a layer with at least as many outputs as
+    inputs computes it as ``x @ W^T`` on a copy stored inputs x outputs (faster to stream than the row-by-row
+    read of F.linear and oneDNN); other row counts, narrowing layers and the AVX2 policy are as before."""
+    op = linear_mod._onednn_linear()
+    called = []
+
+    def counting(*args):
+        called.append(args[0].shape[0])
+        return op(*args)
+
+    torch.manual_seed(0)
+    widening, narrowing = nn.Linear(256, 1024), nn.Linear(1024, 256)
+    packed = PackedLinear(widening, counting, linear_mod.PACK_AVX512)
+    assert packed.transposed.shape == (256, 1024) and packed.transposed.is_contiguous()
+    assert not hasattr(PackedLinear(narrowing, op, linear_mod.PACK_AVX512), "transposed")
+    assert hasattr(PackedLinear(nn.Linear(256, 256), op, linear_mod.PACK_AVX512), "transposed")  # square: too
+    assert not hasattr(PackedLinear(widening, op, linear_mod.PACK_AVX2), "transposed")
+    no_bias = nn.Linear(256, 1024, bias=False)
+    with torch.inference_mode():
+        want = torch.addmm(widening.bias, torch.ones(1, 256), widening.weight.t().contiguous())
+        for shape in ((256,), (1, 256), (1, 1, 256)):  # a vector, a row, a decode step's (B, 1, D)
+            x = torch.ones(shape)
+            got = packed(x)
+            assert got.shape == widening(x).shape
+            assert torch.equal(got.reshape(1, -1), want)  # this product, not F.linear's
+            torch.testing.assert_close(got, widening(x), atol=1e-4, rtol=1e-5)
+        x = torch.randn(1, 256)
+        torch.testing.assert_close(PackedLinear(no_bias, op, linear_mod.PACK_AVX512)(x), no_bias(x),
+                                   atol=1e-4, rtol=1e-5)
+        assert called == []  # one row never went to oneDNN
+        packed(torch.randn(4, 256))
+        assert called == [4]
+
+
 def test_the_policy_follows_the_cpus_vector_width():
     assert linear_mod.pack_policy({"avx2", "fma"}) is linear_mod.PACK_AVX2
     assert linear_mod.pack_policy({"avx2", "avx512f", "avx512_bf16"}) is linear_mod.PACK_AVX512

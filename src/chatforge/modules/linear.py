@@ -59,6 +59,9 @@ class PackPolicy(NamedTuple):
     min_macs: int
     max_rows: int | None
     name: str
+    # One-row calls (a decode step of one stream) of layers with at least as many outputs as inputs as
+    # ``x @ W^T`` on a copy of the weight stored transposed (inputs x outputs): see PACK_AVX512.
+    one_row_transposed: bool = False
 
 
 # Measured on an AMD EPYC with AVX2 only (benchmarks/fp32_linear.py): oneDNN's call costs about 30 us more than
@@ -72,7 +75,15 @@ PACK_AVX2 = PackPolicy(min_weights=256 * 1024, min_macs=0, max_rows=64, name="av
 # more at batch 1 (128 x 128: 15 against 3 us; 256 x 1,024: 0.68x), breaks even near 1 M multiply-adds (128 x 128 at
 # 64 rows, 1.0x) and then runs 1.6-3.6x torch's at any row count (256 x 1,024: 1.79x at 8 rows, 2.90x at 64, 2.34x
 # at 512; 256 x 256 at 512 rows 2.21x): every layer of a d_model-128 model up, calls from 1 M multiply-adds.
-PACK_AVX512 = PackPolicy(min_weights=128 * 128, min_macs=1 << 20, max_rows=None, name="avx512")
+# One row (a lone stream's decode step) is a matrix-vector product, bound by reading the weight: torch's F.linear
+# (oneMKL) and oneDNN both read the weight as one dot product per output, which here streamed it well below the
+# CPU's read bandwidth; ``x @ W^T`` on a copy stored transposed (inputs x outputs: each input times a contiguous row
+# of outputs) reads it faster where outputs are at least as many as inputs (benchmarks/one_row_linear.py, Zen 4:
+# 256 -> 8,000 1.46x the best of the two warm, 1.73x after other memory evicted it; 256 -> 256, 768, 1,024 and
+# 768 -> 2,304, 3,072 1.1-2.0x) and slower where inputs outnumber outputs (1,024 -> 256, 3,072 -> 768: 0.74-0.84x),
+# so only the former; a d_model-256 GPT's decode step 1.41x, the same greedy tokens.
+PACK_AVX512 = PackPolicy(min_weights=128 * 128, min_macs=1 << 20, max_rows=None, name="avx512",
+                         one_row_transposed=True)
 # Kept for readers of the AVX2 figures above.
 PACK_MIN_WEIGHTS, PACK_MAX_ROWS = PACK_AVX2.min_weights, PACK_AVX2.max_rows
 
@@ -106,8 +117,17 @@ class PackedLinear(nn.Module):
         least = -(-policy.min_macs // layer.out_features)  # multiply-adds = x.numel() x outputs
         most = policy.max_rows * layer.in_features if policy.max_rows is not None else None
 
+        one_row = policy.one_row_transposed and layer.out_features >= layer.in_features
+        if one_row:
+            self.register_buffer("transposed", weight.t().contiguous(), persistent=False)  # inputs x outputs
+        transposed, width = (self.transposed if one_row else None), layer.in_features
+
         def fn(x: Tensor) -> Tensor:
             n = x.numel()
+            if n == width and transposed is not None:  # one row
+                row = x.reshape(1, width)
+                y = torch.mm(row, transposed) if bias is None else torch.addmm(bias, row, transposed)
+                return y.view(*x.shape[:-1], -1)
             if n >= least and (most is None or n <= most):
                 return op(x, packed, bias, "none", [], "")
             return F.linear(x, weight, bias)
