@@ -88,3 +88,23 @@ def test_html_page_escapes_every_cell():
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;i&gt;m&lt;/i&gt;" in page
     assert "&amp;amp;" in page  # an entity in a reply is shown as written, not decoded
     assert page.count("<tr>") == 1 + 1 + 1 + len(HOSTILE)
+
+
+URLS = ["see http://example.com now", "HTTPS://X.COM/a?b=c", "www.example.com", "(WWW.Example.kr/path)",
+        "ftp://files.example/x", "[link](http://evil.example) <http://auto.example>"]
+
+
+def test_a_url_in_a_reply_is_text_not_a_link_where_github_renders_the_table():
+    """GFM autolinks a bare URL or www. address; in a table of model output a reader could follow a link the model
+    made up. Rendered with cmark-gfm (the renderer GitHub runs), no cell holds a link and each shows its text. (A bare
+    e-mail address is linked by GitHub whatever is escaped; not covered.)"""
+    import html
+
+    import cmarkgfm  # the dev extra: a missing renderer fails here rather than skipping the check
+    md = _markdown(_result(URLS, "gpt-chat"), ["gpt-chat"])
+    rendered = cmarkgfm.github_flavored_markdown_to_html(md)
+    assert "<a " not in rendered
+    for text in URLS:
+        assert html.escape(text, quote=False) in rendered
+    (tables,) = [t for t in _tables(md) if len(t) > len(URLS)]
+    assert [(row[0], row[2]) for row in tables[1:]] == [(t, t + " | reply") for t in URLS]  # markdown-it reads them back

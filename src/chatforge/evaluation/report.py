@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 # markup (`#`, `-`, `>` at a line's start) cannot start inside a table cell and is left alone for readability.
 # `_` inside a word (`val_accuracy`) cannot open or close emphasis and stays as it is.
 _MD_INLINE_SPECIAL = re.compile(r"[\\`*\[\]<>~&$!]|(?<![^\W_])_|_(?![^\W_])")
+# GFM's autolinks turn bare text into links: a URL scheme's "://" and "www." (cmark-gfm, GitHub's renderer, stops at
+# an escaped ":" or "."; a bare e-mail address is linked whatever is escaped). A reply that names a URL is shown as
+# text, not as a link a reader could follow from a table of model output.
+_AUTOLINK = re.compile(r"(?i)(?<=[a-z0-9])(:)(?=//)|(?<![a-z0-9])www(\.)")
 # Every line break a Markdown or HTML viewer (or str.splitlines) would honour.
 _LINE_BREAK = re.compile("\r\n|[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
@@ -35,6 +39,7 @@ def md_text(value) -> str:
     ``|`` written as the entity ``&#124;`` (a GFM table splits rows at a pipe before any backslash escape is
     read, so ``\\|`` after a backslash in the text would still split the cell), line breaks as ``<br>``."""
     text = _MD_INLINE_SPECIAL.sub(lambda m: "\\" + m.group(0), str(value)).replace("|", "&#124;")
+    text = _AUTOLINK.sub(lambda m: "\\" + m.group(0) if m.group(1) else m.group(0)[:-1] + "\\.", text)
     return _LINE_BREAK.sub("<br>", text)
 
 
