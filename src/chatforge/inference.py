@@ -351,6 +351,11 @@ class ReplySelector:
         return self.model.reply(text)
 
 
+# Bundle tasks served as reply generators (lm: a decoder-only model continuing the text, GPT). Their decode steps
+# are the one-row calls that PackPolicy.one_row_transposed speeds up; other models never make one.
+GENERATING_BUNDLE_TASKS = ("generation", "lm")
+
+
 def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32") -> ReplyGenerator | TextClassifier:
     """Load a bundle and wrap it for serving by its task.
 
@@ -375,6 +380,8 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
         kernels, why = runtime.fp32_linear_kernels()
         if kernels == "onednn":
             policy = pack_policy(runtime.read_cpu_flags()[1])
+            if bundle.task not in GENERATING_BUNDLE_TASKS:  # no one-row calls: no transposed copies to hold
+                policy = policy._replace(one_row_transposed=False)
             n = pack_linear_layers(bundle.model, policy=policy)
             if n:
                 bundle.metadata = {**bundle.metadata, "fp32_linear": "onednn"}
@@ -387,7 +394,7 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
             else:
                 used = "torch's (oneDNN's op unavailable in this torch build)"
             logger.info("fp32 linear layers of %s: %s (%d packed; %s)", name, used, n, why)
-    if bundle.task in ("generation", "lm"):  # lm: a decoder-only model continuing the text (GPT)
+    if bundle.task in GENERATING_BUNDLE_TASKS:
         return Seq2SeqGenerator(bundle, name, version)
     if bundle.task == "classification":
         return Classifier(bundle, name, version)

@@ -151,6 +151,9 @@ def test_served_gpt_fp32_packs_its_output_layer_and_answers_as_before(tmp_path, 
         assert sorted((m.in_features, m.out_features) for m in packed) == [
             (256, 256), (256, 768), (256, 1024), (256, 1100), (1024, 256)]
         assert {m.policy.name for m in packed} == {"avx512"}
+        # a generator's decode steps make one-row calls: the widening and square layers keep a transposed copy
+        assert sorted((m.in_features, m.out_features) for m in packed if hasattr(m, "transposed")) == [
+            (256, 256), (256, 768), (256, 1024), (256, 1100)]
     assert not any(isinstance(m, PackedLinear) for m in served["aten"].model.modules())
     assert served["onednn"].info.metadata.get("fp32_linear") == "onednn"
     assert "fp32_linear" not in served["aten"].info.metadata
@@ -159,3 +162,29 @@ def test_served_gpt_fp32_packs_its_output_layer_and_answers_as_before(tmp_path, 
         a = [d.token_id for d in served["aten"].stream(text, opts)]
         b = [d.token_id for d in served["onednn"].stream(text, opts)]
         assert a == b and len(set(a)) > 1
+
+
+@needs_onednn
+def test_a_served_classifier_keeps_no_transposed_copies(tmp_path, monkeypatch):
+    """Only generators make one-row calls (decode steps): a classifier reads whole texts, so the copies would be
+    memory held for nothing (a BERT-base classifier's widening layers are two thirds of its weights)."""
+    from chatforge.bench.cases import sample_texts
+    from chatforge.bundle import build_from_config, save_bundle
+    from chatforge.config import validate_config
+    from chatforge.inference import load_model
+    from chatforge.tokenizer import Tokenizer
+
+    cfg = validate_config({"name": "clf", "data": {"path": "bench"}, "tracking": {"enabled": False},
+                           "model": {"family": "gpt", "task": "classification", "d_model": 256, "n_heads": 4,
+                                     "n_layers": 1, "n_positions": 64},
+                           "train": {"max_source_len": 24}}, source="test")
+    tok = Tokenizer.train(sample_texts(), vocab_size=1100)
+    labels = ["a", "b"]
+    bundle = save_bundle(tmp_path / "b", model=build_from_config(cfg, tok, labels).eval(), tokenizer=tok,
+                         config=cfg, labels=labels)
+    monkeypatch.setattr(runtime, "read_cpu_flags", lambda *a: ("cpu", {"avx2", "avx512f"}))
+    monkeypatch.setenv("CHATFORGE_FP32_LINEAR", "onednn")
+    served = load_model(bundle, "c")
+    packed = [m for m in served.model.modules() if isinstance(m, PackedLinear)]
+    assert packed and not any(hasattr(m, "transposed") for m in packed)
+    assert served.classify(["안녕하세요"])[0].label in labels
