@@ -370,3 +370,29 @@ def test_two_replicas_writing_the_two_attempts_of_a_call_at_once_keep_one_row(pg
         a.close()
         b.close()
         monitor.dispose()
+
+
+def test_a_request_id_locked_by_a_writer_that_is_gone_does_not_stall_the_store(pg_url, monkeypatch):
+    """The lock of a request id is held until its writer's transaction ends; a replica whose connection died
+    mid-write holds it until PostgreSQL notices (TCP keepalive: hours). A batch with that id waits at most
+    ADVISORY_LOCK_TIMEOUT_S, then is written without the lock: the store goes on writing."""
+    from sqlalchemy import create_engine, text
+
+    from chatforge.serving import store as store_mod
+
+    monkeypatch.setattr(store_mod, "ADVISORY_LOCK_TIMEOUT_S", 0.2, raising=False)
+    session = uuid.uuid4().hex
+    turn = _turn(session, 0)
+    holder = create_engine(pg_url, connect_args={"connect_timeout": 5})
+    s = ConversationStore(pg_url)
+    try:
+        with holder.connect() as conn:  # a session-level lock: held until released, as by a stuck writer
+            conn.execute(text("SELECT pg_advisory_lock(:ns, :k)"),
+                         {"ns": store_mod._ADVISORY_NAMESPACE, "k": store_mod._advisory_key(turn.request_id)})
+            assert s.record(turn)
+            assert s.flush(timeout=10)  # before: waited for the lock for as long as it was held
+            assert [r["reply"] for r in s.iter_rows() if r["session_id"] == session] == [turn.reply]
+            conn.execute(text("SELECT pg_advisory_unlock_all()"))
+    finally:
+        s.close()
+        holder.dispose()

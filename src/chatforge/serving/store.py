@@ -486,8 +486,23 @@ class ConversationStore:
                               f"the queue was full: {dropped}", key=("store", "available"), severity="info")
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            self._insert_once(rows, serialised=True)
+        except OperationalError as e:
+            if not _lock_timed_out(e):
+                raise
+            # Another writer held a lock of one of these request ids past ADVISORY_LOCK_TIMEOUT_S: a replica whose
+            # connection died mid-write holds it until the server notices. Waiting would stall every turn behind
+            # this batch; writing without the lock risks only one call stored twice.
+            log.warning("conversation store: a request id of this batch stayed locked by another writer for %.0f s; "
+                        "writing without waiting for it (a call sent twice may be stored twice)",
+                        ADVISORY_LOCK_TIMEOUT_S)
+            self._insert_once(rows, serialised=False)
+
+    def _insert_once(self, rows: list[dict[str, Any]], serialised: bool) -> None:
         with self._locked(), self.engine.begin() as conn:
-            _serialise_retries(conn, rows)
+            if serialised:
+                _serialise_retries(conn, rows)
             fresh, merged = _merge_retries(conn, rows)
             if fresh:
                 conn.execute(turns.insert(), fresh)
@@ -553,6 +568,17 @@ def _retry_key(row: Any) -> tuple | None:
 _ADVISORY_NAMESPACE = 0x63686174
 
 
+# How long a batch waits for another writer's lock on one of its request ids (PostgreSQL's lock_timeout, for this
+# transaction only); the other writer's transaction takes milliseconds, unless its connection died mid-write.
+ADVISORY_LOCK_TIMEOUT_S = 5.0
+
+
+def _lock_timed_out(exc: BaseException) -> bool:
+    """PostgreSQL's lock_not_available (SQLSTATE 55P03): lock_timeout passed while waiting for a lock."""
+    orig = getattr(exc, "orig", None)
+    return (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) == "55P03"
+
+
 def _advisory_key(request_id: str) -> int:
     """A request id as a signed 32-bit advisory lock key, the same in every process (not Python's salted hash)."""
     return int.from_bytes(hashlib.blake2b(request_id.encode("utf-8"), digest_size=4).digest(), "big", signed=True)
@@ -565,7 +591,9 @@ def _serialise_retries(conn: Any, rows: list[dict[str, Any]]) -> None:
 
     PostgreSQL: a transaction-scoped advisory lock per request id of the batch (a hash of it: a collision only makes
     two unrelated writers wait for each other), taken in ascending key order in one statement, so two batches that
-    share ids wait for each other instead of deadlocking; released at commit or rollback. SQLite: ``BEGIN
+    share ids wait for each other instead of deadlocking; released at commit or rollback. A lock not granted within
+    :data:`ADVISORY_LOCK_TIMEOUT_S` (its holder's connection died mid-write) fails the transaction, and
+    :meth:`ConversationStore._insert` writes the batch again without locks. SQLite: ``BEGIN
     IMMEDIATE`` takes the database's write lock before the lookup (Python's driver would begin the transaction only
     at the first INSERT, after the lookup, so another process could write in between); a second writer waits for it
     (``busy_timeout``) as it waits for any write. Other databases: the lookup alone."""
@@ -575,6 +603,9 @@ def _serialise_retries(conn: Any, rows: list[dict[str, Any]]) -> None:
         return
     keys = sorted({_advisory_key(r["request_id"]) for r in rows if r.get("request_id")})
     if dialect == "postgresql" and keys:
+        # a lock held past this is a writer that is gone: _insert then writes without it
+        conn.execute(text("SELECT set_config('lock_timeout', :ms, true)"),
+                     {"ms": f"{int(ADVISORY_LOCK_TIMEOUT_S * 1000)}ms"})
         # unnest yields the array's elements in order, and each row's lock is taken as the row is produced
         conn.execute(text("SELECT pg_advisory_xact_lock(:namespace, k) FROM unnest(CAST(:keys AS integer[])) AS k"),
                      {"namespace": _ADVISORY_NAMESPACE, "keys": keys})
