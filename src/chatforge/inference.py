@@ -388,6 +388,9 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
             if n:
                 used = f"oneDNN ({policy.name}: calls from {policy.min_macs:,} multiply-adds" + (
                     f", of at most {policy.max_rows} rows)" if policy.max_rows is not None else ")")
+                copies = sum(1 for m in bundle.model.modules() if hasattr(m, "transposed"))
+                if copies:
+                    used += f"; one-row calls of {copies} layers on a transposed copy of their weights"
             elif onednn_linear_available():  # a small model: no layer's matmul pays for oneDNN's call
                 used = (f"torch's (no linear layer has the {policy.min_weights:,} weights that pay for oneDNN's "
                         "call)")

@@ -139,7 +139,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"oneDNN ({self.policy.name})")
+                f"oneDNN ({self.policy.name})" + (", one row on a transposed copy" if hasattr(self, "transposed") else ""))
 
 
 def onednn_linear_available() -> bool:
