@@ -397,6 +397,16 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
             else:
                 used = "torch's (oneDNN's op unavailable in this torch build)"
             logger.info("fp32 linear layers of %s: %s (%d packed; %s)", name, used, n, why)
+        scripted = getattr(bundle.model, "use_scripted_step", None)
+        if scripted is not None and bundle.task in GENERATING_BUNDLE_TASKS:
+            from chatforge.models.gpt.scripted import DECODE_STEP_ENV, decode_step_mode
+
+            why_not = scripted() if decode_step_mode() == "auto" else f"{DECODE_STEP_ENV}=eager"
+            if why_not is None:
+                logger.info("decoding steps of %s: one TorchScript call each (the GIL given up for the whole step)",
+                            name)
+            else:
+                logger.info("decoding steps of %s: eager (no scripted step: %s)", name, why_not)
     if bundle.task in GENERATING_BUNDLE_TASKS:
         return Seq2SeqGenerator(bundle, name, version)
     if bundle.task == "classification":

@@ -185,6 +185,22 @@ class GrowingKVCache(KVCache):
         self.v = self._v_buf[:, :, : self._len]
         return self.k, self.v
 
+    def reserve(self, t: int, like: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """Room for ``t`` more positions -> the (grown) key and value buffers (B, H, C, Dh), for a caller that
+        writes positions ``len(self)`` to ``len(self) + t - 1`` itself and then calls :meth:`advance`
+        (the scripted GPT step). A cache without buffers yet makes them shaped and typed as ``like``
+        (B, H, any, Dh), as its first :meth:`append` would; without ``like`` it returns None."""
+        if self._k_buf is None and like is None:
+            return None
+        self._grow(self._k_buf if self._k_buf is not None else like, self._len + t)
+        return self._k_buf, self._v_buf
+
+    def advance(self, t: int) -> None:
+        """Count ``t`` positions written into the buffers from :meth:`reserve` as appended."""
+        self._len += t
+        self.k = self._k_buf[:, :, : self._len]
+        self.v = self._v_buf[:, :, : self._len]
+
     def truncate(self, length: int) -> None:
         """Forget every position from ``length`` on (speculative decoding drops rejected draft tokens)."""
         if not 0 <= length <= self._len:

@@ -344,9 +344,67 @@ class GPTLMHeadModel(_GPTHeadBase):
     the incremental interface :mod:`chatforge.decoding` drives (prompt prefill + KV cache).
     """
 
+    # The scripted decoding step (use_scripted_step), kept out of the module tree: not a submodule, so it is
+    # in no state_dict and no .to(); it reads the weights as they were when it was built.
+    _scripted_step: torch.jit.ScriptModule | None = None
+
     def __init__(self, cfg: GPTConfig, vocab_size: int, special: SpecialIds, task: str = "lm"):
         super().__init__(cfg, vocab_size, special, task)
         self.max_len = cfg.n_positions
+
+    def use_scripted_step(self, enable: bool = True) -> str | None:
+        """Decode (``decode_step``, and ``GPTStepModel.verify``) with the TorchScript step of
+        :mod:`chatforge.models.gpt.scripted` (the same logits; it gives the GIL up for the whole step, not
+        once per op), for inference: build it after the last change to the weights (``pack_linear_layers``,
+        loading). Returns None when it is used, else why not (the model then decodes eagerly);
+        ``enable=False`` drops it."""
+        from chatforge.models.gpt.scripted import script_decoder, scriptable
+
+        object.__setattr__(self, "_scripted_step", None)
+        if not enable:
+            return None
+        why = scriptable(self)
+        if why is None:
+            object.__setattr__(self, "_scripted_step", script_decoder(self))
+        return why
+
+    def scripted_logits(self, tokens: Tensor, position_ids: Tensor, mask: Tensor | None,
+                        caches: list[GrowingKVCache]) -> Tensor | None:
+        """Next-token logits (B, T, V) of ``tokens`` (B, T) at ``position_ids`` over the caches, which gain
+        T positions, from the scripted step; None (nothing done) when there is none to use: not built, in
+        training mode, under autocast, or caches without buffers yet."""
+        scripted = self._scripted_step
+        if scripted is None or self.training or torch.is_autocast_enabled(tokens.device.type):
+            return None
+        t = tokens.size(1)
+        bufs = [c.reserve(t) for c in caches]
+        if any(b is None for b in bufs):
+            return None
+        start = len(caches[0])
+        # The plain executor: the profiling one would respecialise as the caches grow, and its fusions
+        # change float rounding; this one runs the graph as written.
+        with torch.jit.optimized_execution(False):
+            logits = scripted(tokens, position_ids, mask, [b[0] for b in bufs], [b[1] for b in bufs], start)
+        for c in caches:
+            c.advance(t)
+        return logits
+
+    def _scripted_prefill(self, prompt: Tensor, position_ids: Tensor | None, mask: Tensor | None,
+                          caches: list[GrowingKVCache]) -> Tensor | None:
+        """``prefill_rows(feed_last=True)``'s forward pass on the scripted step -> logits (B, V), or None as
+        :meth:`scripted_logits` (the caches are new and empty: their buffers are made here)."""
+        scripted = self._scripted_step
+        if scripted is None or self.training or torch.is_autocast_enabled(prompt.device.type):
+            return None
+        b, w = prompt.shape
+        attn = self.transformer.blocks[0].attn
+        like = self.transformer.wte.embedding.weight.new_empty((b, attn.n_heads, 0, attn.head_dim))
+        bufs = [c.reserve(w, like) for c in caches]
+        with torch.jit.optimized_execution(False):
+            logits = scripted.prefill(prompt, position_ids, mask, [k for k, _ in bufs], [v for _, v in bufs])
+        for c in caches:
+            c.advance(w)
+        return logits
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ModelOutput:
         """input_ids (B, T) right-padded; labels (B, T) aligned with the logits (the token each
@@ -420,6 +478,9 @@ class GPTLMHeadModel(_GPTHeadBase):
                 history=None, pos_history=None, max_steps=self.cfg.n_positions - width + 1,
             )
             mask = _attn_mask(state.key_mask, width) if padded else None
+            logits = self._scripted_prefill(prompt, pos if padded else None, mask, state.caches)
+            if logits is not None:
+                return state, logits
             h = self.transformer(prompt, position_ids=pos if padded else None, mask=mask, caches=state.caches,
                                  is_causal=True)  # (B, W, D)
             return state, self._token_logits(apply_linear(self.lm_head, h[:, -1]))
@@ -457,6 +518,10 @@ class GPTLMHeadModel(_GPTHeadBase):
                 h = self.transformer(tokens, position_ids=pos, mask=state.key_mask, caches=state.caches,
                                      is_causal=False)  # (B, 1, D)
             else:
+                logits = self.scripted_logits(tokens, pos, state.key_mask, state.caches)
+                if logits is not None:
+                    state.next_pos = state.next_pos + 1
+                    return logits[:, 0]  # (B, V)
                 if state.plan is None:
                     state.plan = self.transformer.decode_plan()
                 h = self.transformer.decode(tokens, pos, state.key_mask, state.caches, state.plan)  # (B, 1, D)

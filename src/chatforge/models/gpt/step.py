@@ -83,6 +83,9 @@ class GPTStepModel:
             width = len(state.caches[0])
             causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
             mask = torch.cat([_key_mask(state).expand(b, 1, t, width), causal.expand(b, 1, t, t)], dim=-1)
+            logits = m.scripted_logits(tokens, pos, mask, state.caches)
+            if logits is not None:
+                return logits.float()
             if state.plan is None:
                 state.plan = m.transformer.decode_plan()
             h = m.transformer.decode(tokens, pos, mask, state.caches, state.plan)  # (B, T, D)
