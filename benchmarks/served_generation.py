@@ -150,14 +150,27 @@ SERVED = {"chatforge-torch-fp32": ("torch", "fp32"), "chatforge-torch-int8": ("t
 BF16_ENGINE = ("chatforge-torch-bf16", ("torch", "bf16"))
 
 
-def served_engines(native_bf16: bool, draft_tokens: int = 0) -> dict[str, tuple[str, str]]:
+def served_engines(native_bf16: bool, draft_tokens: int = 0, eager_step: bool = False) -> dict[str, tuple[str, str]]:
     """The served engines of a run: :data:`SERVED`, plus torch bf16 where the CPU computes bf16 natively, plus
     with ``draft_tokens`` the torch engines again with speculative decoding (``serve --draft-tokens``), named
-    ``<engine>-draft<N>``; the others are then served with ``--draft-tokens 0``."""
+    ``<engine>-draft<N>``; the others are then served with ``--draft-tokens 0``. ``eager_step``: the torch fp32
+    engines again with ``CHATFORGE_DECODE_STEP=eager`` (named ``<engine>-eager``), the decoding step as it was
+    before the scripted one (``chatforge.models.gpt.scripted``), so one run measures what scripting gives served."""
     engines = {**SERVED, **(dict([BF16_ENGINE]) if native_bf16 else {})}
     if draft_tokens:
         engines.update({f"{k}-draft{draft_tokens}": v for k, v in engines.items() if v[0] == "torch"})
+    if eager_step:
+        engines.update({f"{k}-eager": v for k, v in engines.items() if v == ("torch", "fp32")})
     return engines
+
+
+def server_env(engine: str, threads: int | None) -> dict[str, str] | None:
+    """A served engine's environment: its thread count (``served.thread_env``) and, for ``<engine>-eager``,
+    ``CHATFORGE_DECODE_STEP=eager``."""
+    env = dict(served.thread_env(threads) or {})
+    if engine.endswith("-eager"):
+        env["CHATFORGE_DECODE_STEP"] = "eager"
+    return env or None
 
 
 def serve_args(engine: str) -> list[str]:
@@ -213,7 +226,7 @@ def start_server(bundle: Path, backend: str, precision: str, work: Path, name: s
                  threads: int | None = None) -> tuple[subprocess.Popen, str]:
     extra = serve_args(name) if backend == "torch" else []
     return served.start_server(bundle, "chat", backend, precision, work, name, extra=extra, cwd=ROOT,
-                               env=served.thread_env(threads))
+                               env=server_env(name, threads))
 
 
 
@@ -353,13 +366,30 @@ def agreement_lines(agreement: dict[str, dict[str, float]], reference: str = REF
             *(f"- {name}: {a['identical_replies']:.0%} / {a['prefix_tokens']:.0%}" for name, a in agreement.items())]
 
 
+def step_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each torch fp32 engine served with the scripted decoding step over the same engine with
+    ``CHATFORGE_DECODE_STEP=eager`` (``<engine>-eager``), per case (> 1: the scripted step faster or sooner)."""
+    by = {(r["engine"], r["case"]): r for r in rows}
+    out = []
+    for case in CASES:
+        for eng in dict.fromkeys(r["engine"] for r in rows):
+            scripted, eager = by.get((eng, case)), by.get((f"{eng}-eager", case))
+            if scripted and eager and eager["tokens_per_s"] and scripted["ttft_ms"]:
+                out.append({"case": case, "engine": eng, **served.speed_ratio(scripted, eager)})
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# {FAMILIES[result.get('family', 'gpt')].title} ({result['created']})", "",
              served.machine_line(result), "", model_line(result["config"]), "",
              *speed_table(result["rows"], ["engine", "case"]),
              "", "Ratios (chatforge served / CTranslate2 direct; > 1: chatforge faster or sooner):", "",
-             *ratio_table(result["ratios"], ["case", "chatforge", "anchor"]),
-             *agreement_lines(result["agreement"])]
+             *ratio_table(result["ratios"], ["case", "chatforge", "anchor"])]
+    steps = step_ratios(result["rows"])
+    if steps:
+        lines += ["", "Scripted decoding step / eager (`CHATFORGE_DECODE_STEP=eager`), same server otherwise:", "",
+                  *ratio_table(steps, ["case", "engine"])]
+    lines += agreement_lines(result["agreement"])
     return "\n".join(lines) + "\n"
 
 
@@ -423,7 +453,7 @@ def trained_size(bundle: Path, size: Size) -> tuple[Size, str]:
 
 def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt",
         anchor_threads: list[int] | None = None, server_threads: list[int] | None = None,
-        bundle: Path | None = None, draft_tokens: int = 0) -> dict[str, Any]:
+        bundle: Path | None = None, draft_tokens: int = 0, eager_step: bool = False) -> dict[str, Any]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatforge serve` sets it: idle pools sleep
     import ctranslate2
 
@@ -453,7 +483,8 @@ def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt",
         ct2_dir = convert_bundle(bundle, work / "ct2", unk_id=unk_id)
         engines: dict[str, Any] = {}
         try:
-            serving = served.with_thread_counts(served_engines(native_bf16(), draft_tokens), server_threads)
+            serving = served.with_thread_counts(served_engines(native_bf16(), draft_tokens, eager_step),
+                                                server_threads)
             for name, (backend, precision, threads) in serving.items():
                 proc, target = start_server(bundle, backend, precision, work, name, threads)
                 procs.append(proc)
@@ -477,6 +508,7 @@ def run(out: Path, size: Size, reps: int | None = None, family: str = "gpt",
         "loaded": is_loaded([load_before, load_after], cpus),
         "family": family,
         "config": {"model": describe, "shape_of": fam.config.name, "draft_tokens": draft_tokens,
+                   "eager_step": eager_step,
                    "new_tokens": size.new_tokens, "prompts": source, "single_prompts": size.single_prompts,
                    "concurrent_streams": size.concurrent, "reps": reps,
                    "served": {k: {"backend": b, "precision": p, "threads": t or f"default ({serving_threads()})"}
@@ -527,12 +559,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draft-tokens", type=int, default=0,
                     help="also serve the torch engines with speculative decoding (serve --draft-tokens N)")
     ap.add_argument("--single-prompts", type=int, default=None, help="prompts of the one-stream case")
+    ap.add_argument("--eager-step", action="store_true",
+                    help="also serve the torch fp32 engines with CHATFORGE_DECODE_STEP=eager (named <engine>-eager)")
     args = ap.parse_args(argv)
     size = FAMILIES[args.family].sizes[args.size]
     if args.single_prompts:
         size = size._replace(single_prompts=args.single_prompts)
     result = rebuild(args.out) if args.rebuild else run(args.out, size, args.reps, args.family, args.anchor_threads,
-                                                                  args.server_threads, args.bundle, args.draft_tokens)
+                                                                  args.server_threads, args.bundle, args.draft_tokens,
+                                                                  args.eager_step)
     print(markdown(result))
 
 

@@ -79,6 +79,28 @@ def test_transformer_full_size_is_the_configs_shape(script):
     assert script.FAMILIES["gpt"].sizes is script.SIZES  # the default family: its sizes as before
 
 
+def test_eager_step_engines_are_the_torch_fp32_engines_served_with_the_eager_step(script):
+    engines = script.served_engines(True, draft_tokens=4, eager_step=True)
+    eager = {k for k in engines if k.endswith("-eager")}
+    assert eager == {"chatforge-torch-fp32-eager", "chatforge-torch-fp32-draft4-eager"}  # not int8, bf16 or ct2
+    assert all(engines[k] == ("torch", "fp32") for k in eager)
+    assert script.server_env("chatforge-torch-fp32-draft4-eager", None) == {"CHATFORGE_DECODE_STEP": "eager"}
+    assert script.server_env("chatforge-torch-fp32-eager", 2) == {"OMP_NUM_THREADS": "2",
+                                                                  "CHATFORGE_DECODE_STEP": "eager"}
+    assert script.server_env("chatforge-torch-fp32", None) is None
+    assert script.serve_args("chatforge-torch-fp32-draft4-eager") == ["--draft-tokens", "4"]
+    rows = script.summarize({"chatforge-torch-fp32": {"1 stream": [_rep(300, 4)]},
+                             "chatforge-torch-fp32-eager": {"1 stream": [_rep(200, 6)]},
+                             "ct2-direct-float32": {"1 stream": [_rep(600, 2)]}})
+    [ratio] = script.step_ratios(rows)
+    assert (ratio["engine"], ratio["tokens_per_s"], ratio["ttft"]) == ("chatforge-torch-fp32", 1.5, 1.5)
+    result = {"family": "gpt", "created": "now", "machine": {"lscpu_model": "cpu", "cpu": {}, "load_before": [0],
+                                                             "load_after": [0]},
+              "loaded": False, "config": {"model": "m", "new_tokens": 8, "prompts": "p", "reps": 1},
+              "rows": rows, "ratios": script.ratios(rows), "agreement": {}}
+    assert "| 1 stream | chatforge-torch-fp32 | 1.50x | 1.50x | 1.50x |" in script.markdown(result)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt", "transformer"])
 def test_tiny_run_writes_the_report(script, tmp_path, family):

@@ -187,6 +187,10 @@ def test_serving_loads_fp32_gpt_generators_with_the_scripted_step_unless_told_ea
         eager = load_model(bundle, "chat")
     assert eager.bundle.model._scripted_step is None
     assert any(f"no scripted step: {DECODE_STEP_ENV}=eager" in r.getMessage() for r in caplog.records)
+    # A value it does not know stops the load (and so the server's start) with what is allowed.
+    monkeypatch.setenv(DECODE_STEP_ENV, "fast")
+    with pytest.raises(ValueError, match="CHATFORGE_DECODE_STEP='fast' is not supported; allowed: auto, eager"):
+        load_model(bundle, "chat")
     # int8: dynamically quantized layers, never scripted
     monkeypatch.delenv(DECODE_STEP_ENV)
     assert load_model(bundle, "chat", precision="int8").bundle.model._scripted_step is None
