@@ -399,7 +399,7 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
             logger.info("fp32 linear layers of %s: %s (%d packed; %s)", name, used, n, why)
         scripted = getattr(bundle.model, "use_scripted_step", None)
         if scripted is not None and bundle.task in GENERATING_BUNDLE_TASKS:
-            from chatforge.models.gpt.scripted import DECODE_STEP_ENV, decode_step_mode
+            from chatforge.modules.scripted import DECODE_STEP_ENV, decode_step_mode
 
             why_not = scripted() if decode_step_mode() == "auto" else f"{DECODE_STEP_ENV}=eager"
             if why_not is None:

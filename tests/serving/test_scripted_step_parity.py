@@ -1,5 +1,5 @@
-"""The continuous batcher over a GPT with the scripted decoding step (chatforge.models.gpt.scripted) serves what it
-serves with the eager step, logits bit for bit, on the seeded scenarios of test_speculative_parity.py: prompts of
+"""The continuous batcher over a GPT or a Transformer with the scripted decoding step (chatforge.models.gpt.scripted,
+chatforge.models.transformer.scripted) serves what it serves with the eager step, logits bit for bit, on the seeded scenarios of test_speculative_parity.py: prompts of
 different lengths joining mid-reply, greedy rows beside sampled, penalised and n-gram-banned ones, rows cancelled,
 failed and finished, drafts verified and rejected (caches holding masked columns), and, with a packing policy small
 enough for these models, every kernel a PackedLinear picks (one row on the transposed copy, oneDNN, F.linear)."""
@@ -44,9 +44,9 @@ class _Recording:
         return self._keep(self._step.verify(state, tokens))
 
 
-def _step_model(seed: int, packed: bool, scripted: bool):
-    rng = random.Random(f"{seed}-gpt")  # the same draws as test_speculative_parity's scenario: the same weights
-    step, n = _model(rng, "gpt", torch.float32)
+def _step_model(seed: int, family: str, packed: bool, scripted: bool):
+    rng = random.Random(f"{seed}-{family}")  # the same draws as test_speculative_parity's scenario: the same weights
+    step, n = _model(rng, family, torch.float32)
     if packed:
         pack_linear_layers(step.model, policy=TINY_POLICY)
     if scripted:
@@ -66,15 +66,16 @@ def _quiet_and_one_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("family", ["gpt", "transformer"])
 @pytest.mark.parametrize("packed", [False, True], ids=["nn.Linear", "PackedLinear"])
-def test_served_replies_and_logits_with_the_scripted_step_are_the_eager_ones(packed):
+def test_served_replies_and_logits_with_the_scripted_step_are_the_eager_ones(packed, family):
     if packed and not onednn_linear_available():
         pytest.skip("this torch build has no oneDNN linear op")
     failures, compared, verified = [], 0, 0
     for seed in range(SCENARIOS):
-        eager, n, rng = _step_model(seed, packed, scripted=False)
-        scripted, _, _ = _step_model(seed, packed, scripted=True)
-        reqs = _requests(rng, "gpt", n)
+        eager, n, rng = _step_model(seed, family, packed, scripted=False)
+        scripted, _, _ = _step_model(seed, family, packed, scripted=True)
+        reqs = _requests(rng, family, n)
         eos = rng.choice([2, 2, rng.randrange(4, 44)])
         max_running, k = rng.randint(1, 4), rng.choice([1, 2, 4, 8])
         off, _ = _serve(eager, reqs, eos=eos, drafts=None, draft_tokens=0, max_running=max_running)

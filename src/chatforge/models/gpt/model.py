@@ -46,6 +46,7 @@ from chatforge.modules import (
     apply_linear,
     linear_fn,
 )
+from chatforge.modules.scripted import plain_executor
 from chatforge.registry import BuildContext
 from chatforge.tasks import IGNORE_INDEX
 from chatforge.tokenizer import SpecialIds
@@ -381,9 +382,7 @@ class GPTLMHeadModel(_GPTHeadBase):
         if any(b is None for b in bufs):
             return None
         start = len(caches[0])
-        # The plain executor: the profiling one would respecialise as the caches grow, and its fusions
-        # change float rounding; this one runs the graph as written.
-        with torch.jit.optimized_execution(False):
+        with plain_executor():
             logits = scripted(tokens, position_ids, mask, [b[0] for b in bufs], [b[1] for b in bufs], start)
         for c in caches:
             c.advance(t)
@@ -400,7 +399,7 @@ class GPTLMHeadModel(_GPTHeadBase):
         attn = self.transformer.blocks[0].attn
         like = self.transformer.wte.embedding.weight.new_empty((b, attn.n_heads, 0, attn.head_dim))
         bufs = [c.reserve(w, like) for c in caches]
-        with torch.jit.optimized_execution(False):
+        with plain_executor():
             logits = scripted.prefill(prompt, position_ids, mask, [k for k, _ in bufs], [v for _, v in bufs])
         for c in caches:
             c.advance(w)

@@ -19,82 +19,19 @@ with fused QKV projections and a GELU or ReLU MLP; anything else (int8 layers, b
 eagerly (:func:`scriptable` says why not).
 """
 
-import os
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chatforge.modules.linear import PackedLinear
+from chatforge.modules.scripted import (
+    DECODE_STEP_ENV,
+    ScriptedLinear,
+    decode_step_mode,
+    script,
+    scriptable_linear,
+)
 
-# ``CHATFORGE_DECODE_STEP``: ``auto`` (default) serves fp32 GPT generators with the scripted step where
-# :func:`scriptable` allows, ``eager`` never (the A/B switch of ``benchmarks/served_generation.py --eager-step``,
-# and an operator's way back should a torch release change TorchScript).
-DECODE_STEP_ENV = "CHATFORGE_DECODE_STEP"
-DECODE_STEP_CHOICES = ("auto", "eager")
-
-
-def decode_step_mode(environ=None) -> str:
-    """``CHATFORGE_DECODE_STEP``, checked: ``auto`` or ``eager``."""
-    env = os.environ if environ is None else environ
-    choice = env.get(DECODE_STEP_ENV, "auto").strip().lower() or "auto"
-    if choice not in DECODE_STEP_CHOICES:
-        raise ValueError(f"{DECODE_STEP_ENV}={env.get(DECODE_STEP_ENV)!r} is not supported; allowed: "
-                         f"{', '.join(DECODE_STEP_CHOICES)}")
-    return choice
-
-
-_NO_LIMIT = -1
-
-
-def _no_scalars() -> list[int | float | complex | None]:
-    """The op's empty ``Scalar?[]`` argument, typed as TorchScript's ``number``."""
-    return []
-
-
-class _Linear(nn.Module):
-    """One linear layer: ``PackedLinear.fn``'s choice of kernel, or ``F.linear`` for a plain ``nn.Linear``."""
-
-    bias: Tensor | None
-    packed: Tensor | None
-    transposed: Tensor | None
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.weight = layer.weight.detach()
-        self.bias = None if layer.bias is None else layer.bias.detach()
-        self.width = int(layer.in_features)
-        self.packed = None
-        self.transposed = None
-        self.least = 0
-        self.most = _NO_LIMIT
-        if isinstance(layer, PackedLinear):
-            self.packed = layer.packed
-            self.transposed = getattr(layer, "transposed", None)
-            policy = layer.policy
-            self.least = -(-policy.min_macs // layer.out_features)
-            self.most = policy.max_rows * layer.in_features if policy.max_rows is not None else _NO_LIMIT
-
-    def forward(self, x: Tensor) -> Tensor:
-        n = x.numel()
-        transposed = self.transposed
-        bias = self.bias
-        if transposed is not None and n == self.width:  # one row
-            row = x.reshape(1, self.width)
-            if bias is None:
-                y = torch.mm(row, transposed)
-            else:
-                y = torch.addmm(bias, row, transposed)
-            shape = x.shape[:-1]
-            shape.append(-1)
-            return y.view(shape)
-        packed = self.packed
-        if packed is not None:
-            if n >= self.least and (self.most < 0 or n <= self.most):
-                return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", _no_scalars(), "")
-        return F.linear(x, self.weight, bias)
-
+__all__ = ["DECODE_STEP_ENV", "decode_step_mode", "script_decoder", "scriptable"]
 
 class _Block(nn.Module):
     """``chatforge.models.gpt.model._decode_block`` over explicit cache buffers."""
@@ -106,8 +43,8 @@ class _Block(nn.Module):
         self.d_model, self.n_heads, self.head_dim = int(attn.d_model), int(attn.n_heads), int(attn.head_dim)
         self.ln1_w, self.ln1_b, self.eps1 = block.ln_1.weight.detach(), block.ln_1.bias.detach(), float(block.ln_1.eps)
         self.ln2_w, self.ln2_b, self.eps2 = block.ln_2.weight.detach(), block.ln_2.bias.detach(), float(block.ln_2.eps)
-        self.qkv, self.out = _Linear(attn.qkv_proj), _Linear(attn.out_proj)
-        self.fc1, self.fc2 = _Linear(mlp.linear1), _Linear(mlp.linear2)
+        self.qkv, self.out = ScriptedLinear(attn.qkv_proj), ScriptedLinear(attn.out_proj)
+        self.fc1, self.fc2 = ScriptedLinear(mlp.linear1), ScriptedLinear(mlp.linear2)
         act = mlp.activation
         self.relu = isinstance(act, nn.ReLU)
         self.approximate = "none" if self.relu else str(act.approximate)
@@ -166,7 +103,7 @@ class _Decoder(nn.Module):
         self.ln_f_b = None if ln is None else ln.bias.detach()
         self.ln_f_eps = 1e-5 if ln is None else float(ln.eps)
         self.d_model = int(tr.cfg.d_model)
-        self.lm_head = _Linear(model.lm_head)
+        self.lm_head = ScriptedLinear(model.lm_head)
         self.vocab_size = int(model.vocab_size)
 
     def _layers(self, x: Tensor, mask: Tensor | None, k_bufs: list[Tensor], v_bufs: list[Tensor],
@@ -222,10 +159,9 @@ def scriptable(model: nn.Module) -> str | None:
             return f"its activation {type(mlp.activation).__name__} has no scripted form"
         layers += [attn.qkv_proj, attn.out_proj, mlp.linear1, mlp.linear2]
     for layer in layers:
-        if type(layer) not in (nn.Linear, PackedLinear):
-            return f"it has {type(layer).__name__} layers (only fp32 nn.Linear and PackedLinear are scripted)"
-        if layer.weight.dtype != torch.float32 or layer.weight.device.type != "cpu":
-            return "its weights are not fp32 on the CPU"
+        why = scriptable_linear(layer)
+        if why is not None:
+            return why
     if tr.wte.embedding.weight.dtype != torch.float32:
         return "its embeddings are not fp32"
     return None
@@ -236,7 +172,4 @@ def script_decoder(model: nn.Module) -> torch.jit.ScriptModule:
     why = scriptable(model)
     if why is not None:
         raise ValueError(f"cannot script this model's decoding step: {why}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is in maintenance; this use is stable
-        scripted = torch.jit.script(_Decoder(model).eval())
-    return scripted
+    return script(_Decoder(model))

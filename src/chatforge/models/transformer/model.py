@@ -25,6 +25,7 @@ from chatforge.modules import (
     load_stack_from_torch,
     padding_mask,
 )
+from chatforge.modules.scripted import plain_executor
 from chatforge.registry import BuildContext
 from chatforge.tasks import IGNORE_INDEX
 
@@ -98,6 +99,43 @@ class TransformerSeq2Seq(nn.Module):
             self.lm_head.weight = self.tgt_embed.weight  # paper section 3.4: one matrix, three uses
         else:
             nn.init.normal_(self.lm_head.weight, std=d**-0.5)
+
+    # The scripted decoding step (use_scripted_step), kept out of the module tree: not a submodule, so it is in no
+    # state_dict and no .to(); it reads the weights as they were when it was built.
+    _scripted_step: torch.jit.ScriptModule | None = None
+
+    def use_scripted_step(self, enable: bool = True) -> str | None:
+        """Decode continuous-batching steps (``Seq2SeqStepModel.step``/``verify``) with the TorchScript step of
+        :mod:`chatforge.models.transformer.scripted` (the same logits; the GIL given up for the whole step), for
+        inference: build it after the last change to the weights. Returns None when it is used, else why not (the
+        model then decodes eagerly); ``enable=False`` drops it."""
+        from chatforge.models.transformer.scripted import script_decoder, scriptable
+
+        object.__setattr__(self, "_scripted_step", None)
+        if not enable:
+            return None
+        why = scriptable(self)
+        if why is None:
+            object.__setattr__(self, "_scripted_step", script_decoder(self))
+        return why
+
+    def scripted_logits(self, tokens: Tensor, positions: Tensor, self_mask: Tensor | None,
+                        memory_mask: Tensor | None, caches: list[DecoderLayerCache]) -> Tensor | None:
+        """Logits (B, T, V) of ``tokens`` (B, T) at decoder ``positions`` (B, T) over the caches, whose
+        self-attention keys and values gain the T positions, from the scripted step; None (nothing done) when
+        there is none to use: not built, in training mode, under autocast, or caches not filled yet."""
+        scripted = self._scripted_step
+        if scripted is None or self.training or torch.is_autocast_enabled(tokens.device.type):
+            return None
+        if any(c.self_attn.k is None or c.cross_attn.k is None for c in caches):
+            return None
+        with plain_executor():
+            logits, keys, values = scripted(tokens, positions, self_mask, memory_mask,
+                                            [c.self_attn.k for c in caches], [c.self_attn.v for c in caches],
+                                            [c.cross_attn.k for c in caches], [c.cross_attn.v for c in caches])
+        for c, k, v in zip(caches, keys, values, strict=True):
+            c.self_attn.k, c.self_attn.v = k, v
+        return logits
 
     def _embed(self, embed: TokenEmbedding, ids: Tensor, offset: int = 0) -> Tensor:
         return self.dropout(embed(ids) + self.positions(ids.size(1), offset))  # (B, T, D)

@@ -92,6 +92,11 @@ class Seq2SeqStepModel:
                 self_mask = (keys[None, :] >= (width - state.lens)[:, None])[:, None, None, :]  # (B, 1, 1, T+1)
             else:
                 self_mask = state.key_mask = F.pad(state.key_mask, (0, 1), value=True)
+            logits = m.scripted_logits(tokens[:, None], state.lens[:, None], self_mask, state.memory_mask,
+                                       state.caches)
+            if logits is not None:
+                state.lens = state.lens + 1
+                return logits[:, 0].float()  # (B, V)
             y = m.decoder(y, state.memory, self_mask=self_mask, memory_mask=state.memory_mask, cache=state.caches)
             state.lens = state.lens + 1
             return m.lm_head(y[:, 0]).float()  # (B, V)
@@ -110,6 +115,9 @@ class Seq2SeqStepModel:
             width = len(state.caches[0].self_attn)
             causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
             self_mask = torch.cat([_keys(state).expand(b, 1, t, width), causal.expand(b, 1, t, t)], dim=-1)
+            logits = m.scripted_logits(tokens, pos, self_mask, state.memory_mask, state.caches)
+            if logits is not None:
+                return logits.float()  # (B, T, V)
             y = m.decoder(y, state.memory, self_mask=self_mask, memory_mask=state.memory_mask, cache=state.caches)
             return m.lm_head(y).float()  # (B, T, V)
 

@@ -1,0 +1,163 @@
+"""The Transformer generator's decoding step for continuous batching as one TorchScript graph: what
+``Seq2SeqStepModel.step`` and ``verify`` compute after their masks (target embedding and positions, every decoder
+layer over its self- and cross-attention caches, the final norm, the LM head), run with the GIL released.
+
+The same ops in the same order as the eager modules (``TransformerDecoderLayer``, ``MultiHeadAttention`` with
+separate q/k/v projections, ``FeedForward``), and each linear layer's kernel chosen as its
+:class:`~chatforge.modules.linear.PackedLinear` would (:class:`~chatforge.modules.scripted.ScriptedLinear`), so the
+logits are bit for bit the eager ones (tests/models/test_transformer_scripted.py). The self-attention keys and values
+are appended as ``KVCache.append`` does (``torch.cat``) and returned, the caller storing them; the prefill (the
+encoder and the first step, which fills the cross-attention caches) stays eager. fp32 models only
+(:func:`scriptable`); why a scripted step: ``chatforge.modules.scripted``.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from chatforge.modules.scripted import ScriptedLinear, script, scriptable_linear
+
+__all__ = ["script_decoder", "scriptable"]
+
+
+class _Attention(nn.Module):
+    """``MultiHeadAttention`` (q, k and v projected apart) in eval mode."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.q, self.k, self.v = ScriptedLinear(attn.q_proj), ScriptedLinear(attn.k_proj), ScriptedLinear(attn.v_proj)
+        self.out = ScriptedLinear(attn.out_proj)
+        self.n_heads, self.head_dim, self.d_model = int(attn.n_heads), int(attn.head_dim), int(attn.d_model)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(x.size(0), x.size(1), self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+    def _out(self, y: Tensor, b: int, t: int) -> Tensor:
+        return self.out(y.transpose(1, 2).reshape(b, t, self.d_model))
+
+    def self_attend(self, x: Tensor, mask: Tensor | None, k_cache: Tensor,
+                    v_cache: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, t = x.size(0), x.size(1)
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        k = torch.cat([k_cache, k], dim=2)  # (B, H, L + T, Dh)
+        v = torch.cat([v_cache, v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        return self._out(y, b, t), k, v
+
+    def cross_attend(self, x: Tensor, mask: Tensor | None, k: Tensor, v: Tensor) -> Tensor:
+        b, t = x.size(0), x.size(1)
+        q = self._heads(self.q(x))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        return self._out(y, b, t)
+
+
+class _Layer(nn.Module):
+    """``TransformerDecoderLayer.forward`` in eval mode (dropout is the identity)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.norm_first = bool(layer.norm_first)
+        self.self_attn, self.cross_attn = _Attention(layer.self_attn), _Attention(layer.cross_attn)
+        self.fc1, self.fc2 = ScriptedLinear(layer.ff.linear1), ScriptedLinear(layer.ff.linear2)
+        act = layer.ff.activation
+        self.relu = isinstance(act, nn.ReLU)
+        self.approximate = "none" if self.relu else str(act.approximate)
+        norms = (layer.norm1, layer.norm2, layer.norm3)
+        self.w1, self.w2, self.w3 = (n.weight.detach() for n in norms)
+        self.b1, self.b2, self.b3 = (n.bias.detach() for n in norms)
+        self.e1, self.e2, self.e3 = (float(n.eps) for n in norms)
+        self.d_model = int(layer.norm1.normalized_shape[0])
+
+    def _ff(self, y: Tensor) -> Tensor:
+        z = self.fc1(y)
+        z = F.relu(z) if self.relu else F.gelu(z, approximate=self.approximate)
+        return self.fc2(z)
+
+    def forward(self, y: Tensor, memory_mask: Tensor | None, self_mask: Tensor | None, k_self: Tensor,
+                v_self: Tensor, k_cross: Tensor, v_cross: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        shape = [self.d_model]
+        if self.norm_first:
+            a, k, v = self.self_attn.self_attend(F.layer_norm(y, shape, self.w1, self.b1, self.e1), self_mask,
+                                                 k_self, v_self)
+            y = y + a
+            y = y + self.cross_attn.cross_attend(F.layer_norm(y, shape, self.w2, self.b2, self.e2), memory_mask,
+                                                 k_cross, v_cross)
+            return y + self._ff(F.layer_norm(y, shape, self.w3, self.b3, self.e3)), k, v
+        a, k, v = self.self_attn.self_attend(y, self_mask, k_self, v_self)
+        y = F.layer_norm(y + a, shape, self.w1, self.b1, self.e1)
+        y = F.layer_norm(y + self.cross_attn.cross_attend(y, memory_mask, k_cross, v_cross), shape, self.w2, self.b2,
+                         self.e2)
+        return F.layer_norm(y + self._ff(y), shape, self.w3, self.b3, self.e3), k, v
+
+
+class _Decoder(nn.Module):
+    """Tokens at their positions over every layer's caches -> (logits (B, T, V), each layer's new self keys and
+    values)."""
+
+    norm_w: Tensor | None
+    norm_b: Tensor | None
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.embed = model.tgt_embed.embedding.weight.detach()
+        self.scale = float(model.tgt_embed.scale)
+        self.table = model.positions.table
+        self.layers = nn.ModuleList(_Layer(layer) for layer in model.decoder.layers)
+        norm = model.decoder.norm
+        self.norm_w = None if norm is None else norm.weight.detach()
+        self.norm_b = None if norm is None else norm.bias.detach()
+        self.norm_eps = 1e-5 if norm is None else float(norm.eps)
+        self.d_model = int(model.cfg.d_model)
+        self.lm_head = ScriptedLinear(model.lm_head)
+
+    def forward(self, tokens: Tensor, positions: Tensor, self_mask: Tensor | None, memory_mask: Tensor | None,
+                k_self: list[Tensor], v_self: list[Tensor], k_cross: list[Tensor],
+                v_cross: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        y = F.embedding(tokens, self.embed) * self.scale + self.table[positions]  # (B, T, D)
+        new_k: list[Tensor] = []
+        new_v: list[Tensor] = []
+        i = 0
+        for layer in self.layers:
+            y, k, v = layer(y, memory_mask, self_mask, k_self[i], v_self[i], k_cross[i], v_cross[i])
+            new_k.append(k)
+            new_v.append(v)
+            i += 1
+        w, b = self.norm_w, self.norm_b
+        if w is not None and b is not None:
+            y = F.layer_norm(y, [self.d_model], w, b, self.norm_eps)
+        if y.size(1) == 1:  # one token per row: the eager step's (B, D) call, then (B, 1, V)
+            return self.lm_head(y[:, 0]).unsqueeze(1), new_k, new_v
+        return self.lm_head(y), new_k, new_v
+
+
+def scriptable(model: nn.Module) -> str | None:
+    """None when :func:`script_decoder` can script ``model`` (a ``TransformerSeq2Seq``), else why not."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or not hasattr(model, "tgt_embed") or not hasattr(model, "lm_head"):
+        return "not a Transformer encoder-decoder"
+    if model.training:
+        return "in training mode"
+    layers = [model.lm_head]
+    for layer in decoder.layers:
+        for attn in (layer.self_attn, layer.cross_attn):
+            if attn.fused_qkv:
+                return "its attention projections are fused"
+            layers += [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj]
+        if not isinstance(layer.ff.activation, (nn.GELU, nn.ReLU)):
+            return f"its activation {type(layer.ff.activation).__name__} has no scripted form"
+        layers += [layer.ff.linear1, layer.ff.linear2]
+    for layer in layers:
+        why = scriptable_linear(layer)
+        if why is not None:
+            return why
+    if model.tgt_embed.embedding.weight.dtype != torch.float32 or model.positions.table.dtype != torch.float32:
+        return "its embeddings are not fp32"
+    return None
+
+
+def script_decoder(model: nn.Module) -> torch.jit.ScriptModule:
+    """The scripted decoding step of ``model`` (see :func:`scriptable`); ValueError when it has none."""
+    why = scriptable(model)
+    if why is not None:
+        raise ValueError(f"cannot script this model's decoding step: {why}")
+    return script(_Decoder(model))

@@ -1,0 +1,111 @@
+"""What the scripted decoding steps of the families share (``chatforge.models.gpt.scripted``,
+``chatforge.models.transformer.scripted``): a linear layer that repeats :class:`PackedLinear`'s choice of kernel
+inside a TorchScript graph, the ``CHATFORGE_DECODE_STEP`` switch, and how a step is scripted and run.
+
+Why a scripted step at all: served, a model's thread shares Python's GIL with the gRPC event loop; an eager step
+gives the GIL up and takes it back around each torch op, and waits whenever the loop holds it, while TorchScript's
+interpreter runs a whole graph with the GIL released (docs/architecture.md, "Served fp32 generators decode with a
+TorchScript step").
+"""
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from chatforge.modules.linear import PackedLinear
+
+# ``CHATFORGE_DECODE_STEP``: ``auto`` (default) serves fp32 GPT and Transformer generators with their scripted
+# step where the family's ``scriptable`` allows, ``eager`` never (the A/B switch of ``benchmarks/served_generation.py --eager-step``,
+# and an operator's way back should a torch release change TorchScript).
+DECODE_STEP_ENV = "CHATFORGE_DECODE_STEP"
+DECODE_STEP_CHOICES = ("auto", "eager")
+
+
+def decode_step_mode(environ=None) -> str:
+    """``CHATFORGE_DECODE_STEP``, checked: ``auto`` or ``eager``."""
+    env = os.environ if environ is None else environ
+    choice = env.get(DECODE_STEP_ENV, "auto").strip().lower() or "auto"
+    if choice not in DECODE_STEP_CHOICES:
+        raise ValueError(f"{DECODE_STEP_ENV}={env.get(DECODE_STEP_ENV)!r} is not supported; allowed: "
+                         f"{', '.join(DECODE_STEP_CHOICES)}")
+    return choice
+
+
+_NO_LIMIT = -1
+
+
+def _no_scalars() -> list[int | float | complex | None]:
+    """The op's empty ``Scalar?[]`` argument, typed as TorchScript's ``number``."""
+    return []
+
+
+class ScriptedLinear(nn.Module):
+    """One linear layer: ``PackedLinear.fn``'s choice of kernel, or ``F.linear`` for a plain ``nn.Linear``."""
+
+    bias: Tensor | None
+    packed: Tensor | None
+    transposed: Tensor | None
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.weight = layer.weight.detach()
+        self.bias = None if layer.bias is None else layer.bias.detach()
+        self.width = int(layer.in_features)
+        self.packed = None
+        self.transposed = None
+        self.least = 0
+        self.most = _NO_LIMIT
+        if isinstance(layer, PackedLinear):
+            self.packed = layer.packed
+            self.transposed = getattr(layer, "transposed", None)
+            policy = layer.policy
+            self.least = -(-policy.min_macs // layer.out_features)
+            self.most = policy.max_rows * layer.in_features if policy.max_rows is not None else _NO_LIMIT
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.numel()
+        transposed = self.transposed
+        bias = self.bias
+        if transposed is not None and n == self.width:  # one row
+            row = x.reshape(1, self.width)
+            if bias is None:
+                y = torch.mm(row, transposed)
+            else:
+                y = torch.addmm(bias, row, transposed)
+            shape = x.shape[:-1]
+            shape.append(-1)
+            return y.view(shape)
+        packed = self.packed
+        if packed is not None:
+            if n >= self.least and (self.most < 0 or n <= self.most):
+                return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", _no_scalars(), "")
+        return F.linear(x, self.weight, bias)
+
+
+def scriptable_linear(layer: nn.Module) -> str | None:
+    """None when :class:`ScriptedLinear` can stand for ``layer``, else why not."""
+    if type(layer) not in (nn.Linear, PackedLinear):
+        return f"it has {type(layer).__name__} layers (only fp32 nn.Linear and PackedLinear are scripted)"
+    if layer.weight.dtype != torch.float32 or layer.weight.device.type != "cpu":
+        return "its weights are not fp32 on the CPU"
+    return None
+
+
+def script(module: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script(module)``, TorchScript's maintenance-mode warning silenced (this use is stable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(module.eval())
+
+
+@contextlib.contextmanager
+def plain_executor() -> Iterator[None]:
+    """Run scripted steps on TorchScript's plain executor: the profiling one would respecialise the graph as a
+    cache grows and fuses ops, which changes float rounding; the plain one runs the graph as written."""
+    with torch.jit.optimized_execution(False):
+        yield
