@@ -11,7 +11,7 @@ TorchScript step").
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,20 @@ def script(module: nn.Module) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.script(module.eval())
+
+
+def attach_scripted_step(model: nn.Module, scriptable: Callable[[nn.Module], str | None],
+                         build: Callable[[nn.Module], torch.jit.ScriptModule], enable: bool = True) -> str | None:
+    """A family's ``use_scripted_step``: store ``build(model)`` as ``model._scripted_step`` where ``scriptable(model)``
+    has no objection (returns None), else leave None there and return the objection; ``enable=False`` drops it. Set
+    past ``nn.Module.__setattr__``, so the scripted module is no submodule: in no state_dict, moved by no ``.to()``."""
+    object.__setattr__(model, "_scripted_step", None)
+    if not enable:
+        return None
+    why = scriptable(model)
+    if why is None:
+        object.__setattr__(model, "_scripted_step", build(model))
+    return why
 
 
 @contextlib.contextmanager

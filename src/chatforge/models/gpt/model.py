@@ -46,7 +46,7 @@ from chatforge.modules import (
     apply_linear,
     linear_fn,
 )
-from chatforge.modules.scripted import plain_executor
+from chatforge.modules.scripted import attach_scripted_step, plain_executor
 from chatforge.registry import BuildContext
 from chatforge.tasks import IGNORE_INDEX
 from chatforge.tokenizer import SpecialIds
@@ -361,13 +361,7 @@ class GPTLMHeadModel(_GPTHeadBase):
         ``enable=False`` drops it."""
         from chatforge.models.gpt.scripted import script_decoder, scriptable
 
-        object.__setattr__(self, "_scripted_step", None)
-        if not enable:
-            return None
-        why = scriptable(self)
-        if why is None:
-            object.__setattr__(self, "_scripted_step", script_decoder(self))
-        return why
+        return attach_scripted_step(self, scriptable, script_decoder, enable)
 
     def scripted_logits(self, tokens: Tensor, position_ids: Tensor, mask: Tensor | None,
                         caches: list[GrowingKVCache]) -> Tensor | None:

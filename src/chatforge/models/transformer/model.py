@@ -25,7 +25,7 @@ from chatforge.modules import (
     load_stack_from_torch,
     padding_mask,
 )
-from chatforge.modules.scripted import plain_executor
+from chatforge.modules.scripted import attach_scripted_step, plain_executor
 from chatforge.registry import BuildContext
 from chatforge.tasks import IGNORE_INDEX
 
@@ -111,13 +111,7 @@ class TransformerSeq2Seq(nn.Module):
         model then decodes eagerly); ``enable=False`` drops it."""
         from chatforge.models.transformer.scripted import script_decoder, scriptable
 
-        object.__setattr__(self, "_scripted_step", None)
-        if not enable:
-            return None
-        why = scriptable(self)
-        if why is None:
-            object.__setattr__(self, "_scripted_step", script_decoder(self))
-        return why
+        return attach_scripted_step(self, scriptable, script_decoder, enable)
 
     def scripted_logits(self, tokens: Tensor, positions: Tensor, self_mask: Tensor | None,
                         memory_mask: Tensor | None, caches: list[DecoderLayerCache]) -> Tensor | None:
