@@ -84,8 +84,6 @@ class Seq2SeqStepModel:
         m = self.model
         with torch.inference_mode(), autocast_for(m):
             width = len(state.caches[0].self_attn)  # T: cached positions (right-aligned)
-            # Sinusoidal positions are a fixed (max_len, D) table: one row per sequence's own position.
-            y = m.dropout(m.tgt_embed(tokens[:, None]) + m.positions.table[state.lens][:, None])  # (B, 1, D)
             if state.key_mask is None:
                 # After this step appends one key, key j of T+1 belongs to row i iff j >= T - lens[i].
                 keys = torch.arange(width + 1, device=tokens.device)
@@ -97,6 +95,8 @@ class Seq2SeqStepModel:
             if logits is not None:
                 state.lens = state.lens + 1
                 return logits[:, 0].float()  # (B, V)
+            # Sinusoidal positions are a fixed (max_len, D) table: one row per sequence's own position.
+            y = m.dropout(m.tgt_embed(tokens[:, None]) + m.positions.table[state.lens][:, None])  # (B, 1, D)
             y = m.decoder(y, state.memory, self_mask=self_mask, memory_mask=state.memory_mask, cache=state.caches)
             state.lens = state.lens + 1
             return m.lm_head(y[:, 0]).float()  # (B, V)
@@ -111,13 +111,13 @@ class Seq2SeqStepModel:
             dev = state.lens.device
             tokens = tokens.to(dev)
             pos = (state.lens[:, None] + torch.arange(t, device=dev)).clamp(max=m.positions.table.size(0) - 1)
-            y = m.dropout(m.tgt_embed(tokens) + m.positions.table[pos])  # (B, T, D)
             width = len(state.caches[0].self_attn)
             causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
             self_mask = torch.cat([_keys(state).expand(b, 1, t, width), causal.expand(b, 1, t, t)], dim=-1)
             logits = m.scripted_logits(tokens, pos, self_mask, state.memory_mask, state.caches)
             if logits is not None:
                 return logits.float()  # (B, T, V)
+            y = m.dropout(m.tgt_embed(tokens) + m.positions.table[pos])  # (B, T, D)
             y = m.decoder(y, state.memory, self_mask=self_mask, memory_mask=state.memory_mask, cache=state.caches)
             return m.lm_head(y).float()  # (B, T, V)
 
