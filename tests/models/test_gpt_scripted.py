@@ -197,3 +197,25 @@ def test_serving_loads_fp32_gpt_generators_with_the_scripted_step_unless_told_ea
     # The same greedy reply either way.
     o = GenerationOptions(max_new_tokens=12)
     assert [d.token_id for d in scripted.stream("안녕하세요", o)] == [d.token_id for d in eager.stream("안녕하세요", o)]
+
+
+def test_threads_sharing_one_scripted_step_each_get_the_eager_logits():
+    """The batcher and the per-request threads (beam search, the fallback runner) may run one model's scripted step at
+    once; TorchScript's executor setting is per thread, and each thread's caches are its own."""
+    import threading
+
+    eager, scripted = pair(False)
+    want = transcript(eager)
+    got: dict[int, list[torch.Tensor]] = {}
+
+    def run(i: int) -> None:
+        got[i] = transcript(scripted)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(got) == [0, 1, 2]
+    for out in got.values():
+        assert all(torch.equal(x, y) for x, y in zip(want, out, strict=True))
