@@ -116,6 +116,7 @@ class PackedLinear(nn.Module):
         # Bounds on x.numel() (rows x inputs): at least min_macs multiply-adds, at most max_rows rows.
         least = -(-policy.min_macs // layer.out_features)  # multiply-adds = x.numel() x outputs
         most = policy.max_rows * layer.in_features if policy.max_rows is not None else None
+        self.least_elements, self.most_elements = least, most  # read by modules.scripted.ScriptedLinear
 
         one_row = policy.one_row_transposed and layer.out_features >= layer.in_features
         if one_row:

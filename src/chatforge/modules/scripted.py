@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from chatforge.modules.linear import PackedLinear
 
 # ``CHATFORGE_DECODE_STEP``: ``auto`` (default) serves fp32 GPT and Transformer generators with their scripted
-# step where the family's ``scriptable`` allows, ``eager`` never (the A/B switch of ``benchmarks/served_generation.py --eager-step``,
-# and an operator's way back should a torch release change TorchScript).
+# step where the family's ``scriptable`` allows, ``eager`` never (the A/B switch of
+# ``benchmarks/served_generation.py --eager-step``, and an operator's way back should a torch release change
+# TorchScript).
 DECODE_STEP_ENV = "CHATFORGE_DECODE_STEP"
 DECODE_STEP_CHOICES = ("auto", "eager")
 
@@ -45,7 +46,8 @@ def _no_scalars() -> list[int | float | complex | None]:
 
 
 class ScriptedLinear(nn.Module):
-    """One linear layer: ``PackedLinear.fn``'s choice of kernel, or ``F.linear`` for a plain ``nn.Linear``."""
+    """One linear layer: ``PackedLinear.fn``'s choice of kernel (its bounds on a call's elements, its one-row
+    transposed copy), or ``F.linear`` for a plain ``nn.Linear``."""
 
     bias: Tensor | None
     packed: Tensor | None
@@ -63,9 +65,9 @@ class ScriptedLinear(nn.Module):
         if isinstance(layer, PackedLinear):
             self.packed = layer.packed
             self.transposed = getattr(layer, "transposed", None)
-            policy = layer.policy
-            self.least = -(-policy.min_macs // layer.out_features)
-            self.most = policy.max_rows * layer.in_features if policy.max_rows is not None else _NO_LIMIT
+            most = layer.most_elements
+            self.least = layer.least_elements
+            self.most = most if most is not None else _NO_LIMIT
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.numel()
