@@ -219,3 +219,27 @@ def test_threads_sharing_one_scripted_step_each_get_the_eager_logits():
     assert sorted(got) == [0, 1, 2]
     for out in got.values():
         assert all(torch.equal(x, y) for x, y in zip(want, out, strict=True))
+
+
+def test_a_torch_that_cannot_compile_the_step_serves_it_eagerly(tmp_path, monkeypatch, caplog):
+    """A torch build without oneDNN's linear op (named in the graph) or a TorchScript change must not keep a bundle from
+    loading: the model decodes eagerly and the log says why."""
+    from chatforge.decoding import GenerationOptions
+    from chatforge.inference import load_model
+    def refuses(module):
+        raise RuntimeError("Unknown builtin op: mkldnn::_linear_pointwise.\nHere are some suggestions: ...")
+
+    m = lm()
+    monkeypatch.setattr(torch.jit, "script", refuses)
+    why = m.use_scripted_step()
+    assert why == ("TorchScript could not compile its step (RuntimeError: Unknown builtin op: "
+                   "mkldnn::_linear_pointwise.)")
+    assert m._scripted_step is None
+    bundle = _gpt_bundle(tmp_path)
+    monkeypatch.delenv(DECODE_STEP_ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger="chatforge.inference"):
+        gen = load_model(bundle, "chat")
+    assert gen.bundle.model._scripted_step is None
+    assert any("eager (no scripted step: TorchScript could not compile its step" in r.getMessage()
+               for r in caplog.records)
+    assert [d.token_id for d in gen.stream("안녕하세요", GenerationOptions(max_new_tokens=4))]

@@ -108,15 +108,23 @@ def script(module: nn.Module) -> torch.jit.ScriptModule:
 def attach_scripted_step(model: nn.Module, scriptable: Callable[[nn.Module], str | None],
                          build: Callable[[nn.Module], torch.jit.ScriptModule], enable: bool = True) -> str | None:
     """A family's ``use_scripted_step``: store ``build(model)`` as ``model._scripted_step`` where ``scriptable(model)``
-    has no objection (returns None), else leave None there and return the objection; ``enable=False`` drops it. Set
-    past ``nn.Module.__setattr__``, so the scripted module is no submodule: in no state_dict, moved by no ``.to()``."""
+    has no objection (returns None), else leave None there and return the objection; a ``build`` that fails (this
+    torch cannot compile the graph) is an objection too, so the model decodes eagerly and the caller logs why instead
+    of failing to load. ``enable=False`` drops it. Set past ``nn.Module.__setattr__``, so the scripted module is no
+    submodule: in no state_dict, moved by no ``.to()``."""
     object.__setattr__(model, "_scripted_step", None)
     if not enable:
         return None
     why = scriptable(model)
-    if why is None:
-        object.__setattr__(model, "_scripted_step", build(model))
-    return why
+    if why is not None:
+        return why
+    try:
+        scripted = build(model)
+    except Exception as e:  # noqa: BLE001 - a torch build that cannot script this graph decodes eagerly
+        # e.g. a build without oneDNN's linear op (the graph names it), or a TorchScript change in a later release
+        return f"TorchScript could not compile its step ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+    object.__setattr__(model, "_scripted_step", scripted)
+    return None
 
 
 @contextlib.contextmanager
