@@ -113,6 +113,21 @@ class _StoreCollector(Collector):
         yield turns
 
 
+class _LogCollector(Collector):
+    """The log writer's state (a :class:`chatforge.serving.observability.BackgroundLogHandler`), read at scrape time:
+    records waiting to be written (they pile up while the sink, stderr or the log file, takes none) and records
+    dropped because the queue was full."""
+
+    def __init__(self, namespace: str, handler: Any) -> None:
+        self._prefix, self._handler = (f"{namespace}_log" if namespace else "log"), handler
+
+    def collect(self) -> Iterator[Any]:
+        p, h = self._prefix, self._handler
+        yield GaugeMetricFamily(f"{p}_pending_records", "Log records accepted and not yet written.", value=h.pending)
+        yield CounterMetricFamily(f"{p}_dropped_records", "Log records dropped: the log sink took none while "
+                                  f"{h.capacity} were waiting.", value=h.dropped)
+
+
 class ServingMetrics:
     """The server's metrics and the hooks that feed them.
 
@@ -171,7 +186,7 @@ class ServingMetrics:
         # labels() builds a key and takes the metric's lock on every call; the per-token and
         # per-step hooks look their children up here instead (children are never removed).
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._namespace, self._store_watched = ns, False
+        self._namespace, self._store_watched, self._logs_watched = ns, False, False
 
     def watch_store(self, store: Any) -> None:
         """Export ``store``'s state (a :class:`chatforge.serving.store.ConversationStore`) as
@@ -179,6 +194,13 @@ class ServingMetrics:
         if not self._store_watched:
             self.registry.register(_StoreCollector(self._namespace, store))
             self._store_watched = True
+
+    def watch_logs(self, handler: Any) -> None:
+        """Export ``handler``'s state (a :class:`chatforge.serving.observability.BackgroundLogHandler`) as
+        ``<namespace>_log_*``; once per registry."""
+        if not self._logs_watched:
+            self.registry.register(_LogCollector(self._namespace, handler))
+            self._logs_watched = True
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), labels)

@@ -14,8 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
+import queue
 import re
+import select
 import sys
+import threading
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,6 +30,7 @@ from chatforge.settings import LOG_HANDLER_ATTR, Settings, SettingsError, get_se
 
 __all__ = [
     "FAILURE_REASONS",
+    "BackgroundLogHandler",
     "HumanFormatter",
     "JsonFormatter",
     "MetricsHTTPServer",
@@ -120,6 +126,16 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")}
 
 
+# Where BackgroundLogHandler keeps the request and session ids of the thread that logged a record: the formatters
+# run in its writer thread, where the contextvars hold nothing. Underscored, so never an extra field.
+_IDS_ATTR = "_chatforge_ids"
+
+
+def _ids(record: logging.LogRecord) -> tuple[str | None, str | None]:
+    ids = getattr(record, _IDS_ATTR, None)
+    return ids if ids is not None else (request_id_var.get(), session_id_var.get())
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
 
@@ -128,13 +144,14 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, event, request_id, session_id, extras."""
 
     def format(self, record: logging.LogRecord) -> str:
+        request_id, session_id = _ids(record)
         doc: dict[str, Any] = {
             "time": _iso(record.created),
             "level": record.levelname,
             "logger": record.name,
             "event": record.getMessage(),
-            "request_id": request_id_var.get(),
-            "session_id": session_id_var.get(),
+            "request_id": request_id,
+            "session_id": session_id,
         }
         for key, value in _extras(record).items():
             # An explicit extra wins, also over the request/session ids read from the
@@ -161,9 +178,10 @@ class HumanFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ids = []
-        if (rid := request_id_var.get()) is not None:
+        rid, sid = _ids(record)
+        if rid is not None:
             ids.append(f"req={rid}")
-        if (sid := session_id_var.get()) is not None:
+        if sid is not None:
             ids.append(f"sess={sid}")
         parts = [_iso(record.created), f"{record.levelname:<7}", record.name]
         if ids:
@@ -193,7 +211,188 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def configure_logging(settings: Settings | None = None, *, logger: logging.Logger | None = None) -> list[logging.Handler]:
+# Records a server holds for its log writer while the sink (stderr, the log file) is slower than the server or has
+# stopped taking lines; past this the newest are dropped and counted (some MB of records).
+LOG_QUEUE_RECORDS = 10_000
+# How long flush() and close() (at exit) wait for the writer to write what is queued.
+LOG_DRAIN_TIMEOUT_S = 5.0
+
+
+class _StderrFdWriter(_StderrHandler):
+    """The stderr sink of a :class:`BackgroundLogHandler`: only its writer thread calls it, so no handler lock, and a
+    line goes to the file descriptor with ``os.write`` when ``sys.stderr`` is the process's own. A writer blocked
+    there (a pipe nobody reads) holds no lock of Python's: the process still exits (a blocked ``sys.stderr.write``
+    holds the buffer's lock, which the interpreter needs at exit), and ``logging.shutdown`` still takes this
+    handler's lock."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            stream = sys.stderr
+            if stream is not sys.__stderr__ or stream is None:
+                if stream is not None:
+                    stream.write(line)
+                    stream.flush()
+                return
+            fd = stream.fileno()
+            data = line.encode(stream.encoding or "utf-8", "backslashreplace")
+            stream.flush()  # what others left in its buffer goes first
+            while data:
+                try:
+                    data = data[os.write(fd, data):]
+                except BlockingIOError:  # someone made the descriptor non-blocking: wait until it takes bytes
+                    select.select([], [fd], [], 1.0)
+        except Exception:
+            self.handleError(record)
+
+
+class BackgroundLogHandler(logging.Handler):
+    """Hands each record to one writer thread, which passes it to ``targets`` (stderr, the log file).
+
+    A server that wrote its lines itself stopped serving when its sink stopped taking them (a pipe nobody reads, a
+    terminal paused with Ctrl-S, a container log driver in blocking mode): the asyncio event loop waited in
+    ``write`` and every call with it, health checks included. Here a stalled sink stalls the writer only. Records
+    queue up to ``capacity``; past that the newest are dropped and counted (``dropped``), and the writer says how
+    many in a warning line as soon as it writes again. Lines are formatted (JSON, secrets masked) in the writer
+    thread, off the event loop and the decoding threads; what a record needs from the thread that logged it is
+    taken in :meth:`emit`: its message with the arguments filled in, its traceback as text, the request and
+    session ids. After :meth:`close`, records are written in the calling thread, as a plain handler would.
+    """
+
+    def __init__(self, targets: list[logging.Handler], *, capacity: int = LOG_QUEUE_RECORDS) -> None:
+        super().__init__()
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.targets = list(targets)
+        self.capacity = capacity
+        self.dropped = 0  # records dropped because the queue was full, since the start
+        self._unreported = 0
+        self._closed = False
+        self._written = 0  # records the writer has finished with
+        self._stalled = (-1, 0.0)  # (_written, seconds): how long waits timed out while the writer wrote nothing
+        self._state = threading.Lock()
+        self._queue: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize=capacity)
+        self._thread = threading.Thread(target=self._run, name="chatforge-log", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Records accepted and not yet written."""
+        return self._queue.unfinished_tasks
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            record.msg, record.args = record.getMessage(), None
+            if record.exc_info:
+                if not record.exc_text:
+                    record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+                record.exc_info = None  # the traceback holds every frame's locals alive until written
+            setattr(record, _IDS_ATTR, (request_id_var.get(), session_id_var.get()))
+        except Exception:
+            self.handleError(record)
+            return
+        if self._closed:
+            self._write(record)
+            return
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            with self._state:
+                self.dropped += 1
+                self._unreported += 1
+
+    def _run(self) -> None:
+        while True:
+            record = self._queue.get()
+            try:
+                with self._state:
+                    lost, self._unreported = self._unreported, 0
+                if lost:
+                    self._write(self._drop_record(lost))
+                if record is None:
+                    return
+                self._write(record)
+            finally:
+                self._written += 1
+                self._queue.task_done()
+
+    def _write(self, record: logging.LogRecord) -> None:
+        for target in self.targets:
+            if record.levelno >= target.level:
+                try:
+                    target.handle(record)
+                except Exception:  # a filter or formatter that raises must not end the writer
+                    target.handleError(record)
+
+    def _drop_record(self, lost: int) -> logging.LogRecord:
+        record = logging.getLogger(__name__).makeRecord(
+            __name__, logging.WARNING, __file__, 0,
+            "log sink fell behind: %d log records dropped (the server holds %d waiting to be written); "
+            "the server went on serving", (lost, self.capacity), None,
+            extra={"log_records_dropped": lost, "log_records_dropped_total": self.dropped})
+        record.msg, record.args = record.getMessage(), None
+        setattr(record, _IDS_ATTR, (None, None))
+        return record
+
+    def flush(self, timeout: float = LOG_DRAIN_TIMEOUT_S) -> bool:
+        """Wait (up to ``timeout`` s) until every record accepted so far is written; False if the sink did not
+        take them in time."""
+        if threading.current_thread() is self._thread:
+            return False
+        patience = self._patience(timeout)
+        deadline = time.monotonic() + patience
+        done = self._queue.all_tasks_done
+        with done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._timed_out(patience)
+                    return False
+                done.wait(left)
+        return True
+
+    def _patience(self, timeout: float) -> float:
+        """``timeout`` less what earlier waits spent timing out while the writer wrote nothing: the server's own
+        flush, then logging's flush and close at exit, wait for a stalled sink once in all, not three times."""
+        written, waited = self._stalled
+        return max(0.0, timeout - waited) if written == self._written else timeout
+
+    def _timed_out(self, waited: float) -> None:
+        written, before = self._stalled
+        self._stalled = (self._written, (before if written == self._written else 0.0) + waited)
+
+    def close(self, timeout: float = LOG_DRAIN_TIMEOUT_S) -> None:
+        """Write what is queued (up to ``timeout`` s: a sink that takes nothing does not hold the process), stop the
+        writer and close the targets it let go of."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+        patience = self._patience(timeout)
+        deadline = time.monotonic() + patience
+        try:
+            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            self._timed_out(patience)
+        else:
+            for target in self.targets:
+                target.close()
+        super().close()
+
+
+_TRACEBACKS = logging.Formatter()
+
+
+def configure_logging(settings: Settings | None = None, *, logger: logging.Logger | None = None,
+                      background: bool = False) -> list[logging.Handler]:
     """Install chatforge's handlers on ``logger`` (the root logger by default); idempotent.
 
     chatforge's own handlers (an earlier call's, and the CLI's console handler) are
@@ -202,11 +401,14 @@ def configure_logging(settings: Settings | None = None, *, logger: logging.Logge
     application) are left alone. Python warnings are routed through the same handlers
     (``logging.captureWarnings``), so in JSON mode every stderr line is a JSON object. The
     log file is only opened when production sinks are enabled (``env != "test"``).
+
+    ``background`` (what a server runs with): one :class:`BackgroundLogHandler` in front of those handlers, so that
+    a sink that stops taking lines never stops the server; returned alone (its ``targets`` are the sinks).
     """
     settings = settings or get_settings()
     target = logger or logging.getLogger()
     formatter: logging.Formatter = JsonFormatter() if settings.log_format == "json" else HumanFormatter()
-    handlers: list[logging.Handler] = [_StderrHandler()]
+    handlers: list[logging.Handler] = [_StderrFdWriter() if background else _StderrHandler()]
     handlers[0].setFormatter(formatter)
     if (path := settings.effective_log_file) is not None:
         # Opened before the current handlers are removed: a log file that cannot be written leaves them as they were.
@@ -230,6 +432,9 @@ def configure_logging(settings: Settings | None = None, *, logger: logging.Logge
             handler.close()
     for handler in handlers:
         handler.addFilter(SecretMaskingFilter())
+    if background:
+        handlers = [BackgroundLogHandler(handlers)]
+    for handler in handlers:
         setattr(handler, _HANDLER_TAG, True)
         target.addHandler(handler)
     target.setLevel(settings.log_level)
@@ -242,8 +447,9 @@ def json_stderr_active(logger: logging.Logger | None = None) -> bool:
     """True when :func:`configure_logging` has put JSON lines on stderr (``CHATFORGE_LOG_FORMAT=json``): what
     is said to the operator from then on must be logged as an event, not printed as text."""
     target = logger or logging.getLogger()
-    return any(getattr(h, _HANDLER_TAG, False) and isinstance(h, _StderrHandler)
-               and isinstance(h.formatter, JsonFormatter) for h in target.handlers)
+    mine = [h for h in target.handlers if getattr(h, _HANDLER_TAG, False)]
+    sinks = [t for h in mine for t in (h.targets if isinstance(h, BackgroundLogHandler) else [h])]
+    return any(isinstance(h, _StderrHandler) and isinstance(h.formatter, JsonFormatter) for h in sinks)
 
 
 def redact_text(text: str | None, settings: Settings | None = None) -> str:

@@ -656,7 +656,8 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
     thread pool (``chatforge.runtime.configure_threads``, one CPU left to the server's own threads).
     """
     settings = settings or get_settings()
-    configure_logging(settings)
+    # A log sink that stops taking lines (a pipe nobody reads) must not stop the server: lines go through a writer thread.
+    [log_writer] = configure_logging(settings, background=True)
     # torch's pool from the CPUs this process may use (affinity, cgroup quota) less one for the server's own threads
     configure_threads(reserve=SERVING_RESERVED_CPUS)
     auth = ApiKeyAuth.from_file(config.api_keys_file, open_health=config.open_health) if config.api_keys_file \
@@ -665,6 +666,7 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
     ops = operations(settings)
     kwargs = config.engine_kwargs()
     kwargs["metrics"] = ops["metrics"]
+    ops["metrics"].watch_logs(log_writer)
     directory = ModelDirectory(config.model_dir, config.pins, config.precision, config.backend, config.backends) \
         if config.model_dir is not None else None
     if directory is not None:
@@ -687,3 +689,4 @@ def run_server(config: ServerConfig, *, settings=None) -> None:
         store = ops["store"]
         store.close(timeout=STORE_FLUSH_TIMEOUT if store.available else STORE_OUTAGE_FLUSH_TIMEOUT)
         ops["alerts"].close(timeout=ALERTS_CLOSE_TIMEOUT)
+        log_writer.flush()  # what the server logged is written before it returns (up to LOG_DRAIN_TIMEOUT_S)
