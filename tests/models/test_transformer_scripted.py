@@ -1,5 +1,5 @@
-"""The Transformer generator's scripted decoding step (chatforge.models.transformer.scripted): the eager step's logits
-bit for bit through steps, speculative verification, joins and leaves (post-LN and pre-LN, ReLU and GELU, tied and
+"""The Transformer generator's scripted prefill and decoding step (chatforge.models.transformer.scripted): the eager
+logits bit for bit through the prefill (encoder and first step), steps, speculative verification, joins and leaves (post-LN and pre-LN, ReLU and GELU, tied and
 untied embeddings, plain and packed linear layers); the models it refuses and why; the fallbacks; and that serving
 turns it on for fp32 Transformer generators. The batcher's seeded scenarios: tests/serving/test_scripted_step_parity.py."""
 
@@ -85,6 +85,32 @@ def test_the_scripted_step_gives_the_eager_logits_bit_for_bit(packed, kw):
         assert torch.equal(x, y), f"logits {i} differ by up to {float((x - y).abs().max())}"
     assert not torch.equal(a[1], a[2])
     assert scripted.model._scripted_step is not None and eager.model._scripted_step is None
+
+
+def test_the_prefill_runs_in_the_graph_with_the_eager_state(monkeypatch):
+    """The encoder and the first step come from the scripted graph (the eager ones are not called) and leave the state
+    the eager prefill leaves: the encoder's output, the padding mask, every cache, bit for bit."""
+    eager, scripted = pair(True if onednn_linear_available() else False, norm_first=True)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    with torch.inference_mode():
+        want, want_logits = eager.prefill(prompts, bos_id=1)
+        m = scripted.model
+        for name in ("init_state", "decode_step", "encode"):
+            monkeypatch.setattr(m, name, lambda *a, _n=name, **k: pytest.fail(f"the eager {_n} ran"))
+        got, got_logits = scripted.prefill(prompts, bos_id=1)
+    assert torch.equal(got_logits, want_logits)
+    assert torch.equal(got.memory, want.memory) and torch.equal(got.memory_mask, want.memory_mask)
+    assert torch.equal(got.lens, want.lens)
+    for a, b in zip(got.caches, want.caches, strict=True):
+        for x, y in ((a.self_attn.k, b.self_attn.k), (a.self_attn.v, b.self_attn.v),
+                     (a.cross_attn.k, b.cross_attn.k), (a.cross_attn.v, b.cross_attn.v)):
+            assert x.shape == y.shape and torch.equal(x, y)
+
+
+def test_a_prompt_the_eager_prefill_refuses_is_refused_the_same_way():
+    _, scripted = pair(False)
+    with torch.inference_mode(), pytest.raises(ValueError, match="max_len is 48"):
+        scripted.prefill([list(range(2, 52))], bos_id=1)
 
 
 def test_the_scripted_step_is_not_part_of_the_module_tree():

@@ -131,6 +131,21 @@ class TransformerSeq2Seq(nn.Module):
             c.self_attn.k, c.self_attn.v = k, v
         return logits
 
+    def scripted_prefill(self, input_ids: Tensor, bos: Tensor) -> tuple[Tensor, Seq2SeqState] | None:
+        """``init_state(input_ids)`` then ``decode_step(bos, state)`` (bos (B, 1)) from the scripted step's graph: the
+        same logits (B, V) and state, bit for bit; None (nothing done) when there is none to use."""
+        scripted = self._scripted_step
+        if scripted is None or self.training or torch.is_autocast_enabled(input_ids.device.type):
+            return None
+        self._check_source(input_ids)
+        mask = padding_mask(input_ids, self.pad_id)
+        with plain_executor():
+            logits, memory, keys, values, cross_k, cross_v = scripted.prefill(input_ids, mask, bos)
+        caches = self.decoder.new_cache()
+        for c, k, v, kc, vc in zip(caches, keys, values, cross_k, cross_v, strict=True):
+            c.self_attn.k, c.self_attn.v, c.cross_attn.k, c.cross_attn.v = k, v, kc, vc
+        return logits, Seq2SeqState(memory=memory, memory_mask=mask, caches=caches, history=None, length=1)
+
     def _embed(self, embed: TokenEmbedding, ids: Tensor, offset: int = 0) -> Tensor:
         return self.dropout(embed(ids) + self.positions(ids.size(1), offset))  # (B, T, D)
 
@@ -159,14 +174,17 @@ class TransformerSeq2Seq(nn.Module):
 
     # ---- incremental decoding interface (see chatforge.decoding) ----
 
-    def init_state(self, input_ids: Tensor, use_cache: bool = True) -> Seq2SeqState:
-        """Encode the source once; input_ids (B, S), right-padded with pad_id."""
+    def _check_source(self, input_ids: Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.size(1) == 0:
             raise ValueError(f"input_ids must be a non-empty (B, S) tensor; got shape {tuple(input_ids.shape)}")
         if input_ids.size(1) > self.max_len:
             raise ValueError(f"input has {input_ids.size(1)} tokens; the model's max_len is {self.max_len}")
         if not padding_mask(input_ids, self.pad_id).any(-1).all():
             raise ValueError("every source row needs at least one non-pad token")
+
+    def init_state(self, input_ids: Tensor, use_cache: bool = True) -> Seq2SeqState:
+        """Encode the source once; input_ids (B, S), right-padded with pad_id."""
+        self._check_source(input_ids)
         memory, mask = self.encode(input_ids)
         return Seq2SeqState(
             memory=memory,

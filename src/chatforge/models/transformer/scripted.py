@@ -1,13 +1,14 @@
-"""The Transformer generator's decoding step for continuous batching as one TorchScript graph: what
-``Seq2SeqStepModel.step`` and ``verify`` compute after their masks (target embedding and positions, every decoder
-layer over its self- and cross-attention caches, the final norm, the LM head), run with the GIL released.
+"""The Transformer generator's prefill and decoding step for continuous batching as TorchScript graphs, run with the
+GIL released: what ``Seq2SeqStepModel.step`` and ``verify`` compute after their masks (target embedding and
+positions, every decoder layer over its self- and cross-attention caches, the final norm, the LM head), and what its
+``prefill`` computes after padding the prompts (the encoder, then the first decoder step, which projects the encoder's
+output into each layer's cross-attention keys and values).
 
 The same ops in the same order as the eager modules (``TransformerDecoderLayer``, ``MultiHeadAttention`` with
 separate q/k/v projections, ``FeedForward``), and each linear layer's kernel chosen as its
 :class:`~chatforge.modules.linear.PackedLinear` would (:class:`~chatforge.modules.scripted.ScriptedLinear`), so the
 logits are bit for bit the eager ones (tests/models/test_transformer_scripted.py). The self-attention keys and values
-are appended as ``KVCache.append`` does (``torch.cat``) and returned, the caller storing them; the prefill (the
-encoder and the first step, which fills the cross-attention caches) stays eager. fp32 models only
+are appended as ``KVCache.append`` does (``torch.cat``) and returned, the caller storing them. fp32 models only
 (:func:`scriptable`); why a scripted step: ``chatforge.modules.scripted``.
 """
 
@@ -44,11 +45,52 @@ class _Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
         return self._out(y, b, t), k, v
 
+    def attend(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """Self-attention without a cache (the encoder's)."""
+        b, t = x.size(0), x.size(1)
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        return self._out(y, b, t)
+
+    def project(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder's output (B, S, D) as cross-attention keys and values (B, H, S, Dh)."""
+        return self._heads(self.k(memory)), self._heads(self.v(memory))
+
     def cross_attend(self, x: Tensor, mask: Tensor | None, k: Tensor, v: Tensor) -> Tensor:
         b, t = x.size(0), x.size(1)
         q = self._heads(self.q(x))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
         return self._out(y, b, t)
+
+
+class _EncoderLayer(nn.Module):
+    """``TransformerEncoderLayer.forward`` in eval mode."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.norm_first = bool(layer.norm_first)
+        self.attn = _Attention(layer.self_attn)
+        self.fc1, self.fc2 = ScriptedLinear(layer.ff.linear1), ScriptedLinear(layer.ff.linear2)
+        act = layer.ff.activation
+        self.relu = isinstance(act, nn.ReLU)
+        self.approximate = "none" if self.relu else str(act.approximate)
+        self.w1, self.w2 = layer.norm1.weight.detach(), layer.norm2.weight.detach()
+        self.b1, self.b2 = layer.norm1.bias.detach(), layer.norm2.bias.detach()
+        self.e1, self.e2 = float(layer.norm1.eps), float(layer.norm2.eps)
+        self.d_model = int(layer.norm1.normalized_shape[0])
+
+    def _ff(self, x: Tensor) -> Tensor:
+        z = self.fc1(x)
+        z = F.relu(z) if self.relu else F.gelu(z, approximate=self.approximate)
+        return self.fc2(z)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        shape = [self.d_model]
+        if self.norm_first:
+            x = x + self.attn.attend(F.layer_norm(x, shape, self.w1, self.b1, self.e1), mask)
+            return x + self._ff(F.layer_norm(x, shape, self.w2, self.b2, self.e2))
+        x = F.layer_norm(x + self.attn.attend(x, mask), shape, self.w1, self.b1, self.e1)
+        return F.layer_norm(x + self._ff(x), shape, self.w2, self.b2, self.e2)
 
 
 class _Layer(nn.Module):
@@ -92,13 +134,24 @@ class _Layer(nn.Module):
 
 class _Decoder(nn.Module):
     """Tokens at their positions over every layer's caches -> (logits (B, T, V), each layer's new self keys and
-    values)."""
+    values); :meth:`prefill`: prompts -> the first step's logits, the encoder's output and every cache."""
 
     norm_w: Tensor | None
     norm_b: Tensor | None
+    enc_norm_w: Tensor | None
+    enc_norm_b: Tensor | None
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        self.src_embed = model.src_embed.embedding.weight.detach()
+        self.src_scale = float(model.src_embed.scale)
+        self.encoder_layers = nn.ModuleList(_EncoderLayer(layer) for layer in model.encoder.layers)
+        enc_norm = model.encoder.norm
+        self.enc_norm_w = None if enc_norm is None else enc_norm.weight.detach()
+        self.enc_norm_b = None if enc_norm is None else enc_norm.bias.detach()
+        self.enc_norm_eps = 1e-5 if enc_norm is None else float(enc_norm.eps)
+        self.n_heads = int(model.decoder.layers[0].self_attn.n_heads)
+        self.head_dim = int(model.decoder.layers[0].self_attn.head_dim)
         self.embed = model.tgt_embed.embedding.weight.detach()
         self.scale = float(model.tgt_embed.scale)
         self.table = model.positions.table
@@ -129,11 +182,42 @@ class _Decoder(nn.Module):
             return self.lm_head(y[:, 0]).unsqueeze(1), new_k, new_v
         return self.lm_head(y), new_k, new_v
 
+    @torch.jit.export
+    def prefill(self, src: Tensor, memory_mask: Tensor,
+                bos: Tensor) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """``src`` (B, S) right-padded prompts, ``memory_mask`` (B, 1, 1, S) their padding mask, ``bos`` (B, 1) ->
+        (the first step's logits (B, V), the encoder's output (B, S, D), each layer's self keys and values after
+        position 0, each layer's cross keys and values): ``TransformerSeq2Seq.init_state`` then ``decode_step``."""
+        x = F.embedding(src, self.src_embed) * self.src_scale + self.table[: src.size(1)]  # (B, S, D)
+        for layer in self.encoder_layers:
+            x = layer(x, memory_mask)
+        w, b = self.enc_norm_w, self.enc_norm_b
+        if w is not None and b is not None:
+            x = F.layer_norm(x, [self.d_model], w, b, self.enc_norm_eps)
+        y = F.embedding(bos, self.embed) * self.scale + self.table[:1]  # (B, 1, D)
+        empty = x.new_zeros((x.size(0), self.n_heads, 0, self.head_dim))
+        new_k: list[Tensor] = []
+        new_v: list[Tensor] = []
+        cross_k: list[Tensor] = []
+        cross_v: list[Tensor] = []
+        for layer in self.layers:
+            kc, vc = layer.cross_attn.project(x)
+            # The first query attends to its own key only: the eager step passes no self-attention mask.
+            y, k, v = layer(y, memory_mask, None, empty, empty, kc, vc)
+            new_k.append(k)
+            new_v.append(v)
+            cross_k.append(kc)
+            cross_v.append(vc)
+        w, b = self.norm_w, self.norm_b
+        if w is not None and b is not None:
+            y = F.layer_norm(y, [self.d_model], w, b, self.norm_eps)
+        return self.lm_head(y[:, 0]), x, new_k, new_v, cross_k, cross_v
+
 
 def scriptable(model: nn.Module) -> str | None:
     """None when :func:`script_decoder` can script ``model`` (a ``TransformerSeq2Seq``), else why not."""
     decoder = getattr(model, "decoder", None)
-    if decoder is None or not hasattr(model, "tgt_embed") or not hasattr(model, "lm_head"):
+    if decoder is None or not all(hasattr(model, a) for a in ("tgt_embed", "src_embed", "encoder", "lm_head")):
         return "not a Transformer encoder-decoder"
     if model.training:
         return "in training mode"
@@ -146,11 +230,19 @@ def scriptable(model: nn.Module) -> str | None:
         if not isinstance(layer.ff.activation, (nn.GELU, nn.ReLU)):
             return f"its activation {type(layer.ff.activation).__name__} has no scripted form"
         layers += [layer.ff.linear1, layer.ff.linear2]
+    for layer in model.encoder.layers:
+        if layer.self_attn.fused_qkv:
+            return "its attention projections are fused"
+        if not isinstance(layer.ff.activation, (nn.GELU, nn.ReLU)):
+            return f"its activation {type(layer.ff.activation).__name__} has no scripted form"
+        attn = layer.self_attn
+        layers += [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, layer.ff.linear1, layer.ff.linear2]
     for layer in layers:
         why = scriptable_linear(layer)
         if why is not None:
             return why
-    if model.tgt_embed.embedding.weight.dtype != torch.float32 or model.positions.table.dtype != torch.float32:
+    if any(e.embedding.weight.dtype != torch.float32 for e in (model.tgt_embed, model.src_embed)) \
+            or model.positions.table.dtype != torch.float32:
         return "its embeddings are not fp32"
     return None
 

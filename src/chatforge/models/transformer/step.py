@@ -74,9 +74,12 @@ class Seq2SeqStepModel:
             src = torch.full((len(prompts), width), self.model.pad_id, dtype=torch.long, device=device)
             for i, ids in enumerate(prompts):
                 src[i, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
-            st = self.model.init_state(src, use_cache=True)
             bos = torch.full((len(prompts), 1), bos_id, dtype=torch.long, device=device)
-            logits = self.model.decode_step(bos, st)  # fills the cross caches and position 0
+            if (done := self.model.scripted_prefill(src, bos)) is not None:
+                logits, st = done
+            else:
+                st = self.model.init_state(src, use_cache=True)
+                logits = self.model.decode_step(bos, st)  # fills the cross caches and position 0
             lens = torch.ones(len(prompts), dtype=torch.long, device=device)
             return _RowsState(st.memory, st.memory_mask, st.caches, lens), logits.float()
 
