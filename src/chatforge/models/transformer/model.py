@@ -131,6 +131,24 @@ class TransformerSeq2Seq(nn.Module):
             c.self_attn.k, c.self_attn.v = k, v
         return logits
 
+    def scripted_step_aligned(self, tokens: Tensor, lens: Tensor, memory_mask: Tensor,
+                              caches: list[DecoderLayerCache]) -> tuple[Tensor, Tensor] | None:
+        """One token per row (``tokens`` (B,)) at decoder positions ``lens`` (B,) over right-aligned caches (row i's
+        keys: its last ``lens[i]`` columns), the mask built in the graph -> (logits (B, V), ``lens + 1``); the caches
+        gain the position. None (nothing done) when there is no scripted step to use (see :meth:`scripted_logits`)."""
+        scripted = self._scripted_step
+        if scripted is None or self.training or torch.is_autocast_enabled(tokens.device.type):
+            return None
+        if any(c.self_attn.k is None or c.cross_attn.k is None for c in caches):
+            return None
+        with plain_executor():
+            logits, keys, values, lens = scripted.step_aligned(
+                tokens, lens, memory_mask, [c.self_attn.k for c in caches], [c.self_attn.v for c in caches],
+                [c.cross_attn.k for c in caches], [c.cross_attn.v for c in caches])
+        for c, k, v in zip(caches, keys, values, strict=True):
+            c.self_attn.k, c.self_attn.v = k, v
+        return logits, lens
+
     def scripted_prefill(self, input_ids: Tensor, bos: Tensor) -> tuple[Tensor, Seq2SeqState] | None:
         """``init_state(input_ids)`` then ``decode_step(bos, state)`` (bos (B, 1)) from the scripted step's graph: the
         same logits (B, V) and state, bit for bit; None (nothing done) when there is none to use."""

@@ -183,6 +183,21 @@ class _Decoder(nn.Module):
         return self.lm_head(y), new_k, new_v
 
     @torch.jit.export
+    def step_aligned(self, tokens: Tensor, lens: Tensor, memory_mask: Tensor, k_self: list[Tensor],
+                     v_self: list[Tensor], k_cross: list[Tensor],
+                     v_cross: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+        """One token per row (``tokens`` (B,)) at positions ``lens`` (B,) over right-aligned caches (row i's keys are
+        its last ``lens[i]`` columns): ``Seq2SeqStepModel.step``'s mask and call in the graph -> (logits (B, V), the
+        new self keys and values, ``lens + 1``)."""
+        width = k_self[0].size(2)
+        # After this step appends one key, key j of width + 1 belongs to row i iff j >= width - lens[i].
+        keys = torch.arange(width + 1, device=lens.device)
+        self_mask = (keys[None, :] >= (width - lens)[:, None])[:, None, None, :]  # (B, 1, 1, width + 1)
+        logits, new_k, new_v = self.forward(tokens[:, None], lens[:, None], self_mask, memory_mask, k_self, v_self,
+                                            k_cross, v_cross)
+        return logits[:, 0], new_k, new_v, lens + 1
+
+    @torch.jit.export
     def prefill(self, src: Tensor, memory_mask: Tensor,
                 bos: Tensor) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """``src`` (B, S) right-padded prompts, ``memory_mask`` (B, 1, 1, S) their padding mask, ``bos`` (B, 1) ->

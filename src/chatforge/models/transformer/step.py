@@ -86,6 +86,10 @@ class Seq2SeqStepModel:
     def step(self, state: _RowsState, tokens: Tensor) -> Tensor:
         m = self.model
         with torch.inference_mode(), autocast_for(m):
+            if state.key_mask is None and (done := m.scripted_step_aligned(tokens, state.lens, state.memory_mask,
+                                                                           state.caches)) is not None:
+                logits, state.lens = done  # the mask below, built in the graph
+                return logits
             width = len(state.caches[0].self_attn)  # T: cached positions (right-aligned)
             if state.key_mask is None:
                 # After this step appends one key, key j of T+1 belongs to row i iff j >= T - lens[i].
