@@ -63,6 +63,21 @@ class _Attention(nn.Module):
         return self._out(y, b, t)
 
 
+class _FeedForward(nn.Module):
+    """``FeedForward`` in eval mode."""
+
+    def __init__(self, ff: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = ScriptedLinear(ff.linear1), ScriptedLinear(ff.linear2)
+        self.relu = isinstance(ff.activation, nn.ReLU)
+        self.approximate = "none" if self.relu else str(ff.activation.approximate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.fc1(x)
+        z = F.relu(z) if self.relu else F.gelu(z, approximate=self.approximate)
+        return self.fc2(z)
+
+
 class _EncoderLayer(nn.Module):
     """``TransformerEncoderLayer.forward`` in eval mode."""
 
@@ -70,27 +85,19 @@ class _EncoderLayer(nn.Module):
         super().__init__()
         self.norm_first = bool(layer.norm_first)
         self.attn = _Attention(layer.self_attn)
-        self.fc1, self.fc2 = ScriptedLinear(layer.ff.linear1), ScriptedLinear(layer.ff.linear2)
-        act = layer.ff.activation
-        self.relu = isinstance(act, nn.ReLU)
-        self.approximate = "none" if self.relu else str(act.approximate)
+        self.ff = _FeedForward(layer.ff)
         self.w1, self.w2 = layer.norm1.weight.detach(), layer.norm2.weight.detach()
         self.b1, self.b2 = layer.norm1.bias.detach(), layer.norm2.bias.detach()
         self.e1, self.e2 = float(layer.norm1.eps), float(layer.norm2.eps)
         self.d_model = int(layer.norm1.normalized_shape[0])
 
-    def _ff(self, x: Tensor) -> Tensor:
-        z = self.fc1(x)
-        z = F.relu(z) if self.relu else F.gelu(z, approximate=self.approximate)
-        return self.fc2(z)
-
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         shape = [self.d_model]
         if self.norm_first:
             x = x + self.attn.attend(F.layer_norm(x, shape, self.w1, self.b1, self.e1), mask)
-            return x + self._ff(F.layer_norm(x, shape, self.w2, self.b2, self.e2))
+            return x + self.ff(F.layer_norm(x, shape, self.w2, self.b2, self.e2))
         x = F.layer_norm(x + self.attn.attend(x, mask), shape, self.w1, self.b1, self.e1)
-        return F.layer_norm(x + self._ff(x), shape, self.w2, self.b2, self.e2)
+        return F.layer_norm(x + self.ff(x), shape, self.w2, self.b2, self.e2)
 
 
 class _Layer(nn.Module):
@@ -100,20 +107,12 @@ class _Layer(nn.Module):
         super().__init__()
         self.norm_first = bool(layer.norm_first)
         self.self_attn, self.cross_attn = _Attention(layer.self_attn), _Attention(layer.cross_attn)
-        self.fc1, self.fc2 = ScriptedLinear(layer.ff.linear1), ScriptedLinear(layer.ff.linear2)
-        act = layer.ff.activation
-        self.relu = isinstance(act, nn.ReLU)
-        self.approximate = "none" if self.relu else str(act.approximate)
+        self.ff = _FeedForward(layer.ff)
         norms = (layer.norm1, layer.norm2, layer.norm3)
         self.w1, self.w2, self.w3 = (n.weight.detach() for n in norms)
         self.b1, self.b2, self.b3 = (n.bias.detach() for n in norms)
         self.e1, self.e2, self.e3 = (float(n.eps) for n in norms)
         self.d_model = int(layer.norm1.normalized_shape[0])
-
-    def _ff(self, y: Tensor) -> Tensor:
-        z = self.fc1(y)
-        z = F.relu(z) if self.relu else F.gelu(z, approximate=self.approximate)
-        return self.fc2(z)
 
     def forward(self, y: Tensor, memory_mask: Tensor | None, self_mask: Tensor | None, k_self: Tensor,
                 v_self: Tensor, k_cross: Tensor, v_cross: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,12 +123,12 @@ class _Layer(nn.Module):
             y = y + a
             y = y + self.cross_attn.cross_attend(F.layer_norm(y, shape, self.w2, self.b2, self.e2), memory_mask,
                                                  k_cross, v_cross)
-            return y + self._ff(F.layer_norm(y, shape, self.w3, self.b3, self.e3)), k, v
+            return y + self.ff(F.layer_norm(y, shape, self.w3, self.b3, self.e3)), k, v
         a, k, v = self.self_attn.self_attend(y, self_mask, k_self, v_self)
         y = F.layer_norm(y + a, shape, self.w1, self.b1, self.e1)
         y = F.layer_norm(y + self.cross_attn.cross_attend(y, memory_mask, k_cross, v_cross), shape, self.w2, self.b2,
                          self.e2)
-        return F.layer_norm(y + self._ff(y), shape, self.w3, self.b3, self.e3), k, v
+        return F.layer_norm(y + self.ff(y), shape, self.w3, self.b3, self.e3), k, v
 
 
 class _Decoder(nn.Module):
@@ -237,21 +236,16 @@ def scriptable(model: nn.Module) -> str | None:
     if model.training:
         return "in training mode"
     layers = [model.lm_head]
-    for layer in decoder.layers:
-        for attn in (layer.self_attn, layer.cross_attn):
+    stacks = [(layer, (layer.self_attn, layer.cross_attn)) for layer in decoder.layers]
+    stacks += [(layer, (layer.self_attn,)) for layer in model.encoder.layers]
+    for layer, attns in stacks:
+        for attn in attns:
             if attn.fused_qkv:
                 return "its attention projections are fused"
             layers += [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj]
         if not isinstance(layer.ff.activation, (nn.GELU, nn.ReLU)):
             return f"its activation {type(layer.ff.activation).__name__} has no scripted form"
         layers += [layer.ff.linear1, layer.ff.linear2]
-    for layer in model.encoder.layers:
-        if layer.self_attn.fused_qkv:
-            return "its attention projections are fused"
-        if not isinstance(layer.ff.activation, (nn.GELU, nn.ReLU)):
-            return f"its activation {type(layer.ff.activation).__name__} has no scripted form"
-        attn = layer.self_attn
-        layers += [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, layer.ff.linear1, layer.ff.linear2]
     for layer in layers:
         why = scriptable_linear(layer)
         if why is not None:
