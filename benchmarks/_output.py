@@ -10,6 +10,8 @@ torch loads. The scripts import it as a sibling module (``benchmarks/`` is the s
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +34,17 @@ def output_path(args: argparse.Namespace, name: str) -> Path:
     if args.out is not None:
         return Path(args.out)
     return REPO / (PUBLISHED if args.publish else UNTRACKED) / name
+
+
+def write_result(out: Path, result: dict) -> None:
+    """Write ``result`` as JSON to ``out`` atomically (a temporary file, then a rename), then print the machine line
+    (``result["machine"]``: ``cpu`` from ``chatforge.runtime.cpu_info()``, ``loadavg_start``/``loadavg_end``) and
+    where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    m = result["machine"]
+    print(f"{m['cpu']['model_name']}, {m['cpu']['available_cpus']} CPUs available; load "
+          f"{[round(x, 2) for x in m['loadavg_start']]} -> {[round(x, 2) for x in m['loadavg_end']]}")
+    print(f"wrote {out}")

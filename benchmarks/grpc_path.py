@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _output import add_output_options, output_path  # noqa: E402
+from _output import add_output_options, output_path, write_result  # noqa: E402
 
 ECHO_TOKENS = 33
 
@@ -298,13 +298,7 @@ def main() -> None:
           f"({ab['stream_rate_ratio']:.2f}x, target >= 0.9)")
     for stage, ms in ab["stages_ms"].items():
         print(f"  {stage:<26}{ms:8.2f} ms")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    m = result["machine"]
-    print(f"{m['cpu']['model_name']}, {m['cpu']['available_cpus']} CPUs available; load "
-          f"{[round(x, 2) for x in m['loadavg_start']]} -> {[round(x, 2) for x in m['loadavg_end']]}")
-    print(f"wrote {out}")
+    write_result(out, result)
 
 
 if __name__ == "__main__":

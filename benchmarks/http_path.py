@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _output import add_output_options, output_path  # noqa: E402
+from _output import add_output_options, output_path, write_result  # noqa: E402
 from grpc_path import _ms, _rate, _spawn, _stream, serve_with_direct_path  # noqa: E402
 
 
@@ -171,13 +171,7 @@ def main() -> None:
     print("  streamed tokens/s: " + ", ".join(f"{k} {v:.1f}" for k, v in abc["tokens_per_s"].items()))
     for stage, ms in abc["http_stages_ms"].items():
         print(f"  HTTP {stage:<24}{ms:8.2f} ms")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    m = result["machine"]
-    print(f"{m['cpu']['model_name']}, {m['cpu']['available_cpus']} CPUs available; load "
-          f"{[round(x, 2) for x in m['loadavg_start']]} -> {[round(x, 2) for x in m['loadavg_end']]}")
-    print(f"wrote {out}")
+    write_result(out, result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -37,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _output import add_output_options, output_path  # noqa: E402
+from _output import add_output_options, output_path, write_result  # noqa: E402
 
 VOCAB = 64
 
@@ -220,14 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.tokens}-token reply: {long_['wall_ms']:.2f} ms wall, server CPU {long_['server_cpu_ms']:.2f} ms")
     print(f"per extra token: {tok['wall_us']:.0f} us wall, server CPU {tok['server_cpu_us']:.0f} us, client CPU "
           f"{tok['client_cpu_us']:.0f} us; one stream at most {figures['one_stream_tokens_per_s_ceiling']:.0f} tokens/s")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    m = result["machine"]
-    print(f"{m['cpu']['model_name']}, {m['cpu']['available_cpus']} CPUs available; load "
-          f"{[round(x, 2) for x in m['loadavg_start']]} -> {[round(x, 2) for x in m['loadavg_end']]}")
-    print(f"wrote {out}")
+    write_result(out, result)
 
 
 if __name__ == "__main__":

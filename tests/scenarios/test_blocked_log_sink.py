@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.scenarios.test_e2e import REPO, cli, wait_for_file
+from tests.scenarios.test_e2e import train_tiny_demo, wait_for_file
 from tests.scenarios.test_http_e2e import _free_port
 
 from chatforge.client import ChatbotClient
@@ -28,12 +28,7 @@ REPLIES = 300  # ~600 log lines of ~300 bytes: the pipe's 64 KiB fill after abou
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("blocked-log") / "run"
-    r = cli("train", str(REPO / "configs" / "demo.yaml"), "--run-dir", str(run), "--no-progress",
-            "--set", "train.epochs=1", "--set", "train.max_steps=6", "--set", "model.d_model=32",
-            "--set", "model.d_ff=64", "--set", "model.num_encoder_layers=1", "--set", "model.num_decoder_layers=1")
-    assert r.returncode == 0, r.stderr
-    return run / "bundle"
+    return train_tiny_demo(tmp_path_factory.mktemp("blocked-log") / "run")[0]
 
 
 def _serve(bundle: Path, tmp_path: Path, metrics_port: int | None = None) -> tuple[subprocess.Popen, str]:

@@ -24,16 +24,22 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
                           env=env, timeout=kw.pop("timeout", 300), **kw)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("e2e") / "run"
+def train_tiny_demo(run: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """``chatforge train configs/demo.yaml`` into ``run`` at a tiny size (6 steps, d_model 32, 1 + 1 layers): a real
+    bundle for tests that serve one; -> (the bundle, the finished command)."""
     r = cli("train", str(REPO / "configs" / "demo.yaml"), "--run-dir", str(run), "--no-progress",
             "--set", "train.epochs=1", "--set", "train.max_steps=6", "--set", "model.d_model=32",
             "--set", "model.d_ff=64", "--set", "model.num_encoder_layers=1", "--set", "model.num_decoder_layers=1")
     assert r.returncode == 0, r.stderr
-    assert (run / "bundle" / "weights.safetensors").is_file()
+    return run / "bundle", r
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    bundle, r = train_tiny_demo(tmp_path_factory.mktemp("e2e") / "run")
+    assert (bundle / "weights.safetensors").is_file()
     assert "bundle:" in r.stdout
-    return run / "bundle"
+    return bundle
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> str:

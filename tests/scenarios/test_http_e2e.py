@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.scenarios.test_e2e import REPO, cli, wait_for_file
+from tests.scenarios.test_e2e import train_tiny_demo, wait_for_file
 
 from chatforge.client import ChatbotClient
 
@@ -22,12 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("http-e2e") / "run"
-    r = cli("train", str(REPO / "configs" / "demo.yaml"), "--run-dir", str(run), "--no-progress",
-            "--set", "train.epochs=1", "--set", "train.max_steps=6", "--set", "model.d_model=32",
-            "--set", "model.d_ff=64", "--set", "model.num_encoder_layers=1", "--set", "model.num_decoder_layers=1")
-    assert r.returncode == 0, r.stderr
-    return run / "bundle"
+    return train_tiny_demo(tmp_path_factory.mktemp("http-e2e") / "run")[0]
 
 
 def _free_port() -> int:

@@ -113,22 +113,37 @@ class TransformerSeq2Seq(nn.Module):
 
         return attach_scripted_step(self, scriptable, script_decoder, enable)
 
+    def _usable_step(self, device_type: str, caches: list[DecoderLayerCache] | None = None):
+        """The scripted step when it may be used now: built, in eval mode, not under autocast, and (``caches``)
+        every cache filled; else None."""
+        scripted = self._scripted_step
+        if scripted is None or self.training or torch.is_autocast_enabled(device_type):
+            return None
+        if caches is not None and any(c.self_attn.k is None or c.cross_attn.k is None for c in caches):
+            return None
+        return scripted
+
+    @staticmethod
+    def _cache_tensors(caches: list[DecoderLayerCache]) -> tuple[list[Tensor], ...]:
+        return ([c.self_attn.k for c in caches], [c.self_attn.v for c in caches],
+                [c.cross_attn.k for c in caches], [c.cross_attn.v for c in caches])
+
+    @staticmethod
+    def _store_self(caches: list[DecoderLayerCache], keys: list[Tensor], values: list[Tensor]) -> None:
+        for c, k, v in zip(caches, keys, values, strict=True):
+            c.self_attn.k, c.self_attn.v = k, v
+
     def scripted_logits(self, tokens: Tensor, positions: Tensor, self_mask: Tensor | None,
                         memory_mask: Tensor | None, caches: list[DecoderLayerCache]) -> Tensor | None:
         """Logits (B, T, V) of ``tokens`` (B, T) at decoder ``positions`` (B, T) over the caches, whose
         self-attention keys and values gain the T positions, from the scripted step; None (nothing done) when
         there is none to use: not built, in training mode, under autocast, or caches not filled yet."""
-        scripted = self._scripted_step
-        if scripted is None or self.training or torch.is_autocast_enabled(tokens.device.type):
-            return None
-        if any(c.self_attn.k is None or c.cross_attn.k is None for c in caches):
+        scripted = self._usable_step(tokens.device.type, caches)
+        if scripted is None:
             return None
         with plain_executor():
-            logits, keys, values = scripted(tokens, positions, self_mask, memory_mask,
-                                            [c.self_attn.k for c in caches], [c.self_attn.v for c in caches],
-                                            [c.cross_attn.k for c in caches], [c.cross_attn.v for c in caches])
-        for c, k, v in zip(caches, keys, values, strict=True):
-            c.self_attn.k, c.self_attn.v = k, v
+            logits, keys, values = scripted(tokens, positions, self_mask, memory_mask, *self._cache_tensors(caches))
+        self._store_self(caches, keys, values)
         return logits
 
     def scripted_step_aligned(self, tokens: Tensor, lens: Tensor, memory_mask: Tensor,
@@ -136,32 +151,28 @@ class TransformerSeq2Seq(nn.Module):
         """One token per row (``tokens`` (B,)) at decoder positions ``lens`` (B,) over right-aligned caches (row i's
         keys: its last ``lens[i]`` columns), the mask built in the graph -> (logits (B, V), ``lens + 1``); the caches
         gain the position. None (nothing done) when there is no scripted step to use (see :meth:`scripted_logits`)."""
-        scripted = self._scripted_step
-        if scripted is None or self.training or torch.is_autocast_enabled(tokens.device.type):
-            return None
-        if any(c.self_attn.k is None or c.cross_attn.k is None for c in caches):
+        scripted = self._usable_step(tokens.device.type, caches)
+        if scripted is None:
             return None
         with plain_executor():
-            logits, keys, values, lens = scripted.step_aligned(
-                tokens, lens, memory_mask, [c.self_attn.k for c in caches], [c.self_attn.v for c in caches],
-                [c.cross_attn.k for c in caches], [c.cross_attn.v for c in caches])
-        for c, k, v in zip(caches, keys, values, strict=True):
-            c.self_attn.k, c.self_attn.v = k, v
+            logits, keys, values, lens = scripted.step_aligned(tokens, lens, memory_mask, *self._cache_tensors(caches))
+        self._store_self(caches, keys, values)
         return logits, lens
 
     def scripted_prefill(self, input_ids: Tensor, bos: Tensor) -> tuple[Tensor, Seq2SeqState] | None:
         """``init_state(input_ids)`` then ``decode_step(bos, state)`` (bos (B, 1)) from the scripted step's graph: the
         same logits (B, V) and state, bit for bit; None (nothing done) when there is none to use."""
-        scripted = self._scripted_step
-        if scripted is None or self.training or torch.is_autocast_enabled(input_ids.device.type):
+        scripted = self._usable_step(input_ids.device.type)
+        if scripted is None:
             return None
         self._check_source(input_ids)
         mask = padding_mask(input_ids, self.pad_id)
         with plain_executor():
             logits, memory, keys, values, cross_k, cross_v = scripted.prefill(input_ids, mask, bos)
         caches = self.decoder.new_cache()
-        for c, k, v, kc, vc in zip(caches, keys, values, cross_k, cross_v, strict=True):
-            c.self_attn.k, c.self_attn.v, c.cross_attn.k, c.cross_attn.v = k, v, kc, vc
+        self._store_self(caches, keys, values)
+        for c, kc, vc in zip(caches, cross_k, cross_v, strict=True):
+            c.cross_attn.k, c.cross_attn.v = kc, vc
         return logits, Seq2SeqState(memory=memory, memory_mask=mask, caches=caches, history=None, length=1)
 
     def _embed(self, embed: TokenEmbedding, ids: Tensor, offset: int = 0) -> Tensor:
