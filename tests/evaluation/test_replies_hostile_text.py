@@ -59,6 +59,8 @@ def _tables(md: str) -> list[list[list[str]]]:
                     cell.append(child.content)
                 elif child.type == "html_inline" and child.content == "<br>":
                     cell.append("\n")
+                elif child.type == "html_inline" and child.content == "<!-- -->":
+                    pass  # what md_text puts where GitHub would start a link, mention or emoji: no text
                 else:  # emphasis, code, link, image, strikethrough, raw HTML: markup the text injected
                     raise AssertionError(f"cell rendered markup {child.type} ({child.markup or child.content!r})")
     return tables
@@ -97,7 +99,7 @@ URLS = ["see http://example.com now", "HTTPS://X.COM/a?b=c", "www.example.com", 
 def test_a_url_in_a_reply_is_text_not_a_link_where_github_renders_the_table():
     """GFM autolinks a bare URL or www. address; in a table of model output a reader could follow a link the model
     made up. Rendered with cmark-gfm (the renderer GitHub runs), no cell holds a link and each shows its text. (A bare
-    e-mail address is linked by GitHub whatever is escaped; not covered.)"""
+    e-mail address, a mention, an issue number, an emoji code: the next test.)"""
     import html
 
     import cmarkgfm  # the dev extra: a missing renderer fails here rather than skipping the check
@@ -108,3 +110,25 @@ def test_a_url_in_a_reply_is_text_not_a_link_where_github_renders_the_table():
         assert html.escape(text, quote=False) in rendered
     (tables,) = [t for t in _tables(md) if len(t) > len(URLS)]
     assert [(row[0], row[2]) for row in tables[1:]] == [(t, t + " | reply") for t in URLS]  # markdown-it reads them back
+
+
+GITHUB_REFERENCES = ["write to help@example.com or Kim.Lee+x@mail.example.kr", "thanks @octocat and @a_b",
+                     "fixed in #12, see #3", "good :smile: :+1: :thumbsup:", "at 10:30:45 on 2026-12-07",
+                     "email:a@b.co #x @ # : end"]
+
+
+def test_an_email_mention_issue_number_or_emoji_code_in_a_reply_stays_text_where_github_renders_the_table():
+    """GitHub links a bare e-mail address (cmark-gfm's autolink, which no backslash escape stops), an @name (a user) and a
+    #number (an issue of the repository showing the file), and turns :name: into an emoji. Rendered with cmark-gfm no
+    cell holds a link; in the rendered HTML no run of text between tags or comments holds an "@name", "#12" or ":name:"
+    (GitHub's mention, issue and emoji filters read text nodes); and the text reads back unchanged."""
+    import re
+
+    import cmarkgfm
+    md = _markdown(_result(GITHUB_REFERENCES, "gpt-chat"), ["gpt-chat"])
+    rendered = cmarkgfm.github_flavored_markdown_to_html(md)
+    assert "<a " not in rendered and "mailto:" not in rendered
+    for run in re.split(r"<[^>]*>", rendered):  # text between tags, comments included (cmark-gfm shows them as tags)
+        assert not re.search(r"@[A-Za-z0-9_]|#\d|:[A-Za-z0-9_+-]+:", run), run
+    (tables,) = [t for t in _tables(md) if len(t) > len(GITHUB_REFERENCES)]
+    assert [(row[0], row[2]) for row in tables[1:]] == [(t, t + " | reply") for t in GITHUB_REFERENCES]

@@ -30,6 +30,12 @@ _MD_INLINE_SPECIAL = re.compile(r"[\\`*\[\]<>~&$!]|(?<![^\W_])_|_(?![^\W_])")
 # an escaped ":" or "."; a bare e-mail address is linked whatever is escaped). A reply that names a URL is shown as
 # text, not as a link a reader could follow from a table of model output.
 _AUTOLINK = re.compile(r"(?i)(?<=[a-z0-9])(:)(?=//)|(?<![a-z0-9])www(\.)")
+# What GitHub still links or replaces in text: an e-mail address (cmark-gfm's autolink, which no escape stops), @name
+# (a user mention), #123 (an issue of the repository showing the file) and :name: (an emoji). An empty HTML comment
+# right after the "@", "#" or first ":" splits the text where each would start: the cell reads the same, and nothing
+# in it is linked or replaced. (Raw HTML like the cells' <br>: a viewer that shows raw HTML as text shows both.)
+_GITHUB_REFERENCE = re.compile(r"(?<=@)(?=[A-Za-z0-9_])|(?<!&#)(?<=#)(?=\d)|(?<=:)(?=[A-Za-z0-9_+-]+:)")
+EMPTY_COMMENT = "<!-- -->"
 # Every line break a Markdown or HTML viewer (or str.splitlines) would honour.
 _LINE_BREAK = re.compile("\r\n|[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
@@ -37,9 +43,11 @@ _LINE_BREAK = re.compile("\r\n|[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 def md_text(value) -> str:
     """``value`` as the literal text of one Markdown table cell (or inline line): inline markup escaped,
     ``|`` written as the entity ``&#124;`` (a GFM table splits rows at a pipe before any backslash escape is
-    read, so ``\\|`` after a backslash in the text would still split the cell), line breaks as ``<br>``."""
+    read, so ``\\|`` after a backslash in the text would still split the cell), line breaks as ``<br>``, and an
+    empty HTML comment where GitHub would start a link, mention or emoji (``_GITHUB_REFERENCE``)."""
     text = _MD_INLINE_SPECIAL.sub(lambda m: "\\" + m.group(0), str(value)).replace("|", "&#124;")
     text = _AUTOLINK.sub(lambda m: "\\" + m.group(0) if m.group(1) else m.group(0)[:-1] + "\\.", text)
+    text = _GITHUB_REFERENCE.sub(EMPTY_COMMENT, text)
     return _LINE_BREAK.sub("<br>", text)
 
 
