@@ -153,14 +153,14 @@ BF16_ENGINE = ("chatforge-torch-bf16", ("torch", "bf16"))
 def served_engines(native_bf16: bool, draft_tokens: int = 0, eager_step: bool = False) -> dict[str, tuple[str, str]]:
     """The served engines of a run: :data:`SERVED`, plus torch bf16 where the CPU computes bf16 natively, plus
     with ``draft_tokens`` the torch engines again with speculative decoding (``serve --draft-tokens``), named
-    ``<engine>-draft<N>``; the others are then served with ``--draft-tokens 0``. ``eager_step``: the torch fp32
-    engines again with ``CHATFORGE_DECODE_STEP=eager`` (named ``<engine>-eager``), the decoding step as it was
+    ``<engine>-draft<N>``; the others are then served with ``--draft-tokens 0``. ``eager_step``: the torch fp32 and
+    int8 engines again with ``CHATFORGE_DECODE_STEP=eager`` (named ``<engine>-eager``), the decoding step as it was
     before the scripted one (``chatforge.models.gpt.scripted``), so one run measures what scripting gives served."""
     engines = {**SERVED, **(dict([BF16_ENGINE]) if native_bf16 else {})}
     if draft_tokens:
         engines.update({f"{k}-draft{draft_tokens}": v for k, v in engines.items() if v[0] == "torch"})
     if eager_step:
-        engines.update({f"{k}-eager": v for k, v in engines.items() if v == ("torch", "fp32")})
+        engines.update({f"{k}-eager": v for k, v in engines.items() if v in (("torch", "fp32"), ("torch", "int8"))})
     return engines
 
 
@@ -560,7 +560,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="also serve the torch engines with speculative decoding (serve --draft-tokens N)")
     ap.add_argument("--single-prompts", type=int, default=None, help="prompts of the one-stream case")
     ap.add_argument("--eager-step", action="store_true",
-                    help="also serve the torch fp32 engines with CHATFORGE_DECODE_STEP=eager (named <engine>-eager)")
+                    help="also serve the torch fp32 and int8 engines with CHATFORGE_DECODE_STEP=eager (named "
+                         "<engine>-eager)")
     args = ap.parse_args(argv)
     size = FAMILIES[args.family].sizes[args.size]
     if args.single_prompts:

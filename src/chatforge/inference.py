@@ -107,6 +107,8 @@ def _full_range_linear_class() -> type:
         which guards CPUs whose u8 x s8 kernels add pairs of products in 16-bit lanes (and can saturate). With int8 dot
         products (VNNI, AMX) the products are added in 32 bits, so the eighth bit is free precision."""
 
+        reduce_range = False  # read by chatforge.modules.scripted.int8_reduce_range
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False)
             return y.to(x.dtype)
@@ -397,16 +399,18 @@ def load_model(bundle_dir, name: str, version: str = "1", precision: str = "fp32
             else:
                 used = "torch's (oneDNN's op unavailable in this torch build)"
             logger.info("fp32 linear layers of %s: %s (%d packed; %s)", name, used, n, why)
-        scripted = getattr(bundle.model, "use_scripted_step", None)
-        if scripted is not None and bundle.task in GENERATING_BUNDLE_TASKS:
-            from chatforge.modules.scripted import DECODE_STEP_ENV, decode_step_mode
+    # fp32 and int8 generators decode with a scripted step (bf16 ones eagerly: its scriptable() says why), built after
+    # the layers took their final form (packed, or quantized).
+    scripted = getattr(bundle.model, "use_scripted_step", None)
+    if scripted is not None and bundle.task in GENERATING_BUNDLE_TASKS:
+        from chatforge.modules.scripted import DECODE_STEP_ENV, decode_step_mode
 
-            why_not = scripted() if decode_step_mode() == "auto" else f"{DECODE_STEP_ENV}=eager"
-            if why_not is None:
-                logger.info("decoding steps of %s: one TorchScript call each (the GIL given up for the whole step)",
-                            name)
-            else:
-                logger.info("decoding steps of %s: eager (no scripted step: %s)", name, why_not)
+        why_not = scripted() if decode_step_mode() == "auto" else f"{DECODE_STEP_ENV}=eager"
+        if why_not is None:
+            logger.info("decoding steps of %s: one TorchScript call each (the GIL given up for the whole step)",
+                        name)
+        else:
+            logger.info("decoding steps of %s: eager (no scripted step: %s)", name, why_not)
     if bundle.task in GENERATING_BUNDLE_TASKS:
         return Seq2SeqGenerator(bundle, name, version)
     if bundle.task == "classification":

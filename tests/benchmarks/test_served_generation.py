@@ -79,11 +79,12 @@ def test_transformer_full_size_is_the_configs_shape(script):
     assert script.FAMILIES["gpt"].sizes is script.SIZES  # the default family: its sizes as before
 
 
-def test_eager_step_engines_are_the_torch_fp32_engines_served_with_the_eager_step(script):
+def test_eager_step_engines_are_the_torch_fp32_and_int8_engines_served_with_the_eager_step(script):
     engines = script.served_engines(True, draft_tokens=4, eager_step=True)
     eager = {k for k in engines if k.endswith("-eager")}
-    assert eager == {"chatforge-torch-fp32-eager", "chatforge-torch-fp32-draft4-eager"}  # not int8, bf16 or ct2
-    assert all(engines[k] == ("torch", "fp32") for k in eager)
+    assert eager == {"chatforge-torch-fp32-eager", "chatforge-torch-fp32-draft4-eager", "chatforge-torch-int8-eager",
+                     "chatforge-torch-int8-draft4-eager"}  # not bf16 (never scripted) or ct2
+    assert all(engines[k] in (("torch", "fp32"), ("torch", "int8")) for k in eager)
     assert script.server_env("chatforge-torch-fp32-draft4-eager", None) == {"CHATFORGE_DECODE_STEP": "eager"}
     assert script.server_env("chatforge-torch-fp32-eager", 2) == {"OMP_NUM_THREADS": "2",
                                                                   "CHATFORGE_DECODE_STEP": "eager"}

@@ -34,13 +34,29 @@ def lm(variant: str = "gpt2", seed: int = 0, n_positions: int = 64, vocab: int =
 TINY_POLICY = PackPolicy(min_weights=0, min_macs=2 * 32 * 32, max_rows=4, name="tiny", one_row_transposed=True)
 
 
-def pair(packed: bool, **kw) -> tuple[GPTStepModel, GPTStepModel]:
-    """(eager, scripted) step models over two copies of the same weights."""
+def int8(m: nn.Module, activations: str = "7-bit") -> nn.Module:
+    """``m`` quantized as ``load_model(precision="int8")`` does: its linear layers dynamically quantized per channel,
+    with torch's 7-bit activations or chatforge's full-range ones (``full_range_activations``, forced here)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    from chatforge.inference import _int8_plan, full_range_activations
+
+    q = quantize_dynamic(m, _int8_plan(m)[0], dtype=torch.qint8)
+    if activations == "full":
+        assert full_range_activations(q, {"avx512_vnni"}) > 0
+    return q
+
+
+def pair(packed: bool, quantized: str | None = None, **kw) -> tuple[GPTStepModel, GPTStepModel]:
+    """(eager, scripted) step models over two copies of the same weights; ``quantized``: int8 with "7-bit" or "full"
+    activations."""
     models = []
     for scripted in (False, True):
         m = lm(**kw)
         if packed:
             assert pack_linear_layers(m, policy=TINY_POLICY) > 0
+        if quantized:
+            m = int8(m, quantized)
         if scripted:
             assert m.use_scripted_step() is None
         models.append(GPTStepModel(m))
@@ -96,6 +112,20 @@ def test_the_scripted_step_gives_the_eager_logits_bit_for_bit(variant, packed):
     assert scripted.model._scripted_step is not None and eager.model._scripted_step is None
 
 
+@pytest.mark.parametrize("variant", ["gpt", "gpt2"])
+@pytest.mark.parametrize("activations", ["7-bit", "full"])
+def test_int8_models_are_scripted_too_bit_for_bit(variant, activations):
+    """Dynamically quantized layers run the op their own forward calls (``quantized::linear_dynamic`` on the packed
+    weights, with the layer's reduce_range): the eager int8 logits, bit for bit, through the same schedule (its
+    prefill in two passes, as int8 models prefill)."""
+    eager, scripted = pair(False, quantized=activations, variant=variant)
+    assert not eager._one_pass and not scripted._one_pass
+    a, b = transcript(eager), transcript(scripted)
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert torch.equal(x, y), f"logits {i} differ by up to {float((x - y).abs().max())}"
+    assert scripted.model._scripted_step is not None
+
+
 def test_a_padded_vocabulary_is_cut_as_the_eager_head_cuts_it():
     eager, scripted = pair(False, vocab=45, vocab_rows=48)  # a checkpoint's padded vocabulary
     assert eager.model.lm_head.out_features > 45
@@ -122,9 +152,9 @@ def test_the_scripted_step_is_not_part_of_the_module_tree():
 def test_models_it_cannot_script_say_why_and_decode_eagerly():
     from torch.ao.quantization import quantize_dynamic
 
-    int8 = quantize_dynamic(lm(), {nn.Linear}, dtype=torch.qint8)
-    assert "DynamicQuantizedLinear" in scriptable(int8) or "Linear layers" in scriptable(int8)
-    assert int8.use_scripted_step() is not None and int8._scripted_step is None
+    fp16 = quantize_dynamic(lm(), {nn.Linear}, dtype=torch.float16)
+    assert scriptable(fp16) == "its dynamically quantized layers are not int8"
+    assert fp16.use_scripted_step() is not None and fp16._scripted_step is None
     assert scriptable(lm().to(torch.bfloat16)) == "its weights are not fp32 on the CPU"
     training = lm().train()
     assert scriptable(training) == "in training mode"
@@ -191,12 +221,23 @@ def test_serving_loads_fp32_gpt_generators_with_the_scripted_step_unless_told_ea
     monkeypatch.setenv(DECODE_STEP_ENV, "fast")
     with pytest.raises(ValueError, match="CHATFORGE_DECODE_STEP='fast' is not supported; allowed: auto, eager"):
         load_model(bundle, "chat")
-    # int8: dynamically quantized layers, never scripted
-    monkeypatch.delenv(DECODE_STEP_ENV)
-    assert load_model(bundle, "chat", precision="int8").bundle.model._scripted_step is None
     # The same greedy reply either way.
     o = GenerationOptions(max_new_tokens=12)
     assert [d.token_id for d in scripted.stream("안녕하세요", o)] == [d.token_id for d in eager.stream("안녕하세요", o)]
+    # int8 too (its layers quantized first, then scripted); bf16 decodes eagerly and the log says why.
+    monkeypatch.delenv(DECODE_STEP_ENV)
+    int8_scripted = load_model(bundle, "chat", precision="int8")
+    assert int8_scripted.bundle.model._scripted_step is not None
+    monkeypatch.setenv(DECODE_STEP_ENV, "eager")
+    int8_eager = load_model(bundle, "chat", precision="int8")
+    assert int8_eager.bundle.model._scripted_step is None
+    assert [d.token_id for d in int8_scripted.stream("안녕하세요", o)] == \
+        [d.token_id for d in int8_eager.stream("안녕하세요", o)]
+    monkeypatch.delenv(DECODE_STEP_ENV)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="chatforge.inference"):
+        assert load_model(bundle, "chat", precision="bf16").bundle.model._scripted_step is None
+    assert any("no scripted step: its weights are not fp32 on the CPU" in r.getMessage() for r in caplog.records)
 
 
 def test_threads_sharing_one_scripted_step_each_get_the_eager_logits():

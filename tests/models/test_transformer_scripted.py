@@ -25,12 +25,18 @@ def seq2seq(seed: int = 0, **kw) -> TransformerSeq2Seq:
     return TransformerSeq2Seq(cfg, vocab_size=VOCAB, pad_id=0).eval()
 
 
-def pair(packed: bool, **kw) -> tuple[Seq2SeqStepModel, Seq2SeqStepModel]:
+def pair(packed: bool, quantized: str | None = None, **kw) -> tuple[Seq2SeqStepModel, Seq2SeqStepModel]:
+    """(eager, scripted) over two copies of the same weights; ``quantized``: int8 with "7-bit" or "full" activations
+    (tests/models/test_gpt_scripted.int8)."""
+    from tests.models.test_gpt_scripted import int8
+
     models = []
     for scripted in (False, True):
         m = seq2seq(**kw)
         if packed:
             assert pack_linear_layers(m, policy=TINY_POLICY) > 0
+        if quantized:
+            m = int8(m, quantized)
         if scripted:
             assert m.use_scripted_step() is None
         models.append(Seq2SeqStepModel(m))
@@ -87,6 +93,16 @@ def test_the_scripted_step_gives_the_eager_logits_bit_for_bit(packed, kw):
     assert scripted.model._scripted_step is not None and eager.model._scripted_step is None
 
 
+@pytest.mark.parametrize("kw", [{}, {"norm_first": True}], ids=["post-LN", "pre-LN"])
+@pytest.mark.parametrize("activations", ["7-bit", "full"])
+def test_int8_models_are_scripted_too_bit_for_bit(kw, activations):
+    eager, scripted = pair(False, quantized=activations, **kw)
+    a, b = transcript(eager), transcript(scripted)
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert torch.equal(x, y), f"logits {i} differ by up to {float((x - y).abs().max())}"
+    assert scripted.model._scripted_step is not None
+
+
 def test_the_prefill_runs_in_the_graph_with_the_eager_state(monkeypatch):
     """The encoder and the first step come from the scripted graph (the eager ones are not called) and leave the state
     the eager prefill leaves: the encoder's output, the padding mask, every cache, bit for bit."""
@@ -124,9 +140,9 @@ def test_the_scripted_step_is_not_part_of_the_module_tree():
 def test_models_it_cannot_script_say_why():
     from torch.ao.quantization import quantize_dynamic
 
-    int8 = quantize_dynamic(seq2seq(), {nn.Linear}, dtype=torch.qint8)
-    assert "layers (only fp32 nn.Linear and PackedLinear are scripted)" in scriptable(int8)
-    assert int8.use_scripted_step() is not None and int8._scripted_step is None
+    fp16 = quantize_dynamic(seq2seq(), {nn.Linear}, dtype=torch.float16)
+    assert scriptable(fp16) == "its dynamically quantized layers are not int8"
+    assert fp16.use_scripted_step() is not None and fp16._scripted_step is None
     assert scriptable(seq2seq().to(torch.bfloat16)) == "its weights are not fp32 on the CPU"
     assert scriptable(seq2seq().train()) == "in training mode"
     assert scriptable(nn.Linear(2, 2)) == "not a Transformer encoder-decoder"

@@ -2,7 +2,8 @@
 chatforge.models.transformer.scripted) serves what it serves with the eager step, logits bit for bit, on the seeded scenarios of test_speculative_parity.py: prompts of
 different lengths joining mid-reply, greedy rows beside sampled, penalised and n-gram-banned ones, rows cancelled,
 failed and finished, drafts verified and rejected (caches holding masked columns), and, with a packing policy small
-enough for these models, every kernel a PackedLinear picks (one row on the transposed copy, oneDNN, F.linear)."""
+enough for these models, every kernel a PackedLinear picks (one row on the transposed copy, oneDNN, F.linear); and
+the same with the models quantized to int8 as load_model(precision="int8") does."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import random
 
 import pytest
 import torch
+from tests.models.test_gpt_scripted import int8
 from tests.serving.test_speculative_parity import _datastore, _model, _requests, _serve
 
 from chatforge.modules.linear import PackPolicy, onednn_linear_available, pack_linear_layers
@@ -44,11 +46,13 @@ class _Recording:
         return self._keep(self._step.verify(state, tokens))
 
 
-def _step_model(seed: int, family: str, packed: bool, scripted: bool):
+def _step_model(seed: int, family: str, layers: str, scripted: bool):
     rng = random.Random(f"{seed}-{family}")  # the same draws as test_speculative_parity's scenario: the same weights
     step, n = _model(rng, family, torch.float32)
-    if packed:
+    if layers == "PackedLinear":
         pack_linear_layers(step.model, policy=TINY_POLICY)
+    elif layers == "int8":  # as load_model(precision="int8"), full-range activations
+        step = type(step)(int8(step.model, "full"))
     if scripted:
         assert step.model.use_scripted_step() is None
     return step, n, rng
@@ -67,14 +71,14 @@ def _quiet_and_one_thread():
 
 
 @pytest.mark.parametrize("family", ["gpt", "transformer"])
-@pytest.mark.parametrize("packed", [False, True], ids=["nn.Linear", "PackedLinear"])
-def test_served_replies_and_logits_with_the_scripted_step_are_the_eager_ones(packed, family):
-    if packed and not onednn_linear_available():
+@pytest.mark.parametrize("layers", ["nn.Linear", "PackedLinear", "int8"])
+def test_served_replies_and_logits_with_the_scripted_step_are_the_eager_ones(layers, family):
+    if layers == "PackedLinear" and not onednn_linear_available():
         pytest.skip("this torch build has no oneDNN linear op")
     failures, compared, verified = [], 0, 0
     for seed in range(SCENARIOS):
-        eager, n, rng = _step_model(seed, family, packed, scripted=False)
-        scripted, _, _ = _step_model(seed, family, packed, scripted=True)
+        eager, n, rng = _step_model(seed, family, layers, scripted=False)
+        scripted, _, _ = _step_model(seed, family, layers, scripted=True)
         reqs = _requests(rng, family, n)
         eos = rng.choice([2, 2, rng.randrange(4, 44)])
         max_running, k = rng.randint(1, 4), rng.choice([1, 2, 4, 8])

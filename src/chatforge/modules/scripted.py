@@ -1,10 +1,10 @@
 """What the scripted decoding steps of the families share (``chatforge.models.gpt.scripted``,
 ``chatforge.models.transformer.scripted``): a linear layer that repeats :class:`PackedLinear`'s choice of kernel
-inside a TorchScript graph, the ``CHATFORGE_DECODE_STEP`` switch, and how a step is scripted and run.
+inside a TorchScript graph (and one for dynamically quantized int8 layers), the ``CHATFORGE_DECODE_STEP`` switch, and how a step is scripted and run.
 
 Why a scripted step at all: served, a model's thread shares Python's GIL with the gRPC event loop; an eager step
 gives the GIL up and takes it back around each torch op, and waits whenever the loop holds it, while TorchScript's
-interpreter runs a whole graph with the GIL released (docs/architecture.md, "Served fp32 generators decode with a
+interpreter runs a whole graph with the GIL released (docs/architecture.md, "Served fp32 and int8 generators decode with a
 TorchScript step").
 """
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from chatforge.modules.linear import PackedLinear
 
-# ``CHATFORGE_DECODE_STEP``: ``auto`` (default) serves fp32 GPT and Transformer generators with their scripted
+# ``CHATFORGE_DECODE_STEP``: ``auto`` (default) serves fp32 and int8 GPT and Transformer generators with their scripted
 # step where the family's ``scriptable`` allows, ``eager`` never (the A/B switch of
 # ``benchmarks/served_generation.py --eager-step``, and an operator's way back should a torch release change
 # TorchScript).
@@ -89,10 +89,50 @@ class ScriptedLinear(nn.Module):
         return F.linear(x, self.weight, bias)
 
 
+class ScriptedInt8Linear(nn.Module):
+    """One dynamically quantized int8 linear layer (``torch.ao.nn.quantized.dynamic.Linear``, and chatforge's
+    full-range variant, ``inference.full_range_activations``): the op its ``forward`` calls, on its packed weights,
+    with its choice of ``reduce_range``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.params = layer._packed_params._packed_params
+        self.reduce_range = bool(int8_reduce_range(layer))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.params, self.reduce_range)
+
+
+def int8_reduce_range(layer: nn.Module) -> bool:
+    """Whether ``layer``'s forward quantizes activations to 7 bits: torch's layers from version 4 on, unless the layer
+    says otherwise (``reduce_range = False``: the full-range variant)."""
+    own = getattr(type(layer), "reduce_range", None)
+    if own is not None:
+        return bool(own)
+    return layer.version is not None and layer.version >= 4
+
+
+def _int8_linear_type() -> type:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return DynamicLinear
+
+
+def scripted_linear(layer: nn.Module) -> nn.Module:
+    """The scripted stand-in for ``layer`` (see :func:`scriptable_linear`)."""
+    return ScriptedInt8Linear(layer) if isinstance(layer, _int8_linear_type()) else ScriptedLinear(layer)
+
+
 def scriptable_linear(layer: nn.Module) -> str | None:
-    """None when :class:`ScriptedLinear` can stand for ``layer``, else why not."""
+    """None when :func:`scripted_linear` can stand for ``layer``, else why not: fp32 ``nn.Linear`` and
+    ``PackedLinear`` on the CPU, and dynamically quantized int8 linear layers."""
+    if isinstance(layer, _int8_linear_type()):
+        if layer._packed_params.dtype != torch.qint8:
+            return "its dynamically quantized layers are not int8"
+        return None
     if type(layer) not in (nn.Linear, PackedLinear):
-        return f"it has {type(layer).__name__} layers (only fp32 nn.Linear and PackedLinear are scripted)"
+        return (f"it has {type(layer).__name__} layers (only nn.Linear, PackedLinear and dynamic int8 linear layers "
+                "are scripted)")
     if layer.weight.dtype != torch.float32 or layer.weight.device.type != "cpu":
         return "its weights are not fp32 on the CPU"
     return None

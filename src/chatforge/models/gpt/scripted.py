@@ -14,9 +14,10 @@ Only what the eager step computes, in the same order and with the same kernels (
 prepacked matmul or the one-row ``addmm`` on a transposed copy, chosen per call by the layer's
 :class:`~chatforge.modules.linear.PackPolicy` as :class:`~chatforge.modules.linear.PackedLinear` does), so
 the logits are bitwise those of the eager step (tested). The keys and values are written into the
-:class:`~chatforge.modules.GrowingKVCache` buffers, which the caller grows first. Built for fp32 models
-with fused QKV projections and a GELU or ReLU MLP; anything else (int8 layers, bf16 autocast) decodes
-eagerly (:func:`scriptable` says why not).
+:class:`~chatforge.modules.GrowingKVCache` buffers, which the caller grows first. Built for fp32 models and
+dynamically quantized int8 ones (their layers run ``quantized::linear_dynamic``, as their own forward does) with
+fused QKV projections and a GELU or ReLU MLP; anything else (bf16, unknown layers) decodes eagerly
+(:func:`scriptable` says why not).
 """
 
 import torch
@@ -25,10 +26,10 @@ from torch import Tensor, nn
 
 from chatforge.modules.scripted import (
     DECODE_STEP_ENV,
-    ScriptedLinear,
     decode_step_mode,
     script,
     scriptable_linear,
+    scripted_linear,
 )
 
 __all__ = ["DECODE_STEP_ENV", "decode_step_mode", "script_decoder", "scriptable"]
@@ -43,8 +44,8 @@ class _Block(nn.Module):
         self.d_model, self.n_heads, self.head_dim = int(attn.d_model), int(attn.n_heads), int(attn.head_dim)
         self.ln1_w, self.ln1_b, self.eps1 = block.ln_1.weight.detach(), block.ln_1.bias.detach(), float(block.ln_1.eps)
         self.ln2_w, self.ln2_b, self.eps2 = block.ln_2.weight.detach(), block.ln_2.bias.detach(), float(block.ln_2.eps)
-        self.qkv, self.out = ScriptedLinear(attn.qkv_proj), ScriptedLinear(attn.out_proj)
-        self.fc1, self.fc2 = ScriptedLinear(mlp.linear1), ScriptedLinear(mlp.linear2)
+        self.qkv, self.out = scripted_linear(attn.qkv_proj), scripted_linear(attn.out_proj)
+        self.fc1, self.fc2 = scripted_linear(mlp.linear1), scripted_linear(mlp.linear2)
         act = mlp.activation
         self.relu = isinstance(act, nn.ReLU)
         self.approximate = "none" if self.relu else str(act.approximate)
@@ -103,7 +104,7 @@ class _Decoder(nn.Module):
         self.ln_f_b = None if ln is None else ln.bias.detach()
         self.ln_f_eps = 1e-5 if ln is None else float(ln.eps)
         self.d_model = int(tr.cfg.d_model)
-        self.lm_head = ScriptedLinear(model.lm_head)
+        self.lm_head = scripted_linear(model.lm_head)
         self.vocab_size = int(model.vocab_size)
 
     def _layers(self, x: Tensor, mask: Tensor | None, k_bufs: list[Tensor], v_bufs: list[Tensor],

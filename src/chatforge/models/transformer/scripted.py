@@ -8,7 +8,7 @@ The same ops in the same order as the eager modules (``TransformerDecoderLayer``
 separate q/k/v projections, ``FeedForward``), and each linear layer's kernel chosen as its
 :class:`~chatforge.modules.linear.PackedLinear` would (:class:`~chatforge.modules.scripted.ScriptedLinear`), so the
 logits are bit for bit the eager ones (tests/models/test_transformer_scripted.py). The self-attention keys and values
-are appended as ``KVCache.append`` does (``torch.cat``) and returned, the caller storing them. fp32 models only
+are appended as ``KVCache.append`` does (``torch.cat``) and returned, the caller storing them. fp32 and int8 models
 (:func:`scriptable`); why a scripted step: ``chatforge.modules.scripted``.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from chatforge.modules.scripted import ScriptedLinear, script, scriptable_linear
+from chatforge.modules.scripted import script, scriptable_linear, scripted_linear
 
 __all__ = ["script_decoder", "scriptable"]
 
@@ -26,8 +26,8 @@ class _Attention(nn.Module):
 
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
-        self.q, self.k, self.v = ScriptedLinear(attn.q_proj), ScriptedLinear(attn.k_proj), ScriptedLinear(attn.v_proj)
-        self.out = ScriptedLinear(attn.out_proj)
+        self.q, self.k, self.v = scripted_linear(attn.q_proj), scripted_linear(attn.k_proj), scripted_linear(attn.v_proj)
+        self.out = scripted_linear(attn.out_proj)
         self.n_heads, self.head_dim, self.d_model = int(attn.n_heads), int(attn.head_dim), int(attn.d_model)
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -68,7 +68,7 @@ class _FeedForward(nn.Module):
 
     def __init__(self, ff: nn.Module) -> None:
         super().__init__()
-        self.fc1, self.fc2 = ScriptedLinear(ff.linear1), ScriptedLinear(ff.linear2)
+        self.fc1, self.fc2 = scripted_linear(ff.linear1), scripted_linear(ff.linear2)
         self.relu = isinstance(ff.activation, nn.ReLU)
         self.approximate = "none" if self.relu else str(ff.activation.approximate)
 
@@ -160,7 +160,7 @@ class _Decoder(nn.Module):
         self.norm_b = None if norm is None else norm.bias.detach()
         self.norm_eps = 1e-5 if norm is None else float(norm.eps)
         self.d_model = int(model.cfg.d_model)
-        self.lm_head = ScriptedLinear(model.lm_head)
+        self.lm_head = scripted_linear(model.lm_head)
 
     def forward(self, tokens: Tensor, positions: Tensor, self_mask: Tensor | None, memory_mask: Tensor | None,
                 k_self: list[Tensor], v_self: list[Tensor], k_cross: list[Tensor],
