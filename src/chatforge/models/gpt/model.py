@@ -383,9 +383,10 @@ class GPTLMHeadModel(_GPTHeadBase):
         return logits
 
     def _scripted_prefill(self, prompt: Tensor, position_ids: Tensor | None, mask: Tensor | None,
-                          caches: list[GrowingKVCache]) -> Tensor | None:
+                          caches: list[GrowingKVCache], logits: bool = True) -> Tensor | bool | None:
         """``prefill_rows(feed_last=True)``'s forward pass on the scripted step -> logits (B, V), or None as
-        :meth:`scripted_logits` (the caches are new and empty: their buffers are made here)."""
+        :meth:`scripted_logits` (the caches are new and empty: their buffers are made here). ``logits=False``: the
+        two-pass prefill's first pass (the prompt into the caches, nothing else) -> True, or None."""
         scripted = self._scripted_step
         if scripted is None or self.training or torch.is_autocast_enabled(prompt.device.type):
             return None
@@ -393,11 +394,13 @@ class GPTLMHeadModel(_GPTHeadBase):
         attn = self.transformer.blocks[0].attn
         like = self.transformer.wte.embedding.weight.new_empty((b, attn.n_heads, 0, attn.head_dim))
         bufs = [c.reserve(w, like) for c in caches]
+        keys, values = [k for k, _ in bufs], [v for _, v in bufs]
         with plain_executor():
-            logits = scripted.prefill(prompt, position_ids, mask, [k for k, _ in bufs], [v for _, v in bufs])
+            out = scripted.prefill(prompt, position_ids, mask, keys, values) if logits else \
+                scripted.fill(prompt, position_ids, mask, keys, values)
         for c in caches:
             c.advance(w)
-        return logits
+        return out if logits else True
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> ModelOutput:
         """input_ids (B, T) right-padded; labels (B, T) aligned with the logits (the token each
@@ -485,8 +488,10 @@ class GPTLMHeadModel(_GPTHeadBase):
         )
         if use_cache and width > 1:
             mask = _attn_mask(state.key_mask, width - 1) if padded else None
-            self.transformer(prompt[:, :-1], position_ids=pos[:, :-1] if padded else None, mask=mask,
-                             caches=state.caches, is_causal=True)
+            if self.training or self._scripted_prefill(prompt[:, :-1], pos[:, :-1] if padded else None, mask,
+                                                       state.caches, logits=False) is None:
+                self.transformer(prompt[:, :-1], position_ids=pos[:, :-1] if padded else None, mask=mask,
+                                 caches=state.caches, is_causal=True)
         return state
 
     def decode_step(self, tokens: Tensor, state: GPTState) -> Tensor:

@@ -135,13 +135,22 @@ class _Decoder(nn.Module):
                 k_bufs: list[Tensor], v_bufs: list[Tensor]) -> Tensor:
         """The prompt (B, W) into empty caches (``GPTModel.forward`` with caches, eval mode) and the last
         position's next-token logits (B, V) (``prefill_rows(feed_last=True)``)."""
+        x = self._layers(self._prompt(input_ids, position_ids), mask, k_bufs, v_bufs, 0, True)
+        return self._vocab(self.lm_head(x[:, -1]))
+
+    @torch.jit.export
+    def fill(self, input_ids: Tensor, position_ids: Tensor | None, mask: Tensor | None, k_bufs: list[Tensor],
+             v_bufs: list[Tensor]) -> None:
+        """The prompt (B, W) into empty caches, no logits: the first of an int8 model's two prefill passes
+        (``prefill_rows`` without ``feed_last``)."""
+        self._layers(self._prompt(input_ids, position_ids), mask, k_bufs, v_bufs, 0, True)
+
+    def _prompt(self, input_ids: Tensor, position_ids: Tensor | None) -> Tensor:
         if position_ids is None:
             pos = F.embedding(torch.arange(0, input_ids.size(1), device=input_ids.device), self.wpe)[None]
         else:
             pos = F.embedding(position_ids, self.wpe)
-        x = F.embedding(input_ids, self.wte) + pos
-        x = self._layers(x, mask, k_bufs, v_bufs, 0, True)
-        return self._vocab(self.lm_head(x[:, -1]))
+        return F.embedding(input_ids, self.wte) + pos
 
 
 def scriptable(model: nn.Module) -> str | None:
