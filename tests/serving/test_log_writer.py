@@ -204,3 +204,56 @@ def test_metrics_export_the_writers_queue(logger):
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError, match="capacity must be >= 1"):
         BackgroundLogHandler([], capacity=0)
+
+
+def test_the_handlers_a_reconfiguration_makes_exist_before_the_ones_it_replaces_are_let_go(logger, monkeypatch):
+    """`chatforge serve` tells a start-up failure after its logging is set up from one before by the root's handlers.
+    When configure_logging removed (and so freed) the CLI's handler before making the log writer, the writer could get
+    the freed handler's memory and so its id (2 times in 50 in a loop here), and the failure came out as a plain text
+    line in JSON mode (tests/serving/test_serve_start_failure_json.py failed in CI that way; the CLI now keeps the
+    handlers themselves, not their ids). The new handlers are made first: the old one is closed after the writer
+    exists."""
+    from rich.logging import RichHandler
+
+    from chatforge.serving import observability
+    from chatforge.settings import LOG_HANDLER_ATTR
+
+    events: list[str] = []
+    made = observability.BackgroundLogHandler.__init__
+
+    def init(self, *a, **kw):
+        made(self, *a, **kw)
+        events.append("writer made")
+
+    class Old(RichHandler):
+        def close(self):
+            events.append("old closed")
+            super().close()
+
+    monkeypatch.setattr(observability.BackgroundLogHandler, "__init__", init)
+    old = Old()
+    setattr(old, LOG_HANDLER_ATTR, True)  # as the CLI tags its console handler
+    logger.addHandler(old)
+    configure_logging(Settings(env="test", log_format="json"), logger=logger, background=True)
+    assert events == ["writer made", "old closed"]
+
+
+def test_a_replacement_handler_never_takes_the_id_of_the_handler_it_replaces(logger):
+    """The same, as it showed: a replaced handler held only by the logger, replaced 1,000 times; no writer ever has the
+    id of the handler it replaced."""
+    from rich.logging import RichHandler
+
+    from chatforge.settings import LOG_HANDLER_ATTR
+
+    reused = 0
+    for _ in range(1000):
+        old = RichHandler()
+        setattr(old, LOG_HANDLER_ATTR, True)
+        logger.addHandler(old)
+        before = {id(h) for h in logger.handlers}
+        del old  # only the logger holds it, as in the CLI
+        [new] = configure_logging(Settings(env="test", log_format="json"), logger=logger, background=True)
+        reused += id(new) in before
+        logger.removeHandler(new)
+        new.close()
+    assert reused == 0

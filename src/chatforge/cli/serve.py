@@ -48,7 +48,7 @@ def _bind_failure(e: OSError, host: str, port: int, metrics_port: int | None) ->
     return str(e)
 
 
-def _fail_serving(message: str, handlers_before: set[int], logged: bool = False) -> None:
+def _fail_serving(message: str, handlers_before: list, logged: bool = False) -> None:
     """Exit 2 with ``message``: one JSON error event once this server set its logging up as JSON (the image's
     default; every stderr line is then JSON, and log pipelines parse them; none when the server ``logged`` it
     already), else the CLI's one plain line."""
@@ -57,7 +57,7 @@ def _fail_serving(message: str, handlers_before: set[int], logged: bool = False)
     from chatforge.serving.observability import json_stderr_active
 
     root = logging.getLogger()
-    if json_stderr_active(root) and any(id(h) not in handlers_before for h in root.handlers):
+    if json_stderr_active(root) and any(all(h is not b for b in handlers_before) for h in root.handlers):
         if not logged:
             logging.getLogger("chatforge.cli").error(message)
         raise typer.Exit(2)
@@ -157,7 +157,9 @@ def serve(
                                 (err.strerror or str(err)).lower()))
     import logging
 
-    handlers_before = {id(h) for h in logging.getLogger().handlers}  # run_server replaces them (configure_logging)
+    # run_server replaces them (configure_logging). The handlers themselves, not their ids: a replaced handler that
+    # was freed could lend its id to its replacement, and the start-up error then came out as plain text in JSON mode.
+    handlers_before = list(logging.getLogger().handlers)
     try:
         pipeline = PipelineConfig(pipeline_classifier, fallback_reply, oos_threshold) if pipeline_classifier else None
         reply_policy = ReplyPolicy.from_yaml(policy) if policy is not None else None

@@ -426,14 +426,16 @@ def configure_logging(settings: Settings | None = None, *, logger: logging.Logge
         # Files are read by machines (log shippers): always JSON, whatever the terminal gets.
         file_handler.setFormatter(JsonFormatter())
         handlers.append(file_handler)
-    for handler in list(target.handlers):
-        if getattr(handler, _HANDLER_TAG, False):
-            target.removeHandler(handler)
-            handler.close()
     for handler in handlers:
         handler.addFilter(SecretMaskingFilter())
     if background:
         handlers = [BackgroundLogHandler(handlers)]
+    # Removed only now, once every new handler exists: no new handler can take the memory (and so the id) of one
+    # it replaces.
+    for handler in list(target.handlers):
+        if getattr(handler, _HANDLER_TAG, False):
+            target.removeHandler(handler)
+            handler.close()
     for handler in handlers:
         setattr(handler, _HANDLER_TAG, True)
         target.addHandler(handler)
