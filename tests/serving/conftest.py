@@ -1,12 +1,27 @@
-"""What the HTTP surface's tests share: a server with the HTTP API on, and its base URL."""
+"""What the serving tests share: a server with the HTTP API on and its base URL, and a logger of their own."""
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import httpx
 import pytest
 from tests.serving_fakes import WAIT, ServerThread, make_engine
+
+
+@pytest.fixture()
+def isolated_logger(request):
+    """A logger named after the test module that hands nothing to the root logger (so no line reaches pytest's
+    capture or a production sink), with every handler a test adds removed and closed afterwards."""
+    lg = logging.getLogger(f"chatforge.tests.{request.module.__name__.rsplit('.', 1)[-1]}")
+    lg.propagate = False
+    yield lg
+    for h in list(lg.handlers):
+        lg.removeHandler(h)
+        h.close()
+    lg.propagate = True
+    lg.setLevel(logging.NOTSET)
 
 
 def base_url(st: ServerThread) -> str:

@@ -43,16 +43,9 @@ class _Sink(logging.Handler):
 
 
 @pytest.fixture()
-def logger():
-    lg = logging.getLogger("chatforge.tests.log_writer")
-    lg.propagate = False
-    lg.setLevel(logging.INFO)
-    yield lg
-    for h in list(lg.handlers):
-        lg.removeHandler(h)
-        h.close()
-    lg.propagate = True
-    lg.setLevel(logging.NOTSET)
+def logger(isolated_logger):
+    isolated_logger.setLevel(logging.INFO)
+    return isolated_logger
 
 
 def _log_in_thread(fn) -> None:

@@ -15,15 +15,8 @@ from chatforge.settings import Settings
 
 
 @pytest.fixture()
-def logger():
-    lg = logging.getLogger("chatforge.tests.logging")
-    lg.propagate = False  # keep lines out of pytest's own capture handlers
-    yield lg
-    for h in list(lg.handlers):
-        lg.removeHandler(h)
-        h.close()
-    lg.propagate = True
-    lg.setLevel(logging.NOTSET)
+def logger(isolated_logger):
+    return isolated_logger
 
 
 def _ours(lg: logging.Logger) -> list[logging.Handler]:
