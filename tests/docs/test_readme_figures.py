@@ -83,3 +83,18 @@ def test_the_http_attribution_is_the_committed_runs():
         assert m, old
         assert _same(m.group(1), s["ttft_overhead_ms"]), (name, m.group(1), s["ttft_overhead_ms"])
         assert _same(m.group(2), s["concurrent_tokens_ratio"]), (name, m.group(2), s["concurrent_tokens_ratio"])
+
+
+def test_the_chit_chat_reply_quality_rows_are_the_committed_run():
+    run = json.loads((RESULTS / "chatbot-replies-ranker-gpt.json").read_text())
+    assert run["split"] == "test" and run["hybrid"]["generation"] == "gpt"
+    keys = ("chrf", "bleu", "distinct_1", "distinct_2", "avg_length", "repeat_3_rate", "identical_rate")
+    for first, model in (("ranker", "ranker"), ("gpt", "gpt"), ("transformer", "transformer"),
+                         ("hybrid (ranker, gpt)", "hybrid")):
+        row = _row(first)
+        for cell, key in zip(row[1:8], keys, strict=True):
+            assert _same(cell, run["figures"][model][key]), (first, key, cell)
+    # the sentence that says how often retrieval answered, and the threshold it used
+    share = run["figures"]["hybrid"]["retrieval_share"] * 100
+    assert f"retrieval answered {share:.1f} % of the test questions" in README
+    assert f"at least {run['hybrid']['threshold']:.4f}" in README
