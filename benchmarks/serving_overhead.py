@@ -1,8 +1,8 @@
 """The serving layer's own cost per reply and per streamed token: ``chatforge serve``'s server with a model that costs
 nothing (issue 16's served path).
 
-A server process wired as ``run_server`` wires it (metrics, alerts, conversation store, the background log writer,
-JSON logs) hosts one generator whose decoding costs no CPU: a step model in the continuous batcher whose next token
+A server process wired as ``run_server`` wires it (metrics, alerts, the conversation store on a SQLite file, the
+background log writer, JSON logs) hosts one generator whose decoding costs no CPU: a step model in the continuous batcher whose next token
 is the last one plus one, never ``</s>``, computed from a (rows, 64) zero tensor, and whose prefill and steps each
 wait ``--step-ms`` with the GIL released (``time.sleep``), as a real model's native kernels do (0.3 ms: the demo
 bot's scripted step here; 0: a model that takes no time, which leaves the scheduler thread and the event loop
@@ -14,8 +14,17 @@ stream on this machine cannot be faster than this, and a real model's reply cost
 (served against CTranslate2 called directly, which has no server, this is the part of the gap no model change
 closes).
 
+The reference, in the same run: a bare ``grpc.aio`` Chatbot server (chatforge's server options; no interceptor,
+metrics, conversation store or log lines) with the same zero-cost model, each reply's prefill and steps in a worker
+thread as the batcher runs them, each token handed to the event loop and written as one ``ReplyChunk``: the least a
+Python gRPC server streaming a model's tokens does. Rounds alternate between the two servers; the ratios
+(chatforge / bare) say how much of the floor is chatforge's own layers and how much is Python gRPC itself.
+
     python benchmarks/serving_overhead.py [--step-ms 0.3] [--tokens 40] [--replies 200] [--rounds 3]
-        [--out PATH | --publish]
+        [--variant CHATFORGE_STORE_LINGER_MS=0] [--out PATH | --publish]
+
+``--variant VAR=VALUE`` (repeatable) adds a chatforge server with that setting to the same rounds, reported with its
+ratios to the default one (``variants``): a setting's cost measured side by side.
 
 Writes JSON (``runs/bench/serving-overhead.json``; ``--publish``: ``benchmarks/results/``) and prints a summary.
 """
@@ -125,6 +134,55 @@ def _serve(port_file: str, step_s: float) -> None:
         ops["alerts"].close(timeout=5.0)
 
 
+def _serve_bare(port_file: str, step_s: float) -> None:
+    """The reference server (see the module docstring): Reply only, each reply's model work in one worker thread."""
+    import grpc
+    import torch
+
+    from chatforge.serving.server import SERVER_OPTIONS
+    from chatforge.v1 import chatbot_pb2 as pb
+    from chatforge.v1 import chatbot_pb2_grpc as pb_grpc
+
+    step = _ZeroStep(step_s)
+    detok = _Detok()
+
+    class Bare(pb_grpc.ChatbotServicer):
+        async def Reply(self, request, context):
+            n = request.options.max_new_tokens
+            loop = asyncio.get_running_loop()
+            tokens: asyncio.Queue = asyncio.Queue()
+
+            def generate() -> None:  # what the batcher's thread does for one row: prefill, then a step per token
+                state, logits = step.prefill([[5] * max(1, len(request.text.split()))], 1)
+                for i in range(n):
+                    token = int(logits.argmax(-1)[0])
+                    loop.call_soon_threadsafe(tokens.put_nowait, token)
+                    if i + 1 < n:
+                        logits = step.step(state, torch.tensor([token]))
+                loop.call_soon_threadsafe(tokens.put_nowait, None)
+
+            work = loop.run_in_executor(None, generate)
+            while (token := await tokens.get()) is not None:
+                await context.write(pb.ReplyChunk(delta=pb.ReplyDelta(text=detok.feed(token), token_id=token)))
+            await work
+            await context.write(pb.ReplyChunk(final=pb.ReplyFinal(finish_reason="length", completion_tokens=n,
+                                                                  model="zero")))
+
+    async def main() -> None:
+        server = grpc.aio.server(options=list(SERVER_OPTIONS))
+        pb_grpc.add_ChatbotServicer_to_server(Bare(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        Path(port_file).write_text(str(port))
+        await server.wait_for_termination()
+
+    with torch.inference_mode():
+        asyncio.run(main())
+
+
+SERVERS = {"chatforge": "--serve", "bare": "--serve-bare"}
+
+
 # ------------------------------------------------------------------------------ client side
 def _replies(client, n: int, count: int, server) -> dict:
     import psutil
@@ -151,32 +209,22 @@ def _replies(client, n: int, count: int, server) -> dict:
             "client_cpu_ms": round((c1.user + c1.system - c0.user - c0.system) / count * 1e3, 6)}
 
 
-def measure(tokens: int = 40, replies: int = 200, rounds: int = 3, step_ms: float = 0.3) -> dict:
-    import psutil
+def _start(kind: str, port_file: Path, step_ms: float, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    # the conversation store on a SQLite file, as `chatforge serve` keeps it (tests' in-memory one costs less a turn)
+    env = {**os.environ, "CHATFORGE_ENV": "test", "CHATFORGE_LOG_FORMAT": "json",
+           "CHATFORGE_STORE_URL": f"sqlite:///{port_file.parent / f'{port_file.stem}.db'}", **(extra_env or {})}
+    proc = subprocess.Popen([sys.executable, __file__, SERVERS[kind.split("[")[0]], str(port_file), "--step-ms",
+                             str(step_ms)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (port_file.is_file() and port_file.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the zero-model {kind} server did not start")
+        time.sleep(0.05)  # polling the port file the server writes once serving; bounded
+    return proc
 
-    from chatforge.client import ChatbotClient
 
-    with tempfile.TemporaryDirectory() as tmp:
-        port_file = Path(tmp) / "port"
-        env = {**os.environ, "CHATFORGE_ENV": "test", "CHATFORGE_LOG_FORMAT": "json"}
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file), "--step-ms", str(step_ms)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 120
-            while not (port_file.is_file() and port_file.read_text().strip()):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the zero-model server did not start")
-                time.sleep(0.05)  # polling the port file the server writes once serving; bounded
-            server = psutil.Process(proc.pid)
-            per: dict[int, list[dict]] = {1: [], tokens: []}
-            with ChatbotClient(f"127.0.0.1:{port_file.read_text().strip()}", timeout=30) as client:
-                _replies(client, tokens, 20, server)  # warm-up, not kept
-                for r in range(rounds):
-                    for n in ((1, tokens) if r % 2 == 0 else (tokens, 1)):
-                        per[n].append(_replies(client, n, replies, server))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+def _figures(per: dict[int, list[dict]], tokens: int) -> dict:
     med = {n: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for n, runs in per.items()}
     extra = tokens - 1
     per_token = {k: (med[tokens][k] - med[1][k]) / extra * 1e3 for k in ("wall_ms", "server_cpu_ms", "client_cpu_ms")}
@@ -186,31 +234,103 @@ def measure(tokens: int = 40, replies: int = 200, rounds: int = 3, step_ms: floa
             "rounds": {str(n): runs for n, runs in per.items()}}
 
 
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def measure(tokens: int = 40, replies: int = 200, rounds: int = 3, step_ms: float = 0.3,
+            variants: dict[str, str] | None = None) -> dict:
+    """chatforge's server and the bare reference, rounds alternating between them (and between reply lengths); with
+    ``variants`` (variable -> value), one more chatforge server per variable with it set, named
+    ``chatforge[VAR=VALUE]``, in the same rounds."""
+    import psutil
+
+    from chatforge.client import ChatbotClient
+
+    envs = {"chatforge": None, "bare": None, **{f"chatforge[{k}={v}]": {k: v} for k, v in (variants or {}).items()}}
+    per = {kind: {1: [], tokens: []} for kind in envs}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs: dict[str, subprocess.Popen] = {}
+        ports = {kind: Path(tmp) / f"server{i}.port" for i, kind in enumerate(envs)}
+        try:
+            for kind, env in envs.items():
+                procs[kind] = _start(kind, ports[kind], step_ms, env)
+            clients = {kind: ChatbotClient(f"127.0.0.1:{ports[kind].read_text().strip()}", timeout=30) for kind in envs}
+            try:
+                servers = {kind: psutil.Process(p.pid) for kind, p in procs.items()}
+                for kind in envs:
+                    _replies(clients[kind], tokens, 20, servers[kind])  # warm-up, not kept
+                for r in range(rounds):
+                    for kind in (list(envs) if r % 2 == 0 else list(envs)[::-1]):
+                        for n in ((1, tokens) if r % 2 == 0 else (tokens, 1)):
+                            per[kind][n].append(_replies(clients[kind], n, replies, servers[kind]))
+            finally:
+                for c in clients.values():
+                    c.close()
+        finally:
+            for p in procs.values():
+                p.terminate()
+            for p in procs.values():
+                p.wait(timeout=60)
+    ours, bare = _figures(per["chatforge"], tokens), _figures(per["bare"], tokens)
+    out = {**ours, "reference_bare_grpc": bare, "chatforge_over_bare": _ratios(ours, bare, tokens)}
+    if variants:
+        out["variants"] = {}
+        for kind in envs:
+            if kind.startswith("chatforge["):
+                fig = _figures(per[kind], tokens)
+                out["variants"][kind] = {**fig, "over_chatforge": _ratios(fig, ours, tokens)}
+    return out
+
+
+def _ratios(a: dict, b: dict, tokens: int) -> dict:
+    long_ = f"{tokens}_token_reply"
+    return {"one_token_reply_server_cpu": _ratio(a["one_token_reply"]["server_cpu_ms"], b["one_token_reply"]["server_cpu_ms"]),
+            "one_token_reply_wall": _ratio(a["one_token_reply"]["wall_ms"], b["one_token_reply"]["wall_ms"]),
+            f"{tokens}_token_reply_wall": _ratio(a[long_]["wall_ms"], b[long_]["wall_ms"]),
+            "per_extra_token_server_cpu": _ratio(a["per_extra_token_us"]["server_cpu_us"],
+                                                 b["per_extra_token_us"]["server_cpu_us"])}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--serve", help=argparse.SUPPRESS)  # the server process
+    ap.add_argument("--serve-bare", help=argparse.SUPPRESS)  # the reference server process
     ap.add_argument("--step-ms", type=float, default=0.3, help="each prefill and step waits this long, GIL released")
     ap.add_argument("--tokens", type=int, default=40, help="tokens of the long reply (>= 2)")
     ap.add_argument("--replies", type=int, default=200, help="replies per length per round")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
+    ap.add_argument("--variant", action="append", default=[], metavar="VAR=VALUE",
+                    help="also measure chatforge's server with this environment variable set (repeatable), e.g. "
+                         "CHATFORGE_STORE_LINGER_MS=0")
     add_output_options(ap, "serving-overhead.json")
     args = ap.parse_args(argv)
     if args.serve:
         _serve(args.serve, args.step_ms / 1e3)
         return
+    if args.serve_bare:
+        _serve_bare(args.serve_bare, args.step_ms / 1e3)
+        return
     if args.tokens < 2 or args.replies < 1 or args.rounds < 1 or args.step_ms < 0:
         ap.error("--tokens must be >= 2, --replies and --rounds >= 1, --step-ms >= 0")
+    variants = {}
+    for v in args.variant:
+        key, sep, value = v.partition("=")
+        if not sep or not key.startswith("CHATFORGE_") or key in variants:
+            ap.error(f"--variant {v!r}: allowed: CHATFORGE_<SETTING>=VALUE, each variable once")
+        variants[key] = value
     from chatforge.runtime import cpu_info
 
     out = output_path(args, "serving-overhead.json")
     load_start = os.getloadavg()
-    figures = measure(args.tokens, args.replies, args.rounds, args.step_ms)
+    figures = measure(args.tokens, args.replies, args.rounds, args.step_ms, variants)
     result = {
         "benchmark": "serving_overhead",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "cpu": cpu_info()},
-        "settings": {"tokens": args.tokens, "replies": args.replies, "rounds": args.rounds, "step_ms": args.step_ms},
+        "settings": {"tokens": args.tokens, "replies": args.replies, "rounds": args.rounds, "step_ms": args.step_ms,
+                     **({"variants": variants} if variants else {})},
         **figures,
     }
     one, long_, tok = figures["one_token_reply"], figures[f"{args.tokens}_token_reply"], figures["per_extra_token_us"]
@@ -219,6 +339,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.tokens}-token reply: {long_['wall_ms']:.2f} ms wall, server CPU {long_['server_cpu_ms']:.2f} ms")
     print(f"per extra token: {tok['wall_us']:.0f} us wall, server CPU {tok['server_cpu_us']:.0f} us, client CPU "
           f"{tok['client_cpu_us']:.0f} us; one stream at most {figures['one_stream_tokens_per_s_ceiling']:.0f} tokens/s")
+    bare, ratio = figures["reference_bare_grpc"], figures["chatforge_over_bare"]
+    print(f"bare grpc.aio reference: 1-token reply {bare['one_token_reply']['wall_ms']:.2f} ms wall, server CPU "
+          f"{bare['one_token_reply']['server_cpu_ms']:.2f} ms; per extra token server CPU "
+          f"{bare['per_extra_token_us']['server_cpu_us']:.0f} us")
+    print("chatforge / bare: " + ", ".join(f"{k} {v:.2f}x" if v is not None else f"{k} n/a" for k, v in ratio.items()))
+    for name, fig in figures.get("variants", {}).items():
+        print(f"{name}: 1-token reply {fig['one_token_reply']['wall_ms']:.2f} ms wall, server CPU "
+              f"{fig['one_token_reply']['server_cpu_ms']:.2f} ms; over chatforge: " + ", ".join(
+                  f"{k} {v:.2f}x" if v is not None else f"{k} n/a" for k, v in fig["over_chatforge"].items()))
     write_result(out, result)
 
 

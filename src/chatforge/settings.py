@@ -64,6 +64,8 @@ class Settings(BaseModel):
     server_name: str = Field(default_factory=socket.gethostname)
     # None means "not chosen": resolved by :attr:`effective_store_url`.
     store_url: str | None = None
+    # How long the store's writer gathers turns into one transaction (serving/store.py STORE_LINGER_S); 0: none.
+    store_linger_ms: float = Field(default=50.0, ge=0.0, le=5000.0)
     metrics_port: int = Field(default=9100, ge=0, le=65535)
 
     @field_validator("log_level", mode="before")

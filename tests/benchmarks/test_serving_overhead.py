@@ -1,5 +1,6 @@
 """benchmarks/serving_overhead.py at tiny sizes: a real server process with the zero-cost model streams exactly the
-tokens asked for, the per-token figures are the difference of the two reply lengths, and the record names the CPU."""
+tokens asked for, the per-token figures are the difference of the two reply lengths, the bare grpc.aio reference is
+measured in the same rounds, and the record names the CPU."""
 
 from __future__ import annotations
 
@@ -33,10 +34,46 @@ def test_main_writes_per_reply_and_per_token_figures(tmp_path, capsys):
     assert r["one_stream_tokens_per_s_ceiling"] == pytest.approx(4 / (four["wall_ms"] / 1e3))
     assert len(r["rounds"]["1"]) == len(r["rounds"]["4"]) == 2
     assert r["machine"]["cpu"]["model_name"]
-    assert "per extra token" in capsys.readouterr().out
+    # the bare grpc.aio reference ran in the same rounds, streamed the same lengths, and the ratios are of the two
+    bare = r["reference_bare_grpc"]
+    assert len(bare["rounds"]["1"]) == len(bare["rounds"]["4"]) == 2
+    assert bare["4_token_reply"]["wall_ms"] >= 4 * 2.0
+    assert r["chatforge_over_bare"]["one_token_reply_wall"] == pytest.approx(
+        one["wall_ms"] / bare["one_token_reply"]["wall_ms"])
+    printed = capsys.readouterr().out
+    assert "per extra token" in printed and "chatforge / bare" in printed
 
 
-@pytest.mark.parametrize("bad", [["--tokens", "1"], ["--step-ms", "-1"]])
+def test_the_bare_reference_streams_exactly_the_tokens_asked_for(tmp_path):
+    from chatforge.client import ChatbotClient
+
+    script = load("serving_overhead")
+    proc = script._start("bare", tmp_path / "bare.port", 0.0)
+    try:
+        with ChatbotClient(f"127.0.0.1:{(tmp_path / 'bare.port').read_text().strip()}", timeout=30) as client:
+            chunks = list(client.reply_stream("w 1", max_new_tokens=5))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    tokens = [c.token_id for c in chunks if not c.is_final]
+    assert tokens == [4, 5, 6, 7, 8] and chunks[-1].is_final and chunks[-1].completion_tokens == 5
+
+
+def test_a_variant_is_a_third_server_in_the_same_rounds(tmp_path, capsys):
+    out = tmp_path / "so.json"
+    load("serving_overhead").main(["--tokens", "3", "--replies", "2", "--rounds", "2", "--step-ms", "1",
+                                   "--variant", "CHATFORGE_STORE_LINGER_MS=0", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["settings"]["variants"] == {"CHATFORGE_STORE_LINGER_MS": "0"}
+    v = r["variants"]["chatforge[CHATFORGE_STORE_LINGER_MS=0]"]
+    assert len(v["rounds"]["1"]) == 2 and v["3_token_reply"]["wall_ms"] >= 3 * 1.0
+    assert v["over_chatforge"]["one_token_reply_wall"] == pytest.approx(
+        v["one_token_reply"]["wall_ms"] / r["one_token_reply"]["wall_ms"])
+    assert "chatforge[CHATFORGE_STORE_LINGER_MS=0]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--tokens", "1"], ["--step-ms", "-1"], ["--variant", "LINGER"],
+                                 ["--variant", "HOME=/tmp"]])
 def test_bad_sizes_are_refused(bad):
     with pytest.raises(SystemExit):
         load("serving_overhead").main(bad)

@@ -98,3 +98,22 @@ def test_the_chit_chat_reply_quality_rows_are_the_committed_run():
     share = run["figures"]["hybrid"]["retrieval_share"] * 100
     assert f"retrieval answered {share:.1f} % of the test questions" in README
     assert f"at least {run['hybrid']['threshold']:.4f}" in README
+
+
+def test_the_serving_floor_is_the_committed_run():
+    r = json.loads((RESULTS / "serving-overhead.json").read_text())
+    one, bare = r["one_token_reply"], r["reference_bare_grpc"]["one_token_reply"]
+    m = re.search(r"a one-token reply takes ([\d.]+) ms \(([\d.]+) ms of the server's CPU\) and each further token "
+                  r"([\d.]+) ms of its CPU", README.replace("\n", " "))
+    assert m, "the floor sentence"
+    assert _same(m.group(1), one["wall_ms"]) and _same(m.group(2), one["server_cpu_ms"])
+    assert _same(m.group(3), r["per_extra_token_us"]["server_cpu_us"] / 1000)
+    m = re.search(r"takes ([\d.]+) ms \(([\d.]+) ms of CPU\) and ([\d.]+) ms a token", README.replace("\n", " "))
+    assert m and _same(m.group(1), bare["wall_ms"]) and _same(m.group(2), bare["server_cpu_ms"])
+    assert _same(m.group(3), r["reference_bare_grpc"]["per_extra_token_us"]["server_cpu_us"] / 1000)
+    linger = r["variants"]["chatforge[CHATFORGE_STORE_LINGER_MS=0]"]
+    m = re.search(r"took ([\d.]+) ms until the store gathered turns.*?: ([\d.]+)x faster one-token replies "
+                  r"and ([\d.]+)x less server CPU", README.replace("\n", " "))
+    assert m and _same(m.group(1), linger["one_token_reply"]["wall_ms"])
+    assert _same(m.group(2), linger["over_chatforge"]["one_token_reply_wall"])
+    assert _same(m.group(3), linger["over_chatforge"]["one_token_reply_server_cpu"])
