@@ -340,6 +340,9 @@ class ReplySelector:
         self.model = bundle.model
         self.info = ModelInfo(name=name, family=bundle.family, task=bundle.task, version=version,
                               metadata=dict(bundle.metadata))
+        # Built here, where the bundle loads (off the event loop), so that the first guarded message does not
+        # count 10,000 training questions on the loop: the policy calls familiarity() there (microseconds).
+        self._familiarity = self.model.familiarity_model()
 
     @property
     def name(self) -> str:
@@ -351,6 +354,11 @@ class ReplySelector:
 
     def select(self, text: str) -> tuple[str, float]:
         return self.model.reply(text)
+
+    def familiarity(self, text: str) -> float:
+        """How much ``text`` looks like the questions the model was trained on (mean log-probability per character,
+        < 0; see ``baselines.retrieval.familiarity``): the reply policy's ``min_familiarity`` guard."""
+        return self._familiarity.score(text)
 
 
 # Bundle tasks served as reply generators (lm: a decoder-only model continuing the text, GPT). Their decode steps

@@ -9,7 +9,14 @@ import pytest
 from chatforge.config import validate_config
 from chatforge.evaluation.evaluate import EvaluationError
 from chatforge.evaluation.metrics import corpus_chrf
-from chatforge.evaluation.replies import Replies, choose_retrieval_threshold, hybrid, reply_table
+from chatforge.evaluation.replies import (
+    DEFAULT_FALLBACK,
+    Replies,
+    choose_min_familiarity,
+    choose_retrieval_threshold,
+    hybrid,
+    reply_table,
+)
 from chatforge.serving.policy import ReplyPolicy
 from chatforge.training.run import run_experiment
 
@@ -20,6 +27,25 @@ def test_hybrid_takes_retrieval_at_or_above_the_threshold():
     sel = Replies(["r1", "r2", "r3"], [0.9, 0.5, 0.7])
     gen = Replies(["g1", "g2", "g3"], None)
     assert hybrid(sel, gen, 0.7) == (["r1", "g2", "r3"], ["retrieval", "generation", "retrieval"])
+
+
+def test_the_familiarity_guard_sends_unfamiliar_questions_to_the_fallback_first():
+    sel = Replies(["r1", "r2", "r3"], [0.9, 0.5, 0.99], familiarity=[-3.0, -4.0, -9.0])
+    gen = Replies(["g1", "g2", "g3"], None)
+    assert hybrid(sel, gen, 0.7, min_familiarity=-6.0) == (["r1", "g2", DEFAULT_FALLBACK],
+                                                           ["retrieval", "generation", "fallback"])
+    assert hybrid(sel, gen, 0.7)[1] == ["retrieval", "generation", "retrieval"]  # no guard: as before
+    with pytest.raises(ValueError, match="needs the selector's familiarity"):
+        hybrid(Replies(["r"], [0.9]), Replies(["g"]), 0.7, min_familiarity=-6.0)
+
+
+def test_the_guard_threshold_is_a_low_quantile_of_validation():
+    fam = [-float(i) for i in range(1, 101)]  # -1 .. -100
+    t = choose_min_familiarity(fam, 0.05)
+    assert t in fam and sum(f < t for f in fam) == 4  # an observed value; 4 % strictly below, 5 % at or below
+    assert choose_min_familiarity(fam, 0.0) is None
+    with pytest.raises(EvaluationError, match=r"quantile 0.5 is out of range; allowed: \[0, 0.5\)"):
+        choose_min_familiarity(fam, 0.5)
 
 
 def test_threshold_is_the_one_with_the_best_chrf():
@@ -58,6 +84,13 @@ def test_reply_table_compares_models_on_the_same_questions(tmp_path):
     assert rows[0]["question"] in (tmp_path / "out" / "replies.md").read_text(encoding="utf-8")
     policy = ReplyPolicy.from_yaml(tmp_path / "out" / "policy.yaml")  # the hybrid column, ready to serve
     assert (policy.retriever, policy.retrieval_threshold) == ("retrieval", res["hybrid"]["threshold"])
+    # the familiarity guard, chosen on valid (1 % quantile by default), is served as it was measured
+    assert policy.min_familiarity == res["hybrid"]["min_familiarity"] < 0
+    assert 0.0 <= res["figures"]["hybrid"]["fallback_share"] < 0.5
+    unguarded = reply_table({"retrieval": sel, "seq2seq": gen}, hybrid_of=("retrieval", "seq2seq"), n=5,
+                            out_dir=tmp_path / "unguarded", max_examples=20, familiarity_quantile=0.0)
+    assert unguarded["hybrid"]["min_familiarity"] is None and unguarded["figures"]["hybrid"]["fallback_share"] == 0
+    assert "min_familiarity" not in (tmp_path / "unguarded" / "policy.yaml").read_text(encoding="utf-8")
     assert policy.generator == "seq2seq"  # the generator the threshold was chosen with, not the server's default
     with pytest.raises(EvaluationError, match="must be one of the named bundles"):
         reply_table({"retrieval": sel}, hybrid_of=("retrieval", "seq2seq"), out_dir=tmp_path / "x")

@@ -334,6 +334,9 @@ def replies(
     max_examples: int = typer.Option(None, "--max-examples", min=1, help="Use at most this many questions."),
     decoding: list[str] = typer.Option([], "--decoding", help="KEY=VALUE decoding option for the generation "
                                        "models (repeatable), e.g. no_repeat_ngram_size=3, repetition_penalty=1.3."),
+    familiarity_quantile: float = typer.Option(0.01, "--familiarity-quantile", help="With --hybrid: the share of "
+                                               "validation questions the familiarity guard (min_familiarity) may "
+                                               "send to the fallback reply; 0: no guard."),
 ):
     """Reply table: every model answers the same held-out questions side by side, with chrF, BLEU, distinct-n,
     repetition and identical-reply figures."""
@@ -362,7 +365,7 @@ def replies(
             _fail(f"--decoding {item!r}: the value is not a YAML number, boolean or text")
     try:
         res = reply_table(named, hybrid_of=pair, split=split, n=n, out_dir=out, max_examples=max_examples,
-                          decoding=options)
+                          decoding=options, familiarity_quantile=familiarity_quantile)
     except (BundleError, ConfigError, EvaluationError, FileNotFoundError) as e:
         _fail(str(e))
     table = Table(title=f"replies on {Path(res['data']).name} ({res['split']}, {res['n_questions']} questions)")
@@ -374,7 +377,12 @@ def replies(
         table.add_row(name, *(f"{fig[c]:.4f}" for c in cols))
     console.print(table)
     if "hybrid" in res:
-        console.print(f"hybrid threshold (chosen on valid): {res['hybrid']['threshold']:.4f}")
+        h = res["hybrid"]
+        console.print(f"hybrid threshold (chosen on valid): {h['threshold']:.4f}")
+        if h["min_familiarity"] is not None:
+            console.print(f"familiarity guard (the {h['familiarity_quantile']:.1%} quantile of valid): "
+                          f"{h['min_familiarity']:.3f}; fallback on {res['figures']['hybrid']['fallback_share']:.1%} "
+                          f"of {res['split']}")
     console.print(f"reply table: [bold]{out}/replies.md[/] and replies.html", highlight=False)
 
 

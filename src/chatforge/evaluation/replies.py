@@ -8,7 +8,10 @@ questions for people to read: ``replies.md``, ``replies.html`` and ``replies.jso
 also ``policy.yaml``, the same hybrid as a serving policy (``chatforge serve --policy``).
 
 The hybrid's threshold is chosen on the *validation* split (the one maximising the hybrid's chrF
-there), never on the split it is reported on.
+there), never on the split it is reported on; so is its familiarity guard (``min_familiarity``: messages less like
+the selector's training questions than all but ``familiarity_quantile`` of the validation questions get the
+fallback reply, ``baselines.retrieval.familiarity``), whose share of fallbacks on the reported split is then a
+held-out figure.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ logger = logging.getLogger(__name__)
 
 HYBRID = "hybrid"
 DEFAULT_FALLBACK = "잘 모르겠어요. 다르게 말씀해 주시겠어요?"
+DEFAULT_FAMILIARITY_QUANTILE = 0.01  # the share of validation questions the guard may send to the fallback
 
 
 @dataclass
 class Replies:
     texts: list[str]
     scores: list[float] | None = None  # selection: the best pool answer's score
+    familiarity: list[float] | None = None  # selection: each question's familiarity to the training questions
 
 
 def bundle_replies(bundle, questions: Sequence[str], max_new_tokens: int | None = None,
@@ -51,7 +56,7 @@ def bundle_replies(bundle, questions: Sequence[str], max_new_tokens: int | None 
     (with scores) of a selection bundle."""
     if bundle.task == "selection":
         best = bundle.model.select(list(questions))
-        return Replies([b[0][0] for b in best], [b[0][1] for b in best])
+        return Replies([b[0][0] for b in best], [b[0][1] for b in best], bundle.model.familiarity(list(questions)))
     if bundle.task not in ("generation", "lm"):
         raise EvaluationError(f"bundle {bundle.path} has task {bundle.task!r}; replies come from generation, lm "
                               f"or selection bundles")
@@ -69,31 +74,55 @@ def bundle_replies(bundle, questions: Sequence[str], max_new_tokens: int | None 
                                         bos_id=tok.bos_id, eos_id=tok.eos_id)) for q in questions])
 
 
-def hybrid(selected: Replies, generated: Replies, threshold: float) -> tuple[list[str], list[str]]:
-    """The hybrid's replies and which path answered each one."""
-    paths = ["retrieval" if s >= threshold else "generation" for s in selected.scores]
-    texts = [r if p == "retrieval" else g for r, g, p in zip(selected.texts, generated.texts, paths, strict=True)]
+def hybrid(selected: Replies, generated: Replies, threshold: float, min_familiarity: float | None = None,
+           fallback: str = DEFAULT_FALLBACK) -> tuple[list[str], list[str]]:
+    """The hybrid's replies and which path answered each one: the serving policy's rule (``serving.policy``)
+    without intents. Below ``min_familiarity`` (None: no guard) the fallback reply answers, as out of scope."""
+    if min_familiarity is not None and selected.familiarity is None:
+        raise ValueError("min_familiarity needs the selector's familiarity of each question (Replies.familiarity)")
+    fam = selected.familiarity if min_familiarity is not None else [0.0] * len(selected.scores)
+    paths = ["fallback" if min_familiarity is not None and f < min_familiarity
+             else "retrieval" if s >= threshold else "generation" for s, f in zip(selected.scores, fam, strict=True)]
+    texts = [fallback if p == "fallback" else r if p == "retrieval" else g
+             for r, g, p in zip(selected.texts, generated.texts, paths, strict=True)]
     return texts, paths
 
 
-def choose_retrieval_threshold(selected: Replies, generated: Replies, refs: Sequence[str]) -> float:
-    """The threshold (one of the observed scores, or +inf: never retrieve) maximising the hybrid's chrF."""
+def choose_min_familiarity(familiarity: Sequence[float], quantile: float) -> float | None:
+    """The guard's threshold: the ``quantile`` of the validation questions' familiarity (lower interpolation: an
+    observed value, so about that share of them falls below it), None (no guard) for quantile 0."""
+    if not 0.0 <= quantile < 0.5:
+        raise EvaluationError(f"familiarity quantile {quantile!r} is out of range; allowed: [0, 0.5) (the share of "
+                              "validation questions the guard may send to the fallback; 0: no guard)")
+    if quantile == 0.0:
+        return None
+    if not len(familiarity):
+        raise EvaluationError("no validation questions to choose the familiarity guard on; pass quantile 0")
+    return float(np.quantile(np.asarray(familiarity, dtype=np.float64), quantile, method="lower"))
+
+
+def choose_retrieval_threshold(selected: Replies, generated: Replies, refs: Sequence[str],
+                               min_familiarity: float | None = None) -> float:
+    """The threshold (one of the observed scores, or +inf: never retrieve) maximising the hybrid's chrF (with the
+    familiarity guard in front, when given: the hybrid as it will be served)."""
     grid = sorted(set(selected.scores)) + [float("inf")]
     # chrF is a corpus statistic, so each candidate is scored whole; 600 validation pairs x ~600 thresholds
     # is seconds, and a subsampled grid (every 1 % quantile) keeps larger splits cheap.
     if len(grid) > 101:
         grid = sorted(set(np.quantile(selected.scores, np.linspace(0, 1, 101)).tolist())) + [float("inf")]
-    best = max(grid, key=lambda t: (corpus_chrf(hybrid(selected, generated, t)[0], refs), -t))
+    best = max(grid, key=lambda t: (corpus_chrf(hybrid(selected, generated, t, min_familiarity)[0], refs), -t))
     return float(best)
 
 
 def reply_table(models: Mapping[str, str | Path], *, hybrid_of: tuple[str, str] | None = None,
                 split: str = "test", n: int = 30, out_dir: str | Path, max_new_tokens: int | None = None,
-                max_examples: int | None = None, decoding: Mapping[str, Any] | None = None) -> dict:
+                max_examples: int | None = None, decoding: Mapping[str, Any] | None = None,
+                familiarity_quantile: float = DEFAULT_FAMILIARITY_QUANTILE) -> dict:
     """Write the reply table and figures for ``models`` (name -> bundle) on ``split`` of their data.
 
     ``hybrid_of = (selection_name, generation_name)`` adds the hybrid column; its threshold is chosen
-    on the valid split of the same data. All bundles must split the same data file the same way (same
+    on the valid split of the same data, and so is its familiarity guard (``familiarity_quantile`` of the validation
+    questions fall below it; 0: no guard). All bundles must split the same data file the same way (same
     path, seed and fractions) so that every column answers the same questions: checked here.
     """
     if not models:
@@ -136,15 +165,20 @@ def reply_table(models: Mapping[str, str | Path], *, hybrid_of: tuple[str, str] 
         valid, _, _ = select_examples(first.config, None, split="valid")
         valid = [e for e in valid if e.response][:max_examples] if max_examples else [e for e in valid if e.response]
         vq, vr = [e.text for e in valid], [e.response for e in valid]
-        threshold = choose_retrieval_threshold(bundle_replies(bundles[sel_name], vq),
-                                               bundle_replies(bundles[gen_name], vq, max_new_tokens, decoding), vr)
-        texts, paths = hybrid(replies[sel_name], replies[gen_name], threshold)
+        valid_selected = bundle_replies(bundles[sel_name], vq)
+        min_familiarity = choose_min_familiarity(valid_selected.familiarity, familiarity_quantile)
+        threshold = choose_retrieval_threshold(valid_selected,
+                                               bundle_replies(bundles[gen_name], vq, max_new_tokens, decoding), vr,
+                                               min_familiarity)
+        texts, paths = hybrid(replies[sel_name], replies[gen_name], threshold, min_familiarity)
         columns[HYBRID] = texts
         figures[HYBRID] = {"family": f"{sel_name} + {gen_name}", "task": "hybrid",
                            **generation_quality(questions, texts, refs, char_level=korean),
-                           "retrieval_share": paths.count("retrieval") / len(paths)}
+                           "retrieval_share": paths.count("retrieval") / len(paths),
+                           "fallback_share": paths.count("fallback") / len(paths)}
         extra = {"hybrid": {"selection": sel_name, "generation": gen_name, "threshold": threshold,
-                            "threshold_chosen_on": "valid"}}
+                            "threshold_chosen_on": "valid", "min_familiarity": min_familiarity,
+                            "familiarity_quantile": familiarity_quantile}}
     out = Path(out_dir)
     result = {"data": str(data_path), "split": split_name, "n_questions": len(questions), "figures": figures,
               "decoding": dict(decoding or {}), **extra, "table": [{"question": q, "reference": r, **{c: columns[c][i] for c in columns}}
@@ -154,8 +188,9 @@ def reply_table(models: Mapping[str, str | Path], *, hybrid_of: tuple[str, str] 
     atomic_write_text(out / "replies.html", _html(result, list(columns)))
     if hybrid_of is not None:
         # The served form of the hybrid column: `chatforge serve --model NAME=BUNDLE ... --policy policy.yaml`.
+        guard = {} if min_familiarity is None else {"min_familiarity": min_familiarity}
         atomic_write_text(out / "policy.yaml", yaml.safe_dump({
-            "retriever": hybrid_of[0], "retrieval_threshold": threshold, "generate": True,
+            "retriever": hybrid_of[0], **guard, "retrieval_threshold": threshold, "generate": True,
             "generator": hybrid_of[1], "fallback_reply": DEFAULT_FALLBACK}, allow_unicode=True, sort_keys=False))
     logger.info("reply table written to %s", out)
     return result
@@ -173,8 +208,11 @@ def _markdown(result: dict, names: list[str]) -> str:
              _md_table(["model", *_FIGURE_COLUMNS], [[n, *(fig[n][k] for k in _FIGURE_COLUMNS)] for n in names])]
     if "hybrid" in result:
         h = result["hybrid"]
-        lines += ["", f"hybrid: {md_text(h['selection'])} when its score >= {h['threshold']:.4f} (chosen on valid), "
-                  f"else {md_text(h['generation'])}; retrieval answered {fig[HYBRID]['retrieval_share']:.1%}."]
+        guard = ("" if h.get("min_familiarity") is None else
+                 f"the fallback reply when the message's familiarity < {h['min_familiarity']:.3f} (the "
+                 f"{h['familiarity_quantile']:.1%} quantile of valid; {fig[HYBRID]['fallback_share']:.1%} here), else ")
+        lines += ["", f"hybrid: {guard}{md_text(h['selection'])} when its score >= {h['threshold']:.4f} (chosen on "
+                  f"valid), else {md_text(h['generation'])}; retrieval answered {fig[HYBRID]['retrieval_share']:.1%}."]
     lines += ["", _md_table(["question", "reference", *names],
                             [[r["question"], r["reference"], *(r[n] for n in names)] for r in result["table"]]), ""]
     return "\n".join(lines)

@@ -681,6 +681,11 @@ class Engine:
             used[name] = str(selector.info.version)
             return await asyncio.to_thread(selector.select, text)
 
+        def familiarity(name: str, text: str) -> float:  # microseconds: dict lookups per character, on the loop
+            selector = self.retrievers[name]
+            used[name] = str(selector.info.version)
+            return selector.familiarity(text)
+
         selector = self._reply_selector(model)
         if selector is not None:  # a selection model answers directly: its best pool answer, as one delta
             reply, score = await retrieve(selector, text)
@@ -688,7 +693,7 @@ class Engine:
             yield ReplyDone("stop", 0, 0, selector, used[selector], "", 0.0, "retrieval", float(score))
             return
         if self.policy is not None:
-            route = await self.policy.route(text, classify, retrieve)
+            route = await self.policy.route(text, classify, retrieve, familiarity)
             if route.reply is not None:  # scripted, retrieval or fallback: the whole reply as one delta
                 version = used.get(route.model, "")
                 yield TokenDelta(token_id=-1, text=route.reply)

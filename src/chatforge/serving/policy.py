@@ -4,9 +4,12 @@ Production Korean chit-chat is retrieval-first (Rasa's ResponseSelector, ParlAI'
 
 1. classify the intent (optional); an out-of-scope intent gets the ``fallback`` reply;
 2. an intent with a ``scripted`` answer gets that answer;
-3. otherwise the retrieval model's best pool answer, if its score clears ``retrieval_threshold``
+3. a message the retriever finds unlike its training questions (``min_familiarity``: the message's mean
+   log-probability per character under a character model of them, ``baselines.retrieval.familiarity``) is out
+   of scope: the ``fallback`` reply, before any model answers it;
+4. otherwise the retrieval model's best pool answer, if its score clears ``retrieval_threshold``
    (chosen on validation; see ``chatforge.evaluation.replies.choose_retrieval_threshold``);
-4. otherwise generation (``generator``, or the default generator), when one is hosted; else the ``fallback`` reply.
+5. otherwise generation (``generator``, or the default generator), when one is hosted; else the ``fallback`` reply.
 
 The policy is pure: :meth:`ReplyPolicy.route` takes the classify and retrieve calls as arguments, so
 the engine keeps its runners and this module stays testable without models. A YAML file holds it::
@@ -17,6 +20,7 @@ the engine keeps its runners and this module stays testable without models. A YA
     intent_threshold: 0.0         # a top intent score below this is out of scope
     scripted: {greeting: "안녕하세요! 무엇을 도와드릴까요?"}   # intents: labels of the classifier (checked at start)
     retriever: selector           # hosted selection bundle name, or omit
+    min_familiarity: -5.6         # below it, the message is out of scope (needs retriever; omit: no guard)
     retrieval_threshold: 0.9
     generate: true                # fall to the generator below the threshold
     generator: chat               # which hosted generator (omit: the default one, the first given)
@@ -25,6 +29,7 @@ the engine keeps its runners and this module stays testable without models. A YA
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +41,8 @@ from chatforge.config import read_yaml, yaml_error_line
 from chatforge.predictions import ClassPrediction
 
 PATHS = ("scripted", "retrieval", "generation", "fallback")
-_KEYS = ("classifier", "oos_labels", "intent_threshold", "scripted", "retriever", "retrieval_threshold",
-         "generate", "generator", "fallback_reply")
+_KEYS = ("classifier", "oos_labels", "intent_threshold", "scripted", "retriever", "min_familiarity",
+         "retrieval_threshold", "generate", "generator", "fallback_reply")
 DEFAULT_OOS_LABELS = ("oos",)  # oos_labels not given: CLINC150's label, not required of the classifier
 
 
@@ -85,7 +90,9 @@ class Route:
     intent: str = ""
     intent_score: float = 0.0
     model: str = ""  # the model that chose the reply (classifier or retriever); "" for generation
-    out_of_scope: bool = False  # the classifier judged the message out of scope (not: no path could answer)
+    out_of_scope: bool = False  # the classifier or the familiarity guard judged the message out of scope (not: no
+    #                             path could answer)
+    familiarity: float | None = None  # min_familiarity set: the message's familiarity to the retriever
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class ReplyPolicy:
     intent_threshold: float = 0.0
     scripted: Mapping[str, str] = field(default_factory=dict)
     retriever: str | None = None
+    min_familiarity: float | None = None  # None: no familiarity guard
     retrieval_threshold: float = 0.0
     generate: bool = True
     generator: str | None = None  # the generation path's model; None: the default generator
@@ -107,6 +115,14 @@ class ReplyPolicy:
             raise PolicyError(f"policy intent_threshold={self.intent_threshold!r} is out of range; allowed: [0, 1]")
         if self.scripted and self.classifier is None:
             raise PolicyError("policy scripted answers need a classifier to recognise their intents; set classifier")
+        if self.min_familiarity is not None:
+            if self.retriever is None:
+                raise PolicyError("policy min_familiarity needs a retriever (the familiarity is to its training "
+                                  "questions); set retriever or remove min_familiarity")
+            if not (math.isfinite(self.min_familiarity) and self.min_familiarity < 0.0):
+                raise PolicyError(f"policy min_familiarity={self.min_familiarity!r} is out of range; allowed: a "
+                                  "number below 0 (a mean log-probability per character; chatforge replies "
+                                  "--hybrid chooses one on validation)")
         if self.generator is not None and not self.generate:
             raise PolicyError(f"policy generator {self.generator!r} is unused with generate: false; remove it or "
                               "set generate: true")
@@ -136,7 +152,9 @@ class ReplyPolicy:
                 raise PolicyError(f"{source}: oos_labels must be a list of the classifier's labels, e.g. [oos]; "
                                   f"got {labels!r}")
             kw["oos_labels"] = tuple(str(x) for x in labels)
-        for key in ("intent_threshold", "retrieval_threshold"):
+        if kw.get("min_familiarity") is None:
+            kw.pop("min_familiarity", None)  # `min_familiarity:` left empty: no guard, as when omitted
+        for key in ("intent_threshold", "retrieval_threshold", "min_familiarity"):
             if key in kw and (isinstance(kw[key], bool) or not isinstance(kw[key], (int, float))):
                 raise PolicyError(f"{source}: {key} must be a number, got {kw[key]!r}")
             if key in kw:
@@ -196,8 +214,10 @@ class ReplyPolicy:
 
     async def route(self, text: str,
                     classify: Callable[[str, str], Awaitable[ClassPrediction]],
-                    retrieve: Callable[[str, str], Awaitable[tuple[str, float]]]) -> Route:
-        """Decide the path for ``text``; ``classify(name, text)`` and ``retrieve(name, text)`` run the models."""
+                    retrieve: Callable[[str, str], Awaitable[tuple[str, float]]],
+                    familiarity: Callable[[str, str], float] | None = None) -> Route:
+        """Decide the path for ``text``; ``classify(name, text)`` and ``retrieve(name, text)`` run the models,
+        ``familiarity(name, text)`` (needed with ``min_familiarity``) is the retriever's familiarity of ``text``."""
         intent, intent_score = "", 0.0
         if self.classifier is not None:
             pred = await classify(self.classifier, text)
@@ -207,12 +227,20 @@ class ReplyPolicy:
                              out_of_scope=True)
             if intent in self.scripted:
                 return Route("scripted", self.scripted[intent], intent_score, intent, intent_score, self.classifier)
+        familiar = None
+        if self.min_familiarity is not None:
+            if familiarity is None:
+                raise TypeError("a policy with min_familiarity routes with a familiarity(name, text) callable")
+            familiar = familiarity(self.retriever, text)
+            if familiar < self.min_familiarity:
+                return Route("fallback", self.fallback_reply, intent_score, intent, intent_score, self.retriever,
+                             out_of_scope=True, familiarity=familiar)
         score = 0.0
         if self.retriever is not None:
             reply, score = await retrieve(self.retriever, text)
             if score >= self.retrieval_threshold:
-                return Route("retrieval", reply, score, intent, intent_score, self.retriever)
+                return Route("retrieval", reply, score, intent, intent_score, self.retriever, familiarity=familiar)
         if self.generate:
-            return Route("generation", None, score, intent, intent_score)
+            return Route("generation", None, score, intent, intent_score, familiarity=familiar)
         return Route("fallback", self.fallback_reply, score, intent, intent_score,
-                     self.retriever or self.classifier or "")
+                     self.retriever or self.classifier or "", familiarity=familiar)

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from safetensors.torch import save_file as torch_save_file
 from torch import nn
 
 from chatforge.baselines.retrieval.config import RetrievalConfig
+from chatforge.baselines.retrieval.familiarity import CharBigramModel
 from chatforge.baselines.retrieval.ranker import (
     FeatureIndex,
     LabelModel,
@@ -185,6 +187,8 @@ class ResponseSelector:
         self._index: FeatureIndex | None = None  # encoder ranker: the training pairs its features read
         self._ranker: PairRanker | None = None
         self._search: dict[str, VectorSearch] | None = None  # bi-encoder: pool and question search, see _searches
+        self._familiarity: CharBigramModel | None = None  # built from the training questions on first use
+        self._familiarity_lock = threading.Lock()
 
     # -- encoding ---------------------------------------------------------------------------------------
 
@@ -377,6 +381,23 @@ class ResponseSelector:
     def reply(self, question: str) -> tuple[str, float]:
         """The best pool answer for ``question`` and its score."""
         return self.select([question], 1)[0][0]
+
+    def familiarity(self, texts: Sequence[str]) -> list[float]:
+        """How much each text looks like the training questions: its mean log-probability per character under a
+        character bigram model of them (``familiarity.CharBigramModel``; < 0, higher is more familiar). The reply
+        policy's ``min_familiarity`` guard reads it; the model is built on first use (thread-safe)."""
+        texts = check_texts(texts, "texts")
+        model = self.familiarity_model()
+        return [model.score(t) for t in texts]
+
+    def familiarity_model(self) -> CharBigramModel:
+        """The character model behind :meth:`familiarity`, built from the training questions on first use."""
+        self._require_fitted()
+        if self._familiarity is None:
+            with self._familiarity_lock:
+                if self._familiarity is None:
+                    self._familiarity = CharBigramModel(self.questions)
+        return self._familiarity
 
     # -- training ------------------------------------------------------------------------------------------
 
