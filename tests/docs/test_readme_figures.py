@@ -117,3 +117,23 @@ def test_the_serving_floor_is_the_committed_run():
     assert m and _same(m.group(1), linger["one_token_reply"]["wall_ms"])
     assert _same(m.group(2), linger["over_chatforge"]["one_token_reply_wall"])
     assert _same(m.group(3), linger["over_chatforge"]["one_token_reply_server_cpu"])
+
+
+def test_the_familiarity_guard_table_is_the_committed_run():
+    r = json.loads((RESULTS / "familiarity-guard.json").read_text())
+    rows = {"ChatbotData test questions (559)": "test",
+            "English, the first 500 CLINC150 validation utterances": "english_clinc150",
+            "keyboard mash, random Latin letters (300, seeded)": "keyboard_mash",
+            "random Hangul syllables (300, seeded)": "random_hangul",
+            "word salad: each test question's characters shuffled (559)": "word_salad"}
+    for first, key in rows.items():
+        row, fig = _row(first), r["sets"][key]
+        assert _same(row[1], fig["fallback_share"] * 100), (first, row[1])
+        assert _same(row[2], fig["answered_from_pool_without_guard"] * 100), (first, row[2])
+        assert _same(row[3], fig["answered_from_pool_with_guard"] * 100), (first, row[3])
+    assert r["chosen_on"] == "valid" and r["quantile"] == 0.01
+    replies = json.loads((RESULTS / "chatbot-replies-ranker-gpt.json").read_text())
+    assert replies["hybrid"]["min_familiarity"] == r["min_familiarity"]  # the same guard, from the same bundle
+    text = README.replace("\n", " ")
+    assert f"It costs {r['speed']['guard_us']:.0f} us a message against the ranker's " \
+           f"{r['speed']['select_us'] / 1000:.0f} ms `select`" in text

@@ -118,6 +118,7 @@ def test_shipped_policy_loads():
 
     pol = ReplyPolicy.from_yaml(Path(__file__).resolve().parents[2] / "configs" / "policies" / "hybrid_chatbot_kr.yaml")
     assert pol.retriever and pol.generate and pol.retrieval_threshold > 0
+    assert pol.min_familiarity is not None and pol.min_familiarity < 0  # the README's hybrid has its guard
 
 
 def test_selection_models_are_listed_and_answer_when_named():
