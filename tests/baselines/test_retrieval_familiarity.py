@@ -73,10 +73,14 @@ def test_bad_arguments_are_named():
         CharBigramModel(["a"], weight=1.0)
 
 
-@pytest.mark.parametrize("encoder", ["tfidf", "ranker"])
+TINY_ENCODER = dict(vocab_size=600, d_model=16, n_heads=2, num_layers=1, d_ff=32, epochs=1)
+
+
+@pytest.mark.parametrize("encoder", ["tfidf", "ranker", "biencoder"])
 def test_a_saved_selector_keeps_its_familiarity(encoder, tmp_path):
     cfg = RetrievalConfig(encoder=encoder, neighbours=3, ranker_folds=2, ranker_negatives=3, ranker_trees=5,
-                          ranker_neighbours=(3,), ranker_reverse=3, ranker_shortlist=5)
+                          ranker_neighbours=(3,), ranker_reverse=3, ranker_shortlist=5,
+                          **(TINY_ENCODER if encoder == "biencoder" else {}))
     sel = ResponseSelector(cfg).fit(QUESTIONS, ANSWERS)
     texts = ["안녕", "asdf qwer", "오늘 기분이 좋아"]
     before = sel.familiarity(texts)
