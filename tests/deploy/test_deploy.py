@@ -471,6 +471,7 @@ def exported_sample_names(monkeypatch) -> set[str]:
     m.first_token("Reply", "chat", 0.01)
     m.token("chat", 0.01)
     m.draft_tokens("chat", 4, 3)
+    m.reply_answered("fallback", "chat", True)
     m.request_finished("Reply", "chat", "INTERNAL", 0.1, reason="internal")
     m.watch_store(types.SimpleNamespace(available=True, pending=0, written=1, failed=0, dropped=0))
     return {s.name for fam in m.registry.collect() for s in fam.samples}

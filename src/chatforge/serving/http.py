@@ -487,7 +487,7 @@ class HttpCall:
         logger.info("http %s %d %s %.1fms", self.rpc, http_status, code.name, seconds * 1000.0, extra={
             "rpc": self.rpc, "http_status": http_status, "grpc_code": code.name,
             "latency_ms": round(seconds * 1000.0, 3), "request_id": self.request_id,
-            "session_id": self.session_id, "model": model or None})
+            "session_id": self.session_id, **self.info.log_fields()})
 
     def fail(self, exc: BaseException) -> JSONResponse:
         code, _ = grpc_code_of(exc, self.request_id)
@@ -1555,6 +1555,7 @@ class _Reply:
         assert isinstance(item, ReplyDone)
         self.done = item
         self.model, self.version = item.model, item.version
+        self.call.info.answered(item.model, item.path, item.finish_reason, item.out_of_scope)
         tail = self.matcher.flush()
         self.parts.append(tail)
         self.pending += tail

@@ -142,6 +142,12 @@ class CallInfo:
         self.started = False
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        # What the reply's last item (the engine's ReplyDone) said: the model that answered (with a reply policy
+        # not always the one the call was admitted to, ``model``: retrieval, a scripted answer or the fallback), the
+        # path and the out-of-scope verdict; None until then, and for other RPCs.
+        self.answered_by: str | None = None
+        self.path: str | None = None
+        self.out_of_scope: bool | None = None
 
     def set_model(self, name: str) -> None:
         if self.model is None:
@@ -149,6 +155,22 @@ class CallInfo:
             if self.metrics is not None:
                 self.metrics.request_started(self.rpc, name)
                 self.started = True
+
+    def answered(self, model: str, path: str, finish_reason: str, out_of_scope: bool) -> None:
+        """The reply's ReplyDone: ``path`` as the engine says it ("" without a policy: generation, or the
+        pipeline's fallback when ``finish_reason`` is "fallback")."""
+        self.answered_by = model
+        self.path = path or ("fallback" if finish_reason == "fallback" else "generation")
+        self.out_of_scope = out_of_scope
+        if self.metrics is not None:
+            self.metrics.reply_answered(self.path, model, out_of_scope)
+
+    def log_fields(self) -> dict:
+        """The access log line's model fields: ``model`` is the model that answered once known (the one the
+        client's ReplyFinal and the conversation store name), ``path`` and ``out_of_scope`` how."""
+        if self.answered_by is None:
+            return {"model": self.model or None}
+        return {"model": self.answered_by or None, "path": self.path, "out_of_scope": self.out_of_scope}
 
     def token(self) -> None:
         now = time.perf_counter()
@@ -398,7 +420,7 @@ class _CallScope:
                 "latency_ms": round(latency_ms, 3),
                 "request_id": self.request_id,
                 "session_id": self.call.session_id or self.session_id,
-                "model": model or None,
+                **self.call.log_fields(),
             },
         )
 

@@ -174,6 +174,11 @@ class ServingMetrics:
         self.draft_tokens_total = Counter("draft_tokens", "Speculative decoding: draft tokens the model verified, "
                                           "by outcome (accepted: the model's own greedy choice; rejected).",
                                           ["model", "outcome"], namespace=ns, registry=r)
+        self.reply_paths = Counter("reply_paths", "Replies by the path that answered (reply policy: scripted, "
+                                   "retrieval, generation, fallback; without one generation, or fallback for the "
+                                   "pipeline's out-of-scope reply), the model that answered and whether the message "
+                                   "was judged out of scope (classifier or familiarity guard).",
+                                   ["path", "model", "out_of_scope"], namespace=ns, registry=r)
         self.unhandled = Counter("requests_unhandled", "Calls grpc ended before their handler ran (no status of "
                                  "ours, not in requests_total): a request message over the size limit (the client "
                                  "got RESOURCE_EXHAUSTED), or a client that left before sending its request.",
@@ -240,6 +245,10 @@ class ServingMetrics:
 
     def batch(self, model: str, size: int) -> None:
         self._child(self.batch_size, model).observe(size)
+
+    def reply_answered(self, path: str, model: str, out_of_scope: bool) -> None:
+        """A reply's last item (the engine's ReplyDone) reached the surface: who answered it, and how."""
+        self._child(self.reply_paths, path, model, "true" if out_of_scope else "false").inc()
 
     def request_finished(self, rpc: str, model: str, status: str, seconds: float, reason: str | None = None) -> None:
         """End of a request started with :meth:`request_started`.

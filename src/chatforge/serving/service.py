@@ -180,6 +180,8 @@ class ChatbotServicer(pb_grpc.ChatbotServicer):
                     parts.append(item.text)
                     await context.write(pb.ReplyChunk(delta=pb.ReplyDelta(text=item.text, token_id=item.token_id)))
                     continue
+                if call is not None:
+                    call.answered(item.model, item.path, item.finish_reason, item.out_of_scope)
                 await context.write(pb.ReplyChunk(final=pb.ReplyFinal(
                     finish_reason=item.finish_reason,
                     prompt_tokens=item.prompt_tokens,
