@@ -341,7 +341,9 @@ class ReplySelector:
         self.info = ModelInfo(name=name, family=bundle.family, task=bundle.task, version=version,
                               metadata=dict(bundle.metadata))
         # Built here, where the bundle loads (off the event loop), so that the first guarded message does not
-        # count 10,000 training questions on the loop: the policy calls familiarity() there (microseconds).
+        # count 10,000 training questions on the loop (the policy calls familiarity() there: microseconds), and the
+        # first select does not pay for the ranker's reverse-neighbour tables.
+        self.model.warm()
         self._familiarity = self.model.familiarity_model()
 
     @property

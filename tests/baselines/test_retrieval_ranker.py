@@ -347,3 +347,40 @@ def test_ranker_with_the_encoder_feature_round_trips(tmp_path):
     assert "encoder" not in without.history[0]["features"]
     without.save(tmp_path / "plain")
     assert not (tmp_path / "plain" / "ranker_encoder").exists()
+
+
+def test_pool_candidates_reuse_the_index_rows_and_give_the_same_features():
+    """select's candidates are pool answers: pair_features(reuse_pool=True) takes their TF-IDF rows and reverse
+    neighbours from the index (FeatureIndex.reverse_neighbours) instead of computing them again. The features
+    must be the very same numbers as the general path's, and a list with any answer outside the pool must keep
+    the general path."""
+    train, test = _sample_split()
+    index = FeatureIndex.fit([e.text for e in train], [e.response for e in train], [e.label for e in train], CFG)
+    pool = index.pool
+    rng = np.random.default_rng(0)
+    questions = [e.text for e in test[:12]]
+    lists = [[pool[int(j)] for j in rng.choice(len(pool), size=7, replace=False)] for _ in questions]
+    args = (CFG.ranker_neighbours, CFG.ranker_reverse, CFG.neighbour_temperature)
+    fast = pair_features(index, questions, lists, *args, reuse_pool=True)
+    general = pair_features(index, questions, lists, *args)
+    assert np.array_equal(fast, general)
+    assert set(index._reverse) == {("char", CFG.ranker_reverse), ("word", CFG.ranker_reverse)}  # the fast path ran
+    top, sims = index.reverse_neighbours("char", CFG.ranker_reverse)
+    assert top.shape == sims.shape == (len(pool), CFG.ranker_reverse)
+    # the nearest pool answer of a pool answer is itself (cosine 1)
+    assert np.allclose(sims.max(axis=1), 1.0, atol=1e-5)
+    mixed = [lists[0][:3] + ["처음 보는 답이에요."]]
+    assert np.array_equal(pair_features(index, questions[:1], mixed, *args, reuse_pool=True),
+                          pair_features(index, questions[:1], mixed, *args))
+
+
+def test_select_scores_are_the_scores_of_its_shortlist():
+    train, test = _sample_split()
+    sel = ResponseSelector(dataclasses.replace(CFG, ranker_trees=20, ranker_shortlist=5)).fit(
+        [e.text for e in train], [e.response for e in train], labels=[e.label for e in train])
+    questions = [e.text for e in test[:6]]
+    shortlists = sel._shortlist(questions, 5)
+    for q, picks, best in zip(questions, shortlists, sel.select(questions, 3), strict=True):
+        reference = sel.score([q], [picks])[0]  # the general path: candidates vectorised again
+        order = np.argsort(-reference, kind="stable")[:3]
+        assert [(picks[j], float(reference[j])) for j in order] == best

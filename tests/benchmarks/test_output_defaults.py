@@ -22,6 +22,7 @@ SCRIPTS = {
     "clinc_xgboost": ([], "clinc_xgboost.json"),
     "compiled_step": ([], "compiled-step.json"),
     "familiarity_guard": (["--bundle", "b"], "familiarity-guard.json"),
+    "ranker_select": (["--bundle", "b"], "ranker-select.json"),
     "gpt_vs_hf": ([], ""),  # a folder: gpt_vs_hf-<time>.json inside
     "int8_quality": ([], "int8-quality.json"),
     "int8_sizes": ([], "int8-sizes.json"),

@@ -137,3 +137,11 @@ def test_the_familiarity_guard_table_is_the_committed_run():
     text = README.replace("\n", " ")
     assert f"It costs {r['speed']['guard_us']:.0f} us a message against the ranker's " \
            f"{r['speed']['select_us'] / 1000:.0f} ms `select`" in text
+
+
+def test_the_ranker_select_speedup_is_the_committed_run():
+    r = json.loads((RESULTS / "ranker-select.json").read_text())
+    text = README.replace("\n", " ")
+    assert f"take {r['speedup']:.2f}x less time than before" in text
+    assert r["max_abs_feature_difference"] == 0.0 and r["same_top_answer"] == 1.0  # "the same numbers"
+    assert f"a whole `select` about {r['select_ms_now']:.0f} ms a message" in text

@@ -40,6 +40,7 @@ from torch import nn
 from chatforge.baselines.retrieval.config import RetrievalConfig
 from chatforge.baselines.retrieval.familiarity import CharBigramModel
 from chatforge.baselines.retrieval.ranker import (
+    SPACES,
     FeatureIndex,
     LabelModel,
     PairLogistic,
@@ -295,10 +296,12 @@ class ResponseSelector:
             out = [s + w * t for s, t in zip(out, self._tfidf.score(questions, candidates), strict=True)]
         return out
 
-    def _ranker_scores(self, questions: list[str], candidates: list[list[str]]) -> list[np.ndarray]:
+    def _ranker_scores(self, questions: list[str], candidates: list[list[str]],
+                       from_pool: bool = False) -> list[np.ndarray]:
+        """``from_pool``: the candidates are pool answers (select's shortlists), whose rows the index holds."""
         cfg = self.config
         x = pair_features(self._index, questions, candidates, cfg.ranker_neighbours, cfg.ranker_reverse,
-                          cfg.neighbour_temperature)
+                          cfg.neighbour_temperature, reuse_pool=from_pool)
         # The sigmoid of the ranker's margin: same order, and a score in (0, 1) that a serving threshold can use.
         s = 1.0 / (1.0 + np.exp(-self._ranker.predict(x)))
         return np.split(s, np.cumsum([len(c) for c in candidates])[:-1])
@@ -306,15 +309,15 @@ class ResponseSelector:
     def _shortlist(self, questions: list[str], size: int) -> list[list[str]]:
         """Per question, the pool answers worth re-ranking: in each similarity space, the ``size`` answers whose
         training questions are nearest (exact answer index) and the ``size`` nearest to the question itself."""
-        from chatforge.baselines.retrieval.ranker import SPACES, _dense, _normalize
+        from chatforge.baselines.retrieval.ranker import _dense, _normalize
 
         ix = self._index
         k = min(size, len(self.pool))
         picks = [[] for _ in questions]
         for space in SPACES:
             qv = _normalize(ix.features.vectorizers[space].transform(questions))
-            for sims in (ix.per_answer_max(_dense(qv @ ix.question_vecs[space].T)),
-                         _dense(qv @ ix.pool_vecs[space].T)):
+            for sims in (ix.per_answer_max(_dense(qv @ ix.question_vecs_t[space])),
+                         _dense(qv @ ix.pool_vecs_t[space])):
                 top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
                 for i, row in enumerate(top):
                     picks[i].extend(int(j) for j in row)
@@ -342,7 +345,7 @@ class ResponseSelector:
         if self._ranker is not None:
             out = []
             cands = self._shortlist(questions, max(self.config.ranker_shortlist, top_k))
-            for c, s in zip(cands, self._ranker_scores(questions, cands), strict=True):
+            for c, s in zip(cands, self._ranker_scores(questions, cands, from_pool=True), strict=True):
                 best = np.argsort(-s, kind="stable")[:top_k]
                 out.append([(c[j], float(s[j])) for j in best])
             return out
@@ -389,6 +392,15 @@ class ResponseSelector:
         texts = check_texts(texts, "texts")
         model = self.familiarity_model()
         return [model.score(t) for t in texts]
+
+    def warm(self) -> None:
+        """Build what serving would otherwise build on its first message: the familiarity model and, for the
+        ranker, the pool's reverse neighbours (seconds for a 7,000-answer pool). ``inference.ReplySelector`` calls it
+        where the bundle loads, off the event loop."""
+        self.familiarity_model()
+        if self._index is not None:
+            for space in SPACES:
+                self._index.reverse_neighbours(space, min(self.config.ranker_reverse, len(self.pool)))
 
     def familiarity_model(self) -> CharBigramModel:
         """The character model behind :meth:`familiarity`, built from the training questions on first use."""
