@@ -145,3 +145,14 @@ def test_the_ranker_select_speedup_is_the_committed_run():
     assert f"take {r['speedup']:.2f}x less time than before" in text
     assert r["max_abs_feature_difference"] == 0.0 and r["same_top_answer"] == 1.0  # "the same numbers"
     assert f"a whole `select` about {r['select_ms_now']:.0f} ms a message" in text
+
+
+def test_the_served_ranker_select_ab_is_the_committed_run():
+    r = json.loads((RESULTS / "loadtest-ranker-select.json").read_text())
+    s = r["summary"]
+    text = README.replace("\n", " ")
+    assert f"{s['throughput_ratio_median']:.2f}x the replies/s at the median " \
+           f"({s['throughput_rps_median']['now']:.1f} against {s['throughput_rps_median']['before']:.1f})" in text
+    assert f"half the median latency ({s['p50_ms_median']['now']:.0f} against {s['p50_ms_median']['before']:.0f} ms)" \
+        in text
+    assert all(run["errors"] == 0 for run in r["runs"]) and len(r["runs"]) == 12
