@@ -43,13 +43,17 @@ def torch_wheel() -> Path | None:
     return None
 
 
-def build(dockerfile: str, tag: str) -> float:
+def build(dockerfile: str, tag: str, **build_args: str) -> float:
+    """Build ``dockerfile`` as ``tag`` on :data:`BASE` (``build_args``: more ``--build-arg``s, e.g. ``EXTRAS``);
+    returns the seconds it took."""
     wheels = REPO / "deploy" / "wheels"
     wheel = torch_wheel()
     if wheel is not None and not (wheels / wheel.name).exists():
         shutil.copy2(wheel, wheels / wheel.name)  # git-ignored; the build context's WHEELS folder
     args = ["build", "--format", "docker", "--network", "host", *LIMITS, "-f", dockerfile,
             "--build-arg", f"BASE_IMAGE={BASE}", "-t", tag]
+    for key, value in build_args.items():
+        args += ["--build-arg", f"{key}={value}"]
     if HOST_CA.is_file():  # pip behind this network's TLS-intercepting proxy needs the host's CA bundle
         args += ["-v", f"{HOST_CA}:/run/host-ca.crt:ro", "--build-arg", "PIP_CERT=/run/host-ca.crt"]
     start = time.monotonic()

@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CHATFORGE = [sys.executable, "-m", "chatforge.cli"]
 TRAIN_ONLY_MODULES = ("mlflow", "optuna", "sklearn", "scipy", "xgboost", "matplotlib", "sacrebleu", "alembic",
-                      "faiss")
+                      "faiss")  # chatforge[train]'s, its estimators extra's included
+ESTIMATOR_MODULES = ("sklearn", "scipy", "xgboost", "faiss")  # chatforge[estimators]
 
 
 def train_tiny_bundles(root: Path) -> tuple[Path, Path]:
@@ -49,6 +50,22 @@ def train_tiny_bundles(root: Path) -> tuple[Path, Path]:
         }
         out.append(run_experiment(validate_config(tree), run_dir=root / f"run-{task}").bundle_dir)
     return out[0], out[1]
+
+
+def train_tiny_selector(root: Path, **model) -> Path:
+    """A response-selection bundle trained in seconds on the shipped sample corpus (TF-IDF by default; ``model`` keys
+    override, e.g. ``encoder="ranker", ranker_trees=10``): what the hybrid reply policy retrieves from."""
+    from chatforge.config import validate_config
+    from chatforge.training.run import run_experiment
+
+    tree = {
+        "name": "tiny-selector", "seed": 0,
+        "data": {"path": "sample", "format": "chatbot_csv", "valid_fraction": 0.1, "test_fraction": 0.1},
+        "model": {"family": "retrieval", "task": "selection", "encoder": "tfidf", "neighbours": 5, **model},
+        "output": {"dir": str(root / "runs")},
+        "tracking": {"enabled": False},
+    }
+    return run_experiment(validate_config(tree), run_dir=root / "run-selector").bundle_dir
 
 
 def free_port(host: str = "127.0.0.1") -> int:

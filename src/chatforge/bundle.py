@@ -43,7 +43,14 @@ from chatforge.decoding import autocast_for
 from chatforge.drafts import DRAFTS_DIR, DraftIndex, DraftIndexError
 from chatforge.fileio import atomic_dir
 from chatforge.oos import OOSPolicy
-from chatforge.registry import BuildContext, SpecialIds, build_model
+from chatforge.registry import (
+    OPTIONAL_MODULES,
+    BuildContext,
+    SpecialIds,
+    build_model,
+    install_hint,
+    missing_modules,
+)
 from chatforge.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS, TOKENIZER, CONFIG, LABELS, METADATA = (
@@ -244,7 +251,18 @@ def bundle_tokenizer(path: Path, metadata: dict[str, Any]) -> Tokenizer:
 
 
 def load_bundle(path: str | Path, *, device: str = "cpu") -> Bundle:
-    path = Path(path)
+    """The bundle at ``path``, loaded. Raises :class:`BundleError` naming what is wrong: not a bundle, unreadable,
+    incomplete, damaged, or needing packages this installation lacks (which extra to install)."""
+    try:
+        return _load_bundle(Path(path), device)
+    except ModuleNotFoundError as e:  # e.g. an out-of-scope detector's scikit-learn under chatforge[serve] alone
+        root = (e.name or "").split(".")[0]
+        if root not in OPTIONAL_MODULES:
+            raise
+        raise BundleError(f"{path} needs {install_hint([root])}") from None
+
+
+def _load_bundle(path: Path, device: str) -> Bundle:
     try:
         is_dir = path.is_dir()
     except PermissionError:  # a folder above it may not be searched
@@ -303,6 +321,11 @@ def _load_estimator_bundle(path: Path, metadata: dict[str, Any]) -> Bundle:
     cfg = validate_config(yaml.safe_load((path / CONFIG).read_text(encoding="utf-8")), source=str(path / CONFIG))
     if cfg.model.spec.kind == "torch":
         raise BundleError(f"{path}: metadata says kind 'estimator' but family {cfg.model.family!r} is a torch family")
+    # Checked before loading: estimators import these lazily, some only at their first request.
+    missing = missing_modules(cfg.model.spec.required_modules(cfg.model.family_config()))
+    if missing:
+        raise BundleError(f"{path} is a {cfg.model.family} bundle (task {cfg.model.task}) and needs "
+                          f"{install_hint(missing)}")
     if cfg.model.task == "selection":
         model = build_from_config(cfg, None, None).load(path)
         return Bundle(path=path, config=cfg, tokenizer=None, model=model, labels=None, metadata=metadata,

@@ -420,11 +420,17 @@ def test_extras_split_keeps_training_out_of_serving():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     names = lambda reqs: {re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower() for r in reqs}  # noqa: E731
-    training = {"mlflow-skinny", "optuna", "xgboost-cpu", "scikit-learn", "matplotlib", "sacrebleu", "alembic",
-                "faiss-cpu"}
-    assert not training & (names(project["dependencies"]) | names(extras["serve"]))
+    training = {"mlflow-skinny", "optuna", "matplotlib", "sacrebleu", "alembic"}
+    estimators = {"xgboost-cpu", "scikit-learn", "faiss-cpu"}
+    assert not (training | estimators) & (names(project["dependencies"]) | names(extras["serve"]))
     assert training <= names(extras["train"]) and {"torch", "grpcio", "sentencepiece"} <= names(extras["serve"])
-    assert "chatforge[serve]" in extras["train"] and "chatforge[serve,train]" in extras["dev"]
+    # a server of estimator bundles (the hybrid bot's selector) installs serve,estimators: no training stack
+    assert names(extras["estimators"]) == estimators and not training & names(extras["estimators"])
+    assert "chatforge[serve,estimators]" in extras["train"] and "chatforge[serve,train]" in extras["dev"]
+    # what a bundle that lacks them is told to install is that extra, for every package it may need
+    from chatforge.registry import OPTIONAL_MODULES
+
+    assert {dist for dist, extra in OPTIONAL_MODULES.values() if extra == "estimators"} == estimators | {"scipy"}
 
 
 def test_serving_runs_without_the_training_packages(tmp_path):

@@ -10,4 +10,5 @@ __all__ = [
     "build",
 ]
 
-register_family("linear", config_cls=LinearConfig, builder=build, tasks=("classification",), kind="estimator")
+register_family("linear", config_cls=LinearConfig, builder=build, tasks=("classification",), kind="estimator",
+                requires=lambda cfg: ("sklearn", "scipy"))  # TF-IDF features

@@ -10,4 +10,5 @@ __all__ = [
     "build",
 ]
 
-register_family("xgboost", config_cls=XGBoostConfig, builder=build, tasks=("classification",), kind="estimator")
+register_family("xgboost", config_cls=XGBoostConfig, builder=build, tasks=("classification",), kind="estimator",
+                requires=lambda cfg: ("sklearn", "scipy", "xgboost"))  # TF-IDF features and trees
