@@ -114,6 +114,24 @@ class FakeClassifier:
         return out
 
 
+class FakeSelector:
+    """A response selector (``inference.ReplySelector``'s interface): picks ``reply`` at ``score`` for any message;
+    familiar with Korean text (familiarity -3), not with anything else (-11); records what it was asked to select."""
+
+    def __init__(self, name: str = "selector", reply: str = "맑아요.", score: float = 0.95, version: str = "3"):
+        self.info = ModelInfo(name=name, family="retrieval", task="selection", version=version)
+        self.name, self.version = name, version
+        self.reply, self.score = reply, score
+        self.selected: list[str] = []
+
+    def familiarity(self, text: str) -> float:
+        return -3.0 if any("\uac00" <= c <= "\ud7a3" for c in text) else -11.0
+
+    def select(self, text: str) -> tuple[str, float]:
+        self.selected.append(text)
+        return self.reply, self.score
+
+
 class TinySeq2SeqGenerator:
     """A real (tiny, random) TransformerSeq2Seq behind the ReplyGenerator protocol + step_spec.
 

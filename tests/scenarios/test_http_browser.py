@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
+from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, FakeSelector, ServerThread
 
 from chatforge.decoding import GenerationOptions
 from chatforge.inference import TokenDelta
 from chatforge.serving.engine import Engine
+from chatforge.serving.policy import ReplyPolicy
 
 pytestmark = pytest.mark.slow
 
@@ -70,12 +71,12 @@ def _save(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
-def open_page_and_send(page, base_url: str, text: str):
-    """Open the chat page at ``base_url``, check its model list (the fake engine's), send ``text``; returns the
-    locator of the assistant's reply."""
+def open_page_and_send(page, base_url: str, text: str, models=("chat (v1)", "echo (v1)")):
+    """Open the chat page at ``base_url``, check its model list (the fake engine's, ``models``), send ``text`` to the
+    first; returns the locator of the assistant's reply."""
     page.goto(f"{base_url}/")
     page.wait_for_selector("#model option[value='chat']", state="attached", timeout=WAIT * 1000)
-    assert page.locator("#model option").all_inner_texts() == ["chat (v1)", "echo (v1)"]
+    assert page.locator("#model option").all_inner_texts() == list(models)
     page.fill("#input", text)
     page.press("#input", "Enter")
     page.wait_for_selector(f".msg.user >> text={text}", timeout=WAIT * 1000)
@@ -131,4 +132,37 @@ def test_chat_page_streams_korean_token_by_token_and_stops(page, tmp_path):
         stored = page.evaluate("JSON.parse(sessionStorage.getItem('chatforge.history'))")
         assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
         shot = _save(page, tmp_path, "chat-page.png")
+        assert shot.stat().st_size > 10_000
+
+
+def test_chat_page_says_which_path_answered_and_shows_the_guards_fallback(page, tmp_path):
+    """A hybrid bot (a selector in front of the generator, behind a reply policy with the familiarity guard): a
+    retrieved reply appears whole, labelled with the path that gave it ("retrieval reply", not "0 tokens"), and a
+    message the guard refuses gets the policy's fallback with the out-of-scope badge. CI's other browser tests drive
+    the page with a plain generator only."""
+    fallback = "잘 모르겠어요. 다르게 말씀해 주시겠어요?"
+    selector = FakeSelector()
+    policy = ReplyPolicy.from_dict({"fallback_reply": fallback, "retriever": "selector", "min_familiarity": -6.0,
+                                    "retrieval_threshold": 0.9})
+    engine = Engine({"chat": FakeGenerator("chat"), "echo": FakeGenerator("echo")}, {"intents": FakeClassifier()},
+                    retrievers={"selector": selector}, policy=policy, continuous_batching=False)
+    with ServerThread(engine, http_port=0) as st:
+        st.wait_serving()
+        reply = open_page_and_send(page, f"http://127.0.0.1:{st.server.http.port}", "오늘 날씨 어때",
+                                   models=("chat (v1)", "echo (v1)", "selector (v3)"))
+        page.wait_for_selector(".msg.assistant:last-child .timing", timeout=WAIT * 1000)
+        assert reply.inner_text() == selector.reply
+        timing = page.locator(".msg.assistant").last.locator(".timing").inner_text()
+        assert timing.startswith("TTFT ") and timing.endswith("retrieval reply") and "tokens" not in timing
+        assert page.locator(".msg.assistant").last.locator(".badge.oos").count() == 0
+
+        page.fill("#input", "asdf qwer zxcv")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.assistant:nth-of-type(4) .badge.oos", timeout=WAIT * 1000)
+        last = page.locator(".msg.assistant").last
+        assert last.locator(".text").inner_text() == fallback
+        assert last.locator(".badge.oos").inner_text() == "fallback (out of scope)"
+        assert last.locator(".timing").inner_text().endswith("fallback reply")
+        assert selector.selected == ["오늘 날씨 어때"]  # the guard answered the second message before retrieval
+        shot = _save(page, tmp_path, "chat-page-hybrid.png")
         assert shot.stat().st_size > 10_000

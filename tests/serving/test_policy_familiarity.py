@@ -15,35 +15,21 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from tests.deploy_helpers import train_tiny_selector
 from tests.serving.conftest import base_url
-from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, ServerThread
+from tests.serving_fakes import WAIT, FakeClassifier, FakeGenerator, FakeSelector, ServerThread
 
 from chatforge.client import ChatbotClient
-from chatforge.config import validate_config
-from chatforge.inference import ModelInfo, load_model
+from chatforge.inference import load_model
 from chatforge.serving.engine import Engine, ReplyDone
 from chatforge.serving.policy import PolicyError, ReplyPolicy
-from chatforge.training.run import run_experiment
 from chatforge.v1 import chatbot_pb2 as pb
 from chatforge.v1 import chatbot_pb2_grpc
 
 FALLBACK = "잘 모르겠어요."
 
 
-class GuardedSelector:
-    """Familiar with Korean text (familiarity -3), not with anything else (-11); counts its select calls."""
-
-    def __init__(self):
-        self.info = ModelInfo(name="selector", family="retrieval", task="selection", version="3")
-        self.name, self.version = "selector", "3"
-        self.selected: list[str] = []
-
-    def familiarity(self, text: str) -> float:
-        return -3.0 if any("\uac00" <= c <= "\ud7a3" for c in text) else -11.0
-
-    def select(self, text: str) -> tuple[str, float]:
-        self.selected.append(text)
-        return "맑아요.", 0.95
+GuardedSelector = FakeSelector  # familiar with Korean text (-3), not with anything else (-11)
 
 
 def _engine(selector: GuardedSelector, **policy) -> Engine:
@@ -128,13 +114,7 @@ def test_grpc_and_the_http_api_say_out_of_scope_for_a_guarded_message():
 def test_a_trained_selection_bundle_guards_a_served_hybrid(tmp_path: Path):
     """A real TF-IDF selector trained on the sample corpus, loaded as ``chatforge serve`` loads it, behind a policy
     file: its own training questions are answered, random Hangul syllables get the fallback as out of scope."""
-    cfg = validate_config({
-        "name": "sel", "seed": 0,
-        "data": {"path": "sample", "format": "chatbot_csv", "valid_fraction": 0.1, "test_fraction": 0.1},
-        "model": {"family": "retrieval", "task": "selection", "encoder": "tfidf", "neighbours": 5},
-        "tracking": {"enabled": False},
-    })
-    bundle = run_experiment(cfg, run_dir=tmp_path / "run").bundle_dir
+    bundle = train_tiny_selector(tmp_path)  # TF-IDF, 5 neighbours
     selector = load_model(bundle, "faq")
     known = ["오늘 날씨 어때?", "배고파", "너 이름이 뭐야?"]
     rng = random.Random(0)
