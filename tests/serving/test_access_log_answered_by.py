@@ -10,14 +10,14 @@ out_of_scope}`` counts them. Every test here fails on the old code."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import grpc
 import httpx
 from tests.serving.conftest import base_url
-from tests.serving.test_policy_familiarity import GuardedSelector
 from tests.serving.test_policy_familiarity import _engine as guarded_engine
-from tests.serving_fakes import WAIT, FakeGenerator, ServerThread
+from tests.serving_fakes import WAIT, FakeGenerator, FakeSelector, ServerThread
 
 from chatforge.serving.engine import Engine
 from chatforge.serving.metrics import ServingMetrics
@@ -42,7 +42,7 @@ def _answered(caplog, request_id: str) -> logging.LogRecord:
 
 def test_grpc_and_http_log_lines_name_the_model_that_answered(caplog):
     metrics = ServingMetrics(process_metrics=False)
-    engine = guarded_engine(GuardedSelector(), retrieval_threshold=0.99)
+    engine = guarded_engine(FakeSelector(), retrieval_threshold=0.99)
     with caplog.at_level(logging.INFO), ServerThread(engine, http_port=0, metrics=metrics) as st:
         st.wait_serving()
         seen = {}
@@ -73,3 +73,30 @@ def test_a_reply_without_a_policy_counts_as_generation():
         list(chatbot_pb2_grpc.ChatbotStub(channel).Reply(pb.ReplyRequest(text="hi"), timeout=WAIT))
     assert metrics.registry.get_sample_value(
         "chatforge_reply_paths_total", {"path": "generation", "model": "echo", "out_of_scope": "false"}) == 1
+
+
+def test_an_http_reply_cut_by_a_stop_sequence_names_the_model_and_path_that_answered(caplog):
+    """A generated reply cut by a stop sequence ends before the engine's ReplyDone. Its log line named the model the
+    call was admitted to, without ``path``, and the reply-path metric did not count it (fails on the old code)."""
+    metrics = ServingMetrics(process_metrics=False)
+    engine = guarded_engine(FakeSelector(), retrieval_threshold=0.99)  # the echo generator answers Korean text
+    with caplog.at_level(logging.INFO), ServerThread(engine, http_port=0, metrics=metrics) as st:
+        st.wait_serving()
+        with httpx.Client(base_url=base_url(st), timeout=WAIT) as http:
+            for stream in (False, True):
+                r = http.post("/v1/chat/completions", headers={"x-request-id": f"stop-{stream}"}, json={
+                    "model": "echo", "messages": [{"role": "user", "content": "오늘 날씨 어때"}],
+                    "stop": [" there"], "stream": stream})  # the fake generator says "Hello there!"
+                assert r.status_code == 200, r.text
+                if stream:
+                    events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+                    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+                else:
+                    text = r.json()["choices"][0]["message"]["content"]
+                assert text == "Hello", text  # cut before the stop sequence
+        st.run(_noop())
+    for stream in (False, True):
+        rec = _answered(caplog, f"stop-{stream}")
+        assert (rec.model, rec.path, rec.out_of_scope) == ("echo", "generation", False), rec.__dict__
+    assert metrics.registry.get_sample_value(
+        "chatforge_reply_paths_total", {"path": "generation", "model": "echo", "out_of_scope": "false"}) == 2

@@ -1458,6 +1458,8 @@ class HttpSurface:
 
     def _finish_reply(self, call: HttpCall, reply: _Reply, finish: bool = True) -> None:
         done = reply.facts
+        if reply.done is None:  # a generated reply cut by a stop sequence: the model that started it answered
+            call.info.answered(reply.model, reply.started.path if reply.started else "", "stop", False)
         self._record(call, model=reply.model, model_version=reply.version, user_text=reply.text,
                      reply=reply.content, intent=(done.intent or None) if done else None,
                      intent_score=done.intent_score if done and done.intent else None, ttft_ms=call.info.ttft_ms,
