@@ -3,6 +3,7 @@ this machine needs, image builds on the local base image, and the engine check t
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.deploy_helpers import REPO
+from tests.deploy_helpers import REPO, ready, wait_for
 
 BASE = os.environ.get("CHATFORGE_BASE_IMAGE", "localhost/chatforge-base:bookworm")
 # runc: crun fails on these machines; explicit ulimits: the defaults podman asks for are refused here.
@@ -77,3 +78,24 @@ def check_engine() -> None:
                    check=False)
     if probe.returncode != 0 or probe.stdout.strip() != "ok":
         skip(f"the container engine cannot start a container here: {probe.stderr.strip()[-500:]}")
+
+
+def exited(name: str) -> bool:
+    """Whether the container ``name`` has stopped running."""
+    return podman("inspect", name, "--format", "{{.State.Running}}", check=False).stdout.strip() == "false"
+
+
+@contextlib.contextmanager
+def running(name: str, readyz: str, volume: str | None = None, timeout: float = 180):
+    """For a container started with ``podman run -d --name NAME``: wait until ``readyz`` answers (failing with its
+    logs if it exits first), and at the end print its last log lines and remove it (and ``volume``)."""
+    try:
+        wait_for(lambda: ready(readyz) or exited(name), timeout, "the container's /readyz")
+        if exited(name):
+            raise AssertionError(f"the container exited:\n{podman('logs', name, check=False).stderr[-3000:]}")
+        yield
+    finally:
+        print(podman("logs", name, check=False).stderr[-1500:])
+        podman("rm", "-f", "-t", "0", name, check=False)
+        if volume is not None:
+            podman("volume", "rm", "-f", volume, check=False)

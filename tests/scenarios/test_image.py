@@ -19,12 +19,11 @@ import time
 import uuid
 
 import pytest
-from tests.container_helpers import LIMITS, build, podman, size_mb
+from tests.container_helpers import LIMITS, build, podman, running, size_mb
 from tests.deploy_helpers import (
     TRAIN_ONLY_MODULES,
     free_port,
     http_get,
-    ready,
     say,
     train_tiny_bundles,
     wait_for,
@@ -53,19 +52,8 @@ def container(serving_image, tmp_path_factory):
             "--host", "0.0.0.0", "--port", "50051", "--http-port", "8080", "--drain-delay", "1", "--grace", "10")
     info = {"name": name, "volume": volume, "grpc": f"127.0.0.1:{grpc_port}",
             "metrics": f"http://127.0.0.1:{metrics_port}", "http": f"http://127.0.0.1:{http_port}", "labels": json.loads((intent / "labels.json").read_text())}
-    try:
-        wait_for(lambda: ready(info["metrics"] + "/readyz") or _exited(name), 180, "the container's /readyz")
-        if _exited(name):
-            raise AssertionError(f"the container exited:\n{podman('logs', name, check=False).stderr[-3000:]}")
+    with running(name, info["metrics"] + "/readyz", volume):
         yield info
-    finally:
-        print(podman("logs", name, check=False).stderr[-1500:])
-        podman("rm", "-f", "-t", "0", name, check=False)
-        podman("volume", "rm", "-f", volume, check=False)
-
-
-def _exited(name: str) -> bool:
-    return podman("inspect", name, "--format", "{{.State.Running}}", check=False).stdout.strip() == "false"
 
 
 def test_serving_image_serves_like_kubernetes_runs_it(container, pytestconfig):
@@ -182,10 +170,7 @@ def test_the_image_serves_a_model_directory_and_hot_swaps_as_its_non_root_user(s
            "-p", f"127.0.0.1:{grpc_port}:50051", "-p", f"127.0.0.1:{metrics_port}:9100",
            serving_image, "--model-dir", "/models", "--poll-interval", "0.5", "--host", "0.0.0.0", "--port", "50051",
            "--drain-delay", "0", "--grace", "5")
-    try:
-        wait_for(lambda: ready(f"http://127.0.0.1:{metrics_port}/readyz") or _exited(name), 180,
-                 "the container's /readyz")
-        assert not _exited(name), podman("logs", name, check=False).stderr[-3000:]
+    with running(name, f"http://127.0.0.1:{metrics_port}/readyz"):
         with ChatbotClient(f"127.0.0.1:{grpc_port}", timeout=30) as client:
             assert [(m.name, m.version) for m in client.list_models()] == [("chat", "1")]
             shutil.copytree(chat, root / "chat" / ".incoming-2")
@@ -198,5 +183,3 @@ def test_the_image_serves_a_model_directory_and_hot_swaps_as_its_non_root_user(s
             assert list(client.reply_stream("안녕하세요", max_new_tokens=4))[-1].model_version == "2"
         logs = podman("logs", name, check=False).stderr
         assert "lost+found" not in logs and '"level": "ERROR"' not in logs, logs[-3000:]
-    finally:
-        podman("rm", "-f", "-t", "0", name, check=False)

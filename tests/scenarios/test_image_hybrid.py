@@ -17,15 +17,13 @@ import random
 import uuid
 
 import pytest
-from tests.container_helpers import LIMITS, build, podman, size_mb
+from tests.container_helpers import LIMITS, build, podman, running, size_mb
 from tests.deploy_helpers import (
     TRAIN_ONLY_MODULES,
     free_port,
-    ready,
     say,
     train_tiny_bundles,
     train_tiny_selector,
-    wait_for,
 )
 
 from chatforge.client import ChatbotClient
@@ -97,16 +95,8 @@ def hybrid(engine, bot, pytestconfig):
            "-p", f"127.0.0.1:{http_port}:8080", tag, *SERVE)
     info = {"name": name, "tag": tag, "grpc": f"127.0.0.1:{grpc_port}", "metrics": f"http://127.0.0.1:{metrics_port}",
             "http": f"http://127.0.0.1:{http_port}"}
-    running = lambda: podman("inspect", name, "--format", "{{.State.Running}}", check=False).stdout.strip()  # noqa: E731
-    try:
-        wait_for(lambda: ready(info["metrics"] + "/readyz") or running() == "false", 180, "the container's /readyz")
-        if running() == "false":
-            raise AssertionError(f"the container exited:\n{podman('logs', name, check=False).stderr[-3000:]}")
+    with running(name, info["metrics"] + "/readyz", volume):
         yield info
-    finally:
-        print(podman("logs", name, check=False).stderr[-1500:])
-        podman("rm", "-f", "-t", "0", name, check=False)
-        podman("volume", "rm", "-f", volume, check=False)
 
 
 def test_the_estimators_image_has_no_training_stack(hybrid):
