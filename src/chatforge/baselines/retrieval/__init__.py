@@ -7,7 +7,6 @@ from chatforge.registry import register_family
 __all__ = ["BiEncoder", "PolyEncoder", "ResponseSelector", "RetrievalConfig", "build"]
 
 
-
 def requires(cfg: RetrievalConfig) -> tuple[str, ...]:
     """Every selector reads TF-IDF features (scikit-learn, SciPy's sparse matrices); the XGBoost ranker its trees;
     ``search: faiss`` its saved indexes."""
