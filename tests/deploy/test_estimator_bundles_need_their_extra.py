@@ -100,3 +100,13 @@ def test_with_the_extra_the_same_bundle_loads(ranker):
 
     reply, score = load_model(ranker, "selector").select("배고파")
     assert reply and 0.0 < score <= 1.0
+
+
+def test_what_the_error_tells_an_operator_to_do_is_what_the_image_and_the_guide_take():
+    """The hint's build argument is one the serving Dockerfile takes and installs, and the operations guide builds the
+    hybrid bot's image with it."""
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text(encoding="utf-8")
+    assert "ARG EXTRAS=" in dockerfile and '".[${EXTRAS}]"' in dockerfile
+    guide = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    assert "docker build -f deploy/Dockerfile --build-arg EXTRAS=serve,postgres,estimators" in guide
+    assert "EXTRAS=serve,postgres,estimators" in HINT
