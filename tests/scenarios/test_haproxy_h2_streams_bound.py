@@ -15,8 +15,15 @@ rather than queueing them or failing them. In a burst it sometimes puts a stream
 for it yet; the server refuses that stream (nothing was processed) and the backend's ``retry-on ...
 empty-response`` re-sends it on another connection (HAProxy's stats count it in ``wretr``: 0 to 30 of 60 per
 burst; no call failed in about 40 bursts). Without ``empty-response`` those calls failed UNAVAILABLE
-("RST_STREAM with error code 7") at the client: 1 to 18 of the 60 calls in 5 of 8 bursts. Past 100 calls on one
-client connection HAProxy's own frontend bound (``tune.h2.max-concurrent-streams``, 100) holds the rest in the client.
+("RST_STREAM with error code 7") at the client: 1 to 18 of the 60 calls in 5 of 8 bursts.
+
+Not a test, measured (2026-12-07): 240 calls at once on one client channel. HAProxy's frontend lets a client
+connection hold 100 streams (``tune.h2.max-concurrent-streams``), so the server had 100 under way over 50 connections
+and the client's channel queued the rest; on a quiet machine 0 of 240 failed in three bursts (0 to 2 re-sent), but in a
+CI run on the loaded 2-core machine 111 of 240 failed UNAVAILABLE (REFUSED_STREAM) after 361 re-sends: as streams
+ended and the queued ones poured in, HAProxy kept sending streams to connections the server had not yet freed, and
+its 3 retries ran out. That is the bound of 2 streams per connection this file sets on purpose; the served default
+(``--max-running + --max-queued + 16``) is above what a replica can take in at once anyway.
 """
 
 from __future__ import annotations
@@ -162,20 +169,3 @@ def test_a_burst_past_the_stream_bound_costs_no_call(tmp_path, pytestconfig):
     assert burst.in_flight == 60 and burst.connections >= 60 // STREAMS_BOUND, detail
     assert burst.replies == ["held done"] * 60, detail
 
-
-H2_FRONTEND_STREAMS = 100  # HAProxy's tune.h2.max-concurrent-streams default: streams per client connection
-
-
-def test_a_burst_past_haproxys_own_stream_limit_waits_in_the_client_and_costs_no_call(tmp_path, pytestconfig):
-    """240 calls at once through one client connection: HAProxy's frontend lets a client connection hold 100 streams
-    (its own SETTINGS_MAX_CONCURRENT_STREAMS), so the server has 100 under way over 50 connections, the client's
-    channel holds the other 140 until streams end, and every call succeeds. (Measured 2026-12-07 with HAProxy
-    2.6.12: bursts of 120 and 240 calls, 0 failed, 0 to 2 re-sent; a client wanting more at once opens more
-    connections.)"""
-    burst = _burst(tmp_path, 240, under_way=H2_FRONTEND_STREAMS)
-    say(pytestconfig, f"\n{burst}")
-    detail = f"{burst}\nhaproxy log:\n{burst.log}"
-    assert burst.errors == [], detail
-    assert burst.in_flight == H2_FRONTEND_STREAMS, detail
-    assert burst.connections >= H2_FRONTEND_STREAMS // STREAMS_BOUND, detail
-    assert burst.replies == ["held done"] * 240, detail
